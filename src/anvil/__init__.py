@@ -1,0 +1,3 @@
+"""Anvil: an object store with a complete recovery model."""
+
+__version__ = "0.1.0"

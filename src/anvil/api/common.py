@@ -1,0 +1,107 @@
+"""Shared HTTP plumbing for the native API: request context, errors, JSON, thread hops."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio.to_thread
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from anvil.context import DEV_PRINCIPAL, Principal, RequestContext, new_request_id
+from anvil.errors import AnvilError
+
+log = logging.getLogger("anvil.api")
+
+META_PREFIX = "x-anvil-meta-"
+
+
+def authenticate(request: Request) -> Principal:
+    # Identity will resolve bearer tokens here; until then every request is the dev principal.
+    return DEV_PRINCIPAL
+
+
+def error_response(err: AnvilError, request_id: str, *, head: bool = False) -> Response:
+    headers = {"x-request-id": request_id, **err.headers}
+    if err.code == "NotModified":
+        return Response(status_code=304, headers=headers)
+    if head:
+        return Response(status_code=err.status, headers={**headers, "x-anvil-error-code": err.code})
+    return JSONResponse(err.to_dict(request_id), status_code=err.status, headers=headers)
+
+
+Handler = Callable[[Request, RequestContext], Awaitable[Response]]
+
+
+def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    """Wrap a handler: build its context, map errors to JSON, stamp the request id."""
+
+    @functools.wraps(handler)
+    async def run(request: Request) -> Response:
+        request_id = new_request_id()
+        try:
+            principal = authenticate(request)
+            idem = request.headers.get("idempotency-key")
+            ctx = RequestContext(principal=principal, request_id=request_id, idempotency_key=idem)
+            response = await handler(request, ctx)
+        except AnvilError as err:
+            return error_response(err, request_id, head=request.method == "HEAD")
+        except Exception:  # noqa: BLE001 - never leak a traceback to the client
+            log.exception("unhandled error in %s %s", request.method, request.url.path)
+            err = AnvilError("Internal", "internal error")
+            return error_response(err, request_id, head=request.method == "HEAD")
+        response.headers["x-request-id"] = request_id
+        return response
+
+    return run
+
+
+async def blocking(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a blocking call (a mutation waiting for its commit, an fsync) off the event loop."""
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+
+async def json_body(request: Request, *, required: bool = True) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw:
+        if required:
+            raise AnvilError("InvalidArgument", "a JSON body is required")
+        return {}
+    if len(raw) > 1024 * 1024:
+        raise AnvilError("InvalidArgument", "JSON body too large")
+    import json
+
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise AnvilError("InvalidArgument", "malformed JSON body") from None
+    if not isinstance(body, dict):
+        raise AnvilError("InvalidArgument", "the JSON body must be an object")
+    return body
+
+
+def query_int(request: Request, name: str, default: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise AnvilError("InvalidArgument", f"{name} must be an integer") from None
+
+
+def metadata_from_headers(request: Request) -> dict[str, str]:
+    """`x-anvil-meta-NAME: percent-encoded UTF-8 value` -> {name: value}."""
+    meta: dict[str, str] = {}
+    for k, val in request.headers.items():
+        if k.startswith(META_PREFIX):
+            meta[k[len(META_PREFIX):]] = urllib.parse.unquote(val, errors="strict")
+    return meta
+
+
+def metadata_to_headers(meta: dict[str, str]) -> dict[str, str]:
+    return {META_PREFIX + k: urllib.parse.quote(v, safe="") for k, v in meta.items()}

@@ -1,0 +1,489 @@
+"""The native JSON API under `/anvil/v1/`: translation and authorisation, nothing else."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from anvil.api.common import (
+    blocking,
+    endpoint,
+    json_body,
+    metadata_from_headers,
+    metadata_to_headers,
+    query_int,
+)
+from anvil.context import RequestContext
+from anvil.errors import AnvilError
+from anvil.identity import authorize
+from anvil.objects import Conditions, ObjectVersion
+from anvil.objects import validation as v
+from anvil.objects.service import parse_etag_list
+from anvil.runtime import Anvil
+
+INLINE_BODY_LIMIT = 1024 * 1024
+
+
+def _anvil(request: Request) -> Anvil:
+    return request.app.state.anvil
+
+
+def _key(request: Request) -> str:
+    key = request.query_params.get("key")
+    if key is None:
+        raise AnvilError("InvalidArgument", "the 'key' query parameter is required")
+    v.check_not_reserved(key)  # before any other logic, including authorisation
+    v.check_key(key)
+    return key
+
+
+def _conditions(request: Request) -> Conditions:
+    h = request.headers
+    return Conditions(
+        if_match=parse_etag_list(h.get("if-match")),
+        if_none_match=parse_etag_list(h.get("if-none-match")),
+        if_version_match=h.get("x-anvil-if-version-match"),
+    )
+
+
+def _bucket_resource(bucket: str, key: str | None = None) -> str:
+    return f"bucket:{bucket}" if key is None else f"bucket:{bucket}/{key}"
+
+
+def _check_recovery(request: Request) -> None:
+    if getattr(request.app.state, "recovery_mode", False):
+        raise AnvilError("RecoveryMode", "the server is in recovery mode: public writes are refused")
+
+
+def _object_headers(obj: ObjectVersion) -> dict[str, str]:
+    headers = {
+        "etag": f'"{obj.etag}"',
+        "x-anvil-version-id": obj.version_id,
+        "last-modified": _http_date(obj.created),
+        "accept-ranges": "bytes",
+        "content-type": obj.content_type,
+        **metadata_to_headers(obj.metadata),
+    }
+    if obj.sha256:
+        headers["x-anvil-sha256"] = obj.sha256
+    if obj.parts_count:
+        headers["x-anvil-parts-count"] = str(obj.parts_count)
+    return headers
+
+
+def _http_date(ts: float) -> str:
+    from email.utils import formatdate
+
+    return formatdate(ts, usegmt=True)
+
+
+# ------------------------------------------------------------------ health and meta
+
+
+async def live(request: Request) -> Response:
+    return JSONResponse({"status": "live"})
+
+
+async def ready(request: Request) -> Response:
+    anvil = _anvil(request)
+    seq, h = anvil.storage.catalog.head()
+    body: dict[str, Any] = {
+        "status": "ready",
+        "recovery_mode": bool(getattr(request.app.state, "recovery_mode", False)),
+        "journal": {"seq": seq, "hash": h},
+        "deployment_id": anvil.storage.format.deployment_id,
+    }
+    return JSONResponse(body)
+
+
+async def openapi(request: Request) -> Response:
+    from anvil.api.openapi import document
+
+    return JSONResponse(document())
+
+
+# ------------------------------------------------------------------ buckets
+
+
+@endpoint
+async def list_buckets(request: Request, ctx: RequestContext) -> Response:
+    authorize(ctx.principal, "bucket:list", f"tenant:{ctx.tenant}")
+    tenant = None if ctx.principal.admin else ctx.tenant
+    buckets = _anvil(request).objects.list_buckets(tenant)
+    return JSONResponse({"buckets": [b.to_dict() for b in buckets]})
+
+
+@endpoint
+async def create_bucket(request: Request, ctx: RequestContext) -> Response:
+    _check_recovery(request)
+    name = request.path_params["bucket"]
+    authorize(ctx.principal, "bucket:create", f"tenant:{ctx.tenant}")
+    body = await json_body(request, required=False)
+    versioning = body.get("versioning", "")
+    if versioning == "Unversioned":
+        versioning = ""
+    if not isinstance(versioning, str):
+        raise AnvilError("InvalidArgument", "versioning must be a string")
+    result = await blocking(_anvil(request).objects.create_bucket, ctx, name, versioning=versioning)
+    return JSONResponse(result, status_code=201)
+
+
+@endpoint
+async def get_bucket(request: Request, ctx: RequestContext) -> Response:
+    name = request.path_params["bucket"]
+    authorize(ctx.principal, "bucket:read", _bucket_resource(name))
+    return JSONResponse(_anvil(request).objects.get_bucket(name).to_dict())
+
+
+@endpoint
+async def delete_bucket(request: Request, ctx: RequestContext) -> Response:
+    _check_recovery(request)
+    name = request.path_params["bucket"]
+    authorize(ctx.principal, "bucket:delete", _bucket_resource(name))
+    return JSONResponse(await blocking(_anvil(request).objects.delete_bucket, ctx, name))
+
+
+@endpoint
+async def put_versioning(request: Request, ctx: RequestContext) -> Response:
+    _check_recovery(request)
+    name = request.path_params["bucket"]
+    authorize(ctx.principal, "bucket:configure", _bucket_resource(name))
+    body = await json_body(request)
+    status = body.get("status")
+    if not isinstance(status, str):
+        raise AnvilError("InvalidArgument", "'status' must be Enabled or Suspended")
+    return JSONResponse(await blocking(_anvil(request).objects.set_versioning, ctx, name, status))
+
+
+# ------------------------------------------------------------------ listing
+
+
+@endpoint
+async def list_objects(request: Request, ctx: RequestContext) -> Response:
+    bucket = request.path_params["bucket"]
+    q = request.query_params
+    prefix = q.get("prefix", "")
+    v.check_not_reserved(prefix)
+    authorize(ctx.principal, "object:list", _bucket_resource(bucket))
+    res = _anvil(request).objects.list_objects(
+        bucket, prefix=prefix, delimiter=q.get("delimiter", ""), start_after=q.get("start_after", ""),
+        max_keys=query_int(request, "limit", 1000), token=q.get("token") or None,
+    )
+    return JSONResponse({
+        "objects": [o.to_dict() for o in res.objects],
+        "common_prefixes": res.common_prefixes,
+        "truncated": res.truncated,
+        "next_token": res.next_token,
+    })
+
+
+@endpoint
+async def list_versions(request: Request, ctx: RequestContext) -> Response:
+    bucket = request.path_params["bucket"]
+    q = request.query_params
+    prefix = q.get("prefix", "")
+    v.check_not_reserved(prefix)
+    authorize(ctx.principal, "object:list", _bucket_resource(bucket))
+    res = _anvil(request).objects.list_versions(
+        bucket, prefix=prefix, delimiter=q.get("delimiter", ""), key_marker=q.get("key_marker", ""),
+        version_marker=q.get("version_marker", ""), max_keys=query_int(request, "limit", 1000),
+    )
+    return JSONResponse({
+        "versions": [o.to_dict() for o in res.versions],
+        "common_prefixes": res.common_prefixes,
+        "truncated": res.truncated,
+        "next_key_marker": res.next_key_marker,
+        "next_version_marker": res.next_version_marker,
+    })
+
+
+# ------------------------------------------------------------------ objects
+
+
+async def _receive_body(request: Request, *, expected_sha256: str | None, expected_md5: str | None):
+    """Stream the request body into a blob; nothing is held whole in memory."""
+    objects = _anvil(request).objects
+    writer = objects.blobs.writer(max_size=v.MAX_OBJECT_SIZE)
+    try:
+        async for chunk in request.stream():
+            writer.write(chunk)
+    except OverflowError:
+        writer.abort()
+        raise AnvilError("EntityTooLarge", "the body is larger than the maximum object size") from None
+    except BaseException:
+        writer.abort()
+        raise
+    return await blocking(objects.store_body, writer, expected_sha256=expected_sha256, expected_md5=expected_md5)
+
+
+def _expected_checksums(request: Request) -> tuple[str | None, str | None]:
+    sha = request.headers.get("x-anvil-checksum-sha256")
+    if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha)):
+        raise AnvilError("InvalidArgument", "x-anvil-checksum-sha256 must be 64 hex digits")
+    md5 = None
+    content_md5 = request.headers.get("content-md5")
+    if content_md5 is not None:
+        try:
+            raw = base64.b64decode(content_md5, validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if len(raw) != 16:
+            raise AnvilError("InvalidArgument", "Content-MD5 must be a base64 MD5 digest")
+        md5 = raw.hex()
+    return sha, md5
+
+
+@endpoint
+async def put_object(request: Request, ctx: RequestContext) -> Response:
+    key = _key(request)
+    _check_recovery(request)
+    bucket = request.path_params["bucket"]
+    authorize(ctx.principal, "object:write", _bucket_resource(bucket, key))
+    objects = _anvil(request).objects
+    # Everything checkable before the body: names, metadata, content type, bucket existence.
+    objects.prepare_write(bucket, key)
+    try:
+        meta = v.normalise_metadata(metadata_from_headers(request))
+    except UnicodeDecodeError:
+        raise AnvilError("InvalidArgument", "metadata values must be percent-encoded UTF-8") from None
+    content_type = v.check_content_type(request.headers.get("content-type"))
+    cond = _conditions(request)
+    sha, md5 = _expected_checksums(request)
+    info = await _receive_body(request, expected_sha256=sha, expected_md5=md5)
+    result = await blocking(
+        objects.put_object, ctx, bucket, key, info, content_type=content_type, metadata=meta, cond=cond
+    )
+    return JSONResponse(result, status_code=200, headers={"etag": f'"{result["etag"]}"'})
+
+
+async def _get_or_head(request: Request, ctx: RequestContext, *, head: bool) -> Response:
+    key = _key(request)
+    bucket = request.path_params["bucket"]
+    authorize(ctx.principal, "object:read", _bucket_resource(bucket, key))
+    objects = _anvil(request).objects
+    version_id = request.query_params.get("version_id") or None
+    obj = objects.head_object(bucket, key, version_id=version_id, cond=_conditions(request))
+    headers = _object_headers(obj)
+    range_header = request.headers.get("range")
+    rng = v.parse_range(range_header, obj.size) if range_header else None
+    status = 200
+    length = obj.size
+    if rng is not None:
+        status = 206
+        length = rng.length
+        headers["content-range"] = f"bytes {rng.start}-{rng.end}/{obj.size}"
+    headers["content-length"] = str(length)
+    if head:
+        return Response(status_code=status, headers=headers)
+    if length <= INLINE_BODY_LIMIT:
+        body = b"".join(objects.read_body(obj, rng))
+        return Response(body, status_code=status, headers=headers)
+    return StreamingResponse(objects.read_body(obj, rng), status_code=status, headers=headers)
+
+
+@endpoint
+async def get_object(request: Request, ctx: RequestContext) -> Response:
+    # Starlette routes HEAD to GET handlers.
+    return await _get_or_head(request, ctx, head=request.method == "HEAD")
+
+
+@endpoint
+async def delete_object(request: Request, ctx: RequestContext) -> Response:
+    key = _key(request)
+    _check_recovery(request)
+    bucket = request.path_params["bucket"]
+    authorize(ctx.principal, "object:delete", _bucket_resource(bucket, key))
+    version_id = request.query_params.get("version_id") or None
+    result = await blocking(
+        _anvil(request).objects.delete_object, ctx, bucket, key, version_id=version_id, cond=_conditions(request)
+    )
+    return JSONResponse(result)
+
+
+def _str_field(body: dict[str, Any], name: str, *, required: bool = False) -> str | None:
+    val = body.get(name)
+    if val is None:
+        if required:
+            raise AnvilError("InvalidArgument", f"'{name}' is required")
+        return None
+    if not isinstance(val, str):
+        raise AnvilError("InvalidArgument", f"'{name}' must be a string")
+    return val
+
+
+@endpoint
+async def copy_object(request: Request, ctx: RequestContext) -> Response:
+    bucket = request.path_params["bucket"]
+    body = await json_body(request)
+    src_key = _str_field(body, "source_key", required=True)
+    key = _str_field(body, "key", required=True)
+    v.check_not_reserved(src_key)
+    v.check_not_reserved(key)
+    _check_recovery(request)
+    src_bucket = _str_field(body, "source_bucket") or bucket
+    authorize(ctx.principal, "object:read", _bucket_resource(src_bucket, src_key))
+    authorize(ctx.principal, "object:write", _bucket_resource(bucket, key))
+    meta = body.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        raise AnvilError("InvalidArgument", "'metadata' must be an object")
+    src_cond = Conditions(
+        if_match=[body["source_if_match"]] if body.get("source_if_match") else None,
+        if_none_match=[body["source_if_none_match"]] if body.get("source_if_none_match") else None,
+    )
+    result = await blocking(
+        _anvil(request).objects.copy_object, ctx, src_bucket=src_bucket, src_key=src_key,
+        src_version=_str_field(body, "source_version_id"), bucket=bucket, key=key,
+        metadata_directive=(_str_field(body, "metadata_directive") or "COPY").upper(),
+        content_type=_str_field(body, "content_type"), metadata=meta, cond=_conditions(request),
+        src_cond=src_cond,
+    )
+    return JSONResponse(result, headers={"etag": f'"{result["etag"]}"'})
+
+
+# ------------------------------------------------------------------ multipart
+
+
+def _upload(request: Request) -> dict[str, Any]:
+    bucket = request.path_params["bucket"]
+    return _anvil(request).objects.get_upload(bucket, request.path_params["upload_id"])
+
+
+@endpoint
+async def create_upload(request: Request, ctx: RequestContext) -> Response:
+    bucket = request.path_params["bucket"]
+    body = await json_body(request)
+    key = _str_field(body, "key", required=True)
+    v.check_not_reserved(key)
+    _check_recovery(request)
+    authorize(ctx.principal, "object:write", _bucket_resource(bucket, key))
+    meta = body.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        raise AnvilError("InvalidArgument", "'metadata' must be an object")
+    result = await blocking(
+        _anvil(request).objects.create_multipart, ctx, bucket, key,
+        content_type=_str_field(body, "content_type"), metadata=meta,
+    )
+    return JSONResponse(result, status_code=201)
+
+
+@endpoint
+async def list_uploads(request: Request, ctx: RequestContext) -> Response:
+    bucket = request.path_params["bucket"]
+    prefix = request.query_params.get("prefix", "")
+    v.check_not_reserved(prefix)
+    authorize(ctx.principal, "object:list", _bucket_resource(bucket))
+    return JSONResponse({"uploads": _anvil(request).objects.list_uploads(bucket, prefix)})
+
+
+@endpoint
+async def upload_part(request: Request, ctx: RequestContext) -> Response:
+    up = _upload(request)
+    _check_recovery(request)
+    authorize(ctx.principal, "object:write", _bucket_resource(up["bucket"], up["key"]))
+    try:
+        number = int(request.path_params["part_number"])
+    except ValueError:
+        raise AnvilError("InvalidArgument", "part number must be an integer") from None
+    v.check_part_number(number)
+    sha, md5 = _expected_checksums(request)
+    info = await _receive_body(request, expected_sha256=sha, expected_md5=md5)
+    result = await blocking(
+        _anvil(request).objects.upload_part, ctx, up["bucket"], up["upload_id"], number, info
+    )
+    return JSONResponse(result, headers={"etag": f'"{result["etag"]}"'})
+
+
+@endpoint
+async def list_parts(request: Request, ctx: RequestContext) -> Response:
+    up = _upload(request)
+    authorize(ctx.principal, "object:read", _bucket_resource(up["bucket"], up["key"]))
+    parts = _anvil(request).objects.list_parts(up["bucket"], up["upload_id"])
+    return JSONResponse({"upload_id": up["upload_id"], "key": up["key"], "parts": parts})
+
+
+@endpoint
+async def complete_upload(request: Request, ctx: RequestContext) -> Response:
+    up = _upload(request)
+    _check_recovery(request)
+    authorize(ctx.principal, "object:write", _bucket_resource(up["bucket"], up["key"]))
+    body = await json_body(request)
+    raw_parts = body.get("parts")
+    if not isinstance(raw_parts, list):
+        raise AnvilError("InvalidArgument", "'parts' must be a list of {part_number, etag}")
+    parts: list[tuple[int, str]] = []
+    for p in raw_parts:
+        if not isinstance(p, dict) or not isinstance(p.get("part_number"), int) or not isinstance(p.get("etag"), str):
+            raise AnvilError("InvalidArgument", "each part needs an integer part_number and a string etag")
+        parts.append((p["part_number"], p["etag"]))
+    result = await blocking(
+        _anvil(request).objects.complete_multipart, ctx, up["bucket"], up["upload_id"], parts,
+        cond=_conditions(request),
+    )
+    return JSONResponse(result, headers={"etag": f'"{result["etag"]}"'})
+
+
+@endpoint
+async def abort_upload(request: Request, ctx: RequestContext) -> Response:
+    up = _upload(request)
+    _check_recovery(request)
+    authorize(ctx.principal, "object:delete", _bucket_resource(up["bucket"], up["key"]))
+    return JSONResponse(await blocking(_anvil(request).objects.abort_multipart, ctx, up["bucket"], up["upload_id"]))
+
+
+# ------------------------------------------------------------------ admin
+
+
+@endpoint
+async def journal_events(request: Request, ctx: RequestContext) -> Response:
+    authorize(ctx.principal, "admin:read", "system")
+    from anvil.storage import journal
+
+    after = query_int(request, "after", 0)
+    limit = min(max(query_int(request, "limit", 100), 1), 1000)
+    events = journal.read(_anvil(request).storage.catalog.reader(), after, limit)
+    return JSONResponse({"events": [e.to_dict() for e in events]})
+
+
+@endpoint
+async def journal_verify(request: Request, ctx: RequestContext) -> Response:
+    authorize(ctx.principal, "admin:read", "system")
+    from anvil.storage import journal
+
+    checked, problems = await blocking(journal.verify_chain, _anvil(request).storage.catalog.reader())
+    return JSONResponse({
+        "checked": checked, "ok": not problems,
+        "problems": [{"seq": p.seq, "problem": p.problem} for p in problems],
+    })
+
+
+B = "/anvil/v1/buckets/{bucket}"
+
+ROUTES = [
+    Route("/anvil/health/live", live, methods=["GET"]),
+    Route("/anvil/health/ready", ready, methods=["GET"]),
+    Route("/anvil/v1/openapi.json", openapi, methods=["GET"]),
+    Route("/anvil/v1/buckets", list_buckets, methods=["GET"]),
+    Route(B, create_bucket, methods=["PUT"]),
+    Route(B, get_bucket, methods=["GET"]),
+    Route(B, delete_bucket, methods=["DELETE"]),
+    Route(B + "/versioning", put_versioning, methods=["PUT"]),
+    Route(B + "/objects", list_objects, methods=["GET"]),
+    Route(B + "/versions", list_versions, methods=["GET"]),
+    Route(B + "/object", put_object, methods=["PUT"]),
+    Route(B + "/object", get_object, methods=["GET"]),
+    Route(B + "/object", delete_object, methods=["DELETE"]),
+    Route(B + "/copy", copy_object, methods=["POST"]),
+    Route(B + "/uploads", create_upload, methods=["POST"]),
+    Route(B + "/uploads", list_uploads, methods=["GET"]),
+    Route(B + "/uploads/{upload_id}/parts/{part_number}", upload_part, methods=["PUT"]),
+    Route(B + "/uploads/{upload_id}/parts", list_parts, methods=["GET"]),
+    Route(B + "/uploads/{upload_id}/complete", complete_upload, methods=["POST"]),
+    Route(B + "/uploads/{upload_id}", abort_upload, methods=["DELETE"]),
+    Route("/anvil/v1/admin/journal", journal_events, methods=["GET"]),
+    Route("/anvil/v1/admin/journal/verify", journal_verify, methods=["GET"]),
+]

@@ -1,0 +1,231 @@
+"""`anvil`: serve, and the client commands for buckets and objects."""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import UTC, datetime
+
+import click
+
+from anvil import __version__
+from anvil.cli.common import client_command, emit, parse_meta
+from anvil.client import AnvilClient
+
+
+def _ts(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts else ""
+
+
+@click.group()
+@click.version_option(__version__, prog_name="anvil")
+def cli() -> None:
+    """Anvil: an object store with a complete recovery model."""
+
+
+@cli.command()
+@click.option("--storage-path", envvar="STORAGE_PATH", default="./anvil-data", show_default=True)
+@click.option("--listen", envvar="API_LISTEN_ADDR", default="127.0.0.1:9000", show_default=True)
+def serve(storage_path: str, listen: str) -> None:
+    """Run the server (S3 gateway, native API, background work) on one STORAGE_PATH."""
+    from anvil.api.server import serve as run_server
+    from anvil.errors import AnvilError
+
+    try:
+        run_server(storage_path, listen)
+    except (AnvilError, ValueError) as e:
+        click.echo(f"anvil serve: {e}", err=True)
+        sys.exit(2)
+
+
+# ------------------------------------------------------------------ buckets
+
+
+@cli.group()
+def bucket() -> None:
+    """Create, list, delete buckets and set versioning."""
+
+
+@bucket.command("create")
+@click.argument("name")
+@click.option("--versioning", type=click.Choice(["Enabled", "Suspended"]), default=None)
+@client_command
+def bucket_create(client: AnvilClient, as_json: bool, name: str, versioning: str | None) -> None:
+    res = client.create_bucket(name, versioning=versioning)
+    emit(as_json, res, text=f"created bucket {name}")
+
+
+@bucket.command("ls")
+@client_command
+def bucket_ls(client: AnvilClient, as_json: bool) -> None:
+    buckets = client.list_buckets()
+    emit(as_json, buckets, table=(("name", "tenant", "versioning", "created"),
+                                  [(b["name"], b["tenant"], b["versioning"], _ts(b["created"])) for b in buckets]))
+
+
+@bucket.command("rm")
+@click.argument("name")
+@client_command
+def bucket_rm(client: AnvilClient, as_json: bool, name: str) -> None:
+    emit(as_json, client.delete_bucket(name), text=f"deleted bucket {name}")
+
+
+@bucket.command("versioning")
+@click.argument("name")
+@click.argument("status", required=False, type=click.Choice(["Enabled", "Suspended"]))
+@client_command
+def bucket_versioning(client: AnvilClient, as_json: bool, name: str, status: str | None) -> None:
+    """Show, or with STATUS set, the bucket's versioning state."""
+    if status:
+        res = client.set_versioning(name, status)
+    else:
+        b = client.get_bucket(name)
+        res = {"bucket": name, "versioning": b["versioning"]}
+    emit(as_json, res, text=f"{name}: {res['versioning']}")
+
+
+# ------------------------------------------------------------------ objects
+
+
+@cli.group("object")
+def object_() -> None:
+    """Put, get, inspect, list, copy and delete objects."""
+
+
+@object_.command("put")
+@click.argument("bucket_name")
+@click.argument("key")
+@click.argument("source", type=click.Path(allow_dash=True, dir_okay=False))
+@click.option("--content-type", default=None)
+@click.option("--meta", multiple=True, help="User metadata NAME=VALUE (repeatable).")
+@click.option("--if-none-match", default=None, help="'*' to create only if absent.")
+@click.option("--if-match", default=None, help="Only overwrite this ETag.")
+@client_command
+def object_put(client: AnvilClient, as_json: bool, bucket_name: str, key: str, source: str,
+               content_type: str | None, meta: tuple[str, ...], if_none_match: str | None,
+               if_match: str | None) -> None:
+    """Upload SOURCE (a file, or - for stdin) as BUCKET/KEY."""
+    metadata = parse_meta(meta)
+    if source == "-":
+        res = client.put_object(bucket_name, key, sys.stdin.buffer, content_type=content_type, metadata=metadata,
+                                if_none_match=if_none_match, if_match=if_match)
+    elif if_none_match or if_match:
+        with open(source, "rb") as f:
+            res = client.put_object(bucket_name, key, f, content_type=content_type, metadata=metadata,
+                                    if_none_match=if_none_match, if_match=if_match)
+    else:
+        res = client.upload_file(bucket_name, key, source, content_type=content_type, metadata=metadata)
+    emit(as_json, res, text=f"put {bucket_name}/{key} version {res['version_id']} etag {res['etag']}")
+
+
+@object_.command("get")
+@click.argument("bucket_name")
+@click.argument("key")
+@click.argument("dest", required=False, default="-", type=click.Path(allow_dash=True, dir_okay=False))
+@click.option("--version-id", default=None)
+@click.option("--range", "byte_range", default=None, help="bytes=a-b, bytes=a- or bytes=-n")
+@client_command
+def object_get(client: AnvilClient, as_json: bool, bucket_name: str, key: str, dest: str,
+               version_id: str | None, byte_range: str | None) -> None:
+    """Download BUCKET/KEY to DEST (default: stdout)."""
+    if byte_range:
+        data, info = client.get_object_with_info(bucket_name, key, version_id=version_id, range=byte_range)
+        if dest == "-":
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+        else:
+            with open(dest, "wb") as f:
+                f.write(data)
+    elif dest == "-":
+        info = client.download(bucket_name, key, sys.stdout.buffer, version_id=version_id)
+        sys.stdout.buffer.flush()
+    else:
+        info = client.download(bucket_name, key, dest, version_id=version_id)
+    if dest != "-":
+        emit(as_json, info, text=f"wrote {info['size']} bytes to {dest}")
+
+
+@object_.command("head")
+@click.argument("bucket_name")
+@click.argument("key")
+@click.option("--version-id", default=None)
+@client_command
+def object_head(client: AnvilClient, as_json: bool, bucket_name: str, key: str, version_id: str | None) -> None:
+    info = client.head_object(bucket_name, key, version_id=version_id)
+    emit(as_json, info, table=(("field", "value"), [(k, v) for k, v in info.items() if k != "content_range"]))
+
+
+@object_.command("ls")
+@click.argument("bucket_name")
+@click.option("--prefix", default="")
+@click.option("--delimiter", default="")
+@click.option("--limit", type=int, default=None, help="Stop after this many entries.")
+@client_command
+def object_ls(client: AnvilClient, as_json: bool, bucket_name: str, prefix: str, delimiter: str,
+              limit: int | None) -> None:
+    entries = []
+    for entry in client.iter_objects(bucket_name, prefix=prefix, delimiter=delimiter):
+        entries.append(entry)
+        if limit is not None and len(entries) >= limit:
+            break
+    rows = [("PRE", "", "", e["prefix"]) if "prefix" in e else
+            (_ts(e["last_modified"]), e["size"], e["etag"], e["key"]) for e in entries]
+    emit(as_json, entries, table=(("modified", "size", "etag", "key"), rows))
+
+
+@object_.command("versions")
+@click.argument("bucket_name")
+@click.option("--prefix", default="")
+@client_command
+def object_versions(client: AnvilClient, as_json: bool, bucket_name: str, prefix: str) -> None:
+    versions: list[dict] = []
+    key_marker = version_marker = ""
+    while True:
+        page = client.list_versions(bucket_name, prefix=prefix, key_marker=key_marker, version_marker=version_marker)
+        versions.extend(page["versions"])
+        if not page["truncated"]:
+            break
+        key_marker, version_marker = page["next_key_marker"], page["next_version_marker"] or ""
+    rows = [(v["key"], v["version_id"], "yes" if v["is_latest"] else "", "marker" if v["delete_marker"] else v["size"],
+             _ts(v["last_modified"])) for v in versions]
+    emit(as_json, versions, table=(("key", "version", "latest", "size", "modified"), rows))
+
+
+@object_.command("rm")
+@click.argument("bucket_name")
+@click.argument("key")
+@click.option("--version-id", default=None)
+@client_command
+def object_rm(client: AnvilClient, as_json: bool, bucket_name: str, key: str, version_id: str | None) -> None:
+    res = client.delete_object(bucket_name, key, version_id=version_id)
+    what = "delete marker " + str(res["version_id"]) if res.get("delete_marker") and not version_id else "deleted"
+    emit(as_json, res, text=f"{bucket_name}/{key}: {what}")
+
+
+@object_.command("cp")
+@click.argument("src_bucket")
+@click.argument("src_key")
+@click.argument("dst_bucket")
+@click.argument("dst_key")
+@click.option("--source-version-id", default=None)
+@click.option("--meta", multiple=True, help="Replace metadata with NAME=VALUE (repeatable).")
+@click.option("--content-type", default=None)
+@client_command
+def object_cp(client: AnvilClient, as_json: bool, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str,
+              source_version_id: str | None, meta: tuple[str, ...], content_type: str | None) -> None:
+    """Copy SRC_BUCKET/SRC_KEY to DST_BUCKET/DST_KEY (no bytes are copied)."""
+    replace = bool(meta) or content_type is not None
+    res = client.copy_object(dst_bucket, dst_key, source_bucket=src_bucket, source_key=src_key,
+                             source_version_id=source_version_id,
+                             metadata_directive="REPLACE" if replace else "COPY",
+                             metadata=parse_meta(meta) if replace else None, content_type=content_type)
+    emit(as_json, res, text=f"copied to {dst_bucket}/{dst_key} version {res['version_id']}")
+
+
+def main() -> None:
+    cli(prog_name="anvil", auto_envvar_prefix=None)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

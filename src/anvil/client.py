@@ -1,0 +1,323 @@
+"""`AnvilClient`: the Python SDK for the native API (S3 is used through boto3)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import urllib.parse
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+DEFAULT_ENDPOINT = "http://127.0.0.1:9000"
+UPLOAD_CHUNK = 1024 * 1024
+DEFAULT_PART_SIZE = 16 * 1024 * 1024
+
+
+class AnvilAPIError(Exception):
+    def __init__(self, status: int, code: str, message: str, request_id: str | None = None,
+                 headers: httpx.Headers | None = None):
+        super().__init__(f"{code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.headers = headers or httpx.Headers()
+
+
+def _raise_for(resp: httpx.Response) -> None:
+    if resp.status_code < 400 and resp.status_code != 304:
+        return
+    code, message, request_id = "Unknown", resp.reason_phrase, resp.headers.get("x-request-id")
+    if resp.status_code == 304:
+        code, message = "NotModified", "not modified"
+    elif resp.headers.get("x-anvil-error-code"):
+        code = resp.headers["x-anvil-error-code"]
+    else:
+        try:
+            err = resp.json()["error"]
+            code, message, request_id = err["code"], err["message"], err.get("request_id")
+        except (ValueError, KeyError, TypeError):
+            pass
+    raise AnvilAPIError(resp.status_code, code, message, request_id, resp.headers)
+
+
+def _file_chunks(f: IO[bytes]) -> Iterator[bytes]:
+    while True:
+        data = f.read(UPLOAD_CHUNK)
+        if not data:
+            return
+        yield data
+
+
+def _cond_headers(if_match: str | None, if_none_match: str | None, if_version_match: str | None) -> dict[str, str]:
+    h: dict[str, str] = {}
+    if if_match is not None:
+        h["if-match"] = if_match if if_match == "*" else f'"{if_match.strip(chr(34))}"'
+    if if_none_match is not None:
+        h["if-none-match"] = if_none_match if if_none_match == "*" else f'"{if_none_match.strip(chr(34))}"'
+    if if_version_match is not None:
+        h["x-anvil-if-version-match"] = if_version_match
+    return h
+
+
+def object_info(headers: httpx.Headers) -> dict[str, Any]:
+    """The object description carried in GET/HEAD response headers."""
+    meta = {
+        k[len("x-anvil-meta-"):]: urllib.parse.unquote(v)
+        for k, v in headers.items()
+        if k.startswith("x-anvil-meta-")
+    }
+    parts = headers.get("x-anvil-parts-count")
+    return {
+        "etag": headers.get("etag", "").strip('"'),
+        "version_id": headers.get("x-anvil-version-id"),
+        "size": int(headers.get("content-length", "0")),
+        "content_type": headers.get("content-type"),
+        "last_modified": headers.get("last-modified"),
+        "sha256": headers.get("x-anvil-sha256"),
+        "metadata": meta,
+        "parts_count": int(parts) if parts else None,
+        "content_range": headers.get("content-range"),
+    }
+
+
+class AnvilClient:
+    def __init__(self, endpoint: str | None = None, *, timeout: float = 60.0, token: str | None = None):
+        self.endpoint = (endpoint or os.environ.get("ANVIL_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.endpoint, timeout=timeout, headers=headers)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> AnvilClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ plumbing
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        resp = self._http.request(method, path, **kwargs)
+        _raise_for(resp)
+        return resp
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._request(method, path, **kwargs).json()
+
+    @staticmethod
+    def _b(bucket: str) -> str:
+        return "/anvil/v1/buckets/" + urllib.parse.quote(bucket, safe="")
+
+    @staticmethod
+    def _idem(key: str | None) -> dict[str, str]:
+        return {"idempotency-key": key} if key else {}
+
+    # ------------------------------------------------------------ health
+
+    def health(self) -> dict[str, Any]:
+        return self._json("GET", "/anvil/health/ready")
+
+    # ------------------------------------------------------------ buckets
+
+    def create_bucket(self, name: str, *, versioning: str | None = None, idempotency_key: str | None = None) -> dict:
+        body = {"versioning": versioning} if versioning else {}
+        return self._json("PUT", self._b(name), json=body, headers=self._idem(idempotency_key))
+
+    def list_buckets(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/anvil/v1/buckets")["buckets"]
+
+    def get_bucket(self, name: str) -> dict[str, Any]:
+        return self._json("GET", self._b(name))
+
+    def delete_bucket(self, name: str, *, idempotency_key: str | None = None) -> dict[str, Any]:
+        return self._json("DELETE", self._b(name), headers=self._idem(idempotency_key))
+
+    def set_versioning(self, name: str, status: str, *, idempotency_key: str | None = None) -> dict[str, Any]:
+        return self._json("PUT", self._b(name) + "/versioning", json={"status": status},
+                          headers=self._idem(idempotency_key))
+
+    # ------------------------------------------------------------ objects
+
+    def put_object(
+        self, bucket: str, key: str, data: bytes | IO[bytes] | Iterable[bytes], *,
+        content_type: str | None = None, metadata: dict[str, str] | None = None,
+        if_match: str | None = None, if_none_match: str | None = None, if_version_match: str | None = None,
+        checksum_sha256: str | None = None, content_md5: bytes | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        headers = {**self._idem(idempotency_key), **_cond_headers(if_match, if_none_match, if_version_match)}
+        if content_type:
+            headers["content-type"] = content_type
+        for k, val in (metadata or {}).items():
+            headers[f"x-anvil-meta-{k}"] = urllib.parse.quote(val, safe="")
+        if checksum_sha256:
+            headers["x-anvil-checksum-sha256"] = checksum_sha256
+        if content_md5 is not None:
+            headers["content-md5"] = base64.b64encode(content_md5).decode()
+        content: Any = data
+        if hasattr(data, "read"):
+            content = _file_chunks(data)  # type: ignore[arg-type]
+        return self._json("PUT", self._b(bucket) + "/object", params={"key": key}, content=content,
+                          headers=headers)
+
+    def get_object(
+        self, bucket: str, key: str, *, version_id: str | None = None, range: str | None = None,
+        if_match: str | None = None, if_none_match: str | None = None, if_version_match: str | None = None,
+    ) -> bytes:
+        return self.get_object_with_info(bucket, key, version_id=version_id, range=range, if_match=if_match,
+                                         if_none_match=if_none_match, if_version_match=if_version_match)[0]
+
+    def get_object_with_info(self, bucket: str, key: str, *, version_id: str | None = None,
+                             range: str | None = None, if_match: str | None = None,
+                             if_none_match: str | None = None,
+                             if_version_match: str | None = None) -> tuple[bytes, dict[str, Any]]:
+        params = {"key": key, **({"version_id": version_id} if version_id else {})}
+        headers = _cond_headers(if_match, if_none_match, if_version_match)
+        if range:
+            headers["range"] = range
+        resp = self._request("GET", self._b(bucket) + "/object", params=params, headers=headers)
+        return resp.content, {**object_info(resp.headers), "status": resp.status_code}
+
+    def download(self, bucket: str, key: str, dest: str | Path | IO[bytes], *,
+                 version_id: str | None = None) -> dict[str, Any]:
+        """Stream an object to a path or file object without holding it in memory."""
+        params = {"key": key, **({"version_id": version_id} if version_id else {})}
+        with self._http.stream("GET", self._b(bucket) + "/object", params=params) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                _raise_for(resp)
+            if isinstance(dest, (str, Path)):
+                with open(dest, "wb") as f:
+                    for chunk in resp.iter_bytes(UPLOAD_CHUNK):
+                        f.write(chunk)
+            else:
+                for chunk in resp.iter_bytes(UPLOAD_CHUNK):
+                    dest.write(chunk)
+            return object_info(resp.headers)
+
+    def head_object(self, bucket: str, key: str, *, version_id: str | None = None,
+                    if_match: str | None = None, if_none_match: str | None = None) -> dict[str, Any]:
+        params = {"key": key, **({"version_id": version_id} if version_id else {})}
+        resp = self._request("HEAD", self._b(bucket) + "/object", params=params,
+                             headers=_cond_headers(if_match, if_none_match, None))
+        return object_info(resp.headers)
+
+    def delete_object(self, bucket: str, key: str, *, version_id: str | None = None,
+                      if_match: str | None = None, if_version_match: str | None = None,
+                      idempotency_key: str | None = None) -> dict[str, Any]:
+        params = {"key": key, **({"version_id": version_id} if version_id else {})}
+        headers = {**self._idem(idempotency_key), **_cond_headers(if_match, None, if_version_match)}
+        return self._json("DELETE", self._b(bucket) + "/object", params=params, headers=headers)
+
+    def list_objects(self, bucket: str, *, prefix: str = "", delimiter: str = "", start_after: str = "",
+                     limit: int = 1000, token: str | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"prefix": prefix, "delimiter": delimiter, "start_after": start_after,
+                                  "limit": limit}
+        if token:
+            params["token"] = token
+        return self._json("GET", self._b(bucket) + "/objects", params=params)
+
+    def iter_objects(self, bucket: str, *, prefix: str = "", delimiter: str = "",
+                     page_size: int = 1000) -> Iterator[dict[str, Any]]:
+        """Every object (and, with a delimiter, common prefix as {"prefix": ...}) across pages."""
+        token = None
+        while True:
+            page = self.list_objects(bucket, prefix=prefix, delimiter=delimiter, limit=page_size, token=token)
+            yield from page["objects"]
+            for cp in page["common_prefixes"]:
+                yield {"prefix": cp}
+            if not page["truncated"]:
+                return
+            token = page["next_token"]
+
+    def list_versions(self, bucket: str, *, prefix: str = "", delimiter: str = "", key_marker: str = "",
+                      version_marker: str = "", limit: int = 1000) -> dict[str, Any]:
+        params = {"prefix": prefix, "delimiter": delimiter, "key_marker": key_marker,
+                  "version_marker": version_marker, "limit": limit}
+        return self._json("GET", self._b(bucket) + "/versions", params=params)
+
+    def copy_object(self, bucket: str, key: str, *, source_key: str, source_bucket: str | None = None,
+                    source_version_id: str | None = None, metadata_directive: str = "COPY",
+                    metadata: dict[str, str] | None = None, content_type: str | None = None,
+                    if_none_match: str | None = None, source_if_match: str | None = None,
+                    idempotency_key: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"key": key, "source_key": source_key, "metadata_directive": metadata_directive}
+        for name, val in (("source_bucket", source_bucket), ("source_version_id", source_version_id),
+                          ("metadata", metadata), ("content_type", content_type),
+                          ("source_if_match", source_if_match)):
+            if val is not None:
+                body[name] = val
+        headers = {**self._idem(idempotency_key), **_cond_headers(None, if_none_match, None)}
+        return self._json("POST", self._b(bucket) + "/copy", json=body, headers=headers)
+
+    # ------------------------------------------------------------ multipart
+
+    def create_upload(self, bucket: str, key: str, *, content_type: str | None = None,
+                      metadata: dict[str, str] | None = None, idempotency_key: str | None = None) -> str:
+        body: dict[str, Any] = {"key": key}
+        if content_type:
+            body["content_type"] = content_type
+        if metadata:
+            body["metadata"] = metadata
+        return self._json("POST", self._b(bucket) + "/uploads", json=body,
+                          headers=self._idem(idempotency_key))["upload_id"]
+
+    def upload_part(self, bucket: str, upload_id: str, part_number: int,
+                    data: bytes | IO[bytes] | Iterable[bytes], *, idempotency_key: str | None = None) -> dict:
+        content: Any = _file_chunks(data) if hasattr(data, "read") else data  # type: ignore[arg-type]
+        path = f"{self._b(bucket)}/uploads/{urllib.parse.quote(upload_id, safe='')}/parts/{part_number}"
+        return self._json("PUT", path, content=content, headers=self._idem(idempotency_key))
+
+    def list_parts(self, bucket: str, upload_id: str) -> list[dict[str, Any]]:
+        path = f"{self._b(bucket)}/uploads/{urllib.parse.quote(upload_id, safe='')}/parts"
+        return self._json("GET", path)["parts"]
+
+    def list_uploads(self, bucket: str, *, prefix: str = "") -> list[dict[str, Any]]:
+        return self._json("GET", self._b(bucket) + "/uploads", params={"prefix": prefix})["uploads"]
+
+    def complete_upload(self, bucket: str, upload_id: str, parts: list[tuple[int, str]], *,
+                        idempotency_key: str | None = None) -> dict[str, Any]:
+        path = f"{self._b(bucket)}/uploads/{urllib.parse.quote(upload_id, safe='')}/complete"
+        body = {"parts": [{"part_number": n, "etag": e} for n, e in parts]}
+        return self._json("POST", path, json=body, headers=self._idem(idempotency_key))
+
+    def abort_upload(self, bucket: str, upload_id: str) -> dict[str, Any]:
+        return self._json("DELETE", f"{self._b(bucket)}/uploads/{urllib.parse.quote(upload_id, safe='')}")
+
+    def upload_file(self, bucket: str, key: str, path: str | Path, *, part_size: int = DEFAULT_PART_SIZE,
+                    content_type: str | None = None, metadata: dict[str, str] | None = None) -> dict[str, Any]:
+        """Upload a file, using multipart when it is larger than one part."""
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if size <= part_size:
+                return self.put_object(bucket, key, f, content_type=content_type, metadata=metadata)
+            upload_id = self.create_upload(bucket, key, content_type=content_type, metadata=metadata)
+            try:
+                parts: list[tuple[int, str]] = []
+                number = 1
+                while True:
+                    data = f.read(part_size)
+                    if not data:
+                        break
+                    parts.append((number, self.upload_part(bucket, upload_id, number, data)["etag"]))
+                    number += 1
+                return self.complete_upload(bucket, upload_id, parts)
+            except BaseException:
+                try:
+                    self.abort_upload(bucket, upload_id)
+                except (AnvilAPIError, httpx.HTTPError):
+                    pass
+                raise
+
+    # ------------------------------------------------------------ admin
+
+    def journal(self, *, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        return self._json("GET", "/anvil/v1/admin/journal", params={"after": after, "limit": limit})["events"]
+
+    def verify_journal(self) -> dict[str, Any]:
+        return self._json("GET", "/anvil/v1/admin/journal/verify")

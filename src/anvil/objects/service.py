@@ -1,0 +1,915 @@
+"""Buckets, objects, versions, preconditions, copy and multipart, on top of `anvil.storage`.
+
+Every mutation is one call to `Catalog.mutate`: preconditions are checked, rows written and
+the journal event appended in the same transaction. Bodies are stored as content-addressed
+blobs before that transaction; a version records its body as an ordered list of chunks
+(one for a simple PUT, one per part after a multipart upload), so copy never copies bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import apsw
+
+from anvil.context import RequestContext
+from anvil.errors import AnvilError, not_found
+from anvil.objects import validation as v
+from anvil.storage import BlobInfo, BlobWriter, Storage, Txn, idempotency
+
+MIGRATIONS = [
+    """
+    CREATE TABLE buckets(
+        name TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        created REAL NOT NULL,
+        versioning TEXT NOT NULL DEFAULT '',
+        public INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE versions(
+        bucket TEXT NOT NULL,
+        key TEXT NOT NULL,
+        version_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        is_latest INTEGER NOT NULL,
+        delete_marker INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        etag TEXT NOT NULL,
+        sha256 TEXT,
+        content_type TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        chunks TEXT NOT NULL,
+        created REAL NOT NULL,
+        PRIMARY KEY(bucket, key, version_id)
+    );
+    CREATE INDEX versions_latest ON versions(bucket, key) WHERE is_latest = 1;
+    CREATE INDEX versions_order ON versions(bucket, key, seq DESC);
+    CREATE TABLE multipart_uploads(
+        upload_id TEXT PRIMARY KEY,
+        bucket TEXT NOT NULL,
+        key TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        content_type TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        created REAL NOT NULL
+    );
+    CREATE INDEX multipart_by_bucket ON multipart_uploads(bucket, key, created);
+    CREATE TABLE multipart_parts(
+        upload_id TEXT NOT NULL REFERENCES multipart_uploads(upload_id) ON DELETE CASCADE,
+        part_number INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        md5 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        created REAL NOT NULL,
+        PRIMARY KEY(upload_id, part_number)
+    );
+    """,
+]
+
+VERSIONING_STATES = ("", "Enabled", "Suspended")
+NULL_VERSION = "null"
+
+_VERSION_COLUMNS = (
+    "bucket, key, version_id, seq, is_latest, delete_marker, size, etag, sha256, "
+    "content_type, metadata, chunks, created"
+)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    name: str
+    tenant: str
+    created: float
+    versioning: str
+    public: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "tenant": self.tenant,
+            "created": self.created,
+            "versioning": self.versioning or "Unversioned",
+            "public": self.public,
+        }
+
+
+@dataclass(frozen=True)
+class ObjectVersion:
+    bucket: str
+    key: str
+    version_id: str
+    seq: int
+    is_latest: bool
+    delete_marker: bool
+    size: int
+    etag: str
+    sha256: str | None
+    content_type: str
+    metadata: dict[str, str]
+    chunks: list[tuple[str, int]]
+    created: float
+
+    @classmethod
+    def from_row(cls, row: tuple) -> ObjectVersion:
+        return cls(
+            row[0], row[1], row[2], row[3], bool(row[4]), bool(row[5]), row[6], row[7], row[8],
+            row[9], json.loads(row[10]), [tuple(c) for c in json.loads(row[11])], row[12],
+        )
+
+    @property
+    def parts_count(self) -> int | None:
+        return len(self.chunks) if "-" in self.etag else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bucket": self.bucket,
+            "key": self.key,
+            "version_id": self.version_id,
+            "is_latest": self.is_latest,
+            "delete_marker": self.delete_marker,
+            "size": self.size,
+            "etag": self.etag,
+            "sha256": self.sha256,
+            "content_type": self.content_type,
+            "metadata": self.metadata,
+            "last_modified": self.created,
+            "parts_count": self.parts_count,
+        }
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """Preconditions on the current object (ETag and version id)."""
+
+    if_match: list[str] | None = None  # ETags, or ["*"]
+    if_none_match: list[str] | None = None  # ETags, or ["*"] for create-only
+    if_version_match: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.if_match is None and self.if_none_match is None and self.if_version_match is None
+
+
+def parse_etag_list(header: str | None) -> list[str] | None:
+    if header is None:
+        return None
+    items = [p.strip() for p in header.split(",") if p.strip()]
+    if not items:
+        raise AnvilError("InvalidArgument", "empty ETag list in precondition")
+    return [i[2:] if i.startswith("W/") else i for i in (x.strip('"') if x != "*" else x for x in items)]
+
+
+def check_write_conditions(current: ObjectVersion | None, cond: Conditions) -> None:
+    live = current if current is not None and not current.delete_marker else None
+    if cond.if_none_match is not None:
+        if "*" in cond.if_none_match:
+            if live is not None:
+                raise AnvilError("PreconditionFailed", "object already exists (If-None-Match: *)")
+        elif live is not None and live.etag in cond.if_none_match:
+            raise AnvilError("PreconditionFailed", "If-None-Match matched the current ETag")
+    if cond.if_match is not None:
+        if live is None or ("*" not in cond.if_match and live.etag not in cond.if_match):
+            raise AnvilError("PreconditionFailed", "If-Match did not match the current ETag")
+    if cond.if_version_match is not None:
+        if current is None or current.version_id != cond.if_version_match:
+            raise AnvilError("PreconditionFailed", "the current version id does not match")
+
+
+def check_read_conditions(obj: ObjectVersion, cond: Conditions) -> None:
+    if cond.if_match is not None and "*" not in cond.if_match and obj.etag not in cond.if_match:
+        raise AnvilError("PreconditionFailed", "If-Match did not match the ETag")
+    if cond.if_version_match is not None and obj.version_id != cond.if_version_match:
+        raise AnvilError("PreconditionFailed", "the version id does not match")
+    if cond.if_none_match is not None and ("*" in cond.if_none_match or obj.etag in cond.if_none_match):
+        raise AnvilError("NotModified", "not modified", headers={"ETag": f'"{obj.etag}"'})
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable digest of a request's meaning, for idempotency comparison."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def multipart_etag(md5s: list[str]) -> str:
+    joined = b"".join(bytes.fromhex(m) for m in md5s)
+    return f"{hashlib.md5(joined).hexdigest()}-{len(md5s)}"
+
+
+def _encode_token(payload: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(payload, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> dict[str, Any]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        payload = json.loads(raw)
+        if not isinstance(payload, dict):
+            raise ValueError
+        return payload
+    except (ValueError, UnicodeDecodeError):
+        raise AnvilError("InvalidArgument", "malformed continuation token") from None
+
+
+def _prefix_upper(prefix: str) -> str | None:
+    """The smallest string greater than every string starting with `prefix` (None: no bound)."""
+    chars = list(prefix)
+    while chars:
+        last = ord(chars[-1])
+        if last < 0x10FFFF:
+            nxt = last + 1
+            if 0xD800 <= nxt <= 0xDFFF:
+                nxt = 0xE000
+            chars[-1] = chr(nxt)
+            return "".join(chars)
+        chars.pop()
+    return None
+
+
+@dataclass
+class ListResult:
+    objects: list[ObjectVersion] = field(default_factory=list)
+    common_prefixes: list[str] = field(default_factory=list)
+    truncated: bool = False
+    next_token: str | None = None
+
+
+@dataclass
+class VersionListResult:
+    versions: list[ObjectVersion] = field(default_factory=list)
+    common_prefixes: list[str] = field(default_factory=list)
+    truncated: bool = False
+    next_key_marker: str | None = None
+    next_version_marker: str | None = None
+
+
+class ObjectService:
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self.catalog = storage.catalog
+        self.blobs = storage.blobs
+        self.catalog.migrate("objects", MIGRATIONS)
+
+    # ---------------------------------------------------------------- helpers
+
+    def _mutate(self, ctx: RequestContext, fn, fp: str) -> dict[str, Any]:
+        key = ctx.idempotency_key
+        if key is not None:
+            idempotency.validate_key(key)
+        return self.catalog.mutate(
+            lambda txn: idempotency.run(txn, key, fp, fn), actor=ctx.actor, request_id=ctx.request_id
+        )
+
+    @staticmethod
+    def _bucket_row(conn: apsw.Connection, name: str) -> Bucket | None:
+        row = conn.execute(
+            "SELECT name, tenant, created, versioning, public FROM buckets WHERE name = ?", (name,)
+        ).fetchone()
+        return Bucket(row[0], row[1], row[2], row[3], bool(row[4])) if row else None
+
+    def _require_bucket(self, conn: apsw.Connection, name: str) -> Bucket:
+        b = self._bucket_row(conn, name)
+        if b is None:
+            raise AnvilError("NotFound", "bucket not found")
+        return b
+
+    @staticmethod
+    def _latest(conn: apsw.Connection, bucket: str, key: str) -> ObjectVersion | None:
+        row = conn.execute(
+            f"SELECT {_VERSION_COLUMNS} FROM versions WHERE bucket = ? AND key = ? AND is_latest = 1",
+            (bucket, key),
+        ).fetchone()
+        return ObjectVersion.from_row(row) if row else None
+
+    @staticmethod
+    def _version(conn: apsw.Connection, bucket: str, key: str, version_id: str) -> ObjectVersion | None:
+        row = conn.execute(
+            f"SELECT {_VERSION_COLUMNS} FROM versions WHERE bucket = ? AND key = ? AND version_id = ?",
+            (bucket, key, version_id),
+        ).fetchone()
+        return ObjectVersion.from_row(row) if row else None
+
+    @staticmethod
+    def _clear_latest(conn: apsw.Connection, bucket: str, key: str) -> None:
+        conn.execute("UPDATE versions SET is_latest = 0 WHERE bucket = ? AND key = ? AND is_latest = 1", (bucket, key))
+
+    # ---------------------------------------------------------------- buckets
+
+    def create_bucket(self, ctx: RequestContext, name: str, *, versioning: str = "") -> dict[str, Any]:
+        v.check_bucket_name(name)
+        if versioning not in VERSIONING_STATES:
+            raise AnvilError("InvalidArgument", "versioning must be Enabled or Suspended")
+
+        def fn(txn: Txn) -> dict[str, Any]:
+            existing = self._bucket_row(txn.conn, name)
+            if existing is not None:
+                raise AnvilError("AlreadyExists", "bucket already exists")
+            txn.conn.execute(
+                "INSERT INTO buckets(name, tenant, created, versioning) VALUES (?,?,?,?)",
+                (name, ctx.tenant, txn.now, versioning),
+            )
+            payload = {"bucket": name, "tenant": ctx.tenant, "versioning": versioning}
+            txn.emit(ctx.tenant, "bucket.create", name, payload)
+            return Bucket(name, ctx.tenant, txn.now, versioning, False).to_dict()
+
+        return self._mutate(ctx, fn, fingerprint("bucket.create", name, versioning))
+
+    def list_buckets(self, tenant: str | None = None) -> list[Bucket]:
+        conn = self.catalog.reader()
+        if tenant is None:
+            rows = conn.execute("SELECT name, tenant, created, versioning, public FROM buckets ORDER BY name")
+        else:
+            rows = conn.execute(
+                "SELECT name, tenant, created, versioning, public FROM buckets WHERE tenant = ? ORDER BY name",
+                (tenant,),
+            )
+        return [Bucket(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+
+    def get_bucket(self, name: str) -> Bucket:
+        return self._require_bucket(self.catalog.reader(), name)
+
+    def find_bucket(self, name: str) -> Bucket | None:
+        return self._bucket_row(self.catalog.reader(), name)
+
+    def delete_bucket(self, ctx: RequestContext, name: str) -> dict[str, Any]:
+        def fn(txn: Txn) -> dict[str, Any]:
+            self._require_bucket(txn.conn, name)
+            if txn.conn.execute("SELECT 1 FROM versions WHERE bucket = ? LIMIT 1", (name,)).fetchone():
+                raise AnvilError("BucketNotEmpty", "bucket is not empty (objects, versions or delete markers remain)")
+            if txn.conn.execute("SELECT 1 FROM multipart_uploads WHERE bucket = ? LIMIT 1", (name,)).fetchone():
+                raise AnvilError("BucketNotEmpty", "bucket has multipart uploads in progress")
+            txn.conn.execute("DELETE FROM buckets WHERE name = ?", (name,))
+            txn.emit(ctx.tenant, "bucket.delete", name, {"bucket": name})
+            return {"bucket": name, "deleted": True}
+
+        return self._mutate(ctx, fn, fingerprint("bucket.delete", name))
+
+    def set_versioning(self, ctx: RequestContext, name: str, status: str) -> dict[str, Any]:
+        if status not in ("Enabled", "Suspended"):
+            raise AnvilError("InvalidArgument", "versioning status must be Enabled or Suspended")
+
+        def fn(txn: Txn) -> dict[str, Any]:
+            b = self._require_bucket(txn.conn, name)
+            if b.versioning != status:
+                txn.conn.execute("UPDATE buckets SET versioning = ? WHERE name = ?", (status, name))
+                txn.emit(b.tenant, "bucket.versioning", name, {"bucket": name, "status": status})
+            return {"bucket": name, "versioning": status}
+
+        return self._mutate(ctx, fn, fingerprint("bucket.versioning", name, status))
+
+    def set_public(self, ctx: RequestContext, name: str, public: bool) -> dict[str, Any]:
+        def fn(txn: Txn) -> dict[str, Any]:
+            b = self._require_bucket(txn.conn, name)
+            if b.public != public:
+                txn.conn.execute("UPDATE buckets SET public = ? WHERE name = ?", (int(public), name))
+                txn.emit(b.tenant, "bucket.public", name, {"bucket": name, "public": public})
+            return {"bucket": name, "public": public}
+
+        return self._mutate(ctx, fn, fingerprint("bucket.public", name, public))
+
+    # ---------------------------------------------------------------- writing objects
+
+    def prepare_write(self, bucket: str, key: str) -> Bucket:
+        """Everything checkable before a body is read: reserved namespace first, then names."""
+        v.check_object_key(key)
+        return self.get_bucket(bucket)
+
+    def store_body(
+        self, writer: BlobWriter, *, expected_sha256: str | None = None, expected_md5: str | None = None
+    ) -> BlobInfo:
+        """Verify the caller's expected checksums, then make the body durable. Mismatch stores nothing."""
+        info = writer.digests()
+        if expected_sha256 is not None and expected_sha256.lower() != info.sha256:
+            writer.abort()
+            raise AnvilError("BadDigest", "the body does not match the expected SHA-256")
+        if expected_md5 is not None and expected_md5.lower() != info.md5:
+            writer.abort()
+            raise AnvilError("BadDigest", "the body does not match the expected MD5")
+        return writer.commit()
+
+    def _write_version(
+        self, txn: Txn, ctx: RequestContext, bucket: Bucket, key: str, *, size: int, etag: str,
+        sha256: str | None, content_type: str, metadata: dict[str, str], chunks: list[tuple[str, int]],
+        cond: Conditions, source: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Apply S3 versioning semantics for a new body and emit `object.put`."""
+        conn = txn.conn
+        current = self._latest(conn, bucket.name, key)
+        check_write_conditions(current, cond)
+        replaced: list[str] = []
+        if bucket.versioning == "Enabled":
+            version_id = uuid.uuid4().hex
+        else:
+            version_id = NULL_VERSION
+            if self._version(conn, bucket.name, key, NULL_VERSION) is not None:
+                conn.execute(
+                    "DELETE FROM versions WHERE bucket = ? AND key = ? AND version_id = ?",
+                    (bucket.name, key, NULL_VERSION),
+                )
+                replaced.append(NULL_VERSION)
+        self._clear_latest(conn, bucket.name, key)
+        seq = txn.next_seq
+        conn.execute(
+            f"INSERT INTO versions({_VERSION_COLUMNS}) VALUES (?,?,?,?,1,0,?,?,?,?,?,?,?)",
+            (
+                bucket.name, key, version_id, seq, size, etag, sha256, content_type,
+                json.dumps(metadata, sort_keys=True), json.dumps(chunks), txn.now,
+            ),
+        )
+        payload = {
+            "bucket": bucket.name, "key": key, "version_id": version_id, "size": size, "etag": etag,
+            "sha256": sha256, "content_type": content_type, "metadata": metadata, "chunks": chunks,
+            "versioning": bucket.versioning, "replaced": replaced, **source,
+        }
+        txn.emit(bucket.tenant, "object.put", f"{bucket.name}/{key}", payload)
+        return {
+            "bucket": bucket.name, "key": key, "version_id": version_id, "etag": etag,
+            "sha256": sha256, "size": size,
+        }
+
+    def put_object(
+        self, ctx: RequestContext, bucket: str, key: str, body: BlobInfo, *, content_type: str | None = None,
+        metadata: dict[str, str] | None = None, cond: Conditions = Conditions(),
+    ) -> dict[str, Any]:
+        v.check_object_key(key)
+        ct = v.check_content_type(content_type)
+        meta = v.normalise_metadata(metadata)
+        fp = fingerprint("object.put", bucket, key, body.sha256, ct, meta, cond.__dict__)
+
+        def fn(txn: Txn) -> dict[str, Any]:
+            b = self._require_bucket(txn.conn, bucket)
+            return self._write_version(
+                txn, ctx, b, key, size=body.size, etag=body.md5, sha256=body.sha256, content_type=ct,
+                metadata=meta, chunks=[(body.sha256, body.size)], cond=cond, source={"source": "put"},
+            )
+
+        return self._mutate(ctx, fn, fp)
+
+    def delete_object(
+        self, ctx: RequestContext, bucket: str, key: str, *, version_id: str | None = None,
+        cond: Conditions = Conditions(),
+    ) -> dict[str, Any]:
+        v.check_object_key(key)
+        fp = fingerprint("object.delete", bucket, key, version_id, cond.__dict__)
+
+        def fn(txn: Txn) -> dict[str, Any]:
+            conn = txn.conn
+            b = self._require_bucket(conn, bucket)
+            current = self._latest(conn, bucket, key)
+            check_write_conditions(current, cond)
+            payload: dict[str, Any] = {"bucket": bucket, "key": key, "versioning": b.versioning}
+            if version_id is not None:
+                target = self._version(conn, bucket, key, version_id)
+                if target is None:
+                    raise AnvilError("NotFound", "version not found")
+                conn.execute(
+                    "DELETE FROM versions WHERE bucket = ? AND key = ? AND version_id = ?", (bucket, key, version_id)
+                )
+                promoted = None
+                if target.is_latest:
+                    row = conn.execute(
+                        "SELECT version_id FROM versions WHERE bucket = ? AND key = ? ORDER BY seq DESC LIMIT 1",
+                        (bucket, key),
+                    ).fetchone()
+                    if row:
+                        promoted = row[0]
+                        conn.execute(
+                            "UPDATE versions SET is_latest = 1 WHERE bucket = ? AND key = ? AND version_id = ?",
+                            (bucket, key, promoted),
+                        )
+                payload.update(version_id=version_id, delete_marker=False, removed=[version_id],
+                               promoted=promoted, was_delete_marker=target.delete_marker)
+                txn.emit(b.tenant, "object.delete", f"{bucket}/{key}", payload)
+                return {"bucket": bucket, "key": key, "version_id": version_id,
+                        "delete_marker": target.delete_marker}
+            if b.versioning == "":
+                if current is None:
+                    # S3 answers success for deleting an absent key; nothing changes, no event.
+                    return {"bucket": bucket, "key": key, "version_id": None, "delete_marker": False}
+                conn.execute("DELETE FROM versions WHERE bucket = ? AND key = ?", (bucket, key))
+                payload.update(version_id=None, delete_marker=False, removed=[current.version_id], promoted=None)
+                txn.emit(b.tenant, "object.delete", f"{bucket}/{key}", payload)
+                return {"bucket": bucket, "key": key, "version_id": None, "delete_marker": False}
+            removed: list[str] = []
+            if b.versioning == "Enabled":
+                marker_id = uuid.uuid4().hex
+            else:
+                marker_id = NULL_VERSION
+                if self._version(conn, bucket, key, NULL_VERSION) is not None:
+                    conn.execute(
+                        "DELETE FROM versions WHERE bucket = ? AND key = ? AND version_id = ?",
+                        (bucket, key, NULL_VERSION),
+                    )
+                    removed.append(NULL_VERSION)
+            self._clear_latest(conn, bucket, key)
+            conn.execute(
+                f"INSERT INTO versions({_VERSION_COLUMNS}) VALUES (?,?,?,?,1,1,0,'',NULL,'',?,?,?)",
+                (bucket, key, marker_id, txn.next_seq, "{}", "[]", txn.now),
+            )
+            payload.update(version_id=marker_id, delete_marker=True, removed=removed, promoted=None)
+            txn.emit(b.tenant, "object.delete", f"{bucket}/{key}", payload)
+            return {"bucket": bucket, "key": key, "version_id": marker_id, "delete_marker": True}
+
+        return self._mutate(ctx, fn, fp)
+
+    def copy_object(
+        self, ctx: RequestContext, *, src_bucket: str, src_key: str, src_version: str | None, bucket: str,
+        key: str, metadata_directive: str = "COPY", content_type: str | None = None,
+        metadata: dict[str, str] | None = None, cond: Conditions = Conditions(),
+        src_cond: Conditions = Conditions(),
+    ) -> dict[str, Any]:
+        v.check_object_key(src_key)
+        v.check_object_key(key)
+        if metadata_directive not in ("COPY", "REPLACE"):
+            raise AnvilError("InvalidArgument", "metadata directive must be COPY or REPLACE")
+        new_meta = v.normalise_metadata(metadata) if metadata_directive == "REPLACE" else None
+        new_ct = v.check_content_type(content_type) if metadata_directive == "REPLACE" else None
+        fp = fingerprint("object.copy", src_bucket, src_key, src_version, bucket, key, metadata_directive,
+                         new_meta, new_ct, cond.__dict__, src_cond.__dict__)
+
+        def fn(txn: Txn) -> dict[str, Any]:
+            conn = txn.conn
+            self._require_bucket(conn, src_bucket)
+            src = (self._version(conn, src_bucket, src_key, src_version) if src_version
+                   else self._latest(conn, src_bucket, src_key))
+            if src is None or (src.delete_marker and not src_version):
+                raise AnvilError("NotFound", "copy source not found")
+            if src.delete_marker:
+                raise AnvilError("InvalidArgument", "a delete marker cannot be copied")
+            check_read_conditions(src, src_cond) if not src_cond.empty else None
+            dst = self._require_bucket(conn, bucket)
+            if metadata_directive == "COPY" and src_bucket == bucket and src_key == key and not src_version:
+                raise AnvilError("InvalidArgument", "copying an object onto itself needs metadata directive REPLACE")
+            return self._write_version(
+                txn, ctx, dst, key, size=src.size, etag=src.etag, sha256=src.sha256,
+                content_type=new_ct if new_ct is not None else src.content_type,
+                metadata=new_meta if new_meta is not None else src.metadata, chunks=src.chunks, cond=cond,
+                source={"source": "copy", "copy_source": {"bucket": src_bucket, "key": src_key,
+                                                           "version_id": src.version_id}},
+            )
+
+        return self._mutate(ctx, fn, fp)
+
+    # ---------------------------------------------------------------- reading objects
+
+    def head_object(
+        self, bucket: str, key: str, *, version_id: str | None = None, cond: Conditions = Conditions()
+    ) -> ObjectVersion:
+        v.check_object_key(key)
+        conn = self.catalog.reader()
+        self._require_bucket(conn, bucket)
+        if version_id is not None:
+            obj = self._version(conn, bucket, key, version_id)
+            if obj is None:
+                raise AnvilError("NotFound", "version not found")
+            if obj.delete_marker:
+                raise AnvilError(
+                    "MethodNotAllowed", "the version is a delete marker",
+                    headers={"x-anvil-delete-marker": "true", "x-anvil-version-id": obj.version_id},
+                )
+        else:
+            obj = self._latest(conn, bucket, key)
+            if obj is None:
+                raise not_found("object")
+            if obj.delete_marker:
+                raise AnvilError(
+                    "NotFound", "object not found",
+                    headers={"x-anvil-delete-marker": "true", "x-anvil-version-id": obj.version_id},
+                )
+        if not cond.empty:
+            check_read_conditions(obj, cond)
+        return obj
+
+    def read_body(self, obj: ObjectVersion, rng: v.ByteRange | None = None) -> Iterator[bytes]:
+        """Stream the object's bytes (or a range) across its chunks, 1 MiB at a time."""
+        start, end = (rng.start, rng.end) if rng else (0, obj.size - 1)
+        offset = 0
+        for sha, size in obj.chunks:
+            chunk_start, chunk_end = offset, offset + size - 1
+            offset += size
+            if chunk_end < start or size == 0:
+                continue
+            if chunk_start > end:
+                break
+            lo = max(start, chunk_start) - chunk_start
+            hi = min(end, chunk_end) - chunk_start
+            yield from self.blobs.read_range(sha, lo, hi - lo + 1)
+
+    def read_all(self, obj: ObjectVersion) -> bytes:
+        return b"".join(self.read_body(obj))
+
+    # ---------------------------------------------------------------- listing
+
+    def list_objects(
+        self, bucket: str, *, prefix: str = "", delimiter: str = "", start_after: str = "",
+        max_keys: int = 1000, token: str | None = None,
+    ) -> ListResult:
+        if v.is_reserved_key(prefix):
+            raise v.reserved_error()
+        if not 1 <= max_keys <= 1000:
+            raise AnvilError("InvalidArgument", "page size must be between 1 and 1000")
+        conn = self.catalog.reader()
+        with conn:  # one read transaction: the page is a consistent view
+            self._require_bucket(conn, bucket)
+            lower, inclusive = start_after, False
+            if token:
+                t = _decode_token(token)
+                if not isinstance(t.get("k"), str):
+                    raise AnvilError("InvalidArgument", "malformed continuation token")
+                lower, inclusive = (t["k"], False) if not t.get("p") else (_prefix_upper(t["k"]) or "", True)
+                if t.get("p") and _prefix_upper(t["k"]) is None:
+                    return ListResult()
+            if prefix and (lower < prefix):
+                lower, inclusive = prefix, True
+            upper = _prefix_upper(prefix) if prefix else None
+            result = ListResult()
+            last: tuple[str, bool] | None = None
+            count = 0
+            while True:
+                sql = (f"SELECT {_VERSION_COLUMNS} FROM versions WHERE bucket = ? AND is_latest = 1 "
+                       f"AND delete_marker = 0 AND key {'>=' if inclusive else '>'} ?")
+                args: list[Any] = [bucket, lower]
+                if upper is not None:
+                    sql += " AND key < ?"
+                    args.append(upper)
+                sql += " ORDER BY key LIMIT ?"
+                args.append(max_keys - count + 1)
+                rows = conn.execute(sql, args).fetchall()
+                if not rows:
+                    break
+                jumped = False
+                for row in rows:
+                    key = row[1]
+                    if v.is_reserved_key(key):
+                        continue
+                    if count == max_keys:
+                        result.truncated = True
+                        break
+                    if delimiter:
+                        pos = key.find(delimiter, len(prefix))
+                        if pos >= 0:
+                            cp = key[: pos + len(delimiter)]
+                            if not v.is_reserved_key(cp) and cp != "_anvil/":
+                                result.common_prefixes.append(cp)
+                                count += 1
+                                last = (cp, True)
+                            nxt = _prefix_upper(cp)
+                            if nxt is None:
+                                return self._finish(result, last)
+                            lower, inclusive, jumped = nxt, True, True
+                            break
+                    result.objects.append(ObjectVersion.from_row(row))
+                    count += 1
+                    last = (key, False)
+                if result.truncated:
+                    break
+                if not jumped:
+                    if len(rows) < max_keys - count + 1 and count < max_keys:
+                        break
+                    lower, inclusive = rows[-1][1], False
+            return self._finish(result, last)
+
+    @staticmethod
+    def _finish(result: ListResult, last: tuple[str, bool] | None) -> ListResult:
+        if result.truncated and last is not None:
+            result.next_token = _encode_token({"k": last[0], "p": last[1]})
+        return result
+
+    def list_versions(
+        self, bucket: str, *, prefix: str = "", delimiter: str = "", key_marker: str = "",
+        version_marker: str = "", max_keys: int = 1000,
+    ) -> VersionListResult:
+        if v.is_reserved_key(prefix):
+            raise v.reserved_error()
+        if not 1 <= max_keys <= 1000:
+            raise AnvilError("InvalidArgument", "page size must be between 1 and 1000")
+        conn = self.catalog.reader()
+        with conn:
+            self._require_bucket(conn, bucket)
+            # Position: strictly after (key_marker, version_marker) in (key asc, seq desc) order.
+            after_key, after_seq = key_marker, None
+            if version_marker:
+                if not key_marker:
+                    raise AnvilError("InvalidArgument", "a version marker needs a key marker")
+                row = conn.execute(
+                    "SELECT seq FROM versions WHERE bucket = ? AND key = ? AND version_id = ?",
+                    (bucket, key_marker, version_marker),
+                ).fetchone()
+                if row is None:
+                    raise AnvilError("InvalidArgument", "unknown version marker")
+                after_seq = row[0]
+            upper = _prefix_upper(prefix) if prefix else None
+            result = VersionListResult()
+            count = 0
+            last_v: ObjectVersion | None = None
+            last_cp: str | None = None
+            lower_incl = False
+            if prefix and after_key < prefix:
+                after_key, after_seq, lower_incl = prefix, None, True
+            while True:
+                if after_seq is not None:
+                    cond_sql = "(key > ? OR (key = ? AND seq < ?))"
+                    args: list[Any] = [bucket, after_key, after_key, after_seq]
+                else:
+                    cond_sql = f"key {'>=' if lower_incl else '>'} ?"
+                    args = [bucket, after_key]
+                sql = f"SELECT {_VERSION_COLUMNS} FROM versions WHERE bucket = ? AND {cond_sql}"
+                if upper is not None:
+                    sql += " AND key < ?"
+                    args.append(upper)
+                sql += " ORDER BY key, seq DESC LIMIT ?"
+                batch = max_keys - count + 1
+                args.append(batch)
+                rows = conn.execute(sql, args).fetchall()
+                if not rows:
+                    break
+                jumped = False
+                for row in rows:
+                    obj = ObjectVersion.from_row(row)
+                    if v.is_reserved_key(obj.key):
+                        continue
+                    if count == max_keys:
+                        result.truncated = True
+                        break
+                    if delimiter:
+                        pos = obj.key.find(delimiter, len(prefix))
+                        if pos >= 0:
+                            cp = obj.key[: pos + len(delimiter)]
+                            if cp != "_anvil/":
+                                result.common_prefixes.append(cp)
+                                count += 1
+                                last_cp, last_v = cp, None
+                            nxt = _prefix_upper(cp)
+                            if nxt is None:
+                                return result
+                            after_key, after_seq, lower_incl, jumped = nxt, None, True, True
+                            break
+                    result.versions.append(obj)
+                    count += 1
+                    last_v, last_cp = obj, None
+                if result.truncated:
+                    break
+                if not jumped:
+                    if len(rows) < batch:
+                        break
+                    after_key, after_seq, lower_incl = rows[-1][1], rows[-1][3], False
+            if result.truncated:
+                if last_v is not None:
+                    result.next_key_marker, result.next_version_marker = last_v.key, last_v.version_id
+                elif last_cp is not None:
+                    # Resume after every key under the prefix: a marker just below its upper bound.
+                    result.next_key_marker = last_cp + "\U0010ffff"
+            return result
+
+    # ---------------------------------------------------------------- multipart
+
+    def create_multipart(
+        self, ctx: RequestContext, bucket: str, key: str, *, content_type: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        v.check_object_key(key)
+        ct = v.check_content_type(content_type)
+        meta = v.normalise_metadata(metadata)
+        upload_id = uuid.uuid4().hex
+
+        def fn(txn: Txn) -> dict[str, Any]:
+            b = self._require_bucket(txn.conn, bucket)
+            txn.conn.execute(
+                "INSERT INTO multipart_uploads(upload_id, bucket, key, tenant, content_type, metadata, created) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (upload_id, bucket, key, b.tenant, ct, json.dumps(meta, sort_keys=True), txn.now),
+            )
+            txn.emit(b.tenant, "multipart.create", f"{bucket}/{key}", {
+                "bucket": bucket, "key": key, "upload_id": upload_id, "content_type": ct, "metadata": meta,
+            })
+            return {"bucket": bucket, "key": key, "upload_id": upload_id}
+
+        return self._mutate(ctx, fn, fingerprint("multipart.create", bucket, key, ct, meta))
+
+    def get_upload(self, bucket: str, upload_id: str) -> dict[str, Any]:
+        row = self.catalog.reader().execute(
+            "SELECT upload_id, bucket, key, tenant, content_type, metadata, created FROM multipart_uploads "
+            "WHERE upload_id = ? AND bucket = ?",
+            (upload_id, bucket),
+        ).fetchone()
+        if row is None:
+            raise AnvilError("NotFound", "upload not found")
+        if v.is_reserved_key(row[2]):
+            raise v.reserved_error()
+        return {"upload_id": row[0], "bucket": row[1], "key": row[2], "tenant": row[3],
+                "content_type": row[4], "metadata": json.loads(row[5]), "created": row[6]}
+
+    def upload_part(
+        self, ctx: RequestContext, bucket: str, upload_id: str, part_number: int, body: BlobInfo
+    ) -> dict[str, Any]:
+        v.check_part_number(part_number)
+        fp = fingerprint("multipart.part", bucket, upload_id, part_number, body.sha256)
+
+        def fn(txn: Txn) -> dict[str, Any]:
+            row = txn.conn.execute(
+                "SELECT key, tenant FROM multipart_uploads WHERE upload_id = ? AND bucket = ?", (upload_id, bucket)
+            ).fetchone()
+            if row is None:
+                raise AnvilError("NotFound", "upload not found")
+            txn.conn.execute(
+                "INSERT OR REPLACE INTO multipart_parts(upload_id, part_number, sha256, md5, size, created) "
+                "VALUES (?,?,?,?,?,?)",
+                (upload_id, part_number, body.sha256, body.md5, body.size, txn.now),
+            )
+            txn.emit(row[1], "multipart.part", f"{bucket}/{row[0]}", {
+                "bucket": bucket, "key": row[0], "upload_id": upload_id, "part_number": part_number,
+                "sha256": body.sha256, "md5": body.md5, "size": body.size,
+            })
+            return {"upload_id": upload_id, "part_number": part_number, "etag": body.md5, "size": body.size}
+
+        return self._mutate(ctx, fn, fp)
+
+    def list_parts(self, bucket: str, upload_id: str) -> list[dict[str, Any]]:
+        self.get_upload(bucket, upload_id)
+        rows = self.catalog.reader().execute(
+            "SELECT part_number, md5, size, sha256, created FROM multipart_parts WHERE upload_id = ? "
+            "ORDER BY part_number",
+            (upload_id,),
+        ).fetchall()
+        return [{"part_number": r[0], "etag": r[1], "size": r[2], "sha256": r[3], "last_modified": r[4]}
+                for r in rows]
+
+    def list_uploads(self, bucket: str, prefix: str = "") -> list[dict[str, Any]]:
+        if v.is_reserved_key(prefix):
+            raise v.reserved_error()
+        conn = self.catalog.reader()
+        self._require_bucket(conn, bucket)
+        rows = conn.execute(
+            "SELECT upload_id, key, created FROM multipart_uploads WHERE bucket = ? AND key >= ? "
+            "ORDER BY key, created",
+            (bucket, prefix),
+        ).fetchall()
+        return [{"upload_id": r[0], "key": r[1], "created": r[2]} for r in rows
+                if r[1].startswith(prefix) and not v.is_reserved_key(r[1])]
+
+    def complete_multipart(
+        self, ctx: RequestContext, bucket: str, upload_id: str, parts: list[tuple[int, str]],
+        cond: Conditions = Conditions(),
+    ) -> dict[str, Any]:
+        if not parts:
+            raise AnvilError("InvalidArgument", "the part list is empty")
+        numbers = [p[0] for p in parts]
+        if any(b <= a for a, b in zip(numbers, numbers[1:], strict=False)):
+            raise AnvilError("InvalidPartOrder", "parts must be listed in ascending order without repeats")
+        for n, _ in parts:
+            v.check_part_number(n)
+        fp = fingerprint("multipart.complete", bucket, upload_id, parts, cond.__dict__)
+
+        def fn(txn: Txn) -> dict[str, Any]:
+            conn = txn.conn
+            up = conn.execute(
+                "SELECT key, content_type, metadata FROM multipart_uploads WHERE upload_id = ? AND bucket = ?",
+                (upload_id, bucket),
+            ).fetchone()
+            if up is None:
+                raise AnvilError("NotFound", "upload not found")
+            key, ct, meta = up[0], up[1], json.loads(up[2])
+            stored = {
+                r[0]: r[1:]
+                for r in conn.execute(
+                    "SELECT part_number, sha256, md5, size FROM multipart_parts WHERE upload_id = ?", (upload_id,)
+                )
+            }
+            chunks: list[tuple[str, int]] = []
+            md5s: list[str] = []
+            for i, (n, etag) in enumerate(parts):
+                part = stored.get(n)
+                if part is None or part[1] != etag.strip('"').lower():
+                    raise AnvilError("InvalidPart", f"part {n} was not uploaded or its ETag does not match")
+                if part[2] < v.MIN_PART_SIZE and i != len(parts) - 1:
+                    raise AnvilError("EntityTooSmall", f"part {n} is smaller than 5 MiB and is not the last part")
+                chunks.append((part[0], part[2]))
+                md5s.append(part[1])
+            b = self._require_bucket(conn, bucket)
+            result = self._write_version(
+                txn, ctx, b, key, size=sum(c[1] for c in chunks), etag=multipart_etag(md5s), sha256=None,
+                content_type=ct, metadata=meta, chunks=chunks, cond=cond,
+                source={"source": "multipart", "upload_id": upload_id},
+            )
+            conn.execute("DELETE FROM multipart_uploads WHERE upload_id = ?", (upload_id,))
+            return result
+
+        return self._mutate(ctx, fn, fp)
+
+    def abort_multipart(self, ctx: RequestContext, bucket: str, upload_id: str) -> dict[str, Any]:
+        def fn(txn: Txn) -> dict[str, Any]:
+            row = txn.conn.execute(
+                "SELECT key, tenant FROM multipart_uploads WHERE upload_id = ? AND bucket = ?", (upload_id, bucket)
+            ).fetchone()
+            if row is None:
+                raise AnvilError("NotFound", "upload not found")
+            txn.conn.execute("DELETE FROM multipart_uploads WHERE upload_id = ?", (upload_id,))
+            txn.emit(row[1], "multipart.abort", f"{bucket}/{row[0]}",
+                     {"bucket": bucket, "key": row[0], "upload_id": upload_id})
+            return {"upload_id": upload_id, "aborted": True}
+
+        return self._mutate(ctx, fn, fingerprint("multipart.abort", bucket, upload_id))

@@ -1,0 +1,39 @@
+"""Durable storage core: layout, catalog (SQLite), blobs and the journal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from anvil.storage import idempotency
+from anvil.storage.blobs import BlobInfo, BlobStore, BlobWriter
+from anvil.storage.catalog import Catalog, Txn
+from anvil.storage.journal import Event
+from anvil.storage.layout import FormatInfo, Layout
+
+
+class Storage:
+    """One opened `STORAGE_PATH`: the layout, its lock, the catalog and the blob store."""
+
+    def __init__(self, root: str | Path, *, lock: bool = True):
+        self.layout = Layout(root)
+        if lock:
+            self.layout.acquire_lock()
+        try:
+            self.format: FormatInfo = self.layout.initialise()
+            self.catalog = Catalog(self.layout.catalog_path)
+            self.catalog.migrate("idempotency", idempotency.MIGRATIONS)
+        except BaseException:
+            self.layout.release_lock()
+            raise
+        self.blobs = BlobStore(self.layout.blobs, self.layout.tmp)
+
+    @property
+    def root(self) -> Path:
+        return self.layout.root
+
+    def close(self) -> None:
+        self.catalog.close()
+        self.layout.release_lock()
+
+
+__all__ = ["BlobInfo", "BlobStore", "BlobWriter", "Catalog", "Event", "FormatInfo", "Layout", "Storage", "Txn"]

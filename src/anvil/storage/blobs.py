@@ -1,0 +1,160 @@
+"""Content-addressed blob store: `blobs/sha256/ab/cd/<hash>`.
+
+A body is streamed into `tmp/`, hashed on the way (SHA-256 for the address, MD5 for the
+S3 ETag), fsynced and renamed into place. Only after that may a record referencing it be
+committed, so a crash leaves at worst an orphan blob (found by fsck, removed by gc), never
+a record pointing at missing bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from anvil.storage.layout import fsync_dir
+
+READ_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    sha256: str
+    md5: str
+    size: int
+
+
+def _valid_hash(h: str) -> bool:
+    return len(h) == 64 and all(c in "0123456789abcdef" for c in h)
+
+
+class BlobWriter:
+    """Receives a body piece by piece; never holds it whole."""
+
+    def __init__(self, store: BlobStore, *, max_size: int | None = None):
+        self._store = store
+        self.tmp_path = store.tmp / f"upload-{uuid.uuid4().hex}"
+        self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._sha = hashlib.sha256()
+        self._md5 = hashlib.md5()
+        self.size = 0
+        self._max_size = max_size
+        self._done = False
+
+    def write(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self.size += len(chunk)
+        if self._max_size is not None and self.size > self._max_size:
+            raise OverflowError("body larger than allowed")
+        self._sha.update(chunk)
+        self._md5.update(chunk)
+        view = memoryview(chunk)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+
+    def digests(self) -> BlobInfo:
+        return BlobInfo(self._sha.hexdigest(), self._md5.hexdigest(), self.size)
+
+    def commit(self) -> BlobInfo:
+        """Make the bytes durable under their hash. Idempotent for identical content."""
+        info = self.digests()
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._done = True
+        final = self._store.path(info.sha256)
+        if final.exists():
+            # Same content already stored: drop ours, and refresh the old one's mtime so a
+            # concurrent gc's grace period protects it until our record commits.
+            os.unlink(self.tmp_path)
+            os.utime(final)
+            return info
+        created = self._store.ensure_parent(final)
+        os.rename(self.tmp_path, final)
+        fsync_dir(final.parent)
+        for d in created:
+            fsync_dir(d.parent)
+        return info
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            os.close(self._fd)
+            try:
+                os.unlink(self.tmp_path)
+            except FileNotFoundError:
+                pass
+
+
+class BlobStore:
+    def __init__(self, blobs_root: Path, tmp: Path):
+        self.root = blobs_root
+        self.tmp = tmp
+
+    def path(self, sha256: str) -> Path:
+        if not _valid_hash(sha256):
+            raise ValueError("not a sha256 hex digest")
+        return self.root / sha256[:2] / sha256[2:4] / sha256
+
+    def ensure_parent(self, final: Path) -> list[Path]:
+        """Create missing fan-out folders; return those created (their parents need fsync)."""
+        created: list[Path] = []
+        for d in (final.parent.parent, final.parent):
+            try:
+                d.mkdir()
+                created.append(d)
+            except FileExistsError:
+                pass
+        return created
+
+    def writer(self, *, max_size: int | None = None) -> BlobWriter:
+        return BlobWriter(self, max_size=max_size)
+
+    def put_bytes(self, data: bytes) -> BlobInfo:
+        w = self.writer()
+        try:
+            w.write(data)
+            return w.commit()
+        except BaseException:
+            w.abort()
+            raise
+
+    def exists(self, sha256: str) -> bool:
+        return self.path(sha256).exists()
+
+    def size(self, sha256: str) -> int:
+        return self.path(sha256).stat().st_size
+
+    def read_range(self, sha256: str, offset: int, length: int, chunk: int = READ_CHUNK) -> Iterator[bytes]:
+        with open(self.path(sha256), "rb", buffering=0) as f:
+            f.seek(offset)
+            remaining = length
+            while remaining > 0:
+                data = f.read(min(chunk, remaining))
+                if not data:
+                    raise OSError(f"blob {sha256} is shorter than recorded")
+                remaining -= len(data)
+                yield data
+
+    def iter_all(self) -> Iterator[tuple[str, Path]]:
+        """Every stored blob (hash, path); used by fsck and gc."""
+        if not self.root.exists():
+            return
+        for a in sorted(os.scandir(self.root), key=lambda e: e.name):
+            if not a.is_dir():
+                continue
+            for b in sorted(os.scandir(a.path), key=lambda e: e.name):
+                if not b.is_dir():
+                    continue
+                for f in sorted(os.scandir(b.path), key=lambda e: e.name):
+                    if f.is_file() and _valid_hash(f.name):
+                        yield f.name, Path(f.path)
+
+    def remove(self, sha256: str) -> None:
+        p = self.path(sha256)
+        p.unlink()
+        fsync_dir(p.parent)

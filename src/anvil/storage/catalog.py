@@ -1,0 +1,249 @@
+"""`catalog.db`: connections, numbered migrations and the one mutation path.
+
+One writer thread owns the only write connection. Mutations are queued to it and applied
+in batches: each mutation runs inside its own SAVEPOINT (so a failed precondition undoes
+only that mutation), all of a batch commit in one `synchronous=FULL` transaction, and only
+then are callers acknowledged. This is group commit: every acknowledged write is durable,
+yet concurrent writers share one fsync instead of paying one each.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import apsw
+
+from anvil.errors import AnvilError
+from anvil.storage import journal
+
+T = TypeVar("T")
+
+MAX_BATCH = 256
+
+
+@dataclass
+class PendingEvent:
+    tenant: str
+    kind: str
+    scope: str
+    payload: dict[str, Any]
+
+
+@dataclass
+class Txn:
+    """What a mutation function gets: the write connection inside its savepoint."""
+
+    conn: apsw.Connection
+    actor: str
+    request_id: str
+    now: float
+    head_seq: int
+    events: list[PendingEvent] = field(default_factory=list)
+    appended: list[journal.Event] = field(default_factory=list)
+
+    def emit(self, tenant: str, kind: str, scope: str, payload: dict[str, Any]) -> None:
+        """Record the journal event for this mutation; appended when the function returns."""
+        self.events.append(PendingEvent(tenant, kind, scope, payload))
+
+    @property
+    def next_seq(self) -> int:
+        """The seq the next event emitted by this mutation will take (records use it for order)."""
+        return self.head_seq + len(self.events) + 1
+
+    @property
+    def seq(self) -> int | None:
+        return self.appended[-1].seq if self.appended else None
+
+
+@dataclass
+class _Job:
+    fn: Callable[[Txn], Any]
+    actor: str
+    request_id: str
+    future: concurrent.futures.Future
+
+
+def _configure(conn: apsw.Connection, *, writer: bool) -> None:
+    # One PRAGMA per execute: a multi-statement string may silently skip later ones.
+    conn.setbusytimeout(10_000)
+    if writer:
+        conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+
+
+class Catalog:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._writer = apsw.Connection(str(self.path))
+        _configure(self._writer, writer=True)
+        self._writer.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations("
+            "component TEXT NOT NULL, version INTEGER NOT NULL, applied REAL NOT NULL, "
+            "PRIMARY KEY(component, version))"
+        )
+        self._local = threading.local()
+        self._readers: list[apsw.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._head: tuple[int, str] | None = None
+        self._commit_listeners: list[Callable[[int], None]] = []
+        self.migrate("journal", journal.MIGRATIONS)
+
+    # -- schema -------------------------------------------------------------------------
+
+    def migrate(self, component: str, migrations: Iterable[str]) -> None:
+        """Apply the component's numbered migrations (1-based list index) not yet applied."""
+        done = {
+            row[0]
+            for row in self._writer.execute(
+                "SELECT version FROM schema_migrations WHERE component = ?", (component,)
+            )
+        }
+        for number, sql in enumerate(migrations, start=1):
+            if number in done:
+                continue
+            with self._writer:
+                self._writer.execute(sql)
+                self._writer.execute(
+                    "INSERT INTO schema_migrations(component, version, applied) VALUES (?,?,?)",
+                    (component, number, time.time()),
+                )
+
+    # -- reads --------------------------------------------------------------------------
+
+    def reader(self) -> apsw.Connection:
+        """A connection for this thread; WAL lets readers run beside the writer."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = apsw.Connection(str(self.path), flags=apsw.SQLITE_OPEN_READONLY)
+            _configure(conn, writer=False)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def head(self) -> tuple[int, str]:
+        return journal.head(self.reader())
+
+    # -- writes -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._head = journal.head(self._writer)
+            self._thread = threading.Thread(target=self._run, name="anvil-writer", daemon=True)
+            self._thread.start()
+
+    def add_commit_listener(self, listener: Callable[[int], None]) -> None:
+        """Called from the writer thread with the new head seq after each durable commit."""
+        self._commit_listeners.append(listener)
+
+    def submit(self, fn: Callable[[Txn], T], *, actor: str, request_id: str) -> concurrent.futures.Future:
+        if self._thread is None:
+            self.start()
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put(_Job(fn, actor, request_id, fut))
+        return fut
+
+    def mutate(self, fn: Callable[[Txn], T], *, actor: str, request_id: str) -> T:
+        """The one mutation path: run `fn` in a transaction, append its event, commit durably."""
+        return self.submit(fn, actor=actor, request_id=request_id).result()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            batch = [job]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._apply(batch)
+            if stop:
+                return
+
+    def _apply(self, batch: list[_Job]) -> None:
+        conn = self._writer
+        assert self._head is not None
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                head_before = self._head
+                txn = Txn(conn, job.actor, job.request_id, time.time(), self._head[0])
+                conn.execute("SAVEPOINT m")
+                try:
+                    result = job.fn(txn)
+                    for ev in txn.events:
+                        appended = journal.append(
+                            conn, self._head, ts=txn.now, tenant=ev.tenant, kind=ev.kind,
+                            scope=ev.scope, actor=job.actor, request_id=job.request_id,
+                            payload=ev.payload,
+                        )
+                        txn.appended.append(appended)
+                        self._head = (appended.seq, appended.hash)
+                    conn.execute("RELEASE m")
+                    outcomes.append((True, result))
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    conn.execute("ROLLBACK TO m")
+                    conn.execute("RELEASE m")
+                    self._head = head_before
+                    outcomes.append((False, exc))
+            conn.execute("COMMIT")
+        except BaseException as exc:  # noqa: BLE001 - the whole batch failed to commit
+            try:
+                conn.execute("ROLLBACK")
+            except apsw.Error:
+                pass
+            self._head = journal.head(conn)
+            failure = AnvilError("Internal", f"commit failed: {exc}")
+            for job in batch:
+                job.future.set_exception(failure)
+            return
+        for job, (ok, value) in zip(batch, outcomes, strict=False):
+            if ok:
+                job.future.set_result(value)
+            else:
+                job.future.set_exception(value)
+        for listener in self._commit_listeners:
+            try:
+                listener(self._head[0])
+            except Exception:  # noqa: BLE001 - a listener must never break the writer
+                pass
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        with self._readers_lock:
+            for conn in self._readers:
+                try:
+                    conn.close()
+                except apsw.Error:
+                    pass
+            self._readers.clear()
+        self._writer.close()
+
+    def write_connection_for_maintenance(self) -> apsw.Connection:
+        """Direct access for offline tools (migrations, restore); never while serving."""
+        if self._thread is not None:
+            raise RuntimeError("the writer thread is running")
+        return self._writer

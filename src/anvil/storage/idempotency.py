@@ -1,0 +1,63 @@
+"""Idempotency keys for every mutation.
+
+Checked and recorded inside the mutation's own transaction, so a retried request either
+sees the first result or performs the mutation once — never both, never twice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from anvil.errors import AnvilError
+from anvil.storage.catalog import Txn
+
+RETENTION_SECONDS = 24 * 3600
+MAX_KEY_LENGTH = 255
+
+MIGRATIONS = [
+    """
+    CREATE TABLE idempotency(
+        actor TEXT NOT NULL,
+        key TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        response TEXT NOT NULL,
+        created REAL NOT NULL,
+        PRIMARY KEY(actor, key)
+    );
+    CREATE INDEX idempotency_created ON idempotency(created);
+    """,
+]
+
+
+def validate_key(key: str) -> None:
+    if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
+        raise AnvilError("InvalidArgument", f"Idempotency-Key must be 1-{MAX_KEY_LENGTH} printable characters")
+
+
+def run(txn: Txn, key: str | None, fingerprint: str, fn: Callable[[Txn], dict[str, Any]]) -> dict[str, Any]:
+    """Run `fn` once per (actor, key); replay its stored result for an identical request."""
+    if key is None:
+        return fn(txn)
+    row = txn.conn.execute(
+        "SELECT fingerprint, response, created FROM idempotency WHERE actor = ? AND key = ?",
+        (txn.actor, key),
+    ).fetchone()
+    if row and row[2] >= txn.now - RETENTION_SECONDS:
+        if row[0] != fingerprint:
+            raise AnvilError(
+                "IdempotencyMismatch", "this Idempotency-Key was already used for a different request"
+            )
+        return {**json.loads(row[1]), "idempotent_replay": True}
+    result = fn(txn)
+    txn.conn.execute(
+        "INSERT OR REPLACE INTO idempotency(actor, key, fingerprint, response, created) VALUES (?,?,?,?,?)",
+        (txn.actor, key, fingerprint, json.dumps(result), txn.now),
+    )
+    # Keep the table bounded: forget keys past the retention window as we go.
+    txn.conn.execute(
+        "DELETE FROM idempotency WHERE rowid IN (SELECT rowid FROM idempotency WHERE created < ? LIMIT 16)",
+        (txn.now - RETENTION_SECONDS,),
+    )
+    return result

@@ -1,0 +1,165 @@
+"""The journal: the durable, ordered, hash-chained mutation log.
+
+Every source change appends exactly one event in the same SQLite transaction as the rows
+it describes (see `Catalog.mutate`). `seq` is gapless; `hash` chains each event to the one
+before, so a removed, reordered or edited event is detectable by `verify_chain`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import apsw
+
+GENESIS_HASH = "0" * 64
+
+MIGRATIONS = [
+    """
+    CREATE TABLE journal(
+        seq INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        tenant TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE TABLE journal_base(
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        seq INTEGER NOT NULL,
+        hash TEXT NOT NULL
+    );
+    INSERT INTO journal_base(id, seq, hash) VALUES (1, 0, printf('%.64c', '0'));
+    """,
+]
+
+
+@dataclass(frozen=True)
+class Event:
+    seq: int
+    ts: float
+    tenant: str
+    kind: str
+    scope: str
+    actor: str
+    request_id: str
+    payload: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "ts": self.ts,
+            "tenant": self.tenant,
+            "kind": self.kind,
+            "scope": self.scope,
+            "actor": self.actor,
+            "request_id": self.request_id,
+            "payload": self.payload,
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+        }
+
+
+def canonical_payload(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def event_hash(
+    prev_hash: str, seq: int, ts: float, tenant: str, kind: str, scope: str, actor: str,
+    request_id: str, payload_json: str,
+) -> str:
+    """The chain link: covers every column, so editing any of them breaks the chain."""
+    record = json.dumps(
+        [seq, repr(ts), tenant, kind, scope, actor, request_id, payload_json],
+        separators=(",", ":"), ensure_ascii=False,
+    )
+    return hashlib.sha256(prev_hash.encode() + b"\n" + record.encode()).hexdigest()
+
+
+_COLUMNS = "seq, ts, tenant, kind, scope, actor, request_id, payload, prev_hash, hash"
+
+
+def _row_to_event(row: tuple) -> Event:
+    return Event(row[0], row[1], row[2], row[3], row[4], row[5], row[6], json.loads(row[7]), row[8], row[9])
+
+
+def append(
+    conn: apsw.Connection, head: tuple[int, str], *, ts: float, tenant: str, kind: str, scope: str,
+    actor: str, request_id: str, payload: dict[str, Any],
+) -> Event:
+    prev_seq, prev_hash = head
+    seq = prev_seq + 1
+    payload_json = canonical_payload(payload)
+    h = event_hash(prev_hash, seq, ts, tenant, kind, scope, actor, request_id, payload_json)
+    conn.execute(
+        f"INSERT INTO journal({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        (seq, ts, tenant, kind, scope, actor, request_id, payload_json, prev_hash, h),
+    )
+    return Event(seq, ts, tenant, kind, scope, actor, request_id, payload, prev_hash, h)
+
+
+def head(conn: apsw.Connection) -> tuple[int, str]:
+    row = conn.execute("SELECT seq, hash FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
+    if row:
+        return int(row[0]), str(row[1])
+    base = conn.execute("SELECT seq, hash FROM journal_base WHERE id = 1").fetchone()
+    return int(base[0]), str(base[1])
+
+
+def oldest_seq(conn: apsw.Connection) -> int:
+    """The first seq still held (earlier ones may have been compacted away)."""
+    row = conn.execute("SELECT min(seq) FROM journal").fetchone()
+    if row and row[0] is not None:
+        return int(row[0])
+    return head(conn)[0] + 1
+
+
+def read(conn: apsw.Connection, after: int = 0, limit: int = 1000) -> list[Event]:
+    rows = conn.execute(
+        f"SELECT {_COLUMNS} FROM journal WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+    ).fetchall()
+    return [_row_to_event(r) for r in rows]
+
+
+def iterate(conn: apsw.Connection, after: int = 0, batch: int = 5000) -> Iterator[Event]:
+    while True:
+        events = read(conn, after, batch)
+        if not events:
+            return
+        yield from events
+        after = events[-1].seq
+
+
+@dataclass
+class ChainProblem:
+    seq: int
+    problem: str
+
+
+def verify_chain(conn: apsw.Connection) -> tuple[int, list[ChainProblem]]:
+    """Walk the whole journal; return (events checked, problems). Read-only."""
+    base = conn.execute("SELECT seq, hash FROM journal_base WHERE id = 1").fetchone()
+    expected_seq, expected_prev = int(base[0]) + 1, str(base[1])
+    problems: list[ChainProblem] = []
+    checked = 0
+    for row in conn.execute(f"SELECT {_COLUMNS} FROM journal ORDER BY seq"):
+        seq, ts, tenant, kind, scope, actor, request_id, payload_json, prev_hash, h = row
+        checked += 1
+        if seq != expected_seq:
+            problems.append(ChainProblem(seq, f"gap: expected seq {expected_seq}, found {seq}"))
+        if prev_hash != expected_prev:
+            problems.append(ChainProblem(seq, "prev_hash does not match the previous event's hash"))
+        recomputed = event_hash(prev_hash, seq, ts, tenant, kind, scope, actor, request_id, payload_json)
+        if recomputed != h:
+            problems.append(ChainProblem(seq, "hash does not match the event's contents"))
+        expected_seq, expected_prev = seq + 1, h
+    return checked, problems

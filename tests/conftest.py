@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import pytest
+
+from anvil.client import AnvilClient
+from tests.helpers import AnvilServer, unique_bucket
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    """One real server per test module (each test uses its own buckets)."""
+    srv = AnvilServer(tmp_path_factory.mktemp("anvil") / "data").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server: AnvilServer):
+    with server.client() as c:
+        yield c
+
+
+@pytest.fixture
+def bucket(client: AnvilClient) -> str:
+    name = unique_bucket()
+    client.create_bucket(name)
+    return name
+
+
+@pytest.fixture
+def versioned_bucket(client: AnvilClient) -> str:
+    name = unique_bucket("v")
+    client.create_bucket(name, versioning="Enabled")
+    return name
