@@ -64,7 +64,21 @@ class AnvilServer:
             return ""
 
     def client(self) -> AnvilClient:
+        """An SDK client for this server (identity will make it an authenticated admin)."""
         return AnvilClient(self.endpoint)
+
+    def cli_env(self) -> dict[str, str]:
+        """Environment for running the `anvil` CLI against this server in a subprocess."""
+        return {**os.environ, "ANVIL_ENDPOINT": self.endpoint}
+
+    def cli(self, *args: str, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        """Run `anvil ARGS...` against this server; returns the completed process (bytes output)."""
+        proc = subprocess.run([sys.executable, "-m", "anvil.cli.main", *args], env=self.cli_env(),
+                              input=input, capture_output=True, timeout=120)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"anvil {' '.join(args)} failed ({proc.returncode}):\n"
+                                 f"{proc.stdout.decode(errors='replace')}\n{proc.stderr.decode(errors='replace')}")
+        return proc
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
