@@ -18,11 +18,11 @@ run: $(STAMP)
 	$(VENV)/bin/anvil serve --storage-path $(STORAGE_PATH) --listen $(API_LISTEN_ADDR)
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n 2 -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) bench/objects.py
