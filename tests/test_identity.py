@@ -328,3 +328,13 @@ def test_audit_is_admin_only_and_bounded(server: AnvilServer, admin: AnvilClient
     assert len(entries) == 3 and all(e["code"] == "Unauthenticated" for e in entries)
     assert all(e["path"] == "/anvil/v1/admin/journal" and e["request_id"] for e in entries)
     assert len(admin.audit(limit=5000)) <= 1000
+
+
+def test_identity_routes_are_in_openapi(admin: AnvilClient) -> None:
+    from anvil.api.identity import IDENTITY_ROUTES
+
+    doc = admin._http.get("/anvil/v1/openapi.json").json()
+    for route in IDENTITY_ROUTES:
+        for method in route.methods - {"HEAD"}:
+            assert method.lower() in doc["paths"][route.path], (method, route.path)
+    assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
