@@ -111,3 +111,33 @@ def test_token_verify_rejects_none_other_algs_tamper_expiry_and_size() -> None:
     for _ in range(2):  # the cached entry expires too; replays keep failing
         with pytest.raises(AnvilError, match="expired"):
             auth.verify(short)
+
+
+def test_in_process_service_bootstrap_and_sigv4_lookup(tmp_path, monkeypatch) -> None:
+    """The runtime opened directly: bootstrap once, envelopes open, S3 gateway lookup, summary/validate."""
+    from anvil.context import RequestContext
+    from anvil.identity import summary, validate
+    from anvil.runtime import Anvil
+
+    monkeypatch.setenv("ANVIL_ARGON2_FAST", "1")
+    a = Anvil(tmp_path / "data")
+    try:
+        cred = json.loads((tmp_path / "data" / "bootstrap" / "first-admin.json").read_text())
+        assert a.identity.bootstrap() is None  # the realm exists: never again
+        secret, admin = a.identity.sigv4_credentials(cred["client_id"])
+        assert secret == cred["client_secret"] and admin.admin and admin.scopes == ("*",)
+        assert a.identity.sigv4_credentials("ANAAAAAAAAAAAAAAAAAA") is None
+        ctx = RequestContext(principal=admin)
+        a.identity.create_tenant(ctx, "acme")
+        app = a.identity.create_app(ctx, "acme", "s3", ["object:read|bucket:*"])
+        secret, p = a.identity.sigv4_credentials(app["client_id"])
+        assert secret == app["client_secret"]
+        assert (p.tenant, p.admin, p.scopes) == ("acme", False, ("object:read|bucket:*",))
+        conn = a.storage.catalog.reader()
+        s = summary(conn)
+        assert (s["tenants"], s["apps"], s["policies"]) == (2, 2, 2)
+        assert s["key_ids_in_use"] == [a.identity.keyring.active_id]
+        assert validate(conn, a.identity.keyring) == []
+        assert validate(conn, env.Keyring("other", KEY_B))[0]["severity"] == "error"
+    finally:
+        a.close()

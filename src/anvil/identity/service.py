@@ -183,6 +183,19 @@ class IdentityService:
             raise AnvilError("NotFound", "application not found")
         return env.open_envelope(self.keyring, row[0], client_id)
 
+    def sigv4_credentials(self, client_id: str) -> tuple[str, Principal] | None:
+        """For the S3 gateway: an access key id -> (plaintext secret, principal with every granted scope).
+
+        None when the key is unknown (the gateway answers InvalidAccessKeyId without more detail)."""
+        conn = self._conn()
+        row = conn.execute("SELECT tenant, envelope FROM identity_apps WHERE client_id = ?", (client_id,)).fetchone()
+        if row is None:
+            return None
+        secret = env.open_envelope(self.keyring, row[1], client_id)
+        principal = Principal(tenant=row[0], subject=client_id, admin=row[0] == SYSTEM_TENANT,
+                              scopes=tuple(self._granted(conn, client_id)))
+        return secret, principal
+
     # ---------------------------------------------------------------- bootstrap
 
     def bootstrap(self, endpoint: str | None = None) -> dict[str, Any] | None:
