@@ -76,6 +76,14 @@ class AnvilServer:
             kwargs.update(client_id=cred["client_id"], client_secret=cred["client_secret"])
         return AnvilClient(self.endpoint, **kwargs)
 
+    def auth_headers(self) -> dict[str, str]:
+        """`Authorization: Bearer ...` for the first admin, for tests that speak raw HTTP (httpx, SSE)."""
+        from anvil.client import exchange_token
+
+        cred = self.admin_credentials()
+        token = exchange_token(self.endpoint, cred["client_id"], cred["client_secret"])["access_token"]
+        return {"authorization": f"Bearer {token}"}
+
     def cli_env(self) -> dict[str, str]:
         """Environment for running the `anvil` CLI against this server (as the first admin) in a subprocess."""
         cred = self.admin_credentials()

@@ -338,3 +338,9 @@ def test_identity_routes_are_in_openapi(admin: AnvilClient) -> None:
         for method in route.methods - {"HEAD"}:
             assert method.lower() in doc["paths"][route.path], (method, route.path)
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+
+
+def test_raw_http_helper_headers(server: AnvilServer) -> None:
+    r = httpx.get(server.endpoint + "/anvil/v1/buckets", headers=server.auth_headers())
+    assert r.status_code == 200
+    assert httpx.get(server.endpoint + "/anvil/v1/buckets").status_code == 401
