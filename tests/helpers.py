@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -37,7 +38,8 @@ class AnvilServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> AnvilServer:
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        # Cheap argon2 costs: tests exchange many tokens; production costs are ~100 ms each.
+        env = {**os.environ, "ANVIL_ARGON2_FAST": "1", **self.env, "PYTHONUNBUFFERED": "1"}
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "anvil.cli.main", "serve", "--storage-path", str(self.storage_path),
@@ -63,13 +65,30 @@ class AnvilServer:
         except FileNotFoundError:
             return ""
 
-    def client(self) -> AnvilClient:
-        """An SDK client for this server (identity will make it an authenticated admin)."""
-        return AnvilClient(self.endpoint)
+    def admin_credentials(self) -> dict[str, str]:
+        """The first admin's credential, written by the server at first start."""
+        return json.loads((self.storage_path / "bootstrap" / "first-admin.json").read_text())
+
+    def client(self, **kwargs) -> AnvilClient:
+        """An SDK client for this server, authenticated as the first admin unless credentials are given."""
+        if "token" not in kwargs and "client_id" not in kwargs:
+            cred = self.admin_credentials()
+            kwargs.update(client_id=cred["client_id"], client_secret=cred["client_secret"])
+        return AnvilClient(self.endpoint, **kwargs)
+
+    def auth_headers(self) -> dict[str, str]:
+        """`Authorization: Bearer ...` for the first admin, for tests that speak raw HTTP (httpx, SSE)."""
+        from anvil.client import exchange_token
+
+        cred = self.admin_credentials()
+        token = exchange_token(self.endpoint, cred["client_id"], cred["client_secret"])["access_token"]
+        return {"authorization": f"Bearer {token}"}
 
     def cli_env(self) -> dict[str, str]:
-        """Environment for running the `anvil` CLI against this server in a subprocess."""
-        return {**os.environ, "ANVIL_ENDPOINT": self.endpoint}
+        """Environment for running the `anvil` CLI against this server (as the first admin) in a subprocess."""
+        cred = self.admin_credentials()
+        return {**os.environ, "ANVIL_ENDPOINT": self.endpoint, "ANVIL_CLIENT_ID": cred["client_id"],
+                "ANVIL_CLIENT_SECRET": cred["client_secret"]}
 
     def cli(self, *args: str, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess:
         """Run `anvil ARGS...` against this server; returns the completed process (bytes output)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import os
+import threading
+import time
 import urllib.parse
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -84,11 +86,63 @@ def object_info(headers: httpx.Headers) -> dict[str, Any]:
     }
 
 
+def exchange_token(endpoint: str, client_id: str, client_secret: str, *, scopes: list[str] | None = None,
+                   expires_in: int | None = None, timeout: float = 30.0) -> dict[str, Any]:
+    """Client credentials -> `{access_token, expires_in, expires_at, tenant, scopes, ...}`."""
+    body: dict[str, Any] = {"client_id": client_id, "client_secret": client_secret}
+    if scopes is not None:
+        body["scopes"] = scopes
+    if expires_in is not None:
+        body["expires_in"] = expires_in
+    resp = httpx.post(endpoint.rstrip("/") + "/anvil/v1/auth/token", json=body, timeout=timeout)
+    _raise_for(resp)
+    return resp.json()
+
+
+class ClientCredentialsAuth(httpx.Auth):
+    """Exchanges client credentials for a token, refreshes it before expiry, and retries a
+    replayable request once when the server says the token is no longer good."""
+
+    def __init__(self, endpoint: str, client_id: str, client_secret: str, *, scopes: list[str] | None = None):
+        self._endpoint, self._client_id, self._secret, self._scopes = endpoint, client_id, client_secret, scopes
+        self._lock = threading.Lock()
+        self._token: str | None = None
+        self._refresh_at = 0.0
+
+    def token(self, *, force: bool = False) -> str:
+        with self._lock:
+            if force or self._token is None or time.time() >= self._refresh_at:
+                res = exchange_token(self._endpoint, self._client_id, self._secret, scopes=self._scopes)
+                ttl = float(res["expires_in"])
+                self._token = res["access_token"]
+                self._refresh_at = time.time() + ttl - min(60.0, ttl / 2)
+            return self._token
+
+    def auth_flow(self, request: httpx.Request):  # type: ignore[override]
+        request.headers["authorization"] = f"Bearer {self.token()}"
+        response = yield request
+        if response.status_code == 401 and isinstance(request.stream, httpx.ByteStream):
+            request.headers["authorization"] = f"Bearer {self.token(force=True)}"
+            yield request
+
+
 class AnvilClient:
-    def __init__(self, endpoint: str | None = None, *, timeout: float = 60.0, token: str | None = None):
+    """The native API. Authenticate with `client_id`/`client_secret` (tokens are exchanged and
+    refreshed automatically; ANVIL_CLIENT_ID/ANVIL_CLIENT_SECRET are the defaults) or a fixed `token`."""
+
+    def __init__(self, endpoint: str | None = None, *, timeout: float = 60.0, token: str | None = None,
+                 client_id: str | None = None, client_secret: str | None = None,
+                 scopes: list[str] | None = None):
         self.endpoint = (endpoint or os.environ.get("ANVIL_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
         headers = {"authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.endpoint, timeout=timeout, headers=headers)
+        if token is None:
+            client_id = client_id or os.environ.get("ANVIL_CLIENT_ID") or None
+            client_secret = client_secret or os.environ.get("ANVIL_CLIENT_SECRET") or None
+        auth = None
+        if token is None and client_id and client_secret:
+            auth = ClientCredentialsAuth(self.endpoint, client_id, client_secret, scopes=scopes)
+        self.client_id = client_id if auth is not None else None
+        self._http = httpx.Client(base_url=self.endpoint, timeout=timeout, headers=headers, auth=auth)
 
     def close(self) -> None:
         self._http.close()
@@ -321,3 +375,51 @@ class AnvilClient:
 
     def verify_journal(self) -> dict[str, Any]:
         return self._json("GET", "/anvil/v1/admin/journal/verify")
+
+    # ------------------------------------------------------------ identity
+
+    def whoami(self) -> dict[str, Any]:
+        return self._json("GET", "/anvil/v1/auth/whoami")
+
+    def create_tenant(self, name: str) -> dict[str, Any]:
+        return self._json("POST", "/anvil/v1/admin/tenants", json={"name": name})
+
+    def list_tenants(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/anvil/v1/admin/tenants")["tenants"]
+
+    def create_app(self, tenant: str, name: str, *, scopes: list[str] | None = None) -> dict[str, Any]:
+        """Returns the new application with its `client_secret` (shown this once)."""
+        return self._json("POST", "/anvil/v1/admin/apps", json={"tenant": tenant, "name": name, "scopes": scopes})
+
+    def list_apps(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        params = {"tenant": tenant} if tenant else {}
+        return self._json("GET", "/anvil/v1/admin/apps", params=params)["apps"]
+
+    def rotate_app_secret(self, client_id: str) -> dict[str, Any]:
+        return self._json("POST", f"/anvil/v1/admin/apps/{urllib.parse.quote(client_id, safe='')}/rotate-secret")
+
+    def policies(self, client_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/anvil/v1/admin/apps/{urllib.parse.quote(client_id, safe='')}/policies")
+
+    def grant(self, client_id: str, scopes: list[str]) -> dict[str, Any]:
+        return self._json("POST", f"/anvil/v1/admin/apps/{urllib.parse.quote(client_id, safe='')}/policies/grant",
+                          json={"scopes": scopes})
+
+    def revoke(self, client_id: str, scopes: list[str]) -> dict[str, Any]:
+        return self._json("POST", f"/anvil/v1/admin/apps/{urllib.parse.quote(client_id, safe='')}/policies/revoke",
+                          json={"scopes": scopes})
+
+    def set_public_access(self, bucket: str, public: bool) -> dict[str, Any]:
+        return self._json("PUT", self._b(bucket) + "/public-access", json={"public": public})
+
+    def audit(self, *, limit: int = 100) -> list[dict[str, Any]]:
+        return self._json("GET", "/anvil/v1/admin/audit", params={"limit": limit})["entries"]
+
+    def rotate_secret_key(self, *, dry_run: bool = False) -> dict[str, Any]:
+        return self._json("POST", "/anvil/v1/admin/secret-key/rotate", json={"dry_run": dry_run})
+
+    def identity_summary(self) -> dict[str, Any]:
+        return self._json("GET", "/anvil/v1/admin/identity/summary")
+
+    def identity_validate(self) -> dict[str, Any]:
+        return self._json("GET", "/anvil/v1/admin/identity/validate")

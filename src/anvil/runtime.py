@@ -4,19 +4,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from anvil.identity import BucketAccess, IdentityService, install_bucket_lookup
+from anvil.identity.settings import load_jwt_secret, load_keyring
 from anvil.objects import ObjectService
 from anvil.storage import Storage
 
 
 class Anvil:
-    def __init__(self, storage_path: str | Path, *, lock: bool = True):
+    def __init__(self, storage_path: str | Path, *, lock: bool = True, endpoint: str | None = None):
         self.storage = Storage(storage_path, lock=lock)
         try:
             self.objects = ObjectService(self.storage)
+            secrets_dir = self.storage.layout.secrets
+            self.identity = IdentityService(self.storage, load_keyring(secrets_dir), load_jwt_secret(secrets_dir))
+            install_bucket_lookup(self._bucket_access)
             self.storage.catalog.start()
+            self.identity.bootstrap(endpoint)
         except BaseException:
             self.storage.close()
             raise
+
+    def _bucket_access(self, name: str) -> BucketAccess | None:
+        b = self.objects.find_bucket(name)
+        return BucketAccess(b.tenant, b.public) if b is not None else None
 
     def close(self) -> None:
         self.storage.close()

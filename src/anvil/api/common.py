@@ -20,9 +20,36 @@ log = logging.getLogger("anvil.api")
 META_PREFIX = "x-anvil-meta-"
 
 
+ANONYMOUS = Principal(tenant="", subject="anonymous", anonymous=True)
+
+
 def authenticate(request: Request) -> Principal:
-    # Identity will resolve bearer tokens here; until then every request is the dev principal.
-    return DEV_PRINCIPAL
+    """`Authorization: Bearer TOKEN` -> its principal; no header -> anonymous (the gate decides).
+
+    With `--dev-auth` (development mode only) a request without a header is the development
+    principal instead: that exists for comparing authenticated throughput, nothing else.
+    """
+    header = request.headers.get("authorization")
+    if header is None:
+        return DEV_PRINCIPAL if getattr(request.app.state, "dev_auth", False) else ANONYMOUS
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AnvilError("Unauthenticated", "expected 'Authorization: Bearer TOKEN'",
+                         headers={"www-authenticate": "Bearer"})
+    return request.app.state.anvil.identity.authenticate_token(token.strip())
+
+
+def record_denial(request: Request, err: AnvilError, request_id: str, principal: Principal | None) -> None:
+    if not (getattr(err, "denied", False) or err.code in ("Unauthenticated", "PermissionDenied")):
+        return
+    anvil = getattr(request.app.state, "anvil", None)
+    if anvil is None:
+        return
+    anvil.identity.audit.record(
+        request_id=request_id, method=request.method, path=request.url.path, code=err.code,
+        actor=principal.actor if principal is not None and not principal.anonymous else None,
+        client=request.client.host if request.client else None,
+    )
 
 
 def error_response(err: AnvilError, request_id: str, *, head: bool = False) -> Response:
@@ -43,12 +70,14 @@ def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     @functools.wraps(handler)
     async def run(request: Request) -> Response:
         request_id = new_request_id()
+        principal: Principal | None = None
         try:
             principal = authenticate(request)
             idem = request.headers.get("idempotency-key")
             ctx = RequestContext(principal=principal, request_id=request_id, idempotency_key=idem)
             response = await handler(request, ctx)
         except AnvilError as err:
+            record_denial(request, err, request_id, principal)
             return error_response(err, request_id, head=request.method == "HEAD")
         except Exception:  # noqa: BLE001 - never leak a traceback to the client
             log.exception("unhandled error in %s %s", request.method, request.url.path)

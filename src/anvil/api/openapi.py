@@ -62,6 +62,36 @@ OPERATIONS: list[tuple[str, str, str, str, list[dict[str, Any]], bool, bool]] = 
      False, False),
 ]
 
+# Identity: token exchange and administration.
+OPERATIONS += [
+    ("post", "/anvil/v1/auth/token", "token",
+     "Exchange client credentials for a bearer token {client_id, client_secret, scopes?, expires_in?}",
+     [], True, False),
+    ("get", "/anvil/v1/auth/whoami", "whoami", "The caller's tenant, subject and scopes", [], False, False),
+    ("post", "/anvil/v1/admin/tenants", "createTenant", "Create a tenant (admin)", [], True, False),
+    ("get", "/anvil/v1/admin/tenants", "listTenants", "List tenants (admin)", [], False, False),
+    ("post", "/anvil/v1/admin/apps", "createApp", "Create an application; its secret is returned once", [],
+     True, False),
+    ("get", "/anvil/v1/admin/apps", "listApps", "List applications", [_q("tenant")], False, False),
+    ("post", "/anvil/v1/admin/apps/{client_id}/rotate-secret", "rotateAppSecret",
+     "Rotate an application's secret; the new one is returned once", [], False, False),
+    ("get", "/anvil/v1/admin/apps/{client_id}/policies", "listPolicies", "An application's granted scopes", [],
+     False, False),
+    ("post", "/anvil/v1/admin/apps/{client_id}/policies/grant", "grantPolicy",
+     "Grant scopes (bounded by the caller's own)", [], True, False),
+    ("post", "/anvil/v1/admin/apps/{client_id}/policies/revoke", "revokePolicy", "Revoke scopes", [], True, False),
+    ("put", "/anvil/v1/buckets/{bucket}/public-access", "putPublicAccess",
+     "Allow or stop anonymous GET/HEAD/LIST {public: bool}", [], True, False),
+    ("get", "/anvil/v1/admin/audit", "audit", "Recent denied requests (admin)", [_q("limit", "integer")],
+     False, False),
+    ("post", "/anvil/v1/admin/secret-key/rotate", "rotateSecretKey",
+     "Re-encrypt secret envelopes under the active key {dry_run?}", [], True, False),
+    ("get", "/anvil/v1/admin/identity/summary", "identitySummary", "Identity counts and key ids (admin)", [],
+     False, False),
+    ("get", "/anvil/v1/admin/identity/validate", "identityValidate", "Check every envelope decrypts (admin)", [],
+     False, False),
+]
+
 ERROR = {
     "type": "object",
     "properties": {"error": {"type": "object", "properties": {
@@ -95,5 +125,7 @@ def document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "Anvil native API", "version": __version__},
         "paths": paths,
-        "components": {"schemas": {"Error": ERROR}},
+        "components": {"schemas": {"Error": ERROR},
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
+        "security": [{"bearer": []}],
     }

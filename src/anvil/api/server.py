@@ -8,6 +8,8 @@ import sys
 import uvicorn
 
 from anvil.api.app import create_app
+from anvil.errors import AnvilError
+from anvil.identity.settings import dev_auth_enabled, is_development
 from anvil.runtime import Anvil
 
 
@@ -18,19 +20,47 @@ def parse_listen(addr: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def serve(storage_path: str, listen: str) -> None:
+def _print_dev_credentials(anvil: Anvil, endpoint: str) -> None:
+    cred = anvil.identity.ensure_dev_app(endpoint)
+    admin = anvil.storage.layout.bootstrap / "first-admin.json"
+    cid, secret = cred["client_id"], cred["client_secret"]
+    print(
+        "Development mode: a ready application of tenant 'dev' "
+        f"(kept in {anvil.storage.layout.bootstrap / 'dev-app.json'}):\n"
+        f"  endpoint:      {endpoint}\n"
+        f"  client_id:     {cid}\n"
+        f"  client_secret: {secret}\n"
+        f"  CLI:   ANVIL_ENDPOINT={endpoint} ANVIL_CLIENT_ID={cid} ANVIL_CLIENT_SECRET={secret} anvil bucket ls\n"
+        f"  aws:   AWS_ACCESS_KEY_ID={cid} AWS_SECRET_ACCESS_KEY={secret} AWS_DEFAULT_REGION=us-east-1 "
+        f"aws --endpoint-url {endpoint} s3 ls\n"
+        f"  admin credential: {admin}",
+        flush=True,
+    )
+
+
+def serve(storage_path: str, listen: str, *, dev_auth: bool = False) -> None:
     host, port = parse_listen(listen)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    anvil = Anvil(storage_path)
+    dev_auth = dev_auth or dev_auth_enabled()
+    if dev_auth and not is_development():
+        raise AnvilError("InvalidArgument", "--dev-auth is refused outside development mode")
+    endpoint = f"http://{host}:{port}"
+    anvil = Anvil(storage_path, endpoint=endpoint)
     try:
-        app = create_app(anvil)
+        app = create_app(anvil, dev_auth=dev_auth)
         config = uvicorn.Config(
             app, host=host, port=port, loop="uvloop", http="httptools", access_log=False,
             log_level="warning", timeout_graceful_shutdown=5, server_header=False,
         )
         server = uvicorn.Server(config)
-        print(f"Anvil {storage_path!s} listening on http://{host}:{port}", flush=True)
-        print(f"  native API: http://{host}:{port}/anvil/v1/  (OpenAPI: /anvil/v1/openapi.json)", flush=True)
+        print(f"Anvil {storage_path!s} listening on {endpoint}", flush=True)
+        print(f"  native API: {endpoint}/anvil/v1/  (OpenAPI: /anvil/v1/openapi.json)", flush=True)
+        if is_development():
+            _print_dev_credentials(anvil, endpoint)
+        if dev_auth:
+            banner = "!" * 78
+            print(f"{banner}\nWARNING: --dev-auth: requests WITHOUT a token act as the development admin "
+                  f"principal.\nFor benchmarks only; never expose this server.\n{banner}", file=sys.stderr, flush=True)
         server.run()
     finally:
         anvil.close()

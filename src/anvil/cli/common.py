@@ -12,21 +12,44 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from anvil.client import AnvilAPIError, AnvilClient
+from anvil.cli.profiles import ProfileError, resolve_credentials
+from anvil.client import DEFAULT_ENDPOINT, AnvilAPIError, AnvilClient
 
 console = Console()
 err_console = Console(stderr=True)
 
 
-def client_command(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Adds --endpoint (or ANVIL_ENDPOINT) and --json, builds the client, maps API errors."""
+def _connection_options(fn: Callable[..., Any], *, admin: bool) -> Callable[..., Any]:
+    options = [
+        click.option("--endpoint", envvar="ANVIL_ENDPOINT", default=None,
+                     help=f"Anvil endpoint URL (or ANVIL_ENDPOINT, the profile's, else {DEFAULT_ENDPOINT})."),
+        click.option("--profile", envvar="ANVIL_PROFILE", default=None,
+                     help="Credentials profile saved by `anvil configure` (or ANVIL_PROFILE; default: 'default')."),
+        click.option("--client-id", envvar="ANVIL_CLIENT_ID", default=None, help="Application client id."),
+        click.option("--client-secret", envvar="ANVIL_CLIENT_SECRET", default=None,
+                     help="Application client secret (prefer ANVIL_CLIENT_SECRET or a profile)."),
+        click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON."),
+    ]
+    if admin:
+        options.append(click.option(
+            "--storage-path", "admin_storage_path", default=None, type=click.Path(file_okay=False),
+            help="Use the server's first admin credential (STORAGE_PATH/bootstrap/first-admin.json)."))
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
 
-    @click.option("--endpoint", envvar="ANVIL_ENDPOINT", default="http://127.0.0.1:9000", show_default=True,
-                  help="Anvil endpoint URL (or ANVIL_ENDPOINT).")
-    @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+def _make_command(fn: Callable[..., Any], *, admin: bool) -> Callable[..., Any]:
     @functools.wraps(fn)
-    def run(endpoint: str, as_json: bool, **kwargs: Any) -> None:
-        with AnvilClient(endpoint) as client:
+    def run(endpoint: str | None, profile: str | None, client_id: str | None, client_secret: str | None,
+            as_json: bool, admin_storage_path: str | None = None, **kwargs: Any) -> None:
+        try:
+            creds = resolve_credentials(endpoint=endpoint, profile=profile, client_id=client_id,
+                                        client_secret=client_secret, storage_path=admin_storage_path)
+        except ProfileError as e:
+            err_console.print(f"[red]error[/red] {e}")
+            sys.exit(2)
+        with AnvilClient(creds.endpoint, client_id=creds.client_id, client_secret=creds.client_secret) as client:
             try:
                 fn(client, as_json, **kwargs)
             except AnvilAPIError as e:
@@ -40,7 +63,18 @@ def client_command(fn: Callable[..., Any]) -> Callable[..., Any]:
                 err_console.print(f"[red]error[/red] {e}")
                 sys.exit(1)
 
-    return run
+    return _connection_options(run, admin=admin)
+
+
+def client_command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Adds --endpoint, --profile, --client-id/--client-secret (ANVIL_* env) and --json; builds an
+    authenticated client; maps API errors."""
+    return _make_command(fn, admin=False)
+
+
+def admin_command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A client command that can also take the first admin's credential from --storage-path."""
+    return _make_command(fn, admin=True)
 
 
 def emit(as_json: bool, data: Any, *, table: tuple[Sequence[str], list[Sequence[Any]]] | None = None,

@@ -26,13 +26,15 @@ def cli() -> None:
 @cli.command()
 @click.option("--storage-path", envvar="STORAGE_PATH", default="./anvil-data", show_default=True)
 @click.option("--listen", envvar="API_LISTEN_ADDR", default="127.0.0.1:9000", show_default=True)
-def serve(storage_path: str, listen: str) -> None:
+@click.option("--dev-auth", is_flag=True, default=False,
+              help="Development mode only: requests without a token act as the dev admin (benchmarks).")
+def serve(storage_path: str, listen: str, dev_auth: bool) -> None:
     """Run the server (S3 gateway, native API, background work) on one STORAGE_PATH."""
     from anvil.api.server import serve as run_server
     from anvil.errors import AnvilError
 
     try:
-        run_server(storage_path, listen)
+        run_server(storage_path, listen, dev_auth=dev_auth)
     except (AnvilError, ValueError) as e:
         click.echo(f"anvil serve: {e}", err=True)
         sys.exit(2)
@@ -220,6 +222,13 @@ def object_cp(client: AnvilClient, as_json: bool, src_bucket: str, src_key: str,
                              metadata_directive="REPLACE" if replace else "COPY",
                              metadata=parse_meta(meta) if replace else None, content_type=content_type)
     emit(as_json, res, text=f"copied to {dst_bucket}/{dst_key} version {res['version_id']}")
+
+
+from anvil.cli.identity import admin, auth, configure  # noqa: E402 - registered after the core commands
+
+cli.add_command(admin)
+cli.add_command(auth)
+cli.add_command(configure)
 
 
 def main() -> None:

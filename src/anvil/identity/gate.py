@@ -1,37 +1,91 @@
 """The authorisation gate: every exposure calls `authorize(principal, action, resource)`.
 
-Actions look like `object:read`; resources like `bucket:photos/cats/1.jpg`, `bucket:photos`
-or `tenant:acme`. Until tenants, applications and policies land, the only principal is the
-development principal, which holds `*`; anything else is denied (fail closed).
+Actions look like `object:read`; resources like `bucket:photos/cats/1.jpg`, `bucket:photos`,
+`tenant:acme` or `system`. Order of checks (fail closed):
+
+1. Tenant isolation. A bucket belongs to one tenant. For a principal of another tenant a
+   foreign bucket is indistinguishable from a missing one: the gate raises the same
+   `NotFound` ("bucket not found", no name) the object service raises for a missing bucket,
+   so neither status nor message tells them apart. Public buckets are readable by anyone.
+2. Scopes. One of the principal's scopes must allow (action, resource), else PermissionDenied.
+
+Admins (principals of the system tenant) skip isolation but still need a scope.
 """
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
+from collections.abc import Callable
+from typing import NamedTuple
 
 from anvil.context import Principal
 from anvil.errors import AnvilError
+from anvil.identity.scopes import ACTIONS, allows
 
-ACTIONS = frozenset({
-    "bucket:create", "bucket:list", "bucket:read", "bucket:delete", "bucket:configure",
-    "object:read", "object:list", "object:write", "object:delete",
-    "admin:read", "admin:write",
-})
+# Anonymous callers may do these on a public bucket; everything else needs a token.
+PUBLIC_ACTIONS = frozenset({"object:read", "object:list", "bucket:read"})
+
+
+class BucketAccess(NamedTuple):
+    tenant: str
+    public: bool
+
+
+# Installed by the runtime (objects -> (tenant, public) for a bucket name, None if absent).
+# A process serves one storage path, so one lookup suffices; without one, buckets are closed.
+_bucket_lookup: Callable[[str], BucketAccess | None] | None = None
+
+
+def install_bucket_lookup(lookup: Callable[[str], BucketAccess | None] | None) -> None:
+    global _bucket_lookup
+    _bucket_lookup = lookup
 
 
 def scope_allows(scope: str, action: str, resource: str) -> bool:
-    if scope == "*":
-        return True
-    scope_action, _, scope_resource = scope.partition("|")
-    return fnmatchcase(action, scope_action) and fnmatchcase(resource, scope_resource or "*")
+    return allows(scope, action, resource)
+
+
+def hidden_bucket() -> AnvilError:
+    """What a caller sees for a bucket it may not know about: exactly a missing bucket."""
+    err = AnvilError("NotFound", "bucket not found")
+    err.denied = True  # type: ignore[attr-defined]  # the audit log records it as a denial
+    return err
+
+
+def _denied(code: str, message: str) -> AnvilError:
+    err = AnvilError(code, message)
+    err.denied = True  # type: ignore[attr-defined]
+    return err
+
+
+def bucket_access(name: str) -> BucketAccess | None:
+    return _bucket_lookup(name) if _bucket_lookup is not None else None
 
 
 def authorize(principal: Principal, action: str, resource: str) -> None:
-    """Raise PermissionDenied unless one of the principal's scopes allows the action."""
+    """Raise unless the principal may perform `action` on `resource`."""
     if action not in ACTIONS:
-        raise AnvilError("PermissionDenied", "unknown action")
-    if principal.anonymous:
-        raise AnvilError("Unauthenticated", "authentication required")
-    if any(scope_allows(s, action, resource) for s in principal.scopes):
+        raise _denied("PermissionDenied", "unknown action")
+    if resource.startswith("bucket:") and not principal.admin:
+        name = resource[len("bucket:"):].split("/", 1)[0]
+        access = bucket_access(name)
+        public_read = access is not None and access.public and action in PUBLIC_ACTIONS
+        if principal.anonymous:
+            if public_read:
+                return
+            raise _denied("Unauthenticated", "authentication required")
+        if access is None:
+            raise AnvilError("NotFound", "bucket not found")
+        if public_read:
+            return
+        if access.tenant != principal.tenant:
+            raise hidden_bucket()
+    elif principal.anonymous:
+        raise _denied("Unauthenticated", "authentication required")
+    elif resource.startswith("tenant:") and not principal.admin:
+        if resource[len("tenant:"):] != principal.tenant:
+            raise _denied("PermissionDenied", "not allowed")
+    elif not resource.startswith(("bucket:", "tenant:")) and not principal.admin:
+        raise _denied("PermissionDenied", "not allowed")
+    if any(allows(s, action, resource) for s in principal.scopes):
         return
-    raise AnvilError("PermissionDenied", "not allowed")
+    raise _denied("PermissionDenied", "not allowed")

@@ -1,0 +1,160 @@
+"""Native API routes for identity: token exchange, tenants, applications, policies, audit, keys."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from anvil.api.common import blocking, endpoint, json_body, query_int
+from anvil.context import RequestContext
+from anvil.errors import AnvilError
+from anvil.identity import authorize, recovery
+from anvil.identity.gate import bucket_access, hidden_bucket
+from anvil.runtime import Anvil
+
+
+def _anvil(request: Request) -> Anvil:
+    return request.app.state.anvil
+
+
+@endpoint
+async def token(request: Request, ctx: RequestContext) -> Response:
+    body = await json_body(request)
+    # Failures are audited by the endpoint wrapper like every other denial.
+    result = await blocking(_anvil(request).identity.exchange, body.get("client_id"), body.get("client_secret"),
+                            body.get("scopes", body.get("scope")), body.get("expires_in"))
+    return JSONResponse(result, headers={"cache-control": "no-store"})
+
+
+@endpoint
+async def whoami(request: Request, ctx: RequestContext) -> Response:
+    p = ctx.principal
+    if p.anonymous:
+        raise AnvilError("Unauthenticated", "authentication required")
+    return JSONResponse({"tenant": p.tenant, "subject": p.subject, "admin": p.admin, "scopes": list(p.scopes)})
+
+
+@endpoint
+async def create_tenant(request: Request, ctx: RequestContext) -> Response:
+    body = await json_body(request)
+    result = await blocking(_anvil(request).identity.create_tenant, ctx, body.get("name"))
+    return JSONResponse(result, status_code=201)
+
+
+@endpoint
+async def list_tenants(request: Request, ctx: RequestContext) -> Response:
+    return JSONResponse({"tenants": _anvil(request).identity.list_tenants(ctx.principal)})
+
+
+@endpoint
+async def create_app(request: Request, ctx: RequestContext) -> Response:
+    body = await json_body(request)
+    result = await blocking(_anvil(request).identity.create_app, ctx, body.get("tenant"), body.get("name"),
+                            body.get("scopes"))
+    return JSONResponse(result, status_code=201, headers={"cache-control": "no-store"})
+
+
+@endpoint
+async def list_apps(request: Request, ctx: RequestContext) -> Response:
+    tenant = request.query_params.get("tenant") or None
+    return JSONResponse({"apps": _anvil(request).identity.list_apps(ctx.principal, tenant)})
+
+
+@endpoint
+async def rotate_secret(request: Request, ctx: RequestContext) -> Response:
+    result = await blocking(_anvil(request).identity.rotate_secret, ctx, request.path_params["client_id"])
+    return JSONResponse(result, headers={"cache-control": "no-store"})
+
+
+@endpoint
+async def get_policies(request: Request, ctx: RequestContext) -> Response:
+    return JSONResponse(_anvil(request).identity.policies(ctx.principal, request.path_params["client_id"]))
+
+
+@endpoint
+async def grant(request: Request, ctx: RequestContext) -> Response:
+    body = await json_body(request)
+    return JSONResponse(await blocking(_anvil(request).identity.grant, ctx, request.path_params["client_id"],
+                                       body.get("scopes")))
+
+
+@endpoint
+async def revoke(request: Request, ctx: RequestContext) -> Response:
+    body = await json_body(request)
+    return JSONResponse(await blocking(_anvil(request).identity.revoke, ctx, request.path_params["client_id"],
+                                       body.get("scopes")))
+
+
+@endpoint
+async def public_access(request: Request, ctx: RequestContext) -> Response:
+    name = request.path_params["bucket"]
+    body = await json_body(request)
+    public = body.get("public")
+    if not isinstance(public, bool):
+        raise AnvilError("InvalidArgument", "'public' must be true or false")
+    p = ctx.principal
+    if p.anonymous:
+        raise AnvilError("Unauthenticated", "authentication required")
+    access = bucket_access(name)
+    if not p.admin and (access is None or access.tenant != p.tenant):
+        raise hidden_bucket() if access is not None else AnvilError("NotFound", "bucket not found")
+    anvil = _anvil(request)
+    if access is None:
+        anvil.objects.get_bucket(name)  # admin: the ordinary NotFound
+    anvil.identity.check_public_access(p, access.tenant if access else p.tenant)
+    return JSONResponse(await blocking(anvil.objects.set_public, ctx, name, public))
+
+
+@endpoint
+async def audit(request: Request, ctx: RequestContext) -> Response:
+    authorize(ctx.principal, "admin:read", "system")
+    limit = min(max(query_int(request, "limit", 100), 1), 1000)
+    return JSONResponse({"entries": _anvil(request).identity.audit.recent(limit)})
+
+
+@endpoint
+async def rotate_key(request: Request, ctx: RequestContext) -> Response:
+    body = await json_body(request, required=False)
+    dry_run = body.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise AnvilError("InvalidArgument", "'dry_run' must be true or false")
+    return JSONResponse(await blocking(_anvil(request).identity.rotate_keys, ctx, dry_run=dry_run))
+
+
+@endpoint
+async def identity_summary(request: Request, ctx: RequestContext) -> Response:
+    authorize(ctx.principal, "admin:read", "system")
+    anvil = _anvil(request)
+    return JSONResponse({**recovery.summary(anvil.storage.catalog.reader()),
+                         "configured_key_ids": anvil.identity.keyring.key_ids,
+                         "active_key_id": anvil.identity.keyring.active_id})
+
+
+@endpoint
+async def identity_validate(request: Request, ctx: RequestContext) -> Response:
+    authorize(ctx.principal, "admin:read", "system")
+    anvil = _anvil(request)
+    findings = await blocking(recovery.validate, anvil.storage.catalog.reader(), anvil.identity.keyring)
+    return JSONResponse({"ok": not findings, "findings": findings})
+
+
+A = "/anvil/v1/admin"
+
+IDENTITY_ROUTES = [
+    Route("/anvil/v1/auth/token", token, methods=["POST"]),
+    Route("/anvil/v1/auth/whoami", whoami, methods=["GET"]),
+    Route(A + "/tenants", create_tenant, methods=["POST"]),
+    Route(A + "/tenants", list_tenants, methods=["GET"]),
+    Route(A + "/apps", create_app, methods=["POST"]),
+    Route(A + "/apps", list_apps, methods=["GET"]),
+    Route(A + "/apps/{client_id}/rotate-secret", rotate_secret, methods=["POST"]),
+    Route(A + "/apps/{client_id}/policies", get_policies, methods=["GET"]),
+    Route(A + "/apps/{client_id}/policies/grant", grant, methods=["POST"]),
+    Route(A + "/apps/{client_id}/policies/revoke", revoke, methods=["POST"]),
+    Route("/anvil/v1/buckets/{bucket}/public-access", public_access, methods=["PUT"]),
+    Route(A + "/audit", audit, methods=["GET"]),
+    Route(A + "/secret-key/rotate", rotate_key, methods=["POST"]),
+    Route(A + "/identity/summary", identity_summary, methods=["GET"]),
+    Route(A + "/identity/validate", identity_validate, methods=["GET"]),
+]

@@ -1,0 +1,102 @@
+"""Scopes: `action|resource`, with `*` as the only wildcard.
+
+Examples: `object:read|bucket:documents/*`, `object:write|bucket:uploads/tenants/acme/*`,
+`bucket:create|tenant:acme`, `policy:grant|tenant:acme`, and `*` (everything; admins).
+
+`?` and `[...]` are refused so that containment ("does scope A cover scope B?") can be
+decided exactly for the shapes people write, and conservatively (refuse) for the rest.
+"""
+
+from __future__ import annotations
+
+import re
+from fnmatch import fnmatchcase
+from functools import lru_cache
+
+from anvil.errors import AnvilError
+
+ACTIONS = frozenset({
+    "bucket:create", "bucket:list", "bucket:read", "bucket:delete", "bucket:configure",
+    "object:read", "object:list", "object:write", "object:delete",
+    "admin:read", "admin:write",
+    "app:create", "app:read", "policy:grant", "policy:read",
+})
+
+MAX_SCOPE_LENGTH = 512
+MAX_SCOPES = 100
+_ACTION_RE = re.compile(r"^[a-z*]+:[a-z*]+$|^\*$")
+_RESOURCE_RE = re.compile(r"^(\*|system|(bucket|tenant):[^\s|?\[\]]+)$")
+
+
+def invalid_scope(message: str) -> AnvilError:
+    return AnvilError("InvalidTokenScope", message)
+
+
+@lru_cache(maxsize=4096)
+def parse(scope: str) -> tuple[str, str]:
+    """Validate a scope and split it into (action pattern, resource pattern)."""
+    if not isinstance(scope, str) or not scope or len(scope) > MAX_SCOPE_LENGTH:
+        raise invalid_scope(f"a scope is a non-empty string of at most {MAX_SCOPE_LENGTH} characters")
+    if scope == "*":
+        return "*", "*"
+    action, sep, resource = scope.partition("|")
+    if not sep:
+        raise invalid_scope(f"scope {scope!r} must look like ACTION|RESOURCE, e.g. object:read|bucket:docs/*")
+    if not _ACTION_RE.match(action) or not any(fnmatchcase(a, action) for a in ACTIONS):
+        raise invalid_scope(f"scope {scope!r}: unknown action {action!r}")
+    if not _RESOURCE_RE.match(resource):
+        raise invalid_scope(f"scope {scope!r}: resource must be bucket:NAME[/KEY], tenant:NAME or system "
+                            "(only * is a wildcard)")
+    return action, resource
+
+
+def validate(scopes: object) -> list[str]:
+    if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+        raise invalid_scope("scopes must be a list of strings")
+    if len(scopes) > MAX_SCOPES:
+        raise invalid_scope(f"at most {MAX_SCOPES} scopes")
+    for s in scopes:
+        parse(s)
+    return list(dict.fromkeys(scopes))
+
+
+def allows(scope: str, action: str, resource: str) -> bool:
+    if scope == "*":
+        return True
+    scope_action, _, scope_resource = scope.partition("|")
+    return fnmatchcase(action, scope_action) and fnmatchcase(resource, scope_resource or "*")
+
+
+def _pattern_covers(outer: str, inner: str) -> bool:
+    """True only if every string matching glob `inner` also matches glob `outer`."""
+    if outer == inner:
+        return True
+    if "*" not in inner:
+        return fnmatchcase(inner, outer)
+    # `inner` has wildcards: decide only the common prefix form `abc*`.
+    if outer.endswith("*") and "*" not in outer[:-1]:
+        return inner.startswith(outer[:-1])
+    return False
+
+
+def covers(outer: str, inner: str) -> bool:
+    """Does holding `outer` imply holding everything `inner` grants?"""
+    if outer == "*":
+        return True
+    if inner == "*":
+        return False
+    oa, orr = parse(outer)
+    ia, ir = parse(inner)
+    return _pattern_covers(oa, ia) and _pattern_covers(orr, ir)
+
+
+def intersect(requested: list[str], granted: list[str]) -> list[str]:
+    """The requested scopes narrowed to what is granted (a broad request yields the grant)."""
+    out: list[str] = []
+    for r in requested:
+        for g in granted:
+            if covers(g, r):
+                out.append(r)
+            elif covers(r, g):
+                out.append(g)
+    return list(dict.fromkeys(out))

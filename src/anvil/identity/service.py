@@ -1,0 +1,499 @@
+"""Tenants, applications, secret envelopes, policies, token exchange and the audit log.
+
+Every mutation goes through `Catalog.mutate` and emits one journal event. Identity events
+are emitted under the system tenant (scope `tenant/NAME` or `app/CLIENT_ID`) so that
+tenant-scoped journal readers (watches) never see envelopes or verifiers; the payload names
+the tenant concerned and carries what a replay needs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import string
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import apsw
+from argon2 import PasswordHasher, Type
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from anvil.context import Principal, RequestContext, new_request_id
+from anvil.errors import AnvilError
+from anvil.identity import envelope as env
+from anvil.identity import scopes as sc
+from anvil.identity.gate import authorize
+from anvil.identity.settings import Argon2Params, argon2_params
+from anvil.identity.tokens import DEFAULT_TTL, MAX_TTL, SYSTEM_TENANT, TokenAuthority, unauthenticated
+from anvil.storage import Storage, Txn
+from anvil.storage.layout import write_file_durably
+
+log = logging.getLogger("anvil.identity")
+
+MIGRATIONS = [
+    """CREATE TABLE identity_realm(
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        created REAL NOT NULL,
+        admin_client_id TEXT NOT NULL
+    )""",
+    """CREATE TABLE identity_tenants(
+        name TEXT PRIMARY KEY,
+        created REAL NOT NULL,
+        created_by TEXT NOT NULL
+    )""",
+    """CREATE TABLE identity_apps(
+        client_id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL REFERENCES identity_tenants(name),
+        name TEXT NOT NULL,
+        created REAL NOT NULL,
+        envelope TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        verifier TEXT NOT NULL,
+        secret_version INTEGER NOT NULL DEFAULT 1,
+        rotated REAL
+    )""",
+    "CREATE INDEX identity_apps_tenant ON identity_apps(tenant, name)",
+    """CREATE TABLE identity_policies(
+        client_id TEXT NOT NULL REFERENCES identity_apps(client_id),
+        scope TEXT NOT NULL,
+        granted REAL NOT NULL,
+        granted_by TEXT NOT NULL,
+        PRIMARY KEY (client_id, scope)
+    )""",
+]
+
+TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
+APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+CLIENT_ID_RE = re.compile(r"^AN[A-Z2-7]{18}$")
+_B32 = string.ascii_uppercase + "234567"
+AUDIT_SIZE = 1000
+BOOTSTRAP_ACTOR = "system/bootstrap"
+DEV_TENANT = "dev"
+DEV_SCOPES = [
+    "bucket:create|tenant:dev", "bucket:list|tenant:dev", "bucket:*|bucket:*", "object:*|bucket:*",
+    "policy:grant|tenant:dev", "policy:read|tenant:dev", "app:*|tenant:dev",
+]
+
+
+def new_client_id() -> str:
+    # S3 access-key shaped (20 upper-case alphanumerics) so SigV4 clients accept it.
+    return "AN" + "".join(secrets.choice(_B32) for _ in range(18))
+
+
+def new_client_secret() -> str:
+    return secrets.token_urlsafe(30)
+
+
+@dataclass(frozen=True)
+class App:
+    client_id: str
+    tenant: str
+    name: str
+    created: float
+    key_id: str
+    secret_version: int
+    rotated: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"client_id": self.client_id, "tenant": self.tenant, "name": self.name, "created": self.created,
+                "key_id": self.key_id, "secret_version": self.secret_version, "rotated": self.rotated}
+
+
+_APP_COLUMNS = "client_id, tenant, name, created, key_id, secret_version, rotated"
+
+
+class AuditLog:
+    """Denied requests, newest last; bounded in memory (a flood of denials must cost nothing durable)."""
+
+    def __init__(self, size: int = AUDIT_SIZE):
+        self._entries: deque[dict[str, Any]] = deque(maxlen=size)
+        self._lock = threading.Lock()
+        self._seq = 0
+
+    def record(self, **entry: Any) -> None:
+        with self._lock:
+            self._seq += 1
+            self._entries.append({"seq": self._seq, "ts": time.time(), **entry})
+
+    def recent(self, limit: int = 100) -> list[dict[str, Any]]:
+        with self._lock:
+            items = list(self._entries)
+        return items[-limit:]
+
+
+class IdentityService:
+    def __init__(self, storage: Storage, keyring: env.Keyring, jwt_secret: bytes,
+                 params: Argon2Params | None = None):
+        self.storage = storage
+        self.catalog = storage.catalog
+        self.keyring = keyring
+        self.tokens = TokenAuthority(jwt_secret)
+        p = params or argon2_params()
+        self._hasher = PasswordHasher(time_cost=p.time_cost, memory_cost=p.memory_cost, parallelism=p.parallelism,
+                                      type=Type.ID)
+        # Compared against when the client id is unknown, so timing does not reveal which ids exist.
+        self._dummy_verifier = self._hasher.hash(secrets.token_urlsafe(16))
+        self.audit = AuditLog()
+        self.catalog.migrate("identity", MIGRATIONS)
+
+    # ---------------------------------------------------------------- reads
+
+    def _conn(self) -> apsw.Connection:
+        return self.catalog.reader()
+
+    def realm_exists(self) -> bool:
+        return self._conn().execute("SELECT 1 FROM identity_realm").fetchone() is not None
+
+    @staticmethod
+    def _app_row(conn: apsw.Connection, client_id: str) -> App | None:
+        row = conn.execute(f"SELECT {_APP_COLUMNS} FROM identity_apps WHERE client_id = ?", (client_id,)).fetchone()
+        return App(*row) if row else None
+
+    @staticmethod
+    def _tenant_exists(conn: apsw.Connection, name: str) -> bool:
+        return conn.execute("SELECT 1 FROM identity_tenants WHERE name = ?", (name,)).fetchone() is not None
+
+    @staticmethod
+    def _granted(conn: apsw.Connection, client_id: str) -> list[str]:
+        return [r[0] for r in conn.execute(
+            "SELECT scope FROM identity_policies WHERE client_id = ? ORDER BY scope", (client_id,))]
+
+    def _visible_app(self, principal: Principal, client_id: str, conn: apsw.Connection | None = None) -> App:
+        """The app, if the caller may know of it; otherwise the same NotFound as a missing one."""
+        app = self._app_row(conn or self._conn(), client_id) if isinstance(client_id, str) else None
+        if app is None or (not principal.admin and app.tenant != principal.tenant):
+            raise AnvilError("NotFound", "application not found")
+        return app
+
+    # ---------------------------------------------------------------- secrets
+
+    def _seal(self, client_id: str, secret: str) -> tuple[str, str]:
+        return env.seal(self.keyring, secret, client_id), self.keyring.active_id
+
+    def app_secret(self, client_id: str) -> str:
+        """The plaintext secret (S3 SigV4 signs with it); never returned over the API after creation."""
+        row = self._conn().execute("SELECT envelope FROM identity_apps WHERE client_id = ?", (client_id,)).fetchone()
+        if row is None:
+            raise AnvilError("NotFound", "application not found")
+        return env.open_envelope(self.keyring, row[0], client_id)
+
+    def sigv4_credentials(self, client_id: str) -> tuple[str, Principal] | None:
+        """For the S3 gateway: an access key id -> (plaintext secret, principal with every granted scope).
+
+        None when the key is unknown (the gateway answers InvalidAccessKeyId without more detail)."""
+        conn = self._conn()
+        row = conn.execute("SELECT tenant, envelope FROM identity_apps WHERE client_id = ?", (client_id,)).fetchone()
+        if row is None:
+            return None
+        secret = env.open_envelope(self.keyring, row[1], client_id)
+        principal = Principal(tenant=row[0], subject=client_id, admin=row[0] == SYSTEM_TENANT,
+                              scopes=tuple(self._granted(conn, client_id)))
+        return secret, principal
+
+    # ---------------------------------------------------------------- bootstrap
+
+    def bootstrap(self, endpoint: str | None = None) -> dict[str, Any] | None:
+        """First start: the system realm and its admin, written to bootstrap/first-admin.json once."""
+        if self.realm_exists():
+            return None
+        client_id, secret = new_client_id(), new_client_secret()
+        envelope, kid = self._seal(client_id, secret)
+        verifier = self._hasher.hash(secret)
+
+        def fn(txn: Txn) -> bool:
+            if txn.conn.execute("SELECT 1 FROM identity_realm").fetchone():
+                return False
+            now = txn.now
+            txn.conn.execute("INSERT INTO identity_tenants(name, created, created_by) VALUES (?,?,?)",
+                             (SYSTEM_TENANT, now, BOOTSTRAP_ACTOR))
+            txn.conn.execute(
+                "INSERT INTO identity_apps(client_id, tenant, name, created, envelope, key_id, verifier) "
+                "VALUES (?,?,?,?,?,?,?)", (client_id, SYSTEM_TENANT, "first-admin", now, envelope, kid, verifier))
+            txn.conn.execute("INSERT INTO identity_policies(client_id, scope, granted, granted_by) VALUES (?,?,?,?)",
+                             (client_id, "*", now, BOOTSTRAP_ACTOR))
+            txn.conn.execute("INSERT INTO identity_realm(id, created, admin_client_id) VALUES (1,?,?)",
+                             (now, client_id))
+            txn.emit(SYSTEM_TENANT, "identity.bootstrap", "realm", {
+                "tenant": SYSTEM_TENANT, "client_id": client_id, "name": "first-admin", "scopes": ["*"],
+                "key_id": kid, "envelope": envelope, "verifier": verifier,
+            })
+            return True
+
+        if not self.catalog.mutate(fn, actor=BOOTSTRAP_ACTOR, request_id=new_request_id()):
+            return None
+        cred = {"client_id": client_id, "client_secret": secret, "tenant": SYSTEM_TENANT,
+                "endpoint": endpoint, "created": time.time()}
+        write_file_durably(self.storage.layout.bootstrap / "first-admin.json",
+                           (json.dumps(cred, indent=2) + "\n").encode(), mode=0o600)
+        return cred
+
+    def ensure_dev_app(self, endpoint: str) -> dict[str, Any]:
+        """Development mode: a ready `dev` tenant application, created once, kept in bootstrap/dev-app.json."""
+        path = self.storage.layout.bootstrap / "dev-app.json"
+        if path.exists():
+            try:
+                cred = json.loads(path.read_text())
+                if self._app_row(self._conn(), cred["client_id"]) is not None:
+                    return {**cred, "endpoint": endpoint}
+            except (ValueError, KeyError, TypeError):
+                pass
+        admin = Principal(tenant=SYSTEM_TENANT, subject="bootstrap", admin=True, scopes=("*",))
+        ctx = RequestContext(principal=admin)
+        if not self._tenant_exists(self._conn(), DEV_TENANT):
+            self.create_tenant(ctx, DEV_TENANT)
+        created = self.create_app(ctx, DEV_TENANT, "dev-app", DEV_SCOPES)
+        cred = {"client_id": created["client_id"], "client_secret": created["client_secret"], "tenant": DEV_TENANT,
+                "scopes": DEV_SCOPES, "endpoint": endpoint}
+        write_file_durably(path, (json.dumps(cred, indent=2) + "\n").encode(), mode=0o600)
+        return cred
+
+    # ---------------------------------------------------------------- tenants
+
+    def create_tenant(self, ctx: RequestContext, name: Any) -> dict[str, Any]:
+        authorize(ctx.principal, "admin:write", "system")
+        if not isinstance(name, str) or not TENANT_RE.match(name):
+            raise AnvilError("InvalidArgument", "tenant names are 2-63 of a-z 0-9 -, starting with a letter or digit")
+
+        def fn(txn: Txn) -> dict[str, Any]:
+            if self._tenant_exists(txn.conn, name):
+                raise AnvilError("AlreadyExists", "tenant already exists")
+            txn.conn.execute("INSERT INTO identity_tenants(name, created, created_by) VALUES (?,?,?)",
+                             (name, txn.now, ctx.actor))
+            txn.emit(SYSTEM_TENANT, "identity.tenant.create", f"tenant/{name}", {"tenant": name})
+            return {"tenant": name, "created": txn.now}
+
+        return self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
+
+    def list_tenants(self, principal: Principal) -> list[dict[str, Any]]:
+        authorize(principal, "admin:read", "system")
+        conn = self._conn()
+        rows = conn.execute(
+            "SELECT t.name, t.created, (SELECT count(*) FROM identity_apps a WHERE a.tenant = t.name) "
+            "FROM identity_tenants t ORDER BY t.name")
+        return [{"tenant": r[0], "created": r[1], "apps": r[2]} for r in rows]
+
+    # ---------------------------------------------------------------- applications
+
+    def _check_grantable(self, principal: Principal, tenant: str, wanted: list[str]) -> None:
+        """Bounded grants: policy:grant on the target tenant, and only scopes the caller holds."""
+        authorize(principal, "policy:grant", f"tenant:{tenant}")
+        for s in wanted:
+            if not any(sc.covers(held, s) for held in principal.scopes):
+                raise AnvilError("PermissionDenied", "cannot grant a scope the caller does not hold")
+
+    def create_app(self, ctx: RequestContext, tenant: Any, name: Any, scopes: Any = None) -> dict[str, Any]:
+        if not isinstance(tenant, str) or not tenant:
+            raise AnvilError("InvalidArgument", "'tenant' is required")
+        authorize(ctx.principal, "app:create", f"tenant:{tenant}")
+        if not isinstance(name, str) or not APP_NAME_RE.match(name):
+            raise AnvilError("InvalidArgument", "application names are 1-63 of A-Z a-z 0-9 _ . -")
+        wanted = sc.validate(scopes if scopes is not None else [])
+        if wanted:
+            self._check_grantable(ctx.principal, tenant, wanted)
+        client_id, secret = new_client_id(), new_client_secret()
+        envelope, kid = self._seal(client_id, secret)
+        verifier = self._hasher.hash(secret)
+
+        def fn(txn: Txn) -> dict[str, Any]:
+            if not self._tenant_exists(txn.conn, tenant):
+                raise AnvilError("NotFound", "tenant not found")
+            txn.conn.execute(
+                "INSERT INTO identity_apps(client_id, tenant, name, created, envelope, key_id, verifier) "
+                "VALUES (?,?,?,?,?,?,?)", (client_id, tenant, name, txn.now, envelope, kid, verifier))
+            for s in wanted:
+                txn.conn.execute(
+                    "INSERT INTO identity_policies(client_id, scope, granted, granted_by) VALUES (?,?,?,?)",
+                    (client_id, s, txn.now, ctx.actor))
+            txn.emit(SYSTEM_TENANT, "identity.app.create", f"app/{client_id}", {
+                "tenant": tenant, "client_id": client_id, "name": name, "scopes": wanted,
+                "key_id": kid, "envelope": envelope, "verifier": verifier,
+            })
+            return {"client_id": client_id, "tenant": tenant, "name": name, "scopes": wanted, "created": txn.now}
+
+        result = self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
+        return {**result, "client_secret": secret}
+
+    def list_apps(self, principal: Principal, tenant: str | None = None) -> list[dict[str, Any]]:
+        if tenant is None and not principal.admin:
+            tenant = principal.tenant
+        if tenant is None:
+            authorize(principal, "admin:read", "system")
+            rows = self._conn().execute(f"SELECT {_APP_COLUMNS} FROM identity_apps ORDER BY tenant, name")
+        else:
+            authorize(principal, "app:read", f"tenant:{tenant}")
+            rows = self._conn().execute(
+                f"SELECT {_APP_COLUMNS} FROM identity_apps WHERE tenant = ? ORDER BY name", (tenant,))
+        apps = [App(*r) for r in rows]
+        conn = self._conn()
+        return [{**a.to_dict(), "scopes": self._granted(conn, a.client_id)} for a in apps]
+
+    def rotate_secret(self, ctx: RequestContext, client_id: Any) -> dict[str, Any]:
+        app = self._visible_app(ctx.principal, client_id)
+        authorize(ctx.principal, "app:create", f"tenant:{app.tenant}")
+        secret = new_client_secret()
+        envelope, kid = self._seal(app.client_id, secret)
+        verifier = self._hasher.hash(secret)
+
+        def fn(txn: Txn) -> dict[str, Any]:
+            cur = self._app_row(txn.conn, app.client_id)
+            if cur is None:
+                raise AnvilError("NotFound", "application not found")
+            version = cur.secret_version + 1
+            txn.conn.execute(
+                "UPDATE identity_apps SET envelope = ?, key_id = ?, verifier = ?, secret_version = ?, rotated = ? "
+                "WHERE client_id = ?", (envelope, kid, verifier, version, txn.now, app.client_id))
+            txn.emit(SYSTEM_TENANT, "identity.app.rotate", f"app/{app.client_id}", {
+                "tenant": app.tenant, "client_id": app.client_id, "secret_version": version,
+                "key_id": kid, "envelope": envelope, "verifier": verifier,
+            })
+            return {"client_id": app.client_id, "tenant": app.tenant, "secret_version": version}
+
+        result = self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
+        return {**result, "client_secret": secret}
+
+    # ---------------------------------------------------------------- policies
+
+    def grant(self, ctx: RequestContext, client_id: Any, scopes: Any) -> dict[str, Any]:
+        return self._change_policy(ctx, client_id, scopes, grant=True)
+
+    def revoke(self, ctx: RequestContext, client_id: Any, scopes: Any) -> dict[str, Any]:
+        return self._change_policy(ctx, client_id, scopes, grant=False)
+
+    def _change_policy(self, ctx: RequestContext, client_id: Any, scopes: Any, *, grant: bool) -> dict[str, Any]:
+        wanted = sc.validate(scopes)
+        if not wanted:
+            raise AnvilError("InvalidTokenScope", "at least one scope is required")
+        app = self._visible_app(ctx.principal, client_id)
+        self._check_grantable(ctx.principal, app.tenant, wanted)
+        kind = "identity.policy.grant" if grant else "identity.policy.revoke"
+
+        def fn(txn: Txn) -> dict[str, Any]:
+            if self._app_row(txn.conn, app.client_id) is None:
+                raise AnvilError("NotFound", "application not found")
+            before = set(self._granted(txn.conn, app.client_id))
+            changed = [s for s in wanted if (s not in before) == grant]
+            if grant and len(before) + len(changed) > sc.MAX_SCOPES:
+                raise AnvilError("InvalidTokenScope", f"an application holds at most {sc.MAX_SCOPES} scopes")
+            for s in changed:
+                if grant:
+                    txn.conn.execute(
+                        "INSERT INTO identity_policies(client_id, scope, granted, granted_by) VALUES (?,?,?,?)",
+                        (app.client_id, s, txn.now, ctx.actor))
+                else:
+                    txn.conn.execute("DELETE FROM identity_policies WHERE client_id = ? AND scope = ?",
+                                     (app.client_id, s))
+            if changed:
+                txn.emit(SYSTEM_TENANT, kind, f"app/{app.client_id}",
+                         {"tenant": app.tenant, "client_id": app.client_id, "scopes": changed})
+            return {"client_id": app.client_id, "tenant": app.tenant, "changed": changed,
+                    "scopes": self._granted(txn.conn, app.client_id)}
+
+        return self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
+
+    def policies(self, principal: Principal, client_id: Any) -> dict[str, Any]:
+        app = self._visible_app(principal, client_id)
+        authorize(principal, "policy:read", f"tenant:{app.tenant}")
+        return {"client_id": app.client_id, "tenant": app.tenant, "scopes": self._granted(self._conn(), app.client_id)}
+
+    # ---------------------------------------------------------------- tokens
+
+    def exchange(self, client_id: Any, client_secret: Any, requested: Any = None,
+                 expires_in: Any = None) -> dict[str, Any]:
+        """Client credentials -> a short-lived token. The argon2 verifier is checked here, once."""
+        if not isinstance(client_id, str) or not isinstance(client_secret, str) or len(client_secret) > 1024:
+            raise AnvilError("InvalidArgument", "client_id and client_secret are required strings")
+        if requested is None or requested == "*" or requested == ["*"] or requested == []:
+            wanted: list[str] | None = None
+        else:
+            if isinstance(requested, str):
+                requested = requested.split()
+            wanted = sc.validate(requested)
+        ttl = DEFAULT_TTL
+        if expires_in is not None:
+            if not isinstance(expires_in, int) or isinstance(expires_in, bool) or not 1 <= expires_in <= MAX_TTL:
+                raise AnvilError("InvalidArgument", f"expires_in must be an integer from 1 to {MAX_TTL}")
+            ttl = expires_in
+        conn = self._conn()
+        row = conn.execute("SELECT tenant, verifier FROM identity_apps WHERE client_id = ?", (client_id,)).fetchone()
+        try:
+            self._hasher.verify(row[1] if row else self._dummy_verifier, client_secret)
+            ok = row is not None
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            ok = False
+        if not ok:
+            raise unauthenticated("invalid client credentials")
+        tenant = row[0]
+        granted = self._granted(conn, client_id)
+        if not granted:
+            raise AnvilError("PermissionDenied", "the application has no granted scopes")
+        scopes = list(granted) if wanted is None else sc.intersect(wanted, granted)
+        if not scopes:
+            raise AnvilError("PermissionDenied", "none of the requested scopes is granted")
+        token, claims = self.tokens.issue(tenant=tenant, subject=client_id, scopes=scopes, ttl=ttl)
+        return {"access_token": token, "token_type": "Bearer", "expires_in": ttl, "expires_at": claims["exp"],
+                "tenant": tenant, "scopes": scopes, "jti": claims["jti"]}
+
+    def authenticate_token(self, token: str) -> Principal:
+        return self.tokens.verify(token)
+
+    # ---------------------------------------------------------------- key rotation
+
+    def rotate_keys(self, ctx: RequestContext, *, dry_run: bool) -> dict[str, Any]:
+        """Re-encrypt every envelope not under the active key; report what changed (or would)."""
+        authorize(ctx.principal, "admin:write", "system")
+        rows = list(self._conn().execute("SELECT client_id, envelope FROM identity_apps ORDER BY client_id"))
+        active = self.keyring.active_id
+        resealed: dict[str, tuple[str, str]] = {}
+        unreadable: list[dict[str, str]] = []
+        for client_id, envelope in rows:
+            try:
+                kid = env.key_id(envelope)
+                if kid == active:
+                    continue
+                plain = env.open_envelope(self.keyring, envelope, client_id)
+            except env.EnvelopeError as e:
+                unreadable.append({"client_id": client_id, "problem": e.message})
+                continue
+            resealed[client_id] = (envelope, env.seal(self.keyring, plain, client_id))
+        report: dict[str, Any] = {"active_key_id": active, "dry_run": dry_run, "unreadable": unreadable,
+                                  "unchanged": len(rows) - len(resealed) - len(unreadable)}
+        if dry_run:
+            report["would_change"] = sorted(resealed)
+            return report
+        if not resealed:
+            report["changed"] = []
+            return report
+
+        def fn(txn: Txn) -> list[str]:
+            changed: dict[str, str] = {}
+            for client_id, (old, new) in resealed.items():
+                cur = txn.conn.execute("SELECT envelope FROM identity_apps WHERE client_id = ?",
+                                       (client_id,)).fetchone()
+                if cur is None or cur[0] != old:
+                    continue  # rotated or removed meanwhile: its envelope is already current
+                txn.conn.execute("UPDATE identity_apps SET envelope = ?, key_id = ? WHERE client_id = ?",
+                                 (new, active, client_id))
+                changed[client_id] = new
+            if changed:
+                txn.emit(SYSTEM_TENANT, "identity.key.rotate", "keys",
+                         {"key_id": active, "envelopes": changed})
+            return sorted(changed)
+
+        report["changed"] = self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
+        return report
+
+    # ---------------------------------------------------------------- public buckets
+
+    def check_public_access(self, principal: Principal, bucket_tenant: str) -> None:
+        """Admins, or holders of policy:grant on the bucket's tenant, may open a bucket to anonymous reads."""
+        authorize(principal, "policy:grant", f"tenant:{bucket_tenant}")
+
+
+def first_admin_path(storage_path: str | Path) -> Path:
+    return Path(storage_path) / "bootstrap" / "first-admin.json"

@@ -1,0 +1,78 @@
+"""Short-lived HS256 JWTs and the per-request verification path.
+
+Verification must be cheap (it runs on every request): HS256 plus a small LRU of
+token string -> principal. A cached entry is only as good as the token's own `exp`,
+which is checked on every hit; the cache holds no secret the token does not already carry.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import OrderedDict
+
+import jwt
+
+from anvil.context import Principal
+from anvil.errors import AnvilError
+
+ALGORITHM = "HS256"
+ISSUER = "anvil"
+MAX_TOKEN_BYTES = 8192
+DEFAULT_TTL = 900
+MAX_TTL = 3600
+SYSTEM_TENANT = "system"
+CACHE_SIZE = 4096
+
+
+def unauthenticated(message: str = "invalid or missing token") -> AnvilError:
+    return AnvilError("Unauthenticated", message, headers={"www-authenticate": "Bearer"})
+
+
+class TokenAuthority:
+    def __init__(self, secret: bytes):
+        self._secret = secret
+        self._cache: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def issue(self, *, tenant: str, subject: str, scopes: list[str], ttl: int) -> tuple[str, dict]:
+        now = int(time.time())
+        claims = {
+            "iss": ISSUER, "sub": subject, "tenant": tenant, "scopes": scopes,
+            "iat": now, "exp": now + ttl, "jti": uuid.uuid4().hex,
+        }
+        return jwt.encode(claims, self._secret, algorithm=ALGORITHM), claims
+
+    def verify(self, token: str) -> Principal:
+        if len(token) > MAX_TOKEN_BYTES:
+            raise unauthenticated("token too large")
+        now = time.time()
+        with self._lock:
+            hit = self._cache.get(token)
+            if hit is not None:
+                self._cache.move_to_end(token)
+        if hit is not None:
+            if hit[0] > now:
+                return hit[1]
+            raise unauthenticated("token expired")
+        try:
+            # `algorithms` is named: a token claiming alg none or any other algorithm is refused.
+            claims = jwt.decode(
+                token, self._secret, algorithms=[ALGORITHM], issuer=ISSUER,
+                options={"require": ["exp", "iat", "sub", "jti", "iss"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise unauthenticated("token expired") from None
+        except jwt.PyJWTError:
+            raise unauthenticated("invalid token") from None
+        tenant, scopes = claims.get("tenant"), claims.get("scopes")
+        if not isinstance(tenant, str) or not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+            raise unauthenticated("invalid token")
+        principal = Principal(tenant=tenant, subject=str(claims["sub"]), admin=tenant == SYSTEM_TENANT,
+                              scopes=tuple(scopes))
+        with self._lock:
+            self._cache[token] = (float(claims["exp"]), principal)
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return principal

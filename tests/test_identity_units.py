@@ -1,0 +1,143 @@
+"""Identity building blocks in-process: scopes, envelopes, tokens (no server needed)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+
+import jwt
+import pytest
+
+from anvil.errors import AnvilError
+from anvil.identity import envelope as env
+from anvil.identity import scopes as sc
+from anvil.identity.settings import parse_previous_keys
+from anvil.identity.tokens import TokenAuthority
+
+
+@pytest.mark.parametrize("scope", [
+    "object:read", "object:read|", "|bucket:x", "object:read|bucket:a?b", "object:read|bucket:[ab]",
+    "frobnicate:now|bucket:x", "object:read|disk:/etc", "object:read|bucket:a b", "x" * 600, "",
+    "object:read|bucket:a|b",
+])
+def test_malformed_scopes_are_invalid_token_scope(scope: str) -> None:
+    with pytest.raises(AnvilError) as e:
+        sc.parse(scope)
+    assert e.value.code == "InvalidTokenScope"
+
+
+def test_scope_examples_parse_and_match() -> None:
+    assert sc.allows("object:read|bucket:documents/*", "object:read", "bucket:documents/a/b.txt")
+    assert not sc.allows("object:read|bucket:documents/*", "object:read", "bucket:documents")
+    assert not sc.allows("object:read|bucket:documents/*", "object:write", "bucket:documents/a")
+    assert sc.allows("object:write|bucket:uploads/tenants/acme/*", "object:write", "bucket:uploads/tenants/acme/f")
+    assert not sc.allows("object:write|bucket:uploads/tenants/acme/*", "object:write", "bucket:uploads/tenants/x/f")
+    assert sc.allows("bucket:create|tenant:acme", "bucket:create", "tenant:acme")
+    assert sc.allows("object:*|bucket:*", "object:delete", "bucket:x/y")
+
+
+def test_covers_is_conservative() -> None:
+    assert sc.covers("*", "object:read|bucket:x")
+    assert not sc.covers("object:read|bucket:*", "*")
+    assert sc.covers("object:*|bucket:docs/*", "object:read|bucket:docs/a/*")
+    assert not sc.covers("object:read|bucket:docs/*", "object:read|bucket:*")
+    assert not sc.covers("object:read|bucket:docs/*", "object:write|bucket:docs/x")
+    # A wildcard in the middle cannot be proven to contain another pattern: refused.
+    assert not sc.covers("object:read|bucket:*/docs", "object:read|bucket:a*/docs")
+    assert sc.covers("object:read|bucket:*/docs", "object:read|bucket:a/docs")
+
+
+def test_intersection_narrows_both_ways() -> None:
+    granted = ["object:read|bucket:docs/*", "object:write|bucket:uploads/*"]
+    assert sc.intersect(["object:*|bucket:*"], granted) == granted
+    assert sc.intersect(["object:read|bucket:docs/a/*"], granted) == ["object:read|bucket:docs/a/*"]
+    assert sc.intersect(["object:delete|bucket:docs/*"], granted) == []
+
+
+KEY_A, KEY_B = os.urandom(32), os.urandom(32)
+
+
+def test_envelope_round_trip_previous_keys_and_binding() -> None:
+    old = env.Keyring("a", KEY_A)
+    sealed = env.seal(old, "s3cret", "APPID")
+    assert json.loads(sealed)["kid"] == "a" and "s3cret" not in sealed
+    rotated = env.Keyring("b", KEY_B, {"a": KEY_A})
+    assert env.open_envelope(rotated, sealed, "APPID") == "s3cret"
+    resealed = env.seal(rotated, env.open_envelope(rotated, sealed, "APPID"), "APPID")
+    assert env.open_envelope(env.Keyring("b", KEY_B), resealed, "APPID") == "s3cret"
+    with pytest.raises(AnvilError, match="not configured"):
+        env.open_envelope(env.Keyring("b", KEY_B), sealed, "APPID")
+    with pytest.raises(AnvilError, match="does not decrypt"):
+        env.open_envelope(old, sealed, "OTHERAPP")  # copied onto another application
+
+
+def test_previous_keys_parsing() -> None:
+    raw = f"a:{base64.b64encode(KEY_A).decode()}, b:{KEY_B.hex()}"
+    assert parse_previous_keys(raw) == {"a": KEY_A, "b": KEY_B}
+    for bad in ("nokey", "a:short", ":abc"):
+        with pytest.raises(AnvilError):
+            parse_previous_keys(bad)
+
+
+def test_token_verify_rejects_none_other_algs_tamper_expiry_and_size() -> None:
+    secret = os.urandom(32)
+    auth = TokenAuthority(secret)
+    token, claims = auth.issue(tenant="acme", subject="APP", scopes=["object:read|bucket:*"], ttl=60)
+    p = auth.verify(token)
+    assert (p.tenant, p.subject, p.admin, p.scopes) == ("acme", "APP", False, ("object:read|bucket:*",))
+    assert auth.verify(token) is p  # cached
+
+    forged = {**claims, "tenant": "system", "scopes": ["*"]}
+    bad = [
+        jwt.encode(forged, None, algorithm="none"),
+        jwt.encode(forged, secret, algorithm="HS512"),
+        jwt.encode(forged, os.urandom(32), algorithm="HS256"),
+        token[:-2] + ("AA" if not token.endswith("AA") else "BB"),
+        token + "x" * 9000,
+    ]
+    h, payload, sig = token.split(".")
+    tampered_body = base64.urlsafe_b64encode(json.dumps(forged).encode()).rstrip(b"=").decode()
+    bad.append(f"{h}.{tampered_body}.{sig}")
+    for b in bad:
+        with pytest.raises(AnvilError) as e:
+            auth.verify(b)
+        assert e.value.code == "Unauthenticated"
+
+    short, _ = auth.issue(tenant="acme", subject="APP", scopes=["*"], ttl=1)
+    auth.verify(short)
+    time.sleep(2.1)
+    for _ in range(2):  # the cached entry expires too; replays keep failing
+        with pytest.raises(AnvilError, match="expired"):
+            auth.verify(short)
+
+
+def test_in_process_service_bootstrap_and_sigv4_lookup(tmp_path, monkeypatch) -> None:
+    """The runtime opened directly: bootstrap once, envelopes open, S3 gateway lookup, summary/validate."""
+    from anvil.context import RequestContext
+    from anvil.identity import summary, validate
+    from anvil.runtime import Anvil
+
+    monkeypatch.setenv("ANVIL_ARGON2_FAST", "1")
+    a = Anvil(tmp_path / "data")
+    try:
+        cred = json.loads((tmp_path / "data" / "bootstrap" / "first-admin.json").read_text())
+        assert a.identity.bootstrap() is None  # the realm exists: never again
+        secret, admin = a.identity.sigv4_credentials(cred["client_id"])
+        assert secret == cred["client_secret"] and admin.admin and admin.scopes == ("*",)
+        assert a.identity.sigv4_credentials("ANAAAAAAAAAAAAAAAAAA") is None
+        ctx = RequestContext(principal=admin)
+        a.identity.create_tenant(ctx, "acme")
+        app = a.identity.create_app(ctx, "acme", "s3", ["object:read|bucket:*"])
+        secret, p = a.identity.sigv4_credentials(app["client_id"])
+        assert secret == app["client_secret"]
+        assert (p.tenant, p.admin, p.scopes) == ("acme", False, ("object:read|bucket:*",))
+        conn = a.storage.catalog.reader()
+        s = summary(conn)
+        assert (s["tenants"], s["apps"], s["policies"]) == (2, 2, 2)
+        assert s["key_ids_in_use"] == [a.identity.keyring.active_id]
+        assert validate(conn, a.identity.keyring) == []
+        assert validate(conn, env.Keyring("other", KEY_B))[0]["severity"] == "error"
+    finally:
+        a.close()
