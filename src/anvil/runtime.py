@@ -6,6 +6,7 @@ from pathlib import Path
 
 from anvil.objects import ObjectService
 from anvil.storage import Storage
+from anvil.watch import WatchService
 
 
 class Anvil:
@@ -13,10 +14,12 @@ class Anvil:
         self.storage = Storage(storage_path, lock=lock)
         try:
             self.objects = ObjectService(self.storage)
+            self.watch = WatchService(self.storage, bucket_exists=lambda b: self.objects.find_bucket(b) is not None)
             self.storage.catalog.start()
         except BaseException:
             self.storage.close()
             raise
 
     def close(self) -> None:
+        self.watch.close()
         self.storage.close()

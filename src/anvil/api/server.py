@@ -24,6 +24,7 @@ def serve(storage_path: str, listen: str) -> None:
     anvil = Anvil(storage_path)
     try:
         app = create_app(anvil)
+        anvil.watch.start_background()
         config = uvicorn.Config(
             app, host=host, port=port, loop="uvloop", http="httptools", access_log=False,
             log_level="warning", timeout_graceful_shutdown=5, server_header=False,

@@ -222,6 +222,11 @@ def object_cp(client: AnvilClient, as_json: bool, src_bucket: str, src_key: str,
     emit(as_json, res, text=f"copied to {dst_bucket}/{dst_key} version {res['version_id']}")
 
 
+from anvil.cli.watch import watch  # noqa: E402 - registered after the core commands
+
+cli.add_command(watch)
+
+
 def main() -> None:
     cli(prog_name="anvil", auto_envvar_prefix=None)
 
