@@ -60,13 +60,13 @@ def _heartbeat(request: Request) -> float | None:
     return value
 
 
-def _frames(item: StreamItem) -> str:
+def _frames(item: StreamItem) -> bytes:
     if isinstance(item, Heartbeat):
-        return f": heartbeat\nid: {item.cursor}\n\n"
+        return f": heartbeat\nid: {item.cursor}\n\n".encode()
     if isinstance(item, StreamError):
         body = json.dumps(item.error.to_dict(None), separators=(",", ":"))
-        return f"event: error\ndata: {body}\n\n"
-    return "".join(f"id: {ev.seq}\ndata: {ev.encoded}\n\n" for ev in item)
+        return f"event: error\ndata: {body}\n\n".encode()
+    return b"".join(ev.frame for ev in item)  # frames are pre-encoded once per event, shared by all watchers
 
 
 @endpoint
@@ -95,8 +95,8 @@ async def watch(request: Request, ctx: RequestContext) -> Response:
                            kinds=q.get("kinds"), tenant=q.get("tenant"))
     start = await blocking(service.open, ctx.principal, scope, after)
 
-    async def body() -> AsyncIterator[str]:
-        yield f"retry: 2000\nid: {start}\n: open\n\n"
+    async def body() -> AsyncIterator[bytes]:
+        yield f"retry: 2000\nid: {start}\n: open\n\n".encode()
         async for item in service.stream(ctx.principal, scope, start, heartbeat=heartbeat):
             yield _frames(item)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,6 +166,7 @@ class WatchEvent:
     key: str | None
     data: dict[str, Any]
     encoded: str  # the JSON `data:` line, built once and shared by every watcher
+    frame: bytes  # the whole SSE frame, likewise built once
 
     @property
     def reserved(self) -> bool:
@@ -202,7 +202,8 @@ def project(ev: Event) -> WatchEvent:
             if name in p:
                 data[name] = p[name]
     encoded = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-    return WatchEvent(ev.seq, ev.tenant, ev.kind, bucket, key, data, encoded)
+    frame = f"id: {ev.seq}\ndata: {encoded}\n\n".encode()
+    return WatchEvent(ev.seq, ev.tenant, ev.kind, bucket, key, data, encoded, frame)
 
 
 def in_scope(scope: Scope, ev: WatchEvent) -> bool:
@@ -243,7 +244,7 @@ class ReadFilter:
         self.principal = principal
         self.max_entries = max_entries
         self.ttl = ttl
-        self._cache: OrderedDict[tuple[str, str], tuple[bool, float]] = OrderedDict()
+        self._cache: dict[tuple[str, str], tuple[bool, float]] = {}
 
     def allows(self, ev: WatchEvent) -> bool:
         if ev.tenant != self.principal.tenant and not self.principal.admin:
@@ -258,10 +259,9 @@ class ReadFilter:
             ok = True
         except AnvilError:
             ok = False  # fail closed: any refusal, including unknown actions, hides the event
+        if len(self._cache) >= self.max_entries:
+            self._cache.clear()  # bounded: a full cache restarts; decisions are cheap to remake
         self._cache[(action, resource)] = (ok, now + self.ttl)
-        self._cache.move_to_end((action, resource))
-        while len(self._cache) > self.max_entries:
-            self._cache.popitem(last=False)
         return ok
 
     def visible(self, scope: Scope, ev: WatchEvent) -> bool:

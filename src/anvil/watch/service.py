@@ -35,6 +35,8 @@ from anvil.watch.events import ReadFilter, Scope, WatchEvent, authorize_scope, p
 log = logging.getLogger("anvil.watch")
 
 READ_BATCH = 500
+INLINE_READ = 64
+NOTIFY_INTERVAL = 0.005
 SYSTEM_PRINCIPAL = Principal(tenant="system", subject="watch-compactor", admin=True)
 CACHE_EVENTS = 8192
 
@@ -133,6 +135,9 @@ class WatchService:
         self._wake = asyncio.Event()
         self._filling = False
         self._refill = False
+        self._committed_head = head_seq
+        self._notify_handle: asyncio.TimerHandle | None = None
+        self._last_notify = 0.0
         self.watchers = 0
         self._stop = threading.Event()
         self._compactor: threading.Thread | None = None
@@ -142,6 +147,7 @@ class WatchService:
 
     def on_commit(self, head: int) -> None:
         """Writer thread: never block here; hand the news to the event loop."""
+        self._committed_head = head
         loop = self._loop
         if loop is not None and not loop.is_closed():
             try:
@@ -158,11 +164,26 @@ class WatchService:
                 self.tail = TailCache(head - self.tail.capacity)
             self._loop = loop
             self._wake = asyncio.Event()
+            self._notify_handle = None
             self._schedule_fill()
 
     def _notify(self) -> None:
+        self._notify_handle = None
+        self._last_notify = asyncio.get_running_loop().time()
         wake, self._wake = self._wake, asyncio.Event()
         wake.set()
+
+    def _notify_soon(self) -> None:
+        """Wake watchers at most every NOTIFY_INTERVAL: under load each wake then carries several
+        commits, so the per-watcher cost of a send is paid per batch, not per commit."""
+        if self._notify_handle is not None:
+            return
+        loop = asyncio.get_running_loop()
+        due = self._last_notify + NOTIFY_INTERVAL
+        if due <= loop.time():
+            self._notify()
+        else:
+            self._notify_handle = loop.call_at(due, self._notify)
 
     def _schedule_fill(self) -> None:
         if self._filling:
@@ -177,17 +198,22 @@ class WatchService:
                 self._refill = False
                 if self.tail.hi < self.base_seq:
                     self.tail = TailCache(self.base_seq)
-                events = await anyio.to_thread.run_sync(self._read_raw, self.tail.hi, READ_BATCH)
+                if 0 <= self._committed_head - self.tail.hi <= INLINE_READ:
+                    # A handful of rows from the page cache: cheaper on the loop than a thread hop,
+                    # which under GIL contention costs more than the read itself.
+                    events = self._read_raw(self.tail.hi, INLINE_READ)
+                else:
+                    events = await anyio.to_thread.run_sync(self._read_raw, self.tail.hi, READ_BATCH)
                 self.tail.extend(events)
                 if events:
-                    self._notify()  # wake watchers batch by batch, even under continuous load
-                if len(events) < READ_BATCH and not self._refill:
+                    self._notify_soon()  # wake watchers batch by batch, even under continuous load
+                if (not events or self.tail.hi >= self._committed_head) and not self._refill:
                     break
         except Exception:  # noqa: BLE001 - the next commit retries; watchers can still read SQLite
             log.exception("watch tail fill failed")
         finally:
             self._filling = False
-            self._notify()
+            self._notify_soon()
 
     # ------------------------------------------------------------ reading
 
@@ -260,7 +286,8 @@ class WatchService:
                 timeout = interval - (time.monotonic() - last_output)
                 if timeout > 0:
                     try:
-                        await asyncio.wait_for(wake.wait(), timeout)
+                        async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task
+                            await wake.wait()
                         continue
                     except TimeoutError:
                         pass
