@@ -263,8 +263,13 @@ def test_tail_cache_is_bounded_and_contiguous(anvil):
     cache = TailCache(0, capacity=8)
     cache.extend(evs[:10])
     cache.extend(evs[10:])
-    assert len(cache._events) <= 16 and cache.hi == evs[-1].seq
+    assert len(cache) == 8 and cache.hi == evs[-1].seq
+    by_bytes = TailCache(0, max_bytes=3 * len(evs[-1].frame))
+    by_bytes.extend(evs)
+    assert 1 <= len(by_bytes) <= 3
     assert cache.get(0, 5) is None  # too old: the caller reads SQLite instead
     tail = cache.get(evs[-3].seq, 100)
     assert [e.seq for e in tail] == [evs[-2].seq, evs[-1].seq]
     assert cache.get(cache.hi, 10) == []
+    cache.drop_through(evs[-2].seq)  # compacted: only what is above the new base remains
+    assert len(cache) == 1 and cache.get(evs[-3].seq, 10) is None

@@ -165,8 +165,7 @@ class WatchEvent:
     bucket: str | None
     key: str | None
     data: dict[str, Any]
-    encoded: str  # the JSON `data:` line, built once and shared by every watcher
-    frame: bytes  # the whole SSE frame, likewise built once
+    frame: bytes  # the SSE frame (`id:` and the JSON `data:` line), built once and shared by every watcher
 
     @property
     def reserved(self) -> bool:
@@ -203,7 +202,7 @@ def project(ev: Event) -> WatchEvent:
                 data[name] = p[name]
     encoded = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
     frame = f"id: {ev.seq}\ndata: {encoded}\n\n".encode()
-    return WatchEvent(ev.seq, ev.tenant, ev.kind, bucket, key, data, encoded, frame)
+    return WatchEvent(ev.seq, ev.tenant, ev.kind, bucket, key, data, frame)
 
 
 def in_scope(scope: Scope, ev: WatchEvent) -> bool:

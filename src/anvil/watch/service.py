@@ -39,6 +39,8 @@ INLINE_READ = 64
 NOTIFY_INTERVAL = 0.005
 SYSTEM_PRINCIPAL = Principal(tenant="system", subject="watch-compactor", admin=True)
 CACHE_EVENTS = 8192
+CACHE_BYTES = 8 * 1024 * 1024
+CHUNK_BYTES = 256 * 1024  # one send to a watcher: bounds what a stalled client pins
 
 
 @dataclass(frozen=True)
@@ -82,21 +84,30 @@ StreamItem = list[WatchEvent] | Heartbeat | StreamError
 
 
 class TailCache:
-    """The newest projected events, contiguous from `lo` to `hi`; only the fill task appends."""
+    """The newest projected events, contiguous from `lo` to `hi`; only the fill task appends.
 
-    def __init__(self, head: int, capacity: int = CACHE_EVENTS):
+    Bounded by count and by the bytes of their frames, whichever is hit first.
+    """
+
+    def __init__(self, head: int, capacity: int = CACHE_EVENTS, max_bytes: int = CACHE_BYTES):
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._events: list[WatchEvent] = []
-        self._lo = head + 1
+        self._dead = 0  # trimmed entries still at the front of the list (removed in bulk)
+        self._bytes = 0
+        self._lo = head + 1  # seq of self._events[self._dead]
         self.hi = head
+
+    def __len__(self) -> int:
+        return len(self._events) - self._dead
 
     def get(self, after: int, limit: int) -> list[WatchEvent] | None:
         """Events after `after`, or None when they are older than the cache holds."""
         with self._lock:
             if after < self._lo - 1 or after > self.hi:
                 return None
-            start = after + 1 - self._lo
+            start = self._dead + after + 1 - self._lo
             return self._events[start:start + limit]
 
     def extend(self, events: list[WatchEvent]) -> None:
@@ -104,21 +115,25 @@ class TailCache:
             if not events:
                 return
             if events[0].seq != self.hi + 1:
-                self._events, self._lo = [], events[0].seq  # not contiguous: restart from these
+                self._events, self._dead, self._bytes, self._lo = [], 0, 0, events[0].seq
             self._events.extend(events)
+            self._bytes += sum(len(e.frame) for e in events)
             self.hi = events[-1].seq
-            if len(self._events) > 2 * self.capacity:
-                drop = len(self._events) - self.capacity
-                self._events = self._events[drop:]
-                self._lo += drop
+            self._trim(lambda: len(self) > self.capacity or self._bytes > self.max_bytes)
 
     def drop_through(self, seq: int) -> None:
         """Forget events at or below `seq` (compacted): below the base nothing may be served."""
         with self._lock:
-            if seq >= self._lo:
-                drop = min(seq - self._lo + 1, len(self._events))
-                self._events = self._events[drop:]
-                self._lo += drop
+            self._trim(lambda: len(self) > 0 and self._lo <= seq)
+
+    def _trim(self, more: Callable[[], bool]) -> None:
+        while more():
+            self._bytes -= len(self._events[self._dead].frame)
+            self._dead += 1
+            self._lo += 1
+        if self._dead > len(self._events) // 2:
+            del self._events[:self._dead]
+            self._dead = 0
 
 
 class WatchService:
@@ -277,7 +292,16 @@ class WatchService:
                     visible = [ev for ev in batch if read_filter.visible(scope, ev)]
                     cursor = batch[-1].seq
                     if visible:
-                        yield visible
+                        chunk: list[WatchEvent] = []
+                        size = 0
+                        for ev in visible:
+                            chunk.append(ev)
+                            size += len(ev.frame)
+                            if size >= CHUNK_BYTES:
+                                yield chunk
+                                chunk, size = [], 0
+                        if chunk:
+                            yield chunk
                         last_output = time.monotonic()
                     elif time.monotonic() - last_output >= interval:
                         yield Heartbeat(cursor)
