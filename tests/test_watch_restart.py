@@ -19,15 +19,19 @@ def test_sdk_iterator_resumes_after_sigkill_and_restart(tmp_path):
         got: list[dict] = []
         errors: list[BaseException] = []
         done = threading.Event()
+        killed = threading.Event()
+        reconnects: list[int] = []
 
         def watcher() -> None:
             try:
                 with server.client() as c, c.watch(bucket, after=start, heartbeat=0.5, reconnect_timeout=30) as st:
                     for ev in st:
                         got.append(ev)
-                        time.sleep(0.01)  # a slow-ish consumer: it is behind when the server dies
+                        if len(got) == 5:
+                            killed.wait(30)  # hold the stream open, behind the writer, until the kill
                         if len(got) >= 80:
                             break
+                    reconnects.append(st.reconnects)
             except BaseException as e:  # noqa: BLE001 - reported by the assertion below
                 errors.append(e)
             finally:
@@ -40,7 +44,8 @@ def test_sdk_iterator_resumes_after_sigkill_and_restart(tmp_path):
         while len(got) < 5:
             time.sleep(0.01)
         server.kill()  # SIGKILL mid-stream: no graceful close of the SSE connection
-        assert len(got) < 40, "the watcher should still have been behind"
+        assert len(got) == 5  # the watcher is behind: 35 acknowledged events not yet handed out
+        killed.set()
         time.sleep(0.3)
         server.start()  # same port: the iterator reconnects to the same endpoint by itself
         for i in range(40):
@@ -48,6 +53,7 @@ def test_sdk_iterator_resumes_after_sigkill_and_restart(tmp_path):
         assert done.wait(60), "the watcher did not finish"
         t.join()
         assert not errors, errors
+        assert reconnects and reconnects[0] >= 1
         seqs = [e["seq"] for e in got]
         assert seqs == journal_seqs(client, bucket, start)
         assert [e["key"] for e in got] == [f"before/{i:02d}" for i in range(40)] + [f"after/{i:02d}" for i in range(40)]
