@@ -273,3 +273,23 @@ def test_tail_cache_is_bounded_and_contiguous(anvil):
     assert cache.get(cache.hi, 10) == []
     cache.drop_through(evs[-2].seq)  # compacted: only what is above the new base remains
     assert len(cache) == 1 and cache.get(evs[-3].seq, 10) is None
+
+
+def test_stream_overtaken_by_compaction_ends_with_cursor_expired(anvil):
+    anvil.objects.create_bucket(ADMIN, "photos")
+    for i in range(3):
+        put(anvil, "photos", f"k{i}")
+    time.sleep(0.01)
+    base = anvil.watch.compact(ADMIN, 0)["base"]
+    scope = make_scope(DEV_PRINCIPAL, bucket="photos")
+
+    async def first_item():
+        gen = anvil.watch.stream(DEV_PRINCIPAL, scope, 1, heartbeat=0.05)  # opened before the compaction
+        try:
+            return await gen.__anext__()
+        finally:
+            await gen.aclose()
+
+    item = asyncio.run(first_item())
+    assert isinstance(item, StreamError) and item.error.code == "CursorExpired"
+    assert f"oldest available cursor is {base}" in item.error.message
