@@ -8,6 +8,7 @@ Projection is independent of the watcher, so it is done once per event and share
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -166,6 +167,7 @@ class WatchEvent:
     key: str | None
     data: dict[str, Any]
     frame: bytes  # the SSE frame (`id:` and the JSON `data:` line), built once and shared by every watcher
+    permission: tuple[str, str] = ("admin:read", "system")  # what a reader needs, computed once
 
     @property
     def reserved(self) -> bool:
@@ -202,7 +204,8 @@ def project(ev: Event) -> WatchEvent:
                 data[name] = p[name]
     encoded = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
     frame = f"id: {ev.seq}\ndata: {encoded}\n\n".encode()
-    return WatchEvent(ev.seq, ev.tenant, ev.kind, bucket, key, data, frame)
+    we = WatchEvent(ev.seq, ev.tenant, ev.kind, bucket, key, data, frame)
+    return dataclasses.replace(we, permission=required_permission(we))
 
 
 def in_scope(scope: Scope, ev: WatchEvent) -> bool:
@@ -248,9 +251,9 @@ class ReadFilter:
     def allows(self, ev: WatchEvent) -> bool:
         if ev.tenant != self.principal.tenant and not self.principal.admin:
             return False
-        action, resource = required_permission(ev)
+        action, resource = perm = ev.permission
         now = time.monotonic()
-        hit = self._cache.get((action, resource))
+        hit = self._cache.get(perm)
         if hit is not None and hit[1] > now:
             return hit[0]
         try:
@@ -260,7 +263,7 @@ class ReadFilter:
             ok = False  # fail closed: any refusal, including unknown actions, hides the event
         if len(self._cache) >= self.max_entries:
             self._cache.clear()  # bounded: a full cache restarts; decisions are cheap to remake
-        self._cache[(action, resource)] = (ok, now + self.ttl)
+        self._cache[perm] = (ok, now + self.ttl)
         return ok
 
     def visible(self, scope: Scope, ev: WatchEvent) -> bool:
