@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import threading
 import time
@@ -124,6 +125,127 @@ class ClientCredentialsAuth(httpx.Auth):
         if response.status_code == 401 and isinstance(request.stream, httpx.ByteStream):
             request.headers["authorization"] = f"Bearer {self.token(force=True)}"
             yield request
+
+
+class WatchStream:
+    """An iterator over watch events that reconnects by itself and resumes from its last cursor.
+
+    `cursor` is the seq of the last event handed out (or the server's scan position, which
+    heartbeats advance past filtered events); a reconnect sends it as `Last-Event-ID`, so no
+    event is lost or repeated across dropped connections and server restarts.
+    """
+
+    def __init__(self, client: AnvilClient, params: dict[str, Any], *, after: int | None,
+                 heartbeat: float | None, reconnect: bool, reconnect_timeout: float):
+        self._client = client
+        self._params = params
+        self.cursor: int | None = after
+        self.reconnect = reconnect
+        self.reconnect_timeout = reconnect_timeout
+        self.reconnects = 0
+        self._read_timeout = (heartbeat or 15.0) * 3 + 5
+        self._resp: httpx.Response | None = None
+        self._closed = False
+        self._gen = self._run()
+
+    def __iter__(self) -> WatchStream:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self._gen)
+
+    def __enter__(self) -> WatchStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._closed = True
+        resp = self._resp
+        if resp is not None:
+            try:
+                resp.close()
+            except Exception:  # noqa: BLE001 - closing an already broken stream
+                pass
+        try:
+            self._gen.close()
+        except ValueError:
+            pass  # closed from another thread while iterating: the closed response ends the loop
+
+    def _run(self) -> Iterator[dict[str, Any]]:
+        failing_since: float | None = None
+        delay = 0.05
+        connected_once = False
+        while not self._closed:
+            headers = {"last-event-id": str(self.cursor)} if self.cursor is not None else {}
+            try:
+                with self._client._http.stream(
+                    "GET", "/anvil/v1/watch", params=self._params, headers=headers,
+                    timeout=httpx.Timeout(10.0, read=self._read_timeout),
+                ) as resp:
+                    self._resp = resp
+                    if resp.status_code >= 400:
+                        resp.read()
+                        _raise_for(resp)
+                    if connected_once:
+                        self.reconnects += 1
+                    connected_once = True
+                    failing_since, delay = None, 0.05
+                    yield from self._parse(resp.iter_lines())
+            except AnvilAPIError as e:
+                if e.status < 500 or not self.reconnect:
+                    raise
+                failing_since = self._backoff(failing_since, delay, e)
+                delay = min(delay * 2, 1.0)
+            except httpx.TransportError as e:
+                if self._closed:
+                    return
+                if not self.reconnect:
+                    raise
+                failing_since = self._backoff(failing_since, delay, e)
+                delay = min(delay * 2, 1.0)
+            finally:
+                self._resp = None
+            # A clean end of stream (server shutting down) also reconnects from the cursor.
+
+    def _backoff(self, failing_since: float | None, delay: float, exc: Exception) -> float:
+        now = time.monotonic()
+        since = now if failing_since is None else failing_since
+        if now - since > self.reconnect_timeout:
+            raise exc
+        time.sleep(delay)
+        return since
+
+    def _parse(self, lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+        event_id: str | None = None
+        event_type = ""
+        data: list[str] = []
+        for line in lines:
+            if line == "":
+                if event_type == "error":
+                    err = json.loads("\n".join(data)).get("error", {})
+                    code = err.get("code", "Unknown")
+                    raise AnvilAPIError(410 if code == "CursorExpired" else 500, code, err.get("message", ""))
+                if data:
+                    event = json.loads("\n".join(data))
+                    if event_id is not None:
+                        self.cursor = int(event_id)
+                    yield event
+                elif event_id is not None:
+                    self.cursor = int(event_id)  # an id-only frame: the server's scan position
+                event_id, event_type, data = None, "", []
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "id":
+                event_id = value
+            elif name == "data":
+                data.append(value)
+            elif name == "event":
+                event_type = value
 
 
 class AnvilClient:
@@ -423,3 +545,63 @@ class AnvilClient:
 
     def identity_validate(self) -> dict[str, Any]:
         return self._json("GET", "/anvil/v1/admin/identity/validate")
+
+
+    # ------------------------------------------------------------ watch
+
+    def watch(self, bucket: str | None = None, *, prefix: str = "", after: int | None = None,
+              kinds: str | Iterable[str] | None = None, tenant: str | None = None, consumer: str | None = None,
+              heartbeat: float | None = None, reconnect: bool = True,
+              reconnect_timeout: float = 60.0) -> WatchStream:
+        """Iterate over change events (dicts with seq, kind, bucket, key, version_id, etag, size, ...).
+
+        Starts after `after` (default: the head, i.e. only new events). Dropped connections are
+        retried for up to `reconnect_timeout` seconds and resume from the last cursor.
+        """
+        params: dict[str, Any] = {}
+        if bucket:
+            params["bucket"] = bucket
+        if prefix:
+            params["prefix"] = prefix
+        if kinds:
+            params["kinds"] = kinds if isinstance(kinds, str) else ",".join(kinds)
+        if tenant:
+            params["tenant"] = tenant
+        if consumer:
+            params["consumer"] = consumer
+        if heartbeat is not None:
+            params["heartbeat"] = heartbeat
+        return WatchStream(self, params, after=after, heartbeat=heartbeat, reconnect=reconnect,
+                           reconnect_timeout=reconnect_timeout)
+
+    def create_consumer(self, name: str, *, bucket: str | None = None, prefix: str = "",
+                        kinds: str | Iterable[str] | None = None, after: int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "prefix": prefix}
+        if bucket:
+            body["bucket"] = bucket
+        if kinds:
+            body["kinds"] = [kinds] if isinstance(kinds, str) else list(kinds)
+        if after is not None:
+            body["after"] = after
+        return self._json("POST", "/anvil/v1/watch/consumers", json=body)
+
+    def list_consumers(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/anvil/v1/watch/consumers")["consumers"]
+
+    def get_consumer(self, name: str) -> dict[str, Any]:
+        return self._json("GET", "/anvil/v1/watch/consumers/" + urllib.parse.quote(name, safe=""))
+
+    def delete_consumer(self, name: str) -> dict[str, Any]:
+        return self._json("DELETE", "/anvil/v1/watch/consumers/" + urllib.parse.quote(name, safe=""))
+
+    def checkpoint(self, name: str, cursor: int) -> dict[str, Any]:
+        """Move consumer `name` forward to `cursor`; a cursor behind the stored one fails with StaleFence."""
+        return self._json("POST", f"/anvil/v1/watch/consumers/{urllib.parse.quote(name, safe='')}/checkpoint",
+                          json={"cursor": cursor})
+
+    def compact_journal(self, retention_seconds: float | None = None) -> dict[str, Any]:
+        body = {} if retention_seconds is None else {"retention_seconds": retention_seconds}
+        return self._json("POST", "/anvil/v1/admin/watch/compact", json=body)
+
+    def watch_status(self) -> dict[str, Any]:
+        return self._json("GET", "/anvil/v1/admin/watch/status")

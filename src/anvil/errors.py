@@ -22,6 +22,7 @@ HTTP_STATUS: dict[str, int] = {
     "InvalidArgument": 400,
     "IdempotencyMismatch": 422,
     "RecoveryMode": 503,
+    "CursorExpired": 410,
     "InvalidRange": 416,
     "BadDigest": 400,
     "BucketNotEmpty": 409,

@@ -8,6 +8,7 @@ from anvil.identity import BucketAccess, IdentityService, install_bucket_lookup
 from anvil.identity.settings import load_jwt_secret, load_keyring
 from anvil.objects import ObjectService
 from anvil.storage import Storage
+from anvil.watch import WatchService
 
 
 class Anvil:
@@ -18,6 +19,7 @@ class Anvil:
             secrets_dir = self.storage.layout.secrets
             self.identity = IdentityService(self.storage, load_keyring(secrets_dir), load_jwt_secret(secrets_dir))
             install_bucket_lookup(self._bucket_access)
+            self.watch = WatchService(self.storage, bucket_exists=lambda b: self.objects.find_bucket(b) is not None)
             self.storage.catalog.start()
             self.identity.bootstrap(endpoint)
         except BaseException:
@@ -29,4 +31,5 @@ class Anvil:
         return BucketAccess(b.tenant, b.public) if b is not None else None
 
     def close(self) -> None:
+        self.watch.close()
         self.storage.close()

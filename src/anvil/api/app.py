@@ -9,6 +9,7 @@ from starlette.routing import Route
 
 from anvil.api.identity import IDENTITY_ROUTES
 from anvil.api.native import ROUTES
+from anvil.api.watch import WATCH_ROUTES
 from anvil.context import new_request_id
 from anvil.errors import AnvilError
 from anvil.runtime import Anvil
@@ -32,7 +33,7 @@ ALL_METHODS = ["GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"]
 
 
 def create_app(anvil: Anvil, *, recovery_mode: bool = False, dev_auth: bool = False) -> Starlette:
-    routes = [*ROUTES, *IDENTITY_ROUTES, Route("/{path:path}", _fallback, methods=ALL_METHODS)]
+    routes = [*ROUTES, *IDENTITY_ROUTES, *WATCH_ROUTES, Route("/{path:path}", _fallback, methods=ALL_METHODS)]
     app = Starlette(routes=routes)
     app.state.anvil = anvil
     app.state.recovery_mode = recovery_mode

@@ -60,6 +60,19 @@ OPERATIONS: list[tuple[str, str, str, str, list[dict[str, Any]], bool, bool]] = 
      [_q("after", "integer"), _q("limit", "integer")], False, False),
     ("get", "/anvil/v1/admin/journal/verify", "journalVerify", "Verify the journal hash chain (admin)", [],
      False, False),
+    ("get", "/anvil/v1/watch", "watch", "Watch journal events as Server-Sent Events (resume: Last-Event-ID)",
+     [_q("bucket"), _q("prefix"), _q("kinds"), _q("after", "integer"), _q("tenant"), _q("consumer"),
+      _q("heartbeat", "number"), _h("Last-Event-ID")], False, False),
+    ("get", "/anvil/v1/watch/consumers", "listConsumers", "List durable watch consumers with lag", [], False, False),
+    ("post", "/anvil/v1/watch/consumers", "createConsumer", "Create a durable watch consumer", [], True, False),
+    ("get", "/anvil/v1/watch/consumers/{name}", "getConsumer", "Get a consumer and its lag", [], False, False),
+    ("delete", "/anvil/v1/watch/consumers/{name}", "deleteConsumer", "Delete a consumer", [], False, False),
+    ("post", "/anvil/v1/watch/consumers/{name}/checkpoint", "checkpointConsumer",
+     "Move a consumer's cursor forward", [], True, False),
+    ("post", "/anvil/v1/admin/watch/compact", "compactJournal", "Compact the journal under retention (admin)", [],
+     True, False),
+    ("get", "/anvil/v1/admin/watch/status", "watchStatus", "Journal head, base and consumer cursors (admin)", [],
+     False, False),
 ]
 
 # Identity: token exchange and administration.

@@ -48,6 +48,7 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False) -> None:
     anvil = Anvil(storage_path, endpoint=endpoint)
     try:
         app = create_app(anvil, dev_auth=dev_auth)
+        anvil.watch.start_background()
         config = uvicorn.Config(
             app, host=host, port=port, loop="uvloop", http="httptools", access_log=False,
             log_level="warning", timeout_graceful_shutdown=5, server_header=False,

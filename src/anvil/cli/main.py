@@ -229,6 +229,9 @@ from anvil.cli.identity import admin, auth, configure  # noqa: E402 - registered
 cli.add_command(admin)
 cli.add_command(auth)
 cli.add_command(configure)
+from anvil.cli.watch import watch  # noqa: E402
+
+cli.add_command(watch)
 
 
 def main() -> None:
