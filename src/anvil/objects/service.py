@@ -337,13 +337,13 @@ class ObjectService:
 
     def delete_bucket(self, ctx: RequestContext, name: str) -> dict[str, Any]:
         def fn(txn: Txn) -> dict[str, Any]:
-            self._require_bucket(txn.conn, name)
+            b = self._require_bucket(txn.conn, name)
             if txn.conn.execute("SELECT 1 FROM versions WHERE bucket = ? LIMIT 1", (name,)).fetchone():
                 raise AnvilError("BucketNotEmpty", "bucket is not empty (objects, versions or delete markers remain)")
             if txn.conn.execute("SELECT 1 FROM multipart_uploads WHERE bucket = ? LIMIT 1", (name,)).fetchone():
                 raise AnvilError("BucketNotEmpty", "bucket has multipart uploads in progress")
             txn.conn.execute("DELETE FROM buckets WHERE name = ?", (name,))
-            txn.emit(ctx.tenant, "bucket.delete", name, {"bucket": name})
+            txn.emit(b.tenant, "bucket.delete", name, {"bucket": name})
             return {"bucket": name, "deleted": True}
 
         return self._mutate(ctx, fn, fingerprint("bucket.delete", name))
