@@ -321,3 +321,34 @@ class AnvilClient:
 
     def verify_journal(self) -> dict[str, Any]:
         return self._json("GET", "/anvil/v1/admin/journal/verify")
+
+    # ------------------------------------------------------------ diagnostics (admin)
+
+    def list_findings(self, *, subsystem: str | None = None, severity: str | None = None,
+                      unresolved: bool = False, limit: int = 1000) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit, "unresolved": "true" if unresolved else "false"}
+        if subsystem is not None:
+            params["subsystem"] = subsystem
+        if severity is not None:
+            params["severity"] = severity
+        return self._json("GET", "/anvil/v1/admin/findings", params=params)["findings"]
+
+    def resolve_finding(self, finding_id: str, resolution: str) -> dict[str, Any]:
+        return self._json("POST", f"/anvil/v1/admin/findings/{urllib.parse.quote(finding_id, safe='')}/resolve",
+                          json={"resolution": resolution})
+
+    def fsck(self, *, deep: bool = False) -> dict[str, Any]:
+        """Run fsck inside the server; no timeout, a deep check reads every blob."""
+        return self._json("POST", "/anvil/v1/admin/fsck", json={"deep": deep}, timeout=None)
+
+    def gc(self, *, grace_seconds: float | None = None, upload_expiry_seconds: float | None = None,
+           dry_run: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] = {"dry_run": dry_run}
+        if grace_seconds is not None:
+            body["grace_seconds"] = grace_seconds
+        if upload_expiry_seconds is not None:
+            body["upload_expiry_seconds"] = upload_expiry_seconds
+        return self._json("POST", "/anvil/v1/admin/gc", json=body, timeout=None)
+
+    def repair(self, families: list[str] | None = None) -> dict[str, Any]:
+        return self._json("POST", "/anvil/v1/admin/repair", json={"families": families}, timeout=None)

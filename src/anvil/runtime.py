@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from anvil.diagnostics import Diagnostics
 from anvil.objects import ObjectService
 from anvil.storage import Storage
 
@@ -13,6 +14,7 @@ class Anvil:
         self.storage = Storage(storage_path, lock=lock)
         try:
             self.objects = ObjectService(self.storage)
+            self.diagnostics = Diagnostics(self.storage, self.objects)
             self.storage.catalog.start()
         except BaseException:
             self.storage.close()

@@ -10,6 +10,7 @@ import click
 
 from anvil import __version__
 from anvil.cli.common import client_command, emit, parse_meta
+from anvil.cli.diagnostics import register as register_diagnostics
 from anvil.client import AnvilClient
 
 
@@ -220,6 +221,9 @@ def object_cp(client: AnvilClient, as_json: bool, src_bucket: str, src_key: str,
                              metadata_directive="REPLACE" if replace else "COPY",
                              metadata=parse_meta(meta) if replace else None, content_type=content_type)
     emit(as_json, res, text=f"copied to {dst_bucket}/{dst_key} version {res['version_id']}")
+
+
+register_diagnostics(cli)
 
 
 def main() -> None:
