@@ -7,9 +7,11 @@ import os
 import urllib.parse
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:
+    # Imported where used: offline CLI commands (fsck on a stopped store) never pay for httpx.
+    import httpx
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:9000"
 UPLOAD_CHUNK = 1024 * 1024
@@ -24,7 +26,11 @@ class AnvilAPIError(Exception):
         self.code = code
         self.message = message
         self.request_id = request_id
-        self.headers = headers or httpx.Headers()
+        if headers is None:
+            import httpx
+
+            headers = httpx.Headers()
+        self.headers = headers
 
 
 def _raise_for(resp: httpx.Response) -> None:
@@ -87,6 +93,8 @@ def object_info(headers: httpx.Headers) -> dict[str, Any]:
 class AnvilClient:
     def __init__(self, endpoint: str | None = None, *, timeout: float = 60.0, token: str | None = None):
         self.endpoint = (endpoint or os.environ.get("ANVIL_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+        import httpx
+
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=self.endpoint, timeout=timeout, headers=headers)
 
@@ -308,6 +316,8 @@ class AnvilClient:
                     number += 1
                 return self.complete_upload(bucket, upload_id, parts)
             except BaseException:
+                import httpx
+
                 try:
                     self.abort_upload(bucket, upload_id)
                 except (AnvilAPIError, httpx.HTTPError):

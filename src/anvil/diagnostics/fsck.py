@@ -131,7 +131,6 @@ class _Run:
             self.add("storage", "error", "storage.format", e.message, {"file": "FORMAT"})
 
     def check_integrity(self, conn: apsw.Connection) -> None:
-        self.progress.phase("catalog integrity")
         self.checked.add("storage.catalog_integrity")
         rows = [r[0] for r in conn.execute("PRAGMA integrity_check(100)").fetchall()]
         ok = rows == ["ok"]
@@ -240,18 +239,17 @@ class _Run:
 
     # ------------------------------------------------------------------ the blob store against references
 
-    def check_blobs(self, found: ScanResult, versions: list[refs.VersionChunks], parts: list[refs.PartRef],
-                    uploads: list[refs.UploadRecord], conn: apsw.Connection) -> None:
+    def check_blobs(self, found: ScanResult, versions: int, chunks: list[tuple[str, int]],
+                    parts: list[refs.PartRef], uploads: list[refs.UploadRecord], conn: apsw.Connection) -> None:
         self.progress.phase("references")
         listing, misplaced = found.blobs, found.misplaced
         self.checked.update({"objects.blob_missing", "multipart.part_blob_missing", "blobs.orphan",
                              "blobs.misplaced", "multipart.bucket_missing", "multipart.part_without_upload"})
         version_refs: dict[str, int] = {}
-        chunk_count = 0
-        for v in versions:
-            for sha, _size in v.chunks:
-                version_refs[sha] = version_refs.get(sha, 0) + 1
-                chunk_count += 1
+        get = version_refs.get
+        for sha, _size in chunks:
+            version_refs[sha] = get(sha, 0) + 1
+        chunk_count = len(chunks)
         part_refs: dict[str, int] = {}
         for p in parts:
             part_refs[p.sha256] = part_refs.get(p.sha256, 0) + 1
@@ -270,7 +268,7 @@ class _Run:
 
         missing_v = absent(s for s in version_refs if s not in listing)
         missing_p = absent(s for s in part_refs if s not in listing)
-        by_blob = self._references(set(missing_v), versions)
+        by_blob = self._references(conn, missing_v)
         for sha in missing_v:
             rs = by_blob.get(sha, [])
             self.add("objects", "error", "objects.blob_missing",
@@ -330,26 +328,27 @@ class _Run:
         if self.deep:
             self.checked.update({"blobs.hash_mismatch", "objects.chunk_size"})
             stats["hashed"] = len(found.sizes)
-            self._report_hashes(found.bad, found.sizes, versions, parts)
+            self._report_hashes(conn, found.bad, found.sizes, chunks, parts)
         self.report.checks["blobs"] = stats
-        self.report.checks["objects"] = {"versions": len(versions)}
+        self.report.checks["objects"] = {"versions": versions}
         self.report.checks["multipart"] = {"uploads": len(uploads), "parts": len(parts)}
 
-    def _references(self, shas: set[str], versions: list[refs.VersionChunks]) -> dict[str, list[dict[str, Any]]]:
+    @staticmethod
+    def _references(conn: apsw.Connection, shas: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = {}
+        shas = list(shas)
         if not shas:
             return out
-        for v in versions:
-            for sha, _ in v.chunks:
-                if sha in shas:
-                    out.setdefault(sha, []).append(
-                        {"tenant": v.tenant, "bucket": v.bucket, "key": v.key, "version_id": v.version_id})
+        with conn:
+            for sha, v in refs.versions_referencing(conn, shas):
+                out.setdefault(sha, []).append(
+                    {"tenant": v.tenant, "bucket": v.bucket, "key": v.key, "version_id": v.version_id})
         return out
 
-    def _report_hashes(self, bad: list[HashResult], sizes: dict[str, int],
-                       versions: list[refs.VersionChunks], parts: list[refs.PartRef]) -> None:
+    def _report_hashes(self, conn: apsw.Connection, bad: list[HashResult], sizes: dict[str, int],
+                       chunks: list[tuple[str, int]], parts: list[refs.PartRef]) -> None:
         bad_names = {b.name for b in bad}
-        by_blob = self._references(bad_names, versions)
+        by_blob = self._references(conn, bad_names)
         for b in sorted(bad, key=lambda r: r.name):
             if b.error is not None and not os.path.exists(b.path):
                 continue  # removed after the listing (gc): the reference check covers it
@@ -359,16 +358,23 @@ class _Run:
                      f"blob {b.name} {what}: its content no longer matches its name",
                      {"blob": b.name, "actual_sha256": b.actual, "size": b.size, "references": rs[:MAX_REFERENCES]},
                      identity={"blob": b.name})
-        for v in versions:
-            for sha, size in v.chunks:
-                actual = sizes.get(sha)
-                if actual is not None and actual != size and sha not in bad_names:
+        wrong_size = {sha for sha, size in chunks
+                      if sha not in bad_names and sizes.get(sha, size) != size}
+        if wrong_size:
+            with conn:
+                affected = refs.versions_referencing(conn, wrong_size)
+            for sha, v in affected:
+                actual = sizes[sha]
+                for csha, size in v.chunks:
+                    if csha != sha or size == actual:
+                        continue
                     ref = {"tenant": v.tenant, "bucket": v.bucket, "key": v.key, "version_id": v.version_id}
                     self.add("objects", "error", "objects.chunk_size",
                              f"version {v.version_id} of {v.bucket}/{v.key} records blob {sha} as {size} bytes; "
                              f"it is {actual}",
                              {"blob": sha, "expected": size, "actual": actual, "references": [ref]},
                              identity={"blob": sha, "reference": ref})
+                    break
         for p in parts:
             actual = sizes.get(p.sha256)
             if actual is not None and actual != p.size and p.sha256 not in bad_names:
@@ -406,32 +412,49 @@ class _Run:
                          f"catalog.db cannot be opened: {self.t.open_error}", {"file": "catalog.db"})
             else:
                 conn = catalog.reader()
-                self._guarded("catalog", lambda: self.check_integrity(conn))
+                # integrity_check runs in SQLite's C code without the GIL: on its own read-only
+                # connection and thread it overlaps the Python-heavy journal walk.
+                integrity = threading.Thread(target=self._integrity_on_own_connection, args=(catalog,),
+                                             name="anvil-fsck-integrity", daemon=True)
+                integrity.start()
                 self._guarded("journal", lambda: self.check_journal(conn))
 
                 def read_refs() -> None:
                     with conn:  # one read transaction: one consistent view of every reference
                         snapshot["head"] = journal.head(conn)[0]
-                        snapshot["versions"] = list(refs.iter_version_chunks(conn))
+                        snapshot["versions"] = refs.count_versions(conn)
+                        snapshot["chunks"] = refs.chunk_refs(conn)
                         snapshot["parts"] = list(refs.iter_part_refs(conn))
                         snapshot["uploads"] = list(refs.iter_uploads(conn))
                         self.check_watch_cursors(conn, snapshot["head"])
 
                 self._guarded("references", read_refs)
                 head = snapshot.get("head")
+                integrity.join()
             scanner.join()
             if "error" in box:
                 raise box["error"]
             found: ScanResult = box["scan"]
             if "uploads" in snapshot:
                 assert catalog is not None
-                self.check_blobs(found, snapshot["versions"], snapshot["parts"], snapshot["uploads"],
-                                 catalog.reader())
+                self.check_blobs(found, snapshot["versions"], snapshot["chunks"], snapshot["parts"],
+                                 snapshot["uploads"], catalog.reader())
             self.check_derived(head)
         finally:
             scanner.join()
         self.report.finished = time.time()
         return self.report
+
+    def _integrity_on_own_connection(self, catalog: Catalog) -> None:
+        def check() -> None:
+            conn = apsw.Connection(str(catalog.path), flags=apsw.SQLITE_OPEN_READONLY)
+            try:
+                conn.setbusytimeout(10_000)
+                self.check_integrity(conn)
+            finally:
+                conn.close()
+
+        self._guarded("catalog", check)
 
     def _guarded(self, name: str, fn: Callable[[], None]) -> None:
         """A damaged catalog must not stop the other checks: the failure itself is a finding."""

@@ -8,7 +8,7 @@ get one consistent view (e.g. `with conn: versions = ...; parts = ...`).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import apsw
@@ -61,6 +61,37 @@ def iter_version_chunks(conn: apsw.Connection) -> Iterator[VersionChunks]:
         "SELECT bucket, key, version_id, chunks FROM versions WHERE delete_marker = 0"
     ):
         yield VersionChunks(tenants.get(bucket), bucket, key, version_id, [(c[0], c[1]) for c in loads(chunks)])
+
+
+def chunk_refs(conn: apsw.Connection) -> list[tuple[str, int]]:
+    """(sha256, recorded size) of every chunk of every version body, one row per reference.
+
+    SQLite unpacks the JSON: at 10k versions that is 4x cheaper than `json.loads` per row."""
+    return conn.execute(
+        "SELECT c.value ->> 0, c.value ->> 1 FROM versions v, json_each(v.chunks) c WHERE v.delete_marker = 0"
+    ).fetchall()
+
+
+def count_versions(conn: apsw.Connection) -> int:
+    """Versions with a body (delete markers excluded)."""
+    return conn.execute("SELECT count(*) FROM versions WHERE delete_marker = 0").fetchone()[0]
+
+
+def versions_referencing(conn: apsw.Connection, shas: Iterable[str]) -> list[tuple[str, VersionChunks]]:
+    """(sha256, version) for each version whose body uses one of `shas`: for reporting the
+    few versions a missing or damaged blob affects, without a full decode of every version."""
+    wanted = json.dumps(sorted(set(shas)))
+    tenants = bucket_tenants(conn)
+    out: list[tuple[str, VersionChunks]] = []
+    for sha, bucket, key, version_id, chunks in conn.execute(
+        "SELECT DISTINCT c.value ->> 0, v.bucket, v.key, v.version_id, v.chunks "
+        "FROM versions v, json_each(v.chunks) c "
+        "WHERE v.delete_marker = 0 AND c.value ->> 0 IN (SELECT value FROM json_each(?))",
+        (wanted,),
+    ):
+        out.append((sha, VersionChunks(tenants.get(bucket), bucket, key, version_id,
+                                       [(c[0], c[1]) for c in json.loads(chunks)])))
+    return out
 
 
 def iter_part_refs(conn: apsw.Connection) -> Iterator[PartRef]:
