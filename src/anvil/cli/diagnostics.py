@@ -30,7 +30,9 @@ def _refuse(as_json: bool, code: str, message: str) -> None:
     if as_json:
         click.echo(json.dumps({"error": {"code": code, "message": message}}))
     else:
-        err_console.print(f"[red]error[/red] {code}: {message}", markup=True, highlight=False)
+        from rich.markup import escape
+
+        err_console.print(f"[red]error[/red] {code}: {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(2)
 
 
