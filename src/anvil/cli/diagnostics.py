@@ -136,15 +136,20 @@ def _affected_summary(a: dict[str, Any]) -> str:
 
 
 def _print_findings(found: list[dict[str, Any]]) -> None:
-    from rich.table import Table
+    """One line per finding (a table squeezes long invariants and hashes into ellipses)."""
+    from rich.markup import escape
 
-    t = Table("time", "severity", "subsystem", "invariant", "affected", "detail", "resolved")
     colours = {"error": "red", "warning": "yellow", "info": "cyan"}
+    if not found:
+        console.print("no findings")
     for f in found:
-        sev = f"[{colours.get(f['severity'], 'white')}]{f['severity']}[/]"
-        t.add_row(_ts(f["time"]), sev, f["subsystem"], f["invariant"], _affected_summary(f["affected"]),
-                  f["detail"], _ts(f["resolved_at"]))
-    console.print(t)
+        colour = colours.get(f["severity"], "white")
+        resolved = f"  [green](resolved {_ts(f['resolved_at'])})[/]" if f["resolved_at"] else ""
+        console.print(
+            f"{_ts(f['time'])}  [{colour}]{f['severity']:<7}[/]  {escape(f['invariant'])}  "
+            f"{escape(_affected_summary(f['affected']))}  {escape(f['detail'])}  [dim]{f['id']}[/]{resolved}",
+            soft_wrap=True, highlight=False,
+        )
 
 
 # ------------------------------------------------------------------ fsck
