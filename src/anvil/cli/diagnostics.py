@@ -92,26 +92,19 @@ class NullProgress:
     """The `anvil.diagnostics.fsck.Progress` interface, doing nothing (kept here so the CLI
     does not import the storage stack just to start)."""
 
-    def phase(self, name: str, total: int | None = None) -> None:
-        pass
-
-    def advance(self, n: int = 1) -> None:
-        pass
+    def phase(self, name: str, total: int | None = None) -> Callable[[int], None]:
+        return lambda n: None
 
 
 class RichProgress(NullProgress):
-    def __init__(self, progress: Any):
-        self._p = progress
-        self._task: Any = None
+    """One bar per phase; each phase's advance function moves only its own bar."""
 
-    def phase(self, name: str, total: int | None = None) -> None:
-        if self._task is not None:
-            self._p.update(self._task, completed=self._p.tasks[self._task].total or 0)
-        self._task = self._p.add_task(name, total=total)
+    def __init__(self, bar: Any):
+        self._bar = bar
 
-    def advance(self, n: int = 1) -> None:
-        if self._task is not None:
-            self._p.advance(self._task, n)
+    def phase(self, name: str, total: int | None = None) -> Callable[[int], None]:
+        task = self._bar.add_task(name, total=total)
+        return lambda n: self._bar.advance(task, n)
 
 
 @contextmanager
@@ -120,11 +113,10 @@ def _progress(as_json: bool) -> Iterator[NullProgress]:
     if as_json or not sys.stderr.isatty():
         yield NullProgress()
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-    from rich.progress import Progress as RichBar
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with RichBar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                 console=err_console, transient=True) as bar:
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed} done"),
+                  TimeElapsedColumn(), console=err_console, transient=True) as bar:
         yield RichProgress(bar)
 
 

@@ -31,7 +31,7 @@ import apsw
 
 from anvil.diagnostics import findings as fnd
 from anvil.diagnostics.findings import Finding, make_finding
-from anvil.diagnostics.scan import HashResult, ScanResult, hash_file, scan_blobs
+from anvil.diagnostics.scan import HEX64, HashResult, ScanResult, hash_file, scan_blobs
 from anvil.errors import AnvilError
 from anvil.objects import references as refs
 from anvil.storage import Catalog, Layout, journal
@@ -51,13 +51,17 @@ def register_cursor_source(name: str, fn: CursorSource) -> None:
 
 
 class Progress:
-    """What fsck reports while it runs; the CLI renders it as a rich progress bar."""
+    """What fsck reports while it runs; the CLI renders it as a rich progress bar.
 
-    def phase(self, name: str, total: int | None = None) -> None:
-        pass
+    `phase` announces a step and returns the function that advances *that* step: the blob
+    scan advances from worker threads while the main thread moves through other phases."""
 
-    def advance(self, n: int = 1) -> None:
-        pass
+    def phase(self, name: str, total: int | None = None) -> Callable[[int], None]:
+        return _ignore
+
+
+def _ignore(n: int) -> None:
+    pass
 
 
 @dataclass
@@ -145,9 +149,10 @@ class _Run:
                      {"file": "catalog.db", "messages": rows[:20]}, identity={"file": "catalog.db"})
 
     def check_journal(self, conn: apsw.Connection) -> None:
-        self.progress.phase("journal chain")
+        done = self.progress.phase("journal chain", 1)
         self.checked.update({"journal.chain", "journal.gapless"})
         checked, problems = journal.verify_chain(conn)
+        done(1)
         self.report.checks["journal"] = {"events": checked, "problems": len(problems)}
         for p in problems:
             inv = "journal.gapless" if p.problem.startswith("gap") else "journal.chain"
@@ -187,7 +192,7 @@ class _Run:
         if not manifests:
             self.report.checks["derived"] = {"skipped": "no derived manifests"}
             return
-        self.progress.phase("derived manifests", len(manifests))
+        advance = self.progress.phase("derived manifests", len(manifests))
         self.checked.update({"derived.manifest_invalid", "derived.file_missing", "derived.file_size",
                              "derived.cursor_ahead"})
         if self.deep:
@@ -238,14 +243,14 @@ class _Run:
                                  f"{base['manifest']}: {path} does not match its SHA-256"
                                  + (f" ({err})" if err else ""),
                                  {**aff, "expected": sha, "actual": actual}, identity=aff)
-            self.progress.advance()
+            advance(1)
         self.report.checks["derived"] = {"manifests": len(manifests), "files": files}
 
     # ------------------------------------------------------------------ the blob store against references
 
     def check_blobs(self, found: ScanResult, versions: int, chunks: list[tuple[str, int]],
                     parts: list[refs.PartRef], uploads: list[refs.UploadRecord], conn: apsw.Connection) -> None:
-        self.progress.phase("references")
+        done = self.progress.phase("references", 1)
         listing, misplaced = found.blobs, found.misplaced
         self.checked.update({"objects.blob_missing", "multipart.part_blob_missing", "blobs.orphan",
                              "blobs.misplaced", "multipart.bucket_missing", "multipart.part_without_upload"})
@@ -263,10 +268,9 @@ class _Run:
             # Not in the listing: look once more, it may have been written after the listing.
             out = []
             for sha in shas:
-                try:
-                    if not os.path.exists(self.t.layout.blobs / sha[:2] / sha[2:4] / sha):
-                        out.append(sha)
-                except ValueError:
+                if not isinstance(sha, str) or HEX64.fullmatch(sha) is None:
+                    out.append(str(sha))  # a malformed reference can never be satisfied
+                elif not os.path.exists(self.t.layout.blobs / sha[:2] / sha[2:4] / sha):
                     out.append(sha)
             return sorted(out)
 
@@ -336,6 +340,7 @@ class _Run:
         self.report.checks["blobs"] = stats
         self.report.checks["objects"] = {"versions": versions}
         self.report.checks["multipart"] = {"uploads": len(uploads), "parts": len(parts)}
+        done(1)
 
     @staticmethod
     def _references(conn: apsw.Connection, shas: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
@@ -395,13 +400,13 @@ class _Run:
         self.check_format()
         # The blob walk (and, deep, the hashing) runs on worker threads while this thread does
         # the catalog checks; SQLite and the file syscalls release the GIL, so they overlap.
-        self.progress.phase("hashing blobs" if self.deep else "listing blobs")
+        advance_scan = self.progress.phase("hashing blobs" if self.deep else "listing blobs")
         box: dict[str, Any] = {}
 
         def scan() -> None:
             try:
                 box["scan"] = scan_blobs(self.t.layout.blobs, deep=self.deep, threads=self.hash_threads,
-                                         on_progress=self.progress.advance)
+                                         on_progress=advance_scan)
             except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
                 box["error"] = e
 
@@ -415,6 +420,7 @@ class _Run:
                 self.add("storage", "error", "storage.catalog_open",
                          f"catalog.db cannot be opened: {self.t.open_error}", {"file": "catalog.db"})
             else:
+                self.checked.add("storage.catalog_open")
                 conn = catalog.reader()
                 # integrity_check runs in SQLite's C code without the GIL: on its own read-only
                 # connection and thread it overlaps the Python-heavy journal walk.
@@ -464,6 +470,7 @@ class _Run:
         """A damaged catalog must not stop the other checks: the failure itself is a finding."""
         try:
             fn()
+            self.checked.add(f"{name}.unreadable")
         except apsw.Error as e:
             self.report.checks[name] = {"ok": False, "error": str(e)}
             self.add("storage", "error", f"{name}.unreadable", f"the {name} check could not read catalog.db: {e}",

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 READ_SIZE = 1024 * 1024
-_HEX64 = re.compile(r"[0-9a-f]{64}")
+HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -56,7 +56,7 @@ def scan_blobs(
     skipped, a non-file named like a hash fails to hash and is reported."""
     root = os.fspath(root)
     tops = sorted(n for n in _listdir(root) if len(n) == 2)
-    fullmatch = _HEX64.fullmatch
+    fullmatch = HEX64.fullmatch
     lock = threading.Lock()
 
     def work(my_tops: list[str]) -> ScanResult:
