@@ -15,13 +15,13 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 READ_SIZE = 1024 * 1024
 HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-@dataclass
-class HashResult:
+class HashResult(NamedTuple):
     name: str  # the expected hash (the file's name) or any caller key
     path: str
     actual: str | None

@@ -2,20 +2,20 @@
 
 Other subsystems must not read the objects tables directly; they call these. Every function
 takes a connection so the caller can run several of them inside one read transaction and
-get one consistent view (e.g. `with conn: versions = ...; parts = ...`).
+get one consistent view (e.g. `with conn: versions = ...; parts = ...`). Rows are named
+tuples: they are built per version or part, where a dataclass costs several times more.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import apsw
 
 
-@dataclass(frozen=True)
-class VersionChunks:
+class VersionChunks(NamedTuple):
     tenant: str | None  # None when the version's bucket record is missing
     bucket: str
     key: str
@@ -23,8 +23,7 @@ class VersionChunks:
     chunks: list[tuple[str, int]]
 
 
-@dataclass(frozen=True)
-class PartRef:
+class PartRef(NamedTuple):
     upload_id: str
     bucket: str | None  # None when the part's upload record is missing
     key: str | None
@@ -34,8 +33,7 @@ class PartRef:
     size: int
 
 
-@dataclass(frozen=True)
-class UploadRecord:
+class UploadRecord(NamedTuple):
     upload_id: str
     bucket: str
     key: str
