@@ -162,6 +162,9 @@ def test_flipped_byte_is_found_only_by_deep(store: Path) -> None:
     assert f["affected"]["references"] == [{"tenant": "default", "bucket": "alpha", "key": "k/007",
                                             "version_id": "null"}]
     assert f["operator_action_required"] is True
+    # A shallow run cannot re-check it, so neither reports nor resolves it, but says it is open.
+    rc, shallow = fsck(store)
+    assert rc == 0 and shallow["findings"] == [] and shallow["resolved"] == [] and shallow["unresolved_earlier"] == 1
 
 
 def test_deleted_blob_is_reported_with_every_version_using_it(store: Path) -> None:

@@ -174,9 +174,14 @@ def fsck(storage_path: str | None, endpoint: str | None, as_json: bool, deep: bo
         c = report["counts"]
         status = "[green]ok[/]" if report["ok"] else "[red]FAILED[/]"
         console.print(f"fsck {'--deep ' if deep else ''}{status}: {c['error']} error(s), {c['warning']} warning(s); "
-                      f"{report['new_findings']} new finding(s) recorded, {len(report['resolved'])} resolved")
+                      f"{report['new_findings']} new finding(s) recorded, {len(report['resolved'])} resolved",
+                      soft_wrap=True)
         for name, stats in report["checks"].items():
-            console.print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in stats.items()), highlight=False)
+            console.print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in stats.items()), highlight=False,
+                          soft_wrap=True)
+        if report["unresolved_earlier"]:
+            console.print(f"{report['unresolved_earlier']} unresolved finding(s) from earlier runs were not "
+                          "re-detected by this run (see anvil findings ls --unresolved)", soft_wrap=True)
         if report["record_error"]:
             err_console.print(f"[red]{report['record_error']}[/]")
     sys.exit(0 if report["ok"] else 1)

@@ -84,6 +84,7 @@ class FsckReport:
     findings: list[Finding] = field(default_factory=list)
     new_findings: int = 0
     resolved: list[str] = field(default_factory=list)
+    unresolved_earlier: int = 0  # unresolved findings this run did not re-detect (e.g. deep-only ones)
     record_error: str | None = None
 
     @property
@@ -102,7 +103,8 @@ class FsckReport:
             "run_id": self.run_id, "mode": self.mode, "deep": self.deep, "started": self.started,
             "finished": self.finished, "ok": self.ok, "counts": counts, "checks": self.checks,
             "findings": [f.to_dict() for f in self.findings], "new_findings": self.new_findings,
-            "resolved": self.resolved, "record_error": self.record_error,
+            "resolved": self.resolved, "unresolved_earlier": self.unresolved_earlier,
+            "record_error": self.record_error,
         }
 
 
@@ -496,6 +498,10 @@ def run_fsck(
                 still_present={f.fingerprint for f in recorded},
                 resolution=f"not detected by fsck run {report.run_id}", actor=actor, request_id=rid,
             )
+            mine = {f.id for f in recorded}
+            report.unresolved_earlier = sum(
+                1 for (fid,) in target.catalog.reader().execute("SELECT id FROM findings WHERE resolved_at IS NULL")
+                if fid not in mine)
         except (apsw.Error, AnvilError) as e:
             report.record_error = f"findings could not be recorded: {e}"
     elif record:
