@@ -145,3 +145,31 @@ def test_admin_routes_are_in_the_openapi_document(client: AnvilClient) -> None:
     paths = client._http.get("/anvil/v1/openapi.json").json()["paths"]
     for p in ("/anvil/v1/admin/findings", "/anvil/v1/admin/fsck", "/anvil/v1/admin/gc", "/anvil/v1/admin/repair"):
         assert p in paths
+
+
+def test_online_fsck_beside_concurrent_writes_reports_no_errors(server: AnvilServer, client: AnvilClient,
+                                                                 bucket: str) -> None:
+    import threading
+
+    written: list[str] = []
+
+    def writer() -> None:
+        with server.client() as c:
+            for i in range(300):
+                c.put_object(bucket, f"w/{i}", os.urandom(64))
+                written.append(f"w/{i}")
+
+    t = threading.Thread(target=writer)
+    t.start()
+    reports = []
+    try:
+        while len(written) < 10 and t.is_alive():
+            time.sleep(0.01)
+        while t.is_alive() and len(reports) < 20:
+            reports.append(client.fsck(deep=True))
+    finally:
+        t.join()
+    assert len(written) == 300 and reports
+    for r in reports:
+        assert [f for f in r["findings"] if f["severity"] == "error"] == [], r["findings"]
+    assert client.fsck(deep=True)["ok"] is True
