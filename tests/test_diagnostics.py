@@ -403,3 +403,12 @@ def test_gc_removes_old_orphans_and_expired_uploads_only(store: Path) -> None:
 def test_gc_rejects_bad_input(store: Path) -> None:
     proc = cli("gc", "--storage-path", str(store), "--grace", "-5")
     assert proc.returncode == 2 and b"--grace" in proc.stderr
+
+
+def test_version_record_contradicting_itself(store: Path) -> None:
+    sql(store, "UPDATE versions SET size = size + 1 WHERE bucket = 'alpha' AND key = 'k/003'")
+    sql(store, "UPDATE versions SET sha256 = ? WHERE bucket = 'alpha' AND key = 'k/004'", (sha(b"other"),))
+    rc, report = fsck(store)
+    assert rc == 1 and invariants(report) == ["objects.record_inconsistent"] * 2
+    got = sorted((f["affected"]["references"][0]["key"], f["affected"]["problem"]) for f in report["findings"])
+    assert got == [("k/003", "size"), ("k/004", "sha256")]

@@ -251,8 +251,17 @@ class _Run:
     # ------------------------------------------------------------------ the blob store against references
 
     def check_blobs(self, found: ScanResult, versions: int, chunks: list[tuple[str, int]],
-                    parts: list[refs.PartRef], uploads: list[refs.UploadRecord], conn: apsw.Connection) -> None:
+                    parts: list[refs.PartRef], uploads: list[refs.UploadRecord], conn: apsw.Connection,
+                    inconsistent: list[tuple]) -> None:
         done = self.progress.phase("references", 1)
+        self.checked.add("objects.record_inconsistent")
+        for tenant, bucket, key, version_id, what in inconsistent:
+            ref = {"tenant": tenant, "bucket": bucket, "key": key, "version_id": version_id}
+            detail = ("its size is not the sum of its chunk sizes" if what == "size"
+                      else "its SHA-256 is not the hash of its only chunk")
+            self.add("objects", "error", "objects.record_inconsistent",
+                     f"version {version_id} of {bucket}/{key}: {detail}", {"problem": what, "references": [ref]},
+                     identity={"problem": what, "reference": ref})
         listing, misplaced = found.blobs, found.misplaced
         self.checked.update({"objects.blob_missing", "multipart.part_blob_missing", "blobs.orphan",
                              "blobs.misplaced", "multipart.bucket_missing", "multipart.part_without_upload"})
@@ -340,7 +349,7 @@ class _Run:
             stats["hashed"] = len(found.sizes)
             self._report_hashes(conn, found.bad, found.sizes, chunks, parts)
         self.report.checks["blobs"] = stats
-        self.report.checks["objects"] = {"versions": versions}
+        self.report.checks["objects"] = {"versions": versions, "inconsistent": len(inconsistent)}
         self.report.checks["multipart"] = {"uploads": len(uploads), "parts": len(parts)}
         done(1)
 
@@ -436,6 +445,7 @@ class _Run:
                         snapshot["head"] = journal.head(conn)[0]
                         snapshot["versions"] = refs.count_versions(conn)
                         snapshot["chunks"] = refs.chunk_refs(conn)
+                        snapshot["inconsistent"] = refs.inconsistent_versions(conn)
                         snapshot["parts"] = list(refs.iter_part_refs(conn))
                         snapshot["uploads"] = list(refs.iter_uploads(conn))
                         self.check_watch_cursors(conn, snapshot["head"])
@@ -450,7 +460,7 @@ class _Run:
             if "uploads" in snapshot:
                 assert catalog is not None
                 self.check_blobs(found, snapshot["versions"], snapshot["chunks"], snapshot["parts"],
-                                 snapshot["uploads"], catalog.reader())
+                                 snapshot["uploads"], catalog.reader(), snapshot["inconsistent"])
             self.check_derived(head)
         finally:
             scanner.join()

@@ -92,6 +92,22 @@ def versions_referencing(conn: apsw.Connection, shas: Iterable[str]) -> list[tup
     return out
 
 
+def inconsistent_versions(conn: apsw.Connection) -> list[tuple[str | None, str, str, str, str]]:
+    """(tenant, bucket, key, version_id, problem) for version records that contradict
+    themselves: a size that is not the sum of the chunk sizes, or a recorded SHA-256 that is
+    not the single chunk's hash. Computed by SQLite in one pass."""
+    rows = conn.execute(
+        "SELECT b.tenant, v.bucket, v.key, v.version_id, "
+        "CASE WHEN v.size != (SELECT coalesce(sum(c.value ->> 1), 0) FROM json_each(v.chunks) c) "
+        "     THEN 'size' ELSE 'sha256' END "
+        "FROM versions v LEFT JOIN buckets b ON b.name = v.bucket "
+        "WHERE v.delete_marker = 0 AND ("
+        "  v.size != (SELECT coalesce(sum(c.value ->> 1), 0) FROM json_each(v.chunks) c) "
+        "  OR (v.sha256 IS NOT NULL AND json_array_length(v.chunks) = 1 AND v.chunks ->> '$[0][0]' != v.sha256))"
+    ).fetchall()
+    return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+
 def iter_part_refs(conn: apsw.Connection) -> Iterator[PartRef]:
     """Every uploaded multipart part (the blob it holds), including parts whose upload vanished."""
     for row in conn.execute(
