@@ -128,9 +128,7 @@ def iter_uploads(conn: apsw.Connection) -> Iterator[UploadRecord]:
 
 def referenced_blobs(conn: apsw.Connection) -> set[str]:
     """The set of blob hashes any version or multipart part references (for gc)."""
-    refs: set[str] = set()
-    for (chunks,) in conn.execute("SELECT chunks FROM versions WHERE delete_marker = 0"):
-        refs.update(c[0] for c in json.loads(chunks))
+    refs = {r[0] for r in conn.execute(
+        "SELECT c.value ->> 0 FROM versions v, json_each(v.chunks) c WHERE v.delete_marker = 0")}
     refs.update(r[0] for r in conn.execute("SELECT sha256 FROM multipart_parts"))
     return refs
-
