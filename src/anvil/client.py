@@ -27,7 +27,9 @@ class AnvilAPIError(Exception):
         self.code = code
         self.message = message
         self.request_id = request_id
-        self.headers = headers or httpx.Headers()
+        if headers is None:
+            headers = httpx.Headers()
+        self.headers = headers
 
 
 def _raise_for(resp: httpx.Response) -> None:
@@ -256,6 +258,8 @@ class AnvilClient:
                  client_id: str | None = None, client_secret: str | None = None,
                  scopes: list[str] | None = None):
         self.endpoint = (endpoint or os.environ.get("ANVIL_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+        import httpx
+
         headers = {"authorization": f"Bearer {token}"} if token else {}
         if token is None:
             client_id = client_id or os.environ.get("ANVIL_CLIENT_ID") or None
@@ -605,3 +609,34 @@ class AnvilClient:
 
     def watch_status(self) -> dict[str, Any]:
         return self._json("GET", "/anvil/v1/admin/watch/status")
+
+    # ------------------------------------------------------------ diagnostics (admin)
+
+    def list_findings(self, *, subsystem: str | None = None, severity: str | None = None,
+                      unresolved: bool = False, limit: int = 1000) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit, "unresolved": "true" if unresolved else "false"}
+        if subsystem is not None:
+            params["subsystem"] = subsystem
+        if severity is not None:
+            params["severity"] = severity
+        return self._json("GET", "/anvil/v1/admin/findings", params=params)["findings"]
+
+    def resolve_finding(self, finding_id: str, resolution: str) -> dict[str, Any]:
+        return self._json("POST", f"/anvil/v1/admin/findings/{urllib.parse.quote(finding_id, safe='')}/resolve",
+                          json={"resolution": resolution})
+
+    def fsck(self, *, deep: bool = False) -> dict[str, Any]:
+        """Run fsck inside the server; no timeout, a deep check reads every blob."""
+        return self._json("POST", "/anvil/v1/admin/fsck", json={"deep": deep}, timeout=None)
+
+    def gc(self, *, grace_seconds: float | None = None, upload_expiry_seconds: float | None = None,
+           dry_run: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] = {"dry_run": dry_run}
+        if grace_seconds is not None:
+            body["grace_seconds"] = grace_seconds
+        if upload_expiry_seconds is not None:
+            body["upload_expiry_seconds"] = upload_expiry_seconds
+        return self._json("POST", "/anvil/v1/admin/gc", json=body, timeout=None)
+
+    def repair(self, families: list[str] | None = None) -> dict[str, Any]:
+        return self._json("POST", "/anvil/v1/admin/repair", json={"families": families}, timeout=None)

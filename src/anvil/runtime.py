@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from anvil.diagnostics import Diagnostics
 from anvil.identity import BucketAccess, IdentityService, install_bucket_lookup
 from anvil.identity.settings import load_jwt_secret, load_keyring
 from anvil.objects import ObjectService
@@ -20,6 +21,7 @@ class Anvil:
             self.identity = IdentityService(self.storage, load_keyring(secrets_dir), load_jwt_secret(secrets_dir))
             install_bucket_lookup(self._bucket_access)
             self.watch = WatchService(self.storage, bucket_exists=lambda b: self.objects.find_bucket(b) is not None)
+            self.diagnostics = Diagnostics(self.storage, self.objects)
             self.storage.catalog.start()
             self.identity.bootstrap(endpoint)
         except BaseException:

@@ -7,6 +7,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from anvil.api.admin import ROUTES as ADMIN_ROUTES
 from anvil.api.identity import IDENTITY_ROUTES
 from anvil.api.native import ROUTES
 from anvil.api.watch import WATCH_ROUTES
@@ -33,7 +34,8 @@ ALL_METHODS = ["GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"]
 
 
 def create_app(anvil: Anvil, *, recovery_mode: bool = False, dev_auth: bool = False) -> Starlette:
-    routes = [*ROUTES, *IDENTITY_ROUTES, *WATCH_ROUTES, Route("/{path:path}", _fallback, methods=ALL_METHODS)]
+    routes = [*ROUTES, *IDENTITY_ROUTES, *WATCH_ROUTES, *ADMIN_ROUTES,
+              Route("/{path:path}", _fallback, methods=ALL_METHODS)]
     app = Starlette(routes=routes)
     app.state.anvil = anvil
     app.state.recovery_mode = recovery_mode

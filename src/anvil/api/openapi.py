@@ -103,6 +103,15 @@ OPERATIONS += [
      False, False),
     ("get", "/anvil/v1/admin/identity/validate", "identityValidate", "Check every envelope decrypts (admin)", [],
      False, False),
+    ("get", "/anvil/v1/admin/findings", "listFindings", "List diagnostic findings (admin; tenants see their own)",
+     [_q("subsystem"), _q("severity"), _q("unresolved", "boolean"), _q("limit", "integer")], False, False),
+    ("post", "/anvil/v1/admin/findings/{finding_id}/resolve", "resolveFinding", "Resolve a finding (admin)", [],
+     True, False),
+    ("post", "/anvil/v1/admin/fsck", "fsck", "Run fsck on the live store (admin; body: {deep})", [], True, False),
+    ("post", "/anvil/v1/admin/gc", "gc", "Garbage-collect orphan blobs and expired uploads (admin)", [], True,
+     False),
+    ("post", "/anvil/v1/admin/repair", "repair", "Rebuild derived families from source records (admin)", [], True,
+     False),
 ]
 
 ERROR = {

@@ -10,6 +10,7 @@ import click
 
 from anvil import __version__
 from anvil.cli.common import client_command, emit, parse_meta
+from anvil.cli.diagnostics import register as register_diagnostics
 from anvil.client import AnvilClient
 
 
@@ -232,6 +233,7 @@ cli.add_command(configure)
 from anvil.cli.watch import watch  # noqa: E402
 
 cli.add_command(watch)
+register_diagnostics(cli)
 
 
 def main() -> None:

@@ -73,16 +73,18 @@ def canonical_payload(payload: dict[str, Any]) -> str:
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+# One encoder, built once: `json.dumps` with options builds a new encoder per call, and fsck
+# re-hashes every event (the output is byte-identical).
+_encode_record = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def event_hash(
     prev_hash: str, seq: int, ts: float, tenant: str, kind: str, scope: str, actor: str,
     request_id: str, payload_json: str,
 ) -> str:
     """The chain link: covers every column, so editing any of them breaks the chain."""
-    record = json.dumps(
-        [seq, repr(ts), tenant, kind, scope, actor, request_id, payload_json],
-        separators=(",", ":"), ensure_ascii=False,
-    )
-    return hashlib.sha256(prev_hash.encode() + b"\n" + record.encode()).hexdigest()
+    record = _encode_record([seq, repr(ts), tenant, kind, scope, actor, request_id, payload_json])
+    return hashlib.sha256(f"{prev_hash}\n{record}".encode()).hexdigest()
 
 
 _COLUMNS = "seq, ts, tenant, kind, scope, actor, request_id, payload, prev_hash, hash"

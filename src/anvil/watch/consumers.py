@@ -199,3 +199,15 @@ def lag(conn: apsw.Connection, c: Consumer, *, now: float | None = None) -> dict
         return {"head": head, "lag": 0, "age_seconds": 0.0, "expired": c.cursor < base}
     return {"head": head, "lag": head - int(row[0]) + 1, "age_seconds": round(max(0.0, now - row[1]), 3),
             "expired": c.cursor < base}
+
+
+def durable_cursors(conn: apsw.Connection) -> list[tuple[str, int]]:
+    """Every durable consumer's (tenant/name, cursor); empty on a store without watch tables.
+
+    Public so fsck can check cursors against the journal head without reading our tables."""
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'watch_consumers'"
+    ).fetchone()
+    if not exists:
+        return []
+    return [(f"{r[0]}/{r[1]}", int(r[2])) for r in conn.execute("SELECT tenant, name, cursor FROM watch_consumers")]

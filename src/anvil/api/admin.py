@@ -1,0 +1,86 @@
+"""Admin routes for diagnostics: findings, fsck, gc and repair (under `/anvil/v1/admin/`)."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from anvil.api.common import blocking, endpoint, json_body, query_int
+from anvil.context import RequestContext
+from anvil.diagnostics import redact_for
+from anvil.diagnostics.gc import DEFAULT_GRACE, DEFAULT_UPLOAD_EXPIRY
+from anvil.errors import AnvilError
+from anvil.identity import authorize
+from anvil.runtime import Anvil
+
+
+def _anvil(request: Request) -> Anvil:
+    return request.app.state.anvil
+
+
+def _flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise AnvilError("InvalidArgument", f"{name} must be true or false")
+    return value
+
+
+@endpoint
+async def list_findings(request: Request, ctx: RequestContext) -> Response:
+    # Identity will scope this per tenant; redact_for already limits non-admins to their own tenant.
+    authorize(ctx.principal, "admin:read", f"tenant:{ctx.tenant}")
+    q = request.query_params
+    unresolved = q.get("unresolved", "false").lower()
+    if unresolved not in ("true", "false", "1", "0"):
+        raise AnvilError("InvalidArgument", "unresolved must be true or false")
+    found = await blocking(
+        _anvil(request).diagnostics.list_findings, subsystem=q.get("subsystem"), severity=q.get("severity"),
+        unresolved=unresolved in ("true", "1"), limit=query_int(request, "limit", 1000),
+    )
+    return JSONResponse({"findings": redact_for(ctx.principal, found)})
+
+
+@endpoint
+async def resolve_finding(request: Request, ctx: RequestContext) -> Response:
+    authorize(ctx.principal, "admin:write", "system")
+    body = await json_body(request)
+    f = await blocking(_anvil(request).diagnostics.resolve, ctx, request.path_params["finding_id"],
+                       body.get("resolution"))
+    return JSONResponse(f.to_dict())
+
+
+@endpoint
+async def fsck(request: Request, ctx: RequestContext) -> Response:
+    authorize(ctx.principal, "admin:write", "system")
+    body = await json_body(request, required=False)
+    deep = _flag(body.get("deep", False), "deep")
+    report = await blocking(_anvil(request).diagnostics.fsck, ctx, deep=deep)
+    return JSONResponse(report.to_dict())
+
+
+@endpoint
+async def gc(request: Request, ctx: RequestContext) -> Response:
+    authorize(ctx.principal, "admin:write", "system")
+    body = await json_body(request, required=False)
+    report = await blocking(
+        _anvil(request).diagnostics.gc, ctx, grace=body.get("grace_seconds", DEFAULT_GRACE),
+        upload_expiry=body.get("upload_expiry_seconds", DEFAULT_UPLOAD_EXPIRY),
+        dry_run=_flag(body.get("dry_run", False), "dry_run"),
+    )
+    return JSONResponse(report.to_dict())
+
+
+@endpoint
+async def repair(request: Request, ctx: RequestContext) -> Response:
+    authorize(ctx.principal, "admin:write", "system")
+    body = await json_body(request, required=False)
+    return JSONResponse(await blocking(_anvil(request).diagnostics.repair, ctx, body.get("families")))
+
+
+ROUTES = [
+    Route("/anvil/v1/admin/findings", list_findings, methods=["GET"]),
+    Route("/anvil/v1/admin/findings/{finding_id}/resolve", resolve_finding, methods=["POST"]),
+    Route("/anvil/v1/admin/fsck", fsck, methods=["POST"]),
+    Route("/anvil/v1/admin/gc", gc, methods=["POST"]),
+    Route("/anvil/v1/admin/repair", repair, methods=["POST"]),
+]

@@ -1,0 +1,108 @@
+"""The diagnostics subsystem as the runtime and the admin API see it, plus offline opening."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import apsw
+
+from anvil.context import Principal, RequestContext
+from anvil.diagnostics import findings as fnd
+from anvil.diagnostics.fsck import FsckReport, Progress, Target, run_fsck
+from anvil.diagnostics.gc import DEFAULT_GRACE, DEFAULT_UPLOAD_EXPIRY, GcReport, run_gc
+from anvil.diagnostics.repair import run_repair
+from anvil.errors import AnvilError
+from anvil.objects import ObjectService
+from anvil.storage import Catalog, Layout, Storage
+from anvil.storage.layout import FORMAT_FILE
+
+# Offline tools act as this principal: whoever can open the stopped STORAGE_PATH is its operator.
+OFFLINE_PRINCIPAL = Principal(tenant="system", subject="offline-cli", admin=True, scopes=("*",))
+
+
+class Diagnostics:
+    def __init__(self, storage: Storage, objects: ObjectService):
+        self.storage = storage
+        self.objects = objects
+        storage.catalog.migrate("diagnostics", fnd.MIGRATIONS)
+        # One fsck/gc/repair at a time: two gc runs racing over the same orphans gain nothing.
+        self._run_lock = threading.Lock()
+
+    def target(self) -> Target:
+        return Target(self.storage.layout, self.storage.catalog)
+
+    def fsck(self, ctx: RequestContext, *, deep: bool = False, progress: Progress | None = None,
+             mode: str = "online") -> FsckReport:
+        with self._run_lock:
+            return run_fsck(self.target(), deep=deep, mode=mode, progress=progress, actor=ctx.actor,
+                            request_id=ctx.request_id)
+
+    def gc(self, ctx: RequestContext, *, grace: float = DEFAULT_GRACE,
+           upload_expiry: float = DEFAULT_UPLOAD_EXPIRY, dry_run: bool = False) -> GcReport:
+        with self._run_lock:
+            return run_gc(self.storage, self.objects, ctx, grace=grace, upload_expiry=upload_expiry,
+                          dry_run=dry_run)
+
+    def repair(self, ctx: RequestContext, families: list[str] | None = None) -> dict[str, Any]:
+        with self._run_lock:
+            return run_repair(self.storage, ctx, families)
+
+    def list_findings(self, **filters: Any) -> list[fnd.Finding]:
+        return fnd.list_findings(self.storage.catalog.reader(), **filters)
+
+    def resolve(self, ctx: RequestContext, finding_id: str, resolution: str) -> fnd.Finding:
+        return fnd.resolve(self.storage.catalog, finding_id, resolution, actor=ctx.actor,
+                           request_id=ctx.request_id)
+
+
+def check_storage_path(root: str | Path) -> Path:
+    """Refuse (without creating anything) a path that is not an existing Anvil store."""
+    p = Path(root).absolute()
+    if not p.is_dir():
+        raise AnvilError("NotFound", f"storage path {p} does not exist")
+    if not (p / "catalog.db").is_file():
+        raise AnvilError("InvalidArgument", f"{p} is not an Anvil storage path (no catalog.db)")
+    return p
+
+
+@contextmanager
+def open_offline_target(root: str | Path) -> Iterator[Target]:
+    """Open a stopped store for fsck: take its lock (a running server holds it: refused with
+    StorageLocked) and open catalog.db directly, without Storage's first-use initialisation,
+    so a missing or broken FORMAT is reported, never rewritten."""
+    p = check_storage_path(root)
+    layout = Layout(p)
+    layout.acquire_lock()
+    catalog: Catalog | None = None
+    try:
+        error = None
+        try:
+            catalog = Catalog(layout.catalog_path)
+            catalog.migrate("diagnostics", fnd.MIGRATIONS)
+        except apsw.Error as e:
+            error = str(e)
+            catalog = None
+        yield Target(layout, catalog, error)
+    finally:
+        if catalog is not None:
+            catalog.close()
+        layout.release_lock()
+
+
+@contextmanager
+def open_offline(root: str | Path) -> Iterator[Any]:
+    """Open a stopped store with every subsystem (for gc and repair, which act through them)."""
+    p = check_storage_path(root)
+    if not (p / FORMAT_FILE).is_file():
+        raise AnvilError("UnsupportedFormat", f"{p / FORMAT_FILE} is missing: run fsck")
+    from anvil.runtime import Anvil
+
+    anvil = Anvil(p)
+    try:
+        yield anvil
+    finally:
+        anvil.close()

@@ -1,0 +1,134 @@
+"""Small public reads of what the object store references, for fsck, gc and backup.
+
+Other subsystems must not read the objects tables directly; they call these. Every function
+takes a connection so the caller can run several of them inside one read transaction and
+get one consistent view (e.g. `with conn: versions = ...; parts = ...`). Rows are named
+tuples: they are built per version or part, where a dataclass costs several times more.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
+
+import apsw
+
+
+class VersionChunks(NamedTuple):
+    tenant: str | None  # None when the version's bucket record is missing
+    bucket: str
+    key: str
+    version_id: str
+    chunks: list[tuple[str, int]]
+
+
+class PartRef(NamedTuple):
+    upload_id: str
+    bucket: str | None  # None when the part's upload record is missing
+    key: str | None
+    tenant: str | None
+    part_number: int
+    sha256: str
+    size: int
+
+
+class UploadRecord(NamedTuple):
+    upload_id: str
+    bucket: str
+    key: str
+    tenant: str
+    created: float
+    bucket_exists: bool
+
+
+def bucket_tenants(conn: apsw.Connection) -> dict[str, str]:
+    """Every bucket name -> owning tenant."""
+    return dict(conn.execute("SELECT name, tenant FROM buckets").fetchall())
+
+
+def iter_version_chunks(conn: apsw.Connection) -> Iterator[VersionChunks]:
+    """Every version that has a body (delete markers have none), with the blobs it is made of.
+
+    One unordered scan: at 10k+ versions an ORDER BY or a per-bucket query costs more than
+    the whole check that uses this.
+    """
+    tenants = bucket_tenants(conn)
+    loads = json.loads
+    for bucket, key, version_id, chunks in conn.execute(
+        "SELECT bucket, key, version_id, chunks FROM versions WHERE delete_marker = 0"
+    ):
+        yield VersionChunks(tenants.get(bucket), bucket, key, version_id, [(c[0], c[1]) for c in loads(chunks)])
+
+
+def chunk_refs(conn: apsw.Connection) -> list[tuple[str, int]]:
+    """(sha256, recorded size) of every chunk of every version body, one row per reference.
+
+    SQLite unpacks the JSON: at 10k versions that is 4x cheaper than `json.loads` per row."""
+    return conn.execute(
+        "SELECT c.value ->> 0, c.value ->> 1 FROM versions v, json_each(v.chunks) c WHERE v.delete_marker = 0"
+    ).fetchall()
+
+
+def count_versions(conn: apsw.Connection) -> int:
+    """Versions with a body (delete markers excluded)."""
+    return conn.execute("SELECT count(*) FROM versions WHERE delete_marker = 0").fetchone()[0]
+
+
+def versions_referencing(conn: apsw.Connection, shas: Iterable[str]) -> list[tuple[str, VersionChunks]]:
+    """(sha256, version) for each version whose body uses one of `shas`: for reporting the
+    few versions a missing or damaged blob affects, without a full decode of every version."""
+    wanted = json.dumps(sorted(set(shas)))
+    tenants = bucket_tenants(conn)
+    out: list[tuple[str, VersionChunks]] = []
+    for sha, bucket, key, version_id, chunks in conn.execute(
+        "SELECT DISTINCT c.value ->> 0, v.bucket, v.key, v.version_id, v.chunks "
+        "FROM versions v, json_each(v.chunks) c "
+        "WHERE v.delete_marker = 0 AND c.value ->> 0 IN (SELECT value FROM json_each(?))",
+        (wanted,),
+    ):
+        out.append((sha, VersionChunks(tenants.get(bucket), bucket, key, version_id,
+                                       [(c[0], c[1]) for c in json.loads(chunks)])))
+    return out
+
+
+def inconsistent_versions(conn: apsw.Connection) -> list[tuple[str | None, str, str, str, str]]:
+    """(tenant, bucket, key, version_id, problem) for version records that contradict
+    themselves: a size that is not the sum of the chunk sizes, or a recorded SHA-256 that is
+    not the single chunk's hash. Computed by SQLite in one pass."""
+    rows = conn.execute(
+        "SELECT b.tenant, v.bucket, v.key, v.version_id, "
+        "CASE WHEN v.size != (SELECT coalesce(sum(c.value ->> 1), 0) FROM json_each(v.chunks) c) "
+        "     THEN 'size' ELSE 'sha256' END "
+        "FROM versions v LEFT JOIN buckets b ON b.name = v.bucket "
+        "WHERE v.delete_marker = 0 AND ("
+        "  v.size != (SELECT coalesce(sum(c.value ->> 1), 0) FROM json_each(v.chunks) c) "
+        "  OR (v.sha256 IS NOT NULL AND json_array_length(v.chunks) = 1 AND v.chunks ->> '$[0][0]' != v.sha256))"
+    ).fetchall()
+    return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+
+def iter_part_refs(conn: apsw.Connection) -> Iterator[PartRef]:
+    """Every uploaded multipart part (the blob it holds), including parts whose upload vanished."""
+    for row in conn.execute(
+        "SELECT p.upload_id, u.bucket, u.key, u.tenant, p.part_number, p.sha256, p.size "
+        "FROM multipart_parts p LEFT JOIN multipart_uploads u ON u.upload_id = p.upload_id"
+    ):
+        yield PartRef(*row)
+
+
+def iter_uploads(conn: apsw.Connection) -> Iterator[UploadRecord]:
+    """Every multipart upload in progress, and whether its bucket still exists."""
+    for row in conn.execute(
+        "SELECT u.upload_id, u.bucket, u.key, u.tenant, u.created, b.name IS NOT NULL "
+        "FROM multipart_uploads u LEFT JOIN buckets b ON b.name = u.bucket"
+    ):
+        yield UploadRecord(row[0], row[1], row[2], row[3], row[4], bool(row[5]))
+
+
+def referenced_blobs(conn: apsw.Connection) -> set[str]:
+    """The set of blob hashes any version or multipart part references (for gc)."""
+    refs = {r[0] for r in conn.execute(
+        "SELECT c.value ->> 0 FROM versions v, json_each(v.chunks) c WHERE v.delete_marker = 0")}
+    refs.update(r[0] for r in conn.execute("SELECT sha256 FROM multipart_parts"))
+    return refs
