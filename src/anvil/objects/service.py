@@ -692,6 +692,17 @@ class ObjectService:
             self._require_bucket(conn, bucket)
             # Position: strictly after (key_marker, version_marker) in (key asc, seq desc) order.
             after_key, after_seq = key_marker, None
+            lower_incl = False
+            if delimiter and key_marker.startswith(prefix) and key_marker.endswith(delimiter) and (
+                key_marker.find(delimiter, len(prefix)) == len(key_marker) - len(delimiter)
+            ):
+                # The marker is a common prefix a previous page returned (S3 sets NextKeyMarker to
+                # it): resume after every key it rolled up, not inside it.
+                nxt = _prefix_upper(key_marker)
+                if nxt is None:
+                    return VersionListResult()
+                after_key, lower_incl = nxt, True
+                version_marker = ""
             if version_marker:
                 if not key_marker:
                     raise AnvilError("InvalidArgument", "a version marker needs a key marker")
@@ -707,7 +718,6 @@ class ObjectService:
             count = 0
             last_v: ObjectVersion | None = None
             last_cp: str | None = None
-            lower_incl = False
             if prefix and after_key < prefix:
                 after_key, after_seq, lower_incl = prefix, None, True
             while True:
@@ -761,8 +771,7 @@ class ObjectService:
                 if last_v is not None:
                     result.next_key_marker, result.next_version_marker = last_v.key, last_v.version_id
                 elif last_cp is not None:
-                    # Resume after every key under the prefix: a marker just below its upper bound.
-                    result.next_key_marker = last_cp + "\U0010ffff"
+                    result.next_key_marker = last_cp
             return result
 
     # ---------------------------------------------------------------- multipart
