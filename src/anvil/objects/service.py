@@ -162,7 +162,8 @@ def parse_etag_list(header: str | None) -> list[str] | None:
     items = [p.strip() for p in header.split(",") if p.strip()]
     if not items:
         raise AnvilError("InvalidArgument", "empty ETag list in precondition")
-    return [i[2:] if i.startswith("W/") else i for i in (x.strip('"') if x != "*" else x for x in items)]
+    # Weak tags (W/"...") compare on their opaque tag; strip the W/ before the quotes.
+    return [i if i == "*" else i.removeprefix("W/").strip('"') for i in items]
 
 
 def check_write_conditions(current: ObjectVersion | None, cond: Conditions) -> None:
@@ -540,7 +541,14 @@ class ObjectService:
                 raise AnvilError("NotFound", "copy source not found")
             if src.delete_marker:
                 raise AnvilError("InvalidArgument", "a delete marker cannot be copied")
-            check_read_conditions(src, src_cond) if not src_cond.empty else None
+            if not src_cond.empty:
+                try:
+                    check_read_conditions(src, src_cond)
+                except AnvilError as err:
+                    # S3: a copy whose source-if-none-match matches fails with 412, never 304.
+                    if err.code != "NotModified":
+                        raise
+                    raise AnvilError("PreconditionFailed", "the copy source matched If-None-Match") from None
             dst = self._require_bucket(conn, bucket)
             if metadata_directive == "COPY" and src_bucket == bucket and src_key == key and not src_version:
                 raise AnvilError("InvalidArgument", "copying an object onto itself needs metadata directive REPLACE")
