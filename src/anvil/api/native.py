@@ -348,9 +348,10 @@ async def copy_object(request: Request, ctx: RequestContext) -> Response:
 # ------------------------------------------------------------------ multipart
 
 
-def _upload(request: Request) -> dict[str, Any]:
+def _upload(request: Request, *, include_completed: bool = False) -> dict[str, Any]:
     bucket = request.path_params["bucket"]
-    return _anvil(request).objects.get_upload(bucket, request.path_params["upload_id"])
+    return _anvil(request).objects.get_upload(bucket, request.path_params["upload_id"],
+                                              include_completed=include_completed)
 
 
 @endpoint
@@ -408,7 +409,9 @@ async def list_parts(request: Request, ctx: RequestContext) -> Response:
 
 @endpoint
 async def complete_upload(request: Request, ctx: RequestContext) -> Response:
-    up = _upload(request)
+    # A retry carrying an Idempotency-Key may arrive after the upload completed: find it anyway
+    # so the service can replay the first result (without a key it is NotFound, as before).
+    up = _upload(request, include_completed=ctx.idempotency_key is not None)
     _check_recovery(request)
     authorize(ctx.principal, "object:write", _bucket_resource(up["bucket"], up["key"]))
     body = await json_body(request)

@@ -70,7 +70,20 @@ MIGRATIONS = [
         PRIMARY KEY(upload_id, part_number)
     );
     """,
+    # Completed uploads are remembered for a day so a retried complete (same Idempotency-Key)
+    # can find its upload again and replay the first result instead of answering NotFound.
+    """
+    CREATE TABLE multipart_completed(
+        upload_id TEXT PRIMARY KEY,
+        bucket TEXT NOT NULL,
+        key TEXT NOT NULL,
+        completed REAL NOT NULL
+    );
+    CREATE INDEX multipart_completed_at ON multipart_completed(completed);
+    """,
 ]
+
+COMPLETED_UPLOAD_RETENTION = 24 * 3600
 
 VERSIONING_STATES = ("", "Enabled", "Suspended")
 NULL_VERSION = "null"
@@ -807,12 +820,20 @@ class ObjectService:
 
         return self._mutate(ctx, fn, fingerprint("multipart.create", bucket, key, ct, meta))
 
-    def get_upload(self, bucket: str, upload_id: str) -> dict[str, Any]:
-        row = self.catalog.reader().execute(
+    def get_upload(self, bucket: str, upload_id: str, *, include_completed: bool = False) -> dict[str, Any]:
+        conn = self.catalog.reader()
+        row = conn.execute(
             "SELECT upload_id, bucket, key, tenant, content_type, metadata, created FROM multipart_uploads "
             "WHERE upload_id = ? AND bucket = ?",
             (upload_id, bucket),
         ).fetchone()
+        if row is None and include_completed:
+            done = conn.execute(
+                "SELECT upload_id, bucket, key FROM multipart_completed WHERE upload_id = ? AND bucket = ?",
+                (upload_id, bucket),
+            ).fetchone()
+            if done is not None:
+                return {"upload_id": done[0], "bucket": done[1], "key": done[2], "completed": True}
         if row is None:
             raise AnvilError("NotFound", "upload not found")
         if v.is_reserved_key(row[2]):
@@ -913,6 +934,15 @@ class ObjectService:
                 source={"source": "multipart", "upload_id": upload_id},
             )
             conn.execute("DELETE FROM multipart_uploads WHERE upload_id = ?", (upload_id,))
+            conn.execute(
+                "INSERT OR REPLACE INTO multipart_completed(upload_id, bucket, key, completed) VALUES (?,?,?,?)",
+                (upload_id, bucket, key, txn.now),
+            )
+            conn.execute(
+                "DELETE FROM multipart_completed WHERE rowid IN "
+                "(SELECT rowid FROM multipart_completed WHERE completed < ? LIMIT 16)",
+                (txn.now - COMPLETED_UPLOAD_RETENTION,),
+            )
             return result
 
         return self._mutate(ctx, fn, fp)
