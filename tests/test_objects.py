@@ -97,6 +97,16 @@ def test_oversized_metadata_refused(client: AnvilClient, bucket: str) -> None:
     assert "meta" in all_keys(client, bucket) and len(all_keys(client, bucket, "meta")) == 2
 
 
+def test_raw_utf8_metadata_header(client: AnvilClient, bucket: str) -> None:
+    """A client that sends unencoded UTF-8 in a metadata header gets its text back, not mojibake."""
+    client._json("PUT", f"/anvil/v1/buckets/{bucket}/object", params={"key": "raw"}, content=b"x",
+                 headers={"x-anvil-meta-owner": "Zoë 🔥".encode()})
+    assert client.head_object(bucket, "raw")["metadata"] == {"owner": "Zoë 🔥"}
+    unchanged(client, "InvalidArgument", 400, client._json, "PUT", f"/anvil/v1/buckets/{bucket}/object",
+              params={"key": "raw"}, content=b"y", headers={"x-anvil-meta-owner": b"\xff\xfe"})
+    assert client.get_object(bucket, "raw") == b"x"
+
+
 def test_bad_metadata_encoding_refused(client: AnvilClient, bucket: str) -> None:
     unchanged(client, "InvalidArgument", 400, client._json, "PUT", f"/anvil/v1/buckets/{bucket}/object",
               params={"key": "badmeta"}, content=b"x", headers={"x-anvil-meta-a": "%ff%fe"})
