@@ -273,6 +273,16 @@ def test_unknown_routes_and_methods_answer_json(server: AnvilServer, bucket: str
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "InvalidArgument"
 
 
+def test_paths_outside_anvil_belong_to_s3(server: AnvilServer) -> None:
+    """Bucket names that merely start with "anvil" are S3 paths, not the native API."""
+    for path in ("/anvil-data/key", "/anvilx", "/some-bucket/anvil/v1/buckets"):
+        resp = httpx.get(server.endpoint + path)
+        assert resp.headers["content-type"].startswith("application/xml"), path
+        assert "x-amz-request-id" in resp.headers
+    resp = httpx.get(server.endpoint + "/anvil")
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "NotFound"
+
+
 def test_health(server: AnvilServer) -> None:
     assert httpx.get(f"{server.endpoint}/anvil/health/live").json()["status"] == "live"
     ready = httpx.get(f"{server.endpoint}/anvil/health/ready").json()

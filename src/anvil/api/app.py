@@ -15,6 +15,11 @@ from anvil.errors import AnvilError
 from anvil.runtime import Anvil
 
 
+def _is_native(path: str) -> bool:
+    # Only the `anvil` bucket name is reserved: `/anvil-data/...` is an S3 bucket of its own.
+    return path == "/anvil" or path.startswith("/anvil/")
+
+
 def _allowed_methods(scope: Scope) -> set[str]:
     """Methods the native routes accept on this path (empty: no native route has the path)."""
     allowed: set[str] = set()
@@ -34,7 +39,7 @@ def _native_error(err: AnvilError, request: Request, headers: dict[str, str] | N
 
 async def _fallback(request: Request) -> Response:
     request_id = new_request_id()
-    if request.url.path.startswith("/anvil"):
+    if _is_native(request.url.path):
         allowed = _allowed_methods(request.scope)
         if allowed:
             err = AnvilError("MethodNotAllowed", f"method {request.method} is not allowed here")
@@ -55,7 +60,7 @@ ALL_METHODS = ["GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"]
 async def _http_exception(request: Request, exc: Exception) -> Response:
     # Starlette's own 404/405 (e.g. a method outside ALL_METHODS) in our error format, not plain text.
     status = getattr(exc, "status_code", 500)
-    if request.url.path.startswith("/anvil"):
+    if _is_native(request.url.path):
         code = {404: "NotFound", 405: "MethodNotAllowed"}.get(status, "InvalidArgument" if status < 500 else "Internal")
         return _native_error(AnvilError(code, getattr(exc, "detail", None) or "request refused"), request,
                              dict(getattr(exc, "headers", None) or {}))
