@@ -58,6 +58,22 @@ def test_version_match(client: AnvilClient, versioned_bucket: str) -> None:
     expect_error("NotFound", 404, client.get_object, b, "k")
 
 
+def test_version_none_match(client: AnvilClient, versioned_bucket: str) -> None:
+    b = versioned_bucket
+    v1 = client.put_object(b, "k", b"one")["version_id"]
+    # Write only if the current version is no longer v1 (it still is): refused, nothing written.
+    unchanged(client, "PreconditionFailed", 412, client.put_object, b, "k", b"x", if_version_none_match=v1)
+    v2 = client.put_object(b, "k", b"two", if_version_none_match="0" * 32)["version_id"]
+    client.put_object(b, "k2", b"new", if_version_none_match=v1)  # absent key: nothing to match
+    assert [v["version_id"] for v in client.list_versions(b, prefix="k")["versions"] if v["key"] == "k"] == [v2, v1]
+    # Reads: 304 while the current version is the one the caller already has.
+    expect_error("NotModified", 304, client.get_object, b, "k", if_version_none_match=v2)
+    assert client.get_object(b, "k", if_version_none_match=v1) == b"two"
+    unchanged(client, "PreconditionFailed", 412, client.delete_object, b, "k", if_version_none_match=v2)
+    client.delete_object(b, "k", if_version_none_match=v1)
+    expect_error("NotFound", 404, client.get_object, b, "k")
+
+
 def test_conditional_get_and_head(client: AnvilClient, bucket: str) -> None:
     etag = client.put_object(bucket, "k", b"body")["etag"]
     assert client.get_object(bucket, "k", if_match=etag) == b"body"

@@ -48,6 +48,7 @@ def _conditions(request: Request) -> Conditions:
         if_match=parse_etag_list(h.get("if-match")),
         if_none_match=parse_etag_list(h.get("if-none-match")),
         if_version_match=h.get("x-anvil-if-version-match"),
+        if_version_none_match=h.get("x-anvil-if-version-none-match"),
     )
 
 

@@ -163,10 +163,12 @@ class Conditions:
     if_match: list[str] | None = None  # ETags, or ["*"]
     if_none_match: list[str] | None = None  # ETags, or ["*"] for create-only
     if_version_match: str | None = None
+    if_version_none_match: str | None = None
 
     @property
     def empty(self) -> bool:
-        return self.if_match is None and self.if_none_match is None and self.if_version_match is None
+        return (self.if_match is None and self.if_none_match is None and self.if_version_match is None
+                and self.if_version_none_match is None)
 
 
 def parse_etag_list(header: str | None) -> list[str] | None:
@@ -193,6 +195,9 @@ def check_write_conditions(current: ObjectVersion | None, cond: Conditions) -> N
     if cond.if_version_match is not None:
         if current is None or current.version_id != cond.if_version_match:
             raise AnvilError("PreconditionFailed", "the current version id does not match")
+    if cond.if_version_none_match is not None and current is not None:
+        if current.version_id == cond.if_version_none_match:
+            raise AnvilError("PreconditionFailed", "the current version id matches")
 
 
 def check_read_conditions(obj: ObjectVersion, cond: Conditions) -> None:
@@ -201,6 +206,8 @@ def check_read_conditions(obj: ObjectVersion, cond: Conditions) -> None:
     if cond.if_version_match is not None and obj.version_id != cond.if_version_match:
         raise AnvilError("PreconditionFailed", "the version id does not match")
     if cond.if_none_match is not None and ("*" in cond.if_none_match or obj.etag in cond.if_none_match):
+        raise AnvilError("NotModified", "not modified", headers={"ETag": f'"{obj.etag}"'})
+    if cond.if_version_none_match is not None and obj.version_id == cond.if_version_none_match:
         raise AnvilError("NotModified", "not modified", headers={"ETag": f'"{obj.etag}"'})
 
 
