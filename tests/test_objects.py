@@ -287,3 +287,14 @@ def test_health(server: AnvilServer) -> None:
     assert httpx.get(f"{server.endpoint}/anvil/health/live").json()["status"] == "live"
     ready = httpx.get(f"{server.endpoint}/anvil/health/ready").json()
     assert ready["status"] == "ready" and ready["journal"]["seq"] >= 0
+
+
+def test_openapi_covers_every_native_route(server: AnvilServer) -> None:
+    from anvil.api.native import ROUTES
+
+    doc = httpx.get(f"{server.endpoint}/anvil/v1/openapi.json").json()
+    for route in ROUTES:
+        if route.path == "/anvil/v1/openapi.json":
+            continue
+        for method in route.methods - {"HEAD"}:
+            assert method.lower() in doc["paths"].get(route.path, {}), (method, route.path)
