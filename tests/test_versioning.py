@@ -81,6 +81,23 @@ def test_enabled_versions_and_delete_markers(client: AnvilClient, versioned_buck
     expect_error("NotFound", 404, client.get_object, b, "k")
 
 
+def test_delete_markers_stack_and_absent_keys(client: AnvilClient, versioned_bucket: str) -> None:
+    """As in S3: deleting an absent key in a versioned bucket still writes a marker; markers stack."""
+    b = versioned_bucket
+    seq = journal_seq(client)
+    m1 = client.delete_object(b, "never-written")
+    assert m1["delete_marker"] is True
+    assert [e["kind"] for e in events_since(client, seq)] == ["object.delete"]
+    m2 = client.delete_object(b, "never-written")
+    assert _versions(client, b, "never-written") == [
+        ("never-written", m2["version_id"], True, True), ("never-written", m1["version_id"], False, True)]
+    # Removing the newest marker makes the older marker latest again: the key stays deleted.
+    client.delete_object(b, "never-written", version_id=m2["version_id"])
+    assert _versions(client, b, "never-written") == [("never-written", m1["version_id"], True, True)]
+    expect_error("NotFound", 404, client.get_object, b, "never-written")
+    assert client.list_objects(b)["objects"] == []
+
+
 def test_unknown_version_ids(client: AnvilClient, versioned_bucket: str) -> None:
     b = versioned_bucket
     client.put_object(b, "k", b"x")

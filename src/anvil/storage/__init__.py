@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from anvil.storage import idempotency
@@ -26,6 +27,17 @@ class Storage:
             self.layout.release_lock()
             raise
         self.blobs = BlobStore(self.layout.blobs, self.layout.tmp)
+        if lock:
+            self._clear_tmp()
+
+    def _clear_tmp(self) -> None:
+        """Drop bodies a previous process was receiving when it died: none was acknowledged.
+
+        Safe only while we hold the lock (no other process can be writing there).
+        """
+        for entry in os.scandir(self.layout.tmp):
+            if entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
 
     @property
     def root(self) -> Path:
