@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,7 @@ def test_unknown_format_refuses_start(tmp_path: Path, content: str) -> None:
     assert proc.returncode != 0
     assert "format" in proc.stderr.lower() and "Traceback" not in proc.stderr
     assert (root / "FORMAT").read_text() == content  # left exactly as found
-    assert not (root / "catalog.db").exists()
+    assert sorted(os.listdir(root)) == ["FORMAT", "LOCK"]  # nothing created beside the lock
 
 
 def test_second_server_on_same_path_is_refused(server: AnvilServer) -> None:
