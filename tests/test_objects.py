@@ -210,7 +210,7 @@ def test_keys_are_opaque(client: AnvilClient, bucket: str, server: AnvilServer) 
     keys = [
         "../../etc/passwd", "../escape", "./dot", "a/../../b", "/leading/slash", "trailing/", "a//b",
         "..", ".", "CON", "ünïcödé/ключ/鍵/🔑", "spaces and\ttabs", "%2e%2e/percent", "q?x=1&y=2#frag",
-        "back\\slash\\..\\..", "k" * 1024,
+        "back\\slash\\..\\..", "k" * 1024, "plus+sign", "amp&eq=semi;", "%", "%zz", "\u200b",
     ]
     for i, key in enumerate(keys):
         client.put_object(bucket, key, f"body-{i}".encode())
@@ -237,6 +237,10 @@ def test_bad_keys_refused(client: AnvilClient, bucket: str) -> None:
         unchanged(client, "InvalidArgument", 400, client.copy_object, bucket, "dst", source_key=key)
         unchanged(client, "InvalidArgument", 400, client.create_upload, bucket, key)
     assert all_keys(client, bucket) == []
+    # Keys that are not valid UTF-8 on the wire are refused, not turned into U+FFFD.
+    unchanged(client, "InvalidArgument", 400, client._json, "PUT",
+              f"/anvil/v1/buckets/{bucket}/object?key=bad%FFkey", content=b"x")
+    expect_error("InvalidArgument", 400, client._json, "GET", f"/anvil/v1/buckets/{bucket}/object?key=%C3")
     # A missing key parameter is an argument error, not a crash.
     unchanged(client, "InvalidArgument", 400, client._json, "PUT", f"/anvil/v1/buckets/{bucket}/object",
               content=b"x")

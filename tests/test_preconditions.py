@@ -68,6 +68,9 @@ def test_version_none_match(client: AnvilClient, versioned_bucket: str) -> None:
     assert [v["version_id"] for v in client.list_versions(b, prefix="k")["versions"] if v["key"] == "k"] == [v2, v1]
     # Reads: 304 while the current version is the one the caller already has.
     expect_error("NotModified", 304, client.get_object, b, "k", if_version_none_match=v2)
+    expect_error("NotModified", 304, client.head_object, b, "k", if_version_none_match=v2)
+    expect_error("PreconditionFailed", 412, client.head_object, b, "k", if_version_match=v1)
+    assert client.head_object(b, "k", if_version_match=v2)["version_id"] == v2
     assert client.get_object(b, "k", if_version_none_match=v1) == b"two"
     unchanged(client, "PreconditionFailed", 412, client.delete_object, b, "k", if_version_none_match=v2)
     client.delete_object(b, "k", if_version_none_match=v1)

@@ -207,10 +207,12 @@ class AnvilClient:
             return object_info(resp.headers)
 
     def head_object(self, bucket: str, key: str, *, version_id: str | None = None,
-                    if_match: str | None = None, if_none_match: str | None = None) -> dict[str, Any]:
+                    if_match: str | None = None, if_none_match: str | None = None,
+                    if_version_match: str | None = None, if_version_none_match: str | None = None,
+                    ) -> dict[str, Any]:
         params = {"key": key, **({"version_id": version_id} if version_id else {})}
         resp = self._request("HEAD", self._b(bucket) + "/object", params=params,
-                             headers=_cond_headers(if_match, if_none_match, None))
+                             headers=_cond_headers(if_match, if_none_match, if_version_match, if_version_none_match))
         return object_info(resp.headers)
 
     def delete_object(self, bucket: str, key: str, *, version_id: str | None = None,

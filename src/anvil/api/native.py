@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import urllib.parse
 from typing import Any
 
 from starlette.requests import Request
@@ -33,8 +34,22 @@ def _anvil(request: Request) -> Anvil:
     return request.app.state.anvil
 
 
+def _strict_query(request: Request) -> dict[str, str]:
+    """Query parameters decoded as strict UTF-8.
+
+    Starlette replaces invalid percent-encoded UTF-8 with U+FFFD, which would silently store
+    or look up a different key than the one sent; we refuse such input instead.
+    """
+    raw = request.scope.get("query_string", b"").decode("latin-1")
+    try:
+        pairs = urllib.parse.parse_qsl(raw, keep_blank_values=True, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise AnvilError("InvalidArgument", "query parameters must be percent-encoded UTF-8") from None
+    return dict(pairs)
+
+
 def _key(request: Request) -> str:
-    key = request.query_params.get("key")
+    key = _strict_query(request).get("key")
     if key is None:
         raise AnvilError("InvalidArgument", "the 'key' query parameter is required")
     v.check_not_reserved(key)  # before any other logic, including authorisation
