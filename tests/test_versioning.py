@@ -204,3 +204,29 @@ def test_list_versions_with_delimiter_and_prefix(client: AnvilClient, versioned_
     page = client.list_versions(b, prefix="d/", delimiter="/")
     assert page["common_prefixes"] == ["d/x/"]
     assert sorted({v["key"] for v in page["versions"]}) == ["d/1", "d/2", "d/\U0010ffffz"]
+
+
+def test_concurrent_writers_one_latest(server, versioned_bucket: str) -> None:
+    """Group-committed concurrent PUTs and deletes on one key: distinct versions, exactly one latest."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(i: int) -> dict:
+        with server.client() as c:
+            if i % 5 == 4:
+                return c.delete_object(versioned_bucket, "hot")
+            return c.put_object(versioned_bucket, "hot", f"body-{i}".encode())
+
+    with server.client() as c:
+        seq = journal_seq(c)
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(work, range(40)))
+        ids = [r["version_id"] for r in results]
+        assert len(set(ids)) == 40
+        versions = c.list_versions(versioned_bucket, prefix="hot")["versions"]
+        assert sorted(v["version_id"] for v in versions) == sorted(ids)
+        assert sum(v["is_latest"] for v in versions) == 1 and versions[0]["is_latest"]
+        events = events_since(c, seq)
+        assert len(events) == 40
+        # The newest version by journal order is the latest one.
+        assert events[-1]["payload"]["version_id"] == versions[0]["version_id"]
+        assert c.verify_journal()["ok"] is True
