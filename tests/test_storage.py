@@ -49,6 +49,15 @@ def test_unknown_format_refuses_start(tmp_path: Path, content: str) -> None:
     assert sorted(os.listdir(root)) == ["FORMAT", "LOCK"]  # nothing created beside the lock
 
 
+def test_missing_format_beside_a_catalog_refuses_start(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "catalog.db").write_bytes(b"")
+    proc = _serve(root)
+    assert proc.returncode != 0 and "FORMAT" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (root / "FORMAT").exists()
+
+
 def test_second_server_on_same_path_is_refused(server: AnvilServer) -> None:
     proc = _serve(server.storage_path)
     assert proc.returncode != 0

@@ -81,6 +81,9 @@ class Layout:
         fmt = self.root / FORMAT_FILE
         # Check an existing FORMAT before touching anything: an unknown format is left as found.
         existing = self.read_format() if fmt.exists() else None
+        if existing is None and self.catalog_path.exists():
+            # A catalog without its FORMAT is a damaged or foreign path: never adopt it silently.
+            raise AnvilError("UnsupportedFormat", f"{fmt} is missing but {self.catalog_path.name} exists")
         for folder in FOLDERS:
             (self.root / folder).mkdir(parents=True, exist_ok=True)
         os.chmod(self.secrets, 0o700)
