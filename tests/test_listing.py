@@ -152,3 +152,54 @@ def test_malformed_token(client: AnvilClient, filled: str, token: str) -> None:
 def test_empty_bucket_listing(client: AnvilClient, bucket: str) -> None:
     page = client.list_objects(bucket, delimiter="/")
     assert page == {"objects": [], "common_prefixes": [], "truncated": False, "next_token": None}
+
+
+def test_version_listing_matches_model(client: AnvilClient) -> None:
+    """list_versions with prefix/delimiter across pages equals a Python model of S3's ListObjectVersions."""
+    rng = random.Random(11)
+    b = unique_bucket("vmodel")
+    client.create_bucket(b, versioning="Enabled")
+    history: dict[str, list[str]] = {}
+    keys = set()
+    alphabet = ["a", "/", "é", "b"]
+    while len(keys) < 40:
+        keys.add("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4))))
+    for k in sorted(keys):
+        for _ in range(rng.randint(1, 3)):
+            if rng.random() < 0.2:
+                vid = client.delete_object(b, k)["version_id"]
+            else:
+                vid = client.put_object(b, k, b"")["version_id"]
+            history.setdefault(k, []).insert(0, vid)  # newest first
+
+    def vmodel(prefix: str, delimiter: str) -> list[str]:
+        out: list[str] = []
+        for k in utf8_sorted(list(history)):
+            if not k.startswith(prefix):
+                continue
+            pos = k.find(delimiter, len(prefix)) if delimiter else -1
+            if pos >= 0:
+                cp = "CP:" + k[: pos + len(delimiter)]
+                if cp not in out:
+                    out.append(cp)
+                continue
+            out += [f"{k}@{vid}" for vid in history[k]]
+        return out
+
+    for prefix, delimiter in [("", ""), ("", "/"), ("a", "/"), ("a/", "/"), ("", "é"), ("b", "b")]:
+        expected = vmodel(prefix, delimiter)
+        for size in (1, 3, 1000):
+            got: list[str] = []
+            km = vm = ""
+            for _guard in range(1000):
+                page = client.list_versions(b, prefix=prefix, delimiter=delimiter, key_marker=km,
+                                            version_marker=vm, limit=size)
+                entries = [(v["key"], f"{v['key']}@{v['version_id']}") for v in page["versions"]]
+                entries += [(cp, "CP:" + cp) for cp in page["common_prefixes"]]
+                assert len(entries) <= size
+                # Stable sort by key bytes keeps newest-first order within one key.
+                got += [e for _, e in sorted(entries, key=lambda x: x[0].encode())]
+                if not page["truncated"]:
+                    break
+                km, vm = page["next_key_marker"], page["next_version_marker"] or ""
+            assert got == expected, (prefix, delimiter, size)
