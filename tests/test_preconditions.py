@@ -124,6 +124,12 @@ def test_conditional_copy(client: AnvilClient, bucket: str) -> None:
     assert "new" not in all_keys(client, bucket)
     client.copy_object(bucket, "new", source_key="src", source_if_match=etag, if_none_match="*")
     assert client.get_object(bucket, "new") == b"s"
+    # Quoted ETags work as in headers; a non-string condition is an argument error.
+    client._json("POST", f"/anvil/v1/buckets/{bucket}/copy",
+                 json={"key": "quoted", "source_key": "src", "source_if_match": f'"{etag}"'})
+    assert client.get_object(bucket, "quoted") == b"s"
+    unchanged(client, "InvalidArgument", 400, client._json, "POST", f"/anvil/v1/buckets/{bucket}/copy",
+              json={"key": "n", "source_key": "src", "source_if_match": 5})
     # x-copy-source-if-none-match matching is a failed precondition (412), never 304, for a copy.
     unchanged(client, "PreconditionFailed", 412, client._json, "POST", f"/anvil/v1/buckets/{bucket}/copy",
               json={"key": "new2", "source_key": "src", "source_if_none_match": etag})

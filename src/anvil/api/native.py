@@ -347,9 +347,11 @@ async def copy_object(request: Request, ctx: RequestContext) -> Response:
     meta = body.get("metadata")
     if meta is not None and not isinstance(meta, dict):
         raise AnvilError("InvalidArgument", "'metadata' must be an object")
+    # Source conditions take the same forms as the headers: quoted, weak, lists or "*".
     src_cond = Conditions(
-        if_match=[body["source_if_match"]] if body.get("source_if_match") else None,
-        if_none_match=[body["source_if_none_match"]] if body.get("source_if_none_match") else None,
+        if_match=parse_etag_list(_str_field(body, "source_if_match")),
+        if_none_match=parse_etag_list(_str_field(body, "source_if_none_match")),
+        if_version_match=_str_field(body, "source_if_version_match"),
     )
     result = await blocking(
         _anvil(request).objects.copy_object, ctx, src_bucket=src_bucket, src_key=src_key,
