@@ -5,10 +5,11 @@ from __future__ import annotations
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Match, Route
 from starlette.types import Scope
 
+from anvil.api.common import error_response
 from anvil.api.native import ROUTES
 from anvil.context import new_request_id
 from anvil.errors import AnvilError
@@ -29,12 +30,8 @@ def _allowed_methods(scope: Scope) -> set[str]:
     return allowed
 
 
-def _native_error(err: AnvilError, request: Request, headers: dict[str, str] | None = None) -> Response:
-    request_id = new_request_id()
-    h = {"x-request-id": request_id, **(headers or {})}
-    if request.method == "HEAD":
-        return Response(status_code=err.status, headers={**h, "x-anvil-error-code": err.code})
-    return JSONResponse(err.to_dict(request_id), status_code=err.status, headers=h)
+def _native_error(err: AnvilError, request: Request) -> Response:
+    return error_response(err, new_request_id(), head=request.method == "HEAD")
 
 
 async def _fallback(request: Request) -> Response:
@@ -42,8 +39,9 @@ async def _fallback(request: Request) -> Response:
     if _is_native(request.url.path):
         allowed = _allowed_methods(request.scope)
         if allowed:
-            err = AnvilError("MethodNotAllowed", f"method {request.method} is not allowed here")
-            return _native_error(err, request, {"allow": ", ".join(sorted(allowed))})
+            err = AnvilError("MethodNotAllowed", f"method {request.method} is not allowed here",
+                             headers={"allow": ", ".join(sorted(allowed))})
+            return _native_error(err, request)
         return _native_error(AnvilError("NotFound", "no such route"), request)
     body = (
         '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>NotImplemented</Code>'
@@ -62,8 +60,9 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     status = getattr(exc, "status_code", 500)
     if _is_native(request.url.path):
         code = {404: "NotFound", 405: "MethodNotAllowed"}.get(status, "InvalidArgument" if status < 500 else "Internal")
-        return _native_error(AnvilError(code, getattr(exc, "detail", None) or "request refused"), request,
-                             dict(getattr(exc, "headers", None) or {}))
+        err = AnvilError(code, getattr(exc, "detail", None) or "request refused",
+                         headers=dict(getattr(exc, "headers", None) or {}))
+        return _native_error(err, request)
     return await _fallback(request)
 
 
