@@ -840,6 +840,8 @@ class ObjectService:
                 (upload_id, bucket),
             ).fetchone()
             if done is not None:
+                if v.is_reserved_key(done[2]):
+                    raise v.reserved_error()
                 return {"upload_id": done[0], "bucket": done[1], "key": done[2], "completed": True}
         if row is None:
             raise AnvilError("NotFound", "upload not found")
