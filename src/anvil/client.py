@@ -57,8 +57,11 @@ def _file_chunks(f: IO[bytes]) -> Iterator[bytes]:
         yield data
 
 
-def _cond_headers(if_match: str | None, if_none_match: str | None, if_version_match: str | None) -> dict[str, str]:
+def _cond_headers(if_match: str | None, if_none_match: str | None, if_version_match: str | None,
+                  if_version_none_match: str | None = None) -> dict[str, str]:
     h: dict[str, str] = {}
+    if if_version_none_match is not None:
+        h["x-anvil-if-version-none-match"] = if_version_none_match
     if if_match is not None:
         h["if-match"] = if_match if if_match == "*" else f'"{if_match.strip(chr(34))}"'
     if if_none_match is not None:
@@ -328,9 +331,10 @@ class AnvilClient:
         content_type: str | None = None, metadata: dict[str, str] | None = None,
         if_match: str | None = None, if_none_match: str | None = None, if_version_match: str | None = None,
         checksum_sha256: str | None = None, content_md5: bytes | None = None,
-        idempotency_key: str | None = None,
+        idempotency_key: str | None = None, if_version_none_match: str | None = None,
     ) -> dict[str, Any]:
-        headers = {**self._idem(idempotency_key), **_cond_headers(if_match, if_none_match, if_version_match)}
+        headers = {**self._idem(idempotency_key),
+                   **_cond_headers(if_match, if_none_match, if_version_match, if_version_none_match)}
         if content_type:
             headers["content-type"] = content_type
         for k, val in (metadata or {}).items():
@@ -348,16 +352,18 @@ class AnvilClient:
     def get_object(
         self, bucket: str, key: str, *, version_id: str | None = None, range: str | None = None,
         if_match: str | None = None, if_none_match: str | None = None, if_version_match: str | None = None,
+        if_version_none_match: str | None = None,
     ) -> bytes:
         return self.get_object_with_info(bucket, key, version_id=version_id, range=range, if_match=if_match,
-                                         if_none_match=if_none_match, if_version_match=if_version_match)[0]
+                                         if_none_match=if_none_match, if_version_match=if_version_match,
+                                         if_version_none_match=if_version_none_match)[0]
 
     def get_object_with_info(self, bucket: str, key: str, *, version_id: str | None = None,
                              range: str | None = None, if_match: str | None = None,
-                             if_none_match: str | None = None,
-                             if_version_match: str | None = None) -> tuple[bytes, dict[str, Any]]:
+                             if_none_match: str | None = None, if_version_match: str | None = None,
+                             if_version_none_match: str | None = None) -> tuple[bytes, dict[str, Any]]:
         params = {"key": key, **({"version_id": version_id} if version_id else {})}
-        headers = _cond_headers(if_match, if_none_match, if_version_match)
+        headers = _cond_headers(if_match, if_none_match, if_version_match, if_version_none_match)
         if range:
             headers["range"] = range
         resp = self._request("GET", self._b(bucket) + "/object", params=params, headers=headers)
@@ -381,17 +387,21 @@ class AnvilClient:
             return object_info(resp.headers)
 
     def head_object(self, bucket: str, key: str, *, version_id: str | None = None,
-                    if_match: str | None = None, if_none_match: str | None = None) -> dict[str, Any]:
+                    if_match: str | None = None, if_none_match: str | None = None,
+                    if_version_match: str | None = None, if_version_none_match: str | None = None,
+                    ) -> dict[str, Any]:
         params = {"key": key, **({"version_id": version_id} if version_id else {})}
         resp = self._request("HEAD", self._b(bucket) + "/object", params=params,
-                             headers=_cond_headers(if_match, if_none_match, None))
+                             headers=_cond_headers(if_match, if_none_match, if_version_match, if_version_none_match))
         return object_info(resp.headers)
 
     def delete_object(self, bucket: str, key: str, *, version_id: str | None = None,
                       if_match: str | None = None, if_version_match: str | None = None,
-                      idempotency_key: str | None = None) -> dict[str, Any]:
+                      idempotency_key: str | None = None, if_version_none_match: str | None = None,
+                      ) -> dict[str, Any]:
         params = {"key": key, **({"version_id": version_id} if version_id else {})}
-        headers = {**self._idem(idempotency_key), **_cond_headers(if_match, None, if_version_match)}
+        headers = {**self._idem(idempotency_key),
+                   **_cond_headers(if_match, None, if_version_match, if_version_none_match)}
         return self._json("DELETE", self._b(bucket) + "/object", params=params, headers=headers)
 
     def list_objects(self, bucket: str, *, prefix: str = "", delimiter: str = "", start_after: str = "",

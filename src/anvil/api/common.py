@@ -124,11 +124,19 @@ def query_int(request: Request, name: str, default: int) -> int:
 
 
 def metadata_from_headers(request: Request) -> dict[str, str]:
-    """`x-anvil-meta-NAME: percent-encoded UTF-8 value` -> {name: value}."""
+    """`x-anvil-meta-NAME: percent-encoded UTF-8 value` -> {name: value}.
+
+    Raw bytes are decoded as UTF-8 (Starlette's latin-1 view would turn a raw "é" into "Ã©"),
+    so a client that sends unencoded UTF-8 gets its text back, and invalid UTF-8 is refused
+    (UnicodeDecodeError, mapped to InvalidArgument by the caller).
+    """
     meta: dict[str, str] = {}
-    for k, val in request.headers.items():
-        if k.startswith(META_PREFIX):
-            meta[k[len(META_PREFIX):]] = urllib.parse.unquote(val, errors="strict")
+    prefix = META_PREFIX.encode()
+    for raw_name, raw_value in request.headers.raw:
+        name = raw_name.lower()
+        if name.startswith(prefix):
+            value = raw_value.decode("utf-8")
+            meta[name[len(prefix):].decode("latin-1")] = urllib.parse.unquote(value, errors="strict")
     return meta
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import urllib.parse
 from typing import Any
 
 from starlette.requests import Request
@@ -33,8 +34,22 @@ def _anvil(request: Request) -> Anvil:
     return request.app.state.anvil
 
 
+def _strict_query(request: Request) -> dict[str, str]:
+    """Query parameters decoded as strict UTF-8.
+
+    Starlette replaces invalid percent-encoded UTF-8 with U+FFFD, which would silently store
+    or look up a different key than the one sent; we refuse such input instead.
+    """
+    raw = request.scope.get("query_string", b"").decode("latin-1")
+    try:
+        pairs = urllib.parse.parse_qsl(raw, keep_blank_values=True, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise AnvilError("InvalidArgument", "query parameters must be percent-encoded UTF-8") from None
+    return dict(pairs)
+
+
 def _key(request: Request) -> str:
-    key = request.query_params.get("key")
+    key = _strict_query(request).get("key")
     if key is None:
         raise AnvilError("InvalidArgument", "the 'key' query parameter is required")
     v.check_not_reserved(key)  # before any other logic, including authorisation
@@ -48,6 +63,7 @@ def _conditions(request: Request) -> Conditions:
         if_match=parse_etag_list(h.get("if-match")),
         if_none_match=parse_etag_list(h.get("if-none-match")),
         if_version_match=h.get("x-anvil-if-version-match"),
+        if_version_none_match=h.get("x-anvil-if-version-none-match"),
     )
 
 
@@ -331,9 +347,11 @@ async def copy_object(request: Request, ctx: RequestContext) -> Response:
     meta = body.get("metadata")
     if meta is not None and not isinstance(meta, dict):
         raise AnvilError("InvalidArgument", "'metadata' must be an object")
+    # Source conditions take the same forms as the headers: quoted, weak, lists or "*".
     src_cond = Conditions(
-        if_match=[body["source_if_match"]] if body.get("source_if_match") else None,
-        if_none_match=[body["source_if_none_match"]] if body.get("source_if_none_match") else None,
+        if_match=parse_etag_list(_str_field(body, "source_if_match")),
+        if_none_match=parse_etag_list(_str_field(body, "source_if_none_match")),
+        if_version_match=_str_field(body, "source_if_version_match"),
     )
     result = await blocking(
         _anvil(request).objects.copy_object, ctx, src_bucket=src_bucket, src_key=src_key,
@@ -348,9 +366,10 @@ async def copy_object(request: Request, ctx: RequestContext) -> Response:
 # ------------------------------------------------------------------ multipart
 
 
-def _upload(request: Request) -> dict[str, Any]:
+def _upload(request: Request, *, include_completed: bool = False) -> dict[str, Any]:
     bucket = request.path_params["bucket"]
-    return _anvil(request).objects.get_upload(bucket, request.path_params["upload_id"])
+    return _anvil(request).objects.get_upload(bucket, request.path_params["upload_id"],
+                                              include_completed=include_completed)
 
 
 @endpoint
@@ -408,7 +427,9 @@ async def list_parts(request: Request, ctx: RequestContext) -> Response:
 
 @endpoint
 async def complete_upload(request: Request, ctx: RequestContext) -> Response:
-    up = _upload(request)
+    # A retry carrying an Idempotency-Key may arrive after the upload completed: find it anyway
+    # so the service can replay the first result (without a key it is NotFound, as before).
+    up = _upload(request, include_completed=ctx.idempotency_key is not None)
     _check_recovery(request)
     authorize(ctx.principal, "object:write", _bucket_resource(up["bucket"], up["key"]))
     body = await json_body(request)

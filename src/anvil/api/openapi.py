@@ -20,7 +20,7 @@ def _h(name: str) -> dict[str, Any]:
     return {"name": name, "in": "header", "required": False, "schema": {"type": "string"}}
 
 
-COND = [_h("If-Match"), _h("If-None-Match"), _h("x-anvil-if-version-match")]
+COND = [_h("If-Match"), _h("If-None-Match"), _h("x-anvil-if-version-match"), _h("x-anvil-if-version-none-match")]
 
 # (method, path, operationId, summary, parameters, has JSON body, streamed body)
 OPERATIONS: list[tuple[str, str, str, str, list[dict[str, Any]], bool, bool]] = [

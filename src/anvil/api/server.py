@@ -46,6 +46,7 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False) -> None:
         raise AnvilError("InvalidArgument", "--dev-auth is refused outside development mode")
     endpoint = f"http://{host}:{port}"
     anvil = Anvil(storage_path, endpoint=endpoint)
+    anvil.storage.clear_tmp()
     try:
         app = create_app(anvil, dev_auth=dev_auth)
         anvil.watch.start_background()

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
+import httpx
 from rich.console import Console
 from rich.table import Table
 
@@ -59,8 +60,13 @@ def _make_command(fn: Callable[..., Any], *, admin: bool) -> Callable[..., Any]:
                 else:
                     err_console.print(f"[red]error[/red] {e.code}: {e.message}")
                 sys.exit(1)
-            except OSError as e:
-                err_console.print(f"[red]error[/red] {e}")
+            except (OSError, httpx.HTTPError) as e:
+                # Unreachable endpoint, timeouts, local file errors: a message, not a traceback.
+                if as_json:
+                    click.echo(json.dumps({"error": {"code": "ConnectionError" if isinstance(e, httpx.HTTPError)
+                                                     else "LocalError", "message": str(e), "status": None}}))
+                else:
+                    err_console.print(f"error: {e}", markup=False, highlight=False)
                 sys.exit(1)
 
     return _connection_options(run, admin=admin)

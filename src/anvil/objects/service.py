@@ -70,7 +70,20 @@ MIGRATIONS = [
         PRIMARY KEY(upload_id, part_number)
     );
     """,
+    # Completed uploads are remembered for a day so a retried complete (same Idempotency-Key)
+    # can find its upload again and replay the first result instead of answering NotFound.
+    """
+    CREATE TABLE multipart_completed(
+        upload_id TEXT PRIMARY KEY,
+        bucket TEXT NOT NULL,
+        key TEXT NOT NULL,
+        completed REAL NOT NULL
+    );
+    CREATE INDEX multipart_completed_at ON multipart_completed(completed);
+    """,
 ]
+
+COMPLETED_UPLOAD_RETENTION = 24 * 3600
 
 VERSIONING_STATES = ("", "Enabled", "Suspended")
 NULL_VERSION = "null"
@@ -150,10 +163,12 @@ class Conditions:
     if_match: list[str] | None = None  # ETags, or ["*"]
     if_none_match: list[str] | None = None  # ETags, or ["*"] for create-only
     if_version_match: str | None = None
+    if_version_none_match: str | None = None
 
     @property
     def empty(self) -> bool:
-        return self.if_match is None and self.if_none_match is None and self.if_version_match is None
+        return (self.if_match is None and self.if_none_match is None and self.if_version_match is None
+                and self.if_version_none_match is None)
 
 
 def parse_etag_list(header: str | None) -> list[str] | None:
@@ -162,7 +177,8 @@ def parse_etag_list(header: str | None) -> list[str] | None:
     items = [p.strip() for p in header.split(",") if p.strip()]
     if not items:
         raise AnvilError("InvalidArgument", "empty ETag list in precondition")
-    return [i[2:] if i.startswith("W/") else i for i in (x.strip('"') if x != "*" else x for x in items)]
+    # Weak tags (W/"...") compare on their opaque tag; strip the W/ before the quotes.
+    return [i if i == "*" else i.removeprefix("W/").strip('"') for i in items]
 
 
 def check_write_conditions(current: ObjectVersion | None, cond: Conditions) -> None:
@@ -179,6 +195,9 @@ def check_write_conditions(current: ObjectVersion | None, cond: Conditions) -> N
     if cond.if_version_match is not None:
         if current is None or current.version_id != cond.if_version_match:
             raise AnvilError("PreconditionFailed", "the current version id does not match")
+    if cond.if_version_none_match is not None and current is not None:
+        if current.version_id == cond.if_version_none_match:
+            raise AnvilError("PreconditionFailed", "the current version id matches")
 
 
 def check_read_conditions(obj: ObjectVersion, cond: Conditions) -> None:
@@ -187,6 +206,8 @@ def check_read_conditions(obj: ObjectVersion, cond: Conditions) -> None:
     if cond.if_version_match is not None and obj.version_id != cond.if_version_match:
         raise AnvilError("PreconditionFailed", "the version id does not match")
     if cond.if_none_match is not None and ("*" in cond.if_none_match or obj.etag in cond.if_none_match):
+        raise AnvilError("NotModified", "not modified", headers={"ETag": f'"{obj.etag}"'})
+    if cond.if_version_none_match is not None and obj.version_id == cond.if_version_none_match:
         raise AnvilError("NotModified", "not modified", headers={"ETag": f'"{obj.etag}"'})
 
 
@@ -540,7 +561,14 @@ class ObjectService:
                 raise AnvilError("NotFound", "copy source not found")
             if src.delete_marker:
                 raise AnvilError("InvalidArgument", "a delete marker cannot be copied")
-            check_read_conditions(src, src_cond) if not src_cond.empty else None
+            if not src_cond.empty:
+                try:
+                    check_read_conditions(src, src_cond)
+                except AnvilError as err:
+                    # S3: a copy whose source-if-none-match matches fails with 412, never 304.
+                    if err.code != "NotModified":
+                        raise
+                    raise AnvilError("PreconditionFailed", "the copy source matched If-None-Match") from None
             dst = self._require_bucket(conn, bucket)
             if metadata_directive == "COPY" and src_bucket == bucket and src_key == key and not src_version:
                 raise AnvilError("InvalidArgument", "copying an object onto itself needs metadata directive REPLACE")
@@ -692,6 +720,17 @@ class ObjectService:
             self._require_bucket(conn, bucket)
             # Position: strictly after (key_marker, version_marker) in (key asc, seq desc) order.
             after_key, after_seq = key_marker, None
+            lower_incl = False
+            if delimiter and key_marker.startswith(prefix) and key_marker.endswith(delimiter) and (
+                key_marker.find(delimiter, len(prefix)) == len(key_marker) - len(delimiter)
+            ):
+                # The marker is a common prefix a previous page returned (S3 sets NextKeyMarker to
+                # it): resume after every key it rolled up, not inside it.
+                nxt = _prefix_upper(key_marker)
+                if nxt is None:
+                    return VersionListResult()
+                after_key, lower_incl = nxt, True
+                version_marker = ""
             if version_marker:
                 if not key_marker:
                     raise AnvilError("InvalidArgument", "a version marker needs a key marker")
@@ -707,7 +746,6 @@ class ObjectService:
             count = 0
             last_v: ObjectVersion | None = None
             last_cp: str | None = None
-            lower_incl = False
             if prefix and after_key < prefix:
                 after_key, after_seq, lower_incl = prefix, None, True
             while True:
@@ -761,8 +799,7 @@ class ObjectService:
                 if last_v is not None:
                     result.next_key_marker, result.next_version_marker = last_v.key, last_v.version_id
                 elif last_cp is not None:
-                    # Resume after every key under the prefix: a marker just below its upper bound.
-                    result.next_key_marker = last_cp + "\U0010ffff"
+                    result.next_key_marker = last_cp
             return result
 
     # ---------------------------------------------------------------- multipart
@@ -790,12 +827,22 @@ class ObjectService:
 
         return self._mutate(ctx, fn, fingerprint("multipart.create", bucket, key, ct, meta))
 
-    def get_upload(self, bucket: str, upload_id: str) -> dict[str, Any]:
-        row = self.catalog.reader().execute(
+    def get_upload(self, bucket: str, upload_id: str, *, include_completed: bool = False) -> dict[str, Any]:
+        conn = self.catalog.reader()
+        row = conn.execute(
             "SELECT upload_id, bucket, key, tenant, content_type, metadata, created FROM multipart_uploads "
             "WHERE upload_id = ? AND bucket = ?",
             (upload_id, bucket),
         ).fetchone()
+        if row is None and include_completed:
+            done = conn.execute(
+                "SELECT upload_id, bucket, key FROM multipart_completed WHERE upload_id = ? AND bucket = ?",
+                (upload_id, bucket),
+            ).fetchone()
+            if done is not None:
+                if v.is_reserved_key(done[2]):
+                    raise v.reserved_error()
+                return {"upload_id": done[0], "bucket": done[1], "key": done[2], "completed": True}
         if row is None:
             raise AnvilError("NotFound", "upload not found")
         if v.is_reserved_key(row[2]):
@@ -896,6 +943,15 @@ class ObjectService:
                 source={"source": "multipart", "upload_id": upload_id},
             )
             conn.execute("DELETE FROM multipart_uploads WHERE upload_id = ?", (upload_id,))
+            conn.execute(
+                "INSERT OR REPLACE INTO multipart_completed(upload_id, bucket, key, completed) VALUES (?,?,?,?)",
+                (upload_id, bucket, key, txn.now),
+            )
+            conn.execute(
+                "DELETE FROM multipart_completed WHERE rowid IN "
+                "(SELECT rowid FROM multipart_completed WHERE completed < ? LIMIT 16)",
+                (txn.now - COMPLETED_UPLOAD_RETENTION,),
+            )
             return result
 
         return self._mutate(ctx, fn, fp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from anvil.storage import idempotency
@@ -26,6 +27,19 @@ class Storage:
             self.layout.release_lock()
             raise
         self.blobs = BlobStore(self.layout.blobs, self.layout.tmp)
+        self._locked = lock
+
+    def clear_tmp(self) -> None:
+        """Drop bodies a previous process was receiving when it died: none was acknowledged.
+
+        Called by the server at start, while it holds the lock (no other process can be writing
+        there); offline tools leave tmp/ alone and gc removes what is old.
+        """
+        if not self._locked:
+            raise RuntimeError("tmp/ may only be cleared while holding the storage lock")
+        for entry in os.scandir(self.layout.tmp):
+            if entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
 
     @property
     def root(self) -> Path:

@@ -78,17 +78,22 @@ class Layout:
     def initialise(self) -> FormatInfo:
         """Create the layout on first use; refuse a format this build does not understand."""
         self.root.mkdir(parents=True, exist_ok=True)
+        fmt = self.root / FORMAT_FILE
+        # Check an existing FORMAT before touching anything: an unknown format is left as found.
+        existing = self.read_format() if fmt.exists() else None
+        if existing is None and self.catalog_path.exists():
+            # A catalog without its FORMAT is a damaged or foreign path: never adopt it silently.
+            raise AnvilError("UnsupportedFormat", f"{fmt} is missing but {self.catalog_path.name} exists")
         for folder in FOLDERS:
             (self.root / folder).mkdir(parents=True, exist_ok=True)
         os.chmod(self.secrets, 0o700)
         os.chmod(self.bootstrap, 0o700)
-        fmt = self.root / FORMAT_FILE
-        if not fmt.exists():
-            info = FormatInfo(FORMAT_VERSION, str(uuid.uuid4()))
-            body = {"format_version": info.version, "deployment_id": info.deployment_id}
-            write_file_durably(fmt, (json.dumps(body, indent=2) + "\n").encode())
-            return info
-        return self.read_format()
+        if existing is not None:
+            return existing
+        info = FormatInfo(FORMAT_VERSION, str(uuid.uuid4()))
+        body = {"format_version": info.version, "deployment_id": info.deployment_id}
+        write_file_durably(fmt, (json.dumps(body, indent=2) + "\n").encode())
+        return info
 
     def read_format(self) -> FormatInfo:
         fmt = self.root / FORMAT_FILE
