@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from anvil.objects import ObjectService
 from anvil.storage import Storage
+
+if TYPE_CHECKING:
+    from anvil.backup.participant import Participant
+
+
+def recovery_participants() -> list[Participant]:
+    """Every subsystem's recovery participant; later subsystems append theirs here."""
+    from anvil.backup.storage_participants import BlobsParticipant, JournalParticipant
+    from anvil.objects.recovery import ObjectsParticipant
+
+    return [JournalParticipant(), ObjectsParticipant(), BlobsParticipant()]
 
 
 class Anvil:
@@ -17,6 +29,9 @@ class Anvil:
         except BaseException:
             self.storage.close()
             raise
+
+    def participants(self) -> list[Participant]:
+        return recovery_participants()
 
     def close(self) -> None:
         self.storage.close()
