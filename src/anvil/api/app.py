@@ -7,6 +7,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from anvil.api.backup_routes import BACKUP_ROUTES
 from anvil.api.native import ROUTES
 from anvil.context import new_request_id
 from anvil.errors import AnvilError
@@ -31,8 +32,9 @@ ALL_METHODS = ["GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"]
 
 
 def create_app(anvil: Anvil, *, recovery_mode: bool = False) -> Starlette:
-    routes = [*ROUTES, Route("/{path:path}", _fallback, methods=ALL_METHODS)]
+    routes = [*ROUTES, *BACKUP_ROUTES, Route("/{path:path}", _fallback, methods=ALL_METHODS)]
     app = Starlette(routes=routes)
     app.state.anvil = anvil
     app.state.recovery_mode = recovery_mode
+    app.state.last_backup = None
     return app

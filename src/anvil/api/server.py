@@ -23,7 +23,10 @@ def serve(storage_path: str, listen: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     anvil = Anvil(storage_path)
     try:
-        app = create_app(anvil)
+        from anvil.backup.recovery import in_recovery
+
+        recovery_mode = in_recovery(anvil.storage.root)
+        app = create_app(anvil, recovery_mode=recovery_mode)
         config = uvicorn.Config(
             app, host=host, port=port, loop="uvloop", http="httptools", access_log=False,
             log_level="warning", timeout_graceful_shutdown=5, server_header=False,
@@ -31,6 +34,9 @@ def serve(storage_path: str, listen: str) -> None:
         server = uvicorn.Server(config)
         print(f"Anvil {storage_path!s} listening on http://{host}:{port}", flush=True)
         print(f"  native API: http://{host}:{port}/anvil/v1/  (OpenAPI: /anvil/v1/openapi.json)", flush=True)
+        if recovery_mode:
+            print("  RECOVERY MODE: restored storage; public writes are refused until "
+                  "`anvil recovery validate` + `anvil recovery resume`", flush=True)
         server.run()
     finally:
         anvil.close()

@@ -288,7 +288,7 @@ def select_keep(snaps: list[dict[str, Any]], keep_last: int = 0, keep_daily: int
     newest_first = sorted(snaps, key=lambda m: m["started"], reverse=True)
     keep = {m["id"] for m in newest_first[:keep_last]}
     for count, bucket_of in ((keep_daily, lambda t: t.strftime("%Y-%m-%d")),
-                             (keep_weekly, lambda t: "%d-W%02d" % t.isocalendar()[:2])):
+                             (keep_weekly, lambda t: "{}-W{:02d}".format(*t.isocalendar()[:2]))):
         seen: set[str] = set()
         for m in newest_first:
             if len(seen) >= count:

@@ -222,6 +222,11 @@ def object_cp(client: AnvilClient, as_json: bool, src_bucket: str, src_key: str,
     emit(as_json, res, text=f"copied to {dst_bucket}/{dst_key} version {res['version_id']}")
 
 
+from anvil.cli.backup import register as _register_backup  # noqa: E402 - after the groups above
+
+_register_backup(cli)
+
+
 def main() -> None:
     cli(prog_name="anvil", auto_envvar_prefix=None)
 
