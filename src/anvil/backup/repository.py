@@ -325,12 +325,12 @@ class Repository:
     # -------------------------------------------------------------- init / open / keys
 
     @classmethod
-    def init(cls, backend: Backend, passphrase: str) -> Repository:
+    def init(cls, backend: Backend, passphrase: str, *, pack_target: int = PACK_TARGET) -> Repository:
         if backend.exists("config"):
             raise BackupError(f"{backend.url} already holds a repository")
         config = {"format_version": FORMAT_VERSION, "repo_id": uuid.uuid4().hex, "created": time.time(),
                   "chunker": CHUNKER, "compression": "zstd-3", "encryption": "aes-256-gcm",
-                  "chunk_id": "hmac-sha256", "pack_target": PACK_TARGET}
+                  "chunk_id": "hmac-sha256", "pack_target": pack_target}
         master = secrets.token_bytes(64)
         key_id = cls._write_key(backend, config["repo_id"], master, passphrase)
         backend.write("config", (json.dumps(config, indent=2) + "\n").encode())

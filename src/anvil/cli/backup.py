@@ -15,6 +15,7 @@ from typing import Any
 import click
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+from anvil.backup.repository import PACK_TARGET
 from anvil.cli.common import console, emit, err_console
 
 
@@ -106,14 +107,16 @@ def backup() -> None:
 @repo_options
 @click.option("--storage-path", envvar="STORAGE_PATH", default=None,
               help="Refuse the repository if it lies inside this STORAGE_PATH.")
+@click.option("--pack-size", type=click.IntRange(min=64 * 1024, max=256 * 1024 * 1024), default=PACK_TARGET,
+              show_default=True, help="Target pack file size in bytes.")
 @handles_errors
 def backup_init(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool,
-                storage_path: str | None) -> None:
+                storage_path: str | None, pack_size: int) -> None:
     """Create a new, empty repository."""
     from anvil.backup.repository import Repository, open_backend, read_passphrase
 
     backend = open_backend(repo, s3_endpoint=s3_endpoint, storage_path=storage_path)
-    r = Repository.init(backend, read_passphrase(key_file))
+    r = Repository.init(backend, read_passphrase(key_file), pack_target=pack_size)
     emit(as_json, {"repository": backend.url, "repo_id": r.repo_id, "key_id": r.key_id,
                    "format_version": r.config["format_version"]},
          text=f"initialised repository {backend.url} (id {r.repo_id}, key {r.key_id})")
