@@ -321,6 +321,7 @@ def prune_repo(repo: Repository) -> dict[str, Any]:
     Order keeps the repository readable at every step: new packs, then the new index, then
     removal of the old index files, then removal of old packs.
     """
+    repo.index()
     if repo.index_problems:
         raise BackupError("refusing to prune: " + "; ".join(repo.index_problems))
     snaps = repo.snapshots()
