@@ -37,4 +37,5 @@ def create_app(anvil: Anvil, *, recovery_mode: bool = False) -> Starlette:
     app.state.anvil = anvil
     app.state.recovery_mode = recovery_mode
     app.state.last_backup = None
+    app.state.backup_schedule = None
     return app

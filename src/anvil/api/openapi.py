@@ -60,6 +60,14 @@ OPERATIONS: list[tuple[str, str, str, str, list[dict[str, Any]], bool, bool]] = 
      [_q("after", "integer"), _q("limit", "integer")], False, False),
     ("get", "/anvil/v1/admin/journal/verify", "journalVerify", "Verify the journal hash chain (admin)", [],
      False, False),
+    ("post", "/anvil/v1/admin/backup", "createBackup",
+     "Take a consistent online backup: {repo, passphrase, s3_endpoint?, tag?} (admin)", [], True, False),
+    ("get", "/anvil/v1/admin/recovery", "recoveryStatus", "Recovery mode, restore marker, last validation (admin)",
+     [], False, False),
+    ("post", "/anvil/v1/admin/recovery/validate", "recoveryValidate",
+     "Run the restore validation sequence and write its report (admin)", [], False, False),
+    ("post", "/anvil/v1/admin/recovery/resume", "recoveryResume",
+     "Leave recovery mode after a passing validation, or {force: true, reason} (admin)", [], True, False),
 ]
 
 ERROR = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import uvicorn
 
@@ -18,7 +19,8 @@ def parse_listen(addr: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def serve(storage_path: str, listen: str) -> None:
+def serve(storage_path: str, listen: str, *, backup: Any = None) -> None:
+    """Serve one STORAGE_PATH; `backup` (a ScheduleConfig) turns on scheduled backups."""
     host, port = parse_listen(listen)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     anvil = Anvil(storage_path)
@@ -32,12 +34,23 @@ def serve(storage_path: str, listen: str) -> None:
             log_level="warning", timeout_graceful_shutdown=5, server_header=False,
         )
         server = uvicorn.Server(config)
+        scheduler = None
+        if backup is not None:
+            from anvil.backup.schedule import BackupScheduler, check_schedule
+
+            check_schedule(backup, anvil.storage.root)
+            scheduler = BackupScheduler(app, backup)
+            scheduler.start()
         print(f"Anvil {storage_path!s} listening on http://{host}:{port}", flush=True)
         print(f"  native API: http://{host}:{port}/anvil/v1/  (OpenAPI: /anvil/v1/openapi.json)", flush=True)
         if recovery_mode:
             print("  RECOVERY MODE: restored storage; public writes are refused until "
                   "`anvil recovery validate` + `anvil recovery resume`", flush=True)
-        server.run()
+        try:
+            server.run()
+        finally:
+            if scheduler is not None:
+                scheduler.stop()
     finally:
         anvil.close()
     sys.stdout.flush()
