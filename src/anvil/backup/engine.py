@@ -62,21 +62,52 @@ def _read_only(path: Path) -> apsw.Connection:
     return conn
 
 
-def _chunk_file(writer: PackWriter, path: Path, progress: Callable[[int], None] | None = None
-                ) -> tuple[list[str], str, int]:
-    cdc = chunker()
+Encoded = tuple[list[tuple[str, int, bytes | None]], str, int]
+
+
+def _encode_file(writer: PackWriter, path: Path) -> Encoded:
+    """Cut, hash and encode one file (runs on worker threads): (chunks, sha256, size)."""
     h = hashlib.sha256()
-    ids: list[str] = []
-    size = 0
+    out: list[tuple[str, int, bytes | None]] = []
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        for ch in cdc.cut_stream(f):
-            data = bytes(ch.data)
-            h.update(data)
-            ids.append(writer.add(data))
-            size += len(data)
-            if progress:
-                progress(len(data))
-    return ids, h.hexdigest(), size
+        if size <= 4 * 1024 * 1024:
+            # Small files: one read, and no chunker call below its minimum chunk size.
+            data = f.read()
+            pieces = [memoryview(data)] if len(data) <= 128 * 1024 else [c.data for c in chunker().cut_buf(data)]
+            if not data:
+                pieces = []
+        else:
+            pieces = (bytes(c.data) for c in chunker().cut_stream(f))  # type: ignore[assignment]
+        total = 0
+        for piece in pieces:
+            h.update(piece)
+            total += len(piece)
+            out.append(writer.encode(piece))
+    return out, h.hexdigest(), total
+
+
+def _add_encoded(writer: PackWriter, encoded: Encoded) -> list[str]:
+    return [writer.add_encoded(cid, raw, blob) for cid, raw, blob in encoded[0]]
+
+
+def ordered_parallel(fn: Callable[[Any], Any], items: list[Any], workers: int | None = None,
+                     window: int = 8) -> Iterator[tuple[Any, Any]]:
+    """map(fn, items) on threads, results in order, at most `window` in flight (bounded memory)."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as ex:
+        pending: deque = deque()
+        for item in items:
+            pending.append((item, ex.submit(fn, item)))
+            if len(pending) >= window:
+                it, fut = pending.popleft()
+                yield it, fut.result()
+        while pending:
+            it, fut = pending.popleft()
+            yield it, fut.result()
 
 
 def latest_for(repo: Repository, deployment_id: str) -> dict[str, Any] | None:
@@ -120,24 +151,35 @@ def create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tm
         files: dict[str, Any] = {}
         fmt = (storage_root / FORMAT_FILE).read_bytes()
         files[FORMAT_FILE] = {"size": len(fmt), "sha256": hashlib.sha256(fmt).hexdigest(), "chunks": [writer.add(fmt)]}
-        ids, sha, size = _chunk_file(writer, cp, tick)
-        files["catalog.db"] = {"size": size, "sha256": sha, "chunks": ids}
+        encoded = _encode_file(writer, cp)
+        files["catalog.db"] = {"size": encoded[2], "sha256": encoded[1], "chunks": _add_encoded(writer, encoded)}
+        tick(encoded[2])
     tree_blobs: dict[str, Any] = {}
     logical = files["catalog.db"]["size"] + len(fmt)
     reused = 0
+    todo_set = set(todo)
+
+    def encode_blob(sha: str) -> Encoded | None:
+        path = blobs.path(sha)
+        return _encode_file(writer, path) if path.exists() else None
+
+    # Workers cut, hash, compress and encrypt; this thread appends to packs in a fixed order.
+    encoded_blobs = ordered_parallel(encode_blob, todo)
     for sha, labels in refs.items():
         refs_note = labels[:3] + ([f"+{len(labels) - 3} more"] if len(labels) > 3 else [])
-        if sha in parent_blobs and all(c in known for c in parent_blobs[sha]["chunks"]):
+        if sha not in todo_set:
             # Content-addressed and immutable: the parent already stored exactly these bytes.
             tree_blobs[sha] = {**parent_blobs[sha], "refs": refs_note}
             logical += parent_blobs[sha]["size"]
             reused += 1
             continue
-        path = blobs.path(sha)
-        if not path.exists():
+        got_sha, encoded = next(encoded_blobs)
+        assert got_sha == sha
+        if encoded is None:
             problems.append(f"blob {sha} referenced by {', '.join(refs_note)} is missing from STORAGE_PATH")
             continue
-        ids, actual, size = _chunk_file(writer, path, tick)
+        ids, actual, size = _add_encoded(writer, encoded), encoded[1], encoded[2]
+        tick(size)
         if actual != sha:
             problems.append(f"blob {sha} in STORAGE_PATH is corrupt (hashes to {actual}); "
                             f"affects {', '.join(refs_note)}; stored as found")
@@ -257,22 +299,29 @@ def verify(repo: Repository, *, read_data: bool = False, progress: Progress | No
     warnings = [f"pack {p} is not referenced by any readable index" for p in unindexed]
     checked_chunks = 0
     if read_data:
-        total = sum(repo.pack_sizes.get(p, 0) for p in by_pack if p in stored_packs)
+        present = [p for p in sorted(by_pack) if p in stored_packs]
+        total = sum(repo.pack_sizes.get(p, 0) for p in present)
         done = 0
-        for pack_id, chunks in sorted(by_pack.items()):
-            if pack_id not in stored_packs:
-                continue
+
+        def check_pack(pack_id: str) -> tuple[int, int, list[dict[str, Any]]]:
             data = repo.backend.read(pack_name(pack_id))
+            found: list[dict[str, Any]] = []
             if hashlib.sha256(data).hexdigest() != pack_id:
-                errors.append({"what": f"pack {pack_id}", "problem": "content does not hash to its name"})
-            for cid, loc in sorted(chunks, key=lambda c: c[1].offset):
-                checked_chunks += 1
+                found.append({"what": f"pack {pack_id}", "problem": "content does not hash to its name"})
+            chunks = sorted(by_pack[pack_id], key=lambda c: c[1].offset)
+            for cid, loc in chunks:
                 try:
                     repo.decode_chunk(cid, data[loc.offset:loc.offset + loc.length])
                 except BackupError as e:
-                    errors.append({"what": f"chunk {cid}", "problem": f"{e}", "pack": pack_id,
-                                   "offset": loc.offset, "affects": affects(cid) or ["no snapshot (unused chunk)"]})
-            done += len(data)
+                    found.append({"what": f"chunk {cid}", "problem": f"{e}", "pack": pack_id, "offset": loc.offset,
+                                  "affects": affects(cid) or ["no snapshot (unused chunk)"]})
+            return len(data), len(chunks), found
+
+        # Packs are read and checked on worker threads; hashing, AES-GCM and zstd release the GIL.
+        for pack_id, (nbytes, nchunks, found) in ordered_parallel(check_pack, present, window=4):
+            errors.extend(found)
+            checked_chunks += nchunks
+            done += nbytes
             if progress:
                 progress(done, total, pack_id[:12])
     return {"ok": not errors, "snapshots": len(snaps), "packs": len(stored_packs), "chunks": len(index),

@@ -13,10 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from anvil.backup.repository import PACK_TARGET
-from anvil.cli.common import console, emit, err_console
+from anvil.cli.common import emit
+
+# Messages name paths, chunk ids and objects: never wrap them across lines.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _ts(ts: float | None) -> str:
@@ -35,7 +40,7 @@ def fail(as_json: bool, message: str, code: int = 1, extra: dict[str, Any] | Non
     if as_json:
         click.echo(json.dumps({"error": {"message": message, **(extra or {})}}, indent=2))
     else:
-        err_console.print(f"[red]error[/red] {message}", markup=True, highlight=False)
+        click.echo(f"error: {message}", err=True)  # never wrapped: scripts and people grep it
     sys.exit(code)
 
 
