@@ -134,6 +134,7 @@ def create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tm
             seq, chain_hash = journal.head(conn)
             parts = {p.name: {"describe": p.describe().to_dict(), "summary": p.summary(ctx)} for p in participants}
             refs = ctx.references()
+            extra = sorted({f for p in participants for f in p.files(ctx)})
         finally:
             conn.close()
         catalog_size = cp.stat().st_size
@@ -154,6 +155,12 @@ def create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tm
         encoded = _encode_file(writer, cp)
         files["catalog.db"] = {"size": encoded[2], "sha256": encoded[1], "chunks": _add_encoded(writer, encoded)}
         tick(encoded[2])
+        for path in extra:
+            rel = str(Path(path).absolute().relative_to(storage_root))
+            if rel in files or rel.startswith(("blobs/", "tmp/")):
+                raise BackupError(f"participant file {rel} is not allowed in a snapshot")
+            encoded = _encode_file(writer, Path(path))
+            files[rel] = {"size": encoded[2], "sha256": encoded[1], "chunks": _add_encoded(writer, encoded)}
     tree_blobs: dict[str, Any] = {}
     logical = files["catalog.db"]["size"] + len(fmt)
     reused = 0

@@ -107,6 +107,11 @@ class Participant:
         """Counts and digests recorded in the manifest and compared after restore."""
         return {}
 
+    def files(self, ctx: RecoveryContext) -> list[Path]:
+        """Files under the storage root this participant needs backed up besides catalog.db and blobs
+        (e.g. a derived family's latest published generation, consistent after `checkpoint`)."""
+        return []
+
     def blob_references(self, ctx: RecoveryContext) -> Iterator[tuple[str, str]]:
         """(sha256, label) for each blob this participant's records reference."""
         return iter(())

@@ -80,8 +80,11 @@ def validate(storage: Storage, participants: list[Participant]) -> dict[str, Any
             done.add(p.name)
             found = p.validate(ctx, recorded.get(p.name))
             if p.kind == "derived" and has_errors(found):
-                # Derived state is rebuilt from source records instead of being trusted.
-                found = [*found, *p.rebuild(ctx)]
+                # Derived state is rebuilt from source records instead of being trusted, then re-validated;
+                # what was wrong before stays in the report as a warning.
+                before = [Finding(f.participant, "warning", f.subject, f"before rebuild: {f.message}")
+                          if f.severity == "error" else f for f in found]
+                found = [*before, *p.rebuild(ctx), *p.validate(ctx, recorded.get(p.name))]
                 rebuilt.append(p.name)
             findings.extend(found)
         all_findings.extend(findings)

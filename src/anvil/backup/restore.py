@@ -91,6 +91,13 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
     except BackupError as e:
         raise BackupError(f"catalog.db cannot be restored: {e}; every object's records live in it, "
                           "so this snapshot cannot be restored") from None
+    for rel, entry in files.items():
+        if rel not in (FORMAT_FILE, "catalog.db"):  # participants' own files (derived generations, ...)
+            dest = (root / rel).resolve()
+            if root.resolve() not in dest.parents:
+                raise BackupError(f"snapshot file {rel!r} would be written outside the target")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _write_entry(reader, entry, dest)
     recorded = {name: p["summary"] for name, p in manifest["participants"].items()}
     partial: dict[str, Any] | None = None
     if buckets:
