@@ -177,7 +177,8 @@ def test_online_backup_is_consistent_and_restores_exactly(world) -> None:
 
 
 def test_drill_passes_and_reports(world, tmp_path: Path) -> None:
-    proc = anvil_cli("drill", "--repo", world["repo"], "--report-dir", str(tmp_path), "--json", check=False)
+    proc = anvil_cli("drill", "--repo", world["repo"], "--snapshot", world["snap"]["id"], "--report-dir", str(tmp_path),
+                     "--json", check=False)
     report = json.loads((tmp_path / "drill-report.json").read_text())
     assert proc.returncode == 0, json.dumps([c for c in report["checks"] if not c["ok"]], indent=1)
     assert report["ok"] and report["snapshot"] == world["snap"]["id"]

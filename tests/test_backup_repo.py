@@ -248,3 +248,16 @@ def test_forget_and_prune(built, repo_copy: Path, tmp_path: Path) -> None:
     assert restored.returncode == 0, restored.stdout
     nothing = anvil_cli("backup", "forget", "--repo", f"file://{repo_copy}")
     assert nothing.returncode == 1 and "refusing to forget every snapshot" in nothing.stderr
+
+
+def test_drill_fails_and_says_why(built, repo_copy: Path, tmp_path: Path) -> None:
+    pack, users = _blob_only_pack(repo_copy, built["manifest"])
+    (repo_copy / "data" / pack[:2] / pack).unlink()
+    proc = anvil_cli("drill", "--repo", f"file://{repo_copy}", "--report-dir", str(tmp_path))
+    assert proc.returncode == 1 and "DRILL FAILED" in proc.stdout
+    report = json.loads((tmp_path / "drill-report.json").read_text())
+    assert not report["ok"]
+    failed = [c for c in report["checks"] if not c["ok"]]
+    assert failed[0]["check"] == "restore into an isolated directory"
+    assert users[0] in " ".join(f["message"] for f in failed[0]["findings"])
+    assert "FAILED" in (tmp_path / "drill-report.md").read_text()
