@@ -577,16 +577,19 @@ class ChunkReader:
         self.index = repo.index()
         self.cache: OrderedDict[str, bytes] = OrderedDict()
         self.cache_packs = cache_packs
+        self._lock = threading.Lock()
 
     def _pack(self, pack_id: str) -> bytes:
-        if pack_id in self.cache:
-            self.cache.move_to_end(pack_id)
-            return self.cache[pack_id]
-        data = self.repo.backend.read(pack_name(pack_id))
-        self.cache[pack_id] = data
-        while len(self.cache) > self.cache_packs:
-            self.cache.popitem(last=False)
-        return data
+        # One lock: worker threads share the cache; decrypting happens outside it.
+        with self._lock:
+            if pack_id in self.cache:
+                self.cache.move_to_end(pack_id)
+                return self.cache[pack_id]
+            data = self.repo.backend.read(pack_name(pack_id))
+            self.cache[pack_id] = data
+            while len(self.cache) > self.cache_packs:
+                self.cache.popitem(last=False)
+            return data
 
     def read(self, cid: str) -> bytes:
         loc = self.index.get(cid)

@@ -16,6 +16,7 @@ from typing import Any
 import apsw
 
 from anvil.backup import recovery
+from anvil.backup.engine import ordered_parallel
 from anvil.backup.participant import Participant, RecoveryContext
 from anvil.backup.repository import BackupError, ChunkReader, Repository
 from anvil.storage.blobs import BlobStore
@@ -116,24 +117,34 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
     restored = skipped = 0
     problems: list[str] = []
     store = BlobStore(layout.blobs, layout.tmp)
-    for sha, labels in refs.items():
-        affects = ", ".join(labels[:3]) + (f" (+{len(labels) - 3} more)" if len(labels) > 3 else "")
+    def restore_blob(sha: str) -> tuple[str, str | None]:
+        """Runs on worker threads: 'missing', 'present', 'restored' or 'failed' + why."""
         entry = tree_blobs.get(sha)
         if entry is None:
-            problems.append(f"blob {sha} is not in the snapshot; affects {affects}")
-            continue
+            return "missing", None
         dest = store.path(sha)
         if dest.exists() and _hash_file(dest) == sha:
-            skipped += 1
-        else:
-            store.ensure_parent(dest)
-            try:
-                # No fsync per blob: one sync below makes everything durable before the marker.
-                _write_entry(reader, entry, dest, expected_sha=sha, fsync=False)
-                restored += 1
-            except BackupError as e:
-                problems.append(f"blob {sha}: {e}; affects {affects}")
-        done += entry["size"]
+            return "present", None
+        store.ensure_parent(dest)
+        try:
+            # No fsync per blob: one sync below makes everything durable before the marker.
+            _write_entry(reader, entry, dest, expected_sha=sha, fsync=False)
+            return "restored", None
+        except BackupError as e:
+            return "failed", str(e)
+
+    # Packs are restored in the order they were written, so the reader's pack cache stays warm.
+    for sha, (outcome, why) in ordered_parallel(restore_blob, list(refs)):
+        labels = refs[sha]
+        affects = ", ".join(labels[:3]) + (f" (+{len(labels) - 3} more)" if len(labels) > 3 else "")
+        if outcome == "missing":
+            problems.append(f"blob {sha} is not in the snapshot; affects {affects}")
+            continue
+        if outcome == "failed":
+            problems.append(f"blob {sha}: {why}; affects {affects}")
+        restored += outcome == "restored"
+        skipped += outcome == "present"
+        done += tree_blobs[sha]["size"]
         if progress:
             progress(done, total, sha[:12])
     os.sync()
