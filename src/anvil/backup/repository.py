@@ -276,6 +276,11 @@ def _zd() -> zstandard.ZstdDecompressor:
 
 def compress(data: bytes) -> bytes:
     """One leading byte says how: 1 = zstd, 0 = stored (incompressible data is not inflated)."""
+    if len(data) > 64 * 1024:
+        # Probe a sample first: random/already-compressed bodies skip a wasted full compression.
+        sample = data[: 16 * 1024]
+        if len(_zc().compress(sample)) > 0.97 * len(sample):
+            return b"\x00" + data
     z = _zc().compress(data)
     return b"\x01" + z if len(z) < len(data) else b"\x00" + data
 
@@ -509,7 +514,8 @@ class PackWriter:
     def __init__(self, repo: Repository):
         self.repo = repo
         self.known = repo.index()
-        self.buf = bytearray()
+        self.parts: list[bytes] = []  # sealed chunks of the open pack (joined once, at flush)
+        self.size = 0
         self.entries: list[list[Any]] = []
         self.written_packs: list[dict[str, Any]] = []
         self.new_bytes = 0
@@ -533,11 +539,12 @@ class PackWriter:
         if cid in self.known or cid in self.pending:
             return cid
         assert blob is not None
-        self.entries.append([cid, len(self.buf), len(blob), raw_length])
-        self.buf += blob
+        self.entries.append([cid, self.size, len(blob), raw_length])
+        self.parts.append(blob)
+        self.size += len(blob)
         self.pending.add(cid)
         self.new_chunks += 1
-        if len(self.buf) >= self.target:
+        if self.size >= self.target:
             self.flush()
         return cid
 
@@ -545,7 +552,8 @@ class PackWriter:
         if not self.entries:
             return
         header = seal(self.repo.enc_key, compress(json.dumps(self.entries).encode()), b"pack-header")
-        body = bytes(self.buf) + header + len(header).to_bytes(4, "big")
+        self.parts += [header, len(header).to_bytes(4, "big")]
+        body = b"".join(self.parts)
         pack_id = hashlib.sha256(body).hexdigest()
         self.repo.backend.write(pack_name(pack_id), body)
         self.written_packs.append({"id": pack_id, "size": len(body), "chunks": self.entries})
@@ -553,7 +561,8 @@ class PackWriter:
             self.known[cid] = Location(pack_id, off, length, raw)
         self.repo.pack_sizes[pack_id] = len(body)
         self.new_bytes += len(body)
-        self.buf = bytearray()
+        self.parts = []
+        self.size = 0
         self.entries = []
         self.pending = set()
 
