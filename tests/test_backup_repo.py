@@ -261,3 +261,19 @@ def test_drill_fails_and_says_why(built, repo_copy: Path, tmp_path: Path) -> Non
     assert failed[0]["check"] == "restore into an isolated directory"
     assert users[0] in " ".join(f["message"] for f in failed[0]["findings"])
     assert "FAILED" in (tmp_path / "drill-report.md").read_text()
+
+
+def test_prune_refuses_while_a_backup_holds_the_repository(repo_copy: Path) -> None:
+    repo = Repository.open(LocalBackend(repo_copy), PASS)
+    with repo.lock("shared"):  # as a running `backup create` holds it
+        proc = anvil_cli("backup", "forget", "--repo", f"file://{repo_copy}", "--keep-last", "1", "--prune")
+        assert proc.returncode == 1 and "locked" in proc.stderr and "shared lock by pid" in proc.stderr
+        assert anvil_cli("backup", "verify", "--repo", f"file://{repo_copy}").returncode == 0  # shared is fine
+    assert not list((repo_copy / "locks").iterdir())
+    # A crashed process's lock is removed explicitly.
+    (repo_copy / "locks" / "exclusive-dead").write_text(json.dumps({"kind": "exclusive", "pid": 1, "host": "h",
+                                                                    "time": 0}))
+    blocked = anvil_cli("backup", "verify", "--repo", f"file://{repo_copy}")
+    assert blocked.returncode == 1 and "backup unlock" in blocked.stderr
+    assert anvil_cli("backup", "unlock", "--repo", f"file://{repo_copy}").returncode == 0
+    assert anvil_cli("backup", "verify", "--repo", f"file://{repo_copy}").returncode == 0

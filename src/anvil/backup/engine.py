@@ -119,6 +119,14 @@ def create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tm
                     participants: list[Participant], repo: Repository, *, progress: Progress | None = None,
                     tag: str | None = None, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Checkpoint, then store FORMAT, catalog.db and every referenced blob; returns the manifest."""
+    with repo.lock("shared"):
+        return _create_snapshot(storage_root, catalog_path, blobs, tmp_dir, deployment_id, participants, repo,
+                                progress=progress, tag=tag, config=config)
+
+
+def _create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
+                     participants: list[Participant], repo: Repository, *, progress: Progress | None = None,
+                     tag: str | None = None, config: dict[str, Any] | None = None) -> dict[str, Any]:
     started = time.time()
     parent = latest_for(repo, deployment_id)
     parent_blobs: dict[str, dict[str, Any]] = parent["tree"]["blobs"] if parent else {}
@@ -268,6 +276,11 @@ def _chunk_users(repo: Repository, snaps: list[dict[str, Any]]) -> dict[str, lis
 
 def verify(repo: Repository, *, read_data: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Structure (and with read_data every byte); each problem says what it affects."""
+    with repo.lock("shared"):
+        return _verify(repo, read_data=read_data, progress=progress)
+
+
+def _verify(repo: Repository, *, read_data: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     errors: list[dict[str, Any]] = []
     index = repo.index()
     for p in repo.index_problems:
@@ -360,6 +373,11 @@ def forget(repo: Repository, *, keep_last: int = 0, keep_daily: int = 0, keep_we
            prune: bool = False) -> dict[str, Any]:
     if keep_last + keep_daily + keep_weekly <= 0:
         raise BackupError("refusing to forget every snapshot: give --keep-last, --keep-daily or --keep-weekly")
+    with repo.lock("exclusive"):
+        return _forget(repo, keep_last, keep_daily, keep_weekly, prune)
+
+
+def _forget(repo: Repository, keep_last: int, keep_daily: int, keep_weekly: int, prune: bool) -> dict[str, Any]:
     snaps = repo.snapshots()
     keep = select_keep(snaps, keep_last, keep_daily, keep_weekly)
     removed = [m["id"] for m in snaps if m["id"] not in keep]

@@ -15,10 +15,12 @@ they reveal nothing about content to someone holding only the repository.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
 import os
+import platform
 import secrets
 import threading
 import time
@@ -426,6 +428,43 @@ class Repository:
         if len(ids) == 1:
             raise BackupError("refusing to remove the last key: the repository would become unreadable")
         self.backend.delete(f"keys/{key_id}")
+
+    # -------------------------------------------------------------- locks
+
+    @contextlib.contextmanager
+    def lock(self, kind: str) -> Iterator[None]:
+        """`shared` (create, restore, verify) or `exclusive` (forget, prune): prune never races a backup.
+
+        Write our lock, then look: if a conflicting lock exists, withdraw ours and refuse. Two
+        racing writers can both withdraw (both refuse), never both proceed. A crashed process
+        leaves its lock behind; `anvil backup unlock` removes it after checking.
+        """
+        lock_id = f"{kind}-{uuid.uuid4().hex[:12]}"
+        body = {"kind": kind, "pid": os.getpid(), "host": platform.node(), "time": time.time()}
+        self.backend.write(f"locks/{lock_id}", json.dumps(body).encode())
+        try:
+            others = [n.split("/", 1)[1] for n in self.backend.list("locks") if not n.endswith(lock_id)]
+            conflicting = [o for o in others if kind == "exclusive" or o.startswith("exclusive-")]
+            if conflicting:
+                details = []
+                for o in conflicting[:3]:
+                    try:
+                        info = json.loads(self.backend.read(f"locks/{o}"))
+                        details.append(f"{info['kind']} lock by pid {info['pid']} on {info['host']} since "
+                                       f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(info['time']))} UTC")
+                    except (BackupError, ValueError, KeyError):
+                        details.append(o)
+                raise BackupError(f"the repository is locked ({'; '.join(details)}); if that process is gone, "
+                                  "run `anvil backup unlock`")
+            yield
+        finally:
+            self.backend.delete(f"locks/{lock_id}")
+
+    def unlock(self) -> list[str]:
+        names = self.backend.list("locks")
+        for n in names:
+            self.backend.delete(n)
+        return [n.split("/", 1)[1] for n in names]
 
     # -------------------------------------------------------------- sealed files
 

@@ -61,7 +61,8 @@ def restore(repo: Repository, manifest: dict[str, Any], target: Path, participan
     layout = Layout(target)
     layout.acquire_lock()  # a running server on the target makes this fail clearly
     try:
-        return _restore_locked(repo, manifest, layout, participants, buckets, progress, started)
+        with repo.lock("shared"):
+            return _restore_locked(repo, manifest, layout, participants, buckets, progress, started)
     except BaseException:
         layout.release_lock()
         if was_empty:

@@ -277,6 +277,15 @@ def backup_forget(repo: str, s3_endpoint: str | None, key_file: str | None, as_j
     emit(as_json, res, text=text)
 
 
+@backup.command("unlock")
+@repo_options
+@handles_errors
+def backup_unlock(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool) -> None:
+    """Remove every lock (only when no backup, restore, verify or prune is running)."""
+    removed = _open(repo, key_file, s3_endpoint).unlock()
+    emit(as_json, {"removed": removed}, text=f"removed {len(removed)} locks")
+
+
 @backup.group("key")
 def key() -> None:
     """Add, remove or change passphrases (the data is never re-encrypted)."""
