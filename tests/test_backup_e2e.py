@@ -43,72 +43,74 @@ def world(tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("backup-e2e")
     srv = AnvilServer(base / "data", env=ENV).start()
     client = srv.client()
-    rng = random.Random(7)
-    written: dict[tuple[str, str, str], str] = {}  # (bucket, key, version) -> sha256 of the body
-    vb = unique_bucket("v")
-    ub = unique_bucket("u")
-    client.create_bucket(vb, versioning="Enabled")
-    client.create_bucket(ub)
+    try:
+        rng = random.Random(7)
+        written: dict[tuple[str, str, str], str] = {}  # (bucket, key, version) -> sha256 of the body
+        vb = unique_bucket("v")
+        ub = unique_bucket("u")
+        client.create_bucket(vb, versioning="Enabled")
+        client.create_bucket(ub)
 
-    def put(bucket: str, key: str, body: bytes) -> str:
-        res = client.put_object(bucket, key, body)
-        written[(bucket, key, res["version_id"])] = hashlib.sha256(body).hexdigest()
-        return res["version_id"]
+        def put(bucket: str, key: str, body: bytes) -> str:
+            res = client.put_object(bucket, key, body)
+            written[(bucket, key, res["version_id"])] = hashlib.sha256(body).hexdigest()
+            return res["version_id"]
 
-    for i in range(170):
-        put(vb, f"{'abc'[i % 3]}/obj-{i:04d}", rng.randbytes(rng.randint(0, 8192)))
-    for i in range(0, 30):  # new versions of existing keys
-        put(vb, f"{'abc'[i % 3]}/obj-{i:04d}", rng.randbytes(rng.randint(1, 4096)))
-    deleted_markers = []
-    for i in range(30, 45):  # delete markers
-        deleted_markers.append(client.delete_object(vb, f"{'abc'[i % 3]}/obj-{i:04d}")["version_id"])
-    for i in range(45, 50):  # permanently deleted versions
-        key = f"{'abc'[i % 3]}/obj-{i:04d}"
-        vid = [v for (b, k, v) in written if b == vb and k == key][0]
-        client.delete_object(vb, key, version_id=vid)
-        del written[(vb, key, vid)]
-    # one completed multipart object (5 MiB + a tail) and one upload still in progress
-    part1, part2 = rng.randbytes(5 * MiB), rng.randbytes(1000)
-    up = client.create_upload(vb, "big/multipart.bin")
-    e1 = client.upload_part(vb, up, 1, part1)["etag"]
-    e2 = client.upload_part(vb, up, 2, part2)["etag"]
-    mp = client.complete_upload(vb, up, [(1, e1), (2, e2)])
-    written[(vb, "big/multipart.bin", mp["version_id"])] = hashlib.sha256(part1 + part2).hexdigest()
-    pending = client.create_upload(vb, "big/pending.bin")
-    client.upload_part(vb, pending, 1, b"pending part")
-    for i in range(20):
-        put(ub, f"plain/{i}", rng.randbytes(100 + i))
+        for i in range(170):
+            put(vb, f"{'abc'[i % 3]}/obj-{i:04d}", rng.randbytes(rng.randint(0, 8192)))
+        for i in range(0, 30):  # new versions of existing keys
+            put(vb, f"{'abc'[i % 3]}/obj-{i:04d}", rng.randbytes(rng.randint(1, 4096)))
+        deleted_markers = []
+        for i in range(30, 45):  # delete markers
+            deleted_markers.append(client.delete_object(vb, f"{'abc'[i % 3]}/obj-{i:04d}")["version_id"])
+        for i in range(45, 50):  # permanently deleted versions
+            key = f"{'abc'[i % 3]}/obj-{i:04d}"
+            vid = [v for (b, k, v) in written if b == vb and k == key][0]
+            client.delete_object(vb, key, version_id=vid)
+            del written[(vb, key, vid)]
+        # one completed multipart object (5 MiB + a tail) and one upload still in progress
+        part1, part2 = rng.randbytes(5 * MiB), rng.randbytes(1000)
+        up = client.create_upload(vb, "big/multipart.bin")
+        e1 = client.upload_part(vb, up, 1, part1)["etag"]
+        e2 = client.upload_part(vb, up, 2, part2)["etag"]
+        mp = client.complete_upload(vb, up, [(1, e1), (2, e2)])
+        written[(vb, "big/multipart.bin", mp["version_id"])] = hashlib.sha256(part1 + part2).hexdigest()
+        pending = client.create_upload(vb, "big/pending.bin")
+        client.upload_part(vb, pending, 1, b"pending part")
+        for i in range(20):
+            put(ub, f"plain/{i}", rng.randbytes(100 + i))
 
-    repo = f"file://{base / 'repo'}"
-    anvil_cli("backup", "init", "--repo", repo, "--storage-path", str(srv.storage_path))
+        repo = f"file://{base / 'repo'}"
+        anvil_cli("backup", "init", "--repo", repo, "--storage-path", str(srv.storage_path))
 
-    # A writer keeps writing while the online backup runs.
-    stop = threading.Event()
-    writer_acks: list[tuple[str, str, str, float]] = []  # key, version, sha, acked-at
+        # A writer keeps writing while the online backup runs.
+        stop = threading.Event()
+        writer_acks: list[tuple[str, str, str, float]] = []  # key, version, sha, acked-at
 
-    def writer() -> None:
-        with srv.client() as wc:
-            n = 0
-            while not stop.is_set():
-                body = f"writer {n}".encode() * 50
-                res = wc.put_object(vb, f"w/{n:05d}", body)
-                writer_acks.append((f"w/{n:05d}", res["version_id"], hashlib.sha256(body).hexdigest(), time.time()))
-                n += 1
+        def writer() -> None:
+            with srv.client() as wc:
+                n = 0
+                while not stop.is_set():
+                    body = f"writer {n}".encode() * 50
+                    res = wc.put_object(vb, f"w/{n:05d}", body)
+                    writer_acks.append((f"w/{n:05d}", res["version_id"], hashlib.sha256(body).hexdigest(), time.time()))
+                    n += 1
 
-    t = threading.Thread(target=writer, daemon=True)
-    t.start()
-    time.sleep(0.3)
-    backup_started = time.time()
-    snap = cli_json("backup", "create", "--repo", repo, "--endpoint", srv.endpoint, "--tag", "e2e")
-    backup_done = time.time()
-    time.sleep(0.3)
-    stop.set()
-    t.join(10)
-    yield {"srv": srv, "client": client, "base": base, "repo": repo, "snap": snap, "written": written,
-           "vb": vb, "ub": ub, "writer_acks": writer_acks, "backup_started": backup_started,
-           "backup_done": backup_done, "parts": (part1, part2), "deleted_markers": deleted_markers}
-    client.close()
-    srv.stop()
+        t = threading.Thread(target=writer, daemon=True)
+        t.start()
+        time.sleep(0.3)
+        backup_started = time.time()
+        snap = cli_json("backup", "create", "--repo", repo, "--endpoint", srv.endpoint, "--tag", "e2e")
+        backup_done = time.time()
+        time.sleep(0.3)
+        stop.set()
+        t.join(10)
+        yield {"srv": srv, "client": client, "base": base, "repo": repo, "snap": snap, "written": written,
+               "vb": vb, "ub": ub, "writer_acks": writer_acks, "backup_started": backup_started,
+               "backup_done": backup_done, "parts": (part1, part2), "deleted_markers": deleted_markers}
+    finally:  # also when populating fails: never leave a server behind
+        client.close()
+        srv.stop()
 
 
 def _journal_seqs(client: AnvilClient) -> dict[str, int]:
