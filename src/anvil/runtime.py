@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from anvil.diagnostics import Diagnostics
 from anvil.identity import BucketAccess, IdentityService, install_bucket_lookup
@@ -10,6 +11,17 @@ from anvil.identity.settings import load_jwt_secret, load_keyring
 from anvil.objects import ObjectService
 from anvil.storage import Storage
 from anvil.watch import WatchService
+
+if TYPE_CHECKING:
+    from anvil.backup.participant import Participant
+
+
+def recovery_participants() -> list[Participant]:
+    """Every subsystem's recovery participant; later subsystems append theirs here."""
+    from anvil.backup.storage_participants import BlobsParticipant, JournalParticipant
+    from anvil.objects.recovery import ObjectsParticipant
+
+    return [JournalParticipant(), ObjectsParticipant(), BlobsParticipant()]
 
 
 class Anvil:
@@ -31,6 +43,9 @@ class Anvil:
     def _bucket_access(self, name: str) -> BucketAccess | None:
         b = self.objects.find_bucket(name)
         return BucketAccess(b.tenant, b.public) if b is not None else None
+
+    def participants(self) -> list[Participant]:
+        return recovery_participants()
 
     def close(self) -> None:
         self.watch.close()

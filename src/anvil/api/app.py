@@ -10,6 +10,7 @@ from starlette.routing import Match, Route
 from starlette.types import Scope
 
 from anvil.api.admin import ROUTES as ADMIN_ROUTES
+from anvil.api.backup_routes import BACKUP_ROUTES
 from anvil.api.common import error_response
 from anvil.api.identity import IDENTITY_ROUTES
 from anvil.api.native import ROUTES
@@ -72,10 +73,12 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
 
 
 def create_app(anvil: Anvil, *, recovery_mode: bool = False, dev_auth: bool = False) -> Starlette:
-    routes = [*ROUTES, *IDENTITY_ROUTES, *WATCH_ROUTES, *ADMIN_ROUTES,
+    routes = [*ROUTES, *IDENTITY_ROUTES, *WATCH_ROUTES, *ADMIN_ROUTES, *BACKUP_ROUTES,
               Route("/{path:path}", _fallback, methods=ALL_METHODS)]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_exception})
     app.state.anvil = anvil
     app.state.recovery_mode = recovery_mode
     app.state.dev_auth = dev_auth
+    app.state.last_backup = None
+    app.state.backup_schedule = None
     return app

@@ -113,6 +113,8 @@ async def ready(request: Request) -> Response:
         "recovery_mode": bool(getattr(request.app.state, "recovery_mode", False)),
         "journal": {"seq": seq, "hash": h},
         "deployment_id": anvil.storage.format.deployment_id,
+        "backup": {"last": getattr(request.app.state, "last_backup", None),
+                   "schedule": getattr(request.app.state, "backup_schedule", None)},
     }
     return JSONResponse(body)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import uvicorn
 
@@ -38,7 +39,8 @@ def _print_dev_credentials(anvil: Anvil, endpoint: str) -> None:
     )
 
 
-def serve(storage_path: str, listen: str, *, dev_auth: bool = False) -> None:
+def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any = None) -> None:
+    """Serve one STORAGE_PATH; `backup` (a ScheduleConfig) turns on scheduled backups."""
     host, port = parse_listen(listen)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     dev_auth = dev_auth or dev_auth_enabled()
@@ -48,22 +50,39 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False) -> None:
     anvil = Anvil(storage_path, endpoint=endpoint)
     anvil.storage.clear_tmp()
     try:
-        app = create_app(anvil, dev_auth=dev_auth)
+        from anvil.backup.recovery import in_recovery
+
+        recovery_mode = in_recovery(anvil.storage.root)
+        app = create_app(anvil, recovery_mode=recovery_mode, dev_auth=dev_auth)
         anvil.watch.start_background()
         config = uvicorn.Config(
             app, host=host, port=port, loop="uvloop", http="httptools", access_log=False,
             log_level="warning", timeout_graceful_shutdown=5, server_header=False,
         )
         server = uvicorn.Server(config)
+        scheduler = None
+        if backup is not None:
+            from anvil.backup.schedule import BackupScheduler, check_schedule
+
+            check_schedule(backup, anvil.storage.root)
+            scheduler = BackupScheduler(app, backup)
+            scheduler.start()
         print(f"Anvil {storage_path!s} listening on {endpoint}", flush=True)
         print(f"  native API: {endpoint}/anvil/v1/  (OpenAPI: /anvil/v1/openapi.json)", flush=True)
-        if is_development():
+        if recovery_mode:
+            print("  RECOVERY MODE: restored storage; public writes are refused until "
+                  "`anvil recovery validate` + `anvil recovery resume`", flush=True)
+        if is_development() and not recovery_mode:  # recovery mode writes nothing, not even a dev app
             _print_dev_credentials(anvil, endpoint)
         if dev_auth:
             banner = "!" * 78
             print(f"{banner}\nWARNING: --dev-auth: requests WITHOUT a token act as the development admin "
                   f"principal.\nFor benchmarks only; never expose this server.\n{banner}", file=sys.stderr, flush=True)
-        server.run()
+        try:
+            server.run()
+        finally:
+            if scheduler is not None:
+                scheduler.stop()
     finally:
         anvil.close()
     sys.stdout.flush()

@@ -29,13 +29,30 @@ def cli() -> None:
 @click.option("--listen", envvar="API_LISTEN_ADDR", default="127.0.0.1:9000", show_default=True)
 @click.option("--dev-auth", is_flag=True, default=False,
               help="Development mode only: requests without a token act as the dev admin (benchmarks).")
-def serve(storage_path: str, listen: str, dev_auth: bool) -> None:
+@click.option("--backup-repo", envvar="ANVIL_BACKUP_REPO", default=None, help="Take scheduled backups into this repo.")
+@click.option("--backup-every", default=None, help="Backup interval, e.g. 1h, 30m (needs --backup-repo).")
+@click.option("--backup-s3-endpoint", envvar="ANVIL_BACKUP_S3_ENDPOINT", default=None)
+@click.option("--backup-key-file", default=None, help="Passphrase file (else ANVIL_BACKUP_PASSPHRASE).")
+def serve(storage_path: str, listen: str, dev_auth: bool, backup_repo: str | None, backup_every: str | None,
+          backup_s3_endpoint: str | None, backup_key_file: str | None) -> None:
     """Run the server (S3 gateway, native API, background work) on one STORAGE_PATH."""
     from anvil.api.server import serve as run_server
     from anvil.errors import AnvilError
 
     try:
-        run_server(storage_path, listen, dev_auth=dev_auth)
+        schedule = None
+        if backup_repo or backup_every:
+            from anvil.backup.repository import BackupError, read_passphrase
+            from anvil.backup.schedule import ScheduleConfig, parse_interval
+
+            if not (backup_repo and backup_every):
+                raise ValueError("--backup-repo and --backup-every go together")
+            try:
+                passphrase = read_passphrase(backup_key_file)
+            except BackupError as e:
+                raise ValueError(f"--backup-repo: {e}") from None
+            schedule = ScheduleConfig(backup_repo, parse_interval(backup_every), passphrase, backup_s3_endpoint)
+        run_server(storage_path, listen, dev_auth=dev_auth, backup=schedule)
     except (AnvilError, ValueError) as e:
         click.echo(f"anvil serve: {e}", err=True)
         sys.exit(2)
@@ -234,6 +251,9 @@ from anvil.cli.watch import watch  # noqa: E402
 
 cli.add_command(watch)
 register_diagnostics(cli)
+from anvil.cli.backup import register as _register_backup  # noqa: E402 - after the groups above
+
+_register_backup(cli)
 
 
 def main() -> None:

@@ -1,0 +1,114 @@
+"""Admin routes for backup and recovery: translation and authorisation only."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from anvil.api.common import blocking, endpoint, json_body
+from anvil.context import RequestContext
+from anvil.errors import AnvilError
+from anvil.identity import authorize
+
+_backup_lock = threading.Lock()
+
+
+def run_backup(app: Any, repo_url: str, *, passphrase: str | None = None, key_file: str | None = None,
+               s3_endpoint: str | None = None, tag: str | None = None, mode: str = "online") -> dict[str, Any]:
+    """One backup of the running server; remembers the outcome for /anvil/health/ready."""
+    from anvil.backup import engine, ops
+    from anvil.backup.repository import BackupError
+
+    if not _backup_lock.acquire(blocking=False):
+        raise AnvilError("PreconditionFailed", "a backup is already running")
+    started = time.time()
+    try:
+        anvil = app.state.anvil
+        repo = ops.open_repo(repo_url, passphrase=passphrase, key_file=key_file, s3_endpoint=s3_endpoint,
+                             storage_path=anvil.storage.root)
+        manifest = ops.backup_anvil(anvil, repo, tag=tag, mode=mode)
+        result = {**engine.snapshot_row(manifest), "stats": manifest["stats"], "problems": manifest["problems"]}
+        app.state.last_backup = {"time": started, "ok": not manifest["problems"], "snapshot": manifest["id"],
+                                 "repository": repo.backend.url, "problems": len(manifest["problems"])}
+        return result
+    except BackupError as e:
+        app.state.last_backup = {"time": started, "ok": False, "error": str(e), "repository": repo_url}
+        raise AnvilError("InvalidArgument", str(e)) from None
+    except Exception as e:
+        app.state.last_backup = {"time": started, "ok": False, "error": f"{type(e).__name__}: {e}",
+                                 "repository": repo_url}
+        raise
+    finally:
+        _backup_lock.release()
+
+
+def _str(body: dict[str, Any], name: str, required: bool = False) -> str | None:
+    value = body.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value:
+        raise AnvilError("InvalidArgument", f"'{name}' must be a non-empty string")
+    return value
+
+
+@endpoint
+async def create_backup(request: Request, ctx: RequestContext) -> Response:
+    authorize(ctx.principal, "admin:write", "system")
+    body = await json_body(request)
+    repo = _str(body, "repo", required=True)
+    result = await blocking(run_backup, request.app, repo, passphrase=_str(body, "passphrase"),
+                            s3_endpoint=_str(body, "s3_endpoint"), tag=_str(body, "tag"))
+    return JSONResponse(result, status_code=201)
+
+
+@endpoint
+async def recovery_status(request: Request, ctx: RequestContext) -> Response:
+    authorize(ctx.principal, "admin:read", "system")
+    from anvil.backup import recovery
+
+    root = request.app.state.anvil.storage.root
+    return JSONResponse({"recovery_mode": bool(request.app.state.recovery_mode),
+                         "marker": recovery.read_marker(root), "last_validation": recovery.last_validation(root)})
+
+
+@endpoint
+async def recovery_validate(request: Request, ctx: RequestContext) -> Response:
+    authorize(ctx.principal, "admin:write", "system")
+    from anvil.backup import recovery
+
+    anvil = request.app.state.anvil
+    report = await blocking(recovery.validate, anvil.storage, anvil.participants())
+    return JSONResponse(report)
+
+
+@endpoint
+async def recovery_resume(request: Request, ctx: RequestContext) -> Response:
+    authorize(ctx.principal, "admin:write", "system")
+    from anvil.backup import recovery
+    from anvil.backup.repository import BackupError
+
+    body = await json_body(request, required=False)
+    force = body.get("force", False)
+    if not isinstance(force, bool):
+        raise AnvilError("InvalidArgument", "'force' must be a boolean")
+    reason = _str(body, "reason")
+    try:
+        result = await blocking(recovery.resume, request.app.state.anvil.storage, force=force, reason=reason,
+                                actor=ctx.actor)
+    except BackupError as e:
+        raise AnvilError("PreconditionFailed", str(e)) from None
+    request.app.state.recovery_mode = False
+    return JSONResponse(result)
+
+
+BACKUP_ROUTES = [
+    Route("/anvil/v1/admin/backup", create_backup, methods=["POST"]),
+    Route("/anvil/v1/admin/recovery", recovery_status, methods=["GET"]),
+    Route("/anvil/v1/admin/recovery/validate", recovery_validate, methods=["POST"]),
+    Route("/anvil/v1/admin/recovery/resume", recovery_resume, methods=["POST"]),
+]

@@ -1,0 +1,1 @@
+"""Backup, restore, validation, recovery mode and the restore drill (DESIGN §5)."""

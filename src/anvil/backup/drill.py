@@ -1,0 +1,216 @@
+"""`anvil drill`: restore into a temporary directory, start an isolated server, prove the backup.
+
+Every proof is a participant's `smoke()` against a real server process on a free loopback
+port, plus the recovery-mode contract (writes refused, then resumed) and ordinary client
+operations after resume. Any failure makes the drill fail; the report says which.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import apsw
+import httpx
+
+from anvil.backup import ops
+from anvil.backup.participant import NOT_PRESENT, Finding, RecoveryContext, coverage
+from anvil.backup.repository import BackupError, Repository
+from anvil.backup.restore import restore
+from anvil.runtime import recovery_participants
+from anvil.storage.blobs import BlobStore
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    def __init__(self, storage: Path, log_path: Path):
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "anvil.cli.main", "serve", "--storage-path", str(storage),
+             "--listen", f"127.0.0.1:{self.port}"], stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_live(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BackupError(f"the drill server exited with {self.proc.returncode}: {self.tail()}")
+            try:
+                if httpx.get(self.endpoint + "/anvil/health/live", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise BackupError(f"the drill server did not start within {timeout}s: {self.tail()}")
+
+    def tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def _check(name: str, findings: list[Finding], started: float) -> dict[str, Any]:
+    return {"check": name, "ok": not any(f.severity == "error" for f in findings),
+            "duration": round(time.time() - started, 3), "findings": [f.to_dict() for f in findings]}
+
+
+def run_drill(repo: Repository, snapshot: str | None, report_dir: Path, *, keep: bool = False,
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    say = log or (lambda _msg: None)
+    started = time.time()
+    manifest = repo.resolve_snapshot(snapshot)
+    participants = recovery_participants()
+    recorded = {name: p["summary"] for name, p in manifest["participants"].items()}
+    work = Path(tempfile.mkdtemp(prefix="anvil-drill-"))
+    target = work / "data"
+    checks: list[dict[str, Any]] = []
+    server: _Server | None = None
+
+    def step(name: str, fn: Callable[[], list[Finding]]) -> bool:
+        t0 = time.time()
+        try:
+            findings = fn()
+        except Exception as e:  # noqa: BLE001 - a drill reports every failure instead of crashing
+            findings = [Finding("drill", "error", name, f"{type(e).__name__}: {e}")]
+        checks.append(_check(name, findings, t0))
+        say(f"{'ok  ' if checks[-1]['ok'] else 'FAIL'} {name}")
+        return checks[-1]["ok"]
+
+    try:
+        def do_restore() -> list[Finding]:
+            res = restore(repo, manifest, target, participants)
+            out = [Finding("restore", "error", "restore", p) for p in res["problems"]]
+            return out or [Finding("restore", "info", "restore",
+                                   f"{res['blobs_restored']} blobs, {res['bytes']} bytes in {res['duration']}s")]
+
+        def do_validate() -> list[Finding]:
+            report = ops.validate_path(target)
+            out = [Finding(f["participant"], f["severity"], f["subject"], f["message"])  # type: ignore[arg-type]
+                   for s in report["steps"] for f in s["findings"]]
+            return out
+
+        ok = step("restore into an isolated directory", do_restore)
+        ok = ok and step("validate restored state (DESIGN §5 sequence)", do_validate)
+        if ok:
+            server = _Server(target, work / "server.log")
+            from anvil.client import AnvilAPIError, AnvilClient
+
+            client = AnvilClient(server.endpoint)
+            try:
+                def do_start() -> list[Finding]:
+                    server.wait_live()
+                    health = client.health()
+                    if not health.get("recovery_mode"):
+                        return [Finding("drill", "error", "recovery mode", "restored server is not in recovery mode")]
+                    try:
+                        client.create_bucket(f"drill-probe-{uuid.uuid4().hex[:8]}")
+                        return [Finding("drill", "error", "recovery mode", "a write was accepted in recovery mode")]
+                    except AnvilAPIError as e:
+                        if e.code != "RecoveryMode" or e.status != 503:
+                            return [Finding("drill", "error", "recovery mode", f"write answered {e.status} {e.code}")]
+                    return [Finding("drill", "info", "recovery mode", "server started; writes refused (503)")]
+
+                if step("start isolated server in recovery mode", do_start):
+                    conn = apsw.Connection(str(target / "catalog.db"), flags=apsw.SQLITE_OPEN_READONLY)
+                    try:
+                        ctx = RecoveryContext(target, conn, BlobStore(target / "blobs" / "sha256", target / "tmp"),
+                                              participants)
+                        for p in participants:
+                            step(f"smoke: {p.name}", lambda p=p: p.smoke(client, ctx, recorded.get(p.name)))
+                    finally:
+                        conn.close()
+
+                    def do_resume() -> list[Finding]:
+                        res = client._json("POST", "/anvil/v1/admin/recovery/resume", json={})
+                        if client.health().get("recovery_mode"):
+                            return [Finding("drill", "error", "resume", "server still in recovery mode")]
+                        return [Finding("drill", "info", "resume", f"resumed at journal seq {res['journal_seq']}")]
+
+                    if step("resume normal traffic after passing validation", do_resume):
+                        step("client performs ordinary operations", lambda: _ordinary_ops(client))
+            finally:
+                client.close()
+    finally:
+        if server is not None:
+            server.stop()
+            if not all(c["ok"] for c in checks):
+                checks.append({"check": "server log (tail)", "ok": True, "duration": 0,
+                               "findings": [{"participant": "drill", "severity": "info", "subject": "log",
+                                             "message": server.tail()}]})
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    cov = coverage(p.describe() for p in participants)
+    report = {
+        "ok": bool(checks) and all(c["ok"] for c in checks),
+        "snapshot": manifest["id"], "repository": repo.backend.url,
+        "journal_seq": manifest["consistency"]["journal_seq"], "started": started,
+        "duration": round(time.time() - started, 3), "kept_restore": str(target) if keep else None,
+        "checks": checks,
+        "coverage": [{"item": c["label"], "participants": c["participants"] or NOT_PRESENT} for c in cov],
+    }
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "drill-report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (report_dir / "drill-report.md").write_text(render_markdown(report))
+    return report
+
+
+def _ordinary_ops(client: Any) -> list[Finding]:
+    name = f"drill-{uuid.uuid4().hex[:10]}"
+    body = uuid.uuid4().bytes * 64
+    client.create_bucket(name)
+    client.put_object(name, "drill/check.bin", body)
+    if client.get_object(name, "drill/check.bin") != body:
+        return [Finding("drill", "error", "ordinary operations", "read-after-write returned different bytes")]
+    if [o["key"] for o in client.list_objects(name)["objects"]] != ["drill/check.bin"]:
+        return [Finding("drill", "error", "ordinary operations", "listing after write is wrong")]
+    client.delete_object(name, "drill/check.bin")
+    client.delete_bucket(name)
+    if not client.verify_journal().get("ok"):
+        return [Finding("drill", "error", "journal", "chain broken after ordinary operations")]
+    return [Finding("drill", "info", "ordinary operations", "create bucket, put, get, list, delete: ok")]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Restore drill: {'PASSED' if report['ok'] else 'FAILED'}", "",
+             f"- snapshot: {report['snapshot']} (journal seq {report['journal_seq']})",
+             f"- repository: {report['repository']}", f"- duration: {report['duration']} s", "", "## Checks", ""]
+    for c in report["checks"]:
+        lines.append(f"### {'✔' if c['ok'] else '✘'} {c['check']} ({c['duration']} s)")
+        for f in c["findings"]:
+            msg = f["message"] if f["subject"] != "log" else "\n```\n" + f["message"] + "\n```"
+            lines.append(f"- [{f['severity']}] {f['participant']}: {f['subject']}: {msg}")
+        lines.append("")
+    lines += ["## Coverage", "", "| item | participants |", "| --- | --- |"]
+    for c in report["coverage"]:
+        who = c["participants"] if isinstance(c["participants"], str) else ", ".join(c["participants"])
+        lines.append(f"| {c['item']} | {who} |")
+    return "\n".join(lines) + "\n"
+

@@ -1,0 +1,445 @@
+"""Snapshots: the consistent checkpoint, create, list/inspect, verify, forget and prune."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import apsw
+
+from anvil import __version__
+from anvil.backup.participant import NOT_PRESENT, Participant, RecoveryContext, coverage
+from anvil.backup.repository import BackupError, ChunkReader, PackWriter, Repository, chunker, pack_name
+from anvil.storage import journal
+from anvil.storage.blobs import BlobStore
+from anvil.storage.layout import FORMAT_FILE
+
+Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, what)
+CONSISTENCY_METHOD = "sqlite-online-backup step(-1) in one read transaction; S = journal head of the copy"
+
+
+@contextlib.contextmanager
+def checkpoint(catalog_path: Path, tmp_dir: Path) -> Iterator[Path]:
+    """A transactionally consistent copy of catalog.db at some journal seq S.
+
+    The online backup API copies every page in one `step(-1)`, inside one read transaction
+    on the source: WAL lets the writer keep committing meanwhile, and the copy is exactly
+    the database as of one commit. S is whatever the copy's journal head is. Blobs are
+    immutable and written before their records commit, so those referenced at S exist.
+    """
+    work = tmp_dir / f"checkpoint-{uuid.uuid4().hex[:12]}"
+    work.mkdir(parents=True)
+    dest_path = work / "catalog.db"
+    try:
+        src = apsw.Connection(str(catalog_path), flags=apsw.SQLITE_OPEN_READONLY)
+        src.setbusytimeout(10_000)
+        dest = apsw.Connection(str(dest_path))
+        try:
+            with dest.backup("main", src, "main") as b:
+                b.step(-1)
+            # A single self-contained file (no -wal needed to read or restore it).
+            dest.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            dest.close()
+            src.close()
+        yield dest_path
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _read_only(path: Path) -> apsw.Connection:
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    conn.setbusytimeout(10_000)
+    return conn
+
+
+Encoded = tuple[list[tuple[str, int, bytes | None]], str, int]
+
+
+def _encode_file(writer: PackWriter, path: Path) -> Encoded:
+    """Cut, hash and encode one file (runs on worker threads): (chunks, sha256, size)."""
+    h = hashlib.sha256()
+    out: list[tuple[str, int, bytes | None]] = []
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= 4 * 1024 * 1024:
+            # Small files: one read, and no chunker call below its minimum chunk size.
+            data = f.read()
+            pieces = [memoryview(data)] if len(data) <= 128 * 1024 else [c.data for c in chunker().cut_buf(data)]
+            if not data:
+                pieces = []
+        else:
+            pieces = (bytes(c.data) for c in chunker().cut_stream(f))  # type: ignore[assignment]
+        total = 0
+        for piece in pieces:
+            h.update(piece)
+            total += len(piece)
+            out.append(writer.encode(piece))
+    return out, h.hexdigest(), total
+
+
+def _add_encoded(writer: PackWriter, encoded: Encoded) -> list[str]:
+    return [writer.add_encoded(cid, raw, blob) for cid, raw, blob in encoded[0]]
+
+
+def ordered_parallel(fn: Callable[[Any], Any], items: list[Any], workers: int | None = None,
+                     window: int = 8) -> Iterator[tuple[Any, Any]]:
+    """map(fn, items) on threads, results in order, at most `window` in flight (bounded memory)."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as ex:
+        pending: deque = deque()
+        for item in items:
+            pending.append((item, ex.submit(fn, item)))
+            if len(pending) >= window:
+                it, fut = pending.popleft()
+                yield it, fut.result()
+        while pending:
+            it, fut = pending.popleft()
+            yield it, fut.result()
+
+
+def latest_for(repo: Repository, deployment_id: str) -> dict[str, Any] | None:
+    snaps = [s for s in repo.snapshots() if s.get("deployment_id") == deployment_id]
+    return snaps[-1] if snaps else None
+
+
+def create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
+                    participants: list[Participant], repo: Repository, *, progress: Progress | None = None,
+                    tag: str | None = None, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Checkpoint, then store FORMAT, catalog.db and every referenced blob; returns the manifest."""
+    with repo.lock("shared"):
+        return _create_snapshot(storage_root, catalog_path, blobs, tmp_dir, deployment_id, participants, repo,
+                                progress=progress, tag=tag, config=config)
+
+
+def _create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
+                     participants: list[Participant], repo: Repository, *, progress: Progress | None = None,
+                     tag: str | None = None, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    started = time.time()
+    parent = latest_for(repo, deployment_id)
+    parent_blobs: dict[str, dict[str, Any]] = parent["tree"]["blobs"] if parent else {}
+    writer = repo.writer()
+    known = writer.known
+    problems: list[str] = []
+    with checkpoint(catalog_path, tmp_dir) as cp:
+        conn = _read_only(cp)
+        try:
+            ctx = RecoveryContext(storage_root, conn, blobs, participants)
+            for p in participants:
+                p.checkpoint(ctx)
+            seq, chain_hash = journal.head(conn)
+            parts = {p.name: {"describe": p.describe().to_dict(), "summary": p.summary(ctx)} for p in participants}
+            refs = ctx.references()
+            extra = sorted({f for p in participants for f in p.files(ctx)})
+        finally:
+            conn.close()
+        catalog_size = cp.stat().st_size
+        todo = [sha for sha in refs if not (sha in parent_blobs and all(c in known for c in
+                                                                          parent_blobs[sha]["chunks"]))]
+        total = catalog_size + sum(blobs.size(s) for s in todo if blobs.exists(s))
+        done = 0
+
+        def tick(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress:
+                progress(done, total, "")
+
+        files: dict[str, Any] = {}
+        fmt = (storage_root / FORMAT_FILE).read_bytes()
+        files[FORMAT_FILE] = {"size": len(fmt), "sha256": hashlib.sha256(fmt).hexdigest(), "chunks": [writer.add(fmt)]}
+        encoded = _encode_file(writer, cp)
+        files["catalog.db"] = {"size": encoded[2], "sha256": encoded[1], "chunks": _add_encoded(writer, encoded)}
+        tick(encoded[2])
+        for path in extra:
+            rel = str(Path(path).absolute().relative_to(storage_root))
+            if rel in files or rel.startswith(("blobs/", "tmp/")):
+                raise BackupError(f"participant file {rel} is not allowed in a snapshot")
+            encoded = _encode_file(writer, Path(path))
+            files[rel] = {"size": encoded[2], "sha256": encoded[1], "chunks": _add_encoded(writer, encoded)}
+    tree_blobs: dict[str, Any] = {}
+    logical = files["catalog.db"]["size"] + len(fmt)
+    reused = 0
+    todo_set = set(todo)
+
+    def encode_blob(sha: str) -> Encoded | None:
+        path = blobs.path(sha)
+        return _encode_file(writer, path) if path.exists() else None
+
+    # Workers cut, hash, compress and encrypt; this thread appends to packs in a fixed order.
+    encoded_blobs = ordered_parallel(encode_blob, todo)
+    for sha, labels in refs.items():
+        refs_note = labels[:3] + ([f"+{len(labels) - 3} more"] if len(labels) > 3 else [])
+        if sha not in todo_set:
+            # Content-addressed and immutable: the parent already stored exactly these bytes.
+            tree_blobs[sha] = {**parent_blobs[sha], "refs": refs_note}
+            logical += parent_blobs[sha]["size"]
+            reused += 1
+            continue
+        got_sha, encoded = next(encoded_blobs)
+        assert got_sha == sha
+        if encoded is None:
+            problems.append(f"blob {sha} referenced by {', '.join(refs_note)} is missing from STORAGE_PATH")
+            continue
+        ids, actual, size = _add_encoded(writer, encoded), encoded[1], encoded[2]
+        tick(size)
+        if actual != sha:
+            problems.append(f"blob {sha} in STORAGE_PATH is corrupt (hashes to {actual}); "
+                            f"affects {', '.join(refs_note)}; stored as found")
+        tree_blobs[sha] = {"size": size, "chunks": ids, "refs": refs_note}
+        logical += size
+    writer.finish()
+    finished = time.time()
+    manifest = {
+        "id": uuid.uuid4().hex[:16],
+        "parent": parent["id"] if parent else None,
+        "tag": tag,
+        "started": started,
+        "finished": finished,
+        "anvil_version": __version__,
+        "repository_format": repo.config["format_version"],
+        "storage_format": _storage_format(fmt),
+        "deployment_id": deployment_id,
+        "hostname": platform.node(),
+        "consistency": {"method": CONSISTENCY_METHOD, "journal_seq": seq, "journal_hash": chain_hash},
+        "key_ids": {"repository_key": repo.key_id, "secret_keys": []},
+        "config": config or {},
+        "participants": parts,
+        "coverage": coverage(p.describe() for p in participants),
+        "problems": problems,
+        "stats": {"logical_bytes": logical, "new_bytes": writer.new_bytes, "new_chunks": writer.new_chunks,
+                  "blobs": len(tree_blobs), "blobs_reused_from_parent": reused,
+                  "duration": round(finished - started, 3)},
+        "tree": {"files": files, "blobs": tree_blobs},
+    }
+    repo.save_snapshot(manifest)
+    return manifest
+
+
+def _storage_format(fmt: bytes) -> Any:
+    import json
+
+    try:
+        return json.loads(fmt).get("format_version")
+    except ValueError:
+        return None
+
+
+def snapshot_row(m: dict[str, Any]) -> dict[str, Any]:
+    return {"id": m["id"], "time": m["started"], "parent": m["parent"], "tag": m.get("tag"),
+            "deployment_id": m["deployment_id"], "journal_seq": m["consistency"]["journal_seq"],
+            "logical_bytes": m["stats"]["logical_bytes"], "new_bytes": m["stats"]["new_bytes"],
+            "problems": len(m.get("problems", []))}
+
+
+def inspect_rows(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """The coverage checklist for one snapshot: item -> participant -> summary, or not present."""
+    rows = []
+    for item in m["coverage"]:
+        if not item["participants"]:
+            rows.append({"item": item["label"], "participant": None, "summary": NOT_PRESENT})
+            continue
+        for name in item["participants"]:
+            rows.append({"item": item["label"], "participant": name,
+                         "summary": m["participants"][name]["summary"]})
+    return rows
+
+
+# ------------------------------------------------------------------ verify
+
+
+def _chunk_users(repo: Repository, snaps: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """chunk id -> what it affects ('snapshot S: catalog.db', 'snapshot S: blob X (bucket/key@v)')."""
+    users: dict[str, list[str]] = {}
+    for m in snaps:
+        for name, entry in m["tree"]["files"].items():
+            for c in entry["chunks"]:
+                users.setdefault(c, []).append(f"snapshot {m['id']}: {name}")
+        for sha, entry in m["tree"]["blobs"].items():
+            label = f"snapshot {m['id']}: blob {sha[:16]}… ({', '.join(entry.get('refs', []))})"
+            for c in entry["chunks"]:
+                users.setdefault(c, []).append(label)
+    return users
+
+
+def verify(repo: Repository, *, read_data: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Structure (and with read_data every byte); each problem says what it affects."""
+    with repo.lock("shared"):
+        return _verify(repo, read_data=read_data, progress=progress)
+
+
+def _verify(repo: Repository, *, read_data: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    errors: list[dict[str, Any]] = []
+    index = repo.index()
+    for p in repo.index_problems:
+        errors.append({"what": "index", "problem": p})
+    snaps: list[dict[str, Any]] = []
+    for sid in repo.snapshot_ids():
+        try:
+            snaps.append(repo.load_snapshot(sid))
+        except BackupError as e:
+            errors.append({"what": f"snapshot {sid}", "problem": str(e)})
+    users = _chunk_users(repo, snaps)
+
+    def affects(cid: str) -> list[str]:
+        u = users.get(cid, [])
+        return u[:10] + ([f"+{len(u) - 10} more"] if len(u) > 10 else [])
+
+    for cid in users:
+        if cid not in index:
+            errors.append({"what": f"chunk {cid}", "problem": "referenced by a snapshot but in no index",
+                           "affects": affects(cid)})
+    stored_packs = {n.rsplit("/", 1)[1]: n for n in repo.backend.list("data")}
+    by_pack: dict[str, list[tuple[str, Any]]] = {}
+    for cid, loc in index.items():
+        by_pack.setdefault(loc.pack, []).append((cid, loc))
+    for pack_id, chunks in sorted(by_pack.items()):
+        if pack_id not in stored_packs:
+            for cid, _ in chunks:
+                if cid in users:
+                    errors.append({"what": f"chunk {cid}", "problem": f"pack {pack_id} is missing",
+                                   "pack": pack_id, "affects": affects(cid)})
+            continue
+        size = repo.backend.size(stored_packs[pack_id])
+        if size != repo.pack_sizes.get(pack_id, size):
+            errors.append({"what": f"pack {pack_id}", "problem": f"size {size}, index says {repo.pack_sizes[pack_id]}"})
+    unindexed = sorted(set(stored_packs) - set(by_pack))
+    warnings = [f"pack {p} is not referenced by any readable index" for p in unindexed]
+    checked_chunks = 0
+    if read_data:
+        present = [p for p in sorted(by_pack) if p in stored_packs]
+        total = sum(repo.pack_sizes.get(p, 0) for p in present)
+        done = 0
+
+        def check_pack(pack_id: str) -> tuple[int, int, list[dict[str, Any]]]:
+            data = repo.backend.read(pack_name(pack_id))
+            found: list[dict[str, Any]] = []
+            if hashlib.sha256(data).hexdigest() != pack_id:
+                found.append({"what": f"pack {pack_id}", "problem": "content does not hash to its name"})
+            chunks = sorted(by_pack[pack_id], key=lambda c: c[1].offset)
+            for cid, loc in chunks:
+                try:
+                    repo.decode_chunk(cid, data[loc.offset:loc.offset + loc.length])
+                except BackupError as e:
+                    found.append({"what": f"chunk {cid}", "problem": f"{e}", "pack": pack_id, "offset": loc.offset,
+                                  "affects": affects(cid) or ["no snapshot (unused chunk)"]})
+            return len(data), len(chunks), found
+
+        # Packs are read and checked on worker threads; hashing, AES-GCM and zstd release the GIL.
+        for pack_id, (nbytes, nchunks, found) in ordered_parallel(check_pack, present, window=4):
+            errors.extend(found)
+            checked_chunks += nchunks
+            done += nbytes
+            if progress:
+                progress(done, total, pack_id[:12])
+    return {"ok": not errors, "snapshots": len(snaps), "packs": len(stored_packs), "chunks": len(index),
+            "read_data": read_data, "chunks_read": checked_chunks, "errors": errors, "warnings": warnings}
+
+
+# ------------------------------------------------------------------ forget / prune
+
+
+def select_keep(snaps: list[dict[str, Any]], keep_last: int = 0, keep_daily: int = 0,
+                keep_weekly: int = 0) -> set[str]:
+    """restic-style: newest N; newest per day for N days; newest per ISO week for N weeks."""
+    newest_first = sorted(snaps, key=lambda m: m["started"], reverse=True)
+    keep = {m["id"] for m in newest_first[:keep_last]}
+    for count, bucket_of in ((keep_daily, lambda t: t.strftime("%Y-%m-%d")),
+                             (keep_weekly, lambda t: "{}-W{:02d}".format(*t.isocalendar()[:2]))):
+        seen: set[str] = set()
+        for m in newest_first:
+            if len(seen) >= count:
+                break
+            b = bucket_of(datetime.fromtimestamp(m["started"], UTC))
+            if b not in seen:
+                seen.add(b)
+                keep.add(m["id"])
+    return keep
+
+
+def forget(repo: Repository, *, keep_last: int = 0, keep_daily: int = 0, keep_weekly: int = 0,
+           prune: bool = False) -> dict[str, Any]:
+    if keep_last + keep_daily + keep_weekly <= 0:
+        raise BackupError("refusing to forget every snapshot: give --keep-last, --keep-daily or --keep-weekly")
+    with repo.lock("exclusive"):
+        return _forget(repo, keep_last, keep_daily, keep_weekly, prune)
+
+
+def _forget(repo: Repository, keep_last: int, keep_daily: int, keep_weekly: int, prune: bool) -> dict[str, Any]:
+    snaps = repo.snapshots()
+    keep = select_keep(snaps, keep_last, keep_daily, keep_weekly)
+    removed = [m["id"] for m in snaps if m["id"] not in keep]
+    for sid in removed:
+        repo.backend.delete(f"snapshots/{sid}")
+    result: dict[str, Any] = {"kept": sorted(keep), "removed": removed}
+    if prune:
+        result["prune"] = prune_repo(repo)
+    return result
+
+
+def prune_repo(repo: Repository) -> dict[str, Any]:
+    """Drop chunks no snapshot uses: delete empty packs, repack partly used ones, rewrite the index.
+
+    Order keeps the repository readable at every step: new packs, then the new index, then
+    removal of the old index files, then removal of old packs.
+    """
+    repo.index()
+    if repo.index_problems:
+        raise BackupError("refusing to prune: " + "; ".join(repo.index_problems))
+    snaps = repo.snapshots()
+    used: set[str] = set()
+    for m in snaps:
+        for entry in [*m["tree"]["files"].values(), *m["tree"]["blobs"].values()]:
+            used.update(entry["chunks"])
+    index = repo.index()
+    by_pack: dict[str, list[str]] = {}
+    for cid, loc in index.items():
+        by_pack.setdefault(loc.pack, []).append(cid)
+    old_indexes = repo.backend.list("index")
+    drop_packs = [p for p, cids in by_pack.items() if not any(c in used for c in cids)]
+    repack = [p for p, cids in by_pack.items() if p not in drop_packs and not all(c in used for c in cids)]
+    reader = ChunkReader(repo)
+    keep_entries = {p: list(cids) for p, cids in by_pack.items() if p not in drop_packs and p not in repack}
+    writer = PackWriter(repo)
+    writer.known = {}  # force every kept chunk of a repacked pack to be written again
+    for p in repack:
+        for cid in by_pack[p]:
+            if cid in used:
+                writer.add(reader.read(cid))
+    writer.flush()
+    packs = [*writer.written_packs]
+    for p, cids in keep_entries.items():
+        packs.append({"id": p, "size": repo.pack_sizes[p],
+                      "chunks": [[c, index[c].offset, index[c].length, index[c].raw_length] for c in cids]})
+    new_index = uuid.uuid4().hex
+    repo.backend.write(f"index/{new_index}", repo.seal_json({"packs": packs}, b"index"))
+    for name in old_indexes:
+        repo.backend.delete(name)
+    freed = 0
+    for p in [*drop_packs, *repack]:
+        freed += repo.pack_sizes.get(p, 0)
+        repo.backend.delete(pack_name(p))
+    repo._index = None
+    return {"packs_deleted": len(drop_packs), "packs_repacked": len(repack), "bytes_freed": freed,
+            "new_pack_bytes": writer.new_bytes}
+
+
+def remove_tree(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def dir_is_empty(path: Path) -> bool:
+    return not path.exists() or not any(os.scandir(path))

@@ -1,0 +1,52 @@
+"""Entry points shared by the CLI, the admin API and the scheduler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from anvil.backup import engine, recovery
+from anvil.backup.repository import BackupError, Repository, open_backend, read_passphrase
+from anvil.runtime import Anvil, recovery_participants
+
+
+def open_repo(url: str, *, passphrase: str | None = None, key_file: str | None = None,
+              s3_endpoint: str | None = None, storage_path: str | Path | None = None) -> Repository:
+    backend = open_backend(url, s3_endpoint=s3_endpoint, storage_path=storage_path)
+    return Repository.open(backend, passphrase or read_passphrase(key_file))
+
+
+def backup_anvil(anvil: Anvil, repo: Repository, *, progress: engine.Progress | None = None,
+                 tag: str | None = None, mode: str = "offline") -> dict[str, Any]:
+    """A snapshot of one opened deployment (the running server's, or one opened offline)."""
+    root = anvil.storage.root
+    url = repo.backend.url
+    if url.startswith("file://"):
+        # Checked again here because the server path may differ from the CLI's view.
+        open_backend(url, storage_path=root)
+    layout = anvil.storage.layout
+    config = {"storage_path": str(root), "mode": mode, "repository": url}
+    return engine.create_snapshot(root, layout.catalog_path, anvil.storage.blobs, layout.tmp,
+                                  anvil.storage.format.deployment_id, anvil.participants(), repo,
+                                  progress=progress, tag=tag, config=config)
+
+
+def validate_path(storage_path: str | Path) -> dict[str, Any]:
+    """Offline validation of a (restored) STORAGE_PATH; the server must be stopped."""
+    if not (Path(storage_path) / "FORMAT").exists():
+        raise BackupError(f"{storage_path} is not an Anvil storage path (no FORMAT)")
+    anvil = Anvil(storage_path)
+    try:
+        return recovery.validate(anvil.storage, recovery_participants())
+    finally:
+        anvil.close()
+
+
+def resume_path(storage_path: str | Path, *, force: bool = False, reason: str | None = None) -> dict[str, Any]:
+    if not (Path(storage_path) / "FORMAT").exists():
+        raise BackupError(f"{storage_path} is not an Anvil storage path (no FORMAT)")
+    anvil = Anvil(storage_path)
+    try:
+        return recovery.resume(anvil.storage, force=force, reason=reason)
+    finally:
+        anvil.close()

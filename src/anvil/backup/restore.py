@@ -1,0 +1,228 @@
+"""Restore a snapshot into a STORAGE_PATH (all of it, or some buckets) and pull single objects."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import apsw
+
+from anvil.backup import recovery
+from anvil.backup.engine import ordered_parallel
+from anvil.backup.participant import Participant, RecoveryContext
+from anvil.backup.repository import BackupError, ChunkReader, Repository
+from anvil.storage.blobs import BlobStore
+from anvil.storage.layout import FOLDERS, FORMAT_FILE, Layout
+
+Progress = Callable[[int, int, str], None]
+
+
+def _write_entry(reader: ChunkReader, entry: dict[str, Any], dest: Path, expected_sha: str | None = None,
+                 *, fsync: bool = True) -> None:
+    """Assemble a file from its chunks into `dest` via a temporary sibling, checking its hash."""
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.restoring")
+    h = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as f:
+            for data in reader.iter_file(entry["chunks"]):
+                h.update(data)
+                f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        want = expected_sha or entry.get("sha256")
+        if want and h.hexdigest() != want:
+            raise BackupError(f"restored content hashes to {h.hexdigest()}, the snapshot recorded {want}")
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def restore(repo: Repository, manifest: dict[str, Any], target: Path, participants: list[Participant], *,
+            buckets: list[str] | None = None, force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Write FORMAT, catalog.db and the referenced blobs; mark the target to start in recovery mode."""
+    started = time.time()
+    target = Path(target).absolute()
+    was_empty = not target.exists() or not any(target.iterdir())
+    if not was_empty and not force:
+        entries = sorted(p.name for p in target.iterdir())
+        raise BackupError(f"target {target} is not empty ({len(entries)} entries: {', '.join(entries[:5])}); "
+                          "nothing was written; use --force to restore into it anyway")
+    target.mkdir(parents=True, exist_ok=True)
+    layout = Layout(target)
+    layout.acquire_lock()  # a running server on the target makes this fail clearly
+    try:
+        with repo.lock("shared"):
+            return _restore_locked(repo, manifest, layout, participants, buckets, progress, started)
+    except BaseException:
+        layout.release_lock()
+        if was_empty:
+            # Nothing was there before: leave nothing half-restored behind.
+            for child in target.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        raise
+    finally:
+        layout.release_lock()
+
+
+def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, participants: list[Participant],
+                    buckets: list[str] | None, progress: Progress | None, started: float) -> dict[str, Any]:
+    root = layout.root
+    for folder in FOLDERS:
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for stale in ("catalog.db", "catalog.db-wal", "catalog.db-shm", recovery.MARKER_FILE):
+        (root / stale).unlink(missing_ok=True)
+    shutil.rmtree(root / recovery.REPORT_DIR, ignore_errors=True)
+    reader = ChunkReader(repo)
+    files = manifest["tree"]["files"]
+    _write_entry(reader, files[FORMAT_FILE], root / FORMAT_FILE)
+    try:
+        _write_entry(reader, files["catalog.db"], root / "catalog.db")
+    except BackupError as e:
+        raise BackupError(f"catalog.db cannot be restored: {e}; every object's records live in it, "
+                          "so this snapshot cannot be restored") from None
+    for rel, entry in files.items():
+        if rel not in (FORMAT_FILE, "catalog.db"):  # participants' own files (derived generations, ...)
+            dest = (root / rel).resolve()
+            if root.resolve() not in dest.parents:
+                raise BackupError(f"snapshot file {rel!r} would be written outside the target")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _write_entry(reader, entry, dest)
+    recorded = {name: p["summary"] for name, p in manifest["participants"].items()}
+    partial: dict[str, Any] | None = None
+    if buckets:
+        partial = _restrict(root, manifest, participants, set(buckets))
+        # Counts and digests of a subset differ from the whole by design; the chain does not.
+        recorded = {k: v for k, v in recorded.items() if k == "journal"}
+    conn = apsw.Connection(str(root / "catalog.db"), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        ctx = RecoveryContext(root, conn, BlobStore(layout.blobs, layout.tmp), participants)
+        refs = ctx.references()
+    finally:
+        conn.close()
+    tree_blobs = manifest["tree"]["blobs"]
+    total = sum(tree_blobs[s]["size"] for s in refs if s in tree_blobs)
+    done = 0
+    restored = skipped = 0
+    problems: list[str] = []
+    store = BlobStore(layout.blobs, layout.tmp)
+    def restore_blob(sha: str) -> tuple[str, str | None]:
+        """Runs on worker threads: 'missing', 'present', 'restored' or 'failed' + why."""
+        entry = tree_blobs.get(sha)
+        if entry is None:
+            return "missing", None
+        dest = store.path(sha)
+        if dest.exists() and _hash_file(dest) == sha:
+            return "present", None
+        store.ensure_parent(dest)
+        try:
+            # No fsync per blob: one sync below makes everything durable before the marker.
+            _write_entry(reader, entry, dest, expected_sha=sha, fsync=False)
+            return "restored", None
+        except BackupError as e:
+            return "failed", str(e)
+
+    # Packs are restored in the order they were written, so the reader's pack cache stays warm.
+    for sha, (outcome, why) in ordered_parallel(restore_blob, list(refs)):
+        labels = refs[sha]
+        affects = ", ".join(labels[:3]) + (f" (+{len(labels) - 3} more)" if len(labels) > 3 else "")
+        if outcome == "missing":
+            problems.append(f"blob {sha} is not in the snapshot; affects {affects}")
+            continue
+        if outcome == "failed":
+            problems.append(f"blob {sha}: {why}; affects {affects}")
+        restored += outcome == "restored"
+        skipped += outcome == "present"
+        done += tree_blobs[sha]["size"]
+        if progress:
+            progress(done, total, sha[:12])
+    os.sync()
+    marker = {
+        "snapshot": manifest["id"], "repository": repo.backend.url, "restored_at": time.time(),
+        "journal_seq": manifest["consistency"]["journal_seq"], "journal_hash": manifest["consistency"]["journal_hash"],
+        "buckets": sorted(buckets) if buckets else None, "partial": partial, "recorded": recorded,
+        "problems": problems,
+    }
+    recovery.write_marker(root, marker)
+    return {"ok": not problems, "snapshot": manifest["id"], "target": str(root), "blobs_restored": restored,
+            "blobs_already_present": skipped, "bytes": total, "problems": problems, "partial": partial,
+            "duration": round(time.time() - started, 3), "recovery_mode": True}
+
+
+def _restrict(root: Path, manifest: dict[str, Any], participants: list[Participant], keep: set[str]) -> dict[str, Any]:
+    """Drop other buckets' records through the one mutation path, so the journal records the cut."""
+    from anvil.storage.catalog import Catalog
+
+    catalog = Catalog(root / "catalog.db")
+    try:
+        def fn(txn: Any) -> dict[str, Any]:
+            outcome = {p.name: p.restrict_to_buckets(txn.conn, keep) for p in participants}
+            kept = {b for o in outcome.values() for b in o.get("kept", [])}
+            missing = sorted(keep - kept)
+            if missing:
+                raise BackupError(f"bucket(s) {', '.join(missing)} are not in snapshot {manifest['id']}")
+            txn.emit("system", "recovery.partial_restore", "recovery", {
+                "snapshot": manifest["id"], "snapshot_journal_seq": manifest["consistency"]["journal_seq"],
+                "kept": sorted(kept), "dropped": sorted({b for o in outcome.values() for b in o.get("dropped", [])}),
+            })
+            return outcome
+
+        return catalog.mutate(fn, actor="system/restore", request_id=uuid.uuid4().hex)
+    finally:
+        catalog.close()
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1024 * 1024):
+            h.update(block)
+    return h.hexdigest()
+
+
+def get_object(repo: Repository, manifest: dict[str, Any], bucket: str, key: str,
+               version_id: str | None = None) -> tuple[dict[str, Any], bytes]:
+    """One object version's bytes out of a snapshot, without restoring anything else."""
+    from anvil.objects.recovery import find_version
+
+    reader = ChunkReader(repo)
+    with tempfile.TemporaryDirectory(prefix="anvil-get-") as tmp:
+        path = Path(tmp) / "catalog.db"
+        _write_entry(reader, manifest["tree"]["files"]["catalog.db"], path)
+        conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            version = find_version(conn, bucket, key, version_id)
+        finally:
+            conn.close()
+    what = f"{bucket}/{key}" + (f" version {version_id}" if version_id else "")
+    if version is None:
+        raise BackupError(f"{what} is not in snapshot {manifest['id']}")
+    if version["delete_marker"]:
+        raise BackupError(f"{what} is a delete marker in snapshot {manifest['id']}")
+    body = bytearray()
+    for sha, _size in version["chunks"]:
+        entry = manifest["tree"]["blobs"].get(sha)
+        if entry is None:
+            raise BackupError(f"{what}: body chunk {sha} is not in the snapshot")
+        for data in reader.iter_file(entry["chunks"]):
+            body += data
+    if version["sha256"] and hashlib.sha256(body).hexdigest() != version["sha256"]:
+        raise BackupError(f"{what}: restored bytes do not match the recorded sha256")
+    return {k: version[k] for k in ("version_id", "size", "sha256", "etag", "content_type")}, bytes(body)
+
+
+def describe_marker(root: Path) -> str:
+    m = recovery.read_marker(root)
+    return json.dumps(m, indent=2) if m else "not in recovery mode"

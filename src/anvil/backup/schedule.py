@@ -1,0 +1,80 @@
+"""Scheduled backups inside `anvil serve` (`--backup-repo URL --backup-every 1h`)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from anvil.backup.repository import BackupError
+
+log = logging.getLogger("anvil.backup")
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_interval(text: str) -> float:
+    """'90s', '15m', '1h', '1d' (or combinations like '1h30m') -> seconds."""
+    parts = re.fullmatch(r"((\d+)([smhd]))+", text.strip())
+    if not parts:
+        raise ValueError(f"interval must look like 30s, 15m, 1h or 1d, got {text!r}")
+    seconds = sum(int(n) * _UNITS[u] for n, u in re.findall(r"(\d+)([smhd])", text))
+    if seconds < 1:
+        raise ValueError("the backup interval must be at least 1s")
+    return float(seconds)
+
+
+@dataclass
+class ScheduleConfig:
+    repo: str
+    every: float
+    passphrase: str
+    s3_endpoint: str | None = None
+
+
+class BackupScheduler:
+    """A daemon thread taking one backup per interval through the same path as the admin API."""
+
+    def __init__(self, app: Any, config: ScheduleConfig):
+        self.app = app
+        self.config = config
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="anvil-backup-schedule", daemon=True)
+
+    def start(self) -> None:
+        self.app.state.backup_schedule = {"repository": self.config.repo, "every_seconds": self.config.every,
+                                          "next": time.time() + self.config.every}
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        from anvil.api.backup_routes import run_backup
+
+        while not self._stop.wait(self.config.every):
+            if self.app.state.recovery_mode:
+                self.app.state.last_backup = {"time": time.time(), "ok": False, "skipped": "recovery mode"}
+            else:
+                try:
+                    run_backup(self.app, self.config.repo, passphrase=self.config.passphrase,
+                               s3_endpoint=self.config.s3_endpoint, mode="scheduled")
+                    log.info("scheduled backup: %s", self.app.state.last_backup)
+                except Exception:  # noqa: BLE001 - a failed backup is reported, never kills the server
+                    log.exception("scheduled backup failed")
+            self.app.state.backup_schedule["next"] = time.time() + self.config.every
+
+
+def check_schedule(config: ScheduleConfig, storage_root: Any) -> None:
+    """Fail at start, not an hour later: the repository must exist and accept the passphrase."""
+    from anvil.backup.ops import open_repo
+
+    try:
+        open_repo(config.repo, passphrase=config.passphrase, s3_endpoint=config.s3_endpoint,
+                  storage_path=storage_root)
+    except BackupError as e:
+        raise ValueError(f"--backup-repo: {e}") from None

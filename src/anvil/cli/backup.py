@@ -1,0 +1,484 @@
+"""`anvil backup ...`, `anvil restore`, `anvil recovery ...` and `anvil drill`."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from anvil.backup.repository import PACK_TARGET
+from anvil.cli.common import emit
+
+# Messages name paths, chunk ids and objects: never wrap them across lines.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def _ts(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts else ""
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def fail(as_json: bool, message: str, code: int = 1, extra: dict[str, Any] | None = None) -> None:
+    if as_json:
+        click.echo(json.dumps({"error": {"message": message, **(extra or {})}}, indent=2))
+    else:
+        click.echo(f"error: {message}", err=True)  # never wrapped: scripts and people grep it
+    sys.exit(code)
+
+
+def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Backup and storage errors become one clear line (or JSON) and exit status 1."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        from anvil.backup.repository import BackupError
+        from anvil.client import AnvilAPIError
+        from anvil.errors import AnvilError
+
+        as_json = kwargs.get("as_json", False)
+        try:
+            return fn(*args, **kwargs)
+        except BackupError as e:
+            fail(as_json, str(e))
+        except AnvilError as e:
+            fail(as_json, f"{e.code}: {e.message}")
+        except AnvilAPIError as e:
+            fail(as_json, f"{e.code}: {e.message}")
+        except OSError as e:
+            fail(as_json, str(e))
+
+    return run
+
+
+def repo_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")(fn)
+    fn = click.option("--key-file", default=None, type=click.Path(dir_okay=False),
+                      help="File holding the passphrase (else ANVIL_BACKUP_PASSPHRASE).")(fn)
+    fn = click.option("--s3-endpoint", envvar="ANVIL_BACKUP_S3_ENDPOINT", default=None,
+                      help="S3 endpoint URL for s3:// repositories (credentials: AWS_ACCESS_KEY_ID/...).")(fn)
+    fn = click.option("--repo", envvar="ANVIL_BACKUP_REPO", required=True,
+                      help="file:///path or s3://bucket/prefix (or ANVIL_BACKUP_REPO).")(fn)
+    return fn
+
+
+def _open(repo: str, key_file: str | None, s3_endpoint: str | None, storage_path: str | None = None):
+    from anvil.backup.ops import open_repo
+
+    return open_repo(repo, key_file=key_file, s3_endpoint=s3_endpoint, storage_path=storage_path)
+
+
+@contextmanager
+def progress_bar(enabled: bool, label: str) -> Iterator[Callable[[int, int, str], None] | None]:
+    if not enabled:
+        yield None
+        return
+    with Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                  console=err_console, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+# ------------------------------------------------------------------ anvil backup
+
+
+@click.group()
+def backup() -> None:
+    """Encrypted, deduplicated backups of a STORAGE_PATH (see docs/backup.md)."""
+
+
+@backup.command("init")
+@repo_options
+@click.option("--storage-path", envvar="STORAGE_PATH", default=None,
+              help="Refuse the repository if it lies inside this STORAGE_PATH.")
+@click.option("--pack-size", type=click.IntRange(min=64 * 1024, max=256 * 1024 * 1024), default=PACK_TARGET,
+              show_default=True, help="Target pack file size in bytes.")
+@handles_errors
+def backup_init(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool,
+                storage_path: str | None, pack_size: int) -> None:
+    """Create a new, empty repository."""
+    from anvil.backup.repository import Repository, open_backend, read_passphrase
+
+    backend = open_backend(repo, s3_endpoint=s3_endpoint, storage_path=storage_path)
+    r = Repository.init(backend, read_passphrase(key_file), pack_target=pack_size)
+    emit(as_json, {"repository": backend.url, "repo_id": r.repo_id, "key_id": r.key_id,
+                   "format_version": r.config["format_version"]},
+         text=f"initialised repository {backend.url} (id {r.repo_id}, key {r.key_id})")
+
+
+@backup.command("create")
+@repo_options
+@click.option("--storage-path", default=None, help="Back up a stopped STORAGE_PATH directly (offline).")
+@click.option("--endpoint", default=None, help="Back up the running server at this URL (online, consistent).")
+@click.option("--tag", default=None, help="A label stored in the snapshot.")
+@handles_errors
+def backup_create(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool,
+                  storage_path: str | None, endpoint: str | None, tag: str | None) -> None:
+    """Take a snapshot: offline (--storage-path) or through a running server (--endpoint)."""
+    from anvil.backup.repository import BackupError, read_passphrase
+
+    if bool(storage_path) == bool(endpoint):
+        raise BackupError("give exactly one of --storage-path (offline) or --endpoint (online)")
+    started = time.time()
+    if endpoint:
+        from anvil.client import AnvilClient
+
+        body = {"repo": repo, "passphrase": read_passphrase(key_file)}
+        if s3_endpoint:
+            body["s3_endpoint"] = s3_endpoint
+        if tag:
+            body["tag"] = tag
+        with AnvilClient(endpoint, timeout=3600) as client:
+            if not as_json:
+                with console.status("server is taking the snapshot..."):
+                    result = client._json("POST", "/anvil/v1/admin/backup", json=body)
+            else:
+                result = client._json("POST", "/anvil/v1/admin/backup", json=body)
+    else:
+        from anvil.backup import engine, ops
+        from anvil.runtime import Anvil
+
+        if not (Path(storage_path) / "FORMAT").exists():  # type: ignore[arg-type]
+            raise BackupError(f"{storage_path} is not an Anvil storage path (no FORMAT)")
+        r = _open(repo, key_file, s3_endpoint, storage_path)
+        anvil = Anvil(storage_path)  # takes the lock: refuses a path a server is using
+        try:
+            with progress_bar(not as_json, "backing up") as prog:
+                manifest = ops.backup_anvil(anvil, r, progress=prog, tag=tag, mode="offline")
+        finally:
+            anvil.close()
+        result = {**engine.snapshot_row(manifest), "stats": manifest["stats"], "problems": manifest["problems"]}
+    result["wall_seconds"] = round(time.time() - started, 3)
+    st = result["stats"]
+    text = (f"snapshot {result['id']} at journal seq {result['journal_seq']}: logical {_size(st['logical_bytes'])}, "
+            f"new {_size(st['new_bytes'])}, {st['blobs']} blobs ({st['blobs_reused_from_parent']} unchanged), "
+            f"{st['duration']:.2f}s")
+    emit(as_json, result, text=text)
+    if result["problems"]:
+        for p in result["problems"]:
+            err_console.print(f"[yellow]problem[/yellow] {p}", highlight=False)
+        sys.exit(1)
+
+
+@backup.command("list")
+@repo_options
+@handles_errors
+def backup_list(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool) -> None:
+    """List snapshots, oldest first."""
+    from anvil.backup import engine
+
+    rows = [engine.snapshot_row(m) for m in _open(repo, key_file, s3_endpoint).snapshots()]
+    emit(as_json, rows, table=(("id", "time", "journal seq", "logical", "new", "tag"),
+                               [(r["id"], _ts(r["time"]), r["journal_seq"], _size(r["logical_bytes"]),
+                                 _size(r["new_bytes"]), r["tag"] or "") for r in rows]))
+
+
+@backup.command("inspect")
+@repo_options
+@click.argument("snapshot", default="latest")
+@handles_errors
+def backup_inspect(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool, snapshot: str) -> None:
+    """Show a snapshot's manifest and the coverage checklist of DESIGN §5."""
+    from anvil.backup import engine
+
+    m = _open(repo, key_file, s3_endpoint).resolve_snapshot(snapshot)
+    rows = engine.inspect_rows(m)
+    if as_json:
+        out = {k: v for k, v in m.items() if k != "tree"}
+        out["checklist"] = rows
+        out["tree"] = {"files": list(m["tree"]["files"]), "blobs": len(m["tree"]["blobs"])}
+        emit(True, out)
+        return
+    c = m["consistency"]
+    console.print(f"snapshot {m['id']} (parent {m['parent']}) taken {_ts(m['started'])} from deployment "
+                  f"{m['deployment_id']}", highlight=False)
+    console.print(f"consistency: {c['method']}; journal seq {c['journal_seq']} hash {c['journal_hash'][:16]}…",
+                  highlight=False)
+    console.print(f"anvil {m['anvil_version']}, repository format {m['repository_format']}, storage format "
+                  f"{m['storage_format']}, key {m['key_ids']['repository_key']}", highlight=False)
+
+    def brief(s: Any) -> str:
+        if isinstance(s, str):
+            return s
+        return ", ".join(f"{k}={str(v)[:12]}" for k, v in s.items() if not isinstance(v, dict))
+
+    emit(False, None, table=(("checklist item", "participant", "counts / digests"),
+                             [(r["item"], r["participant"] or "—", brief(r["summary"])) for r in rows]))
+
+
+@backup.command("verify")
+@repo_options
+@click.option("--read-data", is_flag=True, help="Download, decrypt and re-hash every chunk.")
+@handles_errors
+def backup_verify(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool, read_data: bool) -> None:
+    """Check the repository's structure (and with --read-data every byte); exit 1 on any problem."""
+    from anvil.backup import engine
+
+    r = _open(repo, key_file, s3_endpoint)
+    with progress_bar(not as_json and read_data, "reading packs") as prog:
+        result = engine.verify(r, read_data=read_data, progress=prog)
+    if as_json:
+        emit(True, result)
+    else:
+        console.print(f"{result['snapshots']} snapshots, {result['packs']} packs, {result['chunks']} chunks"
+                      + (f", {result['chunks_read']} chunks read and re-hashed" if read_data else ""), highlight=False)
+        for w in result["warnings"]:
+            console.print(f"[yellow]warning[/yellow] {w}", highlight=False)
+        for e in result["errors"]:
+            console.print(f"[red]error[/red] {e['what']}: {e['problem']}", highlight=False)
+            for a in e.get("affects", []):
+                console.print(f"    affects {a}", highlight=False, markup=False)
+        console.print("[green]no errors found[/green]" if result["ok"] else
+                      f"[red]{len(result['errors'])} errors[/red]")
+    if not result["ok"]:
+        sys.exit(1)
+
+
+@backup.command("forget")
+@repo_options
+@click.option("--keep-last", type=click.IntRange(min=0), default=0)
+@click.option("--keep-daily", type=click.IntRange(min=0), default=0)
+@click.option("--keep-weekly", type=click.IntRange(min=0), default=0)
+@click.option("--prune", is_flag=True, help="Also delete data no remaining snapshot uses.")
+@handles_errors
+def backup_forget(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool, keep_last: int,
+                  keep_daily: int, keep_weekly: int, prune: bool) -> None:
+    """Remove snapshots outside the retention policy (and with --prune, their unused data)."""
+    from anvil.backup import engine
+
+    res = engine.forget(_open(repo, key_file, s3_endpoint), keep_last=keep_last, keep_daily=keep_daily,
+                        keep_weekly=keep_weekly, prune=prune)
+    text = f"kept {len(res['kept'])}, removed {len(res['removed'])} snapshots"
+    if prune:
+        p = res["prune"]
+        text += (f"; pruned {p['packs_deleted']} packs, repacked {p['packs_repacked']}, "
+                 f"freed {_size(p['bytes_freed'])}")
+    emit(as_json, res, text=text)
+
+
+@backup.command("unlock")
+@repo_options
+@handles_errors
+def backup_unlock(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool) -> None:
+    """Remove every lock (only when no backup, restore, verify or prune is running)."""
+    removed = _open(repo, key_file, s3_endpoint).unlock()
+    emit(as_json, {"removed": removed}, text=f"removed {len(removed)} locks")
+
+
+@backup.group("key")
+def key() -> None:
+    """Add, remove or change passphrases (the data is never re-encrypted)."""
+
+
+def _new_passphrase(new_key_file: str | None) -> str:
+    from anvil.backup.repository import read_passphrase
+
+    return read_passphrase(new_key_file, env="ANVIL_BACKUP_NEW_PASSPHRASE")
+
+
+@key.command("list")
+@repo_options
+@handles_errors
+def key_list(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool) -> None:
+    r = _open(repo, key_file, s3_endpoint)
+    ids = r.key_ids()
+    emit(as_json, {"keys": ids, "current": r.key_id},
+         table=(("key id", "current"), [(k, "yes" if k == r.key_id else "") for k in ids]))
+
+
+@key.command("add")
+@repo_options
+@click.option("--new-key-file", default=None, help="New passphrase file (else ANVIL_BACKUP_NEW_PASSPHRASE).")
+@handles_errors
+def key_add(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool, new_key_file: str | None) -> None:
+    r = _open(repo, key_file, s3_endpoint)
+    kid = r.add_key(_new_passphrase(new_key_file))
+    emit(as_json, {"added": kid}, text=f"added key {kid}")
+
+
+@key.command("remove")
+@repo_options
+@click.argument("key_id")
+@handles_errors
+def key_remove(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool, key_id: str) -> None:
+    r = _open(repo, key_file, s3_endpoint)
+    r.remove_key(key_id)
+    emit(as_json, {"removed": key_id}, text=f"removed key {key_id}")
+
+
+@key.command("passwd")
+@repo_options
+@click.option("--new-key-file", default=None, help="New passphrase file (else ANVIL_BACKUP_NEW_PASSPHRASE).")
+@handles_errors
+def key_passwd(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool,
+               new_key_file: str | None) -> None:
+    """Replace the key the current passphrase opens with one for a new passphrase."""
+    r = _open(repo, key_file, s3_endpoint)
+    kid = r.add_key(_new_passphrase(new_key_file))
+    r.remove_key(r.key_id)
+    emit(as_json, {"added": kid, "removed": r.key_id}, text=f"changed passphrase: key {r.key_id} -> {kid}")
+
+
+@backup.command("get")
+@repo_options
+@click.option("--snapshot", default="latest")
+@click.option("--version", "version_id", default=None, help="A version id (default: the latest version).")
+@click.option("-o", "--output", default="-", help="Write here instead of stdout.")
+@click.argument("bucket_name")
+@click.argument("object_key")
+@handles_errors
+def backup_get(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool, snapshot: str,
+               version_id: str | None, output: str, bucket_name: str, object_key: str) -> None:
+    """Pull one object version out of a snapshot without restoring anything else."""
+    from anvil.backup.restore import get_object
+
+    r = _open(repo, key_file, s3_endpoint)
+    info, body = get_object(r, r.resolve_snapshot(snapshot), bucket_name, object_key, version_id)
+    if output == "-":
+        sys.stdout.buffer.write(body)
+        sys.stdout.buffer.flush()
+    else:
+        Path(output).write_bytes(body)
+        emit(as_json, info, text=f"wrote {info['size']} bytes of {bucket_name}/{object_key} "
+                                 f"version {info['version_id']} to {output}")
+
+
+# ------------------------------------------------------------------ anvil restore
+
+
+@click.command("restore")
+@repo_options
+@click.option("--snapshot", default="latest", show_default=True)
+@click.option("--target", required=True, type=click.Path(file_okay=False), help="The STORAGE_PATH to write.")
+@click.option("--bucket", "buckets", multiple=True, help="Restore only this bucket (repeatable).")
+@click.option("--force", is_flag=True, help="Restore into a non-empty target.")
+@handles_errors
+def restore_cmd(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool, snapshot: str,
+                target: str, buckets: tuple[str, ...], force: bool) -> None:
+    """Restore a snapshot into a STORAGE_PATH that then starts in recovery mode."""
+    from anvil.backup.restore import restore
+    from anvil.runtime import recovery_participants
+
+    r = _open(repo, key_file, s3_endpoint)
+    manifest = r.resolve_snapshot(snapshot)
+    with progress_bar(not as_json, "restoring") as prog:
+        res = restore(r, manifest, Path(target), recovery_participants(), buckets=list(buckets) or None,
+                      force=force, progress=prog)
+    text = (f"restored snapshot {res['snapshot']} into {res['target']}: {res['blobs_restored']} blobs "
+            f"({_size(res['bytes'])}) in {res['duration']:.2f}s; the path starts in RECOVERY MODE — run "
+            f"`anvil recovery validate --storage-path {res['target']}` then `anvil recovery resume`")
+    emit(as_json, res, text=text)
+    if not res["ok"]:
+        for p in res["problems"]:
+            err_console.print(f"[red]problem[/red] {p}", highlight=False)
+        sys.exit(1)
+
+
+# ------------------------------------------------------------------ anvil recovery
+
+
+@click.group()
+def recovery() -> None:
+    """Recovery mode of a restored STORAGE_PATH: status, validate, resume."""
+
+
+def _storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--json", "as_json", is_flag=True)(fn)
+    return click.option("--storage-path", envvar="STORAGE_PATH", required=True,
+                        help="The restored STORAGE_PATH (the server must be stopped).")(fn)
+
+
+@recovery.command("status")
+@_storage_option
+@handles_errors
+def recovery_status(storage_path: str, as_json: bool) -> None:
+    from anvil.backup import recovery as rec
+
+    out = {"recovery_mode": rec.in_recovery(Path(storage_path)), "marker": rec.read_marker(Path(storage_path)),
+           "last_validation_ok": (rec.last_validation(Path(storage_path)) or {}).get("ok")}
+    emit(as_json, out)
+
+
+@recovery.command("validate")
+@_storage_option
+@handles_errors
+def recovery_validate(storage_path: str, as_json: bool) -> None:
+    """Run the DESIGN §5 validation sequence; writes recovery/validation.{json,md}; exit 1 on failure."""
+    from anvil.backup import ops
+    from anvil.backup import recovery as rec
+
+    report = ops.validate_path(storage_path)
+    if as_json:
+        emit(True, report)
+    else:
+        console.print(rec.render_markdown(report, "Recovery validation"), markup=False, highlight=False)
+        console.print(f"report: {Path(storage_path) / rec.REPORT_DIR / 'validation.md'}", highlight=False)
+    if not report["ok"]:
+        sys.exit(1)
+
+
+@recovery.command("resume")
+@_storage_option
+@click.option("--force", is_flag=True, help="Resume without a passing validation (needs --reason).")
+@click.option("--reason", default=None, help="Why; recorded in the journal.")
+@handles_errors
+def recovery_resume(storage_path: str, as_json: bool, force: bool, reason: str | None) -> None:
+    """Leave recovery mode (only after a passing validation, or --force --reason)."""
+    from anvil.backup import ops
+
+    res = ops.resume_path(storage_path, force=force, reason=reason)
+    emit(as_json, res, text=f"resumed normal traffic (journal seq {res['journal_seq']})")
+
+
+# ------------------------------------------------------------------ anvil drill
+
+
+@click.command("drill")
+@repo_options
+@click.option("--snapshot", default="latest", show_default=True)
+@click.option("--report-dir", default=".", type=click.Path(file_okay=False), show_default=True,
+              help="Where drill-report.json and drill-report.md are written.")
+@click.option("--keep", is_flag=True, help="Keep the temporary restore (for inspection).")
+@handles_errors
+def drill_cmd(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool, snapshot: str,
+              report_dir: str, keep: bool) -> None:
+    """Restore into a temporary directory, start an isolated server, prove the backup; exit 1 on any failure."""
+    from anvil.backup.drill import run_drill
+
+    r = _open(repo, key_file, s3_endpoint)
+    report = run_drill(r, snapshot, Path(report_dir), keep=keep,
+                       log=None if as_json else lambda msg: console.print(msg, highlight=False, markup=False))
+    if as_json:
+        emit(True, report)
+    else:
+        console.print(("[green]DRILL PASSED[/green]" if report["ok"] else "[red]DRILL FAILED[/red]")
+                      + f" — {Path(report_dir) / 'drill-report.md'}")
+    if not report["ok"]:
+        sys.exit(1)
+
+
+def register(cli: click.Group) -> None:
+    for cmd in (backup, restore_cmd, recovery, drill_cmd):
+        cli.add_command(cmd)
+
