@@ -945,7 +945,7 @@ class ObjectService:
                 extra["system"] = up_extra["system"]
             algorithm = up_extra.get("checksum_algorithm")
             if algorithm:
-                part_sums = [json.loads(stored[n][4] or "{}").get(algorithm) for n, _ in parts]
+                part_sums = [json.loads(stored[n][3] or "{}").get(algorithm) for n, _ in parts]
                 if any(s is None for s in part_sums):
                     raise AnvilError("InvalidPart", f"a part was uploaded without its {algorithm} checksum")
                 extra["checksums"] = {algorithm: composite_checksum(algorithm, part_sums)}

@@ -127,6 +127,11 @@ class S3Gateway:
             response = error_response(err, request_id, resource=resource, head=head)
         response.headers["x-amz-request-id"] = request_id
         response.headers.setdefault("x-amz-id-2", request_id)
+        if response.status_code >= 300 and request.method in ("PUT", "POST") and not getattr(
+                request, "_stream_consumed", True):
+            # We answered before reading the body (often under Expect: 100-continue, so the client never
+            # sent it): the connection's framing is unknown, so it must not be reused.
+            response.headers["connection"] = "close"
         return response
 
     def _target(self, request: Request) -> Target:
