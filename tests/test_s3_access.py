@@ -170,3 +170,26 @@ def test_recovery_mode_refuses_writes(tmp_path: Path) -> None:
                   "built in parallel; the gateway already calls identity.authorize on every operation")
 def test_cross_tenant_denial() -> None:
     raise AssertionError("write once identity provides a second tenant's credentials")
+
+
+def test_virtual_host_style(tmp_path: Path) -> None:
+    from tests.s3_sign import sign
+
+    srv = AnvilServer(tmp_path / "data", env={"ANVIL_S3_BASE_DOMAIN": "s3.anvil.test"}).start()
+    try:
+        s3 = s3_client(srv)
+        s3.create_bucket(Bucket="vhost-bucket")  # path style keeps working
+        creds = dev_credentials(srv)
+        host = f"vhost-bucket.s3.anvil.test:{srv.port}"
+        for method, path, body in [("PUT", "/dir/file.txt", b"by host"), ("GET", "/dir/file.txt", b""),
+                                   ("GET", "/?list-type=2", b"")]:
+            headers, _ = sign(method, f"http://{host}{path}", creds, body=body, headers={"Host": host})
+            r = httpx.request(method, f"{srv.endpoint}{path}", content=body or None, headers=headers)
+            assert r.status_code == 200, r.text
+            if path == "/dir/file.txt" and method == "GET":
+                assert r.content == b"by host"
+            if "list-type" in path:
+                assert b"<Key>dir/file.txt</Key>" in r.content
+        assert s3.get_object(Bucket="vhost-bucket", Key="dir/file.txt")["Body"].read() == b"by host"
+    finally:
+        srv.stop()
