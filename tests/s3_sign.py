@@ -81,3 +81,21 @@ def unsigned_trailer_body(data: bytes, chunk_size: int, trailer_name: str, trail
 
 def crc32_b64(data: bytes) -> str:
     return b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
+def signed_trailer_body(data: bytes, chunk_size: int, seed: str, secret: str, when: datetime, trailer_name: str,
+                        trailer_value: str, region: str = "us-east-1") -> bytes:
+    """STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER: signed chunks, then a signed trailer."""
+    pieces = signed_chunked_body(data, chunk_size, seed, secret, when, region)
+    final = pieces[-1]
+    last_sig = final.split(b"chunk-signature=")[1].split(b"\r\n")[0].decode()
+    key = signing_key(secret, when, region)
+    scope = f"{when.strftime('%Y%m%d')}/{region}/s3/aws4_request"
+    trailer = f"{trailer_name}:{trailer_value}\n".encode()
+    to_sign = "\n".join(["AWS4-HMAC-SHA256-TRAILER", when.strftime("%Y%m%dT%H%M%SZ"), scope, last_sig,
+                         hashlib.sha256(trailer).hexdigest()])
+    trailer_sig = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+    # The final chunk's framing ends after its header line; trailers follow, then an empty line.
+    head = final[: final.index(b"\r\n") + 2]
+    return (b"".join(pieces[:-1]) + head + trailer.rstrip(b"\n") + b"\r\n"
+            + f"x-amz-trailer-signature:{trailer_sig}\r\n\r\n".encode())

@@ -722,3 +722,32 @@ def test_payload_hash_mismatch_refused(server: AnvilServer, s3, bkt: str) -> Non
     r = httpx.put(url, content=b"sent-something-else", headers=headers)
     assert r.status_code == 400 and b"XAmzContentSHA256Mismatch" in r.content
     assert keys(s3, bkt) == []
+
+
+def test_streaming_signed_payload_with_signed_trailer(server: AnvilServer, s3, bkt: str) -> None:
+    from tests.s3_sign import crc32_b64, sign, signed_trailer_body
+
+    creds = dev_credentials(server)
+    data = b"signed trailer " * 10000
+    for key, value, tamper, ok in [("st-good", crc32_b64(data), False, True),
+                                   ("st-badsum", crc32_b64(b"x"), False, False),
+                                   ("st-badsig", crc32_b64(data), True, False)]:
+        url = f"{server.endpoint}/{bkt}/{key}"
+        when = datetime.now(UTC)
+        headers, seed = sign("PUT", url, creds, payload_hash="STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER",
+                             when=when, headers={"Content-Encoding": "aws-chunked",
+                                                 "x-amz-trailer": "x-amz-checksum-crc32",
+                                                 "x-amz-decoded-content-length": str(len(data))})
+        body = signed_trailer_body(data, 32 * 1024, seed, creds["secret_access_key"], when,
+                                   "x-amz-checksum-crc32", value)
+        if tamper:
+            i = body.index(b"x-amz-trailer-signature:") + len(b"x-amz-trailer-signature:")
+            body = body[:i] + b"0" * 64 + body[i + 64:]
+        r = httpx.put(url, content=body, headers=headers)
+        if ok:
+            assert r.status_code == 200, r.text
+        else:
+            assert r.status_code in (400, 403) and (b"BadDigest" in r.content
+                                                    or b"SignatureDoesNotMatch" in r.content), r.text
+    assert keys(s3, bkt) == ["st-good"]
+    assert s3.get_object(Bucket=bkt, Key="st-good")["Body"].read() == data

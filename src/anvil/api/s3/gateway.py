@@ -39,6 +39,7 @@ log = logging.getLogger("anvil.s3")
 
 MAX_HEADER_BYTES = 8 * 1024
 INLINE_BODY_LIMIT = 1024 * 1024
+SINK_CHUNK = 1024 * 1024
 MAX_DELETE_KEYS = 1000
 
 # Sub-resources S3 offers and Anvil does not: answered 501 NotImplemented, never a 500.
@@ -550,11 +551,24 @@ class _Op:
         md5 = _content_md5(self.h.get("content-md5"))
         sums = {a: new_checksum(a) for a in algs}
         writer = self.objects.blobs.writer(max_size=max_size)
+
+        def sink(data: bytes) -> None:
+            writer.write(data)
+            for c in sums.values():
+                c.update(data)
+
+        pending = bytearray()
         try:
             async for piece in reader.pieces():
-                writer.write(piece)
-                for c in sums.values():
-                    c.update(piece)
+                pending += piece
+                if len(pending) >= SINK_CHUNK:
+                    # Hash and write whole MiBs in a worker thread (hashlib and zlib release the GIL), so
+                    # concurrent uploads use every core instead of queueing on the event loop.
+                    data = bytes(pending)
+                    pending.clear()
+                    await blocking(sink, data)
+            if pending:
+                sink(bytes(pending))
             info = writer.digests()
             reader.check_sha256(info.sha256)
             computed = {a: c.b64() for a, c in sums.items()}
