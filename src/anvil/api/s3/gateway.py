@@ -775,7 +775,7 @@ class _Op:
             if not key:
                 raise S3Error("MalformedXML", "every Object needs a Key")
             targets.append((key, X.child_text(e, "VersionId") or None))
-        b = self.objects.get_bucket(self.bucket)
+        self.objects.get_bucket(self.bucket)  # NoSuchBucket for the whole request, not per key
 
         def run() -> list[str]:
             out: list[str] = []
@@ -805,7 +805,6 @@ class _Op:
                 out.append("<Deleted>" + base + extra + "</Deleted>")
             return out
 
-        del b
         return self.xml("DeleteResult", "".join(await blocking(run)))
 
     # ------------------------------------------------------------------ copy
