@@ -7,6 +7,7 @@ signature -> recovery mode for writes -> `identity.authorize` -> the operation i
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -558,15 +559,22 @@ class _Op:
                 c.update(data)
 
         pending = bytearray()
+        loop = asyncio.get_running_loop()
+        inflight: asyncio.Future | None = None
         try:
             async for piece in reader.pieces():
                 pending += piece
                 if len(pending) >= SINK_CHUNK:
-                    # Hash and write whole MiBs in a worker thread (hashlib and zlib release the GIL), so
-                    # concurrent uploads use every core instead of queueing on the event loop.
+                    # Hash and write whole MiBs in a worker thread (hashlib and zlib release the GIL) while
+                    # the next MiB arrives: one MiB in flight keeps order and bounds memory per upload.
                     data = bytes(pending)
                     pending.clear()
-                    await blocking(sink, data)
+                    if inflight is not None:
+                        await inflight
+                    inflight = loop.run_in_executor(None, sink, data)
+            if inflight is not None:
+                await inflight
+                inflight = None
             if pending:
                 sink(bytes(pending))
             info = writer.digests()
@@ -582,11 +590,13 @@ class _Op:
                 if computed[alg] != value:
                     raise S3Error("BadDigest", f"the {alg.upper()} you specified did not match the calculated "
                                   "checksum")
-        except OverflowError:
+        except BaseException as exc:
+            if inflight is not None:
+                # The worker may still be writing: let it finish before the file is closed and removed.
+                await asyncio.wait([inflight])
             writer.abort()
-            raise S3Error("EntityTooLarge", "your proposed upload exceeds the maximum allowed size")
-        except BaseException:
-            writer.abort()
+            if isinstance(exc, OverflowError):
+                raise S3Error("EntityTooLarge", "your proposed upload exceeds the maximum allowed size")
             raise
         info = await blocking(self.objects.store_body, writer, expected_md5=md5)
         return info, computed
