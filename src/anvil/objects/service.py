@@ -128,7 +128,7 @@ class ObjectVersion:
         return cls(
             row[0], row[1], row[2], row[3], bool(row[4]), bool(row[5]), row[6], row[7], row[8],
             row[9], json.loads(row[10]), [tuple(c) for c in json.loads(row[11])], row[12],
-            json.loads(row[13]) if len(row) > 13 and row[13] else {},
+            json.loads(row[13]) if len(row) > 13 and row[13] and row[13] != "{}" else {},
         )
 
     @property

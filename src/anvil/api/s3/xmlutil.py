@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import time
 import xml.etree.ElementTree as ET
-from datetime import UTC, datetime
 from xml.sax.saxutils import escape
 
 S3_NS = "http://s3.amazonaws.com/doc/2006-03-01/"
@@ -28,7 +28,9 @@ def xml_document(root: str, inner: str, *, namespace: bool = True) -> bytes:
 
 
 def iso_time(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(ts * 1000) % 1000:03d}Z"
+    t = time.gmtime(ts)
+    return (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}."
+            f"{int(ts * 1000) % 1000:03d}Z")
 
 
 def parse(body: bytes) -> ET.Element:
