@@ -31,6 +31,7 @@ def serve(storage_path: str, listen: str) -> None:
         server = uvicorn.Server(config)
         print(f"Anvil {storage_path!s} listening on http://{host}:{port}", flush=True)
         print(f"  native API: http://{host}:{port}/anvil/v1/  (OpenAPI: /anvil/v1/openapi.json)", flush=True)
+        print(f"  S3 gateway: http://{host}:{port}/  (path style; docs/s3.md)", flush=True)
         server.run()
     finally:
         anvil.close()
