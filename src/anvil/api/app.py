@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -14,6 +16,7 @@ from anvil.api.backup_routes import BACKUP_ROUTES
 from anvil.api.common import error_response
 from anvil.api.identity import IDENTITY_ROUTES
 from anvil.api.native import ROUTES
+from anvil.api.s3 import S3Gateway
 from anvil.api.watch import WATCH_ROUTES
 from anvil.context import new_request_id
 from anvil.errors import AnvilError
@@ -41,7 +44,6 @@ def _native_error(err: AnvilError, request: Request) -> Response:
 
 
 async def _fallback(request: Request) -> Response:
-    request_id = new_request_id()
     if _is_native(request.url.path):
         allowed = _allowed_methods(request.scope)
         if allowed:
@@ -49,13 +51,7 @@ async def _fallback(request: Request) -> Response:
                              headers={"allow": ", ".join(sorted(allowed))})
             return _native_error(err, request)
         return _native_error(AnvilError("NotFound", "no such route"), request)
-    body = (
-        '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>NotImplemented</Code>'
-        "<Message>The S3 gateway is not available yet</Message>"
-        f"<RequestId>{request_id}</RequestId></Error>"
-    )
-    return Response(body, status_code=501, media_type="application/xml",
-                    headers={"x-amz-request-id": request_id})
+    return await request.app.state.s3_gateway(request)
 
 
 ALL_METHODS = ["GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"]
@@ -81,4 +77,8 @@ def create_app(anvil: Anvil, *, recovery_mode: bool = False, dev_auth: bool = Fa
     app.state.dev_auth = dev_auth
     app.state.last_backup = None
     app.state.backup_schedule = None
+    app.state.s3_gateway = S3Gateway(region=os.environ.get("REGION", "us-east-1"),
+                                     base_domain=os.environ.get("ANVIL_S3_BASE_DOMAIN") or None)
+    # access key id -> (secret, Principal) | None: the application's client_id and client_secret.
+    app.state.s3_credentials = anvil.identity.sigv4_credentials
     return app

@@ -69,6 +69,7 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any
             scheduler.start()
         print(f"Anvil {storage_path!s} listening on {endpoint}", flush=True)
         print(f"  native API: {endpoint}/anvil/v1/  (OpenAPI: /anvil/v1/openapi.json)", flush=True)
+        print(f"  S3 gateway: {endpoint}/  (path style; docs/s3.md)", flush=True)
         if recovery_mode:
             print("  RECOVERY MODE: restored storage; public writes are refused until "
                   "`anvil recovery validate` + `anvil recovery resume`", flush=True)

@@ -81,6 +81,13 @@ MIGRATIONS = [
     );
     CREATE INDEX multipart_completed_at ON multipart_completed(completed);
     """,
+    # 3: S3 system metadata and checksums ride beside the user metadata: `extra` holds
+    # {"system": {header: value}, "checksums": {algorithm: base64}} (absent keys mean none).
+    """
+    ALTER TABLE versions ADD COLUMN extra TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE multipart_uploads ADD COLUMN extra TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE multipart_parts ADD COLUMN checksums TEXT NOT NULL DEFAULT '{}';
+    """,
 ]
 
 COMPLETED_UPLOAD_RETENTION = 24 * 3600
@@ -90,7 +97,7 @@ NULL_VERSION = "null"
 
 _VERSION_COLUMNS = (
     "bucket, key, version_id, seq, is_latest, delete_marker, size, etag, sha256, "
-    "content_type, metadata, chunks, created"
+    "content_type, metadata, chunks, created, extra"
 )
 
 
@@ -127,13 +134,25 @@ class ObjectVersion:
     metadata: dict[str, str]
     chunks: list[tuple[str, int]]
     created: float
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_row(cls, row: tuple) -> ObjectVersion:
         return cls(
             row[0], row[1], row[2], row[3], bool(row[4]), bool(row[5]), row[6], row[7], row[8],
             row[9], json.loads(row[10]), [tuple(c) for c in json.loads(row[11])], row[12],
+            json.loads(row[13]) if len(row) > 13 and row[13] and row[13] != "{}" else {},
         )
+
+    @property
+    def system_metadata(self) -> dict[str, str]:
+        """Stored HTTP headers such as Cache-Control or Content-Disposition (lower-case names)."""
+        return dict(self.extra.get("system") or {})
+
+    @property
+    def checksums(self) -> dict[str, str]:
+        """Client-declared, server-verified checksums: {"crc32": base64, ...}."""
+        return dict(self.extra.get("checksums") or {})
 
     @property
     def parts_count(self) -> int | None:
@@ -219,6 +238,16 @@ def fingerprint(*parts: Any) -> str:
 def multipart_etag(md5s: list[str]) -> str:
     joined = b"".join(bytes.fromhex(m) for m in md5s)
     return f"{hashlib.md5(joined).hexdigest()}-{len(md5s)}"
+
+
+def composite_checksum(algorithm: str, part_checksums: list[str]) -> str:
+    """S3's checksum of a multipart object: the checksum of the parts' raw checksums, then `-N`."""
+    from anvil.objects.checksums import new_checksum
+
+    h = new_checksum(algorithm)
+    for c in part_checksums:
+        h.update(base64.b64decode(c))
+    return f"{h.b64()}-{len(part_checksums)}"
 
 
 def _encode_token(payload: dict[str, Any]) -> str:
@@ -415,7 +444,7 @@ class ObjectService:
     def _write_version(
         self, txn: Txn, ctx: RequestContext, bucket: Bucket, key: str, *, size: int, etag: str,
         sha256: str | None, content_type: str, metadata: dict[str, str], chunks: list[tuple[str, int]],
-        cond: Conditions, source: dict[str, Any],
+        cond: Conditions, source: dict[str, Any], extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Apply S3 versioning semantics for a new body and emit `object.put`."""
         conn = txn.conn
@@ -435,10 +464,11 @@ class ObjectService:
         self._clear_latest(conn, bucket.name, key)
         seq = txn.next_seq
         conn.execute(
-            f"INSERT INTO versions({_VERSION_COLUMNS}) VALUES (?,?,?,?,1,0,?,?,?,?,?,?,?)",
+            f"INSERT INTO versions({_VERSION_COLUMNS}) VALUES (?,?,?,?,1,0,?,?,?,?,?,?,?,?)",
             (
                 bucket.name, key, version_id, seq, size, etag, sha256, content_type,
                 json.dumps(metadata, sort_keys=True), json.dumps(chunks), txn.now,
+                json.dumps(extra or {}, sort_keys=True),
             ),
         )
         payload = {
@@ -446,6 +476,8 @@ class ObjectService:
             "sha256": sha256, "content_type": content_type, "metadata": metadata, "chunks": chunks,
             "versioning": bucket.versioning, "replaced": replaced, **source,
         }
+        if extra:
+            payload["extra"] = extra
         txn.emit(bucket.tenant, "object.put", f"{bucket.name}/{key}", payload)
         return {
             "bucket": bucket.name, "key": key, "version_id": version_id, "etag": etag,
@@ -455,17 +487,19 @@ class ObjectService:
     def put_object(
         self, ctx: RequestContext, bucket: str, key: str, body: BlobInfo, *, content_type: str | None = None,
         metadata: dict[str, str] | None = None, cond: Conditions = Conditions(),
+        extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         v.check_object_key(key)
         ct = v.check_content_type(content_type)
         meta = v.normalise_metadata(metadata)
-        fp = fingerprint("object.put", bucket, key, body.sha256, ct, meta, cond.__dict__)
+        fp = fingerprint("object.put", bucket, key, body.sha256, ct, meta, cond.__dict__, extra)
 
         def fn(txn: Txn) -> dict[str, Any]:
             b = self._require_bucket(txn.conn, bucket)
             return self._write_version(
                 txn, ctx, b, key, size=body.size, etag=body.md5, sha256=body.sha256, content_type=ct,
                 metadata=meta, chunks=[(body.sha256, body.size)], cond=cond, source={"source": "put"},
+                extra=extra,
             )
 
         return self._mutate(ctx, fn, fp)
@@ -528,7 +562,7 @@ class ObjectService:
                     removed.append(NULL_VERSION)
             self._clear_latest(conn, bucket, key)
             conn.execute(
-                f"INSERT INTO versions({_VERSION_COLUMNS}) VALUES (?,?,?,?,1,1,0,'',NULL,'',?,?,?)",
+                f"INSERT INTO versions({_VERSION_COLUMNS}) VALUES (?,?,?,?,1,1,0,'',NULL,'',?,?,?,'{{}}')",
                 (bucket, key, marker_id, txn.next_seq, "{}", "[]", txn.now),
             )
             payload.update(version_id=marker_id, delete_marker=True, removed=removed, promoted=None)
@@ -541,7 +575,7 @@ class ObjectService:
         self, ctx: RequestContext, *, src_bucket: str, src_key: str, src_version: str | None, bucket: str,
         key: str, metadata_directive: str = "COPY", content_type: str | None = None,
         metadata: dict[str, str] | None = None, cond: Conditions = Conditions(),
-        src_cond: Conditions = Conditions(),
+        src_cond: Conditions = Conditions(), system_metadata: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         v.check_object_key(src_key)
         v.check_object_key(key)
@@ -550,7 +584,7 @@ class ObjectService:
         new_meta = v.normalise_metadata(metadata) if metadata_directive == "REPLACE" else None
         new_ct = v.check_content_type(content_type) if metadata_directive == "REPLACE" else None
         fp = fingerprint("object.copy", src_bucket, src_key, src_version, bucket, key, metadata_directive,
-                         new_meta, new_ct, cond.__dict__, src_cond.__dict__)
+                         new_meta, new_ct, cond.__dict__, src_cond.__dict__, system_metadata)
 
         def fn(txn: Txn) -> dict[str, Any]:
             conn = txn.conn
@@ -572,8 +606,14 @@ class ObjectService:
             dst = self._require_bucket(conn, bucket)
             if metadata_directive == "COPY" and src_bucket == bucket and src_key == key and not src_version:
                 raise AnvilError("InvalidArgument", "copying an object onto itself needs metadata directive REPLACE")
+            extra = dict(src.extra)
+            if metadata_directive == "REPLACE":
+                # REPLACE swaps the stored headers too; the checksums still describe the same bytes.
+                extra = {k: val for k, val in extra.items() if k != "system"}
+                if system_metadata:
+                    extra["system"] = dict(system_metadata)
             return self._write_version(
-                txn, ctx, dst, key, size=src.size, etag=src.etag, sha256=src.sha256,
+                txn, ctx, dst, key, size=src.size, etag=src.etag, sha256=src.sha256, extra=extra,
                 content_type=new_ct if new_ct is not None else src.content_type,
                 metadata=new_meta if new_meta is not None else src.metadata, chunks=src.chunks, cond=cond,
                 source={"source": "copy", "copy_source": {"bucket": src_bucket, "key": src_key,
@@ -806,31 +846,34 @@ class ObjectService:
 
     def create_multipart(
         self, ctx: RequestContext, bucket: str, key: str, *, content_type: str | None = None,
-        metadata: dict[str, str] | None = None,
+        metadata: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
+        """`extra` may hold "system" headers and a "checksum_algorithm" the parts will carry."""
         v.check_object_key(key)
         ct = v.check_content_type(content_type)
         meta = v.normalise_metadata(metadata)
         upload_id = uuid.uuid4().hex
+        extra_json = json.dumps(extra or {}, sort_keys=True)
 
         def fn(txn: Txn) -> dict[str, Any]:
             b = self._require_bucket(txn.conn, bucket)
             txn.conn.execute(
-                "INSERT INTO multipart_uploads(upload_id, bucket, key, tenant, content_type, metadata, created) "
-                "VALUES (?,?,?,?,?,?,?)",
-                (upload_id, bucket, key, b.tenant, ct, json.dumps(meta, sort_keys=True), txn.now),
+                "INSERT INTO multipart_uploads(upload_id, bucket, key, tenant, content_type, metadata, created, extra) "
+                "VALUES (?,?,?,?,?,?,?,?)",
+                (upload_id, bucket, key, b.tenant, ct, json.dumps(meta, sort_keys=True), txn.now, extra_json),
             )
-            txn.emit(b.tenant, "multipart.create", f"{bucket}/{key}", {
-                "bucket": bucket, "key": key, "upload_id": upload_id, "content_type": ct, "metadata": meta,
-            })
+            payload = {"bucket": bucket, "key": key, "upload_id": upload_id, "content_type": ct, "metadata": meta}
+            if extra:
+                payload["extra"] = extra
+            txn.emit(b.tenant, "multipart.create", f"{bucket}/{key}", payload)
             return {"bucket": bucket, "key": key, "upload_id": upload_id}
 
-        return self._mutate(ctx, fn, fingerprint("multipart.create", bucket, key, ct, meta))
+        return self._mutate(ctx, fn, fingerprint("multipart.create", bucket, key, ct, meta, extra))
 
     def get_upload(self, bucket: str, upload_id: str, *, include_completed: bool = False) -> dict[str, Any]:
         conn = self.catalog.reader()
         row = conn.execute(
-            "SELECT upload_id, bucket, key, tenant, content_type, metadata, created FROM multipart_uploads "
+            "SELECT upload_id, bucket, key, tenant, content_type, metadata, created, extra FROM multipart_uploads "
             "WHERE upload_id = ? AND bucket = ?",
             (upload_id, bucket),
         ).fetchone()
@@ -848,13 +891,15 @@ class ObjectService:
         if v.is_reserved_key(row[2]):
             raise v.reserved_error()
         return {"upload_id": row[0], "bucket": row[1], "key": row[2], "tenant": row[3],
-                "content_type": row[4], "metadata": json.loads(row[5]), "created": row[6]}
+                "content_type": row[4], "metadata": json.loads(row[5]), "created": row[6],
+                "extra": json.loads(row[7] or "{}")}
 
     def upload_part(
-        self, ctx: RequestContext, bucket: str, upload_id: str, part_number: int, body: BlobInfo
+        self, ctx: RequestContext, bucket: str, upload_id: str, part_number: int, body: BlobInfo,
+        *, checksums: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         v.check_part_number(part_number)
-        fp = fingerprint("multipart.part", bucket, upload_id, part_number, body.sha256)
+        fp = fingerprint("multipart.part", bucket, upload_id, part_number, body.sha256, checksums)
 
         def fn(txn: Txn) -> dict[str, Any]:
             row = txn.conn.execute(
@@ -863,14 +908,18 @@ class ObjectService:
             if row is None:
                 raise AnvilError("NotFound", "upload not found")
             txn.conn.execute(
-                "INSERT OR REPLACE INTO multipart_parts(upload_id, part_number, sha256, md5, size, created) "
-                "VALUES (?,?,?,?,?,?)",
-                (upload_id, part_number, body.sha256, body.md5, body.size, txn.now),
+                "INSERT OR REPLACE INTO multipart_parts(upload_id, part_number, sha256, md5, size, created, "
+                "checksums) VALUES (?,?,?,?,?,?,?)",
+                (upload_id, part_number, body.sha256, body.md5, body.size, txn.now,
+                 json.dumps(checksums or {}, sort_keys=True)),
             )
-            txn.emit(row[1], "multipart.part", f"{bucket}/{row[0]}", {
+            payload = {
                 "bucket": bucket, "key": row[0], "upload_id": upload_id, "part_number": part_number,
                 "sha256": body.sha256, "md5": body.md5, "size": body.size,
-            })
+            }
+            if checksums:
+                payload["checksums"] = checksums
+            txn.emit(row[1], "multipart.part", f"{bucket}/{row[0]}", payload)
             return {"upload_id": upload_id, "part_number": part_number, "etag": body.md5, "size": body.size}
 
         return self._mutate(ctx, fn, fp)
@@ -878,12 +927,12 @@ class ObjectService:
     def list_parts(self, bucket: str, upload_id: str) -> list[dict[str, Any]]:
         self.get_upload(bucket, upload_id)
         rows = self.catalog.reader().execute(
-            "SELECT part_number, md5, size, sha256, created FROM multipart_parts WHERE upload_id = ? "
+            "SELECT part_number, md5, size, sha256, created, checksums FROM multipart_parts WHERE upload_id = ? "
             "ORDER BY part_number",
             (upload_id,),
         ).fetchall()
-        return [{"part_number": r[0], "etag": r[1], "size": r[2], "sha256": r[3], "last_modified": r[4]}
-                for r in rows]
+        return [{"part_number": r[0], "etag": r[1], "size": r[2], "sha256": r[3], "last_modified": r[4],
+                 "checksums": json.loads(r[5] or "{}")} for r in rows]
 
     def list_uploads(self, bucket: str, prefix: str = "") -> list[dict[str, Any]]:
         if v.is_reserved_key(prefix):
@@ -914,16 +963,17 @@ class ObjectService:
         def fn(txn: Txn) -> dict[str, Any]:
             conn = txn.conn
             up = conn.execute(
-                "SELECT key, content_type, metadata FROM multipart_uploads WHERE upload_id = ? AND bucket = ?",
+                "SELECT key, content_type, metadata, extra FROM multipart_uploads WHERE upload_id = ? AND bucket = ?",
                 (upload_id, bucket),
             ).fetchone()
             if up is None:
                 raise AnvilError("NotFound", "upload not found")
-            key, ct, meta = up[0], up[1], json.loads(up[2])
+            key, ct, meta, up_extra = up[0], up[1], json.loads(up[2]), json.loads(up[3] or "{}")
             stored = {
                 r[0]: r[1:]
                 for r in conn.execute(
-                    "SELECT part_number, sha256, md5, size FROM multipart_parts WHERE upload_id = ?", (upload_id,)
+                    "SELECT part_number, sha256, md5, size, checksums FROM multipart_parts WHERE upload_id = ?",
+                    (upload_id,),
                 )
             }
             chunks: list[tuple[str, int]] = []
@@ -937,10 +987,19 @@ class ObjectService:
                 chunks.append((part[0], part[2]))
                 md5s.append(part[1])
             b = self._require_bucket(conn, bucket)
+            extra: dict[str, Any] = {}
+            if up_extra.get("system"):
+                extra["system"] = up_extra["system"]
+            algorithm = up_extra.get("checksum_algorithm")
+            if algorithm:
+                part_sums = [json.loads(stored[n][3] or "{}").get(algorithm) for n, _ in parts]
+                if any(s is None for s in part_sums):
+                    raise AnvilError("InvalidPart", f"a part was uploaded without its {algorithm} checksum")
+                extra["checksums"] = {algorithm: composite_checksum(algorithm, part_sums)}
             result = self._write_version(
                 txn, ctx, b, key, size=sum(c[1] for c in chunks), etag=multipart_etag(md5s), sha256=None,
                 content_type=ct, metadata=meta, chunks=chunks, cond=cond,
-                source={"source": "multipart", "upload_id": upload_id},
+                source={"source": "multipart", "upload_id": upload_id}, extra=extra or None,
             )
             conn.execute("DELETE FROM multipart_uploads WHERE upload_id = ?", (upload_id,))
             conn.execute(

@@ -1,0 +1,227 @@
+"""AWS Signature Version 4 for S3: header auth, presigned URLs, and the per-chunk signer.
+
+`credentials(access_key_id)` returns `(secret_access_key, Principal)` or None; identity will
+supply it (the access key is an application's client_id, the secret its client_secret).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from starlette.requests import Request
+
+from anvil.api.s3.errors import S3Error
+from anvil.context import Principal
+
+ALGORITHM = "AWS4-HMAC-SHA256"
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+MAX_SKEW_SECONDS = 15 * 60
+MAX_PRESIGN_EXPIRES = 7 * 24 * 3600
+
+UNSIGNED = "UNSIGNED-PAYLOAD"
+STREAMING_SIGNED = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"
+STREAMING_SIGNED_TRAILER = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD-TRAILER"
+STREAMING_UNSIGNED_TRAILER = "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
+STREAMING_MODES = (STREAMING_SIGNED, STREAMING_SIGNED_TRAILER, STREAMING_UNSIGNED_TRAILER)
+
+CredentialLookup = Callable[[str], "tuple[str, Principal] | None"]
+
+ANONYMOUS = Principal(tenant="", subject="anonymous", anonymous=True)
+
+
+@dataclass(frozen=True)
+class AuthResult:
+    principal: Principal
+    payload_hash: str  # a hex SHA-256, UNSIGNED-PAYLOAD or one of the STREAMING-* modes
+    signing_key: bytes | None = None
+    seed_signature: str | None = None
+    amz_date: str = ""
+    scope: str = ""
+
+
+_key_cache: dict[tuple[str, str, str], bytes] = {}
+
+
+def _hmac(key: bytes, msg: str) -> bytes:
+    return hmac.new(key, msg.encode(), hashlib.sha256).digest()
+
+
+def signing_key(secret: str, date: str, region: str) -> bytes:
+    cache_key = (secret, date, region)
+    k = _key_cache.get(cache_key)
+    if k is None:
+        k = _hmac(_hmac(_hmac(_hmac(("AWS4" + secret).encode(), date), region), "s3"), "aws4_request")
+        if len(_key_cache) > 1024:
+            _key_cache.clear()
+        _key_cache[cache_key] = k
+    return k
+
+
+def _quote(s: str) -> str:
+    return urllib.parse.quote(s, safe="-_.~")
+
+
+def canonical_query(raw_query: str, *, drop: str | None = None) -> str:
+    pairs = []
+    for part in raw_query.split("&"):
+        if not part:
+            continue
+        k, _, val = part.partition("=")
+        k, val = urllib.parse.unquote(k), urllib.parse.unquote(val)
+        if drop is not None and k == drop:
+            continue
+        pairs.append((_quote(k), _quote(val)))
+    pairs.sort()
+    return "&".join(f"{k}={val}" for k, val in pairs)
+
+
+def _canonical_uris(raw_path: str) -> list[str]:
+    """The path as sent, and the path re-encoded by S3's rules (clients differ in what they escape)."""
+    reencoded = urllib.parse.quote(urllib.parse.unquote(raw_path), safe="/~")
+    return [raw_path] if reencoded == raw_path else [raw_path, reencoded]
+
+
+def _header_value(request: Request, name: str) -> str:
+    values = request.headers.getlist(name)
+    return ",".join(" ".join(val.strip().split()) for val in values)
+
+
+def parse_amz_date(value: str) -> float:
+    try:
+        return datetime.strptime(value, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        raise S3Error("AccessDenied", "X-Amz-Date must be in the ISO 8601 basic format YYYYMMDDTHHMMSSZ", 403)
+
+
+def _check_scope(credential: str, amz_date: str, region: str) -> tuple[str, str, str]:
+    parts = credential.split("/")
+    if len(parts) != 5:
+        raise S3Error("AuthorizationHeaderMalformed",
+                      "the Credential is malformed; expecting \"<AccessKeyId>/<YYYYMMDD>/<region>/s3/aws4_request\"")
+    access_key, date, req_region, service, terminal = parts
+    if req_region != region:
+        raise S3Error("AuthorizationHeaderMalformed",
+                      f"the authorization header is malformed; the region '{req_region}' is wrong; "
+                      f"expecting '{region}'", fields={"Region": region})
+    if service != "s3" or terminal != "aws4_request":
+        raise S3Error("AuthorizationHeaderMalformed", "the credential scope must end in /s3/aws4_request")
+    if date != amz_date[:8]:
+        raise S3Error("AuthorizationHeaderMalformed", "the credential date does not match X-Amz-Date")
+    return access_key, date, "/".join(parts[1:])
+
+
+def _sigv2_refused() -> S3Error:
+    return S3Error("InvalidRequest", "Signature Version 2 is not supported: the authorization mechanism you have "
+                   "provided is not supported. Please use AWS4-HMAC-SHA256.", 400)
+
+
+def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now: float | None = None) -> AuthResult:
+    now = time.time() if now is None else now
+    header = request.headers.get("authorization")
+    q = request.query_params
+    if header is not None:
+        if header.startswith("AWS "):
+            raise _sigv2_refused()
+        if not header.startswith(ALGORITHM + " "):
+            raise S3Error("InvalidArgument", "unsupported Authorization type; use AWS4-HMAC-SHA256")
+        fields: dict[str, str] = {}
+        for item in header[len(ALGORITHM) + 1:].split(","):
+            k, _, val = item.strip().partition("=")
+            fields[k] = val
+        try:
+            credential, signed, signature = fields["Credential"], fields["SignedHeaders"], fields["Signature"]
+        except KeyError:
+            raise S3Error("AuthorizationHeaderMalformed",
+                          "the Authorization header needs Credential, SignedHeaders and Signature")
+        amz_date = request.headers.get("x-amz-date")
+        if amz_date is None:
+            date_header = request.headers.get("date")
+            if date_header is None:
+                raise S3Error("AccessDenied", "AWS authentication requires a valid Date or x-amz-date header", 403)
+            from email.utils import parsedate_to_datetime
+
+            try:
+                amz_date = parsedate_to_datetime(date_header).astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+            except (TypeError, ValueError):
+                raise S3Error("AccessDenied", "the Date header is not a valid HTTP date", 403)
+        ts = parse_amz_date(amz_date)
+        access_key, date, scope = _check_scope(credential, amz_date, region)
+        if abs(now - ts) > MAX_SKEW_SECONDS:
+            raise S3Error("RequestTimeTooSkewed",
+                          "the difference between the request time and the server's time is too large", 403,
+                          fields={"RequestTime": amz_date,
+                                  "ServerTime": datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                                  "MaxAllowedSkewMilliseconds": str(MAX_SKEW_SECONDS * 1000)})
+        payload_hash = request.headers.get("x-amz-content-sha256")
+        if payload_hash is None:
+            raise S3Error("InvalidRequest", "missing required header for this request: x-amz-content-sha256")
+        drop = None
+    elif "X-Amz-Algorithm" in q or "X-Amz-Signature" in q:
+        if q.get("X-Amz-Algorithm") != ALGORITHM:
+            raise S3Error("AuthorizationQueryParametersError", "X-Amz-Algorithm must be AWS4-HMAC-SHA256")
+        try:
+            credential = q["X-Amz-Credential"]
+            signed = q["X-Amz-SignedHeaders"]
+            signature = q["X-Amz-Signature"]
+            amz_date = q["X-Amz-Date"]
+            expires = int(q["X-Amz-Expires"])
+        except (KeyError, ValueError):
+            raise S3Error("AuthorizationQueryParametersError",
+                          "query-string authentication needs X-Amz-Credential, X-Amz-Date, X-Amz-Expires, "
+                          "X-Amz-SignedHeaders and X-Amz-Signature")
+        if not 1 <= expires <= MAX_PRESIGN_EXPIRES:
+            raise S3Error("AuthorizationQueryParametersError",
+                          f"X-Amz-Expires must be between 1 and {MAX_PRESIGN_EXPIRES} seconds")
+        ts = parse_amz_date(amz_date)
+        access_key, date, scope = _check_scope(credential, amz_date, region)
+        if now > ts + expires:
+            raise S3Error("AccessDenied", "Request has expired", 403,
+                          fields={"X-Amz-Expires": str(expires), "Expires": str(ts + expires)})
+        if ts - now > MAX_SKEW_SECONDS:
+            raise S3Error("AccessDenied", "Request is not valid yet", 403)
+        payload_hash = request.headers.get("x-amz-content-sha256") or UNSIGNED
+        drop = "X-Amz-Signature"
+    elif "AWSAccessKeyId" in q or "Signature" in q:
+        raise _sigv2_refused()
+    else:
+        return AuthResult(ANONYMOUS, request.headers.get("x-amz-content-sha256") or UNSIGNED)
+
+    found = lookup(access_key)
+    if found is None:
+        raise S3Error("InvalidAccessKeyId", "the AWS access key id you provided does not exist in our records", 403)
+    secret, principal = found
+    signed_names = signed.split(";")
+    if "host" not in signed_names:
+        raise S3Error("AuthorizationHeaderMalformed", "SignedHeaders must include host")
+    canon_headers = "".join(f"{n}:{_header_value(request, n)}\n" for n in signed_names)
+    raw_path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
+    query = canonical_query(request.scope.get("query_string", b"").decode("latin-1"), drop=drop)
+    key = signing_key(secret, date, region)
+    for uri in _canonical_uris(raw_path):
+        canonical = "\n".join([request.method, uri, query, canon_headers, signed, payload_hash])
+        to_sign = "\n".join([ALGORITHM, amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+        expected = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+        if hmac.compare_digest(expected, signature):
+            return AuthResult(principal, payload_hash, key, signature, amz_date, scope)
+    raise S3Error("SignatureDoesNotMatch", "the request signature we calculated does not match the signature you "
+                  "provided. Check your key and signing method.", 403)
+
+
+def chunk_signature(auth: AuthResult, previous: str, chunk_sha256: str) -> str:
+    to_sign = "\n".join(["AWS4-HMAC-SHA256-PAYLOAD", auth.amz_date, auth.scope, previous, EMPTY_SHA256,
+                         chunk_sha256])
+    assert auth.signing_key is not None
+    return hmac.new(auth.signing_key, to_sign.encode(), hashlib.sha256).hexdigest()
+
+
+def trailer_signature(auth: AuthResult, previous: str, trailer_bytes: bytes) -> str:
+    to_sign = "\n".join(["AWS4-HMAC-SHA256-TRAILER", auth.amz_date, auth.scope, previous,
+                         hashlib.sha256(trailer_bytes).hexdigest()])
+    assert auth.signing_key is not None
+    return hmac.new(auth.signing_key, to_sign.encode(), hashlib.sha256).hexdigest()

@@ -1,0 +1,193 @@
+"""Request bodies: plain, or aws-chunked (signed per chunk, or unsigned with trailing checksums).
+
+Bodies are streamed: each piece is handed on as it arrives and only one header line is ever
+buffered. A chunk's signature is checked when the chunk ends; the consumer writes into a
+temporary blob that is discarded on any error, so a bad chunk never becomes visible state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+
+from anvil.api.s3 import auth as sig
+from anvil.api.s3.errors import S3Error
+
+MAX_LINE = 4096
+MAX_TRAILER_BYTES = 16 * 1024
+
+
+def _incomplete() -> S3Error:
+    return S3Error("IncompleteBody", "the request body ended before the aws-chunked stream was complete")
+
+
+def _malformed(why: str) -> S3Error:
+    return S3Error("InvalidRequest", f"malformed aws-chunked body: {why}")
+
+
+def _bad_chunk_signature() -> S3Error:
+    return S3Error("SignatureDoesNotMatch", "a chunk signature does not match the signature we calculated", 403)
+
+
+class BodyReader:
+    def __init__(self, request: Request, auth: sig.AuthResult):
+        self.request = request
+        self.auth = auth
+        self.mode = auth.payload_hash
+        self.trailers: dict[str, str] = {}
+        self.size = 0
+        self._buf = bytearray()
+        self._it: AsyncIterator[bytes] | None = None
+        encodings = [e.strip().lower() for e in request.headers.get("content-encoding", "").split(",") if e.strip()]
+        self.chunked = self.mode in sig.STREAMING_MODES
+        if self.chunked and self.mode != sig.STREAMING_UNSIGNED_TRAILER and auth.signing_key is None:
+            raise S3Error("AccessDenied", "signed streaming bodies need a signed request", 403)
+        if "aws-chunked" in encodings and not self.chunked:
+            raise S3Error("InvalidRequest", "Content-Encoding aws-chunked needs a STREAMING-* x-amz-content-sha256")
+        decoded = request.headers.get("x-amz-decoded-content-length")
+        self.decoded_length: int | None = None
+        if self.chunked:
+            if decoded is None or not decoded.isdigit():
+                raise S3Error("MissingContentLength", "aws-chunked bodies need x-amz-decoded-content-length", 411)
+            self.decoded_length = int(decoded)
+        elif self.mode != sig.UNSIGNED and not _is_sha256(self.mode):
+            raise S3Error("InvalidArgument", "x-amz-content-sha256 must be a SHA-256 hex digest, UNSIGNED-PAYLOAD "
+                          "or a STREAMING-* mode")
+
+    @property
+    def declared_sha256(self) -> str | None:
+        return self.mode.lower() if _is_sha256(self.mode) else None
+
+    def check_sha256(self, actual: str) -> None:
+        expected = self.declared_sha256
+        if expected is not None and expected != actual:
+            raise S3Error("XAmzContentSHA256Mismatch",
+                          "the provided x-amz-content-sha256 header does not match what was computed")
+
+    async def pieces(self) -> AsyncIterator[bytes]:
+        if not self.chunked:
+            async for piece in self.request.stream():
+                if piece:
+                    self.size += len(piece)
+                    yield piece
+            return
+        async for piece in self._chunks():
+            yield piece
+
+    async def read_all(self, limit: int) -> bytes:
+        """A small body (an XML document) read whole, with its payload hash checked."""
+        out = bytearray()
+        async for piece in self.pieces():
+            out += piece
+            if len(out) > limit:
+                raise S3Error("MaxMessageLengthExceeded", "your request was too big", 400)
+        data = bytes(out)
+        self.check_sha256(hashlib.sha256(data).hexdigest())
+        return data
+
+    # ------------------------------------------------------------------ aws-chunked
+
+    async def _fill(self) -> None:
+        assert self._it is not None
+        while True:
+            try:
+                piece = await self._it.__anext__()
+            except StopAsyncIteration:
+                raise _incomplete() from None
+            if piece:
+                self._buf += piece
+                return
+
+    async def _line(self) -> bytes:
+        while True:
+            i = self._buf.find(b"\r\n")
+            if i >= 0:
+                line = bytes(self._buf[:i])
+                del self._buf[: i + 2]
+                return line
+            if len(self._buf) > MAX_LINE:
+                raise _malformed("a chunk header line is too long")
+            await self._fill()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        self._it = self.request.stream().__aiter__()
+        signed = self.mode != sig.STREAMING_UNSIGNED_TRAILER
+        previous = self.auth.seed_signature or ""
+        while True:
+            line = await self._line()
+            size_text, _, ext = line.partition(b";")
+            try:
+                size = int(size_text.strip(), 16)
+            except ValueError:
+                raise _malformed("a chunk size is not hexadecimal") from None
+            if size < 0 or len(size_text) > 16:
+                raise _malformed("a chunk size is out of range")
+            claimed = None
+            if signed:
+                name, _, value = ext.partition(b"=")
+                if name.strip() != b"chunk-signature" or not value:
+                    raise _malformed("a chunk has no chunk-signature")
+                claimed = value.strip().decode("ascii", "replace")
+            h = hashlib.sha256() if signed else None
+            remaining = size
+            while remaining:
+                if not self._buf:
+                    await self._fill()
+                take = min(remaining, len(self._buf))
+                piece = bytes(self._buf[:take])
+                del self._buf[:take]
+                remaining -= take
+                if h is not None:
+                    h.update(piece)
+                self.size += take
+                if self.decoded_length is not None and self.size > self.decoded_length:
+                    raise _malformed("the body is longer than x-amz-decoded-content-length")
+                yield piece
+            if signed:
+                expected = sig.chunk_signature(self.auth, previous, h.hexdigest())  # type: ignore[union-attr]
+                if not hmac.compare_digest(expected, claimed or ""):
+                    raise _bad_chunk_signature()
+                previous = expected
+            if size == 0:
+                break
+            if await self._line() != b"":
+                raise _malformed("a chunk is longer than its declared size")
+        await self._read_trailers(previous)
+        if self.decoded_length is not None and self.size != self.decoded_length:
+            raise _incomplete()
+
+    async def _read_trailers(self, previous: str) -> None:
+        raw = bytearray()
+        trailer_sig = None
+        while True:
+            line = await self._line()
+            if line == b"":
+                break
+            name, sep, value = line.partition(b":")
+            if not sep:
+                raise _malformed("a trailer line has no ':'")
+            key = name.strip().lower().decode("ascii", "replace")
+            val = value.strip().decode("ascii", "replace")
+            if key == "x-amz-trailer-signature":
+                trailer_sig = val
+                continue
+            raw += name.strip().lower() + b":" + value.strip() + b"\n"
+            if len(raw) > MAX_TRAILER_BYTES:
+                raise _malformed("trailers are too large")
+            self.trailers[key] = val
+        if self.mode == sig.STREAMING_SIGNED_TRAILER:
+            expected = sig.trailer_signature(self.auth, previous, bytes(raw))
+            if trailer_sig is None or not hmac.compare_digest(expected, trailer_sig):
+                raise _bad_chunk_signature()
+        declared = self.request.headers.get("x-amz-trailer")
+        if declared:
+            for name in (n.strip().lower() for n in declared.split(",")):
+                if name and name not in self.trailers:
+                    raise S3Error("InvalidRequest", f"the trailer {name} was declared but not sent")
+
+
+def _is_sha256(value: str) -> bool:
+    return len(value) == 64 and all(c in "0123456789abcdefABCDEF" for c in value)
