@@ -12,7 +12,9 @@ from starlette.routing import Route
 
 from anvil.api.common import (
     blocking,
+    committed,
     endpoint,
+    file_io,
     json_body,
     metadata_from_headers,
     metadata_to_headers,
@@ -27,6 +29,9 @@ from anvil.objects.service import parse_etag_list
 from anvil.runtime import Anvil
 
 INLINE_BODY_LIMIT = 1024 * 1024
+# A PUT body up to this size (by Content-Length) is read into memory, then written, hashed and
+# fsynced in one hop to a file-I/O thread; larger or unsized bodies are streamed to disk.
+BUFFERED_BODY_LIMIT = 1024 * 1024
 
 
 def _anvil(request: Request) -> Anvil:
@@ -221,6 +226,12 @@ async def _receive_body(request: Request, *, expected_sha256: str | None, expect
     return await blocking(objects.store_body, writer, expected_sha256=expected_sha256, expected_md5=expected_md5)
 
 
+def _content_length(request: Request) -> int:
+    """The declared body length, or a huge number when unknown (chunked) or malformed."""
+    raw = request.headers.get("content-length")
+    return int(raw) if raw is not None and raw.isdigit() else 1 << 62
+
+
 def _expected_checksums(request: Request) -> tuple[str | None, str | None]:
     sha = request.headers.get("x-anvil-checksum-sha256")
     if sha is not None and (len(sha) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha)):
@@ -254,9 +265,13 @@ async def put_object(request: Request, ctx: RequestContext) -> Response:
     content_type = v.check_content_type(request.headers.get("content-type"))
     cond = _conditions(request)
     sha, md5 = _expected_checksums(request)
-    info = await _receive_body(request, expected_sha256=sha, expected_md5=md5)
-    result = await blocking(
-        objects.put_object, ctx, bucket, key, info, content_type=content_type, metadata=meta, cond=cond
+    if _content_length(request) <= BUFFERED_BODY_LIMIT:
+        body = await request.body()
+        info = await file_io(objects.store_bytes, body, expected_sha256=sha, expected_md5=md5)
+    else:
+        info = await _receive_body(request, expected_sha256=sha, expected_md5=md5)
+    result = await committed(
+        objects.submit_put_object(ctx, bucket, key, info, content_type=content_type, metadata=meta, cond=cond)
     )
     return JSONResponse(result, status_code=200, headers={"etag": f'"{result["etag"]}"'})
 
