@@ -477,6 +477,7 @@ async def journal_verify(request: Request, ctx: RequestContext) -> Response:
 
 
 B = "/anvil/v1/buckets/{bucket}"
+OBJECT_PATH = B + "/object"  # the hot route: api/app.py dispatches it without the router
 
 ROUTES = [
     Route("/anvil/health/live", live, methods=["GET"]),
@@ -489,9 +490,9 @@ ROUTES = [
     Route(B + "/versioning", put_versioning, methods=["PUT"]),
     Route(B + "/objects", list_objects, methods=["GET"]),
     Route(B + "/versions", list_versions, methods=["GET"]),
-    Route(B + "/object", put_object, methods=["PUT"]),
-    Route(B + "/object", get_object, methods=["GET"]),
-    Route(B + "/object", delete_object, methods=["DELETE"]),
+    Route(OBJECT_PATH, put_object, methods=["PUT"]),
+    Route(OBJECT_PATH, get_object, methods=["GET"]),
+    Route(OBJECT_PATH, delete_object, methods=["DELETE"]),
     Route(B + "/copy", copy_object, methods=["POST"]),
     Route(B + "/uploads", create_upload, methods=["POST"]),
     Route(B + "/uploads", list_uploads, methods=["GET"]),
