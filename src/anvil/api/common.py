@@ -77,6 +77,11 @@ async def file_io(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(_FILE_IO, functools.partial(fn, *args, **kwargs))
 
 
+def submit_file_io(fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+    """Start blocking file work in the file-I/O pool; the caller awaits it when it needs to."""
+    return _FILE_IO.submit(fn, *args)
+
+
 async def committed(future: concurrent.futures.Future) -> Any:
     """Await a `Catalog.submit` future without parking a thread on it.
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import concurrent.futures
 from typing import Any
 
 from starlette.requests import Request
@@ -19,6 +21,7 @@ from anvil.api.common import (
     metadata_from_headers,
     metadata_to_headers,
     query_int,
+    submit_file_io,
 )
 from anvil.context import RequestContext
 from anvil.errors import AnvilError
@@ -32,6 +35,7 @@ INLINE_BODY_LIMIT = 1024 * 1024
 # A PUT body up to this size (by Content-Length) is read into memory, then written, hashed and
 # fsynced in one hop to a file-I/O thread; larger or unsized bodies are streamed to disk.
 BUFFERED_BODY_LIMIT = 1024 * 1024
+STREAM_BLOCK = 1024 * 1024
 
 
 def _anvil(request: Request) -> Anvil:
@@ -214,16 +218,37 @@ async def _receive_body(request: Request, *, expected_sha256: str | None, expect
     """Stream the request body into a blob; nothing is held whole in memory."""
     objects = _anvil(request).objects
     writer = objects.blobs.writer(max_size=v.MAX_OBJECT_SIZE)
+    # Hashing (SHA-256 + MD5) and writing run in a file-I/O thread, a block at a time, while the
+    # event loop receives the next block: the two cores work in parallel and the loop stays free.
+    # At most one block is being written and one filling, so memory stays flat in body size.
+    block = bytearray()
+    pending: concurrent.futures.Future | None = None
     try:
         async for chunk in request.stream():
-            writer.write(chunk)
+            block += chunk
+            if len(block) >= STREAM_BLOCK:
+                if pending is not None:
+                    await asyncio.wrap_future(pending)
+                pending = submit_file_io(writer.write, bytes(block))
+                block.clear()
+        if block:
+            if pending is not None:
+                await asyncio.wrap_future(pending)
+            pending = submit_file_io(writer.write, bytes(block))
+        if pending is not None:
+            await asyncio.wrap_future(pending)
     except OverflowError:
         writer.abort()
         raise AnvilError("EntityTooLarge", "the body is larger than the maximum object size") from None
     except BaseException:
-        writer.abort()
+        # A write may still be running in its thread (cancelling our await does not stop it):
+        # close and remove the file only once it is done with the descriptor.
+        if pending is not None:
+            pending.add_done_callback(lambda _f: writer.abort())
+        else:
+            writer.abort()
         raise
-    return await blocking(objects.store_body, writer, expected_sha256=expected_sha256, expected_md5=expected_md5)
+    return await file_io(objects.store_body, writer, expected_sha256=expected_sha256, expected_md5=expected_md5)
 
 
 def _content_length(request: Request) -> int:
