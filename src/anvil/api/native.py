@@ -6,6 +6,8 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import functools
+from email.utils import formatdate
 from typing import Any
 
 from starlette.requests import Request
@@ -85,10 +87,14 @@ def _object_headers(obj: ObjectVersion) -> dict[str, str]:
     return headers
 
 
-def _http_date(ts: float) -> str:
-    from email.utils import formatdate
+@functools.lru_cache(maxsize=4096)
+def _http_second(second: int) -> str:
+    return formatdate(second, usegmt=True)
 
-    return formatdate(ts, usegmt=True)
+
+def _http_date(ts: float) -> str:
+    # HTTP dates have one-second resolution; formatting one is a visible share of a small GET.
+    return _http_second(int(ts))
 
 
 # ------------------------------------------------------------------ health and meta
@@ -292,12 +298,22 @@ async def put_object(request: Request, ctx: RequestContext) -> Response:
     sha, md5 = _expected_checksums(request)
     if _content_length(request) <= BUFFERED_BODY_LIMIT:
         body = await request.body()
-        info = await file_io(objects.store_bytes, body, expected_sha256=sha, expected_md5=md5)
+
+        def store_and_submit() -> concurrent.futures.Future:
+            # Queue the mutation straight from the file-I/O thread once the blob is durable,
+            # rather than after a trip back through the event loop.
+            info = objects.store_bytes(body, expected_sha256=sha, expected_md5=md5)
+            return objects.submit_put_object(
+                ctx, bucket, key, info, content_type=content_type, metadata=meta, cond=cond
+            )
+
+        pending = await file_io(store_and_submit)
     else:
         info = await _receive_body(request, expected_sha256=sha, expected_md5=md5)
-    result = await committed(
-        objects.submit_put_object(ctx, bucket, key, info, content_type=content_type, metadata=meta, cond=cond)
-    )
+        pending = objects.submit_put_object(
+            ctx, bucket, key, info, content_type=content_type, metadata=meta, cond=cond
+        )
+    result = await committed(pending)
     return JSONResponse(result, status_code=200, headers={"etag": f'"{result["etag"]}"'})
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,8 +29,11 @@ class BlobInfo:
     size: int
 
 
+_HASH_RE = re.compile(r"[0-9a-f]{64}")
+
+
 def _valid_hash(h: str) -> bool:
-    return len(h) == 64 and all(c in "0123456789abcdef" for c in h)
+    return _HASH_RE.fullmatch(h) is not None
 
 
 class BlobWriter:
@@ -203,15 +207,19 @@ class BlobStore:
         return self.path(sha256).stat().st_size
 
     def read_range(self, sha256: str, offset: int, length: int, chunk: int = READ_CHUNK) -> Iterator[bytes]:
-        with open(self.path(sha256), "rb", buffering=0) as f:
-            f.seek(offset)
+        # pread on a raw descriptor: no file object, no seek; this is every small GET.
+        fd = os.open(self.path(sha256), os.O_RDONLY)
+        try:
             remaining = length
             while remaining > 0:
-                data = f.read(min(chunk, remaining))
+                data = os.pread(fd, min(chunk, remaining), offset)
                 if not data:
                     raise OSError(f"blob {sha256} is shorter than recorded")
                 remaining -= len(data)
+                offset += len(data)
                 yield data
+        finally:
+            os.close(fd)
 
     def iter_all(self) -> Iterator[tuple[str, Path]]:
         """Every stored blob (hash, path); used by fsck and gc."""
