@@ -8,7 +8,6 @@ a record pointing at missing bytes.
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import os
 import re
@@ -95,9 +94,6 @@ class BlobWriter:
                 pass
 
 
-_DIR_SYNC = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="anvil-dirsync")
-
-
 class _TmpfileUnsupported(Exception):
     """O_TMPFILE or linkat through /proc is not available here: use tmp/ and rename."""
 
@@ -159,9 +155,6 @@ class BlobStore:
         """
         final = self.path(info.sha256)
         created = self.ensure_parent(final)
-        # A new fan-out folder's entry in its parent needs its own fsync: start it now so it
-        # overlaps the body's fsync instead of queueing behind it (most PUTs on a young store).
-        parent_syncs = [_DIR_SYNC.submit(fsync_dir, d.parent) for d in created]
         if not final.exists():
             try:
                 fd = os.open(final.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
@@ -186,8 +179,8 @@ class BlobStore:
             os.utime(final)
         # Also when deduplicated: the name may come from a writer that has not fsynced it yet.
         fsync_dir(final.parent)
-        for fut in parent_syncs:
-            fut.result()
+        for d in created:
+            fsync_dir(d.parent)
         return info
 
     def _proc_fd(self) -> int:
