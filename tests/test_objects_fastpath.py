@@ -98,3 +98,16 @@ def test_blobstore_put_bytes_links_complete_files(tmp_path) -> None:
     assert store.put_bytes(data) == info  # deduplicated, still one file
     assert [sha for sha, _ in store.iter_all()] == [info.sha256]
     assert list((tmp_path / "tmp").iterdir()) == []  # nothing staged in tmp/
+
+
+def test_blobstore_put_bytes_fallback_without_tmpfile(tmp_path) -> None:
+    # Filesystems without O_TMPFILE take the tmp/ + fsync + rename path: same result.
+    store = BlobStore(tmp_path / "blobs", tmp_path / "tmp")
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "tmp").mkdir()
+    store._tmpfile_ok = False
+    data = os.urandom(3000)
+    info = store.put_bytes(data)
+    assert info == digest_bytes(data)
+    assert store.path(info.sha256).read_bytes() == data
+    assert list((tmp_path / "tmp").iterdir()) == []

@@ -8,6 +8,7 @@ a record pointing at missing bytes.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -94,6 +95,10 @@ class BlobWriter:
                 pass
 
 
+# errno values meaning "this filesystem or kernel cannot do O_TMPFILE + linkat via /proc".
+_UNSUPPORTED = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT, errno.EXDEV, errno.EPERM}
+
+
 class _TmpfileUnsupported(Exception):
     """O_TMPFILE or linkat through /proc is not available here: use tmp/ and rename."""
 
@@ -106,7 +111,7 @@ class BlobStore:
     def __init__(self, blobs_root: Path, tmp: Path):
         self.root = blobs_root
         self.tmp = tmp
-        self._tmpfile_ok = hasattr(os, "O_TMPFILE")
+        self._tmpfile_ok = True
         self._proc_fd_cache: int | None = None
 
     def path(self, sha256: str) -> Path:
@@ -132,7 +137,7 @@ class BlobStore:
         """Store a body held in memory (`info`: its digests, if already computed)."""
         if info is None:
             info = digest_bytes(data)
-        if self._tmpfile_ok:
+        if self._tmpfile_ok and hasattr(os, "O_TMPFILE"):
             try:
                 return self._put_tmpfile(data, info)
             except _TmpfileUnsupported:
@@ -154,11 +159,15 @@ class BlobStore:
         throughput of write-to-tmp-then-rename with 8 concurrent writers.
         """
         final = self.path(info.sha256)
+        proc_fd = self._proc_fd()  # before any folder is created: raising later would skip their fsync
         created = self.ensure_parent(final)
         if not final.exists():
             try:
                 fd = os.open(final.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
-            except (AttributeError, OSError) as exc:
+            except OSError as exc:
+                if exc.errno not in _UNSUPPORTED:
+                    raise
+                self._sync_created(created)  # the fallback will not know it created them
                 raise _TmpfileUnsupported from exc
             try:
                 view = memoryview(data)
@@ -166,10 +175,13 @@ class BlobStore:
                     view = view[os.write(fd, view):]
                 os.fsync(fd)
                 try:
-                    os.link(str(fd), final, src_dir_fd=self._proc_fd(), follow_symlinks=True)
+                    os.link(str(fd), final, src_dir_fd=proc_fd, follow_symlinks=True)
                 except FileExistsError:
                     pass  # an identical body won the race; it too was durable before it was named
                 except OSError as exc:
+                    if exc.errno not in _UNSUPPORTED:
+                        raise
+                    self._sync_created(created)
                     raise _TmpfileUnsupported from exc
             finally:
                 os.close(fd)
@@ -179,9 +191,13 @@ class BlobStore:
             os.utime(final)
         # Also when deduplicated: the name may come from a writer that has not fsynced it yet.
         fsync_dir(final.parent)
+        self._sync_created(created)
+        return info
+
+    @staticmethod
+    def _sync_created(created: list[Path]) -> None:
         for d in created:
             fsync_dir(d.parent)
-        return info
 
     def _proc_fd(self) -> int:
         # linkat(AT_SYMLINK_FOLLOW) on /proc/self/fd/N names an O_TMPFILE; os.link only calls
