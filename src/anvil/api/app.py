@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
-from starlette.types import Scope
+from starlette.types import Receive, Scope, Send
 
 from anvil.api.admin import ROUTES as ADMIN_ROUTES
 from anvil.api.backup_routes import BACKUP_ROUTES
 from anvil.api.common import error_response
 from anvil.api.identity import IDENTITY_ROUTES
-from anvil.api.native import ROUTES
+from anvil.api.native import OBJECT_PATH, ROUTES
 from anvil.api.s3 import S3Gateway
 from anvil.api.watch import WATCH_ROUTES
 from anvil.context import new_request_id
@@ -68,10 +70,47 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return await _fallback(request)
 
 
+def _object_handlers() -> dict[str, Callable[[Request], Awaitable[Response]]]:
+    """Method -> handler of the object route, taken from ROUTES so the two cannot disagree."""
+    table: dict[str, Callable[[Request], Awaitable[Response]]] = {}
+    for route in ROUTES:
+        if isinstance(route, Route) and route.path == OBJECT_PATH:
+            for method in route.methods or ():
+                table[method] = route.endpoint
+    return table
+
+
+_OBJECT_PATH_RE = re.compile(re.escape(OBJECT_PATH).replace(re.escape("{bucket}"), "([^/]+)"))
+
+
+class AnvilApp(Starlette):
+    """Starlette, with the object GET/HEAD/PUT/DELETE route dispatched directly.
+
+    Those are the hot requests. Matching them first skips the two error middlewares and the
+    linear walk over every route (our handlers already turn every error into a response),
+    which is most of the framework's per-request cost. Everything else goes through Starlette.
+    """
+
+    object_handlers = _object_handlers()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            handler = self.object_handlers.get(scope["method"])
+            if handler is not None:
+                m = _OBJECT_PATH_RE.fullmatch(scope["path"])
+                if m is not None:
+                    scope["app"] = self
+                    scope["path_params"] = {"bucket": m.group(1)}
+                    response = await handler(Request(scope, receive, send))
+                    await response(scope, receive, send)
+                    return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(anvil: Anvil, *, recovery_mode: bool = False, dev_auth: bool = False) -> Starlette:
     routes = [*ROUTES, *IDENTITY_ROUTES, *WATCH_ROUTES, *ADMIN_ROUTES, *BACKUP_ROUTES,
               Route("/{path:path}", _fallback, methods=ALL_METHODS)]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_exception})
+    app = AnvilApp(routes=routes, exception_handlers={HTTPException: _http_exception})
     app.state.anvil = anvil
     app.state.recovery_mode = recovery_mode
     app.state.dev_auth = dev_auth

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import functools
 import logging
 import urllib.parse
@@ -92,6 +94,29 @@ def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
 async def blocking(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run a blocking call (a mutation waiting for its commit, an fsync) off the event loop."""
     return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+
+# Blob file work (write + fsync + rename + directory fsync) gets its own pool: fsyncs overlap on the
+# disk, and a small dedicated pool hands off more cheaply than anyio's limiter-guarded one.
+_FILE_IO = concurrent.futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="anvil-io")
+
+
+async def file_io(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run blocking file work (blob write and fsync) off the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(_FILE_IO, functools.partial(fn, *args, **kwargs))
+
+
+def submit_file_io(fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+    """Start blocking file work in the file-I/O pool; the caller awaits it when it needs to."""
+    return _FILE_IO.submit(fn, *args)
+
+
+async def committed(future: concurrent.futures.Future) -> Any:
+    """Await a `Catalog.submit` future without parking a thread on it.
+
+    Shielded: a client that goes away must not cancel a mutation the writer may already apply.
+    """
+    return await asyncio.shield(asyncio.wrap_future(future))
 
 
 async def json_body(request: Request, *, required: bool = True) -> dict[str, Any]:

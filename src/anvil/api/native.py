@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import concurrent.futures
+import functools
 import urllib.parse
+from email.utils import formatdate
 from typing import Any
 
 from starlette.requests import Request
@@ -13,11 +17,14 @@ from starlette.routing import Route
 
 from anvil.api.common import (
     blocking,
+    committed,
     endpoint,
+    file_io,
     json_body,
     metadata_from_headers,
     metadata_to_headers,
     query_int,
+    submit_file_io,
 )
 from anvil.context import RequestContext
 from anvil.errors import AnvilError
@@ -28,6 +35,10 @@ from anvil.objects.service import parse_etag_list
 from anvil.runtime import Anvil
 
 INLINE_BODY_LIMIT = 1024 * 1024
+# A PUT body up to this size (by Content-Length) is read into memory, then written, hashed and
+# fsynced in one hop to a file-I/O thread; larger or unsized bodies are streamed to disk.
+BUFFERED_BODY_LIMIT = 1024 * 1024
+STREAM_BLOCK = 1024 * 1024
 
 
 def _anvil(request: Request) -> Anvil:
@@ -92,10 +103,14 @@ def _object_headers(obj: ObjectVersion) -> dict[str, str]:
     return headers
 
 
-def _http_date(ts: float) -> str:
-    from email.utils import formatdate
+@functools.lru_cache(maxsize=4096)
+def _http_second(second: int) -> str:
+    return formatdate(second, usegmt=True)
 
-    return formatdate(ts, usegmt=True)
+
+def _http_date(ts: float) -> str:
+    # HTTP dates have one-second resolution; formatting one is a visible share of a small GET.
+    return _http_second(int(ts))
 
 
 # ------------------------------------------------------------------ health and meta
@@ -227,16 +242,43 @@ async def _receive_body(request: Request, *, expected_sha256: str | None, expect
     """Stream the request body into a blob; nothing is held whole in memory."""
     objects = _anvil(request).objects
     writer = objects.blobs.writer(max_size=v.MAX_OBJECT_SIZE)
+    # Hashing (SHA-256 + MD5) and writing run in a file-I/O thread, a block at a time, while the
+    # event loop receives the next block: the two cores work in parallel and the loop stays free.
+    # At most one block is being written and one filling, so memory stays flat in body size.
+    block = bytearray()
+    pending: concurrent.futures.Future | None = None
     try:
         async for chunk in request.stream():
-            writer.write(chunk)
+            block += chunk
+            if len(block) >= STREAM_BLOCK:
+                if pending is not None:
+                    await asyncio.wrap_future(pending)
+                pending = submit_file_io(writer.write, bytes(block))
+                block.clear()
+        if block:
+            if pending is not None:
+                await asyncio.wrap_future(pending)
+            pending = submit_file_io(writer.write, bytes(block))
+        if pending is not None:
+            await asyncio.wrap_future(pending)
     except OverflowError:
         writer.abort()
         raise AnvilError("EntityTooLarge", "the body is larger than the maximum object size") from None
     except BaseException:
-        writer.abort()
+        # A write may still be running in its thread (cancelling our await does not stop it):
+        # close and remove the file only once it is done with the descriptor.
+        if pending is not None:
+            pending.add_done_callback(lambda _f: writer.abort())
+        else:
+            writer.abort()
         raise
-    return await blocking(objects.store_body, writer, expected_sha256=expected_sha256, expected_md5=expected_md5)
+    return await file_io(objects.store_body, writer, expected_sha256=expected_sha256, expected_md5=expected_md5)
+
+
+def _content_length(request: Request) -> int:
+    """The declared body length, or a huge number when unknown (chunked) or malformed."""
+    raw = request.headers.get("content-length")
+    return int(raw) if raw is not None and raw.isdigit() else 1 << 62
 
 
 def _expected_checksums(request: Request) -> tuple[str | None, str | None]:
@@ -272,10 +314,24 @@ async def put_object(request: Request, ctx: RequestContext) -> Response:
     content_type = v.check_content_type(request.headers.get("content-type"))
     cond = _conditions(request)
     sha, md5 = _expected_checksums(request)
-    info = await _receive_body(request, expected_sha256=sha, expected_md5=md5)
-    result = await blocking(
-        objects.put_object, ctx, bucket, key, info, content_type=content_type, metadata=meta, cond=cond
-    )
+    if _content_length(request) <= BUFFERED_BODY_LIMIT:
+        body = await request.body()
+
+        def store_and_submit() -> concurrent.futures.Future:
+            # Queue the mutation straight from the file-I/O thread once the blob is durable,
+            # rather than after a trip back through the event loop.
+            info = objects.store_bytes(body, expected_sha256=sha, expected_md5=md5)
+            return objects.submit_put_object(
+                ctx, bucket, key, info, content_type=content_type, metadata=meta, cond=cond
+            )
+
+        pending = await file_io(store_and_submit)
+    else:
+        info = await _receive_body(request, expected_sha256=sha, expected_md5=md5)
+        pending = objects.submit_put_object(
+            ctx, bucket, key, info, content_type=content_type, metadata=meta, cond=cond
+        )
+    result = await committed(pending)
     return JSONResponse(result, status_code=200, headers={"etag": f'"{result["etag"]}"'})
 
 
@@ -485,6 +541,7 @@ async def journal_verify(request: Request, ctx: RequestContext) -> Response:
 
 
 B = "/anvil/v1/buckets/{bucket}"
+OBJECT_PATH = B + "/object"  # the hot route: api/app.py dispatches it without the router
 
 ROUTES = [
     Route("/anvil/health/live", live, methods=["GET"]),
@@ -497,9 +554,9 @@ ROUTES = [
     Route(B + "/versioning", put_versioning, methods=["PUT"]),
     Route(B + "/objects", list_objects, methods=["GET"]),
     Route(B + "/versions", list_versions, methods=["GET"]),
-    Route(B + "/object", put_object, methods=["PUT"]),
-    Route(B + "/object", get_object, methods=["GET"]),
-    Route(B + "/object", delete_object, methods=["DELETE"]),
+    Route(OBJECT_PATH, put_object, methods=["PUT"]),
+    Route(OBJECT_PATH, get_object, methods=["GET"]),
+    Route(OBJECT_PATH, delete_object, methods=["DELETE"]),
     Route(B + "/copy", copy_object, methods=["POST"]),
     Route(B + "/uploads", create_upload, methods=["POST"]),
     Route(B + "/uploads", list_uploads, methods=["GET"]),

@@ -9,6 +9,7 @@ blobs before that transaction; a version records its body as an ordered list of 
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import hashlib
 import json
 import uuid
@@ -22,6 +23,7 @@ from anvil.context import RequestContext
 from anvil.errors import AnvilError, not_found
 from anvil.objects import validation as v
 from anvil.storage import BlobInfo, BlobWriter, Storage, Txn, idempotency
+from anvil.storage.blobs import digest_bytes
 
 MIGRATIONS = [
     """
@@ -306,13 +308,16 @@ class ObjectService:
 
     # ---------------------------------------------------------------- helpers
 
-    def _mutate(self, ctx: RequestContext, fn, fp: str) -> dict[str, Any]:
+    def _submit(self, ctx: RequestContext, fn, fp: str) -> concurrent.futures.Future:
         key = ctx.idempotency_key
         if key is not None:
             idempotency.validate_key(key)
-        return self.catalog.mutate(
+        return self.catalog.submit(
             lambda txn: idempotency.run(txn, key, fp, fn), actor=ctx.actor, request_id=ctx.request_id
         )
+
+    def _mutate(self, ctx: RequestContext, fn, fp: str) -> dict[str, Any]:
+        return self._submit(ctx, fn, fp).result()
 
     @staticmethod
     def _bucket_row(conn: apsw.Connection, name: str) -> Bucket | None:
@@ -441,6 +446,17 @@ class ObjectService:
             raise AnvilError("BadDigest", "the body does not match the expected MD5")
         return writer.commit()
 
+    def store_bytes(
+        self, data: bytes, *, expected_sha256: str | None = None, expected_md5: str | None = None
+    ) -> BlobInfo:
+        """`store_body` for a body already in memory (small PUTs). Mismatch stores nothing."""
+        info = digest_bytes(data)
+        if expected_sha256 is not None and expected_sha256.lower() != info.sha256:
+            raise AnvilError("BadDigest", "the body does not match the expected SHA-256")
+        if expected_md5 is not None and expected_md5.lower() != info.md5:
+            raise AnvilError("BadDigest", "the body does not match the expected MD5")
+        return self.blobs.put_bytes(data, info)
+
     def _write_version(
         self, txn: Txn, ctx: RequestContext, bucket: Bucket, key: str, *, size: int, etag: str,
         sha256: str | None, content_type: str, metadata: dict[str, str], chunks: list[tuple[str, int]],
@@ -489,6 +505,20 @@ class ObjectService:
         metadata: dict[str, str] | None = None, cond: Conditions = Conditions(),
         extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
+        return self.submit_put_object(
+            ctx, bucket, key, body, content_type=content_type, metadata=metadata, cond=cond, extra=extra
+        ).result()
+
+    def submit_put_object(
+        self, ctx: RequestContext, bucket: str, key: str, body: BlobInfo, *, content_type: str | None = None,
+        metadata: dict[str, str] | None = None, cond: Conditions = Conditions(),
+        extra: dict[str, Any] | None = None,
+    ) -> concurrent.futures.Future:
+        """`put_object` without waiting: the future resolves once the version is durably committed.
+
+        Validation errors raise here, before anything is queued. An event loop awaits the future
+        (asyncio.wrap_future) instead of parking a worker thread on it.
+        """
         v.check_object_key(key)
         ct = v.check_content_type(content_type)
         meta = v.normalise_metadata(metadata)
@@ -502,7 +532,7 @@ class ObjectService:
                 extra=extra,
             )
 
-        return self._mutate(ctx, fn, fp)
+        return self._submit(ctx, fn, fp)
 
     def delete_object(
         self, ctx: RequestContext, bucket: str, key: str, *, version_id: str | None = None,

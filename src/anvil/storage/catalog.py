@@ -213,13 +213,17 @@ class Catalog:
             self._head = journal.head(conn)
             failure = AnvilError("Internal", f"commit failed: {exc}")
             for job in batch:
-                job.future.set_exception(failure)
+                if not job.future.done():
+                    job.future.set_exception(failure)
             return
         for job, (ok, value) in zip(batch, outcomes, strict=False):
-            if ok:
-                job.future.set_result(value)
-            else:
-                job.future.set_exception(value)
+            try:
+                if ok:
+                    job.future.set_result(value)
+                else:
+                    job.future.set_exception(value)
+            except concurrent.futures.InvalidStateError:
+                pass  # the caller cancelled its future; the writer must carry on regardless
         for listener in self._commit_listeners:
             try:
                 listener(self._head[0])

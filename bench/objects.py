@@ -1,0 +1,431 @@
+"""Object store benchmark: small PUT/GET throughput, large streaming, server RSS, physical reference.
+
+Starts a real `anvil serve` on a temporary STORAGE_PATH and a free loopback port, then drives it
+with a load generator that is not the bottleneck: several client processes, each speaking raw
+HTTP/1.1 over keep-alive sockets from an asyncio loop (httpx's async client tops out near
+1.2k req/s on this kind of machine). Beside the server figures it times the same small-write
+workload done by a plain Python loop writing files with fsync (the physical reference), so the
+ratio means something on whatever disk runs it. Prints one JSON document.
+
+    python bench/objects.py            # full run (well under 2 minutes)
+    python bench/objects.py --quick    # smoke run (a few seconds of load)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import socket
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL_SIZE = 4096
+MIB = 1024 * 1024
+
+TARGETS = {"put_ops_per_s": 1000.0, "get_ops_per_s": 3000.0, "large_put_mb_per_s": 200.0,
+           "large_get_mb_per_s": 200.0}
+# "Flat in object size": going from the probe object to the large one (8x bigger) may not grow the
+# server's peak RSS by more than this.
+RSS_FLAT_TOLERANCE_MIB = 32.0
+TOKEN_ENV = "ANVIL_BENCH_TOKEN"
+
+
+# ----------------------------------------------------------------------------- raw HTTP/1.1
+
+
+def _request_head(method: str, path: str, length: int | None = None) -> bytes:
+    # Every request is authenticated like a real client's: a bearer token obtained once by the
+    # parent (client processes inherit it through the environment).
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", f"Authorization: Bearer {os.environ[TOKEN_ENV]}"]
+    if length is not None:
+        lines += [f"Content-Length: {length}", "Content-Type: application/octet-stream"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _parse_head(head: bytes) -> tuple[int, int]:
+    """(status, content-length) from a response head; the server always sends a length here."""
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return status, length
+
+
+def _object_path(bucket: str, key: str) -> str:
+    return f"/anvil/v1/buckets/{bucket}/object?key={urllib.parse.quote(key, safe='')}"
+
+
+async def _connection(port: int, bucket: str, op: str, keys: list[str], start_at: float, deadline: float,
+                      seed: bytes) -> dict[str, Any]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.transport.set_write_buffer_limits(high=1 << 20)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    now = time.monotonic()
+    if start_at > now:
+        await asyncio.sleep(start_at - now)
+    done = errors = 0
+    latencies: list[float] = []
+    written: list[str] = []
+    i = 0
+    last = time.monotonic()
+    while last < deadline:
+        if op == "put":
+            key = f"{keys[0]}{i}"
+            # Unique bytes per object: identical bodies would dedup in the content-addressed store.
+            body = hashlib.sha256(seed + i.to_bytes(8, "big")).digest() * (SMALL_SIZE // 32)
+            payload = _request_head("PUT", _object_path(bucket, key), len(body)) + body
+        else:
+            key = keys[i % len(keys)]
+            payload = _request_head("GET", _object_path(bucket, key))
+        i += 1
+        t0 = time.perf_counter()
+        writer.write(payload)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status, length = _parse_head(head)
+        body_in = await reader.readexactly(length) if length else b""
+        latencies.append(time.perf_counter() - t0)
+        last = time.monotonic()
+        if status == 200 and (op == "put" or len(body_in) == SMALL_SIZE):
+            done += 1
+            if op == "put":
+                written.append(key)
+        else:
+            errors += 1
+    writer.close()
+    return {"done": done, "errors": errors, "latencies": latencies, "end": last, "written": written}
+
+
+def _worker(inq: mp.Queue, outq: mp.Queue) -> None:
+    """One client process: runs each phase it is sent on a few keep-alive connections."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    while True:
+        cmd = inq.get()
+        if cmd is None:
+            return
+        t_cpu = time.process_time()
+
+        async def phase(cmd: dict[str, Any] = cmd) -> list[dict[str, Any]]:
+            tasks = [
+                _connection(cmd["port"], cmd["bucket"], cmd["op"], conn_keys, cmd["start_at"], cmd["deadline"],
+                            os.urandom(16))
+                for conn_keys in cmd["keys"]
+            ]
+            return await asyncio.gather(*tasks)
+
+        results = asyncio.run(phase())
+        outq.put({"conns": results, "cpu_s": time.process_time() - t_cpu})
+
+
+class LoadGenerator:
+    def __init__(self, processes: int, conns_per_process: int):
+        ctx = mp.get_context("spawn")
+        self.conns_per_process = conns_per_process
+        self.outq: mp.Queue = ctx.Queue()
+        self.inqs: list[mp.Queue] = [ctx.Queue() for _ in range(processes)]
+        self.procs = [ctx.Process(target=_worker, args=(q, self.outq), daemon=True) for q in self.inqs]
+        for p in self.procs:
+            p.start()
+
+    def run(self, port: int, bucket: str, op: str, keys_per_conn: list[list[str]], seconds: float) -> dict[str, Any]:
+        start_at = time.monotonic() + 1.0  # workers are spawned once and connect well within this
+        deadline = start_at + seconds
+        n = self.conns_per_process
+        for w, q in enumerate(self.inqs):
+            q.put({"port": port, "bucket": bucket, "op": op, "keys": keys_per_conn[w * n:(w + 1) * n],
+                   "start_at": start_at, "deadline": deadline})
+        outs = [self.outq.get(timeout=seconds + 60) for _ in self.inqs]
+        conns = [c for o in outs for c in o["conns"]]
+        done = sum(c["done"] for c in conns)
+        errors = sum(c["errors"] for c in conns)
+        elapsed = max(c["end"] for c in conns) - start_at
+        lat = sorted(x for c in conns for x in c["latencies"])
+
+        def pct(p: float) -> float:
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 3) if lat else 0.0
+
+        return {
+            "ops": done, "errors": errors, "seconds": round(elapsed, 3),
+            "ops_per_s": round(done / elapsed, 1) if elapsed > 0 else 0.0,
+            "latency_ms": {"p50": pct(0.50), "p99": pct(0.99), "max": pct(1.0)},
+            "client_cpu_s": round(sum(o["cpu_s"] for o in outs), 3),
+            "written": [c["written"] for c in conns],
+        }
+
+    def close(self) -> None:
+        for q in self.inqs:
+            q.put(None)
+        for p in self.procs:
+            p.join(10)
+
+
+# ----------------------------------------------------------------------------- server sampling
+
+
+class Sampler:
+    """Samples the server's RSS and CPU time while a workload runs (psutil on the server pid)."""
+
+    def __init__(self, pid: int, interval: float = 0.01):
+        import psutil
+
+        self.proc = psutil.Process(pid)
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def rss(self) -> int:
+        return self.proc.memory_info().rss
+
+    def __enter__(self) -> Sampler:
+        self.peak = self.rss()
+        cpu = self.proc.cpu_times()
+        self._cpu0 = cpu.user + cpu.system
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+        cpu = self.proc.cpu_times()
+        self.cpu_s = cpu.user + cpu.system - self._cpu0
+
+    def figures(self) -> dict[str, float]:
+        return {"server_peak_rss_mib": round(self.peak / MIB, 1), "server_cpu_s": round(self.cpu_s, 3)}
+
+
+# ----------------------------------------------------------------------------- large objects
+
+
+def _large_put(port: int, bucket: str, key: str, size: int) -> float:
+    block = os.urandom(MIB)
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        t0 = time.perf_counter()
+        s.sendall(_request_head("PUT", _object_path(bucket, key), size))
+        sent = 0
+        while sent < size:
+            n = min(MIB, size - sent)
+            s.sendall(memoryview(block)[:n])
+            sent += n
+        status, length, _ = _read_response(s, keep=True)
+        elapsed = time.perf_counter() - t0
+    if status != 200:
+        raise RuntimeError(f"large PUT failed with {status}")
+    return elapsed
+
+
+def _large_get(port: int, bucket: str, key: str, size: int) -> float:
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        t0 = time.perf_counter()
+        s.sendall(_request_head("GET", _object_path(bucket, key)))
+        status, length, received = _read_response(s, keep=False)
+        elapsed = time.perf_counter() - t0
+    if status != 200 or length != size or received != size:
+        raise RuntimeError(f"large GET failed: status {status}, {received} of {size} bytes")
+    return elapsed
+
+
+def _read_response(s: socket.socket, *, keep: bool) -> tuple[int, int, int]:
+    """Read one response; the body is counted and dropped unless `keep` (small bodies only)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = s.recv(65536)
+        if not data:
+            raise RuntimeError("connection closed before the response head")
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    status, length = _parse_head(head + b"\r\n")
+    received = len(rest)
+    sink = bytearray(4 * MIB)
+    while received < length:
+        n = s.recv_into(sink)
+        if not n:
+            break
+        received += n
+    return status, length, received
+
+
+# ----------------------------------------------------------------------------- physical reference
+
+
+def _fsync_reference(directory: Path, seconds: float, threads: int) -> dict[str, Any]:
+    """The same small writes with no server: write a unique 4 KiB file, fsync it, close."""
+    directory.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + seconds
+    counts = [0] * threads
+
+    def loop(t: int) -> None:
+        seed = os.urandom(16)
+        i = 0
+        while time.monotonic() < deadline:
+            body = hashlib.sha256(seed + i.to_bytes(8, "big")).digest() * (SMALL_SIZE // 32)
+            fd = os.open(directory / f"{t}-{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, body)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            i += 1
+        counts[t] = i
+
+    t0 = time.monotonic()
+    if threads == 1:
+        loop(0)
+    else:
+        workers = [threading.Thread(target=loop, args=(t,)) for t in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    elapsed = time.monotonic() - t0
+    return {"ops": sum(counts), "seconds": round(elapsed, 3), "ops_per_s": round(sum(counts) / elapsed, 1),
+            "threads": threads}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run(quick: bool) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT))
+    from tests.helpers import AnvilServer
+
+    processes, conns_per_process = 2, 4
+    seconds = 0.5 if quick else 5.0
+    warmup = 0.2 if quick else 0.5
+    load_before = os.getloadavg()
+    large = (16 if quick else 256) * MIB
+    probe = large // 8
+
+    with tempfile.TemporaryDirectory(prefix="anvil-bench-") as tmp:
+        tmp_path = Path(tmp)
+        # The server runs the code of this checkout, whatever is installed in the venv.
+        pythonpath = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
+        server = AnvilServer(tmp_path / "data", env={"PYTHONPATH": pythonpath}).start()
+        os.environ[TOKEN_ENV] = server.auth_headers()["authorization"].removeprefix("Bearer ")
+        load = LoadGenerator(processes, conns_per_process)
+        try:
+            with server.client() as c:
+                c.create_bucket("bench")
+            port = server.port
+            assert server.proc is not None
+            pid = server.proc.pid
+            clients = processes * conns_per_process
+            baseline_rss = Sampler(pid).rss()
+
+            # Warm-up (not measured): imports, thread pools, SQLite pages.
+            load.run(port, "bench", "put", [[f"warm/{n}/"] for n in range(clients)], warmup)
+
+            with Sampler(pid) as s_put:
+                put = load.run(port, "bench", "put", [[f"small/{n}/"] for n in range(clients)], seconds)
+            put.update(s_put.figures(), server_cpu_ms_per_op=round(1000 * s_put.cpu_s / max(put["ops"], 1), 3))
+            keys = [k for conn in put.pop("written") for k in conn]
+            per_conn = [keys[n::clients] for n in range(clients)]
+            with Sampler(pid) as s_get:
+                get = load.run(port, "bench", "get", per_conn, seconds)
+            get.pop("written")
+            get.update(s_get.figures(), server_cpu_ms_per_op=round(1000 * s_get.cpu_s / max(get["ops"], 1), 3))
+
+            large_fig: dict[str, Any] = {"size_bytes": large, "probe_size_bytes": probe}
+            for label, size in (("probe", probe), ("large", large)):
+                with Sampler(pid) as s_lput:
+                    t_put = _large_put(port, "bench", f"{label}-object", size)
+                with Sampler(pid) as s_lget:
+                    t_get = _large_get(port, "bench", f"{label}-object", size)
+                large_fig[label] = {
+                    "put": {"seconds": round(t_put, 3), "mb_per_s": round(size / 1e6 / t_put, 1), **s_lput.figures()},
+                    "get": {"seconds": round(t_get, 3), "mb_per_s": round(size / 1e6 / t_get, 1), **s_lget.figures()},
+                }
+        finally:
+            load.close()
+            server.stop()
+
+        ref_loop = _fsync_reference(tmp_path / "ref-loop", seconds, 1)
+        ref_threads = _fsync_reference(tmp_path / "ref-threads", seconds, clients)
+
+    peak_probe = max(large_fig["probe"]["put"]["server_peak_rss_mib"], large_fig["probe"]["get"]["server_peak_rss_mib"])
+    peak_large = max(large_fig["large"]["put"]["server_peak_rss_mib"], large_fig["large"]["get"]["server_peak_rss_mib"])
+    rss = {
+        "baseline_mib": round(baseline_rss / MIB, 1),
+        "peak_small_put_mib": put["server_peak_rss_mib"],
+        "peak_small_get_mib": get["server_peak_rss_mib"],
+        "peak_probe_object_mib": peak_probe,
+        "peak_large_object_mib": peak_large,
+        "growth_probe_to_large_mib": round(peak_large - peak_probe, 1),
+    }
+    lput = large_fig["large"]["put"]["mb_per_s"]
+    lget = large_fig["large"]["get"]["mb_per_s"]
+
+    def target(value: float, goal: float) -> dict[str, Any]:
+        return {"value": value, "target": goal, "met": value >= goal}
+
+    targets = {
+        "put_ops_per_s": target(put["ops_per_s"], TARGETS["put_ops_per_s"]),
+        "get_ops_per_s": target(get["ops_per_s"], TARGETS["get_ops_per_s"]),
+        "large_put_mb_per_s": target(lput, TARGETS["large_put_mb_per_s"]),
+        "large_get_mb_per_s": target(lget, TARGETS["large_get_mb_per_s"]),
+        "rss_flat_in_object_size": {
+            "value": rss["growth_probe_to_large_mib"], "target": f"< {RSS_FLAT_TOLERANCE_MIB} MiB growth from "
+            f"{probe // MIB} MiB to {large // MIB} MiB object", "met": rss["growth_probe_to_large_mib"]
+            < RSS_FLAT_TOLERANCE_MIB,
+        },
+        "no_errors": {"value": put["errors"] + get["errors"], "target": 0, "met": put["errors"] + get["errors"] == 0},
+    }
+    targets["all_met"] = all(t["met"] for t in targets.values())
+    return {
+        "benchmark": "objects",
+        "quick": quick,
+        "machine": {
+            "cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+            # A busy shared machine moves every absolute figure; the same-run ratios move less.
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        },
+        "config": {
+            "clients": clients, "client_processes": processes, "small_object_bytes": SMALL_SIZE,
+            "seconds_per_small_workload": seconds, "durability": "blob fsync + directory fsync, then SQLite "
+            "WAL commit with synchronous=FULL (group commit), all before the response",
+        },
+        "small": {"put": put, "get": get},
+        "large": large_fig,
+        "rss": rss,
+        "reference": {"fsync_loop": ref_loop, "fsync_threads": ref_threads},
+        "ratios": {
+            "put_vs_fsync_loop": round(put["ops_per_s"] / ref_loop["ops_per_s"], 3),
+            "put_vs_fsync_threads": round(put["ops_per_s"] / ref_threads["ops_per_s"], 3),
+        },
+        "targets": targets,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 0.5 s workloads, 16 MiB large object")
+    args = parser.parse_args()
+    print(json.dumps(run(args.quick), indent=2))
+
+
+if __name__ == "__main__":
+    main()

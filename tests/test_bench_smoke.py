@@ -1,0 +1,41 @@
+"""`bench/objects.py --quick` runs end to end and prints the documented JSON shape.
+
+Only the shape is checked: performance claims belong to the benchmark's own output, never to a
+timed assertion here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_objects_bench_quick_prints_every_figure() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "objects.py"), "--quick"], env=env,
+                          capture_output=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    doc = json.loads(proc.stdout)
+    assert doc["benchmark"] == "objects" and doc["quick"] is True
+    for op in ("put", "get"):
+        fig = doc["small"][op]
+        assert fig["ops"] > 0 and fig["errors"] == 0
+        assert {"ops_per_s", "latency_ms", "server_peak_rss_mib", "server_cpu_ms_per_op"} <= fig.keys()
+    for size in ("probe", "large"):
+        for op in ("put", "get"):
+            assert {"mb_per_s", "seconds", "server_peak_rss_mib"} <= doc["large"][size][op].keys()
+    assert doc["large"]["size_bytes"] > doc["large"]["probe_size_bytes"] > 0
+    assert {"baseline_mib", "peak_large_object_mib", "growth_probe_to_large_mib"} <= doc["rss"].keys()
+    assert doc["reference"]["fsync_loop"]["ops_per_s"] > 0
+    assert doc["reference"]["fsync_threads"]["ops_per_s"] > 0
+    assert set(doc["ratios"]) == {"put_vs_fsync_loop", "put_vs_fsync_threads"}
+    targets = doc["targets"]
+    assert {"put_ops_per_s", "get_ops_per_s", "large_put_mb_per_s", "large_get_mb_per_s",
+            "rss_flat_in_object_size", "no_errors", "all_met"} <= targets.keys()
+    assert all(isinstance(t["met"], bool) for name, t in targets.items() if name != "all_met")
+    assert isinstance(targets["all_met"], bool)
