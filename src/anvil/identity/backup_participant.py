@@ -127,8 +127,10 @@ class IdentityParticipant(Participant):
             for p in problems[:MAX_FINDINGS]:
                 message = p["problem"]
                 if p["severity"] == "error" and p["item"].startswith("app/"):
-                    message = (f"{message}; configured key ids (from {source}): {', '.join(keyring.key_ids)}; "
-                               + KEY_HINT)
+                    escrow = ("" if recorded is None else "; this snapshot escrowed no key material"
+                              if not recorded.get("escrowed") else "; the escrowed key does not open it")
+                    message = (f"{message}; configured key ids (from {source}): {', '.join(keyring.key_ids)}"
+                               f"{escrow}; " + KEY_HINT)
                 findings.append(self.finding(p["severity"], p["item"].replace("app/", "app ", 1), message))
             if len(problems) > MAX_FINDINGS:
                 findings.append(self.finding("error", "identity", f"{len(problems) - MAX_FINDINGS} more problems"))
