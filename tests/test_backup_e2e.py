@@ -106,7 +106,8 @@ def world(tmp_path_factory: pytest.TempPathFactory):
         t.start()
         time.sleep(0.3)
         backup_started = time.time()
-        snap = cli_json("backup", "create", "--repo", repo, "--endpoint", srv.endpoint, "--tag", "e2e")
+        snap = cli_json("backup", "create", "--repo", repo, "--endpoint", srv.endpoint, "--tag", "e2e",
+                        "--escrow-secrets")
         backup_done = time.time()
         time.sleep(0.3)
         stop.set()

@@ -61,7 +61,8 @@ def test_files_restore_and_derived_rebuild(tmp_path: Path, monkeypatch: pytest.M
         (gen / "MANIFEST.json").write_text(json.dumps({"cursor": "stale"}))
         repo = Repository.init(LocalBackend(tmp_path / "repo"), "pw")
         m = engine.create_snapshot(anvil.storage.root, anvil.storage.layout.catalog_path, anvil.storage.blobs,
-                                   anvil.storage.layout.tmp, anvil.storage.format.deployment_id, parts, repo)
+                                   anvil.storage.layout.tmp, anvil.storage.format.deployment_id, parts, repo,
+                                   escrow_secrets=True)
     finally:
         anvil.close()
     assert "derived/test-index/1/MANIFEST.json" in m["tree"]["files"]
@@ -89,4 +90,5 @@ def test_source_participants_cannot_rebuild_and_coverage_lists_every_item() -> N
     cov = coverage(p.describe() for p in parts)
     assert [c["item"] for c in cov] == CHECKLIST_IDS
     covered = {c["item"] for c in cov if c["participants"]}
-    assert covered == {"object-bodies", "object-journal", "bucket-metadata", "path-indexes"}
+    assert covered == {"object-bodies", "object-journal", "bucket-metadata", "path-indexes", "secrets", "watch",
+                       "diagnostics"}

@@ -253,7 +253,9 @@ def test_forget_and_prune(built, repo_copy: Path, tmp_path: Path) -> None:
 def test_drill_fails_and_says_why(built, repo_copy: Path, tmp_path: Path) -> None:
     pack, users = _blob_only_pack(repo_copy, built["manifest"])
     (repo_copy / "data" / pack[:2] / pack).unlink()
-    proc = anvil_cli("drill", "--repo", f"file://{repo_copy}", "--report-dir", str(tmp_path))
+    # The restore fails before any server starts, so the credential is never used.
+    proc = anvil_cli("drill", "--repo", f"file://{repo_copy}", "--report-dir", str(tmp_path),
+                     env={"ANVIL_CLIENT_ID": "unused", "ANVIL_CLIENT_SECRET": "unused"})
     assert proc.returncode == 1 and "DRILL FAILED" in proc.stdout
     report = json.loads((tmp_path / "drill-report.json").read_text())
     assert not report["ok"]

@@ -64,7 +64,9 @@ def test_backup_verify_restore_drill_via_s3(moto_endpoint: str, tmp_path: Path) 
     finally:
         anvil.close()
     repo = ["--repo", "s3://backups/anvil/prod", "--s3-endpoint", moto_endpoint]
-    for args in (["backup", "init", *repo], ["backup", "create", *repo, "--storage-path", str(data)]):
+    # Escrowed: the restored copy's envelopes must open without keys in the environment.
+    for args in (["backup", "init", *repo],
+                 ["backup", "create", *repo, "--storage-path", str(data), "--escrow-secrets"]):
         proc = anvil_cli(*args)
         assert proc.returncode == 0, proc.stderr
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="backups", Prefix="anvil/prod/")["Contents"]]

@@ -19,9 +19,13 @@ if TYPE_CHECKING:
 def recovery_participants() -> list[Participant]:
     """Every subsystem's recovery participant; later subsystems append theirs here."""
     from anvil.backup.storage_participants import BlobsParticipant, JournalParticipant
+    from anvil.diagnostics.backup_participant import DiagnosticsParticipant
+    from anvil.identity.backup_participant import IdentityParticipant
     from anvil.objects.recovery import ObjectsParticipant
+    from anvil.watch.backup_participant import WatchParticipant
 
-    return [JournalParticipant(), ObjectsParticipant(), BlobsParticipant()]
+    return [JournalParticipant(), ObjectsParticipant(), BlobsParticipant(), IdentityParticipant(),
+            WatchParticipant(), DiagnosticsParticipant()]
 
 
 class Anvil:

@@ -19,7 +19,8 @@ _backup_lock = threading.Lock()
 
 
 def run_backup(app: Any, repo_url: str, *, passphrase: str | None = None, key_file: str | None = None,
-               s3_endpoint: str | None = None, tag: str | None = None, mode: str = "online") -> dict[str, Any]:
+               s3_endpoint: str | None = None, tag: str | None = None, mode: str = "online",
+               escrow_secrets: bool = False) -> dict[str, Any]:
     """One backup of the running server; remembers the outcome for /anvil/health/ready."""
     from anvil.backup import engine, ops
     from anvil.backup.repository import BackupError
@@ -31,7 +32,7 @@ def run_backup(app: Any, repo_url: str, *, passphrase: str | None = None, key_fi
         anvil = app.state.anvil
         repo = ops.open_repo(repo_url, passphrase=passphrase, key_file=key_file, s3_endpoint=s3_endpoint,
                              storage_path=anvil.storage.root)
-        manifest = ops.backup_anvil(anvil, repo, tag=tag, mode=mode)
+        manifest = ops.backup_anvil(anvil, repo, tag=tag, mode=mode, escrow_secrets=escrow_secrets)
         result = {**engine.snapshot_row(manifest), "stats": manifest["stats"], "problems": manifest["problems"]}
         app.state.last_backup = {"time": started, "ok": not manifest["problems"], "snapshot": manifest["id"],
                                  "repository": repo.backend.url, "problems": len(manifest["problems"])}
@@ -61,8 +62,11 @@ async def create_backup(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:write", "system")
     body = await json_body(request)
     repo = _str(body, "repo", required=True)
+    escrow = body.get("escrow_secrets", False)
+    if not isinstance(escrow, bool):
+        raise AnvilError("InvalidArgument", "'escrow_secrets' must be true or false")
     result = await blocking(run_backup, request.app, repo, passphrase=_str(body, "passphrase"),
-                            s3_endpoint=_str(body, "s3_endpoint"), tag=_str(body, "tag"))
+                            s3_endpoint=_str(body, "s3_endpoint"), tag=_str(body, "tag"), escrow_secrets=escrow)
     return JSONResponse(result, status_code=201)
 
 

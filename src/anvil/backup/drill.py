@@ -8,6 +8,7 @@ operations after resume. Any failure makes the drill fail; the report says which
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -24,7 +25,7 @@ import apsw
 import httpx
 
 from anvil.backup import ops
-from anvil.backup.participant import NOT_PRESENT, Finding, RecoveryContext, coverage
+from anvil.backup.participant import NOT_PRESENT, Finding, Participant, RecoveryContext, coverage
 from anvil.backup.repository import BackupError, Repository
 from anvil.backup.restore import restore
 from anvil.runtime import recovery_participants
@@ -83,9 +84,16 @@ def _check(name: str, findings: list[Finding], started: float) -> dict[str, Any]
 
 
 def run_drill(repo: Repository, snapshot: str | None, report_dir: Path, *, keep: bool = False,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] | None = None, client_id: str | None = None,
+              client_secret: str | None = None) -> dict[str, Any]:
     say = log or (lambda _msg: None)
     started = time.time()
+    # The proofs authenticate like any client; without a credential every one of them would fail late.
+    client_id = client_id or os.environ.get("ANVIL_CLIENT_ID") or None
+    client_secret = client_secret or os.environ.get("ANVIL_CLIENT_SECRET") or None
+    if not client_id or not client_secret:
+        raise BackupError("the drill needs a credential of the backed-up deployment (an admin application): "
+                          "set ANVIL_CLIENT_ID and ANVIL_CLIENT_SECRET")
     manifest = repo.resolve_snapshot(snapshot)
     participants = recovery_participants()
     recorded = {name: p["summary"] for name, p in manifest["participants"].items()}
@@ -123,7 +131,7 @@ def run_drill(repo: Repository, snapshot: str | None, report_dir: Path, *, keep:
             server = _Server(target, work / "server.log")
             from anvil.client import AnvilAPIError, AnvilClient
 
-            client = AnvilClient(server.endpoint)
+            client = AnvilClient(server.endpoint, client_id=client_id, client_secret=client_secret)
             try:
                 def do_start() -> list[Finding]:
                     server.wait_live()
@@ -142,7 +150,7 @@ def run_drill(repo: Repository, snapshot: str | None, report_dir: Path, *, keep:
                     conn = apsw.Connection(str(target / "catalog.db"), flags=apsw.SQLITE_OPEN_READONLY)
                     try:
                         ctx = RecoveryContext(target, conn, BlobStore(target / "blobs" / "sha256", target / "tmp"),
-                                              participants)
+                                              participants, credentials=(client_id, client_secret))
                         for p in participants:
                             step(f"smoke: {p.name}", lambda p=p: p.smoke(client, ctx, recorded.get(p.name)))
                     finally:
@@ -156,6 +164,10 @@ def run_drill(repo: Repository, snapshot: str | None, report_dir: Path, *, keep:
 
                     if step("resume normal traffic after passing validation", do_resume):
                         step("client performs ordinary operations", lambda: _ordinary_ops(client))
+                        for p in participants:
+                            if type(p).smoke_resumed is not Participant.smoke_resumed:
+                                step(f"smoke after resume: {p.name}",
+                                     lambda p=p: p.smoke_resumed(client, ctx, recorded.get(p.name)))
             finally:
                 client.close()
     finally:

@@ -117,16 +117,18 @@ def latest_for(repo: Repository, deployment_id: str) -> dict[str, Any] | None:
 
 def create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
                     participants: list[Participant], repo: Repository, *, progress: Progress | None = None,
-                    tag: str | None = None, config: dict[str, Any] | None = None) -> dict[str, Any]:
+                    tag: str | None = None, config: dict[str, Any] | None = None,
+                    escrow_secrets: bool = False) -> dict[str, Any]:
     """Checkpoint, then store FORMAT, catalog.db and every referenced blob; returns the manifest."""
     with repo.lock("shared"):
         return _create_snapshot(storage_root, catalog_path, blobs, tmp_dir, deployment_id, participants, repo,
-                                progress=progress, tag=tag, config=config)
+                                progress=progress, tag=tag, config=config, escrow_secrets=escrow_secrets)
 
 
 def _create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
                      participants: list[Participant], repo: Repository, *, progress: Progress | None = None,
-                     tag: str | None = None, config: dict[str, Any] | None = None) -> dict[str, Any]:
+                     tag: str | None = None, config: dict[str, Any] | None = None,
+                     escrow_secrets: bool = False) -> dict[str, Any]:
     started = time.time()
     parent = latest_for(repo, deployment_id)
     parent_blobs: dict[str, dict[str, Any]] = parent["tree"]["blobs"] if parent else {}
@@ -136,9 +138,10 @@ def _create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, t
     with checkpoint(catalog_path, tmp_dir) as cp:
         conn = _read_only(cp)
         try:
-            ctx = RecoveryContext(storage_root, conn, blobs, participants)
+            ctx = RecoveryContext(storage_root, conn, blobs, participants, escrow_secrets=escrow_secrets)
             for p in participants:
                 p.checkpoint(ctx)
+            secret_key_ids = sorted({k for p in participants for k in p.key_ids(ctx)})
             seq, chain_hash = journal.head(conn)
             parts = {p.name: {"describe": p.describe().to_dict(), "summary": p.summary(ctx)} for p in participants}
             refs = ctx.references()
@@ -168,7 +171,8 @@ def _create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, t
             if rel in files or rel.startswith(("blobs/", "tmp/")):
                 raise BackupError(f"participant file {rel} is not allowed in a snapshot")
             encoded = _encode_file(writer, Path(path))
-            files[rel] = {"size": encoded[2], "sha256": encoded[1], "chunks": _add_encoded(writer, encoded)}
+            files[rel] = {"size": encoded[2], "sha256": encoded[1], "chunks": _add_encoded(writer, encoded),
+                          "mode": Path(path).stat().st_mode & 0o777}
     tree_blobs: dict[str, Any] = {}
     logical = files["catalog.db"]["size"] + len(fmt)
     reused = 0
@@ -214,7 +218,8 @@ def _create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, t
         "deployment_id": deployment_id,
         "hostname": platform.node(),
         "consistency": {"method": CONSISTENCY_METHOD, "journal_seq": seq, "journal_hash": chain_hash},
-        "key_ids": {"repository_key": repo.key_id, "secret_keys": []},
+        "key_ids": {"repository_key": repo.key_id, "secret_keys": secret_key_ids,
+                    "secrets_escrowed": escrow_secrets},
         "config": config or {},
         "participants": parts,
         "coverage": coverage(p.describe() for p in participants),

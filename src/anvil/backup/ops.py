@@ -17,7 +17,7 @@ def open_repo(url: str, *, passphrase: str | None = None, key_file: str | None =
 
 
 def backup_anvil(anvil: Anvil, repo: Repository, *, progress: engine.Progress | None = None,
-                 tag: str | None = None, mode: str = "offline") -> dict[str, Any]:
+                 tag: str | None = None, mode: str = "offline", escrow_secrets: bool = False) -> dict[str, Any]:
     """A snapshot of one opened deployment (the running server's, or one opened offline)."""
     root = anvil.storage.root
     url = repo.backend.url
@@ -25,10 +25,10 @@ def backup_anvil(anvil: Anvil, repo: Repository, *, progress: engine.Progress | 
         # Checked again here because the server path may differ from the CLI's view.
         open_backend(url, storage_path=root)
     layout = anvil.storage.layout
-    config = {"storage_path": str(root), "mode": mode, "repository": url}
+    config = {"storage_path": str(root), "mode": mode, "repository": url, "escrow_secrets": escrow_secrets}
     return engine.create_snapshot(root, layout.catalog_path, anvil.storage.blobs, layout.tmp,
                                   anvil.storage.format.deployment_id, anvil.participants(), repo,
-                                  progress=progress, tag=tag, config=config)
+                                  progress=progress, tag=tag, config=config, escrow_secrets=escrow_secrets)
 
 
 def validate_path(storage_path: str | Path) -> dict[str, Any]:

@@ -71,11 +71,16 @@ class RecoveryContext:
     """What a participant may look at: one catalog connection, the blob store, the storage root."""
 
     def __init__(self, root: Path, conn: apsw.Connection, blobs: BlobStore,
-                 participants: Iterable[Participant] = ()):
+                 participants: Iterable[Participant] = (), *, escrow_secrets: bool = False,
+                 credentials: tuple[str, str] | None = None):
         self.root = Path(root)
         self.conn = conn
         self.blobs = blobs
         self.participants = list(participants)
+        # Backup policy: key material goes into a snapshot only when the operator asked for it.
+        self.escrow_secrets = escrow_secrets
+        # The drill's (client_id, client_secret), for smoke tests that prove token exchange.
+        self.credentials = credentials
         self._refs: dict[str, list[str]] | None = None
 
     def references(self) -> dict[str, list[str]]:
@@ -131,6 +136,18 @@ class Participant:
     def smoke(self, client: Any, ctx: RecoveryContext, recorded: dict[str, Any] | None = None) -> list[Finding]:
         """An end-to-end proof through the public API of a running (restored) server."""
         return []
+
+    def smoke_resumed(self, client: Any, ctx: RecoveryContext,
+                      recorded: dict[str, Any] | None = None) -> list[Finding]:
+        """A proof that needs writes, run by the drill after the restored server resumed normal traffic."""
+        return []
+
+    def key_ids(self, ctx: RecoveryContext) -> list[str]:
+        """Ids of secret keys this participant's records depend on (always recorded in the manifest)."""
+        return []
+
+    def after_restore(self, root: Path) -> None:
+        """Fix up this participant's restored files (permissions, ...) before anything opens them."""
 
     def finding(self, severity: Severity, subject: str, message: str) -> Finding:
         return Finding(self.name, severity, subject, message)

@@ -30,8 +30,10 @@ def _write_entry(reader: ChunkReader, entry: dict[str, Any], dest: Path, expecte
     """Assemble a file from its chunks into `dest` via a temporary sibling, checking its hash."""
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.restoring")
     h = hashlib.sha256()
+    # A recorded mode (participant files, e.g. escrowed secrets at 0600) applies from creation on.
+    mode = entry.get("mode", 0o644)
     try:
-        with open(tmp, "wb") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
             for data in reader.iter_file(entry["chunks"]):
                 h.update(data)
                 f.write(data)
@@ -100,6 +102,10 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
                 raise BackupError(f"snapshot file {rel!r} would be written outside the target")
             dest.parent.mkdir(parents=True, exist_ok=True)
             _write_entry(reader, entry, dest)
+            if "mode" in entry:
+                os.chmod(dest, entry["mode"])  # os.open's mode is subject to the umask
+    for p in participants:
+        p.after_restore(root)
     recorded = {name: p["summary"] for name, p in manifest["participants"].items()}
     partial: dict[str, Any] | None = None
     if buckets:

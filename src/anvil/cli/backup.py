@@ -132,9 +132,12 @@ def backup_init(repo: str, s3_endpoint: str | None, key_file: str | None, as_jso
 @click.option("--storage-path", default=None, help="Back up a stopped STORAGE_PATH directly (offline).")
 @click.option("--endpoint", default=None, help="Back up the running server at this URL (online, consistent).")
 @click.option("--tag", default=None, help="A label stored in the snapshot.")
+@click.option("--escrow-secrets", is_flag=True,
+              help="Also store STORAGE_PATH/secrets/ key material (encrypted) so a restore can decrypt "
+                   "application secrets; key ids are always recorded. See docs/backup.md.")
 @handles_errors
 def backup_create(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool,
-                  storage_path: str | None, endpoint: str | None, tag: str | None) -> None:
+                  storage_path: str | None, endpoint: str | None, tag: str | None, escrow_secrets: bool) -> None:
     """Take a snapshot: offline (--storage-path) or through a running server (--endpoint)."""
     from anvil.backup.repository import BackupError, read_passphrase
 
@@ -149,6 +152,8 @@ def backup_create(repo: str, s3_endpoint: str | None, key_file: str | None, as_j
             body["s3_endpoint"] = s3_endpoint
         if tag:
             body["tag"] = tag
+        if escrow_secrets:
+            body["escrow_secrets"] = True
         with AnvilClient(endpoint, timeout=3600) as client:
             if not as_json:
                 with console.status("server is taking the snapshot..."):
@@ -165,7 +170,8 @@ def backup_create(repo: str, s3_endpoint: str | None, key_file: str | None, as_j
         anvil = Anvil(storage_path)  # takes the lock: refuses a path a server is using
         try:
             with progress_bar(not as_json, "backing up") as prog:
-                manifest = ops.backup_anvil(anvil, r, progress=prog, tag=tag, mode="offline")
+                manifest = ops.backup_anvil(anvil, r, progress=prog, tag=tag, mode="offline",
+                                            escrow_secrets=escrow_secrets)
         finally:
             anvil.close()
         result = {**engine.snapshot_row(manifest), "stats": manifest["stats"], "problems": manifest["problems"]}

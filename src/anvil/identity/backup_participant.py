@@ -1,0 +1,190 @@
+"""Identity's recovery participant: tenants, applications, policies and control-plane secrets.
+
+Policy for secrets (docs/backup.md): key ids are always recorded in the manifest; key
+material (`STORAGE_PATH/secrets/`: the envelope key and the JWT secret generated in
+development mode) goes into a snapshot only when the backup was asked to escrow it. Without
+it, a restored deployment can open its application-secret envelopes only if the operator
+supplies the keys in the environment; validation says exactly which apps fail and why.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from anvil.backup.participant import Finding, Participant, RecoveryContext
+from anvil.errors import AnvilError
+from anvil.identity import envelope as env
+from anvil.identity import recovery as idr
+from anvil.identity.scopes import ACTIONS, allows
+from anvil.identity.settings import load_keyring
+
+MAX_FIXTURES = 10
+MAX_FINDINGS = 50
+SECRET_FILES = ("encryption_key.json", "jwt_secret")
+KEY_HINT = ("supply the key in the environment of `anvil recovery validate`, `anvil drill` and `anvil serve`: "
+            "ANVIL_SECRET_ENCRYPTION_KEY with ANVIL_SECRET_ENCRYPTION_KEY_ID (older keys in "
+            "ANVIL_SECRET_ENCRYPTION_PREVIOUS_KEYS as KEY_ID:KEY,...), or restore a snapshot taken with "
+            "`anvil backup create --escrow-secrets`")
+# Probes for a decision every non-admin app must be refused (the first one its scopes do not allow).
+_DENY_PROBES = [("admin:write", "system"), ("policy:grant", "tenant:zz-drill-denied"),
+                ("bucket:delete", "bucket:zz-drill-denied"), ("object:write", "bucket:zz-drill-denied/probe")]
+
+
+def configured_keyring(root: Path) -> tuple[env.Keyring | None, str]:
+    """The keyring a server on `root` would use, without generating anything: (keyring, where from)."""
+    secrets_dir = Path(root) / "secrets"
+    try:
+        if os.environ.get("ANVIL_SECRET_ENCRYPTION_KEY"):
+            return load_keyring(secrets_dir), "environment"
+        if (secrets_dir / "encryption_key.json").exists():
+            return load_keyring(secrets_dir), "secrets/encryption_key.json"
+    except AnvilError as e:
+        return None, f"unusable: {e.message}"
+    return None, "nowhere"
+
+
+def _instance(pattern: str, choices: list[str]) -> str:
+    """A concrete value matching a scope pattern (the first known action, or `*` filled in)."""
+    for c in choices:
+        if allows(f"{pattern}|*", c, "x"):
+            return c
+    return pattern.replace("*", "drill-probe")
+
+
+def fixtures(rows: list[tuple[str, str, list[str]]]) -> list[dict[str, Any]]:
+    """For up to MAX_FIXTURES apps: one decision their scopes allow and one they deny."""
+    out = []
+    for client_id, tenant, scopes in rows[:MAX_FIXTURES]:
+        allowed = None
+        for s in scopes:
+            if s == "*":
+                allowed = ["admin:write", "system"]
+                break
+            action, _, resource = s.partition("|")
+            allowed = [_instance(action, sorted(ACTIONS)), resource.replace("*", "drill-probe")]
+            break
+        denied = next(([a, r] for a, r in _DENY_PROBES if not any(allows(s, a, r) for s in scopes)), None)
+        out.append({"client_id": client_id, "tenant": tenant, "scopes": sorted(scopes), "allowed": allowed,
+                    "denied": denied})
+    return out
+
+
+def _apps(conn: Any) -> list[tuple[str, str, list[str]]]:
+    rows: dict[str, tuple[str, list[str]]] = {}
+    for cid, tenant in conn.execute("SELECT client_id, tenant FROM identity_apps ORDER BY client_id"):
+        rows[cid] = (tenant, [])
+    for cid, scope in conn.execute("SELECT client_id, scope FROM identity_policies ORDER BY client_id, scope"):
+        if cid in rows:
+            rows[cid][1].append(scope)
+    return [(cid, t, s) for cid, (t, s) in rows.items()]
+
+
+class IdentityParticipant(Participant):
+    name = "identity"
+    kind = "source"
+    covers = ["secrets"]
+    owns = [f"catalog.db: {', '.join(idr.TABLES)}", "secrets/ (only when escrowed)"]
+
+    def _secret_files(self, ctx: RecoveryContext) -> list[Path]:
+        return [p for p in (ctx.root / "secrets" / n for n in SECRET_FILES) if p.is_file()]
+
+    def files(self, ctx: RecoveryContext) -> list[Path]:
+        return self._secret_files(ctx) if ctx.escrow_secrets else []
+
+    def key_ids(self, ctx: RecoveryContext) -> list[str]:
+        keyring, _ = configured_keyring(ctx.root)
+        in_use = idr.summary(ctx.conn)["key_ids_in_use"]
+        return sorted(set(in_use) | set(keyring.key_ids if keyring else []))
+
+    def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
+        s = idr.summary(ctx.conn)
+        keyring, source = configured_keyring(ctx.root)
+        escrowed = sorted(p.name for p in self._secret_files(ctx)) if ctx.escrow_secrets else []
+        return {**s, "configured_key_ids": keyring.key_ids if keyring else [], "key_source": source,
+                "escrowed": escrowed, "fixtures": fixtures(_apps(ctx.conn))}
+
+    def after_restore(self, root: Path) -> None:
+        secrets_dir = Path(root) / "secrets"
+        if secrets_dir.is_dir():
+            os.chmod(secrets_dir, 0o700)
+            for p in secrets_dir.iterdir():
+                if p.is_file():
+                    os.chmod(p, 0o600)
+
+    def validate(self, ctx: RecoveryContext, recorded: dict[str, Any] | None = None) -> list[Finding]:
+        findings: list[Finding] = []
+        keyring, source = configured_keyring(ctx.root)
+        if keyring is None:
+            for cid, _tenant, _ in _apps(ctx.conn)[:MAX_FINDINGS]:
+                kid = ctx.conn.execute("SELECT key_id FROM identity_apps WHERE client_id = ?", (cid,)).fetchone()[0]
+                findings.append(self.finding("error", f"app {cid}",
+                                             f"secret envelope key id {kid!r} is not configured (no key: {source}); "
+                                             + KEY_HINT))
+        else:
+            problems = idr.validate(ctx.conn, keyring)
+            for p in problems[:MAX_FINDINGS]:
+                message = p["problem"]
+                if p["severity"] == "error" and p["item"].startswith("app/"):
+                    escrow = ("" if recorded is None else "; this snapshot escrowed no key material"
+                              if not recorded.get("escrowed") else "; the escrowed key does not open it")
+                    message = (f"{message}; configured key ids (from {source}): {', '.join(keyring.key_ids)}"
+                               f"{escrow}; " + KEY_HINT)
+                findings.append(self.finding(p["severity"], p["item"].replace("app/", "app ", 1), message))
+            if len(problems) > MAX_FINDINGS:
+                findings.append(self.finding("error", "identity", f"{len(problems) - MAX_FINDINGS} more problems"))
+        if recorded:
+            now = idr.summary(ctx.conn)
+            for field in ("tenants", "apps", "policies", "digest", "key_ids_in_use"):
+                if field in recorded and recorded[field] != now[field]:
+                    findings.append(self.finding("error", f"identity {field}",
+                                                 f"restored {now[field]!r}, recorded {recorded[field]!r}"))
+            live = {f["client_id"]: f for f in fixtures(_apps(ctx.conn))}
+            for fx in recorded.get("fixtures", []):
+                if live.get(fx["client_id"], {}).get("scopes") != fx["scopes"]:
+                    findings.append(self.finding("error", f"app {fx['client_id']}",
+                                                 "granted scopes differ from the recorded fixture"))
+        if not findings:
+            n = idr.summary(ctx.conn)["apps"]
+            findings.append(self.finding("info", "identity",
+                                         f"{n} application envelopes decrypt with keys from {source}; "
+                                         "tenants, apps and policies match the manifest"))
+        return findings
+
+    def smoke(self, client: Any, ctx: RecoveryContext, recorded: dict[str, Any] | None = None) -> list[Finding]:
+        from anvil.client import AnvilAPIError, exchange_token
+
+        findings: list[Finding] = []
+        if ctx.credentials is None:
+            return [self.finding("error", "token exchange", "the drill was given no credential to prove it with")]
+        cid, secret = ctx.credentials
+        try:
+            tok = exchange_token(client.endpoint, cid, secret)
+            who = client.whoami()
+            if who["subject"] != cid or tok["tenant"] != who["tenant"]:
+                findings.append(self.finding("error", "whoami", f"token is for {who['subject']}, expected {cid}"))
+        except AnvilAPIError as e:
+            return [self.finding("error", "token exchange", f"{cid}: {e.code}: {e.message}")]
+        res = client.identity_validate()
+        for p in res.get("findings", [])[:MAX_FINDINGS]:
+            if p.get("severity") == "error":
+                findings.append(self.finding("error", str(p.get("item")), f"server: {p.get('problem')}; " + KEY_HINT))
+        checked = 0
+        for fx in (recorded or {}).get("fixtures", []):
+            subject = f"app {fx['client_id']}"
+            try:
+                scopes = client.policies(fx["client_id"])["scopes"]
+            except AnvilAPIError as e:
+                findings.append(self.finding("error", subject, f"policies unreadable: {e.code}: {e.message}"))
+                continue
+            for what, decision, want in (("allowed", fx.get("allowed"), True), ("denied", fx.get("denied"), False)):
+                if decision and any(allows(s, *decision) for s in scopes) != want:
+                    findings.append(self.finding("error", subject, f"{decision[0]} on {decision[1]} was recorded "
+                                                                   f"{what}, the restored policy decides otherwise"))
+            checked += 1
+        if not findings:
+            findings.append(self.finding("info", "identity",
+                                         f"token exchange and whoami for {cid}; server validated every envelope; "
+                                         f"{checked} recorded authorisation fixtures decide the same"))
+        return findings
