@@ -52,7 +52,9 @@ def test_backup_into_a_second_anvil(tmp_path: Path, target: AnvilServer) -> None
         source.close()
 
     repo = ["--repo", "s3://backups/site-a", "--s3-endpoint", target.endpoint]
-    for args in (["backup", "init", *repo], ["backup", "create", *repo, "--storage-path", str(data)]):
+    # Escrow: the restored copy (and the drill) must open the source's secret envelopes.
+    create = ["backup", "create", *repo, "--storage-path", str(data), "--escrow-secrets"]
+    for args in (["backup", "init", *repo], create):
         proc = anvil_cli(*args, env=env)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     listed = [o["Key"] for o in s3.list_objects_v2(Bucket="backups", Prefix="site-a/")["Contents"]]
