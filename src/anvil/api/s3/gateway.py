@@ -22,7 +22,7 @@ from xml.sax.saxutils import escape
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from anvil.api.common import blocking
+from anvil.api.common import blocking, committed, file_io
 from anvil.api.s3 import auth as sig
 from anvil.api.s3 import xmlutil as X
 from anvil.api.s3.body import BodyReader
@@ -64,6 +64,7 @@ UNSUPPORTED_HEADERS = {
     "x-amz-request-payer": "requester pays",
     "x-amz-write-offset-bytes": "appends",
 }
+_UNSUPPORTED_HEADER_BYTES = tuple((k.encode("latin-1"), what) for k, what in UNSUPPORTED_HEADERS.items())
 SYSTEM_HEADERS = ("cache-control", "content-disposition", "content-encoding", "content-language", "expires")
 RESPONSE_OVERRIDES = {
     "response-content-type": "content-type", "response-content-language": "content-language",
@@ -153,7 +154,8 @@ class S3Gateway:
         return Target(bucket, key)
 
     async def _dispatch(self, request: Request, request_id: str) -> Response:
-        header_bytes = sum(len(k) + len(val) + 4 for k, val in request.headers.items())
+        raw_headers = request.scope["headers"]  # latin-1 on the wire: byte lengths are the character counts
+        header_bytes = sum(len(k) + len(val) + 4 for k, val in raw_headers)
         if header_bytes > MAX_HEADER_BYTES:
             raise S3Error("RequestHeaderSectionTooLarge",
                           f"your request header section exceeds the maximum allowed size ({MAX_HEADER_BYTES} bytes)")
@@ -171,8 +173,9 @@ class S3Gateway:
         for name in q.keys():
             if name in UNSUPPORTED_SUBRESOURCES:
                 raise not_implemented(f"the ?{name} sub-resource")
-        for name, what in UNSUPPORTED_HEADERS.items():
-            if name in request.headers:
+        present = {k for k, _ in raw_headers}  # ASGI header names are lower-case bytes
+        for name, what in _UNSUPPORTED_HEADER_BYTES:
+            if name in present:
                 raise not_implemented(what)
         acl = request.headers.get("x-amz-acl")
         if acl is not None and acl != "private":
@@ -543,6 +546,15 @@ class _Op:
     async def _receive(self, *, max_size: int = v.MAX_OBJECT_SIZE) -> tuple[Any, dict[str, str]]:
         """Stream the body into a blob, verifying payload hash, Content-MD5 and checksums; nothing is
         committed unless every check passes. Returns (BlobInfo, {algorithm: base64 checksum})."""
+        writer, md5, computed = await self._receive_uncommitted(max_size=max_size)
+        info = await file_io(self.objects.store_body, writer, expected_md5=md5)
+        return info, computed
+
+    async def _receive_uncommitted(self, *, max_size: int = v.MAX_OBJECT_SIZE) -> tuple[Any, str | None,
+                                                                                      dict[str, str]]:
+        """`_receive` up to the commit: (writer with every check but Content-MD5 passed, expected MD5,
+        checksums). The caller commits with `objects.store_body`, which checks the MD5 and aborts on a
+        mismatch."""
         reader = BodyReader(self.request, self.auth)
         declared = _declared_checksums(self.h)
         trailer_algs = _trailer_algorithms(self.h)
@@ -599,8 +611,7 @@ class _Op:
             if isinstance(exc, OverflowError):
                 raise S3Error("EntityTooLarge", "your proposed upload exceeds the maximum allowed size")
             raise
-        info = await blocking(self.objects.store_body, writer, expected_md5=md5)
-        return info, computed
+        return writer, md5, computed
 
     def _metadata(self) -> tuple[dict[str, str], dict[str, str]]:
         user: dict[str, str] = {}
@@ -634,14 +645,22 @@ class _Op:
         user, system = self._metadata()
         content_type = v.check_content_type(self.h.get("content-type"))
         cond = self._write_conditions()
-        info, computed = await self._receive()
+        writer, md5, computed = await self._receive_uncommitted()
         extra: dict[str, Any] = {}
         if system:
             extra["system"] = system
         if computed:
             extra["checksums"] = computed
-        result = await blocking(self.objects.put_object, self.ctx, self.bucket, self.key, info,
-                                content_type=content_type, metadata=user, cond=cond, extra=extra or None)
+        objects, ctx, bucket, key = self.objects, self.ctx, self.bucket, self.key
+
+        def store_and_submit() -> Any:
+            # One trip to the file-I/O pool: make the blob durable, then queue the version from that
+            # thread; the event loop awaits the commit without parking a thread on it (as native PUT).
+            info = objects.store_body(writer, expected_md5=md5)
+            return objects.submit_put_object(ctx, bucket, key, info, content_type=content_type, metadata=user,
+                                             cond=cond, extra=extra or None)
+
+        result = await committed(await file_io(store_and_submit))
         b = self.objects.get_bucket(self.bucket)
         headers = {"etag": f'"{result["etag"]}"', **self.version_headers(result["version_id"], b.versioning)}
         headers.update({f"x-amz-checksum-{a}": val for a, val in computed.items()})
@@ -744,7 +763,9 @@ class _Op:
         if head:
             return Response(status_code=status, headers=headers)
         if length <= INLINE_BODY_LIMIT:
-            body = await blocking(lambda: b"".join(self.objects.read_body(obj, rng)))
+            # Read inline, as the native API does: a page-cache read of a small blob costs less than the
+            # hand-off to a worker thread and back.
+            body = b"".join(self.objects.read_body(obj, rng))
             return Response(body, status_code=status, headers=headers)
         return StreamingResponse(_guarded(self.objects.read_body(obj, rng)), status_code=status, headers=headers)
 
