@@ -273,7 +273,7 @@ def workload(pool: ClientPool, target: Target, *, objects: int, large_src: Path,
     return result
 
 
-def aws_cli_upload(target: Target, src: Path) -> dict[str, Any]:
+def aws_cli_upload(target: Target, src: Path, key: str = "aws-cli-upload") -> dict[str, Any]:
     """`aws s3 cp` of src (multipart) while sampling the server's RSS every 20 ms."""
     aws = shutil.which("aws") or str(Path(sys.executable).parent / "aws")
     env = {**os.environ, "AWS_ACCESS_KEY_ID": target.key, "AWS_SECRET_ACCESS_KEY": target.secret,
@@ -292,7 +292,7 @@ def aws_cli_upload(target: Target, src: Path) -> dict[str, Any]:
     sampler.start()
     t0 = time.monotonic()
     proc = subprocess.run([aws, "--endpoint-url", target.endpoint, "s3", "cp", "--only-show-errors", str(src),
-                           f"s3://{BUCKET}/aws-cli-upload"], env=env, capture_output=True, text=True)
+                           f"s3://{BUCKET}/{key}"], env=env, capture_output=True, text=True)
     secs = time.monotonic() - t0
     stop.set()
     sampler.join()
@@ -302,6 +302,22 @@ def aws_cli_upload(target: Target, src: Path) -> dict[str, Any]:
     return {"bytes": size, "seconds": round(secs, 2), "mb_per_s": round(size / MiB / secs, 1),
             "server_rss_baseline_mib": round(baseline / MiB, 1), "server_rss_peak_mib": round(peak / MiB, 1),
             "server_rss_growth_mib": round((peak - baseline) / MiB, 1)}
+
+
+def aws_cli_rss(target: Target, tmp: Path, mib: int) -> dict[str, Any]:
+    """A 64 MiB probe, then the big upload: RSS growth over the idle baseline should not scale with size."""
+    baseline = target.rss()
+    out: dict[str, Any] = {"server_rss_idle_mib": round(baseline / MiB, 1)}
+    for label, size in (("probe", 64), ("large", mib)):
+        src = tmp / f"aws-cli-{label}.bin"
+        write_random(src, size)
+        fig = aws_cli_upload(target, src, key=f"aws-cli-{label}")
+        fig["server_rss_growth_over_idle_mib"] = round(fig["server_rss_peak_mib"] - baseline / MiB, 1)
+        out[label] = fig
+        src.unlink()
+    out["rss_flat"] = out["large"]["server_rss_growth_over_idle_mib"] <= \
+        out["probe"]["server_rss_growth_over_idle_mib"] + 64
+    return out
 
 
 def write_random(path: Path, mib: int) -> None:
@@ -338,10 +354,7 @@ def main() -> None:
             try:
                 results[name] = workload(pool, target, objects=objects, large_src=src, large_size=large_mib * MiB)
                 if name == "anvil" and args.aws_cli_gib:
-                    big = tmp / "aws-cli.bin"
-                    write_random(big, int(args.aws_cli_gib * 1024))
-                    extra["aws_cli_upload"] = aws_cli_upload(target, big)
-                    big.unlink()
+                    extra["aws_cli_upload"] = aws_cli_rss(target, tmp, int(args.aws_cli_gib * 1024))
             finally:
                 target.stop()
     finally:
