@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import logging
 import time
 import urllib.parse
@@ -194,6 +195,22 @@ class S3Gateway:
         return await op.run()
 
 
+@dataclass
+class _Received:
+    """A verified request body not yet stored: in memory (small) or in an uncommitted BlobWriter."""
+
+    writer: Any
+    data: bytes | None
+    md5: str | None
+    computed: dict[str, str]
+
+    def commit(self, objects: Any) -> Any:
+        """Store it (blocking: file I/O and fsync); a Content-MD5 mismatch stores nothing (BadDigest)."""
+        if self.data is not None:
+            return objects.store_bytes(self.data, expected_md5=self.md5)
+        return objects.store_body(self.writer, expected_md5=self.md5)
+
+
 def _parse_copy_source(value: str) -> tuple[str, str, str | None]:
     raw, _, query = value.partition("?")
     text = urllib.parse.unquote(raw)
@@ -256,8 +273,6 @@ class _Op:
     def _check_small_body_digests(self, data: bytes) -> None:
         md5 = _content_md5(self.h.get("content-md5"))
         if md5 is not None:
-            import hashlib
-
             if hashlib.md5(data).hexdigest() != md5:
                 raise S3Error("BadDigest", "the Content-MD5 you specified did not match what we received")
         for alg, expected in _declared_checksums(self.h).items():
@@ -546,15 +561,14 @@ class _Op:
     async def _receive(self, *, max_size: int = v.MAX_OBJECT_SIZE) -> tuple[Any, dict[str, str]]:
         """Stream the body into a blob, verifying payload hash, Content-MD5 and checksums; nothing is
         committed unless every check passes. Returns (BlobInfo, {algorithm: base64 checksum})."""
-        writer, md5, computed = await self._receive_uncommitted(max_size=max_size)
-        info = await file_io(self.objects.store_body, writer, expected_md5=md5)
-        return info, computed
+        body = await self._receive_uncommitted(max_size=max_size)
+        info = await file_io(body.commit, self.objects)
+        return info, body.computed
 
-    async def _receive_uncommitted(self, *, max_size: int = v.MAX_OBJECT_SIZE) -> tuple[Any, str | None,
-                                                                                      dict[str, str]]:
-        """`_receive` up to the commit: (writer with every check but Content-MD5 passed, expected MD5,
-        checksums). The caller commits with `objects.store_body`, which checks the MD5 and aborts on a
-        mismatch."""
+    async def _receive_uncommitted(self, *, max_size: int = v.MAX_OBJECT_SIZE) -> _Received:
+        """`_receive` up to the commit: every check but Content-MD5 passed (the commit checks that and
+        stores nothing on a mismatch). Bodies under SINK_CHUNK stay in memory and are stored in one go
+        (`objects.store_bytes`, the native API's small-PUT path); larger ones stream into a BlobWriter."""
         reader = BodyReader(self.request, self.auth)
         declared = _declared_checksums(self.h)
         trailer_algs = _trailer_algorithms(self.h)
@@ -564,9 +578,10 @@ class _Op:
             algs.add(sdk_alg)
         md5 = _content_md5(self.h.get("content-md5"))
         sums = {a: new_checksum(a) for a in algs}
-        writer = self.objects.blobs.writer(max_size=max_size)
+        writer = None
 
         def sink(data: bytes) -> None:
+            assert writer is not None
             writer.write(data)
             for c in sums.values():
                 c.update(data)
@@ -582,16 +597,27 @@ class _Op:
                     # the next MiB arrives: one MiB in flight keeps order and bounds memory per upload.
                     data = bytes(pending)
                     pending.clear()
+                    if writer is None:
+                        writer = self.objects.blobs.writer(max_size=max_size)
                     if inflight is not None:
                         await inflight
                     inflight = loop.run_in_executor(None, sink, data)
             if inflight is not None:
                 await inflight
                 inflight = None
-            if pending:
-                sink(bytes(pending))
-            info = writer.digests()
-            reader.check_sha256(info.sha256)
+            small: bytes | None = None
+            if writer is None:
+                small = bytes(pending)
+                if len(small) > max_size:
+                    raise OverflowError("body larger than allowed")
+                for c in sums.values():
+                    c.update(small)
+                if reader.declared_sha256 is not None:
+                    reader.check_sha256(hashlib.sha256(small).hexdigest())
+            else:
+                if pending:
+                    sink(bytes(pending))
+                reader.check_sha256(writer.digests().sha256)
             computed = {a: c.b64() for a, c in sums.items()}
             expected = dict(declared)
             for alg in trailer_algs:
@@ -607,11 +633,12 @@ class _Op:
             if inflight is not None:
                 # The worker may still be writing: let it finish before the file is closed and removed.
                 await asyncio.wait([inflight])
-            writer.abort()
+            if writer is not None:
+                writer.abort()
             if isinstance(exc, OverflowError):
                 raise S3Error("EntityTooLarge", "your proposed upload exceeds the maximum allowed size")
             raise
-        return writer, md5, computed
+        return _Received(writer, small, md5, computed)
 
     def _metadata(self) -> tuple[dict[str, str], dict[str, str]]:
         user: dict[str, str] = {}
@@ -645,7 +672,8 @@ class _Op:
         user, system = self._metadata()
         content_type = v.check_content_type(self.h.get("content-type"))
         cond = self._write_conditions()
-        writer, md5, computed = await self._receive_uncommitted()
+        body = await self._receive_uncommitted()
+        computed = body.computed
         extra: dict[str, Any] = {}
         if system:
             extra["system"] = system
@@ -656,7 +684,7 @@ class _Op:
         def store_and_submit() -> Any:
             # One trip to the file-I/O pool: make the blob durable, then queue the version from that
             # thread; the event loop awaits the commit without parking a thread on it (as native PUT).
-            info = objects.store_body(writer, expected_md5=md5)
+            info = body.commit(objects)
             return objects.submit_put_object(ctx, bucket, key, info, content_type=content_type, metadata=user,
                                              cond=cond, extra=extra or None)
 
