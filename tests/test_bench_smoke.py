@@ -39,3 +39,28 @@ def test_objects_bench_quick_prints_every_figure() -> None:
             "rss_flat_in_object_size", "no_errors", "all_met"} <= targets.keys()
     assert all(isinstance(t["met"], bool) for name, t in targets.items() if name != "all_met")
     assert isinstance(targets["all_met"], bool)
+
+
+def test_s3_bench_quick_prints_both_servers_and_ratios() -> None:
+    """`bench/s3.py --quick` drives Anvil and moto with client processes; only the JSON shape is checked."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "s3.py"), "--quick", "--workers", "2"], env=env,
+                          capture_output=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    doc = json.loads(proc.stdout)
+    assert doc["benchmark"] == "s3" and doc["quick"] is True and doc["params"]["workers"] == 2
+    phases = {"small_put", "small_get", "list", "large_put", "large_get"}
+    for server in ("anvil", "moto"):
+        assert set(doc[server]) == phases
+        for op in ("small_put", "small_get"):
+            fig = doc[server][op]
+            assert fig["ops"] == doc["params"]["objects"] and fig["errors"] == 0 and fig["ops_per_s"] > 0
+            assert {"seconds", "client_cpu_s", "server_cpu_s", "client_cpu_ms_per_op",
+                    "server_cpu_ms_per_op"} <= fig.keys()
+        assert doc[server]["list"]["keys"] == doc["params"]["objects"] and doc[server]["list"]["keys_per_s"] > 0
+        for op in ("large_put", "large_get"):
+            assert doc[server][op]["mb_per_s"] > 0 and {"client_cpu_s", "server_cpu_s"} <= doc[server][op].keys()
+    assert set(doc["ratio_anvil_over_moto"]) == phases == set(doc["server_cpu_moto_over_anvil"])
+    assert set(doc["targets_met"]) == {"small_ops_5x_moto", "listing_5x_moto", "large_200_mb_s", "no_errors"}
+    assert all(isinstance(met, bool) for met in doc["targets_met"].values())
+    assert doc["targets_met"]["no_errors"] is True

@@ -138,6 +138,17 @@ def test_in_process_service_bootstrap_and_sigv4_lookup(tmp_path, monkeypatch) ->
         assert (s["tenants"], s["apps"], s["policies"]) == (2, 2, 2)
         assert s["key_ids_in_use"] == [a.identity.keyring.active_id]
         assert validate(conn, a.identity.keyring) == []
+        # The lookup is cached (30 s), but rotation, grants and revocations through the service drop the
+        # entry at once: a rotated secret or a revoked scope is never honoured from the cache.
+        assert a.identity.sigv4_credentials(app["client_id"]) == (secret, p)
+        rotated = a.identity.rotate_secret(ctx, app["client_id"])
+        new_secret, p2 = a.identity.sigv4_credentials(app["client_id"])
+        assert new_secret == rotated["client_secret"] != secret
+        a.identity.grant(ctx, app["client_id"], ["object:write|bucket:*"])
+        assert a.identity.sigv4_credentials(app["client_id"])[1].scopes == (
+            "object:read|bucket:*", "object:write|bucket:*")
+        a.identity.revoke(ctx, app["client_id"], ["object:read|bucket:*"])
+        assert a.identity.sigv4_credentials(app["client_id"])[1].scopes == ("object:write|bucket:*",)
         assert validate(conn, env.Keyring("other", KEY_B))[0]["severity"] == "error"
     finally:
         a.close()

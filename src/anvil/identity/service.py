@@ -73,6 +73,12 @@ APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 CLIENT_ID_RE = re.compile(r"^AN[A-Z2-7]{18}$")
 _B32 = string.ascii_uppercase + "234567"
 AUDIT_SIZE = 1000
+# S3 credentials (decrypted secret + principal) are cached per access key for at most this long, so
+# the gateway does not open an AES envelope and query policies on every request. Rotation, grants,
+# revocations and key rotation through this service drop the entry at once; the TTL bounds how long
+# a change made any other way (e.g. a restore underneath a running server) can go unseen.
+SIGV4_CACHE_TTL = 30.0
+SIGV4_CACHE_SIZE = 1024
 BOOTSTRAP_ACTOR = "system/bootstrap"
 DEV_TENANT = "dev"
 DEV_SCOPES = [
@@ -140,6 +146,9 @@ class IdentityService:
         # Compared against when the client id is unknown, so timing does not reveal which ids exist.
         self._dummy_verifier = self._hasher.hash(secrets.token_urlsafe(16))
         self.audit = AuditLog()
+        self._sigv4_cache: dict[str, tuple[float, tuple[str, Principal]]] = {}
+        self._sigv4_lock = threading.Lock()
+        self._sigv4_generation = 0  # bumped by every invalidation; a lookup that raced one is not cached
         self.catalog.migrate("identity", MIGRATIONS)
 
     # ---------------------------------------------------------------- reads
@@ -186,7 +195,34 @@ class IdentityService:
     def sigv4_credentials(self, client_id: str) -> tuple[str, Principal] | None:
         """For the S3 gateway: an access key id -> (plaintext secret, principal with every granted scope).
 
-        None when the key is unknown (the gateway answers InvalidAccessKeyId without more detail)."""
+        None when the key is unknown (the gateway answers InvalidAccessKeyId without more detail).
+        Known keys are cached for SIGV4_CACHE_TTL seconds (unknown ones never, so junk keys cannot
+        fill the cache); identity changes made here invalidate at once (`_forget_sigv4`)."""
+        now = time.monotonic()
+        hit = self._sigv4_cache.get(client_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        with self._sigv4_lock:
+            generation = self._sigv4_generation
+        found = self._load_sigv4(client_id)
+        if found is not None:
+            with self._sigv4_lock:
+                if generation == self._sigv4_generation:
+                    if len(self._sigv4_cache) >= SIGV4_CACHE_SIZE:
+                        self._sigv4_cache.clear()  # bounded; refilling costs one lookup per active key
+                    self._sigv4_cache[client_id] = (now + SIGV4_CACHE_TTL, found)
+        return found
+
+    def _forget_sigv4(self, client_id: str | None = None) -> None:
+        """Drop cached S3 credentials (one key, or all) after a change to secrets, scopes or keys."""
+        with self._sigv4_lock:
+            self._sigv4_generation += 1
+            if client_id is None:
+                self._sigv4_cache.clear()
+            else:
+                self._sigv4_cache.pop(client_id, None)
+
+    def _load_sigv4(self, client_id: str) -> tuple[str, Principal] | None:
         conn = self._conn()
         row = conn.execute("SELECT tenant, envelope FROM identity_apps WHERE client_id = ?", (client_id,)).fetchone()
         if row is None:
@@ -354,7 +390,10 @@ class IdentityService:
             })
             return {"client_id": app.client_id, "tenant": app.tenant, "secret_version": version}
 
-        result = self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
+        try:
+            result = self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
+        finally:
+            self._forget_sigv4(app.client_id)
         return {**result, "client_secret": secret}
 
     # ---------------------------------------------------------------- policies
@@ -394,7 +433,10 @@ class IdentityService:
             return {"client_id": app.client_id, "tenant": app.tenant, "changed": changed,
                     "scopes": self._granted(txn.conn, app.client_id)}
 
-        return self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
+        try:
+            return self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
+        finally:
+            self._forget_sigv4(app.client_id)
 
     def policies(self, principal: Principal, client_id: Any) -> dict[str, Any]:
         app = self._visible_app(principal, client_id)
@@ -485,7 +527,10 @@ class IdentityService:
                          {"key_id": active, "envelopes": changed})
             return sorted(changed)
 
-        report["changed"] = self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
+        try:
+            report["changed"] = self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
+        finally:
+            self._forget_sigv4()
         return report
 
     # ---------------------------------------------------------------- public buckets

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import logging
 import time
 import urllib.parse
@@ -22,7 +23,7 @@ from xml.sax.saxutils import escape
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from anvil.api.common import blocking
+from anvil.api.common import blocking, committed, file_io
 from anvil.api.s3 import auth as sig
 from anvil.api.s3 import xmlutil as X
 from anvil.api.s3.body import BodyReader
@@ -64,6 +65,7 @@ UNSUPPORTED_HEADERS = {
     "x-amz-request-payer": "requester pays",
     "x-amz-write-offset-bytes": "appends",
 }
+_UNSUPPORTED_HEADER_BYTES = tuple((k.encode("latin-1"), what) for k, what in UNSUPPORTED_HEADERS.items())
 SYSTEM_HEADERS = ("cache-control", "content-disposition", "content-encoding", "content-language", "expires")
 RESPONSE_OVERRIDES = {
     "response-content-type": "content-type", "response-content-language": "content-language",
@@ -153,7 +155,8 @@ class S3Gateway:
         return Target(bucket, key)
 
     async def _dispatch(self, request: Request, request_id: str) -> Response:
-        header_bytes = sum(len(k) + len(val) + 4 for k, val in request.headers.items())
+        raw_headers = request.scope["headers"]  # latin-1 on the wire: byte lengths are the character counts
+        header_bytes = sum(len(k) + len(val) + 4 for k, val in raw_headers)
         if header_bytes > MAX_HEADER_BYTES:
             raise S3Error("RequestHeaderSectionTooLarge",
                           f"your request header section exceeds the maximum allowed size ({MAX_HEADER_BYTES} bytes)")
@@ -171,8 +174,9 @@ class S3Gateway:
         for name in q.keys():
             if name in UNSUPPORTED_SUBRESOURCES:
                 raise not_implemented(f"the ?{name} sub-resource")
-        for name, what in UNSUPPORTED_HEADERS.items():
-            if name in request.headers:
+        present = {k for k, _ in raw_headers}  # ASGI header names are lower-case bytes
+        for name, what in _UNSUPPORTED_HEADER_BYTES:
+            if name in present:
                 raise not_implemented(what)
         acl = request.headers.get("x-amz-acl")
         if acl is not None and acl != "private":
@@ -189,6 +193,22 @@ class S3Gateway:
                           "an operator runs `anvil recovery resume`", 503)
         op = _Op(self, request, auth, t, request_id)
         return await op.run()
+
+
+@dataclass
+class _Received:
+    """A verified request body not yet stored: in memory (small) or in an uncommitted BlobWriter."""
+
+    writer: Any
+    data: bytes | None
+    md5: str | None
+    computed: dict[str, str]
+
+    def commit(self, objects: Any) -> Any:
+        """Store it (blocking: file I/O and fsync); a Content-MD5 mismatch stores nothing (BadDigest)."""
+        if self.data is not None:
+            return objects.store_bytes(self.data, expected_md5=self.md5)
+        return objects.store_body(self.writer, expected_md5=self.md5)
 
 
 def _parse_copy_source(value: str) -> tuple[str, str, str | None]:
@@ -253,8 +273,6 @@ class _Op:
     def _check_small_body_digests(self, data: bytes) -> None:
         md5 = _content_md5(self.h.get("content-md5"))
         if md5 is not None:
-            import hashlib
-
             if hashlib.md5(data).hexdigest() != md5:
                 raise S3Error("BadDigest", "the Content-MD5 you specified did not match what we received")
         for alg, expected in _declared_checksums(self.h).items():
@@ -543,6 +561,14 @@ class _Op:
     async def _receive(self, *, max_size: int = v.MAX_OBJECT_SIZE) -> tuple[Any, dict[str, str]]:
         """Stream the body into a blob, verifying payload hash, Content-MD5 and checksums; nothing is
         committed unless every check passes. Returns (BlobInfo, {algorithm: base64 checksum})."""
+        body = await self._receive_uncommitted(max_size=max_size)
+        info = await file_io(body.commit, self.objects)
+        return info, body.computed
+
+    async def _receive_uncommitted(self, *, max_size: int = v.MAX_OBJECT_SIZE) -> _Received:
+        """`_receive` up to the commit: every check but Content-MD5 passed (the commit checks that and
+        stores nothing on a mismatch). Bodies under SINK_CHUNK stay in memory and are stored in one go
+        (`objects.store_bytes`, the native API's small-PUT path); larger ones stream into a BlobWriter."""
         reader = BodyReader(self.request, self.auth)
         declared = _declared_checksums(self.h)
         trailer_algs = _trailer_algorithms(self.h)
@@ -552,9 +578,10 @@ class _Op:
             algs.add(sdk_alg)
         md5 = _content_md5(self.h.get("content-md5"))
         sums = {a: new_checksum(a) for a in algs}
-        writer = self.objects.blobs.writer(max_size=max_size)
+        writer = None
 
         def sink(data: bytes) -> None:
+            assert writer is not None
             writer.write(data)
             for c in sums.values():
                 c.update(data)
@@ -570,16 +597,27 @@ class _Op:
                     # the next MiB arrives: one MiB in flight keeps order and bounds memory per upload.
                     data = bytes(pending)
                     pending.clear()
+                    if writer is None:
+                        writer = self.objects.blobs.writer(max_size=max_size)
                     if inflight is not None:
                         await inflight
                     inflight = loop.run_in_executor(None, sink, data)
             if inflight is not None:
                 await inflight
                 inflight = None
-            if pending:
-                sink(bytes(pending))
-            info = writer.digests()
-            reader.check_sha256(info.sha256)
+            small: bytes | None = None
+            if writer is None:
+                small = bytes(pending)
+                if len(small) > max_size:
+                    raise OverflowError("body larger than allowed")
+                for c in sums.values():
+                    c.update(small)
+                if reader.declared_sha256 is not None:
+                    reader.check_sha256(hashlib.sha256(small).hexdigest())
+            else:
+                if pending:
+                    sink(bytes(pending))
+                reader.check_sha256(writer.digests().sha256)
             computed = {a: c.b64() for a, c in sums.items()}
             expected = dict(declared)
             for alg in trailer_algs:
@@ -595,12 +633,12 @@ class _Op:
             if inflight is not None:
                 # The worker may still be writing: let it finish before the file is closed and removed.
                 await asyncio.wait([inflight])
-            writer.abort()
+            if writer is not None:
+                writer.abort()
             if isinstance(exc, OverflowError):
                 raise S3Error("EntityTooLarge", "your proposed upload exceeds the maximum allowed size")
             raise
-        info = await blocking(self.objects.store_body, writer, expected_md5=md5)
-        return info, computed
+        return _Received(writer, small, md5, computed)
 
     def _metadata(self) -> tuple[dict[str, str], dict[str, str]]:
         user: dict[str, str] = {}
@@ -634,14 +672,23 @@ class _Op:
         user, system = self._metadata()
         content_type = v.check_content_type(self.h.get("content-type"))
         cond = self._write_conditions()
-        info, computed = await self._receive()
+        body = await self._receive_uncommitted()
+        computed = body.computed
         extra: dict[str, Any] = {}
         if system:
             extra["system"] = system
         if computed:
             extra["checksums"] = computed
-        result = await blocking(self.objects.put_object, self.ctx, self.bucket, self.key, info,
-                                content_type=content_type, metadata=user, cond=cond, extra=extra or None)
+        objects, ctx, bucket, key = self.objects, self.ctx, self.bucket, self.key
+
+        def store_and_submit() -> Any:
+            # One trip to the file-I/O pool: make the blob durable, then queue the version from that
+            # thread; the event loop awaits the commit without parking a thread on it (as native PUT).
+            info = body.commit(objects)
+            return objects.submit_put_object(ctx, bucket, key, info, content_type=content_type, metadata=user,
+                                             cond=cond, extra=extra or None)
+
+        result = await committed(await file_io(store_and_submit))
         b = self.objects.get_bucket(self.bucket)
         headers = {"etag": f'"{result["etag"]}"', **self.version_headers(result["version_id"], b.versioning)}
         headers.update({f"x-amz-checksum-{a}": val for a, val in computed.items()})
@@ -744,7 +791,9 @@ class _Op:
         if head:
             return Response(status_code=status, headers=headers)
         if length <= INLINE_BODY_LIMIT:
-            body = await blocking(lambda: b"".join(self.objects.read_body(obj, rng)))
+            # Read inline, as the native API does: a page-cache read of a small blob costs less than the
+            # hand-off to a worker thread and back.
+            body = b"".join(self.objects.read_body(obj, rng))
             return Response(body, status_code=status, headers=headers)
         return StreamingResponse(_guarded(self.objects.read_body(obj, rng)), status_code=status, headers=headers)
 
