@@ -372,13 +372,14 @@ def _verify(repo: Repository, *, read_data: bool = False, progress: Progress | N
 
         def check_pack(pack_id: str) -> tuple[int, int, list[dict[str, Any]]]:
             data = repo.backend.read(pack_name(pack_id))
+            view = memoryview(data)
             found: list[dict[str, Any]] = []
             if hashlib.sha256(data).hexdigest() != pack_id:
                 found.append({"what": f"pack {pack_id}", "problem": "content does not hash to its name"})
             chunks = sorted(by_pack[pack_id], key=lambda c: c[1].offset)
             for cid, loc in chunks:
                 try:
-                    repo.decode_chunk(cid, data[loc.offset:loc.offset + loc.length])
+                    repo.decode_chunk(cid, view[loc.offset:loc.offset + loc.length])
                 except BackupError as e:
                     found.append({"what": f"chunk {cid}", "problem": f"{e}", "pack": pack_id, "offset": loc.offset,
                                   "affects": affects(cid) or ["no snapshot (unused chunk)"]})

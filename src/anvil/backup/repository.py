@@ -261,7 +261,7 @@ def seal(key: bytes, data: bytes, aad: bytes) -> bytes:
     return nonce + AESGCM(key).encrypt(nonce, data, aad)
 
 
-def unseal(key: bytes, blob: bytes, aad: bytes) -> bytes:
+def unseal(key: bytes, blob: bytes | memoryview, aad: bytes) -> bytes:
     if len(blob) < NONCE + 16:
         raise InvalidTag()
     return AESGCM(key).decrypt(blob[:NONCE], blob[NONCE:], aad)
@@ -515,14 +515,16 @@ class Repository:
 
     # -------------------------------------------------------------- chunks
 
-    def decode_chunk(self, cid: str, blob: bytes | memoryview, *, check_id: bool = True) -> bytes:
+    def decode_chunk(self, cid: str, blob: bytes | memoryview, *, check_id: bool = True) -> bytes | memoryview:
         """Decrypt, decompress and check a chunk against its id; BackupError names it if bad.
 
         `check_id=False` skips recomputing the HMAC: for callers that check a whole-file SHA-256
         of the result anyway (restore). AES-GCM still authenticates the chunk under its id.
         """
         try:
-            data = decompress(unseal(self.enc_key, blob, cid.encode()))
+            plain = unseal(self.enc_key, blob, cid.encode())
+            # A stored chunk is returned as a view past its tag byte: no copy of the plaintext.
+            data: bytes | memoryview = memoryview(plain)[1:] if plain[:1] == b"\x00" else decompress(plain)
         except (InvalidTag, ValueError, zstandard.ZstdError):
             raise BackupError(f"chunk {cid} cannot be decrypted (corrupted)") from None
         if check_id and self.chunk_id(data) != cid:
@@ -698,7 +700,7 @@ class ChunkReader:
                 self.cache.popitem(last=False)
             return data
 
-    def read(self, cid: str, *, check_id: bool = True) -> bytes:
+    def read(self, cid: str, *, check_id: bool = True) -> bytes | memoryview:
         loc = self.index.get(cid)
         if loc is None:
             raise BackupError(f"chunk {cid} is not in any index (missing from the repository)")
@@ -706,12 +708,12 @@ class ChunkReader:
             pack = self._pack(loc.pack)
         except BackupError:
             raise BackupError(f"chunk {cid}: pack {loc.pack} is missing from the repository") from None
-        blob = pack[loc.offset:loc.offset + loc.length]
+        blob = memoryview(pack)[loc.offset:loc.offset + loc.length]  # no copy of the sealed chunk
         try:
             return self.repo.decode_chunk(cid, blob, check_id=check_id)
         except BackupError as e:
             raise BackupError(f"{e} in pack {loc.pack} at offset {loc.offset}") from None
 
-    def iter_file(self, chunks: list[str], *, check_id: bool = True) -> Iterator[bytes]:
+    def iter_file(self, chunks: list[str], *, check_id: bool = True) -> Iterator[bytes | memoryview]:
         for cid in chunks:
             yield self.read(cid, check_id=check_id)
