@@ -124,33 +124,43 @@ def main() -> None:
         timed([*anvil_cmd, "backup", "init", "--repo", f"file://{arepo}"], env)
         timed([restic, "init", "--repo", str(rrepo)], env)
         res: dict[str, dict[str, float]] = {}
+        # The machine may be shared: the 1-minute load average before the timed runs and after them.
+        loads = [os.getloadavg()]
         res["initial_backup"] = {
             "anvil": timed([*anvil_cmd, "backup", "create", "--repo", f"file://{arepo}", "--storage-path", str(data),
                             "--json"], env),
             "restic": timed([restic, "-q", "backup", "--repo", str(rrepo), str(data)], env)}
+        res["initial_backup"]["load_1m"] = round(os.getloadavg()[0], 2)
         initial_sizes = {"anvil": du(arepo), "restic": du(rrepo)}
         change(data, objects)
         res["incremental_backup"] = {
             "anvil": timed([*anvil_cmd, "backup", "create", "--repo", f"file://{arepo}", "--storage-path", str(data),
                             "--json"], env),
             "restic": timed([restic, "-q", "backup", "--repo", str(rrepo), str(data)], env)}
+        res["incremental_backup"]["load_1m"] = round(os.getloadavg()[0], 2)
         growth = {"anvil": du(arepo) - initial_sizes["anvil"], "restic": du(rrepo) - initial_sizes["restic"]}
         res["verify_read_data"] = {
             "anvil": timed([*anvil_cmd, "backup", "verify", "--repo", f"file://{arepo}", "--read-data", "--json"], env),
             "restic": timed([restic, "-q", "check", "--read-data", "--repo", str(rrepo)], env)}
+        res["verify_read_data"]["load_1m"] = round(os.getloadavg()[0], 2)
         res["restore"] = {
             "anvil": timed([*anvil_cmd, "restore", "--repo", f"file://{arepo}", "--target", str(work / "a-restore"),
                             "--json"], env),
             "restic": timed([restic, "-q", "restore", "latest", "--repo", str(rrepo), "--target",
                              str(work / "r-restore")], env)}
+        res["restore"]["load_1m"] = round(os.getloadavg()[0], 2)
         for v in res.values():
             v["ratio"] = round(v["anvil"] / v["restic"], 3) if v["restic"] else None
+            v["load_1m"] = v.pop("load_1m")  # after the ratio, for reading
+        loads.append(os.getloadavg())
         print(json.dumps({
             "dataset": {"objects": objects, "big_objects": big, "logical_bytes": logical,
                         "storage_path_bytes": du(data), "build_seconds": build},
             "repository_bytes_after_initial": initial_sizes, "repository_growth_incremental": growth,
             "restic_version": subprocess.run([restic, "version"], capture_output=True, text=True).stdout.strip(),
             "seconds": res,
+            "load_average_1m": {"before": round(loads[0][0], 2), "after": round(loads[-1][0], 2)},
+            "cpus": os.cpu_count(),
         }, indent=2))
     finally:
         if not args.workdir:

@@ -186,6 +186,18 @@ def test_newer_format_version_is_refused(repo_copy: Path) -> None:
     assert (repo_copy / "config").read_bytes() == before
 
 
+def test_other_chunk_id_scheme_is_refused(repo_copy: Path) -> None:
+    # Chunk ids computed another way could neither dedupe nor verify: refuse, change nothing.
+    cfg = json.loads((repo_copy / "config").read_text())
+    assert cfg["chunk_id"] == "hmac-sha256(sha256)"
+    cfg["chunk_id"] = "hmac-sha256"
+    (repo_copy / "config").write_text(json.dumps(cfg))
+    before = sorted(p.relative_to(repo_copy) for p in repo_copy.rglob("*"))
+    proc = anvil_cli("backup", "verify", "--repo", f"file://{repo_copy}")
+    assert proc.returncode == 1 and "chunk ids are 'hmac-sha256'" in proc.stderr
+    assert sorted(p.relative_to(repo_copy) for p in repo_copy.rglob("*")) == before
+
+
 def test_repo_inside_storage_path_and_bad_urls(built) -> None:
     proc = anvil_cli("backup", "init", "--repo", f"file://{built['data']}/backups", "--storage-path",
                      str(built["data"]))

@@ -18,12 +18,14 @@ import apsw
 
 from anvil import __version__
 from anvil.backup.participant import NOT_PRESENT, Participant, RecoveryContext, coverage
-from anvil.backup.repository import BackupError, ChunkReader, PackWriter, Repository, chunker, pack_name
+from anvil.backup.repository import CHUNKER, BackupError, ChunkReader, PackWriter, Repository, chunker, pack_name
 from anvil.storage import journal
 from anvil.storage.blobs import BlobStore
 from anvil.storage.layout import FORMAT_FILE
 
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, what)
+# Threads that cut, hash, compress and encrypt files; hashing, zstd and AES-GCM release the GIL.
+ENCODERS = min(4, os.cpu_count() or 1)
 CONSISTENCY_METHOD = "sqlite-online-backup step(-1) in one read transaction; S = journal head of the copy"
 
 
@@ -65,20 +67,31 @@ def _read_only(path: Path) -> apsw.Connection:
 Encoded = tuple[list[tuple[str, int, bytes | None]], str, int]
 
 
-def _encode_file(writer: PackWriter, path: Path) -> Encoded:
-    """Cut, hash and encode one file (runs on worker threads): (chunks, sha256, size)."""
-    h = hashlib.sha256()
+# Files up to this size are read whole and cut in memory (no copies per chunk); larger ones stream.
+WHOLE_FILE = 32 * 1024 * 1024
+
+
+def _encode_file(writer: PackWriter, path: Path) -> Encoded | None:
+    """Cut, hash and encode one file (runs on worker threads): (chunks, sha256, size); None if missing."""
     out: list[tuple[str, int, bytes | None]] = []
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        if size <= 4 * 1024 * 1024:
-            # Small files: one read, and no chunker call below its minimum chunk size.
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below; FileNotFoundError is an answer here
+    except FileNotFoundError:
+        return None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size <= WHOLE_FILE:
             data = f.read()
-            pieces = [memoryview(data)] if len(data) <= 128 * 1024 else [c.data for c in chunker().cut_buf(data)]
-            if not data:
-                pieces = []
+            if len(data) <= CHUNKER["min_size"]:
+                # One chunk (no cut possible below the minimum size): its SHA-256 is the file's.
+                digest = hashlib.sha256(data).digest()
+                if data:
+                    out.append(writer.encode(data, digest))
+                return out, digest.hex(), len(data)
+            pieces: Any = [c.data for c in chunker().cut_buf(data)]
         else:
-            pieces = (bytes(c.data) for c in chunker().cut_stream(f))  # type: ignore[assignment]
+            pieces = (bytes(c.data) for c in chunker().cut_stream(f))
+        h = hashlib.sha256()
         total = 0
         for piece in pieces:
             h.update(piece)
@@ -87,26 +100,44 @@ def _encode_file(writer: PackWriter, path: Path) -> Encoded:
     return out, h.hexdigest(), total
 
 
+def _must_encode(writer: PackWriter, path: Path) -> Encoded:
+    encoded = _encode_file(writer, path)
+    if encoded is None:
+        raise BackupError(f"{path} disappeared while it was being backed up")
+    return encoded
+
+
 def _add_encoded(writer: PackWriter, encoded: Encoded) -> list[str]:
     return [writer.add_encoded(cid, raw, blob) for cid, raw, blob in encoded[0]]
 
 
 def ordered_parallel(fn: Callable[[Any], Any], items: list[Any], workers: int | None = None,
-                     window: int = 8) -> Iterator[tuple[Any, Any]]:
-    """map(fn, items) on threads, results in order, at most `window` in flight (bounded memory)."""
+                     window: int = 8, weight: Callable[[Any], int] | None = None,
+                     max_weight: int = 0) -> Iterator[tuple[Any, Any]]:
+    """map(fn, items) on threads, results in order, bounded memory.
+
+    At most `window` items are in flight, or with `weight`, as many as fit in `max_weight`
+    (always at least one): many small files keep every worker busy, a few big ones do not
+    hold gigabytes of encoded data.
+    """
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as ex:
         pending: deque = deque()
+        load = 0
         for item in items:
-            pending.append((item, ex.submit(fn, item)))
-            if len(pending) >= window:
-                it, fut = pending.popleft()
+            w = weight(item) if weight else 1
+            limit = max_weight if weight else window
+            while pending and load + w > limit:
+                it, fut, wt = pending.popleft()
+                load -= wt
                 yield it, fut.result()
+            pending.append((item, ex.submit(fn, item), w))
+            load += w
         while pending:
-            it, fut = pending.popleft()
+            it, fut, _ = pending.popleft()
             yield it, fut.result()
 
 
@@ -131,8 +162,21 @@ def _create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, t
                      escrow_secrets: bool = False) -> dict[str, Any]:
     started = time.time()
     parent = latest_for(repo, deployment_id)
-    parent_blobs: dict[str, dict[str, Any]] = parent["tree"]["blobs"] if parent else {}
     writer = repo.writer()
+    try:
+        return _fill_snapshot(storage_root, catalog_path, blobs, tmp_dir, deployment_id, participants, repo, writer,
+                              parent, started, progress=progress, tag=tag, config=config,
+                              escrow_secrets=escrow_secrets)
+    finally:
+        writer.close()
+
+
+def _fill_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
+                   participants: list[Participant], repo: Repository, writer: PackWriter,
+                   parent: dict[str, Any] | None, started: float, *, progress: Progress | None = None,
+                   tag: str | None = None, config: dict[str, Any] | None = None,
+                   escrow_secrets: bool = False) -> dict[str, Any]:
+    parent_blobs: dict[str, dict[str, Any]] = parent["tree"]["blobs"] if parent else {}
     known = writer.known
     problems: list[str] = []
     with checkpoint(catalog_path, tmp_dir) as cp:
@@ -151,7 +195,11 @@ def _create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, t
         catalog_size = cp.stat().st_size
         todo = [sha for sha in refs if not (sha in parent_blobs and all(c in known for c in
                                                                           parent_blobs[sha]["chunks"]))]
-        total = catalog_size + sum(blobs.size(s) for s in todo if blobs.exists(s))
+        sizes = {}
+        for sha in todo:
+            with contextlib.suppress(FileNotFoundError):
+                sizes[sha] = blobs.size(sha)
+        total = catalog_size + sum(sizes.values())
         done = 0
 
         def tick(n: int) -> None:
@@ -163,14 +211,14 @@ def _create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, t
         files: dict[str, Any] = {}
         fmt = (storage_root / FORMAT_FILE).read_bytes()
         files[FORMAT_FILE] = {"size": len(fmt), "sha256": hashlib.sha256(fmt).hexdigest(), "chunks": [writer.add(fmt)]}
-        encoded = _encode_file(writer, cp)
+        encoded = _must_encode(writer, cp)
         files["catalog.db"] = {"size": encoded[2], "sha256": encoded[1], "chunks": _add_encoded(writer, encoded)}
         tick(encoded[2])
         for path in extra:
             rel = str(Path(path).absolute().relative_to(storage_root))
             if rel in files or rel.startswith(("blobs/", "tmp/")):
                 raise BackupError(f"participant file {rel} is not allowed in a snapshot")
-            encoded = _encode_file(writer, Path(path))
+            encoded = _must_encode(writer, Path(path))
             files[rel] = {"size": encoded[2], "sha256": encoded[1], "chunks": _add_encoded(writer, encoded),
                           "mode": Path(path).stat().st_mode & 0o777}
     tree_blobs: dict[str, Any] = {}
@@ -179,11 +227,12 @@ def _create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, t
     todo_set = set(todo)
 
     def encode_blob(sha: str) -> Encoded | None:
-        path = blobs.path(sha)
-        return _encode_file(writer, path) if path.exists() else None
+        return _encode_file(writer, blobs.path(sha))
 
     # Workers cut, hash, compress and encrypt; this thread appends to packs in a fixed order.
-    encoded_blobs = ordered_parallel(encode_blob, todo)
+    # Bounded by bytes: ~64 MiB of files in flight (many small ones, or a few big ones).
+    encoded_blobs = ordered_parallel(encode_blob, todo, workers=ENCODERS, weight=lambda s: sizes.get(s, 0) + 4096,
+                                     max_weight=64 * 1024 * 1024)
     for sha, labels in refs.items():
         refs_note = labels[:3] + ([f"+{len(labels) - 3} more"] if len(labels) > 3 else [])
         if sha not in todo_set:
@@ -330,13 +379,14 @@ def _verify(repo: Repository, *, read_data: bool = False, progress: Progress | N
 
         def check_pack(pack_id: str) -> tuple[int, int, list[dict[str, Any]]]:
             data = repo.backend.read(pack_name(pack_id))
+            view = memoryview(data)
             found: list[dict[str, Any]] = []
             if hashlib.sha256(data).hexdigest() != pack_id:
                 found.append({"what": f"pack {pack_id}", "problem": "content does not hash to its name"})
             chunks = sorted(by_pack[pack_id], key=lambda c: c[1].offset)
             for cid, loc in chunks:
                 try:
-                    repo.decode_chunk(cid, data[loc.offset:loc.offset + loc.length])
+                    repo.decode_chunk(cid, view[loc.offset:loc.offset + loc.length])
                 except BackupError as e:
                     found.append({"what": f"chunk {cid}", "problem": f"{e}", "pack": pack_id, "offset": loc.offset,
                                   "affects": affects(cid) or ["no snapshot (unused chunk)"]})

@@ -26,8 +26,9 @@ import threading
 import time
 import urllib.parse
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,11 @@ KDF_ENV = "ANVIL_BACKUP_KDF"
 CHUNKER = {"algorithm": "fastcdc2020", "library": "pyfastcdc==0.3.1", "avg_size": 512 * 1024,
            "min_size": 128 * 1024, "max_size": 4 * 1024 * 1024, "normalized_chunking": 1, "seed": 0}
 PACK_TARGET = 16 * 1024 * 1024
+# Packs are written (hashed, written, fsynced) on this many threads, with at most PACK_QUEUE
+# sealed packs waiting in memory: the disk's fsync latency overlaps with encoding.
+PACK_WRITERS = 2
+PACK_QUEUE = 3
+CHUNK_ID = "hmac-sha256(sha256)"  # chunk id = HMAC-SHA256(id key, SHA-256(plaintext))
 KDF_PRODUCTION = {"time_cost": 3, "memory_cost": 64 * 1024, "parallelism": 2}
 KDF_TEST = {"time_cost": 1, "memory_cost": 8 * 1024, "parallelism": 1}
 NONCE = 12
@@ -255,7 +261,7 @@ def seal(key: bytes, data: bytes, aad: bytes) -> bytes:
     return nonce + AESGCM(key).encrypt(nonce, data, aad)
 
 
-def unseal(key: bytes, blob: bytes, aad: bytes) -> bytes:
+def unseal(key: bytes, blob: bytes | memoryview, aad: bytes) -> bytes:
     if len(blob) < NONCE + 16:
         raise InvalidTag()
     return AESGCM(key).decrypt(blob[:NONCE], blob[NONCE:], aad)
@@ -278,9 +284,9 @@ def _zd() -> zstandard.ZstdDecompressor:
 
 def compress(data: bytes) -> bytes:
     """One leading byte says how: 1 = zstd, 0 = stored (incompressible data is not inflated)."""
-    if len(data) > 64 * 1024:
+    if len(data) > 16 * 1024:
         # Probe a sample first: random/already-compressed bodies skip a wasted full compression.
-        sample = data[: 16 * 1024]
+        sample = data[: 8 * 1024]
         if len(_zc().compress(sample)) > 0.97 * len(sample):
             return b"\x00" + data
     z = _zc().compress(data)
@@ -360,7 +366,7 @@ class Repository:
             raise BackupError(f"{backend.url} already holds a repository")
         config = {"format_version": FORMAT_VERSION, "repo_id": uuid.uuid4().hex, "created": time.time(),
                   "chunker": CHUNKER, "compression": "zstd-3", "encryption": "aes-256-gcm",
-                  "chunk_id": "hmac-sha256", "pack_target": pack_target}
+                  "chunk_id": CHUNK_ID, "pack_target": pack_target}
         master = secrets.token_bytes(64)
         key_id = cls._write_key(backend, config["repo_id"], master, passphrase)
         backend.write("config", (json.dumps(config, indent=2) + "\n").encode())
@@ -380,6 +386,9 @@ class Repository:
                               f"up to {FORMAT_VERSION}: upgrade Anvil to use it (nothing was changed)")
         if version < 1:
             raise BackupError(f"{backend.url}: invalid repository format version {version}")
+        if config.get("chunk_id") != CHUNK_ID:
+            raise BackupError(f"{backend.url}: chunk ids are {config.get('chunk_id')!r}, this Anvil computes "
+                              f"{CHUNK_ID!r}; it cannot deduplicate against or verify this repository")
         return config
 
     @classmethod
@@ -475,7 +484,11 @@ class Repository:
         return json.loads(decompress(unseal(self.enc_key, blob, aad)))
 
     def chunk_id(self, data: bytes | memoryview) -> str:
-        return hmac.new(self.id_key, data, hashlib.sha256).hexdigest()
+        return self.chunk_id_of_digest(hashlib.sha256(data).digest())
+
+    def chunk_id_of_digest(self, sha256_digest: bytes) -> str:
+        """HMAC-SHA256(id key, SHA-256(plaintext)): keyed, yet a file that is one chunk is hashed once."""
+        return hmac.new(self.id_key, sha256_digest, hashlib.sha256).hexdigest()
 
     # -------------------------------------------------------------- index
 
@@ -502,13 +515,19 @@ class Repository:
 
     # -------------------------------------------------------------- chunks
 
-    def decode_chunk(self, cid: str, blob: bytes) -> bytes:
-        """Decrypt, decompress and check a chunk against its id; BackupError names it if bad."""
+    def decode_chunk(self, cid: str, blob: bytes | memoryview, *, check_id: bool = True) -> bytes | memoryview:
+        """Decrypt, decompress and check a chunk against its id; BackupError names it if bad.
+
+        `check_id=False` skips recomputing the HMAC: for callers that check a whole-file SHA-256
+        of the result anyway (restore). AES-GCM still authenticates the chunk under its id.
+        """
         try:
-            data = decompress(unseal(self.enc_key, blob, cid.encode()))
+            plain = unseal(self.enc_key, blob, cid.encode())
+            # A stored chunk is returned as a view past its tag byte: no copy of the plaintext.
+            data: bytes | memoryview = memoryview(plain)[1:] if plain[:1] == b"\x00" else decompress(plain)
         except (InvalidTag, ValueError, zstandard.ZstdError):
             raise BackupError(f"chunk {cid} cannot be decrypted (corrupted)") from None
-        if self.chunk_id(data) != cid:
+        if check_id and self.chunk_id(data) != cid:
             raise BackupError(f"chunk {cid} decrypts to content with a different id (corrupted)")
         return data
 
@@ -548,7 +567,12 @@ class Repository:
 
 
 class PackWriter:
-    """Accumulates new chunks into packs (~16 MiB), then writes the index that points at them."""
+    """Accumulates new chunks into packs (~16 MiB), then writes the index that points at them.
+
+    Full packs are hashed, written and fsynced on background threads (`PACK_WRITERS`, at most
+    `PACK_QUEUE` packs in flight), so the encoders never wait for the disk. Nothing points at a
+    pack until `finish()` has waited for every write and then writes the index.
+    """
 
     def __init__(self, repo: Repository):
         self.repo = repo
@@ -559,15 +583,20 @@ class PackWriter:
         self.written_packs: list[dict[str, Any]] = []
         self.new_bytes = 0
         self.new_chunks = 0
-        self.pending: set[str] = set()
+        self.pending: set[str] = set()  # chunks added this session whose pack is not yet written
         self.target = int(repo.config.get("pack_target", PACK_TARGET))
+        self._inflight: deque[Future[dict[str, Any]]] = deque()
+        self._pool: ThreadPoolExecutor | None = None
 
-    def encode(self, data: bytes | memoryview) -> tuple[str, int, bytes | None]:
-        """(chunk id, plaintext length, sealed bytes or None if already stored); thread-safe."""
-        cid = self.repo.chunk_id(data)
-        if cid in self.known:
+    def encode(self, data: bytes | memoryview, digest: bytes | None = None) -> tuple[str, int, bytes | None]:
+        """(chunk id, plaintext length, sealed bytes or None if already stored); thread-safe.
+
+        `digest` is the plaintext's SHA-256 if the caller already has it (a one-chunk file).
+        """
+        cid = self.repo.chunk_id_of_digest(digest or hashlib.sha256(data).digest())
+        if cid in self.known or cid in self.pending:
             return cid, len(data), None
-        return cid, len(data), seal(self.repo.enc_key, compress(bytes(data)), cid.encode())
+        return cid, len(data), seal(self.repo.enc_key, compress(data), cid.encode())
 
     def add(self, data: bytes | memoryview) -> str:
         cid, raw, blob = self.encode(data)
@@ -584,26 +613,58 @@ class PackWriter:
         self.pending.add(cid)
         self.new_chunks += 1
         if self.size >= self.target:
-            self.flush()
+            self.flush(wait=False)
         return cid
 
-    def flush(self) -> None:
-        if not self.entries:
-            return
-        header = seal(self.repo.enc_key, compress(json.dumps(self.entries).encode()), b"pack-header")
-        self.parts += [header, len(header).to_bytes(4, "big")]
-        body = b"".join(self.parts)
+    def flush(self, *, wait: bool = True) -> None:
+        """Seal the open pack and hand it to a writer thread; with `wait`, until every pack is on disk."""
+        if self.entries:
+            header = seal(self.repo.enc_key, compress(json.dumps(self.entries).encode()), b"pack-header")
+            parts = [*self.parts, header, len(header).to_bytes(4, "big")]
+            entries = self.entries
+            self.parts, self.size, self.entries = [], 0, []
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(PACK_WRITERS, thread_name_prefix="anvil-pack")
+            while len(self._inflight) >= PACK_QUEUE:
+                self._collect(self._inflight.popleft())
+            self._inflight.append(self._pool.submit(self._write_pack, parts, entries))
+        if wait:
+            self.drain()
+
+    def _write_pack(self, parts: list[bytes], entries: list[list[Any]]) -> dict[str, Any]:
+        body = b"".join(parts)
+        del parts[:]
         pack_id = hashlib.sha256(body).hexdigest()
         self.repo.backend.write(pack_name(pack_id), body)
-        self.written_packs.append({"id": pack_id, "size": len(body), "chunks": self.entries})
-        for cid, off, length, raw in self.entries:
-            self.known[cid] = Location(pack_id, off, length, raw)
-        self.repo.pack_sizes[pack_id] = len(body)
-        self.new_bytes += len(body)
-        self.parts = []
-        self.size = 0
-        self.entries = []
-        self.pending = set()
+        return {"id": pack_id, "size": len(body), "chunks": entries}
+
+    def _collect(self, fut: Future[dict[str, Any]]) -> None:
+        pack = fut.result()  # a failed write raises here, before any index can mention the pack
+        self.written_packs.append(pack)
+        for cid, off, length, raw in pack["chunks"]:
+            self.known[cid] = Location(pack["id"], off, length, raw)
+            self.pending.discard(cid)
+        self.repo.pack_sizes[pack["id"]] = pack["size"]
+        self.new_bytes += pack["size"]
+
+    def drain(self) -> None:
+        try:
+            while self._inflight:
+                self._collect(self._inflight.popleft())
+        finally:
+            if self._pool is not None and not self._inflight:
+                self._pool.shutdown()
+                self._pool = None
+
+    def close(self) -> None:
+        """Wait for (and discard errors of) writes still in flight; used when a backup fails."""
+        for fut in self._inflight:
+            with contextlib.suppress(Exception):
+                fut.result()
+        self._inflight.clear()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def finish(self) -> str | None:
         """Write remaining chunks and one index file for this session's packs (before any snapshot)."""
@@ -639,7 +700,7 @@ class ChunkReader:
                 self.cache.popitem(last=False)
             return data
 
-    def read(self, cid: str) -> bytes:
+    def read(self, cid: str, *, check_id: bool = True) -> bytes | memoryview:
         loc = self.index.get(cid)
         if loc is None:
             raise BackupError(f"chunk {cid} is not in any index (missing from the repository)")
@@ -647,12 +708,12 @@ class ChunkReader:
             pack = self._pack(loc.pack)
         except BackupError:
             raise BackupError(f"chunk {cid}: pack {loc.pack} is missing from the repository") from None
-        blob = pack[loc.offset:loc.offset + loc.length]
+        blob = memoryview(pack)[loc.offset:loc.offset + loc.length]  # no copy of the sealed chunk
         try:
-            return self.repo.decode_chunk(cid, blob)
+            return self.repo.decode_chunk(cid, blob, check_id=check_id)
         except BackupError as e:
             raise BackupError(f"{e} in pack {loc.pack} at offset {loc.offset}") from None
 
-    def iter_file(self, chunks: list[str]) -> Iterator[bytes]:
+    def iter_file(self, chunks: list[str], *, check_id: bool = True) -> Iterator[bytes | memoryview]:
         for cid in chunks:
-            yield self.read(cid)
+            yield self.read(cid, check_id=check_id)
