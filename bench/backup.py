@@ -89,6 +89,7 @@ def ensure_restic() -> str:
     exe = shutil.which("restic")
     if exe:
         return exe
+    subprocess.run(["apt-get", "update", "-q"], check=False, capture_output=True)  # a fresh image has no lists
     subprocess.run(["apt-get", "install", "-y", "-q", "restic"], check=True, capture_output=True)
     exe = shutil.which("restic")
     if not exe:

@@ -291,3 +291,27 @@ def test_prune_refuses_while_a_backup_holds_the_repository(repo_copy: Path) -> N
     assert blocked.returncode == 1 and "backup unlock" in blocked.stderr
     assert anvil_cli("backup", "unlock", "--repo", f"file://{repo_copy}").returncode == 0
     assert anvil_cli("backup", "verify", "--repo", f"file://{repo_copy}").returncode == 0
+
+
+def test_interrupted_restore_stays_in_recovery_mode(built, repo_copy: Path, tmp_path: Path) -> None:
+    """A restore that stops partway (here: catalog.db's chunks are gone) never looks finished."""
+    r = Repository.open(LocalBackend(repo_copy), PASS)
+    index = r.index()
+    for chunk in built["manifest"]["tree"]["files"]["catalog.db"]["chunks"]:
+        pack = index[chunk].pack
+        (repo_copy / "data" / pack[:2] / pack).unlink(missing_ok=True)
+    # An empty target is cleaned up after a failure; a forced restore over an existing directory
+    # (like a process killed mid-restore) is left behind, and must stay in recovery mode.
+    empty = tmp_path / "empty"
+    proc = anvil_cli("restore", "--repo", f"file://{repo_copy}", "--target", str(empty), "--json")
+    assert proc.returncode != 0 and "missing from the repository" in proc.stdout
+    assert not empty.exists() or not any(empty.iterdir())
+    target = tmp_path / "half"
+    target.mkdir()
+    (target / "operator-notes.txt").write_text("kept")
+    proc = anvil_cli("restore", "--repo", f"file://{repo_copy}", "--target", str(target), "--force", "--json")
+    assert proc.returncode != 0 and "missing from the repository" in proc.stdout
+    marker = json.loads((target / "RECOVERY").read_text())
+    assert marker["incomplete"] is True and "did not finish" in marker["problems"][0]
+    val = anvil_cli("recovery", "validate", "--storage-path", str(target), "--json")
+    assert val.returncode != 0

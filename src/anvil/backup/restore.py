@@ -112,6 +112,10 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
     for stale in ("catalog.db", "catalog.db-wal", "catalog.db-shm", recovery.MARKER_FILE):
         (root / stale).unlink(missing_ok=True)
     shutil.rmtree(root / recovery.REPORT_DIR, ignore_errors=True)
+    # Marked first: a restore that dies partway leaves a store that starts in recovery mode and
+    # fails validation (so it is never resumed by accident); the final marker replaces this one.
+    recovery.write_marker(root, {"snapshot": manifest["id"], "incomplete": True,
+                                 "problems": ["the restore did not finish: run `anvil restore` again"]})
     reader = ChunkReader(repo)
     files = manifest["tree"]["files"]
     _write_entry(reader, files[FORMAT_FILE], root / FORMAT_FILE)
