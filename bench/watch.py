@@ -56,8 +56,22 @@ def start_server(root: Path, port: int) -> subprocess.Popen:
     raise RuntimeError("server did not start")
 
 
+def auth_header() -> str:
+    """Every request is authenticated (a bearer token of the first admin; child processes inherit it)."""
+    return f"Authorization: Bearer {os.environ['ANVIL_BENCH_TOKEN']}\r\n"
+
+
+def login(root: Path, port: int) -> None:
+    from anvil.client import exchange_token
+
+    cred = json.loads((root / "data" / "bootstrap" / "first-admin.json").read_text())
+    token = exchange_token(f"http://127.0.0.1:{port}", cred["client_id"], cred["client_secret"])["access_token"]
+    os.environ["ANVIL_BENCH_TOKEN"] = token
+
+
 def request(port: int, method: str, path: str, body: bytes = b"") -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body or None, method=method)
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body or None, method=method,
+                                 headers={"Authorization": f"Bearer {os.environ['ANVIL_BENCH_TOKEN']}"})
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read() or b"{}")
 
@@ -85,7 +99,7 @@ async def _writer(port: int, bucket: str, seconds: float, rate: float | None, co
             key = f"w{c}-{i}"
             i += 1
             t0 = time.monotonic()
-            writer.write(f"PUT /anvil/v1/buckets/{bucket}/object?key={key} HTTP/1.1\r\nHost: b\r\n"
+            writer.write(f"PUT /anvil/v1/buckets/{bucket}/object?key={key} HTTP/1.1\r\nHost: b\r\n{auth_header()}"
                          f"Content-Length: 16\r\n\r\n".encode() + b"0123456789abcdef")
             await writer.drain()
             head = await reader.readuntil(b"\r\n\r\n")
@@ -122,7 +136,7 @@ class Watcher:
     async def run(self, port: int, bucket: str, after: int, ready: asyncio.Event, record: bool) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(f"GET /anvil/v1/watch?bucket={bucket}&after={after}&heartbeat=5 HTTP/1.1\r\n"
-                     f"Host: b\r\nAccept: text/event-stream\r\n\r\n".encode())
+                     f"Host: b\r\n{auth_header()}Accept: text/event-stream\r\n\r\n".encode())
         await writer.drain()
         await reader.readuntil(b"\r\n\r\n")
         ready.set()
@@ -205,6 +219,7 @@ def main() -> None:
     port = free_port()
     proc = start_server(root, port)
     try:
+        login(root, port)
         request(port, "PUT", "/anvil/v1/buckets/bench", b"{}")
 
         async def all_phases() -> dict:

@@ -64,3 +64,15 @@ def test_s3_bench_quick_prints_both_servers_and_ratios() -> None:
     assert set(doc["targets_met"]) == {"small_ops_5x_moto", "listing_5x_moto", "large_200_mb_s", "no_errors"}
     assert all(isinstance(met, bool) for met in doc["targets_met"].values())
     assert doc["targets_met"]["no_errors"] is True
+
+
+def test_watch_bench_short_run_prints_every_figure() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "watch.py"), "--seconds", "0.5", "--watchers", "3",
+                           "--rate", "50"], env=env, capture_output=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    doc = json.loads(proc.stdout)
+    summary = doc["summary"]
+    assert {"events_per_s_to_1_watcher", "latency_p99_ms", "target_p99_ms", "target_met"} <= summary.keys()
+    for phase in ("max_rate_1_watcher", "max_rate_3_watchers", "paced_50_writes_per_s_3_watchers"):
+        assert doc[phase]["complete"] is True and doc[phase]["ordered"] is True
