@@ -62,8 +62,8 @@ def world(tmp_path_factory: pytest.TempPathFactory):
             written[(bucket, key, res["version_id"])] = hashlib.sha256(body).hexdigest()
             return res["version_id"]
 
-        for i in range(170):
-            put(vb, f"{'abc'[i % 3]}/obj-{i:04d}", rng.randbytes(rng.randint(0, 8192)))
+        for i in range(900):  # with the versions, markers and the other bucket: ~1,000 objects
+            put(vb, f"{'abc'[i % 3]}/obj-{i:04d}", rng.randbytes(rng.randint(0, 4096)))
         for i in range(0, 30):  # new versions of existing keys
             put(vb, f"{'abc'[i % 3]}/obj-{i:04d}", rng.randbytes(rng.randint(1, 4096)))
         deleted_markers = []
@@ -83,7 +83,7 @@ def world(tmp_path_factory: pytest.TempPathFactory):
         written[(vb, "big/multipart.bin", mp["version_id"])] = hashlib.sha256(part1 + part2).hexdigest()
         pending = client.create_upload(vb, "big/pending.bin")
         client.upload_part(vb, pending, 1, b"pending part")
-        for i in range(20):
+        for i in range(60):
             put(ub, f"plain/{i}", rng.randbytes(100 + i))
 
         repo = f"file://{base / 'repo'}"
@@ -241,7 +241,7 @@ def test_partial_restore_keeps_only_chosen_bucket(world, tmp_path: Path) -> None
     res = cli_json("restore", "--repo", world["repo"], "--snapshot", world["snap"]["id"], "--target", str(target),
                    "--bucket", ub)
     assert res["partial"]["objects"]["kept"] == [ub] and vb in res["partial"]["objects"]["dropped"]
-    assert res["blobs_restored"] == 20
+    assert res["blobs_restored"] == 60
     report = cli_json("recovery", "validate", "--storage-path", str(target))
     assert report["ok"], report["needs_operator"]
     srv = AnvilServer(target, env=ENV).start()
