@@ -697,9 +697,6 @@ class ObjectService:
             hi = min(end, chunk_end) - chunk_start
             yield from self.blobs.read_range(sha, lo, hi - lo + 1)
 
-    def read_all(self, obj: ObjectVersion) -> bytes:
-        return b"".join(self.read_body(obj))
-
     # ---------------------------------------------------------------- listing
 
     def list_objects(

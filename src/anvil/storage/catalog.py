@@ -245,9 +245,3 @@ class Catalog:
                     pass
             self._readers.clear()
         self._writer.close()
-
-    def write_connection_for_maintenance(self) -> apsw.Connection:
-        """Direct access for offline tools (migrations, restore); never while serving."""
-        if self._thread is not None:
-            raise RuntimeError("the writer thread is running")
-        return self._writer
