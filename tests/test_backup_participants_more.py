@@ -62,7 +62,7 @@ def world(tmp_path_factory: pytest.TempPathFactory):
         client.create_consumer("at-head")
         body = b"orphan for a finding " + os.urandom(8)
         sha = hashlib.sha256(body).hexdigest()
-        orphan = srv.storage_path / "blobs" / "sha256" / sha[:2] / sha[2:4] / sha
+        orphan = srv.storage_path / "blobs" / "sha256" / sha[:2] / sha
         orphan.parent.mkdir(parents=True, exist_ok=True)
         orphan.write_bytes(body)
         finding = next(f for f in client.fsck()["findings"] if f["affected"].get("blob") == sha)

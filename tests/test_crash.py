@@ -86,7 +86,7 @@ def test_sigkill_during_puts(tmp_path_factory: pytest.TempPathFactory) -> None:
             # No record points at a missing blob.
             blobs = srv.storage_path / "blobs" / "sha256"
             for obj in listed.values():
-                path = blobs / obj["sha256"][:2] / obj["sha256"][2:4] / obj["sha256"]
+                path = blobs / obj["sha256"][:2] / obj["sha256"]
                 assert path.is_file() and path.stat().st_size == obj["size"]
             # The journal chain is intact and holds one put per visible object.
             verdict = c.verify_journal()

@@ -34,7 +34,7 @@ def put(anvil: Anvil, ctx: RequestContext, bucket: str, key: str, data: bytes) -
 
 
 def blob_path(root: Path, sha: str) -> Path:
-    return root / "blobs" / "sha256" / sha[:2] / sha[2:4] / sha
+    return root / "blobs" / "sha256" / sha[:2] / sha
 
 
 def sha(data: bytes) -> str:

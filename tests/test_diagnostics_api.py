@@ -16,7 +16,7 @@ from tests.helpers import AnvilServer
 
 def orphan(server: AnvilServer, body: bytes, *, age: float = 0) -> Path:
     h = hashlib.sha256(body).hexdigest()
-    p = server.storage_path / "blobs" / "sha256" / h[:2] / h[2:4] / h
+    p = server.storage_path / "blobs" / "sha256" / h[:2] / h
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_bytes(body)
     if age:
@@ -98,7 +98,7 @@ def test_gc_through_the_api(server: AnvilServer, client: AnvilClient, bucket: st
     old = orphan(server, b"old api orphan " + os.urandom(8), age=7200)
     young = orphan(server, b"young api orphan " + os.urandom(8))
     res = client.put_object(bucket, "kept", b"referenced and old " + os.urandom(8))
-    ref = server.storage_path / "blobs" / "sha256" / res["sha256"][:2] / res["sha256"][2:4] / res["sha256"]
+    ref = server.storage_path / "blobs" / "sha256" / res["sha256"][:2] / res["sha256"]
     t = time.time() - 7200
     os.utime(ref, (t, t))
     upload_id = client.create_upload(bucket, "abandoned")

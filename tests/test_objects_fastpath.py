@@ -16,7 +16,7 @@ from tests.helpers import AnvilServer
 
 def _blob_path(server: AnvilServer, data: bytes):
     sha = hashlib.sha256(data).hexdigest()
-    return server.storage_path / "blobs" / "sha256" / sha[:2] / sha[2:4] / sha
+    return server.storage_path / "blobs" / "sha256" / sha[:2] / sha
 
 
 def _blob_root(server: AnvilServer):

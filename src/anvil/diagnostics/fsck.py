@@ -258,7 +258,7 @@ class _Run:
             for sha in shas:
                 if not isinstance(sha, str) or HEX64.fullmatch(sha) is None:
                     out.append(str(sha))  # a malformed reference can never be satisfied
-                elif not os.path.exists(self.t.layout.blobs / sha[:2] / sha[2:4] / sha):
+                elif not os.path.exists(self.t.layout.blobs / sha[:2] / sha):
                     out.append(sha)
             return sorted(out)
 

@@ -80,36 +80,33 @@ def scan_blobs(
         pending = 0
         for a in my_tops:
             pa = f"{root}/{a}"
-            for b in _listdir(pa):
-                pb = f"{pa}/{b}"
-                prefix = a + b
-                for name in _listdir(pb):
-                    if fullmatch(name) is None:
-                        continue
-                    path = f"{pb}/{name}"
-                    if name[:4] != prefix:
-                        res.misplaced.append(path)
-                        continue
-                    res.blobs[name] = path
-                    if not deep:
-                        continue
+            for name in _listdir(pa):
+                if fullmatch(name) is None:
+                    continue
+                path = f"{pa}/{name}"
+                if name[:2] != a:
+                    res.misplaced.append(path)
+                    continue
+                res.blobs[name] = path
+                if not deep:
+                    continue
+                try:
+                    fd = os.open(path, os.O_RDONLY)
                     try:
-                        fd = os.open(path, os.O_RDONLY)
-                        try:
-                            actual, size = _hash_fd(fd, buf, view)
-                        finally:
-                            os.close(fd)
-                        err = None
-                    except OSError as e:
-                        actual, size, err = None, 0, e.strerror or str(e)
-                    res.sizes[name] = size
-                    if actual != name:
-                        res.bad.append(HashResult(name, path, actual, size, err))
-                    pending += 1
-                    if on_progress is not None and pending >= 256:
-                        with lock:
-                            on_progress(pending)
-                        pending = 0
+                        actual, size = _hash_fd(fd, buf, view)
+                    finally:
+                        os.close(fd)
+                    err = None
+                except OSError as e:
+                    actual, size, err = None, 0, e.strerror or str(e)
+                res.sizes[name] = size
+                if actual != name:
+                    res.bad.append(HashResult(name, path, actual, size, err))
+                pending += 1
+                if on_progress is not None and pending >= 256:
+                    with lock:
+                        on_progress(pending)
+                    pending = 0
         if on_progress is not None and pending:
             with lock:
                 on_progress(pending)

@@ -28,6 +28,8 @@ class Storage:
             raise
         self.blobs = BlobStore(self.layout.blobs, self.layout.tmp)
         self._locked = lock
+        if lock:
+            self.blobs.prepare_fanout()
 
     def clear_tmp(self) -> None:
         """Drop bodies a previous process was receiving when it died: none was acknowledged.

@@ -1,4 +1,4 @@
-"""Content-addressed blob store: `blobs/sha256/ab/cd/<hash>`.
+"""Content-addressed blob store: `blobs/sha256/ab/<hash>`.
 
 A body is streamed into `tmp/`, hashed on the way (SHA-256 for the address, MD5 for the
 S3 ETag), fsynced and renamed into place. Only after that may a record referencing it be
@@ -117,18 +117,27 @@ class BlobStore:
     def path(self, sha256: str) -> Path:
         if not _valid_hash(sha256):
             raise ValueError("not a sha256 hex digest")
-        return self.root / sha256[:2] / sha256[2:4] / sha256
+        return self.root / sha256[:2] / sha256
 
-    def ensure_parent(self, final: Path) -> list[Path]:
-        """Create missing fan-out folders; return those created (their parents need fsync)."""
-        created: list[Path] = []
-        for d in (final.parent.parent, final.parent):
+    def prepare_fanout(self) -> None:
+        """Create the 256 fan-out folders once, so no write ever pays for a mkdir and its fsync."""
+        created = False
+        for i in range(256):
             try:
-                d.mkdir()
-                created.append(d)
+                (self.root / f"{i:02x}").mkdir()
+                created = True
             except FileExistsError:
                 pass
-        return created
+        if created:
+            fsync_dir(self.root)
+
+    def ensure_parent(self, final: Path) -> list[Path]:
+        """Create the fan-out folder if missing (normally made up front); return it if created."""
+        try:
+            final.parent.mkdir()
+        except FileExistsError:
+            return []
+        return [final.parent]
 
     def writer(self, *, max_size: int | None = None) -> BlobWriter:
         return BlobWriter(self, max_size=max_size)
@@ -237,12 +246,9 @@ class BlobStore:
         for a in sorted(os.scandir(self.root), key=lambda e: e.name):
             if not a.is_dir():
                 continue
-            for b in sorted(os.scandir(a.path), key=lambda e: e.name):
-                if not b.is_dir():
-                    continue
-                for f in sorted(os.scandir(b.path), key=lambda e: e.name):
-                    if f.is_file() and _valid_hash(f.name):
-                        yield f.name, Path(f.path)
+            for f in sorted(os.scandir(a.path), key=lambda e: e.name):
+                if f.is_file() and _valid_hash(f.name):
+                    yield f.name, Path(f.path)
 
     def remove(self, sha256: str) -> None:
         p = self.path(sha256)
