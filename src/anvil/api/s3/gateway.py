@@ -500,12 +500,7 @@ class _Op:
                 last_key = objects[-1].key if objects else ""
                 last_cp = prefixes[-1] if prefixes else ""
                 parts.append(X.element("NextMarker", enc(max(last_key, last_cp))))
-        parts.append(X.element("MaxKeys", max_keys))
-        if delimiter:
-            parts.append(X.element("Delimiter", enc(delimiter)))
-        if q.get("encoding-type"):
-            parts.append(X.element("EncodingType", "url"))
-        parts.append(X.element("IsTruncated", truncated))
+        parts += self._listing_fields(max_keys, delimiter, enc, truncated)
         for o in objects:
             # The hot loop of every listing: one f-string per object (ETags and sizes need no escaping).
             parts.append(f"<Contents><Key>{escape(enc(o.key))}</Key><LastModified>{X.iso_time(o.created)}"
@@ -514,6 +509,16 @@ class _Op:
         for p in prefixes:
             parts.append("<CommonPrefixes>" + X.element("Prefix", enc(p)) + "</CommonPrefixes>")
         return self.xml("ListBucketResult", "".join(parts))
+
+    def _listing_fields(self, max_keys: int, delimiter: str, enc: Any, truncated: bool) -> list[str]:
+        """The elements every listing answer carries after its markers, in S3's order."""
+        fields = [X.element("MaxKeys", max_keys)]
+        if delimiter:
+            fields.append(X.element("Delimiter", enc(delimiter)))
+        if self.q.get("encoding-type"):
+            fields.append(X.element("EncodingType", "url"))
+        fields.append(X.element("IsTruncated", truncated))
+        return fields
 
     async def list_versions(self) -> Response:
         self.authorize("object:list", self.bucket)
@@ -538,12 +543,7 @@ class _Op:
                 parts.append(X.element("NextKeyMarker", enc(nk)))
             if nv is not None:
                 parts.append(X.element("NextVersionIdMarker", nv))
-        parts.append(X.element("MaxKeys", max_keys))
-        if delimiter:
-            parts.append(X.element("Delimiter", enc(delimiter)))
-        if q.get("encoding-type"):
-            parts.append(X.element("EncodingType", "url"))
-        parts.append(X.element("IsTruncated", truncated))
+        parts += self._listing_fields(max_keys, delimiter, enc, truncated)
         for o in versions:
             common = (X.element("Key", enc(o.key)) + X.element("VersionId", o.version_id)
                       + X.element("IsLatest", o.is_latest) + X.element("LastModified", X.iso_time(o.created)))
