@@ -90,11 +90,13 @@ def test_wrong_secret_and_unknown_app_look_the_same(server: AnvilServer, admin: 
 def test_expired_token_and_replay(server: AnvilServer, admin: AnvilClient) -> None:
     tenant = new_tenant(admin)
     app = new_app(admin, tenant, FULL_TENANT)
-    res = exchange_token(server.endpoint, app["client_id"], app["client_secret"], expires_in=1)
-    assert res["expires_in"] == 1
+    # exp has whole-second resolution, so a 2 s token is valid for at least 1 s: enough for one GET
+    # even on a loaded machine (a 1 s token could expire within milliseconds of being issued).
+    res = exchange_token(server.endpoint, app["client_id"], app["client_secret"], expires_in=2)
+    assert res["expires_in"] == 2
     hdr = {"authorization": f"Bearer {res['access_token']}"}
     assert httpx.get(server.endpoint + "/anvil/v1/buckets", headers=hdr).status_code == 200
-    time.sleep(2.1)
+    time.sleep(3.1)
     before = head(admin)
     for _ in range(2):
         r = httpx.put(server.endpoint + f"/anvil/v1/buckets/{unique_bucket()}", headers=hdr, json={})
