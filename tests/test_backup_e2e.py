@@ -104,12 +104,19 @@ def world(tmp_path_factory: pytest.TempPathFactory):
 
         t = threading.Thread(target=writer, daemon=True)
         t.start()
-        time.sleep(0.3)
+
+        def wait_for_ack_after(moment: float) -> None:
+            # Wait for the writer (bounded), rather than sleeping a fixed time a loaded machine may not honour.
+            deadline = time.monotonic() + 20
+            while not any(a[3] > moment for a in list(writer_acks)) and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+        wait_for_ack_after(0.0)
         backup_started = time.time()
         snap = cli_json("backup", "create", "--repo", repo, "--endpoint", srv.endpoint, "--tag", "e2e",
                         "--escrow-secrets")
         backup_done = time.time()
-        time.sleep(0.3)
+        wait_for_ack_after(backup_done)
         stop.set()
         t.join(10)
         yield {"srv": srv, "client": client, "base": base, "repo": repo, "snap": snap, "written": written,

@@ -105,9 +105,9 @@ def test_token_verify_rejects_none_other_algs_tamper_expiry_and_size() -> None:
             auth.verify(b)
         assert e.value.code == "Unauthenticated"
 
-    short, _ = auth.issue(tenant="acme", subject="APP", scopes=["*"], ttl=1)
+    short, _ = auth.issue(tenant="acme", subject="APP", scopes=["*"], ttl=2)  # exp: 1 s resolution
     auth.verify(short)
-    time.sleep(2.1)
+    time.sleep(3.1)
     for _ in range(2):  # the cached entry expires too; replays keep failing
         with pytest.raises(AnvilError, match="expired"):
             auth.verify(short)
