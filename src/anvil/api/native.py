@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import concurrent.futures
 import functools
 import urllib.parse
@@ -31,6 +29,7 @@ from anvil.errors import AnvilError
 from anvil.identity import authorize
 from anvil.objects import Conditions, ObjectVersion
 from anvil.objects import validation as v
+from anvil.objects.checksums import content_md5_hex
 from anvil.objects.service import parse_etag_list
 from anvil.runtime import Anvil
 
@@ -288,13 +287,9 @@ def _expected_checksums(request: Request) -> tuple[str | None, str | None]:
     md5 = None
     content_md5 = request.headers.get("content-md5")
     if content_md5 is not None:
-        try:
-            raw = base64.b64decode(content_md5, validate=True)
-        except (binascii.Error, ValueError):
-            raw = b""
-        if len(raw) != 16:
+        md5 = content_md5_hex(content_md5)
+        if md5 is None:
             raise AnvilError("InvalidArgument", "Content-MD5 must be a base64 MD5 digest")
-        md5 = raw.hex()
     return sha, md5
 
 

@@ -6,6 +6,7 @@ Values travel base64-encoded as S3 sends them (`x-amz-checksum-crc32: AAAAAA==`)
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import zlib
 
@@ -56,3 +57,12 @@ def new_checksum(algorithm: str) -> Checksum:
 
 def digest_length(algorithm: str) -> int:
     return {"crc32": 4, "crc32c": 4, "sha1": 20, "sha256": 32}[algorithm]
+
+
+def content_md5_hex(value: str) -> str | None:
+    """A `Content-MD5` header (base64 of 16 bytes) as hex; None when it is not one."""
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw.hex() if len(raw) == 16 else None

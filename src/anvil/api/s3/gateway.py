@@ -33,7 +33,7 @@ from anvil.errors import AnvilError
 from anvil.identity import authorize
 from anvil.objects import Conditions, ObjectVersion
 from anvil.objects import validation as v
-from anvil.objects.checksums import ALGORITHMS, digest_length, new_checksum
+from anvil.objects.checksums import ALGORITHMS, content_md5_hex, digest_length, new_checksum
 from anvil.objects.service import parse_etag_list
 from anvil.runtime import Anvil
 
@@ -1159,13 +1159,10 @@ def _guarded(it: Iterator[bytes]) -> Iterator[bytes]:
 def _content_md5(value: str | None) -> str | None:
     if value is None:
         return None
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raw = b""
-    if len(raw) != 16:
+    md5 = content_md5_hex(value)
+    if md5 is None:
         raise S3Error("InvalidDigest", "The Content-MD5 you specified was invalid.")
-    return raw.hex()
+    return md5
 
 
 def _declared_checksums(headers) -> dict[str, str]:
