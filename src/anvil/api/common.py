@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import json
 import logging
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -127,8 +128,6 @@ async def json_body(request: Request, *, required: bool = True) -> dict[str, Any
         return {}
     if len(raw) > 1024 * 1024:
         raise AnvilError("InvalidArgument", "JSON body too large")
-    import json
-
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
