@@ -46,14 +46,13 @@ def _native_error(err: AnvilError, request: Request) -> Response:
 
 
 async def _fallback(request: Request) -> Response:
-    if _is_native(request.url.path):
-        allowed = _allowed_methods(request.scope)
-        if allowed:
-            err = AnvilError("MethodNotAllowed", f"method {request.method} is not allowed here",
-                             headers={"allow": ", ".join(sorted(allowed))})
-            return _native_error(err, request)
-        return _native_error(AnvilError("NotFound", "no such route"), request)
-    return await request.app.state.s3_gateway(request)
+    """A native path no route serves (S3 requests never get here: AnvilApp sends them to the gateway)."""
+    allowed = _allowed_methods(request.scope)
+    if allowed:
+        err = AnvilError("MethodNotAllowed", f"method {request.method} is not allowed here",
+                         headers={"allow": ", ".join(sorted(allowed))})
+        return _native_error(err, request)
+    return _native_error(AnvilError("NotFound", "no such route"), request)
 
 
 ALL_METHODS = ["GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"]
@@ -62,12 +61,10 @@ ALL_METHODS = ["GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"]
 async def _http_exception(request: Request, exc: Exception) -> Response:
     # Starlette's own 404/405 (e.g. a method outside ALL_METHODS) in our error format, not plain text.
     status = getattr(exc, "status_code", 500)
-    if _is_native(request.url.path):
-        code = {404: "NotFound", 405: "MethodNotAllowed"}.get(status, "InvalidArgument" if status < 500 else "Internal")
-        err = AnvilError(code, getattr(exc, "detail", None) or "request refused",
-                         headers=dict(getattr(exc, "headers", None) or {}))
-        return _native_error(err, request)
-    return await _fallback(request)
+    code = {404: "NotFound", 405: "MethodNotAllowed"}.get(status, "InvalidArgument" if status < 500 else "Internal")
+    err = AnvilError(code, getattr(exc, "detail", None) or "request refused",
+                     headers=dict(getattr(exc, "headers", None) or {}))
+    return _native_error(err, request)
 
 
 def _object_handlers() -> dict[str, Callable[[Request], Awaitable[Response]]]:
@@ -84,22 +81,27 @@ _OBJECT_PATH_RE = re.compile(re.escape(OBJECT_PATH).replace(re.escape("{bucket}"
 
 
 class AnvilApp(Starlette):
-    """Starlette, with the object GET/HEAD/PUT/DELETE route dispatched directly.
+    """Starlette, with the hot requests dispatched directly: every S3 request, and the native
+    object GET/HEAD/PUT/DELETE route.
 
-    Those are the hot requests. Matching them first skips the two error middlewares and the
-    linear walk over every route (our handlers already turn every error into a response),
-    which is most of the framework's per-request cost. Everything else goes through Starlette.
+    Matching them first skips the two error middlewares and the linear walk over every route
+    (the S3 gateway and our handlers already turn every error into a response), which is most
+    of the framework's per-request cost. Everything else goes through Starlette.
     """
 
     object_handlers = _object_handlers()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            scope["app"] = self
+            if not _is_native(scope["path"]):
+                response = await self.state.s3_gateway(Request(scope, receive, send))
+                await response(scope, receive, send)
+                return
             handler = self.object_handlers.get(scope["method"])
             if handler is not None:
                 m = _OBJECT_PATH_RE.fullmatch(scope["path"])
                 if m is not None:
-                    scope["app"] = self
                     scope["path_params"] = {"bucket": m.group(1)}
                     response = await handler(Request(scope, receive, send))
                     await response(scope, receive, send)
