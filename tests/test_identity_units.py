@@ -105,7 +105,10 @@ def test_token_verify_rejects_none_other_algs_tamper_expiry_and_size() -> None:
             auth.verify(b)
         assert e.value.code == "Unauthenticated"
 
-    short, _ = auth.issue(tenant="acme", subject="APP", scopes=["*"], ttl=2)  # exp: 1 s resolution
+    issued_at = time.time()
+    short, short_claims = auth.issue(tenant="acme", subject="APP", scopes=["*"], ttl=2)
+    # exp is whole seconds, rounded up: the token lives at least the 2 s asked for, less than 3 s.
+    assert isinstance(short_claims["exp"], int) and 2 <= short_claims["exp"] - issued_at < 3.01
     auth.verify(short)
     time.sleep(3.1)
     for _ in range(2):  # the cached entry expires too; replays keep failing

@@ -7,6 +7,7 @@ which is checked on every hit; the cache holds no secret the token does not alre
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -37,10 +38,12 @@ class TokenAuthority:
         self._lock = threading.Lock()
 
     def issue(self, *, tenant: str, subject: str, scopes: list[str], ttl: int) -> tuple[str, dict]:
-        now = int(time.time())
+        now = time.time()
+        # NumericDate claims are whole seconds here (clients compare them as integers); exp rounds up
+        # so a token lives at least the ttl asked for, never up to a second less.
         claims = {
             "iss": ISSUER, "sub": subject, "tenant": tenant, "scopes": scopes,
-            "iat": now, "exp": now + ttl, "jti": uuid.uuid4().hex,
+            "iat": int(now), "exp": math.ceil(now + ttl), "jti": uuid.uuid4().hex,
         }
         return jwt.encode(claims, self._secret, algorithm=ALGORITHM), claims
 
