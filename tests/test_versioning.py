@@ -180,6 +180,24 @@ def test_list_versions_ordering_and_pagination(client: AnvilClient, versioned_bu
     expect_error("InvalidArgument", 400, client.list_versions, b, key_marker="a", version_marker="nope")
 
 
+def test_list_versions_resumes_after_a_deleted_marker_version(client: AnvilClient, versioned_bucket: str) -> None:
+    b = versioned_bucket
+    ids = [client.put_object(b, "k", f"v{i}".encode())["version_id"] for i in range(5)]
+    ids.append(client.delete_object(b, "k")["version_id"])  # a delete marker takes a version id too
+    client.put_object(b, "later", b"x")
+    newest_first = list(reversed(ids))
+    page = client.list_versions(b, limit=2)
+    assert [v["version_id"] for v in page["versions"]] == newest_first[:2] and page["truncated"]
+    km, vm = page["next_key_marker"], page["next_version_marker"]
+    assert (km, vm) == ("k", newest_first[1])
+    client.delete_object(b, "k", version_id=vm)  # the marker's version is gone before the next page
+    rest = client.list_versions(b, key_marker=km, version_marker=vm)
+    assert [(v["key"], v["version_id"]) for v in rest["versions"]] == \
+        [("k", vid) for vid in newest_first[2:]] + [("later", rest["versions"][-1]["version_id"])]
+    # Ids are unique and ordered by write, whatever the randomness in them.
+    assert len(set(ids)) == len(ids) and sorted(ids) == ids
+
+
 def test_list_versions_with_delimiter_and_prefix(client: AnvilClient, versioned_bucket: str) -> None:
     b = versioned_bucket
     for key in ("a", "d/1", "d/2", "d/x/3", "e/1", "f", "d/\U0010ffffz"):

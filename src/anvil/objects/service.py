@@ -12,6 +12,7 @@ import base64
 import concurrent.futures
 import hashlib
 import json
+import secrets
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -230,6 +231,27 @@ def check_read_conditions(obj: ObjectVersion, cond: Conditions) -> None:
         raise AnvilError("NotModified", "not modified", headers={"ETag": f'"{obj.etag}"'})
     if cond.if_version_none_match is not None and obj.version_id == cond.if_version_none_match:
         raise AnvilError("NotModified", "not modified", headers={"ETag": f'"{obj.etag}"'})
+
+
+def new_version_id(seq: int) -> str:
+    """The record's seq (fixed-width hex), a dot, then randomness.
+
+    The seq makes a version id a position as well as a name: a version listing resumes after its
+    marker even when that version was deleted between pages. (Ids made before this format are 32
+    hex digits with no dot; they still work everywhere except as the marker of a deleted version.)
+    """
+    return f"{seq:016x}.{secrets.token_hex(8)}"
+
+
+def version_id_seq(version_id: str) -> int | None:
+    seq, dot, rand = version_id.partition(".")
+    if not dot or len(seq) != 16 or len(rand) != 16:
+        return None
+    try:
+        int(rand, 16)
+        return int(seq, 16)
+    except ValueError:
+        return None
 
 
 def fingerprint(*parts: Any) -> str:
@@ -468,7 +490,7 @@ class ObjectService:
         check_write_conditions(current, cond)
         replaced: list[str] = []
         if bucket.versioning == "Enabled":
-            version_id = uuid.uuid4().hex
+            version_id = new_version_id(txn.next_seq)
         else:
             version_id = NULL_VERSION
             if self._version(conn, bucket.name, key, NULL_VERSION) is not None:
@@ -581,7 +603,7 @@ class ObjectService:
                 return {"bucket": bucket, "key": key, "version_id": None, "delete_marker": False}
             removed: list[str] = []
             if b.versioning == "Enabled":
-                marker_id = uuid.uuid4().hex
+                marker_id = new_version_id(txn.next_seq)
             else:
                 marker_id = NULL_VERSION
                 if self._version(conn, bucket, key, NULL_VERSION) is not None:
@@ -805,9 +827,9 @@ class ObjectService:
                     "SELECT seq FROM versions WHERE bucket = ? AND key = ? AND version_id = ?",
                     (bucket, key_marker, version_marker),
                 ).fetchone()
-                if row is None:
+                after_seq = row[0] if row is not None else version_id_seq(version_marker)
+                if after_seq is None:
                     raise AnvilError("InvalidArgument", "unknown version marker")
-                after_seq = row[0]
             upper = _prefix_upper(prefix) if prefix else None
             result = VersionListResult()
             count = 0
