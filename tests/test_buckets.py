@@ -135,6 +135,7 @@ def test_create_with_versioning(client: AnvilClient) -> None:
     assert client.create_bucket(name, versioning="Enabled")["versioning"] == "Enabled"
     bad = unique_bucket()
     unchanged(client, "InvalidArgument", 400, client.create_bucket, bad, versioning="Sometimes")
+    unchanged(client, "InvalidArgument", 400, client.create_bucket, bad, versioning="Suspended")  # S3 agrees
     expect_error("NotFound", 404, client.get_bucket, bad)
 
 

@@ -68,7 +68,7 @@ def bucket() -> None:
 
 @bucket.command("create")
 @click.argument("name")
-@click.option("--versioning", type=click.Choice(["Enabled", "Suspended"]), default=None)
+@click.option("--versioning", type=click.Choice(["Enabled"]), default=None)
 @client_command
 def bucket_create(client: AnvilClient, as_json: bool, name: str, versioning: str | None) -> None:
     res = client.create_bucket(name, versioning=versioning)

@@ -378,8 +378,9 @@ class ObjectService:
 
     def create_bucket(self, ctx: RequestContext, name: str, *, versioning: str = "") -> dict[str, Any]:
         v.check_bucket_name(name)
-        if versioning not in VERSIONING_STATES:
-            raise AnvilError("InvalidArgument", "versioning must be Enabled or Suspended")
+        if versioning not in ("", "Enabled"):
+            # Suspended only means something for a bucket that was once Enabled (S3 agrees).
+            raise AnvilError("InvalidArgument", "a new bucket's versioning is Enabled or unset")
 
         def fn(txn: Txn) -> dict[str, Any]:
             existing = self._bucket_row(txn.conn, name)
