@@ -13,7 +13,7 @@ import concurrent.futures
 import hashlib
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -280,6 +280,66 @@ def _prefix_upper(prefix: str) -> str | None:
             return "".join(chars)
         chars.pop()
     return None
+
+
+@dataclass(frozen=True)
+class _After:
+    """A place in a listing ordered by (key, tie): the rows after it have a greater key, or the same
+    key and (`inclusive`) any tie or (`tie` set) a tie that comes after this one."""
+
+    key: str
+    inclusive: bool = False
+    tie: Any = None
+
+
+def _walk(
+    fetch: Callable[[_After, str | None, int], list[tuple]], *, key_of: Callable[[tuple], str],
+    tie_of: Callable[[tuple], Any], prefix: str, delimiter: str, limit: int, after: _After,
+) -> tuple[list[Any], bool]:
+    """One page of a listing ordered by (key, tie), with S3's roll-up of keys into common prefixes.
+
+    `fetch(after, upper, n)` gives up to n rows after `after` (and keys below `upper` when it is not
+    None), in listing order. Returns (entries, truncated); an entry is a row, or a common prefix as
+    a str. A common prefix is one entry however many rows it covers: once it is emitted, the next
+    fetch starts past every key it covers instead of reading them, so a page costs O(limit) rows
+    and the next page (marker = that prefix) cannot repeat it. Reserved (`_anvil/`) keys never appear.
+    """
+    entries: list[Any] = []
+    if prefix and after.key < prefix:
+        after = _After(prefix, inclusive=True)
+    upper = _prefix_upper(prefix) if prefix else None
+    while True:
+        want = limit - len(entries) + 1  # one more than fits tells whether the page is truncated
+        rows = fetch(after, upper, want)
+        jumped = False
+        for row in rows:
+            key = key_of(row)
+            if v.is_reserved_key(key):
+                continue
+            if len(entries) == limit:
+                return entries, True
+            if delimiter:
+                pos = key.find(delimiter, len(prefix))
+                if pos >= 0:
+                    cp = key[: pos + len(delimiter)]
+                    entries.append(cp)
+                    nxt = _prefix_upper(cp)
+                    if nxt is None:
+                        return entries, False
+                    after, jumped = _After(nxt, inclusive=True), True
+                    break
+            entries.append(row)
+        if not jumped:
+            if len(rows) < want:
+                return entries, False
+            after = _After(key_of(rows[-1]), tie=tie_of(rows[-1]))
+
+
+def _marks_common_prefix(marker: str, prefix: str, delimiter: str) -> bool:
+    """Whether a key marker is a common prefix an earlier page returned (S3 then sets NextKeyMarker to
+    it): the listing resumes after every key it rolled up, not inside it."""
+    return bool(delimiter) and marker.startswith(prefix) and marker.endswith(delimiter) and (
+        marker.find(delimiter, len(prefix)) == len(marker) - len(delimiter))
 
 
 @dataclass
@@ -710,68 +770,42 @@ class ObjectService:
         conn = self.catalog.reader()
         with conn:  # one read transaction: the page is a consistent view
             self._require_bucket(conn, bucket)
-            lower, inclusive = start_after, False
+            after = _After(start_after)
             if token:
                 t = _decode_token(token)
                 if not isinstance(t.get("k"), str):
                     raise AnvilError("InvalidArgument", "malformed continuation token")
-                lower, inclusive = (t["k"], False) if not t.get("p") else (_prefix_upper(t["k"]) or "", True)
-                if t.get("p") and _prefix_upper(t["k"]) is None:
-                    return ListResult()
-            if prefix and (lower < prefix):
-                lower, inclusive = prefix, True
-            upper = _prefix_upper(prefix) if prefix else None
-            result = ListResult()
-            last: tuple[str, bool] | None = None
-            count = 0
-            while True:
+                if t.get("p"):
+                    nxt = _prefix_upper(t["k"])
+                    if nxt is None:
+                        return ListResult()
+                    after = _After(nxt, inclusive=True)
+                else:
+                    after = _After(t["k"])
+
+            def fetch(after: _After, upper: str | None, n: int) -> list[tuple]:
                 sql = (f"SELECT {_VERSION_COLUMNS} FROM versions WHERE bucket = ? AND is_latest = 1 "
-                       f"AND delete_marker = 0 AND key {'>=' if inclusive else '>'} ?")
-                args: list[Any] = [bucket, lower]
+                       f"AND delete_marker = 0 AND key {'>=' if after.inclusive else '>'} ?")
+                args: list[Any] = [bucket, after.key]
                 if upper is not None:
                     sql += " AND key < ?"
                     args.append(upper)
                 sql += " ORDER BY key LIMIT ?"
-                args.append(max_keys - count + 1)
-                rows = conn.execute(sql, args).fetchall()
-                if not rows:
-                    break
-                jumped = False
-                for row in rows:
-                    key = row[1]
-                    if v.is_reserved_key(key):
-                        continue
-                    if count == max_keys:
-                        result.truncated = True
-                        break
-                    if delimiter:
-                        pos = key.find(delimiter, len(prefix))
-                        if pos >= 0:
-                            cp = key[: pos + len(delimiter)]
-                            if not v.is_reserved_key(cp) and cp != "_anvil/":
-                                result.common_prefixes.append(cp)
-                                count += 1
-                                last = (cp, True)
-                            nxt = _prefix_upper(cp)
-                            if nxt is None:
-                                return self._finish(result, last)
-                            lower, inclusive, jumped = nxt, True, True
-                            break
-                    result.objects.append(ObjectVersion.from_row(row))
-                    count += 1
-                    last = (key, False)
-                if result.truncated:
-                    break
-                if not jumped:
-                    if len(rows) < max_keys - count + 1 and count < max_keys:
-                        break
-                    lower, inclusive = rows[-1][1], False
-            return self._finish(result, last)
+                args.append(n)
+                return conn.execute(sql, args).fetchall()
 
-    @staticmethod
-    def _finish(result: ListResult, last: tuple[str, bool] | None) -> ListResult:
-        if result.truncated and last is not None:
-            result.next_token = _encode_token({"k": last[0], "p": last[1]})
+            entries, truncated = _walk(fetch, key_of=lambda r: r[1], tie_of=lambda r: None, prefix=prefix,
+                                       delimiter=delimiter, limit=max_keys, after=after)
+        result = ListResult(truncated=truncated)
+        for e in entries:
+            if isinstance(e, str):
+                result.common_prefixes.append(e)
+            else:
+                result.objects.append(ObjectVersion.from_row(e))
+        if truncated and entries:
+            last = entries[-1]
+            result.next_token = _encode_token({"k": last, "p": True} if isinstance(last, str)
+                                              else {"k": last[1], "p": False})
         return result
 
     def list_versions(
@@ -786,19 +820,13 @@ class ObjectService:
         with conn:
             self._require_bucket(conn, bucket)
             # Position: strictly after (key_marker, version_marker) in (key asc, seq desc) order.
-            after_key, after_seq = key_marker, None
-            lower_incl = False
-            if delimiter and key_marker.startswith(prefix) and key_marker.endswith(delimiter) and (
-                key_marker.find(delimiter, len(prefix)) == len(key_marker) - len(delimiter)
-            ):
-                # The marker is a common prefix a previous page returned (S3 sets NextKeyMarker to
-                # it): resume after every key it rolled up, not inside it.
+            after = _After(key_marker)
+            if _marks_common_prefix(key_marker, prefix, delimiter):
                 nxt = _prefix_upper(key_marker)
                 if nxt is None:
                     return VersionListResult()
-                after_key, lower_incl = nxt, True
-                version_marker = ""
-            if version_marker:
+                after = _After(nxt, inclusive=True)
+            elif version_marker:
                 if not key_marker:
                     raise AnvilError("InvalidArgument", "a version marker needs a key marker")
                 row = conn.execute(
@@ -807,67 +835,38 @@ class ObjectService:
                 ).fetchone()
                 if row is None:
                     raise AnvilError("InvalidArgument", "unknown version marker")
-                after_seq = row[0]
-            upper = _prefix_upper(prefix) if prefix else None
-            result = VersionListResult()
-            count = 0
-            last_v: ObjectVersion | None = None
-            last_cp: str | None = None
-            if prefix and after_key < prefix:
-                after_key, after_seq, lower_incl = prefix, None, True
-            while True:
-                if after_seq is not None:
+                after = _After(key_marker, tie=row[0])
+
+            def fetch(after: _After, upper: str | None, n: int) -> list[tuple]:
+                if after.tie is not None:
                     cond_sql = "(key > ? OR (key = ? AND seq < ?))"
-                    args: list[Any] = [bucket, after_key, after_key, after_seq]
+                    args: list[Any] = [bucket, after.key, after.key, after.tie]
                 else:
-                    cond_sql = f"key {'>=' if lower_incl else '>'} ?"
-                    args = [bucket, after_key]
+                    cond_sql = f"key {'>=' if after.inclusive else '>'} ?"
+                    args = [bucket, after.key]
                 sql = f"SELECT {_VERSION_COLUMNS} FROM versions WHERE bucket = ? AND {cond_sql}"
                 if upper is not None:
                     sql += " AND key < ?"
                     args.append(upper)
                 sql += " ORDER BY key, seq DESC LIMIT ?"
-                batch = max_keys - count + 1
-                args.append(batch)
-                rows = conn.execute(sql, args).fetchall()
-                if not rows:
-                    break
-                jumped = False
-                for row in rows:
-                    obj = ObjectVersion.from_row(row)
-                    if v.is_reserved_key(obj.key):
-                        continue
-                    if count == max_keys:
-                        result.truncated = True
-                        break
-                    if delimiter:
-                        pos = obj.key.find(delimiter, len(prefix))
-                        if pos >= 0:
-                            cp = obj.key[: pos + len(delimiter)]
-                            if cp != "_anvil/":
-                                result.common_prefixes.append(cp)
-                                count += 1
-                                last_cp, last_v = cp, None
-                            nxt = _prefix_upper(cp)
-                            if nxt is None:
-                                return result
-                            after_key, after_seq, lower_incl, jumped = nxt, None, True, True
-                            break
-                    result.versions.append(obj)
-                    count += 1
-                    last_v, last_cp = obj, None
-                if result.truncated:
-                    break
-                if not jumped:
-                    if len(rows) < batch:
-                        break
-                    after_key, after_seq, lower_incl = rows[-1][1], rows[-1][3], False
-            if result.truncated:
-                if last_v is not None:
-                    result.next_key_marker, result.next_version_marker = last_v.key, last_v.version_id
-                elif last_cp is not None:
-                    result.next_key_marker = last_cp
-            return result
+                args.append(n)
+                return conn.execute(sql, args).fetchall()
+
+            entries, truncated = _walk(fetch, key_of=lambda r: r[1], tie_of=lambda r: r[3], prefix=prefix,
+                                       delimiter=delimiter, limit=max_keys, after=after)
+        result = VersionListResult(truncated=truncated)
+        for e in entries:
+            if isinstance(e, str):
+                result.common_prefixes.append(e)
+            else:
+                result.versions.append(ObjectVersion.from_row(e))
+        if truncated and entries:
+            last = entries[-1]
+            if isinstance(last, str):
+                result.next_key_marker = last
+            else:
+                result.next_key_marker, result.next_version_marker = last[1], last[2]
+        return result
 
     # ---------------------------------------------------------------- multipart
 
