@@ -22,6 +22,7 @@ import apsw
 from anvil.context import RequestContext
 from anvil.errors import AnvilError, not_found
 from anvil.objects import validation as v
+from anvil.objects.checksums import combine_crcs, new_checksum
 from anvil.storage import BlobInfo, BlobWriter, Storage, Txn, idempotency
 from anvil.storage.blobs import digest_bytes
 
@@ -244,8 +245,6 @@ def multipart_etag(md5s: list[str]) -> str:
 
 def composite_checksum(algorithm: str, part_checksums: list[str]) -> str:
     """S3's checksum of a multipart object: the checksum of the parts' raw checksums, then `-N`."""
-    from anvil.objects.checksums import new_checksum
-
     h = new_checksum(algorithm)
     for c in part_checksums:
         h.update(base64.b64decode(c))
@@ -874,7 +873,8 @@ class ObjectService:
         self, ctx: RequestContext, bucket: str, key: str, *, content_type: str | None = None,
         metadata: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """`extra` may hold "system" headers and a "checksum_algorithm" the parts will carry."""
+        """`extra` may hold "system" headers, and a "checksum_algorithm" the parts will carry with its
+        "checksum_type" (COMPOSITE, the default, or FULL_OBJECT: see `complete_multipart`)."""
         v.check_object_key(key)
         ct = v.check_content_type(content_type)
         meta = v.normalise_metadata(metadata)
@@ -975,8 +975,12 @@ class ObjectService:
 
     def complete_multipart(
         self, ctx: RequestContext, bucket: str, upload_id: str, parts: list[tuple[int, str]],
-        cond: Conditions = Conditions(),
+        cond: Conditions = Conditions(), *, expected_checksum: str | None = None,
     ) -> dict[str, Any]:
+        """Assemble the parts into the object. An upload made with a checksum algorithm gets the
+        object's checksum from its parts' checksums: COMPOSITE (the checksum of the parts' checksums,
+        `-N`) or FULL_OBJECT (a CRC of the whole object, combined from the parts' CRCs and sizes).
+        `expected_checksum` is the client's value for it; a mismatch stores nothing (BadDigest)."""
         if not parts:
             raise AnvilError("InvalidArgument", "the part list is empty")
         numbers = [p[0] for p in parts]
@@ -984,7 +988,7 @@ class ObjectService:
             raise AnvilError("InvalidPartOrder", "parts must be listed in ascending order without repeats")
         for n, _ in parts:
             v.check_part_number(n)
-        fp = fingerprint("multipart.complete", bucket, upload_id, parts, cond.__dict__)
+        fp = fingerprint("multipart.complete", bucket, upload_id, parts, cond.__dict__, expected_checksum)
 
         def fn(txn: Txn) -> dict[str, Any]:
             conn = txn.conn
@@ -1021,12 +1025,24 @@ class ObjectService:
                 part_sums = [json.loads(stored[n][3] or "{}").get(algorithm) for n, _ in parts]
                 if any(s is None for s in part_sums):
                     raise AnvilError("InvalidPart", f"a part was uploaded without its {algorithm} checksum")
-                extra["checksums"] = {algorithm: composite_checksum(algorithm, part_sums)}
+                if up_extra.get("checksum_type") == "FULL_OBJECT":
+                    value = combine_crcs(algorithm, [(s, c[1]) for s, c in zip(part_sums, chunks, strict=True)])
+                else:
+                    value = composite_checksum(algorithm, part_sums)
+                # A composite value may be claimed with or without its `-N`.
+                if expected_checksum is not None and expected_checksum not in (value, value.split("-")[0]):
+                    raise AnvilError("BadDigest", f"the {algorithm.upper()} you specified did not match the "
+                                     "calculated checksum")
+                extra["checksums"] = {algorithm: value}
+            elif expected_checksum is not None:
+                raise AnvilError("InvalidArgument", "this upload was created without a checksum algorithm")
             result = self._write_version(
                 txn, ctx, b, key, size=sum(c[1] for c in chunks), etag=multipart_etag(md5s), sha256=None,
                 content_type=ct, metadata=meta, chunks=chunks, cond=cond,
                 source={"source": "multipart", "upload_id": upload_id}, extra=extra or None,
             )
+            if extra.get("checksums"):
+                result["checksums"] = extra["checksums"]
             conn.execute("DELETE FROM multipart_uploads WHERE upload_id = ?", (upload_id,))
             conn.execute(
                 "INSERT OR REPLACE INTO multipart_completed(upload_id, bucket, key, completed) VALUES (?,?,?,?)",
