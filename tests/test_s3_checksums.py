@@ -117,6 +117,8 @@ def test_multipart_crc64nvme_full_object(s3, bkt: str) -> None:
                                        ChecksumType="FULL_OBJECT")
     assert (create["ChecksumAlgorithm"], create["ChecksumType"]) == ("CRC64NVME", "FULL_OBJECT")
     up = create["UploadId"]
+    listed = s3.list_multipart_uploads(Bucket=bkt)["Uploads"]
+    assert [(u["ChecksumAlgorithm"], u["ChecksumType"]) for u in listed] == [("CRC64NVME", "FULL_OBJECT")]
     # A copied part gets its CRC computed as it is copied.
     copied = s3.upload_part_copy(Bucket=bkt, Key="mp", UploadId=up, PartNumber=1, CopySource=f"{bkt}/src")
     assert copied["CopyPartResult"]["ChecksumCRC64NVME"] == crc64(source)

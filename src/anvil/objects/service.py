@@ -12,6 +12,8 @@ import base64
 import concurrent.futures
 import hashlib
 import json
+import secrets
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -90,6 +92,12 @@ MIGRATIONS = [
     ALTER TABLE versions ADD COLUMN extra TEXT NOT NULL DEFAULT '{}';
     ALTER TABLE multipart_uploads ADD COLUMN extra TEXT NOT NULL DEFAULT '{}';
     ALTER TABLE multipart_parts ADD COLUMN checksums TEXT NOT NULL DEFAULT '{}';
+    """,
+    # 4: ListMultipartUploads pages in SQL in (key, upload_id) order (upload ids sort by creation
+    # time, see _new_upload_id); the old (bucket, key, created) index no longer serves any query.
+    """
+    CREATE INDEX multipart_by_key ON multipart_uploads(bucket, key, upload_id);
+    DROP INDEX multipart_by_bucket;
     """,
 ]
 
@@ -356,6 +364,26 @@ class VersionListResult:
     truncated: bool = False
     next_key_marker: str | None = None
     next_version_marker: str | None = None
+
+
+@dataclass
+class UploadListResult:
+    uploads: list[dict[str, Any]] = field(default_factory=list)
+    common_prefixes: list[str] = field(default_factory=list)
+    truncated: bool = False
+    next_key_marker: str | None = None
+    next_upload_id_marker: str | None = None
+
+
+def _new_upload_id() -> str:
+    """32 hex digits that sort by creation time: nanoseconds since the epoch, then 64 random bits.
+
+    S3 lists a key's uploads in initiation order yet compares upload-id-marker lexicographically;
+    with such ids the two orders are one, and paging needs no lookup of the marker's upload (which
+    may have been completed or aborted since the previous page). Uploads made before these ids were
+    uuid4s: they still page exactly once each, only not in initiation order among themselves.
+    """
+    return f"{time.time_ns():016x}{secrets.token_hex(8)}"
 
 
 class ObjectService:
@@ -838,7 +866,9 @@ class ObjectService:
 
             def fetch(after: _After, upper: str | None, n: int) -> list[tuple]:
                 if after.tie is not None:
-                    cond_sql = "(key > ? OR (key = ? AND seq < ?))"
+                    # `key >= ?` bounds the index range (the OR alone makes SQLite scan up to the marker);
+                    # seq runs against key order here, so a row value cannot say it.
+                    cond_sql = "key >= ? AND (key > ? OR seq < ?)"
                     args: list[Any] = [bucket, after.key, after.key, after.tie]
                 else:
                     cond_sql = f"key {'>=' if after.inclusive else '>'} ?"
@@ -878,7 +908,7 @@ class ObjectService:
         v.check_object_key(key)
         ct = v.check_content_type(content_type)
         meta = v.normalise_metadata(metadata)
-        upload_id = uuid.uuid4().hex
+        upload_id = _new_upload_id()
         extra_json = json.dumps(extra or {}, sort_keys=True)
 
         def fn(txn: Txn) -> dict[str, Any]:
@@ -960,18 +990,67 @@ class ObjectService:
         return [{"part_number": r[0], "etag": r[1], "size": r[2], "sha256": r[3], "last_modified": r[4],
                  "checksums": json.loads(r[5] or "{}")} for r in rows]
 
-    def list_uploads(self, bucket: str, prefix: str = "") -> list[dict[str, Any]]:
+    def list_uploads(
+        self, bucket: str, *, prefix: str = "", delimiter: str = "", key_marker: str = "",
+        upload_id_marker: str = "", max_uploads: int = 1000,
+    ) -> UploadListResult:
+        """One page of the uploads in progress, in (key, upload id) order, as S3's ListMultipartUploads.
+
+        As in S3, upload_id_marker counts only with a key_marker: the page starts after that upload of
+        that key; a key_marker alone starts after every upload of that key.
+        """
         if v.is_reserved_key(prefix):
             raise v.reserved_error()
+        if not 1 <= max_uploads <= 1000:
+            raise AnvilError("InvalidArgument", "page size must be between 1 and 1000")
         conn = self.catalog.reader()
-        self._require_bucket(conn, bucket)
-        rows = conn.execute(
-            "SELECT upload_id, key, created FROM multipart_uploads WHERE bucket = ? AND key >= ? "
-            "ORDER BY key, created",
-            (bucket, prefix),
-        ).fetchall()
-        return [{"upload_id": r[0], "key": r[1], "created": r[2]} for r in rows
-                if r[1].startswith(prefix) and not v.is_reserved_key(r[1])]
+        with conn:
+            self._require_bucket(conn, bucket)
+            after = _After(key_marker)
+            if _marks_common_prefix(key_marker, prefix, delimiter):
+                nxt = _prefix_upper(key_marker)
+                if nxt is None:
+                    return UploadListResult()
+                after = _After(nxt, inclusive=True)
+            elif key_marker and upload_id_marker:
+                after = _After(key_marker, tie=upload_id_marker)
+
+            def fetch(after: _After, upper: str | None, n: int) -> list[tuple]:
+                if after.tie is not None:
+                    # A row value, so that SQLite seeks the index to the marker instead of scanning to it.
+                    cond_sql = "(key, upload_id) > (?, ?)"
+                    args: list[Any] = [bucket, after.key, after.tie]
+                else:
+                    cond_sql = f"key {'>=' if after.inclusive else '>'} ?"
+                    args = [bucket, after.key]
+                sql = f"SELECT upload_id, key, created, extra FROM multipart_uploads WHERE bucket = ? AND {cond_sql}"
+                if upper is not None:
+                    sql += " AND key < ?"
+                    args.append(upper)
+                sql += " ORDER BY key, upload_id LIMIT ?"
+                args.append(n)
+                return conn.execute(sql, args).fetchall()
+
+            entries, truncated = _walk(fetch, key_of=lambda r: r[1], tie_of=lambda r: r[0], prefix=prefix,
+                                       delimiter=delimiter, limit=max_uploads, after=after)
+        result = UploadListResult(truncated=truncated)
+        for e in entries:
+            if isinstance(e, str):
+                result.common_prefixes.append(e)
+                continue
+            up: dict[str, Any] = {"upload_id": e[0], "key": e[1], "created": e[2]}
+            extra = json.loads(e[3] or "{}")
+            if extra.get("checksum_algorithm"):
+                up["checksum_algorithm"] = extra["checksum_algorithm"]
+                up["checksum_type"] = extra.get("checksum_type", "COMPOSITE")
+            result.uploads.append(up)
+        if truncated and entries:
+            last = entries[-1]
+            if isinstance(last, str):
+                result.next_key_marker = last
+            else:
+                result.next_key_marker, result.next_upload_id_marker = last[1], last[0]
+        return result
 
     def complete_multipart(
         self, ctx: RequestContext, bucket: str, upload_id: str, parts: list[tuple[int, str]],

@@ -41,7 +41,7 @@ from anvil.objects.checksums import (
     digest_length,
     new_checksum,
 )
-from anvil.objects.service import parse_etag_list
+from anvil.objects.service import UploadListResult, parse_etag_list
 from anvil.runtime import Anvil
 
 log = logging.getLogger("anvil.s3")
@@ -1097,43 +1097,37 @@ class _Op:
         key_marker, id_marker = q.get("key-marker", ""), q.get("upload-id-marker", "")
         max_uploads = self._max_keys("max-uploads")
         enc = self._encoder()
-        uploads = self.objects.list_uploads(self.bucket, prefix)
         b = self.objects.get_bucket(self.bucket)
-        items: list[tuple[str, Any]] = []
-        seen_prefixes: set[str] = set()
-        for u in uploads:
-            if key_marker and (u["key"] < key_marker or (u["key"] == key_marker and (
-                    not id_marker or u["upload_id"] <= id_marker))):
-                continue
-            if delimiter:
-                pos = u["key"].find(delimiter, len(prefix))
-                if pos >= 0:
-                    cp = u["key"][: pos + len(delimiter)]
-                    if cp not in seen_prefixes:
-                        seen_prefixes.add(cp)
-                        items.append(("prefix", cp))
-                    continue
-            items.append(("upload", u))
-        truncated = len(items) > max_uploads
-        items = items[:max_uploads]
+        res = UploadListResult()
+        if max_uploads:
+            res = self.objects.list_uploads(self.bucket, prefix=prefix, delimiter=delimiter, key_marker=key_marker,
+                                            upload_id_marker=id_marker, max_uploads=max_uploads)
         out = [X.element("Bucket", self.bucket), X.element("KeyMarker", enc(key_marker)),
                X.element("UploadIdMarker", id_marker)]
-        uploads_out = [i[1] for i in items if i[0] == "upload"]
-        if truncated and uploads_out:
-            out.append(X.element("NextKeyMarker", enc(uploads_out[-1]["key"])))
-            out.append(X.element("NextUploadIdMarker", uploads_out[-1]["upload_id"]))
+        if res.truncated:
+            # After a common prefix there is no upload id: the next page starts past the whole prefix.
+            if res.next_key_marker is not None:
+                out.append(X.element("NextKeyMarker", enc(res.next_key_marker)))
+            if res.next_upload_id_marker is not None:
+                out.append(X.element("NextUploadIdMarker", res.next_upload_id_marker))
         out.append(X.element("Prefix", enc(prefix)))
         if delimiter:
             out.append(X.element("Delimiter", enc(delimiter)))
-        out += [X.element("MaxUploads", max_uploads), X.element("IsTruncated", truncated)]
+        out += [X.element("MaxUploads", max_uploads), X.element("IsTruncated", res.truncated)]
+        if q.get("encoding-type"):
+            out.append(X.element("EncodingType", "url"))
         owner = self._owner(b.tenant)
-        for kind, item in items:
-            if kind == "prefix":
-                out.append("<CommonPrefixes>" + X.element("Prefix", enc(item)) + "</CommonPrefixes>")
-            else:
-                out.append("<Upload>" + X.element("Key", enc(item["key"])) + X.element("UploadId", item["upload_id"])
-                           + owner.replace("Owner>", "Initiator>") + owner + X.element("StorageClass", "STANDARD")
-                           + X.element("Initiated", X.iso_time(item["created"])) + "</Upload>")
+        people = owner.replace("Owner>", "Initiator>") + owner
+        for u in res.uploads:
+            sums = ""
+            if u.get("checksum_algorithm"):
+                sums = (X.element("ChecksumAlgorithm", u["checksum_algorithm"].upper())
+                        + X.element("ChecksumType", u["checksum_type"]))
+            out.append("<Upload>" + X.element("Key", enc(u["key"])) + X.element("UploadId", u["upload_id"])
+                       + people + X.element("StorageClass", "STANDARD")
+                       + X.element("Initiated", X.iso_time(u["created"])) + sums + "</Upload>")
+        for p in res.common_prefixes:
+            out.append("<CommonPrefixes>" + X.element("Prefix", enc(p)) + "</CommonPrefixes>")
         return self.xml("ListMultipartUploadsResult", "".join(out))
 
     async def complete_upload(self) -> Response:
