@@ -449,7 +449,16 @@ async def list_uploads(request: Request, ctx: RequestContext) -> Response:
     prefix = request.query_params.get("prefix", "")
     v.check_not_reserved(prefix)
     authorize(ctx.principal, "object:list", _bucket_resource(bucket))
-    return JSONResponse({"uploads": _anvil(request).objects.list_uploads(bucket, prefix)})
+    # The native API answers every upload at once; the service pages, so gather its pages.
+    objects = _anvil(request).objects
+    uploads: list[dict[str, Any]] = []
+    key_marker = id_marker = ""
+    while True:
+        page = objects.list_uploads(bucket, prefix=prefix, key_marker=key_marker, upload_id_marker=id_marker)
+        uploads += page.uploads
+        if not page.truncated:
+            return JSONResponse({"uploads": uploads})
+        key_marker, id_marker = page.next_key_marker or "", page.next_upload_id_marker or ""
 
 
 @endpoint

@@ -1,4 +1,4 @@
-"""The S3 checksum family (CRC32, CRC32C, SHA-1, SHA-256), computed incrementally.
+"""The S3 checksum family (CRC32, CRC32C, CRC64NVME, SHA-1, SHA-256), computed incrementally.
 
 Values travel base64-encoded as S3 sends them (`x-amz-checksum-crc32: AAAAAA==`).
 """
@@ -11,20 +11,31 @@ import hashlib
 import zlib
 
 import crc32c as _crc32c
+from awscrt import checksums as _crt
 
-ALGORITHMS = ("crc32", "crc32c", "sha1", "sha256")
+ALGORITHMS = ("crc32", "crc32c", "crc64nvme", "sha1", "sha256")
+# A multipart object's checksum is either COMPOSITE (the checksum of the parts' checksums, `-N`)
+# or FULL_OBJECT (the checksum of all its bytes). Only a CRC can be FULL_OBJECT without reading
+# the parts again: CRCs combine from the parts' values and sizes. CRC64NVME is FULL_OBJECT only.
+COMPOSITE_ALGORITHMS = ("crc32", "crc32c", "sha1", "sha256")
+FULL_OBJECT_ALGORITHMS = ("crc32", "crc32c", "crc64nvme")
+
+_DIGEST_LENGTHS = {"crc32": 4, "crc32c": 4, "crc64nvme": 8, "sha1": 20, "sha256": 32}
+_CRC_FUNCTIONS = {"crc32": zlib.crc32, "crc32c": _crc32c.crc32c, "crc64nvme": _crt.crc64nvme}
+_CRC_COMBINE = {"crc32": _crt.combine_crc32, "crc32c": _crt.combine_crc32c, "crc64nvme": _crt.combine_crc64nvme}
 
 
 class _Crc:
-    def __init__(self, fn):
-        self._fn = fn
+    def __init__(self, algorithm: str):
+        self._fn = _CRC_FUNCTIONS[algorithm]
+        self._size = _DIGEST_LENGTHS[algorithm]
         self._value = 0
 
     def update(self, data: bytes) -> None:
         self._value = self._fn(data, self._value)
 
     def digest(self) -> bytes:
-        return self._value.to_bytes(4, "big")
+        return self._value.to_bytes(self._size, "big")
 
 
 class Checksum:
@@ -34,12 +45,7 @@ class Checksum:
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unsupported checksum algorithm {algorithm!r}")
         self.algorithm = algorithm
-        if algorithm == "crc32":
-            self._h = _Crc(zlib.crc32)
-        elif algorithm == "crc32c":
-            self._h = _Crc(lambda data, value: _crc32c.crc32c(data, value))
-        else:
-            self._h = hashlib.new(algorithm)
+        self._h = _Crc(algorithm) if algorithm in _CRC_FUNCTIONS else hashlib.new(algorithm)
 
     def update(self, data: bytes) -> None:
         self._h.update(data)
@@ -56,7 +62,17 @@ def new_checksum(algorithm: str) -> Checksum:
 
 
 def digest_length(algorithm: str) -> int:
-    return {"crc32": 4, "crc32c": 4, "sha1": 20, "sha256": 32}[algorithm]
+    return _DIGEST_LENGTHS[algorithm]
+
+
+def combine_crcs(algorithm: str, parts: list[tuple[str, int]]) -> str:
+    """The CRC of a concatenation from its pieces' (base64 CRC, byte size), without their bytes."""
+    size = _DIGEST_LENGTHS[algorithm]
+    combine = _CRC_COMBINE[algorithm]
+    value = 0  # the CRC of no bytes, for every algorithm here
+    for b64, length in parts:
+        value = combine(value, int.from_bytes(base64.b64decode(b64), "big"), length)
+    return base64.b64encode(value.to_bytes(size, "big")).decode()
 
 
 def content_md5_hex(value: str) -> str | None:

@@ -13,8 +13,8 @@ import concurrent.futures
 import hashlib
 import json
 import secrets
-import uuid
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ import apsw
 from anvil.context import RequestContext
 from anvil.errors import AnvilError, not_found
 from anvil.objects import validation as v
+from anvil.objects.checksums import combine_crcs, new_checksum
 from anvil.storage import BlobInfo, BlobWriter, Storage, Txn, idempotency
 from anvil.storage.blobs import digest_bytes
 
@@ -90,6 +91,12 @@ MIGRATIONS = [
     ALTER TABLE versions ADD COLUMN extra TEXT NOT NULL DEFAULT '{}';
     ALTER TABLE multipart_uploads ADD COLUMN extra TEXT NOT NULL DEFAULT '{}';
     ALTER TABLE multipart_parts ADD COLUMN checksums TEXT NOT NULL DEFAULT '{}';
+    """,
+    # 4: ListMultipartUploads pages in SQL in (key, upload_id) order (upload ids sort by creation
+    # time, see _new_upload_id); the old (bucket, key, created) index no longer serves any query.
+    """
+    CREATE INDEX multipart_by_key ON multipart_uploads(bucket, key, upload_id);
+    DROP INDEX multipart_by_bucket;
     """,
 ]
 
@@ -266,8 +273,6 @@ def multipart_etag(md5s: list[str]) -> str:
 
 def composite_checksum(algorithm: str, part_checksums: list[str]) -> str:
     """S3's checksum of a multipart object: the checksum of the parts' raw checksums, then `-N`."""
-    from anvil.objects.checksums import new_checksum
-
     h = new_checksum(algorithm)
     for c in part_checksums:
         h.update(base64.b64decode(c))
@@ -304,6 +309,66 @@ def _prefix_upper(prefix: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _After:
+    """A place in a listing ordered by (key, tie): the rows after it have a greater key, or the same
+    key and (`inclusive`) any tie or (`tie` set) a tie that comes after this one."""
+
+    key: str
+    inclusive: bool = False
+    tie: Any = None
+
+
+def _walk(
+    fetch: Callable[[_After, str | None, int], list[tuple]], *, key_of: Callable[[tuple], str],
+    tie_of: Callable[[tuple], Any], prefix: str, delimiter: str, limit: int, after: _After,
+) -> tuple[list[Any], bool]:
+    """One page of a listing ordered by (key, tie), with S3's roll-up of keys into common prefixes.
+
+    `fetch(after, upper, n)` gives up to n rows after `after` (and keys below `upper` when it is not
+    None), in listing order. Returns (entries, truncated); an entry is a row, or a common prefix as
+    a str. A common prefix is one entry however many rows it covers: once it is emitted, the next
+    fetch starts past every key it covers instead of reading them, so a page costs O(limit) rows
+    and the next page (marker = that prefix) cannot repeat it. Reserved (`_anvil/`) keys never appear.
+    """
+    entries: list[Any] = []
+    if prefix and after.key < prefix:
+        after = _After(prefix, inclusive=True)
+    upper = _prefix_upper(prefix) if prefix else None
+    while True:
+        want = limit - len(entries) + 1  # one more than fits tells whether the page is truncated
+        rows = fetch(after, upper, want)
+        jumped = False
+        for row in rows:
+            key = key_of(row)
+            if v.is_reserved_key(key):
+                continue
+            if len(entries) == limit:
+                return entries, True
+            if delimiter:
+                pos = key.find(delimiter, len(prefix))
+                if pos >= 0:
+                    cp = key[: pos + len(delimiter)]
+                    entries.append(cp)
+                    nxt = _prefix_upper(cp)
+                    if nxt is None:
+                        return entries, False
+                    after, jumped = _After(nxt, inclusive=True), True
+                    break
+            entries.append(row)
+        if not jumped:
+            if len(rows) < want:
+                return entries, False
+            after = _After(key_of(rows[-1]), tie=tie_of(rows[-1]))
+
+
+def _marks_common_prefix(marker: str, prefix: str, delimiter: str) -> bool:
+    """Whether a key marker is a common prefix an earlier page returned (S3 then sets NextKeyMarker to
+    it): the listing resumes after every key it rolled up, not inside it."""
+    return bool(delimiter) and marker.startswith(prefix) and marker.endswith(delimiter) and (
+        marker.find(delimiter, len(prefix)) == len(marker) - len(delimiter))
+
+
 @dataclass
 class ListResult:
     objects: list[ObjectVersion] = field(default_factory=list)
@@ -319,6 +384,26 @@ class VersionListResult:
     truncated: bool = False
     next_key_marker: str | None = None
     next_version_marker: str | None = None
+
+
+@dataclass
+class UploadListResult:
+    uploads: list[dict[str, Any]] = field(default_factory=list)
+    common_prefixes: list[str] = field(default_factory=list)
+    truncated: bool = False
+    next_key_marker: str | None = None
+    next_upload_id_marker: str | None = None
+
+
+def _new_upload_id() -> str:
+    """32 hex digits that sort by creation time: nanoseconds since the epoch, then 64 random bits.
+
+    S3 lists a key's uploads in initiation order yet compares upload-id-marker lexicographically;
+    with such ids the two orders are one, and paging needs no lookup of the marker's upload (which
+    may have been completed or aborted since the previous page). Uploads made before these ids were
+    uuid4s: they still page exactly once each, only not in initiation order among themselves.
+    """
+    return f"{time.time_ns():016x}{secrets.token_hex(8)}"
 
 
 class ObjectService:
@@ -733,68 +818,42 @@ class ObjectService:
         conn = self.catalog.reader()
         with conn:  # one read transaction: the page is a consistent view
             self._require_bucket(conn, bucket)
-            lower, inclusive = start_after, False
+            after = _After(start_after)
             if token:
                 t = _decode_token(token)
                 if not isinstance(t.get("k"), str):
                     raise AnvilError("InvalidArgument", "malformed continuation token")
-                lower, inclusive = (t["k"], False) if not t.get("p") else (_prefix_upper(t["k"]) or "", True)
-                if t.get("p") and _prefix_upper(t["k"]) is None:
-                    return ListResult()
-            if prefix and (lower < prefix):
-                lower, inclusive = prefix, True
-            upper = _prefix_upper(prefix) if prefix else None
-            result = ListResult()
-            last: tuple[str, bool] | None = None
-            count = 0
-            while True:
+                if t.get("p"):
+                    nxt = _prefix_upper(t["k"])
+                    if nxt is None:
+                        return ListResult()
+                    after = _After(nxt, inclusive=True)
+                else:
+                    after = _After(t["k"])
+
+            def fetch(after: _After, upper: str | None, n: int) -> list[tuple]:
                 sql = (f"SELECT {_VERSION_COLUMNS} FROM versions WHERE bucket = ? AND is_latest = 1 "
-                       f"AND delete_marker = 0 AND key {'>=' if inclusive else '>'} ?")
-                args: list[Any] = [bucket, lower]
+                       f"AND delete_marker = 0 AND key {'>=' if after.inclusive else '>'} ?")
+                args: list[Any] = [bucket, after.key]
                 if upper is not None:
                     sql += " AND key < ?"
                     args.append(upper)
                 sql += " ORDER BY key LIMIT ?"
-                args.append(max_keys - count + 1)
-                rows = conn.execute(sql, args).fetchall()
-                if not rows:
-                    break
-                jumped = False
-                for row in rows:
-                    key = row[1]
-                    if v.is_reserved_key(key):
-                        continue
-                    if count == max_keys:
-                        result.truncated = True
-                        break
-                    if delimiter:
-                        pos = key.find(delimiter, len(prefix))
-                        if pos >= 0:
-                            cp = key[: pos + len(delimiter)]
-                            if not v.is_reserved_key(cp) and cp != "_anvil/":
-                                result.common_prefixes.append(cp)
-                                count += 1
-                                last = (cp, True)
-                            nxt = _prefix_upper(cp)
-                            if nxt is None:
-                                return self._finish(result, last)
-                            lower, inclusive, jumped = nxt, True, True
-                            break
-                    result.objects.append(ObjectVersion.from_row(row))
-                    count += 1
-                    last = (key, False)
-                if result.truncated:
-                    break
-                if not jumped:
-                    if len(rows) < max_keys - count + 1 and count < max_keys:
-                        break
-                    lower, inclusive = rows[-1][1], False
-            return self._finish(result, last)
+                args.append(n)
+                return conn.execute(sql, args).fetchall()
 
-    @staticmethod
-    def _finish(result: ListResult, last: tuple[str, bool] | None) -> ListResult:
-        if result.truncated and last is not None:
-            result.next_token = _encode_token({"k": last[0], "p": last[1]})
+            entries, truncated = _walk(fetch, key_of=lambda r: r[1], tie_of=lambda r: None, prefix=prefix,
+                                       delimiter=delimiter, limit=max_keys, after=after)
+        result = ListResult(truncated=truncated)
+        for e in entries:
+            if isinstance(e, str):
+                result.common_prefixes.append(e)
+            else:
+                result.objects.append(ObjectVersion.from_row(e))
+        if truncated and entries:
+            last = entries[-1]
+            result.next_token = _encode_token({"k": last, "p": True} if isinstance(last, str)
+                                              else {"k": last[1], "p": False})
         return result
 
     def list_versions(
@@ -809,19 +868,13 @@ class ObjectService:
         with conn:
             self._require_bucket(conn, bucket)
             # Position: strictly after (key_marker, version_marker) in (key asc, seq desc) order.
-            after_key, after_seq = key_marker, None
-            lower_incl = False
-            if delimiter and key_marker.startswith(prefix) and key_marker.endswith(delimiter) and (
-                key_marker.find(delimiter, len(prefix)) == len(key_marker) - len(delimiter)
-            ):
-                # The marker is a common prefix a previous page returned (S3 sets NextKeyMarker to
-                # it): resume after every key it rolled up, not inside it.
+            after = _After(key_marker)
+            if _marks_common_prefix(key_marker, prefix, delimiter):
                 nxt = _prefix_upper(key_marker)
                 if nxt is None:
                     return VersionListResult()
-                after_key, lower_incl = nxt, True
-                version_marker = ""
-            if version_marker:
+                after = _After(nxt, inclusive=True)
+            elif version_marker:
                 if not key_marker:
                     raise AnvilError("InvalidArgument", "a version marker needs a key marker")
                 row = conn.execute(
@@ -831,66 +884,40 @@ class ObjectService:
                 after_seq = row[0] if row is not None else version_id_seq(version_marker)
                 if after_seq is None:
                     raise AnvilError("InvalidArgument", "unknown version marker")
-            upper = _prefix_upper(prefix) if prefix else None
-            result = VersionListResult()
-            count = 0
-            last_v: ObjectVersion | None = None
-            last_cp: str | None = None
-            if prefix and after_key < prefix:
-                after_key, after_seq, lower_incl = prefix, None, True
-            while True:
-                if after_seq is not None:
-                    cond_sql = "(key > ? OR (key = ? AND seq < ?))"
-                    args: list[Any] = [bucket, after_key, after_key, after_seq]
+                after = _After(key_marker, tie=after_seq)
+
+            def fetch(after: _After, upper: str | None, n: int) -> list[tuple]:
+                if after.tie is not None:
+                    # `key >= ?` bounds the index range (the OR alone makes SQLite scan up to the marker);
+                    # seq runs against key order here, so a row value cannot say it.
+                    cond_sql = "key >= ? AND (key > ? OR seq < ?)"
+                    args: list[Any] = [bucket, after.key, after.key, after.tie]
                 else:
-                    cond_sql = f"key {'>=' if lower_incl else '>'} ?"
-                    args = [bucket, after_key]
+                    cond_sql = f"key {'>=' if after.inclusive else '>'} ?"
+                    args = [bucket, after.key]
                 sql = f"SELECT {_VERSION_COLUMNS} FROM versions WHERE bucket = ? AND {cond_sql}"
                 if upper is not None:
                     sql += " AND key < ?"
                     args.append(upper)
                 sql += " ORDER BY key, seq DESC LIMIT ?"
-                batch = max_keys - count + 1
-                args.append(batch)
-                rows = conn.execute(sql, args).fetchall()
-                if not rows:
-                    break
-                jumped = False
-                for row in rows:
-                    obj = ObjectVersion.from_row(row)
-                    if v.is_reserved_key(obj.key):
-                        continue
-                    if count == max_keys:
-                        result.truncated = True
-                        break
-                    if delimiter:
-                        pos = obj.key.find(delimiter, len(prefix))
-                        if pos >= 0:
-                            cp = obj.key[: pos + len(delimiter)]
-                            if cp != "_anvil/":
-                                result.common_prefixes.append(cp)
-                                count += 1
-                                last_cp, last_v = cp, None
-                            nxt = _prefix_upper(cp)
-                            if nxt is None:
-                                return result
-                            after_key, after_seq, lower_incl, jumped = nxt, None, True, True
-                            break
-                    result.versions.append(obj)
-                    count += 1
-                    last_v, last_cp = obj, None
-                if result.truncated:
-                    break
-                if not jumped:
-                    if len(rows) < batch:
-                        break
-                    after_key, after_seq, lower_incl = rows[-1][1], rows[-1][3], False
-            if result.truncated:
-                if last_v is not None:
-                    result.next_key_marker, result.next_version_marker = last_v.key, last_v.version_id
-                elif last_cp is not None:
-                    result.next_key_marker = last_cp
-            return result
+                args.append(n)
+                return conn.execute(sql, args).fetchall()
+
+            entries, truncated = _walk(fetch, key_of=lambda r: r[1], tie_of=lambda r: r[3], prefix=prefix,
+                                       delimiter=delimiter, limit=max_keys, after=after)
+        result = VersionListResult(truncated=truncated)
+        for e in entries:
+            if isinstance(e, str):
+                result.common_prefixes.append(e)
+            else:
+                result.versions.append(ObjectVersion.from_row(e))
+        if truncated and entries:
+            last = entries[-1]
+            if isinstance(last, str):
+                result.next_key_marker = last
+            else:
+                result.next_key_marker, result.next_version_marker = last[1], last[2]
+        return result
 
     # ---------------------------------------------------------------- multipart
 
@@ -898,11 +925,12 @@ class ObjectService:
         self, ctx: RequestContext, bucket: str, key: str, *, content_type: str | None = None,
         metadata: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """`extra` may hold "system" headers and a "checksum_algorithm" the parts will carry."""
+        """`extra` may hold "system" headers, and a "checksum_algorithm" the parts will carry with its
+        "checksum_type" (COMPOSITE, the default, or FULL_OBJECT: see `complete_multipart`)."""
         v.check_object_key(key)
         ct = v.check_content_type(content_type)
         meta = v.normalise_metadata(metadata)
-        upload_id = uuid.uuid4().hex
+        upload_id = _new_upload_id()
         extra_json = json.dumps(extra or {}, sort_keys=True)
 
         def fn(txn: Txn) -> dict[str, Any]:
@@ -984,23 +1012,76 @@ class ObjectService:
         return [{"part_number": r[0], "etag": r[1], "size": r[2], "sha256": r[3], "last_modified": r[4],
                  "checksums": json.loads(r[5] or "{}")} for r in rows]
 
-    def list_uploads(self, bucket: str, prefix: str = "") -> list[dict[str, Any]]:
+    def list_uploads(
+        self, bucket: str, *, prefix: str = "", delimiter: str = "", key_marker: str = "",
+        upload_id_marker: str = "", max_uploads: int = 1000,
+    ) -> UploadListResult:
+        """One page of the uploads in progress, in (key, upload id) order, as S3's ListMultipartUploads.
+
+        As in S3, upload_id_marker counts only with a key_marker: the page starts after that upload of
+        that key; a key_marker alone starts after every upload of that key.
+        """
         if v.is_reserved_key(prefix):
             raise v.reserved_error()
+        if not 1 <= max_uploads <= 1000:
+            raise AnvilError("InvalidArgument", "page size must be between 1 and 1000")
         conn = self.catalog.reader()
-        self._require_bucket(conn, bucket)
-        rows = conn.execute(
-            "SELECT upload_id, key, created FROM multipart_uploads WHERE bucket = ? AND key >= ? "
-            "ORDER BY key, created",
-            (bucket, prefix),
-        ).fetchall()
-        return [{"upload_id": r[0], "key": r[1], "created": r[2]} for r in rows
-                if r[1].startswith(prefix) and not v.is_reserved_key(r[1])]
+        with conn:
+            self._require_bucket(conn, bucket)
+            after = _After(key_marker)
+            if _marks_common_prefix(key_marker, prefix, delimiter):
+                nxt = _prefix_upper(key_marker)
+                if nxt is None:
+                    return UploadListResult()
+                after = _After(nxt, inclusive=True)
+            elif key_marker and upload_id_marker:
+                after = _After(key_marker, tie=upload_id_marker)
+
+            def fetch(after: _After, upper: str | None, n: int) -> list[tuple]:
+                if after.tie is not None:
+                    # A row value, so that SQLite seeks the index to the marker instead of scanning to it.
+                    cond_sql = "(key, upload_id) > (?, ?)"
+                    args: list[Any] = [bucket, after.key, after.tie]
+                else:
+                    cond_sql = f"key {'>=' if after.inclusive else '>'} ?"
+                    args = [bucket, after.key]
+                sql = f"SELECT upload_id, key, created, extra FROM multipart_uploads WHERE bucket = ? AND {cond_sql}"
+                if upper is not None:
+                    sql += " AND key < ?"
+                    args.append(upper)
+                sql += " ORDER BY key, upload_id LIMIT ?"
+                args.append(n)
+                return conn.execute(sql, args).fetchall()
+
+            entries, truncated = _walk(fetch, key_of=lambda r: r[1], tie_of=lambda r: r[0], prefix=prefix,
+                                       delimiter=delimiter, limit=max_uploads, after=after)
+        result = UploadListResult(truncated=truncated)
+        for e in entries:
+            if isinstance(e, str):
+                result.common_prefixes.append(e)
+                continue
+            up: dict[str, Any] = {"upload_id": e[0], "key": e[1], "created": e[2]}
+            extra = json.loads(e[3] or "{}")
+            if extra.get("checksum_algorithm"):
+                up["checksum_algorithm"] = extra["checksum_algorithm"]
+                up["checksum_type"] = extra.get("checksum_type", "COMPOSITE")
+            result.uploads.append(up)
+        if truncated and entries:
+            last = entries[-1]
+            if isinstance(last, str):
+                result.next_key_marker = last
+            else:
+                result.next_key_marker, result.next_upload_id_marker = last[1], last[0]
+        return result
 
     def complete_multipart(
         self, ctx: RequestContext, bucket: str, upload_id: str, parts: list[tuple[int, str]],
-        cond: Conditions = Conditions(),
+        cond: Conditions = Conditions(), *, expected_checksum: str | None = None,
     ) -> dict[str, Any]:
+        """Assemble the parts into the object. An upload made with a checksum algorithm gets the
+        object's checksum from its parts' checksums: COMPOSITE (the checksum of the parts' checksums,
+        `-N`) or FULL_OBJECT (a CRC of the whole object, combined from the parts' CRCs and sizes).
+        `expected_checksum` is the client's value for it; a mismatch stores nothing (BadDigest)."""
         if not parts:
             raise AnvilError("InvalidArgument", "the part list is empty")
         numbers = [p[0] for p in parts]
@@ -1008,7 +1089,7 @@ class ObjectService:
             raise AnvilError("InvalidPartOrder", "parts must be listed in ascending order without repeats")
         for n, _ in parts:
             v.check_part_number(n)
-        fp = fingerprint("multipart.complete", bucket, upload_id, parts, cond.__dict__)
+        fp = fingerprint("multipart.complete", bucket, upload_id, parts, cond.__dict__, expected_checksum)
 
         def fn(txn: Txn) -> dict[str, Any]:
             conn = txn.conn
@@ -1045,12 +1126,24 @@ class ObjectService:
                 part_sums = [json.loads(stored[n][3] or "{}").get(algorithm) for n, _ in parts]
                 if any(s is None for s in part_sums):
                     raise AnvilError("InvalidPart", f"a part was uploaded without its {algorithm} checksum")
-                extra["checksums"] = {algorithm: composite_checksum(algorithm, part_sums)}
+                if up_extra.get("checksum_type") == "FULL_OBJECT":
+                    value = combine_crcs(algorithm, [(s, c[1]) for s, c in zip(part_sums, chunks, strict=True)])
+                else:
+                    value = composite_checksum(algorithm, part_sums)
+                # A composite value may be claimed with or without its `-N`.
+                if expected_checksum is not None and expected_checksum not in (value, value.split("-")[0]):
+                    raise AnvilError("BadDigest", f"the {algorithm.upper()} you specified did not match the "
+                                     "calculated checksum")
+                extra["checksums"] = {algorithm: value}
+            elif expected_checksum is not None:
+                raise AnvilError("InvalidArgument", "this upload was created without a checksum algorithm")
             result = self._write_version(
                 txn, ctx, b, key, size=sum(c[1] for c in chunks), etag=multipart_etag(md5s), sha256=None,
                 content_type=ct, metadata=meta, chunks=chunks, cond=cond,
                 source={"source": "multipart", "upload_id": upload_id}, extra=extra or None,
             )
+            if extra.get("checksums"):
+                result["checksums"] = extra["checksums"]
             conn.execute("DELETE FROM multipart_uploads WHERE upload_id = ?", (upload_id,))
             conn.execute(
                 "INSERT OR REPLACE INTO multipart_completed(upload_id, bucket, key, completed) VALUES (?,?,?,?)",

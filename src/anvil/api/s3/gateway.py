@@ -33,8 +33,15 @@ from anvil.errors import AnvilError
 from anvil.identity import authorize
 from anvil.objects import Conditions, ObjectVersion
 from anvil.objects import validation as v
-from anvil.objects.checksums import ALGORITHMS, content_md5_hex, digest_length, new_checksum
-from anvil.objects.service import parse_etag_list
+from anvil.objects.checksums import (
+    ALGORITHMS,
+    COMPOSITE_ALGORITHMS,
+    FULL_OBJECT_ALGORITHMS,
+    content_md5_hex,
+    digest_length,
+    new_checksum,
+)
+from anvil.objects.service import UploadListResult, parse_etag_list
 from anvil.runtime import Anvil
 
 log = logging.getLogger("anvil.s3")
@@ -260,21 +267,23 @@ class _Op:
         return Response(X.xml_document(root, inner), status_code=status, media_type="application/xml",
                         headers=headers)
 
-    async def body_xml(self):
+    async def body_xml(self, *, checksums_describe_body: bool = True):
         reader = BodyReader(self.request, self.auth)
         data = await reader.read_all(X.MAX_XML_BODY)
-        self._check_small_body_digests(data)
+        self._check_small_body_digests(data, checksums=checksums_describe_body)
         try:
             return X.parse(data)
         except X.XMLRejected as e:
             raise S3Error("MalformedXML", f"The XML you provided was not well-formed or did not validate against "
                           f"our published schema: {e}")
 
-    def _check_small_body_digests(self, data: bytes) -> None:
+    def _check_small_body_digests(self, data: bytes, *, checksums: bool = True) -> None:
         md5 = _content_md5(self.h.get("content-md5"))
         if md5 is not None:
             if hashlib.md5(data).hexdigest() != md5:
                 raise S3Error("BadDigest", "the Content-MD5 you specified did not match what we received")
+        if not checksums:
+            return
         for alg, expected in _declared_checksums(self.h).items():
             c = new_checksum(alg)
             c.update(data)
@@ -558,24 +567,25 @@ class _Op:
 
     # ------------------------------------------------------------------ object bodies in
 
-    async def _receive(self, *, max_size: int = v.MAX_OBJECT_SIZE) -> tuple[Any, dict[str, str]]:
+    async def _receive(self, *, max_size: int = v.MAX_OBJECT_SIZE,
+                       also: str | None = None) -> tuple[Any, dict[str, str]]:
         """Stream the body into a blob, verifying payload hash, Content-MD5 and checksums; nothing is
-        committed unless every check passes. Returns (BlobInfo, {algorithm: base64 checksum})."""
-        body = await self._receive_uncommitted(max_size=max_size)
+        committed unless every check passes. Returns (BlobInfo, {algorithm: base64 checksum}), with
+        the `also` algorithm computed too when the client sent no value for it."""
+        body = await self._receive_uncommitted(max_size=max_size, also=also)
         info = await file_io(body.commit, self.objects)
         return info, body.computed
 
-    async def _receive_uncommitted(self, *, max_size: int = v.MAX_OBJECT_SIZE) -> _Received:
+    async def _receive_uncommitted(self, *, max_size: int = v.MAX_OBJECT_SIZE, also: str | None = None) -> _Received:
         """`_receive` up to the commit: every check but Content-MD5 passed (the commit checks that and
         stores nothing on a mismatch). Bodies under SINK_CHUNK stay in memory and are stored in one go
         (`objects.store_bytes`, the native API's small-PUT path); larger ones stream into a BlobWriter."""
         reader = BodyReader(self.request, self.auth)
         declared = _declared_checksums(self.h)
         trailer_algs = _trailer_algorithms(self.h)
-        sdk_alg = (self.h.get("x-amz-sdk-checksum-algorithm") or "").lower()
-        algs = set(declared) | set(trailer_algs)
-        if sdk_alg in ALGORITHMS:
-            algs.add(sdk_alg)
+        algs = _body_algorithms(self.h)
+        if also:
+            algs.add(also)
         md5 = _content_md5(self.h.get("content-md5"))
         sums = {a: new_checksum(a) for a in algs}
         writer = None
@@ -692,6 +702,8 @@ class _Op:
         b = self.objects.get_bucket(self.bucket)
         headers = {"etag": f'"{result["etag"]}"', **self.version_headers(result["version_id"], b.versioning)}
         headers.update({f"x-amz-checksum-{a}": val for a, val in computed.items()})
+        if computed:
+            headers["x-amz-checksum-type"] = "FULL_OBJECT"
         return Response(status_code=200, headers=headers)
 
     # ------------------------------------------------------------------ object bodies out
@@ -782,7 +794,7 @@ class _Op:
             for alg, val in obj.checksums.items():
                 headers[f"x-amz-checksum-{alg}"] = val
             if obj.checksums:
-                headers["x-amz-checksum-type"] = "COMPOSITE" if obj.parts_count else "FULL_OBJECT"
+                headers["x-amz-checksum-type"] = _checksum_type(obj.checksums)
         status, length = 200, obj.size
         if rng is not None and rng.length != obj.size or (rng is not None and range_header):
             status, length = 206, rng.length
@@ -969,27 +981,39 @@ class _Op:
         if system:
             extra["system"] = system
         alg = (self.h.get("x-amz-checksum-algorithm") or "").lower()
+        ctype = (self.h.get("x-amz-checksum-type") or "").upper()
+        if ctype and ctype not in ("COMPOSITE", "FULL_OBJECT"):
+            raise S3Error("InvalidRequest", "x-amz-checksum-type must be COMPOSITE or FULL_OBJECT")
+        if ctype and not alg:
+            raise S3Error("InvalidRequest", "x-amz-checksum-type needs an x-amz-checksum-algorithm")
         if alg:
             if alg not in ALGORITHMS:
                 raise not_implemented(f"the {alg.upper()} checksum algorithm")
-            if (self.h.get("x-amz-checksum-type") or "COMPOSITE").upper() != "COMPOSITE":
-                raise not_implemented("full-object checksums for multipart uploads")
+            # As S3: CRC64NVME is only ever a full-object checksum, the others default to composite.
+            ctype = ctype or ("COMPOSITE" if alg in COMPOSITE_ALGORITHMS else "FULL_OBJECT")
+            if alg not in (FULL_OBJECT_ALGORITHMS if ctype == "FULL_OBJECT" else COMPOSITE_ALGORITHMS):
+                raise S3Error("InvalidRequest", f"The {ctype} checksum type cannot be used with the {alg.upper()} "
+                              "checksum algorithm.")
             extra["checksum_algorithm"] = alg
+            extra["checksum_type"] = ctype
         result = await blocking(self.objects.create_multipart, self.ctx, self.bucket, self.key,
                                 content_type=content_type, metadata=user, extra=extra or None)
         inner = X.element("Bucket", self.bucket) + X.element("Key", self.key) + X.element("UploadId",
                                                                                         result["upload_id"])
-        headers = {"x-amz-checksum-algorithm": alg.upper()} if alg else None
+        headers = {"x-amz-checksum-algorithm": alg.upper(), "x-amz-checksum-type": ctype} if alg else None
         return self.xml("InitiateMultipartUploadResult", inner, headers=headers)
 
     async def upload_part(self) -> Response:
         n = self._part_number()
         up = self._upload()
         self.authorize("object:write", self.bucket, self.key)
-        info, computed = await self._receive(max_size=5 * 1024**3)
         alg = up["extra"].get("checksum_algorithm")
-        if alg and alg not in computed:
+        # A composite checksum is made of the client's part checksums, so each part must bring one.
+        # A full-object CRC only needs every part's CRC and size, which Anvil computes as the part
+        # streams in when the client sends none.
+        if alg and _upload_checksum_type(up) == "COMPOSITE" and alg not in _body_algorithms(self.h):
             raise S3Error("InvalidRequest", f"this upload expects an x-amz-checksum-{alg} on every part")
+        info, computed = await self._receive(max_size=5 * 1024**3, also=alg)
         result = await blocking(self.objects.upload_part, self.ctx, self.bucket, up["upload_id"], n, info,
                                 checksums=computed or None)
         headers = {"etag": f'"{result["etag"]}"'}
@@ -1014,20 +1038,26 @@ class _Op:
                               "bytes=first-last where first and last are the zero-based offsets of the first and last "
                               "bytes to copy")
         objects = self.objects
+        alg = up["extra"].get("checksum_algorithm")
 
         def copy_bytes():
             writer = objects.blobs.writer()
+            checksum = new_checksum(alg) if alg else None
             try:
                 for piece in objects.read_body(src, rng):
                     writer.write(piece)
+                    if checksum is not None:
+                        checksum.update(piece)
             except BaseException:
                 writer.abort()
                 raise
-            return objects.store_body(writer)
+            return objects.store_body(writer), ({alg: checksum.b64()} if checksum is not None else {})
 
-        info = await blocking(copy_bytes)
-        result = await blocking(self.objects.upload_part, self.ctx, self.bucket, up["upload_id"], n, info)
-        inner = X.element("ETag", f'"{result["etag"]}"') + X.element("LastModified", X.iso_time(time.time()))
+        info, computed = await blocking(copy_bytes)
+        result = await blocking(self.objects.upload_part, self.ctx, self.bucket, up["upload_id"], n, info,
+                                checksums=computed or None)
+        inner = (X.element("ETag", f'"{result["etag"]}"') + X.element("LastModified", X.iso_time(time.time()))
+                 + "".join(X.element(f"Checksum{a.upper()}", val) for a, val in computed.items()))
         headers = {"x-amz-copy-source-version-id": src.version_id} if src.version_id != "null" else None
         return self.xml("CopyPartResult", inner, headers=headers)
 
@@ -1048,6 +1078,9 @@ class _Op:
         if selected:
             out.append(X.element("NextPartNumberMarker", selected[-1]["part_number"]))
         out += [X.element("MaxParts", max_parts), X.element("IsTruncated", truncated)]
+        if up["extra"].get("checksum_algorithm"):
+            out += [X.element("ChecksumAlgorithm", up["extra"]["checksum_algorithm"].upper()),
+                    X.element("ChecksumType", _upload_checksum_type(up))]
         owner = self._owner(up["tenant"])
         out.append(owner.replace("Owner>", "Initiator>") + owner + X.element("StorageClass", "STANDARD"))
         for p in selected:
@@ -1064,49 +1097,44 @@ class _Op:
         key_marker, id_marker = q.get("key-marker", ""), q.get("upload-id-marker", "")
         max_uploads = self._max_keys("max-uploads")
         enc = self._encoder()
-        uploads = self.objects.list_uploads(self.bucket, prefix)
         b = self.objects.get_bucket(self.bucket)
-        items: list[tuple[str, Any]] = []
-        seen_prefixes: set[str] = set()
-        for u in uploads:
-            if key_marker and (u["key"] < key_marker or (u["key"] == key_marker and (
-                    not id_marker or u["upload_id"] <= id_marker))):
-                continue
-            if delimiter:
-                pos = u["key"].find(delimiter, len(prefix))
-                if pos >= 0:
-                    cp = u["key"][: pos + len(delimiter)]
-                    if cp not in seen_prefixes:
-                        seen_prefixes.add(cp)
-                        items.append(("prefix", cp))
-                    continue
-            items.append(("upload", u))
-        truncated = len(items) > max_uploads
-        items = items[:max_uploads]
+        res = UploadListResult()
+        if max_uploads:
+            res = self.objects.list_uploads(self.bucket, prefix=prefix, delimiter=delimiter, key_marker=key_marker,
+                                            upload_id_marker=id_marker, max_uploads=max_uploads)
         out = [X.element("Bucket", self.bucket), X.element("KeyMarker", enc(key_marker)),
                X.element("UploadIdMarker", id_marker)]
-        uploads_out = [i[1] for i in items if i[0] == "upload"]
-        if truncated and uploads_out:
-            out.append(X.element("NextKeyMarker", enc(uploads_out[-1]["key"])))
-            out.append(X.element("NextUploadIdMarker", uploads_out[-1]["upload_id"]))
+        if res.truncated:
+            # After a common prefix there is no upload id: the next page starts past the whole prefix.
+            if res.next_key_marker is not None:
+                out.append(X.element("NextKeyMarker", enc(res.next_key_marker)))
+            if res.next_upload_id_marker is not None:
+                out.append(X.element("NextUploadIdMarker", res.next_upload_id_marker))
         out.append(X.element("Prefix", enc(prefix)))
         if delimiter:
             out.append(X.element("Delimiter", enc(delimiter)))
-        out += [X.element("MaxUploads", max_uploads), X.element("IsTruncated", truncated)]
+        out += [X.element("MaxUploads", max_uploads), X.element("IsTruncated", res.truncated)]
+        if q.get("encoding-type"):
+            out.append(X.element("EncodingType", "url"))
         owner = self._owner(b.tenant)
-        for kind, item in items:
-            if kind == "prefix":
-                out.append("<CommonPrefixes>" + X.element("Prefix", enc(item)) + "</CommonPrefixes>")
-            else:
-                out.append("<Upload>" + X.element("Key", enc(item["key"])) + X.element("UploadId", item["upload_id"])
-                           + owner.replace("Owner>", "Initiator>") + owner + X.element("StorageClass", "STANDARD")
-                           + X.element("Initiated", X.iso_time(item["created"])) + "</Upload>")
+        people = owner.replace("Owner>", "Initiator>") + owner
+        for u in res.uploads:
+            sums = ""
+            if u.get("checksum_algorithm"):
+                sums = (X.element("ChecksumAlgorithm", u["checksum_algorithm"].upper())
+                        + X.element("ChecksumType", u["checksum_type"]))
+            out.append("<Upload>" + X.element("Key", enc(u["key"])) + X.element("UploadId", u["upload_id"])
+                       + people + X.element("StorageClass", "STANDARD")
+                       + X.element("Initiated", X.iso_time(u["created"])) + sums + "</Upload>")
+        for p in res.common_prefixes:
+            out.append("<CommonPrefixes>" + X.element("Prefix", enc(p)) + "</CommonPrefixes>")
         return self.xml("ListMultipartUploadsResult", "".join(out))
 
     async def complete_upload(self) -> Response:
         up = self._upload()
         self.authorize("object:write", self.bucket, self.key)
-        root = await self.body_xml()
+        # Checksum headers here describe the assembled object (below), not the XML document.
+        root = await self.body_xml(checksums_describe_body=False)
         if root.tag != "CompleteMultipartUpload":
             raise S3Error("MalformedXML", "expected a CompleteMultipartUpload document")
         parts: list[tuple[int, str]] = []
@@ -1131,14 +1159,36 @@ class _Op:
             for alg, val in sums.items():
                 if alg in have and have[alg] != val:
                     raise S3Error("InvalidPart", f"the {alg.upper()} of part {n} does not match the uploaded part")
+        expected = self._claimed_object_checksum(up)
         result = await blocking(self.objects.complete_multipart, self.ctx, self.bucket, up["upload_id"], parts,
-                                cond=self._write_conditions())
+                                cond=self._write_conditions(), expected_checksum=expected)
         b = self.objects.get_bucket(self.bucket)
         headers = self.version_headers(result["version_id"], b.versioning)
+        sums = result.get("checksums") or {}
         inner = (X.element("Location", f"/{self.bucket}/{urllib.parse.quote(self.key)}")
                  + X.element("Bucket", self.bucket) + X.element("Key", self.key)
-                 + X.element("ETag", f'"{result["etag"]}"'))
+                 + X.element("ETag", f'"{result["etag"]}"')
+                 + "".join(X.element(f"Checksum{a.upper()}", val) for a, val in sums.items()))
+        if sums:
+            inner += X.element("ChecksumType", _checksum_type(sums))
         return self.xml("CompleteMultipartUploadResult", inner, headers=headers)
+
+    def _claimed_object_checksum(self, up: dict[str, Any]) -> str | None:
+        """The whole object's checksum a CompleteMultipartUpload carries, if any, once it is known to
+        fit the upload: same algorithm and checksum type as CreateMultipartUpload chose."""
+        alg = up["extra"].get("checksum_algorithm")
+        have = _upload_checksum_type(up) if alg else "null"
+        ctype = self.h.get("x-amz-checksum-type")
+        if ctype is not None and ctype.upper() != have:
+            raise S3Error("InvalidRequest", f"The upload was created using the {have} checksum type. The complete "
+                          "request must use the same checksum type.")
+        claims = _declared_checksums(self.h, part_count_ok=True)
+        if not claims:
+            return None
+        if list(claims) != [alg]:
+            raise S3Error("InvalidRequest", f"The upload was created using {alg.upper() if alg else 'no'} checksum "
+                          "algorithm. The complete request must use the same checksum algorithm.")
+        return claims[alg]
 
     async def abort_upload(self) -> Response:
         up = self._upload()
@@ -1165,7 +1215,9 @@ def _content_md5(value: str | None) -> str | None:
     return md5
 
 
-def _declared_checksums(headers) -> dict[str, str]:
+def _declared_checksums(headers, *, part_count_ok: bool = False) -> dict[str, str]:
+    """The `x-amz-checksum-<algorithm>` headers, checked for form; `part_count_ok` admits a composite
+    multipart checksum (`<base64>-N`)."""
     out: dict[str, str] = {}
     for k, val in headers.items():
         if k.startswith("x-amz-checksum-") and k not in ("x-amz-checksum-mode", "x-amz-checksum-algorithm",
@@ -1173,14 +1225,37 @@ def _declared_checksums(headers) -> dict[str, str]:
             alg = k[len("x-amz-checksum-"):]
             if alg not in ALGORITHMS:
                 raise not_implemented(f"the {alg.upper()} checksum algorithm")
+            digest, dash, count = val.partition("-")
+            if not (part_count_ok and dash and count.isdigit()):
+                digest = val
             try:
-                raw = base64.b64decode(val, validate=True)
+                raw = base64.b64decode(digest, validate=True)
             except (binascii.Error, ValueError):
                 raw = b""
             if len(raw) != digest_length(alg):
                 raise S3Error("InvalidRequest", f"Value for x-amz-checksum-{alg} header is invalid.")
             out[alg] = val
     return out
+
+
+def _body_algorithms(headers) -> set[str]:
+    """The checksum algorithms a request body comes with: as headers, as trailers, or announced by
+    the SDK (`x-amz-sdk-checksum-algorithm`, whose value then comes in one of the other two)."""
+    algs = set(_declared_checksums(headers)) | set(_trailer_algorithms(headers))
+    sdk_alg = (headers.get("x-amz-sdk-checksum-algorithm") or "").lower()
+    if sdk_alg in ALGORITHMS:
+        algs.add(sdk_alg)
+    return algs
+
+
+def _upload_checksum_type(up: dict[str, Any]) -> str:
+    # Uploads created before full-object checksums have no type: they were all composite.
+    return up["extra"].get("checksum_type", "COMPOSITE")
+
+
+def _checksum_type(checksums: dict[str, str]) -> str:
+    # Only a composite multipart checksum carries a part count (`-N`); base64 itself has no '-'.
+    return "COMPOSITE" if any("-" in val for val in checksums.values()) else "FULL_OBJECT"
 
 
 def _trailer_algorithms(headers) -> list[str]:
