@@ -76,6 +76,8 @@ RESPONSE_OVERRIDES = {
 READ_ACTIONS = frozenset({"object:read", "object:list"})
 # What S3 stores when a write names no Content-Type (the native API's default is application/octet-stream).
 S3_DEFAULT_CONTENT_TYPE = "binary/octet-stream"
+# The largest body one PutObject (or UploadPart) may carry; larger objects need a multipart upload.
+MAX_PUT_SIZE = 5 * 1024**3
 
 
 def _http_date(ts: float) -> str:
@@ -581,6 +583,11 @@ class _Op:
         stores nothing on a mismatch). Bodies under SINK_CHUNK stay in memory and are stored in one go
         (`objects.store_bytes`, the native API's small-PUT path); larger ones stream into a BlobWriter."""
         reader = BodyReader(self.request, self.auth)
+        # Refuse a body declared too large before reading any of it: nothing is received or stored.
+        raw_length = self.h.get("x-amz-decoded-content-length") if reader.chunked else self.h.get("content-length")
+        if raw_length is not None and raw_length.isdigit() and int(raw_length) > max_size:
+            raise S3Error("EntityTooLarge", "Your proposed upload exceeds the maximum allowed size",
+                          fields={"ProposedSize": raw_length, "MaxSizeAllowed": str(max_size)})
         declared = _declared_checksums(self.h)
         trailer_algs = _trailer_algorithms(self.h)
         sdk_alg = (self.h.get("x-amz-sdk-checksum-algorithm") or "").lower()
@@ -686,7 +693,7 @@ class _Op:
         user, system = self._metadata()
         content_type = self._content_type()
         cond = self._write_conditions()
-        body = await self._receive_uncommitted()
+        body = await self._receive_uncommitted(max_size=MAX_PUT_SIZE)
         computed = body.computed
         extra: dict[str, Any] = {}
         if system:
@@ -1010,7 +1017,7 @@ class _Op:
         n = self._part_number()
         up = self._upload()
         self.authorize("object:write", self.bucket, self.key)
-        info, computed = await self._receive(max_size=5 * 1024**3)
+        info, computed = await self._receive(max_size=MAX_PUT_SIZE)
         alg = up["extra"].get("checksum_algorithm")
         if alg and alg not in computed:
             raise S3Error("InvalidRequest", f"this upload expects an x-amz-checksum-{alg} on every part")
