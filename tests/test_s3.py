@@ -65,9 +65,10 @@ def test_bucket_lifecycle(s3) -> None:
     assert s3.get_bucket_versioning(Bucket=name)["Status"] == "Enabled"
     s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Suspended"})
     assert s3.get_bucket_versioning(Bucket=name)["Status"] == "Suspended"
-    with pytest.raises(ClientError) as e:
-        s3.create_bucket(Bucket=name)
-    assert code(e) == "BucketAlreadyOwnedByYou" and status(e) == 409
+    # us-east-1's legacy answer to re-creating a bucket you own is 200 OK (elsewhere: BucketAlreadyOwnedByYou,
+    # tests/test_s3_access.py::test_recreate_own_bucket_outside_us_east_1).
+    assert s3.create_bucket(Bucket=name)["ResponseMetadata"]["HTTPStatusCode"] == 200
+    assert s3.get_bucket_versioning(Bucket=name)["Status"] == "Suspended"  # a no-op: nothing was reset
     s3.put_object(Bucket=name, Key="k", Body=b"x")
     with pytest.raises(ClientError) as e:
         s3.delete_bucket(Bucket=name)

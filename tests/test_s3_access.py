@@ -165,6 +165,30 @@ def test_recovery_mode_refuses_writes(tmp_path: Path) -> None:
         anvil.close()
 
 
+def test_recreate_own_bucket_outside_us_east_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only us-east-1 answers 200 to re-creating a bucket you own; every other region 409."""
+    from starlette.testclient import TestClient
+
+    from anvil.api.app import create_app
+
+    monkeypatch.setenv("REGION", "eu-west-1")
+    anvil = Anvil(tmp_path / "data")
+    try:
+        app = create_app(anvil)
+        creds = dev_credentials(type("S", (), {"storage_path": tmp_path / "data"})())
+        signer = boto3.client("s3", endpoint_url="http://testserver", region_name="eu-west-1",
+                              aws_access_key_id=creds["access_key_id"],
+                              aws_secret_access_key=creds["secret_access_key"],
+                              config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
+        with TestClient(app) as http:
+            create = signer.generate_presigned_url("create_bucket", Params={"Bucket": "regional"})
+            assert http.put(create).status_code == 200
+            r = http.put(create)
+            assert r.status_code == 409 and b"<Code>BucketAlreadyOwnedByYou</Code>" in r.content, r.content
+    finally:
+        anvil.close()
+
+
 def test_cross_tenant_denial(server: AnvilServer, s3) -> None:
     """Another tenant's application cannot see, read, write or list a bucket it does not own,
     and the error never says whether the bucket exists."""

@@ -210,6 +210,11 @@ def parse_etag_list(header: str | None) -> list[str] | None:
     return [i if i == "*" else i.removeprefix("W/").strip('"') for i in items]
 
 
+# The message of the PreconditionFailed an If-Match write gets when there is no current object (none, or a
+# delete marker): the S3 gateway answers that one 404 NoSuchKey, as S3 does.
+IF_MATCH_NO_OBJECT = "If-Match: there is no current object to match"
+
+
 def check_write_conditions(current: ObjectVersion | None, cond: Conditions) -> None:
     live = current if current is not None and not current.delete_marker else None
     if cond.if_none_match is not None:
@@ -219,7 +224,9 @@ def check_write_conditions(current: ObjectVersion | None, cond: Conditions) -> N
         elif live is not None and live.etag in cond.if_none_match:
             raise AnvilError("PreconditionFailed", "If-None-Match matched the current ETag")
     if cond.if_match is not None:
-        if live is None or ("*" not in cond.if_match and live.etag not in cond.if_match):
+        if live is None:
+            raise AnvilError("PreconditionFailed", IF_MATCH_NO_OBJECT)
+        if "*" not in cond.if_match and live.etag not in cond.if_match:
             raise AnvilError("PreconditionFailed", "If-Match did not match the current ETag")
     if cond.if_version_match is not None:
         if current is None or current.version_id != cond.if_version_match:

@@ -15,6 +15,7 @@ import logging
 import time
 import urllib.parse
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
 from typing import Any
@@ -41,7 +42,7 @@ from anvil.objects.checksums import (
     digest_length,
     new_checksum,
 )
-from anvil.objects.service import UploadListResult, parse_etag_list
+from anvil.objects.service import IF_MATCH_NO_OBJECT, UploadListResult, parse_etag_list
 from anvil.runtime import Anvil
 
 log = logging.getLogger("anvil.s3")
@@ -80,6 +81,10 @@ RESPONSE_OVERRIDES = {
     "response-content-disposition": "content-disposition", "response-content-encoding": "content-encoding",
 }
 READ_ACTIONS = frozenset({"object:read", "object:list"})
+# What S3 stores when a write names no Content-Type (the native API's default is application/octet-stream).
+S3_DEFAULT_CONTENT_TYPE = "binary/octet-stream"
+# The largest body one PutObject (or UploadPart) may carry; larger objects need a multipart upload.
+MAX_PUT_SIZE = 5 * 1024**3
 
 
 def _http_date(ts: float) -> str:
@@ -290,10 +295,14 @@ class _Op:
             if c.b64() != expected:
                 raise S3Error("BadDigest", f"the {alg.upper()} you specified did not match the calculated checksum")
 
-    def version_headers(self, version_id: str | None, bucket_versioning: str | None = None) -> dict[str, str]:
+    def version_headers(self, version_id: str | None, bucket_versioning: str | None = None, *,
+                        write: bool = False) -> dict[str, str]:
+        """`x-amz-version-id` as S3 sends it. Reads of a versioning-configured bucket name the null
+        version; a write (PutObject, CopyObject, CompleteMultipartUpload) that made a null version
+        -- versioning suspended -- answers without the header, as S3 does."""
         if version_id is None:
             return {}
-        if version_id == "null" and not bucket_versioning:
+        if version_id == "null" and (not bucket_versioning or write):
             return {}
         return {"x-amz-version-id": version_id}
 
@@ -401,6 +410,10 @@ class _Op:
         existing = self.objects.find_bucket(name)
         if existing is not None:
             if existing.tenant == self.principal.tenant:
+                if self.gw.region == "us-east-1":
+                    # S3's legacy behaviour in us-east-1 (only there): re-creating a bucket you own is a
+                    # no-op that answers 200 OK; every other region answers BucketAlreadyOwnedByYou.
+                    return Response(status_code=200, headers={"location": f"/{name}"})
                 raise S3Error("BucketAlreadyOwnedByYou", "Your previous request to create the named bucket "
                               "succeeded and you already own it.", 409)
             raise S3Error("BucketAlreadyExists", "The requested bucket name is not available.", 409)
@@ -581,6 +594,11 @@ class _Op:
         stores nothing on a mismatch). Bodies under SINK_CHUNK stay in memory and are stored in one go
         (`objects.store_bytes`, the native API's small-PUT path); larger ones stream into a BlobWriter."""
         reader = BodyReader(self.request, self.auth)
+        # Refuse a body declared too large before reading any of it: nothing is received or stored.
+        raw_length = self.h.get("x-amz-decoded-content-length") if reader.chunked else self.h.get("content-length")
+        if raw_length is not None and raw_length.isdigit() and int(raw_length) > max_size:
+            raise S3Error("EntityTooLarge", "Your proposed upload exceeds the maximum allowed size",
+                          fields={"ProposedSize": raw_length, "MaxSizeAllowed": str(max_size)})
         declared = _declared_checksums(self.h)
         trailer_algs = _trailer_algorithms(self.h)
         algs = _body_algorithms(self.h)
@@ -672,6 +690,9 @@ class _Op:
             raise from_anvil(e)
         return user, system
 
+    def _content_type(self) -> str:
+        return v.check_content_type(self.h.get("content-type") or S3_DEFAULT_CONTENT_TYPE)
+
     def _write_conditions(self) -> Conditions:
         return Conditions(if_match=parse_etag_list(self.h.get("if-match")),
                           if_none_match=parse_etag_list(self.h.get("if-none-match")))
@@ -680,9 +701,9 @@ class _Op:
         self.authorize("object:write", self.bucket, self.key)
         self.objects.prepare_write(self.bucket, self.key)
         user, system = self._metadata()
-        content_type = v.check_content_type(self.h.get("content-type"))
+        content_type = self._content_type()
         cond = self._write_conditions()
-        body = await self._receive_uncommitted()
+        body = await self._receive_uncommitted(max_size=MAX_PUT_SIZE)
         computed = body.computed
         extra: dict[str, Any] = {}
         if system:
@@ -698,9 +719,11 @@ class _Op:
             return objects.submit_put_object(ctx, bucket, key, info, content_type=content_type, metadata=user,
                                              cond=cond, extra=extra or None)
 
-        result = await committed(await file_io(store_and_submit))
+        with _if_match_needs_object():
+            result = await committed(await file_io(store_and_submit))
         b = self.objects.get_bucket(self.bucket)
-        headers = {"etag": f'"{result["etag"]}"', **self.version_headers(result["version_id"], b.versioning)}
+        headers = {"etag": f'"{result["etag"]}"',
+                   **self.version_headers(result["version_id"], b.versioning, write=True)}
         headers.update({f"x-amz-checksum-{a}": val for a, val in computed.items()})
         if computed:
             headers["x-amz-checksum-type"] = "FULL_OBJECT"
@@ -779,24 +802,31 @@ class _Op:
             if obj.parts_count:
                 start = sum(size for _, size in obj.chunks[: n - 1])
                 rng = v.ByteRange(start, start + obj.chunks[n - 1][1] - 1)
-            headers["x-amz-mp-parts-count"] = str(count)
+                headers["x-amz-mp-parts-count"] = str(count)
+            elif obj.size:
+                # An object stored in one piece is its own part 1: S3 answers as for a range over all of it
+                # (206 with Content-Range) and sends no parts count.
+                rng = v.ByteRange(0, obj.size - 1)
         elif range_header:
             try:
                 rng = v.parse_range(range_header, obj.size)
             except AnvilError as e:
                 if e.code == "InvalidArgument":
                     rng = None  # S3 ignores a malformed Range header and returns the whole object
+                elif obj.size == 0 and range_header.strip().startswith("bytes=-"):
+                    rng = None  # S3 answers a suffix range on an empty object with the (empty) object, 200
                 else:
                     raise S3Error("InvalidRange", "The requested range is not satisfiable", 416,
                                   headers={"content-range": f"bytes */{obj.size}"},
                                   fields={"RangeRequested": range_header, "ActualObjectSize": str(obj.size)})
-        if rng is None and (self.h.get("x-amz-checksum-mode") or "").upper() == "ENABLED":
+        whole = rng is None or (part_number is not None and not obj.parts_count)
+        if whole and (self.h.get("x-amz-checksum-mode") or "").upper() == "ENABLED":
             for alg, val in obj.checksums.items():
                 headers[f"x-amz-checksum-{alg}"] = val
             if obj.checksums:
                 headers["x-amz-checksum-type"] = _checksum_type(obj.checksums)
         status, length = 200, obj.size
-        if rng is not None and rng.length != obj.size or (rng is not None and range_header):
+        if rng is not None and (rng.length != obj.size or range_header or part_number is not None):
             status, length = 206, rng.length
             headers["content-range"] = f"bytes {rng.start}-{rng.end}/{obj.size}"
         headers["content-length"] = str(length)
@@ -933,14 +963,15 @@ class _Op:
             raise S3Error("InvalidRequest", "This copy request is illegal because it is trying to copy an object to "
                           "itself without changing the object's metadata, storage class, website redirect location "
                           "or encryption attributes.")
-        result = await blocking(
-            self.objects.copy_object, self.ctx, src_bucket=src_bucket, src_key=src_key,
-            src_version=src.version_id, bucket=self.bucket, key=self.key, metadata_directive=directive,
-            content_type=self.h.get("content-type") if directive == "REPLACE" else None, metadata=user,
-            cond=self._write_conditions(), src_cond=Conditions(if_match=[src.etag]), system_metadata=system,
-        )
+        with _if_match_needs_object():
+            result = await blocking(
+                self.objects.copy_object, self.ctx, src_bucket=src_bucket, src_key=src_key,
+                src_version=src.version_id, bucket=self.bucket, key=self.key, metadata_directive=directive,
+                content_type=self._content_type() if directive == "REPLACE" else None, metadata=user,
+                cond=self._write_conditions(), src_cond=Conditions(if_match=[src.etag]), system_metadata=system,
+            )
         b = self.objects.get_bucket(self.bucket)
-        headers = self.version_headers(result["version_id"], b.versioning)
+        headers = self.version_headers(result["version_id"], b.versioning, write=True)
         src_b = self.objects.get_bucket(src_bucket)
         if src_b.versioning:
             headers["x-amz-copy-source-version-id"] = src.version_id
@@ -976,7 +1007,7 @@ class _Op:
         self.authorize("object:write", self.bucket, self.key)
         v.check_key(self.key)
         user, system = self._metadata()
-        content_type = v.check_content_type(self.h.get("content-type"))
+        content_type = self._content_type()
         extra: dict[str, Any] = {}
         if system:
             extra["system"] = system
@@ -1013,7 +1044,7 @@ class _Op:
         # streams in when the client sends none.
         if alg and _upload_checksum_type(up) == "COMPOSITE" and alg not in _body_algorithms(self.h):
             raise S3Error("InvalidRequest", f"this upload expects an x-amz-checksum-{alg} on every part")
-        info, computed = await self._receive(max_size=5 * 1024**3, also=alg)
+        info, computed = await self._receive(max_size=MAX_PUT_SIZE, also=alg)
         result = await blocking(self.objects.upload_part, self.ctx, self.bucket, up["upload_id"], n, info,
                                 checksums=computed or None)
         headers = {"etag": f'"{result["etag"]}"'}
@@ -1160,12 +1191,13 @@ class _Op:
                 if alg in have and have[alg] != val:
                     raise S3Error("InvalidPart", f"the {alg.upper()} of part {n} does not match the uploaded part")
         expected = self._claimed_object_checksum(up)
-        result = await blocking(self.objects.complete_multipart, self.ctx, self.bucket, up["upload_id"], parts,
-                                cond=self._write_conditions(), expected_checksum=expected)
+        with _if_match_needs_object():
+            result = await blocking(self.objects.complete_multipart, self.ctx, self.bucket, up["upload_id"], parts,
+                                    cond=self._write_conditions(), expected_checksum=expected)
         b = self.objects.get_bucket(self.bucket)
-        headers = self.version_headers(result["version_id"], b.versioning)
+        headers = self.version_headers(result["version_id"], b.versioning, write=True)
         sums = result.get("checksums") or {}
-        inner = (X.element("Location", f"/{self.bucket}/{urllib.parse.quote(self.key)}")
+        inner = (X.element("Location", self._object_url())
                  + X.element("Bucket", self.bucket) + X.element("Key", self.key)
                  + X.element("ETag", f'"{result["etag"]}"')
                  + "".join(X.element(f"Checksum{a.upper()}", val) for a, val in sums.items()))
@@ -1190,11 +1222,32 @@ class _Op:
                           "algorithm. The complete request must use the same checksum algorithm.")
         return claims[alg]
 
+    def _object_url(self) -> str:
+        """The object's absolute URL in the addressing style of this request (S3's `Location`)."""
+        host = self.h.get("host") or self.request.url.netloc
+        bare = host.rsplit(":", 1)[0].lower()
+        path = "/" + urllib.parse.quote(self.key or "")
+        if not (self.gw.base_domain and bare.endswith("." + self.gw.base_domain)):
+            path = f"/{self.bucket}{path}"
+        return f"{self.request.url.scheme}://{host}{path}"
+
     async def abort_upload(self) -> Response:
         up = self._upload()
         self.authorize("object:delete", self.bucket, self.key)
         await blocking(self.objects.abort_multipart, self.ctx, self.bucket, up["upload_id"])
         return Response(status_code=204)
+
+
+@contextmanager
+def _if_match_needs_object() -> Iterator[None]:
+    """An If-Match write (PutObject, CopyObject, CompleteMultipartUpload) with no current object to match
+    -- none, or a delete marker -- is 404 NoSuchKey in S3, not 412."""
+    try:
+        yield
+    except AnvilError as e:
+        if e.code == "PreconditionFailed" and e.message == IF_MATCH_NO_OBJECT:
+            raise S3Error("NoSuchKey", "The specified key does not exist.", 404) from None
+        raise
 
 
 def _guarded(it: Iterator[bytes]) -> Iterator[bytes]:
