@@ -369,11 +369,16 @@ def _walk(
             after = _After(key_of(rows[-1]), tie=tie_of(rows[-1]))
 
 
-def _marks_common_prefix(marker: str, prefix: str, delimiter: str) -> bool:
+def marks_common_prefix(marker: str, prefix: str, delimiter: str) -> bool:
     """Whether a key marker is a common prefix an earlier page returned (S3 then sets NextKeyMarker to
     it): the listing resumes after every key it rolled up, not inside it."""
     return bool(delimiter) and marker.startswith(prefix) and marker.endswith(delimiter) and (
         marker.find(delimiter, len(prefix)) == len(marker) - len(delimiter))
+
+
+def token_after_prefix(common_prefix: str) -> str:
+    """A continuation token that resumes a listing after every key under `common_prefix`."""
+    return _encode_token({"k": common_prefix, "p": True})
 
 
 @dataclass
@@ -876,7 +881,7 @@ class ObjectService:
             self._require_bucket(conn, bucket)
             # Position: strictly after (key_marker, version_marker) in (key asc, seq desc) order.
             after = _After(key_marker)
-            if _marks_common_prefix(key_marker, prefix, delimiter):
+            if marks_common_prefix(key_marker, prefix, delimiter):
                 nxt = _prefix_upper(key_marker)
                 if nxt is None:
                     return VersionListResult()
@@ -1036,7 +1041,7 @@ class ObjectService:
         with conn:
             self._require_bucket(conn, bucket)
             after = _After(key_marker)
-            if _marks_common_prefix(key_marker, prefix, delimiter):
+            if marks_common_prefix(key_marker, prefix, delimiter):
                 nxt = _prefix_upper(key_marker)
                 if nxt is None:
                     return UploadListResult()

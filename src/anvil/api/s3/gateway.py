@@ -42,7 +42,13 @@ from anvil.objects.checksums import (
     digest_length,
     new_checksum,
 )
-from anvil.objects.service import IF_MATCH_NO_OBJECT, UploadListResult, parse_etag_list
+from anvil.objects.service import (
+    IF_MATCH_NO_OBJECT,
+    UploadListResult,
+    marks_common_prefix,
+    parse_etag_list,
+    token_after_prefix,
+)
 from anvil.runtime import Anvil
 
 log = logging.getLogger("anvil.s3")
@@ -491,13 +497,9 @@ class _Op:
         enc = self._encoder()
         token = q.get("continuation-token") if v2 else None
         start_after = q.get("start-after", "") if v2 else q.get("marker", "")
-        if not v2 and delimiter and start_after:
-            # A v1 marker inside a rolled-up prefix resumes after the whole prefix.
-            pos = start_after.find(delimiter, len(prefix))
-            if start_after.startswith(prefix) and pos >= 0 and pos + len(delimiter) == len(start_after):
-                from anvil.objects.service import _encode_token
-
-                token = _encode_token({"k": start_after, "p": True})
+        if not v2 and marks_common_prefix(start_after, prefix, delimiter):
+            # A v1 marker that is a rolled-up prefix (S3's NextMarker) resumes after the whole prefix.
+            token = token_after_prefix(start_after)
         if max_keys == 0:
             self.objects.get_bucket(self.bucket)
             objects, prefixes, truncated, next_token = [], [], False, None
