@@ -326,6 +326,21 @@ class _After:
     tie: Any = None
 
 
+def _keyed_page(
+    conn: apsw.Connection, select: str, args: list[Any], tie: tuple[str, list[Any]] | None, after: _After,
+    upper: str | None, n: int, *, order: str,
+) -> list[tuple]:
+    """At most `n` rows of `select` (a query ending in its WHERE conditions, bound by `args`) placed
+    after `after` and below `upper` in `order`. `tie` is the condition, with its arguments, that
+    places rows when `after` carries a tie; without one, the key alone decides."""
+    cond, cond_args = tie or (f"key {'>=' if after.inclusive else '>'} ?", [after.key])
+    sql, params = f"{select} AND {cond}", [*args, *cond_args]
+    if upper is not None:
+        sql += " AND key < ?"
+        params.append(upper)
+    return conn.execute(f"{sql} ORDER BY {order} LIMIT ?", [*params, n]).fetchall()
+
+
 def _walk(
     fetch: Callable[[_After, str | None, int], list[tuple]], *, key_of: Callable[[tuple], str],
     tie_of: Callable[[tuple], Any], prefix: str, delimiter: str, limit: int, after: _After,
@@ -844,15 +859,8 @@ class ObjectService:
                     after = _After(t["k"])
 
             def fetch(after: _After, upper: str | None, n: int) -> list[tuple]:
-                sql = (f"SELECT {_VERSION_COLUMNS} FROM versions WHERE bucket = ? AND is_latest = 1 "
-                       f"AND delete_marker = 0 AND key {'>=' if after.inclusive else '>'} ?")
-                args: list[Any] = [bucket, after.key]
-                if upper is not None:
-                    sql += " AND key < ?"
-                    args.append(upper)
-                sql += " ORDER BY key LIMIT ?"
-                args.append(n)
-                return conn.execute(sql, args).fetchall()
+                return _keyed_page(conn, f"SELECT {_VERSION_COLUMNS} FROM versions WHERE bucket = ? AND is_latest = 1 "
+                                   "AND delete_marker = 0", [bucket], None, after, upper, n, order="key")
 
             entries, truncated = _walk(fetch, key_of=lambda r: r[1], tie_of=lambda r: None, prefix=prefix,
                                        delimiter=delimiter, limit=max_keys, after=after)
@@ -899,21 +907,12 @@ class ObjectService:
                 after = _After(key_marker, tie=after_seq)
 
             def fetch(after: _After, upper: str | None, n: int) -> list[tuple]:
-                if after.tie is not None:
-                    # `key >= ?` bounds the index range (the OR alone makes SQLite scan up to the marker);
-                    # seq runs against key order here, so a row value cannot say it.
-                    cond_sql = "key >= ? AND (key > ? OR seq < ?)"
-                    args: list[Any] = [bucket, after.key, after.key, after.tie]
-                else:
-                    cond_sql = f"key {'>=' if after.inclusive else '>'} ?"
-                    args = [bucket, after.key]
-                sql = f"SELECT {_VERSION_COLUMNS} FROM versions WHERE bucket = ? AND {cond_sql}"
-                if upper is not None:
-                    sql += " AND key < ?"
-                    args.append(upper)
-                sql += " ORDER BY key, seq DESC LIMIT ?"
-                args.append(n)
-                return conn.execute(sql, args).fetchall()
+                # `key >= ?` bounds the index range (the OR alone makes SQLite scan up to the marker);
+                # seq runs against key order here, so a row value cannot say it.
+                tie = None if after.tie is None else (
+                    "key >= ? AND (key > ? OR seq < ?)", [after.key, after.key, after.tie])
+                return _keyed_page(conn, f"SELECT {_VERSION_COLUMNS} FROM versions WHERE bucket = ?", [bucket],
+                                   tie, after, upper, n, order="key, seq DESC")
 
             entries, truncated = _walk(fetch, key_of=lambda r: r[1], tie_of=lambda r: r[3], prefix=prefix,
                                        delimiter=delimiter, limit=max_keys, after=after)
@@ -1050,20 +1049,10 @@ class ObjectService:
                 after = _After(key_marker, tie=upload_id_marker)
 
             def fetch(after: _After, upper: str | None, n: int) -> list[tuple]:
-                if after.tie is not None:
-                    # A row value, so that SQLite seeks the index to the marker instead of scanning to it.
-                    cond_sql = "(key, upload_id) > (?, ?)"
-                    args: list[Any] = [bucket, after.key, after.tie]
-                else:
-                    cond_sql = f"key {'>=' if after.inclusive else '>'} ?"
-                    args = [bucket, after.key]
-                sql = f"SELECT upload_id, key, created, extra FROM multipart_uploads WHERE bucket = ? AND {cond_sql}"
-                if upper is not None:
-                    sql += " AND key < ?"
-                    args.append(upper)
-                sql += " ORDER BY key, upload_id LIMIT ?"
-                args.append(n)
-                return conn.execute(sql, args).fetchall()
+                # A row value, so that SQLite seeks the index to the marker instead of scanning to it.
+                tie = None if after.tie is None else ("(key, upload_id) > (?, ?)", [after.key, after.tie])
+                select = "SELECT upload_id, key, created, extra FROM multipart_uploads WHERE bucket = ?"
+                return _keyed_page(conn, select, [bucket], tie, after, upper, n, order="key, upload_id")
 
             entries, truncated = _walk(fetch, key_of=lambda r: r[1], tie_of=lambda r: r[0], prefix=prefix,
                                        delimiter=delimiter, limit=max_uploads, after=after)
