@@ -222,7 +222,8 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
         canonical = "\n".join([request.method, uri, query, canon_headers, signed, payload_hash])
         to_sign = "\n".join([ALGORITHM, amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
         expected = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
-        if hmac.compare_digest(expected, signature):
+        # Bytes: compare_digest refuses non-ASCII strings, and the claimed signature is the client's text.
+        if hmac.compare_digest(expected.encode(), signature.encode("utf-8", "surrogateescape")):
             return AuthResult(principal, payload_hash, key, signature, amz_date, scope)
     raise S3Error("SignatureDoesNotMatch", "the request signature we calculated does not match the signature you "
                   "provided. Check your key and signing method.", 403)

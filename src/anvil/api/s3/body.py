@@ -50,9 +50,9 @@ class BodyReader:
         decoded = request.headers.get("x-amz-decoded-content-length")
         self.decoded_length: int | None = None
         if self.chunked:
-            if decoded is None or not decoded.isdigit():
+            self.decoded_length = decimal_length(decoded)
+            if self.decoded_length is None:
                 raise S3Error("MissingContentLength", "aws-chunked bodies need x-amz-decoded-content-length", 411)
-            self.decoded_length = int(decoded)
         elif self.mode != sig.UNSIGNED and not _is_sha256(self.mode):
             raise S3Error("InvalidArgument", "x-amz-content-sha256 must be a SHA-256 hex digest, UNSIGNED-PAYLOAD "
                           "or a STREAMING-* mode")
@@ -119,18 +119,19 @@ class BodyReader:
         while True:
             line = await self._line()
             size_text, _, ext = line.partition(b";")
-            try:
-                size = int(size_text.strip(), 16)
-            except ValueError:
-                raise _malformed("a chunk size is not hexadecimal") from None
-            if size < 0 or len(size_text) > 16:
+            size_text = size_text.strip()
+            # Hex digits only: int(..., 16) would also take '0x10', '-1', '1_0' and surrounding spaces.
+            if not size_text or size_text.strip(b"0123456789abcdefABCDEF"):
+                raise _malformed("a chunk size is not hexadecimal")
+            if len(size_text) > 16:
                 raise _malformed("a chunk size is out of range")
+            size = int(size_text, 16)
             claimed = None
             if signed:
                 name, _, value = ext.partition(b"=")
                 if name.strip() != b"chunk-signature" or not value:
                     raise _malformed("a chunk has no chunk-signature")
-                claimed = value.strip().decode("ascii", "replace")
+                claimed = value.strip()
             h = hashlib.sha256() if signed else None
             remaining = size
             while remaining:
@@ -148,7 +149,8 @@ class BodyReader:
                 yield piece
             if signed:
                 expected = sig.chunk_signature(self.auth, previous, h.hexdigest())  # type: ignore[union-attr]
-                if not hmac.compare_digest(expected, claimed or ""):
+                # Bytes, not text: compare_digest refuses non-ASCII strings (a TypeError, a 500).
+                if not hmac.compare_digest(expected.encode(), claimed or b""):
                     raise _bad_chunk_signature()
                 previous = expected
             if size == 0:
@@ -156,8 +158,18 @@ class BodyReader:
             if await self._line() != b"":
                 raise _malformed("a chunk is longer than its declared size")
         await self._read_trailers(previous)
+        await self._expect_end()
         if self.decoded_length is not None and self.size != self.decoded_length:
             raise _incomplete()
+
+    async def _expect_end(self) -> None:
+        """Nothing may follow the final chunk and its trailers: extra bytes mean broken framing."""
+        assert self._it is not None
+        if self._buf:
+            raise _malformed("data follows the final chunk")
+        async for piece in self._it:
+            if piece:
+                raise _malformed("data follows the final chunk")
 
     async def _read_trailers(self, previous: str) -> None:
         raw = bytearray()
@@ -180,13 +192,22 @@ class BodyReader:
             self.trailers[key] = val
         if self.mode == sig.STREAMING_SIGNED_TRAILER:
             expected = sig.trailer_signature(self.auth, previous, bytes(raw))
-            if trailer_sig is None or not hmac.compare_digest(expected, trailer_sig):
+            if trailer_sig is None or not hmac.compare_digest(expected.encode(), trailer_sig.encode()):
                 raise _bad_chunk_signature()
         declared = self.request.headers.get("x-amz-trailer")
         if declared:
             for name in (n.strip().lower() for n in declared.split(",")):
                 if name and name not in self.trailers:
                     raise S3Error("InvalidRequest", f"the trailer {name} was declared but not sent")
+
+
+def decimal_length(value: str | None) -> int | None:
+    """A byte count header (ASCII digits only), or None. Past 20 digits the exact value cannot matter
+    (it is beyond any size allowed) and int() would refuse 4,300 digits: it is capped instead."""
+    if not value or not value.isascii() or not value.isdigit():
+        return None
+    digits = value.lstrip("0")
+    return 10**20 if len(digits) > 20 else int(value)
 
 
 def _is_sha256(value: str) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.responses import Response
 
-from anvil.api.s3.xmlutil import element, xml_document
+from anvil.api.s3.xmlutil import element, xml_document, xml_safe
 from anvil.errors import AnvilError
 
 
@@ -96,10 +96,11 @@ def error_response(err: S3Error, request_id: str, *, resource: str = "", head: b
     if head:
         # HEAD responses have no body; the code travels in a header for debugging.
         return Response(status_code=err.status, headers={**headers, "x-amz-error-code": err.code})
-    parts = [element("Code", err.code), element("Message", err.message)]
-    parts += [element(k, val) for k, val in err.fields.items()]
+    # Messages, fields and the resource may echo what the client sent: keep the document well-formed.
+    parts = [element("Code", err.code), element("Message", xml_safe(err.message))]
+    parts += [element(k, xml_safe(str(val))) for k, val in err.fields.items()]
     if resource:
-        parts.append(element("Resource", resource))
+        parts.append(element("Resource", xml_safe(resource)))
     parts.append(element("RequestId", request_id))
     body = xml_document("Error", "".join(parts), namespace=False)
     return Response(body, status_code=err.status, media_type="application/xml", headers=headers)

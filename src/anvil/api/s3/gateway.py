@@ -27,7 +27,7 @@ from starlette.responses import Response, StreamingResponse
 from anvil.api.common import blocking, committed, file_io
 from anvil.api.s3 import auth as sig
 from anvil.api.s3 import xmlutil as X
-from anvil.api.s3.body import BodyReader
+from anvil.api.s3.body import BodyReader, decimal_length
 from anvil.api.s3.errors import S3Error, error_response, from_anvil, not_implemented, reserved_namespace
 from anvil.context import Principal, RequestContext, new_request_id
 from anvil.errors import AnvilError
@@ -116,6 +116,14 @@ def _header_to_text(value: str) -> str:
 
 def _text_to_header(value: str) -> str:
     return value.encode("utf-8").decode("latin-1")
+
+
+def _override_value(param: str, value: str) -> str:
+    """A `response-*` query value as a response header: UTF-8 on the wire, as stored metadata goes out.
+    A control character (CR, LF, NUL...) cannot be sent in a header at all: refused, never a 500."""
+    if any(c < " " and c != "\t" or c == "\x7f" for c in value):
+        raise S3Error("InvalidArgument", f"the {param} parameter must not contain control characters")
+    return _text_to_header(value)
 
 
 @dataclass
@@ -598,7 +606,8 @@ class _Op:
         reader = BodyReader(self.request, self.auth)
         # Refuse a body declared too large before reading any of it: nothing is received or stored.
         raw_length = self.h.get("x-amz-decoded-content-length") if reader.chunked else self.h.get("content-length")
-        if raw_length is not None and raw_length.isdigit() and int(raw_length) > max_size:
+        declared_length = decimal_length(raw_length)
+        if declared_length is not None and declared_length > max_size:
             raise S3Error("EntityTooLarge", "Your proposed upload exceeds the maximum allowed size",
                           fields={"ProposedSize": raw_length, "MaxSizeAllowed": str(max_size)})
         declared = _declared_checksums(self.h)
@@ -787,7 +796,7 @@ class _Op:
         headers = self._object_headers(obj, b.versioning)
         for param, header in RESPONSE_OVERRIDES.items():
             if param in self.q:
-                headers[header] = self.q[param]
+                headers[header] = _override_value(param, self.q[param])
         rng = None
         part_number = self.q.get("partNumber")
         range_header = self.h.get("range")
@@ -848,6 +857,9 @@ class _Op:
         version_id = self.q.get("versionId")
         if version_id == "":
             raise S3Error("InvalidArgument", "Version id cannot be the empty string")
+        if version_id is not None and not (version_id.isascii() and version_id.isprintable()):
+            # No version id has such characters, and an absent version's id is echoed in a header below.
+            raise S3Error("InvalidArgument", "Invalid version id specified")
         cond = Conditions(if_match=parse_etag_list(self.h.get("if-match")))
         b = self.objects.get_bucket(self.bucket)
         try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pyexpat
+import re
 import time
 import xml.etree.ElementTree as ET
 from xml.sax.saxutils import escape
@@ -10,8 +12,18 @@ S3_NS = "http://s3.amazonaws.com/doc/2006-03-01/"
 MAX_XML_BODY = 2 * 1024 * 1024
 
 
+# Characters XML 1.0 cannot carry at all, not even as character references.
+_NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
 class XMLRejected(ValueError):
     pass
+
+
+def xml_safe(text: str) -> str:
+    """`text` with the characters XML 1.0 cannot represent replaced by U+FFFD (an error document
+    echoes request paths and values, which may hold NUL or other control characters)."""
+    return _NOT_XML_CHAR.sub("\ufffd", text)
 
 
 def element(name: str, value: object) -> str:
@@ -43,14 +55,34 @@ def parse(body: bytes) -> ET.Element:
     # No S3 request needs a DTD: refusing them outright rules out entity expansion and external entities.
     if b"<!doctype" in lowered or b"<!entity" in lowered:
         raise XMLRejected("DTDs and entities are not accepted")
+    # The byte check above misses a DTD in another encoding (UTF-16 with a BOM): the parser itself
+    # also refuses any DTD or entity declaration, and reads every document as UTF-8, as S3 does.
+    # (expat directly: ElementTree's C parser offers no hook for declarations.)
+    builder = ET.TreeBuilder()
+    parser = pyexpat.ParserCreate("utf-8", namespace_separator="}")
+    parser.StartDoctypeDeclHandler = _refuse_dtd
+    parser.EntityDeclHandler = _refuse_dtd
+    parser.UnparsedEntityDeclHandler = _refuse_dtd
+    parser.ExternalEntityRefHandler = _refuse_dtd
+    parser.buffer_text = True
+    parser.StartElementHandler = builder.start
+    parser.EndElementHandler = builder.end
+    parser.CharacterDataHandler = builder.data
     try:
-        root = ET.fromstring(body)
-    except ET.ParseError:
+        parser.Parse(body, True)
+        root = builder.close()
+    except XMLRejected:
+        raise
+    except (pyexpat.ExpatError, ValueError, LookupError):
         raise XMLRejected("the XML body is not well-formed") from None
     for el in root.iter():
         if isinstance(el.tag, str) and "}" in el.tag:
             el.tag = el.tag.split("}", 1)[1]
     return root
+
+
+def _refuse_dtd(*_args: object) -> None:
+    raise XMLRejected("DTDs and entities are not accepted")
 
 
 def child_text(el: ET.Element, name: str) -> str | None:
