@@ -4,6 +4,7 @@ import pytest
 
 from anvil.client import AnvilClient
 from tests.helpers import AnvilServer, unique_bucket
+from tests.s3_helpers import s3_client
 
 
 @pytest.fixture(scope="module")
@@ -12,6 +13,12 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     srv = AnvilServer(tmp_path_factory.mktemp("anvil") / "data").start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def s3(server: AnvilServer):
+    """A boto3 S3 client of the module's server, signing as the first admin application."""
+    return s3_client(server)
 
 
 @pytest.fixture

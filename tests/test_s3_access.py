@@ -19,11 +19,6 @@ from tests.s3_helpers import dev_credentials, s3_client
 R = "_anvil/secret"
 
 
-@pytest.fixture(scope="module")
-def s3(server: AnvilServer):
-    return s3_client(server)
-
-
 @pytest.fixture
 def bkt(s3) -> str:
     name = unique_bucket("res")

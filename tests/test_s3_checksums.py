@@ -15,7 +15,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
 from tests.helpers import AnvilServer, unique_bucket
-from tests.s3_helpers import dev_credentials, s3_client
+from tests.s3_helpers import dev_credentials
 
 MiB = 1024 * 1024
 
@@ -29,11 +29,6 @@ CRCS = {
     "CRC32": lambda d: base64.b64encode(zlib.crc32(d).to_bytes(4, "big")).decode(),
     "CRC32C": lambda d: base64.b64encode(crc32c.crc32c(d).to_bytes(4, "big")).decode(),
 }
-
-
-@pytest.fixture(scope="module")
-def s3(server: AnvilServer):
-    return s3_client(server)
 
 
 @pytest.fixture

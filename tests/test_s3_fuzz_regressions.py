@@ -15,15 +15,10 @@ import pytest
 from botocore.exceptions import ClientError
 
 from tests.helpers import AnvilServer, unique_bucket
-from tests.s3_helpers import dev_credentials, s3_client
+from tests.s3_helpers import dev_credentials
 from tests.s3_sign import sign, signed_chunked_body
 
 STREAMING = "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"
-
-
-@pytest.fixture(scope="module")
-def s3(server: AnvilServer):
-    return s3_client(server)
 
 
 @pytest.fixture
