@@ -109,13 +109,18 @@ class Target:
             self.proc.wait()
 
 
-def start_anvil(data_dir: Path) -> Target:
+def _pinned(cpus: set[int] | None) -> Any:
+    """A preexec_fn pinning the server process, and so every thread it starts, to `cpus`."""
+    return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+
+
+def start_anvil(data_dir: Path, cpus: set[int] | None = None) -> Target:
     port = free_port()
     env = {**os.environ, "ANVIL_MODE": "development"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "anvil.cli.main", "serve", "--storage-path", str(data_dir),
          "--listen", f"127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, preexec_fn=_pinned(cpus),
     )
     endpoint = f"http://127.0.0.1:{port}"
     wait_http(endpoint + "/anvil/health/live", proc)
@@ -127,10 +132,10 @@ def start_anvil(data_dir: Path) -> Target:
     return Target("anvil", endpoint, creds["client_id"], creds["client_secret"], proc)
 
 
-def start_moto() -> Target:
+def start_moto(cpus: set[int] | None = None) -> Target:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_pinned(cpus))
     endpoint = f"http://127.0.0.1:{port}"
     wait_http(endpoint + "/moto-api/", proc)
     return Target("moto", endpoint, "testing", "testing", proc)
@@ -139,8 +144,21 @@ def start_moto() -> Target:
 # ---------------------------------------------------------------- client processes
 
 
-def _worker(w: int, workers: int, commands: Any, results: Any, barrier: Any) -> None:
+def parse_cpus(spec: str | None) -> set[int] | None:
+    """`0-3,6` -> {0, 1, 2, 3, 6}; None keeps the default (every core)."""
+    if not spec:
+        return None
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def _worker(w: int, workers: int, commands: Any, results: Any, barrier: Any, cpus: set[int] | None) -> None:
     """One client process: its own boto3 client per target, created and warmed before any timed phase."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     client = None
     body = os.urandom(SMALL_SIZE)
     while True:
@@ -169,13 +187,13 @@ def _worker(w: int, workers: int, commands: Any, results: Any, barrier: Any) -> 
 
 
 class ClientPool:
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, cpus: set[int] | None = None):
         ctx = mp.get_context("spawn")
         self.workers = workers
         self.barrier = ctx.Barrier(workers + 1)
         self.results = ctx.Queue()
         self.queues = [ctx.Queue() for _ in range(workers)]
-        self.procs = [ctx.Process(target=_worker, args=(w, workers, self.queues[w], self.results, self.barrier),
+        self.procs = [ctx.Process(target=_worker, args=(w, workers, self.queues[w], self.results, self.barrier, cpus),
                                   daemon=True) for w in range(workers)]
         for p in self.procs:
             p.start()
@@ -344,19 +362,26 @@ def main() -> None:
     ap.add_argument("--aws-cli-gib", type=float, default=0, help="also upload N GiB with `aws s3 cp` to Anvil "
                     "and report peak server RSS growth")
     ap.add_argument("--only", choices=("anvil", "moto"), default=None, help="run one server (no ratios)")
+    # On a machine with more cores, keep the load generator off the servers' cores (e.g. --server-cpus
+    # 0-1 --client-cpus 2-9): the wall-clock ratio then measures the servers, not the shared CPU.
+    ap.add_argument("--server-cpus", default=None, help="cores for the server processes, e.g. 0-1")
+    ap.add_argument("--client-cpus", default=None, help="cores for the client processes, e.g. 2-9")
     args = ap.parse_args()
     objects = args.objects or (300 if args.quick else 10_000)
     large_mib = args.large_mib or (16 if args.quick else 256)
+    server_cpus, client_cpus = parse_cpus(args.server_cpus), parse_cpus(args.client_cpus)
     params = {"objects": objects, "small_size": SMALL_SIZE, "workers": args.workers, "large_mib": large_mib,
-              "cpus": os.cpu_count(), "client": "separate processes (spawn), one boto3 client each"}
+              "cpus": os.cpu_count(), "client": "separate processes (spawn), one boto3 client each",
+              "server_cpus": sorted(server_cpus) if server_cpus else "all",
+              "client_cpus": sorted(client_cpus) if client_cpus else "all"}
     tmp = Path(tempfile.mkdtemp(prefix="anvil-bench-s3-"))
     results: dict[str, Any] = {}
     extra: dict[str, Any] = {}
-    pool = ClientPool(args.workers)
+    pool = ClientPool(args.workers, client_cpus)
     try:
         src = tmp / "large.bin"
         write_random(src, large_mib)
-        starters = {"anvil": lambda: start_anvil(tmp / "data"), "moto": start_moto}
+        starters = {"anvil": lambda: start_anvil(tmp / "data", server_cpus), "moto": lambda: start_moto(server_cpus)}
         for name in (args.only,) if args.only else ("anvil", "moto"):
             target = starters[name]()
             try:
@@ -380,9 +405,9 @@ def main() -> None:
         doc["server_cpu_moto_over_anvil"] = {k: round(m[k]["server_cpu_s"] / max(a[k]["server_cpu_s"], 0.01), 2)
                                              for k in rate}
         # The most any server could score on these cores against this client: Anvil's server cost set to
-        # zero, leaving only the boto3 clients' own CPU (all cores for the 8 concurrent clients; the
+        # zero, leaving only the boto3 clients' own CPU (their cores for the 8 concurrent clients; the
         # listing is one client paging serially). A ceiling under 5 means the ratio is client-bound here.
-        cpus = os.cpu_count() or 1
+        cpus = len(client_cpus) if client_cpus else (os.cpu_count() or 1)
         doc["client_bound_ceiling"] = {
             k: round(cpus * 1000 / a[k]["client_cpu_ms_per_op"] / m[k]["ops_per_s"], 2)
             for k in ("small_put", "small_get")}
