@@ -132,6 +132,8 @@ async def json_body(request: Request, *, required: bool = True) -> dict[str, Any
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise AnvilError("InvalidArgument", "malformed JSON body") from None
+    except RecursionError:
+        raise AnvilError("InvalidArgument", "the JSON body is nested too deeply") from None
     if not isinstance(body, dict):
         raise AnvilError("InvalidArgument", "the JSON body must be an object")
     return body

@@ -527,6 +527,8 @@ async def journal_events(request: Request, ctx: RequestContext) -> Response:
     from anvil.storage import journal
 
     after = query_int(request, "after", 0)
+    if not 0 <= after < 1 << 63:  # a journal seq is a non-negative SQLite integer
+        raise AnvilError("InvalidArgument", "after must be a non-negative integer")
     limit = min(max(query_int(request, "limit", 100), 1), 1000)
     events = journal.read(_anvil(request).storage.catalog.reader(), after, limit)
     return JSONResponse({"events": [e.to_dict() for e in events]})

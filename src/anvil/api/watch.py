@@ -151,7 +151,8 @@ async def checkpoint_consumer(request: Request, ctx: RequestContext) -> Response
     if "cursor" not in body:
         raise AnvilError("InvalidArgument", "a checkpoint needs a cursor")
     cursor = parse_cursor(body["cursor"], name="cursor")
-    assert cursor is not None
+    if cursor is None:
+        raise AnvilError("InvalidArgument", "a checkpoint needs a cursor")
     result = await blocking(_anvil(request).watch.checkpoint, ctx, request.path_params["name"], cursor)
     return JSONResponse(result)
 

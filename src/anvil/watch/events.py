@@ -65,6 +65,8 @@ def parse_kinds(raw: str | list[str] | None) -> KindFilter:
         items: list[str] = []
     elif isinstance(raw, str):
         items = [p.strip() for p in raw.split(",") if p.strip()]
+    elif not isinstance(raw, (list, tuple)):
+        raise AnvilError("InvalidArgument", "kinds must be a string or a list of strings")
     else:
         if not all(isinstance(p, str) for p in raw):
             raise AnvilError("InvalidArgument", "kinds must be strings")
