@@ -76,3 +76,18 @@ def test_checkpoint_with_null_cursor(server):
         _error(resp)
     after = httpx.get(f"{server.endpoint}/anvil/v1/watch/consumers/{name}", headers=h).json()
     assert after["cursor"] == before["cursor"]
+
+
+@pytest.mark.parametrize("path,raw", [
+    ("/anvil/v1/admin/watch/compact", b'{"retention_seconds": NaN}'),
+    ("/anvil/v1/admin/watch/compact", b'{"retention_seconds": Infinity}'),
+    ("/anvil/v1/admin/watch/compact", b'{"retention_seconds": 1e400}'),
+    ("/anvil/v1/admin/gc", b'{"dry_run": true, "upload_expiry_seconds": 1e400}'),
+    ("/anvil/v1/admin/gc", b'{"dry_run": true, "grace_seconds": -Infinity}'),
+])
+def test_non_finite_json_numbers_are_refused(server, path, raw):
+    # NaN/Infinity (not JSON, but accepted by json.loads) passed the `< 0` checks, ran the operation
+    # (a compaction with a NaN retention), then failed to encode the response: 500 Internal.
+    resp = httpx.post(server.endpoint + path, content=raw,
+                      headers={**server.auth_headers(), "content-type": "application/json"})
+    _error(resp)

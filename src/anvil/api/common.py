@@ -7,6 +7,7 @@ import concurrent.futures
 import functools
 import json
 import logging
+import math
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -120,6 +121,18 @@ async def committed(future: concurrent.futures.Future) -> Any:
     return await asyncio.shield(asyncio.wrap_future(future))
 
 
+def _non_finite(name: str) -> float:
+    # NaN and Infinity are not JSON; Python accepts them, and they pass every `x < 0` check.
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses to inf
+        raise ValueError("number out of range")
+    return value
+
+
 async def json_body(request: Request, *, required: bool = True) -> dict[str, Any]:
     raw = await request.body()
     if not raw:
@@ -129,7 +142,7 @@ async def json_body(request: Request, *, required: bool = True) -> dict[str, Any
     if len(raw) > 1024 * 1024:
         raise AnvilError("InvalidArgument", "JSON body too large")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_non_finite, parse_float=_finite_float)
     except (ValueError, UnicodeDecodeError):
         raise AnvilError("InvalidArgument", "malformed JSON body") from None
     except RecursionError:
