@@ -91,3 +91,28 @@ def test_non_finite_json_numbers_are_refused(server, path, raw):
     resp = httpx.post(server.endpoint + path, content=raw,
                       headers={**server.auth_headers(), "content-type": "application/json"})
     _error(resp)
+
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/anvil/v1/watch/consumers"),  # was 200 {"consumers": []}
+    ("POST", "/anvil/v1/watch/consumers"),
+    ("GET", "/anvil/v1/watch/consumers/nope"),  # was 404
+    ("DELETE", "/anvil/v1/watch/consumers/nope"),
+    ("POST", "/anvil/v1/watch/consumers/nope/checkpoint"),  # was 400
+    ("POST", "/anvil/v1/admin/apps"),
+    ("POST", "/anvil/v1/admin/apps/NOPE/rotate-secret"),
+    ("GET", "/anvil/v1/admin/apps/NOPE/policies"),
+    ("POST", "/anvil/v1/admin/apps/NOPE/policies/grant"),
+    ("POST", "/anvil/v1/admin/apps/NOPE/policies/revoke"),
+    ("PUT", "/anvil/v1/buckets/{bucket}/public-access"),
+    ("POST", "/anvil/v1/buckets/{bucket}/copy"),
+    ("POST", "/anvil/v1/buckets/{bucket}/uploads"),
+    ("PUT", "/anvil/v1/buckets/{bucket}/uploads/nope/parts/1"),
+    ("POST", "/anvil/v1/buckets/{bucket}/uploads/nope/complete"),
+    ("DELETE", "/anvil/v1/buckets/{bucket}/uploads/nope"),
+])
+def test_anonymous_gets_401_before_validation_or_lookup(server, bucket, method, path):
+    # These routes never serve anonymous callers, but validated the body or looked the resource
+    # up first, answering 400/404 (or 200 with an empty list) instead of 401.
+    resp = httpx.request(method, server.endpoint + path.format(bucket=bucket), json={})
+    _error(resp, 401, "Unauthenticated")

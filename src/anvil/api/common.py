@@ -43,6 +43,12 @@ def authenticate(request: Request) -> Principal:
     return request.app.state.anvil.identity.authenticate_token(token.strip())
 
 
+def require_identity(ctx: RequestContext) -> None:
+    """For routes that never serve anonymous callers: 401 before the body or any lookup is looked at."""
+    if ctx.principal.anonymous:
+        raise AnvilError("Unauthenticated", "authentication required", headers={"www-authenticate": "Bearer"})
+
+
 def record_denial(request: Request, err: AnvilError, request_id: str, principal: Principal | None) -> None:
     if not (getattr(err, "denied", False) or err.code in ("Unauthenticated", "PermissionDenied")):
         return

@@ -6,7 +6,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from anvil.api.common import blocking, endpoint, json_body, query_int
+from anvil.api.common import blocking, endpoint, json_body, query_int, require_identity
 from anvil.context import RequestContext
 from anvil.errors import AnvilError
 from anvil.identity import authorize, recovery
@@ -37,6 +37,7 @@ async def whoami(request: Request, ctx: RequestContext) -> Response:
 
 @endpoint
 async def create_tenant(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
     body = await json_body(request)
     result = await blocking(_anvil(request).identity.create_tenant, ctx, body.get("name"))
     return JSONResponse(result, status_code=201)
@@ -49,6 +50,7 @@ async def list_tenants(request: Request, ctx: RequestContext) -> Response:
 
 @endpoint
 async def create_app(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
     body = await json_body(request)
     result = await blocking(_anvil(request).identity.create_app, ctx, body.get("tenant"), body.get("name"),
                             body.get("scopes"))
@@ -57,23 +59,27 @@ async def create_app(request: Request, ctx: RequestContext) -> Response:
 
 @endpoint
 async def list_apps(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
     tenant = request.query_params.get("tenant") or None
     return JSONResponse({"apps": _anvil(request).identity.list_apps(ctx.principal, tenant)})
 
 
 @endpoint
 async def rotate_secret(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
     result = await blocking(_anvil(request).identity.rotate_secret, ctx, request.path_params["client_id"])
     return JSONResponse(result, headers={"cache-control": "no-store"})
 
 
 @endpoint
 async def get_policies(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
     return JSONResponse(_anvil(request).identity.policies(ctx.principal, request.path_params["client_id"]))
 
 
 @endpoint
 async def grant(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
     body = await json_body(request)
     return JSONResponse(await blocking(_anvil(request).identity.grant, ctx, request.path_params["client_id"],
                                        body.get("scopes")))
@@ -81,6 +87,7 @@ async def grant(request: Request, ctx: RequestContext) -> Response:
 
 @endpoint
 async def revoke(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
     body = await json_body(request)
     return JSONResponse(await blocking(_anvil(request).identity.revoke, ctx, request.path_params["client_id"],
                                        body.get("scopes")))
@@ -88,6 +95,7 @@ async def revoke(request: Request, ctx: RequestContext) -> Response:
 
 @endpoint
 async def public_access(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
     name = request.path_params["bucket"]
     body = await json_body(request)
     public = body.get("public")

@@ -22,6 +22,7 @@ from anvil.api.common import (
     metadata_from_headers,
     metadata_to_headers,
     query_int,
+    require_identity,
     submit_file_io,
 )
 from anvil.context import RequestContext
@@ -387,6 +388,7 @@ def _str_field(body: dict[str, Any], name: str, *, required: bool = False) -> st
 
 @endpoint
 async def copy_object(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
     bucket = request.path_params["bucket"]
     body = await json_body(request)
     src_key = _str_field(body, "source_key", required=True)
@@ -427,6 +429,7 @@ def _upload(request: Request, *, include_completed: bool = False) -> dict[str, A
 
 @endpoint
 async def create_upload(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
     bucket = request.path_params["bucket"]
     body = await json_body(request)
     key = _str_field(body, "key", required=True)
@@ -463,6 +466,7 @@ async def list_uploads(request: Request, ctx: RequestContext) -> Response:
 
 @endpoint
 async def upload_part(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
     up = _upload(request)
     _check_recovery(request)
     authorize(ctx.principal, "object:write", _bucket_resource(up["bucket"], up["key"]))
@@ -489,6 +493,7 @@ async def list_parts(request: Request, ctx: RequestContext) -> Response:
 
 @endpoint
 async def complete_upload(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
     # A retry carrying an Idempotency-Key may arrive after the upload completed: find it anyway
     # so the service can replay the first result (without a key it is NotFound, as before).
     up = _upload(request, include_completed=ctx.idempotency_key is not None)
@@ -512,6 +517,7 @@ async def complete_upload(request: Request, ctx: RequestContext) -> Response:
 
 @endpoint
 async def abort_upload(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
     up = _upload(request)
     _check_recovery(request)
     authorize(ctx.principal, "object:delete", _bucket_resource(up["bucket"], up["key"]))

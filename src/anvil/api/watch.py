@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from anvil.api.common import blocking, endpoint, json_body
+from anvil.api.common import blocking, endpoint, json_body, require_identity
 from anvil.context import RequestContext
 from anvil.errors import AnvilError
 from anvil.identity import authorize
@@ -109,12 +109,14 @@ async def watch(request: Request, ctx: RequestContext) -> Response:
 
 @endpoint
 async def list_consumers(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
     items = await blocking(_anvil(request).watch.list_consumers, ctx.principal)
     return JSONResponse({"consumers": items})
 
 
 @endpoint
 async def create_consumer(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
     _check_recovery(request)
     body = await json_body(request)
     unknown = sorted(set(body) - {"name", "bucket", "prefix", "kinds", "after"})
@@ -130,6 +132,7 @@ async def create_consumer(request: Request, ctx: RequestContext) -> Response:
 
 @endpoint
 async def get_consumer(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
     service = _anvil(request).watch
 
     def run() -> dict[str, Any]:
@@ -140,12 +143,14 @@ async def get_consumer(request: Request, ctx: RequestContext) -> Response:
 
 @endpoint
 async def delete_consumer(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
     _check_recovery(request)
     return JSONResponse(await blocking(_anvil(request).watch.delete_consumer, ctx, request.path_params["name"]))
 
 
 @endpoint
 async def checkpoint_consumer(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
     _check_recovery(request)
     body = await json_body(request)
     if "cursor" not in body:
