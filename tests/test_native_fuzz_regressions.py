@@ -116,3 +116,16 @@ def test_anonymous_gets_401_before_validation_or_lookup(server, bucket, method, 
     # up first, answering 400/404 (or 200 with an empty list) instead of 401.
     resp = httpx.request(method, server.endpoint + path.format(bucket=bucket), json={})
     _error(resp, 401, "Unauthenticated")
+
+
+def test_openapi_matches_success_codes_and_public_operations(server):
+    doc = httpx.get(server.endpoint + "/anvil/v1/openapi.json").json()
+    ops = {op["operationId"]: op for item in doc["paths"].values() for op in item.values()}
+    # Created resources answer 201, not the 200 the document used to promise.
+    for op_id in ("createBucket", "createUpload", "createTenant", "createApp", "createConsumer", "createBackup"):
+        assert "201" in ops[op_id]["responses"] and "200" not in ops[op_id]["responses"], op_id
+    assert {"200", "206", "304"} <= set(ops["getObject"]["responses"])
+    # Health and the token exchange need no bearer token; everything else inherits the global one.
+    for op_id in ("live", "ready", "token"):
+        assert ops[op_id]["security"] == []
+    assert "security" not in ops["listBuckets"]

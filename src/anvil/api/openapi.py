@@ -123,6 +123,12 @@ OPERATIONS += [
      False),
 ]
 
+# Operations that need no bearer token (anonymous reads of public buckets are decided per bucket).
+PUBLIC = frozenset({"live", "ready", "token"})
+# Operations whose success status is not 200.
+SUCCESS = {"createBucket": "201", "createUpload": "201", "createTenant": "201", "createApp": "201",
+           "createConsumer": "201", "createBackup": "201"}
+
 ERROR = {
     "type": "object",
     "properties": {"error": {"type": "object", "properties": {
@@ -142,10 +148,15 @@ def document() -> dict[str, Any]:
             "summary": summary,
             "parameters": path_params + params,
             "responses": {
-                "200": {"description": "success"},
+                SUCCESS.get(op_id, "200"): {"description": "success"},
                 "default": {"description": "error", "content": {"application/json": {"schema": ERROR}}},
             },
         }
+        if op_id == "getObject":
+            op["responses"]["206"] = {"description": "partial content (Range)"}
+            op["responses"]["304"] = {"description": "not modified (If-None-Match)"}
+        if op_id in PUBLIC:
+            op["security"] = []
         if json_body:
             op["requestBody"] = {"content": {"application/json": {"schema": {"type": "object"}}}}
         if streamed:
