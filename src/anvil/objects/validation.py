@@ -116,28 +116,33 @@ class ByteRange:
 _RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
 
 
+def decimal_length(value: str | None) -> int | None:
+    """A byte count or position (ASCII digits only), or None. Past 20 digits the exact value cannot
+    matter (it is beyond any size allowed) and int() would refuse 4,300 digits: it is capped instead."""
+    if not value or not value.isascii() or not value.isdigit():
+        return None
+    return 10**20 if len(value.lstrip("0")) > 20 else int(value)
+
+
 def parse_range(header: str, size: int) -> ByteRange:
     """`a-b`, `a-` and `-n`. Malformed -> InvalidArgument; unsatisfiable -> InvalidRange (416)."""
     m = _RANGE_RE.match(header.strip())
     if not m or (m.group(1) == "" and m.group(2) == ""):
         raise AnvilError("InvalidArgument", "malformed Range header: use bytes=a-b, bytes=a- or bytes=-n")
-    # Past 20 digits a position is beyond any object (and int() refuses 4,300 digits): cap it.
-    first, last = (g if len(g.lstrip("0")) <= 20 else "9" * 21 for g in (m.group(1), m.group(2)))
+    first, last = decimal_length(m.group(1)), decimal_length(m.group(2))
     unsatisfiable = AnvilError(
         "InvalidRange", "the requested range is not satisfiable", headers={"Content-Range": f"bytes */{size}"}
     )
-    if first == "":
-        n = int(last)
-        if n == 0 or size == 0:
+    if first is None:
+        assert last is not None
+        if last == 0 or size == 0:
             raise unsatisfiable
-        return ByteRange(max(0, size - n), size - 1)
-    a = int(first)
-    if last != "" and int(last) < a:
+        return ByteRange(max(0, size - last), size - 1)
+    if last is not None and last < first:
         raise AnvilError("InvalidArgument", "malformed Range header: last byte before first byte")
-    if a >= size:
+    if first >= size:
         raise unsatisfiable
-    b = size - 1 if last == "" else min(int(last), size - 1)
-    return ByteRange(a, b)
+    return ByteRange(first, size - 1 if last is None else min(last, size - 1))
 
 
 def check_part_number(n: int) -> None:

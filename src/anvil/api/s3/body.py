@@ -15,6 +15,7 @@ from starlette.requests import Request
 
 from anvil.api.s3 import auth as sig
 from anvil.api.s3.errors import S3Error
+from anvil.objects import validation as v
 
 MAX_LINE = 4096
 MAX_TRAILER_BYTES = 16 * 1024
@@ -50,7 +51,7 @@ class BodyReader:
         decoded = request.headers.get("x-amz-decoded-content-length")
         self.decoded_length: int | None = None
         if self.chunked:
-            self.decoded_length = decimal_length(decoded)
+            self.decoded_length = v.decimal_length(decoded)
             if self.decoded_length is None:
                 raise S3Error("MissingContentLength", "aws-chunked bodies need x-amz-decoded-content-length", 411)
         elif self.mode != sig.UNSIGNED and not _is_sha256(self.mode):
@@ -199,15 +200,6 @@ class BodyReader:
             for name in (n.strip().lower() for n in declared.split(",")):
                 if name and name not in self.trailers:
                     raise S3Error("InvalidRequest", f"the trailer {name} was declared but not sent")
-
-
-def decimal_length(value: str | None) -> int | None:
-    """A byte count header (ASCII digits only), or None. Past 20 digits the exact value cannot matter
-    (it is beyond any size allowed) and int() would refuse 4,300 digits: it is capped instead."""
-    if not value or not value.isascii() or not value.isdigit():
-        return None
-    digits = value.lstrip("0")
-    return 10**20 if len(digits) > 20 else int(value)
 
 
 def _is_sha256(value: str) -> bool:

@@ -27,7 +27,7 @@ from starlette.responses import Response, StreamingResponse
 from anvil.api.common import blocking, committed, file_io
 from anvil.api.s3 import auth as sig
 from anvil.api.s3 import xmlutil as X
-from anvil.api.s3.body import BodyReader, decimal_length
+from anvil.api.s3.body import BodyReader
 from anvil.api.s3.errors import S3Error, error_response, from_anvil, not_implemented, reserved_namespace
 from anvil.context import Principal, RequestContext, new_request_id
 from anvil.errors import AnvilError
@@ -606,7 +606,7 @@ class _Op:
         reader = BodyReader(self.request, self.auth)
         # Refuse a body declared too large before reading any of it: nothing is received or stored.
         raw_length = self.h.get("x-amz-decoded-content-length") if reader.chunked else self.h.get("content-length")
-        declared_length = decimal_length(raw_length)
+        declared_length = v.decimal_length(raw_length)
         if declared_length is not None and declared_length > max_size:
             raise S3Error("EntityTooLarge", "Your proposed upload exceeds the maximum allowed size",
                           fields={"ProposedSize": raw_length, "MaxSizeAllowed": str(max_size)})
