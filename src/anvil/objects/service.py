@@ -341,6 +341,11 @@ def _keyed_page(
     return conn.execute(f"{sql} ORDER BY {order} LIMIT ?", [*params, n]).fetchall()
 
 
+def _split_entries(entries: list[Any]) -> tuple[list[str], list[tuple]]:
+    """A walk's page as (common prefixes, rows), each in listing order."""
+    return [e for e in entries if isinstance(e, str)], [e for e in entries if not isinstance(e, str)]
+
+
 def _walk(
     fetch: Callable[[_After, str | None, int], list[tuple]], *, key_of: Callable[[tuple], str],
     tie_of: Callable[[tuple], Any], prefix: str, delimiter: str, limit: int, after: _After,
@@ -865,11 +870,8 @@ class ObjectService:
             entries, truncated = _walk(fetch, key_of=lambda r: r[1], tie_of=lambda r: None, prefix=prefix,
                                        delimiter=delimiter, limit=max_keys, after=after)
         result = ListResult(truncated=truncated)
-        for e in entries:
-            if isinstance(e, str):
-                result.common_prefixes.append(e)
-            else:
-                result.objects.append(ObjectVersion.from_row(e))
+        result.common_prefixes, rows = _split_entries(entries)
+        result.objects = [ObjectVersion.from_row(r) for r in rows]
         if truncated and entries:
             last = entries[-1]
             result.next_token = _encode_token({"k": last, "p": True} if isinstance(last, str)
@@ -917,11 +919,8 @@ class ObjectService:
             entries, truncated = _walk(fetch, key_of=lambda r: r[1], tie_of=lambda r: r[3], prefix=prefix,
                                        delimiter=delimiter, limit=max_keys, after=after)
         result = VersionListResult(truncated=truncated)
-        for e in entries:
-            if isinstance(e, str):
-                result.common_prefixes.append(e)
-            else:
-                result.versions.append(ObjectVersion.from_row(e))
+        result.common_prefixes, rows = _split_entries(entries)
+        result.versions = [ObjectVersion.from_row(r) for r in rows]
         if truncated and entries:
             last = entries[-1]
             if isinstance(last, str):
@@ -1057,10 +1056,8 @@ class ObjectService:
             entries, truncated = _walk(fetch, key_of=lambda r: r[1], tie_of=lambda r: r[0], prefix=prefix,
                                        delimiter=delimiter, limit=max_uploads, after=after)
         result = UploadListResult(truncated=truncated)
-        for e in entries:
-            if isinstance(e, str):
-                result.common_prefixes.append(e)
-                continue
+        result.common_prefixes, rows = _split_entries(entries)
+        for e in rows:
             up: dict[str, Any] = {"upload_id": e[0], "key": e[1], "created": e[2]}
             extra = json.loads(e[3] or "{}")
             if extra.get("checksum_algorithm"):
