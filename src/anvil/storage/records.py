@@ -1,0 +1,103 @@
+"""The record store interface: the only surface through which code outside `anvil.storage` touches SQL.
+
+Subsystems receive a `Connection` (a reader, the writer inside `Catalog.mutate`, or a
+checkpoint copy) and call `execute(sql, params)`; they catch `RecordError`. Nothing outside
+this package imports the SQLite binding, so a second engine (PostgreSQL) only has to provide
+objects of these shapes, and SQL written outside `storage` keeps to what both engines accept:
+`?` placeholders (an engine that wants `%s` translates them), no `INSERT OR ...`, no
+`printf`, no `rowid`. Engine-specific JSON access goes through the fragments below.
+
+The functions that need engine knowledge beyond one statement (a consistent online copy, an
+integrity check, a read-only connection to a file) live here too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import apsw
+
+# Every failure of the record store (I/O, corruption, constraint, SQL error) is one of these.
+RecordError = apsw.Error
+# The statement names a table or column this store does not have (e.g. an older catalog).
+MissingSchema = apsw.SQLError
+# A UNIQUE / PRIMARY KEY / CHECK constraint refused a write.
+ConstraintViolation = apsw.ConstraintError
+
+
+class Cursor(Protocol):
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Connection(Protocol):
+    """One connection to the record store. `with conn:` is one transaction (a read snapshot for readers)."""
+
+    def execute(self, statement: str, binding: Sequence[Any] | dict[str, Any] | None = ...) -> Cursor: ...
+
+    def __enter__(self) -> Connection: ...
+
+    def __exit__(self, *exc: object) -> bool | None: ...
+
+
+def open_readonly(path: str | Path) -> Connection:
+    """A read-only connection to a catalog file that no server may be writing (or one that is: WAL)."""
+    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+    conn.setbusytimeout(10_000)
+    return conn
+
+
+def open_file(path: str | Path) -> Connection:
+    """A read-write connection to a catalog file no server has open (a restored copy, a checkpoint)."""
+    conn = apsw.Connection(str(path))
+    conn.setbusytimeout(10_000)
+    return conn
+
+
+def close(conn: Connection) -> None:
+    conn.close()  # type: ignore[attr-defined]
+
+
+def consistent_copy(source: str | Path, dest: str | Path) -> None:
+    """Copy a live catalog into `dest` as of one commit, while writers keep committing.
+
+    The online backup API copies every page in one `step(-1)` inside one read transaction on
+    the source: WAL lets the writer go on, and the copy is exactly the database as of one
+    commit. Stepping in small pieces never finishes while another connection writes.
+    """
+    src = apsw.Connection(str(source), flags=apsw.SQLITE_OPEN_READONLY)
+    src.setbusytimeout(10_000)
+    out = apsw.Connection(str(dest))
+    try:
+        with out.backup("main", src, "main") as b:
+            b.step(-1)
+        # A single self-contained file: no -wal is needed to read or restore it.
+        out.execute("PRAGMA journal_mode=DELETE")
+    finally:
+        out.close()
+        src.close()
+
+
+def integrity_problems(conn: Connection, limit: int = 100) -> list[str]:
+    """The engine's own structural check of the store: [] when it is sound."""
+    try:
+        rows = [r[0] for r in conn.execute(f"PRAGMA integrity_check({int(limit)})").fetchall()]
+    except RecordError as e:
+        # Damage bad enough that the check aborts is itself the answer.
+        return [f"integrity_check aborted: {e}"]
+    return [] if rows == ["ok"] else rows
+
+
+def json_array_rows(column: str, alias: str) -> str:
+    """A FROM-clause item yielding one row per element of the JSON array in `column`;
+    `json_item(alias, i)` reads element i of such a row (itself an array)."""
+    return f"json_each({column}) {alias}"
+
+
+def json_item(alias: str, index: int) -> str:
+    return f"{alias}.value ->> {int(index)}"
