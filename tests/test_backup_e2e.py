@@ -199,7 +199,7 @@ def test_drill_passes_and_reports(world, tmp_path: Path) -> None:
     assert proc.returncode == 0, json.dumps([c for c in report["checks"] if not c["ok"]], indent=1)
     assert report["ok"] and report["snapshot"] == world["snap"]["id"]
     names = [c["check"] for c in report["checks"]]
-    assert "smoke: objects" in names and "client performs ordinary operations" in names
+    assert "smoke: objects" in names and "smoke after resume: objects" in names  # ordinary operations
     assert "not present in this deployment" in {c["participants"] for c in report["coverage"]
                                                 if isinstance(c["participants"], str)}
     assert "PASSED" in (tmp_path / "drill-report.md").read_text()

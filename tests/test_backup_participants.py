@@ -8,13 +8,14 @@ from typing import Any
 
 import pytest
 
-from anvil.backup import engine, recovery
-from anvil.backup.participant import CHECKLIST_IDS, Finding, Participant, RecoveryContext, coverage
+from anvil.backup import engine
+from anvil.backup import mode as recovery
 from anvil.backup.repository import LocalBackend, Repository
 from anvil.backup.restore import restore
 from anvil.context import DEV_PRINCIPAL, RequestContext
 from anvil.runtime import Anvil, recovery_participants
 from anvil.storage import Storage
+from anvil.storage.recovery import CHECKLIST_IDS, Finding, Participant, RebuildRefused, RecoveryContext, coverage
 
 
 class FakeIndexParticipant(Participant):
@@ -45,7 +46,7 @@ class FakeIndexParticipant(Participant):
 
     def rebuild(self, ctx: RecoveryContext) -> list[Finding]:
         self.rebuilt += 1
-        self._path(ctx).write_text(json.dumps({"cursor": "ok"}))
+        self._path(ctx).write_text(json.dumps({"cursor": "ok", "files": []}))
         return [self.finding("info", "generation 1", "rebuilt from source records")]
 
 
@@ -58,7 +59,7 @@ def test_files_restore_and_derived_rebuild(tmp_path: Path, monkeypatch: pytest.M
         anvil.objects.create_bucket(RequestContext(DEV_PRINCIPAL), "idx-bucket")
         gen = tmp_path / "data" / "derived" / "test-index" / "1"
         gen.mkdir(parents=True)
-        (gen / "MANIFEST.json").write_text(json.dumps({"cursor": "stale"}))
+        (gen / "MANIFEST.json").write_text(json.dumps({"cursor": "stale", "files": []}))
         repo = Repository.init(LocalBackend(tmp_path / "repo"), "pw")
         m = engine.create_snapshot(anvil.storage.root, anvil.storage.layout.catalog_path, anvil.storage.blobs,
                                    anvil.storage.layout.tmp, anvil.storage.format.deployment_id, parts, repo,
@@ -70,7 +71,7 @@ def test_files_restore_and_derived_rebuild(tmp_path: Path, monkeypatch: pytest.M
     assert cov["fulltext"] == ["test-index"] and cov["vector"] == []
     restore(repo, m, tmp_path / "restored", parts)
     restored = tmp_path / "restored" / "derived" / "test-index" / "1" / "MANIFEST.json"
-    assert json.loads(restored.read_text()) == {"cursor": "stale"}
+    assert json.loads(restored.read_text()) == {"cursor": "stale", "files": []}
     storage = Storage(tmp_path / "restored")
     try:
         report = recovery.validate(storage, parts)
@@ -80,12 +81,12 @@ def test_files_restore_and_derived_rebuild(tmp_path: Path, monkeypatch: pytest.M
     step = next(s for s in report["steps"] if s["step"] == "validate index generations")
     assert step["participants"] == ["test-index"] and step["status"] == "passed"
     assert [f["severity"] for f in step["findings"]] == ["warning", "info", "info"]
-    assert json.loads(restored.read_text()) == {"cursor": "ok"}
+    assert json.loads(restored.read_text()) == {"cursor": "ok", "files": []}
 
 
 def test_source_participants_cannot_rebuild_and_coverage_lists_every_item() -> None:
     parts = recovery_participants()
-    with pytest.raises(TypeError, match="cannot be rebuilt"):
+    with pytest.raises(RebuildRefused, match="cannot be rebuilt"):
         parts[0].rebuild(None)  # type: ignore[arg-type]
     cov = coverage(p.describe() for p in parts)
     assert [c["item"] for c in cov] == CHECKLIST_IDS

@@ -12,21 +12,18 @@ import pytest
 
 from anvil.context import DEV_PRINCIPAL, Principal, RequestContext
 from anvil.diagnostics import (
-    DerivedFamily,
-    RepairContext,
     make_finding,
     record,
     redact_for,
-    register_family,
     run_fsck,
     run_repair,
     summary,
-    unregister_family,
     validate,
 )
 from anvil.diagnostics.findings import REDACTED, list_findings, resolve
 from anvil.errors import AnvilError
-from anvil.runtime import Anvil
+from anvil.runtime import Anvil, recovery_participants
+from anvil.storage.recovery import Finding, Participant, RecoveryContext
 
 ACME = Principal(tenant="acme", subject="alice", admin=False, scopes=("*",))
 
@@ -104,43 +101,50 @@ def test_summary_and_validate_detect_changes(anvil: Anvil) -> None:
     assert summary(cat.reader())["digest"] != s["digest"]
 
 
-def test_repair_rebuilds_a_registered_family_and_fsck_checks_its_manifest(anvil: Anvil) -> None:
+def test_repair_rebuilds_a_derived_participant_and_fsck_checks_its_manifest(anvil: Anvil) -> None:
     ctx = RequestContext(DEV_PRINCIPAL)
     anvil.objects.create_bucket(ctx, "src")
 
-    def rebuild(rctx: RepairContext) -> dict[str, Any]:
-        # A real derived structure: the list of bucket names, with a manifest like every family's.
-        gen = rctx.derived_root / f"gen-{rctx.head_seq}"
-        gen.mkdir(parents=True)
-        body = json.dumps([b.name for b in anvil.objects.list_buckets()]).encode()
-        (gen / "buckets.json").write_bytes(body)
-        manifest = {"cursor": rctx.head_seq, "files": [
-            {"path": "buckets.json", "sha256": hashlib.sha256(body).hexdigest(), "size": len(body)}]}
-        (gen / "MANIFEST.json").write_text(json.dumps(manifest))
-        return {"generation": gen.name}
+    class BucketList(Participant):
+        """A real derived structure: the list of bucket names, with a manifest like every family's."""
 
-    def broken(rctx: RepairContext) -> dict[str, Any]:
-        raise RuntimeError("source unreadable")
+        name = "bucket-list"
+        kind = "derived"
 
-    register_family(DerivedFamily("bucket-list", rebuild))
-    register_family(DerivedFamily("broken", broken))
-    try:
-        with pytest.raises(AnvilError):
-            run_repair(anvil.storage, ctx, ["bucket-list", "nope"])
-        report = run_repair(anvil.storage, ctx, ["bucket-list"])
-        assert report["ok"] is True
-        assert [f["invariant"] for f in report["findings"]] == ["repair.rebuilt"]
-        failed = run_repair(anvil.storage, ctx, ["broken"])
-        assert failed["ok"] is False and failed["findings"][0]["invariant"] == "repair.failed"
-        assert failed["findings"][0]["operator_action_required"] is True
-    finally:
-        unregister_family("bucket-list")
-        unregister_family("broken")
+        def rebuild(self, rctx: RecoveryContext) -> list[Finding]:
+            head = anvil.storage.catalog.head()[0]
+            gen = rctx.root / "derived" / self.name / f"gen-{head}"
+            gen.mkdir(parents=True)
+            body = json.dumps([b.name for b in anvil.objects.list_buckets()]).encode()
+            (gen / "buckets.json").write_bytes(body)
+            manifest = {"cursor": head, "files": [
+                {"path": "buckets.json", "sha256": hashlib.sha256(body).hexdigest(), "size": len(body)}]}
+            (gen / "MANIFEST.json").write_text(json.dumps(manifest))
+            return [self.finding("info", gen.name, "rebuilt")]
+
+    class Broken(Participant):
+        name = "broken"
+        kind = "derived"
+
+        def rebuild(self, rctx: RecoveryContext) -> list[Finding]:
+            raise RuntimeError("source unreadable")
+
+    parts = [*recovery_participants(), BucketList(), Broken()]
+    with pytest.raises(AnvilError):
+        run_repair(anvil.storage, parts, ctx, ["bucket-list", "nope"])
+    with pytest.raises(AnvilError):
+        run_repair(anvil.storage, parts, ctx, ["objects"])  # a source participant is no family
+    report = run_repair(anvil.storage, parts, ctx, ["bucket-list"])
+    assert report["ok"] is True
+    assert [f["invariant"] for f in report["findings"]] == ["repair.rebuilt"]
+    failed = run_repair(anvil.storage, parts, ctx, ["broken"])
+    assert failed["ok"] is False and failed["findings"][0]["invariant"] == "repair.failed"
+    assert failed["findings"][0]["operator_action_required"] is True
 
     target = anvil.diagnostics.target()
-    clean = run_fsck(target, deep=True, record=False)
+    clean = run_fsck(target, recovery_participants(), deep=True, record=False)
     assert clean.findings == [] and clean.checks["derived"] == {"manifests": 1, "files": 1}
     seg = next((anvil.storage.layout.derived / "bucket-list").glob("gen-*/buckets.json"))
     seg.write_bytes(b'["tampered"]')
-    damaged = run_fsck(target, deep=True, record=False)
+    damaged = run_fsck(target, recovery_participants(), deep=True, record=False)
     assert [f.invariant for f in damaged.findings] == ["derived.file_size"]

@@ -512,6 +512,29 @@ class AnvilClient:
     def verify_journal(self) -> dict[str, Any]:
         return self._json("GET", "/anvil/v1/admin/journal/verify")
 
+    # ------------------------------------------------------------ backup and recovery
+
+    def create_backup(self, repo: str, *, passphrase: str | None = None, s3_endpoint: str | None = None,
+                      tag: str | None = None, escrow_secrets: bool = False) -> dict[str, Any]:
+        """Ask the server to take a snapshot of itself into `repo` (admin)."""
+        body: dict[str, Any] = {"repo": repo}
+        for name, value in (("passphrase", passphrase), ("s3_endpoint", s3_endpoint), ("tag", tag)):
+            if value:
+                body[name] = value
+        if escrow_secrets:
+            body["escrow_secrets"] = True
+        return self._json("POST", "/anvil/v1/admin/backup", json=body)
+
+    def recovery_status(self) -> dict[str, Any]:
+        return self._json("GET", "/anvil/v1/admin/recovery")
+
+    def recovery_validate(self) -> dict[str, Any]:
+        return self._json("POST", "/anvil/v1/admin/recovery/validate", json={})
+
+    def recovery_resume(self, *, force: bool = False, reason: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"force": True, "reason": reason} if force else {}
+        return self._json("POST", "/anvil/v1/admin/recovery/resume", json=body)
+
     # ------------------------------------------------------------ identity
 
     def whoami(self) -> dict[str, Any]:

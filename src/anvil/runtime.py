@@ -2,30 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from anvil.diagnostics import Diagnostics
+from anvil.diagnostics.participant import DiagnosticsParticipant
+from anvil.diagnostics.service import check_storage_path
+from anvil.errors import AnvilError
 from anvil.identity import BucketAccess, IdentityService, install_bucket_lookup
+from anvil.identity.participant import IdentityParticipant
 from anvil.identity.settings import load_jwt_secret, load_keyring
 from anvil.objects import ObjectService
+from anvil.objects.participant import ObjectsParticipant
 from anvil.storage import Storage
+from anvil.storage.layout import FORMAT_FILE
+from anvil.storage.participant import BlobsParticipant, JournalParticipant, StorageParticipant
+from anvil.storage.recovery import Participant
 from anvil.watch import WatchService
-
-if TYPE_CHECKING:
-    from anvil.backup.participant import Participant
+from anvil.watch.participant import WatchParticipant
 
 
 def recovery_participants() -> list[Participant]:
-    """Every subsystem's recovery participant; later subsystems append theirs here."""
-    from anvil.backup.storage_participants import BlobsParticipant, JournalParticipant
-    from anvil.diagnostics.backup_participant import DiagnosticsParticipant
-    from anvil.identity.backup_participant import IdentityParticipant
-    from anvil.objects.recovery import ObjectsParticipant
-    from anvil.watch.backup_participant import WatchParticipant
-
-    return [JournalParticipant(), ObjectsParticipant(), BlobsParticipant(), IdentityParticipant(),
-            WatchParticipant(), DiagnosticsParticipant()]
+    """Every subsystem's recovery participant, in the order reports list them; a new subsystem
+    appends its own here and thereby joins backup, restore, fsck, gc, the drill and the
+    conformance suite."""
+    return [StorageParticipant(), JournalParticipant(), ObjectsParticipant(), BlobsParticipant(),
+            IdentityParticipant(), WatchParticipant(), DiagnosticsParticipant()]
 
 
 class Anvil:
@@ -37,7 +40,7 @@ class Anvil:
             self.identity = IdentityService(self.storage, load_keyring(secrets_dir), load_jwt_secret(secrets_dir))
             install_bucket_lookup(self._bucket_access)
             self.watch = WatchService(self.storage, bucket_exists=lambda b: self.objects.find_bucket(b) is not None)
-            self.diagnostics = Diagnostics(self.storage, self.objects)
+            self.diagnostics = Diagnostics(self.storage, self.objects, recovery_participants())
             self.storage.catalog.start()
             self.identity.bootstrap(endpoint)
         except BaseException:
@@ -54,3 +57,16 @@ class Anvil:
     def close(self) -> None:
         self.watch.close()
         self.storage.close()
+
+
+@contextmanager
+def open_offline(root: str | Path) -> Iterator[Anvil]:
+    """Open a stopped store with every subsystem (for gc and repair, which act through them)."""
+    p = check_storage_path(root)
+    if not (p / FORMAT_FILE).is_file():
+        raise AnvilError("UnsupportedFormat", f"{p / FORMAT_FILE} is missing: run fsck")
+    anvil = Anvil(p)
+    try:
+        yield anvil
+    finally:
+        anvil.close()

@@ -32,7 +32,8 @@ def run_backup(app: Any, repo_url: str, *, passphrase: str | None = None, key_fi
         anvil = app.state.anvil
         repo = ops.open_repo(repo_url, passphrase=passphrase, key_file=key_file, s3_endpoint=s3_endpoint,
                              storage_path=anvil.storage.root)
-        manifest = ops.backup_anvil(anvil, repo, tag=tag, mode=mode, escrow_secrets=escrow_secrets)
+        manifest = ops.backup_storage(anvil.storage, anvil.participants(), repo, tag=tag, run_mode=mode,
+                                      escrow_secrets=escrow_secrets)
         result = {**engine.snapshot_row(manifest), "stats": manifest["stats"], "problems": manifest["problems"]}
         app.state.last_backup = {"time": started, "ok": not manifest["problems"], "snapshot": manifest["id"],
                                  "repository": repo.backend.url, "problems": len(manifest["problems"])}
@@ -73,7 +74,7 @@ async def create_backup(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def recovery_status(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:read", "system")
-    from anvil.backup import recovery
+    from anvil.backup import mode as recovery
 
     root = request.app.state.anvil.storage.root
     return JSONResponse({"recovery_mode": bool(request.app.state.recovery_mode),
@@ -83,7 +84,7 @@ async def recovery_status(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def recovery_validate(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:write", "system")
-    from anvil.backup import recovery
+    from anvil.backup import mode as recovery
 
     anvil = request.app.state.anvil
     report = await blocking(recovery.validate, anvil.storage, anvil.participants())
@@ -93,7 +94,7 @@ async def recovery_validate(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def recovery_resume(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:write", "system")
-    from anvil.backup import recovery
+    from anvil.backup import mode as recovery
     from anvil.backup.repository import BackupError
 
     body = await json_body(request, required=False)

@@ -9,7 +9,7 @@ from starlette.routing import Route
 from anvil.api.common import blocking, endpoint, json_body, query_int, require_identity
 from anvil.context import RequestContext
 from anvil.errors import AnvilError
-from anvil.identity import authorize, recovery
+from anvil.identity import authorize
 from anvil.identity.gate import bucket_access, hidden_bucket
 from anvil.runtime import Anvil
 
@@ -134,7 +134,7 @@ async def rotate_key(request: Request, ctx: RequestContext) -> Response:
 async def identity_summary(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:read", "system")
     anvil = _anvil(request)
-    return JSONResponse({**recovery.summary(anvil.storage.catalog.reader()),
+    return JSONResponse({**anvil.identity.records_summary(),
                          "configured_key_ids": anvil.identity.keyring.key_ids,
                          "active_key_id": anvil.identity.keyring.active_id})
 
@@ -143,7 +143,7 @@ async def identity_summary(request: Request, ctx: RequestContext) -> Response:
 async def identity_validate(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:read", "system")
     anvil = _anvil(request)
-    findings = await blocking(recovery.validate, anvil.storage.catalog.reader(), anvil.identity.keyring)
+    findings = await blocking(anvil.identity.validate_envelopes)
     return JSONResponse({"ok": not findings, "findings": findings})
 
 

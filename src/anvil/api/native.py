@@ -530,22 +530,18 @@ async def abort_upload(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def journal_events(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:read", "system")
-    from anvil.storage import journal
-
     after = query_int(request, "after", 0)
     if not 0 <= after < 1 << 63:  # a journal seq is a non-negative SQLite integer
         raise AnvilError("InvalidArgument", "after must be a non-negative integer")
     limit = min(max(query_int(request, "limit", 100), 1), 1000)
-    events = journal.read(_anvil(request).storage.catalog.reader(), after, limit)
+    events = _anvil(request).storage.read_journal(after, limit)
     return JSONResponse({"events": [e.to_dict() for e in events]})
 
 
 @endpoint
 async def journal_verify(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:read", "system")
-    from anvil.storage import journal
-
-    checked, problems = await blocking(journal.verify_chain, _anvil(request).storage.catalog.reader())
+    checked, problems = await blocking(_anvil(request).storage.verify_journal)
     return JSONResponse({
         "checked": checked, "ok": not problems,
         "problems": [{"seq": p.seq, "problem": p.problem} for p in problems],

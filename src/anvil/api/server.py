@@ -108,7 +108,7 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any
     anvil = Anvil(storage_path, endpoint=endpoint)
     anvil.storage.clear_tmp()
     try:
-        from anvil.backup.recovery import in_recovery
+        from anvil.backup.mode import in_recovery
 
         recovery_mode = in_recovery(anvil.storage.root)
         app = create_app(anvil, recovery_mode=recovery_mode, dev_auth=dev_auth)
@@ -120,10 +120,11 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any
         server = uvicorn.Server(config)
         scheduler = None
         if backup is not None:
+            from anvil.api.backup_routes import run_backup
             from anvil.backup.schedule import BackupScheduler, check_schedule
 
             check_schedule(backup, anvil.storage.root)
-            scheduler = BackupScheduler(app, backup)
+            scheduler = BackupScheduler(app, backup, run_backup)
             scheduler.start()
         print(f"Anvil {storage_path!s} listening on {endpoint}", flush=True)
         print(f"  native API: {endpoint}/anvil/v1/  (OpenAPI: /anvil/v1/openapi.json)", flush=True)

@@ -32,7 +32,6 @@ from anvil.errors import AnvilError
 from anvil.identity import authorize
 from anvil.runtime import Anvil
 from anvil.watch import Heartbeat, StreamError, make_scope, parse_cursor
-from anvil.watch import recovery as watch_recovery
 from anvil.watch.service import StreamItem
 
 WATCH_PARAMS = frozenset({"bucket", "prefix", "kinds", "after", "tenant", "heartbeat", "consumer"})
@@ -181,7 +180,7 @@ async def compact(request: Request, ctx: RequestContext) -> Response:
 async def status(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:read", "system")
     service = _anvil(request).watch
-    summary = await blocking(watch_recovery.summary, service.catalog.reader())
+    summary = await blocking(service.cursor_summary)
     return JSONResponse({**summary, "watchers": service.watchers,
                          "retention_seconds": service.settings.retention_seconds})
 

@@ -14,14 +14,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import apsw
-
 from anvil import __version__
-from anvil.backup.participant import NOT_PRESENT, Participant, RecoveryContext, coverage
 from anvil.backup.repository import CHUNKER, BackupError, ChunkReader, PackWriter, Repository, chunker, pack_name
-from anvil.storage import journal
+from anvil.storage import journal, records
 from anvil.storage.blobs import BlobStore
 from anvil.storage.layout import FORMAT_FILE
+from anvil.storage.recovery import NOT_PRESENT, FileOwner, KeyHolder, Participant, RecoveryContext, coverage
 
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, what)
 # Threads that cut, hash, compress and encrypt files; hashing, zstd and AES-GCM release the GIL.
@@ -42,26 +40,10 @@ def checkpoint(catalog_path: Path, tmp_dir: Path) -> Iterator[Path]:
     work.mkdir(parents=True)
     dest_path = work / "catalog.db"
     try:
-        src = apsw.Connection(str(catalog_path), flags=apsw.SQLITE_OPEN_READONLY)
-        src.setbusytimeout(10_000)
-        dest = apsw.Connection(str(dest_path))
-        try:
-            with dest.backup("main", src, "main") as b:
-                b.step(-1)
-            # A single self-contained file (no -wal needed to read or restore it).
-            dest.execute("PRAGMA journal_mode=DELETE")
-        finally:
-            dest.close()
-            src.close()
+        records.consistent_copy(catalog_path, dest_path)
         yield dest_path
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _read_only(path: Path) -> apsw.Connection:
-    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
-    conn.setbusytimeout(10_000)
-    return conn
 
 
 Encoded = tuple[list[tuple[str, int, bytes | None]], str, int]
@@ -180,18 +162,18 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp
     known = writer.known
     problems: list[str] = []
     with checkpoint(catalog_path, tmp_dir) as cp:
-        conn = _read_only(cp)
+        conn = records.open_readonly(cp)
         try:
             ctx = RecoveryContext(storage_root, conn, blobs, participants, escrow_secrets=escrow_secrets)
             for p in participants:
                 p.checkpoint(ctx)
-            secret_key_ids = sorted({k for p in participants for k in p.key_ids(ctx)})
+            secret_key_ids = sorted({k for p in participants if isinstance(p, KeyHolder) for k in p.key_ids(ctx)})
             seq, chain_hash = journal.head(conn)
             parts = {p.name: {"describe": p.describe().to_dict(), "summary": p.summary(ctx)} for p in participants}
             refs = ctx.references()
-            extra = sorted({f for p in participants for f in p.files(ctx)})
+            extra = sorted({f for p in participants if isinstance(p, FileOwner) for f in p.files(ctx)})
         finally:
-            conn.close()
+            records.close(conn)
         catalog_size = cp.stat().st_size
         todo = [sha for sha in refs if not (sha in parent_blobs and all(c in known for c in
                                                                           parent_blobs[sha]["chunks"]))]
@@ -233,7 +215,8 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp
     # Bounded by bytes: ~64 MiB of files in flight (many small ones, or a few big ones).
     encoded_blobs = ordered_parallel(encode_blob, todo, workers=ENCODERS, weight=lambda s: sizes.get(s, 0) + 4096,
                                      max_weight=64 * 1024 * 1024)
-    for sha, labels in refs.items():
+    for sha, uses in refs.items():
+        labels = [r.label for r in uses]
         refs_note = labels[:3] + ([f"+{len(labels) - 3} more"] if len(labels) > 3 else [])
         if sha not in todo_set:
             # Content-addressed and immutable: the parent already stored exactly these bytes.

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from anvil.backup import engine, recovery
+from anvil.backup import engine, mode
 from anvil.backup.repository import BackupError, Repository, open_backend, read_passphrase
-from anvil.runtime import Anvil, recovery_participants
+from anvil.storage import Storage
+from anvil.storage.recovery import Participant
 
 
 def open_repo(url: str, *, passphrase: str | None = None, key_file: str | None = None,
@@ -16,37 +17,40 @@ def open_repo(url: str, *, passphrase: str | None = None, key_file: str | None =
     return Repository.open(backend, passphrase or read_passphrase(key_file))
 
 
-def backup_anvil(anvil: Anvil, repo: Repository, *, progress: engine.Progress | None = None,
-                 tag: str | None = None, mode: str = "offline", escrow_secrets: bool = False) -> dict[str, Any]:
+def backup_storage(storage: Storage, participants: list[Participant], repo: Repository, *,
+                   progress: engine.Progress | None = None, tag: str | None = None, run_mode: str = "offline",
+                   escrow_secrets: bool = False) -> dict[str, Any]:
     """A snapshot of one opened deployment (the running server's, or one opened offline)."""
-    root = anvil.storage.root
+    root = storage.root
     url = repo.backend.url
     if url.startswith("file://"):
         # Checked again here because the server path may differ from the CLI's view.
         open_backend(url, storage_path=root)
-    layout = anvil.storage.layout
-    config = {"storage_path": str(root), "mode": mode, "repository": url, "escrow_secrets": escrow_secrets}
-    return engine.create_snapshot(root, layout.catalog_path, anvil.storage.blobs, layout.tmp,
-                                  anvil.storage.format.deployment_id, anvil.participants(), repo,
+    layout = storage.layout
+    config = {"storage_path": str(root), "mode": run_mode, "repository": url, "escrow_secrets": escrow_secrets}
+    return engine.create_snapshot(root, layout.catalog_path, storage.blobs, layout.tmp,
+                                  storage.format.deployment_id, participants, repo,
                                   progress=progress, tag=tag, config=config, escrow_secrets=escrow_secrets)
 
 
-def validate_path(storage_path: str | Path) -> dict[str, Any]:
-    """Offline validation of a (restored) STORAGE_PATH; the server must be stopped."""
+def _stopped_store(storage_path: str | Path) -> Storage:
     if not (Path(storage_path) / "FORMAT").exists():
         raise BackupError(f"{storage_path} is not an Anvil storage path (no FORMAT)")
-    anvil = Anvil(storage_path)
+    return Storage(storage_path)
+
+
+def validate_path(storage_path: str | Path, participants: list[Participant]) -> dict[str, Any]:
+    """Offline validation of a (restored) STORAGE_PATH; the server must be stopped."""
+    storage = _stopped_store(storage_path)
     try:
-        return recovery.validate(anvil.storage, recovery_participants())
+        return mode.validate(storage, participants)
     finally:
-        anvil.close()
+        storage.close()
 
 
 def resume_path(storage_path: str | Path, *, force: bool = False, reason: str | None = None) -> dict[str, Any]:
-    if not (Path(storage_path) / "FORMAT").exists():
-        raise BackupError(f"{storage_path} is not an Anvil storage path (no FORMAT)")
-    anvil = Anvil(storage_path)
+    storage = _stopped_store(storage_path)
     try:
-        return recovery.resume(anvil.storage, force=force, reason=reason)
+        return mode.resume(storage, force=force, reason=reason)
     finally:
-        anvil.close()
+        storage.close()

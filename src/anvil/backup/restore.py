@@ -14,14 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import apsw
-
-from anvil.backup import recovery
+from anvil.backup import mode as recovery
 from anvil.backup.engine import ordered_parallel
-from anvil.backup.participant import Participant, RecoveryContext
 from anvil.backup.repository import BackupError, ChunkReader, Repository
+from anvil.storage import records
 from anvil.storage.blobs import BlobStore
 from anvil.storage.layout import FOLDERS, FORMAT_FILE, Layout
+from anvil.storage.recovery import BucketScoped, ObjectLocator, Participant, RecoveryContext, RestoreFixup
 
 Progress = Callable[[int, int, str], None]
 
@@ -134,19 +133,21 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
             if "mode" in entry:
                 os.chmod(dest, entry["mode"])  # os.open's mode is subject to the umask
     for p in participants:
-        p.after_restore(root)
+        if isinstance(p, RestoreFixup):
+            p.after_restore(root)
     recorded = {name: p["summary"] for name, p in manifest["participants"].items()}
     partial: dict[str, Any] | None = None
     if buckets:
         partial = _restrict(root, manifest, participants, set(buckets))
-        # Counts and digests of a subset differ from the whole by design; the chain does not.
-        recorded = {k: v for k, v in recorded.items() if k == "journal"}
-    conn = apsw.Connection(str(root / "catalog.db"), flags=apsw.SQLITE_OPEN_READONLY)
+        # Counts and digests of a subset differ from the whole by design; some (the chain) do not.
+        keep = {p.name for p in participants if not p.describe().summary_depends_on_buckets}
+        recorded = {k: v for k, v in recorded.items() if k in keep}
+    conn = records.open_readonly(root / "catalog.db")
     try:
         ctx = RecoveryContext(root, conn, BlobStore(layout.blobs, layout.tmp), participants)
         refs = ctx.references()
     finally:
-        conn.close()
+        records.close(conn)
     tree_blobs = manifest["tree"]["blobs"]
     total = sum(tree_blobs[s]["size"] for s in refs if s in tree_blobs)
     done = 0
@@ -176,7 +177,7 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
     # Bounded by bytes (~64 MiB of blobs in flight), so many small blobs keep both workers busy.
     for sha, (outcome, why) in ordered_parallel(restore_blob, list(refs), weight=lambda s: _size_of(tree_blobs, s),
                                                 max_weight=64 * 1024 * 1024):
-        labels = refs[sha]
+        labels = [r.label for r in refs[sha]]
         affects = ", ".join(labels[:3]) + (f" (+{len(labels) - 3} more)" if len(labels) > 3 else "")
         if outcome == "missing":
             problems.append(f"blob {sha} is not in the snapshot; affects {affects}")
@@ -208,7 +209,8 @@ def _restrict(root: Path, manifest: dict[str, Any], participants: list[Participa
     catalog = Catalog(root / "catalog.db")
     try:
         def fn(txn: Any) -> dict[str, Any]:
-            outcome = {p.name: p.restrict_to_buckets(txn.conn, keep) for p in participants}
+            outcome = {p.name: p.restrict_to_buckets(txn.conn, keep) for p in participants
+                       if isinstance(p, BucketScoped)}
             kept = {b for o in outcome.values() for b in o.get("kept", [])}
             missing = sorted(keep - kept)
             if missing:
@@ -236,20 +238,21 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def get_object(repo: Repository, manifest: dict[str, Any], bucket: str, key: str,
+def get_object(repo: Repository, manifest: dict[str, Any], participants: list[Participant], bucket: str, key: str,
                version_id: str | None = None) -> tuple[dict[str, Any], bytes]:
     """One object version's bytes out of a snapshot, without restoring anything else."""
-    from anvil.objects.recovery import find_version
-
+    locators = [p for p in participants if isinstance(p, ObjectLocator)]
+    if not locators:
+        raise BackupError("no participant can locate objects in a snapshot")
     reader = ChunkReader(repo)
     with tempfile.TemporaryDirectory(prefix="anvil-get-") as tmp:
         path = Path(tmp) / "catalog.db"
         _write_entry(reader, manifest["tree"]["files"]["catalog.db"], path)
-        conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+        conn = records.open_readonly(path)
         try:
-            version = find_version(conn, bucket, key, version_id)
+            version = next((v for p in locators if (v := p.locate_object(conn, bucket, key, version_id))), None)
         finally:
-            conn.close()
+            records.close(conn)
     what = f"{bucket}/{key}" + (f" version {version_id}" if version_id else "")
     if version is None:
         raise BackupError(f"{what} is not in snapshot {manifest['id']}")

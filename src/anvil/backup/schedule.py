@@ -6,6 +6,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,11 +37,13 @@ class ScheduleConfig:
 
 
 class BackupScheduler:
-    """A daemon thread taking one backup per interval through the same path as the admin API."""
+    """A daemon thread taking one backup per interval through `run_backup`, which the server
+    hands in (the same function its admin API uses), so this package never calls up into it."""
 
-    def __init__(self, app: Any, config: ScheduleConfig):
+    def __init__(self, app: Any, config: ScheduleConfig, run_backup: Callable[..., Any]):
         self.app = app
         self.config = config
+        self.run_backup = run_backup
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="anvil-backup-schedule", daemon=True)
 
@@ -54,14 +57,12 @@ class BackupScheduler:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        from anvil.api.backup_routes import run_backup
-
         while not self._stop.wait(self.config.every):
             if self.app.state.recovery_mode:
                 self.app.state.last_backup = {"time": time.time(), "ok": False, "skipped": "recovery mode"}
             else:
                 try:
-                    run_backup(self.app, self.config.repo, passphrase=self.config.passphrase,
+                    self.run_backup(self.app, self.config.repo, passphrase=self.config.passphrase,
                                s3_endpoint=self.config.s3_endpoint, mode="scheduled")
                     log.info("scheduled backup: %s", self.app.state.last_backup)
                 except Exception:  # noqa: BLE001 - a failed backup is reported, never kills the server

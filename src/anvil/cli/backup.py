@@ -147,19 +147,16 @@ def backup_create(repo: str, s3_endpoint: str | None, key_file: str | None, as_j
     if endpoint:
         from anvil.client import AnvilClient
 
-        body = {"repo": repo, "passphrase": read_passphrase(key_file)}
-        if s3_endpoint:
-            body["s3_endpoint"] = s3_endpoint
-        if tag:
-            body["tag"] = tag
-        if escrow_secrets:
-            body["escrow_secrets"] = True
         with AnvilClient(endpoint, timeout=3600) as client:
+            def take() -> dict[str, Any]:
+                return client.create_backup(repo, passphrase=read_passphrase(key_file), s3_endpoint=s3_endpoint,
+                                            tag=tag, escrow_secrets=escrow_secrets)
+
             if not as_json:
                 with console.status("server is taking the snapshot..."):
-                    result = client._json("POST", "/anvil/v1/admin/backup", json=body)
+                    result = take()
             else:
-                result = client._json("POST", "/anvil/v1/admin/backup", json=body)
+                result = take()
     else:
         from anvil.backup import engine, ops
         from anvil.runtime import Anvil
@@ -170,8 +167,8 @@ def backup_create(repo: str, s3_endpoint: str | None, key_file: str | None, as_j
         anvil = Anvil(storage_path)  # takes the lock: refuses a path a server is using
         try:
             with progress_bar(not as_json, "backing up") as prog:
-                manifest = ops.backup_anvil(anvil, r, progress=prog, tag=tag, mode="offline",
-                                            escrow_secrets=escrow_secrets)
+                manifest = ops.backup_storage(anvil.storage, anvil.participants(), r, progress=prog, tag=tag,
+                                              run_mode="offline", escrow_secrets=escrow_secrets)
         finally:
             anvil.close()
         result = {**engine.snapshot_row(manifest), "stats": manifest["stats"], "problems": manifest["problems"]}
@@ -360,7 +357,10 @@ def backup_get(repo: str, s3_endpoint: str | None, key_file: str | None, as_json
     from anvil.backup.restore import get_object
 
     r = _open(repo, key_file, s3_endpoint)
-    info, body = get_object(r, r.resolve_snapshot(snapshot), bucket_name, object_key, version_id)
+    from anvil.runtime import recovery_participants
+
+    info, body = get_object(r, r.resolve_snapshot(snapshot), recovery_participants(), bucket_name, object_key,
+                            version_id)
     if output == "-":
         sys.stdout.buffer.write(body)
         sys.stdout.buffer.flush()
@@ -419,7 +419,7 @@ def _storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_storage_option
 @handles_errors
 def recovery_status(storage_path: str, as_json: bool) -> None:
-    from anvil.backup import recovery as rec
+    from anvil.backup import mode as rec
 
     out = {"recovery_mode": rec.in_recovery(Path(storage_path)), "marker": rec.read_marker(Path(storage_path)),
            "last_validation_ok": (rec.last_validation(Path(storage_path)) or {}).get("ok")}
@@ -431,10 +431,11 @@ def recovery_status(storage_path: str, as_json: bool) -> None:
 @handles_errors
 def recovery_validate(storage_path: str, as_json: bool) -> None:
     """Run the DESIGN §5 validation sequence; writes recovery/validation.{json,md}; exit 1 on failure."""
+    from anvil.backup import mode as rec
     from anvil.backup import ops
-    from anvil.backup import recovery as rec
+    from anvil.runtime import recovery_participants
 
-    report = ops.validate_path(storage_path)
+    report = ops.validate_path(storage_path, recovery_participants())
     if as_json:
         emit(True, report)
     else:
@@ -471,9 +472,10 @@ def drill_cmd(repo: str, s3_endpoint: str | None, key_file: str | None, as_json:
               report_dir: str, keep: bool) -> None:
     """Restore into a temporary directory, start an isolated server, prove the backup; exit 1 on any failure."""
     from anvil.backup.drill import run_drill
+    from anvil.runtime import recovery_participants
 
     r = _open(repo, key_file, s3_endpoint)
-    report = run_drill(r, snapshot, Path(report_dir), keep=keep,
+    report = run_drill(r, snapshot, recovery_participants(), Path(report_dir), keep=keep,
                        log=None if as_json else lambda msg: console.print(msg, highlight=False, markup=False))
     if as_json:
         emit(True, report)

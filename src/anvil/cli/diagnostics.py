@@ -156,10 +156,11 @@ def fsck(storage_path: str | None, endpoint: str | None, as_json: bool, deep: bo
     if storage_path:
         from anvil.diagnostics.fsck import run_fsck
         from anvil.diagnostics.service import OFFLINE_PRINCIPAL, open_offline_target
+        from anvil.runtime import recovery_participants
 
         def action(target: Any) -> dict[str, Any]:
             with _progress(as_json) as progress:
-                return run_fsck(target, deep=deep, mode="offline", progress=progress,
+                return run_fsck(target, recovery_participants(), deep=deep, mode="offline", progress=progress,
                                 actor=OFFLINE_PRINCIPAL.actor).to_dict()
 
         report = _offline(as_json, storage_path, action, open_offline_target)
@@ -202,7 +203,8 @@ def gc(storage_path: str | None, endpoint: str | None, as_json: bool, grace: flo
     """Remove orphan blobs older than --grace and multipart uploads older than --upload-expiry."""
     if storage_path:
         from anvil.context import RequestContext
-        from anvil.diagnostics.service import OFFLINE_PRINCIPAL, open_offline
+        from anvil.diagnostics.service import OFFLINE_PRINCIPAL
+        from anvil.runtime import open_offline
 
         def action(anvil: Any) -> dict[str, Any]:
             return anvil.diagnostics.gc(RequestContext(OFFLINE_PRINCIPAL), grace=grace, upload_expiry=upload_expiry,
@@ -231,7 +233,8 @@ def repair(storage_path: str | None, endpoint: str | None, as_json: bool, famili
     names = list(families) or None
     if storage_path:
         from anvil.context import RequestContext
-        from anvil.diagnostics.service import OFFLINE_PRINCIPAL, open_offline
+        from anvil.diagnostics.service import OFFLINE_PRINCIPAL
+        from anvil.runtime import open_offline
 
         report = _offline(as_json, storage_path,
                           lambda anvil: anvil.diagnostics.repair(RequestContext(OFFLINE_PRINCIPAL), names),

@@ -1,11 +1,8 @@
-"""Diagnostics: findings (source records), fsck, gc and repair.
-
-Recovery-participant functions for the backup engine: `summary(conn)` and `validate(conn, expected)`.
-"""
+"""Diagnostics: findings (source records), fsck, gc and repair, all over the recovery participants."""
 
 from anvil.diagnostics.findings import (
     SEVERITIES,
-    Finding,
+    FindingRecord,
     list_findings,
     make_finding,
     record,
@@ -14,14 +11,13 @@ from anvil.diagnostics.findings import (
     summary,
     validate,
 )
-from anvil.diagnostics.fsck import FsckReport, Progress, Target, run_fsck
+from anvil.diagnostics.fsck import FsckReport, Target, run_fsck
 from anvil.diagnostics.gc import GcReport, run_gc
-from anvil.diagnostics.repair import DerivedFamily, RepairContext, register_family, run_repair, unregister_family
-from anvil.diagnostics.service import Diagnostics, open_offline, open_offline_target
+from anvil.diagnostics.repair import run_repair
+from anvil.diagnostics.service import Diagnostics, open_offline_target
 
 __all__ = [
-    "SEVERITIES", "DerivedFamily", "Diagnostics", "Finding", "FsckReport", "GcReport", "Progress", "RepairContext",
-    "Target", "list_findings", "make_finding", "open_offline", "open_offline_target", "record", "redact_for",
-    "register_family", "resolve", "run_fsck", "run_gc", "run_repair", "summary",
-    "unregister_family", "validate",
+    "SEVERITIES", "Diagnostics", "FindingRecord", "FsckReport", "GcReport", "Target", "list_findings",
+    "make_finding", "open_offline_target", "record", "redact_for", "resolve", "run_fsck", "run_gc", "run_repair",
+    "summary", "validate",
 ]

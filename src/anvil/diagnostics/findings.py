@@ -20,6 +20,7 @@ import apsw
 from anvil.context import Principal
 from anvil.errors import AnvilError
 from anvil.storage import Catalog, Txn
+from anvil.storage.recovery import Finding
 
 SEVERITIES = ("error", "warning", "info")
 REDACTED = "[redacted]"
@@ -60,7 +61,7 @@ def _canonical(value: Any) -> str:
 
 
 @dataclass(frozen=True)
-class Finding:
+class FindingRecord:
     subsystem: str
     severity: str
     invariant: str
@@ -79,7 +80,7 @@ class Finding:
     resolution: str | None = None
 
     @classmethod
-    def from_row(cls, row: tuple) -> Finding:
+    def from_row(cls, row: tuple) -> FindingRecord:
         return cls(
             id=row[0], time=row[1], subsystem=row[2], severity=row[3], invariant=row[4], detail=row[5],
             affected=json.loads(row[6]), cursor=row[7], origin=row[8], run_id=row[9], fingerprint=row[10],
@@ -107,14 +108,14 @@ def make_finding(
     identity: dict[str, Any] | None = None, origin: str = "fsck", cursor: str | None = None,
     run_id: str | None = None, repair_attempted: bool = False, repair_result: str | None = None,
     operator_action_required: bool = False, resolved_at: float | None = None, resolution: str | None = None,
-) -> Finding:
+) -> FindingRecord:
     """Build a finding. `identity` (default: `affected`) names the broken thing, without
     volatile details like an age, so a re-run of fsck recognises a finding it already recorded."""
     if severity not in SEVERITIES:
         raise AnvilError("InvalidArgument", f"severity must be one of {', '.join(SEVERITIES)}")
     ident = affected if identity is None else identity
     fp = hashlib.sha256(_canonical([subsystem, invariant, ident]).encode()).hexdigest()
-    return Finding(
+    return FindingRecord(
         subsystem=subsystem, severity=severity, invariant=invariant, detail=detail, affected=affected,
         fingerprint=fp, origin=origin, cursor=cursor, run_id=run_id, repair_attempted=repair_attempted,
         repair_result=repair_result, operator_action_required=operator_action_required,
@@ -125,7 +126,7 @@ def make_finding(
 # ------------------------------------------------------------------ writes (Catalog.mutate only)
 
 
-def _insert(txn: Txn, f: Finding) -> Finding:
+def _insert(txn: Txn, f: FindingRecord) -> FindingRecord:
     f = replace(f, time=txn.now, resolved_at=txn.now if f.resolved_at is not None else None)
     txn.conn.execute(
         f"INSERT INTO findings({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -138,7 +139,8 @@ def _insert(txn: Txn, f: Finding) -> Finding:
     return f
 
 
-def record(catalog: Catalog, finding: Finding, *, actor: str, request_id: str, dedupe: bool = False) -> Finding:
+def record(catalog: Catalog, finding: FindingRecord, *, actor: str, request_id: str,
+           dedupe: bool = False) -> FindingRecord:
     """Record one finding (one mutation, one journal event).
 
     With `dedupe`, an unresolved finding with the same fingerprint is returned instead of a
@@ -147,20 +149,20 @@ def record(catalog: Catalog, finding: Finding, *, actor: str, request_id: str, d
 
 
 def record_many(
-    catalog: Catalog, findings: Iterable[Finding], *, actor: str, request_id: str, dedupe: bool = False
-) -> list[Finding]:
+    catalog: Catalog, findings: Iterable[FindingRecord], *, actor: str, request_id: str, dedupe: bool = False
+) -> list[FindingRecord]:
     """Record each finding as its own mutation; they are queued together so group commit
     makes hundreds of them cost one fsync, not hundreds."""
 
-    def job(f: Finding):
-        def fn(txn: Txn) -> Finding:
+    def job(f: FindingRecord):
+        def fn(txn: Txn) -> FindingRecord:
             if dedupe:
                 row = txn.conn.execute(
                     f"SELECT {_COLUMNS} FROM findings WHERE fingerprint = ? AND resolved_at IS NULL LIMIT 1",
                     (f.fingerprint,),
                 ).fetchone()
                 if row is not None:
-                    return Finding.from_row(row)
+                    return FindingRecord.from_row(row)
             return _insert(txn, f)
 
         return fn
@@ -169,16 +171,16 @@ def record_many(
     return [fut.result() for fut in futures]
 
 
-def resolve(catalog: Catalog, finding_id: str, resolution: str, *, actor: str, request_id: str) -> Finding:
+def resolve(catalog: Catalog, finding_id: str, resolution: str, *, actor: str, request_id: str) -> FindingRecord:
     """Mark a finding resolved (a `diagnostics.resolve` event). Resolving twice is refused."""
     if not isinstance(resolution, str) or not resolution.strip() or len(resolution) > 2000:
         raise AnvilError("InvalidArgument", "a resolution (1-2000 characters) is required")
 
-    def fn(txn: Txn) -> Finding:
+    def fn(txn: Txn) -> FindingRecord:
         row = txn.conn.execute(f"SELECT {_COLUMNS} FROM findings WHERE id = ?", (finding_id,)).fetchone()
         if row is None:
             raise AnvilError("NotFound", "finding not found")
-        f = Finding.from_row(row)
+        f = FindingRecord.from_row(row)
         if f.resolved_at is not None:
             raise AnvilError("PreconditionFailed", "the finding is already resolved")
         txn.conn.execute("UPDATE findings SET resolved_at = ?, resolution = ? WHERE id = ?",
@@ -221,7 +223,7 @@ def resolve_missing(
 def list_findings(
     conn: apsw.Connection, *, subsystem: str | None = None, severity: str | None = None,
     unresolved: bool = False, limit: int = 1000,
-) -> list[Finding]:
+) -> list[FindingRecord]:
     """Newest first. Bad filters are refused rather than silently matching nothing."""
     if severity is not None and severity not in SEVERITIES:
         raise AnvilError("InvalidArgument", f"severity must be one of {', '.join(SEVERITIES)}")
@@ -241,14 +243,14 @@ def list_findings(
         sql += " AND resolved_at IS NULL"
     sql += " ORDER BY time DESC, id LIMIT ?"
     args.append(limit)
-    return [Finding.from_row(r) for r in conn.execute(sql, args).fetchall()]
+    return [FindingRecord.from_row(r) for r in conn.execute(sql, args).fetchall()]
 
 
-def get_finding(conn: apsw.Connection, finding_id: str) -> Finding:
+def get_finding(conn: apsw.Connection, finding_id: str) -> FindingRecord:
     row = conn.execute(f"SELECT {_COLUMNS} FROM findings WHERE id = ?", (finding_id,)).fetchone()
     if row is None:
         raise AnvilError("NotFound", "finding not found")
-    return Finding.from_row(row)
+    return FindingRecord.from_row(row)
 
 
 # ------------------------------------------------------------------ tenant scoping
@@ -266,11 +268,11 @@ def finding_tenants(affected: dict[str, Any]) -> set[str]:
     return out
 
 
-def visible_to(principal: Principal, finding: Finding) -> bool:
+def visible_to(principal: Principal, finding: FindingRecord) -> bool:
     return principal.admin or principal.tenant in finding.tenants
 
 
-def redact_for(principal: Principal, findings: Iterable[Finding]) -> list[dict[str, Any]]:
+def redact_for(principal: Principal, findings: Iterable[FindingRecord]) -> list[dict[str, Any]]:
     """What `principal` may see: admins everything; anyone else only findings about its own
     tenant's resources, with every other tenant's names removed (a shared blob's other
     references become `[redacted]`, and a detail that could name them is replaced)."""
@@ -329,7 +331,8 @@ def validate(conn: apsw.Connection, expected: dict[str, Any] | None = None) -> l
     problems: list[Finding] = []
 
     def problem(invariant: str, detail: str, affected: dict[str, Any]) -> None:
-        problems.append(make_finding("diagnostics", "error", invariant, detail, affected, origin="validate"))
+        subject = f"{invariant} {affected.get('finding') or affected.get('field') or ''}".strip()
+        problems.append(Finding("diagnostics", "error", subject, detail, invariant, affected))
 
     for row in conn.execute(f"SELECT {_COLUMNS} FROM findings ORDER BY id"):
         fid = row[0]

@@ -24,12 +24,13 @@ from typing import Any
 
 from anvil.context import RequestContext
 from anvil.diagnostics import findings as fnd
-from anvil.diagnostics.scan import scan_blobs
 from anvil.errors import AnvilError
 from anvil.objects import ObjectService
 from anvil.objects import references as refs
 from anvil.storage import Storage
+from anvil.storage.blobscan import scan_blobs
 from anvil.storage.layout import fsync_dir
+from anvil.storage.recovery import Participant, RecoveryContext
 
 DEFAULT_GRACE = 3600.0
 DEFAULT_UPLOAD_EXPIRY = 7 * 24 * 3600.0
@@ -68,7 +69,8 @@ def check_seconds(name: str, value: Any) -> float:
 
 
 def run_gc(
-    storage: Storage, objects: ObjectService, ctx: RequestContext, *, grace: float = DEFAULT_GRACE,
+    storage: Storage, objects: ObjectService, participants: list[Participant], ctx: RequestContext, *,
+    grace: float = DEFAULT_GRACE,
     upload_expiry: float = DEFAULT_UPLOAD_EXPIRY, dry_run: bool = False,
 ) -> GcReport:
     grace = check_seconds("grace", grace)
@@ -95,8 +97,8 @@ def run_gc(
 
     # 2. Orphan blobs: list first, then read references (see fsck for why this order).
     listing = scan_blobs(storage.layout.blobs, deep=False, threads=1).blobs
-    with conn:
-        referenced = refs.referenced_blobs(conn)
+    # The one blob-reference query fsck and backup use too: what any participant references stays.
+    referenced = RecoveryContext(storage.root, conn, storage.blobs, participants, deep=False).references().keys()
     touched_dirs: set[str] = set()
     for sha in sorted(listing.keys() - referenced):
         path = listing[sha]

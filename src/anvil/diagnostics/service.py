@@ -12,22 +12,23 @@ import apsw
 
 from anvil.context import Principal, RequestContext
 from anvil.diagnostics import findings as fnd
-from anvil.diagnostics.fsck import FsckReport, Progress, Target, run_fsck
+from anvil.diagnostics.fsck import FsckReport, Target, run_fsck
 from anvil.diagnostics.gc import DEFAULT_GRACE, DEFAULT_UPLOAD_EXPIRY, GcReport, run_gc
 from anvil.diagnostics.repair import run_repair
 from anvil.errors import AnvilError
 from anvil.objects import ObjectService
 from anvil.storage import Catalog, Layout, Storage
-from anvil.storage.layout import FORMAT_FILE
+from anvil.storage.recovery import Participant, Progress
 
 # Offline tools act as this principal: whoever can open the stopped STORAGE_PATH is its operator.
 OFFLINE_PRINCIPAL = Principal(tenant="system", subject="offline-cli", admin=True, scopes=("*",))
 
 
 class Diagnostics:
-    def __init__(self, storage: Storage, objects: ObjectService):
+    def __init__(self, storage: Storage, objects: ObjectService, participants: list[Participant]):
         self.storage = storage
         self.objects = objects
+        self.participants = participants
         storage.catalog.migrate("diagnostics", fnd.MIGRATIONS)
         # One fsck/gc/repair at a time: two gc runs racing over the same orphans gain nothing.
         self._run_lock = threading.Lock()
@@ -38,23 +39,23 @@ class Diagnostics:
     def fsck(self, ctx: RequestContext, *, deep: bool = False, progress: Progress | None = None,
              mode: str = "online") -> FsckReport:
         with self._run_lock:
-            return run_fsck(self.target(), deep=deep, mode=mode, progress=progress, actor=ctx.actor,
+            return run_fsck(self.target(), self.participants, deep=deep, mode=mode, progress=progress, actor=ctx.actor,
                             request_id=ctx.request_id)
 
     def gc(self, ctx: RequestContext, *, grace: float = DEFAULT_GRACE,
            upload_expiry: float = DEFAULT_UPLOAD_EXPIRY, dry_run: bool = False) -> GcReport:
         with self._run_lock:
-            return run_gc(self.storage, self.objects, ctx, grace=grace, upload_expiry=upload_expiry,
+            return run_gc(self.storage, self.objects, self.participants, ctx, grace=grace, upload_expiry=upload_expiry,
                           dry_run=dry_run)
 
     def repair(self, ctx: RequestContext, families: list[str] | None = None) -> dict[str, Any]:
         with self._run_lock:
-            return run_repair(self.storage, ctx, families)
+            return run_repair(self.storage, self.participants, ctx, families)
 
-    def list_findings(self, **filters: Any) -> list[fnd.Finding]:
+    def list_findings(self, **filters: Any) -> list[fnd.FindingRecord]:
         return fnd.list_findings(self.storage.catalog.reader(), **filters)
 
-    def resolve(self, ctx: RequestContext, finding_id: str, resolution: str) -> fnd.Finding:
+    def resolve(self, ctx: RequestContext, finding_id: str, resolution: str) -> fnd.FindingRecord:
         return fnd.resolve(self.storage.catalog, finding_id, resolution, actor=ctx.actor,
                            request_id=ctx.request_id)
 
@@ -91,18 +92,3 @@ def open_offline_target(root: str | Path) -> Iterator[Target]:
         if catalog is not None:
             catalog.close()
         layout.release_lock()
-
-
-@contextmanager
-def open_offline(root: str | Path) -> Iterator[Any]:
-    """Open a stopped store with every subsystem (for gc and repair, which act through them)."""
-    p = check_storage_path(root)
-    if not (p / FORMAT_FILE).is_file():
-        raise AnvilError("UnsupportedFormat", f"{p / FORMAT_FILE} is missing: run fsck")
-    from anvil.runtime import Anvil
-
-    anvil = Anvil(p)
-    try:
-        yield anvil
-    finally:
-        anvil.close()

@@ -27,6 +27,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from anvil.context import Principal, RequestContext, new_request_id
 from anvil.errors import AnvilError
 from anvil.identity import envelope as env
+from anvil.identity import participant
 from anvil.identity import scopes as sc
 from anvil.identity.gate import authorize
 from anvil.identity.settings import Argon2Params, argon2_params
@@ -538,6 +539,14 @@ class IdentityService:
     def check_public_access(self, principal: Principal, bucket_tenant: str) -> None:
         """Admins, or holders of policy:grant on the bucket's tenant, may open a bucket to anonymous reads."""
         authorize(principal, "policy:grant", f"tenant:{bucket_tenant}")
+
+    # -- state checks (the admin API's summary/validate; the participant runs the same on any catalog)
+
+    def records_summary(self) -> dict[str, Any]:
+        return participant.summary(self.storage.catalog.reader())
+
+    def validate_envelopes(self) -> list[dict[str, Any]]:
+        return participant.validate(self.storage.catalog.reader(), self.keyring)
 
 
 def first_admin_path(storage_path: str | Path) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from anvil.storage import idempotency
+from anvil.storage import idempotency, journal
 from anvil.storage.blobs import BlobInfo, BlobStore, BlobWriter
 from anvil.storage.catalog import Catalog, Txn
 from anvil.storage.journal import Event
@@ -42,6 +42,13 @@ class Storage:
         for entry in os.scandir(self.layout.tmp):
             if entry.is_file(follow_symlinks=False):
                 os.unlink(entry.path)
+
+    def read_journal(self, after: int = 0, limit: int = 1000) -> list[Event]:
+        return journal.read(self.catalog.reader(), after, limit)
+
+    def verify_journal(self) -> tuple[int, list[journal.ChainProblem]]:
+        """(events checked, problems) over the whole chain, on this thread's reader."""
+        return journal.verify_chain(self.catalog.reader())
 
     @property
     def root(self) -> Path:

@@ -29,7 +29,7 @@ from anvil.context import Principal, RequestContext, new_request_id
 from anvil.errors import AnvilError
 from anvil.storage import Storage, journal
 from anvil.watch import consumers as cons
-from anvil.watch import retention
+from anvil.watch import participant, retention
 from anvil.watch.events import ReadFilter, Scope, WatchEvent, authorize_scope, project
 
 log = logging.getLogger("anvil.watch")
@@ -390,3 +390,6 @@ class WatchService:
             self._compactor.join(timeout=5)
             self._compactor = None
 
+    def cursor_summary(self) -> dict[str, Any]:
+        """Head, compaction base and every durable consumer's cursor (the status endpoint's body)."""
+        return participant.summary(self.catalog.reader())

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from anvil.backup.participant import Finding, Participant, RecoveryContext
 from anvil.diagnostics import findings as df
+from anvil.storage.recovery import Finding, Participant, RecoveryContext
 
 MAX_FIXTURES = 20
 
@@ -20,16 +21,16 @@ class DiagnosticsParticipant(Participant):
     kind = "source"
     covers = ["diagnostics"]
     owns = ["catalog.db: findings"]
+    tables = ["findings"]
 
     def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
         return {**df.summary(ctx.conn), "fixtures": _fixtures(ctx.conn)}
 
     def validate(self, ctx: RecoveryContext, recorded: dict[str, Any] | None = None) -> list[Finding]:
         expected = {k: v for k, v in recorded.items() if k != "fixtures"} if recorded else None
-        out = [self.finding("error" if p.severity == "error" else "warning",
-                            f"{p.invariant} {p.affected.get('finding') or p.affected.get('field') or ''}".strip(),
-                            p.detail + (f" (manifest {p.affected.get('expected')!r}, restored "
-                                        f"{p.affected.get('actual')!r})" if "expected" in p.affected else ""))
+        ctx.checked.update({"findings.severity", "findings.affected", "findings.resolved_before_found"})
+        out = [replace(p, message=p.message + (f" (manifest {p.affected.get('expected')!r}, restored "
+                                               f"{p.affected.get('actual')!r})" if "expected" in p.affected else ""))
                for p in df.validate(ctx.conn, expected)]
         if not out:
             s = df.summary(ctx.conn)

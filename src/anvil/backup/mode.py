@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from anvil.backup.participant import NOT_PRESENT, Finding, Participant, RecoveryContext, has_errors
 from anvil.backup.repository import BackupError
 from anvil.storage import Storage
 from anvil.storage.layout import write_file_durably
+from anvil.storage.recovery import NOT_PRESENT, Finding, Participant, RecoveryContext, has_errors
 
 MARKER_FILE = "RECOVERY"
 REPORT_DIR = "recovery"
@@ -30,8 +31,9 @@ STEPS: list[tuple[str, list[str]]] = [
     ("validate authorisation state", ["authz"]),
     ("validate watch cursors", ["watch"]),
     ("validate index generations", ["metadata-indexes", "fulltext", "vector"]),
-    ("validate other source records", ["artefacts", "secrets", "diagnostics"]),
     ("open PersonalDB groups and verify heads against certificates", ["personaldb"]),
+    # Every participant not validated by a step above (the store's own structure among them).
+    ("validate other source records", []),
 ]
 
 
@@ -71,7 +73,7 @@ def validate(storage: Storage, participants: list[Participant]) -> dict[str, Any
     rebuilt: list[str] = []
     all_findings = list(restore_findings)
     for step, items in STEPS:
-        members = [p for p in participants if p.name not in done and set(p.covers) & set(items)]
+        members = [p for p in participants if p.name not in done and (set(p.covers) & set(items) or not items)]
         if not members:
             steps.append({"step": step, "participants": [], "status": NOT_PRESENT, "findings": []})
             continue
@@ -82,7 +84,7 @@ def validate(storage: Storage, participants: list[Participant]) -> dict[str, Any
             if p.kind == "derived" and has_errors(found):
                 # Derived state is rebuilt from source records instead of being trusted, then re-validated;
                 # what was wrong before stays in the report as a warning.
-                before = [Finding(f.participant, "warning", f.subject, f"before rebuild: {f.message}")
+                before = [replace(f, severity="warning", message=f"before rebuild: {f.message}")
                           if f.severity == "error" else f for f in found]
                 found = [*before, *p.rebuild(ctx), *p.validate(ctx, recorded.get(p.name))]
                 rebuilt.append(p.name)

@@ -1,19 +1,20 @@
 """The objects subsystem's recovery participant: buckets, versions, delete markers, multipart state.
 
-It is the only backup-related code that knows the objects tables; the backup engine,
-restore, validation and the drill reach them only through this participant.
+It is the only recovery code that knows the objects tables; backup, restore, fsck, gc and the
+drill reach them only through this participant (and `objects.references`, whose queries it uses).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import apsw
-
-from anvil.backup.participant import Finding, Participant, RecoveryContext
+from anvil.objects import references as refs
+from anvil.storage.records import Connection
+from anvil.storage.recovery import BlobRef, Finding, Participant, RecoveryContext
 
 MAX_FINDINGS = 50
 MAX_PREFIXES = 100
@@ -34,23 +35,7 @@ def listing_digest(rows: list[str]) -> str:
     return h.hexdigest()
 
 
-def find_version(conn: apsw.Connection, bucket: str, key: str, version_id: str | None = None) -> dict[str, Any] | None:
-    """A version's record as stored (latest when `version_id` is None), for `anvil backup get`."""
-    if version_id is None:
-        row = conn.execute(
-            "SELECT version_id, delete_marker, size, sha256, chunks, etag, content_type FROM versions "
-            "WHERE bucket = ? AND key = ? AND is_latest = 1", (bucket, key)).fetchone()
-    else:
-        row = conn.execute(
-            "SELECT version_id, delete_marker, size, sha256, chunks, etag, content_type FROM versions "
-            "WHERE bucket = ? AND key = ? AND version_id = ?", (bucket, key, version_id)).fetchone()
-    if row is None:
-        return None
-    return {"version_id": row[0], "delete_marker": bool(row[1]), "size": row[2], "sha256": row[3],
-            "chunks": [tuple(c) for c in json.loads(row[4])], "etag": row[5], "content_type": row[6]}
-
-
-def iter_versions(conn: apsw.Connection) -> Iterator[dict[str, Any]]:
+def iter_versions(conn: Connection) -> Iterator[dict[str, Any]]:
     """Every version row (bucket, key order), as the drill needs it to prove reads."""
     for row in conn.execute(
         "SELECT bucket, key, version_id, delete_marker, size, sha256, chunks, etag FROM versions "
@@ -65,6 +50,7 @@ class ObjectsParticipant(Participant):
     kind = "source"
     covers = ["object-bodies", "bucket-metadata", "path-indexes"]
     owns = ["catalog.db: buckets, versions, multipart_uploads, multipart_parts"]
+    tables = ["buckets", "versions", "multipart_uploads", "multipart_parts"]
 
     def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
         conn = ctx.conn
@@ -111,63 +97,94 @@ class ObjectsParticipant(Participant):
             "per_bucket": per_bucket,
         }
 
-    def blob_references(self, ctx: RecoveryContext) -> Iterator[tuple[str, str]]:
-        for bucket, key, vid, chunks in ctx.conn.execute(
-            "SELECT bucket, key, version_id, chunks FROM versions WHERE delete_marker = 0"
-        ):
-            for sha, _size in json.loads(chunks):
-                yield sha, f"{bucket}/{key}@{vid}"
-        for bucket, key, upload_id, part, sha in ctx.conn.execute(
-            "SELECT u.bucket, u.key, u.upload_id, p.part_number, p.sha256 FROM multipart_parts p "
-            "JOIN multipart_uploads u USING(upload_id)"
-        ):
-            yield sha, f"{bucket}/{key} upload {upload_id} part {part}"
+    def blob_references(self, ctx: RecoveryContext) -> Iterator[BlobRef]:
+        for v in refs.iter_version_chunks(ctx.conn):
+            ref = {"tenant": v.tenant, "bucket": v.bucket, "key": v.key, "version_id": v.version_id}
+            label = f"{v.bucket}/{v.key}@{v.version_id}"
+            for sha, size in v.chunks:
+                yield BlobRef(sha, size, label, ref, "objects.blob_missing")
+        # Parts whose upload record is gone are referenced too: gc keeps them and backup copies
+        # them, and validate() reports them (`multipart.part_without_upload`) for the operator.
+        for p in refs.iter_part_refs(ctx.conn):
+            ref = {"tenant": p.tenant, "bucket": p.bucket, "key": p.key, "upload_id": p.upload_id,
+                   "part_number": p.part_number}
+            where = f"{p.bucket}/{p.key}" if p.bucket is not None else "(upload record missing)"
+            yield BlobRef(p.sha256, p.size, f"{where} upload {p.upload_id} part {p.part_number}", ref,
+                          "multipart.part_blob_missing")
 
     def validate(self, ctx: RecoveryContext, recorded: dict[str, Any] | None = None) -> list[Finding]:
-        findings: list[Finding] = []
+        """Records that contradict themselves or their bucket/upload; blob presence, sizes and hashes
+        are the blobs participant's check, over the references this participant reports."""
         conn = ctx.conn
-
-        def add(severity: str, subject: str, message: str) -> None:
-            if len(findings) < MAX_FINDINGS:
-                findings.append(self.finding(severity, subject, message))  # type: ignore[arg-type]
-
-        checked = 0
-        for bucket, key, vid, dm, size, sha, chunks in conn.execute(
-            "SELECT bucket, key, version_id, delete_marker, size, sha256, chunks FROM versions"
-        ):
-            checked += 1
-            subject = f"{bucket}/{key}@{vid}"
-            chunk_list = json.loads(chunks)
-            if dm:
-                continue
-            if sum(c[1] for c in chunk_list) != size:
-                add("error", subject, "chunk sizes do not add up to the recorded size")
-            if sha is not None and (len(chunk_list) != 1 or chunk_list[0][0] != sha):
-                add("error", subject, "recorded sha256 does not match its single chunk")
-            for c_sha, c_size in chunk_list:
-                p = ctx.blobs.path(c_sha)
-                if not p.exists():
-                    add("error", subject, f"body chunk {c_sha} is missing")
-                elif p.stat().st_size != c_size:
-                    add("error", subject, f"body chunk {c_sha} has size {p.stat().st_size}, recorded {c_size}")
-        for bucket, key, n in conn.execute(
-            "SELECT bucket, key, count(*) FROM versions WHERE is_latest = 1 GROUP BY bucket, key HAVING count(*) > 1"
-        ):
-            add("error", f"{bucket}/{key}", f"{n} versions marked latest")
-        orphans = conn.execute(
-            "SELECT count(*) FROM versions WHERE bucket NOT IN (SELECT name FROM buckets)").fetchone()[0]
-        if orphans:
-            add("error", "versions", f"{orphans} versions belong to no bucket")
+        out: list[Finding] = []
+        ctx.checked.update({"objects.record_inconsistent", "objects.latest_duplicate", "objects.bucket_missing",
+                            "multipart.part_without_upload", "multipart.bucket_missing"})
+        with conn:  # one read transaction: one consistent view of every record
+            inconsistent = refs.inconsistent_versions(conn)
+            versions = refs.count_versions(conn)
+            uploads = list(refs.iter_uploads(conn))
+            orphan_parts = [p for p in refs.iter_part_refs(conn) if p.bucket is None]
+            part_count = conn.execute("SELECT count(*) FROM multipart_parts").fetchone()[0]
+            latest_twice = conn.execute(
+                "SELECT bucket, key, count(*) FROM versions WHERE is_latest = 1 "
+                "GROUP BY bucket, key HAVING count(*) > 1").fetchall()
+            no_bucket = conn.execute(
+                "SELECT count(*) FROM versions WHERE bucket NOT IN (SELECT name FROM buckets)").fetchone()[0]
+        for tenant, bucket, key, version_id, what in inconsistent[:MAX_FINDINGS]:
+            ref = {"tenant": tenant, "bucket": bucket, "key": key, "version_id": version_id}
+            detail = ("its size is not the sum of its chunk sizes" if what == "size"
+                      else "its SHA-256 is not the hash of its only chunk")
+            out.append(self.finding("error", f"{bucket}/{key}@{version_id}",
+                                    f"version {version_id} of {bucket}/{key}: {detail}", "objects.record_inconsistent",
+                                    {"problem": what, "references": [ref]},
+                                    identity={"problem": what, "reference": ref}))
+        for bucket, key, n in latest_twice[:MAX_FINDINGS]:
+            out.append(self.finding("error", f"{bucket}/{key}", f"{n} versions of {bucket}/{key} are marked latest",
+                                    "objects.latest_duplicate", {"bucket": bucket, "key": key}))
+        if no_bucket:
+            out.append(self.finding("error", "versions", f"{no_bucket} versions belong to no bucket",
+                                    "objects.bucket_missing", {"versions": no_bucket}, identity={}))
+        for p in orphan_parts[:MAX_FINDINGS]:
+            out.append(self.finding("error", f"upload {p.upload_id}",
+                                    f"part {p.part_number} belongs to upload {p.upload_id}, which does not exist",
+                                    "multipart.part_without_upload",
+                                    {"upload_id": p.upload_id, "part_number": p.part_number}))
+        for u in uploads:
+            if not u.bucket_exists:
+                out.append(self.finding("error", f"upload {u.upload_id}",
+                                        f"multipart upload {u.upload_id} is for bucket {u.bucket}, which does not "
+                                        "exist", "multipart.bucket_missing",
+                                        {"tenant": u.tenant, "bucket": u.bucket, "key": u.key,
+                                         "upload_id": u.upload_id}))
+        ctx.stats["objects"] = {"versions": versions, "inconsistent": len(inconsistent)}
+        ctx.stats["multipart"] = {"uploads": len(uploads), "parts": part_count}
         if recorded:
             now = self.summary(ctx)
             for field in ("rows_digest", "versions", "buckets", "multipart_uploads", "multipart_parts"):
                 if field in recorded and recorded[field] != now[field]:
-                    add("error", f"objects {field}", f"restored {now[field]!r}, recorded {recorded[field]!r}")
-        if not findings:
-            findings.append(self.finding("info", "objects", f"{checked} versions: records and body chunks consistent"))
-        return findings
+                    out.append(self.finding("error", f"objects {field}",
+                                            f"restored {now[field]!r}, recorded {recorded[field]!r}",
+                                            "objects.summary_differs", {"field": field}))
+        if not out:
+            out.append(self.finding("info", "objects", f"{versions} versions: records consistent"))
+        return out
 
-    def restrict_to_buckets(self, conn: apsw.Connection, buckets: set[str]) -> dict[str, Any]:
+    def locate_object(self, conn: Connection, bucket: str, key: str,
+                      version_id: str | None = None) -> dict[str, Any] | None:
+        """A version's record as stored (latest when `version_id` is None), for `anvil backup get`."""
+        cols = "version_id, delete_marker, size, sha256, chunks, etag, content_type"
+        if version_id is None:
+            row = conn.execute(f"SELECT {cols} FROM versions WHERE bucket = ? AND key = ? AND is_latest = 1",
+                               (bucket, key)).fetchone()
+        else:
+            row = conn.execute(f"SELECT {cols} FROM versions WHERE bucket = ? AND key = ? AND version_id = ?",
+                               (bucket, key, version_id)).fetchone()
+        if row is None:
+            return None
+        return {"version_id": row[0], "delete_marker": bool(row[1]), "size": row[2], "sha256": row[3],
+                "chunks": [tuple(c) for c in json.loads(row[4])], "etag": row[5], "content_type": row[6]}
+
+    def restrict_to_buckets(self, conn: Connection, buckets: set[str]) -> dict[str, Any]:
         present = {r[0] for r in conn.execute("SELECT name FROM buckets")}
         dropped = sorted(present - buckets)
         marks = ",".join("?" * len(dropped))
@@ -253,3 +270,20 @@ class ObjectsParticipant(Participant):
                                          f"{len(seen)} listed versions match; {read} bodies verified; "
                                          "reserved namespace closed"))
         return findings
+
+    def smoke_resumed(self, client: Any, ctx: RecoveryContext,
+                      recorded: dict[str, Any] | None = None) -> list[Finding]:
+        """A client performs ordinary operations on the resumed server: create, put, get, list, delete."""
+        name = f"drill-{uuid.uuid4().hex[:10]}"
+        body = uuid.uuid4().bytes * 64
+        client.create_bucket(name)
+        client.put_object(name, "drill/check.bin", body)
+        if client.get_object(name, "drill/check.bin") != body:
+            return [self.finding("error", "ordinary operations", "read-after-write returned different bytes")]
+        if [o["key"] for o in client.list_objects(name)["objects"]] != ["drill/check.bin"]:
+            return [self.finding("error", "ordinary operations", "listing after write is wrong")]
+        client.delete_object(name, "drill/check.bin")
+        client.delete_bucket(name)
+        if not client.verify_journal().get("ok"):
+            return [self.finding("error", "journal", "chain broken after ordinary operations")]
+        return [self.finding("info", "ordinary operations", "create bucket, put, get, list, delete: ok")]

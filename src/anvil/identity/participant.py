@@ -9,16 +9,56 @@ supplies the keys in the environment; validation says exactly which apps fail an
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
-from anvil.backup.participant import Finding, Participant, RecoveryContext
 from anvil.errors import AnvilError
 from anvil.identity import envelope as env
-from anvil.identity import recovery as idr
 from anvil.identity.scopes import ACTIONS, allows
 from anvil.identity.settings import load_keyring
+from anvil.storage.records import Connection
+from anvil.storage.recovery import Finding, Participant, RecoveryContext
+
+TABLES = ("identity_realm", "identity_tenants", "identity_apps", "identity_policies")
+
+
+def summary(conn: Connection) -> dict[str, Any]:
+    """Counts, key ids in use, and a digest of (client_id, tenant, scopes) that a restore must reproduce."""
+
+    def count(table: str) -> int:
+        return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+    digest = hashlib.sha256()
+    for client_id, tenant, scopes in _apps(conn):
+        digest.update(f"{client_id}\t{tenant}\t{' '.join(sorted(scopes))}\n".encode())
+    key_ids = sorted({r[0] for r in conn.execute("SELECT key_id FROM identity_apps")})
+    return {
+        "tenants": count("identity_tenants"),
+        "apps": count("identity_apps"),
+        "policies": count("identity_policies"),
+        "realm": count("identity_realm") == 1,
+        "key_ids_in_use": key_ids,
+        "digest": digest.hexdigest(),
+    }
+
+
+def validate(conn: Connection, keyring: env.Keyring) -> list[dict[str, Any]]:
+    """Findings: every envelope must decrypt with the configured keys and match its recorded key id."""
+    findings: list[dict[str, Any]] = []
+    if conn.execute("SELECT count(*) FROM identity_realm").fetchone()[0] != 1:
+        findings.append({"severity": "error", "item": "realm", "problem": "the system realm is missing"})
+    for client_id, envelope, key_id in conn.execute("SELECT client_id, envelope, key_id FROM identity_apps"):
+        try:
+            env.open_envelope(keyring, envelope, client_id)
+            if env.key_id(envelope) != key_id:
+                findings.append({"severity": "warning", "item": f"app/{client_id}",
+                                 "problem": "recorded key id differs from the envelope's"})
+        except env.EnvelopeError as e:
+            findings.append({"severity": "error", "item": f"app/{client_id}", "problem": e.message})
+    return findings
+
 
 MAX_FIXTURES = 10
 MAX_FINDINGS = 50
@@ -85,7 +125,8 @@ class IdentityParticipant(Participant):
     name = "identity"
     kind = "source"
     covers = ["secrets"]
-    owns = [f"catalog.db: {', '.join(idr.TABLES)}", "secrets/ (only when escrowed)"]
+    owns = [f"catalog.db: {', '.join(TABLES)}", "secrets/ (only when escrowed)"]
+    tables = list(TABLES)
 
     def _secret_files(self, ctx: RecoveryContext) -> list[Path]:
         return [p for p in (ctx.root / "secrets" / n for n in SECRET_FILES) if p.is_file()]
@@ -95,11 +136,11 @@ class IdentityParticipant(Participant):
 
     def key_ids(self, ctx: RecoveryContext) -> list[str]:
         keyring, _ = configured_keyring(ctx.root)
-        in_use = idr.summary(ctx.conn)["key_ids_in_use"]
+        in_use = summary(ctx.conn)["key_ids_in_use"]
         return sorted(set(in_use) | set(keyring.key_ids if keyring else []))
 
     def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
-        s = idr.summary(ctx.conn)
+        s = summary(ctx.conn)
         keyring, source = configured_keyring(ctx.root)
         escrowed = sorted(p.name for p in self._secret_files(ctx)) if ctx.escrow_secrets else []
         return {**s, "configured_key_ids": keyring.key_ids if keyring else [], "key_source": source,
@@ -120,10 +161,10 @@ class IdentityParticipant(Participant):
             for cid, _tenant, _ in _apps(ctx.conn)[:MAX_FINDINGS]:
                 kid = ctx.conn.execute("SELECT key_id FROM identity_apps WHERE client_id = ?", (cid,)).fetchone()[0]
                 findings.append(self.finding("error", f"app {cid}",
-                                             f"secret envelope key id {kid!r} is not configured (no key: {source}); "
-                                             + KEY_HINT))
+                                             f"secret envelope key {kid!r} is not configured (no key: {source}); "
+                                             + KEY_HINT, "identity.envelope_key_missing", {"client_id": cid}))
         else:
-            problems = idr.validate(ctx.conn, keyring)
+            problems = validate(ctx.conn, keyring)
             for p in problems[:MAX_FINDINGS]:
                 message = p["problem"]
                 if p["severity"] == "error" and p["item"].startswith("app/"):
@@ -131,22 +172,26 @@ class IdentityParticipant(Participant):
                               if not recorded.get("escrowed") else "; the escrowed key does not open it")
                     message = (f"{message}; configured key ids (from {source}): {', '.join(keyring.key_ids)}"
                                f"{escrow}; " + KEY_HINT)
-                findings.append(self.finding(p["severity"], p["item"].replace("app/", "app ", 1), message))
+                findings.append(self.finding(p["severity"], p["item"].replace("app/", "app ", 1), message,
+                                             f"identity.{p['item'].partition('/')[0]}", {"item": p["item"]}))
             if len(problems) > MAX_FINDINGS:
-                findings.append(self.finding("error", "identity", f"{len(problems) - MAX_FINDINGS} more problems"))
+                findings.append(self.finding("error", "identity", f"{len(problems) - MAX_FINDINGS} more problems",
+                                             "identity.more"))
         if recorded:
-            now = idr.summary(ctx.conn)
+            now = summary(ctx.conn)
             for field in ("tenants", "apps", "policies", "digest", "key_ids_in_use"):
                 if field in recorded and recorded[field] != now[field]:
                     findings.append(self.finding("error", f"identity {field}",
-                                                 f"restored {now[field]!r}, recorded {recorded[field]!r}"))
+                                                 f"restored {now[field]!r}, recorded {recorded[field]!r}",
+                                                 "identity.summary_differs", {"field": field}))
             live = {f["client_id"]: f for f in fixtures(_apps(ctx.conn))}
             for fx in recorded.get("fixtures", []):
                 if live.get(fx["client_id"], {}).get("scopes") != fx["scopes"]:
                     findings.append(self.finding("error", f"app {fx['client_id']}",
-                                                 "granted scopes differ from the recorded fixture"))
+                                                 "granted scopes differ from the recorded fixture",
+                                                 "identity.fixture_differs", {"client_id": fx["client_id"]}))
         if not findings:
-            n = idr.summary(ctx.conn)["apps"]
+            n = summary(ctx.conn)["apps"]
             findings.append(self.finding("info", "identity",
                                          f"{n} application envelopes decrypt with keys from {source}; "
                                          "tenants, apps and policies match the manifest"))

@@ -1,24 +1,25 @@
-"""The watch subsystem's recovery participant: watch logs, durable consumers' cursors and checkpoints.
+"""Watch's recovery participant: consumers, their cursors and checkpoints over the journal.
 
-The summary records, besides `anvil.watch.summary`, one fixture per consumer: its scope,
-cursor and the seq/kind of the next event in its scope. The drill proves, through the
-public API, that a watch opened from the recorded cursor delivers exactly that event first,
-and after resume that a write made in the consumer's scope arrives too (no loss).
+`summary` and `validate` take a plain record-store connection, so they work on a live
+server's reader (the watch status endpoint) as well as on a restored copy no server has
+opened yet. The journal's own chain is the journal participant's check, not repeated here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import uuid
 from typing import Any
 
-from anvil.backup.participant import Finding, Participant, RecoveryContext
 from anvil.storage import journal
-from anvil.watch import recovery as wr
+from anvil.storage.records import Connection, MissingSchema
+from anvil.storage.recovery import Finding, Participant, RecoveryContext
 from anvil.watch.events import Scope as _Scope
 from anvil.watch.events import in_scope, parse_kinds, project
 
+TABLES = ["watch_consumers"]
 MAX_FIXTURES = 20
 SCAN_LIMIT = 10_000  # events scanned past a cursor to find the next one in scope
 STREAM_TIMEOUT = 20.0
@@ -86,14 +87,76 @@ def _params(fx: dict[str, Any]) -> dict[str, Any]:
     return p
 
 
+def _consumers(conn: Connection) -> list[tuple[str, str, int]]:
+    try:
+        rows = conn.execute("SELECT tenant, name, cursor FROM watch_consumers ORDER BY tenant, name").fetchall()
+    except MissingSchema:
+        return []  # a catalog from before the watch migration: no consumers
+    return [(r[0], r[1], int(r[2])) for r in rows]
+
+
+def summary(conn: Connection) -> dict[str, Any]:
+    """Head seq and chain hash, the compaction base, and every consumer's cursor, with a digest."""
+    head_seq, head_hash = journal.head(conn)
+    base = conn.execute("SELECT seq, hash FROM journal_base WHERE id = 1").fetchone()
+    events = int(conn.execute("SELECT count(*) FROM journal").fetchone()[0])
+    consumers = _consumers(conn)
+    digest = hashlib.sha256("\n".join(f"{t}\t{n}\t{c}" for t, n, c in consumers).encode()).hexdigest()
+    return {
+        "head_seq": head_seq,
+        "head_hash": head_hash,
+        "base_seq": int(base[0]),
+        "base_hash": str(base[1]),
+        "events": events,
+        "consumers": {f"{t}/{n}": c for t, n, c in consumers},
+        "consumer_count": len(consumers),
+        "consumers_digest": digest,
+    }
+
+
+def validate(conn: Connection, expected: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Findings (empty when all is well): every cursor <= head, and, given the
+    summary recorded at backup time, that the restored state matches it."""
+    findings: list[dict[str, Any]] = []
+    head_seq, head_hash = journal.head(conn)
+    base_seq = int(conn.execute("SELECT seq FROM journal_base WHERE id = 1").fetchone()[0])
+    for tenant, name, cursor in _consumers(conn):
+        if cursor > head_seq:
+            findings.append({"severity": "error", "code": "watch.cursor_ahead", "consumer": f"{tenant}/{name}",
+                             "message": f"consumer {tenant}/{name} cursor {cursor} is beyond the head {head_seq}",
+                             "cursor": cursor, "head": head_seq})
+        elif cursor < base_seq:
+            findings.append({"severity": "warning", "code": "watch.cursor_expired", "consumer": f"{tenant}/{name}",
+                             "message": f"consumer {tenant}/{name} cursor {cursor} is below the oldest "
+                                        f"available cursor {base_seq}"})
+    if expected is not None:
+        if head_seq < int(expected.get("head_seq", 0)):
+            findings.append({"severity": "error", "code": "watch.head_behind",
+                             "message": f"journal head {head_seq} is behind the recorded {expected['head_seq']}"})
+        elif head_seq == int(expected.get("head_seq", -1)) and head_hash != expected.get("head_hash"):
+            findings.append({"severity": "error", "code": "watch.head_hash",
+                             "message": f"journal head {head_seq} hash differs from the recorded hash"})
+        recorded = expected.get("consumers") or {}
+        current = {f"{t}/{n}": c for t, n, c in _consumers(conn)}
+        for name, cursor in recorded.items():
+            if name not in current:
+                findings.append({"severity": "error", "code": "watch.consumer_missing", "consumer": name,
+                                 "message": f"consumer {name} recorded in the backup is missing"})
+            elif current[name] < cursor:
+                findings.append({"severity": "error", "code": "watch.cursor_regressed", "consumer": name,
+                                 "message": f"consumer {name} cursor {current[name]} is behind the recorded {cursor}"})
+    return findings
+
+
 class WatchParticipant(Participant):
     name = "watch"
     kind = "source"
     covers = ["watch"]
-    owns = ["catalog.db: " + ", ".join(wr.OWNS["tables"])]
+    owns = ["catalog.db: watch_consumers (the journal itself is the journal participant's)"]
+    tables = TABLES
 
     def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
-        s = wr.summary(ctx.conn)
+        s = summary(ctx.conn)
         fx = []
         for c in _consumer_rows(ctx.conn)[:MAX_FIXTURES]:
             fx.append({**c, "next": next_event(ctx.conn, c)})
@@ -101,26 +164,36 @@ class WatchParticipant(Participant):
 
     def validate(self, ctx: RecoveryContext, recorded: dict[str, Any] | None = None) -> list[Finding]:
         findings = []
-        for p in wr.validate(ctx.conn, recorded):
-            subject = p.get("consumer") and f"consumer {p['consumer']}" or p.get("code", "watch")
-            findings.append(self.finding(p["severity"], subject, p["message"]))
+        problems = validate(ctx.conn, recorded)
+        ctx.checked.update({"watch.cursor_ahead", "watch.cursor_expired"})
+        ctx.stats["watch"] = {"cursors": len(_consumers(ctx.conn)), "head": journal.head(ctx.conn)[0]}
+        for p in problems:
+            consumer = p.get("consumer")
+            affected = {"source": "watch_consumers", "consumer": consumer} if consumer else {}
+            identity = dict(affected) if consumer else None
+            if "cursor" in p:
+                affected.update(cursor=p["cursor"], head=p["head"])
+            findings.append(self.finding(p["severity"], f"consumer {consumer}" if consumer else p["code"],
+                                         p["message"], p["code"], affected, identity=identity,
+                                         cursor=str(p["cursor"]) if "cursor" in p else None))
         if recorded:
-            current = wr.summary(ctx.conn)["consumers"]
+            current = summary(ctx.conn)["consumers"]
             for name, cursor in (recorded.get("consumers") or {}).items():
                 if name in current and current[name] > cursor:
                     findings.append(self.finding("error", f"consumer {name}",
                                                  f"consumer {name} cursor {current[name]} is ahead of the recorded "
-                                                 f"{cursor}: events between them would be skipped"))
+                                                 f"{cursor}: events between them would be skipped",
+                                                 "watch.cursor_ahead_of_recorded", {"consumer": name}))
             for fx in recorded.get("fixtures", []):
                 now = next_event(ctx.conn, fx)
                 if now != fx.get("next"):
                     findings.append(self.finding("error", f"consumer {fx['tenant']}/{fx['name']}",
                                                  f"next event after cursor {fx['cursor']} is {now}, "
-                                                 f"recorded {fx.get('next')}"))
+                                                 f"recorded {fx.get('next')}", "watch.next_event_differs"))
         if not findings:
-            s = wr.summary(ctx.conn)
-            findings.append(self.finding("info", "watch", f"{s['consumer_count']} consumers at or below head "
-                                                          f"{s['head_seq']}; chain intact; cursors match the manifest"))
+            s = ctx.stats["watch"]
+            findings.append(self.finding("info", "watch", f"{s['cursors']} consumers at or below head {s['head']}"
+                                         + ("; cursors match the manifest" if recorded else "")))
         return findings
 
     def smoke(self, client: Any, ctx: RecoveryContext, recorded: dict[str, Any] | None = None) -> list[Finding]:

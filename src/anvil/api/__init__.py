@@ -1,0 +1,1 @@
+"""HTTP: the S3 gateway and the native API; nothing but translation and authorisation."""

@@ -1,0 +1,307 @@
+"""The storage core's recovery participants: the store itself, the journal and the blob store.
+
+- `storage`: FORMAT, catalog.db's structural integrity and the manifests of derived
+  generations under `derived/` (whatever family wrote them).
+- `journal`: the hash chain, gapless from its base.
+- `blobs`: every blob any participant references is present, of the recorded size and (deep)
+  hashes to its name; blobs nobody references are reported as orphans.
+
+They use only `anvil.storage` itself; what references a blob comes from the other
+participants through `RecoveryContext.references()`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from anvil.errors import AnvilError
+from anvil.storage import journal, records
+from anvil.storage.blobscan import HEX64, hash_file
+from anvil.storage.layout import Layout
+from anvil.storage.recovery import BlobRef, Finding, Participant, RecoveryContext
+
+MAX_FINDINGS = 50
+MAX_REFERENCES = 20  # references listed in one finding; the count is always complete
+MANIFEST = "MANIFEST.json"
+
+
+def _affects(refs: list[BlobRef]) -> str:
+    labels = [r.label for r in refs]
+    return ", ".join(labels[:3]) + (f" (+{len(labels) - 3} more)" if len(labels) > 3 else "")
+
+
+class StorageParticipant(Participant):
+    """The store's own structure: nothing to back up beyond catalog.db and FORMAT, which the engine copies."""
+
+    name = "storage"
+    kind = "source"
+    covers: list[str] = []
+    owns = ["FORMAT", "catalog.db (structure)", "derived/*/MANIFEST.json"]
+
+    def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
+        try:
+            info = Layout(ctx.root).read_format()
+            return {"format": info.version}
+        except AnvilError:
+            return {"format": None}
+
+    @classmethod
+    def format_findings(cls, root: Path, stats: dict[str, dict[str, Any]] | None = None) -> list[Finding]:
+        """FORMAT is readable and of a version this code knows (checkable even without a catalog)."""
+        try:
+            info = Layout(root).read_format()
+        except AnvilError as e:
+            if stats is not None:
+                stats["format"] = {"ok": False}
+            return [Finding(cls.name, "error", "FORMAT", e.message, "storage.format", {"file": "FORMAT"})]
+        if stats is not None:
+            stats["format"] = {"ok": True, "version": info.version, "deployment_id": info.deployment_id}
+        return []
+
+    def validate(self, ctx: RecoveryContext, recorded: dict[str, Any] | None = None) -> list[Finding]:
+        ctx.checked.add("storage.format")
+        out = self.format_findings(ctx.root, ctx.stats)
+        ctx.checked.add("storage.catalog_integrity")
+        problems = records.integrity_problems(ctx.conn)
+        ctx.stats["catalog"] = {"ok": not problems, "messages": len(problems)}
+        if problems:
+            out.append(self.finding(
+                "error", "catalog.db", f"integrity check reported {len(problems)} problem(s) in catalog.db: "
+                f"{problems[0]}", "storage.catalog_integrity", {"file": "catalog.db", "messages": problems[:20]},
+                identity={"file": "catalog.db"}))
+        out += self._derived(ctx)
+        return out
+
+    def _derived(self, ctx: RecoveryContext) -> list[Finding]:
+        """Every published generation's MANIFEST: files present, of their size, (deep) of their hash,
+        and a cursor no later than the journal head."""
+        root = ctx.root / "derived"
+        manifests = sorted(Path(d) / MANIFEST for d, _, files in os.walk(root) if MANIFEST in files)
+        if not manifests:
+            ctx.stats["derived"] = {"skipped": "no derived manifests"}
+            return []
+        out: list[Finding] = []
+        head = journal.head(ctx.conn)[0]
+        advance = ctx.progress.phase("derived manifests", len(manifests))
+        ctx.checked.update({"derived.manifest_invalid", "derived.file_missing", "derived.file_size",
+                            "derived.cursor_ahead"})
+        if ctx.deep:
+            ctx.checked.add("derived.file_hash")
+        files = 0
+        for m in manifests:
+            rel = m.relative_to(root)
+            base = {"family": rel.parts[0], "generation": str(rel.parent), "manifest": f"derived/{rel}"}
+            name = base["manifest"]
+            try:
+                body = json.loads(m.read_text())
+                entries = body.get("files")
+                if not isinstance(entries, list):
+                    raise ValueError("'files' must be a list")
+            except (OSError, ValueError, AttributeError) as e:
+                out.append(self.finding("error", name, f"{name} is unreadable: {e}", "derived.manifest_invalid", base))
+                continue
+            cursor = body.get("cursor")
+            if isinstance(cursor, int) and cursor > head:
+                out.append(self.finding("error", name, f"{name} claims cursor {cursor}, beyond the journal head "
+                                        f"{head}", "derived.cursor_ahead", {**base, "cursor": cursor, "head": head},
+                                        identity=base, cursor=str(cursor)))
+            for entry in entries:
+                path = entry.get("path") if isinstance(entry, dict) else None
+                sha = entry.get("sha256") if isinstance(entry, dict) else None
+                if (not isinstance(path, str) or not isinstance(sha, str) or path.startswith("/")
+                        or ".." in Path(path).parts):
+                    out.append(self.finding("error", name, f"{name} lists an invalid file entry",
+                                            "derived.manifest_invalid", {**base, "entry": entry}))
+                    continue
+                files += 1
+                f = m.parent / path
+                aff = {**base, "file": path}
+                try:
+                    size = f.stat().st_size
+                except OSError:
+                    out.append(self.finding("error", name, f"{name}: {path} is missing", "derived.file_missing", aff))
+                    continue
+                if isinstance(entry.get("size"), int) and entry["size"] != size:
+                    out.append(self.finding("error", name, f"{name}: {path} is {size} bytes, the manifest says "
+                                            f"{entry['size']}", "derived.file_size",
+                                            {**aff, "expected": entry["size"], "actual": size}, identity=aff))
+                    continue
+                if ctx.deep:
+                    actual, _, err = hash_file(str(f))
+                    if actual != sha:
+                        out.append(self.finding("error", name, f"{name}: {path} does not match its SHA-256"
+                                                + (f" ({err})" if err else ""), "derived.file_hash",
+                                                {**aff, "expected": sha, "actual": actual}, identity=aff))
+            advance(1)
+        ctx.stats["derived"] = {"manifests": len(manifests), "files": files}
+        return out
+
+
+class JournalParticipant(Participant):
+    name = "journal"
+    kind = "source"
+    covers = ["object-journal"]
+    owns = ["catalog.db: journal, journal_base"]
+    tables = ["journal"]
+    summary_depends_on_buckets = False  # a partial restore appends to the chain; it never rewrites it
+
+    def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
+        seq, h = journal.head(ctx.conn)
+        checked, problems = journal.verify_chain(ctx.conn)
+        return {"head_seq": seq, "head_hash": h, "events": checked, "chain_verified": not problems,
+                "chain_problems": len(problems)}
+
+    def validate(self, ctx: RecoveryContext, recorded: dict[str, Any] | None = None) -> list[Finding]:
+        findings: list[Finding] = []
+        done = ctx.progress.phase("journal chain", 1)
+        ctx.checked.update({"journal.chain", "journal.gapless"})
+        checked, problems = journal.verify_chain(ctx.conn)
+        done(1)
+        ctx.stats["journal"] = {"events": checked, "problems": len(problems)}
+        for p in problems:
+            inv = "journal.gapless" if p.problem.startswith("gap") else "journal.chain"
+            findings.append(self.finding("error", f"journal seq {p.seq}", f"journal event {p.seq}: {p.problem}", inv,
+                                         {"seq": p.seq}, cursor=str(p.seq)))
+        if recorded:
+            seq_s, hash_s = int(recorded["head_seq"]), recorded["head_hash"]
+            row = ctx.conn.execute("SELECT hash FROM journal WHERE seq = ?", (seq_s,)).fetchone()
+            head_seq, head_hash = journal.head(ctx.conn)
+            if head_seq < seq_s:
+                findings.append(self.finding("error", "journal head",
+                                             f"head seq {head_seq} is before the recorded checkpoint seq {seq_s}",
+                                             "journal.head_behind"))
+            elif (row[0] if row else head_hash if head_seq == seq_s else None) != hash_s:
+                findings.append(self.finding("error", f"journal seq {seq_s}",
+                                             "hash at the checkpoint seq differs from the recorded chain hash",
+                                             "journal.head_hash"))
+        if not findings:
+            findings.append(self.finding("info", "journal", f"{checked} events, hash chain intact"))
+        return findings
+
+    def smoke(self, client: Any, ctx: RecoveryContext, recorded: dict[str, Any] | None = None) -> list[Finding]:
+        res = client.verify_journal()
+        if not res.get("ok"):
+            return [self.finding("error", "journal", f"server reports a broken chain: {res.get('problems')[:5]}")]
+        head = client.health()["journal"]
+        if recorded and head["seq"] < recorded["head_seq"]:
+            return [self.finding("error", "journal", f"server head {head['seq']} < recorded {recorded['head_seq']}")]
+        return [self.finding("info", "journal", f"server verified {res.get('checked')} events")]
+
+
+class BlobsParticipant(Participant):
+    """Blobs belong to the records that reference them; this participant checks the store against them."""
+
+    name = "blobs"
+    kind = "source"
+    covers = ["object-bodies"]
+    owns = ["blobs/sha256/"]
+
+    def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
+        refs = ctx.references()
+        present = 0
+        total = 0
+        for sha in refs:
+            p = ctx.blobs.path(sha)
+            if p.exists():
+                present += 1
+                total += p.stat().st_size
+        digest = hashlib.sha256("\n".join(refs).encode()).hexdigest()
+        return {"referenced": len(refs), "present": present, "bytes": total, "digest": digest}
+
+    def validate(self, ctx: RecoveryContext, recorded: dict[str, Any] | None = None) -> list[Finding]:
+        # The walk starts before references are read: a blob written after the walk can never look
+        # like an orphan, and a referenced blob missing from the walk is looked up again on disk.
+        ctx.start_blob_scan()
+        refs = ctx.references()
+        found = ctx.blob_scan()
+        done = ctx.progress.phase("references", 1)
+        listing = found.blobs
+        out: list[Finding] = []
+        invariants = {r.missing_invariant for rs in refs.values() for r in rs}
+        ctx.checked.update({"blobs.orphan", "blobs.misplaced", "objects.blob_missing", *invariants})
+
+        def absent(sha: str) -> bool:
+            if HEX64.fullmatch(sha or "") is None:
+                return True  # a malformed reference can never be satisfied
+            return sha not in listing and not os.path.exists(ctx.blobs.root / sha[:2] / sha)
+
+        missing = [sha for sha in refs if absent(sha)]
+        for sha in missing:
+            rs = refs[sha]
+            n = len(rs)
+            out.append(self.finding(
+                "error", f"blob {sha}", f"blob {sha} is missing from the blob store; it is referenced {n} time(s); "
+                f"affects {_affects(rs)}", rs[0].missing_invariant,
+                {"blob": sha, "reference_count": n, "references": [r.ref for r in rs[:MAX_REFERENCES]]},
+                identity={"blob": sha}))
+        for path in found.misplaced:
+            out.append(self.finding("warning", path, f"{path} is named like a blob but stored elsewhere",
+                                    "blobs.misplaced", {"path": os.path.relpath(path, ctx.root)}))
+        orphans = [s for s in listing if s not in refs]
+        if orphans:
+            # The walk overlapped the reference read: a blob whose record committed meanwhile is no
+            # orphan. Read the references once more, only when there are candidates.
+            ctx.clear_references()
+            current = ctx.references()
+            orphans = sorted(s for s in orphans if s not in current)
+        now = time.time()
+        for sha in orphans:
+            try:
+                st = os.stat(listing[sha])
+            except FileNotFoundError:
+                continue  # removed meanwhile (gc)
+            age = max(0, int(now - st.st_mtime))
+            out.append(self.finding("warning", f"blob {sha}",
+                                    f"blob {sha} ({st.st_size} bytes, {age} s old) is referenced by no record",
+                                    "blobs.orphan", {"blob": sha, "size": st.st_size, "age_seconds": age},
+                                    identity={"blob": sha}))
+        stats: dict[str, Any] = {
+            "on_disk": len(listing), "referenced": len(refs),
+            "references": sum(len(rs) for rs in refs.values()),
+            "shared": sum(1 for rs in refs.values() if len(rs) > 1),
+            "missing": len(missing), "orphans": len(orphans),
+        }
+        if ctx.deep:
+            ctx.checked.update({"blobs.hash_mismatch", "objects.chunk_size"})
+            stats["hashed"] = len(found.sizes)
+            out += self._hashes(ctx, refs, found)
+        ctx.stats["blobs"] = stats
+        if recorded and recorded.get("digest") and recorded["digest"] != self.summary(ctx)["digest"]:
+            out.append(self.finding("error", "blobs", "the set of referenced blobs differs from the recorded one",
+                                    "blobs.reference_set"))
+        if not out:
+            out.append(self.finding("info", "blobs", f"{len(refs)} referenced blobs present"
+                                    + (" and re-hashed" if ctx.deep else "")))
+        done(1)
+        return out
+
+    def _hashes(self, ctx: RecoveryContext, refs: dict[str, list[BlobRef]], found: Any) -> list[Finding]:
+        out: list[Finding] = []
+        bad = {b.name for b in found.bad}
+        for b in sorted(found.bad, key=lambda r: r.name):
+            if b.error is not None and not os.path.exists(b.path):
+                continue  # removed after the listing (gc): the reference check covers it
+            rs = refs.get(b.name, [])
+            what = f"could not be read ({b.error})" if b.error else f"hashes to {b.actual}"
+            out.append(self.finding(
+                "error", f"blob {b.name}", f"blob {b.name} {what}: its content no longer matches its name"
+                + (f"; affects {_affects(rs)}" if rs else ""), "blobs.hash_mismatch",
+                {"blob": b.name, "actual_sha256": b.actual, "size": b.size,
+                 "references": [r.ref for r in rs[:MAX_REFERENCES]]}, identity={"blob": b.name}))
+        for sha, rs in refs.items():
+            actual = found.sizes.get(sha)
+            if actual is None or sha in bad:
+                continue
+            for r in rs:
+                if r.size != actual:
+                    out.append(self.finding(
+                        "error", r.label, f"{r.label} records blob {sha} as {r.size} bytes; it is {actual}",
+                        "objects.chunk_size",
+                        {"blob": sha, "expected": r.size, "actual": actual, "references": [r.ref]},
+                        identity={"blob": sha, "reference": r.ref}))
+        return out

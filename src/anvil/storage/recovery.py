@@ -1,0 +1,306 @@
+"""The recovery contract: the participant protocol, its context and the one `Finding` type of the project.
+
+It is the top of `anvil.storage` (it uses only the record-store interface, the blob store and
+its scan), so every subsystem implements it without importing the backup engine, and the
+backup engine, restore, the drill, fsck and gc use it without knowing any subsystem.
+
+Every subsystem ships one participant in `<package>/participant.py` with the six designed
+operations: `describe`, `checkpoint`, `summary`, `validate`, `rebuild`, `smoke`. What some
+subsystems need beyond those is an optional *capability* (a small protocol below); backup,
+restore, the drill, fsck and gc discover capabilities with `isinstance` and never name a
+subsystem. The composition root (`anvil.runtime`) builds the participant list and hands it
+to all of them.
+
+A participant works on a `RecoveryContext`: one record-store connection (the checkpoint copy
+while backing up, the restored catalog while validating, a reader of the live store for
+fsck) plus the blob store, never the live server's objects, so the same code serves an online
+backup, an offline one, a restore and fsck.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
+
+from anvil.storage.blobs import BlobStore
+from anvil.storage.blobscan import ScanResult, scan_blobs
+from anvil.storage.records import Connection
+
+# The coverage checklist of the design, in its order: (item id, what it is).
+CHECKLIST: list[tuple[str, str]] = [
+    ("object-bodies", "object bodies and multipart state"),
+    ("object-journal", "object metadata journal and compaction outputs"),
+    ("bucket-metadata", "bucket and placement metadata"),
+    ("path-indexes", "path and directory indexes"),
+    ("metadata-indexes", "metadata index definitions and generations"),
+    ("fulltext", "full-text segments and tokenizer metadata"),
+    ("vector", "vector segments and HNSW graph"),
+    ("authz", "authorisation schemas, tuples, caveats and derived indexes"),
+    ("watch", "watch logs, cursors and checkpoints"),
+    ("personaldb", "PersonalDB commits, snapshots, projections and certificates"),
+    ("artefacts", "source and model artefact manifests"),
+    ("secrets", "control-plane secrets (key ids always, key material only when escrowed)"),
+    ("diagnostics", "diagnostic and repair findings"),
+]
+CHECKLIST_IDS = [c[0] for c in CHECKLIST]
+NOT_PRESENT = "not present in this deployment"
+
+Severity = Literal["error", "warning", "info"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One observation by a participant; any `error` fails a validation, an fsck, a verify or a drill.
+
+    `invariant` names the rule that broke (stable across runs, e.g. `objects.blob_missing`);
+    `affected` says what it touches (tenants named in it decide who may see the finding);
+    `identity` (default: `affected`) names the broken thing without volatile details, so a
+    re-run recognises a finding it already recorded.
+    """
+
+    participant: str
+    severity: Severity
+    subject: str
+    message: str
+    invariant: str = ""
+    affected: dict[str, Any] = field(default_factory=dict)
+    identity: dict[str, Any] | None = None
+    cursor: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Description:
+    name: str
+    kind: Literal["source", "derived"]
+    covers: list[str]
+    owns: list[str] = field(default_factory=list)
+    # Catalog tables holding this participant's records (the conformance suite corrupts them).
+    tables: list[str] = field(default_factory=list)
+    # False when a restore of some buckets leaves this participant's summary comparable to the
+    # recorded one (e.g. the journal chain); True when dropping buckets changes it by design.
+    summary_depends_on_buckets: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class BlobRef(NamedTuple):
+    """One record's use of one blob: what gc keeps, backup copies and fsck/restore check."""
+
+    sha256: str
+    size: int
+    label: str  # human-readable referrer ("bucket/key@version")
+    ref: dict[str, Any]  # the referrer as structured data (names its tenant)
+    missing_invariant: str  # the invariant broken when this blob is absent
+
+
+class Progress:
+    """What a long validation reports while it runs (fsck renders it as progress bars).
+
+    `phase` announces a step and returns the function that advances *that* step: the blob
+    scan advances from worker threads while the main thread moves through other phases."""
+
+    def phase(self, name: str, total: int | None = None) -> Callable[[int], None]:
+        return _ignore
+
+
+def _ignore(n: int) -> None:
+    pass
+
+
+class RebuildRefused(Exception):
+    """A source participant was asked to rebuild: source records can only be restored."""
+
+
+class RecoveryContext:
+    """What a participant may look at: one connection, the blob store, the storage root, and
+    the results every participant shares (blob references, the blob-store scan)."""
+
+    def __init__(self, root: Path, conn: Connection, blobs: BlobStore,
+                 participants: Iterable[Participant] = (), *, escrow_secrets: bool = False,
+                 credentials: tuple[str, str] | None = None, deep: bool = True,
+                 progress: Progress | None = None, hash_threads: int = 2):
+        self.root = Path(root)
+        self.conn = conn
+        self.blobs = blobs
+        self.participants = list(participants)
+        # Backup policy: key material goes into a snapshot only when the operator asked for it.
+        self.escrow_secrets = escrow_secrets
+        # The drill's (client_id, client_secret), for smoke tests that prove token exchange.
+        self.credentials = credentials
+        # Deep: re-hash every blob (restore validation, `fsck --deep`); otherwise sizes and names only.
+        self.deep = deep
+        self.progress = progress or Progress()
+        self.hash_threads = hash_threads
+        # Invariants evaluated and figures gathered by validate(): fsck resolves earlier findings
+        # of invariants it checked again, and reports the figures.
+        self.checked: set[str] = set()
+        self.stats: dict[str, dict[str, Any]] = {}
+        self._refs: dict[str, list[BlobRef]] | None = None
+        self._scan: ScanResult | None = None
+        self._scan_thread: threading.Thread | None = None
+        self._scan_error: BaseException | None = None
+
+    def references(self) -> dict[str, list[BlobRef]]:
+        """Every blob any participant references -> its references (sorted by hash), from one read
+        transaction. The one blob-reference query that gc, fsck, backup and restore share."""
+        if self._refs is None:
+            refs: dict[str, list[BlobRef]] = {}
+            with self.conn:
+                for p in self.participants:
+                    if isinstance(p, BlobReferrer):
+                        for r in p.blob_references(self):
+                            refs.setdefault(r.sha256, []).append(r)
+            self._refs = dict(sorted(refs.items()))
+        return self._refs
+
+    def clear_references(self) -> None:
+        """Forget the references read so far (the next `references()` reads them afresh)."""
+        self._refs = None
+
+    def start_blob_scan(self) -> None:
+        """Walk (and, deep, hash) the blob store on worker threads while the caller goes on.
+
+        Callers that compare the walk with references start it *before* reading references, so a
+        blob written after the walk can never look like an orphan."""
+        if self._scan is not None or self._scan_thread is not None:
+            return
+        advance = self.progress.phase("hashing blobs" if self.deep else "listing blobs")
+
+        def run() -> None:
+            try:
+                self._scan = scan_blobs(self.blobs.root, deep=self.deep, threads=self.hash_threads,
+                                        on_progress=advance)
+            except BaseException as e:  # noqa: BLE001 - re-raised by blob_scan() in the caller's thread
+                self._scan_error = e
+
+        self._scan_thread = threading.Thread(target=run, name="anvil-blob-scan", daemon=True)
+        self._scan_thread.start()
+
+    def blob_scan(self) -> ScanResult:
+        self.start_blob_scan()
+        if self._scan_thread is not None:
+            self._scan_thread.join()
+            self._scan_thread = None
+        if self._scan_error is not None:
+            raise self._scan_error
+        assert self._scan is not None
+        return self._scan
+
+
+class Participant:
+    """The six designed operations, with the defaults a source participant without files needs."""
+
+    name = "participant"
+    kind: Literal["source", "derived"] = "source"
+    covers: list[str] = []
+    owns: list[str] = []
+    tables: list[str] = []
+    summary_depends_on_buckets = True
+
+    def describe(self) -> Description:
+        return Description(self.name, self.kind, list(self.covers), list(self.owns), list(self.tables),
+                           self.summary_depends_on_buckets)
+
+    def checkpoint(self, ctx: RecoveryContext) -> None:
+        """Make this participant's own files consistent for a copy (the catalog is copied by the engine)."""
+
+    def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
+        """Counts and digests recorded in the manifest and compared after restore."""
+        return {}
+
+    def validate(self, ctx: RecoveryContext, recorded: dict[str, Any] | None = None) -> list[Finding]:
+        """Findings about this participant's state (`recorded`: its summary at backup time, if any)."""
+        return []
+
+    def rebuild(self, ctx: RecoveryContext) -> list[Finding]:
+        """Derived participants recompute their state from source records; source ones refuse."""
+        if self.kind == "source":
+            raise RebuildRefused(f"{self.name} holds source records: it cannot be rebuilt, only restored")
+        return []
+
+    def smoke(self, client: Any, ctx: RecoveryContext, recorded: dict[str, Any] | None = None) -> list[Finding]:
+        """An end-to-end proof through the public API of a running (restored) server."""
+        return []
+
+    def finding(self, severity: Severity, subject: str, message: str, invariant: str = "",
+                affected: dict[str, Any] | None = None, *, identity: dict[str, Any] | None = None,
+                cursor: str | None = None) -> Finding:
+        return Finding(self.name, severity, subject, message, invariant, affected or {}, identity, cursor)
+
+
+# -- optional capabilities ---------------------------------------------------------------------
+
+
+@runtime_checkable
+class BlobReferrer(Protocol):
+    """Records of this participant reference blobs (bodies, parts, snapshots ...)."""
+
+    def blob_references(self, ctx: RecoveryContext) -> Iterable[BlobRef]: ...
+
+
+@runtime_checkable
+class FileOwner(Protocol):
+    """Owns files under the storage root besides catalog.db and blobs (derived generations, secrets)."""
+
+    def files(self, ctx: RecoveryContext) -> list[Path]: ...
+
+
+@runtime_checkable
+class RestoreFixup(Protocol):
+    """Restored files need fixing up (permissions, ...) before anything opens them."""
+
+    def after_restore(self, root: Path) -> None: ...
+
+
+@runtime_checkable
+class KeyHolder(Protocol):
+    """Records depend on secret keys; their ids are always recorded in the manifest."""
+
+    def key_ids(self, ctx: RecoveryContext) -> list[str]: ...
+
+
+@runtime_checkable
+class BucketScoped(Protocol):
+    """Holds per-bucket records: a partial restore drops those outside the chosen buckets."""
+
+    def restrict_to_buckets(self, conn: Connection, buckets: set[str]) -> dict[str, Any]:
+        """Drop records outside `buckets` (inside the caller's transaction); return kept/dropped names."""
+        ...
+
+
+@runtime_checkable
+class ResumedSmoke(Protocol):
+    """Has a proof that needs writes: the drill runs it after the restored server resumed traffic."""
+
+    def smoke_resumed(self, client: Any, ctx: RecoveryContext,
+                      recorded: dict[str, Any] | None = None) -> list[Finding]: ...
+
+
+@runtime_checkable
+class ObjectLocator(Protocol):
+    """Can find one object version in a catalog (for `anvil backup get` out of a snapshot)."""
+
+    def locate_object(self, conn: Connection, bucket: str, key: str,
+                      version_id: str | None = None) -> dict[str, Any] | None:
+        """{version_id, delete_marker, size, sha256, chunks: [(sha, size)], etag, content_type} or None."""
+        ...
+
+
+def coverage(descriptions: Iterable[Description]) -> list[dict[str, Any]]:
+    """The checklist: each item -> the participants covering it (empty = not present)."""
+    descs = list(descriptions)
+    return [
+        {"item": item, "label": label, "participants": [d.name for d in descs if item in d.covers]}
+        for item, label in CHECKLIST
+    ]
+
+
+def has_errors(findings: Iterable[Finding]) -> bool:
+    return any(f.severity == "error" for f in findings)

@@ -1,0 +1,180 @@
+"""The conformance suite every recovery participant must pass.
+
+A participant joins by being registered in `anvil.runtime.recovery_participants()`; nothing
+here names one. Each is run through summary and validate on an empty and a populated store,
+validate against a seeded corruption of its own state (the tables or files its description
+says it owns), and rebuild: refused for source participants, reproducing the summary for
+derived ones.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import apsw
+import pytest
+
+from anvil.context import DEV_PRINCIPAL, RequestContext
+from anvil.diagnostics import make_finding, record
+from anvil.runtime import Anvil, recovery_participants
+from anvil.storage import BlobStore, BlobWriter, records
+from anvil.storage.recovery import Participant, RebuildRefused, RecoveryContext, has_errors
+from anvil.watch import make_scope
+
+NAMES = [p.name for p in recovery_participants()]
+
+
+def _participant(name: str) -> Participant:
+    return next(p for p in recovery_participants() if p.name == name)
+
+
+def _populate(root: Path) -> None:
+    """A little of every kind of state: buckets, versions, a multipart part, an app, a consumer, a finding."""
+    a = Anvil(root)
+    try:
+        ctx = RequestContext(DEV_PRINCIPAL)
+        a.objects.create_bucket(ctx, "conf-a", versioning="Enabled")
+        for i, body in enumerate((b"one", b"two" * 1000, b"three")):
+            w = BlobWriter(a.storage.blobs)
+            w.write(body)
+            a.objects.put_object(ctx, "conf-a", f"docs/{i}", a.objects.store_body(w))
+        up = a.objects.create_multipart(ctx, "conf-a", "big")
+        w = BlobWriter(a.storage.blobs)
+        w.write(b"part" * 100)
+        a.objects.upload_part(ctx, "conf-a", up["upload_id"], 1, a.objects.store_body(w))
+        a.identity.create_tenant(ctx, "acme")
+        a.identity.create_app(ctx, "acme", "reader", ["object:read|bucket:*"])
+        a.watch.create_consumer(ctx, "conf-consumer", make_scope(DEV_PRINCIPAL, bucket="conf-a"), 0)
+        record(a.storage.catalog, make_finding("diagnostics", "warning", "conformance.seeded", "seeded", {}),
+               actor=ctx.actor, request_id=ctx.request_id)
+    finally:
+        a.close()
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("conformance")
+    Anvil(base / "empty").close()
+    _populate(base / "populated")
+    return {"empty": base / "empty", "populated": base / "populated"}
+
+
+@contextmanager
+def context(root: Path) -> Iterator[RecoveryContext]:
+    """The store as restore validation sees it: the files as they are, opened by nothing else."""
+    conn = records.open_readonly(root / "catalog.db")
+    try:
+        yield RecoveryContext(root, conn, BlobStore(root / "blobs" / "sha256", root / "tmp"), recovery_participants())
+    finally:
+        records.close(conn)
+
+
+def _errors(found: list) -> list:
+    return [f for f in found if f.severity == "error"]
+
+
+@pytest.mark.parametrize("which", ["empty", "populated"])
+@pytest.mark.parametrize("name", NAMES)
+def test_summary_and_validate(stores: dict[str, Path], name: str, which: str) -> None:
+    p = _participant(name)
+    d = p.describe()
+    assert d.name == name and d.kind in ("source", "derived")
+    with context(stores[which]) as ctx:
+        summary = p.summary(ctx)
+        json.dumps(summary)  # it goes into the manifest as JSON
+        assert _errors(p.validate(ctx)) == []
+        assert _errors(p.validate(ctx, summary)) == []
+        assert p.summary(ctx) == summary  # summarising changes nothing
+
+
+def _corrupt(root: Path, p: Participant) -> str:
+    """Damage the participant's own state: a row of the first non-empty table it owns, else
+    the first file under the first path it owns (truncated to half)."""
+    conn = apsw.Connection(str(root / "catalog.db"))
+    try:
+        for table in p.describe().tables:
+            if conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]:
+                conn.execute(f"DELETE FROM {table} WHERE rowid = (SELECT max(rowid) FROM {table})")
+                return f"deleted a row of {table}"
+    finally:
+        conn.close()
+    for owned in p.describe().owns:
+        target = root / owned.split(" ")[0]
+        files = [target] if target.is_file() else sorted(f for f in target.rglob("*") if f.is_file())
+        if files:
+            data = files[0].read_bytes()
+            files[0].write_bytes(data[: len(data) // 2])
+            return f"truncated {files[0].relative_to(root)}"
+    raise AssertionError(f"{p.name} owns no table or file this suite can corrupt: {p.describe()}")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_validate_finds_a_seeded_corruption(stores: dict[str, Path], tmp_path: Path, name: str) -> None:
+    root = tmp_path / "store"
+    shutil.copytree(stores["populated"], root)
+    p = _participant(name)
+    with context(root) as ctx:
+        recorded = p.summary(ctx)
+    what = _corrupt(root, p)
+    with context(root) as ctx:
+        found = p.validate(ctx, recorded)
+    assert has_errors(found), f"{name}: validate saw nothing wrong after it {what}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_rebuild(stores: dict[str, Path], tmp_path: Path, name: str) -> None:
+    p = _participant(name)
+    root = tmp_path / "store"
+    shutil.copytree(stores["populated"], root)
+    with context(root) as ctx:
+        before = p.summary(ctx)
+        if p.kind == "source":
+            with pytest.raises(RebuildRefused):
+                p.rebuild(ctx)
+        else:
+            assert _errors(p.rebuild(ctx)) == []
+            assert p.summary(ctx) == before
+        assert p.summary(ctx) == before
+
+
+def test_a_part_whose_upload_record_is_gone_is_kept_backed_up_and_reported(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """gc, fsck and backup share one blob-reference query: what gc keeps, a backup copies."""
+    from anvil.backup import engine
+    from anvil.backup.repository import LocalBackend, Repository
+    from anvil.diagnostics import run_fsck
+
+    monkeypatch.setenv("ANVIL_BACKUP_KDF", "test")
+    root = tmp_path / "data"
+    a = Anvil(root)
+    try:
+        ctx = RequestContext(DEV_PRINCIPAL)
+        a.objects.create_bucket(ctx, "parts")
+        up = a.objects.create_multipart(ctx, "parts", "big")
+        w = BlobWriter(a.storage.blobs)
+        w.write(b"lonely part" * 1000)
+        part = a.objects.store_body(w)
+        a.objects.upload_part(ctx, "parts", up["upload_id"], 1, part)
+    finally:
+        a.close()
+    conn = apsw.Connection(str(root / "catalog.db"))
+    conn.execute("PRAGMA foreign_keys=OFF")
+    conn.execute("DELETE FROM multipart_uploads WHERE upload_id = ?", (up["upload_id"],))
+    conn.close()
+    a = Anvil(root)
+    try:
+        ctx = RequestContext(DEV_PRINCIPAL)
+        gc = a.diagnostics.gc(ctx, grace=0)
+        assert gc.blobs_removed == [] and a.storage.blobs.path(part.sha256).exists()  # kept ...
+        repo = Repository.init(LocalBackend(tmp_path / "repo"), "pw")
+        m = engine.create_snapshot(root, a.storage.layout.catalog_path, a.storage.blobs, a.storage.layout.tmp,
+                                   a.storage.format.deployment_id, a.participants(), repo)
+        assert part.sha256 in m["tree"]["blobs"]  # ... and backed up ...
+        report = run_fsck(a.diagnostics.target(), a.participants(), record=False)
+    finally:
+        a.close()
+    assert [f.invariant for f in report.findings] == ["multipart.part_without_upload"]  # ... and reported
