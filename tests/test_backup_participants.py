@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from anvil.backup import engine, recovery
+from anvil.backup.backends.local import LocalBackend
 from anvil.backup.participant import CHECKLIST_IDS, Finding, Participant, RecoveryContext, coverage
-from anvil.backup.repository import LocalBackend, Repository
+from anvil.backup.repository import Repository
 from anvil.backup.restore import restore
 from anvil.context import DEV_PRINCIPAL, RequestContext
 from anvil.runtime import Anvil, recovery_participants

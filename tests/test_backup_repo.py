@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from anvil.backup import engine
-from anvil.backup.repository import BackupError, LocalBackend, Repository
+from anvil.backup.backends.local import LocalBackend
+from anvil.backup.errors import BackupError
+from anvil.backup.repository import Repository
 from anvil.context import DEV_PRINCIPAL, RequestContext
 from anvil.runtime import Anvil
 

@@ -25,8 +25,9 @@ import apsw
 import httpx
 
 from anvil.backup import ops
+from anvil.backup.errors import BackupError
 from anvil.backup.participant import NOT_PRESENT, Finding, Participant, RecoveryContext, coverage
-from anvil.backup.repository import BackupError, Repository
+from anvil.backup.repository import Repository
 from anvil.backup.restore import restore
 from anvil.runtime import recovery_participants
 from anvil.storage.blobs import BlobStore

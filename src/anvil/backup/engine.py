@@ -17,8 +17,11 @@ from typing import Any
 import apsw
 
 from anvil import __version__
+from anvil.backup.chunking import CHUNKER, chunker
+from anvil.backup.errors import BackupError
+from anvil.backup.pack import ChunkReader, PackWriter, pack_name
 from anvil.backup.participant import NOT_PRESENT, Participant, RecoveryContext, coverage
-from anvil.backup.repository import CHUNKER, BackupError, ChunkReader, PackWriter, Repository, chunker, pack_name
+from anvil.backup.repository import Repository
 from anvil.storage import journal
 from anvil.storage.blobs import BlobStore
 from anvil.storage.layout import FORMAT_FILE

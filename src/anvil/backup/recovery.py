@@ -16,8 +16,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from anvil.backup.errors import BackupError
 from anvil.backup.participant import NOT_PRESENT, Finding, Participant, RecoveryContext, has_errors
-from anvil.backup.repository import BackupError
 from anvil.storage import Storage
 from anvil.storage.layout import write_file_durably
 

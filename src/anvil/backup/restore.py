@@ -18,8 +18,10 @@ import apsw
 
 from anvil.backup import recovery
 from anvil.backup.engine import ordered_parallel
+from anvil.backup.errors import BackupError
+from anvil.backup.pack import ChunkReader
 from anvil.backup.participant import Participant, RecoveryContext
-from anvil.backup.repository import BackupError, ChunkReader, Repository
+from anvil.backup.repository import Repository
 from anvil.storage.blobs import BlobStore
 from anvil.storage.layout import FOLDERS, FORMAT_FILE, Layout
 

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from anvil.backup.repository import BackupError
+from anvil.backup.errors import BackupError
 
 log = logging.getLogger("anvil.backup")
 
