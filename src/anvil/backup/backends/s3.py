@@ -74,8 +74,9 @@ class S3Backend(Backend):
         self.s3.delete_object(Bucket=self.bucket, Key=self._k(name))
 
     def exists(self, name: str) -> bool:
+        key = self._k(name)
         try:
-            self.s3.head_object(Bucket=self.bucket, Key=self._k(name))
+            self.s3.head_object(Bucket=self.bucket, Key=key)
             return True
         except Exception:  # noqa: BLE001 - botocore raises ClientError(404)
             return False
