@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -146,6 +147,16 @@ def test_exists_and_size(repo: Repo) -> None:
         b.size("data/00/zz")
 
 
+def test_modified_is_the_time_of_the_last_write(repo: Repo) -> None:
+    b = repo.backend
+    before = time.time()
+    b.write("data/00/aa", b"x")
+    # Storage clocks (an S3 server's) round to seconds and may drift a little from ours.
+    assert before - 5 <= b.modified("data/00/aa") <= time.time() + 5
+    with pytest.raises(BackupError, match="is missing from the repository"):
+        b.modified("data/00/zz")
+
+
 def test_delete_and_delete_of_a_missing_name(repo: Repo) -> None:
     b = repo.backend
     b.write("snapshots/s1", b"one")
@@ -195,6 +206,7 @@ def test_hostile_names_are_refused_and_change_nothing(repo: Repo, name: str) -> 
         "delete": lambda: b.delete(name),
         "exists": lambda: b.exists(name),
         "size": lambda: b.size(name),
+        "modified": lambda: b.modified(name),
     }
     if name not in ("data/",):  # a trailing slash names a folder for list()
         operations["list"] = lambda: b.list(name)

@@ -185,6 +185,7 @@ class PackWriter:
         self.flush()
         if not self.written_packs:
             return None
+        self.repo.assert_locked()
         index_id = uuid.uuid4().hex
         data = self.repo.seal_json({"packs": self.written_packs}, b"index")
         self.repo.backend.write(f"index/{index_id}", data)

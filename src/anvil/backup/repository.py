@@ -21,12 +21,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import zstandard
@@ -42,6 +45,67 @@ from anvil.backup.pack import PACK_TARGET, Location, PackWriter, compress, decom
 __all__ = ["BackupError", "Repository", "read_passphrase"]
 
 FORMAT_VERSION = 1
+LOCK_STALE_ENV = "ANVIL_BACKUP_LOCK_STALE"
+# As restic: a lock not refreshed for this long belongs to a process that is gone or hung.
+LOCK_STALE = 30 * 60
+
+log = logging.getLogger("anvil.backup")
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A duration from the environment: seconds, or like 90s, 15m, 1h, 2d."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return float(default)
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text[-1] in units:
+            value = float(text[:-1]) * units[text[-1]]
+        else:
+            value = float(text)
+    except ValueError:
+        raise BackupError(f"{name} must be a duration like 600, 90s, 15m or 1h, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise BackupError(f"{name} must be a finite duration of 0 or more, got {text!r}")
+    return value
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    try:
+        # A killed child its parent has not reaped yet still answers kill(0): it is a zombie.
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:][:1] != "Z"
+    except (OSError, ValueError):
+        return True
+
+
+def stale_reason(info: dict[str, Any], now: float, stale_after: float) -> str | None:
+    """Why a lock no longer protects anything, or None if it may still be held."""
+    pid, host = info.get("pid"), info.get("host")
+    if host == platform.node() and isinstance(pid, int) and not pid_alive(pid):
+        return f"process {pid} on {host} is gone"
+    beat = info.get("heartbeat", info.get("time"))
+    if isinstance(beat, int | float) and now - beat > stale_after:
+        return f"no heartbeat for {int(now - beat)}s (stale after {int(stale_after)}s)"
+    return None
+
+
+def describe_lock(name: str, info: Any, now: float) -> str:
+    try:
+        beat = info.get("heartbeat", info["time"])
+        return (f"{info['kind']} lock by pid {info['pid']} on {info['host']} since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(info['time']))} UTC, "
+                f"last heartbeat {int(now - beat)}s ago")
+    except (AttributeError, KeyError, TypeError):
+        return name
 
 
 class Repository:
@@ -55,6 +119,8 @@ class Repository:
         self._index: dict[str, Location] | None = None
         self.index_problems: list[str] = []
         self.pack_sizes: dict[str, int] = {}
+        self._held: list[str] = []  # names of the locks this object holds
+        self.live_locks: list[dict[str, Any]] = []  # other live locks seen when the last lock was taken
 
     # -------------------------------------------------------------- init / open / keys
 
@@ -130,33 +196,88 @@ class Repository:
     # -------------------------------------------------------------- locks
 
     @contextlib.contextmanager
-    def lock(self, kind: str) -> Iterator[None]:
+    def lock(self, kind: str, operation: str | None = None) -> Iterator[None]:
         """`shared` (create, restore, verify) or `exclusive` (forget, prune): prune never races a backup.
 
         Write our lock, then look: if a conflicting lock exists, withdraw ours and refuse. Two
-        racing writers can both withdraw (both refuse), never both proceed. A crashed process
-        leaves its lock behind; `anvil backup unlock` removes it after checking.
+        racing writers can both withdraw (both refuse), never both proceed. Stale locks (their
+        process is gone, or no heartbeat for `ANVIL_BACKUP_LOCK_STALE`) are deleted on the way:
+        a crash does not need `anvil backup unlock`. While held, the lock's heartbeat is
+        rewritten every sixth of the stale threshold.
         """
-        lock_id = f"{kind}-{uuid.uuid4().hex[:12]}"
-        body = {"kind": kind, "pid": os.getpid(), "host": platform.node(), "time": time.time()}
-        self.backend.write(f"locks/{lock_id}", json.dumps(body).encode())
+        stale_after = env_seconds(LOCK_STALE_ENV, LOCK_STALE)
+        name = f"locks/{kind}-{uuid.uuid4().hex[:12]}"
+        now = time.time()
+        body = {"kind": kind, "pid": os.getpid(), "host": platform.node(), "time": now, "heartbeat": now,
+                "operation": operation}
+        self.backend.write(name, json.dumps(body).encode())
+        stop = threading.Event()
+        mutex = threading.Lock()  # a heartbeat never rewrites the lock after its release deleted it
         try:
-            others = [n.split("/", 1)[1] for n in self.backend.list("locks") if not n.endswith(lock_id)]
-            conflicting = [o for o in others if kind == "exclusive" or o.startswith("exclusive-")]
-            if conflicting:
-                details = []
-                for o in conflicting[:3]:
-                    try:
-                        info = json.loads(self.backend.read(f"locks/{o}"))
-                        details.append(f"{info['kind']} lock by pid {info['pid']} on {info['host']} since "
-                                       f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(info['time']))} UTC")
-                    except (BackupError, ValueError, KeyError):
-                        details.append(o)
-                raise BackupError(f"the repository is locked ({'; '.join(details)}); if that process is gone, "
-                                  "run `anvil backup unlock`")
+            self.live_locks = self._check_locks(name, kind, stale_after)
+            threading.Thread(target=self._heartbeat, args=(name, body, stale_after / 6, stop, mutex),
+                             name="anvil-backup-lock", daemon=True).start()
+            self._held.append(name)
             yield
         finally:
-            self.backend.delete(f"locks/{lock_id}")
+            stop.set()
+            with mutex:
+                if name in self._held:
+                    self._held.remove(name)
+                self.backend.delete(name)
+
+    def _check_locks(self, own: str, kind: str, stale_after: float) -> list[dict[str, Any]]:
+        """Take over stale locks; refuse on a live conflicting one; return the other live locks."""
+        live: list[dict[str, Any]] = []
+        conflicting: list[str] = []
+        now = time.time()
+        for other in self.backend.list("locks"):
+            if other == own:
+                continue
+            try:
+                info = json.loads(self.backend.read(other))
+            except BackupError:
+                continue  # released since it was listed
+            except ValueError:
+                info = None
+            reason = stale_reason(info, now, stale_after) if isinstance(info, dict) else None
+            if reason:
+                self.backend.delete(other)
+                log.warning("took over stale lock %s: %s", other, reason)
+                continue
+            live.append(info if isinstance(info, dict) else {"name": other})
+            if kind == "exclusive" or other.split("/", 1)[1].startswith("exclusive-"):
+                conflicting.append(describe_lock(other, info, now))
+        if conflicting:
+            raise BackupError(f"the repository is locked ({'; '.join(conflicting[:3])}); it is taken over "
+                              f"automatically once its process is gone or after {stale_after / 60:g} minutes "
+                              "without a heartbeat; if you are sure that process is gone, run `anvil backup unlock`")
+        return live
+
+    def _heartbeat(self, name: str, body: dict[str, Any], interval: float, stop: threading.Event,
+                   mutex: threading.Lock) -> None:
+        while not stop.wait(interval):
+            with mutex:
+                if stop.is_set():
+                    return
+                try:
+                    if not self.backend.exists(name):
+                        log.error("lock %s was removed while held; this operation will stop", name)
+                        return
+                    self.backend.write(name, json.dumps({**body, "heartbeat": time.time()}).encode())
+                except Exception as e:  # noqa: BLE001 - a failed refresh is retried; staleness is judged by age
+                    log.warning("cannot refresh lock %s: %s", name, e)
+
+    def assert_locked(self) -> None:
+        """Refuse to go on if a lock this object holds was removed (taken over as stale, or unlocked).
+
+        Called before writing what makes data visible (an index) or deleting data: a process that
+        stalled past the stale threshold may have had its packs' protection lifted meanwhile.
+        """
+        for name in list(self._held):
+            if not self.backend.exists(name):
+                raise BackupError(f"lock {name} of this process was removed (taken over as stale, or by "
+                                  "`anvil backup unlock`); stopping before anything refers to data written under it")
 
     def unlock(self) -> list[str]:
         names = self.backend.list("locks")

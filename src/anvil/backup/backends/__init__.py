@@ -39,7 +39,8 @@ class Backend:
     Every backend: `read`/`read_range`/`size` of a missing name raise BackupError ("... is
     missing from the repository"); `write` replaces an existing object whole; `delete` of a
     missing name is not an error; `list(folder)` returns every name under `folder/` at any
-    depth, sorted, and [] for an empty or absent folder; names failing `check_name` are refused.
+    depth, sorted, and [] for an empty or absent folder; `modified` of a missing name raises
+    like `size`; names failing `check_name` are refused.
     """
 
     url: str
@@ -66,6 +67,17 @@ class Backend:
 
     def size(self, name: str) -> int:
         raise NotImplementedError
+
+    def modified(self, name: str) -> float:
+        """Unix time of the object's last write (the storage's clock)."""
+        raise NotImplementedError
+
+    def remove_incomplete(self, older_than: float) -> int:
+        """Delete leftovers of writes that never finished, last touched before `older_than`.
+
+        They are invisible to every other operation; a backend whose writes are atomic has none.
+        """
+        return 0
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import urllib.parse
 import uuid
@@ -67,10 +68,25 @@ class LocalBackend(Backend):
         return self._p(name).is_file()
 
     def size(self, name: str) -> int:
+        return self._stat(name).st_size
+
+    def modified(self, name: str) -> float:
+        return self._stat(name).st_mtime
+
+    def _stat(self, name: str) -> os.stat_result:
         p = self._p(name)
         if not p.is_file():
             raise missing(name)
-        return p.stat().st_size
+        return p.stat()
+
+    def remove_incomplete(self, older_than: float) -> int:
+        removed = 0
+        for p in self.root.rglob(".*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                if p.is_file() and p.stat().st_mtime < older_than:
+                    p.unlink()
+                    removed += 1
+        return removed
 
 
 def from_url(url: str, parsed: urllib.parse.ParseResult, options: BackendOptions) -> LocalBackend:

@@ -82,8 +82,14 @@ class S3Backend(Backend):
             return False
 
     def size(self, name: str) -> int:
+        return int(self._head(name)["ContentLength"])
+
+    def modified(self, name: str) -> float:
+        return self._head(name)["LastModified"].timestamp()
+
+    def _head(self, name: str) -> dict[str, Any]:
         try:
-            return int(self.s3.head_object(Bucket=self.bucket, Key=self._k(name))["ContentLength"])
+            return self.s3.head_object(Bucket=self.bucket, Key=self._k(name))
         except self._client_error as e:
             if _status(e) == 404:
                 raise missing(name) from None
