@@ -383,9 +383,9 @@ def _verify(repo: Repository, *, read_data: bool = False, progress: Progress | N
         if size != repo.pack_sizes.get(pack_id, size):
             errors.append({"what": f"pack {pack_id}", "problem": f"size {size}, index says {repo.pack_sizes[pack_id]}"})
     unindexed = sorted(set(stored_packs) - set(by_pack))
-    grace = orphan_grace()
     warnings = [f"pack {p} is not referenced by any readable index (left by an interrupted backup? the next "
-                f"`backup create` or `forget --prune` removes it once older than {grace:g}s)" for p in unindexed]
+                f"`backup create` or `forget --prune` removes it once older than {orphan_grace():g}s)"
+                for p in unindexed]
     checked_chunks = 0
     if read_data:
         present = [p for p in sorted(by_pack) if p in stored_packs]
@@ -524,6 +524,7 @@ def remove_orphan_packs(repo: Repository, grace: float | None = None) -> dict[st
     if repo.index_problems:
         # An unreadable index may be the one naming these packs.
         return {"skipped": "an index file is unreadable", "packs": 0, "bytes": 0, "kept": 0}
+    # pack_sizes also holds packs this Repository's own writers wrote: never orphans to it.
     indexed = {loc.pack for loc in repo.index().values()} | set(repo.pack_sizes)
     cutoff = time.time() - grace
     removed = kept = freed = 0
