@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from anvil.backup.repository import LocalBackend, Repository
+from anvil.backup.backends.local import LocalBackend
+from anvil.backup.repository import Repository
 from anvil.client import AnvilAPIError
 from tests.helpers import AnvilServer
 

@@ -10,7 +10,8 @@ import pytest
 
 from anvil.backup import engine
 from anvil.backup import mode as recovery
-from anvil.backup.repository import LocalBackend, Repository
+from anvil.backup.backends.local import LocalBackend
+from anvil.backup.repository import Repository
 from anvil.backup.restore import restore
 from anvil.context import DEV_PRINCIPAL, RequestContext
 from anvil.runtime import Anvil, recovery_participants

@@ -145,7 +145,8 @@ def test_a_part_whose_upload_record_is_gone_is_kept_backed_up_and_reported(tmp_p
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """gc, fsck and backup share one blob-reference query: what gc keeps, a backup copies."""
     from anvil.backup import engine
-    from anvil.backup.repository import LocalBackend, Repository
+    from anvil.backup.backends.local import LocalBackend
+    from anvil.backup.repository import Repository
     from anvil.diagnostics import run_fsck
 
     monkeypatch.setenv("ANVIL_BACKUP_KDF", "test")

@@ -23,7 +23,7 @@ def run_backup(app: Any, repo_url: str, *, passphrase: str | None = None, key_fi
                escrow_secrets: bool = False) -> dict[str, Any]:
     """One backup of the running server; remembers the outcome for /anvil/health/ready."""
     from anvil.backup import engine, ops
-    from anvil.backup.repository import BackupError
+    from anvil.backup.errors import BackupError
 
     if not _backup_lock.acquire(blocking=False):
         raise AnvilError("PreconditionFailed", "a backup is already running")
@@ -95,7 +95,7 @@ async def recovery_validate(request: Request, ctx: RequestContext) -> Response:
 async def recovery_resume(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:write", "system")
     from anvil.backup import mode as recovery
-    from anvil.backup.repository import BackupError
+    from anvil.backup.errors import BackupError
 
     body = await json_body(request, required=False)
     force = body.get("force", False)

@@ -24,7 +24,8 @@ from typing import Any
 import httpx
 
 from anvil.backup import ops
-from anvil.backup.repository import BackupError, Repository
+from anvil.backup.errors import BackupError
+from anvil.backup.repository import Repository
 from anvil.backup.restore import restore
 from anvil.storage import records
 from anvil.storage.blobs import BlobStore

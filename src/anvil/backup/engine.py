@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from anvil import __version__
-from anvil.backup.repository import CHUNKER, BackupError, ChunkReader, PackWriter, Repository, chunker, pack_name
+from anvil.backup.chunking import CHUNKER, chunker
+from anvil.backup.errors import BackupError
+from anvil.backup.pack import ChunkReader, PackWriter, pack_name
+from anvil.backup.repository import Repository, env_seconds
 from anvil.storage import journal, records
 from anvil.storage.blobs import BlobStore
 from anvil.storage.layout import FORMAT_FILE
@@ -24,6 +27,10 @@ from anvil.storage.recovery import NOT_PRESENT, FileOwner, KeyHolder, Participan
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, what)
 # Threads that cut, hash, compress and encrypt files; hashing, zstd and AES-GCM release the GIL.
 ENCODERS = min(4, os.cpu_count() or 1)
+ORPHAN_GRACE_ENV = "ANVIL_BACKUP_ORPHAN_GRACE"
+# Unreferenced packs younger than this are left alone: a create that started after we looked
+# at the locks may have written them.
+ORPHAN_GRACE = 30 * 60
 CONSISTENCY_METHOD = "sqlite-online-backup step(-1) in one read transaction; S = journal head of the copy"
 
 
@@ -133,7 +140,7 @@ def create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tm
                     tag: str | None = None, config: dict[str, Any] | None = None,
                     escrow_secrets: bool = False) -> dict[str, Any]:
     """Checkpoint, then store FORMAT, catalog.db and every referenced blob; returns the manifest."""
-    with repo.lock("shared"):
+    with repo.lock("shared", "create"):
         return _create_snapshot(storage_root, catalog_path, blobs, tmp_dir, deployment_id, participants, repo,
                                 progress=progress, tag=tag, config=config, escrow_secrets=escrow_secrets)
 
@@ -143,11 +150,16 @@ def _create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, t
                      tag: str | None = None, config: dict[str, Any] | None = None,
                      escrow_secrets: bool = False) -> dict[str, Any]:
     started = time.time()
+    # Another create may be filling packs no index mentions yet: then leave every pack alone.
+    if any(lock.get("operation") not in ("verify", "forget") for lock in repo.live_locks):
+        orphans: dict[str, Any] = {"skipped": "another backup may be running", "packs": 0, "bytes": 0, "kept": 0}
+    else:
+        orphans = remove_orphan_packs(repo)
     parent = latest_for(repo, deployment_id)
     writer = repo.writer()
     try:
         return _fill_snapshot(storage_root, catalog_path, blobs, tmp_dir, deployment_id, participants, repo, writer,
-                              parent, started, progress=progress, tag=tag, config=config,
+                              parent, started, orphans, progress=progress, tag=tag, config=config,
                               escrow_secrets=escrow_secrets)
     finally:
         writer.close()
@@ -155,7 +167,8 @@ def _create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, t
 
 def _fill_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
                    participants: list[Participant], repo: Repository, writer: PackWriter,
-                   parent: dict[str, Any] | None, started: float, *, progress: Progress | None = None,
+                   parent: dict[str, Any] | None, started: float, orphans: dict[str, Any], *,
+                   progress: Progress | None = None,
                    tag: str | None = None, config: dict[str, Any] | None = None,
                    escrow_secrets: bool = False) -> dict[str, Any]:
     parent_blobs: dict[str, dict[str, Any]] = parent["tree"]["blobs"] if parent else {}
@@ -258,7 +271,7 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp
         "problems": problems,
         "stats": {"logical_bytes": logical, "new_bytes": writer.new_bytes, "new_chunks": writer.new_chunks,
                   "blobs": len(tree_blobs), "blobs_reused_from_parent": reused,
-                  "duration": round(finished - started, 3)},
+                  "duration": round(finished - started, 3), "orphans": orphans},
         "tree": {"files": files, "blobs": tree_blobs},
     }
     repo.save_snapshot(manifest)
@@ -313,7 +326,7 @@ def _chunk_users(repo: Repository, snaps: list[dict[str, Any]]) -> dict[str, lis
 
 def verify(repo: Repository, *, read_data: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Structure (and with read_data every byte); each problem says what it affects."""
-    with repo.lock("shared"):
+    with repo.lock("shared", "verify"):
         return _verify(repo, read_data=read_data, progress=progress)
 
 
@@ -353,7 +366,9 @@ def _verify(repo: Repository, *, read_data: bool = False, progress: Progress | N
         if size != repo.pack_sizes.get(pack_id, size):
             errors.append({"what": f"pack {pack_id}", "problem": f"size {size}, index says {repo.pack_sizes[pack_id]}"})
     unindexed = sorted(set(stored_packs) - set(by_pack))
-    warnings = [f"pack {p} is not referenced by any readable index" for p in unindexed]
+    warnings = [f"pack {p} is not referenced by any readable index (left by an interrupted backup? the next "
+                f"`backup create` or `forget --prune` removes it once older than {orphan_grace():g}s)"
+                for p in unindexed]
     checked_chunks = 0
     if read_data:
         present = [p for p in sorted(by_pack) if p in stored_packs]
@@ -411,7 +426,7 @@ def forget(repo: Repository, *, keep_last: int = 0, keep_daily: int = 0, keep_we
            prune: bool = False) -> dict[str, Any]:
     if keep_last + keep_daily + keep_weekly <= 0:
         raise BackupError("refusing to forget every snapshot: give --keep-last, --keep-daily or --keep-weekly")
-    with repo.lock("exclusive"):
+    with repo.lock("exclusive", "prune" if prune else "forget"):
         return _forget(repo, keep_last, keep_daily, keep_weekly, prune)
 
 
@@ -442,6 +457,7 @@ def prune_repo(repo: Repository) -> dict[str, Any]:
         for entry in [*m["tree"]["files"].values(), *m["tree"]["blobs"].values()]:
             used.update(entry["chunks"])
     index = repo.index()
+    orphans = remove_orphan_packs(repo)
     by_pack: dict[str, list[str]] = {}
     for cid, loc in index.items():
         by_pack.setdefault(loc.pack, []).append(cid)
@@ -462,16 +478,54 @@ def prune_repo(repo: Repository) -> dict[str, Any]:
         packs.append({"id": p, "size": repo.pack_sizes[p],
                       "chunks": [[c, index[c].offset, index[c].length, index[c].raw_length] for c in cids]})
     new_index = uuid.uuid4().hex
+    repo.assert_locked()
     repo.backend.write(f"index/{new_index}", repo.seal_json({"packs": packs}, b"index"))
     for name in old_indexes:
         repo.backend.delete(name)
-    freed = 0
+    freed = orphans["bytes"]
     for p in [*drop_packs, *repack]:
         freed += repo.pack_sizes.get(p, 0)
         repo.backend.delete(pack_name(p))
     repo._index = None
     return {"packs_deleted": len(drop_packs), "packs_repacked": len(repack), "bytes_freed": freed,
-            "new_pack_bytes": writer.new_bytes}
+            "new_pack_bytes": writer.new_bytes, "orphans": orphans}
+
+
+def orphan_grace() -> float:
+    return env_seconds(ORPHAN_GRACE_ENV, ORPHAN_GRACE)
+
+
+def remove_orphan_packs(repo: Repository, grace: float | None = None) -> dict[str, Any]:
+    """Delete packs no index mentions that are older than the grace period (call under a lock).
+
+    A create writes its packs first and the index naming them last, so a create that died
+    leaves packs nothing refers to. A running create's packs look the same: callers make sure
+    no other create holds a live lock, and the grace period covers one that starts meanwhile.
+    """
+    grace = orphan_grace() if grace is None else grace
+    repo.index()
+    if repo.index_problems:
+        # An unreadable index may be the one naming these packs.
+        return {"skipped": "an index file is unreadable", "packs": 0, "bytes": 0, "kept": 0}
+    # pack_sizes also holds packs this Repository's own writers wrote: never orphans to it.
+    indexed = {loc.pack for loc in repo.index().values()} | set(repo.pack_sizes)
+    cutoff = time.time() - grace
+    removed = kept = freed = 0
+    for name in repo.backend.list("data"):
+        if name.rsplit("/", 1)[1] in indexed:
+            continue
+        try:
+            if repo.backend.modified(name) > cutoff:
+                kept += 1
+                continue
+            size = repo.backend.size(name)
+        except BackupError:
+            continue  # gone since listed
+        repo.backend.delete(name)
+        removed += 1
+        freed += size
+    repo.backend.remove_incomplete(cutoff)
+    return {"packs": removed, "bytes": freed, "kept": kept}
 
 
 def remove_tree(path: Path) -> None:

@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from anvil.backup.repository import BackupError
+from anvil.backup.errors import BackupError
 from anvil.storage import Storage
 from anvil.storage.layout import write_file_durably
 from anvil.storage.recovery import NOT_PRESENT, Finding, Participant, RecoveryContext, has_errors

@@ -6,7 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from anvil.backup import engine, mode
-from anvil.backup.repository import BackupError, Repository, open_backend, read_passphrase
+from anvil.backup.backends import open_backend
+from anvil.backup.crypto import read_passphrase
+from anvil.backup.errors import BackupError
+from anvil.backup.repository import Repository
 from anvil.storage import Storage
 from anvil.storage.recovery import Participant
 

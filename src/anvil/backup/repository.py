@@ -10,340 +10,102 @@ Layout (see docs/backup-format.md for the byte-level description):
 
 Chunk ids are HMAC-SHA256 of the plaintext under a key derived from the master key, so
 they reveal nothing about content to someone holding only the repository.
+
+This module is the Repository: config, keys, locks, index and snapshots. Where the objects
+live is `backends/`, keys and sealing `crypto`, packs and compression `pack`, cutting files
+into chunks `chunking`.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
-import hmac
 import json
+import logging
 import os
 import platform
 import secrets
 import threading
 import time
-import urllib.parse
 import uuid
-from collections import OrderedDict, deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import zstandard
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from anvil.backup.backends import Backend
+from anvil.backup.chunking import CHUNKER
+from anvil.backup.crypto import CHUNK_ID, chunk_id_of_digest, read_passphrase, seal, unseal, unwrap_master, wrap_master
+from anvil.backup.errors import BackupError
+from anvil.backup.pack import PACK_TARGET, Location, PackWriter, compress, decompress
+
+# Re-exported: callers outside this package's files import these from here.
+__all__ = ["BackupError", "Repository", "read_passphrase"]
 
 FORMAT_VERSION = 1
-PASSPHRASE_ENV = "ANVIL_BACKUP_PASSPHRASE"
-KDF_ENV = "ANVIL_BACKUP_KDF"
-# FastCDC 2020 via pyfastcdc 0.3.1 (pinned: chunk boundaries are part of the format).
-CHUNKER = {"algorithm": "fastcdc2020", "library": "pyfastcdc==0.3.1", "avg_size": 512 * 1024,
-           "min_size": 128 * 1024, "max_size": 4 * 1024 * 1024, "normalized_chunking": 1, "seed": 0}
-PACK_TARGET = 16 * 1024 * 1024
-# Packs are written (hashed, written, fsynced) on this many threads, with at most PACK_QUEUE
-# sealed packs waiting in memory: the disk's fsync latency overlaps with encoding.
-PACK_WRITERS = 2
-PACK_QUEUE = 3
-CHUNK_ID = "hmac-sha256(sha256)"  # chunk id = HMAC-SHA256(id key, SHA-256(plaintext))
-KDF_PRODUCTION = {"time_cost": 3, "memory_cost": 64 * 1024, "parallelism": 2}
-KDF_TEST = {"time_cost": 1, "memory_cost": 8 * 1024, "parallelism": 1}
-NONCE = 12
+LOCK_STALE_ENV = "ANVIL_BACKUP_LOCK_STALE"
+# As restic: a lock not refreshed for this long belongs to a process that is gone or hung.
+LOCK_STALE = 30 * 60
+
+log = logging.getLogger("anvil.backup")
 
 
-class BackupError(Exception):
-    """A backup/restore failure with a message precise enough to act on."""
-
-
-# ------------------------------------------------------------------ backends
-
-
-class Backend:
-    """Named immutable objects; the only operations the repository needs."""
-
-    url: str
-
-    def read(self, name: str) -> bytes:
-        raise NotImplementedError
-
-    def read_range(self, name: str, offset: int, length: int) -> bytes:
-        return self.read(name)[offset:offset + length]
-
-    def write(self, name: str, data: bytes) -> None:
-        raise NotImplementedError
-
-    def list(self, folder: str) -> list[str]:
-        """Names (relative to the repository) of every object under `folder/`."""
-        raise NotImplementedError
-
-    def delete(self, name: str) -> None:
-        raise NotImplementedError
-
-    def exists(self, name: str) -> bool:
-        raise NotImplementedError
-
-    def size(self, name: str) -> int:
-        raise NotImplementedError
-
-
-class LocalBackend(Backend):
-    def __init__(self, root: Path):
-        self.root = Path(root).absolute()
-        self.url = f"file://{self.root}"
-
-    def _p(self, name: str) -> Path:
-        return self.root / name
-
-    def read(self, name: str) -> bytes:
-        try:
-            return self._p(name).read_bytes()
-        except FileNotFoundError:
-            raise BackupError(f"{name} is missing from the repository") from None
-
-    def read_range(self, name: str, offset: int, length: int) -> bytes:
-        try:
-            with open(self._p(name), "rb") as f:
-                f.seek(offset)
-                return f.read(length)
-        except FileNotFoundError:
-            raise BackupError(f"{name} is missing from the repository") from None
-
-    def write(self, name: str, data: bytes) -> None:
-        p = self._p(name)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-
-    def list(self, folder: str) -> list[str]:
-        base = self._p(folder)
-        if not base.exists():
-            return []
-        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*")
-                      if p.is_file() and not p.name.startswith("."))
-
-    def delete(self, name: str) -> None:
-        try:
-            self._p(name).unlink()
-        except FileNotFoundError:
-            pass
-
-    def exists(self, name: str) -> bool:
-        return self._p(name).exists()
-
-    def size(self, name: str) -> int:
-        return self._p(name).stat().st_size
-
-
-class S3Backend(Backend):
-    def __init__(self, bucket: str, prefix: str, *, endpoint: str | None = None, access_key: str | None = None,
-                 secret_key: str | None = None, region: str | None = None):
-        import boto3
-        from botocore.config import Config
-
-        self.bucket = bucket
-        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        self.url = f"s3://{bucket}/{self.prefix}"
-        self.s3 = boto3.client(
-            "s3", endpoint_url=endpoint, aws_access_key_id=access_key or os.environ.get("AWS_ACCESS_KEY_ID"),
-            aws_secret_access_key=secret_key or os.environ.get("AWS_SECRET_ACCESS_KEY"),
-            region_name=region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-            config=Config(retries={"max_attempts": 5, "mode": "standard"}),
-        )
-
-    def _k(self, name: str) -> str:
-        return self.prefix + name
-
-    def read(self, name: str) -> bytes:
-        try:
-            return self.s3.get_object(Bucket=self.bucket, Key=self._k(name))["Body"].read()
-        except self.s3.exceptions.NoSuchKey:
-            raise BackupError(f"{name} is missing from the repository") from None
-
-    def read_range(self, name: str, offset: int, length: int) -> bytes:
-        try:
-            return self.s3.get_object(Bucket=self.bucket, Key=self._k(name),
-                                      Range=f"bytes={offset}-{offset + length - 1}")["Body"].read()
-        except self.s3.exceptions.NoSuchKey:
-            raise BackupError(f"{name} is missing from the repository") from None
-
-    def write(self, name: str, data: bytes) -> None:
-        self.s3.put_object(Bucket=self.bucket, Key=self._k(name), Body=data)
-
-    def list(self, folder: str) -> list[str]:
-        out: list[str] = []
-        paginator = self.s3.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._k(folder.rstrip("/") + "/")):
-            out.extend(o["Key"][len(self.prefix):] for o in page.get("Contents", []))
-        return sorted(out)
-
-    def delete(self, name: str) -> None:
-        self.s3.delete_object(Bucket=self.bucket, Key=self._k(name))
-
-    def exists(self, name: str) -> bool:
-        try:
-            self.s3.head_object(Bucket=self.bucket, Key=self._k(name))
-            return True
-        except Exception:  # noqa: BLE001 - botocore raises ClientError(404)
-            return False
-
-    def size(self, name: str) -> int:
-        return int(self.s3.head_object(Bucket=self.bucket, Key=self._k(name))["ContentLength"])
-
-
-def open_backend(url: str, *, s3_endpoint: str | None = None, access_key: str | None = None,
-                 secret_key: str | None = None, storage_path: str | Path | None = None) -> Backend:
-    """`file:///path` or `s3://bucket/prefix`; a local repository inside STORAGE_PATH is refused."""
-    parsed = urllib.parse.urlparse(url)
-    if parsed.scheme == "file":
-        if parsed.netloc not in ("", "localhost"):
-            raise BackupError(f"file URLs must be file:///absolute/path, got {url!r}")
-        path = Path(urllib.parse.unquote(parsed.path)).absolute()
-        if storage_path is not None:
-            root = Path(storage_path).absolute().resolve()
-            target = path.resolve()
-            if target == root or root in target.parents:
-                raise BackupError(f"the repository {path} is inside STORAGE_PATH {root}: "
-                                  "a backup must live somewhere else")
-        return LocalBackend(path)
-    if parsed.scheme == "s3":
-        if not parsed.netloc:
-            raise BackupError(f"s3 URLs must be s3://bucket/prefix, got {url!r}")
-        return S3Backend(parsed.netloc, parsed.path, endpoint=s3_endpoint, access_key=access_key,
-                         secret_key=secret_key)
-    raise BackupError(f"unsupported repository URL {url!r}: use file:///path or s3://bucket/prefix")
-
-
-def read_passphrase(key_file: str | None = None, env: str = PASSPHRASE_ENV) -> str:
-    if key_file:
-        try:
-            value = Path(key_file).read_text().rstrip("\r\n")
-        except OSError as e:
-            raise BackupError(f"cannot read key file {key_file}: {e.strerror}") from None
-    else:
-        value = os.environ.get(env, "")
-    if not value:
-        raise BackupError(f"no passphrase: set {env} or pass --key-file")
+def env_seconds(name: str, default: float) -> float:
+    """A duration from the environment: seconds, or like 90s, 15m, 1h, 2d."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return float(default)
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text[-1] in units:
+            value = float(text[:-1]) * units[text[-1]]
+        else:
+            value = float(text)
+    except ValueError:
+        raise BackupError(f"{name} must be a duration like 600, 90s, 15m or 1h, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise BackupError(f"{name} must be a finite duration of 0 or more, got {text!r}")
     return value
 
 
-# ------------------------------------------------------------------ crypto helpers
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    try:
+        # A killed child its parent has not reaped yet still answers kill(0): it is a zombie.
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:][:1] != "Z"
+    except (OSError, ValueError):
+        return True
 
 
-def _b64(b: bytes) -> str:
-    return base64.b64encode(b).decode()
+def stale_reason(info: dict[str, Any], now: float, stale_after: float) -> str | None:
+    """Why a lock no longer protects anything, or None if it may still be held."""
+    pid, host = info.get("pid"), info.get("host")
+    if host == platform.node() and isinstance(pid, int) and not pid_alive(pid):
+        return f"process {pid} on {host} is gone"
+    beat = info.get("heartbeat", info.get("time"))
+    if isinstance(beat, int | float) and now - beat > stale_after:
+        return f"no heartbeat for {int(now - beat)}s (stale after {int(stale_after)}s)"
+    return None
 
 
-def _unb64(s: str) -> bytes:
-    return base64.b64decode(s)
-
-
-def _kdf_params() -> dict[str, int]:
-    return dict(KDF_TEST if os.environ.get(KDF_ENV, "").lower() in ("test", "fast", "cheap") else KDF_PRODUCTION)
-
-
-def _derive(passphrase: str, salt: bytes, params: dict[str, int]) -> bytes:
-    from argon2.low_level import Type, hash_secret_raw
-
-    return hash_secret_raw(passphrase.encode(), salt, time_cost=params["time_cost"],
-                           memory_cost=params["memory_cost"], parallelism=params["parallelism"],
-                           hash_len=32, type=Type.ID)
-
-
-def seal(key: bytes, data: bytes, aad: bytes) -> bytes:
-    nonce = secrets.token_bytes(NONCE)
-    return nonce + AESGCM(key).encrypt(nonce, data, aad)
-
-
-def unseal(key: bytes, blob: bytes | memoryview, aad: bytes) -> bytes:
-    if len(blob) < NONCE + 16:
-        raise InvalidTag()
-    return AESGCM(key).decrypt(blob[:NONCE], blob[NONCE:], aad)
-
-
-_zstd = threading.local()  # (de)compressor objects are not thread-safe: one per thread
-
-
-def _zc() -> zstandard.ZstdCompressor:
-    if not hasattr(_zstd, "c"):
-        _zstd.c = zstandard.ZstdCompressor(level=3)
-    return _zstd.c
-
-
-def _zd() -> zstandard.ZstdDecompressor:
-    if not hasattr(_zstd, "d"):
-        _zstd.d = zstandard.ZstdDecompressor()
-    return _zstd.d
-
-
-def compress(data: bytes) -> bytes:
-    """One leading byte says how: 1 = zstd, 0 = stored (incompressible data is not inflated)."""
-    if len(data) > 16 * 1024:
-        # Probe a sample first: random/already-compressed bodies skip a wasted full compression.
-        sample = data[: 8 * 1024]
-        if len(_zc().compress(sample)) > 0.97 * len(sample):
-            return b"\x00" + data
-    z = _zc().compress(data)
-    return b"\x01" + z if len(z) < len(data) else b"\x00" + data
-
-
-def decompress(data: bytes) -> bytes:
-    if data[:1] == b"\x01":
-        return _zd().decompress(data[1:])
-    if data[:1] == b"\x00":
-        return data[1:]
-    raise ValueError("unknown compression tag")
-
-
-_local = threading.local()
-
-
-def chunker() -> Any:
-    """This thread's pinned FastCDC chunker (instances are not thread-safe, but reusable)."""
-    cdc = getattr(_local, "cdc", None)
-    if cdc is None:
-        cdc = _local.cdc = _new_chunker()
-    return cdc
-
-
-def _new_chunker() -> Any:
-    """The pinned FastCDC chunker; refuse the pure-Python fallback (~200x slower, same cuts)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        try:
-            from pyfastcdc.cy import FastCDC
-        except ImportError as e:
-            raise BackupError(f"pyfastcdc's native extension is not available ({e}); reinstall pyfastcdc") from None
-    import pyfastcdc
-
-    if pyfastcdc.__version__ != CHUNKER["library"].split("==")[1]:
-        raise BackupError(f"pyfastcdc {pyfastcdc.__version__} installed, the repository format needs "
-                          f"{CHUNKER['library']}")
-    return FastCDC(CHUNKER["avg_size"], min_size=CHUNKER["min_size"], max_size=CHUNKER["max_size"],
-                   normalized_chunking=CHUNKER["normalized_chunking"], seed=CHUNKER["seed"])
-
-
-# ------------------------------------------------------------------ the repository
-
-
-@dataclass(frozen=True)
-class Location:
-    pack: str
-    offset: int
-    length: int
-    raw_length: int
-
-
-def pack_name(pack_id: str) -> str:
-    return f"data/{pack_id[:2]}/{pack_id}"
+def describe_lock(name: str, info: Any, now: float) -> str:
+    try:
+        beat = info.get("heartbeat", info["time"])
+        return (f"{info['kind']} lock by pid {info['pid']} on {info['host']} since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(info['time']))} UTC, "
+                f"last heartbeat {int(now - beat)}s ago")
+    except (AttributeError, KeyError, TypeError):
+        return name
 
 
 class Repository:
@@ -357,6 +119,8 @@ class Repository:
         self._index: dict[str, Location] | None = None
         self.index_problems: list[str] = []
         self.pack_sizes: dict[str, int] = {}
+        self._held: list[str] = []  # names of the locks this object holds
+        self.live_locks: list[dict[str, Any]] = []  # other live locks seen when the last lock was taken
 
     # -------------------------------------------------------------- init / open / keys
 
@@ -400,8 +164,7 @@ class Repository:
         for name in key_names:
             try:
                 entry = json.loads(backend.read(name))
-                kek = _derive(passphrase, _unb64(entry["salt"]), entry["kdf"])
-                master = unseal(kek, _unb64(entry["wrapped"]), cls._key_aad(config["repo_id"], entry["id"]))
+                master = unwrap_master(config["repo_id"], entry, passphrase)
             except InvalidTag:
                 continue
             except (ValueError, KeyError, TypeError):
@@ -409,18 +172,10 @@ class Repository:
             return cls(backend, config, master, entry["id"])
         raise BackupError("wrong passphrase: no key in the repository accepts it")
 
-    @staticmethod
-    def _key_aad(repo_id: str, key_id: str) -> bytes:
-        return f"anvil-backup-key:{repo_id}:{key_id}".encode()
-
     @classmethod
     def _write_key(cls, backend: Backend, repo_id: str, master: bytes, passphrase: str) -> str:
         key_id = uuid.uuid4().hex[:16]
-        salt = secrets.token_bytes(16)
-        params = _kdf_params()
-        kek = _derive(passphrase, salt, params)
-        entry = {"id": key_id, "created": time.time(), "algorithm": "argon2id", "kdf": params, "salt": _b64(salt),
-                 "wrapped": _b64(seal(kek, master, cls._key_aad(repo_id, key_id)))}
+        entry = wrap_master(repo_id, key_id, master, passphrase)
         backend.write(f"keys/{key_id}", (json.dumps(entry, indent=2) + "\n").encode())
         return key_id
 
@@ -441,33 +196,88 @@ class Repository:
     # -------------------------------------------------------------- locks
 
     @contextlib.contextmanager
-    def lock(self, kind: str) -> Iterator[None]:
+    def lock(self, kind: str, operation: str | None = None) -> Iterator[None]:
         """`shared` (create, restore, verify) or `exclusive` (forget, prune): prune never races a backup.
 
         Write our lock, then look: if a conflicting lock exists, withdraw ours and refuse. Two
-        racing writers can both withdraw (both refuse), never both proceed. A crashed process
-        leaves its lock behind; `anvil backup unlock` removes it after checking.
+        racing writers can both withdraw (both refuse), never both proceed. Stale locks (their
+        process is gone, or no heartbeat for `ANVIL_BACKUP_LOCK_STALE`) are deleted on the way:
+        a crash does not need `anvil backup unlock`. While held, the lock's heartbeat is
+        rewritten every sixth of the stale threshold.
         """
-        lock_id = f"{kind}-{uuid.uuid4().hex[:12]}"
-        body = {"kind": kind, "pid": os.getpid(), "host": platform.node(), "time": time.time()}
-        self.backend.write(f"locks/{lock_id}", json.dumps(body).encode())
+        stale_after = env_seconds(LOCK_STALE_ENV, LOCK_STALE)
+        name = f"locks/{kind}-{uuid.uuid4().hex[:12]}"
+        now = time.time()
+        body = {"kind": kind, "pid": os.getpid(), "host": platform.node(), "time": now, "heartbeat": now,
+                "operation": operation}
+        self.backend.write(name, json.dumps(body).encode())
+        stop = threading.Event()
+        mutex = threading.Lock()  # a heartbeat never rewrites the lock after its release deleted it
         try:
-            others = [n.split("/", 1)[1] for n in self.backend.list("locks") if not n.endswith(lock_id)]
-            conflicting = [o for o in others if kind == "exclusive" or o.startswith("exclusive-")]
-            if conflicting:
-                details = []
-                for o in conflicting[:3]:
-                    try:
-                        info = json.loads(self.backend.read(f"locks/{o}"))
-                        details.append(f"{info['kind']} lock by pid {info['pid']} on {info['host']} since "
-                                       f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(info['time']))} UTC")
-                    except (BackupError, ValueError, KeyError):
-                        details.append(o)
-                raise BackupError(f"the repository is locked ({'; '.join(details)}); if that process is gone, "
-                                  "run `anvil backup unlock`")
+            self.live_locks = self._check_locks(name, kind, stale_after)
+            threading.Thread(target=self._heartbeat, args=(name, body, stale_after / 6, stop, mutex),
+                             name="anvil-backup-lock", daemon=True).start()
+            self._held.append(name)
             yield
         finally:
-            self.backend.delete(f"locks/{lock_id}")
+            stop.set()
+            with mutex:
+                if name in self._held:
+                    self._held.remove(name)
+                self.backend.delete(name)
+
+    def _check_locks(self, own: str, kind: str, stale_after: float) -> list[dict[str, Any]]:
+        """Take over stale locks; refuse on a live conflicting one; return the other live locks."""
+        live: list[dict[str, Any]] = []
+        conflicting: list[str] = []
+        now = time.time()
+        for other in self.backend.list("locks"):
+            if other == own:
+                continue
+            try:
+                info = json.loads(self.backend.read(other))
+            except BackupError:
+                continue  # released since it was listed
+            except ValueError:
+                info = None
+            reason = stale_reason(info, now, stale_after) if isinstance(info, dict) else None
+            if reason:
+                self.backend.delete(other)
+                log.warning("took over stale lock %s: %s", other, reason)
+                continue
+            live.append(info if isinstance(info, dict) else {"name": other})
+            if kind == "exclusive" or other.split("/", 1)[1].startswith("exclusive-"):
+                conflicting.append(describe_lock(other, info, now))
+        if conflicting:
+            raise BackupError(f"the repository is locked ({'; '.join(conflicting[:3])}); it is taken over "
+                              f"automatically once its process is gone or after {stale_after / 60:g} minutes "
+                              "without a heartbeat; if you are sure that process is gone, run `anvil backup unlock`")
+        return live
+
+    def _heartbeat(self, name: str, body: dict[str, Any], interval: float, stop: threading.Event,
+                   mutex: threading.Lock) -> None:
+        while not stop.wait(interval):
+            with mutex:
+                if stop.is_set():
+                    return
+                try:
+                    if not self.backend.exists(name):
+                        log.error("lock %s was removed while held; this operation will stop", name)
+                        return
+                    self.backend.write(name, json.dumps({**body, "heartbeat": time.time()}).encode())
+                except Exception as e:  # noqa: BLE001 - a failed refresh is retried; staleness is judged by age
+                    log.warning("cannot refresh lock %s: %s", name, e)
+
+    def assert_locked(self) -> None:
+        """Refuse to go on if a lock this object holds was removed (taken over as stale, or unlocked).
+
+        Called before writing what makes data visible (an index) or deleting data: a process that
+        stalled past the stale threshold may have had its packs' protection lifted meanwhile.
+        """
+        for name in list(self._held):
+            if not self.backend.exists(name):
+                raise BackupError(f"lock {name} of this process was removed (taken over as stale, or by "
+                                  "`anvil backup unlock`); stopping before anything refers to data written under it")
 
     def unlock(self) -> list[str]:
         names = self.backend.list("locks")
@@ -487,8 +297,7 @@ class Repository:
         return self.chunk_id_of_digest(hashlib.sha256(data).digest())
 
     def chunk_id_of_digest(self, sha256_digest: bytes) -> str:
-        """HMAC-SHA256(id key, SHA-256(plaintext)): keyed, yet a file that is one chunk is hashed once."""
-        return hmac.new(self.id_key, sha256_digest, hashlib.sha256).hexdigest()
+        return chunk_id_of_digest(self.id_key, sha256_digest)
 
     # -------------------------------------------------------------- index
 
@@ -564,156 +373,3 @@ class Repository:
     def save_snapshot(self, manifest: dict[str, Any]) -> None:
         sid = manifest["id"]
         self.backend.write(f"snapshots/{sid}", self.seal_json(manifest, f"snapshot:{sid}".encode()))
-
-
-class PackWriter:
-    """Accumulates new chunks into packs (~16 MiB), then writes the index that points at them.
-
-    Full packs are hashed, written and fsynced on background threads (`PACK_WRITERS`, at most
-    `PACK_QUEUE` packs in flight), so the encoders never wait for the disk. Nothing points at a
-    pack until `finish()` has waited for every write and then writes the index.
-    """
-
-    def __init__(self, repo: Repository):
-        self.repo = repo
-        self.known = repo.index()
-        self.parts: list[bytes] = []  # sealed chunks of the open pack (joined once, at flush)
-        self.size = 0
-        self.entries: list[list[Any]] = []
-        self.written_packs: list[dict[str, Any]] = []
-        self.new_bytes = 0
-        self.new_chunks = 0
-        self.pending: set[str] = set()  # chunks added this session whose pack is not yet written
-        self.target = int(repo.config.get("pack_target", PACK_TARGET))
-        self._inflight: deque[Future[dict[str, Any]]] = deque()
-        self._pool: ThreadPoolExecutor | None = None
-
-    def encode(self, data: bytes | memoryview, digest: bytes | None = None) -> tuple[str, int, bytes | None]:
-        """(chunk id, plaintext length, sealed bytes or None if already stored); thread-safe.
-
-        `digest` is the plaintext's SHA-256 if the caller already has it (a one-chunk file).
-        """
-        cid = self.repo.chunk_id_of_digest(digest or hashlib.sha256(data).digest())
-        if cid in self.known or cid in self.pending:
-            return cid, len(data), None
-        return cid, len(data), seal(self.repo.enc_key, compress(data), cid.encode())
-
-    def add(self, data: bytes | memoryview) -> str:
-        cid, raw, blob = self.encode(data)
-        return self.add_encoded(cid, raw, blob)
-
-    def add_encoded(self, cid: str, raw_length: int, blob: bytes | None) -> str:
-        """Append an encoded chunk (from `encode`, possibly on another thread) unless stored already."""
-        if cid in self.known or cid in self.pending:
-            return cid
-        assert blob is not None
-        self.entries.append([cid, self.size, len(blob), raw_length])
-        self.parts.append(blob)
-        self.size += len(blob)
-        self.pending.add(cid)
-        self.new_chunks += 1
-        if self.size >= self.target:
-            self.flush(wait=False)
-        return cid
-
-    def flush(self, *, wait: bool = True) -> None:
-        """Seal the open pack and hand it to a writer thread; with `wait`, until every pack is on disk."""
-        if self.entries:
-            header = seal(self.repo.enc_key, compress(json.dumps(self.entries).encode()), b"pack-header")
-            parts = [*self.parts, header, len(header).to_bytes(4, "big")]
-            entries = self.entries
-            self.parts, self.size, self.entries = [], 0, []
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(PACK_WRITERS, thread_name_prefix="anvil-pack")
-            while len(self._inflight) >= PACK_QUEUE:
-                self._collect(self._inflight.popleft())
-            self._inflight.append(self._pool.submit(self._write_pack, parts, entries))
-        if wait:
-            self.drain()
-
-    def _write_pack(self, parts: list[bytes], entries: list[list[Any]]) -> dict[str, Any]:
-        body = b"".join(parts)
-        del parts[:]
-        pack_id = hashlib.sha256(body).hexdigest()
-        self.repo.backend.write(pack_name(pack_id), body)
-        return {"id": pack_id, "size": len(body), "chunks": entries}
-
-    def _collect(self, fut: Future[dict[str, Any]]) -> None:
-        pack = fut.result()  # a failed write raises here, before any index can mention the pack
-        self.written_packs.append(pack)
-        for cid, off, length, raw in pack["chunks"]:
-            self.known[cid] = Location(pack["id"], off, length, raw)
-            self.pending.discard(cid)
-        self.repo.pack_sizes[pack["id"]] = pack["size"]
-        self.new_bytes += pack["size"]
-
-    def drain(self) -> None:
-        try:
-            while self._inflight:
-                self._collect(self._inflight.popleft())
-        finally:
-            if self._pool is not None and not self._inflight:
-                self._pool.shutdown()
-                self._pool = None
-
-    def close(self) -> None:
-        """Wait for (and discard errors of) writes still in flight; used when a backup fails."""
-        for fut in self._inflight:
-            with contextlib.suppress(Exception):
-                fut.result()
-        self._inflight.clear()
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-
-    def finish(self) -> str | None:
-        """Write remaining chunks and one index file for this session's packs (before any snapshot)."""
-        self.flush()
-        if not self.written_packs:
-            return None
-        index_id = uuid.uuid4().hex
-        data = self.repo.seal_json({"packs": self.written_packs}, b"index")
-        self.repo.backend.write(f"index/{index_id}", data)
-        self.new_bytes += len(data)
-        return index_id
-
-
-class ChunkReader:
-    """Reads chunks, fetching whole packs and keeping the last few (restores read packs in order)."""
-
-    def __init__(self, repo: Repository, cache_packs: int = 4):
-        self.repo = repo
-        self.index = repo.index()
-        self.cache: OrderedDict[str, bytes] = OrderedDict()
-        self.cache_packs = cache_packs
-        self._lock = threading.Lock()
-
-    def _pack(self, pack_id: str) -> bytes:
-        # One lock: worker threads share the cache; decrypting happens outside it.
-        with self._lock:
-            if pack_id in self.cache:
-                self.cache.move_to_end(pack_id)
-                return self.cache[pack_id]
-            data = self.repo.backend.read(pack_name(pack_id))
-            self.cache[pack_id] = data
-            while len(self.cache) > self.cache_packs:
-                self.cache.popitem(last=False)
-            return data
-
-    def read(self, cid: str, *, check_id: bool = True) -> bytes | memoryview:
-        loc = self.index.get(cid)
-        if loc is None:
-            raise BackupError(f"chunk {cid} is not in any index (missing from the repository)")
-        try:
-            pack = self._pack(loc.pack)
-        except BackupError:
-            raise BackupError(f"chunk {cid}: pack {loc.pack} is missing from the repository") from None
-        blob = memoryview(pack)[loc.offset:loc.offset + loc.length]  # no copy of the sealed chunk
-        try:
-            return self.repo.decode_chunk(cid, blob, check_id=check_id)
-        except BackupError as e:
-            raise BackupError(f"{e} in pack {loc.pack} at offset {loc.offset}") from None
-
-    def iter_file(self, chunks: list[str], *, check_id: bool = True) -> Iterator[bytes | memoryview]:
-        for cid in chunks:
-            yield self.read(cid, check_id=check_id)

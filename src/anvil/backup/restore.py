@@ -16,7 +16,9 @@ from typing import Any
 
 from anvil.backup import mode as recovery
 from anvil.backup.engine import ordered_parallel
-from anvil.backup.repository import BackupError, ChunkReader, Repository
+from anvil.backup.errors import BackupError
+from anvil.backup.pack import ChunkReader
+from anvil.backup.repository import Repository
 from anvil.storage import records
 from anvil.storage.blobs import BlobStore
 from anvil.storage.layout import FOLDERS, FORMAT_FILE, Layout

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from anvil.backup.repository import BackupError
+from anvil.backup.errors import BackupError
 
 log = logging.getLogger("anvil.backup")
 

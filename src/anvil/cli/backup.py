@@ -16,7 +16,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from anvil.backup.repository import PACK_TARGET
+from anvil.backup.pack import PACK_TARGET
 from anvil.cli.common import emit
 
 # Messages name paths, chunk ids and objects: never wrap them across lines.
@@ -49,7 +49,7 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        from anvil.backup.repository import BackupError
+        from anvil.backup.errors import BackupError
         from anvil.client import AnvilAPIError
         from anvil.errors import AnvilError
 
@@ -118,7 +118,9 @@ def backup() -> None:
 def backup_init(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool,
                 storage_path: str | None, pack_size: int) -> None:
     """Create a new, empty repository."""
-    from anvil.backup.repository import Repository, open_backend, read_passphrase
+    from anvil.backup.backends import open_backend
+    from anvil.backup.crypto import read_passphrase
+    from anvil.backup.repository import Repository
 
     backend = open_backend(repo, s3_endpoint=s3_endpoint, storage_path=storage_path)
     r = Repository.init(backend, read_passphrase(key_file), pack_target=pack_size)
@@ -139,7 +141,8 @@ def backup_init(repo: str, s3_endpoint: str | None, key_file: str | None, as_jso
 def backup_create(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool,
                   storage_path: str | None, endpoint: str | None, tag: str | None, escrow_secrets: bool) -> None:
     """Take a snapshot: offline (--storage-path) or through a running server (--endpoint)."""
-    from anvil.backup.repository import BackupError, read_passphrase
+    from anvil.backup.crypto import read_passphrase
+    from anvil.backup.errors import BackupError
 
     if bool(storage_path) == bool(endpoint):
         raise BackupError("give exactly one of --storage-path (offline) or --endpoint (online)")
@@ -295,7 +298,7 @@ def key() -> None:
 
 
 def _new_passphrase(new_key_file: str | None) -> str:
-    from anvil.backup.repository import read_passphrase
+    from anvil.backup.crypto import read_passphrase
 
     return read_passphrase(new_key_file, env="ANVIL_BACKUP_NEW_PASSPHRASE")
 

@@ -1,0 +1,103 @@
+"""A repository in a local directory (`file:///path`)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import urllib.parse
+import uuid
+from pathlib import Path
+
+from anvil.backup.backends import Backend, BackendOptions, check_name, missing
+from anvil.backup.errors import BackupError
+
+# Reading a name that is a folder (or under a file) means no such object, as on S3.
+_ABSENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+
+
+class LocalBackend(Backend):
+    def __init__(self, root: Path):
+        self.root = Path(root).absolute()
+        self.url = f"file://{self.root}"
+
+    def _p(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def read(self, name: str) -> bytes:
+        try:
+            return self._p(name).read_bytes()
+        except _ABSENT:
+            raise missing(name) from None
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise BackupError(f"{name}: invalid range offset {offset} length {length}")
+        try:
+            with open(self._p(name), "rb") as f:
+                f.seek(offset)
+                return f.read(length)
+        except _ABSENT:
+            raise missing(name) from None
+
+    def write(self, name: str, data: bytes) -> None:
+        p = self._p(name)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        # Written beside the target, then renamed over it: a crash leaves the old object or the new
+        # one, never a torn one. Dot-names are invisible to list().
+        tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+
+    def list(self, folder: str) -> list[str]:
+        base = self._p(folder.rstrip("/"))
+        if not base.is_dir():
+            return []
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*")
+                      if p.is_file() and not p.name.startswith("."))
+
+    def delete(self, name: str) -> None:
+        try:
+            self._p(name).unlink()
+        except _ABSENT:
+            pass
+
+    def exists(self, name: str) -> bool:
+        return self._p(name).is_file()
+
+    def size(self, name: str) -> int:
+        return self._stat(name).st_size
+
+    def modified(self, name: str) -> float:
+        return self._stat(name).st_mtime
+
+    def _stat(self, name: str) -> os.stat_result:
+        p = self._p(name)
+        if not p.is_file():
+            raise missing(name)
+        return p.stat()
+
+    def remove_incomplete(self, older_than: float) -> int:
+        removed = 0
+        for p in self.root.rglob(".*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                if p.is_file() and p.stat().st_mtime < older_than:
+                    p.unlink()
+                    removed += 1
+        return removed
+
+
+def from_url(url: str, parsed: urllib.parse.ParseResult, options: BackendOptions) -> LocalBackend:
+    """`file:///absolute/path`; a repository inside `options.storage_path` is refused."""
+    if parsed.netloc not in ("", "localhost"):
+        raise BackupError(f"file URLs must be file:///absolute/path, got {url!r}")
+    path = Path(urllib.parse.unquote(parsed.path)).absolute()
+    if options.storage_path is not None:
+        root = Path(options.storage_path).absolute().resolve()
+        target = path.resolve()
+        if target == root or root in target.parents:
+            raise BackupError(f"the repository {path} is inside STORAGE_PATH {root}: "
+                              "a backup must live somewhere else")
+    return LocalBackend(path)

@@ -1,0 +1,96 @@
+"""Passphrases, key derivation (argon2id), key wrapping, sealing (AES-256-GCM) and chunk ids.
+
+docs/backup-format.md ("Keys", "Sealing", "Chunks and packs") is the byte-level description.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from anvil.backup.errors import BackupError
+
+PASSPHRASE_ENV = "ANVIL_BACKUP_PASSPHRASE"
+KDF_ENV = "ANVIL_BACKUP_KDF"
+KDF_PRODUCTION = {"time_cost": 3, "memory_cost": 64 * 1024, "parallelism": 2}
+KDF_TEST = {"time_cost": 1, "memory_cost": 8 * 1024, "parallelism": 1}
+NONCE = 12
+CHUNK_ID = "hmac-sha256(sha256)"  # chunk id = HMAC-SHA256(id key, SHA-256(plaintext))
+
+
+def read_passphrase(key_file: str | None = None, env: str = PASSPHRASE_ENV) -> str:
+    if key_file:
+        try:
+            value = Path(key_file).read_text().rstrip("\r\n")
+        except OSError as e:
+            raise BackupError(f"cannot read key file {key_file}: {e.strerror}") from None
+    else:
+        value = os.environ.get(env, "")
+    if not value:
+        raise BackupError(f"no passphrase: set {env} or pass --key-file")
+    return value
+
+
+def b64(b: bytes) -> str:
+    return base64.b64encode(b).decode()
+
+
+def unb64(s: str) -> bytes:
+    return base64.b64decode(s)
+
+
+def kdf_params() -> dict[str, int]:
+    return dict(KDF_TEST if os.environ.get(KDF_ENV, "").lower() in ("test", "fast", "cheap") else KDF_PRODUCTION)
+
+
+def derive(passphrase: str, salt: bytes, params: dict[str, int]) -> bytes:
+    from argon2.low_level import Type, hash_secret_raw
+
+    return hash_secret_raw(passphrase.encode(), salt, time_cost=params["time_cost"],
+                           memory_cost=params["memory_cost"], parallelism=params["parallelism"],
+                           hash_len=32, type=Type.ID)
+
+
+def seal(key: bytes, data: bytes, aad: bytes) -> bytes:
+    nonce = secrets.token_bytes(NONCE)
+    return nonce + AESGCM(key).encrypt(nonce, data, aad)
+
+
+def unseal(key: bytes, blob: bytes | memoryview, aad: bytes) -> bytes:
+    if len(blob) < NONCE + 16:
+        raise InvalidTag()
+    return AESGCM(key).decrypt(blob[:NONCE], blob[NONCE:], aad)
+
+
+def key_aad(repo_id: str, key_id: str) -> bytes:
+    # Binds a key file to its repository and name: it cannot be moved or renamed.
+    return f"anvil-backup-key:{repo_id}:{key_id}".encode()
+
+
+def wrap_master(repo_id: str, key_id: str, master: bytes, passphrase: str) -> dict[str, Any]:
+    """The `keys/<key id>` entry that unwraps `master` with `passphrase` (fresh salt)."""
+    salt = secrets.token_bytes(16)
+    params = kdf_params()
+    kek = derive(passphrase, salt, params)
+    return {"id": key_id, "created": time.time(), "algorithm": "argon2id", "kdf": params, "salt": b64(salt),
+            "wrapped": b64(seal(kek, master, key_aad(repo_id, key_id)))}
+
+
+def unwrap_master(repo_id: str, entry: dict[str, Any], passphrase: str) -> bytes:
+    """The master key from a key entry; InvalidTag if the passphrase is not this entry's."""
+    kek = derive(passphrase, unb64(entry["salt"]), entry["kdf"])
+    return unseal(kek, unb64(entry["wrapped"]), key_aad(repo_id, entry["id"]))
+
+
+def chunk_id_of_digest(id_key: bytes, sha256_digest: bytes) -> str:
+    """HMAC-SHA256(id key, SHA-256(plaintext)): keyed, yet a file that is one chunk is hashed once."""
+    return hmac.new(id_key, sha256_digest, hashlib.sha256).hexdigest()

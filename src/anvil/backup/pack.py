@@ -1,0 +1,234 @@
+"""Packs: compression, the pack file layout, writing new chunks into packs and reading them back.
+
+A pack is sealed chunks, then a sealed header listing them, then the header's length
+(docs/backup-format.md, "Chunks and packs"). Its name is the SHA-256 of the whole file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import threading
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import zstandard
+
+from anvil.backup.crypto import seal
+from anvil.backup.errors import BackupError
+
+if TYPE_CHECKING:
+    from anvil.backup.repository import Repository
+
+PACK_TARGET = 16 * 1024 * 1024
+# Packs are written (hashed, written, fsynced) on this many threads, with at most PACK_QUEUE
+# sealed packs waiting in memory: the disk's fsync latency overlaps with encoding.
+PACK_WRITERS = 2
+PACK_QUEUE = 3
+
+
+_zstd = threading.local()  # (de)compressor objects are not thread-safe: one per thread
+
+
+def _zc() -> zstandard.ZstdCompressor:
+    if not hasattr(_zstd, "c"):
+        _zstd.c = zstandard.ZstdCompressor(level=3)
+    return _zstd.c
+
+
+def _zd() -> zstandard.ZstdDecompressor:
+    if not hasattr(_zstd, "d"):
+        _zstd.d = zstandard.ZstdDecompressor()
+    return _zstd.d
+
+
+def compress(data: bytes) -> bytes:
+    """One leading byte says how: 1 = zstd, 0 = stored (incompressible data is not inflated)."""
+    if len(data) > 16 * 1024:
+        # Probe a sample first: random/already-compressed bodies skip a wasted full compression.
+        sample = data[: 8 * 1024]
+        if len(_zc().compress(sample)) > 0.97 * len(sample):
+            return b"\x00" + data
+    z = _zc().compress(data)
+    return b"\x01" + z if len(z) < len(data) else b"\x00" + data
+
+
+def decompress(data: bytes) -> bytes:
+    if data[:1] == b"\x01":
+        return _zd().decompress(data[1:])
+    if data[:1] == b"\x00":
+        return data[1:]
+    raise ValueError("unknown compression tag")
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a chunk is stored: its sealed bytes at [offset, offset + length) of a pack."""
+
+    pack: str
+    offset: int
+    length: int
+    raw_length: int
+
+
+def pack_name(pack_id: str) -> str:
+    return f"data/{pack_id[:2]}/{pack_id}"
+
+
+class PackWriter:
+    """Accumulates new chunks into packs (~16 MiB), then writes the index that points at them.
+
+    Full packs are hashed, written and fsynced on background threads (`PACK_WRITERS`, at most
+    `PACK_QUEUE` packs in flight), so the encoders never wait for the disk. Nothing points at a
+    pack until `finish()` has waited for every write and then writes the index.
+    """
+
+    def __init__(self, repo: Repository):
+        self.repo = repo
+        self.known = repo.index()
+        self.parts: list[bytes] = []  # sealed chunks of the open pack (joined once, at flush)
+        self.size = 0
+        self.entries: list[list[Any]] = []
+        self.written_packs: list[dict[str, Any]] = []
+        self.new_bytes = 0
+        self.new_chunks = 0
+        self.pending: set[str] = set()  # chunks added this session whose pack is not yet written
+        self.target = int(repo.config.get("pack_target", PACK_TARGET))
+        self._inflight: deque[Future[dict[str, Any]]] = deque()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def encode(self, data: bytes | memoryview, digest: bytes | None = None) -> tuple[str, int, bytes | None]:
+        """(chunk id, plaintext length, sealed bytes or None if already stored); thread-safe.
+
+        `digest` is the plaintext's SHA-256 if the caller already has it (a one-chunk file).
+        """
+        cid = self.repo.chunk_id_of_digest(digest or hashlib.sha256(data).digest())
+        if cid in self.known or cid in self.pending:
+            return cid, len(data), None
+        return cid, len(data), seal(self.repo.enc_key, compress(data), cid.encode())
+
+    def add(self, data: bytes | memoryview) -> str:
+        cid, raw, blob = self.encode(data)
+        return self.add_encoded(cid, raw, blob)
+
+    def add_encoded(self, cid: str, raw_length: int, blob: bytes | None) -> str:
+        """Append an encoded chunk (from `encode`, possibly on another thread) unless stored already."""
+        if cid in self.known or cid in self.pending:
+            return cid
+        assert blob is not None
+        self.entries.append([cid, self.size, len(blob), raw_length])
+        self.parts.append(blob)
+        self.size += len(blob)
+        self.pending.add(cid)
+        self.new_chunks += 1
+        if self.size >= self.target:
+            self.flush(wait=False)
+        return cid
+
+    def flush(self, *, wait: bool = True) -> None:
+        """Seal the open pack and hand it to a writer thread; with `wait`, until every pack is on disk."""
+        if self.entries:
+            header = seal(self.repo.enc_key, compress(json.dumps(self.entries).encode()), b"pack-header")
+            parts = [*self.parts, header, len(header).to_bytes(4, "big")]
+            entries = self.entries
+            self.parts, self.size, self.entries = [], 0, []
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(PACK_WRITERS, thread_name_prefix="anvil-pack")
+            while len(self._inflight) >= PACK_QUEUE:
+                self._collect(self._inflight.popleft())
+            self._inflight.append(self._pool.submit(self._write_pack, parts, entries))
+        if wait:
+            self.drain()
+
+    def _write_pack(self, parts: list[bytes], entries: list[list[Any]]) -> dict[str, Any]:
+        body = b"".join(parts)
+        del parts[:]
+        pack_id = hashlib.sha256(body).hexdigest()
+        self.repo.backend.write(pack_name(pack_id), body)
+        return {"id": pack_id, "size": len(body), "chunks": entries}
+
+    def _collect(self, fut: Future[dict[str, Any]]) -> None:
+        pack = fut.result()  # a failed write raises here, before any index can mention the pack
+        self.written_packs.append(pack)
+        for cid, off, length, raw in pack["chunks"]:
+            self.known[cid] = Location(pack["id"], off, length, raw)
+            self.pending.discard(cid)
+        self.repo.pack_sizes[pack["id"]] = pack["size"]
+        self.new_bytes += pack["size"]
+
+    def drain(self) -> None:
+        try:
+            while self._inflight:
+                self._collect(self._inflight.popleft())
+        finally:
+            if self._pool is not None and not self._inflight:
+                self._pool.shutdown()
+                self._pool = None
+
+    def close(self) -> None:
+        """Wait for (and discard errors of) writes still in flight; used when a backup fails."""
+        for fut in self._inflight:
+            with contextlib.suppress(Exception):
+                fut.result()
+        self._inflight.clear()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def finish(self) -> str | None:
+        """Write remaining chunks and one index file for this session's packs (before any snapshot)."""
+        self.flush()
+        if not self.written_packs:
+            return None
+        self.repo.assert_locked()
+        index_id = uuid.uuid4().hex
+        data = self.repo.seal_json({"packs": self.written_packs}, b"index")
+        self.repo.backend.write(f"index/{index_id}", data)
+        self.new_bytes += len(data)
+        return index_id
+
+
+class ChunkReader:
+    """Reads chunks, fetching whole packs and keeping the last few (restores read packs in order)."""
+
+    def __init__(self, repo: Repository, cache_packs: int = 4):
+        self.repo = repo
+        self.index = repo.index()
+        self.cache: OrderedDict[str, bytes] = OrderedDict()
+        self.cache_packs = cache_packs
+        self._lock = threading.Lock()
+
+    def _pack(self, pack_id: str) -> bytes:
+        # One lock: worker threads share the cache; decrypting happens outside it.
+        with self._lock:
+            if pack_id in self.cache:
+                self.cache.move_to_end(pack_id)
+                return self.cache[pack_id]
+            data = self.repo.backend.read(pack_name(pack_id))
+            self.cache[pack_id] = data
+            while len(self.cache) > self.cache_packs:
+                self.cache.popitem(last=False)
+            return data
+
+    def read(self, cid: str, *, check_id: bool = True) -> bytes | memoryview:
+        loc = self.index.get(cid)
+        if loc is None:
+            raise BackupError(f"chunk {cid} is not in any index (missing from the repository)")
+        try:
+            pack = self._pack(loc.pack)
+        except BackupError:
+            raise BackupError(f"chunk {cid}: pack {loc.pack} is missing from the repository") from None
+        blob = memoryview(pack)[loc.offset:loc.offset + loc.length]  # no copy of the sealed chunk
+        try:
+            return self.repo.decode_chunk(cid, blob, check_id=check_id)
+        except BackupError as e:
+            raise BackupError(f"{e} in pack {loc.pack} at offset {loc.offset}") from None
+
+    def iter_file(self, chunks: list[str], *, check_id: bool = True) -> Iterator[bytes | memoryview]:
+        for cid in chunks:
+            yield self.read(cid, check_id=check_id)
