@@ -8,8 +8,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import apsw
-
 from anvil.context import Principal, RequestContext
 from anvil.diagnostics import findings as fnd
 from anvil.diagnostics.fsck import FsckReport, Progress, Target, run_fsck
@@ -19,6 +17,7 @@ from anvil.errors import AnvilError
 from anvil.objects import ObjectService
 from anvil.storage import Catalog, Layout, Storage
 from anvil.storage.layout import FORMAT_FILE
+from anvil.storage.records import RecordError
 
 # Offline tools act as this principal: whoever can open the stopped STORAGE_PATH is its operator.
 OFFLINE_PRINCIPAL = Principal(tenant="system", subject="offline-cli", admin=True, scopes=("*",))
@@ -83,7 +82,7 @@ def open_offline_target(root: str | Path) -> Iterator[Target]:
         try:
             catalog = Catalog(layout.catalog_path)
             catalog.migrate("diagnostics", fnd.MIGRATIONS)
-        except apsw.Error as e:
+        except RecordError as e:
             error = str(e)
             catalog = None
         yield Target(layout, catalog, error)

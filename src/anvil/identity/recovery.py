@@ -9,9 +9,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-import apsw
-
 from anvil.identity import envelope as env
+from anvil.storage.records import Connection
 
 TABLES = ("identity_realm", "identity_tenants", "identity_apps", "identity_policies")
 
@@ -25,30 +24,37 @@ def describe() -> dict[str, Any]:
     }
 
 
-def summary(conn: apsw.Connection) -> dict[str, Any]:
+def summary(conn: Connection) -> dict[str, Any]:
     """Counts, key ids in use, and a digest of (client_id, tenant, scopes) that a restore must reproduce."""
 
     def count(table: str) -> int:
         return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
-    digest = hashlib.sha256()
-    for row in conn.execute(
-        "SELECT a.client_id, a.tenant, group_concat(p.scope, ' ') FROM identity_apps a "
-        "LEFT JOIN identity_policies p ON p.client_id = a.client_id GROUP BY a.client_id ORDER BY a.client_id"
-    ):
-        digest.update(f"{row[0]}\t{row[1]}\t{' '.join(sorted((row[2] or '').split()))}\n".encode())
-    key_ids = sorted({r[0] for r in conn.execute("SELECT key_id FROM identity_apps")})
+    # Each app's scopes are gathered here rather than with an SQL string aggregate: SQLite and
+    # PostgreSQL spell that differently (group_concat / string_agg), and there are few policies.
+    # One read transaction, so the two reads (and the counts) describe one state on a live server.
+    with conn:
+        scopes: dict[str, list[str]] = {}
+        for client_id, scope in conn.execute("SELECT client_id, scope FROM identity_policies"):
+            scopes.setdefault(client_id, []).append(scope)
+        digest = hashlib.sha256()
+        for client_id, tenant in conn.execute("SELECT client_id, tenant FROM identity_apps ORDER BY client_id"):
+            # Joined then split, as the aggregate's text was: the digest stays byte-identical.
+            joined = " ".join(scopes.get(client_id, ()))
+            digest.update(f"{client_id}\t{tenant}\t{' '.join(sorted(joined.split()))}\n".encode())
+        key_ids = sorted({r[0] for r in conn.execute("SELECT key_id FROM identity_apps")})
+        counts = {t: count(t) for t in TABLES}
     return {
-        "tenants": count("identity_tenants"),
-        "apps": count("identity_apps"),
-        "policies": count("identity_policies"),
-        "realm": count("identity_realm") == 1,
+        "tenants": counts["identity_tenants"],
+        "apps": counts["identity_apps"],
+        "policies": counts["identity_policies"],
+        "realm": counts["identity_realm"] == 1,
         "key_ids_in_use": key_ids,
         "digest": digest.hexdigest(),
     }
 
 
-def validate(conn: apsw.Connection, keyring: env.Keyring) -> list[dict[str, Any]]:
+def validate(conn: Connection, keyring: env.Keyring) -> list[dict[str, Any]]:
     """Findings: every envelope must decrypt with the configured keys and match its recorded key id."""
     findings: list[dict[str, Any]] = []
     if conn.execute("SELECT count(*) FROM identity_realm").fetchone()[0] != 1:

@@ -9,9 +9,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-import apsw
-
 from anvil.storage import journal
+from anvil.storage.records import Connection, table_exists
 
 OWNS = {
     "name": "watch",
@@ -21,26 +20,25 @@ OWNS = {
 }
 
 
-def _consumers(conn: apsw.Connection) -> list[tuple[str, str, int]]:
-    try:
-        rows = conn.execute("SELECT tenant, name, cursor FROM watch_consumers ORDER BY tenant, name").fetchall()
-    except apsw.SQLError:
+def _consumers(conn: Connection) -> list[tuple[str, str, int]]:
+    if not table_exists(conn, "watch_consumers"):
         return []  # a catalog from before the watch migration: no consumers
+    rows = conn.execute("SELECT tenant, name, cursor FROM watch_consumers ORDER BY tenant, name").fetchall()
     return [(r[0], r[1], int(r[2])) for r in rows]
 
 
-def summary(conn: apsw.Connection) -> dict[str, Any]:
+def summary(conn: Connection) -> dict[str, Any]:
     """Head seq and chain hash, the compaction base, and every consumer's cursor, with a digest."""
     head_seq, head_hash = journal.head(conn)
-    base = conn.execute("SELECT seq, hash FROM journal_base WHERE id = 1").fetchone()
+    base_seq, base_hash = journal.base(conn)
     events = int(conn.execute("SELECT count(*) FROM journal").fetchone()[0])
     consumers = _consumers(conn)
     digest = hashlib.sha256("\n".join(f"{t}\t{n}\t{c}" for t, n, c in consumers).encode()).hexdigest()
     return {
         "head_seq": head_seq,
         "head_hash": head_hash,
-        "base_seq": int(base[0]),
-        "base_hash": str(base[1]),
+        "base_seq": base_seq,
+        "base_hash": base_hash,
         "events": events,
         "consumers": {f"{t}/{n}": c for t, n, c in consumers},
         "consumer_count": len(consumers),
@@ -48,7 +46,7 @@ def summary(conn: apsw.Connection) -> dict[str, Any]:
     }
 
 
-def validate(conn: apsw.Connection, expected: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def validate(conn: Connection, expected: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Findings (empty when all is well): chain intact, every cursor <= head, and, given the
     summary recorded at backup time, that the restored state matches it."""
     findings: list[dict[str, Any]] = []
@@ -59,7 +57,7 @@ def validate(conn: apsw.Connection, expected: dict[str, Any] | None = None) -> l
     if len(problems) > 100:
         findings.append({"severity": "error", "code": "journal.chain",
                          "message": f"{len(problems) - 100} more chain problems"})
-    base_seq = int(conn.execute("SELECT seq FROM journal_base WHERE id = 1").fetchone()[0])
+    base_seq = journal.base(conn)[0]
     for tenant, name, cursor in _consumers(conn):
         if cursor > head_seq:
             findings.append({"severity": "error", "code": "watch.cursor_beyond_head", "consumer": f"{tenant}/{name}",
