@@ -12,7 +12,14 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
-from anvil.storage.records import Connection, json_array_rows, json_int_item, json_item, json_length
+from anvil.storage.records import (
+    Connection,
+    json_array_rows,
+    json_int_item,
+    json_item,
+    json_length,
+    json_text_at,
+)
 
 # The fragments are fixed strings: built once here, not per call.
 _CHUNKS = json_array_rows("v.chunks", "c")  # one row per chunk [sha256, size] of version v
@@ -108,10 +115,8 @@ def inconsistent_versions(conn: Connection) -> list[tuple[str | None, str, str, 
         f"FROM versions v LEFT JOIN buckets b ON b.name = v.bucket "
         f"WHERE v.delete_marker = 0 AND ("
         f"  v.size != {chunk_total} "
-        # EXISTS, not a scalar subquery: neither engine promises to skip it when the length test
-        # fails, and PostgreSQL refuses a scalar subquery that yields several rows.
         f"  OR (v.sha256 IS NOT NULL AND {json_length('v.chunks')} = 1 "
-        f"      AND EXISTS (SELECT 1 FROM {_CHUNKS} WHERE {_SHA} != v.sha256)))"
+        f"      AND {json_text_at('v.chunks', 0, 0)} != v.sha256))"
     ).fetchall()
     return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 

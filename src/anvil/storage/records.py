@@ -126,3 +126,9 @@ def json_int_item(alias: str, index: int) -> str:
 def json_length(column: str) -> str:
     """The number of elements of the JSON array in `column`."""
     return f"json_array_length({column})"
+
+
+def json_text_at(column: str, *path: int) -> str:
+    """The text at array indexes `path` of the JSON in `column` (`json_text_at("c", 0, 1)` is
+    c[0][1]); NULL when absent. One lookup, without a row per element as `json_array_rows` makes."""
+    return f"{column} ->> '$" + "".join(f"[{int(i)}]" for i in path) + "'"
