@@ -15,11 +15,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import apsw
-
 from anvil.context import Principal
 from anvil.errors import AnvilError
 from anvil.storage import Catalog, Txn
+from anvil.storage.records import Connection
 from anvil.storage.recovery import Finding
 
 SEVERITIES = ("error", "warning", "info")
@@ -221,7 +220,7 @@ def resolve_missing(
 
 
 def list_findings(
-    conn: apsw.Connection, *, subsystem: str | None = None, severity: str | None = None,
+    conn: Connection, *, subsystem: str | None = None, severity: str | None = None,
     unresolved: bool = False, limit: int = 1000,
 ) -> list[FindingRecord]:
     """Newest first. Bad filters are refused rather than silently matching nothing."""
@@ -246,7 +245,7 @@ def list_findings(
     return [FindingRecord.from_row(r) for r in conn.execute(sql, args).fetchall()]
 
 
-def get_finding(conn: apsw.Connection, finding_id: str) -> FindingRecord:
+def get_finding(conn: Connection, finding_id: str) -> FindingRecord:
     row = conn.execute(f"SELECT {_COLUMNS} FROM findings WHERE id = ?", (finding_id,)).fetchone()
     if row is None:
         raise AnvilError("NotFound", "finding not found")
@@ -309,7 +308,7 @@ def redact_for(principal: Principal, findings: Iterable[FindingRecord]) -> list[
 # ------------------------------------------------------------------ recovery participant
 
 
-def summary(conn: apsw.Connection) -> dict[str, Any]:
+def summary(conn: Connection) -> dict[str, Any]:
     """Counts and a digest of every finding, for the backup manifest; compared after restore."""
     by_severity = dict.fromkeys(SEVERITIES, 0)
     digest = hashlib.sha256()
@@ -324,7 +323,7 @@ def summary(conn: apsw.Connection) -> dict[str, Any]:
     return {"count": count, "by_severity": by_severity, "unresolved": unresolved, "digest": digest.hexdigest()}
 
 
-def validate(conn: apsw.Connection, expected: dict[str, Any] | None = None) -> list[Finding]:
+def validate(conn: Connection, expected: dict[str, Any] | None = None) -> list[Finding]:
     """Check the findings table after a restore: rows well formed, fingerprints intact and,
     given the summary recorded at backup time, the same counts and digest. Returns
     (unrecorded) findings; the caller decides where to record them."""

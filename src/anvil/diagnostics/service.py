@@ -8,8 +8,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import apsw
-
 from anvil.context import Principal, RequestContext
 from anvil.diagnostics import findings as fnd
 from anvil.diagnostics.fsck import FsckReport, Target, run_fsck
@@ -18,6 +16,7 @@ from anvil.diagnostics.repair import run_repair
 from anvil.errors import AnvilError
 from anvil.objects import ObjectService
 from anvil.storage import Catalog, Layout, Storage
+from anvil.storage.records import RecordError
 from anvil.storage.recovery import Participant, Progress
 
 # Offline tools act as this principal: whoever can open the stopped STORAGE_PATH is its operator.
@@ -84,7 +83,7 @@ def open_offline_target(root: str | Path) -> Iterator[Target]:
         try:
             catalog = Catalog(layout.catalog_path)
             catalog.migrate("diagnostics", fnd.MIGRATIONS)
-        except apsw.Error as e:
+        except RecordError as e:
             error = str(e)
             catalog = None
         yield Target(layout, catalog, error)

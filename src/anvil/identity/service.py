@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import apsw
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
@@ -34,6 +33,7 @@ from anvil.identity.settings import Argon2Params, argon2_params
 from anvil.identity.tokens import DEFAULT_TTL, MAX_TTL, SYSTEM_TENANT, TokenAuthority, unauthenticated
 from anvil.storage import Storage, Txn
 from anvil.storage.layout import write_file_durably
+from anvil.storage.records import Connection
 
 log = logging.getLogger("anvil.identity")
 
@@ -154,27 +154,27 @@ class IdentityService:
 
     # ---------------------------------------------------------------- reads
 
-    def _conn(self) -> apsw.Connection:
+    def _conn(self) -> Connection:
         return self.catalog.reader()
 
     def realm_exists(self) -> bool:
         return self._conn().execute("SELECT 1 FROM identity_realm").fetchone() is not None
 
     @staticmethod
-    def _app_row(conn: apsw.Connection, client_id: str) -> App | None:
+    def _app_row(conn: Connection, client_id: str) -> App | None:
         row = conn.execute(f"SELECT {_APP_COLUMNS} FROM identity_apps WHERE client_id = ?", (client_id,)).fetchone()
         return App(*row) if row else None
 
     @staticmethod
-    def _tenant_exists(conn: apsw.Connection, name: str) -> bool:
+    def _tenant_exists(conn: Connection, name: str) -> bool:
         return conn.execute("SELECT 1 FROM identity_tenants WHERE name = ?", (name,)).fetchone() is not None
 
     @staticmethod
-    def _granted(conn: apsw.Connection, client_id: str) -> list[str]:
+    def _granted(conn: Connection, client_id: str) -> list[str]:
         return [r[0] for r in conn.execute(
             "SELECT scope FROM identity_policies WHERE client_id = ? ORDER BY scope", (client_id,))]
 
-    def _visible_app(self, principal: Principal, client_id: str, conn: apsw.Connection | None = None) -> App:
+    def _visible_app(self, principal: Principal, client_id: str, conn: Connection | None = None) -> App:
         """The app, if the caller may know of it; otherwise the same NotFound as a missing one."""
         app = self._app_row(conn or self._conn(), client_id) if isinstance(client_id, str) else None
         if app is None or (not principal.admin and app.tenant != principal.tenant):

@@ -12,7 +12,19 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
-import apsw
+from anvil.storage.records import (
+    Connection,
+    json_array_rows,
+    json_int_item,
+    json_item,
+    json_length,
+    json_text_at,
+)
+
+# The fragments are fixed strings: built once here, not per call.
+_CHUNKS = json_array_rows("v.chunks", "c")  # one row per chunk [sha256, size] of version v
+_SHA = json_item("c", 0)
+_SIZE = json_int_item("c", 1)
 
 
 class VersionChunks(NamedTuple):
@@ -42,12 +54,12 @@ class UploadRecord(NamedTuple):
     bucket_exists: bool
 
 
-def bucket_tenants(conn: apsw.Connection) -> dict[str, str]:
+def bucket_tenants(conn: Connection) -> dict[str, str]:
     """Every bucket name -> owning tenant."""
     return dict(conn.execute("SELECT name, tenant FROM buckets").fetchall())
 
 
-def iter_version_chunks(conn: apsw.Connection) -> Iterator[VersionChunks]:
+def iter_version_chunks(conn: Connection) -> Iterator[VersionChunks]:
     """Every version that has a body (delete markers have none), with the blobs it is made of.
 
     One unordered scan: at 10k+ versions an ORDER BY or a per-bucket query costs more than
@@ -61,30 +73,30 @@ def iter_version_chunks(conn: apsw.Connection) -> Iterator[VersionChunks]:
         yield VersionChunks(tenants.get(bucket), bucket, key, version_id, [(c[0], c[1]) for c in loads(chunks)])
 
 
-def chunk_refs(conn: apsw.Connection) -> list[tuple[str, int]]:
+def chunk_refs(conn: Connection) -> list[tuple[str, int]]:
     """(sha256, recorded size) of every chunk of every version body, one row per reference.
 
-    SQLite unpacks the JSON: at 10k versions that is 4x cheaper than `json.loads` per row."""
-    return conn.execute(
-        "SELECT c.value ->> 0, c.value ->> 1 FROM versions v, json_each(v.chunks) c WHERE v.delete_marker = 0"
-    ).fetchall()
+    The record store unpacks the JSON: at 10k versions SQLite does it 4x cheaper than `json.loads` per row."""
+    return conn.execute(f"SELECT {_SHA}, {_SIZE} FROM versions v, {_CHUNKS} WHERE v.delete_marker = 0").fetchall()
 
 
-def count_versions(conn: apsw.Connection) -> int:
+def count_versions(conn: Connection) -> int:
     """Versions with a body (delete markers excluded)."""
     return conn.execute("SELECT count(*) FROM versions WHERE delete_marker = 0").fetchone()[0]
 
 
-def versions_referencing(conn: apsw.Connection, shas: Iterable[str]) -> list[tuple[str, VersionChunks]]:
+def versions_referencing(conn: Connection, shas: Iterable[str]) -> list[tuple[str, VersionChunks]]:
     """(sha256, version) for each version whose body uses one of `shas`: for reporting the
     few versions a missing or damaged blob affects, without a full decode of every version."""
-    wanted = json.dumps(sorted(set(shas)))
+    # One bound JSON parameter however many hashes (no statement-length or variable-count limit);
+    # each is wrapped as [sha] so the same array-row fragments that read chunks read it.
+    wanted = json.dumps([[s] for s in sorted(set(shas))])
     tenants = bucket_tenants(conn)
     out: list[tuple[str, VersionChunks]] = []
     for sha, bucket, key, version_id, chunks in conn.execute(
-        "SELECT DISTINCT c.value ->> 0, v.bucket, v.key, v.version_id, v.chunks "
-        "FROM versions v, json_each(v.chunks) c "
-        "WHERE v.delete_marker = 0 AND c.value ->> 0 IN (SELECT value FROM json_each(?))",
+        f"SELECT DISTINCT {_SHA}, v.bucket, v.key, v.version_id, v.chunks "
+        f"FROM versions v, {_CHUNKS} "
+        f"WHERE v.delete_marker = 0 AND {_SHA} IN (SELECT {json_item('w', 0)} FROM {json_array_rows('?', 'w')})",
         (wanted,),
     ):
         out.append((sha, VersionChunks(tenants.get(bucket), bucket, key, version_id,
@@ -92,23 +104,24 @@ def versions_referencing(conn: apsw.Connection, shas: Iterable[str]) -> list[tup
     return out
 
 
-def inconsistent_versions(conn: apsw.Connection) -> list[tuple[str | None, str, str, str, str]]:
+def inconsistent_versions(conn: Connection) -> list[tuple[str | None, str, str, str, str]]:
     """(tenant, bucket, key, version_id, problem) for version records that contradict
     themselves: a size that is not the sum of the chunk sizes, or a recorded SHA-256 that is
-    not the single chunk's hash. Computed by SQLite in one pass."""
+    not the single chunk's hash. Computed by the record store in one pass."""
+    chunk_total = f"(SELECT coalesce(sum({_SIZE}), 0) FROM {_CHUNKS})"
     rows = conn.execute(
-        "SELECT b.tenant, v.bucket, v.key, v.version_id, "
-        "CASE WHEN v.size != (SELECT coalesce(sum(c.value ->> 1), 0) FROM json_each(v.chunks) c) "
-        "     THEN 'size' ELSE 'sha256' END "
-        "FROM versions v LEFT JOIN buckets b ON b.name = v.bucket "
-        "WHERE v.delete_marker = 0 AND ("
-        "  v.size != (SELECT coalesce(sum(c.value ->> 1), 0) FROM json_each(v.chunks) c) "
-        "  OR (v.sha256 IS NOT NULL AND json_array_length(v.chunks) = 1 AND v.chunks ->> '$[0][0]' != v.sha256))"
+        f"SELECT b.tenant, v.bucket, v.key, v.version_id, "
+        f"CASE WHEN v.size != {chunk_total} THEN 'size' ELSE 'sha256' END "
+        f"FROM versions v LEFT JOIN buckets b ON b.name = v.bucket "
+        f"WHERE v.delete_marker = 0 AND ("
+        f"  v.size != {chunk_total} "
+        f"  OR (v.sha256 IS NOT NULL AND {json_length('v.chunks')} = 1 "
+        f"      AND {json_text_at('v.chunks', 0, 0)} != v.sha256))"
     ).fetchall()
     return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
 
-def iter_part_refs(conn: apsw.Connection) -> Iterator[PartRef]:
+def iter_part_refs(conn: Connection) -> Iterator[PartRef]:
     """Every uploaded multipart part (the blob it holds), including parts whose upload vanished."""
     for row in conn.execute(
         "SELECT p.upload_id, u.bucket, u.key, u.tenant, p.part_number, p.sha256, p.size "
@@ -117,18 +130,10 @@ def iter_part_refs(conn: apsw.Connection) -> Iterator[PartRef]:
         yield PartRef(*row)
 
 
-def iter_uploads(conn: apsw.Connection) -> Iterator[UploadRecord]:
+def iter_uploads(conn: Connection) -> Iterator[UploadRecord]:
     """Every multipart upload in progress, and whether its bucket still exists."""
     for row in conn.execute(
         "SELECT u.upload_id, u.bucket, u.key, u.tenant, u.created, b.name IS NOT NULL "
         "FROM multipart_uploads u LEFT JOIN buckets b ON b.name = u.bucket"
     ):
         yield UploadRecord(row[0], row[1], row[2], row[3], row[4], bool(row[5]))
-
-
-def referenced_blobs(conn: apsw.Connection) -> set[str]:
-    """The set of blob hashes any version or multipart part references (for gc)."""
-    refs = {r[0] for r in conn.execute(
-        "SELECT c.value ->> 0 FROM versions v, json_each(v.chunks) c WHERE v.delete_marker = 0")}
-    refs.update(r[0] for r in conn.execute("SELECT sha256 FROM multipart_parts"))
-    return refs

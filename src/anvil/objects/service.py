@@ -18,14 +18,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import apsw
-
 from anvil.context import RequestContext
 from anvil.errors import AnvilError, not_found
 from anvil.objects import validation as v
 from anvil.objects.checksums import combine_crcs, new_checksum
 from anvil.storage import BlobInfo, BlobWriter, Storage, Txn, idempotency
 from anvil.storage.blobs import digest_bytes
+from anvil.storage.records import Connection
 
 MIGRATIONS = [
     """
@@ -327,7 +326,7 @@ class _After:
 
 
 def _keyed_page(
-    conn: apsw.Connection, select: str, args: list[Any], tie: tuple[str, list[Any]] | None, after: _After,
+    conn: Connection, select: str, args: list[Any], tie: tuple[str, list[Any]] | None, after: _After,
     upper: str | None, n: int, *, order: str,
 ) -> list[tuple]:
     """At most `n` rows of `select` (a query ending in its WHERE conditions, bound by `args`) placed
@@ -459,20 +458,20 @@ class ObjectService:
         return self._submit(ctx, fn, fp).result()
 
     @staticmethod
-    def _bucket_row(conn: apsw.Connection, name: str) -> Bucket | None:
+    def _bucket_row(conn: Connection, name: str) -> Bucket | None:
         row = conn.execute(
             "SELECT name, tenant, created, versioning, public FROM buckets WHERE name = ?", (name,)
         ).fetchone()
         return Bucket(row[0], row[1], row[2], row[3], bool(row[4])) if row else None
 
-    def _require_bucket(self, conn: apsw.Connection, name: str) -> Bucket:
+    def _require_bucket(self, conn: Connection, name: str) -> Bucket:
         b = self._bucket_row(conn, name)
         if b is None:
             raise AnvilError("NotFound", "bucket not found")
         return b
 
     @staticmethod
-    def _latest(conn: apsw.Connection, bucket: str, key: str) -> ObjectVersion | None:
+    def _latest(conn: Connection, bucket: str, key: str) -> ObjectVersion | None:
         row = conn.execute(
             f"SELECT {_VERSION_COLUMNS} FROM versions WHERE bucket = ? AND key = ? AND is_latest = 1",
             (bucket, key),
@@ -480,7 +479,7 @@ class ObjectService:
         return ObjectVersion.from_row(row) if row else None
 
     @staticmethod
-    def _version(conn: apsw.Connection, bucket: str, key: str, version_id: str) -> ObjectVersion | None:
+    def _version(conn: Connection, bucket: str, key: str, version_id: str) -> ObjectVersion | None:
         row = conn.execute(
             f"SELECT {_VERSION_COLUMNS} FROM versions WHERE bucket = ? AND key = ? AND version_id = ?",
             (bucket, key, version_id),
@@ -488,7 +487,7 @@ class ObjectService:
         return ObjectVersion.from_row(row) if row else None
 
     @staticmethod
-    def _clear_latest(conn: apsw.Connection, bucket: str, key: str) -> None:
+    def _clear_latest(conn: Connection, bucket: str, key: str) -> None:
         conn.execute("UPDATE versions SET is_latest = 0 WHERE bucket = ? AND key = ? AND is_latest = 1", (bucket, key))
 
     # ---------------------------------------------------------------- buckets
@@ -995,9 +994,12 @@ class ObjectService:
             ).fetchone()
             if row is None:
                 raise AnvilError("NotFound", "upload not found")
+            # Uploading a part number again replaces that part (S3 semantics).
             txn.conn.execute(
-                "INSERT OR REPLACE INTO multipart_parts(upload_id, part_number, sha256, md5, size, created, "
-                "checksums) VALUES (?,?,?,?,?,?,?)",
+                "INSERT INTO multipart_parts(upload_id, part_number, sha256, md5, size, created, checksums) "
+                "VALUES (?,?,?,?,?,?,?) ON CONFLICT (upload_id, part_number) DO UPDATE SET "
+                "sha256 = excluded.sha256, md5 = excluded.md5, size = excluded.size, created = excluded.created, "
+                "checksums = excluded.checksums",
                 (upload_id, part_number, body.sha256, body.md5, body.size, txn.now,
                  json.dumps(checksums or {}, sort_keys=True)),
             )
@@ -1144,12 +1146,14 @@ class ObjectService:
                 result["checksums"] = extra["checksums"]
             conn.execute("DELETE FROM multipart_uploads WHERE upload_id = ?", (upload_id,))
             conn.execute(
-                "INSERT OR REPLACE INTO multipart_completed(upload_id, bucket, key, completed) VALUES (?,?,?,?)",
+                "INSERT INTO multipart_completed(upload_id, bucket, key, completed) VALUES (?,?,?,?) "
+                "ON CONFLICT (upload_id) DO UPDATE SET bucket = excluded.bucket, key = excluded.key, "
+                "completed = excluded.completed",
                 (upload_id, bucket, key, txn.now),
             )
             conn.execute(
-                "DELETE FROM multipart_completed WHERE rowid IN "
-                "(SELECT rowid FROM multipart_completed WHERE completed < ? LIMIT 16)",
+                "DELETE FROM multipart_completed WHERE upload_id IN "
+                "(SELECT upload_id FROM multipart_completed WHERE completed < ? LIMIT 16)",
                 (txn.now - COMPLETED_UPLOAD_RETENTION,),
             )
             return result

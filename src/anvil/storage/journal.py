@@ -113,8 +113,15 @@ def head(conn: apsw.Connection) -> tuple[int, str]:
     row = conn.execute("SELECT seq, hash FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
     if row:
         return int(row[0]), str(row[1])
-    base = conn.execute("SELECT seq, hash FROM journal_base WHERE id = 1").fetchone()
-    return int(base[0]), str(base[1])
+    return base(conn)
+
+
+def base(conn: apsw.Connection) -> tuple[int, str]:
+    """(seq, hash) of the last event compacted away: (0, GENESIS_HASH) until the first compaction.
+
+    Every cursor c with base <= c <= head can resume; `verify_chain` anchors on this hash."""
+    row = conn.execute("SELECT seq, hash FROM journal_base WHERE id = 1").fetchone()
+    return int(row[0]), str(row[1])
 
 
 def oldest_seq(conn: apsw.Connection) -> int:
@@ -149,8 +156,8 @@ class ChainProblem:
 
 def verify_chain(conn: apsw.Connection) -> tuple[int, list[ChainProblem]]:
     """Walk the whole journal; return (events checked, problems). Read-only."""
-    base = conn.execute("SELECT seq, hash FROM journal_base WHERE id = 1").fetchone()
-    expected_seq, expected_prev = int(base[0]) + 1, str(base[1])
+    base_seq, base_hash = base(conn)
+    expected_seq, expected_prev = base_seq + 1, base_hash
     problems: list[ChainProblem] = []
     checked = 0
     for row in conn.execute(f"SELECT {_COLUMNS} FROM journal ORDER BY seq"):
@@ -165,3 +172,44 @@ def verify_chain(conn: apsw.Connection) -> tuple[int, list[ChainProblem]]:
             problems.append(ChainProblem(seq, "hash does not match the event's contents"))
         expected_seq, expected_prev = seq + 1, h
     return checked, problems
+
+
+@dataclass(frozen=True)
+class Compaction:
+    deleted: int  # events removed by this step (0: nothing may go yet)
+    base_seq: int  # the base after the step: the last event removed, or the unchanged base
+    base_hash: str
+
+
+def compact(conn: apsw.Connection, *, floor: int | None, cutoff: float, max_rows: int) -> Compaction:
+    """Remove the oldest events that every reader has passed and that are older than `cutoff`,
+    at most `max_rows` of them, and move `journal_base` to the last one removed.
+
+    The mechanism only: the caller owns the policy. `floor` is the highest seq every durable
+    reader of the journal has already processed (the minimum of their cursors; None when there
+    are none); nothing above it goes. Moving the base keeps `verify_chain` anchored on a known
+    hash and `head` right even when no event remains. Run it in the writer's transaction
+    (`Catalog.mutate`), which is also where the caller records that it compacted: reading the
+    floor, deleting and moving the base then happen atomically.
+    """
+    base_seq, base_hash = base(conn)
+    limit = base_seq + max_rows
+    if floor is not None:
+        limit = min(limit, int(floor))
+    row = conn.execute(
+        "SELECT seq, hash FROM journal WHERE seq <= ? AND ts < ? ORDER BY seq DESC LIMIT 1", (limit, cutoff)
+    ).fetchone()
+    # ts is not strictly monotonic across clock steps; only cut where every earlier event is old too.
+    if row is not None:
+        newer = conn.execute("SELECT min(seq) FROM journal WHERE seq <= ? AND ts >= ?",
+                             (row[0], cutoff)).fetchone()[0]
+        if newer is not None:
+            row = conn.execute("SELECT seq, hash FROM journal WHERE seq < ? ORDER BY seq DESC LIMIT 1",
+                               (newer,)).fetchone()
+    if row is None or int(row[0]) <= base_seq:
+        return Compaction(0, base_seq, base_hash)
+    through, h = int(row[0]), str(row[1])
+    deleted = int(conn.execute("SELECT count(*) FROM journal WHERE seq <= ?", (through,)).fetchone()[0])
+    conn.execute("DELETE FROM journal WHERE seq <= ?", (through,))
+    conn.execute("UPDATE journal_base SET seq = ?, hash = ? WHERE id = 1", (through, h))
+    return Compaction(deleted, through, h)

@@ -93,11 +93,42 @@ def integrity_problems(conn: Connection, limit: int = 100) -> list[str]:
     return [] if rows == ["ok"] else rows
 
 
+def table_exists(conn: Connection, name: str) -> bool:
+    """Whether the store has table `name` (e.g. a catalog from before a component's migration).
+
+    Asked of the catalog rather than learnt by catching `MissingSchema`: on PostgreSQL a failed
+    statement aborts the enclosing transaction, so a caller's later reads would fail too."""
+    return conn.execute(
+        "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?", (name,)
+    ).fetchone() is not None
+
+
 def json_array_rows(column: str, alias: str) -> str:
-    """A FROM-clause item yielding one row per element of the JSON array in `column`;
-    `json_item(alias, i)` reads element i of such a row (itself an array)."""
+    """A FROM-clause item yielding one row per element of the JSON array in `column` (a column,
+    or `?` for a bound JSON text); `json_item(alias, i)` reads element i of such a row (itself
+    an array)."""
     return f"json_each({column}) {alias}"
 
 
 def json_item(alias: str, index: int) -> str:
+    """Element `index` of a `json_array_rows` row, as text (for string elements)."""
     return f"{alias}.value ->> {int(index)}"
+
+
+def json_int_item(alias: str, index: int) -> str:
+    """Element `index` of a `json_array_rows` row, as an integer (sums, size comparisons).
+
+    SQLite's `->>` already yields an INTEGER for a JSON integer, so no CAST is paid on the fsck
+    path; an engine whose `->>` yields text casts here."""
+    return f"{alias}.value ->> {int(index)}"
+
+
+def json_length(column: str) -> str:
+    """The number of elements of the JSON array in `column`."""
+    return f"json_array_length({column})"
+
+
+def json_text_at(column: str, *path: int) -> str:
+    """The text at array indexes `path` of the JSON in `column` (`json_text_at("c", 0, 1)` is
+    c[0][1]); NULL when absent. One lookup, without a row per element as `json_array_rows` makes."""
+    return f"{column} ->> '$" + "".join(f"[{int(i)}]" for i in path) + "'"

@@ -18,11 +18,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import apsw
-
 from anvil.context import RequestContext
 from anvil.errors import AnvilError
-from anvil.storage import Catalog, Txn
+from anvil.storage import Catalog, Txn, journal
+from anvil.storage.records import Connection
 from anvil.watch.events import Scope, parse_kinds
 
 MIGRATIONS = [
@@ -78,9 +77,9 @@ class Consumer:
                 "created_by": self.created_by}
 
 
-def journal_bounds(conn: apsw.Connection, head_seq: int | None = None) -> tuple[int, int]:
+def journal_bounds(conn: Connection, head_seq: int | None = None) -> tuple[int, int]:
     """(oldest valid cursor, head): a cursor c is resumable iff base <= c <= head."""
-    base = int(conn.execute("SELECT seq FROM journal_base WHERE id = 1").fetchone()[0])
+    base = journal.base(conn)[0]
     if head_seq is None:
         row = conn.execute("SELECT max(seq) FROM journal").fetchone()
         head_seq = int(row[0]) if row and row[0] is not None else base
@@ -102,7 +101,7 @@ def cursor_expired(cursor: int, base: int) -> AnvilError:
     )
 
 
-def _row(conn: apsw.Connection, tenant: str, name: str) -> Consumer | None:
+def _row(conn: Connection, tenant: str, name: str) -> Consumer | None:
     row = conn.execute(f"SELECT {_COLUMNS} FROM watch_consumers WHERE tenant = ? AND name = ?",
                        (tenant, name)).fetchone()
     return Consumer.from_row(row) if row else None
@@ -131,7 +130,7 @@ def create(catalog: Catalog, ctx: RequestContext, name: str, scope: Scope, curso
     return catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
 
 
-def get(conn: apsw.Connection, tenant: str, name: str) -> Consumer:
+def get(conn: Connection, tenant: str, name: str) -> Consumer:
     check_name(name)
     c = _row(conn, tenant, name)
     if c is None:
@@ -139,7 +138,7 @@ def get(conn: apsw.Connection, tenant: str, name: str) -> Consumer:
     return c
 
 
-def list_all(conn: apsw.Connection, tenant: str | None = None) -> list[Consumer]:
+def list_all(conn: Connection, tenant: str | None = None) -> list[Consumer]:
     if tenant is None:
         rows = conn.execute(f"SELECT {_COLUMNS} FROM watch_consumers ORDER BY tenant, name")
     else:
@@ -185,7 +184,7 @@ def checkpoint(catalog: Catalog, ctx: RequestContext, tenant: str, name: str, cu
     return catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
 
 
-def lag(conn: apsw.Connection, c: Consumer, *, now: float | None = None) -> dict[str, Any]:
+def lag(conn: Connection, c: Consumer, *, now: float | None = None) -> dict[str, Any]:
     """How far behind: events (head − first unprocessed event + 1) and age of that event in seconds.
 
     `watch.*` bookkeeping events (the consumer's own checkpoints) do not count as work, so a
@@ -201,13 +200,8 @@ def lag(conn: apsw.Connection, c: Consumer, *, now: float | None = None) -> dict
             "expired": c.cursor < base}
 
 
-def durable_cursors(conn: apsw.Connection) -> list[tuple[str, int]]:
-    """Every durable consumer's (tenant/name, cursor); empty on a store without watch tables.
-
-    Public so fsck can check cursors against the journal head without reading our tables."""
-    exists = conn.execute(
-        "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'watch_consumers'"
-    ).fetchone()
-    if not exists:
-        return []
-    return [(f"{r[0]}/{r[1]}", int(r[2])) for r in conn.execute("SELECT tenant, name, cursor FROM watch_consumers")]
+def min_cursor(conn: Connection) -> int | None:
+    """The lowest durable cursor (None without consumers): retention's floor, since every event
+    after it is still owed to some consumer."""
+    row = conn.execute("SELECT min(cursor) FROM watch_consumers").fetchone()
+    return None if row is None or row[0] is None else int(row[0])

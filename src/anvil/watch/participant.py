@@ -14,7 +14,7 @@ import uuid
 from typing import Any
 
 from anvil.storage import journal
-from anvil.storage.records import Connection, MissingSchema
+from anvil.storage.records import Connection, table_exists
 from anvil.storage.recovery import Finding, Participant, RecoveryContext
 from anvil.watch.events import Scope as _Scope
 from anvil.watch.events import in_scope, parse_kinds, project
@@ -25,12 +25,11 @@ SCAN_LIMIT = 10_000  # events scanned past a cursor to find the next one in scop
 STREAM_TIMEOUT = 20.0
 
 
-def _consumer_rows(conn: Any) -> list[dict[str, Any]]:
-    try:
-        rows = conn.execute("SELECT tenant, name, bucket, prefix, kinds, cursor FROM watch_consumers "
-                            "ORDER BY tenant, name").fetchall()
-    except Exception:  # noqa: BLE001 - a catalog without the watch migration has no consumers
-        return []
+def _consumer_rows(conn: Connection) -> list[dict[str, Any]]:
+    if not table_exists(conn, "watch_consumers"):
+        return []  # a catalog from before the watch migration: no consumers
+    rows = conn.execute("SELECT tenant, name, bucket, prefix, kinds, cursor FROM watch_consumers "
+                        "ORDER BY tenant, name").fetchall()
     return [{"tenant": r[0], "name": r[1], "bucket": r[2], "prefix": r[3] or "", "kinds": json.loads(r[4] or "[]"),
              "cursor": int(r[5])} for r in rows]
 
@@ -88,25 +87,24 @@ def _params(fx: dict[str, Any]) -> dict[str, Any]:
 
 
 def _consumers(conn: Connection) -> list[tuple[str, str, int]]:
-    try:
-        rows = conn.execute("SELECT tenant, name, cursor FROM watch_consumers ORDER BY tenant, name").fetchall()
-    except MissingSchema:
+    if not table_exists(conn, "watch_consumers"):
         return []  # a catalog from before the watch migration: no consumers
+    rows = conn.execute("SELECT tenant, name, cursor FROM watch_consumers ORDER BY tenant, name").fetchall()
     return [(r[0], r[1], int(r[2])) for r in rows]
 
 
 def summary(conn: Connection) -> dict[str, Any]:
     """Head seq and chain hash, the compaction base, and every consumer's cursor, with a digest."""
     head_seq, head_hash = journal.head(conn)
-    base = conn.execute("SELECT seq, hash FROM journal_base WHERE id = 1").fetchone()
+    base_seq, base_hash = journal.base(conn)
     events = int(conn.execute("SELECT count(*) FROM journal").fetchone()[0])
     consumers = _consumers(conn)
     digest = hashlib.sha256("\n".join(f"{t}\t{n}\t{c}" for t, n, c in consumers).encode()).hexdigest()
     return {
         "head_seq": head_seq,
         "head_hash": head_hash,
-        "base_seq": int(base[0]),
-        "base_hash": str(base[1]),
+        "base_seq": base_seq,
+        "base_hash": base_hash,
         "events": events,
         "consumers": {f"{t}/{n}": c for t, n, c in consumers},
         "consumer_count": len(consumers),
@@ -119,7 +117,7 @@ def validate(conn: Connection, expected: dict[str, Any] | None = None) -> list[d
     summary recorded at backup time, that the restored state matches it."""
     findings: list[dict[str, Any]] = []
     head_seq, head_hash = journal.head(conn)
-    base_seq = int(conn.execute("SELECT seq FROM journal_base WHERE id = 1").fetchone()[0])
+    base_seq = journal.base(conn)[0]
     for tenant, name, cursor in _consumers(conn):
         if cursor > head_seq:
             findings.append({"severity": "error", "code": "watch.cursor_ahead", "consumer": f"{tenant}/{name}",
