@@ -113,7 +113,8 @@ class S3Gateway:
             raise S3Error("RequestHeaderSectionTooLarge",
                           f"your request header section exceeds the maximum allowed size ({MAX_HEADER_BYTES} bytes)")
         t = self._target(request)
-        q = request.query_params
+        # Parsed as the signature reads it (`sig.parse_query`): what was signed is what is acted on.
+        q = sig.query_params(request)
         # The reserved namespace comes first: keys, copy sources and listing prefixes.
         if t.key is not None and v.is_reserved_key(t.key):
             raise reserved_namespace()
@@ -138,7 +139,7 @@ class S3Gateway:
             raise S3Error("InvalidStorageClass", "the only storage class Anvil offers is STANDARD")
 
         app = request.app
-        auth = sig.authenticate(request, app.state.s3_credentials, self.region)
+        auth = sig.authenticate(request, app.state.s3_credentials, self.region, query=q)
         writes = request.method in ("PUT", "POST", "DELETE")
         if writes and getattr(app.state, "recovery_mode", False):
             raise S3Error("ServiceUnavailable", "RecoveryMode: Anvil is in recovery mode and refuses writes until "
