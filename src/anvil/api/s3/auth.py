@@ -189,7 +189,7 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
         if payload_hash is None:
             raise S3Error("InvalidRequest", "missing required header for this request: x-amz-content-sha256")
         drop = None
-        # Header auth signs the payload hash too: S3 refuses it unsigned like any other x-amz-* header.
+        # With the Authorization header S3 exempts nothing: x-amz-content-sha256 must be signed too.
         unsigned_ok: tuple[str, ...] = ()
     elif "X-Amz-Algorithm" in q or "X-Amz-Signature" in q:
         if q.get("X-Amz-Algorithm") != ALGORITHM:
@@ -216,8 +216,8 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
             raise S3Error("AccessDenied", "Request is not valid yet", 403)
         payload_hash = request.headers.get("x-amz-content-sha256") or UNSIGNED
         drop = "X-Amz-Signature"
-        # A presigned URL's payload is UNSIGNED-PAYLOAD unless the signer chose otherwise; a holder's own
-        # hash only asks for its body to be checked against it, as S3 allows.
+        # S3 lets a presigned request carry x-amz-content-sha256 unsigned: its value is the canonical
+        # request's payload line (UNSIGNED-PAYLOAD when absent), so the signature covers it anyway.
         unsigned_ok = ("x-amz-content-sha256",)
     elif "AWSAccessKeyId" in q or "Signature" in q:
         raise _sigv2_refused()
