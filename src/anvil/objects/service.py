@@ -572,6 +572,10 @@ class ObjectService:
         v.check_object_key(key)
         return self.get_bucket(bucket)
 
+    def body_writer(self, *, max_size: int | None = None) -> BlobWriter:
+        """An uncommitted blob for a body as it streams in; `store_body` makes it durable, `abort` drops it."""
+        return self.blobs.writer(max_size=max_size)
+
     def store_body(
         self, writer: BlobWriter, *, expected_sha256: str | None = None, expected_md5: str | None = None
     ) -> BlobInfo:

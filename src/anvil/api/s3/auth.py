@@ -2,6 +2,9 @@
 
 `credentials(access_key_id)` returns `(secret_access_key, Principal)` or None; identity will
 supply it (the access key is an application's client_id, the secret its client_secret).
+
+What the signature covers is what the request means: the query the gateway acts on is the one
+canonicalised here (`query_params`), and every `x-amz-*` header must be signed (`HeadersNotSigned`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from starlette.datastructures import QueryParams
 from starlette.requests import Request
 
 from anvil.api.s3.errors import S3Error
@@ -67,18 +71,20 @@ def _quote(s: str) -> str:
     return urllib.parse.quote(s, safe="-_.~")
 
 
-def canonical_query(raw_query: str, *, drop: str | None = None) -> str:
-    pairs = []
-    for part in raw_query.split("&"):
-        if not part:
-            continue
-        k, _, val = part.partition("=")
-        k, val = urllib.parse.unquote(k), urllib.parse.unquote(val)
-        if drop is not None and k == drop:
-            continue
-        pairs.append((_quote(k), _quote(val)))
-    pairs.sort()
-    return "&".join(f"{k}={val}" for k, val in pairs)
+def parse_query(raw_query: str) -> list[tuple[str, str]]:
+    """The query's (name, value) pairs, as both the signature and the handlers read them. A raw `+`
+    is a space, as AWS reads it (a literal plus arrives as `%2B`): were the two to read it differently,
+    a `+` swapped for a signed `%2B` would keep the signature valid while changing what it authorised."""
+    return urllib.parse.parse_qsl(raw_query, keep_blank_values=True)
+
+
+def query_params(request: Request) -> QueryParams:
+    return QueryParams(parse_query(request.scope.get("query_string", b"").decode("latin-1")))
+
+
+def canonical_query(pairs: list[tuple[str, str]], *, drop: str | None = None) -> str:
+    encoded = sorted((_quote(k), _quote(val)) for k, val in pairs if drop is None or k != drop)
+    return "&".join(f"{k}={val}" for k, val in encoded)
 
 
 def _canonical_uris(raw_path: str) -> list[str]:
@@ -135,10 +141,17 @@ def _sigv2_refused() -> S3Error:
                    "provided is not supported. Please use AWS4-HMAC-SHA256.", 400)
 
 
-def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now: float | None = None) -> AuthResult:
+def _headers_not_signed(names: list[str]) -> S3Error:
+    return S3Error("AccessDenied", "There were headers present in the request which were not signed", 403,
+                   fields={"HeadersNotSigned": ", ".join(names)})
+
+
+def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now: float | None = None,
+                 query: QueryParams | None = None) -> AuthResult:
+    """`query`: the request's parsed query (`query_params`), when the caller already has it."""
     now = time.time() if now is None else now
     header = request.headers.get("authorization")
-    q = request.query_params
+    q = query_params(request) if query is None else query
     if header is not None:
         if header.startswith("AWS "):
             raise _sigv2_refused()
@@ -176,6 +189,8 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
         if payload_hash is None:
             raise S3Error("InvalidRequest", "missing required header for this request: x-amz-content-sha256")
         drop = None
+        # With the Authorization header S3 exempts nothing: x-amz-content-sha256 must be signed too.
+        unsigned_ok: tuple[str, ...] = ()
     elif "X-Amz-Algorithm" in q or "X-Amz-Signature" in q:
         if q.get("X-Amz-Algorithm") != ALGORITHM:
             raise S3Error("AuthorizationQueryParametersError", "X-Amz-Algorithm must be AWS4-HMAC-SHA256")
@@ -201,6 +216,9 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
             raise S3Error("AccessDenied", "Request is not valid yet", 403)
         payload_hash = request.headers.get("x-amz-content-sha256") or UNSIGNED
         drop = "X-Amz-Signature"
+        # S3 lets a presigned request carry x-amz-content-sha256 unsigned: its value is the canonical
+        # request's payload line (UNSIGNED-PAYLOAD when absent), so the signature covers it anyway.
+        unsigned_ok = ("x-amz-content-sha256",)
     elif "AWSAccessKeyId" in q or "Signature" in q:
         raise _sigv2_refused()
     else:
@@ -214,9 +232,15 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
     if "host" not in signed_names:
         raise S3Error("AuthorizationHeaderMalformed", "SignedHeaders must include host")
     by_name = _headers_by_name(request)
+    # An unsigned x-amz-* header would change what a valid signature authorises (a copy source, stored
+    # metadata, ...): refused as S3 does, whether or not the signature itself matches.
+    signed_set = {n.lower() for n in signed_names}
+    unsigned = [n for n in by_name if n.startswith("x-amz-") and n not in signed_set and n not in unsigned_ok]
+    if unsigned:
+        raise _headers_not_signed(unsigned)
     canon_headers = "".join(f"{n}:{_header_value(by_name.get(n.lower(), []))}\n" for n in signed_names)
     raw_path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
-    query = canonical_query(request.scope.get("query_string", b"").decode("latin-1"), drop=drop)
+    query = canonical_query(q.multi_items(), drop=drop)
     key = signing_key(secret, date, region)
     for uri in _canonical_uris(raw_path):
         canonical = "\n".join([request.method, uri, query, canon_headers, signed, payload_hash])
