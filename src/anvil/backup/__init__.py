@@ -1,1 +1,1 @@
-"""Backup, restore, validation, recovery mode and the restore drill (DESIGN §5)."""
+"""Backup, restore, validation, recovery mode and the restore drill (docs/backup.md)."""

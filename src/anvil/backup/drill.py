@@ -125,7 +125,7 @@ def run_drill(repo: Repository, snapshot: str | None, participants: list[Partici
             return out
 
         ok = step("restore into an isolated directory", do_restore)
-        ok = ok and step("validate restored state (DESIGN §5 sequence)", do_validate)
+        ok = ok and step("validate restored state (restore sequence)", do_validate)
         if ok:
             server = _Server(target, work / "server.log")
             from anvil.client import AnvilAPIError, AnvilClient

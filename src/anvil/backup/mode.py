@@ -2,7 +2,7 @@
 
 A restored STORAGE_PATH holds `RECOVERY` (JSON: which snapshot, what was recorded at backup
 time, any restore problems). While it exists `anvil serve` refuses public writes with
-`RecoveryMode`. `validate` walks the restore sequence of DESIGN §5 and writes
+`RecoveryMode`. `validate` walks the restore sequence (docs/backup.md) and writes
 `recovery/validation.json` + `.md`; `resume` removes the marker only after a passing
 validation at the current journal head, or when forced with a reason, and records that in
 the journal either way.
@@ -25,7 +25,7 @@ from anvil.storage.recovery import NOT_PRESENT, Finding, Participant, RecoveryCo
 MARKER_FILE = "RECOVERY"
 REPORT_DIR = "recovery"
 
-# DESIGN §5 restore sequence: (step, checklist items validated in it).
+# The restore sequence: (step, checklist items validated in it).
 STEPS: list[tuple[str, list[str]]] = [
     ("validate object manifests and hashes", ["object-bodies", "object-journal", "bucket-metadata", "path-indexes"]),
     ("validate authorisation state", ["authz"]),

@@ -205,7 +205,7 @@ def backup_list(repo: str, s3_endpoint: str | None, key_file: str | None, as_jso
 @click.argument("snapshot", default="latest")
 @handles_errors
 def backup_inspect(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool, snapshot: str) -> None:
-    """Show a snapshot's manifest and the coverage checklist of DESIGN §5."""
+    """Show a snapshot's manifest and the backup coverage checklist."""
     from anvil.backup import engine
 
     m = _open(repo, key_file, s3_endpoint).resolve_snapshot(snapshot)
@@ -433,7 +433,7 @@ def recovery_status(storage_path: str, as_json: bool) -> None:
 @_storage_option
 @handles_errors
 def recovery_validate(storage_path: str, as_json: bool) -> None:
-    """Run the DESIGN §5 validation sequence; writes recovery/validation.{json,md}; exit 1 on failure."""
+    """Run the restore validation sequence (docs/backup.md); writes recovery/validation.{json,md}; exit 1 on failure."""
     from anvil.backup import mode as rec
     from anvil.backup import ops
     from anvil.runtime import recovery_participants

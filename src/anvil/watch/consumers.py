@@ -1,6 +1,6 @@
 """Durable named consumers: a scope and a cursor that only moves forward.
 
-Consumer cursors are source records (DESIGN §1), so create, delete and every checkpoint go
+Consumer cursors are source records (docs/architecture.md), so create, delete and every checkpoint go
 through `Catalog.mutate` and emit one journal event (`watch.consumer.create`,
 `watch.consumer.delete`, `watch.checkpoint`). `watch.*` kinds are outside the default watch
 scope, so checkpoints do not wake ordinary watchers or feed consumers their own bookkeeping.
