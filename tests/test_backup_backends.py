@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,22 +23,9 @@ from anvil.backup.errors import BackupError
 from tests.helpers import AnvilServer
 from tests.s3_helpers import dev_credentials
 
-TEST_TIMEOUT = 60  # seconds; a hung S3 call fails its test instead of the whole run
+# A hung S3 call fails its test instead of the whole run.
+pytestmark = pytest.mark.timeout(60)
 BUCKET = "backend-contract"
-
-
-@pytest.fixture(autouse=True)
-def _timeout() -> Iterator[None]:
-    def expired(signum: int, frame: object) -> None:
-        raise TimeoutError(f"test did not finish within {TEST_TIMEOUT}s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(TEST_TIMEOUT)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,25 +26,14 @@ from anvil.runtime import Anvil
 
 PASS = "interrupted"
 ENV = {"ANVIL_BACKUP_KDF": "test", "ANVIL_BACKUP_PASSPHRASE": PASS}
-TEST_TIMEOUT = 90
 MIB = 1 << 20
+pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture(autouse=True)
-def _timeout(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _env(monkeypatch: pytest.MonkeyPatch) -> None:
     for k, v in ENV.items():
         monkeypatch.setenv(k, v)
-
-    def expired(signum: int, frame: object) -> None:
-        raise TimeoutError(f"test did not finish within {TEST_TIMEOUT}s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(TEST_TIMEOUT)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def anvil_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@ tuples: they are built per version or part, where a dataclass costs several time
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import NamedTuple
 
 from anvil.storage.records import (
@@ -73,35 +73,9 @@ def iter_version_chunks(conn: Connection) -> Iterator[VersionChunks]:
         yield VersionChunks(tenants.get(bucket), bucket, key, version_id, [(c[0], c[1]) for c in loads(chunks)])
 
 
-def chunk_refs(conn: Connection) -> list[tuple[str, int]]:
-    """(sha256, recorded size) of every chunk of every version body, one row per reference.
-
-    The record store unpacks the JSON: at 10k versions SQLite does it 4x cheaper than `json.loads` per row."""
-    return conn.execute(f"SELECT {_SHA}, {_SIZE} FROM versions v, {_CHUNKS} WHERE v.delete_marker = 0").fetchall()
-
-
 def count_versions(conn: Connection) -> int:
     """Versions with a body (delete markers excluded)."""
     return conn.execute("SELECT count(*) FROM versions WHERE delete_marker = 0").fetchone()[0]
-
-
-def versions_referencing(conn: Connection, shas: Iterable[str]) -> list[tuple[str, VersionChunks]]:
-    """(sha256, version) for each version whose body uses one of `shas`: for reporting the
-    few versions a missing or damaged blob affects, without a full decode of every version."""
-    # One bound JSON parameter however many hashes (no statement-length or variable-count limit);
-    # each is wrapped as [sha] so the same array-row fragments that read chunks read it.
-    wanted = json.dumps([[s] for s in sorted(set(shas))])
-    tenants = bucket_tenants(conn)
-    out: list[tuple[str, VersionChunks]] = []
-    for sha, bucket, key, version_id, chunks in conn.execute(
-        f"SELECT DISTINCT {_SHA}, v.bucket, v.key, v.version_id, v.chunks "
-        f"FROM versions v, {_CHUNKS} "
-        f"WHERE v.delete_marker = 0 AND {_SHA} IN (SELECT {json_item('w', 0)} FROM {json_array_rows('?', 'w')})",
-        (wanted,),
-    ):
-        out.append((sha, VersionChunks(tenants.get(bucket), bucket, key, version_id,
-                                       [(c[0], c[1]) for c in json.loads(chunks)])))
-    return out
 
 
 def inconsistent_versions(conn: Connection) -> list[tuple[str | None, str, str, str, str]]:

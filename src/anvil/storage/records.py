@@ -21,10 +21,6 @@ import apsw
 
 # Every failure of the record store (I/O, corruption, constraint, SQL error) is one of these.
 RecordError = apsw.Error
-# The statement names a table or column this store does not have (e.g. an older catalog).
-MissingSchema = apsw.SQLError
-# A UNIQUE / PRIMARY KEY / CHECK constraint refused a write.
-ConstraintViolation = apsw.ConstraintError
 
 
 class Cursor(Protocol):
@@ -48,13 +44,6 @@ class Connection(Protocol):
 def open_readonly(path: str | Path) -> Connection:
     """A read-only connection to a catalog file that no server may be writing (or one that is: WAL)."""
     conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
-    conn.setbusytimeout(10_000)
-    return conn
-
-
-def open_file(path: str | Path) -> Connection:
-    """A read-write connection to a catalog file no server has open (a restored copy, a checkpoint)."""
-    conn = apsw.Connection(str(path))
     conn.setbusytimeout(10_000)
     return conn
 
@@ -96,7 +85,7 @@ def integrity_problems(conn: Connection, limit: int = 100) -> list[str]:
 def table_exists(conn: Connection, name: str) -> bool:
     """Whether the store has table `name` (e.g. a catalog from before a component's migration).
 
-    Asked of the catalog rather than learnt by catching `MissingSchema`: on PostgreSQL a failed
+    Asked of the catalog rather than learnt by catching an SQL error: on PostgreSQL a failed
     statement aborts the enclosing transaction, so a caller's later reads would fail too."""
     return conn.execute(
         "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?", (name,)
