@@ -74,27 +74,27 @@ async def create_backup(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def recovery_status(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:read", "system")
-    from anvil.backup import mode as recovery
+    from anvil.backup import mode
 
     root = request.app.state.anvil.storage.root
     return JSONResponse({"recovery_mode": bool(request.app.state.recovery_mode),
-                         "marker": recovery.read_marker(root), "last_validation": recovery.last_validation(root)})
+                         "marker": mode.read_marker(root), "last_validation": mode.last_validation(root)})
 
 
 @endpoint
 async def recovery_validate(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:write", "system")
-    from anvil.backup import mode as recovery
+    from anvil.backup import mode
 
     anvil = request.app.state.anvil
-    report = await blocking(recovery.validate, anvil.storage, anvil.participants())
+    report = await blocking(mode.validate, anvil.storage, anvil.participants())
     return JSONResponse(report)
 
 
 @endpoint
 async def recovery_resume(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:write", "system")
-    from anvil.backup import mode as recovery
+    from anvil.backup import mode
     from anvil.backup.errors import BackupError
 
     body = await json_body(request, required=False)
@@ -103,7 +103,7 @@ async def recovery_resume(request: Request, ctx: RequestContext) -> Response:
         raise AnvilError("InvalidArgument", "'force' must be a boolean")
     reason = _str(body, "reason")
     try:
-        result = await blocking(recovery.resume, request.app.state.anvil.storage, force=force, reason=reason,
+        result = await blocking(mode.resume, request.app.state.anvil.storage, force=force, reason=reason,
                                 actor=ctx.actor)
     except BackupError as e:
         raise AnvilError("PreconditionFailed", str(e)) from None

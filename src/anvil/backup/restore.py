@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from anvil.backup import mode as recovery
+from anvil.backup import mode
 from anvil.backup.engine import ordered_parallel
 from anvil.backup.errors import BackupError
 from anvil.backup.pack import ChunkReader
@@ -110,12 +110,12 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
     root = layout.root
     for folder in FOLDERS:
         (root / folder).mkdir(parents=True, exist_ok=True)
-    for stale in ("catalog.db", "catalog.db-wal", "catalog.db-shm", recovery.MARKER_FILE):
+    for stale in ("catalog.db", "catalog.db-wal", "catalog.db-shm", mode.MARKER_FILE):
         (root / stale).unlink(missing_ok=True)
-    shutil.rmtree(root / recovery.REPORT_DIR, ignore_errors=True)
+    shutil.rmtree(root / mode.REPORT_DIR, ignore_errors=True)
     # Marked first: a restore that dies partway leaves a store that starts in recovery mode and
     # fails validation (so it is never resumed by accident); the final marker replaces this one.
-    recovery.write_marker(root, {"snapshot": manifest["id"], "incomplete": True,
+    mode.write_marker(root, {"snapshot": manifest["id"], "incomplete": True,
                                  "problems": ["the restore did not finish: run `anvil restore` again"]})
     reader = ChunkReader(repo)
     files = manifest["tree"]["files"]
@@ -198,7 +198,7 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
         "buckets": sorted(buckets) if buckets else None, "partial": partial, "recorded": recorded,
         "problems": problems,
     }
-    recovery.write_marker(root, marker)
+    mode.write_marker(root, marker)
     return {"ok": not problems, "snapshot": manifest["id"], "target": str(root), "blobs_restored": restored,
             "blobs_already_present": skipped, "bytes": total, "problems": problems, "partial": partial,
             "duration": round(time.time() - started, 3), "recovery_mode": True}
@@ -273,5 +273,5 @@ def get_object(repo: Repository, manifest: dict[str, Any], participants: list[Pa
 
 
 def describe_marker(root: Path) -> str:
-    m = recovery.read_marker(root)
+    m = mode.read_marker(root)
     return json.dumps(m, indent=2) if m else "not in recovery mode"
