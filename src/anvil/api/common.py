@@ -9,12 +9,12 @@ import json
 import logging
 import math
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio.to_thread
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from anvil.context import DEV_PRINCIPAL, Principal, RequestContext, new_request_id
 from anvil.errors import AnvilError
@@ -187,3 +187,28 @@ def metadata_from_headers(request: Request) -> dict[str, str]:
 
 def metadata_to_headers(meta: dict[str, str]) -> dict[str, str]:
     return {META_PREFIX + k: urllib.parse.quote(v, safe="") for k, v in meta.items()}
+
+
+# Bodies up to this size are read inline: a page-cache read of a small blob costs less than the
+# hand-off to a worker thread and back.
+INLINE_BODY_LIMIT = 1024 * 1024
+
+
+def _logged(it: Iterator[bytes]) -> Iterator[bytes]:
+    """Once headers are sent an error can only cut the stream short; log it rather than hide it."""
+    try:
+        yield from it
+    except Exception:  # noqa: BLE001
+        logging.getLogger("anvil.api").exception("error while streaming an object body")
+        raise
+
+
+def body_response(objects: Any, obj: Any, rng: Any, status: int, length: int, headers: dict[str, str], *,
+                  head: bool) -> Response:
+    """A GET or HEAD answer once its status and headers are decided (native API and S3 alike)."""
+    headers["content-length"] = str(length)
+    if head:
+        return Response(status_code=status, headers=headers)
+    if length <= INLINE_BODY_LIMIT:
+        return Response(b"".join(objects.read_body(obj, rng)), status_code=status, headers=headers)
+    return StreamingResponse(_logged(objects.read_body(obj, rng)), status_code=status, headers=headers)

@@ -10,11 +10,12 @@ from email.utils import formatdate
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from anvil.api.common import (
     blocking,
+    body_response,
     committed,
     endpoint,
     file_io,
@@ -34,7 +35,6 @@ from anvil.objects.checksums import content_md5_hex
 from anvil.objects.service import parse_etag_list
 from anvil.runtime import Anvil
 
-INLINE_BODY_LIMIT = 1024 * 1024
 # A PUT body up to this size (by Content-Length) is read into memory, then written, hashed and
 # fsynced in one hop to a file-I/O thread; larger or unsized bodies are streamed to disk.
 BUFFERED_BODY_LIMIT = 1024 * 1024
@@ -347,13 +347,7 @@ async def _get_or_head(request: Request, ctx: RequestContext, *, head: bool) -> 
         status = 206
         length = rng.length
         headers["content-range"] = f"bytes {rng.start}-{rng.end}/{obj.size}"
-    headers["content-length"] = str(length)
-    if head:
-        return Response(status_code=status, headers=headers)
-    if length <= INLINE_BODY_LIMIT:
-        body = b"".join(objects.read_body(obj, rng))
-        return Response(body, status_code=status, headers=headers)
-    return StreamingResponse(objects.read_body(obj, rng), status_code=status, headers=headers)
+    return body_response(objects, obj, rng, status, length, headers, head=head)
 
 
 @endpoint

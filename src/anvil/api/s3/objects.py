@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -14,9 +13,9 @@ from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
 from typing import Any
 
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
-from anvil.api.common import blocking, committed, file_io
+from anvil.api.common import blocking, body_response, committed, file_io
 from anvil.api.s3 import xmlutil as X
 from anvil.api.s3.body import BodyReader
 from anvil.api.s3.errors import S3Error, from_anvil, reserved_namespace
@@ -37,9 +36,6 @@ from anvil.objects import validation as v
 from anvil.objects.checksums import new_checksum
 from anvil.objects.service import IF_MATCH_NO_OBJECT, parse_etag_list
 
-log = logging.getLogger("anvil.s3")
-
-INLINE_BODY_LIMIT = 1024 * 1024
 SINK_CHUNK = 1024 * 1024
 MAX_DELETE_KEYS = 1000
 SYSTEM_HEADERS = ("cache-control", "content-disposition", "content-encoding", "content-language", "expires")
@@ -96,15 +92,6 @@ def if_match_needs_object() -> Iterator[None]:
     except AnvilError as e:
         if e.code == "PreconditionFailed" and e.message == IF_MATCH_NO_OBJECT:
             raise S3Error("NoSuchKey", "The specified key does not exist.", 404) from None
-        raise
-
-
-def _guarded(it: Iterator[bytes]) -> Iterator[bytes]:
-    """Once headers are sent an error can only cut the stream short; log it rather than hide it."""
-    try:
-        yield from it
-    except Exception:  # noqa: BLE001
-        log.exception("error while streaming an object body")
         raise
 
 
@@ -399,15 +386,7 @@ def _get_object(r: S3Request, *, head: bool) -> Response:
     if rng is not None and (rng.length != obj.size or range_header or part_number is not None):
         status, length = 206, rng.length
         headers["content-range"] = f"bytes {rng.start}-{rng.end}/{obj.size}"
-    headers["content-length"] = str(length)
-    if head:
-        return Response(status_code=status, headers=headers)
-    if length <= INLINE_BODY_LIMIT:
-        # Read inline, as the native API does: a page-cache read of a small blob costs less than the
-        # hand-off to a worker thread and back.
-        body = b"".join(objects.read_body(obj, rng))
-        return Response(body, status_code=status, headers=headers)
-    return StreamingResponse(_guarded(objects.read_body(obj, rng)), status_code=status, headers=headers)
+    return body_response(objects, obj, rng, status, length, headers, head=head)
 
 
 # ------------------------------------------------------------------ deletes
