@@ -14,6 +14,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,15 @@ def sha(body: bytes) -> str:
 class World:
     """One server with a bucket of small objects and one multipart object, and a backup repository."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, *, auto_heal: bool = False):
         self.base = base
-        self.server = AnvilServer(base / "data", env=ENV).start()
         self.repo = f"file://{base / 'repo'}"
+        args: list[str] = []
+        if auto_heal:
+            # A scheduled backup repository turns on healing by the server itself (polled quickly here).
+            self.cli("backup", "init", "--repo", self.repo)
+            args = ["--backup-repo", self.repo, "--backup-every", "1h"]
+        self.server = AnvilServer(base / "data", env={**ENV, "ANVIL_HEAL_POLL": "0.2"}, extra_args=args).start()
         self.bucket = unique_bucket("heal")
         self.bodies: dict[str, bytes] = {}
         rng = random.Random(12)
@@ -52,7 +58,8 @@ class World:
             e2 = c.upload_part(self.bucket, up, 2, self.part2)["etag"]
             c.complete_upload(self.bucket, up, [(1, e1), (2, e2)])
             self.bodies["big/multi.bin"] = self.part1 + self.part2
-        self.cli("backup", "init", "--repo", self.repo, "--storage-path", str(self.storage))
+        if not auto_heal:
+            self.cli("backup", "init", "--repo", self.repo, "--storage-path", str(self.storage))
 
     @property
     def storage(self) -> Path:
@@ -67,7 +74,8 @@ class World:
         return sha(body)
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        cred = self.server.admin_credentials()
+        server = getattr(self, "server", None)
+        cred = server.admin_credentials() if server else {"client_id": "", "client_secret": ""}
         return {**os.environ, **ENV, "ANVIL_CLIENT_ID": cred["client_id"],
                 "ANVIL_CLIENT_SECRET": cred["client_secret"], **(extra or {})}
 
@@ -268,3 +276,31 @@ def test_nothing_missing_is_a_clean_run(world: World) -> None:
     code, report = world.heal()
     assert code == 0 and report["missing"] == 0 and report["healed"] == [] and report["ok"] is True
     assert report["finding"]["invariant"] == "repair.healed_from_backup"
+
+
+def test_the_server_heals_a_quarantined_blob_on_its_own(tmp_path: Path) -> None:
+    world = World(tmp_path, auto_heal=True)
+    try:
+        snap = world.snapshot()
+        b, c_sha = sha(world.bodies["small/b"]), sha(world.bodies["mid/c"])
+        quarantined = world.quarantine(b)
+        deadline = time.monotonic() + 30
+        while (quarantined.exists() or not world.blob(b).exists()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert world.blob(b).exists() and not quarantined.exists(), world.server.log()
+        assert sha(world.blob(b).read_bytes()) == b
+        with world.client() as c:
+            runs = [f for f in c.list_findings() if f["invariant"] == "repair.healed_from_backup"]
+            assert len(runs) == 1 and runs[0]["affected"]["healed"] == [b]
+            assert runs[0]["affected"]["snapshots_used"] == [snap]
+            assert c.get_object(world.bucket, "small/b") == world.bodies["small/b"]
+        # A merely deleted blob (nothing in quarantine/) is left to the operator: no run, no write.
+        world.blob(c_sha).unlink()
+        time.sleep(1.0)
+        assert not world.blob(c_sha).exists()
+        with world.client() as c:
+            assert len([f for f in c.list_findings() if f["invariant"] == "repair.healed_from_backup"]) == 1
+        world.blob(c_sha).write_bytes(world.bodies["mid/c"])
+        world.assert_all_objects_read_back()
+    finally:
+        world.server.stop()

@@ -173,6 +173,14 @@ def heal_blobs(storage: Storage, participants: list[Participant], repo: Reposito
     }
 
 
+def quarantined(root: Path) -> set[str]:
+    """The blobs now in `quarantine/` (one directory listing: cheap enough to poll)."""
+    try:
+        return {e.name for e in os.scandir(Path(root) / QUARANTINE) if HEX64.fullmatch(e.name)}
+    except FileNotFoundError:
+        return set()
+
+
 def remove_quarantined(root: Path, sha256: str) -> bool:
     """Drop `quarantine/<sha256>` once the blob is healthy again; True if there was one."""
     p = quarantine_path(root, sha256)
