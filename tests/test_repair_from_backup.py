@@ -124,32 +124,41 @@ def open_findings_about(c: AnvilClient, digest: str) -> list[dict[str, Any]]:
 
 
 def test_offline_heal_of_deleted_quarantined_and_multipart_part_blobs(world: World) -> None:
+    pending_body = os.urandom(700)
+    with world.client() as c:  # an upload still in progress: its part's blob is referenced too
+        upload = c.create_upload(world.bucket, "big/pending.bin")
+        c.upload_part(world.bucket, upload, 1, pending_body)
     snap = world.snapshot()
-    a, b, part1 = sha(world.bodies["small/a"]), sha(world.bodies["small/b"]), sha(world.part1)
+    a, b, part1, pending = (sha(world.bodies["small/a"]), sha(world.bodies["small/b"]), sha(world.part1),
+                            sha(pending_body))
     world.blob(a).unlink()
     quarantined = world.quarantine(b)
     world.blob(part1).unlink()
+    world.blob(pending).unlink()
     with world.client() as c:
         report = c.fsck()
         assert report["ok"] is False
-        found = {d: open_findings_about(c, d) for d in (a, b, part1)}
+        found = {d: open_findings_about(c, d) for d in (a, b, part1, pending)}
     assert all(len(f) == 1 for f in found.values()), found
     assert found[part1][0]["invariant"] == "objects.blob_missing"
+    assert found[pending][0]["invariant"] == "multipart.part_blob_missing"
     world.server.stop()
 
     code, report = world.heal(offline=True)
     assert code == 0, report
-    assert report["ok"] is True and report["missing"] == 3 and report["healed_count"] == 3
+    assert report["ok"] is True and report["missing"] == 4 and report["healed_count"] == 4
     assert report["unrecoverable"] == [] and report["snapshots_used"] == [snap]
     healed = {h["sha256"]: h for h in report["healed"]}
-    assert set(healed) == {a, b, part1}
+    assert set(healed) == {a, b, part1, pending}
+    assert healed[pending]["references"][0]["upload_id"] == upload
+    assert healed[pending]["references"][0]["part_number"] == 1
     assert healed[a]["references"][0]["key"] == "small/a" and healed[a]["snapshot"] == snap
     assert healed[part1]["references"][0]["key"] == "big/multi.bin"
     assert healed[part1]["references"][0]["version_id"] and healed[part1]["size"] == 5 * MiB
     assert healed[b]["was_quarantined"] is True and not quarantined.exists()
-    assert len(report["findings_resolved"]) == 3
+    assert len(report["findings_resolved"]) == 4
     assert report["finding"]["invariant"] == "repair.healed_from_backup" and report["finding"]["resolved_at"]
-    for d in (a, b, part1):
+    for d in (a, b, part1, pending):
         assert sha(world.blob(d).read_bytes()) == d
 
     # The offline store is whole again: fsck --deep (offline, then through the server) is clean.

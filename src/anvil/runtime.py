@@ -80,7 +80,9 @@ class Anvil:
             conn = self.storage.catalog.reader()
             # Unresolved findings are few (fsck dedupes them); 10000 is list_findings' ceiling.
             for f in fnd.list_findings(conn, unresolved=True, limit=10000):
-                sha = f.affected.get("sha256", f.affected.get("blob"))
+                # `affected.sha256` names the blob itself (missing, corrupt, quarantined); other
+                # findings that merely mention a blob (e.g. a record's wrong size) stay open.
+                sha = f.affected.get("sha256")
                 healed = by_sha.get(sha) if isinstance(sha, str) else None
                 if healed is None:
                     continue
