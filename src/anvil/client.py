@@ -673,3 +673,13 @@ class AnvilClient:
 
     def repair(self, families: list[str] | None = None) -> dict[str, Any]:
         return self._json("POST", "/anvil/v1/admin/repair", json={"families": families}, timeout=None)
+
+    def heal_blobs(self, repo: str, *, passphrase: str | None = None, s3_endpoint: str | None = None,
+                   snapshot: str | None = None) -> dict[str, Any]:
+        """Restore every missing or quarantined blob from the backup repository `repo` (the server
+        opens it) and close the findings about them; no timeout, it streams blobs (admin)."""
+        body: dict[str, Any] = {"repo": repo}
+        for name, value in (("passphrase", passphrase), ("s3_endpoint", s3_endpoint), ("snapshot", snapshot)):
+            if value:
+                body[name] = value
+        return self._json("POST", "/anvil/v1/admin/repair/blobs", json=body, timeout=None)

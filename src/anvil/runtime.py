@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from anvil.context import RequestContext
 from anvil.diagnostics import Diagnostics
 from anvil.diagnostics.participant import DiagnosticsParticipant
 from anvil.diagnostics.service import check_storage_path
@@ -21,6 +24,9 @@ from anvil.storage.participant import BlobsParticipant, JournalParticipant, Stor
 from anvil.storage.recovery import Participant
 from anvil.watch import WatchService
 from anvil.watch.participant import WatchParticipant
+
+if TYPE_CHECKING:
+    from anvil.backup.repository import Repository
 
 
 def recovery_participants() -> list[Participant]:
@@ -53,6 +59,61 @@ class Anvil:
 
     def participants(self) -> list[Participant]:
         return recovery_participants()
+
+    # One heal at a time per process: two runs would stream the same blobs twice.
+    _heal_lock = threading.Lock()
+
+    def heal_blobs(self, ctx: RequestContext, repo: Repository, *, snapshot: str | None = None,
+                   progress: Any = None) -> dict[str, Any]:
+        """`anvil repair blobs --from-backup`: restore every missing referenced blob from `repo`
+        (backup.heal), then resolve every open finding about a healed blob and record the run as
+        a finding (journaled, like every repair). Returns the heal report plus what was closed."""
+        from anvil.backup.heal import heal_blobs
+        from anvil.diagnostics import findings as fnd
+
+        if not self._heal_lock.acquire(blocking=False):
+            raise AnvilError("PreconditionFailed", "a heal from backup is already running")
+        try:
+            report = heal_blobs(self.storage, self.participants(), repo, snapshot=snapshot, progress=progress)
+            by_sha = {h["sha256"]: h for h in report["healed"]}
+            closed: list[str] = []
+            conn = self.storage.catalog.reader()
+            # Unresolved findings are few (fsck dedupes them); 10000 is list_findings' ceiling.
+            for f in fnd.list_findings(conn, unresolved=True, limit=10000):
+                # `affected.sha256` names the blob itself (missing, corrupt, quarantined); other
+                # findings that merely mention a blob (e.g. a record's wrong size) stay open.
+                sha = f.affected.get("sha256")
+                healed = by_sha.get(sha) if isinstance(sha, str) else None
+                if healed is None:
+                    continue
+                text = (f"healed from backup: blob {sha} restored from snapshot {healed['snapshot']} of "
+                        f"{report['repository']} and re-verified (SHA-256 and size)")
+                try:
+                    fnd.resolve(self.storage.catalog, f.id, text, actor=ctx.actor, request_id=ctx.request_id)
+                    closed.append(f.id)
+                except AnvilError as e:
+                    if e.code != "PreconditionFailed":  # resolved concurrently: fine
+                        raise
+            report["findings_resolved"] = closed
+            refs = [r for item in [*report["healed"], *report["unrecoverable"]] for r in item["references"]]
+            summary = (f"healed {report['healed_count']} of {report['missing']} missing blob(s) from "
+                       f"{report['repository']}" + (f" snapshot {report['snapshot']}" if report["snapshot"] else "")
+                       + (f"; {len(report['unrecoverable'])} unrecoverable" if report["unrecoverable"] else ""))
+            run = fnd.make_finding(
+                "diagnostics", "info", "repair.healed_from_backup", summary,
+                {"family": "blobs", "repository": report["repository"], "snapshot": report["snapshot"],
+                 "snapshots_used": report["snapshots_used"], "healed": sorted(by_sha),
+                 "unrecoverable": [u["sha256"] for u in report["unrecoverable"]],
+                 "findings_resolved": closed, "references": refs[:50]},
+                identity={"run_id": ctx.request_id}, origin="repair", run_id=ctx.request_id,
+                cursor=str(self.storage.catalog.head()[0]), repair_attempted=True, repair_result=summary,
+                # The run itself needs nothing more; blobs left missing keep their own open findings.
+                resolved_at=0.0, resolution="recorded by repair blobs --from-backup")
+            report["finding"] = fnd.record_many(self.storage.catalog, [run], actor=ctx.actor,
+                                                request_id=ctx.request_id)[0].to_dict()
+            return report
+        finally:
+            self._heal_lock.release()
 
     def close(self) -> None:
         self.watch.close()

@@ -71,6 +71,31 @@ async def create_backup(request: Request, ctx: RequestContext) -> Response:
     return JSONResponse(result, status_code=201)
 
 
+def run_heal(app: Any, ctx: RequestContext, repo_url: str, *, passphrase: str | None = None,
+             s3_endpoint: str | None = None, snapshot: str | None = None) -> dict[str, Any]:
+    """`anvil repair blobs --from-backup` inside the server: it opens the repository itself."""
+    from anvil.backup import ops
+    from anvil.backup.errors import BackupError
+
+    anvil = app.state.anvil
+    try:
+        repo = ops.open_repo(repo_url, passphrase=passphrase, s3_endpoint=s3_endpoint,
+                             storage_path=anvil.storage.root)
+        return anvil.heal_blobs(ctx, repo, snapshot=snapshot)
+    except BackupError as e:
+        raise AnvilError("InvalidArgument", str(e)) from None
+
+
+@endpoint
+async def heal_blobs(request: Request, ctx: RequestContext) -> Response:
+    authorize(ctx.principal, "admin:write", "system")
+    body = await json_body(request)
+    repo = _str(body, "repo", required=True)
+    result = await blocking(run_heal, request.app, ctx, repo, passphrase=_str(body, "passphrase"),
+                            s3_endpoint=_str(body, "s3_endpoint"), snapshot=_str(body, "snapshot"))
+    return JSONResponse(result)
+
+
 @endpoint
 async def recovery_status(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:read", "system")
@@ -113,6 +138,7 @@ async def recovery_resume(request: Request, ctx: RequestContext) -> Response:
 
 BACKUP_ROUTES = [
     Route("/anvil/v1/admin/backup", create_backup, methods=["POST"]),
+    Route("/anvil/v1/admin/repair/blobs", heal_blobs, methods=["POST"]),
     Route("/anvil/v1/admin/recovery", recovery_status, methods=["GET"]),
     Route("/anvil/v1/admin/recovery/validate", recovery_validate, methods=["POST"]),
     Route("/anvil/v1/admin/recovery/resume", recovery_resume, methods=["POST"]),

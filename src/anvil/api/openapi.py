@@ -121,6 +121,9 @@ OPERATIONS += [
      False),
     ("post", "/anvil/v1/admin/repair", "repair", "Rebuild derived families from source records (admin)", [], True,
      False),
+    ("post", "/anvil/v1/admin/repair/blobs", "healBlobs",
+     "Restore missing or quarantined blobs from a backup: {repo, passphrase, s3_endpoint?, snapshot?} (admin)", [],
+     True, False),
 ]
 
 # Operations that need no bearer token (anonymous reads of public buckets are decided per bucket).

@@ -227,9 +227,33 @@ def gc(storage_path: str | None, endpoint: str | None, as_json: bool, grace: flo
 
 @click.command()
 @click.argument("families", nargs=-1)
+@click.option("--from-backup", "from_backup", default=None, metavar="REPO",
+              help="Family blobs: restore every missing or quarantined blob from this backup repository "
+                   "(file:///path or s3://bucket/prefix; passphrase from ANVIL_BACKUP_PASSPHRASE or --key-file).")
+@click.option("--snapshot", default=None,
+              help="With --from-backup: search only this snapshot (id, unique prefix or 'latest'); "
+                   "default: every snapshot, newest first.")
+@click.option("--key-file", default=None, type=click.Path(dir_okay=False),
+              help="With --from-backup: file holding the repository passphrase (else ANVIL_BACKUP_PASSPHRASE).")
+@click.option("--s3-endpoint", envvar="ANVIL_BACKUP_S3_ENDPOINT", default=None,
+              help="With --from-backup: S3 endpoint URL for s3:// repositories.")
 @target_options
-def repair(storage_path: str | None, endpoint: str | None, as_json: bool, families: tuple[str, ...]) -> None:
-    """Rebuild derived FAMILIES (default: all registered) from source records; always records a finding."""
+def repair(storage_path: str | None, endpoint: str | None, as_json: bool, families: tuple[str, ...],
+           from_backup: str | None, snapshot: str | None, key_file: str | None, s3_endpoint: str | None) -> None:
+    """Rebuild derived FAMILIES (default: all registered) from source records; always records a finding.
+
+    `anvil repair blobs --from-backup REPO` instead restores every missing or quarantined blob
+    from the newest snapshot holding it, re-verifies it and resolves the findings about it.
+    Exit 1 if some blob could not be healed."""
+    if from_backup is not None:
+        if list(families) != ["blobs"]:
+            raise click.UsageError("--from-backup heals the family 'blobs' only: anvil repair blobs --from-backup REPO")
+        _heal(storage_path, endpoint, as_json, from_backup, snapshot, key_file, s3_endpoint)
+        return
+    if snapshot or key_file:
+        raise click.UsageError("--snapshot and --key-file apply to --from-backup only")
+    if "blobs" in families:
+        raise click.UsageError("blobs are source data, healed from a backup: anvil repair blobs --from-backup REPO")
     names = list(families) or None
     if storage_path:
         from anvil.context import RequestContext
@@ -249,6 +273,69 @@ def repair(storage_path: str | None, endpoint: str | None, as_json: bool, famili
                          for r in report["results"])
     emit(as_json, report, text=text)
     sys.exit(0 if report["ok"] else 1)
+
+
+def _heal(storage_path: str | None, endpoint: str | None, as_json: bool, repo_url: str, snapshot: str | None,
+          key_file: str | None, s3_endpoint: str | None) -> None:
+    """`repair blobs --from-backup`: offline on a stopped store, or by the running server (which
+    opens the repository itself). A bad repository or passphrase is refused before anything changes."""
+    from anvil.backup.crypto import read_passphrase
+    from anvil.backup.errors import BackupError
+
+    try:
+        passphrase = read_passphrase(key_file)
+    except BackupError as e:
+        _refuse(as_json, "InvalidArgument", str(e))
+    if storage_path:
+        from anvil.backup.ops import open_repo
+        from anvil.context import RequestContext
+        from anvil.diagnostics.service import OFFLINE_PRINCIPAL, check_storage_path
+        from anvil.errors import AnvilError
+        from anvil.runtime import open_offline
+
+        try:
+            check_storage_path(storage_path)
+            repo = open_repo(repo_url, passphrase=passphrase, s3_endpoint=s3_endpoint, storage_path=storage_path)
+        except BackupError as e:
+            _refuse(as_json, "InvalidArgument", str(e))
+        except AnvilError as e:
+            _refuse(as_json, e.code, e.message)
+
+        def action(anvil: Any) -> dict[str, Any]:
+            try:
+                return anvil.heal_blobs(RequestContext(OFFLINE_PRINCIPAL), repo, snapshot=snapshot)
+            except BackupError as e:
+                raise AnvilError("InvalidArgument", str(e)) from None
+
+        report = _offline(as_json, storage_path, action, open_offline)
+    else:
+        assert endpoint is not None
+        report = _online(as_json, endpoint, lambda c: c.heal_blobs(repo_url, passphrase=passphrase,
+                                                                   s3_endpoint=s3_endpoint, snapshot=snapshot),
+                         "repair blobs")
+    if as_json:
+        emit(True, report)
+    else:
+        _print_heal(report)
+    sys.exit(0 if report["ok"] else 1)
+
+
+def _print_heal(report: dict[str, Any]) -> None:
+    from rich.markup import escape
+
+    where = report["repository"] + (f" snapshot {report['snapshot']}" if report["snapshot"] else "")
+    console.print(f"repair blobs from {escape(where)}: {report['missing']} missing, "
+                  f"{report['healed_count']} healed ({report['bytes']} bytes), "
+                  f"{len(report['unrecoverable'])} unrecoverable; "
+                  f"{len(report['findings_resolved'])} finding(s) resolved", soft_wrap=True, highlight=False)
+    for h in report["healed"]:
+        console.print(f"  [green]healed[/]  {h['sha256']}  from snapshot {h['snapshot']}  "
+                      f"affects {escape(', '.join(h['affects']))}", soft_wrap=True, highlight=False)
+    for u in report["unrecoverable"]:
+        console.print(f"  [red]UNRECOVERABLE[/]  {u['sha256']}  {escape(u['reason'])}  "
+                      f"affects {escape(', '.join(u['affects']))}", soft_wrap=True, highlight=False)
+        for p in u["problems"]:
+            console.print(f"      {escape(p)}", soft_wrap=True, highlight=False)
 
 
 # ------------------------------------------------------------------ findings

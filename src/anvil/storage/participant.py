@@ -231,13 +231,15 @@ class BlobsParticipant(Participant):
             return sha not in listing and not os.path.exists(ctx.blobs.root / sha[:2] / sha)
 
         missing = [sha for sha in refs if absent(sha)]
+        # `affected.sha256` is the key `anvil repair blobs --from-backup` closes findings by.
         for sha in missing:
             rs = refs[sha]
             n = len(rs)
             out.append(self.finding(
                 "error", f"blob {sha}", f"blob {sha} is missing from the blob store; it is referenced {n} time(s); "
                 f"affects {_affects(rs)}", rs[0].missing_invariant,
-                {"blob": sha, "reference_count": n, "references": [r.ref for r in rs[:MAX_REFERENCES]]},
+                {"blob": sha, "sha256": sha, "reference_count": n,
+                 "references": [r.ref for r in rs[:MAX_REFERENCES]]},
                 identity={"blob": sha}))
         for path in found.misplaced:
             out.append(self.finding("warning", path, f"{path} is named like a blob but stored elsewhere",
@@ -291,7 +293,7 @@ class BlobsParticipant(Participant):
             out.append(self.finding(
                 "error", f"blob {b.name}", f"blob {b.name} {what}: its content no longer matches its name"
                 + (f"; affects {_affects(rs)}" if rs else ""), "blobs.hash_mismatch",
-                {"blob": b.name, "actual_sha256": b.actual, "size": b.size,
+                {"blob": b.name, "sha256": b.name, "actual_sha256": b.actual, "size": b.size,
                  "references": [r.ref for r in rs[:MAX_REFERENCES]]}, identity={"blob": b.name}))
         for sha, rs in refs.items():
             actual = found.sizes.get(sha)
