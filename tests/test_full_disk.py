@@ -7,7 +7,6 @@ output never competes for the last bytes.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import subprocess
@@ -21,8 +20,8 @@ from botocore.exceptions import ClientError
 
 from tests.helpers import AnvilServer
 from tests.s3_helpers import s3_client
+from tests.tmpfs import MiB, fill_to_zero, fill_until_free, free_bytes, mount_tmpfs, umount
 
-MiB = 1024 * 1024
 FS_SIZE = 64 * MiB
 # Defaults on a 64 MiB filesystem: the reserve is 1/16 of it, the threshold the larger of the
 # reserve and 1% of it.
@@ -30,28 +29,14 @@ RESERVE = FS_SIZE // 16
 MIN_FREE = RESERVE
 
 
-def _mount_tmpfs(path: Path, size: int) -> None:
-    path.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}): the full-disk tests "
-                    "need a real small filesystem and root (they have both on the dev machines and in CI)")
-
-
-def _umount(path: Path) -> None:
-    if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     mnt = tmp_path / "fs"
-    _mount_tmpfs(mnt, FS_SIZE)
+    mount_tmpfs(mnt, FS_SIZE)
     try:
         yield mnt
     finally:
-        _umount(mnt)
+        umount(mnt)
 
 
 def _server(mnt: Path, tmp_path: Path, env: dict[str, str] | None = None) -> AnvilServer:
@@ -67,38 +52,6 @@ def server(small_fs: Path, tmp_path: Path) -> Iterator[AnvilServer]:
         yield srv
     finally:
         srv.stop()  # before the filesystem is unmounted
-
-
-def free_bytes(path: Path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
-def fill_to_zero(path: Path) -> None:
-    """Write `path` until the filesystem has 0 bytes free, halving the write size at each ENOSPC."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        size = MiB
-        while size >= 1:
-            try:
-                os.write(fd, b"\0" * size)
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-                size //= 2
-    finally:
-        os.close(fd)
-
-
-def fill_until_free(path: Path, mnt: Path, left: int) -> None:
-    """Write `path` until exactly `left` bytes (page-aligned) stay free on `mnt`."""
-    need = free_bytes(mnt) - left
-    assert need > 0
-    with open(path, "wb") as f:
-        while need > 0:
-            n = min(need, MiB)
-            f.write(b"\0" * n)
-            need -= n
 
 
 def _pieces(body: bytes, size: int = 256 * 1024) -> Iterator[bytes]:
