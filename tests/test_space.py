@@ -106,3 +106,14 @@ def test_put_bytes_enospc_leaves_nothing(tiny_fs: Path) -> None:
     assert exc.value.code == "StorageFull"
     assert list(store.iter_all()) == [] and list((tiny_fs / "tmp").iterdir()) == []
     assert free_bytes(tiny_fs) > 7 * MiB
+
+
+def test_a_smaller_setting_shrinks_the_reserve_and_zero_disables_it(tiny_fs: Path) -> None:
+    DiskSpace(tiny_fs, reserve=2 * MiB)
+    assert (tiny_fs / RESERVE_FILE).stat().st_size == 2 * MiB
+    space = DiskSpace(tiny_fs, reserve=MiB, min_free=0)
+    assert (tiny_fs / RESERVE_FILE).stat().st_size == MiB and space.status().reserve_held == MiB
+    space = DiskSpace(tiny_fs, reserve=0, min_free=0)
+    assert (tiny_fs / RESERVE_FILE).stat().st_size == 0
+    fill_to_zero(tiny_fs / "filler")
+    space.admit()  # no reserve and no threshold: nothing to keep back

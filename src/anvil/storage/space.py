@@ -114,6 +114,9 @@ class DiskSpace:
         self._held = self._allocated()
         self._last_warning = 0.0
         if manage_reserve:
+            if self._held > self.reserve_size:  # the setting shrank since the file was made
+                os.truncate(self.path, self.reserve_size)
+                self._held = self.reserve_size
             self.ensure_reserve()
 
     @classmethod
@@ -183,17 +186,17 @@ class DiskSpace:
             except OSError as exc:
                 if is_full_error(exc):
                     return False
-                raise
+                self._give_up(exc)
+                return True
             try:
                 os.posix_fallocate(fd, 0, self.reserve_size)
-                if os.fstat(fd).st_size > self.reserve_size:  # the setting shrank since last time
-                    os.ftruncate(fd, self.reserve_size)
                 self._held = self.reserve_size
                 log.info("disk reserve of %d bytes held in %s", self.reserve_size, self.path)
                 return True
             except OSError as exc:
                 if not is_full_error(exc):
-                    raise
+                    self._give_up(exc)
+                    return True
                 # Not enough room: hold nothing rather than a part that admission cannot account for.
                 os.ftruncate(fd, 0)
                 self._held = 0
@@ -202,6 +205,13 @@ class DiskSpace:
                 os.close(fd)
         finally:
             self._lock.release()
+
+    def _give_up(self, exc: OSError) -> None:
+        """The reserve cannot exist here (read-only or foreign-owned path, ...): run without one, said
+        once, rather than refuse to start or retry on every write."""
+        log.warning("no disk reserve: %s cannot be allocated (%s); a full disk may block deletes", self.path, exc)
+        self.reserve_size = 0
+        self._held = 0
 
     def release(self) -> bool:
         """Give the reserve back to the filesystem (the disk is full); True if that freed anything."""
