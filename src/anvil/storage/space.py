@@ -4,7 +4,7 @@ A full filesystem must never wedge the store. Two mechanisms, both per `STORAGE_
 
 - **Admission.** Writes that grow the store (PUT, upload part, copy, complete multipart, bucket
   and upload creation) are refused up front with `StorageFull` (HTTP 507) while the free space,
-  net of the reserve, is below `min_free`. One `statvfs` per admitted write (~1 µs): nothing is
+  net of the reserve, is below `min_free`. One `statvfs` per admission check (~5 µs): nothing is
   cached, so there is no sticky "full" state and writes resume as soon as space is freed.
 - **Reserve.** `STORAGE_PATH/reserve` is a preallocated file (`posix_fallocate`). SQLite in WAL
   mode needs new blocks to commit even a DELETE, and gc records what it removed, so at 0 bytes
