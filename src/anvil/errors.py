@@ -32,6 +32,7 @@ HTTP_STATUS: dict[str, int] = {
     "InvalidPartOrder": 400,
     "MethodNotAllowed": 405,
     "StorageLocked": 409,
+    "StorageFull": 507,
     "UnsupportedFormat": 500,
     "Internal": 500,
 }

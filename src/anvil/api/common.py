@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from anvil.context import DEV_PRINCIPAL, Principal, RequestContext, new_request_id
 from anvil.errors import AnvilError
+from anvil.storage.space import is_full_error, storage_full
 
 log = logging.getLogger("anvil.api")
 
@@ -89,7 +90,9 @@ def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         except AnvilError as err:
             record_denial(request, err, request_id, principal)
             return error_response(err, request_id, head=request.method == "HEAD")
-        except Exception:  # noqa: BLE001 - never leak a traceback to the client
+        except Exception as exc:  # noqa: BLE001 - never leak a traceback to the client
+            if is_full_error(exc):  # ENOSPC from any file write: the full-disk answer, not a 500
+                return error_response(storage_full(), request_id, head=request.method == "HEAD")
             log.exception("unhandled error in %s %s", request.method, request.url.path)
             err = AnvilError("Internal", "internal error")
             return error_response(err, request_id, head=request.method == "HEAD")

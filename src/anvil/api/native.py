@@ -241,7 +241,8 @@ async def list_versions(request: Request, ctx: RequestContext) -> Response:
 async def _receive_body(request: Request, *, expected_sha256: str | None, expected_md5: str | None):
     """Stream the request body into a blob; nothing is held whole in memory."""
     objects = _anvil(request).objects
-    writer = objects.body_writer(max_size=v.MAX_OBJECT_SIZE)
+    writer = objects.body_writer(max_size=v.MAX_OBJECT_SIZE,
+                                 expected_size=v.decimal_length(request.headers.get("content-length")))
     # Hashing (SHA-256 + MD5) and writing run in a file-I/O thread, a block at a time, while the
     # event loop receives the next block: the two cores work in parallel and the loop stays free.
     # At most one block is being written and one filling, so memory stays flat in body size.

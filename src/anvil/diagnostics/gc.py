@@ -31,8 +31,13 @@ from anvil.storage import Storage
 from anvil.storage.blobscan import scan_blobs
 from anvil.storage.layout import fsync_dir
 from anvil.storage.recovery import Participant, RecoveryContext
+from anvil.storage.space import is_full_error
 
 DEFAULT_GRACE = 3600.0
+# While the store refuses writes for lack of space, the grace is at most this: deleting objects
+# must free their space now, not in an hour. A blob is named only just before its record commits
+# (seconds, not minutes), and the quarantine below still catches a deduplicating PUT.
+FULL_DISK_GRACE = 60.0
 DEFAULT_UPLOAD_EXPIRY = 7 * 24 * 3600.0
 MAX_LISTED = 100
 
@@ -49,6 +54,7 @@ class GcReport:
     restored: int = 0
     uploads_expired: list[dict[str, Any]] = field(default_factory=list)
     tmp_files_removed: int = 0
+    disk_full: bool = False
     finding: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -58,7 +64,7 @@ class GcReport:
             "blob_count": len(self.blobs_removed), "bytes_removed": self.bytes_removed,
             "young_orphans_kept": self.young_orphans_kept, "restored": self.restored,
             "uploads_expired": self.uploads_expired, "tmp_files_removed": self.tmp_files_removed,
-            "finding": self.finding,
+            "disk_full": self.disk_full, "finding": self.finding,
         }
 
 
@@ -75,7 +81,10 @@ def run_gc(
 ) -> GcReport:
     grace = check_seconds("grace", grace)
     upload_expiry = check_seconds("upload expiry", upload_expiry)
-    report = GcReport(uuid.uuid4().hex, dry_run, grace, upload_expiry)
+    disk_full = not storage.space.accepting_writes()
+    if disk_full:
+        grace = min(grace, FULL_DISK_GRACE)
+    report = GcReport(uuid.uuid4().hex, dry_run, grace, upload_expiry, disk_full=disk_full)
     conn = storage.catalog.reader()
     now = time.time()
 
@@ -116,7 +125,7 @@ def run_gc(
             continue
         quarantine = storage.layout.tmp / f"gc-{sha}-{uuid.uuid4().hex[:8]}"
         try:
-            os.rename(path, quarantine)
+            _rename(storage, path, quarantine)
         except FileNotFoundError:
             continue
         touched_dirs.add(os.path.dirname(path))
@@ -149,6 +158,8 @@ def run_gc(
     if report.tmp_files_removed and not dry_run:
         fsync_dir(storage.layout.tmp)
 
+    if report.bytes_removed and not dry_run:
+        storage.space.accepting_writes()  # re-creates the reserve if the freed space allows it
     if not dry_run and (report.blobs_removed or report.uploads_expired or report.tmp_files_removed):
         affected = {
             "blob_count": len(report.blobs_removed), "bytes": report.bytes_removed,
@@ -169,3 +180,13 @@ def run_gc(
         recorded = fnd.record(storage.catalog, f, actor=ctx.actor, request_id=ctx.request_id)
         report.finding = recorded.to_dict()
     return report
+
+
+def _rename(storage: Storage, src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename within the store; at 0 bytes free the target folder may need a block: use the reserve."""
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if not is_full_error(exc) or not storage.space.release():
+            raise
+        os.rename(src, dst)

@@ -442,6 +442,9 @@ class ObjectService:
         self.storage = storage
         self.catalog = storage.catalog
         self.blobs = storage.blobs
+        # Writes that grow the store are admitted only above the free-space threshold
+        # (storage.space); deletes, aborts and bucket removal are never refused for space.
+        self.space = storage.space
         self.catalog.migrate("objects", MIGRATIONS)
 
     # ---------------------------------------------------------------- helpers
@@ -497,6 +500,7 @@ class ObjectService:
         if versioning not in ("", "Enabled"):
             # Suspended only means something for a bucket that was once Enabled (S3 agrees).
             raise AnvilError("InvalidArgument", "a new bucket's versioning is Enabled or unset")
+        self.space.admit()
 
         def fn(txn: Txn) -> dict[str, Any]:
             existing = self._bucket_row(txn.conn, name)
@@ -570,10 +574,17 @@ class ObjectService:
     def prepare_write(self, bucket: str, key: str) -> Bucket:
         """Everything checkable before a body is read: reserved namespace first, then names."""
         v.check_object_key(key)
-        return self.get_bucket(bucket)
+        bucket_row = self.get_bucket(bucket)
+        self.space.admit()  # before the body is read: a full store answers without taking it
+        return bucket_row
 
-    def body_writer(self, *, max_size: int | None = None) -> BlobWriter:
-        """An uncommitted blob for a body as it streams in; `store_body` makes it durable, `abort` drops it."""
+    def body_writer(self, *, max_size: int | None = None, expected_size: int | None = None) -> BlobWriter:
+        """An uncommitted blob for a body as it streams in; `store_body` makes it durable, `abort` drops it.
+
+        `expected_size` (a declared Content-Length) is admitted up front: a body that would take the
+        free space below the threshold is refused before any of it is read."""
+        fits = expected_size is not None and (max_size is None or expected_size <= max_size)
+        self.space.admit(expected_size if fits else 0)  # an oversized one fails EntityTooLarge instead
         return self.blobs.writer(max_size=max_size)
 
     def store_body(
@@ -598,6 +609,7 @@ class ObjectService:
             raise AnvilError("BadDigest", "the body does not match the expected SHA-256")
         if expected_md5 is not None and expected_md5.lower() != info.md5:
             raise AnvilError("BadDigest", "the body does not match the expected MD5")
+        self.space.admit(len(data))
         return self.blobs.put_bytes(data, info)
 
     def _write_version(
@@ -758,6 +770,7 @@ class ObjectService:
         new_ct = v.check_content_type(content_type) if metadata_directive == "REPLACE" else None
         fp = fingerprint("object.copy", src_bucket, src_key, src_version, bucket, key, metadata_directive,
                          new_meta, new_ct, cond.__dict__, src_cond.__dict__, system_metadata)
+        self.space.admit()
 
         def fn(txn: Txn) -> dict[str, Any]:
             conn = txn.conn
@@ -945,6 +958,7 @@ class ObjectService:
         meta = v.normalise_metadata(metadata)
         upload_id = _new_upload_id()
         extra_json = json.dumps(extra or {}, sort_keys=True)
+        self.space.admit()
 
         def fn(txn: Txn) -> dict[str, Any]:
             b = self._require_bucket(txn.conn, bucket)
@@ -1094,6 +1108,7 @@ class ObjectService:
         for n, _ in parts:
             v.check_part_number(n)
         fp = fingerprint("multipart.complete", bucket, upload_id, parts, cond.__dict__, expected_checksum)
+        self.space.admit()
 
         def fn(txn: Txn) -> dict[str, Any]:
             conn = txn.conn

@@ -10,6 +10,7 @@ from anvil.storage.blobs import BlobInfo, BlobStore, BlobWriter
 from anvil.storage.catalog import Catalog, Txn
 from anvil.storage.journal import Event
 from anvil.storage.layout import FormatInfo, Layout
+from anvil.storage.space import DiskSpace
 
 
 class Storage:
@@ -23,6 +24,9 @@ class Storage:
             self.format: FormatInfo = self.layout.initialise()
             self.catalog = Catalog(self.layout.catalog_path)
             self.catalog.migrate("idempotency", idempotency.MIGRATIONS)
+            # Free-space admission and the reserve; a "disk full" commit releases it and retries.
+            self.space = DiskSpace.from_env(self.layout.root, manage_reserve=lock)
+            self.catalog.on_full = self.space.release
         except BaseException:
             self.layout.release_lock()
             raise

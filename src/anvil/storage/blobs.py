@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from anvil.storage.layout import fsync_dir
+from anvil.storage.space import is_full_error, storage_full
 
 READ_CHUNK = 1024 * 1024
 
@@ -58,9 +59,15 @@ class BlobWriter:
         self._sha.update(chunk)
         self._md5.update(chunk)
         view = memoryview(chunk)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            if not is_full_error(exc):
+                raise
+            self.abort()  # no half-written body is left behind in tmp/
+            raise storage_full() from None
 
     def digests(self) -> BlobInfo:
         return BlobInfo(self._sha.hexdigest(), self._md5.hexdigest(), self.size)
@@ -68,7 +75,13 @@ class BlobWriter:
     def commit(self) -> BlobInfo:
         """Make the bytes durable under their hash. Idempotent for identical content."""
         info = self.digests()
-        os.fsync(self._fd)
+        try:
+            os.fsync(self._fd)  # delayed allocation (or NFS) may report the lack of space only here
+        except OSError as exc:
+            if not is_full_error(exc):
+                raise
+            self.abort()
+            raise storage_full() from None
         os.close(self._fd)
         self._done = True
         final = self._store.path(info.sha256)
@@ -78,8 +91,14 @@ class BlobWriter:
             os.unlink(self.tmp_path)
             os.utime(final)
             return info
-        created = self._store.ensure_parent(final)
-        os.rename(self.tmp_path, final)
+        try:
+            created = self._store.ensure_parent(final)
+            os.rename(self.tmp_path, final)  # a new directory block may be needed
+        except OSError as exc:
+            if not is_full_error(exc):
+                raise
+            os.unlink(self.tmp_path)
+            raise storage_full() from None
         fsync_dir(final.parent)
         for d in created:
             fsync_dir(d.parent)
@@ -151,6 +170,11 @@ class BlobStore:
                 return self._put_tmpfile(data, info)
             except _TmpfileUnsupported:
                 self._tmpfile_ok = False
+            except OSError as exc:
+                # The unnamed file vanished with its descriptor: nothing partial is left.
+                if not is_full_error(exc):
+                    raise
+                raise storage_full() from None
         w = self.writer()
         try:
             w.write(data)

@@ -22,6 +22,7 @@ import apsw
 
 from anvil.errors import AnvilError
 from anvil.storage import journal
+from anvil.storage.space import storage_full
 
 T = TypeVar("T")
 
@@ -96,6 +97,8 @@ class Catalog:
         self._thread: threading.Thread | None = None
         self._head: tuple[int, str] | None = None
         self._commit_listeners: list[Callable[[int], None]] = []
+        # Called when a commit fails for lack of disk space; True if it freed some (storage.space).
+        self.on_full: Callable[[], bool] | None = None
         self.migrate("journal", journal.MIGRATIONS)
 
     # -- schema -------------------------------------------------------------------------
@@ -178,6 +181,36 @@ class Catalog:
                 return
 
     def _apply(self, batch: list[_Job]) -> None:
+        outcomes = self._commit(batch)
+        if isinstance(outcomes, apsw.FullError) and self.on_full is not None and self.on_full():
+            # The disk is full and the reserve was just given back: a delete, abort, gc or admin
+            # change can now commit (admission keeps new writes out). Re-running the batch is safe:
+            # the failed transaction was rolled back, and mutations are functions of their txn.
+            outcomes = self._commit(batch)
+        if isinstance(outcomes, BaseException):
+            failure = (storage_full("the record store could not commit") if isinstance(outcomes, apsw.FullError)
+                       else AnvilError("Internal", f"commit failed: {outcomes}"))
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(failure)
+            return
+        assert self._head is not None
+        for job, (ok, value) in zip(batch, outcomes, strict=False):
+            try:
+                if ok:
+                    job.future.set_result(value)
+                else:
+                    job.future.set_exception(value)
+            except concurrent.futures.InvalidStateError:
+                pass  # the caller cancelled its future; the writer must carry on regardless
+        for listener in self._commit_listeners:
+            try:
+                listener(self._head[0])
+            except Exception:  # noqa: BLE001 - a listener must never break the writer
+                pass
+
+    def _commit(self, batch: list[_Job]) -> list[tuple[bool, Any]] | BaseException:
+        """Run the batch in one transaction: each job's outcome, or the failure that undid them all."""
         conn = self._writer
         assert self._head is not None
         outcomes: list[tuple[bool, Any]] = []
@@ -200,6 +233,8 @@ class Catalog:
                     conn.execute("RELEASE m")
                     outcomes.append((True, result))
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    if isinstance(exc, apsw.FullError):
+                        raise  # no space for a page spilled mid-mutation: the whole batch fails
                     conn.execute("ROLLBACK TO m")
                     conn.execute("RELEASE m")
                     self._head = head_before
@@ -211,24 +246,8 @@ class Catalog:
             except apsw.Error:
                 pass
             self._head = journal.head(conn)
-            failure = AnvilError("Internal", f"commit failed: {exc}")
-            for job in batch:
-                if not job.future.done():
-                    job.future.set_exception(failure)
-            return
-        for job, (ok, value) in zip(batch, outcomes, strict=False):
-            try:
-                if ok:
-                    job.future.set_result(value)
-                else:
-                    job.future.set_exception(value)
-            except concurrent.futures.InvalidStateError:
-                pass  # the caller cancelled its future; the writer must carry on regardless
-        for listener in self._commit_listeners:
-            try:
-                listener(self._head[0])
-            except Exception:  # noqa: BLE001 - a listener must never break the writer
-                pass
+            return exc
+        return outcomes
 
     # -- lifecycle ----------------------------------------------------------------------
 

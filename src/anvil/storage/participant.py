@@ -41,7 +41,8 @@ class StorageParticipant(Participant):
     name = "storage"
     kind = "source"
     covers: list[str] = []
-    owns = ["FORMAT", "catalog.db (structure)", "derived/*/MANIFEST.json"]
+    # `reserve` is free space held back for a full disk (storage.space): not data, never backed up.
+    owns = ["FORMAT", "catalog.db (structure)", "derived/*/MANIFEST.json", "reserve (free-space reserve)"]
 
     def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
         try:

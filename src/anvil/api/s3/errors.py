@@ -41,6 +41,8 @@ ANVIL_TO_S3: dict[str, tuple[str, int]] = {
     "IdempotencyMismatch": ("InvalidRequest", 400),
     "RecoveryMode": ("ServiceUnavailable", 503),
     "StorageLocked": ("ServiceUnavailable", 503),
+    # AWS defines no code for a full disk; one name across the native API and S3 (docs/storage.md).
+    "StorageFull": ("StorageFull", 507),
     "IndexNotReady": ("ServiceUnavailable", 503),
     "StaleFence": ("OperationAborted", 409),
     "InvalidTokenScope": ("AccessDenied", 403),

@@ -23,6 +23,7 @@ from anvil.api.s3.request import S3Request
 from anvil.context import new_request_id
 from anvil.errors import AnvilError
 from anvil.objects import validation as v
+from anvil.storage.space import is_full_error, storage_full
 
 log = logging.getLogger("anvil.s3")
 
@@ -77,9 +78,12 @@ class S3Gateway:
             response = error_response(err, request_id, resource=resource, head=head)
         except AnvilError as err:
             response = error_response(from_anvil(err), request_id, resource=resource, head=head)
-        except Exception:  # noqa: BLE001 - a client never sees a traceback
-            log.exception("unhandled error in S3 %s %s", request.method, request.url.path)
-            err = S3Error("InternalError", "we encountered an internal error; please try again", 500)
+        except Exception as exc:  # noqa: BLE001 - a client never sees a traceback
+            if is_full_error(exc):  # ENOSPC from any file write: the full-disk answer, not a 500
+                err = from_anvil(storage_full())
+            else:
+                log.exception("unhandled error in S3 %s %s", request.method, request.url.path)
+                err = S3Error("InternalError", "we encountered an internal error; please try again", 500)
             response = error_response(err, request_id, resource=resource, head=head)
         response.headers["x-amz-request-id"] = request_id
         response.headers.setdefault("x-amz-id-2", request_id)

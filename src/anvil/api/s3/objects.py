@@ -164,7 +164,7 @@ async def receive_uncommitted(r: S3Request, *, max_size: int = v.MAX_OBJECT_SIZE
                 data = bytes(pending)
                 pending.clear()
                 if writer is None:
-                    writer = r.objects.body_writer(max_size=max_size)
+                    writer = r.objects.body_writer(max_size=max_size, expected_size=declared_length)
                 if inflight is not None:
                     await inflight
                 inflight = loop.run_in_executor(None, sink, data)
