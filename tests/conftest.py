@@ -1,10 +1,16 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from anvil.client import AnvilClient
 from tests.helpers import AnvilServer, unique_bucket
 from tests.s3_helpers import s3_client
+
+# Every storage root preallocates a free-space reserve (32 MiB by default); a run creates over a
+# hundred roots, so the suite keeps them small. The full-disk tests use the real defaults.
+os.environ.setdefault("ANVIL_DISK_RESERVE", "1M")
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,9 @@ MIN_FREE = RESERVE
 
 
 @pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
+def small_fs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    # The reserve's own default (sized from the filesystem), not the suite's small one.
+    monkeypatch.delenv("ANVIL_DISK_RESERVE", raising=False)
     mnt = tmp_path / "fs"
     mount_tmpfs(mnt, FS_SIZE)
     try:

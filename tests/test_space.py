@@ -15,7 +15,9 @@ from tests.tmpfs import MiB, fill_to_zero, free_bytes, mount_tmpfs, umount
 
 
 @pytest.fixture
-def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+def tiny_fs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    # The reserve's own default (sized from the filesystem), not the suite's small one.
+    monkeypatch.delenv("ANVIL_DISK_RESERVE", raising=False)
     mnt = tmp_path / "fs"
     mount_tmpfs(mnt, 8 * MiB)
     try:
