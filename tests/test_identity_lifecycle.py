@@ -285,3 +285,58 @@ def test_backup_and_restore_keep_disabled_deleted_and_revoked(tmp_path: Path) ->
     checks = json.loads((tmp_path / "drill-report.json").read_text())["checks"]
     assert drill.returncode == 0, [c for c in checks if not c["ok"]]
     assert any("stay disabled" in json.dumps(c) for c in checks)
+
+
+# ------------------------------------------------------------------ the participant sees lifecycle damage
+
+
+def test_participant_validates_lifecycle_rows_and_the_recorded_summary(tmp_path: Path) -> None:
+    import apsw
+
+    from anvil.context import DEV_PRINCIPAL, RequestContext
+    from anvil.identity.participant import IdentityParticipant
+    from anvil.runtime import Anvil, recovery_participants
+    from anvil.storage import BlobStore, records
+    from anvil.storage.recovery import RecoveryContext
+
+    root = tmp_path / "data"
+    a = Anvil(root)
+    try:
+        ctx = RequestContext(DEV_PRINCIPAL)
+        a.identity.create_tenant(ctx, "acme")
+        off = a.identity.create_app(ctx, "acme", "off", ["object:read|bucket:*"])
+        a.identity.set_app_enabled(ctx, off["client_id"], False)
+        a.identity.revoke_token(ctx, "ab" * 16)
+    finally:
+        a.close()
+    p = IdentityParticipant()
+
+    def check(recorded=None) -> tuple[dict, list]:
+        conn = records.open_readonly(root / "catalog.db")
+        try:
+            rc = RecoveryContext(root, conn, BlobStore(root / "blobs" / "sha256", root / "tmp"),
+                                 recovery_participants())
+            return p.summary(rc), p.validate(rc, recorded)
+        finally:
+            records.close(conn)
+
+    recorded, found = check()
+    assert not [f for f in found if f.severity == "error"]
+    assert (recorded["apps_disabled"], recorded["revoked_tokens"]) == (1, 1)
+    assert recorded["disabled_fixtures"] == [off["client_id"]]
+
+    # Re-enabled behind the journal's back (as a restore of the wrong state would look) ...
+    db = apsw.Connection(str(root / "catalog.db"))
+    db.execute("UPDATE identity_apps SET status = 'enabled' WHERE client_id = ?", (off["client_id"],))
+    _, found = check(recorded)
+    assert {f.invariant for f in found if f.severity == "error"} == {"identity.summary_differs"}
+    assert {f.affected["field"] for f in found if f.severity == "error"} == {"apps_disabled", "lifecycle_digest"}
+    # ... and rows that cannot be right at all.
+    db.execute("UPDATE identity_apps SET status = 'paused' WHERE client_id = ?", (off["client_id"],))
+    db.execute("INSERT INTO identity_policies(client_id, scope, granted, granted_by) VALUES (?,?,?,?)",
+               ("ANZZZZZZZZZZZZZZZZZZ", "object:read|bucket:*", 0.0, "test"))
+    db.execute("UPDATE identity_revoked_tokens SET expires = revoked - 1")
+    db.close()
+    _, found = check()
+    assert {f.invariant for f in found if f.severity == "error"} == {
+        "identity.app_status", "identity.policy_orphan", "identity.revocation"}
