@@ -5,7 +5,11 @@ principal (admin: no tenant lookup, one `*` scope); requests with a tenant appli
 token pay the full gate (HS256 verify or LRU hit, bucket tenant lookup, scope matching). Rounds
 alternate so drift hits both sides. Prints JSON with ops/s and the retained ratio (target >= 0.8).
 
-    python bench/identity_head.py [--requests 4000] [--connections 16] [--rounds 3]
+    python bench/identity_head.py [--requests 4000] [--connections 16] [--rounds 3] [--lifecycle N]
+
+`--lifecycle N` first disables another application and revokes N (other) token ids, so every
+authenticated request also pays the lifecycle check (otherwise skipped while nothing is
+disabled, revoked or recently rotated).
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=4000)
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--lifecycle", type=int, default=0, help="revoke this many token ids first (and disable an app)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="anvil-bench-identity-"))
@@ -84,6 +89,11 @@ def main() -> None:
         with AnvilClient(endpoint, client_id=cred["client_id"], client_secret=cred["client_secret"]) as admin:
             admin.create_tenant("bench")
             app = admin.create_app("bench", "head", scopes=["bucket:create|tenant:bench", "object:*|bucket:*"])
+            if args.lifecycle:
+                other = admin.create_app("bench", "off", scopes=["object:read|bucket:*"])
+                admin.disable_app(other["client_id"])
+                for _ in range(args.lifecycle):
+                    admin.revoke_token(os.urandom(16).hex())
         with AnvilClient(endpoint, client_id=app["client_id"], client_secret=app["client_secret"]) as c:
             c.create_bucket("bench-head")
             c.put_object("bench-head", "k", b"x" * 1024)
@@ -113,6 +123,7 @@ def main() -> None:
         print(json.dumps({
             "bench": "identity_head",
             "requests_per_round": args.requests, "connections": args.connections, "rounds": args.rounds,
+            "lifecycle_revocations": args.lifecycle,
             "dev_principal_head_ops_s": round(dev_best, 1),
             "authenticated_head_ops_s": round(auth_best, 1),
             "ratio": round(auth_best / dev_best, 3),

@@ -55,7 +55,9 @@ def test_bootstrap_credential_is_private_and_admin(server: AnvilServer, admin: A
     cred = json.loads(path.read_text())
     assert cred["tenant"] == "system" and cred["endpoint"].startswith("http://127.0.0.1:")
     me = admin.whoami()
+    jti, expires_at = me.pop("jti"), me.pop("expires_at")  # what `anvil admin token revoke` takes
     assert me == {"tenant": "system", "subject": cred["client_id"], "admin": True, "scopes": ["*"]}
+    assert len(jti) == 32 and expires_at > time.time()
     assert "system" in [t["tenant"] for t in admin.list_tenants()]
 
 

@@ -48,6 +48,12 @@ def _populate(root: Path) -> None:
         a.objects.upload_part(ctx, "conf-a", up["upload_id"], 1, a.objects.store_body(w))
         a.identity.create_tenant(ctx, "acme")
         a.identity.create_app(ctx, "acme", "reader", ["object:read|bucket:*"])
+        # Lifecycle state: a disabled app, a deleted one (tombstone), a revoked token.
+        off = a.identity.create_app(ctx, "acme", "disabled", ["object:read|bucket:*"])
+        a.identity.set_app_enabled(ctx, off["client_id"], False)
+        gone = a.identity.create_app(ctx, "acme", "deleted", ["object:read|bucket:*"])
+        a.identity.delete_app(ctx, gone["client_id"])
+        a.identity.revoke_token(ctx, "0123456789abcdef0123456789abcdef")
         a.watch.create_consumer(ctx, "conf-consumer", make_scope(DEV_PRINCIPAL, bucket="conf-a"), 0)
         record(a.storage.catalog, make_finding("diagnostics", "warning", "conformance.seeded", "seeded", {}),
                actor=ctx.actor, request_id=ctx.request_id)

@@ -557,6 +557,25 @@ class AnvilClient:
     def rotate_app_secret(self, client_id: str) -> dict[str, Any]:
         return self._json("POST", f"/anvil/v1/admin/apps/{urllib.parse.quote(client_id, safe='')}/rotate-secret")
 
+    def disable_app(self, client_id: str) -> dict[str, Any]:
+        """Its tokens and SigV4 requests are refused from the next request on (not at expiry)."""
+        return self._json("POST", f"/anvil/v1/admin/apps/{urllib.parse.quote(client_id, safe='')}/disable")
+
+    def enable_app(self, client_id: str) -> dict[str, Any]:
+        return self._json("POST", f"/anvil/v1/admin/apps/{urllib.parse.quote(client_id, safe='')}/enable")
+
+    def delete_app(self, client_id: str) -> dict[str, Any]:
+        """Delete the application and its grants; its client id can never authenticate again."""
+        return self._json("DELETE", f"/anvil/v1/admin/apps/{urllib.parse.quote(client_id, safe='')}")
+
+    def revoke_token(self, jti: str, *, client_id: str | None = None) -> dict[str, Any]:
+        """Refuse the token with this `jti` (see `whoami()` or the token exchange) from its next request.
+        With `client_id` only that application's token matches (tenant admins must give it)."""
+        body: dict[str, Any] = {"jti": jti}
+        if client_id is not None:
+            body["client_id"] = client_id
+        return self._json("POST", "/anvil/v1/admin/tokens/revoke", json=body)
+
     def policies(self, client_id: str) -> dict[str, Any]:
         return self._json("GET", f"/anvil/v1/admin/apps/{urllib.parse.quote(client_id, safe='')}/policies")
 

@@ -32,7 +32,13 @@ async def whoami(request: Request, ctx: RequestContext) -> Response:
     p = ctx.principal
     if p.anonymous:
         raise AnvilError("Unauthenticated", "authentication required")
-    return JSONResponse({"tenant": p.tenant, "subject": p.subject, "admin": p.admin, "scopes": list(p.scopes)})
+    out = {"tenant": p.tenant, "subject": p.subject, "admin": p.admin, "scopes": list(p.scopes)}
+    scheme, _, token = (request.headers.get("authorization") or "").strip().partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        # The token was verified a moment ago (a cache hit now): its jti is what `token revoke` takes.
+        _, info = _anvil(request).identity.authenticate_token_full(token.strip())
+        out.update(jti=info.jti, expires_at=int(info.exp))
+    return JSONResponse(out)
 
 
 @endpoint
@@ -69,6 +75,36 @@ async def rotate_secret(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
     result = await blocking(_anvil(request).identity.rotate_secret, ctx, request.path_params["client_id"])
     return JSONResponse(result, headers={"cache-control": "no-store"})
+
+
+@endpoint
+async def disable_app(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    return JSONResponse(await blocking(_anvil(request).identity.set_app_enabled, ctx,
+                                       request.path_params["client_id"], False))
+
+
+@endpoint
+async def enable_app(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    return JSONResponse(await blocking(_anvil(request).identity.set_app_enabled, ctx,
+                                       request.path_params["client_id"], True))
+
+
+@endpoint
+async def delete_app(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    return JSONResponse(await blocking(_anvil(request).identity.delete_app, ctx, request.path_params["client_id"]))
+
+
+@endpoint
+async def revoke_token(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    body = await json_body(request)
+    client_id = body.get("client_id")
+    if client_id is not None and not isinstance(client_id, str):
+        raise AnvilError("InvalidArgument", "'client_id' must be a string")
+    return JSONResponse(await blocking(_anvil(request).identity.revoke_token, ctx, body.get("jti"), client_id))
 
 
 @endpoint
@@ -157,6 +193,10 @@ IDENTITY_ROUTES = [
     Route(A + "/apps", create_app, methods=["POST"]),
     Route(A + "/apps", list_apps, methods=["GET"]),
     Route(A + "/apps/{client_id}/rotate-secret", rotate_secret, methods=["POST"]),
+    Route(A + "/apps/{client_id}/disable", disable_app, methods=["POST"]),
+    Route(A + "/apps/{client_id}/enable", enable_app, methods=["POST"]),
+    Route(A + "/apps/{client_id}", delete_app, methods=["DELETE"]),
+    Route(A + "/tokens/revoke", revoke_token, methods=["POST"]),
     Route(A + "/apps/{client_id}/policies", get_policies, methods=["GET"]),
     Route(A + "/apps/{client_id}/policies/grant", grant, methods=["POST"]),
     Route(A + "/apps/{client_id}/policies/revoke", revoke, methods=["POST"]),

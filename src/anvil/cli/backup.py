@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import httpx
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
@@ -34,6 +36,10 @@ def _size(n: int) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
         n /= 1024  # type: ignore[assignment]
     return str(n)
+
+
+# How `engine.verify` words a pack that no readable index names (an orphan).
+ORPHAN_WARNING = "is not referenced by any readable index"
 
 
 def fail(as_json: bool, message: str, code: int = 1, extra: dict[str, Any] | None = None) -> None:
@@ -64,8 +70,60 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             fail(as_json, f"{e.code}: {e.message}")
         except OSError as e:
             fail(as_json, str(e))
+        except httpx.HTTPError as e:
+            fail(as_json, f"connection error: {type(e).__name__}: {e}")
 
     return run
+
+
+LOCK_STALE_ENV = "ANVIL_BACKUP_LOCK_STALE"
+ORPHAN_GRACE_ENV = "ANVIL_BACKUP_ORPHAN_GRACE"
+
+
+def lock_stale_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--lock-stale", envvar=LOCK_STALE_ENV, default=None, metavar="DURATION",
+                        help="Take over repository locks with no heartbeat for this long (600, 90s, 15m, 1h; "
+                             "or ANVIL_BACKUP_LOCK_STALE; default 30m).")(fn)
+
+
+def orphan_grace_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--orphan-grace", envvar=ORPHAN_GRACE_ENV, default=None, metavar="DURATION",
+                        help="Remove packs no index names only once older than this (or "
+                             "ANVIL_BACKUP_ORPHAN_GRACE; default 30m).")(fn)
+
+
+def apply_thresholds(lock_stale: str | None = None, orphan_grace: str | None = None) -> None:
+    """Hand the options to the backup engine, which reads its thresholds from these variables at the
+    moment it needs them; a malformed value is refused here, before any work, naming the option."""
+    from anvil.backup.errors import BackupError
+    from anvil.backup.repository import env_seconds
+
+    for option, env, value in (("--lock-stale", LOCK_STALE_ENV, lock_stale),
+                               ("--orphan-grace", ORPHAN_GRACE_ENV, orphan_grace)):
+        if value is None:
+            continue
+        os.environ[env] = value
+        try:
+            env_seconds(env, 0)
+        except BackupError:
+            raise BackupError(f"{option} must be a finite duration like 600, 90s, 15m or 1h, got {value!r}") from None
+
+
+def _given_on_command_line(*names: str) -> list[str]:
+    ctx = click.get_current_context()
+    return [n for n in names if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+
+
+def _orphans_text(orphans: dict[str, Any] | None) -> str:
+    """The orphan-pack part of a create or prune report (`stats.orphans` / `prune.orphans` in JSON)."""
+    if not orphans:
+        return ""
+    if orphans.get("skipped"):
+        return f"; orphan packs not checked ({orphans['skipped']})"
+    text = f"; removed {orphans.get('packs', 0)} orphan pack(s) ({_size(orphans.get('bytes', 0))})"
+    if orphans.get("kept"):
+        text += f", kept {orphans['kept']} younger than the grace period"
+    return text
 
 
 def repo_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -137,9 +195,12 @@ def backup_init(repo: str, s3_endpoint: str | None, key_file: str | None, as_jso
 @click.option("--escrow-secrets", is_flag=True,
               help="Also store STORAGE_PATH/secrets/ key material (encrypted) so a restore can decrypt "
                    "application secrets; key ids are always recorded. See docs/backup.md.")
+@lock_stale_option
+@orphan_grace_option
 @handles_errors
 def backup_create(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool,
-                  storage_path: str | None, endpoint: str | None, tag: str | None, escrow_secrets: bool) -> None:
+                  storage_path: str | None, endpoint: str | None, tag: str | None, escrow_secrets: bool,
+                  lock_stale: str | None, orphan_grace: str | None) -> None:
     """Take a snapshot: offline (--storage-path) or through a running server (--endpoint)."""
     from anvil.backup.crypto import read_passphrase
     from anvil.backup.errors import BackupError
@@ -150,17 +211,31 @@ def backup_create(repo: str, s3_endpoint: str | None, key_file: str | None, as_j
     if endpoint:
         from anvil.client import AnvilClient
 
+        given = _given_on_command_line("lock_stale", "orphan_grace")
+        if given:
+            # The server takes the snapshot, with its own ANVIL_BACKUP_* settings.
+            raise BackupError(f"--{given[0].replace('_', '-')} applies to offline backups (--storage-path); "
+                              "a server uses its own ANVIL_BACKUP_LOCK_STALE / ANVIL_BACKUP_ORPHAN_GRACE")
         with AnvilClient(endpoint, timeout=3600) as client:
             def take() -> dict[str, Any]:
                 return client.create_backup(repo, passphrase=read_passphrase(key_file), s3_endpoint=s3_endpoint,
                                             tag=tag, escrow_secrets=escrow_secrets)
 
-            if not as_json:
-                with console.status("server is taking the snapshot..."):
+            try:
+                if not as_json:
+                    with console.status("server is taking the snapshot..."):
+                        result = take()
+                else:
                     result = take()
-            else:
-                result = take()
+            except httpx.ConnectError as e:
+                raise BackupError(f"cannot reach the server at {endpoint}: {e}") from None
+            except httpx.TransportError as e:
+                # The server died or dropped us mid-snapshot: no traceback, one line saying what is known.
+                raise BackupError(f"server at {endpoint} closed the connection during backup create "
+                                  f"({type(e).__name__}: {e or 'no detail'}); the snapshot may not have been "
+                                  "written: check the server, then `anvil backup list`") from None
     else:
+        apply_thresholds(lock_stale, orphan_grace)
         from anvil.backup import engine, ops
         from anvil.runtime import Anvil
 
@@ -179,7 +254,7 @@ def backup_create(repo: str, s3_endpoint: str | None, key_file: str | None, as_j
     st = result["stats"]
     text = (f"snapshot {result['id']} at journal seq {result['journal_seq']}: logical {_size(st['logical_bytes'])}, "
             f"new {_size(st['new_bytes'])}, {st['blobs']} blobs ({st['blobs_reused_from_parent']} unchanged), "
-            f"{st['duration']:.2f}s")
+            f"{st['duration']:.2f}s" + _orphans_text(st.get("orphans")))
     emit(as_json, result, text=text)
     if result["problems"]:
         for p in result["problems"]:
@@ -236,11 +311,15 @@ def backup_inspect(repo: str, s3_endpoint: str | None, key_file: str | None, as_
 @backup.command("verify")
 @repo_options
 @click.option("--read-data", is_flag=True, help="Download, decrypt and re-hash every chunk.")
+@lock_stale_option
+@orphan_grace_option
 @handles_errors
-def backup_verify(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool, read_data: bool) -> None:
+def backup_verify(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool, read_data: bool,
+                  lock_stale: str | None, orphan_grace: str | None) -> None:
     """Check the repository's structure (and with --read-data every byte); exit 1 on any problem."""
     from anvil.backup import engine
 
+    apply_thresholds(lock_stale, orphan_grace)
     r = _open(repo, key_file, s3_endpoint)
     with progress_bar(not as_json and read_data, "reading packs") as prog:
         result = engine.verify(r, read_data=read_data, progress=prog)
@@ -249,6 +328,10 @@ def backup_verify(repo: str, s3_endpoint: str | None, key_file: str | None, as_j
     else:
         console.print(f"{result['snapshots']} snapshots, {result['packs']} packs, {result['chunks']} chunks"
                       + (f", {result['chunks_read']} chunks read and re-hashed" if read_data else ""), highlight=False)
+        orphans = [w for w in result["warnings"] if ORPHAN_WARNING in w]
+        console.print(f"{len(orphans)} orphan pack(s) found (in no readable index; removed by the next "
+                      f"`backup create` or `forget --prune` once older than {engine.orphan_grace():g}s)"
+                      if orphans else "no orphan packs found", highlight=False)
         for w in result["warnings"]:
             console.print(f"[yellow]warning[/yellow] {w}", highlight=False)
         for e in result["errors"]:
@@ -267,19 +350,23 @@ def backup_verify(repo: str, s3_endpoint: str | None, key_file: str | None, as_j
 @click.option("--keep-daily", type=click.IntRange(min=0), default=0)
 @click.option("--keep-weekly", type=click.IntRange(min=0), default=0)
 @click.option("--prune", is_flag=True, help="Also delete data no remaining snapshot uses.")
+@lock_stale_option
+@orphan_grace_option
 @handles_errors
 def backup_forget(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool, keep_last: int,
-                  keep_daily: int, keep_weekly: int, prune: bool) -> None:
+                  keep_daily: int, keep_weekly: int, prune: bool, lock_stale: str | None,
+                  orphan_grace: str | None) -> None:
     """Remove snapshots outside the retention policy (and with --prune, their unused data)."""
     from anvil.backup import engine
 
+    apply_thresholds(lock_stale, orphan_grace)
     res = engine.forget(_open(repo, key_file, s3_endpoint), keep_last=keep_last, keep_daily=keep_daily,
                         keep_weekly=keep_weekly, prune=prune)
     text = f"kept {len(res['kept'])}, removed {len(res['removed'])} snapshots"
     if prune:
         p = res["prune"]
         text += (f"; pruned {p['packs_deleted']} packs, repacked {p['packs_repacked']}, "
-                 f"freed {_size(p['bytes_freed'])}")
+                 f"freed {_size(p['bytes_freed'])}" + _orphans_text(p.get("orphans")))
     emit(as_json, res, text=text)
 
 
@@ -382,13 +469,15 @@ def backup_get(repo: str, s3_endpoint: str | None, key_file: str | None, as_json
 @click.option("--target", required=True, type=click.Path(file_okay=False), help="The STORAGE_PATH to write.")
 @click.option("--bucket", "buckets", multiple=True, help="Restore only this bucket (repeatable).")
 @click.option("--force", is_flag=True, help="Restore into a non-empty target.")
+@lock_stale_option
 @handles_errors
 def restore_cmd(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool, snapshot: str,
-                target: str, buckets: tuple[str, ...], force: bool) -> None:
+                target: str, buckets: tuple[str, ...], force: bool, lock_stale: str | None) -> None:
     """Restore a snapshot into a STORAGE_PATH that then starts in recovery mode."""
     from anvil.backup.restore import restore
     from anvil.runtime import recovery_participants
 
+    apply_thresholds(lock_stale)
     r = _open(repo, key_file, s3_endpoint)
     manifest = r.resolve_snapshot(snapshot)
     with progress_bar(not as_json, "restoring") as prog:
@@ -470,13 +559,15 @@ def recovery_resume(storage_path: str, as_json: bool, force: bool, reason: str |
 @click.option("--report-dir", default=".", type=click.Path(file_okay=False), show_default=True,
               help="Where drill-report.json and drill-report.md are written.")
 @click.option("--keep", is_flag=True, help="Keep the temporary restore (for inspection).")
+@lock_stale_option
 @handles_errors
 def drill_cmd(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool, snapshot: str,
-              report_dir: str, keep: bool) -> None:
+              report_dir: str, keep: bool, lock_stale: str | None) -> None:
     """Restore into a temporary directory, start an isolated server, prove the backup; exit 1 on any failure."""
     from anvil.backup.drill import run_drill
     from anvil.runtime import recovery_participants
 
+    apply_thresholds(lock_stale)
     r = _open(repo, key_file, s3_endpoint)
     report = run_drill(r, snapshot, recovery_participants(), Path(report_dir), keep=keep,
                        log=None if as_json else lambda msg: console.print(msg, highlight=False, markup=False))

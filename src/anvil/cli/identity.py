@@ -28,7 +28,7 @@ def _show_secret(as_json: bool, res: dict, what: str) -> None:
 
 @click.group()
 def admin() -> None:
-    """Administration: tenants, applications, policies, public access, secret keys, audit."""
+    """Administration: tenants, applications, tokens, policies, public access, secret keys, audit."""
 
 
 # ------------------------------------------------------------------ tenants
@@ -59,7 +59,7 @@ def tenant_ls(client: AnvilClient, as_json: bool) -> None:
 
 @admin.group()
 def app() -> None:
-    """Create, list applications and rotate their secrets."""
+    """Create, list, disable, enable and delete applications; rotate their secrets."""
 
 
 @app.command("create")
@@ -77,16 +77,68 @@ def app_create(client: AnvilClient, as_json: bool, tenant_name: str, name: str, 
 @admin_command
 def app_ls(client: AnvilClient, as_json: bool, tenant_name: str | None) -> None:
     rows = client.list_apps(tenant_name)
-    emit(as_json, rows, table=(("client_id", "tenant", "name", "key", "scopes", "created"),
-                               [(a["client_id"], a["tenant"], a["name"], a["key_id"], " ".join(a["scopes"]),
-                                 _ts(a["created"])) for a in rows]))
+    emit(as_json, rows, table=(("client_id", "tenant", "name", "status", "key", "scopes", "created"),
+                               [(a["client_id"], a["tenant"], a["name"], a.get("status", "enabled"), a["key_id"],
+                                 " ".join(a["scopes"]), _ts(a["created"])) for a in rows]))
 
 
 @app.command("rotate-secret")
 @click.argument("client_id_arg", metavar="CLIENT_ID")
 @admin_command
 def app_rotate(client: AnvilClient, as_json: bool, client_id_arg: str) -> None:
+    """New secret; tokens exchanged with the previous one are refused from now on."""
     _show_secret(as_json, client.rotate_app_secret(client_id_arg), f"rotated the secret of {client_id_arg}")
+
+
+@app.command("disable")
+@click.argument("client_id_arg", metavar="CLIENT_ID")
+@admin_command
+def app_disable(client: AnvilClient, as_json: bool, client_id_arg: str) -> None:
+    """Refuse the application's tokens, SigV4 requests and token exchanges until enabled again."""
+    res = client.disable_app(client_id_arg)
+    emit(as_json, res, text=f"{client_id_arg}: disabled" if res["changed"] else f"{client_id_arg}: already disabled")
+
+
+@app.command("enable")
+@click.argument("client_id_arg", metavar="CLIENT_ID")
+@admin_command
+def app_enable(client: AnvilClient, as_json: bool, client_id_arg: str) -> None:
+    """Let a disabled application authenticate again (its unexpired tokens work again too)."""
+    res = client.enable_app(client_id_arg)
+    emit(as_json, res, text=f"{client_id_arg}: enabled" if res["changed"] else f"{client_id_arg}: already enabled")
+
+
+@app.command("delete")
+@click.argument("client_id_arg", metavar="CLIENT_ID")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@admin_command
+def app_delete(client: AnvilClient, as_json: bool, client_id_arg: str, yes: bool) -> None:
+    """Delete the application and its grants, for good (its client id is never reused)."""
+    if not yes and not as_json:
+        click.confirm(f"delete application {client_id_arg} and its grants? This cannot be undone", abort=True,
+                      err=True)
+    res = client.delete_app(client_id_arg)
+    emit(as_json, res, text=f"deleted application {res['client_id']} ({res['tenant']}/{res['name']}) and "
+                            f"{len(res['scopes_removed'])} grant(s)")
+
+
+# ------------------------------------------------------------------ tokens
+
+
+@admin.group()
+def token() -> None:
+    """Revoke issued tokens (by jti: `anvil auth token --json` and whoami show it)."""
+
+
+@token.command("revoke")
+@click.argument("jti")
+@click.option("--app", "for_client", default=None, metavar="CLIENT_ID",
+              help="Only this application's token matches (required of tenant admins).")
+@admin_command
+def token_revoke(client: AnvilClient, as_json: bool, jti: str, for_client: str | None) -> None:
+    """Refuse the token with this JTI from its next request on."""
+    res = client.revoke_token(jti, client_id=for_client)
+    emit(as_json, res, text=f"token {jti}: revoked" if res["changed"] else f"token {jti}: already revoked")
 
 
 # ------------------------------------------------------------------ policies

@@ -17,6 +17,7 @@ from typing import Any
 
 from anvil.context import Principal
 from anvil.errors import AnvilError
+from anvil.objects.validation import RESERVED_PREFIX
 from anvil.storage import Catalog, Txn
 from anvil.storage.records import Connection
 from anvil.storage.recovery import Finding
@@ -271,10 +272,37 @@ def visible_to(principal: Principal, finding: FindingRecord) -> bool:
     return principal.admin or principal.tenant in finding.tenants
 
 
+def _mentions_reserved(value: Any) -> bool:
+    if isinstance(value, str):
+        return RESERVED_PREFIX in value
+    if isinstance(value, dict):
+        return any(_mentions_reserved(k) or _mentions_reserved(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_mentions_reserved(v) for v in value)
+    return False
+
+
+def _scrub_reserved(value: Any) -> Any:
+    """Every string naming something under `_anvil/` becomes `[redacted]`, at any depth.
+
+    Matched anywhere in a string, not only at its start: a detail, a `bucket/key` label or a
+    cursor embeds the key in longer text. A tenant key that merely contains `_anvil/` after its
+    first character is redacted too; hiding a little too much is the safe side."""
+    if isinstance(value, str):
+        return REDACTED if RESERVED_PREFIX in value else value
+    if isinstance(value, dict):
+        return {_scrub_reserved(k): _scrub_reserved(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub_reserved(v) for v in value]
+    return value
+
+
 def redact_for(principal: Principal, findings: Iterable[FindingRecord]) -> list[dict[str, Any]]:
     """What `principal` may see: admins everything; anyone else only findings about its own
     tenant's resources, with every other tenant's names removed (a shared blob's other
-    references become `[redacted]`, and a detail that could name them is replaced)."""
+    references become `[redacted]`, and a detail that could name them is replaced), and no
+    name in Anvil's reserved namespace (`_anvil/` keys are Anvil's own, not the tenant's) in
+    any field: such strings become `[redacted]` and the detail is replaced."""
     out: list[dict[str, Any]] = []
     for f in findings:
         if not visible_to(principal, f):
@@ -301,6 +329,9 @@ def redact_for(principal: Principal, findings: Iterable[FindingRecord]) -> list[
         d["affected"] = affected
         if others:
             d["detail"] = f"{f.invariant}: details outside your tenant are redacted"
+        if _mentions_reserved(d):
+            d = _scrub_reserved(d)
+            d["detail"] = f"{_scrub_reserved(f.invariant)}: names in Anvil's reserved namespace are redacted"
         out.append(d)
     return out
 

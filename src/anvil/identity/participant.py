@@ -21,7 +21,9 @@ from anvil.identity.settings import load_keyring
 from anvil.storage.records import Connection
 from anvil.storage.recovery import Finding, Participant, RecoveryContext
 
-TABLES = ("identity_realm", "identity_tenants", "identity_apps", "identity_policies")
+TABLES = ("identity_realm", "identity_tenants", "identity_apps", "identity_policies", "identity_deleted_apps",
+          "identity_revoked_tokens")
+STATUSES = ("enabled", "disabled")
 
 
 def summary(conn: Connection) -> dict[str, Any]:
@@ -41,7 +43,51 @@ def summary(conn: Connection) -> dict[str, Any]:
         "realm": count("identity_realm") == 1,
         "key_ids_in_use": key_ids,
         "digest": digest.hexdigest(),
+        **lifecycle_summary(conn),
     }
+
+
+def lifecycle_summary(conn: Connection) -> dict[str, Any]:
+    """Disabled apps, deleted ones and revoked tokens: what a restore must keep refusing."""
+    disabled = [r[0] for r in conn.execute(
+        "SELECT client_id FROM identity_apps WHERE status <> 'enabled' ORDER BY client_id")]
+    deleted = [r[0] for r in conn.execute("SELECT client_id FROM identity_deleted_apps ORDER BY client_id")]
+    revoked = [(r[0], r[1] or "") for r in conn.execute(
+        "SELECT jti, client_id FROM identity_revoked_tokens ORDER BY jti")]
+    digest = hashlib.sha256()
+    for cid in disabled:
+        digest.update(f"disabled\t{cid}\n".encode())
+    for cid in deleted:
+        digest.update(f"deleted\t{cid}\n".encode())
+    for jti, cid in revoked:
+        digest.update(f"revoked\t{jti}\t{cid}\n".encode())
+    return {"apps_disabled": len(disabled), "apps_deleted": len(deleted), "revoked_tokens": len(revoked),
+            "lifecycle_digest": digest.hexdigest()}
+
+
+def lifecycle_problems(conn: Connection) -> list[dict[str, Any]]:
+    """Lifecycle rows that cannot be right: an unknown status, an id both live and deleted, grants
+    of a missing application, a revocation that expires before it was made."""
+    found: list[dict[str, Any]] = []
+    for cid, status in conn.execute("SELECT client_id, status FROM identity_apps ORDER BY client_id"):
+        if status not in STATUSES:
+            found.append({"severity": "error", "item": f"app/{cid}", "invariant": "identity.app_status",
+                          "problem": f"unknown status {status!r}"})
+    for (cid,) in conn.execute(
+            "SELECT d.client_id FROM identity_deleted_apps d JOIN identity_apps a ON a.client_id = d.client_id"):
+        found.append({"severity": "error", "item": f"app/{cid}", "invariant": "identity.app_deleted_and_live",
+                      "problem": "the application is both deleted and present"})
+    for (cid,) in conn.execute(
+            "SELECT DISTINCT p.client_id FROM identity_policies p LEFT JOIN identity_apps a "
+            "ON a.client_id = p.client_id WHERE a.client_id IS NULL ORDER BY p.client_id"):
+        found.append({"severity": "error", "item": f"app/{cid}", "invariant": "identity.policy_orphan",
+                      "problem": "grants remain for an application that does not exist"})
+    for jti, expires, revoked in conn.execute(
+            "SELECT jti, expires, revoked FROM identity_revoked_tokens ORDER BY jti"):
+        if not isinstance(expires, int | float) or not isinstance(revoked, int | float) or expires <= revoked:
+            found.append({"severity": "error", "item": f"token/{jti}", "invariant": "identity.revocation",
+                          "problem": "the revocation expires before it was made"})
+    return found
 
 
 def validate(conn: Connection, keyring: env.Keyring) -> list[dict[str, Any]]:
@@ -57,7 +103,7 @@ def validate(conn: Connection, keyring: env.Keyring) -> list[dict[str, Any]]:
                                  "problem": "recorded key id differs from the envelope's"})
         except env.EnvelopeError as e:
             findings.append({"severity": "error", "item": f"app/{client_id}", "problem": e.message})
-    return findings
+    return findings + lifecycle_problems(conn)
 
 
 MAX_FIXTURES = 10
@@ -143,8 +189,10 @@ class IdentityParticipant(Participant):
         s = summary(ctx.conn)
         keyring, source = configured_keyring(ctx.root)
         escrowed = sorted(p.name for p in self._secret_files(ctx)) if ctx.escrow_secrets else []
+        disabled = [r[0] for r in ctx.conn.execute(
+            "SELECT client_id FROM identity_apps WHERE status <> 'enabled' ORDER BY client_id")][:MAX_FIXTURES]
         return {**s, "configured_key_ids": keyring.key_ids if keyring else [], "key_source": source,
-                "escrowed": escrowed, "fixtures": fixtures(_apps(ctx.conn))}
+                "escrowed": escrowed, "fixtures": fixtures(_apps(ctx.conn)), "disabled_fixtures": disabled}
 
     def after_restore(self, root: Path) -> None:
         secrets_dir = Path(root) / "secrets"
@@ -173,13 +221,15 @@ class IdentityParticipant(Participant):
                     message = (f"{message}; configured key ids (from {source}): {', '.join(keyring.key_ids)}"
                                f"{escrow}; " + KEY_HINT)
                 findings.append(self.finding(p["severity"], p["item"].replace("app/", "app ", 1), message,
-                                             f"identity.{p['item'].partition('/')[0]}", {"item": p["item"]}))
+                                             p.get("invariant") or f"identity.{p['item'].partition('/')[0]}",
+                                             {"item": p["item"]}))
             if len(problems) > MAX_FINDINGS:
                 findings.append(self.finding("error", "identity", f"{len(problems) - MAX_FINDINGS} more problems",
                                              "identity.more"))
         if recorded:
             now = summary(ctx.conn)
-            for field in ("tenants", "apps", "policies", "digest", "key_ids_in_use"):
+            for field in ("tenants", "apps", "policies", "digest", "key_ids_in_use", "apps_disabled",
+                          "apps_deleted", "revoked_tokens", "lifecycle_digest"):
                 if field in recorded and recorded[field] != now[field]:
                     findings.append(self.finding("error", f"identity {field}",
                                                  f"restored {now[field]!r}, recorded {recorded[field]!r}",
@@ -190,11 +240,17 @@ class IdentityParticipant(Participant):
                     findings.append(self.finding("error", f"app {fx['client_id']}",
                                                  "granted scopes differ from the recorded fixture",
                                                  "identity.fixture_differs", {"client_id": fx["client_id"]}))
+        if keyring is None:
+            for p in lifecycle_problems(ctx.conn)[:MAX_FINDINGS]:
+                findings.append(self.finding(p["severity"], p["item"].replace("/", " ", 1), p["problem"],
+                                             p["invariant"], {"item": p["item"]}))
         if not findings:
-            n = summary(ctx.conn)["apps"]
+            s = summary(ctx.conn)
             findings.append(self.finding("info", "identity",
-                                         f"{n} application envelopes decrypt with keys from {source}; "
-                                         "tenants, apps and policies match the manifest"))
+                                         f"{s['apps']} application envelopes decrypt with keys from {source}; "
+                                         f"tenants, apps and policies match the manifest; {s['apps_disabled']} "
+                                         f"disabled, {s['apps_deleted']} deleted, {s['revoked_tokens']} "
+                                         "revoked tokens"))
         return findings
 
     def smoke(self, client: Any, ctx: RecoveryContext, recorded: dict[str, Any] | None = None) -> list[Finding]:
@@ -228,8 +284,21 @@ class IdentityParticipant(Participant):
                     findings.append(self.finding("error", subject, f"{decision[0]} on {decision[1]} was recorded "
                                                                    f"{what}, the restored policy decides otherwise"))
             checked += 1
+        disabled = (recorded or {}).get("disabled_fixtures") or []
+        if disabled:
+            try:
+                status = {a["client_id"]: a.get("status") for a in client.list_apps()}
+            except AnvilAPIError as e:
+                status = {}
+                findings.append(self.finding("error", "apps", f"applications unreadable: {e.code}: {e.message}"))
+            for d in disabled:
+                if status and status.get(d) != "disabled":
+                    findings.append(self.finding("error", f"app {d}", f"recorded disabled, the restored server "
+                                                                      f"says {status.get(d, 'missing')}",
+                                                 "identity.app_status"))
         if not findings:
             findings.append(self.finding("info", "identity",
                                          f"token exchange and whoami for {cid}; server validated every envelope; "
-                                         f"{checked} recorded authorisation fixtures decide the same"))
+                                         f"{checked} recorded authorisation fixtures decide the same; "
+                                         f"{len(disabled)} recorded disabled applications stay disabled"))
         return findings

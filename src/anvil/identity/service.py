@@ -30,7 +30,7 @@ from anvil.identity import participant
 from anvil.identity import scopes as sc
 from anvil.identity.gate import authorize
 from anvil.identity.settings import Argon2Params, argon2_params
-from anvil.identity.tokens import DEFAULT_TTL, MAX_TTL, SYSTEM_TENANT, TokenAuthority, unauthenticated
+from anvil.identity.tokens import DEFAULT_TTL, MAX_TTL, SYSTEM_TENANT, TokenAuthority, TokenInfo, unauthenticated
 from anvil.storage import Storage, Txn
 from anvil.storage.layout import write_file_durably
 from anvil.storage.records import Connection
@@ -67,11 +67,37 @@ MIGRATIONS = [
         granted_by TEXT NOT NULL,
         PRIMARY KEY (client_id, scope)
     )""",
+    # Lifecycle: an application is enabled or disabled; a deleted one leaves a tombstone so its
+    # client id is never issued again and its still-unexpired tokens stay refused.
+    "ALTER TABLE identity_apps ADD COLUMN status TEXT NOT NULL DEFAULT 'enabled'",
+    "ALTER TABLE identity_apps ADD COLUMN status_changed REAL",
+    """CREATE TABLE identity_deleted_apps(
+        client_id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL,
+        deleted REAL NOT NULL,
+        deleted_by TEXT NOT NULL
+    )""",
+    # Revoked token ids, kept until every token they can match has expired (then pruned).
+    """CREATE TABLE identity_revoked_tokens(
+        jti TEXT PRIMARY KEY,
+        client_id TEXT,
+        tenant TEXT,
+        expires REAL NOT NULL,
+        revoked REAL NOT NULL,
+        revoked_by TEXT NOT NULL
+    )""",
+    "CREATE INDEX identity_revoked_tokens_expires ON identity_revoked_tokens(expires)",
 ]
 
 TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 APP_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 CLIENT_ID_RE = re.compile(r"^AN[A-Z2-7]{18}$")
+JTI_RE = re.compile(r"^[0-9a-f]{32}$")  # uuid4().hex, as TokenAuthority.issue makes them
+APP_STATUSES = ("enabled", "disabled")
+# No token outlives its revocation by more than MAX_TTL (+1 s: exp is rounded up), so a revocation,
+# a tombstone or a rotation matters for that long; the slack covers a clock step on the server.
+REVOCATION_LIFETIME = MAX_TTL + 60
 _B32 = string.ascii_uppercase + "234567"
 AUDIT_SIZE = 1000
 # S3 credentials (decrypted secret + principal) are cached per access key for at most this long, so
@@ -106,13 +132,63 @@ class App:
     key_id: str
     secret_version: int
     rotated: float | None
+    status: str = "enabled"
 
     def to_dict(self) -> dict[str, Any]:
         return {"client_id": self.client_id, "tenant": self.tenant, "name": self.name, "created": self.created,
-                "key_id": self.key_id, "secret_version": self.secret_version, "rotated": self.rotated}
+                "key_id": self.key_id, "secret_version": self.secret_version, "rotated": self.rotated,
+                "status": self.status}
 
 
-_APP_COLUMNS = "client_id, tenant, name, created, key_id, secret_version, rotated"
+_APP_COLUMNS = "client_id, tenant, name, created, key_id, secret_version, rotated, status"
+
+
+@dataclass(frozen=True)
+class Lifecycle:
+    """What refuses a well-signed, unexpired token, held in memory for the per-request check.
+
+    Replaced whole after every lifecycle change commits (never mutated), so a request reads one
+    consistent value without a lock. Only entries that can still match a live token are loaded:
+    tombstones, rotations and revocations younger than REVOCATION_LIFETIME, and disabled apps.
+    """
+
+    blocked: dict[str, str]  # client_id -> "disabled" | "deleted"
+    min_version: dict[str, int]  # client_id -> secret version a token must carry (rotated apps)
+    revoked: dict[str, tuple[str | None, float]]  # jti -> (client_id it is limited to or None, expires)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.blocked or self.min_version or self.revoked)
+
+    @classmethod
+    def load(cls, conn: Connection, now: float) -> Lifecycle:
+        since = now - REVOCATION_LIFETIME
+        blocked = {cid: "disabled" for (cid,) in conn.execute(
+            "SELECT client_id FROM identity_apps WHERE status <> 'enabled'")}
+        for (cid,) in conn.execute("SELECT client_id FROM identity_deleted_apps WHERE deleted > ?", (since,)):
+            blocked[cid] = "deleted"
+        min_version = {cid: int(v) for cid, v in conn.execute(
+            "SELECT client_id, secret_version FROM identity_apps WHERE secret_version > 1 AND rotated > ?",
+            (since,))}
+        revoked = {jti: (cid, float(exp)) for jti, cid, exp in conn.execute(
+            "SELECT jti, client_id, expires FROM identity_revoked_tokens WHERE expires > ?", (now,))}
+        return cls(blocked, min_version, revoked)
+
+    def refusal(self, subject: str, info: TokenInfo) -> str | None:
+        """Why this token must be refused now, or None."""
+        state = self.blocked.get(subject)
+        if state is not None:
+            return f"application {subject} is {state}"
+        rev = self.revoked.get(info.jti)
+        if rev is not None and (rev[0] is None or rev[0] == subject):
+            return f"token {info.jti} has been revoked"
+        need = self.min_version.get(subject)
+        if need is not None and info.secret_version < need:
+            return "token was issued before the application's secret was rotated"
+        return None
+
+
+NO_LIFECYCLE = Lifecycle({}, {}, {})
 
 
 class AuditLog:
@@ -151,6 +227,9 @@ class IdentityService:
         self._sigv4_lock = threading.Lock()
         self._sigv4_generation = 0  # bumped by every invalidation; a lookup that raced one is not cached
         self.catalog.migrate("identity", MIGRATIONS)
+        self._lifecycle = NO_LIFECYCLE
+        self._lifecycle_lock = threading.Lock()
+        self._reload_lifecycle()
 
     # ---------------------------------------------------------------- reads
 
@@ -225,9 +304,13 @@ class IdentityService:
 
     def _load_sigv4(self, client_id: str) -> tuple[str, Principal] | None:
         conn = self._conn()
-        row = conn.execute("SELECT tenant, envelope FROM identity_apps WHERE client_id = ?", (client_id,)).fetchone()
+        row = conn.execute("SELECT tenant, envelope, status FROM identity_apps WHERE client_id = ?",
+                           (client_id,)).fetchone()
         if row is None:
             return None
+        if row[2] != "enabled":
+            # Raised, not cached: the gateway answers AccessDenied with this message.
+            raise unauthenticated(f"application {client_id} is {row[2]}")
         secret = env.open_envelope(self.keyring, row[1], client_id)
         principal = Principal(tenant=row[0], subject=client_id, admin=row[0] == SYSTEM_TENANT,
                               scopes=tuple(self._granted(conn, client_id)))
@@ -340,6 +423,9 @@ class IdentityService:
         def fn(txn: Txn) -> dict[str, Any]:
             if not self._tenant_exists(txn.conn, tenant):
                 raise AnvilError("NotFound", "tenant not found")
+            if txn.conn.execute("SELECT 1 FROM identity_deleted_apps WHERE client_id = ?", (client_id,)).fetchone():
+                # 90 random bits make this practically impossible; a deleted id is still never reissued.
+                raise AnvilError("AlreadyExists", "generated client id belongs to a deleted application; retry")
             txn.conn.execute(
                 "INSERT INTO identity_apps(client_id, tenant, name, created, envelope, key_id, verifier) "
                 "VALUES (?,?,?,?,?,?,?)", (client_id, tenant, name, txn.now, envelope, kid, verifier))
@@ -395,6 +481,7 @@ class IdentityService:
             result = self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
         finally:
             self._forget_sigv4(app.client_id)
+            self._reload_lifecycle()  # tokens exchanged with the previous secret are refused from now on
         return {**result, "client_secret": secret}
 
     # ---------------------------------------------------------------- policies
@@ -463,7 +550,8 @@ class IdentityService:
                 raise AnvilError("InvalidArgument", f"expires_in must be an integer from 1 to {MAX_TTL}")
             ttl = expires_in
         conn = self._conn()
-        row = conn.execute("SELECT tenant, verifier FROM identity_apps WHERE client_id = ?", (client_id,)).fetchone()
+        row = conn.execute("SELECT tenant, verifier, status, secret_version FROM identity_apps WHERE client_id = ?",
+                           (client_id,)).fetchone()
         try:
             self._hasher.verify(row[1] if row else self._dummy_verifier, client_secret)
             ok = row is not None
@@ -471,6 +559,9 @@ class IdentityService:
             ok = False
         if not ok:
             raise unauthenticated("invalid client credentials")
+        if row[2] != "enabled":
+            # Said only to a caller that proved it holds the secret.
+            raise unauthenticated(f"application {client_id} is {row[2]}")
         tenant = row[0]
         granted = self._granted(conn, client_id)
         if not granted:
@@ -478,12 +569,134 @@ class IdentityService:
         scopes = list(granted) if wanted is None else sc.intersect(wanted, granted)
         if not scopes:
             raise AnvilError("PermissionDenied", "none of the requested scopes is granted")
-        token, claims = self.tokens.issue(tenant=tenant, subject=client_id, scopes=scopes, ttl=ttl)
+        token, claims = self.tokens.issue(tenant=tenant, subject=client_id, scopes=scopes, ttl=ttl,
+                                          secret_version=int(row[3]))
         return {"access_token": token, "token_type": "Bearer", "expires_in": ttl, "expires_at": claims["exp"],
                 "tenant": tenant, "scopes": scopes, "jti": claims["jti"]}
 
     def authenticate_token(self, token: str) -> Principal:
-        return self.tokens.verify(token)
+        return self.authenticate_token_full(token)[0]
+
+    def authenticate_token_full(self, token: str) -> tuple[Principal, TokenInfo]:
+        """Signature and expiry (cached), then the lifecycle: disabled or deleted application,
+        revoked jti, secret rotated since issue. The lifecycle check is a few dict lookups, and
+        none at all while nothing is disabled, revoked or recently rotated."""
+        principal, info = self.tokens.verify_full(token)
+        life = self._lifecycle
+        if life.active:
+            why = life.refusal(principal.subject, info)
+            if why is not None:
+                raise unauthenticated(why)
+        return principal, info
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def _reload_lifecycle(self) -> None:
+        """Re-read the lifecycle state after a change commits. Under a lock, so two reloads racing
+        cannot store an older reading over a newer one."""
+        with self._lifecycle_lock:
+            self._lifecycle = Lifecycle.load(self._conn(), time.time())
+
+    def _lifecycle_target(self, ctx: RequestContext, client_id: Any, what: str) -> App:
+        """The app a lifecycle change is for: visible to the caller, app:create on its tenant, not itself."""
+        app = self._visible_app(ctx.principal, client_id)
+        authorize(ctx.principal, "app:create", f"tenant:{app.tenant}")
+        if app.client_id == ctx.principal.subject:
+            # Locking oneself out by accident is easy and hard to undo; another admin can do it.
+            raise AnvilError("InvalidArgument", f"an application cannot {what} itself")
+        return app
+
+    def set_app_enabled(self, ctx: RequestContext, client_id: Any, enabled: bool) -> dict[str, Any]:
+        """Disable (its tokens and SigV4 requests are refused at their next request) or enable again."""
+        app = self._lifecycle_target(ctx, client_id, "enable" if enabled else "disable")
+        status = "enabled" if enabled else "disabled"
+
+        def fn(txn: Txn) -> dict[str, Any]:
+            cur = txn.conn.execute("SELECT status FROM identity_apps WHERE client_id = ?",
+                                   (app.client_id,)).fetchone()
+            if cur is None:
+                raise AnvilError("NotFound", "application not found")
+            out = {"client_id": app.client_id, "tenant": app.tenant, "status": status, "changed": cur[0] != status}
+            if cur[0] != status:
+                txn.conn.execute("UPDATE identity_apps SET status = ?, status_changed = ? WHERE client_id = ?",
+                                 (status, txn.now, app.client_id))
+                txn.emit(SYSTEM_TENANT, "identity.app.enable" if enabled else "identity.app.disable",
+                         f"app/{app.client_id}", {"tenant": app.tenant, "client_id": app.client_id, "status": status})
+            return out
+
+        try:
+            return self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
+        finally:
+            self._forget_sigv4(app.client_id)
+            self._reload_lifecycle()
+
+    def delete_app(self, ctx: RequestContext, client_id: Any) -> dict[str, Any]:
+        """Delete an application with its grants; a tombstone keeps its client id from being reused."""
+        app = self._lifecycle_target(ctx, client_id, "delete")
+
+        def fn(txn: Txn) -> dict[str, Any]:
+            cur = self._app_row(txn.conn, app.client_id)
+            if cur is None:
+                raise AnvilError("NotFound", "application not found")
+            scopes = self._granted(txn.conn, app.client_id)
+            txn.conn.execute("DELETE FROM identity_policies WHERE client_id = ?", (app.client_id,))
+            txn.conn.execute("DELETE FROM identity_apps WHERE client_id = ?", (app.client_id,))
+            txn.conn.execute(
+                "INSERT INTO identity_deleted_apps(client_id, tenant, name, deleted, deleted_by) VALUES (?,?,?,?,?)",
+                (app.client_id, cur.tenant, cur.name, txn.now, ctx.actor))
+            txn.emit(SYSTEM_TENANT, "identity.app.delete", f"app/{app.client_id}",
+                     {"tenant": cur.tenant, "client_id": app.client_id, "name": cur.name, "scopes": scopes})
+            return {"client_id": app.client_id, "tenant": cur.tenant, "name": cur.name, "deleted": txn.now,
+                    "scopes_removed": scopes}
+
+        try:
+            return self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
+        finally:
+            self._forget_sigv4(app.client_id)
+            self._reload_lifecycle()
+
+    def revoke_token(self, ctx: RequestContext, jti: Any, client_id: Any = None) -> dict[str, Any]:
+        """Refuse the token with this jti from its next request on.
+
+        With a client id the revocation matches only that application's token, and needs
+        app:create on its tenant (a tenant admin revokes within its tenant); without one it
+        matches any token and needs admin:write on system."""
+        if not isinstance(jti, str) or not JTI_RE.match(jti):
+            raise AnvilError("InvalidArgument", "jti must be the 32 hex digits of a token's jti claim")
+        if client_id is None:
+            authorize(ctx.principal, "admin:write", "system")
+            cid, tenant = None, None
+        else:
+            app = self._visible_app(ctx.principal, client_id)
+            authorize(ctx.principal, "app:create", f"tenant:{app.tenant}")
+            cid, tenant = app.client_id, app.tenant
+
+        def fn(txn: Txn) -> dict[str, Any]:
+            now = txn.now
+            if cid is not None and self._app_row(txn.conn, cid) is None:
+                raise AnvilError("NotFound", "application not found")
+            cur = txn.conn.execute("SELECT client_id, expires FROM identity_revoked_tokens "
+                                   "WHERE jti = ? AND expires > ?", (jti, now)).fetchone()
+            if cur is not None and not (cid is None and cur[0] is not None):
+                # Already revoked (for this application, or for any): nothing to do. A revocation is
+                # only ever widened (by a system admin), never narrowed or moved to another app.
+                return {"jti": jti, "client_id": cid, "expires": cur[1], "changed": False}
+            # Revocations whose tokens have all expired are dropped here, journaled with this one.
+            pruned = [r[0] for r in txn.conn.execute(
+                "SELECT jti FROM identity_revoked_tokens WHERE expires <= ? OR jti = ? ORDER BY jti", (now, jti))]
+            txn.conn.execute("DELETE FROM identity_revoked_tokens WHERE expires <= ? OR jti = ?", (now, jti))
+            expires = now + REVOCATION_LIFETIME
+            txn.conn.execute(
+                "INSERT INTO identity_revoked_tokens(jti, client_id, tenant, expires, revoked, revoked_by) "
+                "VALUES (?,?,?,?,?,?)", (jti, cid, tenant, expires, now, ctx.actor))
+            txn.emit(SYSTEM_TENANT, "identity.token.revoke", f"app/{cid}" if cid else "tokens",
+                     {"tenant": tenant, "client_id": cid, "jti": jti, "expires": expires, "pruned": pruned})
+            return {"jti": jti, "client_id": cid, "expires": expires, "changed": True}
+
+        try:
+            return self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
+        finally:
+            self._reload_lifecycle()
 
     # ---------------------------------------------------------------- key rotation
 
