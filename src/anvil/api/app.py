@@ -81,6 +81,9 @@ def _object_handlers() -> dict[str, Callable[[Request], Awaitable[Response]]]:
 _OBJECT_PATH_RE = re.compile(re.escape(OBJECT_PATH).replace(re.escape("{bucket}"), "([^/]+)"))
 
 
+_BODY_METHODS = frozenset({"PUT", "POST", "PATCH", "DELETE"})
+
+
 def _has_body(scope: Scope) -> bool:
     for name, value in scope["headers"]:
         if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"0", b"")):
@@ -121,7 +124,7 @@ class AnvilApp(Starlette):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             scope["app"] = self
-            if _has_body(scope):
+            if scope["method"] in _BODY_METHODS and _has_body(scope):
                 receive, send = _watch_body(scope, receive, send)
             if not _is_native(scope["path"]):
                 response = await self.state.s3_gateway(Request(scope, receive, send))

@@ -124,8 +124,10 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
         super().on_message_begin()
         self._head_open, self._head_fresh, self._head_bytes, self._head_sum = True, True, 0, 0
 
+    # on_url and on_header run for every request: uvicorn's bodies are inlined rather than called.
+
     def on_url(self, url: bytes) -> None:
-        super().on_url(url)
+        self.url += url
         if len(self.url) > self.limits.target:
             raise _HeadTooLarge(f"the request target is larger than {self.limits.target} bytes")
 
@@ -136,7 +138,10 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
         self._head_sum += size
         if self._head_sum + len(self.url) > self.limits.total:
             raise _HeadTooLarge(f"the request head is larger than {self.limits.total} bytes")
-        super().on_header(name, value)
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._head_open = False
