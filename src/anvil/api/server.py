@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from typing import Any
 
 import httptools
@@ -345,8 +346,9 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any
             # A signal that arrives before uvicorn has taken over asks the server to stop at once.
             server.should_exit = True
 
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, stop)
+        if threading.current_thread() is threading.main_thread():  # signals can only be set there
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, stop)
         try:
             server.run(sockets=[sock])
         finally:
