@@ -158,11 +158,12 @@ def test_json_body_declared_too_large_is_refused_before_reading(server: AnvilSer
 def test_chunked_json_body_is_read_with_a_cap(server: AnvilServer, token: str) -> None:
     head = _head("POST", "/anvil/v1/admin/tenants", {"Authorization": token, "Content-Type": "application/json",
                                                      "Transfer-Encoding": "chunked"})
-    answer, sent = hostile(server.port, head, _chunked(_pieces(8 * MIB)))
+    answer, sent = hostile(server.port, head, _chunked(_pieces(64 * MIB)))
     if answer:  # the answer may be lost to the reset of a connection closed under the sender
         assert _status(answer) == 413, answer[:300]
         assert json.loads(_body(answer))["error"]["code"] == "RequestTooLarge"
-    assert sent < 8 * MIB, "the server read the whole chunked body"
+    # 1 MiB read, then the connection closed: only socket buffers (a few MiB) take more.
+    assert sent < 24 * MIB, "the server went on reading the chunked body"
     _live(server)
 
 
