@@ -28,6 +28,8 @@ HTTP_STATUS: dict[str, int] = {
     "BucketNotEmpty": 409,
     "EntityTooSmall": 400,
     "EntityTooLarge": 400,
+    "RequestTooLarge": 413,
+    "RequestHeaderFieldsTooLarge": 431,
     "InvalidPart": 400,
     "InvalidPartOrder": 400,
     "MethodNotAllowed": 405,

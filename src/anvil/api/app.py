@@ -11,12 +11,13 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from anvil.api.admin import ROUTES as ADMIN_ROUTES
 from anvil.api.backup_routes import BACKUP_ROUTES
 from anvil.api.common import error_response
 from anvil.api.identity import IDENTITY_ROUTES
+from anvil.api.limits import SCOPE_KEY, CountingReceive
 from anvil.api.native import OBJECT_PATH, ROUTES
 from anvil.api.s3 import S3Gateway
 from anvil.api.watch import WATCH_ROUTES
@@ -80,6 +81,35 @@ def _object_handlers() -> dict[str, Callable[[Request], Awaitable[Response]]]:
 _OBJECT_PATH_RE = re.compile(re.escape(OBJECT_PATH).replace(re.escape("{bucket}"), "([^/]+)"))
 
 
+_BODY_METHODS = frozenset({"PUT", "POST", "PATCH", "DELETE"})
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"0", b"")):
+            return True
+    return False
+
+
+def _watch_body(scope: Scope, receive: Receive, send: Send) -> tuple[Receive, Send]:
+    """Count the body bytes received (for the disconnect log line), and close the connection after
+    an answer given before the body was read whole.
+
+    Keeping it open would make the server read and discard the rest of the body, however large, to
+    find the next request: a refused 256 MiB upload would still be received in full.
+    """
+    counter = CountingReceive(receive)
+    scope[SCOPE_KEY] = counter
+
+    async def send_closing(message: Message) -> None:
+        if message["type"] == "http.response.start" and not counter.complete:
+            headers = [h for h in message.get("headers", ()) if h[0].lower() != b"connection"]
+            message = {**message, "headers": [*headers, (b"connection", b"close")]}
+        await send(message)
+
+    return counter, send_closing
+
+
 class AnvilApp(Starlette):
     """Starlette, with the hot requests dispatched directly: every S3 request, and the native
     object GET/HEAD/PUT/DELETE route.
@@ -94,6 +124,8 @@ class AnvilApp(Starlette):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             scope["app"] = self
+            if scope["method"] in _BODY_METHODS and _has_body(scope):
+                receive, send = _watch_body(scope, receive, send)
             if not _is_native(scope["path"]):
                 response = await self.state.s3_gateway(Request(scope, receive, send))
                 await response(scope, receive, send)

@@ -13,9 +13,10 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio.to_thread
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from anvil.api.limits import MAX_JSON_BODY, log_client_disconnect, read_capped
 from anvil.context import DEV_PRINCIPAL, Principal, RequestContext, new_request_id
 from anvil.errors import AnvilError
 from anvil.storage.space import is_full_error, storage_full
@@ -90,6 +91,9 @@ def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         except AnvilError as err:
             record_denial(request, err, request_id, principal)
             return error_response(err, request_id, head=request.method == "HEAD")
+        except ClientDisconnect:
+            log_client_disconnect(request)  # nobody is left to answer; not a server error
+            return Response(status_code=400)
         except Exception as exc:  # noqa: BLE001 - never leak a traceback to the client
             if is_full_error(exc):  # ENOSPC from any file write: the full-disk answer, not a 500
                 return error_response(storage_full(), request_id, head=request.method == "HEAD")
@@ -142,14 +146,18 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _json_too_large() -> AnvilError:
+    # Close the connection: the rest of the body is not worth reading to find the next request.
+    return AnvilError("RequestTooLarge", f"the JSON body is larger than {MAX_JSON_BODY} bytes",
+                      headers={"connection": "close"})
+
+
 async def json_body(request: Request, *, required: bool = True) -> dict[str, Any]:
-    raw = await request.body()
+    raw = await read_capped(request, MAX_JSON_BODY, _json_too_large)
     if not raw:
         if required:
             raise AnvilError("InvalidArgument", "a JSON body is required")
         return {}
-    if len(raw) > 1024 * 1024:
-        raise AnvilError("InvalidArgument", "JSON body too large")
     try:
         body = json.loads(raw, parse_constant=_non_finite, parse_float=_finite_float)
     except (ValueError, UnicodeDecodeError):

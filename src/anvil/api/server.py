@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import signal
+import socket
 import sys
+import threading
 from typing import Any
 
+import httptools
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from anvil.api.app import create_app
+from anvil.api.limits import HeaderLimits
+from anvil.api.s3.errors import S3Error
+from anvil.api.s3.errors import error_response as s3_error_response
 from anvil.errors import AnvilError
 from anvil.identity.settings import dev_auth_enabled, is_development
 from anvil.runtime import Anvil
@@ -57,6 +66,10 @@ class _CoalescingTransport:
         self._flush()  # a response written just before close must still go out
         self._transport.close()
 
+    def write_eof(self) -> None:
+        self._flush()  # the EOF must follow what was written before it
+        self._transport.write_eof()
+
     def abort(self) -> None:
         self._pending = []
         self._transport.abort()
@@ -70,6 +83,154 @@ class CoalescingHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+
+
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback to stop parsing a request head over its limits."""
+
+
+# After a 431 the connection lingers this long (or until this much more arrives) before it is closed:
+# closing with unread data makes the kernel send a reset, which can destroy the answer before the
+# client reads it. Incoming bytes are discarded meanwhile, so memory does not grow.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1024 * 1024
+# The SSE change feed never ends by itself: on shutdown it is ended cleanly (see shutdown()).
+WATCH_PATH = "/anvil/v1/watch"
+
+
+class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
+    """The server's protocol: coalesced writes, request heads held to `HeaderLimits` as they arrive,
+    and SSE streams ended on shutdown.
+
+    httptools parses the head in C, but the partial header value, the URL and the header list are
+    accumulated in Python without a bound; uvicorn has no head limit for httptools. The limits are
+    checked on every callback and, for a head still incomplete, after every piece of data received,
+    so at most the limit plus one read (256 KiB) is ever held.
+    """
+
+    limits = HeaderLimits()
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._head_open = False      # a request head is being received
+        self._head_fresh = False     # ... and it began inside the data just fed
+        self._head_bytes = 0         # bytes received for it in later reads (a lower bound on its size)
+        self._head_sum = 0           # bytes of its complete header lines
+        self._refused = False
+        self._lingered = 0
+
+    # Parser callbacks
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_open, self._head_fresh, self._head_bytes, self._head_sum = True, True, 0, 0
+
+    # on_url and on_header run for every request: uvicorn's bodies are inlined rather than called.
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.limits.target:
+            raise _HeadTooLarge(f"the request target is larger than {self.limits.target} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        size = len(name) + len(value) + 4  # "name: value\r\n"
+        if size > self.limits.field:
+            raise _HeadTooLarge(f"a header line is larger than {self.limits.field} bytes")
+        self._head_sum += size
+        if self._head_sum + len(self.url) > self.limits.total:
+            raise _HeadTooLarge(f"the request head is larger than {self.limits.total} bytes")
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._head_open = False
+        super().on_headers_complete()
+
+    # Transport callbacks
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            self._linger(len(data))
+            return
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():  # as uvicorn does (no WebSocket route is offered)
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _HeadTooLarge):
+                self._refuse_head(str(exc.__context__))
+                return
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+            return
+        if self._head_open:
+            if self._head_fresh:
+                # The head began inside this data, after an unknown number of bytes of the previous
+                # request: count only what the parser has accumulated so far.
+                self._head_fresh = False
+            else:
+                self._head_bytes += len(data)
+            if max(self._head_bytes, self._head_sum + len(self.url)) > self.limits.total:
+                self._refuse_head(f"the request head is larger than {self.limits.total} bytes")
+
+    def _refuse_head(self, message: str) -> None:
+        """Answer 431 and close: the rest of the head is never read."""
+        self._refused = True
+        self._head_open = False
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()  # a pipelined request is still being answered: no room for ours
+            return
+        self.transport.write(_head_refusal(self.url, message))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)
+
+    def _linger(self, size: int) -> None:
+        self._lingered += size
+        if self._lingered > LINGER_BYTES and not self.transport.is_closing():
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        cycle = self.cycle
+        if (cycle is not None and cycle.response_started and not cycle.response_complete
+                and cycle.chunked_encoding and cycle.scope.get("path") == WATCH_PATH):
+            # An open change feed would hold the shutdown until its grace period ran out and was
+            # cancelled with an error. End it as a client disconnect would (the application's
+            # next receive() says so) and close the chunked body properly for the client.
+            cycle.disconnected = True
+            cycle.message_event.set()
+            self.transport.write(b"0\r\n\r\n")
+            self.transport.close()
+            return
+        super().shutdown()
+
+
+def _head_refusal(url: bytes, message: str) -> bytes:
+    """The 431 answer, in the error format of the API the request was for."""
+    status = 431
+    if url == b"/anvil" or url.startswith((b"/anvil/", b"/anvil?")):
+        err = {"error": {"code": "RequestHeaderFieldsTooLarge", "message": message, "request_id": None}}
+        body = json.dumps(err).encode()
+        content_type = b"application/json"
+    else:
+        response = s3_error_response(S3Error("RequestHeaderSectionTooLarge", message, status), "-")
+        body = response.body
+        content_type = b"application/xml"
+    return b"".join([
+        STATUS_LINE[status],
+        b"content-type: ", content_type, b"\r\n",
+        b"content-length: ", str(len(body)).encode(), b"\r\n",
+        b"connection: close\r\n\r\n",
+        body,
+    ])
 
 
 def parse_listen(addr: str) -> tuple[str, int]:
@@ -97,15 +258,54 @@ def _print_dev_credentials(anvil: Anvil, endpoint: str) -> None:
     )
 
 
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """Bind and listen now, before anything is printed: a port in use is one clear error, not a
+    "listening" banner followed by a traceback. Connections made before serving starts wait in the
+    backlog."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def _grace_seconds() -> float:
+    raw = os.environ.get("ANVIL_SHUTDOWN_GRACE_SECONDS", "10")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"ANVIL_SHUTDOWN_GRACE_SECONDS must be a number of seconds, got {raw!r}") from None
+    if not 0 <= value <= 3600:
+        raise ValueError("ANVIL_SHUTDOWN_GRACE_SECONDS must be between 0 and 3600")
+    return value
+
+
 def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any = None) -> None:
-    """Serve one STORAGE_PATH; `backup` (a ScheduleConfig) turns on scheduled backups."""
+    """Serve one STORAGE_PATH; `backup` (a ScheduleConfig) turns on scheduled backups.
+
+    SIGTERM (or SIGINT) stops it gracefully: no new connections, in-flight requests finish (up to
+    ANVIL_SHUTDOWN_GRACE_SECONDS), open change feeds end, then the scheduler, the watch thread and
+    the store are closed and the process exits 0.
+    """
     host, port = parse_listen(listen)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     dev_auth = dev_auth or dev_auth_enabled()
     if dev_auth and not is_development():
         raise AnvilError("InvalidArgument", "--dev-auth is refused outside development mode")
+    AnvilHttpProtocol.limits = HeaderLimits.from_env()
+    grace = _grace_seconds()
     endpoint = f"http://{host}:{port}"
-    anvil = Anvil(storage_path, endpoint=endpoint)
+    sock = _listen_socket(host, port)
+    try:
+        anvil = Anvil(storage_path, endpoint=endpoint)
+    except BaseException:
+        sock.close()
+        raise
     anvil.storage.clear_tmp()
     try:
         from anvil.backup.mode import in_recovery
@@ -114,8 +314,8 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any
         app = create_app(anvil, recovery_mode=recovery_mode, dev_auth=dev_auth)
         anvil.watch.start_background()
         config = uvicorn.Config(
-            app, host=host, port=port, loop="uvloop", http=CoalescingHttpToolsProtocol, access_log=False,
-            log_level="warning", timeout_graceful_shutdown=5, server_header=False,
+            app, host=host, port=port, loop="uvloop", http=AnvilHttpProtocol, access_log=False,
+            log_level="warning", timeout_graceful_shutdown=grace, server_header=False,
         )
         server = uvicorn.Server(config)
         scheduler = None
@@ -138,11 +338,24 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any
             banner = "!" * 78
             print(f"{banner}\nWARNING: --dev-auth: requests WITHOUT a token act as the development admin "
                   f"principal.\nFor benchmarks only; never expose this server.\n{banner}", file=sys.stderr, flush=True)
+
+        def stop(_signum: int, _frame: Any) -> None:
+            # uvicorn handles these signals while it runs and, once it has shut down gracefully,
+            # raises them again for the handler it found: this one, so the process ends normally
+            # (exit 0, after the cleanup below) rather than being killed by the re-raised signal.
+            # A signal that arrives before uvicorn has taken over asks the server to stop at once.
+            server.should_exit = True
+
+        if threading.current_thread() is threading.main_thread():  # signals can only be set there
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, stop)
         try:
-            server.run()
+            server.run(sockets=[sock])
         finally:
             if scheduler is not None:
                 scheduler.stop()
     finally:
+        sock.close()
         anvil.close()
+    print(f"Anvil {storage_path!s} stopped", flush=True)
     sys.stdout.flush()

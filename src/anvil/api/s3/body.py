@@ -21,6 +21,11 @@ MAX_LINE = 4096
 MAX_TRAILER_BYTES = 16 * 1024
 
 
+def message_too_long() -> S3Error:
+    # Connection closed: reading the rest of an oversized body only to discard it is wasted work.
+    return S3Error("MaxMessageLengthExceeded", "your request was too big", 400, headers={"connection": "close"})
+
+
 def _incomplete() -> S3Error:
     return S3Error("IncompleteBody", "the request body ended before the aws-chunked stream was complete")
 
@@ -84,7 +89,7 @@ class BodyReader:
         async for piece in self.pieces():
             out += piece
             if len(out) > limit:
-                raise S3Error("MaxMessageLengthExceeded", "your request was too big", 400)
+                raise message_too_long()
         data = bytes(out)
         self.check_sha256(hashlib.sha256(data).hexdigest())
         return data

@@ -34,6 +34,8 @@ ANVIL_TO_S3: dict[str, tuple[str, int]] = {
     "AlreadyExists": ("BucketAlreadyOwnedByYou", 409),
     "EntityTooSmall": ("EntityTooSmall", 400),
     "EntityTooLarge": ("EntityTooLarge", 400),
+    "RequestTooLarge": ("MaxMessageLengthExceeded", 400),
+    "RequestHeaderFieldsTooLarge": ("RequestHeaderSectionTooLarge", 400),
     "InvalidPart": ("InvalidPart", 400),
     "InvalidPartOrder": ("InvalidPartOrder", 400),
     "MethodNotAllowed": ("MethodNotAllowed", 405),

@@ -12,9 +12,10 @@ import logging
 import urllib.parse
 from dataclasses import dataclass
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from anvil.api.limits import log_client_disconnect
 from anvil.api.s3 import auth as sig
 from anvil.api.s3.dispatch import BUCKET, COPY, OBJECT, SERVICE, route
 from anvil.api.s3.errors import S3Error, error_response, from_anvil, not_implemented, reserved_namespace
@@ -78,6 +79,9 @@ class S3Gateway:
             response = error_response(err, request_id, resource=resource, head=head)
         except AnvilError as err:
             response = error_response(from_anvil(err), request_id, resource=resource, head=head)
+        except ClientDisconnect:
+            log_client_disconnect(request)  # the client's doing: one INFO line, no traceback
+            return Response(status_code=400)
         except Exception as exc:  # noqa: BLE001 - a client never sees a traceback
             if is_full_error(exc):  # ENOSPC from any file write: the full-disk answer, not a 500
                 err = from_anvil(storage_full())

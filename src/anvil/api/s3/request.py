@@ -12,9 +12,10 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.requests import Request
 from starlette.responses import Response
 
+from anvil.api.limits import declared_length
 from anvil.api.s3 import auth as sig
 from anvil.api.s3 import xmlutil as X
-from anvil.api.s3.body import BodyReader
+from anvil.api.s3.body import BodyReader, message_too_long
 from anvil.api.s3.errors import S3Error, not_implemented
 from anvil.context import Principal, RequestContext
 from anvil.identity import authorize
@@ -63,6 +64,10 @@ class S3Request:
 
     async def body_xml(self, *, checksums_describe_body: bool = True):
         reader = BodyReader(self.request, self.auth)
+        # A body declared too large is refused before any of it is read (read_all caps the rest).
+        declared = reader.decoded_length if reader.chunked else declared_length(self.h.get("content-length"))
+        if declared is not None and declared > X.MAX_XML_BODY:
+            raise message_too_long()
         data = await reader.read_all(X.MAX_XML_BODY)
         check_small_body_digests(self.h, data, checksums=checksums_describe_body)
         try:
