@@ -22,11 +22,12 @@ class Storage:
             self.layout.acquire_lock()
         try:
             self.format: FormatInfo = self.layout.initialise()
-            self.catalog = Catalog(self.layout.catalog_path)
-            self.catalog.migrate("idempotency", idempotency.MIGRATIONS)
             # Free-space admission and the reserve; a "disk full" commit releases it and retries.
             self.space = DiskSpace.from_env(self.layout.root, manage_reserve=lock)
+            self.space.make_room_to_open()
+            self.catalog = Catalog(self.layout.catalog_path)
             self.catalog.on_full = self.space.release
+            self.catalog.migrate("idempotency", idempotency.MIGRATIONS)
         except BaseException:
             self.layout.release_lock()
             raise

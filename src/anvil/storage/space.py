@@ -45,6 +45,8 @@ MIN_FREE_FRACTION = 0.01
 MIN_FREE_CAP = 1 * GiB
 
 RESERVE_ENV = "ANVIL_DISK_RESERVE"
+# Below this much free space at start the reserve is released before the catalog opens.
+OPEN_MIN_FREE = 1024 * 1024
 MIN_FREE_ENV = "ANVIL_DISK_MIN_FREE"
 
 # errno values meaning "no space left": the filesystem is full, or the user's quota is.
@@ -212,6 +214,12 @@ class DiskSpace:
         log.warning("no disk reserve: %s cannot be allocated (%s); a full disk may block deletes", self.path, exc)
         self.reserve_size = 0
         self._held = 0
+
+    def make_room_to_open(self) -> None:
+        """Release the reserve if the disk is (nearly) full before the catalog is opened: a clean
+        shutdown removes SQLite's WAL and shared-memory files, and opening must create them again."""
+        if self._manage and self.status().free < OPEN_MIN_FREE:
+            self.release()
 
     def release(self) -> bool:
         """Give the reserve back to the filesystem (the disk is full); True if that freed anything."""
