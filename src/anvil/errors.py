@@ -33,6 +33,7 @@ HTTP_STATUS: dict[str, int] = {
     "MethodNotAllowed": 405,
     "StorageLocked": 409,
     "UnsupportedFormat": 500,
+    "DataCorrupted": 500,
     "Internal": 500,
 }
 
