@@ -442,8 +442,11 @@ def test_blob_digests_participant_validate_rebuild_and_gc(tmp_path):
         sc.write_bytes(b"x")
         os.utime(sc, (1, 1))
         assert validate()["blobs.sidecar_orphan"].affected["sha256"] == orphan
+        leftover = sc.parent / f".{orphan}.chunks.0123456789ab.tmp"  # a crash mid-sidecar
+        leftover.write_bytes(b"half")
         gc = a.diagnostics.gc(ctx, grace=0)
         assert gc.sidecars_removed == 1 and not sc.exists()
+        assert not leftover.exists() and gc.tmp_files_removed == 1
         # gc takes an orphan blob's sidecar with it.
         lonely = blobs.put_bytes(os.urandom(2 * CHUNK_SIZE))
         os.utime(blobs.path(lonely.sha256), (1, 1))

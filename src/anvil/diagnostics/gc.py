@@ -148,6 +148,16 @@ def run_gc(
         except FileNotFoundError:
             continue
         report.sidecars_removed += 1
+    for path in list(storage.blobs.sidecar_leftovers()):  # a sidecar being written when a process died
+        try:
+            if time.time() - path.stat().st_mtime < grace:
+                continue
+            if not dry_run:
+                path.unlink()
+                touched_dirs.add(os.path.dirname(path))
+        except FileNotFoundError:
+            continue
+        report.tmp_files_removed += 1
 
     # 3. Leftovers of uploads that died mid-body (a crash between tmp write and rename).
     with os.scandir(storage.layout.tmp) as it:

@@ -557,6 +557,16 @@ class BlobStore:
                 if name.endswith(SIDECAR_SUFFIX) and _valid_hash(name[:-len(SIDECAR_SUFFIX)]) and f.is_file():
                     yield name[:-len(SIDECAR_SUFFIX)], Path(f.path)
 
+    def sidecar_leftovers(self) -> Iterator[Path]:
+        """Temporary sidecar files (`.<hash>.chunks.<id>.tmp`) a crash left in the fan-out folders."""
+        if not self.root.exists():
+            return
+        for a in os.scandir(self.root):
+            if a.is_dir():
+                for f in os.scandir(a.path):
+                    if f.name.startswith(".") and f.name.endswith(".tmp") and SIDECAR_SUFFIX in f.name:
+                        yield Path(f.path)
+
     def remove_sidecar(self, sha256: str) -> bool:
         try:
             self.sidecar_path(sha256).unlink()
