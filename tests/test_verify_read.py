@@ -196,6 +196,9 @@ def test_multipart_part_flipped_is_detected(server, client, s3, bucket, token):
     _s3_multipart(s3, bucket, "multi", parts)
     chunks = _chunks(client, bucket, "multi")
     assert [c[1] for c in chunks] == [len(p) for p in parts]
+    # The S3 upload path writes sidecars too: the 5 MiB part has one, the small last part needs none.
+    assert (_blob(server, chunks[0][0]).parent / f"{chunks[0][0]}.chunks").exists()
+    assert not (_blob(server, chunks[1][0]).parent / f"{chunks[1][0]}.chunks").exists()
     _flip(_blob(server, chunks[1][0]), 99)
     # Before: a multipart object went undetected even with ChecksumMode=ENABLED.
     r = s3.get_object(Bucket=bucket, Key="multi", ChecksumMode="ENABLED")

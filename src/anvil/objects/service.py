@@ -24,7 +24,7 @@ from anvil.errors import AnvilError, not_found
 from anvil.objects import validation as v
 from anvil.objects.checksums import combine_crcs, new_checksum
 from anvil.storage import BlobInfo, BlobWriter, Storage, Txn, idempotency
-from anvil.storage.blobs import BlobCorrupted, digest_bytes
+from anvil.storage.blobs import BlobCorrupted, digest_bytes, needs_sidecar
 from anvil.storage.records import Connection
 
 log = logging.getLogger("anvil.objects")
@@ -850,6 +850,13 @@ class ObjectService:
         `DataCorrupted` instead of handing out a bad byte.
         """
         segments = self._segments(obj, rng)
+        if len(segments) == 1 and not needs_sidecar(segments[0][1]):
+            # One blob of at most a chunk (every small GET): read and verified here, at once.
+            sha, size, lo, n = segments[0]
+            try:
+                return iter((self.blobs.read_small(sha, size, lo, n),))
+            except BlobCorrupted as e:
+                raise self._corrupted(obj, e) from None
         for sha, size, _, _ in segments:
             try:
                 self.blobs.check_size(sha, size)

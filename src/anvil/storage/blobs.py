@@ -371,22 +371,6 @@ class BlobStore:
     def size(self, sha256: str) -> int:
         return self.path(sha256).stat().st_size
 
-    def read_range(self, sha256: str, offset: int, length: int, chunk: int = READ_CHUNK) -> Iterator[bytes]:
-        """Unverified bytes (tools that hash what they read themselves). Object reads use `read_verified`."""
-        # pread on a raw descriptor: no file object, no seek.
-        fd = os.open(self.path(sha256), os.O_RDONLY)
-        try:
-            remaining = length
-            while remaining > 0:
-                data = os.pread(fd, min(chunk, remaining), offset)
-                if not data:
-                    raise OSError(f"blob {sha256} is shorter than recorded")
-                remaining -= len(data)
-                offset += len(data)
-                yield data
-        finally:
-            os.close(fd)
-
     # ---------------------------------------------------------------- verified reads
 
     def check_size(self, sha256: str, size: int) -> None:
@@ -418,6 +402,26 @@ class BlobStore:
         finally:
             os.close(fd)
 
+    def read_small(self, sha256: str, size: int, offset: int = 0, length: int | None = None) -> bytes:
+        """`read_verified` for a blob of at most one chunk, done at once: every small GET takes this
+        path, so it is one open, fstat, pread and SHA-256, with no generator in between."""
+        if length is None:
+            length = size - offset
+        try:
+            fd = os.open(self.path(sha256), os.O_RDONLY)
+        except FileNotFoundError:
+            raise BlobCorrupted(sha256, "is missing from the blob store", missing=True) from None
+        try:
+            actual = os.fstat(fd).st_size
+            if actual != size:
+                self._size_mismatch(sha256, size, actual)
+            data = _pread_exact(fd, size, 0)
+        finally:
+            os.close(fd)
+        if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+            raise BlobCorrupted(sha256, "does not match its SHA-256", confirmed=True)
+        return data if offset == 0 and length == size else data[offset:offset + length]
+
     def read_verified(self, sha256: str, size: int, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
         """Bytes [offset, offset+length) of a blob of recorded `size`, each chunk verified before it
         is yielded, so a bad chunk is never handed out: `BlobCorrupted` is raised instead."""
@@ -435,10 +439,9 @@ class BlobStore:
             if length <= 0:
                 return
             if not needs_sidecar(size):
-                data = _pread_exact(fd, size, 0)
-                if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
-                    raise BlobCorrupted(sha256, "does not match its SHA-256", confirmed=True)
-                yield data if offset == 0 and length == size else data[offset:offset + length]
+                os.close(fd)
+                fd = -1
+                yield self.read_small(sha256, size, offset, length)
                 return
             alg, digests = self._digests(fd, sha256, size)
             end = offset + length
@@ -454,7 +457,8 @@ class BlobStore:
                 lo, hi = max(offset, start) - start, min(end, start + n) - start
                 yield data if lo == 0 and hi == n else data[lo:hi]
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
 
     def _digests(self, fd: int, sha256: str, size: int) -> tuple[int, list[bytes]]:
         """The blob's chunk digests: its sidecar, or (none yet, or unreadable) recomputed after its
