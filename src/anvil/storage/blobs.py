@@ -48,7 +48,7 @@ def _blake3(data: bytes | memoryview = b"") -> Any:
 
 # Algorithm ids are part of the sidecar format: never renumber. SHA-256 (~2 GB/s on one core) cannot
 # keep up with a large GET (~3.5 GB/s). Measured in bench/objects.py --compare-large (docs/performance.md):
-# BLAKE3 kept ~76 % of today's large-GET throughput, XXH3-128 all of it, so XXH3-128 it is. It
+# BLAKE3 kept about half of today's large-GET throughput, XXH3-128 0.80-0.94 of it, so XXH3-128. It
 # detects accidental damage (bit rot, torn or misdirected writes), which is what sidecars are for; a
 # chunk mismatch is always confirmed with the blob's SHA-256 before anything is quarantined.
 CHUNK_ALGORITHMS: dict[int, tuple[str, int, Callable[..., Any]]] = {
