@@ -433,7 +433,8 @@ def test_blob_digests_participant_validate_rebuild_and_gc(tmp_path):
         blobs.remove_sidecar(info.sha256)
         found = validate()
         assert found["blobs.sidecar_missing"].severity == "warning"
-        assert found["blobs.sidecar_missing"].affected["sha256"] == info.sha256
+        assert found["blobs.sidecar_missing"].affected["blobs"] == [info.sha256]
+        assert found["blobs.sidecar_missing"].affected["count"] == 1
         blobs.sidecar_path(info.sha256).write_bytes(b"ANVLCHK1 garbage")
         assert validate()["blobs.sidecar_invalid"].severity == "error"
         report = a.diagnostics.repair(ctx, ["blob-digests"])
