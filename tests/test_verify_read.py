@@ -486,3 +486,18 @@ def test_backup_leaves_a_corrupt_blob_out_and_says_so(tmp_path, monkeypatch):
     assert good.sha256 in m["tree"]["blobs"] and bad.sha256 not in m["tree"]["blobs"]
     [problem] = m["problems"]
     assert bad.sha256 in problem and "corrupt" in problem and "not stored" in problem
+
+
+def test_blob_from_before_sidecars_is_verified_whole_and_gets_one(server, client, bucket, token):
+    data = os.urandom(3 * MIB + 1)
+    put = client.put_object(bucket, "legacy", data)
+    sidecar = _blob(server, put["sha256"]).parent / f"{put['sha256']}.chunks"
+    sidecar.unlink()  # as stored before this change (or restored from a backup)
+    assert client.get_object(bucket, "legacy", range="bytes=10-19") == data[10:20]
+    assert sidecar.exists()
+    # Without a sidecar, damage anywhere is found before any of the blob's bytes is sent.
+    sidecar.unlink()
+    _flip(_blob(server, put["sha256"]), 3 * MIB)
+    status, body, length = _raw_get(server, bucket, "legacy", token)
+    assert body == b"" or not status.startswith(b"HTTP/1.1 200"), (status, len(body))
+    assert put["sha256"] in _quarantined(server)
