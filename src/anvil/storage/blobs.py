@@ -383,9 +383,17 @@ class BlobStore:
             self._size_mismatch(sha256, size, actual)
 
     def _size_mismatch(self, sha256: str, size: int, actual: int) -> None:
-        # The record's size is the blob's, unless the record is what is wrong: the address decides.
-        hashed = self.full_sha256(sha256)
-        raise BlobCorrupted(sha256, f"is {actual} bytes, {size} recorded", confirmed=hashed != sha256)
+        # The record's size is the blob's, unless the record is what is wrong. The sidecar, written
+        # with the blob, says which without reading it (this runs before any header, possibly on
+        # the event loop); without one the address decides.
+        detail = f"is {actual} bytes, {size} recorded"
+        try:
+            written = _SIDECAR_HEADER.unpack_from(self.sidecar_path(sha256).read_bytes())[5]
+        except (OSError, struct.error):
+            written = None
+        if written == size:
+            raise BlobCorrupted(sha256, detail + " (and written)", confirmed=True)
+        raise BlobCorrupted(sha256, detail, confirmed=self.full_sha256(sha256) != sha256)
 
     def full_sha256(self, sha256: str) -> str | None:
         try:
