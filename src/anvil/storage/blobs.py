@@ -217,7 +217,11 @@ class BlobWriter:
         created = self._store.ensure_parent(final)
         if needs_sidecar(info.size):
             # Durable before the blob is named: a named blob always has its digests.
-            self._store.write_sidecar(info.sha256, info.size, digests)
+            try:
+                self._store.write_sidecar(info.sha256, info.size, digests)
+            except BaseException:
+                os.unlink(self.tmp_path)  # nothing was stored; leave nothing in tmp/ either
+                raise
         os.rename(self.tmp_path, final)
         fsync_dir(final.parent)
         for d in created:
