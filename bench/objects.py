@@ -420,10 +420,86 @@ def run(quick: bool) -> dict[str, Any]:
     }
 
 
+def compare_large_get(variants: dict[str, str], *, size_mib: int, rounds: int, gets: int) -> dict[str, Any]:
+    """Large-GET MB/s of several checkouts side by side (e.g. main vs this branch).
+
+    One server per variant (`NAME=SRC_DIR`: the `src` folder whose code it runs), all running at
+    once on their own STORAGE_PATH, each holding the same object. Every round does `gets` GETs on
+    each server in turn, interleaved, so a busy shared machine slows every variant alike; a
+    round's figure is its median GET. Reported: each round, and the min and median of rounds.
+    """
+    sys.path.insert(0, str(ROOT))
+    from tests.helpers import AnvilServer
+
+    size = size_mib * MIB
+    load_before = os.getloadavg()
+    servers: dict[str, Any] = {}
+    tokens: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="anvil-bench-cmp-") as tmp:
+        try:
+            for name, src in variants.items():
+                (Path(tmp) / name).mkdir()
+                srv = AnvilServer(Path(tmp) / name / "data", env={"PYTHONPATH": str(Path(src).absolute())}).start()
+                servers[name] = srv
+                tokens[name] = srv.auth_headers()["authorization"].removeprefix("Bearer ")
+                with srv.client() as c:
+                    c.create_bucket("bench")
+                os.environ[TOKEN_ENV] = tokens[name]
+                _large_put(srv.port, "bench", "large-object", size)
+                _large_get(srv.port, "bench", "large-object", size)  # warm the page cache
+            per_round: dict[str, list[float]] = {name: [] for name in variants}
+            # Server CPU per GiB served: on a busy machine it moves far less than wall-clock MB/s.
+            import psutil
+
+            cpu: dict[str, list[float]] = {name: [] for name in variants}
+            procs = {name: psutil.Process(srv.proc.pid) for name, srv in servers.items()}
+            for _ in range(rounds):
+                times: dict[str, list[float]] = {name: [] for name in variants}
+                for _ in range(gets):
+                    for name, srv in servers.items():
+                        os.environ[TOKEN_ENV] = tokens[name]
+                        c0 = sum(procs[name].cpu_times()[:2])
+                        times[name].append(_large_get(srv.port, "bench", "large-object", size))
+                        cpu[name].append(sum(procs[name].cpu_times()[:2]) - c0)
+                for name, ts in times.items():
+                    per_round[name].append(round(size / 1e6 / sorted(ts)[len(ts) // 2], 1))
+        finally:
+            for srv in servers.values():
+                srv.stop()
+    out: dict[str, Any] = {
+        "benchmark": "large-get-compare", "size_bytes": size, "rounds": rounds, "gets_per_round": gets,
+        "machine": {"cpus": os.cpu_count(), "load_average_before": [round(x, 2) for x in load_before],
+                    "load_average_after": [round(x, 2) for x in os.getloadavg()]},
+        "variants": {},
+    }
+    for name, figs in per_round.items():
+        srt = sorted(figs)
+        out["variants"][name] = {"src": variants[name], "rounds_mb_per_s": figs, "min_mb_per_s": srt[0],
+                                 "median_mb_per_s": srt[len(srt) // 2],
+                                 # Summed over every GET: the 10 ms tick of CPU accounting averages out.
+                                 "server_cpu_s_per_gib": round(sum(cpu[name]) / (len(cpu[name]) * size / 2**30), 3)}
+    first = next(iter(per_round))
+    base = out["variants"][first]["median_mb_per_s"]
+    for name in per_round:
+        out["variants"][name]["median_vs_" + first] = round(out["variants"][name]["median_mb_per_s"] / base, 3)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: 0.5 s workloads, 16 MiB large object")
+    parser.add_argument("--compare-large", metavar="NAME=SRC_DIR", action="append", default=[],
+                        help="only compare large-GET MB/s of these checkouts' src folders (repeat; the first "
+                        "is the baseline), e.g. --compare-large main=../main/src --compare-large branch=src")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds for --compare-large")
+    parser.add_argument("--gets", type=int, default=5, help="GETs per server per round for --compare-large")
+    parser.add_argument("--size-mib", type=int, default=256, help="object size for --compare-large")
     args = parser.parse_args()
+    if args.compare_large:
+        variants = dict(v.split("=", 1) for v in args.compare_large)
+        print(json.dumps(compare_large_get(variants, size_mib=args.size_mib, rounds=args.rounds, gets=args.gets),
+                         indent=2))
+        return
     print(json.dumps(run(args.quick), indent=2))
 
 

@@ -127,18 +127,34 @@ def test_gc_through_the_api(server: AnvilServer, client: AnvilClient, bucket: st
     young.unlink()
 
 
-def test_repair_records_a_finding_even_with_nothing_to_rebuild(server: AnvilServer, client: AnvilClient) -> None:
+def test_repair_records_a_finding_per_run(server: AnvilServer, client: AnvilClient) -> None:
     before = len(client.list_findings(subsystem="diagnostics"))
     with pytest.raises(AnvilAPIError) as e:
         client.repair(["no-such-family"])
     assert e.value.code == "InvalidArgument"
     assert len(client.list_findings(subsystem="diagnostics")) == before  # refused: nothing recorded
     report = client.repair()
-    assert report["families"] == [] and report["ok"] is True
-    assert [f["invariant"] for f in report["findings"]] == ["repair.nothing_registered"]
+    # blob-digests is the one derived family registered (the chunk digests of large blobs).
+    assert report["families"] == ["blob-digests"] and report["ok"] is True
+    assert [f["invariant"] for f in report["findings"]] == ["repair.rebuilt"]
     proc = server.cli("repair", "--json")
-    assert json.loads(proc.stdout)["findings"][0]["invariant"] == "repair.nothing_registered"
+    assert json.loads(proc.stdout)["findings"][0]["invariant"] == "repair.rebuilt"
     assert len(client.list_findings(subsystem="diagnostics")) == before + 2
+
+
+def test_repair_with_no_derived_family_records_that(tmp_path) -> None:
+    from anvil.context import DEV_PRINCIPAL, RequestContext
+    from anvil.diagnostics.repair import run_repair
+    from anvil.runtime import Anvil, recovery_participants
+
+    a = Anvil(tmp_path / "data")
+    try:
+        sources = [p for p in recovery_participants() if p.kind == "source"]
+        report = run_repair(a.storage, sources, RequestContext(DEV_PRINCIPAL))
+        assert report["families"] == [] and report["ok"] is True
+        assert [f["invariant"] for f in report["findings"]] == ["repair.nothing_registered"]
+    finally:
+        a.close()
 
 
 def test_admin_routes_are_in_the_openapi_document(client: AnvilClient) -> None:

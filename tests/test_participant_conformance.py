@@ -38,7 +38,8 @@ def _populate(root: Path) -> None:
     try:
         ctx = RequestContext(DEV_PRINCIPAL)
         a.objects.create_bucket(ctx, "conf-a", versioning="Enabled")
-        for i, body in enumerate((b"one", b"two" * 1000, b"three")):
+        # The last body spans chunks, so it has a chunk-digest sidecar (blob-digests participant).
+        for i, body in enumerate((b"one", b"two" * 1000, b"three", b"four" * 600_000)):
             w = BlobWriter(a.storage.blobs)
             w.write(body)
             a.objects.put_object(ctx, "conf-a", f"docs/{i}", a.objects.store_body(w))
@@ -109,8 +110,12 @@ def _corrupt(root: Path, p: Participant) -> str:
     finally:
         conn.close()
     for owned in p.describe().owns:
-        target = root / owned.split(" ")[0]
-        files = [target] if target.is_file() else sorted(f for f in target.rglob("*") if f.is_file())
+        pattern = owned.split(" ")[0]
+        target = root / pattern
+        if "*" in pattern:  # e.g. blobs/sha256/*/*.chunks: only the files the pattern names
+            files = sorted(f for f in root.glob(pattern) if f.is_file())
+        else:
+            files = [target] if target.is_file() else sorted(f for f in target.rglob("*") if f.is_file())
         if files:
             data = files[0].read_bytes()
             files[0].write_bytes(data[: len(data) // 2])

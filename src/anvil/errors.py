@@ -36,6 +36,7 @@ HTTP_STATUS: dict[str, int] = {
     "StorageLocked": 409,
     "StorageFull": 507,
     "UnsupportedFormat": 500,
+    "DataCorrupted": 500,
     "Internal": 500,
 }
 

@@ -8,8 +8,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from anvil.context import RequestContext
+from anvil.context import RequestContext, new_request_id
 from anvil.diagnostics import Diagnostics
+from anvil.diagnostics import findings as fnd
 from anvil.diagnostics.participant import DiagnosticsParticipant
 from anvil.diagnostics.service import check_storage_path
 from anvil.errors import AnvilError
@@ -20,7 +21,12 @@ from anvil.objects import ObjectService
 from anvil.objects.participant import ObjectsParticipant
 from anvil.storage import Storage
 from anvil.storage.layout import FORMAT_FILE
-from anvil.storage.participant import BlobsParticipant, JournalParticipant, StorageParticipant
+from anvil.storage.participant import (
+    BlobDigestsParticipant,
+    BlobsParticipant,
+    JournalParticipant,
+    StorageParticipant,
+)
 from anvil.storage.recovery import Participant
 from anvil.watch import WatchService
 from anvil.watch.participant import WatchParticipant
@@ -34,7 +40,26 @@ def recovery_participants() -> list[Participant]:
     appends its own here and thereby joins backup, restore, fsck, gc, the drill and the
     conformance suite."""
     return [StorageParticipant(), JournalParticipant(), ObjectsParticipant(), BlobsParticipant(),
-            IdentityParticipant(), WatchParticipant(), DiagnosticsParticipant()]
+            BlobDigestsParticipant(), IdentityParticipant(), WatchParticipant(), DiagnosticsParticipant()]
+
+
+# Who records findings of failed read verifications (the journal's actor for them).
+VERIFY_ACTOR = "system/read-verify"
+
+
+def corruption_finding(report: dict[str, Any]) -> fnd.FindingRecord:
+    """A failed read verification as a finding: `blob.corrupt`, naming the object version and the
+    blob (`affected.sha256` is what repair and self-healing look findings up by)."""
+    what = f"{report['bucket']}/{report['key']} version {report['version_id']}"
+    affected = {k: report[k] for k in ("tenant", "bucket", "key", "version_id", "sha256")}
+    affected["quarantined"] = report["quarantined"]
+    detail = (f"reading {what}: blob {report['sha256']} {report['detail']}"
+              + ("; the blob was moved to quarantine/" if report["quarantined"] else ""))
+    return fnd.make_finding(
+        "blobs", "error", "blob.corrupt", detail, affected, origin="read",
+        identity={k: report[k] for k in ("bucket", "key", "version_id", "sha256")},
+        operator_action_required=True,
+    )
 
 
 class Anvil:
@@ -47,6 +72,7 @@ class Anvil:
             install_bucket_lookup(self._bucket_access)
             self.watch = WatchService(self.storage, bucket_exists=lambda b: self.objects.find_bucket(b) is not None)
             self.diagnostics = Diagnostics(self.storage, self.objects, recovery_participants())
+            self.objects.on_corruption(self._record_corruption)
             self.storage.catalog.start()
             self.identity.bootstrap(endpoint)
         except BaseException:
@@ -56,6 +82,11 @@ class Anvil:
     def _bucket_access(self, name: str) -> BucketAccess | None:
         b = self.objects.find_bucket(name)
         return BucketAccess(b.tenant, b.public) if b is not None else None
+
+    def _record_corruption(self, report: dict[str, Any]) -> None:
+        # Deduplicated: every GET of the same broken version must not add another finding.
+        fnd.record(self.storage.catalog, corruption_finding(report), actor=VERIFY_ACTOR,
+                   request_id=new_request_id(), dedupe=True)
 
     def participants(self) -> list[Participant]:
         return recovery_participants()

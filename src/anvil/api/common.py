@@ -206,17 +206,31 @@ INLINE_BODY_LIMIT = 1024 * 1024
 
 
 def _logged(it: Iterator[bytes]) -> Iterator[bytes]:
-    """Once headers are sent an error can only cut the stream short; log it rather than hide it."""
+    """Once headers are sent an error can only cut the stream short; log it rather than hide it.
+
+    Re-raising is what breaks the transfer: uvicorn closes the connection of a response that
+    started and did not finish, so the client receives fewer bytes than Content-Length announced
+    and its read fails; the stream never ends cleanly (test_verify_read checks this). A chunk that
+    failed verification was never yielded, so no bad byte was sent.
+    """
     try:
         yield from it
+    except AnvilError as err:
+        log.error("object body stream aborted after headers: %s: %s", err.code, err.message)
+        raise
     except Exception:  # noqa: BLE001
-        logging.getLogger("anvil.api").exception("error while streaming an object body")
+        log.exception("error while streaming an object body")
         raise
 
 
 def body_response(objects: Any, obj: Any, rng: Any, status: int, length: int, headers: dict[str, str], *,
                   head: bool) -> Response:
-    """A GET or HEAD answer once its status and headers are decided (native API and S3 alike)."""
+    """A GET or HEAD answer once its status and headers are decided (native API and S3 alike).
+
+    `read_body` checks, before any header is sent, that each blob is present and of its recorded
+    size; a body up to INLINE_BODY_LIMIT is then read and verified whole, so a mismatch is a clean
+    500 DataCorrupted; a larger one is verified chunk by chunk as it streams (see `_logged`).
+    """
     headers["content-length"] = str(length)
     if head:
         return Response(status_code=status, headers=headers)

@@ -242,11 +242,16 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp
         if encoded is None:
             problems.append(f"blob {sha} referenced by {', '.join(refs_note)} is missing from STORAGE_PATH")
             continue
-        ids, actual, size = _add_encoded(writer, encoded), encoded[1], encoded[2]
+        actual, size = encoded[1], encoded[2]
         tick(size)
         if actual != sha:
+            # Never keep bad bytes under the name of good ones: a restore would bring them back as
+            # if intact. Left out, the blob is reported missing by restore and retried by the next
+            # backup (it is not in this snapshot's tree), once it has been repaired.
             problems.append(f"blob {sha} in STORAGE_PATH is corrupt (hashes to {actual}); "
-                            f"affects {', '.join(refs_note)}; stored as found")
+                            f"affects {', '.join(refs_note)}; not stored in the snapshot")
+            continue
+        ids = _add_encoded(writer, encoded)
         tree_blobs[sha] = {"size": size, "chunks": ids, "refs": refs_note}
         logical += size
     writer.finish()

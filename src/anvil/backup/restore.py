@@ -261,12 +261,20 @@ def get_object(repo: Repository, manifest: dict[str, Any], participants: list[Pa
     if version["delete_marker"]:
         raise BackupError(f"{what} is a delete marker in snapshot {manifest['id']}")
     body = bytearray()
-    for sha, _size in version["chunks"]:
+    for sha, size in version["chunks"]:
         entry = manifest["tree"]["blobs"].get(sha)
         if entry is None:
             raise BackupError(f"{what}: body chunk {sha} is not in the snapshot")
+        # Each blob against its own address: a multipart object has no whole-object SHA-256.
+        h = hashlib.sha256()
+        n = 0
         for data in reader.iter_file(entry["chunks"]):
+            h.update(data)
+            n += len(data)
             body += data
+        if h.hexdigest() != sha or n != size:
+            raise BackupError(f"{what}: restored body chunk {sha} does not match its SHA-256 and size "
+                              f"({n} bytes, {size} recorded)")
     if version["sha256"] and hashlib.sha256(body).hexdigest() != version["sha256"]:
         raise BackupError(f"{what}: restored bytes do not match the recorded sha256")
     return {k: version[k] for k in ("version_id", "size", "sha256", "etag", "content_type")}, bytes(body)

@@ -55,6 +55,7 @@ class GcReport:
     uploads_expired: list[dict[str, Any]] = field(default_factory=list)
     tmp_files_removed: int = 0
     disk_full: bool = False
+    sidecars_removed: int = 0
     finding: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,7 +65,8 @@ class GcReport:
             "blob_count": len(self.blobs_removed), "bytes_removed": self.bytes_removed,
             "young_orphans_kept": self.young_orphans_kept, "restored": self.restored,
             "uploads_expired": self.uploads_expired, "tmp_files_removed": self.tmp_files_removed,
-            "disk_full": self.disk_full, "finding": self.finding,
+            "disk_full": self.disk_full, "sidecars_removed": self.sidecars_removed,
+            "finding": self.finding,
         }
 
 
@@ -139,8 +141,32 @@ def run_gc(
             report.restored += 1
             continue
         os.unlink(quarantine)
+        storage.blobs.remove_sidecar(sha)  # its chunk digests go with it
         report.blobs_removed.append(entry)
         report.bytes_removed += st.st_size
+
+    # 2b. Chunk-digest sidecars whose blob is gone (removed before sidecars were, or quarantined).
+    # A sidecar is written just before its blob is named, so young ones are left alone.
+    for sha, path in list(storage.blobs.iter_sidecars()):
+        try:
+            if storage.blobs.path(sha).exists() or time.time() - path.stat().st_mtime < grace:
+                continue
+            if not dry_run:
+                path.unlink()
+                touched_dirs.add(os.path.dirname(path))
+        except FileNotFoundError:
+            continue
+        report.sidecars_removed += 1
+    for path in list(storage.blobs.sidecar_leftovers()):  # a sidecar being written when a process died
+        try:
+            if time.time() - path.stat().st_mtime < grace:
+                continue
+            if not dry_run:
+                path.unlink()
+                touched_dirs.add(os.path.dirname(path))
+        except FileNotFoundError:
+            continue
+        report.tmp_files_removed += 1
 
     # 3. Leftovers of uploads that died mid-body (a crash between tmp write and rename).
     with os.scandir(storage.layout.tmp) as it:

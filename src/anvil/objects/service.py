@@ -12,6 +12,7 @@ import base64
 import concurrent.futures
 import hashlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -23,8 +24,14 @@ from anvil.errors import AnvilError, not_found
 from anvil.objects import validation as v
 from anvil.objects.checksums import combine_crcs, new_checksum
 from anvil.storage import BlobInfo, BlobWriter, Storage, Txn, idempotency
-from anvil.storage.blobs import digest_bytes
+from anvil.storage.blobs import BlobCorrupted, digest_bytes, needs_sidecar
 from anvil.storage.records import Connection
+
+log = logging.getLogger("anvil.objects")
+
+# Called with what a failed verification found: tenant, bucket, key, version_id, sha256, detail,
+# quarantined. The runtime wires it to diagnostics (objects may not import diagnostics).
+CorruptionListener = Callable[[dict[str, Any]], None]
 
 MIGRATIONS = [
     """
@@ -446,6 +453,7 @@ class ObjectService:
         # (storage.space); deletes, aborts and bucket removal are never refused for space.
         self.space = storage.space
         self.catalog.migrate("objects", MIGRATIONS)
+        self._corruption_listeners: list[CorruptionListener] = []
 
     # ---------------------------------------------------------------- helpers
 
@@ -771,6 +779,14 @@ class ObjectService:
         fp = fingerprint("object.copy", src_bucket, src_key, src_version, bucket, key, metadata_directive,
                          new_meta, new_ct, cond.__dict__, src_cond.__dict__, system_metadata)
         self.space.admit()
+        # A copy shares the source's blobs: verify them first, so a corrupt source fails the copy
+        # (DataCorrupted) and writes nothing instead of spreading bad bytes under a new name.
+        # Not-found and other source errors are left to the mutation, which decides them atomically.
+        reader = self.catalog.reader()
+        pre = (self._version(reader, src_bucket, src_key, src_version) if src_version
+               else self._latest(reader, src_bucket, src_key))
+        if pre is not None and not pre.delete_marker:
+            self.verify_body(pre)
 
         def fn(txn: Txn) -> dict[str, Any]:
             conn = txn.conn
@@ -839,8 +855,33 @@ class ObjectService:
         return obj
 
     def read_body(self, obj: ObjectVersion, rng: v.ByteRange | None = None) -> Iterator[bytes]:
-        """Stream the object's bytes (or a range) across its chunks, 1 MiB at a time."""
+        """The object's bytes (or a range) across its chunks, verified as they stream.
+
+        Every blob the read touches is checked for presence and recorded size now, before the
+        caller sends anything (a truncated blob fails before any header). The returned iterator
+        verifies each piece before yielding it (see `BlobStore.read_verified`) and raises
+        `DataCorrupted` instead of handing out a bad byte.
+        """
+        segments = self._segments(obj, rng)
+        if len(segments) == 1 and not needs_sidecar(segments[0][1]):
+            # One blob of at most a chunk (every small GET): read and verified here, at once.
+            sha, size, lo, n = segments[0]
+            try:
+                return iter((self.blobs.read_small(sha, size, lo, n),))
+            except BlobCorrupted as e:
+                raise self._corrupted(obj, e) from None
+        for sha, size, _, _ in segments:
+            try:
+                self.blobs.check_size(sha, size)
+            except BlobCorrupted as e:
+                raise self._corrupted(obj, e) from None
+        return self._stream(obj, segments)
+
+    @staticmethod
+    def _segments(obj: ObjectVersion, rng: v.ByteRange | None) -> list[tuple[str, int, int, int]]:
+        """(blob, blob size, offset, length) for each blob the read touches."""
         start, end = (rng.start, rng.end) if rng else (0, obj.size - 1)
+        out = []
         offset = 0
         for sha, size in obj.chunks:
             chunk_start, chunk_end = offset, offset + size - 1
@@ -851,7 +892,49 @@ class ObjectService:
                 break
             lo = max(start, chunk_start) - chunk_start
             hi = min(end, chunk_end) - chunk_start
-            yield from self.blobs.read_range(sha, lo, hi - lo + 1)
+            out.append((sha, size, lo, hi - lo + 1))
+        return out
+
+    def _stream(self, obj: ObjectVersion, segments: list[tuple[str, int, int, int]]) -> Iterator[bytes]:
+        for sha, size, lo, n in segments:
+            try:
+                yield from self.blobs.read_verified(sha, size, lo, n)
+            except BlobCorrupted as e:
+                raise self._corrupted(obj, e) from None
+
+    def verify_body(self, obj: ObjectVersion) -> None:
+        """Read and verify every byte of a version (the source of a copy); `DataCorrupted` if bad."""
+        for _ in self.read_body(obj):
+            pass
+
+    def on_corruption(self, listener: CorruptionListener) -> None:
+        """Be told of every failed verification (the runtime records a finding)."""
+        self._corruption_listeners.append(listener)
+
+    def _corrupted(self, obj: ObjectVersion, e: BlobCorrupted) -> AnvilError:
+        """Quarantine a blob proven bad, tell the listeners, and return the error for the caller."""
+        quarantined = False
+        if e.confirmed:
+            try:
+                quarantined = self.blobs.quarantine(e.sha256)
+            except OSError:
+                log.exception("could not quarantine blob %s", e.sha256)
+        bucket = self.find_bucket(obj.bucket)
+        report = {
+            "tenant": bucket.tenant if bucket else None, "bucket": obj.bucket, "key": obj.key,
+            "version_id": obj.version_id, "sha256": e.sha256, "detail": e.detail, "missing": e.missing,
+            "quarantined": quarantined,
+        }
+        log.error("object %s/%s version %s: blob %s %s%s", obj.bucket, obj.key, obj.version_id, e.sha256,
+                  e.detail, " (quarantined)" if quarantined else "")
+        for listener in self._corruption_listeners:
+            try:
+                listener(report)
+            except Exception:  # noqa: BLE001 - reporting must not hide the error from the caller
+                log.exception("corruption listener failed")
+        return AnvilError("DataCorrupted", "the object's stored data failed its integrity check"
+                          + (" and was quarantined" if quarantined else "")
+                          + "; it must be re-uploaded or repaired")
 
     # ---------------------------------------------------------------- listing
 

@@ -4,6 +4,12 @@ A body is streamed into `tmp/`, hashed on the way (SHA-256 for the address, MD5 
 S3 ETag), fsynced and renamed into place. Only after that may a record referencing it be
 committed, so a crash leaves at worst an orphan blob (found by fsck, removed by gc), never
 a record pointing at missing bytes.
+
+Every read is verified (`read_verified`): a blob of at most one chunk (1 MiB) against its
+SHA-256 address, a larger one chunk by chunk against its sidecar `ab/<hash>.chunks` (one
+digest per 1 MiB of the blob, written and fsynced before the blob is named), so a range costs
+only the chunks it touches. A blob whose bytes no longer match its address raises
+`BlobCorrupted`; `quarantine` moves it to `STORAGE_PATH/quarantine/<hash>`.
 """
 
 from __future__ import annotations
@@ -12,15 +18,45 @@ import errno
 import hashlib
 import os
 import re
+import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import xxhash
 
 from anvil.storage.layout import fsync_dir
 from anvil.storage.space import is_full_error, storage_full
 
 READ_CHUNK = 1024 * 1024
+
+# Per-chunk digests: the blob's byte stream cut on absolute 1 MiB boundaries. Blobs of at most one
+# chunk have no sidecar (their SHA-256 address is checked directly: cheap at that size).
+CHUNK_SIZE = 1024 * 1024
+SIDECAR_SUFFIX = ".chunks"
+SIDECAR_MAGIC = b"ANVLCHK1"
+# magic, algorithm id, digest length, reserved, chunk size, blob size; then one digest per chunk.
+_SIDECAR_HEADER = struct.Struct("<8sBBHIQ")
+
+
+def _blake3(data: bytes | memoryview = b"") -> Any:
+    import blake3  # optional (not a dependency): only to re-run the algorithm comparison
+
+    return blake3.blake3(data)
+
+
+# Algorithm ids are part of the sidecar format: never renumber. SHA-256 (~2 GB/s on one core) cannot
+# keep up with a large GET (~3.5 GB/s). Measured in bench/objects.py --compare-large (docs/performance.md):
+# BLAKE3 kept about half of today's large-GET throughput, XXH3-128 0.80-0.94 of it, so XXH3-128. It
+# detects accidental damage (bit rot, torn or misdirected writes), which is what sidecars are for; a
+# chunk mismatch is always confirmed with the blob's SHA-256 before anything is quarantined.
+CHUNK_ALGORITHMS: dict[int, tuple[str, int, Callable[..., Any]]] = {
+    1: ("xxh3-128", 16, xxhash.xxh3_128),
+    2: ("blake3", 32, _blake3),
+}
+CHUNK_ALGORITHM = 1
 
 
 @dataclass(frozen=True)
@@ -37,6 +73,99 @@ def _valid_hash(h: str) -> bool:
     return _HASH_RE.fullmatch(h) is not None
 
 
+class BlobCorrupted(Exception):
+    """A blob does not hold the bytes its address and recorded size promise.
+
+    `confirmed`: its content was shown not to match its SHA-256 (or it is shorter/longer than
+    its sidecar says), so the file itself is bad and may be quarantined. `missing`: no file.
+    """
+
+    def __init__(self, sha256: str, detail: str, *, confirmed: bool = False, missing: bool = False):
+        super().__init__(f"blob {sha256}: {detail}")
+        self.sha256 = sha256
+        self.detail = detail
+        self.confirmed = confirmed
+        self.missing = missing
+
+
+def chunk_digest(data: bytes | memoryview, algorithm: int = CHUNK_ALGORITHM) -> bytes:
+    return CHUNK_ALGORITHMS[algorithm][2](data).digest()
+
+
+class ChunkHasher:
+    """Per-chunk digests of a byte stream received in pieces of any size (no copies)."""
+
+    def __init__(self, algorithm: int = CHUNK_ALGORITHM):
+        self.algorithm = algorithm
+        self._new = CHUNK_ALGORITHMS[algorithm][2]
+        self._h = self._new()
+        self._fill = 0
+        self.digests: list[bytes] = []
+
+    def update(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            take = min(CHUNK_SIZE - self._fill, len(view))
+            self._h.update(view[:take])
+            self._fill += take
+            view = view[take:]
+            if self._fill == CHUNK_SIZE:
+                self.digests.append(self._h.digest())
+                self._h = self._new()
+                self._fill = 0
+
+    def finish(self) -> list[bytes]:
+        if self._fill:
+            self.digests.append(self._h.digest())
+            self._h = self._new()
+            self._fill = 0
+        return self.digests
+
+
+def needs_sidecar(size: int) -> bool:
+    return size > CHUNK_SIZE
+
+
+def encode_sidecar(size: int, digests: list[bytes], algorithm: int = CHUNK_ALGORITHM) -> bytes:
+    dlen = CHUNK_ALGORITHMS[algorithm][1]
+    return _SIDECAR_HEADER.pack(SIDECAR_MAGIC, algorithm, dlen, 0, CHUNK_SIZE, size) + b"".join(digests)
+
+
+def decode_sidecar(raw: bytes, size: int | None = None) -> tuple[int, list[bytes]]:
+    """(algorithm, digests) of a sidecar; ValueError if it is malformed or describes another size."""
+    if len(raw) < _SIDECAR_HEADER.size:
+        raise ValueError("shorter than its header")
+    magic, alg, dlen, _, chunk, recorded = _SIDECAR_HEADER.unpack_from(raw)
+    if magic != SIDECAR_MAGIC:
+        raise ValueError("not a chunk-digest sidecar")
+    if alg not in CHUNK_ALGORITHMS or CHUNK_ALGORITHMS[alg][1] != dlen:
+        raise ValueError(f"unknown digest algorithm {alg}")
+    if chunk != CHUNK_SIZE:
+        raise ValueError(f"chunk size {chunk}, expected {CHUNK_SIZE}")
+    if size is not None and recorded != size:
+        raise ValueError(f"describes {recorded} bytes, the blob has {size}")
+    n = -(-recorded // CHUNK_SIZE)
+    body = raw[_SIDECAR_HEADER.size:]
+    if len(body) != n * dlen:
+        raise ValueError(f"holds {len(body)} bytes of digests, expected {n * dlen}")
+    return alg, [body[i * dlen:(i + 1) * dlen] for i in range(n)]
+
+
+def _pread_exact(fd: int, length: int, offset: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) == length or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        more = os.pread(fd, length - got, offset + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
 class BlobWriter:
     """Receives a body piece by piece; never holds it whole."""
 
@@ -46,6 +175,7 @@ class BlobWriter:
         self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._sha = hashlib.sha256()
         self._md5 = hashlib.md5()
+        self._chunks = ChunkHasher()
         self.size = 0
         self._max_size = max_size
         self._done = False
@@ -58,6 +188,7 @@ class BlobWriter:
             raise OverflowError("body larger than allowed")
         self._sha.update(chunk)
         self._md5.update(chunk)
+        self._chunks.update(chunk)
         view = memoryview(chunk)
         try:
             while view:
@@ -85,20 +216,28 @@ class BlobWriter:
         os.close(self._fd)
         self._done = True
         final = self._store.path(info.sha256)
+        digests = self._chunks.finish()
         if final.exists():
             # Same content already stored: drop ours, and refresh the old one's mtime so a
-            # concurrent gc's grace period protects it until our record commits.
+            # concurrent gc's grace period protects it until our record commits. Its sidecar is
+            # kept; a blob stored before sidecars existed gets ours (digests of the same content).
             os.unlink(self.tmp_path)
             os.utime(final)
+            if needs_sidecar(info.size) and not self._store.sidecar_path(info.sha256).exists():
+                self._store.write_sidecar(info.sha256, info.size, digests)
+                fsync_dir(final.parent)
             return info
         try:
             created = self._store.ensure_parent(final)
+            if needs_sidecar(info.size):
+                # Durable before the blob is named: a named blob always has its digests.
+                self._store.write_sidecar(info.sha256, info.size, digests)
             os.rename(self.tmp_path, final)  # a new directory block may be needed
-        except OSError as exc:
-            if not is_full_error(exc):
-                raise
-            os.unlink(self.tmp_path)
-            raise storage_full() from None
+        except BaseException as exc:
+            os.unlink(self.tmp_path)  # nothing was stored; leave nothing in tmp/ either
+            if isinstance(exc, OSError) and is_full_error(exc):
+                raise storage_full() from None
+            raise
         fsync_dir(final.parent)
         for d in created:
             fsync_dir(d.parent)
@@ -127,9 +266,11 @@ def digest_bytes(data: bytes) -> BlobInfo:
 
 
 class BlobStore:
-    def __init__(self, blobs_root: Path, tmp: Path):
+    def __init__(self, blobs_root: Path, tmp: Path, quarantine_dir: Path | None = None):
         self.root = blobs_root
         self.tmp = tmp
+        # STORAGE_PATH/quarantine beside blobs/ (blobs_root is STORAGE_PATH/blobs/sha256): same filesystem.
+        self.quarantine_dir = quarantine_dir if quarantine_dir is not None else blobs_root.parent.parent / "quarantine"
         self._tmpfile_ok = True
         self._proc_fd_cache: int | None = None
 
@@ -194,6 +335,12 @@ class BlobStore:
         final = self.path(info.sha256)
         proc_fd = self._proc_fd()  # before any folder is created: raising later would skip their fsync
         created = self.ensure_parent(final)
+        if needs_sidecar(info.size) and not self.sidecar_path(info.sha256).exists():
+            # Before the blob is named (or, deduplicated onto a blob stored before sidecars existed,
+            # digests of the same content for it).
+            hasher = ChunkHasher()
+            hasher.update(data)
+            self.write_sidecar(info.sha256, info.size, hasher.finish())
         if not final.exists():
             try:
                 fd = os.open(final.parent, os.O_TMPFILE | os.O_WRONLY, 0o644)
@@ -248,23 +395,247 @@ class BlobStore:
     def size(self, sha256: str) -> int:
         return self.path(sha256).stat().st_size
 
-    def read_range(self, sha256: str, offset: int, length: int, chunk: int = READ_CHUNK) -> Iterator[bytes]:
-        # pread on a raw descriptor: no file object, no seek; this is every small GET.
-        fd = os.open(self.path(sha256), os.O_RDONLY)
+    # ---------------------------------------------------------------- verified reads
+
+    def check_size(self, sha256: str, size: int) -> None:
+        """At open, before anything is sent: the blob exists and has its recorded size."""
         try:
-            remaining = length
-            while remaining > 0:
-                data = os.pread(fd, min(chunk, remaining), offset)
-                if not data:
-                    raise OSError(f"blob {sha256} is shorter than recorded")
-                remaining -= len(data)
+            actual = os.stat(self.path(sha256)).st_size
+        except FileNotFoundError:
+            raise BlobCorrupted(sha256, "is missing from the blob store", missing=True) from None
+        if actual != size:
+            self._size_mismatch(sha256, size, actual)
+
+    def _size_mismatch(self, sha256: str, size: int, actual: int) -> None:
+        # The record's size is the blob's, unless the record is what is wrong. The sidecar, written
+        # with the blob, says which without reading it (this runs before any header, possibly on
+        # the event loop); without one the address decides.
+        detail = f"is {actual} bytes, {size} recorded"
+        try:
+            written = _SIDECAR_HEADER.unpack_from(self.sidecar_path(sha256).read_bytes())[5]
+        except (OSError, struct.error):
+            written = None
+        if written == size:
+            raise BlobCorrupted(sha256, detail + " (and written)", confirmed=True)
+        raise BlobCorrupted(sha256, detail, confirmed=self.full_sha256(sha256) != sha256)
+
+    def full_sha256(self, sha256: str) -> str | None:
+        try:
+            fd = os.open(self.path(sha256), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            h = hashlib.sha256()
+            offset = 0
+            while data := os.pread(fd, READ_CHUNK, offset):
+                h.update(data)
                 offset += len(data)
-                yield data
+            return h.hexdigest()
         finally:
             os.close(fd)
 
+    def read_small(self, sha256: str, size: int, offset: int = 0, length: int | None = None) -> bytes:
+        """`read_verified` for a blob of at most one chunk, done at once: every small GET takes this
+        path, so it is one open, fstat, pread and SHA-256, with no generator in between."""
+        if length is None:
+            length = size - offset
+        try:
+            fd = os.open(self.path(sha256), os.O_RDONLY)
+        except FileNotFoundError:
+            raise BlobCorrupted(sha256, "is missing from the blob store", missing=True) from None
+        try:
+            actual = os.fstat(fd).st_size
+            if actual != size:
+                self._size_mismatch(sha256, size, actual)
+            data = _pread_exact(fd, size, 0)
+        finally:
+            os.close(fd)
+        if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+            raise BlobCorrupted(sha256, "does not match its SHA-256", confirmed=True)
+        return data if offset == 0 and length == size else data[offset:offset + length]
+
+    def read_verified(self, sha256: str, size: int, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+        """Bytes [offset, offset+length) of a blob of recorded `size`, each chunk verified before it
+        is yielded, so a bad chunk is never handed out: `BlobCorrupted` is raised instead."""
+        if length is None:
+            length = size - offset
+        path = self.path(sha256)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise BlobCorrupted(sha256, "is missing from the blob store", missing=True) from None
+        try:
+            actual = os.fstat(fd).st_size
+            if actual != size:
+                self._size_mismatch(sha256, size, actual)
+            if length <= 0:
+                return
+            if not needs_sidecar(size):
+                os.close(fd)
+                fd = -1
+                yield self.read_small(sha256, size, offset, length)
+                return
+            alg, digests = self._digests(fd, sha256, size)
+            end = offset + length
+            for i in range(offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1):
+                start = i * CHUNK_SIZE
+                n = min(CHUNK_SIZE, size - start)
+                data = _pread_exact(fd, n, start)
+                if len(data) != n or chunk_digest(data, alg) != digests[i]:
+                    alg, digests = self._sidecar_disagrees(fd, sha256, size, i)
+                    data = _pread_exact(fd, n, start)
+                    if len(data) != n or chunk_digest(data, alg) != digests[i]:
+                        raise BlobCorrupted(sha256, f"chunk {i} changed while it was read", confirmed=True)
+                lo, hi = max(offset, start) - start, min(end, start + n) - start
+                yield data if lo == 0 and hi == n else data[lo:hi]
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def _digests(self, fd: int, sha256: str, size: int) -> tuple[int, list[bytes]]:
+        """The blob's chunk digests: its sidecar, or (none yet, or unreadable) recomputed after its
+        full SHA-256 matched its address, and saved for the next read."""
+        try:
+            return decode_sidecar(self.sidecar_path(sha256).read_bytes(), size)
+        except (OSError, ValueError):
+            return self._recompute(fd, sha256, size)
+
+    def _sidecar_disagrees(self, fd: int, sha256: str, size: int, chunk: int) -> tuple[int, list[bytes]]:
+        """A chunk does not match its digest: the blob is bad only if its full SHA-256 says so;
+        otherwise the sidecar was wrong and is rewritten (and the read goes on)."""
+        return self._recompute(fd, sha256, size, f"chunk {chunk} (bytes {chunk * CHUNK_SIZE}-) does not match "
+                               "its digest and the blob does not match its SHA-256")
+
+    def _recompute(self, fd: int, sha256: str, size: int, detail: str = "does not match its SHA-256"
+                   ) -> tuple[int, list[bytes]]:
+        h = hashlib.sha256()
+        chunks = ChunkHasher()
+        offset = 0
+        while offset < size:
+            data = os.pread(fd, CHUNK_SIZE, offset)
+            if not data:
+                break
+            h.update(data)
+            chunks.update(data)
+            offset += len(data)
+        if offset != size or h.hexdigest() != sha256:
+            raise BlobCorrupted(sha256, detail, confirmed=True)
+        digests = chunks.finish()
+        try:
+            self.write_sidecar(sha256, size, digests)
+            fsync_dir(self.path(sha256).parent)
+        except OSError:
+            pass  # a read-only store still serves verified bytes; the digests are just not kept
+        return chunks.algorithm, digests
+
+    # ---------------------------------------------------------------- sidecars
+
+    def sidecar_path(self, sha256: str) -> Path:
+        p = self.path(sha256)
+        return p.with_name(p.name + SIDECAR_SUFFIX)
+
+    def write_sidecar(self, sha256: str, size: int, digests: list[bytes]) -> None:
+        """Write and fsync `<hash>.chunks` (the caller fsyncs the folder, once, with the blob's name)."""
+        final = self.sidecar_path(sha256)
+        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            try:
+                os.write(fd, encode_sidecar(size, digests))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def rebuild_sidecar(self, sha256: str) -> bool:
+        """Recompute a blob's sidecar after checking its SHA-256 (repair). False: nothing to do
+        (a single-chunk blob); raises `BlobCorrupted` if the blob does not match its address."""
+        path = self.path(sha256)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise BlobCorrupted(sha256, "is missing from the blob store", missing=True) from None
+        try:
+            size = os.fstat(fd).st_size
+            if not needs_sidecar(size):
+                return False
+            self._recompute(fd, sha256, size)
+            return True
+        finally:
+            os.close(fd)
+
+    def sidecar_problem(self, sha256: str, size: int) -> str | None:
+        """Why the sidecar of a blob of `size` bytes is unusable ('missing' or a reason), else None."""
+        try:
+            raw = self.sidecar_path(sha256).read_bytes()
+        except FileNotFoundError:
+            return "missing"
+        except OSError as e:
+            return f"unreadable ({e})"
+        try:
+            decode_sidecar(raw, size)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    def iter_sidecars(self) -> Iterator[tuple[str, Path]]:
+        """Every sidecar (hash, path), whether or not its blob exists."""
+        if not self.root.exists():
+            return
+        for a in sorted(os.scandir(self.root), key=lambda e: e.name):
+            if not a.is_dir():
+                continue
+            for f in sorted(os.scandir(a.path), key=lambda e: e.name):
+                name = f.name
+                if name.endswith(SIDECAR_SUFFIX) and _valid_hash(name[:-len(SIDECAR_SUFFIX)]) and f.is_file():
+                    yield name[:-len(SIDECAR_SUFFIX)], Path(f.path)
+
+    def sidecar_leftovers(self) -> Iterator[Path]:
+        """Temporary sidecar files (`.<hash>.chunks.<id>.tmp`) a crash left in the fan-out folders."""
+        if not self.root.exists():
+            return
+        for a in os.scandir(self.root):
+            if a.is_dir():
+                for f in os.scandir(a.path):
+                    if f.name.startswith(".") and f.name.endswith(".tmp") and SIDECAR_SUFFIX in f.name:
+                        yield Path(f.path)
+
+    def remove_sidecar(self, sha256: str) -> bool:
+        try:
+            self.sidecar_path(sha256).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    # ---------------------------------------------------------------- quarantine
+
+    def quarantine(self, sha256: str) -> bool:
+        """Move a blob whose bytes are bad to `quarantine/<hash>` (kept for inspection, out of reach
+        of reads and deduplication: the next upload of the same content stores a fresh copy).
+        Its sidecar is dropped. False if it was not there (already quarantined, or missing)."""
+        src = self.path(sha256)
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(src, self.quarantine_dir / sha256)
+        except FileNotFoundError:
+            return False
+        self.remove_sidecar(sha256)
+        fsync_dir(self.quarantine_dir)
+        fsync_dir(src.parent)
+        return True
+
+    def quarantined(self) -> list[str]:
+        try:
+            names = os.listdir(self.quarantine_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if _valid_hash(n))
+
     def iter_all(self) -> Iterator[tuple[str, Path]]:
-        """Every stored blob (hash, path); used by fsck and gc."""
+        """Every stored blob (hash, path); used by fsck and gc. Sidecars are not blobs."""
         if not self.root.exists():
             return
         for a in sorted(os.scandir(self.root), key=lambda e: e.name):
@@ -277,4 +648,5 @@ class BlobStore:
     def remove(self, sha256: str) -> None:
         p = self.path(sha256)
         p.unlink()
+        self.remove_sidecar(sha256)
         fsync_dir(p.parent)

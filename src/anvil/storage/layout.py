@@ -14,7 +14,7 @@ from anvil.errors import AnvilError
 FORMAT_VERSION = 1
 FORMAT_FILE = "FORMAT"
 LOCK_FILE = "LOCK"
-FOLDERS = ("blobs/sha256", "derived", "secrets", "bootstrap", "tmp")
+FOLDERS = ("blobs/sha256", "derived", "secrets", "bootstrap", "tmp", "quarantine")
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -62,6 +62,11 @@ class Layout:
     @property
     def tmp(self) -> Path:
         return self.root / "tmp"
+
+    @property
+    def quarantine(self) -> Path:
+        """Blobs whose bytes failed verification, moved aside by `BlobStore.quarantine`."""
+        return self.root / "quarantine"
 
     @property
     def derived(self) -> Path:

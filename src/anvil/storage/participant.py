@@ -5,6 +5,9 @@
 - `journal`: the hash chain, gapless from its base.
 - `blobs`: every blob any participant references is present, of the recorded size and (deep)
   hashes to its name; blobs nobody references are reported as orphans.
+- `blob-digests` (derived): the per-chunk digest sidecars (`<hash>.chunks`) that verified reads
+  use. A large blob without one, or one whose blob is gone, is a derived problem: `repair`
+  recomputes them from the blobs (after checking each blob's SHA-256).
 
 They use only `anvil.storage` itself; what references a blob comes from the other
 participants through `RecoveryContext.references()`.
@@ -21,6 +24,7 @@ from typing import Any
 
 from anvil.errors import AnvilError
 from anvil.storage import journal, records
+from anvil.storage.blobs import CHUNK_ALGORITHM, CHUNK_ALGORITHMS, CHUNK_SIZE, BlobCorrupted, needs_sidecar
 from anvil.storage.blobscan import HEX64, hash_file
 from anvil.storage.layout import Layout
 from anvil.storage.recovery import BlobRef, Finding, Participant, RecoveryContext
@@ -307,4 +311,109 @@ class BlobsParticipant(Participant):
                         "objects.chunk_size",
                         {"blob": sha, "expected": r.size, "actual": actual, "references": [r.ref]},
                         identity={"blob": sha, "reference": r.ref}))
+        return out
+
+
+# A sidecar is written just before its blob is named: one younger than this without its blob may
+# belong to a write in progress, so it is neither reported nor removed.
+SIDECAR_GRACE = 300.0
+
+
+class BlobDigestsParticipant(Participant):
+    """Per-chunk digests of large blobs (`blobs/sha256/ab/<hash>.chunks`), derived from the blobs.
+
+    Not backed up: a restored store has none, and reads (or `repair`) recompute them from blobs
+    whose SHA-256 matched their address."""
+
+    name = "blob-digests"
+    kind = "derived"
+    covers: list[str] = []
+    owns = ["blobs/sha256/*/*.chunks"]
+    summary_depends_on_buckets = False
+
+    def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
+        # Nothing store-specific: the sidecars are recomputed, not restored.
+        return {"chunk_size": CHUNK_SIZE, "algorithm": CHUNK_ALGORITHMS[CHUNK_ALGORITHM][0]}
+
+    def _large(self, ctx: RecoveryContext) -> dict[str, int]:
+        """Referenced blobs over one chunk (hash -> recorded size): the ones that need a sidecar."""
+        return {sha: rs[0].size for sha, rs in ctx.references().items()
+                if rs and needs_sidecar(rs[0].size) and HEX64.fullmatch(sha or "")}
+
+    def validate(self, ctx: RecoveryContext, recorded: dict[str, Any] | None = None) -> list[Finding]:
+        ctx.checked.update({"blobs.sidecar_missing", "blobs.sidecar_invalid", "blobs.sidecar_orphan"})
+        out: list[Finding] = []
+        sidecars = dict(ctx.blobs.iter_sidecars())
+        checked = 0
+        missing: list[str] = []
+        for sha, size in sorted(self._large(ctx).items()):
+            try:
+                actual = ctx.blobs.path(sha).stat().st_size
+            except FileNotFoundError:
+                continue  # the blobs participant reports the missing blob
+            if actual != size:
+                continue  # ... and a blob of the wrong size
+            checked += 1
+            problem = ctx.blobs.sidecar_problem(sha, size) if sha in sidecars else "missing"
+            if problem == "missing":
+                missing.append(sha)
+            elif problem is not None:
+                out.append(self.finding(
+                    "error", f"blob {sha}", f"the chunk digests of blob {sha} are damaged ({problem}); "
+                    "`anvil repair` rewrites them", "blobs.sidecar_invalid",
+                    {"blob": sha, "sha256": sha, "problem": problem}, identity={"blob": sha}))
+        if missing:
+            # One finding, not one per blob: a store upgraded from before sidecars (or restored: they
+            # are not backed up) has every large blob in this state, and reads handle it anyway.
+            out.append(self.finding(
+                "warning", "blob-digests", f"{len(missing)} blob(s) over {CHUNK_SIZE // 1024 // 1024} MiB have no "
+                "chunk digests: reads verify them by their full SHA-256 until `anvil repair blob-digests` (or "
+                "their first read) writes them", "blobs.sidecar_missing",
+                {"count": len(missing), "blobs": missing[:MAX_REFERENCES]},
+                identity={"invariant": "blobs.sidecar_missing"}))
+        now = time.time()
+        for sha, path in sorted(sidecars.items()):
+            if ctx.blobs.path(sha).exists():
+                continue
+            try:
+                age = now - path.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if age >= SIDECAR_GRACE:
+                out.append(self.finding(
+                    "warning", f"sidecar {sha}", f"chunk digests for blob {sha}, which is not in the blob store",
+                    "blobs.sidecar_orphan", {"blob": sha, "sha256": sha, "path": os.path.relpath(path, ctx.root)},
+                    identity={"blob": sha}))
+        ctx.stats["blob_digests"] = {"large_blobs": checked, "sidecars": len(sidecars)}
+        return out
+
+    def rebuild(self, ctx: RecoveryContext) -> list[Finding]:
+        """Write the missing or damaged sidecars of large blobs (each blob's SHA-256 checked first)
+        and drop sidecars whose blob is gone."""
+        out: list[Finding] = []
+        written = 0
+        for sha, path in ctx.blobs.iter_all():
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue
+            if not needs_sidecar(size) or ctx.blobs.sidecar_problem(sha, size) is None:
+                continue
+            try:
+                written += ctx.blobs.rebuild_sidecar(sha)
+            except BlobCorrupted as e:
+                out.append(self.finding(
+                    "warning", f"blob {sha}", f"blob {sha} {e.detail}: no digests written (fsck --deep reports it)",
+                    "blobs.hash_mismatch", {"blob": sha, "sha256": sha}, identity={"blob": sha}))
+        removed = 0
+        now = time.time()
+        for sha, path in ctx.blobs.iter_sidecars():
+            try:
+                if not ctx.blobs.path(sha).exists() and now - path.stat().st_mtime >= SIDECAR_GRACE:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        out.append(self.finding("info", "blob-digests", f"wrote {written} chunk-digest sidecar(s), removed "
+                                f"{removed} without a blob", affected={"written": written, "removed": removed}))
         return out

@@ -50,6 +50,9 @@ ANVIL_TO_S3: dict[str, tuple[str, int]] = {
     "InvalidTokenScope": ("AccessDenied", 403),
     "InvalidCaveatHash": ("InvalidArgument", 400),
     "UnsupportedFormat": ("InternalError", 500),
+    # Not an AWS code (S3 has none for "your stored bytes went bad"): a distinct one tells a client
+    # this is not a transient InternalError and a retry will not help until the data is repaired.
+    "DataCorrupted": ("DataCorrupted", 500),
     "Internal": ("InternalError", 500),
 }
 
