@@ -15,10 +15,8 @@ This module returns a report and never records findings: closing findings is the
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from anvil.backup.errors import BackupError
@@ -30,15 +28,9 @@ from anvil.storage.recovery import BlobRef, Participant, RecoveryContext
 
 log = logging.getLogger("anvil.backup")
 
-QUARANTINE = "quarantine"
 MAX_REFERENCES = 20  # references listed per blob in a report; the count is always complete
 
 Progress = Callable[[int, int, str], None]  # (blobs done, blobs total, sha)
-
-
-def quarantine_path(root: Path, sha256: str) -> Path:
-    """Where verify-on-read keeps a corrupt blob's bytes (`STORAGE_PATH/quarantine/<sha256>`)."""
-    return Path(root) / QUARANTINE / sha256
 
 
 def _refs_view(refs: list[BlobRef]) -> dict[str, Any]:
@@ -150,7 +142,7 @@ def heal_blobs(storage: Storage, participants: list[Participant], repo: Reposito
                 total_bytes += size
                 used.add(done)
                 # The healthy copy is durable: the corrupt one kept for forensics has served its purpose.
-                had_quarantine = remove_quarantined(storage.root, sha)
+                had_quarantine = storage.blobs.drop_quarantined(sha)
                 healed.append({"sha256": sha, "size": size, "snapshot": done, **_refs_view(refs),
                                "was_quarantined": had_quarantine, "problems": problems})
             if progress:
@@ -171,21 +163,3 @@ def heal_blobs(storage: Storage, participants: list[Participant], repo: Reposito
         "bytes": total_bytes,
         "duration": round(time.time() - started, 3),
     }
-
-
-def quarantined(root: Path) -> set[str]:
-    """The blobs now in `quarantine/` (one directory listing: cheap enough to poll)."""
-    try:
-        return {e.name for e in os.scandir(Path(root) / QUARANTINE) if HEX64.fullmatch(e.name)}
-    except FileNotFoundError:
-        return set()
-
-
-def remove_quarantined(root: Path, sha256: str) -> bool:
-    """Drop `quarantine/<sha256>` once the blob is healthy again; True if there was one."""
-    p = quarantine_path(root, sha256)
-    try:
-        os.unlink(p)
-        return True
-    except FileNotFoundError:
-        return False

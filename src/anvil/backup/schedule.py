@@ -76,13 +76,11 @@ class BackupScheduler:
             self._healer.join(timeout=5)
 
     def _heal_loop(self) -> None:
-        from anvil.backup.heal import quarantined
-
         anvil = self.app.state.anvil
         tried: set[str] = set()
         tried_after: Any = None  # the newest snapshot when `tried` was attempted
         while not self._stop.wait(self.heal_poll):
-            names = quarantined(anvil.storage.root)
+            names = set(anvil.storage.blobs.quarantined())
             newest = (getattr(self.app.state, "last_backup", None) or {}).get("snapshot")
             # An unrecoverable blob is retried only once a new snapshot exists, not every poll.
             if not names or self.app.state.recovery_mode or (names <= tried and newest == tried_after):

@@ -627,6 +627,14 @@ class BlobStore:
         fsync_dir(src.parent)
         return True
 
+    def drop_quarantined(self, sha256: str) -> bool:
+        """Forget `quarantine/<hash>` once the blob is healthy again (healed); True if there was one."""
+        try:
+            os.unlink(self.quarantine_dir / sha256)
+        except FileNotFoundError:
+            return False
+        return True
+
     def quarantined(self) -> list[str]:
         try:
             names = os.listdir(self.quarantine_dir)
