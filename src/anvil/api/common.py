@@ -205,22 +205,44 @@ def metadata_to_headers(meta: dict[str, str]) -> dict[str, str]:
 INLINE_BODY_LIMIT = 1024 * 1024
 
 
-def _logged(it: Iterator[bytes]) -> Iterator[bytes]:
-    """Once headers are sent an error can only cut the stream short; log it rather than hide it.
+# The server puts its connection's abort (a TCP reset) in each request's scope under this key.
+ABORT_CONNECTION = "anvil.abort_connection"
 
-    Re-raising is what breaks the transfer: uvicorn closes the connection of a response that
-    started and did not finish, so the client receives fewer bytes than Content-Length announced
-    and its read fails; the stream never ends cleanly (test_verify_read checks this). A chunk that
-    failed verification was never yielded, so no bad byte was sent.
-    """
+
+class _BodyBroken(Exception):
+    """A streamed body failed after its headers were sent (already logged)."""
+
+
+def _logged(it: Iterator[bytes]) -> Iterator[bytes]:
+    """Log a body that fails after its headers went out; a chunk that failed verification was
+    never yielded, so no bad byte was sent."""
     try:
         yield from it
     except AnvilError as err:
         log.error("object body stream aborted after headers: %s: %s", err.code, err.message)
-        raise
-    except Exception:  # noqa: BLE001
+        raise _BodyBroken from err
+    except Exception as exc:  # noqa: BLE001
         log.exception("error while streaming an object body")
-        raise
+        raise _BodyBroken from exc
+
+
+class _AbortableStream(StreamingResponse):
+    """A streamed body that resets the connection when it fails part-way.
+
+    Once the status and Content-Length are sent, the only honest signal left is to break the
+    transfer. Closing normally would send a FIN after a short body, which a careless client or
+    proxy may take for the end; a reset cannot be mistaken for a complete response.
+    """
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except _BodyBroken:
+            abort = scope.get(ABORT_CONNECTION)
+            if abort is None:  # not our server (a test client): uvicorn-style close instead
+                raise
+            abort()
+            await asyncio.sleep(0)  # let the connection see its loss before the app returns
 
 
 def body_response(objects: Any, obj: Any, rng: Any, status: int, length: int, headers: dict[str, str], *,
@@ -229,11 +251,12 @@ def body_response(objects: Any, obj: Any, rng: Any, status: int, length: int, he
 
     `read_body` checks, before any header is sent, that each blob is present and of its recorded
     size; a body up to INLINE_BODY_LIMIT is then read and verified whole, so a mismatch is a clean
-    500 DataCorrupted; a larger one is verified chunk by chunk as it streams (see `_logged`).
+    500 DataCorrupted; a larger one is verified chunk by chunk as it streams, and a mismatch
+    resets the connection (`_AbortableStream`).
     """
     headers["content-length"] = str(length)
     if head:
         return Response(status_code=status, headers=headers)
     if length <= INLINE_BODY_LIMIT:
         return Response(b"".join(objects.read_body(obj, rng)), status_code=status, headers=headers)
-    return StreamingResponse(_logged(objects.read_body(obj, rng)), status_code=status, headers=headers)
+    return _AbortableStream(_logged(objects.read_body(obj, rng)), status_code=status, headers=headers)

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import sys
 import threading
 from typing import Any
@@ -17,6 +18,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from anvil.api.app import create_app
+from anvil.api.common import ABORT_CONNECTION
 from anvil.api.limits import HeaderLimits
 from anvil.api.s3.errors import S3Error
 from anvil.api.s3.errors import error_response as s3_error_response
@@ -146,7 +148,18 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_open = False
+        self.scope[ABORT_CONNECTION] = self._reset  # type: ignore[literal-required]
         super().on_headers_complete()
+
+    def _reset(self) -> None:
+        """Reset the connection (RST, not FIN): a body cut short must not look like an ending."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:  # linger 0: close() discards unsent data and sends a reset
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        self.transport.abort()
 
     # Transport callbacks
 
