@@ -318,3 +318,45 @@ def test_the_server_heals_a_quarantined_blob_on_its_own(tmp_path: Path) -> None:
         world.assert_all_objects_read_back()
     finally:
         world.server.stop()
+
+
+def test_scenario_a_flipped_byte_is_refused_recorded_and_healed_from_backup(world: World) -> None:
+    """The whole chain of issue 12: back up; flip a byte in a blob; GET refuses and a finding is
+    recorded; `anvil repair blobs --from-backup` repairs it; GET serves the right bytes and
+    `fsck --deep` is clean; every acknowledged write is still there."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from tests.s3_helpers import s3_client
+
+    snap = world.snapshot()
+    small, part1 = sha(world.bodies["small/a"]), sha(world.part1)
+    for digest, offset in ((small, 10), (part1, 3 * MiB + 5)):
+        raw = bytearray(world.blob(digest).read_bytes())
+        raw[offset] ^= 0x01
+        world.blob(digest).write_bytes(raw)
+
+    s3 = s3_client(world.server)
+    with world.client() as c:
+        with pytest.raises(AnvilAPIError) as refused:  # small: a clean error before any byte
+            c.get_object(world.bucket, "small/a")
+        assert refused.value.code == "DataCorrupted"
+        with pytest.raises((BotoCoreError, ClientError, OSError)):  # large: the stream is reset
+            s3.get_object(Bucket=world.bucket, Key="big/multi.bin")["Body"].read()
+        for digest, key in ((small, "small/a"), (part1, "big/multi.bin")):
+            (f,) = [f for f in open_findings_about(c, digest) if f["invariant"] == "blob.corrupt"]
+            assert f["affected"]["bucket"] == world.bucket and f["affected"]["key"] == key
+            assert "version_id" in f["affected"]
+    assert {small, part1} <= {p.name for p in (world.storage / "quarantine").iterdir()}
+
+    code, report = world.heal()
+    assert code == 0, report
+    assert {h["sha256"]: h["snapshot"] for h in report["healed"]} == {small: snap, part1: snap}
+    assert not (world.storage / "quarantine" / small).exists()
+
+    with world.client() as c:
+        assert open_findings_about(c, small) == [] and open_findings_about(c, part1) == []
+    body = s3.get_object(Bucket=world.bucket, Key="big/multi.bin")["Body"].read()
+    assert body == world.bodies["big/multi.bin"]
+    world.assert_all_objects_read_back()
+    fsck = world.cli("fsck", "--deep", "--endpoint", world.server.endpoint, "--json")
+    assert json.loads(fsck.stdout)["ok"] is True
