@@ -34,6 +34,7 @@ HTTP_STATUS: dict[str, int] = {
     "StorageLocked": 409,
     "UnsupportedFormat": 500,
     "Internal": 500,
+    "MaxDepthExceeded": 422,
 }
 
 

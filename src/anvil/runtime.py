@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from anvil.authz import AuthzService
 from anvil.diagnostics import Diagnostics
 from anvil.diagnostics.participant import DiagnosticsParticipant
 from anvil.diagnostics.service import check_storage_path
@@ -39,6 +40,7 @@ class Anvil:
             secrets_dir = self.storage.layout.secrets
             self.identity = IdentityService(self.storage, load_keyring(secrets_dir), load_jwt_secret(secrets_dir))
             install_bucket_lookup(self._bucket_access)
+            self.authz = AuthzService(self.storage)
             self.watch = WatchService(self.storage, bucket_exists=lambda b: self.objects.find_bucket(b) is not None)
             self.diagnostics = Diagnostics(self.storage, self.objects, recovery_participants())
             self.storage.catalog.start()
