@@ -12,8 +12,8 @@ import pytest
 from anvil.context import DEV_PRINCIPAL, Principal, RequestContext
 from anvil.errors import AnvilError
 from anvil.runtime import Anvil
-from anvil.watch import make_scope
 from anvil.storage import journal
+from anvil.watch import make_scope
 from anvil.watch.events import ReadFilter, project
 
 SCHEMA = """
