@@ -235,3 +235,41 @@ def test_tenants_are_separate_and_scopes_are_required(anvil: Anvil) -> None:
         anvil.authz.check(acme, "document:a", "view", "user:amy", tenant="default")
     assert e.value.code == "PermissionDenied"
     assert anvil.authz.check(reader, "document:a", "view", "user:amy")["permissionship"] == "no_permission"
+
+
+def test_the_participant_summarises_and_validates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import apsw
+
+    from anvil.authz.participant import AuthzParticipant
+    from anvil.storage import records
+    from anvil.storage.recovery import RecoveryContext, has_errors
+
+    monkeypatch.setenv("ANVIL_ARGON2_FAST", "1")
+    a = Anvil(tmp_path / "data")
+    try:
+        a.authz.write_schema(CTX, SCHEMA)
+        _write(a, "document:a#viewer@user:amy", "group:g#member@user:bob", "document:a#viewer@group:g#member")
+        _write(a, "group:g#member@user:bob", op="delete")
+    finally:
+        a.close()
+    p = AuthzParticipant()
+
+    def run(recorded: dict | None = None) -> tuple[dict, list]:
+        conn = records.open_readonly(tmp_path / "data" / "catalog.db")
+        try:
+            ctx = RecoveryContext(tmp_path / "data", conn, a.storage.blobs, [p])
+            return p.summary(ctx), p.validate(ctx, recorded)
+        finally:
+            records.close(conn)
+
+    summary, found = run()
+    assert (summary["tenants"], summary["relationships"], summary["rows"]) == (1, 2, 3)
+    assert not has_errors(found)
+    # A relationship edited underneath into one its schema does not allow: named, and the digest differs.
+    raw = apsw.Connection(str(tmp_path / "data" / "catalog.db"))
+    raw.execute("UPDATE authz_relationships SET relation = 'owner' WHERE rid = 'a' AND stype = 'group'")
+    raw.close()
+    _, found = run(summary)
+    messages = [f.message for f in found if f.severity == "error"]
+    assert any("not valid under its tenant's schema" in m and "not allowed on document#owner" in m for m in messages)
+    assert any(f.invariant == "authz.summary_differs" for f in found)

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from anvil.authz import AuthzService
+from anvil.authz.participant import AuthzParticipant
 from anvil.diagnostics import Diagnostics
 from anvil.diagnostics.participant import DiagnosticsParticipant
 from anvil.diagnostics.service import check_storage_path
@@ -29,7 +30,7 @@ def recovery_participants() -> list[Participant]:
     appends its own here and thereby joins backup, restore, fsck, gc, the drill and the
     conformance suite."""
     return [StorageParticipant(), JournalParticipant(), ObjectsParticipant(), BlobsParticipant(),
-            IdentityParticipant(), WatchParticipant(), DiagnosticsParticipant()]
+            IdentityParticipant(), WatchParticipant(), DiagnosticsParticipant(), AuthzParticipant()]
 
 
 class Anvil:
