@@ -108,7 +108,7 @@ class AuthzParticipant(Participant):
             return [self.finding("info", "authz", "no authorisation records in this store")]
         schemas = _schemas(conn)
         parsed = {}
-        for tenant, (rev, text, recorded_digest) in schemas.items():
+        for tenant, (_rev, text, recorded_digest) in schemas.items():
             if hashlib.sha256(text.encode()).hexdigest() != recorded_digest:
                 add(self.finding("error", f"schema of tenant {tenant}", "schema text differs from its recorded digest",
                                  "authz.schema_invalid", {"tenant": tenant}))
@@ -146,7 +146,8 @@ class AuthzParticipant(Participant):
         if recorded:
             for field in ("tenants", "schemas", "caveats", "relationships", "rows", "digest"):
                 if field in recorded and recorded[field] != now[field]:
-                    add(self.finding("error", f"authz {field}", f"restored {now[field]!r}, recorded {recorded[field]!r}",
+                    add(self.finding("error", f"authz {field}",
+                                     f"restored {now[field]!r}, recorded {recorded[field]!r}",
                                      "authz.summary_differs", {"field": field}))
         if not findings:
             findings.append(self.finding("info", "authz", f"{now['tenants']} schemas parse; {now['relationships']} "
