@@ -480,12 +480,10 @@ class AuthzService:
         now = engine.snap.now
         hit = self.cache.get(key, now)
         if hit is None:
-            before = engine.snap.min_expiry
-            engine.snap.min_expiry = float("inf")
-            r = engine.check(rtype, rid, permission, subj)
-            self.cache.put(key, r, engine.snap.min_expiry)
-            engine.snap.min_expiry = min(before, engine.snap.min_expiry)
-            hit = r
+            hit = engine.check(rtype, rid, permission, subj)
+            # The earliest expiry the whole snapshot has read so far: conservative (rows memoised by
+            # an earlier question of a bulk check count too), never too late.
+            self.cache.put(key, hit, engine.snap.min_expiry)
         return _answer(hit)
 
     def check(self, principal: Principal, resource: Any, permission: Any, subject: Any, *, context: Any = None,
