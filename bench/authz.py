@@ -142,7 +142,7 @@ def main() -> None:
             warm = run_checks(anvil, pairs)
             lookups = []
             found = 0
-            for i in range(5):
+            for _ in range(5):
                 anvil.authz.cache = type(anvil.authz.cache)()  # cold: the cache would answer repeats at once
                 s = time.perf_counter()
                 res = anvil.authz.lookup_resources(DEV_PRINCIPAL, "document", "view", "user:star")
