@@ -233,3 +233,13 @@ def test_cli(admin: AnvilClient, server: AnvilServer, tmp_path: Path) -> None:
     assert bad.returncode == 1 and "malformed relationship at character" in bad.stderr.decode()
     as_json = json.loads(server.cli("authz", "check", "document:cli", "view", "user:cleo", "--json").stdout)
     assert as_json["permissionship"] == "no_permission" and as_json["checked_at"].startswith("z1.")
+
+
+def test_authz_routes_are_in_openapi(server: AnvilServer) -> None:
+    from anvil.api.authz import AUTHZ_ROUTES
+
+    doc = httpx.get(f"{server.endpoint}/anvil/v1/openapi.json").json()
+    for route in AUTHZ_ROUTES:
+        for method in route.methods - {"HEAD"}:
+            assert method.lower() in doc["paths"].get(route.path, {}), (method, route.path)
+    assert "text/plain" in doc["paths"]["/anvil/v1/authz/schema"]["put"]["requestBody"]["content"]
