@@ -14,8 +14,9 @@ The graph (all numbers scale with --relationships; at 1M):
 
 It runs in-process against `AuthzService` (the code every route calls), through the real
 catalog and journal: relationships are written in batches of 1000 like a client would. Checks
-are random (document, user) pairs, fully consistent, first on a cold cache then repeated
-(warm). Targets (2 cores): check p99 <= 5 ms, >= 5,000 checks/s, lookup of 10,000 <= 500 ms.
+are random (document, user) pairs at the newest revision: a first pass (no answer cached; the
+shared row cache fills as it goes, as on a live server) and the same pairs again (answers
+cached). Lookups run with both caches emptied first. Targets (2 cores): check p99 <= 5 ms, >= 5,000 checks/s, lookup of 10,000 <= 500 ms.
 Prints one JSON document.
 """
 
@@ -143,7 +144,9 @@ def main() -> None:
             lookups = []
             found = 0
             for _ in range(5):
-                anvil.authz.cache = type(anvil.authz.cache)()  # cold: the cache would answer repeats at once
+                # Cold: neither answers nor relationship rows cached (the answer cache would reply at once).
+                anvil.authz.cache = type(anvil.authz.cache)()
+                anvil.authz.rows = type(anvil.authz.rows)()
                 s = time.perf_counter()
                 res = anvil.authz.lookup_resources(DEV_PRINCIPAL, "document", "view", "user:star")
                 lookups.append((time.perf_counter() - s) * 1000)
@@ -158,7 +161,7 @@ def main() -> None:
     }
     targets["all_met"] = all(t["met"] for t in targets.values())  # type: ignore[index]
     print(json.dumps({"benchmark": "authz", "quick": args.quick, "cpus": os.cpu_count(), "graph": graph,
-                      "check_cold_cache": cold, "check_warm_cache": warm, "lookup_resources": lookup,
+                      "check_first_pass": cold, "check_repeat": warm, "lookup_resources": lookup,
                       "targets": targets}, indent=2))
 
 

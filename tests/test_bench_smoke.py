@@ -86,7 +86,7 @@ def test_authz_bench_quick_prints_every_figure() -> None:
     doc = json.loads(proc.stdout)
     assert doc["benchmark"] == "authz" and doc["quick"] is True
     assert doc["graph"]["relationships"] > 10_000
-    for phase in ("check_cold_cache", "check_warm_cache"):
+    for phase in ("check_first_pass", "check_repeat"):
         assert {"checks_per_s", "p50_ms", "p99_ms"} <= doc[phase].keys()
         assert 0 < doc[phase]["allowed_fraction"] < 1  # the random pairs are neither all allowed nor all denied
     # The star user sees exactly the documents of its subtree.

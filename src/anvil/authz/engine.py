@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -84,33 +86,68 @@ def depth_error(limit: int) -> AnvilError:
                       "deeply than the bound allows (or the schema recurses without end)")
 
 
+class RowCache:
+    """Relationship rows per (tenant, revision, resource, relation), shared by every question.
+
+    Rows at a revision never change (a write makes a new revision), so entries need no
+    invalidation; they are kept unfiltered by expiry and filtered when used, so they stay right
+    as time passes. Bounded LRU: a question touching a group or folder many others share finds
+    its rows in memory instead of the catalog."""
+
+    def __init__(self, size: int = 200_000):
+        self.size = size
+        self._d: OrderedDict[tuple, list[Row]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> list[Row] | None:
+        with self._lock:
+            hit = self._d.get(key)
+            if hit is not None:
+                self._d.move_to_end(key)
+            return hit
+
+    def put(self, key: tuple, rows: list[Row]) -> None:
+        with self._lock:
+            self._d[key] = rows
+            while len(self._d) > self.size:
+                self._d.popitem(last=False)
+
+
 class Snapshot:
     """The relationships of one tenant at one revision, read through one connection."""
 
-    def __init__(self, conn: Connection, tenant: str, revision: int, now: float):
+    def __init__(self, conn: Connection, tenant: str, revision: int, now: float, cache: RowCache | None = None):
         self.conn = conn
         self.tenant = tenant
         self.revision = revision
         self.now = now
+        self.cache = cache
         self._rows: dict[tuple[str, str, str], list[Row]] = {}
         self.min_expiry = math.inf  # the earliest expiration any answer depended on
 
-    _LIVE = "created_rev <= ? AND (deleted_rev IS NULL OR deleted_rev > ?) AND (expires IS NULL OR expires > ?)"
-
-    def _note(self, rows: Iterable[Row]) -> None:
-        for r in rows:
-            if r.expires is not None and r.expires < self.min_expiry:
-                self.min_expiry = r.expires
+    _AT = "created_rev <= ? AND (deleted_rev IS NULL OR deleted_rev > ?)"
+    _LIVE = _AT + " AND (expires IS NULL OR expires > ?)"
 
     def rows(self, rtype: str, rid: str, relation: str) -> list[Row]:
         key = (rtype, rid, relation)
         hit = self._rows.get(key)
         if hit is None:
-            hit = [Row(*r) for r in self.conn.execute(
-                "SELECT stype, sid, srel, caveat, context, expires FROM authz_relationships "
-                f"WHERE tenant = ? AND rtype = ? AND rid = ? AND relation = ? AND {self._LIVE}",
-                (self.tenant, rtype, rid, relation, self.revision, self.revision, self.now))]
-            self._note(hit)
+            shared_key = (self.tenant, self.revision, rtype, rid, relation)
+            every = self.cache.get(shared_key) if self.cache is not None else None
+            if every is None:
+                every = [Row(*r) for r in self.conn.execute(
+                    "SELECT stype, sid, srel, caveat, context, expires FROM authz_relationships "
+                    f"WHERE tenant = ? AND rtype = ? AND rid = ? AND relation = ? AND {self._AT}",
+                    (self.tenant, rtype, rid, relation, self.revision, self.revision))]
+                if self.cache is not None:
+                    self.cache.put(shared_key, every)
+            hit = []
+            for r in every:
+                if r.expires is not None:
+                    if r.expires <= self.now:
+                        continue
+                    self.min_expiry = min(self.min_expiry, r.expires)
+                hit.append(r)
             self._rows[key] = hit
         return hit
 

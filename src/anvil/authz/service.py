@@ -27,7 +27,7 @@ from collections import OrderedDict
 from typing import Any
 
 from anvil.authz import relationships as rels
-from anvil.authz.engine import COND, Engine, Result, Snapshot
+from anvil.authz.engine import COND, Engine, Result, RowCache, Snapshot
 from anvil.authz.relationships import Relationship
 from anvil.authz.schema import MAX_DEPTH_DEFAULT, Schema, parse
 from anvil.context import Principal, RequestContext
@@ -148,6 +148,7 @@ class AuthzService:
         self._latest: dict[str, int] = {}  # tenant -> revision of its last authz write seen by this process
         self._lock = threading.Lock()
         self.cache = _Cache()
+        self.rows = RowCache()
 
     # ---------------------------------------------------------------- plumbing
 
@@ -442,7 +443,7 @@ class AuthzService:
             raise _invalid("context must be a JSON object of caveat parameters")
         schema = self._schema(conn, tenant, rev)
         assert schema is not None
-        return Engine(schema, Snapshot(conn, tenant, rev, time.time()), context, self.max_depth)
+        return Engine(schema, Snapshot(conn, tenant, rev, time.time(), self.rows), context, self.max_depth)
 
     def _question(self, principal: Principal, tenant: Any, consistency: Any, context: Any
                   ) -> tuple[str, Connection, int, Engine]:
