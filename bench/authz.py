@@ -16,7 +16,8 @@ It runs in-process against `AuthzService` (the code every route calls), through 
 catalog and journal: relationships are written in batches of 1000 like a client would. Checks
 are random (document, user) pairs at the newest revision: a first pass (no answer cached; the
 shared row cache fills as it goes, as on a live server) and the same pairs again (answers
-cached). Lookups run with both caches emptied first. Targets (2 cores): check p99 <= 5 ms, >= 5,000 checks/s, lookup of 10,000 <= 500 ms.
+cached). Lookups run with both caches emptied first.
+Targets (2 cores): check p99 <= 5 ms, >= 5,000 checks/s, lookup of 10,000 <= 500 ms.
 Prints one JSON document.
 """
 
