@@ -145,6 +145,7 @@ class AuthzService:
         self.max_depth = max_depth
         self.catalog.migrate("authz", MIGRATIONS)
         self._schemas: dict[tuple[str, int], Schema] = {}
+        self._schema_at: dict[tuple[str, int], Schema] = {}  # (tenant, read revision) -> schema then
         self._latest: dict[str, int] = {}  # tenant -> revision of its last authz write seen by this process
         self._lock = threading.Lock()
         self.cache = _Cache()
@@ -176,6 +177,11 @@ class AuthzService:
         return (int(row[0]), row[1]) if row else None
 
     def _schema(self, conn: Connection, tenant: str, at: int | None, *, required: bool = True) -> Schema | None:
+        if at is not None:
+            # The schema in force at a revision never changes: questions skip the catalog read.
+            known = self._schema_at.get((tenant, at))
+            if known is not None:
+                return known
         row = self._schema_row(conn, tenant, at)
         if row is None:
             if required:
@@ -189,6 +195,11 @@ class AuthzService:
                 if len(self._schemas) > 256:
                     self._schemas.clear()
                 self._schemas[key] = schema
+        if at is not None:
+            with self._lock:
+                if len(self._schema_at) > 4096:
+                    self._schema_at.clear()
+                self._schema_at[(tenant, at)] = schema
         return schema
 
     def _tenant_revision(self, conn: Connection, tenant: str, at: int | None = None) -> int:
