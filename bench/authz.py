@@ -62,7 +62,7 @@ definition document {
 CTX = RequestContext(DEV_PRINCIPAL)
 
 
-def build(anvil: Anvil, total: int, rng: random.Random) -> dict[str, int]:
+def build(anvil: Anvil, total: int, rng: random.Random) -> tuple[dict[str, int], list[tuple[str, str]]]:
     scale = total / 1_000_000
     users = max(100, int(10_000 * scale))
     groups = max(20, int(1_000 * scale))
@@ -87,9 +87,12 @@ def build(anvil: Anvil, total: int, rng: random.Random) -> dict[str, int]:
     for d in range(star_docs):
         rels.append(f"document:s{d}#folder@folder:star{d % 100}")
     d = 0
+    granted: list[tuple[str, str]] = []  # (document, a user it names directly): checks that answer yes
     while len(rels) < total:
         rels.append(f"document:d{d}#folder@folder:f{rng.randrange(folders)}")
-        rels.append(f"document:d{d}#viewer@user:u{rng.randrange(users)}")
+        viewer = f"user:u{rng.randrange(users)}"
+        rels.append(f"document:d{d}#viewer@{viewer}")
+        granted.append((f"document:d{d}", viewer))
         if d % 50 == 0:
             rels.append(f"document:d{d}#banned@user:u{rng.randrange(users)}")
         d += 1
@@ -97,8 +100,10 @@ def build(anvil: Anvil, total: int, rng: random.Random) -> dict[str, int]:
     t0 = time.perf_counter()
     for i in range(0, len(rels), 1000):
         anvil.authz.write_relationships(CTX, [{"operation": "touch", "relationship": r} for r in rels[i:i + 1000]])
-    return {"relationships": len(rels), "users": users, "groups": groups, "folders": folders, "documents": d,
-            "star_documents": star_docs, "load_seconds": round(time.perf_counter() - t0, 1)}
+    granted = granted[: max(0, d - 1)]  # the last document may have been cut off by the total
+    granted += [(f"document:s{i}", "user:star") for i in range(star_docs)]  # via group, folder and parent
+    return ({"relationships": len(rels), "users": users, "groups": groups, "folders": folders, "documents": d,
+             "star_documents": star_docs, "load_seconds": round(time.perf_counter() - t0, 1)}, granted)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -136,10 +141,14 @@ def main() -> None:
         anvil = Anvil(Path(args.path or tmp) / "data")
         try:
             anvil.authz.write_schema(CTX, SCHEMA)
-            graph = build(anvil, args.relationships, rng)
+            graph, granted = build(anvil, args.relationships, rng)
             docs = graph["documents"]
+            # Half random pairs (nearly all denied: every branch is explored), half pairs that are allowed
+            # (directly, or for `star` through group, folder and parent folder).
             pairs = [(f"document:d{rng.randrange(docs)}", f"user:u{rng.randrange(graph['users'])}")
-                     for _ in range(args.checks)]
+                     for _ in range(args.checks // 2)]
+            pairs += rng.sample(granted, min(len(granted), args.checks - len(pairs)))
+            rng.shuffle(pairs)
             cold = run_checks(anvil, pairs)
             warm = run_checks(anvil, pairs)
             lookups = []

@@ -88,7 +88,7 @@ def test_authz_bench_quick_prints_every_figure() -> None:
     assert doc["graph"]["relationships"] > 10_000
     for phase in ("check_first_pass", "check_repeat"):
         assert {"checks_per_s", "p50_ms", "p99_ms"} <= doc[phase].keys()
-        assert 0 < doc[phase]["allowed_fraction"] < 1  # the random pairs are neither all allowed nor all denied
+        assert 0.4 < doc[phase]["allowed_fraction"] < 0.7  # half the pairs are granted, the random half rarely
     # The star user sees exactly the documents of its subtree.
     assert doc["lookup_resources"]["found"] == doc["graph"]["star_documents"]
     assert set(doc["targets"]) == {"check_p99_ms", "checks_per_s", "lookup_resources_ms", "all_met"}
