@@ -126,12 +126,79 @@ def run_checks(anvil: Anvil, pairs: list[tuple[str, str]]) -> dict[str, float]:
             "allowed_fraction": round(allowed / len(pairs), 3)}
 
 
+def run_http(store: Path, pairs: list[tuple[str, str]], bulk: list[tuple[str, str]],
+             clients: int) -> dict[str, float]:
+    """Checks through `anvil serve` and the SDK (HTTP, bearer token, JSON): `pairs` one per request from
+    `clients` threads, then `bulk` 100 per request (a fresh server: its caches start empty)."""
+    import socket
+    import subprocess
+    import threading
+
+    import httpx
+
+    from anvil.client import AnvilClient
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "anvil.cli.main", "serve", "--storage-path", str(store),
+                             "--listen", f"127.0.0.1:{port}"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(400):
+            try:
+                if httpx.get(endpoint + "/anvil/health/live", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        cred = json.loads((store / "bootstrap" / "first-admin.json").read_text())
+        lat: list[float] = []
+        lock = threading.Lock()
+        share = [pairs[i::clients] for i in range(clients)]
+
+        def work(mine: list[tuple[str, str]]) -> None:
+            with AnvilClient(endpoint, client_id=cred["client_id"], client_secret=cred["client_secret"]) as c:
+                c.authz_check("document:d0", "view", "user:u0", tenant="default")  # token exchange, connection
+                local = []
+                for doc, user in mine:
+                    s = time.perf_counter()
+                    c.authz_check(doc, "view", user, tenant="default")
+                    local.append((time.perf_counter() - s) * 1000)
+            with lock:
+                lat.extend(local)
+
+        threads = [threading.Thread(target=work, args=(m,)) for m in share]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        # Bulk check: 100 pairs per request, one client (the per-request cost is paid once per 100).
+        with AnvilClient(endpoint, client_id=cred["client_id"], client_secret=cred["client_secret"]) as c:
+            items = [{"resource": d, "permission": "view", "subject": u} for d, u in bulk]
+            t1 = time.perf_counter()
+            for i in range(0, len(items), 100):
+                c.authz_bulk_check(items[i:i + 100], tenant="default")
+            bulk_wall = time.perf_counter() - t1
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return {"checks": len(lat), "clients": clients, "checks_per_s": round(len(lat) / wall),
+            "p50_ms": round(pct(lat, 0.5), 3), "p99_ms": round(pct(lat, 0.99), 3),
+            "bulk_100_checks_per_s": round(len(items) / bulk_wall)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--relationships", type=int, default=1_000_000)
     ap.add_argument("--checks", type=int, default=20_000)
     ap.add_argument("--path", default=None, help="Store directory (default: a temporary one).")
     ap.add_argument("--quick", action="store_true", help="20,000 relationships and 2,000 checks (a smoke run).")
+    ap.add_argument("--http-clients", type=int, default=4,
+                    help="Also check through `anvil serve` with this many client threads (0: skip).")
     args = ap.parse_args()
     if args.quick:
         args.relationships, args.checks = 20_000, 2_000
@@ -163,6 +230,9 @@ def main() -> None:
                 found = len(res["resources"])
         finally:
             anvil.close()
+        quarter = max(1, len(pairs) // 4)
+        http = run_http(Path(args.path or tmp) / "data", pairs[:quarter], pairs[quarter:2 * quarter],
+                        args.http_clients) if args.http_clients > 0 else None
     lookup = {"found": found, "median_ms": round(statistics.median(lookups), 1), "max_ms": round(max(lookups), 1)}
     targets = {
         "check_p99_ms": {"target": 5.0, "value": cold["p99_ms"], "met": cold["p99_ms"] <= 5.0},
@@ -171,7 +241,7 @@ def main() -> None:
     }
     targets["all_met"] = all(t["met"] for t in targets.values())  # type: ignore[index]
     print(json.dumps({"benchmark": "authz", "quick": args.quick, "cpus": os.cpu_count(), "graph": graph,
-                      "check_first_pass": cold, "check_repeat": warm, "lookup_resources": lookup,
+                      "check_first_pass": cold, "check_repeat": warm, "check_http": http, "lookup_resources": lookup,
                       "targets": targets}, indent=2))
 
 

@@ -141,15 +141,40 @@ class Snapshot:
                     (self.tenant, rtype, rid, relation, self.revision, self.revision))]
                 if self.cache is not None:
                     self.cache.put(shared_key, every)
-            hit = []
-            for r in every:
-                if r.expires is not None:
-                    if r.expires <= self.now:
-                        continue
-                    self.min_expiry = min(self.min_expiry, r.expires)
-                hit.append(r)
+            hit = self._live(every)
             self._rows[key] = hit
         return hit
+
+    def _live(self, every: list[Row]) -> list[Row]:
+        """Rows not yet expired; notes the earliest expiry an answer now depends on."""
+        hit = []
+        for r in every:
+            if r.expires is not None:
+                if r.expires <= self.now:
+                    continue
+                self.min_expiry = min(self.min_expiry, r.expires)
+            hit.append(r)
+        return hit
+
+    def prefetch(self, rtype: str, ids: list[str], relations: list[str]) -> None:
+        """Load the rows of many objects' relations in a few queries (lookups verify many candidates)."""
+        if not ids or not relations:
+            return
+        wanted = [i for i in ids if any((rtype, i, r) not in self._rows for r in relations)]
+        if not wanted:
+            return
+        found: dict[tuple[str, str], list[Row]] = {(i, r): [] for i in wanted for r in relations}
+        marks = ",".join("?" * len(wanted))
+        rel_marks = ",".join("?" * len(relations))
+        for rid, relation, *rest in self.conn.execute(
+            "SELECT rid, relation, stype, sid, srel, caveat, context, expires FROM authz_relationships "
+            f"WHERE tenant = ? AND rtype = ? AND relation IN ({rel_marks}) AND rid IN ({marks}) AND {self._AT}",
+            (self.tenant, rtype, *relations, *wanted, self.revision, self.revision)):
+            found[(rid, relation)].append(Row(*rest))
+        for (rid, relation), every in found.items():
+            if self.cache is not None:
+                self.cache.put((self.tenant, self.revision, rtype, rid, relation), every)
+            self._rows[(rtype, rid, relation)] = self._live(every)
 
     def resources_with_subject(self, stype: str, sid: str, srel: str,
                                relations: Iterable[tuple[str, str]] | None = None) -> list[tuple[str, str, str]]:
@@ -318,9 +343,13 @@ class Engine:
                          limit: int | None = None) -> list[tuple[str, Result]]:
         """Resources of `rtype` on which `subject` has `permission`: candidates by walking the
         relationship graph backwards from the subject, each then decided by `check`."""
-        candidates = self.resource_candidates(rtype, permission, subject)
+        candidates = sorted(self.resource_candidates(rtype, permission, subject))
+        relations = self.index.local_relations(self.schema, rtype, permission)
         out: list[tuple[str, Result]] = []
-        for rid in sorted(candidates):
+        for n, rid in enumerate(candidates):
+            if n % 500 == 0:
+                # The candidates' own rows, 500 ids per query, instead of a few queries per check.
+                self.snap.prefetch(rtype, candidates[n:n + 500], relations)
             r = self.check(rtype, rid, permission, subject)
             if r.state != NO:
                 out.append((rid, r))
@@ -350,8 +379,9 @@ class Engine:
             if len(seen) > 1_000_000:
                 raise AnvilError("InvalidArgument", "lookup reached more than a million relations; narrow it")
             t, i, name = queue.pop()
-            for node in self.snap.resources_with_subject(t, i, name):  # usersets naming this one
-                add(node)
+            if (t, name) in idx.usersets:  # usersets naming this one (only if some relation allows them)
+                for node in self.snap.resources_with_subject(t, i, name):
+                    add(node)
             for perm in idx.refs.get((t, name), ()):  # permissions of the same object using it
                 add((t, i, perm))
             for rt, perm, ts in idx.arrows.get((t, name), ()):  # arrows walking to it
@@ -487,6 +517,10 @@ class _SchemaIndex:
     def __init__(self, schema: Schema):
         self.refs: dict[tuple[str, str], list[str]] = {}
         self.arrows: dict[tuple[str, str], list[tuple[str, str, str]]] = {}
+        # (type, relation) pairs some relation allows as a subject (`group#member`).
+        self.usersets = {(t.type, t.relation) for d in schema.definitions.values()
+                         for r in d.relations.values() for t in r.types if t.relation}
+        self._local: dict[tuple[str, str], list[str]] = {}
         for d in schema.definitions.values():
             for p in d.permissions.values():
                 for leaf in _leaves(p.expr):
@@ -497,3 +531,25 @@ class _SchemaIndex:
                             lst = self.arrows.setdefault((t.type, leaf.target), [])
                             if (d.name, p.name, leaf.tupleset) not in lst:
                                 lst.append((d.name, p.name, leaf.tupleset))
+
+    def local_relations(self, schema: Schema, rtype: str, name: str) -> list[str]:
+        """The relations of `rtype` that evaluating `name` reads on the object itself (through its
+        permissions, and the tuplesets of its arrows)."""
+        key = (rtype, name)
+        if key not in self._local:
+            d = schema.definitions[rtype]
+            found: list[str] = []
+            todo, seen = [name], set()
+            while todo:
+                n = todo.pop()
+                if n in seen:
+                    continue
+                seen.add(n)
+                if n in d.relations:
+                    found.append(n)
+                elif n in d.permissions:
+                    for leaf in _leaves(d.permissions[n].expr):
+                        todo.append(leaf.name if isinstance(leaf, Ref) else leaf.tupleset)
+            self._local[key] = sorted(found)
+        return self._local[key]
+
