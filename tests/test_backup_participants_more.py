@@ -60,6 +60,13 @@ def world(tmp_path_factory: pytest.TempPathFactory):
             ac.put_object(bucket, "other/x", b"not in scope")
             ac.put_object(bucket, "docs/b", b"second")
         client.create_consumer("at-head")
+        # Authorisation records (schema, relationships with a caveat and a deletion) for the authz participant.
+        client.authz_write_schema("definition user {}\ncaveat on_net(ip ipaddress) { ip.in_cidr('10.0.0.0/8') }\n"
+                                  "definition doc {\n  relation viewer: user | user with on_net\n"
+                                  "  permission view = viewer\n}\n")
+        client.authz_write(["doc:a#viewer@user:amy", 'doc:a#viewer@user:bob[on_net:{"ip":"10.0.0.9"}]',
+                            "doc:b#viewer@user:amy"])
+        client.authz_write(["doc:b#viewer@user:amy"], operation="delete")
         body = b"orphan for a finding " + os.urandom(8)
         sha = hashlib.sha256(body).hexdigest()
         orphan = srv.storage_path / "blobs" / "sha256" / sha[:2] / sha
@@ -154,12 +161,13 @@ def test_drill_with_escrow_proves_identity_watch_and_diagnostics(world, tmp_path
     report = json.loads((tmp_path / "drill-report.json").read_text())
     assert proc.returncode == 0, json.dumps([c for c in report["checks"] if not c["ok"]], indent=1)
     checks = {c["check"]: c for c in report["checks"]}
-    for name in ("smoke: identity", "smoke: watch", "smoke: diagnostics", "smoke after resume: watch"):
+    for name in ("smoke: identity", "smoke: watch", "smoke: diagnostics", "smoke after resume: watch", "smoke: authz"):
         assert checks[name]["ok"], checks[name]
     msg = " ".join(f["message"] for c in checks.values() for f in c["findings"])
     assert "recorded authorisation fixtures decide the same" in msg
     assert "resumed from their recorded cursors" in msg and "ending with the write made after resume" in msg
     assert "recorded ones match" in msg
+    assert "1 schemas and 2 relationships read back match the digest; 1 checks agree" in msg
     covered = {c["item"]: c["participants"] for c in report["coverage"]}
     assert covered["watch logs, cursors and checkpoints"] == ["watch"]
 

@@ -76,3 +76,19 @@ def test_watch_bench_short_run_prints_every_figure() -> None:
     assert {"events_per_s_to_1_watcher", "latency_p99_ms", "target_p99_ms", "target_met"} <= summary.keys()
     for phase in ("max_rate_1_watcher", "max_rate_3_watchers", "paced_50_writes_per_s_3_watchers"):
         assert doc[phase]["complete"] is True and doc[phase]["ordered"] is True
+
+
+def test_authz_bench_quick_prints_every_figure() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "authz.py"), "--quick"], env=env,
+                          capture_output=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    doc = json.loads(proc.stdout)
+    assert doc["benchmark"] == "authz" and doc["quick"] is True
+    assert doc["graph"]["relationships"] > 10_000
+    for phase in ("check_first_pass", "check_repeat"):
+        assert {"checks_per_s", "p50_ms", "p99_ms"} <= doc[phase].keys()
+        assert 0.4 < doc[phase]["allowed_fraction"] < 0.7  # half the pairs are granted, the random half rarely
+    # The star user sees exactly the documents of its subtree.
+    assert doc["lookup_resources"]["found"] == doc["graph"]["star_documents"]
+    assert set(doc["targets"]) == {"check_p99_ms", "checks_per_s", "lookup_resources_ms", "all_met"}

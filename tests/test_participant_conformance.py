@@ -33,7 +33,8 @@ def _participant(name: str) -> Participant:
 
 
 def _populate(root: Path) -> None:
-    """A little of every kind of state: buckets, versions, a multipart part, an app, a consumer, a finding."""
+    """A little of every kind of state: buckets, versions, a multipart part, an app, a consumer, a finding,
+    an authz schema with relationships (one deleted)."""
     a = Anvil(root)
     try:
         ctx = RequestContext(DEV_PRINCIPAL)
@@ -56,6 +57,14 @@ def _populate(root: Path) -> None:
         a.identity.delete_app(ctx, gone["client_id"])
         a.identity.revoke_token(ctx, "0123456789abcdef0123456789abcdef")
         a.watch.create_consumer(ctx, "conf-consumer", make_scope(DEV_PRINCIPAL, bucket="conf-a"), 0)
+        a.authz.write_schema(ctx, "definition user {}\ncaveat on_net(ip ipaddress) { ip.in_cidr('10.0.0.0/8') }\n"
+                                  "definition doc {\n relation viewer: user | user with on_net\n"
+                                  " permission view = viewer\n}")
+        a.authz.write_relationships(ctx, [{"operation": "touch", "relationship": r} for r in (
+            "doc:conf#viewer@user:amy", 'doc:conf#viewer@user:bob[on_net:{"ip":"10.1.1.1"}]',
+            "doc:gone#viewer@user:amy")])
+        a.authz.write_relationships(ctx, [{"operation": "delete", "relationship": "doc:gone#viewer@user:amy"},
+                                          {"operation": "touch", "relationship": "doc:last#viewer@user:carl"}])
         record(a.storage.catalog, make_finding("diagnostics", "warning", "conformance.seeded", "seeded", {}),
                actor=ctx.actor, request_id=ctx.request_id)
     finally:

@@ -602,6 +602,85 @@ class AnvilClient:
     def identity_validate(self) -> dict[str, Any]:
         return self._json("GET", "/anvil/v1/admin/identity/validate")
 
+    # ------------------------------------------------------------ authorisation (docs/authz.md)
+    # `consistency`: "minimize_latency" (default), "fully_consistent", {"at_least_as_fresh": TOKEN}
+    # or {"at_exact_snapshot": TOKEN}; `tenant`: admins only (default: the caller's tenant).
+
+    @staticmethod
+    def _authz_body(**fields: Any) -> dict[str, Any]:
+        return {k: v for k, v in fields.items() if v is not None}
+
+    def authz_write_schema(self, schema: str, *, tenant: str | None = None) -> dict[str, Any]:
+        return self._json("PUT", "/anvil/v1/authz/schema", content=schema.encode(),
+                          headers={"content-type": "text/plain; charset=utf-8"},
+                          params={"tenant": tenant} if tenant else None)
+
+    def authz_read_schema(self, *, tenant: str | None = None, consistency: Any = None) -> dict[str, Any]:
+        if consistency is not None and not isinstance(consistency, str):
+            consistency = json.dumps(consistency)
+        params = self._authz_body(tenant=tenant, consistency=consistency)
+        return self._json("GET", "/anvil/v1/authz/schema", params=params)
+
+    def authz_write(self, updates: list[dict[str, Any] | str], *, preconditions: list[dict[str, Any]] | None = None,
+                    operation: str = "touch", tenant: str | None = None) -> dict[str, Any]:
+        """Apply one batch. Updates are {operation, relationship} or bare relationship strings (`operation`)."""
+        ups = [{"operation": operation, "relationship": u} if isinstance(u, str) else u for u in updates]
+        return self._json("POST", "/anvil/v1/authz/relationships/write",
+                          json=self._authz_body(updates=ups, preconditions=preconditions, tenant=tenant))
+
+    def authz_read(self, filter: dict[str, str], *, limit: int | None = None, cursor: str | None = None,
+                   consistency: Any = None, tenant: str | None = None) -> dict[str, Any]:
+        return self._json("POST", "/anvil/v1/authz/relationships/read", json=self._authz_body(
+            filter=filter, limit=limit, cursor=cursor, consistency=consistency, tenant=tenant))
+
+    def authz_iter(self, filter: dict[str, str], *, consistency: Any = None, tenant: str | None = None,
+                   page: int = 1000) -> Iterator[dict[str, Any]]:
+        """Every matching relationship, page by page, from one snapshot."""
+        cursor = None
+        while True:
+            res = self.authz_read(filter, limit=page, cursor=cursor, consistency=consistency, tenant=tenant)
+            yield from res["relationships"]
+            cursor = res["cursor"]
+            if not cursor:
+                return
+
+    def authz_delete(self, filter: dict[str, str], *, preconditions: list[dict[str, Any]] | None = None,
+                     limit: int | None = None, allow_partial: bool = False,
+                     tenant: str | None = None) -> dict[str, Any]:
+        return self._json("POST", "/anvil/v1/authz/relationships/delete", json=self._authz_body(
+            filter=filter, preconditions=preconditions, limit=limit, allow_partial=allow_partial, tenant=tenant))
+
+    def authz_check(self, resource: str, permission: str, subject: str, *, context: dict[str, Any] | None = None,
+                    consistency: Any = None, tenant: str | None = None) -> dict[str, Any]:
+        """{permissionship: has_permission|no_permission|conditional, missing_context?, checked_at}."""
+        return self._json("POST", "/anvil/v1/authz/check", json=self._authz_body(
+            resource=resource, permission=permission, subject=subject, context=context, consistency=consistency,
+            tenant=tenant))
+
+    def authz_bulk_check(self, items: list[dict[str, Any]], *, context: dict[str, Any] | None = None,
+                         consistency: Any = None, tenant: str | None = None) -> dict[str, Any]:
+        return self._json("POST", "/anvil/v1/authz/check/bulk", json=self._authz_body(
+            items=items, context=context, consistency=consistency, tenant=tenant))
+
+    def authz_lookup_resources(self, resource_type: str, permission: str, subject: str, *,
+                               context: dict[str, Any] | None = None, limit: int | None = None,
+                               consistency: Any = None, tenant: str | None = None) -> dict[str, Any]:
+        return self._json("POST", "/anvil/v1/authz/lookup-resources", json=self._authz_body(
+            resource_type=resource_type, permission=permission, subject=subject, context=context, limit=limit,
+            consistency=consistency, tenant=tenant))
+
+    def authz_lookup_subjects(self, resource: str, permission: str, subject_type: str, *,
+                              subject_relation: str | None = None, context: dict[str, Any] | None = None,
+                              consistency: Any = None, tenant: str | None = None) -> dict[str, Any]:
+        return self._json("POST", "/anvil/v1/authz/lookup-subjects", json=self._authz_body(
+            resource=resource, permission=permission, subject_type=subject_type, subject_relation=subject_relation,
+            context=context, consistency=consistency, tenant=tenant))
+
+    def authz_expand(self, resource: str, permission: str, *, consistency: Any = None,
+                     tenant: str | None = None) -> dict[str, Any]:
+        return self._json("POST", "/anvil/v1/authz/expand", json=self._authz_body(
+            resource=resource, permission=permission, consistency=consistency, tenant=tenant))
+
 
     # ------------------------------------------------------------ watch
 

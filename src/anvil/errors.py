@@ -38,6 +38,7 @@ HTTP_STATUS: dict[str, int] = {
     "UnsupportedFormat": 500,
     "DataCorrupted": 500,
     "Internal": 500,
+    "MaxDepthExceeded": 422,
 }
 
 

@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from anvil.authz import AuthzService
+from anvil.authz.participant import AuthzParticipant
 from anvil.context import RequestContext, new_request_id
 from anvil.diagnostics import Diagnostics
 from anvil.diagnostics import findings as fnd
@@ -40,7 +42,8 @@ def recovery_participants() -> list[Participant]:
     appends its own here and thereby joins backup, restore, fsck, gc, the drill and the
     conformance suite."""
     return [StorageParticipant(), JournalParticipant(), ObjectsParticipant(), BlobsParticipant(),
-            BlobDigestsParticipant(), IdentityParticipant(), WatchParticipant(), DiagnosticsParticipant()]
+            BlobDigestsParticipant(), IdentityParticipant(), WatchParticipant(), DiagnosticsParticipant(),
+            AuthzParticipant()]
 
 
 # Who records findings of failed read verifications (the journal's actor for them).
@@ -70,6 +73,7 @@ class Anvil:
             secrets_dir = self.storage.layout.secrets
             self.identity = IdentityService(self.storage, load_keyring(secrets_dir), load_jwt_secret(secrets_dir))
             install_bucket_lookup(self._bucket_access)
+            self.authz = AuthzService(self.storage)
             self.watch = WatchService(self.storage, bucket_exists=lambda b: self.objects.find_bucket(b) is not None)
             self.diagnostics = Diagnostics(self.storage, self.objects, recovery_participants())
             self.objects.on_corruption(self._record_corruption)

@@ -134,6 +134,32 @@ OPERATIONS += [
      True, False),
 ]
 
+# Relationship-based authorisation (docs/authz.md): bodies may name `tenant` (admins) and `consistency`.
+OPERATIONS += [
+    ("put", "/anvil/v1/authz/schema", "writeAuthzSchema",
+     "Write the tenant's SpiceDB schema (text body, or JSON {schema}); refused if it would orphan relationships",
+     [_q("tenant")], False, False),
+    ("get", "/anvil/v1/authz/schema", "readAuthzSchema", "Read the tenant's schema", [_q("tenant"), _q("consistency")],
+     False, False),
+    ("post", "/anvil/v1/authz/relationships/write", "writeRelationships",
+     "Apply {updates: [{operation: create|touch|delete, relationship}], preconditions?} as one batch", [],
+     True, False),
+    ("post", "/anvil/v1/authz/relationships/read", "readRelationships",
+     "Read relationships {filter, limit?, cursor?, consistency?}", [], True, False),
+    ("post", "/anvil/v1/authz/relationships/delete", "deleteRelationships",
+     "Delete relationships by {filter, preconditions?, limit?, allow_partial?}", [], True, False),
+    ("post", "/anvil/v1/authz/check", "checkPermission",
+     "Check {resource, permission, subject, context?, consistency?}", [], True, False),
+    ("post", "/anvil/v1/authz/check/bulk", "bulkCheckPermission", "Check many {items, context?, consistency?}",
+     [], True, False),
+    ("post", "/anvil/v1/authz/lookup-resources", "lookupResources",
+     "Resources of {resource_type} where {subject} has {permission}", [], True, False),
+    ("post", "/anvil/v1/authz/lookup-subjects", "lookupSubjects",
+     "Subjects of {subject_type} with {permission} on {resource} (wildcards with exclusions)", [], True, False),
+    ("post", "/anvil/v1/authz/expand", "expandPermission", "The tree of {permission} on {resource}", [],
+     True, False),
+]
+
 # Operations that need no bearer token (anonymous reads of public buckets are decided per bucket).
 PUBLIC = frozenset({"live", "ready", "token"})
 # Operations whose success status is not 200.
@@ -170,6 +196,9 @@ def document() -> dict[str, Any]:
             op["security"] = []
         if json_body:
             op["requestBody"] = {"content": {"application/json": {"schema": {"type": "object"}}}}
+        if op_id == "writeAuthzSchema":
+            op["requestBody"] = {"content": {"text/plain": {"schema": {"type": "string"}},
+                                             "application/json": {"schema": {"type": "object"}}}}
         if streamed:
             op["requestBody"] = {"content": {"application/octet-stream": {
                 "schema": {"type": "string", "format": "binary"}}}}

@@ -20,6 +20,9 @@ ACTIONS = frozenset({
     "object:read", "object:list", "object:write", "object:delete",
     "admin:read", "admin:write",
     "app:create", "app:read", "policy:grant", "policy:read",
+    # Relationship-based authorisation (anvil.authz), on `tenant:NAME`: read = questions and
+    # reads of schema and relationships; write = schema and relationship writes.
+    "authz:read", "authz:write",
 })
 
 MAX_SCOPE_LENGTH = 512

@@ -110,7 +110,7 @@ BOOTSTRAP_ACTOR = "system/bootstrap"
 DEV_TENANT = "dev"
 DEV_SCOPES = [
     "bucket:create|tenant:dev", "bucket:list|tenant:dev", "bucket:*|bucket:*", "object:*|bucket:*",
-    "policy:grant|tenant:dev", "policy:read|tenant:dev", "app:*|tenant:dev",
+    "policy:grant|tenant:dev", "policy:read|tenant:dev", "app:*|tenant:dev", "authz:*|tenant:dev",
 ]
 
 

@@ -29,6 +29,7 @@ KINDS: dict[str, set[str]] = {
     "multipart": {"multipart.create", "multipart.part", "multipart.abort"},
     "identity": set(),
     "watch": {"watch.consumer.create", "watch.consumer.delete", "watch.checkpoint", "watch.compact"},
+    "authz": {"authz.schema.write", "authz.relationships.write", "authz.relationships.delete"},
 }
 
 # `watch.*` is excluded by default: a consumer's own checkpoints would otherwise wake every
@@ -203,6 +204,9 @@ def project(ev: Event) -> WatchEvent:
         data.update(versioning=p.get("versioning") or "Unversioned")
     elif ev.kind == "bucket.public":
         data.update(public=p.get("public"))
+    elif ev.kind.startswith("authz."):
+        # The revision is the consistency token's position; updates are the relationships changed.
+        data.update(revision=p.get("revision"), updates=p.get("updates"), schema_digest=p.get("digest"))
     elif ev.kind.startswith("watch."):
         for name in ("consumer", "cursor", "through_seq", "deleted"):
             if name in p:
@@ -237,6 +241,8 @@ def required_permission(ev: WatchEvent) -> tuple[str, str]:
         return "bucket:read", f"bucket:{ev.bucket}"
     if fam == "identity":
         return "admin:read", f"tenant:{ev.tenant}"
+    if fam == "authz":
+        return "authz:read", f"tenant:{ev.tenant}"
     return "admin:read", "system"
 
 

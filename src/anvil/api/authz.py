@@ -1,0 +1,157 @@
+"""Native API routes for relationship-based authorisation (`/anvil/v1/authz/...`).
+
+Every route acts on the caller's tenant (admins may name another with `tenant`), needs
+`authz:read` or `authz:write` on `tenant:NAME`, and answers with a consistency token
+(`written_at`, `checked_at`, ...). Questions take `consistency`: `"minimize_latency"`
+(default), `"fully_consistent"`, `{"at_least_as_fresh": TOKEN}` or `{"at_exact_snapshot": TOKEN}`.
+"""
+
+from __future__ import annotations
+
+import json
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from anvil.api.common import blocking, endpoint, json_body, require_identity
+from anvil.authz import AuthzService
+from anvil.authz.schema import MAX_SCHEMA_BYTES
+from anvil.context import RequestContext
+from anvil.errors import AnvilError
+
+
+def _authz(request: Request) -> AuthzService:
+    return request.app.state.anvil.authz
+
+
+def _refuse_in_recovery(request: Request) -> None:
+    if getattr(request.app.state, "recovery_mode", False):
+        raise AnvilError("RecoveryMode", "the server is in recovery mode: public writes are refused")
+
+
+@endpoint
+async def put_schema(request: Request, ctx: RequestContext) -> Response:
+    """The body is the schema text (any content type but JSON), or JSON {schema, tenant?}."""
+    require_identity(ctx)
+    _refuse_in_recovery(request)
+    tenant = request.query_params.get("tenant")
+    if (request.headers.get("content-type") or "").startswith("application/json"):
+        body = await json_body(request)
+        text, tenant = body.get("schema"), body.get("tenant", tenant)
+    else:
+        raw = await request.body()
+        if len(raw) > MAX_SCHEMA_BYTES:
+            raise AnvilError("InvalidArgument", f"the schema is larger than {MAX_SCHEMA_BYTES} bytes")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise AnvilError("InvalidArgument", "the schema must be UTF-8 text") from None
+    return JSONResponse(await blocking(_authz(request).write_schema, ctx, text, tenant))
+
+
+@endpoint
+async def get_schema(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    q = request.query_params
+    consistency = q.get("consistency") or None
+    if consistency and consistency.startswith("{"):
+        try:
+            consistency = json.loads(consistency)
+        except ValueError:
+            raise AnvilError("InvalidArgument", "consistency is a mode name or a JSON object") from None
+    return JSONResponse(await blocking(_authz(request).read_schema, ctx.principal, q.get("tenant"), consistency))
+
+
+@endpoint
+async def write_relationships(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    _refuse_in_recovery(request)
+    b = await json_body(request)
+    return JSONResponse(await blocking(_authz(request).write_relationships, ctx, b.get("updates"),
+                                       b.get("preconditions"), b.get("tenant")))
+
+
+@endpoint
+async def read_relationships(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    b = await json_body(request)
+    return JSONResponse(await blocking(_authz(request).read_relationships, ctx.principal, b.get("filter"),
+                                       consistency=b.get("consistency"), limit=b.get("limit"),
+                                       cursor=b.get("cursor"), tenant=b.get("tenant")))
+
+
+@endpoint
+async def delete_relationships(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    _refuse_in_recovery(request)
+    b = await json_body(request)
+    allow_partial = b.get("allow_partial", False)
+    if not isinstance(allow_partial, bool):
+        raise AnvilError("InvalidArgument", "allow_partial must be true or false")
+    return JSONResponse(await blocking(_authz(request).delete_relationships, ctx, b.get("filter"),
+                                       b.get("preconditions"), limit=b.get("limit"), allow_partial=allow_partial,
+                                       tenant=b.get("tenant")))
+
+
+@endpoint
+async def check(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    b = await json_body(request)
+    return JSONResponse(await blocking(_authz(request).check, ctx.principal, b.get("resource"), b.get("permission"),
+                                       b.get("subject"), context=b.get("context"),
+                                       consistency=b.get("consistency"), tenant=b.get("tenant")))
+
+
+@endpoint
+async def bulk_check(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    b = await json_body(request)
+    return JSONResponse(await blocking(_authz(request).bulk_check, ctx.principal, b.get("items"),
+                                       context=b.get("context"), consistency=b.get("consistency"),
+                                       tenant=b.get("tenant")))
+
+
+@endpoint
+async def lookup_resources(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    b = await json_body(request)
+    return JSONResponse(await blocking(_authz(request).lookup_resources, ctx.principal, b.get("resource_type"),
+                                       b.get("permission"), b.get("subject"), context=b.get("context"),
+                                       consistency=b.get("consistency"), limit=b.get("limit"),
+                                       tenant=b.get("tenant")))
+
+
+@endpoint
+async def lookup_subjects(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    b = await json_body(request)
+    return JSONResponse(await blocking(_authz(request).lookup_subjects, ctx.principal, b.get("resource"),
+                                       b.get("permission"), b.get("subject_type"),
+                                       subject_relation=b.get("subject_relation"), context=b.get("context"),
+                                       consistency=b.get("consistency"), tenant=b.get("tenant")))
+
+
+@endpoint
+async def expand(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    b = await json_body(request)
+    return JSONResponse(await blocking(_authz(request).expand, ctx.principal, b.get("resource"),
+                                       b.get("permission"), consistency=b.get("consistency"),
+                                       tenant=b.get("tenant")))
+
+
+P = "/anvil/v1/authz"
+
+AUTHZ_ROUTES = [
+    Route(P + "/schema", put_schema, methods=["PUT"]),
+    Route(P + "/schema", get_schema, methods=["GET"]),
+    Route(P + "/relationships/write", write_relationships, methods=["POST"]),
+    Route(P + "/relationships/read", read_relationships, methods=["POST"]),
+    Route(P + "/relationships/delete", delete_relationships, methods=["POST"]),
+    Route(P + "/check", check, methods=["POST"]),
+    Route(P + "/check/bulk", bulk_check, methods=["POST"]),
+    Route(P + "/lookup-resources", lookup_resources, methods=["POST"]),
+    Route(P + "/lookup-subjects", lookup_subjects, methods=["POST"]),
+    Route(P + "/expand", expand, methods=["POST"]),
+]
