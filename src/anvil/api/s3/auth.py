@@ -1,4 +1,5 @@
-"""AWS Signature Version 4 for S3: header auth, presigned URLs, and the per-chunk signer.
+"""AWS Signature Version 4 for S3: header auth, presigned URLs, and the per-chunk signer (Signature
+Version 2 requests are handed to `sigv2`).
 
 `credentials(access_key_id)` returns `(secret_access_key, Principal)` or None; identity will
 supply it (the access key is an application's client_id, the secret its client_secret).
@@ -20,6 +21,7 @@ from datetime import UTC, datetime
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
 
+from anvil.api.s3 import sigv2
 from anvil.api.s3.errors import S3Error
 from anvil.context import Principal
 
@@ -136,25 +138,29 @@ def _check_scope(credential: str, amz_date: str, region: str) -> tuple[str, str,
     return access_key, date, "/".join(parts[1:])
 
 
-def _sigv2_refused() -> S3Error:
-    return S3Error("InvalidRequest", "Signature Version 2 is not supported: the authorization mechanism you have "
-                   "provided is not supported. Please use AWS4-HMAC-SHA256.", 400)
-
-
 def _headers_not_signed(names: list[str]) -> S3Error:
     return S3Error("AccessDenied", "There were headers present in the request which were not signed", 403,
                    fields={"HeadersNotSigned": ", ".join(names)})
 
 
+def _v2(request: Request, lookup: CredentialLookup, q: QueryParams, now: float, bucket_from_host: str | None,
+        header: str | None) -> AuthResult:
+    principal = sigv2.authenticate(request, lookup, q, now=now, bucket_from_host=bucket_from_host, header=header,
+                                   max_skew=MAX_SKEW_SECONDS, max_expires=MAX_PRESIGN_EXPIRES)
+    # x-amz-content-sha256 is an x-amz-* header, so SigV2 signed it; the body is checked against it.
+    return AuthResult(principal, request.headers.get("x-amz-content-sha256") or UNSIGNED)
+
+
 def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now: float | None = None,
-                 query: QueryParams | None = None) -> AuthResult:
-    """`query`: the request's parsed query (`query_params`), when the caller already has it."""
+                 query: QueryParams | None = None, bucket_from_host: str | None = None) -> AuthResult:
+    """`query`: the request's parsed query (`query_params`), when the caller already has it;
+    `bucket_from_host`: the bucket of a virtual-host-style request (SigV2 signs it in the resource)."""
     now = time.time() if now is None else now
     header = request.headers.get("authorization")
     q = query_params(request) if query is None else query
     if header is not None:
         if header.startswith("AWS "):
-            raise _sigv2_refused()
+            return _v2(request, lookup, q, now, bucket_from_host, header)
         if not header.startswith(ALGORITHM + " "):
             raise S3Error("InvalidArgument", "unsupported Authorization type; use AWS4-HMAC-SHA256")
         fields: dict[str, str] = {}
@@ -220,7 +226,7 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
         # request's payload line (UNSIGNED-PAYLOAD when absent), so the signature covers it anyway.
         unsigned_ok = ("x-amz-content-sha256",)
     elif "AWSAccessKeyId" in q or "Signature" in q:
-        raise _sigv2_refused()
+        return _v2(request, lookup, q, now, bucket_from_host, None)
     else:
         return AuthResult(ANONYMOUS, request.headers.get("x-amz-content-sha256") or UNSIGNED)
 

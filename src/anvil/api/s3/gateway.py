@@ -58,6 +58,7 @@ _UNSUPPORTED_HEADER_BYTES = tuple((k.encode("latin-1"), what) for k, what in UNS
 class Target:
     bucket: str | None
     key: str | None
+    virtual_host: bool = False
 
 
 class S3Gateway:
@@ -108,7 +109,7 @@ class S3Gateway:
         if self.base_domain and host.endswith("." + self.base_domain):
             bucket = host[: -len(self.base_domain) - 1]
             key = path[1:] if path.startswith("/") else path
-            return Target(bucket, key or None)
+            return Target(bucket, key or None, True)
         parts = path[1:].split("/", 1) if path.startswith("/") else path.split("/", 1)
         bucket = parts[0] or None
         key = parts[1] if len(parts) > 1 and parts[1] != "" else None
@@ -147,7 +148,8 @@ class S3Gateway:
             raise S3Error("InvalidStorageClass", "the only storage class Anvil offers is STANDARD")
 
         app = request.app
-        auth = sig.authenticate(request, app.state.s3_credentials, self.region, query=q)
+        auth = sig.authenticate(request, app.state.s3_credentials, self.region, query=q,
+                                bucket_from_host=t.bucket if t.virtual_host else None)
         writes = request.method in ("PUT", "POST", "DELETE")
         if writes and getattr(app.state, "recovery_mode", False):
             raise S3Error("ServiceUnavailable", "RecoveryMode: Anvil is in recovery mode and refuses writes until "
