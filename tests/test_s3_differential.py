@@ -808,6 +808,87 @@ def test_multipart(peers) -> None:
     run_both(peers, script)
 
 
+def test_error_semantics(peers) -> None:
+    """Issue 18, item 4: part numbers out of range, checksum mismatches of every algorithm (single and
+    multipart), Content-Encoding kept as sent, DeleteBucket over in-progress uploads."""
+    import base64
+    import zlib
+
+    out_of_range = replace({"status": 400, "code": "InvalidArgument"})
+    no_part = replace({"status": 416, "code": "InvalidPartNumber"})
+
+    def script(t: Transcript) -> None:
+        b = "diff-errors"
+        t.call("create_bucket", Bucket=b)
+        t.call("put_object", Bucket=b, Key="single", Body=b"single")
+        # moto deviation: moto serves partNumber 0 and -1 as the whole object. AWS GetObject API reference:
+        # partNumber "is a positive integer between 1 and 10,000", anything else a bad argument (400).
+        for n in (0, -1, 10001):
+            t.call("get_object", f"single part {n}", Bucket=b, Key="single", PartNumber=n,
+                   moto=out_of_range if n != 10001 else replace({"status": 400, "code": "InvalidArgument"}))
+        # moto deviation: 416 without an error code (S3 "Error responses": InvalidPartNumber, 416).
+        t.call("head_object", "single part 2", Bucket=b, Key="single", PartNumber=2,
+               moto=replace({"status": 416, "code": "416"}))
+        t.call("get_object", "single part 2", Bucket=b, Key="single", PartNumber=2, moto=no_part)
+        up = t.real(t.call("create_multipart_upload", Bucket=b, Key="mp")["UploadId"])
+        # moto deviation: part 0 answers NoSuchUpload; S3 checks the part number (1 to 10,000) first.
+        t.call("upload_part", "part 0", Bucket=b, Key="mp", UploadId=up, PartNumber=0, Body=b"x",
+               moto=out_of_range)
+        t.call("upload_part", "part 10001", Bucket=b, Key="mp", UploadId=up, PartNumber=10001, Body=b"x")
+        e1 = t.call("upload_part", Bucket=b, Key="mp", UploadId=up, PartNumber=1, Body=b"a" * (5 * MiB))["ETag"]
+        e2 = t.call("upload_part", Bucket=b, Key="mp", UploadId=up, PartNumber=2, Body=b"b")["ETag"]
+        t.call("complete_multipart_upload", Bucket=b, Key="mp", UploadId=up,
+               MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": e1}, {"PartNumber": 2, "ETag": e2}]})
+        t.call("get_object", "multipart part 3", Bucket=b, Key="mp", PartNumber=3, moto=no_part)
+        t.call("get_object", "multipart part 10001", Bucket=b, Key="mp", PartNumber=10001, moto=out_of_range)
+
+        # Content-MD5 and every x-amz-checksum-* algorithm, wrong: BadDigest, nothing stored.
+        wrong = {"ContentMD5": base64.b64encode(b"\0" * 16).decode(),
+                 "ChecksumCRC32": base64.b64encode(zlib.crc32(b"other").to_bytes(4, "big")).decode(),
+                 "ChecksumCRC32C": base64.b64encode(b"\0\0\0\1").decode(),
+                 "ChecksumCRC64NVME": base64.b64encode(b"\0" * 7 + b"\1").decode(),
+                 "ChecksumSHA1": base64.b64encode(b"\0" * 20).decode(),
+                 "ChecksumSHA256": base64.b64encode(b"\0" * 32).decode()}
+        bad_digest = replace({"status": 400, "code": "BadDigest"})
+        for field, value in wrong.items():
+            # moto deviation: moto stores a body whose CRC32C/CRC64NVME/SHA-1/SHA-256 does not match (it
+            # does not check them); S3 ("Checking object integrity"): BadDigest, nothing stored.
+            t.call("put_object", f"wrong {field}", Bucket=b, Key="bad", Body=b"body", **{field: value},
+                   moto=bad_digest)
+            up2 = t.real(t.call("create_multipart_upload", f"for wrong {field}", Bucket=b, Key="badmp",
+                                **({"ChecksumAlgorithm": field[len("Checksum"):]} if field != "ContentMD5" else {})
+                                )["UploadId"])
+            t.call("upload_part", f"wrong {field}", Bucket=b, Key="badmp", UploadId=up2, PartNumber=1,
+                   Body=b"body", **{field: value}, moto=bad_digest)
+            # moto deviations: the part it kept goes; and its ListParts leaves out ChecksumAlgorithm, which
+            # S3's ListParts API reference returns for an upload created with one.
+            alg = {"ChecksumAlgorithm": field[len("Checksum"):]} if field != "ContentMD5" else {}
+            t.call("list_parts", f"after wrong {field}", Bucket=b, Key="badmp", UploadId=up2,
+                   moto=lambda e, alg=alg: {k: val for k, val in e.items() if k != "Parts"} | alg)
+            t.call("abort_multipart_upload", Bucket=b, Key="badmp", UploadId=up2)
+        t.call("head_object", "nothing stored", Bucket=b, Key="bad", moto=replace({"status": 404, "code": "404"}))
+
+        # Content-Encoding exactly as sent.
+        for enc in ("gzip, identity", "GZIP", "br,gzip"):
+            t.call("put_object", f"encoding {enc}", Bucket=b, Key="enc", Body=b"x", ContentEncoding=enc)
+            t.call("head_object", f"encoding {enc}", Bucket=b, Key="enc")
+
+        # A bucket whose only content is in-progress uploads.
+        b2 = "diff-only-uploads"
+        t.call("create_bucket", Bucket=b2)
+        t.call("put_object", Bucket=b2, Key="k", Body=b"x")
+        t.real(t.call("create_multipart_upload", Bucket=b2, Key="pending")["UploadId"])
+        t.call("delete_bucket", "object left", Bucket=b2)
+        t.call("delete_object", Bucket=b2, Key="k")
+        # moto deviation (and AWS is silent): Ceph RGW deletes a bucket holding only in-progress multipart
+        # uploads and aborts them ("RGW: bucket removal aborts incomplete multipart uploads"); moto refuses.
+        t.call("delete_bucket", "only uploads left", Bucket=b2,
+               moto=replace({"status": 204}))
+        t.call("list_multipart_uploads", "gone", Bucket=b2, moto=replace({"status": 404, "code": "NoSuchBucket"}))
+
+    run_both(peers, script)
+
+
 # ------------------------------------------------------------------ Anvil only: S3's single-PUT limit
 
 def _raw_request(endpoint: str, method: str, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:

@@ -138,6 +138,24 @@ def _check_scope(credential: str, amz_date: str, region: str) -> tuple[str, str,
     return access_key, date, "/".join(parts[1:])
 
 
+def _presign_expires(text: str) -> int:
+    """X-Amz-Expires, with S3's answers for each way it can be wrong (AWS "Authenticating Requests:
+    Using Query Parameters (AWS Signature Version 4)": 1 to 604800 seconds). All are
+    AuthorizationQueryParametersError; S3's messages are kept, as tools match on them."""
+    t = text.strip()
+    if not (t.isascii() and t.lstrip("-").isdigit()):
+        raise S3Error("AuthorizationQueryParametersError", "X-Amz-Expires should be a number")
+    expires = int(t)
+    if expires < 0:
+        raise S3Error("AuthorizationQueryParametersError", "X-Amz-Expires must be non-negative")
+    if expires == 0:
+        raise S3Error("AuthorizationQueryParametersError", "X-Amz-Expires must be at least 1 second")
+    if expires > MAX_PRESIGN_EXPIRES:
+        raise S3Error("AuthorizationQueryParametersError",
+                      f"X-Amz-Expires must be less than a week (in seconds) that is {MAX_PRESIGN_EXPIRES}")
+    return expires
+
+
 def _headers_not_signed(names: list[str]) -> S3Error:
     return S3Error("AccessDenied", "There were headers present in the request which were not signed", 403,
                    fields={"HeadersNotSigned": ", ".join(names)})
@@ -205,14 +223,12 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
             signed = q["X-Amz-SignedHeaders"]
             signature = q["X-Amz-Signature"]
             amz_date = q["X-Amz-Date"]
-            expires = int(q["X-Amz-Expires"])
-        except (KeyError, ValueError):
+            expires_text = q["X-Amz-Expires"]
+        except KeyError:
             raise S3Error("AuthorizationQueryParametersError",
                           "query-string authentication needs X-Amz-Credential, X-Amz-Date, X-Amz-Expires, "
                           "X-Amz-SignedHeaders and X-Amz-Signature")
-        if not 1 <= expires <= MAX_PRESIGN_EXPIRES:
-            raise S3Error("AuthorizationQueryParametersError",
-                          f"X-Amz-Expires must be between 1 and {MAX_PRESIGN_EXPIRES} seconds")
+        expires = _presign_expires(expires_text)
         ts = parse_amz_date(amz_date)
         access_key, date, scope = _check_scope(credential, amz_date, region)
         if now > ts + expires:

@@ -78,7 +78,9 @@ async def head_bucket(r: S3Request) -> Response:
 
 async def delete_bucket(r: S3Request) -> Response:
     r.authorize("bucket:delete", r.bucket)
-    await blocking(r.objects.delete_bucket, r.ctx, r.bucket)
+    # In-progress multipart uploads do not keep a bucket alive: they are aborted with it (Ceph RGW's
+    # behaviour; AWS documents no answer for it), so a bucket left only with stale uploads can be removed.
+    await blocking(r.objects.delete_bucket_aborting_uploads, r.ctx, r.bucket)
     return Response(status_code=204)
 
 

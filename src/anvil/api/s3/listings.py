@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import urllib.parse
 from collections.abc import Callable
-from xml.sax.saxutils import escape
 
 from starlette.datastructures import QueryParams
 from starlette.responses import Response
@@ -105,7 +104,7 @@ def _list_objects(r: S3Request, *, v2: bool) -> Response:
     parts += listing_fields(q, limit, delimiter, enc, truncated)
     for o in objects:
         # The hot loop of every listing: one f-string per object (ETags and sizes need no escaping).
-        parts.append(f"<Contents><Key>{escape(enc(o.key))}</Key><LastModified>{X.iso_time(o.created)}"
+        parts.append(f"<Contents><Key>{X.text(enc(o.key))}</Key><LastModified>{X.iso_time(o.created)}"
                      f'</LastModified><ETag>"{o.etag}"</ETag><Size>{o.size}</Size>'
                      f"<StorageClass>STANDARD</StorageClass>{who}</Contents>")
     for p in prefixes:

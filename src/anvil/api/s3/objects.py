@@ -4,7 +4,10 @@ the multipart handlers: receiving a body, metadata headers, conditions, copy sou
 from __future__ import annotations
 
 import asyncio
+import email.errors
+import email.header
 import hashlib
+import re
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -75,6 +78,34 @@ def _text_to_header(value: str) -> str:
     return value.encode("utf-8").decode("latin-1")
 
 
+# One RFC 2047 encoded-word: =?charset?B|Q?text?=
+_ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[BbQq]\?[^?\s]*\?=")
+_MAIL_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+-/")
+
+
+def _meta_from_header(value: str) -> str:
+    """A user metadata value as stored: RFC 2047 encoded-words decoded, raw UTF-8 read as UTF-8.
+    AWS, "Working with object metadata": values with non-US-ASCII characters "are character decoded as
+    per RFC 2047 before storing and encoded as per RFC 2047 to make them mail-safe before returning"."""
+    text = _header_to_text(value)
+    stripped = text.strip()
+    if stripped.startswith("=?") and stripped.endswith("?=") and _ENCODED_WORD.search(stripped):
+        try:
+            return str(email.header.make_header(email.header.decode_header(stripped)))
+        except (LookupError, ValueError, UnicodeDecodeError, email.errors.HeaderParseError):
+            return text
+    return text
+
+
+def _meta_to_header(value: str) -> str:
+    """A stored metadata value as S3 returns it: as is when printable US-ASCII, else one RFC 2047 Q
+    encoded-word of its UTF-8 (`=?UTF-8?Q?=04mymeta?=`, the form S3 answers)."""
+    if value.isascii() and value.isprintable():
+        return value
+    out = "".join(chr(b) if b in _MAIL_SAFE else "_" if b == 0x20 else f"={b:02X}" for b in value.encode())
+    return f"=?UTF-8?Q?{out}?="
+
+
 def _override_value(param: str, value: str) -> str:
     """A `response-*` query value as a response header: UTF-8 on the wire, as stored metadata goes out.
     A control character (CR, LF, NUL...) cannot be sent in a header at all: refused, never a 500."""
@@ -131,6 +162,11 @@ async def receive_uncommitted(r: S3Request, *, max_size: int = v.MAX_OBJECT_SIZE
     (`objects.store_bytes`, the native API's small-PUT path); larger ones stream into a body writer."""
     h = r.h
     reader = BodyReader(r.request, r.auth)
+    if not reader.chunked and h.get("content-length") is None:
+        # S3 needs the length of an object or part up front (aws-chunked declares it in
+        # x-amz-decoded-content-length): a body of unknown length, Transfer-Encoding: chunked or none,
+        # is 411 MissingContentLength (AWS S3 API reference, "Error responses").
+        raise S3Error("MissingContentLength", "You must provide the Content-Length HTTP header.", 411)
     # Refuse a body declared too large before reading any of it: nothing is received or stored.
     raw_length = h.get("x-amz-decoded-content-length") if reader.chunked else h.get("content-length")
     declared_length = v.decimal_length(raw_length)
@@ -214,15 +250,19 @@ def metadata(r: S3Request) -> tuple[dict[str, str], dict[str, str]]:
     system: dict[str, str] = {}
     for k, val in h.items():
         if k.startswith("x-amz-meta-"):
-            user[k[len("x-amz-meta-"):]] = _header_to_text(val)
+            user[k[len("x-amz-meta-"):]] = _meta_from_header(val)
     for name in SYSTEM_HEADERS:
         val = h.get(name)
         if val is None:
             continue
         if name == "content-encoding":
-            # aws-chunked is transport framing, not a property of the stored object.
-            val = ",".join(e.strip() for e in val.split(",") if e.strip() and e.strip() != "aws-chunked")
-            if not val:
+            # aws-chunked is transport framing, not a property of the stored object; everything else is
+            # kept exactly as sent (spacing and case included), as S3 returns it.
+            items = val.split(",")
+            kept = [e for e in items if e.strip().lower() != "aws-chunked"]
+            if len(kept) != len(items):
+                val = ",".join(kept).strip()
+            if not val.strip():
                 continue
         system[name] = _header_to_text(val)
     try:
@@ -288,7 +328,7 @@ def _object_headers(obj: ObjectVersion, versioning: str) -> dict[str, str]:
     for k, val in obj.system_metadata.items():
         headers[k] = _text_to_header(val)
     for k, val in obj.metadata.items():
-        headers[f"x-amz-meta-{k}"] = _text_to_header(val)
+        headers[f"x-amz-meta-{k}"] = _meta_to_header(val)
     return headers
 
 
@@ -352,7 +392,13 @@ def _get_object(r: S3Request, *, head: bool) -> Response:
         try:
             n = int(part_number)
         except ValueError:
-            raise S3Error("InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive")
+            n = 0
+        # AWS GetObject API reference: partNumber "is a positive integer between 1 and 10,000"; outside
+        # that it is a bad argument (400), inside it but past the object's parts InvalidPartNumber (416,
+        # "Error responses": "The requested partnumber is not satisfiable").
+        if not 1 <= n <= v.MAX_PART_NUMBER:
+            raise S3Error("InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive",
+                          fields={"ArgumentName": "partNumber", "ArgumentValue": part_number})
         count = obj.parts_count or 1
         if not 1 <= n <= count:
             raise S3Error("InvalidPartNumber", "The requested partnumber is not satisfiable", 416)

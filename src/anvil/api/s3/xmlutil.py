@@ -26,12 +26,26 @@ def xml_safe(text: str) -> str:
     return _NOT_XML_CHAR.sub("\ufffd", text)
 
 
+# Control characters in text (object keys may hold any but NUL): written as character references, as
+# S3 writes them. A raw CR would come back as LF (XML end-of-line normalisation; AWS "Object key naming
+# guidelines" asks for &#13;), and the C0 controls other than TAB and LF are not XML 1.0 characters at
+# all. Clients that must parse such keys strictly ask for encoding-type=url.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def _char_ref(m: re.Match[str]) -> str:
+    return f"&#x{ord(m.group()):X};"
+
+
+def text(value: str) -> str:
+    """Element text: XML-escaped, control characters as character references."""
+    out = escape(value)
+    return _CONTROL.sub(_char_ref, out) if _CONTROL.search(out) else out
+
+
 def element(name: str, value: object) -> str:
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    else:
-        text = escape(str(value))
-    return f"<{name}>{text}</{name}>"
+    body = ("true" if value else "false") if isinstance(value, bool) else text(str(value))
+    return f"<{name}>{body}</{name}>"
 
 
 def xml_document(root: str, inner: str, *, namespace: bool = True) -> bytes:
