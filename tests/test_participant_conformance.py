@@ -44,6 +44,9 @@ def _populate(root: Path) -> None:
             w = BlobWriter(a.storage.blobs)
             w.write(body)
             a.objects.put_object(ctx, "conf-a", f"docs/{i}", a.objects.store_body(w))
+        # S3 tags and bucket settings are objects source records too.
+        a.objects.set_object_tags(ctx, "conf-a", "docs/0", None, [["team", "core"]])
+        a.objects.put_bucket_setting(ctx, "conf-a", "tagging", [["cost", "eng"]])
         up = a.objects.create_multipart(ctx, "conf-a", "big")
         w = BlobWriter(a.storage.blobs)
         w.write(b"part" * 100)

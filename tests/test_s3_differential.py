@@ -889,6 +889,77 @@ def test_error_semantics(peers) -> None:
     run_both(peers, script)
 
 
+def test_tagging_attributes_and_bucket_paging(peers) -> None:
+    """Issue 18, item 3: object and bucket tagging, GetObjectAttributes, ListBuckets paging."""
+    def script(t: Transcript) -> None:
+        b = "diff-tags"
+        t.call("create_bucket", Bucket=b)
+        t.call("put_bucket_versioning", Bucket=b, VersioningConfiguration={"Status": "Enabled"})
+        t.call("put_object", Bucket=b, Key="k", Body=b"tagged", Tagging="team=core&tier=gold")
+        t.call("get_object_tagging", Bucket=b, Key="k")
+        t.call("head_object", Bucket=b, Key="k")
+        # moto deviation (here and on DeleteObjectTagging): no x-amz-version-id; the PutObjectTagging and
+        # DeleteObjectTagging API references return the version whose tags were set.
+        t.call("put_object_tagging", Bucket=b, Key="k",
+               Tagging={"TagSet": [{"Key": "a", "Value": "1"}, {"Key": "ü", "Value": "ß"}]},
+               moto=update(VersionId="<version1>"))
+        t.call("get_object_tagging", "replaced", Bucket=b, Key="k")
+        # moto deviation: moto keeps the last of two tags with one key; S3 refuses the set (InvalidTag,
+        # "Cannot provide multiple Tags with the same key"; AWS "Error responses").
+        t.call("put_object_tagging", "duplicate keys", Bucket=b, Key="k",
+               Tagging={"TagSet": [{"Key": "a", "Value": "1"}, {"Key": "a", "Value": "2"}]},
+               moto=replace({"status": 400, "code": "InvalidTag"}))
+        # moto deviation: moto accepts 11 tags on an object; S3 allows at most 10 (AWS "Categorizing your
+        # storage using tags": "You can associate up to 10 tags with an object"), BadRequest.
+        t.call("put_object_tagging", "11 tags", Bucket=b, Key="k",
+               Tagging={"TagSet": [{"Key": f"k{i}", "Value": "v"} for i in range(11)]},
+               moto=replace({"status": 400, "code": "BadRequest"}))
+        t.call("copy_object", Bucket=b, Key="copy", CopySource={"Bucket": b, "Key": "k"})
+        t.call("get_object_tagging", "copied", Bucket=b, Key="copy",  # (moto: after its duplicate-key write)
+               moto=update(TagSet=[{"Key": "a", "Value": "1"}, {"Key": "ü", "Value": "ß"}]))
+        t.call("copy_object", "tagging REPLACE", Bucket=b, Key="copy2", CopySource={"Bucket": b, "Key": "k"},
+               TaggingDirective="REPLACE", Tagging="x=y")
+        t.call("get_object_tagging", "replaced on copy", Bucket=b, Key="copy2")
+        t.call("delete_object_tagging", Bucket=b, Key="k", moto=update(VersionId="<version1>"))
+        t.call("get_object_tagging", "deleted", Bucket=b, Key="k")
+        t.call("get_object_tagging", "missing key", Bucket=b, Key="nope")
+        up = t.real(t.call("create_multipart_upload", Bucket=b, Key="mp", Tagging="from=upload")["UploadId"])
+        e1 = t.call("upload_part", Bucket=b, Key="mp", UploadId=up, PartNumber=1, Body=b"p" * (5 * MiB))["ETag"]
+        e2 = t.call("upload_part", Bucket=b, Key="mp", UploadId=up, PartNumber=2, Body=b"q")["ETag"]
+        t.call("complete_multipart_upload", Bucket=b, Key="mp", UploadId=up,
+               MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": e1}, {"PartNumber": 2, "ETag": e2}]})
+        t.call("get_object_tagging", "multipart", Bucket=b, Key="mp")
+
+        t.call("get_bucket_tagging", "none yet", Bucket=b)
+        t.call("put_bucket_tagging", Bucket=b, Tagging={"TagSet": [{"Key": "cost", "Value": "eng"}]})
+        t.call("get_bucket_tagging", Bucket=b)
+        t.call("delete_bucket_tagging", Bucket=b)
+        t.call("get_bucket_tagging", "deleted", Bucket=b)
+
+        t.call("get_object_attributes", Bucket=b, Key="k",
+               ObjectAttributes=["ETag", "StorageClass", "ObjectSize"])
+        # moto deviation: moto leaves ObjectParts out for a multipart object; the GetObjectAttributes API
+        # reference returns its parts, paged by MaxParts / PartNumberMarker.
+        t.call("get_object_attributes", "multipart", Bucket=b, Key="mp", ObjectAttributes=["ObjectParts", "ObjectSize"],
+               MaxParts=1, moto=update(ObjectParts={"IsTruncated": True, "MaxParts": 1, "NextPartNumberMarker": 1,
+                                                    "PartNumberMarker": 0,
+                                                    "Parts": [{"PartNumber": 1, "Size": 5 * MiB}]}))
+        t.call("get_object_attributes", "missing", Bucket=b, Key="nope", ObjectAttributes=["ETag"])
+
+        for name in ("diff-page-a", "diff-page-b", "diff-page-c"):
+            t.call("create_bucket", Bucket=name)
+        # moto deviation: moto ignores max-buckets, prefix and continuation-token and sends no BucketRegion;
+        # the ListBuckets API reference pages by them and echoes Prefix.
+        page = [{"BucketRegion": REGION, "Name": n} for n in ("diff-page-a", "diff-page-b", "diff-page-c")]
+        first = t.call("list_buckets", "page 1", MaxBuckets=2, Prefix="diff-page-",
+                       moto=update(Buckets=page[:2], ContinuationToken="<token1>", Prefix="diff-page-"))
+        t.call("list_buckets", "page 2", MaxBuckets=2, Prefix="diff-page-",
+               ContinuationToken=t.real(first.get("ContinuationToken", "")) or "none",
+               moto=update(Buckets=page[2:], Prefix="diff-page-"))
+
+    run_both(peers, script)
+
+
 # ------------------------------------------------------------------ Anvil only: S3's single-PUT limit
 
 def _raw_request(endpoint: str, method: str, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:

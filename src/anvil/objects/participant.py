@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from anvil.objects import references as refs
-from anvil.storage.records import Connection
+from anvil.storage.records import Connection, table_exists
 from anvil.storage.recovery import BlobRef, Finding, Participant, RecoveryContext
 
 MAX_FINDINGS = 50
@@ -49,8 +49,8 @@ class ObjectsParticipant(Participant):
     name = "objects"
     kind = "source"
     covers = ["object-bodies", "bucket-metadata", "path-indexes"]
-    owns = ["catalog.db: buckets, versions, multipart_uploads, multipart_parts"]
-    tables = ["buckets", "versions", "multipart_uploads", "multipart_parts"]
+    owns = ["catalog.db: buckets, versions, multipart_uploads, multipart_parts, bucket_settings"]
+    tables = ["buckets", "versions", "multipart_uploads", "multipart_parts", "bucket_settings"]
 
     def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
         conn = ctx.conn
@@ -90,11 +90,32 @@ class ObjectsParticipant(Participant):
                         prefixes[head + "/"] = prefixes.get(head + "/", 0) + 1
         uploads = conn.execute("SELECT count(*) FROM multipart_uploads").fetchone()[0]
         parts = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM multipart_parts").fetchone()
+        # S3 object tags (in versions.extra) and bucket settings (tagging, lifecycle, cors) are source
+        # records too: digested so a restore that lost or changed one is caught.
+        tags_digest = hashlib.sha256()
+        tagged = 0
+        for bucket, key, vid, extra in conn.execute(
+                "SELECT bucket, key, version_id, extra FROM versions ORDER BY bucket, key, version_id"):
+            tags = json.loads(extra or "{}").get("tags")
+            if tags:
+                tagged += 1
+                tags_digest.update(json.dumps([bucket, key, vid, tags], separators=(",", ":"),
+                                              ensure_ascii=False).encode() + b"\n")
+        settings_digest = hashlib.sha256()
+        settings = 0
+        if table_exists(conn, "bucket_settings"):
+            for bucket, kind, document in conn.execute(
+                    "SELECT bucket, kind, document FROM bucket_settings ORDER BY bucket, kind"):
+                settings += 1
+                settings_digest.update(json.dumps([bucket, kind, document], separators=(",", ":"),
+                                                  ensure_ascii=False).encode() + b"\n")
         return {
             "buckets": len(per_bucket), **totals,
             "multipart_uploads": uploads, "multipart_parts": parts[0], "multipart_part_bytes": parts[1],
             "rows_digest": rows_digest.hexdigest(), "listing_digest": listing_digest(listing),
             "per_bucket": per_bucket,
+            "tagged_versions": tagged, "tags_digest": tags_digest.hexdigest(),
+            "bucket_settings": settings, "settings_digest": settings_digest.hexdigest(),
         }
 
     def blob_references(self, ctx: RecoveryContext) -> Iterator[BlobRef]:
@@ -160,7 +181,8 @@ class ObjectsParticipant(Participant):
         ctx.stats["multipart"] = {"uploads": len(uploads), "parts": part_count}
         if recorded:
             now = self.summary(ctx)
-            for field in ("rows_digest", "versions", "buckets", "multipart_uploads", "multipart_parts"):
+            for field in ("rows_digest", "versions", "buckets", "multipart_uploads", "multipart_parts",
+                          "tagged_versions", "tags_digest", "bucket_settings", "settings_digest"):
                 if field in recorded and recorded[field] != now[field]:
                     out.append(self.finding("error", f"objects {field}",
                                             f"restored {now[field]!r}, recorded {recorded[field]!r}",
@@ -193,6 +215,8 @@ class ObjectsParticipant(Participant):
                          f"(SELECT upload_id FROM multipart_uploads WHERE bucket IN ({marks}))", dropped)
             conn.execute(f"DELETE FROM multipart_uploads WHERE bucket IN ({marks})", dropped)
             conn.execute(f"DELETE FROM versions WHERE bucket IN ({marks})", dropped)
+            if table_exists(conn, "bucket_settings"):
+                conn.execute(f"DELETE FROM bucket_settings WHERE bucket IN ({marks})", dropped)
             conn.execute(f"DELETE FROM buckets WHERE name IN ({marks})", dropped)
         return {"kept": sorted(present & buckets), "dropped": dropped}
 

@@ -104,7 +104,21 @@ MIGRATIONS = [
     CREATE INDEX multipart_by_key ON multipart_uploads(bucket, key, upload_id);
     DROP INDEX multipart_by_bucket;
     """,
+    # 5: per-bucket S3 configuration documents (tagging, lifecycle, cors), source records: one row per
+    # (bucket, kind), `document` JSON as the gateway parsed it; they go with their bucket.
+    """
+    CREATE TABLE bucket_settings(
+        bucket TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        document TEXT NOT NULL,
+        updated REAL NOT NULL,
+        PRIMARY KEY(bucket, kind)
+    );
+    """,
 ]
+
+# The kinds of bucket_settings rows (each journaled as `bucket.<kind>`).
+BUCKET_SETTING_KINDS = ("tagging", "lifecycle", "cors")
 
 COMPLETED_UPLOAD_RETENTION = 24 * 3600
 
@@ -548,6 +562,7 @@ class ObjectService:
                 raise AnvilError("BucketNotEmpty", "bucket is not empty (objects, versions or delete markers remain)")
             if txn.conn.execute("SELECT 1 FROM multipart_uploads WHERE bucket = ? LIMIT 1", (name,)).fetchone():
                 raise AnvilError("BucketNotEmpty", "bucket has multipart uploads in progress")
+            self._drop_bucket_config(txn, name)
             txn.conn.execute("DELETE FROM buckets WHERE name = ?", (name,))
             txn.emit(b.tenant, "bucket.delete", name, {"bucket": name})
             return {"bucket": name, "deleted": True}
@@ -579,7 +594,8 @@ class ObjectService:
 
     @staticmethod
     def _drop_bucket_config(txn: Txn, name: str) -> None:
-        """Per-bucket S3 configuration rows go with their bucket (none yet: filled by later migrations)."""
+        """Per-bucket S3 configuration rows go with their bucket."""
+        txn.conn.execute("DELETE FROM bucket_settings WHERE bucket = ?", (name,))
 
     def set_versioning(self, ctx: RequestContext, name: str, status: str) -> dict[str, Any]:
         if status not in ("Enabled", "Suspended"):
@@ -1250,6 +1266,8 @@ class ObjectService:
             extra: dict[str, Any] = {}
             if up_extra.get("system"):
                 extra["system"] = up_extra["system"]
+            if up_extra.get("tags"):  # S3 x-amz-tagging given at CreateMultipartUpload
+                extra["tags"] = up_extra["tags"]
             algorithm = up_extra.get("checksum_algorithm")
             if algorithm:
                 part_sums = [json.loads(stored[n][3] or "{}").get(algorithm) for n, _ in parts]
@@ -1302,3 +1320,66 @@ class ObjectService:
             return {"upload_id": upload_id, "aborted": True}
 
         return self._mutate(ctx, fn, fingerprint("multipart.abort", bucket, upload_id))
+
+    # ---------------------------------------------------------------- S3 tags and bucket settings
+
+    def set_object_tags(self, ctx: RequestContext, bucket: str, key: str, version_id: str | None,
+                        tags: list[list[str]] | None) -> dict[str, Any]:
+        """Replace (None or []: remove) the tag set of a version (the latest when `version_id` is
+        None). Tags live in the version's `extra` (so copies carry them, and the version's removal
+        removes them) and are journaled as `object.tagging` with the whole new set."""
+        v.check_object_key(key)
+        fp = fingerprint("object.tagging", bucket, key, version_id, tags)
+
+        def fn(txn: Txn) -> dict[str, Any]:
+            b = self._require_bucket(txn.conn, bucket)
+            obj = (self._version(txn.conn, bucket, key, version_id) if version_id is not None
+                   else self._latest(txn.conn, bucket, key))
+            if obj is None:
+                raise AnvilError("NotFound", "version not found") if version_id is not None else not_found("object")
+            if obj.delete_marker:
+                if version_id is None:
+                    raise not_found("object")
+                raise AnvilError("MethodNotAllowed", "a delete marker has no tags")
+            extra = dict(obj.extra)
+            if tags:
+                extra["tags"] = [list(t) for t in tags]
+            else:
+                extra.pop("tags", None)
+            txn.conn.execute("UPDATE versions SET extra = ? WHERE bucket = ? AND key = ? AND version_id = ?",
+                             (json.dumps(extra, sort_keys=True), bucket, key, obj.version_id))
+            txn.emit(b.tenant, "object.tagging", f"{bucket}/{key}",
+                     {"bucket": bucket, "key": key, "version_id": obj.version_id, "tags": extra.get("tags", [])})
+            return {"bucket": bucket, "key": key, "version_id": obj.version_id}
+
+        return self._mutate(ctx, fn, fp)
+
+    def put_bucket_setting(self, ctx: RequestContext, bucket: str, kind: str,
+                           document: Any | None) -> dict[str, Any]:
+        """Set (None: remove) a bucket's `kind` document; journaled as `bucket.<kind>`."""
+        if kind not in BUCKET_SETTING_KINDS:
+            raise AnvilError("InvalidArgument", f"unknown bucket setting {kind!r}")
+        fp = fingerprint("bucket.setting", bucket, kind, document)
+
+        def fn(txn: Txn) -> dict[str, Any]:
+            b = self._require_bucket(txn.conn, bucket)
+            txn.conn.execute("DELETE FROM bucket_settings WHERE bucket = ? AND kind = ?", (bucket, kind))
+            if document is not None:
+                txn.conn.execute("INSERT INTO bucket_settings(bucket, kind, document, updated) VALUES (?,?,?,?)",
+                                 (bucket, kind, json.dumps(document, sort_keys=True), txn.now))
+            txn.emit(b.tenant, f"bucket.{kind}", bucket, {"bucket": bucket, "document": document})
+            return {"bucket": bucket, "kind": kind}
+
+        return self._mutate(ctx, fn, fp)
+
+    def bucket_setting(self, bucket: str, kind: str) -> Any | None:
+        row = self.catalog.reader().execute(
+            "SELECT document FROM bucket_settings WHERE bucket = ? AND kind = ?", (bucket, kind)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def bucket_settings(self, kind: str) -> list[tuple[str, str, Any]]:
+        """Every (bucket, tenant, document) with a `kind` document, by bucket name."""
+        rows = self.catalog.reader().execute(
+            "SELECT s.bucket, b.tenant, s.document FROM bucket_settings s JOIN buckets b ON b.name = s.bucket "
+            "WHERE s.kind = ? ORDER BY s.bucket", (kind,))
+        return [(r[0], r[1], json.loads(r[2])) for r in rows]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from xml.sax.saxutils import escape
 
 from starlette.responses import Response
@@ -14,17 +15,51 @@ from anvil.api.s3.request import S3Request, owner, xml
 from anvil.errors import AnvilError
 from anvil.objects import validation as v
 
+MAX_BUCKETS_PAGE = 10000
+
 
 async def list_buckets(r: S3Request) -> Response:
+    """ListBuckets, paged as the API reference describes: `max-buckets` (1 to 10,000), `prefix`,
+    `continuation-token` (opaque: the last name of the previous page), `bucket-region`."""
     r.authorize("bucket:list")
+    q = r.q
+    raw_max = q.get("max-buckets")
+    limit = None
+    if raw_max is not None:
+        try:
+            limit = int(raw_max)
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= MAX_BUCKETS_PAGE:
+            raise S3Error("InvalidArgument", f"max-buckets must be an integer between 1 and {MAX_BUCKETS_PAGE}",
+                          fields={"ArgumentName": "max-buckets", "ArgumentValue": raw_max})
+    prefix = q.get("prefix") or ""
+    after = ""
+    token = q.get("continuation-token")
+    if token is not None:
+        try:
+            after = base64.urlsafe_b64decode(token.encode("ascii") + b"=" * (-len(token) % 4)).decode("utf-8")
+        except (ValueError, UnicodeError):
+            after = ""
+        if not token or not after:
+            raise S3Error("InvalidArgument", "The continuation token provided is incorrect",
+                          fields={"ArgumentName": "continuation-token"})
+    region = q.get("bucket-region")
     tenant = None if r.principal.admin else r.principal.tenant
-    buckets = r.objects.list_buckets(tenant)
+    buckets = [b for b in r.objects.list_buckets(tenant)
+               if b.name.startswith(prefix) and b.name > after and region in (None, r.gw.region)]
+    next_token = None
+    if limit is not None and len(buckets) > limit:
+        buckets = buckets[:limit]
+        next_token = base64.urlsafe_b64encode(buckets[-1].name.encode()).decode().rstrip("=")
     items = "".join(
         "<Bucket>" + X.element("Name", b.name) + X.element("CreationDate", X.iso_time(b.created))
         + X.element("BucketRegion", r.gw.region) + "</Bucket>"
         for b in buckets
     )
-    return xml("ListAllMyBucketsResult", f"{owner(r.principal.tenant)}<Buckets>{items}</Buckets>")
+    tail = (X.element("ContinuationToken", next_token) if next_token else "") + (
+        X.element("Prefix", prefix) if "prefix" in q else "")
+    return xml("ListAllMyBucketsResult", f"{owner(r.principal.tenant)}<Buckets>{items}</Buckets>{tail}")
 
 
 async def create_bucket(r: S3Request) -> Response:

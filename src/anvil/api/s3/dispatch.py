@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from starlette.datastructures import QueryParams
 from starlette.responses import Response
 
-from anvil.api.s3 import buckets, listings, multipart, objects
+from anvil.api.s3 import buckets, config, listings, multipart, objects
 from anvil.api.s3.errors import S3Error, not_implemented
 from anvil.api.s3.request import S3Request
 
@@ -36,27 +36,34 @@ ROUTES: tuple[Route, ...] = (
     ("GET", SERVICE, None, buckets.list_buckets),
 
     ("PUT", BUCKET, "versioning", buckets.put_versioning),
+    ("PUT", BUCKET, "tagging", config.put_bucket_tagging),
     ("PUT", BUCKET, None, buckets.create_bucket),
     ("HEAD", BUCKET, None, buckets.head_bucket),
     ("GET", BUCKET, "location", buckets.get_location),
     ("GET", BUCKET, "versioning", buckets.get_versioning),
+    ("GET", BUCKET, "tagging", config.get_bucket_tagging),
     ("GET", BUCKET, "versions", listings.list_versions),
     ("GET", BUCKET, "uploads", multipart.list_uploads),
     ("GET", BUCKET, "list-type=2", listings.list_objects_v2),
     ("GET", BUCKET, None, listings.list_objects_v1),
+    ("DELETE", BUCKET, "tagging", config.delete_bucket_tagging),
     ("DELETE", BUCKET, None, buckets.delete_bucket),
     ("POST", BUCKET, "delete", objects.delete_objects),
     ("POST", BUCKET, None, buckets.post_bucket),
 
+    ("PUT", OBJECT, "tagging", config.put_object_tagging),
     ("PUT", OBJECT, "uploadId", multipart.upload_part),
     ("PUT", OBJECT, "partNumber", multipart.upload_part),
     ("PUT", OBJECT, None, objects.put_object),
     ("PUT", COPY, "uploadId", multipart.upload_part_copy),
     ("PUT", COPY, "partNumber", multipart.upload_part_copy),
     ("PUT", COPY, None, objects.copy_object),
+    ("GET", OBJECT, "tagging", config.get_object_tagging),
+    ("GET", OBJECT, "attributes", config.get_object_attributes),
     ("GET", OBJECT, "uploadId", multipart.list_parts),
     ("GET", OBJECT, None, objects.get_object),
     ("HEAD", OBJECT, None, objects.head_object),
+    ("DELETE", OBJECT, "tagging", config.delete_object_tagging),
     ("DELETE", OBJECT, "uploadId", multipart.abort_upload),
     ("DELETE", OBJECT, None, objects.delete_object),
     ("POST", OBJECT, "uploads", multipart.create_upload),

@@ -32,17 +32,16 @@ MAX_HEADER_BYTES = 8 * 1024
 
 # Sub-resources S3 offers and Anvil does not: answered 501 NotImplemented, never a 500.
 UNSUPPORTED_SUBRESOURCES = frozenset({
-    "acl", "policy", "policyStatus", "lifecycle", "tagging", "website", "cors", "encryption", "logging",
+    "acl", "policy", "policyStatus", "lifecycle", "website", "cors", "encryption", "logging",
     "notification", "replication", "requestPayment", "accelerate", "analytics", "inventory", "metrics",
     "intelligent-tiering", "object-lock", "ownershipControls", "publicAccessBlock", "retention", "legal-hold",
-    "torrent", "restore", "select", "attributes", "session", "metadataTable", "renameObject",
+    "torrent", "restore", "select", "session", "metadataTable", "renameObject",
 })
 UNSUPPORTED_HEADERS = {
     "x-amz-server-side-encryption-customer-algorithm": "SSE-C (customer-provided encryption keys)",
     "x-amz-copy-source-server-side-encryption-customer-algorithm": "SSE-C (customer-provided encryption keys)",
     "x-amz-server-side-encryption": "server-side encryption headers",
     "x-amz-server-side-encryption-aws-kms-key-id": "SSE-KMS",
-    "x-amz-tagging": "object tagging",
     "x-amz-object-lock-mode": "object lock",
     "x-amz-object-lock-retain-until-date": "object lock",
     "x-amz-object-lock-legal-hold": "object lock",

@@ -10,6 +10,7 @@ from starlette.responses import Response
 
 from anvil.api.common import blocking
 from anvil.api.s3 import xmlutil as X
+from anvil.api.s3.config import header_tags
 from anvil.api.s3.errors import S3Error, not_implemented
 from anvil.api.s3.listings import encoder, max_keys
 from anvil.api.s3.objects import (
@@ -80,6 +81,9 @@ async def create_upload(r: S3Request) -> Response:
     extra: dict[str, Any] = {}
     if system:
         extra["system"] = system
+    tags = header_tags(r.h.get("x-amz-tagging"))
+    if tags:
+        extra["tags"] = tags  # given to the object at completion
     alg = (r.h.get("x-amz-checksum-algorithm") or "").lower()
     ctype = (r.h.get("x-amz-checksum-type") or "").upper()
     if ctype and ctype not in ("COMPOSITE", "FULL_OBJECT"):

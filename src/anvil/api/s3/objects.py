@@ -21,6 +21,7 @@ from starlette.responses import Response
 from anvil.api.common import blocking, body_response, committed, file_io
 from anvil.api.s3 import xmlutil as X
 from anvil.api.s3.body import BodyReader
+from anvil.api.s3.config import header_tags
 from anvil.api.s3.errors import S3Error, from_anvil, reserved_namespace
 from anvil.api.s3.request import (
     S3Request,
@@ -287,6 +288,7 @@ async def put_object(r: S3Request) -> Response:
     user, system = metadata(r)
     ctype = content_type(r)
     cond = write_conditions(r)
+    tags = header_tags(r.h.get("x-amz-tagging"))
     body = await receive_uncommitted(r, max_size=MAX_PUT_SIZE)
     computed = body.computed
     extra: dict[str, Any] = {}
@@ -294,6 +296,8 @@ async def put_object(r: S3Request) -> Response:
         extra["system"] = system
     if computed:
         extra["checksums"] = computed
+    if tags:
+        extra["tags"] = tags
     objects, ctx, bucket, key = r.objects, r.ctx, r.bucket, r.key
 
     def store_and_submit() -> Any:
@@ -329,6 +333,9 @@ def _object_headers(obj: ObjectVersion, versioning: str) -> dict[str, str]:
         headers[k] = _text_to_header(val)
     for k, val in obj.metadata.items():
         headers[f"x-amz-meta-{k}"] = _meta_to_header(val)
+    tags = obj.extra.get("tags")
+    if tags:
+        headers["x-amz-tagging-count"] = str(len(tags))
     return headers
 
 
@@ -579,6 +586,10 @@ async def copy_object(r: S3Request) -> Response:
     if directive not in ("COPY", "REPLACE"):
         raise S3Error("InvalidArgument", "Unknown metadata directive.")
     user, system = metadata(r) if directive == "REPLACE" else ({}, {})
+    tagging_directive = (r.h.get("x-amz-tagging-directive") or "COPY").upper()
+    if tagging_directive not in ("COPY", "REPLACE"):
+        raise S3Error("InvalidArgument", "Unknown tagging directive.")
+    new_tags = header_tags(r.h.get("x-amz-tagging") or "") if tagging_directive == "REPLACE" else None
     if directive == "COPY" and src_bucket == r.bucket and src_key == r.key and src_version is None:
         raise S3Error("InvalidRequest", "This copy request is illegal because it is trying to copy an object to "
                       "itself without changing the object's metadata, storage class, website redirect location "
@@ -590,6 +601,9 @@ async def copy_object(r: S3Request) -> Response:
             content_type=content_type(r) if directive == "REPLACE" else None, metadata=user,
             cond=write_conditions(r), src_cond=Conditions(if_match=[src.etag]), system_metadata=system,
         )
+    if new_tags is not None and (new_tags or src.extra.get("tags")):
+        # COPY (the default) carried the source's tags with the version; REPLACE sets the new set on it.
+        await blocking(r.objects.set_object_tags, r.ctx, r.bucket, r.key, result["version_id"], new_tags)
     b = r.objects.get_bucket(r.bucket)
     headers = version_headers(result["version_id"], b.versioning, write=True)
     src_b = r.objects.get_bucket(src_bucket)
