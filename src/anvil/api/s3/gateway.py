@@ -17,6 +17,7 @@ from starlette.responses import Response
 
 from anvil.api.limits import log_client_disconnect
 from anvil.api.s3 import auth as sig
+from anvil.api.s3 import cors
 from anvil.api.s3.dispatch import BUCKET, COPY, OBJECT, SERVICE, route
 from anvil.api.s3.errors import S3Error, error_response, from_anvil, not_implemented, reserved_namespace
 from anvil.api.s3.objects import parse_copy_source
@@ -32,7 +33,7 @@ MAX_HEADER_BYTES = 8 * 1024
 
 # Sub-resources S3 offers and Anvil does not: answered 501 NotImplemented, never a 500.
 UNSUPPORTED_SUBRESOURCES = frozenset({
-    "acl", "policy", "policyStatus", "lifecycle", "website", "cors", "encryption", "logging",
+    "acl", "policy", "policyStatus", "lifecycle", "website", "encryption", "logging",
     "notification", "replication", "requestPayment", "accelerate", "analytics", "inventory", "metrics",
     "intelligent-tiering", "object-lock", "ownershipControls", "publicAccessBlock", "retention", "legal-hold",
     "torrent", "restore", "select", "session", "metadataTable", "renameObject",
@@ -91,6 +92,14 @@ class S3Gateway:
             response = error_response(err, request_id, resource=resource, head=head)
         response.headers["x-amz-request-id"] = request_id
         response.headers.setdefault("x-amz-id-2", request_id)
+        if request.method != "OPTIONS" and b"origin" in (k for k, _ in request.scope["headers"]):
+            # A browser's actual request: the bucket's CORS rule (if one allows it) decides what it may read.
+            try:
+                bucket = self._target(request).bucket
+            except S3Error:
+                bucket = None
+            for k, val in cors.response_headers(request, bucket, request.app.state.anvil.objects).items():
+                response.headers[k] = val
         if response.status_code >= 300 and request.method in ("PUT", "POST") and not getattr(
                 request, "_stream_consumed", True):
             # We answered before reading the body (often under Expect: 100-continue, so the client never
@@ -121,6 +130,10 @@ class S3Gateway:
             raise S3Error("RequestHeaderSectionTooLarge",
                           f"your request header section exceeds the maximum allowed size ({MAX_HEADER_BYTES} bytes)")
         t = self._target(request)
+        if request.method == "OPTIONS":
+            # A CORS preflight: browsers send it without credentials, so it is answered from the
+            # bucket's CORS rules alone, before any signature check.
+            return cors.preflight(request, t.bucket, request.app.state.anvil.objects)
         # Parsed as the signature reads it (`sig.parse_query`): what was signed is what is acted on.
         q = sig.query_params(request)
         # The reserved namespace comes first: keys, copy sources and listing prefixes.
