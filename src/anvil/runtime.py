@@ -20,6 +20,7 @@ from anvil.identity import BucketAccess, IdentityService, install_bucket_lookup
 from anvil.identity.participant import IdentityParticipant
 from anvil.identity.settings import load_jwt_secret, load_keyring
 from anvil.objects import ObjectService
+from anvil.objects.lifecycle import LifecycleWorker
 from anvil.objects.participant import ObjectsParticipant
 from anvil.storage import Storage
 from anvil.storage.layout import FORMAT_FILE
@@ -70,6 +71,8 @@ class Anvil:
         self.storage = Storage(storage_path, lock=lock)
         try:
             self.objects = ObjectService(self.storage)
+            # S3 bucket lifecycle; its thread runs only inside `anvil serve` (start_background).
+            self.lifecycle = LifecycleWorker(self.objects)
             secrets_dir = self.storage.layout.secrets
             self.identity = IdentityService(self.storage, load_keyring(secrets_dir), load_jwt_secret(secrets_dir))
             install_bucket_lookup(self._bucket_access)
@@ -151,6 +154,7 @@ class Anvil:
             self._heal_lock.release()
 
     def close(self) -> None:
+        self.lifecycle.stop()
         self.watch.close()
         self.storage.close()
 

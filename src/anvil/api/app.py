@@ -18,6 +18,7 @@ from anvil.api.authz import AUTHZ_ROUTES
 from anvil.api.backup_routes import BACKUP_ROUTES
 from anvil.api.common import error_response
 from anvil.api.identity import IDENTITY_ROUTES
+from anvil.api.lifecycle_routes import LIFECYCLE_ROUTES
 from anvil.api.limits import SCOPE_KEY, CountingReceive
 from anvil.api.native import OBJECT_PATH, ROUTES
 from anvil.api.s3 import S3Gateway
@@ -143,7 +144,7 @@ class AnvilApp(Starlette):
 
 
 def create_app(anvil: Anvil, *, recovery_mode: bool = False, dev_auth: bool = False) -> Starlette:
-    routes = [*ROUTES, *IDENTITY_ROUTES, *WATCH_ROUTES, *ADMIN_ROUTES, *BACKUP_ROUTES, *AUTHZ_ROUTES,
+    routes = [*ROUTES, *IDENTITY_ROUTES, *WATCH_ROUTES, *ADMIN_ROUTES, *BACKUP_ROUTES, *AUTHZ_ROUTES, *LIFECYCLE_ROUTES,
               Route("/{path:path}", _fallback, methods=ALL_METHODS)]
     app = AnvilApp(routes=routes, exception_handlers={HTTPException: _http_exception})
     app.state.anvil = anvil

@@ -82,6 +82,8 @@ OPERATIONS: list[tuple[str, str, str, str, list[dict[str, Any]], bool, bool]] = 
      True, False),
     ("get", "/anvil/v1/admin/watch/status", "watchStatus", "Journal head, base and consumer cursors (admin)", [],
      False, False),
+    ("get", "/anvil/v1/admin/lifecycle/status", "lifecycleStatus",
+     "What the S3 lifecycle worker has done: runs, expirations, removals, aborts (admin)", [], False, False),
 ]
 
 # Identity: token exchange and administration.

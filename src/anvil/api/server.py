@@ -326,6 +326,8 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any
         recovery_mode = in_recovery(anvil.storage.root)
         app = create_app(anvil, recovery_mode=recovery_mode, dev_auth=dev_auth)
         anvil.watch.start_background()
+        if not recovery_mode:  # lifecycle deletes; a store in recovery mode takes no writes
+            anvil.lifecycle.start()
         config = uvicorn.Config(
             app, host=host, port=port, loop="uvloop", http=AnvilHttpProtocol, access_log=False,
             log_level="warning", timeout_graceful_shutdown=grace, server_header=False,

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from starlette.datastructures import QueryParams
 from starlette.responses import Response
 
-from anvil.api.s3 import buckets, config, cors, listings, multipart, objects
+from anvil.api.s3 import buckets, config, cors, lifecycle, listings, multipart, objects
 from anvil.api.s3.errors import S3Error, not_implemented
 from anvil.api.s3.request import S3Request
 
@@ -38,18 +38,21 @@ ROUTES: tuple[Route, ...] = (
     ("PUT", BUCKET, "versioning", buckets.put_versioning),
     ("PUT", BUCKET, "tagging", config.put_bucket_tagging),
     ("PUT", BUCKET, "cors", cors.put_bucket_cors),
+    ("PUT", BUCKET, "lifecycle", lifecycle.put_bucket_lifecycle),
     ("PUT", BUCKET, None, buckets.create_bucket),
     ("HEAD", BUCKET, None, buckets.head_bucket),
     ("GET", BUCKET, "location", buckets.get_location),
     ("GET", BUCKET, "versioning", buckets.get_versioning),
     ("GET", BUCKET, "tagging", config.get_bucket_tagging),
     ("GET", BUCKET, "cors", cors.get_bucket_cors),
+    ("GET", BUCKET, "lifecycle", lifecycle.get_bucket_lifecycle),
     ("GET", BUCKET, "versions", listings.list_versions),
     ("GET", BUCKET, "uploads", multipart.list_uploads),
     ("GET", BUCKET, "list-type=2", listings.list_objects_v2),
     ("GET", BUCKET, None, listings.list_objects_v1),
     ("DELETE", BUCKET, "tagging", config.delete_bucket_tagging),
     ("DELETE", BUCKET, "cors", cors.delete_bucket_cors),
+    ("DELETE", BUCKET, "lifecycle", lifecycle.delete_bucket_lifecycle),
     ("DELETE", BUCKET, None, buckets.delete_bucket),
     ("POST", BUCKET, "delete", objects.delete_objects),
     ("POST", BUCKET, None, buckets.post_bucket),

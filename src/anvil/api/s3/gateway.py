@@ -33,7 +33,7 @@ MAX_HEADER_BYTES = 8 * 1024
 
 # Sub-resources S3 offers and Anvil does not: answered 501 NotImplemented, never a 500.
 UNSUPPORTED_SUBRESOURCES = frozenset({
-    "acl", "policy", "policyStatus", "lifecycle", "website", "encryption", "logging",
+    "acl", "policy", "policyStatus", "website", "encryption", "logging",
     "notification", "replication", "requestPayment", "accelerate", "analytics", "inventory", "metrics",
     "intelligent-tiering", "object-lock", "ownershipControls", "publicAccessBlock", "retention", "legal-hold",
     "torrent", "restore", "select", "session", "metadataTable", "renameObject",

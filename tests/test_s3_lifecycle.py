@@ -1,0 +1,146 @@
+"""Bucket lifecycle against a real server whose lifecycle clock is short: a "day" is 1 s and the worker
+runs every 0.5 s (ANVIL_LIFECYCLE_DAY_SECONDS / ANVIL_LIFECYCLE_INTERVAL_SECONDS). Objects expire,
+noncurrent versions are removed and stale uploads aborted within one interval of falling due; every
+action is journaled (actor `<tenant>/system-lifecycle`) and counted in the admin status."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+from botocore.exceptions import ClientError
+
+from anvil.storage import records
+from tests.helpers import AnvilServer, unique_bucket
+from tests.s3_helpers import s3_client
+
+DAY = 1.0
+INTERVAL = 0.5
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    srv = AnvilServer(tmp_path_factory.mktemp("lifecycle") / "data",
+                      env={"ANVIL_LIFECYCLE_DAY_SECONDS": str(DAY), "ANVIL_LIFECYCLE_INTERVAL_SECONDS": str(INTERVAL)}
+                      ).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def s3(server: AnvilServer):
+    return s3_client(server)
+
+
+def code(e: pytest.ExceptionInfo) -> str:
+    return e.value.response["Error"]["Code"]
+
+
+def test_configuration_round_trip_and_refusals(s3) -> None:
+    b = unique_bucket("lcconf")
+    s3.create_bucket(Bucket=b)
+    with pytest.raises(ClientError) as e:
+        s3.get_bucket_lifecycle_configuration(Bucket=b)
+    assert code(e) == "NoSuchLifecycleConfiguration"
+    rules = [
+        {"ID": "logs", "Filter": {"Prefix": "logs/"}, "Status": "Enabled", "Expiration": {"Days": 30}},
+        {"ID": "tagged", "Filter": {"And": {"Prefix": "t/", "Tags": [{"Key": "tmp", "Value": "1"}]}},
+         "Status": "Disabled", "Expiration": {"Date": datetime(2030, 1, 1, tzinfo=UTC)}},
+        {"ID": "old", "Filter": {"Prefix": ""}, "Status": "Enabled",
+         "NoncurrentVersionExpiration": {"NoncurrentDays": 7, "NewerNoncurrentVersions": 2},
+         "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 3}},
+    ]
+    s3.put_bucket_lifecycle_configuration(Bucket=b, LifecycleConfiguration={"Rules": rules})
+    assert s3.get_bucket_lifecycle_configuration(Bucket=b)["Rules"] == rules
+    refused = {
+        "NotImplemented": {"ID": "t", "Filter": {"Prefix": ""}, "Status": "Enabled",
+                           "Transitions": [{"Days": 1, "StorageClass": "GLACIER"}]},
+        "InvalidArgument": {"ID": "z", "Filter": {"Prefix": ""}, "Status": "Enabled", "Expiration": {"Days": 0}},
+        "InvalidRequest": {"ID": "n", "Filter": {"Prefix": ""}, "Status": "Enabled"},
+    }
+    for expected, rule in refused.items():
+        with pytest.raises(ClientError) as e:
+            s3.put_bucket_lifecycle_configuration(Bucket=b, LifecycleConfiguration={"Rules": [rule]})
+        assert code(e) == expected, rule
+    with pytest.raises(ClientError) as e:
+        s3.put_bucket_lifecycle_configuration(Bucket=b, LifecycleConfiguration={"Rules": [rules[0], rules[0]]})
+    assert code(e) == "InvalidArgument"
+    assert s3.get_bucket_lifecycle_configuration(Bucket=b)["Rules"] == rules  # refusals changed nothing
+    s3.delete_bucket_lifecycle(Bucket=b)
+    with pytest.raises(ClientError) as e:
+        s3.get_bucket_lifecycle_configuration(Bucket=b)
+    assert code(e) == "NoSuchLifecycleConfiguration"
+
+
+def _wait(predicate, timeout: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+def test_lifecycle_executes_within_one_interval(server: AnvilServer, s3) -> None:
+    plain, versioned = unique_bucket("lcplain"), unique_bucket("lcver")
+    s3.create_bucket(Bucket=plain)
+    s3.create_bucket(Bucket=versioned)
+    s3.put_bucket_versioning(Bucket=versioned, VersioningConfiguration={"Status": "Enabled"})
+    s3.put_bucket_lifecycle_configuration(Bucket=plain, LifecycleConfiguration={"Rules": [
+        {"ID": "tmp", "Filter": {"Prefix": "tmp/"}, "Status": "Enabled", "Expiration": {"Days": 2}},
+        {"ID": "tagged", "Filter": {"Tag": {"Key": "ttl", "Value": "short"}}, "Status": "Enabled",
+         "Expiration": {"Days": 2}},
+        {"ID": "uploads", "Filter": {"Prefix": ""}, "Status": "Enabled",
+         "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 2}},
+        {"ID": "off", "Filter": {"Prefix": "keep/"}, "Status": "Disabled", "Expiration": {"Days": 1}},
+    ]})
+    s3.put_bucket_lifecycle_configuration(Bucket=versioned, LifecycleConfiguration={"Rules": [
+        {"ID": "nc", "Filter": {"Prefix": ""}, "Status": "Enabled",
+         "NoncurrentVersionExpiration": {"NoncurrentDays": 2}},
+    ]})
+    written = time.monotonic()
+    s3.put_object(Bucket=plain, Key="tmp/a", Body=b"a")
+    s3.put_object(Bucket=plain, Key="keep/b", Body=b"b")
+    s3.put_object(Bucket=plain, Key="other", Body=b"o", Tagging="ttl=short")
+    s3.put_object(Bucket=plain, Key="other-untagged", Body=b"o")
+    upload = s3.create_multipart_upload(Bucket=plain, Key="stale")["UploadId"]
+    old = s3.put_object(Bucket=versioned, Key="k", Body=b"v1")["VersionId"]
+    new = s3.put_object(Bucket=versioned, Key="k", Body=b"v2")["VersionId"]  # v1 is noncurrent from now
+
+    def keys() -> list[str]:
+        return sorted(o["Key"] for o in s3.list_objects_v2(Bucket=plain).get("Contents", []))
+
+    def versions() -> list[str]:
+        return [v["VersionId"] for v in s3.list_object_versions(Bucket=versioned).get("Versions", [])]
+
+    # Nothing is due before 2 "days".
+    time.sleep(1.2)
+    assert keys() == ["keep/b", "other", "other-untagged", "tmp/a"] and versions() == [new, old]
+    # Due at 2 s; done by one interval (0.5 s) later, plus slack for a loaded machine.
+    _wait(lambda: keys() == ["keep/b", "other-untagged"], 2 * DAY + INTERVAL + 3 - (time.monotonic() - written))
+    _wait(lambda: versions() == [new], 3)
+    _wait(lambda: s3.list_multipart_uploads(Bucket=plain).get("Uploads", []) == [], 3)
+    assert s3.get_object(Bucket=versioned, Key="k")["Body"].read() == b"v2"
+    with pytest.raises(ClientError):
+        s3.list_parts(Bucket=plain, Key="stale", UploadId=upload)
+
+    with server.client() as c:
+        status = c._http.get("/anvil/v1/admin/lifecycle/status").json()
+    assert status["running"] and status["interval_seconds"] == INTERVAL and status["day_seconds"] == DAY
+    assert status["expired"] >= 2 and status["noncurrent_removed"] >= 1 and status["uploads_aborted"] >= 1
+    assert status["runs"] >= 4 and status["errors"] == 0
+    conn = records.open_readonly(server.storage_path / "catalog.db")
+    try:
+        actions = {(kind, scope) for kind, scope, actor in conn.execute(
+            "SELECT kind, scope, actor FROM journal WHERE actor LIKE '%/system-lifecycle'")}
+    finally:
+        records.close(conn)
+    assert {("object.delete", f"{plain}/tmp/a"), ("object.delete", f"{plain}/other"),
+            ("object.delete", f"{versioned}/k"), ("multipart.abort", f"{plain}/stale")} <= actions
+
+
+def test_status_needs_admin(server: AnvilServer) -> None:
+    r = httpx.get(f"{server.endpoint}/anvil/v1/admin/lifecycle/status")
+    assert r.status_code == 401
