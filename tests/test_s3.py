@@ -532,20 +532,16 @@ def test_presigned_url_expired(s3, bkt: str) -> None:
 def test_not_implemented_operations(s3, server: AnvilServer, bkt: str) -> None:
     s3.put_object(Bucket=bkt, Key="k", Body=b"x")
     calls = [
-        lambda: s3.get_bucket_acl(Bucket=bkt),
         lambda: s3.get_bucket_policy(Bucket=bkt),
         lambda: s3.put_bucket_policy(Bucket=bkt, Policy="{}"),
-        lambda: s3.get_bucket_lifecycle_configuration(Bucket=bkt),
-        lambda: s3.get_bucket_tagging(Bucket=bkt),
-        lambda: s3.put_object_tagging(Bucket=bkt, Key="k", Tagging={"TagSet": []}),
         lambda: s3.get_bucket_website(Bucket=bkt),
-        lambda: s3.get_bucket_cors(Bucket=bkt),
-        lambda: s3.get_object_acl(Bucket=bkt, Key="k"),
+        lambda: s3.get_bucket_encryption(Bucket=bkt),
+        lambda: s3.get_object_lock_configuration(Bucket=bkt),
         lambda: s3.put_object(Bucket=bkt, Key="k2", Body=b"x", SSECustomerAlgorithm="AES256",
                               SSECustomerKey="0" * 32),
         lambda: s3.put_object(Bucket=bkt, Key="k2", Body=b"x", ServerSideEncryption="aws:kms"),
-        lambda: s3.put_object(Bucket=bkt, Key="k2", Body=b"x", ACL="public-read"),
-        lambda: s3.put_object(Bucket=bkt, Key="k2", Body=b"x", Tagging="a=b"),
+        lambda: s3.put_object(Bucket=bkt, Key="k2", Body=b"x", ACL="public-read-write"),
+        lambda: s3.put_object(Bucket=bkt, Key="k2", Body=b"x", GrantRead="id=someone-else"),
     ]
     for call in calls:
         with pytest.raises(ClientError) as e:

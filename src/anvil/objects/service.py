@@ -852,6 +852,7 @@ class ObjectService:
             if metadata_directive == "COPY" and src_bucket == bucket and src_key == key and not src_version:
                 raise AnvilError("InvalidArgument", "copying an object onto itself needs metadata directive REPLACE")
             extra = dict(src.extra)
+            extra.pop("public", None)  # S3: a copy gets its own ACL (private unless the request says otherwise)
             if metadata_directive == "REPLACE":
                 # REPLACE swaps the stored headers too; the checksums still describe the same bytes.
                 extra = {k: val for k, val in extra.items() if k != "system"}
@@ -1268,6 +1269,8 @@ class ObjectService:
                 extra["system"] = up_extra["system"]
             if up_extra.get("tags"):  # S3 x-amz-tagging given at CreateMultipartUpload
                 extra["tags"] = up_extra["tags"]
+            if up_extra.get("public"):  # S3 canned public-read given at CreateMultipartUpload
+                extra["public"] = True
             algorithm = up_extra.get("checksum_algorithm")
             if algorithm:
                 part_sums = [json.loads(stored[n][3] or "{}").get(algorithm) for n, _ in parts]
@@ -1383,3 +1386,31 @@ class ObjectService:
             "SELECT s.bucket, b.tenant, s.document FROM bucket_settings s JOIN buckets b ON b.name = s.bucket "
             "WHERE s.kind = ? ORDER BY s.bucket", (kind,))
         return [(r[0], r[1], json.loads(r[2])) for r in rows]
+
+    def set_object_public(self, ctx: RequestContext, bucket: str, key: str, version_id: str | None,
+                          public: bool) -> dict[str, Any]:
+        """Make a version (the latest when `version_id` is None) publicly readable or not: `public`
+        in its `extra`, journaled as `object.acl`. The S3 gateway's canned `public-read` on objects."""
+        v.check_object_key(key)
+        fp = fingerprint("object.acl", bucket, key, version_id, public)
+
+        def fn(txn: Txn) -> dict[str, Any]:
+            b = self._require_bucket(txn.conn, bucket)
+            obj = (self._version(txn.conn, bucket, key, version_id) if version_id is not None
+                   else self._latest(txn.conn, bucket, key))
+            if obj is None or (obj.delete_marker and version_id is None):
+                raise AnvilError("NotFound", "version not found") if version_id is not None else not_found("object")
+            if obj.delete_marker:
+                raise AnvilError("MethodNotAllowed", "a delete marker has no ACL")
+            extra = dict(obj.extra)
+            if public:
+                extra["public"] = True
+            else:
+                extra.pop("public", None)
+            txn.conn.execute("UPDATE versions SET extra = ? WHERE bucket = ? AND key = ? AND version_id = ?",
+                             (json.dumps(extra, sort_keys=True), bucket, key, obj.version_id))
+            txn.emit(b.tenant, "object.acl", f"{bucket}/{key}",
+                     {"bucket": bucket, "key": key, "version_id": obj.version_id, "public": public})
+            return {"bucket": bucket, "key": key, "version_id": obj.version_id, "public": public}
+
+        return self._mutate(ctx, fn, fp)

@@ -9,6 +9,7 @@ from starlette.responses import Response
 
 from anvil.api.common import blocking
 from anvil.api.s3 import xmlutil as X
+from anvil.api.s3.acl import canned
 from anvil.api.s3.body import BodyReader
 from anvil.api.s3.errors import S3Error, not_implemented
 from anvil.api.s3.request import S3Request, owner, xml
@@ -95,6 +96,7 @@ async def create_bucket(r: S3Request) -> Response:
             raise S3Error("BucketAlreadyOwnedByYou", "Your previous request to create the named bucket "
                           "succeeded and you already own it.", 409)
         raise S3Error("BucketAlreadyExists", "The requested bucket name is not available.", 409)
+    public = canned(r.h.get("x-amz-acl"), bucket=True)
     try:
         await blocking(r.objects.create_bucket, r.ctx, name)
     except AnvilError as e:
@@ -102,6 +104,8 @@ async def create_bucket(r: S3Request) -> Response:
             raise S3Error("BucketAlreadyOwnedByYou", "Your previous request to create the named bucket "
                           "succeeded and you already own it.", 409)
         raise
+    if public:  # canned public-read: the bucket's public access (docs/s3.md, "ACLs")
+        await blocking(r.objects.set_public, r.ctx, name, True)
     return Response(status_code=200, headers={"location": f"/{name}"})
 
 

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from starlette.datastructures import QueryParams
 from starlette.responses import Response
 
-from anvil.api.s3 import buckets, config, cors, lifecycle, listings, multipart, objects
+from anvil.api.s3 import acl, buckets, config, cors, lifecycle, listings, multipart, objects
 from anvil.api.s3.errors import S3Error, not_implemented
 from anvil.api.s3.request import S3Request
 
@@ -37,6 +37,7 @@ ROUTES: tuple[Route, ...] = (
 
     ("PUT", BUCKET, "versioning", buckets.put_versioning),
     ("PUT", BUCKET, "tagging", config.put_bucket_tagging),
+    ("PUT", BUCKET, "acl", acl.put_bucket_acl),
     ("PUT", BUCKET, "cors", cors.put_bucket_cors),
     ("PUT", BUCKET, "lifecycle", lifecycle.put_bucket_lifecycle),
     ("PUT", BUCKET, None, buckets.create_bucket),
@@ -44,6 +45,7 @@ ROUTES: tuple[Route, ...] = (
     ("GET", BUCKET, "location", buckets.get_location),
     ("GET", BUCKET, "versioning", buckets.get_versioning),
     ("GET", BUCKET, "tagging", config.get_bucket_tagging),
+    ("GET", BUCKET, "acl", acl.get_bucket_acl),
     ("GET", BUCKET, "cors", cors.get_bucket_cors),
     ("GET", BUCKET, "lifecycle", lifecycle.get_bucket_lifecycle),
     ("GET", BUCKET, "versions", listings.list_versions),
@@ -58,6 +60,7 @@ ROUTES: tuple[Route, ...] = (
     ("POST", BUCKET, None, buckets.post_bucket),
 
     ("PUT", OBJECT, "tagging", config.put_object_tagging),
+    ("PUT", OBJECT, "acl", acl.put_object_acl),
     ("PUT", OBJECT, "uploadId", multipart.upload_part),
     ("PUT", OBJECT, "partNumber", multipart.upload_part),
     ("PUT", OBJECT, None, objects.put_object),
@@ -65,6 +68,7 @@ ROUTES: tuple[Route, ...] = (
     ("PUT", COPY, "partNumber", multipart.upload_part_copy),
     ("PUT", COPY, None, objects.copy_object),
     ("GET", OBJECT, "tagging", config.get_object_tagging),
+    ("GET", OBJECT, "acl", acl.get_object_acl),
     ("GET", OBJECT, "attributes", config.get_object_attributes),
     ("GET", OBJECT, "uploadId", multipart.list_parts),
     ("GET", OBJECT, None, objects.get_object),

@@ -16,8 +16,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from anvil.api.limits import log_client_disconnect
+from anvil.api.s3 import acl, cors
 from anvil.api.s3 import auth as sig
-from anvil.api.s3 import cors
 from anvil.api.s3.dispatch import BUCKET, COPY, OBJECT, SERVICE, route
 from anvil.api.s3.errors import S3Error, error_response, from_anvil, not_implemented, reserved_namespace
 from anvil.api.s3.objects import parse_copy_source
@@ -33,7 +33,7 @@ MAX_HEADER_BYTES = 8 * 1024
 
 # Sub-resources S3 offers and Anvil does not: answered 501 NotImplemented, never a 500.
 UNSUPPORTED_SUBRESOURCES = frozenset({
-    "acl", "policy", "policyStatus", "website", "encryption", "logging",
+    "policy", "policyStatus", "website", "encryption", "logging",
     "notification", "replication", "requestPayment", "accelerate", "analytics", "inventory", "metrics",
     "intelligent-tiering", "object-lock", "ownershipControls", "publicAccessBlock", "retention", "legal-hold",
     "torrent", "restore", "select", "session", "metadataTable", "renameObject",
@@ -152,9 +152,10 @@ class S3Gateway:
         for name, what in _UNSUPPORTED_HEADER_BYTES:
             if name in present:
                 raise not_implemented(what)
-        acl = request.headers.get("x-amz-acl")
-        if acl is not None and acl != "private":
-            raise not_implemented("canned ACLs other than private")
+        # ACLs Anvil cannot honour are refused before anything happens (docs/s3.md, "ACLs").
+        acl.canned(request.headers.get("x-amz-acl"), bucket=t.key is None and request.method == "PUT" and
+                   "acl" not in q)
+        acl.refuse_grant_headers(request.headers)
         storage_class = request.headers.get("x-amz-storage-class")
         if storage_class is not None and storage_class != "STANDARD":
             raise S3Error("InvalidStorageClass", "the only storage class Anvil offers is STANDARD")

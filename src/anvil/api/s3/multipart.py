@@ -10,6 +10,7 @@ from starlette.responses import Response
 
 from anvil.api.common import blocking
 from anvil.api.s3 import xmlutil as X
+from anvil.api.s3.acl import canned
 from anvil.api.s3.config import header_tags
 from anvil.api.s3.errors import S3Error, not_implemented
 from anvil.api.s3.listings import encoder, max_keys
@@ -84,6 +85,8 @@ async def create_upload(r: S3Request) -> Response:
     tags = header_tags(r.h.get("x-amz-tagging"))
     if tags:
         extra["tags"] = tags  # given to the object at completion
+    if canned(r.h.get("x-amz-acl"), bucket=False):
+        extra["public"] = True  # likewise
     alg = (r.h.get("x-amz-checksum-algorithm") or "").lower()
     ctype = (r.h.get("x-amz-checksum-type") or "").upper()
     if ctype and ctype not in ("COMPOSITE", "FULL_OBJECT"):

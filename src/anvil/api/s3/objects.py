@@ -20,6 +20,7 @@ from starlette.responses import Response
 
 from anvil.api.common import blocking, body_response, committed, file_io
 from anvil.api.s3 import xmlutil as X
+from anvil.api.s3.acl import canned
 from anvil.api.s3.body import BodyReader
 from anvil.api.s3.config import header_tags
 from anvil.api.s3.errors import S3Error, from_anvil, reserved_namespace
@@ -289,6 +290,7 @@ async def put_object(r: S3Request) -> Response:
     ctype = content_type(r)
     cond = write_conditions(r)
     tags = header_tags(r.h.get("x-amz-tagging"))
+    public = canned(r.h.get("x-amz-acl"), bucket=False)
     body = await receive_uncommitted(r, max_size=MAX_PUT_SIZE)
     computed = body.computed
     extra: dict[str, Any] = {}
@@ -298,6 +300,8 @@ async def put_object(r: S3Request) -> Response:
         extra["checksums"] = computed
     if tags:
         extra["tags"] = tags
+    if public:
+        extra["public"] = True
     objects, ctx, bucket, key = r.objects, r.ctx, r.bucket, r.key
 
     def store_and_submit() -> Any:
@@ -601,6 +605,9 @@ async def copy_object(r: S3Request) -> Response:
             content_type=content_type(r) if directive == "REPLACE" else None, metadata=user,
             cond=write_conditions(r), src_cond=Conditions(if_match=[src.etag]), system_metadata=system,
         )
+    if canned(r.h.get("x-amz-acl"), bucket=False):
+        # The copy was made private (its own ACL); public-read makes it public now.
+        await blocking(r.objects.set_object_public, r.ctx, r.bucket, r.key, result["version_id"], True)
     if new_tags is not None and (new_tags or src.extra.get("tags")):
         # COPY (the default) carried the source's tags with the version; REPLACE sets the new set on it.
         await blocking(r.objects.set_object_tags, r.ctx, r.bucket, r.key, result["version_id"], new_tags)

@@ -18,6 +18,7 @@ from anvil.api.s3 import xmlutil as X
 from anvil.api.s3.body import BodyReader, message_too_long
 from anvil.api.s3.errors import S3Error, not_implemented
 from anvil.context import Principal, RequestContext
+from anvil.errors import AnvilError
 from anvil.identity import authorize
 from anvil.objects.checksums import ALGORITHMS, content_md5_hex, digest_length, new_checksum
 
@@ -54,6 +55,8 @@ class S3Request:
             b = self.objects.find_bucket(bucket) if bucket else None
             if action in READ_ACTIONS and b is not None and b.public:
                 return
+            if action == "object:read" and b is not None and key is not None and self._object_public(bucket, key):
+                return  # canned public-read on the object itself
             raise S3Error("AccessDenied", "Access Denied: anonymous access is limited to reads of public buckets",
                           403)
         if action in ("bucket:create", "bucket:list"):
@@ -61,6 +64,13 @@ class S3Request:
         else:
             resource = f"bucket:{bucket}" if key is None else f"bucket:{bucket}/{key}"
         authorize(self.principal, action, resource)
+
+    def _object_public(self, bucket: str, key: str) -> bool:
+        try:
+            obj = self.objects.head_object(bucket, key, version_id=self.q.get("versionId") or None)
+        except AnvilError:
+            return False
+        return bool(obj.extra.get("public"))
 
     async def body_xml(self, *, checksums_describe_body: bool = True):
         reader = BodyReader(self.request, self.auth)
