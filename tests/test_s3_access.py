@@ -184,22 +184,28 @@ def test_recreate_own_bucket_outside_us_east_1(tmp_path: Path, monkeypatch: pyte
         anvil.close()
 
 
-def test_cross_tenant_denial(server: AnvilServer, s3) -> None:
-    """Another tenant's application cannot see, read, write or list a bucket it does not own,
-    and the error never says whether the bucket exists."""
-    private = unique_bucket("ct")
-    s3.create_bucket(Bucket=private)
-    s3.put_object(Bucket=private, Key="secret.txt", Body=b"admin only")
-    tenant = unique_bucket("acme")
+def _tenant_client(server: AnvilServer, prefix: str):
+    tenant = unique_bucket(prefix)
     with server.client() as admin:
         admin.create_tenant(tenant)
         app = admin.create_app(tenant, "s3-app", scopes=[
             f"bucket:create|tenant:{tenant}", f"bucket:list|tenant:{tenant}", "bucket:*|bucket:*",
             "object:*|bucket:*"])
-    other = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
-                         aws_access_key_id=app["client_id"], aws_secret_access_key=app["client_secret"],
-                         config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
-                                       retries={"max_attempts": 1}))
+    return boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
+                        aws_access_key_id=app["client_id"], aws_secret_access_key=app["client_secret"],
+                        config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
+                                      retries={"max_attempts": 1}))
+
+
+def test_cross_tenant_denial(server: AnvilServer, s3) -> None:
+    """Tenants are S3 accounts: another tenant's application gets S3's cross-account answers for a bucket
+    it does not own: 403 AccessDenied for every read, write, listing and copy (bucket names are global,
+    so S3 does not hide that the bucket exists), 404 NoSuchBucket only for a bucket that does not exist.
+    AWS "Troubleshoot access denied (403 Forbidden) errors in Amazon S3" / "Error responses"."""
+    private = unique_bucket("ct")
+    s3.create_bucket(Bucket=private)
+    s3.put_object(Bucket=private, Key="secret.txt", Body=b"admin only")
+    other = _tenant_client(server, "acme")
     own = unique_bucket("own")
     other.create_bucket(Bucket=own)  # its own tenant works normally
     other.put_object(Bucket=own, Key="k", Body=b"mine")
@@ -207,26 +213,66 @@ def test_cross_tenant_denial(server: AnvilServer, s3) -> None:
     missing = unique_bucket("nope")
     attempts = [
         lambda b: other.get_object(Bucket=b, Key="secret.txt"),
+        lambda b: other.get_object(Bucket=b, Key="no-such-key"),
         lambda b: other.put_object(Bucket=b, Key="x", Body=b"intruder"),
         lambda b: other.list_objects_v2(Bucket=b),
         lambda b: other.delete_object(Bucket=b, Key="secret.txt"),
         lambda b: other.copy_object(Bucket=own, Key="stolen", CopySource={"Bucket": b, "Key": "secret.txt"}),
+        lambda b: other.get_bucket_acl(Bucket=b),
+        lambda b: other.put_bucket_acl(Bucket=b, ACL="public-read"),
+        lambda b: other.get_object_tagging(Bucket=b, Key="secret.txt"),
     ]
     for attempt in attempts:
         with pytest.raises(ClientError) as foreign:
             attempt(private)
         with pytest.raises(ClientError) as absent:
             attempt(missing)
-        # Same answer as for a bucket that does not exist: existence does not leak.
-        assert foreign.value.response["Error"]["Code"] == absent.value.response["Error"]["Code"]
-        assert foreign.value.response["ResponseMetadata"]["HTTPStatusCode"] == \
-            absent.value.response["ResponseMetadata"]["HTTPStatusCode"]
-        assert private not in str(foreign.value.response["Error"].get("Message", ""))
-    with pytest.raises(ClientError):
+        assert (foreign.value.response["Error"]["Code"], foreign.value.response["ResponseMetadata"]["HTTPStatusCode"]
+                ) == ("AccessDenied", 403)
+        assert (absent.value.response["Error"]["Code"], absent.value.response["ResponseMetadata"]["HTTPStatusCode"]
+                ) == ("NoSuchBucket", 404)
+    with pytest.raises(ClientError) as e:
         other.head_bucket(Bucket=private)
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    with pytest.raises(ClientError) as e:
+        other.create_bucket(Bucket=private)
+    assert e.value.response["Error"]["Code"] == "BucketAlreadyExists"
     # Nothing changed in the private bucket.
     assert s3.get_object(Bucket=private, Key="secret.txt")["Body"].read() == b"admin only"
     assert [o["Key"] for o in s3.list_objects_v2(Bucket=private)["Contents"]] == ["secret.txt"]
+    assert "stolen" not in [o["Key"] for o in other.list_objects_v2(Bucket=own)["Contents"]]
+
+
+def test_cross_tenant_public_reads(server: AnvilServer, s3) -> None:
+    """What another account may read, as in S3: everything in a public bucket (Anvil's public bucket is
+    a policy granting everyone GetObject and ListBucket), a public-read object in a private bucket (an
+    object ACL granting AllUsers READ), and copy from either; never a private object of a private bucket,
+    and never a write."""
+    other = _tenant_client(server, "reader")
+    own = unique_bucket("rdr")
+    other.create_bucket(Bucket=own)
+    public, private = unique_bucket("pub"), unique_bucket("priv")
+    s3.create_bucket(Bucket=public, ACL="public-read")
+    s3.create_bucket(Bucket=private)
+    s3.put_object(Bucket=public, Key="doc", Body=b"in a public bucket")
+    s3.put_object(Bucket=private, Key="open", Body=b"public object", ACL="public-read")
+    s3.put_object(Bucket=private, Key="closed", Body=b"private object")
+    assert other.get_object(Bucket=public, Key="doc")["Body"].read() == b"in a public bucket"
+    assert [o["Key"] for o in other.list_objects_v2(Bucket=public)["Contents"]] == ["doc"]
+    assert other.get_object(Bucket=private, Key="open")["Body"].read() == b"public object"
+    other.copy_object(Bucket=own, Key="copied", CopySource={"Bucket": private, "Key": "open"})
+    assert other.get_object(Bucket=own, Key="copied")["Body"].read() == b"public object"
+    for call in (lambda: other.get_object(Bucket=private, Key="closed"),
+                 lambda: other.list_objects_v2(Bucket=private),
+                 lambda: other.copy_object(Bucket=own, Key="nope", CopySource={"Bucket": private, "Key": "closed"}),
+                 lambda: other.put_object(Bucket=public, Key="graffiti", Body=b"x"),
+                 lambda: other.delete_object(Bucket=public, Key="doc"),
+                 lambda: other.put_object_acl(Bucket=private, Key="open", ACL="private")):
+        with pytest.raises(ClientError) as e:
+            call()
+        assert (e.value.response["Error"]["Code"], e.value.response["ResponseMetadata"]["HTTPStatusCode"]) == \
+            ("AccessDenied", 403)
+    assert [o["Key"] for o in s3.list_objects_v2(Bucket=public)["Contents"]] == ["doc"]
 
 
 def test_virtual_host_style(tmp_path: Path) -> None:

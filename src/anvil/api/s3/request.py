@@ -63,7 +63,18 @@ class S3Request:
             resource = f"tenant:{self.principal.tenant}"
         else:
             resource = f"bucket:{bucket}" if key is None else f"bucket:{bucket}/{key}"
-        authorize(self.principal, action, resource)
+        try:
+            authorize(self.principal, action, resource)
+        except AnvilError as e:
+            # Tenants are S3 accounts (docs/s3.md, "Tenants are S3 accounts"). An object made public-read
+            # is readable by every account; any other request into another account's bucket is S3's
+            # 403 AccessDenied -- bucket names are global, so S3 does not hide that the bucket exists
+            # (the native API does: it answers as for a missing bucket).
+            if action == "object:read" and bucket and key is not None and self._object_public(bucket, key):
+                return
+            if e.code == "NotFound" and getattr(e, "denied", False):
+                raise S3Error("AccessDenied", "Access Denied", 403) from None
+            raise
 
     def _object_public(self, bucket: str, key: str) -> bool:
         try:
