@@ -97,8 +97,11 @@ def test_lifecycle_executes_within_one_interval(server: AnvilServer, s3) -> None
         {"ID": "off", "Filter": {"Prefix": "keep/"}, "Status": "Disabled", "Expiration": {"Days": 1}},
     ]})
     s3.put_bucket_lifecycle_configuration(Bucket=versioned, LifecycleConfiguration={"Rules": [
-        {"ID": "nc", "Filter": {"Prefix": ""}, "Status": "Enabled",
+        {"ID": "nc", "Filter": {"Prefix": "k"}, "Status": "Enabled",
          "NoncurrentVersionExpiration": {"NoncurrentDays": 2}},
+        {"ID": "exp", "Filter": {"Prefix": "old/"}, "Status": "Enabled", "Expiration": {"Days": 2}},
+        {"ID": "dm", "Filter": {"Prefix": "dm/"}, "Status": "Enabled",
+         "Expiration": {"ExpiredObjectDeleteMarker": True}},
     ]})
     written = time.monotonic()
     s3.put_object(Bucket=plain, Key="tmp/a", Body=b"a")
@@ -108,12 +111,21 @@ def test_lifecycle_executes_within_one_interval(server: AnvilServer, s3) -> None
     upload = s3.create_multipart_upload(Bucket=plain, Key="stale")["UploadId"]
     old = s3.put_object(Bucket=versioned, Key="k", Body=b"v1")["VersionId"]
     new = s3.put_object(Bucket=versioned, Key="k", Body=b"v2")["VersionId"]  # v1 is noncurrent from now
+    kept = s3.put_object(Bucket=versioned, Key="old/y", Body=b"y")["VersionId"]
+    # A delete marker left alone: its key's only version once the object's version is removed.
+    gone = s3.put_object(Bucket=versioned, Key="dm/x", Body=b"x")["VersionId"]
+    s3.delete_object(Bucket=versioned, Key="dm/x")
+    s3.delete_object(Bucket=versioned, Key="dm/x", VersionId=gone)
 
     def keys() -> list[str]:
         return sorted(o["Key"] for o in s3.list_objects_v2(Bucket=plain).get("Contents", []))
 
-    def versions() -> list[str]:
-        return [v["VersionId"] for v in s3.list_object_versions(Bucket=versioned).get("Versions", [])]
+    def versions(key: str = "k") -> list[str]:
+        listing = s3.list_object_versions(Bucket=versioned, Prefix=key)
+        return [v["VersionId"] for v in listing.get("Versions", [])]
+
+    def markers(prefix: str) -> list[str]:
+        return [m["Key"] for m in s3.list_object_versions(Bucket=versioned, Prefix=prefix).get("DeleteMarkers", [])]
 
     # Nothing is due before 2 "days".
     time.sleep(1.2)
@@ -121,6 +133,10 @@ def test_lifecycle_executes_within_one_interval(server: AnvilServer, s3) -> None
     # Due at 2 s; done by one interval (0.5 s) later, plus slack for a loaded machine.
     _wait(lambda: keys() == ["keep/b", "other-untagged"], 2 * DAY + INTERVAL + 3 - (time.monotonic() - written))
     _wait(lambda: versions() == [new], 3)
+    # Expiration in a versioned bucket: a delete marker over the kept version, as a plain DELETE makes.
+    _wait(lambda: markers("old/") == ["old/y"], 3)
+    assert versions("old/") == [kept]
+    _wait(lambda: markers("dm/") == [], 3)
     _wait(lambda: s3.list_multipart_uploads(Bucket=plain).get("Uploads", []) == [], 3)
     assert s3.get_object(Bucket=versioned, Key="k")["Body"].read() == b"v2"
     with pytest.raises(ClientError):
@@ -129,7 +145,8 @@ def test_lifecycle_executes_within_one_interval(server: AnvilServer, s3) -> None
     with server.client() as c:
         status = c._http.get("/anvil/v1/admin/lifecycle/status").json()
     assert status["running"] and status["interval_seconds"] == INTERVAL and status["day_seconds"] == DAY
-    assert status["expired"] >= 2 and status["noncurrent_removed"] >= 1 and status["uploads_aborted"] >= 1
+    assert status["expired"] >= 3 and status["noncurrent_removed"] >= 1 and status["uploads_aborted"] >= 1
+    assert status["delete_markers_removed"] >= 1
     assert status["runs"] >= 4 and status["errors"] == 0
     conn = records.open_readonly(server.storage_path / "catalog.db")
     try:
