@@ -25,9 +25,23 @@ from botocore.exceptions import ClientError
 
 from anvil.api.s3 import dispatch, sigv2
 from tests.helpers import AnvilServer, unique_bucket
-from tests.s3_helpers import REGION, aws_env, dev_credentials
+from tests.s3_helpers import REGION, aws_env, dev_credentials, s3_client
 
 TIMEOUT = 10
+BASE_DOMAIN = "s3.anvil.test"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    """The module's one server, with virtual-host style on (SigV2 signs the bucket from the Host)."""
+    srv = AnvilServer(tmp_path_factory.mktemp("sigv2") / "data", env={"ANVIL_S3_BASE_DOMAIN": BASE_DOMAIN}).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def s3(server: AnvilServer):
+    return s3_client(server)
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +211,23 @@ def test_header_auth_refusals(server: AnvilServer, bkt: str) -> None:
                ).status_code == 200
     r = httpx.get(url, headers={"Authorization": f"AWS {creds['access_key_id']}:abc"}, timeout=TIMEOUT)
     assert r.status_code == 403 and b"valid Date or x-amz-date" in r.content
+
+
+def test_virtual_host_style_signs_the_bucket(server: AnvilServer, bkt: str) -> None:
+    # RESTAuthentication: the CanonicalizedResource of a virtual-hosted request starts with /BUCKET.
+    creds = dev_credentials(server)
+    host = f"{bkt}.{BASE_DOMAIN}:{server.port}"
+    for resource, status in ((f"/{bkt}/dir/hello%20world.txt", 200), ("/dir/hello%20world.txt", 403)):
+        date = formatdate(usegmt=True)
+        sig = v2_sign(creds["secret_access_key"], f"GET\n\n\n{date}\n{resource}")
+        r = httpx.get(f"{server.endpoint}/dir/hello%20world.txt", timeout=TIMEOUT,
+                      headers={"Host": host, "Date": date, "Authorization": f"AWS {creds['access_key_id']}:{sig}"})
+        assert r.status_code == status, (resource, r.content)
+    date = formatdate(usegmt=True)  # the bucket itself: /BUCKET/
+    sig = v2_sign(creds["secret_access_key"], f"GET\n\n\n{date}\n/{bkt}/")
+    r = httpx.get(f"{server.endpoint}/?prefix=dir", timeout=TIMEOUT,
+                  headers={"Host": host, "Date": date, "Authorization": f"AWS {creds['access_key_id']}:{sig}"})
+    assert r.status_code == 200 and b"<Key>dir/hello world.txt</Key>" in r.content
 
 
 # ------------------------------------------------------------------ s3cmd
