@@ -702,3 +702,247 @@ class AnvilClient:
             if value:
                 body[name] = value
         return self._json("POST", "/anvil/v1/admin/repair/blobs", json=body, timeout=None)
+
+    # ------------------------------------------------------------ artefacts (docs/artefacts.md)
+
+    def _a(self, bucket: str, name: str) -> str:
+        return self._b(bucket) + "/artefacts/" + urllib.parse.quote(name, safe="")
+
+    @staticmethod
+    def _scan_dir(directory: str | Path) -> list[dict[str, Any]]:
+        """Every regular file under `directory`: relative POSIX path, size, SHA-256 (read once)."""
+        import hashlib
+
+        root = Path(directory)
+        out = []
+        for p in sorted(root.rglob("*")):
+            if not p.is_file() or p.is_symlink():
+                continue
+            h = hashlib.sha256()
+            size = 0
+            with open(p, "rb") as f:
+                while data := f.read(4 * UPLOAD_CHUNK):
+                    h.update(data)
+                    size += len(data)
+            out.append({"path": p.relative_to(root).as_posix(), "size": size, "sha256": h.hexdigest(),
+                        "local": str(p)})
+        return out
+
+    @staticmethod
+    def _signing_key(key: Any) -> Any:
+        if key is None or not isinstance(key, str | Path):
+            return key
+        from cryptography.hazmat.primitives import serialization
+
+        return serialization.load_pem_private_key(Path(key).read_bytes(), password=None)
+
+    def _upload_components(self, bucket: str, name: str, files: list[dict[str, Any]], workers: int) -> int:
+        from concurrent.futures import ThreadPoolExecutor
+
+        shas = list(dict.fromkeys(f["sha256"] for f in files))
+        missing = set(self._json("POST", self._a(bucket, name) + "/components/missing",
+                                 json={"sha256s": shas})["missing"]) if shas else set()
+        todo = {f["sha256"]: f for f in files if f["sha256"] in missing}
+
+        def put(f: dict[str, Any]) -> None:
+            with open(f["local"], "rb") as fh:
+                self._request("PUT", self._a(bucket, name) + f"/components/{f['sha256']}",
+                              content=_file_chunks(fh) if f["size"] > UPLOAD_CHUNK else fh.read(),
+                              headers={"content-length": str(f["size"])}, timeout=None)
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            list(pool.map(put, todo.values()))
+        return len(todo)
+
+    def artefact_push(self, kind: str, bucket: str, name: str, files: list[dict[str, Any]], *,
+                      tag: str | None = None, base: str | None = None, metadata: dict[str, Any] | None = None,
+                      refs: dict[str, str] | None = None, signing_key: Any = None, key_id: str | None = None,
+                      workers: int = 4) -> dict[str, Any]:
+        """Upload the components the bucket lacks, then the (optionally signed) manifest; `base`: an id or
+        tag of an artefact of the same name whose identical files are not listed again (a delta)."""
+        from anvil import artefact_format as mf
+
+        uploaded = self._upload_components(bucket, name, files, workers)
+        comps = [{"path": f["path"], "size": f["size"], "sha256": f["sha256"]} for f in files]
+        removed: list[str] = []
+        base_id = None
+        if base is not None:
+            info = self.artefact_describe(bucket, name, base)
+            base_id = info["id"]
+            have = {f["path"]: f["sha256"] for f in info["files"]}
+            mine = {c["path"] for c in comps}
+            comps = [c for c in comps if have.get(c["path"]) != c["sha256"]]
+            removed = sorted(set(have) - mine)
+        m = mf.build_manifest(kind, name, comps, base=base_id, removed=removed, metadata=metadata, refs=refs)
+        sigs = []
+        if signing_key is not None:
+            if not key_id:
+                raise ValueError("signing needs a key_id")
+            sigs.append(mf.sign(m, self._signing_key(signing_key), key_id))
+        body: dict[str, Any] = {"manifest": m, "signatures": sigs}
+        if tag is not None:
+            body["tag"] = tag
+        res = self._json("POST", self._a(bucket, name), json=body)
+        res["uploaded"] = uploaded
+        return res
+
+    def push_model(self, bucket: str, name: str, directory: str | Path, **kwargs: Any) -> dict[str, Any]:
+        """`anvil artefact push model`: the directory's files (safetensors, GGUF, configs, tokenizers)."""
+        return self.artefact_push("model", bucket, name, self._scan_dir(directory), **kwargs)
+
+    def push_source(self, bucket: str, name: str, repo: str | Path, *, refs: list[str] | None = None,
+                    **kwargs: Any) -> dict[str, Any]:
+        """A git repository's objects reachable from `refs` (default: HEAD and every branch and tag) as one pack."""
+        import hashlib
+        import io
+        import tempfile
+
+        from dulwich.object_store import MissingObjectFinder
+        from dulwich.pack import write_pack_objects
+        from dulwich.repo import Repo
+
+        r = Repo(str(repo))
+        try:
+            all_refs = {k.decode(): v.decode() for k, v in r.get_refs().items()}
+            chosen: dict[str, str] = {}
+            for want in refs or list(all_refs):
+                for cand in (want, f"refs/heads/{want}", f"refs/tags/{want}"):
+                    if cand in all_refs:
+                        chosen[cand] = all_refs[cand]
+                        break
+                else:
+                    raise ValueError(f"no ref {want!r} in {repo}")
+            store = r.object_store
+            # Tags may name tag objects: peel them to commits for the manifest, pack both.
+            wants = list({v.encode() for v in chosen.values()})
+            objs = [store[sha] for sha, _ in MissingObjectFinder(store, [], wants)]
+            for k, v in list(chosen.items()):
+                obj = store[v.encode()]
+                while obj.type_name == b"tag":
+                    obj = store[obj.object[1]]
+                chosen[k] = obj.id.decode()
+            buf = io.BytesIO()
+            write_pack_objects(buf, objs, object_format=store.object_format)
+        finally:
+            r.close()
+        data = buf.getvalue()
+        sha = hashlib.sha256(data).hexdigest()
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "pack"
+            local.write_bytes(data)
+            f = {"path": f"git/pack-{sha[:40]}.pack", "size": len(data), "sha256": sha, "local": str(local)}
+            return self.artefact_push("source", bucket, name, [f], refs=chosen, **kwargs)
+
+    def artefact_describe(self, bucket: str, name: str, ref: str) -> dict[str, Any]:
+        """{id, name, kind, manifest, signatures, files (effective: base applied), created, seq}."""
+        return self._json("GET", self._a(bucket, name) + "/" + urllib.parse.quote(ref, safe=""))
+
+    def list_artefacts(self, bucket: str, name: str | None = None) -> Any:
+        if name is None:
+            return self._json("GET", self._b(bucket) + "/artefacts")["artefacts"]
+        return self._json("GET", self._a(bucket, name))
+
+    def tag_artefact(self, bucket: str, name: str, tag: str, artefact_id: str | None, *,
+                     require_key: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"id": artefact_id}
+        if require_key is not None:
+            body["require_key"] = require_key
+        return self._json("PUT", self._a(bucket, name) + "/tags/" + urllib.parse.quote(tag, safe=""), json=body)
+
+    def verify_artefact(self, bucket: str, name: str, ref: str) -> dict[str, Any]:
+        """Server-side: every component re-hashed, every signature and tensor index checked."""
+        return self._json("POST", self._a(bucket, name) + "/" + urllib.parse.quote(ref, safe="") + "/verify",
+                          timeout=None)
+
+    def list_tensors(self, bucket: str, name: str, ref: str) -> list[dict[str, Any]]:
+        return self._json("GET", self._a(bucket, name) + "/" + urllib.parse.quote(ref, safe="") + "/tensors")["tensors"]
+
+    def get_tensor(self, bucket: str, name: str, ref: str, tensor: str) -> tuple[bytes, str, list[int]]:
+        """One tensor's raw bytes (a range read of its file), with its dtype and shape."""
+        resp = self._request("GET", self._a(bucket, name) + "/" + urllib.parse.quote(ref, safe="") + "/tensors/"
+                             + urllib.parse.quote(tensor, safe=""))
+        shape = resp.headers.get("x-anvil-shape", "")
+        return resp.content, resp.headers["x-anvil-dtype"], [int(d) for d in shape.split(",") if d]
+
+    def pull_artefact(self, bucket: str, name: str, ref: str, directory: str | Path, *,
+                      workers: int = 4) -> dict[str, Any]:
+        """Download every file of an artefact into `directory`, each verified against its SHA-256
+        (a mismatch leaves no file behind and raises)."""
+        import hashlib
+        from concurrent.futures import ThreadPoolExecutor
+
+        from anvil import artefact_format as mf
+
+        info = self.artefact_describe(bucket, name, ref)
+        root = Path(directory)
+
+        def get(f: dict[str, Any]) -> None:
+            target = root / mf.check_path(f["path"])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".anvil-partial")
+            h = hashlib.sha256()
+            url = self._a(bucket, name) + f"/{info['id']}/files/{urllib.parse.quote(f['path'])}"
+            with self._http.stream("GET", url, timeout=None) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    _raise_for(r)
+                with open(tmp, "wb") as out:
+                    for chunk in r.iter_bytes(4 * UPLOAD_CHUNK):
+                        h.update(chunk)
+                        out.write(chunk)
+            if h.hexdigest() != f["sha256"]:
+                tmp.unlink()
+                raise AnvilAPIError(0, "BadDigest", f"{f['path']} does not match its SHA-256 {f['sha256']}")
+            os.replace(tmp, target)
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            list(pool.map(get, info["files"]))
+        return {"id": info["id"], "files": len(info["files"]), "bytes": sum(f["size"] for f in info["files"])}
+
+    def add_signing_key(self, key_id: str, public_key: str, *, tenant: str | None = None) -> dict[str, Any]:
+        body = {"key_id": key_id, "public_key": public_key}
+        if tenant:
+            body["tenant"] = tenant
+        return self._json("POST", "/anvil/v1/artefact-keys", json=body)
+
+    def list_signing_keys(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        return self._json("GET", "/anvil/v1/artefact-keys", params={"tenant": tenant} if tenant else None)["keys"]
+
+    def git_resolve(self, bucket: str, name: str, ref: str, refname: str = "HEAD") -> str:
+        return self._json("GET", self._a(bucket, name) + f"/{urllib.parse.quote(ref, safe='')}/git/ref",
+                          params={"name": refname})["commit"]
+
+    def git_tree(self, bucket: str, name: str, ref: str, commit: str, path: str = "") -> list[dict[str, Any]]:
+        return self._json("GET", self._a(bucket, name) + f"/{urllib.parse.quote(ref, safe='')}/git/tree/{commit}",
+                          params={"path": path})["entries"]
+
+    def git_blob(self, bucket: str, name: str, ref: str, commit: str, path: str) -> bytes:
+        return self._request("GET", self._a(bucket, name) + f"/{urllib.parse.quote(ref, safe='')}/git/blob/{commit}",
+                             params={"path": path}).content
+
+    def hf_pull_verified(self, bucket: str, name: str, ref: str) -> int:
+        """Fetch every file of an artefact through the Hugging Face-compatible routes (revision info,
+        then `resolve/{commit}/{path}`) and check each against the manifest's SHA-256 (the drill)."""
+        import hashlib
+
+        hf = "/anvil/v1/hf"
+        b, n = urllib.parse.quote(bucket, safe=""), urllib.parse.quote(name, safe="")
+        info = self._json("GET", f"{hf}/api/models/{b}/{n}/revision/{urllib.parse.quote(ref, safe='')}")
+        want = {f["path"]: f["sha256"] for f in self.artefact_describe(bucket, name, ref)["files"]}
+        got = [s["rfilename"] for s in info["siblings"]]
+        if sorted(got) != sorted(want):
+            raise ValueError(f"the revision lists {len(got)} files, the manifest {len(want)}")
+        for path in got:
+            h = hashlib.sha256()
+            with self._http.stream("GET", f"{hf}/{b}/{n}/resolve/{info['sha']}/{urllib.parse.quote(path)}",
+                                   timeout=None) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    _raise_for(r)
+                if r.headers.get("x-repo-commit") != info["sha"]:
+                    raise ValueError(f"{path}: X-Repo-Commit {r.headers.get('x-repo-commit')} != {info['sha']}")
+                for chunk in r.iter_bytes(4 * UPLOAD_CHUNK):
+                    h.update(chunk)
+            if h.hexdigest() != want[path]:
+                raise ValueError(f"{path} does not match its SHA-256")
+        return len(got)

@@ -38,6 +38,8 @@ HTTP_STATUS: dict[str, int] = {
     "UnsupportedFormat": 500,
     "DataCorrupted": 500,
     "Internal": 500,
+    # artefacts: a manifest signature that is missing where required, or does not verify.
+    "SignatureInvalid": 403,
 }
 
 

@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from anvil.artefacts import ArtefactService
+from anvil.artefacts.participant import ArtefactsParticipant, ArtefactTensorsParticipant
 from anvil.context import RequestContext, new_request_id
 from anvil.diagnostics import Diagnostics
 from anvil.diagnostics import findings as fnd
@@ -40,7 +42,8 @@ def recovery_participants() -> list[Participant]:
     appends its own here and thereby joins backup, restore, fsck, gc, the drill and the
     conformance suite."""
     return [StorageParticipant(), JournalParticipant(), ObjectsParticipant(), BlobsParticipant(),
-            BlobDigestsParticipant(), IdentityParticipant(), WatchParticipant(), DiagnosticsParticipant()]
+            BlobDigestsParticipant(), IdentityParticipant(), WatchParticipant(), DiagnosticsParticipant(),
+            ArtefactsParticipant(), ArtefactTensorsParticipant()]
 
 
 # Who records findings of failed read verifications (the journal's actor for them).
@@ -71,6 +74,7 @@ class Anvil:
             self.identity = IdentityService(self.storage, load_keyring(secrets_dir), load_jwt_secret(secrets_dir))
             install_bucket_lookup(self._bucket_access)
             self.watch = WatchService(self.storage, bucket_exists=lambda b: self.objects.find_bucket(b) is not None)
+            self.artefacts = ArtefactService(self.storage, self.objects.find_bucket)
             self.diagnostics = Diagnostics(self.storage, self.objects, recovery_participants())
             self.objects.on_corruption(self._record_corruption)
             self.storage.catalog.start()

@@ -20,6 +20,8 @@ ACTIONS = frozenset({
     "object:read", "object:list", "object:write", "object:delete",
     "admin:read", "admin:write",
     "app:create", "app:read", "policy:grant", "policy:read",
+    # artefacts (docs/artefacts.md), on bucket:BUCKET/NAME
+    "artefact:push", "artefact:pull", "artefact:tag", "artefact:verify",
 })
 
 MAX_SCOPE_LENGTH = 512
