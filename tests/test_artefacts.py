@@ -258,3 +258,36 @@ def test_scopes_on_bucket_and_name(server: AnvilServer, client: AnvilClient, tmp
         with pytest.raises(AnvilAPIError) as e:
             puller.artefact_describe(bucket, "other", "v1")
         assert e.value.code == "PermissionDenied"
+
+
+def test_cli_push_sign_tag_pull_verify(server: AnvilServer, bucket: str, tmp_path: Path) -> None:
+    src = _model(tmp_path / "m", seed=7)
+    keyfile = tmp_path / "release.pem"
+    server.cli("artefact", "key", "generate", str(keyfile))
+    kid = f"cli-{bucket}"
+    server.cli("artefact", "key", "add", kid, str(keyfile))
+    assert kid in server.cli("artefact", "key", "list", "--json").stdout.decode()
+    out = json.loads(server.cli("artefact", "push", "model", bucket, "cli", str(src), "--tag", "v1",
+                                "--sign-key", str(keyfile), "--key-id", kid, "--meta", "license=mit", "--json").stdout)
+    aid = out["id"]
+    server.cli("artefact", "tag", bucket, "cli", "stable", aid, "--require-key", kid)
+    assert json.loads(server.cli("artefact", "show", bucket, "cli", "stable", "--json").stdout)["manifest"][
+        "metadata"] == {"license": "mit"}
+    assert "embed.weight" in server.cli("artefact", "tensors", bucket, "cli", "v1").stdout.decode()
+    assert aid in server.cli("artefact", "list", bucket, "--json").stdout.decode()
+    assert "stable" in server.cli("artefact", "list", bucket).stdout.decode()
+    assert "cli" in server.cli("artefact", "list", bucket, "cli", "--json").stdout.decode()
+    assert json.loads(server.cli("artefact", "verify", bucket, "cli", "stable", "--json").stdout)["ok"]
+    server.cli("artefact", "pull", bucket, "cli", "stable", str(tmp_path / "out"))
+    assert (tmp_path / "out" / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    # An unsigned push to the tag that requires the key fails with a clear error.
+    bad = server.cli("artefact", "push", "model", bucket, "cli", str(_model(tmp_path / "u", seed=8)),
+                     "--tag", "stable", check=False)
+    assert bad.returncode == 1 and b"SignatureInvalid" in bad.stderr
+    repo = tmp_path / "repo"
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
+    (repo / "f.txt").write_text("x")
+    subprocess.run(["git", "-C", str(repo), "add", "."], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-qm", "c"],
+                   check=True)
+    server.cli("artefact", "push", "source", bucket, "src", str(repo), "--ref", "main", "--tag", "snap")

@@ -222,12 +222,16 @@ async def get_tensor(request: Request, ctx: RequestContext) -> Response:
     bucket, name = _names(request)
     _auth(ctx, "artefact:pull", bucket, name)
     svc = _svc(request)
-    t = await blocking(svc.tensor, bucket, name, request.path_params["ref"], request.path_params["tensor"])
+    ref, tensor = request.path_params["ref"], request.path_params["tensor"]
+
+    def lookup_and_read() -> tuple[dict[str, Any], bytes]:
+        # One hop off the event loop for the lookup and the verified range read together.
+        t = svc.tensor(bucket, name, ref, tensor)
+        return t, b"".join(svc.read_component(t["file_sha256"], t["file_size"], t["offset"], t["length"]))
+
+    t, data = await file_io(lookup_and_read)
     headers = {"x-anvil-dtype": t["dtype"], "x-anvil-shape": ",".join(str(d) for d in t["shape"]),
-               "x-anvil-tensor-file": urllib.parse.quote(t["file"]), "content-type": "application/octet-stream",
-               "content-length": str(t["length"])}
-    data = await file_io(lambda: b"".join(svc.read_component(t["file_sha256"], t["file_size"], t["offset"],
-                                                             t["length"])))
+               "x-anvil-tensor-file": urllib.parse.quote(t["file"]), "content-type": "application/octet-stream"}
     return Response(data, headers=headers)
 
 

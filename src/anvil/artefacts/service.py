@@ -475,13 +475,26 @@ class ArtefactService:
             info["files"] = list(effective_files(conn, bucket, aid).values())
         return info
 
+    # Parsed tensor indexes by blob hash: immutable for a given hash, so a hit never goes stale.
+    _tensor_cache: dict[str, list[dict[str, Any]]] = {}
+
+    def _cached_index(self, sha256: str) -> list[dict[str, Any]] | None:
+        ts = self._tensor_cache.get(sha256)
+        if ts is None:
+            ts = load_tensor_index(self.root, sha256)
+            if ts is not None:
+                if len(self._tensor_cache) > 4096:
+                    self._tensor_cache.clear()
+                self._tensor_cache[sha256] = ts
+        return ts
+
     def tensors(self, bucket: str, name: str, ref: str) -> list[dict[str, Any]]:
         info = self.describe(bucket, name, ref)
         out: list[dict[str, Any]] = []
         for f in info["files"]:
             if not mf.is_safetensors(f["path"]):
                 continue
-            ts = load_tensor_index(self.root, f["sha256"])
+            ts = self._cached_index(f["sha256"])
             if ts is None:  # derived and lost (restore, damage): recompute from the blob and keep it
                 try:
                     ts = compute_tensor_index(self.blobs, f["sha256"], f["size"], f["path"])
