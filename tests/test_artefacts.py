@@ -291,3 +291,32 @@ def test_cli_push_sign_tag_pull_verify(server: AnvilServer, bucket: str, tmp_pat
     subprocess.run(["git", "-C", str(repo), "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-qm", "c"],
                    check=True)
     server.cli("artefact", "push", "source", bucket, "src", str(repo), "--ref", "main", "--tag", "snap")
+
+
+def test_gguf_tensors_are_indexed_with_the_gguf_package(client: AnvilClient, bucket: str, tmp_path: Path) -> None:
+    import gguf
+
+    d = tmp_path / "g"
+    d.mkdir()
+    w = gguf.GGUFWriter(str(d / "model.gguf"), "llama")
+    w.add_block_count(1)
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    w.add_tensor("blk.0.attn_q.weight", a)
+    w.add_tensor("output_norm.weight", np.ones(5, dtype=np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    client.push_model(bucket, "gguf", d, tag="v1")
+    ts = {t["name"]: t for t in client.list_tensors(bucket, "gguf", "v1")}
+    assert ts["blk.0.attn_q.weight"]["dtype"] == "F32" and ts["blk.0.attn_q.weight"]["shape"] == [2, 3]
+    data, dtype, shape = client.get_tensor(bucket, "gguf", "v1", "blk.0.attn_q.weight")
+    assert np.array_equal(np.frombuffer(data, dtype=np.float32).reshape(shape), a)
+    # A truncated GGUF file is refused at push, with nothing recorded.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.gguf").write_bytes((d / "model.gguf").read_bytes()[:100])
+    with pytest.raises(AnvilAPIError) as e:
+        client.push_model(bucket, "gguf-bad", bad)
+    assert e.value.code == "InvalidArgument" and "GGUF" in e.value.message
+    assert [x["name"] for x in client.list_artefacts(bucket)] == ["gguf"]

@@ -209,6 +209,32 @@ def is_safetensors(path: str) -> bool:
     return path.lower().endswith(".safetensors")
 
 
+def is_gguf(path: str) -> bool:
+    return path.lower().endswith(".gguf")
+
+
+def is_indexed(path: str) -> bool:
+    """Files whose tensors are indexed at push: safetensors (parsed here) and GGUF (the `gguf` package)."""
+    return is_safetensors(path) or is_gguf(path)
+
+
+def index_gguf(file_path: str, file_size: int, path: str) -> list[dict[str, Any]]:
+    """The tensor index of a GGUF file, read by llama.cpp's maintained `gguf` package. Shapes are given
+    outermost first (numpy order; GGUF stores them innermost first)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(file_path, "r")
+        tensors = [{"name": t.name, "dtype": t.tensor_type.name, "shape": [int(d) for d in reversed(t.shape)],
+                    "file": path, "offset": int(t.data_offset), "length": int(t.n_bytes)} for t in reader.tensors]
+    except (ValueError, IndexError, KeyError, OSError, TypeError) as e:
+        raise invalid(f"{path}: not a readable GGUF file ({e})") from None
+    for t in tensors:
+        if t["offset"] + t["length"] > file_size:
+            raise invalid(f"{path}: tensor {t['name']!r} claims bytes past the end of the file")
+    return sorted(tensors, key=lambda t: t["name"])
+
+
 def safetensors_header_length(prefix: bytes, file_size: int, path: str) -> int:
     """The header's length from the first 8 bytes, checked against the file's size."""
     if file_size < 8 or len(prefix) < 8:

@@ -31,10 +31,15 @@ from anvil.storage.participant import (
 )
 from anvil.storage.recovery import Participant
 from anvil.watch import WatchService
+from anvil.watch.events import register_kinds
 from anvil.watch.participant import WatchParticipant
 
 if TYPE_CHECKING:
     from anvil.backup.repository import Repository
+
+
+# Watchers may ask for artefact events (`kinds=artefact.*`); they are not in the default families.
+register_kinds("artefact", {"artefact.push", "artefact.tag", "artefact.key_add"})
 
 
 def recovery_participants() -> list[Participant]:

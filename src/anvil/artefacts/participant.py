@@ -36,7 +36,7 @@ def _safetensors_components(conn: Connection) -> dict[str, tuple[int, str]]:
     if not _present(conn):
         return out
     for path, sha, size in conn.execute("SELECT path, sha256, size FROM artefact_components ORDER BY sha256, path"):
-        if mf.is_safetensors(path):
+        if mf.is_indexed(path):
             out.setdefault(sha, (size, path))
     return out
 

@@ -89,7 +89,13 @@ def read_blob_range(blobs: Any, sha256: str, size: int, offset: int, length: int
 
 
 def compute_tensor_index(blobs: Any, sha256: str, size: int, path: str) -> list[dict[str, Any]]:
-    """Parse one safetensors component's header from its blob (InvalidArgument if malformed)."""
+    """Parse one safetensors or GGUF component's header from its blob (InvalidArgument if malformed)."""
+    if mf.is_gguf(path):
+        blobs.check_size(sha256, size)
+        tensors = mf.index_gguf(str(blobs.path(sha256)), size, path)
+        for t in tensors:
+            t.pop("file")
+        return tensors
     tensors = mf.index_file(lambda off, n: read_blob_range(blobs, sha256, size, off, min(n, size - off)),
                             size, path)
     for t in tensors:
@@ -263,7 +269,7 @@ class ArtefactService:
                 raise AnvilError("AlreadyExists", "a different key is registered under that key id")
             txn.conn.execute("INSERT INTO artefact_keys (tenant, key_id, public_key, created) VALUES (?, ?, ?, ?)",
                              (tenant, key_id, raw, txn.now))
-            txn.emit(tenant, "artefact.key_add", f"tenant:{tenant}",
+            txn.emit(tenant, "artefact.key_add", f"tenant/{tenant}",
                      {"tenant": tenant, "key_id": key_id, "public_key": raw})
             return {"tenant": tenant, "key_id": key_id, "public_key": raw, "created": True}
 
@@ -302,7 +308,7 @@ class ArtefactService:
         """Parse (or reuse) the tensor index of every safetensors file; malformed headers refuse the push."""
         out: dict[str, list[dict[str, Any]]] = {}
         for path, c in files.items():
-            if not mf.is_safetensors(path):
+            if not mf.is_indexed(path):
                 continue
             tensors = load_tensor_index(self.root, c["sha256"])
             if tensors is None:
@@ -492,7 +498,7 @@ class ArtefactService:
         info = self.describe(bucket, name, ref)
         out: list[dict[str, Any]] = []
         for f in info["files"]:
-            if not mf.is_safetensors(f["path"]):
+            if not mf.is_indexed(f["path"]):
                 continue
             ts = self._cached_index(f["sha256"])
             if ts is None:  # derived and lost (restore, damage): recompute from the blob and keep it
@@ -534,7 +540,7 @@ class ArtefactService:
             if not ok:
                 problems.append(f"component {f['path']} is missing" if actual is None
                                 else f"component {f['path']} does not match its SHA-256")
-            elif mf.is_safetensors(f["path"]):
+            elif mf.is_indexed(f["path"]):
                 fresh = compute_tensor_index(self.blobs, f["sha256"], f["size"], f["path"])
                 stored = load_tensor_index(self.root, f["sha256"])
                 if stored is not None and stored != fresh:
