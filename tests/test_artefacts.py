@@ -102,6 +102,12 @@ def test_delta_shares_components_and_storage_grows_by_the_delta(server: AnvilSer
     assert _blob_bytes(server) - before == delta
     assert "adapter" in {t["name"] for t in client.list_tensors(bucket, "llm", "ft")}
     assert client.pull_artefact(bucket, "llm", "ft", tmp_path / "pulled")["files"] == 5
+    # Ranged, parallel parts (the 256 KiB shared file in 64 KiB ranges) give the same bytes.
+    client.pull_artefact(bucket, "llm", "ft", tmp_path / "ranged", part_size=64 * 1024)
+    for p in ft.rglob("*"):
+        if p.is_file():
+            assert (tmp_path / "ranged" / p.relative_to(ft)).read_bytes() == p.read_bytes()
+    assert not list((tmp_path / "ranged").rglob("*.anvil-partial"))
 
 
 def _key_files(tmp_path: Path) -> tuple[Ed25519PrivateKey, str]:

@@ -705,6 +705,80 @@ class AnvilClient:
 
     # ------------------------------------------------------------ artefacts (docs/artefacts.md)
 
+    def _bearer(self) -> dict[str, str]:
+        auth = self._http.auth
+        if isinstance(auth, ClientCredentialsAuth):
+            return {"authorization": f"Bearer {auth.token()}"}
+        header = self._http.headers.get("authorization")
+        return {"authorization": header} if header else {}
+
+    def _raw_conn(self) -> Any:
+        import http.client
+
+        local = self.__dict__.setdefault("_raw_local", threading.local())
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            u = urllib.parse.urlsplit(self.endpoint)
+            cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+            # blocksize: a file body is sent 4 MiB per sendall, not http.client's default 8 KiB.
+            conn = local.conn = cls(u.hostname, u.port, timeout=self._http.timeout.read, blocksize=4 * UPLOAD_CHUNK)
+            local.buf = bytearray(4 * UPLOAD_CHUNK)
+        return local
+
+    def _raw_put_file(self, path: str, local_path: str, size: int) -> dict[str, Any]:
+        """PUT a file's bytes on the per-thread stdlib connection (see `_raw_get`); returns the JSON answer."""
+        import http.client
+
+        conn = self._raw_conn().conn
+        try:
+            with open(local_path, "rb") as fh:
+                conn.request("PUT", urllib.parse.urlsplit(self.endpoint).path + path, body=fh,
+                             headers={**self._bearer(), "content-length": str(size),
+                                      "content-type": "application/octet-stream"})
+                resp = conn.getresponse()
+                body = resp.read()
+        except (http.client.HTTPException, OSError):
+            conn.close()
+            raise
+        err = httpx.Response(resp.status, headers=resp.getheaders(), content=body)
+        _raise_for(err)
+        return err.json()
+
+    def _raw_get(self, path: str, headers: dict[str, str], sink: Any) -> dict[str, str]:
+        """GET `path` on a per-thread stdlib connection, handing the body to `sink(memoryview)` in
+        pieces of up to 4 MiB; returns the response headers (lower-cased).
+
+        Used for bulk bytes (pulls, tensors): http.client reads a body with `readinto` into one
+        reused buffer, several times faster here than httpx's chunk iteration (measured: 256 MiB
+        in ~0.06 s against ~0.2-0.3 s), which is most of a pull's client CPU."""
+        import http.client
+
+        local = self._raw_conn()
+        conn = local.conn
+        for attempt in (0, 1):
+            try:
+                conn.request("GET", urllib.parse.urlsplit(self.endpoint).path + path,
+                             headers={**self._bearer(), **headers})
+                resp = conn.getresponse()
+                break
+            except (http.client.HTTPException, OSError):
+                conn.close()  # a kept-alive connection the server closed: reconnect once
+                if attempt:
+                    raise
+        out = {k.lower(): v for k, v in resp.getheaders()}
+        if resp.status >= 400:
+            body = resp.read()
+            err = httpx.Response(resp.status, headers=out, content=body)
+            _raise_for(err)
+        view = memoryview(local.buf)
+        try:
+            while n := resp.readinto(view):
+                sink(view[:n])
+        except BaseException:
+            conn.close()  # the rest of the body is unread: this connection cannot be reused
+            raise
+        return out
+
     def _a(self, bucket: str, name: str) -> str:
         return self._b(bucket) + "/artefacts/" + urllib.parse.quote(name, safe="")
 
@@ -712,21 +786,22 @@ class AnvilClient:
     def _scan_dir(directory: str | Path) -> list[dict[str, Any]]:
         """Every regular file under `directory`: relative POSIX path, size, SHA-256 (read once)."""
         import hashlib
+        from concurrent.futures import ThreadPoolExecutor
 
         root = Path(directory)
-        out = []
-        for p in sorted(root.rglob("*")):
-            if not p.is_file() or p.is_symlink():
-                continue
+
+        def digest(p: Path) -> dict[str, Any]:
             h = hashlib.sha256()
             size = 0
             with open(p, "rb") as f:
                 while data := f.read(4 * UPLOAD_CHUNK):
-                    h.update(data)
+                    h.update(data)  # releases the GIL: files hash in parallel
                     size += len(data)
-            out.append({"path": p.relative_to(root).as_posix(), "size": size, "sha256": h.hexdigest(),
-                        "local": str(p)})
-        return out
+            return {"path": p.relative_to(root).as_posix(), "size": size, "sha256": h.hexdigest(), "local": str(p)}
+
+        paths = [p for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            return list(pool.map(digest, paths))
 
     @staticmethod
     def _signing_key(key: Any) -> Any:
@@ -745,10 +820,7 @@ class AnvilClient:
         todo = {f["sha256"]: f for f in files if f["sha256"] in missing}
 
         def put(f: dict[str, Any]) -> None:
-            with open(f["local"], "rb") as fh:
-                self._request("PUT", self._a(bucket, name) + f"/components/{f['sha256']}",
-                              content=_file_chunks(fh) if f["size"] > UPLOAD_CHUNK else fh.read(),
-                              headers={"content-length": str(f["size"])}, timeout=None)
+            self._raw_put_file(self._a(bucket, name) + f"/components/{f['sha256']}", f["local"], f["size"])
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             list(pool.map(put, todo.values()))
@@ -859,45 +931,97 @@ class AnvilClient:
 
     def get_tensor(self, bucket: str, name: str, ref: str, tensor: str) -> tuple[bytes, str, list[int]]:
         """One tensor's raw bytes (a range read of its file), with its dtype and shape."""
-        resp = self._request("GET", self._a(bucket, name) + "/" + urllib.parse.quote(ref, safe="") + "/tensors/"
-                             + urllib.parse.quote(tensor, safe=""))
-        shape = resp.headers.get("x-anvil-shape", "")
-        return resp.content, resp.headers["x-anvil-dtype"], [int(d) for d in shape.split(",") if d]
+        parts: list[bytes] = []
+        headers = self._raw_get(self._a(bucket, name) + "/" + urllib.parse.quote(ref, safe="") + "/tensors/"
+                                + urllib.parse.quote(tensor, safe=""), {}, lambda v: parts.append(bytes(v)))
+        shape = headers.get("x-anvil-shape", "")
+        return b"".join(parts), headers["x-anvil-dtype"], [int(d) for d in shape.split(",") if d]
 
     def pull_artefact(self, bucket: str, name: str, ref: str, directory: str | Path, *,
-                      workers: int = 4) -> dict[str, Any]:
+                      workers: int = 8, part_size: int = 32 * 1024 * 1024) -> dict[str, Any]:
         """Download every file of an artefact into `directory`, each verified against its SHA-256
-        (a mismatch leaves no file behind and raises)."""
+        (a mismatch leaves no file behind and raises).
+
+        Large files come in `part_size` ranges on `workers` connections at once (one stream per file
+        would leave a few big shards on a few connections). Each file is hashed in order while its
+        later parts still download: whichever worker completes the next contiguous part hashes it
+        from the page cache. A file is renamed into place only once its SHA-256 matched."""
         import hashlib
+        import threading
         from concurrent.futures import ThreadPoolExecutor
 
         from anvil import artefact_format as mf
 
         info = self.artefact_describe(bucket, name, ref)
         root = Path(directory)
+        files = info["files"]
+        tmps: dict[str, Path] = {}
+        fds: dict[str, int] = {}
+        tasks: list[tuple[dict[str, Any], int, int]] = []
+        # path -> [lock, sha256 object, hashed-up-to offset, {offset: length} of parts done]
+        state: dict[str, list[Any]] = {}
+        try:
+            for f in files:
+                target = root / mf.check_path(f["path"])
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(target.name + ".anvil-partial")
+                tmps[f["path"]] = tmp
+                fds[f["path"]] = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.ftruncate(fds[f["path"]], f["size"])
+                state[f["path"]] = [threading.Lock(), hashlib.sha256(), 0, {}]
+                tasks += [(f, off, min(part_size, f["size"] - off)) for off in range(0, f["size"], part_size)]
 
-        def get(f: dict[str, Any]) -> None:
-            target = root / mf.check_path(f["path"])
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".anvil-partial")
-            h = hashlib.sha256()
-            url = self._a(bucket, name) + f"/{info['id']}/files/{urllib.parse.quote(f['path'])}"
-            with self._http.stream("GET", url, timeout=None) as r:
-                if r.status_code >= 400:
-                    r.read()
-                    _raise_for(r)
-                with open(tmp, "wb") as out:
-                    for chunk in r.iter_bytes(4 * UPLOAD_CHUNK):
-                        h.update(chunk)
-                        out.write(chunk)
-            if h.hexdigest() != f["sha256"]:
-                tmp.unlink()
-                raise AnvilAPIError(0, "BadDigest", f"{f['path']} does not match its SHA-256 {f['sha256']}")
-            os.replace(tmp, target)
+            def advance(f: dict[str, Any], off: int, length: int) -> None:
+                st = state[f["path"]]
+                with st[0]:
+                    st[3][off] = length
+                    while st[2] in st[3]:
+                        pos, n = st[2], st[3].pop(st[2])
+                        end = pos + n
+                        while pos < end:
+                            data = os.pread(fds[f["path"]], min(4 * UPLOAD_CHUNK, end - pos), pos)
+                            if not data:
+                                raise AnvilAPIError(0, "BadDigest", f"{f['path']}: short file at {pos}")
+                            st[1].update(data)
+                            pos += len(data)
+                        st[2] = end
 
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            list(pool.map(get, info["files"]))
-        return {"id": info["id"], "files": len(info["files"]), "bytes": sum(f["size"] for f in info["files"])}
+            def get(task: tuple[dict[str, Any], int, int]) -> None:
+                f, off, length = task
+                url = self._a(bucket, name) + f"/{info['id']}/files/{urllib.parse.quote(f['path'])}"
+                headers = {"range": f"bytes={off}-{off + length - 1}"} if length < f["size"] else {}
+                pos = off
+
+                def write(view: memoryview) -> None:
+                    nonlocal pos
+                    while view:
+                        n = os.pwrite(fds[f["path"]], view, pos)
+                        pos += n
+                        view = view[n:]
+
+                self._raw_get(url, headers, write)
+                if pos != off + length:
+                    raise AnvilAPIError(0, "BadDigest", f"{f['path']}: short read at {pos}")
+                advance(f, off, length)
+
+            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+                # In offset order across files, so every file's hash advances as its parts arrive.
+                list(pool.map(get, sorted(tasks, key=lambda t: t[1])))
+            for f in files:
+                st = state[f["path"]]
+                if st[2] != f["size"] or st[1].hexdigest() != f["sha256"]:
+                    raise AnvilAPIError(0, "BadDigest", f"{f['path']} does not match its SHA-256 {f['sha256']}")
+            for fd in fds.values():
+                os.close(fd)
+            fds.clear()
+            for f in files:
+                os.replace(tmps.pop(f["path"]), root / f["path"])
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+            for tmp in tmps.values():
+                tmp.unlink(missing_ok=True)
+        return {"id": info["id"], "files": len(files), "bytes": sum(f["size"] for f in files)}
 
     def add_signing_key(self, key_id: str, public_key: str, *, tenant: str | None = None) -> dict[str, Any]:
         body = {"key_id": key_id, "public_key": public_key}

@@ -123,12 +123,10 @@ def _body(request: Request, svc: ArtefactService, sha: str, size: int, headers: 
         r = v.parse_range(rng, size)
         status, offset, length = 206, r.start, r.length
         headers["content-range"] = f"bytes {r.start}-{r.end}/{size}"
-    headers["content-length"] = str(length)
     if request.method == "HEAD":
+        headers["content-length"] = str(length)
         return Response(status_code=status, headers=headers)
-    if length <= STREAM_BLOCK:
-        return Response(b"".join(svc.read_component(sha, size, offset, length)), status_code=status, headers=headers)
-    return StreamingResponse(svc.read_component(sha, size, offset, length), status_code=status, headers=headers)
+    return _range_body(svc, sha, size, offset, length, headers, status)
 
 
 @endpoint
@@ -224,15 +222,21 @@ async def get_tensor(request: Request, ctx: RequestContext) -> Response:
     svc = _svc(request)
     ref, tensor = request.path_params["ref"], request.path_params["tensor"]
 
-    def lookup_and_read() -> tuple[dict[str, Any], bytes]:
-        # One hop off the event loop for the lookup and the verified range read together.
-        t = svc.tensor(bucket, name, ref, tensor)
-        return t, b"".join(svc.read_component(t["file_sha256"], t["file_size"], t["offset"], t["length"]))
-
-    t, data = await file_io(lookup_and_read)
+    t = await file_io(svc.tensor, bucket, name, ref, tensor)
     headers = {"x-anvil-dtype": t["dtype"], "x-anvil-shape": ",".join(str(d) for d in t["shape"]),
-               "x-anvil-tensor-file": urllib.parse.quote(t["file"]), "content-type": "application/octet-stream"}
-    return Response(data, headers=headers)
+               "x-anvil-tensor-file": urllib.parse.quote(t["file"])}
+    return _range_body(svc, t["file_sha256"], t["file_size"], t["offset"], t["length"], headers)
+
+
+def _range_body(svc: ArtefactService, sha: str, size: int, offset: int, length: int,
+                headers: dict[str, str], status: int = 200) -> Response:
+    """Bytes [offset, offset+length) of a component: small ones read whole, larger ones streamed in
+    verified 1 MiB chunks (sent while the next is read, rather than copied into one buffer first)."""
+    headers = {"content-type": "application/octet-stream", **headers, "content-length": str(length)}
+    if length <= STREAM_BLOCK:
+        return Response(b"".join(svc.read_component(sha, size, offset, length)), status_code=status,
+                        headers=headers)
+    return StreamingResponse(svc.read_component(sha, size, offset, length), status_code=status, headers=headers)
 
 
 # ------------------------------------------------------------------ signing keys
