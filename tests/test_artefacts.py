@@ -326,3 +326,33 @@ def test_gguf_tensors_are_indexed_with_the_gguf_package(client: AnvilClient, buc
         client.push_model(bucket, "gguf-bad", bad)
     assert e.value.code == "InvalidArgument" and "GGUF" in e.value.message
     assert [x["name"] for x in client.list_artefacts(bucket)] == ["gguf"]
+
+
+def test_git_clone_over_smart_http_is_read_only(server: AnvilServer, client: AnvilClient, bucket: str,
+                                               tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    git = ["git", "-C", str(repo), "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q", "-b", "main", str(repo)], check=True)
+    (repo / "a.txt").write_text("one\n")
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    client.push_source(bucket, "clone-me", repo, refs=["main"], tag="snap")
+    token = client._http.auth.token()  # type: ignore[union-attr]
+    url = f"{server.endpoint}/anvil/v1/buckets/{bucket}/artefacts/clone-me/snap/git"
+    auth = ["-c", f"http.extraHeader=Authorization: Bearer {token}"]
+    out = tmp_path / "clone"
+    cloned = subprocess.run(["git", *auth, "clone", "-q", url, str(out)], capture_output=True, text=True, timeout=60)
+    assert cloned.returncode == 0, cloned.stderr
+    assert (out / "a.txt").read_text() == "one\n"
+    got = subprocess.run(["git", "-C", str(out), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert got == head
+    # Pushing back through the same URL is refused: the endpoint is read-only.
+    (out / "b.txt").write_text("two\n")
+    subprocess.run(["git", "-C", str(out), "add", "."], check=True)
+    subprocess.run(["git", "-C", str(out), "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-qm", "two"],
+                   check=True)
+    pushed = subprocess.run(["git", *auth, "-C", str(out), "push", "-q", "origin", "main"], capture_output=True,
+                            timeout=60)
+    assert pushed.returncode != 0
+    assert client.git_resolve(bucket, "clone-me", "snap", "main") == head

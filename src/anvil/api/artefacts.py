@@ -27,6 +27,7 @@ from anvil.api.common import (
     require_identity,
     submit_file_io,
 )
+from anvil.api.limits import read_capped
 from anvil.artefacts.service import ArtefactService
 from anvil.context import RequestContext, new_request_id
 from anvil.errors import AnvilError
@@ -293,6 +294,30 @@ async def git_blob(request: Request, ctx: RequestContext) -> Response:
     return Response(data, media_type="application/octet-stream")
 
 
+@endpoint
+async def git_http(request: Request, ctx: RequestContext) -> Response:
+    """`git clone ENDPOINT/anvil/v1/buckets/B/artefacts/NAME/REF/git` (read-only smart HTTP)."""
+    bucket, name = _names(request)
+    _auth(ctx, "artefact:pull", bucket, name)
+    body = b""
+    if request.method == "POST":  # wants and haves: small; refused past 16 MiB before it is all read
+        body = await read_capped(request, 16 * 1024 * 1024,
+                                 lambda: AnvilError("RequestTooLarge", "an upload-pack request over 16 MiB",
+                                                    headers={"connection": "close"}))
+        if request.headers.get("content-encoding", "").lower() == "gzip":  # git gzips larger requests
+            import zlib
+
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            body = inflater.decompress(body, 64 * 1024 * 1024)
+            if inflater.unconsumed_tail:
+                raise AnvilError("RequestTooLarge", "an upload-pack request over 64 MiB once decompressed")
+    status, headers, out = await blocking(
+        _svc(request).git_http, bucket, name, request.path_params["ref"], request.method,
+        request.path_params["path"], request.url.query, body, request.headers.get("content-type", ""))
+    keep = {k: v for k, v in headers if k.lower() in ("content-type", "cache-control", "expires", "pragma")}
+    return Response(out, status_code=status, headers=keep)
+
+
 # ------------------------------------------------------------------ Hugging Face Hub-compatible reads
 
 
@@ -385,6 +410,7 @@ ROUTES = [
     Route(N + "/{ref}/git/ref", git_ref, methods=["GET"]),
     Route(N + "/{ref}/git/tree/{commit}", git_tree, methods=["GET"]),
     Route(N + "/{ref}/git/blob/{commit}", git_blob, methods=["GET"]),
+    Route(N + "/{ref}/git/{path:path}", git_http, methods=["GET", "POST"]),
     Route("/anvil/v1/artefact-keys", add_key, methods=["POST"]),
     Route("/anvil/v1/artefact-keys", list_keys, methods=["GET"]),
     Route(HF + "/api/models/{bucket}/{name}", hf_info, methods=["GET"]),

@@ -623,3 +623,46 @@ class ArtefactService:
         if obj.type_name != b"blob":
             raise AnvilError("InvalidArgument", f"{path!r} is not a file")
         return obj.data
+
+    def git_http(self, bucket: str, name: str, ref: str, method: str, subpath: str, query: str, body: bytes,
+                 content_type: str) -> tuple[int, list[tuple[str, str]], bytes]:
+        """Read-only git smart HTTP (`git clone`) of a source artefact, answered by dulwich's server.
+
+        Only ref discovery for upload-pack and upload-pack itself are served: receive-pack (push)
+        is removed from the handlers, so the artefact cannot be written through git. The answer is
+        built whole in memory (fine for source snapshots, which are packs of source code)."""
+        import io
+
+        from dulwich.repo import MemoryRepo
+        from dulwich.server import DictBackend
+        from dulwich.web import HTTPGitApplication
+
+        if not ((method == "GET" and subpath == "info/refs" and query == "service=git-upload-pack")
+                or (method == "POST" and subpath == "git-upload-pack")):
+            raise AnvilError("NotFound", "only `git clone`/`git fetch` (smart HTTP upload-pack) is served")
+        info, store = self._git_store(bucket, name, ref)
+        repo = MemoryRepo()
+        repo.object_store = store
+        refs = info["manifest"].get("refs", {})
+        for k, v in refs.items():
+            repo.refs[k.encode()] = v.encode()
+        heads = sorted(k for k in refs if k.startswith("refs/heads/"))
+        head = "refs/heads/main" if "refs/heads/main" in refs else (heads[0] if heads else None)
+        if head:
+            repo.refs.set_symbolic_ref(b"HEAD", head.encode())
+        app = HTTPGitApplication(DictBackend({"/": repo}))
+        app.handlers.pop(b"git-receive-pack", None)
+        environ = {"REQUEST_METHOD": method, "PATH_INFO": "/" + subpath, "QUERY_STRING": query,
+                   "CONTENT_TYPE": content_type, "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body),
+                   "wsgi.errors": io.StringIO(), "SERVER_NAME": "anvil", "SERVER_PORT": "0",
+                   "wsgi.url_scheme": "http", "SERVER_PROTOCOL": "HTTP/1.1"}
+        answer: dict[str, Any] = {}
+        written: list[bytes] = []
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            answer["status"], answer["headers"] = int(status.split()[0]), headers
+            return written.append  # dulwich writes the pack through WSGI's write() as well as yielding
+
+        for chunk in app(environ, start_response):  # in the order produced, whichever way it came
+            written.append(chunk)
+        return answer["status"], answer["headers"], b"".join(written)
