@@ -137,13 +137,19 @@ def test_signatures_and_tags_that_require_them(client: AnvilClient, bucket: str,
     assert e.value.code == "SignatureInvalid" and "does not verify" in e.value.message
     assert len(client.list_artefacts(bucket)) == count
     assert client.artefact_describe(bucket, "sig", "prod")["id"] == signed["id"]
-    # An unsigned artefact pushed without the tag cannot be moved onto it either.
+    # An unsigned artefact pushed without the tag cannot be moved onto it either ...
     plain = client.push_model(bucket, "sig", unsigned_dir)
     with pytest.raises(AnvilAPIError) as e:
         client.tag_artefact(bucket, "sig", "prod", plain["id"])
     assert e.value.code == "SignatureInvalid"
+    # ... until the same manifest is pushed again with a signature, which is added to it.
+    again = client.push_model(bucket, "sig", unsigned_dir, signing_key=key, key_id=kid)
+    assert again["id"] == plain["id"] and not again["created"]
+    assert client.tag_artefact(bucket, "sig", "prod", plain["id"])["id"] == plain["id"]
+    client.tag_artefact(bucket, "sig", "prod", signed["id"])
     ok = client.push_model(bucket, "sig", unsigned_dir, tag="prod", signing_key=key, key_id=kid)
-    assert ok["tag"]["previous"] == signed["id"]
+    assert ok["tag"]["previous"] == signed["id"] and ok["id"] == plain["id"]
+    assert "artefact.sign" in _journal_kinds(client)
 
 
 def test_bad_input_is_refused_and_writes_nothing(server: AnvilServer, client: AnvilClient, bucket: str,

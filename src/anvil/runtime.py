@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 
 # Watchers may ask for artefact events (`kinds=artefact.*`); they are not in the default families.
-register_kinds("artefact", {"artefact.push", "artefact.tag", "artefact.key_add"})
+register_kinds("artefact", {"artefact.push", "artefact.sign", "artefact.tag", "artefact.key_add"})
 
 
 def recovery_participants() -> list[Participant]:

@@ -378,7 +378,17 @@ class ArtefactService:
                          {"bucket": bucket, "id": aid, "name": m["name"], "kind": m["kind"], "manifest": m,
                           "signatures": sigs})
             else:
-                signed |= {s["key_id"] for s in json.loads(existing[0])}
+                # The same manifest again: signatures it did not carry yet are added (journaled).
+                have = json.loads(existing[0])
+                known = {(x["key_id"], x["signature"]) for x in have}
+                added = [x for x in sigs if (x["key_id"], x["signature"]) not in known]
+                if added:
+                    have += added
+                    c.execute("UPDATE artefacts SET signatures = ? WHERE bucket = ? AND id = ?",
+                              (json.dumps(have), bucket, aid))
+                    txn.emit(tenant, "artefact.sign", bucket, {"bucket": bucket, "id": aid, "name": m["name"],
+                                                               "signatures": added})
+                signed |= {x["key_id"] for x in have}
             moved = None
             if tag is not None:
                 moved = self._move_tag(txn, tenant, bucket, m["name"], tag, aid, signed)
