@@ -362,3 +362,18 @@ def test_git_clone_over_smart_http_is_read_only(server: AnvilServer, client: Anv
                             timeout=60)
     assert pushed.returncode != 0
     assert client.git_resolve(bucket, "clone-me", "snap", "main") == head
+
+
+def test_openapi_covers_every_artefact_route(server: AnvilServer) -> None:
+    import httpx
+
+    from anvil.api.artefacts import ROUTES
+
+    doc = httpx.get(f"{server.endpoint}/anvil/v1/openapi.json").json()
+    for route in ROUTES:
+        path = route.path.replace(":path}", "}")
+        if path.endswith("/git/{path}"):  # the smart HTTP endpoint: documented by its two git operations
+            assert f"{path[:-len('{path}')]}info/refs" in doc["paths"]
+            continue
+        for method in route.methods - {"HEAD"}:
+            assert method.lower() in doc["paths"].get(path, {}), (method, path)
