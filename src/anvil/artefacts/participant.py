@@ -1,5 +1,5 @@
 """Recovery participants of artefacts: `artefacts` (source: manifests, tags, signing keys) and
-`artefact-tensors` (derived: the tensor index of each safetensors component)."""
+`tensors` (derived: the tensor index of each safetensors and GGUF component)."""
 
 from __future__ import annotations
 
@@ -208,7 +208,7 @@ class ArtefactTensorsParticipant(Participant):
     """The tensor index of each safetensors component (`derived/artefact-tensors/ab/<sha256>.json`),
     parsed from the component's header; backed up, checked against the header, rebuilt from blobs."""
 
-    name = "artefact-tensors"
+    name = "tensors"
     kind = "derived"
     covers = ["artefacts"]
     owns = [TENSOR_DIR]
@@ -238,7 +238,7 @@ class ArtefactTensorsParticipant(Participant):
             stored = load_tensor_index(ctx.root, sha)
             if stored is None:
                 out.append(self.finding("error", f"tensor index {sha[:12]}", f"the tensor index of {path} ({sha}) "
-                                        "is missing or unreadable; `anvil repair artefact-tensors` rebuilds it",
+                                        "is missing or unreadable; `anvil repair tensors` rebuilds it",
                                         "artefacts.tensor_index_missing", aff))
                 continue
             try:
@@ -263,6 +263,6 @@ class ArtefactTensorsParticipant(Participant):
             if load_tensor_index(ctx.root, sha) != fresh:
                 write_tensor_index(ctx.root, sha, fresh)
                 written += 1
-        out.append(self.finding("info", "artefact-tensors", f"rewrote {written} tensor index file(s)",
+        out.append(self.finding("info", "tensors", f"rewrote {written} tensor index file(s)",
                                 affected={"written": written}))
         return out
