@@ -214,7 +214,7 @@ class ArtefactService:
 
     def component_writer(self, expected_size: int | None = None) -> BlobWriter:
         self.storage.space.admit(expected_size or 0)
-        return self.blobs.writer()
+        return self.blobs.writer(md5=False)  # components are addressed by SHA-256; no ETag to compute
 
     def store_component(self, writer: BlobWriter, expected_sha256: str) -> dict[str, Any]:
         """Commit an uploaded component if it hashes to what the caller declared; else store nothing."""
