@@ -70,8 +70,35 @@ def _populate(root: Path) -> None:
                                           {"operation": "touch", "relationship": "doc:last#viewer@user:carl"}])
         record(a.storage.catalog, make_finding("diagnostics", "warning", "conformance.seeded", "seeded", {}),
                actor=ctx.actor, request_id=ctx.request_id)
+        _populate_artefacts(a, ctx)
     finally:
         a.close()
+
+
+def _populate_artefacts(a: Anvil, ctx: RequestContext) -> None:
+    """artefacts: a signing key, a signed model with a safetensors component (tensor index), a tag."""
+    import base64
+    import hashlib
+    import struct
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from anvil import artefact_format as mf
+
+    a.objects.create_bucket(ctx, "conf-art")
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}).encode()
+    weights = struct.pack("<Q", len(header)) + header + bytes(range(16))
+    comps = []
+    for path, body in (("model.safetensors", weights), ("config.json", b'{"hidden": 2}')):
+        sha = hashlib.sha256(body).hexdigest()
+        a.artefacts.store_component_bytes(ctx, "conf-art", body, sha)
+        comps.append({"path": path, "size": len(body), "sha256": sha})
+    key = Ed25519PrivateKey.generate()
+    pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    a.artefacts.add_key(ctx, ctx.tenant, "conf-key", base64.b64encode(pub).decode())
+    m = mf.build_manifest("model", "conf-model", comps)
+    a.artefacts.push(ctx, "conf-art", m, [mf.sign(m, key, "conf-key")], "v1")
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,8 @@ HTTP_STATUS: dict[str, int] = {
     "DataCorrupted": 500,
     "Internal": 500,
     "MaxDepthExceeded": 422,
+    # artefacts: a manifest signature that is missing where required, or does not verify.
+    "SignatureInvalid": 403,
 }
 
 

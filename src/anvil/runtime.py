@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from anvil.artefacts import ArtefactService
+from anvil.artefacts.participant import ArtefactsParticipant, ArtefactTensorsParticipant
 from anvil.authz import AuthzService
 from anvil.authz.participant import AuthzParticipant
 from anvil.context import RequestContext, new_request_id
@@ -32,10 +34,15 @@ from anvil.storage.participant import (
 )
 from anvil.storage.recovery import Participant
 from anvil.watch import WatchService
+from anvil.watch.events import register_kinds
 from anvil.watch.participant import WatchParticipant
 
 if TYPE_CHECKING:
     from anvil.backup.repository import Repository
+
+
+# Watchers may ask for artefact events (`kinds=artefact.*`); they are not in the default families.
+register_kinds("artefact", {"artefact.push", "artefact.sign", "artefact.tag", "artefact.key_add"})
 
 
 def recovery_participants() -> list[Participant]:
@@ -44,7 +51,7 @@ def recovery_participants() -> list[Participant]:
     conformance suite."""
     return [StorageParticipant(), JournalParticipant(), ObjectsParticipant(), BlobsParticipant(),
             BlobDigestsParticipant(), IdentityParticipant(), WatchParticipant(), DiagnosticsParticipant(),
-            AuthzParticipant()]
+            AuthzParticipant(), ArtefactsParticipant(), ArtefactTensorsParticipant()]
 
 
 # Who records findings of failed read verifications (the journal's actor for them).
@@ -78,6 +85,7 @@ class Anvil:
             install_bucket_lookup(self._bucket_access)
             self.authz = AuthzService(self.storage)
             self.watch = WatchService(self.storage, bucket_exists=lambda b: self.objects.find_bucket(b) is not None)
+            self.artefacts = ArtefactService(self.storage, self.objects.find_bucket)
             self.diagnostics = Diagnostics(self.storage, self.objects, recovery_participants())
             self.objects.on_corruption(self._record_corruption)
             self.storage.catalog.start()

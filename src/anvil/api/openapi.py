@@ -162,6 +162,52 @@ OPERATIONS += [
      True, False),
 ]
 
+# Artefacts (docs/artefacts.md): manifests, components, tags, tensors, git reads, signing keys, Hub reads.
+_A = "/anvil/v1/buckets/{bucket}/artefacts"
+OPERATIONS += [
+    ("get", _A, "listArtefacts", "List a bucket's artefacts", [], False, False),
+    ("get", _A + "/{name}", "listArtefactName", "An artefact name's artefacts and tags", [], False, False),
+    ("post", _A + "/{name}", "pushArtefact",
+     "Record a manifest {manifest, signatures?, tag?} (201 new, 200 already recorded)", [], True, False),
+    ("post", _A + "/{name}/components/missing", "missingComponents",
+     "Which of {sha256s} this bucket does not hold", [], True, False),
+    ("put", _A + "/{name}/components/{sha256}", "putComponent", "Upload a component (verified by its SHA-256)",
+     [], False, True),
+    ("get", _A + "/{name}/components/{sha256}", "getComponent", "A component's bytes (Range)", [], False, False),
+    ("put", _A + "/{name}/tags/{tag}", "putArtefactTag", "Move a tag {id, require_key?}", [], True, False),
+    ("get", _A + "/{name}/{ref}", "describeArtefact", "Manifest, signatures and effective files", [], False,
+     False),
+    ("get", _A + "/{name}/{ref}/files/{path}", "getArtefactFile", "One file by path (Range)", [], False, False),
+    ("post", _A + "/{name}/{ref}/verify", "verifyArtefact", "Re-hash components, check signatures and tensors",
+     [], False, False),
+    ("get", _A + "/{name}/{ref}/tensors", "listTensors", "The tensor index", [], False, False),
+    ("get", _A + "/{name}/{ref}/tensors/{tensor}", "getTensor", "One tensor's bytes (x-anvil-dtype, x-anvil-shape)",
+     [], False, False),
+    ("get", _A + "/{name}/{ref}/git/ref", "gitResolve", "Resolve a ref of a source artefact", [_q("name")],
+     False, False),
+    ("get", _A + "/{name}/{ref}/git/tree/{commit}", "gitTree", "List a tree at a commit", [_q("path")], False,
+     False),
+    ("get", _A + "/{name}/{ref}/git/blob/{commit}", "gitBlob", "A file's bytes at a commit", [_q("path")], False,
+     False),
+    ("get", _A + "/{name}/{ref}/git/info/refs", "gitInfoRefs", "git smart HTTP ref discovery (read-only clone)",
+     [_q("service")], False, False),
+    ("post", _A + "/{name}/{ref}/git/git-upload-pack", "gitUploadPack", "git smart HTTP upload-pack (clone, fetch)",
+     [], False, True),
+    ("post", "/anvil/v1/artefact-keys", "addSigningKey", "Register an Ed25519 key {key_id, public_key, tenant?}",
+     [], True, False),
+    ("get", "/anvil/v1/artefact-keys", "listSigningKeys", "A tenant's signing keys", [_q("tenant")], False, False),
+    ("get", "/anvil/v1/hf/api/models/{bucket}/{name}", "hfInfo",
+     "Hugging Face Hub-compatible repository info (revision main)", [], False, False),
+    ("get", "/anvil/v1/hf/api/models/{bucket}/{name}/revision/{revision}", "hfRevision",
+     "Hugging Face Hub-compatible revision info", [], False, False),
+    ("get", "/anvil/v1/hf/api/models/{bucket}/{name}/tree/{revision}", "hfTree",
+     "Hugging Face Hub-compatible file tree", [_q("recursive", "boolean")], False, False),
+    ("get", "/anvil/v1/hf/api/models/{bucket}/{name}/tree/{revision}/{path}", "hfTreePath",
+     "Hugging Face Hub-compatible file tree under a folder", [_q("recursive", "boolean")], False, False),
+    ("get", "/anvil/v1/hf/{bucket}/{name}/resolve/{revision}/{path}", "hfResolve",
+     "Hugging Face Hub-compatible file download (X-Repo-Commit, ETag, Range)", [], False, False),
+]
+
 # Operations that need no bearer token (anonymous reads of public buckets are decided per bucket).
 PUBLIC = frozenset({"live", "ready", "token"})
 # Operations whose success status is not 200.

@@ -257,6 +257,9 @@ register_diagnostics(cli)
 from anvil.cli.backup import register as _register_backup  # noqa: E402 - after the groups above
 
 _register_backup(cli)
+from anvil.cli.artefacts import artefact  # noqa: E402
+
+cli.add_command(artefact)
 
 
 def main() -> None:

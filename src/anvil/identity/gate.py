@@ -22,7 +22,7 @@ from anvil.errors import AnvilError
 from anvil.identity.scopes import ACTIONS, allows
 
 # Anonymous callers may do these on a public bucket; everything else needs a token.
-PUBLIC_ACTIONS = frozenset({"object:read", "object:list", "bucket:read"})
+PUBLIC_ACTIONS = frozenset({"object:read", "object:list", "bucket:read", "artefact:pull"})
 
 
 class BucketAccess(NamedTuple):

@@ -23,6 +23,8 @@ ACTIONS = frozenset({
     # Relationship-based authorisation (anvil.authz), on `tenant:NAME`: read = questions and
     # reads of schema and relationships; write = schema and relationship writes.
     "authz:read", "authz:write",
+    # artefacts (docs/artefacts.md), on bucket:BUCKET/NAME
+    "artefact:push", "artefact:pull", "artefact:tag", "artefact:verify",
 })
 
 MAX_SCOPE_LENGTH = 512

@@ -1,0 +1,421 @@
+"""HTTP for artefacts: the native routes under /anvil/v1/buckets/{bucket}/artefacts and a read-only
+Hugging Face Hub-compatible endpoint under /anvil/v1/hf (for `huggingface_hub` with `endpoint=`).
+
+Authorisation by scopes on `bucket:BUCKET/NAME`: `artefact:push` (components, manifests),
+`artefact:pull` (reads; anonymous callers only on public buckets), `artefact:tag`, `artefact:verify`;
+signing keys need `artefact:tag|tenant:TENANT`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import urllib.parse
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from anvil import artefact_format as mf
+from anvil.api.common import (
+    blocking,
+    endpoint,
+    error_response,
+    file_io,
+    json_body,
+    require_identity,
+    submit_file_io,
+)
+from anvil.api.limits import read_capped
+from anvil.artefacts.service import ArtefactService
+from anvil.context import RequestContext, new_request_id
+from anvil.errors import AnvilError
+from anvil.identity import authorize
+from anvil.objects import validation as v
+
+STREAM_BLOCK = 1024 * 1024
+B = "/anvil/v1/buckets/{bucket}/artefacts"
+HF = "/anvil/v1/hf"
+
+
+def _svc(request: Request) -> ArtefactService:
+    return request.app.state.anvil.artefacts
+
+
+def _check_recovery(request: Request) -> None:
+    if getattr(request.app.state, "recovery_mode", False):
+        raise AnvilError("RecoveryMode", "the server is in recovery mode: public writes are refused")
+
+
+def _names(request: Request) -> tuple[str, str]:
+    bucket = request.path_params["bucket"]
+    name = mf.check_name(request.path_params["name"])
+    return bucket, name
+
+
+def _auth(ctx: RequestContext, action: str, bucket: str, name: str | None = None) -> None:
+    authorize(ctx.principal, action, f"bucket:{bucket}" if name is None else f"bucket:{bucket}/{name}")
+
+
+# ------------------------------------------------------------------ components
+
+
+@endpoint
+async def missing_components(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    bucket, name = _names(request)
+    _auth(ctx, "artefact:push", bucket, name)
+    body = await json_body(request)
+    return JSONResponse({"missing": await blocking(_svc(request).missing_components, bucket, body.get("sha256s"))})
+
+
+@endpoint
+async def put_component(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    _check_recovery(request)
+    bucket, name = _names(request)
+    sha = mf.check_sha(request.path_params["sha256"])
+    _auth(ctx, "artefact:push", bucket, name)
+    svc = _svc(request)
+    svc.bucket_tenant(bucket)
+    raw_len = request.headers.get("content-length")
+    writer = svc.component_writer(int(raw_len) if raw_len and raw_len.isdigit() else None)
+    block = bytearray()
+    pending: concurrent.futures.Future | None = None
+    try:
+        async for chunk in request.stream():
+            block += chunk
+            if len(block) >= STREAM_BLOCK:
+                if pending is not None:
+                    await asyncio.wrap_future(pending)
+                pending = submit_file_io(writer.write, bytes(block))
+                block.clear()
+        if block:
+            if pending is not None:
+                await asyncio.wrap_future(pending)
+            pending = submit_file_io(writer.write, bytes(block))
+        if pending is not None:
+            await asyncio.wrap_future(pending)
+    except BaseException:
+        if pending is not None:
+            pending.add_done_callback(lambda _f: writer.abort())
+        else:
+            writer.abort()
+        raise
+    return JSONResponse(await file_io(svc.store_component, ctx, bucket, writer, sha), status_code=201)
+
+
+@endpoint
+async def get_component(request: Request, ctx: RequestContext) -> Response:
+    bucket, name = _names(request)
+    sha = mf.check_sha(request.path_params["sha256"])
+    _auth(ctx, "artefact:pull", bucket, name)
+    svc = _svc(request)
+    size = await blocking(svc.component_for_read, bucket, name, sha)
+    return _body(request, svc, sha, size, {"x-anvil-sha256": sha, "etag": f'"{sha}"'})
+
+
+def _body(request: Request, svc: ArtefactService, sha: str, size: int, headers: dict[str, str]) -> Response:
+    headers = {"accept-ranges": "bytes", "content-type": "application/octet-stream", **headers}
+    rng = request.headers.get("range")
+    status, offset, length = 200, 0, size
+    if rng:
+        r = v.parse_range(rng, size)
+        status, offset, length = 206, r.start, r.length
+        headers["content-range"] = f"bytes {r.start}-{r.end}/{size}"
+    if request.method == "HEAD":
+        headers["content-length"] = str(length)
+        return Response(status_code=status, headers=headers)
+    return _range_body(svc, sha, size, offset, length, headers, status)
+
+
+@endpoint
+async def get_file(request: Request, ctx: RequestContext) -> Response:
+    """One file of an artefact by path (base files of a delta included)."""
+    bucket, name = _names(request)
+    _auth(ctx, "artefact:pull", bucket, name)
+    svc = _svc(request)
+    info = await blocking(svc.describe, bucket, name, request.path_params["ref"])
+    f = next((x for x in info["files"] if x["path"] == request.path_params["path"]), None)
+    if f is None:
+        raise AnvilError("NotFound", "no such file in this artefact")
+    return _body(request, svc, f["sha256"], f["size"], {"x-anvil-sha256": f["sha256"], "etag": f'"{f["sha256"]}"',
+                                                        "x-anvil-artefact-id": info["id"]})
+
+
+# ------------------------------------------------------------------ manifests and tags
+
+
+@endpoint
+async def push(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    _check_recovery(request)
+    bucket, name = _names(request)
+    _auth(ctx, "artefact:push", bucket, name)
+    body = await json_body(request)
+    m = body.get("manifest")
+    if not isinstance(m, dict) or m.get("name") != name:
+        raise AnvilError("InvalidArgument", "the body is {manifest, signatures?, tag?} with manifest.name the "
+                         "artefact name of the path")
+    tag = body.get("tag")
+    if tag is not None:
+        _auth(ctx, "artefact:tag", bucket, name)
+    result = await blocking(_svc(request).push, ctx, bucket, m, body.get("signatures"), tag)
+    return JSONResponse(result, status_code=201 if result["created"] else 200)
+
+
+@endpoint
+async def list_artefacts(request: Request, ctx: RequestContext) -> Response:
+    bucket = request.path_params["bucket"]
+    _auth(ctx, "artefact:pull", bucket)
+    return JSONResponse({"artefacts": await blocking(_svc(request).list_artefacts, bucket)})
+
+
+@endpoint
+async def list_name(request: Request, ctx: RequestContext) -> Response:
+    bucket, name = _names(request)
+    _auth(ctx, "artefact:pull", bucket, name)
+    svc = _svc(request)
+    return JSONResponse({"name": name, "artefacts": await blocking(svc.list_artefacts, bucket, name),
+                         "tags": await blocking(svc.list_tags, bucket, name)})
+
+
+@endpoint
+async def put_tag(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    _check_recovery(request)
+    bucket, name = _names(request)
+    _auth(ctx, "artefact:tag", bucket, name)
+    body = await json_body(request)
+    result = await blocking(_svc(request).set_tag, ctx, bucket, name, request.path_params["tag"],
+                            body.get("id"), body.get("require_key"))
+    return JSONResponse(result)
+
+
+@endpoint
+async def describe(request: Request, ctx: RequestContext) -> Response:
+    bucket, name = _names(request)
+    _auth(ctx, "artefact:pull", bucket, name)
+    return JSONResponse(await blocking(_svc(request).describe, bucket, name, request.path_params["ref"]))
+
+
+@endpoint
+async def verify(request: Request, ctx: RequestContext) -> Response:
+    bucket, name = _names(request)
+    _auth(ctx, "artefact:verify", bucket, name)
+    return JSONResponse(await blocking(_svc(request).verify, bucket, name, request.path_params["ref"]))
+
+
+@endpoint
+async def list_tensors(request: Request, ctx: RequestContext) -> Response:
+    bucket, name = _names(request)
+    _auth(ctx, "artefact:pull", bucket, name)
+    ts = await blocking(_svc(request).tensors, bucket, name, request.path_params["ref"])
+    return JSONResponse({"tensors": [{k: t[k] for k in ("name", "dtype", "shape", "file", "offset", "length")}
+                                     for t in ts]})
+
+
+@endpoint
+async def get_tensor(request: Request, ctx: RequestContext) -> Response:
+    bucket, name = _names(request)
+    _auth(ctx, "artefact:pull", bucket, name)
+    svc = _svc(request)
+    ref, tensor = request.path_params["ref"], request.path_params["tensor"]
+
+    t = await file_io(svc.tensor, bucket, name, ref, tensor)
+    headers = {"x-anvil-dtype": t["dtype"], "x-anvil-shape": ",".join(str(d) for d in t["shape"]),
+               "x-anvil-tensor-file": urllib.parse.quote(t["file"])}
+    return _range_body(svc, t["file_sha256"], t["file_size"], t["offset"], t["length"], headers)
+
+
+def _range_body(svc: ArtefactService, sha: str, size: int, offset: int, length: int,
+                headers: dict[str, str], status: int = 200) -> Response:
+    """Bytes [offset, offset+length) of a component: small ones read whole, larger ones streamed in
+    verified 1 MiB chunks (sent while the next is read, rather than copied into one buffer first)."""
+    headers = {"content-type": "application/octet-stream", **headers, "content-length": str(length)}
+    if length <= STREAM_BLOCK:
+        return Response(b"".join(svc.read_component(sha, size, offset, length)), status_code=status,
+                        headers=headers)
+    return StreamingResponse(svc.read_component(sha, size, offset, length), status_code=status, headers=headers)
+
+
+# ------------------------------------------------------------------ signing keys
+
+
+@endpoint
+async def add_key(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    _check_recovery(request)
+    body = await json_body(request)
+    tenant = body.get("tenant") or ctx.tenant
+    if not isinstance(tenant, str):
+        raise AnvilError("InvalidArgument", "tenant must be a string")
+    authorize(ctx.principal, "artefact:tag", f"tenant:{tenant}")
+    result = await blocking(_svc(request).add_key, ctx, tenant, body.get("key_id"), body.get("public_key"))
+    return JSONResponse(result, status_code=201 if result["created"] else 200)
+
+
+@endpoint
+async def list_keys(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    tenant = request.query_params.get("tenant") or ctx.tenant
+    authorize(ctx.principal, "artefact:tag", f"tenant:{tenant}")
+    return JSONResponse({"keys": await blocking(_svc(request).list_keys, tenant)})
+
+
+# ------------------------------------------------------------------ source artefacts (git)
+
+
+@endpoint
+async def git_ref(request: Request, ctx: RequestContext) -> Response:
+    bucket, name = _names(request)
+    _auth(ctx, "artefact:pull", bucket, name)
+    return JSONResponse(await blocking(_svc(request).git_resolve, bucket, name, request.path_params["ref"],
+                                       request.query_params.get("name", "HEAD")))
+
+
+@endpoint
+async def git_tree(request: Request, ctx: RequestContext) -> Response:
+    bucket, name = _names(request)
+    _auth(ctx, "artefact:pull", bucket, name)
+    q = request.query_params
+    return JSONResponse(await blocking(_svc(request).git_tree, bucket, name, request.path_params["ref"],
+                                       request.path_params["commit"], q.get("path", "")))
+
+
+@endpoint
+async def git_blob(request: Request, ctx: RequestContext) -> Response:
+    bucket, name = _names(request)
+    _auth(ctx, "artefact:pull", bucket, name)
+    q = request.query_params
+    data = await blocking(_svc(request).git_blob, bucket, name, request.path_params["ref"],
+                          request.path_params["commit"], q.get("path", ""))
+    return Response(data, media_type="application/octet-stream")
+
+
+@endpoint
+async def git_http(request: Request, ctx: RequestContext) -> Response:
+    """`git clone ENDPOINT/anvil/v1/buckets/B/artefacts/NAME/REF/git` (read-only smart HTTP)."""
+    bucket, name = _names(request)
+    _auth(ctx, "artefact:pull", bucket, name)
+    body = b""
+    if request.method == "POST":  # wants and haves: small; refused past 16 MiB before it is all read
+        body = await read_capped(request, 16 * 1024 * 1024,
+                                 lambda: AnvilError("RequestTooLarge", "an upload-pack request over 16 MiB",
+                                                    headers={"connection": "close"}))
+        if request.headers.get("content-encoding", "").lower() == "gzip":  # git gzips larger requests
+            import zlib
+
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            body = inflater.decompress(body, 64 * 1024 * 1024)
+            if inflater.unconsumed_tail:
+                raise AnvilError("RequestTooLarge", "an upload-pack request over 64 MiB once decompressed")
+    status, headers, out = await blocking(
+        _svc(request).git_http, bucket, name, request.path_params["ref"], request.method,
+        request.path_params["path"], request.url.query, body, request.headers.get("content-type", ""))
+    keep = {k: v for k, v in headers if k.lower() in ("content-type", "cache-control", "expires", "pragma")}
+    return Response(out, status_code=status, headers=keep)
+
+
+# ------------------------------------------------------------------ Hugging Face Hub-compatible reads
+
+
+def _hf_error(err: AnvilError, request: Request, commit: str | None = None) -> Response:
+    resp = error_response(err, new_request_id(), head=request.method == "HEAD")
+    # huggingface_hub maps these headers to RepositoryNotFound / RevisionNotFound / EntryNotFound.
+    resp.headers["x-error-code"] = {"NotFound": "EntryNotFound"}.get(err.code, err.code)
+    resp.headers["x-error-message"] = err.message
+    if commit:
+        resp.headers["x-repo-commit"] = commit
+    return resp
+
+
+def hf_commit(aid: str) -> str:
+    """The 40-hex "commit" a Hub client sees: a prefix of the artefact id (it resolves back uniquely)."""
+    return aid[:40]
+
+
+@endpoint
+async def hf_info(request: Request, ctx: RequestContext) -> Response:
+    bucket, name = _names(request)
+    _auth(ctx, "artefact:pull", bucket, name)
+    rev = urllib.parse.unquote(request.path_params.get("revision", "main"))
+    info = await blocking(_svc(request).describe, bucket, name, rev)
+    return JSONResponse({"id": f"{bucket}/{name}", "modelId": f"{bucket}/{name}", "sha": hf_commit(info["id"]),
+                         "private": False, "tags": [], "siblings": [{"rfilename": f["path"]} for f in info["files"]],
+                         "anvil": {"artefact_id": info["id"]}})
+
+
+@endpoint
+async def hf_tree(request: Request, ctx: RequestContext) -> Response:
+    bucket, name = _names(request)
+    _auth(ctx, "artefact:pull", bucket, name)
+    rev = urllib.parse.unquote(request.path_params["revision"])
+    prefix = request.path_params.get("path", "").strip("/")
+    info = await blocking(_svc(request).describe, bucket, name, rev)
+    entries: list[dict[str, Any]] = []
+    folders: set[str] = set()
+    recursive = request.query_params.get("recursive", "false").lower() in ("1", "true")
+    for f in info["files"]:
+        p = f["path"]
+        if prefix and not p.startswith(prefix + "/"):
+            continue
+        rest = p[len(prefix) + 1:] if prefix else p
+        if not recursive and "/" in rest:
+            folders.add((prefix + "/" if prefix else "") + rest.split("/", 1)[0])
+            continue
+        entries.append({"type": "file", "path": p, "size": f["size"], "oid": f["sha256"][:40],
+                        "lfs": {"oid": f["sha256"], "size": f["size"], "pointerSize": 0}})
+        if recursive:
+            parts = p.split("/")[:-1]
+            for i in range(len(parts)):
+                folders.add("/".join(parts[: i + 1]))
+    entries += [{"type": "directory", "path": d, "oid": "0" * 40} for d in sorted(folders)]
+    return JSONResponse(entries)
+
+
+async def _hf_resolve(request: Request, ctx: RequestContext) -> Response:
+    """HEAD/GET `{bucket}/{name}/resolve/{revision}/{path}` with the headers huggingface_hub checks:
+    X-Repo-Commit, ETag (the file's SHA-256, as the Hub gives for LFS files), Content-Length."""
+    bucket, name = _names(request)
+    _auth(ctx, "artefact:pull", bucket, name)
+    rev = urllib.parse.unquote(request.path_params["revision"])
+    path = request.path_params["path"]
+    svc = _svc(request)
+    info = await blocking(svc.describe, bucket, name, rev)
+    commit = hf_commit(info["id"])
+    f = next((x for x in info["files"] if x["path"] == path), None)
+    if f is None:
+        return _hf_error(AnvilError("NotFound", f"no file {path!r} in this artefact"), request, commit)
+    return _body(request, svc, f["sha256"], f["size"],
+                 {"x-repo-commit": commit, "etag": f'"{f["sha256"]}"', "x-linked-etag": f'"{f["sha256"]}"',
+                  "x-linked-size": str(f["size"])})
+
+
+N = B + "/{name}"
+ROUTES = [
+    Route(B, list_artefacts, methods=["GET"]),
+    Route(N, list_name, methods=["GET"]),
+    Route(N, push, methods=["POST"]),
+    Route(N + "/components/missing", missing_components, methods=["POST"]),
+    Route(N + "/components/{sha256}", put_component, methods=["PUT"]),
+    Route(N + "/components/{sha256}", get_component, methods=["GET", "HEAD"]),
+    Route(N + "/tags/{tag}", put_tag, methods=["PUT"]),
+    Route(N + "/{ref}", describe, methods=["GET"]),
+    Route(N + "/{ref}/verify", verify, methods=["POST"]),
+    Route(N + "/{ref}/files/{path:path}", get_file, methods=["GET", "HEAD"]),
+    Route(N + "/{ref}/tensors", list_tensors, methods=["GET"]),
+    Route(N + "/{ref}/tensors/{tensor}", get_tensor, methods=["GET"]),
+    Route(N + "/{ref}/git/ref", git_ref, methods=["GET"]),
+    Route(N + "/{ref}/git/tree/{commit}", git_tree, methods=["GET"]),
+    Route(N + "/{ref}/git/blob/{commit}", git_blob, methods=["GET"]),
+    Route(N + "/{ref}/git/{path:path}", git_http, methods=["GET", "POST"]),
+    Route("/anvil/v1/artefact-keys", add_key, methods=["POST"]),
+    Route("/anvil/v1/artefact-keys", list_keys, methods=["GET"]),
+    Route(HF + "/api/models/{bucket}/{name}", hf_info, methods=["GET"]),
+    Route(HF + "/api/models/{bucket}/{name}/revision/{revision}", hf_info, methods=["GET"]),
+    Route(HF + "/api/models/{bucket}/{name}/tree/{revision}", hf_tree, methods=["GET"]),
+    Route(HF + "/api/models/{bucket}/{name}/tree/{revision}/{path:path}", hf_tree, methods=["GET"]),
+    Route(HF + "/{bucket}/{name}/resolve/{revision}/{path:path}", endpoint(_hf_resolve), methods=["GET", "HEAD"]),
+]
