@@ -58,8 +58,30 @@ def _populate(root: Path) -> None:
         a.watch.create_consumer(ctx, "conf-consumer", make_scope(DEV_PRINCIPAL, bucket="conf-a"), 0)
         record(a.storage.catalog, make_finding("diagnostics", "warning", "conformance.seeded", "seeded", {}),
                actor=ctx.actor, request_id=ctx.request_id)
+        _populate_personaldb(a, ctx, root)
     finally:
         a.close()
+
+
+def _populate_personaldb(a: Anvil, ctx: RequestContext, root: Path) -> None:
+    """A PersonalDB group with two certified commits (real session changesets) and a snapshot."""
+    from anvil.storage import sqlitefile
+
+    schema = "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"
+    g = a.personaldb.create_group(ctx, "conf-pdb", schema)
+    db = sqlitefile.Database(root.parent / "conf-pdb-replica.sqlite")
+    try:
+        db.script(schema)
+        head = (0, g["genesis"])
+        for i in range(2):
+            db.start_session()
+            db.execute("INSERT INTO notes(id, body) VALUES (?, ?)", (i, f"note {i}"))
+            e = a.personaldb.commit(ctx, "conf-pdb", db.take_changeset(), base_index=head[0], base_hash=head[1])
+            db.stop_session()
+            head = (e["index"], e["hash"])
+    finally:
+        db.close()
+    a.personaldb.build_snapshot("conf-pdb")
 
 
 @pytest.fixture(scope="module")

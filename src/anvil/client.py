@@ -702,3 +702,88 @@ class AnvilClient:
             if value:
                 body[name] = value
         return self._json("POST", "/anvil/v1/admin/repair/blobs", json=body, timeout=None)
+
+    # ------------------------------------------------------------ personaldb (docs/personaldb.md)
+    # The replica over a local SQLite file is anvil.personaldb.Replica(path, client, group).
+
+    @staticmethod
+    def _g(group: str) -> str:
+        return "/anvil/v1/pdb/groups/" + urllib.parse.quote(group, safe="")
+
+    def pdb_create(self, name: str, schema: str, *, snapshot_every: int | None = None,
+                   max_changeset: int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "schema": schema}
+        if snapshot_every is not None:
+            body["snapshot_every"] = snapshot_every
+        if max_changeset is not None:
+            body["max_changeset"] = max_changeset
+        return self._json("POST", "/anvil/v1/pdb/groups", json=body)
+
+    def pdb_list(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/anvil/v1/pdb/groups")["groups"]
+
+    def pdb_get(self, group: str) -> dict[str, Any]:
+        return self._json("GET", self._g(group))
+
+    def pdb_migrate(self, group: str, sql: str) -> dict[str, Any]:
+        return self._json("POST", self._g(group) + "/migrations", json={"sql": sql})
+
+    def pdb_commit(self, group: str, changeset: bytes, *, base_index: int, base_hash: str,
+                   schema_version: int | None = None, idempotency_key: str | None = None) -> dict[str, Any]:
+        """Submit one changeset against (base_index, base_hash); PersonalDbStaleBase if that is not the head."""
+        headers = {"content-type": "application/octet-stream", "x-anvil-pdb-base-index": str(base_index),
+                   "x-anvil-pdb-base-hash": base_hash, **self._idem(idempotency_key)}
+        if schema_version is not None:
+            headers["x-anvil-pdb-schema-version"] = str(schema_version)
+        return self._json("POST", self._g(group) + "/commits", content=changeset, headers=headers)
+
+    def pdb_catch_up(self, group: str, after_index: int, after_hash: str, *, limit: int = 1000,
+                     certificates_only: bool = False) -> dict[str, Any]:
+        """The entries after (index, hash) with their certificates, or status `snapshot_required`."""
+        params: dict[str, Any] = {"after_index": after_index, "after_hash": after_hash, "limit": limit}
+        if certificates_only:
+            params["certificates_only"] = "true"
+        return self._json("GET", self._g(group) + "/log", params=params)
+
+    def pdb_snapshots(self, group: str) -> list[dict[str, Any]]:
+        return self._json("GET", self._g(group) + "/snapshots")["snapshots"]
+
+    def pdb_build_snapshot(self, group: str) -> dict[str, Any]:
+        return self._json("POST", self._g(group) + "/snapshots", timeout=None)
+
+    def pdb_snapshot_data(self, group: str, index: int) -> bytes:
+        return self._request("GET", self._g(group) + f"/snapshots/{int(index)}/data", timeout=None).content
+
+    def pdb_compact(self, group: str) -> dict[str, Any]:
+        return self._json("POST", self._g(group) + "/compact")
+
+    def pdb_keys(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/anvil/v1/pdb/keys")["keys"]
+
+    def pdb_rotate_key(self) -> dict[str, Any]:
+        return self._json("POST", "/anvil/v1/admin/pdb/keys/rotate", json={})
+
+    def pdb_verify(self, group: str) -> dict[str, Any]:
+        """Check a group's whole chain offline with the published keys (CertificateInvalid at a break)."""
+        from anvil.personaldb import certs
+
+        keys = {k["key_id"]: k["public"] for k in self.pdb_keys()}
+        info = self.pdb_get(group)
+        chain: list[dict[str, Any]] = []
+        after_index, after_hash = 0, info["genesis"]
+        while True:
+            page = self.pdb_catch_up(group, after_index, after_hash, limit=2000, certificates_only=True)
+            chain += [e["certificate"] for e in page["entries"]]
+            if not page["entries"] or not page["more"]:
+                break
+            after_index, after_hash = page["entries"][-1]["index"], page["entries"][-1]["hash"]
+        res = certs.verify_chain(group, info["genesis"], chain, keys)
+        if (res["head_index"], res["head_hash"]) != (page["head"]["index"], page["head"]["hash"]):
+            raise certs.CertificateInvalid("the chain does not end at the head the server states")
+        snaps = []
+        for s in info.get("snapshots", []):
+            certs.verify_snapshot(s["certificate"], keys, group=group, state_hash=s["state_hash"])
+            if s["index"] > 0 and chain[s["index"] - 1]["body"]["hash"] != s["hash"]:
+                raise certs.CertificateInvalid(f"snapshot {s['index']} is not linked to the chain")
+            snaps.append(s["index"])
+        return {**res, "group": group, "snapshots_verified": snaps, "key_ids": sorted(keys)}

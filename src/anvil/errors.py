@@ -38,6 +38,13 @@ HTTP_STATUS: dict[str, int] = {
     "UnsupportedFormat": 500,
     "DataCorrupted": 500,
     "Internal": 500,
+    # PersonalDB (docs/personaldb.md)
+    "PersonalDbStaleBase": 409,
+    "PersonalDbSchemaMismatch": 409,
+    "PersonalDbInvalidChangeset": 400,
+    "PersonalDbUnknownTable": 400,
+    "PersonalDbInvalidSchema": 400,
+    "PersonalDbCertificateInvalid": 422,
 }
 
 

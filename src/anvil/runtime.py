@@ -19,6 +19,8 @@ from anvil.identity.participant import IdentityParticipant
 from anvil.identity.settings import load_jwt_secret, load_keyring
 from anvil.objects import ObjectService
 from anvil.objects.participant import ObjectsParticipant
+from anvil.personaldb import PersonalDbService
+from anvil.personaldb.participant import PersonalDbParticipant
 from anvil.storage import Storage
 from anvil.storage.layout import FORMAT_FILE
 from anvil.storage.participant import (
@@ -40,7 +42,8 @@ def recovery_participants() -> list[Participant]:
     appends its own here and thereby joins backup, restore, fsck, gc, the drill and the
     conformance suite."""
     return [StorageParticipant(), JournalParticipant(), ObjectsParticipant(), BlobsParticipant(),
-            BlobDigestsParticipant(), IdentityParticipant(), WatchParticipant(), DiagnosticsParticipant()]
+            BlobDigestsParticipant(), IdentityParticipant(), WatchParticipant(), DiagnosticsParticipant(),
+            PersonalDbParticipant()]
 
 
 # Who records findings of failed read verifications (the journal's actor for them).
@@ -72,6 +75,7 @@ class Anvil:
             install_bucket_lookup(self._bucket_access)
             self.watch = WatchService(self.storage, bucket_exists=lambda b: self.objects.find_bucket(b) is not None)
             self.diagnostics = Diagnostics(self.storage, self.objects, recovery_participants())
+            self.personaldb = PersonalDbService(self.storage)
             self.objects.on_corruption(self._record_corruption)
             self.storage.catalog.start()
             self.identity.bootstrap(endpoint)
@@ -148,6 +152,8 @@ class Anvil:
 
     def close(self) -> None:
         self.watch.close()
+        if hasattr(self, "personaldb"):
+            self.personaldb.close()
         self.storage.close()
 
 

@@ -250,6 +250,9 @@ cli.add_command(configure)
 from anvil.cli.watch import watch  # noqa: E402
 
 cli.add_command(watch)
+from anvil.cli.personaldb import pdb  # noqa: E402
+
+cli.add_command(pdb)
 register_diagnostics(cli)
 from anvil.cli.backup import register as _register_backup  # noqa: E402 - after the groups above
 

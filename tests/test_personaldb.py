@@ -1,0 +1,335 @@
+"""PersonalDB end to end against a real server: groups, the commit path, certificates, replicas
+(real SQLite session changesets only), catch-up, snapshots, and bad input."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from anvil.client import AnvilAPIError, AnvilClient
+from anvil.personaldb import Replica, certs
+from anvil.storage import sqlitefile as sf
+from tests.helpers import AnvilServer
+
+SCHEMA = """
+CREATE TABLE notes(id INTEGER PRIMARY KEY, owner TEXT NOT NULL, body TEXT NOT NULL, pinned INTEGER DEFAULT 0);
+CREATE TABLE tags(note_id INTEGER NOT NULL, tag TEXT NOT NULL, PRIMARY KEY (note_id, tag));
+"""
+
+
+def gname(prefix: str = "g") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def group(client: AnvilClient) -> str:
+    name = gname()
+    client.pdb_create(name, SCHEMA)
+    return name
+
+
+def local_changeset(tmp_path: Path, sql: str, schema: str = SCHEMA, setup: str = "") -> bytes:
+    """A real session changeset: `sql` run on a fresh database with `schema` (and `setup` before recording)."""
+    db = sf.Database(tmp_path / f"cs-{uuid.uuid4().hex[:6]}.sqlite")
+    try:
+        db.script(schema)
+        if setup:
+            db.script(setup)
+        db.start_session()
+        db.script(sql)
+        return db.take_changeset()
+    finally:
+        db.close()
+
+
+def replica(tmp_path: Path, client: AnvilClient, group: str, name: str, **kw) -> Replica:
+    return Replica(tmp_path / f"{name}.sqlite", client, group, **kw)
+
+
+def rows(r: Replica, table: str = "notes") -> list[tuple]:
+    return r.query(f"SELECT * FROM {table} ORDER BY 1, 2")
+
+
+# ------------------------------------------------------------------ groups
+
+
+def test_create_list_show_and_bad_schema(client: AnvilClient) -> None:
+    name = gname()
+    g = client.pdb_create(name, SCHEMA)
+    assert g["tables"] == ["notes", "tags"] and g["head_index"] == 0 and g["schema_sha256"] == certs.sha256_hex(
+        SCHEMA.encode())
+    assert g["genesis"] == certs.genesis_hash(name, g["schema_sha256"])
+    assert name in [x["name"] for x in client.pdb_list()]
+    shown = client.pdb_get(name)
+    assert shown["schemas"][0]["sql"] == SCHEMA and set(shown["tables"]) == {"notes", "tags"}
+    with pytest.raises(AnvilAPIError) as e:
+        client.pdb_create(name, SCHEMA)
+    assert e.value.code == "AlreadyExists"
+    for bad in ("CREATE TABLE x(", "CREATE TABLE nopk(a TEXT)", "SELECT 1"):
+        with pytest.raises(AnvilAPIError) as e:
+            client.pdb_create(gname(), bad)
+        assert e.value.code == "PersonalDbInvalidSchema", bad
+
+
+# ------------------------------------------------------------------ the commit path and bad input
+
+
+def test_commit_certificate_and_bad_input_changes_nothing(client: AnvilClient, group: str, tmp_path: Path) -> None:
+    g = client.pdb_get(group)
+    keys = {k["key_id"]: k["public"] for k in client.pdb_keys()}
+    cs = local_changeset(tmp_path, "INSERT INTO notes(id, owner, body) VALUES (1, 'ann', 'hi')")
+    e1 = client.pdb_commit(group, cs, base_index=0, base_hash=g["genesis"], idempotency_key="k1")
+    body = certs.verify_entry(e1["certificate"], keys, group=group, prev_hash=g["genesis"], index=1, changeset=cs)
+    assert body["hash"] == e1["hash"] and body["authz_revision"] == 0 and body["changeset_sha256"] == \
+        certs.sha256_hex(cs)
+    # Idempotent retry: the same commit, even though the base is no longer the head.
+    again = client.pdb_commit(group, cs, base_index=0, base_hash=g["genesis"], idempotency_key="k1")
+    assert again["index"] == 1 and again["hash"] == e1["hash"] and again["idempotent_replay"]
+    head = (1, e1["hash"])
+
+    def refused(code: str, data: bytes, base: tuple[int, str] = head, key: str | None = None) -> AnvilAPIError:
+        with pytest.raises(AnvilAPIError) as err:
+            client.pdb_commit(group, data, base_index=base[0], base_hash=base[1], idempotency_key=key)
+        assert err.value.code == code, err.value
+        assert (client.pdb_get(group)["head_index"], client.pdb_get(group)["head_hash"]) == head  # nothing changed
+        return err.value
+
+    cs2 = local_changeset(tmp_path, "INSERT INTO notes(id, owner, body) VALUES (2, 'bob', 'yo')")
+    refused("PersonalDbInvalidChangeset", b"this is not a changeset")
+    refused("PersonalDbInvalidChangeset", cs2[: len(cs2) // 2])
+    other = local_changeset(tmp_path, "INSERT INTO secrets(id, v) VALUES (1, 'x')",
+                            schema="CREATE TABLE secrets(id INTEGER PRIMARY KEY, v TEXT)")
+    refused("PersonalDbUnknownTable", other)
+    stale = refused("PersonalDbStaleBase", cs2, base=(0, g["genesis"]))
+    assert stale.headers["x-anvil-pdb-head-index"] == "1" and e1["hash"] in stale.message
+    refused("PersonalDbStaleBase", cs2, base=(1, "0" * 64))
+    refused("IdempotencyMismatch", cs2, key="k1")
+    wrong_cols = local_changeset(tmp_path, "INSERT INTO notes VALUES (3, 'x')",
+                                 schema="CREATE TABLE notes(id INTEGER PRIMARY KEY, owner TEXT)")
+    refused("PersonalDbInvalidChangeset", wrong_cols)
+
+
+def test_oversized_changeset_is_refused(client: AnvilClient, tmp_path: Path) -> None:
+    name = gname()
+    g = client.pdb_create(name, SCHEMA, max_changeset=4096)
+    cs = local_changeset(tmp_path, f"INSERT INTO notes(id, owner, body) VALUES (1, 'a', '{'x' * 8000}')")
+    with pytest.raises(AnvilAPIError) as e:
+        client.pdb_commit(name, cs, base_index=0, base_hash=g["genesis"])
+    assert e.value.code == "EntityTooLarge"
+    assert client.pdb_get(name)["head_index"] == 0
+
+
+def test_one_denied_row_rejects_the_whole_changeset(server: AnvilServer, client: AnvilClient, tmp_path: Path) -> None:
+    tenant = f"t{uuid.uuid4().hex[:8]}"
+    client.create_tenant(tenant)
+    app = client.create_app(tenant, "writer", scopes=[
+        f"pdb:create|tenant:{tenant}", "pdb:read|pdb:*", "pdb:insert|pdb:*/notes/*",
+        "pdb:update|pdb:*/notes/1"])
+    with AnvilClient(server.endpoint, client_id=app["client_id"], client_secret=app["client_secret"]) as c:
+        name = gname()
+        g = c.pdb_create(name, SCHEMA)
+        setup = "INSERT INTO notes(id, owner, body) VALUES (1, 'a', 'x'), (2, 'b', 'y')"
+        first = local_changeset(tmp_path, setup)
+        e = c.pdb_commit(name, first, base_index=0, base_hash=g["genesis"])
+        # Row 1 may be updated, row 2 may not: a changeset touching both is refused whole.
+        both = local_changeset(tmp_path, "UPDATE notes SET body = 'z'", setup=setup)
+        with pytest.raises(AnvilAPIError) as err:
+            c.pdb_commit(name, both, base_index=1, base_hash=e["hash"])
+        assert err.value.code == "PermissionDenied"
+        one = local_changeset(tmp_path, "UPDATE notes SET body = 'z' WHERE id = 1", setup=setup)
+        assert c.pdb_commit(name, one, base_index=1, base_hash=e["hash"])["index"] == 2
+        tag = local_changeset(tmp_path, "INSERT INTO tags VALUES (1, 't')")
+        with pytest.raises(AnvilAPIError) as err:
+            c.pdb_commit(name, tag, base_index=2, base_hash=c.pdb_get(name)["head_hash"])
+        assert err.value.code == "PermissionDenied" and c.pdb_get(name)["head_index"] == 2
+    # Another tenant's group is exactly a missing one.
+    other = client.create_app(f"{tenant}", "reader", scopes=["pdb:read|pdb:*"])
+    tenant2 = f"u{uuid.uuid4().hex[:8]}"
+    client.create_tenant(tenant2)
+    stranger = client.create_app(tenant2, "s", scopes=["pdb:read|pdb:*"])
+    with AnvilClient(server.endpoint, client_id=stranger["client_id"], client_secret=stranger["client_secret"]) as s:
+        with pytest.raises(AnvilAPIError) as err:
+            s.pdb_get(name)
+        assert err.value.code == "NotFound"
+    del other
+
+
+def test_concurrent_submit_race_exactly_one_wins(client: AnvilClient, group: str, tmp_path: Path) -> None:
+    g = client.pdb_get(group)
+    changesets = [local_changeset(tmp_path, f"INSERT INTO notes(id, owner, body) VALUES ({i}, 'w', 'r{i}')")
+                  for i in range(8)]
+
+    def submit(cs: bytes) -> str:
+        try:
+            client.pdb_commit(group, cs, base_index=0, base_hash=g["genesis"])
+            return "won"
+        except AnvilAPIError as e:
+            return e.code
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(submit, changesets))
+    assert outcomes.count("won") == 1 and outcomes.count("PersonalDbStaleBase") == 7, outcomes
+    assert client.pdb_get(group)["head_index"] == 1
+
+
+# ------------------------------------------------------------------ replicas
+
+
+def test_two_replicas_offline_edits_conflicting_and_not_converge(client: AnvilClient, group: str,
+                                                                 tmp_path: Path) -> None:
+    a = replica(tmp_path, client, group, "a")
+    b = replica(tmp_path, client, group, "b")
+    a.execute("INSERT INTO notes(id, owner, body) VALUES (1, 'ann', 'base')")
+    a.sync()
+    b.sync()
+    assert rows(a) == rows(b)
+    # Offline: both edit the same row (conflict) and different rows (no conflict).
+    a.execute("UPDATE notes SET body = 'from a' WHERE id = 1")
+    a.execute("INSERT INTO notes(id, owner, body) VALUES (2, 'ann', 'only a')")
+    b.execute("UPDATE notes SET body = 'from b' WHERE id = 1")
+    b.execute("INSERT INTO tags VALUES (1, 'b-tag')")
+    assert a.pending() == 2 and b.pending() == 2
+    sa = a.sync()
+    sb = b.sync()  # stale: rebases over a's commits
+    assert sa["submitted"] == 2 and sb["rebased"] >= 1 and sb["submitted"] >= 1
+    a.sync()
+    assert a.head == b.head and a.state_hash() == b.state_hash()
+    assert rows(a) == rows(b) == [(1, "ann", "from b", 0), (2, "ann", "only a", 0)]  # local_wins: b was later
+    assert rows(a, "tags") == [(1, "b-tag")]
+    assert a.verify()["head_index"] == a.head[0] and b.verify()["head_index"] == b.head[0]
+    for r in (a, b):
+        r.close()
+
+
+def test_three_replicas_and_a_replaced_policy(client: AnvilClient, group: str, tmp_path: Path) -> None:
+    def remote_wins(kind: str, change: sf.RowChange) -> str:
+        return "omit"
+
+    reps = [replica(tmp_path, client, group, n, **({"policy": remote_wins} if n == "c" else {})) for n in "abc"]
+    reps[0].execute("INSERT INTO notes(id, owner, body) VALUES (1, 'x', 'v0'), (2, 'y', 'v0')")
+    for r in reps:
+        r.sync()
+    reps[0].execute("UPDATE notes SET body = 'a' WHERE id = 1")
+    reps[1].execute("DELETE FROM notes WHERE id = 2")
+    reps[2].execute("UPDATE notes SET body = 'c' WHERE id = 1")
+    reps[2].execute("UPDATE notes SET body = 'c2' WHERE id = 2")  # the row b deletes
+    reps[1].execute("INSERT INTO notes(id, owner, body) VALUES (3, 'b', 'new')")
+    for r in reps:
+        r.sync()
+    for r in reps:
+        r.sync()
+    hashes = {r.state_hash() for r in reps}
+    heads = {r.head for r in reps}
+    assert len(hashes) == 1 and len(heads) == 1
+    # c kept the remote value (its policy), and b's delete won over c's update of row 2.
+    assert rows(reps[0]) == [(1, "x", "a", 0), (3, "b", "new", 0)]
+    for r in reps:
+        r.close()
+
+
+def test_tampered_certificate_is_refused_by_the_replica(client: AnvilClient, group: str, tmp_path: Path) -> None:
+    a = replica(tmp_path, client, group, "a")
+    b = replica(tmp_path, client, group, "b")
+    a.execute("INSERT INTO notes(id, owner, body) VALUES (1, 'a', 'x')")
+    a.sync()
+
+    class Tampering:
+        def __getattr__(self, name):  # everything else goes to the real client
+            return getattr(client, name)
+
+        def pdb_catch_up(self, *args, **kw):
+            page = client.pdb_catch_up(*args, **kw)
+            for e in page["entries"]:
+                e["certificate"]["body"]["time"] += 1
+            return page
+
+    b.client = Tampering()
+    assert b.head[0] == 0
+    with pytest.raises(certs.CertificateInvalid) as err:
+        b.sync()
+    assert err.value.code == "PersonalDbCertificateInvalid"
+    assert b.head[0] == 0 and rows(b) == []  # nothing applied
+    a.close()
+    b.close()
+
+
+def test_catch_up_paging_snapshots_and_compaction(client: AnvilClient, tmp_path: Path) -> None:
+    name = gname()
+    client.pdb_create(name, SCHEMA, snapshot_every=5)
+    a = replica(tmp_path, client, name, "a")
+    for i in range(12):
+        a.execute("INSERT INTO notes(id, owner, body) VALUES (?, 'a', ?)", (i, f"n{i}"))
+        a.sync()
+    snaps = client.pdb_snapshots(name)
+    deadline = 0
+    while [s["index"] for s in snaps] != [5, 10] and deadline < 100:  # built in the background
+        import time
+
+        time.sleep(0.1)
+        deadline += 1
+        snaps = client.pdb_snapshots(name)
+    assert [s["index"] for s in snaps] == [5, 10]
+    page = client.pdb_catch_up(name, 0, client.pdb_get(name)["genesis"], limit=5)
+    assert [e["index"] for e in page["entries"]] == [1, 2, 3, 4, 5] and page["more"]
+    # A new device starts from the latest snapshot, then catches up.
+    b = replica(tmp_path, client, name, "b")
+    assert b.head == a.head and b.state_hash() == a.state_hash()
+    res = client.pdb_verify(name)
+    assert res["head_index"] == 12 and res["snapshots_verified"] == [5, 10]
+    # Compaction: a replica behind the snapshot is told snapshot_required, and recovers from it.
+    old = replica(tmp_path, client, name, "old")
+    client.pdb_compact(name)
+    page = client.pdb_catch_up(name, 0, client.pdb_get(name)["genesis"])
+    assert page["status"] == "snapshot_required" and page["reason"] == "compacted"
+    assert page["snapshot"]["index"] == 10
+    old.sync()
+    assert old.head == a.head and old.state_hash() == a.state_hash()
+    # A divergent base is refused the same way.
+    page = client.pdb_catch_up(name, 3, "f" * 64)
+    assert page["status"] == "snapshot_required" and page["reason"] == "divergent"
+    for r in (a, b, old):
+        r.close()
+
+
+def test_schema_migration_reaches_replicas(client: AnvilClient, group: str, tmp_path: Path) -> None:
+    a = replica(tmp_path, client, group, "a")
+    b = replica(tmp_path, client, group, "b")
+    a.execute("INSERT INTO notes(id, owner, body) VALUES (1, 'a', 'x')")
+    a.sync()
+    b.sync()
+    m = client.pdb_migrate(group, "ALTER TABLE notes ADD COLUMN color TEXT")
+    assert m["schema_version"] == 2 and m["kind"] == "migration"
+    # b edits on schema 1 while offline: the server says it is behind, b pulls the migration, rebases.
+    b.execute("UPDATE notes SET body = 'y' WHERE id = 1")
+    b.sync()
+    assert b.schema_version == 2
+    a.sync()
+    assert rows(a) == rows(b) == [(1, "a", "y", 0, None)]
+    a.execute("UPDATE notes SET color = 'red' WHERE id = 1")
+    a.sync()
+    b.sync()
+    assert rows(b) == [(1, "a", "y", 0, "red")] and a.state_hash() == b.state_hash()
+    for r in (a, b):
+        r.close()
+
+
+def test_cli_create_ls_show_verify(server: AnvilServer, tmp_path: Path) -> None:
+    name = gname()
+    schema = tmp_path / "schema.sql"
+    schema.write_text(SCHEMA)
+    out = server.cli("pdb", "create", name, "--schema", str(schema), "--json")
+    assert json.loads(out.stdout)["name"] == name
+    assert name in server.cli("pdb", "ls").stdout.decode()
+    assert json.loads(server.cli("pdb", "show", name, "--json").stdout)["head_index"] == 0
+    with server.client() as c:
+        r = replica(tmp_path, c, name, "r")
+        r.execute("INSERT INTO notes(id, owner, body) VALUES (1, 'a', 'x')")
+        r.sync()
+        r.close()
+    res = json.loads(server.cli("pdb", "verify", name, "--json").stdout)
+    assert res["head_index"] == 1
+    assert server.cli("pdb", "keys", "--json").returncode == 0
