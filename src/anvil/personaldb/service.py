@@ -266,30 +266,36 @@ class PersonalDbService:
     # -- keys -----------------------------------------------------------------------------
 
     def _publish_keys(self) -> None:
-        known = public_keys(self.catalog.reader())
-        missing = [k for k in self.keys.public() if known.get(k["key_id"]) != k["public"]]
-        if not missing:
-            retired = {k["key_id"]: k["retired"] for k in self.keys.public()}
-
-            def stale(conn: Connection) -> bool:
-                return any(r[1] != retired.get(r[0]) for r in conn.execute("SELECT key_id, retired FROM pdb_keys"))
-
-            if not stale(self.catalog.reader()):
-                return
+        """Record the keyring's public keys in the catalog. A key recorded there but absent from the
+        keyring (e.g. a restore without escrowed secrets, which starts a new key) is marked retired:
+        its certificates keep verifying, nothing new is signed with it."""
+        now = time.time()
+        mine = {k["key_id"]: k for k in self.keys.public()}
+        recorded = {r[0]: (r[1], r[2]) for r in self.catalog.reader().execute(
+            "SELECT key_id, public_key, retired FROM pdb_keys")}
+        changes = [k for kid, k in mine.items() if kid not in recorded or recorded[kid][1] != k["retired"]]
+        orphans = [kid for kid, (_, retired) in recorded.items() if kid not in mine and retired is None]
+        if not changes and not orphans:
+            return
 
         def fn(txn: Txn) -> None:
-            for k in self.keys.public():
+            for k in changes:
                 txn.conn.execute(
                     "INSERT INTO pdb_keys(key_id, public_key, created, retired) VALUES (?,?,?,?) "
                     "ON CONFLICT (key_id) DO UPDATE SET retired = excluded.retired",
                     (k["key_id"], k["public"], k["created"], k["retired"]))
-            txn.emit("system", "pdb.keys", "pdb/keys", {"keys": [
-                {"key_id": k["key_id"], "public": k["public"], "retired": k["retired"]} for k in self.keys.public()]})
+            for kid in orphans:
+                txn.conn.execute("UPDATE pdb_keys SET retired = ? WHERE key_id = ?", (now, kid))
+            txn.emit("system", "pdb.keys", "pdb/keys", {"published": [k["key_id"] for k in changes],
+                                                        "retired": orphans, "current": self.keys.current.key_id})
 
         self.catalog.mutate(fn, actor=SYSTEM_ACTOR, request_id="pdb-keys")
 
     def public_keys(self) -> list[dict[str, Any]]:
-        return self.keys.public()
+        """Every witness public key ever used here (catalog records), current one last."""
+        return [{"key_id": kid, "public": pub, "created": created, "retired": retired}
+                for kid, pub, created, retired in self.catalog.reader().execute(
+                    "SELECT key_id, public_key, created, retired FROM pdb_keys ORDER BY created, key_id")]
 
     def rotate_key(self, ctx: RequestContext) -> dict[str, Any]:
         if not ctx.principal.admin or not _may(ctx.principal, "admin:write", "system"):
