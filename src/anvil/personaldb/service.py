@@ -255,8 +255,6 @@ class PersonalDbService:
         self.default_snapshot_every = snapshot_every or int(
             os.environ.get("ANVIL_PDB_SNAPSHOT_EVERY", DEFAULT_SNAPSHOT_EVERY))
         self._builder = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="anvil-pdb-snap")
-        self._building: set[str] = set()
-        self._build_lock = threading.Lock()
         self._listeners: list[Any] = []
 
     def add_commit_listener(self, fn: Any) -> None:
@@ -529,7 +527,7 @@ class PersonalDbService:
             except Exception:  # noqa: BLE001 - a derived view must never fail a commit
                 log.exception("personaldb commit listener failed")
         if entry.get("snapshot_due"):
-            self.schedule_snapshot(name)
+            self.schedule_snapshot(name, entry["index"])
 
     def _entry_of(self, conn: Connection, name: str, index: int, *, replay: bool = False,
                   with_changeset: bool = False) -> dict[str, Any]:
@@ -643,20 +641,15 @@ class PersonalDbService:
             raise AnvilError("NotFound", "snapshot not found")
         return self.storage.blobs.read_small(r[0], r[1])
 
-    def schedule_snapshot(self, name: str) -> None:
-        with self._build_lock:
-            if name in self._building:
-                return
-            self._building.add(name)
+    def schedule_snapshot(self, name: str, index: int | None = None) -> None:
+        """Build the snapshot at `index` (default: the head) in the background. One builder thread:
+        builds run one at a time, in the order they fell due, each at its own index."""
 
         def run() -> None:
             try:
-                self.build_snapshot(name)
-            except Exception:  # noqa: BLE001 - the next due commit retries
+                self.build_snapshot(name, index=index)
+            except Exception:  # noqa: BLE001 - logged; validation reports a missing snapshot as nothing
                 log.exception("personaldb snapshot of %s failed", name)
-            finally:
-                with self._build_lock:
-                    self._building.discard(name)
 
         self._builder.submit(run)
 
@@ -697,13 +690,21 @@ class PersonalDbService:
             raise
         return db
 
-    def build_snapshot(self, name: str, *, actor: str = SYSTEM_ACTOR, request_id: str = "pdb-snapshot"
-                       ) -> dict[str, Any]:
-        """Materialise the head, hash its state, compress it (zstd) into a blob, certify and record it."""
+    def build_snapshot(self, name: str, *, index: int | None = None, actor: str = SYSTEM_ACTOR,
+                       request_id: str = "pdb-snapshot") -> dict[str, Any]:
+        """Materialise entry `index` (default: the head), hash its state, compress it (zstd) into a
+        blob, certify and record it."""
         g = self._group_row(self.catalog.reader(), name)
         if g is None:
             raise _group_missing()
-        index, h, version = g["head_index"], g["head_hash"], g["schema_version"]
+        if index is None or index == g["head_index"]:
+            index, h, version = g["head_index"], g["head_hash"], g["schema_version"]
+        else:
+            row = self.catalog.reader().execute("SELECT hash, schema_version FROM pdb_log WHERE grp = ? AND idx = ?",
+                                                (name, index)).fetchone()
+            if row is None:
+                raise AnvilError("NotFound", f"entry {index} not found")
+            h, version = row
         existing = self.catalog.reader().execute(
             f"SELECT {self._SNAP_COLS} FROM pdb_snapshots WHERE grp = ? AND idx = ?", (name, index)).fetchone()
         if existing:
