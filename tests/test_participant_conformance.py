@@ -82,6 +82,10 @@ def _populate_personaldb(a: Anvil, ctx: RequestContext, root: Path) -> None:
     finally:
         db.close()
     a.personaldb.build_snapshot("conf-pdb")
+    reader = a.identity.create_app(ctx, "acme", "pdb-reader", ["pdb:read|pdb:conf-pdb/notes/1"])
+    a.personaldb.create_projection(ctx, "conf-proj", "conf-pdb", {"tables": [
+        {"from": "notes", "to": "readable", "filter": {"relation": {
+            "subject": reader["client_id"], "permission": "pdb:read", "resource": "pdb:conf-pdb/notes/{id}"}}}]})
 
 
 @pytest.fixture(scope="module")

@@ -333,3 +333,79 @@ def test_cli_create_ls_show_verify(server: AnvilServer, tmp_path: Path) -> None:
     res = json.loads(server.cli("pdb", "verify", name, "--json").stdout)
     assert res["head_index"] == 1
     assert server.cli("pdb", "keys", "--json").returncode == 0
+
+
+# ------------------------------------------------------------------ projections and watch
+
+
+def _projection_rows(client: AnvilClient, name: str, index: int, tmp_path: Path, table: str) -> list[tuple]:
+    import zstandard
+
+    p = tmp_path / f"proj-{uuid.uuid4().hex[:6]}.sqlite"
+    p.write_bytes(zstandard.ZstdDecompressor().decompress(client.pdb_projection_data(name, source_index=index)))
+    db = sf.Database(p)
+    try:
+        return db.execute(f'SELECT * FROM "{table}" ORDER BY 1')
+    finally:
+        db.close()
+
+
+def test_projection_with_relation_and_equality_filters(client: AnvilClient, group: str, tmp_path: Path) -> None:
+    tenant = f"p{uuid.uuid4().hex[:8]}"
+    client.create_tenant(tenant)
+    # The audience: an app that may read notes 1 and 3 only (relationships are scopes until authz lands).
+    viewer = client.create_app(tenant, "viewer", scopes=[f"pdb:read|pdb:{group}/notes/1",
+                                                          f"pdb:read|pdb:{group}/notes/3"])
+    a = replica(tmp_path, client, group, "a")
+    a.execute("INSERT INTO notes(id, owner, body) VALUES (1, 'ann', 'one'), (2, 'bob', 'two'), (3, 'bob', 'three')")
+    a.sync()
+    spec = {"tables": [
+        {"from": "notes", "to": "visible", "columns": {"id": "id", "body": "text"},
+         "filter": {"relation": {"subject": viewer["client_id"], "permission": "pdb:read",
+                                 "resource": f"pdb:{group}/notes/{{id}}"}}},
+        {"from": "notes", "to": "bobs", "columns": {"id": "id", "owner": "owner"},
+         "filter": {"equals": {"owner": "bob"}}}],
+        "write_back": "deny"}
+    name = gname("p")
+    p = client.pdb_create_projection(name, group, spec)
+    assert p["source_index"] == 1
+    assert _projection_rows(client, name, 1, tmp_path, "visible") == [(1, "one"), (3, "three")]
+    assert _projection_rows(client, name, 1, tmp_path, "bobs") == [(2, "bob"), (3, "bob")]
+    # Incremental on each commit: an update moves a row out of one filter, a delete removes it.
+    a.execute("UPDATE notes SET owner = 'ann', body = 'THREE' WHERE id = 3")
+    a.execute("DELETE FROM notes WHERE id = 1")
+    a.execute("INSERT INTO notes(id, owner, body) VALUES (4, 'bob', 'four')")
+    a.sync()
+    head = a.head[0]
+    assert _projection_rows(client, name, head, tmp_path, "visible") == [(3, "THREE")]
+    assert _projection_rows(client, name, head, tmp_path, "bobs") == [(2, "bob"), (4, "bob")]
+    shown = client.pdb_projection(name)
+    assert shown["source_index"] == head and shown["state_hash"]
+    for bad, code in (({"tables": [{"from": "nope"}]}, "PersonalDbUnknownTable"),
+                      ({"tables": [{"from": "notes", "columns": {"body": "b"}}]}, "InvalidArgument"),
+                      ({"tables": [{"from": "notes"}], "write_back": {"columns": ["zzz"]}}, "InvalidArgument")):
+        with pytest.raises(AnvilAPIError) as e:
+            client.pdb_create_projection(gname("p"), group, bad)
+        assert e.value.code == code
+    a.close()
+
+
+def test_commits_and_projection_updates_appear_in_watch(client: AnvilClient, group: str, tmp_path: Path) -> None:
+    client.pdb_create_projection(gname("w"), group, {"tables": [{"from": "notes"}]})
+    start = client.pdb_get(group)
+    a = replica(tmp_path, client, group, "a")
+    with client.watch(kinds="pdb.*", after=0) as stream:
+        a.execute("INSERT INTO notes(id, owner, body) VALUES (1, 'a', 'x')")
+        a.sync()
+        seen: list[dict] = []
+        for ev in stream:
+            if ev.get("group") == group:
+                seen.append(ev)
+            if any(e["kind"] == "pdb.projection.update" and e.get("source_index") == start["head_index"] + 1
+                   for e in seen):
+                break
+    kinds = [e["kind"] for e in seen]
+    assert "pdb.group.create" in kinds and "pdb.commit" in kinds and "pdb.projection.update" in kinds
+    commit = next(e for e in seen if e["kind"] == "pdb.commit")
+    assert commit["index"] == 1 and commit["tables"] == ["notes"]
+    a.close()

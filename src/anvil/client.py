@@ -763,6 +763,18 @@ class AnvilClient:
     def pdb_rotate_key(self) -> dict[str, Any]:
         return self._json("POST", "/anvil/v1/admin/pdb/keys/rotate", json={})
 
+    def pdb_create_projection(self, name: str, source: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return self._json("POST", "/anvil/v1/pdb/projections", json={"name": name, "source": source, "spec": spec})
+
+    def pdb_projection(self, name: str) -> dict[str, Any]:
+        return self._json("GET", "/anvil/v1/pdb/projections/" + urllib.parse.quote(name, safe=""))
+
+    def pdb_projection_data(self, name: str, *, source_index: int | None = None) -> bytes:
+        """The projection's SQLite file, zstd-compressed (once it reflects `source_index`, if given)."""
+        params = {"source_index": source_index} if source_index is not None else None
+        return self._request("GET", "/anvil/v1/pdb/projections/" + urllib.parse.quote(name, safe="") + "/data",
+                             params=params, timeout=None).content
+
     def pdb_verify(self, group: str) -> dict[str, Any]:
         """Check a group's whole chain offline with the published keys (CertificateInvalid at a break)."""
         from anvil.personaldb import certs

@@ -20,7 +20,8 @@ from anvil.identity.settings import load_jwt_secret, load_keyring
 from anvil.objects import ObjectService
 from anvil.objects.participant import ObjectsParticipant
 from anvil.personaldb import PersonalDbService
-from anvil.personaldb.participant import PersonalDbParticipant
+from anvil.personaldb.participant import PersonalDbParticipant, ProjectionsParticipant
+from anvil.personaldb.service import EVENT_KINDS
 from anvil.storage import Storage
 from anvil.storage.layout import FORMAT_FILE
 from anvil.storage.participant import (
@@ -31,6 +32,7 @@ from anvil.storage.participant import (
 )
 from anvil.storage.recovery import Participant
 from anvil.watch import WatchService
+from anvil.watch.events import register_kinds
 from anvil.watch.participant import WatchParticipant
 
 if TYPE_CHECKING:
@@ -43,7 +45,7 @@ def recovery_participants() -> list[Participant]:
     conformance suite."""
     return [StorageParticipant(), JournalParticipant(), ObjectsParticipant(), BlobsParticipant(),
             BlobDigestsParticipant(), IdentityParticipant(), WatchParticipant(), DiagnosticsParticipant(),
-            PersonalDbParticipant()]
+            PersonalDbParticipant(), ProjectionsParticipant()]
 
 
 # Who records findings of failed read verifications (the journal's actor for them).
@@ -76,6 +78,7 @@ class Anvil:
             self.watch = WatchService(self.storage, bucket_exists=lambda b: self.objects.find_bucket(b) is not None)
             self.diagnostics = Diagnostics(self.storage, self.objects, recovery_participants())
             self.personaldb = PersonalDbService(self.storage)
+            register_kinds("pdb", EVENT_KINDS)
             self.objects.on_corruption(self._record_corruption)
             self.storage.catalog.start()
             self.identity.bootstrap(endpoint)

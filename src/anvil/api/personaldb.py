@@ -159,6 +159,34 @@ async def rotate_key(request: Request, ctx: RequestContext) -> Response:
     return JSONResponse(await blocking(_pdb(request).rotate_key, ctx))
 
 
+@endpoint
+async def create_projection(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    _check_recovery(request)
+    body = await json_body(request)
+    unknown = sorted(set(body) - {"name", "source", "spec"})
+    if unknown:
+        raise AnvilError("InvalidArgument", f"unknown projection field {unknown[0][:64]!r}")
+    out = await blocking(_pdb(request).create_projection, ctx, body.get("name"), body.get("source"),
+                         body.get("spec"))
+    return JSONResponse(out, status_code=201)
+
+
+@endpoint
+async def get_projection(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    return JSONResponse(await blocking(_pdb(request).describe_projection, ctx.principal, request.path_params["name"]))
+
+
+@endpoint
+async def projection_data(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    raw = request.query_params.get("source_index")
+    wait = query_int(request, "source_index", 0) if raw else None
+    data = await blocking(_pdb(request).projection_data, ctx.principal, request.path_params["name"], wait_for=wait)
+    return Response(data, media_type="application/zstd")
+
+
 G = P + "/groups/{group}"
 PERSONALDB_ROUTES = [
     Route(P + "/groups", create_group, methods=["POST"]),
@@ -172,5 +200,8 @@ PERSONALDB_ROUTES = [
     Route(G + "/snapshots/{index}/data", snapshot_data, methods=["GET"]),
     Route(G + "/compact", compact, methods=["POST"]),
     Route(P + "/keys", keys, methods=["GET"]),
+    Route(P + "/projections", create_projection, methods=["POST"]),
+    Route(P + "/projections/{name}", get_projection, methods=["GET"]),
+    Route(P + "/projections/{name}/data", projection_data, methods=["GET"]),
     Route("/anvil/v1/admin/pdb/keys/rotate", rotate_key, methods=["POST"]),
 ]

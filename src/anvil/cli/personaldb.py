@@ -98,3 +98,27 @@ def pdb_verify(client: AnvilClient, as_json: bool, name: str) -> None:
         sys.exit(1)
     emit(as_json, res, text=f"{name}: {res['entries']} certificates verify, head {res['head_index']} "
                             f"{res['head_hash'][:16]}; snapshots verified: {len(res['snapshots_verified'])}")
+
+
+@pdb.group("projection")
+def projection() -> None:
+    """Read-only databases derived from a group for another audience."""
+
+
+@projection.command("create")
+@click.argument("name")
+@click.option("--source", required=True, help="The source group.")
+@click.option("--spec", "spec_file", type=click.File("r"), required=True, help="The projection spec (JSON).")
+@client_command
+def projection_create(client: AnvilClient, as_json: bool, name: str, source: str, spec_file) -> None:
+    res = client.pdb_create_projection(name, source, json.load(spec_file))
+    emit(as_json, res, text=f"created projection {name} of {source} at source index {res['source_index']}")
+
+
+@projection.command("show")
+@click.argument("name")
+@client_command
+def projection_show(client: AnvilClient, as_json: bool, name: str) -> None:
+    res = client.pdb_projection(name)
+    emit(as_json, res, table=(("field", "value"), [(k, res[k]) for k in ("name", "source", "source_index",
+                                                                         "state_hash")]))

@@ -5,6 +5,8 @@ Source: groups, schema versions, the hash-chained log with its certificates, sna
 private key (`secrets/personaldb_witness.json`) is a control-plane secret: its key ids are
 always recorded, the file goes into a snapshot only when the backup escrows secrets.
 
+There is a derived participant too, `personaldb-projections`, for projection files.
+
 Validation checks every group's head against its certificate chain and every snapshot against
 its certificate, its chain entry and (deep) its state hash.
 """
@@ -146,3 +148,91 @@ class PersonalDbParticipant(Participant):
             out.append(self.finding("info", "personaldb", f"{len(fixtures)} groups caught up from genesis to their "
                                                           "recorded heads with verified certificates"))
         return out
+
+
+class ProjectionsParticipant(Participant):
+    """Derived: each projection's database and the source mirrors it is derived through
+    (`derived/personaldb/`), rebuilt from the projection definitions and the source groups' logs."""
+
+    name = "personaldb-projections"
+    kind = "derived"
+    covers = ["personaldb"]
+    owns = ["derived/personaldb/"]
+    tables: list[str] = []
+
+    def files(self, ctx: RecoveryContext) -> list[Path]:
+        return []  # derived: rebuilt after a restore, never copied
+
+    def _expected(self, ctx: RecoveryContext) -> dict[str, Any]:
+        """Rebuild into a scratch root and report the state hashes the files should have."""
+        import tempfile
+
+        from anvil.personaldb.projections import Projections
+        from anvil.personaldb.service import rebuild_projections
+
+        with tempfile.TemporaryDirectory(prefix="anvil-pdb-check-") as d:
+            names = rebuild_projections(ctx.conn, ctx.blobs, Path(d))
+            scratch = Projections(Path(d))
+            out = {n: scratch.state(n) for n in names}
+            groups = {p.stem for p in (scratch.dir / "mirrors").glob("*.sqlite")}
+            out.update({f"mirror:{g}": _state_of(scratch.mirror_path(g)) for g in groups})
+            return out
+
+    def _actual(self, ctx: RecoveryContext, expected: dict[str, Any]) -> dict[str, Any]:
+        from anvil.personaldb.projections import Projections
+
+        store = Projections(ctx.root)
+        out: dict[str, Any] = {}
+        for key in expected:
+            if key.startswith("mirror:"):
+                out[key] = _state_of(store.mirror_path(key[len("mirror:"):]))
+            else:
+                try:
+                    out[key] = store.state(key)
+                except Exception as e:  # noqa: BLE001 - an unreadable file is the finding
+                    out[key] = f"unreadable: {e}"
+        return out
+
+    def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
+        if not table_exists(ctx.conn, "pdb_projections"):
+            return {"projections": 0}
+        return {"projections": int(ctx.conn.execute("SELECT count(*) FROM pdb_projections").fetchone()[0])}
+
+    def validate(self, ctx: RecoveryContext, recorded: dict[str, Any] | None = None) -> list[Finding]:
+        ctx.checked.add("personaldb.projection_stale")
+        if not table_exists(ctx.conn, "pdb_projections"):
+            return []
+        expected = self._expected(ctx)
+        actual = self._actual(ctx, expected)
+        out = [self.finding("error", f"projection {k}",
+                            "missing" if actual[k] is None else "differs from a rebuild from source"
+                            + ("" if not str(actual[k]).startswith("unreadable") else f" ({actual[k]})"),
+                            "personaldb.projection_stale", {"projection": k})
+               for k in sorted(expected) if actual[k] != expected[k]]
+        if not out:
+            out.append(self.finding("info", "personaldb-projections",
+                                    f"{len(expected)} projection and mirror files match a rebuild from source"))
+        return out
+
+    def rebuild(self, ctx: RecoveryContext) -> list[Finding]:
+        from anvil.personaldb.service import rebuild_projections
+
+        if not table_exists(ctx.conn, "pdb_projections"):
+            return []
+        names = rebuild_projections(ctx.conn, ctx.blobs, ctx.root)
+        return [self.finding("info", "personaldb-projections", f"rebuilt {len(names)} projections from source")]
+
+
+def _state_of(path: Path) -> str | None:
+    from anvil.storage import sqlitefile as sf
+
+    if not path.exists():
+        return None
+    try:
+        db = sf.Database(path)
+        try:
+            return db.state_hash()
+        finally:
+            db.close()
+    except Exception as e:  # noqa: BLE001
+        return f"unreadable: {e}"

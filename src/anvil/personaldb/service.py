@@ -30,6 +30,7 @@ from anvil.context import Principal, RequestContext
 from anvil.errors import AnvilError
 from anvil.identity.scopes import allows
 from anvil.personaldb import certs
+from anvil.personaldb import projections as pj
 from anvil.storage import Storage, Txn
 from anvil.storage import sqlitefile as sf
 from anvil.storage.layout import write_file_durably
@@ -96,6 +97,14 @@ MIGRATIONS = [
         created REAL NOT NULL,
         retired REAL
     )""",
+    """CREATE TABLE pdb_projections(
+        name TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        source TEXT NOT NULL REFERENCES pdb_groups(name),
+        spec TEXT NOT NULL,
+        created REAL NOT NULL,
+        created_by TEXT NOT NULL
+    )""",
 ]
 
 GROUP_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -109,6 +118,9 @@ KEY_FILE = "personaldb_witness.json"
 AUTHZ_REVISION = 0
 SYSTEM_ACTOR = "system/personaldb"
 OPS = {"INSERT": "pdb:insert", "UPDATE": "pdb:update", "DELETE": "pdb:delete"}
+# Journal event kinds (watch family `pdb`).
+EVENT_KINDS = frozenset({"pdb.group.create", "pdb.commit", "pdb.migrate", "pdb.snapshot", "pdb.compact",
+                         "pdb.keys", "pdb.projection.create", "pdb.projection.update"})
 
 
 def _group_missing() -> AnvilError:
@@ -244,6 +256,61 @@ def state_of_snapshot(compressed: bytes) -> str:
             db.close()
 
 
+def materialise(conn: Connection, blobs: Any, name: str, upto: int, dest: Path) -> sf.Database:
+    """A group's database as of entry `upto`: the latest snapshot at or before it, then the log."""
+    with conn:
+        snap = conn.execute("SELECT idx, sha256, size FROM pdb_snapshots WHERE grp = ? AND idx <= ? "
+                            "ORDER BY idx DESC LIMIT 1", (name, upto)).fetchone()
+        schema = conn.execute("SELECT sql FROM pdb_schemas WHERE grp = ? AND version = 1", (name,)).fetchone()[0]
+        start = 0
+        if snap is not None:
+            dest.write_bytes(zstandard.ZstdDecompressor().decompress(blobs.read_small(snap[1], snap[2])))
+            start = snap[0]
+        db = sf.Database(dest)
+        db.set_synchronous("OFF")
+        if snap is None:
+            db.script(schema)
+        db.begin()
+        try:
+            for idx, kind, cs in conn.execute(
+                    "SELECT idx, kind, changeset FROM pdb_log WHERE grp = ? AND idx > ? AND idx <= ? ORDER BY idx",
+                    (name, start, upto)):
+                if cs is None:
+                    raise AnvilError("Internal", f"entry {idx} of {name} was compacted and no snapshot covers it")
+                if kind == "migration":
+                    db.script(bytes(cs).decode())
+                else:
+                    db.apply(bytes(cs))
+            db.commit()
+        except BaseException:
+            db.rollback()
+            db.close()
+            raise
+    return db
+
+
+def projection_specs(conn: Connection, group: str | None = None) -> list[tuple[str, str, dict[str, Any]]]:
+    """(name, source group, spec) of every projection (of `group`)."""
+    sql = "SELECT name, source, spec FROM pdb_projections"
+    rows = conn.execute(sql + " WHERE source = ? ORDER BY name", (group,)) if group else conn.execute(
+        sql + " ORDER BY name")
+    return [(n, src, json.loads(spec)) for n, src, spec in rows]
+
+
+def rebuild_projections(conn: Connection, blobs: Any, root: Path, group: str | None = None) -> list[str]:
+    """Recompute mirrors and projection files from source records; the names rebuilt."""
+    store = pj.Projections(root)
+    by_group: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for n, src, spec in projection_specs(conn, group):
+        by_group.setdefault(src, []).append((n, spec))
+    relation = pj.ScopeRelations(conn)
+    for g, specs in by_group.items():
+        head = conn.execute("SELECT head_index, head_hash FROM pdb_groups WHERE name = ?", (g,)).fetchone()
+        store.rebuild_group(g, lambda dest, g=g, head=head: materialise(conn, blobs, g, head[0], dest),
+                            (head[0], head[1]), specs, relation)
+    return [n for specs in by_group.values() for n, _ in specs]
+
+
 class PersonalDbService:
     def __init__(self, storage: Storage, *, snapshot_every: int | None = None):
         self.storage = storage
@@ -256,6 +323,10 @@ class PersonalDbService:
             os.environ.get("ANVIL_PDB_SNAPSHOT_EVERY", DEFAULT_SNAPSHOT_EVERY))
         self._builder = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="anvil-pdb-snap")
         self._listeners: list[Any] = []
+        self.projections = pj.Projections(storage.root)
+        # One thread applies commits to mirrors and projections, in commit order, off the writer.
+        self._projector = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="anvil-pdb-proj")
+        self._projected: set[str] = set()  # groups whose mirror was checked against the log since start
 
     def add_commit_listener(self, fn: Any) -> None:
         """fn(group, entry) after each commit (projections rebuild incrementally on it)."""
@@ -424,6 +495,18 @@ class PersonalDbService:
                 "changeset_sha256": cs_sha, "size": len(payload), "schema_version": schema_version,
                 "certificate": cert}
 
+    def _emit_projection_updates(self, txn: Txn, g: dict[str, Any], entry: dict[str, Any]) -> list[str]:
+        """One `pdb.projection.update` event per projection of the group, in the commit's transaction:
+        watchers learn that the projection now follows this source entry (its file catches up
+        right after, on the projector thread)."""
+        names = [r[0] for r in txn.conn.execute("SELECT name FROM pdb_projections WHERE source = ? ORDER BY name",
+                                                (g["name"],))]
+        for n in names:
+            txn.emit(g["tenant"], "pdb.projection.update", f"pdb/{g['name']}",
+                     {"projection": n, "group": g["name"], "source_index": entry["index"],
+                      "source_hash": entry["hash"]})
+        return names
+
     def _stale(self, g: dict[str, Any]) -> AnvilError:
         return AnvilError(
             "PersonalDbStaleBase",
@@ -509,6 +592,7 @@ class PersonalDbService:
                       "changeset_sha256": entry["changeset_sha256"], "size": len(data), "tables": tables,
                       "rows": len(changes), "schema_version": version})
             entry["snapshot_due"] = entry["index"] % cur["snapshot_every"] == 0
+            entry["projections"] = self._emit_projection_updates(txn, cur, entry)
             return entry
 
         fut = self.catalog.submit(fn, actor=ctx.actor, request_id=ctx.request_id)
@@ -526,6 +610,8 @@ class PersonalDbService:
                 fn(name, entry)
             except Exception:  # noqa: BLE001 - a derived view must never fail a commit
                 log.exception("personaldb commit listener failed")
+        if entry.get("projections"):
+            self._projector.submit(self._project, name, entry)
         if entry.get("snapshot_due"):
             self.schedule_snapshot(name, entry["index"])
 
@@ -563,9 +649,12 @@ class PersonalDbService:
             txn.emit(cur["tenant"], "pdb.migrate", f"pdb/{name}",
                      {"group": name, "index": entry["index"], "hash": entry["hash"], "schema_version": version,
                       "sql": sql})
+            entry["projections"] = self._emit_projection_updates(txn, cur, entry)
             return entry
 
-        out = self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
+        fut = self.catalog.submit(fn, actor=ctx.actor, request_id=ctx.request_id)
+        fut.add_done_callback(lambda f: self._after_commit(name, f))
+        out = fut.result()
         del g
         return out
 
@@ -658,37 +747,7 @@ class PersonalDbService:
         return self.build_snapshot(name, actor=ctx.actor, request_id=ctx.request_id)
 
     def materialise(self, name: str, upto: int, dest: Path) -> sf.Database:
-        """The group's database as of entry `upto`: the latest snapshot at or before it, then the log."""
-        conn = self.catalog.reader()
-        with conn:
-            snap = conn.execute("SELECT idx, sha256, size FROM pdb_snapshots WHERE grp = ? AND idx <= ? "
-                                "ORDER BY idx DESC LIMIT 1", (name, upto)).fetchone()
-            schema = self._schemas(conn, name)[0][1]
-        start = 0
-        if snap is not None:
-            dest.write_bytes(zstandard.ZstdDecompressor().decompress(self.storage.blobs.read_small(snap[1], snap[2])))
-            start = snap[0]
-        db = sf.Database(dest)
-        db.set_synchronous("OFF")
-        if snap is None:
-            db.script(schema)
-        db.begin()
-        try:
-            for idx, kind, cs in self.catalog.reader().execute(
-                    "SELECT idx, kind, changeset FROM pdb_log WHERE grp = ? AND idx > ? AND idx <= ? ORDER BY idx",
-                    (name, start, upto)):
-                if cs is None:
-                    raise AnvilError("Internal", f"entry {idx} of {name} was compacted and no snapshot covers it")
-                if kind == "migration":
-                    db.script(bytes(cs).decode())
-                else:
-                    db.apply(bytes(cs))
-            db.commit()
-        except BaseException:
-            db.rollback()
-            db.close()
-            raise
-        return db
+        return materialise(self.catalog.reader(), self.storage.blobs, name, upto, dest)
 
     def build_snapshot(self, name: str, *, index: int | None = None, actor: str = SYSTEM_ACTOR,
                        request_id: str = "pdb-snapshot") -> dict[str, Any]:
@@ -771,5 +830,89 @@ class PersonalDbService:
 
         return self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
 
+    # -- projections ----------------------------------------------------------------------
+
+    def _project(self, group: str, entry: dict[str, Any]) -> None:
+        conn = self.catalog.reader()
+        try:
+            specs = [(n, spec) for n, _, spec in projection_specs(conn, group)]
+            mirror_meta = self.projections.meta_of(self.projections.mirror_path(group))
+            if (group not in self._projected or mirror_meta.get("source_index") != str(entry["index"] - 1)
+                    or any(self.projections.meta(n).get("source_index") != str(entry["index"] - 1)
+                           for n, _ in specs)):
+                rebuild_projections(conn, self.storage.blobs, self.storage.root, group)
+                self._projected.add(group)
+                return
+            row = conn.execute("SELECT changeset FROM pdb_log WHERE grp = ? AND idx = ?",
+                               (group, entry["index"])).fetchone()
+            self.projections.on_commit(group, bytes(row[0]), entry["kind"], (entry["index"], entry["hash"]), specs,
+                                       pj.ScopeRelations(conn))
+        except Exception:  # noqa: BLE001 - derived: the next commit (or repair) rebuilds it
+            log.exception("personaldb projection of %s failed", group)
+            self._projected.discard(group)
+
+    def create_projection(self, ctx: RequestContext, name: Any, source: Any, spec: Any) -> dict[str, Any]:
+        g = self.group(ctx.principal, source if isinstance(source, str) else "", "pdb:admin")
+        if not isinstance(name, str) or not pj.NAME_RE.match(name):
+            raise AnvilError("InvalidArgument", "a projection name is 1-63 characters of a-z, 0-9, '_' and '-'")
+        clean = pj.validate_spec(spec, self.tables(g["name"], g["schema_version"]))
+        clean["source"] = g["name"]
+
+        def fn(txn: Txn) -> dict[str, Any]:
+            if txn.conn.execute("SELECT 1 FROM pdb_projections WHERE name = ?", (name,)).fetchone():
+                raise AnvilError("AlreadyExists", "a projection of that name exists")
+            txn.conn.execute("INSERT INTO pdb_projections(name, tenant, source, spec, created, created_by) "
+                             "VALUES (?,?,?,?,?,?)", (name, g["tenant"], g["name"], pj.dumps(clean), txn.now,
+                                                      txn.actor))
+            txn.emit(g["tenant"], "pdb.projection.create", f"pdb/{g['name']}",
+                     {"projection": name, "group": g["name"], "spec": clean})
+            return {"name": name, "source": g["name"], "spec": clean}
+
+        out = self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
+        # Built on the projector thread, so it is ordered with the commits that follow.
+        self._projector.submit(self._rebuild_group_safely, g["name"]).result()
+        return {**out, **self.describe_projection(ctx.principal, name)}
+
+    def _rebuild_group_safely(self, group: str) -> None:
+        rebuild_projections(self.catalog.reader(), self.storage.blobs, self.storage.root, group)
+        self._projected.add(group)
+
+    def _projection_row(self, principal: Principal, name: str) -> tuple[str, str, dict[str, Any]]:
+        if not isinstance(name, str) or not pj.NAME_RE.match(name):
+            raise AnvilError("NotFound", "projection not found")
+        r = self.catalog.reader().execute("SELECT name, source, spec FROM pdb_projections WHERE name = ?",
+                                          (name,)).fetchone()
+        if r is None:
+            raise AnvilError("NotFound", "projection not found")
+        try:
+            self.group(principal, r[1])
+        except AnvilError as e:
+            if e.code == "NotFound":
+                raise AnvilError("NotFound", "projection not found") from None
+            raise
+        return r[0], r[1], json.loads(r[2])
+
+    def describe_projection(self, principal: Principal, name: str) -> dict[str, Any]:
+        n, src, spec = self._projection_row(principal, name)
+        meta = self.projections.meta(n)
+        return {"name": n, "source": src, "spec": spec, "source_index": int(meta.get("source_index", -1)),
+                "source_hash": meta.get("source_hash"), "state_hash": self.projections.state(n)}
+
+    def projection_data(self, principal: Principal, name: str, *, wait_for: int | None = None) -> bytes:
+        """The projection's SQLite file (zstd), once it reflects at least source entry `wait_for`."""
+        n, src, _ = self._projection_row(principal, name)
+        if wait_for is not None:
+            deadline = time.monotonic() + 10
+            while int(self.projections.meta(n).get("source_index", -1)) < wait_for and time.monotonic() < deadline:
+                time.sleep(0.02)
+        with tempfile.TemporaryDirectory(prefix="anvil-pdb-", dir=self.storage.layout.tmp) as d:
+            db = sf.Database(self.projections.path(n))
+            try:
+                db.backup_to(Path(d) / "p.sqlite")
+            finally:
+                db.close()
+            return zstandard.ZstdCompressor(level=3).compress((Path(d) / "p.sqlite").read_bytes())
+
     def close(self) -> None:
+        self._projector.shutdown(wait=True)
         self._builder.shutdown(wait=True)
