@@ -278,7 +278,7 @@ def test_catch_up_paging_snapshots_and_compaction(client: AnvilClient, tmp_path:
     # A new device starts from the latest snapshot, then catches up.
     b = replica(tmp_path, client, name, "b")
     assert b.head == a.head and b.state_hash() == a.state_hash()
-    res = client.pdb_verify(name)
+    res = certs.verify_group(client, name)
     assert res["head_index"] == 12 and res["snapshots_verified"] == [5, 10]
     # Compaction: a replica behind the snapshot is told snapshot_required, and recovers from it.
     old = replica(tmp_path, client, name, "old")
@@ -408,4 +408,29 @@ def test_commits_and_projection_updates_appear_in_watch(client: AnvilClient, gro
     assert "pdb.group.create" in kinds and "pdb.commit" in kinds and "pdb.projection.update" in kinds
     commit = next(e for e in seen if e["kind"] == "pdb.commit")
     assert commit["index"] == 1 and commit["tables"] == ["notes"]
+    a.close()
+
+
+def test_chain_verification_detects_tampering(client: AnvilClient, group: str, tmp_path: Path) -> None:
+    a = replica(tmp_path, client, group, "a")
+    for i in range(4):
+        a.execute("INSERT INTO notes(id, owner, body) VALUES (?, 'a', 'x')", (i,))
+        a.sync()
+    g = client.pdb_get(group)
+    keys = {k["key_id"]: k["public"] for k in client.pdb_keys()}
+    chain = [e["certificate"] for e in client.pdb_catch_up(group, 0, g["genesis"], certificates_only=True)["entries"]]
+    assert certs.verify_chain(group, g["genesis"], chain, keys)["head_hash"] == g["head_hash"]
+    edited = json.loads(json.dumps(chain))
+    edited[2]["body"]["changeset_sha256"] = "0" * 64  # a rewritten entry: the signature breaks
+    dropped = chain[:1] + chain[2:]  # a removed entry: the link breaks
+    swapped = [chain[1], chain[0], *chain[2:]]  # reordered
+    forged = json.loads(json.dumps(chain))
+    forged[3]["body"]["key_id"] = "ed25519:0000000000000000"  # signed by nobody we know
+    for bad in (edited, dropped, swapped, forged):
+        with pytest.raises(certs.CertificateInvalid):
+            certs.verify_chain(group, g["genesis"], bad, keys)
+    with pytest.raises(certs.CertificateInvalid):
+        certs.verify_chain(group, "1" * 64, chain, keys)  # another genesis
+    with pytest.raises(certs.CertificateInvalid):  # a changeset that is not the certified one
+        certs.verify_entry(chain[0], keys, group=group, prev_hash=g["genesis"], index=1, changeset=b"other")
     a.close()

@@ -22,6 +22,7 @@ import pytest
 
 from anvil.client import AnvilClient
 from anvil.personaldb import Replica
+from anvil.personaldb.certs import verify_group
 from tests.helpers import AnvilServer
 
 ENV = {"ANVIL_BACKUP_KDF": "test", "ANVIL_BACKUP_PASSPHRASE": "correct horse battery staple"}
@@ -73,7 +74,7 @@ def test_sigkill_during_commits_leaves_the_chain_intact(tmp_path: Path) -> None:
         assert len(acked) >= 30
         srv.start()
         with srv.client() as c:
-            res = c.pdb_verify(group)  # every certificate from genesis to the head verifies
+            res = verify_group(c, group)  # every certificate from genesis to the head verifies
             last = acked[-1]
             assert res["head_index"] >= last[0]
             page = c.pdb_catch_up(group, last[0], last[1])
@@ -82,9 +83,11 @@ def test_sigkill_during_commits_leaves_the_chain_intact(tmp_path: Path) -> None:
             assert r.head == (res["head_index"], res["head_hash"])
             assert r.query("SELECT count(*) FROM notes")[0][0] == res["head_index"]
             r.close()
+        srv.stop()
         fsck = json.loads(cli(None, "fsck", "--storage-path", str(srv.storage_path), "--json", check=False).stdout)
-        srv_errors = [f for f in fsck.get("findings", []) if f.get("participant") == "personaldb"
-                      and f.get("severity") == "error"]
+        assert fsck["ok"], fsck["findings"]
+        srv_errors = [f for f in fsck["findings"] if f["subsystem"].startswith("personaldb")
+                      and f["severity"] == "error"]
         assert srv_errors == []
     finally:
         srv.stop()
@@ -183,3 +186,27 @@ def test_drill_runs_the_personaldb_smoke(restored, tmp_path: Path) -> None:
     assert proc.returncode == 0, json.dumps([c for c in report["checks"] if not c["ok"]], indent=1)
     checks = {c["check"]: c for c in report["checks"]}
     assert "smoke: personaldb" in checks and checks["smoke: personaldb"]["ok"]
+
+
+def test_fsck_detects_a_tampered_stored_chain(tmp_path: Path) -> None:
+    import apsw
+
+    srv = AnvilServer(tmp_path / "data").start()
+    try:
+        with srv.client() as c:
+            c.pdb_create("tamper", SCHEMA)
+            r = Replica(tmp_path / "r.sqlite", c, "tamper")
+            for i in range(3):
+                r.execute("INSERT INTO notes(id, body) VALUES (?, 'x')", (i,))
+                r.sync()
+            r.close()
+    finally:
+        srv.stop()
+    clean = json.loads(cli(None, "fsck", "--storage-path", str(srv.storage_path), "--json", check=False).stdout)
+    assert clean["ok"] and not [f for f in clean["findings"] if f["subsystem"] == "personaldb"]
+    conn = apsw.Connection(str(srv.storage_path / "catalog.db"))
+    conn.execute("UPDATE pdb_log SET changeset = ? WHERE grp = 'tamper' AND idx = 2", (b"rewritten history",))
+    conn.close()
+    out = json.loads(cli(None, "fsck", "--storage-path", str(srv.storage_path), "--json", check=False).stdout)
+    bad = [f for f in out["findings"] if f["subsystem"] == "personaldb" and f["severity"] == "error"]
+    assert not out["ok"] and bad and bad[0]["invariant"] == "personaldb.chain" and "entry 2" in bad[0]["detail"]

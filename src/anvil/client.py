@@ -774,28 +774,3 @@ class AnvilClient:
         params = {"source_index": source_index} if source_index is not None else None
         return self._request("GET", "/anvil/v1/pdb/projections/" + urllib.parse.quote(name, safe="") + "/data",
                              params=params, timeout=None).content
-
-    def pdb_verify(self, group: str) -> dict[str, Any]:
-        """Check a group's whole chain offline with the published keys (CertificateInvalid at a break)."""
-        from anvil.personaldb import certs
-
-        keys = {k["key_id"]: k["public"] for k in self.pdb_keys()}
-        info = self.pdb_get(group)
-        chain: list[dict[str, Any]] = []
-        after_index, after_hash = 0, info["genesis"]
-        while True:
-            page = self.pdb_catch_up(group, after_index, after_hash, limit=2000, certificates_only=True)
-            chain += [e["certificate"] for e in page["entries"]]
-            if not page["entries"] or not page["more"]:
-                break
-            after_index, after_hash = page["entries"][-1]["index"], page["entries"][-1]["hash"]
-        res = certs.verify_chain(group, info["genesis"], chain, keys)
-        if (res["head_index"], res["head_hash"]) != (page["head"]["index"], page["head"]["hash"]):
-            raise certs.CertificateInvalid("the chain does not end at the head the server states")
-        snaps = []
-        for s in info.get("snapshots", []):
-            certs.verify_snapshot(s["certificate"], keys, group=group, state_hash=s["state_hash"])
-            if s["index"] > 0 and chain[s["index"] - 1]["body"]["hash"] != s["hash"]:
-                raise certs.CertificateInvalid(f"snapshot {s['index']} is not linked to the chain")
-            snaps.append(s["index"])
-        return {**res, "group": group, "snapshots_verified": snaps, "key_ids": sorted(keys)}

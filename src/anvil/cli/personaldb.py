@@ -86,10 +86,10 @@ def pdb_keys(client: AnvilClient, as_json: bool) -> None:
 @client_command
 def pdb_verify(client: AnvilClient, as_json: bool, name: str) -> None:
     """Check GROUP's whole certificate chain and its snapshots offline with the published keys."""
-    from anvil.personaldb.certs import CertificateInvalid
+    from anvil.personaldb.certs import CertificateInvalid, verify_group
 
     try:
-        res = client.pdb_verify(name)
+        res = verify_group(client, name)
     except CertificateInvalid as e:
         if as_json:
             click.echo(json.dumps({"error": {"code": e.code, "message": e.message}}))

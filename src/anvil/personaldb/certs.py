@@ -148,3 +148,28 @@ def verify_snapshot(cert: Any, public_keys: dict[str, str], *, group: str, state
         raise CertificateInvalid(f"snapshot at index {body.get('index')}: the state hash does not match "
                                  "its certificate")
     return body
+
+
+def verify_group(client: Any, group: str) -> dict[str, Any]:
+    """`anvil pdb verify`: fetch a group's certificates and check the whole chain and its snapshots with
+    the published keys (any AnvilClient-like `client`); CertificateInvalid at the first break."""
+    keys = {k["key_id"]: k["public"] for k in client.pdb_keys()}
+    info = client.pdb_get(group)
+    chain: list[dict[str, Any]] = []
+    after_index, after_hash = 0, info["genesis"]
+    while True:
+        page = client.pdb_catch_up(group, after_index, after_hash, limit=2000, certificates_only=True)
+        chain += [e["certificate"] for e in page["entries"]]
+        if not page["entries"] or not page["more"]:
+            break
+        after_index, after_hash = page["entries"][-1]["index"], page["entries"][-1]["hash"]
+    res = verify_chain(group, info["genesis"], chain, keys)
+    if (res["head_index"], res["head_hash"]) != (page["head"]["index"], page["head"]["hash"]):
+        raise CertificateInvalid("the chain does not end at the head the server states")
+    snaps = []
+    for s in info.get("snapshots", []):
+        verify_snapshot(s["certificate"], keys, group=group, state_hash=s["state_hash"])
+        if s["index"] > 0 and chain[s["index"] - 1]["body"]["hash"] != s["hash"]:
+            raise CertificateInvalid(f"snapshot {s['index']} is not linked to the chain")
+        snaps.append(s["index"])
+    return {**res, "group": group, "snapshots_verified": snaps, "key_ids": sorted(keys)}

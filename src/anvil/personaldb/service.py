@@ -203,7 +203,8 @@ def chain_problems(conn: Connection, group: str) -> list[str]:
             body = certs.verify_entry(json.loads(cert_text), keys, group=group, prev_hash=prev, index=idx,
                                       changeset=bytes(cs) if cs is not None else None)
         except (certs.CertificateInvalid, ValueError) as e:
-            problems.append(f"entry {idx}: {getattr(e, 'message', e)}")
+            msg = str(getattr(e, "message", e))
+            problems.append(msg if msg.startswith("entry ") else f"entry {idx}: {msg}")
             return problems
         if body["hash"] != h or prev_hash != prev or cs_sha != body["changeset_sha256"]:
             problems.append(f"entry {idx}: the stored hashes differ from the certificate")
