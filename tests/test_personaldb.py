@@ -434,3 +434,32 @@ def test_chain_verification_detects_tampering(client: AnvilClient, group: str, t
     with pytest.raises(certs.CertificateInvalid):  # a changeset that is not the certified one
         certs.verify_entry(chain[0], keys, group=group, prev_hash=g["genesis"], index=1, changeset=b"other")
     a.close()
+
+
+def test_witness_key_rotation_keeps_old_certificates_verifiable(server: AnvilServer, client: AnvilClient,
+                                                               group: str, tmp_path: Path) -> None:
+    a = replica(tmp_path, client, group, "a")
+    a.execute("INSERT INTO notes(id, owner, body) VALUES (1, 'a', 'before')")
+    a.sync()
+    before = {k["key_id"] for k in client.pdb_keys() if k["retired"] is None}
+    rotated = client.pdb_rotate_key()
+    assert rotated["key_id"] not in before
+    keys = client.pdb_keys()
+    assert {k["key_id"] for k in keys if k["retired"] is None} == {rotated["key_id"]}
+    assert before <= {k["key_id"] for k in keys if k["retired"] is not None}  # history is kept
+    a.execute("INSERT INTO notes(id, owner, body) VALUES (2, 'a', 'after')")
+    a.sync()  # the replica learns the new key when it meets it
+    res = certs.verify_group(client, group)
+    chain = [e["certificate"]["body"]["key_id"] for e in client.pdb_catch_up(
+        group, 0, client.pdb_get(group)["genesis"], certificates_only=True)["entries"]]
+    assert res["head_index"] == 2 and chain[0] in before and chain[1] == rotated["key_id"]
+    assert a.verify()["head_index"] == 2
+    # Not an admin: refused.
+    tenant = f"r{uuid.uuid4().hex[:8]}"
+    client.create_tenant(tenant)
+    app = client.create_app(tenant, "nokeys", scopes=["pdb:read|pdb:*"])
+    with AnvilClient(server.endpoint, client_id=app["client_id"], client_secret=app["client_secret"]) as c:
+        with pytest.raises(AnvilAPIError) as e:
+            c.pdb_rotate_key()
+        assert e.value.code == "PermissionDenied"
+    a.close()

@@ -223,8 +223,7 @@ class Replica:
                 stats["pulled"] += got["pulled"]
                 stats["snapshot"] = stats["snapshot"] or got["snapshot"]
                 continue
-            body = certs.verify_entry(entry["certificate"], self.keys(), group=self.group, prev_hash=h,
-                                      index=index + 1, changeset=cs)
+            body = self._verify(entry["certificate"], prev_hash=h, index=index + 1, changeset=cs)
             self.db.begin()
             try:
                 self.db.execute(f"DELETE FROM {PENDING} WHERE seq = ?", (seq,))
@@ -256,20 +255,24 @@ class Replica:
                 return out, page
             for e in page["entries"]:
                 cs = _b64(e["changeset"])
-                try:
-                    body = certs.verify_entry(e["certificate"], self.keys(), group=self.group, prev_hash=h,
-                                              index=index + 1, changeset=cs)
-                except certs.CertificateInvalid as err:
-                    if "unknown witness key" not in err.message:
-                        raise
-                    body = certs.verify_entry(e["certificate"], self.keys(refresh=True), group=self.group,
-                                              prev_hash=h, index=index + 1, changeset=cs)
+                body = self._verify(e["certificate"], prev_hash=h, index=index + 1, changeset=cs)
                 out.append({"index": body["index"], "hash": body["hash"], "kind": body["entry_kind"],
                             "schema_version": body["schema_version"], "changeset": cs,
                             "certificate": e["certificate"]})
                 index, h = body["index"], body["hash"]
             if not page["more"] or not page["entries"]:
                 return out, None
+
+    def _verify(self, cert: Any, *, prev_hash: str, index: int, changeset: bytes | None) -> dict[str, Any]:
+        """One certificate in its place; a key id not seen yet (a rotation) refetches the keys once."""
+        try:
+            return certs.verify_entry(cert, self.keys(), group=self.group, prev_hash=prev_hash, index=index,
+                                      changeset=changeset)
+        except certs.CertificateInvalid as err:
+            if "unknown witness key" not in err.message:
+                raise
+            return certs.verify_entry(cert, self.keys(refresh=True), group=self.group, prev_hash=prev_hash,
+                                      index=index, changeset=changeset)
 
     def _pull_and_rebase(self) -> dict[str, Any]:
         entries, required = self._fetch()
@@ -369,7 +372,7 @@ class Replica:
         first = json.loads(rows[0][1])["body"]
         prev, index = first["prev_hash"], rows[0][0] - 1
         for idx, text in rows:
-            body = certs.verify_entry(json.loads(text), self.keys(), group=self.group, prev_hash=prev, index=index + 1)
+            body = self._verify(json.loads(text), prev_hash=prev, index=index + 1, changeset=None)
             if idx != index + 1:
                 raise certs.CertificateInvalid(f"certificate {index + 1} is missing")
             prev, index = body["hash"], idx
