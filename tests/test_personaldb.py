@@ -463,3 +463,43 @@ def test_witness_key_rotation_keeps_old_certificates_verifiable(server: AnvilSer
             c.pdb_rotate_key()
         assert e.value.code == "PermissionDenied"
     a.close()
+
+
+def test_projection_write_back_policy(client: AnvilClient, group: str, tmp_path: Path) -> None:
+    import zstandard
+
+    a = replica(tmp_path, client, group, "a")
+    a.execute("INSERT INTO notes(id, owner, body) VALUES (1, 'bob', 'one'), (2, 'ann', 'two')")
+    a.sync()
+    spec = {"tables": [{"from": "notes", "to": "bobs", "columns": {"id": "id", "owner": "who", "body": "text"},
+                        "filter": {"equals": {"owner": "bob"}}}]}
+    ro, rw = gname("ro"), gname("rw")
+    client.pdb_create_projection(ro, group, {**spec, "write_back": "deny"})
+    client.pdb_create_projection(rw, group, {**spec, "write_back": {"columns": ["text"]}})
+
+    def projected_changeset(name: str, sql: str) -> bytes:
+        p = tmp_path / f"{name}-{uuid.uuid4().hex[:6]}.sqlite"
+        p.write_bytes(zstandard.ZstdDecompressor().decompress(client.pdb_projection_data(name, source_index=1)))
+        db = sf.Database(p)
+        try:
+            db.start_session()
+            db.script(sql)
+            return db.take_changeset()
+        finally:
+            db.close()
+
+    def refused(name: str, sql: str, code: str = "PermissionDenied") -> None:
+        with pytest.raises(AnvilAPIError) as e:
+            client.pdb_write_back(name, projected_changeset(name, sql))
+        assert e.value.code == code
+        assert client.pdb_get(group)["head_index"] == 1  # nothing changed
+
+    refused(ro, "UPDATE bobs SET text = 'x' WHERE id = 1")
+    refused(rw, "UPDATE bobs SET who = 'eve' WHERE id = 1")  # not a write-back column
+    refused(rw, "INSERT INTO bobs VALUES (9, 'bob', 'new')")
+    refused(rw, "DELETE FROM bobs WHERE id = 1")
+    entry = client.pdb_write_back(rw, projected_changeset(rw, "UPDATE bobs SET text = 'edited' WHERE id = 1"))
+    assert entry["index"] == 2
+    a.sync()
+    assert rows(a) == [(1, "bob", "edited", 0), (2, "ann", "two", 0)]
+    a.close()

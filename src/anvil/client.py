@@ -774,3 +774,8 @@ class AnvilClient:
         params = {"source_index": source_index} if source_index is not None else None
         return self._request("GET", "/anvil/v1/pdb/projections/" + urllib.parse.quote(name, safe="") + "/data",
                              params=params, timeout=None).content
+
+    def pdb_write_back(self, projection: str, changeset: bytes) -> dict[str, Any]:
+        """Send a changeset made on a copy of the projection back to its source group (if its policy allows)."""
+        return self._json("POST", "/anvil/v1/pdb/projections/" + urllib.parse.quote(projection, safe="") +
+                          "/writeback", content=changeset, headers={"content-type": "application/octet-stream"})

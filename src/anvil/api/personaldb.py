@@ -97,7 +97,7 @@ async def commit(request: Request, ctx: RequestContext) -> Response:
     fut = await blocking(service.submit_commit, ctx, group, data, base_index=base_index, base_hash=base_hash,
                          schema_version=version)
     entry = await committed(fut)
-    entry = {k: v for k, v in entry.items() if k != "snapshot_due"}
+    entry = {k: v for k, v in entry.items() if k not in ("snapshot_due", "projections")}
     return JSONResponse(entry, status_code=200 if entry.get("idempotent_replay") else 201)
 
 
@@ -187,6 +187,15 @@ async def projection_data(request: Request, ctx: RequestContext) -> Response:
     return Response(data, media_type="application/zstd")
 
 
+@endpoint
+async def projection_write_back(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    _check_recovery(request)
+    data = await read_capped(request, DEFAULT_MAX_CHANGESET, _too_large)
+    out = await blocking(_pdb(request).write_back, ctx, request.path_params["name"], data)
+    return JSONResponse({k: v for k, v in out.items() if k not in ("snapshot_due", "projections")}, status_code=201)
+
+
 G = P + "/groups/{group}"
 PERSONALDB_ROUTES = [
     Route(P + "/groups", create_group, methods=["POST"]),
@@ -203,5 +212,6 @@ PERSONALDB_ROUTES = [
     Route(P + "/projections", create_projection, methods=["POST"]),
     Route(P + "/projections/{name}", get_projection, methods=["GET"]),
     Route(P + "/projections/{name}/data", projection_data, methods=["GET"]),
+    Route(P + "/projections/{name}/writeback", projection_write_back, methods=["POST"]),
     Route("/anvil/v1/admin/pdb/keys/rotate", rotate_key, methods=["POST"]),
 ]

@@ -914,6 +914,79 @@ class PersonalDbService:
                 db.close()
             return zstandard.ZstdCompressor(level=3).compress((Path(d) / "p.sqlite").read_bytes())
 
+    def write_back(self, ctx: RequestContext, name: str, data: bytes) -> dict[str, Any]:
+        """A changeset made on a copy of the projection, sent back to the source group under the
+        projection's write-back policy: `deny`, or UPDATEs of the named projected columns of rows the
+        projection shows. It is translated into a source changeset (against the mirror at the head)
+        and committed like any other, with the caller's own row permissions."""
+        n, src, spec = self._projection_row(ctx.principal, name)
+        policy = spec.get("write_back", "deny")
+        if policy == "deny":
+            raise AnvilError("PermissionDenied", f"projection {n} denies write-back")
+        allowed = set(policy["columns"])
+        try:
+            changes = sf.parse_changeset(data)
+            columns = sf.changeset_columns(data)
+        except sf.ChangesetError as e:
+            raise AnvilError("PersonalDbInvalidChangeset", str(e)) from None
+        by_target = {t["to"]: t for t in spec["tables"]}
+        for table, count in columns.items():
+            if table not in by_target:
+                raise AnvilError("PersonalDbUnknownTable", f"table {table[:64]!r} is not in projection {n}")
+            if count != len(by_target[table]["columns"]):
+                raise AnvilError("PersonalDbInvalidChangeset", f"table {table!r} has "
+                                 f"{len(by_target[table]['columns'])} projected columns, the changeset {count}")
+        g = self.group(ctx.principal, src)
+        deadline = time.monotonic() + 10
+        while (self.projections.meta_of(self.projections.mirror_path(src)).get("source_index") != str(g["head_index"])
+               and time.monotonic() < deadline):
+            time.sleep(0.02)
+            g = self.group(ctx.principal, src)
+        if self.projections.meta_of(self.projections.mirror_path(src)).get("source_index") != str(g["head_index"]):
+            raise self._stale(g)
+        statements: list[tuple[str, list[Any]]] = []
+        for ch in changes:
+            t = by_target[ch.table]
+            pairs = t["columns"]
+            if ch.op != "UPDATE":
+                raise AnvilError("PermissionDenied", f"projection {n} allows only updates of "
+                                                     f"{', '.join(sorted(allowed))} (a {ch.op.lower()} was sent)")
+            names = [pairs[i][1] for i in ch.changed]
+            if not set(names) <= allowed or any(pairs[i][0] in t["pk"] for i in ch.changed):
+                raise AnvilError("PermissionDenied", f"projection {n} allows write-back of "
+                                                     f"{', '.join(sorted(allowed))} only")
+            assert ch.new is not None
+            sets = ", ".join(f'"{pairs[i][0]}" = ?' for i in ch.changed)
+            where = " AND ".join(f'"{p}" = ?' for p in t["pk"])
+            statements.append((f'UPDATE "{t["from"]}" SET {sets} WHERE {where}',
+                               [ch.new[i] for i in ch.changed] + list(ch.pk)))
+        with tempfile.TemporaryDirectory(prefix="anvil-pdb-", dir=self.storage.layout.tmp) as d:
+            mirror = sf.Database(self.projections.mirror_path(src))
+            try:
+                mirror.backup_to(Path(d) / "w.sqlite")
+            finally:
+                mirror.close()
+            work = sf.Database(Path(d) / "w.sqlite")
+            relation = pj.ScopeRelations(self.catalog.reader())
+            try:
+                cols = {t["from"]: work.tables()[t["from"]]["columns"] for t in spec["tables"]}
+                for ch in changes:
+                    t = by_target[ch.table]
+                    where = " AND ".join(f'"{p}" = ?' for p in t["pk"])
+                    row = work.execute(f'SELECT * FROM "{t["from"]}" WHERE {where}', list(ch.pk))
+                    if not row or not pj._passes(t, dict(zip(cols[t["from"]], row[0], strict=True)), relation):
+                        raise AnvilError("PermissionDenied", f"a row outside projection {n} cannot be written back")
+                work.start_session()
+                for sql, params in statements:
+                    work.execute(sql, params)
+                translated = work.take_changeset()
+            finally:
+                work.close()
+        if not translated:
+            raise AnvilError("InvalidArgument", "the write-back changes nothing")
+        return self.commit(ctx, src, translated, base_index=g["head_index"], base_hash=g["head_hash"],
+                           schema_version=g["schema_version"])
+
     def close(self) -> None:
         self._projector.shutdown(wait=True)
         self._builder.shutdown(wait=True)

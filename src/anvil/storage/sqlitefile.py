@@ -39,6 +39,8 @@ class RowChange:
     pk: tuple[Any, ...]  # primary-key values of the row (old values for UPDATE/DELETE)
     old: tuple[Any, ...] | None
     new: tuple[Any, ...] | None
+    # Column indexes an UPDATE sets (the session extension records only changed columns).
+    changed: tuple[int, ...] = ()
 
 
 def _value(v: Any) -> Any:
@@ -57,7 +59,8 @@ def parse_changeset(data: bytes) -> list[RowChange]:
             pks = sorted(ch.pk_columns)
             src = old if old is not None else new
             assert src is not None
-            out.append(RowChange(ch.name, ch.op, tuple(src[i] for i in pks), old, new))
+            changed = tuple(i for i, v in enumerate(ch.new) if v is not apsw.no_change) if ch.new is not None else ()
+            out.append(RowChange(ch.name, ch.op, tuple(src[i] for i in pks), old, new, changed))
     except apsw.Error as e:
         raise ChangesetError(f"not a valid SQLite changeset: {e}") from None
     return out
