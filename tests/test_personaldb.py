@@ -69,6 +69,8 @@ def test_create_list_show_and_bad_schema(client: AnvilClient) -> None:
     with pytest.raises(AnvilAPIError) as e:
         client.pdb_create(name, SCHEMA)
     assert e.value.code == "AlreadyExists"
+    paths = client._http.get("/anvil/v1/openapi.json").json()["paths"]
+    assert "post" in paths["/anvil/v1/pdb/groups/{group}/commits"] and "get" in paths["/anvil/v1/pdb/keys"]
     for bad in ("CREATE TABLE x(", "CREATE TABLE nopk(a TEXT)", "SELECT 1"):
         with pytest.raises(AnvilAPIError) as e:
             client.pdb_create(gname(), bad)

@@ -318,7 +318,10 @@ class PersonalDbService:
         self.catalog = storage.catalog
         self.catalog.migrate("personaldb", MIGRATIONS)
         self.keys = WitnessKeys(storage.layout.secrets)
-        self._publish_keys()
+        # Keys are recorded with the first group (no journal event for a store that never uses
+        # PersonalDB); later, only when the keyring changed (a rotation, a restore without escrow).
+        if self.catalog.reader().execute("SELECT count(*) FROM pdb_groups").fetchone()[0]:
+            self._publish_keys()
         self._tables: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
         self.default_snapshot_every = snapshot_every or int(
             os.environ.get("ANVIL_PDB_SNAPSHOT_EVERY", DEFAULT_SNAPSHOT_EVERY))
@@ -335,29 +338,30 @@ class PersonalDbService:
 
     # -- keys -----------------------------------------------------------------------------
 
-    def _publish_keys(self) -> None:
-        """Record the keyring's public keys in the catalog. A key recorded there but absent from the
-        keyring (e.g. a restore without escrowed secrets, which starts a new key) is marked retired:
-        its certificates keep verifying, nothing new is signed with it."""
-        now = time.time()
+    def _record_keys(self, txn: Txn) -> dict[str, Any] | None:
+        """Inside a mutation: record the keyring's public keys. A key recorded but absent from the
+        keyring (e.g. after a restore without escrowed secrets, which starts a new key) is marked
+        retired: its certificates keep verifying, nothing new is signed with it. What changed, or None."""
         mine = {k["key_id"]: k for k in self.keys.public()}
-        recorded = {r[0]: (r[1], r[2]) for r in self.catalog.reader().execute(
-            "SELECT key_id, public_key, retired FROM pdb_keys")}
+        recorded = {r[0]: (r[1], r[2]) for r in txn.conn.execute("SELECT key_id, public_key, retired FROM pdb_keys")}
         changes = [k for kid, k in mine.items() if kid not in recorded or recorded[kid][1] != k["retired"]]
         orphans = [kid for kid, (_, retired) in recorded.items() if kid not in mine and retired is None]
         if not changes and not orphans:
-            return
+            return None
+        for k in changes:
+            txn.conn.execute(
+                "INSERT INTO pdb_keys(key_id, public_key, created, retired) VALUES (?,?,?,?) "
+                "ON CONFLICT (key_id) DO UPDATE SET retired = excluded.retired",
+                (k["key_id"], k["public"], k["created"], k["retired"]))
+        for kid in orphans:
+            txn.conn.execute("UPDATE pdb_keys SET retired = ? WHERE key_id = ?", (txn.now, kid))
+        return {"published": [k["key_id"] for k in changes], "retired": orphans, "current": self.keys.current.key_id}
 
+    def _publish_keys(self) -> None:
         def fn(txn: Txn) -> None:
-            for k in changes:
-                txn.conn.execute(
-                    "INSERT INTO pdb_keys(key_id, public_key, created, retired) VALUES (?,?,?,?) "
-                    "ON CONFLICT (key_id) DO UPDATE SET retired = excluded.retired",
-                    (k["key_id"], k["public"], k["created"], k["retired"]))
-            for kid in orphans:
-                txn.conn.execute("UPDATE pdb_keys SET retired = ? WHERE key_id = ?", (now, kid))
-            txn.emit("system", "pdb.keys", "pdb/keys", {"published": [k["key_id"] for k in changes],
-                                                        "retired": orphans, "current": self.keys.current.key_id})
+            changed = self._record_keys(txn)
+            if changed is not None:
+                txn.emit("system", "pdb.keys", "pdb/keys", changed)
 
         self.catalog.mutate(fn, actor=SYSTEM_ACTOR, request_id="pdb-keys")
 
@@ -371,7 +375,7 @@ class PersonalDbService:
         if not ctx.principal.admin or not _may(ctx.principal, "admin:write", "system"):
             raise AnvilError("PermissionDenied", "not allowed")
         new = self.keys.rotate()
-        self._publish_keys()
+        self._publish_keys()  # (also before any group exists: the rotation itself is the event)
         return {"key_id": new.key_id, "keys": self.public_keys()}
 
     # -- groups ---------------------------------------------------------------------------
@@ -465,9 +469,11 @@ class PersonalDbService:
                 (name, p.tenant, txn.now, txn.actor, 1, genesis, 0, genesis, every, limit))
             txn.conn.execute("INSERT INTO pdb_schemas(grp, version, sql, sql_sha256, created) VALUES (?,?,?,?,?)",
                              (name, 1, schema, schema_sha, txn.now))
+            keys = self._record_keys(txn)  # the first group records the witness keys (in its own event)
             txn.emit(p.tenant, "pdb.group.create", f"pdb/{name}",
                      {"group": name, "tenant": p.tenant, "schema_sha256": schema_sha, "schema": schema,
-                      "genesis": genesis, "snapshot_every": every, "max_changeset": limit})
+                      "genesis": genesis, "snapshot_every": every, "max_changeset": limit,
+                      **({"keys": keys} if keys else {})})
             return {"name": name, "tenant": p.tenant, "schema_version": 1, "schema_sha256": schema_sha,
                     "genesis": genesis, "head_index": 0, "head_hash": genesis, "snapshot_every": every,
                     "max_changeset": limit, "tables": sorted(tables)}
