@@ -93,4 +93,4 @@ def test_source_participants_cannot_rebuild_and_coverage_lists_every_item() -> N
     assert [c["item"] for c in cov] == CHECKLIST_IDS
     covered = {c["item"] for c in cov if c["participants"]}
     assert covered == {"object-bodies", "object-journal", "bucket-metadata", "path-indexes", "secrets", "watch",
-                       "diagnostics", "authz", "artefacts"}
+                       "diagnostics", "authz", "artefacts", "personaldb"}

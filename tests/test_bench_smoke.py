@@ -92,3 +92,18 @@ def test_authz_bench_quick_prints_every_figure() -> None:
     # The star user sees exactly the documents of its subtree.
     assert doc["lookup_resources"]["found"] == doc["graph"]["star_documents"]
     assert set(doc["targets"]) == {"check_p99_ms", "checks_per_s", "lookup_resources_ms", "all_met"}
+
+
+def test_personaldb_bench_quick_prints_every_figure() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "personaldb.py"), "--quick"], env=env,
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    doc = json.loads(proc.stdout)
+    assert doc["repeat"] >= 3 and len(doc["load_avg_before"]) == 3
+    for section, figures in (("one_group", ("commits_per_s", "peer_put_per_s")),
+                             ("many_groups", ("commits_per_s", "peer_sequential_put_per_s")),
+                             ("catch_up", ("replica_bootstrap_seconds", "peer_fetch_only_seconds")),
+                             ("snapshot", ("build_seconds", "peer_local_copy_hash_compress_seconds"))):
+        for f in figures:
+            assert {"min", "median", "runs"} <= doc[section][f].keys() and len(doc[section][f]["runs"]) >= 3

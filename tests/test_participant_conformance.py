@@ -71,6 +71,7 @@ def _populate(root: Path) -> None:
         record(a.storage.catalog, make_finding("diagnostics", "warning", "conformance.seeded", "seeded", {}),
                actor=ctx.actor, request_id=ctx.request_id)
         _populate_artefacts(a, ctx)
+        _populate_personaldb(a, ctx, root)
     finally:
         a.close()
 
@@ -99,6 +100,31 @@ def _populate_artefacts(a: Anvil, ctx: RequestContext) -> None:
     a.artefacts.add_key(ctx, ctx.tenant, "conf-key", base64.b64encode(pub).decode())
     m = mf.build_manifest("model", "conf-model", comps)
     a.artefacts.push(ctx, "conf-art", m, [mf.sign(m, key, "conf-key")], "v1")
+
+
+def _populate_personaldb(a: Anvil, ctx: RequestContext, root: Path) -> None:
+    """A PersonalDB group with two certified commits (real session changesets) and a snapshot."""
+    from anvil.storage import sqlitefile
+
+    schema = "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"
+    g = a.personaldb.create_group(ctx, "conf-pdb", schema)
+    db = sqlitefile.Database(root.parent / "conf-pdb-replica.sqlite")
+    try:
+        db.script(schema)
+        head = (0, g["genesis"])
+        for i in range(2):
+            db.start_session()
+            db.execute("INSERT INTO notes(id, body) VALUES (?, ?)", (i, f"note {i}"))
+            e = a.personaldb.commit(ctx, "conf-pdb", db.take_changeset(), base_index=head[0], base_hash=head[1])
+            db.stop_session()
+            head = (e["index"], e["hash"])
+    finally:
+        db.close()
+    a.personaldb.build_snapshot("conf-pdb")
+    reader = a.identity.create_app(ctx, "acme", "pdb-reader", ["pdb:read|pdb:conf-pdb/notes/1"])
+    a.personaldb.create_projection(ctx, "conf-proj", "conf-pdb", {"tables": [
+        {"from": "notes", "to": "readable", "filter": {"relation": {
+            "subject": reader["client_id"], "permission": "pdb:read", "resource": "pdb:conf-pdb/notes/{id}"}}}]})
 
 
 @pytest.fixture(scope="module")

@@ -1149,3 +1149,79 @@ class AnvilClient:
             if h.hexdigest() != want[path]:
                 raise ValueError(f"{path} does not match its SHA-256")
         return len(got)
+    # ------------------------------------------------------------ personaldb (docs/personaldb.md)
+    # The replica over a local SQLite file is anvil.personaldb.Replica(path, client, group).
+
+    @staticmethod
+    def _g(group: str) -> str:
+        return "/anvil/v1/pdb/groups/" + urllib.parse.quote(group, safe="")
+
+    def pdb_create(self, name: str, schema: str, *, snapshot_every: int | None = None,
+                   max_changeset: int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "schema": schema}
+        if snapshot_every is not None:
+            body["snapshot_every"] = snapshot_every
+        if max_changeset is not None:
+            body["max_changeset"] = max_changeset
+        return self._json("POST", "/anvil/v1/pdb/groups", json=body)
+
+    def pdb_list(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/anvil/v1/pdb/groups")["groups"]
+
+    def pdb_get(self, group: str) -> dict[str, Any]:
+        return self._json("GET", self._g(group))
+
+    def pdb_migrate(self, group: str, sql: str) -> dict[str, Any]:
+        return self._json("POST", self._g(group) + "/migrations", json={"sql": sql})
+
+    def pdb_commit(self, group: str, changeset: bytes, *, base_index: int, base_hash: str,
+                   schema_version: int | None = None, idempotency_key: str | None = None) -> dict[str, Any]:
+        """Submit one changeset against (base_index, base_hash); PersonalDbStaleBase if that is not the head."""
+        headers = {"content-type": "application/octet-stream", "x-anvil-pdb-base-index": str(base_index),
+                   "x-anvil-pdb-base-hash": base_hash, **self._idem(idempotency_key)}
+        if schema_version is not None:
+            headers["x-anvil-pdb-schema-version"] = str(schema_version)
+        return self._json("POST", self._g(group) + "/commits", content=changeset, headers=headers)
+
+    def pdb_catch_up(self, group: str, after_index: int, after_hash: str, *, limit: int = 1000,
+                     certificates_only: bool = False) -> dict[str, Any]:
+        """The entries after (index, hash) with their certificates, or status `snapshot_required`."""
+        params: dict[str, Any] = {"after_index": after_index, "after_hash": after_hash, "limit": limit}
+        if certificates_only:
+            params["certificates_only"] = "true"
+        return self._json("GET", self._g(group) + "/log", params=params)
+
+    def pdb_snapshots(self, group: str) -> list[dict[str, Any]]:
+        return self._json("GET", self._g(group) + "/snapshots")["snapshots"]
+
+    def pdb_build_snapshot(self, group: str) -> dict[str, Any]:
+        return self._json("POST", self._g(group) + "/snapshots", timeout=None)
+
+    def pdb_snapshot_data(self, group: str, index: int) -> bytes:
+        return self._request("GET", self._g(group) + f"/snapshots/{int(index)}/data", timeout=None).content
+
+    def pdb_compact(self, group: str) -> dict[str, Any]:
+        return self._json("POST", self._g(group) + "/compact")
+
+    def pdb_keys(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/anvil/v1/pdb/keys")["keys"]
+
+    def pdb_rotate_key(self) -> dict[str, Any]:
+        return self._json("POST", "/anvil/v1/admin/pdb/keys/rotate", json={})
+
+    def pdb_create_projection(self, name: str, source: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return self._json("POST", "/anvil/v1/pdb/projections", json={"name": name, "source": source, "spec": spec})
+
+    def pdb_projection(self, name: str) -> dict[str, Any]:
+        return self._json("GET", "/anvil/v1/pdb/projections/" + urllib.parse.quote(name, safe=""))
+
+    def pdb_projection_data(self, name: str, *, source_index: int | None = None) -> bytes:
+        """The projection's SQLite file, zstd-compressed (once it reflects `source_index`, if given)."""
+        params = {"source_index": source_index} if source_index is not None else None
+        return self._request("GET", "/anvil/v1/pdb/projections/" + urllib.parse.quote(name, safe="") + "/data",
+                             params=params, timeout=None).content
+
+    def pdb_write_back(self, projection: str, changeset: bytes) -> dict[str, Any]:
+        """Send a changeset made on a copy of the projection back to its source group (if its policy allows)."""
+        return self._json("POST", "/anvil/v1/pdb/projections/" + urllib.parse.quote(projection, safe="") +
+                          "/writeback", content=changeset, headers={"content-type": "application/octet-stream"})

@@ -41,6 +41,13 @@ HTTP_STATUS: dict[str, int] = {
     "MaxDepthExceeded": 422,
     # artefacts: a manifest signature that is missing where required, or does not verify.
     "SignatureInvalid": 403,
+    # PersonalDB (docs/personaldb.md)
+    "PersonalDbStaleBase": 409,
+    "PersonalDbSchemaMismatch": 409,
+    "PersonalDbInvalidChangeset": 400,
+    "PersonalDbUnknownTable": 400,
+    "PersonalDbInvalidSchema": 400,
+    "PersonalDbCertificateInvalid": 422,
 }
 
 

@@ -24,6 +24,9 @@ from anvil.identity.settings import load_jwt_secret, load_keyring
 from anvil.objects import ObjectService
 from anvil.objects.lifecycle import LifecycleWorker
 from anvil.objects.participant import ObjectsParticipant
+from anvil.personaldb import PersonalDbService
+from anvil.personaldb.participant import PersonalDbParticipant, ProjectionsParticipant
+from anvil.personaldb.service import EVENT_KINDS
 from anvil.storage import Storage
 from anvil.storage.layout import FORMAT_FILE
 from anvil.storage.participant import (
@@ -51,7 +54,8 @@ def recovery_participants() -> list[Participant]:
     conformance suite."""
     return [StorageParticipant(), JournalParticipant(), ObjectsParticipant(), BlobsParticipant(),
             BlobDigestsParticipant(), IdentityParticipant(), WatchParticipant(), DiagnosticsParticipant(),
-            AuthzParticipant(), ArtefactsParticipant(), ArtefactTensorsParticipant()]
+            AuthzParticipant(), ArtefactsParticipant(), ArtefactTensorsParticipant(), PersonalDbParticipant(),
+            ProjectionsParticipant()]
 
 
 # Who records findings of failed read verifications (the journal's actor for them).
@@ -87,6 +91,8 @@ class Anvil:
             self.watch = WatchService(self.storage, bucket_exists=lambda b: self.objects.find_bucket(b) is not None)
             self.artefacts = ArtefactService(self.storage, self.objects.find_bucket)
             self.diagnostics = Diagnostics(self.storage, self.objects, recovery_participants())
+            self.personaldb = PersonalDbService(self.storage)
+            register_kinds("pdb", EVENT_KINDS)
             self.objects.on_corruption(self._record_corruption)
             self.storage.catalog.start()
             self.identity.bootstrap(endpoint)
@@ -164,6 +170,8 @@ class Anvil:
     def close(self) -> None:
         self.lifecycle.stop()
         self.watch.close()
+        if hasattr(self, "personaldb"):
+            self.personaldb.close()
         self.storage.close()
 
 

@@ -22,6 +22,7 @@ from anvil.api.identity import IDENTITY_ROUTES
 from anvil.api.lifecycle_routes import LIFECYCLE_ROUTES
 from anvil.api.limits import SCOPE_KEY, CountingReceive
 from anvil.api.native import OBJECT_PATH, ROUTES
+from anvil.api.personaldb import PERSONALDB_ROUTES
 from anvil.api.s3 import S3Gateway
 from anvil.api.watch import WATCH_ROUTES
 from anvil.context import new_request_id
@@ -147,6 +148,7 @@ class AnvilApp(Starlette):
 def create_app(anvil: Anvil, *, recovery_mode: bool = False, dev_auth: bool = False) -> Starlette:
     routes = [*ROUTES, *IDENTITY_ROUTES, *WATCH_ROUTES, *ADMIN_ROUTES, *BACKUP_ROUTES, *AUTHZ_ROUTES, *LIFECYCLE_ROUTES,
               *ARTEFACT_ROUTES,
+              *PERSONALDB_ROUTES,
               Route("/{path:path}", _fallback, methods=ALL_METHODS)]
     app = AnvilApp(routes=routes, exception_handlers={HTTPException: _http_exception})
     app.state.anvil = anvil

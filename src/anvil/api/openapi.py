@@ -208,11 +208,47 @@ OPERATIONS += [
      "Hugging Face Hub-compatible file download (X-Repo-Commit, ETag, Range)", [], False, False),
 ]
 
+# PersonalDB (docs/personaldb.md).
+_PG = "/anvil/v1/pdb/groups/{group}"
+_PDB_COMMIT = [_h("x-anvil-pdb-base-index"), _h("x-anvil-pdb-base-hash"), _h("x-anvil-pdb-schema-version"), IDEM]
+OPERATIONS += [
+    ("post", "/anvil/v1/pdb/groups", "pdbCreateGroup", "Create a group {name, schema, snapshot_every?, max_changeset?}",
+     [], True, False),
+    ("get", "/anvil/v1/pdb/groups", "pdbListGroups", "List groups", [], False, False),
+    ("get", _PG, "pdbGetGroup", "A group: head, genesis, schemas, tables, snapshots", [], False, False),
+    ("post", _PG + "/migrations", "pdbMigrate", "A new schema version {sql}, as a certified log entry", [], True,
+     False),
+    ("post", _PG + "/commits", "pdbCommit",
+     "Submit a session changeset (raw body) against its base; PersonalDbStaleBase states the head", _PDB_COMMIT,
+     False, True),
+    ("get", _PG + "/log", "pdbCatchUp", "Entries after (index, hash) with certificates, or snapshot_required",
+     [_q("after_index", "integer"), _q("after_hash"), _q("limit", "integer"), _q("certificates_only", "boolean")],
+     False, False),
+    ("get", _PG + "/snapshots", "pdbListSnapshots", "Snapshots with their certificates", [], False, False),
+    ("post", _PG + "/snapshots", "pdbBuildSnapshot", "Build a snapshot of the head now", [], False, False),
+    ("get", _PG + "/snapshots/{index}/data", "pdbSnapshotData", "A snapshot's zstd-compressed SQLite file", [],
+     False, False),
+    ("post", _PG + "/compact", "pdbCompact", "Drop changesets covered by the latest snapshot", [], False, False),
+    ("get", "/anvil/v1/pdb/keys", "pdbKeys", "The witness's Ed25519 public keys with rotation history", [], False,
+     False),
+    ("post", "/anvil/v1/admin/pdb/keys/rotate", "pdbRotateKey", "Rotate the witness key (admin)", [], True, False),
+    ("post", "/anvil/v1/pdb/projections", "pdbCreateProjection", "Create a projection {name, source, spec}", [],
+     True, False),
+    ("get", "/anvil/v1/pdb/projections/{name}", "pdbGetProjection", "A projection: spec, source index, state hash",
+     [], False, False),
+    ("get", "/anvil/v1/pdb/projections/{name}/data", "pdbProjectionData",
+     "The projection's zstd-compressed SQLite file", [_q("source_index", "integer")], False, False),
+    ("post", "/anvil/v1/pdb/projections/{name}/writeback", "pdbWriteBack",
+     "Send a projection-side changeset back to the source, under the write-back policy", [], False, True),
+]
+
 # Operations that need no bearer token (anonymous reads of public buckets are decided per bucket).
-PUBLIC = frozenset({"live", "ready", "token"})
+PUBLIC = frozenset({"live", "ready", "token", "pdbKeys"})
 # Operations whose success status is not 200.
 SUCCESS = {"createBucket": "201", "createUpload": "201", "createTenant": "201", "createApp": "201",
-           "createConsumer": "201", "createBackup": "201"}
+           "createConsumer": "201", "createBackup": "201",
+           "pdbCreateGroup": "201", "pdbMigrate": "201", "pdbCommit": "201", "pdbBuildSnapshot": "201",
+           "pdbCreateProjection": "201", "pdbWriteBack": "201"}
 
 ERROR = {
     "type": "object",

@@ -253,6 +253,10 @@ cli.add_command(watch)
 from anvil.cli.authz import authz  # noqa: E402
 
 cli.add_command(authz)
+
+from anvil.cli.personaldb import pdb  # noqa: E402
+
+cli.add_command(pdb)
 register_diagnostics(cli)
 from anvil.cli.backup import register as _register_backup  # noqa: E402 - after the groups above
 

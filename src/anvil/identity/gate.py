@@ -84,7 +84,9 @@ def authorize(principal: Principal, action: str, resource: str) -> None:
     elif resource.startswith("tenant:") and not principal.admin:
         if resource[len("tenant:"):] != principal.tenant:
             raise _denied("PermissionDenied", "not allowed")
-    elif not resource.startswith(("bucket:", "tenant:")) and not principal.admin:
+    # `pdb:GROUP...` (PersonalDB): the group's tenant is checked by its owner (the personaldb service,
+    # the watch filter) before it asks; here only the scopes decide.
+    elif not resource.startswith(("bucket:", "tenant:", "pdb:")) and not principal.admin:
         raise _denied("PermissionDenied", "not allowed")
     if any(allows(s, action, resource) for s in principal.scopes):
         return

@@ -25,12 +25,15 @@ ACTIONS = frozenset({
     "authz:read", "authz:write",
     # artefacts (docs/artefacts.md), on bucket:BUCKET/NAME
     "artefact:push", "artefact:pull", "artefact:tag", "artefact:verify",
+    # PersonalDB: create groups (on tenant:T), read/administer one (pdb:GROUP), and per-row writes
+    # (pdb:GROUP/TABLE/PK), see docs/personaldb.md.
+    "pdb:create", "pdb:read", "pdb:admin", "pdb:insert", "pdb:update", "pdb:delete",
 })
 
 MAX_SCOPE_LENGTH = 512
 MAX_SCOPES = 100
 _ACTION_RE = re.compile(r"^[a-z*]+:[a-z*]+$|^\*$")
-_RESOURCE_RE = re.compile(r"^(\*|system|(bucket|tenant):[^\s|?\[\]]+)$")
+_RESOURCE_RE = re.compile(r"^(\*|system|(bucket|tenant|pdb):[^\s|?\[\]]+)$")
 
 
 def invalid_scope(message: str) -> AnvilError:
@@ -50,8 +53,8 @@ def parse(scope: str) -> tuple[str, str]:
     if not _ACTION_RE.match(action) or not any(fnmatchcase(a, action) for a in ACTIONS):
         raise invalid_scope(f"scope {scope!r}: unknown action {action!r}")
     if not _RESOURCE_RE.match(resource):
-        raise invalid_scope(f"scope {scope!r}: resource must be bucket:NAME[/KEY], tenant:NAME or system "
-                            "(only * is a wildcard)")
+        raise invalid_scope(f"scope {scope!r}: resource must be bucket:NAME[/KEY], tenant:NAME, "
+                            "pdb:GROUP[/TABLE/PK] or system (only * is a wildcard)")
     return action, resource
 
 

@@ -211,6 +211,11 @@ def project(ev: Event) -> WatchEvent:
         for name in ("consumer", "cursor", "through_seq", "deleted"):
             if name in p:
                 data[name] = p[name]
+    elif ev.kind.startswith("pdb."):  # PersonalDB (docs/personaldb.md): never the schema or SQL bodies
+        for name in ("group", "index", "hash", "prev_hash", "changeset_sha256", "tables", "rows", "schema_version",
+                     "projection", "source_index", "source_hash", "state_hash", "through"):
+            if name in p:
+                data[name] = p[name]
     encoded = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
     frame = f"id: {ev.seq}\ndata: {encoded}\n\n".encode()
     we = WatchEvent(ev.seq, ev.tenant, ev.kind, bucket, key, data, frame)
@@ -243,6 +248,8 @@ def required_permission(ev: WatchEvent) -> tuple[str, str]:
         return "admin:read", f"tenant:{ev.tenant}"
     if fam == "authz":
         return "authz:read", f"tenant:{ev.tenant}"
+    if fam == "pdb" and isinstance(ev.data.get("group"), str):
+        return "pdb:read", f"pdb:{ev.data['group']}"
     return "admin:read", "system"
 
 

@@ -1,0 +1,217 @@
+"""PersonalDB routes (translation only; the service decides). See docs/personaldb.md.
+
+A commit's body is the raw changeset (`application/octet-stream`, up to the group's limit,
+16 MiB by default), with its base in headers: `x-anvil-pdb-base-index`, `x-anvil-pdb-base-hash`
+and optionally `x-anvil-pdb-schema-version`; `Idempotency-Key` makes a retry return the same commit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from anvil.api.common import blocking, committed, endpoint, json_body, query_int, require_identity
+from anvil.api.limits import read_capped
+from anvil.context import RequestContext
+from anvil.errors import AnvilError
+from anvil.personaldb.service import DEFAULT_MAX_CHANGESET
+from anvil.runtime import Anvil
+
+P = "/anvil/v1/pdb"
+
+
+def _pdb(request: Request) -> Any:
+    anvil: Anvil = request.app.state.anvil
+    return anvil.personaldb
+
+
+def _check_recovery(request: Request) -> None:
+    if getattr(request.app.state, "recovery_mode", False):
+        raise AnvilError("RecoveryMode", "the server is in recovery mode: public writes are refused")
+
+
+def _int_header(request: Request, name: str, *, required: bool = True) -> int | None:
+    raw = request.headers.get(name)
+    if raw is None:
+        if required:
+            raise AnvilError("InvalidArgument", f"the {name} header is required")
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise AnvilError("InvalidArgument", f"{name} must be an integer") from None
+
+
+@endpoint
+async def create_group(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    _check_recovery(request)
+    body = await json_body(request)
+    unknown = sorted(set(body) - {"name", "schema", "snapshot_every", "max_changeset"})
+    if unknown:
+        raise AnvilError("InvalidArgument", f"unknown group field {unknown[0][:64]!r}")
+    out = await blocking(_pdb(request).create_group, ctx, body.get("name"), body.get("schema"),
+                         snapshot_every=body.get("snapshot_every"), max_changeset=body.get("max_changeset"))
+    return JSONResponse(out, status_code=201)
+
+
+@endpoint
+async def list_groups(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    return JSONResponse({"groups": await blocking(_pdb(request).list_groups, ctx.principal)})
+
+
+@endpoint
+async def get_group(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    return JSONResponse(await blocking(_pdb(request).describe_group, ctx.principal, request.path_params["group"]))
+
+
+@endpoint
+async def migrate(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    _check_recovery(request)
+    body = await json_body(request)
+    return JSONResponse(await blocking(_pdb(request).migrate, ctx, request.path_params["group"], body.get("sql")),
+                        status_code=201)
+
+
+def _too_large() -> AnvilError:
+    return AnvilError("EntityTooLarge", f"the changeset is larger than {DEFAULT_MAX_CHANGESET} bytes",
+                      headers={"connection": "close"})
+
+
+@endpoint
+async def commit(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    _check_recovery(request)
+    group = request.path_params["group"]
+    base_index = _int_header(request, "x-anvil-pdb-base-index")
+    base_hash = request.headers.get("x-anvil-pdb-base-hash")
+    version = _int_header(request, "x-anvil-pdb-schema-version", required=False)
+    data = await read_capped(request, DEFAULT_MAX_CHANGESET, _too_large)
+    service = _pdb(request)
+    fut = await blocking(service.submit_commit, ctx, group, data, base_index=base_index, base_hash=base_hash,
+                         schema_version=version)
+    entry = await committed(fut)
+    entry = {k: v for k, v in entry.items() if k not in ("snapshot_due", "projections")}
+    return JSONResponse(entry, status_code=200 if entry.get("idempotent_replay") else 201)
+
+
+@endpoint
+async def log(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    q = request.query_params
+    only = q.get("certificates_only", "false").lower() in ("1", "true", "yes")
+    out = await blocking(_pdb(request).catch_up, ctx.principal, request.path_params["group"],
+                         query_int(request, "after_index", 0), q.get("after_hash", ""),
+                         limit=query_int(request, "limit", 1000), certificates_only=only)
+    return JSONResponse(out)
+
+
+@endpoint
+async def list_snapshots(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    return JSONResponse({"snapshots": await blocking(_pdb(request).list_snapshots, ctx.principal,
+                                                      request.path_params["group"])})
+
+
+@endpoint
+async def build_snapshot(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    _check_recovery(request)
+    return JSONResponse(await blocking(_pdb(request).request_snapshot, ctx, request.path_params["group"]),
+                        status_code=201)
+
+
+@endpoint
+async def snapshot_data(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    try:
+        index = int(request.path_params["index"])
+    except ValueError:
+        raise AnvilError("InvalidArgument", "the snapshot index must be an integer") from None
+    data = await blocking(_pdb(request).snapshot_data, ctx.principal, request.path_params["group"], index)
+    return Response(data, media_type="application/zstd")
+
+
+@endpoint
+async def compact(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    _check_recovery(request)
+    return JSONResponse(await blocking(_pdb(request).compact, ctx, request.path_params["group"]))
+
+
+@endpoint
+async def keys(request: Request, ctx: RequestContext) -> Response:
+    # Public keys are public: a device verifies certificates with them, even before it logs in.
+    return JSONResponse({"keys": _pdb(request).public_keys()})
+
+
+@endpoint
+async def rotate_key(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    _check_recovery(request)
+    await json_body(request, required=False)
+    return JSONResponse(await blocking(_pdb(request).rotate_key, ctx))
+
+
+@endpoint
+async def create_projection(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    _check_recovery(request)
+    body = await json_body(request)
+    unknown = sorted(set(body) - {"name", "source", "spec"})
+    if unknown:
+        raise AnvilError("InvalidArgument", f"unknown projection field {unknown[0][:64]!r}")
+    out = await blocking(_pdb(request).create_projection, ctx, body.get("name"), body.get("source"),
+                         body.get("spec"))
+    return JSONResponse(out, status_code=201)
+
+
+@endpoint
+async def get_projection(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    return JSONResponse(await blocking(_pdb(request).describe_projection, ctx.principal, request.path_params["name"]))
+
+
+@endpoint
+async def projection_data(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    raw = request.query_params.get("source_index")
+    wait = query_int(request, "source_index", 0) if raw else None
+    data = await blocking(_pdb(request).projection_data, ctx.principal, request.path_params["name"], wait_for=wait)
+    return Response(data, media_type="application/zstd")
+
+
+@endpoint
+async def projection_write_back(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    _check_recovery(request)
+    data = await read_capped(request, DEFAULT_MAX_CHANGESET, _too_large)
+    out = await blocking(_pdb(request).write_back, ctx, request.path_params["name"], data)
+    return JSONResponse({k: v for k, v in out.items() if k not in ("snapshot_due", "projections")}, status_code=201)
+
+
+G = P + "/groups/{group}"
+PERSONALDB_ROUTES = [
+    Route(P + "/groups", create_group, methods=["POST"]),
+    Route(P + "/groups", list_groups, methods=["GET"]),
+    Route(G, get_group, methods=["GET"]),
+    Route(G + "/migrations", migrate, methods=["POST"]),
+    Route(G + "/commits", commit, methods=["POST"]),
+    Route(G + "/log", log, methods=["GET"]),
+    Route(G + "/snapshots", list_snapshots, methods=["GET"]),
+    Route(G + "/snapshots", build_snapshot, methods=["POST"]),
+    Route(G + "/snapshots/{index}/data", snapshot_data, methods=["GET"]),
+    Route(G + "/compact", compact, methods=["POST"]),
+    Route(P + "/keys", keys, methods=["GET"]),
+    Route(P + "/projections", create_projection, methods=["POST"]),
+    Route(P + "/projections/{name}", get_projection, methods=["GET"]),
+    Route(P + "/projections/{name}/data", projection_data, methods=["GET"]),
+    Route(P + "/projections/{name}/writeback", projection_write_back, methods=["POST"]),
+    Route("/anvil/v1/admin/pdb/keys/rotate", rotate_key, methods=["POST"]),
+]

@@ -1,0 +1,19 @@
+"""PersonalDB: a witness for local-first SQLite (changesets, signed commit certificates, catch-up,
+snapshots). The server side is `PersonalDbService`; the SDK side is `Replica` (anvil.personaldb.replica)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from anvil.personaldb.service import PersonalDbService
+
+__all__ = ["PersonalDbService", "Replica"]
+
+
+def __getattr__(name: str) -> Any:
+    # The replica is SDK-side: imported on demand so the server never loads it.
+    if name == "Replica":
+        from anvil.personaldb.replica import Replica
+
+        return Replica
+    raise AttributeError(name)
