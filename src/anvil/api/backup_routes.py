@@ -20,7 +20,7 @@ _backup_lock = threading.Lock()
 
 def run_backup(app: Any, repo_url: str, *, passphrase: str | None = None, key_file: str | None = None,
                s3_endpoint: str | None = None, tag: str | None = None, mode: str = "online",
-               escrow_secrets: bool = False) -> dict[str, Any]:
+               escrow_secrets: bool | None = None) -> dict[str, Any]:
     """One backup of the running server; remembers the outcome for /anvil/health/ready."""
     from anvil.backup import engine, ops
     from anvil.backup.errors import BackupError
@@ -63,8 +63,9 @@ async def create_backup(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:write", "system")
     body = await json_body(request)
     repo = _str(body, "repo", required=True)
-    escrow = body.get("escrow_secrets", False)
-    if not isinstance(escrow, bool):
+    # Absent: the default policy (development-mode keys are escrowed, production ones are not).
+    escrow = body.get("escrow_secrets")
+    if escrow is not None and not isinstance(escrow, bool):
         raise AnvilError("InvalidArgument", "'escrow_secrets' must be true or false")
     result = await blocking(run_backup, request.app, repo, passphrase=_str(body, "passphrase"),
                             s3_endpoint=_str(body, "s3_endpoint"), tag=_str(body, "tag"), escrow_secrets=escrow)

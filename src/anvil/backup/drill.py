@@ -110,6 +110,14 @@ def run_drill(repo: Repository, snapshot: str | None, participants: list[Partici
             findings = [Finding("drill", "error", name, f"{type(e).__name__}: {e}")]
         checks.append(_check(name, findings, t0))
         say(f"{'ok  ' if checks[-1]['ok'] else 'FAIL'} {name}")
+        # A failure says why right here, not only in the report: each distinct problem once.
+        seen: set[str] = set()
+        errors = [f for f in findings if f.severity == "error"]
+        for f in errors:
+            if f.message not in seen and len(seen) < 5:
+                seen.add(f.message)
+                same = sum(1 for g in errors if g.message == f.message)
+                say(f"     {f.participant}: {f.subject}{f' (and {same - 1} more)' if same > 1 else ''}: {f.message}")
         return checks[-1]["ok"]
 
     try:

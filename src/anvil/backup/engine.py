@@ -22,7 +22,15 @@ from anvil.backup.repository import Repository, env_seconds
 from anvil.storage import journal, records
 from anvil.storage.blobs import BlobStore
 from anvil.storage.layout import FORMAT_FILE
-from anvil.storage.recovery import NOT_PRESENT, FileOwner, KeyHolder, Participant, RecoveryContext, coverage
+from anvil.storage.recovery import (
+    NOT_PRESENT,
+    DefaultEscrow,
+    FileOwner,
+    KeyHolder,
+    Participant,
+    RecoveryContext,
+    coverage,
+)
 
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, what)
 # Threads that cut, hash, compress and encrypt files; hashing, zstd and AES-GCM release the GIL.
@@ -138,7 +146,7 @@ def latest_for(repo: Repository, deployment_id: str) -> dict[str, Any] | None:
 def create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
                     participants: list[Participant], repo: Repository, *, progress: Progress | None = None,
                     tag: str | None = None, config: dict[str, Any] | None = None,
-                    escrow_secrets: bool = False) -> dict[str, Any]:
+                    escrow_secrets: bool | None = None) -> dict[str, Any]:
     """Checkpoint, then store FORMAT, catalog.db and every referenced blob; returns the manifest."""
     with repo.lock("shared", "create"):
         return _create_snapshot(storage_root, catalog_path, blobs, tmp_dir, deployment_id, participants, repo,
@@ -148,7 +156,7 @@ def create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tm
 def _create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
                      participants: list[Participant], repo: Repository, *, progress: Progress | None = None,
                      tag: str | None = None, config: dict[str, Any] | None = None,
-                     escrow_secrets: bool = False) -> dict[str, Any]:
+                     escrow_secrets: bool | None = None) -> dict[str, Any]:
     started = time.time()
     # Another create may be filling packs no index mentions yet: then leave every pack alone.
     if any(lock.get("operation") not in ("verify", "forget") for lock in repo.live_locks):
@@ -170,7 +178,7 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp
                    parent: dict[str, Any] | None, started: float, orphans: dict[str, Any], *,
                    progress: Progress | None = None,
                    tag: str | None = None, config: dict[str, Any] | None = None,
-                   escrow_secrets: bool = False) -> dict[str, Any]:
+                   escrow_secrets: bool | None = None) -> dict[str, Any]:
     parent_blobs: dict[str, dict[str, Any]] = parent["tree"]["blobs"] if parent else {}
     known = writer.known
     problems: list[str] = []
@@ -178,6 +186,13 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp
         conn = records.open_readonly(cp)
         try:
             ctx = RecoveryContext(storage_root, conn, blobs, participants, escrow_secrets=escrow_secrets)
+            if escrow_secrets is None:
+                reasons = [r for p in participants if isinstance(p, DefaultEscrow) and (r := p.default_escrow(ctx))]
+                escrow_secrets = ctx.escrow_secrets = bool(reasons)
+                escrow_policy = "default: " + ("; ".join(reasons) if reasons else "no key material to escrow "
+                                               "(keys come from the environment or production mode)")
+            else:
+                escrow_policy = "explicit: --escrow-secrets" if escrow_secrets else "explicit: --no-escrow-secrets"
             for p in participants:
                 p.checkpoint(ctx)
             secret_key_ids = sorted({k for p in participants if isinstance(p, KeyHolder) for k in p.key_ids(ctx)})
@@ -269,7 +284,7 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp
         "hostname": platform.node(),
         "consistency": {"method": CONSISTENCY_METHOD, "journal_seq": seq, "journal_hash": chain_hash},
         "key_ids": {"repository_key": repo.key_id, "secret_keys": secret_key_ids,
-                    "secrets_escrowed": escrow_secrets},
+                    "secrets_escrowed": escrow_secrets, "escrow_policy": escrow_policy},
         "config": config or {},
         "participants": parts,
         "coverage": coverage(p.describe() for p in participants),
@@ -296,7 +311,9 @@ def snapshot_row(m: dict[str, Any]) -> dict[str, Any]:
     return {"id": m["id"], "time": m["started"], "parent": m["parent"], "tag": m.get("tag"),
             "deployment_id": m["deployment_id"], "journal_seq": m["consistency"]["journal_seq"],
             "logical_bytes": m["stats"]["logical_bytes"], "new_bytes": m["stats"]["new_bytes"],
-            "problems": len(m.get("problems", []))}
+            "problems": len(m.get("problems", [])),
+            "secrets_escrowed": bool(m.get("key_ids", {}).get("secrets_escrowed")),
+            "escrow_policy": m.get("key_ids", {}).get("escrow_policy", "explicit")}
 
 
 def inspect_rows(m: dict[str, Any]) -> list[dict[str, Any]]:

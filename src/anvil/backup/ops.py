@@ -22,7 +22,7 @@ def open_repo(url: str, *, passphrase: str | None = None, key_file: str | None =
 
 def backup_storage(storage: Storage, participants: list[Participant], repo: Repository, *,
                    progress: engine.Progress | None = None, tag: str | None = None, run_mode: str = "offline",
-                   escrow_secrets: bool = False) -> dict[str, Any]:
+                   escrow_secrets: bool | None = None) -> dict[str, Any]:
     """A snapshot of one opened deployment (the running server's, or one opened offline)."""
     root = storage.root
     url = repo.backend.url

@@ -192,14 +192,15 @@ def backup_init(repo: str, s3_endpoint: str | None, key_file: str | None, as_jso
 @click.option("--storage-path", default=None, help="Back up a stopped STORAGE_PATH directly (offline).")
 @click.option("--endpoint", default=None, help="Back up the running server at this URL (online, consistent).")
 @click.option("--tag", default=None, help="A label stored in the snapshot.")
-@click.option("--escrow-secrets", is_flag=True,
-              help="Also store STORAGE_PATH/secrets/ key material (encrypted) so a restore can decrypt "
-                   "application secrets; key ids are always recorded. See docs/backup.md.")
+@click.option("--escrow-secrets/--no-escrow-secrets", default=None,
+              help="Store (or not) STORAGE_PATH/secrets/ key material, encrypted, so a restore can decrypt "
+                   "application secrets. Default: escrowed in development mode (the keys exist nowhere else), "
+                   "not in production. Key ids are always recorded. See docs/backup.md.")
 @lock_stale_option
 @orphan_grace_option
 @handles_errors
 def backup_create(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool,
-                  storage_path: str | None, endpoint: str | None, tag: str | None, escrow_secrets: bool,
+                  storage_path: str | None, endpoint: str | None, tag: str | None, escrow_secrets: bool | None,
                   lock_stale: str | None, orphan_grace: str | None) -> None:
     """Take a snapshot: offline (--storage-path) or through a running server (--endpoint)."""
     from anvil.backup.crypto import read_passphrase
@@ -256,10 +257,23 @@ def backup_create(repo: str, s3_endpoint: str | None, key_file: str | None, as_j
             f"new {_size(st['new_bytes'])}, {st['blobs']} blobs ({st['blobs_reused_from_parent']} unchanged), "
             f"{st['duration']:.2f}s" + _orphans_text(st.get("orphans")))
     emit(as_json, result, text=text)
+    warn_default_escrow(result)
     if result["problems"]:
         for p in result["problems"]:
             err_console.print(f"[yellow]problem[/yellow] {p}", highlight=False)
         sys.exit(1)
+
+
+def warn_default_escrow(result: dict[str, Any]) -> None:
+    """Say loudly (on stderr, also with --json) that key material went into the snapshot by default."""
+    policy = str(result.get("escrow_policy", ""))
+    if result.get("secrets_escrowed") and policy.startswith("default"):
+        banner = "!" * 78
+        err_console.print(f"{banner}\nWARNING: this snapshot ESCROWS key material ({policy[len('default: '):]}).\n"
+                          "Whoever holds the repository passphrase can decrypt every application secret. "
+                          "Pass --no-escrow-secrets to leave the keys out (then supply them at restore), "
+                          f"and use production mode with keys in the environment for real deployments.\n{banner}",
+                          highlight=False, markup=False)
 
 
 @backup.command("list")

@@ -123,14 +123,15 @@ class RecoveryContext:
     the results every participant shares (blob references, the blob-store scan)."""
 
     def __init__(self, root: Path, conn: Connection, blobs: BlobStore,
-                 participants: Iterable[Participant] = (), *, escrow_secrets: bool = False,
+                 participants: Iterable[Participant] = (), *, escrow_secrets: bool | None = False,
                  credentials: tuple[str, str] | None = None, deep: bool = True,
                  progress: Progress | None = None, hash_threads: int = 2):
         self.root = Path(root)
         self.conn = conn
         self.blobs = blobs
         self.participants = list(participants)
-        # Backup policy: key material goes into a snapshot only when the operator asked for it.
+        # Backup policy: key material goes into a snapshot when the operator asked for it, or (None:
+        # no explicit choice) when a `DefaultEscrow` participant says its keys exist nowhere else.
         self.escrow_secrets = escrow_secrets
         # The drill's (client_id, client_secret), for smoke tests that prove token exchange.
         self.credentials = credentials
@@ -264,6 +265,16 @@ class KeyHolder(Protocol):
     """Records depend on secret keys; their ids are always recorded in the manifest."""
 
     def key_ids(self, ctx: RecoveryContext) -> list[str]: ...
+
+
+@runtime_checkable
+class DefaultEscrow(Protocol):
+    """Key material that exists only under the storage root (development mode's generated keys):
+    without an explicit choice, a snapshot escrows it, since no restore could open anything otherwise."""
+
+    def default_escrow(self, ctx: RecoveryContext) -> str | None:
+        """Why this participant's key material is escrowed by default (None: it is not)."""
+        ...
 
 
 @runtime_checkable
