@@ -184,6 +184,17 @@ class IdentityParticipant(Participant):
     covers = ["secrets"]
     owns = [f"catalog.db: {', '.join(TABLES)}", "secrets/ (only when escrowed)"]
     tables = list(TABLES)
+    replays = ("identity.",)
+
+    def migrations(self) -> dict[str, list[str]]:
+        from anvil.identity.service import MIGRATIONS
+
+        return {"identity": MIGRATIONS}
+
+    def apply(self, ctx: RecoveryContext, event: Any) -> None:
+        from anvil.identity import replay
+
+        replay.apply(ctx.conn, event)
 
     def _secret_files(self, ctx: RecoveryContext) -> list[Path]:
         return [p for p in (ctx.root / "secrets" / n for n in SECRET_FILES) if p.is_file()]

@@ -51,6 +51,17 @@ class ObjectsParticipant(Participant):
     covers = ["object-bodies", "bucket-metadata", "path-indexes"]
     owns = ["catalog.db: buckets, versions, multipart_uploads, multipart_parts"]
     tables = ["buckets", "versions", "multipart_uploads", "multipart_parts"]
+    replays = ("bucket.", "object.", "multipart.")
+
+    def migrations(self) -> dict[str, list[str]]:
+        from anvil.objects.service import MIGRATIONS
+
+        return {"objects": MIGRATIONS}
+
+    def apply(self, ctx: RecoveryContext, event: Any) -> None:
+        from anvil.objects import replay
+
+        replay.apply(ctx.conn, event)
 
     def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
         conn = ctx.conn
