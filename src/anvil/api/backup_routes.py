@@ -49,6 +49,55 @@ def run_backup(app: Any, repo_url: str, *, passphrase: str | None = None, key_fi
         _backup_lock.release()
 
 
+def start_archiver(app: Any, config: Any) -> Any:
+    """Continuous archiving (`anvil serve --archive-repo`): refuses to start on a wrong repository or
+    passphrase; afterwards an unreachable repository only shows as lag and `last_error`."""
+    from anvil.backup import ops
+    from anvil.backup.archive import Archiver
+    from anvil.backup.errors import BackupError
+
+    anvil = app.state.anvil
+
+    def open_repo() -> Any:
+        return ops.open_repo(config.repo, passphrase=config.passphrase, s3_endpoint=config.s3_endpoint,
+                             storage_path=anvil.storage.root)
+
+    try:
+        open_repo()
+    except BackupError as e:
+        raise AnvilError("InvalidArgument", f"--archive-repo: {e}") from None
+    archiver = Archiver(anvil.storage, anvil.participants(), config, open_repo)
+    app.state.archiver = archiver
+    archiver.start()
+    return archiver
+
+
+def archive_status(app: Any) -> dict[str, Any]:
+    archiver = getattr(app.state, "archiver", None)
+    return archiver.status() if archiver is not None else {"enabled": False}
+
+
+@endpoint
+async def get_archive(request: Request, ctx: RequestContext) -> Response:
+    authorize(ctx.principal, "admin:read", "system")
+    return JSONResponse(await blocking(archive_status, request.app))
+
+
+@endpoint
+async def flush_archive(request: Request, ctx: RequestContext) -> Response:
+    """Ship everything up to the current head now (admin): what `anvil backup status --flush` and tests use."""
+    authorize(ctx.principal, "admin:write", "system")
+    archiver = getattr(request.app.state, "archiver", None)
+    if archiver is None:
+        raise AnvilError("PreconditionFailed", "continuous archiving is not configured (anvil serve --archive-repo)")
+    try:
+        shipped = await blocking(archiver.catch_up)
+    except Exception as e:  # noqa: BLE001 - reported as the status's last_error too
+        archiver._failed(e)
+        raise AnvilError("PreconditionFailed", f"archive flush failed: {archiver.last_error}") from None
+    return JSONResponse({"shipped": shipped, **archiver.status()})
+
+
 def _str(body: dict[str, Any], name: str, required: bool = False) -> str | None:
     value = body.get(name)
     if value is None and not required:
@@ -139,6 +188,8 @@ async def recovery_resume(request: Request, ctx: RequestContext) -> Response:
 
 BACKUP_ROUTES = [
     Route("/anvil/v1/admin/backup", create_backup, methods=["POST"]),
+    Route("/anvil/v1/admin/archive", get_archive, methods=["GET"]),
+    Route("/anvil/v1/admin/archive/flush", flush_archive, methods=["POST"]),
     Route("/anvil/v1/admin/repair/blobs", heal_blobs, methods=["POST"]),
     Route("/anvil/v1/admin/recovery", recovery_status, methods=["GET"]),
     Route("/anvil/v1/admin/recovery/validate", recovery_validate, methods=["POST"]),

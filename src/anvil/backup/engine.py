@@ -364,6 +364,18 @@ def _verify(repo: Repository, *, read_data: bool = False, progress: Progress | N
         except BackupError as e:
             errors.append({"what": f"snapshot {sid}", "problem": str(e)})
     users = _chunk_users(repo, snaps)
+    from anvil.backup.archive import list_segments, load_segment
+
+    segments = list_segments(repo)
+    for ref in segments:
+        try:
+            seg = load_segment(repo, ref)
+        except BackupError as e:
+            errors.append({"what": f"archive segment {ref.name}", "problem": str(e)})
+            continue
+        for sha, entry in seg.get("blobs", {}).items():
+            for c in entry["chunks"]:
+                users.setdefault(c, []).append(f"archive seq {ref.first_seq}..{ref.last_seq}: blob {sha[:16]}…")
 
     def affects(cid: str) -> list[str]:
         u = users.get(cid, [])
@@ -419,7 +431,8 @@ def _verify(repo: Repository, *, read_data: bool = False, progress: Progress | N
             done += nbytes
             if progress:
                 progress(done, total, pack_id[:12])
-    return {"ok": not errors, "snapshots": len(snaps), "packs": len(stored_packs), "chunks": len(index),
+    return {"ok": not errors, "snapshots": len(snaps), "archive_segments": len(segments),
+            "packs": len(stored_packs), "chunks": len(index),
             "read_data": read_data, "chunks_read": checked_chunks, "errors": errors, "warnings": warnings}
 
 
@@ -453,12 +466,28 @@ def forget(repo: Repository, *, keep_last: int = 0, keep_daily: int = 0, keep_we
 
 
 def _forget(repo: Repository, keep_last: int, keep_daily: int, keep_weekly: int, prune: bool) -> dict[str, Any]:
+    from anvil.backup.archive import list_segments
+
     snaps = repo.snapshots()
     keep = select_keep(snaps, keep_last, keep_daily, keep_weekly)
     removed = [m["id"] for m in snaps if m["id"] not in keep]
     for sid in removed:
         repo.backend.delete(f"snapshots/{sid}")
-    result: dict[str, Any] = {"kept": sorted(keep), "removed": removed}
+    # Archived journal segments: every retained snapshot must still roll forward to the next one
+    # (and the newest to the archive's end), so a deployment keeps every segment after its oldest
+    # retained snapshot's checkpoint; older ones go. A deployment with no retained snapshot keeps
+    # its whole archive: forget never removes the only way back to its data.
+    oldest: dict[str, int] = {}
+    for m in snaps:
+        if m["id"] in keep:
+            seq = int(m["consistency"]["journal_seq"])
+            oldest[m["deployment_id"]] = min(oldest.get(m["deployment_id"], seq), seq)
+    segments_removed = []
+    for ref in list_segments(repo):
+        if ref.deployment_id in oldest and ref.last_seq <= oldest[ref.deployment_id]:
+            repo.backend.delete(ref.name)
+            segments_removed.append(ref.name.rsplit("/", 1)[1])
+    result: dict[str, Any] = {"kept": sorted(keep), "removed": removed, "segments_removed": len(segments_removed)}
     if prune:
         result["prune"] = prune_repo(repo)
     return result
@@ -473,11 +502,15 @@ def prune_repo(repo: Repository) -> dict[str, Any]:
     repo.index()
     if repo.index_problems:
         raise BackupError("refusing to prune: " + "; ".join(repo.index_problems))
+    from anvil.backup.archive import list_segments, load_segment, segment_chunks
+
     snaps = repo.snapshots()
     used: set[str] = set()
     for m in snaps:
         for entry in [*m["tree"]["files"].values(), *m["tree"]["blobs"].values()]:
             used.update(entry["chunks"])
+    for ref in list_segments(repo):  # archived journal segments keep their blobs' chunks
+        used.update(segment_chunks(load_segment(repo, ref)))
     index = repo.index()
     orphans = remove_orphan_packs(repo)
     by_pack: dict[str, list[str]] = {}

@@ -44,7 +44,9 @@ from anvil.backup.pack import PACK_TARGET, Location, PackWriter, compress, decom
 # Re-exported: callers outside this package's files import these from here.
 __all__ = ["BackupError", "Repository", "read_passphrase"]
 
-FORMAT_VERSION = 1
+# 2: archived journal segments (archive/<deployment>/...); version 1 repositories are read as
+# they are and upgraded (config rewritten once) when continuous archiving first writes to them.
+FORMAT_VERSION = 2
 LOCK_STALE_ENV = "ANVIL_BACKUP_LOCK_STALE"
 # As restic: a lock not refreshed for this long belongs to a process that is gone or hung.
 LOCK_STALE = 30 * 60

@@ -276,6 +276,73 @@ def warn_default_escrow(result: dict[str, Any]) -> None:
                           highlight=False, markup=False)
 
 
+@backup.command("status")
+@click.option("--repo", envvar="ANVIL_BACKUP_REPO", default=None,
+              help="Also (or only) show what this repository holds: snapshots and archived journal ranges.")
+@click.option("--endpoint", envvar="ANVIL_ENDPOINT", default=None,
+              help="The running server whose continuous archiving to show (cursor, lag, last error).")
+@click.option("--flush", is_flag=True, help="Ask the server to ship everything up to its head now.")
+@click.option("--key-file", default=None, type=click.Path(dir_okay=False))
+@click.option("--s3-endpoint", envvar="ANVIL_BACKUP_S3_ENDPOINT", default=None)
+@click.option("--json", "as_json", is_flag=True)
+@handles_errors
+def backup_status(repo: str | None, endpoint: str | None, flush: bool, key_file: str | None,
+                  s3_endpoint: str | None, as_json: bool) -> None:
+    """Continuous archiving of a server (--endpoint) and the archive a repository holds (--repo)."""
+    from anvil.backup.errors import BackupError
+    from anvil.backup.pitr import iso
+
+    if not repo and not endpoint:
+        raise BackupError("give --endpoint (a running server) and/or --repo (a repository)")
+    out: dict[str, Any] = {}
+    if endpoint:
+        from anvil.client import AnvilClient
+
+        with AnvilClient(endpoint, timeout=600) as client:
+            try:
+                out["server"] = (client._json("POST", "/anvil/v1/admin/archive/flush", json={}) if flush
+                                 else client._json("GET", "/anvil/v1/admin/archive"))
+            except httpx.ConnectError as e:
+                raise BackupError(f"cannot reach the server at {endpoint}: {e}") from None
+    if repo:
+        from anvil.backup import engine
+        from anvil.backup.archive import archive_summary
+
+        r = _open(repo, key_file, s3_endpoint)
+        out["repository"] = {"url": r.backend.url, "format_version": r.config["format_version"],
+                             "snapshots": [engine.snapshot_row(m) for m in r.snapshots()],
+                             "archive": archive_summary(r)}
+    if as_json:
+        emit(True, out)
+        return
+    s = out.get("server")
+    if s is not None:
+        if not s.get("enabled"):
+            console.print("server: continuous archiving is off (anvil serve --archive-repo URL)", highlight=False)
+        else:
+            state = "[green]ok[/green]" if s.get("ok") else "[red]failing[/red]"
+            console.print(f"server: archiving to {s['repository']} every {s['interval_seconds']:g}s: {state}")
+            console.print(f"  archived seq {s['archived_seq']} of head {s['head_seq']}: lag {s['lag_events']} "
+                          f"events, {s['lag_seconds']:.1f}s; {s['segments_written']} segments written",
+                          highlight=False)
+            if s.get("last_error"):
+                console.print(f"  last error ({iso(s['last_error_at'])}): {s['last_error']}", highlight=False,
+                              markup=False)
+            if s.get("gap"):
+                console.print(f"  [red]gap[/red] {s['gap']}", highlight=False)
+    rep = out.get("repository")
+    if rep is not None:
+        console.print(f"repository {rep['url']} (format {rep['format_version']}): {len(rep['snapshots'])} "
+                      "snapshots", highlight=False)
+        for a in rep["archive"] or [{}]:
+            if not a:
+                console.print("  no archived journal", highlight=False)
+                continue
+            console.print(f"  archive of deployment {a['deployment_id']}: seq {a['first_seq']}..{a['last_seq']} "
+                          f"({iso(a['first_ts'])} .. {iso(a['last_ts'])}), {a['segments']} segments"
+                          + (f"; GAPS {', '.join(a['gaps'])}" if a["gaps"] else ""), highlight=False)
+
+
 @backup.command("list")
 @repo_options
 @handles_errors
@@ -483,15 +550,49 @@ def backup_get(repo: str, s3_endpoint: str | None, key_file: str | None, as_json
 @click.option("--target", required=True, type=click.Path(file_okay=False), help="The STORAGE_PATH to write.")
 @click.option("--bucket", "buckets", multiple=True, help="Restore only this bucket (repeatable).")
 @click.option("--force", is_flag=True, help="Restore into a non-empty target.")
+@click.option("--to-time", default=None, metavar="TIME",
+              help="Point in time (ISO 8601, e.g. 2026-12-01T10:15:00Z, or unix seconds): the newest snapshot "
+                   "before it, then the archived journal up to it.")
+@click.option("--to-seq", type=int, default=None, metavar="N",
+              help="Point in time as a journal sequence number (the last event to include).")
 @lock_stale_option
 @handles_errors
 def restore_cmd(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool, snapshot: str,
-                target: str, buckets: tuple[str, ...], force: bool, lock_stale: str | None) -> None:
-    """Restore a snapshot into a STORAGE_PATH that then starts in recovery mode."""
+                target: str, buckets: tuple[str, ...], force: bool, to_time: str | None, to_seq: int | None,
+                lock_stale: str | None) -> None:
+    """Restore a snapshot (or a point in time) into a STORAGE_PATH that then starts in recovery mode."""
+    from anvil.backup.errors import BackupError
     from anvil.backup.restore import restore
     from anvil.runtime import recovery_participants
 
     apply_thresholds(lock_stale)
+    if to_time is not None or to_seq is not None:
+        from anvil.backup.pitr import iso, parse_time, restore_to_point
+
+        if to_time is not None and to_seq is not None:
+            raise BackupError("give one of --to-time or --to-seq, not both")
+        if buckets or _given_on_command_line("snapshot"):
+            raise BackupError("a point-in-time restore picks its snapshot itself and restores every bucket: "
+                              "--snapshot and --bucket do not apply with --to-time/--to-seq")
+        when = parse_time(to_time) if to_time is not None else None
+        r = _open(repo, key_file, s3_endpoint)
+        with progress_bar(not as_json, "restoring") as prog:
+            res = restore_to_point(r, Path(target), recovery_participants(), to_seq=to_seq, to_time=when,
+                                   force=force, progress=prog)
+        pit = res["point_in_time"]
+        text = (f"restored snapshot {res['snapshot']} (journal seq {pit['snapshot_seq']}) and replayed "
+                f"{pit['events_replayed']} archived events up to seq {pit['head_seq']}"
+                + (f" ({iso(pit['head_ts'])})" if pit["head_ts"] else "")
+                + f" into {res['target']} in {res['duration']:.2f}s; the path starts in RECOVERY MODE — run "
+                f"`anvil recovery validate --storage-path {res['target']}` then `anvil recovery resume`")
+        emit(as_json, res, text=text)
+        for w in pit["warnings"]:
+            err_console.print(f"[yellow]warning[/yellow] {w}", highlight=False)
+        if not res["ok"]:
+            for p in res["problems"]:
+                err_console.print(f"[red]problem[/red] {p}", highlight=False)
+            sys.exit(1)
+        return
     r = _open(repo, key_file, s3_endpoint)
     manifest = r.resolve_snapshot(snapshot)
     with progress_bar(not as_json, "restoring") as prog:
@@ -573,17 +674,30 @@ def recovery_resume(storage_path: str, as_json: bool, force: bool, reason: str |
 @click.option("--report-dir", default=".", type=click.Path(file_okay=False), show_default=True,
               help="Where drill-report.json and drill-report.md are written.")
 @click.option("--keep", is_flag=True, help="Keep the temporary restore (for inspection).")
+@click.option("--to-time", default=None, metavar="TIME",
+              help="Prove a point-in-time restore to TIME (ISO 8601 or unix seconds) instead of a snapshot.")
+@click.option("--to-seq", type=int, default=None, metavar="N", help="Prove a point-in-time restore to seq N.")
 @lock_stale_option
 @handles_errors
 def drill_cmd(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool, snapshot: str,
-              report_dir: str, keep: bool, lock_stale: str | None) -> None:
+              report_dir: str, keep: bool, to_time: str | None, to_seq: int | None, lock_stale: str | None) -> None:
     """Restore into a temporary directory, start an isolated server, prove the backup; exit 1 on any failure."""
     from anvil.backup.drill import run_drill
+    from anvil.backup.errors import BackupError
     from anvil.runtime import recovery_participants
 
     apply_thresholds(lock_stale)
+    point = None
+    if to_time is not None or to_seq is not None:
+        from anvil.backup.pitr import parse_time
+
+        if to_time is not None and to_seq is not None:
+            raise BackupError("give one of --to-time or --to-seq, not both")
+        if _given_on_command_line("snapshot"):
+            raise BackupError("--snapshot does not apply with --to-time/--to-seq (the snapshot is chosen for you)")
+        point = {"to_seq": to_seq, "to_time": parse_time(to_time) if to_time is not None else None}
     r = _open(repo, key_file, s3_endpoint)
-    report = run_drill(r, snapshot, recovery_participants(), Path(report_dir), keep=keep,
+    report = run_drill(r, snapshot, recovery_participants(), Path(report_dir), keep=keep, point=point,
                        log=None if as_json else lambda msg: console.print(msg, highlight=False, markup=False))
     if as_json:
         emit(True, report)

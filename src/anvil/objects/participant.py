@@ -63,6 +63,14 @@ class ObjectsParticipant(Participant):
 
         replay.apply(ctx.conn, event)
 
+    def event_blobs(self, event: Any) -> list[tuple[str, int]]:
+        p = event.payload
+        if event.kind == "object.put":
+            return [(c[0], int(c[1])) for c in p.get("chunks") or []]
+        if event.kind == "multipart.part":
+            return [(p["sha256"], int(p["size"]))]
+        return []
+
     def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
         conn = ctx.conn
         rows_digest = hashlib.sha256()

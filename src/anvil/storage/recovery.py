@@ -322,6 +322,27 @@ class Replayer(Protocol):
     def apply(self, ctx: RecoveryContext, event: Any) -> None: ...
 
 
+@runtime_checkable
+class EventBlobs(Protocol):
+    """Events of this participant reference blobs (a body, a part): continuous archiving ships
+    them with the event, and gc keeps them until the archive holds them."""
+
+    def event_blobs(self, event: Any) -> Iterable[tuple[str, int]]:
+        """(sha256, size) of every blob `event` references."""
+        ...
+
+
+def blobs_of_events(participants: Iterable[Participant], events: Iterable[Any]) -> dict[str, int]:
+    """sha256 -> size of every blob the events reference, in first-use order."""
+    referrers = [p for p in participants if isinstance(p, EventBlobs)]
+    out: dict[str, int] = {}
+    for ev in events:
+        for p in referrers:
+            for sha, size in p.event_blobs(ev):
+                out.setdefault(sha, int(size))
+    return out
+
+
 class UnreplayableEvent(Exception):
     """No participant owns this event kind: replay cannot rebuild its rows."""
 
