@@ -76,3 +76,17 @@ def test_watch_bench_short_run_prints_every_figure() -> None:
     assert {"events_per_s_to_1_watcher", "latency_p99_ms", "target_p99_ms", "target_met"} <= summary.keys()
     for phase in ("max_rate_1_watcher", "max_rate_3_watchers", "paced_50_writes_per_s_3_watchers"):
         assert doc[phase]["complete"] is True and doc[phase]["ordered"] is True
+
+
+def test_pitr_bench_quick_prints_rpo_and_restore_figures() -> None:
+    """`bench/pitr.py` (tiny run): archive lag percentiles and the point-in-time vs plain restore times."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "pitr.py"), "--quick", "--seconds", "2",
+                           "--rate", "50", "--events", "600"], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    doc = json.loads(proc.stdout)
+    assert doc["benchmark"] == "pitr" and doc["rpo"]["writes"] > 0 and doc["rpo"]["errors"] == 0
+    assert {"lag_p50_s", "lag_p99_s", "lag_max_s", "target_p99_s", "met"} <= doc["rpo"].keys()
+    pitr = doc["point_in_time_restore"]
+    assert pitr["pitr_events_replayed"] == 600 and pitr["plain_restore_seconds"] > 0
+    assert "ratio_pitr_vs_plain" in pitr

@@ -10,6 +10,7 @@ restore, with the replayed head recorded so validation checks the chain up to it
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,13 +73,18 @@ def choose_snapshot(repo: Repository, *, to_seq: int | None = None, to_time: flo
 
 def restore_to_point(repo: Repository, target: Path, participants: list[Participant], *,
                      to_seq: int | None = None, to_time: float | None = None, force: bool = False,
-                     deployment_id: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
+                     deployment_id: str | None = None, progress: Progress | None = None,
+                     base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`base`: start from this snapshot instead of the newest fitting one (it must precede the target)."""
     if (to_seq is None) == (to_time is None):
         raise BackupError("give exactly one of --to-seq or --to-time")
     if to_seq is not None and to_seq < 0:
         raise BackupError("--to-seq must be 0 or more")
     started = time.time()
-    manifest = choose_snapshot(repo, to_seq=to_seq, to_time=to_time, deployment_id=deployment_id)
+    manifest = base or choose_snapshot(repo, to_seq=to_seq, to_time=to_time, deployment_id=deployment_id)
+    if base is not None and ((to_seq is not None and int(base["consistency"]["journal_seq"]) > to_seq)
+                             or (to_time is not None and base["finished"] > to_time)):
+        raise BackupError(f"snapshot {base['id']} is later than the target")
     dep = manifest["deployment_id"]
     base_seq = int(manifest["consistency"]["journal_seq"])
     # Read (and check) the archive before touching the target: a missing segment changes nothing.
@@ -120,10 +126,12 @@ def restore_to_point(repo: Repository, target: Path, participants: list[Particip
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:
-                _write_entry(reader, entry, dest, expected_sha=sha)
+                _write_entry(reader, entry, dest, expected_sha=sha, fsync=False)  # one sync below
                 fetched += 1
             except BackupError as e:
                 problems.append(f"blob {sha}: {e}")
+        if fetched:
+            os.sync()  # the blobs are durable before the marker says the restore is complete
         head_seq, head_hash = (events[-1].seq, events[-1].hash) if events else (
             base_seq, manifest["consistency"]["journal_hash"])
         marker = mode.read_marker(root) or {}

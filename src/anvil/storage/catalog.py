@@ -272,9 +272,10 @@ class Catalog:
             # Links are checked before anything is written: the events before a bad one commit,
             # so the caller learns exactly where the replay stopped.
             h, good, refused = head, 0, None
+            payloads: list[str] = []
             for ev in pending:
                 try:
-                    journal.check_link(h, ev)
+                    payloads.append(journal.check_link(h, ev))
                 except journal.ReplayRefused as e:
                     refused = e
                     break
@@ -282,9 +283,9 @@ class Catalog:
             if good:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    for ev in pending[:good]:
+                    for ev, payload_json in zip(pending[:good], payloads, strict=True):
                         apply(conn, ev)
-                        journal.insert_event(conn, ev)
+                        journal.insert_event(conn, ev, payload_json)
                     conn.execute("COMMIT")
                 except BaseException:
                     conn.execute("ROLLBACK")
