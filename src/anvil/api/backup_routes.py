@@ -20,7 +20,7 @@ _backup_lock = threading.Lock()
 
 def run_backup(app: Any, repo_url: str, *, passphrase: str | None = None, key_file: str | None = None,
                s3_endpoint: str | None = None, tag: str | None = None, mode: str = "online",
-               escrow_secrets: bool | None = None) -> dict[str, Any]:
+               escrow_secrets: bool | None = None, incremental: bool = False) -> dict[str, Any]:
     """One backup of the running server; remembers the outcome for /anvil/health/ready."""
     from anvil.backup import engine, ops
     from anvil.backup.errors import BackupError
@@ -33,7 +33,7 @@ def run_backup(app: Any, repo_url: str, *, passphrase: str | None = None, key_fi
         repo = ops.open_repo(repo_url, passphrase=passphrase, key_file=key_file, s3_endpoint=s3_endpoint,
                              storage_path=anvil.storage.root)
         manifest = ops.backup_storage(anvil.storage, anvil.participants(), repo, tag=tag, run_mode=mode,
-                                      escrow_secrets=escrow_secrets)
+                                      escrow_secrets=escrow_secrets, incremental=incremental)
         result = {**engine.snapshot_row(manifest), "stats": manifest["stats"], "problems": manifest["problems"]}
         app.state.last_backup = {"time": started, "ok": not manifest["problems"], "snapshot": manifest["id"],
                                  "repository": repo.backend.url, "problems": len(manifest["problems"])}
@@ -116,8 +116,12 @@ async def create_backup(request: Request, ctx: RequestContext) -> Response:
     escrow = body.get("escrow_secrets")
     if escrow is not None and not isinstance(escrow, bool):
         raise AnvilError("InvalidArgument", "'escrow_secrets' must be true or false")
+    incremental = body.get("incremental", False)
+    if not isinstance(incremental, bool):
+        raise AnvilError("InvalidArgument", "'incremental' must be true or false")
     result = await blocking(run_backup, request.app, repo, passphrase=_str(body, "passphrase"),
-                            s3_endpoint=_str(body, "s3_endpoint"), tag=_str(body, "tag"), escrow_secrets=escrow)
+                            s3_endpoint=_str(body, "s3_endpoint"), tag=_str(body, "tag"), escrow_secrets=escrow,
+                            incremental=incremental)
     return JSONResponse(result, status_code=201)
 
 

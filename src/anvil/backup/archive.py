@@ -18,9 +18,11 @@ unshipped, gc keeps the blobs they reference (`BlobStore.add_hold`).
 from __future__ import annotations
 
 import logging
+import platform
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -112,7 +114,7 @@ class Archiver:
     """Ships the journal continuously; one per server. `status()` is what health and the CLI show."""
 
     def __init__(self, storage: Storage, participants: list[Participant], config: ArchiveConfig,
-                 open_repo: Callable[[], Repository]):
+                 open_repo: Callable[[], Repository], *, hold: bool = True):
         self.storage = storage
         self.participants = participants
         self.config = config
@@ -135,7 +137,9 @@ class Archiver:
         self._wake = threading.Event()
         self._lock = threading.Lock()  # one shipment at a time (the loop, a final flush, a test)
         self._thread: threading.Thread | None = None
-        storage.blobs.add_hold(self.unshipped_blobs)
+        self._blob_map_loaded = False
+        if hold:
+            storage.blobs.add_hold(self.unshipped_blobs)
 
     # -------------------------------------------------------------- lifecycle
 
@@ -190,29 +194,41 @@ class Archiver:
         return self._repo
 
     def _load_state(self, repo: Repository) -> None:
-        """The archive's cursor and the blobs it holds, from the repository (the only truth)."""
+        """The archive's cursor, from the repository (the only truth): segment names, the newest
+        segment, snapshot headers. Cheap: what blobs the archive holds is read only when needed."""
         segments = list_segments(repo, self.deployment_id)
-        blob_chunks: dict[str, dict[str, Any]] = {}
-        snaps = [m for m in repo.snapshots() if m.get("deployment_id") == self.deployment_id]
-        if snaps:
-            for sha, entry in snaps[-1]["tree"]["blobs"].items():
-                blob_chunks[sha] = {"size": entry["size"], "chunks": entry["chunks"]}
+        rows = [r for r in repo.snapshot_rows() if r.get("deployment_id") == self.deployment_id]
         cursor, cursor_ts, cursor_hash = None, None, None
-        for ref in segments:
-            seg = load_segment(repo, ref)
-            blob_chunks.update(seg.get("blobs", {}))
+        if segments:
+            newest = max(segments, key=lambda r: r.last_seq)
+            seg = load_segment(repo, newest)
             cursor, cursor_ts, cursor_hash = seg["last_seq"], seg["last_ts"], seg["last_hash"]
+        if rows and (cursor is None or int(rows[-1]["consistency"]["journal_seq"]) > cursor):
+            # Nothing archived since the newest snapshot: start at its checkpoint (restores begin there).
+            c = rows[-1]["consistency"]
+            cursor, cursor_ts, cursor_hash = int(c["journal_seq"]), None, c["journal_hash"]
         if cursor is None:
-            # Nothing archived yet: start at the newest snapshot's checkpoint (restores begin there),
-            # or at the oldest event still in the journal.
-            if snaps:
-                c = snaps[-1]["consistency"]
-                cursor, cursor_hash = int(c["journal_seq"]), c["journal_hash"]
-            else:
-                cursor = journal.oldest_seq(self._reader()) - 1
+            cursor = journal.oldest_seq(self._reader()) - 1  # never archived, never snapshotted
         self.cursor, self.cursor_ts, self.cursor_hash = cursor, cursor_ts, cursor_hash
-        self.blob_chunks = blob_chunks
+        self.blob_chunks = {}
+        self._blob_map_loaded = False
         self._index_names = None
+
+    def _load_blob_map(self, repo: Repository) -> None:
+        """sha256 -> chunks of every blob the archive and the newest full snapshot hold."""
+        blob_chunks: dict[str, dict[str, Any]] = {}
+        rows = [r for r in repo.snapshot_rows() if r.get("deployment_id") == self.deployment_id
+                and r.get("kind") != "delta"]
+        if rows:
+            for sha, entry in repo.load_snapshot(rows[-1]["id"])["tree"]["blobs"].items():
+                blob_chunks[sha] = {"size": entry["size"], "chunks": entry["chunks"]}
+        for ref in list_segments(repo, self.deployment_id):
+            for sha, entry in load_segment(repo, ref).get("blobs", {}).items():
+                if not entry.get("missing"):
+                    blob_chunks[sha] = entry
+        blob_chunks.update(self.blob_chunks)
+        self.blob_chunks = blob_chunks
+        self._blob_map_loaded = True
 
     def unshipped_blobs(self) -> set[str]:
         """Blobs referenced by events the archive does not hold yet (gc keeps them)."""
@@ -258,11 +274,11 @@ class Archiver:
     def _ship_once(self, progress: Progress | None, target: int) -> int:
         repo = self.repo()
         assert self.cursor is not None
+        conn = self._reader()
+        events = journal.read(conn, self.cursor, MAX_EVENTS)
         if not repo.backend.exists("config"):
             # Moved, unmounted or deleted: never recreate a repository by writing into its path.
             raise BackupError(f"{repo.backend.url} no longer holds a repository (no config)")
-        conn = self._reader()
-        events = journal.read(conn, self.cursor, MAX_EVENTS)
         if not events:
             self.last_success = time.time()
             return 0
@@ -284,6 +300,8 @@ class Archiver:
             try:
                 blobs: dict[str, dict[str, Any]] = {}
                 wanted = blobs_of_events(self.participants, events)
+                if wanted and not self._blob_map_loaded:
+                    self._load_blob_map(repo)
                 done_bytes, total_bytes = 0, sum(wanted.values())
                 for sha, size in wanted.items():
                     have = self.blob_chunks.get(sha)
@@ -324,6 +342,64 @@ class Archiver:
         self.events_shipped += len(events)
         self.last_success = time.time()
         return len(events)
+
+
+# ------------------------------------------------------------------ journal-delta snapshots
+
+
+DELTA_METHOD = "journal delta: the archived events after the base snapshot's checkpoint, up to S"
+
+
+def create_delta(storage: Storage, participants: list[Participant], repo: Repository, *, tag: str | None = None,
+                 config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An incremental snapshot that costs what changed: the journal events since the newest snapshot
+    (and the blobs they reference) are archived, and a small manifest names the full snapshot they
+    roll forward from. Restoring it is a point-in-time restore to its seq (docs/backup.md)."""
+    from anvil import __version__
+    from anvil.storage.recovery import coverage
+
+    started = time.time()
+    dep = storage.format.deployment_id
+    rows = [r for r in repo.snapshot_rows() if r.get("deployment_id") == dep]
+    if not rows:
+        raise BackupError("no earlier snapshot of this deployment to build on: take a full snapshot first "
+                          "(anvil backup create without --incremental)")
+    parent = rows[-1]
+    base_id = parent["base"] if parent.get("kind") == "delta" else parent["id"]
+    base = next((r for r in rows if r["id"] == base_id), None)
+    if base is None:
+        raise BackupError(f"the base snapshot {base_id} of {parent['id']} is gone: take a full snapshot")
+    archiver = Archiver(storage, participants, ArchiveConfig(repo.backend.url, 1.0, ""), lambda: repo, hold=False)
+    shipped = archiver.catch_up()
+    if archiver.gap:
+        raise BackupError(f"cannot take a journal delta: {archiver.gap}")
+    assert archiver.cursor is not None
+    base_seq = int(base["consistency"]["journal_seq"])
+    covered = base_seq
+    for ref in list_segments(repo, dep):
+        if ref.first_seq <= covered + 1:
+            covered = max(covered, ref.last_seq)
+    if covered < archiver.cursor:
+        raise BackupError(f"the archive does not hold every event from seq {base_seq + 1} (base snapshot "
+                          f"{base_id}) to {archiver.cursor}: take a full snapshot")
+    finished = time.time()
+    manifest = {
+        "id": uuid.uuid4().hex[:16], "kind": "delta", "parent": parent["id"], "base": base_id, "tag": tag,
+        "started": started, "finished": finished, "anvil_version": __version__,
+        "repository_format": repo.config["format_version"], "storage_format": None, "deployment_id": dep,
+        "hostname": platform.node(),
+        "consistency": {"method": DELTA_METHOD, "journal_seq": archiver.cursor,
+                        "journal_hash": archiver.cursor_hash or base["consistency"]["journal_hash"]},
+        "key_ids": base.get("key_ids") or {}, "config": config or {}, "participants": {},
+        "coverage": coverage(p.describe() for p in participants), "problems": [],
+        "stats": {"logical_bytes": 0, "new_bytes": archiver.bytes_written, "new_chunks": 0, "blobs": 0,
+                  "blobs_reused_from_parent": 0, "events": shipped, "duration": round(finished - started, 3),
+                  "orphans": {}},
+        "tree": {"files": {}, "blobs": {}},
+    }
+    with repo.lock("shared", "create"):
+        repo.save_snapshot(manifest)
+    return manifest
 
 
 # ------------------------------------------------------------------ reading the archive

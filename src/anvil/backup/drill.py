@@ -106,6 +106,10 @@ def run_drill(repo: Repository, snapshot: str | None, participants: list[Partici
     else:
         manifest = repo.resolve_snapshot(snapshot)
         recorded = {name: p["summary"] for name, p in manifest["participants"].items()}
+        if manifest.get("kind") == "delta":
+            # A journal delta is proved as its base rolled forward to the delta's seq.
+            point = {"to_seq": int(manifest["consistency"]["journal_seq"]), "base": manifest["base"]}
+            recorded = {}
     pit: dict[str, Any] = {}
     work = Path(tempfile.mkdtemp(prefix="anvil-drill-"))
     target = work / "data"
@@ -136,7 +140,8 @@ def run_drill(repo: Repository, snapshot: str | None, participants: list[Partici
                 from anvil.backup.pitr import restore_to_point
 
                 res = restore_to_point(repo, target, participants, to_seq=point.get("to_seq"),
-                                       to_time=point.get("to_time"))
+                                       to_time=point.get("to_time"),
+                                       base=repo.load_snapshot(point["base"]) if point.get("base") else None)
                 pit.update(res["point_in_time"])
                 recorded["journal"] = {"head_seq": pit["head_seq"]}
                 out = [Finding("restore", "error", "restore", p) for p in res["problems"]]

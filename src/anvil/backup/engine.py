@@ -138,9 +138,11 @@ def ordered_parallel(fn: Callable[[Any], Any], items: list[Any], workers: int | 
             yield it, fut.result()
 
 
-def latest_for(repo: Repository, deployment_id: str) -> dict[str, Any] | None:
-    snaps = [s for s in repo.snapshots() if s.get("deployment_id") == deployment_id]
-    return snaps[-1] if snaps else None
+def latest_for(repo: Repository, deployment_id: str, *, full: bool = True) -> dict[str, Any] | None:
+    """The newest snapshot of the deployment (a full one: deltas hold no file tree), loaded whole."""
+    rows = [r for r in repo.snapshot_rows() if r.get("deployment_id") == deployment_id
+            and (not full or r.get("kind") != "delta")]
+    return repo.load_snapshot(rows[-1]["id"]) if rows else None
 
 
 def create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
@@ -309,6 +311,7 @@ def _storage_format(fmt: bytes) -> Any:
 
 def snapshot_row(m: dict[str, Any]) -> dict[str, Any]:
     return {"id": m["id"], "time": m["started"], "parent": m["parent"], "tag": m.get("tag"),
+            "kind": m.get("kind") or "full", "base": m.get("base"),
             "deployment_id": m["deployment_id"], "journal_seq": m["consistency"]["journal_seq"],
             "logical_bytes": m["stats"]["logical_bytes"], "new_bytes": m["stats"]["new_bytes"],
             "problems": len(m.get("problems", [])),
@@ -468,8 +471,10 @@ def forget(repo: Repository, *, keep_last: int = 0, keep_daily: int = 0, keep_we
 def _forget(repo: Repository, keep_last: int, keep_daily: int, keep_weekly: int, prune: bool) -> dict[str, Any]:
     from anvil.backup.archive import list_segments
 
-    snaps = repo.snapshots()
+    snaps = repo.snapshot_rows()
     keep = select_keep(snaps, keep_last, keep_daily, keep_weekly)
+    # A kept journal delta needs the full snapshot it rolls forward from.
+    keep |= {m["base"] for m in snaps if m["id"] in keep and m.get("kind") == "delta" and m.get("base")}
     removed = [m["id"] for m in snaps if m["id"] not in keep]
     for sid in removed:
         repo.backend.delete(f"snapshots/{sid}")

@@ -153,3 +153,15 @@ def restore_to_point(repo: Repository, target: Path, participants: list[Particip
 def _archive_passes(repo: Repository, dep: str, to_time: float) -> bool:
     """True when some archived segment starts after `to_time` (so nothing before it is missing)."""
     return any(r.first_ts > to_time for r in list_segments(repo, dep))
+
+
+def restore_any(repo: Repository, manifest: dict[str, Any], target: Path, participants: list[Participant], *,
+                force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    """Restore a snapshot of either kind: a full one as it is, a journal delta as its base snapshot
+    rolled forward to the delta's seq."""
+    if manifest.get("kind") != "delta":
+        return restore(repo, manifest, target, participants, force=force, progress=progress)
+    base = repo.load_snapshot(manifest["base"])
+    res = restore_to_point(repo, target, participants, to_seq=int(manifest["consistency"]["journal_seq"]),
+                           base=base, force=force, progress=progress)
+    return {**res, "snapshot": manifest["id"], "base": base["id"]}

@@ -196,12 +196,15 @@ def backup_init(repo: str, s3_endpoint: str | None, key_file: str | None, as_jso
               help="Store (or not) STORAGE_PATH/secrets/ key material, encrypted, so a restore can decrypt "
                    "application secrets. Default: escrowed in development mode (the keys exist nowhere else), "
                    "not in production. Key ids are always recorded. See docs/backup.md.")
+@click.option("--incremental", is_flag=True,
+              help="A journal delta: only the events (and new blobs) since the newest snapshot; restored as "
+                   "that snapshot's base rolled forward. Costs what changed, not the store's size.")
 @lock_stale_option
 @orphan_grace_option
 @handles_errors
 def backup_create(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool,
                   storage_path: str | None, endpoint: str | None, tag: str | None, escrow_secrets: bool | None,
-                  lock_stale: str | None, orphan_grace: str | None) -> None:
+                  incremental: bool, lock_stale: str | None, orphan_grace: str | None) -> None:
     """Take a snapshot: offline (--storage-path) or through a running server (--endpoint)."""
     from anvil.backup.crypto import read_passphrase
     from anvil.backup.errors import BackupError
@@ -220,7 +223,7 @@ def backup_create(repo: str, s3_endpoint: str | None, key_file: str | None, as_j
         with AnvilClient(endpoint, timeout=3600) as client:
             def take() -> dict[str, Any]:
                 return client.create_backup(repo, passphrase=read_passphrase(key_file), s3_endpoint=s3_endpoint,
-                                            tag=tag, escrow_secrets=escrow_secrets)
+                                            tag=tag, escrow_secrets=escrow_secrets, incremental=incremental)
 
             try:
                 if not as_json:
@@ -247,15 +250,21 @@ def backup_create(repo: str, s3_endpoint: str | None, key_file: str | None, as_j
         try:
             with progress_bar(not as_json, "backing up") as prog:
                 manifest = ops.backup_storage(anvil.storage, anvil.participants(), r, progress=prog, tag=tag,
-                                              run_mode="offline", escrow_secrets=escrow_secrets)
+                                              run_mode="offline", escrow_secrets=escrow_secrets,
+                                              incremental=incremental)
         finally:
             anvil.close()
         result = {**engine.snapshot_row(manifest), "stats": manifest["stats"], "problems": manifest["problems"]}
     result["wall_seconds"] = round(time.time() - started, 3)
     st = result["stats"]
-    text = (f"snapshot {result['id']} at journal seq {result['journal_seq']}: logical {_size(st['logical_bytes'])}, "
-            f"new {_size(st['new_bytes'])}, {st['blobs']} blobs ({st['blobs_reused_from_parent']} unchanged), "
-            f"{st['duration']:.2f}s" + _orphans_text(st.get("orphans")))
+    if result.get("kind") == "delta":
+        text = (f"journal delta {result['id']} at journal seq {result['journal_seq']} on base {result['base']}: "
+                f"{st.get('events', 0)} events, new {_size(st['new_bytes'])}, {st['duration']:.2f}s")
+    else:
+        text = (f"snapshot {result['id']} at journal seq {result['journal_seq']}: logical "
+                f"{_size(st['logical_bytes'])}, new {_size(st['new_bytes'])}, {st['blobs']} blobs "
+                f"({st['blobs_reused_from_parent']} unchanged), {st['duration']:.2f}s"
+                + _orphans_text(st.get("orphans")))
     emit(as_json, result, text=text)
     warn_default_escrow(result)
     if result["problems"]:
@@ -310,7 +319,7 @@ def backup_status(repo: str | None, endpoint: str | None, flush: bool, key_file:
 
         r = _open(repo, key_file, s3_endpoint)
         out["repository"] = {"url": r.backend.url, "format_version": r.config["format_version"],
-                             "snapshots": [engine.snapshot_row(m) for m in r.snapshots()],
+                             "snapshots": [engine.snapshot_row(m) for m in r.snapshot_rows()],
                              "archive": archive_summary(r)}
     if as_json:
         emit(True, out)
@@ -350,9 +359,9 @@ def backup_list(repo: str, s3_endpoint: str | None, key_file: str | None, as_jso
     """List snapshots, oldest first."""
     from anvil.backup import engine
 
-    rows = [engine.snapshot_row(m) for m in _open(repo, key_file, s3_endpoint).snapshots()]
-    emit(as_json, rows, table=(("id", "time", "journal seq", "logical", "new", "tag"),
-                               [(r["id"], _ts(r["time"]), r["journal_seq"], _size(r["logical_bytes"]),
+    rows = [engine.snapshot_row(m) for m in _open(repo, key_file, s3_endpoint).snapshot_rows()]
+    emit(as_json, rows, table=(("id", "time", "kind", "journal seq", "logical", "new", "tag"),
+                               [(r["id"], _ts(r["time"]), r["kind"], r["journal_seq"], _size(r["logical_bytes"]),
                                  _size(r["new_bytes"]), r["tag"] or "") for r in rows]))
 
 
@@ -595,6 +604,22 @@ def restore_cmd(repo: str, s3_endpoint: str | None, key_file: str | None, as_jso
         return
     r = _open(repo, key_file, s3_endpoint)
     manifest = r.resolve_snapshot(snapshot)
+    if manifest.get("kind") == "delta":
+        from anvil.backup.pitr import restore_any
+
+        if buckets:
+            raise BackupError(f"snapshot {manifest['id']} is a journal delta: --bucket restores need a full snapshot")
+        with progress_bar(not as_json, "restoring") as prog:
+            res = restore_any(r, manifest, Path(target), recovery_participants(), force=force, progress=prog)
+        emit(as_json, res, text=f"restored journal delta {res['snapshot']} (base {res['base']} + "
+                                f"{res['point_in_time']['events_replayed']} events) into {res['target']} in "
+                                f"{res['duration']:.2f}s; the path starts in RECOVERY MODE — run `anvil recovery "
+                                f"validate --storage-path {res['target']}` then `anvil recovery resume`")
+        if not res["ok"]:
+            for p in res["problems"]:
+                err_console.print(f"[red]problem[/red] {p}", highlight=False)
+            sys.exit(1)
+        return
     with progress_bar(not as_json, "restoring") as prog:
         res = restore(r, manifest, Path(target), recovery_participants(), buckets=list(buckets) or None,
                       force=force, progress=prog)
