@@ -124,6 +124,13 @@ def test_archive_while_writing_kill_then_restore_to_a_time_between_two_snapshots
             assert not late, f"writes made after the target are present: {late[:5]}"
             assert c.get_object(bucket, before[-1]) == f"body {int(before[-1][1:])}".encode()
             assert c.health()["journal"]["seq"] == pit["head_seq"]
+        # Recovery mode of the running restored server, from the CLI: status, then resume.
+        st = cli_json("recovery", "status", "--endpoint", restored.endpoint, creds=creds)
+        assert st["recovery_mode"] is True, st
+        both = cli("recovery", "status", "--endpoint", restored.endpoint, "--storage-path", str(target), check=False)
+        assert both.returncode == 1 and "exactly one of" in both.stderr
+        cli_json("recovery", "resume", "--endpoint", restored.endpoint, creds=creds)
+        assert cli_json("recovery", "status", "--endpoint", restored.endpoint, creds=creds)["recovery_mode"] is False
     finally:
         restored.stop()
 
@@ -262,3 +269,12 @@ def test_incremental_journal_delta_costs_what_changed_and_restores_and_drills(tm
     assert set(forgot["kept"]) == {d2["id"], full["id"]}
     get = cli("backup", "get", "--repo", repo, "--snapshot", d2["id"], bucket, "a1", check=False)
     assert get.returncode == 1 and "journal delta" in get.stderr
+    # inspect: readable at 80 columns, one row per participant (none repeated per checklist item).
+    for snap in (full["id"], d2["id"]):
+        text = cli("backup", "inspect", "--repo", repo, snap, creds=creds).stdout
+        lines = text.splitlines()
+        assert max(len(line) for line in lines) <= 80, "\n".join(ln for ln in lines if len(ln) > 80)
+        table = text.split("participant summaries", 1)[1] if snap == full["id"] else ""
+        for name in ("objects", "identity", "journal"):
+            if table:
+                assert sum(1 for ln in table.splitlines() if ln.strip("│ ").startswith(name + " ")) == 1, table

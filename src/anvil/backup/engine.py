@@ -328,7 +328,8 @@ def inspect_rows(m: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         for name in item["participants"]:
             rows.append({"item": item["label"], "participant": name,
-                         "summary": m["participants"][name]["summary"]})
+                         # A journal delta records no summaries: its base's describe the checkpoint.
+                         "summary": m["participants"].get(name, {}).get("summary", "journal delta: see its base")})
     return rows
 
 

@@ -381,21 +381,48 @@ def backup_inspect(repo: str, s3_endpoint: str | None, key_file: str | None, as_
         out["tree"] = {"files": list(m["tree"]["files"]), "blobs": len(m["tree"]["blobs"])}
         emit(True, out)
         return
+    import textwrap
+
     c = m["consistency"]
-    console.print(f"snapshot {m['id']} (parent {m['parent']}) taken {_ts(m['started'])} from deployment "
-                  f"{m['deployment_id']}", highlight=False)
-    console.print(f"consistency: {c['method']}; journal seq {c['journal_seq']} hash {c['journal_hash'][:16]}…",
-                  highlight=False)
-    console.print(f"anvil {m['anvil_version']}, repository format {m['repository_format']}, storage format "
-                  f"{m['storage_format']}, key {m['key_ids']['repository_key']}", highlight=False)
+    header = [("snapshot", f"{m['id']} ({m.get('kind') or 'full'}, parent {m['parent']})"),
+              ("taken", f"{_ts(m['started'])} UTC"), ("deployment", str(m["deployment_id"])),
+              ("journal", f"seq {c['journal_seq']}, hash {c['journal_hash'][:16]}…"), ("method", c["method"]),
+              ("versions", f"anvil {m['anvil_version']}, repository format {m['repository_format']}, storage "
+                           f"format {m['storage_format']}"),
+              ("key", str(m["key_ids"].get("repository_key")))]
+    for label, value in header:
+        for i, line in enumerate(textwrap.wrap(value, 68) or [""]):
+            console.print(f"{label if i == 0 else '':<11} {line}", highlight=False, markup=False)
+    if m.get("kind") == "delta":
+        console.print(f"journal delta on base {m['base']}: {m['stats'].get('events', 0)} events archived;\n"
+                      "restored as its base rolled forward to this seq", highlight=False)
 
-    def brief(s: Any) -> str:
-        if isinstance(s, str):
-            return s
-        return ", ".join(f"{k}={str(v)[:12]}" for k, v in s.items() if not isinstance(v, dict))
+    # One row per checklist item (who covers it), then one row per participant (its figures): a
+    # participant covering three items is not repeated three times, and both fit 80 columns.
+    from rich.table import Table
 
-    emit(False, None, table=(("checklist item", "participant", "counts / digests"),
-                             [(r["item"], r["participant"] or "—", brief(r["summary"])) for r in rows]))
+    cov = Table(title="coverage checklist", title_justify="left", expand=False)
+    cov.add_column("item", overflow="fold", max_width=46)
+    cov.add_column("participants", overflow="fold", max_width=28)
+    for item in m["coverage"]:
+        cov.add_row(item["label"], ", ".join(item["participants"]) or "— not present in this deployment")
+    console.print(cov)
+    parts = Table(title="participant summaries", title_justify="left", expand=False)
+    parts.add_column("participant", max_width=14)
+    parts.add_column("counts / digests", overflow="fold", max_width=60)
+    for name, entry in m["participants"].items():
+        parts.add_row(name, _brief(entry.get("summary", {})))
+    console.print(parts)
+
+
+def _brief(summary: Any, limit: int = 6) -> str:
+    """The scalar figures of a summary, shortest first: what fits a line; digests cut to 12."""
+    if isinstance(summary, str):
+        return summary
+    scalars = [(k, v) for k, v in summary.items() if isinstance(v, int | float | str | bool) or v is None]
+    scalars.sort(key=lambda kv: (not isinstance(kv[1], int | float) or isinstance(kv[1], bool), len(str(kv[1]))))
+    text = ", ".join(f"{k}={str(v)[:12]}" for k, v in scalars[:limit])
+    return text + (f" (+{len(scalars) - limit} more in --json)" if len(scalars) > limit else "")
 
 
 @backup.command("verify")
@@ -647,14 +674,41 @@ def _storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:
                         help="The restored STORAGE_PATH (the server must be stopped).")(fn)
 
 
+def _path_or_endpoint(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--json", "as_json", is_flag=True)(fn)
+    fn = click.option("--endpoint", default=None,
+                      help="A running server (admin credential: ANVIL_CLIENT_ID/ANVIL_CLIENT_SECRET).")(fn)
+    return click.option("--storage-path", default=None,
+                        help="The restored STORAGE_PATH (the server must be stopped); or STORAGE_PATH.")(fn)
+
+
+def _one_of(storage_path: str | None, endpoint: str | None) -> tuple[str | None, str | None]:
+    from anvil.backup.errors import BackupError
+
+    if not storage_path and not endpoint:
+        storage_path = os.environ.get("STORAGE_PATH") or None
+    if bool(storage_path) == bool(endpoint):
+        raise BackupError("give exactly one of --storage-path (a stopped restored path) or --endpoint (a running "
+                          "server)")
+    return storage_path, endpoint
+
+
 @recovery.command("status")
-@_storage_option
+@_path_or_endpoint
 @handles_errors
-def recovery_status(storage_path: str, as_json: bool) -> None:
+def recovery_status(storage_path: str | None, endpoint: str | None, as_json: bool) -> None:
+    """Whether a restored path (or a running server) is in recovery mode, and its last validation."""
     from anvil.backup import mode as rec
 
-    out = {"recovery_mode": rec.in_recovery(Path(storage_path)), "marker": rec.read_marker(Path(storage_path)),
-           "last_validation_ok": (rec.last_validation(Path(storage_path)) or {}).get("ok")}
+    storage_path, endpoint = _one_of(storage_path, endpoint)
+    if endpoint:
+        from anvil.client import AnvilClient
+
+        with AnvilClient(endpoint) as client:
+            out = client.recovery_status()
+    else:
+        out = {"recovery_mode": rec.in_recovery(Path(storage_path)), "marker": rec.read_marker(Path(storage_path)),
+               "last_validation_ok": (rec.last_validation(Path(storage_path)) or {}).get("ok")}
     emit(as_json, out)
 
 
@@ -678,14 +732,27 @@ def recovery_validate(storage_path: str, as_json: bool) -> None:
 
 
 @recovery.command("resume")
-@_storage_option
+@_path_or_endpoint
 @click.option("--force", is_flag=True, help="Resume without a passing validation (needs --reason).")
 @click.option("--reason", default=None, help="Why; recorded in the journal.")
 @handles_errors
-def recovery_resume(storage_path: str, as_json: bool, force: bool, reason: str | None) -> None:
+def recovery_resume(storage_path: str | None, endpoint: str | None, as_json: bool, force: bool,
+                    reason: str | None) -> None:
     """Leave recovery mode (only after a passing validation, or --force --reason)."""
     from anvil.backup import ops
 
+    storage_path, endpoint = _one_of(storage_path, endpoint)
+    if endpoint:
+        from anvil.client import AnvilClient
+
+        with AnvilClient(endpoint) as client:
+            if force:
+                res = client.recovery_resume(force=True, reason=reason)
+            else:
+                client.recovery_validate()  # the server resumes only after a passing validation at its head
+                res = client.recovery_resume()
+        emit(as_json, res, text=f"resumed normal traffic (journal seq {res.get('journal_seq')})")
+        return
     res = ops.resume_path(storage_path, force=force, reason=reason)
     emit(as_json, res, text=f"resumed normal traffic (journal seq {res['journal_seq']})")
 
