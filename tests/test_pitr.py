@@ -134,6 +134,18 @@ def test_archive_while_writing_kill_then_restore_to_a_time_between_two_snapshots
     finally:
         restored.stop()
 
+    # The restored store (same deployment, a new history after the target) must not append to the
+    # old archive: that would make segments no restore can cross.
+    again = AnvilServer(target, env=ENV, extra_args=["--archive-repo", repo]).start()
+    try:
+        deadline = time.monotonic() + 20
+        while not (st := archived_seq(again))["last_error"]:
+            assert time.monotonic() < deadline, st
+            time.sleep(0.2)
+        assert "different history" in st["last_error"], st
+    finally:
+        again.stop()
+
     # The drill proves the same point in time end to end (restore, validate, isolated server, smokes).
     proc = cli("drill", "--repo", repo, "--to-time", when, "--report-dir", str(tmp_path / "drill"), "--json",
                creds=creds, check=False)

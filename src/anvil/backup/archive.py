@@ -209,6 +209,17 @@ class Archiver:
             cursor, cursor_ts, cursor_hash = int(c["journal_seq"]), None, c["journal_hash"]
         if cursor is None:
             cursor = journal.oldest_seq(self._reader()) - 1  # never archived, never snapshotted
+        elif cursor_hash is not None:
+            # A store restored to an earlier point keeps its deployment id but writes a new history:
+            # appending it to the old one would make an archive no restore can cross. Refuse.
+            conn = self._reader()
+            row = conn.execute("SELECT hash FROM journal WHERE seq = ?", (cursor,)).fetchone()
+            head_seq, head_hash = journal.head(conn)
+            local = row[0] if row else (head_hash if head_seq == cursor else None)
+            if head_seq < cursor or (local is not None and local != cursor_hash):
+                raise BackupError(f"the archive of deployment {self.deployment_id} holds a different history at "
+                                  f"seq {cursor} than this store (restored to an earlier point?); archive into "
+                                  "a new repository")
         self.cursor, self.cursor_ts, self.cursor_hash = cursor, cursor_ts, cursor_hash
         self.blob_chunks = {}
         self._blob_map_loaded = False
