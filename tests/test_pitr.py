@@ -290,3 +290,31 @@ def test_incremental_journal_delta_costs_what_changed_and_restores_and_drills(tm
         for name in ("objects", "identity", "journal"):
             if table:
                 assert sum(1 for ln in table.splitlines() if ln.strip("│ ").startswith(name + " ")) == 1, table
+
+
+def test_archiving_configured_by_an_admin_at_runtime(tmp_path: Path, repo: str) -> None:
+    import httpx
+
+    srv = AnvilServer(tmp_path / "data", env=ENV).start()
+    try:
+        h = srv.auth_headers()
+        assert archived_seq(srv) == {"enabled": False}
+        bad = httpx.post(srv.endpoint + "/anvil/v1/admin/archive", headers=h,
+                         json={"repo": repo, "interval_seconds": 0})
+        assert bad.status_code == 400 and "interval_seconds" in bad.json()["error"]["message"]
+        wrong = httpx.post(srv.endpoint + "/anvil/v1/admin/archive", headers=h,
+                           json={"repo": repo, "passphrase": "not it"})
+        assert wrong.status_code == 400 and "wrong passphrase" in wrong.json()["error"]["message"]
+        assert archived_seq(srv) == {"enabled": False}
+        on = httpx.post(srv.endpoint + "/anvil/v1/admin/archive", headers=h, json={"repo": repo})
+        assert on.status_code == 201 and on.json()["enabled"], on.text
+        with srv.client() as c:
+            c.create_bucket(unique_bucket("rt"))
+        flushed = httpx.post(srv.endpoint + "/anvil/v1/admin/archive/flush", headers=h, timeout=60).json()
+        assert flushed["lag_events"] == 0 and flushed["archived_seq"] == flushed["head_seq"]
+        again = httpx.post(srv.endpoint + "/anvil/v1/admin/archive", headers=h, json={"repo": repo})
+        assert again.status_code == 412
+        off = httpx.delete(srv.endpoint + "/anvil/v1/admin/archive", headers=h, timeout=60)
+        assert off.status_code == 200 and archived_seq(srv) == {"enabled": False}
+    finally:
+        srv.stop()

@@ -84,6 +84,44 @@ async def get_archive(request: Request, ctx: RequestContext) -> Response:
 
 
 @endpoint
+async def configure_archive(request: Request, ctx: RequestContext) -> Response:
+    """Turn continuous archiving on at runtime (admin): {repo, passphrase?, interval_seconds?, s3_endpoint?}.
+    The passphrase defaults to the server's ANVIL_BACKUP_PASSPHRASE, as for online backups."""
+    from anvil.backup.archive import ArchiveConfig
+    from anvil.backup.crypto import read_passphrase
+    from anvil.backup.errors import BackupError
+
+    authorize(ctx.principal, "admin:write", "system")
+    body = await json_body(request)
+    repo = _str(body, "repo", required=True)
+    interval = body.get("interval_seconds", 1.0)
+    if isinstance(interval, bool) or not isinstance(interval, int | float) or not 1 <= interval <= 3600:
+        raise AnvilError("InvalidArgument", "'interval_seconds' must be a number from 1 to 3600")
+    if getattr(request.app.state, "archiver", None) is not None:
+        raise AnvilError("PreconditionFailed", "continuous archiving is already running: stop it first "
+                                               "(DELETE /anvil/v1/admin/archive)")
+    try:
+        passphrase = _str(body, "passphrase") or read_passphrase(None)
+    except BackupError as e:
+        raise AnvilError("InvalidArgument", str(e)) from None
+    config = ArchiveConfig(repo, float(interval), passphrase, _str(body, "s3_endpoint"))
+    archiver = await blocking(start_archiver, request.app, config)
+    return JSONResponse(archiver.status(), status_code=201)
+
+
+@endpoint
+async def stop_archive(request: Request, ctx: RequestContext) -> Response:
+    """Turn continuous archiving off (admin); what is unshipped is shipped first when the repository answers."""
+    authorize(ctx.principal, "admin:write", "system")
+    archiver = getattr(request.app.state, "archiver", None)
+    if archiver is None:
+        raise AnvilError("PreconditionFailed", "continuous archiving is not running")
+    request.app.state.archiver = None
+    await blocking(archiver.stop)
+    return JSONResponse({**archiver.status(), "enabled": False})
+
+
+@endpoint
 async def flush_archive(request: Request, ctx: RequestContext) -> Response:
     """Ship everything up to the current head now (admin): what `anvil backup status --flush` and tests use."""
     authorize(ctx.principal, "admin:write", "system")
@@ -193,6 +231,8 @@ async def recovery_resume(request: Request, ctx: RequestContext) -> Response:
 BACKUP_ROUTES = [
     Route("/anvil/v1/admin/backup", create_backup, methods=["POST"]),
     Route("/anvil/v1/admin/archive", get_archive, methods=["GET"]),
+    Route("/anvil/v1/admin/archive", configure_archive, methods=["POST"]),
+    Route("/anvil/v1/admin/archive", stop_archive, methods=["DELETE"]),
     Route("/anvil/v1/admin/archive/flush", flush_archive, methods=["POST"]),
     Route("/anvil/v1/admin/repair/blobs", heal_blobs, methods=["POST"]),
     Route("/anvil/v1/admin/recovery", recovery_status, methods=["GET"]),

@@ -373,6 +373,7 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any
         finally:
             if scheduler is not None:
                 scheduler.stop()
+            archiver = getattr(app.state, "archiver", None)  # started at boot or by an admin since
             if archiver is not None:
                 archiver.stop()  # ships what is left: a graceful stop loses nothing
     finally:

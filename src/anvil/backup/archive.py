@@ -158,6 +158,7 @@ class Archiver:
                 self.catch_up()
             except Exception as e:  # noqa: BLE001 - stopping: reported, never raised
                 self._failed(e)
+        self.storage.blobs.remove_hold(self.unshipped_blobs)  # archiving is off: gc decides alone again
 
     def _run(self) -> None:
         backoff = self.config.interval

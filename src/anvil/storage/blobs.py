@@ -280,6 +280,10 @@ class BlobStore:
     def add_hold(self, hold: Callable[[], set[str]]) -> None:
         self._holds.append(hold)
 
+    def remove_hold(self, hold: Callable[[], set[str]]) -> None:
+        if hold in self._holds:
+            self._holds.remove(hold)
+
     def held(self) -> set[str]:
         """Hashes some holder needs kept (gc skips them); a failing holder holds everything it might."""
         out: set[str] = set()
