@@ -402,10 +402,10 @@ def backup_inspect(repo: str, s3_endpoint: str | None, key_file: str | None, as_
     from rich.table import Table
 
     cov = Table(title="coverage checklist", title_justify="left", expand=False)
-    cov.add_column("item", overflow="fold", max_width=46)
-    cov.add_column("participants", overflow="fold", max_width=28)
+    cov.add_column("item", overflow="fold", max_width=42)
+    cov.add_column("participants", overflow="fold", max_width=30)
     for item in m["coverage"]:
-        cov.add_row(item["label"], ", ".join(item["participants"]) or "— not present in this deployment")
+        cov.add_row(item["label"], ", ".join(item["participants"]) or "not present in this deployment")
     console.print(cov)
     parts = Table(title="participant summaries", title_justify="left", expand=False)
     parts.add_column("participant", max_width=14)
