@@ -77,10 +77,18 @@ def world(tmp_path_factory: pytest.TempPathFactory):
         ok_json("backup", "init", "--repo", repo)
         escrowed = ok_json("backup", "create", "--repo", repo, "--endpoint", srv.endpoint, "--escrow-secrets",
                            creds=creds)
-        plain = ok_json("backup", "create", "--repo", repo, "--endpoint", srv.endpoint, creds=creds)
+        plain = ok_json("backup", "create", "--repo", repo, "--endpoint", srv.endpoint, "--no-escrow-secrets",
+                        creds=creds)
+        # No choice given, development mode: the generated keys are escrowed, and the CLI says so loudly.
+        default = run("backup", "create", "--repo", repo, "--endpoint", srv.endpoint, "--json", creds=creds)
+        assert default.returncode == 0, default.stderr
+        by_default = json.loads(default.stdout)
+        assert by_default["secrets_escrowed"] is True and by_default["escrow_policy"].startswith("default: development")
+        assert "ESCROWS key material" in default.stderr and "--no-escrow-secrets" in default.stderr
         key = json.loads((srv.storage_path / "secrets" / "encryption_key.json").read_text())
         yield {"srv": srv, "base": base, "repo": repo, "creds": creds, "app": app, "bucket": bucket,
-               "escrowed": escrowed, "plain": plain, "finding": finding, "key": key, "start_seq": before}
+               "escrowed": escrowed, "plain": plain, "by_default": by_default, "finding": finding,
+               "key": key, "start_seq": before}
     finally:
         client.close()
         srv.stop()
@@ -149,6 +157,8 @@ def test_without_escrow_identity_names_every_undecryptable_app(world, tmp_path: 
     assert f"app {world['app']['client_id']}" in subjects and f"app {world['creds']['ANVIL_CLIENT_ID']}" in subjects
     for f in ident:
         assert f"key {kid!r} is not configured" in f["message"] and "ANVIL_SECRET_ENCRYPTION_KEY" in f["message"]
+    # Validation never makes up key material inside the restored directory.
+    assert not (target / "secrets").exists() or not any((target / "secrets").iterdir())
     # Doing what the message says fixes it.
     keys = {"ANVIL_SECRET_ENCRYPTION_KEY": world["key"]["key"], "ANVIL_SECRET_ENCRYPTION_KEY_ID": kid}
     report = ok_json("recovery", "validate", "--storage-path", str(target), extra=keys)
@@ -180,6 +190,39 @@ def test_drill_without_escrow_or_credential_fails_clearly(world, tmp_path: Path)
     failed = [f for c in report["checks"] if not c["ok"] for f in c["findings"] if f["severity"] == "error"]
     assert failed and all(f["participant"] == "identity" for f in failed)
     assert "ANVIL_SECRET_ENCRYPTION_KEY" in failed[0]["message"]
+    # The human output names the missing key and both ways to supply it, without opening the report.
+    text = run("drill", "--repo", world["repo"], "--snapshot", world["plain"]["id"], "--report-dir",
+               str(tmp_path / "text"), creds=world["creds"])
+    kid = world["key"]["key_id"]
+    assert text.returncode == 1
+    assert f"key {kid!r} is not configured" in text.stdout, text.stdout
+    assert f"ANVIL_SECRET_ENCRYPTION_KEY_ID={kid}" in text.stdout and "--escrow-secrets" in text.stdout
+
+
+def test_default_escrow_snapshot_drills_without_any_key_in_the_environment(world, tmp_path: Path) -> None:
+    proc = run("drill", "--repo", world["repo"], "--snapshot", world["by_default"]["id"], "--report-dir",
+               str(tmp_path), "--json", creds=world["creds"])
+    report = json.loads((tmp_path / "drill-report.json").read_text())
+    assert proc.returncode == 0, json.dumps([c for c in report["checks"] if not c["ok"]], indent=1)
+
+
+def test_production_mode_escrows_only_when_asked(world, tmp_path: Path) -> None:
+    """Production keys come from the environment: without a choice, nothing is escrowed."""
+    base = tmp_path
+    key = {"ANVIL_MODE": "production", "ANVIL_SECRET_ENCRYPTION_KEY": "a" * 64,
+           "ANVIL_SECRET_ENCRYPTION_KEY_ID": "prod-1", "JWT_SECRET": "j" * 40}
+    srv = AnvilServer(base / "data", env={**ENV, **key}).start()
+    try:
+        admin = srv.admin_credentials()
+        creds = {"ANVIL_CLIENT_ID": admin["client_id"], "ANVIL_CLIENT_SECRET": admin["client_secret"]}
+        repo = f"file://{base / 'repo'}"
+        ok_json("backup", "init", "--repo", repo)
+        proc = run("backup", "create", "--repo", repo, "--endpoint", srv.endpoint, "--json", creds=creds)
+        out = json.loads(proc.stdout)
+        assert out["secrets_escrowed"] is False and out["escrow_policy"].startswith("default: no key material")
+        assert "ESCROWS" not in proc.stderr
+    finally:
+        srv.stop()
 
     nocred = run("drill", "--repo", world["repo"], "--report-dir", str(tmp_path / "none"))
     assert nocred.returncode == 1 and "ANVIL_CLIENT_ID" in nocred.stderr

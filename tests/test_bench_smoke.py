@@ -107,3 +107,17 @@ def test_personaldb_bench_quick_prints_every_figure() -> None:
                              ("snapshot", ("build_seconds", "peer_local_copy_hash_compress_seconds"))):
         for f in figures:
             assert {"min", "median", "runs"} <= doc[section][f].keys() and len(doc[section][f]["runs"]) >= 3
+
+
+def test_pitr_bench_quick_prints_rpo_and_restore_figures() -> None:
+    """`bench/pitr.py` (tiny run): archive lag percentiles and the point-in-time vs plain restore times."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "pitr.py"), "--quick", "--seconds", "2",
+                           "--rate", "50", "--events", "600"], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    doc = json.loads(proc.stdout)
+    assert doc["benchmark"] == "pitr" and doc["rpo"]["writes"] > 0 and doc["rpo"]["errors"] == 0
+    assert {"lag_p50_s", "lag_p99_s", "lag_max_s", "target_p99_s", "met"} <= doc["rpo"].keys()
+    pitr = doc["point_in_time_restore"]
+    assert pitr["pitr_events_replayed"] == 600 and pitr["plain_restore_seconds"] > 0
+    assert "ratio_pitr_vs_plain" in pitr

@@ -515,14 +515,18 @@ class AnvilClient:
     # ------------------------------------------------------------ backup and recovery
 
     def create_backup(self, repo: str, *, passphrase: str | None = None, s3_endpoint: str | None = None,
-                      tag: str | None = None, escrow_secrets: bool = False) -> dict[str, Any]:
-        """Ask the server to take a snapshot of itself into `repo` (admin)."""
+                      tag: str | None = None, escrow_secrets: bool | None = None,
+                      incremental: bool = False) -> dict[str, Any]:
+        """Ask the server to take a snapshot of itself into `repo` (admin); `escrow_secrets` None leaves
+        the choice to the server's policy (development-mode keys are escrowed, production ones are not)."""
         body: dict[str, Any] = {"repo": repo}
         for name, value in (("passphrase", passphrase), ("s3_endpoint", s3_endpoint), ("tag", tag)):
             if value:
                 body[name] = value
-        if escrow_secrets:
-            body["escrow_secrets"] = True
+        if escrow_secrets is not None:
+            body["escrow_secrets"] = escrow_secrets
+        if incremental:
+            body["incremental"] = True
         return self._json("POST", "/anvil/v1/admin/backup", json=body)
 
     def recovery_status(self) -> dict[str, Any]:

@@ -20,7 +20,7 @@ _backup_lock = threading.Lock()
 
 def run_backup(app: Any, repo_url: str, *, passphrase: str | None = None, key_file: str | None = None,
                s3_endpoint: str | None = None, tag: str | None = None, mode: str = "online",
-               escrow_secrets: bool = False) -> dict[str, Any]:
+               escrow_secrets: bool | None = None, incremental: bool = False) -> dict[str, Any]:
     """One backup of the running server; remembers the outcome for /anvil/health/ready."""
     from anvil.backup import engine, ops
     from anvil.backup.errors import BackupError
@@ -33,7 +33,7 @@ def run_backup(app: Any, repo_url: str, *, passphrase: str | None = None, key_fi
         repo = ops.open_repo(repo_url, passphrase=passphrase, key_file=key_file, s3_endpoint=s3_endpoint,
                              storage_path=anvil.storage.root)
         manifest = ops.backup_storage(anvil.storage, anvil.participants(), repo, tag=tag, run_mode=mode,
-                                      escrow_secrets=escrow_secrets)
+                                      escrow_secrets=escrow_secrets, incremental=incremental)
         result = {**engine.snapshot_row(manifest), "stats": manifest["stats"], "problems": manifest["problems"]}
         app.state.last_backup = {"time": started, "ok": not manifest["problems"], "snapshot": manifest["id"],
                                  "repository": repo.backend.url, "problems": len(manifest["problems"])}
@@ -47,6 +47,93 @@ def run_backup(app: Any, repo_url: str, *, passphrase: str | None = None, key_fi
         raise
     finally:
         _backup_lock.release()
+
+
+def start_archiver(app: Any, config: Any) -> Any:
+    """Continuous archiving (`anvil serve --archive-repo`): refuses to start on a wrong repository or
+    passphrase; afterwards an unreachable repository only shows as lag and `last_error`."""
+    from anvil.backup import ops
+    from anvil.backup.archive import Archiver
+    from anvil.backup.errors import BackupError
+
+    anvil = app.state.anvil
+
+    def open_repo() -> Any:
+        return ops.open_repo(config.repo, passphrase=config.passphrase, s3_endpoint=config.s3_endpoint,
+                             storage_path=anvil.storage.root)
+
+    try:
+        open_repo()
+    except BackupError as e:
+        raise AnvilError("InvalidArgument", f"--archive-repo: {e}") from None
+    archiver = Archiver(anvil.storage, anvil.participants(), config, open_repo)
+    app.state.archiver = archiver
+    archiver.start()
+    return archiver
+
+
+def archive_status(app: Any) -> dict[str, Any]:
+    archiver = getattr(app.state, "archiver", None)
+    return archiver.status() if archiver is not None else {"enabled": False}
+
+
+@endpoint
+async def get_archive(request: Request, ctx: RequestContext) -> Response:
+    authorize(ctx.principal, "admin:read", "system")
+    return JSONResponse(await blocking(archive_status, request.app))
+
+
+@endpoint
+async def configure_archive(request: Request, ctx: RequestContext) -> Response:
+    """Turn continuous archiving on at runtime (admin): {repo, passphrase?, interval_seconds?, s3_endpoint?}.
+    The passphrase defaults to the server's ANVIL_BACKUP_PASSPHRASE, as for online backups."""
+    from anvil.backup.archive import ArchiveConfig
+    from anvil.backup.crypto import read_passphrase
+    from anvil.backup.errors import BackupError
+
+    authorize(ctx.principal, "admin:write", "system")
+    body = await json_body(request)
+    repo = _str(body, "repo", required=True)
+    interval = body.get("interval_seconds", 1.0)
+    if isinstance(interval, bool) or not isinstance(interval, int | float) or not 1 <= interval <= 3600:
+        raise AnvilError("InvalidArgument", "'interval_seconds' must be a number from 1 to 3600")
+    if getattr(request.app.state, "archiver", None) is not None:
+        raise AnvilError("PreconditionFailed", "continuous archiving is already running: stop it first "
+                                               "(DELETE /anvil/v1/admin/archive)")
+    try:
+        passphrase = _str(body, "passphrase") or read_passphrase(None)
+    except BackupError as e:
+        raise AnvilError("InvalidArgument", str(e)) from None
+    config = ArchiveConfig(repo, float(interval), passphrase, _str(body, "s3_endpoint"))
+    archiver = await blocking(start_archiver, request.app, config)
+    return JSONResponse(archiver.status(), status_code=201)
+
+
+@endpoint
+async def stop_archive(request: Request, ctx: RequestContext) -> Response:
+    """Turn continuous archiving off (admin); what is unshipped is shipped first when the repository answers."""
+    authorize(ctx.principal, "admin:write", "system")
+    archiver = getattr(request.app.state, "archiver", None)
+    if archiver is None:
+        raise AnvilError("PreconditionFailed", "continuous archiving is not running")
+    request.app.state.archiver = None
+    await blocking(archiver.stop)
+    return JSONResponse({**archiver.status(), "enabled": False})
+
+
+@endpoint
+async def flush_archive(request: Request, ctx: RequestContext) -> Response:
+    """Ship everything up to the current head now (admin): what `anvil backup status --flush` and tests use."""
+    authorize(ctx.principal, "admin:write", "system")
+    archiver = getattr(request.app.state, "archiver", None)
+    if archiver is None:
+        raise AnvilError("PreconditionFailed", "continuous archiving is not configured (anvil serve --archive-repo)")
+    try:
+        shipped = await blocking(archiver.catch_up)
+    except Exception as e:  # noqa: BLE001 - reported as the status's last_error too
+        archiver._failed(e)
+        raise AnvilError("PreconditionFailed", f"archive flush failed: {archiver.last_error}") from None
+    return JSONResponse({"shipped": shipped, **archiver.status()})
 
 
 def _str(body: dict[str, Any], name: str, required: bool = False) -> str | None:
@@ -63,11 +150,16 @@ async def create_backup(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:write", "system")
     body = await json_body(request)
     repo = _str(body, "repo", required=True)
-    escrow = body.get("escrow_secrets", False)
-    if not isinstance(escrow, bool):
+    # Absent: the default policy (development-mode keys are escrowed, production ones are not).
+    escrow = body.get("escrow_secrets")
+    if escrow is not None and not isinstance(escrow, bool):
         raise AnvilError("InvalidArgument", "'escrow_secrets' must be true or false")
+    incremental = body.get("incremental", False)
+    if not isinstance(incremental, bool):
+        raise AnvilError("InvalidArgument", "'incremental' must be true or false")
     result = await blocking(run_backup, request.app, repo, passphrase=_str(body, "passphrase"),
-                            s3_endpoint=_str(body, "s3_endpoint"), tag=_str(body, "tag"), escrow_secrets=escrow)
+                            s3_endpoint=_str(body, "s3_endpoint"), tag=_str(body, "tag"), escrow_secrets=escrow,
+                            incremental=incremental)
     return JSONResponse(result, status_code=201)
 
 
@@ -138,6 +230,10 @@ async def recovery_resume(request: Request, ctx: RequestContext) -> Response:
 
 BACKUP_ROUTES = [
     Route("/anvil/v1/admin/backup", create_backup, methods=["POST"]),
+    Route("/anvil/v1/admin/archive", get_archive, methods=["GET"]),
+    Route("/anvil/v1/admin/archive", configure_archive, methods=["POST"]),
+    Route("/anvil/v1/admin/archive", stop_archive, methods=["DELETE"]),
+    Route("/anvil/v1/admin/archive/flush", flush_archive, methods=["POST"]),
     Route("/anvil/v1/admin/repair/blobs", heal_blobs, methods=["POST"]),
     Route("/anvil/v1/admin/recovery", recovery_status, methods=["GET"]),
     Route("/anvil/v1/admin/recovery/validate", recovery_validate, methods=["POST"]),

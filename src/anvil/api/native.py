@@ -131,6 +131,9 @@ async def ready(request: Request) -> Response:
         "backup": {"last": getattr(request.app.state, "last_backup", None),
                    "schedule": getattr(request.app.state, "backup_schedule", None)},
     }
+    archiver = getattr(request.app.state, "archiver", None)
+    # Continuous archiving: cursor, lag (events, seconds) and the last error (docs/backup.md).
+    body["backup"]["archive"] = archiver.status() if archiver is not None else {"enabled": False}
     return JSONResponse(body)
 
 

@@ -298,7 +298,8 @@ def _grace_seconds() -> float:
     return value
 
 
-def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any = None) -> None:
+def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any = None,
+          archive: Any = None) -> None:
     """Serve one STORAGE_PATH; `backup` (a ScheduleConfig) turns on scheduled backups.
 
     SIGTERM (or SIGINT) stops it gracefully: no new connections, in-flight requests finish (up to
@@ -341,6 +342,11 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any
             check_schedule(backup, anvil.storage.root)
             scheduler = BackupScheduler(app, backup, run_backup)
             scheduler.start()
+        archiver = None
+        if archive is not None:  # an ArchiveConfig: continuous archiving of the journal (docs/backup.md)
+            from anvil.api.backup_routes import start_archiver
+
+            archiver = start_archiver(app, archive)
         print(f"Anvil {storage_path!s} listening on {endpoint}", flush=True)
         print(f"  native API: {endpoint}/anvil/v1/  (OpenAPI: /anvil/v1/openapi.json)", flush=True)
         print(f"  S3 gateway: {endpoint}/  (path style; docs/s3.md)", flush=True)
@@ -369,6 +375,9 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any
         finally:
             if scheduler is not None:
                 scheduler.stop()
+            archiver = getattr(app.state, "archiver", None)  # started at boot or by an admin since
+            if archiver is not None:
+                archiver.stop()  # ships what is left: a graceful stop loses nothing
     finally:
         sock.close()
         anvil.close()

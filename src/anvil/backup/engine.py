@@ -22,7 +22,15 @@ from anvil.backup.repository import Repository, env_seconds
 from anvil.storage import journal, records
 from anvil.storage.blobs import BlobStore
 from anvil.storage.layout import FORMAT_FILE
-from anvil.storage.recovery import NOT_PRESENT, FileOwner, KeyHolder, Participant, RecoveryContext, coverage
+from anvil.storage.recovery import (
+    NOT_PRESENT,
+    DefaultEscrow,
+    FileOwner,
+    KeyHolder,
+    Participant,
+    RecoveryContext,
+    coverage,
+)
 
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, what)
 # Threads that cut, hash, compress and encrypt files; hashing, zstd and AES-GCM release the GIL.
@@ -130,15 +138,17 @@ def ordered_parallel(fn: Callable[[Any], Any], items: list[Any], workers: int | 
             yield it, fut.result()
 
 
-def latest_for(repo: Repository, deployment_id: str) -> dict[str, Any] | None:
-    snaps = [s for s in repo.snapshots() if s.get("deployment_id") == deployment_id]
-    return snaps[-1] if snaps else None
+def latest_for(repo: Repository, deployment_id: str, *, full: bool = True) -> dict[str, Any] | None:
+    """The newest snapshot of the deployment (a full one: deltas hold no file tree), loaded whole."""
+    rows = [r for r in repo.snapshot_rows() if r.get("deployment_id") == deployment_id
+            and (not full or r.get("kind") != "delta")]
+    return repo.load_snapshot(rows[-1]["id"]) if rows else None
 
 
 def create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
                     participants: list[Participant], repo: Repository, *, progress: Progress | None = None,
                     tag: str | None = None, config: dict[str, Any] | None = None,
-                    escrow_secrets: bool = False) -> dict[str, Any]:
+                    escrow_secrets: bool | None = None) -> dict[str, Any]:
     """Checkpoint, then store FORMAT, catalog.db and every referenced blob; returns the manifest."""
     with repo.lock("shared", "create"):
         return _create_snapshot(storage_root, catalog_path, blobs, tmp_dir, deployment_id, participants, repo,
@@ -148,7 +158,7 @@ def create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tm
 def _create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
                      participants: list[Participant], repo: Repository, *, progress: Progress | None = None,
                      tag: str | None = None, config: dict[str, Any] | None = None,
-                     escrow_secrets: bool = False) -> dict[str, Any]:
+                     escrow_secrets: bool | None = None) -> dict[str, Any]:
     started = time.time()
     # Another create may be filling packs no index mentions yet: then leave every pack alone.
     if any(lock.get("operation") not in ("verify", "forget") for lock in repo.live_locks):
@@ -170,7 +180,7 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp
                    parent: dict[str, Any] | None, started: float, orphans: dict[str, Any], *,
                    progress: Progress | None = None,
                    tag: str | None = None, config: dict[str, Any] | None = None,
-                   escrow_secrets: bool = False) -> dict[str, Any]:
+                   escrow_secrets: bool | None = None) -> dict[str, Any]:
     parent_blobs: dict[str, dict[str, Any]] = parent["tree"]["blobs"] if parent else {}
     known = writer.known
     problems: list[str] = []
@@ -178,6 +188,13 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp
         conn = records.open_readonly(cp)
         try:
             ctx = RecoveryContext(storage_root, conn, blobs, participants, escrow_secrets=escrow_secrets)
+            if escrow_secrets is None:
+                reasons = [r for p in participants if isinstance(p, DefaultEscrow) and (r := p.default_escrow(ctx))]
+                escrow_secrets = ctx.escrow_secrets = bool(reasons)
+                escrow_policy = "default: " + ("; ".join(reasons) if reasons else "no key material to escrow "
+                                               "(keys come from the environment or production mode)")
+            else:
+                escrow_policy = "explicit: --escrow-secrets" if escrow_secrets else "explicit: --no-escrow-secrets"
             for p in participants:
                 p.checkpoint(ctx)
             secret_key_ids = sorted({k for p in participants if isinstance(p, KeyHolder) for k in p.key_ids(ctx)})
@@ -269,7 +286,7 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp
         "hostname": platform.node(),
         "consistency": {"method": CONSISTENCY_METHOD, "journal_seq": seq, "journal_hash": chain_hash},
         "key_ids": {"repository_key": repo.key_id, "secret_keys": secret_key_ids,
-                    "secrets_escrowed": escrow_secrets},
+                    "secrets_escrowed": escrow_secrets, "escrow_policy": escrow_policy},
         "config": config or {},
         "participants": parts,
         "coverage": coverage(p.describe() for p in participants),
@@ -294,9 +311,12 @@ def _storage_format(fmt: bytes) -> Any:
 
 def snapshot_row(m: dict[str, Any]) -> dict[str, Any]:
     return {"id": m["id"], "time": m["started"], "parent": m["parent"], "tag": m.get("tag"),
+            "kind": m.get("kind") or "full", "base": m.get("base"),
             "deployment_id": m["deployment_id"], "journal_seq": m["consistency"]["journal_seq"],
             "logical_bytes": m["stats"]["logical_bytes"], "new_bytes": m["stats"]["new_bytes"],
-            "problems": len(m.get("problems", []))}
+            "problems": len(m.get("problems", [])),
+            "secrets_escrowed": bool(m.get("key_ids", {}).get("secrets_escrowed")),
+            "escrow_policy": m.get("key_ids", {}).get("escrow_policy", "explicit")}
 
 
 def inspect_rows(m: dict[str, Any]) -> list[dict[str, Any]]:
@@ -308,7 +328,8 @@ def inspect_rows(m: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         for name in item["participants"]:
             rows.append({"item": item["label"], "participant": name,
-                         "summary": m["participants"][name]["summary"]})
+                         # A journal delta records no summaries: its base's describe the checkpoint.
+                         "summary": m["participants"].get(name, {}).get("summary", "journal delta: see its base")})
     return rows
 
 
@@ -347,6 +368,18 @@ def _verify(repo: Repository, *, read_data: bool = False, progress: Progress | N
         except BackupError as e:
             errors.append({"what": f"snapshot {sid}", "problem": str(e)})
     users = _chunk_users(repo, snaps)
+    from anvil.backup.archive import list_segments, load_segment
+
+    segments = list_segments(repo)
+    for ref in segments:
+        try:
+            seg = load_segment(repo, ref)
+        except BackupError as e:
+            errors.append({"what": f"archive segment {ref.name}", "problem": str(e)})
+            continue
+        for sha, entry in seg.get("blobs", {}).items():
+            for c in entry["chunks"]:
+                users.setdefault(c, []).append(f"archive seq {ref.first_seq}..{ref.last_seq}: blob {sha[:16]}…")
 
     def affects(cid: str) -> list[str]:
         u = users.get(cid, [])
@@ -402,7 +435,8 @@ def _verify(repo: Repository, *, read_data: bool = False, progress: Progress | N
             done += nbytes
             if progress:
                 progress(done, total, pack_id[:12])
-    return {"ok": not errors, "snapshots": len(snaps), "packs": len(stored_packs), "chunks": len(index),
+    return {"ok": not errors, "snapshots": len(snaps), "archive_segments": len(segments),
+            "packs": len(stored_packs), "chunks": len(index),
             "read_data": read_data, "chunks_read": checked_chunks, "errors": errors, "warnings": warnings}
 
 
@@ -436,12 +470,30 @@ def forget(repo: Repository, *, keep_last: int = 0, keep_daily: int = 0, keep_we
 
 
 def _forget(repo: Repository, keep_last: int, keep_daily: int, keep_weekly: int, prune: bool) -> dict[str, Any]:
-    snaps = repo.snapshots()
+    from anvil.backup.archive import list_segments
+
+    snaps = repo.snapshot_rows()
     keep = select_keep(snaps, keep_last, keep_daily, keep_weekly)
+    # A kept journal delta needs the full snapshot it rolls forward from.
+    keep |= {m["base"] for m in snaps if m["id"] in keep and m.get("kind") == "delta" and m.get("base")}
     removed = [m["id"] for m in snaps if m["id"] not in keep]
     for sid in removed:
         repo.backend.delete(f"snapshots/{sid}")
-    result: dict[str, Any] = {"kept": sorted(keep), "removed": removed}
+    # Archived journal segments: every retained snapshot must still roll forward to the next one
+    # (and the newest to the archive's end), so a deployment keeps every segment after its oldest
+    # retained snapshot's checkpoint; older ones go. A deployment with no retained snapshot keeps
+    # its whole archive: forget never removes the only way back to its data.
+    oldest: dict[str, int] = {}
+    for m in snaps:
+        if m["id"] in keep:
+            seq = int(m["consistency"]["journal_seq"])
+            oldest[m["deployment_id"]] = min(oldest.get(m["deployment_id"], seq), seq)
+    segments_removed = []
+    for ref in list_segments(repo):
+        if ref.deployment_id in oldest and ref.last_seq <= oldest[ref.deployment_id]:
+            repo.backend.delete(ref.name)
+            segments_removed.append(ref.name.rsplit("/", 1)[1])
+    result: dict[str, Any] = {"kept": sorted(keep), "removed": removed, "segments_removed": len(segments_removed)}
     if prune:
         result["prune"] = prune_repo(repo)
     return result
@@ -456,11 +508,15 @@ def prune_repo(repo: Repository) -> dict[str, Any]:
     repo.index()
     if repo.index_problems:
         raise BackupError("refusing to prune: " + "; ".join(repo.index_problems))
+    from anvil.backup.archive import list_segments, load_segment, segment_chunks
+
     snaps = repo.snapshots()
     used: set[str] = set()
     for m in snaps:
         for entry in [*m["tree"]["files"].values(), *m["tree"]["blobs"].values()]:
             used.update(entry["chunks"])
+    for ref in list_segments(repo):  # archived journal segments keep their blobs' chunks
+        used.update(segment_chunks(load_segment(repo, ref)))
     index = repo.index()
     orphans = remove_orphan_packs(repo)
     by_pack: dict[str, list[str]] = {}

@@ -22,8 +22,11 @@ def open_repo(url: str, *, passphrase: str | None = None, key_file: str | None =
 
 def backup_storage(storage: Storage, participants: list[Participant], repo: Repository, *,
                    progress: engine.Progress | None = None, tag: str | None = None, run_mode: str = "offline",
-                   escrow_secrets: bool = False) -> dict[str, Any]:
-    """A snapshot of one opened deployment (the running server's, or one opened offline)."""
+                   escrow_secrets: bool | None = None, incremental: bool = False) -> dict[str, Any]:
+    """A snapshot of one opened deployment (the running server's, or one opened offline).
+
+    `incremental`: a journal delta (what changed since the newest snapshot, read from the journal)
+    instead of a full snapshot; see `archive.create_delta`."""
     root = storage.root
     url = repo.backend.url
     if url.startswith("file://"):
@@ -31,6 +34,10 @@ def backup_storage(storage: Storage, participants: list[Participant], repo: Repo
         open_backend(url, storage_path=root)
     layout = storage.layout
     config = {"storage_path": str(root), "mode": run_mode, "repository": url, "escrow_secrets": escrow_secrets}
+    if incremental:
+        from anvil.backup.archive import create_delta
+
+        return create_delta(storage, participants, repo, tag=tag, config={**config, "incremental": True})
     return engine.create_snapshot(root, layout.catalog_path, storage.blobs, layout.tmp,
                                   storage.format.deployment_id, participants, repo,
                                   progress=progress, tag=tag, config=config, escrow_secrets=escrow_secrets)

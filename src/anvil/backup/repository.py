@@ -44,7 +44,9 @@ from anvil.backup.pack import PACK_TARGET, Location, PackWriter, compress, decom
 # Re-exported: callers outside this package's files import these from here.
 __all__ = ["BackupError", "Repository", "read_passphrase"]
 
-FORMAT_VERSION = 1
+# 2: archived journal segments (archive/<deployment>/...); version 1 repositories are read as
+# they are and upgraded (config rewritten once) when continuous archiving first writes to them.
+FORMAT_VERSION = 2
 LOCK_STALE_ENV = "ANVIL_BACKUP_LOCK_STALE"
 # As restic: a lock not refreshed for this long belongs to a process that is gone or hung.
 LOCK_STALE = 30 * 60
@@ -108,6 +110,25 @@ def describe_lock(name: str, info: Any, now: float) -> str:
         return name
 
 
+# Passphrase -> master key is a memory-hard KDF (~0.3 s with production costs): a long-running
+# process (the server's backups, the archiver) pays it once per repository key and passphrase.
+_MASTERS: dict[tuple[str, str, str], bytes] = {}
+_MASTERS_LOCK = threading.Lock()
+CACHE_ENV = "ANVIL_BACKUP_CACHE_DIR"
+# What `snapshot_rows` keeps of a manifest: everything but the (large) file tree and summaries.
+ROW_FIELDS = ("id", "parent", "tag", "started", "finished", "deployment_id", "consistency", "stats", "kind", "base",
+              "key_ids", "problems")
+
+
+def cache_root() -> Path | None:
+    """Where decrypted-then-resealed snapshot headers are cached (like restic's cache); None disables."""
+    text = os.environ.get(CACHE_ENV)
+    if text is not None:
+        return Path(text) if text.strip() and text.strip() != "off" else None
+    base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
+    return Path(base) / "anvil" / "backup"
+
+
 class Repository:
     def __init__(self, backend: Backend, config: dict[str, Any], master: bytes, key_id: str):
         self.backend = backend
@@ -161,10 +182,18 @@ class Repository:
         key_names = backend.list("keys")
         if not key_names:
             raise BackupError(f"{backend.url} has no keys: the repository cannot be decrypted")
+        secret = hashlib.sha256(passphrase.encode()).hexdigest()
         for name in key_names:
             try:
-                entry = json.loads(backend.read(name))
-                master = unwrap_master(config["repo_id"], entry, passphrase)
+                raw = backend.read(name)
+                entry = json.loads(raw)
+                ck = (config["repo_id"], hashlib.sha256(raw).hexdigest(), secret)
+                with _MASTERS_LOCK:
+                    master = _MASTERS.get(ck)
+                if master is None:
+                    master = unwrap_master(config["repo_id"], entry, passphrase)
+                    with _MASTERS_LOCK:
+                        _MASTERS[ck] = master
             except InvalidTag:
                 continue
             except (ValueError, KeyError, TypeError):
@@ -359,12 +388,44 @@ class Repository:
         out = [self.load_snapshot(i) for i in self.snapshot_ids()]
         return sorted(out, key=lambda m: m["started"])
 
+    def snapshot_rows(self) -> list[dict[str, Any]]:
+        """Every snapshot's header (no tree, no summaries), oldest first, without decrypting every
+        manifest each time: headers are cached locally (sealed with the repository key, by id;
+        snapshots are immutable), so a repository with thousands of snapshots opens in one listing."""
+        ids = self.snapshot_ids()
+        root = cache_root()
+        folder = root / self.repo_id / "snapshots" if root else None
+        rows = []
+        for sid in ids:
+            row = None
+            if folder is not None:
+                try:
+                    row = self.unseal_json((folder / sid).read_bytes(), f"snapshot-row:{sid}".encode())
+                except Exception:  # noqa: BLE001 - a missing or damaged cache entry is read afresh
+                    row = None
+            if row is None:
+                m = self.load_snapshot(sid)
+                row = {k: m.get(k) for k in ROW_FIELDS}
+                if folder is not None:
+                    with contextlib.suppress(OSError):
+                        folder.mkdir(parents=True, exist_ok=True)
+                        tmp = folder / f".{sid}.{uuid.uuid4().hex[:6]}"
+                        tmp.write_bytes(self.seal_json(row, f"snapshot-row:{sid}".encode()))
+                        os.replace(tmp, folder / sid)
+            rows.append(row)
+        if folder is not None and folder.is_dir():
+            for stale in set(os.listdir(folder)) - set(ids):  # forgotten snapshots leave the cache too
+                if not stale.startswith("."):
+                    with contextlib.suppress(OSError):
+                        (folder / stale).unlink()
+        return sorted(rows, key=lambda m: m["started"])
+
     def resolve_snapshot(self, ref: str | None) -> dict[str, Any]:
         if ref in (None, "", "latest"):
-            ids = self.snapshot_ids()
-            if not ids:
+            rows = self.snapshot_rows()
+            if not rows:
                 raise BackupError(f"{self.backend.url} holds no snapshots")
-            return self.snapshots()[-1]
+            return self.load_snapshot(rows[-1]["id"])
         matches = [i for i in self.snapshot_ids() if i.startswith(ref)]
         if len(matches) != 1:
             raise BackupError(f"snapshot {ref!r} {'is ambiguous' if matches else 'not found'}")

@@ -243,6 +243,9 @@ def _hash_file(path: Path) -> str:
 def get_object(repo: Repository, manifest: dict[str, Any], participants: list[Participant], bucket: str, key: str,
                version_id: str | None = None) -> tuple[dict[str, Any], bytes]:
     """One object version's bytes out of a snapshot, without restoring anything else."""
+    if manifest.get("kind") == "delta":
+        raise BackupError(f"snapshot {manifest['id']} is a journal delta (no catalog of its own): use its base "
+                          f"--snapshot {manifest['base']}, or restore the delta")
     locators = [p for p in participants if isinstance(p, ObjectLocator)]
     if not locators:
         raise BackupError("no participant can locate objects in a snapshot")

@@ -192,15 +192,19 @@ def backup_init(repo: str, s3_endpoint: str | None, key_file: str | None, as_jso
 @click.option("--storage-path", default=None, help="Back up a stopped STORAGE_PATH directly (offline).")
 @click.option("--endpoint", default=None, help="Back up the running server at this URL (online, consistent).")
 @click.option("--tag", default=None, help="A label stored in the snapshot.")
-@click.option("--escrow-secrets", is_flag=True,
-              help="Also store STORAGE_PATH/secrets/ key material (encrypted) so a restore can decrypt "
-                   "application secrets; key ids are always recorded. See docs/backup.md.")
+@click.option("--escrow-secrets/--no-escrow-secrets", default=None,
+              help="Store (or not) STORAGE_PATH/secrets/ key material, encrypted, so a restore can decrypt "
+                   "application secrets. Default: escrowed in development mode (the keys exist nowhere else), "
+                   "not in production. Key ids are always recorded. See docs/backup.md.")
+@click.option("--incremental", is_flag=True,
+              help="A journal delta: only the events (and new blobs) since the newest snapshot; restored as "
+                   "that snapshot's base rolled forward. Costs what changed, not the store's size.")
 @lock_stale_option
 @orphan_grace_option
 @handles_errors
 def backup_create(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool,
-                  storage_path: str | None, endpoint: str | None, tag: str | None, escrow_secrets: bool,
-                  lock_stale: str | None, orphan_grace: str | None) -> None:
+                  storage_path: str | None, endpoint: str | None, tag: str | None, escrow_secrets: bool | None,
+                  incremental: bool, lock_stale: str | None, orphan_grace: str | None) -> None:
     """Take a snapshot: offline (--storage-path) or through a running server (--endpoint)."""
     from anvil.backup.crypto import read_passphrase
     from anvil.backup.errors import BackupError
@@ -219,7 +223,7 @@ def backup_create(repo: str, s3_endpoint: str | None, key_file: str | None, as_j
         with AnvilClient(endpoint, timeout=3600) as client:
             def take() -> dict[str, Any]:
                 return client.create_backup(repo, passphrase=read_passphrase(key_file), s3_endpoint=s3_endpoint,
-                                            tag=tag, escrow_secrets=escrow_secrets)
+                                            tag=tag, escrow_secrets=escrow_secrets, incremental=incremental)
 
             try:
                 if not as_json:
@@ -246,20 +250,106 @@ def backup_create(repo: str, s3_endpoint: str | None, key_file: str | None, as_j
         try:
             with progress_bar(not as_json, "backing up") as prog:
                 manifest = ops.backup_storage(anvil.storage, anvil.participants(), r, progress=prog, tag=tag,
-                                              run_mode="offline", escrow_secrets=escrow_secrets)
+                                              run_mode="offline", escrow_secrets=escrow_secrets,
+                                              incremental=incremental)
         finally:
             anvil.close()
         result = {**engine.snapshot_row(manifest), "stats": manifest["stats"], "problems": manifest["problems"]}
     result["wall_seconds"] = round(time.time() - started, 3)
     st = result["stats"]
-    text = (f"snapshot {result['id']} at journal seq {result['journal_seq']}: logical {_size(st['logical_bytes'])}, "
-            f"new {_size(st['new_bytes'])}, {st['blobs']} blobs ({st['blobs_reused_from_parent']} unchanged), "
-            f"{st['duration']:.2f}s" + _orphans_text(st.get("orphans")))
+    if result.get("kind") == "delta":
+        text = (f"journal delta {result['id']} at journal seq {result['journal_seq']} on base {result['base']}: "
+                f"{st.get('events', 0)} events, new {_size(st['new_bytes'])}, {st['duration']:.2f}s")
+    else:
+        text = (f"snapshot {result['id']} at journal seq {result['journal_seq']}: logical "
+                f"{_size(st['logical_bytes'])}, new {_size(st['new_bytes'])}, {st['blobs']} blobs "
+                f"({st['blobs_reused_from_parent']} unchanged), {st['duration']:.2f}s"
+                + _orphans_text(st.get("orphans")))
     emit(as_json, result, text=text)
+    warn_default_escrow(result)
     if result["problems"]:
         for p in result["problems"]:
             err_console.print(f"[yellow]problem[/yellow] {p}", highlight=False)
         sys.exit(1)
+
+
+def warn_default_escrow(result: dict[str, Any]) -> None:
+    """Say loudly (on stderr, also with --json) that key material went into the snapshot by default."""
+    policy = str(result.get("escrow_policy", ""))
+    if result.get("secrets_escrowed") and policy.startswith("default"):
+        banner = "!" * 78
+        err_console.print(f"{banner}\nWARNING: this snapshot ESCROWS key material ({policy[len('default: '):]}).\n"
+                          "Whoever holds the repository passphrase can decrypt every application secret. "
+                          "Pass --no-escrow-secrets to leave the keys out (then supply them at restore), "
+                          f"and use production mode with keys in the environment for real deployments.\n{banner}",
+                          highlight=False, markup=False)
+
+
+@backup.command("status")
+@click.option("--repo", envvar="ANVIL_BACKUP_REPO", default=None,
+              help="Also (or only) show what this repository holds: snapshots and archived journal ranges.")
+@click.option("--endpoint", envvar="ANVIL_ENDPOINT", default=None,
+              help="The running server whose continuous archiving to show (cursor, lag, last error).")
+@click.option("--flush", is_flag=True, help="Ask the server to ship everything up to its head now.")
+@click.option("--key-file", default=None, type=click.Path(dir_okay=False))
+@click.option("--s3-endpoint", envvar="ANVIL_BACKUP_S3_ENDPOINT", default=None)
+@click.option("--json", "as_json", is_flag=True)
+@handles_errors
+def backup_status(repo: str | None, endpoint: str | None, flush: bool, key_file: str | None,
+                  s3_endpoint: str | None, as_json: bool) -> None:
+    """Continuous archiving of a server (--endpoint) and the archive a repository holds (--repo)."""
+    from anvil.backup.errors import BackupError
+    from anvil.backup.pitr import iso
+
+    if not repo and not endpoint:
+        raise BackupError("give --endpoint (a running server) and/or --repo (a repository)")
+    out: dict[str, Any] = {}
+    if endpoint:
+        from anvil.client import AnvilClient
+
+        with AnvilClient(endpoint, timeout=600) as client:
+            try:
+                out["server"] = (client._json("POST", "/anvil/v1/admin/archive/flush", json={}) if flush
+                                 else client._json("GET", "/anvil/v1/admin/archive"))
+            except httpx.ConnectError as e:
+                raise BackupError(f"cannot reach the server at {endpoint}: {e}") from None
+    if repo:
+        from anvil.backup import engine
+        from anvil.backup.archive import archive_summary
+
+        r = _open(repo, key_file, s3_endpoint)
+        out["repository"] = {"url": r.backend.url, "format_version": r.config["format_version"],
+                             "snapshots": [engine.snapshot_row(m) for m in r.snapshot_rows()],
+                             "archive": archive_summary(r)}
+    if as_json:
+        emit(True, out)
+        return
+    s = out.get("server")
+    if s is not None:
+        if not s.get("enabled"):
+            console.print("server: continuous archiving is off (anvil serve --archive-repo URL)", highlight=False)
+        else:
+            state = "[green]ok[/green]" if s.get("ok") else "[red]failing[/red]"
+            console.print(f"server: archiving to {s['repository']} every {s['interval_seconds']:g}s: {state}")
+            console.print(f"  archived seq {s['archived_seq']} of head {s['head_seq']}: lag {s['lag_events']} "
+                          f"events, {s['lag_seconds']:.1f}s; {s['segments_written']} segments written",
+                          highlight=False)
+            if s.get("last_error"):
+                console.print(f"  last error ({iso(s['last_error_at'])}): {s['last_error']}", highlight=False,
+                              markup=False)
+            if s.get("gap"):
+                console.print(f"  [red]gap[/red] {s['gap']}", highlight=False)
+    rep = out.get("repository")
+    if rep is not None:
+        console.print(f"repository {rep['url']} (format {rep['format_version']}): {len(rep['snapshots'])} "
+                      "snapshots", highlight=False)
+        for a in rep["archive"] or [{}]:
+            if not a:
+                console.print("  no archived journal", highlight=False)
+                continue
+            console.print(f"  archive of deployment {a['deployment_id']}: seq {a['first_seq']}..{a['last_seq']} "
+                          f"({iso(a['first_ts'])} .. {iso(a['last_ts'])}), {a['segments']} segments"
+                          + (f"; GAPS {', '.join(a['gaps'])}" if a["gaps"] else ""), highlight=False)
 
 
 @backup.command("list")
@@ -269,9 +359,9 @@ def backup_list(repo: str, s3_endpoint: str | None, key_file: str | None, as_jso
     """List snapshots, oldest first."""
     from anvil.backup import engine
 
-    rows = [engine.snapshot_row(m) for m in _open(repo, key_file, s3_endpoint).snapshots()]
-    emit(as_json, rows, table=(("id", "time", "journal seq", "logical", "new", "tag"),
-                               [(r["id"], _ts(r["time"]), r["journal_seq"], _size(r["logical_bytes"]),
+    rows = [engine.snapshot_row(m) for m in _open(repo, key_file, s3_endpoint).snapshot_rows()]
+    emit(as_json, rows, table=(("id", "time", "kind", "journal seq", "logical", "new", "tag"),
+                               [(r["id"], _ts(r["time"]), r["kind"], r["journal_seq"], _size(r["logical_bytes"]),
                                  _size(r["new_bytes"]), r["tag"] or "") for r in rows]))
 
 
@@ -291,21 +381,48 @@ def backup_inspect(repo: str, s3_endpoint: str | None, key_file: str | None, as_
         out["tree"] = {"files": list(m["tree"]["files"]), "blobs": len(m["tree"]["blobs"])}
         emit(True, out)
         return
+    import textwrap
+
     c = m["consistency"]
-    console.print(f"snapshot {m['id']} (parent {m['parent']}) taken {_ts(m['started'])} from deployment "
-                  f"{m['deployment_id']}", highlight=False)
-    console.print(f"consistency: {c['method']}; journal seq {c['journal_seq']} hash {c['journal_hash'][:16]}…",
-                  highlight=False)
-    console.print(f"anvil {m['anvil_version']}, repository format {m['repository_format']}, storage format "
-                  f"{m['storage_format']}, key {m['key_ids']['repository_key']}", highlight=False)
+    header = [("snapshot", f"{m['id']} ({m.get('kind') or 'full'}, parent {m['parent']})"),
+              ("taken", f"{_ts(m['started'])} UTC"), ("deployment", str(m["deployment_id"])),
+              ("journal", f"seq {c['journal_seq']}, hash {c['journal_hash'][:16]}…"), ("method", c["method"]),
+              ("versions", f"anvil {m['anvil_version']}, repository format {m['repository_format']}, storage "
+                           f"format {m['storage_format']}"),
+              ("key", str(m["key_ids"].get("repository_key")))]
+    for label, value in header:
+        for i, line in enumerate(textwrap.wrap(value, 68) or [""]):
+            console.print(f"{label if i == 0 else '':<11} {line}", highlight=False, markup=False)
+    if m.get("kind") == "delta":
+        console.print(f"journal delta on base {m['base']}: {m['stats'].get('events', 0)} events archived;\n"
+                      "restored as its base rolled forward to this seq", highlight=False)
 
-    def brief(s: Any) -> str:
-        if isinstance(s, str):
-            return s
-        return ", ".join(f"{k}={str(v)[:12]}" for k, v in s.items() if not isinstance(v, dict))
+    # One row per checklist item (who covers it), then one row per participant (its figures): a
+    # participant covering three items is not repeated three times, and both fit 80 columns.
+    from rich.table import Table
 
-    emit(False, None, table=(("checklist item", "participant", "counts / digests"),
-                             [(r["item"], r["participant"] or "—", brief(r["summary"])) for r in rows]))
+    cov = Table(title="coverage checklist", title_justify="left", expand=False)
+    cov.add_column("item", overflow="fold", max_width=42)
+    cov.add_column("participants", overflow="fold", max_width=30)
+    for item in m["coverage"]:
+        cov.add_row(item["label"], ", ".join(item["participants"]) or "not present in this deployment")
+    console.print(cov)
+    parts = Table(title="participant summaries", title_justify="left", expand=False)
+    parts.add_column("participant", max_width=14)
+    parts.add_column("counts / digests", overflow="fold", max_width=60)
+    for name, entry in m["participants"].items():
+        parts.add_row(name, _brief(entry.get("summary", {})))
+    console.print(parts)
+
+
+def _brief(summary: Any, limit: int = 6) -> str:
+    """The scalar figures of a summary, shortest first: what fits a line; digests cut to 12."""
+    if isinstance(summary, str):
+        return summary
+    scalars = [(k, v) for k, v in summary.items() if isinstance(v, int | float | str | bool) or v is None]
+    scalars.sort(key=lambda kv: (not isinstance(kv[1], int | float) or isinstance(kv[1], bool), len(str(kv[1]))))
+    text = ", ".join(f"{k}={str(v)[:12]}" for k, v in scalars[:limit])
+    return text + (f" (+{len(scalars) - limit} more in --json)" if len(scalars) > limit else "")
 
 
 @backup.command("verify")
@@ -469,17 +586,67 @@ def backup_get(repo: str, s3_endpoint: str | None, key_file: str | None, as_json
 @click.option("--target", required=True, type=click.Path(file_okay=False), help="The STORAGE_PATH to write.")
 @click.option("--bucket", "buckets", multiple=True, help="Restore only this bucket (repeatable).")
 @click.option("--force", is_flag=True, help="Restore into a non-empty target.")
+@click.option("--to-time", default=None, metavar="TIME",
+              help="Point in time (ISO 8601, e.g. 2026-12-01T10:15:00Z, or unix seconds): the newest snapshot "
+                   "before it, then the archived journal up to it.")
+@click.option("--to-seq", type=int, default=None, metavar="N",
+              help="Point in time as a journal sequence number (the last event to include).")
 @lock_stale_option
 @handles_errors
 def restore_cmd(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool, snapshot: str,
-                target: str, buckets: tuple[str, ...], force: bool, lock_stale: str | None) -> None:
-    """Restore a snapshot into a STORAGE_PATH that then starts in recovery mode."""
+                target: str, buckets: tuple[str, ...], force: bool, to_time: str | None, to_seq: int | None,
+                lock_stale: str | None) -> None:
+    """Restore a snapshot (or a point in time) into a STORAGE_PATH that then starts in recovery mode."""
+    from anvil.backup.errors import BackupError
     from anvil.backup.restore import restore
     from anvil.runtime import recovery_participants
 
     apply_thresholds(lock_stale)
+    if to_time is not None or to_seq is not None:
+        from anvil.backup.pitr import iso, parse_time, restore_to_point
+
+        if to_time is not None and to_seq is not None:
+            raise BackupError("give one of --to-time or --to-seq, not both")
+        if buckets or _given_on_command_line("snapshot"):
+            raise BackupError("a point-in-time restore picks its snapshot itself and restores every bucket: "
+                              "--snapshot and --bucket do not apply with --to-time/--to-seq")
+        when = parse_time(to_time) if to_time is not None else None
+        r = _open(repo, key_file, s3_endpoint)
+        with progress_bar(not as_json, "restoring") as prog:
+            res = restore_to_point(r, Path(target), recovery_participants(), to_seq=to_seq, to_time=when,
+                                   force=force, progress=prog)
+        pit = res["point_in_time"]
+        text = (f"restored snapshot {res['snapshot']} (journal seq {pit['snapshot_seq']}) and replayed "
+                f"{pit['events_replayed']} archived events up to seq {pit['head_seq']}"
+                + (f" ({iso(pit['head_ts'])})" if pit["head_ts"] else "")
+                + f" into {res['target']} in {res['duration']:.2f}s; the path starts in RECOVERY MODE — run "
+                f"`anvil recovery validate --storage-path {res['target']}` then `anvil recovery resume`")
+        emit(as_json, res, text=text)
+        for w in pit["warnings"]:
+            err_console.print(f"[yellow]warning[/yellow] {w}", highlight=False)
+        if not res["ok"]:
+            for p in res["problems"]:
+                err_console.print(f"[red]problem[/red] {p}", highlight=False)
+            sys.exit(1)
+        return
     r = _open(repo, key_file, s3_endpoint)
     manifest = r.resolve_snapshot(snapshot)
+    if manifest.get("kind") == "delta":
+        from anvil.backup.pitr import restore_any
+
+        if buckets:
+            raise BackupError(f"snapshot {manifest['id']} is a journal delta: --bucket restores need a full snapshot")
+        with progress_bar(not as_json, "restoring") as prog:
+            res = restore_any(r, manifest, Path(target), recovery_participants(), force=force, progress=prog)
+        emit(as_json, res, text=f"restored journal delta {res['snapshot']} (base {res['base']} + "
+                                f"{res['point_in_time']['events_replayed']} events) into {res['target']} in "
+                                f"{res['duration']:.2f}s; the path starts in RECOVERY MODE — run `anvil recovery "
+                                f"validate --storage-path {res['target']}` then `anvil recovery resume`")
+        if not res["ok"]:
+            for p in res["problems"]:
+                err_console.print(f"[red]problem[/red] {p}", highlight=False)
+            sys.exit(1)
+        return
     with progress_bar(not as_json, "restoring") as prog:
         res = restore(r, manifest, Path(target), recovery_participants(), buckets=list(buckets) or None,
                       force=force, progress=prog)
@@ -507,14 +674,41 @@ def _storage_option(fn: Callable[..., Any]) -> Callable[..., Any]:
                         help="The restored STORAGE_PATH (the server must be stopped).")(fn)
 
 
+def _path_or_endpoint(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--json", "as_json", is_flag=True)(fn)
+    fn = click.option("--endpoint", default=None,
+                      help="A running server (admin credential: ANVIL_CLIENT_ID/ANVIL_CLIENT_SECRET).")(fn)
+    return click.option("--storage-path", default=None,
+                        help="The restored STORAGE_PATH (the server must be stopped); or STORAGE_PATH.")(fn)
+
+
+def _one_of(storage_path: str | None, endpoint: str | None) -> tuple[str | None, str | None]:
+    from anvil.backup.errors import BackupError
+
+    if not storage_path and not endpoint:
+        storage_path = os.environ.get("STORAGE_PATH") or None
+    if bool(storage_path) == bool(endpoint):
+        raise BackupError("give exactly one of --storage-path (a stopped restored path) or --endpoint (a running "
+                          "server)")
+    return storage_path, endpoint
+
+
 @recovery.command("status")
-@_storage_option
+@_path_or_endpoint
 @handles_errors
-def recovery_status(storage_path: str, as_json: bool) -> None:
+def recovery_status(storage_path: str | None, endpoint: str | None, as_json: bool) -> None:
+    """Whether a restored path (or a running server) is in recovery mode, and its last validation."""
     from anvil.backup import mode as rec
 
-    out = {"recovery_mode": rec.in_recovery(Path(storage_path)), "marker": rec.read_marker(Path(storage_path)),
-           "last_validation_ok": (rec.last_validation(Path(storage_path)) or {}).get("ok")}
+    storage_path, endpoint = _one_of(storage_path, endpoint)
+    if endpoint:
+        from anvil.client import AnvilClient
+
+        with AnvilClient(endpoint) as client:
+            out = client.recovery_status()
+    else:
+        out = {"recovery_mode": rec.in_recovery(Path(storage_path)), "marker": rec.read_marker(Path(storage_path)),
+               "last_validation_ok": (rec.last_validation(Path(storage_path)) or {}).get("ok")}
     emit(as_json, out)
 
 
@@ -538,14 +732,27 @@ def recovery_validate(storage_path: str, as_json: bool) -> None:
 
 
 @recovery.command("resume")
-@_storage_option
+@_path_or_endpoint
 @click.option("--force", is_flag=True, help="Resume without a passing validation (needs --reason).")
 @click.option("--reason", default=None, help="Why; recorded in the journal.")
 @handles_errors
-def recovery_resume(storage_path: str, as_json: bool, force: bool, reason: str | None) -> None:
+def recovery_resume(storage_path: str | None, endpoint: str | None, as_json: bool, force: bool,
+                    reason: str | None) -> None:
     """Leave recovery mode (only after a passing validation, or --force --reason)."""
     from anvil.backup import ops
 
+    storage_path, endpoint = _one_of(storage_path, endpoint)
+    if endpoint:
+        from anvil.client import AnvilClient
+
+        with AnvilClient(endpoint) as client:
+            if force:
+                res = client.recovery_resume(force=True, reason=reason)
+            else:
+                client.recovery_validate()  # the server resumes only after a passing validation at its head
+                res = client.recovery_resume()
+        emit(as_json, res, text=f"resumed normal traffic (journal seq {res.get('journal_seq')})")
+        return
     res = ops.resume_path(storage_path, force=force, reason=reason)
     emit(as_json, res, text=f"resumed normal traffic (journal seq {res['journal_seq']})")
 
@@ -559,17 +766,30 @@ def recovery_resume(storage_path: str, as_json: bool, force: bool, reason: str |
 @click.option("--report-dir", default=".", type=click.Path(file_okay=False), show_default=True,
               help="Where drill-report.json and drill-report.md are written.")
 @click.option("--keep", is_flag=True, help="Keep the temporary restore (for inspection).")
+@click.option("--to-time", default=None, metavar="TIME",
+              help="Prove a point-in-time restore to TIME (ISO 8601 or unix seconds) instead of a snapshot.")
+@click.option("--to-seq", type=int, default=None, metavar="N", help="Prove a point-in-time restore to seq N.")
 @lock_stale_option
 @handles_errors
 def drill_cmd(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool, snapshot: str,
-              report_dir: str, keep: bool, lock_stale: str | None) -> None:
+              report_dir: str, keep: bool, to_time: str | None, to_seq: int | None, lock_stale: str | None) -> None:
     """Restore into a temporary directory, start an isolated server, prove the backup; exit 1 on any failure."""
     from anvil.backup.drill import run_drill
+    from anvil.backup.errors import BackupError
     from anvil.runtime import recovery_participants
 
     apply_thresholds(lock_stale)
+    point = None
+    if to_time is not None or to_seq is not None:
+        from anvil.backup.pitr import parse_time
+
+        if to_time is not None and to_seq is not None:
+            raise BackupError("give one of --to-time or --to-seq, not both")
+        if _given_on_command_line("snapshot"):
+            raise BackupError("--snapshot does not apply with --to-time/--to-seq (the snapshot is chosen for you)")
+        point = {"to_seq": to_seq, "to_time": parse_time(to_time) if to_time is not None else None}
     r = _open(repo, key_file, s3_endpoint)
-    report = run_drill(r, snapshot, recovery_participants(), Path(report_dir), keep=keep,
+    report = run_drill(r, snapshot, recovery_participants(), Path(report_dir), keep=keep, point=point,
                        log=None if as_json else lambda msg: console.print(msg, highlight=False, markup=False))
     if as_json:
         emit(True, report)

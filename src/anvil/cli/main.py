@@ -33,8 +33,13 @@ def cli() -> None:
 @click.option("--backup-every", default=None, help="Backup interval, e.g. 1h, 30m (needs --backup-repo).")
 @click.option("--backup-s3-endpoint", envvar="ANVIL_BACKUP_S3_ENDPOINT", default=None)
 @click.option("--backup-key-file", default=None, help="Passphrase file (else ANVIL_BACKUP_PASSPHRASE).")
+@click.option("--archive-repo", envvar="ANVIL_ARCHIVE_REPO", default=None,
+              help="Archive the journal continuously into this backup repository (point-in-time recovery).")
+@click.option("--archive-interval", default="1s", show_default=True,
+              help="How often new journal events are shipped (needs --archive-repo).")
 def serve(storage_path: str, listen: str, dev_auth: bool, backup_repo: str | None, backup_every: str | None,
-          backup_s3_endpoint: str | None, backup_key_file: str | None) -> None:
+          backup_s3_endpoint: str | None, backup_key_file: str | None, archive_repo: str | None = None,
+          archive_interval: str = "1s") -> None:
     """Run the server (S3 gateway, native API, background work) on one STORAGE_PATH."""
     from anvil.api.server import serve as run_server
     from anvil.errors import AnvilError
@@ -52,7 +57,20 @@ def serve(storage_path: str, listen: str, dev_auth: bool, backup_repo: str | Non
             except BackupError as e:
                 raise ValueError(f"--backup-repo: {e}") from None
             schedule = ScheduleConfig(backup_repo, parse_interval(backup_every), passphrase, backup_s3_endpoint)
-        run_server(storage_path, listen, dev_auth=dev_auth, backup=schedule)
+        archive = None
+        if archive_repo:
+            from anvil.backup.archive import ArchiveConfig
+            from anvil.backup.repository import BackupError, read_passphrase
+            from anvil.backup.schedule import parse_interval
+
+            try:
+                archive = ArchiveConfig(archive_repo, parse_interval(archive_interval),
+                                        read_passphrase(backup_key_file), backup_s3_endpoint)
+            except BackupError as e:
+                raise ValueError(f"--archive-repo: {e}") from None
+        elif click.get_current_context().get_parameter_source("archive_interval").name == "COMMANDLINE":
+            raise ValueError("--archive-interval needs --archive-repo")
+        run_server(storage_path, listen, dev_auth=dev_auth, backup=schedule, archive=archive)
     except (AnvilError, ValueError) as e:
         click.echo(f"anvil serve: {e}", err=True)
         sys.exit(2)

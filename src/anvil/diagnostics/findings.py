@@ -139,6 +139,24 @@ def _insert(txn: Txn, f: FindingRecord) -> FindingRecord:
     return f
 
 
+def replay(conn: Connection, ev: Any) -> None:
+    """Rebuild the rows of a `diagnostics.finding` (its payload is the whole row) or `diagnostics.resolve`."""
+    p = ev.payload
+    if ev.kind == "diagnostics.finding":
+        f = FindingRecord(**{k: p[k] for k in FindingRecord.__dataclass_fields__ if k in p})
+        conn.execute(
+            f"INSERT INTO findings({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (f.id, f.time, f.subsystem, f.severity, f.invariant, f.detail, _canonical(f.affected), f.cursor,
+             f.origin, f.run_id, f.fingerprint, int(f.repair_attempted), f.repair_result,
+             int(f.operator_action_required), f.resolved_at, f.resolution),
+        )
+    elif ev.kind == "diagnostics.resolve":
+        conn.execute("UPDATE findings SET resolved_at = ?, resolution = ? WHERE id = ?",
+                     (ev.ts, p["resolution"], p["id"]))
+    else:
+        raise ValueError(f"diagnostics cannot replay event kind {ev.kind!r}")
+
+
 def record(catalog: Catalog, finding: FindingRecord, *, actor: str, request_id: str,
            dedupe: bool = False) -> FindingRecord:
     """Record one finding (one mutation, one journal event).

@@ -110,6 +110,9 @@ def run_gc(
     listing = scan_blobs(storage.layout.blobs, deep=False, threads=1).blobs
     # The one blob-reference query fsck and backup use too: what any participant references stays.
     referenced = RecoveryContext(storage.root, conn, storage.blobs, participants, deep=False).references().keys()
+    # Blobs of journal events continuous archiving has not shipped yet: a point-in-time restore
+    # to before their delete needs them, so they stay until the archive holds them.
+    referenced = referenced | storage.blobs.held()
     touched_dirs: set[str] = set()
     for sha in sorted(listing.keys() - referenced):
         path = listing[sha]

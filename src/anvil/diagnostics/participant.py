@@ -22,6 +22,13 @@ class DiagnosticsParticipant(Participant):
     covers = ["diagnostics"]
     owns = ["catalog.db: findings"]
     tables = ["findings"]
+    replays = ("diagnostics.",)
+
+    def migrations(self) -> dict[str, list[str]]:
+        return {"diagnostics": df.MIGRATIONS}
+
+    def apply(self, ctx: RecoveryContext, event: Any) -> None:
+        df.replay(ctx.conn, event)
 
     def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
         return {**df.summary(ctx.conn), "fixtures": _fixtures(ctx.conn)}

@@ -17,7 +17,7 @@ from typing import Any
 from anvil.errors import AnvilError
 from anvil.identity import envelope as env
 from anvil.identity.scopes import ACTIONS, allows
-from anvil.identity.settings import load_keyring
+from anvil.identity.settings import is_development, load_keyring
 from anvil.storage.records import Connection
 from anvil.storage.recovery import Finding, Participant, RecoveryContext
 
@@ -109,10 +109,21 @@ def validate(conn: Connection, keyring: env.Keyring) -> list[dict[str, Any]]:
 MAX_FIXTURES = 10
 MAX_FINDINGS = 50
 SECRET_FILES = ("encryption_key.json", "jwt_secret")
-KEY_HINT = ("supply the key in the environment of `anvil recovery validate`, `anvil drill` and `anvil serve`: "
-            "ANVIL_SECRET_ENCRYPTION_KEY with ANVIL_SECRET_ENCRYPTION_KEY_ID (older keys in "
-            "ANVIL_SECRET_ENCRYPTION_PREVIOUS_KEYS as KEY_ID:KEY,...), or restore a snapshot taken with "
-            "`anvil backup create --escrow-secrets`")
+KEY_HINT = ("two ways to supply it: (1) set ANVIL_SECRET_ENCRYPTION_KEY (with ANVIL_SECRET_ENCRYPTION_KEY_ID; "
+            "older keys in ANVIL_SECRET_ENCRYPTION_PREVIOUS_KEYS as KEY_ID:KEY,...) in the environment of "
+            "`anvil recovery validate`, `anvil drill` and `anvil serve`; or (2) restore a snapshot that escrowed "
+            "it (`anvil backup create --escrow-secrets`, the default in development mode)")
+
+
+def key_hint(kid: str) -> str:
+    """What to do about one missing envelope key, naming it."""
+    return ("two ways to supply it: (1) set ANVIL_SECRET_ENCRYPTION_KEY=<that key> with "
+            f"ANVIL_SECRET_ENCRYPTION_KEY_ID={kid} (or add {kid}:<that key> to "
+            "ANVIL_SECRET_ENCRYPTION_PREVIOUS_KEYS) in the environment of `anvil recovery validate`, `anvil drill` "
+            "and `anvil serve`; or (2) restore a snapshot that escrowed it (`anvil backup create "
+            "--escrow-secrets`, the default in development mode)")
+
+
 # Probes for a decision every non-admin app must be refused (the first one its scopes do not allow).
 _DENY_PROBES = [("admin:write", "system"), ("policy:grant", "tenant:zz-drill-denied"),
                 ("bucket:delete", "bucket:zz-drill-denied"), ("object:write", "bucket:zz-drill-denied/probe")]
@@ -173,12 +184,35 @@ class IdentityParticipant(Participant):
     covers = ["secrets"]
     owns = [f"catalog.db: {', '.join(TABLES)}", "secrets/ (only when escrowed)"]
     tables = list(TABLES)
+    replays = ("identity.",)
+
+    def migrations(self) -> dict[str, list[str]]:
+        from anvil.identity.service import MIGRATIONS
+
+        return {"identity": MIGRATIONS}
+
+    def apply(self, ctx: RecoveryContext, event: Any) -> None:
+        from anvil.identity import replay
+
+        replay.apply(ctx.conn, event)
 
     def _secret_files(self, ctx: RecoveryContext) -> list[Path]:
         return [p for p in (ctx.root / "secrets" / n for n in SECRET_FILES) if p.is_file()]
 
     def files(self, ctx: RecoveryContext) -> list[Path]:
         return self._secret_files(ctx) if ctx.escrow_secrets else []
+
+    def default_escrow(self, ctx: RecoveryContext) -> str | None:
+        """Development mode keeps its generated keys only in secrets/: a snapshot without them cannot
+        open a single application secret after restore, so it takes them unless told otherwise.
+        Production keys come from the environment and are escrowed only when asked for."""
+        if os.environ.get("ANVIL_SECRET_ENCRYPTION_KEY") or not is_development():
+            return None
+        files = self._secret_files(ctx)
+        if not files:
+            return None
+        return ("development mode: key material generated in secrets/ (" + ", ".join(p.name for p in files)
+                + ") exists nowhere else")
 
     def key_ids(self, ctx: RecoveryContext) -> list[str]:
         keyring, _ = configured_keyring(ctx.root)
@@ -210,7 +244,7 @@ class IdentityParticipant(Participant):
                 kid = ctx.conn.execute("SELECT key_id FROM identity_apps WHERE client_id = ?", (cid,)).fetchone()[0]
                 findings.append(self.finding("error", f"app {cid}",
                                              f"secret envelope key {kid!r} is not configured (no key: {source}); "
-                                             + KEY_HINT, "identity.envelope_key_missing", {"client_id": cid}))
+                                             + key_hint(kid), "identity.envelope_key_missing", {"client_id": cid}))
         else:
             problems = validate(ctx.conn, keyring)
             for p in problems[:MAX_FINDINGS]:

@@ -51,6 +51,25 @@ class ObjectsParticipant(Participant):
     covers = ["object-bodies", "bucket-metadata", "path-indexes"]
     owns = ["catalog.db: buckets, versions, multipart_uploads, multipart_parts, bucket_settings"]
     tables = ["buckets", "versions", "multipart_uploads", "multipart_parts", "bucket_settings"]
+    replays = ("bucket.", "object.", "multipart.")
+
+    def migrations(self) -> dict[str, list[str]]:
+        from anvil.objects.service import MIGRATIONS
+
+        return {"objects": MIGRATIONS}
+
+    def apply(self, ctx: RecoveryContext, event: Any) -> None:
+        from anvil.objects import replay
+
+        replay.apply(ctx.conn, event)
+
+    def event_blobs(self, event: Any) -> list[tuple[str, int]]:
+        p = event.payload
+        if event.kind == "object.put":
+            return [(c[0], int(c[1])) for c in p.get("chunks") or []]
+        if event.kind == "multipart.part":
+            return [(p["sha256"], int(p["size"]))]
+        return []
 
     def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
         conn = ctx.conn

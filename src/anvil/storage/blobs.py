@@ -276,6 +276,23 @@ class BlobStore:
         self.quarantine_dir = quarantine_dir if quarantine_dir is not None else blobs_root.parent.parent / "quarantine"
         self._tmpfile_ok = True
         self._proc_fd_cache: int | None = None
+        # Who still needs blobs that no record may reference any more (continuous archiving has
+        # not shipped them yet): each returns hashes gc must keep, whatever their references.
+        self._holds: list[Callable[[], set[str]]] = []
+
+    def add_hold(self, hold: Callable[[], set[str]]) -> None:
+        self._holds.append(hold)
+
+    def remove_hold(self, hold: Callable[[], set[str]]) -> None:
+        if hold in self._holds:
+            self._holds.remove(hold)
+
+    def held(self) -> set[str]:
+        """Hashes some holder needs kept (gc skips them); a failing holder holds everything it might."""
+        out: set[str] = set()
+        for hold in self._holds:
+            out |= hold()
+        return out
 
     def path(self, sha256: str) -> Path:
         if not _valid_hash(sha256):

@@ -249,6 +249,63 @@ class Catalog:
             return exc
         return outcomes
 
+    # -- replay -------------------------------------------------------------------------
+
+    def replay(self, events: Iterable[journal.Event], apply: Callable[[apsw.Connection, journal.Event], None], *,
+               batch: int = 1000, on_batch: Callable[[int], None] | None = None) -> int:
+        """Re-apply events recorded elsewhere (an archive, another store's journal), in order: each one's
+        rows through `apply`, then the event itself exactly as recorded, so the chain continues unbroken.
+
+        Every event must link to the head (seq, prev_hash, its own hash): a gap or an altered event
+        stops the replay (`journal.ReplayRefused`) with everything before it committed. Runs on the
+        caller's thread: the writer thread must not be running (an offline store being restored).
+        """
+        if self._thread is not None:
+            raise RuntimeError("replay needs the store offline (the writer thread is running)")
+        conn = self._writer
+        head = journal.head(conn)
+        done = 0
+        pending: list[journal.Event] = []
+
+        def flush() -> None:
+            nonlocal head, done
+            # Links are checked before anything is written: the events before a bad one commit,
+            # so the caller learns exactly where the replay stopped.
+            h, good, refused = head, 0, None
+            payloads: list[str] = []
+            for ev in pending:
+                try:
+                    payloads.append(journal.check_link(h, ev))
+                except journal.ReplayRefused as e:
+                    refused = e
+                    break
+                h, good = (ev.seq, ev.hash), good + 1
+            if good:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for ev, payload_json in zip(pending[:good], payloads, strict=True):
+                        apply(conn, ev)
+                        journal.insert_event(conn, ev, payload_json)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                head = (pending[good - 1].seq, pending[good - 1].hash)
+                done += good
+                self._head = head
+                if on_batch:
+                    on_batch(done)
+            pending.clear()
+            if refused is not None:
+                raise refused
+
+        for ev in events:
+            pending.append(ev)
+            if len(pending) >= batch:
+                flush()
+        flush()
+        return done
+
     # -- lifecycle ----------------------------------------------------------------------
 
     def close(self) -> None:

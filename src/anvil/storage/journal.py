@@ -148,6 +148,47 @@ def iterate(conn: apsw.Connection, after: int = 0, batch: int = 5000) -> Iterato
         after = events[-1].seq
 
 
+class ReplayRefused(Exception):
+    """An event cannot be appended where it was offered: a gap, a broken link or an altered event."""
+
+
+def check_link(head: tuple[int, str], ev: Event, payload_json: str | None = None) -> str:
+    """`ev` is the next event after `head`, unaltered (its hash recomputes); else ReplayRefused.
+    Returns the canonical payload (what `insert_event` stores)."""
+    seq, h = head
+    if ev.seq != seq + 1:
+        raise ReplayRefused(f"event {ev.seq} does not follow the head {seq} (expected seq {seq + 1})")
+    if ev.prev_hash != h:
+        raise ReplayRefused(f"event {ev.seq} does not chain to the head: prev_hash {ev.prev_hash[:16]}…, "
+                            f"head hash {h[:16]}…")
+    payload_json = payload_json or canonical_payload(ev.payload)
+    recomputed = event_hash(ev.prev_hash, ev.seq, ev.ts, ev.tenant, ev.kind, ev.scope, ev.actor, ev.request_id,
+                            payload_json)
+    if recomputed != ev.hash:
+        raise ReplayRefused(f"event {ev.seq} ({ev.kind}) does not hash to its recorded hash: it was altered")
+    return payload_json
+
+
+def insert_event(conn: apsw.Connection, ev: Event, payload_json: str | None = None) -> None:
+    """Store an event exactly as recorded (replay); the caller checked the link."""
+    conn.execute(
+        f"INSERT INTO journal({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        (ev.seq, ev.ts, ev.tenant, ev.kind, ev.scope, ev.actor, ev.request_id,
+         payload_json or canonical_payload(ev.payload), ev.prev_hash, ev.hash),
+    )
+
+
+def event_from_dict(d: dict[str, Any]) -> Event:
+    return Event(int(d["seq"]), float(d["ts"]), d["tenant"], d["kind"], d["scope"], d["actor"], d["request_id"],
+                 d["payload"], d["prev_hash"], d["hash"])
+
+
+def rebase(conn: apsw.Connection, through: int, h: str) -> None:
+    """Replay of a compaction: drop the events through `through` and anchor the chain on `h`."""
+    conn.execute("DELETE FROM journal WHERE seq <= ?", (through,))
+    conn.execute("UPDATE journal_base SET seq = ?, hash = ? WHERE id = 1", (through, h))
+
+
 @dataclass
 class ChainProblem:
     seq: int

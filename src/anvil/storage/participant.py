@@ -27,7 +27,7 @@ from anvil.storage import journal, records
 from anvil.storage.blobs import CHUNK_ALGORITHM, CHUNK_ALGORITHMS, CHUNK_SIZE, BlobCorrupted, needs_sidecar
 from anvil.storage.blobscan import HEX64, hash_file
 from anvil.storage.layout import Layout
-from anvil.storage.recovery import BlobRef, Finding, Participant, RecoveryContext
+from anvil.storage.recovery import BlobRef, BucketScoped, Finding, Participant, RecoveryContext
 
 MAX_FINDINGS = 50
 MAX_REFERENCES = 20  # references listed in one finding; the count is always complete
@@ -154,6 +154,21 @@ class JournalParticipant(Participant):
     owns = ["catalog.db: journal, journal_base"]
     tables = ["journal"]
     summary_depends_on_buckets = False  # a partial restore appends to the chain; it never rewrites it
+    # The recovery process's own events: a resume changes no rows; a partial restore drops the
+    # other buckets' records again, through every bucket-scoped participant.
+    replays = ("recovery.",)
+
+    def migrations(self) -> dict[str, list[str]]:
+        from anvil.storage import idempotency
+
+        return {"journal": journal.MIGRATIONS, "idempotency": idempotency.MIGRATIONS}
+
+    def apply(self, ctx: RecoveryContext, event: Any) -> None:
+        if event.kind == "recovery.partial_restore":
+            keep = set(event.payload.get("kept") or [])
+            for p in ctx.participants:
+                if isinstance(p, BucketScoped):
+                    p.restrict_to_buckets(ctx.conn, keep)
 
     def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
         seq, h = journal.head(ctx.conn)

@@ -123,14 +123,15 @@ class RecoveryContext:
     the results every participant shares (blob references, the blob-store scan)."""
 
     def __init__(self, root: Path, conn: Connection, blobs: BlobStore,
-                 participants: Iterable[Participant] = (), *, escrow_secrets: bool = False,
+                 participants: Iterable[Participant] = (), *, escrow_secrets: bool | None = False,
                  credentials: tuple[str, str] | None = None, deep: bool = True,
                  progress: Progress | None = None, hash_threads: int = 2):
         self.root = Path(root)
         self.conn = conn
         self.blobs = blobs
         self.participants = list(participants)
-        # Backup policy: key material goes into a snapshot only when the operator asked for it.
+        # Backup policy: key material goes into a snapshot when the operator asked for it, or (None:
+        # no explicit choice) when a `DefaultEscrow` participant says its keys exist nowhere else.
         self.escrow_secrets = escrow_secrets
         # The drill's (client_id, client_secret), for smoke tests that prove token exchange.
         self.credentials = credentials
@@ -267,6 +268,16 @@ class KeyHolder(Protocol):
 
 
 @runtime_checkable
+class DefaultEscrow(Protocol):
+    """Key material that exists only under the storage root (development mode's generated keys):
+    without an explicit choice, a snapshot escrows it, since no restore could open anything otherwise."""
+
+    def default_escrow(self, ctx: RecoveryContext) -> str | None:
+        """Why this participant's key material is escrowed by default (None: it is not)."""
+        ...
+
+
+@runtime_checkable
 class BucketScoped(Protocol):
     """Holds per-bucket records: a partial restore drops those outside the chosen buckets."""
 
@@ -291,6 +302,97 @@ class ObjectLocator(Protocol):
                       version_id: str | None = None) -> dict[str, Any] | None:
         """{version_id, delete_marker, size, sha256, chunks: [(sha, size)], etag, content_type} or None."""
         ...
+
+
+@runtime_checkable
+class Replayer(Protocol):
+    """Rebuilds its source rows from journal events (point-in-time restore, the replay property).
+
+    `replays` names the event kinds it owns by prefix (`"object."`, `"identity."` ...): every
+    kind a store can journal must have an owner, or replay refuses the event. `migrations` is
+    its schema, so an empty store can be made to replay a whole journal into. `apply` writes
+    the rows one event stands for, on `ctx.conn` (the writer, inside the replay transaction),
+    using only the event: its payload, `ts` (the mutation's clock), `actor` and `seq`.
+    """
+
+    replays: tuple[str, ...]
+
+    def migrations(self) -> dict[str, list[str]]: ...
+
+    def apply(self, ctx: RecoveryContext, event: Any) -> None: ...
+
+
+@runtime_checkable
+class EventBlobs(Protocol):
+    """Events of this participant reference blobs (a body, a part): continuous archiving ships
+    them with the event, and gc keeps them until the archive holds them."""
+
+    def event_blobs(self, event: Any) -> Iterable[tuple[str, int]]:
+        """(sha256, size) of every blob `event` references."""
+        ...
+
+
+def blobs_of_events(participants: Iterable[Participant], events: Iterable[Any]) -> dict[str, int]:
+    """sha256 -> size of every blob the events reference, in first-use order."""
+    referrers = [p for p in participants if isinstance(p, EventBlobs)]
+    out: dict[str, int] = {}
+    for ev in events:
+        for p in referrers:
+            for sha, size in p.event_blobs(ev):
+                out.setdefault(sha, int(size))
+    return out
+
+
+class UnreplayableEvent(Exception):
+    """No participant owns this event kind: replay cannot rebuild its rows."""
+
+
+def replay_owner(participants: Iterable[Participant], kind: str) -> Participant | None:
+    """The participant whose longest `replays` prefix matches `kind`."""
+    best: tuple[int, Participant] | None = None
+    for p in participants:
+        if isinstance(p, Replayer):
+            for prefix in p.replays:
+                if kind.startswith(prefix) and (best is None or len(prefix) > best[0]):
+                    best = (len(prefix), p)
+    return best[1] if best else None
+
+
+def replay_applier(ctx: RecoveryContext) -> Callable[[Any, Any], None]:
+    """`Catalog.replay`'s `apply`: hands each event to its owner with a context on the writer."""
+    owners: dict[str, Participant] = {}
+
+    def apply(conn: Connection, event: Any) -> None:
+        owner = owners.get(event.kind)
+        if owner is None:
+            owner = replay_owner(ctx.participants, event.kind)
+            if owner is None:
+                raise UnreplayableEvent(f"no participant replays event kind {event.kind!r} (seq {event.seq})")
+            owners[event.kind] = owner
+        ctx.conn = conn
+        owner.apply(ctx, event)  # type: ignore[attr-defined]
+
+    return apply
+
+
+def replay_into(catalog_path: Path, events: Iterable[Any], participants: Iterable[Participant], *,
+                root: Path | None = None, blobs: BlobStore | None = None, batch: int = 1000,
+                on_batch: Callable[[int], None] | None = None) -> int:
+    """Replay `events` onto the catalog at `catalog_path` (a restored snapshot's, or a new empty one:
+    every replayer's schema is applied first). Returns how many events were applied."""
+    from anvil.storage.catalog import Catalog
+
+    parts = list(participants)
+    catalog = Catalog(catalog_path)
+    try:
+        for p in parts:
+            if isinstance(p, Replayer):
+                for component, migrations in p.migrations().items():
+                    catalog.migrate(component, migrations)
+        ctx = RecoveryContext(root or Path(catalog_path).parent, None, blobs, parts)  # type: ignore[arg-type]
+        return catalog.replay(events, replay_applier(ctx), batch=batch, on_batch=on_batch)
+    finally:
+        catalog.close()
 
 
 def coverage(descriptions: Iterable[Description]) -> list[dict[str, Any]]:

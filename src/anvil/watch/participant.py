@@ -152,6 +152,29 @@ class WatchParticipant(Participant):
     covers = ["watch"]
     owns = ["catalog.db: watch_consumers (the journal itself is the journal participant's)"]
     tables = TABLES
+    replays = ("watch.",)
+
+    def migrations(self) -> dict[str, list[str]]:
+        from anvil.watch.consumers import MIGRATIONS
+
+        return {"watch": MIGRATIONS}
+
+    def apply(self, ctx: RecoveryContext, event: Any) -> None:
+        p, conn = event.payload, ctx.conn
+        if event.kind == "watch.consumer.create":
+            conn.execute("INSERT INTO watch_consumers(tenant, name, bucket, prefix, kinds, cursor, created, updated, "
+                         "created_by) VALUES (?,?,?,?,?,?,?,?,?)",
+                         (event.tenant, p["consumer"], p.get("bucket"), p.get("prefix") or "",
+                          json.dumps(p["kinds"]), p["cursor"], event.ts, event.ts, event.actor))
+        elif event.kind == "watch.consumer.delete":
+            conn.execute("DELETE FROM watch_consumers WHERE tenant = ? AND name = ?", (event.tenant, p["consumer"]))
+        elif event.kind == "watch.checkpoint":
+            conn.execute("UPDATE watch_consumers SET cursor = ?, updated = ? WHERE tenant = ? AND name = ?",
+                         (p["cursor"], event.ts, event.tenant, p["consumer"]))
+        elif event.kind == "watch.compact":
+            journal.rebase(conn, int(p["through_seq"]), p["hash"])
+        else:
+            raise ValueError(f"watch cannot replay event kind {event.kind!r}")
 
     def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
         s = summary(ctx.conn)
