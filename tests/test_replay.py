@@ -4,9 +4,10 @@ A property test over random workloads against a real server: buckets (versioned,
 suspended, public), puts, copies, deletes of keys and of versions, delete markers, multipart
 uploads (completed, re-uploaded parts, aborted), identity changes (tenants, applications,
 grants, revocations, disable/enable, rotation, deletion, token revocation, key rotation),
-watch consumers (create, checkpoint, delete), journal compaction and diagnostics findings
-(fsck, resolve). The server is stopped, its journal replayed onto an empty catalog through
-the participants' `Replayer` capability, and every participant's summary, and every row of
+watch consumers (create, checkpoint, delete), journal compaction, diagnostics findings
+(fsck, resolve) and authorisation (schemas, relationship batches, deletes by filter). The
+server is stopped, its journal replayed onto an empty catalog through the participants'
+`Replayer` capability, and every participant's summary, and every row of
 every replayed table, must equal the live store's.
 """
 
@@ -16,6 +17,7 @@ import collections
 import hashlib
 import os
 import random
+import time
 import uuid
 from pathlib import Path
 
@@ -164,10 +166,85 @@ def run_workload(srv: AnvilServer, rng: random.Random, ops: int) -> list[dict]:
             # empty); refused ones change nothing, which is part of what replay must match.
             assert e.status in (400, 404, 409, 410, 412), e
             refused.append(f"{op}: {e.code}: {e.message}")
+    _workload_authz(c, rng, tenants, refused)
     archived.extend(_all_events(c, archived))
     c.close()
     print("operations:", dict(seen), "refused:", *refused, sep="\n  ")
     return archived
+
+
+# -- anvil.authz ---------------------------------------------------------------------------------
+
+AUTHZ_SCHEMA = """
+use expiration
+definition user {}
+definition group {
+    relation member: user | group#member
+}
+caveat tier_ok(tier string, limit int) {
+    tier == "gold" && limit > 0
+}
+definition document {
+    relation viewer: user | user:* | user with expiration | user with tier_ok | group#member
+    relation owner: user
+    permission view = viewer + owner
+}
+"""
+
+
+def _workload_authz(c, rng: random.Random, tenants: list[str], refused: list[str]) -> None:
+    """anvil.authz: schema writes (one refused for orphaning relationships), relationship batches
+    (create, touch that changes a row or nothing, delete, caveats, wildcards, expirations with
+    sub-microsecond instants, an expired one re-created), deletes by filter (partial too), and
+    refused writes (an existing create, a failed precondition)."""
+
+    def refusal(what: str, fn, *args, **kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except AnvilAPIError as e:
+            assert e.status in (400, 409, 412), e
+            refused.append(f"authz {what}: {e.code}: {e.message}")
+        else:
+            raise AssertionError(f"authz {what} was accepted")
+
+    chosen = rng.sample(tenants, min(2, len(tenants)))
+    for t in chosen:
+        tenant = None if t == "system" else t
+        c.authz_write_schema(AUTHZ_SCHEMA, tenant=tenant)
+        soon = time.time() + rng.uniform(0.01, 0.05)
+        n = rng.randrange(3)
+        c.authz_write([
+            f"document:d{n}#viewer@user:amy", "document:d1#owner@user:bob", "document:d2#viewer@group:eng#member",
+            "group:eng#member@user:carl", f"document:d{n}#viewer@user:*",
+            'document:d3#viewer@user:dan[tier_ok:{"tier":"gold"}]',
+            {"operation": "touch", "relationship": "document:d3#viewer@user:eve", "expires_at": soon},
+            "document:d4#viewer@user:fay[expiration:2100-01-01T00:00:00Z]"], tenant=tenant)
+        c.authz_write([
+            {"operation": "touch", "relationship": f"document:d{n}#viewer@user:amy"},  # unchanged
+            {"operation": "touch", "relationship": 'document:d3#viewer@user:dan[tier_ok:{"limit":3,"tier":"silver"}]'},
+            {"operation": "touch", "relationship": "document:d4#viewer@user:fay",
+             "expires_at": time.time() + 3600 + rng.random()},
+            {"operation": "delete", "relationship": "document:d1#owner@user:bob"},
+            {"operation": "delete", "relationship": "document:d9#owner@user:zed"},  # nothing to delete
+            {"operation": "create", "relationship": f"document:d{rng.randrange(5, 9)}#owner@user:gus"}],
+            tenant=tenant)
+        refusal("create of an existing relationship", c.authz_write,
+                [{"operation": "create", "relationship": "group:eng#member@user:carl"}], tenant=tenant)
+        refusal("failed precondition", c.authz_write, ["document:d5#viewer@user:hal"], tenant=tenant,
+                preconditions=[{"operation": "must_not_match", "filter": {"resource_type": "group"}}])
+        refusal("orphaning schema", c.authz_write_schema, AUTHZ_SCHEMA.replace(" | group#member\n    relation owner",
+                                                                              "\n    relation owner"),
+                tenant=tenant)
+        time.sleep(max(0.0, soon - time.time()) + 0.01)
+        c.authz_write([{"operation": "create", "relationship": "document:d3#viewer@user:eve"}],  # expired: no block
+                      tenant=tenant)
+        c.authz_delete({"resource_type": "document", "relation": "viewer"}, limit=rng.choice([1, 2]),
+                       allow_partial=True, tenant=tenant)
+        c.authz_delete({"resource_type": "group", "resource_id": "eng"}, tenant=tenant)
+        c.authz_delete({"resource_type": "document", "resource_id": "nothing"}, tenant=tenant)  # deletes none
+        c.authz_write_schema(AUTHZ_SCHEMA.replace("permission view = viewer + owner",
+                                                  "permission view = viewer + owner\n    permission edit = owner"),
+                             tenant=tenant)
 
 
 def _all_events(c, have: list[dict]) -> list[dict]:
@@ -210,7 +287,8 @@ def test_replaying_the_whole_journal_rebuilds_every_participant(tmp_path: Path, 
     kinds = {e["kind"] for e in events}
     # The workload exercised what the property is about.
     assert {"object.put", "object.delete", "multipart.create", "multipart.part", "identity.app.create",
-            "watch.consumer.create", "watch.checkpoint", "diagnostics.finding"} <= kinds, kinds
+            "watch.consumer.create", "watch.checkpoint", "diagnostics.finding",
+            "authz.schema.write", "authz.relationships.write", "authz.relationships.delete"} <= kinds, kinds
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
 
     replayed = tmp_path / "replayed" / "catalog.db"

@@ -9,7 +9,8 @@ public API of the restored server and recomputes the digest, then asks a check f
 direct relationships.
 
 No structure is precomputed from relationships today (answers are computed on demand and
-cached in memory per revision), so there is nothing derived to rebuild.
+cached in memory per revision), so there is nothing derived to rebuild. Its rows are replayable
+from the journal (`Replayer`, in `anvil.authz.replay`).
 """
 
 from __future__ import annotations
@@ -90,6 +91,17 @@ class AuthzParticipant(Participant):
     owns = [f"catalog.db: {', '.join(TABLES)}"]
     tables = list(TABLES)
     summary_depends_on_buckets = False
+    replays = ("authz.",)
+
+    def migrations(self) -> dict[str, list[str]]:
+        from anvil.authz.service import MIGRATIONS
+
+        return {"authz": MIGRATIONS}
+
+    def apply(self, ctx: RecoveryContext, event: Any) -> None:
+        from anvil.authz import replay
+
+        replay.apply(ctx.conn, event)
 
     def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
         return summary(ctx.conn)

@@ -359,9 +359,14 @@ class AuthzService:
                     txn.conn.execute(
                         f"INSERT INTO authz_relationships(tenant, {_COLS}, created_rev) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                         (tenant, *rel.key, rel.caveat, rel.context, rel.expires, rev))
-                if op != "delete" or current is not None:
-                    changed.append({"operation": op, "relationship": rel.text() if op != "delete" else
-                                    (current.text() if current else rel.text())})
+                if op != "delete":
+                    entry: dict[str, Any] = {"operation": op, "relationship": rel.text()}
+                    if rel.expires is not None:
+                        # The exact instant (the text form keeps microseconds): replay rebuilds the row from it.
+                        entry["expires"] = rel.expires
+                    changed.append(entry)
+                elif current is not None:
+                    changed.append({"operation": op, "relationship": current.text()})
             txn.conn.execute("INSERT INTO authz_revisions(tenant, revision, kind) VALUES (?,?,?)",
                              (tenant, rev, "relationships"))
             txn.emit(tenant, "authz.relationships.write", "authz/relationships",
