@@ -167,6 +167,7 @@ def run_workload(srv: AnvilServer, rng: random.Random, ops: int) -> list[dict]:
             assert e.status in (400, 404, 409, 410, 412), e
             refused.append(f"{op}: {e.code}: {e.message}")
     _workload_authz(c, rng, tenants, refused)
+    _workload_artefacts(c, rng, buckets)
     archived.extend(_all_events(c, archived))
     c.close()
     print("operations:", dict(seen), "refused:", *refused, sep="\n  ")
@@ -247,6 +248,61 @@ def _workload_authz(c, rng: random.Random, tenants: list[str], refused: list[str
                              tenant=tenant)
 
 
+# -- artefacts (anvil.artefacts: events artefact.*) ------------------------------------------
+
+
+def _workload_artefacts(c, rng: random.Random, buckets: list[str]) -> None:
+    """Signing keys, component uploads (one uploaded again), pushes (with and without a tag, a delta),
+    a signature added to an existing manifest, tags moved and a key-policy-only tag, and a push the
+    tag's policy refuses (which writes nothing). Artefacts have no delete: signatures and tags are
+    their updates."""
+    import base64
+    import tempfile
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    pub = base64.b64encode(key.public_key().public_bytes(serialization.Encoding.Raw,
+                                                         serialization.PublicFormat.Raw)).decode()
+    kid = f"k-{uuid.uuid4().hex[:8]}"
+    c.add_signing_key(kid, pub)
+    bucket = rng.choice(buckets) if buckets and rng.random() < 0.7 else None
+    if bucket is None:
+        bucket = f"a-{uuid.uuid4().hex[:10]}"
+        c.create_bucket(bucket)
+    with tempfile.TemporaryDirectory() as tmp:
+        def files(n: int) -> list[dict]:
+            out = []
+            for i in range(n):
+                data = os.urandom(rng.choice([1, 100, 3000])) if i else b'{"shared": true}'
+                local = Path(tmp) / uuid.uuid4().hex
+                local.write_bytes(data)
+                out.append({"path": f"f{i}.bin" if i else "config.json", "size": len(data),
+                            "sha256": hashlib.sha256(data).hexdigest(), "local": str(local)})
+            return out
+
+        name, seed = f"m{rng.randrange(100)}", rng.randrange(9)
+        first = files(rng.choice([1, 2, 3]))
+        plain = c.artefact_push("model", bucket, name, first, metadata={"seed": seed})
+        signed = c.artefact_push("model", bucket, name, files(2), tag="v1", signing_key=key, key_id=kid)
+        # The same manifest again, now signed: its signature is added (artefact.sign).
+        again = c.artefact_push("model", bucket, name, first, metadata={"seed": seed}, signing_key=key, key_id=kid)
+        assert again["id"] == plain["id"] and not again["created"]
+        c.tag_artefact(bucket, name, "prod", signed["id"], require_key=kid)
+        with pytest.raises(AnvilAPIError) as e:
+            c.artefact_push("model", bucket, name, files(1), tag="prod")
+        assert e.value.code == "SignatureInvalid"
+        c.tag_artefact(bucket, name, "v1", plain["id"])  # moved
+        c.tag_artefact(bucket, name, "next", None, require_key=kid)  # a policy, pointing nowhere yet
+        # A delta over v1, and a component uploaded again (its record refreshed).
+        c.artefact_push("model", bucket, name, files(2), base="v1", tag=rng.choice(["v2", "v1"]))
+        c._raw_put_file(c._a(bucket, name) + f"/components/{first[0]['sha256']}", first[0]["local"],
+                        first[0]["size"])
+        for _ in range(rng.randrange(3)):
+            c.artefact_push("model", bucket, f"s{rng.randrange(100)}", files(1), tag=rng.choice([None, "latest"]))
+
+
 def _all_events(c, have: list[dict]) -> list[dict]:
     after = have[-1]["seq"] if have else 0
     out: list[dict] = []
@@ -289,6 +345,7 @@ def test_replaying_the_whole_journal_rebuilds_every_participant(tmp_path: Path, 
     assert {"object.put", "object.delete", "multipart.create", "multipart.part", "identity.app.create",
             "watch.consumer.create", "watch.checkpoint", "diagnostics.finding",
             "authz.schema.write", "authz.relationships.write", "authz.relationships.delete"} <= kinds, kinds
+    assert {"artefact.upload", "artefact.key_add", "artefact.push", "artefact.sign", "artefact.tag"} <= kinds, kinds
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
 
     replayed = tmp_path / "replayed" / "catalog.db"

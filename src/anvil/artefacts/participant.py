@@ -12,6 +12,7 @@ from typing import Any
 
 from anvil import artefact_format as mf
 from anvil.artefacts.service import (
+    MIGRATIONS,
     TENSOR_DIR,
     compute_tensor_index,
     load_tensor_index,
@@ -47,6 +48,22 @@ class ArtefactsParticipant(Participant):
     covers = ["artefacts"]
     owns = ["catalog.db: artefacts, artefact_components, artefact_tags, artefact_keys, artefact_uploads"]
     tables = ["artefacts", "artefact_components", "artefact_tags", "artefact_keys", "artefact_uploads"]
+    replays = ("artefact.",)
+
+    def migrations(self) -> dict[str, list[str]]:
+        return {"artefacts": MIGRATIONS}
+
+    def apply(self, ctx: RecoveryContext, event: Any) -> None:
+        from anvil.artefacts import replay
+
+        replay.apply(ctx.conn, event)
+
+    def event_blobs(self, event: Any) -> list[tuple[str, int]]:
+        """An uploaded component's blob (a push only references blobs uploaded before it)."""
+        p = event.payload
+        if event.kind == "artefact.upload":
+            return [(p["sha256"], int(p["size"]))]
+        return []
 
     def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
         conn = ctx.conn
