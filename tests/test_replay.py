@@ -5,10 +5,11 @@ suspended, public), puts, copies, deletes of keys and of versions, delete marker
 uploads (completed, re-uploaded parts, aborted), identity changes (tenants, applications,
 grants, revocations, disable/enable, rotation, deletion, token revocation, key rotation),
 watch consumers (create, checkpoint, delete), journal compaction, diagnostics findings
-(fsck, resolve) and authorisation (schemas, relationship batches, deletes by filter). The
-server is stopped, its journal replayed onto an empty catalog through the participants'
-`Replayer` capability, and every participant's summary, and every row of
-every replayed table, must equal the live store's.
+(fsck, resolve) and authorisation (schemas, relationship batches, deletes by filter), artefacts and
+PersonalDB (a group, commits, a projection, a migration, a snapshot, a compaction, a witness key
+rotation). The server is stopped, its journal replayed onto an empty catalog through the
+participants' `Replayer` capability, and every participant's summary, and every row of every
+replayed table, must equal the live store's.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import apsw
 import pytest
 
 from anvil.client import AnvilAPIError
+from anvil.personaldb import Replica
 from anvil.runtime import recovery_participants
 from anvil.storage import journal, records
+from anvil.storage import sqlitefile as sf
 from anvil.storage.blobs import BlobStore
 from anvil.storage.recovery import RecoveryContext, Replayer, UnreplayableEvent, replay_into
 from tests.helpers import AnvilServer
@@ -168,6 +171,7 @@ def run_workload(srv: AnvilServer, rng: random.Random, ops: int) -> list[dict]:
             refused.append(f"{op}: {e.code}: {e.message}")
     _workload_authz(c, rng, tenants, refused)
     _workload_artefacts(c, rng, buckets)
+    _workload_personaldb(c, rng, srv.storage_path.parent / "pdb-replicas")
     archived.extend(_all_events(c, archived))
     c.close()
     print("operations:", dict(seen), "refused:", *refused, sep="\n  ")
@@ -303,6 +307,61 @@ def _workload_artefacts(c, rng: random.Random, buckets: list[str]) -> None:
             c.artefact_push("model", bucket, f"s{rng.randrange(100)}", files(1), tag=rng.choice([None, "latest"]))
 
 
+# -- anvil.personaldb -------------------------------------------------------------------------
+
+PDB_SCHEMA = "CREATE TABLE notes(id INTEGER PRIMARY KEY, owner TEXT NOT NULL, body TEXT NOT NULL);"
+PDB_MIGRATION = "ALTER TABLE notes ADD COLUMN pinned INTEGER DEFAULT 0;"
+
+
+def _workload_personaldb(c, rng: random.Random, scratch: Path) -> None:
+    """A group through a replica (SDK): inserts, an update, a delete, a projection (so commits emit
+    `pdb.projection.update`), a migration, an idempotent retry, a refused stale base, a snapshot,
+    a compaction and a witness key rotation. Every `pdb.*` kind, a few operations per run."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    group = f"g-{uuid.uuid4().hex[:10]}"
+    c.pdb_create(group, PDB_SCHEMA)
+    r = Replica(scratch / f"{group}.sqlite", c, group)
+    try:
+        n = rng.randint(2, 4)
+        for i in range(1, n + 1):
+            r.execute("INSERT INTO notes(id, owner, body) VALUES (?, ?, ?)", (i, rng.choice(["ann", "bob"]), f"n{i}"))
+        r.sync()
+        c.pdb_create_projection(f"p-{uuid.uuid4().hex[:8]}", group,
+                                {"tables": [{"from": "notes", "to": "bobs", "columns": {"id": "id", "body": "body"},
+                                             "filter": {"equals": {"owner": "bob"}}}], "write_back": "deny"})
+        r.execute("UPDATE notes SET body = ?, owner = 'bob' WHERE id = 1", (f"u{rng.randrange(99)}",))
+        r.execute("DELETE FROM notes WHERE id = ?", (rng.randint(2, n),))
+        r.sync()
+        c.pdb_rotate_key()
+        c.pdb_migrate(group, PDB_MIGRATION)
+        r.sync()
+        r.execute("UPDATE notes SET pinned = 1 WHERE id = 1")
+        r.sync()
+        # An idempotent retry writes nothing new; a stale base is refused and changes nothing.
+        index, h = r.head
+        db = sf.Database(scratch / f"{group}-cs.sqlite")
+        try:
+            db.script(PDB_SCHEMA + PDB_MIGRATION)
+            db.start_session()
+            db.execute("INSERT INTO notes(id, owner, body) VALUES (100, 'ann', 'x')")
+            cs = db.take_changeset()
+        finally:
+            db.close()
+        key = uuid.uuid4().hex
+        for _ in range(2):
+            c.pdb_commit(group, cs, base_index=index, base_hash=h, schema_version=r.schema_version,
+                         idempotency_key=key)
+        with pytest.raises(AnvilAPIError) as stale:
+            c.pdb_commit(group, cs, base_index=index, base_hash=h, schema_version=r.schema_version)
+        assert stale.value.code == "PersonalDbStaleBase"
+        c.pdb_build_snapshot(group)
+        c.pdb_compact(group)
+        r.execute("DELETE FROM notes WHERE id = 1")
+        r.sync()
+    finally:
+        r.close()
+
+
 def _all_events(c, have: list[dict]) -> list[dict]:
     after = have[-1]["seq"] if have else 0
     out: list[dict] = []
@@ -346,6 +405,8 @@ def test_replaying_the_whole_journal_rebuilds_every_participant(tmp_path: Path, 
             "watch.consumer.create", "watch.checkpoint", "diagnostics.finding",
             "authz.schema.write", "authz.relationships.write", "authz.relationships.delete"} <= kinds, kinds
     assert {"artefact.upload", "artefact.key_add", "artefact.push", "artefact.sign", "artefact.tag"} <= kinds, kinds
+    assert {"pdb.group.create", "pdb.commit", "pdb.migrate", "pdb.snapshot", "pdb.compact",
+            "pdb.projection.create", "pdb.projection.update", "pdb.keys"} <= kinds, kinds
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
 
     replayed = tmp_path / "replayed" / "catalog.db"
@@ -373,7 +434,7 @@ def test_every_journaled_kind_has_a_replayer_and_unknown_kinds_are_refused(tmp_p
     parts = recovery_participants()
     owners = [prefix for p in parts if isinstance(p, Replayer) for prefix in p.replays]
     for kind in ("bucket.create", "object.put", "multipart.part", "identity.app.create", "watch.compact",
-                 "diagnostics.finding", "recovery.resume"):
+                 "diagnostics.finding", "recovery.resume", "pdb.commit", "pdb.keys"):
         assert any(kind.startswith(o) for o in owners), kind
     ev = journal.Event(1, 1.0, "system", "nobody.knows", "x", "a", "r", {}, journal.GENESIS_HASH, "")
     payload = journal.canonical_payload({})

@@ -56,8 +56,24 @@ class PersonalDbParticipant(Participant):
     covers = ["personaldb"]
     owns = [f"catalog.db: {', '.join(TABLES)}", f"secrets/{KEY_FILE} (only when escrowed)"]
     tables = list(TABLES)
+    replays = ("pdb.",)
 
     # -- capabilities ---------------------------------------------------------------------
+
+    def migrations(self) -> dict[str, list[str]]:
+        from anvil.personaldb.service import MIGRATIONS
+
+        return {"personaldb": MIGRATIONS}
+
+    def apply(self, ctx: RecoveryContext, event: Any) -> None:
+        from anvil.personaldb import replay
+
+        replay.apply(ctx.conn, event)
+
+    def event_blobs(self, event: Any) -> Iterator[tuple[str, int]]:
+        """A snapshot's file (continuous archiving ships it with its event)."""
+        if event.kind == "pdb.snapshot":
+            yield event.payload["sha256"], int(event.payload["size"])
 
     def blob_references(self, ctx: RecoveryContext) -> Iterator[BlobRef]:
         if not table_exists(ctx.conn, "pdb_snapshots"):

@@ -355,7 +355,10 @@ class PersonalDbService:
                 (k["key_id"], k["public"], k["created"], k["retired"]))
         for kid in orphans:
             txn.conn.execute("UPDATE pdb_keys SET retired = ? WHERE key_id = ?", (txn.now, kid))
-        return {"published": [k["key_id"] for k in changes], "retired": orphans, "current": self.keys.current.key_id}
+        # `keys`: the rows written, so replay rebuilds them (`retired` ones take the event's clock).
+        return {"published": [k["key_id"] for k in changes], "retired": orphans, "current": self.keys.current.key_id,
+                "keys": [{"key_id": k["key_id"], "public": k["public"], "created": k["created"],
+                          "retired": k["retired"]} for k in changes]}
 
     def _publish_keys(self) -> None:
         def fn(txn: Txn) -> None:
@@ -491,16 +494,17 @@ class PersonalDbService:
             "v": 1, "type": "commit", "group": g["name"], "index": index, "prev_hash": g["head_hash"], "hash": h,
             "changeset_sha256": cs_sha, "schema_version": schema_version, "entry_kind": kind,
             "authz_revision": AUTHZ_REVISION, "time": round(txn.now, 6)})
+        cert_text = json.dumps(cert, separators=(",", ":"))
         txn.conn.execute(
             "INSERT INTO pdb_log(grp, idx, kind, prev_hash, hash, changeset, changeset_sha256, size, schema_version, "
             "actor, idem_key, fingerprint, ts, certificate) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (g["name"], index, kind, g["head_hash"], h, payload, cs_sha, len(payload), schema_version, txn.actor,
-             idem, fingerprint, txn.now, json.dumps(cert, separators=(",", ":"))))
+             idem, fingerprint, txn.now, cert_text))
         txn.conn.execute("UPDATE pdb_groups SET head_index = ?, head_hash = ?, schema_version = ? WHERE name = ?",
                          (index, h, schema_version, g["name"]))
         return {"group": g["name"], "index": index, "prev_hash": g["head_hash"], "hash": h, "kind": kind,
                 "changeset_sha256": cs_sha, "size": len(payload), "schema_version": schema_version,
-                "certificate": cert}
+                "certificate": cert, "_certificate_text": cert_text}
 
     def _emit_projection_updates(self, txn: Txn, g: dict[str, Any], entry: dict[str, Any]) -> list[str]:
         """One `pdb.projection.update` event per projection of the group, in the commit's transaction:
@@ -597,7 +601,10 @@ class PersonalDbService:
             txn.emit(cur["tenant"], "pdb.commit", f"pdb/{name}",
                      {"group": name, "index": entry["index"], "hash": entry["hash"], "prev_hash": entry["prev_hash"],
                       "changeset_sha256": entry["changeset_sha256"], "size": len(data), "tables": tables,
-                      "rows": len(changes), "schema_version": version})
+                      "rows": len(changes), "schema_version": version,
+                      # What replay needs to rebuild the log row (the witness key is not in the journal).
+                      "changeset": base64.b64encode(data).decode(), "idem_key": idem, "fingerprint": fingerprint,
+                      "certificate": entry.pop("_certificate_text")})
             entry["snapshot_due"] = entry["index"] % cur["snapshot_every"] == 0
             entry["projections"] = self._emit_projection_updates(txn, cur, entry)
             return entry
@@ -655,7 +662,7 @@ class PersonalDbService:
             entry = self._append(txn, cur, "migration", sql.encode(), version, None, None)
             txn.emit(cur["tenant"], "pdb.migrate", f"pdb/{name}",
                      {"group": name, "index": entry["index"], "hash": entry["hash"], "schema_version": version,
-                      "sql": sql})
+                      "sql": sql, "prev_hash": entry["prev_hash"], "certificate": entry.pop("_certificate_text")})
             entry["projections"] = self._emit_projection_updates(txn, cur, entry)
             return entry
 
@@ -802,14 +809,14 @@ class PersonalDbService:
             cur = self._group_row(txn.conn, name)
             if cur is None:
                 raise _group_missing()
+            cert_text = json.dumps(cert, separators=(",", ":"))
             txn.conn.execute(
                 "INSERT INTO pdb_snapshots(grp, idx, hash, state_hash, schema_version, sha256, size, raw_size, ts, "
                 "certificate) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (grp, idx) DO NOTHING",
-                (name, index, h, state, version, info.sha256, info.size, len(raw), txn.now,
-                 json.dumps(cert, separators=(",", ":"))))
+                (name, index, h, state, version, info.sha256, info.size, len(raw), txn.now, cert_text))
             txn.emit(cur["tenant"], "pdb.snapshot", f"pdb/{name}",
                      {"group": name, "index": index, "hash": h, "state_hash": state, "sha256": info.sha256,
-                      "size": info.size, "raw_size": len(raw)})
+                      "size": info.size, "raw_size": len(raw), "schema_version": version, "certificate": cert_text})
             r = txn.conn.execute(f"SELECT {self._SNAP_COLS} FROM pdb_snapshots WHERE grp = ? AND idx = ?",
                                  (name, index)).fetchone()
             return self._snapshot_dict(r)
