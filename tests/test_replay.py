@@ -5,7 +5,8 @@ suspended, public), puts, copies, deletes of keys and of versions, delete marker
 uploads (completed, re-uploaded parts, aborted), identity changes (tenants, applications,
 grants, revocations, disable/enable, rotation, deletion, token revocation, key rotation),
 watch consumers (create, checkpoint, delete), journal compaction, diagnostics findings
-(fsck, resolve) and authorisation (schemas, relationship batches, deletes by filter), artefacts and
+(fsck, resolve), S3 additions (object tags and ACLs, bucket tagging/cors/lifecycle settings,
+lifecycle expirations and aborts), authorisation (schemas, relationship batches, deletes by filter), artefacts and
 PersonalDB (a group, commits, a projection, a migration, a snapshot, a compaction, a witness key
 rotation). The server is stopped, its journal replayed onto an empty catalog through the
 participants' `Replayer` capability, and every participant's summary, and every row of every
@@ -20,6 +21,7 @@ import os
 import random
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import apsw
@@ -33,10 +35,14 @@ from anvil.storage import sqlitefile as sf
 from anvil.storage.blobs import BlobStore
 from anvil.storage.recovery import RecoveryContext, Replayer, UnreplayableEvent, replay_into
 from tests.helpers import AnvilServer
+from tests.s3_helpers import s3_client
 
 # Not rebuilt by replay, by design: migration timestamps, and idempotency records (a cache of
 # answers to retried requests, which expire; docs/backup.md).
 NOT_REPLAYED = {"schema_migrations", "idempotency"}
+
+# The live server's lifecycle clock: a "day" of 0.2 s, checked every 0.1 s (`_workload_s3`).
+LIFECYCLE_ENV = {"ANVIL_LIFECYCLE_DAY_SECONDS": "0.2", "ANVIL_LIFECYCLE_INTERVAL_SECONDS": "0.1"}
 
 
 def run_workload(srv: AnvilServer, rng: random.Random, ops: int) -> list[dict]:
@@ -65,6 +71,7 @@ def run_workload(srv: AnvilServer, rng: random.Random, ops: int) -> list[dict]:
         keys[name] = []
 
     new_bucket()
+    _workload_s3(srv, c, rng, buckets, keys)
     # Every operation once first (so each seed covers every kind), then a random mix.
     plan = ["put", "consumer", "checkpoint", "mp_create", "mp_part", "mp_complete", "tenant", "app", "grant",
             "delete", "fsck"]
@@ -362,6 +369,84 @@ def _workload_personaldb(c, rng: random.Random, scratch: Path) -> None:
         r.close()
 
 
+def _workload_s3(srv: AnvilServer, c, rng: random.Random, buckets: list[str], keys: dict[str, list[str]]) -> None:
+    """The S3 additions to objects, through the S3 gateway: object tags and ACLs (at PUT, copy and
+    multipart creation, then set, replaced and removed), bucket tagging/cors/lifecycle settings (set,
+    replaced, removed, and dropped with a deleted bucket, whose upload the delete aborts), and the
+    lifecycle worker's expiration, delete-marker removal, noncurrent removal and upload abort.
+
+    The worker's actions are waited for, then its configuration removed and two more runs waited
+    for, so no lifecycle event can land after the workload reads the journal. The bucket then joins
+    the random workload's pool (copies of its tagged objects carry their tags)."""
+    s3 = s3_client(srv)
+    b, gone = f"s3-{uuid.uuid4().hex[:10]}", f"s3-{uuid.uuid4().hex[:10]}"
+    tag = lambda: f"v{rng.randrange(100)}"  # noqa: E731
+    s3.create_bucket(Bucket=b)
+    s3.put_bucket_versioning(Bucket=b, VersioningConfiguration={"Status": "Enabled"})
+    s3.put_object(Bucket=b, Key="t/a", Body=b"a", Tagging=f"team={tag()}&x=1", ACL="public-read")
+    s3.put_object(Bucket=b, Key="t/b", Body=b"b")
+    s3.put_object_tagging(Bucket=b, Key="t/b", Tagging={"TagSet": [{"Key": "k", "Value": tag()}]})
+    s3.put_object_tagging(Bucket=b, Key="t/a", Tagging={"TagSet": [{"Key": "team", "Value": tag()}]})
+    s3.delete_object_tagging(Bucket=b, Key="t/b")
+    s3.put_object_acl(Bucket=b, Key="t/b", ACL="public-read")
+    s3.put_object_acl(Bucket=b, Key="t/a", ACL="private")
+    s3.copy_object(Bucket=b, Key="t/c", CopySource={"Bucket": b, "Key": "t/a"}, ACL="public-read",
+                   TaggingDirective="REPLACE", Tagging=f"copied={tag()}")
+    up = s3.create_multipart_upload(Bucket=b, Key="t/m", Tagging="mp=1", ACL="public-read")["UploadId"]
+    part = s3.upload_part(Bucket=b, Key="t/m", UploadId=up, PartNumber=1, Body=b"m")
+    s3.complete_multipart_upload(Bucket=b, Key="t/m", UploadId=up,
+                                 MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]})
+    cors = {"CORSRules": [{"AllowedMethods": ["GET"], "AllowedOrigins": [f"https://{tag()}.example"]}]}
+    for bucket in (b, gone):
+        if bucket == gone:
+            s3.create_bucket(Bucket=gone)
+            s3.create_multipart_upload(Bucket=gone, Key="pending")
+        s3.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": [{"Key": "owner", "Value": tag()}]})
+        s3.put_bucket_cors(Bucket=bucket, CORSConfiguration=cors)
+    s3.put_bucket_tagging(Bucket=b, Tagging={"TagSet": [{"Key": "owner", "Value": "replaced"}]})
+    s3.delete_bucket_cors(Bucket=b)
+    s3.delete_bucket(Bucket=gone)  # aborts its upload, drops its settings
+    # Lifecycle: what falls due at once (a past date, a lone delete marker) or within a "day".
+    s3.put_object(Bucket=b, Key="exp/a", Body=b"e")
+    s3.put_object(Bucket=b, Key="nc/a", Body=b"1")
+    s3.put_object(Bucket=b, Key="nc/a", Body=b"2")
+    only = s3.put_object(Bucket=b, Key="dm/a", Body=b"d")["VersionId"]
+    s3.delete_object(Bucket=b, Key="dm/a")
+    s3.delete_object(Bucket=b, Key="dm/a", VersionId=only)
+    s3.create_multipart_upload(Bucket=b, Key="up/stale")
+    rules = [
+        {"ID": "exp", "Filter": {"Prefix": "exp/"}, "Status": "Enabled",
+         "Expiration": {"Date": datetime(2020, 1, 1, tzinfo=UTC)}},
+        {"ID": "dm", "Filter": {"Prefix": "dm/"}, "Status": "Enabled",
+         "Expiration": {"ExpiredObjectDeleteMarker": True}},
+        {"ID": "nc", "Filter": {"Prefix": "nc/"}, "Status": "Enabled",
+         "NoncurrentVersionExpiration": {"NoncurrentDays": 1}},
+        {"ID": "up", "Filter": {"Prefix": "up/"}, "Status": "Enabled",
+         "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}},
+    ]
+    s3.put_bucket_lifecycle_configuration(Bucket=b, LifecycleConfiguration={"Rules": rules[:1]})
+    s3.put_bucket_lifecycle_configuration(Bucket=b, LifecycleConfiguration={"Rules": rules})
+
+    def status() -> dict:
+        return c._http.get("/anvil/v1/admin/lifecycle/status").json()
+
+    def wait(done) -> dict:
+        deadline = time.monotonic() + 15
+        while not done(st := status()):
+            assert time.monotonic() < deadline, st
+            time.sleep(0.05)
+        return st
+
+    wait(lambda st: min(st["expired"], st["delete_markers_removed"], st["noncurrent_removed"],
+                        st["uploads_aborted"]) >= 1)
+    s3.delete_bucket_lifecycle(Bucket=b)
+    runs = status()["runs"]
+    wait(lambda st: st["runs"] >= runs + 2)
+    s3.close()
+    buckets.append(b)
+    keys[b] = ["t/a", "t/b", "t/c", "t/m", "exp/a", "nc/a"]
+
+
 def _all_events(c, have: list[dict]) -> list[dict]:
     after = have[-1]["seq"] if have else 0
     out: list[dict] = []
@@ -392,7 +477,7 @@ def _summaries(root: Path, catalog: Path, blobs: BlobStore) -> dict[str, dict]:
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_replaying_the_whole_journal_rebuilds_every_participant(tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)
-    srv = AnvilServer(tmp_path / "live").start()
+    srv = AnvilServer(tmp_path / "live", env=LIFECYCLE_ENV).start()
     try:
         events = run_workload(srv, rng, ops=120)
     finally:
@@ -407,6 +492,12 @@ def test_replaying_the_whole_journal_rebuilds_every_participant(tmp_path: Path, 
     assert {"artefact.upload", "artefact.key_add", "artefact.push", "artefact.sign", "artefact.tag"} <= kinds, kinds
     assert {"pdb.group.create", "pdb.commit", "pdb.migrate", "pdb.snapshot", "pdb.compact",
             "pdb.projection.create", "pdb.projection.update", "pdb.keys"} <= kinds, kinds
+    assert {"object.tagging", "object.acl", "bucket.tagging", "bucket.lifecycle", "bucket.cors",
+            "multipart.abort"} <= kinds, kinds
+    lifecycle = {(e["kind"], e["scope"].split("/", 1)[1]) for e in events
+                 if e["actor"].endswith("/system-lifecycle")}
+    assert {("object.delete", "exp/a"), ("object.delete", "dm/a"), ("object.delete", "nc/a"),
+            ("multipart.abort", "up/stale")} <= lifecycle, lifecycle
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
 
     replayed = tmp_path / "replayed" / "catalog.db"
