@@ -20,7 +20,8 @@ def apply(conn: Connection, ev: Any) -> None:
     p: dict[str, Any] = ev.payload
     kind = ev.kind
     if kind == "artefact.upload":
-        conn.execute("INSERT OR REPLACE INTO artefact_uploads (bucket, sha256, size, created) VALUES (?, ?, ?, ?)",
+        conn.execute("INSERT INTO artefact_uploads (bucket, sha256, size, created) VALUES (?, ?, ?, ?) "
+                     "ON CONFLICT (bucket, sha256) DO UPDATE SET size = excluded.size, created = excluded.created",
                      (p["bucket"], p["sha256"], p["size"], ev.ts))
     elif kind == "artefact.key_add":
         conn.execute("INSERT INTO artefact_keys (tenant, key_id, public_key, created) VALUES (?, ?, ?, ?)",
