@@ -241,8 +241,8 @@ class ArtefactService:
 
         def fn(txn: Txn) -> None:
             txn.conn.execute("INSERT INTO artefact_uploads (bucket, sha256, size, created) VALUES (?, ?, ?, ?) "
-                             "ON CONFLICT (bucket, sha256) DO UPDATE SET size = excluded.size, created = excluded.created",
-                             (bucket, info.sha256, info.size, txn.now))
+                             "ON CONFLICT (bucket, sha256) DO UPDATE SET size = excluded.size, "
+                             "created = excluded.created", (bucket, info.sha256, info.size, txn.now))
             txn.emit(tenant, "artefact.upload", bucket, {"bucket": bucket, "sha256": info.sha256, "size": info.size})
 
         self.storage.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
