@@ -58,6 +58,12 @@ def _populate(root: Path) -> None:
         a.watch.create_consumer(ctx, "conf-consumer", make_scope(DEV_PRINCIPAL, bucket="conf-a"), 0)
         record(a.storage.catalog, make_finding("diagnostics", "warning", "conformance.seeded", "seeded", {}),
                actor=ctx.actor, request_id=ctx.request_id)
+        # anvil.indexes: a definition (source) and its published generation (derived files).
+        a.indexes.create(ctx, "conf-a", {"name": "conf-ix", "kind": "full-text", "selector": {"prefix": "docs/"},
+                                         "fields": {"body": {"source": "body", "type": "text"}}})
+        a.indexes.start()
+        assert a.indexes.query(DEV_PRINCIPAL, "conf-a", "conf-ix",
+                               {"text": "three", "min_cursor": a.storage.catalog.head()[0], "wait_ms": 10000})["hits"]
     finally:
         a.close()
 

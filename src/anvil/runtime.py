@@ -17,6 +17,8 @@ from anvil.errors import AnvilError
 from anvil.identity import BucketAccess, IdentityService, install_bucket_lookup
 from anvil.identity.participant import IdentityParticipant
 from anvil.identity.settings import load_jwt_secret, load_keyring
+from anvil.indexes import IndexService
+from anvil.indexes.participant import IndexesParticipant
 from anvil.objects import ObjectService
 from anvil.objects.participant import ObjectsParticipant
 from anvil.storage import Storage
@@ -40,7 +42,8 @@ def recovery_participants() -> list[Participant]:
     appends its own here and thereby joins backup, restore, fsck, gc, the drill and the
     conformance suite."""
     return [StorageParticipant(), JournalParticipant(), ObjectsParticipant(), BlobsParticipant(),
-            BlobDigestsParticipant(), IdentityParticipant(), WatchParticipant(), DiagnosticsParticipant()]
+            BlobDigestsParticipant(), IdentityParticipant(), WatchParticipant(), DiagnosticsParticipant(),
+            IndexesParticipant()]
 
 
 # Who records findings of failed read verifications (the journal's actor for them).
@@ -73,6 +76,7 @@ class Anvil:
             self.watch = WatchService(self.storage, bucket_exists=lambda b: self.objects.find_bucket(b) is not None)
             self.diagnostics = Diagnostics(self.storage, self.objects, recovery_participants())
             self.objects.on_corruption(self._record_corruption)
+            self.indexes = IndexService(self.storage)
             self.storage.catalog.start()
             self.identity.bootstrap(endpoint)
         except BaseException:
@@ -147,6 +151,7 @@ class Anvil:
             self._heal_lock.release()
 
     def close(self) -> None:
+        self.indexes.close()
         self.watch.close()
         self.storage.close()
 

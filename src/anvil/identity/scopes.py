@@ -20,6 +20,8 @@ ACTIONS = frozenset({
     "object:read", "object:list", "object:write", "object:delete",
     "admin:read", "admin:write",
     "app:create", "app:read", "policy:grant", "policy:read",
+    # anvil.indexes: manage a bucket's index definitions / query index_only indexes.
+    "index:read", "index:write",
 })
 
 MAX_SCOPE_LENGTH = 512
