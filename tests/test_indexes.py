@@ -111,7 +111,8 @@ def test_fulltext_freshness_snippets_filters_sort_and_paging(server: AnvilServer
     docs = {
         "docs/a": ({"title": "Running with dogs", "body": "The quick brown fox jumps over the lazy dog", "year": 1999},
                    {"lang": "en"}),
-        "docs/b": ({"title": "Cats sleeping", "body": "A lazy afternoon of sleeping cats", "year": 2005}, {"lang": "en"}),
+        "docs/b": ({"title": "Cats sleeping", "body": "A lazy afternoon of sleeping cats", "year": 2005},
+                   {"lang": "en"}),
         "docs/c": ({"title": "Hunde", "body": "Der schnelle braune Fuchs", "year": 2012}, {"lang": "de"}),
         "docs/d": ({"title": "Dog runner", "body": "runners run with their dogs daily", "year": 2020}, {}),
         "other/e": ({"title": "dog outside the selector", "body": "dog", "year": 1}, {}),
@@ -141,7 +142,8 @@ def test_fulltext_freshness_snippets_filters_sort_and_paging(server: AnvilServer
     # Filters combined with and/or/not, ranges, in, exists, prefix.
     f = {"and": [{"field": "year", "op": "gte", "value": 2000},
                  {"or": [{"field": "lang", "op": "eq", "value": "en"}, {"not": {"field": "lang", "op": "exists"}}]}]}
-    assert {h["key"] for h in client.search(bucket, "docs", filter=f, min_cursor=cursor)["hits"]} == {"docs/b", "docs/d"}
+    got = {h["key"] for h in client.search(bucket, "docs", filter=f, min_cursor=cursor)["hits"]}
+    assert got == {"docs/b", "docs/d"}
     assert {h["key"] for h in client.search(bucket, "docs", filter={"field": "lang", "op": "in",
                                                                     "value": ["de", "fr"]})["hits"]} == {"docs/c"}
     assert {h["key"] for h in client.search(bucket, "docs", filter={"field": "title", "op": "prefix",
