@@ -112,6 +112,7 @@ class Engine:
         self._hnsw: Any = None
         self._hnsw_ids: set[int] = set()
         self._dead: set[int] = set()
+        self._mat: tuple[np.ndarray, np.ndarray] | None = None
         self._open()
 
     # ------------------------------------------------------------------ opening
@@ -234,6 +235,7 @@ class Engine:
                     self._reset()
                     raise
                 self.index.reload()
+                self._mat = None
                 if self._hnsw is not None:
                     if len(self._dead) > max(1000, len(self.vectors) // 4):
                         self._rebuild_hnsw()
@@ -337,7 +339,9 @@ class Engine:
             q_all = q
         s = self.index.searcher()
         res = s.search(q_all, max(1, limit), count=want_count)
-        hits = [(s.doc(addr)["_vid"][0], float(score)) for score, addr in res.hits]
+        # The id from its fast-field column: no stored document is decompressed for a hit.
+        vids = s.fast_field_values("_vid", [addr for _score, addr in res.hits]) if res.hits else []
+        hits = [(int(v), float(score)) for (score, _addr), v in zip(res.hits, vids, strict=True)]
         return hits, (res.count if want_count else len(hits)), q
 
     def snippets(self, query: Any, vids: list[int]) -> dict[int, dict[str, Any]]:
@@ -389,8 +393,20 @@ class Engine:
         # Higher is better for every metric: l2 distances are negated.
         return -raw if self.metric == "l2" else raw
 
-    def _exact(self, q: np.ndarray, cand: list[int], k: int) -> list[tuple[int, float]]:
-        mat = np.stack([self.vectors[v] for v in cand])
+    def _matrix(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every live vector stacked once per change (for exact search over all of them)."""
+        if self._mat is None:
+            ids = np.fromiter(self.vectors.keys(), dtype="int64", count=len(self.vectors))
+            mat = np.stack([self.vectors[i] for i in ids]) if len(ids) else np.zeros((0, 1), dtype="float32")
+            self._mat = (ids, mat)
+        return self._mat
+
+    def _exact(self, q: np.ndarray, cand: list[int] | None, k: int) -> list[tuple[int, float]]:
+        if cand is None:
+            ids, mat = self._matrix()
+            cand = ids.tolist()
+        else:
+            mat = np.stack([self.vectors[v] for v in cand])
         if self.metric == "l2":
             scores = -((mat - q) ** 2).sum(axis=1)
         else:
@@ -400,8 +416,8 @@ class Engine:
 
     def exact_knn(self, vector: list[float], k: int, allowed: list[int] | None) -> list[tuple[int, float]]:
         """Brute force over every live vector (the drill's and the benchmark's yardstick)."""
-        cand = list(self.vectors) if allowed is None else [v for v in allowed if v in self.vectors]
-        if not cand:
+        cand = None if allowed is None else [v for v in allowed if v in self.vectors]
+        if not self.vectors or cand == []:
             return []
         return self._exact(self._prepare(vector).reshape(1, -1), cand, k)
 
