@@ -132,13 +132,31 @@ OPERATIONS += [
     ("post", "/anvil/v1/admin/repair/blobs", "healBlobs",
      "Restore missing or quarantined blobs from a backup: {repo, passphrase, s3_endpoint?, snapshot?} (admin)", [],
      True, False),
+    # anvil.indexes (docs/indexes.md)
+    ("get", "/anvil/v1/buckets/{bucket}/indexes", "listIndexes", "List a bucket's indexes with status", [],
+     False, False),
+    ("post", "/anvil/v1/buckets/{bucket}/indexes", "createIndex", "Create an index from its definition", [],
+     True, False),
+    ("get", "/anvil/v1/buckets/{bucket}/indexes/{name}", "getIndex",
+     "An index definition and status (generation, cursor, lag, documents, diagnostics)", [], False, False),
+    ("put", "/anvil/v1/buckets/{bucket}/indexes/{name}", "updateIndex", "Replace a definition (version + 1)", [],
+     True, False),
+    ("delete", "/anvil/v1/buckets/{bucket}/indexes/{name}", "dropIndex", "Drop an index", [], False, False),
+    ("post", "/anvil/v1/buckets/{bucket}/indexes/{name}/disable", "disableIndex", "Disable an index", [], False,
+     False),
+    ("post", "/anvil/v1/buckets/{bucket}/indexes/{name}/enable", "enableIndex", "Enable an index (rebuilt)", [],
+     False, False),
+    ("post", "/anvil/v1/buckets/{bucket}/indexes/{name}/rebuild", "rebuildIndex",
+     "Rebuild an index from the bucket's objects", [], False, False),
+    ("post", "/anvil/v1/buckets/{bucket}/indexes/{name}/query", "queryIndex",
+     "Query: text, vector, filter, sort, limit, page_token, min_cursor, hybrid", [], True, False),
 ]
 
 # Operations that need no bearer token (anonymous reads of public buckets are decided per bucket).
 PUBLIC = frozenset({"live", "ready", "token"})
 # Operations whose success status is not 200.
 SUCCESS = {"createBucket": "201", "createUpload": "201", "createTenant": "201", "createApp": "201",
-           "createConsumer": "201", "createBackup": "201"}
+           "createConsumer": "201", "createBackup": "201", "createIndex": "201"}
 
 ERROR = {
     "type": "object",

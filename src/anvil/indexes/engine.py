@@ -196,53 +196,64 @@ class Engine:
 
     def apply(self, changes: dict[str, dict[str, Any] | None], cursor: int) -> None:
         """Upsert (`{version, fields, problems}`) or remove (None) each key, then publish a generation
-        at `cursor`. Keys are processed in one tantivy commit."""
-        with self.lock:
-            if changes:
-                writer = self.index.writer(heap_size=50_000_000, num_threads=1)
-                try:
-                    new_vectors: list[tuple[int, np.ndarray]] = []
-                    for key, doc in changes.items():
-                        old = self.by_key.pop(key, None)
-                        writer.delete_documents_by_term("_key", key)
-                        if old is not None:
-                            self.docs.pop(old, None)
-                            self.meta.pop(old, None)
-                            if self.vectors.pop(old, None) is not None:
-                                self._dead.add(old)
-                        self.diagnostics.pop(key, None)
-                        if doc is None:
-                            continue
-                        if doc["problems"]:
-                            self.diagnostics[key] = doc["problems"]
-                        vid = self.next_vid
-                        self.next_vid += 1
-                        fields = doc["fields"]
-                        stored = {"key": key, "version": doc["version"], "fields": fields}
-                        tdoc = tantivy.Document(_vid=vid, _key=key,
-                                                _doc=json.dumps(stored, separators=(",", ":")).encode())
-                        for name in self.text_fields:
-                            if name in fields:
-                                tdoc.add_text(name, fields[name])
-                        writer.add_document(tdoc)
-                        self._remember(vid, stored)
-                        if vid in self.vectors:
-                            new_vectors.append((vid, self.vectors[vid]))
-                    writer.commit()
-                    writer.wait_merging_threads()
-                except BaseException:
-                    # Memory may be ahead of the index now: reload both from the last generation.
+        at `cursor`. Keys are processed in one tantivy commit.
+
+        The tantivy work (add, delete, commit, merges) runs without the engine's lock: queries keep
+        using the previous searcher and in-memory maps until the swap at the end, which is short."""
+        if changes:
+            staged: list[tuple[str, int | None, dict[str, Any] | None, list[dict[str, str]]]] = []
+            writer = self.index.writer(heap_size=50_000_000, num_threads=1)
+            try:
+                for key, doc in changes.items():
+                    writer.delete_documents_by_term("_key", key)
+                    if doc is None:
+                        staged.append((key, None, None, []))
+                        continue
+                    vid = self.next_vid
+                    self.next_vid += 1
+                    fields = doc["fields"]
+                    stored = {"key": key, "version": doc["version"], "fields": fields}
+                    tdoc = tantivy.Document(_vid=vid, _key=key,
+                                            _doc=json.dumps(stored, separators=(",", ":")).encode())
+                    for name in self.text_fields:
+                        if name in fields:
+                            tdoc.add_text(name, fields[name])
+                    writer.add_document(tdoc)
+                    staged.append((key, vid, stored, doc["problems"]))
+                writer.commit()
+                writer.wait_merging_threads()
+            except BaseException:
+                with self.lock:
+                    # Memory may disagree with the index now: reload both from the last generation.
                     self._reset()
-                    raise
+                raise
+            with self.lock:
                 self.index.reload()
+                new_vectors: list[int] = []
+                for key, vid, stored, problems in staged:
+                    old = self.by_key.pop(key, None)
+                    if old is not None:
+                        self.docs.pop(old, None)
+                        self.meta.pop(old, None)
+                        if self.vectors.pop(old, None) is not None:
+                            self._dead.add(old)
+                    self.diagnostics.pop(key, None)
+                    if vid is None or stored is None:
+                        continue
+                    if problems:
+                        self.diagnostics[key] = problems
+                    self._remember(vid, stored)
+                    if vid in self.vectors:
+                        new_vectors.append(vid)
                 self._mat = None
                 if self._hnsw is not None:
                     if len(self._dead) > max(1000, len(self.vectors) // 4):
                         self._rebuild_hnsw()
                     elif new_vectors:
-                        ids = np.array([v for v, _ in new_vectors], dtype="int64")
-                        self._hnsw.add_with_ids(np.stack([a for _, a in new_vectors]), ids)
-                        self._hnsw_ids.update(ids.tolist())
+                        ids = np.asarray(new_vectors, dtype="int64")
+                        self._hnsw.add_with_ids(np.stack([self.vectors[v] for v in new_vectors]), ids)
+                        self._hnsw_ids.update(new_vectors)
+        with self.lock:
             self.cursor = max(self.cursor, cursor)
             self.publish()
             self.changed.notify_all()

@@ -27,7 +27,14 @@ import tantivy
 from anvil.indexes.definitions import definition_hash
 from anvil.indexes.engine import MANIFEST, Engine, _analyzer, check_files, read_manifest
 from anvil.indexes.filters import compile_filter
-from anvil.indexes.service import INDEX_DIR, TABLES, index_dir, read_definitions, scan_documents
+from anvil.indexes.service import (
+    INDEX_DIR,
+    TABLES,
+    index_dir,
+    read_definitions,
+    scan_documents,
+    selected_versions,
+)
 from anvil.storage import journal
 from anvil.storage.records import Connection, table_exists
 from anvil.storage.recovery import Finding, Participant, RecoveryContext
@@ -143,8 +150,7 @@ class IndexesParticipant(Participant):
                 continue
             if int(m.get("cursor", 0)) == head and m.get("definition_hash") == definition_hash(d["definition"]):
                 stored = _stored_keys(vdir, d)
-                expected = scan_documents(ctx.conn, ctx.blobs, d["definition"], d["bucket"])
-                want = {key: doc["version"] for key, doc in expected.items()}
+                want = selected_versions(ctx.conn, d["definition"], d["bucket"])
                 if stored is None or stored != want:
                     extra = sorted(set(stored or {}) - set(want))[:5]
                     missing = sorted(set(want) - set(stored or {}))[:5]

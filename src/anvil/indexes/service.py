@@ -125,6 +125,14 @@ def scan_documents(conn: Connection, blobs: Any, definition: dict[str, Any], buc
     return out
 
 
+def selected_versions(conn: Connection, definition: dict[str, Any], bucket: str) -> dict[str, str]:
+    """key -> version id of every live object the selector takes (no body is read)."""
+    prefix = definition["selector"]["prefix"]
+    rows = conn.execute("SELECT key, version_id, content_type FROM versions "
+                        "WHERE bucket = ? AND is_latest = 1 AND delete_marker = 0", (bucket,)).fetchall()
+    return {r[0]: r[1] for r in rows if r[0].startswith(prefix) and defs.selects(definition, r[0], r[2] or "")}
+
+
 def _glob_regex(patterns: list[str]) -> re.Pattern[str]:
     return re.compile("|".join(f"(?:{translate(p)})" for p in patterns))
 
@@ -359,6 +367,11 @@ class IndexService:
                     if old.name != vdir.name:
                         shutil.rmtree(old, ignore_errors=True)
             eng = Engine(vdir, d["definition"], d["version"])
+            if eng.cursor > journal.head(self.catalog.reader())[0]:
+                # A generation ahead of this journal (files from elsewhere): rebuild from source.
+                eng.close()
+                shutil.rmtree(vdir, ignore_errors=True)
+                eng = Engine(vdir, d["definition"], d["version"])
             with self._lock:
                 self._engines[k] = eng
         return eng
