@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ast
 import concurrent.futures
+import gzip
 import hashlib
 import json
 import math
@@ -77,13 +78,19 @@ def build_corpus(n: int, cache: Path) -> list[dict]:
             return docs[:n]
     docs: list[dict] = []
     seen: set[str] = set()
+    # Installed packages' docstrings and docs, the standard library's, Debian's Python packages, and
+    # the text documentation Debian ships under /usr/share/doc (READMEs, changelogs, gzipped or not).
     roots = sorted({Path(p) for p in sys.path if p and Path(p).is_dir() and "site-packages" in p}
-                   | {Path(os.__file__).parent})
+                   | {Path(os.__file__).parent}
+                   | {p for p in (Path("/usr/lib/python3/dist-packages"), Path("/usr/share/doc")) if p.is_dir()})
     for root in roots:
         for path in sorted(root.rglob("*")):
             if len(docs) >= n * 1.05:
                 break
-            if path.suffix not in (".py", ".rst", ".md", ".txt") or not path.is_file():
+            gz = path.suffix == ".gz" and "doc" in path.parts
+            if (path.suffix not in (".py", ".rst", ".md", ".txt") and not gz and path.name not in ("README",
+                                                                                                   "copyright")) \
+                    or not path.is_file():
                 continue
             rel = path.relative_to(root).parts
             package = rel[0].split(".")[0].split("-")[0] if len(rel) > 1 else "stdlib"
@@ -91,8 +98,9 @@ def build_corpus(n: int, cache: Path) -> list[dict]:
                 items = _docstrings(path)
             else:
                 try:
-                    text = path.read_text(errors="replace")
-                except OSError:
+                    raw = path.read_bytes()
+                    text = (gzip.decompress(raw) if gz else raw).decode("utf-8", errors="replace")
+                except (OSError, EOFError, gzip.BadGzipFile):
                     continue
                 items = [("doc", p.strip()[:4000]) for p in re.split(r"\n\s*\n", text) if len(p.strip()) >= 80]
             for kind, text in items:
