@@ -82,3 +82,28 @@ def test_replaying_from_an_older_manifest_neither_loses_nor_duplicates(tmp_path:
     m = read_manifest(d)
     assert m is not None and m["cursor"] == 9 and check_files(d, m) == []
     e.close()
+
+
+def test_value_postings_narrow_filters_and_follow_updates(tmp_path: Path) -> None:
+    from anvil.indexes.filters import narrowing
+
+    e = Engine(tmp_path / "ix", DEF, 1)
+
+    def doc(n: int) -> dict:
+        return {"version": "null", "fields": {"t": f"w{n}", "n": n % 7}, "problems": []}
+
+    e.apply({f"p/{i:03d}": doc(i) for i in range(200)}, 1)
+    spec = {"and": [{"field": "n", "op": "in", "value": [3, 4]}, {"field": "key", "op": "lt", "value": "p/100"}]}
+    pred = compile_filter(spec, DEF)
+
+    def both() -> tuple[set[str], set[str]]:
+        fast = {e.meta[v][0] for v in e.allowed(pred, narrowing(spec, DEF)) or []}
+        scan = {e.meta[v][0] for v in e.allowed(pred, [])}
+        return fast, scan
+
+    fast, scan = both()
+    assert fast == scan and len(fast) == 28
+    e.apply({"p/003": None, "p/010": doc(3), "p/011": {**doc(0), "fields": {"t": "x"}}}, 2)  # postings follow
+    fast, scan = both()
+    assert fast == scan and "p/003" not in fast and "p/010" in fast and "p/011" not in fast
+    e.close()

@@ -113,6 +113,8 @@ class Engine:
         self._hnsw_ids: set[int] = set()
         self._dead: set[int] = set()
         self._mat: tuple[np.ndarray, np.ndarray] | None = None
+        # field -> value -> documents, built on first use and kept current by apply.
+        self._postings: dict[str, dict[Any, set[int]]] = {}
         self._open()
 
     # ------------------------------------------------------------------ opening
@@ -233,6 +235,10 @@ class Engine:
                 for key, vid, stored, problems in staged:
                     old = self.by_key.pop(key, None)
                     if old is not None:
+                        prev = self.docs.get(old, {})
+                        for field, post in self._postings.items():
+                            if field in prev:
+                                post.get(prev[field], set()).discard(old)
                         self.docs.pop(old, None)
                         self.meta.pop(old, None)
                         if self.vectors.pop(old, None) is not None:
@@ -243,6 +249,9 @@ class Engine:
                     if problems:
                         self.diagnostics[key] = problems
                     self._remember(vid, stored)
+                    for field, post in self._postings.items():
+                        if field in self.docs[vid]:
+                            post.setdefault(self.docs[vid][field], set()).add(vid)
                     if vid in self.vectors:
                         new_vectors.append(vid)
                 self._mat = None
@@ -259,6 +268,7 @@ class Engine:
             self.changed.notify_all()
 
     def _reset(self) -> None:
+        self._postings.clear()
         self.docs.clear()
         self.meta.clear()
         self.by_key.clear()
@@ -323,10 +333,29 @@ class Engine:
 
     # ------------------------------------------------------------------ querying
 
-    def allowed(self, predicate: Any) -> list[int] | None:
+    def allowed(self, predicate: Any, narrow: list[tuple[str, set[Any]]] | None = None) -> list[int] | None:
+        """The documents `predicate` accepts (None: no restriction). `narrow`'s equality constraints
+        pick candidates from value postings first, so a selective filter never scans every document."""
         if predicate is None:
             return None
-        return [vid for vid, d in self.docs.items() if predicate(d)]
+        candidates: Any = self.docs.keys()
+        for field, values in narrow or []:
+            post = self._postings_for(field)
+            got: set[int] = set()
+            for v in values:
+                got |= post.get(v, set())
+            candidates = got if candidates is self.docs.keys() else candidates & got
+        return [vid for vid in candidates if predicate(self.docs[vid])]
+
+    def _postings_for(self, field: str) -> dict[Any, set[int]]:
+        post = self._postings.get(field)
+        if post is None:
+            post = {}
+            for vid, d in self.docs.items():
+                if field in d:
+                    post.setdefault(d[field], set()).add(vid)
+            self._postings[field] = post
+        return post
 
     def text_search(self, text: str, *, boosts: dict[str, float], fuzzy: dict[str, int], fields: list[str] | None,
                     allowed: list[int] | None, limit: int, want_count: bool = True) -> tuple[list[tuple[int, float]],

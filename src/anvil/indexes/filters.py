@@ -125,3 +125,25 @@ def sort_key(definition: dict[str, Any], spec: Any) -> tuple[str, bool] | None:
     if order not in ("asc", "desc"):
         raise AnvilError("InvalidArgument", "sort order is asc or desc")
     return name, order == "desc"
+
+
+def narrowing(spec: Any, definition: dict[str, Any]) -> list[tuple[str, set[Any]]]:
+    """Equality constraints every match must meet: the filter itself if it is `eq`/`in`, or those
+    members of a top-level `and`. Each is (field, allowed values); an engine intersects its value
+    postings for them to get a candidate set, then applies the full predicate to the candidates
+    only. Call after `compile_filter` accepted `spec` (values are already known to coerce)."""
+    types = field_types(definition)
+    nodes = spec["and"] if isinstance(spec, dict) and set(spec) == {"and"} else [spec]
+    out = []
+    for node in nodes:
+        if not isinstance(node, dict) or set(node) - {"field", "op", "value"} or node.get("field") not in types:
+            continue
+        ftype = types[node["field"]]
+        if ftype in ("text", "float", "date"):
+            continue  # postings are kept for exact-valued fields only
+        op = node.get("op", "eq")
+        if op == "eq":
+            out.append((node["field"], {coerce(ftype, node["value"])}))
+        elif op == "in":
+            out.append((node["field"], {coerce(ftype, v) for v in node["value"]}))
+    return out

@@ -29,7 +29,7 @@ from anvil.identity.scopes import covers
 from anvil.indexes import definitions as defs
 from anvil.indexes.engine import MAX_SORT_MATCHES, Engine
 from anvil.indexes.extract import Source, extract
-from anvil.indexes.filters import compile_filter, sort_key
+from anvil.indexes.filters import compile_filter, narrowing, sort_key
 from anvil.storage import Storage, journal
 from anvil.storage.catalog import Txn
 from anvil.storage.records import Connection
@@ -528,6 +528,7 @@ def parse_query(body: Any, definition: dict[str, Any]) -> dict[str, Any]:
             raise AnvilError("InvalidArgument", f"wrong vector dimension: {len(vector)}, the index has {dim}")
     flt = body.get("filter")
     predicate = compile_filter(flt, definition) if flt is not None else None
+    narrow = narrowing(flt, definition) if flt is not None else []
     if kind == "metadata" and text is None and vector is None:
         pass
     srt = sort_key(definition, body.get("sort"))
@@ -579,7 +580,7 @@ def parse_query(body: Any, definition: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(highlight, bool):
         raise AnvilError("InvalidArgument", "highlight is true or false")
     return {"text": text, "fields": chosen, "boosts": boosts, "fuzzy": fuzzy, "vector": vector,
-            "predicate": predicate, "sort": srt, "limit": limit, "offset": offset, "fingerprint": fp,
+            "predicate": predicate, "narrow": narrow, "sort": srt, "limit": limit, "offset": offset, "fingerprint": fp,
             "min_cursor": min_cursor, "wait": float(wait_ms) / 1000.0, "return": ret,
             "weights": (float(hybrid.get("text_weight", 1.0)), float(hybrid.get("vector_weight", 1.0))),
             "rrf_k": rrf_k, "ef_search": ef or (definition.get("vector") or {}).get("hnsw", {}).get("ef_search", 64),
@@ -594,7 +595,7 @@ def run_query(eng: Engine, definition: dict[str, Any], bucket: str, q: dict[str,
     if can_read is not None:
         inner = pred
         pred = (lambda doc: can_read(doc["key"]) and inner(doc)) if inner else (lambda doc: can_read(doc["key"]))
-    allowed = eng.allowed(pred)
+    allowed = eng.allowed(pred, q["narrow"])
     window = q["offset"] + q["limit"]
     components: dict[int, dict[str, Any]] = {}
     text_query = None
