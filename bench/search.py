@@ -226,6 +226,7 @@ def main() -> None:
         head = put_many(anvil, ctx, bucket, items)
         del items
         out["ingest_seconds"] = round(time.perf_counter() - t, 1)
+        print(f"ingested {2 * len(docs)} objects in {out['ingest_seconds']} s", file=sys.stderr)
 
         anvil.indexes.start()
         # Full-text index: built from the journal/records by the builder (extract + tantivy).
@@ -248,13 +249,14 @@ def main() -> None:
             "fields": {"emb": {"source": "json:/emb", "type": "vector", "dimension": DIM},
                        "shard": {"source": "json:/shard", "type": "integer"},
                        "package": {"source": "json:/package", "type": "keyword"}},
-            "vector": {"metric": "cosine", "hnsw": {"m": 16, "ef_construction": 64, "ef_search": 96}}})
+            "vector": {"metric": "cosine", "hnsw": {"m": 16, "ef_construction": 64, "ef_search": 256}}})
         head = anvil.storage.catalog.head()[0]
         wait_built(anvil, bucket, "vec", head)
         secs = time.perf_counter() - t
         out["vector_indexing"] = {"documents": len(docs), "seconds": round(secs, 2),
                                   "docs_per_second": round(len(docs) / secs)}
 
+        print(f"indexes built: {out['fulltext_indexing']} {out['vector_indexing']}", file=sys.stderr)
         out["freshness"] = freshness(anvil, ctx, bucket, docs, args.rate, args.fresh_seconds)
         out["fulltext"] = fulltext(anvil, bucket, docs, args.queries, args.repeat, tmp)
         out["vector"] = vector(anvil, bucket, vecs, args.vector_queries, args.repeat)
