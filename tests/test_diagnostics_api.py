@@ -134,12 +134,12 @@ def test_repair_records_a_finding_per_run(server: AnvilServer, client: AnvilClie
     assert e.value.code == "InvalidArgument"
     assert len(client.list_findings(subsystem="diagnostics")) == before  # refused: nothing recorded
     report = client.repair()
-    # blob-digests is the one derived family registered (the chunk digests of large blobs).
-    assert report["families"] == ["blob-digests"] and report["ok"] is True
-    assert [f["invariant"] for f in report["findings"]] == ["repair.rebuilt"]
+    # The derived families registered: the chunk digests of large blobs, and anvil.indexes' generations.
+    assert report["families"] == ["blob-digests", "indexes"] and report["ok"] is True
+    assert [f["invariant"] for f in report["findings"]] == ["repair.rebuilt", "repair.rebuilt"]
     proc = server.cli("repair", "--json")
     assert json.loads(proc.stdout)["findings"][0]["invariant"] == "repair.rebuilt"
-    assert len(client.list_findings(subsystem="diagnostics")) == before + 2
+    assert len(client.list_findings(subsystem="diagnostics")) == before + 4  # two runs, one finding per family
 
 
 def test_repair_with_no_derived_family_records_that(tmp_path) -> None:

@@ -292,6 +292,10 @@ def test_cli_index_commands_and_search(server: AnvilServer, client: AnvilClient,
     rebuilt = json.loads(server.cli("repair", "index", bucket, "docs", "--endpoint", server.endpoint,
                                     "--json").stdout)
     assert rebuilt["rebuilt"] is True and rebuilt["documents"] == 1
+    # `anvil repair` of the whole family on a running server rebuilds through its builder.
+    report = client.repair(["indexes"])
+    assert report["ok"] is True and "running builder" in json.dumps(report["findings"])
+    assert [h["key"] for h in client.search(bucket, "docs", text="dog")["hits"]] == ["docs/cli"]
     server.cli("index", "rm", bucket, "docs")
     assert client.list_indexes(bucket) == []
 

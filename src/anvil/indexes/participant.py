@@ -29,6 +29,7 @@ from anvil.indexes.engine import MANIFEST, Engine, _analyzer, check_files, read_
 from anvil.indexes.filters import compile_filter
 from anvil.indexes.service import (
     INDEX_DIR,
+    LIVE,
     TABLES,
     index_dir,
     read_definitions,
@@ -167,6 +168,11 @@ class IndexesParticipant(Participant):
 
     def rebuild(self, ctx: RecoveryContext) -> list[Finding]:
         """Rebuild every enabled index's generation from the records and bodies in `ctx`."""
+        live = LIVE.get(ctx.root.resolve())
+        if live is not None:  # a running server's builder owns these files: rebuild through it
+            done = live.rebuild_all()
+            return [self.finding("info", "indexes", f"rebuilt {len(done)} index generations through the "
+                                 "running builder")]
         head = journal.head(ctx.conn)[0]
         defs = _definitions(ctx.conn)
         wanted = set()

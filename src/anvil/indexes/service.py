@@ -51,6 +51,8 @@ MIGRATIONS = [
 ]
 
 TABLES = ["index_definitions"]
+# Storage root -> the index service building there in this process (see IndexService.start).
+LIVE: dict[Path, IndexService] = {}
 INDEX_DIR = "indexes"
 MAX_INDEXES_PER_BUCKET = 32
 MAX_LIMIT = 1000
@@ -302,12 +304,17 @@ class IndexService:
     # ------------------------------------------------------------------ the builder (derived)
 
     def start(self) -> None:
+        # Registered so that a participant rebuild in this process goes through the running builder
+        # instead of replacing files under it.
+        LIVE[self.root.resolve()] = self
         if self._thread is None:
             self.catalog.add_commit_listener(lambda head: self._wake.set())
             self._thread = threading.Thread(target=self._run, name="anvil-indexes", daemon=True)
             self._thread.start()
 
     def close(self) -> None:
+        if LIVE.get(self.root.resolve()) is self:
+            LIVE.pop(self.root.resolve(), None)
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -414,6 +421,14 @@ class IndexService:
         d = self._visible(ctx.principal, bucket, name)
         if d["state"] != "enabled":
             raise AnvilError("IndexDisabled", f"index {name} is disabled")
+        return self._rebuild_one(bucket, name)
+
+    def rebuild_all(self) -> list[dict[str, Any]]:
+        """Rebuild every enabled index (the participant's rebuild while this service runs)."""
+        return [self._rebuild_one(d["bucket"], d["name"]) for d in read_definitions(self.catalog.reader())
+                if d["state"] == "enabled"]
+
+    def _rebuild_one(self, bucket: str, name: str) -> dict[str, Any]:
         k = (bucket, name)
         with self._lock:
             eng = self._engines.pop(k, None)
