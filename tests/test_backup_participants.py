@@ -69,7 +69,8 @@ def test_files_restore_and_derived_rebuild(tmp_path: Path, monkeypatch: pytest.M
         anvil.close()
     assert "derived/test-index/1/MANIFEST.json" in m["tree"]["files"]
     cov = {c["item"]: c["participants"] for c in m["coverage"]}
-    assert cov["fulltext"] == ["test-index"] and cov["vector"] == []
+    # The registered `indexes` participant (anvil.indexes) covers full text and vectors too.
+    assert cov["fulltext"] == ["indexes", "test-index"] and cov["vector"] == ["indexes"]
     restore(repo, m, tmp_path / "restored", parts)
     restored = tmp_path / "restored" / "derived" / "test-index" / "1" / "MANIFEST.json"
     assert json.loads(restored.read_text()) == {"cursor": "stale", "files": []}
@@ -80,8 +81,8 @@ def test_files_restore_and_derived_rebuild(tmp_path: Path, monkeypatch: pytest.M
         storage.close()
     assert fake.rebuilt == 1 and report["rebuilt"] == ["test-index"] and report["ok"]
     step = next(s for s in report["steps"] if s["step"] == "validate index generations")
-    assert step["participants"] == ["test-index"] and step["status"] == "passed"
-    assert [f["severity"] for f in step["findings"]] == ["warning", "info", "info"]
+    assert step["participants"] == ["indexes", "test-index"] and step["status"] == "passed"
+    assert [f["severity"] for f in step["findings"] if f["participant"] == "test-index"] == ["warning", "info", "info"]
     assert json.loads(restored.read_text()) == {"cursor": "ok", "files": []}
 
 
@@ -93,4 +94,5 @@ def test_source_participants_cannot_rebuild_and_coverage_lists_every_item() -> N
     assert [c["item"] for c in cov] == CHECKLIST_IDS
     covered = {c["item"] for c in cov if c["participants"]}
     assert covered == {"object-bodies", "object-journal", "bucket-metadata", "path-indexes", "secrets", "watch",
-                       "diagnostics", "authz", "artefacts", "personaldb"}
+                       "diagnostics", "authz", "artefacts", "personaldb", "metadata-indexes", "fulltext",
+                       "vector"}

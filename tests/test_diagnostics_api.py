@@ -135,8 +135,8 @@ def test_repair_records_a_finding_per_run(server: AnvilServer, client: AnvilClie
     assert len(client.list_findings(subsystem="diagnostics")) == before  # refused: nothing recorded
     report = client.repair()
     # The derived families registered: the chunk digests of large blobs, the artefacts' tensor index,
-    # and PersonalDB projections.
-    assert report["families"] == ["blob-digests", "projections", "tensors"] and report["ok"] is True
+    # PersonalDB projections and anvil.indexes' generations (sorted by name).
+    assert report["families"] == ["blob-digests", "indexes", "projections", "tensors"] and report["ok"] is True
     assert {f["invariant"] for f in report["findings"]} == {"repair.rebuilt"}
     proc = server.cli("repair", "--json")
     assert json.loads(proc.stdout)["findings"][0]["invariant"] == "repair.rebuilt"

@@ -72,6 +72,12 @@ def _populate(root: Path) -> None:
                actor=ctx.actor, request_id=ctx.request_id)
         _populate_artefacts(a, ctx)
         _populate_personaldb(a, ctx, root)
+        # anvil.indexes: a definition (source) and its published generation (derived files).
+        a.indexes.create(ctx, "conf-a", {"name": "conf-ix", "kind": "full-text", "selector": {"prefix": "docs/"},
+                                         "fields": {"body": {"source": "body", "type": "text"}}})
+        a.indexes.start()
+        assert a.indexes.query(DEV_PRINCIPAL, "conf-a", "conf-ix",
+                               {"text": "three", "min_cursor": a.storage.catalog.head()[0], "wait_ms": 10000})["hits"]
     finally:
         a.close()
 

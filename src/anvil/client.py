@@ -1229,3 +1229,40 @@ class AnvilClient:
         """Send a changeset made on a copy of the projection back to its source group (if its policy allows)."""
         return self._json("POST", "/anvil/v1/pdb/projections/" + urllib.parse.quote(projection, safe="") +
                           "/writeback", content=changeset, headers={"content-type": "application/octet-stream"})
+    # ------------------------------------------------------------------ indexes (anvil.indexes)
+
+    def _ix(self, bucket: str, name: str | None = None) -> str:
+        path = f"{self._b(bucket)}/indexes"
+        return path if name is None else f"{path}/{urllib.parse.quote(name, safe='')}"
+
+    def create_index(self, bucket: str, definition: dict[str, Any]) -> dict[str, Any]:
+        """Create an index from its definition ({name, kind, selector, fields, ...}; docs/indexes.md)."""
+        return self._json("POST", self._ix(bucket), json=definition)
+
+    def update_index(self, bucket: str, name: str, definition: dict[str, Any]) -> dict[str, Any]:
+        return self._json("PUT", self._ix(bucket, name), json=definition)
+
+    def get_index(self, bucket: str, name: str) -> dict[str, Any]:
+        """The definition and its status (generation, cursor, lag, documents, diagnostics)."""
+        return self._json("GET", self._ix(bucket, name))
+
+    def list_indexes(self, bucket: str) -> list[dict[str, Any]]:
+        return self._json("GET", self._ix(bucket))["indexes"]
+
+    def disable_index(self, bucket: str, name: str) -> dict[str, Any]:
+        return self._json("POST", self._ix(bucket, name) + "/disable")
+
+    def enable_index(self, bucket: str, name: str) -> dict[str, Any]:
+        return self._json("POST", self._ix(bucket, name) + "/enable")
+
+    def drop_index(self, bucket: str, name: str) -> dict[str, Any]:
+        return self._json("DELETE", self._ix(bucket, name))
+
+    def rebuild_index(self, bucket: str, name: str) -> dict[str, Any]:
+        """Throw the index's derived state away and rebuild it from the objects (waits until done)."""
+        return self._json("POST", self._ix(bucket, name) + "/rebuild", timeout=None)
+
+    def search(self, bucket: str, name: str, **query: Any) -> dict[str, Any]:
+        """Query an index: text=, vector=, filter=, sort=, limit=, page_token=, min_cursor=, ...
+        (docs/indexes.md "Query API"); returns {hits, count, cursor, generation[, next_page_token]}."""
+        return self._json("POST", self._ix(bucket, name) + "/query", json=query)

@@ -37,6 +37,8 @@ HTTP_STATUS: dict[str, int] = {
     "StorageFull": 507,
     "UnsupportedFormat": 500,
     "DataCorrupted": 500,
+    # anvil.indexes: a query on a disabled index.
+    "IndexDisabled": 409,
     "Internal": 500,
     "MaxDepthExceeded": 422,
     # artefacts: a manifest signature that is missing where required, or does not verify.

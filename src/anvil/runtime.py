@@ -21,6 +21,8 @@ from anvil.errors import AnvilError
 from anvil.identity import BucketAccess, IdentityService, install_bucket_lookup
 from anvil.identity.participant import IdentityParticipant
 from anvil.identity.settings import load_jwt_secret, load_keyring
+from anvil.indexes import IndexService
+from anvil.indexes.participant import IndexesParticipant
 from anvil.objects import ObjectService
 from anvil.objects.lifecycle import LifecycleWorker
 from anvil.objects.participant import ObjectsParticipant
@@ -55,7 +57,7 @@ def recovery_participants() -> list[Participant]:
     return [StorageParticipant(), JournalParticipant(), ObjectsParticipant(), BlobsParticipant(),
             BlobDigestsParticipant(), IdentityParticipant(), WatchParticipant(), DiagnosticsParticipant(),
             AuthzParticipant(), ArtefactsParticipant(), ArtefactTensorsParticipant(), PersonalDbParticipant(),
-            ProjectionsParticipant()]
+            ProjectionsParticipant(), IndexesParticipant()]
 
 
 # Who records findings of failed read verifications (the journal's actor for them).
@@ -94,6 +96,7 @@ class Anvil:
             self.personaldb = PersonalDbService(self.storage)
             register_kinds("pdb", EVENT_KINDS)
             self.objects.on_corruption(self._record_corruption)
+            self.indexes = IndexService(self.storage)
             self.storage.catalog.start()
             self.identity.bootstrap(endpoint)
         except BaseException:
@@ -169,6 +172,7 @@ class Anvil:
 
     def close(self) -> None:
         self.lifecycle.stop()
+        self.indexes.close()
         self.watch.close()
         if hasattr(self, "personaldb"):
             self.personaldb.close()

@@ -19,6 +19,7 @@ from anvil.api.authz import AUTHZ_ROUTES
 from anvil.api.backup_routes import BACKUP_ROUTES
 from anvil.api.common import error_response
 from anvil.api.identity import IDENTITY_ROUTES
+from anvil.api.indexes import INDEX_ROUTES
 from anvil.api.lifecycle_routes import LIFECYCLE_ROUTES
 from anvil.api.limits import SCOPE_KEY, CountingReceive
 from anvil.api.native import OBJECT_PATH, ROUTES
@@ -149,9 +150,11 @@ def create_app(anvil: Anvil, *, recovery_mode: bool = False, dev_auth: bool = Fa
     routes = [*ROUTES, *IDENTITY_ROUTES, *WATCH_ROUTES, *ADMIN_ROUTES, *BACKUP_ROUTES, *AUTHZ_ROUTES, *LIFECYCLE_ROUTES,
               *ARTEFACT_ROUTES,
               *PERSONALDB_ROUTES,
+              *INDEX_ROUTES,
               Route("/{path:path}", _fallback, methods=ALL_METHODS)]
     app = AnvilApp(routes=routes, exception_handlers={HTTPException: _http_exception})
     app.state.anvil = anvil
+    anvil.indexes.start()  # the index builder runs in the server (restored ones too: indexes are derived)
     app.state.recovery_mode = recovery_mode
     app.state.dev_auth = dev_auth
     app.state.last_backup = None

@@ -141,6 +141,24 @@ OPERATIONS += [
     ("post", "/anvil/v1/admin/repair/blobs", "healBlobs",
      "Restore missing or quarantined blobs from a backup: {repo, passphrase, s3_endpoint?, snapshot?} (admin)", [],
      True, False),
+    # anvil.indexes (docs/indexes.md)
+    ("get", "/anvil/v1/buckets/{bucket}/indexes", "listIndexes", "List a bucket's indexes with status", [],
+     False, False),
+    ("post", "/anvil/v1/buckets/{bucket}/indexes", "createIndex", "Create an index from its definition", [],
+     True, False),
+    ("get", "/anvil/v1/buckets/{bucket}/indexes/{name}", "getIndex",
+     "An index definition and status (generation, cursor, lag, documents, diagnostics)", [], False, False),
+    ("put", "/anvil/v1/buckets/{bucket}/indexes/{name}", "updateIndex", "Replace a definition (version + 1)", [],
+     True, False),
+    ("delete", "/anvil/v1/buckets/{bucket}/indexes/{name}", "dropIndex", "Drop an index", [], False, False),
+    ("post", "/anvil/v1/buckets/{bucket}/indexes/{name}/disable", "disableIndex", "Disable an index", [], False,
+     False),
+    ("post", "/anvil/v1/buckets/{bucket}/indexes/{name}/enable", "enableIndex", "Enable an index (rebuilt)", [],
+     False, False),
+    ("post", "/anvil/v1/buckets/{bucket}/indexes/{name}/rebuild", "rebuildIndex",
+     "Rebuild an index from the bucket's objects", [], False, False),
+    ("post", "/anvil/v1/buckets/{bucket}/indexes/{name}/query", "queryIndex",
+     "Query: text, vector, filter, sort, limit, page_token, min_cursor, hybrid", [], True, False),
 ]
 
 # Relationship-based authorisation (docs/authz.md): bodies may name `tenant` (admins) and `consistency`.
@@ -255,7 +273,8 @@ PUBLIC = frozenset({"live", "ready", "token", "pdbKeys"})
 SUCCESS = {"createBucket": "201", "createUpload": "201", "createTenant": "201", "createApp": "201",
            "createConsumer": "201", "createBackup": "201",
            "pdbCreateGroup": "201", "pdbMigrate": "201", "pdbCommit": "201", "pdbBuildSnapshot": "201",
-           "pdbCreateProjection": "201", "pdbWriteBack": "201"}
+           "pdbCreateProjection": "201", "pdbWriteBack": "201",
+           "createIndex": "201"}
 
 ERROR = {
     "type": "object",

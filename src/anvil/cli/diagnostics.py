@@ -225,6 +225,25 @@ def gc(storage_path: str | None, endpoint: str | None, as_json: bool, grace: flo
 # ------------------------------------------------------------------ repair
 
 
+def _repair_index(storage_path: str | None, endpoint: str | None, as_json: bool, bucket: str, name: str) -> None:
+    """Rebuild one index from its bucket's objects: offline on a stopped store, or by the server."""
+    if storage_path:
+        from anvil.context import RequestContext
+        from anvil.diagnostics.service import OFFLINE_PRINCIPAL
+        from anvil.runtime import open_offline
+
+        def run(anvil: Any) -> Any:
+            anvil.indexes.start()
+            return anvil.indexes.rebuild(RequestContext(OFFLINE_PRINCIPAL), bucket, name)
+
+        report = _offline(as_json, storage_path, run, open_offline)
+    else:
+        assert endpoint is not None
+        report = _online(as_json, endpoint, lambda c: c.rebuild_index(bucket, name), "repair index")
+    emit(as_json, report, text=f"repair index {bucket}/{name}: rebuilt, generation {report.get('generation')}, "
+                               f"{report.get('documents')} documents at cursor {report.get('cursor')}")
+
+
 @click.command()
 @click.argument("families", nargs=-1)
 @click.option("--from-backup", "from_backup", default=None, metavar="REPO",
@@ -245,6 +264,11 @@ def repair(storage_path: str | None, endpoint: str | None, as_json: bool, famili
     `anvil repair blobs --from-backup REPO` instead restores every missing or quarantined blob
     from the newest snapshot holding it, re-verifies it and resolves the findings about it.
     Exit 1 if some blob could not be healed."""
+    if families and families[0] == "index":  # anvil repair index BUCKET NAME (anvil.indexes)
+        if len(families) != 3:
+            raise click.UsageError("usage: anvil repair index BUCKET NAME")
+        _repair_index(storage_path, endpoint, as_json, families[1], families[2])
+        return
     if from_backup is not None:
         if list(families) != ["blobs"]:
             raise click.UsageError("--from-backup heals the family 'blobs' only: anvil repair blobs --from-backup REPO")

@@ -265,6 +265,7 @@ from anvil.cli.identity import admin, auth, configure  # noqa: E402 - registered
 cli.add_command(admin)
 cli.add_command(auth)
 cli.add_command(configure)
+from anvil.cli.indexes import register as _register_indexes  # noqa: E402
 from anvil.cli.watch import watch  # noqa: E402
 
 cli.add_command(watch)
@@ -275,6 +276,8 @@ cli.add_command(authz)
 from anvil.cli.personaldb import pdb  # noqa: E402
 
 cli.add_command(pdb)
+
+_register_indexes(cli)
 register_diagnostics(cli)
 from anvil.cli.backup import register as _register_backup  # noqa: E402 - after the groups above
 

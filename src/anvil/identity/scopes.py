@@ -28,6 +28,8 @@ ACTIONS = frozenset({
     # PersonalDB: create groups (on tenant:T), read/administer one (pdb:GROUP), and per-row writes
     # (pdb:GROUP/TABLE/PK), see docs/personaldb.md.
     "pdb:create", "pdb:read", "pdb:admin", "pdb:insert", "pdb:update", "pdb:delete",
+    # anvil.indexes: manage a bucket's index definitions / query index_only indexes.
+    "index:read", "index:write",
 })
 
 MAX_SCOPE_LENGTH = 512

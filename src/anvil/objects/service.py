@@ -701,9 +701,10 @@ class ObjectService:
         if extra:
             payload["extra"] = extra
         txn.emit(bucket.tenant, "object.put", f"{bucket.name}/{key}", payload)
+        # `cursor`: the journal seq of this write, for queries that must see it (indexes' min_cursor).
         return {
             "bucket": bucket.name, "key": key, "version_id": version_id, "etag": etag,
-            "sha256": sha256, "size": size,
+            "sha256": sha256, "size": size, "cursor": seq,
         }
 
     def put_object(
@@ -774,17 +775,19 @@ class ObjectService:
                         )
                 payload.update(version_id=version_id, delete_marker=False, removed=[version_id],
                                promoted=promoted, was_delete_marker=target.delete_marker)
+                cursor = txn.next_seq
                 txn.emit(b.tenant, "object.delete", f"{bucket}/{key}", payload)
                 return {"bucket": bucket, "key": key, "version_id": version_id,
-                        "delete_marker": target.delete_marker}
+                        "delete_marker": target.delete_marker, "cursor": cursor}
             if b.versioning == "":
                 if current is None:
                     # S3 answers success for deleting an absent key; nothing changes, no event.
                     return {"bucket": bucket, "key": key, "version_id": None, "delete_marker": False}
                 conn.execute("DELETE FROM versions WHERE bucket = ? AND key = ?", (bucket, key))
                 payload.update(version_id=None, delete_marker=False, removed=[current.version_id], promoted=None)
+                cursor = txn.next_seq
                 txn.emit(b.tenant, "object.delete", f"{bucket}/{key}", payload)
-                return {"bucket": bucket, "key": key, "version_id": None, "delete_marker": False}
+                return {"bucket": bucket, "key": key, "version_id": None, "delete_marker": False, "cursor": cursor}
             removed: list[str] = []
             if b.versioning == "Enabled":
                 marker_id = new_version_id(txn.next_seq)
@@ -802,8 +805,9 @@ class ObjectService:
                 (bucket, key, marker_id, txn.next_seq, "{}", "[]", txn.now),
             )
             payload.update(version_id=marker_id, delete_marker=True, removed=removed, promoted=None)
+            cursor = txn.next_seq
             txn.emit(b.tenant, "object.delete", f"{bucket}/{key}", payload)
-            return {"bucket": bucket, "key": key, "version_id": marker_id, "delete_marker": True}
+            return {"bucket": bucket, "key": key, "version_id": marker_id, "delete_marker": True, "cursor": cursor}
 
         return self._mutate(ctx, fn, fp)
 

@@ -316,6 +316,8 @@ async def put_object(r: S3Request) -> Response:
     b = objects.get_bucket(bucket)
     headers = {"etag": f'"{result["etag"]}"',
                **version_headers(result["version_id"], b.versioning, write=True)}
+    if result.get("cursor") is not None:  # the journal cursor of the write (indexes' min_cursor)
+        headers["x-anvil-cursor"] = str(result["cursor"])
     headers.update({f"x-amz-checksum-{a}": val for a, val in computed.items()})
     if computed:
         headers["x-amz-checksum-type"] = "FULL_OBJECT"
@@ -466,6 +468,8 @@ async def delete_object(r: S3Request) -> Response:
             return Response(status_code=204, headers={"x-amz-version-id": version_id})
         raise
     headers = version_headers(result.get("version_id"), b.versioning)
+    if result.get("cursor") is not None:
+        headers["x-anvil-cursor"] = str(result["cursor"])
     if result.get("delete_marker"):
         headers["x-amz-delete-marker"] = "true"
     return Response(status_code=204, headers=headers)
@@ -613,6 +617,8 @@ async def copy_object(r: S3Request) -> Response:
         await blocking(r.objects.set_object_tags, r.ctx, r.bucket, r.key, result["version_id"], new_tags)
     b = r.objects.get_bucket(r.bucket)
     headers = version_headers(result["version_id"], b.versioning, write=True)
+    if result.get("cursor") is not None:
+        headers["x-anvil-cursor"] = str(result["cursor"])
     src_b = r.objects.get_bucket(src_bucket)
     if src_b.versioning:
         headers["x-amz-copy-source-version-id"] = src.version_id
