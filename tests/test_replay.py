@@ -179,6 +179,7 @@ def run_workload(srv: AnvilServer, rng: random.Random, ops: int) -> list[dict]:
     _workload_authz(c, rng, tenants, refused)
     _workload_artefacts(c, rng, buckets)
     _workload_personaldb(c, rng, srv.storage_path.parent / "pdb-replicas")
+    _workload_indexes(c, rng, buckets)
     archived.extend(_all_events(c, archived))
     c.close()
     print("operations:", dict(seen), "refused:", *refused, sep="\n  ")
@@ -318,6 +319,24 @@ def _workload_artefacts(c, rng: random.Random, buckets: list[str]) -> None:
 
 PDB_SCHEMA = "CREATE TABLE notes(id INTEGER PRIMARY KEY, owner TEXT NOT NULL, body TEXT NOT NULL);"
 PDB_MIGRATION = "ALTER TABLE notes ADD COLUMN pinned INTEGER DEFAULT 0;"
+
+
+# -- anvil.indexes ---------------------------------------------------------------------------
+
+def _workload_indexes(c, rng: random.Random, buckets: list[str]) -> None:
+    """Index definitions (source rows of a derived participant): create, update, disable, enable,
+    and a drop of a second one."""
+    bucket = rng.choice(buckets)
+    fields = {"body": {"source": "body", "type": "text"}}
+    keep = c.create_index(bucket, {"name": f"ix{rng.randrange(100)}", "kind": "full-text",
+                                   "selector": {"prefix": ""}, "fields": fields})
+    c.update_index(bucket, keep["name"], {"name": keep["name"], "kind": "full-text",
+                                          "selector": {"prefix": "a"}, "fields": fields})
+    c.disable_index(bucket, keep["name"])
+    c.enable_index(bucket, keep["name"])
+    gone = c.create_index(bucket, {"name": "ix-gone", "kind": "metadata", "selector": {"prefix": ""},
+                                   "fields": {"k": {"source": "key", "type": "keyword"}}})
+    c.drop_index(bucket, gone["name"])
 
 
 def _workload_personaldb(c, rng: random.Random, scratch: Path) -> None:
@@ -492,6 +511,7 @@ def test_replaying_the_whole_journal_rebuilds_every_participant(tmp_path: Path, 
     assert {"artefact.upload", "artefact.key_add", "artefact.push", "artefact.sign", "artefact.tag"} <= kinds, kinds
     assert {"pdb.group.create", "pdb.commit", "pdb.migrate", "pdb.snapshot", "pdb.compact",
             "pdb.projection.create", "pdb.projection.update", "pdb.keys"} <= kinds, kinds
+    assert {"index.create", "index.update", "index.disable", "index.enable", "index.drop"} <= kinds, kinds
     assert {"object.tagging", "object.acl", "bucket.tagging", "bucket.lifecycle", "bucket.cors",
             "multipart.abort"} <= kinds, kinds
     lifecycle = {(e["kind"], e["scope"].split("/", 1)[1]) for e in events

@@ -30,6 +30,7 @@ from anvil.indexes.filters import compile_filter
 from anvil.indexes.service import (
     INDEX_DIR,
     LIVE,
+    MIGRATIONS,
     TABLES,
     index_dir,
     read_definitions,
@@ -80,6 +81,29 @@ class IndexesParticipant(Participant):
     owns = [f"{INDEX_DIR}/ (generations: tantivy segments, MANIFEST.json)",
             "catalog.db: index_definitions (source)"]
     tables = TABLES
+    # The definitions are source rows inside this derived participant: replay rebuilds them from
+    # their events (the generations are then rebuilt from the replayed objects, as after a restore).
+    replays = ("index.",)
+
+    def migrations(self) -> dict[str, list[str]]:
+        return {"indexes": MIGRATIONS}
+
+    def apply(self, ctx: RecoveryContext, event: Any) -> None:
+        """`index.create|update|disable|enable|drop`: each payload carries the whole definition
+        row after the change (bucket, name, version, state, definition); the clock is the event's."""
+        p = event.payload
+        key = (p["bucket"], p["name"])
+        if event.kind == "index.drop":
+            ctx.conn.execute("DELETE FROM index_definitions WHERE bucket = ? AND name = ?", key)
+            return
+        definition = json.dumps(p["definition"], sort_keys=True)
+        if event.kind == "index.create":
+            ctx.conn.execute("INSERT INTO index_definitions(bucket, name, tenant, version, state, definition, "
+                             "created, updated) VALUES (?,?,?,?,?,?,?,?)",
+                             (*key, event.tenant, p["version"], p["state"], definition, event.ts, event.ts))
+        else:
+            ctx.conn.execute("UPDATE index_definitions SET version = ?, state = ?, definition = ?, updated = ? "
+                             "WHERE bucket = ? AND name = ?", (p["version"], p["state"], definition, event.ts, *key))
 
     def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
         defs = _definitions(ctx.conn)
