@@ -200,8 +200,9 @@ def test_drill_passes_and_reports(world, tmp_path: Path) -> None:
     assert report["ok"] and report["snapshot"] == world["snap"]["id"]
     names = [c["check"] for c in report["checks"]]
     assert "smoke: objects" in names and "smoke after resume: objects" in names  # ordinary operations
-    assert "not present in this deployment" in {c["participants"] for c in report["coverage"]
-                                                if isinstance(c["participants"], str)}
+    # Every checklist item now has a participant: none is "not present in this deployment".
+    assert all(c["participants"] and c["participants"] != "not present in this deployment"
+               for c in report["coverage"]), report["coverage"]
     assert "PASSED" in (tmp_path / "drill-report.md").read_text()
 
 
@@ -210,13 +211,14 @@ def test_inspect_lists_checklist(world) -> None:
     items = {(r["item"], r["participant"]) for r in out["checklist"]}
     assert ("object bodies and multipart state", "objects") in items
     assert ("object bodies and multipart state", "blobs") in items
-    absent = [r for r in out["checklist"] if r["participant"] is None]
-    assert absent and all(r["summary"] == "not present in this deployment" for r in absent)
+    # Every checklist item is covered now (indexes, authz, PersonalDB and artefacts have landed).
+    assert [r for r in out["checklist"] if r["participant"] is None] == []
+    assert {r["participant"] for r in out["checklist"]} >= {"indexes", "authz", "personaldb", "artefacts"}
     objects = out["participants"]["objects"]["summary"]
     assert objects["multipart_uploads"] == 1 and objects["delete_markers"] >= 15
     assert out["consistency"]["journal_seq"] == world["snap"]["journal_seq"]
     text = anvil_cli("backup", "inspect", "--repo", world["repo"], world["snap"]["id"]).stdout
-    assert "not present in this deployment" in text
+    assert "not present in this deployment" not in text and "PersonalDB commits" in text
 
 
 def test_get_single_object_and_version(world, tmp_path: Path) -> None:
