@@ -8,8 +8,6 @@ signing keys need `artefact:tag|tenant:TENANT`.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import urllib.parse
 from typing import Any
 
@@ -19,13 +17,14 @@ from starlette.routing import Route
 
 from anvil import artefact_format as mf
 from anvil.api.common import (
+    STREAM_BLOCK,
     blocking,
     endpoint,
     error_response,
     file_io,
     json_body,
     require_identity,
-    submit_file_io,
+    stream_into,
 )
 from anvil.api.limits import read_capped
 from anvil.artefacts.service import ArtefactService
@@ -34,7 +33,6 @@ from anvil.errors import AnvilError
 from anvil.identity import authorize
 from anvil.objects import validation as v
 
-STREAM_BLOCK = 1024 * 1024
 B = "/anvil/v1/buckets/{bucket}/artefacts"
 HF = "/anvil/v1/hf"
 
@@ -81,28 +79,7 @@ async def put_component(request: Request, ctx: RequestContext) -> Response:
     svc.bucket_tenant(bucket)
     raw_len = request.headers.get("content-length")
     writer = svc.component_writer(int(raw_len) if raw_len and raw_len.isdigit() else None)
-    block = bytearray()
-    pending: concurrent.futures.Future | None = None
-    try:
-        async for chunk in request.stream():
-            block += chunk
-            if len(block) >= STREAM_BLOCK:
-                if pending is not None:
-                    await asyncio.wrap_future(pending)
-                pending = submit_file_io(writer.write, bytes(block))
-                block.clear()
-        if block:
-            if pending is not None:
-                await asyncio.wrap_future(pending)
-            pending = submit_file_io(writer.write, bytes(block))
-        if pending is not None:
-            await asyncio.wrap_future(pending)
-    except BaseException:
-        if pending is not None:
-            pending.add_done_callback(lambda _f: writer.abort())
-        else:
-            writer.abort()
-        raise
+    await stream_into(request, writer)
     return JSONResponse(await file_io(svc.store_component, ctx, bucket, writer, sha), status_code=201)
 
 

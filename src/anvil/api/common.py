@@ -126,6 +126,44 @@ def submit_file_io(fn: Callable[..., Any], *args: Any) -> concurrent.futures.Fut
     return _FILE_IO.submit(fn, *args)
 
 
+# Request bodies are handed to the writer in blocks of this size.
+STREAM_BLOCK = 1024 * 1024
+
+
+async def stream_into(request: Request, writer: Any) -> None:
+    """Stream the request body into a blob writer; nothing is held whole in memory.
+
+    Hashing and writing run in a file-I/O thread, a block at a time, while the event loop receives
+    the next block: the two cores work in parallel and the loop stays free. At most one block is
+    being written and one filling, so memory stays flat in body size. On any failure the writer is
+    aborted (once its last write is done with the descriptor) and the error re-raised.
+    """
+    block = bytearray()
+    pending: concurrent.futures.Future | None = None
+    try:
+        async for chunk in request.stream():
+            block += chunk
+            if len(block) >= STREAM_BLOCK:
+                if pending is not None:
+                    await asyncio.wrap_future(pending)
+                pending = submit_file_io(writer.write, bytes(block))
+                block.clear()
+        if block:
+            if pending is not None:
+                await asyncio.wrap_future(pending)
+            pending = submit_file_io(writer.write, bytes(block))
+        if pending is not None:
+            await asyncio.wrap_future(pending)
+    except BaseException:
+        # A write may still be running in its thread (cancelling our await does not stop it):
+        # close and remove the file only once it is done with the descriptor.
+        if pending is not None:
+            pending.add_done_callback(lambda _f: writer.abort())
+        else:
+            writer.abort()
+        raise
+
+
 async def committed(future: concurrent.futures.Future) -> Any:
     """Await a `Catalog.submit` future without parking a thread on it.
 

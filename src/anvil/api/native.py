@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import functools
 import urllib.parse
@@ -24,7 +23,7 @@ from anvil.api.common import (
     metadata_to_headers,
     query_int,
     require_identity,
-    submit_file_io,
+    stream_into,
 )
 from anvil.context import RequestContext
 from anvil.errors import AnvilError
@@ -38,7 +37,6 @@ from anvil.runtime import Anvil
 # A PUT body up to this size (by Content-Length) is read into memory, then written, hashed and
 # fsynced in one hop to a file-I/O thread; larger or unsized bodies are streamed to disk.
 BUFFERED_BODY_LIMIT = 1024 * 1024
-STREAM_BLOCK = 1024 * 1024
 
 
 def _anvil(request: Request) -> Anvil:
@@ -246,36 +244,10 @@ async def _receive_body(request: Request, *, expected_sha256: str | None, expect
     objects = _anvil(request).objects
     writer = objects.body_writer(max_size=v.MAX_OBJECT_SIZE,
                                  expected_size=v.decimal_length(request.headers.get("content-length")))
-    # Hashing (SHA-256 + MD5) and writing run in a file-I/O thread, a block at a time, while the
-    # event loop receives the next block: the two cores work in parallel and the loop stays free.
-    # At most one block is being written and one filling, so memory stays flat in body size.
-    block = bytearray()
-    pending: concurrent.futures.Future | None = None
     try:
-        async for chunk in request.stream():
-            block += chunk
-            if len(block) >= STREAM_BLOCK:
-                if pending is not None:
-                    await asyncio.wrap_future(pending)
-                pending = submit_file_io(writer.write, bytes(block))
-                block.clear()
-        if block:
-            if pending is not None:
-                await asyncio.wrap_future(pending)
-            pending = submit_file_io(writer.write, bytes(block))
-        if pending is not None:
-            await asyncio.wrap_future(pending)
+        await stream_into(request, writer)
     except OverflowError:
-        writer.abort()
         raise AnvilError("EntityTooLarge", "the body is larger than the maximum object size") from None
-    except BaseException:
-        # A write may still be running in its thread (cancelling our await does not stop it):
-        # close and remove the file only once it is done with the descriptor.
-        if pending is not None:
-            pending.add_done_callback(lambda _f: writer.abort())
-        else:
-            writer.abort()
-        raise
     return await file_io(objects.store_body, writer, expected_sha256=expected_sha256, expected_md5=expected_md5)
 
 
