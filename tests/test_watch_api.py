@@ -334,3 +334,20 @@ def test_cli_watch_and_consumers(server, client, bucket):
     assert back.returncode == 1 and b"StaleFence" in back.stderr
     server.cli("watch", "consumer", "rm", name)
     assert name not in [c["name"] for c in client.list_consumers()]
+
+
+def test_s3_tagging_acl_and_bucket_settings_stream_as_exact_kinds(server, client, bucket, s3):
+    start = head(client)
+    client.put_object(bucket, "t/obj", b"v")
+    s3.put_object_tagging(Bucket=bucket, Key="t/obj", Tagging={"TagSet": [{"Key": "team", "Value": "ml"}]})
+    s3.put_object_acl(Bucket=bucket, Key="t/obj", ACL="public-read")
+    s3.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": [{"Key": "env", "Value": "dev"}]})
+    s3.delete_bucket_tagging(Bucket=bucket)
+    kinds = ["object.tagging", "object.acl", "bucket.tagging"]
+    with client.watch(bucket, after=start, kinds=kinds, heartbeat=1) as stream:
+        got = take(stream, 3)
+    assert [e["kind"] for e in got] == ["object.tagging", "object.acl", "bucket.tagging"]
+    assert got[0]["key"] == "t/obj" and got[0]["tags"] and got[1]["public"] is True
+    assert got[2]["document"] is not None  # the set; its removal follows as a second bucket.tagging
+    with client.watch(bucket, after=got[2]["seq"], kinds=["bucket.tagging"], heartbeat=1) as stream:
+        assert take(stream, 1)[0]["document"] is None

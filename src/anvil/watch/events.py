@@ -24,8 +24,9 @@ from anvil.storage.journal import Event
 # Exact kinds per family. A family may have no exact kinds yet (identity): `family` and
 # `family.*` are still accepted so watchers can subscribe before the emitters land.
 KINDS: dict[str, set[str]] = {
-    "object": {"object.put", "object.delete"},
-    "bucket": {"bucket.create", "bucket.delete", "bucket.versioning", "bucket.public"},
+    "object": {"object.put", "object.delete", "object.tagging", "object.acl"},
+    "bucket": {"bucket.create", "bucket.delete", "bucket.versioning", "bucket.public", "bucket.tagging",
+               "bucket.lifecycle", "bucket.cors"},
     "multipart": {"multipart.create", "multipart.part", "multipart.abort"},
     "identity": set(),
     "watch": {"watch.consumer.create", "watch.consumer.delete", "watch.checkpoint", "watch.compact"},
@@ -202,8 +203,12 @@ def project(ev: Event) -> WatchEvent:
         data.update(versioning=p.get("status"))
     elif ev.kind == "bucket.create":
         data.update(versioning=p.get("versioning") or "Unversioned")
-    elif ev.kind == "bucket.public":
+    elif ev.kind in ("bucket.public", "object.acl"):
         data.update(public=p.get("public"))
+    elif ev.kind == "object.tagging":
+        data.update(tags=p.get("tags"))
+    elif ev.kind in ("bucket.tagging", "bucket.lifecycle", "bucket.cors"):
+        data.update(document=p.get("document"))  # the new configuration; None when it was removed
     elif ev.kind.startswith("authz."):
         # The revision is the consistency token's position; updates are the relationships changed.
         data.update(revision=p.get("revision"), updates=p.get("updates"), schema_digest=p.get("digest"))
