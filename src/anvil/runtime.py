@@ -46,8 +46,10 @@ if TYPE_CHECKING:
     from anvil.backup.repository import Repository
 
 
-# Watchers may ask for artefact events (`kinds=artefact.*`); they are not in the default families.
-register_kinds("artefact", {"artefact.push", "artefact.sign", "artefact.tag", "artefact.key_add"})
+# Watchers may ask for artefact and index-definition events (`kinds=artefact.*`, `index.*`); they
+# are not in the default families.
+register_kinds("artefact", {"artefact.push", "artefact.sign", "artefact.tag", "artefact.key_add", "artefact.upload"})
+register_kinds("index", {"index.create", "index.update", "index.disable", "index.enable", "index.drop"})
 
 
 def recovery_participants() -> list[Participant]:
