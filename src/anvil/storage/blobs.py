@@ -601,27 +601,26 @@ class BlobStore:
             return str(e)
         return None
 
-    def iter_sidecars(self) -> Iterator[tuple[str, Path]]:
-        """Every sidecar (hash, path), whether or not its blob exists."""
+    def _fanout_entries(self) -> Iterator[os.DirEntry]:
+        """Every entry of every fan-out folder, in name order (blobs, sidecars and anything else)."""
         if not self.root.exists():
             return
         for a in sorted(os.scandir(self.root), key=lambda e: e.name):
-            if not a.is_dir():
-                continue
-            for f in sorted(os.scandir(a.path), key=lambda e: e.name):
-                name = f.name
-                if name.endswith(SIDECAR_SUFFIX) and _valid_hash(name[:-len(SIDECAR_SUFFIX)]) and f.is_file():
-                    yield name[:-len(SIDECAR_SUFFIX)], Path(f.path)
+            if a.is_dir():
+                yield from sorted(os.scandir(a.path), key=lambda e: e.name)
+
+    def iter_sidecars(self) -> Iterator[tuple[str, Path]]:
+        """Every sidecar (hash, path), whether or not its blob exists."""
+        for f in self._fanout_entries():
+            name = f.name
+            if name.endswith(SIDECAR_SUFFIX) and _valid_hash(name[:-len(SIDECAR_SUFFIX)]) and f.is_file():
+                yield name[:-len(SIDECAR_SUFFIX)], Path(f.path)
 
     def sidecar_leftovers(self) -> Iterator[Path]:
         """Temporary sidecar files (`.<hash>.chunks.<id>.tmp`) a crash left in the fan-out folders."""
-        if not self.root.exists():
-            return
-        for a in os.scandir(self.root):
-            if a.is_dir():
-                for f in os.scandir(a.path):
-                    if f.name.startswith(".") and f.name.endswith(".tmp") and SIDECAR_SUFFIX in f.name:
-                        yield Path(f.path)
+        for f in self._fanout_entries():
+            if f.name.startswith(".") and f.name.endswith(".tmp") and SIDECAR_SUFFIX in f.name:
+                yield Path(f.path)
 
     def remove_sidecar(self, sha256: str) -> bool:
         try:
@@ -664,14 +663,9 @@ class BlobStore:
 
     def iter_all(self) -> Iterator[tuple[str, Path]]:
         """Every stored blob (hash, path); used by fsck and gc. Sidecars are not blobs."""
-        if not self.root.exists():
-            return
-        for a in sorted(os.scandir(self.root), key=lambda e: e.name):
-            if not a.is_dir():
-                continue
-            for f in sorted(os.scandir(a.path), key=lambda e: e.name):
-                if f.is_file() and _valid_hash(f.name):
-                    yield f.name, Path(f.path)
+        for f in self._fanout_entries():
+            if f.is_file() and _valid_hash(f.name):
+                yield f.name, Path(f.path)
 
     def remove(self, sha256: str) -> None:
         p = self.path(sha256)
