@@ -46,10 +46,11 @@ if TYPE_CHECKING:
     from anvil.backup.repository import Repository
 
 
-# Watchers may ask for artefact and index-definition events (`kinds=artefact.*`, `index.*`); they
-# are not in the default families.
+# Watchers may ask for artefact, index-definition and PersonalDB events (`kinds=artefact.*`,
+# `index.*`, `pdb.*`); they are not in the default families. Registered once, at import.
 register_kinds("artefact", {"artefact.push", "artefact.sign", "artefact.tag", "artefact.key_add", "artefact.upload"})
 register_kinds("index", {"index.create", "index.update", "index.disable", "index.enable", "index.drop"})
+register_kinds("pdb", EVENT_KINDS)
 
 
 def recovery_participants() -> list[Participant]:
@@ -96,7 +97,6 @@ class Anvil:
             self.artefacts = ArtefactService(self.storage, self.objects.find_bucket)
             self.diagnostics = Diagnostics(self.storage, self.objects, recovery_participants())
             self.personaldb = PersonalDbService(self.storage)
-            register_kinds("pdb", EVENT_KINDS)
             self.objects.on_corruption(self._record_corruption)
             self.indexes = IndexService(self.storage)
             self.storage.catalog.start()

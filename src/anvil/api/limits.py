@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.types import Message, Receive
 
+from anvil.objects import validation as v
+
 log = logging.getLogger("anvil.api")
 
 KIB = 1024
@@ -65,11 +67,9 @@ class HeaderLimits:
 
 
 def declared_length(raw: str | None) -> int | None:
-    """A `Content-Length`-style header value -> its integer, or None when absent or not plain digits."""
-    if raw is None:
-        return None
-    raw = raw.strip()
-    return int(raw) if raw.isdigit() else None
+    """A `Content-Length`-style header value -> its integer, or None when absent or not plain ASCII
+    digits (the objects layer's one parser, which also caps absurdly long numbers)."""
+    return v.decimal_length(raw.strip()) if raw is not None else None
 
 
 async def read_capped(request: Request, limit: int, too_large: Callable[[], Exception]) -> bytes:

@@ -27,6 +27,7 @@ from typing import Any
 
 import xxhash
 
+from anvil.storage.blobscan import hash_file
 from anvil.storage.layout import fsync_dir
 from anvil.storage.space import is_full_error, storage_full
 
@@ -440,19 +441,8 @@ class BlobStore:
         raise BlobCorrupted(sha256, detail, confirmed=self.full_sha256(sha256) != sha256)
 
     def full_sha256(self, sha256: str) -> str | None:
-        try:
-            fd = os.open(self.path(sha256), os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            h = hashlib.sha256()
-            offset = 0
-            while data := os.pread(fd, READ_CHUNK, offset):
-                h.update(data)
-                offset += len(data)
-            return h.hexdigest()
-        finally:
-            os.close(fd)
+        """The SHA-256 of the blob's whole file as it is now (None if it is missing or unreadable)."""
+        return hash_file(str(self.path(sha256)))[0]
 
     def read_small(self, sha256: str, size: int, offset: int = 0, length: int | None = None) -> bytes:
         """`read_verified` for a blob of at most one chunk, done at once: every small GET takes this

@@ -1,6 +1,6 @@
-"""Object and bucket sub-resources beyond the basics: tagging (object and bucket), GetObjectAttributes,
-and the bucket configuration documents (lifecycle, CORS), stored as source records through
-`ObjectService.set_object_tags` / `put_bucket_setting`."""
+"""Object and bucket sub-resources beyond the basics: tagging (object and bucket) and
+GetObjectAttributes, stored as source records through `ObjectService.set_object_tags` /
+`put_bucket_setting` (lifecycle and CORS documents live in lifecycle.py and cors.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from anvil.api.common import blocking
 from anvil.api.s3 import xmlutil as X
-from anvil.api.s3.errors import S3Error, from_anvil, not_implemented
+from anvil.api.s3.errors import S3Error, from_anvil
 from anvil.api.s3.request import S3Request, version_headers, xml
 from anvil.errors import AnvilError
 
@@ -204,7 +204,3 @@ def _int_header(r: S3Request, name: str, default: int) -> int:
     if n < 0:
         raise S3Error("InvalidArgument", f"{name} must not be negative")
     return min(n, 1000) if name == "x-amz-max-parts" else n
-
-
-def refuse_transitions() -> S3Error:
-    return not_implemented("lifecycle transitions (Anvil has one storage class)")
