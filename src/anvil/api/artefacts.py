@@ -12,19 +12,20 @@ import urllib.parse
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from anvil import artefact_format as mf
 from anvil.api.common import (
-    STREAM_BLOCK,
     blocking,
+    check_recovery,
     endpoint,
     error_response,
     file_io,
     json_body,
     require_identity,
     stream_into,
+    verified_body,
 )
 from anvil.api.limits import read_capped
 from anvil.artefacts.service import ArtefactService
@@ -39,11 +40,6 @@ HF = "/anvil/v1/hf"
 
 def _svc(request: Request) -> ArtefactService:
     return request.app.state.anvil.artefacts
-
-
-def _check_recovery(request: Request) -> None:
-    if getattr(request.app.state, "recovery_mode", False):
-        raise AnvilError("RecoveryMode", "the server is in recovery mode: public writes are refused")
 
 
 def _names(request: Request) -> tuple[str, str]:
@@ -71,7 +67,7 @@ async def missing_components(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def put_component(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    _check_recovery(request)
+    check_recovery(request)
     bucket, name = _names(request)
     sha = mf.check_sha(request.path_params["sha256"])
     _auth(ctx, "artefact:push", bucket, name)
@@ -127,7 +123,7 @@ async def get_file(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def push(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    _check_recovery(request)
+    check_recovery(request)
     bucket, name = _names(request)
     _auth(ctx, "artefact:push", bucket, name)
     body = await json_body(request)
@@ -161,7 +157,7 @@ async def list_name(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def put_tag(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    _check_recovery(request)
+    check_recovery(request)
     bucket, name = _names(request)
     _auth(ctx, "artefact:tag", bucket, name)
     body = await json_body(request)
@@ -208,13 +204,9 @@ async def get_tensor(request: Request, ctx: RequestContext) -> Response:
 
 def _range_body(svc: ArtefactService, sha: str, size: int, offset: int, length: int,
                 headers: dict[str, str], status: int = 200) -> Response:
-    """Bytes [offset, offset+length) of a component: small ones read whole, larger ones streamed in
-    verified 1 MiB chunks (sent while the next is read, rather than copied into one buffer first)."""
+    """Bytes [offset, offset+length) of a component, verified as objects' bodies are (`verified_body`)."""
     headers = {"content-type": "application/octet-stream", **headers, "content-length": str(length)}
-    if length <= STREAM_BLOCK:
-        return Response(b"".join(svc.read_component(sha, size, offset, length)), status_code=status,
-                        headers=headers)
-    return StreamingResponse(svc.read_component(sha, size, offset, length), status_code=status, headers=headers)
+    return verified_body(svc.read_component(sha, size, offset, length), length, status, headers)
 
 
 # ------------------------------------------------------------------ signing keys
@@ -223,7 +215,7 @@ def _range_body(svc: ArtefactService, sha: str, size: int, offset: int, length: 
 @endpoint
 async def add_key(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    _check_recovery(request)
+    check_recovery(request)
     body = await json_body(request)
     tenant = body.get("tenant") or ctx.tenant
     if not isinstance(tenant, str):

@@ -14,7 +14,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from anvil.api.common import blocking, endpoint, json_body, require_identity
+from anvil.api.common import blocking, check_recovery, endpoint, json_body, require_identity
+from anvil.api.limits import read_capped
 from anvil.authz import AuthzService
 from anvil.authz.schema import MAX_SCHEMA_BYTES
 from anvil.context import RequestContext
@@ -25,24 +26,18 @@ def _authz(request: Request) -> AuthzService:
     return request.app.state.anvil.authz
 
 
-def _refuse_in_recovery(request: Request) -> None:
-    if getattr(request.app.state, "recovery_mode", False):
-        raise AnvilError("RecoveryMode", "the server is in recovery mode: public writes are refused")
-
-
 @endpoint
 async def put_schema(request: Request, ctx: RequestContext) -> Response:
     """The body is the schema text (any content type but JSON), or JSON {schema, tenant?}."""
     require_identity(ctx)
-    _refuse_in_recovery(request)
+    check_recovery(request)
     tenant = request.query_params.get("tenant")
     if (request.headers.get("content-type") or "").startswith("application/json"):
         body = await json_body(request)
         text, tenant = body.get("schema"), body.get("tenant", tenant)
     else:
-        raw = await request.body()
-        if len(raw) > MAX_SCHEMA_BYTES:
-            raise AnvilError("InvalidArgument", f"the schema is larger than {MAX_SCHEMA_BYTES} bytes")
+        raw = await read_capped(request, MAX_SCHEMA_BYTES, lambda: AnvilError(
+            "InvalidArgument", f"the schema is larger than {MAX_SCHEMA_BYTES} bytes"))
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -66,7 +61,7 @@ async def get_schema(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def write_relationships(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    _refuse_in_recovery(request)
+    check_recovery(request)
     b = await json_body(request)
     return JSONResponse(await blocking(_authz(request).write_relationships, ctx, b.get("updates"),
                                        b.get("preconditions"), b.get("tenant")))
@@ -84,7 +79,7 @@ async def read_relationships(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def delete_relationships(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    _refuse_in_recovery(request)
+    check_recovery(request)
     b = await json_body(request)
     allow_partial = b.get("allow_partial", False)
     if not isinstance(allow_partial, bool):

@@ -126,6 +126,12 @@ def submit_file_io(fn: Callable[..., Any], *args: Any) -> concurrent.futures.Fut
     return _FILE_IO.submit(fn, *args)
 
 
+def check_recovery(request: Request) -> None:
+    """A restored server in recovery mode refuses public writes until `anvil recovery resume`."""
+    if getattr(request.app.state, "recovery_mode", False):
+        raise AnvilError("RecoveryMode", "the server is in recovery mode: public writes are refused")
+
+
 # Request bodies are handed to the writer in blocks of this size.
 STREAM_BLOCK = 1024 * 1024
 
@@ -295,6 +301,12 @@ def body_response(objects: Any, obj: Any, rng: Any, status: int, length: int, he
     headers["content-length"] = str(length)
     if head:
         return Response(status_code=status, headers=headers)
+    return verified_body(objects.read_body(obj, rng), length, status, headers)
+
+
+def verified_body(chunks: Iterator[bytes], length: int, status: int, headers: dict[str, str]) -> Response:
+    """A body read through a verifying iterator: up to INLINE_BODY_LIMIT read whole first (a bad
+    byte is a clean error), larger ones streamed, with the connection reset if a chunk fails."""
     if length <= INLINE_BODY_LIMIT:
-        return Response(b"".join(objects.read_body(obj, rng)), status_code=status, headers=headers)
-    return _AbortableStream(_logged(objects.read_body(obj, rng)), status_code=status, headers=headers)
+        return Response(b"".join(chunks), status_code=status, headers=headers)
+    return _AbortableStream(_logged(chunks), status_code=status, headers=headers)

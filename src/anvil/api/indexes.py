@@ -6,19 +6,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from anvil.api.common import blocking, endpoint, json_body
+from anvil.api.common import blocking, check_recovery, endpoint, json_body
 from anvil.context import RequestContext
-from anvil.errors import AnvilError
 from anvil.runtime import Anvil
 
 
 def _anvil(request: Request) -> Anvil:
     return request.app.state.anvil
-
-
-def _check_recovery(request: Request) -> None:
-    if getattr(request.app.state, "recovery_mode", False):
-        raise AnvilError("RecoveryMode", "the server is in recovery mode: public writes are refused")
 
 
 def _p(request: Request) -> tuple[str, str]:
@@ -27,7 +21,7 @@ def _p(request: Request) -> tuple[str, str]:
 
 @endpoint
 async def create_index(request: Request, ctx: RequestContext) -> Response:
-    _check_recovery(request)
+    check_recovery(request)
     body = await json_body(request)
     result = await blocking(_anvil(request).indexes.create, ctx, _p(request)[0], body)
     return JSONResponse(result, status_code=201)
@@ -45,26 +39,26 @@ async def get_index(request: Request, ctx: RequestContext) -> Response:
 
 @endpoint
 async def update_index(request: Request, ctx: RequestContext) -> Response:
-    _check_recovery(request)
+    check_recovery(request)
     body = await json_body(request)
     return JSONResponse(await blocking(_anvil(request).indexes.update, ctx, *_p(request), body))
 
 
 @endpoint
 async def drop_index(request: Request, ctx: RequestContext) -> Response:
-    _check_recovery(request)
+    check_recovery(request)
     return JSONResponse(await blocking(_anvil(request).indexes.drop, ctx, *_p(request)))
 
 
 @endpoint
 async def disable_index(request: Request, ctx: RequestContext) -> Response:
-    _check_recovery(request)
+    check_recovery(request)
     return JSONResponse(await blocking(_anvil(request).indexes.disable, ctx, *_p(request)))
 
 
 @endpoint
 async def enable_index(request: Request, ctx: RequestContext) -> Response:
-    _check_recovery(request)
+    check_recovery(request)
     return JSONResponse(await blocking(_anvil(request).indexes.enable, ctx, *_p(request)))
 
 

@@ -15,6 +15,7 @@ from starlette.routing import Route
 from anvil.api.common import (
     blocking,
     body_response,
+    check_recovery,
     committed,
     endpoint,
     file_io,
@@ -78,11 +79,6 @@ def _conditions(request: Request) -> Conditions:
 
 def _bucket_resource(bucket: str, key: str | None = None) -> str:
     return f"bucket:{bucket}" if key is None else f"bucket:{bucket}/{key}"
-
-
-def _check_recovery(request: Request) -> None:
-    if getattr(request.app.state, "recovery_mode", False):
-        raise AnvilError("RecoveryMode", "the server is in recovery mode: public writes are refused")
 
 
 def _object_headers(obj: ObjectVersion) -> dict[str, str]:
@@ -154,7 +150,7 @@ async def list_buckets(request: Request, ctx: RequestContext) -> Response:
 
 @endpoint
 async def create_bucket(request: Request, ctx: RequestContext) -> Response:
-    _check_recovery(request)
+    check_recovery(request)
     name = request.path_params["bucket"]
     authorize(ctx.principal, "bucket:create", f"tenant:{ctx.tenant}")
     body = await json_body(request, required=False)
@@ -176,7 +172,7 @@ async def get_bucket(request: Request, ctx: RequestContext) -> Response:
 
 @endpoint
 async def delete_bucket(request: Request, ctx: RequestContext) -> Response:
-    _check_recovery(request)
+    check_recovery(request)
     name = request.path_params["bucket"]
     authorize(ctx.principal, "bucket:delete", _bucket_resource(name))
     return JSONResponse(await blocking(_anvil(request).objects.delete_bucket, ctx, name))
@@ -184,7 +180,7 @@ async def delete_bucket(request: Request, ctx: RequestContext) -> Response:
 
 @endpoint
 async def put_versioning(request: Request, ctx: RequestContext) -> Response:
-    _check_recovery(request)
+    check_recovery(request)
     name = request.path_params["bucket"]
     authorize(ctx.principal, "bucket:configure", _bucket_resource(name))
     body = await json_body(request)
@@ -273,7 +269,7 @@ def _expected_checksums(request: Request) -> tuple[str | None, str | None]:
 @endpoint
 async def put_object(request: Request, ctx: RequestContext) -> Response:
     key = _key(request)
-    _check_recovery(request)
+    check_recovery(request)
     bucket = request.path_params["bucket"]
     authorize(ctx.principal, "object:write", _bucket_resource(bucket, key))
     objects = _anvil(request).objects
@@ -335,7 +331,7 @@ async def get_object(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def delete_object(request: Request, ctx: RequestContext) -> Response:
     key = _key(request)
-    _check_recovery(request)
+    check_recovery(request)
     bucket = request.path_params["bucket"]
     authorize(ctx.principal, "object:delete", _bucket_resource(bucket, key))
     version_id = request.query_params.get("version_id") or None
@@ -365,7 +361,7 @@ async def copy_object(request: Request, ctx: RequestContext) -> Response:
     key = _str_field(body, "key", required=True)
     v.check_not_reserved(src_key)
     v.check_not_reserved(key)
-    _check_recovery(request)
+    check_recovery(request)
     src_bucket = _str_field(body, "source_bucket") or bucket
     authorize(ctx.principal, "object:read", _bucket_resource(src_bucket, src_key))
     authorize(ctx.principal, "object:write", _bucket_resource(bucket, key))
@@ -404,7 +400,7 @@ async def create_upload(request: Request, ctx: RequestContext) -> Response:
     body = await json_body(request)
     key = _str_field(body, "key", required=True)
     v.check_not_reserved(key)
-    _check_recovery(request)
+    check_recovery(request)
     authorize(ctx.principal, "object:write", _bucket_resource(bucket, key))
     meta = body.get("metadata")
     if meta is not None and not isinstance(meta, dict):
@@ -438,7 +434,7 @@ async def list_uploads(request: Request, ctx: RequestContext) -> Response:
 async def upload_part(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
     up = _upload(request)
-    _check_recovery(request)
+    check_recovery(request)
     authorize(ctx.principal, "object:write", _bucket_resource(up["bucket"], up["key"]))
     try:
         number = int(request.path_params["part_number"])
@@ -467,7 +463,7 @@ async def complete_upload(request: Request, ctx: RequestContext) -> Response:
     # A retry carrying an Idempotency-Key may arrive after the upload completed: find it anyway
     # so the service can replay the first result (without a key it is NotFound, as before).
     up = _upload(request, include_completed=ctx.idempotency_key is not None)
-    _check_recovery(request)
+    check_recovery(request)
     authorize(ctx.principal, "object:write", _bucket_resource(up["bucket"], up["key"]))
     body = await json_body(request)
     raw_parts = body.get("parts")
@@ -489,7 +485,7 @@ async def complete_upload(request: Request, ctx: RequestContext) -> Response:
 async def abort_upload(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
     up = _upload(request)
-    _check_recovery(request)
+    check_recovery(request)
     authorize(ctx.principal, "object:delete", _bucket_resource(up["bucket"], up["key"]))
     return JSONResponse(await blocking(_anvil(request).objects.abort_multipart, ctx, up["bucket"], up["upload_id"]))
 

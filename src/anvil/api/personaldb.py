@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from anvil.api.common import blocking, committed, endpoint, json_body, query_int, require_identity
+from anvil.api.common import blocking, check_recovery, committed, endpoint, json_body, query_int, require_identity
 from anvil.api.limits import read_capped
 from anvil.context import RequestContext
 from anvil.errors import AnvilError
@@ -26,11 +26,6 @@ P = "/anvil/v1/pdb"
 def _pdb(request: Request) -> Any:
     anvil: Anvil = request.app.state.anvil
     return anvil.personaldb
-
-
-def _check_recovery(request: Request) -> None:
-    if getattr(request.app.state, "recovery_mode", False):
-        raise AnvilError("RecoveryMode", "the server is in recovery mode: public writes are refused")
 
 
 def _int_header(request: Request, name: str, *, required: bool = True) -> int | None:
@@ -48,7 +43,7 @@ def _int_header(request: Request, name: str, *, required: bool = True) -> int | 
 @endpoint
 async def create_group(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    _check_recovery(request)
+    check_recovery(request)
     body = await json_body(request)
     unknown = sorted(set(body) - {"name", "schema", "snapshot_every", "max_changeset"})
     if unknown:
@@ -73,7 +68,7 @@ async def get_group(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def migrate(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    _check_recovery(request)
+    check_recovery(request)
     body = await json_body(request)
     return JSONResponse(await blocking(_pdb(request).migrate, ctx, request.path_params["group"], body.get("sql")),
                         status_code=201)
@@ -87,7 +82,7 @@ def _too_large() -> AnvilError:
 @endpoint
 async def commit(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    _check_recovery(request)
+    check_recovery(request)
     group = request.path_params["group"]
     base_index = _int_header(request, "x-anvil-pdb-base-index")
     base_hash = request.headers.get("x-anvil-pdb-base-hash")
@@ -122,7 +117,7 @@ async def list_snapshots(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def build_snapshot(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    _check_recovery(request)
+    check_recovery(request)
     return JSONResponse(await blocking(_pdb(request).request_snapshot, ctx, request.path_params["group"]),
                         status_code=201)
 
@@ -141,7 +136,7 @@ async def snapshot_data(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def compact(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    _check_recovery(request)
+    check_recovery(request)
     return JSONResponse(await blocking(_pdb(request).compact, ctx, request.path_params["group"]))
 
 
@@ -154,7 +149,7 @@ async def keys(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def rotate_key(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    _check_recovery(request)
+    check_recovery(request)
     await json_body(request, required=False)
     return JSONResponse(await blocking(_pdb(request).rotate_key, ctx))
 
@@ -162,7 +157,7 @@ async def rotate_key(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def create_projection(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    _check_recovery(request)
+    check_recovery(request)
     body = await json_body(request)
     unknown = sorted(set(body) - {"name", "source", "spec"})
     if unknown:
@@ -190,7 +185,7 @@ async def projection_data(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def projection_write_back(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    _check_recovery(request)
+    check_recovery(request)
     data = await read_capped(request, DEFAULT_MAX_CHANGESET, _too_large)
     out = await blocking(_pdb(request).write_back, ctx, request.path_params["name"], data)
     return JSONResponse({k: v for k, v in out.items() if k not in ("snapshot_due", "projections")}, status_code=201)

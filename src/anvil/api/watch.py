@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from anvil.api.common import blocking, endpoint, json_body, require_identity
+from anvil.api.common import blocking, check_recovery, endpoint, json_body, require_identity
 from anvil.context import RequestContext
 from anvil.errors import AnvilError
 from anvil.identity import authorize
@@ -39,11 +39,6 @@ WATCH_PARAMS = frozenset({"bucket", "prefix", "kinds", "after", "tenant", "heart
 
 def _anvil(request: Request) -> Anvil:
     return request.app.state.anvil
-
-
-def _check_recovery(request: Request) -> None:
-    if getattr(request.app.state, "recovery_mode", False):
-        raise AnvilError("RecoveryMode", "the server is in recovery mode: public writes are refused")
 
 
 def _heartbeat(request: Request) -> float | None:
@@ -116,7 +111,7 @@ async def list_consumers(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def create_consumer(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    _check_recovery(request)
+    check_recovery(request)
     body = await json_body(request)
     unknown = sorted(set(body) - {"name", "bucket", "prefix", "kinds", "after"})
     if unknown:
@@ -143,14 +138,14 @@ async def get_consumer(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def delete_consumer(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    _check_recovery(request)
+    check_recovery(request)
     return JSONResponse(await blocking(_anvil(request).watch.delete_consumer, ctx, request.path_params["name"]))
 
 
 @endpoint
 async def checkpoint_consumer(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    _check_recovery(request)
+    check_recovery(request)
     body = await json_body(request)
     if "cursor" not in body:
         raise AnvilError("InvalidArgument", "a checkpoint needs a cursor")
@@ -167,7 +162,7 @@ async def checkpoint_consumer(request: Request, ctx: RequestContext) -> Response
 @endpoint
 async def compact(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:write", "system")
-    _check_recovery(request)
+    check_recovery(request)
     body = await json_body(request, required=False)
     retention = body.get("retention_seconds")
     if retention is not None and (isinstance(retention, bool) or not isinstance(retention, (int, float))
