@@ -177,6 +177,7 @@ def run_workload(srv: AnvilServer, rng: random.Random, ops: int) -> list[dict]:
             assert e.status in (400, 404, 409, 410, 412), e
             refused.append(f"{op}: {e.code}: {e.message}")
     _workload_authz(c, rng, tenants, refused)
+    _workload_authz_bindings(c, rng, refused)
     _workload_artefacts(c, rng, buckets)
     _workload_personaldb(c, rng, srv.storage_path.parent / "pdb-replicas")
     _workload_indexes(c, rng, buckets)
@@ -258,6 +259,31 @@ def _workload_authz(c, rng: random.Random, tenants: list[str], refused: list[str
         c.authz_write_schema(AUTHZ_SCHEMA.replace("permission view = viewer + owner",
                                                   "permission view = viewer + owner\n    permission edit = owner"),
                              tenant=tenant)
+
+
+def _workload_authz_bindings(c, rng: random.Random, refused: list[str]) -> None:
+    """Bucket bindings (authz.binding.put / .delete): bind, rebind with other permissions, unbind, a
+    refused bind (a permission the schema lacks), and a binding left in place over a bucket that is
+    deleted and made again (the new bucket is unbound: the row stays, stale)."""
+    c.authz_write_schema(AUTHZ_SCHEMA.replace("permission view = viewer + owner",
+                                              "permission view = viewer + owner\n    permission edit = owner"))
+    names = [f"bound-{rng.randrange(10**6)}-{i}" for i in range(3)]
+    for name in names:
+        c.create_bucket(name)
+    c.authz_bind_bucket(names[0], {"resource_type": "document", "read": "view", "write": "edit"})
+    c.authz_bind_bucket(names[1], {"resource_type": "document", "read": "view", "write": "owner", "list": "viewer",
+                                   "without_subject": "scopes"})
+    c.authz_bind_bucket(names[1], {"resource_type": "document", "read": "viewer", "write": "edit"})
+    c.authz_bind_bucket(names[2], {"resource_type": "document", "read": "view", "write": "edit"})
+    c.authz_unbind_bucket(names[2])
+    try:
+        c.authz_bind_bucket(names[2], {"resource_type": "document", "read": "nope", "write": "edit"})
+        raise AssertionError("a binding to a missing permission was accepted")
+    except AnvilAPIError as e:
+        assert e.code == "InvalidArgument", e
+        refused.append(f"authz bind: {e.code}: {e.message}")
+    c.delete_bucket(names[0])
+    c.create_bucket(names[0])
 
 
 # -- artefacts (anvil.artefacts: events artefact.*) ------------------------------------------
@@ -507,7 +533,8 @@ def test_replaying_the_whole_journal_rebuilds_every_participant(tmp_path: Path, 
     # The workload exercised what the property is about.
     assert {"object.put", "object.delete", "multipart.create", "multipart.part", "identity.app.create",
             "watch.consumer.create", "watch.checkpoint", "diagnostics.finding",
-            "authz.schema.write", "authz.relationships.write", "authz.relationships.delete"} <= kinds, kinds
+            "authz.schema.write", "authz.relationships.write", "authz.relationships.delete",
+            "authz.binding.put", "authz.binding.delete"} <= kinds, kinds
     assert {"artefact.upload", "artefact.key_add", "artefact.push", "artefact.sign", "artefact.tag"} <= kinds, kinds
     assert {"pdb.group.create", "pdb.commit", "pdb.migrate", "pdb.snapshot", "pdb.compact",
             "pdb.projection.create", "pdb.projection.update", "pdb.keys"} <= kinds, kinds

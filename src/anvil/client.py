@@ -685,6 +685,18 @@ class AnvilClient:
         return self._json("POST", "/anvil/v1/authz/expand", json=self._authz_body(
             resource=resource, permission=permission, consistency=consistency, tenant=tenant))
 
+    # Bucket bindings: object operations decided by relationships (docs/authz.md, "Object access").
+
+    def authz_bind_bucket(self, bucket: str, binding: dict[str, Any]) -> dict[str, Any]:
+        """E.g. `{"resource_type": "document", "read": "view", "write": "edit"}`."""
+        return self._json("PUT", self._b(bucket) + "/authz-binding", json=binding)
+
+    def authz_bucket_binding(self, bucket: str) -> dict[str, Any]:
+        return self._json("GET", self._b(bucket) + "/authz-binding")
+
+    def authz_unbind_bucket(self, bucket: str) -> dict[str, Any]:
+        return self._json("DELETE", self._b(bucket) + "/authz-binding")
+
 
     # ------------------------------------------------------------ watch
 

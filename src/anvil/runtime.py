@@ -92,7 +92,7 @@ class Anvil:
             secrets_dir = self.storage.layout.secrets
             self.identity = IdentityService(self.storage, load_keyring(secrets_dir), load_jwt_secret(secrets_dir))
             install_bucket_lookup(self._bucket_access)
-            self.authz = AuthzService(self.storage)
+            self.authz = AuthzService(self.storage, find_bucket=self.objects.find_bucket)
             self.watch = WatchService(self.storage, bucket_exists=lambda b: self.objects.find_bucket(b) is not None)
             self.artefacts = ArtefactService(self.storage, self.objects.find_bucket)
             self.diagnostics = Diagnostics(self.storage, self.objects, recovery_participants())

@@ -136,7 +136,29 @@ async def expand(request: Request, ctx: RequestContext) -> Response:
                                        tenant=b.get("tenant")))
 
 
+@endpoint
+async def put_binding(request: Request, ctx: RequestContext) -> Response:
+    """Bind the bucket's object operations to permissions (docs/authz.md, "Object access")."""
+    require_identity(ctx)
+    check_recovery(request)
+    body = await json_body(request)
+    return JSONResponse(await blocking(_authz(request).put_binding, ctx, request.path_params["bucket"], body))
+
+
+@endpoint
+async def get_binding(request: Request, ctx: RequestContext) -> Response:
+    return JSONResponse(await blocking(_authz(request).get_binding, ctx.principal, request.path_params["bucket"]))
+
+
+@endpoint
+async def delete_binding(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    check_recovery(request)
+    return JSONResponse(await blocking(_authz(request).delete_binding, ctx, request.path_params["bucket"]))
+
+
 P = "/anvil/v1/authz"
+BINDING = "/anvil/v1/buckets/{bucket}/authz-binding"
 
 AUTHZ_ROUTES = [
     Route(P + "/schema", put_schema, methods=["PUT"]),
@@ -149,4 +171,7 @@ AUTHZ_ROUTES = [
     Route(P + "/lookup-resources", lookup_resources, methods=["POST"]),
     Route(P + "/lookup-subjects", lookup_subjects, methods=["POST"]),
     Route(P + "/expand", expand, methods=["POST"]),
+    Route(BINDING, put_binding, methods=["PUT"]),
+    Route(BINDING, get_binding, methods=["GET"]),
+    Route(BINDING, delete_binding, methods=["DELETE"]),
 ]

@@ -187,6 +187,16 @@ OPERATIONS += [
      True, False),
 ]
 
+# Bucket bindings: object operations decided by relationships (docs/authz.md, "Object access").
+OPERATIONS += [
+    ("put", "/anvil/v1/buckets/{bucket}/authz-binding", "bindBucket",
+     "Bind object operations to permissions {resource_type, read, write, list?, delete?, without_subject?}", [],
+     True, False),
+    ("get", "/anvil/v1/buckets/{bucket}/authz-binding", "getBucketBinding", "The bucket's binding", [], False, False),
+    ("delete", "/anvil/v1/buckets/{bucket}/authz-binding", "unbindBucket", "Remove the bucket's binding", [], False,
+     False),
+]
+
 # Artefacts (docs/artefacts.md): manifests, components, tags, tensors, git reads, signing keys, Hub reads.
 _A = "/anvil/v1/buckets/{bucket}/artefacts"
 OPERATIONS += [

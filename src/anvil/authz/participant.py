@@ -16,16 +16,18 @@ from the journal (`Replayer`, in `anvil.authz.replay`).
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 from anvil.authz import relationships as rels
+from anvil.authz.binding import OPERATIONS, binding_from_json
 from anvil.authz.relationships import Relationship
 from anvil.authz.schema import parse
 from anvil.errors import AnvilError
 from anvil.storage.records import Connection, table_exists
 from anvil.storage.recovery import Finding, Participant, RecoveryContext
 
-TABLES = ["authz_relationships", "authz_schemas", "authz_revisions"]
+TABLES = ["authz_relationships", "authz_schemas", "authz_revisions", "authz_bindings"]
 MAX_FINDINGS = 50
 SMOKE_CHECKS = 20
 _COLS = "rtype, rid, relation, stype, sid, srel, caveat, context, expires"
@@ -56,16 +58,33 @@ def digest(schemas: dict[str, str], relationships: list[tuple[str, str]]) -> str
     return h.hexdigest()
 
 
+def _bindings(conn: Connection) -> list[tuple[str, str, float, str]]:
+    """(bucket, tenant, bucket_created, canonical binding) of every bucket binding."""
+    if not table_exists(conn, "authz_bindings"):
+        return []
+    return [(r[0], r[1], float(r[2]), r[3]) for r in conn.execute(
+        "SELECT bucket, tenant, bucket_created, binding FROM authz_bindings ORDER BY bucket")]
+
+
+def bindings_digest(rows: list[tuple[str, str, str]]) -> str:
+    """Over (bucket, tenant, canonical binding): what the API can reproduce."""
+    h = hashlib.sha256()
+    for bucket, tenant, text in sorted(rows):
+        h.update(f"binding\t{bucket}\t{tenant}\t{text}\n".encode())
+    return h.hexdigest()
+
+
 def summary(conn: Connection) -> dict[str, Any]:
     if not table_exists(conn, "authz_schemas"):
         return {"tenants": 0, "schemas": 0, "caveats": 0, "relationships": 0, "rows": 0, "revision": 0,
-                "digest": digest({}, []), "per_tenant": {}}
+                "digest": digest({}, []), "per_tenant": {}, "bindings": 0, "bindings_digest": bindings_digest([])}
     with conn:  # one read snapshot: counts and digest agree
         schemas = _schemas(conn)
         live = _live(conn)
         rows = int(conn.execute("SELECT count(*) FROM authz_relationships").fetchone()[0])
         n_schemas = int(conn.execute("SELECT count(*) FROM authz_schemas").fetchone()[0])
         head = conn.execute("SELECT max(seq) FROM journal").fetchone()[0] if table_exists(conn, "journal") else 0
+        bindings = _bindings(conn)
     caveats = 0
     per_tenant: dict[str, dict[str, Any]] = {}
     for tenant, (_rev, text, _d) in schemas.items():
@@ -81,6 +100,7 @@ def summary(conn: Connection) -> dict[str, Any]:
         "rows": rows, "revision": int(head or 0),
         "digest": digest({t: s[1] for t, s in schemas.items()}, [(t, r.text()) for t, r in live]),
         "per_tenant": per_tenant,
+        "bindings": len(bindings), "bindings_digest": bindings_digest([(b[0], b[1], b[3]) for b in bindings]),
     }
 
 
@@ -109,7 +129,7 @@ class AuthzParticipant(Participant):
     def validate(self, ctx: RecoveryContext, recorded: dict[str, Any] | None = None) -> list[Finding]:
         findings: list[Finding] = []
         ctx.checked.update({"authz.schema_invalid", "authz.relationship_invalid", "authz.revision_inconsistent",
-                            "authz.summary_differs"})
+                            "authz.summary_differs", "authz.binding_invalid"})
 
         def add(f: Finding) -> None:
             if len(findings) < MAX_FINDINGS:
@@ -143,6 +163,19 @@ class AuthzParticipant(Participant):
                 add(self.finding("error", f"relationship {r.text()}", f"not valid under its tenant's schema: "
                                                                       f"{e.message}",
                                  "authz.relationship_invalid", {"tenant": tenant}))
+        for bucket, tenant, _created, text in _bindings(conn):
+            try:
+                b = binding_from_json(text)
+                d = parsed[tenant].definitions.get(b.resource_type) if tenant in parsed else None
+                if d is None:
+                    raise AnvilError("InvalidArgument", f"its tenant's schema has no definition {b.resource_type!r}")
+                gone = [b.permission(op) for op in OPERATIONS if not d.has(b.permission(op))]
+                if gone:
+                    raise AnvilError("InvalidArgument", f"{b.resource_type!r} has no permission {gone[0]!r}")
+            except (AnvilError, ValueError) as e:
+                # Object requests on the bucket are refused while this holds (fail closed): an error.
+                add(self.finding("error", f"binding of bucket {bucket}", f"not valid: {getattr(e, 'message', e)}",
+                                 "authz.binding_invalid", {"bucket": bucket, "tenant": tenant}))
         bad_revs = conn.execute(
             "SELECT count(*) FROM authz_relationships WHERE deleted_rev IS NOT NULL AND deleted_rev <= created_rev"
         ).fetchone()[0]
@@ -156,7 +189,8 @@ class AuthzParticipant(Participant):
         now = summary(conn)
         ctx.stats["authz"] = {k: now[k] for k in ("tenants", "relationships", "rows", "caveats")}
         if recorded:
-            for field in ("tenants", "schemas", "caveats", "relationships", "rows", "digest"):
+            for field in ("tenants", "schemas", "caveats", "relationships", "rows", "digest", "bindings",
+                          "bindings_digest"):
                 if field in recorded and recorded[field] != now[field]:
                     add(self.finding("error", f"authz {field}",
                                      f"restored {now[field]!r}, recorded {recorded[field]!r}",
@@ -193,6 +227,17 @@ class AuthzParticipant(Participant):
         if digest(schemas, seen) != want:
             findings.append(self.finding("error", "authz", f"schemas and {len(seen)} relationships read through the "
                                                            "API differ from the recorded digest"))
+        read_back = []
+        for bucket, _tenant, _created, _text in _bindings(ctx.conn):
+            try:
+                got = client.authz_bucket_binding(bucket)
+            except (AnvilAPIError, AnvilError) as e:
+                findings.append(self.finding("error", f"binding of bucket {bucket}", f"not readable: {e}"))
+                continue
+            read_back.append((bucket, got["tenant"], binding_from_json(json.dumps(got["binding"])).canonical()))
+        if recorded and "bindings_digest" in recorded and bindings_digest(read_back) != recorded["bindings_digest"]:
+            findings.append(self.finding("error", "authz bindings", f"{len(read_back)} bucket bindings read through "
+                                                                    "the API differ from the recorded digest"))
         for tenant, r in sampled:
             res = client.authz_check(f"{r.rtype}:{r.rid}", r.relation, f"{r.stype}:{r.sid}", tenant=tenant,
                                      consistency="fully_consistent")

@@ -5,7 +5,8 @@ A write's revision is the seq of its one event, and the mutation's clock (`writt
 changed nothing is absent), each in its text form, plus `expires` (the exact instant; the text
 keeps microseconds) when it has one: a create or touch retires the live row with the same key
 and inserts the new one; a delete retires the live row. Events journaled before `expires` was
-recorded fall back to the text form's instant.
+recorded fall back to the text form's instant. `authz.binding.put` / `.delete` carry the whole
+bucket binding (bucket, its creation instant, the binding) / the bucket.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dataclasses
 from typing import Any
 
 from anvil.authz import relationships as rels
+from anvil.authz.binding import parse_binding
 from anvil.authz.service import schema_digest
 from anvil.storage.records import Connection
 
@@ -46,6 +48,13 @@ def apply(conn: Connection, ev: Any) -> None:
         for u in p.get("updates") or []:
             _retire(conn, tenant, rels.parse(u["relationship"]), rev)
         _revision(conn, tenant, rev, "delete")
+    elif kind == "authz.binding.put":
+        conn.execute("DELETE FROM authz_bindings WHERE bucket = ?", (p["bucket"],))
+        conn.execute("INSERT INTO authz_bindings(bucket, tenant, bucket_created, binding, revision, written) "
+                     "VALUES (?,?,?,?,?,?)", (p["bucket"], tenant, float(p["bucket_created"]),
+                                              parse_binding(p["binding"]).canonical(), rev, ev.ts))
+    elif kind == "authz.binding.delete":
+        conn.execute("DELETE FROM authz_bindings WHERE bucket = ?", (p["bucket"],))
     else:
         raise ValueError(f"authz cannot replay event kind {kind!r}")
 

@@ -24,10 +24,12 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
+from anvil.authz import binding as bnd
 from anvil.authz import relationships as rels
-from anvil.authz.engine import COND, Engine, Result, RowCache, Snapshot
+from anvil.authz.engine import COND, HAS, R_NO, Engine, Result, RowCache, Snapshot
 from anvil.authz.relationships import Relationship
 from anvil.authz.schema import MAX_DEPTH_DEFAULT, Schema, parse
 from anvil.context import Principal, RequestContext
@@ -68,6 +70,16 @@ MIGRATIONS = [
         revision INTEGER NOT NULL,
         kind TEXT NOT NULL,
         PRIMARY KEY(tenant, revision)
+    )""",
+    # Bucket bindings (docs/authz.md, "Object access"): a binding holds for the bucket created at
+    # `bucket_created`; a bucket deleted and made again under the same name starts unbound.
+    """CREATE TABLE authz_bindings(
+        bucket TEXT NOT NULL PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        bucket_created REAL NOT NULL,
+        binding TEXT NOT NULL,
+        revision INTEGER NOT NULL,
+        written REAL NOT NULL
     )""",
 ]
 
@@ -138,7 +150,8 @@ class _Cache:
 
 
 class AuthzService:
-    def __init__(self, storage: Storage, *, max_depth: int = MAX_DEPTH_DEFAULT):
+    def __init__(self, storage: Storage, *, max_depth: int = MAX_DEPTH_DEFAULT,
+                 find_bucket: Callable[[str], Any] | None = None):
         self.storage = storage
         self.catalog = storage.catalog
         self.deployment = storage.format.deployment_id
@@ -150,6 +163,9 @@ class AuthzService:
         self._lock = threading.Lock()
         self.cache = _Cache()
         self.rows = RowCache()
+        # bucket name -> a Bucket-like (tenant, created) or None; given by the runtime (objects sit below).
+        self._find_bucket = find_bucket
+        self._bindings: dict[str, tuple[str, float, bnd.Binding]] | None = None
 
     # ---------------------------------------------------------------- plumbing
 
@@ -589,6 +605,136 @@ class AuthzService:
         if d is None or not d.has(permission):
             raise _invalid(f"{rtype!r} has no permission or relation {permission!r}")
         return {"tree": engine.expand(rtype, rid, permission), "expanded_at": self.token(rev)}
+
+    # ---------------------------------------------------------------- bucket bindings (object access)
+
+    def _bucket(self, name: Any) -> Any:
+        if not isinstance(name, str) or self._find_bucket is None:
+            raise AnvilError("NotFound", "bucket not found")
+        b = self._find_bucket(name)
+        if b is None:
+            raise AnvilError("NotFound", "bucket not found")
+        return b
+
+    def _load_bindings(self) -> dict[str, tuple[str, float, bnd.Binding]]:
+        cached = self._bindings
+        if cached is None:
+            rows = self._conn().execute("SELECT bucket, tenant, bucket_created, binding FROM authz_bindings").fetchall()
+            cached = {r[0]: (r[1], float(r[2]), bnd.binding_from_json(r[3])) for r in rows}
+            self._bindings = cached
+        return cached
+
+    def binding_of(self, bucket: str, created: float) -> tuple[str, bnd.Binding] | None:
+        """The (tenant, binding) of the bucket created at `created`, or None (unbound). In memory:
+        it runs on every object request."""
+        hit = self._load_bindings().get(bucket)
+        if hit is None or hit[1] != created:
+            return None
+        return hit[0], hit[2]
+
+    def _validate_binding(self, tenant: str, b: bnd.Binding) -> None:
+        schema = self._schema(self._conn(), tenant, None, required=False)
+        if schema is None:
+            raise _invalid(f"tenant {tenant} has no authorisation schema: write one before binding a bucket")
+        d = schema.definitions.get(b.resource_type)
+        if d is None:
+            raise _invalid(f"resource_type {b.resource_type!r} is not a definition of tenant {tenant}'s schema")
+        for op in bnd.OPERATIONS:
+            if not d.has(b.permission(op)):
+                raise _invalid(f"{op}: {b.resource_type!r} has no permission or relation {b.permission(op)!r}")
+
+    def put_binding(self, ctx: RequestContext, bucket: Any, body: Any) -> dict[str, Any]:
+        b = self._bucket(bucket)
+        authorize(ctx.principal, "bucket:configure", f"bucket:{bucket}")
+        binding = bnd.parse_binding(body)
+        self._validate_binding(b.tenant, binding)
+
+        def fn(txn: Txn) -> dict[str, Any]:
+            rev = txn.next_seq
+            txn.conn.execute("DELETE FROM authz_bindings WHERE bucket = ?", (bucket,))
+            txn.conn.execute("INSERT INTO authz_bindings(bucket, tenant, bucket_created, binding, revision, written) "
+                             "VALUES (?,?,?,?,?,?)", (bucket, b.tenant, b.created, binding.canonical(), rev, txn.now))
+            txn.emit(b.tenant, "authz.binding.put", "authz/binding",
+                     {"tenant": b.tenant, "bucket": bucket, "bucket_created": b.created, "binding": binding.to_dict(),
+                      "revision": rev})
+            return {"revision": rev}
+
+        try:
+            res = self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
+        finally:
+            self._bindings = None
+        return {"bucket": bucket, "tenant": b.tenant, "binding": binding.to_dict(), "revision": res["revision"]}
+
+    def get_binding(self, principal: Principal, bucket: Any) -> dict[str, Any]:
+        b = self._bucket(bucket)
+        authorize(principal, "bucket:read", f"bucket:{bucket}")
+        hit = self.binding_of(bucket, b.created)
+        if hit is None:
+            raise AnvilError("NotFound", f"bucket {bucket} has no authorisation binding")
+        return {"bucket": bucket, "tenant": hit[0], "binding": hit[1].to_dict()}
+
+    def delete_binding(self, ctx: RequestContext, bucket: Any) -> dict[str, Any]:
+        b = self._bucket(bucket)
+        authorize(ctx.principal, "bucket:configure", f"bucket:{bucket}")
+        if self.binding_of(bucket, b.created) is None:
+            raise AnvilError("NotFound", f"bucket {bucket} has no authorisation binding")
+
+        def fn(txn: Txn) -> dict[str, Any]:
+            rev = txn.next_seq
+            txn.conn.execute("DELETE FROM authz_bindings WHERE bucket = ?", (bucket,))
+            txn.emit(b.tenant, "authz.binding.delete", "authz/binding",
+                     {"tenant": b.tenant, "bucket": bucket, "revision": rev})
+            return {"revision": rev}
+
+        try:
+            res = self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
+        finally:
+            self._bindings = None
+        return {"bucket": bucket, "unbound": True, "revision": res["revision"]}
+
+    def object_engine(self, tenant: str, context: dict[str, Any]) -> tuple[Engine, int]:
+        """An engine at the tenant's newest known revision (minimize latency), for object checks."""
+        conn = self._conn()
+        rev = self.resolve(conn, tenant, None)
+        return self._engine(conn, tenant, rev, context), rev
+
+    def object_check(self, tenant: str, binding: bnd.Binding, op: str, bucket: str, key: str, subject: str,
+                     context: dict[str, Any], engine: Engine | None = None) -> Result:
+        """Does `subject` have the permission `op` is bound to on the object? (Cached per revision.)"""
+        rid = bnd.object_id(bucket, key)
+        if len(rid) > bnd.MAX_ID:
+            return R_NO  # no relationship can name it (SpiceDB's id limit): fail closed
+        subj = parse_subject(subject)
+        rev = 0
+        if engine is None:
+            engine, rev = self.object_engine(tenant, context)
+        else:
+            rev = engine.snap.revision
+        perm = binding.permission(op)
+        self._check_names(engine, binding.resource_type, perm, subj)
+        key_ = ("check", tenant, rev, binding.resource_type, rid, perm, subj, _ctx_key(context))
+        hit = self.cache.get(key_, engine.snap.now)
+        if hit is None:
+            hit = engine.check(binding.resource_type, rid, perm, subj)
+            self.cache.put(key_, hit, engine.snap.min_expiry)
+        return hit
+
+    def object_lookup(self, tenant: str, binding: bnd.Binding, op: str, subject: str,
+                      context: dict[str, Any]) -> set[str] | None:
+        """Every object id of the bound type on which `subject` has the permission `op` is bound to
+        (conditional answers count as no), or None when the lookup passes MAX_LOOKUP (callers then check
+        per key)."""
+        subj = parse_subject(subject)
+        engine, rev = self.object_engine(tenant, context)
+        perm = binding.permission(op)
+        self._check_names(engine, binding.resource_type, perm, subj)
+        key_ = ("object_lookup", tenant, rev, binding.resource_type, perm, subj, _ctx_key(context))
+        hit = self.cache.get(key_, engine.snap.now)
+        if hit is None:
+            found = engine.lookup_resources(binding.resource_type, perm, subj, MAX_LOOKUP + 1)
+            hit = {rid for rid, r in found if r.state == HAS} if len(found) <= MAX_LOOKUP else None
+            self.cache.put(key_, hit, engine.snap.min_expiry)
+        return hit
 
     # ---------------------------------------------------------------- status
 

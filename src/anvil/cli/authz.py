@@ -287,3 +287,56 @@ def rel_delete(client: AnvilClient, as_json: bool, resource: str, relation: str 
                               tenant=tenant)
     emit(as_json, res, text=f"{res['deleted']} relationship(s) deleted" + (" (more remain)" if res["partial"] else "")
          + f"; token {res['deleted_at']}")
+
+
+# ------------------------------------------------------------------ bucket bindings (`anvil bucket bind ...`)
+# Attached to the `bucket` group by anvil.cli.main: a binding is a bucket setting.
+
+
+@click.command("bind")
+@click.argument("name")
+@click.option("--resource-type", required=True, help="The schema definition objects are (e.g. document).")
+@click.option("--read", "read_", required=True, metavar="PERMISSION", help="Permission for GET/HEAD (e.g. view).")
+@click.option("--write", "write_", required=True, metavar="PERMISSION", help="Permission for PUT/copy/multipart.")
+@click.option("--list", "list_", default=None, metavar="PERMISSION", help="Permission to see a key in listings "
+              "(default: --read).")
+@click.option("--delete", "delete_", default=None, metavar="PERMISSION", help="Permission for DELETE (default: "
+              "--write).")
+@click.option("--without-subject", type=click.Choice(["deny", "scopes"]), default="deny", show_default=True,
+              help="What a token acting for no subject gets: refused, or scopes alone.")
+@client_command
+def bucket_bind(client: AnvilClient, as_json: bool, name: str, resource_type: str, read_: str, write_: str,
+                list_: str | None, delete_: str | None, without_subject: str) -> None:
+    """Decide the bucket's object operations by relationships: TYPE:BUCKET/KEY (docs/authz.md)."""
+    body: dict[str, Any] = {"resource_type": resource_type, "read": read_, "write": write_,
+                            "without_subject": without_subject}
+    if list_:
+        body["list"] = list_
+    if delete_:
+        body["delete"] = delete_
+    res = client.authz_bind_bucket(name, body)
+    b = res["binding"]
+    emit(as_json, res, text=f"bound {name}: objects are {b['resource_type']}:{name}/KEY; read={b['read']} "
+                            f"write={b['write']} list={b['list']} delete={b['delete']}")
+
+
+@click.command("unbind")
+@click.argument("name")
+@client_command
+def bucket_unbind(client: AnvilClient, as_json: bool, name: str) -> None:
+    """Remove the bucket's binding: scopes alone decide again."""
+    emit(as_json, client.authz_unbind_bucket(name), text=f"unbound {name}: scopes alone decide")
+
+
+@click.command("binding")
+@click.argument("name")
+@client_command
+def bucket_binding(client: AnvilClient, as_json: bool, name: str) -> None:
+    """Show the bucket's binding."""
+    res = client.authz_bucket_binding(name)
+    b = res["binding"]
+    emit(as_json, res, text=f"{name}: {b['resource_type']}:{name}/KEY read={b['read']} write={b['write']} "
+                            f"list={b['list']} delete={b['delete']} without_subject={b['without_subject']}")
+
+
+BUCKET_COMMANDS = (bucket_bind, bucket_unbind, bucket_binding)

@@ -122,6 +122,13 @@ def bucket_versioning(client: AnvilClient, as_json: bool, name: str, status: str
     emit(as_json, res, text=f"{name}: {res['versioning']}")
 
 
+# Bucket bindings (object access through relationships): `anvil bucket bind|unbind|binding`.
+from anvil.cli.authz import BUCKET_COMMANDS  # noqa: E402
+
+for _command in BUCKET_COMMANDS:
+    bucket.add_command(_command)
+
+
 # ------------------------------------------------------------------ objects
 
 
