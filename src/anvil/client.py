@@ -93,9 +93,12 @@ def object_info(headers: httpx.Headers) -> dict[str, Any]:
 
 
 def exchange_token(endpoint: str, client_id: str, client_secret: str, *, scopes: list[str] | None = None,
-                   expires_in: int | None = None, timeout: float = 30.0) -> dict[str, Any]:
-    """Client credentials -> `{access_token, expires_in, expires_at, tenant, scopes, ...}`."""
+                   expires_in: int | None = None, timeout: float = 30.0, subject: str | None = None) -> dict[str, Any]:
+    """Client credentials -> `{access_token, expires_in, expires_at, tenant, scopes, ...}`. `subject`
+    (e.g. `user:amy`): a token acting for that end user (needs `authz:act`; docs/authz.md)."""
     body: dict[str, Any] = {"client_id": client_id, "client_secret": client_secret}
+    if subject is not None:
+        body["subject"] = subject
     if scopes is not None:
         body["scopes"] = scopes
     if expires_in is not None:
@@ -109,8 +112,10 @@ class ClientCredentialsAuth(httpx.Auth):
     """Exchanges client credentials for a token, refreshes it before expiry, and retries a
     replayable request once when the server says the token is no longer good."""
 
-    def __init__(self, endpoint: str, client_id: str, client_secret: str, *, scopes: list[str] | None = None):
+    def __init__(self, endpoint: str, client_id: str, client_secret: str, *, scopes: list[str] | None = None,
+                 subject: str | None = None):
         self._endpoint, self._client_id, self._secret, self._scopes = endpoint, client_id, client_secret, scopes
+        self._subject = subject
         self._lock = threading.Lock()
         self._token: str | None = None
         self._refresh_at = 0.0
@@ -118,7 +123,8 @@ class ClientCredentialsAuth(httpx.Auth):
     def token(self, *, force: bool = False) -> str:
         with self._lock:
             if force or self._token is None or time.time() >= self._refresh_at:
-                res = exchange_token(self._endpoint, self._client_id, self._secret, scopes=self._scopes)
+                res = exchange_token(self._endpoint, self._client_id, self._secret, scopes=self._scopes,
+                                     subject=self._subject)
                 ttl = float(res["expires_in"])
                 self._token = res["access_token"]
                 self._refresh_at = time.time() + ttl - min(60.0, ttl / 2)
@@ -259,7 +265,8 @@ class AnvilClient:
 
     def __init__(self, endpoint: str | None = None, *, timeout: float = 60.0, token: str | None = None,
                  client_id: str | None = None, client_secret: str | None = None,
-                 scopes: list[str] | None = None):
+                 scopes: list[str] | None = None, subject: str | None = None):
+        # `subject`: act for that end user (token exchange with subject; docs/authz.md, "Object access").
         self.endpoint = (endpoint or os.environ.get("ANVIL_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
         import httpx
 
@@ -269,7 +276,7 @@ class AnvilClient:
             client_secret = client_secret or os.environ.get("ANVIL_CLIENT_SECRET") or None
         auth = None
         if token is None and client_id and client_secret:
-            auth = ClientCredentialsAuth(self.endpoint, client_id, client_secret, scopes=scopes)
+            auth = ClientCredentialsAuth(self.endpoint, client_id, client_secret, scopes=scopes, subject=subject)
         self.client_id = client_id if auth is not None else None
         self._http = httpx.Client(base_url=self.endpoint, timeout=timeout, headers=headers, auth=auth)
 

@@ -17,6 +17,9 @@ class Principal:
     admin: bool = False
     scopes: tuple[str, ...] = ()
     anonymous: bool = False
+    # The end user an application's token acts for (`user:amy`), from the token exchange's `subject`;
+    # checks on buckets bound to relationships are made for it (docs/authz.md, "Object access").
+    acting_for: str = ""
 
     @property
     def actor(self) -> str:

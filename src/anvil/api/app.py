@@ -13,6 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Match, Route
 from starlette.types import Message, Receive, Scope, Send
 
+from anvil.api.access import BindingAccess
 from anvil.api.admin import ROUTES as ADMIN_ROUTES
 from anvil.api.artefacts import ROUTES as ARTEFACT_ROUTES
 from anvil.api.authz import AUTHZ_ROUTES
@@ -26,8 +27,10 @@ from anvil.api.native import OBJECT_PATH, ROUTES
 from anvil.api.personaldb import PERSONALDB_ROUTES
 from anvil.api.s3 import S3Gateway
 from anvil.api.watch import WATCH_ROUTES
+from anvil.authz.binding import CLIENT_ADDRESS
 from anvil.context import new_request_id
 from anvil.errors import AnvilError
+from anvil.identity.gate import install_object_access
 from anvil.runtime import Anvil
 
 
@@ -129,6 +132,9 @@ class AnvilApp(Starlette):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             scope["app"] = self
+            # The peer address, for caveats of bucket bindings (`client_ip`, docs/authz.md "Object access").
+            client = scope.get("client")
+            CLIENT_ADDRESS.set(client[0] if client else None)
             if scope["method"] in _BODY_METHODS and _has_body(scope):
                 receive, send = _watch_body(scope, receive, send)
             if not _is_native(scope["path"]):
@@ -154,6 +160,8 @@ def create_app(anvil: Anvil, *, recovery_mode: bool = False, dev_auth: bool = Fa
               Route("/{path:path}", _fallback, methods=ALL_METHODS)]
     app = AnvilApp(routes=routes, exception_handlers={HTTPException: _http_exception})
     app.state.anvil = anvil
+    # Object requests on buckets bound to relationships are decided by anvil.authz (docs/authz.md).
+    install_object_access(BindingAccess(anvil))
     anvil.indexes.start()  # the index builder runs in the server (restored ones too: indexes are derived)
     app.state.recovery_mode = recovery_mode
     app.state.dev_auth = dev_auth

@@ -23,7 +23,7 @@ async def token(request: Request, ctx: RequestContext) -> Response:
     body = await json_body(request)
     # Failures are audited by the endpoint wrapper like every other denial.
     result = await blocking(_anvil(request).identity.exchange, body.get("client_id"), body.get("client_secret"),
-                            body.get("scopes", body.get("scope")), body.get("expires_in"))
+                            body.get("scopes", body.get("scope")), body.get("expires_in"), body.get("subject"))
     return JSONResponse(result, headers={"cache-control": "no-store"})
 
 
@@ -33,6 +33,8 @@ async def whoami(request: Request, ctx: RequestContext) -> Response:
     if p.anonymous:
         raise AnvilError("Unauthenticated", "authentication required")
     out = {"tenant": p.tenant, "subject": p.subject, "admin": p.admin, "scopes": list(p.scopes)}
+    if p.acting_for:
+        out["acting_for"] = p.acting_for
     scheme, _, token = (request.headers.get("authorization") or "").strip().partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         # The token was verified a moment ago (a cache hit now): its jti is what `token revoke` takes.

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from anvil.api.access import list_objects_filtered, list_versions_filtered
 from anvil.api.common import (
     blocking,
     body_response,
@@ -29,6 +30,7 @@ from anvil.api.common import (
 from anvil.context import RequestContext
 from anvil.errors import AnvilError
 from anvil.identity import authorize
+from anvil.identity.gate import object_filter
 from anvil.objects import Conditions, ObjectVersion
 from anvil.objects import validation as v
 from anvil.objects.checksums import content_md5_hex
@@ -200,10 +202,19 @@ async def list_objects(request: Request, ctx: RequestContext) -> Response:
     prefix = q.get("prefix", "")
     v.check_not_reserved(prefix)
     authorize(ctx.principal, "object:list", _bucket_resource(bucket))
-    res = _anvil(request).objects.list_objects(
-        bucket, prefix=prefix, delimiter=q.get("delimiter", ""), start_after=q.get("start_after", ""),
-        max_keys=query_int(request, "limit", 1000), token=q.get("token") or None,
-    )
+    kf = object_filter(ctx.principal, "object:list", bucket)
+    if kf is not None:  # a bound bucket: only the keys the subject may list (docs/authz.md)
+        limit = query_int(request, "limit", 1000)
+        if not 1 <= limit <= 1000:
+            raise AnvilError("InvalidArgument", "page size must be between 1 and 1000")
+        res = await blocking(list_objects_filtered, _anvil(request).objects, kf, bucket, prefix=prefix,
+                             delimiter=q.get("delimiter", ""), start_after=q.get("start_after", ""),
+                             max_keys=limit, token=q.get("token") or None)
+    else:
+        res = _anvil(request).objects.list_objects(
+            bucket, prefix=prefix, delimiter=q.get("delimiter", ""), start_after=q.get("start_after", ""),
+            max_keys=query_int(request, "limit", 1000), token=q.get("token") or None,
+        )
     return JSONResponse({
         "objects": [o.to_dict() for o in res.objects],
         "common_prefixes": res.common_prefixes,
@@ -219,10 +230,19 @@ async def list_versions(request: Request, ctx: RequestContext) -> Response:
     prefix = q.get("prefix", "")
     v.check_not_reserved(prefix)
     authorize(ctx.principal, "object:list", _bucket_resource(bucket))
-    res = _anvil(request).objects.list_versions(
-        bucket, prefix=prefix, delimiter=q.get("delimiter", ""), key_marker=q.get("key_marker", ""),
-        version_marker=q.get("version_marker", ""), max_keys=query_int(request, "limit", 1000),
-    )
+    kf = object_filter(ctx.principal, "object:list", bucket)
+    if kf is not None:  # a bound bucket: only the keys the subject may list (docs/authz.md)
+        limit = query_int(request, "limit", 1000)
+        if not 1 <= limit <= 1000:
+            raise AnvilError("InvalidArgument", "page size must be between 1 and 1000")
+        res = await blocking(list_versions_filtered, _anvil(request).objects, kf, bucket, prefix=prefix,
+                             delimiter=q.get("delimiter", ""), key_marker=q.get("key_marker", ""),
+                             version_marker=q.get("version_marker", ""), max_keys=limit)
+    else:
+        res = _anvil(request).objects.list_versions(
+            bucket, prefix=prefix, delimiter=q.get("delimiter", ""), key_marker=q.get("key_marker", ""),
+            version_marker=q.get("version_marker", ""), max_keys=query_int(request, "limit", 1000),
+        )
     return JSONResponse({
         "versions": [o.to_dict() for o in res.versions],
         "common_prefixes": res.common_prefixes,
@@ -420,11 +440,12 @@ async def list_uploads(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "object:list", _bucket_resource(bucket))
     # The native API answers every upload at once; the service pages, so gather its pages.
     objects = _anvil(request).objects
+    kf = object_filter(ctx.principal, "object:list", bucket)
     uploads: list[dict[str, Any]] = []
     key_marker = id_marker = ""
     while True:
         page = objects.list_uploads(bucket, prefix=prefix, key_marker=key_marker, upload_id_marker=id_marker)
-        uploads += page.uploads
+        uploads += page.uploads if kf is None else [u for u in page.uploads if kf.allows(u["key"])]
         if not page.truncated:
             return JSONResponse({"uploads": uploads})
         key_marker, id_marker = page.next_key_marker or "", page.next_upload_id_marker or ""

@@ -257,13 +257,15 @@ def auth() -> None:
 @auth.command("token")
 @click.option("--scope", "scopes", multiple=True, help="Ask for this scope (repeatable; default: all granted).")
 @click.option("--expires-in", type=int, default=None, help="Lifetime in seconds (at most 3600).")
+@click.option("--subject", default=None, metavar="TYPE:ID",
+              help="Act for this end user, e.g. user:amy (needs authz:act; docs/authz.md).")
 @click.option("--endpoint", envvar="ANVIL_ENDPOINT", default=None)
 @click.option("--profile", envvar="ANVIL_PROFILE", default=None)
 @click.option("--client-id", envvar="ANVIL_CLIENT_ID", default=None)
 @click.option("--client-secret", envvar="ANVIL_CLIENT_SECRET", default=None)
 @click.option("--json", "as_json", is_flag=True)
-def auth_token(scopes: tuple[str, ...], expires_in: int | None, endpoint: str | None, profile: str | None,
-               client_id: str | None, client_secret: str | None, as_json: bool) -> None:
+def auth_token(scopes: tuple[str, ...], expires_in: int | None, subject: str | None, endpoint: str | None,
+               profile: str | None, client_id: str | None, client_secret: str | None, as_json: bool) -> None:
     """Exchange client credentials for a bearer token (printed on stdout)."""
     try:
         creds = resolve_credentials(endpoint=endpoint, profile=profile, client_id=client_id,
@@ -271,7 +273,7 @@ def auth_token(scopes: tuple[str, ...], expires_in: int | None, endpoint: str | 
         if not creds.client_id:
             raise ProfileError("no credentials: use --client-id/--client-secret, ANVIL_CLIENT_ID/SECRET or a profile")
         res = exchange_token(creds.endpoint, creds.client_id, creds.client_secret or "",
-                             scopes=list(scopes) or None, expires_in=expires_in)
+                             scopes=list(scopes) or None, expires_in=expires_in, subject=subject)
     except ProfileError as e:
         err_console.print(f"[red]error[/red] {e}")
         sys.exit(2)

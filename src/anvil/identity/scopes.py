@@ -23,6 +23,8 @@ ACTIONS = frozenset({
     # Relationship-based authorisation (anvil.authz), on `tenant:NAME`: read = questions and
     # reads of schema and relationships; write = schema and relationship writes.
     "authz:read", "authz:write",
+    # ... and act for an end user: a token exchanged with `subject` (docs/authz.md, "Object access").
+    "authz:act",
     # artefacts (docs/artefacts.md), on bucket:BUCKET/NAME
     "artefact:push", "artefact:pull", "artefact:tag", "artefact:verify",
     # PersonalDB: create groups (on tenant:T), read/administer one (pdb:GROUP), and per-row writes

@@ -114,6 +114,9 @@ DEV_SCOPES = [
 ]
 
 
+# An end user a token may act for: SpiceDB's `type:id` (the authz subject syntax, without wildcard or relation).
+SUBJECT_RE = re.compile(r"^[a-z][a-z0-9_]{1,62}[a-z0-9](?:/[a-z][a-z0-9_]{1,62}[a-z0-9])?:[a-zA-Z0-9/_|\-=+.]{1,1024}$")
+
 def new_client_id() -> str:
     # S3 access-key shaped (20 upper-case alphanumerics) so SigV4 clients accept it.
     return "AN" + "".join(secrets.choice(_B32) for _ in range(18))
@@ -534,8 +537,15 @@ class IdentityService:
     # ---------------------------------------------------------------- tokens
 
     def exchange(self, client_id: Any, client_secret: Any, requested: Any = None,
-                 expires_in: Any = None) -> dict[str, Any]:
-        """Client credentials -> a short-lived token. The argon2 verifier is checked here, once."""
+                 expires_in: Any = None, subject: Any = None) -> dict[str, Any]:
+        """Client credentials -> a short-lived token. The argon2 verifier is checked here, once.
+
+        `subject` (e.g. `user:amy`): the token acts for that end user; the application needs
+        `authz:act` on its tenant (docs/authz.md, "Token exchange for a subject")."""
+        if subject is not None and (not isinstance(subject, str) or not SUBJECT_RE.match(subject)):
+            raise AnvilError("InvalidArgument", "subject must look like type:id (e.g. user:amy): a definition name "
+                                                "and an id of a-z A-Z 0-9 / _ | - = + . (no wildcard, no #relation), "
+                                                f"got {str(subject)[:80]!r}")
         if not isinstance(client_id, str) or not isinstance(client_secret, str) or len(client_secret) > 1024:
             raise AnvilError("InvalidArgument", "client_id and client_secret are required strings")
         if requested is None or requested == "*" or requested == ["*"] or requested == []:
@@ -569,10 +579,16 @@ class IdentityService:
         scopes = list(granted) if wanted is None else sc.intersect(wanted, granted)
         if not scopes:
             raise AnvilError("PermissionDenied", "none of the requested scopes is granted")
+        if subject is not None and not any(sc.allows(s, "authz:act", f"tenant:{tenant}") for s in granted):
+            raise AnvilError("PermissionDenied", f"acting for a subject needs the scope authz:act|tenant:{tenant}, "
+                                                 "which the application does not hold")
         token, claims = self.tokens.issue(tenant=tenant, subject=client_id, scopes=scopes, ttl=ttl,
-                                          secret_version=int(row[3]))
-        return {"access_token": token, "token_type": "Bearer", "expires_in": ttl, "expires_at": claims["exp"],
-                "tenant": tenant, "scopes": scopes, "jti": claims["jti"]}
+                                          secret_version=int(row[3]), acting_for=subject or "")
+        out = {"access_token": token, "token_type": "Bearer", "expires_in": ttl, "expires_at": claims["exp"],
+               "tenant": tenant, "scopes": scopes, "jti": claims["jti"]}
+        if subject is not None:
+            out["subject"] = subject
+        return out
 
     def authenticate_token(self, token: str) -> Principal:
         return self.authenticate_token_full(token)[0]

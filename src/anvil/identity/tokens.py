@@ -50,7 +50,7 @@ class TokenAuthority:
         self._lock = threading.Lock()
 
     def issue(self, *, tenant: str, subject: str, scopes: list[str], ttl: int,
-              secret_version: int = 1) -> tuple[str, dict]:
+              secret_version: int = 1, acting_for: str = "") -> tuple[str, dict]:
         now = time.time()
         # NumericDate claims are whole seconds here (clients compare them as integers); exp rounds up
         # so a token lives at least the ttl asked for, never up to a second less. `sv` lets a secret
@@ -59,6 +59,8 @@ class TokenAuthority:
             "iss": ISSUER, "sub": subject, "tenant": tenant, "scopes": scopes,
             "iat": int(now), "exp": math.ceil(now + ttl), "jti": uuid.uuid4().hex, "sv": secret_version,
         }
+        if acting_for:
+            claims["act_for"] = acting_for  # the end user the application acts for (docs/authz.md)
         return jwt.encode(claims, self._secret, algorithm=ALGORITHM), claims
 
     def verify(self, token: str) -> Principal:
@@ -89,8 +91,11 @@ class TokenAuthority:
         tenant, scopes = claims.get("tenant"), claims.get("scopes")
         if not isinstance(tenant, str) or not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
             raise unauthenticated("invalid token")
+        acting_for = claims.get("act_for", "")
+        if not isinstance(acting_for, str):
+            raise unauthenticated("invalid token")
         principal = Principal(tenant=tenant, subject=str(claims["sub"]), admin=tenant == SYSTEM_TENANT,
-                              scopes=tuple(scopes))
+                              scopes=tuple(scopes), acting_for=acting_for)
         sv = claims.get("sv", 1)  # tokens from before `sv` existed count as the first secret's
         info = TokenInfo(str(claims["jti"]), float(claims["exp"]),
                          sv if isinstance(sv, int) and not isinstance(sv, bool) else 0)

@@ -24,7 +24,7 @@ from typing import Any
 from anvil.context import Principal, RequestContext
 from anvil.errors import AnvilError
 from anvil.identity import authorize
-from anvil.identity.gate import bucket_access, hidden_bucket
+from anvil.identity.gate import bucket_access, hidden_bucket, object_filter
 from anvil.identity.scopes import covers
 from anvil.indexes import definitions as defs
 from anvil.indexes.engine import MAX_SORT_MATCHES, Engine
@@ -464,7 +464,15 @@ class IndexService:
         if mode == "index_only":
             authorize(principal, "index:read", f"bucket:{bucket}")
             return None
-        return read_filter(principal, bucket)
+        scoped = read_filter(principal, bucket)
+        # A bucket bound to relationships (docs/authz.md, "Object access"): hits only of objects the
+        # subject may read, filtered before ranking like the scopes' filter.
+        bound = object_filter(principal, "object:read", bucket)
+        if bound is None:
+            return scoped
+        if scoped is None:
+            return bound.allows
+        return lambda key: scoped(key) and bound.allows(key)
 
     def query(self, principal: Principal, bucket: str, name: str, body: Any) -> dict[str, Any]:
         defs.check_name(name)

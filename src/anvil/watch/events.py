@@ -18,6 +18,7 @@ from typing import Any
 from anvil.context import Principal
 from anvil.errors import AnvilError
 from anvil.identity import authorize
+from anvil.identity.gate import authorize_scopes
 from anvil.objects import validation as v
 from anvil.storage.journal import Event
 
@@ -139,7 +140,9 @@ def authorize_scope(principal: Principal, scope: Scope) -> None:
     if scope.bucket is None:
         authorize(principal, "bucket:list", f"tenant:{scope.tenant}")
     elif scope.prefix:
-        authorize(principal, "object:read", f"bucket:{scope.bucket}/{scope.prefix}")
+        # The scopes only: a prefix is no object, so a bucket binding has nothing to say here; each
+        # event is then checked for the subject by ReadFilter (docs/authz.md, "Object access").
+        authorize_scopes(principal, "object:read", f"bucket:{scope.bucket}/{scope.prefix}")
     else:
         authorize(principal, "bucket:read", f"bucket:{scope.bucket}")
 

@@ -9,9 +9,11 @@ from collections.abc import Callable
 from starlette.datastructures import QueryParams
 from starlette.responses import Response
 
+from anvil.api.access import list_objects_filtered, list_versions_filtered
 from anvil.api.s3 import xmlutil as X
 from anvil.api.s3.errors import S3Error
 from anvil.api.s3.request import S3Request, owner, xml
+from anvil.identity.gate import object_filter
 from anvil.objects.service import marks_common_prefix, token_after_prefix
 
 Encoder = Callable[[str], str]
@@ -77,9 +79,18 @@ def _list_objects(r: S3Request, *, v2: bool) -> Response:
     if not v2 and marks_common_prefix(start_after, prefix, delimiter):
         # A v1 marker that is a rolled-up prefix (S3's NextMarker) resumes after the whole prefix.
         token = token_after_prefix(start_after)
+    kf = object_filter(r.principal, "object:list", r.bucket)
     if limit == 0:
         r.objects.get_bucket(r.bucket)
         objects, prefixes, truncated, next_token = [], [], False, None
+    elif kf is not None:  # a bound bucket: only the keys the subject may list (docs/authz.md)
+        after_prefix = None
+        if not v2 and token:
+            after_prefix, start_after, token = start_after, "", None
+        res = list_objects_filtered(r.objects, kf, r.bucket, prefix=prefix, delimiter=delimiter,
+                                    start_after=start_after, max_keys=limit, token=token or None,
+                                    after_prefix=after_prefix)
+        objects, prefixes, truncated, next_token = res.objects, res.common_prefixes, res.truncated, res.next_token
     else:
         res = r.objects.list_objects(r.bucket, prefix=prefix, delimiter=delimiter,
                                      start_after=start_after, max_keys=limit, token=token or None)
@@ -120,8 +131,14 @@ async def list_versions(r: S3Request) -> Response:
     limit = max_keys(q)
     enc = encoder(q)
     b = r.objects.get_bucket(r.bucket)
+    kf = object_filter(r.principal, "object:list", r.bucket)
     if limit == 0:
         versions, prefixes, truncated, nk, nv = [], [], False, None, None
+    elif kf is not None:  # a bound bucket: only the keys the subject may list (docs/authz.md)
+        res = list_versions_filtered(r.objects, kf, r.bucket, prefix=prefix, delimiter=delimiter,
+                                     key_marker=key_marker, version_marker=version_marker, max_keys=limit)
+        versions, prefixes, truncated = res.versions, res.common_prefixes, res.truncated
+        nk, nv = res.next_key_marker, res.next_version_marker
     else:
         res = r.objects.list_versions(r.bucket, prefix=prefix, delimiter=delimiter, key_marker=key_marker,
                                       version_marker=version_marker, max_keys=limit)

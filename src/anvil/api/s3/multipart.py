@@ -34,6 +34,7 @@ from anvil.api.s3.request import (
     xml,
 )
 from anvil.errors import AnvilError
+from anvil.identity.gate import object_filter
 from anvil.objects import validation as v
 from anvil.objects.checksums import ALGORITHMS, COMPOSITE_ALGORITHMS, FULL_OBJECT_ALGORITHMS, new_checksum
 from anvil.objects.service import UploadListResult
@@ -211,6 +212,10 @@ async def list_uploads(r: S3Request) -> Response:
     if max_uploads:
         res = r.objects.list_uploads(r.bucket, prefix=prefix, delimiter=delimiter, key_marker=key_marker,
                                      upload_id_marker=id_marker, max_uploads=max_uploads)
+        kf = object_filter(r.principal, "object:list", r.bucket)
+        if kf is not None:  # a bound bucket: only the keys the subject may list (docs/authz.md)
+            res.uploads = [u for u in res.uploads if kf.allows(u["key"])]
+            res.common_prefixes = [p for p in res.common_prefixes if kf.any_under(p)]
     out = [X.element("Bucket", r.bucket), X.element("KeyMarker", enc(key_marker)),
            X.element("UploadIdMarker", id_marker)]
     if res.truncated:

@@ -19,7 +19,8 @@ from anvil.api.s3.body import BodyReader, message_too_long
 from anvil.api.s3.errors import S3Error, not_implemented
 from anvil.context import Principal, RequestContext
 from anvil.errors import AnvilError
-from anvil.identity import authorize
+from anvil.identity import authorize, gate
+from anvil.identity.gate import OBJECT_ACTIONS
 from anvil.objects.checksums import ALGORITHMS, content_md5_hex, digest_length, new_checksum
 
 if TYPE_CHECKING:
@@ -54,8 +55,10 @@ class S3Request:
             # Anonymous callers may only read public buckets; the same answer whether or not it exists.
             b = self.objects.find_bucket(bucket) if bucket else None
             if action in READ_ACTIONS and b is not None and b.public:
+                self._binding(action, bucket, key)
                 return
             if action == "object:read" and b is not None and key is not None and self._object_public(bucket, key):
+                self._binding(action, bucket, key)
                 return  # canned public-read on the object itself
             raise S3Error("AccessDenied", "Access Denied: anonymous access is limited to reads of public buckets",
                           403)
@@ -71,10 +74,19 @@ class S3Request:
             # 403 AccessDenied -- bucket names are global, so S3 does not hide that the bucket exists
             # (the native API does: it answers as for a missing bucket).
             if action == "object:read" and bucket and key is not None and self._object_public(bucket, key):
+                if getattr(e, "binding", False):
+                    raise  # a bucket binding refused it: public-read does not override the binding
                 return
             if e.code == "NotFound" and getattr(e, "denied", False):
                 raise S3Error("AccessDenied", "Access Denied", 403) from None
             raise
+
+    def _binding(self, action: str, bucket: str | None, key: str | None) -> None:
+        """A bound bucket decides objects by relationships even where public access let the request in."""
+        if bucket and key is not None and action in OBJECT_ACTIONS:
+            hook = gate._object_access
+            if hook is not None:
+                hook.check(self.principal, action, bucket, key)
 
     def _object_public(self, bucket: str, key: str) -> bool:
         try:
