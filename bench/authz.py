@@ -18,6 +18,9 @@ are random (document, user) pairs at the newest revision: a first pass (no answe
 shared row cache fills as it goes, as on a live server) and the same pairs again (answers
 cached). Lookups run with both caches emptied first.
 Targets (2 cores): check p99 <= 5 ms, >= 5,000 checks/s, lookup of 10,000 <= 500 ms.
+`listing_bound_bucket`: a bucket bound to relationships (--listing-keys objects, a user who sees
+10%), listed whole through the routes' listing code, keys decided by one lookup resources versus
+one check per key.
 Prints one JSON document.
 """
 
@@ -191,17 +194,75 @@ def run_http(store: Path, pairs: list[tuple[str, str]], bulk: list[tuple[str, st
             "bulk_100_checks_per_s": round(len(items) / bulk_wall)}
 
 
+def run_listing(anvil: Anvil, n_keys: int, rng: random.Random) -> dict[str, object]:
+    """A bound bucket of `n_keys` objects, a user who may see 10% of them: the whole listing (pages of
+    1000) through the listing code the routes use, deciding keys by one lookup-resources versus by one
+    check per key (docs/authz.md, "Listings by lookup"). Caches are emptied before each run."""
+    from anvil.api.access import BindingAccess, list_objects_filtered
+    from anvil.context import Principal
+
+    bucket = "listing-bench"
+    anvil.objects.create_bucket(CTX, bucket)
+    info = anvil.objects.store_bytes(b"x")
+    keys = [f"dir{i % 10}/doc{i:07d}.txt" for i in range(n_keys)]
+    for i in range(0, n_keys, 1000):
+        futures = [anvil.objects.submit_put_object(CTX, bucket, k, info) for k in keys[i:i + 1000]]
+        for f in futures:
+            f.result()
+    visible = sorted(rng.sample(keys, n_keys // 10))
+    from anvil.authz.binding import object_id
+
+    for i in range(0, len(visible), 1000):
+        anvil.authz.write_relationships(CTX, [{"operation": "touch", "relationship":
+                                               f"document:{object_id(bucket, k)}#viewer@user:lister"}
+                                              for k in visible[i:i + 1000]])
+    anvil.authz.put_binding(CTX, bucket, {"resource_type": "document", "read": "view", "write": "view"})
+    who = Principal(tenant=CTX.principal.tenant, subject="bench", scopes=("*",), acting_for="user:lister")
+    out: dict[str, object] = {"keys": n_keys, "visible": len(visible)}
+    for mode in ("lookup", "check"):
+        times = []
+        for _ in range(3):
+            anvil.authz.cache = type(anvil.authz.cache)()
+            anvil.authz.rows = type(anvil.authz.rows)()
+            s = time.perf_counter()
+            kf = BindingAccess(anvil, listing=mode).key_filter(who, "object:list", bucket)
+            got: list[str] = []
+            token = None
+            while True:
+                page = list_objects_filtered(anvil.objects, kf, bucket, prefix="", delimiter="", start_after="",
+                                             max_keys=1000, token=token)
+                got += [o.key for o in page.objects]
+                if not page.truncated:
+                    break
+                token = page.next_token
+            times.append((time.perf_counter() - s) * 1000)
+            assert got == visible, (mode, len(got), len(visible))
+        out[f"by_{mode}_ms"] = round(statistics.median(times), 1)
+    # The catalog walk alone (no decisions), for scale.
+    s = time.perf_counter()
+    token = None
+    while True:
+        res = anvil.objects.list_objects(bucket, max_keys=1000, token=token)
+        if not res.truncated:
+            break
+        token = res.next_token
+    out["unfiltered_listing_ms"] = round((time.perf_counter() - s) * 1000, 1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--relationships", type=int, default=1_000_000)
     ap.add_argument("--checks", type=int, default=20_000)
     ap.add_argument("--path", default=None, help="Store directory (default: a temporary one).")
     ap.add_argument("--quick", action="store_true", help="20,000 relationships and 2,000 checks (a smoke run).")
+    ap.add_argument("--listing-keys", type=int, default=20_000,
+                    help="Keys of the bound bucket the listing figure lists (a user sees 10%%; 0: skip).")
     ap.add_argument("--http-clients", type=int, default=4,
                     help="Also check through `anvil serve` with this many client threads (0: skip).")
     args = ap.parse_args()
     if args.quick:
-        args.relationships, args.checks = 20_000, 2_000
+        args.relationships, args.checks, args.listing_keys = 20_000, 2_000, 2_000
     os.environ.setdefault("ANVIL_ARGON2_FAST", "1")
     rng = random.Random(14)
     with tempfile.TemporaryDirectory(prefix="anvil-authz-bench-") as tmp:
@@ -228,6 +289,7 @@ def main() -> None:
                 res = anvil.authz.lookup_resources(DEV_PRINCIPAL, "document", "view", "user:star")
                 lookups.append((time.perf_counter() - s) * 1000)
                 found = len(res["resources"])
+            listing = run_listing(anvil, args.listing_keys, rng) if args.listing_keys > 0 else None
         finally:
             anvil.close()
         quarter = max(1, len(pairs) // 4)
@@ -242,7 +304,7 @@ def main() -> None:
     targets["all_met"] = all(t["met"] for t in targets.values())  # type: ignore[index]
     print(json.dumps({"benchmark": "authz", "quick": args.quick, "cpus": os.cpu_count(), "graph": graph,
                       "check_first_pass": cold, "check_repeat": warm, "check_http": http, "lookup_resources": lookup,
-                      "targets": targets}, indent=2))
+                      "listing_bound_bucket": listing, "targets": targets}, indent=2))
 
 
 if __name__ == "__main__":

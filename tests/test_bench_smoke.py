@@ -92,6 +92,9 @@ def test_authz_bench_quick_prints_every_figure() -> None:
     # The star user sees exactly the documents of its subtree.
     assert doc["lookup_resources"]["found"] == doc["graph"]["star_documents"]
     assert set(doc["targets"]) == {"check_p99_ms", "checks_per_s", "lookup_resources_ms", "all_met"}
+    # A bound bucket listed for a user who sees 10%: both ways of deciding keys list exactly those keys.
+    listing = doc["listing_bound_bucket"]
+    assert listing["visible"] == listing["keys"] // 10 and listing["by_lookup_ms"] > 0 and listing["by_check_ms"] > 0
 
 
 def test_personaldb_bench_quick_prints_every_figure() -> None:
