@@ -74,6 +74,111 @@ def bindings_digest(rows: list[tuple[str, str, str]]) -> str:
     return h.hexdigest()
 
 
+DECISIONS_PER_TENANT = 16
+MAX_DECISIONS = 64
+
+
+def _decision_point(conn: Connection) -> tuple[int, float]:
+    """The revision decisions are recorded at (the last authz write: every later revision answers the
+    same) and the instant they are evaluated at (that write's time, so that replays agree however
+    much later they run, even where relationships expire)."""
+    rev = int(conn.execute("SELECT max(revision) FROM authz_revisions").fetchone()[0] or 0)
+    row = conn.execute("SELECT ts FROM journal WHERE seq = ?", (rev,)).fetchone() if table_exists(
+        conn, "journal") else None
+    if row is None:
+        row = conn.execute("SELECT max(written) FROM authz_schemas").fetchone()
+    return rev, float(row[0] or 0.0) if row else 0.0
+
+
+def _decide(conn: Connection, schema: Any, tenant: str, rev: int, now: float, resource: str, permission: str,
+            subject: str) -> tuple[dict[str, Any], bool]:
+    """(the answer, whether it depended on an expiring relationship) of one check at (rev, now)."""
+    from anvil.authz.engine import COND, Engine, RowCache, Snapshot
+    from anvil.authz.service import parse_object, parse_subject
+
+    rtype, rid = parse_object(resource, "resource")
+    snap = Snapshot(conn, tenant, rev, now, RowCache(1000))
+    r = Engine(schema, snap, {}).check(rtype, rid, permission, parse_subject(subject))
+    out: dict[str, Any] = {"permissionship": r.name}
+    if r.state == COND:
+        out["missing_context"] = sorted(r.missing)
+    return out, snap.min_expiry != float("inf")
+
+
+def record_decisions(conn: Connection) -> dict[str, Any]:
+    """A deterministic sample of check decisions at the checkpoint revision (docs/authz.md, Recovery):
+    for evenly spaced live relationships, each permission of the resource's definition for that
+    relationship's subject (mostly granted) and for the subject of another sampled relationship (mostly
+    denied). The drill and `recovery validate` replay them at that exact revision."""
+    rev, now = _decision_point(conn)
+    checks: list[dict[str, Any]] = []
+    for tenant, (_srev, text, _d) in sorted(_schemas(conn).items()):
+        try:
+            schema = parse(text)
+        except AnvilError:
+            continue  # validate reports it
+        rows = [Relationship(*r) for r in conn.execute(
+            f"SELECT {_COLS} FROM authz_relationships WHERE tenant = ? AND created_rev <= ? AND "
+            "(deleted_rev IS NULL OR deleted_rev > ?) AND sid <> '*' "
+            "ORDER BY rtype, rid, relation, stype, sid, srel", (tenant, rev, rev))]
+        if not rows:
+            continue
+        step = max(1, len(rows) // DECISIONS_PER_TENANT)
+        picked = rows[::step][:DECISIONS_PER_TENANT]
+        for i, r in enumerate(picked):
+            d = schema.definitions.get(r.rtype)
+            if d is None:
+                continue
+            names = sorted(d.permissions) or [r.relation]
+            other = picked[(i + 1) % len(picked)]
+            subjects = [f"{r.stype}:{r.sid}" + (f"#{r.srel}" if r.srel else ""),
+                        f"{other.stype}:{other.sid}" + (f"#{other.srel}" if other.srel else "")]
+            for permission in [r.relation, *names[:2]]:
+                for subject in dict.fromkeys(subjects):
+                    if len(checks) >= MAX_DECISIONS:
+                        break
+                    resource = f"{r.rtype}:{r.rid}"
+                    try:
+                        answer, expiring = _decide(conn, schema, tenant, rev, now, resource, permission, subject)
+                    except AnvilError:
+                        continue
+                    checks.append({"tenant": tenant, "resource": resource, "permission": permission,
+                                   "subject": subject, "context": {}, "expiring": expiring, **answer})
+    # The same question may come up twice (two relationships of one resource): keep it once.
+    unique = list({json.dumps(c, sort_keys=True): c for c in checks}.values())
+    return {"revision": rev, "now": now, "checks": unique}
+
+
+def replay_decisions(conn: Connection, recorded: dict[str, Any]) -> list[str]:
+    """Each recorded decision asked again at its revision and instant: the differences, as sentences."""
+    rev, now = int(recorded.get("revision") or 0), float(recorded.get("now") or 0.0)
+    schemas: dict[str, Any] = {}
+    problems = []
+    for c in recorded.get("checks") or []:
+        tenant = c["tenant"]
+        if tenant not in schemas:
+            row = conn.execute("SELECT text FROM authz_schemas WHERE tenant = ? AND revision <= ? "
+                               "ORDER BY revision DESC LIMIT 1", (tenant, rev)).fetchone()
+            try:
+                schemas[tenant] = parse(row[0]) if row else None
+            except AnvilError:
+                schemas[tenant] = None
+        schema = schemas[tenant]
+        want = c["permissionship"]
+        if schema is None:
+            problems.append(f"check {c['resource']} {c['permission']} {c['subject']} (tenant {tenant}): the "
+                            f"schema at revision {rev} is missing or broken; recorded {want}")
+            continue
+        try:
+            got = _decide(conn, schema, tenant, rev, now, c["resource"], c["permission"], c["subject"])[0]
+        except AnvilError as e:
+            got = {"permissionship": f"error {e.code}: {e.message}"}
+        if got["permissionship"] != want or got.get("missing_context", []) != c.get("missing_context", []):
+            problems.append(f"check {c['resource']} {c['permission']} {c['subject']} (tenant {tenant}) at revision "
+                            f"{rev} answers {got['permissionship']}, recorded at backup {want}")
+    return problems
+
+
 def summary(conn: Connection) -> dict[str, Any]:
     if not table_exists(conn, "authz_schemas"):
         return {"tenants": 0, "schemas": 0, "caveats": 0, "relationships": 0, "rows": 0, "revision": 0,
@@ -85,6 +190,7 @@ def summary(conn: Connection) -> dict[str, Any]:
         n_schemas = int(conn.execute("SELECT count(*) FROM authz_schemas").fetchone()[0])
         head = conn.execute("SELECT max(seq) FROM journal").fetchone()[0] if table_exists(conn, "journal") else 0
         bindings = _bindings(conn)
+        decisions = record_decisions(conn)
     caveats = 0
     per_tenant: dict[str, dict[str, Any]] = {}
     for tenant, (_rev, text, _d) in schemas.items():
@@ -101,6 +207,7 @@ def summary(conn: Connection) -> dict[str, Any]:
         "digest": digest({t: s[1] for t, s in schemas.items()}, [(t, r.text()) for t, r in live]),
         "per_tenant": per_tenant,
         "bindings": len(bindings), "bindings_digest": bindings_digest([(b[0], b[1], b[3]) for b in bindings]),
+        "decisions": decisions,
     }
 
 
@@ -129,7 +236,7 @@ class AuthzParticipant(Participant):
     def validate(self, ctx: RecoveryContext, recorded: dict[str, Any] | None = None) -> list[Finding]:
         findings: list[Finding] = []
         ctx.checked.update({"authz.schema_invalid", "authz.relationship_invalid", "authz.revision_inconsistent",
-                            "authz.summary_differs", "authz.binding_invalid"})
+                            "authz.summary_differs", "authz.binding_invalid", "authz.decision_differs"})
 
         def add(f: Finding) -> None:
             if len(findings) < MAX_FINDINGS:
@@ -186,6 +293,10 @@ class AuthzParticipant(Participant):
             add(self.finding("error", "authz revisions",
                              f"{bad_revs} relationship rows deleted before they were created, {missing_revs} "
                              "created at a revision with no recorded write", "authz.revision_inconsistent"))
+        if recorded and isinstance(recorded.get("decisions"), dict):
+            differ = replay_decisions(conn, recorded["decisions"])
+            for text in differ:
+                add(self.finding("error", "authz decision", text, "authz.decision_differs"))
         now = summary(conn)
         ctx.stats["authz"] = {k: now[k] for k in ("tenants", "relationships", "rows", "caveats")}
         if recorded:
@@ -198,7 +309,10 @@ class AuthzParticipant(Participant):
         if not findings:
             findings.append(self.finding("info", "authz", f"{now['tenants']} schemas parse; {now['relationships']} "
                                                           "relationships are valid under them"
-                                         + ("; counts and digest match the manifest" if recorded else "")))
+                                         + ("; counts and digest match the manifest" if recorded else "")
+                                         + (f"; {len(recorded['decisions']['checks'])} check decisions recorded at "
+                                            f"backup answer the same at revision {recorded['decisions']['revision']}"
+                                            if recorded and isinstance(recorded.get("decisions"), dict) else "")))
         return findings
 
     def smoke(self, client: Any, ctx: RecoveryContext, recorded: dict[str, Any] | None = None) -> list[Finding]:
@@ -244,7 +358,32 @@ class AuthzParticipant(Participant):
             if res["permissionship"] != "has_permission":
                 findings.append(self.finding("error", f"check {r.text()}",
                                              f"a direct relationship answers {res['permissionship']}"))
+        decisions = (recorded or {}).get("decisions")
+        replayed = 0
+        if isinstance(decisions, dict) and decisions.get("checks"):
+            # Through the public API, at exactly the recorded revision. Decisions that depended on an
+            # expiring relationship are left to `validate`, which replays them at the recorded instant.
+            token = f"z1.{int(decisions['revision'])}.{client.health()['deployment_id']}"
+            for c in decisions["checks"]:
+                if c.get("expiring"):
+                    continue
+                try:
+                    res = client.authz_check(c["resource"], c["permission"], c["subject"], tenant=c["tenant"],
+                                             context=c.get("context") or None,
+                                             consistency={"at_exact_snapshot": token})
+                except (AnvilAPIError, AnvilError) as e:
+                    res = {"permissionship": f"error {getattr(e, 'code', '')}"}
+                replayed += 1
+                if res["permissionship"] != c["permissionship"]:
+                    findings.append(self.finding(
+                        "error", f"check {c['resource']} {c['permission']} {c['subject']}",
+                        f"replayed at revision {decisions['revision']} it answers {res['permissionship']}, recorded "
+                        f"at backup {c['permissionship']}", "authz.decision_differs", {"tenant": c["tenant"]}))
         if not findings:
             findings.append(self.finding("info", "authz", f"{len(schemas)} schemas and {len(seen)} relationships read "
                                                           f"back match the digest; {len(sampled)} checks agree"))
+            if replayed:
+                findings.append(self.finding("info", "authz decisions",
+                                             f"{replayed} check decisions recorded at backup answer the same at "
+                                             f"revision {decisions['revision']}"))
         return findings
