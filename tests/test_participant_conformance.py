@@ -68,6 +68,8 @@ def _populate(root: Path) -> None:
             "doc:gone#viewer@user:amy")])
         a.authz.write_relationships(ctx, [{"operation": "delete", "relationship": "doc:gone#viewer@user:amy"},
                                           {"operation": "touch", "relationship": "doc:last#viewer@user:carl"}])
+        # A bucket binding (object access through relationships, docs/authz.md).
+        a.authz.put_binding(ctx, "conf-a", {"resource_type": "doc", "read": "view", "write": "viewer"})
         record(a.storage.catalog, make_finding("diagnostics", "warning", "conformance.seeded", "seeded", {}),
                actor=ctx.actor, request_id=ctx.request_id)
         _populate_artefacts(a, ctx)
