@@ -104,6 +104,8 @@ def test_binding_round_trip_errors_and_cli(admin: AnvilClient, server: AnvilServ
     kinds = [e["kind"] for e in _until(admin.watch(kinds="authz.*", after=0, heartbeat=1),
                                        lambda e: "folder:marker" in json.dumps(e.get("updates")))]
     assert "authz.binding.put" in kinds and "authz.binding.delete" in kinds
+    assert any(e.get("binding", {}).get("list") == "viewer" for e in _until(
+        admin.watch(kinds="authz.*", after=0, heartbeat=1), lambda e: "folder:marker" in json.dumps(e.get("updates"))))
     # A bucket deleted and made again starts unbound.
     admin.delete_bucket(b)
     admin.create_bucket(b)
@@ -265,6 +267,13 @@ def test_s3_get_list_and_writes_use_the_session_token_subject(world, server: Anv
     denied(lambda: amy.copy_object(Bucket=b, Key=AMY_KEYS[0], CopySource={"Bucket": b, "Key": BOB_KEYS[0]}))
     denied(lambda: amy.create_multipart_upload(Bucket=b, Key=BOB_KEYS[0]))
     amy.put_object(Bucket=b, Key=AMY_KEYS[1], Body=_doc(AMY_KEYS[1]), ContentType="application/json")
+    # Presigned URLs carry the session token in the query: the subject decides there too.
+    import httpx
+
+    assert httpx.get(amy.generate_presigned_url("get_object", Params={"Bucket": b, "Key": AMY_KEYS[0]})
+                     ).status_code == 200
+    assert httpx.get(amy.generate_presigned_url("get_object", Params={"Bucket": b, "Key": BOB_KEYS[0]})
+                     ).status_code == 403
     # A session token of another application (or a forged one) is refused.
     with pytest.raises(ClientError) as e:
         boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",

@@ -215,6 +215,8 @@ def project(ev: Event) -> WatchEvent:
     elif ev.kind.startswith("authz."):
         # The revision is the consistency token's position; updates are the relationships changed.
         data.update(revision=p.get("revision"), updates=p.get("updates"), schema_digest=p.get("digest"))
+        if "binding" in p:  # authz.binding.put: the bucket's new binding (docs/authz.md, "Object access")
+            data["binding"] = p["binding"]
     elif ev.kind.startswith("watch."):
         for name in ("consumer", "cursor", "through_seq", "deleted"):
             if name in p:
