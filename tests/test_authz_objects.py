@@ -26,10 +26,14 @@ caveat ip_allowlist(client_ip ipaddress, allowed list<string>) {
     allowed.exists(cidr, client_ip.in_cidr(cidr))
 }
 
+caveat until_time(now timestamp, until timestamp) {
+    now < until
+}
+
 definition document {
     relation folder: folder
     relation owner: user
-    relation viewer: user | user with ip_allowlist
+    relation viewer: user | user with ip_allowlist | user with until_time
     permission view = viewer + owner + folder->view
     permission edit = owner
 }
@@ -142,7 +146,7 @@ def world(admin: AnvilClient, server: AnvilServer):
     svc.create_index(b, {"name": "docs", "kind": "full-text", "selector": {"prefix": ""},
                          "fields": {"title": {"source": "json:/title", "type": "text"},
                                     "body": {"source": "json:/body", "type": "text"}}})
-    for key in AMY_KEYS + BOB_KEYS + SHARED + ["vpn.json"]:
+    for key in AMY_KEYS + BOB_KEYS + SHARED + ["vpn.json", "timed.json"]:
         cursor = svc.put_object(b, key, _doc(key), content_type="application/json")
     svc.authz_write([f"document:{object_id(b, k)}#owner@user:amy" for k in AMY_KEYS]
                     + [f"document:{object_id(b, k)}#owner@user:bob" for k in BOB_KEYS]
@@ -150,7 +154,11 @@ def world(admin: AnvilClient, server: AnvilServer):
                        f"document:{object_id(b, SHARED[0])}#folder@folder:shared",
                        f"document:{object_id(b, SHARED[1])}#folder@folder:sub",
                        f'document:{object_id(b, "vpn.json")}#viewer@user:amy'
-                       '[ip_allowlist:{"allowed":["127.0.0.2/32"]}]'])
+                       '[ip_allowlist:{"allowed":["127.0.0.2/32"]}]',
+                       f'document:{object_id(b, "timed.json")}#viewer@user:carl'
+                       '[until_time:{"until":"2100-01-01T00:00:00Z"}]',
+                       f'document:{object_id(b, "timed.json")}#viewer@user:dan'
+                       '[until_time:{"until":"2000-01-01T00:00:00Z"}]'])
     svc.authz_bind_bucket(b, BINDING)
     amy = AnvilClient(server.endpoint, client_id=cid, client_secret=secret, subject="user:amy")
     bob = AnvilClient(server.endpoint, client_id=cid, client_secret=secret, subject="user:bob")
@@ -224,6 +232,18 @@ def test_caveated_relationship_allows_only_from_the_allowed_address(world, serve
         listed = c.get(f"{server.endpoint}/anvil/v1/buckets/{b}/objects", headers=headers).json()
         assert "vpn.json" in [o["key"] for o in listed["objects"]]
     assert "vpn.json" not in _keys(world["amy"], b)
+
+
+def test_time_window_caveat_gets_the_server_clock_as_now(world, server: AnvilServer) -> None:
+    b = world["bucket"]
+    with AnvilClient(server.endpoint, client_id=world["cid"], client_secret=world["secret"],
+                     subject="user:carl") as carl, \
+            AnvilClient(server.endpoint, client_id=world["cid"], client_secret=world["secret"],
+                        subject="user:dan") as dan:
+        assert carl.get_object(b, "timed.json") == _doc("timed.json")
+        assert _keys(carl, b) == ["timed.json"]
+        assert _code(lambda: dan.get_object(b, "timed.json")) == "PermissionDenied"
+        assert _keys(dan, b) == []
 
 
 def test_s3_get_list_and_writes_use_the_session_token_subject(world, server: AnvilServer) -> None:
