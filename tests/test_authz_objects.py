@@ -90,6 +90,10 @@ def test_binding_round_trip_errors_and_cli(admin: AnvilClient, server: AnvilServ
             admin.authz_bind_bucket(b, bad)
         assert e.value.code == "InvalidArgument" and needle in e.value.message, (bad, e.value.message)
     assert admin.authz_bucket_binding(b)["binding"]["write"] == "edit"
+    # The schema cannot drop what a binding names.
+    with pytest.raises(AnvilAPIError) as e:
+        admin.authz_write_schema(SCHEMA.replace("    permission edit = owner\n", ""))
+    assert e.value.code == "PreconditionFailed" and f"bucket {b}" in e.value.message and "edit" in e.value.message
     with pytest.raises(AnvilAPIError) as e:
         admin.authz_bind_bucket("no-such-bucket-zz", BINDING)
     assert e.value.code == "NotFound"

@@ -270,7 +270,12 @@ class AuthzParticipant(Participant):
                 add(self.finding("error", f"relationship {r.text()}", f"not valid under its tenant's schema: "
                                                                       f"{e.message}",
                                  "authz.relationship_invalid", {"tenant": tenant}))
-        for bucket, tenant, _created, text in _bindings(conn):
+        has_buckets = table_exists(conn, "buckets")
+        for bucket, tenant, created, text in _bindings(conn):
+            row = conn.execute("SELECT created FROM buckets WHERE name = ?", (bucket,)).fetchone() if has_buckets \
+                else None
+            if row is None or float(row[0]) != created:
+                continue  # the bucket was deleted (or made again): the binding binds nothing
             try:
                 b = binding_from_json(text)
                 d = parsed[tenant].definitions.get(b.resource_type) if tenant in parsed else None

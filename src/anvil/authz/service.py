@@ -293,6 +293,7 @@ class AuthzService:
         def fn(txn: Txn) -> dict[str, Any]:
             rev = txn.next_seq
             _check_orphans(txn.conn, tenant, schema, txn.now)
+            _check_bindings(txn.conn, tenant, schema, self._binding_live)
             txn.conn.execute("INSERT INTO authz_schemas(tenant, revision, text, digest, written) VALUES (?,?,?,?,?)",
                              (tenant, rev, schema.text, schema_digest(schema.text), txn.now))
             txn.conn.execute("INSERT INTO authz_revisions(tenant, revision, kind) VALUES (?,?,?)",
@@ -624,6 +625,10 @@ class AuthzService:
             self._bindings = cached
         return cached
 
+    def _binding_live(self, bucket: str, created: float) -> bool:
+        b = self._find_bucket(bucket) if self._find_bucket is not None else None
+        return b is not None and b.created == created
+
     def binding_of(self, bucket: str, created: float) -> tuple[str, bnd.Binding] | None:
         """The (tenant, binding) of the bucket created at `created`, or None (unbound). In memory:
         it runs on every object request."""
@@ -812,6 +817,29 @@ def _check_orphans(conn: Connection, tenant: str, schema: Schema, now: float) ->
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise AnvilError("PreconditionFailed", "the schema change would orphan existing relationships (delete "
                                                f"them first): {shown}")
+
+
+def _check_bindings(conn: Connection, tenant: str, schema: Schema, live: Callable[[str, float], bool]) -> None:
+    """Refuse a schema under which a bucket binding would name a missing definition or permission (the
+    bucket would refuse every object request): unbind or rebind first. Bindings of buckets since
+    deleted (or made again) bind nothing and are skipped."""
+    problems = []
+    for bucket, created, text in conn.execute(
+            "SELECT bucket, bucket_created, binding FROM authz_bindings WHERE tenant = ? ORDER BY bucket", (tenant,)):
+        if not live(bucket, float(created)):
+            continue
+        b = bnd.binding_from_json(text)
+        d = schema.definitions.get(b.resource_type)
+        if d is None:
+            problems.append(f"bucket {bucket} binds objects to {b.resource_type!r}, which the schema no longer defines")
+            continue
+        gone = sorted({b.permission(op) for op in bnd.OPERATIONS if not d.has(b.permission(op))})
+        if gone:
+            problems.append(f"bucket {bucket} binds object operations to {', '.join(gone)} of {b.resource_type!r}, "
+                            "which the schema no longer has")
+    if problems:
+        raise AnvilError("PreconditionFailed", "the schema change would break bucket bindings (unbind or rebind "
+                                               f"them first): {'; '.join(problems[:5])}")
 
 
 def _encode_cursor(rev: int, key: list[str], svc: AuthzService) -> str:
