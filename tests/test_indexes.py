@@ -414,3 +414,38 @@ def test_hnsw_graph_is_loaded_on_restart_and_rebuilt_when_corrupt(tmp_path: Path
             assert c.get_index(bucket, "vec")["status"]["hnsw"]["opened"] == "loaded"
     finally:
         srv.stop()
+
+
+def test_bucket_delete_drops_its_index_definitions_journaled(server: AnvilServer, client: AnvilClient) -> None:
+    """Definitions are bucket configuration (like lifecycle rules): deleting the (empty) bucket, natively
+    or through S3, drops them with one index.drop event each, the builder removes their files, and a
+    new bucket of the same name starts with no indexes."""
+    s3 = s3_client(server)
+    for via in ("native", "s3"):
+        b = unique_bucket(f"ixdel-{via}")
+        client.create_bucket(b)
+        put_json(client, b, "docs/a", {"title": "gone soon", "year": 1})
+        client.create_index(b, TEXT_DEF)
+        client.create_index(b, {**VEC_DEF, "selector": {"prefix": "v/"}})
+        client.search(b, "docs", text="gone", min_cursor=client.health()["journal"]["seq"], wait_ms=10_000)
+        files = server.storage_path / "indexes" / b
+        assert files.is_dir()
+        with pytest.raises(AnvilAPIError) as e:  # not empty yet: S3 semantics, and the definitions stay
+            client.delete_bucket(b)
+        assert e.value.code == "BucketNotEmpty"
+        assert {d["name"] for d in client.list_indexes(b)} == {"docs", "vec"}
+        client.delete_object(b, "docs/a")
+        if via == "native":
+            client.delete_bucket(b)
+        else:
+            s3.delete_bucket(Bucket=b)
+        events = client._json("GET", "/anvil/v1/admin/journal", params={"after": 0, "limit": 100000})["events"]
+        tail = [(ev["kind"], ev["payload"].get("name")) for ev in events[-3:]]
+        assert tail == [("index.drop", "docs"), ("index.drop", "vec"), ("bucket.delete", None)], tail
+        client.create_bucket(b)
+        assert client.list_indexes(b) == []
+        deadline = time.monotonic() + 20
+        while files.exists() and any(files.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not files.exists() or not any(files.iterdir()), list(files.iterdir())
+        client.delete_bucket(b)

@@ -258,6 +258,24 @@ class ArtefactService:
             raise
         return self.store_component(ctx, bucket, w, expected_sha256)
 
+    def bucket_deleting(self, txn: Txn, bucket: str, tenant: str) -> None:
+        """A bucket holding artefacts (manifests or tags) is not deleted: manifests are source records
+        that reference their components, and deleting them silently would break every pull and
+        backup validation of them. Components uploaded but named by no manifest only prove
+        possession to this bucket: they go with it (one `artefact.uploads_drop` event), so a later
+        bucket of the same name cannot reference them."""
+        c = txn.conn
+        manifests = c.execute("SELECT count(*) FROM artefacts WHERE bucket = ? AND tenant = ?",
+                              (bucket, tenant)).fetchone()[0]
+        tags = c.execute("SELECT count(*) FROM artefact_tags WHERE bucket = ?", (bucket,)).fetchone()[0]
+        if manifests or tags:
+            raise AnvilError("BucketNotEmpty", f"bucket holds artefacts ({manifests} manifests, {tags} tags); "
+                             "artefacts cannot be deleted, so neither can their bucket")
+        n = c.execute("SELECT count(*) FROM artefact_uploads WHERE bucket = ?", (bucket,)).fetchone()[0]
+        if n:
+            c.execute("DELETE FROM artefact_uploads WHERE bucket = ?", (bucket,))
+            txn.emit(tenant, "artefact.uploads_drop", bucket, {"bucket": bucket, "uploads": n})
+
     def _held_by_bucket(self, conn: Connection, bucket: str, sha256: str) -> bool:
         return any(conn.execute(f"SELECT 1 FROM {table} WHERE bucket = ? AND sha256 = ? LIMIT 1",
                                 (bucket, sha256)).fetchone() is not None
