@@ -456,6 +456,15 @@ def test_witness_key_rotation_keeps_old_certificates_verifiable(server: AnvilSer
         group, 0, client.pdb_get(group)["genesis"], certificates_only=True)["entries"]]
     assert res["head_index"] == 2 and chain[0] in before and chain[1] == rotated["key_id"]
     assert a.verify()["head_index"] == 2
+    # The CLI rotates too; the replica follows, the old certificates keep verifying.
+    out = json.loads(server.cli("pdb", "key", "rotate", "--json").stdout)
+    assert out["key_id"] not in before | {rotated["key_id"]}
+    listed = json.loads(server.cli("pdb", "keys", "--json").stdout)
+    assert {k["key_id"] for k in listed if k["retired"] is None} == {out["key_id"]}
+    assert rotated["key_id"] in {k["key_id"] for k in listed if k["retired"] is not None}
+    a.execute("INSERT INTO notes(id, owner, body) VALUES (3, 'a', 'third key')")
+    a.sync()
+    assert certs.verify_group(client, group)["head_index"] == 3 and a.verify()["head_index"] == 3
     # Not an admin: refused.
     tenant = f"r{uuid.uuid4().hex[:8]}"
     client.create_tenant(tenant)
