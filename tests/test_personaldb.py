@@ -514,3 +514,64 @@ def test_projection_write_back_policy(client: AnvilClient, group: str, tmp_path:
     a.sync()
     assert rows(a) == [(1, "bob", "edited", 0), (2, "ann", "two", 0)]
     a.close()
+
+
+def test_batch_commit_chains_entries_in_one_request_all_or_nothing(server: AnvilServer, client: AnvilClient,
+                                                                     group: str, tmp_path: Path) -> None:
+    """`commits/batch`: each changeset is its own certified entry chained on the one before, all in one
+    transaction; any refusal writes none; a retry returns the same entries. A replica with many pending
+    changesets syncs through it, and another replica converges."""
+    g = client.pdb_get(group)
+    keys = {k["key_id"]: k["public"] for k in client.pdb_keys()}
+    sets = [local_changeset(tmp_path, f"INSERT INTO notes(id, owner, body) VALUES ({i}, 'b', 'n{i}')")
+            for i in range(1, 6)]
+    items = [(cs, f"bk{i}") for i, cs in enumerate(sets)]
+    entries = client.pdb_commit_batch(group, items, base_index=0, base_hash=g["genesis"])
+    prev = g["genesis"]
+    for i, (e, cs) in enumerate(zip(entries, sets, strict=True), start=1):
+        body = certs.verify_entry(e["certificate"], keys, group=group, prev_hash=prev, index=i, changeset=cs)
+        prev = body["hash"]
+    head = (5, prev)
+    assert (client.pdb_get(group)["head_index"], client.pdb_get(group)["head_hash"]) == head
+    # A retry after a lost answer: the same entries, nothing appended.
+    again = client.pdb_commit_batch(group, items, base_index=0, base_hash=g["genesis"])
+    assert [e["hash"] for e in again] == [e["hash"] for e in entries] and all(e["idempotent_replay"] for e in again)
+
+    def refused(code: str, batch: list, base: tuple[int, str] = head) -> None:
+        before = len(client._json("GET", "/anvil/v1/admin/journal", params={"after": 0, "limit": 100000})["events"])
+        with pytest.raises(AnvilAPIError) as err:
+            client.pdb_commit_batch(group, batch, base_index=base[0], base_hash=base[1])
+        assert err.value.code == code, err.value
+        assert (client.pdb_get(group)["head_index"], client.pdb_get(group)["head_hash"]) == head
+        after = client._json("GET", "/anvil/v1/admin/journal", params={"after": 0, "limit": 100000})["events"]
+        assert [e["kind"] for e in after[before:]] == [], "a refused batch wrote something"
+
+    good = local_changeset(tmp_path, "INSERT INTO notes(id, owner, body) VALUES (10, 'b', 'ok')")
+    other = local_changeset(tmp_path, "INSERT INTO secrets(id, v) VALUES (1, 'x')",
+                            schema="CREATE TABLE secrets(id INTEGER PRIMARY KEY, v TEXT)")
+    refused("PersonalDbUnknownTable", [(good, None), (other, None)])  # the second is bad: neither lands
+    refused("PersonalDbInvalidChangeset", [(good, None), (b"not a changeset", None)])
+    refused("PersonalDbStaleBase", [(good, None)], base=(4, entries[3]["hash"]))
+    refused("IdempotencyMismatch", [(good, "bk0")])
+    with pytest.raises(AnvilAPIError) as err:
+        client._json("POST", f"/anvil/v1/pdb/groups/{group}/commits/batch",
+                     json={"base_index": 5, "base_hash": head[1], "changesets": []})
+    assert err.value.code == "InvalidArgument"
+    with pytest.raises(AnvilAPIError) as err:
+        client._json("POST", f"/anvil/v1/pdb/groups/{group}/commits/batch",
+                     json={"base_index": 5, "base_hash": head[1], "changesets": [{"changeset": "%%%"}]})
+    assert err.value.code == "PersonalDbInvalidChangeset"
+
+    # A replica offline with many local transactions sends them as batches, each its own entry.
+    a = replica(tmp_path, client, group, "a")
+    for i in range(100, 400):
+        a.execute("INSERT INTO notes(id, owner, body) VALUES (?, 'a', ?)", (i, f"offline {i}"))
+    assert a.pending() == 300
+    res = a.sync()
+    assert res["submitted"] == 300 and a.head[0] == 305 and a.pending() == 0
+    assert a.verify()["head_index"] == 305
+    b = replica(tmp_path, client, group, "b")
+    assert b.head == a.head and b.state_hash() == a.state_hash()
+    assert certs.verify_group(client, group)["head_index"] == 305
+    for r in (a, b):
+        r.close()
