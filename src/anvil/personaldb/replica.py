@@ -25,6 +25,7 @@ changes are re-applied on top of newer commits; the default `local_wins`:
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import secrets
 import shutil
@@ -276,22 +277,37 @@ class Replica:
         return self._pull_and_rebase()
 
     def _fetch(self) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-        """Verified entries after the local head, or a snapshot to load first."""
+        """Verified entries after the local head, or a snapshot to load first.
+
+        The next page is requested (on a helper thread) as soon as a page arrives, after the last
+        entry it names, while this thread verifies the page: the server's work and the wire overlap
+        verification. Naming an unverified entry is safe: the next page is verified against the
+        hash this page's verification reached, so a wrong link fails there."""
         out: list[dict[str, Any]] = []
         index, h = self.head
-        while True:
-            page = self.client.pdb_catch_up(self.group, index, h, limit=self.page)
-            if page["status"] == "snapshot_required":
-                return out, page
-            for e in page["entries"]:
-                cs = _b64(e["changeset"])
-                body = self._verify(e["certificate"], prev_hash=h, index=index + 1, changeset=cs)
-                out.append({"index": body["index"], "hash": body["hash"], "kind": body["entry_kind"],
-                            "schema_version": body["schema_version"], "changeset": cs,
-                            "certificate": e["certificate"]})
-                index, h = body["index"], body["hash"]
-            if not page["more"] or not page["entries"]:
-                return out, None
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="anvil-pdb-fetch") as pool:
+            nxt = pool.submit(self.client.pdb_catch_up, self.group, index, h, limit=self.page)
+            while True:
+                page = nxt.result()
+                if page["status"] == "snapshot_required":
+                    return out, page
+                entries = page["entries"]
+                more = bool(page["more"] and entries)
+                if more:
+                    last = entries[-1]
+                    nxt = pool.submit(self.client.pdb_catch_up, self.group, last.get("index"), last.get("hash"),
+                                      limit=self.page)
+                for e in entries:
+                    cs = _b64(e["changeset"])
+                    body = self._verify(e["certificate"], prev_hash=h, index=index + 1, changeset=cs)
+                    out.append({"index": body["index"], "hash": body["hash"], "kind": body["entry_kind"],
+                                "schema_version": body["schema_version"], "changeset": cs,
+                                "certificate": e["certificate"]})
+                    index, h = body["index"], body["hash"]
+                if not more:
+                    return out, None
+                if (last.get("index"), last.get("hash")) != (index, h):
+                    raise certs.CertificateInvalid("a catch-up page does not end at the entry it certifies")
 
     def _verify(self, cert: Any, *, prev_hash: str, index: int, changeset: bytes | None) -> dict[str, Any]:
         """One certificate in its place; a key id not seen yet (a rotation) refetches the keys once."""
