@@ -575,3 +575,56 @@ def test_batch_commit_chains_entries_in_one_request_all_or_nothing(server: Anvil
     assert certs.verify_group(client, group)["head_index"] == 305
     for r in (a, b):
         r.close()
+
+
+def test_projection_subscribers_follow_changes_like_group_replicas(client: AnvilClient, group: str,
+                                                                    tmp_path: Path) -> None:
+    """A ProjectionReplica starts from the projection's file, then applies the changeset each source
+    entry made to the projection; a head the change log does not know makes it load the file again."""
+    from anvil.personaldb import ProjectionReplica
+
+    a = replica(tmp_path, client, group, "a")
+    a.execute("INSERT INTO notes(id, owner, body) VALUES (1, 'bob', 'one'), (2, 'ann', 'two')")
+    a.sync()
+    name = gname("sub")
+    client.pdb_create_projection(name, group, {"tables": [
+        {"from": "notes", "to": "bobs", "columns": {"id": "id", "body": "text"},
+         "filter": {"equals": {"owner": "bob"}}}]})
+    p = ProjectionReplica(tmp_path / "bobs.sqlite", client, name)
+    assert p.query("SELECT * FROM bobs ORDER BY id") == [(1, "one")] and p.head[0] == 1 and p.reloads == 1
+
+    # Commits of every kind: into the filter, out of it, a delete, one the projection does not show.
+    a.execute("INSERT INTO notes(id, owner, body) VALUES (3, 'bob', 'three')")
+    a.sync()
+    a.execute("UPDATE notes SET owner = 'ann' WHERE id = 1")
+    a.sync()
+    a.execute("UPDATE notes SET body = 'TWO' WHERE id = 2")
+    a.sync()
+    a.execute("INSERT INTO tags VALUES (3, 'x')")
+    a.execute("DELETE FROM notes WHERE id = 3")
+    a.execute("INSERT INTO notes(id, owner, body) VALUES (4, 'bob', 'four')")
+    a.sync()
+    head = a.head
+    client.pdb_projection_data(name, source_index=head[0])  # waits until the projector has applied them
+    res = p.sync()
+    assert res["applied"] == head[0] - 1 and res["reloaded"] == 0 and tuple(res["head"]) == head
+    assert p.query("SELECT * FROM bobs ORDER BY id") == [(4, "four")]
+    assert p.verify()["matches"] is True
+    first = client.pdb_catch_up(group, 0, client.pdb_get(group)["genesis"], certificates_only=True)["entries"][0]
+    changes = client.pdb_projection_changes(name, 1, first["hash"])
+    assert changes["status"] == "ok" and [e["source_index"] for e in changes["entries"]] == list(range(2, head[0] + 1))
+
+    # A head the change log does not know (as after a projection rebuild): the file is loaded again.
+    p.db.execute("UPDATE _anvil_projection SET v = ? WHERE k = 'source_hash'", ("0" * 64,))
+    res = p.sync()
+    assert res["reloaded"] == 1 and tuple(res["head"]) == head and p.verify()["matches"] is True
+    assert client.pdb_projection_changes(name, 1, "0" * 64)["status"] == "snapshot_required"
+    for bad in ({"after_index": -1, "after_hash": "0" * 64}, {"after_index": 1, "after_hash": "xyz"}):
+        with pytest.raises(AnvilAPIError) as e:
+            client._json("GET", f"/anvil/v1/pdb/projections/{name}/changes", params=bad)
+        assert e.value.code == "InvalidArgument"
+    with pytest.raises(AnvilAPIError) as e:
+        client.pdb_projection_changes(gname("none"), 1, "0" * 64)
+    assert e.value.code == "NotFound"
+    p.close()
+    a.close()

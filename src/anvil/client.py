@@ -1236,6 +1236,12 @@ class AnvilClient:
         return self._request("GET", "/anvil/v1/pdb/projections/" + urllib.parse.quote(name, safe="") + "/data",
                              params=params, timeout=None).content
 
+    def pdb_projection_changes(self, name: str, after_index: int, after_hash: str, *,
+                               limit: int = 1000) -> dict[str, Any]:
+        """The projection's changesets after source entry (index, hash), or status `snapshot_required`."""
+        return self._json("GET", "/anvil/v1/pdb/projections/" + urllib.parse.quote(name, safe="") + "/changes",
+                          params={"after_index": after_index, "after_hash": after_hash, "limit": limit})
+
     def pdb_write_back(self, projection: str, changeset: bytes) -> dict[str, Any]:
         """Send a changeset made on a copy of the projection back to its source group (if its policy allows)."""
         return self._json("POST", "/anvil/v1/pdb/projections/" + urllib.parse.quote(projection, safe="") +

@@ -266,6 +266,9 @@ OPERATIONS += [
      [], False, False),
     ("get", "/anvil/v1/pdb/projections/{name}/data", "pdbProjectionData",
      "The projection's zstd-compressed SQLite file", [_q("source_index", "integer")], False, False),
+    ("get", "/anvil/v1/pdb/projections/{name}/changes", "pdbProjectionChanges",
+     "The projection's changesets after source entry (after_index, after_hash), or snapshot_required",
+     [_q("after_index", "integer"), _q("after_hash"), _q("limit", "integer")], False, False),
     ("post", "/anvil/v1/pdb/projections/{name}/writeback", "pdbWriteBack",
      "Send a projection-side changeset back to the source, under the write-back policy", [], False, True),
 ]

@@ -235,6 +235,15 @@ async def projection_data(request: Request, ctx: RequestContext) -> Response:
 
 
 @endpoint
+async def projection_changes(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    q = request.query_params
+    return JSONResponse(await blocking(_pdb(request).projection_changes, ctx.principal, request.path_params["name"],
+                                       query_int(request, "after_index", 0), q.get("after_hash", ""),
+                                       limit=query_int(request, "limit", 1000)))
+
+
+@endpoint
 async def projection_write_back(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
     check_recovery(request)
@@ -260,6 +269,7 @@ PERSONALDB_ROUTES = [
     Route(P + "/projections", create_projection, methods=["POST"]),
     Route(P + "/projections/{name}", get_projection, methods=["GET"]),
     Route(P + "/projections/{name}/data", projection_data, methods=["GET"]),
+    Route(P + "/projections/{name}/changes", projection_changes, methods=["GET"]),
     Route(P + "/projections/{name}/writeback", projection_write_back, methods=["POST"]),
     Route("/anvil/v1/admin/pdb/keys/rotate", rotate_key, methods=["POST"]),
 ]

@@ -26,6 +26,7 @@ changes are re-applied on top of newer commits; the default `local_wins`:
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import secrets
 import shutil
@@ -451,3 +452,113 @@ def _dump(cert: dict[str, Any]) -> str:
 
 
 _ = shutil
+
+
+class ProjectionReplica:
+    """A local, read-only copy of a projection, kept in step the way a `Replica` follows its group:
+
+        p = ProjectionReplica("shared.db", AnvilClient(...), "shared")
+        p.sync()                       # apply the projection's changes since the local source entry
+        p.query("SELECT * FROM visible")
+
+    It starts from the projection's file and then applies, in source order, the changeset each source
+    entry made to the projection (`GET .../projections/NAME/changes`). When the server answers
+    `snapshot_required` (the projection was rebuilt, or the replica is further behind than the
+    change log reaches) it loads the file again. A `pdb.projection.update` watch event is the cue to
+    call `sync()`. Projections have no certificate chain: `verify()` compares the local state hash
+    with the server's. Writes go back through `client.pdb_write_back`, never into this file."""
+
+    META = "_anvil_projection"
+
+    def __init__(self, path: str | Path, client: Any, name: str, *, page: int = 1000):
+        self.path = Path(path)
+        self.client = client
+        self.name = name
+        self.page = page
+        self.reloads = 0
+        self.db: sf.Database | None = None
+        if not self.path.exists():
+            self._load_file()
+        else:
+            self.db = sf.Database(self.path)
+        self.sync()
+
+    @property
+    def head(self) -> tuple[int, str]:
+        """The source entry (index, hash) the local copy reflects."""
+        assert self.db is not None
+        meta = dict(self.db.execute(f"SELECT k, v FROM {self.META}"))
+        return int(meta["source_index"]), meta["source_hash"]
+
+    def _load_file(self) -> None:
+        if self.db is not None:
+            self.db.close()
+        data = zstandard.ZstdDecompressor().decompress(self.client.pdb_projection_data(self.name))
+        tmp = self.path.with_name(self.path.name + ".download")
+        tmp.write_bytes(data)
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(str(self.path) + suffix)
+        os.replace(tmp, self.path)
+        self.db = sf.Database(self.path)
+        self.reloads += 1
+
+    def sync(self, *, max_reloads: int = 3) -> dict[str, Any]:
+        """Apply every change the projection made since the local head; {applied, reloaded, head}."""
+        assert self.db is not None
+        applied, reloaded = 0, 0
+        while True:
+            index, h = self.head
+            page = self.client.pdb_projection_changes(self.name, index, h, limit=self.page)
+            if page["status"] == "snapshot_required":
+                if reloaded >= max_reloads:
+                    raise RuntimeError(f"projection {self.name}: still snapshot_required after {reloaded} reloads "
+                                       f"({page.get('reason')})")
+                self._load_file()
+                reloaded += 1
+                continue
+            entries = page["entries"]
+            if entries:
+                self.db.begin()
+                try:
+                    for e in entries:
+                        cs = _b64(e["changeset"])
+                        if cs:
+                            self.db.apply(cs)
+                    last = entries[-1]
+                    for k, v in (("source_index", str(last["source_index"])), ("source_hash", last["source_hash"])):
+                        self.db.execute(f"UPDATE {self.META} SET v = ? WHERE k = ?", (v, k))
+                    self.db.commit()
+                except BaseException:
+                    self.db.rollback()
+                    raise
+                applied += len(entries)
+            if not page.get("more"):
+                return {"applied": applied, "reloaded": reloaded, "head": list(self.head)}
+
+    def query(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        assert self.db is not None
+        return self.db.execute(sql, params)
+
+    def state_hash(self) -> str:
+        assert self.db is not None
+        return self.db.state_hash()
+
+    def verify(self) -> dict[str, Any]:
+        """The local copy against the server's projection (when both reflect the same source entry)."""
+        server = self.client.pdb_projection(self.name)
+        index, _ = self.head
+        same = server["source_index"] == index
+        return {"source_index": index, "server_source_index": server["source_index"],
+                "matches": (self.state_hash() == server["state_hash"]) if same else None}
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+    def __enter__(self) -> ProjectionReplica:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

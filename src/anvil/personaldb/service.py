@@ -971,6 +971,22 @@ class PersonalDbService:
                 db.close()
             return zstandard.ZstdCompressor(level=3).compress((Path(d) / "p.sqlite").read_bytes())
 
+    def projection_changes(self, principal: Principal, name: str, after_index: Any, after_hash: Any, *,
+                           limit: int = 1000) -> dict[str, Any]:
+        """What a subscriber at source entry (after_index, after_hash) applies to follow the projection:
+        one changeset per source entry since, or `snapshot_required` (load the file again)."""
+        n, _, _ = self._projection_row(principal, name)
+        if not isinstance(after_index, int) or after_index < 0:
+            raise AnvilError("InvalidArgument", "after_index must be a non-negative integer")
+        if not isinstance(after_hash, str) or not re.fullmatch(r"[0-9a-f]{64}", after_hash):
+            raise AnvilError("InvalidArgument", "after_hash must be 64 hex digits")
+        if not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+            raise AnvilError("InvalidArgument", f"limit must be 1-{MAX_PAGE}")
+        out = self.projections.changes_after(n, after_index, after_hash, limit)
+        for e in out.get("entries", []):
+            e["changeset"] = base64.b64encode(e["changeset"]).decode()
+        return {"projection": n, **out}
+
     def write_back(self, ctx: RequestContext, name: str, data: bytes) -> dict[str, Any]:
         """A changeset made on a copy of the projection, sent back to the source group under the
         projection's write-back policy: `deny`, or UPDATEs of the named projected columns of rows the
