@@ -376,6 +376,15 @@ def test_git_clone_over_smart_http_is_read_only(server: AnvilServer, client: Anv
     assert (out / "a.txt").read_text() == "one\n"
     got = subprocess.run(["git", "-C", str(out), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert got == head
+    # The packs are indexed on disk (derived, per artefact id), and the answer is streamed (chunked).
+    aid = client.artefact_describe(bucket, "clone-me", "snap")["id"]
+    store = server.storage_path / "derived" / "artefact-git" / aid
+    assert (store / "complete").is_file()
+    assert list(store.glob("pack/*.pack")) and list(store.glob("pack/*.idx"))
+    import httpx
+
+    r = httpx.get(url + "/info/refs?service=git-upload-pack", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200 and r.headers.get("transfer-encoding") == "chunked" and head.encode() in r.content
     # Pushing back through the same URL is refused: the endpoint is read-only.
     (out / "b.txt").write_text("two\n")
     subprocess.run(["git", "-C", str(out), "add", "."], check=True)
