@@ -376,6 +376,15 @@ def test_git_clone_over_smart_http_is_read_only(server: AnvilServer, client: Anv
     assert (out / "a.txt").read_text() == "one\n"
     got = subprocess.run(["git", "-C", str(out), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert got == head
+    # The packs are indexed on disk (derived, per artefact id), and the answer is streamed (chunked).
+    aid = client.artefact_describe(bucket, "clone-me", "snap")["id"]
+    store = server.storage_path / "derived" / "artefact-git" / aid
+    assert (store / "complete").is_file()
+    assert list(store.glob("pack/*.pack")) and list(store.glob("pack/*.idx"))
+    import httpx
+
+    r = httpx.get(url + "/info/refs?service=git-upload-pack", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200 and r.headers.get("transfer-encoding") == "chunked" and head.encode() in r.content
     # Pushing back through the same URL is refused: the endpoint is read-only.
     (out / "b.txt").write_text("two\n")
     subprocess.run(["git", "-C", str(out), "add", "."], check=True)
@@ -400,3 +409,47 @@ def test_openapi_covers_every_artefact_route(server: AnvilServer) -> None:
             continue
         for method in route.methods - {"HEAD"}:
             assert method.lower() in doc["paths"].get(path, {}), (method, path)
+
+
+def test_bucket_delete_refuses_while_artefacts_exist_and_drops_lone_uploads(server: AnvilServer,
+                                                                            client: AnvilClient,
+                                                                            tmp_path: Path) -> None:
+    """Manifests are source records referencing their components: a bucket holding any is not deleted
+    (native and S3 alike, BucketNotEmpty naming artefacts, nothing written). Components uploaded but
+    named by no manifest go with the bucket, so a new bucket of the same name cannot claim them."""
+    from tests.s3_helpers import s3_client
+
+    s3 = s3_client(server)
+    held = unique_bucket("art-held")
+    client.create_bucket(held)
+    client.push_model(held, "tiny", _model(tmp_path / "m"), tag="v1")
+    before = _journal_kinds(client)
+    for attempt in ("native", "s3"):
+        if attempt == "native":
+            with pytest.raises(AnvilAPIError) as e:
+                client.delete_bucket(held)
+            assert e.value.code == "BucketNotEmpty" and "artefacts" in e.value.message, e.value.message
+        else:
+            from botocore.exceptions import ClientError
+
+            with pytest.raises(ClientError) as ce:
+                s3.delete_bucket(Bucket=held)
+            assert ce.value.response["Error"]["Code"] == "BucketNotEmpty"
+            assert "artefacts" in ce.value.response["Error"]["Message"]
+    assert _journal_kinds(client) == before  # refused: nothing written
+    assert client.artefact_describe(held, "tiny", "v1")["id"]
+
+    secret = b"uploaded, never pushed"
+    sha = hashlib.sha256(secret).hexdigest()
+    for via in ("native", "s3"):
+        lone = unique_bucket(f"art-lone-{via}")
+        client.create_bucket(lone)
+        client._request("PUT", client._a(lone, "m") + f"/components/{sha}", content=secret)
+        if via == "native":
+            client.delete_bucket(lone)
+        else:
+            s3.delete_bucket(Bucket=lone)
+        assert _journal_kinds(client)[-2:] == ["artefact.uploads_drop", "bucket.delete"]
+        client.create_bucket(lone)  # the same name again: the old upload proves nothing now
+        assert client._json("POST", client._a(lone, "m") + "/components/missing",
+                            json={"sha256s": [sha]})["missing"] == [sha]

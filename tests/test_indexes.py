@@ -353,3 +353,99 @@ def test_sigkill_during_a_build_converges_without_loss_or_duplicates(tmp_path: P
             assert c.get_index(bucket, "docs")["status"]["documents"] == len(live)
     finally:
         srv.stop()
+
+
+@pytest.mark.timeout(240)
+def test_hnsw_graph_is_loaded_on_restart_and_rebuilt_when_corrupt(tmp_path: Path) -> None:
+    """The saved graph is loaded (not rebuilt) on restart, answers the same, and a corrupted graph file
+    is detected against the manifest, rebuilt, logged and saved again."""
+    srv = AnvilServer(tmp_path / "data").start()
+    rnd = random.Random(7)
+    bucket = unique_bucket("hnsw")
+    try:
+        with srv.client() as c:
+            c.create_bucket(bucket)
+            for i in range(1000):
+                put_json(c, bucket, f"v/{i:05d}", {"text": f"doc {i}", "group": i % 10,
+                                                   "emb": [rnd.uniform(-1, 1) for _ in range(8)]})
+            head = c.health()["journal"]["seq"]
+            c.create_index(bucket, VEC_DEF)
+            probe = [rnd.uniform(-1, 1) for _ in range(8)]
+            before = c.search(bucket, "vec", vector=probe, limit=10, min_cursor=head, wait_ms=10_000)
+            st = c.get_index(bucket, "vec")["status"]
+            assert st["vectors"] == 1000 and st["hnsw"]["opened"] == "built" and st["hnsw"]["saves"] >= 1
+        srv.stop()
+        graphs = list((tmp_path / "data" / "indexes" / bucket / "vec").glob("v*/hnsw-*.faiss"))
+        assert len(graphs) == 1, graphs  # one graph file: the published generation's
+        manifest = json.loads((graphs[0].parent / "MANIFEST.json").read_text())
+        assert graphs[0].name in manifest["files"]
+
+        srv.start()
+        with srv.client() as c:
+            after = c.search(bucket, "vec", vector=probe, limit=10, min_cursor=head, wait_ms=10_000)
+            st = c.get_index(bucket, "vec")["status"]
+            assert st["hnsw"]["opened"] == "loaded", st["hnsw"]
+            assert st["hnsw"]["reason"] is None and st["hnsw"]["added_on_open"] == 0
+            assert [h["key"] for h in after["hits"]] == [h["key"] for h in before["hits"]]
+            # Writes after the load extend the loaded graph.
+            put_json(c, bucket, "v/new", {"text": "new", "group": 1, "emb": probe})
+            res = c.search(bucket, "vec", vector=probe, limit=1, min_cursor=c.health()["journal"]["seq"],
+                           wait_ms=10_000)
+            assert res["hits"][0]["key"] == "v/new"
+        srv.stop()
+
+        graph = next((tmp_path / "data" / "indexes" / bucket / "vec").glob("v*/hnsw-*.faiss"))
+        raw = bytearray(graph.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        graph.write_bytes(bytes(raw))
+        srv.start()
+        with srv.client() as c:
+            res = c.search(bucket, "vec", vector=probe, limit=1, min_cursor=head, wait_ms=10_000)
+            assert res["hits"][0]["key"] == "v/new"
+            st = c.get_index(bucket, "vec")["status"]
+            assert st["hnsw"]["opened"] == "rebuilt", st["hnsw"]
+            assert "differs from its manifest hash" in st["hnsw"]["reason"]
+            assert st["hnsw"]["saves"] == 1  # the repaired graph is saved at once
+        assert "HNSW graph" in srv.log() and "rebuilding it" in srv.log()
+        srv.stop()
+        srv.start()
+        with srv.client() as c:
+            c.search(bucket, "vec", vector=probe, limit=1, min_cursor=head, wait_ms=10_000)
+            assert c.get_index(bucket, "vec")["status"]["hnsw"]["opened"] == "loaded"
+    finally:
+        srv.stop()
+
+
+def test_bucket_delete_drops_its_index_definitions_journaled(server: AnvilServer, client: AnvilClient) -> None:
+    """Definitions are bucket configuration (like lifecycle rules): deleting the (empty) bucket, natively
+    or through S3, drops them with one index.drop event each, the builder removes their files, and a
+    new bucket of the same name starts with no indexes."""
+    s3 = s3_client(server)
+    for via in ("native", "s3"):
+        b = unique_bucket(f"ixdel-{via}")
+        client.create_bucket(b)
+        put_json(client, b, "docs/a", {"title": "gone soon", "year": 1})
+        client.create_index(b, TEXT_DEF)
+        client.create_index(b, {**VEC_DEF, "selector": {"prefix": "v/"}})
+        client.search(b, "docs", text="gone", min_cursor=client.health()["journal"]["seq"], wait_ms=10_000)
+        files = server.storage_path / "indexes" / b
+        assert files.is_dir()
+        with pytest.raises(AnvilAPIError) as e:  # not empty yet: S3 semantics, and the definitions stay
+            client.delete_bucket(b)
+        assert e.value.code == "BucketNotEmpty"
+        assert {d["name"] for d in client.list_indexes(b)} == {"docs", "vec"}
+        client.delete_object(b, "docs/a")
+        if via == "native":
+            client.delete_bucket(b)
+        else:
+            s3.delete_bucket(Bucket=b)
+        events = client._json("GET", "/anvil/v1/admin/journal", params={"after": 0, "limit": 100000})["events"]
+        tail = [(ev["kind"], ev["payload"].get("name")) for ev in events[-3:]]
+        assert tail == [("index.drop", "docs"), ("index.drop", "vec"), ("bucket.delete", None)], tail
+        client.create_bucket(b)
+        assert client.list_indexes(b) == []
+        deadline = time.monotonic() + 20
+        while files.exists() and any(files.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not files.exists() or not any(files.iterdir()), list(files.iterdir())
+        client.delete_bucket(b)

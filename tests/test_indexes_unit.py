@@ -84,6 +84,29 @@ def test_replaying_from_an_older_manifest_neither_loses_nor_duplicates(tmp_path:
     e.close()
 
 
+def test_vectors_and_graph_come_back_without_rebuilding_and_old_formats_are_rebuilt(tmp_path: Path) -> None:
+    d = tmp_path / "ix"
+    e = Engine(d, DEF, 1)
+    docs = {f"p/{i}": {"version": "null", "fields": {"t": f"doc {i}", "n": i, "v": [1.0, float(i)]}, "problems": []}
+            for i in range(50)}
+    e.apply(docs, 7)
+    want = {e.meta[v][0]: e.vectors[v].tolist() for v in e.vectors}
+    probe = [v for v, _ in e.knn([1.0, 3.0], 5, None, 32)]
+    e.close()
+    e = Engine(d, DEF, 1)
+    assert e.hnsw_info["opened"] == "loaded" and e.cursor == 7
+    assert {e.meta[v][0]: e.vectors[v].tolist() for v in e.vectors} == want  # raw float32, normalised once
+    assert [v for v, _ in e.knn([1.0, 3.0], 5, None, 32)] == probe
+    e.close()
+    # A generation written in the earlier layout (no format) is not trusted: rebuilt from source.
+    m = json.loads((d / MANIFEST).read_text())
+    del m["format"]
+    (d / MANIFEST).write_text(json.dumps(m))
+    e = Engine(d, DEF, 1)
+    assert e.generation == 0 and e.cursor == 0 and not e.docs
+    e.close()
+
+
 def test_value_postings_narrow_filters_and_follow_updates(tmp_path: Path) -> None:
     from anvil.indexes.filters import narrowing
 

@@ -456,6 +456,15 @@ def test_witness_key_rotation_keeps_old_certificates_verifiable(server: AnvilSer
         group, 0, client.pdb_get(group)["genesis"], certificates_only=True)["entries"]]
     assert res["head_index"] == 2 and chain[0] in before and chain[1] == rotated["key_id"]
     assert a.verify()["head_index"] == 2
+    # The CLI rotates too; the replica follows, the old certificates keep verifying.
+    out = json.loads(server.cli("pdb", "key", "rotate", "--json").stdout)
+    assert out["key_id"] not in before | {rotated["key_id"]}
+    listed = json.loads(server.cli("pdb", "keys", "--json").stdout)
+    assert {k["key_id"] for k in listed if k["retired"] is None} == {out["key_id"]}
+    assert rotated["key_id"] in {k["key_id"] for k in listed if k["retired"] is not None}
+    a.execute("INSERT INTO notes(id, owner, body) VALUES (3, 'a', 'third key')")
+    a.sync()
+    assert certs.verify_group(client, group)["head_index"] == 3 and a.verify()["head_index"] == 3
     # Not an admin: refused.
     tenant = f"r{uuid.uuid4().hex[:8]}"
     client.create_tenant(tenant)
@@ -504,4 +513,118 @@ def test_projection_write_back_policy(client: AnvilClient, group: str, tmp_path:
     assert entry["index"] == 2
     a.sync()
     assert rows(a) == [(1, "bob", "edited", 0), (2, "ann", "two", 0)]
+    a.close()
+
+
+def test_batch_commit_chains_entries_in_one_request_all_or_nothing(server: AnvilServer, client: AnvilClient,
+                                                                     group: str, tmp_path: Path) -> None:
+    """`commits/batch`: each changeset is its own certified entry chained on the one before, all in one
+    transaction; any refusal writes none; a retry returns the same entries. A replica with many pending
+    changesets syncs through it, and another replica converges."""
+    g = client.pdb_get(group)
+    keys = {k["key_id"]: k["public"] for k in client.pdb_keys()}
+    sets = [local_changeset(tmp_path, f"INSERT INTO notes(id, owner, body) VALUES ({i}, 'b', 'n{i}')")
+            for i in range(1, 6)]
+    items = [(cs, f"bk{i}") for i, cs in enumerate(sets)]
+    entries = client.pdb_commit_batch(group, items, base_index=0, base_hash=g["genesis"])
+    prev = g["genesis"]
+    for i, (e, cs) in enumerate(zip(entries, sets, strict=True), start=1):
+        body = certs.verify_entry(e["certificate"], keys, group=group, prev_hash=prev, index=i, changeset=cs)
+        prev = body["hash"]
+    head = (5, prev)
+    assert (client.pdb_get(group)["head_index"], client.pdb_get(group)["head_hash"]) == head
+    # A retry after a lost answer: the same entries, nothing appended.
+    again = client.pdb_commit_batch(group, items, base_index=0, base_hash=g["genesis"])
+    assert [e["hash"] for e in again] == [e["hash"] for e in entries] and all(e["idempotent_replay"] for e in again)
+
+    def refused(code: str, batch: list, base: tuple[int, str] = head) -> None:
+        before = len(client._json("GET", "/anvil/v1/admin/journal", params={"after": 0, "limit": 100000})["events"])
+        with pytest.raises(AnvilAPIError) as err:
+            client.pdb_commit_batch(group, batch, base_index=base[0], base_hash=base[1])
+        assert err.value.code == code, err.value
+        assert (client.pdb_get(group)["head_index"], client.pdb_get(group)["head_hash"]) == head
+        after = client._json("GET", "/anvil/v1/admin/journal", params={"after": 0, "limit": 100000})["events"]
+        assert [e["kind"] for e in after[before:]] == [], "a refused batch wrote something"
+
+    good = local_changeset(tmp_path, "INSERT INTO notes(id, owner, body) VALUES (10, 'b', 'ok')")
+    other = local_changeset(tmp_path, "INSERT INTO secrets(id, v) VALUES (1, 'x')",
+                            schema="CREATE TABLE secrets(id INTEGER PRIMARY KEY, v TEXT)")
+    refused("PersonalDbUnknownTable", [(good, None), (other, None)])  # the second is bad: neither lands
+    refused("PersonalDbInvalidChangeset", [(good, None), (b"not a changeset", None)])
+    refused("PersonalDbStaleBase", [(good, None)], base=(4, entries[3]["hash"]))
+    refused("IdempotencyMismatch", [(good, "bk0")])
+    with pytest.raises(AnvilAPIError) as err:
+        client._json("POST", f"/anvil/v1/pdb/groups/{group}/commits/batch",
+                     json={"base_index": 5, "base_hash": head[1], "changesets": []})
+    assert err.value.code == "InvalidArgument"
+    with pytest.raises(AnvilAPIError) as err:
+        client._json("POST", f"/anvil/v1/pdb/groups/{group}/commits/batch",
+                     json={"base_index": 5, "base_hash": head[1], "changesets": [{"changeset": "%%%"}]})
+    assert err.value.code == "PersonalDbInvalidChangeset"
+
+    # A replica offline with many local transactions sends them as batches, each its own entry.
+    a = replica(tmp_path, client, group, "a")
+    for i in range(100, 400):
+        a.execute("INSERT INTO notes(id, owner, body) VALUES (?, 'a', ?)", (i, f"offline {i}"))
+    assert a.pending() == 300
+    res = a.sync()
+    assert res["submitted"] == 300 and a.head[0] == 305 and a.pending() == 0
+    assert a.verify()["head_index"] == 305
+    b = replica(tmp_path, client, group, "b")
+    assert b.head == a.head and b.state_hash() == a.state_hash()
+    assert certs.verify_group(client, group)["head_index"] == 305
+    for r in (a, b):
+        r.close()
+
+
+def test_projection_subscribers_follow_changes_like_group_replicas(client: AnvilClient, group: str,
+                                                                    tmp_path: Path) -> None:
+    """A ProjectionReplica starts from the projection's file, then applies the changeset each source
+    entry made to the projection; a head the change log does not know makes it load the file again."""
+    from anvil.personaldb import ProjectionReplica
+
+    a = replica(tmp_path, client, group, "a")
+    a.execute("INSERT INTO notes(id, owner, body) VALUES (1, 'bob', 'one'), (2, 'ann', 'two')")
+    a.sync()
+    name = gname("sub")
+    client.pdb_create_projection(name, group, {"tables": [
+        {"from": "notes", "to": "bobs", "columns": {"id": "id", "body": "text"},
+         "filter": {"equals": {"owner": "bob"}}}]})
+    p = ProjectionReplica(tmp_path / "bobs.sqlite", client, name)
+    assert p.query("SELECT * FROM bobs ORDER BY id") == [(1, "one")] and p.head[0] == 1 and p.reloads == 1
+
+    # Commits of every kind: into the filter, out of it, a delete, one the projection does not show.
+    a.execute("INSERT INTO notes(id, owner, body) VALUES (3, 'bob', 'three')")
+    a.sync()
+    a.execute("UPDATE notes SET owner = 'ann' WHERE id = 1")
+    a.sync()
+    a.execute("UPDATE notes SET body = 'TWO' WHERE id = 2")
+    a.sync()
+    a.execute("INSERT INTO tags VALUES (3, 'x')")
+    a.execute("DELETE FROM notes WHERE id = 3")
+    a.execute("INSERT INTO notes(id, owner, body) VALUES (4, 'bob', 'four')")
+    a.sync()
+    head = a.head
+    client.pdb_projection_data(name, source_index=head[0])  # waits until the projector has applied them
+    res = p.sync()
+    assert res["applied"] == head[0] - 1 and res["reloaded"] == 0 and tuple(res["head"]) == head
+    assert p.query("SELECT * FROM bobs ORDER BY id") == [(4, "four")]
+    assert p.verify()["matches"] is True
+    first = client.pdb_catch_up(group, 0, client.pdb_get(group)["genesis"], certificates_only=True)["entries"][0]
+    changes = client.pdb_projection_changes(name, 1, first["hash"])
+    assert changes["status"] == "ok" and [e["source_index"] for e in changes["entries"]] == list(range(2, head[0] + 1))
+
+    # A head the change log does not know (as after a projection rebuild): the file is loaded again.
+    p.db.execute("UPDATE _anvil_projection SET v = ? WHERE k = 'source_hash'", ("0" * 64,))
+    res = p.sync()
+    assert res["reloaded"] == 1 and tuple(res["head"]) == head and p.verify()["matches"] is True
+    assert client.pdb_projection_changes(name, 1, "0" * 64)["status"] == "snapshot_required"
+    for bad in ({"after_index": -1, "after_hash": "0" * 64}, {"after_index": 1, "after_hash": "xyz"}):
+        with pytest.raises(AnvilAPIError) as e:
+            client._json("GET", f"/anvil/v1/pdb/projections/{name}/changes", params=bad)
+        assert e.value.code == "InvalidArgument"
+    with pytest.raises(AnvilAPIError) as e:
+        client.pdb_projection_changes(gname("none"), 1, "0" * 64)
+    assert e.value.code == "NotFound"
+    p.close()
     a.close()

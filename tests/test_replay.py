@@ -363,6 +363,19 @@ def _workload_indexes(c, rng: random.Random, buckets: list[str]) -> None:
     gone = c.create_index(bucket, {"name": "ix-gone", "kind": "metadata", "selector": {"prefix": ""},
                                    "fields": {"k": {"source": "key", "type": "keyword"}}})
     c.drop_index(bucket, gone["name"])
+    # A bucket deleted while it has an index definition and a component upload no manifest names:
+    # the definition goes with it (index.drop) and so does the upload (artefact.uploads_drop).
+    doomed = f"ixd-{uuid.uuid4().hex[:10]}"
+    c.create_bucket(doomed)
+    c.create_index(doomed, {"name": "ix-doomed", "kind": "metadata", "selector": {"prefix": ""},
+                            "fields": {"k": {"source": "key", "type": "keyword"}}})
+    import tempfile
+
+    data = os.urandom(64)
+    local = Path(tempfile.mkdtemp()) / "component"
+    local.write_bytes(data)
+    c._raw_put_file(c._a(doomed, "m") + f"/components/{hashlib.sha256(data).hexdigest()}", str(local), len(data))
+    c.delete_bucket(doomed)
 
 
 def _workload_personaldb(c, rng: random.Random, scratch: Path) -> None:

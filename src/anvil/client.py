@@ -1206,6 +1206,17 @@ class AnvilClient:
             headers["x-anvil-pdb-schema-version"] = str(schema_version)
         return self._json("POST", self._g(group) + "/commits", content=changeset, headers=headers)
 
+    def pdb_commit_batch(self, group: str, changesets: list[tuple[bytes, str | None]], *, base_index: int,
+                         base_hash: str, schema_version: int | None = None) -> list[dict[str, Any]]:
+        """Submit changesets in order, the first against (base_index, base_hash), each next on the one
+        before: one certified entry each, all committed in one transaction (one round trip) or none."""
+        body: dict[str, Any] = {"base_index": base_index, "base_hash": base_hash, "changesets": [
+            {"changeset": base64.b64encode(cs).decode(), **({"idempotency_key": k} if k else {})}
+            for cs, k in changesets]}
+        if schema_version is not None:
+            body["schema_version"] = schema_version
+        return self._json("POST", self._g(group) + "/commits/batch", json=body)["entries"]
+
     def pdb_catch_up(self, group: str, after_index: int, after_hash: str, *, limit: int = 1000,
                      certificates_only: bool = False) -> dict[str, Any]:
         """The entries after (index, hash) with their certificates, or status `snapshot_required`."""
@@ -1243,6 +1254,12 @@ class AnvilClient:
         params = {"source_index": source_index} if source_index is not None else None
         return self._request("GET", "/anvil/v1/pdb/projections/" + urllib.parse.quote(name, safe="") + "/data",
                              params=params, timeout=None).content
+
+    def pdb_projection_changes(self, name: str, after_index: int, after_hash: str, *,
+                               limit: int = 1000) -> dict[str, Any]:
+        """The projection's changesets after source entry (index, hash), or status `snapshot_required`."""
+        return self._json("GET", "/anvil/v1/pdb/projections/" + urllib.parse.quote(name, safe="") + "/changes",
+                          params={"after_index": after_index, "after_hash": after_hash, "limit": limit})
 
     def pdb_write_back(self, projection: str, changeset: bytes) -> dict[str, Any]:
         """Send a changeset made on a copy of the projection back to its source group (if its policy allows)."""

@@ -48,7 +48,8 @@ if TYPE_CHECKING:
 
 # Watchers may ask for artefact, index-definition and PersonalDB events (`kinds=artefact.*`,
 # `index.*`, `pdb.*`); they are not in the default families. Registered once, at import.
-register_kinds("artefact", {"artefact.push", "artefact.sign", "artefact.tag", "artefact.key_add", "artefact.upload"})
+register_kinds("artefact", {"artefact.push", "artefact.sign", "artefact.tag", "artefact.key_add", "artefact.upload",
+                            "artefact.uploads_drop"})
 register_kinds("index", {"index.create", "index.update", "index.disable", "index.enable", "index.drop"})
 register_kinds("pdb", EVENT_KINDS)
 
@@ -99,6 +100,9 @@ class Anvil:
             self.personaldb = PersonalDbService(self.storage)
             self.objects.on_corruption(self._record_corruption)
             self.indexes = IndexService(self.storage)
+            # Bucket delete: artefacts refuse while the bucket holds any; index definitions go with it.
+            self.objects.on_bucket_delete(self.artefacts.bucket_deleting)
+            self.objects.on_bucket_delete(self.indexes.bucket_deleting)
             self.storage.catalog.start()
             self.identity.bootstrap(endpoint)
         except BaseException:

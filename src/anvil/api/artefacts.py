@@ -12,7 +12,7 @@ import urllib.parse
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from anvil import artefact_format as mf
@@ -284,7 +284,8 @@ async def git_http(request: Request, ctx: RequestContext) -> Response:
         _svc(request).git_http, bucket, name, request.path_params["ref"], request.method,
         request.path_params["path"], request.url.query, body, request.headers.get("content-type", ""))
     keep = {k: v for k, v in headers if k.lower() in ("content-type", "cache-control", "expires", "pragma")}
-    return Response(out, status_code=status, headers=keep)
+    # Streamed as dulwich produces the pack (the iterator runs in the thread pool), never built whole.
+    return StreamingResponse(out, status_code=status, headers=keep)
 
 
 # ------------------------------------------------------------------ Hugging Face Hub-compatible reads

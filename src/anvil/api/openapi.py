@@ -256,6 +256,9 @@ OPERATIONS += [
     ("post", _PG + "/commits", "pdbCommit",
      "Submit a session changeset (raw body) against its base; PersonalDbStaleBase states the head", _PDB_COMMIT,
      False, True),
+    ("post", _PG + "/commits/batch", "pdbCommitBatch",
+     "Submit a replica's changesets in order {base_index, base_hash, schema_version?, changesets: [{changeset "
+     "(base64), idempotency_key?}]}: one certified entry each, all in one transaction", [], True, False),
     ("get", _PG + "/log", "pdbCatchUp", "Entries after (index, hash) with certificates, or snapshot_required",
      [_q("after_index", "integer"), _q("after_hash"), _q("limit", "integer"), _q("certificates_only", "boolean")],
      False, False),
@@ -273,6 +276,9 @@ OPERATIONS += [
      [], False, False),
     ("get", "/anvil/v1/pdb/projections/{name}/data", "pdbProjectionData",
      "The projection's zstd-compressed SQLite file", [_q("source_index", "integer")], False, False),
+    ("get", "/anvil/v1/pdb/projections/{name}/changes", "pdbProjectionChanges",
+     "The projection's changesets after source entry (after_index, after_hash), or snapshot_required",
+     [_q("after_index", "integer"), _q("after_hash"), _q("limit", "integer")], False, False),
     ("post", "/anvil/v1/pdb/projections/{name}/writeback", "pdbWriteBack",
      "Send a projection-side changeset back to the source, under the write-back policy", [], False, True),
 ]

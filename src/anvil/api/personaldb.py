@@ -3,10 +3,14 @@
 A commit's body is the raw changeset (`application/octet-stream`, up to the group's limit,
 16 MiB by default), with its base in headers: `x-anvil-pdb-base-index`, `x-anvil-pdb-base-hash`
 and optionally `x-anvil-pdb-schema-version`; `Idempotency-Key` makes a retry return the same commit.
+A batch (`.../commits/batch`, JSON) carries several changesets of one replica in one request.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from typing import Any
 
 from starlette.requests import Request
@@ -17,7 +21,7 @@ from anvil.api.common import blocking, check_recovery, committed, endpoint, json
 from anvil.api.limits import read_capped
 from anvil.context import RequestContext
 from anvil.errors import AnvilError
-from anvil.personaldb.service import DEFAULT_MAX_CHANGESET
+from anvil.personaldb.service import DEFAULT_MAX_CHANGESET, MAX_BATCH
 from anvil.runtime import Anvil
 
 P = "/anvil/v1/pdb"
@@ -94,6 +98,54 @@ async def commit(request: Request, ctx: RequestContext) -> Response:
     entry = await committed(fut)
     entry = {k: v for k, v in entry.items() if k not in ("snapshot_due", "projections")}
     return JSONResponse(entry, status_code=200 if entry.get("idempotent_replay") else 201)
+
+
+def _batch_too_large() -> AnvilError:
+    return AnvilError("EntityTooLarge", f"a batch's changesets add up to at most {DEFAULT_MAX_CHANGESET} bytes",
+                      headers={"connection": "close"})
+
+
+@endpoint
+async def commit_batch(request: Request, ctx: RequestContext) -> Response:
+    """`{"base_index", "base_hash", "schema_version"?, "changesets": [{"changeset": base64,
+    "idempotency_key"?}]}` -> `{"entries": [...]}`: one entry (and certificate) per changeset,
+    chained, all committed in one transaction or none."""
+    require_identity(ctx)
+    check_recovery(request)
+    # base64 inflates by 4/3; the decoded total is checked against the group's limit by the service.
+    raw = await read_capped(request, DEFAULT_MAX_CHANGESET * 4 // 3 + 64 * MAX_BATCH + 4096, _batch_too_large)
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise AnvilError("InvalidArgument", "malformed JSON body") from None
+    if not isinstance(body, dict):
+        raise AnvilError("InvalidArgument", "the JSON body must be an object")
+    unknown = sorted(set(body) - {"base_index", "base_hash", "schema_version", "changesets"})
+    if unknown:
+        raise AnvilError("InvalidArgument", f"unknown batch field {unknown[0][:64]!r}")
+    items = body.get("changesets")
+    if not isinstance(items, list) or not items or len(items) > MAX_BATCH:
+        raise AnvilError("InvalidArgument", f"changesets must be a list of 1 to {MAX_BATCH} items")
+    decoded: list[tuple[bytes, str | None]] = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or set(item) - {"changeset", "idempotency_key"} \
+                or not isinstance(item.get("changeset"), str):
+            raise AnvilError("InvalidArgument", f"changesets[{i}] must be {{changeset: base64, idempotency_key?}}")
+        try:
+            data = base64.b64decode(item["changeset"], validate=True)
+        except (binascii.Error, ValueError):
+            raise AnvilError("PersonalDbInvalidChangeset", f"changesets[{i}] is not base64") from None
+        idem = item.get("idempotency_key")
+        if idem is not None and not isinstance(idem, str):
+            raise AnvilError("InvalidArgument", f"changesets[{i}].idempotency_key must be a string")
+        decoded.append((data, idem))
+    fut = await blocking(_pdb(request).submit_commits, ctx, request.path_params["group"], decoded,
+                         base_index=body.get("base_index"), base_hash=body.get("base_hash"),
+                         schema_version=body.get("schema_version"))
+    entries = await committed(fut)
+    out = [{k: v for k, v in e.items() if k not in ("snapshot_due", "projections")} for e in entries]
+    fresh = any(not e.get("idempotent_replay") for e in out)
+    return JSONResponse({"entries": out}, status_code=201 if fresh else 200)
 
 
 @endpoint
@@ -183,6 +235,15 @@ async def projection_data(request: Request, ctx: RequestContext) -> Response:
 
 
 @endpoint
+async def projection_changes(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    q = request.query_params
+    return JSONResponse(await blocking(_pdb(request).projection_changes, ctx.principal, request.path_params["name"],
+                                       query_int(request, "after_index", 0), q.get("after_hash", ""),
+                                       limit=query_int(request, "limit", 1000)))
+
+
+@endpoint
 async def projection_write_back(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
     check_recovery(request)
@@ -198,6 +259,7 @@ PERSONALDB_ROUTES = [
     Route(G, get_group, methods=["GET"]),
     Route(G + "/migrations", migrate, methods=["POST"]),
     Route(G + "/commits", commit, methods=["POST"]),
+    Route(G + "/commits/batch", commit_batch, methods=["POST"]),
     Route(G + "/log", log, methods=["GET"]),
     Route(G + "/snapshots", list_snapshots, methods=["GET"]),
     Route(G + "/snapshots", build_snapshot, methods=["POST"]),
@@ -207,6 +269,7 @@ PERSONALDB_ROUTES = [
     Route(P + "/projections", create_projection, methods=["POST"]),
     Route(P + "/projections/{name}", get_projection, methods=["GET"]),
     Route(P + "/projections/{name}/data", projection_data, methods=["GET"]),
+    Route(P + "/projections/{name}/changes", projection_changes, methods=["GET"]),
     Route(P + "/projections/{name}/writeback", projection_write_back, methods=["POST"]),
     Route("/anvil/v1/admin/pdb/keys/rotate", rotate_key, methods=["POST"]),
 ]

@@ -23,6 +23,8 @@ def apply(conn: Connection, ev: Any) -> None:
         conn.execute("INSERT INTO artefact_uploads (bucket, sha256, size, created) VALUES (?, ?, ?, ?) "
                      "ON CONFLICT (bucket, sha256) DO UPDATE SET size = excluded.size, created = excluded.created",
                      (p["bucket"], p["sha256"], p["size"], ev.ts))
+    elif kind == "artefact.uploads_drop":  # with its bucket's delete
+        conn.execute("DELETE FROM artefact_uploads WHERE bucket = ?", (p["bucket"],))
     elif kind == "artefact.key_add":
         conn.execute("INSERT INTO artefact_keys (tenant, key_id, public_key, created) VALUES (?, ?, ?, ?)",
                      (p.get("tenant", ev.tenant), p["key_id"], p["public_key"], ev.ts))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -87,6 +88,7 @@ MIGRATIONS = [
 ]
 
 TENSOR_DIR = "derived/artefact-tensors"
+GIT_DIR = "derived/artefact-git"  # per source artefact id: its packs, indexed (a cache for git reads)
 READ_BLOCK = 1024 * 1024
 
 BucketLookup = Callable[[str], Any]  # name -> object with .tenant and .public, or None
@@ -257,6 +259,24 @@ class ArtefactService:
             w.abort()
             raise
         return self.store_component(ctx, bucket, w, expected_sha256)
+
+    def bucket_deleting(self, txn: Txn, bucket: str, tenant: str) -> None:
+        """A bucket holding artefacts (manifests or tags) is not deleted: manifests are source records
+        that reference their components, and deleting them silently would break every pull and
+        backup validation of them. Components uploaded but named by no manifest only prove
+        possession to this bucket: they go with it (one `artefact.uploads_drop` event), so a later
+        bucket of the same name cannot reference them."""
+        c = txn.conn
+        manifests = c.execute("SELECT count(*) FROM artefacts WHERE bucket = ? AND tenant = ?",
+                              (bucket, tenant)).fetchone()[0]
+        tags = c.execute("SELECT count(*) FROM artefact_tags WHERE bucket = ?", (bucket,)).fetchone()[0]
+        if manifests or tags:
+            raise AnvilError("BucketNotEmpty", f"bucket holds artefacts ({manifests} manifests, {tags} tags); "
+                             "artefacts cannot be deleted, so neither can their bucket")
+        n = c.execute("SELECT count(*) FROM artefact_uploads WHERE bucket = ?", (bucket,)).fetchone()[0]
+        if n:
+            c.execute("DELETE FROM artefact_uploads WHERE bucket = ?", (bucket,))
+            txn.emit(tenant, "artefact.uploads_drop", bucket, {"bucket": bucket, "uploads": n})
 
     def _held_by_bucket(self, conn: Connection, bucket: str, sha256: str) -> bool:
         return any(conn.execute(f"SELECT 1 FROM {table} WHERE bucket = ? AND sha256 = ? LIMIT 1",
@@ -596,31 +616,55 @@ class ArtefactService:
     _git_lock = threading.Lock()
 
     def _git_store(self, bucket: str, name: str, ref: str) -> tuple[dict[str, Any], Any]:
-        """The artefact and an object store over its packs (built once per artefact id, kept in memory)."""
-        from dulwich.object_store import MemoryObjectStore
+        """The artefact and an object store over its packs, on disk (`derived/artefact-git/<id>/`).
+
+        Built once per artefact id by streaming each pack component from its blob into dulwich's
+        pack writer (which indexes it): nothing holds a whole pack in memory, and the store is kept
+        across restarts. Derived: a missing or unfinished store is built again from the blobs."""
+        from dulwich.object_store import DiskObjectStore
 
         info = self.describe(bucket, name, ref)
         if info["kind"] != "source":
             raise AnvilError("InvalidArgument", "this artefact is not a source artefact")
         with self._git_lock:
             store = self._git_cache.get(info["id"])
-        if store is None:
-            store = MemoryObjectStore()
-            for f in info["files"]:
-                if f["path"].endswith(".pack"):
-                    data = b"".join(self.read_component(f["sha256"], f["size"]))
-                    out, commit, abort = store.add_pack()
-                    try:
-                        out.write(data)
-                        commit()
-                    except Exception as e:  # noqa: BLE001 - a damaged pack is a clear error, not a 500
-                        abort()
-                        raise AnvilError("DataCorrupted", f"pack {f['path']} cannot be read: {e}") from None
-            with self._git_lock:
-                if len(self._git_cache) > 16:
-                    self._git_cache.clear()
-                self._git_cache[info["id"]] = store
+            if store is not None:
+                return info, store
+            final = self.root / GIT_DIR / info["id"]
+            if not (final / "complete").is_file():
+                shutil.rmtree(final, ignore_errors=True)
+                tmp = self.root / GIT_DIR / f".{info['id']}.{os.getpid()}.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                building = DiskObjectStore.init(tmp)
+                try:
+                    for f in info["files"]:
+                        if f["path"].endswith(".pack"):
+                            self._add_pack(building, f)
+                finally:
+                    building.close()
+                (tmp / "complete").write_text(info["id"])
+                os.replace(tmp, final)
+            store = DiskObjectStore(final)
+            if len(self._git_cache) > 16:
+                for old in self._git_cache.values():
+                    old.close()
+                self._git_cache.clear()
+            self._git_cache[info["id"]] = store
         return info, store
+
+    def _add_pack(self, store: Any, f: dict[str, Any]) -> None:
+        out, commit, abort = store.add_pack()
+        try:
+            for chunk in self.read_component(f["sha256"], f["size"]):
+                out.write(chunk)
+            commit()
+        except AnvilError:
+            abort()
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged pack is a clear error, not a 500
+            abort()
+            raise AnvilError("DataCorrupted", f"pack {f['path']} cannot be read: {e}") from None
 
     def git_resolve(self, bucket: str, name: str, ref: str, refname: str) -> dict[str, Any]:
         info = self.describe(bucket, name, ref)
@@ -667,12 +711,13 @@ class ArtefactService:
         return obj.data
 
     def git_http(self, bucket: str, name: str, ref: str, method: str, subpath: str, query: str, body: bytes,
-                 content_type: str) -> tuple[int, list[tuple[str, str]], bytes]:
+                 content_type: str) -> tuple[int, list[tuple[str, str]], Iterator[bytes]]:
         """Read-only git smart HTTP (`git clone`) of a source artefact, answered by dulwich's server.
 
         Only ref discovery for upload-pack and upload-pack itself are served: receive-pack (push)
-        is removed from the handlers, so the artefact cannot be written through git. The answer is
-        built whole in memory (fine for source snapshots, which are packs of source code)."""
+        is removed from the handlers, so the artefact cannot be written through git. The status and
+        headers are known once dulwich starts answering; the body (the pack it generates from the
+        on-disk store) is an iterator the caller streams, so a clone is never held whole in memory."""
         import io
 
         from dulwich.repo import MemoryRepo
@@ -683,7 +728,7 @@ class ArtefactService:
                 or (method == "POST" and subpath == "git-upload-pack")):
             raise AnvilError("NotFound", "only `git clone`/`git fetch` (smart HTTP upload-pack) is served")
         info, store = self._git_store(bucket, name, ref)
-        repo = MemoryRepo()
+        repo = MemoryRepo()  # only its refs live in memory; objects come from the on-disk store
         repo.object_store = store
         refs = info["manifest"].get("refs", {})
         for k, v in refs.items():
@@ -703,8 +748,23 @@ class ArtefactService:
 
         def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             answer["status"], answer["headers"] = int(status.split()[0]), headers
-            return written.append  # dulwich writes the pack through WSGI's write() as well as yielding
+            return written.append  # dulwich writes through WSGI's write() as well as yielding
 
-        for chunk in app(environ, start_response):  # in the order produced, whichever way it came
-            written.append(chunk)
-        return answer["status"], answer["headers"], b"".join(written)
+        chunks = iter(app(environ, start_response))
+        first = next(chunks, None)  # dulwich calls start_response by its first chunk at the latest
+
+        def body_chunks() -> Iterator[bytes]:
+            # In the order produced: what write() received while a chunk was made comes before it.
+            pending = [first] if first is not None else []
+            while True:
+                while written:
+                    yield written.pop(0)
+                yield from pending
+                try:
+                    pending = [next(chunks)]
+                except StopIteration:
+                    break
+            while written:
+                yield written.pop(0)
+
+        return answer["status"], answer["headers"], body_chunks()

@@ -1,4 +1,4 @@
-"""`anvil pdb`: PersonalDB groups (create, ls, show, migrate, snapshot, compact, keys, verify)."""
+"""`anvil pdb`: PersonalDB groups (create, ls, show, migrate, snapshot, compact, keys, key rotate, verify)."""
 
 from __future__ import annotations
 
@@ -76,9 +76,23 @@ def pdb_compact(client: AnvilClient, as_json: bool, name: str) -> None:
 @pdb.command("keys")
 @client_command
 def pdb_keys(client: AnvilClient, as_json: bool) -> None:
+    """The witness's public keys, with rotation history."""
     items = client.pdb_keys()
     rows = [(k["key_id"], k["public"], "retired" if k["retired"] else "current") for k in items]
     emit(as_json, items, table=(("key id", "public key (base64)", "state"), rows))
+
+
+@pdb.group("key")
+def pdb_key() -> None:
+    """The witness key (its public keys are listed by `anvil pdb keys`)."""
+
+
+@pdb_key.command("rotate")
+@client_command
+def pdb_key_rotate(client: AnvilClient, as_json: bool) -> None:
+    """Retire the current witness key and start a new one (admin). Old certificates keep verifying."""
+    res = client.pdb_rotate_key()
+    emit(as_json, res, text=f"the witness now signs with {res['key_id']}; earlier keys stay published as retired")
 
 
 @pdb.command("verify")

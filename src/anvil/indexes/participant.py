@@ -78,7 +78,7 @@ class IndexesParticipant(Participant):
     name = "indexes"
     kind = "derived"
     covers = ["metadata-indexes", "fulltext", "vector"]
-    owns = [f"{INDEX_DIR}/ (generations: tantivy segments, MANIFEST.json)",
+    owns = [f"{INDEX_DIR}/ (generations: tantivy segments, the HNSW graph, MANIFEST.json)",
             "catalog.db: index_definitions (source)"]
     tables = TABLES
     # The definitions are source rows inside this derived participant: replay rebuilds them from

@@ -264,6 +264,15 @@ class IndexService:
     def drop(self, ctx: RequestContext, bucket: str, name: str) -> dict[str, Any]:
         return self._change(ctx, bucket, name, "index.drop", lambda d: {**d, "state": "dropped"})
 
+    def bucket_deleting(self, txn: Txn, bucket: str, tenant: str) -> None:
+        """Definitions are bucket configuration (like lifecycle rules): they go with their bucket, each
+        with its `index.drop` event in the bucket delete's transaction. The builder drops the derived
+        files when it next sees the definitions gone."""
+        for d in read_definitions(txn.conn, bucket=bucket):
+            txn.conn.execute("DELETE FROM index_definitions WHERE bucket = ? AND name = ?", (bucket, d["name"]))
+            self._emit(txn, d["tenant"], "index.drop", {**d, "state": "dropped"})
+        self._wake.set()
+
     def _visible(self, principal: Principal, bucket: str, name: str) -> dict[str, Any]:
         d = self._row(self.catalog.reader(), bucket, name)
         if d is None:

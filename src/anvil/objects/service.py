@@ -32,6 +32,8 @@ log = logging.getLogger("anvil.objects")
 # Called with what a failed verification found: tenant, bucket, key, version_id, sha256, detail,
 # quarantined. The runtime wires it to diagnostics (objects may not import diagnostics).
 CorruptionListener = Callable[[dict[str, Any]], None]
+# Runs inside a bucket delete's transaction (txn, bucket, tenant), after the emptiness checks.
+BucketDeleteHook = Callable[[Txn, str, str], None]
 
 MIGRATIONS = [
     """
@@ -468,6 +470,7 @@ class ObjectService:
         self.space = storage.space
         self.catalog.migrate("objects", MIGRATIONS)
         self._corruption_listeners: list[CorruptionListener] = []
+        self._bucket_delete_hooks: list[BucketDeleteHook] = []
 
     # ---------------------------------------------------------------- helpers
 
@@ -562,6 +565,7 @@ class ObjectService:
                 raise AnvilError("BucketNotEmpty", "bucket is not empty (objects, versions or delete markers remain)")
             if txn.conn.execute("SELECT 1 FROM multipart_uploads WHERE bucket = ? LIMIT 1", (name,)).fetchone():
                 raise AnvilError("BucketNotEmpty", "bucket has multipart uploads in progress")
+            self._bucket_deleting(txn, name, b.tenant)
             self._drop_bucket_config(txn, name)
             txn.conn.execute("DELETE FROM buckets WHERE name = ?", (name,))
             txn.emit(b.tenant, "bucket.delete", name, {"bucket": name})
@@ -578,6 +582,8 @@ class ObjectService:
             b = self._require_bucket(txn.conn, name)
             if txn.conn.execute("SELECT 1 FROM versions WHERE bucket = ? LIMIT 1", (name,)).fetchone():
                 raise AnvilError("BucketNotEmpty", "bucket is not empty (objects, versions or delete markers remain)")
+            # Before any abort: a hook that refuses leaves the uploads in progress too.
+            self._bucket_deleting(txn, name, b.tenant)
             uploads = txn.conn.execute(
                 "SELECT upload_id, key, tenant FROM multipart_uploads WHERE bucket = ? ORDER BY key, upload_id",
                 (name,)).fetchall()
@@ -591,6 +597,16 @@ class ObjectService:
             return {"bucket": name, "deleted": True, "aborted_uploads": len(uploads)}
 
         return self._mutate(ctx, fn, fingerprint("bucket.delete", name))
+
+    def on_bucket_delete(self, hook: BucketDeleteHook) -> None:
+        """Subsystems above objects that keep per-bucket records (index definitions, artefacts) are
+        asked inside the delete's transaction: a hook refuses by raising (nothing is written) or drops
+        its rows with their own journal events, which commit with the `bucket.delete`."""
+        self._bucket_delete_hooks.append(hook)
+
+    def _bucket_deleting(self, txn: Txn, name: str, tenant: str) -> None:
+        for hook in self._bucket_delete_hooks:
+            hook(txn, name, tenant)
 
     @staticmethod
     def _drop_bucket_config(txn: Txn, name: str) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from anvil.personaldb.service import PersonalDbService
 
-__all__ = ["PersonalDbService", "Replica"]
+__all__ = ["PersonalDbService", "ProjectionReplica", "Replica"]
 
 
 def __getattr__(name: str) -> Any:
@@ -16,4 +16,8 @@ def __getattr__(name: str) -> Any:
         from anvil.personaldb.replica import Replica
 
         return Replica
+    if name == "ProjectionReplica":
+        from anvil.personaldb.replica import ProjectionReplica
+
+        return ProjectionReplica
     raise AttributeError(name)

@@ -21,6 +21,7 @@ Chain hashes:
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 from typing import Any
@@ -90,6 +91,12 @@ class WitnessKey:
         return {"body": body, "signature": base64.b64encode(sig).decode()}
 
 
+@functools.lru_cache(maxsize=64)
+def _public_key(pub: str) -> Ed25519PublicKey:
+    """A published key, decoded once (a chain holds thousands of certificates by the same few keys)."""
+    return Ed25519PublicKey.from_public_bytes(base64.b64decode(pub))
+
+
 def verify_certificate(cert: Any, public_keys: dict[str, str]) -> dict[str, Any]:
     """Check one certificate's signature against {key_id: base64 raw public key}; its body."""
     if not isinstance(cert, dict) or not isinstance(cert.get("body"), dict) or not isinstance(
@@ -101,8 +108,7 @@ def verify_certificate(cert: Any, public_keys: dict[str, str]) -> dict[str, Any]
     if pub is None:
         raise CertificateInvalid(f"unknown witness key id {kid!r}")
     try:
-        Ed25519PublicKey.from_public_bytes(base64.b64decode(pub)).verify(
-            base64.b64decode(cert["signature"]), DOMAIN + canonical(body))
+        _public_key(pub).verify(base64.b64decode(cert["signature"]), DOMAIN + canonical(body))
     except (InvalidSignature, ValueError):
         raise CertificateInvalid(f"bad signature on the certificate of {body.get('group')!r} "
                                  f"index {body.get('index')!r}") from None

@@ -38,6 +38,7 @@ from anvil.storage.records import Connection
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 META = "_anvil_projection"
+LOG_KEEP = 20_000  # projection changes kept for subscribers; one further behind loads the file
 Relation = Callable[[str, str, str], bool]
 
 
@@ -232,6 +233,66 @@ class Projections:
             db.close()
             mirror.close()
         tmp.replace(self.path(name))
+        self._log_reset(name, head)
+
+    # -- the change log subscribers follow ---------------------------------------------------
+    #
+    # Beside each projection file, `NAME.log.sqlite` holds the session changeset of every source
+    # entry applied to it since its last full build (whose head is the log's first row, with no
+    # changeset). A subscriber at (source index I, hash H) gets the rows after I, which must
+    # follow on from I without a gap; otherwise (a rebuild, a trimmed log, a crash between the
+    # file and its log) it is told to load the file again, like a group's snapshot_required.
+
+    def log_path(self, name: str) -> Path:
+        return self.dir / "projections" / f"{name}.log.sqlite"
+
+    def _log_db(self, name: str) -> sf.Database:
+        db = sf.Database(self.log_path(name))
+        db.set_journal_wal()
+        db.script("CREATE TABLE IF NOT EXISTS entries(source_index INTEGER PRIMARY KEY, source_hash TEXT NOT NULL, "
+                  "changeset BLOB)")
+        return db
+
+    def _log_reset(self, name: str, head: tuple[int, str]) -> None:
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(self.log_path(name)) + suffix).unlink(missing_ok=True)
+        db = self._log_db(name)
+        try:
+            db.execute("INSERT INTO entries(source_index, source_hash, changeset) VALUES (?, ?, NULL)", head)
+        finally:
+            db.close()
+
+    def _log_append(self, name: str, head: tuple[int, str], changeset: bytes) -> None:
+        db = self._log_db(name)
+        try:
+            db.begin()
+            db.execute("INSERT OR REPLACE INTO entries(source_index, source_hash, changeset) VALUES (?, ?, ?)",
+                       (head[0], head[1], changeset))
+            db.execute("DELETE FROM entries WHERE source_index <= ?", (head[0] - LOG_KEEP,))
+            db.commit()
+        finally:
+            db.close()
+
+    def changes_after(self, name: str, index: int, h: str, limit: int) -> dict[str, Any]:
+        """The changes after source entry (index, h), or `snapshot_required` (load the file again)."""
+        if not self.log_path(name).exists():
+            return {"status": "snapshot_required", "reason": "no change log"}
+        db = self._log_db(name)
+        try:
+            at = db.execute("SELECT source_hash FROM entries WHERE source_index = ?", (index,))
+            if not at or at[0][0] != h:
+                return {"status": "snapshot_required", "reason": "this source entry is not in the change log"}
+            rows = db.execute("SELECT source_index, source_hash, changeset FROM entries WHERE source_index > ? "
+                              "ORDER BY source_index LIMIT ?", (index, limit + 1))
+        finally:
+            db.close()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        for expect, r in enumerate(rows, start=index + 1):
+            if r[0] != expect or r[2] is None:
+                return {"status": "snapshot_required", "reason": "the change log has a gap"}
+        return {"status": "ok", "more": more,
+                "entries": [{"source_index": r[0], "source_hash": r[1], "changeset": bytes(r[2])} for r in rows]}
 
     def on_commit(self, group: str, changeset: bytes, kind: str, head: tuple[int, str],
                   projections: list[tuple[str, dict[str, Any]]], relation: Relation) -> None:
@@ -252,12 +313,16 @@ class Projections:
             for name, spec in projections:
                 db = sf.Database(self.path(name))
                 try:
+                    db.start_session()  # what subscribers apply (the bookkeeping table is not recorded)
                     db.begin()
                     project_rows(db, mirror, spec, touched, relation)
                     _set_meta(db, group, head)
                     db.commit()
+                    changes = db.take_changeset()
                 finally:
+                    db.stop_session()
                     db.close()
+                self._log_append(name, head, changes)
         finally:
             mirror.close()
 

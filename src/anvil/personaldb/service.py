@@ -112,6 +112,7 @@ DEFAULT_MAX_CHANGESET = 16 * 1024 * 1024
 DEFAULT_SNAPSHOT_EVERY = 1000
 MAX_SCHEMA = 1024 * 1024
 MAX_PAGE = 2000
+MAX_BATCH = 1000  # changesets in one batch commit
 KEY_FILE = "personaldb_witness.json"
 # Row permissions are decided by scopes until relationship authorisation lands; the certificate
 # records which authorisation state decided, and revision 0 means "scopes of the token".
@@ -559,6 +560,26 @@ class PersonalDbService:
 
     def submit_commit(self, ctx: RequestContext, name: str, data: bytes, *, base_index: Any, base_hash: Any,
                       schema_version: Any = None) -> concurrent.futures.Future:
+        """One changeset against (base_index, base_hash); the future's result is its entry."""
+        batch = self.submit_commits(ctx, name, [(data, ctx.idempotency_key)], base_index=base_index,
+                                    base_hash=base_hash, schema_version=schema_version)
+        out: concurrent.futures.Future = concurrent.futures.Future()
+
+        def done(f: concurrent.futures.Future) -> None:
+            if f.exception() is not None:
+                out.set_exception(f.exception())
+            else:
+                out.set_result(f.result()[0])
+        batch.add_done_callback(done)
+        return out
+
+    def submit_commits(self, ctx: RequestContext, name: str, items: list[tuple[bytes, str | None]], *,
+                       base_index: Any, base_hash: Any, schema_version: Any = None) -> concurrent.futures.Future:
+        """Changesets of one replica in order, each (bytes, idempotency key or None): the first is based on
+        (base_index, base_hash), each next one on the entry before it. Each becomes its own log entry,
+        certificate and `pdb.commit` event, all in one catalog transaction (one fsync for the lot, one
+        round trip): all are appended or none is. A retry after a lost answer returns the same entries
+        (each key's fingerprint chains over its base, like a single commit's)."""
         g = self.group(ctx.principal, name)
         if not isinstance(base_index, int) or isinstance(base_index, bool) or base_index < 0:
             raise AnvilError("InvalidArgument", "the base index must be a non-negative integer")
@@ -570,48 +591,71 @@ class PersonalDbService:
             raise AnvilError("PersonalDbSchemaMismatch",
                              f"the replica is at schema version {schema_version}, group {name} is at "
                              f"{g['schema_version']}: pull to migrate, then submit again")
-        changes = self.validate_changeset(ctx.principal, g, data)
-        fingerprint = certs.sha256_hex(f"{base_index}:{base_hash}:".encode() + data)
-        idem = ctx.idempotency_key
-        if idem is not None and not (1 <= len(idem) <= 255 and idem.isprintable()):
-            raise AnvilError("InvalidArgument", "Idempotency-Key must be 1-255 printable characters")
-        tables = sorted({c.table for c in changes})
+        if not items or len(items) > MAX_BATCH:
+            raise AnvilError("InvalidArgument", f"a batch holds 1 to {MAX_BATCH} changesets")
+        if sum(len(d) for d, _ in items) > g["max_changeset"]:
+            raise AnvilError("EntityTooLarge", f"the batch's changesets add up to more than {g['max_changeset']} "
+                             "bytes (the group's changeset limit)")
+        checked = []
+        for data, idem in items:
+            changes = self.validate_changeset(ctx.principal, g, data)
+            if idem is not None and not (isinstance(idem, str) and 1 <= len(idem) <= 255 and idem.isprintable()):
+                raise AnvilError("InvalidArgument", "Idempotency-Key must be 1-255 printable characters")
+            checked.append((data, idem, sorted({c.table for c in changes}), len(changes)))
         checked_version = g["schema_version"]
 
-        def fn(txn: Txn) -> dict[str, Any]:
+        def fn(txn: Txn) -> list[dict[str, Any]]:
             cur = self._group_row(txn.conn, name)
             if cur is None:
                 raise _group_missing()
-            if idem is not None:
-                row = txn.conn.execute("SELECT fingerprint, certificate, hash, idx FROM pdb_log WHERE grp = ? "
-                                       "AND idem_key = ?", (name, idem)).fetchone()
-                if row is not None:
-                    if row[0] != fingerprint:
-                        raise AnvilError("IdempotencyMismatch",
-                                         "this Idempotency-Key was already used for a different changeset")
-                    return self._entry_of(txn.conn, name, int(row[3]), replay=True)
-            if (base_index, base_hash) != (cur["head_index"], cur["head_hash"]):
-                raise self._stale(cur)
-            version = cur["schema_version"]
-            if (schema_version is not None and schema_version != version) or version != checked_version:
-                raise AnvilError("PersonalDbSchemaMismatch",
-                                 f"the replica is at schema version {schema_version or checked_version}, group {name} "
-                                 f"is at {version}: pull to migrate, then submit again")
-            entry = self._append(txn, cur, "changeset", data, version, idem, fingerprint)
-            txn.emit(cur["tenant"], "pdb.commit", f"pdb/{name}",
-                     {"group": name, "index": entry["index"], "hash": entry["hash"], "prev_hash": entry["prev_hash"],
-                      "changeset_sha256": entry["changeset_sha256"], "size": len(data), "tables": tables,
-                      "rows": len(changes), "schema_version": version,
-                      # What replay needs to rebuild the log row (the witness key is not in the journal).
-                      "changeset": base64.b64encode(data).decode(), "idem_key": idem, "fingerprint": fingerprint,
-                      "certificate": entry.pop("_certificate_text")})
-            entry["snapshot_due"] = entry["index"] % cur["snapshot_every"] == 0
-            entry["projections"] = self._emit_projection_updates(txn, cur, entry)
-            return entry
+            base = (base_index, base_hash)
+            out: list[dict[str, Any]] = []
+            for data, idem, tables, rows in checked:
+                fingerprint = certs.sha256_hex(f"{base[0]}:{base[1]}:".encode() + data)
+                if idem is not None:
+                    row = txn.conn.execute("SELECT fingerprint, idx FROM pdb_log WHERE grp = ? AND idem_key = ?",
+                                           (name, idem)).fetchone()
+                    if row is not None:
+                        if row[0] != fingerprint:
+                            raise AnvilError("IdempotencyMismatch",
+                                             "this Idempotency-Key was already used for a different changeset")
+                        entry = self._entry_of(txn.conn, name, int(row[1]), replay=True)
+                        out.append(entry)
+                        base = (entry["index"], entry["hash"])
+                        continue
+                if base != (cur["head_index"], cur["head_hash"]):
+                    raise self._stale(cur)
+                version = cur["schema_version"]
+                if (schema_version is not None and schema_version != version) or version != checked_version:
+                    raise AnvilError("PersonalDbSchemaMismatch",
+                                     f"the replica is at schema version {schema_version or checked_version}, group "
+                                     f"{name} is at {version}: pull to migrate, then submit again")
+                entry = self._append(txn, cur, "changeset", data, version, idem, fingerprint)
+                txn.emit(cur["tenant"], "pdb.commit", f"pdb/{name}",
+                         {"group": name, "index": entry["index"], "hash": entry["hash"],
+                          "prev_hash": entry["prev_hash"], "changeset_sha256": entry["changeset_sha256"],
+                          "size": len(data), "tables": tables, "rows": rows, "schema_version": version,
+                          # What replay needs to rebuild the log row (the witness key is not in the journal).
+                          "changeset": base64.b64encode(data).decode(), "idem_key": idem,
+                          "fingerprint": fingerprint, "certificate": entry.pop("_certificate_text")})
+                entry["snapshot_due"] = entry["index"] % cur["snapshot_every"] == 0
+                entry["projections"] = self._emit_projection_updates(txn, cur, entry)
+                cur = {**cur, "head_index": entry["index"], "head_hash": entry["hash"]}
+                base = (entry["index"], entry["hash"])
+                out.append(entry)
+            return out
 
         fut = self.catalog.submit(fn, actor=ctx.actor, request_id=ctx.request_id)
-        fut.add_done_callback(lambda f: self._after_commit(name, f))
+        fut.add_done_callback(lambda f: self._after_commits(name, f))
         return fut
+
+    def _after_commits(self, name: str, fut: concurrent.futures.Future) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        for entry in fut.result():
+            done: concurrent.futures.Future = concurrent.futures.Future()
+            done.set_result(entry)
+            self._after_commit(name, done)
 
     def _after_commit(self, name: str, fut: concurrent.futures.Future) -> None:
         if fut.cancelled() or fut.exception() is not None:
@@ -926,6 +970,22 @@ class PersonalDbService:
             finally:
                 db.close()
             return zstandard.ZstdCompressor(level=3).compress((Path(d) / "p.sqlite").read_bytes())
+
+    def projection_changes(self, principal: Principal, name: str, after_index: Any, after_hash: Any, *,
+                           limit: int = 1000) -> dict[str, Any]:
+        """What a subscriber at source entry (after_index, after_hash) applies to follow the projection:
+        one changeset per source entry since, or `snapshot_required` (load the file again)."""
+        n, _, _ = self._projection_row(principal, name)
+        if not isinstance(after_index, int) or after_index < 0:
+            raise AnvilError("InvalidArgument", "after_index must be a non-negative integer")
+        if not isinstance(after_hash, str) or not re.fullmatch(r"[0-9a-f]{64}", after_hash):
+            raise AnvilError("InvalidArgument", "after_hash must be 64 hex digits")
+        if not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+            raise AnvilError("InvalidArgument", f"limit must be 1-{MAX_PAGE}")
+        out = self.projections.changes_after(n, after_index, after_hash, limit)
+        for e in out.get("entries", []):
+            e["changeset"] = base64.b64encode(e["changeset"]).decode()
+        return {"projection": n, **out}
 
     def write_back(self, ctx: RequestContext, name: str, data: bytes) -> dict[str, Any]:
         """A changeset made on a copy of the projection, sent back to the source group under the
