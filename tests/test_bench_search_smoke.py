@@ -29,3 +29,5 @@ def test_search_bench_small_prints_every_figure(tmp_path: Path) -> None:
     assert doc["fulltext"]["qps_ratio_anvil_over_fts5"] > 0
     assert 0 <= doc["vector"]["recall_at_10"] <= 1 and 0 <= doc["vector"]["filtered_recall_at_10_1pct"] <= 1
     assert len(doc["load_average_start"]) == 3 and len(doc["load_average_end"]) == 3
+    reopen = doc["vector_reopen"]  # the saved HNSW graph loaded, and rebuilt without it
+    assert reopen["vectors"] == 1500 and reopen["loaded_seconds"] >= 0 and reopen["rebuilt_seconds"] > 0

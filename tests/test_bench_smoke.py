@@ -110,6 +110,8 @@ def test_personaldb_bench_quick_prints_every_figure() -> None:
                              ("snapshot", ("build_seconds", "peer_local_copy_hash_compress_seconds"))):
         for f in figures:
             assert {"min", "median", "runs"} <= doc[section][f].keys() and len(doc[section][f]["runs"]) >= 3
+    batched = doc["one_group"]["batched"]  # the same commits sent as batches (commits/batch)
+    assert batched["changesets_per_request"] >= 1 and len(batched["commits_per_s"]["runs"]) >= 3
 
 
 def test_pitr_bench_quick_prints_rpo_and_restore_figures() -> None:
