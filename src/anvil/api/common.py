@@ -126,6 +126,19 @@ def submit_file_io(fn: Callable[..., Any], *args: Any) -> concurrent.futures.Fut
     return _FILE_IO.submit(fn, *args)
 
 
+# Catalog reads that can take more than a millisecond (listings, journal pages, admin reads) run in a
+# pool of their own, off the event loop, so a slow listing never makes a GET wait behind it. Small and
+# fixed: each thread keeps one reader connection (with its page cache), so the number of connections
+# and the memory they hold stay bounded, and a burst of listings queues here instead of taking the
+# threads that mutations wait in.
+_READS = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="anvil-read")
+
+
+async def catalog_read(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a catalog read (and the building of its response) in the read pool."""
+    return await asyncio.get_running_loop().run_in_executor(_READS, functools.partial(fn, *args, **kwargs))
+
+
 def check_recovery(request: Request) -> None:
     """A restored server in recovery mode refuses public writes until `anvil recovery resume`."""
     if getattr(request.app.state, "recovery_mode", False):
