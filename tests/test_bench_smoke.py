@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_objects_bench_quick_prints_every_figure() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "objects.py"), "--quick"], env=env,
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "objects.py"), "--quick", "--reps", "2"], env=env,
                           capture_output=True, timeout=180)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     doc = json.loads(proc.stdout)
@@ -34,6 +34,12 @@ def test_objects_bench_quick_prints_every_figure() -> None:
     assert doc["reference"]["fsync_loop"]["ops_per_s"] > 0
     assert doc["reference"]["fsync_threads"]["ops_per_s"] > 0
     assert set(doc["ratios"]) == {"put_vs_fsync_loop", "put_vs_fsync_threads"}
+    # Server and references interleaved over 2 repetitions: each figure carries both runs, min and median.
+    assert doc["config"]["reps"] == 2
+    for fig in (doc["small"]["put"], doc["small"]["get"], doc["reference"]["fsync_loop"],
+                doc["reference"]["fsync_threads"]):
+        assert len(fig["ops_per_s_runs"]) == 2 and fig["ops_per_s_min"] == min(fig["ops_per_s_runs"])
+    assert {"load_average_before", "load_average_after"} <= doc["machine"].keys()
     targets = doc["targets"]
     assert {"put_ops_per_s", "get_ops_per_s", "large_put_mb_per_s", "large_get_mb_per_s",
             "rss_flat_in_object_size", "no_errors", "all_met"} <= targets.keys()
