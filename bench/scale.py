@@ -88,10 +88,15 @@ def _path(bucket: str, key: str) -> str:
     return f"/anvil/v1/buckets/{bucket}/object?key={urllib.parse.quote(key, safe='')}"
 
 
-async def _conn(cmd: dict[str, Any], indexes: list[int]) -> dict[str, Any]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", cmd["port"])
+async def _open(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    done = errors = 0
+    return reader, writer
+
+
+async def _conn(cmd: dict[str, Any], indexes: list[int]) -> dict[str, Any]:
+    reader, writer = await _open(cmd["port"])
+    done = errors = reconnects = 0
     lat: list[float] = []
     rng = random.Random(os.urandom(8))
     put = cmd["op"] == "put"
@@ -110,16 +115,27 @@ async def _conn(cmd: dict[str, Any], indexes: list[int]) -> dict[str, Any]:
             payload = _head("GET", _path(cmd["bucket"], key_of(rng.randrange(cmd["loaded"]))))
         n += 1
         t0 = time.perf_counter()
-        writer.write(payload)
-        status, length = _status_length(await reader.readuntil(b"\r\n\r\n"))
-        got = await reader.readexactly(length) if length else b""
+        try:
+            writer.write(payload)
+            status, length = _status_length(await reader.readuntil(b"\r\n\r\n"))
+            got = await reader.readexactly(length) if length else b""
+        except (asyncio.IncompleteReadError, ConnectionError):
+            # The server closes a keep-alive connection idle for 5 s; a client process starved that
+            # long on a loaded machine finds it closed. Reconnect and send the request again (a PUT
+            # of the same key and body, or a GET: both may be repeated).
+            reconnects += 1
+            writer.close()
+            reader, writer = await _open(cmd["port"])
+            writer.write(payload)
+            status, length = _status_length(await reader.readuntil(b"\r\n\r\n"))
+            got = await reader.readexactly(length) if length else b""
         lat.append(time.perf_counter() - t0)
         if status == 200 and (put or len(got) == BODY_BYTES):
             done += 1
         else:
             errors += 1
     writer.close()
-    return {"done": done, "errors": errors, "lat": lat}
+    return {"done": done, "errors": errors, "lat": lat, "reconnects": reconnects}
 
 
 def _worker(inq: mp.Queue, outq: mp.Queue) -> None:
@@ -163,7 +179,8 @@ class Clients:
                         timeout=3600)
         took = time.perf_counter() - t0
         done, errors = sum(r["done"] for r in res), sum(r["errors"] for r in res)
-        return {"objects": done, "errors": errors, "seconds": round(took, 2), "ops_per_s": round(done / took, 1)}
+        return {"objects": done, "errors": errors, "seconds": round(took, 2), "ops_per_s": round(done / took, 1),
+                "reconnects": sum(r["reconnects"] for r in res)}
 
     def get(self, port: int, bucket: str, loaded: int, seconds: float) -> dict[str, Any]:
         deadline = time.monotonic() + seconds
@@ -172,7 +189,8 @@ class Clients:
         lat = sorted(x for r in res for x in r["lat"])
         return {"ops": sum(r["done"] for r in res), "errors": sum(r["errors"] for r in res),
                 "ops_per_s": round(sum(r["done"] for r in res) / seconds, 1),
-                "p50_ms": _pct(lat, 0.5), "p99_ms": _pct(lat, 0.99), "max_ms": _pct(lat, 1.0)}
+                "p50_ms": _pct(lat, 0.5), "p99_ms": _pct(lat, 0.99), "max_ms": _pct(lat, 1.0),
+                "reconnects": sum(r["reconnects"] for r in res)}
 
     def close(self) -> None:
         for q in self.inqs:
