@@ -21,6 +21,7 @@ import multiprocessing as mp
 import os
 import platform
 import socket
+import statistics
 import sys
 import tempfile
 import threading
@@ -308,8 +309,20 @@ def _fsync_reference(directory: Path, seconds: float, threads: int) -> dict[str,
 # ----------------------------------------------------------------------------- main
 
 
-def run(quick: bool) -> dict[str, Any]:
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median ops/s, with the min, median and every run's ops/s beside it."""
+    rates = [r["ops_per_s"] for r in runs]
+    mid = sorted(runs, key=lambda r: r["ops_per_s"])[(len(runs) - 1) // 2]
+    return {**mid, "ops_per_s_min": min(rates), "ops_per_s_median": round(statistics.median(rates), 1),
+            "ops_per_s_runs": rates}
+
+
+def run(quick: bool, reps: int | None = None) -> dict[str, Any]:
+    """Small PUT/GET on the server and the fsync references are interleaved over `reps` repetitions
+    (default 3, quick 1), the order alternating (server first, then references first), so a change
+    in the shared machine's load hits both; each figure is the median run, with min and median."""
     sys.path.insert(0, str(ROOT))
+    reps = reps or (1 if quick else 3)
     from tests.helpers import AnvilServer
 
     processes, conns_per_process = 2, 4
@@ -338,15 +351,34 @@ def run(quick: bool) -> dict[str, Any]:
             # Warm-up (not measured): imports, thread pools, SQLite pages.
             load.run(port, "bench", "put", [[f"warm/{n}/"] for n in range(clients)], warmup)
 
-            with Sampler(pid) as s_put:
-                put = load.run(port, "bench", "put", [[f"small/{n}/"] for n in range(clients)], seconds)
-            put.update(s_put.figures(), server_cpu_ms_per_op=round(1000 * s_put.cpu_s / max(put["ops"], 1), 3))
-            keys = [k for conn in put.pop("written") for k in conn]
-            per_conn = [keys[n::clients] for n in range(clients)]
-            with Sampler(pid) as s_get:
-                get = load.run(port, "bench", "get", per_conn, seconds)
-            get.pop("written")
-            get.update(s_get.figures(), server_cpu_ms_per_op=round(1000 * s_get.cpu_s / max(get["ops"], 1), 3))
+            def small(rep: int) -> tuple[dict[str, Any], dict[str, Any]]:
+                with Sampler(pid) as s_put:
+                    put = load.run(port, "bench", "put", [[f"small{rep}/{n}/"] for n in range(clients)], seconds)
+                put.update(s_put.figures(), server_cpu_ms_per_op=round(1000 * s_put.cpu_s / max(put["ops"], 1), 3))
+                keys = [k for conn in put.pop("written") for k in conn]
+                per_conn = [keys[n::clients] for n in range(clients)]
+                with Sampler(pid) as s_get:
+                    get = load.run(port, "bench", "get", per_conn, seconds)
+                get.pop("written")
+                get.update(s_get.figures(), server_cpu_ms_per_op=round(1000 * s_get.cpu_s / max(get["ops"], 1), 3))
+                return put, get
+
+            def references(rep: int) -> tuple[dict[str, Any], dict[str, Any]]:
+                return (_fsync_reference(tmp_path / f"ref-loop-{rep}", seconds, 1),
+                        _fsync_reference(tmp_path / f"ref-threads-{rep}", seconds, clients))
+
+            puts, gets, loops, threads = [], [], [], []
+            for rep in range(reps):
+                if rep % 2:
+                    (a, b), (p, g) = references(rep), small(rep)
+                else:
+                    (p, g), (a, b) = small(rep), references(rep)
+                puts.append(p)
+                gets.append(g)
+                loops.append(a)
+                threads.append(b)
+            put, get = _median_run(puts), _median_run(gets)
+            ref_loop, ref_threads = _median_run(loops), _median_run(threads)
 
             large_fig: dict[str, Any] = {"size_bytes": large, "probe_size_bytes": probe}
             for label, size in (("probe", probe), ("large", large)):
@@ -361,9 +393,6 @@ def run(quick: bool) -> dict[str, Any]:
         finally:
             load.close()
             server.stop()
-
-        ref_loop = _fsync_reference(tmp_path / "ref-loop", seconds, 1)
-        ref_threads = _fsync_reference(tmp_path / "ref-threads", seconds, clients)
 
     peak_probe = max(large_fig["probe"]["put"]["server_peak_rss_mib"], large_fig["probe"]["get"]["server_peak_rss_mib"])
     peak_large = max(large_fig["large"]["put"]["server_peak_rss_mib"], large_fig["large"]["get"]["server_peak_rss_mib"])
@@ -404,7 +433,7 @@ def run(quick: bool) -> dict[str, Any]:
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
         },
         "config": {
-            "clients": clients, "client_processes": processes, "small_object_bytes": SMALL_SIZE,
+            "clients": clients, "client_processes": processes, "small_object_bytes": SMALL_SIZE, "reps": reps,
             "seconds_per_small_workload": seconds, "durability": "blob fsync + directory fsync, then SQLite "
             "WAL commit with synchronous=FULL (group commit), all before the response",
         },
@@ -413,8 +442,9 @@ def run(quick: bool) -> dict[str, Any]:
         "rss": rss,
         "reference": {"fsync_loop": ref_loop, "fsync_threads": ref_threads},
         "ratios": {
-            "put_vs_fsync_loop": round(put["ops_per_s"] / ref_loop["ops_per_s"], 3),
-            "put_vs_fsync_threads": round(put["ops_per_s"] / ref_threads["ops_per_s"], 3),
+            # Medians over the interleaved repetitions.
+            "put_vs_fsync_loop": round(put["ops_per_s_median"] / ref_loop["ops_per_s_median"], 3),
+            "put_vs_fsync_threads": round(put["ops_per_s_median"] / ref_threads["ops_per_s_median"], 3),
         },
         "targets": targets,
     }
@@ -494,13 +524,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds for --compare-large")
     parser.add_argument("--gets", type=int, default=5, help="GETs per server per round for --compare-large")
     parser.add_argument("--size-mib", type=int, default=256, help="object size for --compare-large")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="interleaved repetitions of small PUT/GET and the fsync references (default 3; quick 1)")
     args = parser.parse_args()
     if args.compare_large:
         variants = dict(v.split("=", 1) for v in args.compare_large)
         print(json.dumps(compare_large_get(variants, size_mib=args.size_mib, rounds=args.rounds, gets=args.gets),
                          indent=2))
         return
-    print(json.dumps(run(args.quick), indent=2))
+    print(json.dumps(run(args.quick, args.reps), indent=2))
 
 
 if __name__ == "__main__":

@@ -17,10 +17,16 @@ Figures (per server, then Anvil/moto ratios):
                           multipart, 32 MiB parts, max_concurrency 8) -- what `aws s3 cp` does
 Targets: >= 5x moto on small operations and listing, >= 200 MB/s for large objects each way.
 
+The two servers run side by side and the workload is interleaved over --reps repetitions (default
+3; the order alternates, anvil-moto then moto-anvil), so a change in the shared machine's load hits
+both alike. Per phase the output gives the run with the median rate, plus `rate_min`,
+`rate_median` and `rate_runs` over the repetitions; ratios are of medians. `machine` carries the
+load average before and after.
+
 Optional: --aws-cli-gib N uploads N GiB through `aws s3 cp` (multipart) to Anvil only and reports
 the server's peak RSS growth over its idle baseline (the issue's "RSS stays flat" check).
 
-    python bench/s3.py [--quick] [--objects 10000] [--large-mib 256] [--workers 8] [--aws-cli-gib 1]
+    python bench/s3.py [--quick] [--objects 10000] [--large-mib 256] [--workers 8] [--reps 3] [--aws-cli-gib 1]
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import multiprocessing as mp
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -286,9 +293,13 @@ def large(target: Target, s3: Any, src: Path, size: int) -> dict[str, Any]:
     return out
 
 
+RATE = {"small_put": "ops_per_s", "small_get": "ops_per_s", "list": "keys_per_s",
+        "large_put": "mb_per_s", "large_get": "mb_per_s"}
+
+
 def workload(pool: ClientPool, target: Target, *, objects: int, large_src: Path, large_size: int) -> dict[str, Any]:
+    """One repetition (the bucket exists; a later repetition overwrites the same keys)."""
     s3 = make_client(*target.creds())
-    s3.create_bucket(Bucket=BUCKET)
     pool.connect(target)
     result: dict[str, Any] = {}
     result["small_put"] = pool.run(target, "put", objects)
@@ -346,6 +357,19 @@ def aws_cli_rss(target: Target, tmp: Path, mib: int) -> dict[str, Any]:
     return out
 
 
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per phase: the repetition with the median rate, with min, median and every rate."""
+    out: dict[str, Any] = {}
+    for phase, field in RATE.items():
+        figs = sorted((r[phase] for r in runs), key=lambda f: f[field])
+        rates = [r[phase][field] for r in runs]
+        out[phase] = {**figs[(len(figs) - 1) // 2], "rate_min": min(rates),
+                      "rate_median": round(statistics.median(rates), 1), "rate_runs": rates}
+        if "errors" in out[phase]:
+            out[phase]["errors"] = sum(r[phase]["errors"] for r in runs)
+    return out
+
+
 def write_random(path: Path, mib: int) -> None:
     block = os.urandom(MiB)
     with open(path, "wb") as f:
@@ -359,6 +383,7 @@ def main() -> None:
     ap.add_argument("--objects", type=int, default=None, help="small objects (also the listing size)")
     ap.add_argument("--large-mib", type=int, default=None)
     ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3; quick 1)")
     ap.add_argument("--aws-cli-gib", type=float, default=0, help="also upload N GiB with `aws s3 cp` to Anvil "
                     "and report peak server RSS growth")
     ap.add_argument("--only", choices=("anvil", "moto"), default=None, help="run one server (no ratios)")
@@ -368,12 +393,14 @@ def main() -> None:
     ap.add_argument("--client-cpus", default=None, help="cores for the client processes, e.g. 2-9")
     args = ap.parse_args()
     objects = args.objects or (300 if args.quick else 10_000)
+    reps = args.reps or (1 if args.quick else 3)
+    load_before = os.getloadavg()
     large_mib = args.large_mib or (16 if args.quick else 256)
     server_cpus, client_cpus = parse_cpus(args.server_cpus), parse_cpus(args.client_cpus)
     params = {"objects": objects, "small_size": SMALL_SIZE, "workers": args.workers, "large_mib": large_mib,
               "cpus": os.cpu_count(), "client": "separate processes (spawn), one boto3 client each",
               "server_cpus": sorted(server_cpus) if server_cpus else "all",
-              "client_cpus": sorted(client_cpus) if client_cpus else "all"}
+              "client_cpus": sorted(client_cpus) if client_cpus else "all", "reps": reps}
     tmp = Path(tempfile.mkdtemp(prefix="anvil-bench-s3-"))
     results: dict[str, Any] = {}
     extra: dict[str, Any] = {}
@@ -382,23 +409,34 @@ def main() -> None:
         src = tmp / "large.bin"
         write_random(src, large_mib)
         starters = {"anvil": lambda: start_anvil(tmp / "data", server_cpus), "moto": lambda: start_moto(server_cpus)}
-        for name in (args.only,) if args.only else ("anvil", "moto"):
-            target = starters[name]()
-            try:
-                results[name] = workload(pool, target, objects=objects, large_src=src, large_size=large_mib * MiB)
-                if name == "anvil" and args.aws_cli_gib:
-                    extra["aws_cli_upload"] = aws_cli_rss(target, tmp, int(args.aws_cli_gib * 1024))
-            finally:
+        names = [args.only] if args.only else ["anvil", "moto"]
+        targets: dict[str, Target] = {}
+        try:
+            for name in names:
+                targets[name] = starters[name]()
+                make_client(*targets[name].creds()).create_bucket(Bucket=BUCKET)
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+            for rep in range(reps):
+                for name in names if rep % 2 == 0 else names[::-1]:
+                    runs[name].append(workload(pool, targets[name], objects=objects, large_src=src,
+                                               large_size=large_mib * MiB))
+            results = {name: summarise(runs[name]) for name in names}
+            if "anvil" in targets and args.aws_cli_gib:
+                extra["aws_cli_upload"] = aws_cli_rss(targets["anvil"], tmp, int(args.aws_cli_gib * 1024))
+        finally:
+            for target in targets.values():
                 target.stop()
     finally:
         pool.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    doc: dict[str, Any] = {"benchmark": "s3", "quick": args.quick, "params": params, **results, **extra}
+    machine = {"load_average_before": [round(x, 2) for x in load_before],
+               "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+    doc: dict[str, Any] = {"benchmark": "s3", "quick": args.quick, "params": params, "machine": machine,
+                           **results, **extra}
     if "anvil" in results and "moto" in results:
         a, m = results["anvil"], results["moto"]
-        rate = {"small_put": "ops_per_s", "small_get": "ops_per_s", "list": "keys_per_s",
-                "large_put": "mb_per_s", "large_get": "mb_per_s"}
-        ratio = {k: round(a[k][f] / m[k][f], 2) for k, f in rate.items()}
+        rate = RATE
+        ratio = {k: round(a[k]["rate_median"] / m[k]["rate_median"], 2) for k in rate}
         doc["ratio_anvil_over_moto"] = ratio
         # The same work on both servers: moto's server CPU seconds over Anvil's says how much cheaper Anvil
         # serves it, whatever share of the (shared) cores the client processes took.

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_objects_bench_quick_prints_every_figure() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "objects.py"), "--quick"], env=env,
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "objects.py"), "--quick", "--reps", "2"], env=env,
                           capture_output=True, timeout=180)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     doc = json.loads(proc.stdout)
@@ -34,6 +34,12 @@ def test_objects_bench_quick_prints_every_figure() -> None:
     assert doc["reference"]["fsync_loop"]["ops_per_s"] > 0
     assert doc["reference"]["fsync_threads"]["ops_per_s"] > 0
     assert set(doc["ratios"]) == {"put_vs_fsync_loop", "put_vs_fsync_threads"}
+    # Server and references interleaved over 2 repetitions: each figure carries both runs, min and median.
+    assert doc["config"]["reps"] == 2
+    for fig in (doc["small"]["put"], doc["small"]["get"], doc["reference"]["fsync_loop"],
+                doc["reference"]["fsync_threads"]):
+        assert len(fig["ops_per_s_runs"]) == 2 and fig["ops_per_s_min"] == min(fig["ops_per_s_runs"])
+    assert {"load_average_before", "load_average_after"} <= doc["machine"].keys()
     targets = doc["targets"]
     assert {"put_ops_per_s", "get_ops_per_s", "large_put_mb_per_s", "large_get_mb_per_s",
             "rss_flat_in_object_size", "no_errors", "all_met"} <= targets.keys()
@@ -44,8 +50,8 @@ def test_objects_bench_quick_prints_every_figure() -> None:
 def test_s3_bench_quick_prints_both_servers_and_ratios() -> None:
     """`bench/s3.py --quick` drives Anvil and moto with client processes; only the JSON shape is checked."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "s3.py"), "--quick", "--workers", "2"], env=env,
-                          capture_output=True, timeout=180)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "s3.py"), "--quick", "--workers", "2", "--reps", "2"],
+                          env=env, capture_output=True, timeout=240)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     doc = json.loads(proc.stdout)
     assert doc["benchmark"] == "s3" and doc["quick"] is True and doc["params"]["workers"] == 2
@@ -61,6 +67,14 @@ def test_s3_bench_quick_prints_both_servers_and_ratios() -> None:
         for op in ("large_put", "large_get"):
             assert doc[server][op]["mb_per_s"] > 0 and {"client_cpu_s", "server_cpu_s"} <= doc[server][op].keys()
     assert set(doc["ratio_anvil_over_moto"]) == phases == set(doc["server_cpu_moto_over_anvil"])
+    # Interleaved repetitions: every phase carries each run's rate, their min and median.
+    assert doc["params"]["reps"] == 2
+    for server in ("anvil", "moto"):
+        for op in phases:
+            fig = doc[server][op]
+            assert len(fig["rate_runs"]) == 2 and fig["rate_min"] == min(fig["rate_runs"]) > 0
+            assert fig["rate_min"] <= fig["rate_median"] <= max(fig["rate_runs"])
+    assert {"load_average_before", "load_average_after"} <= doc["machine"].keys()
     assert set(doc["targets_met"]) == {"small_ops_5x_moto", "listing_5x_moto", "large_200_mb_s", "no_errors"}
     assert all(isinstance(met, bool) for met in doc["targets_met"].values())
     assert doc["targets_met"]["no_errors"] is True

@@ -203,3 +203,37 @@ def test_version_listing_matches_model(client: AnvilClient) -> None:
                     break
                 km, vm = page["next_key_marker"], page["next_version_marker"] or ""
             assert got == expected, (prefix, delimiter, size)
+
+
+def test_delimiter_walk_reads_one_row_per_common_prefix() -> None:
+    """The skip-scan: after a common prefix the walk seeks past it, so a page of N prefixes steps
+    about N rows of the store, however many keys each prefix holds (it used to read a page per prefix)."""
+    from anvil.objects.service import _After, _walk
+
+    keys = sorted((f"p{i:03d}/k{j:04d}" for i in range(300) for j in range(200)), key=str.encode)
+    keys += ["top-level"]
+    stepped = queries = 0
+
+    def fetch(after: _After, upper: str | None, n: int):
+        nonlocal stepped, queries
+        queries += 1
+        taken = 0
+        for k in keys:
+            if (k >= after.key if after.inclusive else k > after.key) and (upper is None or k < upper):
+                if taken == n:
+                    return
+                taken += 1
+                stepped += 1
+                yield (k,)
+
+    entries, truncated = _walk(fetch, key_of=lambda r: r[0], tie_of=lambda r: None, prefix="", delimiter="/",
+                               limit=1000, after=_After(""))
+    assert not truncated
+    assert entries == [f"p{i:03d}/" for i in range(300)] + [("top-level",)]
+    assert stepped <= 302 and queries <= 302, (stepped, queries)
+    # A page boundary inside the prefixes: the page is full and says so, still one row per prefix.
+    stepped = queries = 0
+    entries, truncated = _walk(fetch, key_of=lambda r: r[0], tie_of=lambda r: None, prefix="", delimiter="/",
+                               limit=100, after=_After(""))
+    assert truncated and entries == [f"p{i:03d}/" for i in range(100)]
+    assert stepped <= 101, stepped

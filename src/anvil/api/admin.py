@@ -6,7 +6,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from anvil.api.common import blocking, endpoint, json_body, query_int
+from anvil.api.common import blocking, endpoint, json_body, query_int, releasing
 from anvil.context import RequestContext
 from anvil.diagnostics import redact_for
 from anvil.diagnostics.gc import DEFAULT_GRACE, DEFAULT_UPLOAD_EXPIRY
@@ -54,7 +54,7 @@ async def fsck(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:write", "system")
     body = await json_body(request, required=False)
     deep = _flag(body.get("deep", False), "deep")
-    report = await blocking(_anvil(request).diagnostics.fsck, ctx, deep=deep)
+    report = await blocking(releasing, _anvil(request).diagnostics.fsck, ctx, deep=deep)
     return JSONResponse(report.to_dict())
 
 
@@ -63,7 +63,7 @@ async def gc(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:write", "system")
     body = await json_body(request, required=False)
     report = await blocking(
-        _anvil(request).diagnostics.gc, ctx, grace=body.get("grace_seconds", DEFAULT_GRACE),
+        releasing, _anvil(request).diagnostics.gc, ctx, grace=body.get("grace_seconds", DEFAULT_GRACE),
         upload_expiry=body.get("upload_expiry_seconds", DEFAULT_UPLOAD_EXPIRY),
         dry_run=_flag(body.get("dry_run", False), "dry_run"),
     )
@@ -74,7 +74,7 @@ async def gc(request: Request, ctx: RequestContext) -> Response:
 async def repair(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:write", "system")
     body = await json_body(request, required=False)
-    return JSONResponse(await blocking(_anvil(request).diagnostics.repair, ctx, body.get("families")))
+    return JSONResponse(await blocking(releasing, _anvil(request).diagnostics.repair, ctx, body.get("families")))
 
 
 ROUTES = [

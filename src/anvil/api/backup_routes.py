@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from anvil.api.common import blocking, endpoint, json_body
+from anvil.api.common import blocking, endpoint, json_body, release_memory
 from anvil.context import RequestContext
 from anvil.errors import AnvilError
 from anvil.identity import authorize
@@ -47,6 +47,7 @@ def run_backup(app: Any, repo_url: str, *, passphrase: str | None = None, key_fi
         raise
     finally:
         _backup_lock.release()
+        release_memory()  # the snapshot's tree and references: back to idle (api.common)
 
 
 def start_archiver(app: Any, config: Any) -> Any:

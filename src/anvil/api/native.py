@@ -16,6 +16,7 @@ from anvil.api.access import list_objects_filtered, list_versions_filtered
 from anvil.api.common import (
     blocking,
     body_response,
+    catalog_read,
     check_recovery,
     committed,
     endpoint,
@@ -202,25 +203,27 @@ async def list_objects(request: Request, ctx: RequestContext) -> Response:
     prefix = q.get("prefix", "")
     v.check_not_reserved(prefix)
     authorize(ctx.principal, "object:list", _bucket_resource(bucket))
+    limit = query_int(request, "limit", 1000)
     kf = object_filter(ctx.principal, "object:list", bucket)
-    if kf is not None:  # a bound bucket: only the keys the subject may list (docs/authz.md)
-        limit = query_int(request, "limit", 1000)
-        if not 1 <= limit <= 1000:
-            raise AnvilError("InvalidArgument", "page size must be between 1 and 1000")
-        res = await blocking(list_objects_filtered, _anvil(request).objects, kf, bucket, prefix=prefix,
-                             delimiter=q.get("delimiter", ""), start_after=q.get("start_after", ""),
-                             max_keys=limit, token=q.get("token") or None)
-    else:
-        res = _anvil(request).objects.list_objects(
-            bucket, prefix=prefix, delimiter=q.get("delimiter", ""), start_after=q.get("start_after", ""),
-            max_keys=query_int(request, "limit", 1000), token=q.get("token") or None,
-        )
-    return JSONResponse({
-        "objects": [o.to_dict() for o in res.objects],
-        "common_prefixes": res.common_prefixes,
-        "truncated": res.truncated,
-        "next_token": res.next_token,
-    })
+    objects = _anvil(request).objects
+    args = dict(prefix=prefix, delimiter=q.get("delimiter", ""), start_after=q.get("start_after", ""),
+                max_keys=limit, token=q.get("token") or None)
+
+    def page() -> Response:  # in the read pool: the query and the JSON of up to 1,000 objects
+        if kf is None:
+            res = objects.list_objects(bucket, **args)
+        else:  # a bound bucket: only the keys the subject may list (docs/authz.md)
+            if not 1 <= limit <= 1000:
+                raise AnvilError("InvalidArgument", "page size must be between 1 and 1000")
+            res = list_objects_filtered(objects, kf, bucket, **args)
+        return JSONResponse({
+            "objects": [o.to_dict() for o in res.objects],
+            "common_prefixes": res.common_prefixes,
+            "truncated": res.truncated,
+            "next_token": res.next_token,
+        })
+
+    return await catalog_read(page)
 
 
 @endpoint
@@ -230,26 +233,28 @@ async def list_versions(request: Request, ctx: RequestContext) -> Response:
     prefix = q.get("prefix", "")
     v.check_not_reserved(prefix)
     authorize(ctx.principal, "object:list", _bucket_resource(bucket))
+    limit = query_int(request, "limit", 1000)
     kf = object_filter(ctx.principal, "object:list", bucket)
-    if kf is not None:  # a bound bucket: only the keys the subject may list (docs/authz.md)
-        limit = query_int(request, "limit", 1000)
-        if not 1 <= limit <= 1000:
-            raise AnvilError("InvalidArgument", "page size must be between 1 and 1000")
-        res = await blocking(list_versions_filtered, _anvil(request).objects, kf, bucket, prefix=prefix,
-                             delimiter=q.get("delimiter", ""), key_marker=q.get("key_marker", ""),
-                             version_marker=q.get("version_marker", ""), max_keys=limit)
-    else:
-        res = _anvil(request).objects.list_versions(
-            bucket, prefix=prefix, delimiter=q.get("delimiter", ""), key_marker=q.get("key_marker", ""),
-            version_marker=q.get("version_marker", ""), max_keys=query_int(request, "limit", 1000),
-        )
-    return JSONResponse({
-        "versions": [o.to_dict() for o in res.versions],
-        "common_prefixes": res.common_prefixes,
-        "truncated": res.truncated,
-        "next_key_marker": res.next_key_marker,
-        "next_version_marker": res.next_version_marker,
-    })
+    objects = _anvil(request).objects
+    args = dict(prefix=prefix, delimiter=q.get("delimiter", ""), key_marker=q.get("key_marker", ""),
+                version_marker=q.get("version_marker", ""), max_keys=limit)
+
+    def page() -> Response:  # in the read pool, as list_objects
+        if kf is None:
+            res = objects.list_versions(bucket, **args)
+        else:  # a bound bucket: only the keys the subject may list (docs/authz.md)
+            if not 1 <= limit <= 1000:
+                raise AnvilError("InvalidArgument", "page size must be between 1 and 1000")
+            res = list_versions_filtered(objects, kf, bucket, **args)
+        return JSONResponse({
+            "versions": [o.to_dict() for o in res.versions],
+            "common_prefixes": res.common_prefixes,
+            "truncated": res.truncated,
+            "next_key_marker": res.next_key_marker,
+            "next_version_marker": res.next_version_marker,
+        })
+
+    return await catalog_read(page)
 
 
 # ------------------------------------------------------------------ objects
@@ -441,14 +446,18 @@ async def list_uploads(request: Request, ctx: RequestContext) -> Response:
     # The native API answers every upload at once; the service pages, so gather its pages.
     objects = _anvil(request).objects
     kf = object_filter(ctx.principal, "object:list", bucket)
-    uploads: list[dict[str, Any]] = []
-    key_marker = id_marker = ""
-    while True:
-        page = objects.list_uploads(bucket, prefix=prefix, key_marker=key_marker, upload_id_marker=id_marker)
-        uploads += page.uploads if kf is None else [u for u in page.uploads if kf.allows(u["key"])]
-        if not page.truncated:
-            return JSONResponse({"uploads": uploads})
-        key_marker, id_marker = page.next_key_marker or "", page.next_upload_id_marker or ""
+
+    def gather() -> Response:  # in the read pool: every page of uploads
+        uploads: list[dict[str, Any]] = []
+        key_marker = id_marker = ""
+        while True:
+            page = objects.list_uploads(bucket, prefix=prefix, key_marker=key_marker, upload_id_marker=id_marker)
+            uploads += page.uploads if kf is None else [u for u in page.uploads if kf.allows(u["key"])]
+            if not page.truncated:
+                return JSONResponse({"uploads": uploads})
+            key_marker, id_marker = page.next_key_marker or "", page.next_upload_id_marker or ""
+
+    return await catalog_read(gather)
 
 
 @endpoint
@@ -474,7 +483,7 @@ async def upload_part(request: Request, ctx: RequestContext) -> Response:
 async def list_parts(request: Request, ctx: RequestContext) -> Response:
     up = _upload(request)
     authorize(ctx.principal, "object:read", _bucket_resource(up["bucket"], up["key"]))
-    parts = _anvil(request).objects.list_parts(up["bucket"], up["upload_id"])
+    parts = await catalog_read(_anvil(request).objects.list_parts, up["bucket"], up["upload_id"])
     return JSONResponse({"upload_id": up["upload_id"], "key": up["key"], "parts": parts})
 
 
@@ -521,8 +530,11 @@ async def journal_events(request: Request, ctx: RequestContext) -> Response:
     if not 0 <= after < 1 << 63:  # a journal seq is a non-negative SQLite integer
         raise AnvilError("InvalidArgument", "after must be a non-negative integer")
     limit = min(max(query_int(request, "limit", 100), 1), 1000)
-    events = _anvil(request).storage.read_journal(after, limit)
-    return JSONResponse({"events": [e.to_dict() for e in events]})
+
+    def page() -> Response:  # in the read pool: up to 1,000 events and their JSON
+        return JSONResponse({"events": [e.to_dict() for e in _anvil(request).storage.read_journal(after, limit)]})
+
+    return await catalog_read(page)
 
 
 @endpoint

@@ -308,6 +308,11 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any
     """
     host, port = parse_listen(listen)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Listings and other catalog reads run in threads beside the event loop; a thread that computes
+    # in Python keeps the GIL for up to the switch interval whenever the loop wants it back, and a
+    # request needs it back several times. 1 ms instead of 5 ms: under two clients listing back to
+    # back, GET p50 went 5.4 -> 1.9 ms and p99 214 -> 58 ms (load ~20) with no fewer listings served.
+    sys.setswitchinterval(0.001)
     dev_auth = dev_auth or dev_auth_enabled()
     if dev_auth and not is_development():
         raise AnvilError("InvalidArgument", "--dev-auth is refused outside development mode")

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from anvil.api.common import blocking, check_recovery, endpoint, json_body, require_identity
+from anvil.api.common import blocking, catalog_read, check_recovery, endpoint, json_body, require_identity
 from anvil.context import RequestContext
 from anvil.errors import AnvilError
 from anvil.identity import authorize
@@ -175,7 +175,7 @@ async def compact(request: Request, ctx: RequestContext) -> Response:
 async def status(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:read", "system")
     service = _anvil(request).watch
-    summary = await blocking(service.cursor_summary)
+    summary = await catalog_read(service.cursor_summary)
     return JSONResponse({**summary, "watchers": service.watchers,
                          "retention_seconds": service.settings.retention_seconds})
 

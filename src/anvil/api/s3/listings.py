@@ -10,6 +10,7 @@ from starlette.datastructures import QueryParams
 from starlette.responses import Response
 
 from anvil.api.access import list_objects_filtered, list_versions_filtered
+from anvil.api.common import catalog_read
 from anvil.api.s3 import xmlutil as X
 from anvil.api.s3.errors import S3Error
 from anvil.api.s3.request import S3Request, owner, xml
@@ -60,12 +61,13 @@ def listing_fields(q: QueryParams, max_keys: int, delimiter: str, enc: Encoder, 
     return fields
 
 
+# Listings run in the read pool (api.common.catalog_read), query and XML both: off the event loop.
 async def list_objects_v1(r: S3Request) -> Response:
-    return _list_objects(r, v2=False)
+    return await catalog_read(_list_objects, r, v2=False)
 
 
 async def list_objects_v2(r: S3Request) -> Response:
-    return _list_objects(r, v2=True)
+    return await catalog_read(_list_objects, r, v2=True)
 
 
 def _list_objects(r: S3Request, *, v2: bool) -> Response:
@@ -124,6 +126,10 @@ def _list_objects(r: S3Request, *, v2: bool) -> Response:
 
 
 async def list_versions(r: S3Request) -> Response:
+    return await catalog_read(_list_versions, r)
+
+
+def _list_versions(r: S3Request) -> Response:
     r.authorize("object:list", r.bucket)
     q = r.q
     prefix, delimiter = q.get("prefix", ""), q.get("delimiter", "")

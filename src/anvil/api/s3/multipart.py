@@ -8,7 +8,7 @@ from typing import Any
 
 from starlette.responses import Response
 
-from anvil.api.common import blocking
+from anvil.api.common import blocking, catalog_read
 from anvil.api.s3 import xmlutil as X
 from anvil.api.s3.acl import canned
 from anvil.api.s3.config import header_tags
@@ -172,6 +172,10 @@ async def upload_part_copy(r: S3Request) -> Response:
 
 
 async def list_parts(r: S3Request) -> Response:
+    return await catalog_read(_list_parts, r)  # off the event loop, as every listing
+
+
+def _list_parts(r: S3Request) -> Response:
     up = _upload(r)
     r.authorize("object:read", r.bucket, r.key)
     parts = r.objects.list_parts(r.bucket, up["upload_id"])
@@ -201,6 +205,10 @@ async def list_parts(r: S3Request) -> Response:
 
 
 async def list_uploads(r: S3Request) -> Response:
+    return await catalog_read(_list_uploads, r)  # off the event loop, as every listing
+
+
+def _list_uploads(r: S3Request) -> Response:
     r.authorize("object:list", r.bucket)
     q = r.q
     prefix, delimiter = q.get("prefix", ""), q.get("delimiter", "")

@@ -1,0 +1,462 @@
+"""Scale benchmark: does any per-operation cost grow with the number of objects in a bucket?
+
+Starts a real `anvil serve` (the code of this checkout) on a temporary STORAGE_PATH, then loads one
+bucket in steps (default 20k, 50k, 100k, 200k objects, small unique bodies, keys spread over 1,000
+prefixes `pNNNN/`) with several client processes speaking raw HTTP/1.1 over keep-alive sockets
+(as bench/objects.py does: the load generator is not the bottleneck). After each step it measures,
+from outside the server:
+
+- the PUT rate of the step;
+- GET latency (p50/p99) alone, and while listings run (two clients listing back to back);
+- first-page, middle-page and delimiter (1,000 common prefixes) listing times, median of 5;
+- full listing throughput (every key, pages of 1,000, native API);
+- server RSS at rest, and its peak during the step;
+- `GET /anvil/v1/admin/watch/status` time;
+- fsck time (online, not deep);
+- no-change incremental backup time (`anvil backup create --incremental --endpoint`), after an
+  incremental that takes the step's new objects, with the server's RSS peak during the backups
+  and its RSS afterwards.
+
+Each figure is also given as growth over the previous step (ratio). Prints one JSON document.
+
+    python bench/scale.py                 # 200,000 objects (several minutes)
+    python bench/scale.py --steps 20000,100000,400000
+    python bench/scale.py --quick         # smoke run: 2 small steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+MIB = 1024 * 1024
+BODY_BYTES = 128
+PREFIXES = 1000
+TOKEN_ENV = "ANVIL_BENCH_TOKEN"
+PASS = "bench passphrase"
+# The issue's targets (issue 20), checked at the last step.
+TARGETS = {"delimiter_listing_ms": 50.0, "get_p99_while_listing_ms": 5.0, "rss_mib": 200.0,
+           "full_listing_keys_per_s": 100_000.0}
+
+
+def key_of(i: int) -> str:
+    return f"p{i % PREFIXES:04d}/k{i:08d}"
+
+
+def body_of(i: int) -> bytes:
+    # Unique bytes per object: identical bodies would be deduplicated into one blob.
+    return hashlib.sha256(b"scale" + i.to_bytes(8, "big")).digest() * (BODY_BYTES // 32)
+
+
+# ----------------------------------------------------------------------------- raw HTTP/1.1 clients
+
+
+def _head(method: str, path: str, length: int | None = None) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", f"Authorization: Bearer {os.environ[TOKEN_ENV]}"]
+    if length is not None:
+        lines += [f"Content-Length: {length}", "Content-Type: application/octet-stream"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _status_length(head: bytes) -> tuple[int, int]:
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return int(head[9:12]), length
+
+
+def _path(bucket: str, key: str) -> str:
+    return f"/anvil/v1/buckets/{bucket}/object?key={urllib.parse.quote(key, safe='')}"
+
+
+async def _open(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return reader, writer
+
+
+async def _conn(cmd: dict[str, Any], indexes: list[int]) -> dict[str, Any]:
+    reader, writer = await _open(cmd["port"])
+    done = errors = reconnects = 0
+    lat: list[float] = []
+    rng = random.Random(os.urandom(8))
+    put = cmd["op"] == "put"
+    deadline = cmd.get("deadline")
+    n = 0
+    while True:
+        if put:
+            if n == len(indexes):
+                break
+            i = indexes[n]
+            body = body_of(i)
+            payload = _head("PUT", _path(cmd["bucket"], key_of(i)), len(body)) + body
+        else:
+            if time.monotonic() >= deadline:
+                break
+            payload = _head("GET", _path(cmd["bucket"], key_of(rng.randrange(cmd["loaded"]))))
+        n += 1
+        t0 = time.perf_counter()
+        try:
+            writer.write(payload)
+            status, length = _status_length(await reader.readuntil(b"\r\n\r\n"))
+            got = await reader.readexactly(length) if length else b""
+        except (asyncio.IncompleteReadError, ConnectionError):
+            # The server closes a keep-alive connection idle for 5 s; a client process starved that
+            # long on a loaded machine finds it closed. Reconnect and send the request again (a PUT
+            # of the same key and body, or a GET: both may be repeated).
+            reconnects += 1
+            writer.close()
+            reader, writer = await _open(cmd["port"])
+            writer.write(payload)
+            status, length = _status_length(await reader.readuntil(b"\r\n\r\n"))
+            got = await reader.readexactly(length) if length else b""
+        lat.append(time.perf_counter() - t0)
+        if status == 200 and (put or len(got) == BODY_BYTES):
+            done += 1
+        else:
+            errors += 1
+    writer.close()
+    return {"done": done, "errors": errors, "lat": lat, "reconnects": reconnects}
+
+
+def _worker(inq: mp.Queue, outq: mp.Queue) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    while (cmd := inq.get()) is not None:
+        async def phase(cmd: dict[str, Any] = cmd) -> list[dict[str, Any]]:
+            return await asyncio.gather(*(_conn(cmd, ix) for ix in cmd["indexes"]))
+
+        outq.put(asyncio.run(phase()))
+
+
+class Clients:
+    """Client processes, each driving `conns` keep-alive connections."""
+
+    def __init__(self, processes: int, conns: int):
+        ctx = mp.get_context("spawn")
+        self.conns = conns
+        self.outq: mp.Queue = ctx.Queue()
+        self.inqs = [ctx.Queue() for _ in range(processes)]
+        self.procs = [ctx.Process(target=_worker, args=(q, self.outq), daemon=True) for q in self.inqs]
+        for p in self.procs:
+            p.start()
+
+    def _run(self, cmds: list[dict[str, Any]], timeout: float) -> list[dict[str, Any]]:
+        for q, cmd in zip(self.inqs, cmds, strict=True):
+            q.put(cmd)
+        return [c for _ in cmds for c in self.outq.get(timeout=timeout)]
+
+    def put(self, port: int, bucket: str, start: int, stop: int) -> dict[str, Any]:
+        total = len(self.inqs) * self.conns
+        idx = list(range(start, stop))
+        per = [idx[c::total] for c in range(total)]
+        t0 = time.perf_counter()
+        res = self._run([{"op": "put", "port": port, "bucket": bucket,
+                          "indexes": per[w * self.conns:(w + 1) * self.conns]} for w in range(len(self.inqs))],
+                        timeout=3600)
+        took = time.perf_counter() - t0
+        done, errors = sum(r["done"] for r in res), sum(r["errors"] for r in res)
+        return {"objects": done, "errors": errors, "seconds": round(took, 2), "ops_per_s": round(done / took, 1),
+                "reconnects": sum(r["reconnects"] for r in res)}
+
+    def get(self, port: int, bucket: str, loaded: int, seconds: float) -> dict[str, Any]:
+        deadline = time.monotonic() + seconds
+        res = self._run([{"op": "get", "port": port, "bucket": bucket, "loaded": loaded, "deadline": deadline,
+                          "indexes": [[]] * self.conns} for _ in self.inqs], timeout=seconds + 120)
+        lat = sorted(x for r in res for x in r["lat"])
+        return {"ops": sum(r["done"] for r in res), "errors": sum(r["errors"] for r in res),
+                "ops_per_s": round(sum(r["done"] for r in res) / seconds, 1),
+                "p50_ms": _pct(lat, 0.5), "p99_ms": _pct(lat, 0.99), "max_ms": _pct(lat, 1.0),
+                "reconnects": sum(r["reconnects"] for r in res)}
+
+    def close(self) -> None:
+        for q in self.inqs:
+            q.put(None)
+        for p in self.procs:
+            p.join(10)
+
+
+def _pct(sorted_s: list[float], p: float) -> float:
+    if not sorted_s:
+        return 0.0
+    return round(sorted_s[min(len(sorted_s) - 1, int(p * len(sorted_s)))] * 1000, 2)
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+class RssPeak:
+    """The server's peak RSS while a block runs (psutil on the server pid, every 20 ms)."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def rss(self) -> int:
+        return self.proc.memory_info().rss
+
+    def __enter__(self) -> RssPeak:
+        self.peak = self.rss()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def _timed_get(http: Any, url: str, params: dict[str, Any] | None = None) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    r = http.get(url, params=params)
+    took = time.perf_counter() - t0
+    r.raise_for_status()
+    return took, r
+
+
+def _median_ms(xs: list[float]) -> float:
+    return round(statistics.median(xs) * 1000, 2)
+
+
+def listing_times(http: Any, base: str, loaded: int, reps: int) -> dict[str, Any]:
+    url = base + "/objects"
+    first, middle, delim = [], [], []
+    mid = key_of(loaded // 2)
+    for _ in range(reps):
+        t, r = _timed_get(http, url, {"limit": 1000})
+        first.append(t)
+        t, r = _timed_get(http, url, {"limit": 1000, "start_after": mid})
+        middle.append(t)
+        t, r = _timed_get(http, url, {"limit": 1000, "delimiter": "/"})
+        delim.append(t)
+        prefixes = len(r.json()["common_prefixes"])
+    return {"first_page_ms": _median_ms(first), "middle_page_ms": _median_ms(middle),
+            "delimiter_ms": _median_ms(delim), "delimiter_prefixes": prefixes}
+
+
+def full_listing(http: Any, base: str) -> dict[str, Any]:
+    keys = 0
+    token = None
+    t0 = time.perf_counter()
+    while True:
+        params: dict[str, Any] = {"limit": 1000}
+        if token:
+            params["token"] = token
+        page = http.get(base + "/objects", params=params).json()
+        keys += len(page["objects"])
+        if not page["truncated"]:
+            break
+        token = page["next_token"]
+    took = time.perf_counter() - t0
+    return {"keys": keys, "seconds": round(took, 3), "keys_per_s": round(keys / took, 1)}
+
+
+def get_while_listing(clients: Clients, port: int, bucket: str, loaded: int, seconds: float, base: str,
+                      headers: dict[str, str], listers: int) -> dict[str, Any]:
+    """GET latency while `listers` clients list back to back (delimiter pages and full pages, alternating)."""
+    import httpx
+
+    stop = threading.Event()
+    counts = [0] * listers
+
+    def lister(n: int) -> None:
+        with httpx.Client(headers=headers, timeout=120) as h:
+            while not stop.is_set():
+                params = {"limit": 1000, "delimiter": "/"} if counts[n] % 2 == 0 else {
+                    "limit": 1000, "start_after": key_of(random.randrange(loaded))}
+                h.get(base + "/objects", params=params).raise_for_status()
+                counts[n] += 1
+
+    threads = [threading.Thread(target=lister, args=(n,), daemon=True) for n in range(listers)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.3)
+        fig = clients.get(port, bucket, loaded, seconds)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    fig["listings"] = sum(counts)
+    return fig
+
+
+def _cli(args: list[str], env: dict[str, str]) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "anvil.cli.main", *args], env=env, capture_output=True, text=True)
+    took = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"anvil {' '.join(args[:3])} failed: {proc.stderr[-2000:]}")
+    return round(took, 3)
+
+
+def growth(steps: list[dict[str, Any]]) -> None:
+    """Add `growth` to every step after the first: each numeric figure over the previous step's."""
+    def flat(d: dict[str, Any], pre: str = "") -> dict[str, float]:
+        out: dict[str, float] = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{pre}{k}."))
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[pre + k] = float(v)
+        return out
+
+    for prev, cur in zip(steps, steps[1:], strict=False):
+        a, b = flat(prev), flat(cur)
+        cur["growth"] = {k: round(b[k] / a[k], 2) for k in b if k in a and a[k] and k != "objects"
+                         and not k.endswith("errors")}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run(steps: list[int], *, quick: bool, processes: int, conns: int) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT))
+    import httpx
+    from tests.helpers import AnvilServer
+
+    load_before = os.getloadavg()
+    get_seconds = 0.5 if quick else 3.0
+    reps = 3 if quick else 5
+    with tempfile.TemporaryDirectory(prefix="anvil-bench-scale-") as tmp:
+        work = Path(tmp)
+        pythonpath = os.pathsep.join(p for p in (str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        server = AnvilServer(work / "data", env={"PYTHONPATH": pythonpath,
+                                                 "ANVIL_BACKUP_PASSPHRASE": PASS}).start(timeout=60)
+        headers = server.auth_headers()
+        os.environ[TOKEN_ENV] = headers["authorization"].removeprefix("Bearer ")
+        creds = server.admin_credentials()
+        env = {**os.environ, "PYTHONPATH": pythonpath, "ANVIL_BACKUP_PASSPHRASE": PASS,
+               "ANVIL_CLIENT_ID": creds["client_id"], "ANVIL_CLIENT_SECRET": creds["client_secret"],
+               "ANVIL_BACKUP_CACHE_DIR": str(work / "backup-cache")}
+        repo = f"file://{work / 'repo'}"
+        clients = Clients(processes, conns)
+        out_steps: list[dict[str, Any]] = []
+        assert server.proc is not None
+        pid = server.proc.pid
+        try:
+            with httpx.Client(headers=headers, timeout=600) as http:
+                http.put(server.endpoint + "/anvil/v1/buckets/scale").raise_for_status()
+                base = server.endpoint + "/anvil/v1/buckets/scale"
+                _cli(["backup", "init", "--repo", repo], env)
+                with RssPeak(pid) as idle_peak:
+                    pass
+                loaded = 0
+                backed_up = False
+                for target in steps:
+                    step: dict[str, Any] = {"objects": target}
+                    with RssPeak(pid) as during:
+                        step["put"] = clients.put(server.port, "scale", loaded, target)
+                        loaded = target
+                        step["get_alone"] = clients.get(server.port, "scale", loaded, get_seconds)
+                        step["listing"] = listing_times(http, base, loaded, reps)
+                        step["get_while_listing"] = get_while_listing(
+                            clients, server.port, "scale", loaded, get_seconds, base, headers, 1 if quick else 2)
+                        step["full_listing"] = full_listing(http, base)
+                        status_s = [_timed_get(http, server.endpoint + "/anvil/v1/admin/watch/status")[0]
+                                    for _ in range(reps)]
+                        step["watch_status_ms"] = _median_ms(status_s)
+                        t0 = time.perf_counter()
+                        http.post(server.endpoint + "/anvil/v1/admin/fsck", json={}).raise_for_status()
+                        step["fsck_seconds"] = round(time.perf_counter() - t0, 3)
+                    time.sleep(0.5)
+                    rss_rest = RssPeak(pid).rss()
+                    create = ["backup", "create", "--repo", repo, "--endpoint", server.endpoint, "--json"]
+                    with RssPeak(pid) as bk:
+                        # The first one is a full snapshot, later ones take the step's new objects;
+                        # the timed one follows with no change.
+                        step_backup = _cli(create + (["--incremental"] if backed_up else []), env)
+                        backed_up = True
+                        no_change = _cli(create + ["--incremental"], env)
+                    time.sleep(1.0)
+                    step["backup"] = {"with_new_objects_seconds": step_backup, "no_change_incremental_seconds":
+                                      no_change, "server_peak_rss_mib": round(bk.peak / MIB, 1),
+                                      "server_rss_after_mib": round(RssPeak(pid).rss() / MIB, 1)}
+                    step["rss"] = {"at_rest_mib": round(rss_rest / MIB, 1),
+                                   "peak_during_step_mib": round(during.peak / MIB, 1)}
+                    out_steps.append(step)
+                    print(json.dumps(step), file=sys.stderr, flush=True)
+        finally:
+            clients.close()
+            server.stop()
+    growth(out_steps)
+    last = out_steps[-1]
+
+    def target(value: float, goal: float, *, at_most: bool) -> dict[str, Any]:
+        return {"value": value, "target": goal, "met": value <= goal if at_most else value >= goal}
+
+    rss_values = [s["rss"]["at_rest_mib"] for s in out_steps]
+    targets = {
+        "delimiter_listing_ms": target(last["listing"]["delimiter_ms"], TARGETS["delimiter_listing_ms"], at_most=True),
+        "get_p99_while_listing_ms": target(last["get_while_listing"]["p99_ms"], TARGETS["get_p99_while_listing_ms"],
+                                           at_most=True),
+        "rss_mib": target(max(rss_values), TARGETS["rss_mib"], at_most=True),
+        "full_listing_keys_per_s": target(last["full_listing"]["keys_per_s"], TARGETS["full_listing_keys_per_s"],
+                                          at_most=False),
+        "no_errors": {"met": all(s["put"]["errors"] + s["get_alone"]["errors"] + s["get_while_listing"]["errors"]
+                                 == 0 for s in out_steps)},
+    }
+    targets["all_met"] = all(t["met"] for t in targets.values())
+    return {
+        "benchmark": "scale",
+        "quick": quick,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "load_average_before": [round(x, 2) for x in load_before],
+                    "load_average_after": [round(x, 2) for x in os.getloadavg()]},
+        "config": {"steps": steps, "body_bytes": BODY_BYTES, "prefixes": PREFIXES, "client_processes": processes,
+                   "connections_per_process": conns, "get_seconds": get_seconds, "listing_reps": reps,
+                   "idle_rss_mib": round(idle_peak.peak / MIB, 1)},
+        "steps": out_steps,
+        "targets": targets,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: two small steps")
+    ap.add_argument("--steps", default=None, help="comma-separated object counts (default 20000,50000,100000,200000)")
+    ap.add_argument("--processes", type=int, default=2)
+    ap.add_argument("--conns", type=int, default=4, help="connections per client process")
+    args = ap.parse_args()
+    if args.steps:
+        steps = [int(s) for s in args.steps.split(",")]
+    else:
+        steps = [1000, 2000] if args.quick else [20_000, 50_000, 100_000, 200_000]
+    if steps != sorted(steps) or steps[0] <= 0:
+        ap.error("--steps must be increasing positive counts")
+    print(json.dumps(run(steps, quick=args.quick, processes=args.processes, conns=args.conns), indent=2))
+
+
+if __name__ == "__main__":
+    main()
