@@ -86,6 +86,12 @@ def _encode_file(writer: PackWriter, path: Path) -> Encoded | None:
                     out.append(writer.encode(data, digest))
                 return out, digest.hex(), len(data)
             pieces: Any = [c.data for c in chunker().cut_buf(data)]
+            if len(pieces) == 1:
+                # Most files up to a few hundred KiB are one chunk: its SHA-256 is the file's, so
+                # the bytes are hashed once, not once for the chunk id and again for the file.
+                digest = hashlib.sha256(data).digest()
+                out.append(writer.encode(data, digest))
+                return out, digest.hex(), len(data)
         else:
             pieces = (bytes(c.data) for c in chunker().cut_stream(f))
         h = hashlib.sha256()

@@ -10,7 +10,6 @@ restore, with the replayed head recorded so validation checks the chain up to it
 
 from __future__ import annotations
 
-import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +20,7 @@ from anvil.backup.archive import events_between, list_segments
 from anvil.backup.errors import BackupError
 from anvil.backup.pack import ChunkReader
 from anvil.backup.repository import Repository
-from anvil.backup.restore import Progress, _write_entry, restore
+from anvil.backup.restore import Progress, _write_entry, restore, sync_paths
 from anvil.storage import records
 from anvil.storage.blobs import BlobStore
 from anvil.storage.layout import Layout
@@ -115,6 +114,7 @@ def restore_to_point(repo: Repository, target: Path, participants: list[Particip
         reader = ChunkReader(repo)
         tree = manifest["tree"]["blobs"]
         fetched = 0
+        written: list[Path] = []
         for sha, uses in refs.items():
             dest = store.path(sha)
             if dest.exists():
@@ -126,12 +126,13 @@ def restore_to_point(repo: Repository, target: Path, participants: list[Particip
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:
-                _write_entry(reader, entry, dest, expected_sha=sha, fsync=False)  # one sync below
+                _write_entry(reader, entry, dest, expected_sha=sha, fsync=False)  # one batch below
+                written.append(dest)
                 fetched += 1
             except BackupError as e:
                 problems.append(f"blob {sha}: {e}")
-        if fetched:
-            os.sync()  # the blobs are durable before the marker says the restore is complete
+        # The blobs are durable before the marker says the restore is complete.
+        sync_paths(written, {d.parent for d in written})
         head_seq, head_hash = (events[-1].seq, events[-1].hash) if events else (
             base_seq, manifest["consistency"]["journal_hash"])
         marker = mode.read_marker(root) or {}

@@ -59,6 +59,38 @@ def _write_entry(reader: ChunkReader, entry: dict[str, Any], dest: Path, expecte
         raise
 
 
+# Files made durable at the end of a restore on this many threads: concurrent fsyncs share the
+# file system's journal commits, so 10,000 small files cost a few commits, not 10,000.
+SYNC_THREADS = 16
+
+
+def sync_paths(files: list[Path], dirs: set[Path] | list[Path]) -> None:
+    """fdatasync every restored file, then fsync the folders naming them: only our own data.
+
+    `os.sync()` would also wait for every other process's dirty pages on the machine (on a shared
+    host, seconds); a per-chunk fsync would wait for the disk once per chunk.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def sync_one(path: Path, *, directory: bool = False) -> None:
+        fd = os.open(path, (os.O_RDONLY | os.O_DIRECTORY) if directory else os.O_RDONLY)
+        try:
+            if directory:
+                os.fsync(fd)
+            else:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    if not files and not dirs:
+        return
+    with ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="anvil-restore-sync") as ex:
+        for fut in [ex.submit(sync_one, f) for f in files]:
+            fut.result()
+        for fut in [ex.submit(sync_one, d, directory=True) for d in dirs]:
+            fut.result()
+
+
 def _make_parent(dest: Path, made: set[Path]) -> None:
     """mkdir the blob's fan-out folder once per restore (one syscall when its parent exists)."""
     parent = dest.parent
@@ -157,6 +189,7 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
     problems: list[str] = []
     store = BlobStore(layout.blobs, layout.tmp)
     made: set[Path] = set()
+    written: list[Path] = []
 
     def restore_blob(sha: str) -> tuple[str, str | None]:
         """Runs on worker threads: 'missing', 'present', 'restored' or 'failed' + why."""
@@ -169,7 +202,7 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
             return "present", None
         _make_parent(dest, made)
         try:
-            # No fsync per blob: one sync below makes everything durable before the marker.
+            # No fsync per blob: one batch below makes everything durable before the marker.
             _write_entry(reader, entry, dest, expected_sha=sha, fsync=False)
             return "restored", None
         except BackupError as e:
@@ -188,10 +221,13 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
             problems.append(f"blob {sha}: {why}; affects {affects}")
         restored += outcome == "restored"
         skipped += outcome == "present"
+        if outcome == "restored":
+            written.append(store.path(sha))
         done += tree_blobs[sha]["size"]
         if progress:
             progress(done, total, sha[:12])
-    os.sync()
+    # The blobs (and the fan-out folders naming them) are durable before the marker says done.
+    sync_paths(written, {*made, layout.blobs, root})
     marker = {
         "snapshot": manifest["id"], "repository": repo.backend.url, "restored_at": time.time(),
         "journal_seq": manifest["consistency"]["journal_seq"], "journal_hash": manifest["consistency"]["journal_hash"],
