@@ -278,22 +278,21 @@ def _hash_file(path: Path) -> str:
 
 def get_object(repo: Repository, manifest: dict[str, Any], participants: list[Participant], bucket: str, key: str,
                version_id: str | None = None) -> tuple[dict[str, Any], bytes]:
-    """One object version's bytes out of a snapshot, without restoring anything else."""
-    if manifest.get("kind") == "delta":
-        raise BackupError(f"snapshot {manifest['id']} is a journal delta (no catalog of its own): use its base "
-                          f"--snapshot {manifest['base']}, or restore the delta")
-    locators = [p for p in participants if isinstance(p, ObjectLocator)]
-    if not locators:
-        raise BackupError("no participant can locate objects in a snapshot")
+    """One object version's bytes out of a snapshot, without restoring anything else.
+
+    A journal delta has no catalog of its own: its base's catalog is rolled forward to the delta's
+    seq in a temporary folder (`pitr.delta_catalog`), and bodies come from the archive or the base."""
     reader = ChunkReader(repo)
     with tempfile.TemporaryDirectory(prefix="anvil-get-") as tmp:
         path = Path(tmp) / "catalog.db"
-        _write_entry(reader, manifest["tree"]["files"]["catalog.db"], path)
-        conn = records.open_readonly(path)
-        try:
-            version = next((v for p in locators if (v := p.locate_object(conn, bucket, key, version_id))), None)
-        finally:
-            records.close(conn)
+        if manifest.get("kind") == "delta":
+            from anvil.backup.pitr import delta_catalog
+
+            blob_entries = delta_catalog(repo, manifest, participants, path, reader)
+        else:
+            _write_entry(reader, manifest["tree"]["files"]["catalog.db"], path)
+            blob_entries = manifest["tree"]["blobs"]
+        version = locate_object(path, participants, bucket, key, version_id)
     what = f"{bucket}/{key}" + (f" version {version_id}" if version_id else "")
     if version is None:
         raise BackupError(f"{what} is not in snapshot {manifest['id']}")
@@ -301,8 +300,8 @@ def get_object(repo: Repository, manifest: dict[str, Any], participants: list[Pa
         raise BackupError(f"{what} is a delete marker in snapshot {manifest['id']}")
     body = bytearray()
     for sha, size in version["chunks"]:
-        entry = manifest["tree"]["blobs"].get(sha)
-        if entry is None:
+        entry = blob_entries.get(sha)
+        if entry is None or entry.get("missing"):
             raise BackupError(f"{what}: body chunk {sha} is not in the snapshot")
         # Each blob against its own address: a multipart object has no whole-object SHA-256.
         h = hashlib.sha256()
@@ -317,6 +316,18 @@ def get_object(repo: Repository, manifest: dict[str, Any], participants: list[Pa
     if version["sha256"] and hashlib.sha256(body).hexdigest() != version["sha256"]:
         raise BackupError(f"{what}: restored bytes do not match the recorded sha256")
     return {k: version[k] for k in ("version_id", "size", "sha256", "etag", "content_type")}, bytes(body)
+
+
+def locate_object(catalog_path: Path, participants: list[Participant], bucket: str, key: str,
+                  version_id: str | None) -> dict[str, Any] | None:
+    locators = [p for p in participants if isinstance(p, ObjectLocator)]
+    if not locators:
+        raise BackupError("no participant can locate objects in a snapshot")
+    conn = records.open_readonly(catalog_path)
+    try:
+        return next((v for p in locators if (v := p.locate_object(conn, bucket, key, version_id))), None)
+    finally:
+        records.close(conn)
 
 
 def describe_marker(root: Path) -> str:
