@@ -370,7 +370,7 @@ DELTA_METHOD = "journal delta: the archived events after the base snapshot's che
 
 
 def create_delta(storage: Storage, participants: list[Participant], repo: Repository, *, tag: str | None = None,
-                 config: dict[str, Any] | None = None) -> dict[str, Any]:
+                 config: dict[str, Any] | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """An incremental snapshot that costs what changed: the journal events since the newest snapshot
     (and the blobs they reference) are archived, and a small manifest names the full snapshot they
     roll forward from. Restoring it is a point-in-time restore to its seq (docs/backup.md)."""
@@ -389,7 +389,7 @@ def create_delta(storage: Storage, participants: list[Participant], repo: Reposi
     if base is None:
         raise BackupError(f"the base snapshot {base_id} of {parent['id']} is gone: take a full snapshot")
     archiver = Archiver(storage, participants, ArchiveConfig(repo.backend.url, 1.0, ""), lambda: repo, hold=False)
-    shipped = archiver.catch_up()
+    shipped = archiver.catch_up(progress)
     if archiver.gap:
         raise BackupError(f"cannot take a journal delta: {archiver.gap}")
     assert archiver.cursor is not None
