@@ -213,10 +213,9 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp
         catalog_size = cp.stat().st_size
         todo = [sha for sha in refs if not (sha in parent_blobs and all(c in known for c in
                                                                           parent_blobs[sha]["chunks"]))]
-        sizes = {}
-        for sha in todo:
-            with contextlib.suppress(FileNotFoundError):
-                sizes[sha] = blobs.size(sha)
+        # Sizes as the records give them (no stat per blob): they weigh the work in flight and
+        # make the progress total; the encoder reads each file's real size anyway.
+        sizes = {sha: refs[sha][0].size for sha in todo}
         total = catalog_size + sum(sizes.values())
         done = 0
 
