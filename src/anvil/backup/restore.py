@@ -28,9 +28,13 @@ Progress = Callable[[int, int, str], None]
 
 
 def _write_entry(reader: ChunkReader, entry: dict[str, Any], dest: Path, expected_sha: str | None = None,
-                 *, fsync: bool = True) -> None:
-    """Assemble a file from its chunks into `dest` via a temporary sibling, checking its hash."""
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.restoring")
+                 *, fsync: bool = True, direct: bool = False) -> None:
+    """Assemble a file from its chunks into `dest` via a temporary sibling, checking its hash.
+
+    `direct`: write `dest` itself (no temporary name, no rename): for blobs of a restore into an
+    empty target, which is marked incomplete until the end and never trusts a blob it did not
+    finish (a bad one is removed here; a re-run rewrites any whose hash does not match)."""
+    tmp = dest if direct else dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.restoring")
     h = hashlib.sha256()
     want = expected_sha or entry.get("sha256")
     # A recorded mode (participant files, e.g. escrowed secrets at 0600) applies from creation on.
@@ -53,7 +57,8 @@ def _write_entry(reader: ChunkReader, entry: dict[str, Any], dest: Path, expecte
             os.close(fd)
         if want and h.hexdigest() != want:
             raise BackupError(f"restored content hashes to {h.hexdigest()}, the snapshot recorded {want}")
-        os.replace(tmp, dest)
+        if not direct:
+            os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -203,7 +208,7 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
         _make_parent(dest, made)
         try:
             # No fsync per blob: one batch below makes everything durable before the marker.
-            _write_entry(reader, entry, dest, expected_sha=sha, fsync=False)
+            _write_entry(reader, entry, dest, expected_sha=sha, fsync=False, direct=fresh)
             return "restored", None
         except BackupError as e:
             return "failed", str(e)
