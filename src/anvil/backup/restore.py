@@ -156,6 +156,7 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
                                  "problems": ["the restore did not finish: run `anvil restore` again"]})
     reader = ChunkReader(repo)
     files = manifest["tree"]["files"]
+    file_dirs: set[Path] = set()  # folders naming restored participant files: synced at the end
     _write_entry(reader, files[FORMAT_FILE], root / FORMAT_FILE)
     try:
         _write_entry(reader, files["catalog.db"], root / "catalog.db")
@@ -169,6 +170,7 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
                 raise BackupError(f"snapshot file {rel!r} would be written outside the target")
             dest.parent.mkdir(parents=True, exist_ok=True)
             _write_entry(reader, entry, dest)
+            file_dirs.update(d for d in dest.parents if d == root.resolve() or root.resolve() in d.parents)
             if "mode" in entry:
                 os.chmod(dest, entry["mode"])  # os.open's mode is subject to the umask
     for p in participants:
@@ -232,7 +234,7 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
         if progress:
             progress(done, total, sha[:12])
     # The blobs (and the fan-out folders naming them) are durable before the marker says done.
-    sync_paths(written, {*made, layout.blobs, root})
+    sync_paths(written, {*made, *file_dirs, layout.blobs, root})
     marker = {
         "snapshot": manifest["id"], "repository": repo.backend.url, "restored_at": time.time(),
         "journal_seq": manifest["consistency"]["journal_seq"], "journal_hash": manifest["consistency"]["journal_hash"],
