@@ -1,11 +1,17 @@
-"""Anvil backup vs restic on the same STORAGE_PATH: initial, incremental, verify --read-data, restore.
+"""Anvil backup vs restic on the same running server's STORAGE_PATH: initial, incremental, verify, restore.
 
     python bench/backup.py            # ~1.5 GB: 10,000 objects of 1-256 KiB (half compressible) + 20 x 16 MiB
     python bench/backup.py --quick    # ~100 MB, for a fast run
 
-Installs Debian's `restic` with apt-get if missing. Prints one JSON document with every time
-and the ratio anvil/restic (<= 1.0 means Anvil is no slower). Both tools run as separate
-processes on the same files; restic backs up the STORAGE_PATH directory itself.
+A store is built offline, then a real `anvil serve` runs on it and Anvil backs it up ONLINE
+(`anvil backup create --endpoint`: the server takes the snapshot); restic backs up the same
+STORAGE_PATH directory. Each repetition (default 3) starts both tools on fresh repositories and
+runs, interleaved and alternating which tool goes first: initial backup, a change through the
+server (1% of the objects rewritten, 100 added), incremental backup (Anvil's default snapshot,
+which reuses the parent's blobs), `verify --read-data` / `check --read-data`, and restore.
+Min and median per tool, the ratio of medians, and the load average before and after (the
+machine may be shared) are printed as one JSON document. Every time is a whole command (process
+start, key derivation, repository open). Installs Debian's `restic` with apt-get if missing.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))
 
 from anvil.context import DEV_PRINCIPAL, RequestContext  # noqa: E402
 from anvil.runtime import Anvil  # noqa: E402
@@ -60,28 +69,40 @@ def populate(path: Path, objects: int, big: int, big_size: int, seed: int = 1) -
     return total
 
 
-def change(path: Path, objects: int, seed: int = 2) -> None:
-    """Rewrite 1% of the objects and add 100 new ones."""
+def change(client, objects: int, seed: int) -> None:
+    """Through the running server: rewrite 1% of the objects and add 100 new ones."""
     rng = random.Random(seed)
-    anvil = Anvil(path)
-    try:
-        ctx = RequestContext(DEV_PRINCIPAL)
-        for i in rng.sample(range(objects), max(1, objects // 100)):
-            data = body(rng, rng.randint(1024, 256 * 1024), i % 2 == 0)
-            anvil.objects.put_object(ctx, "bench", f"small/{i:06d}", anvil.storage.blobs.put_bytes(data))
-        for i in range(100):
-            data = body(rng, rng.randint(1024, 256 * 1024), i % 2 == 0)
-            anvil.objects.put_object(ctx, "bench", f"added/{i:04d}", anvil.storage.blobs.put_bytes(data))
-    finally:
-        anvil.close()
+    for i in rng.sample(range(objects), max(1, objects // 100)):
+        client.put_object("bench", f"small/{i:06d}", body(rng, rng.randint(1024, 256 * 1024), i % 2 == 0))
+    for i in range(100):
+        client.put_object("bench", f"added/{seed}/{i:04d}", body(rng, rng.randint(1024, 256 * 1024), i % 2 == 0))
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> float:
+def proc_cpu(pid: int | None) -> float:
+    """User + system CPU seconds of a running process (the server), from /proc."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+CPU: dict[str, list[float]] = {}
+
+
+def timed(cmd: list[str], env: dict[str, str], *, cpu_key: str | None = None, server_pid: int | None = None) -> float:
+    """Wall seconds of one command; with `cpu_key`, its CPU seconds (and the server's) are recorded:
+    on a shared machine the CPU a tool needs is the figure the load does not distort."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_before = proc_cpu(server_pid)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    if cpu_key:
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        CPU.setdefault(cpu_key, []).append(round(used + proc_cpu(server_pid) - server_before, 2))
     return round(elapsed, 3)
 
 
@@ -101,66 +122,109 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def stats(xs: list[float]) -> dict[str, object]:
+    return {"min": min(xs), "median": round(statistics.median(xs), 3), "runs": xs}
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="~100 MB instead of ~1.5 GB")
     ap.add_argument("--objects", type=int, default=None)
     ap.add_argument("--big", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     objects = args.objects or (600 if args.quick else 10_000)
     big = args.big if args.big is not None else (2 if args.quick else 20)
     restic = ensure_restic()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="anvil-bench-backup-"))
-    data, arepo, rrepo = work / "data", work / "anvil-repo", work / "restic-repo"
-    for p in (data, arepo, rrepo, work / "a-restore", work / "r-restore"):
-        shutil.rmtree(p, ignore_errors=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "ANVIL_BACKUP_PASSPHRASE": PASS, "RESTIC_PASSWORD": PASS,
-           "RESTIC_CACHE_DIR": str(work / "restic-cache")}
+    data = work / "data"
+    shutil.rmtree(data, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+           "ANVIL_BACKUP_PASSPHRASE": PASS, "RESTIC_PASSWORD": PASS, "RESTIC_CACHE_DIR": str(work / "restic-cache"),
+           "ANVIL_BACKUP_CACHE_DIR": str(work / "anvil-cache")}
     anvil_cmd = [sys.executable, "-m", "anvil.cli.main"]
+    steps = ("initial_backup", "incremental_backup", "verify_read_data", "restore")
+    runs: dict[str, dict[str, list[float]]] = {s: {"anvil": [], "restic": []} for s in steps}
+    sizes: list[dict[str, object]] = []
     try:
         t0 = time.perf_counter()
         logical = populate(data, objects, big, 16 * 1024 * 1024)
         build = round(time.perf_counter() - t0, 1)
-        timed([*anvil_cmd, "backup", "init", "--repo", f"file://{arepo}"], env)
-        timed([restic, "init", "--repo", str(rrepo)], env)
-        res: dict[str, dict[str, float]] = {}
-        # The machine may be shared: the 1-minute load average before the timed runs and after them.
-        loads = [os.getloadavg()]
-        res["initial_backup"] = {
-            "anvil": timed([*anvil_cmd, "backup", "create", "--repo", f"file://{arepo}", "--storage-path", str(data),
-                            "--json"], env),
-            "restic": timed([restic, "-q", "backup", "--repo", str(rrepo), str(data)], env)}
-        res["initial_backup"]["load_1m"] = round(os.getloadavg()[0], 2)
-        initial_sizes = {"anvil": du(arepo), "restic": du(rrepo)}
-        change(data, objects)
-        res["incremental_backup"] = {
-            "anvil": timed([*anvil_cmd, "backup", "create", "--repo", f"file://{arepo}", "--storage-path", str(data),
-                            "--json"], env),
-            "restic": timed([restic, "-q", "backup", "--repo", str(rrepo), str(data)], env)}
-        res["incremental_backup"]["load_1m"] = round(os.getloadavg()[0], 2)
-        growth = {"anvil": du(arepo) - initial_sizes["anvil"], "restic": du(rrepo) - initial_sizes["restic"]}
-        res["verify_read_data"] = {
-            "anvil": timed([*anvil_cmd, "backup", "verify", "--repo", f"file://{arepo}", "--read-data", "--json"], env),
-            "restic": timed([restic, "-q", "check", "--read-data", "--repo", str(rrepo)], env)}
-        res["verify_read_data"]["load_1m"] = round(os.getloadavg()[0], 2)
-        res["restore"] = {
-            "anvil": timed([*anvil_cmd, "restore", "--repo", f"file://{arepo}", "--target", str(work / "a-restore"),
-                            "--json"], env),
-            "restic": timed([restic, "-q", "restore", "latest", "--repo", str(rrepo), "--target",
-                             str(work / "r-restore")], env)}
-        res["restore"]["load_1m"] = round(os.getloadavg()[0], 2)
-        for v in res.values():
-            v["ratio"] = round(v["anvil"] / v["restic"], 3) if v["restic"] else None
-            v["load_1m"] = v.pop("load_1m")  # after the ratio, for reading
-        loads.append(os.getloadavg())
+        from tests.helpers import AnvilServer
+
+        srv = AnvilServer(data, env={k: env[k] for k in ("ANVIL_BACKUP_PASSPHRASE", "PYTHONPATH")})
+        srv.start(timeout=120)
+        loads = {"before": load()}
+        try:
+            creds = srv.admin_credentials()
+            env.update({"ANVIL_CLIENT_ID": creds["client_id"], "ANVIL_CLIENT_SECRET": creds["client_secret"]})
+            client = srv.client()
+            pid = srv.proc.pid if srv.proc else None
+
+            def run(step: str, tool: str, cmd: list[str]) -> None:
+                # Anvil's online backup runs in the server: its CPU counts too.
+                runs[step][tool].append(timed(cmd, env, cpu_key=f"{step}/{tool}",
+                                              server_pid=pid if tool == "anvil" else None))
+
+            for rep in range(args.reps):
+                arepo, rrepo = work / f"anvil-repo-{rep}", work / f"restic-repo-{rep}"
+                atarget, rtarget = work / f"a-restore-{rep}", work / f"r-restore-{rep}"
+                for p in (arepo, rrepo, atarget, rtarget):
+                    shutil.rmtree(p, ignore_errors=True)
+                timed([*anvil_cmd, "backup", "init", "--repo", f"file://{arepo}"], env)
+                timed([restic, "init", "--repo", str(rrepo)], env)
+                cmds = {
+                    "backup": {"anvil": [*anvil_cmd, "backup", "create", "--repo", f"file://{arepo}", "--endpoint",
+                                         srv.endpoint, "--json"],
+                               "restic": [restic, "-q", "backup", "--repo", str(rrepo), str(data)]},
+                    "verify_read_data": {
+                        "anvil": [*anvil_cmd, "backup", "verify", "--repo", f"file://{arepo}", "--read-data", "--json"],
+                        "restic": [restic, "-q", "check", "--read-data", "--repo", str(rrepo)]},
+                    "restore": {"anvil": [*anvil_cmd, "restore", "--repo", f"file://{arepo}", "--target",
+                                          str(atarget), "--json"],
+                                "restic": [restic, "-q", "restore", "latest", "--repo", str(rrepo), "--target",
+                                           str(rtarget)]},
+                }
+                # Alternate who goes first: the second run of a pair finds the page cache warmer.
+                order = ("anvil", "restic") if rep % 2 == 0 else ("restic", "anvil")
+                for tool in order:
+                    run("initial_backup", tool, cmds["backup"][tool])
+                initial = {"anvil": du(arepo), "restic": du(rrepo)}
+                change(client, objects, seed=100 + rep)
+                for tool in order:
+                    run("incremental_backup", tool, cmds["backup"][tool])
+                sizes.append({"after_initial": initial,
+                              "incremental_growth": {"anvil": du(arepo) - initial["anvil"],
+                                                     "restic": du(rrepo) - initial["restic"]}})
+                for step in ("verify_read_data", "restore"):
+                    for tool in order:
+                        run(step, tool, cmds[step][tool])
+                for p in (arepo, rrepo, atarget, rtarget):
+                    shutil.rmtree(p, ignore_errors=True)
+            client.close()
+        finally:
+            srv.stop()
+        loads["after"] = load()
+        res: dict[str, dict[str, object]] = {}
+        for step, per_tool in runs.items():
+            a, r = stats(per_tool["anvil"]), stats(per_tool["restic"])
+            res[step] = {"anvil": a, "restic": r,
+                         "ratio_median": round(a["median"] / r["median"], 3) if r["median"] else None,
+                         "ratio_min": round(a["min"] / r["min"], 3) if r["min"] else None,
+                         "cpu_seconds": {t: stats(CPU.get(f"{step}/{t}", [0.0])) for t in ("anvil", "restic")}}
         print(json.dumps({
+            "benchmark": "backup", "mode": "anvil online (--endpoint), restic on STORAGE_PATH", "reps": args.reps,
             "dataset": {"objects": objects, "big_objects": big, "logical_bytes": logical,
                         "storage_path_bytes": du(data), "build_seconds": build},
-            "repository_bytes_after_initial": initial_sizes, "repository_growth_incremental": growth,
+            "repository_bytes": sizes,
             "restic_version": subprocess.run([restic, "version"], capture_output=True, text=True).stdout.strip(),
             "seconds": res,
-            "load_average_1m": {"before": round(loads[0][0], 2), "after": round(loads[-1][0], 2)},
+            "load_average": loads,
             "cpus": os.cpu_count(),
         }, indent=2))
     finally:

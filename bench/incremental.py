@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -64,12 +65,31 @@ def populate(path: Path, objects: int) -> int:
     return total
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> float:
+CPU: dict[str, list[float]] = {}
+
+
+def proc_cpu(pid: int | None) -> float:
+    """User + system CPU seconds of a running process (the server), from /proc."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(cmd: list[str], env: dict[str, str], *, cpu_key: str | None = None, server_pid: int | None = None) -> float:
+    """Wall seconds; with `cpu_key` also the CPU seconds of the command (and of the server, whose
+    work an online backup is): on a shared machine the CPU a tool needs is what load does not distort."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_before = proc_cpu(server_pid)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     took = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:6])}... failed: {proc.stderr[-2000:]}")
+    if cpu_key:
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        CPU.setdefault(cpu_key, []).append(round(used + proc_cpu(server_pid) - server_before, 2))
     return round(took, 3)
 
 
@@ -92,7 +112,8 @@ def main() -> None:
            "ANVIL_BACKUP_PASSPHRASE": PASS, "RESTIC_PASSWORD": PASS, "RESTIC_CACHE_DIR": str(work / "restic-cache"),
            "ANVIL_BACKUP_CACHE_DIR": str(work / "anvil-cache")}
     anvil_cmd = [sys.executable, "-m", "anvil.cli.main"]
-    doc: dict = {"benchmark": "incremental", "objects": objects, "reps": args.reps, "cpus": os.cpu_count()}
+    doc: dict = {"benchmark": "incremental", "objects": objects, "reps": args.reps, "cpus": os.cpu_count(),
+                 "load_average_before": [round(x, 2) for x in os.getloadavg()]}
     try:
         t0 = time.perf_counter()
         doc["logical_bytes"] = populate(data, objects)
@@ -122,12 +143,15 @@ def main() -> None:
             }
             res: dict[str, dict] = {}
             # Initial: once per tool (a second "initial" would be an incremental).
-            res["initial"] = {p: stats([timed(cmds["initial"][p], env)]) for p in peers}
+            pid = srv.proc.pid if srv.proc else None
+            res["initial"] = {p: stats([timed(cmds["initial"][p], env, cpu_key=f"initial/{p}",
+                                              server_pid=pid if p == "anvil" else None)]) for p in peers}
             res["initial"]["load_1m"] = round(os.getloadavg()[0], 2)
             runs: dict[str, list[float]] = {p: [] for p in peers}
             for _ in range(args.reps):
                 for p in peers:
-                    runs[p].append(timed(cmds["incremental"][p], env))
+                    runs[p].append(timed(cmds["incremental"][p], env, cpu_key=f"incremental_no_change/{p}",
+                                         server_pid=pid if p == "anvil" else None))
             res["incremental_no_change"] = {p: stats(runs[p]) for p in peers}
             res["incremental_no_change"]["load_1m"] = round(os.getloadavg()[0], 2)
         finally:
@@ -136,10 +160,10 @@ def main() -> None:
         for i in range(args.reps):
             a_target, r_target = work / f"a-restore-{i}", work / f"r-restore-{i}"
             runs["anvil"].append(timed([*anvil_cmd, "restore", "--repo", f"file://{arepo}", "--target", str(a_target),
-                                        "--json"], env))
+                                        "--json"], env, cpu_key="restore/anvil"))
             if restic:
                 runs["restic"].append(timed([restic, "-q", "restore", "latest", "--repo", str(rrepo), "--target",
-                                             str(r_target)], env))
+                                             str(r_target)], env, cpu_key="restore/restic"))
             shutil.rmtree(a_target, ignore_errors=True)
             shutil.rmtree(r_target, ignore_errors=True)
         res["restore"] = {p: stats(runs[p]) for p in peers}
@@ -150,9 +174,12 @@ def main() -> None:
                 r["ratio_median"] = round(r["anvil"]["median"] / r["restic"]["median"], 3)
                 r["target_ratio"] = TARGETS[key]
                 r["met"] = r["ratio_median"] <= TARGETS[key]
+        for name in ("initial", "incremental_no_change", "restore"):
+            res[name]["cpu_seconds"] = {p: stats(CPU[f"{name}/{p}"]) for p in peers if f"{name}/{p}" in CPU}
         res["incremental_no_change"]["target_anvil_seconds"] = 1.0
         res["incremental_no_change"]["anvil_met_1s"] = res["incremental_no_change"]["anvil"]["median"] <= 1.0
         doc["seconds"] = res
+        doc["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
         print(json.dumps(doc, indent=2))
     finally:
         if not args.workdir:

@@ -75,3 +75,53 @@ def test_serve_rejects_bad_schedule(tmp_path: Path, args: list[str], needle: str
                            "--listen", "127.0.0.1:0", *args], env={**os.environ, **ENV}, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and needle in proc.stderr
+
+
+def test_online_backup_progress_shows_in_ready_while_it_runs(tmp_path: Path) -> None:
+    """`backup.running` in /anvil/health/ready carries the bytes done and total of the backup the
+    server is taking (the CLI's progress bar reads it); it is gone once the backup is done."""
+    import threading
+
+    import httpx
+
+    Repository.init(LocalBackend(tmp_path / "repo"), PASS)
+    srv = AnvilServer(tmp_path / "data", env=ENV).start()
+    try:
+        with srv.client() as c:
+            c.create_bucket("progress")
+            for i in range(64):
+                c.put_object("progress", f"o{i}", os.urandom(1024 * 1024))
+            assert c.health()["backup"]["running"] is None
+        seen: list[dict] = []
+        done = threading.Event()
+
+        def poll() -> None:
+            with httpx.Client(base_url=srv.endpoint, timeout=10) as http:
+                while not done.is_set():
+                    running = http.get("/anvil/health/ready").json()["backup"]["running"]
+                    if running:
+                        seen.append(running)
+                    time.sleep(0.005)
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        try:
+            # Without --json: the CLI draws its bar from the same figures (stderr is not a terminal here).
+            proc = subprocess.run([sys.executable, "-m", "anvil.cli.main", "backup", "create", "--repo",
+                                   f"file://{tmp_path / 'repo'}", "--endpoint", srv.endpoint],
+                                  env={**os.environ, **ENV, **srv.cli_env()}, capture_output=True, text=True,
+                                  timeout=300)
+        finally:
+            done.set()
+            poller.join()
+        assert proc.returncode == 0, proc.stderr
+        assert "snapshot" in proc.stdout
+        with_total = [r for r in seen if r.get("bytes_total")]
+        assert with_total, seen[:3]
+        assert all(0 <= r["bytes_done"] <= r["bytes_total"] for r in with_total)
+        assert with_total[-1]["bytes_total"] >= 64 * 1024 * 1024
+        with srv.client() as c:
+            health = c.health()["backup"]
+            assert health["running"] is None and health["last"]["ok"]
+    finally:
+        srv.stop()

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,3 +143,24 @@ def test_pitr_bench_quick_prints_rpo_and_restore_figures() -> None:
     pitr = doc["point_in_time_restore"]
     assert pitr["pitr_events_replayed"] == 600 and pitr["plain_restore_seconds"] > 0
     assert "ratio_pitr_vs_plain" in pitr
+
+
+@pytest.mark.skipif(shutil.which("restic") is None, reason="restic is not installed (Debian: apt-get install restic)")
+def test_backup_bench_tiny_run_is_online_interleaved_with_cpu_and_load() -> None:
+    """`bench/backup.py` (tiny run): Anvil online against a real server, both tools over 2
+    repetitions, min/median/runs, CPU seconds and the load average before and after."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "backup.py"), "--objects", "30", "--big", "0",
+                           "--reps", "2"], env=env, capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    doc = json.loads(proc.stdout)
+    assert doc["mode"].startswith("anvil online") and doc["reps"] == 2
+    assert len(doc["load_average"]["before"]) == 3 and len(doc["load_average"]["after"]) == 3
+    for step in ("initial_backup", "incremental_backup", "verify_read_data", "restore"):
+        figures = doc["seconds"][step]
+        for tool in ("anvil", "restic"):
+            assert len(figures[tool]["runs"]) == 2 and figures[tool]["min"] <= figures[tool]["median"]
+            assert len(figures["cpu_seconds"][tool]["runs"]) == 2
+        assert figures["ratio_median"] > 0
+    # Anvil's online backup runs in the server: its CPU is counted, not just the CLI's.
+    assert doc["seconds"]["initial_backup"]["cpu_seconds"]["anvil"]["min"] > 0

@@ -28,12 +28,20 @@ def run_backup(app: Any, repo_url: str, *, passphrase: str | None = None, key_fi
     if not _backup_lock.acquire(blocking=False):
         raise AnvilError("PreconditionFailed", "a backup is already running")
     started = time.time()
+    # What `/anvil/health/ready` shows as `backup.running` while this runs: the CLI's progress bar.
+    running = {"started": started, "repository": repo_url, "bytes_done": 0, "bytes_total": None,
+               "incremental": incremental}
+    app.state.backup_running = running
+
+    def progress(done: int, total: int, _what: str) -> None:
+        running["bytes_done"], running["bytes_total"] = done, total
+
     try:
         anvil = app.state.anvil
         repo = ops.open_repo(repo_url, passphrase=passphrase, key_file=key_file, s3_endpoint=s3_endpoint,
                              storage_path=anvil.storage.root)
         manifest = ops.backup_storage(anvil.storage, anvil.participants(), repo, tag=tag, run_mode=mode,
-                                      escrow_secrets=escrow_secrets, incremental=incremental)
+                                      escrow_secrets=escrow_secrets, incremental=incremental, progress=progress)
         result = {**engine.snapshot_row(manifest), "stats": manifest["stats"], "problems": manifest["problems"]}
         app.state.last_backup = {"time": started, "ok": not manifest["problems"], "snapshot": manifest["id"],
                                  "repository": repo.backend.url, "problems": len(manifest["problems"])}
@@ -46,6 +54,7 @@ def run_backup(app: Any, repo_url: str, *, passphrase: str | None = None, key_fi
                                  "repository": repo_url}
         raise
     finally:
+        app.state.backup_running = None
         _backup_lock.release()
         release_memory()  # the snapshot's tree and references: back to idle (api.common)
 

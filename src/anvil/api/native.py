@@ -126,7 +126,8 @@ async def ready(request: Request) -> Response:
         "journal": {"seq": seq, "hash": h},
         "deployment_id": anvil.storage.format.deployment_id,
         "backup": {"last": getattr(request.app.state, "last_backup", None),
-                   "schedule": getattr(request.app.state, "backup_schedule", None)},
+                   "schedule": getattr(request.app.state, "backup_schedule", None),
+                   "running": getattr(request.app.state, "backup_running", None)},
     }
     archiver = getattr(request.app.state, "archiver", None)
     # Continuous archiving: cursor, lag (events, seconds) and the last error (docs/backup.md).

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from anvil.backup.engine import _add_encoded, _encode_file
+from anvil.backup.engine import _add_encoded, _encode_file, ordered_parallel
 from anvil.backup.errors import BackupError
 from anvil.backup.repository import Repository
 from anvil.storage import Storage, journal
@@ -140,6 +140,8 @@ class Archiver:
         self._blob_map_loaded = False
         if hold:
             storage.blobs.add_hold(self.unshipped_blobs)
+            # Journal compaction keeps every event the archive does not hold yet.
+            storage.catalog.add_journal_hold(self.journal_hold)
 
     # -------------------------------------------------------------- lifecycle
 
@@ -159,6 +161,7 @@ class Archiver:
             except Exception as e:  # noqa: BLE001 - stopping: reported, never raised
                 self._failed(e)
         self.storage.blobs.remove_hold(self.unshipped_blobs)  # archiving is off: gc decides alone again
+        self.storage.catalog.remove_journal_hold(self.journal_hold)
 
     def _run(self) -> None:
         backoff = self.config.interval
@@ -241,6 +244,10 @@ class Archiver:
         blob_chunks.update(self.blob_chunks)
         self.blob_chunks = blob_chunks
         self._blob_map_loaded = True
+
+    def journal_hold(self) -> int:
+        """The last seq the archive holds (0 before the repository was read: keep everything)."""
+        return self.cursor if self.cursor is not None else 0
 
     def unshipped_blobs(self) -> set[str]:
         """Blobs referenced by events the archive does not hold yet (gc keeps them)."""
@@ -363,7 +370,7 @@ DELTA_METHOD = "journal delta: the archived events after the base snapshot's che
 
 
 def create_delta(storage: Storage, participants: list[Participant], repo: Repository, *, tag: str | None = None,
-                 config: dict[str, Any] | None = None) -> dict[str, Any]:
+                 config: dict[str, Any] | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """An incremental snapshot that costs what changed: the journal events since the newest snapshot
     (and the blobs they reference) are archived, and a small manifest names the full snapshot they
     roll forward from. Restoring it is a point-in-time restore to its seq (docs/backup.md)."""
@@ -382,7 +389,7 @@ def create_delta(storage: Storage, participants: list[Participant], repo: Reposi
     if base is None:
         raise BackupError(f"the base snapshot {base_id} of {parent['id']} is gone: take a full snapshot")
     archiver = Archiver(storage, participants, ArchiveConfig(repo.backend.url, 1.0, ""), lambda: repo, hold=False)
-    shipped = archiver.catch_up()
+    shipped = archiver.catch_up(progress)
     if archiver.gap:
         raise BackupError(f"cannot take a journal delta: {archiver.gap}")
     assert archiver.cursor is not None
@@ -445,25 +452,29 @@ def events_between(repo: Repository, deployment_id: str, after: int, *, to_seq: 
     expected = after + 1
     reached_end = False
     archive_end = {"last_seq": after, "last_ts": None}
-    for ref in refs:
-        if to_seq is not None and ref.first_seq > to_seq:
-            break
-        if to_time is not None and ref.first_ts > to_time:
-            break
-        if ref.first_seq > expected:
-            raise BackupError(f"the archive has no events {expected}..{ref.first_seq - 1} of deployment "
-                              f"{deployment_id}: cannot roll forward across the gap")
-        seg = load_segment(repo, ref)
-        blobs.update(seg.get("blobs", {}))
-        for d in seg["events"]:
-            if d["seq"] < expected:
-                continue
-            if (to_seq is not None and d["seq"] > to_seq) or (to_time is not None and d["ts"] > to_time):
-                reached_end = True
+    # Names say which segments can hold the range: those are read ahead, a few at a time, on
+    # threads (reading, AES-GCM and zstd release the GIL) while this one decodes events.
+    refs = [r for r in refs if not ((to_seq is not None and r.first_seq > to_seq)
+                                    or (to_time is not None and r.first_ts > to_time))]
+    loaded = ordered_parallel(lambda ref: load_segment(repo, ref), refs, window=3)
+    try:
+        for ref in refs:
+            if ref.first_seq > expected:
+                raise BackupError(f"the archive has no events {expected}..{ref.first_seq - 1} of deployment "
+                                  f"{deployment_id}: cannot roll forward across the gap")
+            _, seg = next(loaded)
+            blobs.update(seg.get("blobs", {}))
+            for d in seg["events"]:
+                if d["seq"] < expected:
+                    continue
+                if (to_seq is not None and d["seq"] > to_seq) or (to_time is not None and d["ts"] > to_time):
+                    reached_end = True
+                    break
+                events.append(journal.event_from_dict(d))
+                expected = d["seq"] + 1
+            archive_end = {"last_seq": ref.last_seq, "last_ts": ref.last_ts}
+            if reached_end:
                 break
-            events.append(journal.event_from_dict(d))
-            expected = d["seq"] + 1
-        archive_end = {"last_seq": ref.last_seq, "last_ts": ref.last_ts}
-        if reached_end:
-            break
+    finally:
+        loaded.close()  # segments still being read ahead are waited for, then dropped
     return events, blobs, archive_end

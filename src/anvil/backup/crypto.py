@@ -6,10 +6,10 @@ docs/backup-format.md ("Keys", "Sealing", "Chunks and packs") is the byte-level 
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import os
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -60,15 +60,32 @@ def derive(passphrase: str, salt: bytes, params: dict[str, int]) -> bytes:
                            hash_len=32, type=Type.ID)
 
 
+_aead = threading.local()
+
+
+def _aesgcm(key: bytes) -> AESGCM:
+    """This thread's AESGCM for `key`: building one runs the key schedule, which for a small
+    chunk costs as much as encrypting it; a backup seals every chunk with the same key."""
+    cache = getattr(_aead, "by_key", None)
+    if cache is None:
+        cache = _aead.by_key = {}
+    aead = cache.get(key)
+    if aead is None:
+        if len(cache) >= 8:  # key-encryption keys pass through too: keep it small
+            cache.clear()
+        aead = cache[key] = AESGCM(key)
+    return aead
+
+
 def seal(key: bytes, data: bytes, aad: bytes) -> bytes:
     nonce = secrets.token_bytes(NONCE)
-    return nonce + AESGCM(key).encrypt(nonce, data, aad)
+    return nonce + _aesgcm(key).encrypt(nonce, data, aad)
 
 
 def unseal(key: bytes, blob: bytes | memoryview, aad: bytes) -> bytes:
     if len(blob) < NONCE + 16:
         raise InvalidTag()
-    return AESGCM(key).decrypt(blob[:NONCE], blob[NONCE:], aad)
+    return _aesgcm(key).decrypt(blob[:NONCE], blob[NONCE:], aad)
 
 
 def key_aad(repo_id: str, key_id: str) -> bytes:
@@ -93,4 +110,4 @@ def unwrap_master(repo_id: str, entry: dict[str, Any], passphrase: str) -> bytes
 
 def chunk_id_of_digest(id_key: bytes, sha256_digest: bytes) -> str:
     """HMAC-SHA256(id key, SHA-256(plaintext)): keyed, yet a file that is one chunk is hashed once."""
-    return hmac.new(id_key, sha256_digest, hashlib.sha256).hexdigest()
+    return hmac.digest(id_key, sha256_digest, "sha256").hex()  # one-shot: no HMAC object per chunk

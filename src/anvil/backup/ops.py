@@ -37,7 +37,8 @@ def backup_storage(storage: Storage, participants: list[Participant], repo: Repo
     if incremental:
         from anvil.backup.archive import create_delta
 
-        return create_delta(storage, participants, repo, tag=tag, config={**config, "incremental": True})
+        return create_delta(storage, participants, repo, tag=tag, config={**config, "incremental": True},
+                            progress=progress)
     return engine.create_snapshot(root, layout.catalog_path, storage.blobs, layout.tmp,
                                   storage.format.deployment_id, participants, repo,
                                   progress=progress, tag=tag, config=config, escrow_secrets=escrow_secrets)

@@ -10,7 +10,6 @@ restore, with the replayed head recorded so validation checks the chain up to it
 
 from __future__ import annotations
 
-import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,11 +20,15 @@ from anvil.backup.archive import events_between, list_segments
 from anvil.backup.errors import BackupError
 from anvil.backup.pack import ChunkReader
 from anvil.backup.repository import Repository
-from anvil.backup.restore import Progress, _write_entry, restore
+from anvil.backup.restore import Progress, _write_entry, restore, sync_paths
 from anvil.storage import records
 from anvil.storage.blobs import BlobStore
 from anvil.storage.layout import Layout
 from anvil.storage.recovery import Participant, RecoveryContext, replay_into
+
+# Events applied per catalog transaction during a replay: each commit of the restored catalog is
+# a WAL fsync, so a long journal costs a few dozen of them, not one per thousand events.
+REPLAY_BATCH = 10_000
 
 
 def parse_time(text: str) -> float:
@@ -52,7 +55,8 @@ def iso(ts: float | None) -> str | None:
 def choose_snapshot(repo: Repository, *, to_seq: int | None = None, to_time: float | None = None,
                     deployment_id: str | None = None) -> dict[str, Any]:
     """The newest snapshot a point-in-time restore to the target can start from."""
-    snaps = [m for m in repo.snapshots() if deployment_id is None or m["deployment_id"] == deployment_id]
+    # Headers only (cached locally): the chosen manifest alone is loaded whole, at the end.
+    snaps = [m for m in repo.snapshot_rows() if deployment_id is None or m["deployment_id"] == deployment_id]
     if not snaps:
         raise BackupError(f"{repo.backend.url} holds no snapshots" + (f" of deployment {deployment_id}"
                                                                         if deployment_id else ""))
@@ -68,7 +72,7 @@ def choose_snapshot(repo: Repository, *, to_seq: int | None = None, to_time: flo
         raise BackupError(f"no snapshot is older than {what}: the oldest, {oldest['id']}, finished at "
                           f"{iso(oldest['finished'])} at journal seq {oldest['consistency']['journal_seq']}")
     # By checkpoint seq, then time: the newest start means the least to replay.
-    return max(fit, key=lambda m: (int(m["consistency"]["journal_seq"]), m["finished"]))
+    return repo.load_snapshot(max(fit, key=lambda m: (int(m["consistency"]["journal_seq"]), m["finished"]))["id"])
 
 
 def restore_to_point(repo: Repository, target: Path, participants: list[Participant], *,
@@ -104,7 +108,12 @@ def restore_to_point(repo: Repository, target: Path, participants: list[Particip
     layout.acquire_lock()
     try:
         store = BlobStore(layout.blobs, layout.tmp)
-        replayed = replay_into(root / "catalog.db", events, participants, root=root, blobs=store)
+        def replayed_so_far(n: int) -> None:
+            if progress:
+                progress(n, len(events), "replaying the journal")
+
+        replayed = replay_into(root / "catalog.db", events, participants, root=root, blobs=store,
+                               batch=REPLAY_BATCH, on_batch=replayed_so_far)
         problems = list(res["problems"])
         # The blobs the replayed records reference that the snapshot did not restore.
         conn = records.open_readonly(root / "catalog.db")
@@ -115,6 +124,7 @@ def restore_to_point(repo: Repository, target: Path, participants: list[Particip
         reader = ChunkReader(repo)
         tree = manifest["tree"]["blobs"]
         fetched = 0
+        written: list[Path] = []
         for sha, uses in refs.items():
             dest = store.path(sha)
             if dest.exists():
@@ -126,12 +136,13 @@ def restore_to_point(repo: Repository, target: Path, participants: list[Particip
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:
-                _write_entry(reader, entry, dest, expected_sha=sha, fsync=False)  # one sync below
+                _write_entry(reader, entry, dest, expected_sha=sha, fsync=False)  # one batch below
+                written.append(dest)
                 fetched += 1
             except BackupError as e:
                 problems.append(f"blob {sha}: {e}")
-        if fetched:
-            os.sync()  # the blobs are durable before the marker says the restore is complete
+        # The blobs are durable before the marker says the restore is complete.
+        sync_paths(written, {d.parent for d in written})
         head_seq, head_hash = (events[-1].seq, events[-1].hash) if events else (
             base_seq, manifest["consistency"]["journal_hash"])
         marker = mode.read_marker(root) or {}
@@ -165,3 +176,23 @@ def restore_any(repo: Repository, manifest: dict[str, Any], target: Path, partic
     res = restore_to_point(repo, target, participants, to_seq=int(manifest["consistency"]["journal_seq"]),
                            base=base, force=force, progress=progress)
     return {**res, "snapshot": manifest["id"], "base": base["id"]}
+
+
+def delta_catalog(repo: Repository, manifest: dict[str, Any], participants: list[Participant], path: Path,
+                  reader: ChunkReader) -> dict[str, Any]:
+    """Write at `path` the catalog a journal delta stands for: its base's catalog with the archived
+    events up to the delta's seq replayed onto it. Returns sha256 -> stored blob (archive, then base)."""
+    base_id = manifest.get("base")
+    try:
+        base = repo.load_snapshot(base_id)
+    except BackupError:
+        raise BackupError(f"the base snapshot {base_id} of journal delta {manifest['id']} is gone") from None
+    base_seq = int(base["consistency"]["journal_seq"])
+    to_seq = int(manifest["consistency"]["journal_seq"])
+    events, seg_blobs, end = events_between(repo, manifest["deployment_id"], base_seq, to_seq=to_seq)
+    if (events[-1].seq if events else base_seq) < to_seq:
+        raise BackupError(f"the archive reaches journal seq {end['last_seq']}, journal delta {manifest['id']} "
+                          f"needs {to_seq}")
+    _write_entry(reader, base["tree"]["files"]["catalog.db"], path)
+    replay_into(path, events, participants, root=path.parent, blobs=None, batch=REPLAY_BATCH)
+    return {**base["tree"]["blobs"], **seg_blobs}

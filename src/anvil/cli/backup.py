@@ -158,6 +158,36 @@ def progress_bar(enabled: bool, label: str) -> Iterator[Callable[[int, int, str]
         yield update
 
 
+@contextmanager
+def server_progress(endpoint: str, label: str) -> Iterator[None]:
+    """A progress bar fed by the server's `backup.running` (in /anvil/health/ready, polled twice a
+    second) while this process waits for its answer; a spinner until the server knows the total."""
+    import threading
+
+    stop = threading.Event()
+    with Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                  console=err_console, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def poll() -> None:
+            with httpx.Client(base_url=endpoint, timeout=5) as http:
+                while not stop.wait(0.5):
+                    try:
+                        running = http.get("/anvil/health/ready").json().get("backup", {}).get("running")
+                    except (httpx.HTTPError, ValueError):
+                        continue  # the answer to the backup itself says what went wrong
+                    if running and running.get("bytes_total"):
+                        bar.update(task, completed=running["bytes_done"], total=running["bytes_total"])
+
+        poller = threading.Thread(target=poll, name="anvil-backup-progress", daemon=True)
+        poller.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            poller.join(timeout=2)
+
+
 # ------------------------------------------------------------------ anvil backup
 
 
@@ -227,7 +257,7 @@ def backup_create(repo: str, s3_endpoint: str | None, key_file: str | None, as_j
 
             try:
                 if not as_json:
-                    with console.status("server is taking the snapshot..."):
+                    with server_progress(endpoint, "server backing up"):
                         result = take()
                 else:
                     result = take()

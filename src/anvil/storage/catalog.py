@@ -97,6 +97,9 @@ class Catalog:
         self._thread: threading.Thread | None = None
         self._head: tuple[int, str] | None = None
         self._commit_listeners: list[Callable[[int], None]] = []
+        # In-memory readers of the journal that are not watch consumers (continuous archiving):
+        # each returns the highest seq it has durably taken; compaction keeps everything after it.
+        self._journal_holds: list[Callable[[], int]] = []
         # Called when a commit fails for lack of disk space; True if it freed some (storage.space).
         self.on_full: Callable[[], bool] | None = None
         self.migrate("journal", journal.MIGRATIONS)
@@ -144,6 +147,19 @@ class Catalog:
             self._head = journal.head(self._writer)
             self._thread = threading.Thread(target=self._run, name="anvil-writer", daemon=True)
             self._thread.start()
+
+    def add_journal_hold(self, hold: Callable[[], int]) -> None:
+        """Journal compaction never removes events after `hold()` (called on the writer thread)."""
+        self._journal_holds.append(hold)
+
+    def remove_journal_hold(self, hold: Callable[[], int]) -> None:
+        if hold in self._journal_holds:
+            self._journal_holds.remove(hold)
+
+    def journal_hold_floor(self) -> int | None:
+        """The lowest seq a journal hold still needs kept after (None without holds)."""
+        floors = [int(hold()) for hold in list(self._journal_holds)]
+        return min(floors) if floors else None
 
     def add_commit_listener(self, listener: Callable[[int], None]) -> None:
         """Called from the writer thread with the new head seq after each durable commit."""

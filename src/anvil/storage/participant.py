@@ -226,10 +226,13 @@ class BlobsParticipant(Participant):
         present = 0
         total = 0
         for sha in refs:
-            p = ctx.blobs.path(sha)
-            if p.exists():
-                present += 1
-                total += p.stat().st_size
+            # One stat per blob (not exists() and then stat()): every snapshot pays this per blob.
+            try:
+                size = os.stat(ctx.blobs.path(sha)).st_size
+            except FileNotFoundError:
+                continue
+            present += 1
+            total += size
         digest = hashlib.sha256("\n".join(refs).encode()).hexdigest()
         return {"referenced": len(refs), "present": present, "bytes": total, "digest": digest}
 

@@ -1,7 +1,8 @@
 """Journal retention: compact events every consumer has passed and the retention window has aged out.
 
-An event may go only when BOTH hold: its seq is at or below every durable consumer's cursor,
-and it is older than the retention window. This module is the policy: it picks the window and
+An event may go only when BOTH hold: its seq is at or below every durable consumer's cursor
+(and every journal hold's, e.g. continuous archiving's cursor), and it is older than the
+retention window. This module is the policy: it picks the window and
 the floor (the lowest consumer cursor, read through `watch.consumers`); the mechanism, deleting
 the rows and moving `journal_base` to the last deleted event's (seq, hash), is
 `anvil.storage.journal.compact`. A cursor below the base then fails with `CursorExpired` naming
@@ -32,6 +33,11 @@ def compact_step(catalog: Catalog, ctx: RequestContext, retention_seconds: float
         # The floor is read in the same transaction as the deletes, so a consumer created or
         # moved meanwhile cannot lose an event it still needs.
         floor = consumers.min_cursor(txn.conn)
+        # Continuous archiving holds what it has not shipped: compaction must not open a gap in
+        # the archive (point-in-time restore could not cross it).
+        held = catalog.journal_hold_floor()
+        if held is not None:
+            floor = held if floor is None else min(floor, held)
         done = journal.compact(txn.conn, floor=floor, cutoff=cutoff, max_rows=max_rows)
         if done.deleted == 0:
             return {"deleted": 0, "base": done.base_seq}

@@ -55,6 +55,10 @@ class Backend:
     def write(self, name: str, data: bytes) -> None:
         raise NotImplementedError
 
+    def write_parts(self, name: str, parts: list[bytes]) -> None:
+        """`write` of the parts' concatenation; backends that can write them in turn avoid the join."""
+        self.write(name, b"".join(parts))
+
     def list(self, folder: str) -> list[str]:
         """Names (relative to the repository) of every object under `folder/`."""
         raise NotImplementedError
