@@ -182,6 +182,7 @@ class Anvil:
         self.watch.close()
         if hasattr(self, "personaldb"):
             self.personaldb.close()
+        self.artefacts.close()  # the git stores' open pack files
         self.storage.close()
 
 

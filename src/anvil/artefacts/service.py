@@ -653,6 +653,13 @@ class ArtefactService:
             self._git_cache[info["id"]] = store
         return info, store
 
+    def close(self) -> None:
+        """Close the on-disk git stores opened for reads (their pack files stay for the next start)."""
+        with self._git_lock:
+            for store in self._git_cache.values():
+                store.close()
+            self._git_cache.clear()
+
     def _add_pack(self, store: Any, f: dict[str, Any]) -> None:
         out, commit, abort = store.add_pack()
         try:
