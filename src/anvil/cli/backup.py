@@ -511,6 +511,7 @@ def _new_passphrase(new_key_file: str | None) -> str:
 @repo_options
 @handles_errors
 def key_list(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool) -> None:
+    """List the repository's key ids (passphrases that open it)."""
     r = _open(repo, key_file, s3_endpoint)
     ids = r.key_ids()
     emit(as_json, {"keys": ids, "current": r.key_id},
@@ -522,6 +523,7 @@ def key_list(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: 
 @click.option("--new-key-file", default=None, help="New passphrase file (else ANVIL_BACKUP_NEW_PASSPHRASE).")
 @handles_errors
 def key_add(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool, new_key_file: str | None) -> None:
+    """Add a passphrase to the repository (the new one from --new-key-file or ANVIL_BACKUP_NEW_PASSPHRASE)."""
     r = _open(repo, key_file, s3_endpoint)
     kid = r.add_key(_new_passphrase(new_key_file))
     emit(as_json, {"added": kid}, text=f"added key {kid}")
@@ -532,6 +534,7 @@ def key_add(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: b
 @click.argument("key_id")
 @handles_errors
 def key_remove(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool, key_id: str) -> None:
+    """Remove passphrase KEY_ID from the repository (the last one cannot be removed)."""
     r = _open(repo, key_file, s3_endpoint)
     r.remove_key(key_id)
     emit(as_json, {"removed": key_id}, text=f"removed key {key_id}")

@@ -378,6 +378,7 @@ def findings() -> None:
 @client_command
 def findings_ls(client: AnvilClient, as_json: bool, subsystem: str | None, severity: str | None, unresolved: bool,
                 limit: int) -> None:
+    """List findings (newest first), filtered by subsystem, severity or state."""
     found = client.list_findings(subsystem=subsystem, severity=severity, unresolved=unresolved, limit=limit)
     if as_json:
         emit(True, found)
@@ -390,6 +391,7 @@ def findings_ls(client: AnvilClient, as_json: bool, subsystem: str | None, sever
 @click.argument("resolution")
 @client_command
 def findings_resolve(client: AnvilClient, as_json: bool, finding_id: str, resolution: str) -> None:
+    """Mark finding FINDING_ID resolved, with the resolution text."""
     emit(as_json, client.resolve_finding(finding_id, resolution), text=f"resolved {finding_id}")
 
 

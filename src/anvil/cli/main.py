@@ -37,9 +37,13 @@ def cli() -> None:
               help="Archive the journal continuously into this backup repository (point-in-time recovery).")
 @click.option("--archive-interval", default="1s", show_default=True,
               help="How often new journal events are shipped (needs --archive-repo).")
+@click.option("--access-log", envvar="ANVIL_ACCESS_LOG", default="off", show_default=True, metavar="PATH|-|off",
+              help="Write JSON-lines access logs to PATH, to stdout (-), or not at all (off).")
+@click.option("--metrics/--no-metrics", envvar="ANVIL_METRICS", default=True, show_default=True,
+              help="Serve Prometheus metrics at /anvil/metrics (scope metrics:read; ANVIL_METRICS_PUBLIC=1: open).")
 def serve(storage_path: str, listen: str, dev_auth: bool, backup_repo: str | None, backup_every: str | None,
           backup_s3_endpoint: str | None, backup_key_file: str | None, archive_repo: str | None = None,
-          archive_interval: str = "1s") -> None:
+          archive_interval: str = "1s", access_log: str = "off", metrics: bool = True) -> None:
     """Run the server (S3 gateway, native API, background work) on one STORAGE_PATH."""
     from anvil.api.server import serve as run_server
     from anvil.errors import AnvilError
@@ -70,7 +74,8 @@ def serve(storage_path: str, listen: str, dev_auth: bool, backup_repo: str | Non
                 raise ValueError(f"--archive-repo: {e}") from None
         elif click.get_current_context().get_parameter_source("archive_interval").name == "COMMANDLINE":
             raise ValueError("--archive-interval needs --archive-repo")
-        run_server(storage_path, listen, dev_auth=dev_auth, backup=schedule, archive=archive)
+        run_server(storage_path, listen, dev_auth=dev_auth, backup=schedule, archive=archive, access_log=access_log,
+                   metrics=metrics)
     except (AnvilError, ValueError) as e:
         click.echo(f"anvil serve: {e}", err=True)
         sys.exit(2)
@@ -89,6 +94,7 @@ def bucket() -> None:
 @click.option("--versioning", type=click.Choice(["Enabled"]), default=None)
 @client_command
 def bucket_create(client: AnvilClient, as_json: bool, name: str, versioning: str | None) -> None:
+    """Create bucket NAME (versioning off unless --versioning Enabled)."""
     res = client.create_bucket(name, versioning=versioning)
     emit(as_json, res, text=f"created bucket {name}")
 
@@ -96,6 +102,7 @@ def bucket_create(client: AnvilClient, as_json: bool, name: str, versioning: str
 @bucket.command("ls")
 @client_command
 def bucket_ls(client: AnvilClient, as_json: bool) -> None:
+    """List the buckets this application can see."""
     buckets = client.list_buckets()
     emit(as_json, buckets, table=(("name", "tenant", "versioning", "created"),
                                   [(b["name"], b["tenant"], b["versioning"], _ts(b["created"])) for b in buckets]))
@@ -105,6 +112,7 @@ def bucket_ls(client: AnvilClient, as_json: bool) -> None:
 @click.argument("name")
 @client_command
 def bucket_rm(client: AnvilClient, as_json: bool, name: str) -> None:
+    """Delete bucket NAME (it must be empty)."""
     emit(as_json, client.delete_bucket(name), text=f"deleted bucket {name}")
 
 
@@ -189,6 +197,7 @@ def object_get(client: AnvilClient, as_json: bool, bucket_name: str, key: str, d
 @click.option("--version-id", default=None)
 @client_command
 def object_head(client: AnvilClient, as_json: bool, bucket_name: str, key: str, version_id: str | None) -> None:
+    """Show BUCKET/KEY's metadata (size, ETag, version, content type, user metadata)."""
     info = client.head_object(bucket_name, key, version_id=version_id)
     emit(as_json, info, table=(("field", "value"), [(k, v) for k, v in info.items() if k != "content_range"]))
 
@@ -201,6 +210,7 @@ def object_head(client: AnvilClient, as_json: bool, bucket_name: str, key: str, 
 @client_command
 def object_ls(client: AnvilClient, as_json: bool, bucket_name: str, prefix: str, delimiter: str,
               limit: int | None) -> None:
+    """List BUCKET's objects (with --delimiter, common prefixes are shown as PRE)."""
     entries = []
     for entry in client.iter_objects(bucket_name, prefix=prefix, delimiter=delimiter):
         entries.append(entry)
@@ -216,6 +226,7 @@ def object_ls(client: AnvilClient, as_json: bool, bucket_name: str, prefix: str,
 @click.option("--prefix", default="")
 @client_command
 def object_versions(client: AnvilClient, as_json: bool, bucket_name: str, prefix: str) -> None:
+    """List every version and delete marker in BUCKET."""
     versions: list[dict] = []
     key_marker = version_marker = ""
     while True:
@@ -235,6 +246,7 @@ def object_versions(client: AnvilClient, as_json: bool, bucket_name: str, prefix
 @click.option("--version-id", default=None)
 @client_command
 def object_rm(client: AnvilClient, as_json: bool, bucket_name: str, key: str, version_id: str | None) -> None:
+    """Delete BUCKET/KEY (a delete marker in a versioned bucket; --version-id removes one version)."""
     res = client.delete_object(bucket_name, key, version_id=version_id)
     what = "delete marker " + str(res["version_id"]) if res.get("delete_marker") and not version_id else "deleted"
     emit(as_json, res, text=f"{bucket_name}/{key}: {what}")
