@@ -8,9 +8,10 @@ from datetime import UTC, datetime
 
 import click
 
-from anvil.cli.common import admin_command, emit, err_console
+from anvil.cli.common import admin_command, describe_error, emit, err_console
 from anvil.cli.profiles import ProfileError, resolve_credentials, save_profile
-from anvil.client import AnvilAPIError, AnvilClient, exchange_token
+from anvil.client import AnvilAPIError, AnvilClient, InvalidEndpoint, exchange_token
+from anvil.client import ConnectionError as ClientConnectionError
 
 
 def _ts(ts: float | None) -> str:
@@ -281,14 +282,17 @@ def auth_token(scopes: tuple[str, ...], expires_in: int | None, endpoint: str | 
             raise ProfileError("no credentials: use --client-id/--client-secret, ANVIL_CLIENT_ID/SECRET or a profile")
         res = exchange_token(creds.endpoint, creds.client_id, creds.client_secret or "",
                              scopes=list(scopes) or None, expires_in=expires_in)
-    except ProfileError as e:
+    except (ProfileError, InvalidEndpoint) as e:
         err_console.print(f"[red]error[/red] {e}")
         sys.exit(2)
     except AnvilAPIError as e:
         if as_json:
             click.echo(json.dumps({"error": {"code": e.code, "message": e.message, "status": e.status}}))
         else:
-            err_console.print(f"[red]error[/red] {e.code}: {e.message}")
+            err_console.print(f"[red]error[/red] {describe_error(e)}", markup=False)
+        sys.exit(1)
+    except ClientConnectionError as e:
+        err_console.print(f"error: {describe_error(e)}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
     click.echo(json.dumps(res, indent=2) if as_json else res["access_token"])
 
