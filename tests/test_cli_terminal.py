@@ -16,10 +16,10 @@ from tests.helpers import AnvilServer, unique_bucket
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def on_tty(server: AnvilServer, *args: str, columns: int = 100) -> tuple[int, str]:
+def on_tty(server: AnvilServer, *args: str, columns: int = 100, env: dict[str, str] | None = None) -> tuple[int, str]:
     """Run `anvil ARGS` with stdout and stderr on a pseudo-terminal; (exit status, what it drew)."""
     leader, follower = pty.openpty()
-    env = {**server.cli_env(), "COLUMNS": str(columns), "LINES": "40", "TERM": "xterm-256color"}
+    env = {**server.cli_env(), "COLUMNS": str(columns), "LINES": "40", "TERM": "xterm-256color", **(env or {})}
     env.pop("NO_COLOR", None)
     proc = subprocess.Popen([sys.executable, "-m", "anvil.cli.main", *args], stdin=subprocess.DEVNULL,
                             stdout=follower, stderr=follower, env=env)
@@ -76,3 +76,22 @@ def test_tables_never_cut_ids(server: AnvilServer) -> None:
     assert lines and max(len(line.rstrip()) for line in lines) <= 60, drawn  # fits the terminal
     joined = "".join(ch for ch in drawn if ch not in "│┃ \r\n")
     assert "kkkkkkkkkkkkkkkkkkkk" in joined
+
+
+def test_backup_verify_shows_progress_on_a_terminal_only(server: AnvilServer, tmp_path: Path) -> None:
+    backup_env = {"ANVIL_BACKUP_PASSPHRASE": "terminal passphrase", "ANVIL_BACKUP_KDF": "test"}
+    repo = f"file://{tmp_path / 'repo'}"
+    bucket = unique_bucket("bk")
+    server.cli("bucket", "create", bucket)
+    server.cli("object", "put", bucket, "blob", "-", input=os.urandom(6 * 1024 * 1024))
+    env = {**server.cli_env(), **backup_env}
+    for args in (("backup", "init", "--repo", repo),
+                 ("backup", "create", "--repo", repo, "--endpoint", server.endpoint)):
+        proc = subprocess.run([sys.executable, "-m", "anvil.cli.main", *args], env=env, capture_output=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    status, drawn = on_tty(server, "backup", "verify", "--repo", repo, "--read-data", env=backup_env)
+    assert status == 0 and "reading packs" in drawn and "MB" in drawn, drawn  # bytes done/total (fast: no rate)
+    piped = subprocess.run([sys.executable, "-m", "anvil.cli.main", "backup", "verify", "--repo", repo,
+                            "--read-data"], env=env, capture_output=True, timeout=300)
+    assert piped.returncode == 0 and b"reading packs" not in piped.stderr and b"\x1b[" not in piped.stderr

@@ -2,11 +2,12 @@
 
 Both are recorded once per request at the edge (`AnvilApp.__call__`): `Observer.begin` puts a
 `RequestRecord` in the ASGI scope and wraps `send` to see the status and count the bytes sent;
-the handlers fill in what only they know (the principal, the S3 operation) through `note`; and
-`Observer.end` records the counters and histogram and queues one JSON line.
+the handlers fill in what only they know (the principal, the S3 operation) through
+`anvil.api.record.note`; and `Observer.end` records the counters and histogram and queues one
+JSON line.
 
-Per request this costs a few attribute writes, two clock reads, three cached metric children
-and one short f-string: no dict is serialised, and log lines are written in blocks (at most
+Per request this costs a few attribute writes, three clock reads, a handful of integer
+increments and one short f-string: no dict is serialised, and log lines are written in blocks (at most
 once a second, or every 64 KiB), never one write per request. Everything that is expensive to
 know (lags, findings, disk) is computed only when `/anvil/metrics` is scraped (`StateCollector`).
 """
