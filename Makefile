@@ -3,6 +3,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 STORAGE_PATH ?= ./anvil-data
 API_LISTEN_ADDR ?= 127.0.0.1:9000
+# JSON-lines access log of `make run`: - (stdout), a file, or off (docs/operations.md).
+ANVIL_ACCESS_LOG ?= -
 
 .PHONY: install run test lint bench clean
 
@@ -15,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/anvil serve --storage-path $(STORAGE_PATH) --listen $(API_LISTEN_ADDR)
+	$(VENV)/bin/anvil serve --storage-path $(STORAGE_PATH) --listen $(API_LISTEN_ADDR) --access-log $(ANVIL_ACCESS_LOG)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

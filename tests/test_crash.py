@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from anvil.client import AnvilAPIError
+from anvil.client import AnvilError
 from tests.helpers import AnvilServer
 from tests.s3_helpers import s3_client
 
@@ -42,7 +42,7 @@ def _writer(srv: AnvilServer, wid: int, sent: dict[str, tuple[str, str]], acked:
 
             try:
                 res = c.put_object("crash", key, pieces() if size else body)
-            except (httpx.HTTPError, AnvilAPIError):
+            except (httpx.HTTPError, AnvilError):  # the SDK's own errors: API or connection
                 return  # the server died under us: this PUT is not acknowledged
             # A mismatch is recorded under a marker value the main thread's checks will catch.
             acked[key] = digest if (res["sha256"], res["etag"]) == digest else ("mismatch", key)

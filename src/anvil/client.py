@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import builtins
 import json
 import os
+import socket
 import threading
 import time
 import urllib.parse
@@ -19,7 +21,96 @@ UPLOAD_CHUNK = 1024 * 1024
 DEFAULT_PART_SIZE = 16 * 1024 * 1024
 
 
-class AnvilAPIError(Exception):
+# ------------------------------------------------------------ errors and transport
+#
+# The SDK raises only its own exceptions, all subclasses of `AnvilError` (docs/cli.md, "Errors"):
+# `AnvilAPIError` (the server answered with an error: `.code`, `.status`, `.request_id`),
+# `ConnectionError` (no answer, or the connection broke: `.endpoint`, `.reason`) and its subclass
+# `Unreachable` (nothing listens there, or the name does not resolve), and `InvalidEndpoint`.
+# httpx's errors are translated in one place, the transport (`_Transport`), so every request,
+# streamed or not, goes through the same translation.
+
+
+class AnvilError(Exception):
+    """Base of every exception the SDK raises."""
+
+
+class InvalidEndpoint(AnvilError, ValueError):
+    """The endpoint is not an http(s) URL."""
+
+
+class ConnectionError(AnvilError, builtins.ConnectionError):  # noqa: A001 - anvil.client.ConnectionError
+    """No answer from the endpoint, or the connection broke while a request or answer was in flight."""
+
+    def __init__(self, endpoint: str, reason: str):
+        super().__init__(f"{endpoint}: {reason}")
+        self.endpoint = endpoint
+        self.reason = reason
+
+
+class Unreachable(ConnectionError):
+    """Nothing answered at the endpoint (connection refused, unknown host, connect timeout)."""
+
+
+def check_endpoint(endpoint: str) -> str:
+    """`endpoint` without a trailing slash, or InvalidEndpoint naming the fix."""
+    parts = urllib.parse.urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        hint = f" (did you mean http://{endpoint}?)" if "://" not in endpoint else ""
+        raise InvalidEndpoint(f"endpoint {endpoint!r} must be an http:// or https:// URL{hint}")
+    return endpoint.rstrip("/")
+
+
+def _translate(endpoint: str, exc: BaseException) -> ConnectionError:
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | ConnectionRefusedError | socket.gaierror):
+        reason = str(exc) or type(exc).__name__
+        if "Connection refused" in reason or isinstance(exc, ConnectionRefusedError):
+            reason = "connection refused"
+        return Unreachable(endpoint, reason)
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
+        return ConnectionError(endpoint, f"timed out ({type(exc).__name__})")
+    return ConnectionError(endpoint, str(exc) or type(exc).__name__)
+
+
+class _TranslatedStream(httpx.SyncByteStream):
+    def __init__(self, inner: Any, endpoint: str):
+        self._inner, self._endpoint = inner, endpoint
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._inner
+        except httpx.TransportError as e:
+            raise _translate(self._endpoint, e) from e
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        except httpx.TransportError as e:
+            raise _translate(self._endpoint, e) from e
+
+
+class _Transport(httpx.BaseTransport):
+    """httpx's transport, with its errors (at connect time and while a body streams) raised as ours."""
+
+    def __init__(self, endpoint: str, inner: httpx.BaseTransport | None = None):
+        self._endpoint = endpoint
+        self._inner = inner or httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            response = self._inner.handle_request(request)
+        except httpx.TransportError as e:
+            raise _translate(self._endpoint, e) from e
+        response.stream = _TranslatedStream(response.stream, self._endpoint)
+        return response
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class AnvilAPIError(AnvilError):
+    """The server answered with an error: `code` (docs), `message`, HTTP `status`, `request_id`."""
+
     def __init__(self, status: int, code: str, message: str, request_id: str | None = None,
                  headers: httpx.Headers | None = None):
         super().__init__(f"{code}: {message}")
@@ -103,7 +194,9 @@ def exchange_token(endpoint: str, client_id: str, client_secret: str, *, scopes:
         body["scopes"] = scopes
     if expires_in is not None:
         body["expires_in"] = expires_in
-    resp = httpx.post(endpoint.rstrip("/") + "/anvil/v1/auth/token", json=body, timeout=timeout)
+    endpoint = check_endpoint(endpoint)
+    with httpx.Client(transport=_Transport(endpoint), timeout=timeout) as http:
+        resp = http.post(endpoint + "/anvil/v1/auth/token", json=body)
     _raise_for(resp)
     return resp.json()
 
@@ -209,7 +302,7 @@ class WatchStream:
                     raise
                 failing_since = self._backoff(failing_since, delay, e)
                 delay = min(delay * 2, 1.0)
-            except httpx.TransportError as e:
+            except ConnectionError as e:
                 if self._closed:
                     return
                 if not self.reconnect:
@@ -267,7 +360,7 @@ class AnvilClient:
                  client_id: str | None = None, client_secret: str | None = None,
                  scopes: list[str] | None = None, subject: str | None = None):
         # `subject`: act for that end user (token exchange with subject; docs/authz.md, "Object access").
-        self.endpoint = (endpoint or os.environ.get("ANVIL_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+        self.endpoint = check_endpoint(endpoint or os.environ.get("ANVIL_ENDPOINT") or DEFAULT_ENDPOINT)
         import httpx
 
         headers = {"authorization": f"Bearer {token}"} if token else {}
@@ -278,7 +371,8 @@ class AnvilClient:
         if token is None and client_id and client_secret:
             auth = ClientCredentialsAuth(self.endpoint, client_id, client_secret, scopes=scopes, subject=subject)
         self.client_id = client_id if auth is not None else None
-        self._http = httpx.Client(base_url=self.endpoint, timeout=timeout, headers=headers, auth=auth)
+        self._http = httpx.Client(base_url=self.endpoint, timeout=timeout, headers=headers, auth=auth,
+                                  transport=_Transport(self.endpoint))
 
     def close(self) -> None:
         self._http.close()
@@ -507,7 +601,7 @@ class AnvilClient:
             except BaseException:
                 try:
                     self.abort_upload(bucket, upload_id)
-                except (AnvilAPIError, httpx.HTTPError):
+                except AnvilError:
                     pass
                 raise
 
@@ -839,9 +933,11 @@ class AnvilClient:
                                       "content-type": "application/octet-stream"})
                 resp = conn.getresponse()
                 body = resp.read()
-        except (http.client.HTTPException, OSError):
+        except (http.client.HTTPException, OSError) as e:
             conn.close()
-            raise
+            if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError):
+                raise  # the local file, not the connection
+            raise _translate(self.endpoint, e) from e
         err = httpx.Response(resp.status, headers=resp.getheaders(), content=body)
         _raise_for(err)
         return err.json()
@@ -863,10 +959,10 @@ class AnvilClient:
                              headers={**self._bearer(), **headers})
                 resp = conn.getresponse()
                 break
-            except (http.client.HTTPException, OSError):
+            except (http.client.HTTPException, OSError) as e:
                 conn.close()  # a kept-alive connection the server closed: reconnect once
                 if attempt:
-                    raise
+                    raise _translate(self.endpoint, e) from e
         out = {k.lower(): v for k, v in resp.getheaders()}
         if resp.status >= 400:
             body = resp.read()
@@ -874,7 +970,13 @@ class AnvilClient:
             _raise_for(err)
         view = memoryview(local.buf)
         try:
-            while n := resp.readinto(view):
+            while True:
+                try:
+                    n = resp.readinto(view)
+                except (http.client.HTTPException, OSError) as e:
+                    raise _translate(self.endpoint, e) from e
+                if not n:
+                    break
                 sink(view[:n])
         except BaseException:
             conn.close()  # the rest of the body is unread: this connection cannot be reused

@@ -24,11 +24,13 @@ from anvil.api.indexes import INDEX_ROUTES
 from anvil.api.lifecycle_routes import LIFECYCLE_ROUTES
 from anvil.api.limits import SCOPE_KEY, CountingReceive
 from anvil.api.native import OBJECT_PATH, ROUTES
+from anvil.api.observe import METRICS_ROUTES
+from anvil.api.observe import from_env as observer_from_env
 from anvil.api.personaldb import PERSONALDB_ROUTES
+from anvil.api.record import request_id as request_id_of
 from anvil.api.s3 import S3Gateway
 from anvil.api.watch import WATCH_ROUTES
 from anvil.authz.binding import CLIENT_ADDRESS
-from anvil.context import new_request_id
 from anvil.errors import AnvilError
 from anvil.identity.gate import install_object_access
 from anvil.runtime import Anvil
@@ -51,7 +53,7 @@ def _allowed_methods(scope: Scope) -> set[str]:
 
 
 def _native_error(err: AnvilError, request: Request) -> Response:
-    return error_response(err, new_request_id(), head=request.method == "HEAD")
+    return error_response(err, request_id_of(request.scope), head=request.method == "HEAD")
 
 
 async def _fallback(request: Request) -> Response:
@@ -130,6 +132,18 @@ class AnvilApp(Starlette):
     object_handlers = _object_handlers()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        observer = self.state.observer
+        if scope["type"] == "http" and observer.active:
+            # Metrics and the access log see every request here, whichever path serves it.
+            record, send = observer.begin(scope, send)
+            try:
+                await self._serve(scope, receive, send)
+            finally:
+                observer.end(record, scope)
+            return
+        await self._serve(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             scope["app"] = self
             # The peer address, for caveats of bucket bindings (`client_ip`, docs/authz.md "Object access").
@@ -146,22 +160,27 @@ class AnvilApp(Starlette):
                 m = _OBJECT_PATH_RE.fullmatch(scope["path"])
                 if m is not None:
                     scope["path_params"] = {"bucket": m.group(1)}
+                    scope["endpoint"] = handler  # as the router would: names the operation in metrics
                     response = await handler(Request(scope, receive, send))
                     await response(scope, receive, send)
                     return
         await super().__call__(scope, receive, send)
 
 
-def create_app(anvil: Anvil, *, recovery_mode: bool = False, dev_auth: bool = False) -> Starlette:
+def create_app(anvil: Anvil, *, recovery_mode: bool = False, dev_auth: bool = False,
+               access_log: str | None = None, metrics: bool | None = None) -> Starlette:
+    """`access_log`: a file, `-` (stdout) or `off`; `metrics`: serve /anvil/metrics (None: from the env)."""
     routes = [*ROUTES, *IDENTITY_ROUTES, *WATCH_ROUTES, *ADMIN_ROUTES, *BACKUP_ROUTES, *AUTHZ_ROUTES, *LIFECYCLE_ROUTES,
               *ARTEFACT_ROUTES,
               *PERSONALDB_ROUTES,
               *INDEX_ROUTES,
+              *METRICS_ROUTES,
               Route("/{path:path}", _fallback, methods=ALL_METHODS)]
     app = AnvilApp(routes=routes, exception_handlers={HTTPException: _http_exception})
     app.state.anvil = anvil
     # Object requests on buckets bound to relationships are decided by anvil.authz (docs/authz.md).
     install_object_access(BindingAccess(anvil))
+    app.state.observer = observer_from_env(app, access_log=access_log, metrics=metrics)
     anvil.indexes.start()  # the index builder runs in the server (restored ones too: indexes are derived)
     app.state.recovery_mode = recovery_mode
     app.state.dev_auth = dev_auth

@@ -28,8 +28,9 @@ from anvil.api.common import (
     verified_body,
 )
 from anvil.api.limits import read_capped
+from anvil.api.record import request_id as request_id_of
 from anvil.artefacts.service import ArtefactService
-from anvil.context import RequestContext, new_request_id
+from anvil.context import RequestContext
 from anvil.errors import AnvilError
 from anvil.identity import authorize
 from anvil.objects import validation as v
@@ -292,7 +293,7 @@ async def git_http(request: Request, ctx: RequestContext) -> Response:
 
 
 def _hf_error(err: AnvilError, request: Request, commit: str | None = None) -> Response:
-    resp = error_response(err, new_request_id(), head=request.method == "HEAD")
+    resp = error_response(err, request_id_of(request.scope), head=request.method == "HEAD")
     # huggingface_hub maps these headers to RepositoryNotFound / RevisionNotFound / EntryNotFound.
     resp.headers["x-error-code"] = {"NotFound": "EntryNotFound"}.get(err.code, err.code)
     resp.headers["x-error-message"] = err.message

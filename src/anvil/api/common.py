@@ -19,7 +19,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from anvil.api.limits import MAX_JSON_BODY, log_client_disconnect, read_capped
-from anvil.context import DEV_PRINCIPAL, Principal, RequestContext, new_request_id
+from anvil.api.record import note
+from anvil.api.record import request_id as request_id_of
+from anvil.context import DEV_PRINCIPAL, Principal, RequestContext
 from anvil.errors import AnvilError
 from anvil.storage.space import is_full_error, storage_full
 
@@ -83,10 +85,11 @@ def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
 
     @functools.wraps(handler)
     async def run(request: Request) -> Response:
-        request_id = new_request_id()
+        request_id = request_id_of(request.scope)
         principal: Principal | None = None
         try:
             principal = authenticate(request)
+            note(request.scope, principal=principal)  # who, for the access log
             idem = request.headers.get("idempotency-key")
             ctx = RequestContext(principal=principal, request_id=request_id, idempotency_key=idem)
             response = await handler(request, ctx)

@@ -299,7 +299,7 @@ def _grace_seconds() -> float:
 
 
 def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any = None,
-          archive: Any = None) -> None:
+          archive: Any = None, access_log: str | None = None, metrics: bool | None = None) -> None:
     """Serve one STORAGE_PATH; `backup` (a ScheduleConfig) turns on scheduled backups.
 
     SIGTERM (or SIGINT) stops it gracefully: no new connections, in-flight requests finish (up to
@@ -330,7 +330,8 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any
         from anvil.backup.mode import in_recovery
 
         recovery_mode = in_recovery(anvil.storage.root)
-        app = create_app(anvil, recovery_mode=recovery_mode, dev_auth=dev_auth)
+        app = create_app(anvil, recovery_mode=recovery_mode, dev_auth=dev_auth, access_log=access_log,
+                         metrics=metrics)
         anvil.watch.start_background()
         if not recovery_mode:  # lifecycle deletes; a store in recovery mode takes no writes
             anvil.lifecycle.start()
@@ -355,6 +356,13 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any
         print(f"Anvil {storage_path!s} listening on {endpoint}", flush=True)
         print(f"  native API: {endpoint}/anvil/v1/  (OpenAPI: /anvil/v1/openapi.json)", flush=True)
         print(f"  S3 gateway: {endpoint}/  (path style; docs/s3.md)", flush=True)
+        observer = app.state.observer
+        if observer.registry is not None:
+            print(f"  metrics:    {endpoint}/anvil/metrics  ("
+                  f"{'public' if observer.metrics_public else 'scope metrics:read|system'}; docs/operations.md)",
+                  flush=True)
+        if observer.log is not None:
+            print(f"  access log: {'stdout' if observer.log.target == '-' else observer.log.target}", flush=True)
         if recovery_mode:
             print("  RECOVERY MODE: restored storage; public writes are refused until "
                   "`anvil recovery validate` + `anvil recovery resume`", flush=True)
@@ -383,6 +391,7 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any
             archiver = getattr(app.state, "archiver", None)  # started at boot or by an admin since
             if archiver is not None:
                 archiver.stop()  # ships what is left: a graceful stop loses nothing
+            app.state.observer.close()  # the last buffered access log lines
     finally:
         sock.close()
         anvil.close()

@@ -86,8 +86,10 @@ def _check(name: str, findings: list[Finding], started: float) -> dict[str, Any]
 def run_drill(repo: Repository, snapshot: str | None, participants: list[Participant], report_dir: Path, *,
               keep: bool = False,
               log: Callable[[str], None] | None = None, client_id: str | None = None,
-              client_secret: str | None = None, point: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`point` ({"to_seq"} or {"to_time"}) proves a point-in-time restore instead of one snapshot."""
+              client_secret: str | None = None, point: dict[str, Any] | None = None,
+              progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    """`point` ({"to_seq"} or {"to_time"}) proves a point-in-time restore instead of one snapshot;
+    `progress(bytes done, bytes total, what)` follows the restore (the drill's long step)."""
     say = log or (lambda _msg: None)
     started = time.time()
     # The proofs authenticate like any client; without a credential every one of them would fail late.
@@ -140,7 +142,7 @@ def run_drill(repo: Repository, snapshot: str | None, participants: list[Partici
                 from anvil.backup.pitr import restore_to_point
 
                 res = restore_to_point(repo, target, participants, to_seq=point.get("to_seq"),
-                                       to_time=point.get("to_time"),
+                                       to_time=point.get("to_time"), progress=progress,
                                        base=repo.load_snapshot(point["base"]) if point.get("base") else None)
                 pit.update(res["point_in_time"])
                 recorded["journal"] = {"head_seq": pit["head_seq"]}
@@ -150,7 +152,7 @@ def run_drill(repo: Repository, snapshot: str | None, participants: list[Partici
                                        f"snapshot {res['snapshot']} at seq {pit['snapshot_seq']}, then "
                                        f"{pit['events_replayed']} archived events replayed up to seq "
                                        f"{pit['head_seq']} in {res['duration']}s")]
-            res = restore(repo, manifest, target, participants)
+            res = restore(repo, manifest, target, participants, progress=progress)
             out = [Finding("restore", "error", "restore", p) for p in res["problems"]]
             return out or [Finding("restore", "info", "restore",
                                    f"{res['blobs_restored']} blobs, {res['bytes']} bytes in {res['duration']}s")]

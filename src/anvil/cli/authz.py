@@ -88,6 +88,7 @@ def schema_write(client: AnvilClient, as_json: bool, file: Any, tenant: str | No
 @client_command
 def schema_read(client: AnvilClient, as_json: bool, full: bool, at_least: str | None, exact: str | None,
                 min_latency: bool, tenant: str | None) -> None:
+    """Print the tenant's current authorisation schema."""
     res = client.authz_read_schema(tenant=tenant, consistency=_consistency(full, at_least, exact, min_latency))
     if as_json:
         emit(True, res)

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import click
-import httpx
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from anvil.backup.pack import PACK_TARGET
-from anvil.cli.common import emit
+from anvil.cli.common import describe_error, emit
+from anvil.client import ConnectionError as ClientConnectionError
+from anvil.client import InvalidEndpoint, Unreachable
 
 # Messages name paths, chunk ids and objects: never wrap them across lines.
 console = Console(soft_wrap=True)
@@ -67,11 +68,11 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except AnvilError as e:
             fail(as_json, f"{e.code}: {e.message}")
         except AnvilAPIError as e:
-            fail(as_json, f"{e.code}: {e.message}")
+            fail(as_json, describe_error(e, admin=True))
+        except (ClientConnectionError, InvalidEndpoint) as e:  # before OSError, which it also is: name the fix
+            fail(as_json, describe_error(e))
         except OSError as e:
             fail(as_json, str(e))
-        except httpx.HTTPError as e:
-            fail(as_json, f"connection error: {type(e).__name__}: {e}")
 
     return run
 
@@ -145,7 +146,8 @@ def _open(repo: str, key_file: str | None, s3_endpoint: str | None, storage_path
 
 @contextmanager
 def progress_bar(enabled: bool, label: str) -> Iterator[Callable[[int, int, str], None] | None]:
-    if not enabled:
+    """Bytes, rate and ETA on stderr; nothing when stderr is not a terminal (logs, pipes, CI)."""
+    if not enabled or not err_console.is_terminal:
         yield None
         return
     with Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
@@ -163,6 +165,8 @@ def server_progress(endpoint: str, label: str) -> Iterator[None]:
     """A progress bar fed by the server's `backup.running` (in /anvil/health/ready, polled twice a
     second) while this process waits for its answer; a spinner until the server knows the total."""
     import threading
+
+    import httpx  # here, not at module level: the CLI starts faster without it
 
     stop = threading.Event()
     with Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
@@ -261,12 +265,12 @@ def backup_create(repo: str, s3_endpoint: str | None, key_file: str | None, as_j
                         result = take()
                 else:
                     result = take()
-            except httpx.ConnectError as e:
-                raise BackupError(f"cannot reach the server at {endpoint}: {e}") from None
-            except httpx.TransportError as e:
+            except Unreachable as e:
+                raise BackupError(describe_error(e)) from None
+            except ClientConnectionError as e:
                 # The server died or dropped us mid-snapshot: no traceback, one line saying what is known.
                 raise BackupError(f"server at {endpoint} closed the connection during backup create "
-                                  f"({type(e).__name__}: {e or 'no detail'}); the snapshot may not have been "
+                                  f"({e.reason or 'no detail'}); the snapshot may not have been "
                                   "written: check the server, then `anvil backup list`") from None
     else:
         apply_thresholds(lock_stale, orphan_grace)
@@ -341,8 +345,8 @@ def backup_status(repo: str | None, endpoint: str | None, flush: bool, key_file:
             try:
                 out["server"] = (client._json("POST", "/anvil/v1/admin/archive/flush", json={}) if flush
                                  else client._json("GET", "/anvil/v1/admin/archive"))
-            except httpx.ConnectError as e:
-                raise BackupError(f"cannot reach the server at {endpoint}: {e}") from None
+            except Unreachable as e:
+                raise BackupError(describe_error(e)) from None
     if repo:
         from anvil.backup import engine
         from anvil.backup.archive import archive_summary
@@ -541,6 +545,7 @@ def _new_passphrase(new_key_file: str | None) -> str:
 @repo_options
 @handles_errors
 def key_list(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool) -> None:
+    """List the repository's key ids (passphrases that open it)."""
     r = _open(repo, key_file, s3_endpoint)
     ids = r.key_ids()
     emit(as_json, {"keys": ids, "current": r.key_id},
@@ -552,6 +557,7 @@ def key_list(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: 
 @click.option("--new-key-file", default=None, help="New passphrase file (else ANVIL_BACKUP_NEW_PASSPHRASE).")
 @handles_errors
 def key_add(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool, new_key_file: str | None) -> None:
+    """Add a passphrase to the repository (the new one from --new-key-file or ANVIL_BACKUP_NEW_PASSPHRASE)."""
     r = _open(repo, key_file, s3_endpoint)
     kid = r.add_key(_new_passphrase(new_key_file))
     emit(as_json, {"added": kid}, text=f"added key {kid}")
@@ -562,6 +568,7 @@ def key_add(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: b
 @click.argument("key_id")
 @handles_errors
 def key_remove(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool, key_id: str) -> None:
+    """Remove passphrase KEY_ID from the repository (the last one cannot be removed)."""
     r = _open(repo, key_file, s3_endpoint)
     r.remove_key(key_id)
     emit(as_json, {"removed": key_id}, text=f"removed key {key_id}")
@@ -819,8 +826,10 @@ def drill_cmd(repo: str, s3_endpoint: str | None, key_file: str | None, as_json:
             raise BackupError("--snapshot does not apply with --to-time/--to-seq (the snapshot is chosen for you)")
         point = {"to_seq": to_seq, "to_time": parse_time(to_time) if to_time is not None else None}
     r = _open(repo, key_file, s3_endpoint)
-    report = run_drill(r, snapshot, recovery_participants(), Path(report_dir), keep=keep, point=point,
-                       log=None if as_json else lambda msg: console.print(msg, highlight=False, markup=False))
+    with progress_bar(not as_json, "drill: restoring") as prog:
+        report = run_drill(r, snapshot, recovery_participants(), Path(report_dir), keep=keep, point=point,
+                           log=None if as_json else lambda msg: console.print(msg, highlight=False, markup=False),
+                           progress=prog)
     if as_json:
         emit(True, report)
     else:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import functools
 import json
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import IO, Any
 
 import click
-import httpx
 from rich.console import Console
-from rich.table import Table
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Column, Table
 
 from anvil.cli.profiles import ProfileError, resolve_credentials
-from anvil.client import DEFAULT_ENDPOINT, AnvilAPIError, AnvilClient
+from anvil.client import DEFAULT_ENDPOINT, AnvilAPIError, AnvilClient, InvalidEndpoint, Unreachable
+from anvil.client import ConnectionError as ClientConnectionError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -40,6 +42,53 @@ def _connection_options(fn: Callable[..., Any], *, admin: bool) -> Callable[...,
     return fn
 
 
+AUTH_HINT = ("authenticate with --client-id/--client-secret, ANVIL_CLIENT_ID/ANVIL_CLIENT_SECRET, or a profile "
+             "saved by `anvil configure`")
+ADMIN_HINT = ("admin commands need an admin credential: the first admin's is STORAGE_PATH/bootstrap/first-admin.json; "
+              "pass --storage-path STORAGE_PATH, or export its client_id and client_secret as "
+              "ANVIL_CLIENT_ID/ANVIL_CLIENT_SECRET")
+
+
+def hint_for(err: BaseException, *, admin: bool = False, authenticated: bool = True) -> str | None:
+    """How to fix a connection or authentication error, in one sentence (None: nothing to add)."""
+    if isinstance(err, Unreachable):
+        return "is `anvil serve` running there? Set --endpoint or ANVIL_ENDPOINT (or the profile's endpoint)"
+    if isinstance(err, AnvilAPIError):
+        if err.code == "Unauthenticated":
+            return AUTH_HINT if not authenticated else f"check the credentials: {AUTH_HINT}"
+        if err.code == "PermissionDenied" and admin:
+            return ADMIN_HINT
+    return None
+
+
+def describe_error(err: BaseException, *, admin: bool = False, authenticated: bool = True) -> str:
+    """One line: what failed (naming the endpoint for connection errors) and how to fix it."""
+    if isinstance(err, Unreachable):
+        text = f"cannot reach {err.endpoint}: {err.reason}"
+    elif isinstance(err, ClientConnectionError):
+        text = f"the connection to {err.endpoint} failed: {err.reason}"
+    elif isinstance(err, AnvilAPIError):
+        text = f"{err.code}: {err.message}"
+    else:
+        text = str(err)
+    hint = hint_for(err, admin=admin, authenticated=authenticated)
+    return f"{text}; {hint}" if hint else text
+
+
+def _fail(as_json: bool, err: BaseException, code: str, *, admin: bool, authenticated: bool) -> None:
+    message = describe_error(err, admin=admin, authenticated=authenticated)
+    if as_json:
+        body: dict[str, Any] = {"code": code, "message": message, "status": None}
+        if isinstance(err, AnvilAPIError):
+            body.update(code=err.code, request_id=err.request_id, status=err.status)
+        elif isinstance(err, ClientConnectionError):
+            body["endpoint"] = err.endpoint
+        click.echo(json.dumps({"error": body}))
+    else:
+        err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(1)
+
+
 def _make_command(fn: Callable[..., Any], *, admin: bool) -> Callable[..., Any]:
     @functools.wraps(fn)
     def run(endpoint: str | None, profile: str | None, client_id: str | None, client_secret: str | None,
@@ -47,27 +96,20 @@ def _make_command(fn: Callable[..., Any], *, admin: bool) -> Callable[..., Any]:
         try:
             creds = resolve_credentials(endpoint=endpoint, profile=profile, client_id=client_id,
                                         client_secret=client_secret, storage_path=admin_storage_path)
-        except ProfileError as e:
-            err_console.print(f"[red]error[/red] {e}")
+            client = AnvilClient(creds.endpoint, client_id=creds.client_id, client_secret=creds.client_secret)
+        except (ProfileError, InvalidEndpoint) as e:
+            err_console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
             sys.exit(2)
-        with AnvilClient(creds.endpoint, client_id=creds.client_id, client_secret=creds.client_secret) as client:
+        authenticated = bool(creds.client_id)
+        with client:
             try:
                 fn(client, as_json, **kwargs)
             except AnvilAPIError as e:
-                if as_json:
-                    click.echo(json.dumps({"error": {"code": e.code, "message": e.message,
-                                                     "request_id": e.request_id, "status": e.status}}))
-                else:
-                    err_console.print(f"[red]error[/red] {e.code}: {e.message}")
-                sys.exit(1)
-            except (OSError, httpx.HTTPError) as e:
-                # Unreachable endpoint, timeouts, local file errors: a message, not a traceback.
-                if as_json:
-                    click.echo(json.dumps({"error": {"code": "ConnectionError" if isinstance(e, httpx.HTTPError)
-                                                     else "LocalError", "message": str(e), "status": None}}))
-                else:
-                    err_console.print(f"error: {e}", markup=False, highlight=False)
-                sys.exit(1)
+                _fail(as_json, e, e.code, admin=admin, authenticated=authenticated)
+            except ClientConnectionError as e:
+                _fail(as_json, e, "ConnectionError", admin=admin, authenticated=authenticated)
+            except OSError as e:  # local file errors: a message, not a traceback
+                _fail(as_json, e, "LocalError", admin=admin, authenticated=authenticated)
 
     return _connection_options(run, admin=admin)
 
@@ -90,14 +132,68 @@ def emit(as_json: bool, data: Any, *, table: tuple[Sequence[str], list[Sequence[
         return
     if table is not None:
         columns, rows = table
-        t = Table(*columns)
-        for row in rows:
-            t.add_row(*("" if c is None else str(c) for c in row))
+        cells = [["" if c is None else str(c) for c in row] for row in rows]
+        if not console.is_terminal:
+            # Piped or redirected: plain aligned columns, never cut or wrapped, whatever the width
+            # (ids and keys are what scripts grep and cut for).
+            click.echo(plain_table(columns, cells), nl=False)
+            return
+        # On a terminal: the terminal's width; a cell too wide wraps onto more lines, never "…".
+        t = Table(*(Column(c, overflow="fold") for c in columns))
+        for row in cells:
+            t.add_row(*row)
         console.print(t)
     elif text is not None:
         console.print(text, markup=False, highlight=False, soft_wrap=True)
     else:
         console.print_json(data=data)
+
+
+def plain_table(columns: Sequence[str], rows: list[list[str]]) -> str:
+    """Columns separated by two spaces, each as wide as its widest cell; the last one unpadded."""
+    widths = [max([len(c), *(len(r[i]) for r in rows if i < len(r))]) for i, c in enumerate(columns)]
+    out = []
+    for row in [list(columns), *rows]:
+        out.append("  ".join(cell.ljust(widths[i]) if i < len(row) - 1 else cell
+                             for i, cell in enumerate(row)).rstrip() + "\n")
+    return "".join(out)
+
+
+@contextmanager
+def transfer_progress(enabled: bool, label: str, total: int | None) -> Iterator[Callable[[int], None] | None]:
+    """A bytes / rate / ETA bar on stderr, yielding `advance(n)`; None (no bar) when disabled or when
+    stderr is not a terminal, so pipes, logs and CI stay quiet."""
+    if not enabled or not err_console.is_terminal:
+        yield None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=err_console, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+class CountingReader:
+    """A file whose reads advance a progress bar."""
+
+    def __init__(self, f: IO[bytes], advance: Callable[[int], None]):
+        self._f, self._advance = f, advance
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._f.read(size)
+        self._advance(len(data))
+        return data
+
+
+class CountingWriter:
+    """A file whose writes advance a progress bar."""
+
+    def __init__(self, f: IO[bytes], advance: Callable[[int], None]):
+        self._f, self._advance = f, advance
+
+    def write(self, data: bytes) -> int:
+        n = self._f.write(data)
+        self._advance(len(data))
+        return n
 
 
 def parse_meta(items: Sequence[str]) -> dict[str, str]:

@@ -18,8 +18,8 @@ from typing import Any
 
 import click
 
-from anvil.cli.common import client_command, console, emit, err_console
-from anvil.client import AnvilAPIError, AnvilClient
+from anvil.cli.common import client_command, console, describe_error, emit, err_console
+from anvil.client import AnvilAPIError, AnvilClient, InvalidEndpoint
 
 
 def _ts(ts: float | None) -> str:
@@ -75,16 +75,20 @@ def _offline(as_json: bool, storage_path: str, action: Callable[[Any], dict[str,
 
 
 def _online(as_json: bool, endpoint: str, action: Callable[[AnvilClient], dict[str, Any]], what: str) -> dict:
-    with AnvilClient(endpoint) as client:
+    try:
+        client = AnvilClient(endpoint)
+    except InvalidEndpoint as e:
+        _refuse(as_json, "InvalidArgument", str(e))
+    with client:
         try:
             if as_json or not sys.stderr.isatty():
                 return action(client)
             with err_console.status(f"{what} running in the server at {endpoint} ..."):
                 return action(client)
         except AnvilAPIError as e:
-            _refuse(as_json, e.code, e.message)
-        except OSError as e:
-            _refuse(as_json, "Unavailable", str(e))
+            _refuse(as_json, e.code, describe_error(e, admin=True).partition(": ")[2])
+        except OSError as e:  # the SDK's ConnectionError too: name the endpoint and the fix
+            _refuse(as_json, "Unavailable", describe_error(e))
     raise AssertionError("unreachable")
 
 
@@ -378,6 +382,7 @@ def findings() -> None:
 @client_command
 def findings_ls(client: AnvilClient, as_json: bool, subsystem: str | None, severity: str | None, unresolved: bool,
                 limit: int) -> None:
+    """List findings (newest first), filtered by subsystem, severity or state."""
     found = client.list_findings(subsystem=subsystem, severity=severity, unresolved=unresolved, limit=limit)
     if as_json:
         emit(True, found)
@@ -390,6 +395,7 @@ def findings_ls(client: AnvilClient, as_json: bool, subsystem: str | None, sever
 @click.argument("resolution")
 @client_command
 def findings_resolve(client: AnvilClient, as_json: bool, finding_id: str, resolution: str) -> None:
+    """Mark finding FINDING_ID resolved, with the resolution text."""
     emit(as_json, client.resolve_finding(finding_id, resolution), text=f"resolved {finding_id}")
 
 

@@ -8,9 +8,10 @@ from datetime import UTC, datetime
 
 import click
 
-from anvil.cli.common import admin_command, emit, err_console
+from anvil.cli.common import admin_command, describe_error, emit, err_console
 from anvil.cli.profiles import ProfileError, resolve_credentials, save_profile
-from anvil.client import AnvilAPIError, AnvilClient, exchange_token
+from anvil.client import AnvilAPIError, AnvilClient, InvalidEndpoint, exchange_token
+from anvil.client import ConnectionError as ClientConnectionError
 
 
 def _ts(ts: float | None) -> str:
@@ -43,12 +44,14 @@ def tenant() -> None:
 @click.argument("name")
 @admin_command
 def tenant_create(client: AnvilClient, as_json: bool, name: str) -> None:
+    """Create tenant NAME (admin)."""
     emit(as_json, client.create_tenant(name), text=f"created tenant {name}")
 
 
 @tenant.command("ls")
 @admin_command
 def tenant_ls(client: AnvilClient, as_json: bool) -> None:
+    """List tenants (admin)."""
     rows = client.list_tenants()
     emit(as_json, rows, table=(("tenant", "apps", "created"),
                                [(t["tenant"], t["apps"], _ts(t["created"])) for t in rows]))
@@ -68,6 +71,7 @@ def app() -> None:
 @click.option("--scope", "scopes", multiple=True, help="Grant this scope (repeatable), e.g. object:read|bucket:docs/*")
 @admin_command
 def app_create(client: AnvilClient, as_json: bool, tenant_name: str, name: str, scopes: tuple[str, ...]) -> None:
+    """Create application NAME in TENANT_NAME; prints its client id and secret once."""
     res = client.create_app(tenant_name, name, scopes=list(scopes))
     _show_secret(as_json, res, f"created application {name}")
 
@@ -76,6 +80,7 @@ def app_create(client: AnvilClient, as_json: bool, tenant_name: str, name: str, 
 @click.option("--tenant", "tenant_name", default=None)
 @admin_command
 def app_ls(client: AnvilClient, as_json: bool, tenant_name: str | None) -> None:
+    """List applications, optionally of one tenant (admin)."""
     rows = client.list_apps(tenant_name)
     emit(as_json, rows, table=(("client_id", "tenant", "name", "status", "key", "scopes", "created"),
                                [(a["client_id"], a["tenant"], a["name"], a.get("status", "enabled"), a["key_id"],
@@ -154,6 +159,7 @@ def policy() -> None:
 @click.argument("scopes", nargs=-1, required=True)
 @admin_command
 def policy_grant(client: AnvilClient, as_json: bool, client_id_arg: str, scopes: tuple[str, ...]) -> None:
+    """Grant scopes to application CLIENT_ID."""
     res = client.grant(client_id_arg, list(scopes))
     emit(as_json, res, text=f"granted {' '.join(res['changed']) or 'nothing new'}")
 
@@ -163,6 +169,7 @@ def policy_grant(client: AnvilClient, as_json: bool, client_id_arg: str, scopes:
 @click.argument("scopes", nargs=-1, required=True)
 @admin_command
 def policy_revoke(client: AnvilClient, as_json: bool, client_id_arg: str, scopes: tuple[str, ...]) -> None:
+    """Revoke scopes from application CLIENT_ID."""
     res = client.revoke(client_id_arg, list(scopes))
     emit(as_json, res, text=f"revoked {' '.join(res['changed']) or 'nothing'}")
 
@@ -171,6 +178,7 @@ def policy_revoke(client: AnvilClient, as_json: bool, client_id_arg: str, scopes
 @click.argument("client_id_arg", metavar="CLIENT_ID")
 @admin_command
 def policy_ls(client: AnvilClient, as_json: bool, client_id_arg: str) -> None:
+    """Show the scopes granted to application CLIENT_ID."""
     res = client.policies(client_id_arg)
     emit(as_json, res, table=(("scope",), [(s,) for s in res["scopes"]]))
 
@@ -233,12 +241,14 @@ def identity_group() -> None:
 @identity_group.command("summary")
 @admin_command
 def identity_summary(client: AnvilClient, as_json: bool) -> None:
+    """Counts and digests of identity records (what a backup records)."""
     emit(as_json, client.identity_summary())
 
 
 @identity_group.command("validate")
 @admin_command
 def identity_validate(client: AnvilClient, as_json: bool) -> None:
+    """Check identity records (secret envelopes, keys, scopes); exit 1 on an error finding."""
     res = client.identity_validate()
     emit(as_json, res, text="ok: every envelope decrypts" if res["ok"] else
          "\n".join(f"{f['severity']} {f['item']}: {f['problem']}" for f in res["findings"]))
@@ -274,14 +284,17 @@ def auth_token(scopes: tuple[str, ...], expires_in: int | None, subject: str | N
             raise ProfileError("no credentials: use --client-id/--client-secret, ANVIL_CLIENT_ID/SECRET or a profile")
         res = exchange_token(creds.endpoint, creds.client_id, creds.client_secret or "",
                              scopes=list(scopes) or None, expires_in=expires_in, subject=subject)
-    except ProfileError as e:
+    except (ProfileError, InvalidEndpoint) as e:
         err_console.print(f"[red]error[/red] {e}")
         sys.exit(2)
     except AnvilAPIError as e:
         if as_json:
             click.echo(json.dumps({"error": {"code": e.code, "message": e.message, "status": e.status}}))
         else:
-            err_console.print(f"[red]error[/red] {e.code}: {e.message}")
+            err_console.print(f"[red]error[/red] {describe_error(e)}", markup=False)
+        sys.exit(1)
+    except ClientConnectionError as e:
+        err_console.print(f"error: {describe_error(e)}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
     click.echo(json.dumps(res, indent=2) if as_json else res["access_token"])
 

@@ -86,7 +86,9 @@ def index_status(client: AnvilClient, as_json: bool, bucket_name: str, name: str
 
 
 def _simple(action: str):  # noqa: ANN202 - a click command factory
-    @index.command(action)
+    @index.command(action, help={"disable": "Stop building and querying index NAME (its version increases).",
+                                 "enable": "Enable index NAME again (it is rebuilt; its version increases).",
+                                 "rm": "Drop index NAME: its definition and generations are removed."}[action])
     @click.argument("bucket_name")
     @click.argument("name")
     @client_command
@@ -95,9 +97,6 @@ def _simple(action: str):  # noqa: ANN202 - a click command factory
         d = fn(bucket_name, name)
         emit(as_json, d, text=f"{action} index {name}: done (version {d['version']})")
 
-    run.__doc__ = {"disable": "Stop building and querying index NAME (its version increases).",
-                   "enable": "Enable index NAME again (it is rebuilt; its version increases).",
-                   "rm": "Drop index NAME: its definition and generations are removed."}[action]
     return run
 
 

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import click
 
 from anvil import __version__
-from anvil.cli.common import client_command, emit, parse_meta
+from anvil.cli.common import (
+    CountingReader,
+    CountingWriter,
+    client_command,
+    emit,
+    err_console,
+    parse_meta,
+    transfer_progress,
+)
 from anvil.cli.diagnostics import register as register_diagnostics
-from anvil.client import AnvilClient
+from anvil.client import DEFAULT_PART_SIZE, AnvilClient, AnvilError
 
 
 def _ts(ts: float | None) -> str:
@@ -37,10 +48,28 @@ def cli() -> None:
               help="Archive the journal continuously into this backup repository (point-in-time recovery).")
 @click.option("--archive-interval", default="1s", show_default=True,
               help="How often new journal events are shipped (needs --archive-repo).")
+@click.option("--access-log", envvar="ANVIL_ACCESS_LOG", default="off", show_default=True, metavar="PATH|-|off",
+              help="Write JSON-lines access logs to PATH, to stdout (-), or not at all (off).")
+@click.option("--metrics/--no-metrics", envvar="ANVIL_METRICS", default=True, show_default=True,
+              help="Serve Prometheus metrics at /anvil/metrics (scope metrics:read; ANVIL_METRICS_PUBLIC=1: open).")
 def serve(storage_path: str, listen: str, dev_auth: bool, backup_repo: str | None, backup_every: str | None,
           backup_s3_endpoint: str | None, backup_key_file: str | None, archive_repo: str | None = None,
-          archive_interval: str = "1s") -> None:
+          archive_interval: str = "1s", access_log: str = "off", metrics: bool = True) -> None:
     """Run the server (S3 gateway, native API, background work) on one STORAGE_PATH."""
+    # From here Ctrl-C is a KeyboardInterrupt again (see anvil.cli): what is open gets closed by the
+    # `finally` blocks on the way out, then the command ends quietly with status 0.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _serve(storage_path, listen, dev_auth, backup_repo, backup_every, backup_s3_endpoint, backup_key_file,
+               archive_repo, archive_interval, access_log, metrics)
+    except KeyboardInterrupt:
+        click.echo("\nanvil serve: interrupted while starting; stopped", err=True)
+        sys.exit(0)
+
+
+def _serve(storage_path: str, listen: str, dev_auth: bool, backup_repo: str | None, backup_every: str | None,
+           backup_s3_endpoint: str | None, backup_key_file: str | None, archive_repo: str | None,
+           archive_interval: str, access_log: str, metrics: bool) -> None:
     from anvil.api.server import serve as run_server
     from anvil.errors import AnvilError
 
@@ -70,7 +99,8 @@ def serve(storage_path: str, listen: str, dev_auth: bool, backup_repo: str | Non
                 raise ValueError(f"--archive-repo: {e}") from None
         elif click.get_current_context().get_parameter_source("archive_interval").name == "COMMANDLINE":
             raise ValueError("--archive-interval needs --archive-repo")
-        run_server(storage_path, listen, dev_auth=dev_auth, backup=schedule, archive=archive)
+        run_server(storage_path, listen, dev_auth=dev_auth, backup=schedule, archive=archive, access_log=access_log,
+                   metrics=metrics)
     except (AnvilError, ValueError) as e:
         click.echo(f"anvil serve: {e}", err=True)
         sys.exit(2)
@@ -89,6 +119,7 @@ def bucket() -> None:
 @click.option("--versioning", type=click.Choice(["Enabled"]), default=None)
 @client_command
 def bucket_create(client: AnvilClient, as_json: bool, name: str, versioning: str | None) -> None:
+    """Create bucket NAME (versioning off unless --versioning Enabled)."""
     res = client.create_bucket(name, versioning=versioning)
     emit(as_json, res, text=f"created bucket {name}")
 
@@ -96,6 +127,7 @@ def bucket_create(client: AnvilClient, as_json: bool, name: str, versioning: str
 @bucket.command("ls")
 @client_command
 def bucket_ls(client: AnvilClient, as_json: bool) -> None:
+    """List the buckets this application can see."""
     buckets = client.list_buckets()
     emit(as_json, buckets, table=(("name", "tenant", "versioning", "created"),
                                   [(b["name"], b["tenant"], b["versioning"], _ts(b["created"])) for b in buckets]))
@@ -105,6 +137,7 @@ def bucket_ls(client: AnvilClient, as_json: bool) -> None:
 @click.argument("name")
 @client_command
 def bucket_rm(client: AnvilClient, as_json: bool, name: str) -> None:
+    """Delete bucket NAME (it must be empty)."""
     emit(as_json, client.delete_bucket(name), text=f"deleted bucket {name}")
 
 
@@ -159,8 +192,41 @@ def object_put(client: AnvilClient, as_json: bool, bucket_name: str, key: str, s
             res = client.put_object(bucket_name, key, f, content_type=content_type, metadata=metadata,
                                     if_none_match=if_none_match, if_match=if_match)
     else:
-        res = client.upload_file(bucket_name, key, source, content_type=content_type, metadata=metadata)
+        size = os.path.getsize(source)
+        with transfer_progress(not as_json and size >= PROGRESS_MIN_BYTES, f"put {key}", size) as advance:
+            if advance is None:
+                res = client.upload_file(bucket_name, key, source, content_type=content_type, metadata=metadata)
+            else:
+                res = _upload_with_progress(client, bucket_name, key, source, size, content_type, metadata, advance)
     emit(as_json, res, text=f"put {bucket_name}/{key} version {res['version_id']} etag {res['etag']}")
+
+
+# Transfers smaller than this finish before a progress bar would be worth drawing.
+PROGRESS_MIN_BYTES = 4 * 1024 * 1024
+
+
+def _upload_with_progress(client: AnvilClient, bucket_name: str, key: str, source: str, size: int,
+                          content_type: str | None, metadata: dict[str, str], advance: Callable[[int], None]) -> Any:
+    """`upload_file` (one PUT, or multipart above one part), counting the bytes as they are sent."""
+    part_size = DEFAULT_PART_SIZE
+    with open(source, "rb") as f:
+        if size <= part_size:
+            return client.put_object(bucket_name, key, CountingReader(f, advance), content_type=content_type,
+                                     metadata=metadata)
+        upload_id = client.create_upload(bucket_name, key, content_type=content_type, metadata=metadata)
+        try:
+            parts: list[tuple[int, str]] = []
+            while data := f.read(part_size):
+                number = len(parts) + 1
+                parts.append((number, client.upload_part(bucket_name, upload_id, number, data)["etag"]))
+                advance(len(data))
+            return client.complete_upload(bucket_name, upload_id, parts)
+        except BaseException:
+            try:
+                client.abort_upload(bucket_name, upload_id)
+            except AnvilError:
+                pass
+            raise
 
 
 @object_.command("get")
@@ -185,7 +251,15 @@ def object_get(client: AnvilClient, as_json: bool, bucket_name: str, key: str, d
         info = client.download(bucket_name, key, sys.stdout.buffer, version_id=version_id)
         sys.stdout.buffer.flush()
     else:
-        info = client.download(bucket_name, key, dest, version_id=version_id)
+        size = client.head_object(bucket_name, key, version_id=version_id)["size"] if (
+            not as_json and err_console.is_terminal) else 0
+        with transfer_progress(size >= PROGRESS_MIN_BYTES, f"get {key}", size) as advance:
+            if advance is None:
+                info = client.download(bucket_name, key, dest, version_id=version_id)
+            else:
+                with open(dest, "wb") as f:
+                    info = client.download(bucket_name, key, CountingWriter(f, advance),  # type: ignore[arg-type]
+                                           version_id=version_id)
     if dest != "-":
         emit(as_json, info, text=f"wrote {info['size']} bytes to {dest}")
 
@@ -196,6 +270,7 @@ def object_get(client: AnvilClient, as_json: bool, bucket_name: str, key: str, d
 @click.option("--version-id", default=None)
 @client_command
 def object_head(client: AnvilClient, as_json: bool, bucket_name: str, key: str, version_id: str | None) -> None:
+    """Show BUCKET/KEY's metadata (size, ETag, version, content type, user metadata)."""
     info = client.head_object(bucket_name, key, version_id=version_id)
     emit(as_json, info, table=(("field", "value"), [(k, v) for k, v in info.items() if k != "content_range"]))
 
@@ -208,6 +283,7 @@ def object_head(client: AnvilClient, as_json: bool, bucket_name: str, key: str, 
 @client_command
 def object_ls(client: AnvilClient, as_json: bool, bucket_name: str, prefix: str, delimiter: str,
               limit: int | None) -> None:
+    """List BUCKET's objects (with --delimiter, common prefixes are shown as PRE)."""
     entries = []
     for entry in client.iter_objects(bucket_name, prefix=prefix, delimiter=delimiter):
         entries.append(entry)
@@ -223,6 +299,7 @@ def object_ls(client: AnvilClient, as_json: bool, bucket_name: str, prefix: str,
 @click.option("--prefix", default="")
 @client_command
 def object_versions(client: AnvilClient, as_json: bool, bucket_name: str, prefix: str) -> None:
+    """List every version and delete marker in BUCKET."""
     versions: list[dict] = []
     key_marker = version_marker = ""
     while True:
@@ -242,6 +319,7 @@ def object_versions(client: AnvilClient, as_json: bool, bucket_name: str, prefix
 @click.option("--version-id", default=None)
 @client_command
 def object_rm(client: AnvilClient, as_json: bool, bucket_name: str, key: str, version_id: str | None) -> None:
+    """Delete BUCKET/KEY (a delete marker in a versioned bucket; --version-id removes one version)."""
     res = client.delete_object(bucket_name, key, version_id=version_id)
     what = "delete marker " + str(res["version_id"]) if res.get("delete_marker") and not version_id else "deleted"
     emit(as_json, res, text=f"{bucket_name}/{key}: {what}")

@@ -22,6 +22,7 @@ def pdb() -> None:
 @click.option("--snapshot-every", type=int, default=None, help="Build a snapshot every N commits.")
 @client_command
 def pdb_create(client: AnvilClient, as_json: bool, name: str, schema_file, snapshot_every: int | None) -> None:
+    """Create PersonalDB group NAME from a schema SQL file."""
     res = client.pdb_create(name, schema_file.read(), snapshot_every=snapshot_every)
     emit(as_json, res, text=f"created group {name}: tables {', '.join(res['tables'])}; "
                             f"schema sha256 {res['schema_sha256']}")
@@ -30,6 +31,7 @@ def pdb_create(client: AnvilClient, as_json: bool, name: str, schema_file, snaps
 @pdb.command("ls")
 @client_command
 def pdb_ls(client: AnvilClient, as_json: bool) -> None:
+    """List PersonalDB groups."""
     items = client.pdb_list()
     rows = [(g["name"], g["tenant"], g["head_index"], g["head_hash"][:16], g["schema_version"]) for g in items]
     emit(as_json, items, table=(("group", "tenant", "head", "hash", "schema"), rows))
@@ -39,6 +41,7 @@ def pdb_ls(client: AnvilClient, as_json: bool) -> None:
 @click.argument("name")
 @client_command
 def pdb_show(client: AnvilClient, as_json: bool, name: str) -> None:
+    """Show group NAME: log head, snapshots and settings."""
     g = client.pdb_get(name)
     rows = [(k, g[k]) for k in ("name", "tenant", "head_index", "head_hash", "genesis", "schema_version",
                                 "snapshot_every", "max_changeset", "compacted_through")]
@@ -52,6 +55,7 @@ def pdb_show(client: AnvilClient, as_json: bool, name: str) -> None:
 @click.option("--sql", "sql_file", type=click.File("r"), required=True, help="The migration SQL file.")
 @client_command
 def pdb_migrate(client: AnvilClient, as_json: bool, name: str, sql_file) -> None:
+    """Apply a schema migration to group NAME."""
     res = client.pdb_migrate(name, sql_file.read())
     emit(as_json, res, text=f"{name}: schema version {res['schema_version']} at index {res['index']}")
 
@@ -60,6 +64,7 @@ def pdb_migrate(client: AnvilClient, as_json: bool, name: str, sql_file) -> None
 @click.argument("name")
 @client_command
 def pdb_snapshot(client: AnvilClient, as_json: bool, name: str) -> None:
+    """Build a snapshot of group NAME now."""
     res = client.pdb_build_snapshot(name)
     emit(as_json, res, text=f"{name}: snapshot at index {res['index']}, {res['size']} bytes "
                             f"({res['raw_size']} uncompressed), state {res['state_hash'][:16]}")
@@ -69,6 +74,7 @@ def pdb_snapshot(client: AnvilClient, as_json: bool, name: str) -> None:
 @click.argument("name")
 @client_command
 def pdb_compact(client: AnvilClient, as_json: bool, name: str) -> None:
+    """Drop log entries of group NAME already covered by a snapshot."""
     res = client.pdb_compact(name)
     emit(as_json, res, text=f"{name}: changesets compacted through index {res['compacted_through']}")
 
@@ -125,6 +131,7 @@ def projection() -> None:
 @click.option("--spec", "spec_file", type=click.File("r"), required=True, help="The projection spec (JSON).")
 @client_command
 def projection_create(client: AnvilClient, as_json: bool, name: str, source: str, spec_file) -> None:
+    """Create projection NAME of a source group from a JSON spec."""
     res = client.pdb_create_projection(name, source, json.load(spec_file))
     emit(as_json, res, text=f"created projection {name} of {source} at source index {res['source_index']}")
 
@@ -133,6 +140,7 @@ def projection_create(client: AnvilClient, as_json: bool, name: str, source: str
 @click.argument("name")
 @client_command
 def projection_show(client: AnvilClient, as_json: bool, name: str) -> None:
+    """Show projection NAME and how far it has caught up."""
     res = client.pdb_projection(name)
     emit(as_json, res, table=(("field", "value"), [(k, res[k]) for k in ("name", "source", "source_index",
                                                                          "state_hash")]))

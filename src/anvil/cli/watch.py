@@ -85,6 +85,7 @@ def consumer() -> None:
 @client_command
 def consumer_create(client: AnvilClient, as_json: bool, name: str, bucket: str | None, prefix: str,
                     kinds: str | None, after: int | None) -> None:
+    """Create durable consumer NAME that resumes from its checkpointed cursor."""
     res = client.create_consumer(name, bucket=bucket, prefix=prefix,
                                  kinds=kinds.split(",") if kinds else None, after=after)
     emit(as_json, res, text=f"created consumer {name} at cursor {res['cursor']}")
@@ -93,6 +94,7 @@ def consumer_create(client: AnvilClient, as_json: bool, name: str, bucket: str |
 @consumer.command("ls")
 @client_command
 def consumer_ls(client: AnvilClient, as_json: bool) -> None:
+    """List durable consumers with their cursor and lag."""
     items = client.list_consumers()
     rows = [(c["name"], c.get("bucket") or "*", c.get("prefix") or "", ",".join(c["kinds"]), c["cursor"],
              c["lag"], f"{c['age_seconds']:.1f}s") for c in items]
@@ -103,6 +105,7 @@ def consumer_ls(client: AnvilClient, as_json: bool) -> None:
 @click.argument("name")
 @client_command
 def consumer_rm(client: AnvilClient, as_json: bool, name: str) -> None:
+    """Delete durable consumer NAME."""
     emit(as_json, client.delete_consumer(name), text=f"deleted consumer {name}")
 
 
@@ -111,6 +114,7 @@ def consumer_rm(client: AnvilClient, as_json: bool, name: str) -> None:
 @click.argument("cursor", type=int)
 @client_command
 def consumer_checkpoint(client: AnvilClient, as_json: bool, name: str, cursor: int) -> None:
+    """Record that consumer NAME has processed every event up to CURSOR."""
     res = client.checkpoint(name, cursor)
     emit(as_json, res, text=f"{name}: cursor {res['cursor']} (lag {res['lag']})")
 

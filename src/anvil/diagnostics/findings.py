@@ -403,3 +403,12 @@ def validate(conn: Connection, expected: dict[str, Any] | None = None) -> list[F
                 problem("findings.summary", f"findings {k} differs from the backup manifest",
                         {"field": k, "expected": expected.get(k), "actual": actual[k]})
     return problems
+
+
+def open_by_severity(conn: Connection) -> dict[str, int]:
+    """Unresolved findings per severity (every severity present, zero included): the metrics gauge."""
+    counts = dict.fromkeys(SEVERITIES, 0)
+    for severity, n in conn.execute(
+            "SELECT severity, COUNT(*) FROM findings WHERE resolved_at IS NULL GROUP BY severity").fetchall():
+        counts[severity] = int(n)
+    return counts

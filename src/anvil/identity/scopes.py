@@ -32,6 +32,8 @@ ACTIONS = frozenset({
     "pdb:create", "pdb:read", "pdb:admin", "pdb:insert", "pdb:update", "pdb:delete",
     # anvil.indexes: manage a bucket's index definitions / query index_only indexes.
     "index:read", "index:write",
+    # `GET /anvil/metrics` (docs/operations.md), on `system`: admins, or a system-tenant scraper app.
+    "metrics:read",
 })
 
 MAX_SCOPE_LENGTH = 512

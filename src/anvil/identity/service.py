@@ -363,7 +363,10 @@ class IdentityService:
             try:
                 cred = json.loads(path.read_text())
                 if self._app_row(self._conn(), cred["client_id"]) is not None:
-                    return {**cred, "endpoint": endpoint}
+                    if cred.get("endpoint") != endpoint:  # restarted on another port: the README reads it here
+                        cred["endpoint"] = endpoint
+                        write_file_durably(path, (json.dumps(cred, indent=2) + "\n").encode(), mode=0o600)
+                    return cred
             except (ValueError, KeyError, TypeError):
                 pass
         admin = Principal(tenant=SYSTEM_TENANT, subject="bootstrap", admin=True, scopes=("*",))

@@ -9,6 +9,7 @@ yet concurrent writers share one fsync instead of paying one each.
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import queue
 import threading
@@ -27,6 +28,8 @@ from anvil.storage.space import storage_full
 T = TypeVar("T")
 
 MAX_BATCH = 256
+# Upper bounds of the batch-size histogram the metrics endpoint exports (docs/operations.md).
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, MAX_BATCH)
 
 
 @dataclass
@@ -102,6 +105,11 @@ class Catalog:
         self._journal_holds: list[Callable[[], int]] = []
         # Called when a commit fails for lack of disk space; True if it freed some (storage.space).
         self.on_full: Callable[[], bool] | None = None
+        # Group-commit figures, written only by the writer thread and read by the metrics scrape:
+        # committed batches, the mutations in them, and per-bucket (not cumulative) batch counts.
+        self.batches = 0
+        self.batched_mutations = 0
+        self.batch_counts = [0] * len(BATCH_BUCKETS)
         self.migrate("journal", journal.MIGRATIONS)
 
     # -- schema -------------------------------------------------------------------------
@@ -211,6 +219,9 @@ class Catalog:
                     job.future.set_exception(failure)
             return
         assert self._head is not None
+        self.batches += 1
+        self.batched_mutations += len(batch)
+        self.batch_counts[bisect.bisect_left(BATCH_BUCKETS, len(batch))] += 1
         for job, (ok, value) in zip(batch, outcomes, strict=False):
             try:
                 if ok:

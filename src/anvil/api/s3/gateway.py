@@ -18,13 +18,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from anvil.api.limits import log_client_disconnect
+from anvil.api.record import note
+from anvil.api.record import request_id as request_id_of
 from anvil.api.s3 import acl, cors
 from anvil.api.s3 import auth as sig
 from anvil.api.s3.dispatch import BUCKET, COPY, OBJECT, SERVICE, route
 from anvil.api.s3.errors import S3Error, error_response, from_anvil, not_implemented, reserved_namespace
 from anvil.api.s3.objects import parse_copy_source
 from anvil.api.s3.request import S3Request
-from anvil.context import new_request_id
 from anvil.errors import AnvilError
 from anvil.objects import validation as v
 from anvil.storage.space import is_full_error, storage_full
@@ -73,7 +74,7 @@ class S3Gateway:
     # ------------------------------------------------------------------ entry point
 
     async def __call__(self, request: Request) -> Response:
-        request_id = new_request_id()
+        request_id = request_id_of(request.scope)
         resource = request.url.path
         head = request.method == "HEAD"
         try:
@@ -185,6 +186,7 @@ class S3Gateway:
             else:
                 shape = OBJECT
         handler = route(request.method, shape, q)
+        note(request.scope, principal=auth.principal, op=handler.__name__)  # for metrics and the access log
         return await handler(S3Request(self, request, auth, bucket, t.key, q, request_id))
 
 

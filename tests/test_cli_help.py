@@ -1,0 +1,55 @@
+"""Every `anvil` command explains itself, and shell completion works (docs/cli.md)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import click
+from click.testing import CliRunner
+
+from anvil.cli.main import cli
+
+
+def walk(cmd: click.Command, path: tuple[str, ...] = ("anvil",)) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    yield path, cmd
+    if isinstance(cmd, click.Group):
+        for name, sub in sorted(cmd.commands.items()):
+            yield from walk(sub, (*path, name))
+
+
+def test_every_command_has_help_text() -> None:
+    commands = list(walk(cli))
+    leaves = [(p, c) for p, c in commands if not isinstance(c, click.Group)]
+    assert len(leaves) > 50  # the walk really reached the leaves
+    missing = [" ".join(p) for p, c in commands if not (c.help or "").strip()]
+    assert not missing, f"commands without help text: {missing}"
+    runner = CliRunner()
+    for path, command in leaves:
+        result = runner.invoke(cli, [*path[1:], "--help"], prog_name="anvil")
+        assert result.exit_code == 0, (path, result.output)
+        first_line = (command.help or "").strip().splitlines()[0]
+        assert first_line.split()[0] in result.output, (path, result.output)
+
+
+def _complete(shell: str, words: str) -> str:
+    env = {**os.environ, "_ANVIL_COMPLETE": f"{shell}_complete", "COMP_WORDS": words,
+           "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1))}
+    proc = subprocess.run([sys.executable, "-c", "from anvil.cli.main import main; main()"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_shell_completion_scripts_and_answers() -> None:
+    for shell, marker in (("bash", "complete -o nosort -F"), ("zsh", "#compdef anvil"), ("fish", "complete")):
+        env = {**os.environ, "_ANVIL_COMPLETE": f"{shell}_source"}
+        proc = subprocess.run([sys.executable, "-c", "from anvil.cli.main import main; main()"], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and marker in proc.stdout, (shell, proc.stdout, proc.stderr)
+    # bash: one "type,value" per line; the subcommands of `anvil ob`, then of `anvil object `.
+    assert "plain,object" in _complete("bash", "anvil ob").splitlines()
+    assert {"plain,put", "plain,get", "plain,ls"} <= set(_complete("bash", "anvil object ").splitlines())
+    assert "plain,--storage-path" in _complete("bash", "anvil serve --st").splitlines()
