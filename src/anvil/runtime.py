@@ -18,7 +18,8 @@ from anvil.diagnostics import findings as fnd
 from anvil.diagnostics.participant import DiagnosticsParticipant
 from anvil.diagnostics.service import check_storage_path
 from anvil.errors import AnvilError
-from anvil.identity import BucketAccess, IdentityService, install_bucket_lookup
+from anvil.identity import BucketAccess, IdentityService, gate, install_bucket_lookup
+from anvil.identity.gate import install_object_access
 from anvil.identity.participant import IdentityParticipant
 from anvil.identity.settings import load_jwt_secret, load_keyring
 from anvil.indexes import IndexService
@@ -93,6 +94,9 @@ class Anvil:
             secrets_dir = self.storage.layout.secrets
             self.identity = IdentityService(self.storage, load_keyring(secrets_dir), load_jwt_secret(secrets_dir))
             install_bucket_lookup(self._bucket_access)
+            # Object access through bucket bindings is installed by the API for its Anvil
+            # (api.access); a new Anvil starts without one, so no hook outlives its store.
+            install_object_access(None)
             self.authz = AuthzService(self.storage, find_bucket=self.objects.find_bucket)
             self.watch = WatchService(self.storage, bucket_exists=lambda b: self.objects.find_bucket(b) is not None)
             self.artefacts = ArtefactService(self.storage, self.objects.find_bucket)
@@ -177,6 +181,8 @@ class Anvil:
             self._heal_lock.release()
 
     def close(self) -> None:
+        if getattr(gate._object_access, "anvil", None) is self:
+            install_object_access(None)
         self.lifecycle.stop()
         self.indexes.close()
         self.watch.close()
