@@ -146,6 +146,8 @@ def _worker(inq: mp.Queue, outq: mp.Queue) -> None:
     except ImportError:
         pass
     while (cmd := inq.get()) is not None:
+        os.environ[TOKEN_ENV] = cmd["token"]  # fresh for every phase: a long run outlives a token
+
         async def phase(cmd: dict[str, Any] = cmd) -> list[dict[str, Any]]:
             return await asyncio.gather(*(_conn(cmd, ix) for ix in cmd["indexes"]))
 
@@ -166,7 +168,7 @@ class Clients:
 
     def _run(self, cmds: list[dict[str, Any]], timeout: float) -> list[dict[str, Any]]:
         for q, cmd in zip(self.inqs, cmds, strict=True):
-            q.put(cmd)
+            q.put({**cmd, "token": os.environ[TOKEN_ENV]})
         return [c for _ in cmds for c in self.outq.get(timeout=timeout)]
 
     def put(self, port: int, bucket: str, start: int, stop: int) -> dict[str, Any]:
@@ -375,6 +377,10 @@ def run(steps: list[int], *, quick: bool, processes: int, conns: int) -> dict[st
                 loaded = 0
                 backed_up = False
                 for target in steps:
+                    # Tokens expire: a long run takes a fresh one for every step (clients and listers).
+                    headers = server.auth_headers()
+                    os.environ[TOKEN_ENV] = headers["authorization"].removeprefix("Bearer ")
+                    http.headers.update(headers)
                     step: dict[str, Any] = {"objects": target}
                     with RssPeak(pid) as during:
                         step["put"] = clients.put(server.port, "scale", loaded, target)

@@ -80,9 +80,10 @@ def test_get_is_not_held_behind_listings(big: AnvilServer) -> None:
                 t.join()
     assert not errors, errors[:3]
     listing_p50, get_p50 = statistics.median(listing_s), statistics.median(get_s)
-    # A listing on the event loop would hold each GET for the rest of the listing (and any queued
-    # behind it): about half a listing or more. Off the loop, a GET only shares the CPU.
-    assert get_p50 < listing_p50 / 4, (f"GET p50 {get_p50 * 1000:.1f} ms vs listing p50 {listing_p50 * 1000:.1f} ms, "
+    # A listing on the event loop holds each GET for the rest of the listing and any queued behind
+    # it: measured before the read pool, GET p50 105 ms vs listing p50 94 ms. Off the loop, a GET
+    # only shares the CPU: 0.29 of a listing at a load average of 35, far less on a quiet machine.
+    assert get_p50 < listing_p50 / 2, (f"GET p50 {get_p50 * 1000:.1f} ms vs listing p50 {listing_p50 * 1000:.1f} ms, "
                                        f"{len(get_s)} GETs, {len(listing_s)} listings")
 
 
