@@ -37,9 +37,12 @@ def cli() -> None:
               help="Archive the journal continuously into this backup repository (point-in-time recovery).")
 @click.option("--archive-interval", default="1s", show_default=True,
               help="How often new journal events are shipped (needs --archive-repo).")
+@click.option("--records", envvar="ANVIL_RECORDS_URL", default=None,
+              help="Keep the records and journal in PostgreSQL (postgresql://...) instead of catalog.db; "
+                   "migrate it first with `anvil admin migrate --records URL`.")
 def serve(storage_path: str, listen: str, dev_auth: bool, backup_repo: str | None, backup_every: str | None,
           backup_s3_endpoint: str | None, backup_key_file: str | None, archive_repo: str | None = None,
-          archive_interval: str = "1s") -> None:
+          archive_interval: str = "1s", records: str | None = None) -> None:
     """Run the server (S3 gateway, native API, background work) on one STORAGE_PATH."""
     from anvil.api.server import serve as run_server
     from anvil.errors import AnvilError
@@ -70,7 +73,14 @@ def serve(storage_path: str, listen: str, dev_auth: bool, backup_repo: str | Non
                 raise ValueError(f"--archive-repo: {e}") from None
         elif click.get_current_context().get_parameter_source("archive_interval").name == "COMMANDLINE":
             raise ValueError("--archive-interval needs --archive-repo")
-        run_server(storage_path, listen, dev_auth=dev_auth, backup=schedule, archive=archive)
+        if records:
+            from anvil.cli.records import check_records_url
+
+            check_records_url(records)
+            if backup_repo or archive_repo:
+                # Backups copy catalog.db; a PostgreSQL snapshot is not taken yet (docs/scale-out.md).
+                raise ValueError("--backup-repo and --archive-repo do not work with --records yet")
+        run_server(storage_path, listen, dev_auth=dev_auth, backup=schedule, archive=archive, records=records)
     except (AnvilError, ValueError) as e:
         click.echo(f"anvil serve: {e}", err=True)
         sys.exit(2)
@@ -285,6 +295,9 @@ _register_backup(cli)
 from anvil.cli.artefacts import artefact  # noqa: E402
 
 cli.add_command(artefact)
+from anvil.cli.records import migrate as _records_migrate  # noqa: E402 - `anvil admin migrate`
+
+admin.add_command(_records_migrate)
 
 
 def main() -> None:
