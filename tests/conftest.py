@@ -24,6 +24,15 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "both_engines: run the module against SQLite and PostgreSQL record stores")
 
 
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say it loudly at the end of the run when the PostgreSQL half of the suite could not run."""
+    from tests.pg import MISSING, pg_bin_dir
+
+    if pg_bin_dir() is None:
+        terminalreporter.write_sep("!", "POSTGRESQL TESTS SKIPPED", red=True, bold=True)
+        terminalreporter.write_line(MISSING, red=True, bold=True)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "engine" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_engines"):
         metafunc.parametrize("engine", ENGINES, indirect=True, scope="module")
