@@ -168,11 +168,16 @@ class Catalog:
 
     # -- writes -------------------------------------------------------------------------
 
+    _start_lock = threading.Lock()
+
     def start(self) -> None:
-        if self._thread is None:
-            self._head = journal.head(self._writer)
-            self._thread = threading.Thread(target=self._run, name="anvil-writer", daemon=True)
-            self._thread.start()
+        # Locked: the first submits may come from many threads at once, and a second writer
+        # thread on the one connection would interleave two batches' transactions.
+        with self._start_lock:
+            if self._thread is None:
+                self._head = journal.head(self._writer)
+                self._thread = threading.Thread(target=self._run, name="anvil-writer", daemon=True)
+                self._thread.start()
 
     def add_commit_listener(self, listener: Callable[[int], None]) -> None:
         """Called from the writer thread with the new head seq after each durable commit."""
