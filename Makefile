@@ -6,7 +6,7 @@ API_LISTEN_ADDR ?= 127.0.0.1:9000
 # JSON-lines access log of `make run`: - (stdout), a file, or off (docs/operations.md).
 ANVIL_ACCESS_LOG ?= -
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean pg-bin
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,7 +19,16 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/anvil serve --storage-path $(STORAGE_PATH) --listen $(API_LISTEN_ADDR) --access-log $(ANVIL_ACCESS_LOG)
 
-test: $(STAMP)
+# The PostgreSQL record-store tests need a real server's binaries (tests/pg.py): install Debian's
+# where they are missing and we may (root with apt-get); otherwise those tests are skipped loudly.
+pg-bin:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get install -y -q postgresql >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q postgresql >/dev/null 2>&1)); } || \
+	  echo "!!! PostgreSQL binaries could not be installed: the PostgreSQL record-store tests will be SKIPPED"
+
+test: $(STAMP) pg-bin
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -n 2 -q

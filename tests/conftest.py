@@ -13,10 +13,101 @@ from tests.s3_helpers import s3_client
 os.environ.setdefault("ANVIL_DISK_RESERVE", "1M")
 
 
+# -- the record-store engines ----------------------------------------------------------------
+# A module marked `pytestmark = pytest.mark.both_engines` runs every test twice: against the
+# embedded SQLite catalog and against a real PostgreSQL server (tests/pg.py) through
+# `anvil serve --records`. Other modules run on SQLite only.
+ENGINES = ("sqlite", "postgresql")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "both_engines: run the module against SQLite and PostgreSQL record stores")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say it loudly at the end of the run when the PostgreSQL half of the suite could not run."""
+    from tests.pg import MISSING, pg_bin_dir
+
+    if pg_bin_dir() is None:
+        terminalreporter.write_sep("!", "POSTGRESQL TESTS SKIPPED", red=True, bold=True)
+        terminalreporter.write_line(MISSING, red=True, bold=True)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "engine" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_engines"):
+        metafunc.parametrize("engine", ENGINES, indirect=True, scope="module")
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
+def engine(request: pytest.FixtureRequest) -> str:
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL server per test session (xdist worker); skipped LOUDLY without binaries."""
+    from tests.helpers import free_port
+    from tests.pg import MISSING, PostgresServer, pg_bin_dir
+
+    bin_dir = pg_bin_dir()
+    if bin_dir is None:
+        import warnings
+
+        warnings.warn(MISSING, stacklevel=1)
+        pytest.skip(MISSING)
+    srv = PostgresServer(bin_dir, free_port()).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def records_url(engine: str, request: pytest.FixtureRequest) -> str | None:
+    """None for the embedded catalog; else a fresh, migrated PostgreSQL database's URL."""
+    if engine == "sqlite":
+        return None
+    from tests.pg import migrate
+
+    url = request.getfixturevalue("postgres").new_database()
+    migrate(url)
+    return url
+
+
+@pytest.fixture
+def new_catalog(engine: str, tmp_path, request: pytest.FixtureRequest):
+    """Make bare catalogs (no server) of the module's engine: `new_catalog()` is a fresh store with
+    the journal's schema; `new_catalog(url=...)` another node's catalog on the same PostgreSQL
+    store. All are closed after the test."""
+    from anvil.storage import Catalog
+
+    made: list = []
+
+    def make(url: str | None = None):
+        if engine == "sqlite":
+            cat = Catalog(tmp_path / f"catalog-{len(made)}.db")
+        else:
+            from anvil.storage.pg import PgCatalog
+
+            if url is None:
+                url = request.getfixturevalue("postgres").new_database()
+                PgCatalog(url, apply_migrations=True).close()
+            cat = PgCatalog(url)
+        made.append(cat)
+        return cat
+
+    yield make
+    for cat in reversed(made):
+        cat.close()
+
+
+def engine_env(records_url: str | None) -> dict[str, str]:
+    """The server environment for an engine (ANVIL_RECORDS_URL is what `serve --records` reads)."""
+    return {"ANVIL_RECORDS_URL": records_url} if records_url else {}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, records_url: str | None):
     """One real server per test module (each test uses its own buckets)."""
-    srv = AnvilServer(tmp_path_factory.mktemp("anvil") / "data").start()
+    srv = AnvilServer(tmp_path_factory.mktemp("anvil") / "data", env=engine_env(records_url)).start()
     yield srv
     srv.stop()
 

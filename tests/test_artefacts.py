@@ -20,6 +20,9 @@ from anvil import artefact_format as mf
 from anvil.client import AnvilAPIError, AnvilClient
 from tests.helpers import AnvilServer, unique_bucket
 
+# The embedded catalog and PostgreSQL (tests/conftest.py `engine`).
+pytestmark = pytest.mark.both_engines
+
 
 def _model(d: Path, seed: int = 0, *, extra: dict[str, np.ndarray] | None = None) -> Path:
     d.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,9 @@ import pytest
 from anvil.client import AnvilAPIError, AnvilClient
 from tests.helpers import AnvilServer
 
+# The embedded catalog and PostgreSQL (tests/conftest.py `engine`).
+pytestmark = pytest.mark.both_engines
+
 SCHEMA = """
 /** SpiceDB style, with a caveat */
 definition user {}

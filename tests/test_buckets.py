@@ -8,6 +8,9 @@ from anvil.client import AnvilClient
 from tests.helpers import unique_bucket
 from tests.objutil import events_since, expect_error, journal_seq, unchanged
 
+# The embedded catalog and PostgreSQL (tests/conftest.py `engine`).
+pytestmark = pytest.mark.both_engines
+
 BAD_NAMES = [
     "ab",  # too short
     "a" * 64,  # too long

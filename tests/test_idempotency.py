@@ -5,9 +5,14 @@ from __future__ import annotations
 import os
 import uuid
 
+import pytest
+
 from anvil.client import AnvilClient
 from tests.helpers import unique_bucket
 from tests.objutil import all_keys, events_since, journal_seq, unchanged
+
+# The embedded catalog and PostgreSQL (tests/conftest.py `engine`).
+pytestmark = pytest.mark.both_engines
 
 
 def _key() -> str:

@@ -16,6 +16,9 @@ import pytest
 from anvil.client import AnvilAPIError, AnvilClient, exchange_token
 from tests.helpers import AnvilServer, unique_bucket
 
+# The embedded catalog and PostgreSQL (tests/conftest.py `engine`).
+pytestmark = pytest.mark.both_engines
+
 FULL_TENANT = ["bucket:create|tenant:{t}", "bucket:list|tenant:{t}", "bucket:*|bucket:*", "object:*|bucket:*"]
 
 

@@ -9,7 +9,12 @@ import subprocess
 import sys
 import uuid
 
+import pytest
+
 from tests.helpers import AnvilServer, unique_bucket
+
+# The embedded catalog and PostgreSQL (tests/conftest.py `engine`).
+pytestmark = pytest.mark.both_engines
 
 
 def run(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:

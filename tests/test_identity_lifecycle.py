@@ -24,6 +24,9 @@ from anvil.client import AnvilAPIError, AnvilClient, exchange_token
 from tests.helpers import AnvilServer, unique_bucket
 from tests.s3_helpers import REGION
 
+# The embedded catalog and PostgreSQL (tests/conftest.py `engine`).
+pytestmark = pytest.mark.both_engines
+
 FULL_TENANT = ["bucket:create|tenant:{t}", "bucket:list|tenant:{t}", "bucket:*|bucket:*", "object:*|bucket:*"]
 
 

@@ -17,6 +17,9 @@ from anvil.client import AnvilAPIError, AnvilClient
 from tests.helpers import AnvilServer, unique_bucket
 from tests.s3_helpers import s3_client
 
+# The embedded catalog and PostgreSQL (tests/conftest.py `engine`).
+pytestmark = pytest.mark.both_engines
+
 TEXT_DEF = {
     "name": "docs", "kind": "full-text", "selector": {"prefix": "docs/", "content_types": ["application/json"]},
     "fields": {"title": {"source": "json:/title", "type": "text", "boost": 2.0},

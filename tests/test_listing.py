@@ -12,6 +12,9 @@ from anvil.client import AnvilClient
 from tests.helpers import unique_bucket
 from tests.objutil import expect_error
 
+# The embedded catalog and PostgreSQL (tests/conftest.py `engine`).
+pytestmark = pytest.mark.both_engines
+
 KEYS = [
     "a", "a/1", "a/2", "a/b/1", "a/b/2", "a/c", "ab", "b", "b/", "b//x", "c/1", "c/2/3", "d",
     "é", "é/1", "z", "zz/1", "~", "\u00ff", "\u0100/x", "\u4e2d/文", "\U0001f600", "\U0001f600/x",

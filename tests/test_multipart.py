@@ -11,6 +11,9 @@ from anvil.client import AnvilClient
 from tests.helpers import AnvilServer, unique_bucket
 from tests.objutil import all_keys, events_since, expect_error, journal_seq, unchanged
 
+# The embedded catalog and PostgreSQL (tests/conftest.py `engine`).
+pytestmark = pytest.mark.both_engines
+
 MIB = 1024 * 1024
 PART = 5 * MIB
 

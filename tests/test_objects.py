@@ -14,6 +14,8 @@ from anvil.client import AnvilClient
 from tests.helpers import AnvilServer
 from tests.objutil import all_keys, events_since, expect_error, journal_seq, unchanged
 
+pytestmark = pytest.mark.both_engines
+
 BODY = bytes(range(256)) * 40 + b"tail"  # 10244 bytes
 
 

@@ -13,6 +13,9 @@ from anvil.client import AnvilAPIError, AnvilClient
 from anvil.storage.blobs import BlobStore, digest_bytes
 from tests.helpers import AnvilServer
 
+# The embedded catalog and PostgreSQL (tests/conftest.py `engine`).
+pytestmark = pytest.mark.both_engines
+
 
 def _blob_path(server: AnvilServer, data: bytes):
     sha = hashlib.sha256(data).hexdigest()

@@ -15,6 +15,9 @@ from anvil.personaldb import Replica, certs
 from anvil.storage import sqlitefile as sf
 from tests.helpers import AnvilServer
 
+# The embedded catalog and PostgreSQL (tests/conftest.py `engine`).
+pytestmark = pytest.mark.both_engines
+
 SCHEMA = """
 CREATE TABLE notes(id INTEGER PRIMARY KEY, owner TEXT NOT NULL, body TEXT NOT NULL, pinned INTEGER DEFAULT 0);
 CREATE TABLE tags(note_id INTEGER NOT NULL, tag TEXT NOT NULL, PRIMARY KEY (note_id, tag));

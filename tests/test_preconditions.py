@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from anvil.client import AnvilClient
 from tests.objutil import all_keys, expect_error, unchanged
+
+# The embedded catalog and PostgreSQL (tests/conftest.py `engine`).
+pytestmark = pytest.mark.both_engines
 
 
 def test_if_match_on_put(client: AnvilClient, bucket: str) -> None:

@@ -16,6 +16,9 @@ from anvil.runtime import Anvil
 from tests.helpers import AnvilServer, unique_bucket
 from tests.s3_helpers import dev_credentials, s3_client
 
+# The embedded catalog and PostgreSQL (tests/conftest.py `engine`).
+pytestmark = pytest.mark.both_engines
+
 R = "_anvil/secret"
 
 

@@ -16,6 +16,9 @@ from anvil.storage import records
 from tests.helpers import AnvilServer, unique_bucket
 from tests.s3_helpers import s3_client
 
+# The embedded catalog and PostgreSQL (tests/conftest.py `engine`).
+pytestmark = pytest.mark.both_engines
+
 DAY = 1.0
 INTERVAL = 0.5
 

@@ -12,6 +12,9 @@ from botocore.exceptions import ClientError
 from tests.helpers import AnvilServer, unique_bucket
 from tests.s3_helpers import dev_credentials
 
+# The embedded catalog and PostgreSQL (tests/conftest.py `engine`).
+pytestmark = pytest.mark.both_engines
+
 # 25 uploads: several on one key, keys at the top level and under prefixes of several depths.
 KEYS = ["a", "a", "a", "b/1", "b/1", "b/2", "b/c/1", "c", "c/x", "d/1", "d/2", "d/3", "e", "e", "e", "e",
         "f/g/h", "f/g/i", "g", "h/1", "h/1", "i", "j/k", "j/l", "z"]

@@ -14,6 +14,9 @@ from anvil.client import AnvilAPIError, AnvilClient
 from tests.helpers import AnvilServer, free_port
 from tests.objutil import events_since, journal_seq
 
+# The embedded catalog and PostgreSQL (tests/conftest.py `engine`).
+pytestmark = pytest.mark.both_engines
+
 
 def _serve(path: Path, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -23,10 +26,12 @@ def _serve(path: Path, timeout: float = 30) -> subprocess.CompletedProcess:
     )
 
 
-def test_layout_and_format(server: AnvilServer) -> None:
+def test_layout_and_format(server: AnvilServer, engine: str) -> None:
     root = server.storage_path
-    for name in ("FORMAT", "LOCK", "catalog.db", "blobs/sha256", "tmp", "derived", "secrets", "bootstrap"):
+    for name in ("FORMAT", "LOCK", "blobs/sha256", "tmp", "derived", "secrets", "bootstrap"):
         assert (root / name).exists(), name
+    # The records live in catalog.db, or only in PostgreSQL.
+    assert (root / "catalog.db").exists() == (engine == "sqlite")
     fmt = json.loads((root / "FORMAT").read_text())
     assert fmt["format_version"] == 1 and fmt["deployment_id"]
     with server.client() as c:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 
@@ -19,12 +18,12 @@ from anvil.storage.records import (
     table_exists,
 )
 
+pytestmark = pytest.mark.both_engines
+
 
 @pytest.fixture
-def catalog(tmp_path: Path):
-    cat = Catalog(tmp_path / "catalog.db")
-    yield cat
-    cat.close()
+def catalog(new_catalog) -> Catalog:
+    return new_catalog()
 
 
 def _emit(catalog: Catalog, n: int) -> None:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 from anvil.client import AnvilClient
 from tests.helpers import unique_bucket
 from tests.objutil import events_since, expect_error, journal_seq, unchanged
+
+# The embedded catalog and PostgreSQL (tests/conftest.py `engine`).
+pytestmark = pytest.mark.both_engines
 
 
 def _versions(client: AnvilClient, bucket: str, key: str | None = None) -> list[tuple[str, str, bool, bool]]:

@@ -14,6 +14,9 @@ import pytest
 from anvil.client import AnvilAPIError, AnvilClient
 from tests.helpers import AnvilServer, unique_bucket
 
+# The embedded catalog and PostgreSQL (tests/conftest.py `engine`).
+pytestmark = pytest.mark.both_engines
+
 
 def journal_seqs(client: AnvilClient, bucket: str, after: int, kinds: tuple[str, ...] = ("object.",)) -> list[int]:
     """What the scope should deliver, straight from the journal (admin read)."""

@@ -85,8 +85,10 @@ def corruption_finding(report: dict[str, Any]) -> fnd.FindingRecord:
 
 
 class Anvil:
-    def __init__(self, storage_path: str | Path, *, lock: bool = True, endpoint: str | None = None):
-        self.storage = Storage(storage_path, lock=lock)
+    def __init__(self, storage_path: str | Path, *, lock: bool = True, endpoint: str | None = None,
+                 records: str | None = None):
+        # records: a postgresql:// URL (scale-out, storage.pg), else the embedded catalog.db.
+        self.storage = Storage(storage_path, lock=lock, records=records)
         try:
             self.objects = ObjectService(self.storage)
             # S3 bucket lifecycle; its thread runs only inside `anvil serve` (start_background).

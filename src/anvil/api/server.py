@@ -299,7 +299,8 @@ def _grace_seconds() -> float:
 
 
 def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any = None,
-          archive: Any = None, access_log: str | None = None, metrics: bool | None = None) -> None:
+          archive: Any = None, access_log: str | None = None, metrics: bool | None = None,
+          records: str | None = None) -> None:
     """Serve one STORAGE_PATH; `backup` (a ScheduleConfig) turns on scheduled backups.
 
     SIGTERM (or SIGINT) stops it gracefully: no new connections, in-flight requests finish (up to
@@ -321,7 +322,7 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any
     endpoint = f"http://{host}:{port}"
     sock = _listen_socket(host, port)
     try:
-        anvil = Anvil(storage_path, endpoint=endpoint)
+        anvil = Anvil(storage_path, endpoint=endpoint, records=records)
     except BaseException:
         sock.close()
         raise

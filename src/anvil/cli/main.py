@@ -52,16 +52,20 @@ def cli() -> None:
               help="Write JSON-lines access logs to PATH, to stdout (-), or not at all (off).")
 @click.option("--metrics/--no-metrics", envvar="ANVIL_METRICS", default=True, show_default=True,
               help="Serve Prometheus metrics at /anvil/metrics (scope metrics:read; ANVIL_METRICS_PUBLIC=1: open).")
+@click.option("--records", envvar="ANVIL_RECORDS_URL", default=None,
+              help="Keep the records and journal in PostgreSQL (postgresql://...) instead of catalog.db; "
+                   "migrate it first with `anvil admin migrate --records URL`.")
 def serve(storage_path: str, listen: str, dev_auth: bool, backup_repo: str | None, backup_every: str | None,
           backup_s3_endpoint: str | None, backup_key_file: str | None, archive_repo: str | None = None,
-          archive_interval: str = "1s", access_log: str = "off", metrics: bool = True) -> None:
+          archive_interval: str = "1s", access_log: str = "off", metrics: bool = True,
+          records: str | None = None) -> None:
     """Run the server (S3 gateway, native API, background work) on one STORAGE_PATH."""
     # From here Ctrl-C is a KeyboardInterrupt again (see anvil.cli): what is open gets closed by the
     # `finally` blocks on the way out, then the command ends quietly with status 0.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         _serve(storage_path, listen, dev_auth, backup_repo, backup_every, backup_s3_endpoint, backup_key_file,
-               archive_repo, archive_interval, access_log, metrics)
+               archive_repo, archive_interval, access_log, metrics, records)
     except KeyboardInterrupt:
         click.echo("\nanvil serve: interrupted while starting; stopped", err=True)
         sys.exit(0)
@@ -69,7 +73,7 @@ def serve(storage_path: str, listen: str, dev_auth: bool, backup_repo: str | Non
 
 def _serve(storage_path: str, listen: str, dev_auth: bool, backup_repo: str | None, backup_every: str | None,
            backup_s3_endpoint: str | None, backup_key_file: str | None, archive_repo: str | None,
-           archive_interval: str, access_log: str, metrics: bool) -> None:
+           archive_interval: str, access_log: str, metrics: bool, records: str | None) -> None:
     from anvil.api.server import serve as run_server
     from anvil.errors import AnvilError
 
@@ -99,8 +103,15 @@ def _serve(storage_path: str, listen: str, dev_auth: bool, backup_repo: str | No
                 raise ValueError(f"--archive-repo: {e}") from None
         elif click.get_current_context().get_parameter_source("archive_interval").name == "COMMANDLINE":
             raise ValueError("--archive-interval needs --archive-repo")
+        if records:
+            from anvil.cli.records import check_records_url
+
+            check_records_url(records)
+            if backup_repo or archive_repo:
+                # Backups copy catalog.db; a PostgreSQL snapshot is not taken yet (docs/scale-out.md).
+                raise ValueError("--backup-repo and --archive-repo do not work with --records yet")
         run_server(storage_path, listen, dev_auth=dev_auth, backup=schedule, archive=archive, access_log=access_log,
-                   metrics=metrics)
+                   metrics=metrics, records=records)
     except (AnvilError, ValueError) as e:
         click.echo(f"anvil serve: {e}", err=True)
         sys.exit(2)
@@ -370,6 +381,9 @@ _register_backup(cli)
 from anvil.cli.artefacts import artefact  # noqa: E402
 
 cli.add_command(artefact)
+from anvil.cli.records import migrate as _records_migrate  # noqa: E402 - `anvil admin migrate`
+
+admin.add_command(_records_migrate)
 
 
 def main() -> None:

@@ -14,9 +14,12 @@ from anvil.storage.space import DiskSpace
 
 
 class Storage:
-    """One opened `STORAGE_PATH`: the layout, its lock, the catalog and the blob store."""
+    """One opened `STORAGE_PATH`: the layout, its lock, the catalog and the blob store.
 
-    def __init__(self, root: str | Path, *, lock: bool = True):
+    `records`: a `postgresql://` URL puts the catalog in PostgreSQL (storage.pg) instead of
+    `catalog.db`; None is the embedded default."""
+
+    def __init__(self, root: str | Path, *, lock: bool = True, records: str | None = None):
         self.layout = Layout(root)
         if lock:
             self.layout.acquire_lock()
@@ -25,7 +28,15 @@ class Storage:
             # Free-space admission and the reserve; a "disk full" commit releases it and retries.
             self.space = DiskSpace.from_env(self.layout.root, manage_reserve=lock)
             self.space.make_room_to_open()
-            self.catalog = Catalog(self.layout.catalog_path)
+            # The records of a scaled-out node live in PostgreSQL (`records` is its URL); the blobs,
+            # secrets and bootstrap files stay under `root`.
+            self.records_url = records
+            if records:
+                from anvil.storage.pg import PgCatalog
+
+                self.catalog = PgCatalog(records)
+            else:
+                self.catalog = Catalog(self.layout.catalog_path)
             self.catalog.on_full = self.space.release
             self.catalog.migrate("idempotency", idempotency.MIGRATIONS)
         except BaseException:

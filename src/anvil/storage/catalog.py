@@ -86,13 +86,7 @@ def _configure(conn: apsw.Connection, *, writer: bool) -> None:
 class Catalog:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._writer = apsw.Connection(str(self.path))
-        _configure(self._writer, writer=True)
-        self._writer.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations("
-            "component TEXT NOT NULL, version INTEGER NOT NULL, applied REAL NOT NULL, "
-            "PRIMARY KEY(component, version))"
-        )
+        self._writer = self._open_writer()
         self._local = threading.local()
         self._readers: list[apsw.Connection] = []
         self._readers_lock = threading.Lock()
@@ -111,6 +105,42 @@ class Catalog:
         self.batched_mutations = 0
         self.batch_counts = [0] * len(BATCH_BUCKETS)
         self.migrate("journal", journal.MIGRATIONS)
+
+    # -- the engine: SQLite here; storage.pg.PgCatalog overrides these for PostgreSQL ------------
+
+    def _open_writer(self) -> Any:
+        writer = apsw.Connection(str(self.path))
+        _configure(writer, writer=True)
+        writer.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations("
+            "component TEXT NOT NULL, version INTEGER NOT NULL, applied REAL NOT NULL, "
+            "PRIMARY KEY(component, version))"
+        )
+        return writer
+
+    def _begin(self, conn: Any) -> None:
+        """Open the batch's write transaction (the head is the writer's own: it is the only one)."""
+        conn.execute("BEGIN IMMEDIATE")
+
+    def _rollback(self, conn: Any) -> None:
+        try:
+            conn.execute("ROLLBACK")
+        except apsw.Error:
+            pass
+
+    def _is_full(self, exc: BaseException) -> bool:
+        return isinstance(exc, apsw.FullError)
+
+    def _new_reader(self) -> Any:
+        conn = apsw.Connection(str(self.path), flags=apsw.SQLITE_OPEN_READONLY)
+        _configure(conn, writer=False)
+        return conn
+
+    def _close_reader(self, conn: Any) -> None:
+        try:
+            conn.close()
+        except apsw.Error:
+            pass
 
     # -- schema -------------------------------------------------------------------------
 
@@ -138,8 +168,7 @@ class Catalog:
         """A connection for this thread; WAL lets readers run beside the writer."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = apsw.Connection(str(self.path), flags=apsw.SQLITE_OPEN_READONLY)
-            _configure(conn, writer=False)
+            conn = self._new_reader()
             self._local.conn = conn
             with self._readers_lock:
                 self._readers.append(conn)
@@ -150,11 +179,16 @@ class Catalog:
 
     # -- writes -------------------------------------------------------------------------
 
+    _start_lock = threading.Lock()
+
     def start(self) -> None:
-        if self._thread is None:
-            self._head = journal.head(self._writer)
-            self._thread = threading.Thread(target=self._run, name="anvil-writer", daemon=True)
-            self._thread.start()
+        # Locked: the first submits may come from many threads at once, and a second writer
+        # thread on the one connection would interleave two batches' transactions.
+        with self._start_lock:
+            if self._thread is None:
+                self._head = journal.head(self._writer)
+                self._thread = threading.Thread(target=self._run, name="anvil-writer", daemon=True)
+                self._thread.start()
 
     def add_journal_hold(self, hold: Callable[[], int]) -> None:
         """Journal compaction never removes events after `hold()` (called on the writer thread)."""
@@ -206,13 +240,13 @@ class Catalog:
 
     def _apply(self, batch: list[_Job]) -> None:
         outcomes = self._commit(batch)
-        if isinstance(outcomes, apsw.FullError) and self.on_full is not None and self.on_full():
+        if self._is_full(outcomes) and self.on_full is not None and self.on_full():
             # The disk is full and the reserve was just given back: a delete, abort, gc or admin
             # change can now commit (admission keeps new writes out). Re-running the batch is safe:
             # the failed transaction was rolled back, and mutations are functions of their txn.
             outcomes = self._commit(batch)
         if isinstance(outcomes, BaseException):
-            failure = (storage_full("the record store could not commit") if isinstance(outcomes, apsw.FullError)
+            failure = (storage_full("the record store could not commit") if self._is_full(outcomes)
                        else AnvilError("Internal", f"commit failed: {outcomes}"))
             for job in batch:
                 if not job.future.done():
@@ -238,11 +272,11 @@ class Catalog:
 
     def _commit(self, batch: list[_Job]) -> list[tuple[bool, Any]] | BaseException:
         """Run the batch in one transaction: each job's outcome, or the failure that undid them all."""
-        conn = self._writer
-        assert self._head is not None
         outcomes: list[tuple[bool, Any]] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin(self._writer)
+            conn = self._writer
+            assert self._head is not None
             for job in batch:
                 head_before = self._head
                 txn = Txn(conn, job.actor, job.request_id, time.time(), self._head[0])
@@ -260,7 +294,7 @@ class Catalog:
                     conn.execute("RELEASE m")
                     outcomes.append((True, result))
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                    if isinstance(exc, apsw.FullError):
+                    if self._is_full(exc):
                         raise  # no space for a page spilled mid-mutation: the whole batch fails
                     conn.execute("ROLLBACK TO m")
                     conn.execute("RELEASE m")
@@ -268,11 +302,11 @@ class Catalog:
                     outcomes.append((False, exc))
             conn.execute("COMMIT")
         except BaseException as exc:  # noqa: BLE001 - the whole batch failed to commit
+            self._rollback(self._writer)
             try:
-                conn.execute("ROLLBACK")
-            except apsw.Error:
+                self._head = journal.head(self._writer)
+            except BaseException:  # noqa: BLE001 - re-read by the next batch (PostgreSQL: in _begin)
                 pass
-            self._head = journal.head(conn)
             return exc
         return outcomes
 
@@ -308,14 +342,14 @@ class Catalog:
                     break
                 h, good = (ev.seq, ev.hash), good + 1
             if good:
-                conn.execute("BEGIN IMMEDIATE")
+                self._begin(conn)
                 try:
                     for ev, payload_json in zip(pending[:good], payloads, strict=True):
                         apply(conn, ev)
                         journal.insert_event(conn, ev, payload_json)
                     conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    self._rollback(conn)
                     raise
                 head = (pending[good - 1].seq, pending[good - 1].hash)
                 done += good
@@ -342,9 +376,6 @@ class Catalog:
             self._thread = None
         with self._readers_lock:
             for conn in self._readers:
-                try:
-                    conn.close()
-                except apsw.Error:
-                    pass
+                self._close_reader(conn)
             self._readers.clear()
         self._writer.close()

@@ -52,12 +52,16 @@ def run(txn: Txn, key: str | None, fingerprint: str, fn: Callable[[Txn], dict[st
         return {**json.loads(row[1]), "idempotent_replay": True}
     result = fn(txn)
     txn.conn.execute(
-        "INSERT OR REPLACE INTO idempotency(actor, key, fingerprint, response, created) VALUES (?,?,?,?,?)",
+        "INSERT INTO idempotency(actor, key, fingerprint, response, created) VALUES (?,?,?,?,?) "
+        "ON CONFLICT(actor, key) DO UPDATE SET fingerprint = excluded.fingerprint, "
+        "response = excluded.response, created = excluded.created",
         (txn.actor, key, fingerprint, json.dumps(result), txn.now),
     )
-    # Keep the table bounded: forget keys past the retention window as we go.
+    # Keep the table bounded: forget keys past the retention window as we go (portable SQL: the
+    # same statement runs on PostgreSQL).
     txn.conn.execute(
-        "DELETE FROM idempotency WHERE rowid IN (SELECT rowid FROM idempotency WHERE created < ? LIMIT 16)",
+        "DELETE FROM idempotency WHERE (actor, key) IN "
+        "(SELECT actor, key FROM idempotency WHERE created < ? LIMIT 16)",
         (txn.now - RETENTION_SECONDS,),
     )
     return result

@@ -19,8 +19,14 @@ from typing import Any, Protocol
 
 import apsw
 
-# Every failure of the record store (I/O, corruption, constraint, SQL error) is one of these.
-RecordError = apsw.Error
+# Every failure of the record store (I/O, corruption, constraint, SQL error) is one of these:
+# a tuple of both engines' base errors, for `except RecordError` (psycopg only where installed).
+try:
+    import psycopg as _psycopg
+
+    RecordError: Any = (apsw.Error, _psycopg.Error)
+except ImportError:  # pragma: no cover - the embedded engine alone
+    RecordError = apsw.Error
 
 
 class Cursor(Protocol):
@@ -77,6 +83,8 @@ def consistent_copy(source: str | Path, dest: str | Path) -> None:
 
 def integrity_problems(conn: Connection, limit: int = 100) -> list[str]:
     """The engine's own structural check of the store: [] when it is sound."""
+    if not isinstance(conn, apsw.Connection):
+        return []  # PostgreSQL: its own checks (amcheck, data checksums) are the operator's
     try:
         rows = [r[0] for r in conn.execute(f"PRAGMA integrity_check({int(limit)})").fetchall()]
     except RecordError as e:
@@ -90,6 +98,8 @@ def table_exists(conn: Connection, name: str) -> bool:
 
     Asked of the catalog rather than learnt by catching an SQL error: on PostgreSQL a failed
     statement aborts the enclosing transaction, so a caller's later reads would fail too."""
+    if not isinstance(conn, apsw.Connection):
+        return conn.execute("SELECT to_regclass(?) IS NOT NULL", (name,)).fetchone()[0]
     return conn.execute(
         "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?", (name,)
     ).fetchone() is not None
@@ -111,8 +121,9 @@ def json_int_item(alias: str, index: int) -> str:
     """Element `index` of a `json_array_rows` row, as an integer (sums, size comparisons).
 
     SQLite's `->>` already yields an INTEGER for a JSON integer, so no CAST is paid on the fsck
-    path; an engine whose `->>` yields text casts here."""
-    return f"{alias}.value ->> {int(index)}"
+    path; an engine whose `->>` yields text casts here (the comment marks the fragment for
+    `storage.pg.translate`, and costs SQLite nothing once the statement is prepared)."""
+    return f"{alias}.value ->> {int(index)} /*int*/"
 
 
 def json_length(column: str) -> str:
