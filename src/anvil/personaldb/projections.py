@@ -266,8 +266,9 @@ class Projections:
         db = self._log_db(name)
         try:
             db.begin()
-            db.execute("INSERT OR REPLACE INTO entries(source_index, source_hash, changeset) VALUES (?, ?, ?)",
-                       (head[0], head[1], changeset))
+            db.execute("INSERT INTO entries(source_index, source_hash, changeset) VALUES (?, ?, ?) "
+                       "ON CONFLICT (source_index) DO UPDATE SET source_hash = excluded.source_hash, "
+                       "changeset = excluded.changeset", (head[0], head[1], changeset))
             db.execute("DELETE FROM entries WHERE source_index <= ?", (head[0] - LOG_KEEP,))
             db.commit()
         finally:
