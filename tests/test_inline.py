@@ -257,3 +257,27 @@ def test_backup_and_restore_keep_inline_bodies(tmp_path: Path) -> None:
         s.stop()
     # The digest of every body as backed up: each inline body is also a blob of the snapshot tree.
     assert all(hashlib.sha256(b).hexdigest() == d for d, b in before.items())
+
+
+def test_large_body_digests_are_the_same_with_md5_on_a_second_thread(tmp_path: Path) -> None:
+    """Item 3: a large body's MD5 runs beside its SHA-256 (blocks of PARALLEL_HASH_MIN and more);
+    the digests and the stored bytes are exactly those of a serial hash, whatever the block sizes."""
+    from anvil.storage.blobs import PARALLEL_HASH_MIN, BlobStore
+
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "tmp").mkdir()
+    store = BlobStore(tmp_path / "blobs", tmp_path / "tmp")
+    data = os.urandom(5 * 1024 * 1024 + 123)
+    cuts = [0, 100, PARALLEL_HASH_MIN, PARALLEL_HASH_MIN + 1, 3 * PARALLEL_HASH_MIN, 1024 * 1024, len(data)]
+    w = store.writer()
+    pos = 0
+    i = 0
+    while pos < len(data):
+        n = cuts[1 + i % (len(cuts) - 1)] or 1
+        w.write(data[pos:pos + n])
+        pos += n
+        i += 1
+    info = w.commit()
+    assert (info.sha256, info.md5, info.size) == (hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest(),
+                                                  len(data))
+    assert store.path(info.sha256).read_bytes() == data
