@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL_SIZE = 4096
+# bench/inline.py varies it (read again by each spawned client process).
+SMALL_SIZE = int(os.environ.get("ANVIL_BENCH_SMALL_SIZE", "4096"))
 MIB = 1024 * 1024
 
 TARGETS = {"put_ops_per_s": 1000.0, "get_ops_per_s": 3000.0, "large_put_mb_per_s": 200.0,

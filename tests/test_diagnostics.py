@@ -26,6 +26,15 @@ from anvil.runtime import Anvil, recovery_participants
 TENANT_B = Principal(tenant="tenant-b", subject="bob", admin=False, scopes=("*",))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _blob_files():
+    """These tests damage, delete or age blob *files*: small bodies are kept as files here
+    (ANVIL_INLINE_MAX=0). Inline bodies get the same checks in tests/test_inline.py."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ANVIL_INLINE_MAX", "0")
+        yield
+
+
 def put(anvil: Anvil, ctx: RequestContext, bucket: str, key: str, data: bytes) -> dict[str, Any]:
     w = anvil.storage.blobs.writer()
     w.write(data)

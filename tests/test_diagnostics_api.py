@@ -17,6 +17,15 @@ from tests.helpers import AnvilServer
 pytestmark = pytest.mark.both_engines
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _blob_files():
+    """These tests damage, delete or age blob *files*: small bodies are kept as files here
+    (ANVIL_INLINE_MAX=0). Inline bodies get the same checks in tests/test_inline.py."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ANVIL_INLINE_MAX", "0")
+        yield
+
+
 def orphan(server: AnvilServer, body: bytes, *, age: float = 0) -> Path:
     h = hashlib.sha256(body).hexdigest()
     p = server.storage_path / "blobs" / "sha256" / h[:2] / h

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 
+import apsw
 import httpx
 import pytest
 
@@ -20,6 +21,15 @@ pytestmark = pytest.mark.both_engines
 def _blob_path(server: AnvilServer, data: bytes):
     sha = hashlib.sha256(data).hexdigest()
     return server.storage_path / "blobs" / "sha256" / sha[:2] / sha
+
+
+def _inline_rows(server: AnvilServer, sha: str) -> list[bytes]:
+    """The inline bodies (storage.inline) stored under `sha`: at most one row per hash."""
+    conn = apsw.Connection(str(server.storage_path / "catalog.db"), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return [bytes(r[0]) for r in conn.execute("SELECT body FROM inline_blobs WHERE sha256 = ?", (sha,))]
+    finally:
+        conn.close()
 
 
 def _blob_root(server: AnvilServer):
@@ -45,8 +55,13 @@ def test_small_and_streamed_puts_store_identical_records(client: AnvilClient, bu
     assert client.get_object(bucket, "small", range="bytes=10-19") == small[10:20]
     head = client.head_object(bucket, "small")
     assert head["size"] == 4096 and head["metadata"] == {"a": "b"}
-    blob = [p for p in _blob_root(server).rglob(r_small["sha256"])]
-    assert len(blob) == 1 and blob[0].read_bytes() == small
+    # Small bodies (buffered or streamed) are stored inline in catalog.db, with no blob file;
+    # the large one is a file.
+    for res, data in ((r_small, small), (r_chunked, chunked)):
+        assert list(_blob_root(server).rglob(res["sha256"])) == []
+        assert _inline_rows(server, res["sha256"]) == [data]
+    blob = [p for p in _blob_root(server).rglob(r_big["sha256"])]
+    assert len(blob) == 1 and blob[0].read_bytes() == big
     assert oct(blob[0].stat().st_mode & 0o777) == "0o644"
 
 
@@ -72,7 +87,8 @@ def test_identical_small_bodies_share_one_blob(client: AnvilClient, bucket: str,
     first = client.put_object(bucket, "one", data)
     second = client.put_object(bucket, "two", data)
     assert first["sha256"] == second["sha256"]
-    assert len(list(_blob_root(server).rglob(first["sha256"]))) == 1
+    assert list(_blob_root(server).rglob(first["sha256"])) == []
+    assert _inline_rows(server, first["sha256"]) == [data]  # one inline body for both
     assert client.get_object(bucket, "two") == data
 
 

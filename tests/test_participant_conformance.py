@@ -10,6 +10,7 @@ derived ones.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -116,7 +117,7 @@ def _populate_personaldb(a: Anvil, ctx: RequestContext, root: Path) -> None:
 
     schema = "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)"
     g = a.personaldb.create_group(ctx, "conf-pdb", schema)
-    db = sqlitefile.Database(root.parent / "conf-pdb-replica.sqlite")
+    db = sqlitefile.Database(root.parent / f"{root.name}-pdb-replica.sqlite")
     try:
         db.script(schema)
         head = (0, g["genesis"])
@@ -139,8 +140,38 @@ def _populate_personaldb(a: Anvil, ctx: RequestContext, root: Path) -> None:
 def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("conformance")
     Anvil(base / "empty").close()
+    # Two storage paths for bodies: "populated" keeps its small bodies inline in catalog.db (the
+    # default), "populated-files" (ANVIL_INLINE_MAX=0) keeps every body as a blob file.
     _populate(base / "populated")
-    return {"empty": base / "empty", "populated": base / "populated"}
+    saved = os.environ.get("ANVIL_INLINE_MAX")
+    os.environ["ANVIL_INLINE_MAX"] = "0"
+    try:
+        _populate(base / "populated-files")
+    finally:
+        if saved is None:
+            del os.environ["ANVIL_INLINE_MAX"]
+        else:
+            os.environ["ANVIL_INLINE_MAX"] = saved
+    _check_storage_paths(base / "populated", base / "populated-files")
+    return {"empty": base / "empty", "populated": base / "populated", "populated-files": base / "populated-files"}
+
+
+def _check_storage_paths(inlined: Path, files: Path) -> None:
+    """The two populated stores really differ in where small bodies live, and in nothing a summary shows."""
+    def inline_count(root: Path) -> int:
+        conn = apsw.Connection(str(root / "catalog.db"))
+        try:
+            return conn.execute("SELECT count(*) FROM inline_blobs").fetchone()[0]
+        finally:
+            conn.close()
+
+    assert inline_count(inlined) > 0 and inline_count(files) == 0
+    with context(inlined) as a, context(files) as b:
+        blobs = _participant("blobs")
+        sa, sb = blobs.summary(a), blobs.summary(b)
+    # Same bodies, same references: the digest, counts and bytes do not depend on the storage path.
+    assert (sa["referenced"], sa["present"], sa["bytes"]) == (sb["referenced"], sb["present"], sb["bytes"])
+    assert sa["present"] == sa["referenced"]
 
 
 @contextmanager
@@ -157,7 +188,7 @@ def _errors(found: list) -> list:
     return [f for f in found if f.severity == "error"]
 
 
-@pytest.mark.parametrize("which", ["empty", "populated"])
+@pytest.mark.parametrize("which", ["empty", "populated", "populated-files"])
 @pytest.mark.parametrize("name", NAMES)
 def test_summary_and_validate(stores: dict[str, Path], name: str, which: str) -> None:
     p = _participant(name)
@@ -196,10 +227,11 @@ def _corrupt(root: Path, p: Participant) -> str:
     raise AssertionError(f"{p.name} owns no table or file this suite can corrupt: {p.describe()}")
 
 
+@pytest.mark.parametrize("which", ["populated", "populated-files"])
 @pytest.mark.parametrize("name", NAMES)
-def test_validate_finds_a_seeded_corruption(stores: dict[str, Path], tmp_path: Path, name: str) -> None:
+def test_validate_finds_a_seeded_corruption(stores: dict[str, Path], tmp_path: Path, name: str, which: str) -> None:
     root = tmp_path / "store"
-    shutil.copytree(stores["populated"], root)
+    shutil.copytree(stores[which], root)
     p = _participant(name)
     with context(root) as ctx:
         recorded = p.summary(ctx)
@@ -254,7 +286,7 @@ def test_a_part_whose_upload_record_is_gone_is_kept_backed_up_and_reported(tmp_p
     try:
         ctx = RequestContext(DEV_PRINCIPAL)
         gc = a.diagnostics.gc(ctx, grace=0)
-        assert gc.blobs_removed == [] and a.storage.blobs.path(part.sha256).exists()  # kept ...
+        assert gc.blobs_removed == [] and a.storage.blobs.exists(part.sha256)  # kept (inline: it is small) ...
         repo = Repository.init(LocalBackend(tmp_path / "repo"), "pw")
         m = engine.create_snapshot(root, a.storage.layout.catalog_path, a.storage.blobs, a.storage.layout.tmp,
                                    a.storage.format.deployment_id, a.participants(), repo)

@@ -28,6 +28,15 @@ ENV = {"ANVIL_BACKUP_KDF": "test", "ANVIL_BACKUP_PASSPHRASE": PASSPHRASE}
 MiB = 1024 * 1024
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _blob_files():
+    """These tests damage, delete or age blob *files*: small bodies are kept as files here
+    (ANVIL_INLINE_MAX=0). Inline bodies get the same checks in tests/test_inline.py."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ANVIL_INLINE_MAX", "0")
+        yield
+
+
 def sha(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 

@@ -23,6 +23,15 @@ from tests.helpers import AnvilServer, unique_bucket
 MIB = 1024 * 1024
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _blob_files():
+    """These tests damage, delete or age blob *files*: small bodies are kept as files here
+    (ANVIL_INLINE_MAX=0). Inline bodies get the same checks in tests/test_inline.py."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ANVIL_INLINE_MAX", "0")
+        yield
+
+
 def _blob(server: AnvilServer, sha: str) -> Path:
     return server.storage_path / "blobs" / "sha256" / sha[:2] / sha
 

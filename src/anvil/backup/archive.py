@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from anvil.backup.engine import _add_encoded, _encode_file, ordered_parallel
+from anvil.backup.engine import _add_encoded, encode_blob, ordered_parallel
 from anvil.backup.errors import BackupError
 from anvil.backup.repository import Repository
 from anvil.storage import Storage, journal
@@ -192,7 +192,15 @@ class Archiver:
 
     def repo(self) -> Repository:
         if self._repo is None:
-            repo = self._open_repo()
+            try:
+                repo = self._open_repo()
+            except BackupError as e:
+                gone = " is not an Anvil backup repository (no config)"
+                if self.cursor is not None and gone in str(e):
+                    # It held one when archiving started: it moved or was unmounted. Say so on every
+                    # retry, not "run backup init" (a new, empty repository in its place).
+                    raise BackupError(str(e).split(gone)[0] + " no longer holds a repository (no config)") from None
+                raise
             self._load_state(repo)
             self._repo = repo
         return self._repo
@@ -328,7 +336,7 @@ class Archiver:
                         # The SHA-256 is the blob's identity: stored once, never read again.
                         blobs[sha] = have
                         continue
-                    encoded = _encode_file(writer, self.storage.blobs.path(sha))
+                    encoded = encode_blob(writer, self.storage.blobs, sha)
                     if encoded is None or encoded[1] != sha:
                         # Deleted before it could be shipped (it was created and dropped before the
                         # archiver started), or corrupt: recorded, the restore reports what it affects.

@@ -103,6 +103,26 @@ def _encode_file(writer: PackWriter, path: Path) -> Encoded | None:
     return out, h.hexdigest(), total
 
 
+def _encode_bytes(writer: PackWriter, data: bytes) -> Encoded:
+    """`_encode_file` for bytes already in memory (an inline body)."""
+    if len(data) <= CHUNKER["min_size"]:
+        digest = hashlib.sha256(data).digest()
+        return ([writer.encode(data, digest)] if data else []), digest.hex(), len(data)
+    h = hashlib.sha256(data)
+    return [writer.encode(c.data) for c in chunker().cut_buf(data)], h.hexdigest(), len(data)
+
+
+def encode_blob(writer: PackWriter, blobs: BlobStore, sha: str) -> Encoded | None:
+    """A blob's file, or its inline body (small bodies kept in catalog.db): a snapshot's blob tree,
+    and so `backup get`, heal and PITR, are the same whichever of the two holds it."""
+    encoded = _encode_file(writer, blobs.path(sha))
+    if encoded is None:
+        data = blobs.inline_body(sha)
+        if data is not None:
+            return _encode_bytes(writer, data)
+    return encoded
+
+
 def _must_encode(writer: PackWriter, path: Path) -> Encoded:
     encoded = _encode_file(writer, path)
     if encoded is None:
@@ -243,12 +263,12 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp
     reused = 0
     todo_set = set(todo)
 
-    def encode_blob(sha: str) -> Encoded | None:
-        return _encode_file(writer, blobs.path(sha))
+    def encode_one(sha: str) -> Encoded | None:
+        return encode_blob(writer, blobs, sha)
 
     # Workers cut, hash, compress and encrypt; this thread appends to packs in a fixed order.
     # Bounded by bytes: ~64 MiB of files in flight (many small ones, or a few big ones).
-    encoded_blobs = ordered_parallel(encode_blob, todo, workers=ENCODERS, weight=lambda s: sizes.get(s, 0) + 4096,
+    encoded_blobs = ordered_parallel(encode_one, todo, workers=ENCODERS, weight=lambda s: sizes.get(s, 0) + 4096,
                                      max_weight=64 * 1024 * 1024)
     for sha, uses in refs.items():
         labels = [r.label for r in uses]

@@ -21,7 +21,7 @@ from anvil.backup.errors import BackupError
 from anvil.backup.pack import ChunkReader
 from anvil.backup.repository import Repository
 from anvil.backup.restore import Progress, _write_entry, restore, sync_paths
-from anvil.storage import records
+from anvil.storage import inline, records
 from anvil.storage.blobs import BlobStore
 from anvil.storage.layout import Layout
 from anvil.storage.recovery import Participant, RecoveryContext, replay_into
@@ -119,6 +119,7 @@ def restore_to_point(repo: Repository, target: Path, participants: list[Particip
         conn = records.open_readonly(root / "catalog.db")
         try:
             refs = RecoveryContext(root, conn, store, participants).references()
+            inlined = inline.rows(conn)  # restored with catalog.db
         finally:
             records.close(conn)
         reader = ChunkReader(repo)
@@ -127,7 +128,7 @@ def restore_to_point(repo: Repository, target: Path, participants: list[Particip
         written: list[Path] = []
         for sha, uses in refs.items():
             dest = store.path(sha)
-            if dest.exists():
+            if dest.exists() or sha in inlined:
                 continue
             entry = seg_blobs.get(sha) or tree.get(sha)
             if entry is None or entry.get("missing"):

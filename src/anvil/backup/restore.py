@@ -19,7 +19,7 @@ from anvil.backup.engine import ordered_parallel
 from anvil.backup.errors import BackupError
 from anvil.backup.pack import ChunkReader
 from anvil.backup.repository import Repository
-from anvil.storage import records
+from anvil.storage import inline, records
 from anvil.storage.blobs import BlobStore
 from anvil.storage.layout import FOLDERS, FORMAT_FILE, Layout
 from anvil.storage.recovery import BucketScoped, ObjectLocator, Participant, RecoveryContext, RestoreFixup
@@ -213,6 +213,8 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
     try:
         ctx = RecoveryContext(root, conn, BlobStore(layout.blobs, layout.tmp), participants)
         refs = ctx.references()
+        # Small bodies stored inline came back with catalog.db: they need no file.
+        inlined = inline.rows(conn)
     finally:
         records.close(conn)
     tree_blobs = manifest["tree"]["blobs"]
@@ -226,6 +228,8 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
 
     def restore_blob(sha: str) -> tuple[str, str | None]:
         """Runs on worker threads: 'missing', 'present', 'restored' or 'failed' + why."""
+        if sha in inlined:
+            return "restored", None  # it came back inside catalog.db, as it was stored
         entry = tree_blobs.get(sha)
         if entry is None:
             return "missing", None
@@ -254,9 +258,9 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
             problems.append(f"blob {sha}: {why}; affects {affects}")
         restored += outcome == "restored"
         skipped += outcome == "present"
-        if outcome == "restored":
+        if outcome == "restored" and sha not in inlined:
             written.append(store.path(sha))
-        done += tree_blobs[sha]["size"]
+        done += tree_blobs.get(sha, {}).get("size", 0)
         if progress:
             progress(done, total, sha[:12])
     # The blobs (and the fan-out folders naming them) are durable before the marker says done.

@@ -9,6 +9,11 @@ PUT that refreshed it just before the rename is caught (the blob is put back), a
 arriving just after the rename finds no blob and stores its own copy (or fails cleanly),
 never a record pointing at bytes gc removed.
 
+Inline bodies (`storage.inline`, small bodies kept in catalog.db) follow the same rule with the
+row's `stored` time in place of the mtime: a write that deduplicates onto a row refreshes it in the
+transaction that adds its reference, and gc deletes a row in its own mutation only if it is still
+older than the grace period there, so a row a new record uses is never taken.
+
 Upload expiry goes through `ObjectService.abort_multipart` (one mutation, one journal
 event each); the parts' blobs then become orphans and go in the same run, since they are
 old. Everything removed is recorded as one `info` finding.
@@ -27,7 +32,7 @@ from anvil.diagnostics import findings as fnd
 from anvil.errors import AnvilError
 from anvil.objects import ObjectService
 from anvil.objects import references as refs
-from anvil.storage import Storage
+from anvil.storage import Storage, Txn, inline
 from anvil.storage.blobscan import scan_blobs
 from anvil.storage.layout import fsync_dir
 from anvil.storage.recovery import Participant, RecoveryContext
@@ -108,6 +113,10 @@ def run_gc(
 
     # 2. Orphan blobs: list first, then read references (see fsck for why this order).
     listing = scan_blobs(storage.layout.blobs, deep=False, threads=1).blobs
+    inlined = inline.rows(conn)
+    # Taken before the references are read: an inline row refreshed by a record committed after
+    # that read has a later `stored` and survives the delete below.
+    inline_cutoff = time.time() - grace
     # The one blob-reference query fsck and backup use too: what any participant references stays.
     referenced = RecoveryContext(storage.root, conn, storage.blobs, participants, deep=False).references().keys()
     # Blobs of journal events continuous archiving has not shipped yet: a point-in-time restore
@@ -147,6 +156,24 @@ def run_gc(
         storage.blobs.remove_sidecar(sha)  # its chunk digests go with it
         report.blobs_removed.append(entry)
         report.bytes_removed += st.st_size
+
+    # 2a. Inline bodies nobody references, past the grace period.
+    doomed = []
+    for sha in sorted(inlined.keys() - referenced):
+        size, stored = inlined[sha]
+        if stored >= inline_cutoff:
+            report.young_orphans_kept += 1
+            continue
+        doomed.append({"blob": sha, "size": size, "age_seconds": int(time.time() - stored), "inline": True})
+    if doomed and not dry_run:
+        def drop(txn: Txn) -> set[str]:
+            return {d["blob"] for d in doomed if inline.delete(txn.conn, d["blob"], stored_before=inline_cutoff)}
+
+        gone = storage.catalog.mutate(drop, actor=ctx.actor, request_id=ctx.request_id)
+        doomed = [d for d in doomed if d["blob"] in gone]
+    for d in doomed:
+        report.blobs_removed.append(d)
+        report.bytes_removed += d["size"]
 
     # 2b. Chunk-digest sidecars whose blob is gone (removed before sidecars were, or quarantined).
     # A sidecar is written just before its blob is named, so young ones are left alone.

@@ -2,8 +2,9 @@
 
 Every mutation is one call to `Catalog.mutate`: preconditions are checked, rows written and
 the journal event appended in the same transaction. Bodies are stored as content-addressed
-blobs before that transaction; a version records its body as an ordered list of chunks
-(one for a simple PUT, one per part after a multipart upload), so copy never copies bytes.
+blobs before that transaction, or (small ones, `storage.inline`) inline inside it; a version
+records its body as an ordered list of chunks (one for a simple PUT, one per part after a
+multipart upload), so copy never copies bytes.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from anvil.context import RequestContext
 from anvil.errors import AnvilError, not_found
 from anvil.objects import validation as v
 from anvil.objects.checksums import combine_crcs, new_checksum
-from anvil.storage import BlobInfo, BlobWriter, Storage, Txn, idempotency
-from anvil.storage.blobs import BlobCorrupted, digest_bytes, needs_sidecar
+from anvil.storage import BlobInfo, BlobWriter, Storage, Txn, idempotency, inline
+from anvil.storage.blobs import BlobCorrupted, InlineBody, digest_bytes, needs_sidecar
 from anvil.storage.records import Connection
 
 log = logging.getLogger("anvil.objects")
@@ -680,6 +681,11 @@ class ObjectService:
         if expected_md5 is not None and expected_md5.lower() != info.md5:
             writer.abort()
             raise AnvilError("BadDigest", "the body does not match the expected MD5")
+        if info.size <= self.blobs.inline_max:
+            data = writer.held()
+            if data is not None:
+                writer.abort()  # the body goes inline with its record: no file, no fsync
+                return InlineBody(info.sha256, info.md5, info.size, data)
         return writer.commit()
 
     def store_bytes(
@@ -692,7 +698,17 @@ class ObjectService:
         if expected_md5 is not None and expected_md5.lower() != info.md5:
             raise AnvilError("BadDigest", "the body does not match the expected MD5")
         self.space.admit(len(data))
+        if info.size <= self.blobs.inline_max:
+            # Stored by the mutation that references it, in the same transaction (`_store_inline`):
+            # one group-commit flush covers body, record and journal event.
+            return InlineBody(info.sha256, info.md5, info.size, data)
         return self.blobs.put_bytes(data, info)
+
+    @staticmethod
+    def _store_inline(txn: Txn, body: BlobInfo) -> None:
+        """Write a small body inline inside the mutation that references it (no-op for a blob file)."""
+        if isinstance(body, InlineBody):
+            inline.put(txn.conn, body.sha256, body.data, txn.now)
 
     def _write_version(
         self, txn: Txn, ctx: RequestContext, bucket: Bucket, key: str, *, size: int, etag: str,
@@ -764,6 +780,7 @@ class ObjectService:
 
         def fn(txn: Txn) -> dict[str, Any]:
             b = self._require_bucket(txn.conn, bucket)
+            self._store_inline(txn, body)
             return self._write_version(
                 txn, ctx, b, key, size=body.size, etag=body.md5, sha256=body.sha256, content_type=ct,
                 metadata=meta, chunks=[(body.sha256, body.size)], cond=cond, source={"source": "put"},
@@ -893,6 +910,9 @@ class ObjectService:
                 extra = {k: val for k, val in extra.items() if k != "system"}
                 if system_metadata:
                     extra["system"] = dict(system_metadata)
+            # The copy now references the source's bodies too: an inline one is refreshed as a
+            # deduplicating write refreshes a blob file, so gc's grace period covers it.
+            inline.touch(conn, (sha for sha, size in src.chunks if size <= inline.LIMIT), txn.now)
             return self._write_version(
                 txn, ctx, dst, key, size=src.size, etag=src.etag, sha256=src.sha256, extra=extra,
                 content_type=new_ct if new_ct is not None else src.content_type,
@@ -1174,6 +1194,7 @@ class ObjectService:
             ).fetchone()
             if row is None:
                 raise AnvilError("NotFound", "upload not found")
+            self._store_inline(txn, body)
             # Uploading a part number again replaces that part (S3 semantics).
             txn.conn.execute(
                 "INSERT INTO multipart_parts(upload_id, part_number, sha256, md5, size, created, checksums) "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from anvil.storage import idempotency, journal
+from anvil.storage import idempotency, inline, journal
 from anvil.storage.blobs import BlobInfo, BlobStore, BlobWriter
 from anvil.storage.catalog import Catalog, Txn
 from anvil.storage.journal import Event
@@ -39,10 +39,14 @@ class Storage:
                 self.catalog = Catalog(self.layout.catalog_path)
             self.catalog.on_full = self.space.release
             self.catalog.migrate("idempotency", idempotency.MIGRATIONS)
+            self.catalog.migrate("blobs", inline.MIGRATIONS)
+            inline_max = inline.max_from_env()  # a malformed ANVIL_INLINE_MAX stops the start
         except BaseException:
             self.layout.release_lock()
             raise
         self.blobs = BlobStore(self.layout.blobs, self.layout.tmp)
+        # Small bodies go inline in catalog.db (storage.inline); reads look in both places.
+        self.blobs.attach_catalog(self.catalog, inline_max)
         self._locked = lock
         if lock:
             self.blobs.prepare_fanout()

@@ -10,23 +10,29 @@ SHA-256 address, a larger one chunk by chunk against its sidecar `ab/<hash>.chun
 digest per 1 MiB of the blob, written and fsynced before the blob is named), so a range costs
 only the chunks it touches. A blob whose bytes no longer match its address raises
 `BlobCorrupted`; `quarantine` moves it to `STORAGE_PATH/quarantine/<hash>`.
+
+Small bodies may instead live inline in the record store (`storage.inline`, table
+`inline_blobs`): every read here looks there too, so callers never know which holds a body.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import hashlib
 import os
 import re
 import struct
+import threading
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import xxhash
 
+from anvil.storage import inline, records
 from anvil.storage.blobscan import hash_file
 from anvil.storage.layout import fsync_dir
 from anvil.storage.space import is_full_error, storage_full
@@ -65,6 +71,14 @@ class BlobInfo:
     sha256: str
     md5: str
     size: int
+
+
+@dataclass(frozen=True)
+class InlineBody(BlobInfo):
+    """A small body, hashed and checked, to be stored inline by the mutation that references it
+    (`inline.put` on the mutation's connection): nothing is written before that transaction."""
+
+    data: bytes = field(default=b"", repr=False, compare=False)
 
 
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
@@ -152,6 +166,24 @@ def decode_sidecar(raw: bytes, size: int | None = None) -> tuple[int, list[bytes
     return alg, [body[i * dlen:(i + 1) * dlen] for i in range(n)]
 
 
+# A large body's MD5 (the S3 ETag, ~700 MB/s, the slowest digest taken) runs on a second thread
+# while SHA-256, the chunk digests and the write run on the caller's: hashlib releases the GIL for
+# buffers this large, so a large PUT is bound by the slower hash, not by the sum of both.
+PARALLEL_HASH_MIN = 256 * 1024
+_side_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_side_lock = threading.Lock()
+
+
+def _side_hasher() -> concurrent.futures.ThreadPoolExecutor:
+    global _side_pool
+    if _side_pool is None:
+        with _side_lock:
+            if _side_pool is None:
+                _side_pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="anvil-md5")
+    return _side_pool
+
+
 def _pread_exact(fd: int, length: int, offset: int) -> bytes:
     data = os.pread(fd, length, offset)
     if len(data) == length or not data:
@@ -170,8 +202,13 @@ def _pread_exact(fd: int, length: int, offset: int) -> bytes:
 class BlobWriter:
     """Receives a body piece by piece; never holds it whole."""
 
-    def __init__(self, store: BlobStore, *, max_size: int | None = None, md5: bool = True):
+    def __init__(self, store: BlobStore, *, max_size: int | None = None, md5: bool = True,
+                 hold: int | None = None):
         self._store = store
+        # A body that turns out small enough to be stored inline is also kept in memory (at most
+        # `hold` bytes, the store's inline threshold), so it need not be read back from tmp/.
+        self._hold = store.inline_max if hold is None else hold
+        self._held: list[bytes] | None = [] if self._hold > 0 else None
         self.tmp_path = store.tmp / f"upload-{uuid.uuid4().hex}"
         self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._sha = hashlib.sha256()
@@ -189,12 +226,21 @@ class BlobWriter:
         self.size += len(chunk)
         if self._max_size is not None and self.size > self._max_size:
             raise OverflowError("body larger than allowed")
-        self._sha.update(chunk)
+        side = None
         if self._md5 is not None:
-            self._md5.update(chunk)
-        self._chunks.update(chunk)
-        view = memoryview(chunk)
+            if len(chunk) >= PARALLEL_HASH_MIN:
+                side = _side_hasher().submit(self._md5.update, chunk)
+            else:
+                self._md5.update(chunk)
         try:
+            self._sha.update(chunk)
+            self._chunks.update(chunk)
+            if self._held is not None:
+                if self.size <= self._hold:
+                    self._held.append(bytes(chunk))
+                else:
+                    self._held = None
+            view = memoryview(chunk)
             while view:
                 written = os.write(self._fd, view)
                 view = view[written:]
@@ -203,6 +249,13 @@ class BlobWriter:
                 raise
             self.abort()  # no half-written body is left behind in tmp/
             raise storage_full() from None
+        finally:
+            if side is not None:
+                side.result()  # the MD5 is complete (and in order) before the next block
+
+    def held(self) -> bytes | None:
+        """The whole body if it was small enough to be kept in memory (see `hold`), else None."""
+        return b"".join(self._held) if self._held is not None else None
 
     def digests(self) -> BlobInfo:
         return BlobInfo(self._sha.hexdigest(), self._md5.hexdigest() if self._md5 is not None else "", self.size)
@@ -277,9 +330,62 @@ class BlobStore:
         self.quarantine_dir = quarantine_dir if quarantine_dir is not None else blobs_root.parent.parent / "quarantine"
         self._tmpfile_ok = True
         self._proc_fd_cache: int | None = None
+        # Inline bodies (storage.inline): bodies up to `inline_max` bytes are written inline by
+        # the objects layer (0: never). Reads look inline whatever the threshold, so a store keeps
+        # working when it changes. `attach_catalog` gives the live catalog; otherwise the
+        # catalog.db beside blobs/ is opened read-only on first need (restore, offline tools).
+        self.inline_max = 0
+        self._catalog: Any = None
+        self._local = threading.local()
         # Who still needs blobs that no record may reference any more (continuous archiving has
         # not shipped them yet): each returns hashes gc must keep, whatever their references.
         self._holds: list[Callable[[], set[str]]] = []
+
+    # ---------------------------------------------------------------- inline bodies
+
+    def attach_catalog(self, catalog: Any, inline_max: int) -> None:
+        """The live catalog (`storage.catalog.Catalog`): its readers for inline reads, its writer
+        for quarantining a bad inline body; `inline_max`: the threshold new writes use."""
+        self._catalog = catalog
+        self.inline_max = inline_max
+
+    def _records(self) -> records.Connection | None:
+        if self._catalog is not None:
+            return self._catalog.reader()
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            path = self.root.parent.parent / "catalog.db"
+            if not path.exists():
+                return None
+            try:
+                conn = records.open_readonly(path)
+            except records.RecordError:
+                return None
+            self._local.conn = conn
+        return conn
+
+    def inline_body(self, sha256: str) -> bytes | None:
+        """The inline body stored under `sha256` (not verified), or None."""
+        conn = self._records()
+        return inline.get(conn, sha256) if conn is not None else None
+
+    def inline_sizes(self) -> dict[str, int]:
+        """sha256 -> size of every inline body."""
+        conn = self._records()
+        return {k: v[0] for k, v in inline.rows(conn).items()} if conn is not None else {}
+
+    def _inline_size(self, sha256: str) -> int | None:
+        conn = self._records()
+        return inline.size(conn, sha256) if conn is not None else None
+
+    def _verified_inline(self, sha256: str, size: int, data: bytes, offset: int, length: int) -> bytes:
+        if len(data) != size:
+            # The record's size or the row's bytes are wrong: the address decides which.
+            raise BlobCorrupted(sha256, f"is {len(data)} bytes inline, {size} recorded",
+                                confirmed=hashlib.sha256(data).hexdigest() != sha256)
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise BlobCorrupted(sha256, "(inline) does not match its SHA-256", confirmed=True)
+        return data if offset == 0 and length == size else data[offset:offset + length]
 
     def add_hold(self, hold: Callable[[], set[str]]) -> None:
         self._holds.append(hold)
@@ -320,8 +426,8 @@ class BlobStore:
             return []
         return [final.parent]
 
-    def writer(self, *, max_size: int | None = None, md5: bool = True) -> BlobWriter:
-        return BlobWriter(self, max_size=max_size, md5=md5)
+    def writer(self, *, max_size: int | None = None, md5: bool = True, hold: int | None = None) -> BlobWriter:
+        return BlobWriter(self, max_size=max_size, md5=md5, hold=hold)
 
     def put_bytes(self, data: bytes, info: BlobInfo | None = None) -> BlobInfo:
         """Store a body held in memory (`info`: its digests, if already computed)."""
@@ -411,10 +517,18 @@ class BlobStore:
         return self._proc_fd_cache
 
     def exists(self, sha256: str) -> bool:
-        return self.path(sha256).exists()
+        """Stored, as a file or inline."""
+        return self.path(sha256).exists() or self._inline_size(sha256) is not None
 
     def size(self, sha256: str) -> int:
-        return self.path(sha256).stat().st_size
+        """The stored size (file or inline); FileNotFoundError if neither holds it."""
+        try:
+            return self.path(sha256).stat().st_size
+        except FileNotFoundError:
+            n = self._inline_size(sha256)
+            if n is None:
+                raise
+            return n
 
     # ---------------------------------------------------------------- verified reads
 
@@ -423,7 +537,11 @@ class BlobStore:
         try:
             actual = os.stat(self.path(sha256)).st_size
         except FileNotFoundError:
-            raise BlobCorrupted(sha256, "is missing from the blob store", missing=True) from None
+            data = self.inline_body(sha256) if size <= inline.LIMIT else None
+            if data is None:
+                raise BlobCorrupted(sha256, "is missing from the blob store", missing=True) from None
+            self._verified_inline(sha256, size, data, 0, size)
+            return
         if actual != size:
             self._size_mismatch(sha256, size, actual)
 
@@ -441,18 +559,32 @@ class BlobStore:
         raise BlobCorrupted(sha256, detail, confirmed=self.full_sha256(sha256) != sha256)
 
     def full_sha256(self, sha256: str) -> str | None:
-        """The SHA-256 of the blob's whole file as it is now (None if it is missing or unreadable)."""
-        return hash_file(str(self.path(sha256)))[0]
+        """The SHA-256 of the blob's whole file (or inline body) as it is now (None if it is missing
+        or unreadable)."""
+        actual = hash_file(str(self.path(sha256)))[0]
+        if actual is None:
+            data = self.inline_body(sha256)
+            if data is not None:
+                return hashlib.sha256(data).hexdigest()
+        return actual
 
     def read_small(self, sha256: str, size: int, offset: int = 0, length: int | None = None) -> bytes:
         """`read_verified` for a blob of at most one chunk, done at once: every small GET takes this
         path, so it is one open, fstat, pread and SHA-256, with no generator in between."""
         if length is None:
             length = size - offset
+        if size <= self.inline_max:
+            # Written inline since the threshold allowed it: look there first.
+            data = self.inline_body(sha256)
+            if data is not None:
+                return self._verified_inline(sha256, size, data, offset, length)
         try:
             fd = os.open(self.path(sha256), os.O_RDONLY)
         except FileNotFoundError:
-            raise BlobCorrupted(sha256, "is missing from the blob store", missing=True) from None
+            data = self.inline_body(sha256) if self.inline_max < size <= inline.LIMIT else None
+            if data is None:
+                raise BlobCorrupted(sha256, "is missing from the blob store", missing=True) from None
+            return self._verified_inline(sha256, size, data, offset, length)
         try:
             actual = os.fstat(fd).st_size
             if actual != size:
@@ -469,6 +601,13 @@ class BlobStore:
         is yielded, so a bad chunk is never handed out: `BlobCorrupted` is raised instead."""
         if length is None:
             length = size - offset
+        if not needs_sidecar(size):
+            # One chunk at most (a file or an inline body): verified whole by read_small.
+            if length > 0:
+                yield self.read_small(sha256, size, offset, length)
+            else:
+                self.check_size(sha256, size)
+            return
         path = self.path(sha256)
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -479,11 +618,6 @@ class BlobStore:
             if actual != size:
                 self._size_mismatch(sha256, size, actual)
             if length <= 0:
-                return
-            if not needs_sidecar(size):
-                os.close(fd)
-                fd = -1
-                yield self.read_small(sha256, size, offset, length)
                 return
             alg, digests = self._digests(fd, sha256, size)
             end = offset + length
@@ -624,17 +758,41 @@ class BlobStore:
     def quarantine(self, sha256: str) -> bool:
         """Move a blob whose bytes are bad to `quarantine/<hash>` (kept for inspection, out of reach
         of reads and deduplication: the next upload of the same content stores a fresh copy).
-        Its sidecar is dropped. False if it was not there (already quarantined, or missing)."""
+        Its sidecar is dropped. False if it was not there (already quarantined, or missing).
+        An inline body is copied there and its row removed (unless a write healed it meanwhile)."""
         src = self.path(sha256)
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(src, self.quarantine_dir / sha256)
         except FileNotFoundError:
-            return False
+            return self._quarantine_inline(sha256)
         self.remove_sidecar(sha256)
         fsync_dir(self.quarantine_dir)
         fsync_dir(src.parent)
         return True
+
+    def _quarantine_inline(self, sha256: str) -> bool:
+        if self._catalog is None:
+            return False  # a read-only view of a store (restore, offline check): nothing to move
+        data = self.inline_body(sha256)
+        if data is None or hashlib.sha256(data).hexdigest() == sha256:
+            return False
+        dest = self.quarantine_dir / sha256
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(self.quarantine_dir)
+
+        def fn(txn: Any) -> bool:
+            now = inline.get(txn.conn, sha256)
+            if now is None or hashlib.sha256(now).hexdigest() == sha256:
+                return False  # gone, or rewritten with good bytes by a PUT of the same content
+            return inline.delete(txn.conn, sha256)
+
+        return bool(self._catalog.mutate(fn, actor="system/blobs", request_id=f"quarantine-{sha256[:16]}"))
 
     def drop_quarantined(self, sha256: str) -> bool:
         """Forget `quarantine/<hash>` once the blob is healthy again (healed); True if there was one."""

@@ -3,8 +3,9 @@
 - `storage`: FORMAT, catalog.db's structural integrity and the manifests of derived
   generations under `derived/` (whatever family wrote them).
 - `journal`: the hash chain, gapless from its base.
-- `blobs`: every blob any participant references is present, of the recorded size and (deep)
-  hashes to its name; blobs nobody references are reported as orphans.
+- `blobs`: every blob any participant references is present (a file, or a row of
+  `inline_blobs`: small bodies stored inline), of the recorded size and (deep) hashes to its
+  name; blobs nobody references are reported as orphans.
 - `blob-digests` (derived): the per-chunk digest sidecars (`<hash>.chunks`) that verified reads
   use. A large blob without one, or one whose blob is gone, is a derived problem: `repair`
   recomputes them from the blobs (after checking each blob's SHA-256).
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from anvil.errors import AnvilError
-from anvil.storage import journal, records
+from anvil.storage import inline, journal, records
 from anvil.storage.blobs import CHUNK_ALGORITHM, CHUNK_ALGORITHMS, CHUNK_SIZE, BlobCorrupted, needs_sidecar
 from anvil.storage.blobscan import HEX64, hash_file
 from anvil.storage.layout import Layout
@@ -219,18 +220,25 @@ class BlobsParticipant(Participant):
     name = "blobs"
     kind = "source"
     covers = ["object-bodies"]
-    owns = ["blobs/sha256/"]
+    # Inline bodies travel inside catalog.db; the table is not replayed (no event carries bytes).
+    owns = ["blobs/sha256/", "catalog.db: inline_blobs"]
+    tables = ["inline_blobs"]
 
     def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
+        # Counted from the blob store (files and inline bodies alike), so the summary is the same
+        # whichever of the two holds a body.
         refs = ctx.references()
         present = 0
         total = 0
+        inline_sizes = ctx.blobs.inline_sizes()
         for sha in refs:
             # One stat per blob (not exists() and then stat()): every snapshot pays this per blob.
             try:
                 size = os.stat(ctx.blobs.path(sha)).st_size
             except FileNotFoundError:
-                continue
+                if sha not in inline_sizes:
+                    continue
+                size = inline_sizes[sha]
             present += 1
             total += size
         digest = hashlib.sha256("\n".join(refs).encode()).hexdigest()
@@ -244,6 +252,7 @@ class BlobsParticipant(Participant):
         found = ctx.blob_scan()
         done = ctx.progress.phase("references", 1)
         listing = found.blobs
+        inlined = inline.rows(ctx.conn)  # sha256 -> (size, stored), from the same catalog as refs
         out: list[Finding] = []
         invariants = {r.missing_invariant for rs in refs.values() for r in rs}
         ctx.checked.update({"blobs.orphan", "blobs.misplaced", "objects.blob_missing", *invariants})
@@ -251,7 +260,8 @@ class BlobsParticipant(Participant):
         def absent(sha: str) -> bool:
             if HEX64.fullmatch(sha or "") is None:
                 return True  # a malformed reference can never be satisfied
-            return sha not in listing and not os.path.exists(ctx.blobs.root / sha[:2] / sha)
+            return (sha not in listing and sha not in inlined
+                    and not os.path.exists(ctx.blobs.root / sha[:2] / sha))
 
         missing = [sha for sha in refs if absent(sha)]
         # `affected.sha256` is the key `anvil repair blobs --from-backup` closes findings by.
@@ -268,12 +278,14 @@ class BlobsParticipant(Participant):
             out.append(self.finding("warning", path, f"{path} is named like a blob but stored elsewhere",
                                     "blobs.misplaced", {"path": os.path.relpath(path, ctx.root)}))
         orphans = [s for s in listing if s not in refs]
-        if orphans:
+        inline_orphans = [s for s in inlined if s not in refs]
+        if orphans or inline_orphans:
             # The walk overlapped the reference read: a blob whose record committed meanwhile is no
             # orphan. Read the references once more, only when there are candidates.
             ctx.clear_references()
             current = ctx.references()
             orphans = sorted(s for s in orphans if s not in current)
+            inline_orphans = sorted(s for s in inline_orphans if s not in current)
         now = time.time()
         for sha in orphans:
             try:
@@ -285,16 +297,26 @@ class BlobsParticipant(Participant):
                                     f"blob {sha} ({st.st_size} bytes, {age} s old) is referenced by no record",
                                     "blobs.orphan", {"blob": sha, "size": st.st_size, "age_seconds": age},
                                     identity={"blob": sha}))
+        for sha in inline_orphans:
+            size, stored = inlined[sha]
+            age = max(0, int(now - stored))
+            out.append(self.finding("warning", f"blob {sha}",
+                                    f"inline blob {sha} ({size} bytes, {age} s old) is referenced by no record",
+                                    "blobs.orphan", {"blob": sha, "size": size, "age_seconds": age,
+                                                     "inline": True},
+                                    identity={"blob": sha}))
+        orphans += inline_orphans
         stats: dict[str, Any] = {
-            "on_disk": len(listing), "referenced": len(refs),
+            "on_disk": len(listing), "inline": len(inlined), "referenced": len(refs),
             "references": sum(len(rs) for rs in refs.values()),
             "shared": sum(1 for rs in refs.values() if len(rs) > 1),
             "missing": len(missing), "orphans": len(orphans),
         }
         if ctx.deep:
             ctx.checked.update({"blobs.hash_mismatch", "objects.chunk_size"})
-            stats["hashed"] = len(found.sizes)
+            stats["hashed"] = len(found.sizes) + len(inlined)
             out += self._hashes(ctx, refs, found)
+            out += self._inline_hashes(ctx, refs, listing)
         ctx.stats["blobs"] = stats
         if recorded and recorded.get("digest") and recorded["digest"] != self.summary(ctx)["digest"]:
             out.append(self.finding("error", "blobs", "the set of referenced blobs differs from the recorded one",
@@ -303,6 +325,32 @@ class BlobsParticipant(Participant):
             out.append(self.finding("info", "blobs", f"{len(refs)} referenced blobs present"
                                     + (" and re-hashed" if ctx.deep else "")))
         done(1)
+        return out
+
+    def _inline_hashes(self, ctx: RecoveryContext, refs: dict[str, list[BlobRef]],
+                       listing: dict[str, str]) -> list[Finding]:
+        """Deep: every inline body hashes to its address and has the size its references record."""
+        out: list[Finding] = []
+        for sha, recorded, body in inline.bodies(ctx.conn):
+            rs = refs.get(sha, [])
+            actual = hashlib.sha256(body).hexdigest()
+            if actual != sha or len(body) != recorded:
+                out.append(self.finding(
+                    "error", f"blob {sha}", f"inline blob {sha} hashes to {actual} ({len(body)} bytes, {recorded} "
+                    "recorded): its content no longer matches its name" + (f"; affects {_affects(rs)}" if rs else ""),
+                    "blobs.hash_mismatch",
+                    {"blob": sha, "sha256": sha, "actual_sha256": actual, "size": len(body), "inline": True,
+                     "references": [r.ref for r in rs[:MAX_REFERENCES]]}, identity={"blob": sha}))
+                continue
+            if sha in listing:
+                continue  # also stored as a file: its sizes are checked against the file
+            for r in rs:
+                if r.size != len(body):
+                    out.append(self.finding(
+                        "error", r.label, f"{r.label} records blob {sha} as {r.size} bytes; it is {len(body)}",
+                        "objects.chunk_size",
+                        {"blob": sha, "expected": r.size, "actual": len(body), "references": [r.ref]},
+                        identity={"blob": sha, "reference": r.ref}))
         return out
 
     def _hashes(self, ctx: RecoveryContext, refs: dict[str, list[BlobRef]], found: Any) -> list[Finding]:

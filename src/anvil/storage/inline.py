@@ -1,0 +1,119 @@
+"""Small bodies kept inline in the record store (`catalog.db` table `inline_blobs`).
+
+A body of at most `ANVIL_INLINE_MAX` bytes (default 64 KiB) is stored as a row, addressed by its
+SHA-256 exactly like a blob file, and written in the same transaction as the record that
+references it and that record's journal event: one group-commit flush then makes body, record and
+event durable together, instead of a file fsync, a folder fsync and the WAL commit in that order
+(docs/performance.md). Everything that reads blobs goes through `BlobStore`, which looks here as
+well as in `blobs/sha256/`; which of the two holds a body is never visible through any API.
+
+Rows are immutable content, like blob files. `stored` plays the part of a blob file's mtime: a
+write that deduplicates onto a row refreshes it in its own transaction, so gc (which deletes only
+unreferenced rows older than its grace period) can never take a body a new record is about to use.
+Inline bodies are never larger than one verification chunk, so they have no chunk-digest sidecar:
+every read checks the whole body against its SHA-256.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+
+from anvil.errors import AnvilError
+from anvil.storage.records import Connection, RecordError
+from anvil.storage.space import parse_size
+
+TABLE = "inline_blobs"
+
+MIGRATIONS = [
+    """
+    CREATE TABLE inline_blobs(
+        sha256 TEXT PRIMARY KEY,
+        size INTEGER NOT NULL,
+        body BLOB NOT NULL,
+        stored REAL NOT NULL
+    );
+    """,
+]
+
+ENV = "ANVIL_INLINE_MAX"
+# Measured with bench/objects.py at 16, 64 and 128 KiB (docs/performance.md, "Inline bodies").
+DEFAULT_MAX = 64 * 1024
+# Never above one verification chunk (1 MiB): an inline body is always verified whole, has no
+# sidecar, and is small enough to be read into memory on the event loop's behalf.
+LIMIT = 1024 * 1024
+
+
+def max_from_env(environ: dict[str, str] | None = None) -> int:
+    """The threshold from `ANVIL_INLINE_MAX` (bytes, or with K/M binary units; 0 turns inlining off)."""
+    raw = (os.environ if environ is None else environ).get(ENV)
+    if raw is None or not raw.strip():
+        return DEFAULT_MAX
+    value = parse_size(ENV, raw)
+    if value > LIMIT:
+        raise AnvilError("InvalidArgument", f"{ENV} may be at most {LIMIT} bytes (1 MiB), got {raw!r}")
+    return value
+
+
+def put(conn: Connection, sha256: str, body: bytes, now: float) -> None:
+    """Store a body (inside the caller's transaction). An existing row is overwritten with these
+    bytes, which are known good (just hashed): a damaged row heals, and `stored` is refreshed."""
+    conn.execute(
+        "INSERT INTO inline_blobs(sha256, size, body, stored) VALUES (?,?,?,?) "
+        "ON CONFLICT (sha256) DO UPDATE SET size = excluded.size, body = excluded.body, stored = excluded.stored",
+        (sha256, len(body), body, now),
+    )
+
+
+def get(conn: Connection, sha256: str) -> bytes | None:
+    try:
+        row = conn.execute("SELECT body FROM inline_blobs WHERE sha256 = ?", (sha256,)).fetchone()
+    except RecordError:
+        return None  # a store from before this table (or a catalog that is not one)
+    return bytes(row[0]) if row else None
+
+
+def size(conn: Connection, sha256: str) -> int | None:
+    try:
+        row = conn.execute("SELECT size FROM inline_blobs WHERE sha256 = ?", (sha256,)).fetchone()
+    except RecordError:
+        return None
+    return int(row[0]) if row else None
+
+
+def rows(conn: Connection) -> dict[str, tuple[int, float]]:
+    """sha256 -> (size, stored) of every inline body (no bodies read)."""
+    try:
+        return {r[0]: (int(r[1]), float(r[2])) for r in conn.execute(
+            "SELECT sha256, size, stored FROM inline_blobs ORDER BY sha256")}
+    except RecordError:
+        return {}
+
+
+def bodies(conn: Connection) -> Iterator[tuple[str, int, bytes]]:
+    """(sha256, recorded size, body) of every inline body, in hash order (fsck --deep)."""
+    try:
+        cur = conn.execute("SELECT sha256, size, body FROM inline_blobs ORDER BY sha256")
+        for r in cur:
+            yield r[0], int(r[1]), bytes(r[2])
+    except RecordError:
+        return
+
+
+def touch(conn: Connection, shas: Iterable[str], now: float) -> None:
+    """Refresh `stored` of the rows a new record is about to reference (a copy, a completed upload),
+    in the record's own transaction, as a deduplicating write refreshes a blob file's mtime."""
+    for sha in set(shas):
+        conn.execute("UPDATE inline_blobs SET stored = ? WHERE sha256 = ?", (now, sha))
+
+
+def delete(conn: Connection, sha256: str, *, stored_before: float | None = None) -> bool:
+    """Remove a row (gc: only if older than `stored_before`); True if one was removed."""
+    if stored_before is None:
+        found = conn.execute("SELECT 1 FROM inline_blobs WHERE sha256 = ?", (sha256,)).fetchone()
+        conn.execute("DELETE FROM inline_blobs WHERE sha256 = ?", (sha256,))
+    else:
+        found = conn.execute("SELECT 1 FROM inline_blobs WHERE sha256 = ? AND stored < ?",
+                             (sha256, stored_before)).fetchone()
+        conn.execute("DELETE FROM inline_blobs WHERE sha256 = ? AND stored < ?", (sha256, stored_before))
+    return found is not None
