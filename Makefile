@@ -20,7 +20,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -n 2 -q
+	ANVIL_VALIDATE_RESPONSES=1 $(PY) -m pytest -n 2 -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -26,7 +26,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from anvil.api.common import blocking, check_recovery, endpoint, json_body, require_identity
+from anvil.api.common import blocking, check_recovery, endpoint, json_body, model_body, require_identity
+from anvil.api.models import CheckpointRequest, CompactRequest
 from anvil.context import RequestContext
 from anvil.errors import AnvilError
 from anvil.identity import authorize
@@ -146,10 +147,8 @@ async def delete_consumer(request: Request, ctx: RequestContext) -> Response:
 async def checkpoint_consumer(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
     check_recovery(request)
-    body = await json_body(request)
-    if "cursor" not in body:
-        raise AnvilError("InvalidArgument", "a checkpoint needs a cursor")
-    cursor = parse_cursor(body["cursor"], name="cursor")
+    body = await model_body(request, CheckpointRequest)
+    cursor = parse_cursor(body.cursor, name="cursor")
     if cursor is None:
         raise AnvilError("InvalidArgument", "a checkpoint needs a cursor")
     result = await blocking(_anvil(request).watch.checkpoint, ctx, request.path_params["name"], cursor)
@@ -163,11 +162,7 @@ async def checkpoint_consumer(request: Request, ctx: RequestContext) -> Response
 async def compact(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:write", "system")
     check_recovery(request)
-    body = await json_body(request, required=False)
-    retention = body.get("retention_seconds")
-    if retention is not None and (isinstance(retention, bool) or not isinstance(retention, (int, float))
-                                  or retention < 0):
-        raise AnvilError("InvalidArgument", "retention_seconds must be a non-negative number")
+    retention = (await model_body(request, CompactRequest, required=False)).retention_seconds
     return JSONResponse(await blocking(_anvil(request).watch.compact, ctx, retention))
 
 
