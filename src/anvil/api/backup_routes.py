@@ -10,8 +10,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from anvil.api.common import blocking, endpoint, json_body, model_body
-from anvil.api.models import ArchiveRequest, CreateBackupRequest, ResumeRequest
+from anvil.api.common import blocking, endpoint, model_body
+from anvil.api.models import ArchiveRequest, CreateBackupRequest, HealBlobsRequest, ResumeRequest
 from anvil.context import RequestContext
 from anvil.errors import AnvilError
 from anvil.identity import authorize
@@ -133,15 +133,6 @@ async def flush_archive(request: Request, ctx: RequestContext) -> Response:
     return JSONResponse({"shipped": shipped, **archiver.status()})
 
 
-def _str(body: dict[str, Any], name: str, required: bool = False) -> str | None:
-    value = body.get(name)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or not value:
-        raise AnvilError("InvalidArgument", f"'{name}' must be a non-empty string")
-    return value
-
-
 @endpoint
 async def create_backup(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:write", "system")
@@ -171,10 +162,9 @@ def run_heal(app: Any, ctx: RequestContext, repo_url: str, *, passphrase: str | 
 @endpoint
 async def heal_blobs(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:write", "system")
-    body = await json_body(request)
-    repo = _str(body, "repo", required=True)
-    result = await blocking(run_heal, request.app, ctx, repo, passphrase=_str(body, "passphrase"),
-                            s3_endpoint=_str(body, "s3_endpoint"), snapshot=_str(body, "snapshot"))
+    body = await model_body(request, HealBlobsRequest)
+    result = await blocking(run_heal, request.app, ctx, body.repo, passphrase=body.passphrase,
+                            s3_endpoint=body.s3_endpoint, snapshot=body.snapshot)
     return JSONResponse(result)
 
 

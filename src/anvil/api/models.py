@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 # ------------------------------------------------------------------ bases
 
+_MISSING: Any = object()
+
 
 class AnvilModel(BaseModel):
     """A response model: attribute access, and the read side of a dict over the fields the server sent."""
@@ -43,6 +45,8 @@ class AnvilModel(BaseModel):
 
     def __setitem__(self, key: str, value: Any) -> None:
         setattr(self, key, value)
+        if key in type(self).model_fields:
+            self.__pydantic_fields_set__.add(key)
 
     def __contains__(self, key: object) -> bool:
         return key in self._present()
@@ -62,14 +66,44 @@ class AnvilModel(BaseModel):
     def __len__(self) -> int:
         return len(self._present())
 
+    def __iter__(self) -> Iterator[str]:  # type: ignore[override]
+        # A dict iterates over its keys (pydantic's own __iter__ gives (name, value) pairs).
+        return iter(self._present())
+
+    # The mutating side that callers of the old dicts used: `pop` and `setdefault` and `update`.
+    def pop(self, key: str, default: Any = _MISSING) -> Any:
+        if key not in self:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        value = getattr(self, key)
+        extra = self.__pydantic_extra__
+        if extra is not None and key in extra:
+            del extra[key]
+        else:
+            self.__pydantic_fields_set__.discard(key)  # no longer "sent": not a key any more
+        return value
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def update(self, other: Mapping[str, Any] = (), **kwargs: Any) -> None:
+        for key, value in {**dict(other), **kwargs}.items():
+            self[key] = value
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON object as the server sent it (nested models as dicts)."""
         return self.model_dump(mode="json", exclude_unset=True)
 
     def __eq__(self, other: object) -> bool:
+        # As dicts compare: the keys sent and their values (a popped key is gone on both sides).
+        if isinstance(other, AnvilModel):
+            return self.model_dump(exclude_unset=True) == other.model_dump(exclude_unset=True)
         if isinstance(other, Mapping):
             return self.model_dump(exclude_unset=True) == dict(other)
-        return super().__eq__(other)
+        return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -535,6 +569,17 @@ class RotateKeysRequest(RequestModel):
     dry_run: bool = False
 
 
+class KeyRotation(AnvilModel):
+    """Secret envelopes re-sealed under the active key (dry run: which would be)."""
+
+    active_key_id: str
+    dry_run: bool
+    unreadable: list[dict[str, Any]] = Field(description="{client_id, problem} of envelopes no key opens")
+    unchanged: int
+    changed: list[str] | None = Field(None, description="client ids re-sealed (not on a dry run)")
+    would_change: list[str] | None = Field(None, description="dry run: client ids that would be re-sealed")
+
+
 class IdentitySummary(AnvilModel):
     tenants: int
     apps: int
@@ -629,6 +674,25 @@ class CreateBackupRequest(RequestModel):
     tag: str | None = Field(None, min_length=1)
     escrow_secrets: bool | None = Field(None, description="absent: the server's policy")
     incremental: bool = False
+
+
+class HealBlobsRequest(RequestModel):
+    repo: str = Field(min_length=1, description="the backup repository to restore blobs from")
+    passphrase: str | None = Field(None, min_length=1)
+    s3_endpoint: str | None = Field(None, min_length=1)
+    snapshot: str | None = Field(None, min_length=1, description="default: the newest snapshots first")
+
+
+class HealReport(AnvilModel):
+    """Blobs restored from a backup, those no snapshot holds, and the findings closed."""
+
+    repository: str
+    snapshot: str | None
+    missing: int
+    healed_count: int
+    healed: list[dict[str, Any]]
+    unrecoverable: list[dict[str, Any]]
+    findings_resolved: list[Any]
 
 
 class Backup(AnvilModel):

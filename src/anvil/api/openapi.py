@@ -302,6 +302,7 @@ REQUESTS: dict[str, type[m.RequestModel]] = {
     "createBackup": m.CreateBackupRequest,
     "archiveStart": m.ArchiveRequest,
     "recoveryResume": m.ResumeRequest,
+    "healBlobs": m.HealBlobsRequest,
     "createConsumer": m.CreateConsumerRequest,
     "checkpointConsumer": m.CheckpointRequest,
     "compactJournal": m.CompactRequest,
@@ -343,6 +344,7 @@ RESPONSES: dict[str, type[m.AnvilModel]] = {
     "archiveStop": m.ArchiveStatus,
     "archiveFlush": m.ArchiveStatus,
     "recoveryStatus": m.RecoveryStatus,
+    "healBlobs": m.HealReport,
     "recoveryValidate": m.ValidationReport,
     "recoveryResume": m.Resumed,
     "listConsumers": m.ConsumerList,
@@ -368,14 +370,15 @@ RESPONSES: dict[str, type[m.AnvilModel]] = {
     "revokePolicy": m.PolicyChanged,
     "listAuditEntries": m.AuditList,
     "identitySummary": m.IdentitySummary,
+    "rotateSecretKey": m.KeyRotation,
     "identityValidate": m.IdentityValidation,
 }
 
 # Answers that are not JSON: media type of the success body.
 RAW = {
-    "getObject": "*/*", "watchEvents": "text/event-stream", "getApiDocs": "text/html",
-    "getApiDocsAsset": "*/*",
-    "getComponent": "*/*", "getArtefactFile": "*/*",
+    "getObject": "application/octet-stream", "watchEvents": "text/event-stream", "getApiDocs": "text/html",
+    "getApiDocsAsset": "application/octet-stream",
+    "getComponent": "application/octet-stream", "getArtefactFile": "application/octet-stream",
     "getTensor": "application/octet-stream", "gitBlob": "*/*",
     "gitInfoRefs": "application/x-git-upload-pack-advertisement",
     "gitUploadPack": "application/x-git-upload-pack-result", "hfResolve": "*/*",
@@ -406,10 +409,20 @@ OBJECT_HEADERS = {
     "x-anvil-meta-*": _header("one header per user metadata entry: x-anvil-meta-NAME: percent-encoded UTF-8"),
 }
 WRITE_HEADERS = {"ETag": _header("quoted ETag of the new version or part")}
-# Extra parameters by operation, beside the table's: what the code reads but the table left out.
-META_PARAM = {"name": "x-anvil-meta-*", "in": "header", "required": False, "schema": _STR,
-              "description": "user metadata: one header per entry, x-anvil-meta-NAME: percent-encoded UTF-8 "
-                             "(at most 2 KiB in all)"}
+# User metadata travels in a family of headers, which OpenAPI cannot name as one parameter: the
+# operations that take or give it say so in their description (and GET lists it among its headers).
+META = ("User metadata: one header per entry, `x-anvil-meta-NAME: VALUE`, the value percent-encoded UTF-8 "
+        "(at most 2 KiB in all); GET and HEAD answer the same headers.")
+DESCRIPTIONS = {
+    "putObject": "The body is the object's bytes (streamed). " + META,
+    "getObject": "The object's bytes, described by its headers (ETag, x-anvil-version-id, x-anvil-meta-*). "
+                 "HEAD answers the headers alone. " + META,
+    "listObjects": "Paging: answer `next_token` while `truncated`; send it back as `token`.",
+    "listVersions": "Paging: send `next_key_marker` and `next_version_marker` back as `key_marker` and "
+                    "`version_marker` while `truncated`.",
+    "watchEvents": "Server-Sent Events: each event's `id:` is its journal seq, its `data:` a WatchEvent; "
+                   "reconnect with `Last-Event-ID` to resume where the stream broke.",
+}
 PAGING = {
     "limit": "page size, 1 to 1000 (default 1000)",
     "token": "listObjects: the previous page's `next_token` (opaque)",
@@ -523,11 +536,11 @@ def document(server_url: str | None = None) -> dict[str, Any]:
             {"name": seg[1:-1], "in": "path", "required": True, "schema": {"type": "string"}}
             for seg in path.split("/") if seg.startswith("{")
         ]
-        extra = [META_PARAM] if op_id in ("putObject",) else []
-        all_params = [_parameter(p) for p in path_params + params + extra]
+        all_params = [_parameter(p) for p in path_params + params]
         op: dict[str, Any] = {
             "operationId": op_id,
             "summary": summary,
+            **({"description": DESCRIPTIONS[op_id]} if op_id in DESCRIPTIONS else {}),
             "tags": [_tag(path)],
             "parameters": all_params,
             "responses": _responses(op_id, method, all_params),

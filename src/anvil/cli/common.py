@@ -13,6 +13,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from anvil.api.models import jsonable
 from anvil.cli.profiles import ProfileError, resolve_credentials
 from anvil.client import DEFAULT_ENDPOINT, AnvilAPIError, AnvilClient
 
@@ -86,7 +87,8 @@ def admin_command(fn: Callable[..., Any]) -> Callable[..., Any]:
 def emit(as_json: bool, data: Any, *, table: tuple[Sequence[str], list[Sequence[Any]]] | None = None,
          text: str | None = None) -> None:
     if as_json:
-        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        # SDK results are models (anvil.api.models): `jsonable` prints them as the JSON the server sent.
+        click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=jsonable))
         return
     if table is not None:
         columns, rows = table
@@ -97,7 +99,7 @@ def emit(as_json: bool, data: Any, *, table: tuple[Sequence[str], list[Sequence[
     elif text is not None:
         console.print(text, markup=False, highlight=False, soft_wrap=True)
     else:
-        console.print_json(data=data)
+        console.print_json(data=data, default=jsonable)
 
 
 def parse_meta(items: Sequence[str]) -> dict[str, str]:

@@ -281,7 +281,7 @@ def auth_token(scopes: tuple[str, ...], expires_in: int | None, endpoint: str | 
         else:
             err_console.print(f"[red]error[/red] {e.code}: {e.message}")
         sys.exit(1)
-    click.echo(json.dumps(res, indent=2) if as_json else res["access_token"])
+    click.echo(json.dumps(res.to_dict(), indent=2) if as_json else res["access_token"])
 
 
 @click.command()
