@@ -18,7 +18,7 @@ import httpx
 import pytest
 from openapi_spec_validator import validate
 
-from anvil.api import models as m
+from anvil import api_models as m
 from anvil.api.openapi import REQUESTS, RESPONSES
 from anvil.client import AnvilAPIError, AnvilClient
 from tests.helpers import AnvilServer, unique_bucket

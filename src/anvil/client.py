@@ -14,7 +14,7 @@ from typing import IO, Any, TypeVar
 
 import httpx
 
-from anvil.api import models as m
+from anvil import api_models as m
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:9000"
 M = TypeVar("M", bound=m.AnvilModel)
@@ -295,7 +295,7 @@ class AnvilClient:
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         return self._request(method, path, **kwargs).json()
 
-    # Typed results: the answer read into its model (anvil.api.models), the same class that
+    # Typed results: the answer read into its model (anvil.api_models), the same class that
     # describes it in the OpenAPI document. The pattern for a method still answering a dict:
     # declare the model, list it in anvil.api.openapi.RESPONSES, and return `self._model(...)`.
     def _model(self, model: type[M], method: str, path: str, **kwargs: Any) -> M:

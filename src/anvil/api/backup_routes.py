@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from anvil.api.common import blocking, endpoint, model_body
-from anvil.api.models import ArchiveRequest, CreateBackupRequest, HealBlobsRequest, ResumeRequest
+from anvil.api_models import ArchiveRequest, CreateBackupRequest, HealBlobsRequest, ResumeRequest
 from anvil.context import RequestContext
 from anvil.errors import AnvilError
 from anvil.identity import authorize

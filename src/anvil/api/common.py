@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from anvil.api.limits import MAX_JSON_BODY, log_client_disconnect, read_capped
-from anvil.api.models import BodyError, M, parse_body
+from anvil.api_models import BodyError, M, parse_body
 from anvil.context import DEV_PRINCIPAL, Principal, RequestContext, new_request_id
 from anvil.errors import AnvilError
 from anvil.storage.space import is_full_error, storage_full
@@ -215,7 +215,7 @@ async def json_body(request: Request, *, required: bool = True) -> dict[str, Any
 
 
 async def model_body(request: Request, model: type[M], *, required: bool = True) -> M:
-    """The JSON body validated by its model (anvil.api.models): InvalidArgument naming the bad field."""
+    """The JSON body validated by its model (anvil.api_models): InvalidArgument naming the bad field."""
     body = await json_body(request, required=required)
     try:
         return parse_body(model, body)

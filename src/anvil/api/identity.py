@@ -7,7 +7,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from anvil.api.common import blocking, endpoint, model_body, query_int, require_identity
-from anvil.api.models import (
+from anvil.api_models import (
     CreateAppRequest,
     CreateTenantRequest,
     PublicAccessRequest,

@@ -26,7 +26,7 @@ from anvil.api.common import (
     require_identity,
     stream_into,
 )
-from anvil.api.models import (
+from anvil.api_models import (
     CompleteUploadRequest,
     CopyObjectRequest,
     CreateBucketRequest,

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from anvil import __version__
-from anvil.api import models as m
+from anvil import api_models as m
 
 KEY = {"name": "key", "in": "query", "required": True, "schema": {"type": "string"},
        "description": "object key (opaque UTF-8, at most 1024 bytes)"}
@@ -288,7 +288,7 @@ SUCCESS = {"createBucket": "201", "createUpload": "201", "createTenant": "201", 
            "pdbCreateProjection": "201", "pdbWriteBack": "201",
            "createIndex": "201"}
 
-# ------------------------------------------------------------------ typed bodies (anvil.api.models)
+# ------------------------------------------------------------------ typed bodies (anvil.api_models)
 # The request and response models of each operation. An operation with a JSON answer that is not
 # listed here yet answers `Document` (an object, fields not described): the pattern for the rest
 # is to declare its model in models.py, list it here, and let the SDK method return it.

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from anvil.api.common import blocking, check_recovery, endpoint, json_body, model_body, require_identity
-from anvil.api.models import CheckpointRequest, CompactRequest
+from anvil.api_models import CheckpointRequest, CompactRequest
 from anvil.context import RequestContext
 from anvil.errors import AnvilError
 from anvil.identity import authorize

@@ -13,7 +13,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from anvil.api.models import jsonable
+from anvil.api_models import jsonable
 from anvil.cli.profiles import ProfileError, resolve_credentials
 from anvil.client import DEFAULT_ENDPOINT, AnvilAPIError, AnvilClient
 
@@ -87,7 +87,7 @@ def admin_command(fn: Callable[..., Any]) -> Callable[..., Any]:
 def emit(as_json: bool, data: Any, *, table: tuple[Sequence[str], list[Sequence[Any]]] | None = None,
          text: str | None = None) -> None:
     if as_json:
-        # SDK results are models (anvil.api.models): `jsonable` prints them as the JSON the server sent.
+        # SDK results are models (anvil.api_models): `jsonable` prints them as the JSON the server sent.
         click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=jsonable))
         return
     if table is not None:

@@ -10,7 +10,8 @@ and the document says so (`additionalProperties`). They also read like the dicts
 return (`result["etag"]`, `result.get("sha256")`, `"x" in result`, `dict(result)`, `== {...}`), so
 code written against the dicts keeps working; `to_dict()` gives the JSON exactly as the server sent it.
 
-This module imports nothing but pydantic: the SDK uses it without the server's dependencies.
+This module imports nothing but pydantic, and sits outside the layers (beside anvil.client): the SDK
+uses it, and the SDK is imported from low layers too (participants' smoke checks, backup drills).
 """
 
 from __future__ import annotations
