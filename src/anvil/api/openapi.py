@@ -286,7 +286,7 @@ SUCCESS = {"createBucket": "201", "createUpload": "201", "createTenant": "201", 
            "createConsumer": "201", "createBackup": "201",
            "pdbCreateGroup": "201", "pdbMigrate": "201", "pdbCommit": "201", "pdbBuildSnapshot": "201",
            "pdbCreateProjection": "201", "pdbWriteBack": "201",
-           "createIndex": "201"}
+           "createIndex": "201", "putComponent": "201", "pushArtefact": "201", "addSigningKey": "201"}
 
 # ------------------------------------------------------------------ typed bodies (anvil.api_models)
 # The request and response models of each operation. An operation with a JSON answer that is not
@@ -385,7 +385,9 @@ RAW = {
     "pdbSnapshotData": "application/zstd", "pdbProjectionData": "application/zstd",
 }
 # Operations that also answer 200 beside their 201 (already recorded: nothing new was created).
-ALSO_200 = frozenset({"pushArtefact"})
+ALSO_200 = frozenset({"pushArtefact", "addSigningKey", "pdbCommit"})
+# Byte answers that honour Range (206 with Content-Range).
+RANGED = frozenset({"getObject", "getComponent", "getArtefactFile", "hfResolve"})
 
 _STR = {"type": "string"}
 _INT = {"type": "integer"}
@@ -504,9 +506,10 @@ def _responses(op_id: str, method: str, params: list[dict[str, Any]]) -> dict[st
     responses: dict[str, Any] = {success: ok}
     if op_id in ALSO_200:
         responses["200"] = {**ok, "description": "already recorded"}
-    if op_id == "getObject":
+    if op_id in RANGED:
         responses["206"] = {**ok, "description": "partial content (Range)",
                             "headers": {**ok["headers"], "Content-Range": _header("bytes START-END/SIZE")}}
+    if op_id == "getObject":
         responses["304"] = {"description": "not modified (If-None-Match)", "headers": {"x-request-id": REQUEST_ID}}
     errors = dict(_COMMON_ERRORS)
     if method in ("put", "post", "delete"):
