@@ -440,7 +440,8 @@ _WRITE_ERRORS = {"409": "conflict (already exists, not empty, stale fence)", "50
 _COND_ERRORS = {"412": "a precondition (If-Match, x-anvil-if-version-match, ...) failed"}
 
 TAGS = [
-    ("health", "/anvil/health"), ("buckets", "/anvil/v1/buckets/{bucket}/versioning"),
+    ("health", "/anvil/health"), ("docs", "/anvil/v1/docs"), ("docs", "/anvil/v1/openapi.json"),
+    ("buckets", "/anvil/v1/buckets/{bucket}/versioning"),
     ("identity", "/anvil/v1/auth"), ("identity", "/anvil/v1/admin/tenants"), ("identity", "/anvil/v1/admin/apps"),
     ("identity", "/anvil/v1/admin/tokens"), ("identity", "/anvil/v1/admin/audit"),
     ("identity", "/anvil/v1/admin/secret-key"), ("identity", "/anvil/v1/admin/identity"),
