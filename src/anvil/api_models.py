@@ -607,8 +607,8 @@ class CreateConsumerRequest(RequestModel):
     name: str
     bucket: str | None = None
     prefix: str | None = None
-    kinds: list[str] | None = None
-    after: int | None = Field(None, description="start after this seq (default: the head)")
+    kinds: list[str] | str | None = Field(None, description="event kinds (a list, or comma-separated)")
+    after: int | str | None = Field(None, description="start after this seq (default: the head)")
 
 
 class Consumer(AnvilModel):

@@ -216,7 +216,11 @@ async def json_body(request: Request, *, required: bool = True) -> dict[str, Any
 
 async def model_body(request: Request, model: type[M], *, required: bool = True) -> M:
     """The JSON body validated by its model (anvil.api_models): InvalidArgument naming the bad field."""
-    body = await json_body(request, required=required)
+    return validated(model, await json_body(request, required=required))
+
+
+def validated(model: type[M], body: dict[str, Any]) -> M:
+    """A decoded JSON object validated by its model: InvalidArgument naming the bad field."""
     try:
         return parse_body(model, body)
     except BodyError as e:

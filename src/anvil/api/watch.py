@@ -26,8 +26,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from anvil.api.common import blocking, check_recovery, endpoint, json_body, model_body, require_identity
-from anvil.api_models import CheckpointRequest, CompactRequest
+from anvil.api.common import blocking, check_recovery, endpoint, json_body, model_body, require_identity, validated
+from anvil.api_models import CheckpointRequest, CompactRequest, CreateConsumerRequest
 from anvil.context import RequestContext
 from anvil.errors import AnvilError
 from anvil.identity import authorize
@@ -117,11 +117,11 @@ async def create_consumer(request: Request, ctx: RequestContext) -> Response:
     unknown = sorted(set(body) - {"name", "bucket", "prefix", "kinds", "after"})
     if unknown:
         raise AnvilError("InvalidArgument", f"unknown consumer field {unknown[0][:64]!r}")
-    scope = make_scope(ctx.principal, bucket=body.get("bucket"), prefix=body.get("prefix") or "",
-                       kinds=body.get("kinds"))
-    after = parse_cursor(body.get("after"), name="after cursor")
+    req = validated(CreateConsumerRequest, body)
+    scope = make_scope(ctx.principal, bucket=req.bucket, prefix=req.prefix or "", kinds=req.kinds)
+    after = parse_cursor(req.after, name="after cursor")
     service = _anvil(request).watch
-    created = await blocking(service.create_consumer, ctx, body.get("name"), scope, after)
+    created = await blocking(service.create_consumer, ctx, req.name, scope, after)
     return JSONResponse(created, status_code=201)
 
 
