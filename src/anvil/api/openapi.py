@@ -286,7 +286,8 @@ SUCCESS = {"createBucket": "201", "createUpload": "201", "createTenant": "201", 
            "createConsumer": "201", "createBackup": "201",
            "pdbCreateGroup": "201", "pdbMigrate": "201", "pdbCommit": "201", "pdbBuildSnapshot": "201",
            "pdbCreateProjection": "201", "pdbWriteBack": "201",
-           "createIndex": "201", "archiveStart": "201", "putComponent": "201", "pushArtefact": "201", "addSigningKey": "201"}
+           "createIndex": "201", "archiveStart": "201",
+           "putComponent": "201", "pushArtefact": "201", "addSigningKey": "201"}
 
 # ------------------------------------------------------------------ typed bodies (anvil.api_models)
 # The request and response models of each operation. An operation with a JSON answer that is not
