@@ -136,3 +136,24 @@ def versioned_bucket(client: AnvilClient) -> str:
     name = unique_bucket("v")
     client.create_bucket(name, versioning="Enabled")
     return name
+
+
+# Every native API answer checked against the OpenAPI document (tests/openapi_check.py), when asked.
+_RESPONSES = None
+if os.environ.get("ANVIL_VALIDATE_RESPONSES") == "1":
+    from tests.openapi_check import install
+
+    _RESPONSES = install()
+
+
+@pytest.fixture(autouse=True)
+def _openapi_responses():
+    if _RESPONSES is None:
+        yield
+        return
+    before = len(_RESPONSES.violations)
+    yield
+    new = _RESPONSES.violations[before:]
+    if new:
+        pytest.fail("answers that do not match the OpenAPI document:\n  " + "\n  ".join(dict.fromkeys(new)),
+                    pytrace=False)

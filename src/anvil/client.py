@@ -12,11 +12,14 @@ import time
 import urllib.parse
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import httpx
 
+from anvil import api_models as m
+
 DEFAULT_ENDPOINT = "http://127.0.0.1:9000"
+M = TypeVar("M", bound=m.AnvilModel)
 UPLOAD_CHUNK = 1024 * 1024
 DEFAULT_PART_SIZE = 16 * 1024 * 1024
 
@@ -184,7 +187,7 @@ def object_info(headers: httpx.Headers) -> dict[str, Any]:
 
 
 def exchange_token(endpoint: str, client_id: str, client_secret: str, *, scopes: list[str] | None = None,
-                   expires_in: int | None = None, timeout: float = 30.0, subject: str | None = None) -> dict[str, Any]:
+                   expires_in: int | None = None, timeout: float = 30.0, subject: str | None = None) -> m.Token:
     """Client credentials -> `{access_token, expires_in, expires_at, tenant, scopes, ...}`. `subject`
     (e.g. `user:amy`): a token acting for that end user (needs `authz:act`; docs/authz.md)."""
     body: dict[str, Any] = {"client_id": client_id, "client_secret": client_secret}
@@ -198,7 +201,7 @@ def exchange_token(endpoint: str, client_id: str, client_secret: str, *, scopes:
     with httpx.Client(transport=_Transport(endpoint), timeout=timeout) as http:
         resp = http.post(endpoint + "/anvil/v1/auth/token", json=body)
     _raise_for(resp)
-    return resp.json()
+    return m.Token.model_validate(resp.json())
 
 
 class ClientCredentialsAuth(httpx.Auth):
@@ -255,7 +258,7 @@ class WatchStream:
     def __iter__(self) -> WatchStream:
         return self
 
-    def __next__(self) -> dict[str, Any]:
+    def __next__(self) -> m.WatchEvent:
         return next(self._gen)
 
     def __enter__(self) -> WatchStream:
@@ -277,7 +280,7 @@ class WatchStream:
         except ValueError:
             pass  # closed from another thread while iterating: the closed response ends the loop
 
-    def _run(self) -> Iterator[dict[str, Any]]:
+    def _run(self) -> Iterator[m.WatchEvent]:
         failing_since: float | None = None
         delay = 0.05
         connected_once = False
@@ -321,7 +324,7 @@ class WatchStream:
         time.sleep(delay)
         return since
 
-    def _parse(self, lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    def _parse(self, lines: Iterable[str]) -> Iterator[m.WatchEvent]:
         event_id: str | None = None
         event_type = ""
         data: list[str] = []
@@ -332,7 +335,7 @@ class WatchStream:
                     code = err.get("code", "Unknown")
                     raise AnvilAPIError(410 if code == "CursorExpired" else 500, code, err.get("message", ""))
                 if data:
-                    event = json.loads("\n".join(data))
+                    event = m.WatchEvent.model_validate(json.loads("\n".join(data)))
                     if event_id is not None:
                         self.cursor = int(event_id)
                     yield event
@@ -393,6 +396,15 @@ class AnvilClient:
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         return self._request(method, path, **kwargs).json()
 
+    # Typed results: the answer read into its model (anvil.api_models), the same class that
+    # describes it in the OpenAPI document. The pattern for a method still answering a dict:
+    # declare the model, list it in anvil.api.openapi.RESPONSES, and return `self._model(...)`.
+    def _model(self, model: type[M], method: str, path: str, **kwargs: Any) -> M:
+        return model.model_validate(self._json(method, path, **kwargs))
+
+    def _models(self, model: type[M], field: str, method: str, path: str, **kwargs: Any) -> list[M]:
+        return [model.model_validate(item) for item in self._json(method, path, **kwargs)[field]]
+
     @staticmethod
     def _b(bucket: str) -> str:
         return "/anvil/v1/buckets/" + urllib.parse.quote(bucket, safe="")
@@ -403,27 +415,28 @@ class AnvilClient:
 
     # ------------------------------------------------------------ health
 
-    def health(self) -> dict[str, Any]:
-        return self._json("GET", "/anvil/health/ready")
+    def health(self) -> m.Ready:
+        return self._model(m.Ready, "GET", "/anvil/health/ready")
 
     # ------------------------------------------------------------ buckets
 
-    def create_bucket(self, name: str, *, versioning: str | None = None, idempotency_key: str | None = None) -> dict:
+    def create_bucket(self, name: str, *, versioning: str | None = None,
+                      idempotency_key: str | None = None) -> m.BucketCreated:
         body = {"versioning": versioning} if versioning else {}
-        return self._json("PUT", self._b(name), json=body, headers=self._idem(idempotency_key))
+        return self._model(m.BucketCreated, "PUT", self._b(name), json=body, headers=self._idem(idempotency_key))
 
-    def list_buckets(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/anvil/v1/buckets")["buckets"]
+    def list_buckets(self) -> list[m.Bucket]:
+        return self._models(m.Bucket, "buckets", "GET", "/anvil/v1/buckets")
 
-    def get_bucket(self, name: str) -> dict[str, Any]:
-        return self._json("GET", self._b(name))
+    def get_bucket(self, name: str) -> m.Bucket:
+        return self._model(m.Bucket, "GET", self._b(name))
 
-    def delete_bucket(self, name: str, *, idempotency_key: str | None = None) -> dict[str, Any]:
-        return self._json("DELETE", self._b(name), headers=self._idem(idempotency_key))
+    def delete_bucket(self, name: str, *, idempotency_key: str | None = None) -> m.BucketDeleted:
+        return self._model(m.BucketDeleted, "DELETE", self._b(name), headers=self._idem(idempotency_key))
 
-    def set_versioning(self, name: str, status: str, *, idempotency_key: str | None = None) -> dict[str, Any]:
-        return self._json("PUT", self._b(name) + "/versioning", json={"status": status},
-                          headers=self._idem(idempotency_key))
+    def set_versioning(self, name: str, status: str, *, idempotency_key: str | None = None) -> m.VersioningSet:
+        return self._model(m.VersioningSet, "PUT", self._b(name) + "/versioning", json={"status": status},
+                           headers=self._idem(idempotency_key))
 
     # ------------------------------------------------------------ objects
 
@@ -433,7 +446,7 @@ class AnvilClient:
         if_match: str | None = None, if_none_match: str | None = None, if_version_match: str | None = None,
         checksum_sha256: str | None = None, content_md5: bytes | None = None,
         idempotency_key: str | None = None, if_version_none_match: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> m.ObjectWritten:
         headers = {**self._idem(idempotency_key),
                    **_cond_headers(if_match, if_none_match, if_version_match, if_version_none_match)}
         if content_type:
@@ -447,8 +460,8 @@ class AnvilClient:
         content: Any = data
         if hasattr(data, "read"):
             content = _file_chunks(data)  # type: ignore[arg-type]
-        return self._json("PUT", self._b(bucket) + "/object", params={"key": key}, content=content,
-                          headers=headers)
+        return self._model(m.ObjectWritten, "PUT", self._b(bucket) + "/object", params={"key": key},
+                           content=content, headers=headers)
 
     def get_object(
         self, bucket: str, key: str, *, version_id: str | None = None, range: str | None = None,
@@ -462,16 +475,16 @@ class AnvilClient:
     def get_object_with_info(self, bucket: str, key: str, *, version_id: str | None = None,
                              range: str | None = None, if_match: str | None = None,
                              if_none_match: str | None = None, if_version_match: str | None = None,
-                             if_version_none_match: str | None = None) -> tuple[bytes, dict[str, Any]]:
+                             if_version_none_match: str | None = None) -> tuple[bytes, m.ObjectHead]:
         params = {"key": key, **({"version_id": version_id} if version_id else {})}
         headers = _cond_headers(if_match, if_none_match, if_version_match, if_version_none_match)
         if range:
             headers["range"] = range
         resp = self._request("GET", self._b(bucket) + "/object", params=params, headers=headers)
-        return resp.content, {**object_info(resp.headers), "status": resp.status_code}
+        return resp.content, m.ObjectHead.model_validate({**object_info(resp.headers), "status": resp.status_code})
 
     def download(self, bucket: str, key: str, dest: str | Path | IO[bytes], *,
-                 version_id: str | None = None) -> dict[str, Any]:
+                 version_id: str | None = None) -> m.ObjectHead:
         """Stream an object to a path or file object without holding it in memory."""
         params = {"key": key, **({"version_id": version_id} if version_id else {})}
         with self._http.stream("GET", self._b(bucket) + "/object", params=params) as resp:
@@ -485,33 +498,33 @@ class AnvilClient:
             else:
                 for chunk in resp.iter_bytes(UPLOAD_CHUNK):
                     dest.write(chunk)
-            return object_info(resp.headers)
+            return m.ObjectHead.model_validate(object_info(resp.headers))
 
     def head_object(self, bucket: str, key: str, *, version_id: str | None = None,
                     if_match: str | None = None, if_none_match: str | None = None,
                     if_version_match: str | None = None, if_version_none_match: str | None = None,
-                    ) -> dict[str, Any]:
+                    ) -> m.ObjectHead:
         params = {"key": key, **({"version_id": version_id} if version_id else {})}
         resp = self._request("HEAD", self._b(bucket) + "/object", params=params,
                              headers=_cond_headers(if_match, if_none_match, if_version_match, if_version_none_match))
-        return object_info(resp.headers)
+        return m.ObjectHead.model_validate(object_info(resp.headers))
 
     def delete_object(self, bucket: str, key: str, *, version_id: str | None = None,
                       if_match: str | None = None, if_version_match: str | None = None,
                       idempotency_key: str | None = None, if_version_none_match: str | None = None,
-                      ) -> dict[str, Any]:
+                      ) -> m.ObjectDeleted:
         params = {"key": key, **({"version_id": version_id} if version_id else {})}
         headers = {**self._idem(idempotency_key),
                    **_cond_headers(if_match, None, if_version_match, if_version_none_match)}
-        return self._json("DELETE", self._b(bucket) + "/object", params=params, headers=headers)
+        return self._model(m.ObjectDeleted, "DELETE", self._b(bucket) + "/object", params=params, headers=headers)
 
     def list_objects(self, bucket: str, *, prefix: str = "", delimiter: str = "", start_after: str = "",
-                     limit: int = 1000, token: str | None = None) -> dict[str, Any]:
+                     limit: int = 1000, token: str | None = None) -> m.ObjectList:
         params: dict[str, Any] = {"prefix": prefix, "delimiter": delimiter, "start_after": start_after,
                                   "limit": limit}
         if token:
             params["token"] = token
-        return self._json("GET", self._b(bucket) + "/objects", params=params)
+        return self._model(m.ObjectList, "GET", self._b(bucket) + "/objects", params=params)
 
     def iter_objects(self, bucket: str, *, prefix: str = "", delimiter: str = "",
                      page_size: int = 1000) -> Iterator[dict[str, Any]]:
@@ -527,16 +540,16 @@ class AnvilClient:
             token = page["next_token"]
 
     def list_versions(self, bucket: str, *, prefix: str = "", delimiter: str = "", key_marker: str = "",
-                      version_marker: str = "", limit: int = 1000) -> dict[str, Any]:
+                      version_marker: str = "", limit: int = 1000) -> m.VersionList:
         params = {"prefix": prefix, "delimiter": delimiter, "key_marker": key_marker,
                   "version_marker": version_marker, "limit": limit}
-        return self._json("GET", self._b(bucket) + "/versions", params=params)
+        return self._model(m.VersionList, "GET", self._b(bucket) + "/versions", params=params)
 
     def copy_object(self, bucket: str, key: str, *, source_key: str, source_bucket: str | None = None,
                     source_version_id: str | None = None, metadata_directive: str = "COPY",
                     metadata: dict[str, str] | None = None, content_type: str | None = None,
                     if_none_match: str | None = None, source_if_match: str | None = None,
-                    idempotency_key: str | None = None) -> dict[str, Any]:
+                    idempotency_key: str | None = None) -> m.ObjectWritten:
         body: dict[str, Any] = {"key": key, "source_key": source_key, "metadata_directive": metadata_directive}
         for name, val in (("source_bucket", source_bucket), ("source_version_id", source_version_id),
                           ("metadata", metadata), ("content_type", content_type),
@@ -544,7 +557,7 @@ class AnvilClient:
             if val is not None:
                 body[name] = val
         headers = {**self._idem(idempotency_key), **_cond_headers(None, if_none_match, None)}
-        return self._json("POST", self._b(bucket) + "/copy", json=body, headers=headers)
+        return self._model(m.ObjectWritten, "POST", self._b(bucket) + "/copy", json=body, headers=headers)
 
     # ------------------------------------------------------------ multipart
 
@@ -559,29 +572,30 @@ class AnvilClient:
                           headers=self._idem(idempotency_key))["upload_id"]
 
     def upload_part(self, bucket: str, upload_id: str, part_number: int,
-                    data: bytes | IO[bytes] | Iterable[bytes], *, idempotency_key: str | None = None) -> dict:
+                    data: bytes | IO[bytes] | Iterable[bytes], *, idempotency_key: str | None = None) -> m.PartUploaded:
         content: Any = _file_chunks(data) if hasattr(data, "read") else data  # type: ignore[arg-type]
         path = f"{self._b(bucket)}/uploads/{urllib.parse.quote(upload_id, safe='')}/parts/{part_number}"
-        return self._json("PUT", path, content=content, headers=self._idem(idempotency_key))
+        return self._model(m.PartUploaded, "PUT", path, content=content, headers=self._idem(idempotency_key))
 
-    def list_parts(self, bucket: str, upload_id: str) -> list[dict[str, Any]]:
+    def list_parts(self, bucket: str, upload_id: str) -> list[m.Part]:
         path = f"{self._b(bucket)}/uploads/{urllib.parse.quote(upload_id, safe='')}/parts"
-        return self._json("GET", path)["parts"]
+        return self._models(m.Part, "parts", "GET", path)
 
-    def list_uploads(self, bucket: str, *, prefix: str = "") -> list[dict[str, Any]]:
-        return self._json("GET", self._b(bucket) + "/uploads", params={"prefix": prefix})["uploads"]
+    def list_uploads(self, bucket: str, *, prefix: str = "") -> list[m.Upload]:
+        return self._models(m.Upload, "uploads", "GET", self._b(bucket) + "/uploads", params={"prefix": prefix})
 
     def complete_upload(self, bucket: str, upload_id: str, parts: list[tuple[int, str]], *,
-                        idempotency_key: str | None = None) -> dict[str, Any]:
+                        idempotency_key: str | None = None) -> m.ObjectWritten:
         path = f"{self._b(bucket)}/uploads/{urllib.parse.quote(upload_id, safe='')}/complete"
         body = {"parts": [{"part_number": n, "etag": e} for n, e in parts]}
-        return self._json("POST", path, json=body, headers=self._idem(idempotency_key))
+        return self._model(m.ObjectWritten, "POST", path, json=body, headers=self._idem(idempotency_key))
 
-    def abort_upload(self, bucket: str, upload_id: str) -> dict[str, Any]:
-        return self._json("DELETE", f"{self._b(bucket)}/uploads/{urllib.parse.quote(upload_id, safe='')}")
+    def abort_upload(self, bucket: str, upload_id: str) -> m.UploadAborted:
+        return self._model(m.UploadAborted, "DELETE",
+                           f"{self._b(bucket)}/uploads/{urllib.parse.quote(upload_id, safe='')}")
 
     def upload_file(self, bucket: str, key: str, path: str | Path, *, part_size: int = DEFAULT_PART_SIZE,
-                    content_type: str | None = None, metadata: dict[str, str] | None = None) -> dict[str, Any]:
+                    content_type: str | None = None, metadata: dict[str, str] | None = None) -> m.ObjectWritten:
         """Upload a file, using multipart when it is larger than one part."""
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -608,16 +622,17 @@ class AnvilClient:
     # ------------------------------------------------------------ admin
 
     def journal(self, *, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
+        # Plain dicts (described by JournalEvent in the document): callers serialise events as they are.
         return self._json("GET", "/anvil/v1/admin/journal", params={"after": after, "limit": limit})["events"]
 
-    def verify_journal(self) -> dict[str, Any]:
-        return self._json("GET", "/anvil/v1/admin/journal/verify")
+    def verify_journal(self) -> m.JournalVerified:
+        return self._model(m.JournalVerified, "GET", "/anvil/v1/admin/journal/verify")
 
     # ------------------------------------------------------------ backup and recovery
 
     def create_backup(self, repo: str, *, passphrase: str | None = None, s3_endpoint: str | None = None,
                       tag: str | None = None, escrow_secrets: bool | None = None,
-                      incremental: bool = False) -> dict[str, Any]:
+                      incremental: bool = False) -> m.Backup:
         """Ask the server to take a snapshot of itself into `repo` (admin); `escrow_secrets` None leaves
         the choice to the server's policy (development-mode keys are escrowed, production ones are not)."""
         body: dict[str, Any] = {"repo": repo}
@@ -628,84 +643,89 @@ class AnvilClient:
             body["escrow_secrets"] = escrow_secrets
         if incremental:
             body["incremental"] = True
-        return self._json("POST", "/anvil/v1/admin/backup", json=body)
+        return self._model(m.Backup, "POST", "/anvil/v1/admin/backup", json=body)
 
-    def recovery_status(self) -> dict[str, Any]:
-        return self._json("GET", "/anvil/v1/admin/recovery")
+    def recovery_status(self) -> m.RecoveryStatus:
+        return self._model(m.RecoveryStatus, "GET", "/anvil/v1/admin/recovery")
 
-    def recovery_validate(self) -> dict[str, Any]:
-        return self._json("POST", "/anvil/v1/admin/recovery/validate", json={})
+    def recovery_validate(self) -> m.ValidationReport:
+        return self._model(m.ValidationReport, "POST", "/anvil/v1/admin/recovery/validate", json={})
 
-    def recovery_resume(self, *, force: bool = False, reason: str | None = None) -> dict[str, Any]:
+    def recovery_resume(self, *, force: bool = False, reason: str | None = None) -> m.Resumed:
         body: dict[str, Any] = {"force": True, "reason": reason} if force else {}
-        return self._json("POST", "/anvil/v1/admin/recovery/resume", json=body)
+        return self._model(m.Resumed, "POST", "/anvil/v1/admin/recovery/resume", json=body)
 
     # ------------------------------------------------------------ identity
 
-    def whoami(self) -> dict[str, Any]:
-        return self._json("GET", "/anvil/v1/auth/whoami")
+    def whoami(self) -> m.WhoAmI:
+        return self._model(m.WhoAmI, "GET", "/anvil/v1/auth/whoami")
 
-    def create_tenant(self, name: str) -> dict[str, Any]:
-        return self._json("POST", "/anvil/v1/admin/tenants", json={"name": name})
+    def create_tenant(self, name: str) -> m.TenantCreated:
+        return self._model(m.TenantCreated, "POST", "/anvil/v1/admin/tenants", json={"name": name})
 
-    def list_tenants(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/anvil/v1/admin/tenants")["tenants"]
+    def list_tenants(self) -> list[m.Tenant]:
+        return self._models(m.Tenant, "tenants", "GET", "/anvil/v1/admin/tenants")
 
-    def create_app(self, tenant: str, name: str, *, scopes: list[str] | None = None) -> dict[str, Any]:
+    def create_app(self, tenant: str, name: str, *, scopes: list[str] | None = None) -> m.AppCreated:
         """Returns the new application with its `client_secret` (shown this once)."""
-        return self._json("POST", "/anvil/v1/admin/apps", json={"tenant": tenant, "name": name, "scopes": scopes})
+        return self._model(m.AppCreated, "POST", "/anvil/v1/admin/apps",
+                           json={"tenant": tenant, "name": name, "scopes": scopes})
 
-    def list_apps(self, tenant: str | None = None) -> list[dict[str, Any]]:
+    def list_apps(self, tenant: str | None = None) -> list[m.App]:
         params = {"tenant": tenant} if tenant else {}
-        return self._json("GET", "/anvil/v1/admin/apps", params=params)["apps"]
+        return self._models(m.App, "apps", "GET", "/anvil/v1/admin/apps", params=params)
 
-    def rotate_app_secret(self, client_id: str) -> dict[str, Any]:
-        return self._json("POST", f"/anvil/v1/admin/apps/{urllib.parse.quote(client_id, safe='')}/rotate-secret")
+    def rotate_app_secret(self, client_id: str) -> m.SecretRotated:
+        return self._model(m.SecretRotated, "POST",
+                           f"/anvil/v1/admin/apps/{urllib.parse.quote(client_id, safe='')}/rotate-secret")
 
-    def disable_app(self, client_id: str) -> dict[str, Any]:
+    def disable_app(self, client_id: str) -> m.AppStatus:
         """Its tokens and SigV4 requests are refused from the next request on (not at expiry)."""
-        return self._json("POST", f"/anvil/v1/admin/apps/{urllib.parse.quote(client_id, safe='')}/disable")
+        return self._model(m.AppStatus, "POST",
+                           f"/anvil/v1/admin/apps/{urllib.parse.quote(client_id, safe='')}/disable")
 
-    def enable_app(self, client_id: str) -> dict[str, Any]:
-        return self._json("POST", f"/anvil/v1/admin/apps/{urllib.parse.quote(client_id, safe='')}/enable")
+    def enable_app(self, client_id: str) -> m.AppStatus:
+        return self._model(m.AppStatus, "POST", f"/anvil/v1/admin/apps/{urllib.parse.quote(client_id, safe='')}/enable")
 
-    def delete_app(self, client_id: str) -> dict[str, Any]:
+    def delete_app(self, client_id: str) -> m.AppDeleted:
         """Delete the application and its grants; its client id can never authenticate again."""
-        return self._json("DELETE", f"/anvil/v1/admin/apps/{urllib.parse.quote(client_id, safe='')}")
+        return self._model(m.AppDeleted, "DELETE", f"/anvil/v1/admin/apps/{urllib.parse.quote(client_id, safe='')}")
 
-    def revoke_token(self, jti: str, *, client_id: str | None = None) -> dict[str, Any]:
+    def revoke_token(self, jti: str, *, client_id: str | None = None) -> m.TokenRevoked:
         """Refuse the token with this `jti` (see `whoami()` or the token exchange) from its next request.
         With `client_id` only that application's token matches (tenant admins must give it)."""
         body: dict[str, Any] = {"jti": jti}
         if client_id is not None:
             body["client_id"] = client_id
-        return self._json("POST", "/anvil/v1/admin/tokens/revoke", json=body)
+        return self._model(m.TokenRevoked, "POST", "/anvil/v1/admin/tokens/revoke", json=body)
 
-    def policies(self, client_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/anvil/v1/admin/apps/{urllib.parse.quote(client_id, safe='')}/policies")
+    def policies(self, client_id: str) -> m.Policies:
+        return self._model(m.Policies, "GET", f"/anvil/v1/admin/apps/{urllib.parse.quote(client_id, safe='')}/policies")
 
-    def grant(self, client_id: str, scopes: list[str]) -> dict[str, Any]:
-        return self._json("POST", f"/anvil/v1/admin/apps/{urllib.parse.quote(client_id, safe='')}/policies/grant",
-                          json={"scopes": scopes})
+    def grant(self, client_id: str, scopes: list[str]) -> m.PolicyChanged:
+        return self._model(m.PolicyChanged, "POST",
+                           f"/anvil/v1/admin/apps/{urllib.parse.quote(client_id, safe='')}/policies/grant",
+                           json={"scopes": scopes})
 
-    def revoke(self, client_id: str, scopes: list[str]) -> dict[str, Any]:
-        return self._json("POST", f"/anvil/v1/admin/apps/{urllib.parse.quote(client_id, safe='')}/policies/revoke",
-                          json={"scopes": scopes})
+    def revoke(self, client_id: str, scopes: list[str]) -> m.PolicyChanged:
+        return self._model(m.PolicyChanged, "POST",
+                           f"/anvil/v1/admin/apps/{urllib.parse.quote(client_id, safe='')}/policies/revoke",
+                           json={"scopes": scopes})
 
-    def set_public_access(self, bucket: str, public: bool) -> dict[str, Any]:
-        return self._json("PUT", self._b(bucket) + "/public-access", json={"public": public})
+    def set_public_access(self, bucket: str, public: bool) -> m.PublicAccessSet:
+        return self._model(m.PublicAccessSet, "PUT", self._b(bucket) + "/public-access", json={"public": public})
 
-    def audit(self, *, limit: int = 100) -> list[dict[str, Any]]:
-        return self._json("GET", "/anvil/v1/admin/audit", params={"limit": limit})["entries"]
+    def audit(self, *, limit: int = 100) -> list[m.AuditEntry]:
+        return self._models(m.AuditEntry, "entries", "GET", "/anvil/v1/admin/audit", params={"limit": limit})
 
-    def rotate_secret_key(self, *, dry_run: bool = False) -> dict[str, Any]:
-        return self._json("POST", "/anvil/v1/admin/secret-key/rotate", json={"dry_run": dry_run})
+    def rotate_secret_key(self, *, dry_run: bool = False) -> m.KeyRotation:
+        return self._model(m.KeyRotation, "POST", "/anvil/v1/admin/secret-key/rotate", json={"dry_run": dry_run})
 
-    def identity_summary(self) -> dict[str, Any]:
-        return self._json("GET", "/anvil/v1/admin/identity/summary")
+    def identity_summary(self) -> m.IdentitySummary:
+        return self._model(m.IdentitySummary, "GET", "/anvil/v1/admin/identity/summary")
 
-    def identity_validate(self) -> dict[str, Any]:
-        return self._json("GET", "/anvil/v1/admin/identity/validate")
+    def identity_validate(self) -> m.IdentityValidation:
+        return self._model(m.IdentityValidation, "GET", "/anvil/v1/admin/identity/validate")
 
     # ------------------------------------------------------------ authorisation (docs/authz.md)
     # `consistency`: "minimize_latency" (default), "fully_consistent", {"at_least_as_fresh": TOKEN}
@@ -827,7 +847,7 @@ class AnvilClient:
                            reconnect_timeout=reconnect_timeout)
 
     def create_consumer(self, name: str, *, bucket: str | None = None, prefix: str = "",
-                        kinds: str | Iterable[str] | None = None, after: int | None = None) -> dict[str, Any]:
+                        kinds: str | Iterable[str] | None = None, after: int | None = None) -> m.Consumer:
         body: dict[str, Any] = {"name": name, "prefix": prefix}
         if bucket:
             body["bucket"] = bucket
@@ -835,28 +855,30 @@ class AnvilClient:
             body["kinds"] = [kinds] if isinstance(kinds, str) else list(kinds)
         if after is not None:
             body["after"] = after
-        return self._json("POST", "/anvil/v1/watch/consumers", json=body)
+        return self._model(m.Consumer, "POST", "/anvil/v1/watch/consumers", json=body)
 
-    def list_consumers(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/anvil/v1/watch/consumers")["consumers"]
+    def list_consumers(self) -> list[m.ConsumerStatus]:
+        return self._models(m.ConsumerStatus, "consumers", "GET", "/anvil/v1/watch/consumers")
 
-    def get_consumer(self, name: str) -> dict[str, Any]:
-        return self._json("GET", "/anvil/v1/watch/consumers/" + urllib.parse.quote(name, safe=""))
+    def get_consumer(self, name: str) -> m.ConsumerStatus:
+        return self._model(m.ConsumerStatus, "GET", "/anvil/v1/watch/consumers/" + urllib.parse.quote(name, safe=""))
 
-    def delete_consumer(self, name: str) -> dict[str, Any]:
-        return self._json("DELETE", "/anvil/v1/watch/consumers/" + urllib.parse.quote(name, safe=""))
+    def delete_consumer(self, name: str) -> m.ConsumerDeleted:
+        return self._model(m.ConsumerDeleted, "DELETE",
+                           "/anvil/v1/watch/consumers/" + urllib.parse.quote(name, safe=""))
 
-    def checkpoint(self, name: str, cursor: int) -> dict[str, Any]:
+    def checkpoint(self, name: str, cursor: int) -> m.ConsumerStatus:
         """Move consumer `name` forward to `cursor`; a cursor behind the stored one fails with StaleFence."""
-        return self._json("POST", f"/anvil/v1/watch/consumers/{urllib.parse.quote(name, safe='')}/checkpoint",
-                          json={"cursor": cursor})
+        return self._model(m.ConsumerStatus, "POST",
+                           f"/anvil/v1/watch/consumers/{urllib.parse.quote(name, safe='')}/checkpoint",
+                           json={"cursor": cursor})
 
-    def compact_journal(self, retention_seconds: float | None = None) -> dict[str, Any]:
+    def compact_journal(self, retention_seconds: float | None = None) -> m.Compacted:
         body = {} if retention_seconds is None else {"retention_seconds": retention_seconds}
-        return self._json("POST", "/anvil/v1/admin/watch/compact", json=body)
+        return self._model(m.Compacted, "POST", "/anvil/v1/admin/watch/compact", json=body)
 
-    def watch_status(self) -> dict[str, Any]:
-        return self._json("GET", "/anvil/v1/admin/watch/status")
+    def watch_status(self) -> m.WatchStatus:
+        return self._model(m.WatchStatus, "GET", "/anvil/v1/admin/watch/status")
 
     # ------------------------------------------------------------ diagnostics (admin)
 
@@ -890,14 +912,14 @@ class AnvilClient:
         return self._json("POST", "/anvil/v1/admin/repair", json={"families": families}, timeout=None)
 
     def heal_blobs(self, repo: str, *, passphrase: str | None = None, s3_endpoint: str | None = None,
-                   snapshot: str | None = None) -> dict[str, Any]:
+                   snapshot: str | None = None) -> m.HealReport:
         """Restore every missing or quarantined blob from the backup repository `repo` (the server
         opens it) and close the findings about them; no timeout, it streams blobs (admin)."""
         body: dict[str, Any] = {"repo": repo}
         for name, value in (("passphrase", passphrase), ("s3_endpoint", s3_endpoint), ("snapshot", snapshot)):
             if value:
                 body[name] = value
-        return self._json("POST", "/anvil/v1/admin/repair/blobs", json=body, timeout=None)
+        return self._model(m.HealReport, "POST", "/anvil/v1/admin/repair/blobs", json=body, timeout=None)
 
     # ------------------------------------------------------------ artefacts (docs/artefacts.md)
 

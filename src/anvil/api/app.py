@@ -19,6 +19,7 @@ from anvil.api.artefacts import ROUTES as ARTEFACT_ROUTES
 from anvil.api.authz import AUTHZ_ROUTES
 from anvil.api.backup_routes import BACKUP_ROUTES
 from anvil.api.common import error_response
+from anvil.api.docs import DOCS_ROUTES
 from anvil.api.identity import IDENTITY_ROUTES
 from anvil.api.indexes import INDEX_ROUTES
 from anvil.api.lifecycle_routes import LIFECYCLE_ROUTES
@@ -175,6 +176,7 @@ def create_app(anvil: Anvil, *, recovery_mode: bool = False, dev_auth: bool = Fa
               *PERSONALDB_ROUTES,
               *INDEX_ROUTES,
               *METRICS_ROUTES,
+              *DOCS_ROUTES,
               Route("/{path:path}", _fallback, methods=ALL_METHODS)]
     app = AnvilApp(routes=routes, exception_handlers={HTTPException: _http_exception})
     app.state.anvil = anvil

@@ -10,7 +10,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from anvil.api.common import blocking, endpoint, json_body, release_memory
+from anvil.api.common import blocking, endpoint, model_body, release_memory
+from anvil.api_models import ArchiveRequest, CreateBackupRequest, HealBlobsRequest, ResumeRequest
 from anvil.context import RequestContext
 from anvil.errors import AnvilError
 from anvil.identity import authorize
@@ -102,19 +103,15 @@ async def configure_archive(request: Request, ctx: RequestContext) -> Response:
     from anvil.backup.errors import BackupError
 
     authorize(ctx.principal, "admin:write", "system")
-    body = await json_body(request)
-    repo = _str(body, "repo", required=True)
-    interval = body.get("interval_seconds", 1.0)
-    if isinstance(interval, bool) or not isinstance(interval, int | float) or not 1 <= interval <= 3600:
-        raise AnvilError("InvalidArgument", "'interval_seconds' must be a number from 1 to 3600")
+    body = await model_body(request, ArchiveRequest)
     if getattr(request.app.state, "archiver", None) is not None:
         raise AnvilError("PreconditionFailed", "continuous archiving is already running: stop it first "
                                                "(DELETE /anvil/v1/admin/archive)")
     try:
-        passphrase = _str(body, "passphrase") or read_passphrase(None)
+        passphrase = body.passphrase or read_passphrase(None)
     except BackupError as e:
         raise AnvilError("InvalidArgument", str(e)) from None
-    config = ArchiveConfig(repo, float(interval), passphrase, _str(body, "s3_endpoint"))
+    config = ArchiveConfig(body.repo, float(body.interval_seconds), passphrase, body.s3_endpoint or None)
     archiver = await blocking(start_archiver, request.app, config)
     return JSONResponse(archiver.status(), status_code=201)
 
@@ -146,30 +143,14 @@ async def flush_archive(request: Request, ctx: RequestContext) -> Response:
     return JSONResponse({"shipped": shipped, **archiver.status()})
 
 
-def _str(body: dict[str, Any], name: str, required: bool = False) -> str | None:
-    value = body.get(name)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or not value:
-        raise AnvilError("InvalidArgument", f"'{name}' must be a non-empty string")
-    return value
-
-
 @endpoint
 async def create_backup(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:write", "system")
-    body = await json_body(request)
-    repo = _str(body, "repo", required=True)
-    # Absent: the default policy (development-mode keys are escrowed, production ones are not).
-    escrow = body.get("escrow_secrets")
-    if escrow is not None and not isinstance(escrow, bool):
-        raise AnvilError("InvalidArgument", "'escrow_secrets' must be true or false")
-    incremental = body.get("incremental", False)
-    if not isinstance(incremental, bool):
-        raise AnvilError("InvalidArgument", "'incremental' must be true or false")
-    result = await blocking(run_backup, request.app, repo, passphrase=_str(body, "passphrase"),
-                            s3_endpoint=_str(body, "s3_endpoint"), tag=_str(body, "tag"), escrow_secrets=escrow,
-                            incremental=incremental)
+    body = await model_body(request, CreateBackupRequest)
+    # escrow_secrets absent: the default policy (development-mode keys are escrowed, production ones are not).
+    result = await blocking(run_backup, request.app, body.repo, passphrase=body.passphrase or None,
+                            s3_endpoint=body.s3_endpoint or None, tag=body.tag or None,
+                            escrow_secrets=body.escrow_secrets, incremental=body.incremental)
     return JSONResponse(result, status_code=201)
 
 
@@ -191,10 +172,9 @@ def run_heal(app: Any, ctx: RequestContext, repo_url: str, *, passphrase: str | 
 @endpoint
 async def heal_blobs(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:write", "system")
-    body = await json_body(request)
-    repo = _str(body, "repo", required=True)
-    result = await blocking(run_heal, request.app, ctx, repo, passphrase=_str(body, "passphrase"),
-                            s3_endpoint=_str(body, "s3_endpoint"), snapshot=_str(body, "snapshot"))
+    body = await model_body(request, HealBlobsRequest)
+    result = await blocking(run_heal, request.app, ctx, body.repo, passphrase=body.passphrase,
+                            s3_endpoint=body.s3_endpoint, snapshot=body.snapshot)
     return JSONResponse(result)
 
 
@@ -224,13 +204,9 @@ async def recovery_resume(request: Request, ctx: RequestContext) -> Response:
     from anvil.backup import mode
     from anvil.backup.errors import BackupError
 
-    body = await json_body(request, required=False)
-    force = body.get("force", False)
-    if not isinstance(force, bool):
-        raise AnvilError("InvalidArgument", "'force' must be a boolean")
-    reason = _str(body, "reason")
+    body = await model_body(request, ResumeRequest, required=False)
     try:
-        result = await blocking(mode.resume, request.app.state.anvil.storage, force=force, reason=reason,
+        result = await blocking(mode.resume, request.app.state.anvil.storage, force=body.force, reason=body.reason,
                                 actor=ctx.actor)
     except BackupError as e:
         raise AnvilError("PreconditionFailed", str(e)) from None

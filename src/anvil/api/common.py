@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from anvil.api.limits import MAX_JSON_BODY, log_client_disconnect, read_capped
 from anvil.api.record import note
 from anvil.api.record import request_id as request_id_of
+from anvil.api_models import BodyError, M, parse_body
 from anvil.context import DEV_PRINCIPAL, Principal, RequestContext
 from anvil.errors import AnvilError
 from anvil.storage.space import is_full_error, storage_full
@@ -259,6 +260,19 @@ async def json_body(request: Request, *, required: bool = True) -> dict[str, Any
     if not isinstance(body, dict):
         raise AnvilError("InvalidArgument", "the JSON body must be an object")
     return body
+
+
+async def model_body(request: Request, model: type[M], *, required: bool = True) -> M:
+    """The JSON body validated by its model (anvil.api_models): InvalidArgument naming the bad field."""
+    return validated(model, await json_body(request, required=required))
+
+
+def validated(model: type[M], body: dict[str, Any]) -> M:
+    """A decoded JSON object validated by its model: InvalidArgument naming the bad field."""
+    try:
+        return parse_body(model, body)
+    except BodyError as e:
+        raise AnvilError("InvalidArgument", e.message) from None
 
 
 def query_int(request: Request, name: str, default: int) -> int:

@@ -6,7 +6,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from anvil.api.common import blocking, endpoint, json_body, query_int, require_identity
+from anvil.api.common import blocking, endpoint, model_body, query_int, require_identity
+from anvil.api_models import (
+    CreateAppRequest,
+    CreateTenantRequest,
+    PublicAccessRequest,
+    RevokeTokenRequest,
+    RotateKeysRequest,
+    ScopesRequest,
+    TokenRequest,
+)
 from anvil.context import RequestContext
 from anvil.errors import AnvilError
 from anvil.identity import authorize
@@ -20,10 +29,11 @@ def _anvil(request: Request) -> Anvil:
 
 @endpoint
 async def token(request: Request, ctx: RequestContext) -> Response:
-    body = await json_body(request)
+    body = await model_body(request, TokenRequest)
+    scopes = body.scopes if "scopes" in body.model_fields_set else body.scope
     # Failures are audited by the endpoint wrapper like every other denial.
-    result = await blocking(_anvil(request).identity.exchange, body.get("client_id"), body.get("client_secret"),
-                            body.get("scopes", body.get("scope")), body.get("expires_in"), body.get("subject"))
+    result = await blocking(_anvil(request).identity.exchange, body.client_id, body.client_secret,
+                            scopes, body.expires_in, body.subject)
     return JSONResponse(result, headers={"cache-control": "no-store"})
 
 
@@ -46,8 +56,8 @@ async def whoami(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def create_tenant(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    body = await json_body(request)
-    result = await blocking(_anvil(request).identity.create_tenant, ctx, body.get("name"))
+    body = await model_body(request, CreateTenantRequest)
+    result = await blocking(_anvil(request).identity.create_tenant, ctx, body.name)
     return JSONResponse(result, status_code=201)
 
 
@@ -59,9 +69,8 @@ async def list_tenants(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def create_app(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    body = await json_body(request)
-    result = await blocking(_anvil(request).identity.create_app, ctx, body.get("tenant"), body.get("name"),
-                            body.get("scopes"))
+    body = await model_body(request, CreateAppRequest)
+    result = await blocking(_anvil(request).identity.create_app, ctx, body.tenant, body.name, body.scopes)
     return JSONResponse(result, status_code=201, headers={"cache-control": "no-store"})
 
 
@@ -102,11 +111,8 @@ async def delete_app(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def revoke_token(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    body = await json_body(request)
-    client_id = body.get("client_id")
-    if client_id is not None and not isinstance(client_id, str):
-        raise AnvilError("InvalidArgument", "'client_id' must be a string")
-    return JSONResponse(await blocking(_anvil(request).identity.revoke_token, ctx, body.get("jti"), client_id))
+    body = await model_body(request, RevokeTokenRequest)
+    return JSONResponse(await blocking(_anvil(request).identity.revoke_token, ctx, body.jti, body.client_id))
 
 
 @endpoint
@@ -118,27 +124,24 @@ async def get_policies(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def grant(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    body = await json_body(request)
+    body = await model_body(request, ScopesRequest)
     return JSONResponse(await blocking(_anvil(request).identity.grant, ctx, request.path_params["client_id"],
-                                       body.get("scopes")))
+                                       body.scopes))
 
 
 @endpoint
 async def revoke(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    body = await json_body(request)
+    body = await model_body(request, ScopesRequest)
     return JSONResponse(await blocking(_anvil(request).identity.revoke, ctx, request.path_params["client_id"],
-                                       body.get("scopes")))
+                                       body.scopes))
 
 
 @endpoint
 async def public_access(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
     name = request.path_params["bucket"]
-    body = await json_body(request)
-    public = body.get("public")
-    if not isinstance(public, bool):
-        raise AnvilError("InvalidArgument", "'public' must be true or false")
+    public = (await model_body(request, PublicAccessRequest)).public
     p = ctx.principal
     if p.anonymous:
         raise AnvilError("Unauthenticated", "authentication required")
@@ -161,10 +164,7 @@ async def audit(request: Request, ctx: RequestContext) -> Response:
 
 @endpoint
 async def rotate_key(request: Request, ctx: RequestContext) -> Response:
-    body = await json_body(request, required=False)
-    dry_run = body.get("dry_run", False)
-    if not isinstance(dry_run, bool):
-        raise AnvilError("InvalidArgument", "'dry_run' must be true or false")
+    dry_run = (await model_body(request, RotateKeysRequest, required=False)).dry_run
     return JSONResponse(await blocking(_anvil(request).identity.rotate_keys, ctx, dry_run=dry_run))
 
 

@@ -21,12 +21,19 @@ from anvil.api.common import (
     committed,
     endpoint,
     file_io,
-    json_body,
     metadata_from_headers,
     metadata_to_headers,
+    model_body,
     query_int,
     require_identity,
     stream_into,
+)
+from anvil.api_models import (
+    CompleteUploadRequest,
+    CopyObjectRequest,
+    CreateBucketRequest,
+    CreateUploadRequest,
+    VersioningRequest,
 )
 from anvil.context import RequestContext
 from anvil.errors import AnvilError
@@ -139,9 +146,9 @@ async def ready(request: Request) -> Response:
 
 
 async def openapi(request: Request) -> Response:
-    from anvil.api.openapi import document
+    from anvil.api.openapi import document_bytes
 
-    return JSONResponse(document())
+    return Response(document_bytes(str(request.base_url)), media_type="application/json")
 
 
 # ------------------------------------------------------------------ buckets
@@ -160,12 +167,10 @@ async def create_bucket(request: Request, ctx: RequestContext) -> Response:
     check_recovery(request)
     name = request.path_params["bucket"]
     authorize(ctx.principal, "bucket:create", f"tenant:{ctx.tenant}")
-    body = await json_body(request, required=False)
-    versioning = body.get("versioning", "")
+    body = await model_body(request, CreateBucketRequest, required=False)
+    versioning = body.versioning or ""
     if versioning == "Unversioned":
         versioning = ""
-    if not isinstance(versioning, str):
-        raise AnvilError("InvalidArgument", "versioning must be a string")
     result = await blocking(_anvil(request).objects.create_bucket, ctx, name, versioning=versioning)
     return JSONResponse(result, status_code=201)
 
@@ -190,10 +195,7 @@ async def put_versioning(request: Request, ctx: RequestContext) -> Response:
     check_recovery(request)
     name = request.path_params["bucket"]
     authorize(ctx.principal, "bucket:configure", _bucket_resource(name))
-    body = await json_body(request)
-    status = body.get("status")
-    if not isinstance(status, str):
-        raise AnvilError("InvalidArgument", "'status' must be Enabled or Suspended")
+    status = (await model_body(request, VersioningRequest)).status
     return JSONResponse(await blocking(_anvil(request).objects.set_versioning, ctx, name, status))
 
 
@@ -373,44 +375,29 @@ async def delete_object(request: Request, ctx: RequestContext) -> Response:
     return JSONResponse(result)
 
 
-def _str_field(body: dict[str, Any], name: str, *, required: bool = False) -> str | None:
-    val = body.get(name)
-    if val is None:
-        if required:
-            raise AnvilError("InvalidArgument", f"'{name}' is required")
-        return None
-    if not isinstance(val, str):
-        raise AnvilError("InvalidArgument", f"'{name}' must be a string")
-    return val
-
-
 @endpoint
 async def copy_object(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
     bucket = request.path_params["bucket"]
-    body = await json_body(request)
-    src_key = _str_field(body, "source_key", required=True)
-    key = _str_field(body, "key", required=True)
+    body = await model_body(request, CopyObjectRequest)
+    src_key, key = body.source_key, body.key
     v.check_not_reserved(src_key)
     v.check_not_reserved(key)
     check_recovery(request)
-    src_bucket = _str_field(body, "source_bucket") or bucket
+    src_bucket = body.source_bucket or bucket
     authorize(ctx.principal, "object:read", _bucket_resource(src_bucket, src_key))
     authorize(ctx.principal, "object:write", _bucket_resource(bucket, key))
-    meta = body.get("metadata")
-    if meta is not None and not isinstance(meta, dict):
-        raise AnvilError("InvalidArgument", "'metadata' must be an object")
     # Source conditions take the same forms as the headers: quoted, weak, lists or "*".
     src_cond = Conditions(
-        if_match=parse_etag_list(_str_field(body, "source_if_match")),
-        if_none_match=parse_etag_list(_str_field(body, "source_if_none_match")),
-        if_version_match=_str_field(body, "source_if_version_match"),
+        if_match=parse_etag_list(body.source_if_match),
+        if_none_match=parse_etag_list(body.source_if_none_match),
+        if_version_match=body.source_if_version_match,
     )
     result = await blocking(
         _anvil(request).objects.copy_object, ctx, src_bucket=src_bucket, src_key=src_key,
-        src_version=_str_field(body, "source_version_id"), bucket=bucket, key=key,
-        metadata_directive=(_str_field(body, "metadata_directive") or "COPY").upper(),
-        content_type=_str_field(body, "content_type"), metadata=meta, cond=_conditions(request),
+        src_version=body.source_version_id, bucket=bucket, key=key,
+        metadata_directive=(body.metadata_directive or "COPY").upper(),
+        content_type=body.content_type, metadata=body.metadata, cond=_conditions(request),
         src_cond=src_cond,
     )
     return JSONResponse(result, headers={"etag": f'"{result["etag"]}"'})
@@ -429,17 +416,14 @@ def _upload(request: Request, *, include_completed: bool = False) -> dict[str, A
 async def create_upload(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
     bucket = request.path_params["bucket"]
-    body = await json_body(request)
-    key = _str_field(body, "key", required=True)
+    body = await model_body(request, CreateUploadRequest)
+    key = body.key
     v.check_not_reserved(key)
     check_recovery(request)
     authorize(ctx.principal, "object:write", _bucket_resource(bucket, key))
-    meta = body.get("metadata")
-    if meta is not None and not isinstance(meta, dict):
-        raise AnvilError("InvalidArgument", "'metadata' must be an object")
     result = await blocking(
         _anvil(request).objects.create_multipart, ctx, bucket, key,
-        content_type=_str_field(body, "content_type"), metadata=meta,
+        content_type=body.content_type, metadata=body.metadata,
     )
     return JSONResponse(result, status_code=201)
 
@@ -502,15 +486,8 @@ async def complete_upload(request: Request, ctx: RequestContext) -> Response:
     up = _upload(request, include_completed=ctx.idempotency_key is not None)
     check_recovery(request)
     authorize(ctx.principal, "object:write", _bucket_resource(up["bucket"], up["key"]))
-    body = await json_body(request)
-    raw_parts = body.get("parts")
-    if not isinstance(raw_parts, list):
-        raise AnvilError("InvalidArgument", "'parts' must be a list of {part_number, etag}")
-    parts: list[tuple[int, str]] = []
-    for p in raw_parts:
-        if not isinstance(p, dict) or not isinstance(p.get("part_number"), int) or not isinstance(p.get("etag"), str):
-            raise AnvilError("InvalidArgument", "each part needs an integer part_number and a string etag")
-        parts.append((p["part_number"], p["etag"]))
+    body = await model_body(request, CompleteUploadRequest)
+    parts = [(p.part_number, p.etag) for p in body.parts]
     result = await blocking(
         _anvil(request).objects.complete_multipart, ctx, up["bucket"], up["upload_id"], parts,
         cond=_conditions(request),

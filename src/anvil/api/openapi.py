@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any
 
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
 from anvil import __version__
+from anvil import api_models as m
 
 KEY = {"name": "key", "in": "query", "required": True, "schema": {"type": "string"},
        "description": "object key (opaque UTF-8, at most 1024 bytes)"}
@@ -26,6 +32,11 @@ COND = [_h("If-Match"), _h("If-None-Match"), _h("x-anvil-if-version-match"), _h(
 OPERATIONS: list[tuple[str, str, str, str, list[dict[str, Any]], bool, bool]] = [
     ("get", "/anvil/health/live", "live", "Liveness", [], False, False),
     ("get", "/anvil/health/ready", "ready", "Readiness: journal head, recovery mode", [], False, False),
+    ("get", "/anvil/v1/openapi.json", "getOpenApi", "This OpenAPI document", [], False, False),
+    ("get", "/anvil/v1/docs", "getApiDocs", "Interactive docs (Swagger UI, served from the package)", [], False,
+     False),
+    ("get", "/anvil/v1/docs/{asset}", "getApiDocsAsset", "A file of the interactive docs (script, style sheet)", [],
+     False, False),
     ("get", "/anvil/v1/buckets", "listBuckets", "List buckets", [], False, False),
     ("put", "/anvil/v1/buckets/{bucket}", "createBucket", "Create a bucket", [IDEM], True, False),
     ("get", "/anvil/v1/buckets/{bucket}", "getBucket", "Get a bucket", [], False, False),
@@ -76,7 +87,7 @@ OPERATIONS: list[tuple[str, str, str, str, list[dict[str, Any]], bool, bool]] = 
      "Run the restore validation sequence and write its report (admin)", [], False, False),
     ("post", "/anvil/v1/admin/recovery/resume", "recoveryResume",
      "Leave recovery mode after a passing validation, or {force: true, reason} (admin)", [], True, False),
-    ("get", "/anvil/v1/watch", "watch", "Watch journal events as Server-Sent Events (resume: Last-Event-ID)",
+    ("get", "/anvil/v1/watch", "watchEvents", "Watch journal events as Server-Sent Events (resume: Last-Event-ID)",
      [_q("bucket"), _q("prefix"), _q("kinds"), _q("after", "integer"), _q("tenant"), _q("consumer"),
       _q("heartbeat", "number"), _h("Last-Event-ID")], False, False),
     ("get", "/anvil/v1/watch/consumers", "listConsumers", "List durable watch consumers with lag", [], False, False),
@@ -121,7 +132,7 @@ OPERATIONS += [
     ("post", "/anvil/v1/admin/apps/{client_id}/policies/revoke", "revokePolicy", "Revoke scopes", [], True, False),
     ("put", "/anvil/v1/buckets/{bucket}/public-access", "putPublicAccess",
      "Allow or stop anonymous GET/HEAD/LIST {public: bool}", [], True, False),
-    ("get", "/anvil/v1/admin/audit", "audit", "Recent denied requests (admin)", [_q("limit", "integer")],
+    ("get", "/anvil/v1/admin/audit", "listAuditEntries", "Recent denied requests (admin)", [_q("limit", "integer")],
      False, False),
     ("post", "/anvil/v1/admin/secret-key/rotate", "rotateSecretKey",
      "Re-encrypt secret envelopes under the active key {dry_run?}", [], True, False),
@@ -133,11 +144,11 @@ OPERATIONS += [
      [_q("subsystem"), _q("severity"), _q("unresolved", "boolean"), _q("limit", "integer")], False, False),
     ("post", "/anvil/v1/admin/findings/{finding_id}/resolve", "resolveFinding", "Resolve a finding (admin)", [],
      True, False),
-    ("post", "/anvil/v1/admin/fsck", "fsck", "Run fsck on the live store (admin; body: {deep})", [], True, False),
-    ("post", "/anvil/v1/admin/gc", "gc", "Garbage-collect orphan blobs and expired uploads (admin)", [], True,
-     False),
-    ("post", "/anvil/v1/admin/repair", "repair", "Rebuild derived families from source records (admin)", [], True,
-     False),
+    ("post", "/anvil/v1/admin/fsck", "runFsck", "Run fsck on the live store (admin; body: {deep})", [], True, False),
+    ("post", "/anvil/v1/admin/gc", "collectGarbage", "Garbage-collect orphan blobs and expired uploads (admin)", [],
+     True, False),
+    ("post", "/anvil/v1/admin/repair", "repairDerived", "Rebuild derived families from source records (admin)", [],
+     True, False),
     ("post", "/anvil/v1/admin/repair/blobs", "healBlobs",
      "Restore missing or quarantined blobs from a backup: {repo, passphrase, s3_endpoint?, snapshot?} (admin)", [],
      True, False),
@@ -284,56 +295,309 @@ OPERATIONS += [
 ]
 
 # Operations that need no bearer token (anonymous reads of public buckets are decided per bucket).
-PUBLIC = frozenset({"live", "ready", "token", "pdbKeys"})
+PUBLIC = frozenset({"live", "ready", "token", "pdbKeys", "getOpenApi", "getApiDocs", "getApiDocsAsset"})
+
 # Operations whose success status is not 200.
 SUCCESS = {"createBucket": "201", "createUpload": "201", "createTenant": "201", "createApp": "201",
            "createConsumer": "201", "createBackup": "201",
            "pdbCreateGroup": "201", "pdbMigrate": "201", "pdbCommit": "201", "pdbBuildSnapshot": "201",
            "pdbCreateProjection": "201", "pdbWriteBack": "201",
-           "createIndex": "201"}
+           "createIndex": "201", "archiveStart": "201",
+           "putComponent": "201", "pushArtefact": "201", "addSigningKey": "201"}
 
-ERROR = {
-    "type": "object",
-    "properties": {"error": {"type": "object", "properties": {
-        "code": {"type": "string"}, "message": {"type": "string"}, "request_id": {"type": "string"}}}},
+# ------------------------------------------------------------------ typed bodies (anvil.api_models)
+# The request and response models of each operation. An operation with a JSON answer that is not
+# listed here yet answers `Document` (an object, fields not described): the pattern for the rest
+# is to declare its model in models.py, list it here, and let the SDK method return it.
+
+REQUESTS: dict[str, type[m.RequestModel]] = {
+    "createBucket": m.CreateBucketRequest,
+    "putVersioning": m.VersioningRequest,
+    "copyObject": m.CopyObjectRequest,
+    "createUpload": m.CreateUploadRequest,
+    "completeUpload": m.CompleteUploadRequest,
+    "createBackup": m.CreateBackupRequest,
+    "archiveStart": m.ArchiveRequest,
+    "recoveryResume": m.ResumeRequest,
+    "healBlobs": m.HealBlobsRequest,
+    "createConsumer": m.CreateConsumerRequest,
+    "checkpointConsumer": m.CheckpointRequest,
+    "compactJournal": m.CompactRequest,
+    "token": m.TokenRequest,
+    "createTenant": m.CreateTenantRequest,
+    "createApp": m.CreateAppRequest,
+    "revokeToken": m.RevokeTokenRequest,
+    "grantPolicy": m.ScopesRequest,
+    "revokePolicy": m.ScopesRequest,
+    "putPublicAccess": m.PublicAccessRequest,
+    "rotateSecretKey": m.RotateKeysRequest,
 }
 
+RESPONSES: dict[str, type[m.AnvilModel]] = {
+    "live": m.Live,
+    "ready": m.Ready,
+    "listBuckets": m.BucketList,
+    "createBucket": m.BucketCreated,
+    "getBucket": m.Bucket,
+    "deleteBucket": m.BucketDeleted,
+    "putVersioning": m.VersioningSet,
+    "putPublicAccess": m.PublicAccessSet,
+    "listObjects": m.ObjectList,
+    "listVersions": m.VersionList,
+    "putObject": m.ObjectWritten,
+    "deleteObject": m.ObjectDeleted,
+    "copyObject": m.ObjectWritten,
+    "createUpload": m.UploadCreated,
+    "listUploads": m.UploadList,
+    "uploadPart": m.PartUploaded,
+    "listParts": m.PartList,
+    "completeUpload": m.ObjectWritten,
+    "abortUpload": m.UploadAborted,
+    "journalEvents": m.JournalEvents,
+    "journalVerify": m.JournalVerified,
+    "createBackup": m.Backup,
+    "archiveStatus": m.ArchiveStatus,
+    "archiveStart": m.ArchiveStatus,
+    "archiveStop": m.ArchiveStatus,
+    "archiveFlush": m.ArchiveStatus,
+    "recoveryStatus": m.RecoveryStatus,
+    "healBlobs": m.HealReport,
+    "recoveryValidate": m.ValidationReport,
+    "recoveryResume": m.Resumed,
+    "listConsumers": m.ConsumerList,
+    "createConsumer": m.Consumer,
+    "getConsumer": m.ConsumerStatus,
+    "deleteConsumer": m.ConsumerDeleted,
+    "checkpointConsumer": m.ConsumerStatus,
+    "compactJournal": m.Compacted,
+    "watchStatus": m.WatchStatus,
+    "token": m.Token,
+    "whoami": m.WhoAmI,
+    "createTenant": m.TenantCreated,
+    "listTenants": m.TenantList,
+    "createApp": m.AppCreated,
+    "listApps": m.AppList,
+    "rotateAppSecret": m.SecretRotated,
+    "disableApp": m.AppStatus,
+    "enableApp": m.AppStatus,
+    "deleteApp": m.AppDeleted,
+    "revokeToken": m.TokenRevoked,
+    "listPolicies": m.Policies,
+    "grantPolicy": m.PolicyChanged,
+    "revokePolicy": m.PolicyChanged,
+    "listAuditEntries": m.AuditList,
+    "identitySummary": m.IdentitySummary,
+    "rotateSecretKey": m.KeyRotation,
+    "identityValidate": m.IdentityValidation,
+}
 
-def document() -> dict[str, Any]:
+# Answers that are not JSON: media type of the success body.
+RAW = {
+    "getObject": "application/octet-stream", "watchEvents": "text/event-stream", "getApiDocs": "text/html",
+    "getApiDocsAsset": "application/octet-stream",
+    "getComponent": "application/octet-stream", "getArtefactFile": "application/octet-stream",
+    "getTensor": "application/octet-stream", "gitBlob": "*/*",
+    "gitInfoRefs": "application/x-git-upload-pack-advertisement",
+    "gitUploadPack": "application/x-git-upload-pack-result", "hfResolve": "*/*",
+    "pdbSnapshotData": "application/zstd", "pdbProjectionData": "application/zstd",
+}
+# Operations that also answer 200 beside their 201 (already recorded: nothing new was created).
+ALSO_200 = frozenset({"pushArtefact", "addSigningKey", "pdbCommit"})
+# Byte answers that honour Range (206 with Content-Range).
+RANGED = frozenset({"getObject", "getComponent", "getArtefactFile", "hfResolve"})
+
+_STR = {"type": "string"}
+_INT = {"type": "integer"}
+
+
+def _header(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"description": description, "schema": schema or _STR}
+
+
+REQUEST_ID = _header("the request id (also in error bodies); quote it when reporting a problem")
+# Object description headers of GET/HEAD (the SDK reads them into `ObjectHead`).
+OBJECT_HEADERS = {
+    "ETag": _header("quoted ETag (MD5 of the body, or of the parts' MD5s with -N)"),
+    "x-anvil-version-id": _header("the version served"),
+    "Last-Modified": _header("HTTP date of the version"),
+    "Content-Type": _header("the stored content type"),
+    "Content-Length": _header("bytes in this answer", _INT),
+    "Accept-Ranges": _header("always `bytes`"),
+    "x-anvil-sha256": _header("hex SHA-256 of the whole object, when known"),
+    "x-anvil-parts-count": _header("parts of a multipart object", _INT),
+    "x-anvil-meta-*": _header("one header per user metadata entry: x-anvil-meta-NAME: percent-encoded UTF-8"),
+}
+WRITE_HEADERS = {"ETag": _header("quoted ETag of the new version or part")}
+# User metadata travels in a family of headers, which OpenAPI cannot name as one parameter: the
+# operations that take or give it say so in their description (and GET lists it among its headers).
+META = ("User metadata: one header per entry, `x-anvil-meta-NAME: VALUE`, the value percent-encoded UTF-8 "
+        "(at most 2 KiB in all); GET and HEAD answer the same headers.")
+DESCRIPTIONS = {
+    "putObject": "The body is the object's bytes (streamed). " + META,
+    "getObject": "The object's bytes, described by its headers (ETag, x-anvil-version-id, x-anvil-meta-*). "
+                 "HEAD answers the headers alone. " + META,
+    "listObjects": "Paging: answer `next_token` while `truncated`; send it back as `token`.",
+    "listVersions": "Paging: send `next_key_marker` and `next_version_marker` back as `key_marker` and "
+                    "`version_marker` while `truncated`.",
+    "watchEvents": "Server-Sent Events: each event's `id:` is its journal seq, its `data:` a WatchEvent; "
+                   "reconnect with `Last-Event-ID` to resume where the stream broke.",
+}
+PAGING = {
+    "limit": "page size, 1 to 1000 (default 1000)",
+    "token": "listObjects: the previous page's `next_token` (opaque)",
+    "start_after": "list keys after this one",
+    "key_marker": "listVersions: the previous page's `next_key_marker`",
+    "version_marker": "listVersions: the previous page's `next_version_marker`",
+    "after": "a journal seq: answer what comes after it",
+}
+# Error statuses each operation may answer besides `default`, by what it does.
+_COMMON_ERRORS = {"400": "invalid argument", "401": "no or bad bearer token", "403": "permission denied",
+                  "404": "not found"}
+_WRITE_ERRORS = {"409": "conflict (already exists, not empty, stale fence)", "503": "recovery mode"}
+_COND_ERRORS = {"412": "a precondition (If-Match, x-anvil-if-version-match, ...) failed"}
+
+TAGS = [
+    ("health", "/anvil/health"), ("docs", "/anvil/v1/docs"), ("docs", "/anvil/v1/openapi.json"),
+    ("buckets", "/anvil/v1/buckets/{bucket}/versioning"),
+    ("identity", "/anvil/v1/auth"), ("identity", "/anvil/v1/admin/tenants"), ("identity", "/anvil/v1/admin/apps"),
+    ("identity", "/anvil/v1/admin/tokens"), ("identity", "/anvil/v1/admin/audit"),
+    ("identity", "/anvil/v1/admin/secret-key"), ("identity", "/anvil/v1/admin/identity"),
+    ("identity", "/anvil/v1/buckets/{bucket}/public-access"),
+    ("backup", "/anvil/v1/admin/backup"), ("backup", "/anvil/v1/admin/archive"),
+    ("backup", "/anvil/v1/admin/recovery"), ("backup", "/anvil/v1/admin/repair/blobs"),
+    ("watch", "/anvil/v1/watch"), ("watch", "/anvil/v1/admin/watch"), ("journal", "/anvil/v1/admin/journal"),
+    ("diagnostics", "/anvil/v1/admin/findings"), ("diagnostics", "/anvil/v1/admin/fsck"),
+    ("diagnostics", "/anvil/v1/admin/gc"), ("diagnostics", "/anvil/v1/admin/repair"),
+    ("lifecycle", "/anvil/v1/admin/lifecycle"), ("authz", "/anvil/v1/authz"),
+    ("artefacts", "/anvil/v1/buckets/{bucket}/artefacts"), ("artefacts", "/anvil/v1/artefact-keys"),
+    ("artefacts", "/anvil/v1/hf"), ("personaldb", "/anvil/v1/pdb"), ("personaldb", "/anvil/v1/admin/pdb"),
+    ("indexes", "/anvil/v1/buckets/{bucket}/indexes"), ("uploads", "/anvil/v1/buckets/{bucket}/uploads"),
+    ("objects", "/anvil/v1/buckets/{bucket}/"), ("buckets", "/anvil/v1/buckets"),
+]
+
+
+def _tag(path: str) -> str:
+    for tag, prefix in TAGS:
+        if path == prefix or path.startswith(prefix.rstrip("/") + "/") or (prefix.endswith("/")
+                                                                          and path.startswith(prefix)):
+            return tag
+    return "other"
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _schemas() -> dict[str, Any]:
+    _, defs = models_json_schema([(model, "validation") for model in m.iter_models()],
+                                 ref_template="#/components/schemas/{model}")
+    return defs["$defs"]
+
+
+def _parameter(param: dict[str, Any]) -> dict[str, Any]:
+    param = dict(param)
+    if param["in"] == "query" and param["name"] in PAGING:
+        param.setdefault("description", PAGING[param["name"]])
+    if param["name"] == "limit":
+        param["schema"] = {"type": "integer", "minimum": 1, "maximum": 1000}
+    return param
+
+
+def _responses(op_id: str, method: str, params: list[dict[str, Any]]) -> dict[str, Any]:
+    success = SUCCESS.get(op_id, "200")
+    headers: dict[str, Any] = {"x-request-id": REQUEST_ID}
+    if op_id in ("putObject", "copyObject", "completeUpload", "uploadPart"):
+        headers.update(WRITE_HEADERS)
+    if op_id in ("token", "createApp", "rotateAppSecret"):
+        headers["Cache-Control"] = _header("no-store: the answer holds a secret")
+    ok: dict[str, Any] = {"description": "success", "headers": headers}
+    if op_id in RESPONSES:
+        ok["content"] = {"application/json": {"schema": _ref(RESPONSES[op_id])}}
+    elif op_id in RAW:
+        ok["content"] = {RAW[op_id]: {"schema": {"type": "string"} if RAW[op_id].startswith("text/")
+                                      else {"type": "string", "format": "binary"}}}
+    else:
+        ok["content"] = {"application/json": {"schema": _ref(m.Document)}}
+    if op_id == "getObject":
+        ok["headers"] = {**headers, **OBJECT_HEADERS}
+        ok["description"] = "the object's bytes (HEAD: the headers only)"
+    responses: dict[str, Any] = {success: ok}
+    if op_id in ALSO_200:
+        responses["200"] = {**ok, "description": "already recorded"}
+    if op_id in RANGED:
+        responses["206"] = {**ok, "description": "partial content (Range)",
+                            "headers": {**ok["headers"], "Content-Range": _header("bytes START-END/SIZE")}}
+    if op_id == "getObject":
+        responses["304"] = {"description": "not modified (If-None-Match)", "headers": {"x-request-id": REQUEST_ID}}
+    errors = dict(_COMMON_ERRORS)
+    if method in ("put", "post", "delete"):
+        errors.update(_WRITE_ERRORS)
+    if any(p["name"] in ("If-Match", "x-anvil-if-version-match") for p in params):
+        errors.update(_COND_ERRORS)
+    error_content = {"application/json": {"schema": _ref(m.ErrorBody)}}
+    for status in errors:
+        responses[status] = {"$ref": f"#/components/responses/Error{status}"}
+    responses["default"] = {"description": "any other error", "headers": {"x-request-id": REQUEST_ID},
+                            "content": error_content}
+    return responses
+
+
+def _error_responses() -> dict[str, Any]:
+    every = {**_COMMON_ERRORS, **_WRITE_ERRORS, **_COND_ERRORS}
+    return {f"Error{status}": {"description": why, "headers": {"x-request-id": REQUEST_ID},
+                               "content": {"application/json": {"schema": _ref(m.ErrorBody)}}}
+            for status, why in every.items()}
+
+
+def document(server_url: str | None = None) -> dict[str, Any]:
+    """The OpenAPI 3.1 document; `server_url` (the URL it was asked at) is listed first in `servers`."""
     paths: dict[str, dict[str, Any]] = {}
     for method, path, op_id, summary, params, json_body, streamed in OPERATIONS:
         path_params = [
             {"name": seg[1:-1], "in": "path", "required": True, "schema": {"type": "string"}}
             for seg in path.split("/") if seg.startswith("{")
         ]
+        all_params = [_parameter(p) for p in path_params + params]
         op: dict[str, Any] = {
             "operationId": op_id,
             "summary": summary,
-            "parameters": path_params + params,
-            "responses": {
-                SUCCESS.get(op_id, "200"): {"description": "success"},
-                "default": {"description": "error", "content": {"application/json": {"schema": ERROR}}},
-            },
+            **({"description": DESCRIPTIONS[op_id]} if op_id in DESCRIPTIONS else {}),
+            "tags": [_tag(path)],
+            "parameters": all_params,
+            "responses": _responses(op_id, method, all_params),
         }
-        if op_id == "getObject":
-            op["responses"]["206"] = {"description": "partial content (Range)"}
-            op["responses"]["304"] = {"description": "not modified (If-None-Match)"}
         if op_id in PUBLIC:
             op["security"] = []
         if json_body:
-            op["requestBody"] = {"content": {"application/json": {"schema": {"type": "object"}}}}
+            model = REQUESTS.get(op_id)
+            schema = _ref(model) if model is not None else {"type": "object", "additionalProperties": True}
+            # Bodies that may be omitted (all fields optional) are not required.
+            required = model is None or any(f.is_required() for f in model.model_fields.values())
+            op["requestBody"] = {"required": required, "content": {"application/json": {"schema": schema}}}
         if op_id == "writeAuthzSchema":
             op["requestBody"] = {"content": {"text/plain": {"schema": {"type": "string"}},
                                              "application/json": {"schema": {"type": "object"}}}}
         if streamed:
-            op["requestBody"] = {"content": {"application/octet-stream": {
+            op["requestBody"] = {"required": True, "content": {"application/octet-stream": {
                 "schema": {"type": "string", "format": "binary"}}}}
         paths.setdefault(path, {})[method] = op
+    servers = [{"url": server_url.rstrip("/"), "description": "this server"}] if server_url else []
+    servers.append({"url": "http://127.0.0.1:9000", "description": "`make run` default"})
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Anvil native API", "version": __version__},
+        "info": {"title": "Anvil native API", "version": __version__,
+                 "description": "The native JSON API of Anvil (S3 is served on the same port). "
+                                "Interactive docs: /anvil/v1/docs. See docs/api.md."},
+        "servers": servers,
         "paths": paths,
-        "components": {"schemas": {"Error": ERROR},
+        "components": {"schemas": _schemas(),
+                       "responses": _error_responses(),
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
         "security": [{"bearer": []}],
     }
+
+
+@functools.lru_cache(maxsize=8)
+def document_bytes(server_url: str) -> bytes:
+    """The document as served (built once per URL it is asked at: it never changes while running)."""
+    return json.dumps(document(server_url)).encode()

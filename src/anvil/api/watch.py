@@ -26,7 +26,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from anvil.api.common import blocking, catalog_read, check_recovery, endpoint, json_body, require_identity
+from anvil.api.common import (
+    blocking,
+    catalog_read,
+    check_recovery,
+    endpoint,
+    json_body,
+    model_body,
+    require_identity,
+    validated,
+)
+from anvil.api_models import CheckpointRequest, CompactRequest, CreateConsumerRequest
 from anvil.context import RequestContext
 from anvil.errors import AnvilError
 from anvil.identity import authorize
@@ -116,11 +126,11 @@ async def create_consumer(request: Request, ctx: RequestContext) -> Response:
     unknown = sorted(set(body) - {"name", "bucket", "prefix", "kinds", "after"})
     if unknown:
         raise AnvilError("InvalidArgument", f"unknown consumer field {unknown[0][:64]!r}")
-    scope = make_scope(ctx.principal, bucket=body.get("bucket"), prefix=body.get("prefix") or "",
-                       kinds=body.get("kinds"))
-    after = parse_cursor(body.get("after"), name="after cursor")
+    req = validated(CreateConsumerRequest, body)
+    scope = make_scope(ctx.principal, bucket=req.bucket, prefix=req.prefix or "", kinds=req.kinds)
+    after = parse_cursor(req.after, name="after cursor")
     service = _anvil(request).watch
-    created = await blocking(service.create_consumer, ctx, body.get("name"), scope, after)
+    created = await blocking(service.create_consumer, ctx, req.name, scope, after)
     return JSONResponse(created, status_code=201)
 
 
@@ -146,10 +156,8 @@ async def delete_consumer(request: Request, ctx: RequestContext) -> Response:
 async def checkpoint_consumer(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
     check_recovery(request)
-    body = await json_body(request)
-    if "cursor" not in body:
-        raise AnvilError("InvalidArgument", "a checkpoint needs a cursor")
-    cursor = parse_cursor(body["cursor"], name="cursor")
+    body = await model_body(request, CheckpointRequest)
+    cursor = parse_cursor(body.cursor, name="cursor")
     if cursor is None:
         raise AnvilError("InvalidArgument", "a checkpoint needs a cursor")
     result = await blocking(_anvil(request).watch.checkpoint, ctx, request.path_params["name"], cursor)
@@ -163,11 +171,7 @@ async def checkpoint_consumer(request: Request, ctx: RequestContext) -> Response
 async def compact(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:write", "system")
     check_recovery(request)
-    body = await json_body(request, required=False)
-    retention = body.get("retention_seconds")
-    if retention is not None and (isinstance(retention, bool) or not isinstance(retention, (int, float))
-                                  or retention < 0):
-        raise AnvilError("InvalidArgument", "retention_seconds must be a non-negative number")
+    retention = (await model_body(request, CompactRequest, required=False)).retention_seconds
     return JSONResponse(await blocking(_anvil(request).watch.compact, ctx, retention))
 
 

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Column, Table
 
+from anvil.api_models import jsonable
 from anvil.cli.profiles import ProfileError, resolve_credentials
 from anvil.client import DEFAULT_ENDPOINT, AnvilAPIError, AnvilClient, InvalidEndpoint, Unreachable
 from anvil.client import ConnectionError as ClientConnectionError
@@ -128,7 +129,8 @@ def admin_command(fn: Callable[..., Any]) -> Callable[..., Any]:
 def emit(as_json: bool, data: Any, *, table: tuple[Sequence[str], list[Sequence[Any]]] | None = None,
          text: str | None = None) -> None:
     if as_json:
-        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        # SDK results are models (anvil.api_models): `jsonable` prints them as the JSON the server sent.
+        click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=jsonable))
         return
     if table is not None:
         columns, rows = table
@@ -146,7 +148,7 @@ def emit(as_json: bool, data: Any, *, table: tuple[Sequence[str], list[Sequence[
     elif text is not None:
         console.print(text, markup=False, highlight=False, soft_wrap=True)
     else:
-        console.print_json(data=data)
+        console.print_json(data=data, default=jsonable)
 
 
 def plain_table(columns: Sequence[str], rows: list[list[str]]) -> str:

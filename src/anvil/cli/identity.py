@@ -296,7 +296,7 @@ def auth_token(scopes: tuple[str, ...], expires_in: int | None, subject: str | N
     except ClientConnectionError as e:
         err_console.print(f"error: {describe_error(e)}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(1)
-    click.echo(json.dumps(res, indent=2) if as_json else res["access_token"])
+    click.echo(json.dumps(res.to_dict(), indent=2) if as_json else res["access_token"])
 
 
 @click.command()

@@ -61,7 +61,7 @@ def watch_stream(client: AnvilClient, as_json: bool, bucket_name: str, prefix: s
         try:
             for ev in stream:
                 if as_json:
-                    click.echo(json.dumps(ev, ensure_ascii=False), nl=True)
+                    click.echo(json.dumps(ev.to_dict(), ensure_ascii=False), nl=True)
                 else:
                     console.print(_line(ev), markup=False, highlight=False, soft_wrap=True)
                 count += 1
