@@ -32,6 +32,8 @@ COND = [_h("If-Match"), _h("If-None-Match"), _h("x-anvil-if-version-match"), _h(
 OPERATIONS: list[tuple[str, str, str, str, list[dict[str, Any]], bool, bool]] = [
     ("get", "/anvil/health/live", "live", "Liveness", [], False, False),
     ("get", "/anvil/health/ready", "ready", "Readiness: journal head, recovery mode", [], False, False),
+    ("get", "/anvil/metrics", "metrics", "Prometheus metrics (scope metrics:read, or public when configured)", [],
+     False, False),
     ("get", "/anvil/v1/openapi.json", "getOpenApi", "This OpenAPI document", [], False, False),
     ("get", "/anvil/v1/docs", "getApiDocs", "Interactive docs (Swagger UI, served from the package)", [], False,
      False),
@@ -300,7 +302,8 @@ PUBLIC = frozenset({"live", "ready", "token", "pdbKeys", "getOpenApi", "getApiDo
 # Operations whose success status is not 200.
 SUCCESS = {"createBucket": "201", "createUpload": "201", "createTenant": "201", "createApp": "201",
            "createConsumer": "201", "createBackup": "201",
-           "pdbCreateGroup": "201", "pdbMigrate": "201", "pdbCommit": "201", "pdbBuildSnapshot": "201",
+           "pdbCreateGroup": "201", "pdbMigrate": "201", "pdbCommit": "201", "pdbCommitBatch": "201",
+           "pdbBuildSnapshot": "201",
            "pdbCreateProjection": "201", "pdbWriteBack": "201",
            "createIndex": "201", "archiveStart": "201",
            "putComponent": "201", "pushArtefact": "201", "addSigningKey": "201"}
@@ -400,9 +403,10 @@ RAW = {
     "gitInfoRefs": "application/x-git-upload-pack-advertisement",
     "gitUploadPack": "application/x-git-upload-pack-result", "hfResolve": "*/*",
     "pdbSnapshotData": "application/zstd", "pdbProjectionData": "application/zstd",
+    "metrics": "text/plain",
 }
 # Operations that also answer 200 beside their 201 (already recorded: nothing new was created).
-ALSO_200 = frozenset({"pushArtefact", "addSigningKey", "pdbCommit"})
+ALSO_200 = frozenset({"pushArtefact", "addSigningKey", "pdbCommit", "pdbCommitBatch"})
 # Byte answers that honour Range (206 with Content-Range).
 RANGED = frozenset({"getObject", "getComponent", "getArtefactFile", "hfResolve"})
 
@@ -469,6 +473,7 @@ TAGS = [
     ("diagnostics", "/anvil/v1/admin/findings"), ("diagnostics", "/anvil/v1/admin/fsck"),
     ("diagnostics", "/anvil/v1/admin/gc"), ("diagnostics", "/anvil/v1/admin/repair"),
     ("lifecycle", "/anvil/v1/admin/lifecycle"), ("authz", "/anvil/v1/authz"),
+    ("authz", "/anvil/v1/buckets/{bucket}/authz-binding"), ("metrics", "/anvil/metrics"),
     ("artefacts", "/anvil/v1/buckets/{bucket}/artefacts"), ("artefacts", "/anvil/v1/artefact-keys"),
     ("artefacts", "/anvil/v1/hf"), ("personaldb", "/anvil/v1/pdb"), ("personaldb", "/anvil/v1/admin/pdb"),
     ("indexes", "/anvil/v1/buckets/{bucket}/indexes"), ("uploads", "/anvil/v1/buckets/{bucket}/uploads"),

@@ -160,9 +160,10 @@ class JournalParticipant(Participant):
     replays = ("recovery.",)
 
     def migrations(self) -> dict[str, list[str]]:
-        from anvil.storage import idempotency
+        from anvil.storage import idempotency, inline
 
-        return {"journal": journal.MIGRATIONS, "idempotency": idempotency.MIGRATIONS}
+        # The inline bodies' table is no event's to replay, but a PostgreSQL store needs it created.
+        return {"journal": journal.MIGRATIONS, "idempotency": idempotency.MIGRATIONS, "blobs": inline.MIGRATIONS}
 
     def apply(self, ctx: RecoveryContext, event: Any) -> None:
         if event.kind == "recovery.partial_restore":
