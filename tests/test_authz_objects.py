@@ -350,3 +350,24 @@ def test_unbinding_restores_scope_behaviour(world) -> None:
     finally:
         svc.authz_bind_bucket(b, BINDING)
     assert _code(lambda: amy.get_object(b, BOB_KEYS[0])) == "PermissionDenied"
+
+
+def test_per_key_listing_shows_a_common_prefix_only_over_an_allowed_key():
+    """The per-key fallback (a lookup too large to hold) must not leak the names of folders whose
+    keys the subject may not see."""
+    from anvil.api.access import CheckedKeys
+
+    keys = {"a/1": False, "a/2": False, "b/1": False, "b/2": True}
+    walked: list[str] = []
+
+    def under(prefix: str):
+        for k in sorted(keys):
+            if k.startswith(prefix):
+                walked.append(k)
+                yield k
+
+    kf = CheckedKeys(lambda k: keys[k], under)
+    assert not kf.any_under("a/")
+    assert kf.any_under("b/")
+    assert kf.allows("b/2") and not kf.allows("b/1")
+    assert walked == ["a/1", "a/2", "b/1", "b/2"]  # stops at the first allowed key

@@ -14,7 +14,7 @@ import binascii
 import bisect
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -62,17 +62,19 @@ class VisibleKeys:
 
 
 class CheckedKeys:
-    """Per-key checks (a lookup too large to hold): common prefixes are shown (they cannot be decided
-    without listing under them)."""
+    """Per-key checks (a lookup too large to hold). A common prefix is shown only when some key under
+    it is allowed: its name alone would tell a subject what exists where it may not look. Deciding
+    that walks the keys under it (`keys_under`), until the first allowed one."""
 
-    def __init__(self, check: Callable[[str], bool]):
+    def __init__(self, check: Callable[[str], bool], keys_under: Callable[[str], Iterator[str]]):
         self._check = check
+        self._keys_under = keys_under
 
     def allows(self, key: str) -> bool:
         return self._check(key)
 
     def any_under(self, prefix: str) -> bool:
-        return True
+        return any(self._check(key) for key in self._keys_under(prefix))
 
 
 class NoKeys:
@@ -158,7 +160,18 @@ class BindingAccess:
             except AnvilError:
                 return False
 
-        return CheckedKeys(one)
+        objects = self.anvil.objects
+
+        def keys_under(prefix: str) -> Iterator[str]:
+            token = None
+            while True:
+                page = objects.list_objects(bucket, prefix=prefix, max_keys=1000, token=token)
+                yield from (o.key for o in page.objects)
+                if not page.truncated or not page.next_token:
+                    return
+                token = page.next_token
+
+        return CheckedKeys(one, keys_under)
 
 
 # ------------------------------------------------------------------ filtered listings
