@@ -241,7 +241,9 @@ def test_incremental_backup_dedupes(world) -> None:
     st = second["stats"]
     assert second["parent"] == world["snap"]["id"]
     assert st["blobs_reused_from_parent"] >= world["snap"]["stats"]["blobs"]
-    assert st["new_bytes"] < world["snap"]["stats"]["new_bytes"] / 4
+    # Most of this world's bodies are small, so they live inline in catalog.db (storage.inline): the
+    # changed catalog chunks weigh more than when only records lived there. A third, not a quarter.
+    assert st["new_bytes"] < world["snap"]["stats"]["new_bytes"] / 3
 
 
 def test_partial_restore_keeps_only_chosen_bucket(world, tmp_path: Path) -> None:

@@ -23,8 +23,13 @@ def _blob_path(server: AnvilServer, data: bytes):
     return server.storage_path / "blobs" / "sha256" / sha[:2] / sha
 
 
-def _inline_rows(server: AnvilServer, sha: str) -> list[bytes]:
+def _inline_rows(server: AnvilServer, sha: str, records_url: str | None) -> list[bytes]:
     """The inline bodies (storage.inline) stored under `sha`: at most one row per hash."""
+    if records_url:  # the PostgreSQL record store
+        import psycopg
+
+        with psycopg.connect(records_url) as pg:
+            return [bytes(r[0]) for r in pg.execute("SELECT body FROM inline_blobs WHERE sha256 = %s", (sha,))]
     conn = apsw.Connection(str(server.storage_path / "catalog.db"), flags=apsw.SQLITE_OPEN_READONLY)
     try:
         return [bytes(r[0]) for r in conn.execute("SELECT body FROM inline_blobs WHERE sha256 = ?", (sha,))]
@@ -37,8 +42,8 @@ def _blob_root(server: AnvilServer):
     return found[0] if found else server.storage_path / "blobs"
 
 
-def test_small_and_streamed_puts_store_identical_records(client: AnvilClient, bucket: str,
-                                                         server: AnvilServer) -> None:
+def test_small_and_streamed_puts_store_identical_records(client: AnvilClient, bucket: str, server: AnvilServer,
+                                                         records_url: str | None) -> None:
     small = os.urandom(4096)
     big = os.urandom(1024 * 1024 + 1)  # one byte over the buffered limit: streamed to tmp/
     chunked = os.urandom(10_000)
@@ -59,7 +64,7 @@ def test_small_and_streamed_puts_store_identical_records(client: AnvilClient, bu
     # the large one is a file.
     for res, data in ((r_small, small), (r_chunked, chunked)):
         assert list(_blob_root(server).rglob(res["sha256"])) == []
-        assert _inline_rows(server, res["sha256"]) == [data]
+        assert _inline_rows(server, res["sha256"], records_url) == [data]
     blob = [p for p in _blob_root(server).rglob(r_big["sha256"])]
     assert len(blob) == 1 and blob[0].read_bytes() == big
     assert oct(blob[0].stat().st_mode & 0o777) == "0o644"
@@ -82,13 +87,14 @@ def test_small_put_with_wrong_checksum_stores_nothing(client: AnvilClient, bucke
     assert good["size"] == 4096
 
 
-def test_identical_small_bodies_share_one_blob(client: AnvilClient, bucket: str, server: AnvilServer) -> None:
+def test_identical_small_bodies_share_one_blob(client: AnvilClient, bucket: str, server: AnvilServer,
+                                               records_url: str | None) -> None:
     data = os.urandom(2048)
     first = client.put_object(bucket, "one", data)
     second = client.put_object(bucket, "two", data)
     assert first["sha256"] == second["sha256"]
     assert list(_blob_root(server).rglob(first["sha256"])) == []
-    assert _inline_rows(server, first["sha256"]) == [data]  # one inline body for both
+    assert _inline_rows(server, first["sha256"], records_url) == [data]  # one inline body for both
     assert client.get_object(bucket, "two") == data
 
 
