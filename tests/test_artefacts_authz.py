@@ -166,3 +166,16 @@ def test_unbound_bucket_is_left_to_scopes(world) -> None:
     assert {x["name"] for x in amy.list_artefacts(b)} == {"a", "b"}
     assert amy.artefact_describe(b, "b", "v1")["id"] == ids[b, "b"]
     assert amy.tag_artefact(b, "b", "latest", ids[b, "b"])["id"] == ids[b, "b"]
+
+
+def test_binding_json_is_backward_compatible_and_replays_exactly() -> None:
+    from anvil.authz.binding import binding_from_json, parse_binding
+
+    old = parse_binding({"resource_type": "document", "read": "view", "write": "edit"})
+    # The canonical text of a binding without the part is what it was before the part existed.
+    assert old.canonical() == ('{"delete":"edit","list":"view","read":"view","resource_type":"document",'
+                               '"without_subject":"deny","write":"edit"}')
+    assert old.for_artefacts().permission("pull") == "view" and old.for_artefacts().permission("tag") == "edit"
+    new = parse_binding(BINDING)
+    assert binding_from_json(new.canonical()) == new  # what the journal replays
+    assert new.for_artefacts().resource_type == "model" and new.for_artefacts().permission("verify") == "view"
