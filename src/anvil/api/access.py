@@ -3,7 +3,8 @@
 `BindingAccess` is installed into the identity gate (`install_object_access`) by `create_app`:
 every `authorize(principal, "object:*", "bucket:B/KEY")` then also asks the bucket's binding, if
 it has one, for the principal's subject; listings, watch streams and index search ask
-`object_filter` for the keys a subject may see. The caller's address and the time are given to
+`object_filter` for the keys a subject may see. Artefact routes ask `artefact_check` and
+`artefact_filter` (the binding's artefact part) directly. The caller's address and the time are given to
 caveats as `client_ip` and `now`.
 """
 
@@ -104,7 +105,7 @@ class BindingAccess:
             return subject
         if binding.without_subject == "scopes" or (principal.admin and not subject):
             return None
-        raise _denied(f"bucket {bucket} decides object access by relationships: use a token acting for a subject "
+        raise _denied(f"bucket {bucket} decides access by relationships: use a token acting for a subject "
                       "(the token exchange's subject)")
 
     def check(self, principal: Principal, action: str, bucket: str, key: str) -> None:
@@ -112,12 +113,25 @@ class BindingAccess:
         if found is None:
             return
         tenant, binding = found
+        self._decide(principal, tenant, binding, binding, bnd.ACTION_OPS[action], bucket, key)
+
+    def artefact_check(self, principal: Principal, action: str, bucket: str, name: str) -> None:
+        """`artefact:*` on artefact `name` of a bound bucket: the binding's artefact part (or the one its
+        object part implies) decides for the principal's subject, as for objects."""
+        found = self._binding(principal, bucket)
+        if found is None:
+            return
+        tenant, binding = found
+        self._decide(principal, tenant, binding, binding.for_artefacts(), bnd.ARTEFACT_ACTION_OPS[action], bucket,
+                     name)
+
+    def _decide(self, principal: Principal, tenant: str, binding: bnd.Binding, part: bnd.Binding | bnd.ArtefactPart,
+                op: str, bucket: str, key: str) -> None:
         subject = self._subject(principal, tenant, binding, bucket)
         if subject is None:
             return
-        op = bnd.ACTION_OPS[action]
         try:
-            r = self.anvil.authz.object_check(tenant, binding, op, bucket, key, subject, request_facts())
+            r = self.anvil.authz.object_check(tenant, part, op, bucket, key, subject, request_facts())
         except AnvilError as e:
             if e.code in ("InvalidArgument", "NotFound", "MaxDepthExceeded"):
                 # A binding the schema no longer supports, a subject of an unknown type: fail closed.
@@ -125,25 +139,48 @@ class BindingAccess:
             raise
         if r.state != HAS:
             why = f" (missing caveat context: {', '.join(sorted(r.missing))})" if r.missing else ""
-            raise _denied(f"{subject} has no {binding.permission(op)} on "
-                          f"{binding.resource_type}:{bnd.object_id(bucket, key)}{why}")
+            raise _denied(f"{subject} has no {part.permission(op)} on "
+                          f"{part.resource_type}:{bnd.object_id(bucket, key)}{why}")
 
     def key_filter(self, principal: Principal, action: str, bucket: str) -> Any:
         found = self._binding(principal, bucket)
         if found is None:
             return None
         tenant, binding = found
+        objects = self.anvil.objects
+
+        def keys_under(prefix: str) -> Iterator[str]:
+            token = None
+            while True:
+                page = objects.list_objects(bucket, prefix=prefix, max_keys=1000, token=token)
+                yield from (o.key for o in page.objects)
+                if not page.truncated or not page.next_token:
+                    return
+                token = page.next_token
+
+        return self._filter(principal, tenant, binding, binding, bnd.ACTION_OPS[action], bucket, keys_under)
+
+    def artefact_filter(self, principal: Principal, action: str, bucket: str) -> Any:
+        """The artefact names of `bucket` a principal may `action` by its binding (None: scopes alone)."""
+        found = self._binding(principal, bucket)
+        if found is None:
+            return None
+        tenant, binding = found
+        return self._filter(principal, tenant, binding, binding.for_artefacts(), bnd.ARTEFACT_ACTION_OPS[action],
+                            bucket, lambda prefix: iter(()))  # names have no common prefixes to decide
+
+    def _filter(self, principal: Principal, tenant: str, binding: bnd.Binding, part: bnd.Binding | bnd.ArtefactPart,
+                op: str, bucket: str, keys_under: Callable[[str], Iterator[str]]) -> Any:
         try:
             subject = self._subject(principal, tenant, binding, bucket)
         except AnvilError:
             return NoKeys()
         if subject is None:
             return None
-        op = bnd.ACTION_OPS[action]
         facts = request_facts()
         authz = self.anvil.authz
         try:
-            ids = authz.object_lookup(tenant, binding, op, subject, facts) if self.listing == "lookup" else None
+            ids = authz.object_lookup(tenant, part, op, subject, facts) if self.listing == "lookup" else None
         except AnvilError:
             return NoKeys()  # fail closed, as check does
         if ids is not None:
@@ -156,20 +193,9 @@ class BindingAccess:
 
         def one(key: str) -> bool:
             try:
-                return authz.object_check(tenant, binding, op, bucket, key, subject, facts, engine).state == HAS
+                return authz.object_check(tenant, part, op, bucket, key, subject, facts, engine).state == HAS
             except AnvilError:
                 return False
-
-        objects = self.anvil.objects
-
-        def keys_under(prefix: str) -> Iterator[str]:
-            token = None
-            while True:
-                page = objects.list_objects(bucket, prefix=prefix, max_keys=1000, token=token)
-                yield from (o.key for o in page.objects)
-                if not page.truncated or not page.next_token:
-                    return
-                token = page.next_token
 
         return CheckedKeys(one, keys_under)
 

@@ -3,7 +3,9 @@ Hugging Face Hub-compatible endpoint under /anvil/v1/hf (for `huggingface_hub` w
 
 Authorisation by scopes on `bucket:BUCKET/NAME`: `artefact:push` (components, manifests),
 `artefact:pull` (reads; anonymous callers only on public buckets), `artefact:tag`, `artefact:verify`;
-signing keys need `artefact:tag|tenant:TENANT`.
+signing keys need `artefact:tag|tenant:TENANT`. On a bucket bound to relationships, the binding then
+decides each named artefact for the token's subject (`BindingAccess.artefact_check`) and listings
+leave out the names the subject may not pull.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from anvil import artefact_format as mf
+from anvil.api.access import BindingAccess
 from anvil.api.common import (
     blocking,
     check_recovery,
@@ -49,8 +52,16 @@ def _names(request: Request) -> tuple[str, str]:
     return bucket, name
 
 
-def _auth(ctx: RequestContext, action: str, bucket: str, name: str | None = None) -> None:
+def _access(request: Request) -> BindingAccess:
+    return BindingAccess(request.app.state.anvil)
+
+
+async def _auth(request: Request, ctx: RequestContext, action: str, bucket: str, name: str | None = None) -> None:
+    """Scopes first; then, for a named artefact of a bound bucket, the binding for the token's subject
+    (docs/authz.md, "Object access"; in the thread pool: it may ask the relationship engine)."""
     authorize(ctx.principal, action, f"bucket:{bucket}" if name is None else f"bucket:{bucket}/{name}")
+    if name is not None:
+        await blocking(_access(request).artefact_check, ctx.principal, action, bucket, name)
 
 
 # ------------------------------------------------------------------ components
@@ -60,7 +71,7 @@ def _auth(ctx: RequestContext, action: str, bucket: str, name: str | None = None
 async def missing_components(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
     bucket, name = _names(request)
-    _auth(ctx, "artefact:push", bucket, name)
+    await _auth(request, ctx, "artefact:push", bucket, name)
     body = await json_body(request)
     return JSONResponse({"missing": await blocking(_svc(request).missing_components, bucket, body.get("sha256s"))})
 
@@ -71,7 +82,7 @@ async def put_component(request: Request, ctx: RequestContext) -> Response:
     check_recovery(request)
     bucket, name = _names(request)
     sha = mf.check_sha(request.path_params["sha256"])
-    _auth(ctx, "artefact:push", bucket, name)
+    await _auth(request, ctx, "artefact:push", bucket, name)
     svc = _svc(request)
     svc.bucket_tenant(bucket)
     raw_len = request.headers.get("content-length")
@@ -84,7 +95,7 @@ async def put_component(request: Request, ctx: RequestContext) -> Response:
 async def get_component(request: Request, ctx: RequestContext) -> Response:
     bucket, name = _names(request)
     sha = mf.check_sha(request.path_params["sha256"])
-    _auth(ctx, "artefact:pull", bucket, name)
+    await _auth(request, ctx, "artefact:pull", bucket, name)
     svc = _svc(request)
     size = await blocking(svc.component_for_read, bucket, name, sha)
     return _body(request, svc, sha, size, {"x-anvil-sha256": sha, "etag": f'"{sha}"'})
@@ -108,7 +119,7 @@ def _body(request: Request, svc: ArtefactService, sha: str, size: int, headers: 
 async def get_file(request: Request, ctx: RequestContext) -> Response:
     """One file of an artefact by path (base files of a delta included)."""
     bucket, name = _names(request)
-    _auth(ctx, "artefact:pull", bucket, name)
+    await _auth(request, ctx, "artefact:pull", bucket, name)
     svc = _svc(request)
     info = await blocking(svc.describe, bucket, name, request.path_params["ref"])
     f = next((x for x in info["files"] if x["path"] == request.path_params["path"]), None)
@@ -126,7 +137,7 @@ async def push(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
     check_recovery(request)
     bucket, name = _names(request)
-    _auth(ctx, "artefact:push", bucket, name)
+    await _auth(request, ctx, "artefact:push", bucket, name)
     body = await json_body(request)
     m = body.get("manifest")
     if not isinstance(m, dict) or m.get("name") != name:
@@ -134,7 +145,7 @@ async def push(request: Request, ctx: RequestContext) -> Response:
                          "artefact name of the path")
     tag = body.get("tag")
     if tag is not None:
-        _auth(ctx, "artefact:tag", bucket, name)
+        await _auth(request, ctx, "artefact:tag", bucket, name)
     result = await blocking(_svc(request).push, ctx, bucket, m, body.get("signatures"), tag)
     return JSONResponse(result, status_code=201 if result["created"] else 200)
 
@@ -142,14 +153,19 @@ async def push(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def list_artefacts(request: Request, ctx: RequestContext) -> Response:
     bucket = request.path_params["bucket"]
-    _auth(ctx, "artefact:pull", bucket)
-    return JSONResponse({"artefacts": await blocking(_svc(request).list_artefacts, bucket)})
+    await _auth(request, ctx, "artefact:pull", bucket)
+    found = await blocking(_svc(request).list_artefacts, bucket)
+    # A bound bucket lists only the names the subject may pull (one lookup, as object listings do).
+    kf = await blocking(_access(request).artefact_filter, ctx.principal, "artefact:pull", bucket)
+    if kf is not None:
+        found = [a for a in found if kf.allows(a["name"])]
+    return JSONResponse({"artefacts": found})
 
 
 @endpoint
 async def list_name(request: Request, ctx: RequestContext) -> Response:
     bucket, name = _names(request)
-    _auth(ctx, "artefact:pull", bucket, name)
+    await _auth(request, ctx, "artefact:pull", bucket, name)
     svc = _svc(request)
     return JSONResponse({"name": name, "artefacts": await blocking(svc.list_artefacts, bucket, name),
                          "tags": await blocking(svc.list_tags, bucket, name)})
@@ -160,7 +176,7 @@ async def put_tag(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
     check_recovery(request)
     bucket, name = _names(request)
-    _auth(ctx, "artefact:tag", bucket, name)
+    await _auth(request, ctx, "artefact:tag", bucket, name)
     body = await json_body(request)
     result = await blocking(_svc(request).set_tag, ctx, bucket, name, request.path_params["tag"],
                             body.get("id"), body.get("require_key"))
@@ -170,21 +186,21 @@ async def put_tag(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def describe(request: Request, ctx: RequestContext) -> Response:
     bucket, name = _names(request)
-    _auth(ctx, "artefact:pull", bucket, name)
+    await _auth(request, ctx, "artefact:pull", bucket, name)
     return JSONResponse(await blocking(_svc(request).describe, bucket, name, request.path_params["ref"]))
 
 
 @endpoint
 async def verify(request: Request, ctx: RequestContext) -> Response:
     bucket, name = _names(request)
-    _auth(ctx, "artefact:verify", bucket, name)
+    await _auth(request, ctx, "artefact:verify", bucket, name)
     return JSONResponse(await blocking(_svc(request).verify, bucket, name, request.path_params["ref"]))
 
 
 @endpoint
 async def list_tensors(request: Request, ctx: RequestContext) -> Response:
     bucket, name = _names(request)
-    _auth(ctx, "artefact:pull", bucket, name)
+    await _auth(request, ctx, "artefact:pull", bucket, name)
     ts = await blocking(_svc(request).tensors, bucket, name, request.path_params["ref"])
     return JSONResponse({"tensors": [{k: t[k] for k in ("name", "dtype", "shape", "file", "offset", "length")}
                                      for t in ts]})
@@ -193,7 +209,7 @@ async def list_tensors(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def get_tensor(request: Request, ctx: RequestContext) -> Response:
     bucket, name = _names(request)
-    _auth(ctx, "artefact:pull", bucket, name)
+    await _auth(request, ctx, "artefact:pull", bucket, name)
     svc = _svc(request)
     ref, tensor = request.path_params["ref"], request.path_params["tensor"]
 
@@ -240,7 +256,7 @@ async def list_keys(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def git_ref(request: Request, ctx: RequestContext) -> Response:
     bucket, name = _names(request)
-    _auth(ctx, "artefact:pull", bucket, name)
+    await _auth(request, ctx, "artefact:pull", bucket, name)
     return JSONResponse(await blocking(_svc(request).git_resolve, bucket, name, request.path_params["ref"],
                                        request.query_params.get("name", "HEAD")))
 
@@ -248,7 +264,7 @@ async def git_ref(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def git_tree(request: Request, ctx: RequestContext) -> Response:
     bucket, name = _names(request)
-    _auth(ctx, "artefact:pull", bucket, name)
+    await _auth(request, ctx, "artefact:pull", bucket, name)
     q = request.query_params
     return JSONResponse(await blocking(_svc(request).git_tree, bucket, name, request.path_params["ref"],
                                        request.path_params["commit"], q.get("path", "")))
@@ -257,7 +273,7 @@ async def git_tree(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def git_blob(request: Request, ctx: RequestContext) -> Response:
     bucket, name = _names(request)
-    _auth(ctx, "artefact:pull", bucket, name)
+    await _auth(request, ctx, "artefact:pull", bucket, name)
     q = request.query_params
     data = await blocking(_svc(request).git_blob, bucket, name, request.path_params["ref"],
                           request.path_params["commit"], q.get("path", ""))
@@ -268,7 +284,7 @@ async def git_blob(request: Request, ctx: RequestContext) -> Response:
 async def git_http(request: Request, ctx: RequestContext) -> Response:
     """`git clone ENDPOINT/anvil/v1/buckets/B/artefacts/NAME/REF/git` (read-only smart HTTP)."""
     bucket, name = _names(request)
-    _auth(ctx, "artefact:pull", bucket, name)
+    await _auth(request, ctx, "artefact:pull", bucket, name)
     body = b""
     if request.method == "POST":  # wants and haves: small; refused past 16 MiB before it is all read
         body = await read_capped(request, 16 * 1024 * 1024,
@@ -310,7 +326,7 @@ def hf_commit(aid: str) -> str:
 @endpoint
 async def hf_info(request: Request, ctx: RequestContext) -> Response:
     bucket, name = _names(request)
-    _auth(ctx, "artefact:pull", bucket, name)
+    await _auth(request, ctx, "artefact:pull", bucket, name)
     rev = urllib.parse.unquote(request.path_params.get("revision", "main"))
     info = await blocking(_svc(request).describe, bucket, name, rev)
     return JSONResponse({"id": f"{bucket}/{name}", "modelId": f"{bucket}/{name}", "sha": hf_commit(info["id"]),
@@ -321,7 +337,7 @@ async def hf_info(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def hf_tree(request: Request, ctx: RequestContext) -> Response:
     bucket, name = _names(request)
-    _auth(ctx, "artefact:pull", bucket, name)
+    await _auth(request, ctx, "artefact:pull", bucket, name)
     rev = urllib.parse.unquote(request.path_params["revision"])
     prefix = request.path_params.get("path", "").strip("/")
     info = await blocking(_svc(request).describe, bucket, name, rev)
@@ -350,7 +366,7 @@ async def _hf_resolve(request: Request, ctx: RequestContext) -> Response:
     """HEAD/GET `{bucket}/{name}/resolve/{revision}/{path}` with the headers huggingface_hub checks:
     X-Repo-Commit, ETag (the file's SHA-256, as the Hub gives for LFS files), Content-Length."""
     bucket, name = _names(request)
-    _auth(ctx, "artefact:pull", bucket, name)
+    await _auth(request, ctx, "artefact:pull", bucket, name)
     rev = urllib.parse.unquote(request.path_params["revision"])
     path = request.path_params["path"]
     svc = _svc(request)

@@ -11,6 +11,12 @@ space, and each byte of a non-ASCII character) becomes `=XX` with two upper-case
 So `reports/q1.pdf` stays readable, `a b=c` is `a=20b=3Dc`, `é` is `=C3=A9`, and decoding
 is exact (`decode_key(encode_key(k)) == k`). A key whose id would pass SpiceDB's 1024
 characters cannot be named in a relationship; such objects are refused (fail closed).
+
+Artefacts. The optional `artefacts` part maps the four artefact operations (`pull`, `push`, `tag`,
+`verify`) to permissions of one resource type, e.g. `{"resource_type": "model", "pull": "view",
+"push": "edit"}` (`tag` defaults to `push`, `verify` to `pull`). The artefact `NAME` of bucket
+`BUCKET` is the resource `TYPE:BUCKET/ENCODED_NAME` (encoded as keys are). Without the part, the
+object part decides artefacts too: its type, `read` for pull and verify, `write` for push and tag.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ from anvil.errors import AnvilError
 
 OPERATIONS = ("read", "write", "list", "delete")
 DEFAULTS = {"list": "read", "delete": "write"}
+ARTEFACT_OPERATIONS = ("pull", "push", "tag", "verify")
+ARTEFACT_DEFAULTS = {"tag": "push", "verify": "pull"}
+# Without an `artefacts` part: artefact operations -> object operations of the object part.
+ARTEFACT_AS_OBJECT = {"pull": "read", "verify": "read", "push": "write", "tag": "write"}
 WITHOUT_SUBJECT = ("deny", "scopes")
 MAX_ID = 1024
 _SAFE = frozenset((string.ascii_letters + string.digits + "/_-.").encode())
@@ -80,6 +90,25 @@ def key_of(bucket: str, rid: str) -> str | None:
 
 
 @dataclass(frozen=True)
+class ArtefactPart:
+    """Artefact operations bound to permissions of `resource_type` (same shape of question as objects:
+    `resource_type` and `permission(op)`, so the service's object checks and lookups serve it too)."""
+
+    resource_type: str
+    pull: str
+    push: str
+    tag: str
+    verify: str
+
+    def permission(self, op: str) -> str:
+        return getattr(self, op)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"resource_type": self.resource_type, "pull": self.pull, "push": self.push, "tag": self.tag,
+                "verify": self.verify}
+
+
+@dataclass(frozen=True)
 class Binding:
     resource_type: str
     read: str
@@ -87,13 +116,33 @@ class Binding:
     list: str
     delete: str
     without_subject: str = "deny"
+    artefacts: ArtefactPart | None = None
 
     def permission(self, op: str) -> str:
         return getattr(self, op)
 
+    def for_artefacts(self) -> ArtefactPart:
+        """The artefact part, or the one the object part implies when there is none."""
+        if self.artefacts is not None:
+            return self.artefacts
+        p = {op: self.permission(obj) for op, obj in ARTEFACT_AS_OBJECT.items()}
+        return ArtefactPart(self.resource_type, p["pull"], p["push"], p["tag"], p["verify"])
+
+    def requirements(self) -> list[tuple[str, str, str]]:
+        """(what, resource type, permission) pairs the schema must have, for validation."""
+        out = [(op, self.resource_type, self.permission(op)) for op in OPERATIONS]
+        if self.artefacts is not None:
+            a = self.artefacts
+            out += [(f"artefacts.{op}", a.resource_type, a.permission(op)) for op in ARTEFACT_OPERATIONS]
+        return out
+
     def to_dict(self) -> dict[str, Any]:
-        return {"resource_type": self.resource_type, "read": self.read, "write": self.write, "list": self.list,
-                "delete": self.delete, "without_subject": self.without_subject}
+        out = {"resource_type": self.resource_type, "read": self.read, "write": self.write, "list": self.list,
+               "delete": self.delete, "without_subject": self.without_subject}
+        # Only when present: bindings without it keep their exact JSON (and the summary digest).
+        if self.artefacts is not None:
+            out["artefacts"] = self.artefacts.to_dict()
+        return out
 
     def canonical(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -102,8 +151,9 @@ class Binding:
 def parse_binding(body: Any) -> Binding:
     """A binding from its JSON form; names only (the schema check is the service's)."""
     if not isinstance(body, dict):
-        raise _invalid("a binding is a JSON object {resource_type, read, write, list?, delete?, without_subject?}")
-    unknown = sorted(set(body) - {"resource_type", *OPERATIONS, "without_subject"})
+        raise _invalid("a binding is a JSON object {resource_type, read, write, list?, delete?, without_subject?, "
+                       "artefacts?}")
+    unknown = sorted(set(body) - {"resource_type", *OPERATIONS, "without_subject", "artefacts"})
     if unknown:
         raise _invalid(f"unknown binding field {unknown[0][:64]!r}")
     rtype = body.get("resource_type")
@@ -123,7 +173,31 @@ def parse_binding(body: Any) -> Binding:
     ws = body.get("without_subject", "deny")
     if ws not in WITHOUT_SUBJECT:
         raise _invalid("without_subject must be deny or scopes")
-    return Binding(rtype, perms["read"], perms["write"], perms["list"], perms["delete"], ws)
+    arts = _parse_artefacts(body["artefacts"]) if body.get("artefacts") is not None else None
+    return Binding(rtype, perms["read"], perms["write"], perms["list"], perms["delete"], ws, arts)
+
+
+def _parse_artefacts(body: Any) -> ArtefactPart:
+    if not isinstance(body, dict):
+        raise _invalid("artefacts is a JSON object {resource_type, pull, push, tag?, verify?}")
+    unknown = sorted(set(body) - {"resource_type", *ARTEFACT_OPERATIONS})
+    if unknown:
+        raise _invalid(f"unknown artefacts field {unknown[0][:64]!r}")
+    rtype = body.get("resource_type")
+    if not isinstance(rtype, str) or not _TYPE.match(rtype):
+        raise _invalid("artefacts.resource_type must name a definition of the schema (e.g. model)")
+    perms: dict[str, str] = {}
+    for op in ("pull", "push"):
+        p = body.get(op)
+        if not isinstance(p, str) or not _NAME.match(p):
+            raise _invalid(f"artefacts.{op} must name a permission or relation of {rtype!r} (e.g. view)")
+        perms[op] = p
+    for op, default in ARTEFACT_DEFAULTS.items():
+        p = body.get(op, perms[default])
+        if not isinstance(p, str) or not _NAME.match(p):
+            raise _invalid(f"artefacts.{op} must name a permission or relation of {rtype!r}")
+        perms[op] = p
+    return ArtefactPart(rtype, perms["pull"], perms["push"], perms["tag"], perms["verify"])
 
 
 def binding_from_json(text: str) -> Binding:
@@ -132,3 +206,5 @@ def binding_from_json(text: str) -> Binding:
 
 # Gate actions -> binding operations.
 ACTION_OPS = {"object:read": "read", "object:write": "write", "object:list": "list", "object:delete": "delete"}
+ARTEFACT_ACTION_OPS = {"artefact:pull": "pull", "artefact:push": "push", "artefact:tag": "tag",
+                       "artefact:verify": "verify"}

@@ -641,12 +641,13 @@ class AuthzService:
         schema = self._schema(self._conn(), tenant, None, required=False)
         if schema is None:
             raise _invalid(f"tenant {tenant} has no authorisation schema: write one before binding a bucket")
-        d = schema.definitions.get(b.resource_type)
-        if d is None:
-            raise _invalid(f"resource_type {b.resource_type!r} is not a definition of tenant {tenant}'s schema")
-        for op in bnd.OPERATIONS:
-            if not d.has(b.permission(op)):
-                raise _invalid(f"{op}: {b.resource_type!r} has no permission or relation {b.permission(op)!r}")
+        for what, rtype, perm in b.requirements():  # the object part, then the artefacts part if any
+            d = schema.definitions.get(rtype)
+            if d is None:
+                where = "artefacts.resource_type" if what.startswith("artefacts.") else "resource_type"
+                raise _invalid(f"{where} {rtype!r} is not a definition of tenant {tenant}'s schema")
+            if not d.has(perm):
+                raise _invalid(f"{what}: {rtype!r} has no permission or relation {perm!r}")
 
     def put_binding(self, ctx: RequestContext, bucket: Any, body: Any) -> dict[str, Any]:
         b = self._bucket(bucket)
@@ -703,8 +704,8 @@ class AuthzService:
         rev = self.resolve(conn, tenant, None)
         return self._engine(conn, tenant, rev, context), rev
 
-    def object_check(self, tenant: str, binding: bnd.Binding, op: str, bucket: str, key: str, subject: str,
-                     context: dict[str, Any], engine: Engine | None = None) -> Result:
+    def object_check(self, tenant: str, binding: bnd.Binding | bnd.ArtefactPart, op: str, bucket: str, key: str,
+                     subject: str, context: dict[str, Any], engine: Engine | None = None) -> Result:
         """Does `subject` have the permission `op` is bound to on the object? (Cached per revision.)"""
         rid = bnd.object_id(bucket, key)
         if len(rid) > bnd.MAX_ID:
@@ -724,7 +725,7 @@ class AuthzService:
             self.cache.put(key_, hit, engine.snap.min_expiry)
         return hit
 
-    def object_lookup(self, tenant: str, binding: bnd.Binding, op: str, subject: str,
+    def object_lookup(self, tenant: str, binding: bnd.Binding | bnd.ArtefactPart, op: str, subject: str,
                       context: dict[str, Any]) -> set[str] | None:
         """Every object id of the bound type on which `subject` has the permission `op` is bound to
         (conditional answers count as no), or None when the lookup passes MAX_LOOKUP (callers then check
@@ -829,14 +830,20 @@ def _check_bindings(conn: Connection, tenant: str, schema: Schema, live: Callabl
         if not live(bucket, float(created)):
             continue
         b = bnd.binding_from_json(text)
-        d = schema.definitions.get(b.resource_type)
-        if d is None:
-            problems.append(f"bucket {bucket} binds objects to {b.resource_type!r}, which the schema no longer defines")
-            continue
-        gone = sorted({b.permission(op) for op in bnd.OPERATIONS if not d.has(b.permission(op))})
-        if gone:
-            problems.append(f"bucket {bucket} binds object operations to {', '.join(gone)} of {b.resource_type!r}, "
-                            "which the schema no longer has")
+        parts: list[tuple[str, str, set[str]]] = [
+            ("object", b.resource_type, {b.permission(op) for op in bnd.OPERATIONS})]
+        if b.artefacts is not None:
+            a = b.artefacts
+            parts.append(("artefact", a.resource_type, {a.permission(op) for op in bnd.ARTEFACT_OPERATIONS}))
+        for kind, rtype, perms in parts:
+            d = schema.definitions.get(rtype)
+            if d is None:
+                problems.append(f"bucket {bucket} binds {kind}s to {rtype!r}, which the schema no longer defines")
+                continue
+            gone = sorted(p for p in perms if not d.has(p))
+            if gone:
+                problems.append(f"bucket {bucket} binds {kind} operations to {', '.join(gone)} of {rtype!r}, "
+                                "which the schema no longer has")
     if problems:
         raise AnvilError("PreconditionFailed", "the schema change would break bucket bindings (unbind or rebind "
                                                f"them first): {'; '.join(problems[:5])}")
