@@ -104,6 +104,13 @@ def test_binding_round_trip_errors_and_cli(admin: AnvilClient, server: AnvilServ
     out = server.cli("bucket", "bind", b, "--resource-type", "document", "--read", "view", "--write", "edit",
                      "--list", "viewer")
     assert b"list=viewer" in out.stdout
+    server.cli("bucket", "bind", b, "--resource-type", "document", "--read", "view", "--write", "edit",
+               "--list", "viewer", "--artefact-type", "document", "--pull", "view", "--push", "edit")
+    arte = json.loads(server.cli("bucket", "binding", b, "--json").stdout)["binding"]["artefacts"]
+    assert arte["resource_type"] == "document" and arte["pull"] == "view" and arte["push"] == "edit"
+    half = server.cli("bucket", "bind", b, "--resource-type", "document", "--read", "view", "--write", "edit",
+                      "--pull", "view", check=False)
+    assert half.returncode == 2 and b"go together" in half.stderr
     bad = server.cli("bucket", "bind", b, "--resource-type", "document", "--read", "nope", "--write", "edit",
                      check=False)
     assert bad.returncode != 0 and b"InvalidArgument" in bad.stderr + bad.stdout

@@ -203,7 +203,8 @@ OPERATIONS += [
 # Bucket bindings: object operations decided by relationships (docs/authz.md, "Object access").
 OPERATIONS += [
     ("put", "/anvil/v1/buckets/{bucket}/authz-binding", "bindBucket",
-     "Bind object operations to permissions {resource_type, read, write, list?, delete?, without_subject?}", [],
+     "Bind object operations to permissions {resource_type, read, write, list?, delete?, without_subject?, "
+     "artefacts?: {resource_type, pull, push, tag?, verify?}}", [],
      True, False),
     ("get", "/anvil/v1/buckets/{bucket}/authz-binding", "getBucketBinding", "The bucket's binding", [], False, False),
     ("delete", "/anvil/v1/buckets/{bucket}/authz-binding", "unbindBucket", "Remove the bucket's binding", [], False,

@@ -305,9 +305,14 @@ def rel_delete(client: AnvilClient, as_json: bool, resource: str, relation: str 
               "--write).")
 @click.option("--without-subject", type=click.Choice(["deny", "scopes"]), default="deny", show_default=True,
               help="What a token acting for no subject gets: refused, or scopes alone.")
+@click.option("--artefact-type", default=None, metavar="TYPE",
+              help="Artefacts of the bucket are TYPE:BUCKET/NAME (default: the objects' type, read/write).")
+@click.option("--pull", default=None, metavar="PERMISSION", help="With --artefact-type: permission to pull/verify.")
+@click.option("--push", default=None, metavar="PERMISSION", help="With --artefact-type: permission to push/tag.")
 @client_command
 def bucket_bind(client: AnvilClient, as_json: bool, name: str, resource_type: str, read_: str, write_: str,
-                list_: str | None, delete_: str | None, without_subject: str) -> None:
+                list_: str | None, delete_: str | None, without_subject: str, artefact_type: str | None,
+                pull: str | None, push: str | None) -> None:
     """Decide the bucket's object operations by relationships: TYPE:BUCKET/KEY (docs/authz.md)."""
     body: dict[str, Any] = {"resource_type": resource_type, "read": read_, "write": write_,
                             "without_subject": without_subject}
@@ -315,6 +320,10 @@ def bucket_bind(client: AnvilClient, as_json: bool, name: str, resource_type: st
         body["list"] = list_
     if delete_:
         body["delete"] = delete_
+    if artefact_type or pull or push:
+        if not (artefact_type and pull and push):
+            raise click.UsageError("--artefact-type, --pull and --push go together")
+        body["artefacts"] = {"resource_type": artefact_type, "pull": pull, "push": push}
     res = client.authz_bind_bucket(name, body)
     b = res["binding"]
     emit(as_json, res, text=f"bound {name}: objects are {b['resource_type']}:{name}/KEY; read={b['read']} "
