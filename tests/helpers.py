@@ -123,3 +123,20 @@ class AnvilServer:
 
 def unique_bucket(prefix: str = "b") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+class Cli:
+    """`anvil` CLI subprocesses with a fixed environment (the caller's, minus `scrub`, plus `env`)."""
+
+    def __init__(self, env: dict[str, str], scrub: tuple[str, ...] = ()):
+        self.env, self.scrub = env, scrub
+
+    def run(self, *args: str, creds: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        base = {k: v for k, v in os.environ.items() if k not in self.scrub}
+        return subprocess.run([sys.executable, "-m", "anvil.cli.main", *args],
+                              env={**base, **self.env, **(creds or {})}, capture_output=True, timeout=300, text=True)
+
+    def json(self, *args: str, **kw) -> dict:
+        proc = self.run(*args, "--json", **kw)
+        assert proc.returncode == 0, f"{args}\n{proc.stdout}\n{proc.stderr}"
+        return json.loads(proc.stdout)

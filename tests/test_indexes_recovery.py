@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import AnvilServer, unique_bucket
+from tests.helpers import AnvilServer, Cli, unique_bucket
 
 ENV = {"ANVIL_BACKUP_KDF": "test", "ANVIL_BACKUP_PASSPHRASE": "index passphrase"}
 SCRUB = ("ANVIL_CLIENT_ID", "ANVIL_CLIENT_SECRET")
 
 
-def run(*args: str, creds: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in SCRUB}
-    return subprocess.run([sys.executable, "-m", "anvil.cli.main", *args], env={**env, **ENV, **(creds or {})},
-                          capture_output=True, timeout=300, text=True)
-
-
-def ok_json(*args: str, **kw) -> dict:
-    proc = run(*args, "--json", **kw)
-    assert proc.returncode == 0, f"{args}\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(proc.stdout)
+_CLI = Cli(ENV, SCRUB)
+run, ok_json = _CLI.run, _CLI.json
 
 
 @pytest.fixture(scope="module")

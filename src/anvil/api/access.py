@@ -93,7 +93,7 @@ class BindingAccess:
 
     def _binding(self, principal: Principal, bucket: str) -> tuple[str, bnd.Binding] | None:
         authz = self.anvil.authz
-        if bucket not in authz._load_bindings():  # the common case: no binding, no bucket read
+        if not authz.has_binding(bucket):  # the common case: no binding, no bucket read
             return None
         b = self.anvil.objects.find_bucket(bucket)
         return authz.binding_of(bucket, b.created) if b is not None else None

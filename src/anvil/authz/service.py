@@ -629,6 +629,10 @@ class AuthzService:
         b = self._find_bucket(bucket) if self._find_bucket is not None else None
         return b is not None and b.created == created
 
+    def has_binding(self, bucket: str) -> bool:
+        """Whether a bucket of this name has a binding (in memory: asked on every object request)."""
+        return bucket in self._load_bindings()
+
     def binding_of(self, bucket: str, created: float) -> tuple[str, bnd.Binding] | None:
         """The (tenant, binding) of the bucket created at `created`, or None (unbound). In memory:
         it runs on every object request."""
