@@ -119,7 +119,14 @@ def verify_entry(cert: Any, public_keys: dict[str, str], *, group: str, prev_has
                  changeset: bytes | None = None) -> dict[str, Any]:
     """One commit certificate in its place in the chain: signature, group, index, link to
     `prev_hash`, the recomputed entry hash, and (when the bytes are at hand) the changeset's hash."""
-    body = verify_certificate(cert, public_keys)
+    return check_entry(verify_certificate(cert, public_keys), group=group, prev_hash=prev_hash, index=index,
+                       changeset=changeset)
+
+
+def check_entry(body: dict[str, Any], *, group: str, prev_hash: str, index: int,
+                changeset: bytes | None = None) -> dict[str, Any]:
+    """The chain checks of `verify_entry` on a body whose signature was already verified (so a
+    client may verify many signatures in parallel and link them in order afterwards)."""
     if body.get("type") != "commit" or body.get("group") != group or body.get("index") != index:
         raise CertificateInvalid(f"certificate is for {body.get('group')!r}#{body.get('index')!r}, "
                                  f"expected {group!r}#{index}")

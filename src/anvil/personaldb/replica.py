@@ -41,6 +41,9 @@ import zstandard
 from anvil.personaldb import certs
 from anvil.storage import sqlitefile as sf
 
+# Threads that check certificate signatures during a catch-up (one per core).
+VERIFY_THREADS = os.cpu_count() or 1
+
 META = "_anvil_pdb_meta"
 PENDING = "_anvil_pdb_pending"
 CERTS = "_anvil_pdb_certs"
@@ -298,9 +301,10 @@ class Replica:
                     last = entries[-1]
                     nxt = pool.submit(self.client.pdb_catch_up, self.group, last.get("index"), last.get("hash"),
                                       limit=self.page)
-                for e in entries:
+                bodies = self._verify_signatures([e["certificate"] for e in entries])
+                for e, signed in zip(entries, bodies, strict=True):
                     cs = _b64(e["changeset"])
-                    body = self._verify(e["certificate"], prev_hash=h, index=index + 1, changeset=cs)
+                    body = certs.check_entry(signed, group=self.group, prev_hash=h, index=index + 1, changeset=cs)
                     out.append({"index": body["index"], "hash": body["hash"], "kind": body["entry_kind"],
                                 "schema_version": body["schema_version"], "changeset": cs,
                                 "certificate": e["certificate"]})
@@ -309,6 +313,27 @@ class Replica:
                     return out, None
                 if (last.get("index"), last.get("hash")) != (index, h):
                     raise certs.CertificateInvalid("a catch-up page does not end at the entry it certifies")
+
+    def _verify_signatures(self, page: list[Any]) -> list[dict[str, Any]]:
+        """The signatures of a page of certificates, checked on one thread per core (Ed25519
+        verification releases the GIL and is most of a catch-up's CPU); their bodies, in order.
+        A key id not seen yet (a rotation) refetches the keys once."""
+        try:
+            return self._signatures_with(page, self.keys())
+        except certs.CertificateInvalid as err:
+            if "unknown witness key" not in err.message:
+                raise
+            return self._signatures_with(page, self.keys(refresh=True))
+
+    def _signatures_with(self, page: list[Any], keys: dict[str, str]) -> list[dict[str, Any]]:
+        workers = min(VERIFY_THREADS, max(1, len(page) // 64))
+        if workers == 1:
+            return [certs.verify_certificate(c, keys) for c in page]
+        step = -(-len(page) // workers)
+        slices = [page[i:i + step] for i in range(0, len(page), step)]
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="anvil-pdb-verify") as pool:
+            done = pool.map(lambda part: [certs.verify_certificate(c, keys) for c in part], slices)
+            return [body for part in done for body in part]
 
     def _verify(self, cert: Any, *, prev_hash: str, index: int, changeset: bytes | None) -> dict[str, Any]:
         """One certificate in its place; a key id not seen yet (a rotation) refetches the keys once."""
