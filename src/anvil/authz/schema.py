@@ -13,13 +13,13 @@ in the schema text.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import cel
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
@@ -78,7 +78,12 @@ BLOCK_COMMENT: /\/\*(.|\n)*?\*\//
 %ignore BLOCK_COMMENT
 """
 
-_PARSER = Lark(GRAMMAR, parser="lalr", propagate_positions=True, maybe_placeholders=False)
+
+@functools.cache
+def _parser() -> Lark:
+    """Built on first use: the LALR tables take ~0.3 s of CPU, paid by every server start otherwise."""
+    return Lark(GRAMMAR, parser="lalr", propagate_positions=True, maybe_placeholders=False)
+
 
 DEFINITION_RE = re.compile(r"^([a-z][a-z0-9_]{1,62}[a-z0-9]/)?[a-z][a-z0-9_]{1,62}[a-z0-9]$")
 RELATION_RE = re.compile(r"^[a-z][a-z0-9_]{1,62}[a-z0-9]$")
@@ -366,7 +371,7 @@ def parse(text: str) -> Schema:
     if len(text.encode()) > MAX_SCHEMA_BYTES:
         raise AnvilError("InvalidArgument", f"the schema is larger than {MAX_SCHEMA_BYTES} bytes")
     try:
-        tree: Tree = _PARSER.parse(text)
+        tree: Tree = _parser().parse(text)
     except UnexpectedInput as e:
         raise _syntax_error(e, text) from None
     try:
@@ -490,6 +495,10 @@ def _compile_caveat(cav: Caveat) -> None:
     if not cav.expression:
         raise schema_error(body_line, body_col, f"caveat {cav.name!r} has an empty expression")
     source = raw[1:-1]
+    # Imported here: the `cel` package loads its REPL (prompt_toolkit, ~0.5 s) on import, which every
+    # server start would pay although most stores declare no caveat.
+    import cel
+
     try:
         cav.program = cel.compile(source)
     except (ValueError, RuntimeError, TypeError) as e:

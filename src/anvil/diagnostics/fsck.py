@@ -21,10 +21,9 @@ from typing import Any
 from anvil.diagnostics import findings as fnd
 from anvil.diagnostics.findings import FindingRecord, make_finding
 from anvil.errors import AnvilError
-from anvil.storage import Catalog, Layout
+from anvil.storage import Catalog, Layout, records
 from anvil.storage.blobs import BlobStore
 from anvil.storage.participant import StorageParticipant
-from anvil.storage.records import RecordError
 from anvil.storage.recovery import Finding, Participant, Progress, RecoveryContext
 
 
@@ -93,7 +92,7 @@ def _validate_all(target: Target, participants: list[Participant], deep: bool, p
         try:
             found += [f for f in p.validate(ctx) if f.severity != "info"]
             ctx.checked.add(f"{p.name}.unreadable")
-        except RecordError as e:
+        except records.RecordError as e:
             # A damaged catalog must not stop the other checks: the failure itself is a finding.
             ctx.stats[p.name] = {"ok": False, "error": str(e)}
             found.append(Finding(p.name, "error", "catalog.db", f"the {p.name} check could not read catalog.db: {e}",
@@ -133,7 +132,7 @@ def run_fsck(
             report.unresolved_earlier = sum(
                 1 for (fid,) in target.catalog.reader().execute("SELECT id FROM findings WHERE resolved_at IS NULL")
                 if fid not in mine)
-        except (RecordError, AnvilError) as e:
+        except (records.RecordError, AnvilError) as e:
             report.record_error = f"findings could not be recorded: {e}"
     elif record:
         report.record_error = "findings could not be recorded: catalog.db cannot be opened"

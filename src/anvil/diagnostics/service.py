@@ -15,8 +15,7 @@ from anvil.diagnostics.gc import DEFAULT_GRACE, DEFAULT_UPLOAD_EXPIRY, GcReport,
 from anvil.diagnostics.repair import run_repair
 from anvil.errors import AnvilError
 from anvil.objects import ObjectService
-from anvil.storage import Catalog, Layout, Storage
-from anvil.storage.records import RecordError
+from anvil.storage import Catalog, Layout, Storage, records
 from anvil.storage.recovery import Participant, Progress
 
 # Offline tools act as this principal: whoever can open the stopped STORAGE_PATH is its operator.
@@ -83,7 +82,7 @@ def open_offline_target(root: str | Path) -> Iterator[Target]:
         try:
             catalog = Catalog(layout.catalog_path)
             catalog.migrate("diagnostics", fnd.MIGRATIONS)
-        except RecordError as e:
+        except records.RecordError as e:
             error = str(e)
             catalog = None
         yield Target(layout, catalog, error)

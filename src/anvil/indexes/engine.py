@@ -39,12 +39,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import faiss
-import numpy as np
 import tantivy
 
 from anvil.errors import AnvilError
 from anvil.indexes.definitions import definition_hash
+from anvil.indexes.lazy import LazyModule
+
+# faiss and numpy cost ~35 MiB of resident memory when imported: only a store with a vector index
+# pays for them (their first attribute access imports them).
+faiss: Any = LazyModule("faiss")
+np: Any = LazyModule("numpy")
 
 MANIFEST = "MANIFEST.json"
 # The generation layout; a generation of another format is rebuilt from source on open (format 1

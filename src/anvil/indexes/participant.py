@@ -21,11 +21,10 @@ import shutil
 import time
 from typing import Any
 
-import numpy as np
 import tantivy
 
 from anvil.indexes.definitions import definition_hash
-from anvil.indexes.engine import MANIFEST, Engine, _analyzer, check_files, read_manifest
+from anvil.indexes.engine import MANIFEST, Engine, _analyzer, check_files, np, read_manifest
 from anvil.indexes.filters import compile_filter
 from anvil.indexes.service import (
     INDEX_DIR,

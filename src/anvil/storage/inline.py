@@ -20,7 +20,8 @@ import os
 from collections.abc import Iterable, Iterator
 
 from anvil.errors import AnvilError
-from anvil.storage.records import Connection, RecordError
+from anvil.storage import records
+from anvil.storage.records import Connection
 from anvil.storage.space import parse_size
 
 TABLE = "inline_blobs"
@@ -68,7 +69,7 @@ def put(conn: Connection, sha256: str, body: bytes, now: float) -> None:
 def get(conn: Connection, sha256: str) -> bytes | None:
     try:
         row = conn.execute("SELECT body FROM inline_blobs WHERE sha256 = ?", (sha256,)).fetchone()
-    except RecordError:
+    except records.RecordError:
         return None  # a store from before this table (or a catalog that is not one)
     return bytes(row[0]) if row else None
 
@@ -76,7 +77,7 @@ def get(conn: Connection, sha256: str) -> bytes | None:
 def size(conn: Connection, sha256: str) -> int | None:
     try:
         row = conn.execute("SELECT size FROM inline_blobs WHERE sha256 = ?", (sha256,)).fetchone()
-    except RecordError:
+    except records.RecordError:
         return None
     return int(row[0]) if row else None
 
@@ -86,7 +87,7 @@ def rows(conn: Connection) -> dict[str, tuple[int, float]]:
     try:
         return {r[0]: (int(r[1]), float(r[2])) for r in conn.execute(
             "SELECT sha256, size, stored FROM inline_blobs ORDER BY sha256")}
-    except RecordError:
+    except records.RecordError:
         return {}
 
 
@@ -96,7 +97,7 @@ def bodies(conn: Connection) -> Iterator[tuple[str, int, bytes]]:
         cur = conn.execute("SELECT sha256, size, body FROM inline_blobs ORDER BY sha256")
         for r in cur:
             yield r[0], int(r[1]), bytes(r[2])
-    except RecordError:
+    except records.RecordError:
         return
 
 

@@ -39,9 +39,12 @@ from psycopg_pool import ConnectionPool
 from anvil.errors import AnvilError
 from anvil.storage import catalog as _catalog
 from anvil.storage import journal
+from anvil.storage import records as _records
 
 # The advisory lock key that serialises journal appends (and migrations) across every node.
 JOURNAL_LOCK = 0x616E76696C  # "anvil"
+
+_records.add_engine_error(psycopg.Error)
 
 URL_PREFIXES = ("postgresql://", "postgres://")
 

@@ -20,13 +20,16 @@ from typing import Any, Protocol
 import apsw
 
 # Every failure of the record store (I/O, corruption, constraint, SQL error) is one of these:
-# a tuple of both engines' base errors, for `except RecordError` (psycopg only where installed).
-try:
-    import psycopg as _psycopg
+# a tuple of the engines' base errors, for `except records.RecordError`. PostgreSQL's is added when
+# `storage.pg` is imported (`add_engine_error`), so an embedded store never loads psycopg (~25 MiB
+# resident). Read it as `records.RecordError` at the `except`, not bound by `from ... import`.
+RecordError: Any = (apsw.Error,)
 
-    RecordError: Any = (apsw.Error, _psycopg.Error)
-except ImportError:  # pragma: no cover - the embedded engine alone
-    RecordError = apsw.Error
+
+def add_engine_error(error: type[BaseException]) -> None:
+    global RecordError
+    if error not in RecordError:
+        RecordError = (*RecordError, error)
 
 
 class Cursor(Protocol):
