@@ -11,6 +11,7 @@ PostgreSQL and a point-in-time restore replays it.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import threading
 import time
@@ -26,7 +27,6 @@ from anvil.storage.blobs import BlobStore
 from anvil.storage.pg import PgCatalog
 from anvil.storage.recovery import RecoveryContext
 from tests.helpers import AnvilServer, Cli, unique_bucket
-from tests.pg import migrate
 from tests.test_participant_conformance import _populate
 
 ENV = {"ANVIL_BACKUP_KDF": "test", "ANVIL_BACKUP_PASSPHRASE": "pg backup passphrase"}
@@ -40,12 +40,10 @@ def world(postgres, tmp_path_factory: pytest.TempPathFactory):
     the journal into the repository."""
     base = tmp_path_factory.mktemp("pg-backup")
     url = postgres.new_database()
-    migrate(url)
+    _migrate(url)
     _populate(base / "a", records=url)
-    repo = f"file://{base / 'repo'}"
+    repo = _init_repo(base / "repo")
     cli = Cli(ENV)
-    proc = cli.run("backup", "init", "--repo", repo)
-    assert proc.returncode == 0, proc.stderr
     # One deployment: the nodes share secrets/ (tokens, sealed secrets) and FORMAT (the deployment id).
     (base / "b").mkdir()
     shutil.copytree(base / "a" / "secrets", base / "b" / "secrets")
@@ -63,6 +61,35 @@ def world(postgres, tmp_path_factory: pytest.TempPathFactory):
     finally:
         a.stop()
         b.stop()
+
+
+def _init_repo(path: Path) -> str:
+    """`anvil backup init`, in this process (cheap test key derivation)."""
+    import os
+
+    from anvil.backup.backends import open_backend
+    from anvil.backup.repository import Repository
+
+    os.environ["ANVIL_BACKUP_KDF"] = "test"
+    try:
+        Repository.init(open_backend(f"file://{path}"), ENV["ANVIL_BACKUP_PASSPHRASE"])
+    finally:
+        del os.environ["ANVIL_BACKUP_KDF"]
+    return f"file://{path}"
+
+
+def _open(repo: str) -> Any:
+    from anvil.backup import ops
+
+    return ops.open_repo(repo, passphrase=ENV["ANVIL_BACKUP_PASSPHRASE"])
+
+
+def _migrate(url: str) -> None:
+    """`anvil admin migrate --records URL`, in this process (the CLI itself is tested in test_pg_records)."""
+    from anvil.backup.pgcapture import migrations
+    from anvil.storage.pg import apply_all
+
+    apply_all(url, migrations(recovery_participants()))
 
 
 def _client(world: dict[str, Any], node: AnvilServer) -> Any:
@@ -102,15 +129,15 @@ def test_a_node_backs_up_postgresql_restored_embedded_equal_and_the_drill_passes
     cli, repo, creds = world["cli"], world["repo"], world["creds"]
     snap = cli.json("backup", "create", "--repo", repo, "--endpoint", world["a"].endpoint, creds=creds)
     assert snap["problems"] == []
-    manifest = cli.json("backup", "inspect", "--repo", repo, snap["id"])
+    manifest = _open(repo).load_snapshot(snap["id"])
     assert "pg_export_snapshot" in manifest["consistency"]["method"]
     assert manifest["config"]["records"].startswith("postgresql://")
     live = _live_summaries(world)  # nothing writes between the snapshot and here
 
+    from anvil.backup.restore import restore
+
     target = world["base"] / "embedded"
-    cli.json("restore", "--repo", repo, "--snapshot", snap["id"], "--target", str(target))
-    report = cli.json("recovery", "validate", "--storage-path", str(target))
-    assert report["ok"], report["needs_operator"]
+    restore(_open(repo), manifest, target, recovery_participants())
     restored = _restored_summaries(target)
     for name in COMPARED:
         assert restored[name] == live[name], name
@@ -119,11 +146,12 @@ def test_a_node_backs_up_postgresql_restored_embedded_equal_and_the_drill_passes
         assert recorded == {k: v for k, v in live[name].items() if k != "escrowed"}, name
     assert restored["objects"] and restored["personaldb"] and restored["authz"]
 
-    # The drill restores into a temporary embedded store; an operator's ANVIL_RECORDS_URL (here the live
-    # store's) must not reach its server: the live journal gets no recovery.resume event.
+    # The drill restores into a temporary embedded store, validates it and proves it through a server.
+    # An operator's ANVIL_RECORDS_URL (here the live store's) must not reach that server: the live
+    # journal gets no recovery.resume event.
     head_before = _journal(world["url"])[-1][0]
-    drill = cli.run("drill", "--repo", repo, "--snapshot", snap["id"], "--report-dir",
-                    str(world["base"] / "drill"), "--json", creds={**creds, "ANVIL_RECORDS_URL": world["url"]})
+    drill = cli.run("drill", "--repo", repo, "--snapshot", snap["id"], "--report-dir", str(world["base"] / "drill"),
+                    creds={**creds, "ANVIL_RECORDS_URL": world["url"]})
     assert drill.returncode == 0, drill.stdout[-3000:] + drill.stderr[-2000:]
     assert not [e for e in _journal(world["url"]) if e[0] > head_before and e[1] == "recovery.resume"]
 
@@ -139,10 +167,13 @@ def test_the_journal_is_archived_from_postgresql_and_replayed_to_a_point(world) 
     status = cli.json("backup", "status", "--endpoint", world["a"].endpoint, "--flush", creds=creds)["server"]
     head = _journal(world["url"])[-1][0]
     assert status["archived_seq"] >= head and not status["last_error"]
+    from anvil.backup import ops
+    from anvil.backup.pitr import restore_to_point
+
     target = world["base"] / "pitr"
-    res = cli.json("restore", "--repo", world["repo"], "--to-seq", str(head), "--target", str(target))
+    res = restore_to_point(_open(world["repo"]), target, recovery_participants(), to_seq=head)
     assert res["point_in_time"]["head_seq"] == head and res["point_in_time"]["events_replayed"] >= 6
-    report = cli.json("recovery", "validate", "--storage-path", str(target))
+    report = ops.validate_path(target, recovery_participants())
     assert report["ok"], report["needs_operator"]
     conn = records.open_readonly(target / "catalog.db")
     try:
@@ -155,7 +186,6 @@ def test_the_journal_is_archived_from_postgresql_and_replayed_to_a_point(world) 
 def test_writes_racing_the_snapshot_are_wholly_in_or_wholly_out(world) -> None:
     """Writers on both nodes keep writing while node B takes the snapshot: the restored records are
     exactly those of the journal events up to S, and the chain hash at S is the live one."""
-    from anvil.backup import ops
     from anvil.backup.restore import restore
 
     bucket = unique_bucket("race")
@@ -191,7 +221,7 @@ def test_writes_racing_the_snapshot_are_wholly_in_or_wholly_out(world) -> None:
         stop.set()
         for t in threads:
             t.join(10)
-    repo = ops.open_repo(world["repo"], passphrase=ENV["ANVIL_BACKUP_PASSPHRASE"])
+    repo = _open(world["repo"])
     manifest = repo.resolve_snapshot(snap["id"])
     s, chain = manifest["consistency"]["journal_seq"], manifest["consistency"]["journal_hash"]
     live = _journal(world["url"])
@@ -226,22 +256,31 @@ def records_head(conn: Any) -> tuple[int, str]:
 
 
 def test_an_embedded_backup_restores_into_postgresql_and_a_node_serves_it(world) -> None:
-    cli, postgres = world["cli"], world["postgres"]
-    base = world["base"]
-    emb = AnvilServer(base / "emb", env=ENV).start()
+    from anvil.backup import ops
+    from anvil.backup.errors import BackupError
+    from anvil.backup.pgcapture import restore_into_records
+    from anvil.errors import AnvilError
+    from anvil.runtime import Anvil
+
+    cli, postgres, base = world["cli"], world["postgres"], world["base"]
+    emb = base / "emb"
+    big = hashlib.sha256(b"x").digest() * 4096  # 128 KiB: a blob file, not an inline body
+    a = Anvil(emb)
     try:
-        cred = emb.admin_credentials()
-        creds = {"ANVIL_CLIENT_ID": cred["client_id"], "ANVIL_CLIENT_SECRET": cred["client_secret"]}
-        big = hashlib.sha256(b"x").digest() * 4096  # 128 KiB: a blob file, not an inline body
-        with emb.client() as c:
-            c.create_bucket("keep", versioning="Enabled")
-            c.put_object("keep", "small", b"small body")
-            c.put_object("keep", "big", big)
-        repo = f"file://{base / 'emb-repo'}"
-        assert cli.run("backup", "init", "--repo", repo).returncode == 0
-        snap = cli.json("backup", "create", "--repo", repo, "--endpoint", emb.endpoint, creds=creds)
+        from anvil.context import DEV_PRINCIPAL, RequestContext
+        from anvil.storage.blobs import BlobWriter
+
+        ctx = RequestContext(DEV_PRINCIPAL)
+        a.objects.create_bucket(ctx, "keep", versioning="Enabled")
+        for key, body in (("small", b"small body"), ("big", big)):
+            w = BlobWriter(a.storage.blobs)
+            w.write(body)
+            a.objects.put_object(ctx, "keep", key, a.objects.store_body(w))
+        repo = _init_repo(base / "emb-repo")
+        snap = ops.backup_storage(a.storage, a.participants(), _open(repo))
     finally:
-        emb.stop()
+        a.close()
+    cred = json.loads((emb / "bootstrap" / "first-admin.json").read_text())
 
     # A store that already holds records is refused with a clear code, and nothing changes anywhere.
     before = _journal(world["url"])
@@ -249,18 +288,19 @@ def test_an_embedded_backup_restores_into_postgresql_and_a_node_serves_it(world)
     assert refused.returncode == 1 and "RecordStoreNotEmpty" in refused.stderr, refused.stderr
     assert not (base / "refused").exists() and _journal(world["url"]) == before
     unmigrated = postgres.new_database()
-    refused = cli.run("restore", "--repo", repo, "--target", str(base / "refused"), "--records", unmigrated)
-    assert refused.returncode == 1 and "anvil admin migrate" in refused.stderr, refused.stderr
+    with pytest.raises(AnvilError, match="anvil admin migrate"):
+        restore_into_records(unmigrated, base / "refused", recovery_participants(), lambda: pytest.fail("ran"))
     assert not (base / "refused").exists()
 
     url = postgres.new_database()
-    migrate(url)
+    _migrate(url)
     node = base / "restored-node"
     res = cli.json("restore", "--repo", repo, "--snapshot", snap["id"], "--target", str(node), "--records", url)
-    assert res["ok"] and res["records_loaded"]["journal_seq"] == snap["journal_seq"]
+    assert res["ok"] and res["records_loaded"]["journal_seq"] == snap["consistency"]["journal_seq"]
     assert not (node / "catalog.db").exists()  # the records live in PostgreSQL only
     # Validation runs on the target engine (and refuses to run on a catalog.db that is not there).
-    assert "give --records URL" in cli.run("recovery", "validate", "--storage-path", str(node)).stderr
+    with pytest.raises(BackupError, match="give --records URL"):
+        ops.validate_path(node, recovery_participants())
     report = cli.json("recovery", "validate", "--storage-path", str(node), "--records", url)
     assert report["ok"], report["needs_operator"]
 
