@@ -71,7 +71,9 @@ def _check_versions(url: str, found: dict[str, int] | None, migrations: dict[str
         raise AnvilError("UnsupportedFormat", f"the record store {redact_url(url)} has no schema: "
                                               "run `anvil admin migrate --records URL` first")
     want = {c: len(m) for c, m in migrations.items()}
-    differ = sorted(c for c in set(want) | set(found) if want.get(c, 0) != found.get(c, 0))
+    # Components of the snapshot must be at exactly this Anvil's versions; a component no participant
+    # declares (node coordination, say) is not part of a snapshot and is left alone.
+    differ = sorted(c for c in want if want[c] != found.get(c, 0))
     if differ:
         what = ", ".join(f"{c} at {found.get(c, 0)} (this Anvil: {want.get(c, 0)})" for c in differ)
         raise AnvilError("UnsupportedFormat", f"the record store {redact_url(url)}'s schema differs from this "
