@@ -70,11 +70,15 @@ def _init_repo(path: Path) -> str:
     from anvil.backup.backends import open_backend
     from anvil.backup.repository import Repository
 
+    saved = os.environ.get("ANVIL_BACKUP_KDF")
     os.environ["ANVIL_BACKUP_KDF"] = "test"
     try:
         Repository.init(open_backend(f"file://{path}"), ENV["ANVIL_BACKUP_PASSPHRASE"])
-    finally:
-        del os.environ["ANVIL_BACKUP_KDF"]
+    finally:  # as it was: other modules of this worker set it for their own repositories
+        if saved is None:
+            del os.environ["ANVIL_BACKUP_KDF"]
+        else:
+            os.environ["ANVIL_BACKUP_KDF"] = saved
     return f"file://{path}"
 
 
