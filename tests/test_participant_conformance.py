@@ -33,10 +33,10 @@ def _participant(name: str) -> Participant:
     return next(p for p in recovery_participants() if p.name == name)
 
 
-def _populate(root: Path) -> None:
+def _populate(root: Path, records: str | None = None) -> None:
     """A little of every kind of state: buckets, versions, a multipart part, an app, a consumer, a finding,
-    an authz schema with relationships (one deleted)."""
-    a = Anvil(root)
+    an authz schema with relationships (one deleted). `records`: a PostgreSQL store (tests/test_pg_backup.py)."""
+    a = Anvil(root, records=records)
     try:
         ctx = RequestContext(DEV_PRINCIPAL)
         a.objects.create_bucket(ctx, "conf-a", versioning="Enabled")

@@ -34,6 +34,8 @@ HTTP_STATUS: dict[str, int] = {
     "InvalidPartOrder": 400,
     "MethodNotAllowed": 405,
     "StorageLocked": 409,
+    # `anvil restore --records URL`: the PostgreSQL store to restore into already holds records.
+    "RecordStoreNotEmpty": 409,
     "StorageFull": 507,
     "UnsupportedFormat": 500,
     "DataCorrupted": 500,

@@ -44,9 +44,12 @@ class _Server:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "ab")
+        # Always the embedded engine on the restored path: an operator's ANVIL_RECORDS_URL (a scaled
+        # deployment's PostgreSQL) must never point the drill's server at live records.
+        env = {k: v for k, v in os.environ.items() if k != "ANVIL_RECORDS_URL"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "anvil.cli.main", "serve", "--storage-path", str(storage),
-             "--listen", f"127.0.0.1:{self.port}"], stdout=self._log, stderr=subprocess.STDOUT)
+             "--listen", f"127.0.0.1:{self.port}"], stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def wait_live(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

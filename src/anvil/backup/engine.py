@@ -43,19 +43,32 @@ CONSISTENCY_METHOD = "sqlite-online-backup step(-1) in one read transaction; S =
 
 
 @contextlib.contextmanager
-def checkpoint(catalog_path: Path, tmp_dir: Path) -> Iterator[Path]:
+def checkpoint(catalog_path: Path | str, tmp_dir: Path, participants: list[Participant] | None = None,
+               info: dict[str, Any] | None = None) -> Iterator[Path]:
     """A transactionally consistent copy of catalog.db at some journal seq S.
 
     The online backup API copies every page in one `step(-1)`, inside one read transaction
     on the source: WAL lets the writer keep committing meanwhile, and the copy is exactly
     the database as of one commit. S is whatever the copy's journal head is. Blobs are
     immutable and written before their records commit, so those referenced at S exist.
+
+    `catalog_path` may instead be a PostgreSQL record store's URL: one exported REPEATABLE READ
+    snapshot of it is copied into a catalog file of the same schema (backup.pgcapture), so
+    everything after this step is the same for both engines. `info["method"]` says which.
     """
     work = tmp_dir / f"checkpoint-{uuid.uuid4().hex[:12]}"
     work.mkdir(parents=True)
     dest_path = work / "catalog.db"
     try:
-        records.consistent_copy(catalog_path, dest_path)
+        if isinstance(catalog_path, str):  # a record store's URL (imported here: psycopg only when used)
+            from anvil.backup import pgcapture
+
+            method = pgcapture.capture(str(catalog_path), dest_path, participants or [])
+        else:
+            records.consistent_copy(catalog_path, dest_path)
+            method = CONSISTENCY_METHOD
+        if info is not None:
+            info["method"] = method
         yield dest_path
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -171,7 +184,7 @@ def latest_for(repo: Repository, deployment_id: str, *, full: bool = True) -> di
     return repo.load_snapshot(rows[-1]["id"]) if rows else None
 
 
-def create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
+def create_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
                     participants: list[Participant], repo: Repository, *, progress: Progress | None = None,
                     tag: str | None = None, config: dict[str, Any] | None = None,
                     escrow_secrets: bool | None = None) -> dict[str, Any]:
@@ -181,7 +194,7 @@ def create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tm
                                 progress=progress, tag=tag, config=config, escrow_secrets=escrow_secrets)
 
 
-def _create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
+def _create_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
                      participants: list[Participant], repo: Repository, *, progress: Progress | None = None,
                      tag: str | None = None, config: dict[str, Any] | None = None,
                      escrow_secrets: bool | None = None) -> dict[str, Any]:
@@ -201,7 +214,7 @@ def _create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, t
         writer.close()
 
 
-def _fill_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
+def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
                    participants: list[Participant], repo: Repository, writer: PackWriter,
                    parent: dict[str, Any] | None, started: float, orphans: dict[str, Any], *,
                    progress: Progress | None = None,
@@ -210,7 +223,8 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp
     parent_blobs: dict[str, dict[str, Any]] = parent["tree"]["blobs"] if parent else {}
     known = writer.known
     problems: list[str] = []
-    with checkpoint(catalog_path, tmp_dir) as cp:
+    captured: dict[str, Any] = {}
+    with checkpoint(catalog_path, tmp_dir, participants, captured) as cp:
         conn = records.open_readonly(cp)
         try:
             ctx = RecoveryContext(storage_root, conn, blobs, participants, escrow_secrets=escrow_secrets)
@@ -313,7 +327,7 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp
         "storage_format": _storage_format(fmt),
         "deployment_id": deployment_id,
         "hostname": platform.node(),
-        "consistency": {"method": CONSISTENCY_METHOD, "journal_seq": seq, "journal_hash": chain_hash},
+        "consistency": {"method": captured["method"], "journal_seq": seq, "journal_hash": chain_hash},
         "key_ids": {"repository_key": repo.key_id, "secret_keys": secret_key_ids,
                     "secrets_escrowed": escrow_secrets, "escrow_policy": escrow_policy},
         "config": config or {},

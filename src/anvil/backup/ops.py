@@ -34,33 +34,46 @@ def backup_storage(storage: Storage, participants: list[Participant], repo: Repo
         open_backend(url, storage_path=root)
     layout = storage.layout
     config = {"storage_path": str(root), "mode": run_mode, "repository": url, "escrow_secrets": escrow_secrets}
+    records_url = getattr(storage, "records_url", None)
+    if records_url:
+        from anvil.storage.pg import redact_url
+
+        config["records"] = redact_url(records_url)  # PostgreSQL: the snapshot is an exported one (pgcapture)
     if incremental:
         from anvil.backup.archive import create_delta
 
         return create_delta(storage, participants, repo, tag=tag, config={**config, "incremental": True},
                             progress=progress)
-    return engine.create_snapshot(root, layout.catalog_path, storage.blobs, layout.tmp,
+    return engine.create_snapshot(root, records_url or layout.catalog_path, storage.blobs, layout.tmp,
                                   storage.format.deployment_id, participants, repo,
                                   progress=progress, tag=tag, config=config, escrow_secrets=escrow_secrets)
 
 
-def _stopped_store(storage_path: str | Path) -> Storage:
+def _stopped_store(storage_path: str | Path, records: str | None = None) -> Storage:
     if not (Path(storage_path) / "FORMAT").exists():
         raise BackupError(f"{storage_path} is not an Anvil storage path (no FORMAT)")
-    return Storage(storage_path)
+    loaded_into = (mode.read_marker(Path(storage_path)) or {}).get("records")
+    if loaded_into and not records:
+        # Opened without it, the path would get a new, empty catalog.db and fail every comparison.
+        raise BackupError(f"the records of {storage_path} were restored into the PostgreSQL store {loaded_into}: "
+                          "give --records URL")
+    return Storage(storage_path, records=records)
 
 
-def validate_path(storage_path: str | Path, participants: list[Participant]) -> dict[str, Any]:
-    """Offline validation of a (restored) STORAGE_PATH; the server must be stopped."""
-    storage = _stopped_store(storage_path)
+def validate_path(storage_path: str | Path, participants: list[Participant], *,
+                  records: str | None = None) -> dict[str, Any]:
+    """Offline validation of a (restored) STORAGE_PATH; the server must be stopped. `records`: the
+    PostgreSQL store a restore loaded (`anvil restore --records`): validation runs on that engine."""
+    storage = _stopped_store(storage_path, records)
     try:
         return mode.validate(storage, participants)
     finally:
         storage.close()
 
 
-def resume_path(storage_path: str | Path, *, force: bool = False, reason: str | None = None) -> dict[str, Any]:
-    storage = _stopped_store(storage_path)
+def resume_path(storage_path: str | Path, *, force: bool = False, reason: str | None = None,
+                records: str | None = None) -> dict[str, Any]:
+    storage = _stopped_store(storage_path, records)
     try:
         return mode.resume(storage, force=force, reason=reason)
     finally:

@@ -628,17 +628,62 @@ def backup_get(repo: str, s3_endpoint: str | None, key_file: str | None, as_json
                    "before it, then the archived journal up to it.")
 @click.option("--to-seq", type=int, default=None, metavar="N",
               help="Point in time as a journal sequence number (the last event to include).")
+@click.option("--records", default=None, metavar="URL",
+              help="Load the records into this empty, migrated PostgreSQL store (postgresql://...) instead of "
+                   "catalog.db; --target is then the node's STORAGE_PATH (blobs, secrets, FORMAT).")
 @lock_stale_option
 @handles_errors
 def restore_cmd(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool, snapshot: str,
                 target: str, buckets: tuple[str, ...], force: bool, to_time: str | None, to_seq: int | None,
-                lock_stale: str | None) -> None:
+                lock_stale: str | None, records: str | None = None) -> None:
     """Restore a snapshot (or a point in time) into a STORAGE_PATH that then starts in recovery mode."""
+    apply_thresholds(lock_stale)
+    if records is None:
+        _restore(repo, s3_endpoint, key_file, as_json, snapshot, target, buckets, force, to_time, to_seq)
+        return
+    from anvil.backup.pgcapture import restore_into_records
+    from anvil.cli.records import check_records_url
+    from anvil.runtime import recovery_participants
+
+    try:
+        check_records_url(records)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    # The catalog the restore writes into --target moves into PostgreSQL afterwards (backup.pgcapture);
+    # every message below names the validation to run, with --records.
+    def run() -> dict[str, Any]:
+        return _restore(repo, s3_endpoint, key_file, as_json, snapshot, target, buckets, force, to_time, to_seq,
+                        report=False)
+
+    res = restore_into_records(records, Path(target), recovery_participants(), run)
+    from anvil.storage.pg import redact_url
+
+    url = redact_url(records)
+    loaded = res["records_loaded"]
+    text = (f"restored snapshot {res['snapshot']} into {res['target']} and its records ({loaded['rows']} rows, "
+            f"journal seq {loaded['journal_seq']}) into {url}; the node starts in RECOVERY MODE — run "
+            f"`anvil recovery validate --storage-path {res['target']} --records URL` then `anvil recovery resume`")
+    _report_restore(as_json, res, text)
+
+
+def _report_restore(as_json: bool, res: dict[str, Any], text: str) -> None:
+    emit(as_json, res, text=text)
+    for w in (res.get("point_in_time") or {}).get("warnings", []):
+        err_console.print(f"[yellow]warning[/yellow] {w}", highlight=False)
+    if not res["ok"]:
+        for p in res["problems"]:
+            err_console.print(f"[red]problem[/red] {p}", highlight=False)
+        sys.exit(1)
+
+
+def _restore(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: bool, snapshot: str,
+             target: str, buckets: tuple[str, ...], force: bool, to_time: str | None, to_seq: int | None, *,
+             report: bool = True) -> dict[str, Any]:
+    """The embedded restore (`report`: print the outcome and exit 1 on problems, else return it)."""
     from anvil.backup.errors import BackupError
     from anvil.backup.restore import restore
     from anvil.runtime import recovery_participants
 
-    apply_thresholds(lock_stale)
     if to_time is not None or to_seq is not None:
         from anvil.backup.pitr import iso, parse_time, restore_to_point
 
@@ -658,14 +703,9 @@ def restore_cmd(repo: str, s3_endpoint: str | None, key_file: str | None, as_jso
                 + (f" ({iso(pit['head_ts'])})" if pit["head_ts"] else "")
                 + f" into {res['target']} in {res['duration']:.2f}s; the path starts in RECOVERY MODE — run "
                 f"`anvil recovery validate --storage-path {res['target']}` then `anvil recovery resume`")
-        emit(as_json, res, text=text)
-        for w in pit["warnings"]:
-            err_console.print(f"[yellow]warning[/yellow] {w}", highlight=False)
-        if not res["ok"]:
-            for p in res["problems"]:
-                err_console.print(f"[red]problem[/red] {p}", highlight=False)
-            sys.exit(1)
-        return
+        if report:
+            _report_restore(as_json, res, text)
+        return res
     r = _open(repo, key_file, s3_endpoint)
     manifest = r.resolve_snapshot(snapshot)
     if manifest.get("kind") == "delta":
@@ -675,26 +715,21 @@ def restore_cmd(repo: str, s3_endpoint: str | None, key_file: str | None, as_jso
             raise BackupError(f"snapshot {manifest['id']} is a journal delta: --bucket restores need a full snapshot")
         with progress_bar(not as_json, "restoring") as prog:
             res = restore_any(r, manifest, Path(target), recovery_participants(), force=force, progress=prog)
-        emit(as_json, res, text=f"restored journal delta {res['snapshot']} (base {res['base']} + "
-                                f"{res['point_in_time']['events_replayed']} events) into {res['target']} in "
-                                f"{res['duration']:.2f}s; the path starts in RECOVERY MODE — run `anvil recovery "
-                                f"validate --storage-path {res['target']}` then `anvil recovery resume`")
-        if not res["ok"]:
-            for p in res["problems"]:
-                err_console.print(f"[red]problem[/red] {p}", highlight=False)
-            sys.exit(1)
-        return
+        if report:
+            _report_restore(as_json, res, f"restored journal delta {res['snapshot']} (base {res['base']} + "
+                            f"{res['point_in_time']['events_replayed']} events) into {res['target']} in "
+                            f"{res['duration']:.2f}s; the path starts in RECOVERY MODE — run `anvil recovery "
+                            f"validate --storage-path {res['target']}` then `anvil recovery resume`")
+        return res
     with progress_bar(not as_json, "restoring") as prog:
         res = restore(r, manifest, Path(target), recovery_participants(), buckets=list(buckets) or None,
                       force=force, progress=prog)
     text = (f"restored snapshot {res['snapshot']} into {res['target']}: {res['blobs_restored']} blobs "
             f"({_size(res['bytes'])}) in {res['duration']:.2f}s; the path starts in RECOVERY MODE — run "
             f"`anvil recovery validate --storage-path {res['target']}` then `anvil recovery resume`")
-    emit(as_json, res, text=text)
-    if not res["ok"]:
-        for p in res["problems"]:
-            err_console.print(f"[red]problem[/red] {p}", highlight=False)
-        sys.exit(1)
+    if report:
+        _report_restore(as_json, res, text)
+    return res
 
 
 # ------------------------------------------------------------------ anvil recovery
@@ -749,16 +784,22 @@ def recovery_status(storage_path: str | None, endpoint: str | None, as_json: boo
     emit(as_json, out)
 
 
+def _records_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--records", default=None, metavar="URL",
+                        help="The PostgreSQL store `anvil restore --records` loaded this path's records into.")(fn)
+
+
 @recovery.command("validate")
 @_storage_option
+@_records_option
 @handles_errors
-def recovery_validate(storage_path: str, as_json: bool) -> None:
+def recovery_validate(storage_path: str, as_json: bool, records: str | None = None) -> None:
     """Run the restore validation sequence (docs/backup.md); writes recovery/validation.{json,md}; exit 1 on failure."""
     from anvil.backup import mode as rec
     from anvil.backup import ops
     from anvil.runtime import recovery_participants
 
-    report = ops.validate_path(storage_path, recovery_participants())
+    report = ops.validate_path(storage_path, recovery_participants(), records=records)
     if as_json:
         emit(True, report)
     else:
@@ -772,9 +813,10 @@ def recovery_validate(storage_path: str, as_json: bool) -> None:
 @_path_or_endpoint
 @click.option("--force", is_flag=True, help="Resume without a passing validation (needs --reason).")
 @click.option("--reason", default=None, help="Why; recorded in the journal.")
+@_records_option
 @handles_errors
 def recovery_resume(storage_path: str | None, endpoint: str | None, as_json: bool, force: bool,
-                    reason: str | None) -> None:
+                    reason: str | None, records: str | None = None) -> None:
     """Leave recovery mode (only after a passing validation, or --force --reason)."""
     from anvil.backup import ops
 
@@ -790,7 +832,7 @@ def recovery_resume(storage_path: str | None, endpoint: str | None, as_json: boo
                 res = client.recovery_resume()
         emit(as_json, res, text=f"resumed normal traffic (journal seq {res.get('journal_seq')})")
         return
-    res = ops.resume_path(storage_path, force=force, reason=reason)
+    res = ops.resume_path(storage_path, force=force, reason=reason, records=records)
     emit(as_json, res, text=f"resumed normal traffic (journal seq {res['journal_seq']})")
 
 

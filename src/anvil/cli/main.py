@@ -107,9 +107,6 @@ def _serve(storage_path: str, listen: str, dev_auth: bool, backup_repo: str | No
             from anvil.cli.records import check_records_url
 
             check_records_url(records)
-            if backup_repo or archive_repo:
-                # Backups copy catalog.db; a PostgreSQL snapshot is not taken yet (docs/scale-out.md).
-                raise ValueError("--backup-repo and --archive-repo do not work with --records yet")
         run_server(storage_path, listen, dev_auth=dev_auth, backup=schedule, archive=archive, access_log=access_log,
                    metrics=metrics, records=records)
     except (AnvilError, ValueError) as e:
