@@ -113,7 +113,7 @@ def test_rows_decided_by_relationships_whole_changeset_and_certificate_revision(
     g = f"r-{uuid.uuid4().hex[:8]}"
     genesis = svc.pdb_create(g, SCHEMA)["genesis"]
     svc.pdb_bind(g, BINDING)
-    written = svc.authz_write([f"note:notes/1#owner@user:amy", "note:notes/2#owner@user:bob",
+    written = svc.authz_write(["note:notes/1#owner@user:amy", "note:notes/2#owner@user:bob",
                                "note:notes/3#editor@user:amy", "note:tags/1/x#owner@user:amy"])
     rev = written["revision"]
     head = (0, genesis)

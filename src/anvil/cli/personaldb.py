@@ -187,5 +187,5 @@ def projection_create(client: AnvilClient, as_json: bool, name: str, source: str
 def projection_show(client: AnvilClient, as_json: bool, name: str) -> None:
     """Show projection NAME and how far it has caught up."""
     res = client.pdb_projection(name)
-    emit(as_json, res, table=(("field", "value"), [(k, res[k]) for k in ("name", "source", "source_index",
-                                                                         "state_hash")]))
+    emit(as_json, res, table=(("field", "value"), [(k, res.get(k)) for k in (
+        "name", "source", "source_index", "state_hash", "relation_filters", "authz_revision")]))

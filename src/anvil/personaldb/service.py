@@ -163,6 +163,7 @@ class WitnessKeys:
         self.path = Path(secrets_dir) / KEY_FILE
         self._lock = threading.Lock()
         self.keys: list[dict[str, Any]] = []
+        self._current: certs.WitnessKey | None = None
         if self.path.exists():
             self.keys = json.loads(self.path.read_text())["keys"]
         if not self.keys:
@@ -174,8 +175,12 @@ class WitnessKeys:
 
     @property
     def current(self) -> certs.WitnessKey:
-        k = next(k for k in self.keys if k.get("retired") is None)
-        return certs.WitnessKey(base64.b64decode(k["private"]))
+        # Kept between commits: loading the private key costs as much as signing (the commit path).
+        hit = self._current
+        if hit is None:
+            k = next(k for k in self.keys if k.get("retired") is None)
+            hit = self._current = certs.WitnessKey(base64.b64decode(k["private"]))
+        return hit
 
     def rotate(self) -> certs.WitnessKey:
         with self._lock:
@@ -184,6 +189,7 @@ class WitnessKeys:
             for k in self.keys:
                 if k.get("retired") is None:
                     k["retired"] = now
+            self._current = None
             self.keys.append({"key_id": new.key_id, "private": base64.b64encode(new.private_raw()).decode(),
                               "public": base64.b64encode(new.public_raw).decode(), "created": now, "retired": None})
             self._save()
