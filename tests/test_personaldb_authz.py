@@ -212,3 +212,45 @@ def test_projection_filtered_by_relationships_for_two_subjects(world, tmp_path: 
                        base_index=e["index"], base_hash=e["hash"])
     assert _rows(svc, names["bob"], 2, tmp_path) == [12, 13, 15]
     assert _rows(svc, names["amy"], 2, tmp_path) == [11, 14]
+
+
+def test_a_binding_its_schema_lost_fails_closed_and_validation_says_so(tmp_path: Path) -> None:
+    """A restored store can hold a binding its schema no longer supports (the live guard never saw the
+    change): every row of the group is refused, and validation reports `personaldb.binding_invalid`."""
+    from anvil.context import Principal, RequestContext
+    from anvil.runtime import Anvil, recovery_participants
+    from anvil.storage import BlobStore, records
+    from anvil.storage.recovery import RecoveryContext
+
+    a = Anvil(tmp_path / "data")
+    try:
+        admin = RequestContext(Principal(tenant="t1", subject="app", admin=True, scopes=("*",)))
+        a.authz.write_schema(admin, AUTHZ)
+        g = a.personaldb.create_group(admin, "lost", SCHEMA)
+        a.personaldb.put_binding(admin, "lost", BINDING)
+
+        def drop_edit(txn):  # as an older backup's schema would be: no `edit`
+            text = AUTHZ.replace("    permission edit = owner + editor\n", "").replace("viewer + edit", "viewer")
+            txn.conn.execute("INSERT INTO authz_schemas(tenant, revision, text, digest, written) VALUES (?,?,?,?,?)",
+                             ("t1", txn.next_seq, text, "x", txn.now))
+            txn.conn.execute("INSERT INTO authz_revisions(tenant, revision, kind) VALUES (?,?,?)",
+                             ("t1", txn.next_seq, "schema"))
+            txn.emit("t1", "test.schema", "authz/schema", {})
+        a.storage.catalog.mutate(drop_edit, actor="test", request_id="t")
+        a.authz._latest.clear()
+        amy = RequestContext(Principal(tenant="t1", subject="app", scopes=("pdb:*|pdb:*",), acting_for="user:amy"))
+        with pytest.raises(Exception) as e:
+            a.personaldb.commit(amy, "lost", changeset(tmp_path, "INSERT INTO notes VALUES (1, 'a', 'b')"),
+                                base_index=0, base_hash=g["genesis"])
+        assert getattr(e.value, "code", "") == "PermissionDenied" and "cannot decide" in str(e.value.message)
+    finally:
+        a.close()
+    conn = records.open_readonly(tmp_path / "data" / "catalog.db")
+    try:
+        ctx = RecoveryContext(tmp_path / "data", conn, BlobStore(tmp_path / "data" / "blobs" / "sha256",
+                                                                  tmp_path / "data" / "tmp"), recovery_participants())
+        p = next(p for p in recovery_participants() if p.name == "personaldb")
+        bad = [f for f in p.validate(ctx) if f.severity == "error"]
+        assert [f.invariant for f in bad] == ["personaldb.binding_invalid"] and "edit" in bad[0].message
+    finally:
+        records.close(conn)

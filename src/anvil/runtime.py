@@ -12,7 +12,7 @@ from anvil.artefacts import ArtefactService
 from anvil.artefacts.participant import ArtefactsParticipant, ArtefactTensorsParticipant
 from anvil.authz import AuthzService
 from anvil.authz.participant import AuthzParticipant
-from anvil.authz.rows import RowAuthz, relations_at
+from anvil.authz.rows import RowAuthz, binding_problem, relations_at
 from anvil.context import RequestContext, new_request_id
 from anvil.diagnostics import Diagnostics
 from anvil.diagnostics import findings as fnd
@@ -62,7 +62,8 @@ def recovery_participants() -> list[Participant]:
     conformance suite."""
     return [StorageParticipant(), JournalParticipant(), ObjectsParticipant(), BlobsParticipant(),
             BlobDigestsParticipant(), IdentityParticipant(), WatchParticipant(), DiagnosticsParticipant(),
-            AuthzParticipant(), ArtefactsParticipant(), ArtefactTensorsParticipant(), PersonalDbParticipant(),
+            AuthzParticipant(), ArtefactsParticipant(), ArtefactTensorsParticipant(),
+            PersonalDbParticipant(binding_problem=binding_problem),
             ProjectionsParticipant(relations=relations_at), IndexesParticipant()]
 
 

@@ -157,3 +157,19 @@ def relations_at(conn: Connection, tenant: str, max_depth: int = MAX_DEPTH_DEFAU
         return None
     engine = Engine(_schema_of(text[0]), Snapshot(conn, tenant, rev, time.time(), RowCache(20_000)), {}, max_depth)
     return Relations(engine, rev)
+
+
+def binding_problem(conn: Connection, tenant: str, resource_type: str, permissions: dict[str, str]) -> str | None:
+    """Why a binding does not fit the tenant's newest schema as `conn` sees it (None: it fits). For
+    validation after a restore, where the schema guard of the live server never ran."""
+    if not table_exists(conn, "authz_schemas"):
+        return f"tenant {tenant} has no authorisation schema"
+    row = conn.execute("SELECT text FROM authz_schemas WHERE tenant = ? ORDER BY revision DESC LIMIT 1",
+                       (tenant,)).fetchone()
+    if row is None:
+        return f"tenant {tenant} has no authorisation schema"
+    d = _schema_of(row[0]).definitions.get(resource_type)
+    if d is None:
+        return f"{resource_type!r} is not a definition of tenant {tenant}'s schema"
+    gone = sorted({f"{op}={perm}" for op, perm in permissions.items() if not d.has(perm)})
+    return f"{resource_type!r} has no {', '.join(gone)}" if gone else None

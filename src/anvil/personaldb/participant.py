@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from anvil.personaldb import certs
+from anvil.personaldb import certs, rowauth
 from anvil.personaldb.service import KEY_FILE, chain_problems, public_keys, snapshot_problems
 from anvil.storage.records import Connection, table_exists
 from anvil.storage.recovery import BlobRef, Finding, Participant, RecoveryContext
@@ -67,6 +67,11 @@ class PersonalDbParticipant(Participant):
     tables = list(TABLES)
     replays = ("pdb.",)
 
+    def __init__(self, binding_problem: Any = None):
+        # binding_problem(conn, tenant, resource_type, {op: permission}) -> why a row binding does not fit
+        # its tenant's authz schema, or None (composed by the runtime: anvil.authz.rows.binding_problem).
+        self.binding_problem = binding_problem
+
     # -- capabilities ---------------------------------------------------------------------
 
     def migrations(self) -> dict[str, list[str]]:
@@ -111,6 +116,8 @@ class PersonalDbParticipant(Participant):
         conn = ctx.conn
         ctx.checked.update({"personaldb.chain", "personaldb.snapshot", "personaldb.orphan",
                             "personaldb.summary_differs"})
+        if self.binding_problem is not None:
+            ctx.checked.add("personaldb.binding_invalid")
         if not table_exists(conn, "pdb_groups"):
             return out
         with conn:
@@ -126,6 +133,15 @@ class PersonalDbParticipant(Participant):
                                          "ON g.name = t.grp WHERE g.name IS NULL"):
                     out.append(self.finding("error", f"group {g}", f"{table} rows of a group that does not exist",
                                             "personaldb.orphan", {"group": g}))
+            if self.binding_problem is not None and table_exists(conn, "pdb_bindings"):
+                # A binding its schema no longer supports refuses every row (fail closed); say so.
+                for grp, tenant, text in conn.execute("SELECT grp, tenant, binding FROM pdb_bindings ORDER BY grp"):
+                    b = rowauth.binding_from_json(text)
+                    why = self.binding_problem(conn, tenant, b.resource_type, b.permissions())
+                    if why:
+                        out.append(self.finding("error", f"group {grp}", f"its row binding does not fit the authz "
+                                                f"schema: {why}; every row change is refused",
+                                                "personaldb.binding_invalid", {"group": grp}))
             if recorded:
                 now = summary(conn)
                 for field in ("groups", "entries", "snapshots", "schemas", "key_ids", "heads_digest", "bindings",
