@@ -130,10 +130,13 @@ def _populate_personaldb(a: Anvil, ctx: RequestContext, root: Path) -> None:
     finally:
         db.close()
     a.personaldb.build_snapshot("conf-pdb")
-    reader = a.identity.create_app(ctx, "acme", "pdb-reader", ["pdb:read|pdb:conf-pdb/notes/1"])
+    # Row permissions by relationship (the tenant's authz schema of _populate): a binding, backed up and
+    # restored with the group; the projection's relation filter is decided by relationships too.
+    a.personaldb.put_binding(ctx, "conf-pdb", {"resource_type": "doc", "update": "viewer"})
+    a.authz.write_relationships(ctx, [{"operation": "touch", "relationship": "doc:n1#viewer@user:amy"}])
     a.personaldb.create_projection(ctx, "conf-proj", "conf-pdb", {"tables": [
         {"from": "notes", "to": "readable", "filter": {"relation": {
-            "subject": reader["client_id"], "permission": "pdb:read", "resource": "pdb:conf-pdb/notes/{id}"}}}]})
+            "subject": "user:amy", "permission": "view", "resource": "doc:n{id}"}}}]})
 
 
 @pytest.fixture(scope="module")

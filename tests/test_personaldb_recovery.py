@@ -100,6 +100,10 @@ def restored(tmp_path_factory: pytest.TempPathFactory):
     try:
         with srv.client() as c:
             c.pdb_create(group, SCHEMA, snapshot_every=3)
+            # A row binding (row permissions by relationship) is source state: restored with the group.
+            c.authz_write_schema("definition user {}\ndefinition note {\n relation owner: user\n"
+                                 " permission edit = owner\n}")
+            c.pdb_bind(group, {"resource_type": "note", "update": "edit"})
             a = Replica(base / "a.sqlite", c, group)  # in sync at backup time
             b = Replica(base / "b.sqlite", c, group)  # will commit after the backup
             for i in range(4):
@@ -141,6 +145,12 @@ def test_restore_validation_checks_the_chain(restored) -> None:
     assert "certificates up to each head" in text, text[:2000]  # the personaldb participant's verdict
     errors = [f for f in json.loads(text).get("findings", []) if f.get("severity") == "error"]
     assert errors == [], errors
+
+
+def test_restore_keeps_the_row_binding(restored) -> None:
+    cred = restored["cred"]
+    with AnvilClient(restored["srv"].endpoint, client_id=cred["client_id"], client_secret=cred["client_secret"]) as c:
+        assert c.pdb_binding(restored["group"])["binding"]["update"] == "edit"
 
 
 def test_in_sync_replica_catches_up_and_divergent_one_is_told(restored) -> None:

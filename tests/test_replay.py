@@ -387,6 +387,12 @@ def _workload_personaldb(c, rng: random.Random, scratch: Path) -> None:
     scratch.mkdir(parents=True, exist_ok=True)
     group = f"g-{uuid.uuid4().hex[:10]}"
     c.pdb_create(group, PDB_SCHEMA)
+    # Row bindings (pdb.binding.put / .delete), over the schema _workload_authz_bindings left: bind,
+    # rebind, unbind, bind again (left in place; the admin acting for no subject commits on scopes).
+    c.pdb_bind(group, {"resource_type": "document", "update": "edit"})
+    c.pdb_bind(group, {"resource_type": "document", "update": "owner", "delete": "edit", "without_subject": "scopes"})
+    c.pdb_unbind(group)
+    c.pdb_bind(group, {"resource_type": "document", "resource": "{group}/{table}/{id}", "update": "edit"})
     r = Replica(scratch / f"{group}.sqlite", c, group)
     try:
         n = rng.randint(2, 4)
@@ -552,7 +558,8 @@ def test_replaying_the_whole_journal_rebuilds_every_participant(tmp_path: Path, 
             "authz.binding.put", "authz.binding.delete"} <= kinds, kinds
     assert {"artefact.upload", "artefact.key_add", "artefact.push", "artefact.sign", "artefact.tag"} <= kinds, kinds
     assert {"pdb.group.create", "pdb.commit", "pdb.migrate", "pdb.snapshot", "pdb.compact",
-            "pdb.projection.create", "pdb.projection.update", "pdb.keys"} <= kinds, kinds
+            "pdb.projection.create", "pdb.projection.update", "pdb.keys", "pdb.binding.put",
+            "pdb.binding.delete"} <= kinds, kinds
     assert {"index.create", "index.update", "index.disable", "index.enable", "index.drop"} <= kinds, kinds
     assert {"object.tagging", "object.acl", "bucket.tagging", "bucket.lifecycle", "bucket.cors",
             "multipart.abort"} <= kinds, kinds

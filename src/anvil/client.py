@@ -1367,6 +1367,17 @@ class AnvilClient:
     def pdb_rotate_key(self) -> dict[str, Any]:
         return self._json("POST", "/anvil/v1/admin/pdb/keys/rotate", json={})
 
+    def pdb_bind(self, group: str, binding: dict[str, Any]) -> dict[str, Any]:
+        """Decide the group's row changes by relationships, e.g. `{"resource_type": "note", "resource":
+        "{table}/{pk}", "insert": "edit", "update": "edit", "delete": "owner"}`."""
+        return self._json("PUT", self._g(group) + "/authz-binding", json=binding)
+
+    def pdb_binding(self, group: str) -> dict[str, Any]:
+        return self._json("GET", self._g(group) + "/authz-binding")
+
+    def pdb_unbind(self, group: str) -> dict[str, Any]:
+        return self._json("DELETE", self._g(group) + "/authz-binding")
+
     def pdb_create_projection(self, name: str, source: str, spec: dict[str, Any]) -> dict[str, Any]:
         return self._json("POST", "/anvil/v1/pdb/projections", json={"name": name, "source": source, "spec": spec})
 

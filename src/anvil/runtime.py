@@ -12,6 +12,7 @@ from anvil.artefacts import ArtefactService
 from anvil.artefacts.participant import ArtefactsParticipant, ArtefactTensorsParticipant
 from anvil.authz import AuthzService
 from anvil.authz.participant import AuthzParticipant
+from anvil.authz.rows import RowAuthz, binding_problem, relations_at
 from anvil.context import RequestContext, new_request_id
 from anvil.diagnostics import Diagnostics
 from anvil.diagnostics import findings as fnd
@@ -61,8 +62,9 @@ def recovery_participants() -> list[Participant]:
     conformance suite."""
     return [StorageParticipant(), JournalParticipant(), ObjectsParticipant(), BlobsParticipant(),
             BlobDigestsParticipant(), IdentityParticipant(), WatchParticipant(), DiagnosticsParticipant(),
-            AuthzParticipant(), ArtefactsParticipant(), ArtefactTensorsParticipant(), PersonalDbParticipant(),
-            ProjectionsParticipant(), IndexesParticipant()]
+            AuthzParticipant(), ArtefactsParticipant(), ArtefactTensorsParticipant(),
+            PersonalDbParticipant(binding_problem=binding_problem),
+            ProjectionsParticipant(relations=relations_at), IndexesParticipant()]
 
 
 # Who records findings of failed read verifications (the journal's actor for them).
@@ -104,6 +106,12 @@ class Anvil:
             self.artefacts = ArtefactService(self.storage, self.objects.find_bucket)
             self.diagnostics = Diagnostics(self.storage, self.objects, recovery_participants())
             self.personaldb = PersonalDbService(self.storage)
+            # PersonalDB rows and projection filters by relationships (docs/personaldb.md): the two are
+            # sibling layers, composed here. Authz answers; a schema change may not break a group's
+            # binding; an authz write rebuilds the tenant's relation-filtered projections.
+            self.personaldb.install_authz(RowAuthz(self.authz))
+            self.authz.add_schema_guard(self.personaldb.binding_requirements)
+            self.authz.on_write(self.personaldb.authz_changed)
             self.objects.on_corruption(self._record_corruption)
             self.indexes = IndexService(self.storage)
             # Bucket delete: artefacts refuse while the bucket holds any; index definitions go with it.

@@ -297,6 +297,15 @@ OPERATIONS += [
      "Send a projection-side changeset back to the source, under the write-back policy", [], False, True),
 ]
 
+# PersonalDB row bindings: row changes decided by relationships (docs/personaldb.md).
+OPERATIONS += [
+    ("put", _PG + "/authz-binding", "pdbBind",
+     "Bind row changes to permissions {resource_type, resource?, insert?, update, delete?, without_subject?}", [],
+     True, False),
+    ("get", _PG + "/authz-binding", "pdbGetBinding", "The group's row binding", [], False, False),
+    ("delete", _PG + "/authz-binding", "pdbUnbind", "Remove the group's row binding", [], False, False),
+]
+
 # Operations that need no bearer token (anonymous reads of public buckets are decided per bucket).
 PUBLIC = frozenset({"live", "ready", "token", "pdbKeys", "getOpenApi", "getApiDocs", "getApiDocsAsset"})
 

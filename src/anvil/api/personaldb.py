@@ -252,6 +252,27 @@ async def projection_write_back(request: Request, ctx: RequestContext) -> Respon
     return JSONResponse({k: v for k, v in out.items() if k not in ("snapshot_due", "projections")}, status_code=201)
 
 
+@endpoint
+async def put_binding(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    check_recovery(request)
+    body = await json_body(request)
+    return JSONResponse(await blocking(_pdb(request).put_binding, ctx, request.path_params["group"], body))
+
+
+@endpoint
+async def get_binding(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    return JSONResponse(await blocking(_pdb(request).get_binding, ctx.principal, request.path_params["group"]))
+
+
+@endpoint
+async def delete_binding(request: Request, ctx: RequestContext) -> Response:
+    require_identity(ctx)
+    check_recovery(request)
+    return JSONResponse(await blocking(_pdb(request).delete_binding, ctx, request.path_params["group"]))
+
+
 G = P + "/groups/{group}"
 PERSONALDB_ROUTES = [
     Route(P + "/groups", create_group, methods=["POST"]),
@@ -265,6 +286,9 @@ PERSONALDB_ROUTES = [
     Route(G + "/snapshots", build_snapshot, methods=["POST"]),
     Route(G + "/snapshots/{index}/data", snapshot_data, methods=["GET"]),
     Route(G + "/compact", compact, methods=["POST"]),
+    Route(G + "/authz-binding", put_binding, methods=["PUT"]),
+    Route(G + "/authz-binding", get_binding, methods=["GET"]),
+    Route(G + "/authz-binding", delete_binding, methods=["DELETE"]),
     Route(P + "/keys", keys, methods=["GET"]),
     Route(P + "/projections", create_projection, methods=["POST"]),
     Route(P + "/projections/{name}", get_projection, methods=["GET"]),

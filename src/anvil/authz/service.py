@@ -166,6 +166,31 @@ class AuthzService:
         # bucket name -> a Bucket-like (tenant, created) or None; given by the runtime (objects sit below).
         self._find_bucket = find_bucket
         self._bindings: dict[str, tuple[str, float, bnd.Binding]] | None = None
+        # Composed by the runtime for subsystems beside authz (PersonalDB's row bindings): guards name
+        # what a tenant's schema must keep, write listeners learn of each authz write after it commits.
+        self._schema_guards: list[Callable[[Connection, str], list[tuple[str, str, set[str]]]]] = []
+        self._write_listeners: list[Callable[[str, int], None]] = []
+
+    # ---------------------------------------------------------------- composition (runtime)
+
+    def add_schema_guard(self, fn: Callable[[Connection, str], list[tuple[str, str, set[str]]]]) -> None:
+        """fn(conn, tenant) -> [(what, resource type, permissions)] that tenant's schema must keep; a schema
+        write dropping any is refused (`PreconditionFailed` naming `what`), inside the write's transaction."""
+        self._schema_guards.append(fn)
+
+    def on_write(self, fn: Callable[[str, int], None]) -> None:
+        """fn(tenant, revision) after each committed schema or relationship write of the tenant."""
+        self._write_listeners.append(fn)
+
+    def _wrote(self, tenant: str, revision: int) -> None:
+        self._note_write(tenant, revision)
+        for fn in self._write_listeners:
+            try:
+                fn(tenant, revision)
+            except Exception:  # noqa: BLE001 - a listener (a derived view) must never fail a committed write
+                import logging
+
+                logging.getLogger("anvil.authz").exception("authz write listener failed")
 
     # ---------------------------------------------------------------- plumbing
 
@@ -294,6 +319,7 @@ class AuthzService:
             rev = txn.next_seq
             _check_orphans(txn.conn, tenant, schema, txn.now)
             _check_bindings(txn.conn, tenant, schema, self._binding_live)
+            _check_guards(txn.conn, tenant, schema, self._schema_guards)
             txn.conn.execute("INSERT INTO authz_schemas(tenant, revision, text, digest, written) VALUES (?,?,?,?,?)",
                              (tenant, rev, schema.text, schema_digest(schema.text), txn.now))
             txn.conn.execute("INSERT INTO authz_revisions(tenant, revision, kind) VALUES (?,?,?)",
@@ -303,7 +329,7 @@ class AuthzService:
             return {"revision": rev}
 
         res = self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
-        self._note_write(tenant, res["revision"])
+        self._wrote(tenant, res["revision"])
         return {"written_at": self.token(res["revision"]), "revision": res["revision"], "tenant": tenant,
                 "definitions": sorted(schema.definitions), "caveats": sorted(schema.caveats)}
 
@@ -391,7 +417,7 @@ class AuthzService:
             return {"revision": rev, "changed": len(changed)}
 
         res = self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
-        self._note_write(tenant, res["revision"])
+        self._wrote(tenant, res["revision"])
         return {"written_at": self.token(res["revision"]), "revision": res["revision"], "changed": res["changed"]}
 
     def delete_relationships(self, ctx: RequestContext, flt: Any, preconditions: Any = None, *,
@@ -429,7 +455,7 @@ class AuthzService:
             return {"revision": rev, "deleted": len(rows), "partial": partial}
 
         res = self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
-        self._note_write(tenant, res["revision"])
+        self._wrote(tenant, res["revision"])
         return {"deleted_at": self.token(res["revision"]), "revision": res["revision"], "deleted": res["deleted"],
                 "partial": res["partial"]}
 
@@ -851,6 +877,25 @@ def _check_bindings(conn: Connection, tenant: str, schema: Schema, live: Callabl
     if problems:
         raise AnvilError("PreconditionFailed", "the schema change would break bucket bindings (unbind or rebind "
                                                f"them first): {'; '.join(problems[:5])}")
+
+
+def _check_guards(conn: Connection, tenant: str, schema: Schema,
+                  guards: list[Callable[[Connection, str], list[tuple[str, str, set[str]]]]]) -> None:
+    """Refuse a schema that drops a definition or permission another subsystem's binding names
+    (e.g. a PersonalDB group's row binding): rebind or unbind it first."""
+    problems = []
+    for guard in guards:
+        for what, rtype, perms in guard(conn, tenant):
+            d = schema.definitions.get(rtype)
+            if d is None:
+                problems.append(f"{what} binds to {rtype!r}, which the schema no longer defines")
+                continue
+            gone = sorted(p for p in perms if not d.has(p))
+            if gone:
+                problems.append(f"{what} binds to {', '.join(gone)} of {rtype!r}, which the schema no longer has")
+    if problems:
+        raise AnvilError("PreconditionFailed", "the schema change would break bindings (unbind or rebind them "
+                                               f"first): {'; '.join(problems[:5])}")
 
 
 def _encode_cursor(rev: int, key: list[str], svc: AuthzService) -> str:

@@ -1,4 +1,5 @@
-"""`anvil pdb`: PersonalDB groups (create, ls, show, migrate, snapshot, compact, keys, key rotate, verify)."""
+"""`anvil pdb`: PersonalDB groups (create, ls, show, migrate, snapshot, compact, bind, unbind, binding, keys,
+key rotate, verify)."""
 
 from __future__ import annotations
 
@@ -79,6 +80,50 @@ def pdb_compact(client: AnvilClient, as_json: bool, name: str) -> None:
     emit(as_json, res, text=f"{name}: changesets compacted through index {res['compacted_through']}")
 
 
+def _binding_text(name: str, b: dict) -> str:
+    return (f"{name}: rows are {b['resource_type']}:{b['resource']} insert={b['insert']} update={b['update']} "
+            f"delete={b['delete']} without_subject={b['without_subject']}")
+
+
+@pdb.command("bind")
+@click.argument("name")
+@click.option("--resource-type", required=True, help="The authz schema definition rows are (e.g. note).")
+@click.option("--resource", default=None, metavar="TEMPLATE",
+              help="The row's id: {group}, {table}, {pk} or primary-key columns (default {table}/{pk}).")
+@click.option("--update", "update_", required=True, metavar="PERMISSION", help="Permission to update a row.")
+@click.option("--insert", "insert_", default=None, metavar="PERMISSION", help="To insert one (default: --update).")
+@click.option("--delete", "delete_", default=None, metavar="PERMISSION", help="To delete one (default: --update).")
+@click.option("--without-subject", type=click.Choice(["deny", "scopes"]), default="deny", show_default=True,
+              help="What a token acting for no subject gets: refused, or scopes alone.")
+@client_command
+def pdb_bind(client: AnvilClient, as_json: bool, name: str, resource_type: str, resource: str | None,
+             update_: str, insert_: str | None, delete_: str | None, without_subject: str) -> None:
+    """Decide group NAME's row changes by relationships (docs/personaldb.md)."""
+    body = {"resource_type": resource_type, "update": update_, "without_subject": without_subject}
+    for k, v in (("resource", resource), ("insert", insert_), ("delete", delete_)):
+        if v:
+            body[k] = v
+    res = client.pdb_bind(name, body)
+    emit(as_json, res, text="bound " + _binding_text(name, res["binding"]))
+
+
+@pdb.command("unbind")
+@click.argument("name")
+@client_command
+def pdb_unbind(client: AnvilClient, as_json: bool, name: str) -> None:
+    """Remove group NAME's row binding: scopes alone decide again."""
+    emit(as_json, client.pdb_unbind(name), text=f"unbound {name}: scopes alone decide")
+
+
+@pdb.command("binding")
+@click.argument("name")
+@client_command
+def pdb_binding(client: AnvilClient, as_json: bool, name: str) -> None:
+    """Show group NAME's row binding."""
+    res = client.pdb_binding(name)
+    emit(as_json, res, text=_binding_text(name, res["binding"]))
+
+
 @pdb.command("keys")
 @client_command
 def pdb_keys(client: AnvilClient, as_json: bool) -> None:
@@ -142,5 +187,5 @@ def projection_create(client: AnvilClient, as_json: bool, name: str, source: str
 def projection_show(client: AnvilClient, as_json: bool, name: str) -> None:
     """Show projection NAME and how far it has caught up."""
     res = client.pdb_projection(name)
-    emit(as_json, res, table=(("field", "value"), [(k, res[k]) for k in ("name", "source", "source_index",
-                                                                         "state_hash")]))
+    emit(as_json, res, table=(("field", "value"), [(k, res.get(k)) for k in (
+        "name", "source", "source_index", "state_hash", "relation_filters", "authz_revision")]))

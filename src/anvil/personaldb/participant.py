@@ -18,12 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from anvil.personaldb import certs
+from anvil.personaldb import certs, rowauth
 from anvil.personaldb.service import KEY_FILE, chain_problems, public_keys, snapshot_problems
 from anvil.storage.records import Connection, table_exists
 from anvil.storage.recovery import BlobRef, Finding, Participant, RecoveryContext
 
-TABLES = ("pdb_groups", "pdb_schemas", "pdb_log", "pdb_snapshots", "pdb_keys")
+TABLES = ("pdb_groups", "pdb_schemas", "pdb_log", "pdb_snapshots", "pdb_keys", "pdb_bindings")
 MAX_FINDINGS = 50
 MAX_FIXTURES = 5
 
@@ -39,8 +39,17 @@ def summary(conn: Connection) -> dict[str, Any]:
         digest.update(f"{name}\t{idx}\t{h}\n".encode())
         if len(fixtures) < MAX_FIXTURES:
             fixtures.append({"group": name, "tenant": tenant, "genesis": genesis, "head_index": idx, "head_hash": h})
+    bindings = hashlib.sha256()
+    n_bindings = 0
+    if table_exists(conn, "pdb_bindings"):
+        for grp, text in conn.execute("SELECT grp, binding FROM pdb_bindings ORDER BY grp"):
+            bindings.update(f"{grp}\t{text}\n".encode())
+            n_bindings += 1
     return {
         "groups": int(conn.execute("SELECT count(*) FROM pdb_groups").fetchone()[0]),
+        # Row bindings (row permissions by relationship): how many, and a digest of each group's.
+        "bindings": n_bindings,
+        "bindings_digest": bindings.hexdigest(),
         "entries": int(conn.execute("SELECT count(*) FROM pdb_log").fetchone()[0]),
         "snapshots": int(conn.execute("SELECT count(*) FROM pdb_snapshots").fetchone()[0]),
         "schemas": int(conn.execute("SELECT count(*) FROM pdb_schemas").fetchone()[0]),
@@ -57,6 +66,11 @@ class PersonalDbParticipant(Participant):
     owns = [f"catalog.db: {', '.join(TABLES)}", f"secrets/{KEY_FILE} (only when escrowed)"]
     tables = list(TABLES)
     replays = ("pdb.",)
+
+    def __init__(self, binding_problem: Any = None):
+        # binding_problem(conn, tenant, resource_type, {op: permission}) -> why a row binding does not fit
+        # its tenant's authz schema, or None (composed by the runtime: anvil.authz.rows.binding_problem).
+        self.binding_problem = binding_problem
 
     # -- capabilities ---------------------------------------------------------------------
 
@@ -102,6 +116,8 @@ class PersonalDbParticipant(Participant):
         conn = ctx.conn
         ctx.checked.update({"personaldb.chain", "personaldb.snapshot", "personaldb.orphan",
                             "personaldb.summary_differs"})
+        if self.binding_problem is not None:
+            ctx.checked.add("personaldb.binding_invalid")
         if not table_exists(conn, "pdb_groups"):
             return out
         with conn:
@@ -111,14 +127,25 @@ class PersonalDbParticipant(Participant):
                     out.append(self.finding("error", f"group {g}", p, "personaldb.chain", {"group": g}))
                 for p in snapshot_problems(conn, ctx.blobs, g, deep=ctx.deep):
                     out.append(self.finding("error", f"group {g}", p, "personaldb.snapshot", {"group": g}))
-            for table in ("pdb_schemas", "pdb_log", "pdb_snapshots"):
+            for table in ("pdb_schemas", "pdb_log", "pdb_snapshots") + (
+                    ("pdb_bindings",) if table_exists(conn, "pdb_bindings") else ()):
                 for (g,) in conn.execute(f"SELECT DISTINCT t.grp FROM {table} t LEFT JOIN pdb_groups g "
                                          "ON g.name = t.grp WHERE g.name IS NULL"):
                     out.append(self.finding("error", f"group {g}", f"{table} rows of a group that does not exist",
                                             "personaldb.orphan", {"group": g}))
+            if self.binding_problem is not None and table_exists(conn, "pdb_bindings"):
+                # A binding its schema no longer supports refuses every row (fail closed); say so.
+                for grp, tenant, text in conn.execute("SELECT grp, tenant, binding FROM pdb_bindings ORDER BY grp"):
+                    b = rowauth.binding_from_json(text)
+                    why = self.binding_problem(conn, tenant, b.resource_type, b.permissions())
+                    if why:
+                        out.append(self.finding("error", f"group {grp}", f"its row binding does not fit the authz "
+                                                f"schema: {why}; every row change is refused",
+                                                "personaldb.binding_invalid", {"group": grp}))
             if recorded:
                 now = summary(conn)
-                for field in ("groups", "entries", "snapshots", "schemas", "key_ids", "heads_digest"):
+                for field in ("groups", "entries", "snapshots", "schemas", "key_ids", "heads_digest", "bindings",
+                              "bindings_digest"):
                     if field in recorded and recorded[field] != now.get(field):
                         out.append(self.finding("error", f"personaldb {field}",
                                                 f"restored {now.get(field)!r}, recorded {recorded[field]!r}",
@@ -178,6 +205,11 @@ class ProjectionsParticipant(Participant):
     owns = ["derived/personaldb/"]
     tables: list[str] = []
 
+    def __init__(self, relations: Any = None):
+        # relations(conn, tenant): relation filters by relationships (composed by the runtime,
+        # anvil.authz.rows.relations_at); without it, or for a tenant without a schema, scopes decide.
+        self.relations = relations
+
     def files(self, ctx: RecoveryContext) -> list[Path]:
         return []  # derived: rebuilt after a restore, never copied
 
@@ -189,7 +221,7 @@ class ProjectionsParticipant(Participant):
         from anvil.personaldb.service import rebuild_projections
 
         with tempfile.TemporaryDirectory(prefix="anvil-pdb-check-") as d:
-            names = rebuild_projections(ctx.conn, ctx.blobs, Path(d))
+            names = rebuild_projections(ctx.conn, ctx.blobs, Path(d), relations=self.relations)
             scratch = Projections(Path(d))
             out = {n: scratch.state(n) for n in names}
             groups = {p.stem for p in (scratch.dir / "mirrors").glob("*.sqlite")}
@@ -237,7 +269,7 @@ class ProjectionsParticipant(Participant):
 
         if not table_exists(ctx.conn, "pdb_projections"):
             return []
-        names = rebuild_projections(ctx.conn, ctx.blobs, ctx.root)
+        names = rebuild_projections(ctx.conn, ctx.blobs, ctx.root, relations=self.relations)
         return [self.finding("info", "projections", f"rebuilt {len(names)} projections from source")]
 
 

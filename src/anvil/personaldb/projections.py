@@ -17,8 +17,12 @@ Spec (JSON):
      "write_back": "deny" | {"columns": ["text"]}}
 
 The relation filter asks whether `subject` has `permission` on the row's resource (the template's
-`{column}` parts filled from the row). Relationship authorisation has not landed: the answer
-comes from the subject's granted scopes (`identity_policies`), through `ScopeRelations`.
+`{column}` parts filled from the row). When the source group's tenant has an authz schema, the
+relationships answer (a decider the runtime composes in, `anvil.authz.rows.Relations`: `subject`
+like `user:amy`, `permission` of the resource's definition, values filled in ids as
+`rowauth.id_value` writes them), at one authz revision for the whole file, recorded in its
+bookkeeping (`relation_filters`, `authz_revision`). Otherwise the subject's granted scopes
+(`identity_policies`) answer, through `ScopeRelations`.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 
 from anvil.errors import AnvilError
 from anvil.identity.scopes import allows
+from anvil.personaldb import rowauth
 from anvil.storage import sqlitefile as sf
 from anvil.storage.records import Connection
 
@@ -106,6 +111,9 @@ class ScopeRelations:
     """`subject has permission on resource`, decided by the subject's granted scopes (until
     relationship authorisation lands). Reads the grants once per projection pass."""
 
+    mode = "scopes"
+    revision = 0
+
     def __init__(self, conn: Connection):
         self.conn = conn
         self._cache: dict[str, list[str]] = {}
@@ -124,8 +132,23 @@ def _passes(table: dict[str, Any], row: dict[str, Any], relation: Relation) -> b
     if "equals" in flt:
         return all(row.get(c) == v for c, v in flt["equals"].items())
     r = flt["relation"]
-    resource = re.sub(r"\{([^}]*)\}", lambda m: str(row.get(m.group(1))), r["resource"])
+    if getattr(relation, "mode", "scopes") == "relationships":
+        resource = rowauth.fill(r["resource"], row)  # ids as row bindings write them
+    else:
+        resource = re.sub(r"\{([^}]*)\}", lambda m: str(row.get(m.group(1))), r["resource"])
     return relation(r["subject"], r["permission"], resource)
+
+
+def has_relation_filter(spec: dict[str, Any]) -> bool:
+    return any(t.get("filter") and "relation" in t["filter"] for t in spec["tables"])
+
+
+def relation_meta(spec: dict[str, Any], relation: Relation) -> dict[str, str]:
+    """What decided a projection's relation filters (none: {}), kept in its bookkeeping table."""
+    if not has_relation_filter(spec):
+        return {}
+    return {"relation_filters": getattr(relation, "mode", "scopes"),
+            "authz_revision": str(getattr(relation, "revision", 0))}
 
 
 def create_tables(db: sf.Database, spec: dict[str, Any], source_tables: dict[str, dict[str, Any]]) -> None:
@@ -227,7 +250,7 @@ class Projections:
             db.begin()
             create_tables(db, spec, mirror.tables())
             project_rows(db, mirror, spec, None, relation)
-            _set_meta(db, group, head)
+            _set_meta(db, group, head, relation_meta(spec, relation))
             db.commit()
         finally:
             db.close()
@@ -317,7 +340,7 @@ class Projections:
                     db.start_session()  # what subscribers apply (the bookkeeping table is not recorded)
                     db.begin()
                     project_rows(db, mirror, spec, touched, relation)
-                    _set_meta(db, group, head)
+                    _set_meta(db, group, head, relation_meta(spec, relation))
                     db.commit()
                     changes = db.take_changeset()
                 finally:
@@ -338,8 +361,9 @@ class Projections:
             db.close()
 
 
-def _set_meta(db: sf.Database, group: str, head: tuple[int, str]) -> None:
-    for k, v in (("group", group), ("source_index", str(head[0])), ("source_hash", head[1])):
+def _set_meta(db: sf.Database, group: str, head: tuple[int, str], extra: dict[str, str] | None = None) -> None:
+    for k, v in (("group", group), ("source_index", str(head[0])), ("source_hash", head[1]),
+                 *(extra or {}).items()):
         db.execute(f"INSERT INTO {META}(k, v) VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v", (k, v))
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from anvil.personaldb import certs
+from anvil.personaldb import certs, rowauth
 from anvil.personaldb import projections as pj
 from anvil.storage.records import Connection
 
@@ -81,6 +81,12 @@ def apply(conn: Connection, ev: Any) -> None:
                      "VALUES (?,?,?,?,?,?)", (p["projection"], ev.tenant, p["group"],
                                               pj.dumps(p["spec"]),
                                               ev.ts, ev.actor))
+    elif kind == "pdb.binding.put":
+        conn.execute("DELETE FROM pdb_bindings WHERE grp = ?", (p["group"],))
+        conn.execute("INSERT INTO pdb_bindings(grp, tenant, binding, written) VALUES (?,?,?,?)",
+                     (p["group"], p["tenant"], rowauth.RowBinding(**p["binding"]).canonical(), ev.ts))
+    elif kind == "pdb.binding.delete":
+        conn.execute("DELETE FROM pdb_bindings WHERE grp = ?", (p["group"],))
     elif kind == "pdb.projection.update":
         pass  # no row: the projection's file is derived
     else:

@@ -29,7 +29,7 @@ import zstandard
 from anvil.context import Principal, RequestContext
 from anvil.errors import AnvilError
 from anvil.identity.scopes import allows
-from anvil.personaldb import certs
+from anvil.personaldb import certs, rowauth
 from anvil.personaldb import projections as pj
 from anvil.storage import Storage, Txn
 from anvil.storage import sqlitefile as sf
@@ -105,6 +105,13 @@ MIGRATIONS = [
         created REAL NOT NULL,
         created_by TEXT NOT NULL
     )""",
+    # Row permissions by relationship (rowauth.py): at most one binding per group.
+    """CREATE TABLE pdb_bindings(
+        grp TEXT PRIMARY KEY REFERENCES pdb_groups(name),
+        tenant TEXT NOT NULL,
+        binding TEXT NOT NULL,
+        written REAL NOT NULL
+    )""",
 ]
 
 GROUP_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -114,18 +121,25 @@ MAX_SCHEMA = 1024 * 1024
 MAX_PAGE = 2000
 MAX_BATCH = 1000  # changesets in one batch commit
 KEY_FILE = "personaldb_witness.json"
-# Row permissions are decided by scopes until relationship authorisation lands; the certificate
-# records which authorisation state decided, and revision 0 means "scopes of the token".
+# The certificate records which authorisation state decided a commit's rows: the authz revision
+# (zedtoken position) when the group's binding decided, 0 when the token's scopes alone did.
 AUTHZ_REVISION = 0
 SYSTEM_ACTOR = "system/personaldb"
 OPS = {"INSERT": "pdb:insert", "UPDATE": "pdb:update", "DELETE": "pdb:delete"}
 # Journal event kinds (watch family `pdb`).
 EVENT_KINDS = frozenset({"pdb.group.create", "pdb.commit", "pdb.migrate", "pdb.snapshot", "pdb.compact",
-                         "pdb.keys", "pdb.projection.create", "pdb.projection.update"})
+                         "pdb.keys", "pdb.projection.create", "pdb.projection.update", "pdb.binding.put",
+                         "pdb.binding.delete"})
 
 
 def _group_missing() -> AnvilError:
     return AnvilError("NotFound", "group not found")
+
+
+def _denied(message: str) -> AnvilError:
+    err = AnvilError("PermissionDenied", message)
+    err.denied = True  # type: ignore[attr-defined]  # the audit log records it as a denial
+    return err
 
 
 def _may(principal: Principal, action: str, resource: str) -> bool:
@@ -149,6 +163,7 @@ class WitnessKeys:
         self.path = Path(secrets_dir) / KEY_FILE
         self._lock = threading.Lock()
         self.keys: list[dict[str, Any]] = []
+        self._current: certs.WitnessKey | None = None
         if self.path.exists():
             self.keys = json.loads(self.path.read_text())["keys"]
         if not self.keys:
@@ -160,8 +175,12 @@ class WitnessKeys:
 
     @property
     def current(self) -> certs.WitnessKey:
-        k = next(k for k in self.keys if k.get("retired") is None)
-        return certs.WitnessKey(base64.b64decode(k["private"]))
+        # Kept between commits: loading the private key costs as much as signing (the commit path).
+        hit = self._current
+        if hit is None:
+            k = next(k for k in self.keys if k.get("retired") is None)
+            hit = self._current = certs.WitnessKey(base64.b64decode(k["private"]))
+        return hit
 
     def rotate(self) -> certs.WitnessKey:
         with self._lock:
@@ -170,6 +189,7 @@ class WitnessKeys:
             for k in self.keys:
                 if k.get("retired") is None:
                     k["retired"] = now
+            self._current = None
             self.keys.append({"key_id": new.key_id, "private": base64.b64encode(new.private_raw()).decode(),
                               "public": base64.b64encode(new.public_raw).decode(), "created": now, "retired": None})
             self._save()
@@ -299,17 +319,29 @@ def projection_specs(conn: Connection, group: str | None = None) -> list[tuple[s
     return [(n, src, json.loads(spec)) for n, src, spec in rows]
 
 
-def rebuild_projections(conn: Connection, blobs: Any, root: Path, group: str | None = None) -> list[str]:
+# relations(conn, tenant) -> a relation decider by relationships, or None when the tenant has none
+# configured (composed by the runtime: anvil.authz.rows.relations_at).
+RelationsFactory = Any
+
+
+def relations_for(conn: Connection, tenant: str, relations: RelationsFactory | None) -> Any:
+    """How projections of `tenant` decide relation filters: by relationships when authz is composed in
+    and the tenant has a schema, else by the subjects' granted scopes."""
+    found = relations(conn, tenant) if relations is not None else None
+    return found if found is not None else pj.ScopeRelations(conn)
+
+
+def rebuild_projections(conn: Connection, blobs: Any, root: Path, group: str | None = None,
+                        relations: RelationsFactory | None = None) -> list[str]:
     """Recompute mirrors and projection files from source records; the names rebuilt."""
     store = pj.Projections(root)
     by_group: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for n, src, spec in projection_specs(conn, group):
         by_group.setdefault(src, []).append((n, spec))
-    relation = pj.ScopeRelations(conn)
     for g, specs in by_group.items():
-        head = conn.execute("SELECT head_index, head_hash FROM pdb_groups WHERE name = ?", (g,)).fetchone()
+        head = conn.execute("SELECT head_index, head_hash, tenant FROM pdb_groups WHERE name = ?", (g,)).fetchone()
         store.rebuild_group(g, lambda dest, g=g, head=head: materialise(conn, blobs, g, head[0], dest),
-                            (head[0], head[1]), specs, relation)
+                            (head[0], head[1]), specs, relations_for(conn, head[2], relations))
     return [n for specs in by_group.values() for n, _ in specs]
 
 
@@ -332,6 +364,18 @@ class PersonalDbService:
         # One thread applies commits to mirrors and projections, in commit order, off the writer.
         self._projector = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="anvil-pdb-proj")
         self._projected: set[str] = set()  # groups whose mirror was checked against the log since start
+        # Relationship authorisation, composed in by the runtime (install_authz): personaldb and authz
+        # are sibling layers, so the decisions arrive through this hook (anvil.authz.rows.RowAuthz).
+        self._authz: Any = None
+
+    def install_authz(self, hooks: Any) -> None:
+        """hooks: validate_binding(tenant, resource_type, {op: permission}); row_checker(tenant, subject)
+        -> (revision, check(resource_type, resource_id, permission) -> (permissionship, missing));
+        relations(conn, tenant) -> relation decider or None."""
+        self._authz = hooks
+
+    def _relations_factory(self) -> RelationsFactory | None:
+        return self._authz.relations if self._authz is not None else None
 
     def add_commit_listener(self, fn: Any) -> None:
         """fn(group, entry) after each commit (projections rebuild incrementally on it)."""
@@ -484,17 +528,73 @@ class PersonalDbService:
 
         return self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
 
+    # -- row bindings (row permissions by relationship) ------------------------------------
+
+    @staticmethod
+    def _binding(conn: Connection, name: str) -> rowauth.RowBinding | None:
+        row = conn.execute("SELECT binding FROM pdb_bindings WHERE grp = ?", (name,)).fetchone()
+        return rowauth.binding_from_json(row[0]) if row else None
+
+    @staticmethod
+    def binding_requirements(conn: Connection, tenant: str) -> list[tuple[str, str, set[str]]]:
+        """(what, resource type, permissions) the tenant's authz schema must keep for its groups' bindings
+        (the runtime makes authz refuse a schema change that would drop one)."""
+        out = []
+        for grp, text in conn.execute("SELECT grp, binding FROM pdb_bindings WHERE tenant = ? ORDER BY grp",
+                                      (tenant,)):
+            b = rowauth.binding_from_json(text)
+            out.append((f"PersonalDB group {grp}", b.resource_type, set(b.permissions().values())))
+        return out
+
+    def put_binding(self, ctx: RequestContext, name: str, body: Any) -> dict[str, Any]:
+        """Decide the group's row changes by relationships (`pdb:admin`); validated against the tenant's
+        authz schema (InvalidArgument, nothing written)."""
+        g = self.group(ctx.principal, name, "pdb:admin")
+        binding = rowauth.parse_binding(body, self.tables(name, g["schema_version"]))
+        if self._authz is None:
+            raise AnvilError("InvalidArgument", "relationship authorisation is not available in this process")
+        self._authz.validate_binding(g["tenant"], binding.resource_type, binding.permissions())
+
+        def fn(txn: Txn) -> dict[str, Any]:
+            txn.conn.execute("DELETE FROM pdb_bindings WHERE grp = ?", (name,))
+            txn.conn.execute("INSERT INTO pdb_bindings(grp, tenant, binding, written) VALUES (?,?,?,?)",
+                             (name, g["tenant"], binding.canonical(), txn.now))
+            txn.emit(g["tenant"], "pdb.binding.put", f"pdb/{name}",
+                     {"group": name, "tenant": g["tenant"], "binding": binding.to_dict()})
+            return {"group": name, "tenant": g["tenant"], "binding": binding.to_dict()}
+
+        return self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
+
+    def get_binding(self, principal: Principal, name: str) -> dict[str, Any]:
+        g = self.group(principal, name)
+        b = self._binding(self.catalog.reader(), name)
+        if b is None:
+            raise AnvilError("NotFound", f"group {name} has no authorisation binding")
+        return {"group": name, "tenant": g["tenant"], "binding": b.to_dict()}
+
+    def delete_binding(self, ctx: RequestContext, name: str) -> dict[str, Any]:
+        g = self.group(ctx.principal, name, "pdb:admin")
+
+        def fn(txn: Txn) -> dict[str, Any]:
+            if txn.conn.execute("SELECT 1 FROM pdb_bindings WHERE grp = ?", (name,)).fetchone() is None:
+                raise AnvilError("NotFound", f"group {name} has no authorisation binding")
+            txn.conn.execute("DELETE FROM pdb_bindings WHERE grp = ?", (name,))
+            txn.emit(g["tenant"], "pdb.binding.delete", f"pdb/{name}", {"group": name})
+            return {"group": name, "unbound": True}
+
+        return self.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
+
     # -- the commit path ------------------------------------------------------------------
 
     def _append(self, txn: Txn, g: dict[str, Any], kind: str, payload: bytes, schema_version: int,
-                idem: str | None, fingerprint: str | None) -> dict[str, Any]:
+                idem: str | None, fingerprint: str | None, authz_revision: int = AUTHZ_REVISION) -> dict[str, Any]:
         index = g["head_index"] + 1
         cs_sha = certs.sha256_hex(payload)
         h = certs.entry_hash(g["name"], index, g["head_hash"], cs_sha, schema_version, kind)
         cert = self.keys.current.sign({
             "v": 1, "type": "commit", "group": g["name"], "index": index, "prev_hash": g["head_hash"], "hash": h,
             "changeset_sha256": cs_sha, "schema_version": schema_version, "entry_kind": kind,
-            "authz_revision": AUTHZ_REVISION, "time": round(txn.now, 6)})
+            "authz_revision": authz_revision, "time": round(txn.now, 6)})
         cert_text = json.dumps(cert, separators=(",", ":"))
         txn.conn.execute(
             "INSERT INTO pdb_log(grp, idx, kind, prev_hash, hash, changeset, changeset_sha256, size, schema_version, "
@@ -526,9 +626,11 @@ class PersonalDbService:
             f"{g['head_hash']}; pull, rebase and submit again",
             headers={"x-anvil-pdb-head-index": str(g["head_index"]), "x-anvil-pdb-head-hash": g["head_hash"]})
 
-    def validate_changeset(self, principal: Principal, g: dict[str, Any], data: bytes) -> list[sf.RowChange]:
+    def validate_changeset(self, principal: Principal, g: dict[str, Any], data: bytes,
+                           decide: Any = None) -> list[sf.RowChange]:
         """Parse and check a changeset: size, tables in the schema, column counts, and a permission
-        for every row change (one denied row refuses the whole changeset)."""
+        for every row change (one denied row refuses the whole changeset): the token's scopes, then
+        `decide(change)` (the group's binding, see `_row_decider`) when given."""
         if len(data) > g["max_changeset"]:
             raise AnvilError("EntityTooLarge", f"the changeset is larger than {g['max_changeset']} bytes")
         try:
@@ -549,9 +651,57 @@ class PersonalDbService:
             for ch in changes:
                 resource = f"pdb:{g['name']}/{ch.table}/{_pk_text(ch.pk)}"
                 if not _may(principal, OPS[ch.op], resource):
-                    raise AnvilError("PermissionDenied", f"{ch.op.lower()} of a row of {ch.table} is not allowed "
-                                                         "(the whole changeset is refused)")
+                    raise AnvilError("PermissionDenied", f"{ch.op.lower()} of row ({_pk_text(ch.pk)}) of table "
+                                                         f"{ch.table} is not allowed (the whole changeset is refused)")
+        if decide is not None:
+            for ch in changes:
+                decide(ch)
         return changes
+
+    def _row_decider(self, principal: Principal, g: dict[str, Any]) -> tuple[int, Any]:
+        """(authz revision, decide) when the group's binding decides rows for this principal; (0, None) when
+        the token's scopes alone decide. The scope admits the application to the group; within it, the
+        binding decides each row for the token's subject, all at one authz revision. A token acting for
+        no subject is refused unless the binding says `without_subject: scopes` (admins acting for no
+        subject are not subject to bindings); a conditional answer is a refusal."""
+        conn = self.catalog.reader()
+        binding = self._binding(conn, g["name"])
+        if binding is None:
+            return AUTHZ_REVISION, None
+        subject = principal.acting_for
+        if not subject:
+            if binding.without_subject == "scopes" or principal.admin:
+                return AUTHZ_REVISION, None
+            raise _denied(f"group {g['name']} decides row permissions by relationships: use a token acting for "
+                          "a subject (the token exchange's subject)")
+        if self._authz is None:
+            raise _denied(f"group {g['name']} decides row permissions by relationships, which this process "
+                          "cannot ask")
+        try:
+            rev, check = self._authz.row_checker(g["tenant"], subject)
+        except AnvilError as e:
+            if e.code in ("InvalidArgument", "NotFound", "MaxDepthExceeded"):
+                raise _denied(f"group {g['name']}'s binding cannot decide for {subject}: {e.message}") from None
+            raise
+        tables = self.tables(g["name"], g["schema_version"])
+
+        def decide(ch: sf.RowChange) -> None:
+            where = f"{ch.op.lower()} of row ({_pk_text(ch.pk)}) of table {ch.table}"
+            rid = binding.resource_id(g["name"], ch.table, tables[ch.table]["pk"], ch.pk)
+            perm = binding.permission(ch.op)
+            try:
+                state, missing = check(binding.resource_type, rid, perm)
+            except AnvilError as e:
+                if e.code in ("InvalidArgument", "NotFound", "MaxDepthExceeded"):
+                    raise _denied(f"{where}: the group's binding cannot decide for {subject}: {e.message} "
+                                  "(the whole changeset is refused)") from None
+                raise
+            if state != "has_permission":
+                why = f" (missing caveat context: {', '.join(missing)})" if missing else ""
+                raise _denied(f"{where} is not allowed: {subject} has no {perm} on "
+                              f"{binding.resource_type}:{rid}{why} (the whole changeset is refused)")
+
+        return rev, decide
 
     def commit(self, ctx: RequestContext, name: str, data: bytes, *, base_index: Any, base_hash: Any,
                schema_version: Any = None) -> dict[str, Any]:
@@ -596,9 +746,10 @@ class PersonalDbService:
         if sum(len(d) for d, _ in items) > g["max_changeset"]:
             raise AnvilError("EntityTooLarge", f"the batch's changesets add up to more than {g['max_changeset']} "
                              "bytes (the group's changeset limit)")
+        authz_revision, decide = self._row_decider(ctx.principal, g)
         checked = []
         for data, idem in items:
-            changes = self.validate_changeset(ctx.principal, g, data)
+            changes = self.validate_changeset(ctx.principal, g, data, decide)
             if idem is not None and not (isinstance(idem, str) and 1 <= len(idem) <= 255 and idem.isprintable()):
                 raise AnvilError("InvalidArgument", "Idempotency-Key must be 1-255 printable characters")
             checked.append((data, idem, sorted({c.table for c in changes}), len(changes)))
@@ -630,7 +781,7 @@ class PersonalDbService:
                     raise AnvilError("PersonalDbSchemaMismatch",
                                      f"the replica is at schema version {schema_version or checked_version}, group "
                                      f"{name} is at {version}: pull to migrate, then submit again")
-                entry = self._append(txn, cur, "changeset", data, version, idem, fingerprint)
+                entry = self._append(txn, cur, "changeset", data, version, idem, fingerprint, authz_revision)
                 txn.emit(cur["tenant"], "pdb.commit", f"pdb/{name}",
                          {"group": name, "index": entry["index"], "hash": entry["hash"],
                           "prev_hash": entry["prev_hash"], "changeset_sha256": entry["changeset_sha256"],
@@ -895,16 +1046,21 @@ class PersonalDbService:
         try:
             specs = [(n, spec) for n, _, spec in projection_specs(conn, group)]
             mirror_meta = self.projections.meta_of(self.projections.mirror_path(group))
+            tenant = conn.execute("SELECT tenant FROM pdb_groups WHERE name = ?", (group,)).fetchone()[0]
+            relation = relations_for(conn, tenant, self._relations_factory())
+            metas = {n: self.projections.meta(n) for n, _ in specs}
+            # A file whose relation filters were decided at another authz revision (or by scopes, before
+            # the tenant had a schema) is rebuilt whole: every row of one file is decided at one revision.
             if (group not in self._projected or mirror_meta.get("source_index") != str(entry["index"] - 1)
-                    or any(self.projections.meta(n).get("source_index") != str(entry["index"] - 1)
-                           for n, _ in specs)):
-                rebuild_projections(conn, self.storage.blobs, self.storage.root, group)
+                    or any(metas[n].get("source_index") != str(entry["index"] - 1) for n, _ in specs)
+                    or any(pj.relation_meta(spec, relation).items() - metas[n].items() for n, spec in specs)):
+                rebuild_projections(conn, self.storage.blobs, self.storage.root, group, self._relations_factory())
                 self._projected.add(group)
                 return
             row = conn.execute("SELECT changeset FROM pdb_log WHERE grp = ? AND idx = ?",
                                (group, entry["index"])).fetchone()
             self.projections.on_commit(group, bytes(row[0]), entry["kind"], (entry["index"], entry["hash"]), specs,
-                                       pj.ScopeRelations(conn))
+                                       relation)
         except Exception:  # noqa: BLE001 - derived: the next commit (or repair) rebuilds it
             log.exception("personaldb projection of %s failed", group)
             self._projected.discard(group)
@@ -932,8 +1088,27 @@ class PersonalDbService:
         return {**out, **self.describe_projection(ctx.principal, name)}
 
     def _rebuild_group_safely(self, group: str) -> None:
-        rebuild_projections(self.catalog.reader(), self.storage.blobs, self.storage.root, group)
+        rebuild_projections(self.catalog.reader(), self.storage.blobs, self.storage.root, group,
+                            self._relations_factory())
         self._projected.add(group)
+
+    def authz_changed(self, tenant: str, revision: int) -> None:
+        """After an authz write of `tenant` (schema or relationships): rebuild, on the projector thread
+        (ordered with commits), every projection of the tenant's groups with a relation filter, so a
+        change of who may see a row shows without waiting for the next commit."""
+        conn = self.catalog.reader()
+        groups = sorted({src for _, src, spec in projection_specs(conn) if pj.has_relation_filter(spec)
+                         and (conn.execute("SELECT tenant FROM pdb_groups WHERE name = ?", (src,)).fetchone()
+                              or ("",))[0] == tenant})
+        for g in groups:
+            self._projector.submit(self._rebuild_after_authz, g)
+
+    def _rebuild_after_authz(self, group: str) -> None:
+        try:
+            self._rebuild_group_safely(group)
+        except Exception:  # noqa: BLE001 - derived: the next commit (or repair) rebuilds it
+            log.exception("personaldb projection rebuild of %s after an authz write failed", group)
+            self._projected.discard(group)
 
     def _projection_row(self, principal: Principal, name: str) -> tuple[str, str, dict[str, Any]]:
         if not isinstance(name, str) or not pj.NAME_RE.match(name):
@@ -954,7 +1129,10 @@ class PersonalDbService:
         n, src, spec = self._projection_row(principal, name)
         meta = self.projections.meta(n)
         return {"name": n, "source": src, "spec": spec, "source_index": int(meta.get("source_index", -1)),
-                "source_hash": meta.get("source_hash"), "state_hash": self.projections.state(n)}
+                "source_hash": meta.get("source_hash"), "state_hash": self.projections.state(n),
+                # What decided the relation filters: "relationships" (at authz_revision) or "scopes".
+                "relation_filters": meta.get("relation_filters"),
+                "authz_revision": int(meta["authz_revision"]) if "authz_revision" in meta else None}
 
     def projection_data(self, principal: Principal, name: str, *, wait_for: int | None = None) -> bytes:
         """The projection's SQLite file (zstd), once it reflects at least source entry `wait_for`."""
@@ -1040,7 +1218,8 @@ class PersonalDbService:
             finally:
                 mirror.close()
             work = sf.Database(Path(d) / "w.sqlite")
-            relation = pj.ScopeRelations(self.catalog.reader())
+            reader = self.catalog.reader()
+            relation = relations_for(reader, self._group_row(reader, src)["tenant"], self._relations_factory())
             try:
                 cols = {t["from"]: work.tables()[t["from"]]["columns"] for t in spec["tables"]}
                 for ch in changes:
