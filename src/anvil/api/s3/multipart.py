@@ -13,6 +13,7 @@ from anvil.api.s3 import xmlutil as X
 from anvil.api.s3.acl import canned
 from anvil.api.s3.config import header_tags
 from anvil.api.s3.errors import S3Error, not_implemented
+from anvil.api.s3.lifecycle import expiration_headers
 from anvil.api.s3.listings import encoder, max_keys
 from anvil.api.s3.objects import (
     MAX_PUT_SIZE,
@@ -294,6 +295,7 @@ async def complete_upload(r: S3Request) -> Response:
              + "".join(X.element(f"Checksum{a.upper()}", val) for a, val in sums.items()))
     if sums:
         inner += X.element("ChecksumType", checksum_type(sums))
+    headers.update(expiration_headers(r, r.key or "", result["size"], up["extra"].get("tags")))
     return xml("CompleteMultipartUploadResult", inner, headers=headers)
 
 
