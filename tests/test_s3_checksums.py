@@ -196,8 +196,12 @@ def test_unsupported_checksum_combinations_are_clear_errors(s3, bkt: str) -> Non
 # (FULL_OBJECT); a COMPOSITE multipart checksum is the checksum of the concatenated binary part
 # checksums, followed by `-<number of parts>`; a mismatch is `BadDigest` and stores nothing.
 
+def _raw(crc):
+    return lambda d: base64.b64decode(crc(d))
+
+
 DIGESTS = {
-    **{alg: (lambda f: lambda d: base64.b64decode(f(d)))(f) for alg, f in CRCS.items()},
+    **{alg: _raw(crc) for alg, crc in CRCS.items()},
     "SHA1": lambda d: hashlib.sha1(d).digest(),
     "SHA256": lambda d: hashlib.sha256(d).digest(),
 }
