@@ -888,6 +888,23 @@ def lifecycle_noncurrent_and_abort(c: Ctx) -> None:
 
 
 @case("lifecycle")
+def lifecycle_rule_without_id_gets_one(c: Ctx) -> None:
+    _rules(c, {k: val for k, val in EXPIRE.items() if k != "ID"})
+    expect(c.s3.get_bucket_lifecycle_configuration(Bucket=c.b)["Rules"][0].get("ID"), "an assigned ID")
+
+
+@case("lifecycle")
+def lifecycle_abort_date_headers(c: Ctx) -> None:
+    _rules(c, {"ID": "a", "Filter": {"Prefix": "up/"}, "Status": "Enabled",
+               "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 2}})
+    create = c.s3.create_multipart_upload(Bucket=c.b, Key="up/k")
+    expect(create.get("AbortRuleId") == "a" and "AbortDate" in create, "x-amz-abort-date and -rule-id")
+    listed = c.s3.list_parts(Bucket=c.b, Key="up/k", UploadId=create["UploadId"])
+    expect(listed.get("AbortRuleId") == "a", "on ListParts too")
+    expect("AbortRuleId" not in c.s3.create_multipart_upload(Bucket=c.b, Key="other"), "only under the prefix")
+
+
+@case("lifecycle")
 def lifecycle_zero_days_invalid(c: Ctx) -> None:
     c.fails(400, "InvalidArgument", "put_bucket_lifecycle_configuration", Bucket=c.b, LifecycleConfiguration={
         "Rules": [{**EXPIRE, "Expiration": {"Days": 0}}]})

@@ -82,6 +82,15 @@ def test_configuration_round_trip_and_refusals(s3) -> None:
         s3.put_bucket_lifecycle_configuration(Bucket=b, LifecycleConfiguration={"Rules": [rules[0], rules[0]]})
     assert code(e) == "InvalidArgument"
     assert s3.get_bucket_lifecycle_configuration(Bucket=b)["Rules"] == rules  # refusals changed nothing
+    # A rule sent without an ID gets one (as S3 assigns one), the same for the same document.
+    bare = {"Filter": {"Prefix": "x/"}, "Status": "Enabled", "Expiration": {"Days": 1}}
+    ids = []
+    for _ in range(2):
+        s3.put_bucket_lifecycle_configuration(Bucket=b, LifecycleConfiguration={"Rules": [bare, bare]})
+        got = s3.get_bucket_lifecycle_configuration(Bucket=b)["Rules"]
+        assert [{k: val for k, val in r.items() if k != "ID"} for r in got] == [bare, bare]
+        ids.append([r["ID"] for r in got])
+    assert ids[0] == ids[1] and len(set(ids[0])) == 2 and all(ids[0])
     s3.delete_bucket_lifecycle(Bucket=b)
     with pytest.raises(ClientError) as e:
         s3.get_bucket_lifecycle_configuration(Bucket=b)
@@ -136,7 +145,13 @@ def test_lifecycle_executes_within_one_interval(server: AnvilServer, s3) -> None
     assert 'rule-id="tagged"' in s3.get_object(Bucket=plain, Key="other")["Expiration"]
     assert "Expiration" not in s3.head_object(Bucket=plain, Key="keep/b")  # its rule is disabled
     assert "Expiration" not in s3.head_object(Bucket=plain, Key="other-untagged")
-    upload = s3.create_multipart_upload(Bucket=plain, Key="stale")["UploadId"]
+    create = s3.create_multipart_upload(Bucket=plain, Key="stale")
+    upload = create["UploadId"]
+    # x-amz-abort-date / -rule-id (CreateMultipartUpload and ListParts API reference): when, and by which
+    # rule, the upload will be aborted.
+    assert create["AbortRuleId"] == "uploads"
+    assert abs(create["AbortDate"].timestamp() - (time.time() + 2 * DAY)) <= 2
+    assert s3.list_parts(Bucket=plain, Key="stale", UploadId=upload)["AbortRuleId"] == "uploads"
     old = s3.put_object(Bucket=versioned, Key="k", Body=b"v1")["VersionId"]
     new = s3.put_object(Bucket=versioned, Key="k", Body=b"v2")["VersionId"]  # v1 is noncurrent from now
     kept = s3.put_object(Bucket=versioned, Key="old/y", Body=b"y")["VersionId"]

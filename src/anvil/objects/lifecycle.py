@@ -109,6 +109,22 @@ def expiration(doc: dict[str, Any] | None, key: str, size: int, tags: list[list[
     return best
 
 
+def abort_date(doc: dict[str, Any] | None, key: str, initiated: float, day: float) -> tuple[float, str] | None:
+    """(abort time, rule id) of the enabled AbortIncompleteMultipartUpload rule that will abort an upload
+    of `key` first, or None: S3's `x-amz-abort-date` / `x-amz-abort-rule-id` on CreateMultipartUpload
+    and ListParts."""
+    best: tuple[float, str] | None = None
+    for rule in (doc or {}).get("rules", []):
+        if rule.get("status") != "Enabled" or rule.get("abort_days") is None:
+            continue
+        if not key.startswith(rule.get("prefix") or ""):
+            continue
+        when = due_time(initiated, rule["abort_days"], day)
+        if best is None or when < best[0]:
+            best = (when, rule.get("id") or "")
+    return best
+
+
 class LifecycleWorker:
     """Runs `run_once` every `interval` seconds on its own thread; `status()` reports what it did."""
 

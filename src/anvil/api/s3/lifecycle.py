@@ -9,6 +9,9 @@ are NotImplemented."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import time
 from datetime import UTC, datetime
 from email.utils import formatdate
@@ -151,6 +154,16 @@ def parse(root: Any) -> dict[str, Any]:
         rules.append(rule)
     if not rules:
         raise S3Error("MalformedXML", "a LifecycleConfiguration needs at least one Rule")
+    for n, rule in enumerate(rules):
+        if not rule["id"]:
+            # S3 gives a rule sent without an ID one of its own (GetBucketLifecycleConfiguration and
+            # x-amz-expiration name it). Derived from the rule and its place rather than random, so a
+            # retried request stores the same document.
+            digest = hashlib.sha256(json.dumps([n, rule], sort_keys=True).encode()).digest()
+            rule["id"] = base64.b32encode(digest[:20]).decode().rstrip("=")
+            while rule["id"] in ids:
+                rule["id"] = rule["id"][1:] + rule["id"][0]
+            ids.add(rule["id"])
     if len(rules) > MAX_RULES:
         raise S3Error("InvalidRequest", f"a lifecycle configuration holds at most {MAX_RULES} rules")
     return {"rules": rules}
@@ -229,3 +242,13 @@ def expiration_headers(r: S3Request, key: str, size: int, tags: list[list[str]] 
         return {}
     when, rule_id = found
     return {"x-amz-expiration": f'expiry-date="{formatdate(when, usegmt=True)}", rule-id="{rule_id}"'}
+
+
+def abort_headers(r: S3Request, key: str, initiated: float) -> dict[str, str]:
+    """`x-amz-abort-date` and `x-amz-abort-rule-id` when an enabled AbortIncompleteMultipartUpload rule
+    covers this upload (AWS CreateMultipartUpload / ListParts API reference), else nothing."""
+    doc = r.objects.bucket_setting(r.bucket, "lifecycle")
+    found = worker.abort_date(doc, key, initiated, worker.day_seconds_from_env()) if doc else None
+    if found is None:
+        return {}
+    return {"x-amz-abort-date": formatdate(found[0], usegmt=True), "x-amz-abort-rule-id": found[1]}
