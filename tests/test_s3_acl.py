@@ -100,3 +100,33 @@ def test_what_cannot_be_honoured_is_not_implemented(server: AnvilServer, s3, cal
     assert s3.list_multipart_uploads(Bucket=b).get("Uploads", []) == []
     assert grants(s3.get_bucket_acl(Bucket=b)) == [("CanonicalUser", "FULL_CONTROL")]
     assert grants(s3.get_object_acl(Bucket=b, Key="k")) == [("CanonicalUser", "FULL_CONTROL")]
+
+
+def test_copy_with_new_tags_and_acl_is_one_mutation(server: AnvilServer, s3) -> None:
+    """CopyObject with `x-amz-tagging-directive: REPLACE` and `x-amz-acl: public-read` writes the copy, its
+    tags and its ACL in one journaled mutation (one `object.put` carrying them), as PutObject with
+    `x-amz-tagging` does: no reader can see the copy with the source's tags or without its ACL."""
+    import json
+
+    from anvil.storage import records
+
+    b = unique_bucket("cpytag")
+    s3.create_bucket(Bucket=b)
+    s3.put_object(Bucket=b, Key="src", Body=b"s", Tagging="from=source")
+    s3.copy_object(Bucket=b, Key="dst", CopySource=f"{b}/src", TaggingDirective="REPLACE", Tagging="to=copy",
+                   ACL="public-read")
+    s3.copy_object(Bucket=b, Key="bare", CopySource=f"{b}/src", TaggingDirective="REPLACE")
+    s3.copy_object(Bucket=b, Key="same", CopySource=f"{b}/src")
+    assert s3.get_object_tagging(Bucket=b, Key="dst")["TagSet"] == [{"Key": "to", "Value": "copy"}]
+    assert s3.get_object_tagging(Bucket=b, Key="bare")["TagSet"] == []
+    assert s3.get_object_tagging(Bucket=b, Key="same")["TagSet"] == [{"Key": "from", "Value": "source"}]
+    assert anonymous(server, f"/{b}/dst") == 200 and anonymous(server, f"/{b}/same") == 403
+    conn = records.open_readonly(server.storage_path / "catalog.db")
+    try:
+        events = [(kind, scope, json.loads(payload)) for kind, scope, payload in conn.execute(
+            "SELECT kind, scope, payload FROM journal WHERE scope IN (?, ?) ORDER BY seq", (f"{b}/dst", f"{b}/bare"))]
+    finally:
+        records.close(conn)
+    assert [(kind, scope) for kind, scope, _ in events] == [("object.put", f"{b}/dst"), ("object.put", f"{b}/bare")]
+    assert events[0][2]["extra"]["tags"] == [["to", "copy"]] and events[0][2]["extra"]["public"] is True
+    assert "tags" not in events[1][2].get("extra", {})

@@ -1,8 +1,10 @@
-"""CRC64NVME and full-object multipart checksums through boto3 (which computes CRC64NVME with awscrt)."""
+"""Checksums through boto3: every algorithm on single PUTs and multipart uploads, composite and full-object,
+CRC64NVME (which boto3 computes with awscrt), and GetObjectAttributes' Checksum and ObjectParts."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import os
 import zlib
@@ -187,3 +189,90 @@ def test_unsupported_checksum_combinations_are_clear_errors(s3, bkt: str) -> Non
     done = s3.complete_multipart_upload(Bucket=bkt, Key="x", UploadId=up["UploadId"],
                                         MultipartUpload={"Parts": parts})
     assert done["ChecksumType"] == "COMPOSITE" and done["ChecksumCRC32"].endswith("-1")
+
+
+# ------------------------------------------------------------------ every algorithm, as AWS documents it
+# AWS S3 User Guide, "Checking object integrity": a single PUT's checksum is the checksum of its bytes
+# (FULL_OBJECT); a COMPOSITE multipart checksum is the checksum of the concatenated binary part
+# checksums, followed by `-<number of parts>`; a mismatch is `BadDigest` and stores nothing.
+
+def _raw(crc):
+    return lambda d: base64.b64decode(crc(d))
+
+
+DIGESTS = {
+    **{alg: _raw(crc) for alg, crc in CRCS.items()},
+    "SHA1": lambda d: hashlib.sha1(d).digest(),
+    "SHA256": lambda d: hashlib.sha256(d).digest(),
+}
+
+
+def b64(alg: str, data: bytes) -> str:
+    return base64.b64encode(DIGESTS[alg](data)).decode()
+
+
+@pytest.mark.parametrize("alg", ["CRC32", "CRC32C", "CRC64NVME", "SHA1", "SHA256"])
+def test_single_put_every_algorithm(s3, bkt: str, alg: str) -> None:
+    data = b"checking object integrity " * 100
+    put = s3.put_object(Bucket=bkt, Key="k", Body=data, ChecksumAlgorithm=alg)  # botocore computes it
+    assert put[f"Checksum{alg}"] == b64(alg, data) and put["ChecksumType"] == "FULL_OBJECT"
+    head = s3.head_object(Bucket=bkt, Key="k", ChecksumMode="ENABLED")
+    assert head[f"Checksum{alg}"] == b64(alg, data) and head["ChecksumType"] == "FULL_OBJECT"
+    attrs = s3.get_object_attributes(Bucket=bkt, Key="k", ObjectAttributes=["Checksum", "ObjectParts"])
+    assert attrs["Checksum"] == {f"Checksum{alg}": b64(alg, data), "ChecksumType": "FULL_OBJECT"}
+    assert "ObjectParts" not in attrs  # one piece: no parts
+    with pytest.raises(ClientError) as e:
+        s3.put_object(Bucket=bkt, Key="bad", Body=data, **{f"Checksum{alg}": b64(alg, b"other bytes")})
+    assert code(e) == "BadDigest"
+    assert keys(s3, bkt) == ["k"]
+
+
+@pytest.mark.parametrize("alg", ["CRC32", "CRC32C", "SHA1", "SHA256"])
+def test_composite_multipart_every_algorithm(s3, bkt: str, alg: str) -> None:
+    bodies = [b"1" * (5 * MiB), b"2" * (5 * MiB), b"three"]
+    up = s3.create_multipart_upload(Bucket=bkt, Key="mp", ChecksumAlgorithm=alg)["UploadId"]
+    with pytest.raises(ClientError) as e:  # a part whose checksum does not match its bytes
+        s3.upload_part(Bucket=bkt, Key="mp", UploadId=up, PartNumber=1, Body=b"x",
+                       **{f"Checksum{alg}": b64(alg, b"y")})
+    assert code(e) == "BadDigest"
+    parts = []
+    for n, body in enumerate(bodies, start=1):
+        r = s3.upload_part(Bucket=bkt, Key="mp", UploadId=up, PartNumber=n, Body=body, ChecksumAlgorithm=alg)
+        assert r[f"Checksum{alg}"] == b64(alg, body)
+        parts.append({"PartNumber": n, "ETag": r["ETag"], f"Checksum{alg}": r[f"Checksum{alg}"]})
+    composite = base64.b64encode(DIGESTS[alg](b"".join(DIGESTS[alg](b) for b in bodies))).decode()
+    with pytest.raises(ClientError) as e:  # a wrong whole-object claim: BadDigest, nothing completed
+        s3.complete_multipart_upload(Bucket=bkt, Key="mp", UploadId=up, MultipartUpload={"Parts": parts},
+                                     **{f"Checksum{alg}": b64(alg, b"not it") + "-3"})
+    assert code(e) == "BadDigest" and keys(s3, bkt) == []
+    done = s3.complete_multipart_upload(Bucket=bkt, Key="mp", UploadId=up, MultipartUpload={"Parts": parts},
+                                        **{f"Checksum{alg}": f"{composite}-3"})
+    assert done[f"Checksum{alg}"] == f"{composite}-3" and done["ChecksumType"] == "COMPOSITE"
+    head = s3.head_object(Bucket=bkt, Key="mp", ChecksumMode="ENABLED")
+    assert head[f"Checksum{alg}"] == f"{composite}-3" and head["ChecksumType"] == "COMPOSITE"
+
+    # GetObjectAttributes (AWS API reference): the composite value without its part count, and the
+    # parts with their sizes and checksums, paged by MaxParts / PartNumberMarker.
+    attrs = s3.get_object_attributes(Bucket=bkt, Key="mp", ObjectAttributes=["Checksum", "ObjectParts", "ETag"])
+    assert attrs["Checksum"] == {f"Checksum{alg}": composite, "ChecksumType": "COMPOSITE"}
+    assert attrs["ETag"].endswith("-3") and not attrs["ETag"].startswith('"')
+    want = [{"PartNumber": n, "Size": len(b), f"Checksum{alg}": b64(alg, b)} for n, b in enumerate(bodies, 1)]
+    op = attrs["ObjectParts"]
+    assert (op["TotalPartsCount"], op["IsTruncated"], op["Parts"]) == (3, False, want)
+    page = s3.get_object_attributes(Bucket=bkt, Key="mp", ObjectAttributes=["ObjectParts"], MaxParts=2)["ObjectParts"]
+    assert (page["IsTruncated"], page["MaxParts"], page["NextPartNumberMarker"], page["Parts"]) == \
+        (True, 2, 2, want[:2])
+    rest = s3.get_object_attributes(Bucket=bkt, Key="mp", ObjectAttributes=["ObjectParts"], MaxParts=2,
+                                    PartNumberMarker=2)["ObjectParts"]
+    assert (rest["IsTruncated"], rest["PartNumberMarker"], rest["Parts"]) == (False, 2, want[2:])
+
+
+def test_full_object_multipart_attributes_list_part_crcs(s3, bkt: str) -> None:
+    bodies = [b"a" * (5 * MiB), b"tail"]
+    up = s3.create_multipart_upload(Bucket=bkt, Key="mp", ChecksumAlgorithm="CRC32C", ChecksumType="FULL_OBJECT")
+    parts = _upload_parts(s3, bkt, "mp", up["UploadId"], bodies, "CRC32C")
+    s3.complete_multipart_upload(Bucket=bkt, Key="mp", UploadId=up["UploadId"], MultipartUpload={"Parts": parts})
+    attrs = s3.get_object_attributes(Bucket=bkt, Key="mp", ObjectAttributes=["Checksum", "ObjectParts"])
+    assert attrs["Checksum"] == {"ChecksumCRC32C": CRCS["CRC32C"](b"".join(bodies)), "ChecksumType": "FULL_OBJECT"}
+    assert attrs["ObjectParts"]["Parts"] == [{"PartNumber": n, "Size": len(b), "ChecksumCRC32C": CRCS["CRC32C"](b)}
+                                             for n, b in enumerate(bodies, 1)]

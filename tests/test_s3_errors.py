@@ -119,3 +119,69 @@ def test_vanished_version_id_marker_continues_the_listing(s3) -> None:
                                    VersionIdMarker=page["NextVersionIdMarker"])
     assert [(v["Key"], v["VersionId"]) for v in rest["Versions"]][0] == ("a", vids[0])
     assert [v["Key"] for v in rest["Versions"]] == ["a", "b"] and not rest["IsTruncated"]
+
+
+# ------------------------------------------------------------------ every operation accounted for
+
+
+def _operations() -> list[tuple[str, str, str, list[str]]]:
+    """(name, method, request URI, query sub-resources) of every operation in botocore's S3 model."""
+    import botocore.session
+
+    model = botocore.session.get_session().get_service_model("s3")
+    out = []
+    for name in model.operation_names:
+        http = model.operation_model(name).http
+        query = http["requestUri"].partition("?")[2]
+        out.append((name, http["method"], http["requestUri"],
+                    [p.split("=")[0] for p in query.split("&") if p and not p.startswith("x-id")]))
+    return out
+
+
+def test_every_operation_is_routed_or_not_implemented() -> None:
+    """No S3 operation falls through to another: each sub-resource in botocore's model is either served
+    (the dispatch table) or answered NotImplemented (a PUT ?abac must not become a CreateBucket)."""
+    from anvil.api.s3.dispatch import ROUTES
+    from anvil.api.s3.gateway import UNSUPPORTED_SUBRESOURCES
+
+    routed = {sub.split("=")[0] for _, _, sub, _ in ROUTES if sub}
+    # select-type is SelectObjectContent's second parameter; `select` already refuses it.
+    loose = [(name, subs) for name, _, _, subs in _operations()
+             if any(s not in routed and s not in UNSUPPORTED_SUBRESOURCES and s != "select-type" for s in subs)]
+    assert loose == []
+
+
+def test_compatibility_table_names_every_operation() -> None:
+    """docs/s3.md's compatibility table names every operation of botocore's S3 model (issue 18)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "s3.md").read_text()
+    table = text[text.index("## Compatibility"):text.index("## Edge semantics")]
+    named = set()
+    # `Get/Put/DeleteBucketTagging` names GetBucketTagging, PutBucketTagging and DeleteBucketTagging.
+    for m in re.finditer(r"((?:[A-Z][a-z]+/)*)([A-Z][a-z]+)([A-Za-z0-9]*)", table):
+        for verb in [v for v in m.group(1).split("/") if v] + [m.group(2)]:
+            named.add(verb + m.group(3))
+    assert [name for name, *_ in _operations() if name not in named] == []
+
+
+def test_not_implemented_operations_answer_501_and_change_nothing(server: AnvilServer, s3, bkt: str) -> None:
+    """Every operation answered NotImplemented, sent as botocore would address it: 501 NotImplemented,
+    never a 500, never a silent success, and the bucket and its object untouched."""
+    from anvil.api.s3.gateway import UNSUPPORTED_SUBRESOURCES
+
+    s3.put_object(Bucket=bkt, Key="keep", Body=b"kept")
+    tried = []
+    for name, method, uri, subs in _operations():
+        if not subs or not set(subs) & UNSUPPORTED_SUBRESOURCES:
+            continue
+        path = uri.partition("?")[0].replace("{Bucket}", bkt).replace("{Key+}", "keep")
+        query = uri.partition("?")[2].replace("&x-id=" + name, "")
+        url = f"{server.endpoint}{path}?{query}"
+        body = b"<Document/>" if method in ("PUT", "POST") else b""
+        headers = signed(server, method, f"{path}?{query}")
+        r = httpx.request(method, url, content=body, headers=headers, timeout=TIMEOUT)
+        assert r.status_code == 501 and b"<Code>NotImplemented</Code>" in r.content, (name, r.status_code, r.content)
+        tried.append(name)
+    assert len(tried) >= 50, tried
+    assert s3.get_object(Bucket=bkt, Key="keep")["Body"].read() == b"kept"

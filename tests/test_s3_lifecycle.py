@@ -5,8 +5,10 @@ action is journaled (actor `<tenant>/system-lifecycle`) and counted in the admin
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 
 import httpx
 import pytest
@@ -54,6 +56,9 @@ def test_configuration_round_trip_and_refusals(s3) -> None:
         {"ID": "old", "Filter": {"Prefix": ""}, "Status": "Enabled",
          "NoncurrentVersionExpiration": {"NoncurrentDays": 7, "NewerNoncurrentVersions": 2},
          "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 3}},
+        {"ID": "small", "Filter": {"ObjectSizeLessThan": 1024}, "Status": "Enabled", "Expiration": {"Days": 1}},
+        {"ID": "sized", "Filter": {"And": {"Prefix": "s/", "ObjectSizeGreaterThan": 10, "ObjectSizeLessThan": 99}},
+         "Status": "Enabled", "Expiration": {"Days": 1}},
     ]
     s3.put_bucket_lifecycle_configuration(Bucket=b, LifecycleConfiguration={"Rules": rules})
     assert s3.get_bucket_lifecycle_configuration(Bucket=b)["Rules"] == rules
@@ -62,15 +67,30 @@ def test_configuration_round_trip_and_refusals(s3) -> None:
                            "Transitions": [{"Days": 1, "StorageClass": "GLACIER"}]},
         "InvalidArgument": {"ID": "z", "Filter": {"Prefix": ""}, "Status": "Enabled", "Expiration": {"Days": 0}},
         "InvalidRequest": {"ID": "n", "Filter": {"Prefix": ""}, "Status": "Enabled"},
+        # AWS LifecycleRuleAndOperator: both bounds are exclusive, so an empty range is refused.
+        "InvalidArgument ": {"ID": "r", "Filter": {"And": {"ObjectSizeGreaterThan": 10, "ObjectSizeLessThan": 10}},
+                             "Status": "Enabled", "Expiration": {"Days": 1}},
+        # An upload in progress has no size to filter on: refused, never silently ignored.
+        "InvalidRequest ": {"ID": "u", "Filter": {"ObjectSizeGreaterThan": 10}, "Status": "Enabled",
+                            "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}},
     }
     for expected, rule in refused.items():
         with pytest.raises(ClientError) as e:
             s3.put_bucket_lifecycle_configuration(Bucket=b, LifecycleConfiguration={"Rules": [rule]})
-        assert code(e) == expected, rule
+        assert code(e) == expected.strip(), rule
     with pytest.raises(ClientError) as e:
         s3.put_bucket_lifecycle_configuration(Bucket=b, LifecycleConfiguration={"Rules": [rules[0], rules[0]]})
     assert code(e) == "InvalidArgument"
     assert s3.get_bucket_lifecycle_configuration(Bucket=b)["Rules"] == rules  # refusals changed nothing
+    # A rule sent without an ID gets one (as S3 assigns one), the same for the same document.
+    bare = {"Filter": {"Prefix": "x/"}, "Status": "Enabled", "Expiration": {"Days": 1}}
+    ids = []
+    for _ in range(2):
+        s3.put_bucket_lifecycle_configuration(Bucket=b, LifecycleConfiguration={"Rules": [bare, bare]})
+        got = s3.get_bucket_lifecycle_configuration(Bucket=b)["Rules"]
+        assert [{k: val for k, val in r.items() if k != "ID"} for r in got] == [bare, bare]
+        ids.append([r["ID"] for r in got])
+    assert ids[0] == ids[1] and len(set(ids[0])) == 2 and all(ids[0])
     s3.delete_bucket_lifecycle(Bucket=b)
     with pytest.raises(ClientError) as e:
         s3.get_bucket_lifecycle_configuration(Bucket=b)
@@ -98,6 +118,8 @@ def test_lifecycle_executes_within_one_interval(server: AnvilServer, s3) -> None
         {"ID": "uploads", "Filter": {"Prefix": ""}, "Status": "Enabled",
          "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 2}},
         {"ID": "off", "Filter": {"Prefix": "keep/"}, "Status": "Disabled", "Expiration": {"Days": 1}},
+        {"ID": "mid", "Filter": {"And": {"Prefix": "size/", "ObjectSizeGreaterThan": 3, "ObjectSizeLessThan": 10}},
+         "Status": "Enabled", "Expiration": {"Days": 2}},
     ]})
     s3.put_bucket_lifecycle_configuration(Bucket=versioned, LifecycleConfiguration={"Rules": [
         {"ID": "nc", "Filter": {"Prefix": "k"}, "Status": "Enabled",
@@ -111,7 +133,25 @@ def test_lifecycle_executes_within_one_interval(server: AnvilServer, s3) -> None
     s3.put_object(Bucket=plain, Key="keep/b", Body=b"b")
     s3.put_object(Bucket=plain, Key="other", Body=b"o", Tagging="ttl=short")
     s3.put_object(Bucket=plain, Key="other-untagged", Body=b"o")
-    upload = s3.create_multipart_upload(Bucket=plain, Key="stale")["UploadId"]
+    # Size bounds are exclusive: 3 and 10 bytes stay, 4 and 9 expire.
+    sized = {n: s3.put_object(Bucket=plain, Key=f"size/{n}", Body=b"s" * n) for n in (3, 4, 9, 10)}
+    # x-amz-expiration (PutObject / HeadObject API reference): when, and by which rule, the object expires.
+    assert [n for n, put in sized.items() if 'rule-id="mid"' in put.get("Expiration", "")] == [4, 9]
+    assert all("Expiration" not in put for n, put in sized.items() if n in (3, 10))
+    head = s3.head_object(Bucket=plain, Key="tmp/a")
+    expiry = re.fullmatch(r'expiry-date="(.+)", rule-id="tmp"', head["Expiration"])
+    due = parsedate_to_datetime(expiry.group(1)).timestamp()
+    assert abs(due - (head["LastModified"].timestamp() + 2 * DAY)) <= 1  # a short day is not rounded
+    assert 'rule-id="tagged"' in s3.get_object(Bucket=plain, Key="other")["Expiration"]
+    assert "Expiration" not in s3.head_object(Bucket=plain, Key="keep/b")  # its rule is disabled
+    assert "Expiration" not in s3.head_object(Bucket=plain, Key="other-untagged")
+    create = s3.create_multipart_upload(Bucket=plain, Key="stale")
+    upload = create["UploadId"]
+    # x-amz-abort-date / -rule-id (CreateMultipartUpload and ListParts API reference): when, and by which
+    # rule, the upload will be aborted.
+    assert create["AbortRuleId"] == "uploads"
+    assert abs(create["AbortDate"].timestamp() - (time.time() + 2 * DAY)) <= 2
+    assert s3.list_parts(Bucket=plain, Key="stale", UploadId=upload)["AbortRuleId"] == "uploads"
     old = s3.put_object(Bucket=versioned, Key="k", Body=b"v1")["VersionId"]
     new = s3.put_object(Bucket=versioned, Key="k", Body=b"v2")["VersionId"]  # v1 is noncurrent from now
     kept = s3.put_object(Bucket=versioned, Key="old/y", Body=b"y")["VersionId"]
@@ -132,9 +172,11 @@ def test_lifecycle_executes_within_one_interval(server: AnvilServer, s3) -> None
 
     # Nothing is due before 2 "days".
     time.sleep(1.2)
-    assert keys() == ["keep/b", "other", "other-untagged", "tmp/a"] and versions() == [new, old]
+    assert keys() == ["keep/b", "other", "other-untagged", "size/10", "size/3", "size/4", "size/9", "tmp/a"]
+    assert versions() == [new, old]
     # Due at 2 s; done by one interval (0.5 s) later, plus slack for a loaded machine.
-    _wait(lambda: keys() == ["keep/b", "other-untagged"], 2 * DAY + INTERVAL + 3 - (time.monotonic() - written))
+    _wait(lambda: keys() == ["keep/b", "other-untagged", "size/10", "size/3"],
+          2 * DAY + INTERVAL + 3 - (time.monotonic() - written))
     _wait(lambda: versions() == [new], 3)
     # Expiration in a versioned bucket: a delete marker over the kept version, as a plain DELETE makes.
     _wait(lambda: markers("old/") == ["old/y"], 3)
@@ -164,3 +206,25 @@ def test_lifecycle_executes_within_one_interval(server: AnvilServer, s3) -> None
 def test_status_needs_admin(server: AnvilServer) -> None:
     r = httpx.get(f"{server.endpoint}/anvil/v1/admin/lifecycle/status")
     assert r.status_code == 401
+
+
+def test_due_times_round_to_midnight_utc_with_real_days() -> None:
+    """AWS "Lifecycle configuration elements": the due time is the creation time plus the days, "rounding
+    the resulting time to the next day midnight UTC"; the x-amz-expiration date is that time."""
+    from anvil.objects.lifecycle import DAY as REAL_DAY
+    from anvil.objects.lifecycle import due_time, expiration
+
+    created = datetime(2026, 1, 1, 10, 30, tzinfo=UTC).timestamp()
+    assert due_time(created, 1, REAL_DAY) == datetime(2026, 1, 3, tzinfo=UTC).timestamp()
+    midnight = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+    assert due_time(midnight, 1, REAL_DAY) == datetime(2026, 1, 2, tzinfo=UTC).timestamp()
+    doc = {"rules": [
+        {"id": "later", "status": "Enabled", "prefix": "", "tags": [], "expiration_days": 5},
+        {"id": "sooner", "status": "Enabled", "prefix": "a", "tags": [], "expiration_days": 2, "size_gt": 0},
+        {"id": "off", "status": "Disabled", "prefix": "", "tags": [], "expiration_days": 1},
+    ]}
+    assert expiration(doc, "abc", 5, [], created, REAL_DAY) == \
+        (datetime(2026, 1, 4, tzinfo=UTC).timestamp(), "sooner")
+    assert expiration(doc, "abc", 0, [], created, REAL_DAY)[1] == "later"  # not above 0 bytes
+    assert expiration(doc, "b", 5, [], created, REAL_DAY)[1] == "later"
+    assert expiration({"rules": doc["rules"][2:]}, "b", 5, [], created, REAL_DAY) is None

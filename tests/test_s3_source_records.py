@@ -69,3 +69,49 @@ def test_tags_and_settings_are_journaled_summarised_and_validated(tmp_path: Path
     ObjectsParticipant().restrict_to_buckets(db, {"rec-b"})
     assert list(db.execute("SELECT count(*) FROM bucket_settings"))[0][0] == 0
     db.close()
+
+
+def test_tags_settings_and_acls_survive_backup_and_restore(tmp_path: Path, monkeypatch) -> None:
+    """Issue 18: tags are source records "covered by backup": a snapshot of a store holding object and
+    bucket tags, lifecycle and CORS documents and a public-read object restores them all, and restore
+    validation passes."""
+    from anvil.backup import engine
+    from anvil.backup import mode as recovery
+    from anvil.backup.backends.local import LocalBackend
+    from anvil.backup.repository import Repository
+    from anvil.backup.restore import restore
+    from anvil.storage import Storage
+
+    monkeypatch.setenv("ANVIL_BACKUP_KDF", "test")
+    a = Anvil(tmp_path / "data")
+    parts = recovery_participants()
+    try:
+        ctx = RequestContext(DEV_PRINCIPAL)
+        a.objects.create_bucket(ctx, "bk-a")
+        w = BlobWriter(a.storage.blobs)
+        w.write(b"body")
+        a.objects.put_object(ctx, "bk-a", "k", a.objects.store_body(w), extra={"tags": [["team", "core"]]})
+        a.objects.set_object_public(ctx, "bk-a", "k", None, True)
+        a.objects.put_bucket_setting(ctx, "bk-a", "tagging", [["cost", "eng"]])
+        a.objects.put_bucket_setting(ctx, "bk-a", "lifecycle", {"rules": [{"id": "r", "status": "Enabled"}]})
+        a.objects.put_bucket_setting(ctx, "bk-a", "cors", {"rules": [{"origins": ["*"]}]})
+        repo = Repository.init(LocalBackend(tmp_path / "repo"), "pw")
+        m = engine.create_snapshot(a.storage.root, a.storage.layout.catalog_path, a.storage.blobs, a.storage.layout.tmp,
+                                   a.storage.format.deployment_id, parts, repo, escrow_secrets=True)
+    finally:
+        a.close()
+    restore(repo, m, tmp_path / "restored", parts)
+    storage = Storage(tmp_path / "restored")
+    try:
+        assert recovery.validate(storage, parts)["ok"]
+    finally:
+        storage.close()
+    b = Anvil(tmp_path / "restored")
+    try:
+        obj = b.objects.head_object("bk-a", "k")
+        assert obj.extra["tags"] == [["team", "core"]] and obj.extra["public"] is True
+        assert b.objects.bucket_setting("bk-a", "tagging") == [["cost", "eng"]]
+        assert b.objects.bucket_setting("bk-a", "lifecycle") == {"rules": [{"id": "r", "status": "Enabled"}]}
+        assert b.objects.bucket_setting("bk-a", "cors") == {"rules": [{"origins": ["*"]}]}
+    finally:
+        b.close()

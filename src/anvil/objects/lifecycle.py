@@ -15,14 +15,16 @@ journaled mutation with the actor `<tenant>/system-lifecycle`. An expiration is 
 ETag the worker saw, so an object overwritten meanwhile is not expired in its place.
 
 A "day" is `day_seconds` (86,400; `ANVIL_LIFECYCLE_DAY_SECONDS` shortens it for tests) and the worker
-runs every `interval` seconds (`ANVIL_LIFECYCLE_INTERVAL_SECONDS`, default 3,600). AWS rounds due times
-up to the next midnight UTC; Anvil acts at the exact due time, at most one interval later.
+runs every `interval` seconds (`ANVIL_LIFECYCLE_INTERVAL_SECONDS`, default 3,600). Due times are rounded
+up to the next midnight UTC as AWS rounds them (not with a shortened test day); Anvil acts at most one
+interval after.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -58,8 +60,69 @@ def _tags_match(rule: dict[str, Any], extra_json: str | None) -> bool:
     wanted = rule.get("tags") or []
     if not wanted:
         return True
-    have = {k: val for k, val in (json.loads(extra_json or "{}").get("tags") or [])}
-    return all(have.get(k) == val for k, val in wanted)
+    return tags_match(rule, json.loads(extra_json or "{}").get("tags") or [])
+
+
+def tags_match(rule: dict[str, Any], tags: list[list[str]]) -> bool:
+    have = {k: val for k, val in tags}
+    return all(have.get(k) == val for k, val in rule.get("tags") or [])
+
+
+def size_matches(rule: dict[str, Any], size: int) -> bool:
+    """The rule's object-size bounds, both exclusive (AWS LifecycleRuleAndOperator)."""
+    gt, lt = rule.get("size_gt"), rule.get("size_lt")
+    return (gt is None or size > gt) and (lt is None or size < lt)
+
+
+def day_seconds_from_env() -> float:
+    return _env_seconds("ANVIL_LIFECYCLE_DAY_SECONDS", DAY)
+
+
+def due_time(created: float, days: int, day: float) -> float:
+    """When `days` days after `created` fall due. With real days, as AWS computes it: "adding the number
+    of days specified in the rule to the object creation time and rounding the resulting time to the
+    next day midnight UTC" ("Lifecycle configuration elements"); a shortened test day is not rounded."""
+    due = created + days * day
+    if day == DAY:
+        due = math.ceil(due / DAY) * DAY  # the epoch is a midnight UTC
+    return due
+
+
+def expiration(doc: dict[str, Any] | None, key: str, size: int, tags: list[list[str]], created: float,
+               day: float) -> tuple[float, str] | None:
+    """(expiry time, rule id) of the enabled Expiration rule that will expire this current object
+    first, or None: S3's `x-amz-expiration` response header on PUT, GET and HEAD."""
+    best: tuple[float, str] | None = None
+    for rule in (doc or {}).get("rules", []):
+        if rule.get("status") != "Enabled" or not key.startswith(rule.get("prefix") or ""):
+            continue
+        if rule.get("expiration_days") is not None:
+            when = due_time(created, rule["expiration_days"], day)
+        elif rule.get("expiration_date") is not None:
+            when = rule["expiration_date"]
+        else:
+            continue
+        if not size_matches(rule, size) or not tags_match(rule, tags):
+            continue
+        if best is None or when < best[0]:
+            best = (when, rule.get("id") or "")
+    return best
+
+
+def abort_date(doc: dict[str, Any] | None, key: str, initiated: float, day: float) -> tuple[float, str] | None:
+    """(abort time, rule id) of the enabled AbortIncompleteMultipartUpload rule that will abort an upload
+    of `key` first, or None: S3's `x-amz-abort-date` / `x-amz-abort-rule-id` on CreateMultipartUpload
+    and ListParts."""
+    best: tuple[float, str] | None = None
+    for rule in (doc or {}).get("rules", []):
+        if rule.get("status") != "Enabled" or rule.get("abort_days") is None:
+            continue
+        if not key.startswith(rule.get("prefix") or ""):
+            continue
+        when = due_time(initiated, rule["abort_days"], day)
+        if best is None or when < best[0]:
+            best = (when, rule.get("id") or "")
+    return best
 
 
 class LifecycleWorker:
@@ -153,19 +216,19 @@ class LifecycleWorker:
 
         due_at = None
         if rule.get("expiration_days") is not None:
-            due_at = lambda created: created + rule["expiration_days"] * day  # noqa: E731
+            due_at = lambda created: due_time(created, rule["expiration_days"], day)  # noqa: E731
         elif rule.get("expiration_date") is not None:
             due_at = lambda created: rule["expiration_date"]  # noqa: E731
         versions: dict[str, list[tuple]] = {}
-        for key, vid, is_latest, dm, created, etag, extra in conn.execute(
-                "SELECT key, version_id, is_latest, delete_marker, created, etag, extra FROM versions "
+        for key, vid, is_latest, dm, created, etag, extra, size in conn.execute(
+                "SELECT key, version_id, is_latest, delete_marker, created, etag, extra, size FROM versions "
                 "WHERE bucket = ? ORDER BY key, seq DESC", (bucket,)):
             if _under(key, prefix) and not key.startswith("_anvil/"):
-                versions.setdefault(key, []).append((vid, is_latest, dm, created, etag, extra))
+                versions.setdefault(key, []).append((vid, is_latest, dm, created, etag, extra, size))
         for key, rows in versions.items():
             latest = rows[0] if rows and rows[0][1] else None
             if latest is not None and not latest[2] and due_at is not None and _tags_match(rule, latest[5]) \
-                    and due_at(latest[3]) <= now:
+                    and size_matches(rule, latest[6]) and due_at(latest[3]) <= now:
                 act("expired", lambda key=key, etag=latest[4]: self.objects.delete_object(
                     ctx, bucket, key, cond=Conditions(if_match=[etag])))
             if rule.get("expired_object_delete_marker") and latest is not None and latest[2] and len(rows) == 1:
@@ -174,20 +237,20 @@ class LifecycleWorker:
             if rule.get("noncurrent_days") is not None:
                 keep = rule.get("newer_noncurrent") or 0
                 noncurrent = 0
-                for i, (vid, is_latest, _dm, _created, _etag, extra) in enumerate(rows):
+                for i, (vid, is_latest, dm, _created, _etag, extra, size) in enumerate(rows):
                     if is_latest or i == 0:
                         continue
                     noncurrent += 1
                     became_noncurrent = rows[i - 1][3]  # when the next newer version was written
-                    if noncurrent > keep and became_noncurrent + rule["noncurrent_days"] * day <= now \
-                            and _tags_match(rule, extra):
+                    if noncurrent > keep and due_time(became_noncurrent, rule["noncurrent_days"], day) <= now \
+                            and _tags_match(rule, extra) and (dm or size_matches(rule, size)):
                         act("noncurrent_removed", lambda key=key, vid=vid: self.objects.delete_object(
                             ctx, bucket, key, version_id=vid))
         if rule.get("abort_days") is not None:
             for upload_id, key, created in conn.execute(
                     "SELECT upload_id, key, created FROM multipart_uploads WHERE bucket = ? ORDER BY key, upload_id",
                     (bucket,)).fetchall():
-                if _under(key, prefix) and created + rule["abort_days"] * day <= now:
+                if _under(key, prefix) and due_time(created, rule["abort_days"], day) <= now:
                     act("uploads_aborted", lambda upload_id=upload_id: self.objects.abort_multipart(
                         ctx, bucket, upload_id))
         return done

@@ -864,7 +864,12 @@ class ObjectService:
         key: str, metadata_directive: str = "COPY", content_type: str | None = None,
         metadata: dict[str, str] | None = None, cond: Conditions = Conditions(),
         src_cond: Conditions = Conditions(), system_metadata: dict[str, str] | None = None,
+        tags: list[list[str]] | None = None, replace_tags: bool = False, public: bool = False,
     ) -> dict[str, Any]:
+        """`replace_tags`: the copy gets `tags` (None or []: none) instead of the source's (S3's
+        `x-amz-tagging-directive: REPLACE`); `public`: the copy is publicly readable (canned
+        `public-read`). Both are part of the copy's one mutation, so no reader ever sees the copy
+        with the source's tags or ACL."""
         v.check_object_key(src_key)
         v.check_object_key(key)
         if metadata_directive not in ("COPY", "REPLACE"):
@@ -872,7 +877,8 @@ class ObjectService:
         new_meta = v.normalise_metadata(metadata) if metadata_directive == "REPLACE" else None
         new_ct = v.check_content_type(content_type) if metadata_directive == "REPLACE" else None
         fp = fingerprint("object.copy", src_bucket, src_key, src_version, bucket, key, metadata_directive,
-                         new_meta, new_ct, cond.__dict__, src_cond.__dict__, system_metadata)
+                         new_meta, new_ct, cond.__dict__, src_cond.__dict__, system_metadata,
+                         tags if replace_tags else "COPY", public)
         self.space.admit()
         # A copy shares the source's blobs: verify them first, so a corrupt source fails the copy
         # (DataCorrupted) and writes nothing instead of spreading bad bytes under a new name.
@@ -905,6 +911,12 @@ class ObjectService:
                 raise AnvilError("InvalidArgument", "copying an object onto itself needs metadata directive REPLACE")
             extra = dict(src.extra)
             extra.pop("public", None)  # S3: a copy gets its own ACL (private unless the request says otherwise)
+            if public:
+                extra["public"] = True
+            if replace_tags:
+                extra.pop("tags", None)
+                if tags:
+                    extra["tags"] = [list(t) for t in tags]
             if metadata_directive == "REPLACE":
                 # REPLACE swaps the stored headers too; the checksums still describe the same bytes.
                 extra = {k: val for k, val in extra.items() if k != "system"}
@@ -1341,6 +1353,9 @@ class ObjectService:
                     raise AnvilError("BadDigest", f"the {algorithm.upper()} you specified did not match the "
                                      "calculated checksum")
                 extra["checksums"] = {algorithm: value}
+                # Each part's checksum, in part order: GetObjectAttributes' ObjectParts lists them
+                # (the parts' sizes are the chunks').
+                extra["part_checksums"] = part_sums
             elif expected_checksum is not None:
                 raise AnvilError("InvalidArgument", "this upload was created without a checksum algorithm")
             result = self._write_version(

@@ -13,7 +13,7 @@ from starlette.responses import Response
 from anvil.api.common import blocking
 from anvil.api.s3 import xmlutil as X
 from anvil.api.s3.errors import S3Error, from_anvil
-from anvil.api.s3.request import S3Request, version_headers, xml
+from anvil.api.s3.request import S3Request, checksum_type, version_headers, xml
 from anvil.errors import AnvilError
 
 MAX_OBJECT_TAGS = 10
@@ -154,7 +154,14 @@ ATTRIBUTES = ("ETag", "Checksum", "ObjectParts", "StorageClass", "ObjectSize")
 
 async def get_object_attributes(r: S3Request) -> Response:
     """GetObjectAttributes (AWS API reference): the attributes named in `x-amz-object-attributes`.
-    ObjectParts lists each part's number and size (and its checksum where the upload kept one)."""
+
+    - Checksum: the object's checksum and its ChecksumType. A composite multipart value goes out
+      without its `-N` part count, which S3 appends on GET/HEAD but not here (MinIO documents the same
+      observation); the part count is ObjectParts' PartsCount.
+    - ObjectParts (multipart objects only): PartsCount always; the Part list (number, size, checksum)
+      only when the upload had a checksum algorithm ("if an additional checksum ... isn't applied to
+      the object ..., the response doesn't return the Part element"), paged by `x-amz-max-parts`
+      (default and most 1,000) and `x-amz-part-number-marker`."""
     r.authorize("object:read", r.bucket, r.key)
     wanted = [a.strip() for a in (r.h.get("x-amz-object-attributes") or "").split(",") if a.strip()]
     if not wanted:
@@ -162,6 +169,8 @@ async def get_object_attributes(r: S3Request) -> Response:
     for a in wanted:
         if a not in ATTRIBUTES:
             raise S3Error("InvalidArgument", "Invalid attribute name specified.")
+    max_parts = _int_header(r, "x-amz-max-parts", 1000)
+    marker = _int_header(r, "x-amz-part-number-marker", 0)
     b = r.objects.get_bucket(r.bucket)
     version_id = _version_id(r)
     obj = _head(r, version_id)
@@ -170,20 +179,11 @@ async def get_object_attributes(r: S3Request) -> Response:
         parts.append(X.element("ETag", obj.etag))
     checksums = obj.checksums
     if "Checksum" in wanted and checksums:
-        inner = "".join(X.element(f"Checksum{alg.upper()}", val) for alg, val in sorted(checksums.items()))
-        ctype = "COMPOSITE" if any("-" in val for val in checksums.values()) else "FULL_OBJECT"
-        parts.append(f"<Checksum>{inner}{X.element('ChecksumType', ctype)}</Checksum>")
+        inner = "".join(X.element(f"Checksum{alg.upper()}", val.split("-")[0])
+                        for alg, val in sorted(checksums.items()))
+        parts.append(f"<Checksum>{inner}{X.element('ChecksumType', checksum_type(checksums))}</Checksum>")
     if "ObjectParts" in wanted and obj.parts_count:
-        max_parts = _int_header(r, "x-amz-max-parts", 1000)
-        marker = _int_header(r, "x-amz-part-number-marker", 0)
-        numbered = list(enumerate(obj.chunks, start=1))
-        page = [(n, size) for n, (_sha, size) in numbered if n > marker][:max_parts]
-        truncated = bool(page) and page[-1][0] < len(numbered)
-        inner = (X.element("TotalPartsCount", obj.parts_count) + X.element("PartNumberMarker", marker)
-                 + X.element("NextPartNumberMarker", page[-1][0] if page else marker)
-                 + X.element("MaxParts", max_parts) + X.element("IsTruncated", truncated)
-                 + "".join(f"<Part>{X.element('PartNumber', n)}{X.element('Size', size)}</Part>" for n, size in page))
-        parts.append(f"<ObjectParts>{inner}</ObjectParts>")
+        parts.append(_object_parts(obj, max_parts, marker))
     if "StorageClass" in wanted:
         parts.append(X.element("StorageClass", "STANDARD"))
     if "ObjectSize" in wanted:
@@ -191,6 +191,27 @@ async def get_object_attributes(r: S3Request) -> Response:
     headers = {"last-modified": datetime.fromtimestamp(obj.created, UTC).strftime("%a, %d %b %Y %H:%M:%S GMT"),
                **version_headers(obj.version_id, b.versioning)}
     return xml("GetObjectAttributesResponse", "".join(parts), headers=headers)
+
+
+def _object_parts(obj: Any, max_parts: int, marker: int) -> str:
+    total = obj.parts_count or 0
+    algorithm = next(iter(obj.checksums), None)
+    part_sums = obj.extra.get("part_checksums") or []
+    if algorithm is None or len(part_sums) != total:
+        # No per-part checksums (an upload without a checksum algorithm): S3 lists no parts, so there is
+        # nothing to page either; the count alone.
+        return f"<ObjectParts>{X.element('PartsCount', total)}</ObjectParts>"
+    out = X.element("PartsCount", total) + X.element("PartNumberMarker", marker)
+    numbers = range(marker + 1, total + 1)
+    page = list(numbers)[:max_parts]
+    truncated = bool(page) and page[-1] < total
+    out += X.element("NextPartNumberMarker", page[-1] if page else marker)
+    out += X.element("MaxParts", max_parts) + X.element("IsTruncated", truncated)
+    tag = f"Checksum{algorithm.upper()}"
+    for n in page:
+        out += (f"<Part>{X.element('PartNumber', n)}{X.element('Size', obj.chunks[n - 1][1])}"
+                f"{X.element(tag, part_sums[n - 1])}</Part>")
+    return f"<ObjectParts>{out}</ObjectParts>"
 
 
 def _int_header(r: S3Request, name: str, default: int) -> int:

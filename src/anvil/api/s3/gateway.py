@@ -40,6 +40,10 @@ UNSUPPORTED_SUBRESOURCES = frozenset({
     "notification", "replication", "requestPayment", "accelerate", "analytics", "inventory", "metrics",
     "intelligent-tiering", "object-lock", "ownershipControls", "publicAccessBlock", "retention", "legal-hold",
     "torrent", "restore", "select", "session", "metadataTable", "renameObject",
+    # S3 Metadata configurations, attribute-based access control, object annotations: without these a
+    # PUT ?abac would fall through to CreateBucket and a PUT ?annotation overwrite the object.
+    "metadataConfiguration", "metadataAnnotationTable", "metadataInventoryTable", "metadataJournalTable",
+    "abac", "annotation",
 })
 UNSUPPORTED_HEADERS = {
     "x-amz-server-side-encryption-customer-algorithm": "SSE-C (customer-provided encryption keys)",

@@ -13,6 +13,7 @@ from anvil.api.s3 import xmlutil as X
 from anvil.api.s3.acl import canned
 from anvil.api.s3.config import header_tags
 from anvil.api.s3.errors import S3Error, not_implemented
+from anvil.api.s3.lifecycle import abort_headers, expiration_headers
 from anvil.api.s3.listings import encoder, max_keys
 from anvil.api.s3.objects import (
     MAX_PUT_SIZE,
@@ -107,8 +108,9 @@ async def create_upload(r: S3Request) -> Response:
     result = await blocking(r.objects.create_multipart, r.ctx, r.bucket, r.key,
                             content_type=ctype_header, metadata=user, extra=extra or None)
     inner = X.element("Bucket", r.bucket) + X.element("Key", r.key) + X.element("UploadId", result["upload_id"])
-    headers = {"x-amz-checksum-algorithm": alg.upper(), "x-amz-checksum-type": ctype} if alg else None
-    return xml("InitiateMultipartUploadResult", inner, headers=headers)
+    headers = {"x-amz-checksum-algorithm": alg.upper(), "x-amz-checksum-type": ctype} if alg else {}
+    headers.update(abort_headers(r, r.key or "", time.time()))
+    return xml("InitiateMultipartUploadResult", inner, headers=headers or None)
 
 
 async def upload_part(r: S3Request) -> Response:
@@ -201,7 +203,7 @@ def _list_parts(r: S3Request) -> Response:
         out.append("<Part>" + X.element("PartNumber", p["part_number"])
                    + X.element("LastModified", X.iso_time(p["last_modified"]))
                    + X.element("ETag", f'"{p["etag"]}"') + X.element("Size", p["size"]) + sums + "</Part>")
-    return xml("ListPartsResult", "".join(out))
+    return xml("ListPartsResult", "".join(out), headers=abort_headers(r, r.key or "", up["created"]) or None)
 
 
 async def list_uploads(r: S3Request) -> Response:
@@ -294,6 +296,7 @@ async def complete_upload(r: S3Request) -> Response:
              + "".join(X.element(f"Checksum{a.upper()}", val) for a, val in sums.items()))
     if sums:
         inner += X.element("ChecksumType", checksum_type(sums))
+    headers.update(expiration_headers(r, r.key or "", result["size"], up["extra"].get("tags")))
     return xml("CompleteMultipartUploadResult", inner, headers=headers)
 
 

@@ -24,6 +24,7 @@ from anvil.api.s3.acl import canned
 from anvil.api.s3.body import BodyReader
 from anvil.api.s3.config import header_tags
 from anvil.api.s3.errors import S3Error, from_anvil, reserved_namespace
+from anvil.api.s3.lifecycle import expiration_headers
 from anvil.api.s3.request import (
     S3Request,
     body_algorithms,
@@ -321,6 +322,7 @@ async def put_object(r: S3Request) -> Response:
     headers.update({f"x-amz-checksum-{a}": val for a, val in computed.items()})
     if computed:
         headers["x-amz-checksum-type"] = "FULL_OBJECT"
+    headers.update(expiration_headers(r, key, result["size"], tags))
     return Response(status_code=200, headers=headers)
 
 
@@ -393,6 +395,8 @@ def _get_object(r: S3Request, *, head: bool) -> Response:
         raise err
     _read_conditions(r, obj)
     headers = _object_headers(obj, b.versioning)
+    if obj.is_latest:
+        headers.update(expiration_headers(r, obj.key, obj.size, obj.extra.get("tags"), obj.created))
     for param, header in RESPONSE_OVERRIDES.items():
         if param in q:
             headers[header] = _override_value(param, q[param])
@@ -598,6 +602,7 @@ async def copy_object(r: S3Request) -> Response:
     if tagging_directive not in ("COPY", "REPLACE"):
         raise S3Error("InvalidArgument", "Unknown tagging directive.")
     new_tags = header_tags(r.h.get("x-amz-tagging") or "") if tagging_directive == "REPLACE" else None
+    public = canned(r.h.get("x-amz-acl"), bucket=False)
     if directive == "COPY" and src_bucket == r.bucket and src_key == r.key and src_version is None:
         raise S3Error("InvalidRequest", "This copy request is illegal because it is trying to copy an object to "
                       "itself without changing the object's metadata, storage class, website redirect location "
@@ -608,13 +613,10 @@ async def copy_object(r: S3Request) -> Response:
             src_version=src.version_id, bucket=r.bucket, key=r.key, metadata_directive=directive,
             content_type=content_type(r) if directive == "REPLACE" else None, metadata=user,
             cond=write_conditions(r), src_cond=Conditions(if_match=[src.etag]), system_metadata=system,
+            # COPY (the default) carries the source's tags; REPLACE gives the copy the new set, in the
+            # same mutation as the copy itself, as PutObject's x-amz-tagging. Likewise public-read.
+            tags=new_tags, replace_tags=tagging_directive == "REPLACE", public=public,
         )
-    if canned(r.h.get("x-amz-acl"), bucket=False):
-        # The copy was made private (its own ACL); public-read makes it public now.
-        await blocking(r.objects.set_object_public, r.ctx, r.bucket, r.key, result["version_id"], True)
-    if new_tags is not None and (new_tags or src.extra.get("tags")):
-        # COPY (the default) carried the source's tags with the version; REPLACE sets the new set on it.
-        await blocking(r.objects.set_object_tags, r.ctx, r.bucket, r.key, result["version_id"], new_tags)
     b = r.objects.get_bucket(r.bucket)
     headers = version_headers(result["version_id"], b.versioning, write=True)
     if result.get("cursor") is not None:
@@ -622,5 +624,7 @@ async def copy_object(r: S3Request) -> Response:
     src_b = r.objects.get_bucket(src_bucket)
     if src_b.versioning:
         headers["x-amz-copy-source-version-id"] = src.version_id
+    copied_tags = new_tags if tagging_directive == "REPLACE" else src.extra.get("tags")
+    headers.update(expiration_headers(r, r.key or "", src.size, copied_tags))
     inner = X.element("ETag", f'"{result["etag"]}"') + X.element("LastModified", X.iso_time(time.time()))
     return xml("CopyObjectResult", inner, headers=headers)
