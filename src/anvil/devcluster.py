@@ -147,7 +147,10 @@ class Node:
     def start(self, timeout: float = 30.0) -> Node:
         import httpx
 
-        env = {**os.environ, **self.env, "ANVIL_RECORDS_URL": self.url, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        if self.url:  # else the embedded store (bench/cluster.py compares the two)
+            env["ANVIL_RECORDS_URL"] = self.url
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "anvil.cli.main", "serve", "--storage-path", str(self.storage_path),
