@@ -94,7 +94,7 @@ def _client(node: Node, cred: dict) -> AnvilClient:
     return node.client(client_id=cred["client_id"], client_secret=cred["client_secret"])
 
 
-def test_watch_on_b_sees_a_writes_in_order_within_milliseconds(cluster) -> None:
+def _watch_on_b_sees_a_writes_in_order_within_milliseconds(cluster) -> None:
     a, b = cluster["a"], cluster["b"]
     cred = a.admin_credentials()
     ca, cb = _client(a, cred), _client(b, cred)
@@ -138,7 +138,7 @@ def test_watch_on_b_sees_a_writes_in_order_within_milliseconds(cluster) -> None:
     assert p99 < 1.0, delays
 
 
-def test_disabled_app_and_new_binding_take_effect_on_the_other_node(cluster) -> None:
+def _disabled_app_and_new_binding_take_effect_on_the_other_node(cluster) -> None:
     a, b = cluster["a"], cluster["b"]
     cred = a.admin_credentials()
     admin_a, admin_b = _client(a, cred), _client(b, cred)
@@ -191,7 +191,7 @@ def _deletes(url: str, bucket: str) -> list[str]:
             if json.loads(r[0]).get("bucket") == bucket]
 
 
-def test_a_node_paused_past_its_lease_cannot_complete_a_background_write(cluster) -> None:
+def _a_node_paused_past_its_lease_cannot_complete_a_background_write(cluster) -> None:
     from tests.s3_helpers import s3_client
 
     a, b, url = cluster["a"], cluster["b"], cluster["url"]
@@ -238,7 +238,7 @@ def test_a_node_paused_past_its_lease_cannot_complete_a_background_write(cluster
     c.close()
 
 
-def test_sigkill_under_load_loses_no_acknowledged_write(cluster) -> None:
+def _sigkill_under_load_loses_no_acknowledged_write(cluster) -> None:
     a, b = cluster["a"], cluster["b"]
     cred = a.admin_credentials()
     bucket = unique_bucket("kill")
@@ -281,8 +281,8 @@ def test_sigkill_under_load_loses_no_acknowledged_write(cluster) -> None:
         assert c.verify_journal()["ok"] is True
 
 
-def test_run_cluster_stops_everything_on_ctrl_c(cluster) -> None:
-    """Last: `make run-cluster` stops on Ctrl-C (node A was SIGKILLed above; B drains and exits)."""
+def _run_cluster_stops_everything_on_ctrl_c(cluster) -> None:
+    """`make run-cluster` stops on Ctrl-C (node A was SIGKILLed before; B drains and exits)."""
     proc = cluster["proc"]
     proc.send_signal(signal.SIGINT)
     rest = proc.communicate(timeout=60)[0]
@@ -291,3 +291,13 @@ def test_run_cluster_stops_everything_on_ctrl_c(cluster) -> None:
     for node in (cluster["a"], cluster["b"]):
         with pytest.raises(ProcessLookupError):
             os.kill(node.pid, 0)
+
+
+def test_two_nodes_over_one_postgresql(cluster) -> None:
+    """One test, so that one xdist worker starts one cluster, and the steps that end nodes come last:
+    the watch across nodes, caches, lease fencing (SIGSTOP), SIGKILL under load, then Ctrl-C."""
+    _watch_on_b_sees_a_writes_in_order_within_milliseconds(cluster)
+    _disabled_app_and_new_binding_take_effect_on_the_other_node(cluster)
+    _a_node_paused_past_its_lease_cannot_complete_a_background_write(cluster)
+    _sigkill_under_load_loses_no_acknowledged_write(cluster)
+    _run_cluster_stops_everything_on_ctrl_c(cluster)

@@ -13,18 +13,16 @@ from anvil.errors import AnvilError
 from anvil.storage import leases
 from anvil.storage.leases import Leases
 
-pytestmark = pytest.mark.both_engines
-
 
 def _event(txn) -> int:
     txn.emit("system", "test.fenced", "test", {})
     return txn.next_seq - 1
 
 
-def test_the_embedded_store_holds_every_lease_and_writes_nothing(engine, new_catalog) -> None:
-    if engine != "sqlite":
-        pytest.skip("the embedded store's behaviour")
-    cat = new_catalog()
+def test_the_embedded_store_holds_every_lease_and_writes_nothing(tmp_path) -> None:
+    from anvil.storage import Catalog
+
+    cat = Catalog(tmp_path / "catalog.db")
     lz = Leases(cat, shared=False, ttl=0.3)
     assert lz.fence(leases.LIFECYCLE) == 0 and lz.holds(leases.GC)
     assert lz.run(leases.LIFECYCLE, lambda: cat.mutate(_event, actor="t", request_id="r")) == 1
@@ -32,13 +30,23 @@ def test_the_embedded_store_holds_every_lease_and_writes_nothing(engine, new_cat
     assert lz.holds(leases.LIFECYCLE)  # never lapses: one process
     assert cat.reader().execute("SELECT count(*) FROM leases").fetchone()[0] == 0
     lz.close()
+    cat.close()
 
 
-def test_a_write_with_a_fence_the_lease_moved_past_is_refused(engine, new_catalog) -> None:
-    if engine == "sqlite":
-        pytest.skip("leases are shared on PostgreSQL only")
-    one = new_catalog()
-    two = new_catalog(url=one.url)
+def test_a_write_with_a_fence_the_lease_moved_past_is_refused(postgres) -> None:
+    from anvil.storage.pg import PgCatalog
+
+    url = postgres.new_database()
+    PgCatalog(url, apply_migrations=True).close()
+    one, two = PgCatalog(url), PgCatalog(url)
+    try:
+        _fencing(one, two)
+    finally:
+        one.close()
+        two.close()
+
+
+def _fencing(one, two) -> None:
     first = Leases(one, shared=True, node="node-1", ttl=0.5)
     second = Leases(two, shared=True, node="node-2", ttl=0.5)
     assert first.claim("work") == 1

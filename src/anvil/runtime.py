@@ -146,6 +146,12 @@ class Anvil:
                 apps.add(client_id if isinstance(client_id, str) else "")
             elif kind.startswith("authz.binding.") or kind == "bucket.delete":
                 bindings = True
+            elif kind == "watch.compact" and isinstance(ev.payload.get("through_seq"), int):
+                # Compacted by the lease holder: cursors before it expire here too, the cache lets go.
+                base = int(ev.payload["through_seq"])
+                if base > self.watch.base_seq:
+                    self.watch.base_seq = base
+                    self.watch.tail.drop_through(base)
             elif kind.startswith("authz."):
                 # A write's revision is its event's seq (anvil.authz): minimize_latency reads at it.
                 self.authz._note_write(ev.tenant, ev.seq)

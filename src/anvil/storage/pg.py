@@ -411,11 +411,11 @@ def apply_all(url: str, migrations: dict[str, list[str]],
 def _writer_session(raw: psycopg.Connection) -> psycopg.Connection:
     """A node paused (SIGSTOP, a frozen VM) in the middle of a batch holds the journal lock, and with it
     every node's writes: PostgreSQL ends such a session once it has idled in its transaction for
-    twice the lease time to live (at most 10 s), rolling the unacknowledged batch back. A batch's
-    statements follow each other within milliseconds, so a live node never comes near that."""
+    twice the lease time to live (at least 5 s, at most 10 s), rolling the unacknowledged batch back.
+    A batch's statements follow each other within milliseconds, so a live node never comes near it."""
     from anvil.storage.leases import ttl_from_env
 
-    ms = int(min(ttl_from_env() * 2, 10.0) * 1000)
+    ms = int(min(max(ttl_from_env() * 2, 5.0), 10.0) * 1000)
     raw.execute(f"SET idle_in_transaction_session_timeout = {ms}")
     return raw
 
