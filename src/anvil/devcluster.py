@@ -112,7 +112,9 @@ class PostgresServer:
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
+            # Fast shutdown (SIGINT): ends client sessions and shuts down cleanly. SIGTERM's smart
+            # shutdown would wait for every client to disconnect on its own.
+            self.proc.send_signal(signal.SIGINT)
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
