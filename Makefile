@@ -6,7 +6,7 @@ API_LISTEN_ADDR ?= 127.0.0.1:9000
 # JSON-lines access log of `make run`: - (stdout), a file, or off (docs/operations.md).
 ANVIL_ACCESS_LOG ?= -
 
-.PHONY: install run test lint bench clean pg-bin
+.PHONY: install run run-cluster test lint bench clean pg-bin
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -42,3 +42,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# A local cluster: PostgreSQL (Debian's binaries, initdb in a temporary folder) and two nodes on
+# loopback ports sharing one database and one secrets folder; prints endpoints and credentials;
+# Ctrl-C stops everything (docs/scale-out.md). NODES=3 for more.
+NODES ?= 2
+run-cluster: $(STAMP) pg-bin
+	$(PY) -m anvil.devcluster --nodes $(NODES)

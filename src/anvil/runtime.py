@@ -31,7 +31,7 @@ from anvil.objects.participant import ObjectsParticipant
 from anvil.personaldb import PersonalDbService
 from anvil.personaldb.participant import PersonalDbParticipant, ProjectionsParticipant
 from anvil.personaldb.service import EVENT_KINDS
-from anvil.storage import Storage
+from anvil.storage import Event, Storage, leases
 from anvil.storage.layout import FORMAT_FILE
 from anvil.storage.participant import (
     BlobDigestsParticipant,
@@ -117,11 +117,58 @@ class Anvil:
             # Bucket delete: artefacts refuse while the bucket holds any; index definitions go with it.
             self.objects.on_bucket_delete(self.artefacts.bucket_deleting)
             self.objects.on_bucket_delete(self.indexes.bucket_deleting)
+            # Many nodes over one record store (docs/scale-out.md): background work only on the holder
+            # of its lease, its writes fenced. The embedded store always holds every lease.
+            self.leases = leases.Leases(self.storage.catalog, shared=records is not None)
+            self.lifecycle.guard = self.leases.guard(leases.LIFECYCLE)
+            self.watch.guard = self.leases.guard(leases.JOURNAL_COMPACTION)
             self.storage.catalog.start()
             self.identity.bootstrap(endpoint)
         except BaseException:
             self.storage.close()
             raise
+
+    # -- many nodes (docs/scale-out.md) ----------------------------------------------------------
+
+    def start_cluster(self) -> None:
+        """In a server: follow the journal that other nodes write to (watch wake-ups, caches) and
+        compete for the background leases. Nothing happens on the embedded store."""
+        if self.storage.records_url is None:
+            return
+        self.storage.catalog.follow(self.journal_changed)
+        for name in (leases.LIFECYCLE, leases.JOURNAL_COMPACTION):
+            self.leases.want(name)
+
+    def journal_changed(self, events: list[Event]) -> None:
+        """Drop what committed events (of any node) make stale in this process's caches: S3
+        credentials and the application lifecycle (disabled, deleted, revoked, rotated), the newest
+        authz revision per tenant, the bucket bindings. Watch streams and the index builder are
+        woken by the follower itself (commit listeners)."""
+        apps: set[str] = set()
+        identity = bindings = False
+        for ev in events:
+            kind = ev.kind
+            if kind.startswith("identity."):
+                identity = True
+                client_id = ev.payload.get("client_id")
+                apps.add(client_id if isinstance(client_id, str) else "")
+            elif kind.startswith("authz.binding.") or kind == "bucket.delete":
+                bindings = True
+            elif kind == "watch.compact" and isinstance(ev.payload.get("through_seq"), int):
+                # Compacted by the lease holder: cursors before it expire here too, the cache lets go.
+                base = int(ev.payload["through_seq"])
+                if base > self.watch.base_seq:
+                    self.watch.base_seq = base
+                    self.watch.tail.drop_through(base)
+            elif kind.startswith("authz."):
+                # A write's revision is its event's seq (anvil.authz): minimize_latency reads at it.
+                self.authz._note_write(ev.tenant, ev.seq)
+        if identity:
+            for client_id in apps:
+                self.identity._forget_sigv4(client_id or None)
+            self.identity._reload_lifecycle()
+        if bindings:
+            self.authz._bindings = None
 
     def _bucket_access(self, name: str) -> BucketAccess | None:
         b = self.objects.find_bucket(name)
@@ -196,6 +243,8 @@ class Anvil:
         self.lifecycle.stop()
         self.indexes.close()
         self.watch.close()
+        if hasattr(self, "leases"):
+            self.leases.close()  # given back: another node takes the work over at its next renewal
         if hasattr(self, "personaldb"):
             self.personaldb.close()
         self.artefacts.close()  # the git stores' open pack files

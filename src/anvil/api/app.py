@@ -184,6 +184,7 @@ def create_app(anvil: Anvil, *, recovery_mode: bool = False, dev_auth: bool = Fa
     install_object_access(BindingAccess(anvil))
     app.state.observer = observer_from_env(app, access_log=access_log, metrics=metrics)
     anvil.indexes.start()  # the index builder runs in the server (restored ones too: indexes are derived)
+    anvil.start_cluster()  # many nodes on one record store: follow its journal, compete for leases
     app.state.recovery_mode = recovery_mode
     app.state.dev_auth = dev_auth
     app.state.last_backup = None

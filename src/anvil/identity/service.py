@@ -281,6 +281,7 @@ class IdentityService:
         None when the key is unknown (the gateway answers InvalidAccessKeyId without more detail).
         Known keys are cached for SIGV4_CACHE_TTL seconds (unknown ones never, so junk keys cannot
         fill the cache); identity changes made here invalidate at once (`_forget_sigv4`)."""
+        self.catalog.sync()  # many nodes: changes committed on another node are in force here too
         now = time.monotonic()
         hit = self._sigv4_cache.get(client_id)
         if hit is not None and hit[0] > now:
@@ -600,6 +601,7 @@ class IdentityService:
         """Signature and expiry (cached), then the lifecycle: disabled or deleted application,
         revoked jti, secret rotated since issue. The lifecycle check is a few dict lookups, and
         none at all while nothing is disabled, revoked or recently rotated."""
+        self.catalog.sync()  # many nodes: changes committed on another node are in force here too
         principal, info = self.tokens.verify_full(token)
         life = self._lifecycle
         if life.active:

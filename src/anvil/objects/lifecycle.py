@@ -138,6 +138,9 @@ class LifecycleWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # Runs each periodic run: with many nodes the runtime makes it run only on the holder of the
+        # lifecycle lease, its deletes fenced (storage.leases).
+        self.guard: Callable[[Callable[[], Any]], Any] = lambda fn: fn()
         self._status: dict[str, Any] = {
             "interval_seconds": self.interval, "day_seconds": self.day_seconds, "running": False, "runs": 0,
             "last_run_started": None, "last_run_seconds": None, "expired": 0, "delete_markers_removed": 0,
@@ -163,7 +166,7 @@ class LifecycleWorker:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.run_once()
+                self.guard(self.run_once)
             except Exception as e:  # noqa: BLE001 - the worker outlives one bad run; the error is in status
                 log.exception("lifecycle run failed")
                 with self._lock:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import contextlib
+import logging
 import queue
 import threading
 import time
@@ -22,10 +24,12 @@ from typing import Any, TypeVar
 import apsw
 
 from anvil.errors import AnvilError
-from anvil.storage import journal
+from anvil.storage import journal, leases
 from anvil.storage.space import storage_full
 
 T = TypeVar("T")
+
+log = logging.getLogger("anvil.catalog")
 
 MAX_BATCH = 256
 # Upper bounds of the batch-size histogram the metrics endpoint exports (docs/operations.md).
@@ -72,6 +76,8 @@ class _Job:
     actor: str
     request_id: str
     future: concurrent.futures.Future
+    # (lease name, fence token) of background work (storage.leases): checked in the commit.
+    fence: tuple[str, int] | None = None
 
 
 def _configure(conn: apsw.Connection, *, writer: bool) -> None:
@@ -104,7 +110,10 @@ class Catalog:
         self.batches = 0
         self.batched_mutations = 0
         self.batch_counts = [0] * len(BATCH_BUCKETS)
+        # Fenced background writes refused because their lease moved on (storage.leases).
+        self.stale_fences = 0
         self.migrate("journal", journal.MIGRATIONS)
+        self.migrate("leases", leases.MIGRATIONS)
 
     # -- the engine: SQLite here; storage.pg.PgCatalog overrides these for PostgreSQL ------------
 
@@ -127,6 +136,16 @@ class Catalog:
             conn.execute("ROLLBACK")
         except apsw.Error:
             pass
+
+    def _before_commit(self, conn: Any, head: int, advanced: bool) -> None:
+        """Last statement of a batch's transaction (PostgreSQL: NOTIFY the other nodes)."""
+
+    def follow(self, on_events: Callable[[list[journal.Event]], None]) -> None:
+        """Call `on_events` with the events other nodes commit, and the commit listeners with the new
+        head (PostgreSQL: storage.pg.PgFollower). The embedded store is one process: nothing to do."""
+
+    def sync(self) -> None:
+        """Bring what `follow` feeds up to the journal's head now (PostgreSQL; a no-op here)."""
 
     def _is_full(self, exc: BaseException) -> bool:
         return isinstance(exc, apsw.FullError)
@@ -211,8 +230,19 @@ class Catalog:
         if self._thread is None:
             self.start()
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put(_Job(fn, actor, request_id, fut))
+        self._queue.put(_Job(fn, actor, request_id, fut, getattr(self._local, "fence", None)))
         return fut
+
+    @contextlib.contextmanager
+    def fenced(self, name: str, fence: int) -> Any:
+        """Mutations submitted from this thread inside the block commit only while lease `name` still
+        carries `fence` (else StaleFence, nothing written): background work under a lease."""
+        before = getattr(self._local, "fence", None)
+        self._local.fence = (name, fence)
+        try:
+            yield
+        finally:
+            self._local.fence = before
 
     def mutate(self, fn: Callable[[Txn], T], *, actor: str, request_id: str) -> T:
         """The one mutation path: run `fn` in a transaction, append its event, commit durably."""
@@ -277,11 +307,14 @@ class Catalog:
             self._begin(self._writer)
             conn = self._writer
             assert self._head is not None
+            batch_start = self._head[0]
             for job in batch:
                 head_before = self._head
                 txn = Txn(conn, job.actor, job.request_id, time.time(), self._head[0])
                 conn.execute("SAVEPOINT m")
                 try:
+                    if job.fence is not None:
+                        self._check_fence(conn, job.fence, txn.now)
                     result = job.fn(txn)
                     for ev in txn.events:
                         appended = journal.append(
@@ -300,6 +333,7 @@ class Catalog:
                     conn.execute("RELEASE m")
                     self._head = head_before
                     outcomes.append((False, exc))
+            self._before_commit(conn, self._head[0], self._head[0] != batch_start)
             conn.execute("COMMIT")
         except BaseException as exc:  # noqa: BLE001 - the whole batch failed to commit
             self._rollback(self._writer)
@@ -309,6 +343,14 @@ class Catalog:
                 pass
             return exc
         return outcomes
+
+    def _check_fence(self, conn: Any, fence: tuple[str, int], now: float) -> None:
+        try:
+            leases.check_fence(conn, fence[0], fence[1], now)
+        except AnvilError as e:
+            self.stale_fences += 1
+            log.warning("background write refused (StaleFence): %s", e.message)
+            raise
 
     # -- replay -------------------------------------------------------------------------
 

@@ -160,10 +160,12 @@ class JournalParticipant(Participant):
     replays = ("recovery.",)
 
     def migrations(self) -> dict[str, list[str]]:
-        from anvil.storage import idempotency, inline
+        from anvil.storage import idempotency, inline, leases
 
-        # The inline bodies' table is no event's to replay, but a PostgreSQL store needs it created.
-        return {"journal": journal.MIGRATIONS, "idempotency": idempotency.MIGRATIONS, "blobs": inline.MIGRATIONS}
+        # The inline bodies' and the leases' tables are no event's to replay, but a PostgreSQL store
+        # needs them created.
+        return {"journal": journal.MIGRATIONS, "idempotency": idempotency.MIGRATIONS, "blobs": inline.MIGRATIONS,
+                "leases": leases.MIGRATIONS}
 
     def apply(self, ctx: RecoveryContext, event: Any) -> None:
         if event.kind == "recovery.partial_restore":

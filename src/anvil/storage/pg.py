@@ -26,7 +26,9 @@ a node whose store is un-migrated, or newer than its code, refuses to start.
 from __future__ import annotations
 
 import functools
+import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -299,7 +301,7 @@ class PgCatalog(_catalog.Catalog):
 
     def _open_writer(self) -> Any:
         self.path = None  # type: ignore[assignment]
-        writer = PgConnection(connect(self.url))
+        writer = PgConnection(_writer_session(connect(self.url)))
         self._pool = ConnectionPool(self.url, min_size=1, max_size=self._pool_size, configure=_configure,
                                     kwargs={"autocommit": True}, open=True, name="anvil-readers")
         if self._apply_migrations:
@@ -315,7 +317,7 @@ class PgCatalog(_catalog.Catalog):
     def _begin(self, conn: Any) -> None:
         if conn.raw.broken or conn.raw.closed:
             # PostgreSQL restarted or the network dropped: a fresh connection for the next batch.
-            self._writer = conn = PgConnection(connect(self.url))
+            self._writer = conn = PgConnection(_writer_session(connect(self.url)))
         conn.raw.execute("BEGIN")
         # Serialise with every other node's batch, then read the head they left.
         conn.raw.execute("SELECT pg_advisory_xact_lock(%s)", (JOURNAL_LOCK,))
@@ -329,6 +331,21 @@ class PgCatalog(_catalog.Catalog):
 
     def _is_full(self, exc: BaseException) -> bool:
         return isinstance(exc, psycopg.errors.DiskFull)
+
+    def _before_commit(self, conn: Any, head: int, advanced: bool) -> None:
+        # Delivered with the COMMIT, never before it: a woken node reads what this batch wrote.
+        if advanced:
+            conn.raw.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(head)))
+
+    def follow(self, on_events: Callable[[list[journal.Event]], None]) -> None:
+        if getattr(self, "_follower", None) is None:
+            self._follower = PgFollower(self, on_events)
+            self._follower.start()
+
+    def sync(self) -> None:
+        follower = getattr(self, "_follower", None)
+        if follower is not None:
+            follower.sync()
 
     def _new_reader(self) -> Any:
         return PgReader(self._pool)
@@ -371,6 +388,9 @@ class PgCatalog(_catalog.Catalog):
     # -- lifecycle --------------------------------------------------------------------------------
 
     def close(self) -> None:
+        follower = getattr(self, "_follower", None)
+        if follower is not None:
+            follower.stop()
         super().close()
         self._pool.close()
 
@@ -389,3 +409,100 @@ def apply_all(url: str, migrations: dict[str, list[str]],
         cat.close()
 
 
+
+
+def _writer_session(raw: psycopg.Connection) -> psycopg.Connection:
+    """A node paused (SIGSTOP, a frozen VM) in the middle of a batch holds the journal lock, and with it
+    every node's writes: PostgreSQL ends such a session once it has idled in its transaction for
+    twice the lease time to live (at least 5 s, at most 10 s), rolling the unacknowledged batch back.
+    A batch's statements follow each other within milliseconds, so a live node never comes near it."""
+    from anvil.storage.leases import ttl_from_env
+
+    ms = int(min(max(ttl_from_env() * 2, 5.0), 10.0) * 1000)
+    raw.execute(f"SET idle_in_transaction_session_timeout = {ms}")
+    return raw
+
+
+# -- many nodes: the journal follower (LISTEN/NOTIFY as the wake-up, the journal as the truth) ---------
+
+NOTIFY_CHANNEL = "anvil_journal"
+# A missed notification (a dropped listening connection, a NOTIFY lost with it) is caught by a read of
+# the journal's head at least this often.
+FOLLOW_POLL_SECONDS = 0.5
+FOLLOW_PAGE = 500
+
+log = logging.getLogger("anvil.storage.pg")
+
+
+class PgFollower:
+    """One listening connection per node. Each batch of every node NOTIFYs `anvil_journal` in its
+    commit transaction; on a notification, or every FOLLOW_POLL_SECONDS without one, the follower
+    reads the events after the last one it handled, hands them to `on_events` (cache invalidation)
+    and calls the catalog's commit listeners with the new head (watch streams, the index builder),
+    exactly as the writer does after a local commit. Its own node's commits come through too: the
+    handlers are idempotent and cheap."""
+
+    def __init__(self, catalog: PgCatalog, on_events: Callable[[list[journal.Event]], None],
+                 poll: float = FOLLOW_POLL_SECONDS):
+        self.catalog = catalog
+        self.on_events = on_events
+        self.poll = poll
+        self.seen = catalog.head()[0]
+        self.wakeups = 0
+        self._lock = threading.Lock()  # one catch-up at a time: the follower thread or a request's
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="anvil-follower", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.poll * 4)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.catalog.url, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self.catch_up()  # whatever was committed while this connection was not listening
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=self.poll, stop_after=1):
+                            self.wakeups += 1
+                        self.catch_up()
+            except Exception:  # noqa: BLE001 - reconnect; the periodic read covers the gap
+                if self._stop.is_set():
+                    return
+                log.exception("journal follower: listening connection lost; reconnecting")
+                self._stop.wait(self.poll)
+
+    def sync(self) -> None:
+        """Before a request is authenticated: catch up now if the journal moved past what was handled
+        (one indexed read). A NOTIFY still in flight cannot let a change committed on another node
+        (a disabled application, a binding) be missed by the next request here."""
+        if journal.head(self.catalog.reader())[0] > self.seen:
+            self.catch_up()
+
+    def catch_up(self) -> None:
+        with self._lock:
+            self._catch_up()
+
+    def _catch_up(self) -> None:
+        """Hand on every event after the last one handled (several pages if far behind)."""
+        reader = self.catalog.reader()
+        while True:
+            events = journal.read(reader, self.seen, FOLLOW_PAGE)
+            if not events:
+                return
+            try:
+                self.on_events(events)
+            except Exception:  # noqa: BLE001 - a handler must never stop the follower
+                log.exception("journal follower: an event handler failed")
+            self.seen = events[-1].seq
+            for listener in list(self.catalog._commit_listeners):
+                try:
+                    listener(self.seen)
+                except Exception:  # noqa: BLE001 - as in the writer: a listener never breaks the follower
+                    pass
+            if len(events) < FOLLOW_PAGE:
+                return

@@ -156,6 +156,8 @@ class WatchService:
         self.watchers = 0
         self._stop = threading.Event()
         self._compactor: threading.Thread | None = None
+        # Runs each periodic compaction: with many nodes, only on the holder of its lease (storage.leases).
+        self.guard: Callable[[Callable[[], Any]], Any] = lambda fn: fn()
         self.catalog.add_commit_listener(self.on_commit)
 
     # ------------------------------------------------------------ commit notification
@@ -377,7 +379,8 @@ class WatchService:
         def run() -> None:
             while not self._stop.wait(interval):
                 try:
-                    self.compact(RequestContext(principal=SYSTEM_PRINCIPAL, request_id=new_request_id()))
+                    self.guard(lambda: self.compact(RequestContext(principal=SYSTEM_PRINCIPAL,
+                                                                   request_id=new_request_id())))
                 except Exception:  # noqa: BLE001 - retry next interval; serving must go on
                     log.exception("periodic journal compaction failed")
 
