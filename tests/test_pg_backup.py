@@ -173,6 +173,8 @@ def test_a_node_backs_up_postgresql_restored_embedded_equal_and_the_drill_passes
 def test_the_journal_is_archived_from_postgresql_and_replayed_to_a_point(world) -> None:
     """Node A archives; writes through node B reach the archive through the shared journal."""
     cli, creds = world["cli"], world["creds"]
+    # A base snapshot to roll forward from (xdist may run this test before, or without, the others).
+    cli.json("backup", "create", "--repo", world["repo"], "--endpoint", world["a"].endpoint, creds=creds)
     bucket = unique_bucket("arch")
     with _client(world, world["b"]) as c:
         c.create_bucket(bucket)

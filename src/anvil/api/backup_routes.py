@@ -15,6 +15,7 @@ from anvil.api_models import ArchiveRequest, CreateBackupRequest, HealBlobsReque
 from anvil.context import RequestContext
 from anvil.errors import AnvilError
 from anvil.identity import authorize
+from anvil.storage import leases
 
 _backup_lock = threading.Lock()
 
@@ -78,6 +79,7 @@ def start_archiver(app: Any, config: Any) -> Any:
     except BackupError as e:
         raise AnvilError("InvalidArgument", f"--archive-repo: {e}") from None
     archiver = Archiver(anvil.storage, anvil.participants(), config, open_repo)
+    archiver.guard = anvil.leases.guard(leases.ARCHIVE)
     app.state.archiver = archiver
     archiver.start()
     return archiver

@@ -25,6 +25,7 @@ from anvil.api.s3.errors import error_response as s3_error_response
 from anvil.errors import AnvilError
 from anvil.identity.settings import dev_auth_enabled, is_development
 from anvil.runtime import Anvil
+from anvil.storage import leases
 
 
 class _CoalescingTransport:
@@ -348,6 +349,7 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any
 
             check_schedule(backup, anvil.storage.root)
             scheduler = BackupScheduler(app, backup, run_backup)
+            scheduler.guard = anvil.leases.guard(leases.BACKUP_SCHEDULE)
             scheduler.start()
         archiver = None
         if archive is not None:  # an ArchiveConfig: continuous archiving of the journal (docs/backup.md)

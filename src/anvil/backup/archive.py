@@ -138,6 +138,8 @@ class Archiver:
         self._lock = threading.Lock()  # one shipment at a time (the loop, a final flush, a test)
         self._thread: threading.Thread | None = None
         self._blob_map_loaded = False
+        # Many nodes (docs/scale-out.md): the runtime's lease runner, so one node archives at a time.
+        self.guard: Callable[[Callable[[], Any]], Any] = lambda fn: fn()
         if hold:
             storage.blobs.add_hold(self.unshipped_blobs)
             # Journal compaction keeps every event the archive does not hold yet.
@@ -157,7 +159,7 @@ class Archiver:
             self._thread.join(timeout=30)
         if flush:
             try:
-                self.catch_up()
+                self.guard(self.catch_up)
             except Exception as e:  # noqa: BLE001 - stopping: reported, never raised
                 self._failed(e)
         self.storage.blobs.remove_hold(self.unshipped_blobs)  # archiving is off: gc decides alone again
@@ -167,7 +169,7 @@ class Archiver:
         backoff = self.config.interval
         while not self._stop.is_set():
             try:
-                self.catch_up()
+                self.guard(self.catch_up)
                 backoff = self.config.interval
             except Exception as e:  # noqa: BLE001 - an unreachable repository must never stop the server
                 self._failed(e)

@@ -57,6 +57,8 @@ class BackupScheduler:
         self.app = app
         self.config = config
         self.run_backup = run_backup
+        # Many nodes (docs/scale-out.md): the runtime's lease runner, so one node takes them at a time.
+        self.guard: Callable[[Callable[[], Any]], Any] = lambda fn: fn()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="anvil-backup-schedule", daemon=True)
         self.heal_poll = env_seconds(HEAL_POLL_ENV, HEAL_POLL)
@@ -110,8 +112,8 @@ class BackupScheduler:
                 self.app.state.last_backup = {"time": time.time(), "ok": False, "skipped": "recovery mode"}
             else:
                 try:
-                    self.run_backup(self.app, self.config.repo, passphrase=self.config.passphrase,
-                               s3_endpoint=self.config.s3_endpoint, mode="scheduled")
+                    self.guard(lambda: self.run_backup(self.app, self.config.repo, passphrase=self.config.passphrase,
+                                                       s3_endpoint=self.config.s3_endpoint, mode="scheduled"))
                     log.info("scheduled backup: %s", self.app.state.last_backup)
                 except Exception:  # noqa: BLE001 - a failed backup is reported, never kills the server
                     log.exception("scheduled backup failed")
