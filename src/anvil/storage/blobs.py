@@ -17,6 +17,7 @@ Small bodies may instead live inline in the record store (`storage.inline`, tabl
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import errno
 import hashlib
@@ -66,6 +67,8 @@ CHUNK_ALGORITHMS: dict[int, tuple[str, int, Callable[..., Any]]] = {
     2: ("blake3", 32, _blake3),
 }
 CHUNK_ALGORITHM = 1
+# Sidecars of a remote blob backend kept in memory (each 24 bytes + 16 per MiB of its blob).
+SIDECAR_CACHE = 1024
 
 
 @dataclass(frozen=True)
@@ -377,6 +380,11 @@ class BlobStore:
         self.backend: BlobBackend = backend if backend is not None else LocalBlobBackend(
             blobs_root, self.quarantine_dir)
         self.remote = not self.backend.local
+        # Sidecars of a remote backend read recently (hash -> raw): a large GET then costs a HEAD
+        # and its ranged GET, not a third request. Safe if stale: a sidecar that disagrees with its
+        # body is never trusted alone (the full SHA-256 decides and the sidecar is rewritten).
+        self._sidecars: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._sidecars_lock = threading.Lock()
         self._tmpfile_ok = True
         self._proc_fd_cache: int | None = None
         # Inline bodies (storage.inline): bodies up to `inline_max` bytes are written inline by
@@ -949,7 +957,15 @@ class BlobStore:
     def read_sidecar(self, sha256: str) -> bytes | None:
         """The raw sidecar (None if there is none); OSError if it cannot be read."""
         if self.remote:
-            return self.backend.get_sidecar(sha256)
+            with self._sidecars_lock:
+                raw = self._sidecars.get(sha256)
+                if raw is not None:
+                    self._sidecars.move_to_end(sha256)
+                    return raw
+            raw = self.backend.get_sidecar(sha256)
+            if raw is not None:
+                self._remember_sidecar(sha256, raw)
+            return raw
         try:
             return self.sidecar_path(sha256).read_bytes()
         except FileNotFoundError:
@@ -958,6 +974,7 @@ class BlobStore:
     def write_sidecar(self, sha256: str, size: int, digests: list[bytes]) -> None:
         """Write and fsync `<hash>.chunks` (the caller fsyncs the folder, once, with the blob's name)."""
         if self.remote:
+            self._remember_sidecar(sha256, None)  # cached on the next read, as the backend then has it
             self.backend.put_sidecar(sha256, encode_sidecar(size, digests))
             return
         final = self.sidecar_path(sha256)
@@ -973,6 +990,16 @@ class BlobStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+    def _remember_sidecar(self, sha256: str, raw: bytes | None) -> None:
+        with self._sidecars_lock:
+            if raw is None:
+                self._sidecars.pop(sha256, None)
+                return
+            self._sidecars[sha256] = raw
+            self._sidecars.move_to_end(sha256)
+            while len(self._sidecars) > SIDECAR_CACHE:
+                self._sidecars.popitem(last=False)
 
     def rebuild_sidecar(self, sha256: str) -> bool:
         """Recompute a blob's sidecar after checking its SHA-256 (repair). False: nothing to do
@@ -1002,7 +1029,8 @@ class BlobStore:
     def sidecar_problem(self, sha256: str, size: int) -> str | None:
         """Why the sidecar of a blob of `size` bytes is unusable ('missing' or a reason), else None."""
         try:
-            raw = self.read_sidecar(sha256)
+            # fsck and repair judge what is stored, never the read cache.
+            raw = self.backend.get_sidecar(sha256) if self.remote else self.read_sidecar(sha256)
         except OSError as e:
             return f"unreadable ({e})"
         if raw is None:
@@ -1038,6 +1066,7 @@ class BlobStore:
 
     def remove_sidecar(self, sha256: str) -> bool:
         if self.remote:
+            self._remember_sidecar(sha256, None)
             return self.backend.delete_sidecar(sha256)
         try:
             self.sidecar_path(sha256).unlink()
@@ -1053,6 +1082,7 @@ class BlobStore:
         Its sidecar is dropped. False if it was not there (already quarantined, or missing).
         An inline body is copied there and its row removed (unless a write healed it meanwhile)."""
         if self.remote:
+            self._remember_sidecar(sha256, None)
             return self.backend.quarantine(sha256) or self._quarantine_inline(sha256)
         src = self.path(sha256)
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
@@ -1117,6 +1147,7 @@ class BlobStore:
 
     def remove(self, sha256: str) -> None:
         if self.remote:
+            self._remember_sidecar(sha256, None)
             if not self.backend.delete(sha256):
                 raise FileNotFoundError(sha256)
             return
