@@ -13,6 +13,11 @@ only the chunks it touches. A blob whose bytes no longer match its address raise
 
 Small bodies may instead live inline in the record store (`storage.inline`, table
 `inline_blobs`): every read here looks there too, so callers never know which holds a body.
+
+Where the other bodies live is a blob backend (`storage.blobbackend`): files under
+`blobs/sha256/` by default (the fast paths below are for them), or an S3-compatible bucket
+(`storage.s3blobs`, `self.remote`), reached only through the backend's operations: the body is
+still spooled and hashed in `tmp/` first, then uploaded, and every check above works the same.
 """
 
 from __future__ import annotations
