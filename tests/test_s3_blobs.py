@@ -287,6 +287,9 @@ class _Forwarder:
                 client, _ = self.sock.accept()
             except OSError:
                 return
+            if not self.open:
+                client.close()
+                return
             upstream = socket.create_connection(("127.0.0.1", self.target))
             self.conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
@@ -308,6 +311,10 @@ class _Forwarder:
 
     def cut(self) -> None:
         self.open = False
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close() alone would not)
+        except OSError:
+            pass
         self.sock.close()
         for s in self.conns:
             try:

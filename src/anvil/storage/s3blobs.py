@@ -31,6 +31,10 @@ from anvil.storage.space import parse_size
 MULTIPART_ENV = "ANVIL_BLOBS_MULTIPART_MIN"
 DEFAULT_MULTIPART_MIN = 64 * 1024 * 1024
 QUARANTINE = "quarantine/"
+# Below this a body is sent with a conditional PUT straight away (resending it when it is already
+# there costs little); from it on, the store is asked first (a copy onto itself refreshes a present
+# body's age without sending it again).
+TOUCH_FIRST_MIN = 1024 * 1024
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -135,6 +139,9 @@ class S3BlobBackend(BlobBackend):
     # ---------------------------------------------------------------- bodies
 
     def put_file(self, sha256: str, path: Path, size: int) -> bool:
+        if size < TOUCH_FIRST_MIN:
+            with open(path, "rb") as f:
+                return self._put_new(sha256, f)
         if self.touch(sha256):
             return False  # present: content-addressed, so the same bytes; never overwritten
         if size >= self.multipart_min:
@@ -151,9 +158,19 @@ class S3BlobBackend(BlobBackend):
             return self._put(self.key(sha256), f)
 
     def put_bytes(self, sha256: str, data: bytes) -> bool:
+        if len(data) < TOUCH_FIRST_MIN:
+            return self._put_new(sha256, data)
         if self.touch(sha256):
             return False
         return self._put(self.key(sha256), data)
+
+    def _put_new(self, sha256: str, body: Any) -> bool:
+        """A small body: the conditional PUT first (one request for a new body, the common case);
+        if the body was there already, only its age is refreshed."""
+        if self._put(self.key(sha256), body):
+            return True
+        self.touch(sha256)
+        return False
 
     def _put(self, key: str, body: Any) -> bool:
         try:
