@@ -99,10 +99,14 @@ class S3BlobBackend(BlobBackend):
 
                     # Short timeouts and few retries: a request waits on this, and an unreachable
                     # store must answer 503 in seconds, not after minutes of backoff.
+                    # No CRC of every byte by botocore: each body is checked by its SHA-256 and chunk
+                    # digests on every read already (and some S3 servers answer a multipart
+                    # object's checksum in a form botocore then rejects).
                     cfg = Config(signature_version="s3v4", s3={"addressing_style": "path"},
                                  connect_timeout=3, read_timeout=60,
                                  retries={"max_attempts": 3, "mode": "standard"},
-                                 max_pool_connections=32)
+                                 max_pool_connections=32, request_checksum_calculation="when_required",
+                                 response_checksum_validation="when_required")
                     self._client = boto3.client(
                         "s3", endpoint_url=self.endpoint, config=cfg,
                         region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
