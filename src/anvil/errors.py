@@ -52,6 +52,8 @@ HTTP_STATUS: dict[str, int] = {
     "PersonalDbUnknownTable": 400,
     "PersonalDbInvalidSchema": 400,
     "PersonalDbCertificateInvalid": 422,
+    # A remote blob backend (anvil serve --blobs s3://...) cannot be reached: nothing was recorded.
+    "BlobBackendUnavailable": 503,
 }
 
 

@@ -171,10 +171,8 @@ class ArtefactsParticipant(Participant):
                 mine = [r for r in refs if r.missing_invariant == "artefacts.component_missing"]
                 if not mine:
                     continue
-                try:
-                    size = ctx.blobs.path(sha).stat().st_size
-                except FileNotFoundError:
-                    size = None
+                st = ctx.blobs.stat(sha)
+                size = st[0] if st is not None else None
                 if size != mine[0].size:
                     add("error", mine[0].label, f"component blob {sha} is "
                         + ("missing" if size is None else f"{size} bytes, {mine[0].size} recorded"),

@@ -107,7 +107,8 @@ def compute_tensor_index(blobs: Any, sha256: str, size: int, path: str) -> list[
     """Parse one safetensors or GGUF component's header from its blob (InvalidArgument if malformed)."""
     if mf.is_gguf(path):
         blobs.check_size(sha256, size)
-        tensors = mf.index_gguf(str(blobs.path(sha256)), size, path)
+        with blobs.local_copy(sha256) as local:  # the gguf parser wants a file (remote backend: a download)
+            tensors = mf.index_gguf(str(local), size, path)
         for t in tensors:
             t.pop("file")
         return tensors

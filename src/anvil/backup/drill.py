@@ -28,7 +28,7 @@ from anvil.backup.errors import BackupError
 from anvil.backup.repository import Repository
 from anvil.backup.restore import restore
 from anvil.storage import records
-from anvil.storage.blobs import BlobStore
+from anvil.storage.blobs import open_blob_store
 from anvil.storage.recovery import NOT_PRESENT, Finding, Participant, RecoveryContext, ResumedSmoke, coverage
 
 
@@ -189,8 +189,8 @@ def run_drill(repo: Repository, snapshot: str | None, participants: list[Partici
                 if step("start isolated server in recovery mode", do_start):
                     conn = records.open_readonly(target / "catalog.db")
                     try:
-                        ctx = RecoveryContext(target, conn, BlobStore(target / "blobs" / "sha256", target / "tmp"),
-                                              participants, credentials=(client_id, client_secret))
+                        blobs = open_blob_store(target / "blobs" / "sha256", target / "tmp")
+                        ctx = RecoveryContext(target, conn, blobs, participants, credentials=(client_id, client_secret))
                         for p in participants:
                             step(f"smoke: {p.name}", lambda p=p: p.smoke(client, ctx, recorded.get(p.name)))
                     finally:

@@ -81,15 +81,20 @@ Encoded = tuple[list[tuple[str, int, bytes | None]], str, int]
 WHOLE_FILE = 32 * 1024 * 1024
 
 
-def _encode_file(writer: PackWriter, path: Path) -> Encoded | None:
-    """Cut, hash and encode one file (runs on worker threads): (chunks, sha256, size); None if missing."""
+def _encode_file(writer: PackWriter, path: Path | None,
+                 opened: tuple[Any, int] | None = None) -> Encoded | None:
+    """Cut, hash and encode one file (runs on worker threads): (chunks, sha256, size); None if missing.
+    `opened`: (stream, size) already open instead of `path` (a blob from a remote backend)."""
     out: list[tuple[str, int, bytes | None]] = []
-    try:
-        f = open(path, "rb")  # noqa: SIM115 - closed below; FileNotFoundError is an answer here
-    except FileNotFoundError:
-        return None
+    if opened is None:
+        try:
+            f = open(path, "rb")  # type: ignore[arg-type]  # noqa: SIM115 - closed below; FileNotFoundError is an answer here
+        except FileNotFoundError:
+            return None
+    else:
+        f = opened[0]
     with f:
-        size = os.fstat(f.fileno()).st_size
+        size = os.fstat(f.fileno()).st_size if opened is None else opened[1]
         if size <= WHOLE_FILE:
             data = f.read()
             if len(data) <= CHUNKER["min_size"]:
@@ -128,12 +133,13 @@ def _encode_bytes(writer: PackWriter, data: bytes) -> Encoded:
 def encode_blob(writer: PackWriter, blobs: BlobStore, sha: str) -> Encoded | None:
     """A blob's file, or its inline body (small bodies kept in catalog.db): a snapshot's blob tree,
     and so `backup get`, heal and PITR, are the same whichever of the two holds it."""
-    encoded = _encode_file(writer, blobs.path(sha))
-    if encoded is None:
+    opened = blobs.open_raw(sha)  # a file, or a stream from the blob backend (S3)
+    if opened is None:
         data = blobs.inline_body(sha)
         if data is not None:
             return _encode_bytes(writer, data)
-    return encoded
+        return None
+    return _encode_file(writer, None, opened)
 
 
 def _must_encode(writer: PackWriter, path: Path) -> Encoded:

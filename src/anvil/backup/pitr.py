@@ -20,9 +20,9 @@ from anvil.backup.archive import events_between, list_segments
 from anvil.backup.errors import BackupError
 from anvil.backup.pack import ChunkReader
 from anvil.backup.repository import Repository
-from anvil.backup.restore import Progress, _write_entry, restore, sync_paths
+from anvil.backup.restore import Progress, _restore_remote, _write_entry, restore, sync_paths
 from anvil.storage import inline, records
-from anvil.storage.blobs import BlobStore
+from anvil.storage.blobs import open_blob_store
 from anvil.storage.layout import Layout
 from anvil.storage.recovery import Participant, RecoveryContext, replay_into
 
@@ -107,7 +107,7 @@ def restore_to_point(repo: Repository, target: Path, participants: list[Particip
     layout = Layout(root)
     layout.acquire_lock()
     try:
-        store = BlobStore(layout.blobs, layout.tmp)
+        store = open_blob_store(layout.blobs, layout.tmp)  # local files, or ANVIL_BLOBS_URL's backend
         def replayed_so_far(n: int) -> None:
             if progress:
                 progress(n, len(events), "replaying the journal")
@@ -128,12 +128,18 @@ def restore_to_point(repo: Repository, target: Path, participants: list[Particip
         written: list[Path] = []
         for sha, uses in refs.items():
             dest = store.path(sha)
-            if dest.exists() or sha in inlined:
+            if sha in inlined or (store.stat(sha) is not None if store.remote else dest.exists()):
                 continue
             entry = seg_blobs.get(sha) or tree.get(sha)
             if entry is None or entry.get("missing"):
                 labels = ", ".join(r.label for r in uses[:3])
                 problems.append(f"blob {sha} is in neither the snapshot nor the archive; affects {labels}")
+                continue
+            if store.remote:
+                outcome, why = _restore_remote(reader, store, sha, entry, layout.tmp)
+                if outcome == "failed":
+                    problems.append(f"blob {sha}: {why}")
+                fetched += outcome == "restored"
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:

@@ -20,7 +20,7 @@ from anvil.backup.errors import BackupError
 from anvil.backup.pack import ChunkReader
 from anvil.backup.repository import Repository
 from anvil.storage import inline, records
-from anvil.storage.blobs import BlobStore
+from anvil.storage.blobs import BlobStore, open_blob_store
 from anvil.storage.layout import FOLDERS, FORMAT_FILE, Layout
 from anvil.storage.recovery import BucketScoped, ObjectLocator, Participant, RecoveryContext, RestoreFixup
 
@@ -211,7 +211,7 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
         recorded = {k: v for k, v in recorded.items() if k in keep}
     conn = records.open_readonly(root / "catalog.db")
     try:
-        ctx = RecoveryContext(root, conn, BlobStore(layout.blobs, layout.tmp), participants)
+        ctx = RecoveryContext(root, conn, open_blob_store(layout.blobs, layout.tmp), participants)
         refs = ctx.references()
         # Small bodies stored inline came back with catalog.db: they need no file.
         inlined = inline.rows(conn)
@@ -222,7 +222,7 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
     done = 0
     restored = skipped = 0
     problems: list[str] = []
-    store = BlobStore(layout.blobs, layout.tmp)
+    store = open_blob_store(layout.blobs, layout.tmp)  # local files, or ANVIL_BLOBS_URL's backend (S3)
     made: set[Path] = set()
     written: list[Path] = []
 
@@ -233,6 +233,8 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
         entry = tree_blobs.get(sha)
         if entry is None:
             return "missing", None
+        if store.remote:
+            return _restore_remote(reader, store, sha, entry, layout.tmp)
         dest = store.path(sha)
         # An empty target has no blobs to keep: skip the per-blob look.
         if not fresh and dest.exists() and _hash_file(dest) == sha:
@@ -258,7 +260,7 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
             problems.append(f"blob {sha}: {why}; affects {affects}")
         restored += outcome == "restored"
         skipped += outcome == "present"
-        if outcome == "restored" and sha not in inlined:
+        if outcome == "restored" and sha not in inlined and not store.remote:
             written.append(store.path(sha))
         done += tree_blobs.get(sha, {}).get("size", 0)
         if progress:
@@ -275,6 +277,25 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
     return {"ok": not problems, "snapshot": manifest["id"], "target": str(root), "blobs_restored": restored,
             "blobs_already_present": skipped, "bytes": total, "problems": problems, "partial": partial,
             "duration": round(time.time() - started, 3), "recovery_mode": True}
+
+
+def _restore_remote(reader: ChunkReader, store: BlobStore, sha: str, entry: dict[str, Any],
+                    tmp: Path) -> tuple[str, str | None]:
+    """A blob restored into a remote backend: a body already there is kept if it hashes to its name
+    (the backend never overwrites one), replaced if not; else assembled in tmp/, checked, uploaded."""
+    if store.stat(sha) is not None:
+        if store.full_sha256(sha) == sha:
+            return "present", None
+        store.remove(sha)  # bad bytes under a good name: the upload below would be deduplicated onto them
+    spool = tmp / f"restore-{uuid.uuid4().hex}"
+    try:
+        _write_entry(reader, entry, spool, expected_sha=sha, fsync=False, direct=True)
+        store.store_file(sha, spool, entry["size"])
+        return "restored", None
+    except BackupError as e:
+        return "failed", str(e)
+    finally:
+        spool.unlink(missing_ok=True)
 
 
 def _restrict(root: Path, manifest: dict[str, Any], participants: list[Participant], keep: set[str]) -> dict[str, Any]:

@@ -55,20 +55,48 @@ def cli() -> None:
 @click.option("--records", envvar="ANVIL_RECORDS_URL", default=None,
               help="Keep the records and journal in PostgreSQL (postgresql://...) instead of catalog.db; "
                    "migrate it first with `anvil admin migrate --records URL`.")
+@click.option("--blobs", envvar="ANVIL_BLOBS_URL", default=None, metavar="s3://BUCKET/PREFIX",
+              help="Keep blob bodies in an S3-compatible bucket instead of STORAGE_PATH/blobs "
+                   "(credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION).")
+@click.option("--blobs-endpoint", envvar="ANVIL_BLOBS_ENDPOINT", default=None, metavar="URL",
+              help="The S3 endpoint of --blobs (MinIO, Ceph RGW, another Anvil); default: AWS.")
 def serve(storage_path: str, listen: str, dev_auth: bool, backup_repo: str | None, backup_every: str | None,
           backup_s3_endpoint: str | None, backup_key_file: str | None, archive_repo: str | None = None,
           archive_interval: str = "1s", access_log: str = "off", metrics: bool = True,
-          records: str | None = None) -> None:
+          records: str | None = None, blobs: str | None = None, blobs_endpoint: str | None = None) -> None:
     """Run the server (S3 gateway, native API, background work) on one STORAGE_PATH."""
     # From here Ctrl-C is a KeyboardInterrupt again (see anvil.cli): what is open gets closed by the
     # `finally` blocks on the way out, then the command ends quietly with status 0.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    if blobs or blobs_endpoint:
+        _blob_backend(blobs, blobs_endpoint)
     try:
         _serve(storage_path, listen, dev_auth, backup_repo, backup_every, backup_s3_endpoint, backup_key_file,
                archive_repo, archive_interval, access_log, metrics, records)
     except KeyboardInterrupt:
         click.echo("\nanvil serve: interrupted while starting; stopped", err=True)
         sys.exit(0)
+
+
+def _blob_backend(url: str | None, endpoint: str | None) -> None:
+    """Check `--blobs` (the bucket answers) and hand it to every part of this process through the
+    environment the storage core reads (storage.blobbackend), as offline tools read it too."""
+    from anvil.errors import AnvilError
+    from anvil.storage.blobbackend import ENDPOINT_ENV, URL_ENV, open_backend
+
+    try:
+        if not url:
+            raise AnvilError("InvalidArgument", "--blobs-endpoint needs --blobs s3://bucket/prefix")
+        backend = open_backend(url, endpoint)
+        backend.check()
+    except AnvilError as e:
+        click.echo(f"anvil serve: {e.code}: {e.message}", err=True)
+        sys.exit(2)
+    os.environ[URL_ENV] = url
+    if endpoint:
+        os.environ[ENDPOINT_ENV] = endpoint
+    else:
+        os.environ.pop(ENDPOINT_ENV, None)
 
 
 def _serve(storage_path: str, listen: str, dev_auth: bool, backup_repo: str | None, backup_every: str | None,

@@ -22,7 +22,7 @@ from anvil.diagnostics import findings as fnd
 from anvil.diagnostics.findings import FindingRecord, make_finding
 from anvil.errors import AnvilError
 from anvil.storage import Catalog, Layout, records
-from anvil.storage.blobs import BlobStore
+from anvil.storage.blobs import open_blob_store
 from anvil.storage.participant import StorageParticipant
 from anvil.storage.recovery import Finding, Participant, Progress, RecoveryContext
 
@@ -81,7 +81,7 @@ def _validate_all(target: Target, participants: list[Participant], deep: bool, p
         found.append(Finding("storage", "error", "catalog.db", f"catalog.db cannot be opened: {target.open_error}",
                              "storage.catalog_open", {"file": "catalog.db"}))
         return found, {"storage.format"}, {}
-    ctx = RecoveryContext(layout.root, target.catalog.reader(), BlobStore(layout.blobs, layout.tmp), participants,
+    ctx = RecoveryContext(layout.root, target.catalog.reader(), open_blob_store(layout.blobs, layout.tmp), participants,
                           deep=deep, progress=progress, hash_threads=hash_threads)
     ctx.checked.add("storage.catalog_open")
     # The walk (and, deep, the hashing) runs on worker threads while participants check records:

@@ -1028,7 +1028,7 @@ class ObjectService:
         if e.confirmed:
             try:
                 quarantined = self.blobs.quarantine(e.sha256)
-            except OSError:
+            except (OSError, AnvilError):  # (AnvilError: a remote blob backend did not answer)
                 log.exception("could not quarantine blob %s", e.sha256)
         bucket = self.find_bucket(obj.bucket)
         report = {

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from anvil.storage import idempotency, inline, journal
+from anvil.storage.blobbackend import BlobBackend, backend_from_env
 from anvil.storage.blobs import BlobInfo, BlobStore, BlobWriter
 from anvil.storage.catalog import Catalog, Txn
 from anvil.storage.journal import Event
@@ -17,13 +18,16 @@ class Storage:
     """One opened `STORAGE_PATH`: the layout, its lock, the catalog and the blob store.
 
     `records`: a `postgresql://` URL puts the catalog in PostgreSQL (storage.pg) instead of
-    `catalog.db`; None is the embedded default."""
+    `catalog.db`; None is the embedded default. `blobs`: where bodies live (storage.blobbackend);
+    None reads `ANVIL_BLOBS_URL` (what `anvil serve --blobs` sets), else files under `root`."""
 
-    def __init__(self, root: str | Path, *, lock: bool = True, records: str | None = None):
+    def __init__(self, root: str | Path, *, lock: bool = True, records: str | None = None,
+                 blobs: BlobBackend | None = None):
         self.layout = Layout(root)
         if lock:
             self.layout.acquire_lock()
         try:
+            backend = blobs if blobs is not None else backend_from_env()  # a malformed URL stops the start
             self.format: FormatInfo = self.layout.initialise()
             # Free-space admission and the reserve; a "disk full" commit releases it and retries.
             self.space = DiskSpace.from_env(self.layout.root, manage_reserve=lock)
@@ -44,7 +48,8 @@ class Storage:
         except BaseException:
             self.layout.release_lock()
             raise
-        self.blobs = BlobStore(self.layout.blobs, self.layout.tmp)
+        self.blobs = BlobStore(self.layout.blobs, self.layout.tmp,
+                               backend=backend)
         # Small bodies go inline in catalog.db (storage.inline); reads look in both places.
         self.blobs.attach_catalog(self.catalog, inline_max)
         self._locked = lock

@@ -13,10 +13,16 @@ only the chunks it touches. A blob whose bytes no longer match its address raise
 
 Small bodies may instead live inline in the record store (`storage.inline`, table
 `inline_blobs`): every read here looks there too, so callers never know which holds a body.
+
+Where the other bodies live is a blob backend (`storage.blobbackend`): files under
+`blobs/sha256/` by default (the fast paths below are for them), or an S3-compatible bucket
+(`storage.s3blobs`, `self.remote`), reached only through the backend's operations: the body is
+still spooled and hashed in `tmp/` first, then uploaded, and every check above works the same.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import errno
 import hashlib
@@ -26,14 +32,16 @@ import struct
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import xxhash
 
 from anvil.storage import inline, records
-from anvil.storage.blobscan import hash_file
+from anvil.storage.blobbackend import BlobBackend, LocalBlobBackend, StoredBlob, backend_from_env
+from anvil.storage.blobscan import HashResult, ScanResult, hash_file, scan_blobs
 from anvil.storage.layout import fsync_dir
 from anvil.storage.space import is_full_error, storage_full
 
@@ -64,6 +72,8 @@ CHUNK_ALGORITHMS: dict[int, tuple[str, int, Callable[..., Any]]] = {
     2: ("blake3", 32, _blake3),
 }
 CHUNK_ALGORITHM = 1
+# Sidecars of a remote blob backend kept in memory (each 24 bytes + 16 per MiB of its blob).
+SIDECAR_CACHE = 1024
 
 
 @dataclass(frozen=True)
@@ -199,6 +209,28 @@ def _pread_exact(fd: int, length: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
+def _read_exact(stream: Any, n: int) -> bytes:
+    """n bytes from a stream that may return fewer per read (an HTTP body), or fewer at its end."""
+    data = stream.read(n)
+    if len(data) == n or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        more = stream.read(n - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def log_sidecar_failure(sha256: str) -> None:
+    import logging
+
+    logging.getLogger("anvil.storage.blobs").warning("could not keep the chunk digests of blob %s", sha256)
+
+
 class BlobWriter:
     """Receives a body piece by piece; never holds it whole."""
 
@@ -263,6 +295,8 @@ class BlobWriter:
     def commit(self) -> BlobInfo:
         """Make the bytes durable under their hash. Idempotent for identical content."""
         info = self.digests()
+        if self._store.remote:
+            return self._commit_remote(info)
         try:
             os.fsync(self._fd)  # delayed allocation (or NFS) may report the lack of space only here
         except OSError as exc:
@@ -300,6 +334,23 @@ class BlobWriter:
             fsync_dir(d.parent)
         return info
 
+    def _commit_remote(self, info: BlobInfo) -> BlobInfo:
+        """Upload the spooled body under its hash (its digests first, as on disk); the spool file
+        goes in every case. A failed upload raises (BlobBackendUnavailable) and stores nothing."""
+        os.close(self._fd)
+        self._done = True
+        try:
+            digests = self._chunks.finish()
+            if needs_sidecar(info.size):
+                self._store.write_sidecar(info.sha256, info.size, digests)
+            self._store.backend.put_file(info.sha256, self.tmp_path, info.size)
+        finally:
+            try:
+                os.unlink(self.tmp_path)
+            except FileNotFoundError:
+                pass
+        return info
+
     def abort(self) -> None:
         if not self._done:
             self._done = True
@@ -323,11 +374,22 @@ def digest_bytes(data: bytes) -> BlobInfo:
 
 
 class BlobStore:
-    def __init__(self, blobs_root: Path, tmp: Path, quarantine_dir: Path | None = None):
+    def __init__(self, blobs_root: Path, tmp: Path, quarantine_dir: Path | None = None,
+                 backend: BlobBackend | None = None):
         self.root = blobs_root
         self.tmp = tmp
         # STORAGE_PATH/quarantine beside blobs/ (blobs_root is STORAGE_PATH/blobs/sha256): same filesystem.
         self.quarantine_dir = quarantine_dir if quarantine_dir is not None else blobs_root.parent.parent / "quarantine"
+        # Where bodies live (storage.blobbackend). The local default keeps the file fast paths below;
+        # a remote one (S3) is reached only through the backend's operations.
+        self.backend: BlobBackend = backend if backend is not None else LocalBlobBackend(
+            blobs_root, self.quarantine_dir)
+        self.remote = not self.backend.local
+        # Sidecars of a remote backend read recently (hash -> raw): a large GET then costs a HEAD
+        # and its ranged GET, not a third request. Safe if stale: a sidecar that disagrees with its
+        # body is never trusted alone (the full SHA-256 decides and the sidecar is rewritten).
+        self._sidecars: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._sidecars_lock = threading.Lock()
         self._tmpfile_ok = True
         self._proc_fd_cache: int | None = None
         # Inline bodies (storage.inline): bodies up to `inline_max` bytes are written inline by
@@ -408,6 +470,8 @@ class BlobStore:
 
     def prepare_fanout(self) -> None:
         """Create the 256 fan-out folders once, so no write ever pays for a mkdir and its fsync."""
+        if self.remote:
+            return
         created = False
         for i in range(256):
             try:
@@ -433,6 +497,13 @@ class BlobStore:
         """Store a body held in memory (`info`: its digests, if already computed)."""
         if info is None:
             info = digest_bytes(data)
+        if self.remote:
+            if needs_sidecar(info.size):
+                hasher = ChunkHasher()
+                hasher.update(data)
+                self.write_sidecar(info.sha256, info.size, hasher.finish())
+            self.backend.put_bytes(info.sha256, data)
+            return info
         if self._tmpfile_ok and hasattr(os, "O_TMPFILE"):
             try:
                 return self._put_tmpfile(data, info)
@@ -517,11 +588,19 @@ class BlobStore:
         return self._proc_fd_cache
 
     def exists(self, sha256: str) -> bool:
-        """Stored, as a file or inline."""
+        """Stored, as a file (or in the backend) or inline."""
+        if self.remote:
+            return self.stat(sha256) is not None or self._inline_size(sha256) is not None
         return self.path(sha256).exists() or self._inline_size(sha256) is not None
 
     def size(self, sha256: str) -> int:
         """The stored size (file or inline); FileNotFoundError if neither holds it."""
+        if self.remote:
+            st = self.stat(sha256)
+            n = st[0] if st is not None else self._inline_size(sha256)
+            if n is None:
+                raise FileNotFoundError(sha256)
+            return n
         try:
             return self.path(sha256).stat().st_size
         except FileNotFoundError:
@@ -530,12 +609,115 @@ class BlobStore:
                 raise
             return n
 
+    # ---------------------------------------------------------------- backend-neutral access
+    # What callers outside storage use instead of file paths (gc, fsck, backup, restore, artefacts).
+
+    def stat(self, sha256: str) -> tuple[int, float] | None:
+        """(size, mtime) of the stored body (not an inline one), None if the backend lacks it."""
+        if not _valid_hash(sha256):
+            raise ValueError("not a sha256 hex digest")
+        return self.backend.stat(sha256)
+
+    def location(self, sha256: str) -> str:
+        """Where a body lives, for messages: a path, or the backend's key URL."""
+        if self.remote:
+            return getattr(self.backend, "location", lambda s: f"{self.backend.url}{s}")(sha256)
+        return str(self.path(sha256))
+
+    def list_blobs(self) -> Iterator[StoredBlob]:
+        """Every body in the backend (size, mtime), paged; inline bodies are `inline_sizes()`."""
+        return self.backend.list_blobs()
+
+    def list_sidecars(self) -> Iterator[tuple[str, float]]:
+        """(hash, mtime) of every chunk-digest sidecar, whether or not its body exists."""
+        return self.backend.list_sidecars()
+
+    def open_raw(self, sha256: str) -> tuple[BinaryIO, int] | None:
+        """(unverified byte stream, size) of a stored body for copying it elsewhere (backup), or None."""
+        if not self.remote:
+            try:
+                f = open(self.path(sha256), "rb")  # noqa: SIM115 - the caller closes it
+            except FileNotFoundError:
+                return None
+            return f, os.fstat(f.fileno()).st_size
+        st = self.stat(sha256)
+        if st is None:
+            return None
+        try:
+            return self.backend.open_range(sha256), st[0]
+        except FileNotFoundError:
+            return None
+
+    def store_file(self, sha256: str, path: Path, size: int) -> None:
+        """Store a local file already known to hash to `sha256` (restore into a remote backend);
+        the file is left for the caller."""
+        if needs_sidecar(size):
+            with open(path, "rb") as f:
+                hasher = ChunkHasher()
+                while block := f.read(CHUNK_SIZE):
+                    hasher.update(block)
+            self.write_sidecar(sha256, size, hasher.finish())
+        self.backend.put_file(sha256, path, size)
+
+    @contextmanager
+    def local_copy(self, sha256: str) -> Iterator[Path]:
+        """A local file holding the body (parsers that need a path): the blob itself on local disk,
+        a temporary download from a remote backend (unverified: callers check sizes and hashes)."""
+        if not self.remote:
+            yield self.path(sha256)
+            return
+        tmp = self.tmp / f"fetch-{uuid.uuid4().hex}"
+        try:
+            with self.backend.open_range(sha256) as src, open(tmp, "wb") as out:
+                while block := src.read(CHUNK_SIZE):
+                    out.write(block)
+            yield tmp
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def scan(self, *, deep: bool, threads: int = 2, on_progress: Callable[[int], None] | None = None) -> ScanResult:
+        """List every body and, with `deep`, hash each (fsck, gc): the fast file walk on local disk,
+        the paged listing and streamed reads of a remote backend."""
+        if not self.remote:
+            return scan_blobs(self.root, deep=deep, threads=threads, on_progress=on_progress)
+        listed = list(self.backend.list_blobs())
+        res = ScanResult({b.sha256: b.location for b in listed}, [], [], {})
+        if not deep:
+            return res
+
+        def work(b: StoredBlob) -> HashResult:
+            try:
+                h = hashlib.sha256()
+                n = 0
+                with self.backend.open_range(b.sha256) as f:
+                    while block := f.read(CHUNK_SIZE):
+                        h.update(block)
+                        n += len(block)
+                return HashResult(b.sha256, b.location, h.hexdigest(), n, None)
+            except FileNotFoundError:
+                return HashResult(b.sha256, b.location, None, 0, "removed while it was read")
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, threads), thread_name_prefix="anvil-fsck-scan") as pool:
+            for r in pool.map(work, listed):
+                res.sizes[r.name] = r.size
+                if r.actual != r.name:
+                    res.bad.append(r)
+                if on_progress is not None:
+                    on_progress(1)
+        return res
+
     # ---------------------------------------------------------------- verified reads
 
     def check_size(self, sha256: str, size: int) -> None:
         """At open, before anything is sent: the blob exists and has its recorded size."""
         try:
-            actual = os.stat(self.path(sha256)).st_size
+            if self.remote:
+                st = self.stat(sha256)
+                if st is None:
+                    raise FileNotFoundError(sha256)
+                actual = st[0]
+            else:
+                actual = os.stat(self.path(sha256)).st_size
         except FileNotFoundError:
             data = self.inline_body(sha256) if size <= inline.LIMIT else None
             if data is None:
@@ -551,7 +733,7 @@ class BlobStore:
         # the event loop); without one the address decides.
         detail = f"is {actual} bytes, {size} recorded"
         try:
-            written = _SIDECAR_HEADER.unpack_from(self.sidecar_path(sha256).read_bytes())[5]
+            written = _SIDECAR_HEADER.unpack_from(self.read_sidecar(sha256) or b"")[5]
         except (OSError, struct.error):
             written = None
         if written == size:
@@ -561,12 +743,34 @@ class BlobStore:
     def full_sha256(self, sha256: str) -> str | None:
         """The SHA-256 of the blob's whole file (or inline body) as it is now (None if it is missing
         or unreadable)."""
-        actual = hash_file(str(self.path(sha256)))[0]
+        actual = self._remote_sha256(sha256) if self.remote else hash_file(str(self.path(sha256)))[0]
         if actual is None:
             data = self.inline_body(sha256)
             if data is not None:
                 return hashlib.sha256(data).hexdigest()
         return actual
+
+    def _remote_sha256(self, sha256: str) -> str | None:
+        try:
+            h = hashlib.sha256()
+            with self.backend.open_range(sha256) as f:
+                while block := f.read(CHUNK_SIZE):
+                    h.update(block)
+            return h.hexdigest()
+        except FileNotFoundError:
+            return None
+
+    def _read_remote_small(self, sha256: str, size: int) -> bytes | None:
+        """The whole body from a remote backend (None if absent), its size checked."""
+        try:
+            with self.backend.open_range(sha256) as f:
+                data = _read_exact(f, size + 1)  # one byte more than recorded is enough to see it is wrong
+        except FileNotFoundError:
+            return None
+        if len(data) != size:
+            st = self.stat(sha256)
+            self._size_mismatch(sha256, size, st[0] if st is not None else len(data))
+        return data
 
     def read_small(self, sha256: str, size: int, offset: int = 0, length: int | None = None) -> bytes:
         """`read_verified` for a blob of at most one chunk, done at once: every small GET takes this
@@ -578,6 +782,16 @@ class BlobStore:
             data = self.inline_body(sha256)
             if data is not None:
                 return self._verified_inline(sha256, size, data, offset, length)
+        if self.remote:
+            data = self._read_remote_small(sha256, size)
+            if data is None:
+                data = self.inline_body(sha256) if self.inline_max < size <= inline.LIMIT else None
+                if data is None:
+                    raise BlobCorrupted(sha256, "is missing from the blob store", missing=True)
+                return self._verified_inline(sha256, size, data, offset, length)
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise BlobCorrupted(sha256, "does not match its SHA-256", confirmed=True)
+            return data if offset == 0 and length == size else data[offset:offset + length]
         try:
             fd = os.open(self.path(sha256), os.O_RDONLY)
         except FileNotFoundError:
@@ -608,6 +822,9 @@ class BlobStore:
             else:
                 self.check_size(sha256, size)
             return
+        if self.remote:
+            yield from self._read_verified_remote(sha256, size, offset, length)
+            return
         path = self.path(sha256)
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -635,6 +852,70 @@ class BlobStore:
         finally:
             if fd >= 0:
                 os.close(fd)
+
+    def _read_verified_remote(self, sha256: str, size: int, offset: int, length: int) -> Iterator[bytes]:
+        """`read_verified` over a remote backend: one ranged GET covering the chunks the range
+        touches, each chunk checked against the sidecar (also kept in the backend) before it is
+        yielded; a mismatch is confirmed with the body's full SHA-256, exactly as on disk."""
+        st = self.stat(sha256)
+        if st is None:
+            raise BlobCorrupted(sha256, "is missing from the blob store", missing=True)
+        if st[0] != size:
+            self._size_mismatch(sha256, size, st[0])
+        if length <= 0:
+            return
+        raw = self.read_sidecar(sha256)
+        try:
+            if raw is None:
+                raise ValueError("missing")
+            alg, digests = decode_sidecar(raw, size)
+        except ValueError:
+            alg, digests = self._recompute_remote(sha256, size)
+        end = offset + length
+        first, last = offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
+        span_start = first * CHUNK_SIZE
+        span_end = min(size, (last + 1) * CHUNK_SIZE)
+        try:
+            stream = self.backend.open_range(sha256, span_start, span_end - span_start)
+        except FileNotFoundError:
+            raise BlobCorrupted(sha256, "is missing from the blob store", missing=True) from None
+        with stream:
+            for i in range(first, last + 1):
+                start = i * CHUNK_SIZE
+                n = min(CHUNK_SIZE, size - start)
+                data = _read_exact(stream, n)
+                if len(data) != n or chunk_digest(data, alg) != digests[i]:
+                    alg, digests = self._recompute_remote(
+                        sha256, size, f"chunk {i} (bytes {start}-) does not match its digest and the blob does "
+                        "not match its SHA-256")
+                    with self.backend.open_range(sha256, start, n) as again:
+                        data = _read_exact(again, n)
+                    if len(data) != n or chunk_digest(data, alg) != digests[i]:
+                        raise BlobCorrupted(sha256, f"chunk {i} changed while it was read", confirmed=True)
+                lo, hi = max(offset, start) - start, min(end, start + n) - start
+                yield data if lo == 0 and hi == n else data[lo:hi]
+
+    def _recompute_remote(self, sha256: str, size: int, detail: str = "does not match its SHA-256"
+                          ) -> tuple[int, list[bytes]]:
+        h = hashlib.sha256()
+        chunks = ChunkHasher()
+        got = 0
+        try:
+            with self.backend.open_range(sha256) as f:
+                while block := f.read(CHUNK_SIZE):
+                    h.update(block)
+                    chunks.update(block)
+                    got += len(block)
+        except FileNotFoundError:
+            raise BlobCorrupted(sha256, "is missing from the blob store", missing=True) from None
+        if got != size or h.hexdigest() != sha256:
+            raise BlobCorrupted(sha256, detail, confirmed=True)
+        digests = chunks.finish()
+        try:
+            self.write_sidecar(sha256, size, digests)
+        except Exception:  # noqa: BLE001 - verified bytes are served; the digests are just not kept
+            log_sidecar_failure(sha256)
+        return chunks.algorithm, digests
 
     def _digests(self, fd: int, sha256: str, size: int) -> tuple[int, list[bytes]]:
         """The blob's chunk digests: its sidecar, or (none yet, or unreadable) recomputed after its
@@ -678,8 +959,29 @@ class BlobStore:
         p = self.path(sha256)
         return p.with_name(p.name + SIDECAR_SUFFIX)
 
+    def read_sidecar(self, sha256: str) -> bytes | None:
+        """The raw sidecar (None if there is none); OSError if it cannot be read."""
+        if self.remote:
+            with self._sidecars_lock:
+                raw = self._sidecars.get(sha256)
+                if raw is not None:
+                    self._sidecars.move_to_end(sha256)
+                    return raw
+            raw = self.backend.get_sidecar(sha256)
+            if raw is not None:
+                self._remember_sidecar(sha256, raw)
+            return raw
+        try:
+            return self.sidecar_path(sha256).read_bytes()
+        except FileNotFoundError:
+            return None
+
     def write_sidecar(self, sha256: str, size: int, digests: list[bytes]) -> None:
         """Write and fsync `<hash>.chunks` (the caller fsyncs the folder, once, with the blob's name)."""
+        if self.remote:
+            self._remember_sidecar(sha256, None)  # cached on the next read, as the backend then has it
+            self.backend.put_sidecar(sha256, encode_sidecar(size, digests))
+            return
         final = self.sidecar_path(sha256)
         tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -694,9 +996,27 @@ class BlobStore:
             tmp.unlink(missing_ok=True)
             raise
 
+    def _remember_sidecar(self, sha256: str, raw: bytes | None) -> None:
+        with self._sidecars_lock:
+            if raw is None:
+                self._sidecars.pop(sha256, None)
+                return
+            self._sidecars[sha256] = raw
+            self._sidecars.move_to_end(sha256)
+            while len(self._sidecars) > SIDECAR_CACHE:
+                self._sidecars.popitem(last=False)
+
     def rebuild_sidecar(self, sha256: str) -> bool:
         """Recompute a blob's sidecar after checking its SHA-256 (repair). False: nothing to do
         (a single-chunk blob); raises `BlobCorrupted` if the blob does not match its address."""
+        if self.remote:
+            st = self.stat(sha256)
+            if st is None:
+                raise BlobCorrupted(sha256, "is missing from the blob store", missing=True)
+            if not needs_sidecar(st[0]):
+                return False
+            self._recompute_remote(sha256, st[0])
+            return True
         path = self.path(sha256)
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -714,11 +1034,12 @@ class BlobStore:
     def sidecar_problem(self, sha256: str, size: int) -> str | None:
         """Why the sidecar of a blob of `size` bytes is unusable ('missing' or a reason), else None."""
         try:
-            raw = self.sidecar_path(sha256).read_bytes()
-        except FileNotFoundError:
-            return "missing"
+            # fsck and repair judge what is stored, never the read cache.
+            raw = self.backend.get_sidecar(sha256) if self.remote else self.read_sidecar(sha256)
         except OSError as e:
             return f"unreadable ({e})"
+        if raw is None:
+            return "missing"
         try:
             decode_sidecar(raw, size)
         except ValueError as e:
@@ -742,11 +1063,16 @@ class BlobStore:
 
     def sidecar_leftovers(self) -> Iterator[Path]:
         """Temporary sidecar files (`.<hash>.chunks.<id>.tmp`) a crash left in the fan-out folders."""
+        if self.remote:
+            return  # a remote store has no temporary names: a PUT appears whole or not at all
         for f in self._fanout_entries():
             if f.name.startswith(".") and f.name.endswith(".tmp") and SIDECAR_SUFFIX in f.name:
                 yield Path(f.path)
 
     def remove_sidecar(self, sha256: str) -> bool:
+        if self.remote:
+            self._remember_sidecar(sha256, None)
+            return self.backend.delete_sidecar(sha256)
         try:
             self.sidecar_path(sha256).unlink()
             return True
@@ -760,6 +1086,9 @@ class BlobStore:
         of reads and deduplication: the next upload of the same content stores a fresh copy).
         Its sidecar is dropped. False if it was not there (already quarantined, or missing).
         An inline body is copied there and its row removed (unless a write healed it meanwhile)."""
+        if self.remote:
+            self._remember_sidecar(sha256, None)
+            return self.backend.quarantine(sha256) or self._quarantine_inline(sha256)
         src = self.path(sha256)
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -777,6 +1106,7 @@ class BlobStore:
         data = self.inline_body(sha256)
         if data is None or hashlib.sha256(data).hexdigest() == sha256:
             return False
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
         dest = self.quarantine_dir / sha256
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -796,6 +1126,8 @@ class BlobStore:
 
     def drop_quarantined(self, sha256: str) -> bool:
         """Forget `quarantine/<hash>` once the blob is healthy again (healed); True if there was one."""
+        if self.remote and self.backend.drop_quarantined(sha256):
+            return True
         try:
             os.unlink(self.quarantine_dir / sha256)
         except FileNotFoundError:
@@ -806,8 +1138,11 @@ class BlobStore:
         try:
             names = os.listdir(self.quarantine_dir)
         except FileNotFoundError:
-            return []
-        return sorted(n for n in names if _valid_hash(n))
+            names = []
+        local = {n for n in names if _valid_hash(n)}  # (a remote store's bad inline bodies land here too)
+        if self.remote:
+            local |= set(self.backend.quarantined())
+        return sorted(local)
 
     def iter_all(self) -> Iterator[tuple[str, Path]]:
         """Every stored blob (hash, path); used by fsck and gc. Sidecars are not blobs."""
@@ -816,7 +1151,18 @@ class BlobStore:
                 yield f.name, Path(f.path)
 
     def remove(self, sha256: str) -> None:
+        if self.remote:
+            self._remember_sidecar(sha256, None)
+            if not self.backend.delete(sha256):
+                raise FileNotFoundError(sha256)
+            return
         p = self.path(sha256)
         p.unlink()
         self.remove_sidecar(sha256)
         fsync_dir(p.parent)
+
+
+def open_blob_store(blobs_root: Path, tmp: Path) -> BlobStore:
+    """The blob store of a STORAGE_PATH as this process is configured: local files, or the backend
+    `ANVIL_BLOBS_URL` names (offline tools — fsck, restore, the drill — open the server's)."""
+    return BlobStore(blobs_root, tmp, backend=backend_from_env())

@@ -234,11 +234,13 @@ class BlobsParticipant(Participant):
         present = 0
         total = 0
         inline_sizes = ctx.blobs.inline_sizes()
+        # A remote backend is listed once (paged), not asked once per blob.
+        stored = {b.sha256: b.size for b in ctx.blobs.list_blobs()} if ctx.blobs.remote else None
         for sha in refs:
             # One stat per blob (not exists() and then stat()): every snapshot pays this per blob.
             try:
-                size = os.stat(ctx.blobs.path(sha)).st_size
-            except FileNotFoundError:
+                size = stored[sha] if stored is not None else os.stat(ctx.blobs.path(sha)).st_size
+            except (FileNotFoundError, KeyError):
                 if sha not in inline_sizes:
                     continue
                 size = inline_sizes[sha]
@@ -263,8 +265,7 @@ class BlobsParticipant(Participant):
         def absent(sha: str) -> bool:
             if HEX64.fullmatch(sha or "") is None:
                 return True  # a malformed reference can never be satisfied
-            return (sha not in listing and sha not in inlined
-                    and not os.path.exists(ctx.blobs.root / sha[:2] / sha))
+            return sha not in listing and sha not in inlined and ctx.blobs.stat(sha) is None
 
         missing = [sha for sha in refs if absent(sha)]
         # `affected.sha256` is the key `anvil repair blobs --from-backup` closes findings by.
@@ -291,14 +292,13 @@ class BlobsParticipant(Participant):
             inline_orphans = sorted(s for s in inline_orphans if s not in current)
         now = time.time()
         for sha in orphans:
-            try:
-                st = os.stat(listing[sha])
-            except FileNotFoundError:
+            st = ctx.blobs.stat(sha)
+            if st is None:
                 continue  # removed meanwhile (gc)
-            age = max(0, int(now - st.st_mtime))
+            age = max(0, int(now - st[1]))
             out.append(self.finding("warning", f"blob {sha}",
-                                    f"blob {sha} ({st.st_size} bytes, {age} s old) is referenced by no record",
-                                    "blobs.orphan", {"blob": sha, "size": st.st_size, "age_seconds": age},
+                                    f"blob {sha} ({st[0]} bytes, {age} s old) is referenced by no record",
+                                    "blobs.orphan", {"blob": sha, "size": st[0], "age_seconds": age},
                                     identity={"blob": sha}))
         for sha in inline_orphans:
             size, stored = inlined[sha]
@@ -360,7 +360,7 @@ class BlobsParticipant(Participant):
         out: list[Finding] = []
         bad = {b.name for b in found.bad}
         for b in sorted(found.bad, key=lambda r: r.name):
-            if b.error is not None and not os.path.exists(b.path):
+            if b.error is not None and ctx.blobs.stat(b.name) is None:
                 continue  # removed after the listing (gc): the reference check covers it
             rs = refs.get(b.name, [])
             what = f"could not be read ({b.error})" if b.error else f"hashes to {b.actual}"
@@ -412,15 +412,14 @@ class BlobDigestsParticipant(Participant):
     def validate(self, ctx: RecoveryContext, recorded: dict[str, Any] | None = None) -> list[Finding]:
         ctx.checked.update({"blobs.sidecar_missing", "blobs.sidecar_invalid", "blobs.sidecar_orphan"})
         out: list[Finding] = []
-        sidecars = dict(ctx.blobs.iter_sidecars())
+        sidecars = dict(ctx.blobs.list_sidecars())
         checked = 0
         missing: list[str] = []
         for sha, size in sorted(self._large(ctx).items()):
-            try:
-                actual = ctx.blobs.path(sha).stat().st_size
-            except FileNotFoundError:
+            st = ctx.blobs.stat(sha)
+            if st is None:
                 continue  # the blobs participant reports the missing blob
-            if actual != size:
+            if st[0] != size:
                 continue  # ... and a blob of the wrong size
             checked += 1
             problem = ctx.blobs.sidecar_problem(sha, size) if sha in sidecars else "missing"
@@ -441,17 +440,15 @@ class BlobDigestsParticipant(Participant):
                 {"count": len(missing), "blobs": missing[:MAX_REFERENCES]},
                 identity={"invariant": "blobs.sidecar_missing"}))
         now = time.time()
-        for sha, path in sorted(sidecars.items()):
-            if ctx.blobs.path(sha).exists():
+        for sha, mtime in sorted(sidecars.items()):
+            if ctx.blobs.stat(sha) is not None:
                 continue
-            try:
-                age = now - path.stat().st_mtime
-            except FileNotFoundError:
-                continue
-            if age >= SIDECAR_GRACE:
+            if now - mtime >= SIDECAR_GRACE:
+                where = (ctx.blobs.location(sha) + ".chunks" if ctx.blobs.remote
+                         else os.path.relpath(ctx.blobs.sidecar_path(sha), ctx.root))
                 out.append(self.finding(
                     "warning", f"sidecar {sha}", f"chunk digests for blob {sha}, which is not in the blob store",
-                    "blobs.sidecar_orphan", {"blob": sha, "sha256": sha, "path": os.path.relpath(path, ctx.root)},
+                    "blobs.sidecar_orphan", {"blob": sha, "sha256": sha, "path": where},
                     identity={"blob": sha}))
         ctx.stats["blob_digests"] = {"large_blobs": checked, "sidecars": len(sidecars)}
         return out
@@ -461,11 +458,8 @@ class BlobDigestsParticipant(Participant):
         and drop sidecars whose blob is gone."""
         out: list[Finding] = []
         written = 0
-        for sha, path in ctx.blobs.iter_all():
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                continue
+        for blob in ctx.blobs.list_blobs():
+            sha, size = blob.sha256, blob.size
             if not needs_sidecar(size) or ctx.blobs.sidecar_problem(sha, size) is None:
                 continue
             try:
@@ -476,13 +470,9 @@ class BlobDigestsParticipant(Participant):
                     "blobs.hash_mismatch", {"blob": sha, "sha256": sha}, identity={"blob": sha}))
         removed = 0
         now = time.time()
-        for sha, path in ctx.blobs.iter_sidecars():
-            try:
-                if not ctx.blobs.path(sha).exists() and now - path.stat().st_mtime >= SIDECAR_GRACE:
-                    path.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                continue
+        for sha, mtime in list(ctx.blobs.list_sidecars()):
+            if ctx.blobs.stat(sha) is None and now - mtime >= SIDECAR_GRACE:
+                removed += ctx.blobs.remove_sidecar(sha)
         out.append(self.finding("info", "blob-digests", f"wrote {written} chunk-digest sidecar(s), removed "
                                 f"{removed} without a blob", affected={"written": written, "removed": removed}))
         return out

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 from anvil.storage.blobs import BlobStore
-from anvil.storage.blobscan import ScanResult, scan_blobs
+from anvil.storage.blobscan import ScanResult
 from anvil.storage.records import Connection
 
 # The coverage checklist of the design, in its order: (item id, what it is).
@@ -176,8 +176,7 @@ class RecoveryContext:
 
         def run() -> None:
             try:
-                self._scan = scan_blobs(self.blobs.root, deep=self.deep, threads=self.hash_threads,
-                                        on_progress=advance)
+                self._scan = self.blobs.scan(deep=self.deep, threads=self.hash_threads, on_progress=advance)
             except BaseException as e:  # noqa: BLE001 - re-raised by blob_scan() in the caller's thread
                 self._scan_error = e
 

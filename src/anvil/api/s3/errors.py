@@ -46,6 +46,7 @@ ANVIL_TO_S3: dict[str, tuple[str, int]] = {
     # AWS defines no code for a full disk; one name across the native API and S3 (docs/storage.md).
     "StorageFull": ("StorageFull", 507),
     "IndexNotReady": ("ServiceUnavailable", 503),
+    "BlobBackendUnavailable": ("ServiceUnavailable", 503),
     "StaleFence": ("OperationAborted", 409),
     "InvalidTokenScope": ("AccessDenied", 403),
     "InvalidCaveatHash": ("InvalidArgument", 400),
