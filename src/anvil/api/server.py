@@ -354,6 +354,7 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any
         raise AnvilError("InvalidArgument", "--dev-auth is refused outside development mode")
     AnvilHttpProtocol.limits = HeaderLimits.from_env()
     grace = _grace_seconds()
+    server_kind = asgi_server()
     endpoint = f"http://{host}:{port}"
     sock = _listen_socket(host, port)
     try:
@@ -420,7 +421,7 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, stop)
         try:
-            if asgi_server() == "granian":
+            if server_kind == "granian":
                 _run_granian(app, host, port, sock)
             else:
                 server.run(sockets=[sock])
