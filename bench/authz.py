@@ -261,6 +261,7 @@ def main() -> None:
     ap.add_argument("--http-clients", type=int, default=4,
                     help="Also check through `anvil serve` with this many client threads (0: skip).")
     args = ap.parse_args()
+    load_before = [round(x, 2) for x in os.getloadavg()]  # shared machine: how busy it was
     if args.quick:
         args.relationships, args.checks, args.listing_keys = 20_000, 2_000, 2_000
     os.environ.setdefault("ANVIL_ARGON2_FAST", "1")
@@ -304,7 +305,9 @@ def main() -> None:
     targets["all_met"] = all(t["met"] for t in targets.values())  # type: ignore[index]
     print(json.dumps({"benchmark": "authz", "quick": args.quick, "cpus": os.cpu_count(), "graph": graph,
                       "check_first_pass": cold, "check_repeat": warm, "check_http": http, "lookup_resources": lookup,
-                      "listing_bound_bucket": listing, "targets": targets}, indent=2))
+                      "listing_bound_bucket": listing, "targets": targets,
+                      "load_average_before": load_before,
+                      "load_average_after": [round(x, 2) for x in os.getloadavg()]}, indent=2))
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--lifecycle", type=int, default=0, help="revoke this many token ids first (and disable an app)")
     args = ap.parse_args()
+    load_before = [round(x, 2) for x in os.getloadavg()]  # shared machine: how busy it was
 
     tmp = Path(tempfile.mkdtemp(prefix="anvil-bench-identity-"))
     port = free_port()
@@ -130,6 +131,8 @@ def main() -> None:
             "median_paired_ratio": round(pair_ratios[len(pair_ratios) // 2], 3),
             "target_ratio": 0.8,
             "rounds_ops_s": {k: [round(x, 1) for x in v] for k, v in res.items()},
+            "load_average_before": load_before,
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
         }, indent=2))
     finally:
         proc.terminate()

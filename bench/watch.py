@@ -215,6 +215,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=500.0)
     ap.add_argument("--watchers", type=int, default=50)
     args = ap.parse_args()
+    load_before = [round(x, 2) for x in os.getloadavg()]  # shared machine: how busy it was
     root = Path(tempfile.mkdtemp(prefix="anvil-bench-watch-"))
     port = free_port()
     proc = start_server(root, port)
@@ -246,6 +247,8 @@ def main() -> None:
             "target_p99_ms": 50,
             "target_met": paced["latency_p99_ms"] < 50 and paced["complete"],
             "cpu_count": os.cpu_count(),
+            "load_average_before": load_before,
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
         }
         print(json.dumps(result, indent=2))
     finally:

@@ -20,6 +20,7 @@ from anvil.api.authz import AUTHZ_ROUTES
 from anvil.api.backup_routes import BACKUP_ROUTES
 from anvil.api.common import error_response
 from anvil.api.docs import DOCS_ROUTES
+from anvil.api.fastreq import FastRequest
 from anvil.api.identity import IDENTITY_ROUTES
 from anvil.api.indexes import INDEX_ROUTES
 from anvil.api.lifecycle_routes import LIFECYCLE_ROUTES
@@ -153,7 +154,7 @@ class AnvilApp(Starlette):
             if scope["method"] in _BODY_METHODS and _has_body(scope):
                 receive, send = _watch_body(scope, receive, send)
             if not _is_native(scope["path"]):
-                response = await self.state.s3_gateway(Request(scope, receive, send))
+                response = await self.state.s3_gateway(FastRequest(scope, receive, send))
                 await response(scope, receive, send)
                 return
             handler = self.object_handlers.get(scope["method"])
@@ -162,7 +163,7 @@ class AnvilApp(Starlette):
                 if m is not None:
                     scope["path_params"] = {"bucket": m.group(1)}
                     scope["endpoint"] = handler  # as the router would: names the operation in metrics
-                    response = await handler(Request(scope, receive, send))
+                    response = await handler(FastRequest(scope, receive, send))
                     await response(scope, receive, send)
                     return
         await super().__call__(scope, receive, send)

@@ -6,6 +6,7 @@ share it without importing each other.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from typing import Any
@@ -16,6 +17,12 @@ from anvil.context import new_request_id
 
 RECORD_KEY = "anvil.request"
 
+# Request ids: 64 random bits per process, then a counter. Unique like a random id (a restarted
+# server draws a new prefix), without a getrandom() system call per request (~5 us each, measured
+# in the small-PUT profile). They name requests; nothing relies on them being unguessable.
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
 
 class RequestRecord:
     """What is known about one request; filled as it is served. Slots: one is made per request."""
@@ -23,7 +30,7 @@ class RequestRecord:
     __slots__ = ("request_id", "api", "op", "principal", "status", "bytes_out", "start")
 
     def __init__(self, api: str) -> None:
-        self.request_id = os.urandom(16).hex()  # new_request_id()'s format, without a UUID object
+        self.request_id = f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"  # new_request_id()'s format: 32 hex digits
         self.api = api
         self.op: str | None = None
         self.principal: Any = None

@@ -299,6 +299,41 @@ def _grace_seconds() -> float:
     return value
 
 
+ASGI_SERVER_ENV = "ANVIL_ASGI_SERVER"
+
+
+def asgi_server() -> str:
+    """`uvicorn` (the default) or `granian` (measured against it in bench/asgi.py; docs/performance.md)."""
+    name = os.environ.get(ASGI_SERVER_ENV, "").strip().lower() or "uvicorn"
+    if name not in ("uvicorn", "granian"):
+        raise ValueError(f"{ASGI_SERVER_ENV} must be uvicorn or granian, got {name!r}")
+    return name
+
+
+def _run_granian(app: Any, host: str, port: int, sock: socket.socket) -> None:
+    """Serve `app` with granian's embedded server on the same loop type (uvloop), for comparison.
+
+    What uvicorn's protocol does here and granian does not: the request-head limits with their 431
+    answer, the coalesced response writes, the connection reset of a body that fails part-way, and
+    ending open change feeds at shutdown (granian waits for them instead).
+    """
+    import uvloop
+    from granian.constants import Interfaces
+    from granian.server.embed import Server as Granian
+
+    sock.close()  # granian binds the address itself
+    server = Granian(app, address=host, port=port, interface=Interfaces.ASGINL, log_enabled=False,
+                     backlog=2048, websockets=False)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, server.signal_handler_interrupt)
+        await server.serve()
+
+    uvloop.run(main())
+
+
 def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any = None,
           archive: Any = None, access_log: str | None = None, metrics: bool | None = None,
           records: str | None = None) -> None:
@@ -320,6 +355,7 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any
         raise AnvilError("InvalidArgument", "--dev-auth is refused outside development mode")
     AnvilHttpProtocol.limits = HeaderLimits.from_env()
     grace = _grace_seconds()
+    server_kind = asgi_server()
     endpoint = f"http://{host}:{port}"
     sock = _listen_socket(host, port)
     try:
@@ -387,7 +423,10 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, stop)
         try:
-            server.run(sockets=[sock])
+            if server_kind == "granian":
+                _run_granian(app, host, port, sock)
+            else:
+                server.run(sockets=[sock])
         finally:
             if scheduler is not None:
                 scheduler.stop()

@@ -136,6 +136,16 @@ _VERSION_COLUMNS = (
     "content_type, metadata, chunks, created, extra"
 )
 
+# A bucket and the latest version of one of its keys, in one statement: a row tagged 0 for the
+# bucket, one tagged 1 for the version (if any). Two SELECTs under UNION ALL are planned each on its
+# own, so the version is found through the partial index `versions_latest` as `_latest` finds it (a
+# LEFT JOIN let SQLite pick `versions_order` instead, which walks every version of the key).
+_BUCKET_AND_LATEST = (
+    "SELECT 0" + ", NULL" * 14 + ", name, tenant, created, versioning, public FROM buckets WHERE name = ?"
+    f" UNION ALL SELECT 1, {_VERSION_COLUMNS}" + ", NULL" * 5
+    + " FROM versions WHERE bucket = ? AND key = ? AND is_latest = 1"
+)  # each column is typed in one branch and NULL in the other, as PostgreSQL's UNION requires
+
 
 @dataclass(frozen=True)
 class Bucket:
@@ -445,6 +455,14 @@ class ListResult:
     common_prefixes: list[str] = field(default_factory=list)
     truncated: bool = False
     next_token: str | None = None
+    # With `list_objects(rows=True)`: the page's rows as read (`_VERSION_COLUMNS` order) instead of
+    # `objects`, for answers built straight from them (api/native.py, api/s3/listings.py).
+    rows: list[tuple] = field(default_factory=list)
+
+
+def row_parts_count(row: tuple) -> int | None:
+    """`ObjectVersion.parts_count` of a listed row, decoding its chunks only for multipart objects."""
+    return len(_json_value(row[11])[0]) if "-" in row[7] else None
 
 
 @dataclass
@@ -940,9 +958,28 @@ class ObjectService:
     def head_object(
         self, bucket: str, key: str, *, version_id: str | None = None, cond: Conditions = Conditions()
     ) -> ObjectVersion:
+        return self.head_object_in(bucket, key, version_id=version_id, cond=cond)[1]
+
+    def head_object_in(
+        self, bucket: str, key: str, *, version_id: str | None = None, cond: Conditions = Conditions()
+    ) -> tuple[Bucket, ObjectVersion]:
+        """`head_object`, with the bucket it is in (read in the same query when no version is named)."""
         v.check_object_key(key)
         conn = self.catalog.reader()
-        self._require_bucket(conn, bucket)
+        if version_id is None:
+            # The bucket and its latest version in one statement instead of two (every small GET).
+            found: Bucket | None = None
+            latest: ObjectVersion | None = None
+            for row in conn.execute(_BUCKET_AND_LATEST, (bucket, bucket, key)).fetchall():
+                if row[0] == 0:
+                    found = Bucket(row[15], row[16], row[17], row[18], bool(row[19]))
+                else:
+                    latest = ObjectVersion.from_row(row[1:15])
+            if found is None:
+                raise AnvilError("NotFound", "bucket not found")
+            b = found
+        else:
+            b = self._require_bucket(conn, bucket)
         if version_id is not None:
             obj = self._version(conn, bucket, key, version_id)
             if obj is None:
@@ -953,7 +990,7 @@ class ObjectService:
                     headers={"x-anvil-delete-marker": "true", "x-anvil-version-id": obj.version_id},
                 )
         else:
-            obj = self._latest(conn, bucket, key)
+            obj = latest
             if obj is None:
                 raise not_found("object")
             if obj.delete_marker:
@@ -963,7 +1000,7 @@ class ObjectService:
                 )
         if not cond.empty:
             check_read_conditions(obj, cond)
-        return obj
+        return b, obj
 
     def read_body(self, obj: ObjectVersion, rng: v.ByteRange | None = None) -> Iterator[bytes]:
         """The object's bytes (or a range) across its chunks, verified as they stream.
@@ -1051,8 +1088,10 @@ class ObjectService:
 
     def list_objects(
         self, bucket: str, *, prefix: str = "", delimiter: str = "", start_after: str = "",
-        max_keys: int = 1000, token: str | None = None,
+        max_keys: int = 1000, token: str | None = None, rows: bool = False,
     ) -> ListResult:
+        """A page of the latest versions; `rows=True` leaves them as rows (`ListResult.rows`): a page
+        of 1,000 then costs no `ObjectVersion` (and no JSON decoding of chunks and metadata) per row."""
         if v.is_reserved_key(prefix):
             raise v.reserved_error()
         if not 1 <= max_keys <= 1000:
@@ -1080,8 +1119,11 @@ class ObjectService:
             entries, truncated = _walk(fetch, key_of=lambda r: r[1], tie_of=lambda r: None, prefix=prefix,
                                        delimiter=delimiter, limit=max_keys, after=after)
         result = ListResult(truncated=truncated)
-        result.common_prefixes, rows = _split_entries(entries)
-        result.objects = [ObjectVersion.from_row(r) for r in rows]
+        result.common_prefixes, found = _split_entries(entries)
+        if rows:
+            result.rows = found
+        else:
+            result.objects = [ObjectVersion.from_row(r) for r in found]
         if truncated and entries:
             last = entries[-1]
             result.next_token = _encode_token({"k": last, "p": True} if isinstance(last, str)

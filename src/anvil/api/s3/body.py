@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import AsyncIterator
 
 from starlette.requests import Request
@@ -207,5 +208,8 @@ class BodyReader:
                     raise S3Error("InvalidRequest", f"the trailer {name} was declared but not sent")
 
 
+_SHA256_HEX = re.compile("[0-9a-fA-F]{64}")
+
+
 def _is_sha256(value: str) -> bool:
-    return len(value) == 64 and all(c in "0123456789abcdefABCDEF" for c in value)
+    return _SHA256_HEX.fullmatch(value) is not None  # one C call, not 64 Python steps (3 per PUT)

@@ -95,8 +95,12 @@ def _list_objects(r: S3Request, *, v2: bool) -> Response:
         objects, prefixes, truncated, next_token = res.objects, res.common_prefixes, res.truncated, res.next_token
     else:
         res = r.objects.list_objects(r.bucket, prefix=prefix, delimiter=delimiter,
-                                     start_after=start_after, max_keys=limit, token=token or None)
-        objects, prefixes, truncated, next_token = res.objects, res.common_prefixes, res.truncated, res.next_token
+                                     start_after=start_after, max_keys=limit, token=token or None, rows=True)
+        prefixes, truncated, next_token = res.common_prefixes, res.truncated, res.next_token
+        # (key, created, etag, size) straight from the rows: no ObjectVersion per listed object.
+        listed = [(row[1], row[12], row[7], row[6]) for row in res.rows]
+    if kf is not None or limit == 0:
+        listed = [(o.key, o.created, o.etag, o.size) for o in objects]
     fetch_owner = (q.get("fetch-owner") == "true") if v2 else True
     who = owner(r.objects.get_bucket(r.bucket).tenant) if fetch_owner else ""
     parts = [X.element("Name", r.bucket), X.element("Prefix", enc(prefix))]
@@ -105,20 +109,20 @@ def _list_objects(r: S3Request, *, v2: bool) -> Response:
             parts.append(X.element("ContinuationToken", q["continuation-token"]))
         if q.get("start-after"):
             parts.append(X.element("StartAfter", enc(q["start-after"])))
-        parts.append(X.element("KeyCount", len(objects) + len(prefixes)))
+        parts.append(X.element("KeyCount", len(listed) + len(prefixes)))
         if truncated and next_token:
             parts.append(X.element("NextContinuationToken", next_token))
     else:
         parts.append(X.element("Marker", enc(q.get("marker", ""))))
         if truncated and delimiter:
-            last_key = objects[-1].key if objects else ""
+            last_key = listed[-1][0] if listed else ""
             last_cp = prefixes[-1] if prefixes else ""
             parts.append(X.element("NextMarker", enc(max(last_key, last_cp))))
     parts += listing_fields(q, limit, delimiter, enc, truncated)
-    for o in objects:
+    for key, created, etag, size in listed:
         # The hot loop of every listing: one f-string per object (ETags and sizes need no escaping).
-        parts.append(f"<Contents><Key>{X.text(enc(o.key))}</Key><LastModified>{X.iso_time(o.created)}"
-                     f'</LastModified><ETag>"{o.etag}"</ETag><Size>{o.size}</Size>'
+        parts.append(f"<Contents><Key>{X.text(enc(key))}</Key><LastModified>{X.iso_time(created)}"
+                     f'</LastModified><ETag>"{etag}"</ETag><Size>{size}</Size>'
                      f"<StorageClass>STANDARD</StorageClass>{who}</Contents>")
     for p in prefixes:
         parts.append("<CommonPrefixes>" + X.element("Prefix", enc(p)) + "</CommonPrefixes>")

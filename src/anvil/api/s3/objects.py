@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.responses import Response
 
-from anvil.api.common import blocking, body_response, committed, file_io
+from anvil.api.common import HASH_ON_LOOP_LIMIT, blocking, body_response, committed, file_io
 from anvil.api.s3 import xmlutil as X
 from anvil.api.s3.acl import canned
 from anvil.api.s3.body import BodyReader
@@ -313,7 +313,13 @@ async def put_object(r: S3Request) -> Response:
                                          cond=cond, extra=extra or None)
 
     with if_match_needs_object():
-        result = await committed(await file_io(store_and_submit))
+        if body.data is not None and len(body.data) <= min(HASH_ON_LOOP_LIMIT, objects.blobs.inline_max):
+            # Stored inline in the record store (no file to write): on the loop, as the native small PUT
+            # does; the hop to a thread and back cost more than hashing a few KiB.
+            pending = store_and_submit()
+        else:
+            pending = await file_io(store_and_submit)
+        result = await committed(pending)
     b = objects.get_bucket(bucket)
     headers = {"etag": f'"{result["etag"]}"',
                **version_headers(result["version_id"], b.versioning, write=True)}
@@ -385,9 +391,8 @@ def _get_object(r: S3Request, *, head: bool) -> Response:
     version_id = q.get("versionId")
     if version_id == "":
         raise S3Error("InvalidArgument", "Version id cannot be the empty string")
-    b = objects.get_bucket(r.bucket)
-    try:
-        obj = objects.head_object(r.bucket, r.key, version_id=version_id)
+    try:  # the bucket (for its versioning) and the object: one catalog query when no version is named
+        b, obj = objects.head_object_in(r.bucket, r.key, version_id=version_id)
     except AnvilError as e:
         err = from_anvil(e)
         if version_id and err.code == "NoSuchVersion":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pyexpat
 import re
 import time
@@ -37,8 +38,14 @@ def _char_ref(m: re.Match[str]) -> str:
     return f"&#x{ord(m.group()):X};"
 
 
+# Anything `text` changes; most keys have none of it, and one search is cheaper than the escapes.
+_SPECIAL = re.compile("[&<>\x00-\x08\x0b-\x1f\x7f]")
+
+
 def text(value: str) -> str:
     """Element text: XML-escaped, control characters as character references."""
+    if not _SPECIAL.search(value):
+        return value
     out = escape(value)
     return _CONTROL.sub(_char_ref, out) if _CONTROL.search(out) else out
 
@@ -53,10 +60,16 @@ def xml_document(root: str, inner: str, *, namespace: bool = True) -> bytes:
     return f'<?xml version="1.0" encoding="UTF-8"?>\n<{root}{ns}>{inner}</{root}>'.encode()
 
 
+@functools.lru_cache(maxsize=4096)
+def _iso_second(second: int) -> str:
+    t = time.gmtime(second)
+    return f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}."
+
+
 def iso_time(ts: float) -> str:
-    t = time.gmtime(ts)
-    return (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}."
-            f"{int(ts * 1000) % 1000:03d}Z")
+    # Per listed object: the date and time to the second are formatted once per second (objects
+    # written together share it), the milliseconds every time.
+    return f"{_iso_second(int(ts))}{int(ts * 1000) % 1000:03d}Z"
 
 
 def parse(body: bytes) -> ET.Element:

@@ -1,0 +1,48 @@
+"""A Starlette request whose header lookups and query parsing cost one pass each.
+
+Starlette's `Headers.get` re-encodes the name and scans every raw header on each lookup; a small GET
+looks up seven or eight headers (authorization, idempotency-key, the four conditions, range), an S3
+request more. Here the first lookup builds a dict of the request's headers, and every other lookup
+is one dict access. Same answers as Starlette's: names are matched case-insensitively and the first
+of repeated headers wins (`getlist`, `raw`, `items` are Starlette's own, unchanged).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.requests import Request
+
+
+class FastHeaders(Headers):
+    """Request headers with dict lookups (read-only: request headers are never changed)."""
+
+    def __init__(self, scope: Any) -> None:
+        super().__init__(scope=scope)
+        # Reversed so that, of repeated headers, the first one is kept, as Headers.__getitem__ does.
+        self._map = {k.decode("latin-1"): val.decode("latin-1") for k, val in reversed(self._list)}
+
+    def __getitem__(self, key: str) -> str:
+        return self._map[key.lower()]
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        return self._map.get(key.lower(), default)
+
+    def __contains__(self, key: Any) -> bool:
+        return isinstance(key, str) and key.lower() in self._map
+
+
+class FastRequest(Request):
+    """`Request` with `FastHeaders`; the app builds one per request on its direct paths."""
+
+    @property
+    def headers(self) -> Headers:
+        h = self.__dict__.get("_headers")
+        if h is None:
+            h = self._headers = FastHeaders(self.scope)
+        return h
+
+
+# The parsed query of a native request, kept in its scope so it is parsed once (api/native.py).
+QUERY_KEY = "anvil.query"
