@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from anvil import __version__
+from anvil.backup import workers
 from anvil.backup.chunking import CHUNKER, chunker
 from anvil.backup.errors import BackupError
 from anvil.backup.pack import ChunkReader, PackWriter, pack_name
@@ -233,6 +234,7 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp
         catalog_size = cp.stat().st_size
         todo = [sha for sha in refs if not (sha in parent_blobs and all(c in known for c in
                                                                           parent_blobs[sha]["chunks"]))]
+        todo_set = set(todo)
         # Sizes as the records give them (no stat per blob): they weigh the work in flight and
         # make the progress total; the encoder reads each file's real size anyway.
         sizes = {sha: refs[sha][0].size for sha in todo}
@@ -261,45 +263,22 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp
     tree_blobs: dict[str, Any] = {}
     logical = files["catalog.db"]["size"] + len(fmt)
     reused = 0
-    todo_set = set(todo)
-
-    def encode_one(sha: str) -> Encoded | None:
-        return encode_blob(writer, blobs, sha)
-
-    # Workers cut, hash, compress and encrypt; this thread appends to packs in a fixed order.
-    # Bounded by bytes: ~64 MiB of files in flight (many small ones, or a few big ones).
-    encoded_blobs = ordered_parallel(encode_one, todo, workers=ENCODERS, weight=lambda s: sizes.get(s, 0) + 4096,
-                                     max_weight=64 * 1024 * 1024)
+    new_entries = _encode_new_blobs(repo, writer, blobs, todo, sizes, refs, problems, tick)
     for sha, uses in refs.items():
         labels = [r.label for r in uses]
         refs_note = labels[:3] + ([f"+{len(labels) - 3} more"] if len(labels) > 3 else [])
-        if sha not in todo_set:
+        entry = new_entries.pop(sha, None)
+        if entry is None:
+            if sha not in parent_blobs or sha in todo_set:
+                continue  # missing or corrupt: already in `problems`
             # Content-addressed and immutable: the parent already stored exactly these bytes. Its
             # entry is taken over in place (the parent manifest is this backup's own decoded copy):
             # a copy per blob was ~200 bytes per blob of the backup's peak memory.
             entry = parent_blobs[sha]
-            entry["refs"] = refs_note
-            tree_blobs[sha] = entry
-            logical += entry["size"]
             reused += 1
-            continue
-        got_sha, encoded = next(encoded_blobs)
-        assert got_sha == sha
-        if encoded is None:
-            problems.append(f"blob {sha} referenced by {', '.join(refs_note)} is missing from STORAGE_PATH")
-            continue
-        actual, size = encoded[1], encoded[2]
-        tick(size)
-        if actual != sha:
-            # Never keep bad bytes under the name of good ones: a restore would bring them back as
-            # if intact. Left out, the blob is reported missing by restore and retried by the next
-            # backup (it is not in this snapshot's tree), once it has been repaired.
-            problems.append(f"blob {sha} in STORAGE_PATH is corrupt (hashes to {actual}); "
-                            f"affects {', '.join(refs_note)}; not stored in the snapshot")
-            continue
-        ids = _add_encoded(writer, encoded)
-        tree_blobs[sha] = {"size": size, "chunks": ids, "refs": refs_note}
-        logical += size
+        entry["refs"] = refs_note
+        tree_blobs[sha] = entry
+        logical += entry["size"]
     writer.finish()
     finished = time.time()
     manifest = {
@@ -327,6 +306,69 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp
     }
     repo.save_snapshot(manifest)
     return manifest
+
+
+def _refs_note(uses: list[Any]) -> str:
+    labels = [r.label for r in uses]
+    return ", ".join(labels[:3] + ([f"+{len(labels) - 3} more"] if len(labels) > 3 else []))
+
+
+def _encode_new_blobs(repo: Repository, writer: PackWriter, blobs: BlobStore, todo: list[str],
+                      sizes: dict[str, int], refs: dict[str, Any], problems: list[str],
+                      tick: Callable[[int], None]) -> dict[str, dict[str, Any]]:
+    """Encode and pack the blobs the parent does not hold: sha -> tree entry (without refs).
+
+    Many small blobs go to worker processes (`workers`: the per-blob Python work then uses every
+    core); large ones, and all of them when there are few, are cut and sealed on threads and
+    streamed. This thread appends every sealed chunk to the packs, so pack order and the index
+    are kept in one place. Missing and corrupt blobs are reported in `problems` and left out."""
+    entries: dict[str, dict[str, Any]] = {}
+
+    def take(sha: str, encoded: Encoded | None) -> None:
+        if encoded is None:
+            problems.append(f"blob {sha} referenced by {_refs_note(refs[sha])} is missing from STORAGE_PATH")
+            return
+        actual, size = encoded[1], encoded[2]
+        tick(size)
+        if actual != sha:
+            # Never keep bad bytes under the name of good ones: a restore would bring them back as
+            # if intact. Left out, the blob is reported missing by restore and retried by the next
+            # backup (it is not in this snapshot's tree), once it has been repaired.
+            problems.append(f"blob {sha} in STORAGE_PATH is corrupt (hashes to {actual}); "
+                            f"affects {_refs_note(refs[sha])}; not stored in the snapshot")
+            return
+        entries[sha] = {"size": size, "chunks": _add_encoded(writer, encoded)}
+
+    small = [sha for sha in todo if sizes.get(sha, 0) <= workers.SMALL_MAX]
+    nproc = workers.use_processes(len(small))
+    threaded = todo
+    if nproc:
+        small_set = set(small)
+        threaded = [sha for sha in todo if sha not in small_set]
+        inlined = set(blobs.inline_sizes())
+
+        def items() -> Iterator[tuple[str, str, bytes | None]]:
+            for sha in small:
+                # An inline body is read here (the worker has no catalog); a file, by the worker.
+                body = blobs.inline_body(sha) if sha in inlined else None
+                yield sha, str(blobs.path(sha)), body
+
+        with workers.pool(nproc, repo.enc_key, repo.id_key) as ex:
+            for sha, actual, size, chunks in workers.encode_small(ex, nproc, items(), lambda s: sizes.get(s, 0)):
+                if actual == "large":
+                    threaded.append(sha)  # bigger than its record says: streamed below
+                    continue
+                take(sha, None if actual is None else ([(c, n, b) for c, n, b in chunks], actual, size))
+
+    def encode_one(sha: str) -> Encoded | None:
+        return encode_blob(writer, blobs, sha)
+
+    # Workers cut, hash, compress and encrypt; this thread appends to packs in a fixed order.
+    # Bounded by bytes: ~64 MiB of files in flight (many small ones, or a few big ones).
+    for sha, encoded in ordered_parallel(encode_one, threaded, workers=ENCODERS,
+                                         weight=lambda s: sizes.get(s, 0) + 4096, max_weight=64 * 1024 * 1024):
+        take(sha, encoded)
+    return entries
 
 
 def _storage_format(fmt: bytes) -> Any:
