@@ -121,3 +121,43 @@ def test_worker_restore_of_a_damaged_pack_fails_only_its_blobs(world) -> None:
     res = cli.run("restore", "--repo", f"file://{repo}", "--target", str(target), "--json")
     assert res.returncode != 0
     assert "cannot be decrypted (corrupted)" in res.stdout or "hashes to" in res.stdout, res.stdout
+
+
+def test_a_full_backup_with_a_parent_reuses_its_tree_read_as_a_stream(world) -> None:
+    """The parent's blob tree is merged as a stream (`treestream`): every unchanged blob is reused,
+    a changed object is encoded, and the new snapshot restores whole."""
+    cli, repo, srv = world["cli"], world["repo"], world["srv"]
+    world["client"].put_object(world["bucket"], "o/new", b"a new body " * 9000)
+    made = cli.json("backup", "create", "--repo", f"file://{repo}", "--endpoint", srv.endpoint)
+    stats = made["stats"]
+    assert made["problems"] == [] and stats["blobs"] == world["snapshot"]["stats"]["blobs"] + 1
+    assert stats["blobs_reused_from_parent"] == stats["blobs"] - 1
+
+
+def test_tree_stream_reads_any_manifest_shape() -> None:
+    import io
+
+    from anvil.backup import treestream as ts
+
+    rng = random.Random(5)
+    for trial in range(120):
+        blobs = {f"{rng.getrandbits(256):064x}": {"size": rng.randrange(10**7), "refs": ['b/k@1 "q"'],
+                                                  "chunks": [f"{rng.getrandbits(256):064x}"] * rng.randrange(3)}
+                 for _ in range(rng.randrange(40))}
+        m: dict = {"id": "x", "participants": {"a": {"summary": {"tree": {"blobs": 1}, "n": 1.5e10}}},
+                   "tree": {"files": {"catalog.db": {"size": 1, "chunks": ["c"], "sha256": "s"}}, "blobs": blobs}}
+        if trial % 7 == 0:
+            m["tree"] = {"blobs": blobs, "files": {}}
+        if trial % 11 == 0:
+            del m["tree"]
+        text = json.dumps(m, separators=(",", ":")) if trial % 2 else json.dumps(m, indent=1)
+        reader = ts._Json(io.StringIO(text))
+        old = ts.READ
+        ts.READ = rng.choice([1, 2, 7, 64, 1 << 20])  # values cut anywhere across reads
+        try:
+            got = list(ts._entries(reader))
+        finally:
+            ts.READ = old
+        assert got == (list(blobs.items()) if "tree" in m else []), trial
+    with pytest.raises(ValueError):
+        list(ts._entries(ts._Json(io.StringIO('{"id":"x","tree":{"blobs":{"a":{"size":1'))))

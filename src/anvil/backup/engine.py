@@ -20,6 +20,7 @@ from anvil.backup.chunking import CHUNKER, chunker
 from anvil.backup.errors import BackupError
 from anvil.backup.pack import ChunkReader, PackWriter, pack_name
 from anvil.backup.repository import Repository, env_seconds
+from anvil.backup.treestream import iter_tree_blobs
 from anvil.storage import journal, records
 from anvil.storage.blobs import BlobStore
 from anvil.storage.layout import FORMAT_FILE
@@ -172,6 +173,58 @@ def latest_for(repo: Repository, deployment_id: str, *, full: bool = True) -> di
     return repo.load_snapshot(rows[-1]["id"]) if rows else None
 
 
+def latest_row(repo: Repository, deployment_id: str, *, full: bool = True) -> dict[str, Any] | None:
+    """`latest_for`'s header row only (id, seq, stats; no tree)."""
+    rows = [r for r in repo.snapshot_rows() if r.get("deployment_id") == deployment_id
+            and (not full or r.get("kind") != "delta")]
+    return rows[-1] if rows else None
+
+
+class _Unsorted(Exception):
+    pass
+
+
+def _sorted_entries(repo: Repository, snap_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    last = ""
+    for sha, entry in iter_tree_blobs(repo, snap_id):
+        if sha < last:
+            raise _Unsorted
+        last = sha
+        yield sha, entry
+
+
+def _merge(refs: dict[str, Any], entries: Iterator[tuple[str, dict[str, Any]]],
+           known: dict[str, Any]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    todo: list[str] = []
+    reuse: dict[str, dict[str, Any]] = {}
+    cur = next(entries, None)
+    for sha in refs:
+        while cur is not None and cur[0] < sha:
+            cur = next(entries, None)
+        if cur is not None and cur[0] == sha and all(c in known for c in cur[1]["chunks"]):
+            reuse[sha] = cur[1]
+        else:
+            todo.append(sha)
+    return todo, reuse
+
+
+def _split_todo(repo: Repository, parent_id: str | None, refs: dict[str, Any],
+                known: dict[str, Any]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The referenced blobs to encode, and the parent's tree entries of those it already holds.
+
+    A merge of two streams sorted by hash: the references (`RecoveryContext.references()` sorts
+    them) and the parent's blob tree, which was written in that order. So only the entries this
+    backup reuses are ever in memory, not the parent's whole tree (~0.9 KB a blob decoded). A
+    tree in another order (none is written so) is read whole and sorted, as before."""
+    if parent_id is None:
+        return list(refs), {}
+    try:
+        return _merge(refs, _sorted_entries(repo, parent_id), known)
+    except _Unsorted:
+        whole = dict(iter_tree_blobs(repo, parent_id))
+        return _merge(refs, iter(sorted(whole.items())), known)
+
+
 def create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
                     participants: list[Participant], repo: Repository, *, progress: Progress | None = None,
                     tag: str | None = None, config: dict[str, Any] | None = None,
@@ -192,7 +245,8 @@ def _create_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, t
         orphans: dict[str, Any] = {"skipped": "another backup may be running", "packs": 0, "bytes": 0, "kept": 0}
     else:
         orphans = remove_orphan_packs(repo)
-    parent = latest_for(repo, deployment_id)
+    # Only the parent's header: its blob tree is streamed (`treestream`), never decoded whole.
+    parent = latest_row(repo, deployment_id)
     writer = repo.writer()
     try:
         return _fill_snapshot(storage_root, catalog_path, blobs, tmp_dir, deployment_id, participants, repo, writer,
@@ -208,7 +262,6 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp
                    progress: Progress | None = None,
                    tag: str | None = None, config: dict[str, Any] | None = None,
                    escrow_secrets: bool | None = None) -> dict[str, Any]:
-    parent_blobs: dict[str, dict[str, Any]] = parent["tree"]["blobs"] if parent else {}
     known = writer.known
     problems: list[str] = []
     with checkpoint(catalog_path, tmp_dir) as cp:
@@ -232,9 +285,7 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp
         finally:
             records.close(conn)
         catalog_size = cp.stat().st_size
-        todo = [sha for sha in refs if not (sha in parent_blobs and all(c in known for c in
-                                                                          parent_blobs[sha]["chunks"]))]
-        todo_set = set(todo)
+        todo, reuse = _split_todo(repo, parent["id"] if parent else None, refs, known)
         # Sizes as the records give them (no stat per blob): they weigh the work in flight and
         # make the progress total; the encoder reads each file's real size anyway.
         sizes = {sha: refs[sha][0].size for sha in todo}
@@ -269,12 +320,11 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp
         refs_note = labels[:3] + ([f"+{len(labels) - 3} more"] if len(labels) > 3 else [])
         entry = new_entries.pop(sha, None)
         if entry is None:
-            if sha not in parent_blobs or sha in todo_set:
-                continue  # missing or corrupt: already in `problems`
             # Content-addressed and immutable: the parent already stored exactly these bytes. Its
-            # entry is taken over in place (the parent manifest is this backup's own decoded copy):
-            # a copy per blob was ~200 bytes per blob of the backup's peak memory.
-            entry = parent_blobs[sha]
+            # entry (read from the parent's manifest stream) is taken over as it is.
+            entry = reuse.pop(sha, None)
+            if entry is None:
+                continue  # missing or corrupt: already in `problems`
             reused += 1
         entry["refs"] = refs_note
         tree_blobs[sha] = entry
