@@ -180,6 +180,49 @@ def latest_row(repo: Repository, deployment_id: str, *, full: bool = True) -> di
     return rows[-1] if rows else None
 
 
+def _summaries(participants: list[Participant], ctx: RecoveryContext) -> dict[str, Any]:
+    return {p.name: {"describe": p.describe().to_dict(), "summary": p.summary(ctx)} for p in participants}
+
+
+class _Background:
+    """fn(*args) on a thread; `result()` re-raises what it raised."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any):
+        import threading
+
+        self._out: list[Any] = []
+        self._err: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self._out.append(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - re-raised by result() in the caller's thread
+                self._err.append(e)
+
+        self._thread = threading.Thread(target=run, name="anvil-backup-summaries", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        self.wait()
+        if self._err:
+            raise self._err[0]
+        return self._out[0]
+
+
+class _RecordedSizes:
+    """sha -> size as the first reference records it (a view of the references, no copy)."""
+
+    def __init__(self, refs: dict[str, Any]):
+        self.refs = refs
+
+    def get(self, sha: str, default: int = 0) -> int:
+        uses = self.refs.get(sha)
+        return uses[0].size if uses else default
+
+
 class _Unsorted(Exception):
     pass
 
@@ -279,57 +322,68 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, tmp
                 p.checkpoint(ctx)
             secret_key_ids = sorted({k for p in participants if isinstance(p, KeyHolder) for k in p.key_ids(ctx)})
             seq, chain_hash = journal.head(conn)
-            parts = {p.name: {"describe": p.describe().to_dict(), "summary": p.summary(ctx)} for p in participants}
             refs = ctx.references()
             extra = sorted({f for p in participants if isinstance(p, FileOwner) for f in p.files(ctx)})
-        finally:
+            # The participants' summaries (object digests, a stat per blob, the journal chain's
+            # hashes) were a third of a small-blob backup's own time: they run on a thread, on the
+            # checkpoint's connection (nothing else uses it from here on), while blobs are encoded.
+            summaries = _Background(_summaries, participants, ctx)
+        except BaseException:
             records.close(conn)
-        catalog_size = cp.stat().st_size
-        todo, reuse = _split_todo(repo, parent["id"] if parent else None, refs, known)
-        # Sizes as the records give them (no stat per blob): they weigh the work in flight and
-        # make the progress total; the encoder reads each file's real size anyway.
-        sizes = {sha: refs[sha][0].size for sha in todo}
-        total = catalog_size + sum(sizes.values())
-        done = 0
+            raise
+        try:
+            catalog_size = cp.stat().st_size
+            todo, reuse = _split_todo(repo, parent["id"] if parent else None, refs, known)
+            # Sizes as the records give them (no stat per blob): they weigh the work in flight and
+            # make the progress total; the encoder reads each file's real size anyway. Looked up,
+            # not copied into a dict (~100 bytes a blob of an initial backup's peak).
+            sizes = _RecordedSizes(refs)
+            total = catalog_size + sum(sizes.get(sha, 0) for sha in todo)
+            done = 0
 
-        def tick(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress:
-                progress(done, total, "")
+            def tick(n: int) -> None:
+                nonlocal done
+                done += n
+                if progress:
+                    progress(done, total, "")
 
-        files: dict[str, Any] = {}
-        fmt = (storage_root / FORMAT_FILE).read_bytes()
-        files[FORMAT_FILE] = {"size": len(fmt), "sha256": hashlib.sha256(fmt).hexdigest(), "chunks": [writer.add(fmt)]}
-        encoded = _must_encode(writer, cp)
-        files["catalog.db"] = {"size": encoded[2], "sha256": encoded[1], "chunks": _add_encoded(writer, encoded)}
-        tick(encoded[2])
-        for path in extra:
-            rel = str(Path(path).absolute().relative_to(storage_root))
-            if rel in files or rel.startswith(("blobs/", "tmp/")):
-                raise BackupError(f"participant file {rel} is not allowed in a snapshot")
-            encoded = _must_encode(writer, Path(path))
-            files[rel] = {"size": encoded[2], "sha256": encoded[1], "chunks": _add_encoded(writer, encoded),
-                          "mode": Path(path).stat().st_mode & 0o777}
-    tree_blobs: dict[str, Any] = {}
-    logical = files["catalog.db"]["size"] + len(fmt)
-    reused = 0
-    new_entries = _encode_new_blobs(repo, writer, blobs, todo, sizes, refs, problems, tick)
-    for sha, uses in refs.items():
-        labels = [r.label for r in uses]
-        refs_note = labels[:3] + ([f"+{len(labels) - 3} more"] if len(labels) > 3 else [])
-        entry = new_entries.pop(sha, None)
-        if entry is None:
-            # Content-addressed and immutable: the parent already stored exactly these bytes. Its
-            # entry (read from the parent's manifest stream) is taken over as it is.
-            entry = reuse.pop(sha, None)
-            if entry is None:
-                continue  # missing or corrupt: already in `problems`
-            reused += 1
-        entry["refs"] = refs_note
-        tree_blobs[sha] = entry
-        logical += entry["size"]
-    writer.finish()
+            files: dict[str, Any] = {}
+            fmt = (storage_root / FORMAT_FILE).read_bytes()
+            files[FORMAT_FILE] = {"size": len(fmt), "sha256": hashlib.sha256(fmt).hexdigest(),
+                                  "chunks": [writer.add(fmt)]}
+            encoded = _must_encode(writer, cp)
+            files["catalog.db"] = {"size": encoded[2], "sha256": encoded[1], "chunks": _add_encoded(writer, encoded)}
+            tick(encoded[2])
+            for path in extra:
+                rel = str(Path(path).absolute().relative_to(storage_root))
+                if rel in files or rel.startswith(("blobs/", "tmp/")):
+                    raise BackupError(f"participant file {rel} is not allowed in a snapshot")
+                encoded = _must_encode(writer, Path(path))
+                files[rel] = {"size": encoded[2], "sha256": encoded[1], "chunks": _add_encoded(writer, encoded),
+                              "mode": Path(path).stat().st_mode & 0o777}
+            tree_blobs: dict[str, Any] = {}
+            logical = files["catalog.db"]["size"] + len(fmt)
+            reused = 0
+            new_entries = _encode_new_blobs(repo, writer, blobs, todo, sizes, refs, problems, tick)
+            for sha, uses in refs.items():
+                labels = [r.label for r in uses]
+                refs_note = labels[:3] + ([f"+{len(labels) - 3} more"] if len(labels) > 3 else [])
+                entry = new_entries.pop(sha, None)
+                if entry is None:
+                    # Content-addressed and immutable: the parent already stored exactly these bytes. Its
+                    # entry (read from the parent's manifest stream) is taken over as it is.
+                    entry = reuse.pop(sha, None)
+                    if entry is None:
+                        continue  # missing or corrupt: already in `problems`
+                    reused += 1
+                entry["refs"] = refs_note
+                tree_blobs[sha] = entry
+                logical += entry["size"]
+            parts = summaries.result()  # before the index: a failed summary leaves no index behind
+            writer.finish()
+        finally:
+            summaries.wait()
+            records.close(conn)
     finished = time.time()
     manifest = {
         "id": uuid.uuid4().hex[:16],
@@ -364,7 +418,7 @@ def _refs_note(uses: list[Any]) -> str:
 
 
 def _encode_new_blobs(repo: Repository, writer: PackWriter, blobs: BlobStore, todo: list[str],
-                      sizes: dict[str, int], refs: dict[str, Any], problems: list[str],
+                      sizes: _RecordedSizes, refs: dict[str, Any], problems: list[str],
                       tick: Callable[[int], None]) -> dict[str, dict[str, Any]]:
     """Encode and pack the blobs the parent does not hold: sha -> tree entry (without refs).
 
@@ -655,13 +709,13 @@ def prune_repo(repo: Repository) -> dict[str, Any]:
             if cid in used:
                 writer.add(reader.read(cid))
     writer.flush()
-    packs = [*writer.written_packs]
+    packs = []
     for p, cids in keep_entries.items():
         packs.append({"id": p, "size": repo.pack_sizes[p],
                       "chunks": [[c, index[c].offset, index[c].length, index[c].raw_length] for c in cids]})
     new_index = uuid.uuid4().hex
     repo.assert_locked()
-    repo.backend.write(f"index/{new_index}", repo.seal_json({"packs": packs}, b"index"))
+    repo.backend.write(f"index/{new_index}", writer.sealed_index(packs))
     for name in old_indexes:
         repo.backend.delete(name)
     freed = orphans["bytes"]
