@@ -161,3 +161,24 @@ def test_tree_stream_reads_any_manifest_shape() -> None:
         assert got == (list(blobs.items()) if "tree" in m else []), trial
     with pytest.raises(ValueError):
         list(ts._entries(ts._Json(io.StringIO('{"id":"x","tree":{"blobs":{"a":{"size":1'))))
+
+
+def test_worker_count_follows_the_setting_and_idle_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from anvil.backup import workers
+    from anvil.backup.errors import BackupError
+
+    monkeypatch.setenv("ANVIL_BACKUP_WORKERS", "3")
+    assert workers.worker_count() == 3
+    monkeypatch.setenv("ANVIL_BACKUP_WORKERS", "0")
+    assert workers.use_processes(10**6) == 0
+    for bad in ("two", "-1"):
+        monkeypatch.setenv("ANVIL_BACKUP_WORKERS", bad)
+        with pytest.raises(BackupError, match="ANVIL_BACKUP_WORKERS"):
+            workers.worker_count()
+    monkeypatch.delenv("ANVIL_BACKUP_WORKERS")
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    assert workers.worker_count() == 4  # idle cores: one worker each
+    assert workers.use_processes(workers.PROCESS_MIN - 1) == 0 and workers.use_processes(workers.PROCESS_MIN) == 4
+    monkeypatch.setattr(os, "getloadavg", lambda: (6.0, 1.0, 1.0))
+    assert workers.worker_count() == 0  # every core busy: workers would only add CPU
