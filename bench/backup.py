@@ -226,6 +226,8 @@ def main() -> None:
             "seconds": res,
             "load_average": loads,
             "cpus": os.cpu_count(),
+            # ANVIL_BACKUP_WORKERS=0 in the environment: the threads-only path (before worker processes).
+            "backup_workers": os.environ.get("ANVIL_BACKUP_WORKERS", "default: one per core while a core is idle"),
         }, indent=2))
     finally:
         if not args.workdir:

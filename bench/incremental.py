@@ -113,6 +113,8 @@ def main() -> None:
            "ANVIL_BACKUP_CACHE_DIR": str(work / "anvil-cache")}
     anvil_cmd = [sys.executable, "-m", "anvil.cli.main"]
     doc: dict = {"benchmark": "incremental", "objects": objects, "reps": args.reps, "cpus": os.cpu_count(),
+                 # ANVIL_BACKUP_WORKERS=0 in the environment: the threads-only path (before worker processes).
+                 "backup_workers": os.environ.get("ANVIL_BACKUP_WORKERS", "default: one per core while a core is idle"),
                  "load_average_before": [round(x, 2) for x in os.getloadavg()]}
     try:
         t0 = time.perf_counter()

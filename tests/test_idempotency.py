@@ -30,7 +30,7 @@ def test_put(client: AnvilClient, versioned_bucket: str) -> None:
     first = client.put_object(b, "k", b"body", metadata={"m": "1"}, idempotency_key=key)
     again = client.put_object(b, "k", b"body", metadata={"m": "1"}, idempotency_key=key)
     _same(first, again)
-    assert [e["kind"] for e in events_since(client, seq)] == ["object.put"]
+    assert [e["kind"] for e in events_since(client, seq)] == ["object.put", "idempotency.record"]
     assert len(client.list_versions(b)["versions"]) == 1
     # Same key, different body / metadata / target: refused, nothing changes.
     for kwargs in ({"data": b"other"}, {"data": b"body", "metadata": {"m": "2"}}):
@@ -50,7 +50,7 @@ def test_delete(client: AnvilClient, versioned_bucket: str) -> None:
     again = client.delete_object(b, "k", idempotency_key=key)
     _same(first, again)
     # One delete marker, one event: the retry did not stack a second marker.
-    assert [e["kind"] for e in events_since(client, seq)] == ["object.delete"]
+    assert [e["kind"] for e in events_since(client, seq)] == ["object.delete", "idempotency.record"]
     assert [v["delete_marker"] for v in client.list_versions(b)["versions"]] == [True, False]
     unchanged(client, "IdempotencyMismatch", 422, client.delete_object, b, "other", idempotency_key=key)
 
@@ -62,7 +62,7 @@ def test_copy(client: AnvilClient, versioned_bucket: str) -> None:
     first = client.copy_object(b, "dst", source_key="src", idempotency_key=key)
     again = client.copy_object(b, "dst", source_key="src", idempotency_key=key)
     _same(first, again)
-    assert [e["kind"] for e in events_since(client, seq)] == ["object.put"]
+    assert [e["kind"] for e in events_since(client, seq)] == ["object.put", "idempotency.record"]
     unchanged(client, "IdempotencyMismatch", 422, client.copy_object, b, "dst", source_key="src",
               metadata_directive="REPLACE", metadata={"a": "b"}, idempotency_key=key)
     assert len([v for v in client.list_versions(b)["versions"] if v["key"] == "dst"]) == 1
@@ -74,7 +74,7 @@ def test_bucket_create_and_versioning(client: AnvilClient) -> None:
     first = client.create_bucket(name, idempotency_key=key)
     again = client.create_bucket(name, idempotency_key=key)  # not AlreadyExists: it is the same request
     _same(first, again)
-    assert [e["kind"] for e in events_since(client, seq)] == ["bucket.create"]
+    assert [e["kind"] for e in events_since(client, seq)] == ["bucket.create", "idempotency.record"]
     other = unique_bucket()
     unchanged(client, "IdempotencyMismatch", 422, client.create_bucket, other, idempotency_key=key)
     unchanged(client, "IdempotencyMismatch", 422, client.create_bucket, name, versioning="Enabled",
@@ -96,7 +96,7 @@ def test_multipart(client: AnvilClient, bucket: str) -> None:
     up2 = client.create_upload(bucket, "mp", idempotency_key=key)
     assert up1 == up2
     assert [u["upload_id"] for u in client.list_uploads(bucket)] == [up1]
-    assert [e["kind"] for e in events_since(client, seq)] == ["multipart.create"]
+    assert [e["kind"] for e in events_since(client, seq)] == ["multipart.create", "idempotency.record"]
     unchanged(client, "IdempotencyMismatch", 422, client.create_upload, bucket, "mp2", idempotency_key=key)
 
     pkey = _key()
@@ -104,7 +104,7 @@ def test_multipart(client: AnvilClient, bucket: str) -> None:
     seq = journal_seq(client)
     p1 = client.upload_part(bucket, up1, 1, body, idempotency_key=pkey)
     _same(p1, client.upload_part(bucket, up1, 1, body, idempotency_key=pkey))
-    assert [e["kind"] for e in events_since(client, seq)] == ["multipart.part"]
+    assert [e["kind"] for e in events_since(client, seq)] == ["multipart.part", "idempotency.record"]
     unchanged(client, "IdempotencyMismatch", 422, client.upload_part, bucket, up1, 1, b"different",
               idempotency_key=pkey)
     assert [p["etag"] for p in client.list_parts(bucket, up1)] == [p1["etag"]]
@@ -113,7 +113,7 @@ def test_multipart(client: AnvilClient, bucket: str) -> None:
     seq = journal_seq(client)
     done = client.complete_upload(bucket, up1, [(1, p1["etag"])], idempotency_key=ckey)
     _same(done, client.complete_upload(bucket, up1, [(1, p1["etag"])], idempotency_key=ckey))
-    assert [e["kind"] for e in events_since(client, seq)] == ["object.put"]
+    assert [e["kind"] for e in events_since(client, seq)] == ["object.put", "idempotency.record"]
     assert client.get_object(bucket, "mp") == body
 
 

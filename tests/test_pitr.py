@@ -360,3 +360,40 @@ def test_archiving_configured_by_an_admin_at_runtime(tmp_path: Path, repo: str) 
         assert off.status_code == 200 and archived_seq(srv) == {"enabled": False}
     finally:
         srv.stop()
+
+
+def test_an_idempotent_retry_after_point_in_time_restore_gets_the_original_answer(tmp_path: Path,
+                                                                                   repo: str) -> None:
+    """The idempotency record comes back by replay (it is journaled with the PUT), not from a
+    snapshot: the snapshot is taken before the keyed PUT."""
+    srv = AnvilServer(tmp_path / "data", env=ENV, extra_args=["--archive-repo", repo, "--archive-interval", "1s"])
+    srv.start()
+    creds = creds_of(srv)
+    bucket = unique_bucket("idem")
+    try:
+        with srv.client() as c:
+            c.create_bucket(bucket, versioning="Enabled")
+            cli_json("backup", "create", "--repo", repo, "--endpoint", srv.endpoint, creds=creds)
+            first = c.put_object(bucket, "k", b"the one body", idempotency_key="retry-me")
+            head = c.health()["journal"]["seq"]
+        wait_archived(srv)
+    finally:
+        srv.kill()
+    target = tmp_path / "restored"
+    res = cli_json("restore", "--repo", repo, "--to-seq", str(head), "--target", str(target))
+    assert res["ok"] and res["point_in_time"]["events_replayed"] >= 2, res
+    restored = AnvilServer(target, env=ENV).start()
+    try:
+        cli_json("recovery", "resume", "--endpoint", restored.endpoint, creds=creds)
+        with restored.client(client_id=creds["ANVIL_CLIENT_ID"], client_secret=creds["ANVIL_CLIENT_SECRET"]) as c:
+            seq = c.health()["journal"]["seq"]
+            again = c.put_object(bucket, "k", b"the one body", idempotency_key="retry-me")
+            assert again.pop("idempotent_replay", None) is True
+            assert again == first
+            assert c.health()["journal"]["seq"] == seq  # the retry changed nothing
+            assert len(c.list_versions(bucket)["versions"]) == 1
+            # The same key for another request is still refused, as on the original server.
+            with pytest.raises(Exception, match="IdempotencyMismatch"):
+                c.put_object(bucket, "k", b"another body", idempotency_key="retry-me")
+    finally:
+        restored.stop()

@@ -37,11 +37,10 @@ from anvil.storage.recovery import RecoveryContext, Replayer, UnreplayableEvent,
 from tests.helpers import AnvilServer
 from tests.s3_helpers import s3_client
 
-# Not rebuilt by replay, by design: migration timestamps, and idempotency records (a cache of
-# answers to retried requests, which expire; docs/backup.md).
+# Not rebuilt by replay, by design: migration timestamps.
 # inline_blobs: small bodies kept in catalog.db (storage.inline); like blob files, their bytes are in
 # no event, so a replay brings the records back and the bodies come from the blob store.
-NOT_REPLAYED = {"schema_migrations", "idempotency", "inline_blobs"}
+NOT_REPLAYED = {"schema_migrations", "inline_blobs"}
 
 # The live server's lifecycle clock: a "day" of 0.2 s, checked every 0.1 s (`_workload_s3`).
 LIFECYCLE_ENV = {"ANVIL_LIFECYCLE_DAY_SECONDS": "0.2", "ANVIL_LIFECYCLE_INTERVAL_SECONDS": "0.1"}
@@ -76,7 +75,7 @@ def run_workload(srv: AnvilServer, rng: random.Random, ops: int) -> list[dict]:
     _workload_s3(srv, c, rng, buckets, keys)
     # Every operation once first (so each seed covers every kind), then a random mix.
     plan = ["put", "consumer", "checkpoint", "mp_create", "mp_part", "mp_complete", "tenant", "app", "grant",
-            "delete", "fsck"]
+            "delete", "fsck", "idem", "idem"]
     seen: collections.Counter = collections.Counter()
     for i in range(ops + len(plan)):
         op = plan[i] if i < len(plan) else rng.choices(
@@ -95,6 +94,14 @@ def run_workload(srv: AnvilServer, rng: random.Random, ops: int) -> list[dict]:
                 c.put_object(b, key, body(), metadata={"n": str(rng.randrange(9))} if rng.random() < 0.3 else None,
                              content_type=rng.choice([None, "text/plain"]))
                 keys[b].append(key)
+            elif op == "idem":
+                # Keyed requests and their retries: the idempotency record is journaled and replayed.
+                key, idem = f"i/{rng.randrange(5)}", f"idem-{rng.randrange(10**9)}"
+                data = body()
+                first = c.put_object(b, key, data, idempotency_key=idem)
+                assert c.put_object(b, key, data, idempotency_key=idem)["version_id"] == first["version_id"]
+                keys[b].append(key)
+                c.delete_object(b, key, idempotency_key=idem + "-d")
             elif op == "copy" and keys[b]:
                 c.copy_object(b, f"c/{rng.randrange(5)}", source_key=rng.choice(keys[b]))
             elif op == "delete" and keys[b]:
@@ -561,6 +568,7 @@ def test_replaying_the_whole_journal_rebuilds_every_participant(tmp_path: Path, 
             "pdb.projection.create", "pdb.projection.update", "pdb.keys", "pdb.binding.put",
             "pdb.binding.delete"} <= kinds, kinds
     assert {"index.create", "index.update", "index.disable", "index.enable", "index.drop"} <= kinds, kinds
+    assert "idempotency.record" in kinds, kinds
     assert {"object.tagging", "object.acl", "bucket.tagging", "bucket.lifecycle", "bucket.cors",
             "multipart.abort"} <= kinds, kinds
     lifecycle = {(e["kind"], e["scope"].split("/", 1)[1]) for e in events

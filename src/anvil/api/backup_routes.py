@@ -27,6 +27,15 @@ def run_backup(app: Any, repo_url: str, *, passphrase: str | None = None, key_fi
     from anvil.backup import engine, ops
     from anvil.backup.errors import BackupError
 
+    anvil = app.state.anvil
+    try:
+        # Bad input (no repository there, a wrong passphrase, a repository inside STORAGE_PATH) is
+        # refused before the lock: a scheduled backup that happens to be running does not hide it.
+        repo = ops.open_repo(repo_url, passphrase=passphrase, key_file=key_file, s3_endpoint=s3_endpoint,
+                             storage_path=anvil.storage.root)
+    except BackupError as e:
+        app.state.last_backup = {"time": time.time(), "ok": False, "error": str(e), "repository": repo_url}
+        raise AnvilError("InvalidArgument", str(e)) from None
     if not _backup_lock.acquire(blocking=False):
         raise AnvilError("PreconditionFailed", "a backup is already running")
     started = time.time()
@@ -39,9 +48,6 @@ def run_backup(app: Any, repo_url: str, *, passphrase: str | None = None, key_fi
         running["bytes_done"], running["bytes_total"] = done, total
 
     try:
-        anvil = app.state.anvil
-        repo = ops.open_repo(repo_url, passphrase=passphrase, key_file=key_file, s3_endpoint=s3_endpoint,
-                             storage_path=anvil.storage.root)
         manifest = ops.backup_storage(anvil.storage, anvil.participants(), repo, tag=tag, run_mode=mode,
                                       escrow_secrets=escrow_secrets, incremental=incremental, progress=progress)
         result = {**engine.snapshot_row(manifest), "stats": manifest["stats"], "problems": manifest["problems"]}

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from anvil import __version__
+from anvil.backup import workers
 from anvil.backup.chunking import CHUNKER, chunker
 from anvil.backup.errors import BackupError
 from anvil.backup.pack import ChunkReader, PackWriter, pack_name
 from anvil.backup.repository import Repository, env_seconds
+from anvil.backup.treestream import iter_tree_blobs
 from anvil.storage import journal, records
 from anvil.storage.blobs import BlobStore
 from anvil.storage.layout import FORMAT_FILE
@@ -190,6 +192,101 @@ def latest_for(repo: Repository, deployment_id: str, *, full: bool = True) -> di
     return repo.load_snapshot(rows[-1]["id"]) if rows else None
 
 
+def latest_row(repo: Repository, deployment_id: str, *, full: bool = True) -> dict[str, Any] | None:
+    """`latest_for`'s header row only (id, seq, stats; no tree)."""
+    rows = [r for r in repo.snapshot_rows() if r.get("deployment_id") == deployment_id
+            and (not full or r.get("kind") != "delta")]
+    return rows[-1] if rows else None
+
+
+def _summaries(participants: list[Participant], ctx: RecoveryContext) -> dict[str, Any]:
+    return {p.name: {"describe": p.describe().to_dict(), "summary": p.summary(ctx)} for p in participants}
+
+
+class _Background:
+    """fn(*args) on a thread; `result()` re-raises what it raised."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any):
+        import threading
+
+        self._out: list[Any] = []
+        self._err: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self._out.append(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - re-raised by result() in the caller's thread
+                self._err.append(e)
+
+        self._thread = threading.Thread(target=run, name="anvil-backup-summaries", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        self.wait()
+        if self._err:
+            raise self._err[0]
+        return self._out[0]
+
+
+class _RecordedSizes:
+    """sha -> size as the first reference records it (a view of the references, no copy)."""
+
+    def __init__(self, refs: dict[str, Any]):
+        self.refs = refs
+
+    def get(self, sha: str, default: int = 0) -> int:
+        uses = self.refs.get(sha)
+        return uses[0].size if uses else default
+
+
+class _Unsorted(Exception):
+    pass
+
+
+def _sorted_entries(repo: Repository, snap_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    last = ""
+    for sha, entry in iter_tree_blobs(repo, snap_id):
+        if sha < last:
+            raise _Unsorted
+        last = sha
+        yield sha, entry
+
+
+def _merge(refs: dict[str, Any], entries: Iterator[tuple[str, dict[str, Any]]],
+           known: dict[str, Any]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    todo: list[str] = []
+    reuse: dict[str, dict[str, Any]] = {}
+    cur = next(entries, None)
+    for sha in refs:
+        while cur is not None and cur[0] < sha:
+            cur = next(entries, None)
+        if cur is not None and cur[0] == sha and all(c in known for c in cur[1]["chunks"]):
+            reuse[sha] = cur[1]
+        else:
+            todo.append(sha)
+    return todo, reuse
+
+
+def _split_todo(repo: Repository, parent_id: str | None, refs: dict[str, Any],
+                known: dict[str, Any]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The referenced blobs to encode, and the parent's tree entries of those it already holds.
+
+    A merge of two streams sorted by hash: the references (`RecoveryContext.references()` sorts
+    them) and the parent's blob tree, which was written in that order. So only the entries this
+    backup reuses are ever in memory, not the parent's whole tree (~0.9 KB a blob decoded). A
+    tree in another order (none is written so) is read whole and sorted, as before."""
+    if parent_id is None:
+        return list(refs), {}
+    try:
+        return _merge(refs, _sorted_entries(repo, parent_id), known)
+    except _Unsorted:
+        whole = dict(iter_tree_blobs(repo, parent_id))
+        return _merge(refs, iter(sorted(whole.items())), known)
+
+
 def create_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
                     participants: list[Participant], repo: Repository, *, progress: Progress | None = None,
                     tag: str | None = None, config: dict[str, Any] | None = None,
@@ -210,7 +307,8 @@ def _create_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobSt
         orphans: dict[str, Any] = {"skipped": "another backup may be running", "packs": 0, "bytes": 0, "kept": 0}
     else:
         orphans = remove_orphan_packs(repo)
-    parent = latest_for(repo, deployment_id)
+    # Only the parent's header: its blob tree is streamed (`treestream`), never decoded whole.
+    parent = latest_row(repo, deployment_id)
     writer = repo.writer()
     try:
         return _fill_snapshot(storage_root, catalog_path, blobs, tmp_dir, deployment_id, participants, repo, writer,
@@ -226,7 +324,6 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
                    progress: Progress | None = None,
                    tag: str | None = None, config: dict[str, Any] | None = None,
                    escrow_secrets: bool | None = None) -> dict[str, Any]:
-    parent_blobs: dict[str, dict[str, Any]] = parent["tree"]["blobs"] if parent else {}
     known = writer.known
     problems: list[str] = []
     captured: dict[str, Any] = {}
@@ -245,82 +342,68 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
                 p.checkpoint(ctx)
             secret_key_ids = sorted({k for p in participants if isinstance(p, KeyHolder) for k in p.key_ids(ctx)})
             seq, chain_hash = journal.head(conn)
-            parts = {p.name: {"describe": p.describe().to_dict(), "summary": p.summary(ctx)} for p in participants}
             refs = ctx.references()
             extra = sorted({f for p in participants if isinstance(p, FileOwner) for f in p.files(ctx)})
-        finally:
+            # The participants' summaries (object digests, a stat per blob, the journal chain's
+            # hashes) were a third of a small-blob backup's own time: they run on a thread, on the
+            # checkpoint's connection (nothing else uses it from here on), while blobs are encoded.
+            summaries = _Background(_summaries, participants, ctx)
+        except BaseException:
             records.close(conn)
-        catalog_size = cp.stat().st_size
-        todo = [sha for sha in refs if not (sha in parent_blobs and all(c in known for c in
-                                                                          parent_blobs[sha]["chunks"]))]
-        # Sizes as the records give them (no stat per blob): they weigh the work in flight and
-        # make the progress total; the encoder reads each file's real size anyway.
-        sizes = {sha: refs[sha][0].size for sha in todo}
-        total = catalog_size + sum(sizes.values())
-        done = 0
+            raise
+        try:
+            catalog_size = cp.stat().st_size
+            todo, reuse = _split_todo(repo, parent["id"] if parent else None, refs, known)
+            # Sizes as the records give them (no stat per blob): they weigh the work in flight and
+            # make the progress total; the encoder reads each file's real size anyway. Looked up,
+            # not copied into a dict (~100 bytes a blob of an initial backup's peak).
+            sizes = _RecordedSizes(refs)
+            total = catalog_size + sum(sizes.get(sha, 0) for sha in todo)
+            done = 0
 
-        def tick(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress:
-                progress(done, total, "")
+            def tick(n: int) -> None:
+                nonlocal done
+                done += n
+                if progress:
+                    progress(done, total, "")
 
-        files: dict[str, Any] = {}
-        fmt = (storage_root / FORMAT_FILE).read_bytes()
-        files[FORMAT_FILE] = {"size": len(fmt), "sha256": hashlib.sha256(fmt).hexdigest(), "chunks": [writer.add(fmt)]}
-        encoded = _must_encode(writer, cp)
-        files["catalog.db"] = {"size": encoded[2], "sha256": encoded[1], "chunks": _add_encoded(writer, encoded)}
-        tick(encoded[2])
-        for path in extra:
-            rel = str(Path(path).absolute().relative_to(storage_root))
-            if rel in files or rel.startswith(("blobs/", "tmp/")):
-                raise BackupError(f"participant file {rel} is not allowed in a snapshot")
-            encoded = _must_encode(writer, Path(path))
-            files[rel] = {"size": encoded[2], "sha256": encoded[1], "chunks": _add_encoded(writer, encoded),
-                          "mode": Path(path).stat().st_mode & 0o777}
-    tree_blobs: dict[str, Any] = {}
-    logical = files["catalog.db"]["size"] + len(fmt)
-    reused = 0
-    todo_set = set(todo)
-
-    def encode_one(sha: str) -> Encoded | None:
-        return encode_blob(writer, blobs, sha)
-
-    # Workers cut, hash, compress and encrypt; this thread appends to packs in a fixed order.
-    # Bounded by bytes: ~64 MiB of files in flight (many small ones, or a few big ones).
-    encoded_blobs = ordered_parallel(encode_one, todo, workers=ENCODERS, weight=lambda s: sizes.get(s, 0) + 4096,
-                                     max_weight=64 * 1024 * 1024)
-    for sha, uses in refs.items():
-        labels = [r.label for r in uses]
-        refs_note = labels[:3] + ([f"+{len(labels) - 3} more"] if len(labels) > 3 else [])
-        if sha not in todo_set:
-            # Content-addressed and immutable: the parent already stored exactly these bytes. Its
-            # entry is taken over in place (the parent manifest is this backup's own decoded copy):
-            # a copy per blob was ~200 bytes per blob of the backup's peak memory.
-            entry = parent_blobs[sha]
-            entry["refs"] = refs_note
-            tree_blobs[sha] = entry
-            logical += entry["size"]
-            reused += 1
-            continue
-        got_sha, encoded = next(encoded_blobs)
-        assert got_sha == sha
-        if encoded is None:
-            problems.append(f"blob {sha} referenced by {', '.join(refs_note)} is missing from STORAGE_PATH")
-            continue
-        actual, size = encoded[1], encoded[2]
-        tick(size)
-        if actual != sha:
-            # Never keep bad bytes under the name of good ones: a restore would bring them back as
-            # if intact. Left out, the blob is reported missing by restore and retried by the next
-            # backup (it is not in this snapshot's tree), once it has been repaired.
-            problems.append(f"blob {sha} in STORAGE_PATH is corrupt (hashes to {actual}); "
-                            f"affects {', '.join(refs_note)}; not stored in the snapshot")
-            continue
-        ids = _add_encoded(writer, encoded)
-        tree_blobs[sha] = {"size": size, "chunks": ids, "refs": refs_note}
-        logical += size
-    writer.finish()
+            files: dict[str, Any] = {}
+            fmt = (storage_root / FORMAT_FILE).read_bytes()
+            files[FORMAT_FILE] = {"size": len(fmt), "sha256": hashlib.sha256(fmt).hexdigest(),
+                                  "chunks": [writer.add(fmt)]}
+            encoded = _must_encode(writer, cp)
+            files["catalog.db"] = {"size": encoded[2], "sha256": encoded[1], "chunks": _add_encoded(writer, encoded)}
+            tick(encoded[2])
+            for path in extra:
+                rel = str(Path(path).absolute().relative_to(storage_root))
+                if rel in files or rel.startswith(("blobs/", "tmp/")):
+                    raise BackupError(f"participant file {rel} is not allowed in a snapshot")
+                encoded = _must_encode(writer, Path(path))
+                files[rel] = {"size": encoded[2], "sha256": encoded[1], "chunks": _add_encoded(writer, encoded),
+                              "mode": Path(path).stat().st_mode & 0o777}
+            tree_blobs: dict[str, Any] = {}
+            logical = files["catalog.db"]["size"] + len(fmt)
+            reused = 0
+            new_entries = _encode_new_blobs(repo, writer, blobs, todo, sizes, refs, problems, tick)
+            for sha, uses in refs.items():
+                labels = [r.label for r in uses]
+                refs_note = labels[:3] + ([f"+{len(labels) - 3} more"] if len(labels) > 3 else [])
+                entry = new_entries.pop(sha, None)
+                if entry is None:
+                    # Content-addressed and immutable: the parent already stored exactly these bytes. Its
+                    # entry (read from the parent's manifest stream) is taken over as it is.
+                    entry = reuse.pop(sha, None)
+                    if entry is None:
+                        continue  # missing or corrupt: already in `problems`
+                    reused += 1
+                entry["refs"] = refs_note
+                tree_blobs[sha] = entry
+                logical += entry["size"]
+            parts = summaries.result()  # before the index: a failed summary leaves no index behind
+            writer.finish()
+        finally:
+            summaries.wait()
+            records.close(conn)
     finished = time.time()
     manifest = {
         "id": uuid.uuid4().hex[:16],
@@ -347,6 +430,70 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
     }
     repo.save_snapshot(manifest)
     return manifest
+
+
+def _refs_note(uses: list[Any]) -> str:
+    labels = [r.label for r in uses]
+    return ", ".join(labels[:3] + ([f"+{len(labels) - 3} more"] if len(labels) > 3 else []))
+
+
+def _encode_new_blobs(repo: Repository, writer: PackWriter, blobs: BlobStore, todo: list[str],
+                      sizes: _RecordedSizes, refs: dict[str, Any], problems: list[str],
+                      tick: Callable[[int], None]) -> dict[str, dict[str, Any]]:
+    """Encode and pack the blobs the parent does not hold: sha -> tree entry (without refs).
+
+    Many small blobs go to worker processes (`workers`: the per-blob Python work then uses every
+    core); large ones, and all of them when there are few, are cut and sealed on threads and
+    streamed. This thread appends every sealed chunk to the packs, so pack order and the index
+    are kept in one place. Missing and corrupt blobs are reported in `problems` and left out."""
+    entries: dict[str, dict[str, Any]] = {}
+
+    def take(sha: str, encoded: Encoded | None) -> None:
+        if encoded is None:
+            problems.append(f"blob {sha} referenced by {_refs_note(refs[sha])} is missing from STORAGE_PATH")
+            return
+        actual, size = encoded[1], encoded[2]
+        tick(size)
+        if actual != sha:
+            # Never keep bad bytes under the name of good ones: a restore would bring them back as
+            # if intact. Left out, the blob is reported missing by restore and retried by the next
+            # backup (it is not in this snapshot's tree), once it has been repaired.
+            problems.append(f"blob {sha} in STORAGE_PATH is corrupt (hashes to {actual}); "
+                            f"affects {_refs_note(refs[sha])}; not stored in the snapshot")
+            return
+        entries[sha] = {"size": size, "chunks": _add_encoded(writer, encoded)}
+
+    small = [sha for sha in todo if sizes.get(sha, 0) <= workers.SMALL_MAX]
+    # Workers read local files: bodies in a remote blob backend are read by the threads below.
+    nproc = 0 if blobs.remote else workers.use_processes(len(small))
+    threaded = todo
+    if nproc:
+        small_set = set(small)
+        threaded = [sha for sha in todo if sha not in small_set]
+        inlined = set(blobs.inline_sizes())
+
+        def items() -> Iterator[tuple[str, str, bytes | None]]:
+            for sha in small:
+                # An inline body is read here (the worker has no catalog); a file, by the worker.
+                body = blobs.inline_body(sha) if sha in inlined else None
+                yield sha, str(blobs.path(sha)), body
+
+        with workers.pool(nproc, repo.enc_key, repo.id_key) as ex:
+            for sha, actual, size, chunks in workers.encode_small(ex, nproc, items(), lambda s: sizes.get(s, 0)):
+                if actual == "large":
+                    threaded.append(sha)  # bigger than its record says: streamed below
+                    continue
+                take(sha, None if actual is None else ([(c, n, b) for c, n, b in chunks], actual, size))
+
+    def encode_one(sha: str) -> Encoded | None:
+        return encode_blob(writer, blobs, sha)
+
+    # Workers cut, hash, compress and encrypt; this thread appends to packs in a fixed order.
+    # Bounded by bytes: ~64 MiB of files in flight (many small ones, or a few big ones).
+    for sha, encoded in ordered_parallel(encode_one, threaded, workers=ENCODERS,
+                                         weight=lambda s: sizes.get(s, 0) + 4096, max_weight=64 * 1024 * 1024):
+        take(sha, encoded)
+    return entries
 
 
 def _storage_format(fmt: bytes) -> Any:
@@ -583,13 +730,13 @@ def prune_repo(repo: Repository) -> dict[str, Any]:
             if cid in used:
                 writer.add(reader.read(cid))
     writer.flush()
-    packs = [*writer.written_packs]
+    packs = []
     for p, cids in keep_entries.items():
         packs.append({"id": p, "size": repo.pack_sizes[p],
                       "chunks": [[c, index[c].offset, index[c].length, index[c].raw_length] for c in cids]})
     new_index = uuid.uuid4().hex
     repo.assert_locked()
-    repo.backend.write(f"index/{new_index}", repo.seal_json({"packs": packs}, b"index"))
+    repo.backend.write(f"index/{new_index}", writer.sealed_index(packs))
     for name in old_indexes:
         repo.backend.delete(name)
     freed = orphans["bytes"]

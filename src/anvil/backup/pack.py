@@ -66,7 +66,7 @@ def decompress(data: bytes) -> bytes:
     raise ValueError("unknown compression tag")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per chunk of the repository: no __dict__ each
 class Location:
     """Where a chunk is stored: its sealed bytes at [offset, offset + length) of a pack."""
 
@@ -94,7 +94,10 @@ class PackWriter:
         self.parts: list[bytes] = []  # sealed chunks of the open pack (joined once, at flush)
         self.size = 0
         self.entries: list[list[Any]] = []
+        # Packs written this session: headers (id, size, chunk count); their index entries are kept
+        # as compact JSON text (~90 bytes a chunk, where lists of four were ~280).
         self.written_packs: list[dict[str, Any]] = []
+        self.index_parts: list[str] = []
         self.new_bytes = 0
         self.new_chunks = 0
         self.pending: set[str] = set()  # chunks added this session whose pack is not yet written
@@ -158,7 +161,8 @@ class PackWriter:
 
     def _collect(self, fut: Future[dict[str, Any]]) -> None:
         pack = fut.result()  # a failed write raises here, before any index can mention the pack
-        self.written_packs.append(pack)
+        self.written_packs.append({"id": pack["id"], "size": pack["size"], "chunks": len(pack["chunks"])})
+        self.index_parts.append(json.dumps(pack, separators=(",", ":")))
         for cid, off, length, raw in pack["chunks"]:
             self.known[cid] = Location(pack["id"], off, length, raw)
             self.pending.discard(cid)
@@ -184,14 +188,20 @@ class PackWriter:
             self._pool.shutdown()
             self._pool = None
 
+    def sealed_index(self, more: list[dict[str, Any]] | None = None) -> bytes:
+        """The sealed index file body `{"packs": [...]}` for this session's packs (and `more`)."""
+        parts = [*self.index_parts, *(json.dumps(p, separators=(",", ":")) for p in more or [])]
+        text = '{"packs":[' + ",".join(parts) + "]}"
+        return seal(self.repo.enc_key, compress(text.encode()), b"index")
+
     def finish(self) -> str | None:
         """Write remaining chunks and one index file for this session's packs (before any snapshot)."""
         self.flush()
-        if not self.written_packs:
+        if not self.index_parts:
             return None
         self.repo.assert_locked()
         index_id = uuid.uuid4().hex
-        data = self.repo.seal_json({"packs": self.written_packs}, b"index")
+        data = self.sealed_index()
         self.repo.backend.write(f"index/{index_id}", data)
         self.new_bytes += len(data)
         return index_id

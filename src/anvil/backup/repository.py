@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -433,4 +434,40 @@ class Repository:
 
     def save_snapshot(self, manifest: dict[str, Any]) -> None:
         sid = manifest["id"]
-        self.backend.write(f"snapshots/{sid}", self.seal_json(manifest, f"snapshot:{sid}".encode()))
+        self.backend.write(f"snapshots/{sid}", seal(self.enc_key, compress_manifest(manifest),
+                                                    f"snapshot:{sid}".encode()))
+
+
+_SEP = (",", ":")
+TREE_BATCH = 1000
+
+
+def _manifest_pieces(manifest: dict[str, Any]) -> Iterator[bytes]:
+    """The manifest's compact JSON (exactly `json.dumps(manifest, separators=_SEP)`) in pieces:
+    the blob tree, its bulk, a thousand entries at a time, so the whole text is never held."""
+    tree = manifest.get("tree")
+    blobs = tree.get("blobs") if isinstance(tree, dict) else None
+    if (not isinstance(blobs, dict) or len(blobs) <= TREE_BATCH or next(reversed(manifest)) != "tree"
+            or next(reversed(tree)) != "blobs"):
+        yield json.dumps(manifest, separators=_SEP).encode()
+        return
+    head = json.dumps({**manifest, "tree": {**tree, "blobs": {}}}, separators=_SEP)
+    yield head[:-3].encode()  # up to the blob tree's "{" (the text ends with its "{}", then "}}")
+    items = iter(blobs.items())
+    sep = ""
+    while batch := list(itertools.islice(items, TREE_BATCH)):
+        yield (sep + json.dumps(dict(batch), separators=_SEP)[1:-1]).encode()
+        sep = ","
+    yield b"}}}"
+
+
+def compress_manifest(manifest: dict[str, Any]) -> bytes:
+    """`compress(json)` of a manifest without its whole text in memory (~200 bytes a blob at the
+    peak of a large backup): the pieces are encoded twice, once to learn the length the zstd
+    frame header records (readers decompress frames of known size), then to compress them."""
+    size = sum(len(p) for p in _manifest_pieces(manifest))
+    if size <= 64 * 1024:
+        return compress(b"".join(_manifest_pieces(manifest)))
+    cobj = zstandard.ZstdCompressor(level=3).compressobj(size=size)
+    out = [b"\x01", *(cobj.compress(p) for p in _manifest_pieces(manifest)), cobj.flush()]
+    return b"".join(out)

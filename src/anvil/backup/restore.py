@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from anvil.backup import mode
+from anvil.backup import mode, workers
 from anvil.backup.engine import ordered_parallel
 from anvil.backup.errors import BackupError
 from anvil.backup.pack import ChunkReader
@@ -247,15 +247,13 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
         except BackupError as e:
             return "failed", str(e)
 
-    # Packs are restored in the order they were written, so the reader's pack cache stays warm.
-    # Bounded by bytes (~64 MiB of blobs in flight), so many small blobs keep both workers busy.
-    for sha, (outcome, why) in ordered_parallel(restore_blob, list(refs), weight=lambda s: _size_of(tree_blobs, s),
-                                                max_weight=64 * 1024 * 1024):
+    def record(sha: str, outcome: str, why: str | None) -> None:
+        nonlocal done, restored, skipped
         labels = [r.label for r in refs[sha]]
         affects = ", ".join(labels[:3]) + (f" (+{len(labels) - 3} more)" if len(labels) > 3 else "")
         if outcome == "missing":
             problems.append(f"blob {sha} is not in the snapshot; affects {affects}")
-            continue
+            return
         if outcome == "failed":
             problems.append(f"blob {sha}: {why}; affects {affects}")
         restored += outcome == "restored"
@@ -265,6 +263,27 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
         done += tree_blobs.get(sha, {}).get("size", 0)
         if progress:
             progress(done, total, sha[:12])
+
+    # Many small blobs are decoded and written by worker processes, a pack window at a time
+    # (`workers.restore_batch`); the rest (large, spread over packs, inline) on threads below.
+    # Workers write local files: a remote blob backend takes every blob through `restore_blob`.
+    by_pack = {} if store.remote else _small_by_pack(reader, tree_blobs, [s for s in refs if s not in inlined])
+    nproc = workers.use_processes(sum(len(v) for v in by_pack.values()))
+    rest = list(refs)
+    if nproc:
+        in_workers = {sha for items in by_pack.values() for sha, _ in items}
+        rest = [sha for sha in refs if sha not in in_workers]
+        with workers.pool(nproc, repo.enc_key, repo.id_key) as ex:
+            tasks = _restore_tasks(repo, store, by_pack, made, fresh, record)
+            for sha, outcome, why in workers.run_ordered(ex, workers.restore_batch, tasks,
+                                                         nproc * workers.INFLIGHT_PER_WORKER):
+                record(sha, outcome, why)
+
+    # Packs are restored in the order they were written, so the reader's pack cache stays warm.
+    # Bounded by bytes (~64 MiB of blobs in flight), so many small blobs keep both workers busy.
+    for sha, (outcome, why) in ordered_parallel(restore_blob, rest, weight=lambda s: _size_of(tree_blobs, s),
+                                                max_weight=64 * 1024 * 1024):
+        record(sha, outcome, why)
     # The blobs (and the fan-out folders naming them) are durable before the marker says done.
     sync_paths(written, {*made, *file_dirs, layout.blobs, root})
     marker = {
@@ -296,6 +315,55 @@ def _restore_remote(reader: ChunkReader, store: BlobStore, sha: str, entry: dict
         return "failed", str(e)
     finally:
         spool.unlink(missing_ok=True)
+
+
+def _small_by_pack(reader: ChunkReader, tree_blobs: dict[str, Any],
+                   shas: list[str]) -> dict[str, list[tuple[str, list[Any]]]]:
+    """pack id -> [(sha, its chunks' locations)] for small blobs whose chunks all sit in one pack."""
+    out: dict[str, list[tuple[str, list[Any]]]] = {}
+    for sha in shas:
+        entry = tree_blobs.get(sha)
+        if entry is None or entry.get("size", 0) > workers.SMALL_MAX or not entry.get("chunks"):
+            continue
+        locs = [(c, reader.index.get(c)) for c in entry["chunks"]]
+        if any(loc is None for _, loc in locs) or len({loc.pack for _, loc in locs}) != 1:
+            continue  # the threaded path reports (or reads across packs)
+        out.setdefault(locs[0][1].pack, []).append((sha, locs))
+    return out
+
+
+def _restore_tasks(repo: Repository, store: BlobStore, by_pack: dict[str, list[tuple[str, list[Any]]]],
+                   made: set[Path], fresh: bool,
+                   record: Callable[[str, str, str | None], None]) -> Any:
+    """(pack window, items, fresh) tasks for `workers.restore_batch`, a pack read at a time."""
+    from anvil.backup.pack import pack_name
+
+    for pack_id in sorted(by_pack):
+        items = sorted(by_pack[pack_id], key=lambda it: it[1][0][1].offset)
+        try:
+            pack = repo.backend.read(pack_name(pack_id))
+        except BackupError:
+            for sha, locs in items:
+                record(sha, "failed", f"chunk {locs[0][0]}: pack {pack_id} is missing from the repository")
+            continue
+        view = memoryview(pack)
+        i = 0
+        while i < len(items):
+            batch = items[i:i + workers.BATCH_ITEMS]
+            start = batch[0][1][0][1].offset
+            # Cut the window where it passes BATCH_BYTES (always at least one blob).
+            n = next((k for k, (_, locs) in enumerate(batch, 1)
+                      if max(loc.offset + loc.length for _, loc in locs) - start >= workers.BATCH_BYTES), len(batch))
+            batch = batch[:n]
+            i += n
+            lo = min(loc.offset for _, locs in batch for _, loc in locs)
+            hi = max(loc.offset + loc.length for _, locs in batch for _, loc in locs)
+            task_items = []
+            for sha, locs in batch:
+                dest = store.path(sha)
+                made.add(dest.parent)
+                task_items.append((sha, str(dest), 0o644, [(c, loc.offset - lo, loc.length) for c, loc in locs]))
+            yield bytes(view[lo:hi]), task_items, fresh
 
 
 def _restrict(root: Path, manifest: dict[str, Any], participants: list[Participant], keep: set[str]) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from anvil.storage.catalog import Txn
 
 RETENTION_SECONDS = 24 * 3600
 MAX_KEY_LENGTH = 255
+# The journal event that carries a record (replayed by the journal participant).
+EVENT = "idempotency.record"
 
 MIGRATIONS = [
     """
@@ -51,17 +53,33 @@ def run(txn: Txn, key: str | None, fingerprint: str, fn: Callable[[Txn], dict[st
             )
         return {**json.loads(row[1]), "idempotent_replay": True}
     result = fn(txn)
-    txn.conn.execute(
+    response = json.dumps(result)
+    record(txn.conn, txn.actor, key, fingerprint, response, txn.now)
+    # The record is journaled with the mutation (same transaction), so a store rebuilt from the
+    # journal (point-in-time restore, replay) answers a retried request as the original did. Its
+    # own event, in the system tenant: tenants' watchers never see other requests' keys.
+    txn.emit("system", EVENT, "idempotency", {"key": key, "fingerprint": fingerprint, "response": response})
+    return result
+
+
+def record(conn: Any, actor: str, key: str, fingerprint: str, response: str, now: float) -> None:
+    """Store one answer and forget a few expired ones (live, and the same again on replay)."""
+    conn.execute(
         "INSERT INTO idempotency(actor, key, fingerprint, response, created) VALUES (?,?,?,?,?) "
         "ON CONFLICT(actor, key) DO UPDATE SET fingerprint = excluded.fingerprint, "
         "response = excluded.response, created = excluded.created",
-        (txn.actor, key, fingerprint, json.dumps(result), txn.now),
+        (actor, key, fingerprint, response, now),
     )
     # Keep the table bounded: forget keys past the retention window as we go (portable SQL: the
-    # same statement runs on PostgreSQL).
-    txn.conn.execute(
+    # same statement runs on PostgreSQL). Ordered, so a replay of the journal forgets the same rows.
+    conn.execute(
         "DELETE FROM idempotency WHERE (actor, key) IN "
-        "(SELECT actor, key FROM idempotency WHERE created < ? LIMIT 16)",
-        (txn.now - RETENTION_SECONDS,),
+        "(SELECT actor, key FROM idempotency WHERE created < ? ORDER BY created, actor, key LIMIT 16)",
+        (now - RETENTION_SECONDS,),
     )
-    return result
+
+
+def apply_event(conn: Any, event: Any) -> None:
+    """Replay an `idempotency.record` event: the same row, created at the mutation's own clock."""
+    p = event.payload
+    record(conn, event.actor, p["key"], p["fingerprint"], p["response"], event.ts)

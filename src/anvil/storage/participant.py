@@ -152,12 +152,13 @@ class JournalParticipant(Participant):
     name = "journal"
     kind = "source"
     covers = ["object-journal"]
-    owns = ["catalog.db: journal, journal_base"]
-    tables = ["journal"]
+    owns = ["catalog.db: journal, journal_base, idempotency"]
+    tables = ["journal", "idempotency"]
     summary_depends_on_buckets = False  # a partial restore appends to the chain; it never rewrites it
     # The recovery process's own events: a resume changes no rows; a partial restore drops the
-    # other buckets' records again, through every bucket-scoped participant.
-    replays = ("recovery.",)
+    # other buckets' records again, through every bucket-scoped participant. Idempotency records
+    # (`idempotency.record`, written with the mutation they answer) come back as they were.
+    replays = ("recovery.", "idempotency.")
 
     def migrations(self) -> dict[str, list[str]]:
         from anvil.storage import idempotency, inline, leases
@@ -168,6 +169,12 @@ class JournalParticipant(Participant):
                 "leases": leases.MIGRATIONS}
 
     def apply(self, ctx: RecoveryContext, event: Any) -> None:
+        if event.kind.startswith("idempotency."):
+            from anvil.storage import idempotency
+
+            if event.kind == idempotency.EVENT:
+                idempotency.apply_event(ctx.conn, event)
+            return
         if event.kind == "recovery.partial_restore":
             keep = set(event.payload.get("kept") or [])
             for p in ctx.participants:
