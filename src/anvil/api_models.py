@@ -17,9 +17,9 @@ uses it, and the SDK is imported from low layers too (participants' smoke checks
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation, ValidationError
 
 # ------------------------------------------------------------------ bases
 
@@ -1036,16 +1036,38 @@ class Binding(AnvilModel):
     list: str  # noqa: A003 - the JSON name; declared last so `list[...]` above means the builtin
 
 
-class BindingRequest(RequestModel):
-    """{resource_type, read, write, list?, delete?, without_subject?, artefacts?}; the service checks names."""
-
+class ArtefactBindingRequest(RequestModel):
     resource_type: str
-    read: str
-    write: str
-    delete: str | None = Field(None, description="default: write")
-    without_subject: str | None = Field(None, description="deny (default) or scopes")
-    artefacts: dict[str, Any] | None = Field(None, description="{resource_type, pull, push, tag?, verify?}")
-    list: str | None = Field(None, description="default: read")  # noqa: A003 - last, as in Binding
+    pull: str
+    push: str
+    tag: str | None = Field(None, description="default: push")
+    verify: str | None = Field(None, description="default: pull")
+
+
+def _required(*names: str) -> Any:
+    """`json_schema_extra` for a body whose presence checks are the service's: named as required."""
+    def extra(schema: dict[str, Any]) -> None:
+        schema["required"] = list(names)
+        for name in names:
+            schema["properties"][name].pop("default", None)
+    return extra
+
+
+class BindingRequest(RequestModel):
+    """A bucket binding: object operations (and optionally artefact operations) to permissions."""
+
+    # Described here, checked by the service (SkipValidation): its messages name the binding's own
+    # fields (`artefacts.push`, `unknown artefacts field`), which callers of the CLI read.
+    model_config = ConfigDict(json_schema_extra=_required("resource_type", "read", "write"))
+
+    resource_type: Annotated[str, SkipValidation] = Field(None, description="a definition of the schema")
+    read: Annotated[str, SkipValidation] = Field(None, description="the permission GET/HEAD need")
+    write: Annotated[str, SkipValidation] = Field(None, description="the permission PUT needs")
+    delete: Annotated[str | None, SkipValidation] = Field(None, description="default: write")
+    without_subject: Annotated[str | None, SkipValidation] = Field(None, description="deny (default) or scopes")
+    artefacts: Annotated[ArtefactBindingRequest | None, SkipValidation] = Field(
+        None, description="artefact operations decided by relationships too")
+    list: Annotated[str | None, SkipValidation] = Field(None, description="default: read")  # noqa: A003 - last
 
 
 class BucketBinding(AnvilModel):

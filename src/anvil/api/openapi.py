@@ -681,7 +681,8 @@ def document(server_url: str | None = None) -> dict[str, Any]:
             model = REQUESTS.get(op_id)
             schema = _ref(model) if model is not None else {"type": "object", "additionalProperties": True}
             # Bodies that may be omitted (all fields optional) are not required.
-            required = model is None or any(f.is_required() for f in model.model_fields.values())
+            required = model is None or any(f.is_required() for f in model.model_fields.values()) or (
+                model.model_json_schema().get("required") is not None)
             op["requestBody"] = {"required": required, "content": {"application/json": {"schema": schema}}}
         if op_id == "writeAuthzSchema":
             op["requestBody"] = {"required": True, "content": {
