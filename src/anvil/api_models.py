@@ -1101,7 +1101,7 @@ class ArtefactList(AnvilModel):
 
 class ArtefactTag(AnvilModel):
     tag: str
-    id: str
+    id: str | None = Field(description="null: the tag names no artefact yet (a policy set first)")
     required_key: str | None
     updated: float
 
@@ -1120,7 +1120,7 @@ class PushArtefactRequest(RequestModel):
 
 class TagMoved(AnvilModel):
     tag: str
-    id: str
+    id: str | None = Field(description="null: the tag names no artefact yet (a policy set first)")
     previous: str | None
     required_key: str | None
 
@@ -1150,7 +1150,8 @@ class ComponentStored(AnvilModel):
 
 
 class TagRequest(RequestModel):
-    id: str = Field(description="the artefact id (or a unique prefix)")
+    id: str | None = Field(None, description="the artefact id (or a unique prefix); null: a tag that names no "
+                                             "artefact yet (a signing policy set first)")
     require_key: str | None = Field(None, description="from now on, only artefacts signed by this key")
 
 
