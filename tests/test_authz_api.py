@@ -106,7 +106,7 @@ def test_questions(admin: AnvilClient) -> None:
     subjects = admin.authz_lookup_subjects("document:public", "view", "user")["subjects"]
     assert subjects == [{"subject": "user:*", "permissionship": "has_permission", "excluded": ["user:mallory"]}]
     tree = admin.authz_expand("document:spec", "view")["tree"]
-    assert "group:eng#member" in json.dumps(tree)
+    assert "group:eng#member" in json.dumps(tree.to_dict())
     with pytest.raises(AnvilAPIError) as e:
         admin.authz_check("document:spec", "edit", "user:amy")
     assert e.value.code == "InvalidArgument" and "no permission or relation 'edit'" in e.value.message

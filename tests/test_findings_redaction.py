@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from anvil.api_models import jsonable
 from anvil.context import DEV_PRINCIPAL, RequestContext
 from anvil.diagnostics import make_finding, record
 from anvil.runtime import Anvil
@@ -52,12 +53,12 @@ def test_tenant_findings_never_show_reserved_keys(tmp_path: Path) -> None:
     try:
         with srv.client() as admin:  # the system admin sees everything as recorded
             everything = admin.list_findings()
-            assert "_anvil/consumers/state.json" in json.dumps(everything)
+            assert "_anvil/consumers/state.json" in json.dumps(everything, default=jsonable)
         with srv.client(client_id=app["client_id"], client_secret=app["client_secret"]) as c:
             seen = c.list_findings()
         by_id = {f["id"]: f for f in seen}
         assert set(by_id) == {f.id for f in [*reserved, plain]}  # still told something is wrong in its bucket
-        assert "_anvil/" not in json.dumps(seen)  # ... but never a reserved name, in any field
+        assert "_anvil/" not in json.dumps(seen, default=jsonable)  # ... but never a reserved name, in any field
         first = by_id[reserved[0].id]
         assert first["detail"] == "objects.blob_missing: names in Anvil's reserved namespace are redacted"
         assert first["affected"]["references"][0]["key"] == "[redacted]"

@@ -290,7 +290,7 @@ def test_secret_rotation(server: AnvilServer, admin: AnvilClient) -> None:
     assert exchange_token(server.endpoint, app["client_id"], rotated["client_secret"])["tenant"] == tenant
     ev = admin.journal(after=head(admin) - 1, limit=1)[0]
     assert ev["kind"] == "identity.app.rotate" and ev["payload"]["client_id"] == app["client_id"]
-    assert rotated["client_secret"] not in json.dumps(ev)
+    assert rotated["client_secret"] not in json.dumps(ev.to_dict())
 
 
 def test_public_buckets(server: AnvilServer, admin: AnvilClient) -> None:

@@ -254,7 +254,7 @@ def test_authorisation_filters_hits_counts_and_snippets(server: AnvilServer, cli
     with server.client(client_id=reader["client_id"], client_secret=reader["client_secret"]) as rc:
         res = rc.search(bucket, "docs", text="alpha", min_cursor=last)
         assert [h["key"] for h in res["hits"]] == ["public/a"] and res["count"] == 1
-        assert "classified" not in json.dumps(res) and "secret" not in json.dumps(res)
+        assert "classified" not in json.dumps(res.to_dict()) and "secret" not in json.dumps(res.to_dict())
         res = rc.search(bucket, "docs", text="zebra")
         assert res["hits"] == [] and res["count"] == 0
         assert rc.search(bucket, "docs", filter={"field": "year", "op": "gte", "value": 0})["count"] == 1
@@ -271,7 +271,7 @@ def test_authorisation_filters_hits_counts_and_snippets(server: AnvilServer, cli
         assert e.value.code == "NotFound" and e.value.message == "bucket not found"
     # Keys under the reserved namespace are never indexed (and cannot be written by callers).
     assert "_anvil/" not in json.dumps(client.search(bucket, "docs", filter={"field": "key", "op": "prefix",
-                                                                             "value": ""}))
+                                                                             "value": ""}).to_dict())
 
 
 def test_cli_index_commands_and_search(server: AnvilServer, client: AnvilClient, bucket: str, tmp_path: Path) -> None:
@@ -297,7 +297,7 @@ def test_cli_index_commands_and_search(server: AnvilServer, client: AnvilClient,
     assert rebuilt["rebuilt"] is True and rebuilt["documents"] == 1
     # `anvil repair` of the whole family on a running server rebuilds through its builder.
     report = client.repair(["indexes"])
-    assert report["ok"] is True and "running builder" in json.dumps(report["findings"])
+    assert report["ok"] is True and "running builder" in json.dumps(report.to_dict()["findings"])
     assert [h["key"] for h in client.search(bucket, "docs", text="dog")["hits"]] == ["docs/cli"]
     server.cli("index", "rm", bucket, "docs")
     assert client.list_indexes(bucket) == []

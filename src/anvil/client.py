@@ -621,9 +621,9 @@ class AnvilClient:
 
     # ------------------------------------------------------------ admin
 
-    def journal(self, *, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
-        # Plain dicts (described by JournalEvent in the document): callers serialise events as they are.
-        return self._json("GET", "/anvil/v1/admin/journal", params={"after": after, "limit": limit})["events"]
+    def journal(self, *, after: int = 0, limit: int = 100) -> list[m.JournalEvent]:
+        return self._models(m.JournalEvent, "events", "GET", "/anvil/v1/admin/journal",
+                            params={"after": after, "limit": limit})
 
     def verify_journal(self) -> m.JournalVerified:
         return self._model(m.JournalVerified, "GET", "/anvil/v1/admin/journal/verify")
@@ -735,31 +735,31 @@ class AnvilClient:
     def _authz_body(**fields: Any) -> dict[str, Any]:
         return {k: v for k, v in fields.items() if v is not None}
 
-    def authz_write_schema(self, schema: str, *, tenant: str | None = None) -> dict[str, Any]:
-        return self._json("PUT", "/anvil/v1/authz/schema", content=schema.encode(),
+    def authz_write_schema(self, schema: str, *, tenant: str | None = None) -> m.AuthzSchemaWritten:
+        return self._model(m.AuthzSchemaWritten, "PUT", "/anvil/v1/authz/schema", content=schema.encode(),
                           headers={"content-type": "text/plain; charset=utf-8"},
                           params={"tenant": tenant} if tenant else None)
 
-    def authz_read_schema(self, *, tenant: str | None = None, consistency: Any = None) -> dict[str, Any]:
+    def authz_read_schema(self, *, tenant: str | None = None, consistency: Any = None) -> m.AuthzSchema:
         if consistency is not None and not isinstance(consistency, str):
             consistency = json.dumps(consistency)
         params = self._authz_body(tenant=tenant, consistency=consistency)
-        return self._json("GET", "/anvil/v1/authz/schema", params=params)
+        return self._model(m.AuthzSchema, "GET", "/anvil/v1/authz/schema", params=params)
 
     def authz_write(self, updates: list[dict[str, Any] | str], *, preconditions: list[dict[str, Any]] | None = None,
-                    operation: str = "touch", tenant: str | None = None) -> dict[str, Any]:
+                    operation: str = "touch", tenant: str | None = None) -> m.RelationshipsWritten:
         """Apply one batch. Updates are {operation, relationship} or bare relationship strings (`operation`)."""
         ups = [{"operation": operation, "relationship": u} if isinstance(u, str) else u for u in updates]
-        return self._json("POST", "/anvil/v1/authz/relationships/write",
+        return self._model(m.RelationshipsWritten, "POST", "/anvil/v1/authz/relationships/write",
                           json=self._authz_body(updates=ups, preconditions=preconditions, tenant=tenant))
 
     def authz_read(self, filter: dict[str, str], *, limit: int | None = None, cursor: str | None = None,
-                   consistency: Any = None, tenant: str | None = None) -> dict[str, Any]:
-        return self._json("POST", "/anvil/v1/authz/relationships/read", json=self._authz_body(
+                   consistency: Any = None, tenant: str | None = None) -> m.RelationshipPage:
+        return self._model(m.RelationshipPage, "POST", "/anvil/v1/authz/relationships/read", json=self._authz_body(
             filter=filter, limit=limit, cursor=cursor, consistency=consistency, tenant=tenant))
 
     def authz_iter(self, filter: dict[str, str], *, consistency: Any = None, tenant: str | None = None,
-                   page: int = 1000) -> Iterator[dict[str, Any]]:
+                   page: int = 1000) -> Iterator[m.Relationship]:
         """Every matching relationship, page by page, from one snapshot."""
         cursor = None
         while True:
@@ -771,52 +771,53 @@ class AnvilClient:
 
     def authz_delete(self, filter: dict[str, str], *, preconditions: list[dict[str, Any]] | None = None,
                      limit: int | None = None, allow_partial: bool = False,
-                     tenant: str | None = None) -> dict[str, Any]:
-        return self._json("POST", "/anvil/v1/authz/relationships/delete", json=self._authz_body(
+                     tenant: str | None = None) -> m.RelationshipsDeleted:
+        return self._model(m.RelationshipsDeleted, "POST", "/anvil/v1/authz/relationships/delete",
+                           json=self._authz_body(
             filter=filter, preconditions=preconditions, limit=limit, allow_partial=allow_partial, tenant=tenant))
 
     def authz_check(self, resource: str, permission: str, subject: str, *, context: dict[str, Any] | None = None,
-                    consistency: Any = None, tenant: str | None = None) -> dict[str, Any]:
+                    consistency: Any = None, tenant: str | None = None) -> m.CheckResult:
         """{permissionship: has_permission|no_permission|conditional, missing_context?, checked_at}."""
-        return self._json("POST", "/anvil/v1/authz/check", json=self._authz_body(
+        return self._model(m.CheckResult, "POST", "/anvil/v1/authz/check", json=self._authz_body(
             resource=resource, permission=permission, subject=subject, context=context, consistency=consistency,
             tenant=tenant))
 
     def authz_bulk_check(self, items: list[dict[str, Any]], *, context: dict[str, Any] | None = None,
-                         consistency: Any = None, tenant: str | None = None) -> dict[str, Any]:
-        return self._json("POST", "/anvil/v1/authz/check/bulk", json=self._authz_body(
+                         consistency: Any = None, tenant: str | None = None) -> m.BulkCheckResults:
+        return self._model(m.BulkCheckResults, "POST", "/anvil/v1/authz/check/bulk", json=self._authz_body(
             items=items, context=context, consistency=consistency, tenant=tenant))
 
     def authz_lookup_resources(self, resource_type: str, permission: str, subject: str, *,
                                context: dict[str, Any] | None = None, limit: int | None = None,
-                               consistency: Any = None, tenant: str | None = None) -> dict[str, Any]:
-        return self._json("POST", "/anvil/v1/authz/lookup-resources", json=self._authz_body(
+                               consistency: Any = None, tenant: str | None = None) -> m.ResourceLookup:
+        return self._model(m.ResourceLookup, "POST", "/anvil/v1/authz/lookup-resources", json=self._authz_body(
             resource_type=resource_type, permission=permission, subject=subject, context=context, limit=limit,
             consistency=consistency, tenant=tenant))
 
     def authz_lookup_subjects(self, resource: str, permission: str, subject_type: str, *,
                               subject_relation: str | None = None, context: dict[str, Any] | None = None,
-                              consistency: Any = None, tenant: str | None = None) -> dict[str, Any]:
-        return self._json("POST", "/anvil/v1/authz/lookup-subjects", json=self._authz_body(
+                              consistency: Any = None, tenant: str | None = None) -> m.SubjectLookup:
+        return self._model(m.SubjectLookup, "POST", "/anvil/v1/authz/lookup-subjects", json=self._authz_body(
             resource=resource, permission=permission, subject_type=subject_type, subject_relation=subject_relation,
             context=context, consistency=consistency, tenant=tenant))
 
     def authz_expand(self, resource: str, permission: str, *, consistency: Any = None,
-                     tenant: str | None = None) -> dict[str, Any]:
-        return self._json("POST", "/anvil/v1/authz/expand", json=self._authz_body(
+                     tenant: str | None = None) -> m.Expansion:
+        return self._model(m.Expansion, "POST", "/anvil/v1/authz/expand", json=self._authz_body(
             resource=resource, permission=permission, consistency=consistency, tenant=tenant))
 
     # Bucket bindings: object operations decided by relationships (docs/authz.md, "Object access").
 
-    def authz_bind_bucket(self, bucket: str, binding: dict[str, Any]) -> dict[str, Any]:
+    def authz_bind_bucket(self, bucket: str, binding: dict[str, Any]) -> m.BucketBinding:
         """E.g. `{"resource_type": "document", "read": "view", "write": "edit"}`."""
-        return self._json("PUT", self._b(bucket) + "/authz-binding", json=binding)
+        return self._model(m.BucketBinding, "PUT", self._b(bucket) + "/authz-binding", json=binding)
 
-    def authz_bucket_binding(self, bucket: str) -> dict[str, Any]:
-        return self._json("GET", self._b(bucket) + "/authz-binding")
+    def authz_bucket_binding(self, bucket: str) -> m.BucketBinding:
+        return self._model(m.BucketBinding, "GET", self._b(bucket) + "/authz-binding")
 
-    def authz_unbind_bucket(self, bucket: str) -> dict[str, Any]:
-        return self._json("DELETE", self._b(bucket) + "/authz-binding")
+    def authz_unbind_bucket(self, bucket: str) -> m.BucketUnbound:
+        return self._model(m.BucketUnbound, "DELETE", self._b(bucket) + "/authz-binding")
 
 
     # ------------------------------------------------------------ watch
@@ -883,33 +884,34 @@ class AnvilClient:
     # ------------------------------------------------------------ diagnostics (admin)
 
     def list_findings(self, *, subsystem: str | None = None, severity: str | None = None,
-                      unresolved: bool = False, limit: int = 1000) -> list[dict[str, Any]]:
+                      unresolved: bool = False, limit: int = 1000) -> list[m.Finding]:
         params: dict[str, Any] = {"limit": limit, "unresolved": "true" if unresolved else "false"}
         if subsystem is not None:
             params["subsystem"] = subsystem
         if severity is not None:
             params["severity"] = severity
-        return self._json("GET", "/anvil/v1/admin/findings", params=params)["findings"]
+        return self._models(m.Finding, "findings", "GET", "/anvil/v1/admin/findings", params=params)
 
-    def resolve_finding(self, finding_id: str, resolution: str) -> dict[str, Any]:
-        return self._json("POST", f"/anvil/v1/admin/findings/{urllib.parse.quote(finding_id, safe='')}/resolve",
-                          json={"resolution": resolution})
+    def resolve_finding(self, finding_id: str, resolution: str) -> m.Finding:
+        return self._model(m.Finding, "POST",
+                           f"/anvil/v1/admin/findings/{urllib.parse.quote(finding_id, safe='')}/resolve",
+                           json={"resolution": resolution})
 
-    def fsck(self, *, deep: bool = False) -> dict[str, Any]:
+    def fsck(self, *, deep: bool = False) -> m.FsckReport:
         """Run fsck inside the server; no timeout, a deep check reads every blob."""
-        return self._json("POST", "/anvil/v1/admin/fsck", json={"deep": deep}, timeout=None)
+        return self._model(m.FsckReport, "POST", "/anvil/v1/admin/fsck", json={"deep": deep}, timeout=None)
 
     def gc(self, *, grace_seconds: float | None = None, upload_expiry_seconds: float | None = None,
-           dry_run: bool = False) -> dict[str, Any]:
+           dry_run: bool = False) -> m.GcReport:
         body: dict[str, Any] = {"dry_run": dry_run}
         if grace_seconds is not None:
             body["grace_seconds"] = grace_seconds
         if upload_expiry_seconds is not None:
             body["upload_expiry_seconds"] = upload_expiry_seconds
-        return self._json("POST", "/anvil/v1/admin/gc", json=body, timeout=None)
+        return self._model(m.GcReport, "POST", "/anvil/v1/admin/gc", json=body, timeout=None)
 
-    def repair(self, families: list[str] | None = None) -> dict[str, Any]:
-        return self._json("POST", "/anvil/v1/admin/repair", json={"families": families}, timeout=None)
+    def repair(self, families: list[str] | None = None) -> m.RepairReport:
+        return self._model(m.RepairReport, "POST", "/anvil/v1/admin/repair", json={"families": families}, timeout=None)
 
     def heal_blobs(self, repo: str, *, passphrase: str | None = None, s3_endpoint: str | None = None,
                    snapshot: str | None = None) -> m.HealReport:
@@ -1055,7 +1057,7 @@ class AnvilClient:
     def artefact_push(self, kind: str, bucket: str, name: str, files: list[dict[str, Any]], *,
                       tag: str | None = None, base: str | None = None, metadata: dict[str, Any] | None = None,
                       refs: dict[str, str] | None = None, signing_key: Any = None, key_id: str | None = None,
-                      workers: int = 4) -> dict[str, Any]:
+                      workers: int = 4) -> m.ArtefactPushed:
         """Upload the components the bucket lacks, then the (optionally signed) manifest; `base`: an id or
         tag of an artefact of the same name whose identical files are not listed again (a delta)."""
         from anvil import artefact_format as mf
@@ -1071,25 +1073,25 @@ class AnvilClient:
             mine = {c["path"] for c in comps}
             comps = [c for c in comps if have.get(c["path"]) != c["sha256"]]
             removed = sorted(set(have) - mine)
-        m = mf.build_manifest(kind, name, comps, base=base_id, removed=removed, metadata=metadata, refs=refs)
+        manifest = mf.build_manifest(kind, name, comps, base=base_id, removed=removed, metadata=metadata, refs=refs)
         sigs = []
         if signing_key is not None:
             if not key_id:
                 raise ValueError("signing needs a key_id")
-            sigs.append(mf.sign(m, self._signing_key(signing_key), key_id))
-        body: dict[str, Any] = {"manifest": m, "signatures": sigs}
+            sigs.append(mf.sign(manifest, self._signing_key(signing_key), key_id))
+        body: dict[str, Any] = {"manifest": manifest, "signatures": sigs}
         if tag is not None:
             body["tag"] = tag
-        res = self._json("POST", self._a(bucket, name), json=body)
-        res["uploaded"] = uploaded
+        res = self._model(m.ArtefactPushed, "POST", self._a(bucket, name), json=body)
+        res["uploaded"] = uploaded  # how many components this push sent (added here, not by the server)
         return res
 
-    def push_model(self, bucket: str, name: str, directory: str | Path, **kwargs: Any) -> dict[str, Any]:
+    def push_model(self, bucket: str, name: str, directory: str | Path, **kwargs: Any) -> m.ArtefactPushed:
         """`anvil artefact push model`: the directory's files (safetensors, GGUF, configs, tokenizers)."""
         return self.artefact_push("model", bucket, name, self._scan_dir(directory), **kwargs)
 
     def push_source(self, bucket: str, name: str, repo: str | Path, *, refs: list[str] | None = None,
-                    **kwargs: Any) -> dict[str, Any]:
+                    **kwargs: Any) -> m.ArtefactPushed:
         """A git repository's objects reachable from `refs` (default: HEAD and every branch and tag) as one pack."""
         import hashlib
         import io
@@ -1131,29 +1133,32 @@ class AnvilClient:
             f = {"path": f"git/pack-{sha[:40]}.pack", "size": len(data), "sha256": sha, "local": str(local)}
             return self.artefact_push("source", bucket, name, [f], refs=chosen, **kwargs)
 
-    def artefact_describe(self, bucket: str, name: str, ref: str) -> dict[str, Any]:
+    def artefact_describe(self, bucket: str, name: str, ref: str) -> m.ArtefactDescription:
         """{id, name, kind, manifest, signatures, files (effective: base applied), created, seq}."""
-        return self._json("GET", self._a(bucket, name) + "/" + urllib.parse.quote(ref, safe=""))
+        return self._model(m.ArtefactDescription, "GET", self._a(bucket, name) + "/" + urllib.parse.quote(ref, safe=""))
 
-    def list_artefacts(self, bucket: str, name: str | None = None) -> Any:
+    def list_artefacts(self, bucket: str, name: str | None = None) -> list[m.ArtefactSummary] | m.ArtefactName:
+        """Without a name: the bucket's artefacts; with one: that name's artefacts and tags."""
         if name is None:
-            return self._json("GET", self._b(bucket) + "/artefacts")["artefacts"]
-        return self._json("GET", self._a(bucket, name))
+            return self._models(m.ArtefactSummary, "artefacts", "GET", self._b(bucket) + "/artefacts")
+        return self._model(m.ArtefactName, "GET", self._a(bucket, name))
 
     def tag_artefact(self, bucket: str, name: str, tag: str, artefact_id: str | None, *,
-                     require_key: str | None = None) -> dict[str, Any]:
+                     require_key: str | None = None) -> m.TagMoved:
         body: dict[str, Any] = {"id": artefact_id}
         if require_key is not None:
             body["require_key"] = require_key
-        return self._json("PUT", self._a(bucket, name) + "/tags/" + urllib.parse.quote(tag, safe=""), json=body)
+        return self._model(m.TagMoved, "PUT", self._a(bucket, name) + "/tags/" + urllib.parse.quote(tag, safe=""),
+                           json=body)
 
-    def verify_artefact(self, bucket: str, name: str, ref: str) -> dict[str, Any]:
+    def verify_artefact(self, bucket: str, name: str, ref: str) -> m.ArtefactVerified:
         """Server-side: every component re-hashed, every signature and tensor index checked."""
-        return self._json("POST", self._a(bucket, name) + "/" + urllib.parse.quote(ref, safe="") + "/verify",
-                          timeout=None)
+        return self._model(m.ArtefactVerified, "POST",
+                           self._a(bucket, name) + "/" + urllib.parse.quote(ref, safe="") + "/verify", timeout=None)
 
-    def list_tensors(self, bucket: str, name: str, ref: str) -> list[dict[str, Any]]:
-        return self._json("GET", self._a(bucket, name) + "/" + urllib.parse.quote(ref, safe="") + "/tensors")["tensors"]
+    def list_tensors(self, bucket: str, name: str, ref: str) -> list[m.Tensor]:
+        return self._models(m.Tensor, "tensors", "GET",
+                            self._a(bucket, name) + "/" + urllib.parse.quote(ref, safe="") + "/tensors")
 
     def get_tensor(self, bucket: str, name: str, ref: str, tensor: str) -> tuple[bytes, str, list[int]]:
         """One tensor's raw bytes (a range read of its file), with its dtype and shape."""
@@ -1249,22 +1254,24 @@ class AnvilClient:
                 tmp.unlink(missing_ok=True)
         return {"id": info["id"], "files": len(files), "bytes": sum(f["size"] for f in files)}
 
-    def add_signing_key(self, key_id: str, public_key: str, *, tenant: str | None = None) -> dict[str, Any]:
+    def add_signing_key(self, key_id: str, public_key: str, *, tenant: str | None = None) -> m.SigningKeyAdded:
         body = {"key_id": key_id, "public_key": public_key}
         if tenant:
             body["tenant"] = tenant
-        return self._json("POST", "/anvil/v1/artefact-keys", json=body)
+        return self._model(m.SigningKeyAdded, "POST", "/anvil/v1/artefact-keys", json=body)
 
-    def list_signing_keys(self, tenant: str | None = None) -> list[dict[str, Any]]:
-        return self._json("GET", "/anvil/v1/artefact-keys", params={"tenant": tenant} if tenant else None)["keys"]
+    def list_signing_keys(self, tenant: str | None = None) -> list[m.SigningKey]:
+        return self._models(m.SigningKey, "keys", "GET", "/anvil/v1/artefact-keys",
+                            params={"tenant": tenant} if tenant else None)
 
     def git_resolve(self, bucket: str, name: str, ref: str, refname: str = "HEAD") -> str:
         return self._json("GET", self._a(bucket, name) + f"/{urllib.parse.quote(ref, safe='')}/git/ref",
                           params={"name": refname})["commit"]
 
-    def git_tree(self, bucket: str, name: str, ref: str, commit: str, path: str = "") -> list[dict[str, Any]]:
-        return self._json("GET", self._a(bucket, name) + f"/{urllib.parse.quote(ref, safe='')}/git/tree/{commit}",
-                          params={"path": path})["entries"]
+    def git_tree(self, bucket: str, name: str, ref: str, commit: str, path: str = "") -> list[m.GitTreeEntry]:
+        return self._models(m.GitTreeEntry, "entries", "GET",
+                            self._a(bucket, name) + f"/{urllib.parse.quote(ref, safe='')}/git/tree/{commit}",
+                            params={"path": path})
 
     def git_blob(self, bucket: str, name: str, ref: str, commit: str, path: str) -> bytes:
         return self._request("GET", self._a(bucket, name) + f"/{urllib.parse.quote(ref, safe='')}/git/blob/{commit}",
@@ -1277,7 +1284,8 @@ class AnvilClient:
 
         hf = "/anvil/v1/hf"
         b, n = urllib.parse.quote(bucket, safe=""), urllib.parse.quote(name, safe="")
-        info = self._json("GET", f"{hf}/api/models/{b}/{n}/revision/{urllib.parse.quote(ref, safe='')}")
+        info = self._model(m.HfModelInfo, "GET",
+                           f"{hf}/api/models/{b}/{n}/revision/{urllib.parse.quote(ref, safe='')}")
         want = {f["path"]: f["sha256"] for f in self.artefact_describe(bucket, name, ref)["files"]}
         got = [s["rfilename"] for s in info["siblings"]]
         if sorted(got) != sorted(want):
@@ -1304,34 +1312,34 @@ class AnvilClient:
         return "/anvil/v1/pdb/groups/" + urllib.parse.quote(group, safe="")
 
     def pdb_create(self, name: str, schema: str, *, snapshot_every: int | None = None,
-                   max_changeset: int | None = None) -> dict[str, Any]:
+                   max_changeset: int | None = None) -> m.PdbGroup:
         body: dict[str, Any] = {"name": name, "schema": schema}
         if snapshot_every is not None:
             body["snapshot_every"] = snapshot_every
         if max_changeset is not None:
             body["max_changeset"] = max_changeset
-        return self._json("POST", "/anvil/v1/pdb/groups", json=body)
+        return self._model(m.PdbGroup, "POST", "/anvil/v1/pdb/groups", json=body)
 
-    def pdb_list(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/anvil/v1/pdb/groups")["groups"]
+    def pdb_list(self) -> list[m.PdbGroup]:
+        return self._models(m.PdbGroup, "groups", "GET", "/anvil/v1/pdb/groups")
 
-    def pdb_get(self, group: str) -> dict[str, Any]:
-        return self._json("GET", self._g(group))
+    def pdb_get(self, group: str) -> m.PdbGroup:
+        return self._model(m.PdbGroup, "GET", self._g(group))
 
-    def pdb_migrate(self, group: str, sql: str) -> dict[str, Any]:
-        return self._json("POST", self._g(group) + "/migrations", json={"sql": sql})
+    def pdb_migrate(self, group: str, sql: str) -> m.PdbEntry:
+        return self._model(m.PdbEntry, "POST", self._g(group) + "/migrations", json={"sql": sql})
 
     def pdb_commit(self, group: str, changeset: bytes, *, base_index: int, base_hash: str,
-                   schema_version: int | None = None, idempotency_key: str | None = None) -> dict[str, Any]:
+                   schema_version: int | None = None, idempotency_key: str | None = None) -> m.PdbEntry:
         """Submit one changeset against (base_index, base_hash); PersonalDbStaleBase if that is not the head."""
         headers = {"content-type": "application/octet-stream", "x-anvil-pdb-base-index": str(base_index),
                    "x-anvil-pdb-base-hash": base_hash, **self._idem(idempotency_key)}
         if schema_version is not None:
             headers["x-anvil-pdb-schema-version"] = str(schema_version)
-        return self._json("POST", self._g(group) + "/commits", content=changeset, headers=headers)
+        return self._model(m.PdbEntry, "POST", self._g(group) + "/commits", content=changeset, headers=headers)
 
     def pdb_commit_batch(self, group: str, changesets: list[tuple[bytes, str | None]], *, base_index: int,
-                         base_hash: str, schema_version: int | None = None) -> list[dict[str, Any]]:
+                         base_hash: str, schema_version: int | None = None) -> list[m.PdbEntry]:
         """Submit changesets in order, the first against (base_index, base_hash), each next on the one
         before: one certified entry each, all committed in one transaction (one round trip) or none."""
         body: dict[str, Any] = {"base_index": base_index, "base_hash": base_hash, "changesets": [
@@ -1339,33 +1347,33 @@ class AnvilClient:
             for cs, k in changesets]}
         if schema_version is not None:
             body["schema_version"] = schema_version
-        return self._json("POST", self._g(group) + "/commits/batch", json=body)["entries"]
+        return self._models(m.PdbEntry, "entries", "POST", self._g(group) + "/commits/batch", json=body)
 
     def pdb_catch_up(self, group: str, after_index: int, after_hash: str, *, limit: int = 1000,
-                     certificates_only: bool = False) -> dict[str, Any]:
+                     certificates_only: bool = False) -> m.PdbCatchUp:
         """The entries after (index, hash) with their certificates, or status `snapshot_required`."""
         params: dict[str, Any] = {"after_index": after_index, "after_hash": after_hash, "limit": limit}
         if certificates_only:
             params["certificates_only"] = "true"
-        return self._json("GET", self._g(group) + "/log", params=params)
+        return self._model(m.PdbCatchUp, "GET", self._g(group) + "/log", params=params)
 
-    def pdb_snapshots(self, group: str) -> list[dict[str, Any]]:
-        return self._json("GET", self._g(group) + "/snapshots")["snapshots"]
+    def pdb_snapshots(self, group: str) -> list[m.PdbSnapshot]:
+        return self._models(m.PdbSnapshot, "snapshots", "GET", self._g(group) + "/snapshots")
 
-    def pdb_build_snapshot(self, group: str) -> dict[str, Any]:
-        return self._json("POST", self._g(group) + "/snapshots", timeout=None)
+    def pdb_build_snapshot(self, group: str) -> m.PdbSnapshot:
+        return self._model(m.PdbSnapshot, "POST", self._g(group) + "/snapshots", timeout=None)
 
     def pdb_snapshot_data(self, group: str, index: int) -> bytes:
         return self._request("GET", self._g(group) + f"/snapshots/{int(index)}/data", timeout=None).content
 
-    def pdb_compact(self, group: str) -> dict[str, Any]:
-        return self._json("POST", self._g(group) + "/compact")
+    def pdb_compact(self, group: str) -> m.PdbCompacted:
+        return self._model(m.PdbCompacted, "POST", self._g(group) + "/compact")
 
-    def pdb_keys(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/anvil/v1/pdb/keys")["keys"]
+    def pdb_keys(self) -> list[m.PdbKey]:
+        return self._models(m.PdbKey, "keys", "GET", "/anvil/v1/pdb/keys")
 
-    def pdb_rotate_key(self) -> dict[str, Any]:
-        return self._json("POST", "/anvil/v1/admin/pdb/keys/rotate", json={})
+    def pdb_rotate_key(self) -> m.PdbKeyRotated:
+        return self._model(m.PdbKeyRotated, "POST", "/anvil/v1/admin/pdb/keys/rotate", json={})
 
     def pdb_bind(self, group: str, binding: dict[str, Any]) -> dict[str, Any]:
         """Decide the group's row changes by relationships, e.g. `{"resource_type": "note", "resource":
@@ -1378,11 +1386,12 @@ class AnvilClient:
     def pdb_unbind(self, group: str) -> dict[str, Any]:
         return self._json("DELETE", self._g(group) + "/authz-binding")
 
-    def pdb_create_projection(self, name: str, source: str, spec: dict[str, Any]) -> dict[str, Any]:
-        return self._json("POST", "/anvil/v1/pdb/projections", json={"name": name, "source": source, "spec": spec})
+    def pdb_create_projection(self, name: str, source: str, spec: dict[str, Any]) -> m.PdbProjection:
+        return self._model(m.PdbProjection, "POST", "/anvil/v1/pdb/projections",
+                           json={"name": name, "source": source, "spec": spec})
 
-    def pdb_projection(self, name: str) -> dict[str, Any]:
-        return self._json("GET", "/anvil/v1/pdb/projections/" + urllib.parse.quote(name, safe=""))
+    def pdb_projection(self, name: str) -> m.PdbProjection:
+        return self._model(m.PdbProjection, "GET", "/anvil/v1/pdb/projections/" + urllib.parse.quote(name, safe=""))
 
     def pdb_projection_data(self, name: str, *, source_index: int | None = None) -> bytes:
         """The projection's SQLite file, zstd-compressed (once it reflects `source_index`, if given)."""
@@ -1391,49 +1400,51 @@ class AnvilClient:
                              params=params, timeout=None).content
 
     def pdb_projection_changes(self, name: str, after_index: int, after_hash: str, *,
-                               limit: int = 1000) -> dict[str, Any]:
+                               limit: int = 1000) -> m.PdbProjectionChanges:
         """The projection's changesets after source entry (index, hash), or status `snapshot_required`."""
-        return self._json("GET", "/anvil/v1/pdb/projections/" + urllib.parse.quote(name, safe="") + "/changes",
-                          params={"after_index": after_index, "after_hash": after_hash, "limit": limit})
+        return self._model(m.PdbProjectionChanges, "GET",
+                           "/anvil/v1/pdb/projections/" + urllib.parse.quote(name, safe="") + "/changes",
+                           params={"after_index": after_index, "after_hash": after_hash, "limit": limit})
 
-    def pdb_write_back(self, projection: str, changeset: bytes) -> dict[str, Any]:
+    def pdb_write_back(self, projection: str, changeset: bytes) -> m.PdbEntry:
         """Send a changeset made on a copy of the projection back to its source group (if its policy allows)."""
-        return self._json("POST", "/anvil/v1/pdb/projections/" + urllib.parse.quote(projection, safe="") +
-                          "/writeback", content=changeset, headers={"content-type": "application/octet-stream"})
+        return self._model(m.PdbEntry, "POST",
+                           "/anvil/v1/pdb/projections/" + urllib.parse.quote(projection, safe="") + "/writeback",
+                           content=changeset, headers={"content-type": "application/octet-stream"})
     # ------------------------------------------------------------------ indexes (anvil.indexes)
 
     def _ix(self, bucket: str, name: str | None = None) -> str:
         path = f"{self._b(bucket)}/indexes"
         return path if name is None else f"{path}/{urllib.parse.quote(name, safe='')}"
 
-    def create_index(self, bucket: str, definition: dict[str, Any]) -> dict[str, Any]:
+    def create_index(self, bucket: str, definition: dict[str, Any]) -> m.Index:
         """Create an index from its definition ({name, kind, selector, fields, ...}; docs/indexes.md)."""
-        return self._json("POST", self._ix(bucket), json=definition)
+        return self._model(m.Index, "POST", self._ix(bucket), json=definition)
 
-    def update_index(self, bucket: str, name: str, definition: dict[str, Any]) -> dict[str, Any]:
-        return self._json("PUT", self._ix(bucket, name), json=definition)
+    def update_index(self, bucket: str, name: str, definition: dict[str, Any]) -> m.Index:
+        return self._model(m.Index, "PUT", self._ix(bucket, name), json=definition)
 
-    def get_index(self, bucket: str, name: str) -> dict[str, Any]:
+    def get_index(self, bucket: str, name: str) -> m.Index:
         """The definition and its status (generation, cursor, lag, documents, diagnostics)."""
-        return self._json("GET", self._ix(bucket, name))
+        return self._model(m.Index, "GET", self._ix(bucket, name))
 
-    def list_indexes(self, bucket: str) -> list[dict[str, Any]]:
-        return self._json("GET", self._ix(bucket))["indexes"]
+    def list_indexes(self, bucket: str) -> list[m.Index]:
+        return self._models(m.Index, "indexes", "GET", self._ix(bucket))
 
-    def disable_index(self, bucket: str, name: str) -> dict[str, Any]:
-        return self._json("POST", self._ix(bucket, name) + "/disable")
+    def disable_index(self, bucket: str, name: str) -> m.Index:
+        return self._model(m.Index, "POST", self._ix(bucket, name) + "/disable")
 
-    def enable_index(self, bucket: str, name: str) -> dict[str, Any]:
-        return self._json("POST", self._ix(bucket, name) + "/enable")
+    def enable_index(self, bucket: str, name: str) -> m.Index:
+        return self._model(m.Index, "POST", self._ix(bucket, name) + "/enable")
 
-    def drop_index(self, bucket: str, name: str) -> dict[str, Any]:
-        return self._json("DELETE", self._ix(bucket, name))
+    def drop_index(self, bucket: str, name: str) -> m.Index:
+        return self._model(m.Index, "DELETE", self._ix(bucket, name))
 
-    def rebuild_index(self, bucket: str, name: str) -> dict[str, Any]:
+    def rebuild_index(self, bucket: str, name: str) -> m.IndexRebuilt:
         """Throw the index's derived state away and rebuild it from the objects (waits until done)."""
-        return self._json("POST", self._ix(bucket, name) + "/rebuild", timeout=None)
+        return self._model(m.IndexRebuilt, "POST", self._ix(bucket, name) + "/rebuild", timeout=None)
 
-    def search(self, bucket: str, name: str, **query: Any) -> dict[str, Any]:
+    def search(self, bucket: str, name: str, **query: Any) -> m.IndexResults:
         """Query an index: text=, vector=, filter=, sort=, limit=, page_token=, min_cursor=, ...
         (docs/indexes.md "Query API"); returns {hits, count, cursor, generation[, next_page_token]}."""
-        return self._json("POST", self._ix(bucket, name) + "/query", json=query)
+        return self._model(m.IndexResults, "POST", self._ix(bucket, name) + "/query", json=query)

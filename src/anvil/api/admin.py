@@ -6,7 +6,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from anvil.api.common import blocking, endpoint, json_body, query_int, releasing
+from anvil import api_models as m
+from anvil.api.common import blocking, endpoint, model_body, query_int, releasing
 from anvil.context import RequestContext
 from anvil.diagnostics import redact_for
 from anvil.diagnostics.gc import DEFAULT_GRACE, DEFAULT_UPLOAD_EXPIRY
@@ -17,12 +18,6 @@ from anvil.runtime import Anvil
 
 def _anvil(request: Request) -> Anvil:
     return request.app.state.anvil
-
-
-def _flag(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise AnvilError("InvalidArgument", f"{name} must be true or false")
-    return value
 
 
 @endpoint
@@ -43,38 +38,36 @@ async def list_findings(request: Request, ctx: RequestContext) -> Response:
 @endpoint
 async def resolve_finding(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:write", "system")
-    body = await json_body(request)
+    body = await model_body(request, m.ResolveFindingRequest)
     f = await blocking(_anvil(request).diagnostics.resolve, ctx, request.path_params["finding_id"],
-                       body.get("resolution"))
+                       body.resolution)
     return JSONResponse(f.to_dict())
 
 
 @endpoint
 async def fsck(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:write", "system")
-    body = await json_body(request, required=False)
-    deep = _flag(body.get("deep", False), "deep")
-    report = await blocking(releasing, _anvil(request).diagnostics.fsck, ctx, deep=deep)
+    body = await model_body(request, m.FsckRequest, required=False)
+    report = await blocking(releasing, _anvil(request).diagnostics.fsck, ctx, deep=body.deep)
     return JSONResponse(report.to_dict())
 
 
 @endpoint
 async def gc(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:write", "system")
-    body = await json_body(request, required=False)
-    report = await blocking(
-        releasing, _anvil(request).diagnostics.gc, ctx, grace=body.get("grace_seconds", DEFAULT_GRACE),
-        upload_expiry=body.get("upload_expiry_seconds", DEFAULT_UPLOAD_EXPIRY),
-        dry_run=_flag(body.get("dry_run", False), "dry_run"),
-    )
+    body = await model_body(request, m.GcRequest, required=False)
+    grace = DEFAULT_GRACE if body.grace_seconds is None else body.grace_seconds
+    expiry = DEFAULT_UPLOAD_EXPIRY if body.upload_expiry_seconds is None else body.upload_expiry_seconds
+    report = await blocking(releasing, _anvil(request).diagnostics.gc, ctx, grace=grace, upload_expiry=expiry,
+                            dry_run=body.dry_run)
     return JSONResponse(report.to_dict())
 
 
 @endpoint
 async def repair(request: Request, ctx: RequestContext) -> Response:
     authorize(ctx.principal, "admin:write", "system")
-    body = await json_body(request, required=False)
-    return JSONResponse(await blocking(releasing, _anvil(request).diagnostics.repair, ctx, body.get("families")))
+    body = await model_body(request, m.RepairRequest, required=False)
+    return JSONResponse(await blocking(releasing, _anvil(request).diagnostics.repair, ctx, body.families))
 
 
 ROUTES = [

@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from anvil import api_models as models
 from anvil import artefact_format as mf
 from anvil.api.access import BindingAccess
 from anvil.api.common import (
@@ -26,8 +27,10 @@ from anvil.api.common import (
     error_response,
     file_io,
     json_body,
+    model_body,
     require_identity,
     stream_into,
+    validated,
     verified_body,
 )
 from anvil.api.limits import read_capped
@@ -72,8 +75,8 @@ async def missing_components(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
     bucket, name = _names(request)
     await _auth(request, ctx, "artefact:push", bucket, name)
-    body = await json_body(request)
-    return JSONResponse({"missing": await blocking(_svc(request).missing_components, bucket, body.get("sha256s"))})
+    body = await model_body(request, models.MissingComponentsRequest)
+    return JSONResponse({"missing": await blocking(_svc(request).missing_components, bucket, body.sha256s)})
 
 
 @endpoint
@@ -138,15 +141,14 @@ async def push(request: Request, ctx: RequestContext) -> Response:
     check_recovery(request)
     bucket, name = _names(request)
     await _auth(request, ctx, "artefact:push", bucket, name)
-    body = await json_body(request)
-    m = body.get("manifest")
-    if not isinstance(m, dict) or m.get("name") != name:
+    raw = await json_body(request)
+    if not isinstance(raw.get("manifest"), dict) or raw["manifest"].get("name") != name:
         raise AnvilError("InvalidArgument", "the body is {manifest, signatures?, tag?} with manifest.name the "
                          "artefact name of the path")
-    tag = body.get("tag")
-    if tag is not None:
+    body = validated(models.PushArtefactRequest, raw)
+    if body.tag is not None:
         await _auth(request, ctx, "artefact:tag", bucket, name)
-    result = await blocking(_svc(request).push, ctx, bucket, m, body.get("signatures"), tag)
+    result = await blocking(_svc(request).push, ctx, bucket, body.manifest, body.signatures, body.tag)
     return JSONResponse(result, status_code=201 if result["created"] else 200)
 
 
@@ -177,9 +179,9 @@ async def put_tag(request: Request, ctx: RequestContext) -> Response:
     check_recovery(request)
     bucket, name = _names(request)
     await _auth(request, ctx, "artefact:tag", bucket, name)
-    body = await json_body(request)
+    body = await model_body(request, models.TagRequest)
     result = await blocking(_svc(request).set_tag, ctx, bucket, name, request.path_params["tag"],
-                            body.get("id"), body.get("require_key"))
+                            body.id, body.require_key)
     return JSONResponse(result)
 
 
@@ -233,12 +235,10 @@ def _range_body(svc: ArtefactService, sha: str, size: int, offset: int, length: 
 async def add_key(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
     check_recovery(request)
-    body = await json_body(request)
-    tenant = body.get("tenant") or ctx.tenant
-    if not isinstance(tenant, str):
-        raise AnvilError("InvalidArgument", "tenant must be a string")
+    body = await model_body(request, models.AddSigningKeyRequest)
+    tenant = body.tenant or ctx.tenant
     authorize(ctx.principal, "artefact:tag", f"tenant:{tenant}")
-    result = await blocking(_svc(request).add_key, ctx, tenant, body.get("key_id"), body.get("public_key"))
+    result = await blocking(_svc(request).add_key, ctx, tenant, body.key_id, body.public_key)
     return JSONResponse(result, status_code=201 if result["created"] else 200)
 
 

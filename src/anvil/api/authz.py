@@ -14,7 +14,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from anvil.api.common import blocking, check_recovery, endpoint, json_body, require_identity
+from anvil import api_models as m
+from anvil.api.common import blocking, check_recovery, endpoint, json_body, model_body, require_identity, validated
 from anvil.api.limits import read_capped
 from anvil.authz import AuthzService
 from anvil.authz.schema import MAX_SCHEMA_BYTES
@@ -33,8 +34,9 @@ async def put_schema(request: Request, ctx: RequestContext) -> Response:
     check_recovery(request)
     tenant = request.query_params.get("tenant")
     if (request.headers.get("content-type") or "").startswith("application/json"):
-        body = await json_body(request)
-        text, tenant = body.get("schema"), body.get("tenant", tenant)
+        body = await model_body(request, m.AuthzSchemaRequest)
+        text = body.schema_text
+        tenant = body.tenant if "tenant" in body.model_fields_set else tenant
     else:
         raw = await read_capped(request, MAX_SCHEMA_BYTES, lambda: AnvilError(
             "InvalidArgument", f"the schema is larger than {MAX_SCHEMA_BYTES} bytes"))
@@ -62,78 +64,68 @@ async def get_schema(request: Request, ctx: RequestContext) -> Response:
 async def write_relationships(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
     check_recovery(request)
-    b = await json_body(request)
-    return JSONResponse(await blocking(_authz(request).write_relationships, ctx, b.get("updates"),
-                                       b.get("preconditions"), b.get("tenant")))
+    b = await model_body(request, m.WriteRelationshipsRequest)
+    return JSONResponse(await blocking(_authz(request).write_relationships, ctx, b.updates, b.preconditions,
+                                       b.tenant))
 
 
 @endpoint
 async def read_relationships(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    b = await json_body(request)
-    return JSONResponse(await blocking(_authz(request).read_relationships, ctx.principal, b.get("filter"),
-                                       consistency=b.get("consistency"), limit=b.get("limit"),
-                                       cursor=b.get("cursor"), tenant=b.get("tenant")))
+    b = await model_body(request, m.RelationshipFilterRequest)
+    return JSONResponse(await blocking(_authz(request).read_relationships, ctx.principal, b.filter,
+                                       consistency=b.consistency, limit=b.limit, cursor=b.cursor, tenant=b.tenant))
 
 
 @endpoint
 async def delete_relationships(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
     check_recovery(request)
-    b = await json_body(request)
-    allow_partial = b.get("allow_partial", False)
-    if not isinstance(allow_partial, bool):
-        raise AnvilError("InvalidArgument", "allow_partial must be true or false")
-    return JSONResponse(await blocking(_authz(request).delete_relationships, ctx, b.get("filter"),
-                                       b.get("preconditions"), limit=b.get("limit"), allow_partial=allow_partial,
-                                       tenant=b.get("tenant")))
+    b = await model_body(request, m.DeleteRelationshipsRequest)
+    return JSONResponse(await blocking(_authz(request).delete_relationships, ctx, b.filter, b.preconditions,
+                                       limit=b.limit, allow_partial=b.allow_partial, tenant=b.tenant))
 
 
 @endpoint
 async def check(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    b = await json_body(request)
-    return JSONResponse(await blocking(_authz(request).check, ctx.principal, b.get("resource"), b.get("permission"),
-                                       b.get("subject"), context=b.get("context"),
-                                       consistency=b.get("consistency"), tenant=b.get("tenant")))
+    b = await model_body(request, m.CheckRequest)
+    return JSONResponse(await blocking(_authz(request).check, ctx.principal, b.resource, b.permission, b.subject,
+                                       context=b.context, consistency=b.consistency, tenant=b.tenant))
 
 
 @endpoint
 async def bulk_check(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    b = await json_body(request)
-    return JSONResponse(await blocking(_authz(request).bulk_check, ctx.principal, b.get("items"),
-                                       context=b.get("context"), consistency=b.get("consistency"),
-                                       tenant=b.get("tenant")))
+    b = await model_body(request, m.BulkCheckRequest)
+    return JSONResponse(await blocking(_authz(request).bulk_check, ctx.principal, b.items, context=b.context,
+                                       consistency=b.consistency, tenant=b.tenant))
 
 
 @endpoint
 async def lookup_resources(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    b = await json_body(request)
-    return JSONResponse(await blocking(_authz(request).lookup_resources, ctx.principal, b.get("resource_type"),
-                                       b.get("permission"), b.get("subject"), context=b.get("context"),
-                                       consistency=b.get("consistency"), limit=b.get("limit"),
-                                       tenant=b.get("tenant")))
+    b = await model_body(request, m.LookupResourcesRequest)
+    return JSONResponse(await blocking(_authz(request).lookup_resources, ctx.principal, b.resource_type,
+                                       b.permission, b.subject, context=b.context, consistency=b.consistency,
+                                       limit=b.limit, tenant=b.tenant))
 
 
 @endpoint
 async def lookup_subjects(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    b = await json_body(request)
-    return JSONResponse(await blocking(_authz(request).lookup_subjects, ctx.principal, b.get("resource"),
-                                       b.get("permission"), b.get("subject_type"),
-                                       subject_relation=b.get("subject_relation"), context=b.get("context"),
-                                       consistency=b.get("consistency"), tenant=b.get("tenant")))
+    b = await model_body(request, m.LookupSubjectsRequest)
+    return JSONResponse(await blocking(_authz(request).lookup_subjects, ctx.principal, b.resource, b.permission,
+                                       b.subject_type, subject_relation=b.subject_relation, context=b.context,
+                                       consistency=b.consistency, tenant=b.tenant))
 
 
 @endpoint
 async def expand(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
-    b = await json_body(request)
-    return JSONResponse(await blocking(_authz(request).expand, ctx.principal, b.get("resource"),
-                                       b.get("permission"), consistency=b.get("consistency"),
-                                       tenant=b.get("tenant")))
+    b = await model_body(request, m.ExpandRequest)
+    return JSONResponse(await blocking(_authz(request).expand, ctx.principal, b.resource, b.permission,
+                                       consistency=b.consistency, tenant=b.tenant))
 
 
 @endpoint
@@ -141,7 +133,9 @@ async def put_binding(request: Request, ctx: RequestContext) -> Response:
     """Bind the bucket's object operations to permissions (docs/authz.md, "Object access")."""
     require_identity(ctx)
     check_recovery(request)
+    # The raw body goes to the service, which refuses unknown fields by name (the model ignores them).
     body = await json_body(request)
+    validated(m.BindingRequest, body)
     return JSONResponse(await blocking(_authz(request).put_binding, ctx, request.path_params["bucket"], body))
 
 

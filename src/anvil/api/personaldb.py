@@ -17,7 +17,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from anvil.api.common import blocking, check_recovery, committed, endpoint, json_body, query_int, require_identity
+from anvil import api_models as m
+from anvil.api.common import (
+    blocking,
+    check_recovery,
+    committed,
+    endpoint,
+    json_body,
+    model_body,
+    query_int,
+    require_identity,
+    validated,
+)
 from anvil.api.limits import read_capped
 from anvil.context import RequestContext
 from anvil.errors import AnvilError
@@ -52,8 +63,9 @@ async def create_group(request: Request, ctx: RequestContext) -> Response:
     unknown = sorted(set(body) - {"name", "schema", "snapshot_every", "max_changeset"})
     if unknown:
         raise AnvilError("InvalidArgument", f"unknown group field {unknown[0][:64]!r}")
-    out = await blocking(_pdb(request).create_group, ctx, body.get("name"), body.get("schema"),
-                         snapshot_every=body.get("snapshot_every"), max_changeset=body.get("max_changeset"))
+    group = validated(m.PdbCreateGroupRequest, body)
+    out = await blocking(_pdb(request).create_group, ctx, group.name, group.schema_sql,
+                         snapshot_every=group.snapshot_every, max_changeset=group.max_changeset)
     return JSONResponse(out, status_code=201)
 
 
@@ -73,8 +85,8 @@ async def get_group(request: Request, ctx: RequestContext) -> Response:
 async def migrate(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
     check_recovery(request)
-    body = await json_body(request)
-    return JSONResponse(await blocking(_pdb(request).migrate, ctx, request.path_params["group"], body.get("sql")),
+    body = await model_body(request, m.PdbMigrateRequest)
+    return JSONResponse(await blocking(_pdb(request).migrate, ctx, request.path_params["group"], body.sql),
                         status_code=201)
 
 
@@ -139,9 +151,9 @@ async def commit_batch(request: Request, ctx: RequestContext) -> Response:
         if idem is not None and not isinstance(idem, str):
             raise AnvilError("InvalidArgument", f"changesets[{i}].idempotency_key must be a string")
         decoded.append((data, idem))
+    batch = validated(m.PdbCommitBatchRequest, body)  # the changesets' own errors are named above
     fut = await blocking(_pdb(request).submit_commits, ctx, request.path_params["group"], decoded,
-                         base_index=body.get("base_index"), base_hash=body.get("base_hash"),
-                         schema_version=body.get("schema_version"))
+                         base_index=batch.base_index, base_hash=batch.base_hash, schema_version=batch.schema_version)
     entries = await committed(fut)
     out = [{k: v for k, v in e.items() if k not in ("snapshot_due", "projections")} for e in entries]
     fresh = any(not e.get("idempotent_replay") for e in out)
@@ -202,7 +214,7 @@ async def keys(request: Request, ctx: RequestContext) -> Response:
 async def rotate_key(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
     check_recovery(request)
-    await json_body(request, required=False)
+    await model_body(request, m.EmptyRequest, required=False)
     return JSONResponse(await blocking(_pdb(request).rotate_key, ctx))
 
 
@@ -214,8 +226,9 @@ async def create_projection(request: Request, ctx: RequestContext) -> Response:
     unknown = sorted(set(body) - {"name", "source", "spec"})
     if unknown:
         raise AnvilError("InvalidArgument", f"unknown projection field {unknown[0][:64]!r}")
-    out = await blocking(_pdb(request).create_projection, ctx, body.get("name"), body.get("source"),
-                         body.get("spec"))
+    projection = validated(m.PdbCreateProjectionRequest, body)
+    out = await blocking(_pdb(request).create_projection, ctx, projection.name, projection.source,
+                         projection.spec)
     return JSONResponse(out, status_code=201)
 
 

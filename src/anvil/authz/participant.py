@@ -353,7 +353,8 @@ class AuthzParticipant(Participant):
             except (AnvilAPIError, AnvilError) as e:
                 findings.append(self.finding("error", f"binding of bucket {bucket}", f"not readable: {e}"))
                 continue
-            read_back.append((bucket, got["tenant"], binding_from_json(json.dumps(got["binding"])).canonical()))
+            binding = json.dumps(got.to_dict()["binding"])  # the SDK answers a model: its JSON as sent
+            read_back.append((bucket, got["tenant"], binding_from_json(binding).canonical()))
         if recorded and "bindings_digest" in recorded and bindings_digest(read_back) != recorded["bindings_digest"]:
             findings.append(self.finding("error", "authz bindings", f"{len(read_back)} bucket bindings read through "
                                                                     "the API differ from the recorded digest"))

@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 
+from anvil.api_models import jsonable
 from anvil.cli.common import client_command, console, describe_error, emit, err_console
 from anvil.client import AnvilAPIError, AnvilClient, InvalidEndpoint
 
@@ -172,7 +173,7 @@ def fsck(storage_path: str | None, endpoint: str | None, as_json: bool, deep: bo
         assert endpoint is not None
         report = _online(as_json, endpoint, lambda c: c.fsck(deep=deep), "fsck")
     if as_json:
-        click.echo(json.dumps(report, indent=2, ensure_ascii=False))
+        click.echo(json.dumps(report, indent=2, ensure_ascii=False, default=jsonable))
     else:
         if report["findings"]:
             _print_findings(report["findings"])
