@@ -9,12 +9,11 @@ import subprocess
 import sys
 import uuid
 
-import pytest
-
 from tests.helpers import AnvilServer, unique_bucket
 
 # The embedded catalog and PostgreSQL (tests/conftest.py `engine`).
-pytestmark = pytest.mark.both_engines
+# SQLite only: these CLI flows do not depend on the engine; identity's SQL runs on PostgreSQL in
+# test_identity.py and test_identity_lifecycle.py (kept off the second engine to hold the suite's time).
 
 
 def run(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:

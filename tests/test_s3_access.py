@@ -17,7 +17,8 @@ from tests.helpers import AnvilServer, unique_bucket
 from tests.s3_helpers import dev_credentials, s3_client
 
 # The embedded catalog and PostgreSQL (tests/conftest.py `engine`).
-pytestmark = pytest.mark.both_engines
+# SQLite only: access semantics do not depend on the engine; the S3 gateway's SQL runs on PostgreSQL
+# in test_s3.py and test_s3_uploads.py (kept off the second engine to hold the suite's time).
 
 R = "_anvil/secret"
 

@@ -1077,6 +1077,41 @@ class BucketBinding(AnvilModel):
     revision: int | None = Field(None, description="on a write: the authz revision")
 
 
+class PdbBindingRequest(RequestModel):
+    """A group's row binding: row changes to permissions on a resource per row (docs/personaldb.md)."""
+
+    # Described here, checked by the service (SkipValidation), whose messages name the binding's fields.
+    model_config = ConfigDict(json_schema_extra=_required("resource_type", "update"))
+
+    resource_type: Annotated[str, SkipValidation] = Field(None, description="a definition of the schema")
+    resource: Annotated[str | None, SkipValidation] = Field(
+        None, description="the row's resource id template ({group}, {table}, {pk} or a column); default {table}/{pk}")
+    insert: Annotated[str | None, SkipValidation] = Field(None, description="the permission an INSERT needs")
+    update: Annotated[str, SkipValidation] = Field(None, description="the permission an UPDATE needs")
+    delete: Annotated[str | None, SkipValidation] = Field(None, description="the permission a DELETE needs")
+    without_subject: Annotated[str | None, SkipValidation] = Field(None, description="deny (default) or scopes")
+
+
+class PdbRowBinding(AnvilModel):
+    resource_type: str
+    resource: str
+    insert: str
+    update: str
+    delete: str
+    without_subject: str
+
+
+class PdbGroupBinding(AnvilModel):
+    group: str
+    tenant: str
+    binding: PdbRowBinding
+
+
+class PdbUnbound(AnvilModel):
+    group: str
+    unbound: bool
+
+
 class BucketUnbound(AnvilModel):
     bucket: str
     unbound: bool

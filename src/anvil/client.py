@@ -1375,16 +1375,16 @@ class AnvilClient:
     def pdb_rotate_key(self) -> m.PdbKeyRotated:
         return self._model(m.PdbKeyRotated, "POST", "/anvil/v1/admin/pdb/keys/rotate", json={})
 
-    def pdb_bind(self, group: str, binding: dict[str, Any]) -> dict[str, Any]:
+    def pdb_bind(self, group: str, binding: dict[str, Any]) -> m.PdbGroupBinding:
         """Decide the group's row changes by relationships, e.g. `{"resource_type": "note", "resource":
         "{table}/{pk}", "insert": "edit", "update": "edit", "delete": "owner"}`."""
-        return self._json("PUT", self._g(group) + "/authz-binding", json=binding)
+        return self._model(m.PdbGroupBinding, "PUT", self._g(group) + "/authz-binding", json=binding)
 
-    def pdb_binding(self, group: str) -> dict[str, Any]:
-        return self._json("GET", self._g(group) + "/authz-binding")
+    def pdb_binding(self, group: str) -> m.PdbGroupBinding:
+        return self._model(m.PdbGroupBinding, "GET", self._g(group) + "/authz-binding")
 
-    def pdb_unbind(self, group: str) -> dict[str, Any]:
-        return self._json("DELETE", self._g(group) + "/authz-binding")
+    def pdb_unbind(self, group: str) -> m.PdbUnbound:
+        return self._model(m.PdbUnbound, "DELETE", self._g(group) + "/authz-binding")
 
     def pdb_create_projection(self, name: str, source: str, spec: dict[str, Any]) -> m.PdbProjection:
         return self._model(m.PdbProjection, "POST", "/anvil/v1/pdb/projections",

@@ -355,6 +355,7 @@ REQUESTS: dict[str, type[m.RequestModel]] = {
     "lookupSubjects": m.LookupSubjectsRequest,
     "expandPermission": m.ExpandRequest,
     "bindBucket": m.BindingRequest,
+    "pdbBind": m.PdbBindingRequest,
     # artefacts
     "pushArtefact": m.PushArtefactRequest,
     "missingComponents": m.MissingComponentsRequest,
@@ -447,6 +448,9 @@ RESPONSES: dict[str, type[m.AnvilModel]] = {
     "lookupSubjects": m.SubjectLookup,
     "expandPermission": m.Expansion,
     "bindBucket": m.BucketBinding,
+    "pdbBind": m.PdbGroupBinding,
+    "pdbGetBinding": m.PdbGroupBinding,
+    "pdbUnbind": m.PdbUnbound,
     "getBucketBinding": m.BucketBinding,
     "unbindBucket": m.BucketUnbound,
     # artefacts

@@ -270,6 +270,7 @@ async def put_binding(request: Request, ctx: RequestContext) -> Response:
     require_identity(ctx)
     check_recovery(request)
     body = await json_body(request)
+    validated(m.PdbBindingRequest, body)  # described by its model; its fields are the service's to check
     return JSONResponse(await blocking(_pdb(request).put_binding, ctx, request.path_params["group"], body))
 
 
