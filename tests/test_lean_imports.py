@@ -29,3 +29,9 @@ def test_postgresql_errors_join_record_error_when_the_engine_loads() -> None:
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "ok"
+
+
+def test_serving_code_imports_without_warnings() -> None:
+    # A warning at import (e.g. pydantic's "field shadows an attribute") lands on every CLI's stderr.
+    subprocess.run([sys.executable, "-W", "error", "-c", "import anvil.api.app, anvil.cli.main"],
+                   capture_output=True, text=True, check=True)

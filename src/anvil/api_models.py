@@ -1096,7 +1096,7 @@ class PdbRowBinding(AnvilModel):
     resource_type: str
     resource: str
     insert: str
-    update: str
+    update_: str = Field(alias="update")  # `update()` is the dict method
     delete: str
     without_subject: str
 
