@@ -119,6 +119,15 @@ class BlobBackend:
         pass
 
 
+def fanout_entries(root: Path) -> Iterator[os.DirEntry]:
+    """Every entry of every fan-out folder under `root`, in name order (blobs, sidecars, anything else)."""
+    if not root.exists():
+        return
+    for a in sorted(os.scandir(root), key=lambda e: e.name):
+        if a.is_dir():
+            yield from sorted(os.scandir(a.path), key=lambda e: e.name)
+
+
 class LocalBlobBackend(BlobBackend):
     """`blobs/sha256/ab/<hash>` under STORAGE_PATH (the embedded default)."""
 
@@ -156,11 +165,7 @@ class LocalBlobBackend(BlobBackend):
         return True
 
     def _fanout_entries(self) -> Iterator[os.DirEntry]:
-        if not self.root.exists():
-            return
-        for a in sorted(os.scandir(self.root), key=lambda e: e.name):
-            if a.is_dir():
-                yield from sorted(os.scandir(a.path), key=lambda e: e.name)
+        return fanout_entries(self.root)
 
     def list_blobs(self) -> Iterator[StoredBlob]:
         for f in self._fanout_entries():

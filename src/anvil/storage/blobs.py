@@ -40,7 +40,7 @@ from typing import Any, BinaryIO
 import xxhash
 
 from anvil.storage import inline, records
-from anvil.storage.blobbackend import BlobBackend, LocalBlobBackend, StoredBlob, backend_from_env
+from anvil.storage.blobbackend import BlobBackend, LocalBlobBackend, StoredBlob, backend_from_env, fanout_entries
 from anvil.storage.blobscan import HashResult, ScanResult, hash_file, scan_blobs
 from anvil.storage.layout import fsync_dir
 from anvil.storage.space import is_full_error, storage_full
@@ -1047,12 +1047,7 @@ class BlobStore:
         return None
 
     def _fanout_entries(self) -> Iterator[os.DirEntry]:
-        """Every entry of every fan-out folder, in name order (blobs, sidecars and anything else)."""
-        if not self.root.exists():
-            return
-        for a in sorted(os.scandir(self.root), key=lambda e: e.name):
-            if a.is_dir():
-                yield from sorted(os.scandir(a.path), key=lambda e: e.name)
+        return fanout_entries(self.root)
 
     def iter_sidecars(self) -> Iterator[tuple[str, Path]]:
         """Every sidecar (hash, path), whether or not its blob exists."""
