@@ -31,7 +31,7 @@ pg-bin:
 test: $(STAMP) pg-bin
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
-	ANVIL_VALIDATE_RESPONSES=1 $(PY) -m pytest -n 3 -q --durations=20
+	ANVIL_VALIDATE_RESPONSES=1 $(PY) -m pytest -n 2 -q --durations=20
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
