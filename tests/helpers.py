@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -119,6 +121,31 @@ class AnvilServer:
         self.stop()
         self.port = free_port()
         return self.start()
+
+
+@contextmanager
+def moto_server(log_dir: Path, timeout: float = 60) -> Iterator[str]:
+    """moto's S3 server on a free loopback port, for the life of the block; yields its endpoint."""
+    port = free_port()
+    log = open(log_dir / "moto.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                httpx.get(endpoint, timeout=1)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("moto server did not start") from None
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
 
 
 def unique_bucket(prefix: str = "b") -> str:
