@@ -168,14 +168,16 @@ class AuthzService:
         self._bindings: dict[str, tuple[str, float, bnd.Binding]] | None = None
         # Composed by the runtime for subsystems beside authz (PersonalDB's row bindings): guards name
         # what a tenant's schema must keep, write listeners learn of each authz write after it commits.
-        self._schema_guards: list[Callable[[Connection, str], list[tuple[str, str, set[str]]]]] = []
+        self._schema_guards: list[Callable[[Connection, str], list[tuple[str, str, set[str]]]]] = [
+            lambda conn, tenant: _bucket_binding_requirements(conn, tenant, self._binding_live)]
         self._write_listeners: list[Callable[[str, int], None]] = []
 
     # ---------------------------------------------------------------- composition (runtime)
 
     def add_schema_guard(self, fn: Callable[[Connection, str], list[tuple[str, str, set[str]]]]) -> None:
-        """fn(conn, tenant) -> [(what, resource type, permissions)] that tenant's schema must keep; a schema
-        write dropping any is refused (`PreconditionFailed` naming `what`), inside the write's transaction."""
+        """fn(conn, tenant) -> [(what, resource type, permissions)] that tenant's schema must keep, `what`
+        reading "<thing> binds <operations>"; a schema write dropping any is refused (`PreconditionFailed`
+        naming `what`), inside the write's transaction. Bucket bindings are the first guard."""
         self._schema_guards.append(fn)
 
     def on_write(self, fn: Callable[[str, int], None]) -> None:
@@ -318,7 +320,6 @@ class AuthzService:
         def fn(txn: Txn) -> dict[str, Any]:
             rev = txn.next_seq
             _check_orphans(txn.conn, tenant, schema, txn.now)
-            _check_bindings(txn.conn, tenant, schema, self._binding_live)
             _check_guards(txn.conn, tenant, schema, self._schema_guards)
             txn.conn.execute("INSERT INTO authz_schemas(tenant, revision, text, digest, written) VALUES (?,?,?,?,?)",
                              (tenant, rev, schema.text, schema_digest(schema.text), txn.now))
@@ -850,49 +851,39 @@ def _check_orphans(conn: Connection, tenant: str, schema: Schema, now: float) ->
                                                f"them first): {shown}")
 
 
-def _check_bindings(conn: Connection, tenant: str, schema: Schema, live: Callable[[str, float], bool]) -> None:
-    """Refuse a schema under which a bucket binding would name a missing definition or permission (the
-    bucket would refuse every object request): unbind or rebind first. Bindings of buckets since
-    deleted (or made again) bind nothing and are skipped."""
-    problems = []
+def _bucket_binding_requirements(conn: Connection, tenant: str,
+                                 live: Callable[[str, float], bool]) -> list[tuple[str, str, set[str]]]:
+    """What the tenant's schema must keep for its bucket bindings (else the bucket would refuse every
+    object request). Bindings of buckets since deleted (or made again) bind nothing and are skipped."""
+    out: list[tuple[str, str, set[str]]] = []
     for bucket, created, text in conn.execute(
             "SELECT bucket, bucket_created, binding FROM authz_bindings WHERE tenant = ? ORDER BY bucket", (tenant,)):
         if not live(bucket, float(created)):
             continue
         b = bnd.binding_from_json(text)
-        parts: list[tuple[str, str, set[str]]] = [
-            ("object", b.resource_type, {b.permission(op) for op in bnd.OPERATIONS})]
+        out.append((f"bucket {bucket} binds object operations", b.resource_type,
+                    {b.permission(op) for op in bnd.OPERATIONS}))
         if b.artefacts is not None:
             a = b.artefacts
-            parts.append(("artefact", a.resource_type, {a.permission(op) for op in bnd.ARTEFACT_OPERATIONS}))
-        for kind, rtype, perms in parts:
-            d = schema.definitions.get(rtype)
-            if d is None:
-                problems.append(f"bucket {bucket} binds {kind}s to {rtype!r}, which the schema no longer defines")
-                continue
-            gone = sorted(p for p in perms if not d.has(p))
-            if gone:
-                problems.append(f"bucket {bucket} binds {kind} operations to {', '.join(gone)} of {rtype!r}, "
-                                "which the schema no longer has")
-    if problems:
-        raise AnvilError("PreconditionFailed", "the schema change would break bucket bindings (unbind or rebind "
-                                               f"them first): {'; '.join(problems[:5])}")
+            out.append((f"bucket {bucket} binds artefact operations", a.resource_type,
+                        {a.permission(op) for op in bnd.ARTEFACT_OPERATIONS}))
+    return out
 
 
 def _check_guards(conn: Connection, tenant: str, schema: Schema,
                   guards: list[Callable[[Connection, str], list[tuple[str, str, set[str]]]]]) -> None:
-    """Refuse a schema that drops a definition or permission another subsystem's binding names
-    (e.g. a PersonalDB group's row binding): rebind or unbind it first."""
+    """Refuse a schema that drops a definition or permission a binding names (a bucket's, a PersonalDB
+    group's): rebind or unbind it first."""
     problems = []
     for guard in guards:
         for what, rtype, perms in guard(conn, tenant):
             d = schema.definitions.get(rtype)
             if d is None:
-                problems.append(f"{what} binds to {rtype!r}, which the schema no longer defines")
+                problems.append(f"{what} to {rtype!r}, which the schema no longer defines")
                 continue
             gone = sorted(p for p in perms if not d.has(p))
             if gone:
-                problems.append(f"{what} binds to {', '.join(gone)} of {rtype!r}, which the schema no longer has")
+                problems.append(f"{what} to {', '.join(gone)} of {rtype!r}, which the schema no longer has")
     if problems:
         raise AnvilError("PreconditionFailed", "the schema change would break bindings (unbind or rebind them "
                                                f"first): {'; '.join(problems[:5])}")

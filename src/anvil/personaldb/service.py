@@ -543,7 +543,7 @@ class PersonalDbService:
         for grp, text in conn.execute("SELECT grp, binding FROM pdb_bindings WHERE tenant = ? ORDER BY grp",
                                       (tenant,)):
             b = rowauth.binding_from_json(text)
-            out.append((f"PersonalDB group {grp}", b.resource_type, set(b.permissions().values())))
+            out.append((f"PersonalDB group {grp} binds rows", b.resource_type, set(b.permissions().values())))
         return out
 
     def put_binding(self, ctx: RequestContext, name: str, body: Any) -> dict[str, Any]:
