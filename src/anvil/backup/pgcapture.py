@@ -17,13 +17,13 @@ scaled deployment can be restored into an embedded one (for inspection) and the 
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from anvil.backup import mode
+from anvil.backup.restore import empty_folder
 from anvil.storage import pgsnapshot
 from anvil.storage.pg import is_url, redact_url
 from anvil.storage.recovery import Participant, Replayer
@@ -67,11 +67,7 @@ def restore_into_records(url: str, target: Path, participants: list[Participant]
         except BaseException:
             if was_empty:
                 # Nothing was there before: leave no half restore (the database was rolled back).
-                for child in target.iterdir():
-                    if child.is_dir():
-                        shutil.rmtree(child, ignore_errors=True)
-                    else:
-                        child.unlink(missing_ok=True)
+                empty_folder(target)
             raise
     # The records now live in PostgreSQL: a catalog.db left beside them would be a second truth.
     for name in ("catalog.db", "catalog.db-wal", "catalog.db-shm"):

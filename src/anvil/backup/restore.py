@@ -156,12 +156,7 @@ def restore(repo: Repository, manifest: dict[str, Any], target: Path, participan
     except BaseException:
         layout.release_lock()
         if was_empty:
-            # Nothing was there before: leave nothing half-restored behind.
-            for child in target.iterdir():
-                if child.is_dir():
-                    shutil.rmtree(child, ignore_errors=True)
-                else:
-                    child.unlink(missing_ok=True)
+            empty_folder(target)  # nothing was there before: leave nothing half-restored behind
         raise
     finally:
         layout.release_lock()
@@ -364,6 +359,15 @@ def _restore_tasks(repo: Repository, store: BlobStore, by_pack: dict[str, list[t
                 made.add(dest.parent)
                 task_items.append((sha, str(dest), 0o644, [(c, loc.offset - lo, loc.length) for c, loc in locs]))
             yield bytes(view[lo:hi]), task_items, fresh
+
+
+def empty_folder(target: Path) -> None:
+    """Remove everything inside `target` (a restore that failed into a folder that was empty)."""
+    for child in target.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def _restrict(root: Path, manifest: dict[str, Any], participants: list[Participant], keep: set[str]) -> dict[str, Any]:
