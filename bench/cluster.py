@@ -16,8 +16,8 @@ sockets). On a 2-core machine every process competes for the same cores: this me
 per operation, not speedup. From the per-operation CPU the report predicts 8 nodes (see
 `prediction` in the output and docs/scale-out.md). Prints one JSON document.
 
-    python bench/cluster.py            # 5 s per phase
-    python bench/cluster.py --quick    # 2 s per phase
+    python bench/cluster.py [--reps 3]   # 5 s per phase; each figure as min, median and every run
+    python bench/cluster.py --quick      # 2 s per phase
 """
 
 from __future__ import annotations
@@ -235,9 +235,22 @@ def predict(results: dict[str, Any], pg_cores: int = 8, node_cores: int = 2) -> 
     return out
 
 
+def _aggregate(runs: list[Any]) -> tuple[Any, Any]:
+    """Figures of repeated runs: every number becomes {min, median, runs}; also the medians alone."""
+    first = runs[0]
+    if isinstance(first, dict):
+        pairs = {k: _aggregate([r[k] for r in runs if k in r]) for k in first}
+        return {k: v[0] for k, v in pairs.items()}, {k: v[1] for k, v in pairs.items()}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        med = statistics.median(runs)
+        return {"min": min(runs), "median": med, "runs": runs}, med
+    return first, first
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2 s per phase")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions, the configurations interleaved")
     args = ap.parse_args()
     seconds = 2.0 if args.quick else 5.0
     bin_dir = pg_bin_dir()
@@ -246,16 +259,26 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="anvil-bench-cluster-"))
     pg = PostgresServer(bin_dir, free_port()).start()
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                           "load_avg_at_start": os.getloadavg()[0]},
-                               "seconds_per_phase": seconds, "body_bytes": int(os.environ["ANVIL_BENCH_SMALL_SIZE"])}
+                                           "load_average_before": list(os.getloadavg())},
+                               "seconds_per_phase": seconds, "reps": args.reps,
+                               "body_bytes": int(os.environ["ANVIL_BENCH_SMALL_SIZE"])}
+    configs = [("embedded", "embedded", None, 1), ("postgresql_1_node", "pg1", pg, 1),
+               ("postgresql_2_nodes", "pg2", pg, 2)]
+    runs: dict[str, list[Any]] = {key: [] for key, *_ in configs}
     try:
-        results["embedded"] = run_config("embedded", root, seconds, None, 1)
-        results["postgresql_1_node"] = run_config("pg1", root, seconds, pg, 1)
-        results["postgresql_2_nodes"] = run_config("pg2", root, seconds, pg, 2)
-        results["prediction_8_nodes"] = predict(results)
+        # Interleaved, the order rotating each repetition, so a change in the shared machine's load
+        # hits every configuration alike.
+        for rep in range(args.reps):
+            for key, name, server, nodes in configs[rep % 3:] + configs[:rep % 3]:
+                runs[key].append(run_config(f"{name}-r{rep}", root, seconds, server, nodes))
+        medians = {}
+        for key, got in runs.items():
+            results[key], medians[key] = _aggregate(got)
+        results["prediction_8_nodes"] = predict(medians)
     finally:
         pg.stop()
         shutil.rmtree(root, ignore_errors=True)
+    results["machine"]["load_average_after"] = list(os.getloadavg())
     print(json.dumps(results, indent=2))
 
 
