@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -46,6 +47,12 @@ class Storage:
             self.catalog.migrate("blobs", inline.MIGRATIONS)
             inline_max = inline.max_from_env()  # a malformed ANVIL_INLINE_MAX stops the start
         except BaseException:
+            # A refused start (e.g. an un-migrated PostgreSQL store) closes what it opened: a pool left
+            # to the garbage collector prints a traceback at exit ("cannot join current thread").
+            catalog = getattr(self, "catalog", None)
+            if catalog is not None:
+                with contextlib.suppress(Exception):
+                    catalog.close()
             self.layout.release_lock()
             raise
         self.blobs = BlobStore(self.layout.blobs, self.layout.tmp,
