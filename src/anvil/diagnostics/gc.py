@@ -163,8 +163,12 @@ def run_gc(
 
     # 2a. Inline bodies nobody references, past the grace period.
     doomed = []
-    for sha in sorted(inlined.keys() - referenced):
-        size, stored = inlined[sha]
+    candidates = sorted(inlined.keys() - referenced)
+    stored_at = inline.stored_at(conn, candidates)
+    for sha in candidates:
+        size, stored = inlined[sha], stored_at.get(sha)
+        if stored is None:
+            continue  # removed meanwhile
         if stored >= inline_cutoff:
             report.young_orphans_kept += 1
             continue

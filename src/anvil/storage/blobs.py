@@ -434,7 +434,7 @@ class BlobStore:
     def inline_sizes(self) -> dict[str, int]:
         """sha256 -> size of every inline body."""
         conn = self._records()
-        return {k: v[0] for k, v in inline.rows(conn).items()} if conn is not None else {}
+        return inline.rows(conn) if conn is not None else {}
 
     def _inline_size(self, sha256: str) -> int | None:
         conn = self._records()

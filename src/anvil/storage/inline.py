@@ -82,19 +82,30 @@ def size(conn: Connection, sha256: str) -> int | None:
     return int(row[0]) if row else None
 
 
-def rows(conn: Connection) -> dict[str, tuple[int, float]]:
-    """sha256 -> (size, stored) of every inline body (no bodies read)."""
+def rows(conn: Connection) -> dict[str, int]:
+    """sha256 -> size of every inline body. `stored` is not read here: it follows the body in the
+    row, so on SQLite reading it walks each body's overflow pages (fsck read every body twice)."""
     try:
-        return {r[0]: (int(r[1]), float(r[2])) for r in conn.execute(
-            "SELECT sha256, size, stored FROM inline_blobs ORDER BY sha256")}
+        return {r[0]: int(r[1]) for r in conn.execute("SELECT sha256, size FROM inline_blobs")}
     except records.RecordError:
         return {}
 
 
+def stored_at(conn: Connection, shas: Iterable[str]) -> dict[str, float]:
+    """sha256 -> `stored` of those rows that exist (the few gc and fsck consider as orphans)."""
+    out: dict[str, float] = {}
+    for sha in shas:
+        row = conn.execute("SELECT stored FROM inline_blobs WHERE sha256 = ?", (sha,)).fetchone()
+        if row is not None:
+            out[sha] = float(row[0])
+    return out
+
+
 def bodies(conn: Connection) -> Iterator[tuple[str, int, bytes]]:
-    """(sha256, recorded size, body) of every inline body, in hash order (fsck --deep)."""
+    """(sha256, recorded size, body) of every inline body, in table order (fsck --deep): one
+    sequential pass, not a lookup through the primary-key index per row."""
     try:
-        cur = conn.execute("SELECT sha256, size, body FROM inline_blobs ORDER BY sha256")
+        cur = conn.execute("SELECT sha256, size, body FROM inline_blobs")
         for r in cur:
             yield r[0], int(r[1]), bytes(r[2])
     except records.RecordError:

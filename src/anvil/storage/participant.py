@@ -264,7 +264,7 @@ class BlobsParticipant(Participant):
         found = ctx.blob_scan()
         done = ctx.progress.phase("references", 1)
         listing = found.blobs
-        inlined = inline.rows(ctx.conn)  # sha256 -> (size, stored), from the same catalog as refs
+        inlined = inline.rows(ctx.conn)  # sha256 -> size, from the same catalog as refs
         out: list[Finding] = []
         invariants = {r.missing_invariant for rs in refs.values() for r in rs}
         ctx.checked.update({"blobs.orphan", "blobs.misplaced", "objects.blob_missing", *invariants})
@@ -307,8 +307,11 @@ class BlobsParticipant(Participant):
                                     f"blob {sha} ({st[0]} bytes, {age} s old) is referenced by no record",
                                     "blobs.orphan", {"blob": sha, "size": st[0], "age_seconds": age},
                                     identity={"blob": sha}))
+        stored_at = inline.stored_at(ctx.conn, inline_orphans)
         for sha in inline_orphans:
-            size, stored = inlined[sha]
+            size, stored = inlined[sha], stored_at.get(sha)
+            if stored is None:
+                continue  # removed meanwhile (gc)
             age = max(0, int(now - stored))
             out.append(self.finding("warning", f"blob {sha}",
                                     f"inline blob {sha} ({size} bytes, {age} s old) is referenced by no record",
