@@ -1,21 +1,25 @@
-"""Benchmark: `anvil fsck --deep` (offline) against hashlib SHA-256 over the same blob files.
+"""Benchmark: `anvil fsck --deep` (offline) against hashlib SHA-256 over the same bytes.
 
-Builds a STORAGE_PATH with N small objects through the service layer in-process (real
-blobs, real catalog, real journal), then, in the same run, times:
+Builds two STORAGE_PATHs through the service layer in-process (real blobs, real catalog, real
+journal), one per storage path of a body, then, in the same run, times for each:
 
-- reference: a fresh Python process that walks `blobs/` and hashes every file with hashlib
-             (OpenSSL SHA-256, 1 MiB reads into one buffer, two threads as fsck uses): the
-             fastest honest yardstick here; coreutils `sha256sum` has no SHA instructions on
-             this machine and would flatter fsck
+- reference: a fresh Python process that hashes every body with hashlib (OpenSSL SHA-256) on two
+             threads, as fsck does: blob files read 1 MiB at a time into one buffer; inline bodies
+             read from `catalog.db` with the stdlib's sqlite3, one connection per thread over half
+             the rows each. The fastest honest yardstick here; coreutils `sha256sum` has no SHA
+             instructions on this machine and would flatter fsck
 - anvil:     `python -m anvil.cli.main fsck --deep --storage-path DIR --json` (a fresh
              process: interpreter start, imports, every fsck check, findings recording)
 
-Both run with a warm page cache (one untimed pass each first); each is timed REPEAT times
-and the min and median are reported. Prints JSON with both times and the ratio (target <= 1.3), plus
-the CPU seconds each used (user + system, children included), which stay meaningful when
-other work shares the machine.
+Stores: `inline` holds `--objects` bodies of `--size` bytes (default 10,000 x 16 KiB: under the
+inline threshold, so rows of catalog.db); `file` holds `--files` bodies of `--file-size` bytes
+(default 1,000 x 1 MiB: blob files). Both run with a warm page cache (one untimed pass each
+first), interleaved, REPEAT times; min and median are reported, with the ratio (target <= 1.3,
+i.e. fsck at >= 0.8x hashlib's throughput) and the CPU seconds each used (user + system,
+children included), which stay meaningful when other work shares the machine.
 
-    python bench/fsck.py [--objects 10000] [--size 16384] [--repeat 5] [--keep DIR]
+    python bench/fsck.py [--objects 10000] [--size 16384] [--files 1000] [--file-size 1048576]
+                         [--repeat 5] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
@@ -41,11 +46,11 @@ from anvil.runtime import Anvil  # noqa: E402
 
 # The yardstick: what fsck --deep must do at least (open and hash every blob), done as cheaply
 # as Python can, in its own process so interpreter start-up is on both sides.
-HASH_ALL = """
+HASH_FILES = """
 import hashlib, os, sys
 from concurrent.futures import ThreadPoolExecutor
 root = sys.argv[1]
-files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if len(f) == 64]
 def work(part):
     buf = bytearray(1 << 20)
     view = memoryview(buf)
@@ -57,6 +62,22 @@ def work(part):
         h.hexdigest()
 with ThreadPoolExecutor(2) as pool:
     list(pool.map(work, [files[0::2], files[1::2]]))
+"""
+
+HASH_INLINE = """
+import hashlib, sqlite3, sys
+from concurrent.futures import ThreadPoolExecutor
+db = sys.argv[1]
+def open_ro():
+    return sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False)
+lo, hi = open_ro().execute("SELECT min(rowid), max(rowid) FROM inline_blobs").fetchone()
+mid = (lo + hi) // 2
+def work(bounds):
+    conn = open_ro()
+    for sha, body in conn.execute("SELECT sha256, body FROM inline_blobs WHERE rowid BETWEEN ? AND ?", bounds):
+        hashlib.sha256(body).hexdigest()
+with ThreadPoolExecutor(2) as pool:
+    list(pool.map(work, [(lo, mid), (mid + 1, hi)]))
 """
 
 
@@ -94,68 +115,72 @@ def time_cmd(cmd: list[str] | str, *, shell: bool = False, env: dict[str, str] |
     return elapsed, cpu
 
 
+def _stats(runs: list[tuple[float, float]]) -> dict[str, Any]:
+    walls, cpus = [r[0] for r in runs], [r[1] for r in runs]
+    return {"min_seconds": round(min(walls), 4), "median_seconds": round(statistics.median(walls), 4),
+            "cpu_seconds": round(statistics.median(cpus), 4), "runs": [round(t, 4) for t in walls]}
+
+
+def measure(path: Path, kind: str, repeat: int) -> dict[str, Any]:
+    """fsck --deep of one store against the yardstick for its storage path, interleaved."""
+    if kind == "inline":
+        reference = [sys.executable, "-c", HASH_INLINE, str(path / "catalog.db")]
+    else:
+        reference = [sys.executable, "-c", HASH_FILES, str(path / "blobs" / "sha256")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    anvil_cmd = [sys.executable, "-m", "anvil.cli.main", "fsck", "--deep", "--storage-path", str(path), "--json"]
+    # Warm the page cache and both code paths; untimed.
+    time_cmd(reference)
+    time_cmd(anvil_cmd, env=env)
+    ref_runs, anvil_runs = [], []
+    for _ in range(repeat):  # interleaved, so background load hits both alike
+        ref_runs.append(time_cmd(reference))
+        anvil_runs.append(time_cmd(anvil_cmd, env=env))
+    report = json.loads(subprocess.run(anvil_cmd, env=env, capture_output=True).stdout)
+    blobs = report["checks"]["blobs"]
+    ref, anvil = _stats(ref_runs), _stats(anvil_runs)
+    return {
+        "bodies": blobs["inline"] if kind == "inline" else blobs["on_disk"],
+        "hashlib": ref, "fsck_deep": anvil,
+        "ratio_median": round(anvil["median_seconds"] / ref["median_seconds"], 3),
+        "ratio_min": round(anvil["min_seconds"] / ref["min_seconds"], 3),
+        "cpu_ratio": round(anvil["cpu_seconds"] / ref["cpu_seconds"], 3),
+        "fsck_ok": report["ok"], "fsck_hashed": blobs.get("hashed"),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--objects", type=int, default=10_000)
-    ap.add_argument("--size", type=int, default=16 * 1024)
+    ap.add_argument("--objects", type=int, default=10_000, help="inline bodies (the inline store)")
+    ap.add_argument("--size", type=int, default=16 * 1024, help="bytes per inline body")
+    ap.add_argument("--files", type=int, default=1_000, help="blob files (the file store)")
+    ap.add_argument("--file-size", type=int, default=1 << 20, help="bytes per blob file (above the inline threshold)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--keep", default=None, help="Build in (or reuse) this directory and keep it.")
     args = ap.parse_args()
 
-    load_before = os.getloadavg()[0]
+    load_before = os.getloadavg()
     tmp = None
     if args.keep:
-        path = Path(args.keep)
+        base = Path(args.keep)
     else:
         tmp = tempfile.mkdtemp(prefix="anvil-bench-fsck-")
-        path = Path(tmp) / "data"
+        base = Path(tmp)
     try:
-        t0 = time.perf_counter()
-        if not (path / "catalog.db").exists():
-            build(path, args.objects, args.size)
-        build_s = time.perf_counter() - t0
-        blobs = path / "blobs" / "sha256"
-        n_files = sum(len(files) for _, _, files in os.walk(blobs))
-
-        reference = [sys.executable, "-c", HASH_ALL, str(blobs)]
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-        anvil_cmd = [sys.executable, "-m", "anvil.cli.main", "fsck", "--deep", "--storage-path", str(path), "--json"]
-        # Warm the page cache and both code paths; untimed.
-        time_cmd(reference)
-        time_cmd(anvil_cmd, env=env)
-        ref_runs, anvil_runs = [], []
-        for _ in range(args.repeat):  # interleaved, so background load hits both alike
-            ref_runs.append(time_cmd(reference))
-            anvil_runs.append(time_cmd(anvil_cmd, env=env))
-        report = json.loads(subprocess.run(anvil_cmd, env=env, capture_output=True).stdout)
-        ref_times, anvil_times = [r[0] for r in ref_runs], [r[0] for r in anvil_runs]
-        ref_s, anvil_s = statistics.median(ref_times), statistics.median(anvil_times)
-        ref_cpu, anvil_cpu = statistics.median(r[1] for r in ref_runs), statistics.median(r[1] for r in anvil_runs)
-        print(json.dumps({
-            "benchmark": "fsck --deep vs hashlib SHA-256 of every blob",
-            "objects": args.objects,
-            "object_size": args.size,
-            "blob_files": n_files,
-            "bytes": n_files * args.size,
-            "build_seconds": round(build_s, 2),
-            "repeat": args.repeat,
-            "hashlib_seconds": round(ref_s, 4),
-            "hashlib_min_seconds": round(min(ref_times), 4),
-            "fsck_deep_min_seconds": round(min(anvil_times), 4),
-            "fsck_deep_seconds": round(anvil_s, 4),
-            "ratio": round(anvil_s / ref_s, 3),
-            "target_ratio": 1.3,
-            "hashlib_cpu_seconds": round(ref_cpu, 4),
-            "fsck_deep_cpu_seconds": round(anvil_cpu, 4),
-            "cpu_ratio": round(anvil_cpu / ref_cpu, 3),
-            "hashlib_all": [round(t, 4) for t in ref_times],
-            "fsck_all": [round(t, 4) for t in anvil_times],
-            "fsck_ok": report["ok"],
-            "fsck_hashed": report["checks"]["blobs"].get("hashed"),
-            "cpus": os.cpu_count(),
-            "load_average_before": load_before,
-            "load_average_after": os.getloadavg()[0],
-        }, indent=2))
+        stores = {"inline": (base / "inline", args.objects, args.size),
+                  "file": (base / "file", args.files, args.file_size)}
+        out: dict[str, Any] = {"benchmark": "fsck --deep vs hashlib SHA-256 of the same bodies", "target_ratio": 1.3,
+                               "repeat": args.repeat, "cpus": os.cpu_count(), "load_average_before": load_before}
+        for kind, (path, count, size) in stores.items():
+            if count <= 0:
+                continue
+            t0 = time.perf_counter()
+            if not (path / "catalog.db").exists():
+                build(path, count, size)
+            out[kind] = {"objects": count, "object_size": size, "bytes": count * size,
+                         "build_seconds": round(time.perf_counter() - t0, 2), **measure(path, kind, args.repeat)}
+        out["load_average_after"] = os.getloadavg()
+        print(json.dumps(out, indent=2))
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
