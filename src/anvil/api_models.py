@@ -29,7 +29,7 @@ _MISSING: Any = object()
 class AnvilModel(BaseModel):
     """A response model: attribute access, and the read side of a dict over the fields the server sent."""
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, defer_build=True)
 
     def _present(self) -> list[str]:
         # The keys of the JSON object this model was read from: declared fields that were given,
@@ -131,7 +131,7 @@ def jsonable(value: Any) -> Any:
 class RequestModel(BaseModel):
     """A request body: strict types (no "1" for 1, no 1 for true), unknown fields ignored as before."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", defer_build=True)
 
 
 class BodyError(ValueError):
