@@ -1,7 +1,8 @@
 """The embedded server does not load what only optional parts need (issue 20: memory flat and low).
 
 faiss + numpy (~35 MiB resident) load with the first vector index, psycopg (~25 MiB) with a
-PostgreSQL record store; `import anvil.api.app` (what `anvil serve` loads) must not pull them in.
+PostgreSQL record store, awscrt (~0.1 s CPU) with the first CRC checksum; `import anvil.api.app`
+(what `anvil serve` loads) must not pull them in.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.timeout(120)
 
 def test_serving_code_does_not_import_optional_heavy_libraries() -> None:
     code = ("import sys, anvil.api.app, anvil.cli.main\n"
-            "print(sorted(m for m in ('faiss', 'numpy', 'psycopg', 'psycopg_pool') if m in sys.modules))")
+            "print(sorted(m for m in ('faiss', 'numpy', 'psycopg', 'psycopg_pool', 'awscrt') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

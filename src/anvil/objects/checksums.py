@@ -9,9 +9,8 @@ import base64
 import binascii
 import hashlib
 import zlib
-
-import crc32c as _crc32c
-from awscrt import checksums as _crt
+from functools import cache
+from typing import Any
 
 ALGORITHMS = ("crc32", "crc32c", "crc64nvme", "sha1", "sha256")
 # A multipart object's checksum is either COMPOSITE (the checksum of the parts' checksums, `-N`)
@@ -21,13 +20,23 @@ COMPOSITE_ALGORITHMS = ("crc32", "crc32c", "sha1", "sha256")
 FULL_OBJECT_ALGORITHMS = ("crc32", "crc32c", "crc64nvme")
 
 _DIGEST_LENGTHS = {"crc32": 4, "crc32c": 4, "crc64nvme": 8, "sha1": 20, "sha256": 32}
-_CRC_FUNCTIONS = {"crc32": zlib.crc32, "crc32c": _crc32c.crc32c, "crc64nvme": _crt.crc64nvme}
-_CRC_COMBINE = {"crc32": _crt.combine_crc32, "crc32c": _crt.combine_crc32c, "crc64nvme": _crt.combine_crc64nvme}
+_CRCS = ("crc32", "crc32c", "crc64nvme")
+
+
+@cache
+def _crc_functions() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(update, combine) per CRC. awscrt costs ~0.1 s of CPU to import: only a request that
+    carries a CRC checksum pays it, not every server start and CLI call."""
+    import crc32c
+    from awscrt import checksums as crt
+
+    return ({"crc32": zlib.crc32, "crc32c": crc32c.crc32c, "crc64nvme": crt.crc64nvme},
+            {"crc32": crt.combine_crc32, "crc32c": crt.combine_crc32c, "crc64nvme": crt.combine_crc64nvme})
 
 
 class _Crc:
     def __init__(self, algorithm: str):
-        self._fn = _CRC_FUNCTIONS[algorithm]
+        self._fn = _crc_functions()[0][algorithm]
         self._size = _DIGEST_LENGTHS[algorithm]
         self._value = 0
 
@@ -45,7 +54,7 @@ class Checksum:
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unsupported checksum algorithm {algorithm!r}")
         self.algorithm = algorithm
-        self._h = _Crc(algorithm) if algorithm in _CRC_FUNCTIONS else hashlib.new(algorithm)
+        self._h = _Crc(algorithm) if algorithm in _CRCS else hashlib.new(algorithm)
 
     def update(self, data: bytes) -> None:
         self._h.update(data)
@@ -68,7 +77,7 @@ def digest_length(algorithm: str) -> int:
 def combine_crcs(algorithm: str, parts: list[tuple[str, int]]) -> str:
     """The CRC of a concatenation from its pieces' (base64 CRC, byte size), without their bytes."""
     size = _DIGEST_LENGTHS[algorithm]
-    combine = _CRC_COMBINE[algorithm]
+    combine = _crc_functions()[1][algorithm]
     value = 0  # the CRC of no bytes, for every algorithm here
     for b64, length in parts:
         value = combine(value, int.from_bytes(base64.b64decode(b64), "big"), length)
