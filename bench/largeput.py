@@ -9,16 +9,20 @@ unique per PUT so no body deduplicates), in a rotating order:
 
 - `hash`: hashlib SHA-256 and MD5 and the chunk digest (XXH3-128) on one core, wall and CPU.
 - `disk`: 256 MiB written with one `os.write` per 1 MiB to a file in the store's own `tmp/`, then
-  fsync: the write/flush floor; once with the flush left to the fsync (`fsync_at_end`) and once with
-  writeback started every 8 MiB as the server does (`writeback_as_written`).
+  fsync: the write/flush floor; once with its pages left in the page cache (`page_cache_grows`),
+  once as the server writes a large body (`drop_behind`: writeback started every 8 MiB, each
+  earlier window waited for and its pages dropped); that file is then read back twice in 1 MiB
+  preads as a GET does (`read_from_disk`, `read_cached`).
+- `memory`: CPU to touch 256 MiB of new anonymous memory (`first`), and again (`again`).
 - `transport`: the same client sending 256 MiB to a bare uvloop protocol that discards the body
   (`raw_sink`: the socket ceiling) and to a bare uvicorn + httptools ASGI app that drains
   `request.stream()` (`uvicorn_sink`: what the ASGI server costs before any of our code runs),
   with the client's and the sink's CPU.
-- `put`, `get`: the real server (`anvil serve` of this checkout), one PUT and one GET (verify on
-  read) of 256 MiB, with the server's CPU per thread group (the event loop `MainThread`: uvicorn's
-  body events and our body reader; `anvil-io`: SHA-256, chunk digests, write and fsync; `anvil-md5`:
-  the ETag), named with `py-spy dump` when it is installed.
+- `servers`: each server variant (default: `anvil serve` of this checkout), one PUT and two GETs
+  of 256 MiB (verify on read; the first GET reads what the PUT left in the page cache, with
+  drop-behind nothing; the second what the first left), with the server's CPU per thread group:
+  the event loop `MainThread` (uvicorn's body events, our body reader), `anvil-io` (SHA-256, chunk
+  digests, write, fsync), `anvil-md5` (the ETag); named with `py-spy dump` when it is installed.
 
 `ceiling` then combines the medians into the best PUT this machine allows: every byte must be
 received (client + socket), hashed twice and written, and the MD5 (the slowest, a serial chain)
@@ -310,6 +314,20 @@ def disk_ceiling(folder: Path, block: bytes, size: int) -> dict[str, Any]:
                 os.close(fd)
             out[mode] = {"write_s": round(t1 - t0, 4), "fsync_s": round(t2 - t1, 4), "cpu_s": round(cpu, 4),
                          "mb_per_s": round(size / 1e6 / (t2 - t0), 1)}
+            if mode == "drop_behind":
+                # Read back in 1 MiB preads, as a GET does: from disk, then from the page cache.
+                for name in ("read_from_disk", "read_cached"):
+                    fd = os.open(path, os.O_RDONLY)
+                    try:
+                        c0 = time.process_time()
+                        t0 = time.perf_counter()
+                        off = 0
+                        while chunk := os.pread(fd, len(block), off):
+                            off += len(chunk)
+                        out[name] = {"cpu_s": round(time.process_time() - c0, 4),
+                                     "mb_per_s": round(off / 1e6 / (time.perf_counter() - t0), 1)}
+                    finally:
+                        os.close(fd)
     finally:
         for path in kept:
             path.unlink()
@@ -406,7 +424,9 @@ class Server:
         key = f"large-{self.n}"
         self.n += 1
         out: dict[str, Any] = {}
-        for op in ("put", "get"):
+        # The first GET reads what the PUT left (with drop-behind: from disk); the second, what the
+        # first left in the page cache.
+        for op in ("put", "get", "get_again"):
             th0 = _thread_cpu(self.pid)
             peak = proc.memory_info().rss
             c0 = sum(proc.cpu_times()[:2])
@@ -517,13 +537,15 @@ def run(*, quick: bool, reps: int | None, variants: dict[str, tuple[Path, dict[s
     for name in variants:
         summary["servers"][name] = {
             f"{op}_{fig}": _stats(_pick(runs, "servers", name, op, fig))
-            for op in ("put", "get") for fig in ("mb_per_s", "server_cpu_s")
+            for op in ("put", "get", "get_again") for fig in ("mb_per_s", "server_cpu_s")
         }
     summary.update({
         "raw_sink_mb_per_s": _stats(_pick(runs, "transport", "raw_sink", "mb_per_s")),
         "uvicorn_sink_mb_per_s": _stats(_pick(runs, "transport", "uvicorn_sink", "mb_per_s")),
         "disk_page_cache_grows_mb_per_s": _stats(_pick(runs, "disk", "page_cache_grows", "mb_per_s")),
         "disk_drop_behind_mb_per_s": _stats(_pick(runs, "disk", "drop_behind", "mb_per_s")),
+        "disk_read_from_disk_mb_per_s": _stats(_pick(runs, "disk", "read_from_disk", "mb_per_s")),
+        "disk_read_cached_mb_per_s": _stats(_pick(runs, "disk", "read_cached", "mb_per_s")),
         "memory_first_touch_cpu_s": _stats(_pick(runs, "memory", "first", "cpu_s")),
         "md5_mb_per_s": _stats(_pick(runs, "hash", "md5", "mb_per_s")),
         "sha256_mb_per_s": _stats(_pick(runs, "hash", "sha256", "mb_per_s")),

@@ -1,6 +1,6 @@
 """Large bodies: received pieces are written as they came (no copies), hashed with the MD5 on a side
 thread that may trail the writes, written back as they are written and, past `ANVIL_DROP_BEHIND`,
-dropped from the page cache behind the writes and behind a GET's reads. Whatever the pieces, the
+dropped from the page cache behind the writes. Whatever the pieces, the
 stored blob, its digests, its sidecar and what a read serves are those of the body as one buffer
 (in process, on a real BlobStore; tests/test_objects.py streams such a body through a server)."""
 
@@ -51,7 +51,7 @@ def test_pieces_store_the_same_blob_as_one_buffer(store: BlobStore) -> None:
     assert store.path(info.sha256).read_bytes() == body
     _, digests = decode_sidecar(store.sidecar_path(info.sha256).read_bytes(), len(body))
     assert digests == [blobs.chunk_digest(body[i:i + blobs.CHUNK_SIZE]) for i in range(0, len(body), blobs.CHUNK_SIZE)]
-    # Read back past the page cache (drop-behind), whole and a range across chunk boundaries.
+    # Read back from the disk (the pages were dropped behind the writes), whole and a range across chunks.
     assert b"".join(store.read_verified(info.sha256, len(body))) == body
     lo, hi = MIB - 3, 3 * MIB + 17
     assert b"".join(store.read_verified(info.sha256, len(body), lo, hi - lo)) == body[lo:hi]

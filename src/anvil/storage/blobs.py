@@ -270,13 +270,14 @@ DROP_BEHIND_DEFAULT = 32 * 1024 * 1024
 
 def drop_behind_from_env(environ: dict[str, str] | None = None) -> int:
     """`ANVIL_DROP_BEHIND` (bytes, or with K/M/G binary units; 0 turns it off; read at the store's
-    start, a malformed value stops it): blobs at least this large are streamed past the page cache,
-    their pages dropped once on disk (write) or once read (GET), see `BlobStore.drop_behind`.
+    start, a malformed value stops it): a streamed body at least this large is written past the page
+    cache, each window's pages dropped once it is on disk (`BlobWriter`, `BlobStore.drop_behind`).
 
-    Why: page cache that grows is costly on a VM that hands freed memory back to its host (measured
-    here: ~10 us per new 4 KiB page, 2-3 s of CPU per 256 MiB written, a 256 MiB PUT at ~30-90 MB/s,
-    while pages freed moments ago are reused at memory speed), and anywhere a stream of large bodies
-    would push the small, hot ones out of the cache (MinIO drops behind large objects likewise)."""
+    Why: a page cache that grows is costly on a VM that hands freed memory back to its host (measured
+    here, bench/largeput.py: 2.3-2.6 s of CPU to write 256 MiB into new page cache, against 0.24-0.30 s
+    when the pages of the window written just before are reused), and anywhere a stream of large
+    bodies would push the small, hot ones out of the cache (MinIO drops behind large writes likewise).
+    Reads keep the cache: the first GET of such a blob reads it from disk, later ones from memory."""
     raw = (os.environ if environ is None else environ).get(DROP_BEHIND_ENV)
     if raw is None or not raw.strip():
         return DROP_BEHIND_DEFAULT
@@ -995,17 +996,10 @@ class BlobStore:
                 return
             alg, digests = self._digests(fd, sha256, size)
             end = offset + length
-            # A large blob streams past the page cache (`drop_behind`): each chunk's pages are
-            # dropped once read, so a GET reuses the same few pages instead of growing the cache.
-            drop = self.drop_behind and size >= self.drop_behind and hasattr(os, "posix_fadvise")
-            if drop:
-                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_SEQUENTIAL)  # a larger read-ahead
             for i in range(offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1):
                 start = i * CHUNK_SIZE
                 n = min(CHUNK_SIZE, size - start)
                 data = _pread_exact(fd, n, start)
-                if drop:
-                    os.posix_fadvise(fd, start, n, os.POSIX_FADV_DONTNEED)
                 if len(data) != n or chunk_digest(data, alg) != digests[i]:
                     alg, digests = self._sidecar_disagrees(fd, sha256, size, i)
                     data = _pread_exact(fd, n, start)
