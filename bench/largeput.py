@@ -1,7 +1,7 @@
 """Large-object PUT and GET (256 MiB) against the ceilings of this machine, measured in the same run.
 
     python bench/largeput.py                 # 3 interleaved repetitions of 256 MiB
-    python bench/largeput.py --quick         # smoke: 16 MiB, 1 repetition
+    python bench/largeput.py --quick         # smoke: 8 MiB, 1 repetition
     python bench/objects.py --large ...      # the same
 
 Each repetition measures, over the same bytes (a 1 MiB block sent 256 times, its first bytes
@@ -16,8 +16,8 @@ unique per PUT so no body deduplicates), in a rotating order:
 - `memory`: CPU to touch 256 MiB of new anonymous memory (`first`), and again (`again`).
 - `transport`: the same client sending 256 MiB to a bare uvloop protocol that discards the body
   (`raw_sink`: the socket ceiling) and to a bare uvicorn + httptools ASGI app that drains
-  `request.stream()` (`uvicorn_sink`: what the ASGI server costs before any of our code runs),
-  with the client's and the sink's CPU.
+  `request.stream()` (`uvicorn_sink`: what the ASGI server costs before any of our code runs), and
+  the same app on the server's own protocol class (`anvil_sink`), with the client's and the sink's CPU.
 - `servers`: each server variant (default: `anvil serve` of this checkout), one PUT and two GETs
   of 256 MiB (verify on read; the first GET reads what the PUT left in the page cache, with
   drop-behind nothing; the second what the first left), with the server's CPU per thread group:
@@ -162,11 +162,18 @@ def _sink_raw(port: int) -> None:
     uvloop.run(main())
 
 
-def _sink_uvicorn(port: int) -> None:
+def _sink_uvicorn(port: int, protocol: str = "httptools") -> None:
     """A bare ASGI app on uvicorn (httptools, uvloop): drains the body through Starlette's
-    `request.stream()` as the server's handlers do, and counts the pieces it is handed."""
+    `request.stream()` as the server's handlers do, and counts the pieces it is handed. `protocol`
+    "anvil": on the server's own HTTP protocol class (api.server.AnvilHttpProtocol)."""
     import uvicorn
     from starlette.requests import Request
+
+    http: Any = protocol
+    if protocol == "anvil":
+        from anvil.api.server import AnvilHttpProtocol
+
+        http = AnvilHttpProtocol
 
     pieces: collections.Counter[str] = collections.Counter()
 
@@ -186,7 +193,7 @@ def _sink_uvicorn(port: int) -> None:
         await send({"type": "http.response.body", "body": body})
 
     print("ready", flush=True)
-    uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="warning",
+    uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http=http, log_level="warning",
                 access_log=False, lifespan="off")
 
 
@@ -336,7 +343,7 @@ def disk_ceiling(folder: Path, block: bytes, size: int) -> dict[str, Any]:
 
 def transport_ceiling(block: bytes, size: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for kind in ("raw", "uvicorn"):
+    for kind in ("raw", "uvicorn", "anvil"):
         sink = Sink(kind)
         try:
             put(sink.port, "/warm", 4 * MIB, block)
@@ -471,11 +478,13 @@ def ceiling(reps: list[dict[str, Any]], size: int, cpus: int) -> dict[str, Any]:
         "xxh3": ("hash", "xxh3_128", "cpu_s"), "write": ("disk", "drop_behind", "cpu_s"),
         "client": ("transport", "raw_sink", "client_cpu_s"), "socket": ("transport", "raw_sink", "sink_cpu_s"),
         "uvicorn": ("transport", "uvicorn_sink", "sink_cpu_s"),
+        "anvil_protocol": ("transport", "anvil_sink", "sink_cpu_s"),
     }.items()}
     tail = statistics.median(_pick(reps, "disk", "drop_behind", "fsync_s"))
     needed = med["md5"] + med["sha256"] + med["xxh3"] + med["write"] + med["client"] + med["socket"]
     best = max(med["md5"], needed / cpus) + tail
-    with_uvicorn = max(med["md5"], (needed - med["socket"] + med["uvicorn"]) / cpus) + tail
+    # The same through the server's HTTP protocol (uvicorn's body events instead of the bare socket).
+    with_uvicorn = max(med["md5"], (needed - med["socket"] + med["anvil_protocol"]) / cpus) + tail
     out: dict[str, Any] = {
         "cpu_s_per_object": {k: round(v, 4) for k, v in med.items()},
         "fsync_tail_s": round(tail, 4),
@@ -498,7 +507,7 @@ def ceiling(reps: list[dict[str, Any]], size: int, cpus: int) -> dict[str, Any]:
 def run(*, quick: bool, reps: int | None, variants: dict[str, tuple[Path, dict[str, str]]]) -> dict[str, Any]:
     """Every step of a repetition, each variant's server one step of its own, in a rotating order."""
     reps = reps or (1 if quick else 3)
-    size = (16 if quick else 256) * MIB
+    size = (8 if quick else 256) * MIB
     cpus = os.cpu_count() or 1
     block = os.urandom(BLOCK)
     load_before = os.getloadavg()
@@ -508,17 +517,25 @@ def run(*, quick: bool, reps: int | None, variants: dict[str, tuple[Path, dict[s
         try:
             for name, (src, env) in variants.items():
                 servers[name] = Server(Path(tmp) / name, src, env)
-                servers[name].put_get(block, 8 * MIB)  # warm-up (not measured): imports, thread pools
+                if not quick:
+                    servers[name].put_get(block, 8 * MIB)  # warm-up (not measured): imports, thread pools
             first = next(iter(servers.values()))
-            steps: dict[str, Any] = {
+            ceilings: dict[str, Any] = {
                 "hash": lambda: hash_ceiling(block, size),
                 "memory": lambda: memory_ceiling(size),
                 "disk": lambda: disk_ceiling(first.srv.storage_path / "tmp", block, size),
                 "transport": lambda: transport_ceiling(block, size),
             }
-            for name, server in servers.items():
+            steps = dict(ceilings)
+            # Servers alternate with ceiling steps: one variant's PUT right after another's would
+            # inherit its page cache state (pages a drop-behind PUT just freed are cheap to reuse).
+            order: list[str] = []
+            for i, (name, server) in enumerate(servers.items()):
                 steps[f"server:{name}"] = lambda server=server: server.put_get(block, size)
-            order = list(steps)
+                order.append(f"server:{name}")
+                if i < len(ceilings):
+                    order.append(list(ceilings)[i])
+            order += [c for c in ceilings if c not in order]
             for rep in range(reps):
                 one: dict[str, Any] = {"load_average": round(os.getloadavg()[0], 2), "servers": {}}
                 k = rep % len(order)
@@ -542,6 +559,7 @@ def run(*, quick: bool, reps: int | None, variants: dict[str, tuple[Path, dict[s
     summary.update({
         "raw_sink_mb_per_s": _stats(_pick(runs, "transport", "raw_sink", "mb_per_s")),
         "uvicorn_sink_mb_per_s": _stats(_pick(runs, "transport", "uvicorn_sink", "mb_per_s")),
+        "anvil_sink_mb_per_s": _stats(_pick(runs, "transport", "anvil_sink", "mb_per_s")),
         "disk_page_cache_grows_mb_per_s": _stats(_pick(runs, "disk", "page_cache_grows", "mb_per_s")),
         "disk_drop_behind_mb_per_s": _stats(_pick(runs, "disk", "drop_behind", "mb_per_s")),
         "disk_read_from_disk_mb_per_s": _stats(_pick(runs, "disk", "read_from_disk", "mb_per_s")),
@@ -586,16 +604,19 @@ def parse_variant(text: str) -> tuple[str, tuple[Path, dict[str, str]]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="16 MiB, 1 repetition (smoke)")
+    parser.add_argument("--quick", action="store_true", help="8 MiB, 1 repetition (smoke)")
     parser.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default 3; quick 1)")
     parser.add_argument("--variant", action="append", default=[], type=parse_variant, metavar="NAME=SRC[,ENV=V...]",
                         help="a server to measure (repeat; the first gives the targets): the src folder whose code it "
                         "runs, and environment settings; default: branch=<this checkout>/src")
-    parser.add_argument("--sink", choices=("raw", "uvicorn"), help=argparse.SUPPRESS)
+    parser.add_argument("--sink", choices=("raw", "uvicorn", "anvil"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sink:
-        (_sink_raw if args.sink == "raw" else _sink_uvicorn)(args.port)
+        if args.sink == "raw":
+            _sink_raw(args.port)
+        else:
+            _sink_uvicorn(args.port, "anvil" if args.sink == "anvil" else "httptools")
         return
     variants = dict(args.variant) or {"branch": (ROOT / "src", {})}
     print(json.dumps(run(quick=args.quick, reps=args.reps, variants=variants), indent=2))
