@@ -274,7 +274,7 @@ def drop_behind_from_env(environ: dict[str, str] | None = None) -> int:
     cache, each window's pages dropped once it is on disk (`BlobWriter`, `BlobStore.drop_behind`).
 
     Why: a page cache that grows is costly on a VM that hands freed memory back to its host (measured
-    here, bench/largeput.py: 2.3-2.6 s of CPU to write 256 MiB into new page cache, against 0.24-0.30 s
+    here, bench/largeput.py: 0.7-2.1 s of CPU to write 256 MiB into new page cache, against 0.15-0.23 s
     when the pages of the window written just before are reused), and anywhere a stream of large
     bodies would push the small, hot ones out of the cache (MinIO drops behind large writes likewise).
     Reads keep the cache: the first GET of such a blob reads it from disk, later ones from memory."""
