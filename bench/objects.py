@@ -9,6 +9,7 @@ ratio means something on whatever disk runs it. Prints one JSON document.
 
     python bench/objects.py            # full run (well under 2 minutes)
     python bench/objects.py --quick    # smoke run (a few seconds of load)
+    python bench/objects.py --large    # 256 MiB PUT/GET and the machine's ceilings (bench/largeput.py)
 """
 
 from __future__ import annotations
@@ -517,6 +518,12 @@ def compare_large_get(variants: dict[str, str], *, size_mib: int, rounds: int, g
 
 
 def main() -> None:
+    if "--large" in sys.argv[1:]:
+        # The 256 MiB PUT/GET against this machine's ceilings, measured in the same run (bench/largeput.py).
+        import largeput
+
+        largeput.main([a for a in sys.argv[1:] if a != "--large"])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: 0.5 s workloads, 16 MiB large object")
     parser.add_argument("--compare-large", metavar="NAME=SRC_DIR", action="append", default=[],

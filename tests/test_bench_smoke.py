@@ -50,6 +50,28 @@ def test_objects_bench_quick_prints_every_figure() -> None:
     assert isinstance(targets["all_met"], bool)
 
 
+def test_large_put_bench_quick_prints_ceilings_and_server_figures() -> None:
+    """`bench/objects.py --large --quick` (bench/largeput.py): the same-run ceilings (hashes, memory,
+    disk, transport) and the server's PUT/GETs with CPU per thread group; only the shape is checked."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "objects.py"), "--large", "--quick"], env=env,
+                          capture_output=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    doc = json.loads(proc.stdout)
+    assert doc["benchmark"] == "large-put" and doc["quick"] is True and len(doc["runs"]) == 1
+    run = doc["runs"][0]
+    assert set(run["hash"]) == {"sha256", "md5", "xxh3_128"} and all(h["cpu_s"] >= 0 for h in run["hash"].values())
+    assert {"page_cache_grows", "read_from_disk", "read_cached"} <= run["disk"].keys()
+    assert set(run["transport"]) == {"raw_sink", "uvicorn_sink", "anvil_sink"}
+    assert set(run["memory"]) == {"first", "again"}
+    fig = run["servers"]["branch"]
+    assert {"put", "get", "get_again"} == fig.keys()
+    assert fig["put"]["mb_per_s"] > 0 and "MainThread" in fig["put"]["server_threads"]
+    assert doc["ceiling"]["best_put_mb_per_s"] > 0 and "branch" in doc["ceiling"]["servers"]
+    assert {"load_average_before", "load_average_after"} <= doc["machine"].keys()
+    assert set(doc["targets"]) == {"put_mb_per_s", "get_mb_per_s"}
+
+
 def test_s3_bench_quick_prints_both_servers_and_ratios() -> None:
     """`bench/s3.py --quick` drives Anvil and moto with client processes; only the JSON shape is checked."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}

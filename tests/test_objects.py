@@ -306,3 +306,27 @@ def test_openapi_covers_every_native_route(server: AnvilServer) -> None:
             continue
         for method in route.methods - {"HEAD"}:
             assert method.lower() in doc["paths"].get(route.path, {}), (method, route.path)
+
+
+def test_streamed_put_in_odd_pieces(server: AnvilServer, client: AnvilClient, bucket: str) -> None:
+    """A body of unknown length in pieces of every size (tiny, socket-sized, over 1 MiB): the server
+    gathers them into blocks without copying the large ones (api.common.BlockGatherer); what is stored
+    and served, whole and by range, is the body, and a wrong declared checksum stores nothing."""
+    from tests.test_large_body import MIB, _pieces
+
+    pieces = _pieces(3)
+    body = b"".join(pieces)
+    url = f"{server.endpoint}/anvil/v1/buckets/{bucket}/object"
+    headers = server.auth_headers()
+    with httpx.Client(timeout=60) as http:
+        r = http.put(url, params={"key": "big"}, content=iter(pieces), headers={  # chunked: no length
+            **headers, "x-anvil-checksum-sha256": hashlib.sha256(body).hexdigest()})
+        assert r.status_code == 200, r.text
+        assert (r.json()["etag"], r.json()["size"]) == (hashlib.md5(body).hexdigest(), len(body))
+        got = http.get(url, params={"key": "big"}, headers=headers)
+        assert got.status_code == 200 and got.content == body
+        lo, hi = MIB + 1, 4 * MIB - 2
+        part = http.get(url, params={"key": "big"}, headers={**headers, "range": f"bytes={lo}-{hi}"})
+        assert part.status_code == 206 and part.content == body[lo:hi + 1]
+    unchanged(client, "BadDigest", 400, client.put_object, bucket, "big", iter([body[1:], b"x"]),
+              checksum_sha256=hashlib.sha256(body).hexdigest())

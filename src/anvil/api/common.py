@@ -187,6 +187,47 @@ def check_recovery(request: Request) -> None:
 
 # Request bodies are handed to the writer in blocks of this size.
 STREAM_BLOCK = 1024 * 1024
+# Received pieces smaller than this are copied together before they join a block (BlockGatherer).
+SMALL_PIECE = 64 * 1024
+
+
+class BlockGatherer:
+    """Gathers received pieces into blocks of about STREAM_BLOCK bytes without copying them.
+
+    The ASGI server hands a body over in pieces of whatever size the socket gave (uvicorn: up to
+    ~256 KiB). Pieces of at least SMALL_PIECE go into the block by reference (they are immutable
+    `bytes`); smaller ones are copied together into one piece, so a block is never thousands of
+    tiny buffers to hash and write one by one. A full block is a list the writer takes whole
+    (`BlobWriter.write_pieces`: one `writev`, each piece hashed as it is)."""
+
+    def __init__(self, block: int = STREAM_BLOCK):
+        self.block = block
+        self._pieces: list[bytes] = []
+        self._small = bytearray()
+        self._size = 0
+
+    def add(self, piece: bytes) -> list[bytes] | None:
+        """Take a piece; returns a full block when one is complete, else None."""
+        if len(piece) < SMALL_PIECE:
+            self._small += piece
+            if len(self._small) >= SMALL_PIECE:
+                self._pieces.append(bytes(self._small))
+                self._small.clear()
+        else:
+            if self._small:
+                self._pieces.append(bytes(self._small))
+                self._small.clear()
+            self._pieces.append(piece)
+        self._size += len(piece)
+        return self.take() if self._size >= self.block else None
+
+    def take(self) -> list[bytes]:
+        """Whatever is gathered (possibly nothing), as one block."""
+        if self._small:
+            self._pieces.append(bytes(self._small))
+            self._small.clear()
+        pieces, self._pieces, self._size = self._pieces, [], 0
+        return pieces
 
 
 async def stream_into(request: Request, writer: Any) -> None:
@@ -194,23 +235,25 @@ async def stream_into(request: Request, writer: Any) -> None:
 
     Hashing and writing run in a file-I/O thread, a block at a time, while the event loop receives
     the next block: the two cores work in parallel and the loop stays free. At most one block is
-    being written and one filling, so memory stays flat in body size. On any failure the writer is
-    aborted (once its last write is done with the descriptor) and the error re-raised.
+    being written and one filling (plus the few blocks the writer's MD5 may trail by), so memory
+    stays flat in body size. The loop only collects references to the received pieces: no copy.
+    On any failure the writer is aborted (once its last write is done with the descriptor) and
+    the error re-raised.
     """
-    block = bytearray()
+    gather = BlockGatherer()
     pending: concurrent.futures.Future | None = None
     try:
         async for chunk in request.stream():
-            block += chunk
-            if len(block) >= STREAM_BLOCK:
+            block = gather.add(chunk)
+            if block is not None:
                 if pending is not None:
                     await asyncio.wrap_future(pending)
-                pending = submit_file_io(writer.write, bytes(block))
-                block.clear()
+                pending = submit_file_io(writer.write_pieces, block)
+        block = gather.take()
         if block:
             if pending is not None:
                 await asyncio.wrap_future(pending)
-            pending = submit_file_io(writer.write, bytes(block))
+            pending = submit_file_io(writer.write_pieces, block)
         if pending is not None:
             await asyncio.wrap_future(pending)
     except BaseException:

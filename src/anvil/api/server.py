@@ -162,6 +162,21 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
                 pass
         self.transport.abort()
 
+    # A request body reaches the app in pieces: whatever arrived since the app last asked. uvicorn
+    # stops reading the socket as soon as 64 KiB wait, so a large upload paused and resumed reading
+    # (two epoll changes) and woke the app for every socket read (<= 256 KiB): a bare app's
+    # receiving CPU per 256 MiB was 0.31 s, 0.245 s with this (bench/largeput.py, docs/performance.md).
+    # Up to this much may wait instead, per connection, only while the app is slower than the socket.
+    BODY_BUFFER = 1024 * 1024
+
+    def on_body(self, body: bytes) -> None:
+        if (self.parser.should_upgrade() and self._should_upgrade()) or self.cycle.response_complete:
+            return
+        self.cycle.body += body
+        if len(self.cycle.body) > self.BODY_BUFFER:
+            self.flow.pause_reading()
+        self.cycle.message_event.set()
+
     # Transport callbacks
 
     def data_received(self, data: bytes) -> None:

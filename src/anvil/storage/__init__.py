@@ -8,7 +8,7 @@ from pathlib import Path
 
 from anvil.storage import idempotency, inline, journal
 from anvil.storage.blobbackend import BlobBackend, backend_from_env
-from anvil.storage.blobs import BlobInfo, BlobStore, BlobWriter
+from anvil.storage.blobs import BlobInfo, BlobStore, BlobWriter, drop_behind_from_env
 from anvil.storage.catalog import Catalog, Txn
 from anvil.storage.journal import Event
 from anvil.storage.layout import FormatInfo, Layout
@@ -46,6 +46,7 @@ class Storage:
             self.catalog.migrate("idempotency", idempotency.MIGRATIONS)
             self.catalog.migrate("blobs", inline.MIGRATIONS)
             inline_max = inline.max_from_env()  # a malformed ANVIL_INLINE_MAX stops the start
+            drop_behind = drop_behind_from_env()  # and so does a malformed ANVIL_DROP_BEHIND
         except BaseException:
             # A refused start (e.g. an un-migrated PostgreSQL store) closes what it opened: a pool left
             # to the garbage collector prints a traceback at exit ("cannot join current thread").
@@ -59,6 +60,7 @@ class Storage:
                                backend=backend)
         # Small bodies go inline in catalog.db (storage.inline); reads look in both places.
         self.blobs.attach_catalog(self.catalog, inline_max)
+        self.blobs.drop_behind = drop_behind
         self._locked = lock
         if lock:
             self.blobs.prepare_fanout()

@@ -43,7 +43,7 @@ from anvil.storage import inline, records
 from anvil.storage.blobbackend import BlobBackend, LocalBlobBackend, StoredBlob, backend_from_env, fanout_entries
 from anvil.storage.blobscan import HashResult, ScanResult, hash_file, scan_blobs
 from anvil.storage.layout import fsync_dir
-from anvil.storage.space import is_full_error, storage_full
+from anvil.storage.space import is_full_error, parse_size, storage_full
 
 READ_CHUNK = 1024 * 1024
 
@@ -176,10 +176,14 @@ def decode_sidecar(raw: bytes, size: int | None = None) -> tuple[int, list[bytes
     return alg, [body[i * dlen:(i + 1) * dlen] for i in range(n)]
 
 
-# A large body's MD5 (the S3 ETag, ~700 MB/s, the slowest digest taken) runs on a second thread
-# while SHA-256, the chunk digests and the write run on the caller's: hashlib releases the GIL for
-# buffers this large, so a large PUT is bound by the slower hash, not by the sum of both.
+# A large body's MD5 (the S3 ETag, ~750 MB/s of one core, the slowest digest taken) runs on a second
+# thread while SHA-256, the chunk digests and the write run on the caller's: hashlib releases the GIL
+# for buffers this large, so a large PUT is bound by the slower hash, not by the sum of both.
 PARALLEL_HASH_MIN = 256 * 1024
+# How many blocks a writer's MD5 may trail its writes by (`write_pieces` with immutable bytes). In
+# lockstep (0) the MD5 thread sat idle through every hand-off (the caller's wake-up, the event
+# loop's next block); a few blocks of slack keep it busy, at most this many blocks held per upload.
+MD5_LAG = 4
 _side_pool: concurrent.futures.ThreadPoolExecutor | None = None
 _side_lock = threading.Lock()
 
@@ -192,6 +196,101 @@ def _side_hasher() -> concurrent.futures.ThreadPoolExecutor:
                 _side_pool = concurrent.futures.ThreadPoolExecutor(
                     max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="anvil-md5")
     return _side_pool
+
+
+class _SideHash:
+    """Feeds one hash object on a side-pool thread, batch after batch in order, while the caller
+    goes on. One drain task at a time per hash (never two threads on one object), and none while
+    idle, so a slow client holds no pool thread."""
+
+    def __init__(self, h: Any):
+        self._h = h
+        self._queue: collections.deque[list[bytes] | list[memoryview]] = collections.deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._pending = 0      # batches fed and not yet hashed
+        self._running = False  # a drain task is queued or running
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def feed(self, pieces: list[Any]) -> None:
+        with self._cond:
+            self._queue.append(pieces)
+            self._pending += 1
+            if self._running:
+                return
+            self._running = True
+        _side_hasher().submit(self._drain)
+
+    def _drain(self) -> None:
+        while True:
+            with self._cond:
+                if not self._queue:
+                    self._running = False
+                    self._cond.notify_all()
+                    return
+                pieces = self._queue.popleft()
+            try:
+                for piece in pieces:
+                    self._h.update(piece)
+            finally:
+                with self._cond:
+                    self._pending -= 1
+                    self._cond.notify_all()
+
+    def wait(self, most: int = 0) -> None:
+        """Until at most `most` batches are still to hash."""
+        with self._cond:
+            while self._pending > most:
+                self._cond.wait()
+
+
+# sync_file_range flags (linux/fs.h).
+_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
+
+
+def _find_sync_file_range() -> Callable[[int, int, int, int], Any] | None:
+    """Linux `sync_file_range(fd, offset, n, flags)` (os has no binding); None where libc has none."""
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+_SYNC_FILE_RANGE = _find_sync_file_range()
+DROP_BEHIND_ENV = "ANVIL_DROP_BEHIND"
+DROP_BEHIND_DEFAULT = 32 * 1024 * 1024
+
+
+def drop_behind_from_env(environ: dict[str, str] | None = None) -> int:
+    """`ANVIL_DROP_BEHIND` (bytes, or with K/M/G binary units; 0 turns it off; read at the store's
+    start, a malformed value stops it): a streamed body at least this large is written past the page
+    cache, each window's pages dropped once it is on disk (`BlobWriter`, `BlobStore.drop_behind`).
+
+    Why: a page cache that grows is costly on a VM that hands freed memory back to its host (measured
+    here, bench/largeput.py: 0.7-2.1 s of CPU to write 256 MiB into new page cache, against 0.15-0.23 s
+    when the pages of the window written just before are reused), and anywhere a stream of large
+    bodies would push the small, hot ones out of the cache (MinIO drops behind large writes likewise).
+    Reads keep the cache: the first GET of such a blob reads it from disk, later ones from memory."""
+    raw = (os.environ if environ is None else environ).get(DROP_BEHIND_ENV)
+    if raw is None or not raw.strip():
+        return DROP_BEHIND_DEFAULT
+    return parse_size(DROP_BEHIND_ENV, raw)
+
+
+# A streamed body's written bytes are handed to the disk every this many bytes instead of all at the
+# final fsync: the page cache would otherwise hold the whole body dirty (writeback starts at 10 % of
+# RAM) and the fsync would write 256 MiB while the client waits (~0.1 s here, a fifth of the time
+# budget of a 256 MiB PUT at 450 MB/s); this way it finds only the last few MiB to write.
+WRITEBACK_EVERY = 8 * 1024 * 1024
+# Buffers per writev call (Linux refuses more than IOV_MAX, 1024).
+_IOV_MAX = 512
 
 
 def _pread_exact(fd: int, length: int, offset: int) -> bytes:
@@ -247,35 +346,53 @@ class BlobWriter:
         # md5=False: for bodies that need no S3 ETag (artefact components); MD5 is the slowest of
         # the digests taken per byte (~740 MB/s), and BlobInfo.md5 is then "".
         self._md5 = hashlib.md5() if md5 else None
+        self._side = _SideHash(self._md5) if self._md5 is not None else None
         self._chunks = ChunkHasher()
         self.size = 0
         self._max_size = max_size
         self._done = False
+        # Written bytes not yet handed to writeback (WRITEBACK_EVERY), and the offset below which
+        # pages were dropped (the store's drop_behind). A remote store's spool is uploaded from the
+        # page cache and deleted: it never needs to reach the disk first.
+        self._unflushed = 0
+        self._dropped = 0
+        self._writeback = _SYNC_FILE_RANGE if not store.remote else None
 
-    def write(self, chunk: bytes) -> None:
-        if not chunk:
+    def write(self, chunk: bytes | bytearray | memoryview) -> None:
+        self.write_pieces([chunk])
+
+    def write_pieces(self, pieces: list[Any]) -> None:
+        """Append pieces of the body (one received block): each hashed as it is, all written with
+        one `writev`, no copies. A large block's MD5 runs on a side thread; when every piece is
+        immutable `bytes`, the call returns without waiting for it (it may trail by `MD5_LAG`
+        blocks; `digests` and `commit` wait), otherwise the caller may reuse its buffers at once."""
+        total = 0
+        for piece in pieces:
+            total += len(piece)
+        if not total:
             return
-        self.size += len(chunk)
+        self.size += total
         if self._max_size is not None and self.size > self._max_size:
             raise OverflowError("body larger than allowed")
-        side = None
-        if self._md5 is not None:
-            if len(chunk) >= PARALLEL_HASH_MIN:
-                side = _side_hasher().submit(self._md5.update, chunk)
-            else:
-                self._md5.update(chunk)
+        side = self._side
+        if side is not None and (total >= PARALLEL_HASH_MIN or side.pending):
+            side.feed(pieces)  # in order behind any block still being hashed
+        elif self._md5 is not None:
+            for piece in pieces:
+                self._md5.update(piece)
+            side = None
+        else:
+            side = None
         try:
-            self._sha.update(chunk)
-            self._chunks.update(chunk)
+            for piece in pieces:
+                self._sha.update(piece)
+                self._chunks.update(piece)
             if self._held is not None:
                 if self.size <= self._hold:
-                    self._held.append(bytes(chunk))
+                    self._held.extend(bytes(piece) for piece in pieces)
                 else:
                     self._held = None
-            view = memoryview(chunk)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+            self._write_all(pieces, total)
         except OSError as exc:
             if not is_full_error(exc):
                 raise
@@ -283,13 +400,50 @@ class BlobWriter:
             raise storage_full() from None
         finally:
             if side is not None:
-                side.result()  # the MD5 is complete (and in order) before the next block
+                immutable = all(type(piece) is bytes for piece in pieces)
+                side.wait(MD5_LAG if immutable else 0)
+
+    def _write_all(self, pieces: list[Any], total: int) -> None:
+        """One writev per block (a loop only for short writes), then writeback every few MiB."""
+        fd = self._fd
+        if len(pieces) == 1:
+            view = memoryview(pieces[0])
+            while view:
+                view = view[os.write(fd, view):]
+        else:
+            for start in range(0, len(pieces), _IOV_MAX):
+                group = [memoryview(p) for p in pieces[start:start + _IOV_MAX]]
+                while group:
+                    written = os.writev(fd, group)
+                    while group and written >= len(group[0]):
+                        written -= len(group[0])
+                        group.pop(0)
+                    if group and written:
+                        group[0] = group[0][written:]
+        if self._writeback is not None:
+            self._unflushed += total
+            if self._unflushed >= WRITEBACK_EVERY:
+                # Start writing back what was written so far; the final fsync then waits only for
+                # the tail. Advisory: a failure here is found by that fsync.
+                start = self.size - self._unflushed
+                self._writeback(fd, start, self._unflushed, _SFR_WRITE)
+                self._unflushed = 0
+                drop = self._store.drop_behind
+                if drop and self.size >= drop and start > self._dropped:
+                    # The window before this one is on its way to the disk: wait for it, then drop
+                    # its pages, so the next writes reuse them instead of growing the page cache.
+                    self._writeback(fd, self._dropped, start - self._dropped,
+                                    _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
+                    os.posix_fadvise(fd, self._dropped, start - self._dropped, os.POSIX_FADV_DONTNEED)
+                    self._dropped = start
 
     def held(self) -> bytes | None:
         """The whole body if it was small enough to be kept in memory (see `hold`), else None."""
         return b"".join(self._held) if self._held is not None else None
 
     def digests(self) -> BlobInfo:
+        if self._side is not None:
+            self._side.wait()  # the MD5 of every block fed so far
         return BlobInfo(self._sha.hexdigest(), self._md5.hexdigest() if self._md5 is not None else "", self.size)
 
     def commit(self) -> BlobInfo:
@@ -304,6 +458,8 @@ class BlobWriter:
                 raise
             self.abort()
             raise storage_full() from None
+        if self._store.drop_behind and self.size >= self._store.drop_behind and self._writeback is not None:
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean now: the tail's pages too
         os.close(self._fd)
         self._done = True
         final = self._store.path(info.sha256)
@@ -392,6 +548,8 @@ class BlobStore:
         self._sidecars_lock = threading.Lock()
         self._tmpfile_ok = True
         self._proc_fd_cache: int | None = None
+        # Blobs at least this large stream past the page cache (drop_behind_from_env; 0: never).
+        self.drop_behind = DROP_BEHIND_DEFAULT
         # Inline bodies (storage.inline): bodies up to `inline_max` bytes are written inline by
         # the objects layer (0: never). Reads look inline whatever the threshold, so a store keeps
         # working when it changes. `attach_catalog` gives the live catalog; otherwise the

@@ -97,7 +97,8 @@ class BodyReader:
 
     # ------------------------------------------------------------------ aws-chunked
 
-    async def _fill(self) -> None:
+    async def _next(self) -> bytes:
+        """The next non-empty piece received; IncompleteBody if the body ends first."""
         assert self._it is not None
         while True:
             try:
@@ -105,8 +106,10 @@ class BodyReader:
             except StopAsyncIteration:
                 raise _incomplete() from None
             if piece:
-                self._buf += piece
-                return
+                return piece
+
+    async def _fill(self) -> None:
+        self._buf += await self._next()
 
     async def _line(self) -> bytes:
         while True:
@@ -142,11 +145,18 @@ class BodyReader:
             h = hashlib.sha256() if signed else None
             remaining = size
             while remaining:
-                if not self._buf:
-                    await self._fill()
-                take = min(remaining, len(self._buf))
-                piece = bytes(self._buf[:take])
-                del self._buf[:take]
+                if self._buf:
+                    take = min(remaining, len(self._buf))
+                    piece = bytes(self._buf[:take])
+                    del self._buf[:take]
+                else:
+                    # Straight from the socket: a received piece inside the chunk is handed on as
+                    # it is (no copy); only one that runs past the chunk's end is split.
+                    piece = await self._next()
+                    if len(piece) > remaining:
+                        self._buf += memoryview(piece)[remaining:]
+                        piece = piece[:remaining]
+                    take = len(piece)
                 remaining -= take
                 if h is not None:
                     h.update(piece)

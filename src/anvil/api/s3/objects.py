@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.responses import Response
 
-from anvil.api.common import HASH_ON_LOOP_LIMIT, blocking, body_response, committed, file_io
+from anvil.api.common import HASH_ON_LOOP_LIMIT, BlockGatherer, blocking, body_response, committed, file_io
 from anvil.api.s3 import xmlutil as X
 from anvil.api.s3.acl import canned
 from anvil.api.s3.body import BodyReader
@@ -185,34 +185,35 @@ async def receive_uncommitted(r: S3Request, *, max_size: int = v.MAX_OBJECT_SIZE
     sums = {a: new_checksum(a) for a in algs}
     writer = None
 
-    def sink(data: bytes) -> None:
+    def sink(pieces: list[bytes]) -> None:
         assert writer is not None
-        writer.write(data)
+        writer.write_pieces(pieces)
         for c in sums.values():
-            c.update(data)
+            for piece in pieces:
+                c.update(piece)
 
-    pending = bytearray()
+    # The received pieces are gathered by reference, not copied (api.common.BlockGatherer).
+    gather = BlockGatherer(SINK_CHUNK)
     loop = asyncio.get_running_loop()
     inflight: asyncio.Future | None = None
     try:
         async for piece in reader.pieces():
-            pending += piece
-            if len(pending) >= SINK_CHUNK:
+            block = gather.add(piece)
+            if block is not None:
                 # Hash and write whole MiBs in a worker thread (hashlib and zlib release the GIL) while
                 # the next MiB arrives: one MiB in flight keeps order and bounds memory per upload.
-                data = bytes(pending)
-                pending.clear()
                 if writer is None:
                     writer = r.objects.body_writer(max_size=max_size, expected_size=declared_length)
                 if inflight is not None:
                     await inflight
-                inflight = loop.run_in_executor(None, sink, data)
+                inflight = loop.run_in_executor(None, sink, block)
         if inflight is not None:
             await inflight
             inflight = None
+        pending = gather.take()
         small: bytes | None = None
         if writer is None:
-            small = bytes(pending)
+            small = b"".join(pending)
             if len(small) > max_size:
                 raise OverflowError("body larger than allowed")
             for c in sums.values():
@@ -221,7 +222,7 @@ async def receive_uncommitted(r: S3Request, *, max_size: int = v.MAX_OBJECT_SIZE
                 reader.check_sha256(hashlib.sha256(small).hexdigest())
         else:
             if pending:
-                sink(bytes(pending))
+                sink(pending)
             reader.check_sha256(writer.digests().sha256)
         computed = {a: c.b64() for a, c in sums.items()}
         expected = dict(declared)
