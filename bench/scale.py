@@ -499,10 +499,16 @@ def run(steps: list[int], *, quick: bool, processes: int, conns: int, listers: l
                             # The first count is the headline figure; the others follow under their count.
                             step["get_while_listing" if i == 0 else f"get_while_listing_{n}"] = get_while_listing(
                                 clients, server.port, "scale", loaded, get_seconds, headers, n)
-                        step["full_listing"] = full_listing(http, base)
-                        step["full_listing_lean"] = lean_full_listing(server.port, "scale", headers)
-                        step["full_listing_s3"] = s3_full_listing(server, "scale", lean=False)
-                        step["full_listing_s3_lean"] = s3_full_listing(server, "scale", lean=True)
+                        for name, listing in (
+                                ("full_listing", lambda: full_listing(http, base)),
+                                ("full_listing_lean", lambda h=headers: lean_full_listing(server.port, "scale", h)),
+                                ("full_listing_s3", lambda: s3_full_listing(server, "scale", lean=False)),
+                                ("full_listing_s3_lean", lambda: s3_full_listing(server, "scale", lean=True))):
+                            cpu0 = sum(during.proc.cpu_times()[:2])
+                            fig = listing()
+                            fig["server_cpu_us_per_key"] = round(
+                                (sum(during.proc.cpu_times()[:2]) - cpu0) / max(fig["keys"], 1) * 1e6, 2)
+                            step[name] = fig
                         status_s = [_timed_get(http, server.endpoint + "/anvil/v1/admin/watch/status")[0]
                                     for _ in range(reps)]
                         step["watch_status_ms"] = _median_ms(status_s)
