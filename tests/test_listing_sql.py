@@ -114,3 +114,27 @@ def test_same_errors_as_python(svc: ObjectService) -> None:
 
 def test_delimiter_without_same_length_successor_falls_back(svc: ObjectService) -> None:
     assert svc.list_objects_rendered("bkt", delimiter="\U0010ffff") is None
+
+
+def test_statements_seek_through_the_latest_index(svc: ObjectService) -> None:
+    """Every lookup of a page (the walk's first row, each step past a common prefix or key, the
+    truncation probe) is an index search, never a scan of the versions table: a delimiter page costs
+    one seek per entry, whatever the store holds."""
+    from anvil.storage import listing
+
+    conn = svc.catalog.reader()
+    statements: list[tuple[str, dict]] = []
+
+    class Recording:  # the real connection; it only notes each statement to explain it after
+        def execute(self, sql: str, params: dict):
+            statements.append((sql, params))
+            return conn.execute(sql, params)
+
+    for delimiter, nxt in (("", ""), ("/", "0")):
+        listing.latest_page(Recording(), "bkt", prefix="", delimiter=delimiter, delimiter_next=nxt, after="",
+                            inclusive=False, upper=None, limit=3, reserved=("_anvil/", "_anvil0"), xml=False)
+    assert len(statements) == 3  # the page and its probe, then the delimiter page
+    for sql, params in statements:
+        plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
+        assert not [p for p in plan if p.startswith("SCAN v")], plan
+        assert any("SEARCH v USING INDEX versions_latest" in p for p in plan), plan
