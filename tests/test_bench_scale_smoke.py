@@ -34,7 +34,10 @@ def test_scale_bench_quick_prints_every_figure_per_step() -> None:
         # 300 keys over 1,000 prefixes: every key is its own common prefix.
         assert s["listing"]["delimiter_prefixes"] == min(s["objects"], 1000)
         assert {"first_page_ms", "middle_page_ms", "delimiter_ms"} <= s["listing"].keys()
-        assert s["full_listing"]["keys"] == s["objects"]
+        for name in ("full_listing", "full_listing_lean", "full_listing_s3", "full_listing_s3_lean"):
+            assert s[name]["keys"] == s["objects"], name
+            assert {"keys_per_s", "client_cpu_us_per_key", "server_cpu_us_per_key"} <= s[name].keys()
+        assert {"rss_mib", "anon_mib", "uss_mib", "threads"} <= s["memory_at_rest"].keys()
         assert s["watch_status_ms"] > 0 and s["fsck_seconds"] > 0
         assert {"with_new_objects_seconds", "no_change_incremental_seconds", "server_peak_rss_mib",
                 "server_rss_after_mib"} <= s["backup"].keys()

@@ -10,6 +10,8 @@ import gc
 import json
 import logging
 import math
+import os
+import threading
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -141,7 +143,23 @@ def submit_file_io(fn: Callable[..., Any], *args: Any) -> concurrent.futures.Fut
 # fixed: each thread keeps one reader connection (with its page cache), so the number of connections
 # and the memory they hold stay bounded, and a burst of listings queues here instead of taking the
 # threads that mutations wait in.
-_READS = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="anvil-read")
+#
+# The pool's threads run at a lower CPU priority (nice +READ_NICENESS, a per-thread attribute on Linux):
+# on a machine with fewer free cores than busy threads, the scheduler then runs the event loop (every
+# GET, HEAD, PUT) first and a listing in the time left, instead of giving each an equal share; a
+# listing rendered in SQL (storage.listing) holds no GIL the loop could wait on meanwhile.
+READ_NICENESS = 10
+
+
+def _lower_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), READ_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or refused: equal priority, still correct
+        pass
+
+
+_READS = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="anvil-read",
+                                               initializer=_lower_priority)
 
 
 async def catalog_read(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -232,6 +232,13 @@ async def list_objects(request: Request, ctx: RequestContext) -> Response:
 
     def page() -> Response:  # in the read pool: the query and the JSON of up to 1,000 objects
         if kf is None:
+            rendered = objects.list_objects_rendered(bucket, **args)
+            if rendered is not None:  # the page rendered in SQL (storage.listing): no Python per row
+                p = rendered.page
+                return Response(
+                    '{"objects":[' + p.objects + '],"common_prefixes":[' + p.prefixes + '],"truncated":'
+                    + ("true" if p.truncated else "false") + ',"next_token":' + json.dumps(rendered.next_token) + "}",
+                    media_type="application/json")
             return Response(_listing_json(objects.list_objects(bucket, rows=True, **args)),
                             media_type="application/json")
         else:  # a bound bucket: only the keys the subject may list (docs/authz.md)

@@ -89,13 +89,35 @@ def _configure(conn: apsw.Connection, *, writer: bool) -> None:
     conn.execute("PRAGMA foreign_keys=ON")
 
 
+class _ReaderSlot:
+    """A thread's reader connection, in its threading.local: when the thread ends, the local's value
+    is released and the connection closed (Catalog._drop_reader)."""
+
+    def __init__(self, catalog: Catalog, conn: Any):
+        self.catalog, self.conn = catalog, conn
+
+    def __del__(self) -> None:
+        try:
+            self.catalog._drop_reader(self.conn)
+        except Exception:  # noqa: BLE001 - at interpreter exit, modules may already be gone
+            pass
+
+
+# All of SQLite's memory in the process (every connection's page cache, statements, sorts) above which
+# it reuses cache pages instead of allocating: a server's readers (one per thread that reads) and the
+# writer each keep a page cache of up to 2 MiB, and with enough threads that was tens of MiB that
+# grew with the store (small stores never fill their caches). A soft limit: nothing fails above it.
+SQLITE_SOFT_HEAP_LIMIT = 24 * 1024 * 1024
+apsw.softheaplimit(SQLITE_SOFT_HEAP_LIMIT)
+
+
 class Catalog:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._writer = self._open_writer()
         self._local = threading.local()
         self._readers: list[apsw.Connection] = []
-        self._readers_lock = threading.Lock()
+        self._readers_lock = threading.RLock()  # re-entrant: a _ReaderSlot may be released under it
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._head: tuple[int, str] | None = None
@@ -185,13 +207,24 @@ class Catalog:
 
     def reader(self) -> apsw.Connection:
         """A connection for this thread; WAL lets readers run beside the writer."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
+        slot = getattr(self._local, "reader", None)
+        if slot is None:
             conn = self._new_reader()
-            self._local.conn = conn
+            slot = self._local.reader = _ReaderSlot(self, conn)
             with self._readers_lock:
                 self._readers.append(conn)
-        return conn
+        return slot.conn
+
+    def _drop_reader(self, conn: Any) -> None:
+        """A reading thread ended: close its connection. Worker pools start and retire threads all the
+        time (anyio's retire after 10 s idle); each kept its connection and its page cache (up to
+        2 MiB) for the life of the process, so the server's RSS grew with every burst of work."""
+        with self._readers_lock:
+            try:
+                self._readers.remove(conn)
+            except ValueError:
+                return  # closed already (Catalog.close)
+        self._close_reader(conn)
 
     def head(self) -> tuple[int, str]:
         return journal.head(self.reader())

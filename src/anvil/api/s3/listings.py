@@ -82,6 +82,23 @@ def _list_objects(r: S3Request, *, v2: bool) -> Response:
         # A v1 marker that is a rolled-up prefix (S3's NextMarker) resumes after the whole prefix.
         token = token_after_prefix(start_after)
     kf = object_filter(r.principal, "object:list", r.bucket)
+    fetch_owner = (q.get("fetch-owner") == "true") if v2 else True
+    rendered = None
+    if kf is None and limit > 0 and enc is _identity:
+        # The page rendered in SQL (storage.listing): no Python per listed object. A page holding a
+        # control character (written as a character reference) is rendered below instead.
+        who = owner(r.objects.get_bucket(r.bucket).tenant) if fetch_owner else ""
+        rendered = r.objects.list_objects_rendered(r.bucket, prefix=prefix, delimiter=delimiter,
+                                                   start_after=start_after, max_keys=limit, token=token or None,
+                                                   xml=True, who=who)
+        if rendered is not None and rendered.page.control:
+            rendered = None
+    if rendered is not None:
+        page = rendered.page
+        truncated, next_token = page.truncated, rendered.next_token
+        return xml("ListBucketResult", "".join(_head_fields(
+            r, v2, prefix, delimiter, enc, limit, truncated, next_token, page.count, page.last or ""))
+            + page.objects + page.prefixes)
     if limit == 0:
         r.objects.get_bucket(r.bucket)
         objects, prefixes, truncated, next_token = [], [], False, None
@@ -101,32 +118,45 @@ def _list_objects(r: S3Request, *, v2: bool) -> Response:
         listed = [(row[1], row[12], row[7], row[6]) for row in res.rows]
     if kf is not None or limit == 0:
         listed = [(o.key, o.created, o.etag, o.size) for o in objects]
-    fetch_owner = (q.get("fetch-owner") == "true") if v2 else True
     who = owner(r.objects.get_bucket(r.bucket).tenant) if fetch_owner else ""
+    last_key = listed[-1][0] if listed else ""
+    last_cp = prefixes[-1] if prefixes else ""
+    parts = _head_fields(r, v2, prefix, delimiter, enc, limit, truncated, next_token, len(listed) + len(prefixes),
+                         max(last_key, last_cp))
+    parts += contents_xml(listed, enc, who)
+    for p in prefixes:
+        parts.append("<CommonPrefixes>" + X.element("Prefix", enc(p)) + "</CommonPrefixes>")
+    return xml("ListBucketResult", "".join(parts))
+
+
+def contents_xml(listed: list[tuple[str, float, str, int]], enc: Encoder, who: str) -> list[str]:
+    """The <Contents> of (key, created, etag, size) objects; `storage.listing` renders the same in SQL."""
+    # The hot loop of a listing rendered in Python: one f-string per object (ETags and sizes need no
+    # escaping).
+    return [f"<Contents><Key>{X.text(enc(key))}</Key><LastModified>{X.iso_time(created)}"
+            f'</LastModified><ETag>"{etag}"</ETag><Size>{size}</Size>'
+            f"<StorageClass>STANDARD</StorageClass>{who}</Contents>" for key, created, etag, size in listed]
+
+
+def _head_fields(r: S3Request, v2: bool, prefix: str, delimiter: str, enc: Encoder, limit: int, truncated: bool,
+                 next_token: str | None, count: int, last: str) -> list[str]:
+    """Everything of a ListBucketResult before its entries; `last` is the page's last entry (key or
+    common prefix), v1's NextMarker."""
+    q = r.q
     parts = [X.element("Name", r.bucket), X.element("Prefix", enc(prefix))]
     if v2:
         if q.get("continuation-token") is not None:
             parts.append(X.element("ContinuationToken", q["continuation-token"]))
         if q.get("start-after"):
             parts.append(X.element("StartAfter", enc(q["start-after"])))
-        parts.append(X.element("KeyCount", len(listed) + len(prefixes)))
+        parts.append(X.element("KeyCount", count))
         if truncated and next_token:
             parts.append(X.element("NextContinuationToken", next_token))
     else:
         parts.append(X.element("Marker", enc(q.get("marker", ""))))
         if truncated and delimiter:
-            last_key = listed[-1][0] if listed else ""
-            last_cp = prefixes[-1] if prefixes else ""
-            parts.append(X.element("NextMarker", enc(max(last_key, last_cp))))
-    parts += listing_fields(q, limit, delimiter, enc, truncated)
-    for key, created, etag, size in listed:
-        # The hot loop of every listing: one f-string per object (ETags and sizes need no escaping).
-        parts.append(f"<Contents><Key>{X.text(enc(key))}</Key><LastModified>{X.iso_time(created)}"
-                     f'</LastModified><ETag>"{etag}"</ETag><Size>{size}</Size>'
-                     f"<StorageClass>STANDARD</StorageClass>{who}</Contents>")
-    for p in prefixes:
-        parts.append("<CommonPrefixes>" + X.element("Prefix", enc(p)) + "</CommonPrefixes>")
-    return xml("ListBucketResult", "".join(parts))
+            parts.append(X.element("NextMarker", enc(last)))
+    return parts + listing_fields(q, limit, delimiter, enc, truncated)
 
 
 async def list_versions(r: S3Request) -> Response:

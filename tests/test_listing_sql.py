@@ -1,0 +1,140 @@
+"""Listings rendered in SQL (`anvil.storage.listing`) against the Python renderers they replace: every
+page of every walk (prefixes, delimiters, markers, tokens, page sizes) must be the same JSON, and the
+same S3 XML, as `list_objects` rendered by `api/native._listing_json` and `api/s3/listings.contents_xml`.
+In-process over a real catalog (the server paths are covered by test_listing.py and the S3 suites)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from anvil.api.native import _listing_json
+from anvil.api.s3 import xmlutil as X
+from anvil.api.s3.listings import _identity, contents_xml
+from anvil.context import DEV_PRINCIPAL, RequestContext
+from anvil.errors import AnvilError
+from anvil.objects.service import ObjectService
+from anvil.storage import Storage
+
+KEYS = [
+    "a", "a/1", "a/2", "a/b/1", "a/b/2", "a/c", "ab", "b", "b/", "b//x", "c/1", "c/2/3", "d", "é", "é/1",
+    "z", "zz/1", "~", "\u00ff", "\u0100/x", "\u4e2d/文", "\U0001f600", "\U0001f600/x", "\uffff", "Z", "0/0",
+    "-", "x-y/z", "x/y/z", "amp&<>/k", "q\"uote", "tab\tkey/x", "ctl\x01key", "sp ace/1",
+    *(f"many/{i:03d}" for i in range(40)), *(f"p{i:02d}/k{j}" for i in range(25) for j in range(3)),
+]
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory: pytest.TempPathFactory):
+    storage = Storage(tmp_path_factory.mktemp("listing-sql") / "data")
+    storage.catalog.start()
+    try:
+        objects = ObjectService(storage)
+        ctx = RequestContext(DEV_PRINCIPAL)
+        objects.create_bucket(ctx, "bkt", versioning="Enabled")  # deletes leave delete markers
+        rng = random.Random(7)
+        for i, key in enumerate(KEYS):
+            body = objects.store_bytes(f"body {i}".encode())
+            meta = {"n": str(i), "e-x": "ü \"q\""} if i % 3 == 0 else None
+            objects.put_object(ctx, "bkt", key, body, content_type="text/plain" if i % 2 else None, metadata=meta)
+        for key in rng.sample(KEYS, 8):
+            objects.delete_object(ctx, "bkt", key)
+        for key in rng.sample(KEYS, 8):  # older versions are not listed
+            objects.put_object(ctx, "bkt", key, objects.store_bytes(key.encode()))
+        yield objects
+    finally:
+        storage.close()
+
+
+def _python_page(objects: ObjectService, **kw):
+    return objects.list_objects("bkt", rows=True, **kw)
+
+
+@pytest.mark.parametrize("prefix, delimiter", [
+    ("", ""), ("", "/"), ("a", "/"), ("a/", "/"), ("a/", ""), ("many/", "/"), ("", "-"), ("", "//"),
+    ("", "é"), ("p", "/k"), ("\U0001f600", "/"), ("zz", ""), ("nothing", "/"),
+])
+@pytest.mark.parametrize("page_size", [1, 2, 7, 1000])
+def test_json_pages_match_python(svc: ObjectService, prefix: str, delimiter: str, page_size: int) -> None:
+    token = None
+    for _guard in range(500):
+        kw = dict(prefix=prefix, delimiter=delimiter, max_keys=page_size, token=token)
+        expected = json.loads(_listing_json(_python_page(svc, **kw)))
+        got = svc.list_objects_rendered("bkt", **kw)
+        assert got is not None
+        page = got.page
+        body = json.loads('{"objects":[' + page.objects + '],"common_prefixes":[' + page.prefixes + "]}")
+        assert body["objects"] == expected["objects"]
+        assert body["common_prefixes"] == expected["common_prefixes"]
+        assert (page.truncated, got.next_token) == (expected["truncated"], expected["next_token"])
+        assert page.count == len(expected["objects"]) + len(expected["common_prefixes"])
+        if not page.truncated:
+            return
+        token = got.next_token
+    raise AssertionError("listing did not end")
+
+
+@pytest.mark.parametrize("start_after", ["", "a/", "a/b/1", "b/", "many/010", "p03", "\uffff", "~~"])
+@pytest.mark.parametrize("delimiter", ["", "/"])
+def test_xml_pages_match_python(svc: ObjectService, start_after: str, delimiter: str) -> None:
+    who = "<Owner><ID>t</ID><DisplayName>t</DisplayName></Owner>"
+    kw = dict(delimiter=delimiter, start_after=start_after, max_keys=9)
+    res = _python_page(svc, **kw)
+    got = svc.list_objects_rendered("bkt", xml=True, who=who, **kw)
+    assert got is not None
+    listed = [(r[1], r[12], r[7], r[6]) for r in res.rows]
+    if got.page.control:  # the caller renders this page in Python
+        assert any(X.text(k) != X.text(k.replace("\x01", "")) for k, *_ in listed)
+        return
+    assert got.page.objects == "".join(contents_xml(listed, _identity, who))
+    assert got.page.prefixes == "".join(
+        "<CommonPrefixes>" + X.element("Prefix", p) + "</CommonPrefixes>" for p in res.common_prefixes)
+    last = max([*(k for k, *_ in listed), *res.common_prefixes], default=None)
+    assert (got.page.truncated, got.next_token, got.page.last) == (res.truncated, res.next_token, last)
+
+
+def test_control_character_page_is_flagged(svc: ObjectService) -> None:
+    got = svc.list_objects_rendered("bkt", prefix="ctl", xml=True)
+    assert got is not None and got.page.control and got.page.count == 1
+
+
+def test_same_errors_as_python(svc: ObjectService) -> None:
+    for kw in (dict(max_keys=0), dict(max_keys=1001), dict(token="!!"), dict(prefix="_anvil/")):
+        with pytest.raises(AnvilError) as a:
+            svc.list_objects("bkt", **kw)
+        with pytest.raises(AnvilError) as b:
+            svc.list_objects_rendered("bkt", **kw)
+        assert a.value.code == b.value.code
+    with pytest.raises(AnvilError) as e:
+        svc.list_objects_rendered("missing")
+    assert e.value.code == "NotFound"
+
+
+def test_delimiter_without_same_length_successor_falls_back(svc: ObjectService) -> None:
+    assert svc.list_objects_rendered("bkt", delimiter="\U0010ffff") is None
+
+
+def test_statements_seek_through_the_latest_index(svc: ObjectService) -> None:
+    """Every lookup of a page (the walk's first row, each step past a common prefix or key, the
+    truncation probe) is an index search, never a scan of the versions table: a delimiter page costs
+    one seek per entry, whatever the store holds."""
+    from anvil.storage import listing
+
+    conn = svc.catalog.reader()
+    statements: list[tuple[str, dict]] = []
+
+    class Recording:  # the real connection; it only notes each statement to explain it after
+        def execute(self, sql: str, params: dict):
+            statements.append((sql, params))
+            return conn.execute(sql, params)
+
+    for delimiter, nxt in (("", ""), ("/", "0")):
+        listing.latest_page(Recording(), "bkt", prefix="", delimiter=delimiter, delimiter_next=nxt, after="",
+                            inclusive=False, upper=None, limit=3, reserved=("_anvil/", "_anvil0"), xml=False)
+    assert len(statements) == 3  # the page and its probe, then the delimiter page
+    for sql, params in statements:
+        plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
+        assert not [p for p in plan if p.startswith("SCAN v")], plan
+        assert any("SEARCH v USING INDEX versions_latest" in p for p in plan), plan
