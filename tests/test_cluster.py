@@ -25,9 +25,11 @@ from anvil.authz.binding import object_id
 from anvil.client import AnvilAPIError, AnvilClient
 from tests.helpers import unique_bucket
 
-# A short lease so the SIGSTOP test takes seconds; a fast lifecycle clock ("day" = 10 ms).
+# A short lease so the SIGSTOP test takes seconds; a fast lifecycle clock ("day" = 10 ms); a cheap
+# backup key derivation.
+BACKUP_ENV = {"ANVIL_BACKUP_KDF": "test", "ANVIL_BACKUP_PASSPHRASE": "cluster passphrase"}
 NODE_ENV = {"ANVIL_LEASE_TTL_SECONDS": "1", "ANVIL_LIFECYCLE_INTERVAL_SECONDS": "0.2",
-            "ANVIL_LIFECYCLE_DAY_SECONDS": "0.01", "ANVIL_ARGON2_FAST": "1"}
+            "ANVIL_LIFECYCLE_DAY_SECONDS": "0.01", "ANVIL_ARGON2_FAST": "1", **BACKUP_ENV}
 
 
 class Node:
@@ -56,6 +58,10 @@ def cluster(postgres, tmp_path_factory):
     anvil.devcluster.PostgresServer). The last test stops it with Ctrl-C (SIGINT)."""
     url = postgres.new_database()
     root = tmp_path_factory.mktemp("cluster")
+    repo = f"file://{root / 'repo'}"
+    init = subprocess.run([sys.executable, "-m", "anvil.cli.main", "backup", "init", "--repo", repo],
+                          env={**os.environ, **BACKUP_ENV}, capture_output=True, text=True, timeout=120)
+    assert init.returncode == 0, init.stderr
     proc = subprocess.Popen([sys.executable, "-m", "anvil.devcluster", "--dir", str(root), "--records", url],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **NODE_ENV})
@@ -74,7 +80,7 @@ def cluster(postgres, tmp_path_factory):
     try:
         assert len(nodes) == 2, out
         assert re.search(r"first admin: client_id=\S+ client_secret=\S+", out), out
-        yield {"a": nodes[0], "b": nodes[1], "url": url, "proc": proc, "out": out}
+        yield {"a": nodes[0], "b": nodes[1], "url": url, "proc": proc, "out": out, "repo": repo}
     finally:
         for node in nodes:
             try:
@@ -178,6 +184,40 @@ def _disabled_app_and_new_binding_take_effect_on_the_other_node(cluster) -> None
             c.close()
 
 
+def _archive_status(c: AnvilClient) -> dict:
+    return c._json("GET", "/anvil/v1/admin/archive")
+
+
+def _an_archive_on_a_holds_compaction_on_b_back(cluster) -> None:
+    """Node A archives; node B compacts the journal with a zero retention window: the events after
+    A's archived cursor stay (the archive's hold is in the record store), so A's archive has no gap.
+    Archiving switched off gives the hold back, and B compacts past it."""
+    a, b = cluster["a"], cluster["b"]
+    cred = a.admin_credentials()
+    with _client(a, cred) as ca, _client(b, cred) as cb:
+        # A long interval: after its first shipment the cursor stays put while B writes.
+        ca._json("POST", "/anvil/v1/admin/archive", json={"repo": cluster["repo"], "interval_seconds": 3600})
+        deadline = time.monotonic() + 20
+        while (st := _archive_status(ca))["archived_seq"] is None or st["lag_events"]:
+            assert time.monotonic() < deadline, st
+            time.sleep(0.05)
+        archived = st["archived_seq"]
+        bucket = unique_bucket("hold")
+        cb.create_bucket(bucket)
+        for i in range(5):
+            cb.put_object(bucket, f"k{i}", b"not archived yet")
+        out = cb._json("POST", "/anvil/v1/admin/watch/compact", json={"retention_seconds": 0})
+        assert out["base"] <= archived, (out, archived)  # only what A's archive holds went
+        kept = cb.journal(after=archived, limit=3)
+        assert kept and kept[0]["seq"] == archived + 1, kept
+        flushed = ca._json("POST", "/anvil/v1/admin/archive/flush")
+        assert flushed["ok"] and not flushed["gap"] and flushed["archived_seq"] > archived, flushed
+        ca._json("DELETE", "/anvil/v1/admin/archive")  # switched off: the hold goes with it
+        out = cb._json("POST", "/anvil/v1/admin/watch/compact", json={"retention_seconds": 0})
+        assert out["base"] > archived, out
+        assert cb.verify_journal()["ok"] is True
+
+
 def _lifecycle_holder(url: str) -> tuple[str, int]:
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute("SELECT holder, fence FROM leases WHERE name = 'lifecycle'").fetchone()
@@ -271,7 +311,8 @@ def _sigkill_under_load_loses_no_acknowledged_write(cluster) -> None:
     stop.set()
     for t in threads:
         t.join(30)
-    assert any(k.startswith("a") for k in acked) and any(k.startswith("b") for k in acked)
+    assert any(k.startswith("a") for k in acked) and any(k.startswith("b") for k in acked), \
+        (len(acked), a.log()[-3000:], b.log()[-3000:])
     with _client(b, cred) as c:
         stored = {o["key"] for o in c.iter_objects(bucket)}
         missing = [k for k in acked if k not in stored]
@@ -298,6 +339,7 @@ def test_two_nodes_over_one_postgresql(cluster) -> None:
     the watch across nodes, caches, lease fencing (SIGSTOP), SIGKILL under load, then Ctrl-C."""
     _watch_on_b_sees_a_writes_in_order_within_milliseconds(cluster)
     _disabled_app_and_new_binding_take_effect_on_the_other_node(cluster)
+    _an_archive_on_a_holds_compaction_on_b_back(cluster)
     _a_node_paused_past_its_lease_cannot_complete_a_background_write(cluster)
     _sigkill_under_load_loses_no_acknowledged_write(cluster)
     _run_cluster_stops_everything_on_ctrl_c(cluster)
