@@ -184,6 +184,27 @@ def _disabled_app_and_new_binding_take_effect_on_the_other_node(cluster) -> None
             c.close()
 
 
+def _one_deployment_id_and_backups_through_either_node_chain(cluster) -> None:
+    """The nodes started with FORMAT files of their own (run-cluster copies only `secrets/`); the
+    record store's deployment id is the one both use, so a backup through B is a child of one
+    through A (and its FORMAT file says the same)."""
+    a, b = cluster["a"], cluster["b"]
+    cred = a.admin_credentials()
+    with _client(a, cred) as ca, _client(b, cred) as cb:
+        dep = ca.health()["deployment_id"]
+        assert cb.health()["deployment_id"] == dep
+        for node in (a, b):
+            assert json.loads((node.storage_path / "FORMAT").read_text())["deployment_id"] == dep
+        bucket = unique_bucket("chain")
+        ca.create_bucket(bucket)
+        ca.put_object(bucket, "k", b"in both snapshots")
+        first = ca.create_backup(cluster["repo"])
+        cb.put_object(bucket, "k2", b"only in the second")
+        second = cb.create_backup(cluster["repo"])
+        assert first["deployment_id"] == second["deployment_id"] == dep
+        assert second["parent"] == first["id"], (first, second)
+
+
 def _archive_status(c: AnvilClient) -> dict:
     return c._json("GET", "/anvil/v1/admin/archive")
 
@@ -339,6 +360,7 @@ def test_two_nodes_over_one_postgresql(cluster) -> None:
     the watch across nodes, caches, lease fencing (SIGSTOP), SIGKILL under load, then Ctrl-C."""
     _watch_on_b_sees_a_writes_in_order_within_milliseconds(cluster)
     _disabled_app_and_new_binding_take_effect_on_the_other_node(cluster)
+    _one_deployment_id_and_backups_through_either_node_chain(cluster)
     _an_archive_on_a_holds_compaction_on_b_back(cluster)
     _a_node_paused_past_its_lease_cannot_complete_a_background_write(cluster)
     _sigkill_under_load_loses_no_acknowledged_write(cluster)
