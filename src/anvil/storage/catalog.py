@@ -231,6 +231,12 @@ class Catalog:
         finally:
             self._local.fence = before
 
+    def confirm_fence(self) -> None:
+        """Inside `fenced`: fail with StaleFence now if the lease moved on (work outside the record store,
+        such as gc's deletes in a blob backend, checks before each batch). A no-op outside `fenced`."""
+        if getattr(self._local, "fence", None) is not None:
+            self.mutate(lambda txn: None, actor="system/leases", request_id="fence-check")
+
     def mutate(self, fn: Callable[[Txn], T], *, actor: str, request_id: str) -> T:
         """The one mutation path: run `fn` in a transaction, append its event, commit durably."""
         return self.submit(fn, actor=actor, request_id=request_id).result()
