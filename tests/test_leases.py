@@ -41,6 +41,7 @@ def test_a_write_with_a_fence_the_lease_moved_past_is_refused(postgres) -> None:
     one, two = PgCatalog(url), PgCatalog(url)
     try:
         _fencing(one, two)
+        _exclusive(one, two)
     finally:
         one.close()
         two.close()
@@ -74,3 +75,55 @@ def _fencing(one, two) -> None:
     second.close()  # given back: the next claim by anyone gets it at once
     assert first.claim("work") == 3
     first.close()
+
+
+def _exclusive(one, two) -> None:
+    """Work run on request (gc) holds its lease for the block: another node is refused with LeaseHeld,
+    a stolen lease fails the holder's next fence check, and the lease is given back at the end."""
+    first = Leases(one, shared=True, node="node-1", ttl=5)
+    second = Leases(two, shared=True, node="node-2", ttl=5)
+    with first.exclusive(leases.GC) as fence:
+        one.confirm_fence()  # still ours: passes
+        with pytest.raises(AnvilError) as e, second.exclusive(leases.GC):
+            pass
+        assert e.value.code == "LeaseHeld" and "node-1" in e.value.message
+        # Taken over behind its back (as after a pause past the time to live): the next check fails.
+        two.mutate(lambda txn: txn.conn.execute("UPDATE leases SET fence = ? WHERE name = ?", (fence + 1, "gc")),
+                   actor="t", request_id="r")
+        with pytest.raises(AnvilError) as e:
+            one.confirm_fence()
+        assert e.value.code == "StaleFence"
+        two.mutate(lambda txn: txn.conn.execute("UPDATE leases SET fence = ? WHERE name = ?", (fence, "gc")),
+                   actor="t", request_id="r")
+    with second.exclusive(leases.GC) as taken:  # given back: the other node gets it at once
+        assert taken == fence + 1
+    first.close()
+    second.close()
+
+
+def test_holds_keep_compaction_back_and_lapse(tmp_path) -> None:
+    """storage.holds on the embedded store: the lowest unexpired hold is compaction's floor; a hold
+    whose holder stopped renewing lapses; release removes it."""
+    from anvil.context import Principal, RequestContext
+    from anvil.storage import Catalog, holds
+    from anvil.watch import consumers, retention
+
+    cat = Catalog(tmp_path / "catalog.db")
+    cat.migrate("watch", consumers.MIGRATIONS)
+    try:
+        for _ in range(5):
+            cat.mutate(_event, actor="t", request_id="r")
+        holds.put(cat, holds.ARCHIVE, holder="n1", seq=2, blobs=holds.EVENTS, ttl=60)
+        holds.put(cat, "backup/x", holder="n2", seq=4, blobs=holds.ALL, ttl=0.2)
+        assert holds.journal_floor(cat.reader()) == 2
+        ctx = RequestContext(principal=Principal(tenant="system", subject="t", admin=True))
+        assert retention.compact(cat, ctx, 0)["base"] == 2  # events 3.. stay for the archive
+        holds.put(cat, holds.ARCHIVE, holder="n1", seq=5, blobs=holds.EVENTS, ttl=60)  # the cursor moved
+        assert holds.journal_floor(cat.reader()) == 4
+        time.sleep(0.25)  # the backup's holder stopped renewing: its hold lapsed
+        assert [h.name for h in holds.active(cat.reader())] == [holds.ARCHIVE]
+        holds.release(cat, holds.ARCHIVE)
+        assert holds.journal_floor(cat.reader()) is None
+        assert retention.compact(cat, ctx, 0)["base"] > 5
+    finally:
+        cat.close()

@@ -108,7 +108,7 @@ def test_migrate_is_idempotent_and_reports_versions(postgres) -> None:
     runs = [subprocess.run([sys.executable, "-m", "anvil.cli.main", "admin", "migrate", "--records", url, "--json"],
                            capture_output=True, text=True, timeout=60, check=True) for _ in range(2)]
     first, second = (json.loads(r.stdout) for r in runs)
-    assert first == second and first["versions"]["journal"] == 1 and first["versions"]["objects"] == 5
+    assert first == second and first["versions"]["journal"] == 2 and first["versions"]["objects"] == 5
     bad = subprocess.run([sys.executable, "-m", "anvil.cli.main", "admin", "migrate", "--records", "mysql://x"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "postgresql://" in bad.stderr

@@ -40,7 +40,9 @@ from tests.s3_helpers import s3_client
 # Not rebuilt by replay, by design: migration timestamps.
 # inline_blobs: small bodies kept in catalog.db (storage.inline); like blob files, their bytes are in
 # no event, so a replay brings the records back and the bodies come from the blob store.
-NOT_REPLAYED = {"schema_migrations", "inline_blobs"}
+# deployment: each store's own id (a replay builds another store); holds: what archiving and running
+# backups keep from compaction and gc (storage.holds), coordination like the leases, in no event.
+NOT_REPLAYED = {"schema_migrations", "inline_blobs", "deployment", "holds"}
 
 # The live server's lifecycle clock: a "day" of 0.2 s, checked every 0.1 s (`_workload_s3`).
 LIFECYCLE_ENV = {"ANVIL_LIFECYCLE_DAY_SECONDS": "0.2", "ANVIL_LIFECYCLE_INTERVAL_SECONDS": "0.1"}

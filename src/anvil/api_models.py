@@ -1626,6 +1626,8 @@ class GcReport(AnvilModel):
     tmp_files_removed: int
     disk_full: bool
     sidecars_removed: int
+    held_kept: int = Field(0, description="unreferenced blobs kept for a hold (unarchived events, a running backup)")
+    holds: list[dict[str, Any]] = Field(default_factory=list, description="the holds in the record store gc respected")
     finding: dict[str, Any] | None
 
 

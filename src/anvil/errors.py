@@ -17,6 +17,8 @@ HTTP_STATUS: dict[str, int] = {
     "IndexNotReady": 503,
     "InvalidTokenScope": 400,
     "StaleFence": 409,
+    # Work run on request under a lease (gc on a scaled deployment) while another node holds it.
+    "LeaseHeld": 409,
     "NotFound": 404,
     "AlreadyExists": 409,
     "InvalidArgument": 400,

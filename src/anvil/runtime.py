@@ -122,6 +122,8 @@ class Anvil:
             self.leases = leases.Leases(self.storage.catalog, shared=records is not None)
             self.lifecycle.guard = self.leases.guard(leases.LIFECYCLE)
             self.watch.guard = self.leases.guard(leases.JOURNAL_COMPACTION)
+            # gc runs on request (admin API, `anvil gc --endpoint`) on any node, one node at a time.
+            self.diagnostics.gc_lease = lambda: self.leases.exclusive(leases.GC)
             self.storage.catalog.start()
             self.identity.bootstrap(endpoint)
         except BaseException:

@@ -132,7 +132,7 @@ async def stop_archive(request: Request, ctx: RequestContext) -> Response:
     if archiver is None:
         raise AnvilError("PreconditionFailed", "continuous archiving is not running")
     request.app.state.archiver = None
-    await blocking(archiver.stop)
+    await blocking(lambda: archiver.stop(release=True))  # switched off: its hold goes too
     return JSONResponse({**archiver.status(), "enabled": False})
 
 

@@ -12,12 +12,15 @@ in the archive or in the newest snapshot is recognised by its SHA-256 and not re
 Nothing blocks writes: the archiver reads through its own reader connection, and if the
 repository is unreachable it records the error, backs off and catches up later; the lag (events
 and seconds) is visible in `/anvil/health/ready` and `anvil backup status`. While events are
-unshipped, gc keeps the blobs they reference (`BlobStore.add_hold`).
+unshipped, journal compaction keeps them and gc keeps the blobs they reference: the archiver keeps
+its cursor as the `archive` hold in the record store (`storage.holds`), which every node's
+compaction and gc read, whichever node archives.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import re
 import threading
@@ -30,7 +33,7 @@ from typing import Any
 from anvil.backup.engine import _add_encoded, encode_blob, ordered_parallel
 from anvil.backup.errors import BackupError
 from anvil.backup.repository import Repository
-from anvil.storage import Storage, journal
+from anvil.storage import Storage, holds, journal
 from anvil.storage.recovery import Participant, blobs_of_events
 
 log = logging.getLogger("anvil.backup.archive")
@@ -140,10 +143,12 @@ class Archiver:
         self._blob_map_loaded = False
         # Many nodes (docs/scale-out.md): the runtime's lease runner, so one node archives at a time.
         self.guard: Callable[[Callable[[], Any]], Any] = lambda fn: fn()
-        if hold:
-            storage.blobs.add_hold(self.unshipped_blobs)
-            # Journal compaction keeps every event the archive does not hold yet.
-            storage.catalog.add_journal_hold(self.journal_hold)
+        # The archive's cursor as a hold in the record store (storage.holds): compaction on any node
+        # keeps the events after it, gc the blobs they reference. A one-off shipment (a journal-delta
+        # backup) writes none: the continuous archiver of the deployment owns the hold.
+        self.hold = hold
+        self.holder = f"{platform.node()}/{os.getpid()}"
+        self._hold_written: tuple[int, float] | None = None  # (seq, when) of the last hold written
 
     # -------------------------------------------------------------- lifecycle
 
@@ -152,7 +157,9 @@ class Archiver:
         self._thread = threading.Thread(target=self._run, name="anvil-archiver", daemon=True)
         self._thread.start()
 
-    def stop(self, *, flush: bool = True) -> None:
+    def stop(self, *, flush: bool = True, release: bool = False) -> None:
+        """Stop shipping. The hold stays (another node, or this one restarted, archives on from the
+        cursor) unless `release`: archiving is switched off, so compaction and gc decide alone again."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -162,8 +169,11 @@ class Archiver:
                 self.guard(self.catch_up)
             except Exception as e:  # noqa: BLE001 - stopping: reported, never raised
                 self._failed(e)
-        self.storage.blobs.remove_hold(self.unshipped_blobs)  # archiving is off: gc decides alone again
-        self.storage.catalog.remove_journal_hold(self.journal_hold)
+        if release and self.hold:
+            try:
+                holds.release(self.storage.catalog, holds.ARCHIVE)
+            except Exception as e:  # noqa: BLE001 - it lapses after ANVIL_ARCHIVE_HOLD_SECONDS
+                log.warning("could not release the archive hold: %s", e)
 
     def _run(self) -> None:
         backoff = self.config.interval
@@ -255,17 +265,20 @@ class Archiver:
         self.blob_chunks = blob_chunks
         self._blob_map_loaded = True
 
-    def journal_hold(self) -> int:
-        """The last seq the archive holds (0 before the repository was read: keep everything)."""
-        return self.cursor if self.cursor is not None else 0
-
-    def unshipped_blobs(self) -> set[str]:
-        """Blobs referenced by events the archive does not hold yet (gc keeps them)."""
-        cursor = self.cursor
-        if cursor is None:
-            cursor = 0  # not started: keep everything the journal still names
-        conn = self.storage.catalog.reader()
-        return set(blobs_of_events(self.participants, journal.iterate(conn, cursor)))
+    def _write_hold(self) -> None:
+        """Move the `archive` hold to the cursor (runs under the archive lease, so it is fenced: a node
+        that lost the lease cannot move it). Rewritten when the cursor moves, else renewed well
+        before it lapses."""
+        if not self.hold or self.cursor is None:
+            return
+        ttl = holds.archive_ttl()
+        now = time.time()
+        last = self._hold_written
+        if last is not None and last[0] == self.cursor and now - last[1] < ttl / 10:
+            return
+        holds.put(self.storage.catalog, holds.ARCHIVE, holder=self.holder, seq=self.cursor, blobs=holds.EVENTS,
+                  ttl=ttl)
+        self._hold_written = (self.cursor, now)
 
     def status(self) -> dict[str, Any]:
         conn = self.storage.catalog.reader()
@@ -296,6 +309,7 @@ class Archiver:
             while True:
                 n = self._ship_once(progress, target)
                 total += n
+                self._write_hold()
                 if n == 0 or (self.cursor or 0) >= target:
                     break
         return total

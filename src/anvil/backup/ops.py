@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +13,8 @@ from anvil.backup.backends import open_backend
 from anvil.backup.crypto import read_passphrase
 from anvil.backup.errors import BackupError
 from anvil.backup.repository import Repository
-from anvil.storage import Storage
+from anvil.storage import Storage, holds
+from anvil.storage.leases import ttl_from_env
 from anvil.storage.recovery import Participant
 
 
@@ -32,20 +36,33 @@ def backup_storage(storage: Storage, participants: list[Participant], repo: Repo
     if url.startswith("file://"):
         # Checked again here because the server path may differ from the CLI's view.
         open_backend(url, storage_path=root)
-    layout = storage.layout
     config = {"storage_path": str(root), "mode": run_mode, "repository": url, "escrow_secrets": escrow_secrets}
     records_url = getattr(storage, "records_url", None)
     if records_url:
         from anvil.storage.pg import redact_url
 
         config["records"] = redact_url(records_url)  # PostgreSQL: the snapshot is an exported one (pgcapture)
+    if run_mode == "offline":
+        # A stopped store: no gc or compaction can run beside it (the lock), and nothing is written to it.
+        return _backup(storage, participants, repo, config, progress, tag, escrow_secrets, incremental)
+    # While it runs, gc (on any node) deletes no blob and compaction keeps what follows its start:
+    # the snapshot may reference blobs that lose their last reference before they are read.
+    with holds.holding(storage.catalog, f"backup/{uuid.uuid4().hex[:12]}", holder=f"{platform.node()}/{os.getpid()}",
+                       seq=storage.catalog.head()[0], blobs=holds.ALL, ttl=ttl_from_env()):
+        return _backup(storage, participants, repo, config, progress, tag, escrow_secrets, incremental)
+
+
+def _backup(storage: Storage, participants: list[Participant], repo: Repository, config: dict[str, Any],
+            progress: engine.Progress | None, tag: str | None, escrow_secrets: bool | None,
+            incremental: bool) -> dict[str, Any]:
     if incremental:
         from anvil.backup.archive import create_delta
 
         return create_delta(storage, participants, repo, tag=tag, config={**config, "incremental": True},
                             progress=progress)
-    return engine.create_snapshot(root, records_url or layout.catalog_path, storage.blobs, layout.tmp,
-                                  storage.format.deployment_id, participants, repo,
+    records_url = getattr(storage, "records_url", None)
+    return engine.create_snapshot(storage.root, records_url or storage.layout.catalog_path, storage.blobs,
+                                  storage.layout.tmp, storage.format.deployment_id, participants, repo,
                                   progress=progress, tag=tag, config=config, escrow_secrets=escrow_secrets)
 
 

@@ -17,6 +17,14 @@ older than the grace period there, so a row a new record uses is never taken.
 Upload expiry goes through `ObjectService.abort_multipart` (one mutation, one journal
 event each); the parts' blobs then become orphans and go in the same run, since they are
 old. Everything removed is recorded as one `info` finding.
+
+Holds in the record store (`storage.holds`, read by gc on every node): the blobs referenced by
+journal events continuous archiving has not shipped yet stay; while a backup runs (an `all` hold)
+no blob is deleted, since its snapshot may reference blobs that lost their last reference since.
+
+Many nodes (docs/scale-out.md): gc runs under the `gc` lease (the runtime takes it, `Leases.exclusive`)
+and `fence` is called before every batch of deletes: a node paused past its lease stops with
+`StaleFence` before it deletes anything more.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,10 +41,10 @@ from anvil.diagnostics import findings as fnd
 from anvil.errors import AnvilError
 from anvil.objects import ObjectService
 from anvil.objects import references as refs
-from anvil.storage import Storage, Txn, inline
+from anvil.storage import Storage, Txn, holds, inline, journal
 from anvil.storage.blobscan import scan_blobs
 from anvil.storage.layout import fsync_dir
-from anvil.storage.recovery import Participant, RecoveryContext
+from anvil.storage.recovery import Participant, RecoveryContext, blobs_of_events
 from anvil.storage.space import is_full_error
 
 DEFAULT_GRACE = 3600.0
@@ -45,6 +54,8 @@ DEFAULT_GRACE = 3600.0
 FULL_DISK_GRACE = 60.0
 DEFAULT_UPLOAD_EXPIRY = 7 * 24 * 3600.0
 MAX_LISTED = 100
+# Deletes between two checks of the gc lease's fence (each check is one small transaction).
+FENCE_BATCH = 64
 
 
 @dataclass
@@ -61,6 +72,8 @@ class GcReport:
     tmp_files_removed: int = 0
     disk_full: bool = False
     sidecars_removed: int = 0
+    held_kept: int = 0
+    holds: list[dict[str, Any]] = field(default_factory=list)
     finding: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,7 +84,7 @@ class GcReport:
             "young_orphans_kept": self.young_orphans_kept, "restored": self.restored,
             "uploads_expired": self.uploads_expired, "tmp_files_removed": self.tmp_files_removed,
             "disk_full": self.disk_full, "sidecars_removed": self.sidecars_removed,
-            "finding": self.finding,
+            "held_kept": self.held_kept, "holds": self.holds, "finding": self.finding,
         }
 
 
@@ -81,10 +94,24 @@ def check_seconds(name: str, value: Any) -> float:
     return float(value)
 
 
+class _Fence:
+    """Calls `check` before the first delete and then before every FENCE_BATCH-th."""
+
+    def __init__(self, check: Callable[[], None]):
+        self.check = check
+        self.count = 0
+
+    def tick(self) -> None:
+        if self.count % FENCE_BATCH == 0:
+            self.check()
+        self.count += 1
+
+
 def run_gc(
     storage: Storage, objects: ObjectService, participants: list[Participant], ctx: RequestContext, *,
     grace: float = DEFAULT_GRACE,
     upload_expiry: float = DEFAULT_UPLOAD_EXPIRY, dry_run: bool = False,
+    fence: Callable[[], None] | None = None,
 ) -> GcReport:
     grace = check_seconds("grace", grace)
     upload_expiry = check_seconds("upload expiry", upload_expiry)
@@ -92,6 +119,7 @@ def run_gc(
     if disk_full:
         grace = min(grace, FULL_DISK_GRACE)
     report = GcReport(uuid.uuid4().hex, dry_run, grace, upload_expiry, disk_full=disk_full)
+    batches = _Fence(fence or (lambda: None))
     conn = storage.catalog.reader()
     now = time.time()
 
@@ -122,11 +150,21 @@ def run_gc(
     # The one blob-reference query fsck and backup use too: what any participant references stays.
     referenced = RecoveryContext(storage.root, conn, storage.blobs, participants, deep=False).references().keys()
     # Blobs of journal events continuous archiving has not shipped yet: a point-in-time restore
-    # to before their delete needs them, so they stay until the archive holds them.
-    referenced = referenced | storage.blobs.held()
+    # to before their delete needs them, so they stay until the archive holds them. The holds are in
+    # the record store: the archiver may run on another node.
+    held, keep_all = _held_blobs(conn, participants)
+    held |= storage.blobs.held()
+    report.holds = [h.to_dict() for h in holds.active(conn)]
+    orphans = (remote_listing | listing.keys()) - referenced
+    report.held_kept = len(orphans & held) + (len(orphans - held) if keep_all else 0)
+    referenced = referenced | held
     touched_dirs: set[str] = set()
+    if keep_all:
+        # A backup is running (on this node or another): its snapshot may reference blobs that lost
+        # their last reference since, and it has yet to read them. No blob goes until it is done.
+        remote_listing, listing = set(), {}
     if remote:
-        _remote_orphans(storage, sorted(remote_listing - referenced), grace, dry_run, report)
+        _remote_orphans(storage, sorted(remote_listing - referenced), grace, dry_run, report, batches)
     for sha in sorted(listing.keys() - referenced):
         path = listing[sha]
         try:
@@ -141,6 +179,7 @@ def run_gc(
             report.blobs_removed.append(entry)
             report.bytes_removed += st.st_size
             continue
+        batches.tick()
         quarantine = storage.layout.tmp / f"gc-{sha}-{uuid.uuid4().hex[:8]}"
         try:
             _rename(storage, path, quarantine)
@@ -189,6 +228,7 @@ def run_gc(
         if time.time() - mtime < grace or storage.blobs.stat(sha) is not None:
             continue
         if not dry_run:
+            batches.tick()
             storage.blobs.remove_sidecar(sha)
         report.sidecars_removed += 1
     for sha, path in [] if remote else list(storage.blobs.iter_sidecars()):
@@ -252,7 +292,18 @@ def run_gc(
     return report
 
 
-def _remote_orphans(storage: Storage, candidates: list[str], grace: float, dry_run: bool, report: GcReport) -> None:
+def _held_blobs(conn: Any, participants: list[Participant]) -> tuple[set[str], bool]:
+    """(blobs referenced by the events after an `events` hold's seq, whether an `all` hold lasts)."""
+    active = holds.active(conn)
+    seqs = [h.seq for h in active if h.blobs == holds.EVENTS]
+    keep_all = any(h.blobs == holds.ALL for h in active)
+    if not seqs:
+        return set(), keep_all
+    return set(blobs_of_events(participants, journal.iterate(conn, min(seqs)))), keep_all
+
+
+def _remote_orphans(storage: Storage, candidates: list[str], grace: float, dry_run: bool, report: GcReport,
+                    batches: _Fence) -> None:
     """Orphans in a remote backend (S3). No rename exists there, so each candidate's age is read
     again just before its delete: a deduplicating PUT refreshes LastModified (a copy onto itself)
     before its record commits, and such a blob is kept. What remains is the moment between that
@@ -267,6 +318,7 @@ def _remote_orphans(storage: Storage, candidates: list[str], grace: float, dry_r
             continue
         entry = {"blob": sha, "size": size, "age_seconds": int(time.time() - mtime)}
         if not dry_run:
+            batches.tick()
             try:
                 storage.blobs.remove(sha)  # its chunk digests go with it
             except FileNotFoundError:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,9 @@ class Diagnostics:
         storage.catalog.migrate("diagnostics", fnd.MIGRATIONS)
         # One fsck/gc/repair at a time: two gc runs racing over the same orphans gain nothing.
         self._run_lock = threading.Lock()
+        # Many nodes (docs/scale-out.md): the runtime gives gc its lease (`Leases.exclusive(GC)`), so
+        # one node of a deployment collects at a time and its deletes are fenced.
+        self.gc_lease: Callable[[], AbstractContextManager[Any]] = nullcontext
 
     def target(self) -> Target:
         return Target(self.storage.layout, self.storage.catalog)
@@ -42,9 +45,9 @@ class Diagnostics:
 
     def gc(self, ctx: RequestContext, *, grace: float = DEFAULT_GRACE,
            upload_expiry: float = DEFAULT_UPLOAD_EXPIRY, dry_run: bool = False) -> GcReport:
-        with self._run_lock:
+        with self._run_lock, self.gc_lease():
             return run_gc(self.storage, self.objects, self.participants, ctx, grace=grace, upload_expiry=upload_expiry,
-                          dry_run=dry_run)
+                          dry_run=dry_run, fence=self.storage.catalog.confirm_fence)
 
     def repair(self, ctx: RequestContext, families: list[str] | None = None) -> dict[str, Any]:
         with self._run_lock:

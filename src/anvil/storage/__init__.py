@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 from anvil.storage import idempotency, inline, journal
@@ -45,6 +46,7 @@ class Storage:
             self.catalog.on_full = self.space.release
             self.catalog.migrate("idempotency", idempotency.MIGRATIONS)
             self.catalog.migrate("blobs", inline.MIGRATIONS)
+            self.format = self._deployment(self.format, write=lock)
             inline_max = inline.max_from_env()  # a malformed ANVIL_INLINE_MAX stops the start
             drop_behind = drop_behind_from_env()  # and so does a malformed ANVIL_DROP_BEHIND
         except BaseException:
@@ -64,6 +66,20 @@ class Storage:
         self._locked = lock
         if lock:
             self.blobs.prepare_fanout()
+
+    def _deployment(self, info: FormatInfo, *, write: bool) -> FormatInfo:
+        """The deployment id is the record store's (one for every node of a scaled deployment, so their
+        backups chain and their archive is one); this path's FORMAT gives it to a store that has none
+        yet (a store made before it was kept there, or the first node). A FORMAT that says otherwise
+        is a copy made by a node's first start: it is rewritten to match (when this process holds the
+        path's lock), so offline tools and a backup's FORMAT file agree."""
+        stored = journal.claim_deployment_id(self.catalog._writer, info.deployment_id, time.time())
+        if stored == info.deployment_id:
+            return info
+        adopted = FormatInfo(info.version, stored)
+        if write:
+            self.layout.write_format(adopted)
+        return adopted
 
     def clear_tmp(self) -> None:
         """Drop bodies a previous process was receiving when it died: none was acknowledged.

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import apsw
 
 from anvil.errors import AnvilError
-from anvil.storage import journal, leases
+from anvil.storage import holds, journal, leases
 from anvil.storage.space import storage_full
 
 T = TypeVar("T")
@@ -122,9 +122,6 @@ class Catalog:
         self._thread: threading.Thread | None = None
         self._head: tuple[int, str] | None = None
         self._commit_listeners: list[Callable[[int], None]] = []
-        # In-memory readers of the journal that are not watch consumers (continuous archiving):
-        # each returns the highest seq it has durably taken; compaction keeps everything after it.
-        self._journal_holds: list[Callable[[], int]] = []
         # Called when a commit fails for lack of disk space; True if it freed some (storage.space).
         self.on_full: Callable[[], bool] | None = None
         # Group-commit figures, written only by the writer thread and read by the metrics scrape:
@@ -136,6 +133,9 @@ class Catalog:
         self.stale_fences = 0
         self.migrate("journal", journal.MIGRATIONS)
         self.migrate("leases", leases.MIGRATIONS)
+        # Readers of the journal that are not records (archiving, a running backup) hold compaction
+        # and gc back through the record store, so every node's compaction and gc see them.
+        self.migrate("holds", holds.MIGRATIONS)
 
     # -- the engine: SQLite here; storage.pg.PgCatalog overrides these for PostgreSQL ------------
 
@@ -242,19 +242,6 @@ class Catalog:
                 self._thread = threading.Thread(target=self._run, name="anvil-writer", daemon=True)
                 self._thread.start()
 
-    def add_journal_hold(self, hold: Callable[[], int]) -> None:
-        """Journal compaction never removes events after `hold()` (called on the writer thread)."""
-        self._journal_holds.append(hold)
-
-    def remove_journal_hold(self, hold: Callable[[], int]) -> None:
-        if hold in self._journal_holds:
-            self._journal_holds.remove(hold)
-
-    def journal_hold_floor(self) -> int | None:
-        """The lowest seq a journal hold still needs kept after (None without holds)."""
-        floors = [int(hold()) for hold in list(self._journal_holds)]
-        return min(floors) if floors else None
-
     def add_commit_listener(self, listener: Callable[[int], None]) -> None:
         """Called from the writer thread with the new head seq after each durable commit."""
         self._commit_listeners.append(listener)
@@ -276,6 +263,12 @@ class Catalog:
             yield
         finally:
             self._local.fence = before
+
+    def confirm_fence(self) -> None:
+        """Inside `fenced`: fail with StaleFence now if the lease moved on (work outside the record store,
+        such as gc's deletes in a blob backend, checks before each batch). A no-op outside `fenced`."""
+        if getattr(self._local, "fence", None) is not None:
+            self.mutate(lambda txn: None, actor="system/leases", request_id="fence-check")
 
     def mutate(self, fn: Callable[[Txn], T], *, actor: str, request_id: str) -> T:
         """The one mutation path: run `fn` in a transaction, append its event, commit durably."""

@@ -38,7 +38,28 @@ MIGRATIONS = [
     );
     INSERT INTO journal_base(id, seq, hash) VALUES (1, 0, printf('%.64c', '0'));
     """,
+    # The deployment id, once per record store (so once for every node of a scaled deployment):
+    # snapshots, their parents and the archive are grouped by it. Set by the first process that opens
+    # the store, from its FORMAT file (`claim_deployment_id`); a migration inserts no row, so a
+    # freshly migrated store is still empty for a restore.
+    """
+    CREATE TABLE deployment(
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        deployment_id TEXT NOT NULL,
+        created REAL NOT NULL
+    )
+    """,
 ]
+
+
+def claim_deployment_id(conn: Any, candidate: str, now: float) -> str:
+    """The record store's deployment id; `candidate` (this path's FORMAT) becomes it if it has none
+    yet. Idempotent, and safe with several nodes starting at once (the first insert wins)."""
+    with conn:
+        conn.execute("INSERT INTO deployment(id, deployment_id, created) VALUES (1, ?, ?) ON CONFLICT DO NOTHING",
+                     (candidate, now))
+        row = conn.execute("SELECT deployment_id FROM deployment WHERE id = 1").fetchone()
+    return str(row[0])
 
 
 @dataclass(frozen=True)

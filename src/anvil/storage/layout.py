@@ -96,9 +96,12 @@ class Layout:
         if existing is not None:
             return existing
         info = FormatInfo(FORMAT_VERSION, str(uuid.uuid4()))
-        body = {"format_version": info.version, "deployment_id": info.deployment_id}
-        write_file_durably(fmt, (json.dumps(body, indent=2) + "\n").encode())
+        self.write_format(info)
         return info
+
+    def write_format(self, info: FormatInfo) -> None:
+        body = {"format_version": info.version, "deployment_id": info.deployment_id}
+        write_file_durably(self.root / FORMAT_FILE, (json.dumps(body, indent=2) + "\n").encode())
 
     def read_format(self) -> FormatInfo:
         fmt = self.root / FORMAT_FILE

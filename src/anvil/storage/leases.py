@@ -16,18 +16,23 @@ holds the lease after a pause (SIGSTOP, a long GC, a partition) must not be able
 - The embedded store is one process (the storage lock guarantees it): it always holds every lease,
   nothing is written to the table and background writes carry no fence (no behaviour change).
 
+Work started on request rather than by a timer (gc, `POST /anvil/v1/admin/gc` on any node) takes its
+lease for its run only (`exclusive`): claimed at the start, refused with `LeaseHeld` while another
+node holds it, renewed while the run lasts, given back at its end.
+
 Clocks: `expires` is wall-clock time of the node that wrote it; nodes must keep their clocks in
 sync (NTP) to well within the lease's time to live (ANVIL_LEASE_TTL_SECONDS, 15 s by default).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from anvil.errors import AnvilError
@@ -94,6 +99,9 @@ class Leases:
         self._names: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # One claim or release at a time: the renewal loop must not re-claim a lease `exclusive`
+        # has just given back.
+        self._claiming = threading.Lock()
 
     # ---------------------------------------------------------------- asking
 
@@ -149,9 +157,46 @@ class Leases:
 
     def _claim_quietly(self, name: str) -> None:
         try:
-            self.claim(name)
+            with self._claiming:
+                if name in self._names:
+                    self.claim(name)
         except Exception:  # noqa: BLE001 - the record store is away: the lease lapses, work stops
             log.exception("renewing lease %s failed", name)
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str) -> Iterator[int | None]:
+        """Hold `name` for the block (work run on request, such as gc): claimed now, renewed while the
+        block runs, given back at its end; its writes are fenced. `LeaseHeld` if another node holds it.
+        The embedded store always holds every lease (yields None, nothing written)."""
+        if not self.shared:
+            yield None
+            return
+        if name in self._names:
+            raise AnvilError("LeaseHeld", f"the {name} lease is already in use on this node ({self.node})")
+        with self._claiming:
+            fence = self.claim(name)
+            if fence is None:
+                raise AnvilError("LeaseHeld", self._held_elsewhere(name))
+            self._names.add(name)
+        self.start()
+        try:
+            with self.catalog.fenced(name, fence):
+                yield fence
+        finally:
+            with self._claiming:
+                self._names.discard(name)
+                with self._lock:
+                    self._held.pop(name, None)
+                self._release(name, fence)
+
+    def _held_elsewhere(self, name: str) -> str:
+        row = self.catalog.reader().execute("SELECT holder, fence, expires FROM leases WHERE name = ?",
+                                            (name,)).fetchone()
+        if row is None:
+            return f"the {name} lease is held by another node"
+        left = max(0.0, float(row[2]) - time.time())
+        return (f"{name} is running on another node ({row[0]}, the {name} lease at fence {int(row[1])}, "
+                f"{left:.1f} s left unless renewed): try again when it is done")
 
     def claim(self, name: str) -> int | None:
         """Claim or renew `name` now; the fence if this node holds it afterwards."""
@@ -208,10 +253,13 @@ class Leases:
         with self._lock:
             held, self._held = dict(self._held), {}
         for name, (fence, _) in held.items():
-            def release(txn: Txn, name: str = name, fence: int = fence) -> None:
-                txn.conn.execute("UPDATE leases SET expires = 0 WHERE name = ? AND holder = ? AND fence = ?",
-                                 (name, self.node, fence))
-            try:
-                self.catalog.mutate(release, actor="system/leases", request_id=f"lease-{name}")
-            except Exception:  # noqa: BLE001 - it lapses on its own after its time to live
-                log.warning("could not release lease %s", name)
+            self._release(name, fence)
+
+    def _release(self, name: str, fence: int) -> None:
+        def release(txn: Txn) -> None:
+            txn.conn.execute("UPDATE leases SET expires = 0 WHERE name = ? AND holder = ? AND fence = ?",
+                             (name, self.node, fence))
+        try:
+            self.catalog.mutate(release, actor="system/leases", request_id=f"lease-{name}")
+        except Exception:  # noqa: BLE001 - it lapses on its own after its time to live
+            log.warning("could not release lease %s", name)

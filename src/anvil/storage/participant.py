@@ -164,12 +164,12 @@ class JournalParticipant(Participant):
     replays = ("recovery.", "idempotency.")
 
     def migrations(self) -> dict[str, list[str]]:
-        from anvil.storage import idempotency, inline, leases
+        from anvil.storage import holds, idempotency, inline, leases
 
-        # The inline bodies' and the leases' tables are no event's to replay, but a PostgreSQL store
-        # needs them created.
+        # The inline bodies', the leases' and the holds' tables are no event's to replay, but a
+        # PostgreSQL store needs them created.
         return {"journal": journal.MIGRATIONS, "idempotency": idempotency.MIGRATIONS, "blobs": inline.MIGRATIONS,
-                "leases": leases.MIGRATIONS}
+                "leases": leases.MIGRATIONS, "holds": holds.MIGRATIONS}
 
     def apply(self, ctx: RecoveryContext, event: Any) -> None:
         if event.kind.startswith("idempotency."):

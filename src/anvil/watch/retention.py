@@ -1,7 +1,7 @@
 """Journal retention: compact events every consumer has passed and the retention window has aged out.
 
 An event may go only when BOTH hold: its seq is at or below every durable consumer's cursor
-(and every journal hold's, e.g. continuous archiving's cursor), and it is older than the
+(and every hold's in the record store, e.g. continuous archiving's cursor: storage.holds), and it is older than the
 retention window. This module is the policy: it picks the window and
 the floor (the lowest consumer cursor, read through `watch.consumers`); the mechanism, deleting
 the rows and moving `journal_base` to the last deleted event's (seq, hash), is
@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from anvil.context import RequestContext
-from anvil.storage import Catalog, Txn, journal
+from anvil.storage import Catalog, Txn, holds, journal
 from anvil.watch import consumers
 
 MAX_ROWS_PER_STEP = 20_000  # keeps each compaction transaction (and the writer's pause) short
@@ -33,9 +33,10 @@ def compact_step(catalog: Catalog, ctx: RequestContext, retention_seconds: float
         # The floor is read in the same transaction as the deletes, so a consumer created or
         # moved meanwhile cannot lose an event it still needs.
         floor = consumers.min_cursor(txn.conn)
-        # Continuous archiving holds what it has not shipped: compaction must not open a gap in
-        # the archive (point-in-time restore could not cross it).
-        held = catalog.journal_hold_floor()
+        # Continuous archiving holds what it has not shipped, a running backup what follows its
+        # snapshot: compaction must not open a gap in the archive (point-in-time restore could not
+        # cross it). The holds are in the record store, so an archiver on another node counts too.
+        held = holds.journal_floor(txn.conn, txn.now)
         if held is not None:
             floor = held if floor is None else min(floor, held)
         done = journal.compact(txn.conn, floor=floor, cutoff=cutoff, max_rows=max_rows)
