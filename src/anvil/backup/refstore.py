@@ -163,8 +163,9 @@ class RefStore:
             self.conn.execute("DELETE FROM tree")
         self.reused = 0
 
-    def todo_batches(self, batch: int = ENCODE_BATCH) -> Iterator[tuple[list[str], dict[str, int]]]:
+    def todo_batches(self, batch: int | None = None) -> Iterator[tuple[list[str], dict[str, int]]]:
         """The blobs to encode, in hash order, `batch` at a time: (hashes, hash -> recorded size)."""
+        batch = batch or ENCODE_BATCH
         last = 0
         while True:
             rows = self.conn.execute("SELECT n, sha, size FROM todo WHERE n > ? ORDER BY n LIMIT ?",

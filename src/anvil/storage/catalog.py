@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,7 +95,10 @@ class Catalog:
         self.path = Path(path)
         self._writer = self._open_writer()
         self._local = threading.local()
-        self._readers: list[apsw.Connection] = []
+        # Weak: a reader belongs to its thread (`_local`) and goes with it. Held strongly here, every
+        # short-lived thread that read once (a backup's encoder threads, per batch) left a connection
+        # and its page cache behind for the server's lifetime.
+        self._readers: weakref.WeakSet[apsw.Connection] = weakref.WeakSet()
         self._readers_lock = threading.Lock()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -190,7 +194,7 @@ class Catalog:
             conn = self._new_reader()
             self._local.conn = conn
             with self._readers_lock:
-                self._readers.append(conn)
+                self._readers.add(conn)
         return conn
 
     def head(self) -> tuple[int, str]:
@@ -417,7 +421,7 @@ class Catalog:
             self._thread.join()
             self._thread = None
         with self._readers_lock:
-            for conn in self._readers:
+            for conn in list(self._readers):
                 self._close_reader(conn)
             self._readers.clear()
         self._writer.close()

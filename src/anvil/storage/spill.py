@@ -44,9 +44,9 @@ class Sorter:
     """Strings added one by one, read back sorted (`sorted`'s order: UTF-8 byte order is code
     point order), holding at most `run` of them in memory; the rest wait in temporary files."""
 
-    def __init__(self, folder: Path | None = None, run: int = RUN):
+    def __init__(self, folder: Path | None = None, run: int | None = None):
         self.folder = folder if folder is not None and Path(folder).is_dir() else None
-        self.run = run
+        self.run = run or RUN
         self.buf: list[str] = []
         self.files: list[IO[bytes]] = []
 
@@ -76,7 +76,7 @@ class Sorter:
         self.files, self.buf = [], []
 
 
-def sorted_strings(items: Iterable[str], folder: Path | None = None, run: int = RUN) -> Iterator[str]:
+def sorted_strings(items: Iterable[str], folder: Path | None = None, run: int | None = None) -> Iterator[str]:
     """`iter(sorted(items))`, holding at most `run` strings (plus a read buffer per spilled run)."""
     sorter = Sorter(folder, run)
     try:
