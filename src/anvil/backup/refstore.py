@@ -16,7 +16,7 @@ unchanged: the manifest's bytes are what `json.dumps` of the whole tree would gi
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -219,57 +219,29 @@ class StreamedTree:
         return self.store.tree_json_items()
 
 
-class SavedTree(dict):  # type: ignore[type-arg]
+class SavedTree(Mapping[str, Any]):
     """The returned manifest's `tree.blobs`: read back from the saved snapshot on first use (the
-    server's callers never use it; tests and the offline CLI may), so a backup ends holding none."""
+    server's callers never use it; tests and the offline CLI may), so a backup ends holding none.
+    A Mapping, not a dict: serialising it as JSON fails loudly instead of writing `{}`."""
 
     def __init__(self, load: Callable[[], dict[str, Any]], count: int):
-        super().__init__()
-        self._load: Callable[[], dict[str, Any]] | None = load
+        self._load = load
         self._count = count
+        self._tree: dict[str, Any] | None = None
 
-    def _fill(self) -> None:
-        if self._load is not None:
-            load, self._load = self._load, None
-            self.update(load())
+    def _get(self) -> dict[str, Any]:
+        if self._tree is None:
+            self._tree = self._load()
+        return self._tree
 
     def __len__(self) -> int:
-        return self._count if self._load is not None else super().__len__()
+        return self._count if self._tree is None else len(self._tree)
 
-    def __getitem__(self, k: Any) -> Any:
-        self._fill()
-        return super().__getitem__(k)
+    def __getitem__(self, k: str) -> Any:
+        return self._get()[k]
 
-    def __contains__(self, k: Any) -> bool:
-        self._fill()
-        return super().__contains__(k)
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
 
-    def __iter__(self) -> Iterator[Any]:
-        self._fill()
-        return super().__iter__()
-
-    def get(self, k: Any, default: Any = None) -> Any:
-        self._fill()
-        return super().get(k, default)
-
-    def keys(self) -> Any:
-        self._fill()
-        return super().keys()
-
-    def values(self) -> Any:
-        self._fill()
-        return super().values()
-
-    def items(self) -> Any:
-        self._fill()
-        return super().items()
-
-    def __eq__(self, other: object) -> bool:
-        self._fill()
-        return super().__eq__(other)
-
-    def __repr__(self) -> str:
-        self._fill()
-        return super().__repr__()
-
-    __hash__ = None  # type: ignore[assignment]
+    def __contains__(self, k: object) -> bool:
+        return k in self._get()
