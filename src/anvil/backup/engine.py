@@ -19,6 +19,7 @@ from anvil.backup import workers
 from anvil.backup.chunking import CHUNKER, chunker
 from anvil.backup.errors import BackupError
 from anvil.backup.pack import ChunkReader, PackWriter, pack_name
+from anvil.backup.refstore import RefStore, SavedTree
 from anvil.backup.repository import Repository, env_seconds
 from anvil.backup.treestream import iter_tree_blobs
 from anvil.storage import journal, records
@@ -255,36 +256,58 @@ def _sorted_entries(repo: Repository, snap_id: str) -> Iterator[tuple[str, dict[
         yield sha, entry
 
 
-def _merge(refs: dict[str, Any], entries: Iterator[tuple[str, dict[str, Any]]],
-           known: dict[str, Any]) -> tuple[list[str], dict[str, dict[str, Any]]]:
-    todo: list[str] = []
-    reuse: dict[str, dict[str, Any]] = {}
-    cur = next(entries, None)
-    for sha in refs:
-        while cur is not None and cur[0] < sha:
-            cur = next(entries, None)
-        if cur is not None and cur[0] == sha and all(c in known for c in cur[1]["chunks"]):
-            reuse[sha] = cur[1]
-        else:
-            todo.append(sha)
-    return todo, reuse
-
-
-def _split_todo(repo: Repository, parent_id: str | None, refs: dict[str, Any],
-                known: dict[str, Any]) -> tuple[list[str], dict[str, dict[str, Any]]]:
-    """The referenced blobs to encode, and the parent's tree entries of those it already holds.
-
-    A merge of two streams sorted by hash: the references (`RecoveryContext.references()` sorts
-    them) and the parent's blob tree, which was written in that order. So only the entries this
-    backup reuses are ever in memory, not the parent's whole tree (~0.9 KB a blob decoded). A
-    tree in another order (none is written so) is read whole and sorted, as before."""
+def _split_refs(store: RefStore, repo: Repository, parent_id: str | None, known: dict[str, Any]) -> int:
+    """Sort the referenced blobs into those the parent's tree holds (taken over) and those to
+    encode; returns the recorded bytes of the latter. A merge of two streams sorted by hash: the
+    references (read back sorted from the store) and the parent's blob tree, which was written in
+    that order, so neither is ever in memory. A tree in another order (none is written so) is
+    read whole and sorted, as before."""
     if parent_id is None:
-        return list(refs), {}
+        return store.split(None, known)[1]
     try:
-        return _merge(refs, _sorted_entries(repo, parent_id), known)
+        return store.split(_sorted_entries(repo, parent_id), known)[1]
     except _Unsorted:
+        store.reset_split()
         whole = dict(iter_tree_blobs(repo, parent_id))
-        return _merge(refs, iter(sorted(whole.items())), known)
+        return store.split(iter(sorted(whole.items())), known)[1]
+
+
+def _store_file(writer: PackWriter, path: Path) -> dict[str, Any]:
+    """A file's tree entry, its chunks appended to the packs as they are cut: catalog.db holds
+    the inline bodies (hundreds of MB for a store of small objects), and encoded whole it was
+    the largest thing a backup held (its sealed chunks all at once)."""
+    if path.stat().st_size <= WHOLE_FILE:
+        encoded = _must_encode(writer, path)  # read whole and cut in memory (faster), at most 32 MiB
+        return {"size": encoded[2], "sha256": encoded[1], "chunks": _add_encoded(writer, encoded)}
+    h = hashlib.sha256()
+    size = 0
+    chunks: list[str] = []
+    with open(path, "rb") as f:
+        for c in chunker().cut_stream(f):
+            piece = bytes(c.data)
+            h.update(piece)
+            size += len(piece)
+            chunks.append(writer.add(piece))
+    return {"size": size, "sha256": h.hexdigest(), "chunks": chunks}
+
+
+class _StoreRefs:
+    """`refs[sha]` for the encoder's problem reports, looked up in the store."""
+
+    def __init__(self, store: RefStore):
+        self.store = store
+
+    def __getitem__(self, sha: str) -> list[Any]:
+        return self.store.uses(sha)
+
+
+def _encode_todo(store: RefStore, repo: Repository, writer: PackWriter, blobs: BlobStore, problems: list[str],
+                 tick: Callable[[int], None]) -> None:
+    """Encode the blobs to encode a bounded batch at a time; each batch's entries go to the store."""
+    refs = _StoreRefs(store)
+    for todo, sizes in store.todo_batches():
+        store.add_entries(_encode_new_blobs(repo, writer, blobs, todo, sizes, refs, problems,  # type: ignore[arg-type]
+                                            tick))
 
 
 def create_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
@@ -342,7 +365,11 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
                 p.checkpoint(ctx)
             secret_key_ids = sorted({k for p in participants if isinstance(p, KeyHolder) for k in p.key_ids(ctx)})
             seq, chain_hash = journal.head(conn)
-            refs = ctx.references()
+            # The references go to an on-disk sorted store (`refstore`), never held whole; the
+            # summaries read them back from it in hash order.
+            store = RefStore(cp.parent)
+            store.load(ctx)  # closed below, or by the folder's removal if this raises
+            ctx.stream_referenced_blobs(store.referenced)
             extra = sorted({f for p in participants if isinstance(p, FileOwner) for f in p.files(ctx)})
             # The participants' summaries (object digests, a stat per blob, the journal chain's
             # hashes) were a third of a small-blob backup's own time: they run on a thread, on the
@@ -353,12 +380,9 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
             raise
         try:
             catalog_size = cp.stat().st_size
-            todo, reuse = _split_todo(repo, parent["id"] if parent else None, refs, known)
-            # Sizes as the records give them (no stat per blob): they weigh the work in flight and
-            # make the progress total; the encoder reads each file's real size anyway. Looked up,
-            # not copied into a dict (~100 bytes a blob of an initial backup's peak).
-            sizes = _RecordedSizes(refs)
-            total = catalog_size + sum(sizes.get(sha, 0) for sha in todo)
+            # Sizes as the records give them (no stat per blob) make the progress total.
+            todo_bytes = _split_refs(store, repo, parent["id"] if parent else None, known)
+            total = catalog_size + todo_bytes
             done = 0
 
             def tick(n: int) -> None:
@@ -371,9 +395,8 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
             fmt = (storage_root / FORMAT_FILE).read_bytes()
             files[FORMAT_FILE] = {"size": len(fmt), "sha256": hashlib.sha256(fmt).hexdigest(),
                                   "chunks": [writer.add(fmt)]}
-            encoded = _must_encode(writer, cp)
-            files["catalog.db"] = {"size": encoded[2], "sha256": encoded[1], "chunks": _add_encoded(writer, encoded)}
-            tick(encoded[2])
+            files["catalog.db"] = _store_file(writer, cp)
+            tick(files["catalog.db"]["size"])
             for path in extra:
                 rel = str(Path(path).absolute().relative_to(storage_root))
                 if rel in files or rel.startswith(("blobs/", "tmp/")):
@@ -381,54 +404,46 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
                 encoded = _must_encode(writer, Path(path))
                 files[rel] = {"size": encoded[2], "sha256": encoded[1], "chunks": _add_encoded(writer, encoded),
                               "mode": Path(path).stat().st_mode & 0o777}
-            tree_blobs: dict[str, Any] = {}
             logical = files["catalog.db"]["size"] + len(fmt)
-            reused = 0
-            new_entries = _encode_new_blobs(repo, writer, blobs, todo, sizes, refs, problems, tick)
-            for sha, uses in refs.items():
-                labels = [r.label for r in uses]
-                refs_note = labels[:3] + ([f"+{len(labels) - 3} more"] if len(labels) > 3 else [])
-                entry = new_entries.pop(sha, None)
-                if entry is None:
-                    # Content-addressed and immutable: the parent already stored exactly these bytes. Its
-                    # entry (read from the parent's manifest stream) is taken over as it is.
-                    entry = reuse.pop(sha, None)
-                    if entry is None:
-                        continue  # missing or corrupt: already in `problems`
-                    reused += 1
-                entry["refs"] = refs_note
-                tree_blobs[sha] = entry
-                logical += entry["size"]
+            _encode_todo(store, repo, writer, blobs, problems, tick)
+            tree_blobs = store.tree()
+            reused = store.reused
+            logical += store.tree_totals()[1]
             parts = summaries.result()  # before the index: a failed summary leaves no index behind
             writer.finish()
+            finished = time.time()
+            manifest = {
+                "id": uuid.uuid4().hex[:16],
+                "parent": parent["id"] if parent else None,
+                "tag": tag,
+                "started": started,
+                "finished": finished,
+                "anvil_version": __version__,
+                "repository_format": repo.config["format_version"],
+                "storage_format": _storage_format(fmt),
+                "deployment_id": deployment_id,
+                "hostname": platform.node(),
+                "consistency": {"method": captured["method"], "journal_seq": seq, "journal_hash": chain_hash},
+                "key_ids": {"repository_key": repo.key_id, "secret_keys": secret_key_ids,
+                            "secrets_escrowed": escrow_secrets, "escrow_policy": escrow_policy},
+                "config": config or {},
+                "participants": parts,
+                "coverage": coverage(p.describe() for p in participants),
+                "problems": problems,
+                "stats": {"logical_bytes": logical, "new_bytes": writer.new_bytes, "new_chunks": writer.new_chunks,
+                          "blobs": len(tree_blobs), "blobs_reused_from_parent": reused,
+                          "duration": round(finished - started, 3), "orphans": orphans},
+                "tree": {"files": files, "blobs": tree_blobs},
+            }
+            # Written from the store (the tree, in pieces) while the checkpoint's folder still holds it.
+            repo.save_snapshot(manifest)
         finally:
             summaries.wait()
             records.close(conn)
-    finished = time.time()
-    manifest = {
-        "id": uuid.uuid4().hex[:16],
-        "parent": parent["id"] if parent else None,
-        "tag": tag,
-        "started": started,
-        "finished": finished,
-        "anvil_version": __version__,
-        "repository_format": repo.config["format_version"],
-        "storage_format": _storage_format(fmt),
-        "deployment_id": deployment_id,
-        "hostname": platform.node(),
-        "consistency": {"method": captured["method"], "journal_seq": seq, "journal_hash": chain_hash},
-        "key_ids": {"repository_key": repo.key_id, "secret_keys": secret_key_ids,
-                    "secrets_escrowed": escrow_secrets, "escrow_policy": escrow_policy},
-        "config": config or {},
-        "participants": parts,
-        "coverage": coverage(p.describe() for p in participants),
-        "problems": problems,
-        "stats": {"logical_bytes": logical, "new_bytes": writer.new_bytes, "new_chunks": writer.new_chunks,
-                  "blobs": len(tree_blobs), "blobs_reused_from_parent": reused,
-                  "duration": round(finished - started, 3), "orphans": orphans},
-        "tree": {"files": files, "blobs": tree_blobs},
-    }
-    repo.save_snapshot(manifest)
+            store.close()
+    # The caller's copy of the tree is read back from the snapshot only if used (the server never does).
+    manifest["tree"]["blobs"] = SavedTree(lambda: repo.load_snapshot(manifest["id"])["tree"]["blobs"],
+                                          len(tree_blobs))
     return manifest
 
 
@@ -470,7 +485,7 @@ def _encode_new_blobs(repo: Repository, writer: PackWriter, blobs: BlobStore, to
     if nproc:
         small_set = set(small)
         threaded = [sha for sha in todo if sha not in small_set]
-        inlined = set(blobs.inline_sizes())
+        inlined = blobs.inline_among(small)  # of this batch only: never a set of the whole store's
 
         def items() -> Iterator[tuple[str, str, bytes | None]]:
             for sha in small:

@@ -447,17 +447,27 @@ def _manifest_pieces(manifest: dict[str, Any]) -> Iterator[bytes]:
     the blob tree, its bulk, a thousand entries at a time, so the whole text is never held."""
     tree = manifest.get("tree")
     blobs = tree.get("blobs") if isinstance(tree, dict) else None
-    if (not isinstance(blobs, dict) or len(blobs) <= TREE_BATCH or next(reversed(manifest)) != "tree"
-            or next(reversed(tree)) != "blobs"):
+    streamed = getattr(blobs, "json_items", None)  # a tree read from a backup's on-disk store (refstore)
+    last = next(reversed(manifest)) == "tree" and next(reversed(tree)) == "blobs"  # type: ignore[arg-type]
+    if streamed is None and (not isinstance(blobs, dict) or len(blobs) <= TREE_BATCH or not last):
         yield json.dumps(manifest, separators=_SEP).encode()
         return
-    head = json.dumps({**manifest, "tree": {**tree, "blobs": {}}}, separators=_SEP)
+    if not last:
+        raise ValueError("a streamed blob tree must come last in the manifest")
+    head = json.dumps({**manifest, "tree": {**tree, "blobs": {}}}, separators=_SEP)  # type: ignore[dict-item]
     yield head[:-3].encode()  # up to the blob tree's "{" (the text ends with its "{}", then "}}")
-    items = iter(blobs.items())
-    sep = ""
-    while batch := list(itertools.islice(items, TREE_BATCH)):
-        yield (sep + json.dumps(dict(batch), separators=_SEP)[1:-1]).encode()
-        sep = ","
+    if streamed is not None:
+        items = iter(streamed())
+        sep = ""
+        while batch := list(itertools.islice(items, TREE_BATCH)):
+            yield (sep + ",".join(batch)).encode()
+            sep = ","
+    else:
+        items = iter(blobs.items())  # type: ignore[union-attr]
+        sep = ""
+        while batch := list(itertools.islice(items, TREE_BATCH)):
+            yield (sep + json.dumps(dict(batch), separators=_SEP)[1:-1]).encode()
+            sep = ","
     yield b"}}}"
 
 

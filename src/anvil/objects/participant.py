@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from anvil.objects import references as refs
 from anvil.storage.records import Connection, table_exists
 from anvil.storage.recovery import BlobRef, Finding, Participant, RecoveryContext
+from anvil.storage.spill import Sorter, sorted_strings
 
 MAX_FINDINGS = 50
 MAX_PREFIXES = 100
@@ -27,9 +28,10 @@ def _listing_row(bucket: str, key: str, version_id: str, is_latest: int, delete_
                       separators=(",", ":"), ensure_ascii=False)
 
 
-def listing_digest(rows: list[str]) -> str:
+def listing_digest(rows: Iterable[str]) -> str:
+    """SHA-256 over the rows in sorted order; a `spill.Sorter` is read back sorted as it is."""
     h = hashlib.sha256()
-    for r in sorted(rows):
+    for r in (rows if isinstance(rows, Sorter) else sorted_strings(rows)):
         h.update(r.encode())
         h.update(b"\n")
     return h.hexdigest()
@@ -74,7 +76,9 @@ class ObjectsParticipant(Participant):
     def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
         conn = ctx.conn
         rows_digest = hashlib.sha256()
-        listing: list[str] = []
+        # Sorted on disk past a run of rows: a summary of a large store (every backup takes one)
+        # holds one run of listing rows, not one per version.
+        listing = Sorter(ctx.root / "tmp")
         per_bucket: dict[str, dict[str, Any]] = {}
         for name, versioning in conn.execute("SELECT name, versioning FROM buckets ORDER BY name"):
             per_bucket[name] = {"versioning": versioning or "Unversioned", "objects": 0, "versions": 0,
@@ -89,7 +93,7 @@ class ObjectsParticipant(Participant):
                                           separators=(",", ":"), ensure_ascii=False).encode() + b"\n")
             if key.startswith("_anvil/"):
                 continue  # never visible through the API, so not part of what the drill can prove
-            listing.append(_listing_row(bucket, key, vid, latest, dm, size, etag))
+            listing.add(_listing_row(bucket, key, vid, latest, dm, size, etag))
             b = per_bucket.setdefault(bucket, {"versioning": "?", "objects": 0, "versions": 0,
                                                "delete_markers": 0, "bytes": 0, "prefixes": {}})
             b["versions"] += 1

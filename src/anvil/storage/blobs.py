@@ -31,7 +31,7 @@ import re
 import struct
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -593,6 +593,17 @@ class BlobStore:
         """sha256 -> size of every inline body."""
         conn = self._records()
         return inline.rows(conn) if conn is not None else {}
+
+    def inline_among(self, shas: Iterable[str]) -> set[str]:
+        """Which of `shas` are stored inline (a batch's worth, not the whole store's set)."""
+        conn = self._records()
+        return inline.among(conn, shas) if conn is not None else set()
+
+    def iter_inline_sizes(self) -> Iterator[tuple[str, int]]:
+        """(sha256, size) of every inline body in hash order, streamed: `inline_sizes` without the dict."""
+        conn = self._records()
+        if conn is not None:
+            yield from inline.iter_sizes(conn)
 
     def _inline_size(self, sha256: str) -> int | None:
         conn = self._records()

@@ -443,7 +443,7 @@ class Catalog:
             self._thread.join()
             self._thread = None
         with self._readers_lock:
-            for conn in self._readers:
+            for conn in list(self._readers):
                 self._close_reader(conn)
             self._readers.clear()
         self._writer.close()

@@ -101,6 +101,29 @@ def stored_at(conn: Connection, shas: Iterable[str]) -> dict[str, float]:
     return out
 
 
+def iter_sizes(conn: Connection) -> Iterator[tuple[str, int]]:
+    """(sha256, size) of every inline body, in hash order, streamed (the primary key's order)."""
+    try:
+        for r in conn.execute("SELECT sha256, size FROM inline_blobs ORDER BY sha256"):
+            yield r[0], int(r[1])
+    except records.RecordError:
+        return
+
+
+def among(conn: Connection, shas: Iterable[str], batch: int = 500) -> set[str]:
+    """Which of `shas` are inline bodies (looked up a batch at a time by primary key)."""
+    out: set[str] = set()
+    items = list(shas)
+    try:
+        for i in range(0, len(items), batch):
+            part = items[i:i + batch]
+            marks = ",".join("?" * len(part))
+            out.update(r[0] for r in conn.execute(f"SELECT sha256 FROM inline_blobs WHERE sha256 IN ({marks})", part))
+    except records.RecordError:
+        return set()
+    return out
+
+
 def bodies(conn: Connection) -> Iterator[tuple[str, int, bytes]]:
     """(sha256, recorded size, body) of every inline body, in table order (fsck --deep): one
     sequential pass, not a lookup through the primary-key index per row."""

@@ -240,24 +240,31 @@ class BlobsParticipant(Participant):
     def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
         # Counted from the blob store (files and inline bodies alike), so the summary is the same
         # whichever of the two holds a body.
-        refs = ctx.references()
+        # Streamed in hash order (the references, the inline bodies): a backup's summary of a large
+        # store holds neither set; inline sizes are merged as the two sorted streams go.
         present = 0
         total = 0
-        inline_sizes = ctx.blobs.inline_sizes()
+        referenced = 0
+        inline_sizes = ctx.blobs.iter_inline_sizes()
+        inline_cur = next(inline_sizes, None)
         # A remote backend is listed once (paged), not asked once per blob.
         stored = {b.sha256: b.size for b in ctx.blobs.list_blobs()} if ctx.blobs.remote else None
-        for sha in refs:
+        digest = hashlib.sha256()  # of the hashes joined by newlines
+        for sha, _ in ctx.referenced_blobs():
+            digest.update(b"\n" + sha.encode() if referenced else sha.encode())
+            referenced += 1
+            while inline_cur is not None and inline_cur[0] < sha:
+                inline_cur = next(inline_sizes, None)
             # One stat per blob (not exists() and then stat()): every snapshot pays this per blob.
             try:
                 size = stored[sha] if stored is not None else os.stat(ctx.blobs.path(sha)).st_size
             except (FileNotFoundError, KeyError):
-                if sha not in inline_sizes:
+                if inline_cur is None or inline_cur[0] != sha:
                     continue
-                size = inline_sizes[sha]
+                size = inline_cur[1]
             present += 1
             total += size
-        digest = hashlib.sha256("\n".join(refs).encode()).hexdigest()
-        return {"referenced": len(refs), "present": present, "bytes": total, "digest": digest}
+        return {"referenced": referenced, "present": present, "bytes": total, "digest": digest.hexdigest()}
 
     def validate(self, ctx: RecoveryContext, recorded: dict[str, Any] | None = None) -> list[Finding]:
         # The walk starts before references are read: a blob written after the walk can never look

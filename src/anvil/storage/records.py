@@ -138,3 +138,14 @@ def json_text_at(column: str, *path: int) -> str:
     """The text at array indexes `path` of the JSON in `column` (`json_text_at("c", 0, 1)` is
     c[0][1]); NULL when absent. One lookup, without a row per element as `json_array_rows` makes."""
     return f"{column} ->> '$" + "".join(f"[{int(i)}]" for i in path) + "'"
+
+
+def open_scratch(path: str | Path, cache_kib: int = 8192) -> Connection:
+    """A private scratch database (a backup's on-disk sorted store): no journal, no fsync, its
+    page cache and sorts bounded to `cache_kib` (sorts larger than that spill to temporary
+    files), so what it holds costs disk, not memory. Deleted by its caller; a crash only loses it."""
+    conn = apsw.Connection(str(path))
+    for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE",
+                   f"cache_size=-{int(cache_kib)}"):
+        conn.execute(f"PRAGMA {pragma}")
+    return conn

@@ -20,7 +20,7 @@ backup, an offline one, a restore and fsck.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
@@ -144,6 +144,7 @@ class RecoveryContext:
         self.checked: set[str] = set()
         self.stats: dict[str, dict[str, Any]] = {}
         self._refs: dict[str, list[BlobRef]] | None = None
+        self._referenced: Callable[[], Iterator[tuple[str, int]]] | None = None
         self._scan: ScanResult | None = None
         self._scan_thread: threading.Thread | None = None
         self._scan_error: BaseException | None = None
@@ -154,12 +155,31 @@ class RecoveryContext:
         if self._refs is None:
             refs: dict[str, list[BlobRef]] = {}
             with self.conn:
-                for p in self.participants:
-                    if isinstance(p, BlobReferrer):
-                        for r in p.blob_references(self):
-                            refs.setdefault(r.sha256, []).append(r)
+                for r in self.iter_blob_references():
+                    refs.setdefault(r.sha256, []).append(r)
             self._refs = dict(sorted(refs.items()))
         return self._refs
+
+    def iter_blob_references(self) -> Iterator[BlobRef]:
+        """Every participant's blob references as they are read (unsorted, not held): for a caller
+        that keeps them elsewhere (a backup sorts them on disk). Run it inside one read transaction."""
+        for p in self.participants:
+            if isinstance(p, BlobReferrer):
+                yield from p.blob_references(self)
+
+    def referenced_blobs(self) -> Iterator[tuple[str, int]]:
+        """(sha256, size its first reference records) of every referenced blob, sorted by hash.
+        From the stream a caller installed (`stream_referenced_blobs`: a backup reads them back
+        from its on-disk sorted store, never holding them all), else from `references()`."""
+        if self._referenced is not None:
+            yield from self._referenced()
+            return
+        for sha, rs in self.references().items():
+            yield sha, rs[0].size
+
+    def stream_referenced_blobs(self, source: Callable[[], Iterator[tuple[str, int]]]) -> None:
+        """Install what `referenced_blobs` reads (each call of `source` starts a new pass)."""
+        self._referenced = source
 
     def clear_references(self) -> None:
         """Forget the references read so far (the next `references()` reads them afresh)."""

@@ -1,0 +1,224 @@
+"""Server memory during online backups: RSS at rest, peak during, and after (issues 17 and 20).
+
+    python bench/backup_memory.py --objects 100000
+    python bench/backup_memory.py --objects 400000 --data /tmp/store-400k   # keep the store for reruns
+    python bench/backup_memory.py --quick                                  # 3,000 objects
+
+A store of N small objects (1-4 KiB bodies, unique) is built offline (in-process, no HTTP: the
+load is not what is measured), then a real `anvil serve` runs on it and `anvil backup create
+--endpoint` is run twice: an initial snapshot (no parent), then a full snapshot with that parent
+(its blob tree merged with the references). The server's RSS is sampled every 20 ms (psutil);
+the figures are at rest before, the peak during each backup, and the RSS a few seconds after
+(memory given back?). Prints one JSON document with the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))
+
+MIB = 1024 * 1024
+PASS = "bench passphrase"
+TARGET_PEAK_MB = 300.0  # issue 20: <= 300 MB peak at 400,000 blobs, back to idle afterwards
+
+
+def populate(path: Path, objects: int) -> int:
+    from anvil.context import DEV_PRINCIPAL, RequestContext
+    from anvil.runtime import Anvil
+
+    rng = random.Random(5)
+    anvil = Anvil(path)
+    total = 0
+    try:
+        ctx = RequestContext(DEV_PRINCIPAL)
+        anvil.objects.create_bucket(ctx, "bench")
+        pending = []
+        for i in range(objects):
+            data = rng.randbytes(rng.randint(1024, 4096))
+            total += len(data)
+            pending.append(anvil.objects.submit_put_object(ctx, "bench", f"p{i % 1000:04d}/o{i:08d}",
+                                                           anvil.objects.store_bytes(data)))
+            if len(pending) >= 512:
+                for f in pending:
+                    f.result()
+                pending.clear()
+        for f in pending:
+            f.result()
+    finally:
+        anvil.close()
+    return total
+
+
+class RssPeak:
+    """Peak RSS of a process while a block runs, sampled every 20 ms."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def rss(self) -> int:
+        return self.proc.memory_info().rss
+
+    def __enter__(self) -> RssPeak:
+        self.peak = self.rss()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def _cli(args: list[str], env: dict[str, str]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "anvil.cli.main", *args], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"anvil {' '.join(args[:3])} failed: {proc.stderr[-2000:]}")
+    out = json.loads(proc.stdout) if "--json" in args else {}
+    return {"seconds": round(time.perf_counter() - t0, 2), "stats": out.get("stats", {})}
+
+
+def run(objects: int, data: Path | None, settle: float) -> dict[str, Any]:
+    from tests.helpers import AnvilServer
+
+    doc: dict[str, Any] = {"benchmark": "backup_memory", "objects": objects, "cpus": os.cpu_count(),
+                           "load_average_before": [round(x, 2) for x in os.getloadavg()]}
+    with tempfile.TemporaryDirectory(prefix="anvil-bench-bkmem-") as tmp:
+        work = Path(tmp)
+        store = data or work / "data"
+        if not (store / "catalog.db").exists():
+            t0 = time.perf_counter()
+            doc["logical_bytes"] = populate(store, objects)
+            doc["build_seconds"] = round(time.perf_counter() - t0, 1)
+        pythonpath = os.pathsep.join(p for p in (str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "PYTHONPATH": pythonpath, "ANVIL_BACKUP_PASSPHRASE": PASS,
+               "ANVIL_BACKUP_CACHE_DIR": str(work / "cache")}
+        srv = AnvilServer(store, env={k: env[k] for k in ("ANVIL_BACKUP_PASSPHRASE", "PYTHONPATH")})
+        srv.start(timeout=180)
+        try:
+            assert srv.proc is not None
+            pid = srv.proc.pid
+            creds = srv.admin_credentials()
+            env.update({"ANVIL_CLIENT_ID": creds["client_id"], "ANVIL_CLIENT_SECRET": creds["client_secret"]})
+            repo = f"file://{work / 'repo'}"
+            _cli(["backup", "init", "--repo", repo], env)
+            time.sleep(settle)
+            rest = RssPeak(pid).rss()
+            doc["server_rss_at_rest_mib"] = round(rest / MIB, 1)
+            create = ["backup", "create", "--repo", repo, "--endpoint", srv.endpoint, "--json"]
+            for name in ("initial", "with_parent"):
+                with RssPeak(pid) as peak:
+                    res = _cli(create, env)
+                time.sleep(settle)
+                after = RssPeak(pid).rss()
+                doc[name] = {"seconds": res["seconds"], "blobs": res["stats"].get("blobs"),
+                             "reused": res["stats"].get("blobs_reused_from_parent"),
+                             "server_peak_rss_mib": round(peak.peak / MIB, 1),
+                             "server_rss_after_mib": round(after / MIB, 1),
+                             "after_vs_rest": round(after / rest, 3)}
+                print(json.dumps({name: doc[name]}), file=sys.stderr, flush=True)
+        finally:
+            srv.stop()
+    peak_mb = max(doc[n]["server_peak_rss_mib"] for n in ("initial", "with_parent")) * MIB / 1e6
+    doc["target"] = {"peak_mb": round(peak_mb, 1), "goal_mb": TARGET_PEAK_MB, "met": peak_mb <= TARGET_PEAK_MB,
+                     "back_to_idle": all(doc[n]["after_vs_rest"] <= 1.10 for n in ("initial", "with_parent"))}
+    doc["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    return doc
+
+
+def trace(store: Path, top: int) -> dict[str, Any]:
+    """An in-process backup (offline: the same engine) under tracemalloc: the biggest holders, by
+    line, at the traced peak, and RSS against tracemalloc's total (the gap: allocator
+    fragmentation, C allocations tracemalloc cannot see, SQLite's page cache)."""
+    import tracemalloc
+
+    import psutil
+
+    from anvil.backup import ops
+    from anvil.backup.backends import open_backend
+    from anvil.backup.repository import Repository
+    from anvil.runtime import Anvil
+
+    me = psutil.Process()
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="anvil-bench-bkmem-trace-") as tmp:
+        os.environ["ANVIL_BACKUP_CACHE_DIR"] = str(Path(tmp) / "cache")
+        anvil = Anvil(store)
+        try:
+            repo = Repository.init(open_backend(f"file://{tmp}/repo"), PASS)
+            for name in ("initial", "with_parent"):
+                rest = me.memory_info().rss
+                tracemalloc.start(1)
+                best: dict[str, Any] = {"traced": 0}
+                stop = threading.Event()
+
+                def sample(best: dict[str, Any] = best, stop: threading.Event = stop) -> None:
+                    while not stop.wait(0.25):
+                        cur = tracemalloc.get_traced_memory()[0]
+                        if cur > best["traced"] * 1.05:
+                            snap = tracemalloc.take_snapshot()
+                            best.update(traced=tracemalloc.get_traced_memory()[0], snap=snap, rss=me.memory_info().rss)
+
+                t = threading.Thread(target=sample, daemon=True)
+                t.start()
+                ops.backup_storage(anvil.storage, anvil.participants(), repo)
+                stop.set()
+                t.join()
+                peak = tracemalloc.get_traced_memory()[1]
+                stats = best["snap"].statistics("lineno") if "snap" in best else []
+                tracemalloc.stop()
+                out[name] = {"rss_before_mib": round(rest / MIB, 1),
+                             "traced_peak_mib": round(peak / MIB, 1),
+                             "sampled_traced_mib": round(best["traced"] / MIB, 1),
+                             "rss_at_sample_mib": round(best.get("rss", 0) / MIB, 1),
+                             "rss_after_mib": round(me.memory_info().rss / MIB, 1),
+                             "top": [f"{s.size / MIB:7.1f} MiB {s.count:>9} "
+                                     f"{s.traceback[0].filename.split('/src/')[-1]}:{s.traceback[0].lineno}"
+                                     for s in stats[:top]]}
+                print(json.dumps({name: out[name]}, indent=1), file=sys.stderr, flush=True)
+        finally:
+            anvil.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="3,000 objects")
+    ap.add_argument("--objects", type=int, default=None, help="default 100000")
+    ap.add_argument("--data", default=None, help="STORAGE_PATH to build once and reuse (kept)")
+    ap.add_argument("--settle", type=float, default=3.0, help="seconds to wait before reading RSS at rest / after")
+    ap.add_argument("--trace", action="store_true", help="in-process backup of --data under tracemalloc")
+    ap.add_argument("--top", type=int, default=15)
+    args = ap.parse_args()
+    if args.trace:
+        print(json.dumps(trace(Path(args.data), args.top), indent=2))
+        return
+    objects = args.objects or (3_000 if args.quick else 100_000)
+    print(json.dumps(run(objects, Path(args.data) if args.data else None, 0.5 if args.quick else args.settle),
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""A backup's blob references and new blob tree, kept on disk in hash order, not in memory.
+
+A snapshot of N blobs needs, per blob, its references (what the tree's `refs` note names and
+what a problem report says it affects), whether the parent snapshot holds it, and its new tree
+entry. Held as Python objects these cost ~2.5 KB a blob of the server's peak memory (a `BlobRef`,
+a label, a dict per reference; a dict, a list and strings per tree entry): 1.3 GiB at 400,000
+blobs. Here they are rows of a scratch SQLite file in the backup's checkpoint folder (deleted
+with it): the references are inserted as the participants read them, then read back sorted by
+hash with one cursor (SQLite sorts with a bounded cache, spilling to temporary files); the
+parent's blob tree is streamed (`treestream`) and merged with them; the blobs to encode are
+handed out in bounded batches; the new tree is written to the manifest from an ordered query.
+Memory per blob is O(1): a batch, a page cache, one cursor's row. The repository format is
+unchanged: the manifest's bytes are what `json.dumps` of the whole tree would give.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from anvil.storage import records
+from anvil.storage.recovery import RecoveryContext
+
+INSERT_BATCH = 5000
+# Blobs handed to the encoder at a time (its own structures are per batch: ~1 KB a blob).
+ENCODE_BATCH = 20_000
+_SEP = (",", ":")
+
+
+class _Uses:
+    """A blob's references as `_refs_note` reads them (`.label`): only for problem reports."""
+
+    __slots__ = ("label",)
+
+    def __init__(self, label: str):
+        self.label = label
+
+
+def refs_note(labels: list[str], count: int) -> list[str]:
+    return labels[:3] + ([f"+{count - 3} more"] if count > 3 else [])
+
+
+class RefStore:
+    """The references and the new tree of one backup, in a scratch database at `path`."""
+
+    def __init__(self, folder: Path):
+        # Two files: the references are written once, then only read (the summaries read them on
+        # a thread, with their own connection), while the tree file is written; a reader of a file
+        # never waits for a writer of the other.
+        self.refs_path = folder / "refs.db"
+        self.tree_path = folder / "tree.db"
+        self.refs_conn = records.open_scratch(self.refs_path)
+        self.conn = records.open_scratch(self.tree_path)
+        self.refs_conn.execute("CREATE TABLE refs (sha TEXT NOT NULL, size INTEGER NOT NULL, label TEXT NOT NULL)")
+        # The blobs this backup must encode (sha order), and the new tree's entries (JSON text
+        # without `refs`: added as the manifest is written).
+        self.conn.execute("CREATE TABLE todo (n INTEGER PRIMARY KEY, sha TEXT NOT NULL, size INTEGER NOT NULL)")
+        self.conn.execute("CREATE TABLE tree (sha TEXT PRIMARY KEY, size INTEGER NOT NULL, entry TEXT NOT NULL)"
+                          " WITHOUT ROWID")
+        self.reused = 0  # tree entries taken over from the parent snapshot
+
+    def close(self) -> None:
+        records.close(self.refs_conn)
+        records.close(self.conn)
+        for path in (self.refs_path, self.tree_path):
+            path.unlink(missing_ok=True)
+
+    # -------------------------------------------------------------- references
+
+    def load(self, ctx: RecoveryContext) -> None:
+        """Every participant's references, read in one read transaction of the checkpoint, then
+        indexed by hash (the index is built by SQLite's external sort)."""
+        batch: list[tuple[str, int, str]] = []
+        insert = "INSERT INTO refs (sha, size, label) VALUES (?, ?, ?)"
+        with ctx.conn:
+            for r in ctx.iter_blob_references():
+                batch.append((r.sha256, int(r.size), r.label))
+                if len(batch) >= INSERT_BATCH:
+                    self._insert(insert, batch, self.refs_conn)
+                    batch = []
+        self._insert(insert, batch, self.refs_conn)
+        self.refs_conn.execute("CREATE INDEX refs_sha ON refs (sha)")
+
+    def _insert(self, sql: str, rows: list[Any], conn: Any = None) -> None:
+        if rows:
+            conn = conn or self.conn
+            with conn:
+                conn.executemany(sql, rows)
+
+    def blobs(self) -> Iterator[tuple[str, int, list[str], int]]:
+        """(sha, size as the first reference records it, up to 3 labels, reference count), by hash.
+        `first` is the first inserted, as `RecoveryContext.references()` keeps them."""
+        cur: str | None = None
+        size = count = 0
+        labels: list[str] = []
+        for sha, sz, label in self.refs_conn.execute("SELECT sha, size, label FROM refs ORDER BY sha, rowid"):
+            if sha != cur:
+                if cur is not None:
+                    yield cur, size, labels, count
+                cur, size, labels, count = sha, sz, [], 0
+            if len(labels) < 3:
+                labels.append(label)
+            count += 1
+        if cur is not None:
+            yield cur, size, labels, count
+
+    def referenced(self) -> Iterator[tuple[str, int]]:
+        """(sha, first size) by hash: `RecoveryContext.referenced_blobs` for the summaries. Its own
+        connection: the summaries read on a thread while this one writes the tree."""
+        conn = records.open_readonly(self.refs_path)
+        try:
+            last = None
+            for sha, size in conn.execute("SELECT sha, size FROM refs ORDER BY sha, rowid"):
+                if sha != last:
+                    last = sha
+                    yield sha, size
+        finally:
+            records.close(conn)
+
+    def uses(self, sha: str) -> list[_Uses]:
+        """A blob's references (labels), for the rare problem report."""
+        rows = self.refs_conn.execute("SELECT label FROM refs WHERE sha = ? ORDER BY rowid", (sha,))
+        return [_Uses(r[0]) for r in rows]
+
+    # -------------------------------------------------------------- parent merge and encode batches
+
+    def split(self, entries: Iterator[tuple[str, dict[str, Any]]] | None, known: Any) -> tuple[int, int]:
+        """Merge the references with the parent's tree entries (both sorted by hash): an entry whose
+        chunks the repository holds goes to the new tree as it is, every other blob to `todo`.
+        Returns (blobs to encode, their recorded bytes)."""
+        cur = next(entries, None) if entries is not None else None
+        todo: list[tuple[int, str, int]] = []
+        tree: list[tuple[str, int, str]] = []
+        n = todo_bytes = reused = 0
+        for sha, size, _labels, _count in self.blobs():
+            while cur is not None and cur[0] < sha:
+                cur = next(entries, None)  # type: ignore[arg-type]
+            if cur is not None and cur[0] == sha and all(c in known for c in cur[1]["chunks"]):
+                entry = cur[1]
+                reused += 1
+                tree.append((sha, int(entry["size"]), json.dumps(entry, separators=_SEP)))
+                if len(tree) >= INSERT_BATCH:
+                    self._insert("INSERT INTO tree (sha, size, entry) VALUES (?, ?, ?)", tree)
+                    tree = []
+            else:
+                n += 1
+                todo_bytes += size
+                todo.append((n, sha, size))
+                if len(todo) >= INSERT_BATCH:
+                    self._insert("INSERT INTO todo (n, sha, size) VALUES (?, ?, ?)", todo)
+                    todo = []
+        self._insert("INSERT INTO tree (sha, size, entry) VALUES (?, ?, ?)", tree)
+        self._insert("INSERT INTO todo (n, sha, size) VALUES (?, ?, ?)", todo)
+        self.reused = reused
+        return n, todo_bytes
+
+    def reset_split(self) -> None:
+        """Undo a `split` that stopped half way (the parent's tree was not in hash order)."""
+        with self.conn:
+            self.conn.execute("DELETE FROM todo")
+            self.conn.execute("DELETE FROM tree")
+        self.reused = 0
+
+    def todo_batches(self, batch: int | None = None) -> Iterator[tuple[list[str], dict[str, int]]]:
+        """The blobs to encode, in hash order, `batch` at a time: (hashes, hash -> recorded size)."""
+        batch = batch or ENCODE_BATCH
+        last = 0
+        while True:
+            rows = self.conn.execute("SELECT n, sha, size FROM todo WHERE n > ? ORDER BY n LIMIT ?",
+                                     (last, batch)).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield [r[1] for r in rows], {r[1]: r[2] for r in rows}
+
+    def add_entries(self, entries: dict[str, dict[str, Any]]) -> None:
+        """New tree entries (sha -> {"size", "chunks"}) from one encoded batch."""
+        self._insert("INSERT INTO tree (sha, size, entry) VALUES (?, ?, ?)",
+                     [(sha, int(e["size"]), json.dumps(e, separators=_SEP)) for sha, e in entries.items()])
+
+    # -------------------------------------------------------------- the new tree
+
+    def tree_totals(self) -> tuple[int, int]:
+        """(blobs in the new tree, their bytes)."""
+        n, total = self.conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM tree").fetchone()
+        return int(n), int(total)
+
+    def tree(self) -> StreamedTree:
+        return StreamedTree(self)
+
+    def tree_json_items(self) -> Iterator[str]:
+        """`"sha":{entry with refs}` in hash order: the tree's JSON text, one blob at a time."""
+        entries = self.conn.execute("SELECT sha, entry FROM tree ORDER BY sha")
+        cur = next(entries, None)
+        for sha, _size, labels, count in self.blobs():
+            while cur is not None and cur[0] < sha:
+                cur = next(entries, None)
+            if cur is None or cur[0] != sha:
+                continue  # missing or corrupt: in `problems`, not in the tree
+            entry = json.loads(cur[1])
+            entry["refs"] = refs_note(labels, count)
+            yield json.dumps(sha) + ":" + json.dumps(entry, separators=_SEP)
+
+
+class StreamedTree:
+    """A manifest's `tree.blobs` that is written from the store (`repository.compress_manifest`
+    asks for `json_items`) instead of being held as a dict."""
+
+    def __init__(self, store: RefStore):
+        self.store = store
+        self.count = store.tree_totals()[0]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def json_items(self) -> Iterator[str]:
+        return self.store.tree_json_items()
+
+
+class SavedTree(Mapping[str, Any]):
+    """The returned manifest's `tree.blobs`: read back from the saved snapshot on first use (the
+    server's callers never use it; tests and the offline CLI may), so a backup ends holding none.
+    A Mapping, not a dict: serialising it as JSON fails loudly instead of writing `{}`."""
+
+    def __init__(self, load: Callable[[], dict[str, Any]], count: int):
+        self._load = load
+        self._count = count
+        self._tree: dict[str, Any] | None = None
+
+    def _get(self) -> dict[str, Any]:
+        if self._tree is None:
+            self._tree = self._load()
+        return self._tree
+
+    def __len__(self) -> int:
+        return self._count if self._tree is None else len(self._tree)
+
+    def __getitem__(self, k: str) -> Any:
+        return self._get()[k]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __contains__(self, k: object) -> bool:
+        return k in self._get()
