@@ -79,11 +79,12 @@ def change(client, objects: int, seed: int) -> None:
 
 
 def proc_cpu(pid: int | None) -> float:
-    """User + system CPU seconds of a running process (the server), from /proc."""
+    """User + system CPU seconds of a running process (the server) and its reaped children, from /proc."""
     if pid is None:
         return 0.0
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    # utime + stime, and cutime + cstime: the backup's worker processes are the server's children.
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 CPU: dict[str, list[float]] = {}

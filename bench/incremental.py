@@ -69,11 +69,12 @@ CPU: dict[str, list[float]] = {}
 
 
 def proc_cpu(pid: int | None) -> float:
-    """User + system CPU seconds of a running process (the server), from /proc."""
+    """User + system CPU seconds of a running process (the server) and its reaped children, from /proc."""
     if pid is None:
         return 0.0
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    # utime + stime, and cutime + cstime: the backup's worker processes are the server's children.
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def timed(cmd: list[str], env: dict[str, str], *, cpu_key: str | None = None, server_pid: int | None = None) -> float:

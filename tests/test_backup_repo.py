@@ -319,3 +319,31 @@ def test_interrupted_restore_stays_in_recovery_mode(built, repo_copy: Path, tmp_
     assert marker["incomplete"] is True and "did not finish" in marker["problems"][0]
     val = anvil_cli("recovery", "validate", "--storage-path", str(target), "--json")
     assert val.returncode != 0
+
+
+def test_sealing_nonces_come_from_a_pool_and_never_repeat() -> None:
+    """seal() takes its nonces from a per-thread pool of getrandom output (one syscall per many
+    chunks): every nonce is fresh, across pool refills and threads, and every chunk opens."""
+    import threading
+
+    from anvil.backup.crypto import NONCE, seal, unseal
+
+    key = os.urandom(32)
+    nonces: list[bytes] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        mine = []
+        for i in range(1000):  # ~3 pool refills per thread
+            blob = seal(key, b"chunk %d" % i, b"aad")
+            assert unseal(key, blob, b"aad") == b"chunk %d" % i
+            mine.append(blob[:NONCE])
+        with lock:
+            nonces.extend(mine)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(nonces) == 3000 and len(set(nonces)) == 3000

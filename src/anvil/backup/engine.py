@@ -9,7 +9,7 @@ import platform
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -129,8 +129,11 @@ def _encode_bytes(writer: PackWriter, data: bytes) -> Encoded:
     if len(data) <= CHUNKER["min_size"]:
         digest = hashlib.sha256(data).digest()
         return ([writer.encode(data, digest)] if data else []), digest.hex(), len(data)
-    h = hashlib.sha256(data)
-    return [writer.encode(c.data) for c in chunker().cut_buf(data)], h.hexdigest(), len(data)
+    digest = hashlib.sha256(data).digest()
+    pieces = [c.data for c in chunker().cut_buf(data)]
+    if len(pieces) == 1:  # one chunk: its SHA-256 is the whole body's, hashed once
+        return [writer.encode(data, digest)], digest.hex(), len(data)
+    return [writer.encode(p) for p in pieces], digest.hex(), len(data)
 
 
 def encode_blob(writer: PackWriter, blobs: BlobStore, sha: str) -> Encoded | None:
@@ -184,6 +187,36 @@ def ordered_parallel(fn: Callable[[Any], Any], items: list[Any], workers: int | 
         while pending:
             it, fut, _ = pending.popleft()
             yield it, fut.result()
+
+
+def ordered_batches(fn: Callable[[Any], Any], items: Iterable[Any], *, weight: Callable[[Any], int],
+                    workers: int | None = None, batch_items: int = 64, batch_bytes: int = 1024 * 1024,
+                    max_weight: int = 64 * 1024 * 1024) -> Iterator[tuple[Any, Any]]:
+    """`ordered_parallel` for many small items: each thread task runs `fn` over a batch of them.
+
+    A task per item costs a future, a lock round trip and a queue hand-off (~30 µs of Python,
+    more than sealing or writing a small blob): tens of thousands of small blobs spent a large
+    part of a backup or restore there. Items heavier than `batch_bytes` still go one per task."""
+
+    def run(batch: tuple[list[Any], int]) -> list[Any]:
+        return [fn(item) for item in batch[0]]
+
+    def batches() -> Iterator[tuple[list[Any], int]]:
+        batch: list[Any] = []
+        load = 0
+        for item in items:
+            w = weight(item)
+            if batch and (len(batch) >= batch_items or load + w > batch_bytes):
+                yield batch, load
+                batch, load = [], 0
+            batch.append(item)
+            load += w
+        if batch:
+            yield batch, load
+
+    for (batch, _), results in ordered_parallel(run, batches(), workers=workers,  # type: ignore[arg-type]
+                                                 weight=lambda b: b[1], max_weight=max_weight):
+        yield from zip(batch, results, strict=True)
 
 
 def latest_for(repo: Repository, deployment_id: str, *, full: bool = True) -> dict[str, Any] | None:
@@ -503,12 +536,57 @@ def _encode_new_blobs(repo: Repository, writer: PackWriter, blobs: BlobStore, to
     def encode_one(sha: str) -> Encoded | None:
         return encode_blob(writer, blobs, sha)
 
+    # Small blobs are encoded right here, one after another. On threads each of them hands the
+    # GIL over several times (open, read, hash, compress, seal each release it for microseconds),
+    # and on a busy machine every hand-over waits for the other thread to be scheduled: two
+    # encoder threads made a 20,000-blob backup ~1.6x slower in wall time than one, for the same
+    # CPU. Larger blobs stay on threads, where zstd, SHA-256 and AES-GCM run long without the GIL.
+    inline_encode = {sha for sha in threaded if sizes.get(sha, 0) <= INLINE_ENCODE_MAX}
+    for sha in threaded:
+        if sha in inline_encode:
+            take(sha, _encode_local_small(writer, blobs, sha))
+    threaded = [sha for sha in threaded if sha not in inline_encode]
     # Workers cut, hash, compress and encrypt; this thread appends to packs in a fixed order.
     # Bounded by bytes: ~64 MiB of files in flight (many small ones, or a few big ones).
-    for sha, encoded in ordered_parallel(encode_one, threaded, workers=ENCODERS,
-                                         weight=lambda s: sizes.get(s, 0) + 4096, max_weight=64 * 1024 * 1024):
+    for sha, encoded in ordered_batches(encode_one, threaded, workers=ENCODERS,
+                                        weight=lambda s: sizes.get(s, 0) + 4096, max_weight=64 * 1024 * 1024):
         take(sha, encoded)
     return entries
+
+
+# Blobs up to this size (as recorded) are encoded on the backup's own thread (`_encode_new_blobs`).
+INLINE_ENCODE_MAX = 256 * 1024
+
+
+def _encode_local_small(writer: PackWriter, blobs: BlobStore, sha: str) -> Encoded | None:
+    """`encode_blob` for a small blob, with the fewest syscalls: a local file is opened, sized and
+    read with `os` calls (a buffered `open()` adds an fstat, an ioctl and two lseeks per file)."""
+    if blobs.remote:
+        return encode_blob(writer, blobs, sha)
+    try:
+        fd = os.open(blobs.path(sha), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        data = blobs.inline_body(sha)
+        return None if data is None else _encode_bytes(writer, data)
+    try:
+        size = os.fstat(fd).st_size
+        if size > WHOLE_FILE:
+            return _encode_file(writer, None, (os.fdopen(os.dup(fd), "rb"), size))
+        parts = []
+        got = 0
+        while got < size:
+            block = os.read(fd, size - got)
+            if not block:
+                break  # shorter than it said: its hash tells
+            parts.append(block)
+            got += len(block)
+    finally:
+        os.close(fd)
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
+    if len(data) > CHUNKER["min_size"]:
+        return _encode_bytes(writer, data)
+    digest = hashlib.sha256(data).digest()
+    return ([writer.encode(data, digest)] if data else []), digest.hex(), len(data)
 
 
 def _storage_format(fmt: bytes) -> Any:

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from anvil.backup import mode, workers
-from anvil.backup.engine import ordered_parallel
+from anvil.backup.backends.local import LocalBackend
+from anvil.backup.engine import ordered_batches
 from anvil.backup.errors import BackupError
 from anvil.backup.pack import ChunkReader
 from anvil.backup.repository import Repository
@@ -64,6 +65,8 @@ def _write_entry(reader: ChunkReader, entry: dict[str, Any], dest: Path, expecte
         raise
 
 
+# Blobs up to this size are restored on the restore's own thread (`_restore_locked`).
+INLINE_RESTORE_MAX = 256 * 1024
 # Up to this many restored files are fdatasynced one by one (a point-in-time restore's few
 # blobs from the archive); more, and one syncfs(2) of the target's file system is far cheaper:
 # measured here, 20,000 small blobs took ~5 s of fdatasyncs against ~0.04 s for one sync.
@@ -244,17 +247,15 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
 
     def record(sha: str, outcome: str, why: str | None) -> None:
         nonlocal done, restored, skipped
-        labels = [r.label for r in refs[sha]]
-        affects = ", ".join(labels[:3]) + (f" (+{len(labels) - 3} more)" if len(labels) > 3 else "")
         if outcome == "missing":
-            problems.append(f"blob {sha} is not in the snapshot; affects {affects}")
+            problems.append(f"blob {sha} is not in the snapshot; affects {_affects(refs[sha])}")
             return
         if outcome == "failed":
-            problems.append(f"blob {sha}: {why}; affects {affects}")
+            problems.append(f"blob {sha}: {why}; affects {_affects(refs[sha])}")
         restored += outcome == "restored"
         skipped += outcome == "present"
         if outcome == "restored" and sha not in inlined and not store.remote:
-            written.append(store.path(sha))
+            written.append(sha)  # a path only if it is synced one by one (few blobs)
         done += tree_blobs.get(sha, {}).get("size", 0)
         if progress:
             progress(done, total, sha[:12])
@@ -276,11 +277,20 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
 
     # Packs are restored in the order they were written, so the reader's pack cache stays warm.
     # Bounded by bytes (~64 MiB of blobs in flight), so many small blobs keep both workers busy.
-    for sha, (outcome, why) in ordered_parallel(restore_blob, rest, weight=lambda s: _size_of(tree_blobs, s),
-                                                max_weight=64 * 1024 * 1024):
+    # Small blobs are written right here, one after another: on threads each would hand the GIL
+    # over several times (unseal, decompress, hash, open, write, close each release it briefly),
+    # and on a busy machine every hand-over waits for the other thread to be scheduled.
+    small = {sha for sha in rest if _size_of(tree_blobs, sha) <= INLINE_RESTORE_MAX + 4096}
+    for sha in rest:
+        if sha in small:
+            record(sha, *restore_blob(sha))
+    rest = [sha for sha in rest if sha not in small]
+    for sha, (outcome, why) in ordered_batches(restore_blob, rest, weight=lambda s: _size_of(tree_blobs, s),
+                                               max_weight=64 * 1024 * 1024):
         record(sha, outcome, why)
     # The blobs (and the fan-out folders naming them) are durable before the marker says done.
-    sync_paths(written, {*made, *file_dirs, layout.blobs, root})
+    sync_paths(written if len(written) > SYNC_FILES_ONE_BY_ONE else [store.path(sha) for sha in written],
+               {*made, *file_dirs, layout.blobs, root})
     marker = {
         "snapshot": manifest["id"], "repository": repo.backend.url, "restored_at": time.time(),
         "journal_seq": manifest["consistency"]["journal_seq"], "journal_hash": manifest["consistency"]["journal_hash"],
@@ -333,15 +343,23 @@ def _restore_tasks(repo: Repository, store: BlobStore, by_pack: dict[str, list[t
     """(pack window, items, fresh) tasks for `workers.restore_batch`, a pack read at a time."""
     from anvil.backup.pack import pack_name
 
+    local = repo.backend.local_path if isinstance(repo.backend, LocalBackend) else None
     for pack_id in sorted(by_pack):
         items = sorted(by_pack[pack_id], key=lambda it: it[1][0][1].offset)
         try:
-            pack = repo.backend.read(pack_name(pack_id))
+            if local is not None:
+                # A local pack is read by the workers, each its own window: the parent neither
+                # reads the pack nor copies windows through the pipe.
+                path = str(local(pack_name(pack_id)))
+                if not os.path.isfile(path):
+                    raise BackupError(pack_id)
+                view = None
+            else:
+                view = memoryview(repo.backend.read(pack_name(pack_id)))
         except BackupError:
             for sha, locs in items:
                 record(sha, "failed", f"chunk {locs[0][0]}: pack {pack_id} is missing from the repository")
             continue
-        view = memoryview(pack)
         i = 0
         while i < len(items):
             batch = items[i:i + workers.BATCH_ITEMS]
@@ -358,7 +376,7 @@ def _restore_tasks(repo: Repository, store: BlobStore, by_pack: dict[str, list[t
                 dest = store.path(sha)
                 made.add(dest.parent)
                 task_items.append((sha, str(dest), 0o644, [(c, loc.offset - lo, loc.length) for c, loc in locs]))
-            yield bytes(view[lo:hi]), task_items, fresh
+            yield (bytes(view[lo:hi]) if view is not None else (path, lo, hi - lo)), task_items, fresh
 
 
 def empty_folder(target: Path) -> None:
@@ -392,6 +410,12 @@ def _restrict(root: Path, manifest: dict[str, Any], participants: list[Participa
         return catalog.mutate(fn, actor="system/restore", request_id=uuid.uuid4().hex)
     finally:
         catalog.close()
+
+
+def _affects(uses: list[Any]) -> str:
+    """The objects a blob's problem affects (built only for a problem: labels cost per blob)."""
+    labels = [r.label for r in uses]
+    return ", ".join(labels[:3]) + (f" (+{len(labels) - 3} more)" if len(labels) > 3 else "")
 
 
 def _size_of(tree_blobs: dict[str, Any], sha: str) -> int:

@@ -207,7 +207,31 @@ def encode_small(ex: ProcessPoolExecutor, workers: int, items: Iterable[tuple[st
 RestoreItem = tuple[str, str, int, list[tuple[str, int, int]]]
 
 
-def restore_batch(task: tuple[bytes, list[RestoreItem], bool]) -> list[tuple[str, str, str | None]]:
+# A pack window: its bytes, or (pack file, offset, length) of a local repository, which the
+# worker reads itself (no read of the whole pack by the parent, no copy through the pipe).
+Window = bytes | tuple[str, int, int]
+
+
+def _read_window(window: Window) -> bytes:
+    if isinstance(window, bytes):
+        return window
+    path, offset, length = window
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        parts = []
+        got = 0
+        while got < length:
+            block = os.pread(fd, length - got, offset + got)
+            if not block:
+                break  # a short pack: its chunks fail to unseal and are reported per blob
+            parts.append(block)
+            got += len(block)
+    finally:
+        os.close(fd)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def restore_batch(task: tuple[Window, list[RestoreItem], bool]) -> list[tuple[str, str, str | None]]:
     """Runs in a worker: unseal, decompress, check and write each blob of one pack window.
 
     (sha, 'restored' | 'present' | 'failed', why). `fresh`: the target was empty, so files are
@@ -220,8 +244,12 @@ def restore_batch(task: tuple[bytes, list[RestoreItem], bool]) -> list[tuple[str
 
     window, items, fresh = task
     enc = _KEYS["enc"]
-    view = memoryview(window)
     out: list[tuple[str, str, str | None]] = []
+    try:
+        view = memoryview(_read_window(window))
+    except OSError as e:
+        why = f"pack {os.path.basename(window[0])} cannot be read: {e.strerror or e}"  # type: ignore[index]
+        return [(sha, "failed", why) for sha, _, _, _ in items]
     for sha, dest, mode, chunks in items:
         if not fresh and _present(dest, sha):
             out.append((sha, "present", None))

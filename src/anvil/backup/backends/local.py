@@ -23,6 +23,10 @@ class LocalBackend(Backend):
     def _p(self, name: str) -> Path:
         return self.root / check_name(name)
 
+    def local_path(self, name: str) -> Path:
+        """The file holding `name` (restore workers read pack windows from it themselves)."""
+        return self._p(name)
+
     def read(self, name: str) -> bytes:
         try:
             return self._p(name).read_bytes()
