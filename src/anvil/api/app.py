@@ -18,7 +18,7 @@ from anvil.api.admin import ROUTES as ADMIN_ROUTES
 from anvil.api.artefacts import ROUTES as ARTEFACT_ROUTES
 from anvil.api.authz import AUTHZ_ROUTES
 from anvil.api.backup_routes import BACKUP_ROUTES
-from anvil.api.common import error_response
+from anvil.api.common import SEND_RAW, error_response
 from anvil.api.docs import DOCS_ROUTES
 from anvil.api.fastreq import FastRequest
 from anvil.api.identity import IDENTITY_ROUTES
@@ -112,6 +112,7 @@ def _watch_body(scope: Scope, receive: Receive, send: Send) -> tuple[Receive, Se
     """
     counter = CountingReceive(receive)
     scope[SCOPE_KEY] = counter
+    scope.pop(SEND_RAW, None)  # every answer must pass through send_closing below
 
     async def send_closing(message: Message) -> None:
         if message["type"] == "http.response.start" and not counter.complete:

@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from anvil.api.limits import MAX_JSON_BODY, log_client_disconnect, read_capped
-from anvil.api.record import note
+from anvil.api.record import RECORD_KEY, note
 from anvil.api.record import request_id as request_id_of
 from anvil.api_models import BodyError, M, parse_body
 from anvil.context import DEV_PRINCIPAL, Principal, RequestContext
@@ -108,7 +108,10 @@ def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
             log.exception("unhandled error in %s %s", request.method, request.url.path)
             err = AnvilError("Internal", "internal error")
             return error_response(err, request_id, head=request.method == "HEAD")
-        response.headers["x-request-id"] = request_id
+        if type(response) is RawResponse:  # a GET's answer: none of its headers is an x-request-id
+            response.raw_headers.append((b"x-request-id", request_id.encode("latin-1")))
+        else:
+            response.headers["x-request-id"] = request_id
         return response
 
     return run
@@ -378,6 +381,40 @@ INLINE_BODY_LIMIT = 1024 * 1024
 
 # The server puts its connection's abort (a TCP reset) in each request's scope under this key.
 ABORT_CONNECTION = "anvil.abort_connection"
+# ... and under this one a callable `(status, raw headers, body) -> bool` that sends a whole response
+# in one write, bypassing the ASGI `send` (api/server.py `_send_raw`); False if it declined. Whoever
+# wraps `send` for a request must remove it from the scope, or the wrapper is bypassed (the observer
+# is the exception: `RawResponse` fills in its record itself).
+SEND_RAW = "anvil.send_raw"
+
+
+class RawResponse(Response):
+    """A whole response given as raw header pairs (lower-case names, latin-1 values, content-length
+    included) and a body: the small GET/HEAD answers.
+
+    Starlette's Response re-encodes and lower-cases every header, then sends two ASGI messages that
+    each pass through the observer's and uvicorn's `send`; this one is built from bytes, and on our
+    server goes out through `SEND_RAW` in one write. Elsewhere (granian, a test client, a request whose
+    `send` is wrapped) it is sent as the usual two messages. `headers` works as on any Response (it
+    edits `raw_headers`), so the common wrappers can add theirs.
+    """
+
+    def __init__(self, status: int, raw_headers: list[tuple[bytes, bytes]], body: bytes = b""):
+        self.status_code = status
+        self.raw_headers = raw_headers
+        self.body = body
+        self.background = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        raw = scope.get(SEND_RAW)
+        if raw is not None and raw(self.status_code, self.raw_headers, self.body):
+            rec = scope.get(RECORD_KEY)
+            if rec is not None:  # what the observer's wrapper of `send` would have noted
+                rec.status = self.status_code
+                rec.bytes_out += len(self.body)
+            return
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 class _BodyBroken(Exception):
@@ -416,8 +453,19 @@ class _AbortableStream(StreamingResponse):
             await asyncio.sleep(0)  # let the connection see its loss before the app returns
 
 
-def body_response(objects: Any, obj: Any, rng: Any, status: int, length: int, headers: dict[str, str], *,
-                  head: bool) -> Response:
+RawHeaders = list[tuple[bytes, bytes]]
+
+
+def raw_headers(headers: dict[str, str] | RawHeaders) -> RawHeaders:
+    """Response headers as `RawResponse` takes them: lower-case latin-1 names and latin-1 values, as
+    Starlette would encode them (a list of pairs is taken as already encoded)."""
+    if isinstance(headers, list):
+        return headers
+    return [(k.lower().encode("latin-1"), val.encode("latin-1")) for k, val in headers.items()]
+
+
+def body_response(objects: Any, obj: Any, rng: Any, status: int, length: int, headers: dict[str, str] | RawHeaders,
+                  *, head: bool) -> Response:
     """A GET or HEAD answer once its status and headers are decided (native API and S3 alike).
 
     `read_body` checks, before any header is sent, that each blob is present and of its recorded
@@ -425,15 +473,20 @@ def body_response(objects: Any, obj: Any, rng: Any, status: int, length: int, he
     500 DataCorrupted; a larger one is verified chunk by chunk as it streams, and a mismatch
     resets the connection (`_AbortableStream`).
     """
-    headers["content-length"] = str(length)
+    raw = raw_headers(headers)
+    raw.append((b"content-length", b"%d" % length))
     if head:
-        return Response(status_code=status, headers=headers)
-    return verified_body(objects.read_body(obj, rng), length, status, headers)
+        return RawResponse(status, raw)
+    return verified_body(objects.read_body(obj, rng), length, status, raw)
 
 
-def verified_body(chunks: Iterator[bytes], length: int, status: int, headers: dict[str, str]) -> Response:
+def verified_body(chunks: Iterator[bytes], length: int, status: int, headers: dict[str, str] | RawHeaders) -> Response:
     """A body read through a verifying iterator: up to INLINE_BODY_LIMIT read whole first (a bad
-    byte is a clean error), larger ones streamed, with the connection reset if a chunk fails."""
+    byte is a clean error), larger ones streamed, with the connection reset if a chunk fails.
+    `headers` include the content-length."""
+    raw = raw_headers(headers)
     if length <= INLINE_BODY_LIMIT:
-        return Response(b"".join(chunks), status_code=status, headers=headers)
-    return _AbortableStream(_logged(chunks), status_code=status, headers=headers)
+        return RawResponse(status, raw, b"".join(chunks))
+    response = _AbortableStream(_logged(chunks), status_code=status)
+    response.raw_headers = raw  # as given: no content-type of its own, the length is in them
+    return response

@@ -17,6 +17,7 @@ from starlette.routing import Route
 from anvil.api.access import list_objects_filtered, list_versions_filtered
 from anvil.api.common import (
     HASH_ON_LOOP_LIMIT,
+    RawHeaders,
     blocking,
     body_response,
     catalog_read,
@@ -28,6 +29,7 @@ from anvil.api.common import (
     metadata_to_headers,
     model_body,
     query_int,
+    raw_headers,
     require_identity,
     stream_into,
 )
@@ -109,28 +111,31 @@ def _bucket_resource(bucket: str, key: str | None = None) -> str:
     return f"bucket:{bucket}" if key is None else f"bucket:{bucket}/{key}"
 
 
-def _object_headers(obj: ObjectVersion) -> dict[str, str]:
-    headers = {
-        "etag": f'"{obj.etag}"',
-        "x-anvil-version-id": obj.version_id,
-        "last-modified": _http_date(obj.created),
-        "accept-ranges": "bytes",
-        "content-type": obj.content_type,
-        **metadata_to_headers(obj.metadata),
-    }
+def _object_headers(obj: ObjectVersion) -> RawHeaders:
+    """The headers of a GET or HEAD answer, encoded (names are constants; every value is ASCII: hex
+    digests, ids, a date, a checked content type, percent-encoded metadata)."""
+    headers = [
+        (b"etag", f'"{obj.etag}"'.encode("latin-1")),
+        (b"x-anvil-version-id", obj.version_id.encode("latin-1")),
+        (b"last-modified", _http_date(obj.created)),
+        (b"accept-ranges", b"bytes"),
+        (b"content-type", obj.content_type.encode("latin-1")),
+    ]
+    if obj.metadata:
+        headers += raw_headers(metadata_to_headers(obj.metadata))
     if obj.sha256:
-        headers["x-anvil-sha256"] = obj.sha256
+        headers.append((b"x-anvil-sha256", obj.sha256.encode("latin-1")))
     if obj.parts_count:
-        headers["x-anvil-parts-count"] = str(obj.parts_count)
+        headers.append((b"x-anvil-parts-count", b"%d" % obj.parts_count))
     return headers
 
 
 @functools.lru_cache(maxsize=4096)
-def _http_second(second: int) -> str:
-    return formatdate(second, usegmt=True)
+def _http_second(second: int) -> bytes:
+    return formatdate(second, usegmt=True).encode("latin-1")
 
 
-def _http_date(ts: float) -> str:
+def _http_date(ts: float) -> bytes:
     # HTTP dates have one-second resolution; formatting one is a visible share of a small GET.
     return _http_second(int(ts))
 
@@ -388,7 +393,7 @@ async def put_object(request: Request, ctx: RequestContext) -> Response:
 async def _get_or_head(request: Request, ctx: RequestContext, *, head: bool) -> Response:
     key = _key(request)
     bucket = request.path_params["bucket"]
-    authorize(ctx.principal, "object:read", _bucket_resource(bucket, key))
+    authorize(ctx.principal, "object:read", f"bucket:{bucket}/{key}")
     objects = _anvil(request).objects
     version_id = _strict_query(request).get("version_id") or None
     obj = objects.head_object(bucket, key, version_id=version_id, cond=_conditions(request))
@@ -400,7 +405,7 @@ async def _get_or_head(request: Request, ctx: RequestContext, *, head: bool) -> 
     if rng is not None:
         status = 206
         length = rng.length
-        headers["content-range"] = f"bytes {rng.start}-{rng.end}/{obj.size}"
+        headers.append((b"content-range", f"bytes {rng.start}-{rng.end}/{obj.size}".encode("latin-1")))
     return body_response(objects, obj, rng, status, length, headers, head=head)
 
 
