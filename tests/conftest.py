@@ -43,6 +43,11 @@ SLOWEST_MODULES = (
     "test_authz_api.py", "test_backup_participants_more.py", "test_backup_interrupted.py",
     "test_backup_s3.py", "test_full_disk.py", "test_backup_admin.py", "test_bench_scale_smoke.py",
     "test_identity.py", "test_identity_cli.py", "test_bench_search_smoke.py", "test_authz_decisions.py",
+    # Few tests but many servers, restarts or CLI runs each: never at the tail either.
+    "test_pitr.py", "test_cli.py", "test_repair_from_backup.py", "test_crash.py", "test_cluster.py",
+    "test_readme_tour.py", "test_readme_backup_flow.py", "test_identity_lifecycle.py", "test_identity_keys.py",
+    "test_backup_anvil_s3.py", "test_cli_terminal.py", "test_inline.py", "test_pg_backup.py",
+    "test_observability.py", "test_s3_cli.py", "test_replay.py",
 )
 
 
