@@ -33,6 +33,38 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.write_line(MISSING, red=True, bold=True)
 
 
+# -- the order of modules, for xdist ---------------------------------------------------------
+# `--dist loadfile` (pyproject.toml) gives each worker whole modules in collection order, so a
+# slow module collected last is the run's tail: the slowest modules (measured with --durations=0,
+# slowest first) are collected first, then the others by test count, largest first (xdist's own
+# heuristic). Only whole modules move; the order inside a module is kept.
+SLOWEST_MODULES = (
+    "test_bench_smoke.py", "test_backup_e2e.py", "test_artefacts.py", "test_backup_repo.py",
+    "test_authz_api.py", "test_backup_participants_more.py", "test_backup_interrupted.py",
+    "test_backup_s3.py", "test_full_disk.py", "test_backup_admin.py", "test_bench_scale_smoke.py",
+    "test_identity.py", "test_identity_cli.py", "test_bench_search_smoke.py", "test_authz_decisions.py",
+    # Few tests but many servers, restarts or CLI runs each: never at the tail either.
+    "test_pitr.py", "test_cli.py", "test_repair_from_backup.py", "test_crash.py", "test_cluster.py",
+    "test_readme_tour.py", "test_readme_backup_flow.py", "test_identity_lifecycle.py", "test_identity_keys.py",
+    "test_backup_anvil_s3.py", "test_cli_terminal.py", "test_inline.py", "test_pg_backup.py",
+    "test_observability.py", "test_s3_cli.py", "test_replay.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_MODULES)}
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.nodeid.split("::")[0]] = counts.get(item.nodeid.split("::")[0], 0) + 1
+
+    def key(item: pytest.Item) -> tuple[int, int]:
+        path = item.nodeid.split("::")[0]
+        name = path.rsplit("/", 1)[-1]
+        return (0, rank[name]) if name in rank else (1, -counts[path])
+
+    items.sort(key=key)  # stable: each module keeps its own order
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "engine" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_engines"):
         metafunc.parametrize("engine", ENGINES, indirect=True, scope="module")

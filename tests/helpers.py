@@ -39,7 +39,10 @@ class AnvilServer:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> AnvilServer:
+    def start(self, timeout: float = 60.0) -> AnvilServer:
+        # 60 s, not 20: a start costs ~1 s of CPU, but a machine loaded by parallel runs took >20 s
+        # of wall time (a failed start is an error of every test of the module). A quick start returns
+        # as soon as the server answers, so the budget costs nothing.
         # Cheap argon2 costs: tests exchange many tokens; production costs are ~100 ms each.
         env = {**os.environ, "ANVIL_ARGON2_FAST": "1", **self.env, "PYTHONUNBUFFERED": "1"}
         self._log = open(self.log_path, "ab")

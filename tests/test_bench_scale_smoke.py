@@ -17,21 +17,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_scale_bench_quick_prints_every_figure_per_step() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "--quick", "--steps", "300,600",
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "--quick", "--steps", "100,200",
                            "--processes", "1", "--conns", "2"], env=env, capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     doc = json.loads(proc.stdout)
     assert doc["benchmark"] == "scale" and doc["quick"] is True
     assert {"load_average_before", "load_average_after"} <= doc["machine"].keys()
     steps = doc["steps"]
-    assert [s["objects"] for s in steps] == [300, 600]
+    assert [s["objects"] for s in steps] == [100, 200]
     for s in steps:
-        assert s["put"]["objects"] == 300 and s["put"]["errors"] == 0 and s["put"]["ops_per_s"] > 0
+        assert s["put"]["objects"] == 100 and s["put"]["errors"] == 0 and s["put"]["ops_per_s"] > 0
         for phase in ("get_alone", "get_while_listing"):
             assert s[phase]["ops"] > 0 and s[phase]["errors"] == 0
             assert {"p50_ms", "p99_ms", "max_ms"} <= s[phase].keys()
         assert s["get_while_listing"]["listings"] > 0
-        # 300 keys over 1,000 prefixes: every key is its own common prefix.
+        # 100 keys over 1,000 prefixes: every key is its own common prefix.
         assert s["listing"]["delimiter_prefixes"] == min(s["objects"], 1000)
         assert {"first_page_ms", "middle_page_ms", "delimiter_ms"} <= s["listing"].keys()
         for name in ("full_listing", "full_listing_lean", "full_listing_s3", "full_listing_s3_lean"):

@@ -75,7 +75,8 @@ def test_large_put_bench_quick_prints_ceilings_and_server_figures() -> None:
 def test_s3_bench_quick_prints_both_servers_and_ratios() -> None:
     """`bench/s3.py --quick` drives Anvil and moto with client processes; only the JSON shape is checked."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "s3.py"), "--quick", "--workers", "2", "--reps", "2"],
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "s3.py"), "--quick", "--workers", "2", "--reps", "2",
+                           "--objects", "100"],
                           env=env, capture_output=True, timeout=240)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     doc = json.loads(proc.stdout)
@@ -156,23 +157,24 @@ def test_personaldb_bench_quick_prints_every_figure() -> None:
 def test_pitr_bench_quick_prints_rpo_and_restore_figures() -> None:
     """`bench/pitr.py` (tiny run): archive lag percentiles and the point-in-time vs plain restore times."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "pitr.py"), "--quick", "--seconds", "2",
-                           "--rate", "50", "--events", "600"], env=env, capture_output=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "pitr.py"), "--quick", "--seconds", "1",
+                           "--rate", "50", "--events", "300"], env=env, capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     doc = json.loads(proc.stdout)
     assert doc["benchmark"] == "pitr" and doc["rpo"]["writes"] > 0 and doc["rpo"]["errors"] == 0
     assert {"lag_p50_s", "lag_p99_s", "lag_max_s", "target_p99_s", "met"} <= doc["rpo"].keys()
     pitr = doc["point_in_time_restore"]
-    assert pitr["pitr_events_replayed"] == 600 and pitr["plain_restore_seconds"] > 0
+    assert pitr["pitr_events_replayed"] == 300 and pitr["plain_restore_seconds"] > 0
     assert "ratio_pitr_vs_plain" in pitr
 
 
 @pytest.mark.skipif(shutil.which("restic") is None, reason="restic is not installed (Debian: apt-get install restic)")
+@pytest.mark.timeout(600)  # as long as its subprocess may take: ~25 s quiet, >300 s on a loaded machine
 def test_backup_bench_tiny_run_is_online_interleaved_with_cpu_and_load() -> None:
     """`bench/backup.py` (tiny run): Anvil online against a real server, both tools over 2
     repetitions, min/median/runs, CPU seconds and the load average before and after."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "backup.py"), "--objects", "30", "--big", "0",
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "backup.py"), "--objects", "10", "--big", "0",
                            "--reps", "2"], env=env, capture_output=True, timeout=600)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     doc = json.loads(proc.stdout)
