@@ -477,14 +477,20 @@ def _sigkill_under_load_loses_no_acknowledged_write(cluster) -> None:
                for node, tag in ((a, "a"), (b, "b")) for j in range(2)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
-    os.kill(a.pid, signal.SIGKILL)  # mid-load
-    time.sleep(0.5)
-    stop.set()
+    # Mid-load: once both nodes have acknowledged writes (on a loaded machine the first ones, token
+    # exchange included, can take longer than a fixed second), and a little more.
+    deadline = time.monotonic() + 30
+    try:
+        while not (any(k.startswith("a") for k in acked) and any(k.startswith("b") for k in acked)):
+            assert time.monotonic() < deadline, (len(acked), a.log()[-3000:], b.log()[-3000:])
+            time.sleep(0.05)
+        time.sleep(0.5)
+        os.kill(a.pid, signal.SIGKILL)
+        time.sleep(0.5)
+    finally:
+        stop.set()
     for t in threads:
         t.join(30)
-    assert any(k.startswith("a") for k in acked) and any(k.startswith("b") for k in acked), \
-        (len(acked), a.log()[-3000:], b.log()[-3000:])
     with _client(b, cred) as c:
         stored = {o["key"] for o in c.iter_objects(bucket)}
         missing = [k for k in acked if k not in stored]
