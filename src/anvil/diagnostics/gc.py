@@ -153,7 +153,6 @@ def run_gc(
     # to before their delete needs them, so they stay until the archive holds them. The holds are in
     # the record store: the archiver may run on another node.
     held, keep_all = _held_blobs(conn, participants)
-    held |= storage.blobs.held()
     report.holds = [h.to_dict() for h in holds.active(conn)]
     orphans = (remote_listing | listing.keys()) - referenced
     report.held_kept = len(orphans & held) + (len(orphans - held) if keep_all else 0)

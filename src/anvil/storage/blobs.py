@@ -559,7 +559,6 @@ class BlobStore:
         self._local = threading.local()
         # Who still needs blobs that no record may reference any more (continuous archiving has
         # not shipped them yet): each returns hashes gc must keep, whatever their references.
-        self._holds: list[Callable[[], set[str]]] = []
 
     # ---------------------------------------------------------------- inline bodies
 
@@ -617,20 +616,6 @@ class BlobStore:
         if hashlib.sha256(data).hexdigest() != sha256:
             raise BlobCorrupted(sha256, "(inline) does not match its SHA-256", confirmed=True)
         return data if offset == 0 and length == size else data[offset:offset + length]
-
-    def add_hold(self, hold: Callable[[], set[str]]) -> None:
-        self._holds.append(hold)
-
-    def remove_hold(self, hold: Callable[[], set[str]]) -> None:
-        if hold in self._holds:
-            self._holds.remove(hold)
-
-    def held(self) -> set[str]:
-        """Hashes some holder needs kept (gc skips them); a failing holder holds everything it might."""
-        out: set[str] = set()
-        for hold in self._holds:
-            out |= hold()
-        return out
 
     def path(self, sha256: str) -> Path:
         if not _valid_hash(sha256):
