@@ -141,6 +141,7 @@ def run(objects: int, data: Path | None, settle: float) -> dict[str, Any]:
                 print(json.dumps({name: doc[name]}), file=sys.stderr, flush=True)
         finally:
             srv.stop()
+    doc["objects"] = doc["initial"]["blobs"] or objects  # a reused --data store says how many it holds
     peak_mb = max(doc[n]["server_peak_rss_mib"] for n in ("initial", "with_parent")) * MIB / 1e6
     doc["target"] = {"peak_mb": round(peak_mb, 1), "goal_mb": TARGET_PEAK_MB, "met": peak_mb <= TARGET_PEAK_MB,
                      "back_to_idle": all(doc[n]["after_vs_rest"] <= 1.10 for n in ("initial", "with_parent"))}

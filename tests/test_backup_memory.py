@@ -84,6 +84,9 @@ def test_tree_from_the_sorted_store_is_the_in_memory_tree(tmp_path: Path, monkey
         # those of the whole dict's JSON.
         assert dict(first["tree"]["blobs"]) == tree and len(first["tree"]["blobs"]) == len(tree)
         assert compress_manifest(saved) == compress_manifest(json.loads(json.dumps(saved)))
+        # Snapshot rows are read up to the tree (never the whole manifest), field for field.
+        from anvil.backup.repository import ROW_FIELDS
+        assert repo.snapshot_rows() == [{k: saved.get(k) for k in ROW_FIELDS}]
         # A second snapshot takes every entry over from its parent (streamed merge) but one.
         anvil.objects.put_object(ctx, "mem", "k/new", anvil.objects.store_bytes(b"a new body"))
         second = _snapshot(anvil, repo)

@@ -53,12 +53,13 @@ class RefStore:
         self.tree_path = folder / "tree.db"
         self.refs_conn = records.open_scratch(self.refs_path)
         self.conn = records.open_scratch(self.tree_path)
-        self.refs_conn.execute("CREATE TABLE refs (sha TEXT NOT NULL, size INTEGER NOT NULL, label TEXT NOT NULL)")
+        # `n`: the order the participants reported them (the first reference's size is the blob's).
+        self.refs_conn.execute("CREATE TABLE refs (n INTEGER PRIMARY KEY, sha TEXT NOT NULL, size INTEGER NOT NULL, "
+                               "label TEXT NOT NULL)")
         # The blobs this backup must encode (sha order), and the new tree's entries (JSON text
         # without `refs`: added as the manifest is written).
         self.conn.execute("CREATE TABLE todo (n INTEGER PRIMARY KEY, sha TEXT NOT NULL, size INTEGER NOT NULL)")
-        self.conn.execute("CREATE TABLE tree (sha TEXT PRIMARY KEY, size INTEGER NOT NULL, entry TEXT NOT NULL)"
-                          " WITHOUT ROWID")
+        self.conn.execute("CREATE TABLE tree (sha TEXT PRIMARY KEY, size INTEGER NOT NULL, entry TEXT NOT NULL)")
         self.reused = 0  # tree entries taken over from the parent snapshot
 
     def close(self) -> None:
@@ -95,7 +96,7 @@ class RefStore:
         cur: str | None = None
         size = count = 0
         labels: list[str] = []
-        for sha, sz, label in self.refs_conn.execute("SELECT sha, size, label FROM refs ORDER BY sha, rowid"):
+        for sha, sz, label in self.refs_conn.execute("SELECT sha, size, label FROM refs ORDER BY sha, n"):
             if sha != cur:
                 if cur is not None:
                     yield cur, size, labels, count
@@ -112,7 +113,7 @@ class RefStore:
         conn = records.open_readonly(self.refs_path)
         try:
             last = None
-            for sha, size in conn.execute("SELECT sha, size FROM refs ORDER BY sha, rowid"):
+            for sha, size in conn.execute("SELECT sha, size FROM refs ORDER BY sha, n"):
                 if sha != last:
                     last = sha
                     yield sha, size
@@ -121,7 +122,7 @@ class RefStore:
 
     def uses(self, sha: str) -> list[_Uses]:
         """A blob's references (labels), for the rare problem report."""
-        rows = self.refs_conn.execute("SELECT label FROM refs WHERE sha = ? ORDER BY rowid", (sha,))
+        rows = self.refs_conn.execute("SELECT label FROM refs WHERE sha = ? ORDER BY n", (sha,))
         return [_Uses(r[0]) for r in rows]
 
     # -------------------------------------------------------------- parent merge and encode batches

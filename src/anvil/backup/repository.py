@@ -405,8 +405,10 @@ class Repository:
                 except Exception:  # noqa: BLE001 - a missing or damaged cache entry is read afresh
                     row = None
             if row is None:
-                m = self.load_snapshot(sid)
-                row = {k: m.get(k) for k in ROW_FIELDS}
+                from anvil.backup.treestream import read_header  # (it imports this module's types)
+
+                head = read_header(self, sid, ROW_FIELDS)  # up to the tree: never the whole manifest
+                row = {k: head.get(k) for k in ROW_FIELDS}
                 if folder is not None:
                     with contextlib.suppress(OSError):
                         folder.mkdir(parents=True, exist_ok=True)

@@ -115,8 +115,37 @@ def _entries(r: _Json) -> Iterator[tuple[str, dict[str, Any]]]:
             return
 
 
+def _header(r: _Json, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The manifest's `keys` that come before its tree (the tree comes last and is not read)."""
+    out: dict[str, Any] = {}
+    r.char("{")
+    if r.peek() == "}":
+        return out
+    while True:
+        key = r.value()
+        r.char(":")
+        if key == "tree":
+            return out
+        value = r.value()
+        if key in keys:
+            out[key] = value
+        if r.char(",}") == "}":
+            return out
+
+
+def read_header(repo: Repository, snap_id: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A snapshot's header fields, read up to its blob tree: a listing of snapshots no longer
+    decodes every manifest whole (~1 KB a blob: 600 MiB of a backup's peak at 400,000 blobs,
+    where it only wanted the parent's id and journal seq)."""
+    return _read(repo, snap_id, lambda r: _header(r, keys))
+
+
 def iter_tree_blobs(repo: Repository, snap_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """(sha256, tree entry) of a snapshot's blobs, in the order the manifest lists them."""
+    yield from _read(repo, snap_id, None, entries=True)
+
+
+def _read(repo: Repository, snap_id: str, fn: Any, entries: bool = False) -> Any:
     name = f"snapshots/{snap_id}"
     if not repo.backend.exists(name):
         raise BackupError(f"no snapshot {snap_id} in {repo.backend.url}")
@@ -131,7 +160,17 @@ def iter_tree_blobs(repo: Repository, snap_id: str) -> Iterator[tuple[str, dict[
         raw = io.BytesIO(body)
     else:
         raise BackupError(f"snapshot {snap_id} cannot be decrypted (corrupted)")
+    reader = _Json(io.TextIOWrapper(raw, encoding="utf-8"))
+    if entries:
+        return _guarded(snap_id, _entries(reader))
     try:
-        yield from _entries(_Json(io.TextIOWrapper(raw, encoding="utf-8")))
+        return fn(reader)
+    except (ValueError, zstandard.ZstdError) as e:
+        raise BackupError(f"snapshot {snap_id} cannot be read ({e})") from None
+
+
+def _guarded(snap_id: str, it: Iterator[tuple[str, dict[str, Any]]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        yield from it
     except (ValueError, zstandard.ZstdError) as e:
         raise BackupError(f"snapshot {snap_id} cannot be read ({e})") from None
