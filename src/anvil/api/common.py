@@ -290,9 +290,37 @@ async def stream_into(request: Request, writer: Any) -> None:
 async def committed(future: concurrent.futures.Future) -> Any:
     """Await a `Catalog.submit` future without parking a thread on it.
 
-    Shielded: a client that goes away must not cancel a mutation the writer may already apply.
+    One way only: the outcome is copied onto a future of the loop when the writer settles it, and a
+    client that goes away cancels only that copy, never the mutation the writer may already apply
+    (what `asyncio.shield(asyncio.wrap_future(...))` did, with two chained futures and a shield task
+    more per PUT).
     """
-    return await asyncio.shield(asyncio.wrap_future(future))
+    if future.done():
+        return future.result()
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+
+    def deliver(f: concurrent.futures.Future) -> None:  # in the writer thread
+        try:
+            loop.call_soon_threadsafe(_settle, waiter, f)
+        except RuntimeError:
+            pass  # the loop has closed: nobody waits for this answer any more
+
+    future.add_done_callback(deliver)
+    return await waiter
+
+
+def _settle(waiter: asyncio.Future, future: concurrent.futures.Future) -> None:
+    if waiter.cancelled():
+        return
+    if future.cancelled():
+        waiter.cancel()
+        return
+    exc = future.exception()
+    if exc is not None:
+        waiter.set_exception(exc)
+    else:
+        waiter.set_result(future.result())
 
 
 def _non_finite(name: str) -> float:
@@ -390,7 +418,7 @@ SEND_RAW = "anvil.send_raw"
 
 class RawResponse(Response):
     """A whole response given as raw header pairs (lower-case names, latin-1 values, content-length
-    included) and a body: the small GET/HEAD answers.
+    included: nothing adds it) and a body: the small GET/HEAD answers, S3 PUT's.
 
     Starlette's Response re-encodes and lower-cases every header, then sends two ASGI messages that
     each pass through the observer's and uvicorn's `send`; this one is built from bytes, and on our

@@ -16,12 +16,17 @@ from starlette.requests import Request
 
 
 class FastHeaders(Headers):
-    """Request headers with dict lookups (read-only: request headers are never changed)."""
+    """Request headers with dict lookups (read-only: request headers are never changed), decoded once:
+    `items()` (metadata, checksum headers, the SigV4 canonical headers each walk them) reuses it."""
 
     def __init__(self, scope: Any) -> None:
-        super().__init__(scope=scope)
+        raw = scope["headers"]
+        if type(raw) is not list:  # as Starlette's Headers(scope=...) does
+            raw = scope["headers"] = list(raw)
+        self._list = raw
+        self._items = [(k.decode("latin-1"), val.decode("latin-1")) for k, val in raw]
         # Reversed so that, of repeated headers, the first one is kept, as Headers.__getitem__ does.
-        self._map = {k.decode("latin-1"): val.decode("latin-1") for k, val in reversed(self._list)}
+        self._map = dict(reversed(self._items))
 
     def __getitem__(self, key: str) -> str:
         return self._map[key.lower()]
@@ -31,6 +36,15 @@ class FastHeaders(Headers):
 
     def __contains__(self, key: Any) -> bool:
         return isinstance(key, str) and key.lower() in self._map
+
+    def items(self) -> list[tuple[str, str]]:  # type: ignore[override]
+        return list(self._items)
+
+    def keys(self) -> list[str]:  # type: ignore[override]
+        return [k for k, _ in self._items]
+
+    def values(self) -> list[str]:  # type: ignore[override]
+        return [val for _, val in self._items]
 
 
 class FastRequest(Request):

@@ -97,13 +97,20 @@ def _key(request: Request) -> str:
     return key
 
 
+_NO_CONDITIONS = Conditions()
+
+
 def _conditions(request: Request) -> Conditions:
     h = request.headers
+    if_match, if_none_match = h.get("if-match"), h.get("if-none-match")
+    version_match, version_none_match = h.get("x-anvil-if-version-match"), h.get("x-anvil-if-version-none-match")
+    if if_match is None and if_none_match is None and version_match is None and version_none_match is None:
+        return _NO_CONDITIONS  # most requests: no frozen dataclass to build
     return Conditions(
-        if_match=parse_etag_list(h.get("if-match")),
-        if_none_match=parse_etag_list(h.get("if-none-match")),
-        if_version_match=h.get("x-anvil-if-version-match"),
-        if_version_none_match=h.get("x-anvil-if-version-none-match"),
+        if_match=parse_etag_list(if_match),
+        if_none_match=parse_etag_list(if_none_match),
+        if_version_match=version_match,
+        if_version_none_match=version_none_match,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import json
 import logging
 import os
@@ -108,14 +109,15 @@ def _send_raw(cycle: Any, status: int, headers: list[tuple[bytes, bytes]], body:
     of them, names need no separator and values are joined by a tab, which values may hold), and the
     deferred flush that coalesced the two writes. It declines (returns False, nothing sent) whenever
     the ASGI path has something to do that it does not: writing paused, the response already started,
-    a disconnected client, an access logger, a `connection` header, a header uvicorn would refuse.
+    a disconnected client, an access logger, a `connection` header, no `content-length`, a header uvicorn
+    would refuse.
     """
     if cycle.response_started or cycle.disconnected or cycle.flow.write_paused or cycle.access_log:
         return False
     names = b"".join([n for n, _ in headers])
     if HEADER_RE.search(names) or HEADER_VALUE_RE.search(b"\t".join([v for _, v in headers])) \
-            or b"connection" in names:
-        return False
+            or b"connection" in names or b"content-length" not in names:
+        return False  # (without a length uvicorn would send the body chunked)
     cycle.response_started = True
     cycle.waiting_for_100_continue = False
     content = [STATUS_LINE[status]]
@@ -493,6 +495,11 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any
         if threading.current_thread() is threading.main_thread():  # signals can only be set there
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, stop)
+        # Everything built so far (modules, routes, the OpenAPI document, caches) lives as long as the
+        # process: moved out of the collector's generations, so the full collections that requests'
+        # garbage triggers no longer walk it (~15 us of CPU per small PUT, measured).
+        gc.collect()
+        gc.freeze()
         try:
             if server_kind == "granian":
                 _run_granian(app, host, port, sock)

@@ -169,6 +169,7 @@ class IndexService:
         self._building: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._active = True  # some index is enabled (as of the builder's last pass): wake it on commits
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.errors: dict[tuple[str, str], str] = {}
@@ -317,7 +318,7 @@ class IndexService:
         # instead of replacing files under it.
         LIVE[self.root.resolve()] = self
         if self._thread is None:
-            self.catalog.add_commit_listener(lambda head: self._wake.set())
+            self.catalog.add_commit_listener(self._committed)
             self._thread = threading.Thread(target=self._run, name="anvil-indexes", daemon=True)
             self._thread.start()
 
@@ -332,6 +333,14 @@ class IndexService:
             for e in self._engines.values():
                 e.close()
             self._engines.clear()
+
+    def _committed(self, head: int) -> None:
+        # Writer thread, after every commit. With no enabled index there is nothing to apply: waking
+        # the builder for each small PUT cost a thread switch, a definitions query and a stat (~0.15 ms
+        # of CPU per commit, measured). New definitions are still found: the builder also runs every
+        # half second, and this service's own changes wake it directly.
+        if self._active:
+            self._wake.set()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -349,6 +358,7 @@ class IndexService:
         """One pass over every index; True if some index has more to do."""
         conn = self.catalog.reader()
         wanted = {(d["bucket"], d["name"]): d for d in read_definitions(conn) if d["state"] == "enabled"}
+        self._active = bool(wanted)
         with self._lock:
             for k in list(self._engines):
                 if k not in wanted or self._engines[k].version != wanted[k]["version"]:

@@ -733,10 +733,12 @@ class ObjectService:
         return writer.commit()
 
     def store_bytes(
-        self, data: bytes, *, expected_sha256: str | None = None, expected_md5: str | None = None
+        self, data: bytes, *, expected_sha256: str | None = None, expected_md5: str | None = None,
+        digests: BlobInfo | None = None,
     ) -> BlobInfo:
-        """`store_body` for a body already in memory (small PUTs). Mismatch stores nothing."""
-        info = digest_bytes(data)
+        """`store_body` for a body already in memory (small PUTs). Mismatch stores nothing.
+        `digests`: `digest_bytes(data)`, when the caller has computed it already."""
+        info = digests if digests is not None else digest_bytes(data)
         if expected_sha256 is not None and expected_sha256.lower() != info.sha256:
             raise AnvilError("BadDigest", "the body does not match the expected SHA-256")
         if expected_md5 is not None and expected_md5.lower() != info.md5:
@@ -820,7 +822,9 @@ class ObjectService:
         v.check_object_key(key)
         ct = v.check_content_type(content_type)
         meta = v.normalise_metadata(metadata)
-        fp = fingerprint("object.put", bucket, key, body.sha256, ct, meta, cond.__dict__, extra)
+        # Compared only for a request with an Idempotency-Key (idempotency.run): not worth its JSON otherwise.
+        fp = (fingerprint("object.put", bucket, key, body.sha256, ct, meta, cond.__dict__, extra)
+              if ctx.idempotency_key is not None else "")
 
         def fn(txn: Txn) -> dict[str, Any]:
             b = self._require_bucket(txn.conn, bucket)

@@ -19,6 +19,9 @@ MAX_OBJECT_SIZE = 5 * 1024**4
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _META_KEY_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
+# Control characters, searched in C: every PUT checks its content type (and metadata values) with them.
+_CONTROL_RE = re.compile(r"[\x00-\x1f]")
+_CONTROL_NOT_TAB_RE = re.compile(r"[\x00-\x08\x0a-\x1f]")
 
 
 def reserved_error() -> AnvilError:
@@ -86,7 +89,7 @@ def normalise_metadata(meta: dict[str, str] | None) -> dict[str, str]:
         lk = k.lower()
         if not _META_KEY_RE.match(lk):
             raise AnvilError("InvalidArgument", "metadata keys are 1-128 of [a-z0-9_.-]")
-        if any(ord(c) < 32 and c != "\t" for c in v):
+        if _CONTROL_NOT_TAB_RE.search(v):
             raise AnvilError("InvalidArgument", "metadata values must not contain control characters")
         total += len(lk.encode()) + len(v.encode())
         out[lk] = v
@@ -98,7 +101,7 @@ def normalise_metadata(meta: dict[str, str] | None) -> dict[str, str]:
 def check_content_type(ct: str | None) -> str:
     if not ct:
         return "application/octet-stream"
-    if len(ct) > MAX_CONTENT_TYPE or any(ord(c) < 32 for c in ct):
+    if len(ct) > MAX_CONTENT_TYPE or _CONTROL_RE.search(ct):
         raise AnvilError("InvalidArgument", "invalid Content-Type")
     return ct
 

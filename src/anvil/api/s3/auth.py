@@ -96,11 +96,15 @@ def _canonical_uris(raw_path: str) -> list[str]:
 
 
 def _headers_by_name(request: Request) -> dict[str, list[str]]:
-    """Every header's values by lower-case name, in arrival order, from one pass over the raw headers
-    (looking each signed header up with `headers.getlist` rescans them all every time)."""
+    """Every header's values by lower-case name, in arrival order, from one pass over the headers
+    (looking each signed header up with `headers.getlist` rescans them all every time; the gateway's
+    request has them decoded already)."""
     out: dict[str, list[str]] = {}
-    for k, val in request.scope["headers"]:
-        out.setdefault(k.decode("latin-1"), []).append(val.decode("latin-1"))
+    for k, val in request.headers.items():
+        if k in out:
+            out[k].append(val)
+        else:
+            out[k] = [val]
     return out
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from anvil.api.common import RawResponse
 from anvil.api.limits import log_client_disconnect
 from anvil.api.record import note
 from anvil.api.record import request_id as request_id_of
@@ -79,14 +80,13 @@ class S3Gateway:
 
     async def __call__(self, request: Request) -> Response:
         request_id = request_id_of(request.scope)
-        resource = request.url.path
         head = request.method == "HEAD"
         try:
             response = await self._dispatch(request, request_id)
         except S3Error as err:
-            response = error_response(err, request_id, resource=resource, head=head)
+            response = error_response(err, request_id, resource=request.url.path, head=head)
         except AnvilError as err:
-            response = error_response(from_anvil(err), request_id, resource=resource, head=head)
+            response = error_response(from_anvil(err), request_id, resource=request.url.path, head=head)
         except ClientDisconnect:
             log_client_disconnect(request)  # the client's doing: one INFO line, no traceback
             return Response(status_code=400)
@@ -96,9 +96,13 @@ class S3Gateway:
             else:
                 log.exception("unhandled error in S3 %s %s", request.method, request.url.path)
                 err = S3Error("InternalError", "we encountered an internal error; please try again", 500)
-            response = error_response(err, request_id, resource=resource, head=head)
-        response.headers["x-amz-request-id"] = request_id
-        response.headers.setdefault("x-amz-id-2", request_id)
+            response = error_response(err, request_id, resource=request.url.path, head=head)
+        if type(response) is RawResponse:  # a GET, HEAD or PUT answer: neither header is in it yet
+            rid = request_id.encode("latin-1")
+            response.raw_headers += ((b"x-amz-request-id", rid), (b"x-amz-id-2", rid))
+        else:
+            response.headers["x-amz-request-id"] = request_id
+            response.headers.setdefault("x-amz-id-2", request_id)
         if request.method != "OPTIONS" and b"origin" in (k for k, _ in request.scope["headers"]):
             # A browser's actual request: the bucket's CORS rule (if one allows it) decides what it may read.
             try:

@@ -18,7 +18,16 @@ from typing import Any
 
 from starlette.responses import Response
 
-from anvil.api.common import HASH_ON_LOOP_LIMIT, BlockGatherer, blocking, body_response, committed, file_io
+from anvil.api.common import (
+    HASH_ON_LOOP_LIMIT,
+    BlockGatherer,
+    RawResponse,
+    blocking,
+    body_response,
+    committed,
+    file_io,
+    raw_headers,
+)
 from anvil.api.s3 import xmlutil as X
 from anvil.api.s3.acl import canned
 from anvil.api.s3.body import BodyReader
@@ -41,6 +50,7 @@ from anvil.objects import Conditions, ObjectVersion
 from anvil.objects import validation as v
 from anvil.objects.checksums import new_checksum
 from anvil.objects.service import IF_MATCH_NO_OBJECT, parse_etag_list
+from anvil.storage.blobs import BlobInfo, digest_bytes
 
 SINK_CHUNK = 1024 * 1024
 MAX_DELETE_KEYS = 1000
@@ -140,11 +150,12 @@ class Received:
     data: bytes | None
     md5: str | None
     computed: dict[str, str]
+    digests: BlobInfo | None = None  # of `data`, when already computed (small bodies)
 
     def commit(self, objects: Any) -> Any:
         """Store it (blocking: file I/O and fsync); a Content-MD5 mismatch stores nothing (BadDigest)."""
         if self.data is not None:
-            return objects.store_bytes(self.data, expected_md5=self.md5)
+            return objects.store_bytes(self.data, expected_md5=self.md5, digests=self.digests)
         return objects.store_body(self.writer, expected_md5=self.md5)
 
 
@@ -212,13 +223,19 @@ async def receive_uncommitted(r: S3Request, *, max_size: int = v.MAX_OBJECT_SIZE
             inflight = None
         pending = gather.take()
         small: bytes | None = None
+        digests: BlobInfo | None = None
         if writer is None:
             small = b"".join(pending)
             if len(small) > max_size:
                 raise OverflowError("body larger than allowed")
             for c in sums.values():
                 c.update(small)
-            if reader.declared_sha256 is not None:
+            if len(small) <= HASH_ON_LOOP_LIMIT:
+                # SHA-256 (the content address, and what x-amz-content-sha256 is checked against) and
+                # MD5 (the ETag) once, here: the store takes them instead of hashing the body again.
+                digests = digest_bytes(small)
+                reader.check_sha256(digests.sha256)
+            elif reader.declared_sha256 is not None:
                 reader.check_sha256(hashlib.sha256(small).hexdigest())
         else:
             if pending:
@@ -244,7 +261,7 @@ async def receive_uncommitted(r: S3Request, *, max_size: int = v.MAX_OBJECT_SIZE
         if isinstance(exc, OverflowError):
             raise S3Error("EntityTooLarge", "your proposed upload exceeds the maximum allowed size")
         raise
-    return Received(writer, small, md5, computed)
+    return Received(writer, small, md5, computed, digests)
 
 
 def metadata(r: S3Request) -> tuple[dict[str, str], dict[str, str]]:
@@ -280,9 +297,14 @@ def content_type(r: S3Request) -> str:
     return v.check_content_type(r.h.get("content-type") or S3_DEFAULT_CONTENT_TYPE)
 
 
+_NO_CONDITIONS = Conditions()
+
+
 def write_conditions(r: S3Request) -> Conditions:
-    return Conditions(if_match=parse_etag_list(r.h.get("if-match")),
-                      if_none_match=parse_etag_list(r.h.get("if-none-match")))
+    if_match, if_none_match = r.h.get("if-match"), r.h.get("if-none-match")
+    if if_match is None and if_none_match is None:
+        return _NO_CONDITIONS  # the usual write: no dataclass to build
+    return Conditions(if_match=parse_etag_list(if_match), if_none_match=parse_etag_list(if_none_match))
 
 
 async def put_object(r: S3Request) -> Response:
@@ -321,16 +343,17 @@ async def put_object(r: S3Request) -> Response:
         else:
             pending = await file_io(store_and_submit)
         result = await committed(pending)
-    b = objects.get_bucket(bucket)
-    headers = {"etag": f'"{result["etag"]}"',
-               **version_headers(result["version_id"], b.versioning, write=True)}
+    # A write's version header does not depend on the bucket's versioning (`version_headers`): no re-read.
+    headers = {"etag": f'"{result["etag"]}"', **version_headers(result["version_id"], None, write=True)}
     if result.get("cursor") is not None:  # the journal cursor of the write (indexes' min_cursor)
         headers["x-anvil-cursor"] = str(result["cursor"])
     headers.update({f"x-amz-checksum-{a}": val for a, val in computed.items()})
     if computed:
         headers["x-amz-checksum-type"] = "FULL_OBJECT"
     headers.update(expiration_headers(r, key, result["size"], tags))
-    return Response(status_code=200, headers=headers)
+    raw = raw_headers(headers)  # Starlette's header encoding skipped
+    raw.append((b"content-length", b"0"))  # no body (RawResponse adds no length of its own)
+    return RawResponse(200, raw)
 
 
 # ------------------------------------------------------------------ object bodies out
