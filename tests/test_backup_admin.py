@@ -109,7 +109,7 @@ def test_online_backup_progress_shows_in_ready_while_it_runs(tmp_path: Path) -> 
             # Without --json: the CLI draws its bar from the same figures (stderr is not a terminal here).
             proc = subprocess.run([sys.executable, "-m", "anvil.cli.main", "backup", "create", "--repo",
                                    f"file://{tmp_path / 'repo'}", "--endpoint", srv.endpoint],
-                                  env={**os.environ, **ENV, **srv.cli_env()}, capture_output=True, text=True,
+                                  env={**srv.cli_env(), **ENV}, capture_output=True, text=True,
                                   timeout=300)
         finally:
             done.set()

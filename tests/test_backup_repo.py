@@ -41,6 +41,9 @@ def anvil_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("backup-repo")
+    # For this module only: left in os.environ, this passphrase reached every later module's CLI
+    # subprocesses on the same worker (a "wrong passphrase" elsewhere, depending on test order).
+    saved = {k: os.environ.get(k) for k in ENV}
     os.environ.update(ENV)
     data = base / "data"
     anvil = Anvil(data)
@@ -58,7 +61,12 @@ def built(tmp_path_factory: pytest.TempPathFactory):
             anvil.storage.format.deployment_id, anvil.participants(), repo)
     finally:
         anvil.close()
-    return {"base": base, "data": data, "repo": base / "repo", "manifest": manifest}
+    yield {"base": base, "data": data, "repo": base / "repo", "manifest": manifest}
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture
