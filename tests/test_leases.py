@@ -5,6 +5,7 @@ The multi-process version (SIGSTOP past the lease) is in tests/test_cluster.py."
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -97,6 +98,18 @@ def _exclusive(one, two) -> None:
                    actor="t", request_id="r")
     with second.exclusive(leases.GC) as taken:  # given back: the other node gets it at once
         assert taken == fence + 1
+    # Lapsed under a running block (its node was paused past the time to live): the renewal does not
+    # take it again at a new fence, which would keep every other node out while the block fails.
+    with first.exclusive(leases.GC) as mine:
+        one.mutate(lambda txn: txn.conn.execute("UPDATE leases SET expires = 0 WHERE name = 'gc'"),
+                   actor="t", request_id="r")
+        renew = threading.Thread(target=first._claim_quietly, args=(leases.GC,))  # as the renewer does
+        renew.start()
+        renew.join()
+        row = one.reader().execute("SELECT fence, expires FROM leases WHERE name = 'gc'").fetchone()
+        assert (int(row[0]), float(row[1])) == (mine, 0.0)
+        with second.exclusive(leases.GC) as other:
+            assert other == mine + 1
     first.close()
     second.close()
 

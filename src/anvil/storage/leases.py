@@ -97,6 +97,7 @@ class Leases:
         self._held: dict[str, tuple[int, float]] = {}  # name -> (fence, local monotonic deadline)
         self._lock = threading.Lock()
         self._names: set[str] = set()
+        self._exclusive: set[str] = set()  # names held by `exclusive` blocks: renewed, never re-claimed
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # One claim or release at a time: the renewal loop must not re-claim a lease `exclusive`
@@ -159,7 +160,7 @@ class Leases:
         try:
             with self._claiming:
                 if name in self._names:
-                    self.claim(name)
+                    self.claim(name, renew_only=name in self._exclusive)
         except Exception:  # noqa: BLE001 - the record store is away: the lease lapses, work stops
             log.exception("renewing lease %s failed", name)
 
@@ -178,6 +179,7 @@ class Leases:
             if fence is None:
                 raise AnvilError("LeaseHeld", self._held_elsewhere(name))
             self._names.add(name)
+            self._exclusive.add(name)
         self.start()
         try:
             with self.catalog.fenced(name, fence):
@@ -185,6 +187,7 @@ class Leases:
         finally:
             with self._claiming:
                 self._names.discard(name)
+                self._exclusive.discard(name)
                 with self._lock:
                     self._held.pop(name, None)
                 self._release(name, fence)
@@ -198,8 +201,10 @@ class Leases:
         return (f"{name} is running on another node ({row[0]}, the {name} lease at fence {int(row[1])}, "
                 f"{left:.1f} s left unless renewed): try again when it is done")
 
-    def claim(self, name: str) -> int | None:
-        """Claim or renew `name` now; the fence if this node holds it afterwards."""
+    def claim(self, name: str, *, renew_only: bool = False) -> int | None:
+        """Claim or renew `name` now; the fence if this node holds it afterwards. `renew_only`: an
+        `exclusive` block's lease, once lost (e.g. the node was paused past it), stays lost: taking
+        it again at a new fence would keep it from every other node while the block fails."""
         started = time.monotonic()
         with self._lock:
             mine = self._held.get(name)
@@ -216,6 +221,8 @@ class Leases:
             if holder == self.node and fence == known and expires > txn.now:
                 txn.conn.execute("UPDATE leases SET expires = ? WHERE name = ? AND fence = ?", (until, name, fence))
                 return fence
+            if renew_only:
+                return None
             if expires <= txn.now:
                 # Free (released, or its holder stopped renewing): a new fence, so whatever the
                 # previous holder still has in flight is refused at its commit.
