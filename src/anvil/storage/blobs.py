@@ -588,18 +588,13 @@ class BlobStore:
         conn = self._records()
         return inline.get(conn, sha256) if conn is not None else None
 
-    def inline_sizes(self) -> dict[str, int]:
-        """sha256 -> size of every inline body."""
-        conn = self._records()
-        return inline.rows(conn) if conn is not None else {}
-
     def inline_among(self, shas: Iterable[str]) -> set[str]:
         """Which of `shas` are stored inline (a batch's worth, not the whole store's set)."""
         conn = self._records()
         return inline.among(conn, shas) if conn is not None else set()
 
     def iter_inline_sizes(self) -> Iterator[tuple[str, int]]:
-        """(sha256, size) of every inline body in hash order, streamed: `inline_sizes` without the dict."""
+        """(sha256, size) of every inline body in hash order, streamed (never one dict of the whole store)."""
         conn = self._records()
         if conn is not None:
             yield from inline.iter_sizes(conn)
@@ -779,7 +774,7 @@ class BlobStore:
         return str(self.path(sha256))
 
     def list_blobs(self) -> Iterator[StoredBlob]:
-        """Every body in the backend (size, mtime), paged; inline bodies are `inline_sizes()`."""
+        """Every body in the backend (size, mtime), paged; inline bodies are `iter_inline_sizes()`."""
         return self.backend.list_blobs()
 
     def list_sidecars(self) -> Iterator[tuple[str, float]]:
