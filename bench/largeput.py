@@ -36,6 +36,7 @@ import asyncio
 import collections
 import hashlib
 import json
+import mmap
 import os
 import platform
 import re
@@ -322,23 +323,43 @@ def disk_ceiling(folder: Path, block: bytes, size: int) -> dict[str, Any]:
             out[mode] = {"write_s": round(t1 - t0, 4), "fsync_s": round(t2 - t1, 4), "cpu_s": round(cpu, 4),
                          "mb_per_s": round(size / 1e6 / (t2 - t0), 1)}
             if mode == "drop_behind":
-                # Read back in 1 MiB preads, as a GET does: from disk, then from the page cache.
-                for name in ("read_from_disk", "read_cached"):
-                    fd = os.open(path, os.O_RDONLY)
-                    try:
-                        c0 = time.process_time()
-                        t0 = time.perf_counter()
-                        off = 0
-                        while chunk := os.pread(fd, len(block), off):
-                            off += len(chunk)
-                        out[name] = {"cpu_s": round(time.process_time() - c0, 4),
-                                     "mb_per_s": round(off / 1e6 / (time.perf_counter() - t0), 1)}
-                    finally:
-                        os.close(fd)
+                # Read back in 1 MiB preads, as a GET does: from disk without and with the
+                # sequential advice the server gives (`storage.blobs.read_sequentially`), the disk's
+                # own ceiling (O_DIRECT, 16 MiB reads: no page cache, no readahead limit), then from
+                # the page cache. Before each disk read the file's pages are dropped.
+                for name in ("read_from_disk", "read_from_disk_sequential", "read_from_disk_direct",
+                             "read_cached"):
+                    out[name] = read_back(path, name, len(block))
     finally:
         for path in kept:
             path.unlink()
     return out
+
+
+def read_back(path: Path, name: str, piece: int) -> dict[str, Any]:
+    if name != "read_cached":
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: dropped now
+        os.close(fd)
+    direct = name == "read_from_disk_direct"
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    try:
+        if name == "read_from_disk_sequential":
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        buf = mmap.mmap(-1, 16 * MIB) if direct else None  # page-aligned, as O_DIRECT needs
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        off = 0
+        if buf is not None:
+            while n := os.preadv(fd, [buf], off):
+                off += n
+        else:
+            while chunk := os.pread(fd, piece, off):
+                off += len(chunk)
+        return {"cpu_s": round(time.process_time() - c0, 4),
+                "mb_per_s": round(off / 1e6 / (time.perf_counter() - t0), 1)}
+    finally:
+        os.close(fd)
 
 
 def transport_ceiling(block: bytes, size: int) -> dict[str, Any]:
@@ -563,6 +584,8 @@ def run(*, quick: bool, reps: int | None, variants: dict[str, tuple[Path, dict[s
         "disk_page_cache_grows_mb_per_s": _stats(_pick(runs, "disk", "page_cache_grows", "mb_per_s")),
         "disk_drop_behind_mb_per_s": _stats(_pick(runs, "disk", "drop_behind", "mb_per_s")),
         "disk_read_from_disk_mb_per_s": _stats(_pick(runs, "disk", "read_from_disk", "mb_per_s")),
+        "disk_read_from_disk_sequential_mb_per_s": _stats(_pick(runs, "disk", "read_from_disk_sequential", "mb_per_s")),
+        "disk_read_from_disk_direct_mb_per_s": _stats(_pick(runs, "disk", "read_from_disk_direct", "mb_per_s")),
         "disk_read_cached_mb_per_s": _stats(_pick(runs, "disk", "read_cached", "mb_per_s")),
         "memory_first_touch_cpu_s": _stats(_pick(runs, "memory", "first", "cpu_s")),
         "md5_mb_per_s": _stats(_pick(runs, "hash", "md5", "mb_per_s")),
@@ -572,6 +595,7 @@ def run(*, quick: bool, reps: int | None, variants: dict[str, tuple[Path, dict[s
     main_fig = summary["servers"][next(iter(variants))]
     put_med = main_fig["put_mb_per_s"]["median"]
     get_med = main_fig["get_mb_per_s"]["median"]
+    get_again_med = main_fig["get_again_mb_per_s"]["median"]
     return {
         "benchmark": "large-put", "quick": quick, "size_bytes": size, "reps": reps,
         "variants": {name: {"src": str(src), "env": env} for name, (src, env) in variants.items()},
@@ -586,8 +610,13 @@ def run(*, quick: bool, reps: int | None, variants: dict[str, tuple[Path, dict[s
             "put_mb_per_s": {"value": put_med, "target": TARGETS["put_mb_per_s"],
                              "met": put_med >= TARGETS["put_mb_per_s"],
                              "best_possible_here": ceil["best_put_mb_per_s"]},
+            # The first GET after a drop-behind PUT reads the disk: the disk's own ceiling
+            # (O_DIRECT, 16 MiB reads) bounds it whatever the server does.
             "get_mb_per_s": {"value": get_med, "target": TARGETS["get_mb_per_s"],
-                             "met": get_med >= TARGETS["get_mb_per_s"]},
+                             "met": get_med >= TARGETS["get_mb_per_s"],
+                             "best_possible_from_disk": summary["disk_read_from_disk_direct_mb_per_s"]["median"]},
+            "get_again_mb_per_s": {"value": get_again_med, "target": TARGETS["get_mb_per_s"],
+                                   "met": get_again_med >= TARGETS["get_mb_per_s"]},
         },
     }
 

@@ -293,6 +293,18 @@ WRITEBACK_EVERY = 8 * 1024 * 1024
 _IOV_MAX = 512
 
 
+def read_sequentially(fd: int) -> None:
+    """Tell the kernel a blob file will be read front to back. It then reads ahead twice as far
+    (256 KiB instead of 128 KiB here) and drops the window behind; reading a 256 MiB blob from this
+    VM's disk in 1 MiB preads went from 90-140 to 300-500 MB/s and from 1.1-1.4 s to ~0.4 s of CPU
+    (bench/largeput.py `read_from_disk` against `read_from_disk_sequential`). Advice only: a
+    kernel that refuses it reads as before."""
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    except OSError:
+        pass
+
+
 def _pread_exact(fd: int, length: int, offset: int) -> bytes:
     data = os.pread(fd, length, offset)
     if len(data) == length or not data:
@@ -985,6 +997,8 @@ class BlobStore:
                 self._size_mismatch(sha256, size, actual)
             if length <= 0:
                 return
+            if length > CHUNK_SIZE:
+                read_sequentially(fd)
             alg, digests = self._digests(fd, sha256, size)
             end = offset + length
             for i in range(offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1):
@@ -1085,6 +1099,7 @@ class BlobStore:
         h = hashlib.sha256()
         chunks = ChunkHasher()
         offset = 0
+        read_sequentially(fd)
         while offset < size:
             data = os.pread(fd, CHUNK_SIZE, offset)
             if not data:
