@@ -41,7 +41,7 @@ import xxhash
 
 from anvil.storage import inline, records
 from anvil.storage.blobbackend import BlobBackend, LocalBlobBackend, StoredBlob, backend_from_env, fanout_entries
-from anvil.storage.blobscan import HashResult, ScanResult, hash_file, scan_blobs
+from anvil.storage.blobscan import HashResult, ScanResult, hash_file, read_sequentially, scan_blobs
 from anvil.storage.layout import fsync_dir
 from anvil.storage.space import is_full_error, parse_size, storage_full
 
@@ -291,18 +291,6 @@ def drop_behind_from_env(environ: dict[str, str] | None = None) -> int:
 WRITEBACK_EVERY = 8 * 1024 * 1024
 # Buffers per writev call (Linux refuses more than IOV_MAX, 1024).
 _IOV_MAX = 512
-
-
-def read_sequentially(fd: int) -> None:
-    """Tell the kernel a blob file will be read front to back. It then reads ahead twice as far
-    (256 KiB instead of 128 KiB here) and drops the window behind; reading a 256 MiB blob from this
-    VM's disk in 1 MiB preads went from 90-140 to 300-500 MB/s and from 1.1-1.4 s to ~0.4 s of CPU
-    (bench/largeput.py `read_from_disk` against `read_from_disk_sequential`). Advice only: a
-    kernel that refuses it reads as before."""
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    except OSError:
-        pass
 
 
 def _pread_exact(fd: int, length: int, offset: int) -> bytes:

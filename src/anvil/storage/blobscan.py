@@ -44,6 +44,18 @@ def _listdir(path: str) -> list[str]:
         return []
 
 
+def read_sequentially(fd: int) -> None:
+    """Tell the kernel a blob file will be read front to back, so it reads ahead twice as far.
+    On this VM's disk every small read-ahead is expensive: a cold 256 MiB file read in 1 MiB
+    preads took 0.42-0.56 s of CPU at 95-140 MB/s without the advice and 0.04-0.15 s at
+    160-1,200 MB/s with it (bench/largeput.py `read_from_disk` against
+    `read_from_disk_sequential`). Advice only: a kernel that refuses it reads as before."""
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    except OSError:
+        pass
+
+
 def _hash_fd(fd: int, buf: bytearray, view: memoryview) -> tuple[str, int]:
     h = hashlib.sha256()
     size = 0
@@ -55,6 +67,8 @@ def _hash_fd(fd: int, buf: bytearray, view: memoryview) -> tuple[str, int]:
         # extra empty read per file that dominates for small blobs.
         if n < READ_SIZE:
             return h.hexdigest(), size
+        if size == READ_SIZE:  # more than one read: a large blob, read on sequentially
+            read_sequentially(fd)
 
 
 def scan_blobs(
