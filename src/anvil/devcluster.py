@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+from anvil.serveproc import ServeFailed, ServeProcess, free_port
 
 MISSING = ("PostgreSQL binaries not found (looked for /usr/lib/postgresql/*/bin/initdb, ANVIL_PG_BIN, initdb "
            "on PATH). Install them: apt-get install postgresql")
@@ -44,12 +45,6 @@ def pg_bin_dir() -> Path | None:
         return Path(found[-1]).parent
     initdb = shutil.which("initdb")
     return Path(initdb).parent if initdb else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _as_user(cmd: list[str]) -> list[str]:
@@ -131,54 +126,24 @@ def migrate(url: str) -> None:
         raise RuntimeError(f"anvil admin migrate failed:\n{proc.stdout}\n{proc.stderr}")
 
 
-class Node:
-    """One `anvil serve` process of the cluster."""
+class Node(ServeProcess):
+    """One `anvil serve` process of the cluster, in its own session (Ctrl-C reaches the cluster
+    runner, which stops the nodes in order)."""
 
     def __init__(self, storage_path: Path, port: int, url: str, env: dict[str, str] | None = None):
-        self.storage_path = storage_path
-        self.port = port
+        node_env = {**os.environ, **(env or {})}
+        if url:  # else the embedded store (bench/cluster.py compares the two)
+            node_env["ANVIL_RECORDS_URL"] = url
+        super().__init__(storage_path, storage_path.parent / f"{storage_path.name}.log", port=port,
+                         env=node_env, new_session=True)
         self.url = url
-        self.env = env or {}
-        self.proc: subprocess.Popen | None = None
-        self.log_path = storage_path.parent / f"{storage_path.name}.log"
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> Node:
-        import httpx
-
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
-        if self.url:  # else the embedded store (bench/cluster.py compares the two)
-            env["ANVIL_RECORDS_URL"] = self.url
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "anvil.cli.main", "serve", "--storage-path", str(self.storage_path),
-             "--listen", f"127.0.0.1:{self.port}"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
-            try:
-                if httpx.get(self.endpoint + "/anvil/health/live", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"node did not start:\n{self.log_path.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        try:
+            super().start(timeout)
+        except ServeFailed as e:
+            raise RuntimeError(f"node {e}") from None
+        return self
 
 
 class Cluster:
@@ -226,8 +191,7 @@ class Cluster:
 
     def stop(self) -> None:
         for node in self.nodes:  # all at once: each takes its grace period to drain
-            if node.proc is not None and node.proc.poll() is None:
-                node.proc.send_signal(signal.SIGTERM)
+            node.signal_stop()
         for node in reversed(self.nodes):
             node.stop()
         if self.pg is not None:

@@ -10,10 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -21,64 +17,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from anvil.backup import ops
 from anvil.backup.errors import BackupError
 from anvil.backup.repository import Repository
 from anvil.backup.restore import restore
+from anvil.serveproc import ServeFailed, ServeProcess
 from anvil.storage import records
 from anvil.storage.blobs import open_blob_store
 from anvil.storage.recovery import NOT_PRESENT, Finding, Participant, RecoveryContext, ResumedSmoke, coverage
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
-    def __init__(self, storage: Path, log_path: Path):
-        self.port = _free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = open(log_path, "ab")
-        # Always the embedded engine on the restored path: an operator's ANVIL_RECORDS_URL (a scaled
-        # deployment's PostgreSQL) must never point the drill's server at live records.
-        env = {k: v for k, v in os.environ.items() if k != "ANVIL_RECORDS_URL"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "anvil.cli.main", "serve", "--storage-path", str(storage),
-             "--listen", f"127.0.0.1:{self.port}"], stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def wait_live(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BackupError(f"the drill server exited with {self.proc.returncode}: {self.tail()}")
-            try:
-                if httpx.get(self.endpoint + "/anvil/health/live", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise BackupError(f"the drill server did not start within {timeout}s: {self.tail()}")
-
-    def tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-2000:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+def _drill_server(storage: Path, log_path: Path) -> ServeProcess:
+    # Always the embedded engine on the restored path: an operator's ANVIL_RECORDS_URL (a scaled
+    # deployment's PostgreSQL) must never point the drill's server at live records.
+    env = {k: v for k, v in os.environ.items() if k != "ANVIL_RECORDS_URL"}
+    return ServeProcess(storage, log_path, env=env)
 
 
 def _check(name: str, findings: list[Finding], started: float) -> dict[str, Any]:
@@ -119,7 +72,7 @@ def run_drill(repo: Repository, snapshot: str | None, participants: list[Partici
     work = Path(tempfile.mkdtemp(prefix="anvil-drill-"))
     target = work / "data"
     checks: list[dict[str, Any]] = []
-    server: _Server | None = None
+    server: ServeProcess | None = None
 
     def step(name: str, fn: Callable[[], list[Finding]]) -> bool:
         t0 = time.time()
@@ -168,13 +121,16 @@ def run_drill(repo: Repository, snapshot: str | None, participants: list[Partici
         ok = step("restore into an isolated directory", do_restore)
         ok = ok and step("validate restored state (restore sequence)", do_validate)
         if ok:
-            server = _Server(target, work / "server.log")
+            server = _drill_server(target, work / "server.log")
             from anvil.client import AnvilAPIError, AnvilClient
 
             client = AnvilClient(server.endpoint, client_id=client_id, client_secret=client_secret)
             try:
                 def do_start() -> list[Finding]:
-                    server.wait_live()
+                    try:
+                        server.start()
+                    except ServeFailed as e:
+                        raise BackupError(f"the drill server {e}") from None
                     health = client.health()
                     if not health.get("recovery_mode"):
                         return [Finding("drill", "error", "recovery mode", "restored server is not in recovery mode")]
