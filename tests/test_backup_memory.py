@@ -190,3 +190,24 @@ def test_chunks_dedup_across_snapshots_through_the_packed_index(tmp_path: Path,
     used = {c for t in (tree_a, tree_b) for e in [*t["files"].values(), *t["blobs"].values()] for c in e["chunks"]}
     assert used <= set(index) and len(list(index.packs())) > 3
     assert len(list((tmp_path / "repo" / "index").iterdir())) > 2  # one a session without the early writes
+
+
+def test_server_allocator_settings_leave_the_environment_s_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`anvil serve` bounds glibc's arenas (`api.malloc`) unless the environment sets them, or
+    ANVIL_MALLOC_TUNE=off asks for glibc's defaults."""
+    import ctypes
+
+    from anvil.api import malloc
+
+    try:
+        assert ctypes.CDLL(None).mallopt is not None
+    except (AttributeError, OSError):
+        pytest.skip("not glibc")
+    monkeypatch.setenv(malloc.TUNE_ENV, "off")
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert malloc.tune() == {}
+    monkeypatch.delenv(malloc.TUNE_ENV)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert malloc.tune() == {}
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert malloc.tune() == {"arena_max": malloc.ARENA_MAX}
