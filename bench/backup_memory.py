@@ -3,6 +3,7 @@
     python bench/backup_memory.py --objects 100000
     python bench/backup_memory.py --objects 400000 --data /tmp/store-400k   # keep the store for reruns
     python bench/backup_memory.py --quick                                  # 3,000 objects
+    python bench/backup_memory.py --probe --data /tmp/store-100k            # in process: RSS after trim
 
 A store of N small objects (1-4 KiB bodies, unique) is built offline (in-process, no HTTP: the
 load is not what is measured), then a real `anvil serve` runs on it and `anvil backup create
@@ -15,6 +16,7 @@ the figures are at rest before, the peak during each backup, and the RSS a few s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -204,6 +206,56 @@ def trace(store: Path, top: int) -> dict[str, Any]:
     return out
 
 
+def _status() -> dict[str, int]:
+    with open("/proc/self/status") as f:
+        return {k: int(v.split()[0]) // 1024 for k, v in (line.split(":", 1) for line in f)
+                if k in ("VmRSS", "RssAnon", "RssFile")}
+
+
+def probe(store: Path) -> dict[str, Any]:
+    """An in-process backup of --data, twice (initial, with a parent), without tracemalloc: RSS
+    before, at the peak and after `gc.collect()` + `malloc_trim(0)` (what the server runs after a
+    backup), anonymous and file-backed. ANVIL_MALLOC_TUNE=off|arena compares glibc's defaults with
+    the server's two arenas (`anvil.api.malloc`)."""
+    import ctypes
+    import gc
+
+    from anvil.api import malloc
+    from anvil.backup import ops
+    from anvil.backup.backends import open_backend
+    from anvil.backup.repository import Repository
+    from anvil.runtime import Anvil
+
+    out: dict[str, Any] = {"allocator": malloc.tune()}
+    with tempfile.TemporaryDirectory(prefix="anvil-bench-bkmem-probe-") as tmp:
+        os.environ["ANVIL_BACKUP_CACHE_DIR"] = str(Path(tmp) / "cache")
+        anvil = Anvil(store)
+        try:
+            repo = Repository.init(open_backend(f"file://{tmp}/repo"), PASS)
+            for name in ("initial", "with_parent"):
+                before, peak, stop = _status(), {"VmRSS": 0}, threading.Event()
+
+                def sample(peak: dict[str, int] = peak, stop: threading.Event = stop) -> None:
+                    while not stop.wait(0.05):
+                        now = _status()
+                        if now["VmRSS"] > peak["VmRSS"]:
+                            peak.update(now)
+
+                t = threading.Thread(target=sample, daemon=True)
+                t.start()
+                ops.backup_storage(anvil.storage, anvil.participants(), repo)
+                stop.set()
+                t.join()
+                gc.collect()
+                with contextlib.suppress(AttributeError, OSError):
+                    ctypes.CDLL(None).malloc_trim(0)
+                out[name] = {"before_mib": before, "peak_mib": peak, "after_trim_mib": _status()}
+                print(json.dumps({name: out[name]}), file=sys.stderr, flush=True)
+        finally:
+            anvil.close()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="3,000 objects")
@@ -212,9 +264,13 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=3.0, help="seconds to wait before reading RSS at rest / after")
     ap.add_argument("--trace", action="store_true", help="in-process backup of --data under tracemalloc")
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--probe", action="store_true", help="in-process backups of --data: RSS before, peak, after trim")
     args = ap.parse_args()
     if args.trace:
         print(json.dumps(trace(Path(args.data), args.top), indent=2))
+        return
+    if args.probe:
+        print(json.dumps(probe(Path(args.data)), indent=2))
         return
     objects = args.objects or (3_000 if args.quick else 100_000)
     print(json.dumps(run(objects, Path(args.data) if args.data else None, 0.5 if args.quick else args.settle),

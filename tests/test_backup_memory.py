@@ -114,3 +114,100 @@ def test_tree_from_the_sorted_store_is_the_in_memory_tree(tmp_path: Path, monkey
     finally:
         storage.close()
     assert report["ok"], report
+
+
+def test_packed_chunk_index_answers_as_a_dict(tmp_path: Path) -> None:
+    """The repository's chunk index (`backup.chunkindex`, 52 bytes a chunk) against a dict."""
+    import secrets
+
+    from anvil.backup.chunkindex import ChunkIndex, iter_index_packs
+    from anvil.backup.pack import Location, compress
+
+    rng = random.Random(11)
+    index, want = ChunkIndex(), {}
+    ids = [secrets.token_hex(32) for _ in range(3000)]
+    # A few ids share their first two bytes (one bucket), one is an id no writer makes.
+    ids += [ids[0][:4] + secrets.token_hex(30) for _ in range(20)] + ["not-hex"]
+    for i, cid in enumerate(ids):
+        loc = Location(f"pack{i % 17}", rng.randrange(1 << 40), rng.randrange(1 << 30), rng.randrange(1 << 30))
+        index[cid] = want[cid] = loc
+    index[ids[5]] = want[ids[5]] = Location("moved", 1, 2, 3)  # the last location recorded wins
+    assert len(index) == len(want)
+    assert all(index[c] == want[c] and c in index for c in ids)
+    assert dict(index.items()) == want and sorted(index) == sorted(want)
+    assert index.packs() == {loc.pack for loc in want.values()}
+    # A record's bytes that straddle two records are no match.
+    straddle = (bytes.fromhex(ids[0])[10:] + bytes(20) + bytes.fromhex(ids[1])[:10]).hex()
+    for miss in (secrets.token_hex(32), straddle, "", 7):
+        assert miss not in index and index.get(miss) is None  # type: ignore[arg-type]
+    with pytest.raises(KeyError):
+        index[secrets.token_hex(32)]
+    # Index files are decoded one pack object at a time, across read boundaries, in any spacing.
+    packs = [{"id": f"p{k}", "size": k, "chunks": [[c, 1, 2, 3] for c in ids[k * 100:(k + 1) * 100]]}
+             for k in range(12)]
+    for seps in ((",", ":"), None):
+        text = json.dumps({"packs": packs}, separators=seps).encode()
+        for body in (compress(text), b"\x00" + text):
+            assert list(iter_index_packs(body)) == packs
+        with pytest.raises(ValueError):
+            list(iter_index_packs(compress(text[:-300])))
+    assert list(iter_index_packs(compress(b'{"packs":[]}'))) == []
+
+
+def test_chunks_dedup_across_snapshots_through_the_packed_index(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second deployment with the same bodies (no parent tree to take entries over from) stores
+    none of their chunks again: each is found in the index read back from the repository's files."""
+    from anvil.backup import chunkindex, pack
+
+    monkeypatch.setenv("ANVIL_BACKUP_KDF", "test")
+    monkeypatch.setenv("ANVIL_BACKUP_CACHE_DIR", "off")
+    monkeypatch.setattr(chunkindex, "READ", 97)  # index files decoded across many read boundaries
+    monkeypatch.setattr(pack, "INDEX_CHUNKS", 8)  # a session's index written in several files
+    rng = random.Random(5)
+    bodies = [rng.randbytes(rng.randrange(100, 3000)) for _ in range(30)]
+    Repository.init(LocalBackend(tmp_path / "repo"), "pw", pack_target=16 * 1024)
+    trees = []
+    for name in ("a", "b"):
+        anvil = Anvil(tmp_path / name)
+        try:
+            ctx = RequestContext(DEV_PRINCIPAL)
+            anvil.objects.create_bucket(ctx, "mem")
+            for i, body in enumerate(bodies):
+                anvil.objects.put_object(ctx, "mem", f"{name}/{i}", anvil.objects.store_bytes(body))
+            fresh = Repository.open(LocalBackend(tmp_path / "repo"), "pw")  # its index from the files
+            manifest = _snapshot(anvil, fresh)
+        finally:
+            anvil.close()
+        assert manifest["problems"] == [] and manifest["parent"] is None
+        trees.append((manifest, fresh.load_snapshot(manifest["id"])["tree"]))
+    (first, tree_a), (second, tree_b) = trees
+    assert len(tree_a["blobs"]) == len(bodies) and tree_b["blobs"].keys() == tree_a["blobs"].keys()
+    assert all(tree_b["blobs"][s]["chunks"] == e["chunks"] for s, e in tree_a["blobs"].items())
+    file_chunks = sum(len(e["chunks"]) for e in tree_b["files"].values())
+    assert first["stats"]["new_chunks"] >= len(bodies) and second["stats"]["new_chunks"] <= file_chunks
+    index = Repository.open(LocalBackend(tmp_path / "repo"), "pw").index()
+    used = {c for t in (tree_a, tree_b) for e in [*t["files"].values(), *t["blobs"].values()] for c in e["chunks"]}
+    assert used <= set(index) and len(list(index.packs())) > 3
+    assert len(list((tmp_path / "repo" / "index").iterdir())) > 2  # one a session without the early writes
+
+
+def test_server_allocator_settings_leave_the_environment_s_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`anvil serve` bounds glibc's arenas (`api.malloc`) unless the environment sets them, or
+    ANVIL_MALLOC_TUNE=off asks for glibc's defaults."""
+    import ctypes
+
+    from anvil.api import malloc
+
+    try:
+        assert ctypes.CDLL(None).mallopt is not None
+    except (AttributeError, OSError):
+        pytest.skip("not glibc")
+    monkeypatch.setenv(malloc.TUNE_ENV, "off")
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert malloc.tune() == {}
+    monkeypatch.delenv(malloc.TUNE_ENV)
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert malloc.tune() == {}
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert malloc.tune() == {"arena_max": malloc.ARENA_MAX}

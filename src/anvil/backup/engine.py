@@ -858,7 +858,7 @@ def remove_orphan_packs(repo: Repository, grace: float | None = None) -> dict[st
         # An unreadable index may be the one naming these packs.
         return {"skipped": "an index file is unreadable", "packs": 0, "bytes": 0, "kept": 0}
     # pack_sizes also holds packs this Repository's own writers wrote: never orphans to it.
-    indexed = {loc.pack for loc in repo.index().values()} | set(repo.pack_sizes)
+    indexed = repo.index().packs() | set(repo.pack_sizes)  # (no Location per chunk)
     cutoff = time.time() - grace
     removed = kept = freed = 0
     for name in repo.backend.list("data"):

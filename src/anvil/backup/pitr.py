@@ -119,7 +119,8 @@ def restore_to_point(repo: Repository, target: Path, participants: list[Particip
         conn = records.open_readonly(root / "catalog.db")
         try:
             refs = RecoveryContext(root, conn, store, participants).references()
-            inlined = inline.rows(conn)  # restored with catalog.db
+            # Restored with catalog.db; asked a batch at a time, not read as a dict of the whole store's.
+            inlined = inline.among(conn, refs)
         finally:
             records.close(conn)
         reader = ChunkReader(repo)

@@ -37,10 +37,11 @@ import zstandard
 from cryptography.exceptions import InvalidTag
 
 from anvil.backup.backends import Backend
+from anvil.backup.chunkindex import ChunkIndex, iter_index_packs
 from anvil.backup.chunking import CHUNKER
 from anvil.backup.crypto import CHUNK_ID, chunk_id_of_digest, read_passphrase, seal, unseal, unwrap_master, wrap_master
 from anvil.backup.errors import BackupError
-from anvil.backup.pack import PACK_TARGET, Location, PackWriter, compress, decompress
+from anvil.backup.pack import PACK_TARGET, PackWriter, compress, decompress
 
 # Re-exported: callers outside this package's files import these from here.
 __all__ = ["BackupError", "Repository", "read_passphrase"]
@@ -138,7 +139,7 @@ class Repository:
         self.enc_key = master[:32]
         self.id_key = master[32:64]
         self.key_id = key_id
-        self._index: dict[str, Location] | None = None
+        self._index: ChunkIndex | None = None
         self.index_problems: list[str] = []
         self.pack_sizes: dict[str, int] = {}
         self._held: list[str] = []  # names of the locks this object holds
@@ -331,21 +332,25 @@ class Repository:
 
     # -------------------------------------------------------------- index
 
-    def index(self) -> dict[str, Location]:
-        """chunk id -> location, from every readable index file; unreadable ones are recorded."""
+    def index(self) -> ChunkIndex:
+        """chunk id -> location, from every readable index file; unreadable ones are recorded.
+
+        Packed (`chunkindex`: 52 bytes a chunk, not a dict of objects), and each index file is
+        decoded one pack at a time: a backup's own memory does not follow the repository's size."""
         if self._index is None:
-            idx: dict[str, Location] = {}
+            idx = ChunkIndex()
             self.index_problems = []
             for name in self.backend.list("index"):
                 try:
-                    body = self.unseal_json(self.backend.read(name), b"index")
-                except (InvalidTag, ValueError, zstandard.ZstdError):
+                    plain = unseal(self.enc_key, self.backend.read(name), b"index")
+                    for pack in iter_index_packs(plain):
+                        self.pack_sizes[pack["id"]] = pack["size"]
+                        number = idx.pack_number(pack["id"])
+                        for cid, off, length, raw in pack["chunks"]:
+                            idx.add(cid, number, off, length, raw)
+                except (InvalidTag, ValueError, KeyError, TypeError, zstandard.ZstdError):
                     self.index_problems.append(f"{name} cannot be decrypted (truncated or corrupted)")
                     continue
-                for pack in body["packs"]:
-                    self.pack_sizes[pack["id"]] = pack["size"]
-                    for cid, off, length, raw in pack["chunks"]:
-                        idx[cid] = Location(pack["id"], off, length, raw)
             self._index = idx
         return self._index
 

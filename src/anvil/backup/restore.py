@@ -212,7 +212,7 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
         ctx = RecoveryContext(root, conn, open_blob_store(layout.blobs, layout.tmp), participants)
         refs = ctx.references()
         # Small bodies stored inline came back with catalog.db: they need no file.
-        inlined = inline.rows(conn)
+        inlined = inline.among(conn, refs)  # a batch at a time: never a dict of the whole store's
     finally:
         records.close(conn)
     tree_blobs = manifest["tree"]["blobs"]

@@ -140,6 +140,9 @@ def _serve(storage_path: str, listen: str, dev_auth: bool, backup_repo: str | No
             from anvil.cli.records import check_records_url
 
             check_records_url(records)
+        from anvil.api import malloc
+
+        malloc.tune()  # before the server's threads start: their arenas are bounded (api.malloc)
         run_server(storage_path, listen, dev_auth=dev_auth, backup=schedule, archive=archive, access_log=access_log,
                    metrics=metrics, records=records)
     except (AnvilError, ValueError) as e:

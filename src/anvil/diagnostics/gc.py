@@ -143,7 +143,6 @@ def run_gc(
     remote = storage.blobs.remote
     listing = {} if remote else scan_blobs(storage.layout.blobs, deep=False, threads=1).blobs
     remote_listing = {b.sha256 for b in storage.blobs.list_blobs()} if remote else set()
-    inlined = inline.rows(conn)
     # Taken before the references are read: an inline row refreshed by a record committed after
     # that read has a later `stored` and survives the delete below.
     inline_cutoff = time.time() - grace
@@ -201,10 +200,12 @@ def run_gc(
 
     # 2a. Inline bodies nobody references, past the grace period.
     doomed = []
-    candidates = sorted(inlined.keys() - referenced)
+    # Streamed in hash order past the references (never a dict of the whole store's inline bodies):
+    # a body stored after the references were read is younger than the cutoff, and stays.
+    candidates = {sha: size for sha, size in inline.iter_sizes(conn) if sha not in referenced}
     stored_at = inline.stored_at(conn, candidates)
-    for sha in candidates:
-        size, stored = inlined[sha], stored_at.get(sha)
+    for sha, size in candidates.items():
+        stored = stored_at.get(sha)
         if stored is None:
             continue  # removed meanwhile
         if stored >= inline_cutoff:
