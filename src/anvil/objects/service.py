@@ -118,6 +118,14 @@ MIGRATIONS = [
         PRIMARY KEY(bucket, kind)
     );
     """,
+    # 6: a covering index of the listed latest versions: an S3 page (key, LastModified, ETag, Size) is
+    # read from the index alone, in key order, instead of one lookup per key into the table, where
+    # keys written over time lie on scattered pages (a read from the OS per key once the table is
+    # bigger than the page cache: ~40 % of a page's CPU at 200k keys, and growing with the store).
+    """
+    CREATE INDEX versions_listed ON versions(bucket, key, created, etag, size)
+        WHERE is_latest = 1 AND delete_marker = 0;
+    """,
 ]
 
 # The kinds of bucket_settings rows (each journaled as `bucket.<kind>`).

@@ -207,7 +207,8 @@ def _latest_sql(d: _Dialect, xml: bool, delimited: bool, bounded: bool, op: str)
         + ", ''), "
         "max(CASE WHEN e.n <= :limit THEN coalesce(e.cp, e.k) END), max(CASE WHEN e.n <= :limit THEN e.cp END), "
         f"coalesce(max(CASE WHEN e.n <= :limit THEN {d.control.format('e.k')} END), 0) "
-        "FROM e LEFT JOIN versions v ON e.cp IS NULL AND v.bucket = :b AND v.key = e.k AND v.is_latest = 1"
+        "FROM e LEFT JOIN versions v ON e.cp IS NULL AND v.bucket = :b AND v.key = e.k AND v.is_latest = 1 "
+        "AND v.delete_marker = 0"  # as the walk's keys are: S3's columns then come from `versions_listed`
     )
 
 
