@@ -33,7 +33,7 @@ import apsw
 CONTROL_CLASS = "[\x01-\x08\x0b-\x1f\x7f]"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # two instances, compared and hashed by identity (cache keys)
 class _Dialect:
     """Each fragment is a format string over SQL expressions `{0}` (and `{1}`)."""
 
