@@ -69,8 +69,8 @@ def _python_page(objects: ObjectService, **kw):
 ])
 @pytest.mark.parametrize("page_size", [1, 2, 7, 1000])
 def test_json_pages_match_python(svc: ObjectService, engine: str, prefix: str, delimiter: str, page_size: int) -> None:
-    if engine != "sqlite" and page_size < 7:
-        pytest.skip("the same statements as SQLite's; small pages of every walk there (time)")
+    if engine != "sqlite" and page_size != 7:
+        pytest.skip("the same statements as SQLite's; one page size of every walk here (time)")
     token = None
     for _guard in range(500):
         kw = dict(prefix=prefix, delimiter=delimiter, max_keys=page_size, token=token)
