@@ -278,7 +278,7 @@ def _versions_sql(d: _Dialect, delimited: bool, bounded: bool, op: str, tie: boo
         + ", ''), "
         "max(CASE WHEN r.i = :limit THEN coalesce(r.cp, r.key) END), "
         "max(CASE WHEN r.i = :limit AND r.cp IS NULL THEN r.version_id END), "
-        f"coalesce(max(CASE WHEN r.i <= :limit AND r.cp IS NULL THEN {d.control.format('r.key')} END), 0) FROM r"
+        f"coalesce(max(CASE WHEN r.i <= :limit THEN {d.control.format('coalesce(r.cp, r.key)')} END), 0) FROM r"
     )
 
 
