@@ -143,7 +143,9 @@ def test_version_pages_match_python(svc: ObjectService, engine: str, prefix: str
                                     page_size: int) -> None:
     """ListObjectVersions rendered in SQL: every page of the walk, markers to the end (a key's
     versions split across pages, delete markers, common prefixes), equals the Python page."""
-    if engine != "sqlite" and page_size < 1000 and (prefix, page_size) != ("", 3):
+    if page_size == 1 and prefix + delimiter not in ("", "/"):
+        pytest.skip("pages of 3 split keys' versions as well; pages of 1 for two walks only (time)")
+    if engine != "sqlite" and page_size < 1000 and (prefix, delimiter, page_size) != ("", "/", 3):
         pytest.skip("the same statements as SQLite's; small pages of every walk there (time)")
     key_marker = version_marker = ""
     for _guard in range(500):
