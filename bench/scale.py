@@ -493,6 +493,11 @@ def run(steps: list[int], *, quick: bool, processes: int, conns: int, listers: l
                     with RssPeak(pid) as during:
                         step["put"] = clients.put(server.port, "scale", loaded, target)
                         loaded = target
+                        # Again after the PUTs: loading 300k objects on a busy machine outlasts a token
+                        # (a 100k -> 400k run failed there with 401s).
+                        headers = server.auth_headers()
+                        os.environ[TOKEN_ENV] = headers["authorization"].removeprefix("Bearer ")
+                        http.headers.update(headers)
                         step["get_alone"] = clients.get(server.port, "scale", loaded, get_seconds)
                         step["listing"] = listing_times(http, base, loaded, reps)
                         for i, n in enumerate([1] if quick else listers):

@@ -87,14 +87,17 @@ def test_a_node_refuses_an_unmigrated_or_newer_store_and_never_migrates_it(postg
     migrate(url)
     import psycopg
 
+    from anvil.objects.service import MIGRATIONS
+
+    last = len(MIGRATIONS)
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("DELETE FROM schema_migrations WHERE component = 'objects' AND version = 5")
+        conn.execute(f"DELETE FROM schema_migrations WHERE component = 'objects' AND version = {last}")
         before = conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0]
     proc = _serve(tmp_path, url)
-    assert proc.returncode == 2 and "objects schema is at version 4 of 5" in proc.stderr
+    assert proc.returncode == 2 and f"objects schema is at version {last - 1} of {last}" in proc.stderr
     with psycopg.connect(url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == before  # not migrated
-        conn.execute("INSERT INTO schema_migrations VALUES ('objects', 5, 0), ('objects', 99, 0)")
+        conn.execute(f"INSERT INTO schema_migrations VALUES ('objects', {last}, 0), ('objects', 99, 0)")
     proc = _serve(tmp_path, url)
     assert proc.returncode == 2 and "newer than this Anvil knows" in proc.stderr
     # `anvil admin migrate` refuses a newer store as well, and says so without a traceback.
@@ -108,7 +111,9 @@ def test_migrate_is_idempotent_and_reports_versions(postgres) -> None:
     runs = [subprocess.run([sys.executable, "-m", "anvil.cli.main", "admin", "migrate", "--records", url, "--json"],
                            capture_output=True, text=True, timeout=60, check=True) for _ in range(2)]
     first, second = (json.loads(r.stdout) for r in runs)
-    assert first == second and first["versions"]["journal"] == 2 and first["versions"]["objects"] == 5
+    from anvil.objects.service import MIGRATIONS
+
+    assert first == second and first["versions"]["journal"] == 2 and first["versions"]["objects"] == len(MIGRATIONS)
     bad = subprocess.run([sys.executable, "-m", "anvil.cli.main", "admin", "migrate", "--records", "mysql://x"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "postgresql://" in bad.stderr

@@ -118,6 +118,14 @@ MIGRATIONS = [
         PRIMARY KEY(bucket, kind)
     );
     """,
+    # 6: a covering index of the listed latest versions: an S3 page (key, LastModified, ETag, Size) is
+    # read from the index alone, in key order, instead of one lookup per key into the table, where
+    # keys written over time lie on scattered pages (a read from the OS per key once the table is
+    # bigger than the page cache: ~40 % of a page's CPU at 200k keys, and growing with the store).
+    """
+    CREATE INDEX versions_listed ON versions(bucket, key, created, etag, size)
+        WHERE is_latest = 1 AND delete_marker = 0;
+    """,
 ]
 
 # The kinds of bucket_settings rows (each journaled as `bucket.<kind>`).
@@ -466,6 +474,15 @@ class RenderedPage:
 
     page: listing.Page
     next_token: str | None
+
+
+@dataclass
+class RenderedVersions:
+    """A page of `list_versions_rendered`: the rendered entries and the next page's markers."""
+
+    page: listing.Page
+    next_key_marker: str | None
+    next_version_marker: str | None
 
 
 def _list_position(start_after: str, token: str | None) -> _After | None:
@@ -1186,6 +1203,61 @@ class ObjectService:
             next_token = _encode_token({"k": page.last, "p": page.last_is_prefix})
         return RenderedPage(page, next_token)
 
+    @staticmethod
+    def _versions_position(conn: Connection, bucket: str, prefix: str, delimiter: str, key_marker: str,
+                           version_marker: str) -> _After | None:
+        """Where a `list_versions` page starts: strictly after (key_marker, version_marker) in (key asc,
+        seq desc) order; None when it resumes past every possible key (nothing left)."""
+        after = _After(key_marker)
+        if marks_common_prefix(key_marker, prefix, delimiter):
+            nxt = _prefix_upper(key_marker)
+            if nxt is None:
+                return None
+            after = _After(nxt, inclusive=True)
+        elif version_marker:
+            if not key_marker:
+                raise AnvilError("InvalidArgument", "a version marker needs a key marker")
+            row = conn.execute(
+                "SELECT seq FROM versions WHERE bucket = ? AND key = ? AND version_id = ?",
+                (bucket, key_marker, version_marker),
+            ).fetchone()
+            after_seq = row[0] if row is not None else version_id_seq(version_marker)
+            if after_seq is None:
+                raise AnvilError("InvalidArgument", "unknown version marker")
+            after = _After(key_marker, tie=after_seq)
+        return after
+
+    def list_versions_rendered(
+        self, bucket: str, *, prefix: str = "", delimiter: str = "", key_marker: str = "",
+        version_marker: str = "", max_keys: int = 1000, who: str = "",
+    ) -> RenderedVersions | None:
+        """`list_versions` rendered by the record store (`storage.listing.versions_page`) as
+        ListObjectVersions' <Version>/<DeleteMarker> and <CommonPrefixes>, `who` as each entry's owner
+        element. None where the engine cannot or the delimiter has no same-length successor: the
+        caller then lists with `list_versions`."""
+        if v.is_reserved_key(prefix):
+            raise v.reserved_error()
+        if not 1 <= max_keys <= 1000:
+            raise AnvilError("InvalidArgument", "page size must be between 1 and 1000")
+        delimiter_next = _prefix_upper(delimiter) if delimiter else ""
+        if delimiter_next is None or len(delimiter_next) != len(delimiter):
+            return None
+        conn = self.catalog.reader()
+        if not listing.supported(conn):
+            return None
+        with conn:  # one read transaction: the page is a consistent view
+            self._require_bucket(conn, bucket)
+            after = self._versions_position(conn, bucket, prefix, delimiter, key_marker, version_marker)
+            if after is None:
+                return RenderedVersions(listing.Page("", "", 0, False, None, False, False), None, None)
+            if prefix and after.key < prefix:
+                after = _After(prefix, inclusive=True)
+            page = listing.versions_page(
+                conn, bucket, prefix=prefix, delimiter=delimiter, delimiter_next=delimiter_next, after=after.key,
+                inclusive=after.inclusive, tie=after.tie, upper=_prefix_upper(prefix) if prefix else None,
+                limit=max_keys, reserved=_RESERVED_RANGE, who=who)
+        return RenderedVersions(page, page.last, page.last_version)
+
     def list_versions(
         self, bucket: str, *, prefix: str = "", delimiter: str = "", key_marker: str = "",
         version_marker: str = "", max_keys: int = 1000,
@@ -1197,24 +1269,9 @@ class ObjectService:
         conn = self.catalog.reader()
         with conn:
             self._require_bucket(conn, bucket)
-            # Position: strictly after (key_marker, version_marker) in (key asc, seq desc) order.
-            after = _After(key_marker)
-            if marks_common_prefix(key_marker, prefix, delimiter):
-                nxt = _prefix_upper(key_marker)
-                if nxt is None:
-                    return VersionListResult()
-                after = _After(nxt, inclusive=True)
-            elif version_marker:
-                if not key_marker:
-                    raise AnvilError("InvalidArgument", "a version marker needs a key marker")
-                row = conn.execute(
-                    "SELECT seq FROM versions WHERE bucket = ? AND key = ? AND version_id = ?",
-                    (bucket, key_marker, version_marker),
-                ).fetchone()
-                after_seq = row[0] if row is not None else version_id_seq(version_marker)
-                if after_seq is None:
-                    raise AnvilError("InvalidArgument", "unknown version marker")
-                after = _After(key_marker, tie=after_seq)
+            after = self._versions_position(conn, bucket, prefix, delimiter, key_marker, version_marker)
+            if after is None:
+                return VersionListResult()
 
             def fetch(after: _After, upper: str | None, n: int) -> Iterator[tuple]:
                 # `key >= ?` bounds the index range (the OR alone makes SQLite scan up to the marker);

@@ -15,7 +15,7 @@ from anvil.api.s3 import xmlutil as X
 from anvil.api.s3.errors import S3Error
 from anvil.api.s3.request import S3Request, owner, xml
 from anvil.identity.gate import object_filter
-from anvil.objects.service import marks_common_prefix, token_after_prefix
+from anvil.objects.service import ObjectVersion, marks_common_prefix, token_after_prefix
 
 Encoder = Callable[[str], str]
 
@@ -172,6 +172,18 @@ def _list_versions(r: S3Request) -> Response:
     enc = encoder(q)
     b = r.objects.get_bucket(r.bucket)
     kf = object_filter(r.principal, "object:list", r.bucket)
+    who = owner(b.tenant)
+    if kf is None and limit > 0 and enc is _identity:
+        # The page rendered in SQL (storage.listing.versions_page), as ListObjects' pages are; a page
+        # holding a control character is rendered below instead.
+        rendered = r.objects.list_versions_rendered(r.bucket, prefix=prefix, delimiter=delimiter,
+                                                    key_marker=key_marker, version_marker=version_marker,
+                                                    max_keys=limit, who=who)
+        if rendered is not None and not rendered.page.control:
+            page = rendered.page
+            return xml("ListVersionsResult", "".join(_versions_head(
+                q, prefix, delimiter, enc, limit, key_marker, version_marker, page.truncated,
+                rendered.next_key_marker, rendered.next_version_marker, r.bucket)) + page.objects + page.prefixes)
     if limit == 0:
         versions, prefixes, truncated, nk, nv = [], [], False, None, None
     elif kf is not None:  # a bound bucket: only the keys the subject may list (docs/authz.md)
@@ -184,15 +196,16 @@ def _list_versions(r: S3Request) -> Response:
                                       version_marker=version_marker, max_keys=limit)
         versions, prefixes, truncated = res.versions, res.common_prefixes, res.truncated
         nk, nv = res.next_key_marker, res.next_version_marker
-    who = owner(b.tenant)
-    parts = [X.element("Name", r.bucket), X.element("Prefix", enc(prefix)),
-             X.element("KeyMarker", enc(key_marker)), X.element("VersionIdMarker", version_marker)]
-    if truncated:
-        if nk is not None:
-            parts.append(X.element("NextKeyMarker", enc(nk)))
-        if nv is not None:
-            parts.append(X.element("NextVersionIdMarker", nv))
-    parts += listing_fields(q, limit, delimiter, enc, truncated)
+    parts = _versions_head(q, prefix, delimiter, enc, limit, key_marker, version_marker, truncated, nk, nv, r.bucket)
+    parts += versions_xml(versions, enc, who)
+    for p in prefixes:
+        parts.append("<CommonPrefixes>" + X.element("Prefix", enc(p)) + "</CommonPrefixes>")
+    return xml("ListVersionsResult", "".join(parts))
+
+
+def versions_xml(versions: list[ObjectVersion], enc: Encoder, who: str) -> list[str]:
+    """The <Version>/<DeleteMarker> entries; `storage.listing.versions_page` renders the same in SQL."""
+    parts = []
     for o in versions:
         common = (X.element("Key", enc(o.key)) + X.element("VersionId", o.version_id)
                   + X.element("IsLatest", o.is_latest) + X.element("LastModified", X.iso_time(o.created)))
@@ -201,6 +214,17 @@ def _list_versions(r: S3Request) -> Response:
         else:
             parts.append(f"<Version>{common}" + X.element("ETag", f'"{o.etag}"') + X.element("Size", o.size)
                          + X.element("StorageClass", "STANDARD") + who + "</Version>")
-    for p in prefixes:
-        parts.append("<CommonPrefixes>" + X.element("Prefix", enc(p)) + "</CommonPrefixes>")
-    return xml("ListVersionsResult", "".join(parts))
+    return parts
+
+
+def _versions_head(q: QueryParams, prefix: str, delimiter: str, enc: Encoder, limit: int, key_marker: str,
+                   version_marker: str, truncated: bool, nk: str | None, nv: str | None, bucket: str) -> list[str]:
+    """Everything of a ListVersionsResult before its entries."""
+    parts = [X.element("Name", bucket), X.element("Prefix", enc(prefix)),
+             X.element("KeyMarker", enc(key_marker)), X.element("VersionIdMarker", version_marker)]
+    if truncated:
+        if nk is not None:
+            parts.append(X.element("NextKeyMarker", enc(nk)))
+        if nv is not None:
+            parts.append(X.element("NextVersionIdMarker", nv))
+    return parts + listing_fields(q, limit, delimiter, enc, truncated)
