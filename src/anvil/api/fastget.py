@@ -30,13 +30,14 @@ import time
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from anvil.api.common import RawResponse, metadata_to_headers, raw_headers
+from anvil.api.common import INLINE_BODY_LIMIT, SEND_RAW, RawResponse, metadata_to_headers, raw_headers
 from anvil.api.native import _http_date
 from anvil.api.record import next_request_id
 from anvil.errors import AnvilError
 from anvil.identity import scopes as sc
 from anvil.objects import validation as v
 from anvil.runtime import Anvil
+from anvil.storage.blobs import CHUNK_SIZE
 
 _PREFIX = "/anvil/v1/buckets/"
 _SUFFIX = "/object"
@@ -44,9 +45,9 @@ _SLICE = slice(len(_PREFIX), -len(_SUFFIX))
 # Request headers that change what a GET answers: their requests take the general path.
 _GENERAL = frozenset({b"if-match", b"if-none-match", b"x-anvil-if-version-match", b"x-anvil-if-version-none-match",
                       b"range"})
-# Bodies stored in a file are read here up to this size (larger ones are streamed by the general path).
-FILE_LIMIT = 64 * 1024
-SEND_RAW = "anvil.send_raw"  # api.common.SEND_RAW
+# Bodies stored in a file are read whole here up to this size, as the general path reads them (larger
+# ones are streamed by it); one blob of at most a verification chunk has no sidecar to consult.
+FILE_LIMIT = min(INLINE_BODY_LIMIT, CHUNK_SIZE)
 _SCOPE_CACHE_SIZE = 4096
 
 
