@@ -174,6 +174,8 @@ def run(n: int, batches: int, profile: bool) -> dict[str, Any]:
     auth = f"Authorization: Bearer {token}\r\n".encode()
     body = bytes(range(256)) * (SIZE // 256)
     proto, tr = protocol(app)
+    if getattr(app, "fast_reads", None) is not None:  # as `anvil serve` sets it (on this connection only:
+        proto.fast_reads = app.fast_reads             # the floor's protocol must not answer with Anvil)
     setup = [
         b"PUT /anvil/v1/buckets/" + BUCKET.encode() + b" HTTP/1.1\r\nHost: x\r\n" + auth + b"content-length: 0\r\n\r\n",
         (f"PUT /anvil/v1/buckets/{BUCKET}/object?key={KEY} HTTP/1.1\r\nHost: x\r\n".encode() + auth

@@ -179,3 +179,55 @@ def test_metrics_count_every_answer(server: AnvilServer, admin: AnvilClient, tok
              sample("anvil_response_sent_bytes_total", **labels))
     assert after[0] - before[0] == 8
     assert after[1] - before[1] == 7 * len(body)
+
+
+def _read_answers(sock, methods: list[str]) -> list[tuple[int, dict[str, str], bytes]]:
+    """The answers to requests of `methods`, read from a raw socket (each with a content-length)."""
+    buf, out = b"", []
+    while len(out) < len(methods):
+        while b"\r\n\r\n" not in buf:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed after {len(out)} answers"
+            buf += chunk
+        head, _, buf = buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): val.strip() for k, _, val in (line.partition(":") for line in lines[1:])}
+        length = 0 if methods[len(out)] == "HEAD" else int(headers.get("content-length", "0"))
+        while len(buf) < length:
+            chunk = sock.recv(65536)
+            assert chunk
+            buf += chunk
+        out.append((int(lines[0][9:12]), headers, buf[:length]))
+        buf = buf[length:]
+    return out
+
+
+def test_pipelined_requests_bodies_and_closing_keep_their_order(server: AnvilServer, admin: AnvilClient,
+                                                                  token: str) -> None:
+    """The protocol answers a small GET from its parser callback: pipelined requests (answered there or
+    not), a GET that carries a body, and `Connection: close` keep HTTP's framing and order."""
+    import socket
+
+    bucket = unique_bucket("fg")
+    admin.create_bucket(bucket)
+    admin.put_object(bucket, "a", b"first")
+    admin.put_object(bucket, "b", b"second")
+    get(server, token, bucket, "a")
+    auth = f"authorization: Bearer {token}\r\n"
+
+    def req(method: str, key: str, extra: str = "", body: bytes = b"") -> bytes:
+        return (f"{method} /anvil/v1/buckets/{bucket}/object?key={key} HTTP/1.1\r\nhost: x\r\n{auth}{extra}"
+                f"content-length: {len(body)}\r\n\r\n").encode() + body
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(req("GET", "a") + req("PUT", "c", body=b"third") + req("GET", "b") + req("HEAD", "a")
+                  + req("GET", "c") + req("GET", "a", body=b"a body nobody reads") + req("GET", "b"))
+        answers = _read_answers(s, ["GET", "PUT", "GET", "HEAD", "GET", "GET", "GET"])
+        assert [(st, b) for st, _, b in answers] == [
+            (200, b"first"), (200, answers[1][2]), (200, b"second"), (200, b""), (200, b"third"), (200, b"first"),
+            (200, b"second")]
+        assert answers[3][1]["content-length"] == "5"  # HEAD: the length of the body not sent
+        s.sendall(req("GET", "b", "connection: close\r\n"))
+        (status, headers, body), = _read_answers(s, ["GET"])
+        assert (status, body, headers.get("connection")) == (200, b"second", "close")
+        assert s.recv(10) == b""  # closed after it

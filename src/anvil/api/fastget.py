@@ -77,22 +77,35 @@ class FastReads:
         return hit
 
     def native(self, scope: Any) -> bool | RawResponse | None:
-        """Answer a small native object GET/HEAD: True (sent), a response to send the ASGI way (the
-        server's one-write path declined), or None (not handled: nothing was sent)."""
-        path = scope["path"]
+        """From the application (when the protocol did not answer first, see `answer`): True (sent), a
+        response to send the ASGI way (the server's one-write path declined), or None (not handled:
+        nothing was sent)."""
+        send_raw = scope.get(SEND_RAW)
+        if send_raw is None:
+            return None  # not our server (a test client, granian)
+        found = self.answer(scope["method"] == "HEAD", scope["path"], scope["query_string"], scope["headers"])
+        if found is None:
+            return None
+        headers, data = found
+        return True if send_raw(200, headers, data) else RawResponse(200, headers, data)
+
+    def answer(self, head: bool, path: str, qs: bytes, request_headers: list[tuple[bytes, bytes]]
+               ) -> tuple[list[tuple[bytes, bytes]], bytes] | None:
+        """The 200 answer (headers with content-length and x-request-id, body; empty for HEAD) to a
+        small native object GET/HEAD of `path`?`qs`, counted in the metrics; None when the general path
+        must answer. Called by the server's protocol as soon as the request head is parsed
+        (`AnvilHttpProtocol.on_headers_complete`: no ASGI task, no app call), else by the app."""
         if not path.startswith(_PREFIX) or not path.endswith(_SUFFIX):
             return None
-        send_raw = scope.get(SEND_RAW)
         observer = self.observer
-        if send_raw is None or observer.log is not None:
-            return None  # not our server (a test client, granian), or an access log to write
+        if observer.log is not None:
+            return None  # an access log line to write: the general path writes it
         start = time.perf_counter()
         bucket = path[_SLICE]
-        qs = scope["query_string"]
         if qs[:4] != b"key=" or b"&" in qs or not qs.isascii() or "/" in bucket or not bucket:
             return None
         authorization = None
-        for name, value in scope["headers"]:
+        for name, value in request_headers:
             if name == b"authorization":
                 if authorization is None:  # the first of repeated headers, as the general path reads it
                     authorization = value
@@ -120,7 +133,6 @@ class FastReads:
             return None
         if not self._scopes_cover(principal.scopes, bucket) or self.authz.has_binding(bucket):
             return None
-        head = scope["method"] == "HEAD"
         row = self.objects.latest_small(bucket, key, body=not head)
         if row is None:
             return None
@@ -155,7 +167,6 @@ class FastReads:
             (b"content-length", b"%d" % size),
             (b"x-request-id", next_request_id().encode("latin-1")),
         ]
-        sent = send_raw(200, headers, data)
         if observer.requests is not None:
             observer.requests.record("native", "get_object", 200, 0, len(data), time.perf_counter() - start)
-        return True if sent else RawResponse(200, headers, data)
+        return headers, data
