@@ -7,10 +7,10 @@ floor (the same protocol with a minimal app answering the same headers and body 
 `--profile`, one more batch of each under cProfile: Python calls per request and where the time goes,
 grouped by layer (see LAYERS).
 
-    PYTHONPATH=src python bench/inproc.py                 # this checkout
-    python bench/asgi.py --inproc --variant main=/work/main/src@uvicorn --variant branch=src@uvicorn
+    PYTHONPATH=src python bench/inproc.py                       # this checkout
+    PYTHONPATH=../main/src python bench/inproc.py --profile     # another checkout, with the profile
 
-Run through `bench/asgi.py --inproc`, each variant in its own process (PYTHONPATH = its source tree).
+Compare checkouts by running it once per source tree, alternately (docs/performance.md).
 """
 
 from __future__ import annotations
