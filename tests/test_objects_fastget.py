@@ -36,10 +36,25 @@ def token(server: AnvilServer) -> str:
     return server.auth_headers()["authorization"].removeprefix("Bearer ")
 
 
+_CLIENTS: dict[str, httpx.Client] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _keep_alive():
+    """One keep-alive connection per server for the whole module (cheaper than one per request)."""
+    yield
+    for c in _CLIENTS.values():
+        c.close()
+    _CLIENTS.clear()
+
+
 def get(server: AnvilServer, token: str, bucket: str, key: str, method: str = "GET",
         headers: dict[str, str] | None = None) -> httpx.Response:
-    url = f"{server.endpoint}/anvil/v1/buckets/{bucket}/object?key={urllib.parse.quote(key, safe='')}"
-    return httpx.request(method, url, headers={"authorization": f"Bearer {token}", **(headers or {})}, timeout=30)
+    client = _CLIENTS.get(server.endpoint)
+    if client is None:
+        client = _CLIENTS[server.endpoint] = httpx.Client(base_url=server.endpoint, timeout=30)
+    url = f"/anvil/v1/buckets/{bucket}/object?key={urllib.parse.quote(key, safe='')}"
+    return client.request(method, url, headers={"authorization": f"Bearer {token}", **(headers or {})})
 
 
 def same_answer(a: httpx.Response, b: httpx.Response) -> None:
