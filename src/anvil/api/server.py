@@ -184,6 +184,9 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
         super().on_message_begin()
         self._head_open, self._head_fresh, self._head_bytes, self._head_sum = True, True, 0, 0
         self._answered = False
+        # A request answered in `_answer_fast` armed the keep-alive timer; one pipelined behind it in the
+        # same read must not be cut off by that timer while it is served.
+        self._unset_keepalive_if_required()
 
     # on_url and on_header run for every request: uvicorn's bodies are inlined rather than called.
 
