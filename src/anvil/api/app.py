@@ -20,6 +20,7 @@ from anvil.api.authz import AUTHZ_ROUTES
 from anvil.api.backup_routes import BACKUP_ROUTES
 from anvil.api.common import SEND_RAW, error_response
 from anvil.api.docs import DOCS_ROUTES
+from anvil.api.fastget import FastReads
 from anvil.api.fastreq import FastRequest
 from anvil.api.identity import IDENTITY_ROUTES
 from anvil.api.indexes import INDEX_ROUTES
@@ -94,6 +95,7 @@ _OBJECT_PATH_RE = re.compile(re.escape(OBJECT_PATH).replace(re.escape("{bucket}"
 
 
 _BODY_METHODS = frozenset({"PUT", "POST", "PATCH", "DELETE"})
+_READ_METHODS = frozenset({"GET", "HEAD"})
 
 
 def _has_body(scope: Scope) -> bool:
@@ -134,7 +136,16 @@ class AnvilApp(Starlette):
 
     object_handlers = _object_handlers()
 
+    fast_reads: FastReads | None = None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The small object GET/HEAD first (api/fastget.py): answered whole, or declined untouched.
+        if scope["type"] == "http" and scope["method"] in _READ_METHODS and self.fast_reads is not None:
+            answer = self.fast_reads.native(scope)
+            if answer is not None:
+                if answer is not True:
+                    await answer(scope, receive, send)
+                return
         observer = self.state.observer
         if scope["type"] == "http" and observer.active:
             # Metrics and the access log see every request here, whichever path serves it.
@@ -185,6 +196,7 @@ def create_app(anvil: Anvil, *, recovery_mode: bool = False, dev_auth: bool = Fa
     # Object requests on buckets bound to relationships are decided by anvil.authz (docs/authz.md).
     install_object_access(BindingAccess(anvil))
     app.state.observer = observer_from_env(app, access_log=access_log, metrics=metrics)
+    app.fast_reads = FastReads(anvil, app.state.observer)
     anvil.indexes.start()  # the index builder runs in the server (restored ones too: indexes are derived)
     anvil.start_cluster()  # many nodes on one record store: follow its journal, compete for leases
     app.state.recovery_mode = recovery_mode

@@ -24,6 +24,11 @@ _ID_PREFIX = os.urandom(8).hex()
 _ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4), "big"))
 
 
+def next_request_id() -> str:
+    """A new request id (32 hex digits, `new_request_id()`'s format) without a system call."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
 class RequestRecord:
     """What is known about one request; filled as it is served. Slots: one is made per request."""
 

@@ -13,6 +13,7 @@ import socket
 import struct
 import sys
 import threading
+import urllib.parse
 from typing import Any
 
 import httptools
@@ -150,6 +151,7 @@ LINGER_SECONDS = 2.0
 LINGER_BYTES = 1024 * 1024
 # The SSE change feed never ends by itself: on shutdown it is ended cleanly (see shutdown()).
 WATCH_PATH = "/anvil/v1/watch"
+FAST_PREFIX = b"/anvil/v1/buckets/"  # the raw request target of every request FastReads may answer
 
 
 class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
@@ -163,6 +165,8 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
     """
 
     limits = HeaderLimits()
+    # The app's small-GET answerer (api/fastget.py), set by `serve`: asked from the parser's callback.
+    fast_reads: Any = None
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -172,12 +176,17 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
         self._head_sum = 0           # bytes of its complete header lines
         self._refused = False
         self._lingered = 0
+        self._answered = False  # the current request was answered by `_answer_fast`
 
     # Parser callbacks
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._head_open, self._head_fresh, self._head_bytes, self._head_sum = True, True, 0, 0
+        self._answered = False
+        # A request answered in `_answer_fast` armed the keep-alive timer; one pipelined behind it in the
+        # same read must not be cut off by that timer while it is served.
+        self._unset_keepalive_if_required()
 
     # on_url and on_header run for every request: uvicorn's bodies are inlined rather than called.
 
@@ -200,12 +209,60 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_open = False
+        if self.fast_reads is not None and self.url.startswith(FAST_PREFIX) and self._answer_fast():
+            return
         scope = self.scope
         scope[ABORT_CONNECTION] = self._reset  # type: ignore[literal-required]
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is scope:  # not an upgrade, which makes no cycle
             scope[SEND_RAW] = functools.partial(_send_raw, cycle)  # type: ignore[literal-required]
+
+    def _answer_fast(self) -> bool:
+        """Answer a small object GET/HEAD now, from the parser's callback (`FastReads.answer`, api/fastget.py):
+        no request-response cycle, no ASGI task, no app call, one write. Only when nothing else is in
+        flight on the connection (no response being written, nothing pipelined, writing not paused),
+        on a keep-alive HTTP/1.1 GET or HEAD; every other request, and every one `answer` declines,
+        goes on as before (the ASGI path, where the app may still answer it through `FastReads.native`)."""
+        cycle = self.cycle
+        if (cycle is not None and not cycle.response_complete) or self.pipeline or self.flow.write_paused:
+            return False
+        parser = self.parser
+        method = parser.get_method()
+        if (method != b"GET" and method != b"HEAD") or parser.get_http_version() != "1.1" \
+                or not parser.should_keep_alive() or parser.should_upgrade():
+            return False
+        parsed = httptools.parse_url(self.url)
+        path = parsed.path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)  # as uvicorn makes scope["path"]
+        head = method == b"HEAD"
+        found = self.fast_reads.answer(head, self.root_path + path, parsed.query or b"", self.headers)
+        if found is None:
+            return False
+        headers, body = found
+        # The checks `_send_raw` makes of an app's headers (these are the server's own values: never refused).
+        if HEADER_RE.search(b"".join([n for n, _ in headers])) or \
+                HEADER_VALUE_RE.search(b"\t".join([v for _, v in headers])):
+            return False
+        content = [STATUS_LINE[200]]
+        for name, value in self.server_state.default_headers:  # the date, as uvicorn sends it
+            content += (name, b": ", value, b"\r\n")
+        for name, value in headers:
+            content += (name, b": ", value, b"\r\n")
+        content.append(b"\r\n")
+        if not head:
+            content.append(body)
+        self.transport.write_whole(b"".join(content))
+        self._answered = True  # the rest of this request (a body, its end) is not for any cycle
+        self.on_response_complete()  # as a finished cycle calls it: counts, keep-alive timer, reading resumed
+        return True
+
+    def on_message_complete(self) -> None:
+        if self._answered:
+            self._answered = False
+            return
+        super().on_message_complete()
 
     def _reset(self) -> None:
         """Reset the connection (RST, not FIN): a body cut short must not look like an ending."""
@@ -225,6 +282,8 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
     BODY_BUFFER = 1024 * 1024
 
     def on_body(self, body: bytes) -> None:
+        if self._answered:
+            return  # a body sent with a GET answered already: read and dropped, as the app would ignore it
         if (self.parser.should_upgrade() and self._should_upgrade()) or self.cycle.response_complete:
             return
         self.cycle.body += body
@@ -446,6 +505,7 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any
         recovery_mode = in_recovery(anvil.storage.root)
         app = create_app(anvil, recovery_mode=recovery_mode, dev_auth=dev_auth, access_log=access_log,
                          metrics=metrics)
+        AnvilHttpProtocol.fast_reads = app.fast_reads
         anvil.watch.start_background()
         if not recovery_mode:  # lifecycle deletes; a store in recovery mode takes no writes
             anvil.lifecycle.start()

@@ -66,6 +66,16 @@ class TokenAuthority:
     def verify(self, token: str) -> Principal:
         return self.verify_full(token)[0]
 
+    def peek(self, token: str) -> tuple[Principal, TokenInfo] | None:
+        """A token verified before and still unexpired, from the cache alone (None: not cached, or
+        expired: `verify_full` decides). The small GET's path (api/fastget.py): one dict lookup,
+        no lock (a single lookup is atomic; recency is not refreshed, so a hot token may be evicted
+        and verified again, never accepted wrongly)."""
+        hit = self._cache.get(token)
+        if hit is not None and hit[0] > time.time():
+            return hit[1], hit[2]
+        return None
+
     def verify_full(self, token: str) -> tuple[Principal, TokenInfo]:
         if len(token) > MAX_TOKEN_BYTES:
             raise unauthenticated("token too large")

@@ -155,6 +155,24 @@ _BUCKET_AND_LATEST = (
 )  # each column is typed in one branch and NULL in the other, as PostgreSQL's UNION requires
 
 
+# The small GET's one statement (api/fastget.py): the latest version of a key, its bucket's tenant, and
+# its body when that is stored inline, as one row. A GET that reads nothing else costs one statement
+# instead of two (bucket + latest version, then the inline body), and the version and the body come
+# from the same snapshot. HEAD reads no body (`_LATEST_SMALL_HEAD`).
+_LATEST_SMALL_COLUMNS = (
+    "(SELECT tenant FROM buckets WHERE name = v.bucket), v.version_id, v.delete_marker, v.size, v.etag, v.sha256, "
+    "v.content_type, v.metadata, v.chunks, v.created, v.extra"
+)
+# Scalar subqueries rather than joins: on SQLite the same row through two joins cost 17 us, this 6 us.
+_LATEST_SMALL = (
+    f"SELECT {_LATEST_SMALL_COLUMNS}, (SELECT body FROM inline_blobs WHERE sha256 = v.sha256) FROM versions v"
+    " WHERE v.bucket = ? AND v.key = ? AND v.is_latest = 1"
+)
+_LATEST_SMALL_HEAD = (
+    f"SELECT {_LATEST_SMALL_COLUMNS}, NULL FROM versions v WHERE v.bucket = ? AND v.key = ? AND v.is_latest = 1"
+)
+
+
 @dataclass(frozen=True)
 class Bucket:
     name: str
@@ -1048,6 +1066,13 @@ class ObjectService:
         if not cond.empty:
             check_read_conditions(obj, cond)
         return b, obj
+
+    def latest_small(self, bucket: str, key: str, *, body: bool = True) -> tuple | None:
+        """(tenant, version_id, delete_marker, size, etag, sha256, content_type, metadata, chunks, created,
+        extra, inline body or None) of a key's latest version, in one statement; None when the key has no
+        latest version. Unchecked and unverified: the caller (api/fastget.py)
+        checks the key, verifies the body and sends anything unusual down the general path."""
+        return self.catalog.reader().execute(_LATEST_SMALL if body else _LATEST_SMALL_HEAD, (bucket, key)).fetchone()
 
     def read_body(self, obj: ObjectVersion, rng: v.ByteRange | None = None) -> Iterator[bytes]:
         """The object's bytes (or a range) across its chunks, verified as they stream.
