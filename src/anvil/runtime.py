@@ -144,8 +144,8 @@ class Anvil:
     def journal_changed(self, events: list[Event]) -> None:
         """Drop what committed events (of any node) make stale in this process's caches: S3
         credentials and the application lifecycle (disabled, deleted, revoked, rotated), the newest
-        authz revision per tenant, the bucket bindings. Watch streams and the index builder are
-        woken by the follower itself (commit listeners)."""
+        authz revision per tenant, the bucket bindings, the bucket rows and settings. Watch streams and
+        the index builder are woken by the follower itself (commit listeners)."""
         apps: set[str] = set()
         identity = bindings = False
         for ev in events:
@@ -165,6 +165,7 @@ class Anvil:
             elif kind.startswith("authz."):
                 # A write's revision is its event's seq (anvil.authz): minimize_latency reads at it.
                 self.authz._note_write(ev.tenant, ev.seq)
+        self.objects.journal_changed(events)  # bucket rows and settings another node changed
         if identity:
             for client_id in apps:
                 self.identity._forget_sigv4(client_id or None)

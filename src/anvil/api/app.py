@@ -114,7 +114,14 @@ def _watch_body(scope: Scope, receive: Receive, send: Send) -> tuple[Receive, Se
     """
     counter = CountingReceive(receive)
     scope[SCOPE_KEY] = counter
-    scope.pop(SEND_RAW, None)  # every answer must pass through send_closing below
+    raw = scope.pop(SEND_RAW, None)
+    if raw is not None:
+        def send_raw_after_body(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+            # An answer given once the whole body was read (a small PUT's) may go out in one write; one
+            # given before it declines, so it passes through send_closing below.
+            return counter.complete and raw(status, headers, body)
+
+        scope[SEND_RAW] = send_raw_after_body
 
     async def send_closing(message: Message) -> None:
         if message["type"] == "http.response.start" and not counter.complete:

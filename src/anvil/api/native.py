@@ -34,6 +34,7 @@ from anvil.api.common import (
     stream_into,
 )
 from anvil.api.fastreq import QUERY_KEY
+from anvil.api.writes import json_put_answer
 from anvil.api_models import (
     CompleteUploadRequest,
     CopyObjectRequest,
@@ -364,8 +365,11 @@ async def put_object(request: Request, ctx: RequestContext) -> Response:
     bucket = request.path_params["bucket"]
     authorize(ctx.principal, "object:write", _bucket_resource(bucket, key))
     objects = _anvil(request).objects
-    # Everything checkable before the body: names, metadata, content type, bucket existence.
-    objects.prepare_write(bucket, key)
+    declared = _content_length(request)
+    small = declared <= BUFFERED_BODY_LIMIT
+    # Everything checkable before the body: names, metadata, content type, bucket existence, and
+    # room for a body of the declared size (admitted once: store_bytes does not ask again).
+    objects.prepare_write(bucket, key, incoming=declared if small else 0)
     try:
         meta = v.normalise_metadata(metadata_from_headers(request))
     except UnicodeDecodeError:
@@ -373,13 +377,13 @@ async def put_object(request: Request, ctx: RequestContext) -> Response:
     content_type = v.check_content_type(request.headers.get("content-type"))
     cond = _conditions(request)
     sha, md5 = _expected_checksums(request)
-    if _content_length(request) <= BUFFERED_BODY_LIMIT:
+    if small:
         body = await request.body()
 
         def store_and_submit() -> concurrent.futures.Future:
             # Queue the mutation straight from the file-I/O thread once the blob is durable,
             # rather than after a trip back through the event loop.
-            info = objects.store_bytes(body, expected_sha256=sha, expected_md5=md5)
+            info = objects.store_bytes(body, expected_sha256=sha, expected_md5=md5, admitted=len(body) <= declared)
             return objects.submit_put_object(
                 ctx, bucket, key, info, content_type=content_type, metadata=meta, cond=cond
             )
@@ -393,8 +397,7 @@ async def put_object(request: Request, ctx: RequestContext) -> Response:
         pending = objects.submit_put_object(
             ctx, bucket, key, info, content_type=content_type, metadata=meta, cond=cond
         )
-    result = await committed(pending)
-    return JSONResponse(result, status_code=200, headers={"etag": f'"{result["etag"]}"'})
+    return json_put_answer(await committed(pending))
 
 
 async def _get_or_head(request: Request, ctx: RequestContext, *, head: bool) -> Response:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from anvil.context import RequestContext
 from anvil.errors import AnvilError, not_found
 from anvil.objects import validation as v
 from anvil.objects.checksums import combine_crcs, new_checksum
-from anvil.storage import BlobInfo, BlobWriter, Storage, Txn, idempotency, inline, listing
+from anvil.storage import BlobInfo, BlobWriter, Storage, Txn, idempotency, inline, listing, records
 from anvil.storage.blobs import BlobCorrupted, InlineBody, digest_bytes, needs_sidecar
 from anvil.storage.records import Connection
 
@@ -143,6 +144,41 @@ _VERSION_COLUMNS = (
     "bucket, key, version_id, seq, is_latest, delete_marker, size, etag, sha256, "
     "content_type, metadata, chunks, created, extra"
 )
+
+# JSON columns of a version, encoded as `json.dumps(x, sort_keys=True)` encodes them (the stored text is
+# unchanged) by encoders built once: json.dumps with options builds a new encoder per call.
+_dumps_sorted = json.JSONEncoder(sort_keys=True).encode
+_dumps = json.JSONEncoder().encode
+
+
+def _json_sorted(value: dict[str, Any] | None) -> str:
+    return _dumps_sorted(value) if value else "{}"
+
+
+# A bucket row and every configuration document of the bucket, in one statement (a cache miss).
+_BUCKET_WITH_SETTINGS = (
+    "SELECT 0, name, tenant, created, versioning, public, NULL, NULL FROM buckets WHERE name = ?"
+    " UNION ALL SELECT 1, NULL, NULL, NULL, NULL, NULL, kind, document FROM bucket_settings WHERE bucket = ?"
+)
+# Bucket names cached at most (a full cache starts again: a miss costs one indexed read).
+BUCKET_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class _CachedBucket:
+    """A bucket as the request path reads it: its row and its configuration documents, as stored (JSON
+    text, parsed per use so no caller shares a mutable document)."""
+
+    bucket: Bucket
+    settings: dict[str, str]
+
+
+class _Unread:
+    """`_write_version(current=_UNREAD)`: the caller has not read the key's latest version."""
+
+
+_UNREAD = _Unread()
+
 
 # A bucket and the latest version of one of its keys, in one statement: a row tagged 0 for the
 # bucket, one tagged 1 for the version (if any). Two SELECTs under UNION ALL are planned each on its
@@ -566,6 +602,15 @@ class ObjectService:
         self.catalog.migrate("objects", MIGRATIONS)
         self._corruption_listeners: list[CorruptionListener] = []
         self._bucket_delete_hooks: list[BucketDeleteHook] = []
+        # Bucket rows and settings read on every request (the gate's tenant check, prepare_write, the
+        # lifecycle lookup of S3 PUT): cached per name, dropped by every committed `bucket.*` event --
+        # this node's in the writer before the change is answered (Catalog.add_event_listener), other
+        # nodes' through the journal follower (`journal_changed`). The generation keeps a read that
+        # raced a change from storing what it read before it.
+        self._buckets: dict[str, _CachedBucket] = {}
+        self._buckets_generation = 0
+        self._buckets_lock = threading.Lock()
+        self.catalog.add_event_listener(self.journal_changed)
 
     # ---------------------------------------------------------------- helpers
 
@@ -593,6 +638,60 @@ class ObjectService:
             raise AnvilError("NotFound", "bucket not found")
         return b
 
+    def _cached_bucket(self, name: str) -> _CachedBucket | None:
+        """The bucket and its settings as last committed (None: no such bucket; absence is not cached)."""
+        hit = self._buckets.get(name)
+        if hit is not None:
+            return hit
+        generation = self._buckets_generation
+        conn = self.catalog.reader()
+        bucket: Bucket | None = None
+        settings: dict[str, str] = {}
+        for row in conn.execute(_BUCKET_WITH_SETTINGS, (name, name)).fetchall():
+            if row[0] == 0:
+                bucket = Bucket(row[1], row[2], row[3], row[4], bool(row[5]))
+            else:
+                settings[row[6]] = row[7]
+        if bucket is None:
+            return None
+        entry = _CachedBucket(bucket, settings)
+        # Not kept when read inside a caller's read transaction (its snapshot may predate a change
+        # already dropped from the cache), nor when a change was dropped while this read ran.
+        if not records.in_transaction(conn):
+            with self._buckets_lock:
+                if generation == self._buckets_generation:
+                    if len(self._buckets) >= BUCKET_CACHE_SIZE:
+                        self._buckets.clear()
+                    self._buckets[name] = entry
+        return entry
+
+    def forget_buckets(self, names: set[str] | None = None) -> None:
+        """Drop cached buckets (None: all): after a change to their rows or settings."""
+        with self._buckets_lock:
+            self._buckets_generation += 1
+            if names is None:
+                self._buckets.clear()
+            else:
+                for name in names:
+                    self._buckets.pop(name, None)
+
+    def journal_changed(self, events: list[Any]) -> None:
+        """Committed journal events (this node's from the writer, other nodes' from the follower): a
+        `bucket.*` event drops its bucket from the cache."""
+        names = None
+        for ev in events:
+            if ev.kind.startswith("bucket."):
+                name = ev.payload.get("bucket") if isinstance(ev.payload, dict) else None
+                if not isinstance(name, str):
+                    self.forget_buckets()
+                    return
+                if names is None:
+                    names = {name}
+                else:
+                    names.add(name)
+        if names is not None:
+            self.forget_buckets(names)
+
     @staticmethod
     def _latest(conn: Connection, bucket: str, key: str) -> ObjectVersion | None:
         row = conn.execute(
@@ -600,6 +699,18 @@ class ObjectService:
             (bucket, key),
         ).fetchone()
         return ObjectVersion.from_row(row) if row else None
+
+    @staticmethod
+    def _bucket_and_latest(conn: Connection, bucket: str, key: str) -> tuple[Bucket | None, ObjectVersion | None]:
+        """The bucket and the key's latest version, in one statement (a PUT's commit reads both)."""
+        found: Bucket | None = None
+        latest: ObjectVersion | None = None
+        for row in conn.execute(_BUCKET_AND_LATEST, (bucket, bucket, key)).fetchall():
+            if row[0] == 0:
+                found = Bucket(row[15], row[16], row[17], row[18], bool(row[19]))
+            else:
+                latest = ObjectVersion.from_row(row[1:15])
+        return found, latest
 
     @staticmethod
     def _version(conn: Connection, bucket: str, key: str, version_id: str) -> ObjectVersion | None:
@@ -648,10 +759,14 @@ class ObjectService:
         return [Bucket(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
 
     def get_bucket(self, name: str) -> Bucket:
-        return self._require_bucket(self.catalog.reader(), name)
+        entry = self._cached_bucket(name)
+        if entry is None:
+            raise AnvilError("NotFound", "bucket not found")
+        return entry.bucket
 
     def find_bucket(self, name: str) -> Bucket | None:
-        return self._bucket_row(self.catalog.reader(), name)
+        entry = self._cached_bucket(name)
+        return entry.bucket if entry is not None else None
 
     def delete_bucket(self, ctx: RequestContext, name: str) -> dict[str, Any]:
         def fn(txn: Txn) -> dict[str, Any]:
@@ -733,11 +848,13 @@ class ObjectService:
 
     # ---------------------------------------------------------------- writing objects
 
-    def prepare_write(self, bucket: str, key: str) -> Bucket:
-        """Everything checkable before a body is read: reserved namespace first, then names."""
+    def prepare_write(self, bucket: str, key: str, *, incoming: int = 0) -> Bucket:
+        """Everything checkable before a body is read: reserved namespace first, then names.
+        `incoming`: the body's declared size, admitted here (`store_bytes(admitted=True)` then skips
+        its own check: one free-space query per small PUT, not two)."""
         v.check_object_key(key)
         bucket_row = self.get_bucket(bucket)
-        self.space.admit()  # before the body is read: a full store answers without taking it
+        self.space.admit(incoming)  # before the body is read: a full store answers without taking it
         return bucket_row
 
     def body_writer(self, *, max_size: int | None = None, expected_size: int | None = None) -> BlobWriter:
@@ -769,16 +886,18 @@ class ObjectService:
 
     def store_bytes(
         self, data: bytes, *, expected_sha256: str | None = None, expected_md5: str | None = None,
-        digests: BlobInfo | None = None,
+        digests: BlobInfo | None = None, admitted: bool = False,
     ) -> BlobInfo:
         """`store_body` for a body already in memory (small PUTs). Mismatch stores nothing.
-        `digests`: `digest_bytes(data)`, when the caller has computed it already."""
+        `digests`: `digest_bytes(data)`, when the caller has computed it already. `admitted`: its size
+        was admitted already (`prepare_write(incoming=len(data))`)."""
         info = digests if digests is not None else digest_bytes(data)
         if expected_sha256 is not None and expected_sha256.lower() != info.sha256:
             raise AnvilError("BadDigest", "the body does not match the expected SHA-256")
         if expected_md5 is not None and expected_md5.lower() != info.md5:
             raise AnvilError("BadDigest", "the body does not match the expected MD5")
-        self.space.admit(len(data))
+        if not admitted:
+            self.space.admit(len(data))
         if info.size <= self.blobs.inline_max:
             # Stored by the mutation that references it, in the same transaction (`_store_inline`):
             # one group-commit flush covers body, record and journal event.
@@ -786,52 +905,76 @@ class ObjectService:
         return self.blobs.put_bytes(data, info)
 
     @staticmethod
-    def _store_inline(txn: Txn, body: BlobInfo) -> None:
-        """Write a small body inline inside the mutation that references it (no-op for a blob file)."""
+    def _store_inline(txn: Txn, body: BlobInfo, *, defer: bool = False) -> None:
+        """Write a small body inline inside the mutation that references it (no-op for a blob file).
+        `defer`: at the end of the batch, with the batch's other bodies (Txn.defer), for a mutation after
+        which nothing in the batch needs to read the row (a simple PUT: copies and gc in the same batch
+        only refresh or drop rows, and the upsert then rewrites it whole)."""
         if isinstance(body, InlineBody):
-            inline.put(txn.conn, body.sha256, body.data, txn.now)
+            if defer:
+                txn.defer(inline.PUT, (body.sha256, len(body.data), body.data, txn.now))
+            else:
+                inline.put(txn.conn, body.sha256, body.data, txn.now)
 
     def _write_version(
         self, txn: Txn, ctx: RequestContext, bucket: Bucket, key: str, *, size: int, etag: str,
         sha256: str | None, content_type: str, metadata: dict[str, str], chunks: list[tuple[str, int]],
         cond: Conditions, source: dict[str, Any], extra: dict[str, Any] | None = None,
+        current: ObjectVersion | None | _Unread = _UNREAD,
     ) -> dict[str, Any]:
-        """Apply S3 versioning semantics for a new body and emit `object.put`."""
+        """Apply S3 versioning semantics for a new body and emit `object.put`. `current`: the key's
+        latest version as the caller read it in this transaction (`_UNREAD`: read it here)."""
         conn = txn.conn
-        current = self._latest(conn, bucket.name, key)
+        name = bucket.name
+        if isinstance(current, _Unread):
+            current = self._latest(conn, name, key)
         check_write_conditions(current, cond)
         replaced: list[str] = []
+        # Only the statements the bucket's state needs: a new key writes one row.
         if bucket.versioning == "Enabled":
             version_id = new_version_id(txn.next_seq)
+            if current is not None:
+                conn.execute("UPDATE versions SET is_latest = 0 WHERE bucket = ? AND key = ? AND version_id = ?",
+                             (name, key, current.version_id))
         else:
             version_id = NULL_VERSION
-            if self._version(conn, bucket.name, key, NULL_VERSION) is not None:
-                conn.execute(
-                    "DELETE FROM versions WHERE bucket = ? AND key = ? AND version_id = ?",
-                    (bucket.name, key, NULL_VERSION),
-                )
+            if current is not None and current.version_id == NULL_VERSION:
+                # The null version is the latest: replaced, and no other version of the key is latest.
+                conn.execute("DELETE FROM versions WHERE bucket = ? AND key = ? AND version_id = ?",
+                             (name, key, NULL_VERSION))
                 replaced.append(NULL_VERSION)
-        self._clear_latest(conn, bucket.name, key)
+            elif bucket.versioning or current is not None:
+                # Suspended (or, never versioned, a latest that is not the null version: not a state
+                # this service writes, handled as the general case rather than trusted): a null
+                # version further back goes, and the latest stops being it.
+                if self._version(conn, name, key, NULL_VERSION) is not None:
+                    conn.execute("DELETE FROM versions WHERE bucket = ? AND key = ? AND version_id = ?",
+                                 (name, key, NULL_VERSION))
+                    replaced.append(NULL_VERSION)
+                if current is not None:
+                    conn.execute("UPDATE versions SET is_latest = 0 WHERE bucket = ? AND key = ? AND version_id = ?",
+                                 (name, key, current.version_id))
+            # Never versioned and no latest version: a key there has no other version (every write
+            # replaces the null version, every delete removes rows), so there is nothing to look up.
         seq = txn.next_seq
+        meta_json = _json_sorted(metadata)
+        chunks_json = _dumps(chunks)
         conn.execute(
             f"INSERT INTO versions({_VERSION_COLUMNS}) VALUES (?,?,?,?,1,0,?,?,?,?,?,?,?,?)",
-            (
-                bucket.name, key, version_id, seq, size, etag, sha256, content_type,
-                json.dumps(metadata, sort_keys=True), json.dumps(chunks), txn.now,
-                json.dumps(extra or {}, sort_keys=True),
-            ),
+            (name, key, version_id, seq, size, etag, sha256, content_type, meta_json, chunks_json, txn.now,
+             _json_sorted(extra)),
         )
         payload = {
-            "bucket": bucket.name, "key": key, "version_id": version_id, "size": size, "etag": etag,
+            "bucket": name, "key": key, "version_id": version_id, "size": size, "etag": etag,
             "sha256": sha256, "content_type": content_type, "metadata": metadata, "chunks": chunks,
             "versioning": bucket.versioning, "replaced": replaced, **source,
         }
         if extra:
             payload["extra"] = extra
-        txn.emit(bucket.tenant, "object.put", f"{bucket.name}/{key}", payload)
+        txn.emit(bucket.tenant, "object.put", f"{name}/{key}", payload)
         # `cursor`: the journal seq of this write, for queries that must see it (indexes' min_cursor).
         return {
-            "bucket": bucket.name, "key": key, "version_id": version_id, "etag": etag,
+            "bucket": name, "key": key, "version_id": version_id, "etag": etag,
             "sha256": sha256, "size": size, "cursor": seq,
         }
 
@@ -862,12 +1005,14 @@ class ObjectService:
               if ctx.idempotency_key is not None else "")
 
         def fn(txn: Txn) -> dict[str, Any]:
-            b = self._require_bucket(txn.conn, bucket)
-            self._store_inline(txn, body)
+            b, current = self._bucket_and_latest(txn.conn, bucket, key)
+            if b is None:
+                raise AnvilError("NotFound", "bucket not found")
+            self._store_inline(txn, body, defer=True)
             return self._write_version(
                 txn, ctx, b, key, size=body.size, etag=body.md5, sha256=body.sha256, content_type=ct,
                 metadata=meta, chunks=[(body.sha256, body.size)], cond=cond, source={"source": "put"},
-                extra=extra,
+                extra=extra, current=current,
             )
 
         return self._submit(ctx, fn, fp)
@@ -1627,9 +1772,10 @@ class ObjectService:
         return self._mutate(ctx, fn, fp)
 
     def bucket_setting(self, bucket: str, kind: str) -> Any | None:
-        row = self.catalog.reader().execute(
-            "SELECT document FROM bucket_settings WHERE bucket = ? AND kind = ?", (bucket, kind)).fetchone()
-        return json.loads(row[0]) if row else None
+        """The bucket's `kind` document (None: none, or no such bucket), from the bucket cache."""
+        entry = self._cached_bucket(bucket)
+        document = entry.settings.get(kind) if entry is not None else None
+        return json.loads(document) if document is not None else None
 
     def bucket_settings(self, kind: str) -> list[tuple[str, str, Any]]:
         """Every (bucket, tenant, document) with a `kind` document, by bucket name."""

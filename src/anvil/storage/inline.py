@@ -56,14 +56,15 @@ def max_from_env(environ: dict[str, str] | None = None) -> int:
     return value
 
 
+# Parameters: sha256, size, body, stored (the writer may run it for a batch at once: Txn.defer).
+PUT = ("INSERT INTO inline_blobs(sha256, size, body, stored) VALUES (?,?,?,?) "
+       "ON CONFLICT (sha256) DO UPDATE SET size = excluded.size, body = excluded.body, stored = excluded.stored")
+
+
 def put(conn: Connection, sha256: str, body: bytes, now: float) -> None:
     """Store a body (inside the caller's transaction). An existing row is overwritten with these
     bytes, which are known good (just hashed): a damaged row heals, and `stored` is refreshed."""
-    conn.execute(
-        "INSERT INTO inline_blobs(sha256, size, body, stored) VALUES (?,?,?,?) "
-        "ON CONFLICT (sha256) DO UPDATE SET size = excluded.size, body = excluded.body, stored = excluded.stored",
-        (sha256, len(body), body, now),
-    )
+    conn.execute(PUT, (sha256, len(body), body, now))
 
 
 def get(conn: Connection, sha256: str) -> bytes | None:

@@ -90,8 +90,13 @@ class Event:
         }
 
 
+# Built once: `json.dumps` with options builds a new encoder per call (every event of every commit).
+_encode_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+
+
 def canonical_payload(payload: dict[str, Any]) -> str:
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """Byte for byte `json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)`."""
+    return _encode_canonical(payload)
 
 
 # One encoder, built once: `json.dumps` with options builds a new encoder per call, and fsck
@@ -115,19 +120,30 @@ def _row_to_event(row: tuple) -> Event:
     return Event(row[0], row[1], row[2], row[3], row[4], row[5], row[6], json.loads(row[7]), row[8], row[9])
 
 
-def append(
-    conn: apsw.Connection, head: tuple[int, str], *, ts: float, tenant: str, kind: str, scope: str,
-    actor: str, request_id: str, payload: dict[str, Any],
-) -> Event:
+INSERT = f"INSERT INTO journal({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
+
+
+def link(
+    head: tuple[int, str], *, ts: float, tenant: str, kind: str, scope: str, actor: str, request_id: str,
+    payload: dict[str, Any],
+) -> tuple[Event, tuple]:
+    """The event that follows `head`, and its row for `INSERT` (the writer inserts a batch's rows at once)."""
     prev_seq, prev_hash = head
     seq = prev_seq + 1
     payload_json = canonical_payload(payload)
     h = event_hash(prev_hash, seq, ts, tenant, kind, scope, actor, request_id, payload_json)
-    conn.execute(
-        f"INSERT INTO journal({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-        (seq, ts, tenant, kind, scope, actor, request_id, payload_json, prev_hash, h),
-    )
-    return Event(seq, ts, tenant, kind, scope, actor, request_id, payload, prev_hash, h)
+    return (Event(seq, ts, tenant, kind, scope, actor, request_id, payload, prev_hash, h),
+            (seq, ts, tenant, kind, scope, actor, request_id, payload_json, prev_hash, h))
+
+
+def append(
+    conn: apsw.Connection, head: tuple[int, str], *, ts: float, tenant: str, kind: str, scope: str,
+    actor: str, request_id: str, payload: dict[str, Any],
+) -> Event:
+    event, row = link(head, ts=ts, tenant=tenant, kind=kind, scope=scope, actor=actor, request_id=request_id,
+                      payload=payload)
+    conn.execute(INSERT, row)
+    return event
 
 
 def head(conn: apsw.Connection) -> tuple[int, str]:

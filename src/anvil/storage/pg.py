@@ -202,6 +202,11 @@ class PgConnection:
     def execute(self, statement: str, binding: Sequence[Any] | None = None) -> Any:
         return _run(self.raw, statement, binding)
 
+    def executemany(self, statement: str, bindings: Sequence[Sequence[Any]]) -> None:
+        """One statement for many rows (the writer's batched journal rows): psycopg pipelines them."""
+        with self.raw.cursor() as cur:
+            cur.executemany(translate(statement), [tuple(b) for b in bindings])
+
     def script(self, sql: str) -> None:
         """Several statements in one string, without parameters (migrations)."""
         self.raw.execute(sql.encode())  # bytes: no placeholder parsing, so `%` stays as written
@@ -243,6 +248,9 @@ class PgReader:
         with self._pool.connection() as raw:
             cur = _run(raw, statement, binding)
             return cur if cur is _NO_ROWS else _Rows(cur.fetchall())
+
+    def in_transaction(self) -> bool:
+        return self._held is not None
 
     def __enter__(self) -> PgReader:
         if self._depth == 0:

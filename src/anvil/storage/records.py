@@ -50,6 +50,15 @@ class Connection(Protocol):
     def __exit__(self, *exc: object) -> bool | None: ...
 
 
+def in_transaction(conn: Connection) -> bool:
+    """Whether `conn` is inside an open transaction (`with conn:`): its reads then see that snapshot,
+    which may predate commits made since (a cache must not keep what it read there)."""
+    if isinstance(conn, apsw.Connection):
+        return not conn.getautocommit()
+    held = getattr(conn, "in_transaction", None)
+    return bool(held() if callable(held) else held)
+
+
 def open_readonly(path: str | Path) -> Connection:
     """A read-only connection to a catalog file that no server may be writing (or one that is: WAL)."""
     conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)

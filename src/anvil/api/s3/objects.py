@@ -158,11 +158,13 @@ class Received:
     md5: str | None
     computed: dict[str, str]
     digests: BlobInfo | None = None  # of `data`, when already computed (small bodies)
+    admitted: bool = False  # `data`'s size was admitted before it was read (prepare_write)
 
     def commit(self, objects: Any) -> Any:
         """Store it (blocking: file I/O and fsync); a Content-MD5 mismatch stores nothing (BadDigest)."""
         if self.data is not None:
-            return objects.store_bytes(self.data, expected_md5=self.md5, digests=self.digests)
+            return objects.store_bytes(self.data, expected_md5=self.md5, digests=self.digests,
+                                       admitted=self.admitted)
         return objects.store_body(self.writer, expected_md5=self.md5)
 
 
@@ -316,13 +318,17 @@ def write_conditions(r: S3Request) -> Conditions:
 
 async def put_object(r: S3Request) -> Response:
     r.authorize("object:write", r.bucket, r.key)
-    r.objects.prepare_write(r.bucket, r.key)
+    # A small body's declared size is admitted with the other checks, once (its store does not ask again).
+    declared = v.decimal_length(r.h.get("content-length"))
+    admit = declared if declared is not None and declared <= HASH_ON_LOOP_LIMIT else 0
+    r.objects.prepare_write(r.bucket, r.key, incoming=admit)
     user, system = metadata(r)
     ctype = content_type(r)
     cond = write_conditions(r)
     tags = header_tags(r.h.get("x-amz-tagging"))
     public = canned(r.h.get("x-amz-acl"), bucket=False)
     body = await receive_uncommitted(r, max_size=MAX_PUT_SIZE)
+    body.admitted = admit > 0 and body.data is not None and len(body.data) <= admit
     computed = body.computed
     extra: dict[str, Any] = {}
     if system:
