@@ -9,62 +9,28 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from anvil.artefacts import ArtefactService
-from anvil.artefacts.participant import ArtefactsParticipant, ArtefactTensorsParticipant
 from anvil.authz import AuthzService
-from anvil.authz.participant import AuthzParticipant
-from anvil.authz.rows import RowAuthz, binding_problem, relations_at
+from anvil.authz.rows import RowAuthz
 from anvil.context import RequestContext, new_request_id
 from anvil.diagnostics import Diagnostics
 from anvil.diagnostics import findings as fnd
-from anvil.diagnostics.participant import DiagnosticsParticipant
 from anvil.diagnostics.service import check_storage_path
 from anvil.errors import AnvilError
 from anvil.identity import BucketAccess, IdentityService, gate, install_bucket_lookup
 from anvil.identity.gate import install_object_access
-from anvil.identity.participant import IdentityParticipant
 from anvil.identity.settings import load_jwt_secret, load_keyring
 from anvil.indexes import IndexService
-from anvil.indexes.participant import IndexesParticipant
 from anvil.objects import ObjectService
 from anvil.objects.lifecycle import LifecycleWorker
-from anvil.objects.participant import ObjectsParticipant
+from anvil.participants import recovery_participants
 from anvil.personaldb import PersonalDbService
-from anvil.personaldb.participant import PersonalDbParticipant, ProjectionsParticipant
-from anvil.personaldb.service import EVENT_KINDS
 from anvil.storage import Event, Storage, leases
 from anvil.storage.layout import FORMAT_FILE
-from anvil.storage.participant import (
-    BlobDigestsParticipant,
-    BlobsParticipant,
-    JournalParticipant,
-    StorageParticipant,
-)
 from anvil.storage.recovery import Participant
 from anvil.watch import WatchService
-from anvil.watch.events import register_kinds
-from anvil.watch.participant import WatchParticipant
 
 if TYPE_CHECKING:
     from anvil.backup.repository import Repository
-
-
-# Watchers may ask for artefact, index-definition and PersonalDB events (`kinds=artefact.*`,
-# `index.*`, `pdb.*`); they are not in the default families. Registered once, at import.
-register_kinds("artefact", {"artefact.push", "artefact.sign", "artefact.tag", "artefact.key_add", "artefact.upload",
-                            "artefact.uploads_drop"})
-register_kinds("index", {"index.create", "index.update", "index.disable", "index.enable", "index.drop"})
-register_kinds("pdb", EVENT_KINDS)
-
-
-def recovery_participants() -> list[Participant]:
-    """Every subsystem's recovery participant, in the order reports list them; a new subsystem
-    appends its own here and thereby joins backup, restore, fsck, gc, the drill and the
-    conformance suite."""
-    return [StorageParticipant(), JournalParticipant(), ObjectsParticipant(), BlobsParticipant(),
-            BlobDigestsParticipant(), IdentityParticipant(), WatchParticipant(), DiagnosticsParticipant(),
-            AuthzParticipant(), ArtefactsParticipant(), ArtefactTensorsParticipant(),
-            PersonalDbParticipant(binding_problem=binding_problem),
-            ProjectionsParticipant(relations=relations_at), IndexesParticipant()]
 
 
 # Who records findings of failed read verifications (the journal's actor for them).

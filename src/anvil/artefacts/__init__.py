@@ -1,5 +1,24 @@
 """Source and model artefacts: signed manifests, tensor-level reads, git packs (docs/artefacts.md)."""
 
-from anvil.artefacts.service import ArtefactService
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from anvil.artefacts.service import ArtefactService
+
+# Loaded on first use (PEP 562): importing one submodule (a participant, for `anvil fsck`) must
+# not import the whole subsystem through this __init__.
+_WHERE = {
+    **dict.fromkeys(["ArtefactService"], "service"),
+}
 
 __all__ = ["ArtefactService"]
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{where}"), name)

@@ -16,16 +16,36 @@ from the journal (`Replayer`, in `anvil.authz.replay`).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from anvil.authz import relationships as rels
 from anvil.authz.binding import OPERATIONS, binding_from_json
-from anvil.authz.relationships import Relationship
-from anvil.authz.schema import parse
 from anvil.errors import AnvilError
 from anvil.storage.records import Connection, table_exists
 from anvil.storage.recovery import Finding, Participant, RecoveryContext
+
+if TYPE_CHECKING:
+    from anvil.authz.relationships import Relationship
+
+
+class _OnFirstUse:
+    """A module imported when first used: the schema language (a lark grammar, ~0.1 s of
+    imports) is needed only when a store has schemas or relationships to check, and `anvil
+    fsck` of a store without any should not pay for it."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+rels: Any = _OnFirstUse("anvil.authz.relationships")
+
+
+def parse(text: str) -> Any:
+    return importlib.import_module("anvil.authz.schema").parse(text)
 
 TABLES = ["authz_relationships", "authz_schemas", "authz_revisions", "authz_bindings"]
 MAX_FINDINGS = 50
@@ -43,7 +63,8 @@ def _schemas(conn: Connection) -> dict[str, tuple[int, str, str]]:
 
 
 def _live(conn: Connection) -> list[tuple[str, Relationship]]:
-    return [(r[0], Relationship(*r[1:])) for r in conn.execute(
+    rel = rels.Relationship  # looked up once, not per row
+    return [(r[0], rel(*r[1:])) for r in conn.execute(
         f"SELECT tenant, {_COLS} FROM authz_relationships WHERE deleted_rev IS NULL "
         "ORDER BY tenant, rtype, rid, relation, stype, sid, srel")]
 
@@ -117,7 +138,8 @@ def record_decisions(conn: Connection) -> dict[str, Any]:
             schema = parse(text)
         except AnvilError:
             continue  # validate reports it
-        rows = [Relationship(*r) for r in conn.execute(
+        rel = rels.Relationship
+        rows = [rel(*r) for r in conn.execute(
             f"SELECT {_COLS} FROM authz_relationships WHERE tenant = ? AND created_rev <= ? AND "
             "(deleted_rev IS NULL OR deleted_rev > ?) AND sid <> '*' "
             "ORDER BY rtype, rid, relation, stype, sid, srel", (tenant, rev, rev))]

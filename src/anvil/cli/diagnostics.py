@@ -161,7 +161,7 @@ def fsck(storage_path: str | None, endpoint: str | None, as_json: bool, deep: bo
     if storage_path:
         from anvil.diagnostics.fsck import run_fsck
         from anvil.diagnostics.service import OFFLINE_PRINCIPAL, open_offline_target
-        from anvil.runtime import recovery_participants
+        from anvil.participants import recovery_participants  # not anvil.runtime: no service is needed
 
         def action(target: Any) -> dict[str, Any]:
             with _progress(as_json) as progress:

@@ -84,20 +84,28 @@ def _validate_all(target: Target, participants: list[Participant], deep: bool, p
     ctx = RecoveryContext(layout.root, target.catalog.reader(), open_blob_store(layout.blobs, layout.tmp), participants,
                           deep=deep, progress=progress, hash_threads=hash_threads)
     ctx.checked.add("storage.catalog_open")
-    # The walk (and, deep, the hashing) runs on worker threads while participants check records:
-    # SQLite and the file syscalls release the GIL, so they overlap.
+    # The walk (and, deep, the hashing of files and then inline bodies) and catalog.db's
+    # integrity check run on worker threads while participants check records: SQLite, hashlib
+    # and the file syscalls release the GIL, so they overlap the Python of the record checks.
+    ctx.start_catalog_check()
     ctx.start_blob_scan()
-    found: list[Finding] = []
-    for p in participants:
+    # The storage participant, which waits for the integrity check, goes last, so the others'
+    # checks run meanwhile; findings are still listed in the participants' order.
+    order = sorted(participants, key=lambda p: isinstance(p, StorageParticipant))
+    by_participant: dict[int, list[Finding]] = {}
+    for p in order:
         try:
-            found += [f for f in p.validate(ctx) if f.severity != "info"]
+            by_participant[id(p)] = [f for f in p.validate(ctx) if f.severity != "info"]
             ctx.checked.add(f"{p.name}.unreadable")
         except records.RecordError as e:
             # A damaged catalog must not stop the other checks: the failure itself is a finding.
             ctx.stats[p.name] = {"ok": False, "error": str(e)}
-            found.append(Finding(p.name, "error", "catalog.db", f"the {p.name} check could not read catalog.db: {e}",
-                                 f"{p.name}.unreadable", {"file": "catalog.db", "check": p.name}))
+            by_participant[id(p)] = [Finding(
+                p.name, "error", "catalog.db", f"the {p.name} check could not read catalog.db: {e}",
+                f"{p.name}.unreadable", {"file": "catalog.db", "check": p.name})]
     ctx.blob_scan()  # never leave the walk running behind the report
+    ctx.catalog_problems()
+    found = [f for p in participants for f in by_participant[id(p)]]
     return found, ctx.checked, ctx.stats
 
 

@@ -34,18 +34,20 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from anvil.context import RequestContext
 from anvil.diagnostics import findings as fnd
 from anvil.errors import AnvilError
-from anvil.objects import ObjectService
 from anvil.objects import references as refs
 from anvil.storage import Storage, Txn, holds, inline, journal
 from anvil.storage.blobscan import scan_blobs
 from anvil.storage.layout import fsync_dir
 from anvil.storage.recovery import Participant, RecoveryContext, blobs_of_events
 from anvil.storage.space import is_full_error
+
+if TYPE_CHECKING:  # only annotated: fsck, gc and repair offline need none of the object service
+    from anvil.objects import ObjectService
 
 DEFAULT_GRACE = 3600.0
 # While the store refuses writes for lack of space, the grace is at most this: deleting objects

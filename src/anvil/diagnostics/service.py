@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from anvil.context import Principal, RequestContext
 from anvil.diagnostics import findings as fnd
@@ -14,9 +14,11 @@ from anvil.diagnostics.fsck import FsckReport, Target, run_fsck
 from anvil.diagnostics.gc import DEFAULT_GRACE, DEFAULT_UPLOAD_EXPIRY, GcReport, run_gc
 from anvil.diagnostics.repair import run_repair
 from anvil.errors import AnvilError
-from anvil.objects import ObjectService
 from anvil.storage import Catalog, Layout, Storage, records
 from anvil.storage.recovery import Participant, Progress
+
+if TYPE_CHECKING:  # only annotated: fsck, gc and repair offline need none of the object service
+    from anvil.objects import ObjectService
 
 # Offline tools act as this principal: whoever can open the stopped STORAGE_PATH is its operator.
 OFFLINE_PRINCIPAL = Principal(tenant="system", subject="offline-cli", admin=True, scopes=("*",))

@@ -3,15 +3,21 @@ snapshots). The server side is `PersonalDbService`; the SDK side is `Replica` (a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from anvil.personaldb.service import PersonalDbService
+if TYPE_CHECKING:
+    from anvil.personaldb.service import PersonalDbService
 
 __all__ = ["PersonalDbService", "ProjectionReplica", "Replica"]
 
 
 def __getattr__(name: str) -> Any:
-    # The replica is SDK-side: imported on demand so the server never loads it.
+    # The service on first use (`anvil fsck` imports only the participant); the replica is
+    # SDK-side: imported on demand so the server never loads it.
+    if name == "PersonalDbService":
+        from anvil.personaldb.service import PersonalDbService
+
+        return PersonalDbService
     if name == "Replica":
         from anvil.personaldb.replica import Replica
 

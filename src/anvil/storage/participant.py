@@ -20,14 +20,11 @@ import hashlib
 import json
 import os
 import time
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from anvil.errors import AnvilError
-from anvil.storage import inline, journal, records
+from anvil.storage import inline, journal
 from anvil.storage.blobs import CHUNK_ALGORITHM, CHUNK_ALGORITHMS, CHUNK_SIZE, BlobCorrupted, needs_sidecar
 from anvil.storage.blobscan import HEX64, hash_file
 from anvil.storage.layout import Layout
@@ -76,7 +73,7 @@ class StorageParticipant(Participant):
         ctx.checked.add("storage.format")
         out = self.format_findings(ctx.root, ctx.stats)
         ctx.checked.add("storage.catalog_integrity")
-        problems = records.integrity_problems(ctx.conn)
+        problems = ctx.catalog_problems()  # started early by fsck on its own thread (start_catalog_check)
         ctx.stats["catalog"] = {"ok": not problems, "messages": len(problems)}
         if problems:
             out.append(self.finding(
@@ -337,9 +334,10 @@ class BlobsParticipant(Participant):
         }
         if ctx.deep:
             ctx.checked.update({"blobs.hash_mismatch", "objects.chunk_size"})
-            stats["hashed"] = len(found.sizes) + len(inlined)
+            hashed_inline, inline_bad = ctx.inline_check()
+            stats["hashed"] = len(found.sizes) + hashed_inline
             out += self._hashes(ctx, refs, found)
-            out += self._inline_hashes(ctx, refs, listing)
+            out += self._inline_hashes(refs, listing, inlined, inline_bad)
         ctx.stats["blobs"] = stats
         if recorded and recorded.get("digest") and recorded["digest"] != self.summary(ctx)["digest"]:
             out.append(self.finding("error", "blobs", "the set of referenced blobs differs from the recorded one",
@@ -350,23 +348,26 @@ class BlobsParticipant(Participant):
         done(1)
         return out
 
-    def _inline_hashes(self, ctx: RecoveryContext, refs: dict[str, list[BlobRef]],
-                       listing: dict[str, str]) -> list[Finding]:
-        """Deep: every inline body hashes to its address and has the size its references record."""
+    def _inline_hashes(self, refs: dict[str, list[BlobRef]], listing: dict[str, str], inlined: dict[str, int],
+                       bad: list[tuple[str, int, int, str]]) -> list[Finding]:
+        """Deep: every inline body hashes to its address (`bad`: those that do not, or whose length
+        differs from their row's size) and has the size its references record. A body that
+        passed has its row's size, so the references are compared with `inlined` (sha -> size)."""
         out: list[Finding] = []
-        for sha, recorded, size, actual in _hash_inline(ctx.conn, ctx.hash_threads):
+        failed = set()
+        for sha, recorded, size, actual in sorted(bad):
+            failed.add(sha)
             rs = refs.get(sha, [])
-            if actual != sha or size != recorded:
-                out.append(self.finding(
-                    "error", f"blob {sha}", f"inline blob {sha} hashes to {actual} ({size} bytes, {recorded} "
-                    "recorded): its content no longer matches its name" + (f"; affects {_affects(rs)}" if rs else ""),
-                    "blobs.hash_mismatch",
-                    {"blob": sha, "sha256": sha, "actual_sha256": actual, "size": size, "inline": True,
-                     "references": [r.ref for r in rs[:MAX_REFERENCES]]}, identity={"blob": sha}))
-                continue
-            if sha in listing:
-                continue  # also stored as a file: its sizes are checked against the file
-            for r in rs:
+            out.append(self.finding(
+                "error", f"blob {sha}", f"inline blob {sha} hashes to {actual} ({size} bytes, {recorded} "
+                "recorded): its content no longer matches its name" + (f"; affects {_affects(rs)}" if rs else ""),
+                "blobs.hash_mismatch",
+                {"blob": sha, "sha256": sha, "actual_sha256": actual, "size": size, "inline": True,
+                 "references": [r.ref for r in rs[:MAX_REFERENCES]]}, identity={"blob": sha}))
+        for sha, size in inlined.items():
+            if sha in failed or sha in listing:
+                continue  # reported above; or also stored as a file: its sizes are checked against the file
+            for r in refs.get(sha, ()):
                 if r.size != size:
                     out.append(self.finding(
                         "error", r.label, f"{r.label} records blob {sha} as {r.size} bytes; it is {size}",
@@ -400,33 +401,6 @@ class BlobsParticipant(Participant):
                         {"blob": sha, "expected": r.size, "actual": actual, "references": [r.ref]},
                         identity={"blob": sha, "reference": r.ref}))
         return out
-
-
-def _hash_batch(batch: list[tuple[str, int, bytes]]) -> list[tuple[str, int, int, str]]:
-    return [(sha, recorded, len(body), hashlib.sha256(body).hexdigest()) for sha, recorded, body in batch]
-
-
-def _hash_inline(conn: records.Connection, threads: int) -> Iterator[tuple[str, int, int, str]]:
-    """(sha256, recorded size, size, actual sha256) of every inline body. The rows are read on this
-    thread and hashed in batches on `threads` others: SQLite and hashlib (bodies over 2 KiB) both
-    release the GIL, so reading and hashing overlap instead of taking turns. At most 2 x threads
-    batches of ~4 MiB are in flight."""
-    pending: deque[Future[list[tuple[str, int, int, str]]]] = deque()
-    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="anvil-inline-hash") as pool:
-        batch: list[tuple[str, int, bytes]] = []
-        size = 0
-        for row in inline.bodies(conn):
-            batch.append(row)
-            size += len(row[2])
-            if size >= 4 << 20:
-                pending.append(pool.submit(_hash_batch, batch))
-                batch, size = [], 0
-                while len(pending) > 2 * threads:
-                    yield from pending.popleft().result()
-        if batch:
-            pending.append(pool.submit(_hash_batch, batch))
-        while pending:
-            yield from pending.popleft().result()
 
 
 # A sidecar is written just before its blob is named: one younger than this without its blob may

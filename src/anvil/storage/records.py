@@ -94,7 +94,11 @@ def consistent_copy(source: str | Path, dest: str | Path) -> None:
 
 
 def integrity_problems(conn: Connection, limit: int = 100) -> list[str]:
-    """The engine's own structural check of the store: [] when it is sound."""
+    """The engine's own structural check of the store: [] when it is sound.
+
+    The full `integrity_check`, not `quick_check`: only the former verifies that every index
+    matches its table (an index entry pointing at the wrong row makes lookups by key miss a
+    row that a table scan still finds), and fsck --deep's own reads cover neither."""
     if not isinstance(conn, apsw.Connection):
         return []  # PostgreSQL: its own checks (amcheck, data checksums) are the operator's
     try:
@@ -103,6 +107,32 @@ def integrity_problems(conn: Connection, limit: int = 100) -> list[str]:
         # Damage bad enough that the check aborts is itself the answer.
         return [f"integrity_check aborted: {e}"]
     return [] if rows == ["ok"] else rows
+
+
+def sqlite_file(conn: Connection) -> str | None:
+    """The database file behind an embedded (SQLite) connection; None for any other engine or an
+    in-memory database. Checks that read a whole table in parallel (fsck --deep) open their own
+    read-only connections to it: one connection can serve one thread at a time."""
+    if not isinstance(conn, apsw.Connection):
+        return None
+    try:
+        name = conn.db_filename("main")
+    except apsw.Error:
+        return None
+    return name or None
+
+
+def integrity_problems_of_file(path: str | Path, limit: int = 100) -> list[str]:
+    """`integrity_problems` on a connection of its own, so the check (C code that releases the
+    GIL) can run on a thread of its own while the caller goes on with other reads."""
+    try:
+        conn = open_readonly(path)
+    except RecordError as e:
+        return [f"integrity_check aborted: {e}"]
+    try:
+        return integrity_problems(conn, limit)
+    finally:
+        conn.close()
 
 
 def table_exists(conn: Connection, name: str) -> bool:

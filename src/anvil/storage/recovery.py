@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
+from anvil.storage import inline, records
 from anvil.storage.blobs import BlobStore
 from anvil.storage.blobscan import ScanResult
 from anvil.storage.records import Connection
@@ -148,6 +149,9 @@ class RecoveryContext:
         self._scan: ScanResult | None = None
         self._scan_thread: threading.Thread | None = None
         self._scan_error: BaseException | None = None
+        self._inline: tuple[int, list[inline.Mismatch]] | None = None
+        self._catalog_problems: list[str] | None = None
+        self._catalog_thread: threading.Thread | None = None
 
     def references(self) -> dict[str, list[BlobRef]]:
         """Every blob any participant references -> its references (sorted by hash), from one read
@@ -194,9 +198,15 @@ class RecoveryContext:
             return
         advance = self.progress.phase("hashing blobs" if self.deep else "listing blobs")
 
+        # Deep, on SQLite: the inline bodies are hashed by the same worker, after the files, on
+        # connections of their own, so that work too overlaps the caller's record checks.
+        inline_file = records.sqlite_file(self.conn) if self.deep else None
+
         def run() -> None:
             try:
                 self._scan = self.blobs.scan(deep=self.deep, threads=self.hash_threads, on_progress=advance)
+                if inline_file is not None:
+                    self._inline = inline.check_bodies_in_file(inline_file, self.hash_threads)
             except BaseException as e:  # noqa: BLE001 - re-raised by blob_scan() in the caller's thread
                 self._scan_error = e
 
@@ -212,6 +222,39 @@ class RecoveryContext:
             raise self._scan_error
         assert self._scan is not None
         return self._scan
+
+    def inline_check(self) -> tuple[int, list[inline.Mismatch]]:
+        """Deep: (inline bodies hashed, those whose hash or size differs from their row), from the
+        background scan when it did them (SQLite), else computed here."""
+        self.blob_scan()
+        if self._inline is None:
+            self._inline = inline.check_bodies(self.conn, self.hash_threads)
+        return self._inline
+
+    def start_catalog_check(self) -> None:
+        """Run the record store's structural check (SQLite's `integrity_check`, which reads every
+        page of catalog.db) on a thread and connection of its own while the caller goes on:
+        SQLite releases the GIL, so it overlaps the Python of the other checks."""
+        if self._catalog_thread is not None or self._catalog_problems is not None:
+            return
+        path = records.sqlite_file(self.conn)
+        if path is None:
+            return  # another engine: catalog_problems() asks it on the caller's connection
+
+        def run() -> None:
+            self._catalog_problems = records.integrity_problems_of_file(path)
+
+        self._catalog_thread = threading.Thread(target=run, name="anvil-catalog-check", daemon=True)
+        self._catalog_thread.start()
+
+    def catalog_problems(self) -> list[str]:
+        """The structural check's messages ([] when sound): the background one if started."""
+        if self._catalog_thread is not None:
+            self._catalog_thread.join()
+            self._catalog_thread = None
+        if self._catalog_problems is None:
+            self._catalog_problems = records.integrity_problems(self.conn)
+        return self._catalog_problems
 
 
 class Participant:

@@ -1,0 +1,156 @@
+"""fsck --deep's fast paths check what the plain ones did (docs/diagnostics.md, "Speed").
+
+- inline bodies are hashed by worker threads over rowid ranges on connections of their own:
+  damage in any range (content, or a length that differs from the row's size) is found, the
+  same as by the one-reader path other engines take, and a reference recording the wrong size
+  of a sound inline body is still reported;
+- the journal chain's record text is built without an encoder per event: byte for byte what
+  `event_hash` hashes, for any column values (odd characters, NULLs, a damaged seq);
+- catalog.db's integrity check runs on a connection and thread of its own (the damaged-page
+  case is tests/test_diagnostics.py's test_damaged_catalog_page_fails_integrity_check).
+
+In-process, over a real store built through the service layer (no server is needed to check
+the checks; the CLI and the server run the same `run_fsck`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import apsw
+import pytest
+
+from anvil.context import DEV_PRINCIPAL, RequestContext
+from anvil.diagnostics import run_fsck
+from anvil.diagnostics.service import open_offline_target
+from anvil.participants import recovery_participants
+from anvil.runtime import Anvil
+from anvil.storage import inline, journal, records
+
+BODIES = 64
+
+
+def _body(i: int) -> bytes:
+    return (f"fast fsck body {i:04d} ".encode() * 400)[:3000 + i]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fsckfast") / "data"
+    a = Anvil(root)
+    try:
+        ctx = RequestContext(DEV_PRINCIPAL)
+        a.objects.create_bucket(ctx, "fsckb")
+        for i in range(BODIES):
+            w = a.storage.blobs.writer()
+            w.write(_body(i))
+            a.objects.put_object(RequestContext(DEV_PRINCIPAL), "fsckb", f"k{i:03d}", a.objects.store_body(w))
+    finally:
+        a.close()
+    return root
+
+
+def _deep(root: Path) -> dict:
+    with open_offline_target(root) as target:
+        return run_fsck(target, recovery_participants(), deep=True, record=False).to_dict()
+
+
+def _sha(i: int) -> str:
+    return hashlib.sha256(_body(i)).hexdigest()
+
+
+def test_inline_damage_in_every_range_is_found_by_both_paths(store: Path) -> None:
+    clean = _deep(store)
+    assert clean["ok"] is True and clean["checks"]["blobs"]["inline"] == BODIES
+    assert clean["checks"]["blobs"]["hashed"] == BODIES
+    db = store / "catalog.db"
+    conn = apsw.Connection(str(db))
+    # Rows spread over the table (so over every worker's ranges): three with a flipped byte, one
+    # whose row says a size its body does not have, one referenced with a size it does not have.
+    flipped = [0, BODIES // 2, BODIES - 1]
+    for i in flipped:
+        body = bytearray(_body(i))
+        body[100] ^= 0xFF
+        conn.execute("UPDATE inline_blobs SET body = ? WHERE sha256 = ?", (bytes(body), _sha(i)))
+    wrong_row = 7
+    conn.execute("UPDATE inline_blobs SET size = size + 1 WHERE sha256 = ?", (_sha(wrong_row),))
+    conn.close()
+    try:
+        found = _deep(store)
+        bad = {f["affected"]["sha256"]: f for f in found["findings"] if f["invariant"] == "blobs.hash_mismatch"}
+        assert set(bad) == {_sha(i) for i in [*flipped, wrong_row]}, bad
+        assert all(f["affected"]["inline"] is True for f in bad.values())
+        assert bad[_sha(wrong_row)]["affected"]["actual_sha256"] == _sha(wrong_row)  # content fine, size not
+        # The one-reader path (other engines) finds exactly the same rows.
+        path = records.sqlite_file(records.open_readonly(db))
+        assert path is not None
+        threaded = inline.check_bodies_in_file(path, 2)
+        one_reader = inline._check_batches(records.open_readonly(db), 2)
+        assert threaded[0] == one_reader[0] == BODIES
+        assert sorted(threaded[1]) == sorted(one_reader[1]) and len(threaded[1]) == 4
+    finally:
+        conn = apsw.Connection(str(db))
+        for i in flipped:
+            conn.execute("UPDATE inline_blobs SET body = ? WHERE sha256 = ?", (_body(i), _sha(i)))
+        conn.execute("UPDATE inline_blobs SET size = size - 1 WHERE sha256 = ?", (_sha(wrong_row),))
+        conn.close()
+    assert _deep(store)["ok"] is True
+
+
+def test_a_reference_with_the_wrong_size_of_a_sound_inline_body_is_reported(store: Path) -> None:
+    db = store / "catalog.db"
+    i = 11
+    conn = apsw.Connection(str(db))
+    (chunks,) = conn.execute("SELECT chunks FROM versions WHERE key = ?", (f"k{i:03d}",)).fetchone()
+    conn.execute("UPDATE versions SET chunks = ? WHERE key = ?",
+                 (chunks.replace(str(len(_body(i))), str(len(_body(i)) + 5)), f"k{i:03d}"))
+    conn.close()
+    try:
+        found = _deep(store)
+        sizes = [f for f in found["findings"] if f["invariant"] == "objects.chunk_size"]
+        assert [(f["affected"]["blob"], f["affected"]["actual"]) for f in sizes] == [(_sha(i), len(_body(i)))]
+    finally:
+        conn = apsw.Connection(str(db))
+        conn.execute("UPDATE versions SET chunks = ? WHERE key = ?", (chunks, f"k{i:03d}"))
+        conn.close()
+
+
+@pytest.mark.parametrize("row", [
+    (1, 1.5, "t", "object.put", "b", "system/x", "r", '{"a":"b"}'),
+    (2**40, 1733100000.123456, "ténant \u2028", "k\n\t\"\\", "\x00\x1f\x7f", "é😀", "", '{"x":"\\u0000"}'),
+    (3, 0.1 + 0.2, None, "k", "s", "a", "r", "{}"),  # a NULL column: the encoder's own path
+    ("4", 2.0, "t", "k", "s", "a", "r", "{}"),  # a damaged seq (text): likewise
+    (True, 2.0, "t", "k", "s", "a", "r", "{}"),  # a bool is no int to the short path
+])
+def test_the_chain_record_text_is_what_event_hash_hashes(row: tuple) -> None:
+    seq, ts, *rest = row
+    assert journal._record_text(seq, ts, *rest) == journal._encode_record([seq, repr(ts), *rest])
+
+
+def test_a_tampered_event_still_breaks_the_chain(store: Path) -> None:
+    db = apsw.Connection(str(store / "catalog.db"))
+    try:
+        checked, problems = journal.verify_chain(db)
+        assert checked > BODIES and problems == []
+        seq = BODIES // 2
+        db.execute("UPDATE journal SET actor = actor || 'x' WHERE seq = ?", (seq,))
+        checked, problems = journal.verify_chain(db)
+        assert [(p.seq, p.problem) for p in problems] == [(seq, "hash does not match the event's contents")]
+    finally:
+        db.execute("UPDATE journal SET actor = substr(actor, 1, length(actor) - 1) WHERE seq = ?", (seq,))
+        db.close()
+
+
+def test_offline_fsck_imports_no_service() -> None:
+    """`anvil fsck --storage-path` builds its participants from `anvil.participants`: no subsystem's
+    service, no schema language, no JWT stack (each was a tenth of a second of every fsck's start)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, anvil.diagnostics.fsck, anvil.diagnostics.service, anvil.participants\n"
+            "anvil.participants.recovery_participants()\n"
+            "print(sorted(m for m in ('anvil.objects.service', 'anvil.authz.service', 'anvil.identity.service', "
+            "'anvil.watch.service', 'anvil.runtime', 'lark', 'jwt', 'httpx', 'pydantic') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
