@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from anvil import __version__
+from anvil.backup import summaries as summaries_mod
 from anvil.backup import workers
 from anvil.backup.chunking import CHUNKER, chunker
 from anvil.backup.errors import BackupError
@@ -233,8 +234,12 @@ def latest_row(repo: Repository, deployment_id: str, *, full: bool = True) -> di
     return rows[-1] if rows else None
 
 
-def _summaries(participants: list[Participant], ctx: RecoveryContext) -> dict[str, Any]:
-    return {p.name: {"describe": p.describe().to_dict(), "summary": p.summary(ctx)} for p in participants}
+def _summaries(participants: list[Participant], ctx: RecoveryContext,
+               reused: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Each participant's description and summary; `reused`: summaries taken over from the parent."""
+    reused = reused or {}
+    return {p.name: {"describe": p.describe().to_dict(),
+                     "summary": reused[p.name] if p.name in reused else p.summary(ctx)} for p in participants}
 
 
 class _Background:
@@ -338,9 +343,11 @@ def _encode_todo(store: RefStore, repo: Repository, writer: PackWriter, blobs: B
                  tick: Callable[[int], None]) -> None:
     """Encode the blobs to encode a bounded batch at a time; each batch's entries go to the store."""
     refs = _StoreRefs(store)
-    for todo, sizes in store.todo_batches():
-        store.add_entries(_encode_new_blobs(repo, writer, blobs, todo, sizes, refs, problems,  # type: ignore[arg-type]
-                                            tick))
+    # One worker pool for every batch (started by the first batch worth it), not one per batch.
+    with workers.Pools(repo.enc_key, repo.id_key) as pools:
+        for todo, sizes in store.todo_batches():
+            store.add_entries(_encode_new_blobs(repo, writer, blobs, todo, sizes, refs,  # type: ignore[arg-type]
+                                                problems, tick, pools))
 
 
 def create_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
@@ -407,7 +414,10 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
             # The participants' summaries (object digests, a stat per blob, the journal chain's
             # hashes) were a third of a small-blob backup's own time: they run on a thread, on the
             # checkpoint's connection (nothing else uses it from here on), while blobs are encoded.
-            summaries = _Background(_summaries, participants, ctx)
+            # Summaries that still hold at this head are the parent's (`backup.summaries`): a full
+            # snapshot of an unchanged store no longer reads every row to find the same digests.
+            reused = summaries_mod.reusable(repo, parent, conn, (seq, chain_hash), participants)
+            summaries = _Background(_summaries, participants, ctx, reused)
         except BaseException:
             records.close(conn)
             raise
@@ -440,7 +450,7 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
             logical = files["catalog.db"]["size"] + len(fmt)
             _encode_todo(store, repo, writer, blobs, problems, tick)
             tree_blobs = store.tree()
-            reused = store.reused
+            reused_blobs = store.reused
             logical += store.tree_totals()[1]
             parts = summaries.result()  # before the index: a failed summary leaves no index behind
             writer.finish()
@@ -464,7 +474,8 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
                 "coverage": coverage(p.describe() for p in participants),
                 "problems": problems,
                 "stats": {"logical_bytes": logical, "new_bytes": writer.new_bytes, "new_chunks": writer.new_chunks,
-                          "blobs": len(tree_blobs), "blobs_reused_from_parent": reused,
+                          "blobs": len(tree_blobs), "blobs_reused_from_parent": reused_blobs,
+                          "summaries_reused": sorted(reused),
                           "duration": round(finished - started, 3), "orphans": orphans},
                 "tree": {"files": files, "blobs": tree_blobs},
             }
@@ -487,7 +498,7 @@ def _refs_note(uses: list[Any]) -> str:
 
 def _encode_new_blobs(repo: Repository, writer: PackWriter, blobs: BlobStore, todo: list[str],
                       sizes: _RecordedSizes, refs: dict[str, Any], problems: list[str],
-                      tick: Callable[[int], None]) -> dict[str, dict[str, Any]]:
+                      tick: Callable[[int], None], pools: workers.Pools | None = None) -> dict[str, dict[str, Any]]:
     """Encode and pack the blobs the parent does not hold: sha -> tree entry (without refs).
 
     Many small blobs go to worker processes (`workers`: the per-blob Python work then uses every
@@ -513,9 +524,12 @@ def _encode_new_blobs(repo: Repository, writer: PackWriter, blobs: BlobStore, to
 
     small = [sha for sha in todo if sizes.get(sha, 0) <= workers.SMALL_MAX]
     # Workers read local files: bodies in a remote blob backend are read by the threads below.
-    nproc = 0 if blobs.remote else workers.use_processes(len(small))
+    own = pools is None
+    pools = pools or workers.Pools(repo.enc_key, repo.id_key)
+    running = None if blobs.remote or not small else pools.get(len(small))
     threaded = todo
-    if nproc:
+    if running:
+        ex, nproc = running
         small_set = set(small)
         threaded = [sha for sha in todo if sha not in small_set]
         inlined = blobs.inline_among(small)  # of this batch only: never a set of the whole store's
@@ -526,12 +540,15 @@ def _encode_new_blobs(repo: Repository, writer: PackWriter, blobs: BlobStore, to
                 body = blobs.inline_body(sha) if sha in inlined else None
                 yield sha, str(blobs.path(sha)), body
 
-        with workers.pool(nproc, repo.enc_key, repo.id_key) as ex:
+        try:
             for sha, actual, size, chunks in workers.encode_small(ex, nproc, items(), lambda s: sizes.get(s, 0)):
                 if actual == "large":
                     threaded.append(sha)  # bigger than its record says: streamed below
                     continue
                 take(sha, None if actual is None else ([(c, n, b) for c, n, b in chunks], actual, size))
+        finally:
+            if own:
+                pools.close()
 
     def encode_one(sha: str) -> Encoded | None:
         return encode_blob(writer, blobs, sha)
