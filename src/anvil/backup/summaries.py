@@ -17,7 +17,7 @@ from anvil.backup.repository import Repository
 from anvil.storage import journal
 from anvil.storage.recovery import Participant, Replayer
 
-HEADER_KEYS = ("anvil_version", "consistency", "participants")
+HEADER_KEYS = ("anvil_version", "participants")
 
 
 def event_kinds_since(conn: Any, seq: int) -> set[str] | None:
@@ -34,9 +34,17 @@ def reusable(repo: Repository, parent: dict[str, Any] | None, conn: Any, head: t
     wanted = [p for p in participants if p.summary_reuse in ("events", "head")]
     if parent is None or not wanted or parent.get("kind") == "delta":
         return {}
-    parent_seq = int((parent.get("consistency") or {}).get("journal_seq", head[0] + 1))
+    consistency = parent.get("consistency") or {}
+    parent_seq = int(consistency.get("journal_seq", head[0] + 1))
     if parent_seq > head[0]:
         return {}
+    same_head = (parent_seq, consistency.get("journal_hash")) == head
+    kinds: set[str] | None = set() if same_head else event_kinds_since(conn, parent_seq)
+    names = [p.name for p in wanted if same_head or (
+        p.summary_reuse == "events" and kinds is not None and isinstance(p, Replayer) and p.replays
+        and not any(kind.startswith(tuple(p.replays)) for kind in kinds))]
+    if not names:
+        return {}  # decided from the header row: the parent's manifest is not decrypted for nothing
     from anvil.backup.treestream import read_header
 
     try:
@@ -45,17 +53,9 @@ def reusable(repo: Repository, parent: dict[str, Any] | None, conn: Any, head: t
         return {}
     if recorded.get("anvil_version") != __version__:  # a summary's shape may differ between versions
         return {}
-    consistency = recorded.get("consistency") or {}
-    same_head = (int(consistency.get("journal_seq", -1)), consistency.get("journal_hash")) == head
-    kinds: set[str] | None = set() if same_head else event_kinds_since(conn, parent_seq)
     out: dict[str, Any] = {}
-    for p in wanted:
-        entry = (recorded.get("participants") or {}).get(p.name)
-        if not isinstance(entry, dict) or "summary" not in entry:
-            continue
-        if same_head:
-            out[p.name] = entry["summary"]
-        elif p.summary_reuse == "events" and kinds is not None and isinstance(p, Replayer) and p.replays:
-            if not any(kind.startswith(tuple(p.replays)) for kind in kinds):
-                out[p.name] = entry["summary"]
+    for name in names:
+        entry = (recorded.get("participants") or {}).get(name)
+        if isinstance(entry, dict) and "summary" in entry:
+            out[name] = entry["summary"]
     return out
