@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from anvil import __version__
+from anvil.backup import summaries as summaries_mod
 from anvil.backup import workers
 from anvil.backup.chunking import CHUNKER, chunker
 from anvil.backup.errors import BackupError
@@ -233,8 +234,12 @@ def latest_row(repo: Repository, deployment_id: str, *, full: bool = True) -> di
     return rows[-1] if rows else None
 
 
-def _summaries(participants: list[Participant], ctx: RecoveryContext) -> dict[str, Any]:
-    return {p.name: {"describe": p.describe().to_dict(), "summary": p.summary(ctx)} for p in participants}
+def _summaries(participants: list[Participant], ctx: RecoveryContext,
+               reused: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Each participant's description and summary; `reused`: summaries taken over from the parent."""
+    reused = reused or {}
+    return {p.name: {"describe": p.describe().to_dict(),
+                     "summary": reused[p.name] if p.name in reused else p.summary(ctx)} for p in participants}
 
 
 class _Background:
@@ -334,13 +339,27 @@ class _StoreRefs:
         return self.store.uses(sha)
 
 
+def _early_pools(store: RefStore, repo: Repository, blobs: BlobStore) -> workers.Pools:
+    """The backup's worker pool, already starting (on a thread: ~0.4 s of spawning) while FORMAT
+    and catalog.db are packed, if there are enough small blobs to encode to want it."""
+    pools = workers.Pools(repo.enc_key, repo.id_key)
+    if not blobs.remote and workers.worker_count():
+        small = int(store.conn.execute("SELECT count(*) FROM todo WHERE size <= ?",
+                                       (workers.SMALL_MAX,)).fetchone()[0])
+        if small >= max(1, workers.process_min()):
+            pools.start_soon(small)
+    return pools
+
+
 def _encode_todo(store: RefStore, repo: Repository, writer: PackWriter, blobs: BlobStore, problems: list[str],
-                 tick: Callable[[int], None]) -> None:
+                 tick: Callable[[int], None], pools: workers.Pools) -> None:
     """Encode the blobs to encode a bounded batch at a time; each batch's entries go to the store."""
     refs = _StoreRefs(store)
-    for todo, sizes in store.todo_batches():
-        store.add_entries(_encode_new_blobs(repo, writer, blobs, todo, sizes, refs, problems,  # type: ignore[arg-type]
-                                            tick))
+    # One worker pool for every batch (started early, or by the first batch worth it), not one per batch.
+    with pools:
+        for todo, sizes in store.todo_batches():
+            store.add_entries(_encode_new_blobs(repo, writer, blobs, todo, sizes, refs,  # type: ignore[arg-type]
+                                                problems, tick, pools))
 
 
 def create_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
@@ -407,14 +426,19 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
             # The participants' summaries (object digests, a stat per blob, the journal chain's
             # hashes) were a third of a small-blob backup's own time: they run on a thread, on the
             # checkpoint's connection (nothing else uses it from here on), while blobs are encoded.
-            summaries = _Background(_summaries, participants, ctx)
+            # Summaries that still hold at this head are the parent's (`backup.summaries`): a full
+            # snapshot of an unchanged store no longer reads every row to find the same digests.
+            reused = summaries_mod.reusable(repo, parent, conn, (seq, chain_hash), participants)
+            summaries = _Background(_summaries, participants, ctx, reused)
         except BaseException:
             records.close(conn)
             raise
+        pools: workers.Pools | None = None
         try:
             catalog_size = cp.stat().st_size
             # Sizes as the records give them (no stat per blob) make the progress total.
             todo_bytes = _split_refs(store, repo, parent["id"] if parent else None, known)
+            pools = _early_pools(store, repo, blobs)
             total = catalog_size + todo_bytes
             done = 0
 
@@ -438,11 +462,18 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
                 files[rel] = {"size": encoded[2], "sha256": encoded[1], "chunks": _add_encoded(writer, encoded),
                               "mode": Path(path).stat().st_mode & 0o777}
             logical = files["catalog.db"]["size"] + len(fmt)
-            _encode_todo(store, repo, writer, blobs, problems, tick)
+            _encode_todo(store, repo, writer, blobs, problems, tick, pools)
             tree_blobs = store.tree()
-            reused = store.reused
+            reused_blobs = store.reused
             logical += store.tree_totals()[1]
             parts = summaries.result()  # before the index: a failed summary leaves no index behind
+            if reused_blobs < store.tree_totals()[0]:
+                # Blobs were read although nothing was journaled (one missing at the parent is back):
+                # a summary taken over because the head had not moved may count the blob store.
+                for p in participants:
+                    if p.name in reused and p.summary_reuse == "head":
+                        parts[p.name]["summary"] = p.summary(ctx)
+                        reused.pop(p.name)
             writer.finish()
             finished = time.time()
             manifest = {
@@ -464,13 +495,16 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
                 "coverage": coverage(p.describe() for p in participants),
                 "problems": problems,
                 "stats": {"logical_bytes": logical, "new_bytes": writer.new_bytes, "new_chunks": writer.new_chunks,
-                          "blobs": len(tree_blobs), "blobs_reused_from_parent": reused,
+                          "blobs": len(tree_blobs), "blobs_reused_from_parent": reused_blobs,
+                          "summaries_reused": sorted(reused),
                           "duration": round(finished - started, 3), "orphans": orphans},
                 "tree": {"files": files, "blobs": tree_blobs},
             }
             # Written from the store (the tree, in pieces) while the checkpoint's folder still holds it.
             repo.save_snapshot(manifest)
         finally:
+            if pools is not None:
+                pools.close()  # (already closed unless this failed before the blobs were encoded)
             summaries.wait()
             records.close(conn)
             store.close()
@@ -487,7 +521,7 @@ def _refs_note(uses: list[Any]) -> str:
 
 def _encode_new_blobs(repo: Repository, writer: PackWriter, blobs: BlobStore, todo: list[str],
                       sizes: _RecordedSizes, refs: dict[str, Any], problems: list[str],
-                      tick: Callable[[int], None]) -> dict[str, dict[str, Any]]:
+                      tick: Callable[[int], None], pools: workers.Pools | None = None) -> dict[str, dict[str, Any]]:
     """Encode and pack the blobs the parent does not hold: sha -> tree entry (without refs).
 
     Many small blobs go to worker processes (`workers`: the per-blob Python work then uses every
@@ -513,9 +547,12 @@ def _encode_new_blobs(repo: Repository, writer: PackWriter, blobs: BlobStore, to
 
     small = [sha for sha in todo if sizes.get(sha, 0) <= workers.SMALL_MAX]
     # Workers read local files: bodies in a remote blob backend are read by the threads below.
-    nproc = 0 if blobs.remote else workers.use_processes(len(small))
+    own = pools is None
+    pools = pools or workers.Pools(repo.enc_key, repo.id_key)
+    running = None if blobs.remote or not small else pools.get(len(small))
     threaded = todo
-    if nproc:
+    if running:
+        ex, nproc = running
         small_set = set(small)
         threaded = [sha for sha in todo if sha not in small_set]
         inlined = blobs.inline_among(small)  # of this batch only: never a set of the whole store's
@@ -526,12 +563,15 @@ def _encode_new_blobs(repo: Repository, writer: PackWriter, blobs: BlobStore, to
                 body = blobs.inline_body(sha) if sha in inlined else None
                 yield sha, str(blobs.path(sha)), body
 
-        with workers.pool(nproc, repo.enc_key, repo.id_key) as ex:
+        try:
             for sha, actual, size, chunks in workers.encode_small(ex, nproc, items(), lambda s: sizes.get(s, 0)):
                 if actual == "large":
                     threaded.append(sha)  # bigger than its record says: streamed below
                     continue
                 take(sha, None if actual is None else ([(c, n, b) for c, n, b in chunks], actual, size))
+        finally:
+            if own:
+                pools.close()
 
     def encode_one(sha: str) -> Encoded | None:
         return encode_blob(writer, blobs, sha)

@@ -123,6 +123,57 @@ def pool(workers: int, enc_key: bytes, id_key: bytes) -> ProcessPoolExecutor:
     return ex
 
 
+class Pools:
+    """One worker pool for a whole backup or restore, started on first need and shut at the end.
+
+    A backup encodes its blobs a bounded batch at a time; a pool per batch cost a spawn of every
+    worker again (~0.5 s of CPU per batch of 20,000 blobs). Here the first batch that qualifies
+    (`use_processes`) starts the pool, and later batches reuse it whatever their size."""
+
+    def __init__(self, enc_key: bytes, id_key: bytes):
+        self._keys = (enc_key, id_key)
+        self.ex: ProcessPoolExecutor | None = None
+        self.workers = 0
+        self._starting: threading.Thread | None = None
+
+    def start_soon(self, small_blobs: int) -> None:
+        """Start the pool on a thread (spawning takes ~0.4 s) while the caller does other work."""
+        def start() -> None:
+            # A pool that fails to start here is tried again (and its error raised) by `get`.
+            with contextlib.suppress(Exception):
+                self.get(small_blobs)
+
+        self._starting = threading.Thread(target=start, name="anvil-backup-pool-start", daemon=True)
+        self._starting.start()
+
+    def _started(self) -> None:
+        if self._starting is not None and self._starting is not threading.current_thread():
+            self._starting.join()
+            self._starting = None
+
+    def get(self, small_blobs: int) -> tuple[ProcessPoolExecutor, int] | None:
+        """The running pool, or a new one if this many small blobs are worth it; None: threads."""
+        self._started()
+        if self.ex is None:
+            n = use_processes(small_blobs)
+            if not n:
+                return None
+            self.ex, self.workers = pool(n, *self._keys), n
+        return self.ex, self.workers
+
+    def close(self) -> None:
+        self._started()
+        if self.ex is not None:
+            self.ex.shutdown(cancel_futures=True)
+            self.ex = None
+
+    def __enter__(self) -> Pools:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 # ------------------------------------------------------------------ backup
 
 # One encoded blob: (sha, actual sha256 | None if unreadable | "large", size, [(chunk id, raw length,

@@ -54,6 +54,7 @@ class ObjectsParticipant(Participant):
     owns = ["catalog.db: buckets, versions, multipart_uploads, multipart_parts, bucket_settings"]
     tables = ["buckets", "versions", "multipart_uploads", "multipart_parts", "bucket_settings"]
     replays = ("bucket.", "object.", "multipart.")
+    summary_reuse = "events"  # buckets, versions, uploads and settings change only through those events
 
     def migrations(self) -> dict[str, list[str]]:
         from anvil.objects.service import MIGRATIONS

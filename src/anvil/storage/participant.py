@@ -159,6 +159,7 @@ class JournalParticipant(Participant):
     # other buckets' records again, through every bucket-scoped participant. Idempotency records
     # (`idempotency.record`, written with the mutation they answer) come back as they were.
     replays = ("recovery.", "idempotency.")
+    summary_reuse = "head"  # the chain's head and length: the parent's while no event was appended
 
     def migrations(self) -> dict[str, list[str]]:
         from anvil.storage import holds, idempotency, inline, leases
@@ -233,6 +234,9 @@ class BlobsParticipant(Participant):
     # Inline bodies travel inside catalog.db; the table is not replayed (no event carries bytes).
     owns = ["blobs/sha256/", "catalog.db: inline_blobs"]
     tables = ["inline_blobs"]
+    # The referenced blobs change only with events; a snapshot whose head is its parent's takes
+    # every blob over from the parent's tree (none is read again), so the parent's count holds.
+    summary_reuse = "head"
 
     def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
         # Counted from the blob store (files and inline bodies alike), so the summary is the same

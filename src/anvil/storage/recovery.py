@@ -266,6 +266,12 @@ class Participant:
     owns: list[str] = []
     tables: list[str] = []
     summary_depends_on_buckets = True
+    # When a backup may take this participant's summary over from the parent snapshot instead of
+    # computing it again (a summary of a large store reads every row): "" never; "events": when
+    # the journal holds no event of its `replays` kinds since the parent (its summary is a function
+    # of the records those events write, and of nothing else); "head": only when the journal head
+    # (seq and hash) is the parent's (nothing at all happened).
+    summary_reuse = ""
 
     def describe(self) -> Description:
         return Description(self.name, self.kind, list(self.covers), list(self.owns), list(self.tables),
