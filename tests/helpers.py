@@ -8,7 +8,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import traceback
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +19,66 @@ from pathlib import Path
 import httpx
 
 from anvil.client import AnvilClient
+
+# -- the `anvil` CLI ---------------------------------------------------------------------------
+# A new interpreter per CLI call costs ~0.4 s of CPU in imports alone (click, rich, httpx, pydantic
+# and the models), and the suite makes hundreds of calls: most run in the test's own process
+# through click's CliRunner, the same command code against the same real server, in the
+# environment the subprocess would have had (os.environ is swapped for the call and put back).
+# Real subprocesses stay where only a process shows the behaviour: `serve`, calls from other
+# threads, and the first call of each command group (`backup`, `object`, `admin`...) in each test
+# module, so every module still runs each group it uses once as `python -m anvil.cli.main`.
+# ANVIL_TEST_CLI=subprocess runs every call as a subprocess (what the suite did before).
+CLI_IN_PROCESS = os.environ.get("ANVIL_TEST_CLI", "") != "subprocess"
+_SUBPROCESS_SEEN: set[tuple[str, str]] = set()
+
+
+def run_anvil(args: list[str] | tuple[str, ...], *, env: dict[str, str] | None = None,
+              input: bytes | str | None = None, text: bool = False, timeout: float = 300,
+              cwd: str | Path | None = None, capture_output: bool = True) -> subprocess.CompletedProcess:
+    """`anvil ARGS...` as `subprocess.run(..., capture_output=True)` would run it: the completed
+    process (returncode, stdout, stderr as bytes, or str with text=True); env replaces the
+    environment as subprocess's `env` does (None: this process's)."""
+    assert capture_output, "run_anvil always captures the output"
+    args = [str(a) for a in args]
+    module = os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[0]
+    first = (module, args[0] if args else "") not in _SUBPROCESS_SEEN
+    if (not CLI_IN_PROCESS or first or args[:1] == ["serve"]
+            or threading.current_thread() is not threading.main_thread()):
+        _SUBPROCESS_SEEN.add((module, args[0] if args else ""))
+        return subprocess.run([sys.executable, "-m", "anvil.cli.main", *args], env=env, input=input,
+                              capture_output=True, text=text, timeout=timeout, cwd=cwd)
+    return _run_in_process(args, env, input, text, cwd)
+
+
+def _run_in_process(args: list[str], env: dict[str, str] | None, input: bytes | str | None, text: bool,
+                    cwd: str | Path | None) -> subprocess.CompletedProcess:
+    from click.testing import CliRunner
+
+    from anvil.cli.main import cli
+
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(cli, args, input=input.encode() if isinstance(input, str) else input,
+                                    prog_name="anvil")
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    stdout, stderr, code = result.stdout_bytes, result.stderr_bytes, result.exit_code
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        # As the interpreter ends on an uncaught exception: its traceback on stderr, status 1.
+        assert result.exc_info is not None
+        stderr += "".join(traceback.format_exception(*result.exc_info)).encode()
+        code = 1
+    if text:
+        return subprocess.CompletedProcess(["anvil", *args], code, stdout.decode(), stderr.decode())
+    return subprocess.CompletedProcess(["anvil", *args], code, stdout, stderr)
 
 
 def free_port() -> int:
@@ -97,8 +159,7 @@ class AnvilServer:
 
     def cli(self, *args: str, input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess:
         """Run `anvil ARGS...` against this server; returns the completed process (bytes output)."""
-        proc = subprocess.run([sys.executable, "-m", "anvil.cli.main", *args], env=self.cli_env(),
-                              input=input, capture_output=True, timeout=120)
+        proc = run_anvil(args, env=self.cli_env(), input=input, timeout=120)
         if check and proc.returncode != 0:
             raise AssertionError(f"anvil {' '.join(args)} failed ({proc.returncode}):\n"
                                  f"{proc.stdout.decode(errors='replace')}\n{proc.stderr.decode(errors='replace')}")
@@ -163,8 +224,7 @@ class Cli:
 
     def run(self, *args: str, creds: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         base = {k: v for k, v in os.environ.items() if k not in self.scrub}
-        return subprocess.run([sys.executable, "-m", "anvil.cli.main", *args],
-                              env={**base, **self.env, **(creds or {})}, capture_output=True, timeout=300, text=True)
+        return run_anvil(args, env={**base, **self.env, **(creds or {})}, text=True)
 
     def json(self, *args: str, **kw) -> dict:
         proc = self.run(*args, "--json", **kw)

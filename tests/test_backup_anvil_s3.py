@@ -5,21 +5,20 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from anvil.context import DEV_PRINCIPAL, RequestContext
 from anvil.runtime import Anvil
-from tests.helpers import AnvilServer
+from tests.helpers import AnvilServer, run_anvil
 from tests.s3_helpers import dev_credentials, s3_client
 
 BASE_ENV = {"ANVIL_BACKUP_KDF": "test", "ANVIL_BACKUP_PASSPHRASE": "anvil to anvil", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def anvil_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "anvil.cli.main", *args], env={**os.environ, **env},
+    return run_anvil([*args], env={**os.environ, **env},
                           capture_output=True, timeout=180, text=True)
 
 

@@ -11,14 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-from tests.helpers import AnvilServer, unique_bucket
+from tests.helpers import AnvilServer, run_anvil, unique_bucket
 
 ENV = {"ANVIL_BACKUP_KDF": "test", "ANVIL_BACKUP_PASSPHRASE": "correct horse battery staple"}
 MiB = 1024 * 1024
 
 
 def anvil(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "anvil.cli.main", *args], env={**os.environ, **ENV, **(env or {})},
+    return run_anvil([*args], env={**os.environ, **ENV, **(env or {})},
                           capture_output=True, text=True, timeout=300)
 
 

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from anvil.client import AnvilAPIError, AnvilClient
-from tests.helpers import AnvilServer, unique_bucket
+from tests.helpers import AnvilServer, run_anvil, unique_bucket
 
 ENV = {"ANVIL_BACKUP_KDF": "test", "ANVIL_BACKUP_PASSPHRASE": "correct horse battery staple"}
 MiB = 1024 * 1024
@@ -30,7 +29,7 @@ CREDS: dict[str, str] = {}
 
 
 def anvil_cli(*args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "anvil.cli.main", *args],
+    proc = run_anvil([*args],
                           env={**os.environ, **ENV, **CREDS, **(env or {})}, capture_output=True, timeout=300,
                           text=True)
     if check and proc.returncode != 0:

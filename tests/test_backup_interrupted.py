@@ -23,6 +23,7 @@ from anvil.backup.errors import BackupError
 from anvil.backup.repository import Repository
 from anvil.context import DEV_PRINCIPAL, RequestContext
 from anvil.runtime import Anvil
+from tests.helpers import run_anvil
 
 PASS = "interrupted"
 ENV = {"ANVIL_BACKUP_KDF": "test", "ANVIL_BACKUP_PASSPHRASE": PASS}
@@ -37,7 +38,7 @@ def _env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def anvil_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "anvil.cli.main", *args], env={**os.environ, **ENV, **(env or {})},
+    return run_anvil([*args], env={**os.environ, **ENV, **(env or {})},
                           capture_output=True, timeout=60, text=True)
 
 

@@ -12,14 +12,13 @@ import json
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import apsw
 import httpx
 import pytest
 
-from tests.helpers import AnvilServer, unique_bucket
+from tests.helpers import AnvilServer, run_anvil, unique_bucket
 
 ENV = {"ANVIL_BACKUP_KDF": "test", "ANVIL_BACKUP_PASSPHRASE": "escrow passphrase"}
 # The server's keys must come from its secrets/ folder (development mode), never from this env.
@@ -30,7 +29,7 @@ SCRUB = ("ANVIL_SECRET_ENCRYPTION_KEY", "ANVIL_SECRET_ENCRYPTION_KEY_ID", "ANVIL
 def run(*args: str, creds: dict[str, str] | None = None, extra: dict[str, str] | None = None
         ) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in SCRUB}
-    return subprocess.run([sys.executable, "-m", "anvil.cli.main", *args], env={**env, **ENV, **(creds or {}),
+    return run_anvil([*args], env={**env, **ENV, **(creds or {}),
                           **(extra or {})}, capture_output=True, timeout=300, text=True)
 
 

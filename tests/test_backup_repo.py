@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from anvil.backup.errors import BackupError
 from anvil.backup.repository import Repository
 from anvil.context import DEV_PRINCIPAL, RequestContext
 from anvil.runtime import Anvil
+from tests.helpers import run_anvil
 
 PASS = "s3cret passphrase"
 ENV = {"ANVIL_BACKUP_KDF": "test", "ANVIL_BACKUP_PASSPHRASE": PASS}
@@ -34,7 +34,7 @@ def _env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def anvil_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "anvil.cli.main", *args], env={**os.environ, **ENV, **(env or {})},
+    return run_anvil([*args], env={**os.environ, **ENV, **(env or {})},
                           capture_output=True, timeout=120, text=True)
 
 

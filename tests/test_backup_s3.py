@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import boto3
@@ -13,7 +12,7 @@ import pytest
 
 from anvil.context import DEV_PRINCIPAL, RequestContext
 from anvil.runtime import Anvil
-from tests.helpers import moto_server
+from tests.helpers import moto_server, run_anvil
 
 ENV = {"ANVIL_BACKUP_KDF": "test", "ANVIL_BACKUP_PASSPHRASE": "s3 pass", "AWS_ACCESS_KEY_ID": "testing",
        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -26,7 +25,7 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory):
 
 
 def anvil_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "anvil.cli.main", *args], env={**os.environ, **ENV, **(env or {})},
+    return run_anvil([*args], env={**os.environ, **ENV, **(env or {})},
                           capture_output=True, timeout=120, text=True)
 
 

@@ -7,20 +7,19 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import httpx
 import pytest
 
 from anvil import client as sdk
-from tests.helpers import AnvilServer, free_port, unique_bucket
+from tests.helpers import AnvilServer, free_port, run_anvil, unique_bucket
 
 SCRUB = ("ANVIL_CLIENT_ID", "ANVIL_CLIENT_SECRET", "ANVIL_ENDPOINT", "ANVIL_PROFILE")
 
 
 def anvil(*args: str, env: dict[str, str] | None = None, tmp_home: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in SCRUB}
-    return subprocess.run([sys.executable, "-m", "anvil.cli.main", *args],
+    return run_anvil([*args],
                           env={**base, "XDG_CONFIG_HOME": tmp_home, **(env or {})},
                           capture_output=True, text=True, timeout=120)
 

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import pytest
 from anvil.context import DEV_PRINCIPAL, Principal, RequestContext
 from anvil.diagnostics import open_offline_target, run_fsck
 from anvil.runtime import Anvil, recovery_participants
+from tests.helpers import run_anvil
 
 TENANT_B = Principal(tenant="tenant-b", subject="bob", admin=False, scopes=("*",))
 
@@ -85,7 +85,7 @@ def store(baseline: Path, tmp_path: Path) -> Path:
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "ANVIL_ENDPOINT"}
-    return subprocess.run([sys.executable, "-m", "anvil.cli.main", *args], capture_output=True, env=env, timeout=120)
+    return run_anvil([*args], capture_output=True, env=env, timeout=120)
 
 
 def fsck(root: Path, *extra: str) -> tuple[int, dict[str, Any]]:

@@ -6,10 +6,9 @@ import json
 import os
 import stat
 import subprocess
-import sys
 import uuid
 
-from tests.helpers import AnvilServer, unique_bucket
+from tests.helpers import AnvilServer, run_anvil, unique_bucket
 
 # The embedded catalog and PostgreSQL (tests/conftest.py `engine`).
 # SQLite only: these CLI flows do not depend on the engine; identity's SQL runs on PostgreSQL in
@@ -17,7 +16,7 @@ from tests.helpers import AnvilServer, unique_bucket
 
 
 def run(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "anvil.cli.main", *args], env=env, capture_output=True,
+    proc = run_anvil([*args], env=env, capture_output=True,
                           timeout=120, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"anvil {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -21,7 +21,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from anvil.client import AnvilAPIError, AnvilClient, exchange_token
-from tests.helpers import AnvilServer, unique_bucket
+from tests.helpers import AnvilServer, run_anvil, unique_bucket
 from tests.s3_helpers import REGION
 
 # The embedded catalog and PostgreSQL (tests/conftest.py `engine`).
@@ -228,7 +228,7 @@ BACKUP_ENV = {"ANVIL_BACKUP_KDF": "test", "ANVIL_BACKUP_PASSPHRASE": "correct ho
 
 
 def _anvil(env: dict[str, str], *args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "anvil.cli.main", *args, "--json"], env={**os.environ, **env},
+    proc = run_anvil([*args, "--json"], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"anvil {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return json.loads(proc.stdout)

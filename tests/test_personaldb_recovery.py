@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -23,7 +22,7 @@ import pytest
 from anvil.client import AnvilClient
 from anvil.personaldb import Replica
 from anvil.personaldb.certs import verify_group
-from tests.helpers import AnvilServer
+from tests.helpers import AnvilServer, run_anvil
 
 ENV = {"ANVIL_BACKUP_KDF": "test", "ANVIL_BACKUP_PASSPHRASE": "correct horse battery staple"}
 SCHEMA = "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT NOT NULL)"
@@ -33,7 +32,7 @@ def cli(srv: AnvilServer | None, *args: str, check: bool = True,
         extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     # The backup passphrase of this module wins over anything another test left in os.environ.
     env = {**(srv.cli_env() if srv is not None else os.environ), **ENV, **(extra or {})}
-    proc = subprocess.run([sys.executable, "-m", "anvil.cli.main", *args], env=env, capture_output=True, text=True,
+    proc = run_anvil([*args], env=env, capture_output=True, text=True,
                           timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"anvil {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")

@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import AnvilServer, unique_bucket
+from tests.helpers import AnvilServer, run_anvil, unique_bucket
 
 ENV = {"ANVIL_BACKUP_KDF": "test", "ANVIL_BACKUP_PASSPHRASE": "pitr passphrase"}
 SCRUB = ("ANVIL_CLIENT_ID", "ANVIL_CLIENT_SECRET", "ANVIL_BACKUP_REPO")
@@ -26,7 +25,7 @@ SCRUB = ("ANVIL_CLIENT_ID", "ANVIL_CLIENT_SECRET", "ANVIL_BACKUP_REPO")
 
 def cli(*args: str, creds: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in SCRUB}
-    proc = subprocess.run([sys.executable, "-m", "anvil.cli.main", *args], env={**env, **ENV, **(creds or {})},
+    proc = run_anvil([*args], env={**env, **ENV, **(creds or {})},
                           capture_output=True, text=True, timeout=300)
     if check:
         assert proc.returncode == 0, f"anvil {' '.join(args)}\n{proc.stdout}\n{proc.stderr}"

@@ -13,7 +13,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import pytest
 
 from anvil.client import AnvilAPIError, AnvilClient
-from tests.helpers import AnvilServer, unique_bucket
+from tests.helpers import AnvilServer, run_anvil, unique_bucket
 
 PASSPHRASE = "correct horse battery staple"
 ENV = {"ANVIL_BACKUP_KDF": "test", "ANVIL_BACKUP_PASSPHRASE": PASSPHRASE}
@@ -89,7 +88,7 @@ class World:
                 "ANVIL_CLIENT_SECRET": cred["client_secret"], **(extra or {})}
 
     def cli(self, *args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, "-m", "anvil.cli.main", *args], env=self.env(env),
+        proc = run_anvil([*args], env=self.env(env),
                               capture_output=True, text=True, timeout=300)
         if check and proc.returncode != 0:
             raise AssertionError(f"anvil {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")

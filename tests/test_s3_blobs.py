@@ -20,7 +20,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from anvil.client import AnvilAPIError
-from tests.helpers import AnvilServer, free_port, unique_bucket
+from tests.helpers import AnvilServer, free_port, run_anvil, unique_bucket
 from tests.s3_helpers import dev_credentials, s3_client
 
 # Existing object tests, run here against the S3-backed node (the `server` fixture below). They use
@@ -107,7 +107,7 @@ def stored(store, key: str) -> bytes | None:
 
 
 def cli(node: AnvilServer, *args: str, env: dict[str, str] | None = None) -> tuple[int, dict]:
-    proc = subprocess.run([sys.executable, "-m", "anvil.cli.main", *args, "--json"],
+    proc = run_anvil([*args, "--json"],
                           env={**node.cli_env(), **(env or {})}, capture_output=True, text=True, timeout=120)
     try:
         return proc.returncode, json.loads(proc.stdout)
