@@ -61,7 +61,8 @@ def test_large_put_bench_quick_prints_ceilings_and_server_figures() -> None:
     assert doc["benchmark"] == "large-put" and doc["quick"] is True and len(doc["runs"]) == 1
     run = doc["runs"][0]
     assert set(run["hash"]) == {"sha256", "md5", "xxh3_128"} and all(h["cpu_s"] >= 0 for h in run["hash"].values())
-    assert {"page_cache_grows", "read_from_disk", "read_cached"} <= run["disk"].keys()
+    assert {"page_cache_grows", "read_from_disk", "read_from_disk_sequential", "read_from_disk_direct",
+            "read_cached"} <= run["disk"].keys()
     assert set(run["transport"]) == {"raw_sink", "uvicorn_sink", "anvil_sink"}
     assert set(run["memory"]) == {"first", "again"}
     fig = run["servers"]["branch"]
@@ -69,7 +70,8 @@ def test_large_put_bench_quick_prints_ceilings_and_server_figures() -> None:
     assert fig["put"]["mb_per_s"] > 0 and "MainThread" in fig["put"]["server_threads"]
     assert doc["ceiling"]["best_put_mb_per_s"] > 0 and "branch" in doc["ceiling"]["servers"]
     assert {"load_average_before", "load_average_after"} <= doc["machine"].keys()
-    assert set(doc["targets"]) == {"put_mb_per_s", "get_mb_per_s"}
+    assert set(doc["targets"]) == {"put_mb_per_s", "get_mb_per_s", "get_again_mb_per_s"}
+    assert doc["targets"]["get_mb_per_s"]["best_possible_from_disk"] > 0
 
 
 def test_s3_bench_quick_prints_both_servers_and_ratios() -> None:
