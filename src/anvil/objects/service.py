@@ -209,6 +209,19 @@ _LATEST_SMALL_HEAD = (
 )
 
 
+def _rendered_listing_args(prefix: str, delimiter: str, max_keys: int) -> str | None:
+    """The argument checks of a listing rendered in SQL, then the delimiter's same-length successor its
+    statement needs ("" without a delimiter); None when there is none (the caller lists in Python)."""
+    if v.is_reserved_key(prefix):
+        raise v.reserved_error()
+    if not 1 <= max_keys <= 1000:
+        raise AnvilError("InvalidArgument", "page size must be between 1 and 1000")
+    delimiter_next = _prefix_upper(delimiter) if delimiter else ""
+    if delimiter_next is None or len(delimiter_next) != len(delimiter):
+        return None
+    return delimiter_next
+
+
 @dataclass(frozen=True)
 class Bucket:
     name: str
@@ -1347,12 +1360,8 @@ class ObjectService:
         without the GIL and Python handles the page, not its rows, so a listing neither delays the
         event loop nor costs Python per key. None where the engine cannot (PostgreSQL) or the
         delimiter has no same-length successor: the caller then lists with `list_objects`."""
-        if v.is_reserved_key(prefix):
-            raise v.reserved_error()
-        if not 1 <= max_keys <= 1000:
-            raise AnvilError("InvalidArgument", "page size must be between 1 and 1000")
-        delimiter_next = _prefix_upper(delimiter) if delimiter else ""
-        if delimiter_next is None or len(delimiter_next) != len(delimiter):
+        delimiter_next = _rendered_listing_args(prefix, delimiter, max_keys)
+        if delimiter_next is None:
             return None
         conn = self.catalog.reader()
         if not listing.supported(conn):
@@ -1405,12 +1414,8 @@ class ObjectService:
         ListObjectVersions' <Version>/<DeleteMarker> and <CommonPrefixes>, `who` as each entry's owner
         element. None where the engine cannot or the delimiter has no same-length successor: the
         caller then lists with `list_versions`."""
-        if v.is_reserved_key(prefix):
-            raise v.reserved_error()
-        if not 1 <= max_keys <= 1000:
-            raise AnvilError("InvalidArgument", "page size must be between 1 and 1000")
-        delimiter_next = _prefix_upper(delimiter) if delimiter else ""
-        if delimiter_next is None or len(delimiter_next) != len(delimiter):
+        delimiter_next = _rendered_listing_args(prefix, delimiter, max_keys)
+        if delimiter_next is None:
             return None
         conn = self.catalog.reader()
         if not listing.supported(conn):
