@@ -22,6 +22,7 @@ ENGINES = ("sqlite", "postgresql")
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "both_engines: run the module against SQLite and PostgreSQL record stores")
+    config.addinivalue_line("markers", "only_cases(predicate): generate only the cases whose params satisfy it")
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
@@ -51,7 +52,15 @@ SLOWEST_MODULES = (
 )
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # `@pytest.mark.only_cases(predicate)`: of a parametrised product (engines included), generate only the
+    # cases whose parameters satisfy the predicate, instead of skipping the others at run time.
+    dropped = [item for item in items if (m := item.get_closest_marker("only_cases")) is not None
+               and hasattr(item, "callspec") and not m.args[0](item.callspec.params)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        gone = set(map(id, dropped))
+        items[:] = [item for item in items if id(item) not in gone]
     rank = {name: i for i, name in enumerate(SLOWEST_MODULES)}
     counts: dict[str, int] = {}
     for item in items:
