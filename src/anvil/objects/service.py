@@ -1358,8 +1358,8 @@ class ObjectService:
         """`list_objects` rendered by the record store (`storage.listing`): the native API's JSON
         objects, or (`xml`) S3's <Contents> with `who` as each one's owner element. The statement runs
         without the GIL and Python handles the page, not its rows, so a listing neither delays the
-        event loop nor costs Python per key. None where the engine cannot (PostgreSQL) or the
-        delimiter has no same-length successor: the caller then lists with `list_objects`."""
+        event loop nor costs Python per key (SQLite and PostgreSQL alike). None where the engine
+        cannot or the delimiter has no same-length successor: the caller then lists with `list_objects`."""
         delimiter_next = _rendered_listing_args(prefix, delimiter, max_keys)
         if delimiter_next is None:
             return None
