@@ -396,6 +396,16 @@ def _lifecycle_holder(url: str) -> tuple[str, int]:
     return (row[0], int(row[1])) if row else ("", 0)
 
 
+def _sessions(url: str) -> str:
+    """What every session of the database is doing and which holds the journal lock (for a failure)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT a.pid, a.state, a.wait_event, now() - a.xact_start, l.granted, left(a.query, 80) "
+            "FROM pg_stat_activity a LEFT JOIN pg_locks l ON l.pid = a.pid AND l.locktype = 'advisory' "
+            "WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()").fetchall()
+    return "\n".join(map(str, rows))
+
+
 def _deletes(url: str, bucket: str) -> list[str]:
     with psycopg.connect(url, autocommit=True) as conn:
         return [r[0] for r in conn.execute(
@@ -431,7 +441,7 @@ def _a_node_paused_past_its_lease_cannot_complete_a_background_write(cluster) ->
         stopped_at = len(_deletes(url, bucket))
         deadline = time.monotonic() + 20
         while _lifecycle_holder(url)[0] == holder:
-            assert time.monotonic() < deadline, "the other node never took the lease over"
+            assert time.monotonic() < deadline, f"the other node never took the lease over\n{_sessions(url)}"
             time.sleep(0.05)
         new_holder, new_fence = _lifecycle_holder(url)
         assert f"/{other.pid}/" in new_holder and new_fence > fence

@@ -19,7 +19,7 @@ import pytest
 from anvil.client import AnvilAPIError
 from anvil.errors import AnvilError
 from anvil.storage import journal
-from anvil.storage.pg import PgCatalog, redact_url, translate, translate_ddl
+from anvil.storage.pg import PgCatalog, PgConnection, connect, redact_url, translate, translate_ddl
 from tests.conftest import engine_env
 from tests.helpers import AnvilServer, unique_bucket
 from tests.pg import migrate
@@ -192,6 +192,24 @@ def test_group_commit_shares_transactions(postgres) -> None:
         assert journal.verify_chain(a.reader()) == (100, [])
     finally:
         a.close()
+
+
+def test_executemany_writes_every_row_in_plain_statements(postgres) -> None:
+    """The writer's batched rows: a plain INSERT in multi-row statements (over 500 rows: several), an
+    upsert row by row, so the same key twice in one batch is last-write-wins rather than an error.
+    Never psycopg's pipeline, whose half-sent batch the idle-in-transaction timeout cannot end."""
+    conn = PgConnection(connect(postgres.new_database()))
+    try:
+        conn.execute("CREATE TABLE m(a INTEGER PRIMARY KEY, b TEXT)")
+        with conn:
+            conn.executemany("INSERT INTO m(a, b) VALUES (?, ?)", [(i, str(i)) for i in range(1203)])
+        assert conn.execute("SELECT count(*), sum(a) FROM m").fetchone() == (1203, sum(range(1203)))
+        with conn:
+            conn.executemany("INSERT INTO m(a, b) VALUES (?, ?) ON CONFLICT (a) DO UPDATE SET b = excluded.b",
+                             [(1, "x"), (1, "y"), (5000, "z")])
+        assert dict(conn.execute("SELECT a, b FROM m WHERE a IN (1, 5000)").fetchall()) == {1: "y", 5000: "z"}
+    finally:
+        conn.close()
 
 
 def test_a_failed_mutation_is_undone_alone_and_appends_nothing(postgres) -> None:

@@ -191,6 +191,11 @@ def _run(raw: psycopg.Connection, statement: str, binding: Sequence[Any] | None)
     return cur if cur.description is not None else _NO_ROWS
 
 
+# `INSERT INTO t(cols) VALUES (?,...,?)` and nothing after it (PgConnection.executemany).
+_PLAIN_INSERT = re.compile(r"(INSERT INTO [^;]+? VALUES )(\(\?(?:,\s*\?)*\))\s*", re.S)
+_ROWS_PER_INSERT = 500  # under PostgreSQL's 65,535 parameters per statement for tables of up to 131 columns
+
+
 class PgConnection:
     """One psycopg connection with the record-store `Connection` shape: `execute(sql, params)` with
     `?` placeholders, and `with conn:` as a transaction (a savepoint when one is open)."""
@@ -203,9 +208,22 @@ class PgConnection:
         return _run(self.raw, statement, binding)
 
     def executemany(self, statement: str, bindings: Sequence[Sequence[Any]]) -> None:
-        """One statement for many rows (the writer's batched journal rows): psycopg pipelines them."""
-        with self.raw.cursor() as cur:
-            cur.executemany(translate(statement), [tuple(b) for b in bindings])
+        """Many rows (the writer's batched journal rows), never in psycopg's pipeline mode: a node
+        paused (SIGSTOP, a frozen VM) in the middle of a pipeline leaves its session *active*, waiting
+        for the rest of it, where the idle-in-transaction timeout (`_writer_session`) never fires, so
+        the journal lock, and with it every node's writes, stayed held for as long as the node was
+        paused. A plain `INSERT ... VALUES (?,...)` becomes one multi-row statement per
+        `_ROWS_PER_INSERT` rows; anything else (an upsert may touch one row twice) runs row by row."""
+        rows = [tuple(b) for b in bindings]
+        m = _PLAIN_INSERT.fullmatch(statement)
+        if m is None:
+            for row in rows:
+                self.raw.execute(translate(statement), row)
+            return
+        for start in range(0, len(rows), _ROWS_PER_INSERT):
+            chunk = rows[start:start + _ROWS_PER_INSERT]
+            values = ", ".join([m.group(2)] * len(chunk))
+            self.raw.execute(translate(m.group(1) + values), [v for row in chunk for v in row])
 
     def script(self, sql: str) -> None:
         """Several statements in one string, without parameters (migrations)."""
