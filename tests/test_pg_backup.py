@@ -35,12 +35,11 @@ COMPARED = ("objects", "identity", "authz", "personaldb", "artefacts", "watch", 
 
 
 @pytest.fixture(scope="module")
-def world(postgres, tmp_path_factory: pytest.TempPathFactory):
+def world(postgres, migrated_template, tmp_path_factory: pytest.TempPathFactory):
     """Two nodes over one PostgreSQL store holding a little of every subsystem's state; node A archives
     the journal into the repository."""
     base = tmp_path_factory.mktemp("pg-backup")
-    url = postgres.new_database()
-    _migrate(url)
+    url = postgres.new_database(template=migrated_template)
     _populate(base / "a", records=url)
     repo = _init_repo(base / "repo")
     cli = Cli(ENV)

@@ -243,11 +243,10 @@ def test_a_failed_mutation_is_undone_alone_and_appends_nothing(postgres) -> None
 
 
 @pytest.fixture(scope="module")
-def nodes(postgres, tmp_path_factory):
+def nodes(postgres, migrated_template, tmp_path_factory):
     """Two `anvil serve` processes (two ports, two storage paths) on one migrated PostgreSQL store.
     They share the secrets folder (tokens and sealed secrets must mean the same on both)."""
-    url = postgres.new_database()
-    migrate(url)
+    url = postgres.new_database(template=migrated_template)
     first = AnvilServer(tmp_path_factory.mktemp("node-a") / "data", env=engine_env(url)).start()
     second_path = tmp_path_factory.mktemp("node-b") / "data"
     second_path.mkdir()

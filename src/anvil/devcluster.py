@@ -56,9 +56,10 @@ def _as_user(cmd: list[str]) -> list[str]:
 class PostgresServer:
     """A throw-away PostgreSQL server: `start()`, `url()`, `new_database()`, `stop()` (removes its folder)."""
 
-    def __init__(self, bin_dir: Path, port: int, *, parent: str | Path | None = None):
+    def __init__(self, bin_dir: Path, port: int, *, parent: str | Path | None = None, durable: bool = True):
         self.bin = bin_dir
         self.port = port
+        self.durable = durable
         self.dir = Path(tempfile.mkdtemp(prefix="anvil-pg-", dir=parent))
         self.data = self.dir / "data"
         self.proc: subprocess.Popen | None = None
@@ -70,11 +71,15 @@ class PostgresServer:
                                  "--locale=C", "--encoding=UTF8", "--no-sync"]),
                        check=True, capture_output=True, timeout=120)
         log = open(self.dir / "postgres.log", "ab")
-        # fsync stays on: an acknowledged write must survive a crash; max_connections covers many nodes' pools.
+        # fsync stays on: an acknowledged write must survive a crash of the machine. A test suite's server
+        # (durable=False) is never crashed, only Anvil's nodes are: it skips the syncs. max_connections
+        # covers many nodes' pools.
+        speed = [] if self.durable else ["-c", "fsync=off", "-c", "full_page_writes=off",
+                                         "-c", "synchronous_commit=off"]
         self.proc = subprocess.Popen(
             _as_user([str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(self.dir),
                       "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=300",
-                      "-c", "shared_buffers=32MB"]),
+                      "-c", "shared_buffers=32MB", *speed]),
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -89,13 +94,13 @@ class PostgresServer:
     def url(self, dbname: str = "postgres") -> str:
         return f"postgresql://anvil@127.0.0.1:{self.port}/{dbname}"
 
-    def new_database(self) -> str:
-        """A fresh, empty database; its URL."""
+    def new_database(self, template: str | None = None) -> str:
+        """A fresh database, empty or a copy of database `template`; its URL."""
         import psycopg
 
         name = "anvil_" + uuid.uuid4().hex[:12]
         with psycopg.connect(self.url(), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
         return self.url(name)
 
     def pids(self) -> list[int]:

@@ -202,17 +202,20 @@ class Catalog:
     # -- schema -------------------------------------------------------------------------
 
     def migrate(self, component: str, migrations: Iterable[str]) -> None:
-        """Apply the component's numbered migrations (1-based list index) not yet applied."""
+        """Apply the component's numbered migrations (1-based list index) not yet applied, all in one
+        transaction: a component's schema moves from one version to the other or not at all, and a
+        new store commits (and syncs) once per component rather than once per migration."""
         done = {
             row[0]
             for row in self._writer.execute(
                 "SELECT version FROM schema_migrations WHERE component = ?", (component,)
             )
         }
-        for number, sql in enumerate(migrations, start=1):
-            if number in done:
-                continue
-            with self._writer:
+        missing = [(number, sql) for number, sql in enumerate(migrations, start=1) if number not in done]
+        if not missing:
+            return
+        with self._writer:
+            for number, sql in missing:
                 self._writer.execute(sql)
                 self._writer.execute(
                     "INSERT INTO schema_migrations(component, version, applied) VALUES (?,?,?)",
