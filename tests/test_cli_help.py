@@ -16,7 +16,10 @@ from anvil.cli.main import cli
 def walk(cmd: click.Command, path: tuple[str, ...] = ("anvil",)) -> Iterator[tuple[tuple[str, ...], click.Command]]:
     yield path, cmd
     if isinstance(cmd, click.Group):
-        for name, sub in sorted(cmd.commands.items()):
+        ctx = click.Context(cmd)
+        for name in cmd.list_commands(ctx):  # lazy groups load their subcommands here
+            sub = cmd.get_command(ctx, name)
+            assert sub is not None, f"{' '.join(path)} lists {name} but cannot load it"
             yield from walk(sub, (*path, name))
 
 

@@ -40,7 +40,10 @@ def _error_codes() -> set[str]:
 
 
 def _command_paths(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[str]:
-    for name, cmd in sorted(group.commands.items()):
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):  # lazy groups load their subcommands here
+        cmd = group.get_command(ctx, name)
+        assert cmd is not None, f"{name} is listed but cannot be loaded"
         path = (*prefix, name)
         yield " ".join(path)
         if isinstance(cmd, click.Group):

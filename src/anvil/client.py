@@ -16,9 +16,9 @@ from typing import IO, Any, TypeVar
 
 import httpx
 
+from anvil import DEFAULT_ENDPOINT
 from anvil import api_models as m
 
-DEFAULT_ENDPOINT = "http://127.0.0.1:9000"
 M = TypeVar("M", bound=m.AnvilModel)
 UPLOAD_CHUNK = 1024 * 1024
 DEFAULT_PART_SIZE = 16 * 1024 * 1024

@@ -348,5 +348,3 @@ def bucket_binding(client: AnvilClient, as_json: bool, name: str) -> None:
     emit(as_json, res, text=f"{name}: {b['resource_type']}:{name}/KEY read={b['read']} write={b['write']} "
                             f"list={b['list']} delete={b['delete']} without_subject={b['without_subject']}")
 
-
-BUCKET_COMMANDS = (bucket_bind, bucket_unbind, bucket_binding)

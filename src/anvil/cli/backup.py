@@ -19,8 +19,6 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from anvil.backup.pack import PACK_TARGET
 from anvil.cli.common import describe_error, emit
-from anvil.client import ConnectionError as ClientConnectionError
-from anvil.client import InvalidEndpoint, Unreachable
 
 # Messages name paths, chunk ids and objects: never wrap them across lines.
 console = Console(soft_wrap=True)
@@ -57,7 +55,6 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         from anvil.backup.errors import BackupError
-        from anvil.client import AnvilAPIError
         from anvil.errors import AnvilError
 
         as_json = kwargs.get("as_json", False)
@@ -67,12 +64,16 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             fail(as_json, str(e))
         except AnvilError as e:
             fail(as_json, f"{e.code}: {e.message}")
-        except AnvilAPIError as e:
-            fail(as_json, describe_error(e, admin=True))
-        except (ClientConnectionError, InvalidEndpoint) as e:  # before OSError, which it also is: name the fix
-            fail(as_json, describe_error(e))
-        except OSError as e:
-            fail(as_json, str(e))
+        except Exception as e:  # noqa: BLE001 - the SDK's errors (loaded by online commands only) or OSError
+            client = sys.modules.get("anvil.client")
+            if client is not None and isinstance(e, client.AnvilAPIError):
+                fail(as_json, describe_error(e, admin=True))
+            # The SDK's connection errors are OSErrors too: describe_error names the endpoint and the fix.
+            if client is not None and isinstance(e, (client.ConnectionError, client.InvalidEndpoint)):
+                fail(as_json, describe_error(e))
+            if isinstance(e, OSError):
+                fail(as_json, str(e))
+            raise
 
     return run
 
@@ -247,7 +248,8 @@ def backup_create(repo: str, s3_endpoint: str | None, key_file: str | None, as_j
         raise BackupError("give exactly one of --storage-path (offline) or --endpoint (online)")
     started = time.time()
     if endpoint:
-        from anvil.client import AnvilClient
+        from anvil.client import AnvilClient, Unreachable
+        from anvil.client import ConnectionError as ClientConnectionError
 
         given = _given_on_command_line("lock_stale", "orphan_grace")
         if given:
@@ -339,7 +341,7 @@ def backup_status(repo: str | None, endpoint: str | None, flush: bool, key_file:
         raise BackupError("give --endpoint (a running server) and/or --repo (a repository)")
     out: dict[str, Any] = {}
     if endpoint:
-        from anvil.client import AnvilClient
+        from anvil.client import AnvilClient, Unreachable
 
         with AnvilClient(endpoint, timeout=600) as client:
             try:
@@ -879,9 +881,3 @@ def drill_cmd(repo: str, s3_endpoint: str | None, key_file: str | None, as_json:
                       + f" — {Path(report_dir) / 'drill-report.md'}")
     if not report["ok"]:
         sys.exit(1)
-
-
-def register(cli: click.Group) -> None:
-    for cmd in (backup, restore_cmd, recovery, drill_cmd):
-        cli.add_command(cmd)
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -11,16 +12,39 @@ from typing import IO, Any
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-from rich.table import Column, Table
 
-from anvil.api_models import jsonable
-from anvil.cli.profiles import ProfileError, resolve_credentials
-from anvil.client import DEFAULT_ENDPOINT, AnvilAPIError, AnvilClient, InvalidEndpoint, Unreachable
-from anvil.client import ConnectionError as ClientConnectionError
+from anvil import DEFAULT_ENDPOINT
+
+# The SDK (anvil.client: httpx and the pydantic models of anvil.api_models, ~0.2 s to import) is
+# imported by the commands that talk to a server, when they run: offline commands (fsck, restore,
+# backup of a stopped store, verify) never load it.
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+class LazyGroup(click.Group):
+    """A command group whose subcommands living in other modules are imported only when one of them
+    is named, or when --help lists them all: `anvil fsck` does not import every other group's code.
+    `lazy` maps a subcommand's name to "module:attribute"."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.lazy:
+            module, _, attribute = self.lazy[cmd_name].partition(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+def _client_errors() -> Any:
+    """anvil.client, if a command has loaded it: an error can only be one of its classes then."""
+    return sys.modules.get("anvil.client")
 
 
 def _connection_options(fn: Callable[..., Any], *, admin: bool) -> Callable[..., Any]:
@@ -52,9 +76,12 @@ ADMIN_HINT = ("admin commands need an admin credential: the first admin's is STO
 
 def hint_for(err: BaseException, *, admin: bool = False, authenticated: bool = True) -> str | None:
     """How to fix a connection or authentication error, in one sentence (None: nothing to add)."""
-    if isinstance(err, Unreachable):
+    client = _client_errors()
+    if client is None:
+        return None
+    if isinstance(err, client.Unreachable):
         return "is `anvil serve` running there? Set --endpoint or ANVIL_ENDPOINT (or the profile's endpoint)"
-    if isinstance(err, AnvilAPIError):
+    if isinstance(err, client.AnvilAPIError):
         if err.code == "Unauthenticated":
             return AUTH_HINT if not authenticated else f"check the credentials: {AUTH_HINT}"
         if err.code == "PermissionDenied" and admin:
@@ -64,11 +91,12 @@ def hint_for(err: BaseException, *, admin: bool = False, authenticated: bool = T
 
 def describe_error(err: BaseException, *, admin: bool = False, authenticated: bool = True) -> str:
     """One line: what failed (naming the endpoint for connection errors) and how to fix it."""
-    if isinstance(err, Unreachable):
+    client = _client_errors()
+    if client is not None and isinstance(err, client.Unreachable):
         text = f"cannot reach {err.endpoint}: {err.reason}"
-    elif isinstance(err, ClientConnectionError):
+    elif client is not None and isinstance(err, client.ConnectionError):
         text = f"the connection to {err.endpoint} failed: {err.reason}"
-    elif isinstance(err, AnvilAPIError):
+    elif client is not None and isinstance(err, client.AnvilAPIError):
         text = f"{err.code}: {err.message}"
     else:
         text = str(err)
@@ -77,6 +105,9 @@ def describe_error(err: BaseException, *, admin: bool = False, authenticated: bo
 
 
 def _fail(as_json: bool, err: BaseException, code: str, *, admin: bool, authenticated: bool) -> None:
+    from anvil.client import AnvilAPIError
+    from anvil.client import ConnectionError as ClientConnectionError
+
     message = describe_error(err, admin=admin, authenticated=authenticated)
     if as_json:
         body: dict[str, Any] = {"code": code, "message": message, "status": None}
@@ -94,6 +125,10 @@ def _make_command(fn: Callable[..., Any], *, admin: bool) -> Callable[..., Any]:
     @functools.wraps(fn)
     def run(endpoint: str | None, profile: str | None, client_id: str | None, client_secret: str | None,
             as_json: bool, admin_storage_path: str | None = None, **kwargs: Any) -> None:
+        from anvil.cli.profiles import ProfileError, resolve_credentials
+        from anvil.client import AnvilAPIError, AnvilClient, InvalidEndpoint
+        from anvil.client import ConnectionError as ClientConnectionError
+
         try:
             creds = resolve_credentials(endpoint=endpoint, profile=profile, client_id=client_id,
                                         client_secret=client_secret, storage_path=admin_storage_path)
@@ -141,6 +176,8 @@ def emit(as_json: bool, data: Any, *, table: tuple[Sequence[str], list[Sequence[
             click.echo(plain_table(columns, cells), nl=False)
             return
         # On a terminal: the terminal's width; a cell too wide wraps onto more lines, never "…".
+        from rich.table import Column, Table
+
         t = Table(*(Column(c, overflow="fold") for c in columns))
         for row in cells:
             t.add_row(*row)
@@ -149,6 +186,14 @@ def emit(as_json: bool, data: Any, *, table: tuple[Sequence[str], list[Sequence[
         console.print(text, markup=False, highlight=False, soft_wrap=True)
     else:
         console.print_json(data=data, default=jsonable)
+
+
+def jsonable(value: Any) -> Any:
+    """json.dumps's `default` for SDK results (anvil.api_models.jsonable, imported when first needed:
+    a result that is a model means the models are loaded already)."""
+    from anvil.api_models import jsonable as to_json
+
+    return to_json(value)
 
 
 def plain_table(columns: Sequence[str], rows: list[list[str]]) -> str:
@@ -168,6 +213,8 @@ def transfer_progress(enabled: bool, label: str, total: int | None) -> Iterator[
     if not enabled or not err_console.is_terminal:
         yield None
         return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   TimeRemainingColumn(), console=err_console, transient=True) as bar:
         task = bar.add_task(label, total=total)

@@ -14,13 +14,14 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from anvil.api_models import jsonable
-from anvil.cli.common import client_command, console, describe_error, emit, err_console
-from anvil.client import AnvilAPIError, AnvilClient, InvalidEndpoint
+from anvil.cli.common import client_command, console, describe_error, emit, err_console, jsonable
+
+if TYPE_CHECKING:
+    from anvil.client import AnvilClient
 
 
 def _ts(ts: float | None) -> str:
@@ -76,6 +77,8 @@ def _offline(as_json: bool, storage_path: str, action: Callable[[Any], dict[str,
 
 
 def _online(as_json: bool, endpoint: str, action: Callable[[AnvilClient], dict[str, Any]], what: str) -> dict:
+    from anvil.client import AnvilAPIError, AnvilClient, InvalidEndpoint
+
     try:
         client = AnvilClient(endpoint)
     except InvalidEndpoint as e:
@@ -398,8 +401,3 @@ def findings_ls(client: AnvilClient, as_json: bool, subsystem: str | None, sever
 def findings_resolve(client: AnvilClient, as_json: bool, finding_id: str, resolution: str) -> None:
     """Mark finding FINDING_ID resolved, with the resolution text."""
     emit(as_json, client.resolve_finding(finding_id, resolution), text=f"resolved {finding_id}")
-
-
-def register(cli: click.Group) -> None:
-    for cmd in (fsck, gc, repair, findings):
-        cli.add_command(cmd)

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import click
 
-from anvil.cli.common import admin_command, describe_error, emit, err_console
+from anvil.cli.common import LazyGroup, admin_command, describe_error, emit, err_console
 from anvil.cli.profiles import ProfileError, resolve_credentials, save_profile
 from anvil.client import AnvilAPIError, AnvilClient, InvalidEndpoint, exchange_token
 from anvil.client import ConnectionError as ClientConnectionError
@@ -27,7 +27,7 @@ def _show_secret(as_json: bool, res: dict, what: str) -> None:
                "The secret is shown only this once: store it now (e.g. `anvil configure`).")
 
 
-@click.group()
+@click.group(cls=LazyGroup, lazy={"migrate": "anvil.cli.records:migrate"})
 def admin() -> None:
     """Administration: tenants, applications, tokens, policies, public access, secret keys, audit."""
 

@@ -134,8 +134,3 @@ def search(client: AnvilClient, as_json: bool, bucket_name: str, index_name: str
         snippet = next(iter((h.get("snippets") or {}).values()), {}).get("fragment", "")
         rows.append((h["key"], h["version"], f"{h['score']:.4f}", snippet[:80]))
     emit(as_json, res, table=(("key", "version", "score", "snippet"), rows))
-
-
-def register(cli: click.Group) -> None:
-    cli.add_command(index)
-    cli.add_command(search)

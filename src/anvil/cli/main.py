@@ -7,7 +7,7 @@ import signal
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -15,21 +15,44 @@ from anvil import __version__
 from anvil.cli.common import (
     CountingReader,
     CountingWriter,
+    LazyGroup,
     client_command,
     emit,
     err_console,
     parse_meta,
     transfer_progress,
 )
-from anvil.cli.diagnostics import register as register_diagnostics
-from anvil.client import DEFAULT_PART_SIZE, AnvilClient, AnvilError
+
+if TYPE_CHECKING:
+    from anvil.client import AnvilClient
+
+# The top-level commands defined in the other modules of anvil.cli, imported when named.
+COMMANDS = {
+    "admin": "anvil.cli.identity:admin",
+    "auth": "anvil.cli.identity:auth",
+    "configure": "anvil.cli.identity:configure",
+    "watch": "anvil.cli.watch:watch",
+    "authz": "anvil.cli.authz:authz",
+    "pdb": "anvil.cli.personaldb:pdb",
+    "index": "anvil.cli.indexes:index",
+    "search": "anvil.cli.indexes:search",
+    "fsck": "anvil.cli.diagnostics:fsck",
+    "gc": "anvil.cli.diagnostics:gc",
+    "repair": "anvil.cli.diagnostics:repair",
+    "findings": "anvil.cli.diagnostics:findings",
+    "backup": "anvil.cli.backup:backup",
+    "restore": "anvil.cli.backup:restore_cmd",
+    "recovery": "anvil.cli.backup:recovery",
+    "drill": "anvil.cli.backup:drill_cmd",
+    "artefact": "anvil.cli.artefacts:artefact",
+}
 
 
 def _ts(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S") if ts else ""
 
 
-@click.group()
+@click.group(cls=LazyGroup, lazy=COMMANDS)
 @click.version_option(__version__, prog_name="anvil")
 def cli() -> None:
     """Anvil: an object store with a complete recovery model."""
@@ -153,7 +176,8 @@ def _serve(storage_path: str, listen: str, dev_auth: bool, backup_repo: str | No
 # ------------------------------------------------------------------ buckets
 
 
-@cli.group()
+# Bucket bindings (object access through relationships): `anvil bucket bind|unbind|binding`.
+@cli.group(cls=LazyGroup, lazy={name: f"anvil.cli.authz:bucket_{name}" for name in ("bind", "unbind", "binding")})
 def bucket() -> None:
     """Create, list, delete buckets and set versioning."""
 
@@ -198,12 +222,6 @@ def bucket_versioning(client: AnvilClient, as_json: bool, name: str, status: str
         res = {"bucket": name, "versioning": b["versioning"]}
     emit(as_json, res, text=f"{name}: {res['versioning']}")
 
-
-# Bucket bindings (object access through relationships): `anvil bucket bind|unbind|binding`.
-from anvil.cli.authz import BUCKET_COMMANDS  # noqa: E402
-
-for _command in BUCKET_COMMANDS:
-    bucket.add_command(_command)
 
 
 # ------------------------------------------------------------------ objects
@@ -252,6 +270,8 @@ PROGRESS_MIN_BYTES = 4 * 1024 * 1024
 def _upload_with_progress(client: AnvilClient, bucket_name: str, key: str, source: str, size: int,
                           content_type: str | None, metadata: dict[str, str], advance: Callable[[int], None]) -> Any:
     """`upload_file` (one PUT, or multipart above one part), counting the bytes as they are sent."""
+    from anvil.client import DEFAULT_PART_SIZE, AnvilError
+
     part_size = DEFAULT_PART_SIZE
     with open(source, "rb") as f:
         if size <= part_size:
@@ -387,36 +407,6 @@ def object_cp(client: AnvilClient, as_json: bool, src_bucket: str, src_key: str,
                              metadata_directive="REPLACE" if replace else "COPY",
                              metadata=parse_meta(meta) if replace else None, content_type=content_type)
     emit(as_json, res, text=f"copied to {dst_bucket}/{dst_key} version {res['version_id']}")
-
-
-from anvil.cli.identity import admin, auth, configure  # noqa: E402 - registered after the core commands
-
-cli.add_command(admin)
-cli.add_command(auth)
-cli.add_command(configure)
-from anvil.cli.indexes import register as _register_indexes  # noqa: E402
-from anvil.cli.watch import watch  # noqa: E402
-
-cli.add_command(watch)
-from anvil.cli.authz import authz  # noqa: E402
-
-cli.add_command(authz)
-
-from anvil.cli.personaldb import pdb  # noqa: E402
-
-cli.add_command(pdb)
-
-_register_indexes(cli)
-register_diagnostics(cli)
-from anvil.cli.backup import register as _register_backup  # noqa: E402 - after the groups above
-
-_register_backup(cli)
-from anvil.cli.artefacts import artefact  # noqa: E402
-
-cli.add_command(artefact)
-from anvil.cli.records import migrate as _records_migrate  # noqa: E402 - `anvil admin migrate`
-
-admin.add_command(_records_migrate)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from anvil.client import DEFAULT_ENDPOINT
+from anvil import DEFAULT_ENDPOINT
 
 
 class ProfileError(Exception):
