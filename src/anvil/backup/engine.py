@@ -501,7 +501,7 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
                 "tree": {"files": files, "blobs": tree_blobs},
             }
             # Written from the store (the tree, in pieces) while the checkpoint's folder still holds it.
-            repo.save_snapshot(manifest)
+            repo.save_snapshot(manifest, scratch=cp.parent)
         finally:
             if pools is not None:
                 pools.close()  # (already closed unless this failed before the blobs were encoded)
