@@ -147,11 +147,18 @@ class Catalog:
         self.batch_counts = [0] * len(BATCH_BUCKETS)
         # Fenced background writes refused because their lease moved on (storage.leases).
         self.stale_fences = 0
-        self.migrate("journal", journal.MIGRATIONS)
-        self.migrate("leases", leases.MIGRATIONS)
-        # Readers of the journal that are not records (archiving, a running backup) hold compaction
-        # and gc back through the record store, so every node's compaction and gc see them.
-        self.migrate("holds", holds.MIGRATIONS)
+        try:
+            self.migrate("journal", journal.MIGRATIONS)
+            self.migrate("leases", leases.MIGRATIONS)
+            # Readers of the journal that are not records (archiving, a running backup) hold compaction
+            # and gc back through the record store, so every node's compaction and gc see them.
+            self.migrate("holds", holds.MIGRATIONS)
+        except BaseException:
+            # A refused store (a PostgreSQL one not migrated, or newer): nobody gets this catalog to
+            # close, so close what it opened now (a connection pool left to the garbage collector
+            # ends in a pool thread that cannot join itself).
+            self.close()
+            raise
 
     # -- the engine: SQLite here; storage.pg.PgCatalog overrides these for PostgreSQL ------------
 
