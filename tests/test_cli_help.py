@@ -56,3 +56,33 @@ def test_shell_completion_scripts_and_answers() -> None:
     assert "plain,object" in _complete("bash", "anvil ob").splitlines()
     assert {"plain,put", "plain,get", "plain,ls"} <= set(_complete("bash", "anvil object ").splitlines())
     assert "plain,--storage-path" in _complete("bash", "anvil serve --st").splitlines()
+
+
+# An offline command must not pay for what it never uses: the SDK (httpx, the pydantic models), the
+# other command groups, the authz grammar (lark).
+_HEAVY = ("anvil.client", "httpx", "anvil.api_models", "pydantic", "lark", "anvil.cli.backup", "anvil.cli.authz")
+_PROBE = """
+import sys
+from anvil.cli.main import main
+sys.argv = ["anvil", *sys.argv[1:]]
+try:
+    main()
+except SystemExit:
+    pass
+print("LOADED", *sorted(m for m in %r if m in sys.modules))
+"""
+
+
+def test_offline_commands_load_neither_the_sdk_nor_other_groups(tmp_path) -> None:
+    from anvil.runtime import Anvil
+
+    Anvil(tmp_path / "data").close()
+    for args in (["fsck", "--help"], ["fsck", "--storage-path", str(tmp_path / "data"), "--json"]):
+        proc = subprocess.run([sys.executable, "-c", _PROBE % (_HEAVY,), *args], capture_output=True, text=True,
+                              timeout=60)
+        loaded = proc.stdout.rsplit("LOADED", 1)[-1].split()
+        assert "LOADED" in proc.stdout and loaded == [], (args, loaded, proc.stderr[-2000:])
+    # A command that talks to a server loads the SDK (the probe above can tell).
+    proc = subprocess.run([sys.executable, "-c", _PROBE % (_HEAVY,), "bucket", "ls", "--endpoint",
+                           "http://127.0.0.1:1"], capture_output=True, text=True, timeout=60)
+    assert {"anvil.client", "httpx"} <= set(proc.stdout.rsplit("LOADED", 1)[-1].split()), proc.stdout
