@@ -250,6 +250,8 @@ class BlobsParticipant(Participant):
         inline_cur = next(inline_sizes, None)
         # A remote backend is listed once (paged), not asked once per blob.
         stored = {b.sha256: b.size for b in ctx.blobs.list_blobs()} if ctx.blobs.remote else None
+        # A blob file's path as a string: `BlobStore.path`'s Path objects cost more than the stat.
+        root = None if stored is not None else os.fspath(ctx.blobs.root) + os.sep
         digest = hashlib.sha256()  # of the hashes joined by newlines
         for sha, _ in ctx.referenced_blobs():
             digest.update(b"\n" + sha.encode() if referenced else sha.encode())
@@ -258,7 +260,12 @@ class BlobsParticipant(Participant):
                 inline_cur = next(inline_sizes, None)
             # One stat per blob (not exists() and then stat()): every snapshot pays this per blob.
             try:
-                size = stored[sha] if stored is not None else os.stat(ctx.blobs.path(sha)).st_size
+                if root is None:
+                    size = stored[sha]  # type: ignore[index]
+                elif HEX64.fullmatch(sha):
+                    size = os.stat(f"{root}{sha[:2]}{os.sep}{sha}").st_size
+                else:
+                    raise ValueError("not a sha256 hex digest")  # as BlobStore.path refuses a malformed reference
             except (FileNotFoundError, KeyError):
                 if inline_cur is None or inline_cur[0] != sha:
                     continue
