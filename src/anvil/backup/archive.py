@@ -265,20 +265,20 @@ class Archiver:
         self.blob_chunks = blob_chunks
         self._blob_map_loaded = True
 
-    def _write_hold(self) -> None:
-        """Move the `archive` hold to the cursor (runs under the archive lease, so it is fenced: a node
-        that lost the lease cannot move it). Rewritten when the cursor moves, else renewed well
-        before it lapses."""
-        if not self.hold or self.cursor is None:
+    def _write_hold(self, seq: int | None = None) -> None:
+        """Move the `archive` hold to `seq` (default: the cursor; runs under the archive lease, so it is
+        fenced: a node that lost the lease cannot move it). Rewritten when it moves, else renewed
+        well before it lapses."""
+        seq = self.cursor if seq is None else seq
+        if not self.hold or seq is None:
             return
         ttl = holds.archive_ttl()
         now = time.time()
         last = self._hold_written
-        if last is not None and last[0] == self.cursor and now - last[1] < ttl / 10:
+        if last is not None and last[0] == seq and now - last[1] < ttl / 10:
             return
-        holds.put(self.storage.catalog, holds.ARCHIVE, holder=self.holder, seq=self.cursor, blobs=holds.EVENTS,
-                  ttl=ttl)
-        self._hold_written = (self.cursor, now)
+        holds.put(self.storage.catalog, holds.ARCHIVE, holder=self.holder, seq=seq, blobs=holds.EVENTS, ttl=ttl)
+        self._hold_written = (seq, now)
 
     def status(self) -> dict[str, Any]:
         conn = self.storage.catalog.reader()
@@ -380,6 +380,9 @@ class Archiver:
         for sha, entry in blobs.items():
             if not entry.get("missing"):
                 self.blob_chunks[sha] = entry
+        # The hold moves before the cursor: once the status shows the archive at a seq (no lag), gc
+        # and compaction already see they may go past it (they read the hold, not the cursor).
+        self._write_hold(last.seq)
         self.cursor, self.cursor_ts, self.cursor_hash = last.seq, last.ts, last.hash
         self.segments_written += 1
         self.events_shipped += len(events)
