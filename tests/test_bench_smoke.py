@@ -78,7 +78,7 @@ def test_s3_bench_quick_prints_both_servers_and_ratios() -> None:
     """`bench/s3.py --quick` drives Anvil and moto with client processes; only the JSON shape is checked."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "s3.py"), "--quick", "--workers", "2", "--reps", "2",
-                           "--objects", "100"],
+                           "--objects", "20"],
                           env=env, capture_output=True, timeout=240)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     doc = json.loads(proc.stdout)
