@@ -158,8 +158,8 @@ def test_personaldb_bench_quick_prints_every_figure() -> None:
 
 def test_pitr_bench_quick_prints_rpo_and_restore_figures() -> None:
     """`bench/pitr.py` (tiny run): archive lag percentiles and the point-in-time vs plain restore times."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "pitr.py"), "--quick", "--seconds", "1",
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "ANVIL_BACKUP_KDF": "test"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "pitr.py"), "--quick", "--seconds", "0.5",
                            "--rate", "50", "--events", "300"], env=env, capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     doc = json.loads(proc.stdout)
