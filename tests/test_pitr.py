@@ -89,11 +89,13 @@ def test_archive_while_writing_kill_then_restore_to_a_time_between_two_snapshots
 
     t = threading.Thread(target=writer)
     t.start()
-    time.sleep(2.0)
-    target_time = time.time()
-    time.sleep(2.0)
-    s2 = cli_json("backup", "create", "--repo", repo, "--endpoint", srv.endpoint, creds=creds)
+    # About fifty acknowledged writes on each side of the target time (one every ~10-20 ms), and some
+    # after the second snapshot: the restore must split them exactly at the target.
     time.sleep(1.0)
+    target_time = time.time()
+    time.sleep(1.0)
+    s2 = cli_json("backup", "create", "--repo", repo, "--endpoint", srv.endpoint, creds=creds)
+    time.sleep(0.5)
     stop.set()
     t.join()
     # The archive keeps up with the writes (lag is visible and small), then the server dies hard.
