@@ -70,11 +70,12 @@ def populate(path: Path, objects: int, big: int, big_size: int, seed: int = 1) -
 
 
 def change(client, objects: int, seed: int) -> None:
-    """Through the running server: rewrite 1% of the objects and add 100 new ones."""
+    """Through the running server: rewrite 1% of the objects and add 100 new ones (as many as there
+    are objects in a tiny run, whose added objects would otherwise be most of the data)."""
     rng = random.Random(seed)
     for i in rng.sample(range(objects), max(1, objects // 100)):
         client.put_object("bench", f"small/{i:06d}", body(rng, rng.randint(1024, 256 * 1024), i % 2 == 0))
-    for i in range(100):
+    for i in range(min(100, objects)):
         client.put_object("bench", f"added/{seed}/{i:04d}", body(rng, rng.randint(1024, 256 * 1024), i % 2 == 0))
 
 

@@ -68,7 +68,7 @@ def run(*, rounds: int, seconds: float, objects: int) -> dict[str, Any]:
                 keys[name] = [written[n::clients] for n in range(clients)]
                 os.environ[bench.TOKEN_ENV] = tokens[name]
                 loads[name] = bench.LoadGenerator(processes, conns_per_process)
-                loads[name].run(srv.port, "bench", "get", keys[name], 0.5)  # warm-up, not measured
+                loads[name].run(srv.port, "bench", "get", keys[name], min(0.5, seconds))  # warm-up, not measured
             figures: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
             for _ in range(rounds):
                 for name, srv in servers.items():
@@ -112,12 +112,12 @@ def run(*, rounds: int, seconds: float, objects: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 round of 0.5 s")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 round of 0.3 s")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
     if args.quick:
-        print(json.dumps(run(rounds=1, seconds=0.5, objects=64), indent=2))
+        print(json.dumps(run(rounds=1, seconds=0.3, objects=64), indent=2))
         return
     print(json.dumps(run(rounds=args.rounds, seconds=args.seconds, objects=512), indent=2))
 

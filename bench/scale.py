@@ -457,7 +457,9 @@ def run(steps: list[int], *, quick: bool, processes: int, conns: int, listers: l
     from tests.helpers import AnvilServer
 
     load_before = os.getloadavg()
-    get_seconds = 0.5 if quick else 3.0
+    get_seconds = 0.3 if quick else 3.0
+    # Pauses before the at-rest memory figures: a smoke run only checks they are there.
+    settle, settle_backup = (0.2, 0.2) if quick else (0.5, 1.0)
     reps = 3 if quick else 5
     with tempfile.TemporaryDirectory(prefix="anvil-bench-scale-") as tmp:
         work = Path(tmp)
@@ -518,7 +520,7 @@ def run(steps: list[int], *, quick: bool, processes: int, conns: int, listers: l
                                     for _ in range(reps)]
                         step["watch_status_ms"] = _median_ms(status_s)
                     # At rest after the step's loading, GETs and listings: what serving holds.
-                    time.sleep(0.5)
+                    time.sleep(settle)
                     step["memory_at_rest"] = RssPeak(pid).memory()
                     rss_rest = RssPeak(pid).rss()
                     if not backups:
@@ -537,7 +539,7 @@ def run(steps: list[int], *, quick: bool, processes: int, conns: int, listers: l
                         step_backup = _cli(create + (["--incremental"] if backed_up else []), env)
                         backed_up = True
                         no_change = _cli(create + ["--incremental"], env)
-                    time.sleep(1.0)
+                    time.sleep(settle_backup)
                     step["backup"] = {"with_new_objects_seconds": step_backup, "no_change_incremental_seconds":
                                       no_change, "server_peak_rss_mib": round(bk.peak / MIB, 1),
                                       "server_rss_after_mib": round(RssPeak(pid).rss() / MIB, 1),

@@ -78,7 +78,7 @@ def test_s3_bench_quick_prints_both_servers_and_ratios() -> None:
     """`bench/s3.py --quick` drives Anvil and moto with client processes; only the JSON shape is checked."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "s3.py"), "--quick", "--workers", "2", "--reps", "2",
-                           "--objects", "100"],
+                           "--objects", "20"],
                           env=env, capture_output=True, timeout=240)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     doc = json.loads(proc.stdout)
@@ -158,8 +158,8 @@ def test_personaldb_bench_quick_prints_every_figure() -> None:
 
 def test_pitr_bench_quick_prints_rpo_and_restore_figures() -> None:
     """`bench/pitr.py` (tiny run): archive lag percentiles and the point-in-time vs plain restore times."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "pitr.py"), "--quick", "--seconds", "1",
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "ANVIL_BACKUP_KDF": "test"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "pitr.py"), "--quick", "--seconds", "0.5",
                            "--rate", "50", "--events", "300"], env=env, capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     doc = json.loads(proc.stdout)
@@ -175,7 +175,9 @@ def test_pitr_bench_quick_prints_rpo_and_restore_figures() -> None:
 def test_backup_bench_tiny_run_is_online_interleaved_with_cpu_and_load() -> None:
     """`bench/backup.py` (tiny run): Anvil online against a real server, both tools over 2
     repetitions, min/median/runs, CPU seconds and the load average before and after."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    # The cheap repository KDF (as every backup test uses): the production argon2 costs ~0.15 s per
+    # `anvil backup` command, of which a tiny run makes over twenty; the shape is what is checked here.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "ANVIL_BACKUP_KDF": "test"}
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "backup.py"), "--objects", "10", "--big", "0",
                            "--reps", "2"], env=env, capture_output=True, timeout=600)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")

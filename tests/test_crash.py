@@ -20,7 +20,7 @@ from tests.helpers import AnvilServer
 from tests.s3_helpers import s3_client
 
 WRITERS = 3
-RUN_SECONDS = 2.5
+RUN_SECONDS = 1.0  # then on until at least 20 PUTs are acknowledged (the wait below)
 
 
 def _writer(srv: AnvilServer, wid: int, sent: dict[str, tuple[str, str]], acked: dict[str, tuple[str, str]],

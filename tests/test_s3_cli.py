@@ -19,12 +19,46 @@ from tests.s3_helpers import aws_env
 MiB = 1024 * 1024
 
 
+# `python -m awscli` costs ~0.7 s of CPU per call in imports alone, and this module makes ~40: as
+# tests.helpers.run_anvil does for `anvil`, the first call of each test runs as a real `aws`
+# process and the others run the same CLI driver in this process (its environment, stdout and
+# stderr swapped in for the call), against the same real server.
+_AWS_SUBPROCESS_SEEN: set[str] = set()
+
+
 def aws(server: AnvilServer, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "awscli", *args], env=aws_env(server), capture_output=True,
-                          text=True, timeout=timeout)
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+    if test not in _AWS_SUBPROCESS_SEEN or os.environ.get("ANVIL_TEST_CLI") == "subprocess":
+        _AWS_SUBPROCESS_SEEN.add(test)
+        proc = subprocess.run([sys.executable, "-m", "awscli", *args], env=aws_env(server), capture_output=True,
+                              text=True, timeout=timeout)
+    else:
+        proc = _aws_in_process(list(args), aws_env(server))
     if check and proc.returncode != 0:
         raise AssertionError(f"aws {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def _aws_in_process(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+
+    from awscli.clidriver import create_clidriver
+
+    out, err = io.BytesIO(), io.BytesIO()
+    stdout = io.TextIOWrapper(out, encoding="utf-8", write_through=True)
+    stderr = io.TextIOWrapper(err, encoding="utf-8", write_through=True)
+    saved = dict(os.environ)
+    os.environ.clear()
+    # Importing awscli put its data directory on AWS_DATA_PATH, as it does in its own process.
+    os.environ.update(env, AWS_DATA_PATH=saved["AWS_DATA_PATH"])
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = create_clidriver().main(args)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["aws", *args], code, out.getvalue().decode(), err.getvalue().decode())
 
 
 def test_aws_s3_cp_sync_ls_rm(server: AnvilServer, tmp_path: Path) -> None:
