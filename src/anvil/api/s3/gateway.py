@@ -60,6 +60,7 @@ UNSUPPORTED_HEADERS = {
     "x-amz-write-offset-bytes": "appends",
 }
 _UNSUPPORTED_HEADER_BYTES = tuple((k.encode("latin-1"), what) for k, what in UNSUPPORTED_HEADERS.items())
+_UNSUPPORTED_NAMES = frozenset(k for k, _ in _UNSUPPORTED_HEADER_BYTES)
 
 
 @dataclass
@@ -103,7 +104,7 @@ class S3Gateway:
         else:
             response.headers["x-amz-request-id"] = request_id
             response.headers.setdefault("x-amz-id-2", request_id)
-        if request.method != "OPTIONS" and b"origin" in (k for k, _ in request.scope["headers"]):
+        if request.method != "OPTIONS" and "origin" in request.headers:
             # A browser's actual request: the bucket's CORS rule (if one allows it) decides what it may read.
             try:
                 bucket = self._target(request).bucket
@@ -136,7 +137,12 @@ class S3Gateway:
 
     async def _dispatch(self, request: Request, request_id: str) -> Response:
         raw_headers = request.scope["headers"]  # latin-1 on the wire: byte lengths are the character counts
-        header_bytes = sum(len(k) + len(val) + 4 for k, val in raw_headers)
+        # One pass: the names (for the unsupported ones below) and the section's size ("name: value\r\n").
+        present = set()
+        header_bytes = 4 * len(raw_headers)
+        for k, val in raw_headers:
+            present.add(k)  # ASGI header names are lower-case bytes
+            header_bytes += len(k) + len(val)
         if header_bytes > MAX_HEADER_BYTES:
             raise S3Error("RequestHeaderSectionTooLarge",
                           f"your request header section exceeds the maximum allowed size ({MAX_HEADER_BYTES} bytes)")
@@ -159,10 +165,10 @@ class S3Gateway:
         for name in q.keys():
             if name in UNSUPPORTED_SUBRESOURCES:
                 raise not_implemented(f"the ?{name} sub-resource")
-        present = {k for k, _ in raw_headers}  # ASGI header names are lower-case bytes
-        for name, what in _UNSUPPORTED_HEADER_BYTES:
-            if name in present:
-                raise not_implemented(what)
+        if not present.isdisjoint(_UNSUPPORTED_NAMES):
+            for name, what in _UNSUPPORTED_HEADER_BYTES:
+                if name in present:
+                    raise not_implemented(what)
         # ACLs Anvil cannot honour are refused before anything happens (docs/s3.md, "ACLs").
         acl.canned(request.headers.get("x-amz-acl"), bucket=t.key is None and request.method == "PUT" and
                    "acl" not in q)
