@@ -215,7 +215,8 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
     """`query`: the request's parsed query (`query_params`), when the caller already has it;
     `bucket_from_host`: the bucket of a virtual-host-style request (SigV2 signs it in the resource)."""
     now = time.time() if now is None else now
-    header = request.headers.get("authorization")
+    h = request.headers
+    header = h.get("authorization")
     q = query_params(request) if query is None else query
     if header is not None:
         if header.startswith("AWS "):
@@ -231,9 +232,9 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
         except KeyError:
             raise S3Error("AuthorizationHeaderMalformed",
                           "the Authorization header needs Credential, SignedHeaders and Signature")
-        amz_date = request.headers.get("x-amz-date")
+        amz_date = h.get("x-amz-date")
         if amz_date is None:
-            date_header = request.headers.get("date")
+            date_header = h.get("date")
             if date_header is None:
                 raise S3Error("AccessDenied", "AWS authentication requires a valid Date or x-amz-date header", 403)
             from email.utils import parsedate_to_datetime
@@ -250,7 +251,7 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
                           fields={"RequestTime": amz_date,
                                   "ServerTime": datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
                                   "MaxAllowedSkewMilliseconds": str(MAX_SKEW_SECONDS * 1000)})
-        payload_hash = request.headers.get("x-amz-content-sha256")
+        payload_hash = h.get("x-amz-content-sha256")
         if payload_hash is None:
             raise S3Error("InvalidRequest", "missing required header for this request: x-amz-content-sha256")
         drop = None
@@ -277,7 +278,7 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
                           fields={"X-Amz-Expires": str(expires), "Expires": str(ts + expires)})
         if ts - now > MAX_SKEW_SECONDS:
             raise S3Error("AccessDenied", "Request is not valid yet", 403)
-        payload_hash = request.headers.get("x-amz-content-sha256") or UNSIGNED
+        payload_hash = h.get("x-amz-content-sha256") or UNSIGNED
         drop = "X-Amz-Signature"
         # S3 lets a presigned request carry x-amz-content-sha256 unsigned: its value is the canonical
         # request's payload line (UNSIGNED-PAYLOAD when absent), so the signature covers it anyway.
@@ -285,7 +286,7 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
     elif "AWSAccessKeyId" in q or "Signature" in q:
         return _v2(request, lookup, q, now, bucket_from_host, None)
     else:
-        return AuthResult(ANONYMOUS, request.headers.get("x-amz-content-sha256") or UNSIGNED)
+        return AuthResult(ANONYMOUS, h.get("x-amz-content-sha256") or UNSIGNED)
 
     found = lookup(access_key)
     if found is None:
@@ -298,7 +299,7 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
     # An unsigned x-amz-* header would change what a valid signature authorises (a copy source, stored
     # metadata, ...): refused as S3 does, whether or not the signature itself matches.
     signed_set = {n.lower() for n in signed_names}
-    unsigned = list(dict.fromkeys(n for n, _ in amz_items(request.headers)
+    unsigned = list(dict.fromkeys(n for n, _ in amz_items(h)
                                   if n not in signed_set and n not in unsigned_ok))
     if unsigned:
         raise _headers_not_signed(unsigned)
