@@ -152,7 +152,7 @@ def test_scope_matchers_agree_with_fnmatch() -> None:
     import itertools
     from fnmatch import fnmatchcase
 
-    from anvil.identity.scopes import allows
+    from anvil.identity.scopes import allows, allows_any
 
     def reference(scope: str, action: str, resource: str) -> bool:
         if scope == "*":
@@ -166,6 +166,13 @@ def test_scope_matchers_agree_with_fnmatch() -> None:
     resources = ["bucket:b/k", "bucket:b/k/x", "bucket:b", "bucket:a/z", "bucket:bx", "", "bucket:b/\nkz", "tenant:t"]
     for scope, action, resource in itertools.product(scopes, actions, resources):
         assert allows(scope, action, resource) == reference(scope, action, resource), (scope, action, resource)
+    # A principal's scopes as a whole (what every request asks): any one of them, in any combination.
+    for n in (0, 1, 2, 3):
+        for combo in itertools.combinations(scopes, n):
+            for action, resource in itertools.product(actions, resources):
+                expected = any(reference(s, action, resource) for s in combo)
+                assert allows_any(combo, action, resource) == expected, (combo, action, resource)
+                assert allows_any(list(combo), action, resource) == expected
 
 
 def test_app_state_attributes_read_set_and_deleted() -> None:

@@ -82,6 +82,34 @@ def allows(scope: str, action: str, resource: str) -> bool:
     return match_action(action) and match_resource(resource)
 
 
+def allows_any(scopes: tuple[str, ...] | list[str], action: str, resource: str) -> bool:
+    """`any(allows(s, action, resource) for s in scopes)`, with a principal's scopes sorted by action once:
+    a request then tests only the resource patterns of the scopes that grant its action."""
+    if type(scopes) is not tuple:
+        return any(allows(s, action, resource) for s in scopes)
+    tests = _resource_tests(scopes, action)
+    if tests is None:
+        return True
+    for test in tests:
+        if test(resource):
+            return True
+    return False
+
+
+@lru_cache(maxsize=1024)
+def _resource_tests(scopes: tuple[str, ...], action: str) -> tuple[Callable[[str], bool], ...] | None:
+    """The resource tests of the scopes whose action pattern matches `action`, in order (None: a `*`
+    scope, which allows everything)."""
+    out = []
+    for scope in scopes:
+        if scope == "*":
+            return None
+        match_action, match_resource = _scope_matchers(scope)
+        if match_action(action):
+            out.append(match_resource)
+    return tuple(out)
+
+
 _GLOB_CHARS = frozenset("*?[")
 
 
