@@ -100,3 +100,114 @@ def test_skew_and_region_checked_before_signature() -> None:
     with pytest.raises(S3Error) as e:
         authenticate(make_request("GET", "/b/k", headers), lookup, "eu-west-1", now=WHEN)
     assert e.value.code == "AuthorizationHeaderMalformed" and e.value.fields["Region"] == "eu-west-1"
+
+
+# ------------------------------------------------------------------ the per-request shortcuts (s3put7)
+
+
+def test_canonical_uri_shortcut_equals_s3_reencoding() -> None:
+    """A plain path is taken as its own canonical URI without re-encoding it: only when it is one."""
+    import urllib.parse
+
+    from anvil.api.s3.auth import _canonical_uris
+
+    for path in ["/b/small/000123", "/b/a-b_c.d~e/", "/", "", "/b/a%20b", "/b/a b", "/b/a+b", "/b/caf\u00e9",
+                 "/b/a%2Fb", "/b/%7Etilde", "/b/a=b&c", "/b/\u00e9%C3%A9"]:
+        reencoded = urllib.parse.quote(urllib.parse.unquote(path), safe="/~")
+        assert _canonical_uris(path) == ([path] if reencoded == path else [path, reencoded]), path
+
+
+def test_amz_date_kept_only_for_the_same_value() -> None:
+    from anvil.api.s3.auth import parse_amz_date
+
+    ts = parse_amz_date("20130524T000000Z")
+    assert ts == WHEN and parse_amz_date("20130524T000000Z") == WHEN
+    for bad in ["20131324T000000Z", "20130524T000000", "2013052 T000000Z"]:  # right after a valid one
+        with pytest.raises(S3Error) as e:
+            parse_amz_date(bad)
+        assert e.value.code == "AccessDenied"
+    assert parse_amz_date("20130524T000001Z") == WHEN + 1
+
+
+def test_unsigned_amz_header_refused_and_named_once() -> None:
+    """The unsigned x-amz-* check reads the request's x-amz-* headers (found once per request): a
+    repeated unsigned header is named once, a signed one is not named."""
+    from anvil.api.fastreq import FastRequest
+
+    headers = [(b"host", b"h"), (b"x-amz-date", b"20130524T000000Z"), (b"x-amz-content-sha256", b"UNSIGNED-PAYLOAD"),
+               (b"x-amz-meta-a", b"1"), (b"x-amz-meta-a", b"2"), (b"x-amz-tagging", b"k=v"),
+               (b"authorization", f"AWS4-HMAC-SHA256 {CRED},SignedHeaders=host;x-amz-content-sha256;x-amz-date,"
+                                  "Signature=00".encode())]
+    scope = {"type": "http", "method": "PUT", "path": "/b/k", "raw_path": b"/b/k", "query_string": b"",
+             "headers": headers}
+    for request in (FastRequest(scope), Request(dict(scope))):
+        with pytest.raises(S3Error) as e:
+            authenticate(request, lookup, "us-east-1", now=WHEN)
+        assert e.value.code == "AccessDenied" and e.value.fields["HeadersNotSigned"] == "x-amz-meta-a, x-amz-tagging"
+
+
+def test_scope_matchers_agree_with_fnmatch() -> None:
+    """Scopes are compiled to equality and prefix tests (every S3 request checks them): the same answers
+    as fnmatchcase, including for patterns that are not a plain prefix."""
+    import itertools
+    from fnmatch import fnmatchcase
+
+    from anvil.identity.scopes import allows, allows_any
+
+    def reference(scope: str, action: str, resource: str) -> bool:
+        if scope == "*":
+            return True
+        scope_action, _, scope_resource = scope.partition("|")
+        return fnmatchcase(action, scope_action) and fnmatchcase(resource, scope_resource or "*")
+
+    scopes = ["*", "object:*|bucket:b/*", "object:read|bucket:b/k", "object:*", "*|*", "object:read|", "|",
+              "obj?ct:read|bucket:[ab]/*", "object:read|bucket:b*x", "object:read|bucket:b/\nk*", "*:read|bucket:*"]
+    actions = ["object:read", "object:write", "", "objectXread"]
+    resources = ["bucket:b/k", "bucket:b/k/x", "bucket:b", "bucket:a/z", "bucket:bx", "", "bucket:b/\nkz", "tenant:t"]
+    for scope, action, resource in itertools.product(scopes, actions, resources):
+        assert allows(scope, action, resource) == reference(scope, action, resource), (scope, action, resource)
+    # A principal's scopes as a whole (what every request asks): any one of them, in any combination.
+    for n in (0, 1, 2, 3):
+        for combo in itertools.combinations(scopes, n):
+            for action, resource in itertools.product(actions, resources):
+                expected = any(reference(s, action, resource) for s in combo)
+                assert allows_any(combo, action, resource) == expected, (combo, action, resource)
+                assert allows_any(list(combo), action, resource) == expected
+
+
+def test_app_state_attributes_read_set_and_deleted() -> None:
+    from anvil.api.app import AppState
+
+    state = AppState()
+    state.x = 1
+    assert state.x == 1 and "x" in state.__dict__ and state._state["x"] == 1
+    state.x = 2
+    assert state.x == 2 and state._state["x"] == 2
+    del state.x
+    with pytest.raises(AttributeError):
+        _ = state.x
+    assert "x" not in state._state
+
+
+def test_plain_body_stream_marks_consumed_and_raises_on_disconnect() -> None:
+    from starlette.requests import ClientDisconnect
+
+    from anvil.api.s3.body import _stream
+
+    request = make_request("PUT", "/b/k", {"Host": "h"}, b"abcdefghij", chunk=4)
+    assert asyncio.run(_collect(_stream(request))) == [b"abcd", b"efgh", b"ij"]
+    assert request._stream_consumed
+    with pytest.raises(RuntimeError):  # read twice: Starlette's answer
+        asyncio.run(_collect(_stream(request)))
+
+    async def gone():
+        return {"type": "http.disconnect"}
+
+    request = Request(make_request("PUT", "/b/k", {"Host": "h"}).scope, gone)
+    with pytest.raises(ClientDisconnect):
+        asyncio.run(_collect(_stream(request)))
+    assert request._is_disconnected
+
+
+async def _collect(it) -> list[bytes]:
+    return [p async for p in it]

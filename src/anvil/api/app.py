@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.applications import Starlette
+from starlette.datastructures import State
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -132,6 +134,23 @@ def _watch_body(scope: Scope, receive: Receive, send: Send) -> tuple[Receive, Se
     return counter, send_closing
 
 
+class AppState(State):
+    """Starlette's `app.state`, whose values are also plain attributes of the instance.
+
+    Starlette's State keeps them in a dict behind `__getattr__`, which Python calls only after the
+    ordinary lookup has failed: every `app.state.x` raised (and formatted) an AttributeError first.
+    A request on the S3 path reads four or five of them."""
+
+    def __setattr__(self, key: Any, value: Any) -> None:
+        super().__setattr__(key, value)
+        if key != "_state":
+            object.__setattr__(self, key, value)
+
+    def __delattr__(self, key: Any) -> None:
+        super().__delattr__(key)
+        self.__dict__.pop(key, None)
+
+
 class AnvilApp(Starlette):
     """Starlette, with the hot requests dispatched directly: every S3 request, and the native
     object GET/HEAD/PUT/DELETE route.
@@ -142,6 +161,10 @@ class AnvilApp(Starlette):
     """
 
     object_handlers = _object_handlers()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.state = AppState()
 
     fast_reads: FastReads | None = None
 

@@ -27,6 +27,7 @@ class FastHeaders(Headers):
         self._items = [(k.decode("latin-1"), val.decode("latin-1")) for k, val in raw]
         # Reversed so that, of repeated headers, the first one is kept, as Headers.__getitem__ does.
         self._map = dict(reversed(self._items))
+        self._amz: list[tuple[str, str]] | None = None
 
     def __getitem__(self, key: str) -> str:
         return self._map[key.lower()]
@@ -45,6 +46,21 @@ class FastHeaders(Headers):
 
     def values(self) -> list[str]:  # type: ignore[override]
         return [val for _, val in self._items]
+
+    def amz_items(self) -> list[tuple[str, str]]:
+        """The `x-amz-*` headers, in arrival order, found once: the signature check, the checksum headers
+        and the user metadata each look through them (a handful out of every request's dozen)."""
+        amz = self._amz
+        if amz is None:
+            amz = self._amz = [(k, val) for k, val in self._items if k.startswith("x-amz-")]
+        return amz
+
+
+def amz_items(headers: Headers) -> list[tuple[str, str]]:
+    """The `x-amz-*` (name, value) pairs of any request's headers, names lower-case."""
+    if type(headers) is FastHeaders:
+        return headers.amz_items()
+    return [(k, val) for k, val in headers.items() if k.startswith("x-amz-")]
 
 
 class FastRequest(Request):

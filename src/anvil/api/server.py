@@ -44,6 +44,12 @@ class _CoalescingTransport:
         self._transport = transport
         self._loop = loop
         self._pending: list[bytes] = []
+        # What uvicorn calls on every request, bound here: through `__getattr__` each call first failed
+        # an ordinary lookup (an AttributeError made and discarded).
+        self.is_closing = transport.is_closing
+        self.pause_reading = transport.pause_reading
+        self.resume_reading = transport.resume_reading
+        self.get_extra_info = transport.get_extra_info
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -117,8 +123,10 @@ def _send_raw(cycle: Any, status: int, headers: list[tuple[bytes, bytes]], body:
         return False
     names = b"".join([n for n, _ in headers])
     if HEADER_RE.search(names) or HEADER_VALUE_RE.search(b"\t".join([v for _, v in headers])) \
-            or b"connection" in names or b"content-length" not in names:
-        return False  # (without a length uvicorn would send the body chunked)
+            or names.find(b"connection") >= 0 or names.find(b"content-length") < 0:
+        # (without a length uvicorn would send the body chunked). `find`, not `in`: bytes.__contains__
+        # first tries its operand as an integer, raising and discarding a TypeError for each test.
+        return False
     cycle.response_started = True
     cycle.waiting_for_100_continue = False
     content = [STATUS_LINE[status]]

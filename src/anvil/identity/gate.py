@@ -22,7 +22,7 @@ from typing import NamedTuple, Protocol
 
 from anvil.context import Principal
 from anvil.errors import AnvilError
-from anvil.identity.scopes import ACTIONS, allows
+from anvil.identity.scopes import ACTIONS, allows, allows_any
 
 # Anonymous callers may do these on a public bucket; everything else needs a token.
 PUBLIC_ACTIONS = frozenset({"object:read", "object:list", "bucket:read", "artefact:pull"})
@@ -132,6 +132,6 @@ def authorize_scopes(principal: Principal, action: str, resource: str) -> None:
     # the watch filter) before it asks; here only the scopes decide.
     elif not resource.startswith(("bucket:", "tenant:", "pdb:")) and not principal.admin:
         raise _denied("PermissionDenied", "not allowed")
-    if any(allows(s, action, resource) for s in principal.scopes):
+    if allows_any(principal.scopes, action, resource):
         return
     raise _denied("PermissionDenied", "not allowed")

@@ -10,6 +10,7 @@ decided exactly for the shapes people write, and conservatively (refuse) for the
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from fnmatch import fnmatchcase
 from functools import lru_cache
 
@@ -77,8 +78,56 @@ def validate(scopes: object) -> list[str]:
 def allows(scope: str, action: str, resource: str) -> bool:
     if scope == "*":
         return True
+    match_action, match_resource = _scope_matchers(scope)
+    return match_action(action) and match_resource(resource)
+
+
+def allows_any(scopes: tuple[str, ...] | list[str], action: str, resource: str) -> bool:
+    """`any(allows(s, action, resource) for s in scopes)`, with a principal's scopes sorted by action once:
+    a request then tests only the resource patterns of the scopes that grant its action."""
+    if type(scopes) is not tuple:
+        return any(allows(s, action, resource) for s in scopes)
+    tests = _resource_tests(scopes, action)
+    if tests is None:
+        return True
+    for test in tests:
+        if test(resource):
+            return True
+    return False
+
+
+@lru_cache(maxsize=1024)
+def _resource_tests(scopes: tuple[str, ...], action: str) -> tuple[Callable[[str], bool], ...] | None:
+    """The resource tests of the scopes whose action pattern matches `action`, in order (None: a `*`
+    scope, which allows everything)."""
+    out = []
+    for scope in scopes:
+        if scope == "*":
+            return None
+        match_action, match_resource = _scope_matchers(scope)
+        if match_action(action):
+            out.append(match_resource)
+    return tuple(out)
+
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+def _glob(pattern: str) -> Callable[[str], bool]:
+    """`fnmatchcase(name, pattern)` as a function of the name: an equality or a prefix test when the
+    pattern is only that (every request checks a principal's scopes, usually `PREFIX*` patterns)."""
+    if _GLOB_CHARS.isdisjoint(pattern):
+        return pattern.__eq__
+    prefix = pattern[:-1]
+    if pattern[-1] == "*" and _GLOB_CHARS.isdisjoint(prefix):
+        return lambda name: name.startswith(prefix)
+    return lambda name: fnmatchcase(name, pattern)
+
+
+@lru_cache(maxsize=4096)
+def _scope_matchers(scope: str) -> tuple[Callable[[str], bool], Callable[[str], bool]]:
     scope_action, _, scope_resource = scope.partition("|")
-    return fnmatchcase(action, scope_action) and fnmatchcase(resource, scope_resource or "*")
+    return _glob(scope_action), _glob(scope_resource or "*")
 
 
 def _pattern_covers(outer: str, inner: str) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from datetime import UTC, datetime
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
 
+from anvil.api.fastreq import amz_items
 from anvil.api.s3 import sigv2
 from anvil.api.s3.errors import S3Error
 from anvil.context import Principal
@@ -55,7 +57,12 @@ _key_cache: dict[tuple[str, str, str], bytes] = {}
 
 
 def _hmac(key: bytes, msg: str) -> bytes:
-    return hmac.new(key, msg.encode(), hashlib.sha256).digest()
+    return hmac.digest(key, msg.encode(), "sha256")
+
+
+def _hmac_hex(key: bytes, msg: str) -> str:
+    # hmac.digest is one OpenSSL call; hmac.new(...).hexdigest() builds an HMAC object and two hash objects.
+    return hmac.digest(key, msg.encode(), "sha256").hex()
 
 
 def signing_key(secret: str, date: str, region: str) -> bytes:
@@ -80,17 +87,31 @@ def parse_query(raw_query: str) -> list[tuple[str, str]]:
     return urllib.parse.parse_qsl(raw_query, keep_blank_values=True)
 
 
+_NO_QUERY = QueryParams()  # immutable: one shared by every request without a query
+
+
 def query_params(request: Request) -> QueryParams:
-    return QueryParams(parse_query(request.scope.get("query_string", b"").decode("latin-1")))
+    raw = request.scope.get("query_string", b"")
+    if not raw:
+        return _NO_QUERY
+    return QueryParams(parse_query(raw.decode("latin-1")))
 
 
 def canonical_query(pairs: list[tuple[str, str]], *, drop: str | None = None) -> str:
+    if not pairs:
+        return ""  # most object requests carry no query
     encoded = sorted((_quote(k), _quote(val)) for k, val in pairs if drop is None or k != drop)
     return "&".join(f"{k}={val}" for k, val in encoded)
 
 
+# A path of these characters only is its own re-encoding (nothing to unquote, nothing quote escapes).
+_PLAIN_PATH = re.compile("[A-Za-z0-9/_.~-]*")
+
+
 def _canonical_uris(raw_path: str) -> list[str]:
     """The path as sent, and the path re-encoded by S3's rules (clients differ in what they escape)."""
+    if _PLAIN_PATH.fullmatch(raw_path) is not None:
+        return [raw_path]  # the usual key: one regex match instead of an unquote and a quote
     reencoded = urllib.parse.quote(urllib.parse.unquote(raw_path), safe="/~")
     return [raw_path] if reencoded == raw_path else [raw_path, reencoded]
 
@@ -109,10 +130,26 @@ def _headers_by_name(request: Request) -> dict[str, list[str]]:
 
 
 def _header_value(values: list[str]) -> str:
-    return ",".join(" ".join(val.strip().split()) for val in values)
+    if len(values) == 1:  # the usual case, without a generator (split() drops the ends' spaces too)
+        return " ".join(values[0].split())
+    return ",".join(" ".join(val.split()) for val in values)
+
+
+_last_amz_date: tuple[str, float] = ("", 0.0)
 
 
 def parse_amz_date(value: str) -> float:
+    # Concurrent clients sign with the same second: the last valid value's answer is kept.
+    global _last_amz_date
+    last = _last_amz_date
+    if value == last[0]:
+        return last[1]
+    ts = _parse_amz_date(value)
+    _last_amz_date = (value, ts)
+    return ts
+
+
+def _parse_amz_date(value: str) -> float:
     # Fixed-width digits by hand (strptime costs ~10 us a request); the datetime call still rejects
     # impossible dates such as month 13.
     if len(value) != 16 or value[8] != "T" or value[15] != "Z" or not (value[:8] + value[9:15]).isdigit() \
@@ -178,7 +215,8 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
     """`query`: the request's parsed query (`query_params`), when the caller already has it;
     `bucket_from_host`: the bucket of a virtual-host-style request (SigV2 signs it in the resource)."""
     now = time.time() if now is None else now
-    header = request.headers.get("authorization")
+    h = request.headers
+    header = h.get("authorization")
     q = query_params(request) if query is None else query
     if header is not None:
         if header.startswith("AWS "):
@@ -194,9 +232,9 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
         except KeyError:
             raise S3Error("AuthorizationHeaderMalformed",
                           "the Authorization header needs Credential, SignedHeaders and Signature")
-        amz_date = request.headers.get("x-amz-date")
+        amz_date = h.get("x-amz-date")
         if amz_date is None:
-            date_header = request.headers.get("date")
+            date_header = h.get("date")
             if date_header is None:
                 raise S3Error("AccessDenied", "AWS authentication requires a valid Date or x-amz-date header", 403)
             from email.utils import parsedate_to_datetime
@@ -213,7 +251,7 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
                           fields={"RequestTime": amz_date,
                                   "ServerTime": datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
                                   "MaxAllowedSkewMilliseconds": str(MAX_SKEW_SECONDS * 1000)})
-        payload_hash = request.headers.get("x-amz-content-sha256")
+        payload_hash = h.get("x-amz-content-sha256")
         if payload_hash is None:
             raise S3Error("InvalidRequest", "missing required header for this request: x-amz-content-sha256")
         drop = None
@@ -240,7 +278,7 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
                           fields={"X-Amz-Expires": str(expires), "Expires": str(ts + expires)})
         if ts - now > MAX_SKEW_SECONDS:
             raise S3Error("AccessDenied", "Request is not valid yet", 403)
-        payload_hash = request.headers.get("x-amz-content-sha256") or UNSIGNED
+        payload_hash = h.get("x-amz-content-sha256") or UNSIGNED
         drop = "X-Amz-Signature"
         # S3 lets a presigned request carry x-amz-content-sha256 unsigned: its value is the canonical
         # request's payload line (UNSIGNED-PAYLOAD when absent), so the signature covers it anyway.
@@ -248,7 +286,7 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
     elif "AWSAccessKeyId" in q or "Signature" in q:
         return _v2(request, lookup, q, now, bucket_from_host, None)
     else:
-        return AuthResult(ANONYMOUS, request.headers.get("x-amz-content-sha256") or UNSIGNED)
+        return AuthResult(ANONYMOUS, h.get("x-amz-content-sha256") or UNSIGNED)
 
     found = lookup(access_key)
     if found is None:
@@ -261,7 +299,8 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
     # An unsigned x-amz-* header would change what a valid signature authorises (a copy source, stored
     # metadata, ...): refused as S3 does, whether or not the signature itself matches.
     signed_set = {n.lower() for n in signed_names}
-    unsigned = [n for n in by_name if n.startswith("x-amz-") and n not in signed_set and n not in unsigned_ok]
+    unsigned = list(dict.fromkeys(n for n, _ in amz_items(h)
+                                  if n not in signed_set and n not in unsigned_ok))
     if unsigned:
         raise _headers_not_signed(unsigned)
     canon_headers = "".join(f"{n}:{_header_value(by_name.get(n.lower(), []))}\n" for n in signed_names)
@@ -271,7 +310,7 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
     for uri in _canonical_uris(raw_path):
         canonical = "\n".join([request.method, uri, query, canon_headers, signed, payload_hash])
         to_sign = "\n".join([ALGORITHM, amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
-        expected = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+        expected = _hmac_hex(key, to_sign)
         # Bytes: compare_digest refuses non-ASCII strings, and the claimed signature is the client's text.
         if hmac.compare_digest(expected.encode(), signature.encode("utf-8", "surrogateescape")):
             return AuthResult(principal, payload_hash, key, signature, amz_date, scope)
@@ -283,11 +322,11 @@ def chunk_signature(auth: AuthResult, previous: str, chunk_sha256: str) -> str:
     to_sign = "\n".join(["AWS4-HMAC-SHA256-PAYLOAD", auth.amz_date, auth.scope, previous, EMPTY_SHA256,
                          chunk_sha256])
     assert auth.signing_key is not None
-    return hmac.new(auth.signing_key, to_sign.encode(), hashlib.sha256).hexdigest()
+    return _hmac_hex(auth.signing_key, to_sign)
 
 
 def trailer_signature(auth: AuthResult, previous: str, trailer_bytes: bytes) -> str:
     to_sign = "\n".join(["AWS4-HMAC-SHA256-TRAILER", auth.amz_date, auth.scope, previous,
                          hashlib.sha256(trailer_bytes).hexdigest()])
     assert auth.signing_key is not None
-    return hmac.new(auth.signing_key, to_sign.encode(), hashlib.sha256).hexdigest()
+    return _hmac_hex(auth.signing_key, to_sign)

@@ -12,7 +12,7 @@ import hmac
 import re
 from collections.abc import AsyncIterator
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from anvil.api.s3 import auth as sig
 from anvil.api.s3.errors import S3Error
@@ -76,10 +76,9 @@ class BodyReader:
 
     async def pieces(self) -> AsyncIterator[bytes]:
         if not self.chunked:
-            async for piece in self.request.stream():
-                if piece:
-                    self.size += len(piece)
-                    yield piece
+            async for piece in _stream(self.request):
+                self.size += len(piece)
+                yield piece
             return
         async for piece in self._chunks():
             yield piece
@@ -216,6 +215,33 @@ class BodyReader:
             for name in (n.strip().lower() for n in declared.split(",")):
                 if name and name not in self.trailers:
                     raise S3Error("InvalidRequest", f"the trailer {name} was declared but not sent")
+
+
+async def _stream(request: Request) -> AsyncIterator[bytes]:
+    """The body's non-empty pieces as received: Starlette's `Request.stream` (same state kept: the stream
+    marked consumed, a disconnect noted and raised as ClientDisconnect) without its generator wrapped
+    in another, and without its final empty piece."""
+    if "_body" in request.__dict__ or request._stream_consumed:  # (hasattr would raise and catch when absent)
+        async for piece in request.stream():  # read already (or an error): Starlette's own answer
+            if piece:
+                yield piece
+        return
+    receive = request.receive
+    while True:
+        message = await receive()
+        kind = message["type"]
+        if kind == "http.request":
+            body = message.get("body", b"")
+            more = message.get("more_body", False)
+            if not more:
+                request._stream_consumed = True
+            if body:
+                yield body
+            if not more:
+                return
+        elif kind == "http.disconnect":
+            request._is_disconnected = True
+            raise ClientDisconnect()
 
 
 _SHA256_HEX = re.compile("[0-9a-fA-F]{64}")

@@ -29,6 +29,7 @@ from anvil.api.common import (
     file_io,
     raw_headers,
 )
+from anvil.api.fastreq import amz_items
 from anvil.api.s3 import xmlutil as X
 from anvil.api.s3.acl import canned
 from anvil.api.s3.body import BodyReader
@@ -198,7 +199,7 @@ async def receive_uncommitted(r: S3Request, *, max_size: int = v.MAX_OBJECT_SIZE
                       fields={"ProposedSize": raw_length, "MaxSizeAllowed": str(max_size)})
     declared = declared_checksums(h)
     trailer_algs = trailer_algorithms(h)
-    algs = body_algorithms(h)
+    algs = body_algorithms(h, declared, trailer_algs)
     if also:
         algs.add(also)
     md5 = content_md5(h.get("content-md5"))
@@ -278,7 +279,7 @@ def metadata(r: S3Request) -> tuple[dict[str, str], dict[str, str]]:
     h = r.h
     user: dict[str, str] = {}
     system: dict[str, str] = {}
-    for k, val in h.items():
+    for k, val in amz_items(h):
         if k.startswith("x-amz-meta-"):
             user[k[len("x-amz-meta-"):]] = _meta_from_header(val)
     for name in SYSTEM_HEADERS:

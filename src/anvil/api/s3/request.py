@@ -12,6 +12,7 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.requests import Request
 from starlette.responses import Response
 
+from anvil.api.fastreq import amz_items
 from anvil.api.limits import declared_length
 from anvil.api.s3 import auth as sig
 from anvil.api.s3 import xmlutil as X
@@ -157,7 +158,7 @@ def declared_checksums(headers, *, part_count_ok: bool = False) -> dict[str, str
     """The `x-amz-checksum-<algorithm>` headers, checked for form; `part_count_ok` admits a composite
     multipart checksum (`<base64>-N`)."""
     out: dict[str, str] = {}
-    for k, val in headers.items():
+    for k, val in amz_items(headers):
         if k.startswith("x-amz-checksum-") and k not in _CHECKSUM_CONTROL_HEADERS:
             alg = k[len("x-amz-checksum-"):]
             if alg not in ALGORITHMS:
@@ -190,10 +191,13 @@ def trailer_algorithms(headers) -> list[str]:
     return out
 
 
-def body_algorithms(headers) -> set[str]:
+def body_algorithms(headers, declared: dict[str, str] | None = None, trailers: list[str] | None = None) -> set[str]:
     """The checksum algorithms a request body comes with: as headers, as trailers, or announced by
-    the SDK (`x-amz-sdk-checksum-algorithm`, whose value then comes in one of the other two)."""
-    algs = set(declared_checksums(headers)) | set(trailer_algorithms(headers))
+    the SDK (`x-amz-sdk-checksum-algorithm`, whose value then comes in one of the other two).
+    `declared` and `trailers`: `declared_checksums(headers)` and `trailer_algorithms(headers)`, when
+    the caller has them already."""
+    algs = set(declared_checksums(headers) if declared is None else declared)
+    algs.update(trailer_algorithms(headers) if trailers is None else trailers)
     sdk_alg = (headers.get("x-amz-sdk-checksum-algorithm") or "").lower()
     if sdk_alg in ALGORITHMS:
         algs.add(sdk_alg)
