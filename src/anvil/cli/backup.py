@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from anvil.backup.pack import PACK_TARGET
-from anvil.cli.common import describe_error, emit
+from anvil.cli.common import describe_error, emit, loaded_sdk
 
 # Messages name paths, chunk ids and objects: never wrap them across lines.
 console = Console(soft_wrap=True)
@@ -65,7 +65,7 @@ def handles_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except AnvilError as e:
             fail(as_json, f"{e.code}: {e.message}")
         except Exception as e:  # noqa: BLE001 - the SDK's errors (loaded by online commands only) or OSError
-            client = sys.modules.get("anvil.client")
+            client = loaded_sdk()
             if client is not None and isinstance(e, client.AnvilAPIError):
                 fail(as_json, describe_error(e, admin=True))
             # The SDK's connection errors are OSErrors too: describe_error names the endpoint and the fix.

@@ -42,8 +42,9 @@ class LazyGroup(click.Group):
         return super().get_command(ctx, cmd_name)
 
 
-def _client_errors() -> Any:
-    """anvil.client, if a command has loaded it: an error can only be one of its classes then."""
+def loaded_sdk() -> Any:
+    """anvil.client if a command has loaded it, else None: an error can be one of the SDK's only then
+    (and checking must not import it)."""
     return sys.modules.get("anvil.client")
 
 
@@ -76,7 +77,7 @@ ADMIN_HINT = ("admin commands need an admin credential: the first admin's is STO
 
 def hint_for(err: BaseException, *, admin: bool = False, authenticated: bool = True) -> str | None:
     """How to fix a connection or authentication error, in one sentence (None: nothing to add)."""
-    client = _client_errors()
+    client = loaded_sdk()
     if client is None:
         return None
     if isinstance(err, client.Unreachable):
@@ -91,7 +92,7 @@ def hint_for(err: BaseException, *, admin: bool = False, authenticated: bool = T
 
 def describe_error(err: BaseException, *, admin: bool = False, authenticated: bool = True) -> str:
     """One line: what failed (naming the endpoint for connection errors) and how to fix it."""
-    client = _client_errors()
+    client = loaded_sdk()
     if client is not None and isinstance(err, client.Unreachable):
         text = f"cannot reach {err.endpoint}: {err.reason}"
     elif client is not None and isinstance(err, client.ConnectionError):
