@@ -104,6 +104,15 @@ def _configure(conn: apsw.Connection, *, writer: bool) -> None:
     conn.execute("PRAGMA foreign_keys=ON")
 
 
+class _ThreadState(threading.local):
+    """A thread's reader slot and the lease fence its writes carry. Class-level defaults: reading one a
+    thread never set raises nothing (`getattr(local, name, None)` made and discarded an AttributeError
+    on every mutation submitted outside a lease)."""
+
+    reader: _ReaderSlot | None = None
+    fence: tuple[str, int] | None = None
+
+
 class _ReaderSlot:
     """A thread's reader connection, in its threading.local: when the thread ends, the local's value
     is released and the connection closed (Catalog._drop_reader)."""
@@ -130,7 +139,7 @@ class Catalog:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._writer = self._open_writer()
-        self._local = threading.local()
+        self._local = _ThreadState()
         self._readers: list[apsw.Connection] = []
         self._readers_lock = threading.RLock()  # re-entrant: a _ReaderSlot may be released under it
         self._queue: queue.Queue[_Job | None] = queue.Queue()
@@ -233,7 +242,7 @@ class Catalog:
 
     def reader(self) -> apsw.Connection:
         """A connection for this thread; WAL lets readers run beside the writer."""
-        slot = getattr(self._local, "reader", None)
+        slot = self._local.reader
         if slot is None:
             conn = self._new_reader()
             slot = self._local.reader = _ReaderSlot(self, conn)
@@ -282,14 +291,14 @@ class Catalog:
         if self._thread is None:
             self.start()
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put(_Job(fn, actor, request_id, fut, getattr(self._local, "fence", None)))
+        self._queue.put(_Job(fn, actor, request_id, fut, self._local.fence))
         return fut
 
     @contextlib.contextmanager
     def fenced(self, name: str, fence: int) -> Any:
         """Mutations submitted from this thread inside the block commit only while lease `name` still
         carries `fence` (else StaleFence, nothing written): background work under a lease."""
-        before = getattr(self._local, "fence", None)
+        before = self._local.fence
         self._local.fence = (name, fence)
         try:
             yield
@@ -299,7 +308,7 @@ class Catalog:
     def confirm_fence(self) -> None:
         """Inside `fenced`: fail with StaleFence now if the lease moved on (work outside the record store,
         such as gc's deletes in a blob backend, checks before each batch). A no-op outside `fenced`."""
-        if getattr(self._local, "fence", None) is not None:
+        if self._local.fence is not None:
             self.mutate(lambda txn: None, actor="system/leases", request_id="fence-check")
 
     def mutate(self, fn: Callable[[Txn], T], *, actor: str, request_id: str) -> T:
