@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 
 from anvil.client import AnvilClient
+from anvil.serveproc import wait_until_live
 
 # -- the `anvil` CLI ---------------------------------------------------------------------------
 # A new interpreter per CLI call costs ~0.4 s of CPU in imports alone (click, rich, httpx, pydantic
@@ -113,16 +114,10 @@ class AnvilServer:
              "--listen", f"127.0.0.1:{self.port}", *self.extra_args],
             stdout=self._log, stderr=subprocess.STDOUT, env=env,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.endpoint + "/anvil/health/live", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
+        if wait_until_live(self.proc, self.endpoint, timeout):
+            return self
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
         self.kill()
         raise RuntimeError(f"server did not start:\n{self.log()}")
 

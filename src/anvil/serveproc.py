@@ -26,6 +26,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_live(proc: subprocess.Popen, endpoint: str, timeout: float) -> bool:
+    """Poll `endpoint`'s /anvil/health/live until it answers 200 (True), the process exits or
+    `timeout` passes (False: the caller reports which, with its log)."""
+    import httpx  # only the waiting needs it: `anvil` imported as a library does not
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(endpoint + "/anvil/health/live", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    return False
+
+
 class ServeProcess:
     def __init__(self, storage_path: Path, log_path: Path, *, port: int | None = None,
                  env: dict[str, str] | None = None, new_session: bool = False):
@@ -41,8 +57,6 @@ class ServeProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> ServeProcess:
-        import httpx  # only the waiting needs it: `anvil` imported as a library does not
-
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
@@ -50,16 +64,10 @@ class ServeProcess:
                  "--listen", f"127.0.0.1:{self.port}"],
                 stdout=log, stderr=subprocess.STDOUT, env={**self.env, "PYTHONUNBUFFERED": "1"},
                 start_new_session=self.new_session)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServeFailed(f"exited with {self.proc.returncode}: {self.tail()}")
-            try:
-                if httpx.get(self.endpoint + "/anvil/health/live", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
+        if wait_until_live(self.proc, self.endpoint, timeout):
+            return self
+        if self.proc.poll() is not None:
+            raise ServeFailed(f"exited with {self.proc.returncode}: {self.tail()}")
         self.stop()
         raise ServeFailed(f"did not start within {timeout}s: {self.tail()}")
 
