@@ -1351,6 +1351,15 @@ class ObjectService:
                                               else {"k": last[1], "p": False})
         return result
 
+    def _rendered_reader(self, prefix: str, delimiter: str, max_keys: int) -> tuple[Any, str] | None:
+        """A reader and the delimiter's successor for a listing rendered in SQL (arguments checked);
+        None where the engine cannot render it or the delimiter has no same-length successor."""
+        delimiter_next = _rendered_listing_args(prefix, delimiter, max_keys)
+        if delimiter_next is None:
+            return None
+        conn = self.catalog.reader()
+        return (conn, delimiter_next) if listing.supported(conn) else None
+
     def list_objects_rendered(
         self, bucket: str, *, prefix: str = "", delimiter: str = "", start_after: str = "",
         max_keys: int = 1000, token: str | None = None, xml: bool = False, who: str = "",
@@ -1360,12 +1369,10 @@ class ObjectService:
         without the GIL and Python handles the page, not its rows, so a listing neither delays the
         event loop nor costs Python per key (SQLite and PostgreSQL alike). None where the engine
         cannot or the delimiter has no same-length successor: the caller then lists with `list_objects`."""
-        delimiter_next = _rendered_listing_args(prefix, delimiter, max_keys)
-        if delimiter_next is None:
+        rendered = self._rendered_reader(prefix, delimiter, max_keys)
+        if rendered is None:
             return None
-        conn = self.catalog.reader()
-        if not listing.supported(conn):
-            return None
+        conn, delimiter_next = rendered
         with conn:  # one read transaction: the page is a consistent view
             self._require_bucket(conn, bucket)
             after = _list_position(start_after, token)
@@ -1414,12 +1421,10 @@ class ObjectService:
         ListObjectVersions' <Version>/<DeleteMarker> and <CommonPrefixes>, `who` as each entry's owner
         element. None where the engine cannot or the delimiter has no same-length successor: the
         caller then lists with `list_versions`."""
-        delimiter_next = _rendered_listing_args(prefix, delimiter, max_keys)
-        if delimiter_next is None:
+        rendered = self._rendered_reader(prefix, delimiter, max_keys)
+        if rendered is None:
             return None
-        conn = self.catalog.reader()
-        if not listing.supported(conn):
-            return None
+        conn, delimiter_next = rendered
         with conn:  # one read transaction: the page is a consistent view
             self._require_bucket(conn, bucket)
             after = self._versions_position(conn, bucket, prefix, delimiter, key_marker, version_marker)
