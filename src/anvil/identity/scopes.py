@@ -85,9 +85,7 @@ def allows(scope: str, action: str, resource: str) -> bool:
 def allows_any(scopes: tuple[str, ...] | list[str], action: str, resource: str) -> bool:
     """`any(allows(s, action, resource) for s in scopes)`, with a principal's scopes sorted by action once:
     a request then tests only the resource patterns of the scopes that grant its action."""
-    if type(scopes) is not tuple:
-        return any(allows(s, action, resource) for s in scopes)
-    tests = _resource_tests(scopes, action)
+    tests = _resource_tests(tuple(scopes), action)
     if tests is None:
         return True
     for test in tests:
