@@ -155,3 +155,12 @@ def test_in_process_service_bootstrap_and_sigv4_lookup(tmp_path, monkeypatch) ->
         assert validate(conn, env.Keyring("other", KEY_B))[0]["severity"] == "error"
     finally:
         a.close()
+
+
+def test_client_secrets_never_start_with_a_dash() -> None:
+    # One in 64 would otherwise; 3,000 draws without the rule all avoid it with odds of ~1e-21.
+    from anvil.identity.service import new_client_secret
+
+    drawn = [new_client_secret() for _ in range(3000)]
+    assert not any(s.startswith("-") for s in drawn)
+    assert len(set(drawn)) == 3000 and all(len(s) == 40 for s in drawn)

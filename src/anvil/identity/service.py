@@ -123,7 +123,11 @@ def new_client_id() -> str:
 
 
 def new_client_secret() -> str:
-    return secrets.token_urlsafe(30)
+    # Never with a leading "-": command-line tools (argparse, shells' option parsing) read such a
+    # secret, passed as its own argument, as an option (1 secret in 64 did; a bench run failed on it).
+    while (secret := secrets.token_urlsafe(30)).startswith("-"):
+        pass
+    return secret
 
 
 @dataclass(frozen=True)
