@@ -7,7 +7,9 @@ as `s3://bucket/prefix` repositories are in production. Each test gets a fresh r
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import mmap
 import os
 import time
 import uuid
@@ -221,3 +223,38 @@ def test_malformed_urls_of_known_schemes_are_refused(tmp_path: Path) -> None:
     with pytest.raises(BackupError, match="inside STORAGE_PATH"):
         open_backend(f"file://{tmp_path}/store/backups", storage_path=tmp_path / "store")
     assert not (tmp_path / "store").exists()
+
+
+def _resident_pages(path: Path) -> tuple[int, int]:
+    """(pages of `path` in the page cache, pages of `path`), by mincore(2) over a mapping of it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size, page = path.stat().st_size, mmap.PAGESIZE
+    pages = (size + page - 1) // page
+    with open(path, "rb") as f:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+    assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+    try:
+        vec = ctypes.create_string_buffer(pages)
+        assert libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+        return sum(b & 1 for b in vec.raw), pages
+    finally:
+        libc.munmap(addr, size)
+
+
+def test_local_packs_leave_the_page_cache_once_durable(tmp_path: Path) -> None:
+    """A pack written to a local repository is fsynced, then its pages are dropped (backends/local.py
+    `_drop_behind`): a backup must not grow the page cache by what it writes. Its bytes stay whole."""
+    backend = LocalBackend(tmp_path / "repo")
+    parts = [os.urandom(1 << 20) for _ in range(4)]
+    backend.write_parts("data/ab/ab12", parts)
+    resident, pages = _resident_pages(backend.local_path("data/ab/ab12"))
+    assert pages == 1024 and resident <= pages // 8, f"{resident} of {pages} pages still cached"
+    assert backend.read("data/ab/ab12") == b"".join(parts)
+    # The control: a file written without the drop stays cached, so the check above can fail.
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"".join(parts))
+    assert _resident_pages(plain)[0] > pages // 2

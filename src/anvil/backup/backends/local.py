@@ -15,6 +15,20 @@ from anvil.backup.errors import BackupError
 _ABSENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 
+def _drop_behind(fd: int) -> None:
+    """Let the kernel drop a written, fsynced file's pages from the page cache.
+
+    A repository is written now and read rarely (verify, restore), so its pages only push the store's
+    own hot pages out of the cache. And growing the page cache is what costs: on this project's VMs,
+    writing into pages the kernel must newly allocate cost ~5 s of system time per GB written (a
+    1.6 GB initial backup spent 62 % of the server's CPU in that copy), while pages just freed by
+    the previous pack are reused for ~0.35 s a GB (docs/backup.md, "Packs drop behind"). Clean
+    pages only (the caller fsynced), so nothing is lost; where fadvise is missing nothing is done.
+    """
+    with contextlib.suppress(AttributeError, OSError):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 class LocalBackend(Backend):
     def __init__(self, root: Path):
         self.root = Path(root).absolute()
@@ -71,6 +85,7 @@ class LocalBackend(Backend):
                 if n:
                     views[0] = views[0][n:]
             os.fsync(fd)
+            _drop_behind(fd)
         finally:
             os.close(fd)
         os.replace(tmp, p)
