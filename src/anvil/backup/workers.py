@@ -277,6 +277,10 @@ def _read_window(window: Window) -> bytes:
                 break  # a short pack: its chunks fail to unseal and are reported per blob
             parts.append(block)
             got += len(block)
+        # Read once: the window's pages leave the cache, as a local repository's do (backends/local.py
+        # drop_behind; not imported here: a worker imports as little as it can).
+        with contextlib.suppress(AttributeError, OSError):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
     return parts[0] if len(parts) == 1 else b"".join(parts)

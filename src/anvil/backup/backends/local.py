@@ -15,18 +15,23 @@ from anvil.backup.errors import BackupError
 _ABSENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 
-def _drop_behind(fd: int) -> None:
-    """Let the kernel drop a written, fsynced file's pages from the page cache.
+# A file read whole at least this large (a pack, a large manifest) leaves the page cache after it
+# is read: each is read once per verify or restore (a restore keeps recent packs in memory itself).
+DROP_AFTER_READ = 1 << 20
+
+
+def drop_behind(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Let the kernel drop a written and fsynced (or a read) file's pages from the page cache.
 
     A repository is written now and read rarely (verify, restore), so its pages only push the store's
     own hot pages out of the cache. And growing the page cache is what costs: on this project's VMs,
     writing into pages the kernel must newly allocate cost ~5 s of system time per GB written (a
     1.6 GB initial backup spent 62 % of the server's CPU in that copy), while pages just freed by
-    the previous pack are reused for ~0.35 s a GB (docs/backup.md, "Packs drop behind"). Clean
-    pages only (the caller fsynced), so nothing is lost; where fadvise is missing nothing is done.
+    the previous pack are reused for ~0.35 s a GB (docs/backup.md, "Repository files drop behind"). Clean
+    pages only (written ones were fsynced), so nothing is lost; where fadvise is missing nothing is done.
     """
     with contextlib.suppress(AttributeError, OSError):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 class LocalBackend(Backend):
@@ -43,7 +48,11 @@ class LocalBackend(Backend):
 
     def read(self, name: str) -> bytes:
         try:
-            return self._p(name).read_bytes()
+            with open(self._p(name), "rb") as f:
+                data = f.read()
+                if len(data) >= DROP_AFTER_READ:
+                    drop_behind(f.fileno())
+                return data
         except _ABSENT:
             raise missing(name) from None
 
@@ -85,7 +94,7 @@ class LocalBackend(Backend):
                 if n:
                     views[0] = views[0][n:]
             os.fsync(fd)
-            _drop_behind(fd)
+            drop_behind(fd)
         finally:
             os.close(fd)
         os.replace(tmp, p)
