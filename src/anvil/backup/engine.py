@@ -377,20 +377,22 @@ def _create_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobSt
                      tag: str | None = None, config: dict[str, Any] | None = None,
                      escrow_secrets: bool | None = None) -> dict[str, Any]:
     started = time.time()
+    # Only the parent's header: its blob tree is streamed (`treestream`), never decoded whole.
+    parent = latest_row(repo, deployment_id)
+    if parent is not None and isinstance(catalog_path, Path):
+        # Nothing happened since the parent: a manifest listing what it holds, written without
+        # even reading the repository's index (orphan packs wait for the next full snapshot or prune).
+        same = _unchanged_snapshot(storage_root, catalog_path, blobs, participants, repo, parent, started,
+                                   tag=tag, config=config, escrow_secrets=escrow_secrets)
+        if same is not None:
+            return same
     # Another create may be filling packs no index mentions yet: then leave every pack alone.
     if any(lock.get("operation") not in ("verify", "forget") for lock in repo.live_locks):
         orphans: dict[str, Any] = {"skipped": "another backup may be running", "packs": 0, "bytes": 0, "kept": 0}
     else:
         orphans = remove_orphan_packs(repo)
-    # Only the parent's header: its blob tree is streamed (`treestream`), never decoded whole.
-    parent = latest_row(repo, deployment_id)
     writer = repo.writer()
     try:
-        if parent is not None and isinstance(catalog_path, Path):
-            same = _unchanged_snapshot(storage_root, catalog_path, blobs, participants, repo, writer, parent, started,
-                                       orphans, tag=tag, config=config, escrow_secrets=escrow_secrets)
-            if same is not None:
-                return same
         return _fill_snapshot(storage_root, catalog_path, blobs, tmp_dir, deployment_id, participants, repo, writer,
                               parent, started, orphans, progress=progress, tag=tag, config=config,
                               escrow_secrets=escrow_secrets)
@@ -539,13 +541,24 @@ def _as_recorded(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+def _same_file(path: Path, entry: Any) -> bool:
+    """Whether a file is byte for byte the one a parent's tree entry describes (size, then SHA-256)."""
+    if not isinstance(entry, dict):
+        return False
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    return len(data) == entry.get("size") and hashlib.sha256(data).hexdigest() == entry.get("sha256")
+
+
 def _unchanged_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, participants: list[Participant],
-                        repo: Repository, writer: PackWriter, parent: dict[str, Any], started: float,
-                        orphans: dict[str, Any], *, tag: str | None, config: dict[str, Any] | None,
-                        escrow_secrets: bool | None) -> dict[str, Any] | None:
+                        repo: Repository, parent: dict[str, Any], started: float, *, tag: str | None,
+                        config: dict[str, Any] | None, escrow_secrets: bool | None) -> dict[str, Any] | None:
     """A full snapshot of a store in which nothing happened since its parent, at the cost of a few
-    queries: the parent's catalog.db copy and blob tree pages are listed again, nothing is copied,
-    read or encoded but FORMAT and the participants' own files. None when anything may differ.
+    queries: the parent's catalog.db copy, blob tree pages and files are listed again; nothing is
+    copied or encoded, and the repository's index is not even read. None when anything may differ
+    (then the full path runs).
 
     Sound because (1) every change to source records is journaled in the same transaction
     (architecture.md, "The journal"), so the same head (seq and chain hash) means the same
@@ -554,7 +567,8 @@ def _unchanged_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore
     that is not declared journal-only (`summary_reuse`) is computed again, in the same read
     transaction as the head, and must equal the parent's; (3) the parent had no problems (a blob
     missing then may be back now: the full path reads it). Anything else (another Anvil version,
-    a parent with an inline tree, a PostgreSQL store, a different escrow choice) takes the full path."""
+    a parent with an inline tree, a PostgreSQL store, a different escrow choice, FORMAT or a
+    participant's file that is not the parent's) takes the full path."""
     if parent.get("problems") or parent.get("kind") == "delta":
         return None
     pm = repo.load_snapshot(parent["id"], pages=False)
@@ -596,23 +610,21 @@ def _unchanged_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore
             extra = sorted({f for p in participants if isinstance(p, FileOwner) for f in p.files(ctx)})
     finally:
         records.close(conn)
-    files: dict[str, Any] = {}
+    # Every file is the parent's (FORMAT, the participants' own files): its entry is taken over.
+    rels = {str(Path(path).absolute().relative_to(storage_root)): Path(path) for path in extra}
+    if set(rels) | {FORMAT_FILE, "catalog.db"} != set(pfiles) or not _same_file(storage_root / FORMAT_FILE,
+                                                                              pfiles[FORMAT_FILE]):
+        return None
+    for rel, path in rels.items():
+        if not _same_file(path, pfiles[rel]) or pfiles[rel].get("mode") != path.stat().st_mode & 0o777:
+            return None
+    files = dict(pfiles)
     fmt = (storage_root / FORMAT_FILE).read_bytes()
-    files[FORMAT_FILE] = {"size": len(fmt), "sha256": hashlib.sha256(fmt).hexdigest(), "chunks": [writer.add(fmt)]}
-    files["catalog.db"] = pfiles["catalog.db"]
-    for path in extra:
-        rel = str(Path(path).absolute().relative_to(storage_root))
-        if rel in files or rel.startswith(("blobs/", "tmp/")):
-            raise BackupError(f"participant file {rel} is not allowed in a snapshot")
-        encoded = _must_encode(writer, Path(path))
-        files[rel] = {"size": encoded[2], "sha256": encoded[1], "chunks": _add_encoded(writer, encoded),
-                      "mode": Path(path).stat().st_mode & 0o777}
     pstats = pm.get("stats") or {}
     blob_bytes = int(pstats.get("logical_bytes", 0)) - sum(
         int(pfiles[n]["size"]) for n in (FORMAT_FILE, "catalog.db") if n in pfiles)
     blob_pages = ptree["blob_pages"]
     tree_count = sum(n for _, n in blob_pages)
-    writer.finish()
     finished = time.time()
     manifest = {
         "id": uuid.uuid4().hex[:16],
@@ -634,11 +646,13 @@ def _unchanged_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore
         "coverage": coverage(p.describe() for p in participants),
         "problems": [],
         "stats": {"logical_bytes": blob_bytes + len(fmt) + int(pfiles["catalog.db"]["size"]),
-                  "new_bytes": writer.new_bytes, "new_chunks": writer.new_chunks,
+                  "new_bytes": 0, "new_chunks": 0,
                   "blobs": tree_count, "blobs_reused_from_parent": tree_count,
                   "summaries_reused": sorted(reused), "unchanged_since_parent": True,
                   "tree_pages": len(blob_pages), "tree_pages_new": 0,
-                  "duration": round(finished - started, 3), "orphans": orphans},
+                  "duration": round(finished - started, 3),
+                  "orphans": {"skipped": "nothing changed: left to the next full snapshot or prune", "packs": 0,
+                              "bytes": 0, "kept": 0}},
         "tree": {"files": files, "blob_pages": blob_pages},
     }
     repo.save_snapshot(manifest)

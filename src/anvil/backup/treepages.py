@@ -44,10 +44,11 @@ def write_pages(writer: PackWriter, items: Iterable[str]) -> list[list[Any]]:
         pages.append([writer.add(text.encode()), len(page)])
         page.clear()
 
+    end = 65 - len(PAGE_END)
     for item in items:
         page.append(item)
-        # item = '"' + sha + '":...': the hash's last two characters are item[63:65].
-        if item[63:65] == PAGE_END or len(page) >= PAGE_MAX:
+        # item = '"' + sha + '":...': the hash ends at item[65].
+        if item[end:65] == PAGE_END or len(page) >= PAGE_MAX:
             close()
     if page:
         close()

@@ -44,7 +44,8 @@ class LiteClient:
             return http.client.HTTPSConnection(self._parts.hostname, port, timeout=self.timeout)
         return http.client.HTTPConnection(self._parts.hostname, port, timeout=self.timeout)
 
-    def _send(self, method: str, path: str, body: Any, headers: dict[str, str]) -> tuple[int, str, dict[str, str], bytes]:
+    def _send(self, method: str, path: str, body: Any,
+              headers: dict[str, str]) -> tuple[int, str, dict[str, str], bytes]:
         data = json.dumps(body).encode()
         conn = self._connection()
         try:
