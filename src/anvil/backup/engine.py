@@ -1055,8 +1055,10 @@ def remove_orphan_packs(repo: Repository, grace: float | None = None) -> dict[st
     if repo.index_problems:
         # An unreadable index may be the one naming these packs.
         return {"skipped": "an index file is unreadable", "packs": 0, "bytes": 0, "kept": 0}
-    # pack_sizes also holds packs this Repository's own writers wrote: never orphans to it.
-    indexed = repo.index().packs() | set(repo.pack_sizes)  # (no Location per chunk)
+    # Every pack an index file names (read with the index: a walk of every chunk's record to find
+    # them took 0.5 s at 100,000 chunks), and the packs this Repository's own writers wrote: never
+    # orphans. (A pack whose chunks all moved to later packs counts as indexed: prune removes it.)
+    indexed = set(repo.pack_sizes)
     cutoff = time.time() - grace
     removed = kept = freed = 0
     for name in repo.backend.list("data"):
