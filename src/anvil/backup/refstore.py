@@ -76,7 +76,7 @@ class RefStore:
 
     def load(self, ctx: RecoveryContext) -> None:
         """Every participant's references, read in one read transaction of the checkpoint, then
-        indexed by hash (the index is built by SQLite's external sort)."""
+        indexed by hash and order (the index is built by SQLite's external sort; reading by it needs no sort)."""
         batch: list[tuple[str, int, str]] = []
         insert = "INSERT INTO refs (sha, size, label) VALUES (?, ?, ?)"
         with ctx.conn:
@@ -86,7 +86,7 @@ class RefStore:
                     self._insert(insert, batch, self.refs_conn)
                     batch = []
         self._insert(insert, batch, self.refs_conn)
-        self.refs_conn.execute("CREATE INDEX refs_sha ON refs (sha)")
+        self.refs_conn.execute("CREATE INDEX refs_sha ON refs (sha, n)")
 
     def _insert(self, sql: str, rows: list[Any], conn: Any = None) -> None:
         if rows:
