@@ -8,9 +8,9 @@ blobs. Here they are rows of a scratch SQLite file in the backup's checkpoint fo
 with it): the references are inserted as the participants read them, then read back sorted by
 hash with one cursor (SQLite sorts with a bounded cache, spilling to temporary files); the
 parent's blob tree is streamed (`treestream`) and merged with them; the blobs to encode are
-handed out in bounded batches; the new tree is written to the manifest from an ordered query.
-Memory per blob is O(1): a batch, a page cache, one cursor's row. The repository format is
-unchanged: the manifest's bytes are what `json.dumps` of the whole tree would give.
+handed out in bounded batches; the new tree (each entry's JSON text, its `refs` note included)
+is read back from one ordered query into the tree's pages (`treepages`). Memory per blob is
+O(1): a batch, a page cache, one cursor's row.
 """
 
 from __future__ import annotations
@@ -198,29 +198,11 @@ class RefStore:
         n, total = self.conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM tree").fetchone()
         return int(n), int(total)
 
-    def tree(self) -> StreamedTree:
-        return StreamedTree(self)
-
     def tree_json_items(self) -> Iterator[str]:
         """`"sha":{entry with refs}` in hash order: the tree's JSON text, one blob at a time. A blob
         missing or corrupt has no entry (it is in `problems`, not in the tree)."""
         for sha, entry in self.conn.execute("SELECT sha, entry FROM tree ORDER BY sha"):
             yield f'"{sha}":{entry}'
-
-
-class StreamedTree:
-    """A manifest's `tree.blobs` that is written from the store (`repository.compress_manifest`
-    asks for `json_items`) instead of being held as a dict."""
-
-    def __init__(self, store: RefStore):
-        self.store = store
-        self.count = store.tree_totals()[0]
-
-    def __len__(self) -> int:
-        return self.count
-
-    def json_items(self) -> Iterator[str]:
-        return self.store.tree_json_items()
 
 
 class SavedTree(Mapping[str, Any]):
