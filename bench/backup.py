@@ -8,7 +8,8 @@ A store is built offline, then a real `anvil serve` runs on it and Anvil backs i
 STORAGE_PATH directory. Each repetition (default 3) starts both tools on fresh repositories and
 runs, interleaved and alternating which tool goes first: initial backup, a change through the
 server (1% of the objects rewritten, 100 added), incremental backup (Anvil's default snapshot,
-which reuses the parent's blobs), `verify --read-data` / `check --read-data`, and restore.
+which reuses the parent's blobs), a backup with no change since (Anvil lists its parent's
+catalog.db and tree pages), `verify --read-data` / `check --read-data`, and restore.
 Min and median per tool, the ratio of medians, and the load average before and after (the
 machine may be shared) are printed as one JSON document. Every time is a whole command (process
 start, key derivation, repository open). Installs Debian's `restic` with apt-get if missing.
@@ -153,7 +154,7 @@ def main() -> None:
            "ANVIL_BACKUP_PASSPHRASE": PASS, "RESTIC_PASSWORD": PASS, "RESTIC_CACHE_DIR": str(work / "restic-cache"),
            "ANVIL_BACKUP_CACHE_DIR": str(work / "anvil-cache")}
     anvil_cmd = [sys.executable, "-m", "anvil.cli.main"]
-    steps = ("initial_backup", "incremental_backup", "verify_read_data", "restore")
+    steps = ("initial_backup", "incremental_backup", "nochange_backup", "verify_read_data", "restore")
     runs: dict[str, dict[str, list[float]]] = {s: {"anvil": [], "restic": []} for s in steps}
     sizes: list[dict[str, object]] = []
     try:
@@ -213,6 +214,8 @@ def main() -> None:
                 change(client, objects, seed=100 + rep)
                 for tool in order:
                     run("incremental_backup", tool, cmds["backup"][tool])
+                for tool in order:  # nothing changed since: what a backup costs that has nothing to do
+                    run("nochange_backup", tool, cmds["backup"][tool])
                 sizes.append({"after_initial": initial,
                               "incremental_growth": {"anvil": du(arepo) - initial["anvil"],
                                                      "restic": du(rrepo) - initial["restic"]}})

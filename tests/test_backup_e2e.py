@@ -12,6 +12,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -245,6 +246,36 @@ def test_incremental_backup_dedupes(world) -> None:
     # Most of this world's bodies are small, so they live inline in catalog.db (storage.inline): the
     # changed catalog chunks weigh more than when only records lived there. A third, not a quarter.
     assert st["new_bytes"] < world["snap"]["stats"]["new_bytes"] / 3
+
+
+# What an online `backup create` may not load: it sends one request (the server takes the snapshot).
+_NOT_FOR_ONLINE_CREATE = ("anvil.client", "httpx", "pydantic", "anvil.api_models", "cryptography", "zstandard",
+                          "anvil.backup.pack", "anvil.runtime")
+_PROBE = """
+import sys
+from anvil.cli.main import main
+sys.argv = ["anvil", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as e:
+    code = e.code
+print("LOADED", *sorted(m for m in %r if m in sys.modules))
+"""
+
+
+def test_online_create_loads_neither_the_sdk_nor_the_backup_engine(world) -> None:
+    """`anvil backup create --endpoint` talks to the server through a stdlib client (`cli.lite`): no
+    httpx, pydantic or API models, no cryptography (the passphrase is only passed on)."""
+    proc = subprocess.run([sys.executable, "-c", _PROBE % (_NOT_FOR_ONLINE_CREATE,), "backup", "create",
+                           "--repo", world["repo"], "--endpoint", world["srv"].endpoint, "--json"],
+                          env={**os.environ, **ENV, **CREDS}, capture_output=True, text=True, timeout=120)
+    out, _, loaded = proc.stdout.rpartition("LOADED")
+    assert json.loads(out)["kind"] == "full", proc.stderr[-2000:]
+    assert loaded.split() == [], loaded
+    # Its errors are still the SDK's words: a wrong secret gets the credentials hint.
+    bad = anvil_cli("backup", "create", "--repo", world["repo"], "--endpoint", world["srv"].endpoint,
+                    check=False, env={"ANVIL_CLIENT_SECRET": "not-the-secret"})
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and "check the credentials" in bad.stderr, bad.stderr
 
 
 def test_partial_restore_keeps_only_chosen_bucket(world, tmp_path: Path) -> None:

@@ -184,7 +184,7 @@ def test_backup_bench_tiny_run_is_online_interleaved_with_cpu_and_load() -> None
     doc = json.loads(proc.stdout)
     assert doc["mode"].startswith("anvil online") and doc["reps"] == 2
     assert len(doc["load_average"]["before"]) == 3 and len(doc["load_average"]["after"]) == 3
-    for step in ("initial_backup", "incremental_backup", "verify_read_data", "restore"):
+    for step in ("initial_backup", "incremental_backup", "nochange_backup", "verify_read_data", "restore"):
         figures = doc["seconds"][step]
         for tool in ("anvil", "restic"):
             assert len(figures[tool]["runs"]) == 2 and figures[tool]["min"] <= figures[tool]["median"]

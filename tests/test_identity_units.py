@@ -157,6 +157,46 @@ def test_in_process_service_bootstrap_and_sigv4_lookup(tmp_path, monkeypatch) ->
         a.close()
 
 
+def test_a_verified_secret_skips_argon2_and_nothing_else(tmp_path, monkeypatch) -> None:
+    """A secret that verified is remembered (by digest, per verifier): the next exchange does not run
+    argon2; a wrong secret, a rotated one and a disabled application are refused as before."""
+    from anvil.context import RequestContext
+    from anvil.runtime import Anvil
+
+    monkeypatch.setenv("ANVIL_ARGON2_FAST", "1")
+    a = Anvil(tmp_path / "data")
+    try:
+        cred = json.loads((tmp_path / "data" / "bootstrap" / "first-admin.json").read_text())
+        admin = a.identity.sigv4_credentials(cred["client_id"])[1]
+        ctx = RequestContext(principal=admin)
+        a.identity.create_tenant(ctx, "acme")
+        app = a.identity.create_app(ctx, "acme", "s3", ["object:read|bucket:*"])
+        calls = []
+        real = a.identity._hasher
+
+        class Counting:  # argon2's hasher, counting its verifications
+            def verify(self, h: str, s: str) -> bool:
+                calls.append(1)
+                return real.verify(h, s)
+
+            def hash(self, s: str) -> str:
+                return real.hash(s)
+
+        monkeypatch.setattr(a.identity, "_hasher", Counting())
+        assert a.identity.exchange(app["client_id"], app["client_secret"])["tenant"] == "acme"
+        assert a.identity.exchange(app["client_id"], app["client_secret"])["tenant"] == "acme"
+        assert len(calls) == 1  # the second exchange took the remembered digest
+        with pytest.raises(AnvilError, match="invalid client credentials"):
+            a.identity.exchange(app["client_id"], app["client_secret"] + "x")
+        assert len(calls) == 2  # a wrong secret still pays argon2
+        rotated = a.identity.rotate_secret(ctx, app["client_id"])
+        with pytest.raises(AnvilError, match="invalid client credentials"):
+            a.identity.exchange(app["client_id"], app["client_secret"])  # the old secret: a new verifier
+        assert a.identity.exchange(app["client_id"], rotated["client_secret"])["tenant"] == "acme"
+    finally:
+        a.close()
+
+
 def test_client_secrets_never_start_with_a_dash() -> None:
     # One in 64 would otherwise; 3,000 draws without the rule all avoid it with odds of ~1e-21.
     from anvil.identity.service import new_client_secret

@@ -11,33 +11,18 @@ import os
 import secrets
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from anvil.backup.errors import BackupError
+from anvil.backup.passphrase import PASSPHRASE_ENV, read_passphrase  # noqa: F401 - re-exported: callers import them from here
 
-PASSPHRASE_ENV = "ANVIL_BACKUP_PASSPHRASE"
 KDF_ENV = "ANVIL_BACKUP_KDF"
 KDF_PRODUCTION = {"time_cost": 3, "memory_cost": 64 * 1024, "parallelism": 2}
 KDF_TEST = {"time_cost": 1, "memory_cost": 8 * 1024, "parallelism": 1}
 NONCE = 12
 CHUNK_ID = "hmac-sha256(sha256)"  # chunk id = HMAC-SHA256(id key, SHA-256(plaintext))
-
-
-def read_passphrase(key_file: str | None = None, env: str = PASSPHRASE_ENV) -> str:
-    if key_file:
-        try:
-            value = Path(key_file).read_text().rstrip("\r\n")
-        except OSError as e:
-            raise BackupError(f"cannot read key file {key_file}: {e.strerror}") from None
-    else:
-        value = os.environ.get(env, "")
-    if not value:
-        raise BackupError(f"no passphrase: set {env} or pass --key-file")
-    return value
 
 
 def b64(b: bytes) -> str:

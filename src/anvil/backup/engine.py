@@ -16,7 +16,7 @@ from typing import Any
 
 from anvil import __version__
 from anvil.backup import summaries as summaries_mod
-from anvil.backup import workers
+from anvil.backup import treepages, workers
 from anvil.backup.chunking import CHUNKER, chunker
 from anvil.backup.errors import BackupError
 from anvil.backup.pack import ChunkReader, PackWriter, pack_name
@@ -377,13 +377,20 @@ def _create_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobSt
                      tag: str | None = None, config: dict[str, Any] | None = None,
                      escrow_secrets: bool | None = None) -> dict[str, Any]:
     started = time.time()
+    # Only the parent's header: its blob tree is streamed (`treestream`), never decoded whole.
+    parent = latest_row(repo, deployment_id)
+    if parent is not None and isinstance(catalog_path, Path):
+        # Nothing happened since the parent: a manifest listing what it holds, written without
+        # even reading the repository's index (orphan packs wait for the next full snapshot or prune).
+        same = _unchanged_snapshot(storage_root, catalog_path, blobs, participants, repo, parent, started,
+                                   tag=tag, config=config, escrow_secrets=escrow_secrets)
+        if same is not None:
+            return same
     # Another create may be filling packs no index mentions yet: then leave every pack alone.
     if any(lock.get("operation") not in ("verify", "forget") for lock in repo.live_locks):
         orphans: dict[str, Any] = {"skipped": "another backup may be running", "packs": 0, "bytes": 0, "kept": 0}
     else:
         orphans = remove_orphan_packs(repo)
-    # Only the parent's header: its blob tree is streamed (`treestream`), never decoded whole.
-    parent = latest_row(repo, deployment_id)
     writer = repo.writer()
     try:
         return _fill_snapshot(storage_root, catalog_path, blobs, tmp_dir, deployment_id, participants, repo, writer,
@@ -406,13 +413,8 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
         conn = records.open_readonly(cp)
         try:
             ctx = RecoveryContext(storage_root, conn, blobs, participants, escrow_secrets=escrow_secrets)
-            if escrow_secrets is None:
-                reasons = [r for p in participants if isinstance(p, DefaultEscrow) and (r := p.default_escrow(ctx))]
-                escrow_secrets = ctx.escrow_secrets = bool(reasons)
-                escrow_policy = "default: " + ("; ".join(reasons) if reasons else "no key material to escrow "
-                                               "(keys come from the environment or production mode)")
-            else:
-                escrow_policy = "explicit: --escrow-secrets" if escrow_secrets else "explicit: --no-escrow-secrets"
+            escrow_secrets, escrow_policy = _escrow(participants, ctx, escrow_secrets)
+            ctx.escrow_secrets = escrow_secrets
             for p in participants:
                 p.checkpoint(ctx)
             secret_key_ids = sorted({k for p in participants if isinstance(p, KeyHolder) for k in p.key_ids(ctx)})
@@ -463,9 +465,14 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
                               "mode": Path(path).stat().st_mode & 0o777}
             logical = files["catalog.db"]["size"] + len(fmt)
             _encode_todo(store, repo, writer, blobs, problems, tick, pools)
-            tree_blobs = store.tree()
             reused_blobs = store.reused
             logical += store.tree_totals()[1]
+            # The tree goes into content-addressed pages (`treepages`): those the parent already
+            # stored (every page no new, changed or dropped blob falls in) are not written again.
+            known_before = writer.new_chunks
+            blob_pages = treepages.write_pages(writer, store.tree_json_items())
+            pages_new = writer.new_chunks - known_before
+            tree_count = sum(n for _, n in blob_pages)
             parts = summaries.result()  # before the index: a failed summary leaves no index behind
             if reused_blobs < store.tree_totals()[0]:
                 # Blobs were read although nothing was journaled (one missing at the parent is back):
@@ -495,12 +502,12 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
                 "coverage": coverage(p.describe() for p in participants),
                 "problems": problems,
                 "stats": {"logical_bytes": logical, "new_bytes": writer.new_bytes, "new_chunks": writer.new_chunks,
-                          "blobs": len(tree_blobs), "blobs_reused_from_parent": reused_blobs,
+                          "blobs": tree_count, "blobs_reused_from_parent": reused_blobs,
                           "summaries_reused": sorted(reused),
+                          "tree_pages": len(blob_pages), "tree_pages_new": pages_new,
                           "duration": round(finished - started, 3), "orphans": orphans},
-                "tree": {"files": files, "blobs": tree_blobs},
+                "tree": {"files": files, "blob_pages": blob_pages},
             }
-            # Written from the store (the tree, in pieces) while the checkpoint's folder still holds it.
             repo.save_snapshot(manifest, scratch=cp.parent)
         finally:
             if pools is not None:
@@ -509,8 +516,147 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
             records.close(conn)
             store.close()
     # The caller's copy of the tree is read back from the snapshot only if used (the server never does).
-    manifest["tree"]["blobs"] = SavedTree(lambda: repo.load_snapshot(manifest["id"])["tree"]["blobs"],
-                                          len(tree_blobs))
+    manifest["tree"]["blobs"] = SavedTree(lambda: repo.load_snapshot(manifest["id"])["tree"]["blobs"], tree_count)
+    return manifest
+
+
+UNCHANGED_METHOD = ("unchanged since parent {parent}: journal head (seq, hash) and every summary computed from "
+                    "the records equal the parent's, in one read transaction; catalog.db and the blob tree are the "
+                    "parent's")
+
+
+def _escrow(participants: list[Participant], ctx: RecoveryContext, escrow_secrets: bool | None) -> tuple[bool, str]:
+    """Whether key material goes into the snapshot, and the policy that decided it (`key_ids.escrow_policy`)."""
+    if escrow_secrets is None:
+        reasons = [r for p in participants if isinstance(p, DefaultEscrow) and (r := p.default_escrow(ctx))]
+        return bool(reasons), "default: " + ("; ".join(reasons) if reasons else "no key material to escrow "
+                                              "(keys come from the environment or production mode)")
+    return escrow_secrets, "explicit: --escrow-secrets" if escrow_secrets else "explicit: --no-escrow-secrets"
+
+
+def _as_recorded(value: Any) -> Any:
+    """A summary as a manifest records it (JSON: tuples become lists, keys strings)."""
+    import json
+
+    return json.loads(json.dumps(value))
+
+
+def _same_file(path: Path, entry: Any) -> bool:
+    """Whether a file is byte for byte the one a parent's tree entry describes (size, then SHA-256)."""
+    if not isinstance(entry, dict):
+        return False
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    return len(data) == entry.get("size") and hashlib.sha256(data).hexdigest() == entry.get("sha256")
+
+
+def _unchanged_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore, participants: list[Participant],
+                        repo: Repository, parent: dict[str, Any], started: float, *, tag: str | None,
+                        config: dict[str, Any] | None, escrow_secrets: bool | None) -> dict[str, Any] | None:
+    """A full snapshot of a store in which nothing happened since its parent, at the cost of a few
+    queries: the parent's catalog.db copy, blob tree pages and files are listed again; nothing is
+    copied or encoded, and the repository's index is not even read. None when anything may differ
+    (then the full path runs).
+
+    Sound because (1) every change to source records is journaled in the same transaction
+    (architecture.md, "The journal"), so the same head (seq and chain hash) means the same
+    source records and the same blob references; (2) what a participant keeps outside the journal
+    (identity's configured keys, derived files, findings) shows in its summary, and every summary
+    that is not declared journal-only (`summary_reuse`) is computed again, in the same read
+    transaction as the head, and must equal the parent's; (3) the parent had no problems (a blob
+    missing then may be back now: the full path reads it). Anything else (another Anvil version,
+    a parent with an inline tree, a PostgreSQL store, a different escrow choice, FORMAT or a
+    participant's file that is not the parent's) takes the full path."""
+    if parent.get("problems") or parent.get("kind") == "delta":
+        return None
+    pm = repo.load_snapshot(parent["id"], pages=False)
+    ptree = pm.get("tree") or {}
+    pfiles = ptree.get("files") or {}
+    if ("blob_pages" not in ptree or pm.get("anvil_version") != __version__ or "catalog.db" not in pfiles
+            or pm.get("problems")):
+        return None
+    recorded = pm.get("participants") or {}
+    pcons = pm.get("consistency") or {}
+    conn = records.open_readonly(catalog_path)
+    try:
+        with conn:  # one read transaction: the head and the summaries below are of one commit
+            seq, chain_hash = journal.head(conn)
+            if (seq, chain_hash) != (pcons.get("journal_seq"), pcons.get("journal_hash")):
+                return None
+            ctx = RecoveryContext(storage_root, conn, blobs, participants, escrow_secrets=escrow_secrets)
+            escrow_secrets, escrow_policy = _escrow(participants, ctx, escrow_secrets)
+            ctx.escrow_secrets = escrow_secrets
+            if escrow_secrets != bool((pm.get("key_ids") or {}).get("secrets_escrowed")):
+                return None
+            for p in participants:
+                p.checkpoint(ctx)
+            parts: dict[str, Any] = {}
+            reused: list[str] = []
+            for p in participants:
+                before = recorded.get(p.name)
+                if not isinstance(before, dict) or "summary" not in before:
+                    return None  # a participant the parent did not know
+                if p.summary_reuse in ("events", "head"):
+                    summary = before["summary"]  # journal-only state, and the head has not moved
+                    reused.append(p.name)
+                else:
+                    summary = _as_recorded(p.summary(ctx))
+                    if summary != before["summary"]:
+                        return None  # changed outside the journal: a fresh checkpoint is needed
+                parts[p.name] = {"describe": p.describe().to_dict(), "summary": summary}
+            secret_key_ids = sorted({k for p in participants if isinstance(p, KeyHolder) for k in p.key_ids(ctx)})
+            extra = sorted({f for p in participants if isinstance(p, FileOwner) for f in p.files(ctx)})
+    finally:
+        records.close(conn)
+    # Every file is the parent's (FORMAT, the participants' own files): its entry is taken over.
+    rels = {str(Path(path).absolute().relative_to(storage_root)): Path(path) for path in extra}
+    if set(rels) | {FORMAT_FILE, "catalog.db"} != set(pfiles) or not _same_file(storage_root / FORMAT_FILE,
+                                                                              pfiles[FORMAT_FILE]):
+        return None
+    for rel, path in rels.items():
+        if not _same_file(path, pfiles[rel]) or pfiles[rel].get("mode") != path.stat().st_mode & 0o777:
+            return None
+    files = dict(pfiles)
+    fmt = (storage_root / FORMAT_FILE).read_bytes()
+    pstats = pm.get("stats") or {}
+    blob_bytes = int(pstats.get("logical_bytes", 0)) - sum(
+        int(pfiles[n]["size"]) for n in (FORMAT_FILE, "catalog.db") if n in pfiles)
+    blob_pages = ptree["blob_pages"]
+    tree_count = sum(n for _, n in blob_pages)
+    finished = time.time()
+    manifest = {
+        "id": uuid.uuid4().hex[:16],
+        "parent": parent["id"],
+        "tag": tag,
+        "started": started,
+        "finished": finished,
+        "anvil_version": __version__,
+        "repository_format": repo.config["format_version"],
+        "storage_format": _storage_format(fmt),
+        "deployment_id": pm["deployment_id"],
+        "hostname": platform.node(),
+        "consistency": {"method": UNCHANGED_METHOD.format(parent=parent["id"]), "journal_seq": seq,
+                        "journal_hash": chain_hash},
+        "key_ids": {"repository_key": repo.key_id, "secret_keys": secret_key_ids,
+                    "secrets_escrowed": escrow_secrets, "escrow_policy": escrow_policy},
+        "config": config or {},
+        "participants": parts,
+        "coverage": coverage(p.describe() for p in participants),
+        "problems": [],
+        "stats": {"logical_bytes": blob_bytes + len(fmt) + int(pfiles["catalog.db"]["size"]),
+                  "new_bytes": 0, "new_chunks": 0,
+                  "blobs": tree_count, "blobs_reused_from_parent": tree_count,
+                  "summaries_reused": sorted(reused), "unchanged_since_parent": True,
+                  "tree_pages": len(blob_pages), "tree_pages_new": 0,
+                  "duration": round(finished - started, 3),
+                  "orphans": {"skipped": "nothing changed: left to the next full snapshot or prune", "packs": 0,
+                              "bytes": 0, "kept": 0}},
+        "tree": {"files": files, "blob_pages": blob_pages},
+    }
+    repo.save_snapshot(manifest)
+    manifest["tree"]["blobs"] = SavedTree(lambda: repo.load_snapshot(manifest["id"])["tree"]["blobs"], tree_count)
     return manifest
 
 
@@ -669,6 +815,8 @@ def _chunk_users(repo: Repository, snaps: list[dict[str, Any]]) -> dict[str, lis
     """chunk id -> what it affects ('snapshot S: catalog.db', 'snapshot S: blob X (bucket/key@v)')."""
     users: dict[str, list[str]] = {}
     for m in snaps:
+        for cid in treepages.page_ids(m):
+            users.setdefault(cid, []).append(f"snapshot {m['id']}: blob tree page")
         for name, entry in m["tree"]["files"].items():
             for c in entry["chunks"]:
                 users.setdefault(c, []).append(f"snapshot {m['id']}: {name}")
@@ -691,12 +839,21 @@ def _verify(repo: Repository, *, read_data: bool = False, progress: Progress | N
     for p in repo.index_problems:
         errors.append({"what": "index", "problem": p})
     snaps: list[dict[str, Any]] = []
+    unreadable_trees: list[dict[str, Any]] = []
     for sid in repo.snapshot_ids():
         try:
-            snaps.append(repo.load_snapshot(sid))
+            m = repo.load_snapshot(sid, pages=False)
         except BackupError as e:
             errors.append({"what": f"snapshot {sid}", "problem": str(e)})
-    users = _chunk_users(repo, snaps)
+            continue
+        try:
+            snaps.append(treepages.expand(repo, m))
+        except BackupError as e:
+            # A damaged tree page: the snapshot's blobs are unknown, its pages and files still checked.
+            errors.append({"what": f"snapshot {sid}", "problem": f"blob tree: {e}"})
+            m["tree"]["blobs"] = {}
+            unreadable_trees.append(m)
+    users = _chunk_users(repo, snaps + unreadable_trees)
     from anvil.backup.archive import list_segments, load_segment
 
     segments = list_segments(repo)
@@ -764,7 +921,7 @@ def _verify(repo: Repository, *, read_data: bool = False, progress: Progress | N
             done += nbytes
             if progress:
                 progress(done, total, pack_id[:12])
-    return {"ok": not errors, "snapshots": len(snaps), "archive_segments": len(segments),
+    return {"ok": not errors, "snapshots": len(snaps) + len(unreadable_trees), "archive_segments": len(segments),
             "packs": len(stored_packs), "chunks": len(index),
             "read_data": read_data, "chunks_read": checked_chunks, "errors": errors, "warnings": warnings}
 
@@ -842,6 +999,7 @@ def prune_repo(repo: Repository) -> dict[str, Any]:
     snaps = repo.snapshots()
     used: set[str] = set()
     for m in snaps:
+        used.update(treepages.page_ids(m))  # the tree's pages are chunks too, shared between snapshots
         for entry in [*m["tree"]["files"].values(), *m["tree"]["blobs"].values()]:
             used.update(entry["chunks"])
     for ref in list_segments(repo):  # archived journal segments keep their blobs' chunks
@@ -897,8 +1055,10 @@ def remove_orphan_packs(repo: Repository, grace: float | None = None) -> dict[st
     if repo.index_problems:
         # An unreadable index may be the one naming these packs.
         return {"skipped": "an index file is unreadable", "packs": 0, "bytes": 0, "kept": 0}
-    # pack_sizes also holds packs this Repository's own writers wrote: never orphans to it.
-    indexed = repo.index().packs() | set(repo.pack_sizes)  # (no Location per chunk)
+    # Every pack an index file names (read with the index: a walk of every chunk's record to find
+    # them took 0.5 s at 100,000 chunks), and the packs this Repository's own writers wrote: never
+    # orphans. (A pack whose chunks all moved to later packs counts as indexed: prune removes it.)
+    indexed = set(repo.pack_sizes)
     cutoff = time.time() - grace
     removed = kept = freed = 0
     for name in repo.backend.list("data"):

@@ -45,18 +45,21 @@ def missing_blobs(storage: Storage, participants: list[Participant]) -> dict[str
             if HEX64.fullmatch(sha or "") is None or not storage.blobs.exists(sha)}
 
 
-def _snapshots(repo: Repository, snapshot: str | None) -> list[dict[str, Any]]:
-    """The snapshots to search, newest first: one if asked for, else every readable one."""
+def _snapshots(repo: Repository, snapshot: str | None) -> tuple[list[dict[str, Any]], list[str]]:
+    """The snapshots to search, newest first: one if asked for, else every readable one; and why
+    each other one could not be read (its manifest, or its blob tree's pages, is damaged)."""
     if snapshot:
-        return [repo.resolve_snapshot(snapshot)]
+        return [repo.resolve_snapshot(snapshot)], []
     out: list[dict[str, Any]] = []
+    unreadable: list[str] = []
     for sid in repo.snapshot_ids():
         try:
             out.append(repo.load_snapshot(sid))
         except BackupError as e:
             # One unreadable manifest must not keep the others from healing.
             log.warning("heal: skipping snapshot %s: %s", sid, e)
-    return sorted(out, key=lambda m: m["started"], reverse=True)
+            unreadable.append(f"snapshot {sid} cannot be read: {e}")
+    return sorted(out, key=lambda m: m["started"], reverse=True), unreadable
 
 
 def _stream_into(storage: Storage, repo: Repository, sha: str, entry: dict[str, Any]) -> str | None:
@@ -102,7 +105,7 @@ def heal_blobs(storage: Storage, participants: list[Participant], repo: Reposito
     """
     started = time.time()
     with repo.lock("shared", "heal"):
-        snaps = _snapshots(repo, snapshot)
+        snaps, unreadable = _snapshots(repo, snapshot)
         needed = missing_blobs(storage, participants)
         healed: list[dict[str, Any]] = []
         unrecoverable: list[dict[str, Any]] = []
@@ -134,6 +137,7 @@ def heal_blobs(storage: Storage, participants: list[Participant], repo: Reposito
                     break
                 problems.append(f"snapshot {m['id']}: {why}")
             if done is None:
+                problems += unreadable  # a snapshot whose manifest or tree pages are damaged may have held it
                 reason = ("no snapshot holds a good copy" if problems else
                           f"snapshot {snaps[0]['id']} does not hold it" if snapshot else "no snapshot holds it")
                 unrecoverable.append({"sha256": sha, **_refs_view(refs), "reason": reason, "problems": problems})
@@ -147,7 +151,7 @@ def heal_blobs(storage: Storage, participants: list[Participant], repo: Reposito
                                "was_quarantined": had_quarantine, "problems": problems})
             if progress:
                 progress(n + 1, len(needed), sha[:12])
-    if not snaps and needed:
+    if not snaps and not unreadable and needed:
         for u in unrecoverable:
             u["reason"] = "the repository holds no snapshots"
     return {

@@ -8,9 +8,9 @@ blobs. Here they are rows of a scratch SQLite file in the backup's checkpoint fo
 with it): the references are inserted as the participants read them, then read back sorted by
 hash with one cursor (SQLite sorts with a bounded cache, spilling to temporary files); the
 parent's blob tree is streamed (`treestream`) and merged with them; the blobs to encode are
-handed out in bounded batches; the new tree is written to the manifest from an ordered query.
-Memory per blob is O(1): a batch, a page cache, one cursor's row. The repository format is
-unchanged: the manifest's bytes are what `json.dumps` of the whole tree would give.
+handed out in bounded batches; the new tree (each entry's JSON text, its `refs` note included)
+is read back from one ordered query into the tree's pages (`treepages`). Memory per blob is
+O(1): a batch, a page cache, one cursor's row.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ INSERT_BATCH = 5000
 # Blobs handed to the encoder at a time (its own structures are per batch: ~1 KB a blob).
 ENCODE_BATCH = 20_000
 _SEP = (",", ":")
+# `json.dumps(x, separators=_SEP)` builds an encoder per call (per blob, twice a backup): one encoder, the same text.
+_dumps = json.JSONEncoder(separators=_SEP).encode
 
 
 class _Uses:
@@ -56,11 +58,13 @@ class RefStore:
         # `n`: the order the participants reported them (the first reference's size is the blob's).
         self.refs_conn.execute("CREATE TABLE refs (n INTEGER PRIMARY KEY, sha TEXT NOT NULL, size INTEGER NOT NULL, "
                                "label TEXT NOT NULL)")
-        # The blobs this backup must encode (sha order), and the new tree's entries (JSON text
-        # without `refs`: added as the manifest is written).
-        self.conn.execute("CREATE TABLE todo (n INTEGER PRIMARY KEY, sha TEXT NOT NULL, size INTEGER NOT NULL)")
+        # The blobs this backup must encode (sha order, with their `refs` note), and the new tree's
+        # entries (JSON text, `refs` included: the tree is written from this table alone).
+        self.conn.execute("CREATE TABLE todo (n INTEGER PRIMARY KEY, sha TEXT NOT NULL, size INTEGER NOT NULL, "
+                          "refs TEXT NOT NULL)")
         self.conn.execute("CREATE TABLE tree (sha TEXT PRIMARY KEY, size INTEGER NOT NULL, entry TEXT NOT NULL)")
         self.reused = 0  # tree entries taken over from the parent snapshot
+        self._batch_refs: dict[str, str] = {}  # the refs notes of the batch being encoded
 
     def close(self) -> None:
         records.close(self.refs_conn)
@@ -72,7 +76,7 @@ class RefStore:
 
     def load(self, ctx: RecoveryContext) -> None:
         """Every participant's references, read in one read transaction of the checkpoint, then
-        indexed by hash (the index is built by SQLite's external sort)."""
+        indexed by hash and order (the index is built by SQLite's external sort; reading by it needs no sort)."""
         batch: list[tuple[str, int, str]] = []
         insert = "INSERT INTO refs (sha, size, label) VALUES (?, ?, ?)"
         with ctx.conn:
@@ -82,7 +86,7 @@ class RefStore:
                     self._insert(insert, batch, self.refs_conn)
                     batch = []
         self._insert(insert, batch, self.refs_conn)
-        self.refs_conn.execute("CREATE INDEX refs_sha ON refs (sha)")
+        self.refs_conn.execute("CREATE INDEX refs_sha ON refs (sha, n)")
 
     def _insert(self, sql: str, rows: list[Any], conn: Any = None) -> None:
         if rows:
@@ -132,28 +136,31 @@ class RefStore:
         chunks the repository holds goes to the new tree as it is, every other blob to `todo`.
         Returns (blobs to encode, their recorded bytes)."""
         cur = next(entries, None) if entries is not None else None
-        todo: list[tuple[int, str, int]] = []
+        todo: list[tuple[int, str, int, str]] = []
         tree: list[tuple[str, int, str]] = []
         n = todo_bytes = reused = 0
-        for sha, size, _labels, _count in self.blobs():
+        for sha, size, labels, count in self.blobs():
             while cur is not None and cur[0] < sha:
                 cur = next(entries, None)  # type: ignore[arg-type]
+            refs = refs_note(labels, count)
             if cur is not None and cur[0] == sha and all(c in known for c in cur[1]["chunks"]):
-                entry = {k: v for k, v in cur[1].items() if k != "refs"}  # this backup's refs are added when written
+                # The parent's entry with this backup's refs as its last key (as the manifest had it).
+                entry = {k: v for k, v in cur[1].items() if k != "refs"}
+                entry["refs"] = refs
                 reused += 1
-                tree.append((sha, int(entry["size"]), json.dumps(entry, separators=_SEP)))
+                tree.append((sha, int(entry["size"]), _dumps(entry)))
                 if len(tree) >= INSERT_BATCH:
                     self._insert("INSERT INTO tree (sha, size, entry) VALUES (?, ?, ?)", tree)
                     tree = []
             else:
                 n += 1
                 todo_bytes += size
-                todo.append((n, sha, size))
+                todo.append((n, sha, size, _dumps(refs)))
                 if len(todo) >= INSERT_BATCH:
-                    self._insert("INSERT INTO todo (n, sha, size) VALUES (?, ?, ?)", todo)
+                    self._insert("INSERT INTO todo (n, sha, size, refs) VALUES (?, ?, ?, ?)", todo)
                     todo = []
         self._insert("INSERT INTO tree (sha, size, entry) VALUES (?, ?, ?)", tree)
-        self._insert("INSERT INTO todo (n, sha, size) VALUES (?, ?, ?)", todo)
+        self._insert("INSERT INTO todo (n, sha, size, refs) VALUES (?, ?, ?, ?)", todo)
         self.reused = reused
         return n, todo_bytes
 
@@ -169,17 +176,20 @@ class RefStore:
         batch = batch or ENCODE_BATCH
         last = 0
         while True:
-            rows = self.conn.execute("SELECT n, sha, size FROM todo WHERE n > ? ORDER BY n LIMIT ?",
+            rows = self.conn.execute("SELECT n, sha, size, refs FROM todo WHERE n > ? ORDER BY n LIMIT ?",
                                      (last, batch)).fetchall()
             if not rows:
                 return
             last = rows[-1][0]
+            self._batch_refs = {r[1]: r[3] for r in rows}
             yield [r[1] for r in rows], {r[1]: r[2] for r in rows}
 
     def add_entries(self, entries: dict[str, dict[str, Any]]) -> None:
-        """New tree entries (sha -> {"size", "chunks"}) from one encoded batch."""
+        """New tree entries (sha -> {"size", "chunks"}) from the batch `todo_batches` last handed out;
+        its `refs` note is spliced in as the last key (the text `json.dumps` of the whole entry gives)."""
+        refs = self._batch_refs
         self._insert("INSERT INTO tree (sha, size, entry) VALUES (?, ?, ?)",
-                     [(sha, int(e["size"]), json.dumps(e, separators=_SEP)) for sha, e in entries.items()])
+                     [(sha, int(e["size"]), f'{_dumps(e)[:-1]},"refs":{refs[sha]}}}') for sha, e in entries.items()])
 
     # -------------------------------------------------------------- the new tree
 
@@ -188,38 +198,11 @@ class RefStore:
         n, total = self.conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM tree").fetchone()
         return int(n), int(total)
 
-    def tree(self) -> StreamedTree:
-        return StreamedTree(self)
-
     def tree_json_items(self) -> Iterator[str]:
-        """`"sha":{entry with refs}` in hash order: the tree's JSON text, one blob at a time."""
-        entries = self.conn.execute("SELECT sha, entry FROM tree ORDER BY sha")
-        cur = next(entries, None)
-        for sha, _size, labels, count in self.blobs():
-            while cur is not None and cur[0] < sha:
-                cur = next(entries, None)
-            if cur is None or cur[0] != sha:
-                continue  # missing or corrupt: in `problems`, not in the tree
-            # The entry's text (never empty, never with refs) with `refs` spliced in as its last key:
-            # the same text as loading, adding and dumping it, without the JSON round trip per blob.
-            refs = json.dumps(refs_note(labels, count), separators=_SEP)
-            yield f'"{sha}":{cur[1][:-1]},"refs":{refs}}}'
-
-
-
-class StreamedTree:
-    """A manifest's `tree.blobs` that is written from the store (`repository.compress_manifest`
-    asks for `json_items`) instead of being held as a dict."""
-
-    def __init__(self, store: RefStore):
-        self.store = store
-        self.count = store.tree_totals()[0]
-
-    def __len__(self) -> int:
-        return self.count
-
-    def json_items(self) -> Iterator[str]:
-        return self.store.tree_json_items()
+        """`"sha":{entry with refs}` in hash order: the tree's JSON text, one blob at a time. A blob
+        missing or corrupt has no entry (it is in `problems`, not in the tree)."""
+        for sha, entry in self.conn.execute("SELECT sha, entry FROM tree ORDER BY sha"):
+            yield f'"{sha}":{entry}'
 
 
 class SavedTree(Mapping[str, Any]):

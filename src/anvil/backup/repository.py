@@ -381,14 +381,24 @@ class Repository:
     def snapshot_ids(self) -> list[str]:
         return [n.split("/", 1)[1] for n in self.backend.list("snapshots")]
 
-    def load_snapshot(self, snap_id: str) -> dict[str, Any]:
+    def load_snapshot(self, snap_id: str, *, pages: bool = True) -> dict[str, Any]:
+        """A manifest, whole. Its blob tree, if stored in pages (`treepages`), is read into
+        `tree.blobs` unless `pages=False` (then only `tree.blob_pages` lists them)."""
         name = f"snapshots/{snap_id}"
         if not self.backend.exists(name):
             raise BackupError(f"no snapshot {snap_id} in {self.backend.url}")
         try:
-            return self.unseal_json(self.backend.read(name), f"snapshot:{snap_id}".encode())
+            manifest = self.unseal_json(self.backend.read(name), f"snapshot:{snap_id}".encode())
         except (InvalidTag, ValueError, zstandard.ZstdError):
             raise BackupError(f"snapshot {snap_id} cannot be decrypted (corrupted)") from None
+        if pages:
+            from anvil.backup import treepages
+
+            try:
+                treepages.expand(self, manifest)
+            except BackupError as e:
+                raise BackupError(f"snapshot {snap_id}: {e}") from None
+        return manifest
 
     def snapshots(self) -> list[dict[str, Any]]:
         """Every readable manifest, oldest first."""

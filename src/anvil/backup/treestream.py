@@ -80,7 +80,8 @@ class _Json:
             return v
 
 
-def _entries(r: _Json) -> Iterator[tuple[str, dict[str, Any]]]:
+def _entries(r: _Json, paged: Any = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """`paged(blob_pages)`: the entries of a tree stored in pages (`treepages`)."""
     r.char("{")
     if r.peek() == "}":
         return
@@ -98,7 +99,9 @@ def _entries(r: _Json) -> Iterator[tuple[str, dict[str, Any]]]:
     while True:  # the tree's keys: "files", then "blobs"
         key = r.value()
         r.char(":")
-        if key != "blobs":
+        if key == "blob_pages" and paged is not None:
+            yield from paged(r.value())
+        elif key != "blobs":
             r.value()
         else:
             r.char("{")
@@ -141,7 +144,7 @@ def read_header(repo: Repository, snap_id: str, keys: tuple[str, ...]) -> dict[s
 
 
 def iter_tree_blobs(repo: Repository, snap_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(sha256, tree entry) of a snapshot's blobs, in the order the manifest lists them."""
+    """(sha256, tree entry) of a snapshot's blobs, in the order the manifest (or its pages) lists them."""
     yield from _read(repo, snap_id, None, entries=True)
 
 
@@ -162,7 +165,9 @@ def _read(repo: Repository, snap_id: str, fn: Any, entries: bool = False) -> Any
         raise BackupError(f"snapshot {snap_id} cannot be decrypted (corrupted)")
     reader = _Json(io.TextIOWrapper(raw, encoding="utf-8"))
     if entries:
-        return _guarded(snap_id, _entries(reader))
+        from anvil.backup.treepages import iter_pages
+
+        return _guarded(snap_id, _entries(reader, lambda pages: iter_pages(repo, pages)))
     try:
         return fn(reader)
     except (ValueError, zstandard.ZstdError) as e:

@@ -15,9 +15,7 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from anvil.backup.pack import PACK_TARGET
 from anvil.cli.common import describe_error, emit, loaded_sdk
 
 # Messages name paths, chunk ids and objects: never wrap them across lines.
@@ -36,6 +34,10 @@ def _size(n: int) -> str:
         n /= 1024  # type: ignore[assignment]
     return str(n)
 
+
+# backup.pack.PACK_TARGET (a test checks they agree): importing pack here loaded zstandard and
+# cryptography into every `anvil backup` command, the online create included.
+PACK_TARGET = 16 * 1024 * 1024
 
 # How `engine.verify` words a pack that no readable index names (an orphan).
 ORPHAN_WARNING = "is not referenced by any readable index"
@@ -151,6 +153,8 @@ def progress_bar(enabled: bool, label: str) -> Iterator[Callable[[int, int, str]
     if not enabled or not err_console.is_terminal:
         yield None
         return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
     with Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
                   console=err_console, transient=True) as bar:
         task = bar.add_task(label, total=None)
@@ -166,8 +170,9 @@ def server_progress(endpoint: str, label: str) -> Iterator[None]:
     """A progress bar fed by the server's `backup.running` (in /anvil/health/ready, polled twice a
     second) while this process waits for its answer; a spinner until the server knows the total."""
     import threading
+    import urllib.request
 
-    import httpx  # here, not at module level: the CLI starts faster without it
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     stop = threading.Event()
     with Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
@@ -175,14 +180,15 @@ def server_progress(endpoint: str, label: str) -> Iterator[None]:
         task = bar.add_task(label, total=None)
 
         def poll() -> None:
-            with httpx.Client(base_url=endpoint, timeout=5) as http:
-                while not stop.wait(0.5):
-                    try:
-                        running = http.get("/anvil/health/ready").json().get("backup", {}).get("running")
-                    except (httpx.HTTPError, ValueError):
-                        continue  # the answer to the backup itself says what went wrong
-                    if running and running.get("bytes_total"):
-                        bar.update(task, completed=running["bytes_done"], total=running["bytes_total"])
+            # The stdlib, not httpx: the command starts faster without it.
+            while not stop.wait(0.5):
+                try:
+                    with urllib.request.urlopen(endpoint.rstrip("/") + "/anvil/health/ready", timeout=5) as resp:
+                        running = json.loads(resp.read()).get("backup", {}).get("running")
+                except (OSError, ValueError, AttributeError):
+                    continue  # the answer to the backup itself says what went wrong
+                if running and running.get("bytes_total"):
+                    bar.update(task, completed=running["bytes_done"], total=running["bytes_total"])
 
         poller = threading.Thread(target=poll, name="anvil-backup-progress", daemon=True)
         poller.start()
@@ -241,39 +247,47 @@ def backup_create(repo: str, s3_endpoint: str | None, key_file: str | None, as_j
                   storage_path: str | None, endpoint: str | None, tag: str | None, escrow_secrets: bool | None,
                   incremental: bool, lock_stale: str | None, orphan_grace: str | None) -> None:
     """Take a snapshot: offline (--storage-path) or through a running server (--endpoint)."""
-    from anvil.backup.crypto import read_passphrase
     from anvil.backup.errors import BackupError
+    from anvil.backup.passphrase import read_passphrase
 
     if bool(storage_path) == bool(endpoint):
         raise BackupError("give exactly one of --storage-path (offline) or --endpoint (online)")
     started = time.time()
     if endpoint:
-        from anvil.client import AnvilClient, Unreachable
-        from anvil.client import ConnectionError as ClientConnectionError
+        # A stdlib client (`cli.lite`): the SDK (httpx, pydantic, the API models) cost this command
+        # more CPU than a no-change snapshot costs the server. Errors are raised as the SDK's.
+        from anvil.cli.lite import LiteClient
 
         given = _given_on_command_line("lock_stale", "orphan_grace")
         if given:
             # The server takes the snapshot, with its own ANVIL_BACKUP_* settings.
             raise BackupError(f"--{given[0].replace('_', '-')} applies to offline backups (--storage-path); "
                               "a server uses its own ANVIL_BACKUP_LOCK_STALE / ANVIL_BACKUP_ORPHAN_GRACE")
-        with AnvilClient(endpoint, timeout=3600) as client:
-            def take() -> dict[str, Any]:
-                return client.create_backup(repo, passphrase=read_passphrase(key_file), s3_endpoint=s3_endpoint,
-                                            tag=tag, escrow_secrets=escrow_secrets, incremental=incremental)
-
-            try:
-                if not as_json:
-                    with server_progress(endpoint, "server backing up"):
-                        result = take()
-                else:
-                    result = take()
-            except Unreachable as e:
+        client = LiteClient(endpoint, timeout=3600)
+        body: dict[str, Any] = {"repo": repo, "passphrase": read_passphrase(key_file)}
+        for name, value in (("s3_endpoint", s3_endpoint), ("tag", tag)):
+            if value:
+                body[name] = value
+        if escrow_secrets is not None:
+            body["escrow_secrets"] = escrow_secrets
+        if incremental:
+            body["incremental"] = True
+        try:
+            if not as_json:
+                with server_progress(endpoint, "server backing up"):
+                    result = client.post("/anvil/v1/admin/backup", body)
+            else:
+                result = client.post("/anvil/v1/admin/backup", body)
+        except OSError as e:
+            sdk = loaded_sdk()  # loaded by the lite client to raise its error
+            if sdk is not None and isinstance(e, sdk.Unreachable):
                 raise BackupError(describe_error(e)) from None
-            except ClientConnectionError as e:
+            if sdk is not None and isinstance(e, sdk.ConnectionError):
                 # The server died or dropped us mid-snapshot: no traceback, one line saying what is known.
                 raise BackupError(f"server at {endpoint} closed the connection during backup create "
                                   f"({e.reason or 'no detail'}); the snapshot may not have been "
                                   "written: check the server, then `anvil backup list`") from None
+            raise
     else:
         apply_thresholds(lock_stale, orphan_grace)
         from anvil.backup import engine, ops
