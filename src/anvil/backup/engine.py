@@ -344,10 +344,10 @@ def _early_pools(store: RefStore, repo: Repository, blobs: BlobStore) -> workers
     and catalog.db are packed, if there are enough small blobs to encode to want it."""
     pools = workers.Pools(repo.enc_key, repo.id_key)
     if not blobs.remote and workers.worker_count():
-        small = int(store.conn.execute("SELECT count(*) FROM todo WHERE size <= ?",
-                                       (workers.SMALL_MAX,)).fetchone()[0])
-        if small >= max(1, workers.process_min()):
-            pools.start_soon(small)
+        small, small_bytes = store.conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM todo WHERE size <= ?",
+                                                (workers.SMALL_MAX,)).fetchone()
+        if workers.use_processes(int(small), int(small_bytes)):
+            pools.start_soon(int(small), int(small_bytes))
     return pools
 
 
@@ -695,7 +695,7 @@ def _encode_new_blobs(repo: Repository, writer: PackWriter, blobs: BlobStore, to
     # Workers read local files: bodies in a remote blob backend are read by the threads below.
     own = pools is None
     pools = pools or workers.Pools(repo.enc_key, repo.id_key)
-    running = None if blobs.remote or not small else pools.get(len(small))
+    running = None if blobs.remote or not small else pools.get(len(small), sum(sizes.get(sha, 0) for sha in small))
     threaded = todo
     if running:
         ex, nproc = running
