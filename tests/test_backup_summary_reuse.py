@@ -105,7 +105,6 @@ def test_one_worker_pool_serves_every_encode_batch(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv(workers.WORKERS_ENV, "2")
     monkeypatch.setenv(workers.PROCESS_MIN_ENV, "1")
     monkeypatch.setattr(refstore, "ENCODE_BATCH", 4)  # several batches from a few blobs
-    monkeypatch.setattr(workers, "PROCESS_AVG_MAX", 1 << 20)  # its 70 kB files go to processes too
     started = []
     real_pool = workers.pool
 

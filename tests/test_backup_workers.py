@@ -193,8 +193,12 @@ def test_worker_count_follows_the_setting_and_idle_cores(monkeypatch: pytest.Mon
     monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))
     assert workers.worker_count() == 4  # idle cores: one worker each
     assert workers.use_processes(workers.PROCESS_MIN - 1) == 0 and workers.use_processes(workers.PROCESS_MIN) == 4
-    # A backup's small blobs go to processes only while they average at most PROCESS_AVG_MAX bytes.
+    # By default a backup's small blobs go to processes only while they average at most
+    # PROCESS_AVG_MAX bytes; processes asked for by number are used whatever the sizes.
     n, avg = workers.PROCESS_MIN, workers.PROCESS_AVG_MAX
     assert workers.use_processes(n, n * avg) == 4 and workers.use_processes(n, n * avg + 1) == 0
+    monkeypatch.setenv("ANVIL_BACKUP_WORKERS", "2")
+    assert workers.use_processes(n, n * avg + 1) == 2
+    monkeypatch.delenv("ANVIL_BACKUP_WORKERS")
     monkeypatch.setattr(os, "getloadavg", lambda: (6.0, 1.0, 1.0))
     assert workers.worker_count() == 0  # every core busy: workers would only add CPU

@@ -33,10 +33,10 @@ SMALL_MAX = 4 * 1024 * 1024
 # Below this many small blobs the pool is not worth its start (~0.5-1 s per spawned interpreter).
 PROCESS_MIN_ENV = "ANVIL_BACKUP_PROCESS_MIN"
 PROCESS_MIN = 2000
-# A backup encodes in processes only while its small blobs average at most this: above it a blob's
-# cost is mostly native (read, SHA-256, zstd, AES-GCM, all without the GIL), which threads already
-# spread over the cores, and the processes only add the pickling, the pipe copies of sealed bytes
-# and their own page faults. Measured on the initial backup of bench/backup.py's dataset (10,000
+# By default a backup encodes in processes only while its small blobs average at most this (unless
+# ANVIL_BACKUP_WORKERS asks for processes): above it a blob's cost is mostly native (read, SHA-256,
+# zstd, AES-GCM, all without the GIL), which threads already spread over the cores, and the
+# processes only add the pickling, the pipe copies of sealed bytes and their own page faults. Measured on the initial backup of bench/backup.py's dataset (10,000
 # blobs of 1-256 KiB, 128 KiB on average, + 20 x 16 MiB), same server, alternated, load 1.4-2.7:
 # threads 4.9 and 8.8 s using 6.7 and 7.8 CPU-s, processes 5.7 and 10.0 s using 9.3 and 10.8.
 PROCESS_AVG_MAX = 32 * 1024
@@ -91,7 +91,9 @@ def use_processes(small_blobs: int, small_bytes: int | None = None) -> int:
     n = worker_count()
     if not n or small_blobs < max(1, process_min()):
         return 0
-    return 0 if small_bytes is not None and small_bytes > PROCESS_AVG_MAX * small_blobs else n
+    if small_bytes is not None and small_bytes > PROCESS_AVG_MAX * small_blobs and not os.environ.get(WORKERS_ENV):
+        return 0  # (processes asked for by number are used whatever the sizes)
+    return n
 
 
 def _init(enc_key: bytes, id_key: bytes) -> None:
