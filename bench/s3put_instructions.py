@@ -9,7 +9,7 @@ the whole server and per thread (thread 1 is the event loop; the catalog writer 
 Repeatable to well under 1 % whatever the load; valgrind runs OpenSSL's generic code, so hashing weighs
 more here than on the CPU.
 
-    python bench/s3put_instructions.py [--puts 200] [--warmup 50] [--size 1024] [--src DIR]
+    python bench/s3put_instructions.py [--puts 200] [--warmup 50] [--size 1024] [--src DIR] [--keep DIR]
 
 `--src`: the `src` folder of another checkout to measure (a base to compare against).
 """
@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--src", help="the src folder of the checkout to measure (default: this one)")
+    ap.add_argument("--keep", help="copy callgrind's dumps to this folder (for callgrind_annotate)")
     args = ap.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("valgrind (with callgrind_control) is needed")
@@ -111,6 +112,10 @@ def main() -> None:
         subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True, capture_output=True)
         files = [f for f in work.glob("cg.out*") if f.is_file()]
         by_thread = _totals(files)
+        if args.keep:
+            Path(args.keep).mkdir(parents=True, exist_ok=True)
+            for f in files:
+                shutil.copy(f, Path(args.keep) / f.name)
     finally:
         proc.terminate()
         try:

@@ -170,7 +170,8 @@ class FastPuts:
         if len(body) != plan.length:
             return None
         digests = digest_bytes(body)
-        if (plan.sha256 is not None and digests.sha256 != plan.sha256) or (plan.md5 is not None and digests.md5 != plan.md5):
+        if (plan.sha256 is not None and digests.sha256 != plan.sha256) or \
+                (plan.md5 is not None and digests.md5 != plan.md5):
             return None  # XAmzContentSHA256Mismatch or BadDigest, from the general path
         objects = self.objects
         try:

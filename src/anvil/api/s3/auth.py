@@ -19,13 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from starlette.datastructures import QueryParams
+from starlette.datastructures import Headers, QueryParams
 from starlette.requests import Request
 
-from anvil.api.fastreq import amz_items
+from anvil.api.fastreq import FastHeaders, amz_items
 from anvil.api.s3 import sigv2
 from anvil.api.s3.errors import S3Error
 from anvil.context import Principal
+from anvil.storage.digests import HmacSha256, sha256_hex
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -60,9 +61,18 @@ def _hmac(key: bytes, msg: str) -> bytes:
     return hmac.digest(key, msg.encode(), "sha256")
 
 
+_macs: dict[bytes, HmacSha256] = {}
+
+
 def _hmac_hex(key: bytes, msg: str) -> str:
-    # hmac.digest is one OpenSSL call; hmac.new(...).hexdigest() builds an HMAC object and two hash objects.
-    return hmac.digest(key, msg.encode(), "sha256").hex()
+    # Under a signing key (one per secret, day and region, cached): its HMAC states are kept with it, so
+    # a signature costs no OpenSSL algorithm lookup (storage/digests.py; hmac.digest made one per call).
+    mac = _macs.get(key)
+    if mac is None:
+        if len(_macs) > 1024:
+            _macs.clear()
+        mac = _macs[key] = HmacSha256(key)
+    return mac.digest(msg.encode()).hex()
 
 
 def signing_key(secret: str, date: str, region: str) -> bytes:
@@ -127,6 +137,17 @@ def _headers_by_name(request: Request) -> dict[str, list[str]]:
         else:
             out[k] = [val]
     return out
+
+
+def _canonical_headers(request: Request, h: Headers, signed_names: list[str]) -> str:
+    """The canonical header lines of the signed names (a missing one has an empty value)."""
+    if type(h) is FastHeaders and len(h._map) == len(h._items):
+        # No name is repeated (the usual request): each signed header's one value, with no pass over
+        # every header to group their values.
+        values = h._map
+        return "".join([f"{n}:{' '.join(values.get(n.lower(), '').split())}\n" for n in signed_names])
+    by_name = _headers_by_name(request)
+    return "".join(f"{n}:{_header_value(by_name.get(n.lower(), []))}\n" for n in signed_names)
 
 
 def _header_value(values: list[str]) -> str:
@@ -295,7 +316,6 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
     signed_names = signed.split(";")
     if "host" not in signed_names:
         raise S3Error("AuthorizationHeaderMalformed", "SignedHeaders must include host")
-    by_name = _headers_by_name(request)
     # An unsigned x-amz-* header would change what a valid signature authorises (a copy source, stored
     # metadata, ...): refused as S3 does, whether or not the signature itself matches.
     signed_set = {n.lower() for n in signed_names}
@@ -303,13 +323,13 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
                                   if n not in signed_set and n not in unsigned_ok))
     if unsigned:
         raise _headers_not_signed(unsigned)
-    canon_headers = "".join(f"{n}:{_header_value(by_name.get(n.lower(), []))}\n" for n in signed_names)
+    canon_headers = _canonical_headers(request, h, signed_names)
     raw_path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
     query = canonical_query(q.multi_items(), drop=drop)
     key = signing_key(secret, date, region)
     for uri in _canonical_uris(raw_path):
         canonical = "\n".join([request.method, uri, query, canon_headers, signed, payload_hash])
-        to_sign = "\n".join([ALGORITHM, amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+        to_sign = "\n".join([ALGORITHM, amz_date, scope, sha256_hex(canonical.encode())])
         expected = _hmac_hex(key, to_sign)
         # Bytes: compare_digest refuses non-ASCII strings, and the claimed signature is the client's text.
         if hmac.compare_digest(expected.encode(), signature.encode("utf-8", "surrogateescape")):
