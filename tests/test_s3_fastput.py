@@ -207,8 +207,28 @@ def test_conditional_and_other_puts_are_declined(server: AnvilServer, s3p, bkt: 
     s3p.put_object(Bucket=bkt, Key="sys", Body=b"s", CacheControl="no-cache")
     assert s3p.get_object(Bucket=bkt, Key="sys")["CacheControl"] == "no-cache"
     s3_client(server).put_object(Bucket=bkt, Key="crc", Body=b"c")  # boto3's default: a CRC32 checksum
+    # boto3's refusals: a wrong secret, a Content-MD5 of other bytes (declined once the body is in).
+    with pytest.raises(ClientError) as e:
+        s3_client(server, secret="not-the-secret", request_checksum_calculation="when_required").put_object(
+            Bucket=bkt, Key="bad-secret", Body=b"b")
+    assert e.value.response["Error"]["Code"] == "SignatureDoesNotMatch"
+    with pytest.raises(ClientError) as e:
+        s3p.put_object(Bucket=bkt, Key="bad-md5", Body=b"b",
+                       ContentMD5=base64.b64encode(hashlib.md5(b"other").digest()).decode())
+    assert e.value.response["Error"]["Code"] == "BadDigest"
+    # A bucket with a lifecycle rule: its PUT answers carry x-amz-expiration (the general path's).
+    s3p.put_bucket_lifecycle_configuration(Bucket=bkt, LifecycleConfiguration={"Rules": [
+        {"ID": "exp", "Filter": {"Prefix": "exp/"}, "Status": "Enabled", "Expiration": {"Days": 3}}]})
+    try:
+        r = s3p.put_object(Bucket=bkt, Key="exp/a", Body=b"e")
+        assert 'rule-id="exp"' in r["Expiration"]
+    finally:
+        s3p.delete_bucket_lifecycle(Bucket=bkt)
     assert fast_count(server) == before
     assert s3p.get_object(Bucket=bkt, Key="cond")["Body"].read() == b"one"
+    assert [o["Key"] for o in s3p.list_objects_v2(Bucket=bkt, Prefix="bad-").get("Contents", [])] == []
+    s3p.put_object(Bucket=bkt, Key="after", Body=b"fast again")  # the lifecycle rule gone: fast again
+    assert fast_count(server) == before + 1
 
 
 def test_pipelined_put_then_get_and_a_longer_body(server: AnvilServer, s3p, bkt: str) -> None:

@@ -31,17 +31,18 @@ import concurrent.futures
 import logging
 import time
 import urllib.parse
+from itertools import chain
 from typing import Any
 
-from anvil.api.common import HASH_ON_LOOP_LIMIT, raw_headers
+from anvil.api.common import HASH_ON_LOOP_LIMIT
 from anvil.api.fastreq import FastHeaders
 from anvil.api.record import next_request_id
 from anvil.api.s3 import auth as sig
 from anvil.api.s3.body import _is_sha256
 from anvil.api.s3.errors import error_response
 from anvil.api.s3.gateway import MAX_HEADER_BYTES, error_of
-from anvil.api.s3.objects import content_type, metadata
-from anvil.api.s3.request import content_md5, version_headers
+from anvil.api.s3.objects import _meta_from_header, content_type
+from anvil.api.s3.request import content_md5
 from anvil.context import RequestContext
 from anvil.identity import authorize
 from anvil.objects import Conditions
@@ -106,26 +107,20 @@ class FastPuts:
         if url[:1] != b"/" or url.find(b"?") >= 0 or url.find(b"#") >= 0:
             return None  # a query (a sub-resource, presigned) or an absolute URL
         start = time.perf_counter()
-        size = 4 * len(headers)
-        seen: set[bytes] = set()
-        length_text = sha_text = authorization = host = None
-        for name, value in headers:
-            size += len(name) + len(value)
-            if name in seen:
-                return None  # a repeated header: the general path's rules for it
-            seen.add(name)
-            if name not in _KNOWN and not name.startswith(b"x-amz-meta-"):
-                return None
-            if name == b"content-length":
-                length_text = value
-            elif name == b"x-amz-content-sha256":
-                sha_text = value
-            elif name == b"authorization":
-                authorization = value
-            elif name == b"host":
-                host = value
-        if size > MAX_HEADER_BYTES or authorization is None or not authorization.startswith(_AUTH_PREFIX) \
-                or sha_text is None or length_text is None:
+        # The header checks as C loops over the list (a Python loop over a dozen headers cost more).
+        found = dict(headers)
+        if len(found) != len(headers):
+            return None  # a repeated header: the general path's rules for it
+        unknown = found.keys() - _KNOWN
+        if unknown and not all(name.startswith(b"x-amz-meta-") for name in unknown):
+            return None
+        authorization = found.get(b"authorization")
+        sha_text = found.get(b"x-amz-content-sha256")
+        length_text = found.get(b"content-length")
+        host = found.get(b"host")
+        if authorization is None or not authorization.startswith(_AUTH_PREFIX) or sha_text is None \
+                or length_text is None \
+                or 4 * len(headers) + sum(map(len, chain.from_iterable(headers))) > MAX_HEADER_BYTES:
             return None
         length = v.decimal_length(length_text.decode("latin-1"))
         if length is None or length > self.limit:
@@ -153,13 +148,14 @@ class FastPuts:
                 return None
             authorize(principal, "object:write", f"bucket:{bucket}/{key}")
             self.objects.prepare_write(bucket, key, incoming=length)
-            user, system = metadata(head)  # type: ignore[arg-type]
+            # `objects.metadata` without its system headers (none of them is known here).
+            user = {k[11:]: _meta_from_header(val) for k, val in h.amz_items() if k.startswith("x-amz-meta-")}
+            if user:
+                user = v.normalise_metadata(user)
             ctype = content_type(head)  # type: ignore[arg-type]
             md5 = content_md5(h.get("content-md5"))
         except Exception:  # noqa: BLE001 - every refusal is the general path's to answer
             return None
-        if system:
-            return None  # (none of their headers is known here)
         ctx = RequestContext(principal=principal, request_id=next_request_id())
         return PutPlan(bucket, key, path, length, payload.lower() if payload != sig.UNSIGNED else None, md5, ctx,
                        ctype, user, start)
@@ -193,7 +189,9 @@ class FastPuts:
         else:
             status, body = 200, b""
             headers = [(b"etag", b'"%s"' % result["etag"].encode("latin-1"))]
-            headers += raw_headers(version_headers(result["version_id"], None, write=True))
+            version_id = result["version_id"]
+            if version_id is not None and version_id != "null":  # `version_headers(..., write=True)`
+                headers.append((b"x-amz-version-id", version_id.encode("latin-1")))
             if result.get("cursor") is not None:
                 headers.append((b"x-anvil-cursor", b"%d" % result["cursor"]))
             headers += [(b"content-length", b"0"), (b"x-amz-request-id", rid), (b"x-amz-id-2", rid)]

@@ -183,7 +183,40 @@ def _parse_amz_date(value: str) -> float:
         raise S3Error("AccessDenied", "X-Amz-Date must be in the ISO 8601 basic format YYYYMMDDTHHMMSSZ", 403)
 
 
+_signed_cache: dict[str, tuple[list[str], frozenset[str]]] = {}
+
+
+def _signed_headers(signed: str) -> tuple[list[str], frozenset[str]]:
+    """SignedHeaders as names in order and as a set of lower-case names. Kept per value: a client signs
+    the same headers on every request of a kind."""
+    hit = _signed_cache.get(signed)
+    if hit is None:
+        names = signed.split(";")
+        if "host" not in names:
+            raise S3Error("AuthorizationHeaderMalformed", "SignedHeaders must include host")
+        if len(_signed_cache) > 256:
+            _signed_cache.clear()
+        hit = _signed_cache[signed] = (names, frozenset(n.lower() for n in names))
+    return hit
+
+
+_scope_cache: dict[tuple[str, str, str], tuple[str, str, str]] = {}
+
+
 def _check_scope(credential: str, amz_date: str, region: str) -> tuple[str, str, str]:
+    """(access key, date, credential scope) of a well-formed Credential; kept per key and day (a client
+    sends the same one all day), only when it passed."""
+    key = (credential, amz_date[:8], region)
+    hit = _scope_cache.get(key)
+    if hit is None:
+        hit = _parse_scope(credential, amz_date, region)
+        if len(_scope_cache) > 1024:
+            _scope_cache.clear()
+        _scope_cache[key] = hit
+    return hit
+
+
+def _parse_scope(credential: str, amz_date: str, region: str) -> tuple[str, str, str]:
     parts = credential.split("/")
     if len(parts) != 5:
         raise S3Error("AuthorizationHeaderMalformed",
@@ -313,16 +346,12 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
     if found is None:
         raise S3Error("InvalidAccessKeyId", "the AWS access key id you provided does not exist in our records", 403)
     secret, principal = found
-    signed_names = signed.split(";")
-    if "host" not in signed_names:
-        raise S3Error("AuthorizationHeaderMalformed", "SignedHeaders must include host")
+    signed_names, signed_set = _signed_headers(signed)
     # An unsigned x-amz-* header would change what a valid signature authorises (a copy source, stored
     # metadata, ...): refused as S3 does, whether or not the signature itself matches.
-    signed_set = {n.lower() for n in signed_names}
-    unsigned = list(dict.fromkeys(n for n, _ in amz_items(h)
-                                  if n not in signed_set and n not in unsigned_ok))
+    unsigned = [n for n, _ in amz_items(h) if n not in signed_set and n not in unsigned_ok]
     if unsigned:
-        raise _headers_not_signed(unsigned)
+        raise _headers_not_signed(list(dict.fromkeys(unsigned)))
     canon_headers = _canonical_headers(request, h, signed_names)
     raw_path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
     query = canonical_query(q.multi_items(), drop=drop)
