@@ -248,7 +248,8 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
                     # As the cycle's first `receive` would (boto3 asks for it on every PUT): the checks it
                     # waits for are passed, so the body may come.
                     cycle.waiting_for_100_continue = False
-                    self.transport.write_whole(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    if not self.transport.is_closing():
+                        self.transport.write_whole(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         if self._holding:  # a small S3 PUT's: held until its body is in (`on_message_complete`)
