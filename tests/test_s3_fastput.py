@@ -289,3 +289,32 @@ def test_client_gone_mid_body_stores_nothing(server: AnvilServer, s3p, bkt: str)
     # The connection's server side is healthy: the next PUT is answered (fast) as usual.
     assert exchange(server, request_bytes(server, f"/{bkt}/gone", b"ok"))[0][0] == 200
     assert fast_count(server) == fast + 1
+
+
+def test_a_commit_that_fails_is_answered_as_the_general_path_answers_it(server: AnvilServer, s3p) -> None:
+    """The bucket goes away between the head (checked, 100 Continue sent) and the body: the writer refuses
+    the version, and the answer is the gateway's error for it, on a connection that stays usable."""
+    answers = []
+    bucket = unique_bucket("fpgone")
+    metric_before = metric(server, "anvil_requests_total", api="s3", operation="put_object", code="4xx")
+    fast_before = fast_count(server)
+    for extra in ({}, FORCE_GENERAL):
+        s3p.create_bucket(Bucket=bucket)
+        data = request_bytes(server, f"/{bucket}/k", b"late body", signed={"expect": "100-continue"}, extra=extra)
+        head, _, body = data.partition(b"\r\n\r\n")
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(head + b"\r\n\r\n")
+            assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            s3p.delete_bucket(Bucket=bucket)
+            sock.sendall(body)
+            answers.append(read_answers(sock, 1)[0])
+            # The connection is still good for the next request.
+            sock.sendall(request_bytes(server, f"/{bucket}/k2", b"x"))
+            assert read_answers(sock, 1)[0][0] == 404
+    same(answers[0], answers[1])
+    # Counted as the general path counts it: a 4xx PUT each (and the two 404s after them).
+    assert metric(server, "anvil_requests_total", api="s3", operation="put_object", code="4xx") - metric_before == 4
+    assert fast_count(server) - fast_before == 1  # the first one was answered by the fast path
+    status, headers, doc = answers[0]
+    assert status == 404 and b"<Code>NoSuchBucket</Code>" in doc and b"<Resource>/" in doc
+    assert "connection" not in dict(headers)

@@ -195,7 +195,7 @@ class FastPuts:
             if result.get("cursor") is not None:
                 headers.append((b"x-anvil-cursor", b"%d" % result["cursor"]))
             headers += [(b"content-length", b"0"), (b"x-amz-request-id", rid), (b"x-amz-id-2", rid)]
-            self.answered += 1
+        self.answered += 1
         requests = self.observer.requests
         if requests is not None:
             requests.record("s3", "put_object", status, plan.length, len(body), time.perf_counter() - plan.start)
