@@ -2,10 +2,10 @@
 
 Most writes an S3 client makes are a path-style `PUT /bucket/key` signed with SigV4 in the Authorization
 header, with a small body of known length, its SHA-256 (or UNSIGNED-PAYLOAD) declared, maybe a
-Content-MD5, a Content-Type and some `x-amz-meta-*`. The general path serves it through an ASGI task,
-the app, Starlette's request, the gateway's dispatch and the body reader (~0.9 M instructions on the
-event loop per PUT, docs/performance.md); this one serves exactly those requests with the same
-functions and no layers:
+Content-MD5, a Content-Type and some `x-amz-meta-*` (boto3 adds `Expect: 100-continue`). The general
+path serves it through an ASGI task, the app, Starlette's request, the gateway's dispatch and the body
+reader (~0.9 M instructions on the event loop per PUT, docs/performance.md); this one serves exactly
+those requests with the same functions and no layers:
 
 - `plan`, when the request head is parsed: the gateway's checks (header section size, target, reserved
   names, no query, no header it does not handle), the signature (`auth.authenticate`: same canonical
@@ -19,7 +19,7 @@ Everything it does not handle it declines before answering, and the request take
 which sees it untouched (the protocol holds the request's cycle and starts its ASGI task on a decline,
 with the body received so far): a head it does not fully reproduce (virtual-host style, presigned,
 aws-chunked, a condition, checksums, ACL, tagging, SSE, object lock, storage class, a copy source, a
-query, a session token, Expect, CORS), a refused signature or authorisation, a bucket with a binding or
+query, a session token, CORS), a refused signature or authorisation, a bucket with a binding or
 a lifecycle configuration (its answers carry x-amz-expiration), an access log to write, a body whose
 digest does not match (the general path gives XAmzContentSHA256Mismatch or BadDigest), a client that
 goes away mid-body. Only a failure of the commit itself is answered here, with the gateway's error.
@@ -28,7 +28,6 @@ goes away mid-body. Only a failure of the commit itself is answered here, with t
 from __future__ import annotations
 
 import concurrent.futures
-import logging
 import time
 import urllib.parse
 from itertools import chain
@@ -49,8 +48,6 @@ from anvil.objects import Conditions
 from anvil.objects import validation as v
 from anvil.runtime import Anvil
 from anvil.storage.blobs import digest_bytes
-
-log = logging.getLogger("anvil.s3")
 
 # The request headers this path knows the whole meaning of (and `x-amz-meta-*`). Any other header may
 # change what the general path does (a condition, a checksum, an ACL, an encoding...): declined.
