@@ -179,13 +179,18 @@ def test_access_log_lines_carry_the_request_id_clients_see(srv: AnvilServer) -> 
     got = s3.get_object(Bucket=bucket, Key="a")
     s3_id = got["ResponseMetadata"]["HTTPHeaders"]["x-amz-request-id"]
     got["Body"].read()
+    # A plain small S3 PUT (the kind api/fastput.py answers when no access log is written) has its line.
+    put = s3_client(srv, request_checksum_calculation="when_required").put_object(Bucket=bucket, Key="p",
+                                                                                 Body=b"y" * 100)
+    put_id = put["ResponseMetadata"]["HTTPHeaders"]["x-amz-request-id"]
     anon = httpx.get(srv.endpoint + "/anvil/v1/buckets")
     assert anon.status_code == 401
 
     deadline = time.monotonic() + 10
     while True:
         by_id = {line["request_id"]: line for line in read_log(log_path)}
-        if {native_id, s3_id, anon.json()["error"]["request_id"]} <= by_id.keys() or time.monotonic() > deadline:
+        if {native_id, s3_id, put_id, anon.json()["error"]["request_id"]} <= by_id.keys() \
+                or time.monotonic() > deadline:
             break
         time.sleep(0.1)
     line = by_id[native_id]
@@ -196,6 +201,8 @@ def test_access_log_lines_carry_the_request_id_clients_see(srv: AnvilServer) -> 
     line = by_id[s3_id]
     assert line["api"] == "s3" and line["operation"] == "get_object" and line["status"] == 200
     assert line["bytes_out"] == 1234 and line["client_id"]
+    line = by_id[put_id]
+    assert (line["api"], line["operation"], line["status"], line["bytes_in"]) == ("s3", "put_object", 200, 100)
     line = by_id[anon.json()["error"]["request_id"]]
     assert line["status"] == 401 and line["tenant"] is None and line["client_id"] is None
     puts = [ln for ln in by_id.values() if ln["operation"] == "put_object" and ln["api"] == "native"]

@@ -211,3 +211,21 @@ def test_plain_body_stream_marks_consumed_and_raises_on_disconnect() -> None:
 
 async def _collect(it) -> list[bytes]:
     return [p async for p in it]
+
+
+def test_digests_without_lookups_agree_with_hashlib_and_hmac() -> None:
+    """storage/digests.py (SigV4 signatures, small body digests) gives hashlib's and hmac's
+    answers: keys shorter than, as long as and longer than a block, empty and multi-block messages."""
+    import hashlib
+    import hmac
+    import os
+
+    from anvil.storage.digests import HmacSha256, md5_hex, sha256_hex
+
+    for data in (b"", b"a", os.urandom(63), os.urandom(64), os.urandom(1000), os.urandom(70_000)):
+        assert sha256_hex(data) == hashlib.sha256(data).hexdigest()
+        assert md5_hex(data) == hashlib.md5(data).hexdigest()
+        for key in (b"", b"k", os.urandom(32), os.urandom(64), os.urandom(65), os.urandom(200)):
+            mac = HmacSha256(key)
+            assert mac.digest(data) == hmac.digest(key, data, "sha256")
+            assert mac.digest(data) == hmac.digest(key, data, "sha256")  # the kept states are not consumed

@@ -23,6 +23,7 @@ from anvil.api.backup_routes import BACKUP_ROUTES
 from anvil.api.common import SEND_RAW, error_response
 from anvil.api.docs import DOCS_ROUTES
 from anvil.api.fastget import FastReads
+from anvil.api.fastput import FastPuts
 from anvil.api.fastreq import FastRequest
 from anvil.api.identity import IDENTITY_ROUTES
 from anvil.api.indexes import INDEX_ROUTES
@@ -167,6 +168,7 @@ class AnvilApp(Starlette):
         self.state = AppState()
 
     fast_reads: FastReads | None = None
+    fast_puts: FastPuts | None = None  # only the server's protocol asks it (api/server.py)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The small object GET/HEAD first (api/fastget.py): answered whole, or declined untouched.
@@ -237,4 +239,5 @@ def create_app(anvil: Anvil, *, recovery_mode: bool = False, dev_auth: bool = Fa
                                      base_domain=os.environ.get("ANVIL_S3_BASE_DOMAIN") or None)
     # access key id -> (secret, Principal) | None: the application's client_id and client_secret.
     app.state.s3_credentials = anvil.identity.sigv4_credentials
+    app.fast_puts = FastPuts(anvil, app)
     return app

@@ -60,6 +60,7 @@ class FastReads:
         self.blobs = anvil.objects.blobs
         self.observer = observer
         self._covered: dict[tuple[tuple[str, ...], str], bool] = {}
+        self.answered = 0  # GET/HEADs answered here (the `anvil_fast_answers_total` metric)
 
     def _scopes_cover(self, scopes: tuple[str, ...], bucket: str) -> bool:
         """Whether one of `scopes` allows object:read on every key of `bucket` (False also when it
@@ -169,4 +170,5 @@ class FastReads:
         ]
         if observer.requests is not None:
             observer.requests.record("native", "get_object", 200, 0, len(data), time.perf_counter() - start)
+        self.answered += 1
         return headers, data

@@ -232,6 +232,13 @@ class StateCollector(Collector):
         recovery.add_metric([], 1 if getattr(state, "recovery_mode", False) else 0)
         yield recovery
 
+        fast = CounterMetricFamily("anvil_fast_answers", "Requests answered before the general path (the small "
+                                   "native GET/HEAD, the small S3 PUT) since the server started.", labels=["path"])
+        for path, answerer in (("native_get", "fast_reads"), ("s3_put", "fast_puts")):
+            found = getattr(self.app, answerer, None)
+            fast.add_metric([path], found.answered if found is not None else 0)
+        yield fast
+
         seq, _ = catalog.head()
         yield GaugeMetricFamily("anvil_journal_head_seq", "Sequence number of the last journal event.", value=seq)
         counts = list(catalog.batch_counts)

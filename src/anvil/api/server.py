@@ -127,6 +127,12 @@ def _send_raw(cycle: Any, status: int, headers: list[tuple[bytes, bytes]], body:
         # (without a length uvicorn would send the body chunked). `find`, not `in`: bytes.__contains__
         # first tries its operand as an integer, raising and discarding a TypeError for each test.
         return False
+    _write_raw(cycle, status, headers, body)
+    return True
+
+
+def _write_raw(cycle: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    """The write and bookkeeping of `_send_raw`, once it has accepted the response."""
     cycle.response_started = True
     cycle.waiting_for_100_continue = False
     content = [STATUS_LINE[status]]
@@ -145,7 +151,6 @@ def _send_raw(cycle: Any, status: int, headers: list[tuple[bytes, bytes]], body:
     if not cycle.keep_alive:
         cycle.transport.close()
     cycle.on_response()
-    return True
 
 
 class _HeadTooLarge(Exception):
@@ -175,6 +180,8 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
     limits = HeaderLimits()
     # The app's small-GET answerer (api/fastget.py), set by `serve`: asked from the parser's callback.
     fast_reads: Any = None
+    # ... and its small S3 PUT answerer (api/fastput.py).
+    fast_puts: Any = None
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -185,6 +192,11 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
         self._refused = False
         self._lingered = 0
         self._answered = False  # the current request was answered by `_answer_fast`
+        # A small S3 PUT taken by `fast_puts` while its body arrives: (plan, its cycle, the app). Its
+        # cycle is made as for any request but its ASGI task is held back: started only on a decline.
+        self._put: tuple[Any, Any, Any] | None = None
+        self._holding = False
+        self._held_app: Any = None
 
     # Parser callbacks
 
@@ -219,12 +231,58 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
         self._head_open = False
         if self.fast_reads is not None and self.url.startswith(FAST_PREFIX) and self._answer_fast():
             return
+        plan = self._plan_put() if self.fast_puts is not None and self.parser.get_method() == b"PUT" else None
         scope = self.scope
         scope[ABORT_CONNECTION] = self._reset  # type: ignore[literal-required]
-        super().on_headers_complete()
+        self._holding = plan is not None
+        try:
+            super().on_headers_complete()
+        finally:
+            self._holding = False
         cycle = self.cycle
         if cycle is not None and cycle.scope is scope:  # not an upgrade, which makes no cycle
             scope[SEND_RAW] = functools.partial(_send_raw, cycle)  # type: ignore[literal-required]
+            if plan is not None:
+                self._put = (plan, cycle, self._held_app)
+                if cycle.waiting_for_100_continue:
+                    # As the cycle's first `receive` would (boto3 asks for it on every PUT): the checks it
+                    # waits for are passed, so the body may come.
+                    cycle.waiting_for_100_continue = False
+                    if not self.transport.is_closing():
+                        self.transport.write_whole(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        if self._holding:  # a small S3 PUT's: held until its body is in (`on_message_complete`)
+            self._held_app = app
+            return
+        super()._start_asgi_task(cycle, app)
+
+    def _plan_put(self) -> Any:
+        """A small S3 PUT's plan (`FastPuts.plan`) if it is answered here, else None: only when nothing
+        else is in flight on the connection, on a keep-alive HTTP/1.1 request, as `_answer_fast` does."""
+        cycle = self.cycle
+        if (cycle is not None and not cycle.response_complete) or self.pipeline or self.flow.write_paused \
+                or self.root_path:
+            return None
+        parser = self.parser
+        if parser.get_http_version() != "1.1" or not parser.should_keep_alive() or parser.should_upgrade():
+            return None
+        return self.fast_puts.plan(self.url, self.headers)
+
+    def _release(self, cycle: Any, app: Any) -> None:
+        """Decline a held PUT: its ASGI task starts now, with what was received, and the general path
+        answers it as if it had been running all along."""
+        cycle.message_event.set()
+        super()._start_asgi_task(cycle, app)
+
+    def _put_done(self, plan: Any, cycle: Any, future: Any) -> None:
+        """The writer settled a held PUT's commit: its answer, in one write (from the loop)."""
+        status, headers, body = self.fast_puts.answer(plan, future)
+        if cycle.disconnected or self.transport.is_closing():
+            return  # the client went away, or the connection was closed (a malformed request behind it)
+        # Written even while writing is paused, unlike `_send_raw`: there is no ASGI task to wait in,
+        # and a few hundred bytes more in the transport's buffer is what the paused path would send next.
+        _write_raw(cycle, status, headers, body)
 
     def _answer_fast(self) -> bool:
         """Answer a small object GET/HEAD now, from the parser's callback (`FastReads.answer`, api/fastget.py):
@@ -270,7 +328,33 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
         if self._answered:
             self._answered = False
             return
+        put = self._put
+        if put is not None:
+            self._put = None
+            plan, cycle, app = put
+            cycle.more_body = False
+            future = self.fast_puts.commit(plan, bytes(cycle.body))
+            if future is None:
+                self._release(cycle, app)
+                return
+            loop = self.loop
+
+            def deliver(f: Any) -> None:  # in the writer thread
+                try:
+                    loop.call_soon_threadsafe(self._put_done, plan, cycle, f)
+                except RuntimeError:
+                    pass  # the loop has closed: nobody waits for this answer any more
+
+            future.add_done_callback(deliver)
+            return
         super().on_message_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        put = self._put
+        super().connection_lost(exc)
+        if put is not None:  # gone mid-body: the general path reports it (one INFO line, its metrics)
+            self._put = None
+            self._release(put[1], put[2])
 
     def _reset(self) -> None:
         """Reset the connection (RST, not FIN): a body cut short must not look like an ending."""
@@ -292,6 +376,10 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
     def on_body(self, body: bytes) -> None:
         if self._answered:
             return  # a body sent with a GET answered already: read and dropped, as the app would ignore it
+        put = self._put
+        if put is not None:
+            put[1].body += body  # at most the declared length, which `FastPuts.plan` bounded
+            return
         if (self.parser.should_upgrade() and self._should_upgrade()) or self.cycle.response_complete:
             return
         self.cycle.body += body
@@ -514,6 +602,7 @@ def serve(storage_path: str, listen: str, *, dev_auth: bool = False, backup: Any
         app = create_app(anvil, recovery_mode=recovery_mode, dev_auth=dev_auth, access_log=access_log,
                          metrics=metrics)
         AnvilHttpProtocol.fast_reads = app.fast_reads
+        AnvilHttpProtocol.fast_puts = app.fast_puts
         anvil.watch.start_background()
         if not recovery_mode:  # lifecycle deletes; a store in recovery mode takes no writes
             anvil.lifecycle.start()

@@ -42,6 +42,7 @@ import xxhash
 from anvil.storage import inline, records
 from anvil.storage.blobbackend import BlobBackend, LocalBlobBackend, StoredBlob, backend_from_env, fanout_entries
 from anvil.storage.blobscan import HashResult, ScanResult, hash_file, read_sequentially, scan_blobs
+from anvil.storage.digests import md5_hex, sha256_hex
 from anvil.storage.layout import fsync_dir
 from anvil.storage.space import is_full_error, parse_size, storage_full
 
@@ -526,7 +527,7 @@ class _TmpfileUnsupported(Exception):
 
 
 def digest_bytes(data: bytes) -> BlobInfo:
-    return BlobInfo(hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest(), len(data))
+    return BlobInfo(sha256_hex(data), md5_hex(data), len(data))  # (no OpenSSL lookup per call: storage/digests.py)
 
 
 class BlobStore:

@@ -19,13 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from starlette.datastructures import QueryParams
+from starlette.datastructures import Headers, QueryParams
 from starlette.requests import Request
 
-from anvil.api.fastreq import amz_items
+from anvil.api.fastreq import FastHeaders, amz_items
 from anvil.api.s3 import sigv2
 from anvil.api.s3.errors import S3Error
 from anvil.context import Principal
+from anvil.storage.digests import HmacSha256, sha256_hex
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -60,9 +61,18 @@ def _hmac(key: bytes, msg: str) -> bytes:
     return hmac.digest(key, msg.encode(), "sha256")
 
 
+_macs: dict[bytes, HmacSha256] = {}
+
+
 def _hmac_hex(key: bytes, msg: str) -> str:
-    # hmac.digest is one OpenSSL call; hmac.new(...).hexdigest() builds an HMAC object and two hash objects.
-    return hmac.digest(key, msg.encode(), "sha256").hex()
+    # Under a signing key (one per secret, day and region, cached): its HMAC states are kept with it, so
+    # a signature costs no OpenSSL algorithm lookup (storage/digests.py; hmac.digest made one per call).
+    mac = _macs.get(key)
+    if mac is None:
+        if len(_macs) > 1024:
+            _macs.clear()
+        mac = _macs[key] = HmacSha256(key)
+    return mac.digest(msg.encode()).hex()
 
 
 def signing_key(secret: str, date: str, region: str) -> bytes:
@@ -129,6 +139,17 @@ def _headers_by_name(request: Request) -> dict[str, list[str]]:
     return out
 
 
+def _canonical_headers(request: Request, h: Headers, signed_names: list[str]) -> str:
+    """The canonical header lines of the signed names (a missing one has an empty value)."""
+    if type(h) is FastHeaders and len(h._map) == len(h._items):
+        # No name is repeated (the usual request): each signed header's one value, with no pass over
+        # every header to group their values.
+        values = h._map
+        return "".join([f"{n}:{' '.join(values.get(n.lower(), '').split())}\n" for n in signed_names])
+    by_name = _headers_by_name(request)
+    return "".join(f"{n}:{_header_value(by_name.get(n.lower(), []))}\n" for n in signed_names)
+
+
 def _header_value(values: list[str]) -> str:
     if len(values) == 1:  # the usual case, without a generator (split() drops the ends' spaces too)
         return " ".join(values[0].split())
@@ -162,7 +183,40 @@ def _parse_amz_date(value: str) -> float:
         raise S3Error("AccessDenied", "X-Amz-Date must be in the ISO 8601 basic format YYYYMMDDTHHMMSSZ", 403)
 
 
+_signed_cache: dict[str, tuple[list[str], frozenset[str]]] = {}
+
+
+def _signed_headers(signed: str) -> tuple[list[str], frozenset[str]]:
+    """SignedHeaders as names in order and as a set of lower-case names. Kept per value: a client signs
+    the same headers on every request of a kind."""
+    hit = _signed_cache.get(signed)
+    if hit is None:
+        names = signed.split(";")
+        if "host" not in names:
+            raise S3Error("AuthorizationHeaderMalformed", "SignedHeaders must include host")
+        if len(_signed_cache) > 256:
+            _signed_cache.clear()
+        hit = _signed_cache[signed] = (names, frozenset(n.lower() for n in names))
+    return hit
+
+
+_scope_cache: dict[tuple[str, str, str], tuple[str, str, str]] = {}
+
+
 def _check_scope(credential: str, amz_date: str, region: str) -> tuple[str, str, str]:
+    """(access key, date, credential scope) of a well-formed Credential; kept per key and day (a client
+    sends the same one all day), only when it passed."""
+    key = (credential, amz_date[:8], region)
+    hit = _scope_cache.get(key)
+    if hit is None:
+        hit = _parse_scope(credential, amz_date, region)
+        if len(_scope_cache) > 1024:
+            _scope_cache.clear()
+        _scope_cache[key] = hit
+    return hit
+
+
+def _parse_scope(credential: str, amz_date: str, region: str) -> tuple[str, str, str]:
     parts = credential.split("/")
     if len(parts) != 5:
         raise S3Error("AuthorizationHeaderMalformed",
@@ -292,24 +346,19 @@ def authenticate(request: Request, lookup: CredentialLookup, region: str, *, now
     if found is None:
         raise S3Error("InvalidAccessKeyId", "the AWS access key id you provided does not exist in our records", 403)
     secret, principal = found
-    signed_names = signed.split(";")
-    if "host" not in signed_names:
-        raise S3Error("AuthorizationHeaderMalformed", "SignedHeaders must include host")
-    by_name = _headers_by_name(request)
+    signed_names, signed_set = _signed_headers(signed)
     # An unsigned x-amz-* header would change what a valid signature authorises (a copy source, stored
     # metadata, ...): refused as S3 does, whether or not the signature itself matches.
-    signed_set = {n.lower() for n in signed_names}
-    unsigned = list(dict.fromkeys(n for n, _ in amz_items(h)
-                                  if n not in signed_set and n not in unsigned_ok))
+    unsigned = [n for n, _ in amz_items(h) if n not in signed_set and n not in unsigned_ok]
     if unsigned:
-        raise _headers_not_signed(unsigned)
-    canon_headers = "".join(f"{n}:{_header_value(by_name.get(n.lower(), []))}\n" for n in signed_names)
+        raise _headers_not_signed(list(dict.fromkeys(unsigned)))
+    canon_headers = _canonical_headers(request, h, signed_names)
     raw_path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
     query = canonical_query(q.multi_items(), drop=drop)
     key = signing_key(secret, date, region)
     for uri in _canonical_uris(raw_path):
         canonical = "\n".join([request.method, uri, query, canon_headers, signed, payload_hash])
-        to_sign = "\n".join([ALGORITHM, amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+        to_sign = "\n".join([ALGORITHM, amz_date, scope, sha256_hex(canonical.encode())])
         expected = _hmac_hex(key, to_sign)
         # Bytes: compare_digest refuses non-ASCII strings, and the claimed signature is the client's text.
         if hmac.compare_digest(expected.encode(), signature.encode("utf-8", "surrogateescape")):

@@ -86,20 +86,12 @@ class S3Gateway:
         head = request.method == "HEAD"
         try:
             response = await self._dispatch(request, request_id)
-        except S3Error as err:
-            response = error_response(err, request_id, resource=request.url.path, head=head)
-        except AnvilError as err:
-            response = error_response(from_anvil(err), request_id, resource=request.url.path, head=head)
         except ClientDisconnect:
             log_client_disconnect(request)  # the client's doing: one INFO line, no traceback
             return Response(status_code=400)
         except Exception as exc:  # noqa: BLE001 - a client never sees a traceback
-            if is_full_error(exc):  # ENOSPC from any file write: the full-disk answer, not a 500
-                err = from_anvil(storage_full())
-            else:
-                log.exception("unhandled error in S3 %s %s", request.method, request.url.path)
-                err = S3Error("InternalError", "we encountered an internal error; please try again", 500)
-            response = error_response(err, request_id, resource=request.url.path, head=head)
+            response = error_response(error_of(exc, request.method, request.url.path), request_id,
+                                      resource=request.url.path, head=head)
         if type(response) is RawResponse:  # a GET, HEAD or PUT answer: neither header is in it yet
             rid = request_id.encode("latin-1")
             response.raw_headers += ((b"x-amz-request-id", rid), (b"x-amz-id-2", rid))
@@ -203,6 +195,18 @@ class S3Gateway:
         handler = route(method, shape, q)
         note(request.scope, principal=auth.principal, op=handler.__name__)  # for metrics and the access log
         return await handler(S3Request(self, request, auth, bucket, t.key, q, request_id))
+
+
+def error_of(exc: Exception, method: str, path: str) -> S3Error:
+    """The S3 error a request that raised `exc` is answered with (also by api/fastput.py)."""
+    if isinstance(exc, S3Error):
+        return exc
+    if isinstance(exc, AnvilError):
+        return from_anvil(exc)
+    if is_full_error(exc):  # ENOSPC from any file write: the full-disk answer, not a 500
+        return from_anvil(storage_full())
+    log.error("unhandled error in S3 %s %s", method, path, exc_info=exc)
+    return S3Error("InternalError", "we encountered an internal error; please try again", 500)
 
 
 def _with_session(app: Any, auth: sig.AuthResult, session: str) -> sig.AuthResult:
