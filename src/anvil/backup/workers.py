@@ -36,9 +36,10 @@ PROCESS_MIN = 2000
 # By default a backup encodes in processes only while its small blobs average at most this (unless
 # ANVIL_BACKUP_WORKERS asks for processes): above it a blob's cost is mostly native (read, SHA-256,
 # zstd, AES-GCM, all without the GIL), which threads already spread over the cores, and the
-# processes only add the pickling, the pipe copies of sealed bytes and their own page faults. Measured on the initial backup of bench/backup.py's dataset (10,000
-# blobs of 1-256 KiB, 128 KiB on average, + 20 x 16 MiB), same server, alternated, load 1.4-2.7:
-# threads 4.9 and 8.8 s using 6.7 and 7.8 CPU-s, processes 5.7 and 10.0 s using 9.3 and 10.8.
+# processes only add the pickling, the pipe copies of sealed bytes and their own page faults.
+# Measured on the initial backup of bench/backup.py's dataset (10,000 blobs of 1-256 KiB, 128 KiB on
+# average, + 20 x 16 MiB), same server, alternated, load 1.4-2.7: threads 4.9 and 8.8 s using 6.7
+# and 7.8 CPU-s, processes 5.7 and 10.0 s using 9.3 and 10.8.
 PROCESS_AVG_MAX = 32 * 1024
 # Worker processes; 0 turns the pool off (threads only, as before). Default: one per core while
 # a core is idle (the 1-minute load average is below the core count), else none.
