@@ -310,10 +310,65 @@ def _split_refs(store: RefStore, repo: Repository, parent_id: str | None, known:
         return store.split(iter(sorted(whole.items())), known)[1]
 
 
+# An SQLite file (catalog.db, any a participant backs up) is cut into chunks of this size at fixed
+# offsets, a whole number of its pages (a page size above it is used instead): a change rewrites
+# pages in place, so every chunk whose pages it did not touch is the parent's and dedupes. Content-
+# defined 512 KiB chunks re-cut the whole file and, with scattered page updates, rewrote half of
+# them: at 100,000 inline bodies, 299 MB of a 600 MB catalog.db new after a 1 % change.
+SQLITE_CHUNK = 64 * 1024
+SQLITE_MAGIC = b"SQLite format 3\x00"
+# Bytes read, hashed and sealed per task on the encoder threads (SHA-256, zstd, AES-GCM release the GIL).
+SQLITE_BLOCK = 4 * 1024 * 1024
+
+
+def sqlite_page_size(head: bytes) -> int | None:
+    """The page size an SQLite database file's header records, or None if `head` is not one."""
+    if len(head) < 100 or not head.startswith(SQLITE_MAGIC):
+        return None
+    n = int.from_bytes(head[16:18], "big")
+    n = 65536 if n == 1 else n
+    return n if 512 <= n <= 65536 and n & (n - 1) == 0 else None
+
+
+def _store_sqlite_file(writer: PackWriter, path: Path, page_size: int) -> dict[str, Any]:
+    """An SQLite file's tree entry, cut at fixed page-aligned offsets (`SQLITE_CHUNK`). A restore
+    concatenates the chunks as for any file: nothing there depends on how a file was cut."""
+    chunk = max(SQLITE_CHUNK, page_size)
+    block = max(chunk, SQLITE_BLOCK // chunk * chunk)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+
+        def encode(offset: int) -> tuple[bytes, list[tuple[str, int, bytes | None]]]:
+            data = os.pread(fd, min(block, size - offset), offset)
+            view = memoryview(data)
+            return data, [writer.encode(view[i:i + chunk]) for i in range(0, len(data), chunk)]
+
+        h = hashlib.sha256()
+        chunks: list[str] = []
+        total = 0
+        for _, (data, encoded) in ordered_parallel(encode, list(range(0, size, block)), window=2 * ENCODERS):
+            h.update(data)
+            total += len(data)
+            chunks.extend(writer.add_encoded(cid, raw, blob) for cid, raw, blob in encoded)
+    finally:
+        os.close(fd)
+    return {"size": total, "sha256": h.hexdigest(), "chunks": chunks,
+            "chunking": {"method": "fixed", "size": chunk, "page_size": page_size}}
+
+
 def _store_file(writer: PackWriter, path: Path) -> dict[str, Any]:
     """A file's tree entry, its chunks appended to the packs as they are cut: catalog.db holds
     the inline bodies (hundreds of MB for a store of small objects), and encoded whole it was
-    the largest thing a backup held (its sealed chunks all at once)."""
+    the largest thing a backup held (its sealed chunks all at once). An SQLite file is cut at
+    fixed page-aligned offsets instead (`_store_sqlite_file`)."""
+    try:
+        with open(path, "rb") as f:
+            page_size = sqlite_page_size(f.read(100))
+    except FileNotFoundError:
+        raise BackupError(f"{path} disappeared while it was being backed up") from None
+    if page_size is not None:
+        return _store_sqlite_file(writer, path, page_size)
     if path.stat().st_size <= WHOLE_FILE:
         encoded = _must_encode(writer, path)  # read whole and cut in memory (faster), at most 32 MiB
         return {"size": encoded[2], "sha256": encoded[1], "chunks": _add_encoded(writer, encoded)}
@@ -460,9 +515,7 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
                 rel = str(Path(path).absolute().relative_to(storage_root))
                 if rel in files or rel.startswith(("blobs/", "tmp/")):
                     raise BackupError(f"participant file {rel} is not allowed in a snapshot")
-                encoded = _must_encode(writer, Path(path))
-                files[rel] = {"size": encoded[2], "sha256": encoded[1], "chunks": _add_encoded(writer, encoded),
-                              "mode": Path(path).stat().st_mode & 0o777}
+                files[rel] = {**_store_file(writer, Path(path)), "mode": Path(path).stat().st_mode & 0o777}
             logical = files["catalog.db"]["size"] + len(fmt)
             _encode_todo(store, repo, writer, blobs, problems, tick, pools)
             reused_blobs = store.reused
