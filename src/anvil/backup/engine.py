@@ -344,17 +344,17 @@ def _store_sqlite_file(writer: PackWriter, path: Path, page_size: int) -> dict[s
             view = memoryview(data)
             return data, [writer.encode(view[i:i + chunk]) for i in range(0, len(data), chunk)]
 
-        h = hashlib.sha256()
         chunks: list[str] = []
         total = 0
         for _, (data, encoded) in ordered_parallel(encode, list(range(0, size, block)), window=2 * ENCODERS):
-            h.update(data)
             total += len(data)
             chunks.extend(writer.add_encoded(cid, raw, blob) for cid, raw, blob in encoded)
     finally:
         os.close(fd)
-    return {"size": total, "sha256": h.hexdigest(), "chunks": chunks,
-            "chunking": {"method": "fixed", "size": chunk, "page_size": page_size}}
+    # No whole-file SHA-256 (a second pass over every byte: ~0.25 CPU-s at a 480 MB catalog): a
+    # restore checks each chunk against its id (a keyed hash of its plaintext) instead, and the
+    # manifest, authenticated as a whole, fixes their order.
+    return {"size": total, "chunks": chunks, "chunking": {"method": "fixed", "size": chunk, "page_size": page_size}}
 
 
 def _store_file(writer: PackWriter, path: Path) -> dict[str, Any]:

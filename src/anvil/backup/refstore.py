@@ -86,7 +86,8 @@ class RefStore:
                     self._insert(insert, batch, self.refs_conn)
                     batch = []
         self._insert(insert, batch, self.refs_conn)
-        self.refs_conn.execute("CREATE INDEX refs_sha ON refs (sha, n)")
+        # Covering (size and label too): the ordered reads below never look a row up in the table.
+        self.refs_conn.execute("CREATE INDEX refs_sha ON refs (sha, n, size, label)")
 
     def _insert(self, sql: str, rows: list[Any], conn: Any = None) -> None:
         if rows:
@@ -144,9 +145,12 @@ class RefStore:
                 cur = next(entries, None)  # type: ignore[arg-type]
             refs = refs_note(labels, count)
             if cur is not None and cur[0] == sha and all(c in known for c in cur[1]["chunks"]):
-                # The parent's entry with this backup's refs as its last key (as the manifest had it).
-                entry = {k: v for k, v in cur[1].items() if k != "refs"}
-                entry["refs"] = refs
+                # The parent's entry with this backup's refs as its last key (as the manifest had it);
+                # most entries already end so (the same references): encoded as they are, no copy.
+                entry = cur[1]
+                if entry.get("refs") != refs or next(reversed(entry)) != "refs":
+                    entry = {k: v for k, v in entry.items() if k != "refs"}
+                    entry["refs"] = refs
                 reused += 1
                 tree.append((sha, int(entry["size"]), _dumps(entry)))
                 if len(tree) >= INSERT_BATCH:
