@@ -536,31 +536,18 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
                         reused.pop(p.name)
             writer.finish()
             finished = time.time()
-            manifest = {
-                "id": uuid.uuid4().hex[:16],
-                "parent": parent["id"] if parent else None,
-                "tag": tag,
-                "started": started,
-                "finished": finished,
-                "anvil_version": __version__,
-                "repository_format": repo.config["format_version"],
-                "storage_format": _storage_format(fmt),
-                "deployment_id": deployment_id,
-                "hostname": platform.node(),
-                "consistency": {"method": captured["method"], "journal_seq": seq, "journal_hash": chain_hash},
-                "key_ids": {"repository_key": repo.key_id, "secret_keys": secret_key_ids,
-                            "secrets_escrowed": escrow_secrets, "escrow_policy": escrow_policy},
-                "config": config or {},
-                "participants": parts,
-                "coverage": coverage(p.describe() for p in participants),
-                "problems": problems,
-                "stats": {"logical_bytes": logical, "new_bytes": writer.new_bytes, "new_chunks": writer.new_chunks,
-                          "blobs": tree_count, "blobs_reused_from_parent": reused_blobs,
-                          "summaries_reused": sorted(reused),
-                          "tree_pages": len(blob_pages), "tree_pages_new": pages_new,
-                          "duration": round(finished - started, 3), "orphans": orphans},
-                "tree": {"files": files, "blob_pages": blob_pages},
-            }
+            manifest = _manifest(
+                repo, participants, parent_id=parent["id"] if parent else None, tag=tag, started=started,
+                finished=finished, fmt=fmt, deployment_id=deployment_id,
+                consistency={"method": captured["method"], "journal_seq": seq, "journal_hash": chain_hash},
+                key_ids=(secret_key_ids, escrow_secrets, escrow_policy), config=config, parts=parts,
+                problems=problems,
+                stats={"logical_bytes": logical, "new_bytes": writer.new_bytes, "new_chunks": writer.new_chunks,
+                       "blobs": tree_count, "blobs_reused_from_parent": reused_blobs,
+                       "summaries_reused": sorted(reused),
+                       "tree_pages": len(blob_pages), "tree_pages_new": pages_new,
+                       "duration": round(finished - started, 3), "orphans": orphans},
+                tree={"files": files, "blob_pages": blob_pages})
             repo.save_snapshot(manifest, scratch=cp.parent)
         finally:
             if pools is not None:
@@ -571,6 +558,36 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
     # The caller's copy of the tree is read back from the snapshot only if used (the server never does).
     manifest["tree"]["blobs"] = SavedTree(lambda: repo.load_snapshot(manifest["id"])["tree"]["blobs"], tree_count)
     return manifest
+
+
+def _manifest(repo: Repository, participants: list[Participant], *, parent_id: str | None, tag: str | None,
+              started: float, finished: float, fmt: bytes, deployment_id: str, consistency: dict[str, Any],
+              key_ids: tuple[list[str], bool, str], config: dict[str, Any] | None, parts: dict[str, Any],
+              problems: list[str], stats: dict[str, Any], tree: dict[str, Any]) -> dict[str, Any]:
+    """A new snapshot's manifest (a full one, or one unchanged since its parent), fields in the order
+    every snapshot writes them. `key_ids`: (the secret key ids, whether escrowed, the escrow policy)."""
+    secret_key_ids, escrowed, policy = key_ids
+    return {
+        "id": uuid.uuid4().hex[:16],
+        "parent": parent_id,
+        "tag": tag,
+        "started": started,
+        "finished": finished,
+        "anvil_version": __version__,
+        "repository_format": repo.config["format_version"],
+        "storage_format": _storage_format(fmt),
+        "deployment_id": deployment_id,
+        "hostname": platform.node(),
+        "consistency": consistency,
+        "key_ids": {"repository_key": repo.key_id, "secret_keys": secret_key_ids,
+                    "secrets_escrowed": escrowed, "escrow_policy": policy},
+        "config": config or {},
+        "participants": parts,
+        "coverage": coverage(p.describe() for p in participants),
+        "problems": problems,
+        "stats": stats,
+        "tree": tree,
+    }
 
 
 UNCHANGED_METHOD = ("unchanged since parent {parent}: journal head (seq, hash) and every summary computed from "
@@ -679,35 +696,21 @@ def _unchanged_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore
     blob_pages = ptree["blob_pages"]
     tree_count = sum(n for _, n in blob_pages)
     finished = time.time()
-    manifest = {
-        "id": uuid.uuid4().hex[:16],
-        "parent": parent["id"],
-        "tag": tag,
-        "started": started,
-        "finished": finished,
-        "anvil_version": __version__,
-        "repository_format": repo.config["format_version"],
-        "storage_format": _storage_format(fmt),
-        "deployment_id": pm["deployment_id"],
-        "hostname": platform.node(),
-        "consistency": {"method": UNCHANGED_METHOD.format(parent=parent["id"]), "journal_seq": seq,
-                        "journal_hash": chain_hash},
-        "key_ids": {"repository_key": repo.key_id, "secret_keys": secret_key_ids,
-                    "secrets_escrowed": escrow_secrets, "escrow_policy": escrow_policy},
-        "config": config or {},
-        "participants": parts,
-        "coverage": coverage(p.describe() for p in participants),
-        "problems": [],
-        "stats": {"logical_bytes": blob_bytes + len(fmt) + int(pfiles["catalog.db"]["size"]),
-                  "new_bytes": 0, "new_chunks": 0,
-                  "blobs": tree_count, "blobs_reused_from_parent": tree_count,
-                  "summaries_reused": sorted(reused), "unchanged_since_parent": True,
-                  "tree_pages": len(blob_pages), "tree_pages_new": 0,
-                  "duration": round(finished - started, 3),
-                  "orphans": {"skipped": "nothing changed: left to the next full snapshot or prune", "packs": 0,
-                              "bytes": 0, "kept": 0}},
-        "tree": {"files": files, "blob_pages": blob_pages},
-    }
+    manifest = _manifest(
+        repo, participants, parent_id=parent["id"], tag=tag, started=started, finished=finished, fmt=fmt,
+        deployment_id=pm["deployment_id"],
+        consistency={"method": UNCHANGED_METHOD.format(parent=parent["id"]), "journal_seq": seq,
+                     "journal_hash": chain_hash},
+        key_ids=(secret_key_ids, escrow_secrets, escrow_policy), config=config, parts=parts, problems=[],
+        stats={"logical_bytes": blob_bytes + len(fmt) + int(pfiles["catalog.db"]["size"]),
+               "new_bytes": 0, "new_chunks": 0,
+               "blobs": tree_count, "blobs_reused_from_parent": tree_count,
+               "summaries_reused": sorted(reused), "unchanged_since_parent": True,
+               "tree_pages": len(blob_pages), "tree_pages_new": 0,
+               "duration": round(finished - started, 3),
+               "orphans": {"skipped": "nothing changed: left to the next full snapshot or prune", "packs": 0,
+                           "bytes": 0, "kept": 0}},
+        tree={"files": files, "blob_pages": blob_pages})
     repo.save_snapshot(manifest)
     manifest["tree"]["blobs"] = SavedTree(lambda: repo.load_snapshot(manifest["id"])["tree"]["blobs"], tree_count)
     return manifest
