@@ -548,7 +548,7 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
                        "tree_pages": len(blob_pages), "tree_pages_new": pages_new,
                        "duration": round(finished - started, 3), "orphans": orphans},
                 tree={"files": files, "blob_pages": blob_pages})
-            repo.save_snapshot(manifest, scratch=cp.parent)
+            repo.save_snapshot(manifest)
         finally:
             if pools is not None:
                 pools.close()  # (already closed unless this failed before the blobs were encoded)

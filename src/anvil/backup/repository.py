@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import logging
 import os
 import platform
 import secrets
-import tempfile
 import threading
 import time
 import uuid
@@ -450,63 +448,14 @@ class Repository:
             raise BackupError(f"snapshot {ref!r} {'is ambiguous' if matches else 'not found'}")
         return self.load_snapshot(matches[0])
 
-    def save_snapshot(self, manifest: dict[str, Any], scratch: Path | None = None) -> None:
-        """`scratch`: a folder for the manifest's text while it is compressed (else the temp folder)."""
+    def save_snapshot(self, manifest: dict[str, Any]) -> None:
         sid = manifest["id"]
-        self.backend.write(f"snapshots/{sid}", seal(self.enc_key, compress_manifest(manifest, scratch),
+        self.backend.write(f"snapshots/{sid}", seal(self.enc_key, compress_manifest(manifest),
                                                     f"snapshot:{sid}".encode()))
 
 
-_SEP = (",", ":")
-TREE_BATCH = 1000
-
-
-def _manifest_pieces(manifest: dict[str, Any]) -> Iterator[bytes]:
-    """The manifest's compact JSON (exactly `json.dumps(manifest, separators=_SEP)`) in pieces:
-    the blob tree, its bulk, a thousand entries at a time, so the whole text is never held."""
-    tree = manifest.get("tree")
-    blobs = tree.get("blobs") if isinstance(tree, dict) else None
-    streamed = getattr(blobs, "json_items", None)  # a tree read from a backup's on-disk store (refstore)
-    last = next(reversed(manifest)) == "tree" and next(reversed(tree)) == "blobs"  # type: ignore[arg-type]
-    if streamed is None and (not isinstance(blobs, dict) or len(blobs) <= TREE_BATCH or not last):
-        yield json.dumps(manifest, separators=_SEP).encode()
-        return
-    if not last:
-        raise ValueError("a streamed blob tree must come last in the manifest")
-    head = json.dumps({**manifest, "tree": {**tree, "blobs": {}}}, separators=_SEP)  # type: ignore[dict-item]
-    yield head[:-3].encode()  # up to the blob tree's "{" (the text ends with its "{}", then "}}")
-    if streamed is not None:
-        items = iter(streamed())
-        sep = ""
-        while batch := list(itertools.islice(items, TREE_BATCH)):
-            yield (sep + ",".join(batch)).encode()
-            sep = ","
-    else:
-        items = iter(blobs.items())  # type: ignore[union-attr]
-        sep = ""
-        while batch := list(itertools.islice(items, TREE_BATCH)):
-            yield (sep + json.dumps(dict(batch), separators=_SEP)[1:-1]).encode()
-            sep = ","
-    yield b"}}}"
-
-
-def compress_manifest(manifest: dict[str, Any], scratch: Path | None = None) -> bytes:
-    """`compress(json)` of a manifest without its whole text in memory (~200 bytes a blob at the
-    peak of a large backup): the text is spooled (to a file in `scratch` past 16 MiB) to learn the
-    length the zstd frame header records (readers decompress frames of known size), then
-    compressed from the spool. Encoding the tree twice instead cost a third of an incremental
-    backup's own time at 10,000 blobs."""
-    with tempfile.SpooledTemporaryFile(max_size=16 << 20, dir=scratch) as spool:
-        size = 0
-        for piece in _manifest_pieces(manifest):
-            spool.write(piece)
-            size += len(piece)
-        spool.seek(0)
-        if size <= 64 * 1024:
-            return compress(spool.read())
-        cobj = zstandard.ZstdCompressor(level=3).compressobj(size=size)
-        out = [b"\x01"]
-        while piece := spool.read(1 << 20):
-            out.append(cobj.compress(piece))
-        out.append(cobj.flush())
-        return b"".join(out)
+def compress_manifest(manifest: dict[str, Any]) -> bytes:
+    """`compress` of a manifest's compact JSON. A manifest is small: a full snapshot's blob tree is
+    in pages (`treepages`), a journal delta's is empty; only the manifests of older versions, read
+    and never written again, carry their whole tree."""
+    return compress(json.dumps(manifest, separators=(",", ":")).encode())
