@@ -763,7 +763,7 @@ def _encode_new_blobs(repo: Repository, writer: PackWriter, blobs: BlobStore, to
             for sha in small:
                 # An inline body is read here (the worker has no catalog); a file, by the worker.
                 body = blobs.inline_body(sha) if sha in inlined else None
-                yield sha, str(blobs.path(sha)), body
+                yield sha, blobs.file_path(sha), body
 
         try:
             for sha, actual, size, chunks in workers.encode_small(ex, nproc, items(), lambda s: sizes.get(s, 0)):
@@ -806,7 +806,7 @@ def _encode_local_small(writer: PackWriter, blobs: BlobStore, sha: str) -> Encod
     if blobs.remote:
         return encode_blob(writer, blobs, sha)
     try:
-        fd = os.open(blobs.path(sha), os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(blobs.file_path(sha), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         data = blobs.inline_body(sha)
         return None if data is None else _encode_bytes(writer, data)

@@ -141,25 +141,29 @@ class LocalBlobBackend(BlobBackend):
     def path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256
 
+    def _file(self, sha256: str) -> str:
+        # A string, not a Path: see BlobStore.file_path.
+        return os.path.join(self.root, sha256[:2], sha256)
+
     def sidecar_path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / (sha256 + SIDECAR_SUFFIX)
 
     def stat(self, sha256: str) -> tuple[int, float] | None:
         try:
-            st = os.stat(self.path(sha256))
+            st = os.stat(self._file(sha256))
         except FileNotFoundError:
             return None
         return st.st_size, st.st_mtime
 
     def open_range(self, sha256: str, offset: int = 0, length: int | None = None) -> BinaryIO:
-        f = open(self.path(sha256), "rb")  # noqa: SIM115 - the caller closes it
+        f = open(self._file(sha256), "rb")  # noqa: SIM115 - the caller closes it
         if offset:
             f.seek(offset)
         return f
 
     def touch(self, sha256: str) -> bool:
         try:
-            os.utime(self.path(sha256))
+            os.utime(self._file(sha256))
         except FileNotFoundError:
             return False
         return True
