@@ -315,6 +315,20 @@ def _fsync_reference(directory: Path, seconds: float, threads: int) -> dict[str,
 # ----------------------------------------------------------------------------- main
 
 
+def _cpu_bound(put: dict[str, Any], ref_loop: dict[str, Any]) -> dict[str, Any]:
+    """What the CPU a small PUT costs (server and load generator, this run) allows on this machine's
+    cores with no waiting at all, against twice the fsync loop (the issue's target): when the
+    ceiling is below it, the target needs less CPU per PUT, not a faster disk."""
+    cores = os.cpu_count() or 1
+    ops = max(put["ops"], 1)
+    server_ms, client_ms = 1000 * put["server_cpu_s"] / ops, 1000 * put["client_cpu_s"] / ops
+    ceiling = cores * 1000 / (server_ms + client_ms)
+    twice_loop = 2 * ref_loop["ops_per_s_median"]
+    return {"server_cpu_ms_per_put": round(server_ms, 3), "client_cpu_ms_per_put": round(client_ms, 3),
+            "cores": cores, "ceiling_ops_per_s": round(ceiling), "twice_fsync_loop_ops_per_s": round(twice_loop),
+            "server_cpu_ms_needed_for_twice_loop": round(cores * 1000 / twice_loop - client_ms, 3)}
+
+
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median ops/s, with the min, median and every run's ops/s beside it."""
     rates = [r["ops_per_s"] for r in runs]
@@ -452,6 +466,7 @@ def run(quick: bool, reps: int | None = None) -> dict[str, Any]:
             "put_vs_fsync_loop": round(put["ops_per_s_median"] / ref_loop["ops_per_s_median"], 3),
             "put_vs_fsync_threads": round(put["ops_per_s_median"] / ref_threads["ops_per_s_median"], 3),
         },
+        "put_cpu_bound": _cpu_bound(put, ref_loop),
         "targets": targets,
     }
 

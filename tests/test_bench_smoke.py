@@ -37,6 +37,9 @@ def test_objects_bench_quick_prints_every_figure() -> None:
     assert doc["reference"]["fsync_loop"]["ops_per_s"] > 0
     assert doc["reference"]["fsync_threads"]["ops_per_s"] > 0
     assert set(doc["ratios"]) == {"put_vs_fsync_loop", "put_vs_fsync_threads"}
+    bound = doc["put_cpu_bound"]  # what the CPU per PUT allows on these cores, against twice the loop
+    assert bound["server_cpu_ms_per_put"] > 0 and bound["ceiling_ops_per_s"] > 0
+    assert bound["twice_fsync_loop_ops_per_s"] == round(2 * doc["reference"]["fsync_loop"]["ops_per_s_median"])
     # Server and references interleaved over 2 repetitions: each figure carries both runs, min and median.
     assert doc["config"]["reps"] == 2
     for fig in (doc["small"]["put"], doc["small"]["get"], doc["reference"]["fsync_loop"],
