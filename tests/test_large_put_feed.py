@@ -295,3 +295,33 @@ def test_cold_read_is_dropped_behind_and_a_cached_one_stays(tmp_path: Path) -> N
     store.drop_behind = 0
     assert b"".join(store.read_verified(info.sha256, len(data))) == data
     assert _cached_pages(path) > pages // 2
+
+
+def test_client_leaving_mid_get_releases_the_blob(server, client, bucket):
+    """The streamed GET reads a piece ahead in a thread: a client that leaves mid-body must not leave
+    the blob's file open (closed once the read in flight is done)."""
+    data = os.urandom(24 * MIB)
+    sha = client.put_object(bucket, "leave", data)["sha256"]
+    path = str(_blob(server, sha))
+    token = server.auth_headers()["authorization"]
+    fds = Path(f"/proc/{server.proc.pid}/fd")
+
+    def open_on_blob() -> int:
+        n = 0
+        for fd in fds.iterdir():
+            try:
+                n += os.readlink(fd) == path
+            except OSError:
+                pass
+        return n
+
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            sock.sendall((f"GET {_path(bucket, 'leave')} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                          f"Authorization: {token}\r\n\r\n").encode())
+            got = sock.recv(65536)
+            assert got.startswith(b"HTTP/1.1 200")
+            _wait_for(lambda: open_on_blob() == 1, what="the GET to hold the blob open")
+    _wait_for(lambda: open_on_blob() == 0, what="the blob's file to be closed")
+    assert client.get_object(bucket, "leave") == data

@@ -558,15 +558,14 @@ class _AbortableStream(StreamingResponse):
 
     async def stream_response(self, send: Any) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        loop = asyncio.get_running_loop()
         it = self._chunks
-        ahead = loop.run_in_executor(None, next, it, None)
+        ahead = _FILE_IO.submit(next, it, None)
         try:
             while True:
-                chunk = await ahead
+                chunk = await asyncio.wrap_future(ahead)
                 if chunk is None:
                     break
-                ahead = loop.run_in_executor(None, next, it, None)
+                ahead = _FILE_IO.submit(next, it, None)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except BaseException:
             # A client gone, or a failed piece: the iterator (its open file) is closed once the read
