@@ -12,7 +12,8 @@ unique per PUT so no body deduplicates), in a rotating order:
   fsync: the write/flush floor; once with its pages left in the page cache (`page_cache_grows`),
   once as the server writes a large body (`drop_behind`: writeback started every 8 MiB, each
   earlier window waited for and its pages dropped); that file is then read back twice in 1 MiB
-  preads as a GET does (`read_from_disk`, `read_cached`).
+  preads as a GET did (`read_from_disk`, `read_cached`), with the sequential advice, and as a cold
+  GET does now (`read_from_disk_drop_behind`: 4 MiB preads, dropped behind).
 - `memory`: CPU to touch 256 MiB of new anonymous memory (`first`), and again (`again`).
 - `transport`: the same client sending 256 MiB to a bare uvloop protocol that discards the body
   (`raw_sink`: the socket ceiling) and to a bare uvicorn + httptools ASGI app that drains
@@ -21,8 +22,8 @@ unique per PUT so no body deduplicates), in a rotating order:
 - `servers`: each server variant (default: `anvil serve` of this checkout), one PUT and two GETs
   of 256 MiB (verify on read; the first GET reads what the PUT left in the page cache, with
   drop-behind nothing; the second what the first left), with the server's CPU per thread group:
-  the event loop `MainThread` (uvicorn's body events, our body reader), `anvil-io` (SHA-256, chunk
-  digests, write, fsync), `anvil-md5` (the ETag); named with `py-spy dump` when it is installed.
+  the event loop `MainThread` (the protocol, our body reader), `anvil-io` (SHA-256, chunk digests,
+  write, fsync; a GET's reads), `anvil-md5` (the ETag); named with `py-spy dump` when it is installed.
 
 `ceiling` then combines the medians into the best PUT this machine allows: every byte must be
 received (client + socket), hashed twice and written, and the MD5 (the slowest, a serial chain)
