@@ -12,7 +12,8 @@ unique per PUT so no body deduplicates), in a rotating order:
   fsync: the write/flush floor; once with its pages left in the page cache (`page_cache_grows`),
   once as the server writes a large body (`drop_behind`: writeback started every 8 MiB, each
   earlier window waited for and its pages dropped); that file is then read back twice in 1 MiB
-  preads as a GET does (`read_from_disk`, `read_cached`).
+  preads as a GET did (`read_from_disk`, `read_cached`), with the sequential advice, and as a cold
+  GET does now (`read_from_disk_drop_behind`: 4 MiB preads, dropped behind).
 - `memory`: CPU to touch 256 MiB of new anonymous memory (`first`), and again (`again`).
 - `transport`: the same client sending 256 MiB to a bare uvloop protocol that discards the body
   (`raw_sink`: the socket ceiling) and to a bare uvicorn + httptools ASGI app that drains
@@ -21,8 +22,8 @@ unique per PUT so no body deduplicates), in a rotating order:
 - `servers`: each server variant (default: `anvil serve` of this checkout), one PUT and two GETs
   of 256 MiB (verify on read; the first GET reads what the PUT left in the page cache, with
   drop-behind nothing; the second what the first left), with the server's CPU per thread group:
-  the event loop `MainThread` (uvicorn's body events, our body reader), `anvil-io` (SHA-256, chunk
-  digests, write, fsync), `anvil-md5` (the ETag); named with `py-spy dump` when it is installed.
+  the event loop `MainThread` (the protocol, our body reader), `anvil-io` (SHA-256, chunk digests,
+  write, fsync; a GET's reads), `anvil-md5` (the ETag); named with `py-spy dump` when it is installed.
 
 `ceiling` then combines the medians into the best PUT this machine allows: every byte must be
 received (client + socket), hashed twice and written, and the MD5 (the slowest, a serial chain)
@@ -300,6 +301,8 @@ def disk_ceiling(folder: Path, block: bytes, size: int) -> dict[str, Any]:
                 c0 = time.process_time()
                 t0 = time.perf_counter()
                 written = dropped = unflushed = 0
+                lag = getattr(blobs, "DROP_LAG", 0)  # windows on their way to the disk before a wait
+                windows: collections.deque[int] = collections.deque(maxlen=lag + 1)
                 for _ in range(size // len(block)):
                     written += os.write(fd, block)
                     unflushed += len(block)
@@ -307,11 +310,13 @@ def disk_ceiling(folder: Path, block: bytes, size: int) -> dict[str, Any]:
                         start = written - unflushed
                         sfr(fd, start, unflushed, blobs._SFR_WRITE)
                         unflushed = 0
-                        if start > dropped:
-                            sfr(fd, dropped, start - dropped,
+                        windows.append(start)
+                        if len(windows) > lag and windows[0] > dropped:
+                            upto = windows[0]
+                            sfr(fd, dropped, upto - dropped,
                                 blobs._SFR_WAIT_BEFORE | blobs._SFR_WRITE | blobs._SFR_WAIT_AFTER)
-                            os.posix_fadvise(fd, dropped, start - dropped, os.POSIX_FADV_DONTNEED)
-                            dropped = start
+                            os.posix_fadvise(fd, dropped, upto - dropped, os.POSIX_FADV_DONTNEED)
+                            dropped = upto
                 t1 = time.perf_counter()
                 os.fsync(fd)
                 t2 = time.perf_counter()
@@ -327,8 +332,8 @@ def disk_ceiling(folder: Path, block: bytes, size: int) -> dict[str, Any]:
                 # sequential advice the server gives (`storage.blobs.read_sequentially`), the disk's
                 # own ceiling (O_DIRECT, 16 MiB reads: no page cache, no readahead limit), then from
                 # the page cache. Before each disk read the file's pages are dropped.
-                for name in ("read_from_disk", "read_from_disk_sequential", "read_from_disk_direct",
-                             "read_cached"):
+                for name in ("read_from_disk", "read_from_disk_sequential", "read_from_disk_drop_behind",
+                             "read_from_disk_direct", "read_cached"):
                     out[name] = read_back(path, name, len(block))
     finally:
         for path in kept:
@@ -358,7 +363,7 @@ def read_back(path: Path, name: str, piece: int) -> dict[str, Any]:
     direct = name == "read_from_disk_direct"
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
     try:
-        if name == "read_from_disk_sequential":
+        if name in ("read_from_disk_sequential", "read_from_disk_drop_behind"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         c0 = time.process_time()
         t0 = time.perf_counter()
@@ -366,6 +371,22 @@ def read_back(path: Path, name: str, piece: int) -> dict[str, Any]:
         if direct:
             while n := os.preadv(fd, [direct_buf], off):
                 off += n
+        elif name == "read_from_disk_drop_behind":
+            # As a GET reads a cold large blob now (`BlobStore.read_verified`): 4 MiB preads, the pages
+            # read more than a window ago dropped behind the read.
+            sys.path.insert(0, str(ROOT / "src"))
+            from anvil.storage import blobs
+
+            span, window = getattr(blobs, "READ_SPAN", piece), getattr(blobs, "READ_DROP_WINDOW", 8 * MIB)
+            dropped = 0
+            while True:
+                if off - dropped >= 2 * window:
+                    os.posix_fadvise(fd, dropped, off - window - dropped, os.POSIX_FADV_DONTNEED)
+                    dropped = off - window
+                chunk = os.pread(fd, span, off)
+                if not chunk:
+                    break
+                off += len(chunk)
         else:
             while chunk := os.pread(fd, piece, off):
                 off += len(chunk)
@@ -600,6 +621,10 @@ def run(*, quick: bool, reps: int | None, variants: dict[str, tuple[Path, dict[s
         "disk_drop_behind_mb_per_s": _stats(_pick(runs, "disk", "drop_behind", "mb_per_s")),
         "disk_read_from_disk_mb_per_s": _stats(_pick(runs, "disk", "read_from_disk", "mb_per_s")),
         "disk_read_from_disk_sequential_mb_per_s": _stats(_pick(runs, "disk", "read_from_disk_sequential", "mb_per_s")),
+        "disk_read_from_disk_drop_behind_mb_per_s": _stats(_pick(runs, "disk", "read_from_disk_drop_behind",
+                                                                 "mb_per_s")),
+        "disk_read_from_disk_drop_behind_cpu_s": _stats(_pick(runs, "disk", "read_from_disk_drop_behind",
+                                                              "cpu_s")),
         "disk_read_from_disk_direct_mb_per_s": _stats(_pick(runs, "disk", "read_from_disk_direct", "mb_per_s")),
         "disk_read_cached_mb_per_s": _stats(_pick(runs, "disk", "read_cached", "mb_per_s")),
         "memory_first_touch_cpu_s": _stats(_pick(runs, "memory", "first", "cpu_s")),

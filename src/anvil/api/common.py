@@ -13,14 +13,14 @@ import math
 import os
 import threading
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio.to_thread
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from anvil.api.limits import MAX_JSON_BODY, log_client_disconnect, read_capped
+from anvil.api.limits import MAX_JSON_BODY, SCOPE_KEY, CountingReceive, log_client_disconnect, read_capped
 from anvil.api.record import RECORD_KEY, note
 from anvil.api.record import request_id as request_id_of
 from anvil.api_models import BodyError, M, parse_body
@@ -251,6 +251,76 @@ class BlockGatherer:
         return pieces
 
 
+# A request body's blocks straight from the server's protocol (api/server.py `_BodyFeed`): a callable
+# `(block size) -> feed` in the scope of a request on Anvil's own server. Whoever wraps `receive` for a
+# request must remove it (the feed bypasses `receive`; `BodyBlocks` keeps the observer's count itself).
+BODY_FEED = "anvil.body_feed"
+
+
+class BodyBlocks:
+    """A request body as blocks of about `block` bytes (lists of received pieces, by reference).
+
+    On Anvil's server the pieces come straight from the protocol's `on_body` (`BODY_FEED`): no ASGI
+    `receive` per received piece (uvicorn's copies each into a growing bytearray, then copies that
+    again into a fresh `bytes`, and wakes the app for it), only one wake-up of the app per block.
+    Elsewhere (granian, a test client) the pieces come from `request.stream()` and are gathered
+    here. Iterating yields the full blocks; what is left at the end (less than a block) is `tail`.
+    A client that leaves mid-body raises `ClientDisconnect`, as `request.stream()` does."""
+
+    def __init__(self, request: Request, block: int = STREAM_BLOCK):
+        self.request = request
+        self.block = block
+        self.tail: list[bytes] = []
+        self.size = 0
+        self._feed: Any = None
+
+    def close(self) -> None:
+        """Stop taking the body (a failed upload): at once, not when the iterator is collected."""
+        if self._feed is not None:
+            self._feed.close()
+
+    def __aiter__(self) -> AsyncIterator[list[bytes]]:
+        request = self.request
+        factory = request.scope.get(BODY_FEED)
+        if factory is None or "_body" in request.__dict__ or request._stream_consumed:
+            return self._gathered()
+        return self._fed(factory)
+
+    async def _gathered(self) -> AsyncIterator[list[bytes]]:
+        gather = BlockGatherer(self.block)
+        async for piece in self.request.stream():
+            if piece:
+                self.size += len(piece)
+                block = gather.add(piece)
+                if block is not None:
+                    yield block
+        self.tail = gather.take()
+
+    async def _fed(self, factory: Callable[[int], Any]) -> AsyncIterator[list[bytes]]:
+        request = self.request
+        counter = request.scope.get(SCOPE_KEY)
+        counting = isinstance(counter, CountingReceive)
+        feed = self._feed = factory(self.block)
+        try:
+            while True:
+                block, last = await feed.next()
+                n = 0
+                for piece in block:
+                    n += len(piece)
+                self.size += n
+                if counting:
+                    counter.received += n
+                if last:
+                    self.tail = block
+                    break
+                yield block
+            request._stream_consumed = True
+            if counting:
+                counter.complete = True
+        finally:
+            feed.close()
+
+
 async def stream_into(request: Request, writer: Any) -> None:
     """Stream the request body into a blob writer; nothing is held whole in memory.
 
@@ -261,16 +331,14 @@ async def stream_into(request: Request, writer: Any) -> None:
     On any failure the writer is aborted (once its last write is done with the descriptor) and
     the error re-raised.
     """
-    gather = BlockGatherer()
+    blocks = BodyBlocks(request)
     pending: concurrent.futures.Future | None = None
     try:
-        async for chunk in request.stream():
-            block = gather.add(chunk)
-            if block is not None:
-                if pending is not None:
-                    await asyncio.wrap_future(pending)
-                pending = submit_file_io(writer.write_pieces, block)
-        block = gather.take()
+        async for block in blocks:
+            if pending is not None:
+                await asyncio.wrap_future(pending)
+            pending = submit_file_io(writer.write_pieces, block)
+        block = blocks.tail
         if block:
             if pending is not None:
                 await asyncio.wrap_future(pending)
@@ -278,6 +346,7 @@ async def stream_into(request: Request, writer: Any) -> None:
         if pending is not None:
             await asyncio.wrap_future(pending)
     except BaseException:
+        blocks.close()
         # A write may still be running in its thread (cancelling our await does not stop it):
         # close and remove the file only once it is done with the descriptor.
         if pending is not None:
@@ -445,6 +514,15 @@ class RawResponse(Response):
         await send({"type": "http.response.body", "body": self.body})
 
 
+def _close(it: Any) -> None:
+    close = getattr(it, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:  # noqa: BLE001 - the response has failed already; nothing more to report
+            pass
+
+
 class _BodyBroken(Exception):
     """A streamed body failed after its headers were sent (already logged)."""
 
@@ -463,12 +541,38 @@ def _logged(it: Iterator[bytes]) -> Iterator[bytes]:
 
 
 class _AbortableStream(StreamingResponse):
-    """A streamed body that resets the connection when it fails part-way.
+    """A streamed body that resets the connection when it fails part-way, and reads ahead.
 
     Once the status and Content-Length are sent, the only honest signal left is to break the
     transfer. Closing normally would send a FIN after a short body, which a careless client or
     proxy may take for the end; a reset cannot be mistaken for a complete response.
+
+    The next piece is read (in a thread: a pread and its chunk digests) while the current one is
+    written: Starlette's StreamingResponse reads only once the write is done, so the socket stood
+    idle through every read. At most two pieces (READ_SPAN each) are held per response.
     """
+
+    def __init__(self, chunks: Iterator[bytes], status_code: int):
+        super().__init__(chunks, status_code=status_code)
+        self._chunks = chunks
+
+    async def stream_response(self, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        it = self._chunks
+        ahead = _FILE_IO.submit(next, it, None)
+        try:
+            while True:
+                chunk = await asyncio.wrap_future(ahead)
+                if chunk is None:
+                    break
+                ahead = _FILE_IO.submit(next, it, None)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except BaseException:
+            # A client gone, or a failed piece: the iterator (its open file) is closed once the read
+            # running in its thread is done with it (a generator cannot be closed while it runs).
+            ahead.add_done_callback(lambda _f: _close(it))
+            raise
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
@@ -515,6 +619,6 @@ def verified_body(chunks: Iterator[bytes], length: int, status: int, headers: di
     raw = raw_headers(headers)
     if length <= INLINE_BODY_LIMIT:
         return RawResponse(status, raw, b"".join(chunks))
-    response = _AbortableStream(_logged(chunks), status_code=status)
+    response = _AbortableStream(_logged(chunks), status)
     response.raw_headers = raw  # as given: no content-type of its own, the length is in them
     return response

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import gc
 import json
@@ -18,10 +19,11 @@ from typing import Any
 
 import httptools
 import uvicorn
+from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE, STATUS_LINE, HttpToolsProtocol
 
 from anvil.api.app import create_app
-from anvil.api.common import ABORT_CONNECTION, SEND_RAW
+from anvil.api.common import ABORT_CONNECTION, BODY_FEED, SEND_RAW, BlockGatherer
 from anvil.api.limits import HeaderLimits
 from anvil.api.s3.errors import S3Error
 from anvil.api.s3.errors import error_response as s3_error_response
@@ -153,6 +155,62 @@ def _write_raw(cycle: Any, status: int, headers: list[tuple[bytes, bytes]], body
     cycle.on_response()
 
 
+class _BodyFeed:
+    """One request's body handed from `on_body` to the app in blocks (`api.common.BodyBlocks`).
+
+    Each received piece (immutable `bytes` from the parser) joins a block by reference
+    (`BlockGatherer`); a full block is queued for the app, which is woken once per block. While
+    READY_MAX blocks wait (the app's writer is behind the socket), reading is paused, so memory per
+    upload stays bounded whatever the body's size."""
+
+    READY_MAX = 2
+
+    def __init__(self, protocol: AnvilHttpProtocol, cycle: Any, block: int):
+        self.protocol = protocol
+        self.cycle = cycle
+        self.gather = BlockGatherer(block)
+        self.ready: collections.deque[list[bytes]] = collections.deque()
+        self.paused = False
+
+    def piece(self, body: bytes) -> None:
+        block = self.gather.add(body)
+        if block is not None:
+            self.ready.append(block)
+            if len(self.ready) >= self.READY_MAX and not self.paused:
+                self.paused = True
+                self.protocol.flow.pause_reading()
+            self.cycle.message_event.set()
+
+    async def next(self) -> tuple[list[bytes], bool]:
+        """(the next full block, False), or (what is left, True) once the body is complete; raises
+        ClientDisconnect if the client leaves first."""
+        cycle = self.cycle
+        while True:
+            if self.ready:
+                block = self.ready.popleft()
+                if self.paused and len(self.ready) < self.READY_MAX:
+                    self.paused = False
+                    self.protocol.flow.resume_reading()
+                return block, False
+            if cycle.disconnected:
+                raise ClientDisconnect()
+            if not cycle.more_body:
+                return self.gather.take(), True
+            cycle.message_event.clear()
+            await cycle.message_event.wait()
+
+    def close(self) -> None:
+        """The app is done with the body (read whole, or given up on): `on_body` goes back to uvicorn's
+        way (which drops what arrives after an answer) and reading resumes if this paused it."""
+        protocol = self.protocol
+        if protocol._feed is self:
+            protocol._feed = None
+        self.ready.clear()
+        if self.paused:
+            self.paused = False
+            protocol.flow.resume_reading()
+
+
 class _HeadTooLarge(Exception):
     """Raised from a parser callback to stop parsing a request head over its limits."""
 
@@ -197,6 +255,7 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
         self._put: tuple[Any, Any, Any] | None = None
         self._holding = False
         self._held_app: Any = None
+        self._feed: _BodyFeed | None = None  # the current request's body, fed to the app in blocks
 
     # Parser callbacks
 
@@ -242,6 +301,7 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None and cycle.scope is scope:  # not an upgrade, which makes no cycle
             scope[SEND_RAW] = functools.partial(_send_raw, cycle)  # type: ignore[literal-required]
+            scope[BODY_FEED] = functools.partial(self._feed_body, cycle)  # type: ignore[literal-required]
             if plan is not None:
                 self._put = (plan, cycle, self._held_app)
                 if cycle.waiting_for_100_continue:
@@ -250,6 +310,22 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
                     cycle.waiting_for_100_continue = False
                     if not self.transport.is_closing():
                         self.transport.write_whole(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _feed_body(self, cycle: Any, block: int) -> _BodyFeed:
+        """Start handing `cycle`'s body to its app in blocks (`BODY_FEED`), beginning with what was
+        received before the app asked for it."""
+        feed = _BodyFeed(self, cycle, block)
+        if cycle.waiting_for_100_continue and not self.transport.is_closing():
+            # As the cycle's first `receive` would.
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        cycle.waiting_for_100_continue = False
+        if cycle.body:
+            feed.piece(bytes(cycle.body))
+            cycle.body = bytearray()
+        if self.cycle is cycle and not cycle.response_complete:
+            self._feed = feed
+        self.flow.resume_reading()  # (paused if more than BODY_BUFFER arrived before the app asked)
+        return feed
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         if self._holding:  # a small S3 PUT's: held until its body is in (`on_message_complete`)
@@ -381,6 +457,10 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
             put[1].body += body  # at most the declared length, which `FastPuts.plan` bounded
             return
         if (self.parser.should_upgrade() and self._should_upgrade()) or self.cycle.response_complete:
+            return
+        feed = self._feed
+        if feed is not None and feed.cycle is self.cycle:
+            feed.piece(body)
             return
         self.cycle.body += body
         if len(self.cycle.body) > self.BODY_BUFFER:

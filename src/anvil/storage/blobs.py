@@ -290,8 +290,53 @@ def drop_behind_from_env(environ: dict[str, str] | None = None) -> int:
 # RAM) and the fsync would write 256 MiB while the client waits (~0.1 s here, a fifth of the time
 # budget of a 256 MiB PUT at 450 MB/s); this way it finds only the last few MiB to write.
 WRITEBACK_EVERY = 8 * 1024 * 1024
+# How many writeback windows may be on their way to the disk before the writer waits for the oldest
+# (drop-behind). Waiting for the window just before the current one (0) made the writer thread wait
+# ~0.24 s per 256 MiB PUT on the disk and on the kernel's writeback workers (py-spy, 2 cores shared);
+# with two windows of slack the waits halved on an idle disk (bench: 0.11 -> 0.05 s per 256 MiB), and
+# at most (DROP_LAG + 1) windows (24 MiB) of a body are in the page cache at a time.
+DROP_LAG = 2
 # Buffers per writev call (Linux refuses more than IOV_MAX, 1024).
 _IOV_MAX = 512
+
+
+# A cold large read drops its pages behind it in windows of this size (`BlobStore.read_verified`).
+READ_DROP_WINDOW = 8 * 1024 * 1024
+
+
+def _cold(fd: int, offset: int, length: int) -> bool:
+    """Whether a range of a file is not (wholly) in the page cache, from three probes (its first,
+    middle and last page) read with RWF_NOWAIT, which fails rather than wait for the disk. Probed
+    before the read starts, so the kernel's read-ahead of this read has not filled anything yet.
+    Where the flag is not supported, the range counts as cached (the read keeps its pages, as before)."""
+    flag = getattr(os, "RWF_NOWAIT", 0)
+    if not flag:
+        return False
+    buf = bytearray(1)
+    for at in (offset, offset + length // 2, offset + length - 1):
+        try:
+            if os.preadv(fd, [buf], at, flag) != 1:
+                return True
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+    return False
+
+
+# A large verified read takes this much per pread (and per piece it yields), checking each chunk in it.
+READ_SPAN = 4 * 1024 * 1024
+
+
+def _first_mismatch(data: bytes, want: int, digests: list[bytes], first: int, alg: int) -> int | None:
+    """The first chunk of a span read from chunk `first` (`want` bytes asked for) that is short or does
+    not match its digest; None when all match."""
+    view = memoryview(data)
+    for k in range(0, want, CHUNK_SIZE):
+        piece = view[k:k + CHUNK_SIZE]
+        if len(piece) != min(CHUNK_SIZE, want - k) or chunk_digest(piece, alg) != digests[first + k // CHUNK_SIZE]:
+            return first + k // CHUNK_SIZE
+    return None
 
 
 def _pread_exact(fd: int, length: int, offset: int) -> bytes:
@@ -357,6 +402,7 @@ class BlobWriter:
         # page cache and deleted: it never needs to reach the disk first.
         self._unflushed = 0
         self._dropped = 0
+        self._windows: collections.deque[int] = collections.deque(maxlen=DROP_LAG + 1)  # starts handed on
         self._writeback = _SYNC_FILE_RANGE if not store.remote else None
 
     def write(self, chunk: bytes | bytearray | memoryview) -> None:
@@ -429,14 +475,18 @@ class BlobWriter:
                 start = self.size - self._unflushed
                 self._writeback(fd, start, self._unflushed, _SFR_WRITE)
                 self._unflushed = 0
+                windows = self._windows
+                windows.append(start)
                 drop = self._store.drop_behind
-                if drop and self.size >= drop and start > self._dropped:
-                    # The window before this one is on its way to the disk: wait for it, then drop
-                    # its pages, so the next writes reuse them instead of growing the page cache.
-                    self._writeback(fd, self._dropped, start - self._dropped,
+                if drop and self.size >= drop and len(windows) > DROP_LAG and windows[0] > self._dropped:
+                    # What came before the window handed on DROP_LAG windows ago is on its way to the
+                    # disk: wait for it, then drop its pages, so the next writes reuse them instead
+                    # of growing the page cache.
+                    upto = windows[0]
+                    self._writeback(fd, self._dropped, upto - self._dropped,
                                     _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
-                    os.posix_fadvise(fd, self._dropped, start - self._dropped, os.POSIX_FADV_DONTNEED)
-                    self._dropped = start
+                    os.posix_fadvise(fd, self._dropped, upto - self._dropped, os.POSIX_FADV_DONTNEED)
+                    self._dropped = upto
 
     def held(self) -> bytes | None:
         """The whole body if it was small enough to be kept in memory (see `hold`), else None."""
@@ -997,22 +1047,50 @@ class BlobStore:
                 return
             if length > CHUNK_SIZE:
                 read_sequentially(fd)
+            # A cold read of a large blob is dropped behind as it goes (the pages already sent are
+            # given back), so the read recycles a few MiB of page cache instead of growing it by the
+            # whole blob; a blob already cached is read from the cache and left there.
+            drop = self.drop_behind and length >= self.drop_behind and _cold(fd, offset, length)
+            dropped = offset - offset % CHUNK_SIZE
             alg, digests = self._digests(fd, sha256, size)
             end = offset + length
-            for i in range(offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1):
+            i, last = offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE
+            while i <= last:
+                # Up to READ_SPAN at a time (one pread, each chunk checked in place): fewer hand-offs
+                # between the reading thread and the event loop, fewer and larger socket writes.
+                j = min(last, i + READ_SPAN // CHUNK_SIZE - 1)
                 start = i * CHUNK_SIZE
-                n = min(CHUNK_SIZE, size - start)
-                data = _pread_exact(fd, n, start)
-                if len(data) != n or chunk_digest(data, alg) != digests[i]:
-                    alg, digests = self._sidecar_disagrees(fd, sha256, size, i)
-                    data = _pread_exact(fd, n, start)
-                    if len(data) != n or chunk_digest(data, alg) != digests[i]:
-                        raise BlobCorrupted(sha256, f"chunk {i} changed while it was read", confirmed=True)
-                lo, hi = max(offset, start) - start, min(end, start + n) - start
-                yield data if lo == 0 and hi == n else data[lo:hi]
+                stop = min(size, (j + 1) * CHUNK_SIZE)
+                if drop and start - dropped >= 2 * READ_DROP_WINDOW:
+                    # What was read before the last window is handed on: its pages go. (The caller
+                    # has the bytes: `os.pread` copied them out of the page cache.)
+                    os.posix_fadvise(fd, dropped, start - READ_DROP_WINDOW - dropped, os.POSIX_FADV_DONTNEED)
+                    dropped = start - READ_DROP_WINDOW
+                data = _pread_exact(fd, stop - start, start)
+                bad = _first_mismatch(data, stop - start, digests, i, alg)
+                if bad is not None:
+                    data = b"".join(self._reverify(fd, sha256, size, bad, i, j))
+                lo, hi = max(offset, start) - start, min(end, stop) - start
+                yield data if lo == 0 and hi == len(data) else data[lo:hi]
+                i = j + 1
+            if drop:
+                os.posix_fadvise(fd, dropped, 0, os.POSIX_FADV_DONTNEED)
         finally:
             if fd >= 0:
                 os.close(fd)
+
+    def _reverify(self, fd: int, sha256: str, size: int, bad: int, first: int, last: int) -> Iterator[bytes]:
+        """Chunks first..last one at a time, after chunk `bad` among them did not match: the sidecar is
+        checked against the blob's SHA-256 (rewritten if it was the sidecar that was wrong, else the
+        blob is corrupt) and each chunk read again and verified."""
+        alg, digests = self._sidecar_disagrees(fd, sha256, size, bad)
+        for i in range(first, last + 1):
+            start = i * CHUNK_SIZE
+            n = min(CHUNK_SIZE, size - start)
+            data = _pread_exact(fd, n, start)
+            if len(data) != n or chunk_digest(data, alg) != digests[i]:
+                raise BlobCorrupted(sha256, f"chunk {i} changed while it was read", confirmed=True)
+            yield data
 
     def _read_verified_remote(self, sha256: str, size: int, offset: int, length: int) -> Iterator[bytes]:
         """`read_verified` over a remote backend: one ranged GET covering the chunks the range

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 from starlette.requests import ClientDisconnect, Request
 
+from anvil.api.common import BlockGatherer, BodyBlocks
 from anvil.api.s3 import auth as sig
 from anvil.api.s3.errors import S3Error
 from anvil.objects import validation as v
@@ -82,6 +83,13 @@ class BodyReader:
             return
         async for piece in self._chunks():
             yield piece
+
+    def blocks(self, block: int) -> BodyBlocks:
+        """The body as blocks of about `block` bytes, by reference (`api.common.BodyBlocks`): a plain
+        body straight from the server's protocol, an aws-chunked one decoded by `pieces`."""
+        if not self.chunked:
+            return _CountedBlocks(self, block)
+        return _DecodedBlocks(self, block)
 
     async def read_all(self, limit: int) -> bytes:
         """A small body (an XML document) read whole, with its payload hash checked."""
@@ -215,6 +223,45 @@ class BodyReader:
             for name in (n.strip().lower() for n in declared.split(",")):
                 if name and name not in self.trailers:
                     raise S3Error("InvalidRequest", f"the trailer {name} was declared but not sent")
+
+
+class _CountedBlocks(BodyBlocks):
+    """A plain body's blocks, counted into the reader's size as they go."""
+
+    def __init__(self, reader: BodyReader, block: int):
+        super().__init__(reader.request, block)
+        self._reader = reader
+
+    def __aiter__(self) -> AsyncIterator[list[bytes]]:
+        return self._counted(super().__aiter__())
+
+    async def _counted(self, it: AsyncIterator[list[bytes]]) -> AsyncIterator[list[bytes]]:
+        reader = self._reader
+        async for block in it:
+            for piece in block:
+                reader.size += len(piece)
+            yield block
+        for piece in self.tail:
+            reader.size += len(piece)
+
+
+class _DecodedBlocks(BodyBlocks):
+    """An aws-chunked body's decoded pieces, gathered into blocks."""
+
+    def __init__(self, reader: BodyReader, block: int):
+        super().__init__(reader.request, block)
+        self._reader = reader
+
+    def __aiter__(self) -> AsyncIterator[list[bytes]]:
+        return self._decoded()
+
+    async def _decoded(self) -> AsyncIterator[list[bytes]]:
+        gather = BlockGatherer(self.block)
+        async for piece in self._reader.pieces():
+            block = gather.add(piece)
+            if block is not None:
+                yield block
+        self.tail = gather.take()
 
 
 async def _stream(request: Request) -> AsyncIterator[bytes]:

@@ -21,7 +21,6 @@ from starlette.responses import Response
 
 from anvil.api.common import (
     HASH_ON_LOOP_LIMIT,
-    BlockGatherer,
     RawResponse,
     blocking,
     body_response,
@@ -213,25 +212,23 @@ async def receive_uncommitted(r: S3Request, *, max_size: int = v.MAX_OBJECT_SIZE
             for piece in pieces:
                 c.update(piece)
 
-    # The received pieces are gathered by reference, not copied (api.common.BlockGatherer).
-    gather = BlockGatherer(SINK_CHUNK)
+    # The received pieces are gathered by reference, not copied (api.common.BodyBlocks).
+    blocks = reader.blocks(SINK_CHUNK)
     loop = asyncio.get_running_loop()
     inflight: asyncio.Future | None = None
     try:
-        async for piece in reader.pieces():
-            block = gather.add(piece)
-            if block is not None:
-                # Hash and write whole MiBs in a worker thread (hashlib and zlib release the GIL) while
-                # the next MiB arrives: one MiB in flight keeps order and bounds memory per upload.
-                if writer is None:
-                    writer = r.objects.body_writer(max_size=max_size, expected_size=declared_length)
-                if inflight is not None:
-                    await inflight
-                inflight = loop.run_in_executor(None, sink, block)
+        async for block in blocks:
+            # Hash and write whole MiBs in a worker thread (hashlib and zlib release the GIL) while
+            # the next MiB arrives: one MiB in flight keeps order and bounds memory per upload.
+            if writer is None:
+                writer = r.objects.body_writer(max_size=max_size, expected_size=declared_length)
+            if inflight is not None:
+                await inflight
+            inflight = loop.run_in_executor(None, sink, block)
         if inflight is not None:
             await inflight
             inflight = None
-        pending = gather.take()
+        pending = blocks.tail
         small: bytes | None = None
         digests: BlobInfo | None = None
         if writer is None:
@@ -263,6 +260,7 @@ async def receive_uncommitted(r: S3Request, *, max_size: int = v.MAX_OBJECT_SIZE
                 raise S3Error("BadDigest", f"the {alg.upper()} you specified did not match the calculated "
                               "checksum")
     except BaseException as exc:
+        blocks.close()
         if inflight is not None:
             # The worker may still be writing: let it finish before the file is closed and removed.
             await asyncio.wait([inflight])
