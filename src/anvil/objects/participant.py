@@ -89,12 +89,23 @@ class ObjectsParticipant(Participant):
             per_bucket[name] = {"versioning": versioning or "Unversioned", "objects": 0, "versions": 0,
                                 "delete_markers": 0, "bytes": 0, "prefixes": {}}
         totals = {"versions": 0, "delete_markers": 0, "objects": 0, "bytes": 0}
+        # S3 object tags (in versions.extra) and bucket settings (tagging, lifecycle, cors) are source
+        # records too: digested so a restore that lost or changed one is caught. The tags are read
+        # in the same pass over the versions (one scan of the table, not two).
+        tags_digest = hashlib.sha256()
+        tagged = 0
         for row in conn.execute(
-            "SELECT bucket, key, version_id, seq, is_latest, delete_marker, size, etag, sha256, chunks "
+            "SELECT bucket, key, version_id, seq, is_latest, delete_marker, size, etag, sha256, chunks, extra "
             "FROM versions ORDER BY bucket, key, version_id"
         ):
-            bucket, key, vid, seq, latest, dm, size, etag, sha, chunks = row
+            bucket, key, vid, seq, latest, dm, size, etag, sha, chunks, extra = row
             rows_digest.update((_compact([bucket, key, vid, seq, latest, dm, size, etag, sha, chunks]) + "\n").encode())
+            # Only a document naming "tags" can hold them (ours are written by json.dumps, which
+            # never escapes an ASCII letter): the others are not parsed.
+            if extra and '"tags"' in extra and (tags := json.loads(extra).get("tags")):
+                tagged += 1
+                tags_digest.update(json.dumps([bucket, key, vid, tags], separators=(",", ":"),
+                                              ensure_ascii=False).encode() + b"\n")
             if key.startswith("_anvil/"):
                 continue  # never visible through the API, so not part of what the drill can prove
             listing.add(_compact([bucket, key, vid, bool(latest), bool(dm), size, etag]))  # = _listing_row
@@ -117,19 +128,6 @@ class ObjectsParticipant(Participant):
                         prefixes[head + "/"] = prefixes.get(head + "/", 0) + 1
         uploads = conn.execute("SELECT count(*) FROM multipart_uploads").fetchone()[0]
         parts = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM multipart_parts").fetchone()
-        # S3 object tags (in versions.extra) and bucket settings (tagging, lifecycle, cors) are source
-        # records too: digested so a restore that lost or changed one is caught.
-        tags_digest = hashlib.sha256()
-        tagged = 0
-        for bucket, key, vid, extra in conn.execute(
-                "SELECT bucket, key, version_id, extra FROM versions ORDER BY bucket, key, version_id"):
-            # Only a document naming "tags" can hold them (ours are written by json.dumps, which
-            # never escapes an ASCII letter): the others are not parsed.
-            tags = json.loads(extra).get("tags") if extra and '"tags"' in extra else None
-            if tags:
-                tagged += 1
-                tags_digest.update(json.dumps([bucket, key, vid, tags], separators=(",", ":"),
-                                              ensure_ascii=False).encode() + b"\n")
         settings_digest = hashlib.sha256()
         settings = 0
         if table_exists(conn, "bucket_settings"):

@@ -284,6 +284,12 @@ class Participant:
         """Counts and digests recorded in the manifest and compared after restore."""
         return {}
 
+    def summary_after(self, ctx: RecoveryContext, recorded: dict[str, Any]) -> dict[str, Any] | None:
+        """`summary`, extended from the one a parent snapshot recorded (`recorded`) by reading only
+        what came after it; None when that cannot be done soundly (then `summary` runs). Without a
+        damaged store, the result must equal `summary(ctx)`: a restore compares against it."""
+        return None
+
     def validate(self, ctx: RecoveryContext, recorded: dict[str, Any] | None = None) -> list[Finding]:
         """Findings about this participant's state (`recorded`: its summary at backup time, if any)."""
         return []
