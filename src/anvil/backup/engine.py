@@ -316,6 +316,17 @@ def _split_refs(store: RefStore, repo: Repository, parent_id: str | None, known:
     read whole and sorted, as before."""
     if parent_id is None:
         return store.split(None, known)[1]
+    # A parent whose pages carry keys: merged page by page, unchanged pages taken over whole.
+    # Not with an unreadable index file: then each entry's chunks are looked up (`split`), as a
+    # page taken over whole relies on the index naming every chunk a live snapshot uses.
+    if not repo.index_problems:
+        try:
+            ptree = repo.load_snapshot(parent_id, pages=False).get("tree") or {}
+        except BackupError:
+            ptree = {}
+        pages = treepages.reusable_pages(ptree)
+        if pages is not None:
+            return store.split_pages(pages, lambda cid: treepages.read_page(repo, cid), known)[1]
     try:
         return store.split(_sorted_entries(repo, parent_id), known)[1]
     except _Unsorted:
@@ -539,7 +550,7 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
             # The tree goes into content-addressed pages (`treepages`): those the parent already
             # stored (every page no new, changed or dropped blob falls in) are not written again.
             known_before = writer.new_chunks
-            blob_pages = treepages.write_pages(writer, store.tree_json_items())
+            blob_pages, page_keys = treepages.write_pages(writer, store.tree_items())
             pages_new = writer.new_chunks - known_before
             tree_count = sum(n for _, n in blob_pages)
             parts = summaries.result()  # before the index: a failed summary leaves no index behind
@@ -565,8 +576,9 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
                        # now, unless each was taken over or extended from the parent's.
                        summaries_mod.CHAIN_FULL_KEY: _full_walk(participants, reused, extended, inherited, started),
                        "tree_pages": len(blob_pages), "tree_pages_new": pages_new,
+                       "tree_pages_taken_over": len(store.pages),
                        "duration": round(finished - started, 3), "orphans": orphans},
-                tree={"files": files, "blob_pages": blob_pages})
+                tree={"files": files, "blob_pages": blob_pages, "blob_page_keys": page_keys})
             repo.save_snapshot(manifest)
         finally:
             if pools is not None:
@@ -740,7 +752,8 @@ def _unchanged_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore
                "duration": round(finished - started, 3),
                "orphans": {"skipped": "nothing changed: left to the next full snapshot or prune", "packs": 0,
                            "bytes": 0, "kept": 0}},
-        tree={"files": files, "blob_pages": blob_pages})
+        tree={"files": files, "blob_pages": blob_pages,
+              **({"blob_page_keys": ptree["blob_page_keys"]} if "blob_page_keys" in ptree else {})})
     repo.save_snapshot(manifest)
     manifest["tree"]["blobs"] = SavedTree(lambda: repo.load_snapshot(manifest["id"])["tree"]["blobs"], tree_count)
     return manifest

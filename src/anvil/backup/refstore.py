@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from anvil.backup.errors import BackupError
+from anvil.backup.treepages import PAGE_DIGEST, ReusedPage, TreeItem, page_line
 from anvil.storage import records
 from anvil.storage.recovery import RecoveryContext
 
@@ -44,6 +46,9 @@ def refs_note(labels: list[str], count: int) -> list[str]:
     return labels[:3] + ([f"+{count - 3} more"] if count > 3 else [])
 
 
+_TREE_INSERT = "INSERT INTO tree (sha, size, entry, refs) VALUES (?, ?, ?, ?)"
+
+
 class RefStore:
     """The references and the new tree of one backup, in a scratch database at `path`."""
 
@@ -62,8 +67,11 @@ class RefStore:
         # entries (JSON text, `refs` included: the tree is written from this table alone).
         self.conn.execute("CREATE TABLE todo (n INTEGER PRIMARY KEY, sha TEXT NOT NULL, size INTEGER NOT NULL, "
                           "refs TEXT NOT NULL)")
-        self.conn.execute("CREATE TABLE tree (sha TEXT PRIMARY KEY, size INTEGER NOT NULL, entry TEXT NOT NULL)")
+        self.conn.execute("CREATE TABLE tree (sha TEXT PRIMARY KEY, size INTEGER NOT NULL, entry TEXT NOT NULL, "
+                          "refs TEXT NOT NULL)")
         self.reused = 0  # tree entries taken over from the parent snapshot
+        # The parent's tree pages taken over whole (`split_pages`), in hash order.
+        self.pages: list[ReusedPage] = []
         self._batch_refs: dict[str, str] = {}  # the refs notes of the batch being encoded
 
     def close(self) -> None:
@@ -152,9 +160,9 @@ class RefStore:
                     entry = {k: v for k, v in entry.items() if k != "refs"}
                     entry["refs"] = refs
                 reused += 1
-                tree.append((sha, int(entry["size"]), _dumps(entry)))
+                tree.append((sha, int(entry["size"]), _dumps(entry), _dumps(refs)))
                 if len(tree) >= INSERT_BATCH:
-                    self._insert("INSERT INTO tree (sha, size, entry) VALUES (?, ?, ?)", tree)
+                    self._insert(_TREE_INSERT, tree)
                     tree = []
             else:
                 n += 1
@@ -163,7 +171,82 @@ class RefStore:
                 if len(todo) >= INSERT_BATCH:
                     self._insert("INSERT INTO todo (n, sha, size, refs) VALUES (?, ?, ?, ?)", todo)
                     todo = []
-        self._insert("INSERT INTO tree (sha, size, entry) VALUES (?, ?, ?)", tree)
+        self._insert(_TREE_INSERT, tree)
+        self._insert("INSERT INTO todo (n, sha, size, refs) VALUES (?, ?, ?, ?)", todo)
+        self.reused = reused
+        return n, todo_bytes
+
+    def split_pages(self, pages: list[ReusedPage], load: Callable[[str], dict[str, Any]],
+                    known: Any) -> tuple[int, int]:
+        """`split` against a parent tree whose pages carry keys (`treepages`: the last hash, the
+        digest of the (hash, refs note) list and the bytes of each page). The references are
+        walked in hash order and cut at the parent's page ends; a range whose digest is the page's
+        holds exactly the page's blobs with the same refs notes, so the page is taken over whole
+        (`self.pages`): not read, decoded, re-encoded or written again. Only the pages of a range
+        that changed are read (`load`: cid -> entries) and merged entry by entry as `split` does;
+        a page that cannot be read is treated as empty (its blobs are encoded again).
+        Returns (blobs to encode, their recorded bytes)."""
+        import hashlib
+
+        todo: list[tuple[int, str, int, str]] = []
+        tree: list[tuple[str, int, str, str]] = []
+        n = todo_bytes = reused = 0
+        pending: list[tuple[str, int, str]] = []
+        digest = hashlib.sha256()
+        i = 0
+
+        def to_todo(sha: str, size: int, rtext: str) -> None:
+            nonlocal n, todo_bytes
+            n += 1
+            todo_bytes += size
+            todo.append((n, sha, size, rtext))
+
+        def close(page: ReusedPage) -> None:
+            nonlocal reused, digest
+            # A page taken over whole must itself be indexed; its entries' chunks are those of a
+            # snapshot the repository holds (under this create's lock no prune runs), as for the
+            # unchanged-store snapshot, which lists every page of its parent.
+            if (len(pending) == page.count and digest.hexdigest()[:PAGE_DIGEST] == page.digest
+                    and page.cid in known):
+                self.pages.append(page)
+                reused += page.count
+            elif pending:
+                try:
+                    entries = load(page.cid)
+                except BackupError:
+                    entries = {}
+                for sha, size, rtext in pending:
+                    entry = entries.get(sha)
+                    if isinstance(entry, dict) and all(c in known for c in entry.get("chunks") or ()):
+                        entry = {k: v for k, v in entry.items() if k != "refs"}
+                        entry["refs"] = json.loads(rtext)
+                        reused += 1
+                        tree.append((sha, int(entry["size"]), _dumps(entry), rtext))
+                    else:
+                        to_todo(sha, size, rtext)
+            pending.clear()
+            digest = hashlib.sha256()
+
+        for sha, size, labels, count in self.blobs():
+            rtext = _dumps(refs_note(labels, count))
+            while i < len(pages) and sha > pages[i].last:
+                close(pages[i])
+                i += 1
+            if i < len(pages):
+                pending.append((sha, size, rtext))
+                digest.update(page_line(sha, rtext))
+            else:
+                to_todo(sha, size, rtext)  # after the parent's last page: new
+            if len(tree) >= INSERT_BATCH:
+                self._insert(_TREE_INSERT, tree)
+                tree = []
+            if len(todo) >= INSERT_BATCH:
+                self._insert("INSERT INTO todo (n, sha, size, refs) VALUES (?, ?, ?, ?)", todo)
+                todo = []
+        while i < len(pages):
+            close(pages[i])
+            i += 1
+        self._insert(_TREE_INSERT, tree)
         self._insert("INSERT INTO todo (n, sha, size, refs) VALUES (?, ?, ?, ?)", todo)
         self.reused = reused
         return n, todo_bytes
@@ -174,6 +257,7 @@ class RefStore:
             self.conn.execute("DELETE FROM todo")
             self.conn.execute("DELETE FROM tree")
         self.reused = 0
+        self.pages = []
 
     def todo_batches(self, batch: int | None = None) -> Iterator[tuple[list[str], dict[str, int]]]:
         """The blobs to encode, in hash order, `batch` at a time: (hashes, hash -> recorded size)."""
@@ -192,21 +276,31 @@ class RefStore:
         """New tree entries (sha -> {"size", "chunks"}) from the batch `todo_batches` last handed out;
         its `refs` note is spliced in as the last key (the text `json.dumps` of the whole entry gives)."""
         refs = self._batch_refs
-        self._insert("INSERT INTO tree (sha, size, entry) VALUES (?, ?, ?)",
-                     [(sha, int(e["size"]), f'{_dumps(e)[:-1]},"refs":{refs[sha]}}}') for sha, e in entries.items()])
+        self._insert(_TREE_INSERT, [(sha, int(e["size"]), f'{_dumps(e)[:-1]},"refs":{refs[sha]}}}', refs[sha])
+                                    for sha, e in entries.items()])
 
     # -------------------------------------------------------------- the new tree
 
     def tree_totals(self) -> tuple[int, int]:
-        """(blobs in the new tree, their bytes)."""
+        """(blobs in the new tree, their bytes), the pages taken over whole included."""
         n, total = self.conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM tree").fetchone()
-        return int(n), int(total)
+        return int(n) + sum(p.count for p in self.pages), int(total) + sum(p.nbytes for p in self.pages)
 
-    def tree_json_items(self) -> Iterator[str]:
-        """`"sha":{entry with refs}` in hash order: the tree's JSON text, one blob at a time. A blob
-        missing or corrupt has no entry (it is in `problems`, not in the tree)."""
-        for sha, entry in self.conn.execute("SELECT sha, entry FROM tree ORDER BY sha"):
-            yield f'"{sha}":{entry}'
+    def tree_items(self) -> Iterator[TreeItem | ReusedPage]:
+        """The new tree in hash order, for `treepages.write_pages`: one blob at a time (its hash, refs
+        note and `"sha":{entry with refs}` JSON text), or a parent's page taken over whole. A blob
+        missing or corrupt has no entry (it is in `problems`, not in the tree). No entry falls in
+        the range of a page taken over (that range held exactly the page's blobs)."""
+        pages = iter(self.pages)
+        page = next(pages, None)
+        for sha, size, entry, refs in self.conn.execute("SELECT sha, size, entry, refs FROM tree ORDER BY sha"):
+            while page is not None and page.last < sha:
+                yield page
+                page = next(pages, None)
+            yield TreeItem(sha, refs, f'"{sha}":{entry}', size)
+        while page is not None:
+            yield page
+            page = next(pages, None)
 
 
 class SavedTree(Mapping[str, Any]):

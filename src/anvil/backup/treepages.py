@@ -21,7 +21,7 @@ written before this format) are read as they are.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from anvil.backup.errors import BackupError
 
@@ -31,28 +31,96 @@ if TYPE_CHECKING:
 
 PAGE_END = "00"
 PAGE_MAX = 4096  # entries: bounds a page's size should many hashes in a row miss the boundary
+# Hex digits of a page key's digest (128 bits).
+PAGE_DIGEST = 32
 
 
-def write_pages(writer: PackWriter, items: Iterable[str]) -> list[list[Any]]:
-    """Store the tree's items (`"sha":{entry}` JSON text, in hash order) as pages; returns the
-    manifest's `blob_pages`. A page the repository already holds is not written again."""
+class TreeItem(NamedTuple):
+    """One blob of a tree being written: its hash, its refs note's JSON text, its `"sha":{entry}`
+    JSON text and its size."""
+
+    sha: str
+    refs: str
+    text: str
+    size: int
+
+
+class ReusedPage(NamedTuple):
+    """A parent's page with its key (`tree.blob_page_keys`): taken over whole by a child snapshot."""
+
+    cid: str
+    count: int
+    last: str  # the page's last (highest) blob hash
+    digest: str  # of its (hash, refs note) list: `page_line`
+    nbytes: int  # the sum of its blobs' sizes
+
+
+def page_line(sha: str, refs: str) -> bytes:
+    """One blob's line of a page key's digest: its hash and its refs note (JSON text)."""
+    return f"{sha}\t{refs}\n".encode()
+
+
+def write_pages(writer: PackWriter, items: Iterable[TreeItem | ReusedPage]) -> tuple[list[list[Any]], list[list[Any]]]:
+    """Store the tree's items (in hash order) as pages; returns the manifest's `blob_pages` and
+    `blob_page_keys`. A page the repository already holds is not written again; a `ReusedPage`
+    (a parent's page whose blobs and refs notes are unchanged) is listed as it is, never read."""
+    import hashlib
+
     pages: list[list[Any]] = []
+    keys: list[list[Any]] = []
     page: list[str] = []
+    digest = hashlib.sha256()
+    nbytes = 0
+    last = ""
 
     def close() -> None:
+        nonlocal digest, nbytes
         text = "{" + ",".join(page) + "}"
         pages.append([writer.add(text.encode()), len(page)])
+        keys.append([last, digest.hexdigest()[:PAGE_DIGEST], nbytes])
         page.clear()
+        digest = hashlib.sha256()
+        nbytes = 0
 
     end = 65 - len(PAGE_END)
     for item in items:
-        page.append(item)
-        # item = '"' + sha + '":...': the hash ends at item[65].
-        if item[end:65] == PAGE_END or len(page) >= PAGE_MAX:
+        if isinstance(item, ReusedPage):
+            if page:
+                close()  # the page before it ends here (its range is no longer contiguous)
+            pages.append([item.cid, item.count])
+            keys.append([item.last, item.digest, item.nbytes])
+            continue
+        page.append(item.text)
+        digest.update(page_line(item.sha, item.refs))
+        nbytes += item.size
+        last = item.sha
+        # text = '"' + sha + '":...': the hash ends at text[65].
+        if item.text[end:65] == PAGE_END or len(page) >= PAGE_MAX:
             close()
     if page:
         close()
-    return pages
+    return pages, keys
+
+
+def reusable_pages(tree: dict[str, Any]) -> list[ReusedPage] | None:
+    """A manifest tree's pages with their keys, if it records well-formed ones (hashes strictly
+    increasing); None for a tree without keys (written before them) or with any doubt."""
+    pages, keys = tree.get("blob_pages"), tree.get("blob_page_keys")
+    if not isinstance(pages, list) or not isinstance(keys, list) or len(pages) != len(keys):
+        return None
+    out: list[ReusedPage] = []
+    prev = ""
+    try:
+        for (cid, count), (last, digest, nbytes) in zip(pages, keys, strict=True):
+            if not (isinstance(cid, str) and isinstance(last, str) and len(last) == 64 and last > prev
+                    and isinstance(digest, str) and len(digest) == PAGE_DIGEST
+                    and isinstance(count, int) and count > 0 and isinstance(nbytes, int) and nbytes >= 0):
+                return None
+            out.append(ReusedPage(cid, count, last, digest, nbytes))
+            prev = last
+    except (TypeError, ValueError):
+        return None
+    return out
 
 
 def read_page(repo: Repository, cid: str) -> dict[str, Any]:
