@@ -117,7 +117,7 @@ def test_an_unreadable_parent_page_is_encoded_again(run: dict, tmp_path: Path, m
     again (deduplicated against the index) instead of failing the backup."""
     monkeypatch.setenv("ANVIL_BACKUP_KDF", "test")
     monkeypatch.setattr(treepages, "PAGE_END", "0")
-    monkeypatch.setattr(treepages, "read_page", lambda repo, cid: (_ for _ in ()).throw(
+    monkeypatch.setattr(treepages, "read_page_bytes", lambda repo, cid: (_ for _ in ()).throw(
         engine.BackupError(f"blob tree page {cid} is not a tree page (corrupted)")))
     anvil = Anvil(tmp_path / "data")
     ctx = RequestContext(DEV_PRINCIPAL)
@@ -138,3 +138,20 @@ def test_an_unreadable_parent_page_is_encoded_again(run: dict, tmp_path: Path, m
     monkeypatch.undo()
     assert len(Repository.open(LocalBackend(tmp_path / "repo"), PASS).load_snapshot(child["id"])["tree"]["blobs"]) \
         == child["stats"]["blobs"]
+
+
+def test_a_page_text_is_cut_into_entries_exactly() -> None:
+    """`entry_texts` cuts a page's text where `},"` separates two entries, whatever the labels hold
+    (a quote inside a label is escaped); a page it cannot cut safely (a `{` in an entry) is parsed."""
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    entries = {
+        "a" * 64: {"size": 3, "chunks": ["c1"], "refs": ['b/k},"x@v', "b/k]}@v2"]},
+        "b" * 64: {"size": 40, "chunks": ["c2", "c3"], "refs": ["b/plain@v", "+2 more"]},
+        "c" * 64: {"size": 0, "chunks": [], "refs": ['b/\\"}}"@v']},
+    }
+    text = dumps(entries)
+    assert treepages.entry_texts(text) == {sha: dumps(e) for sha, e in entries.items()}
+    assert treepages.entry_texts(dumps({"d" * 64: {"size": 1, "chunks": [], "refs": ["b/{x}@v"]}})) is None
+    assert treepages.entry_texts(dumps({"e" * 64: {"size": 1, "chunks": [], "x": {"y": 1}}})) is None
+    assert treepages.entry_texts("{}") is None
+

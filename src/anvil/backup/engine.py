@@ -326,7 +326,7 @@ def _split_refs(store: RefStore, repo: Repository, parent_id: str | None, known:
             ptree = {}
         pages = treepages.reusable_pages(ptree)
         if pages is not None:
-            return store.split_pages(pages, lambda cid: treepages.read_page(repo, cid), known)[1]
+            return store.split_pages(pages, lambda cid: treepages.read_page_texts(repo, cid), known)[1]
     try:
         return store.split(_sorted_entries(repo, parent_id), known)[1]
     except _Unsorted:

@@ -176,15 +176,16 @@ class RefStore:
         self.reused = reused
         return n, todo_bytes
 
-    def split_pages(self, pages: list[ReusedPage], load: Callable[[str], dict[str, Any]],
+    def split_pages(self, pages: list[ReusedPage], load: Callable[[str], dict[str, str]],
                     known: Any) -> tuple[int, int]:
         """`split` against a parent tree whose pages carry keys (`treepages`: the last hash, the
         digest of the (hash, refs note) list and the bytes of each page). The references are
         walked in hash order and cut at the parent's page ends; a range whose digest is the page's
         holds exactly the page's blobs with the same refs notes, so the page is taken over whole
         (`self.pages`): not read, decoded, re-encoded or written again. Only the pages of a range
-        that changed are read (`load`: cid -> entries) and merged entry by entry as `split` does;
-        a page that cannot be read is treated as empty (its blobs are encoded again).
+        that changed are read (`load`: cid -> sha -> entry JSON text): an entry whose refs note is
+        unchanged is copied as text, any other merged as `split` does; a page that cannot be read
+        is treated as empty (its blobs are encoded again).
         Returns (blobs to encode, their recorded bytes)."""
         import hashlib
 
@@ -212,11 +213,21 @@ class RefStore:
                 reused += page.count
             elif pending:
                 try:
-                    entries = load(page.cid)
+                    texts = load(page.cid)
                 except BackupError:
-                    entries = {}
+                    texts = {}
                 for sha, size, rtext in pending:
-                    entry = entries.get(sha)
+                    text = texts.get(sha)
+                    if text is None:
+                        to_todo(sha, size, rtext)
+                        continue
+                    if text.endswith(f',"refs":{rtext}}}') and text.startswith('{"size":'):
+                        # The same references: the parent's entry text as it is (the page's own
+                        # chunk is indexed; its entries' chunks are a held snapshot's, see above).
+                        reused += 1
+                        tree.append((sha, int(text[8:text.index(",", 8)]), text, rtext))
+                        continue
+                    entry = json.loads(text)
                     if isinstance(entry, dict) and all(c in known for c in entry.get("chunks") or ()):
                         entry = {k: v for k, v in entry.items() if k != "refs"}
                         entry["refs"] = json.loads(rtext)

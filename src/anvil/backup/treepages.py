@@ -128,6 +128,57 @@ def read_page(repo: Repository, cid: str) -> dict[str, Any]:
     checked against its id (a page that does not decrypt to its id is an error, never a tree)."""
     import json
 
+    try:
+        page = json.loads(read_page_bytes(repo, cid))
+    except ValueError:
+        raise BackupError(f"blob tree page {cid} is not a tree page (corrupted)") from None
+    if not isinstance(page, dict):
+        raise BackupError(f"blob tree page {cid} is not a tree page (corrupted)")
+    return page
+
+
+def read_page_texts(repo: Repository, cid: str) -> dict[str, str]:
+    """sha -> the entry's JSON text, as the page holds it (`entry_texts`), or re-encoded from the
+    parsed page if its text cannot be cut safely."""
+    import json
+
+    raw = read_page_bytes(repo, cid)
+    try:
+        text = bytes(raw).decode()
+    except UnicodeDecodeError:
+        raise BackupError(f"blob tree page {cid} is not a tree page (corrupted)") from None
+    texts = entry_texts(text)
+    if texts is not None:
+        return texts
+    page = read_page(repo, cid)
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    return {sha: dumps(entry) for sha, entry in page.items()}
+
+
+def entry_texts(text: str) -> dict[str, str] | None:
+    """A page's `{"sha":{entry},...}` text cut into sha -> entry text without parsing it. An entry
+    holds no object (size, a list of chunk ids, a list of labels), and a `"` inside a string is
+    always escaped, so `},"` occurs only between two entries. None if anything does not look
+    like that (then the page is parsed)."""
+    if not (text.startswith('{"') and text.endswith("}}")):
+        return None
+    parts = text[1:-1].split('},"')
+    out: dict[str, str] = {}
+    last = len(parts) - 1
+    for i, part in enumerate(parts):
+        if i:
+            part = '"' + part
+        if i < last:
+            part += "}"
+        if len(part) < 69 or part[65:68] != '":{' or part[0] != '"' or '{' in part[68:]:
+            return None
+        out[part[1:65]] = part[67:]
+    return out
+
+
+def read_page_bytes(repo: Repository, cid: str) -> bytes | memoryview:
+    """One page's plaintext: only its bytes are read from the pack (a ranged read), then unsealed
+    and checked against its id."""
     from anvil.backup.pack import pack_name
 
     loc = repo.index().get(cid)
@@ -139,14 +190,7 @@ def read_page(repo: Repository, cid: str) -> dict[str, Any]:
         raise BackupError(f"blob tree page {cid}: pack {loc.pack} is missing from the repository") from None
     if len(sealed) != loc.length:
         raise BackupError(f"blob tree page {cid}: pack {loc.pack} is truncated")
-    data = repo.decode_chunk(cid, sealed)
-    try:
-        page = json.loads(bytes(data))
-    except ValueError:
-        raise BackupError(f"blob tree page {cid} is not a tree page (corrupted)") from None
-    if not isinstance(page, dict):
-        raise BackupError(f"blob tree page {cid} is not a tree page (corrupted)")
-    return page
+    return repo.decode_chunk(cid, sealed)
 
 
 def iter_pages(repo: Repository, pages: list[list[Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
