@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from anvil.backup import engine, treepages
+from anvil.backup import engine, refstore, treepages
 from anvil.backup import mode as recovery
 from anvil.backup.backends.local import LocalBackend
 from anvil.backup.repository import Repository
@@ -48,6 +48,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     mp.setenv("ANVIL_BACKUP_KDF", "test")
     mp.setenv("ANVIL_BACKUP_CACHE_DIR", "off")
     mp.setattr(treepages, "PAGE_END", "0")  # a page ends after one blob in 16: several pages from 60 blobs
+    mp.setattr(refstore, "KEPT_MAX", 3)  # entries copied as text: a few in memory, the rest in the table
     base = tmp_path_factory.mktemp("merge")
     anvil = Anvil(base / "data")
     ctx = RequestContext(DEV_PRINCIPAL)
@@ -117,7 +118,7 @@ def test_an_unreadable_parent_page_is_encoded_again(run: dict, tmp_path: Path, m
     again (deduplicated against the index) instead of failing the backup."""
     monkeypatch.setenv("ANVIL_BACKUP_KDF", "test")
     monkeypatch.setattr(treepages, "PAGE_END", "0")
-    monkeypatch.setattr(treepages, "read_page_bytes", lambda repo, cid: (_ for _ in ()).throw(
+    monkeypatch.setattr(treepages, "read_page_bytes", lambda repo, cid, **kw: (_ for _ in ()).throw(
         engine.BackupError(f"blob tree page {cid} is not a tree page (corrupted)")))
     anvil = Anvil(tmp_path / "data")
     ctx = RequestContext(DEV_PRINCIPAL)

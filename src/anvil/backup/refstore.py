@@ -46,6 +46,7 @@ def refs_note(labels: list[str], count: int) -> list[str]:
     return labels[:3] + ([f"+{count - 3} more"] if count > 3 else [])
 
 
+KEPT_MAX = 100_000  # entries (~0.4 KB each in memory)
 _TREE_INSERT = "INSERT INTO tree (sha, size, entry, refs) VALUES (?, ?, ?, ?)"
 
 
@@ -72,6 +73,11 @@ class RefStore:
         self.reused = 0  # tree entries taken over from the parent snapshot
         # The parent's tree pages taken over whole (`split_pages`), in hash order.
         self.pages: list[ReusedPage] = []
+        # Entries of changed pages copied as text (`split_pages`), in hash order: held in memory up
+        # to `KEPT_MAX` (an insert into the tree table per entry was a third of the merge), the rest
+        # go to the table.
+        self.kept: list[tuple[str, int, str, str]] = []
+        self.kept_bytes = 0
         self._batch_refs: dict[str, str] = {}  # the refs notes of the batch being encoded
 
     def close(self) -> None:
@@ -225,7 +231,12 @@ class RefStore:
                         # The same references: the parent's entry text as it is (the page's own
                         # chunk is indexed; its entries' chunks are a held snapshot's, see above).
                         reused += 1
-                        tree.append((sha, int(text[8:text.index(",", 8)]), text, rtext))
+                        row = (sha, int(text[8:text.index(",", 8)]), text, rtext)
+                        if len(self.kept) < KEPT_MAX:
+                            self.kept.append(row)
+                            self.kept_bytes += row[1]
+                        else:
+                            tree.append(row)
                         continue
                     entry = json.loads(text)
                     if isinstance(entry, dict) and all(c in known for c in entry.get("chunks") or ()):
@@ -269,6 +280,8 @@ class RefStore:
             self.conn.execute("DELETE FROM tree")
         self.reused = 0
         self.pages = []
+        self.kept = []
+        self.kept_bytes = 0
 
     def todo_batches(self, batch: int | None = None) -> Iterator[tuple[list[str], dict[str, int]]]:
         """The blobs to encode, in hash order, `batch` at a time: (hashes, hash -> recorded size)."""
@@ -295,16 +308,21 @@ class RefStore:
     def tree_totals(self) -> tuple[int, int]:
         """(blobs in the new tree, their bytes), the pages taken over whole included."""
         n, total = self.conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM tree").fetchone()
-        return int(n) + sum(p.count for p in self.pages), int(total) + sum(p.nbytes for p in self.pages)
+        return (int(n) + sum(p.count for p in self.pages) + len(self.kept),
+                int(total) + sum(p.nbytes for p in self.pages) + self.kept_bytes)
 
     def tree_items(self) -> Iterator[TreeItem | ReusedPage]:
         """The new tree in hash order, for `treepages.write_pages`: one blob at a time (its hash, refs
         note and `"sha":{entry with refs}` JSON text), or a parent's page taken over whole. A blob
         missing or corrupt has no entry (it is in `problems`, not in the tree). No entry falls in
         the range of a page taken over (that range held exactly the page's blobs)."""
+        import heapq
+
         pages = iter(self.pages)
         page = next(pages, None)
-        for sha, size, entry, refs in self.conn.execute("SELECT sha, size, entry, refs FROM tree ORDER BY sha"):
+        rows = self.conn.execute("SELECT sha, size, entry, refs FROM tree ORDER BY sha")
+        # (A hash is in the table or in `kept`, never both: one sorted stream of the two.)
+        for sha, size, entry, refs in heapq.merge(rows, self.kept) if self.kept else rows:
             while page is not None and page.last < sha:
                 yield page
                 page = next(pages, None)
