@@ -156,3 +156,23 @@ def test_a_page_text_is_cut_into_entries_exactly() -> None:
     assert treepages.entry_texts(dumps({"e" * 64: {"size": 1, "chunks": [], "x": {"y": 1}}})) is None
     assert treepages.entry_texts("{}") is None
 
+
+
+def test_compact_json_is_the_encoders_text() -> None:
+    """`jsonfast.compact` (the summaries' and tree entries' encoder) writes exactly what
+    `json.JSONEncoder(separators=(",", ":"))` writes: the recorded digests depend on it."""
+    import random
+
+    from anvil.storage import jsonfast
+
+    rng = random.Random(7)
+    alphabet = ['"', "\\", "\n", "\t", "\x00", "\x1f", "\x7f", "é", "\u2028", "\U0001f600", "a", "/", "}", ","]
+    values: list = [None, True, False, 0, -1, 2**70, 1.5, -0.0, "", "plain"]
+    values += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(200)]
+    rows = [[rng.choice(values) for _ in range(rng.randint(0, 10))] for _ in range(300)]
+    rows += [{"size": 3, "chunks": [v for v in values[:5]], "refs": [str(v) for v in values[-5:]]}]
+    for ascii_only in (True, False):
+        fast = jsonfast.compact(ensure_ascii=ascii_only)
+        slow = json.JSONEncoder(separators=(",", ":"), ensure_ascii=ascii_only).encode
+        for row in [*rows, *values]:
+            assert fast(row) == slow(row), row
