@@ -16,12 +16,12 @@ O(1): a batch, a page cache, one cursor's row.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from anvil.backup.errors import BackupError
-from anvil.backup.treepages import PAGE_DIGEST, ReusedPage, TreeItem, page_line
+from anvil.backup.treepages import ReusedPage, page_digest
 from anvil.storage import jsonfast, records
 from anvil.storage.recovery import RecoveryContext
 
@@ -192,13 +192,10 @@ class RefStore:
         unchanged is copied as text, any other merged as `split` does; a page that cannot be read
         is treated as empty (its blobs are encoded again).
         Returns (blobs to encode, their recorded bytes)."""
-        import hashlib
-
         todo: list[tuple[int, str, int, str]] = []
         tree: list[tuple[str, int, str, str]] = []
         n = todo_bytes = reused = 0
-        pending: list[tuple[str, int, str]] = []
-        digest = hashlib.sha256()
+        pending: list[tuple[str, int, str, str]] = []  # (sha, size, "", refs note): `page_digest`'s rows
         i = 0
 
         def to_todo(sha: str, size: int, rtext: str) -> None:
@@ -208,12 +205,11 @@ class RefStore:
             todo.append((n, sha, size, rtext))
 
         def close(page: ReusedPage) -> None:
-            nonlocal reused, digest
+            nonlocal reused
             # A page taken over whole must itself be indexed; its entries' chunks are those of a
             # snapshot the repository holds (under this create's lock no prune runs), as for the
             # unchanged-store snapshot, which lists every page of its parent.
-            if (len(pending) == page.count and digest.hexdigest()[:PAGE_DIGEST] == page.digest
-                    and page.cid in known):
+            if len(pending) == page.count and page.cid in known and page_digest(pending) == page.digest:
                 self.pages.append(page)
                 reused += page.count
             elif pending:
@@ -221,7 +217,7 @@ class RefStore:
                     texts = load(page.cid)
                 except BackupError:
                     texts = {}
-                for sha, size, rtext in pending:
+                for sha, size, _, rtext in pending:
                     text = texts.get(sha)
                     if text is None:
                         to_todo(sha, size, rtext)
@@ -246,7 +242,6 @@ class RefStore:
                     else:
                         to_todo(sha, size, rtext)
             pending.clear()
-            digest = hashlib.sha256()
 
         for sha, size, labels, count in self.blobs():
             rtext = _dumps(refs_note(labels, count))
@@ -254,8 +249,7 @@ class RefStore:
                 close(pages[i])
                 i += 1
             if i < len(pages):
-                pending.append((sha, size, rtext))
-                digest.update(page_line(sha, rtext))
+                pending.append((sha, size, "", rtext))
             else:
                 to_todo(sha, size, rtext)  # after the parent's last page: new
             if len(tree) >= INSERT_BATCH:
@@ -310,22 +304,31 @@ class RefStore:
         return (int(n) + sum(p.count for p in self.pages) + len(self.kept),
                 int(total) + sum(p.nbytes for p in self.pages) + self.kept_bytes)
 
-    def tree_items(self) -> Iterator[TreeItem | ReusedPage]:
-        """The new tree in hash order, for `treepages.write_pages`: one blob at a time (its hash, refs
-        note and `"sha":{entry with refs}` JSON text), or a parent's page taken over whole. A blob
-        missing or corrupt has no entry (it is in `problems`, not in the tree). No entry falls in
-        the range of a page taken over (that range held exactly the page's blobs)."""
-        import heapq
+    def tree_items(self) -> Iterator[tuple[str, int, str, str] | ReusedPage]:
+        """The new tree in hash order, for `treepages.write_pages`: one blob at a time (its hash, size,
+        entry JSON text with refs, refs note), or a parent's page taken over whole. A blob missing
+        or corrupt has no entry (it is in `problems`, not in the tree). No entry falls in the range
+        of a page taken over (that range held exactly the page's blobs)."""
+        rows: Iterable[tuple[str, int, str, str]] = self.conn.execute(
+            "SELECT sha, size, entry, refs FROM tree ORDER BY sha")
+        if self.kept:
+            # A hash is in the table or in `kept`, never both. Few rows in the table (the blobs this
+            # backup encoded or re-referenced): one sort of the two sorted runs (a merge, in C).
+            if self.conn.execute("SELECT count(*) FROM tree").fetchone()[0] <= KEPT_MAX:
+                merged = self.kept + list(rows)
+                merged.sort()
+                rows = merged
+            else:
+                import heapq
 
+                rows = heapq.merge(rows, self.kept)
         pages = iter(self.pages)
         page = next(pages, None)
-        rows = self.conn.execute("SELECT sha, size, entry, refs FROM tree ORDER BY sha")
-        # (A hash is in the table or in `kept`, never both: one sorted stream of the two.)
-        for sha, size, entry, refs in heapq.merge(rows, self.kept) if self.kept else rows:
-            while page is not None and page.last < sha:
+        for row in rows:
+            while page is not None and page.last < row[0]:
                 yield page
                 page = next(pages, None)
-            yield TreeItem(sha, refs, f'"{sha}":{entry}', size)
+            yield row
         while page is not None:
             yield page
             page = next(pages, None)

@@ -35,54 +35,40 @@ PAGE_MAX = 4096  # entries: bounds a page's size should many hashes in a row mis
 PAGE_DIGEST = 32
 
 
-class TreeItem(NamedTuple):
-    """One blob of a tree being written: its hash, its refs note's JSON text, its `"sha":{entry}`
-    JSON text and its size."""
-
-    sha: str
-    refs: str
-    text: str
-    size: int
-
-
 class ReusedPage(NamedTuple):
     """A parent's page with its key (`tree.blob_page_keys`): taken over whole by a child snapshot."""
 
     cid: str
     count: int
     last: str  # the page's last (highest) blob hash
-    digest: str  # of its (hash, refs note) list: `page_line`
+    digest: str  # of its (hash, refs note) list: `page_digest`
     nbytes: int  # the sum of its blobs' sizes
 
 
-def page_line(sha: str, refs: str) -> bytes:
-    """One blob's line of a page key's digest: its hash and its refs note (JSON text)."""
-    return f"{sha}\t{refs}\n".encode()
-
-
-def write_pages(writer: PackWriter, items: Iterable[TreeItem | ReusedPage]) -> tuple[list[list[Any]], list[list[Any]]]:
-    """Store the tree's items (in hash order) as pages; returns the manifest's `blob_pages` and
-    `blob_page_keys`. A page the repository already holds is not written again; a `ReusedPage`
-    (a parent's page whose blobs and refs notes are unchanged) is listed as it is, never read."""
+def page_digest(rows: Iterable[tuple[str, Any, Any, str]]) -> str:
+    """A page key's digest of its blobs, `(sha, _, _, refs note JSON text)` in hash order: the first
+    `PAGE_DIGEST` hex digits of the SHA-256 of the lines `<sha>\t<refs>\n`."""
     import hashlib
 
+    return hashlib.sha256("".join([f"{r[0]}\t{r[3]}\n" for r in rows]).encode()).hexdigest()[:PAGE_DIGEST]
+
+
+def write_pages(writer: PackWriter,
+                items: Iterable[tuple[str, int, str, str] | ReusedPage]) -> tuple[list[list[Any]], list[list[Any]]]:
+    """Store the tree's items in hash order, each a blob's `(sha, size, entry JSON text with refs,
+    refs note JSON text)` or a `ReusedPage`, as pages; returns the manifest's `blob_pages` and
+    `blob_page_keys`. A page the repository already holds is not written again; a `ReusedPage`
+    (a parent's page whose blobs and refs notes are unchanged) is listed as it is, never read."""
     pages: list[list[Any]] = []
     keys: list[list[Any]] = []
-    page: list[str] = []
-    digest = hashlib.sha256()
-    nbytes = 0
-    last = ""
+    page: list[tuple[str, int, str, str]] = []
 
     def close() -> None:
-        nonlocal digest, nbytes
-        text = "{" + ",".join(page) + "}"
+        text = "{" + ",".join([f'"{r[0]}":{r[2]}' for r in page]) + "}"
         pages.append([writer.add(text.encode()), len(page)])
-        keys.append([last, digest.hexdigest()[:PAGE_DIGEST], nbytes])
+        keys.append([page[-1][0], page_digest(page), sum(r[1] for r in page)])
         page.clear()
-        digest = hashlib.sha256()
-        nbytes = 0
 
-    end = 65 - len(PAGE_END)
     for item in items:
         if isinstance(item, ReusedPage):
             if page:
@@ -90,12 +76,8 @@ def write_pages(writer: PackWriter, items: Iterable[TreeItem | ReusedPage]) -> t
             pages.append([item.cid, item.count])
             keys.append([item.last, item.digest, item.nbytes])
             continue
-        page.append(item.text)
-        digest.update(page_line(item.sha, item.refs))
-        nbytes += item.size
-        last = item.sha
-        # text = '"' + sha + '":...': the hash ends at text[65].
-        if item.text[end:65] == PAGE_END or len(page) >= PAGE_MAX:
+        page.append(item)  # type: ignore[arg-type]
+        if item[0].endswith(PAGE_END) or len(page) >= PAGE_MAX:
             close()
     if page:
         close()
