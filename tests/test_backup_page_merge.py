@@ -176,3 +176,36 @@ def test_compact_json_is_the_encoders_text() -> None:
         slow = json.JSONEncoder(separators=(",", ":"), ensure_ascii=ascii_only).encode
         for row in [*rows, *values]:
             assert fast(row) == slow(row), row
+
+
+def test_reference_rows_are_the_references(tmp_path: Path) -> None:
+    """What a backup stores of each reference (`iter_blob_reference_rows`: sha, size, label, through
+    the objects participant's row path) is `iter_blob_references`, row for row and in order."""
+    from anvil.storage import records
+    from anvil.storage.blobs import BlobWriter
+    from anvil.storage.recovery import RecoveryContext
+
+    anvil = Anvil(tmp_path / "data")
+    ctx = RequestContext(DEV_PRINCIPAL)
+    try:
+        anvil.objects.create_bucket(ctx, "rows", versioning="Enabled")
+        for i in range(5):
+            body = anvil.storage.blobs.put_bytes(f"row {i} ".encode() * 50)
+            anvil.objects.put_object(ctx, "rows", f"k/{i % 3}", body)
+        anvil.objects.delete_object(ctx, "rows", "k/1")  # a delete marker: no reference
+        up = anvil.objects.create_multipart(ctx, "rows", "big")
+        w = BlobWriter(anvil.storage.blobs)
+        w.write(b"part" * 100)
+        anvil.objects.upload_part(ctx, "rows", up["upload_id"], 1, anvil.objects.store_body(w))
+        conn = records.open_readonly(anvil.storage.layout.catalog_path)
+        try:
+            rc = RecoveryContext(anvil.storage.root, conn, anvil.storage.blobs, recovery_participants())
+            with conn:
+                full = [(r.sha256, r.size, r.label) for r in rc.iter_blob_references()]
+                rows = list(rc.iter_blob_reference_rows())
+        finally:
+            records.close(conn)
+    finally:
+        anvil.close()
+    assert rows == full and len(rows) >= 6
+    assert any("upload" in label for _, _, label in rows)

@@ -93,8 +93,8 @@ class RefStore:
         batch: list[tuple[str, int, str]] = []
         insert = "INSERT INTO refs (sha, size, label) VALUES (?, ?, ?)"
         with ctx.conn:
-            for r in ctx.iter_blob_references():
-                batch.append((r.sha256, int(r.size), r.label))
+            for sha, size, label in ctx.iter_blob_reference_rows():
+                batch.append((sha, int(size), label))
                 if len(batch) >= INSERT_BATCH:
                     self._insert(insert, batch, self.refs_conn)
                     batch = []

@@ -167,6 +167,15 @@ class ObjectsParticipant(Participant):
                 yield BlobRef(sha, size, label, ref, "objects.blob_missing")
         # Parts whose upload record is gone are referenced too: gc keeps them and backup copies
         # them, and validate() reports them (`multipart.part_without_upload`) for the operator.
+        yield from self._part_references(ctx)
+
+    def blob_reference_rows(self, ctx: RecoveryContext) -> Iterator[tuple[str, int, str]]:
+        """(sha256, size, label) of `blob_references`, in the same order: what a backup keeps of each."""
+        yield from refs.iter_version_chunk_rows(ctx.conn)
+        for r in self._part_references(ctx):
+            yield r.sha256, r.size, r.label
+
+    def _part_references(self, ctx: RecoveryContext) -> Iterator[BlobRef]:
         for p in refs.iter_part_refs(ctx.conn):
             ref = {"tenant": p.tenant, "bucket": p.bucket, "key": p.key, "upload_id": p.upload_id,
                    "part_number": p.part_number}

@@ -171,6 +171,18 @@ class RecoveryContext:
             if isinstance(p, BlobReferrer):
                 yield from p.blob_references(self)
 
+    def iter_blob_reference_rows(self) -> Iterator[tuple[str, int, str]]:
+        """`iter_blob_references` as (sha256, size, label), in the same order: a participant with a
+        `blob_reference_rows` method gives them without building a reference per blob."""
+        for p in self.participants:
+            if isinstance(p, BlobReferrer):
+                rows = getattr(p, "blob_reference_rows", None)
+                if rows is not None:
+                    yield from rows(self)
+                else:
+                    for r in p.blob_references(self):
+                        yield r.sha256, r.size, r.label
+
     def referenced_blobs(self) -> Iterator[tuple[str, int]]:
         """(sha256, size its first reference records) of every referenced blob, sorted by hash.
         From the stream a caller installed (`stream_referenced_blobs`: a backup reads them back
