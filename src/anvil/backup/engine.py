@@ -235,11 +235,25 @@ def latest_row(repo: Repository, deployment_id: str, *, full: bool = True) -> di
 
 
 def _summaries(participants: list[Participant], ctx: RecoveryContext,
-               reused: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Each participant's description and summary; `reused`: summaries taken over from the parent."""
+               reused: dict[str, Any] | None = None, extend: dict[str, Any] | None = None,
+               extended: list[str] | None = None) -> dict[str, Any]:
+    """Each participant's description and summary; `reused`: summaries taken over from the parent;
+    `extend`: the parent's summaries to extend (`Participant.summary_after`), the names of those
+    extended are appended to `extended`."""
     reused = reused or {}
-    return {p.name: {"describe": p.describe().to_dict(),
-                     "summary": reused[p.name] if p.name in reused else p.summary(ctx)} for p in participants}
+    extend = extend or {}
+    out = {}
+    for p in participants:
+        if p.name in reused:
+            summary = reused[p.name]
+        else:
+            summary = p.summary_after(ctx, extend[p.name]) if p.name in extend else None
+            if summary is None:
+                summary = p.summary(ctx)
+            elif extended is not None:
+                extended.append(p.name)
+        out[p.name] = {"describe": p.describe().to_dict(), "summary": summary}
+    return out
 
 
 class _Background:
@@ -302,6 +316,17 @@ def _split_refs(store: RefStore, repo: Repository, parent_id: str | None, known:
     read whole and sorted, as before."""
     if parent_id is None:
         return store.split(None, known)[1]
+    # A parent whose pages carry keys: merged page by page, unchanged pages taken over whole.
+    # Not with an unreadable index file: then each entry's chunks are looked up (`split`), as a
+    # page taken over whole relies on the index naming every chunk a live snapshot uses.
+    if not repo.index_problems:
+        try:
+            ptree = repo.load_snapshot(parent_id, pages=False).get("tree") or {}
+        except BackupError:
+            ptree = {}
+        pages = treepages.reusable_pages(ptree)
+        if pages is not None:
+            return store.split_pages(pages, lambda cid: treepages.read_page_texts(repo, cid), known)[1]
     try:
         return store.split(_sorted_entries(repo, parent_id), known)[1]
     except _Unsorted:
@@ -485,8 +510,10 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
             # checkpoint's connection (nothing else uses it from here on), while blobs are encoded.
             # Summaries that still hold at this head are the parent's (`backup.summaries`): a full
             # snapshot of an unchanged store no longer reads every row to find the same digests.
-            reused = summaries_mod.reusable(repo, parent, conn, (seq, chain_hash), participants)
-            summaries = _Background(_summaries, participants, ctx, reused)
+            inherited = summaries_mod.from_parent(repo, parent, conn, (seq, chain_hash), participants, now=started)
+            reused = inherited.reused
+            extended: list[str] = []
+            summaries = _Background(_summaries, participants, ctx, reused, inherited.extend, extended)
         except BaseException:
             records.close(conn)
             raise
@@ -523,7 +550,7 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
             # The tree goes into content-addressed pages (`treepages`): those the parent already
             # stored (every page no new, changed or dropped blob falls in) are not written again.
             known_before = writer.new_chunks
-            blob_pages = treepages.write_pages(writer, store.tree_json_items())
+            blob_pages, page_keys = treepages.write_pages(writer, store.tree_items())
             pages_new = writer.new_chunks - known_before
             tree_count = sum(n for _, n in blob_pages)
             parts = summaries.result()  # before the index: a failed summary leaves no index behind
@@ -544,10 +571,14 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
                 problems=problems,
                 stats={"logical_bytes": logical, "new_bytes": writer.new_bytes, "new_chunks": writer.new_chunks,
                        "blobs": tree_count, "blobs_reused_from_parent": reused_blobs,
-                       "summaries_reused": sorted(reused),
+                       "summaries_reused": sorted(reused), "summaries_extended": sorted(extended),
+                       # When the extendable summaries (the journal chain) were last computed whole:
+                       # now, unless each was taken over or extended from the parent's.
+                       summaries_mod.CHAIN_FULL_KEY: _full_walk(participants, reused, extended, inherited, started),
                        "tree_pages": len(blob_pages), "tree_pages_new": pages_new,
+                       "tree_pages_taken_over": len(store.pages),
                        "duration": round(finished - started, 3), "orphans": orphans},
-                tree={"files": files, "blob_pages": blob_pages})
+                tree={"files": files, "blob_pages": blob_pages, "blob_page_keys": page_keys})
             repo.save_snapshot(manifest)
         finally:
             if pools is not None:
@@ -558,6 +589,16 @@ def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStor
     # The caller's copy of the tree is read back from the snapshot only if used (the server never does).
     manifest["tree"]["blobs"] = SavedTree(lambda: repo.load_snapshot(manifest["id"])["tree"]["blobs"], tree_count)
     return manifest
+
+
+def _full_walk(participants: list[Participant], reused: dict[str, Any], extended: list[str],
+               inherited: summaries_mod.FromParent, now: float) -> float | None:
+    """The manifest's `journal_chain_full_walk`: `now` if every extendable summary (the journal's)
+    was computed whole by this backup, else the parent's (None if it recorded none)."""
+    names = [p.name for p in participants if type(p).summary_after is not Participant.summary_after]
+    if any(n in extended or n in reused for n in names):
+        return inherited.chain_full_walk
+    return now
 
 
 def _manifest(repo: Repository, participants: list[Participant], *, parent_id: str | None, tag: str | None,
@@ -705,12 +746,14 @@ def _unchanged_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore
         stats={"logical_bytes": blob_bytes + len(fmt) + int(pfiles["catalog.db"]["size"]),
                "new_bytes": 0, "new_chunks": 0,
                "blobs": tree_count, "blobs_reused_from_parent": tree_count,
-               "summaries_reused": sorted(reused), "unchanged_since_parent": True,
+               "summaries_reused": sorted(reused), "summaries_extended": [], "unchanged_since_parent": True,
+               summaries_mod.CHAIN_FULL_KEY: pstats.get(summaries_mod.CHAIN_FULL_KEY),
                "tree_pages": len(blob_pages), "tree_pages_new": 0,
                "duration": round(finished - started, 3),
                "orphans": {"skipped": "nothing changed: left to the next full snapshot or prune", "packs": 0,
                            "bytes": 0, "kept": 0}},
-        tree={"files": files, "blob_pages": blob_pages})
+        tree={"files": files, "blob_pages": blob_pages,
+              **({"blob_page_keys": ptree["blob_page_keys"]} if "blob_page_keys" in ptree else {})})
     repo.save_snapshot(manifest)
     manifest["tree"]["blobs"] = SavedTree(lambda: repo.load_snapshot(manifest["id"])["tree"]["blobs"], tree_count)
     return manifest

@@ -16,19 +16,20 @@ O(1): a batch, a page cache, one cursor's row.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from anvil.storage import records
+from anvil.backup.errors import BackupError
+from anvil.backup.treepages import ReusedPage, page_digest
+from anvil.storage import jsonfast, records
 from anvil.storage.recovery import RecoveryContext
 
 INSERT_BATCH = 5000
 # Blobs handed to the encoder at a time (its own structures are per batch: ~1 KB a blob).
 ENCODE_BATCH = 20_000
-_SEP = (",", ":")
-# `json.dumps(x, separators=_SEP)` builds an encoder per call (per blob, twice a backup): one encoder, the same text.
-_dumps = json.JSONEncoder(separators=_SEP).encode
+# `json.dumps(x, separators=(",", ":"))`'s text, without building an encoder per call (per blob, twice a backup).
+_dumps = jsonfast.compact()
 
 
 class _Uses:
@@ -42,6 +43,10 @@ class _Uses:
 
 def refs_note(labels: list[str], count: int) -> list[str]:
     return labels[:3] + ([f"+{count - 3} more"] if count > 3 else [])
+
+
+KEPT_MAX = 100_000  # entries (~0.4 KB each in memory)
+_TREE_INSERT = "INSERT INTO tree (sha, size, entry, refs) VALUES (?, ?, ?, ?)"
 
 
 class RefStore:
@@ -62,8 +67,16 @@ class RefStore:
         # entries (JSON text, `refs` included: the tree is written from this table alone).
         self.conn.execute("CREATE TABLE todo (n INTEGER PRIMARY KEY, sha TEXT NOT NULL, size INTEGER NOT NULL, "
                           "refs TEXT NOT NULL)")
-        self.conn.execute("CREATE TABLE tree (sha TEXT PRIMARY KEY, size INTEGER NOT NULL, entry TEXT NOT NULL)")
+        self.conn.execute("CREATE TABLE tree (sha TEXT PRIMARY KEY, size INTEGER NOT NULL, entry TEXT NOT NULL, "
+                          "refs TEXT NOT NULL)")
         self.reused = 0  # tree entries taken over from the parent snapshot
+        # The parent's tree pages taken over whole (`split_pages`), in hash order.
+        self.pages: list[ReusedPage] = []
+        # Entries of changed pages copied as text (`split_pages`), in hash order: held in memory up
+        # to `KEPT_MAX` (an insert into the tree table per entry was a third of the merge), the rest
+        # go to the table.
+        self.kept: list[tuple[str, int, str, str]] = []
+        self.kept_bytes = 0
         self._batch_refs: dict[str, str] = {}  # the refs notes of the batch being encoded
 
     def close(self) -> None:
@@ -80,8 +93,8 @@ class RefStore:
         batch: list[tuple[str, int, str]] = []
         insert = "INSERT INTO refs (sha, size, label) VALUES (?, ?, ?)"
         with ctx.conn:
-            for r in ctx.iter_blob_references():
-                batch.append((r.sha256, int(r.size), r.label))
+            for sha, size, label in ctx.iter_blob_reference_rows():
+                batch.append((sha, int(size), label))
                 if len(batch) >= INSERT_BATCH:
                     self._insert(insert, batch, self.refs_conn)
                     batch = []
@@ -152,9 +165,9 @@ class RefStore:
                     entry = {k: v for k, v in entry.items() if k != "refs"}
                     entry["refs"] = refs
                 reused += 1
-                tree.append((sha, int(entry["size"]), _dumps(entry)))
+                tree.append((sha, int(entry["size"]), _dumps(entry), _dumps(refs)))
                 if len(tree) >= INSERT_BATCH:
-                    self._insert("INSERT INTO tree (sha, size, entry) VALUES (?, ?, ?)", tree)
+                    self._insert(_TREE_INSERT, tree)
                     tree = []
             else:
                 n += 1
@@ -163,7 +176,92 @@ class RefStore:
                 if len(todo) >= INSERT_BATCH:
                     self._insert("INSERT INTO todo (n, sha, size, refs) VALUES (?, ?, ?, ?)", todo)
                     todo = []
-        self._insert("INSERT INTO tree (sha, size, entry) VALUES (?, ?, ?)", tree)
+        self._insert(_TREE_INSERT, tree)
+        self._insert("INSERT INTO todo (n, sha, size, refs) VALUES (?, ?, ?, ?)", todo)
+        self.reused = reused
+        return n, todo_bytes
+
+    def split_pages(self, pages: list[ReusedPage], load: Callable[[str], dict[str, str]],
+                    known: Any) -> tuple[int, int]:
+        """`split` against a parent tree whose pages carry keys (`treepages`: the last hash, the
+        digest of the (hash, refs note) list and the bytes of each page). The references are
+        walked in hash order and cut at the parent's page ends; a range whose digest is the page's
+        holds exactly the page's blobs with the same refs notes, so the page is taken over whole
+        (`self.pages`): not read, decoded, re-encoded or written again. Only the pages of a range
+        that changed are read (`load`: cid -> sha -> entry JSON text): an entry whose refs note is
+        unchanged is copied as text, any other merged as `split` does; a page that cannot be read
+        is treated as empty (its blobs are encoded again).
+        Returns (blobs to encode, their recorded bytes)."""
+        todo: list[tuple[int, str, int, str]] = []
+        tree: list[tuple[str, int, str, str]] = []
+        n = todo_bytes = reused = 0
+        pending: list[tuple[str, int, str, str]] = []  # (sha, size, "", refs note): `page_digest`'s rows
+        i = 0
+
+        def to_todo(sha: str, size: int, rtext: str) -> None:
+            nonlocal n, todo_bytes
+            n += 1
+            todo_bytes += size
+            todo.append((n, sha, size, rtext))
+
+        def close(page: ReusedPage) -> None:
+            nonlocal reused
+            # A page taken over whole must itself be indexed; its entries' chunks are those of a
+            # snapshot the repository holds (under this create's lock no prune runs), as for the
+            # unchanged-store snapshot, which lists every page of its parent.
+            if len(pending) == page.count and page.cid in known and page_digest(pending) == page.digest:
+                self.pages.append(page)
+                reused += page.count
+            elif pending:
+                try:
+                    texts = load(page.cid)
+                except BackupError:
+                    texts = {}
+                for sha, size, _, rtext in pending:
+                    text = texts.get(sha)
+                    if text is None:
+                        to_todo(sha, size, rtext)
+                        continue
+                    if text.endswith(f',"refs":{rtext}}}') and text.startswith('{"size":'):
+                        # The same references: the parent's entry text as it is (the page's own
+                        # chunk is indexed; its entries' chunks are a held snapshot's, see above).
+                        reused += 1
+                        row = (sha, int(text[8:text.index(",", 8)]), text, rtext)
+                        if len(self.kept) < KEPT_MAX:
+                            self.kept.append(row)
+                            self.kept_bytes += row[1]
+                        else:
+                            tree.append(row)
+                        continue
+                    entry = json.loads(text)
+                    if isinstance(entry, dict) and all(c in known for c in entry.get("chunks") or ()):
+                        entry = {k: v for k, v in entry.items() if k != "refs"}
+                        entry["refs"] = json.loads(rtext)
+                        reused += 1
+                        tree.append((sha, int(entry["size"]), _dumps(entry), rtext))
+                    else:
+                        to_todo(sha, size, rtext)
+            pending.clear()
+
+        for sha, size, labels, count in self.blobs():
+            rtext = _dumps(refs_note(labels, count))
+            while i < len(pages) and sha > pages[i].last:
+                close(pages[i])
+                i += 1
+            if i < len(pages):
+                pending.append((sha, size, "", rtext))
+            else:
+                to_todo(sha, size, rtext)  # after the parent's last page: new
+            if len(tree) >= INSERT_BATCH:
+                self._insert(_TREE_INSERT, tree)
+                tree = []
+            if len(todo) >= INSERT_BATCH:
+                self._insert("INSERT INTO todo (n, sha, size, refs) VALUES (?, ?, ?, ?)", todo)
+                todo = []
+        while i < len(pages):
+            close(pages[i])
+            i += 1
+        self._insert(_TREE_INSERT, tree)
         self._insert("INSERT INTO todo (n, sha, size, refs) VALUES (?, ?, ?, ?)", todo)
         self.reused = reused
         return n, todo_bytes
@@ -174,6 +272,9 @@ class RefStore:
             self.conn.execute("DELETE FROM todo")
             self.conn.execute("DELETE FROM tree")
         self.reused = 0
+        self.pages = []
+        self.kept = []
+        self.kept_bytes = 0
 
     def todo_batches(self, batch: int | None = None) -> Iterator[tuple[list[str], dict[str, int]]]:
         """The blobs to encode, in hash order, `batch` at a time: (hashes, hash -> recorded size)."""
@@ -192,21 +293,45 @@ class RefStore:
         """New tree entries (sha -> {"size", "chunks"}) from the batch `todo_batches` last handed out;
         its `refs` note is spliced in as the last key (the text `json.dumps` of the whole entry gives)."""
         refs = self._batch_refs
-        self._insert("INSERT INTO tree (sha, size, entry) VALUES (?, ?, ?)",
-                     [(sha, int(e["size"]), f'{_dumps(e)[:-1]},"refs":{refs[sha]}}}') for sha, e in entries.items()])
+        self._insert(_TREE_INSERT, [(sha, int(e["size"]), f'{_dumps(e)[:-1]},"refs":{refs[sha]}}}', refs[sha])
+                                    for sha, e in entries.items()])
 
     # -------------------------------------------------------------- the new tree
 
     def tree_totals(self) -> tuple[int, int]:
-        """(blobs in the new tree, their bytes)."""
+        """(blobs in the new tree, their bytes), the pages taken over whole included."""
         n, total = self.conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM tree").fetchone()
-        return int(n), int(total)
+        return (int(n) + sum(p.count for p in self.pages) + len(self.kept),
+                int(total) + sum(p.nbytes for p in self.pages) + self.kept_bytes)
 
-    def tree_json_items(self) -> Iterator[str]:
-        """`"sha":{entry with refs}` in hash order: the tree's JSON text, one blob at a time. A blob
-        missing or corrupt has no entry (it is in `problems`, not in the tree)."""
-        for sha, entry in self.conn.execute("SELECT sha, entry FROM tree ORDER BY sha"):
-            yield f'"{sha}":{entry}'
+    def tree_items(self) -> Iterator[tuple[str, int, str, str] | ReusedPage]:
+        """The new tree in hash order, for `treepages.write_pages`: one blob at a time (its hash, size,
+        entry JSON text with refs, refs note), or a parent's page taken over whole. A blob missing
+        or corrupt has no entry (it is in `problems`, not in the tree). No entry falls in the range
+        of a page taken over (that range held exactly the page's blobs)."""
+        rows: Iterable[tuple[str, int, str, str]] = self.conn.execute(
+            "SELECT sha, size, entry, refs FROM tree ORDER BY sha")
+        if self.kept:
+            # A hash is in the table or in `kept`, never both. Few rows in the table (the blobs this
+            # backup encoded or re-referenced): one sort of the two sorted runs (a merge, in C).
+            if self.conn.execute("SELECT count(*) FROM tree").fetchone()[0] <= KEPT_MAX:
+                merged = self.kept + list(rows)
+                merged.sort()
+                rows = merged
+            else:
+                import heapq
+
+                rows = heapq.merge(rows, self.kept)
+        pages = iter(self.pages)
+        page = next(pages, None)
+        for row in rows:
+            while page is not None and page.last < row[0]:
+                yield page
+                page = next(pages, None)
+            yield row
+        while page is not None:
+            yield page
+            page = next(pages, None)
 
 
 class SavedTree(Mapping[str, Any]):

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from anvil.objects import references as refs
+from anvil.storage import jsonfast
 from anvil.storage.records import Connection, table_exists
 from anvil.storage.recovery import BlobRef, Finding, Participant, RecoveryContext
 from anvil.storage.spill import Sorter, sorted_strings
@@ -23,7 +24,7 @@ MAX_PREFIXES = 100
 
 # `json.dumps(..., separators=(",", ":"), ensure_ascii=False)` builds a new encoder at every call (a
 # few microseconds, twice per version in every summary): one encoder, the same text.
-_compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_compact = jsonfast.compact(ensure_ascii=False)
 
 
 def _listing_row(bucket: str, key: str, version_id: str, is_latest: int, delete_marker: int, size: int,
@@ -88,48 +89,59 @@ class ObjectsParticipant(Participant):
         for name, versioning in conn.execute("SELECT name, versioning FROM buckets ORDER BY name"):
             per_bucket[name] = {"versioning": versioning or "Unversioned", "objects": 0, "versions": 0,
                                 "delete_markers": 0, "bytes": 0, "prefixes": {}}
-        totals = {"versions": 0, "delete_markers": 0, "objects": 0, "bytes": 0}
-        for row in conn.execute(
-            "SELECT bucket, key, version_id, seq, is_latest, delete_marker, size, etag, sha256, chunks "
-            "FROM versions ORDER BY bucket, key, version_id"
-        ):
-            bucket, key, vid, seq, latest, dm, size, etag, sha, chunks = row
-            rows_digest.update((_compact([bucket, key, vid, seq, latest, dm, size, etag, sha, chunks]) + "\n").encode())
-            if key.startswith("_anvil/"):
-                continue  # never visible through the API, so not part of what the drill can prove
-            listing.add(_compact([bucket, key, vid, bool(latest), bool(dm), size, etag]))  # = _listing_row
-            b = per_bucket.setdefault(bucket, {"versioning": "?", "objects": 0, "versions": 0,
-                                               "delete_markers": 0, "bytes": 0, "prefixes": {}})
-            b["versions"] += 1
-            totals["versions"] += 1
-            if dm:
-                b["delete_markers"] += 1
-                totals["delete_markers"] += 1
-            b["bytes"] += size
-            totals["bytes"] += size
-            if latest and not dm:
-                b["objects"] += 1
-                totals["objects"] += 1
-                head, sep, _ = key.partition("/")
-                if sep:
-                    prefixes = b["prefixes"]
-                    if head + "/" in prefixes or len(prefixes) < MAX_PREFIXES:
-                        prefixes[head + "/"] = prefixes.get(head + "/", 0) + 1
-        uploads = conn.execute("SELECT count(*) FROM multipart_uploads").fetchone()[0]
-        parts = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM multipart_parts").fetchone()
         # S3 object tags (in versions.extra) and bucket settings (tagging, lifecycle, cors) are source
-        # records too: digested so a restore that lost or changed one is caught.
+        # records too: digested so a restore that lost or changed one is caught. The tags are read
+        # in the same pass over the versions (one scan of the table, not two).
         tags_digest = hashlib.sha256()
         tagged = 0
-        for bucket, key, vid, extra in conn.execute(
-                "SELECT bucket, key, version_id, extra FROM versions ORDER BY bucket, key, version_id"):
+        # Per row only what differs per row: the digest's lines are hashed a batch at a time (the
+        # same bytes), the bucket's counters looked up when the bucket changes (rows come in bucket
+        # order), the totals summed from the buckets' at the end. Every backup with an object
+        # change runs this loop over every version.
+        lines: list[str] = []
+        add_line, add_listing = lines.append, listing.add
+        current: str | None = None
+        b: dict[str, Any] = {}
+        prefixes: dict[str, int] = {}
+        for bucket, key, vid, seq, latest, dm, size, etag, sha, chunks, extra in conn.execute(
+            "SELECT bucket, key, version_id, seq, is_latest, delete_marker, size, etag, sha256, chunks, extra "
+            "FROM versions ORDER BY bucket, key, version_id"
+        ):
+            add_line(_compact([bucket, key, vid, seq, latest, dm, size, etag, sha, chunks]))
+            if len(lines) >= 1024:
+                rows_digest.update(("\n".join(lines) + "\n").encode())
+                lines.clear()
             # Only a document naming "tags" can hold them (ours are written by json.dumps, which
             # never escapes an ASCII letter): the others are not parsed.
-            tags = json.loads(extra).get("tags") if extra and '"tags"' in extra else None
-            if tags:
+            if extra and '"tags"' in extra and (tags := json.loads(extra).get("tags")):
                 tagged += 1
                 tags_digest.update(json.dumps([bucket, key, vid, tags], separators=(",", ":"),
                                               ensure_ascii=False).encode() + b"\n")
+            if key.startswith("_anvil/"):
+                continue  # never visible through the API, so not part of what the drill can prove
+            add_listing(_compact([bucket, key, vid, bool(latest), bool(dm), size, etag]))  # = _listing_row
+            if bucket != current:
+                current = bucket
+                b = per_bucket.setdefault(bucket, {"versioning": "?", "objects": 0, "versions": 0,
+                                                   "delete_markers": 0, "bytes": 0, "prefixes": {}})
+                prefixes = b["prefixes"]
+            b["versions"] += 1
+            if dm:
+                b["delete_markers"] += 1
+            b["bytes"] += size
+            if latest and not dm:
+                b["objects"] += 1
+                head, sep, _ = key.partition("/")
+                if sep:
+                    head += "/"
+                    if head in prefixes or len(prefixes) < MAX_PREFIXES:
+                        prefixes[head] = prefixes.get(head, 0) + 1
+        if lines:
+            rows_digest.update(("\n".join(lines) + "\n").encode())
+        totals = {k: sum(pb[k] for pb in per_bucket.values())
+                  for k in ("versions", "delete_markers", "objects", "bytes")}
+        uploads = conn.execute("SELECT count(*) FROM multipart_uploads").fetchone()[0]
+        parts = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM multipart_parts").fetchone()
         settings_digest = hashlib.sha256()
         settings = 0
         if table_exists(conn, "bucket_settings"):
@@ -155,6 +167,15 @@ class ObjectsParticipant(Participant):
                 yield BlobRef(sha, size, label, ref, "objects.blob_missing")
         # Parts whose upload record is gone are referenced too: gc keeps them and backup copies
         # them, and validate() reports them (`multipart.part_without_upload`) for the operator.
+        yield from self._part_references(ctx)
+
+    def blob_reference_rows(self, ctx: RecoveryContext) -> Iterator[tuple[str, int, str]]:
+        """(sha256, size, label) of `blob_references`, in the same order: what a backup keeps of each."""
+        yield from refs.iter_version_chunk_rows(ctx.conn)
+        for r in self._part_references(ctx):
+            yield r.sha256, r.size, r.label
+
+    def _part_references(self, ctx: RecoveryContext) -> Iterator[BlobRef]:
         for p in refs.iter_part_refs(ctx.conn):
             ref = {"tenant": p.tenant, "bucket": p.bucket, "key": p.key, "upload_id": p.upload_id,
                    "part_number": p.part_number}

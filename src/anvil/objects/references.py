@@ -67,10 +67,21 @@ def iter_version_chunks(conn: Connection) -> Iterator[VersionChunks]:
     """
     tenants = bucket_tenants(conn)
     loads = json.loads
-    for bucket, key, version_id, chunks in conn.execute(
-        "SELECT bucket, key, version_id, chunks FROM versions WHERE delete_marker = 0"
-    ):
+    for bucket, key, version_id, chunks in conn.execute(_VERSION_CHUNKS):
         yield VersionChunks(tenants.get(bucket), bucket, key, version_id, [(c[0], c[1]) for c in loads(chunks)])
+
+
+_VERSION_CHUNKS = "SELECT bucket, key, version_id, chunks FROM versions WHERE delete_marker = 0"
+
+
+def iter_version_chunk_rows(conn: Connection) -> Iterator[tuple[str, int, str]]:
+    """`iter_version_chunks` as (sha256, size, "bucket/key@version") per chunk, in the same order:
+    for a caller that keeps only those (a backup's references), without a record per version."""
+    loads = json.loads
+    for bucket, key, version_id, chunks in conn.execute(_VERSION_CHUNKS):
+        label = f"{bucket}/{key}@{version_id}"
+        for c in loads(chunks):
+            yield c[0], c[1], label
 
 
 def count_versions(conn: Connection) -> int:

@@ -250,16 +250,21 @@ class ChainProblem:
     problem: str
 
 
-def verify_chain(conn: apsw.Connection) -> tuple[int, list[ChainProblem]]:
-    """Walk the whole journal; return (events checked, problems). Read-only."""
-    base_seq, base_hash = base(conn)
+def verify_chain(conn: apsw.Connection, after: tuple[int, str] | None = None) -> tuple[int, list[ChainProblem]]:
+    """Walk the whole journal; return (events checked, problems). Read-only.
+
+    `after` (seq, hash): walk only the events after that one, anchored on its hash (a backup
+    extends its parent snapshot's verification; the caller has checked that event is still there)."""
+    base_seq, base_hash = after if after is not None else base(conn)
     expected_seq, expected_prev = base_seq + 1, base_hash
     problems: list[ChainProblem] = []
     checked = 0
     # `event_hash` inlined, over the same bytes (`_record_text`), with its callables bound once.
     record_text, sha256 = _record_text, hashlib.sha256
-    for seq, ts, tenant, kind, scope, actor, request_id, payload_json, prev_hash, h in conn.execute(
-            f"SELECT {_COLUMNS} FROM journal ORDER BY seq"):
+    # The whole walk reads every row (one left at or below the base is a problem it reports).
+    rows = (conn.execute(f"SELECT {_COLUMNS} FROM journal ORDER BY seq") if after is None else
+            conn.execute(f"SELECT {_COLUMNS} FROM journal WHERE seq > ? ORDER BY seq", (base_seq,)))
+    for seq, ts, tenant, kind, scope, actor, request_id, payload_json, prev_hash, h in rows:
         checked += 1
         if seq != expected_seq:
             problems.append(ChainProblem(seq, f"gap: expected seq {expected_seq}, found {seq}"))

@@ -171,6 +171,18 @@ class RecoveryContext:
             if isinstance(p, BlobReferrer):
                 yield from p.blob_references(self)
 
+    def iter_blob_reference_rows(self) -> Iterator[tuple[str, int, str]]:
+        """`iter_blob_references` as (sha256, size, label), in the same order: a participant with a
+        `blob_reference_rows` method gives them without building a reference per blob."""
+        for p in self.participants:
+            if isinstance(p, BlobReferrer):
+                rows = getattr(p, "blob_reference_rows", None)
+                if rows is not None:
+                    yield from rows(self)
+                else:
+                    for r in p.blob_references(self):
+                        yield r.sha256, r.size, r.label
+
     def referenced_blobs(self) -> Iterator[tuple[str, int]]:
         """(sha256, size its first reference records) of every referenced blob, sorted by hash.
         From the stream a caller installed (`stream_referenced_blobs`: a backup reads them back
@@ -283,6 +295,12 @@ class Participant:
     def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
         """Counts and digests recorded in the manifest and compared after restore."""
         return {}
+
+    def summary_after(self, ctx: RecoveryContext, recorded: dict[str, Any]) -> dict[str, Any] | None:
+        """`summary`, extended from the one a parent snapshot recorded (`recorded`) by reading only
+        what came after it; None when that cannot be done soundly (then `summary` runs). Without a
+        damaged store, the result must equal `summary(ctx)`: a restore compares against it."""
+        return None
 
     def validate(self, ctx: RecoveryContext, recorded: dict[str, Any] | None = None) -> list[Finding]:
         """Findings about this participant's state (`recorded`: its summary at backup time, if any)."""
