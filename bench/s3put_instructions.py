@@ -1,4 +1,5 @@
-"""Instructions per small S3 PUT in the server, counted by callgrind: a figure the machine's load does not move.
+"""Instructions per small S3 (or native) PUT in the server, counted by callgrind: a figure the machine's load
+does not move.
 
 CPU time per operation could not separate a 10 % change on the shared 2-core machine (docs/performance.md,
 "S3 small PUT: Python work per request"). This runs a real `anvil serve` under
@@ -10,8 +11,11 @@ Repeatable to well under 1 % whatever the load; valgrind runs OpenSSL's generic 
 more here than on the CPU.
 
     python bench/s3put_instructions.py [--puts 200] [--warmup 50] [--size 1024] [--src DIR] [--keep DIR]
+                                       [--api native]
 
-`--src`: the `src` folder of another checkout to measure (a base to compare against).
+`--src`: the `src` folder of another checkout to measure (a base to compare against). `--api native`: the
+native API's `PUT /anvil/v1/buckets/{bucket}/object?key=K` with a Bearer token (httpx, one keep-alive
+connection) instead of boto3's PutObject.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--src", help="the src folder of the checkout to measure (default: this one)")
     ap.add_argument("--keep", help="copy callgrind's dumps to this folder (for callgrind_annotate)")
+    ap.add_argument("--api", choices=("s3", "native"), default="s3")
     args = ap.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("valgrind (with callgrind_control) is needed")
@@ -100,14 +105,29 @@ def main() -> None:
                 sys.exit("the server did not come up")
             time.sleep(0.5)
         creds = json.loads(cred_file.read_text())
-        s3 = _client(endpoint, creds["client_id"], creds["client_secret"])
-        s3.create_bucket(Bucket="cgbench")
         body = os.urandom(args.size)
+        if args.api == "native":
+            from anvil.client import exchange_token
+
+            token = exchange_token(endpoint, creds["client_id"], creds["client_secret"])["access_token"]
+            http = httpx.Client(base_url=endpoint, timeout=300, headers={"authorization": f"Bearer {token}"})
+            created = http.put("/anvil/v1/buckets/cgbench", json={})
+            assert created.is_success, created.text
+
+            def put(key: str) -> None:
+                r = http.put("/anvil/v1/buckets/cgbench/object", params={"key": key}, content=body)
+                assert r.status_code == 200, r.text
+        else:
+            s3 = _client(endpoint, creds["client_id"], creds["client_secret"])
+            s3.create_bucket(Bucket="cgbench")
+
+            def put(key: str) -> None:
+                s3.put_object(Bucket="cgbench", Key=key, Body=body)
         for i in range(args.warmup):
-            s3.put_object(Bucket="cgbench", Key=f"warm/{i}", Body=body)
+            put(f"warm/{i}")
         subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)
         for i in range(args.puts):
-            s3.put_object(Bucket="cgbench", Key=f"k/{i:05d}", Body=body)
+            put(f"k/{i:05d}")
         subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
         subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True, capture_output=True)
         files = [f for f in work.glob("cg.out*") if f.is_file()]
@@ -126,7 +146,7 @@ def main() -> None:
     total = sum(by_thread.values())
     others = sorted((n for t, n in by_thread.items() if t != 1), reverse=True)
     print(json.dumps({
-        "bench": "s3put_instructions", "src": str(src), "puts": args.puts, "size": args.size,
+        "bench": "s3put_instructions", "api": args.api, "src": str(src), "puts": args.puts, "size": args.size,
         "per_put": round(total / args.puts), "event_loop_per_put": round(by_thread.get(1, 0) / args.puts),
         "busiest_other_thread_per_put": round(others[0] / args.puts) if others else 0,
         "threads": {str(t): round(n / args.puts) for t, n in sorted(by_thread.items())},

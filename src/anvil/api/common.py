@@ -80,6 +80,15 @@ def error_response(err: AnvilError, request_id: str, *, head: bool = False) -> R
     return JSONResponse(err.to_dict(request_id), status_code=err.status, headers=headers)
 
 
+def unexpected_error_response(exc: Exception, request_id: str, method: str, path: str) -> Response:
+    """The answer to a handler's exception that is no AnvilError (called in its `except` block: the
+    log line carries the traceback); also api/fastput.py's for a native PUT whose commit failed."""
+    if is_full_error(exc):  # ENOSPC from any file write: the full-disk answer, not a 500
+        return error_response(storage_full(), request_id, head=method == "HEAD")
+    log.exception("unhandled error in %s %s", method, path)
+    return error_response(AnvilError("Internal", "internal error"), request_id, head=method == "HEAD")
+
+
 Handler = Callable[[Request, RequestContext], Awaitable[Response]]
 
 
@@ -103,11 +112,7 @@ def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
             log_client_disconnect(request)  # nobody is left to answer; not a server error
             return Response(status_code=400)
         except Exception as exc:  # noqa: BLE001 - never leak a traceback to the client
-            if is_full_error(exc):  # ENOSPC from any file write: the full-disk answer, not a 500
-                return error_response(storage_full(), request_id, head=request.method == "HEAD")
-            log.exception("unhandled error in %s %s", request.method, request.url.path)
-            err = AnvilError("Internal", "internal error")
-            return error_response(err, request_id, head=request.method == "HEAD")
+            return unexpected_error_response(exc, request_id, request.method, request.url.path)
         if type(response) is RawResponse:  # a GET's answer: none of its headers is an x-request-id
             response.raw_headers.append((b"x-request-id", request_id.encode("latin-1")))
         else:

@@ -1,4 +1,5 @@
-"""The small S3 PutObject, answered from the HTTP parser's callbacks (api/server.py), before the general path.
+"""The small PUT (S3 PutObject, and the native API's object PUT), answered from the HTTP parser's
+callbacks (api/server.py), before the general path.
 
 Most writes an S3 client makes are a path-style `PUT /bucket/key` signed with SigV4 in the Authorization
 header, with a small body of known length, its SHA-256 (or UNSIGNED-PAYLOAD) declared, maybe a
@@ -23,6 +24,15 @@ query, a session token, CORS), a refused signature or authorisation, a bucket wi
 a lifecycle configuration (its answers carry x-amz-expiration), an access log to write, a body whose
 digest does not match (the general path gives XAmzContentSHA256Mismatch or BadDigest), a client that
 goes away mid-body. Only a failure of the commit itself is answered here, with the gateway's error.
+
+The native `PUT /anvil/v1/buckets/{bucket}/object?key=K` with a Bearer token is served the same way
+(`_plan_native`), with the native route's functions: the key from the query (`native._key`), the token
+(`identity.authenticate_token_full`: the verified-token cache and the application lifecycle, as
+`common.authenticate`), `authorize`, `prepare_write`, `x-anvil-meta-*`, Content-Type, Content-MD5 and
+`x-anvil-checksum-sha256`; its answer is `json_put_answer`'s with the request id, or `endpoint`'s error.
+It declines a query other than `key=`, a condition, an Idempotency-Key, any header it does not know,
+no token (`--dev-auth`), a refused token, key or authorisation, a bucket with a binding or a lifecycle
+rule, an access log, recovery mode, a body whose declared digests do not match.
 """
 
 from __future__ import annotations
@@ -33,7 +43,9 @@ import urllib.parse
 from itertools import chain
 from typing import Any
 
-from anvil.api.common import HASH_ON_LOOP_LIMIT
+from anvil.api import native
+from anvil.api.common import HASH_ON_LOOP_LIMIT, metadata_from_headers, unexpected_error_response
+from anvil.api.common import error_response as native_error_response
 from anvil.api.fastreq import FastHeaders
 from anvil.api.record import next_request_id
 from anvil.api.s3 import auth as sig
@@ -42,7 +54,9 @@ from anvil.api.s3.errors import error_response
 from anvil.api.s3.gateway import MAX_HEADER_BYTES, error_of
 from anvil.api.s3.objects import _meta_from_header, content_type
 from anvil.api.s3.request import content_md5
+from anvil.api.writes import json_put_answer
 from anvil.context import RequestContext
+from anvil.errors import AnvilError
 from anvil.identity import authorize
 from anvil.objects import Conditions
 from anvil.objects import validation as v
@@ -57,30 +71,60 @@ _KNOWN = frozenset({
     b"connection", b"expect",  # (100-continue: answered by the protocol as the general path's first receive)
 })
 _AUTH_PREFIX = (sig.ALGORITHM + " ").encode("ascii")
+# ... and those of the native object PUT (and `x-anvil-meta-*`): a condition, an Idempotency-Key, a
+# Transfer-Encoding or anything else is the general path's.
+_NATIVE_KNOWN = frozenset({
+    b"host", b"authorization", b"content-length", b"content-type", b"content-md5", b"x-anvil-checksum-sha256",
+    b"user-agent", b"accept-encoding", b"accept", b"connection", b"expect",
+})
+# Those of them that ask for no more than the key, token, length and content type: a PUT with only these
+# (the benchmark's, an SDK's without metadata or checksums) skips the metadata and checksum readers.
+_NATIVE_PLAIN = frozenset({
+    b"host", b"authorization", b"content-length", b"content-type", b"user-agent", b"accept-encoding", b"accept",
+    b"connection", b"expect",
+})
+_NATIVE_PREFIX = b"/anvil/v1/buckets/"
+_NATIVE_SUFFIX = b"/object"
+_BUCKET = slice(len(_NATIVE_PREFIX), -len(_NATIVE_SUFFIX))
 _NO_CONDITIONS = Conditions()
 
 
 class _Head:
-    """What the gateway's functions read of a request (`headers`, `method`, `scope`, `h`), for the
-    signature check, the metadata and the content type."""
+    """What the gateway's and the native route's functions read of a request (`headers`, `method`,
+    `scope`, `h`), for the signature check, the key, the metadata, the content type and checksums."""
 
     __slots__ = ("headers", "h", "scope")
     method = "PUT"
 
-    def __init__(self, headers: FastHeaders, raw_path: bytes):
+    def __init__(self, headers: FastHeaders | None, raw_path: bytes, query: bytes = b""):
         self.headers = self.h = headers
-        self.scope = {"raw_path": raw_path}
+        self.scope = {"raw_path": raw_path, "query_string": query}
+
+
+def _known_headers(headers: list[tuple[bytes, bytes]], known: frozenset[bytes], meta: bytes
+                   ) -> dict[bytes, bytes] | None:
+    """The headers by name, or None when a name repeats (the general path's rules for it) or one is
+    neither `known` nor user metadata (`meta` prefix). C loops over the list: a Python loop over a dozen
+    headers cost more."""
+    found = dict(headers)
+    if len(found) != len(headers):
+        return None
+    unknown = found.keys() - known
+    if unknown and not all(name.startswith(meta) for name in unknown):
+        return None
+    return found
 
 
 class PutPlan:
     """One accepted request between its head and its answer."""
 
-    __slots__ = ("bucket", "key", "path", "length", "sha256", "md5", "ctx", "ctype", "user", "start")
+    __slots__ = ("bucket", "key", "path", "length", "sha256", "md5", "ctx", "ctype", "user", "start", "native")
 
     def __init__(self, bucket: str, key: str, path: str, length: int, sha256: str | None, md5: str | None,
-                 ctx: RequestContext, ctype: str, user: dict[str, str], start: float):
+                 ctx: RequestContext, ctype: str, user: dict[str, str], start: float, native: bool = False):
         self.bucket, self.key, self.path, self.length = bucket, key, path, length
         self.sha256, self.md5, self.ctx, self.ctype, self.user, self.start = sha256, md5, ctx, ctype, user, start
+        self.native = native  # a native API PUT (its answer is JSON), else an S3 one
 
 
 class FastPuts:
@@ -94,22 +138,22 @@ class FastPuts:
         self.base_domain = gateway.base_domain
         # Inline bodies hashed and stored on the loop, as the general path does for them (`put_object`).
         self.limit = min(HASH_ON_LOOP_LIMIT, anvil.objects.blobs.inline_max)
-        self.answered = 0  # PUTs answered here (the `anvil_fast_answers_total` metric)
+        self.identity = anvil.identity
+        self.answered = 0  # S3 PUTs answered here (the `anvil_fast_answers_total` metric)
+        self.native_answered = 0  # ... and native ones
 
     def plan(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> PutPlan | None:
         """At the end of a PUT's head: a plan if this path answers it, None if the general path must."""
         state = self.state
         if self.observer.log is not None or state.recovery_mode:
             return None  # an access log line to write, writes refused: the general path
+        if url.startswith(_NATIVE_PREFIX):
+            return self._plan_native(url, headers)
         if url[:1] != b"/" or url.find(b"?") >= 0 or url.find(b"#") >= 0:
             return None  # a query (a sub-resource, presigned) or an absolute URL
         start = time.perf_counter()
-        # The header checks as C loops over the list (a Python loop over a dozen headers cost more).
-        found = dict(headers)
-        if len(found) != len(headers):
-            return None  # a repeated header: the general path's rules for it
-        unknown = found.keys() - _KNOWN
-        if unknown and not all(name.startswith(b"x-amz-meta-") for name in unknown):
+        found = _known_headers(headers, _KNOWN, b"x-amz-meta-")
+        if found is None:
             return None
         authorization = found.get(b"authorization")
         sha_text = found.get(b"x-amz-content-sha256")
@@ -157,6 +201,48 @@ class FastPuts:
         return PutPlan(bucket, key, path, length, payload.lower() if payload != sig.UNSIGNED else None, md5, ctx,
                        ctype, user, start)
 
+    def _plan_native(self, url: bytes, headers: list[tuple[bytes, bytes]]) -> PutPlan | None:
+        """`plan` for `PUT /anvil/v1/buckets/{bucket}/object?key=K` (api/native.py `put_object`)."""
+        path, _, query = url.partition(b"?")
+        bucket_raw = path[_BUCKET]
+        if not path.endswith(_NATIVE_SUFFIX) or query[:4] != b"key=" or query.find(b"&") >= 0 \
+                or url.find(b"#") >= 0 or not url.isascii() or not bucket_raw or bucket_raw.find(b"/") >= 0 \
+                or bucket_raw.find(b"%") >= 0:
+            return None  # another route, another query parameter (a version id...), an encoded bucket name
+        start = time.perf_counter()
+        found = _known_headers(headers, _NATIVE_KNOWN, b"x-anvil-meta-")
+        if found is None:
+            return None
+        authorization = found.get(b"authorization")
+        length_text = found.get(b"content-length")
+        if authorization is None or authorization[:7] != b"Bearer " or length_text is None:
+            return None  # no token (anonymous, or --dev-auth's principal), another scheme: the general path
+        length = v.decimal_length(length_text.decode("latin-1"))
+        token = authorization[7:].strip().decode("latin-1")  # as `common.authenticate` reads it
+        if length is None or length > self.limit or not token:
+            return None
+        bucket = bucket_raw.decode("ascii")
+        if self.authz.has_binding(bucket) or self.objects.bucket_setting(bucket, "lifecycle") is not None:
+            return None  # decided by relationships (and their caveats); a lifecycle rule
+        ctype_raw = found.get(b"content-type")
+        head = _Head(FastHeaders({"headers": headers}) if found.keys() - _NATIVE_PLAIN else None, path, query)
+        try:
+            key = native._key(head)  # type: ignore[arg-type]
+            principal = self.identity.authenticate_token_full(token)[0]
+            authorize(principal, "object:write", f"bucket:{bucket}/{key}")
+            self.objects.prepare_write(bucket, key, incoming=length)
+            ctype = v.check_content_type(ctype_raw.decode("latin-1") if ctype_raw is not None else None)
+            if head.headers is None:
+                user, sha, md5 = {}, None, None
+            else:
+                user = v.normalise_metadata(metadata_from_headers(head))  # type: ignore[arg-type]
+                sha, md5 = native._expected_checksums(head)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - every refusal is the general path's to answer
+            return None
+        ctx = RequestContext(principal=principal, request_id=next_request_id())
+        return PutPlan(bucket, key, url.decode("ascii"), length, sha.lower() if sha is not None else None, md5, ctx,
+                       ctype, user, start, native=True)
+
     def commit(self, plan: PutPlan, body: bytes) -> concurrent.futures.Future | None:
         """The whole body has arrived: the version submitted to the catalog writer (a future of its
         commit), or None (nothing submitted) when the general path must answer."""
@@ -168,7 +254,9 @@ class FastPuts:
             return None  # XAmzContentSHA256Mismatch or BadDigest, from the general path
         objects = self.objects
         try:
-            info = objects.store_bytes(body, expected_md5=plan.md5, digests=digests, admitted=plan.length > 0)
+            # (admitted: by `prepare_write`, which the native route counts done even for an empty body)
+            info = objects.store_bytes(body, expected_md5=plan.md5, digests=digests,
+                                       admitted=plan.length > 0 or plan.native)
             return objects.submit_put_object(plan.ctx, plan.bucket, plan.key, info, content_type=plan.ctype,
                                              metadata=plan.user, cond=_NO_CONDITIONS, extra=None)
         except Exception:  # noqa: BLE001 - refused before anything was queued: the general path answers
@@ -177,6 +265,8 @@ class FastPuts:
     def answer(self, plan: PutPlan, future: concurrent.futures.Future) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """The answer (status, headers with content-length, body) once the commit settled, counted in
         the metrics as the general path counts it."""
+        if plan.native:
+            return self._answer_native(plan, future)
         rid = plan.ctx.request_id.encode("latin-1")
         try:
             result = future.result()
@@ -196,4 +286,23 @@ class FastPuts:
         requests = self.observer.requests
         if requests is not None:
             requests.record("s3", "put_object", status, plan.length, len(body), time.perf_counter() - plan.start)
+        return status, headers, body
+
+    def _answer_native(self, plan: PutPlan, future: concurrent.futures.Future
+                       ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """`answer` for a native PUT: `put_object`'s JSON and `endpoint`'s request id, or its error."""
+        rid = plan.ctx.request_id
+        try:
+            response = json_put_answer(future.result())
+        except AnvilError as err:
+            response = native_error_response(err, rid)
+        except Exception as exc:  # noqa: BLE001 - the full-disk answer, or a logged 500
+            response = unexpected_error_response(exc, rid, "PUT", plan.path.partition("?")[0])
+        else:
+            response.raw_headers.append((b"x-request-id", rid.encode("latin-1")))
+        status, headers, body = response.status_code, response.raw_headers, response.body
+        self.native_answered += 1
+        requests = self.observer.requests
+        if requests is not None:
+            requests.record("native", "put_object", status, plan.length, len(body), time.perf_counter() - plan.start)
         return status, headers, body

@@ -233,10 +233,12 @@ class StateCollector(Collector):
         yield recovery
 
         fast = CounterMetricFamily("anvil_fast_answers", "Requests answered before the general path (the small "
-                                   "native GET/HEAD, the small S3 PUT) since the server started.", labels=["path"])
-        for path, answerer in (("native_get", "fast_reads"), ("s3_put", "fast_puts")):
+                                   "native GET/HEAD, the small S3 and native PUT) since the server started.",
+                                   labels=["path"])
+        for path, answerer, count in (("native_get", "fast_reads", "answered"), ("s3_put", "fast_puts", "answered"),
+                                      ("native_put", "fast_puts", "native_answered")):
             found = getattr(self.app, answerer, None)
-            fast.add_metric([path], found.answered if found is not None else 0)
+            fast.add_metric([path], getattr(found, count) if found is not None else 0)
         yield fast
 
         seq, _ = catalog.head()
