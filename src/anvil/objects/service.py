@@ -25,7 +25,7 @@ from anvil.context import RequestContext
 from anvil.errors import AnvilError, not_found
 from anvil.objects import validation as v
 from anvil.objects.checksums import combine_crcs, new_checksum
-from anvil.storage import BlobInfo, BlobWriter, Storage, Txn, idempotency, inline, listing, records
+from anvil.storage import BlobInfo, BlobWriter, Storage, Txn, idempotency, inline, jsonfast, listing, records
 from anvil.storage.blobs import BlobCorrupted, InlineBody, digest_bytes, needs_sidecar
 from anvil.storage.records import Connection
 
@@ -146,9 +146,10 @@ _VERSION_COLUMNS = (
 )
 
 # JSON columns of a version, encoded as `json.dumps(x, sort_keys=True)` encodes them (the stored text is
-# unchanged) by encoders built once: json.dumps with options builds a new encoder per call.
-_dumps_sorted = json.JSONEncoder(sort_keys=True).encode
-_dumps = json.JSONEncoder().encode
+# unchanged) by encoders built once, C encoder included: json.dumps with options builds a new encoder
+# per call, and `JSONEncoder.encode` a new C encoder per call.
+_dumps_sorted = jsonfast.encoder(sort_keys=True)
+_dumps = jsonfast.encoder()
 
 
 def _json_sorted(value: dict[str, Any] | None) -> str:

@@ -142,7 +142,9 @@ class Catalog:
         self._local = _ThreadState()
         self._readers: list[apsw.Connection] = []
         self._readers_lock = threading.RLock()  # re-entrant: a _ReaderSlot may be released under it
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        # SimpleQueue: put and get are C calls (queue.Queue takes a Python lock and Condition on each
+        # side: the event loop's submit and the writer's get), and the writer is its only consumer.
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._head: tuple[int, str] | None = None
         self._commit_listeners: list[Callable[[int], None]] = []
@@ -317,17 +319,20 @@ class Catalog:
 
     def _run(self) -> None:
         expect = 1  # writers seen in the last batch: as many are likely to come back
+        q = self._queue
         while True:
-            job = self._queue.get()
+            job = q.get()
             if job is None:
                 return
             batch = [job]
             stop = False
             deadline = 0.0
             while len(batch) < MAX_BATCH:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
+                # The only consumer: not empty means get_nowait succeeds (no queue.Empty raised and
+                # caught at the end of every batch).
+                if not q.empty():
+                    nxt = q.get_nowait()
+                else:
                     if len(batch) >= expect:
                         break
                     now = time.monotonic()
@@ -337,7 +342,7 @@ class Catalog:
                     if wait <= 0:
                         break
                     try:
-                        nxt = self._queue.get(timeout=wait)
+                        nxt = q.get(timeout=wait)
                     except queue.Empty:
                         break
                 if nxt is None:
@@ -403,10 +408,15 @@ class Catalog:
             # per batch. Only successful mutations' rows are kept; the chain is linked as they succeed.
             journal_rows: list[tuple] = []
             deferred: dict[str, list[tuple]] = {}
+            # A batch of one needs no savepoint: if its mutation fails, the whole transaction is rolled
+            # back, which undoes exactly what ROLLBACK TO would have (and commits nothing instead of an
+            # empty transaction). Two statements fewer per lone write (a sequential client's every PUT).
+            alone = len(batch) == 1
             for job in batch:
                 head_before = self._head
                 txn = Txn(conn, job.actor, job.request_id, time.time(), self._head[0])
-                conn.execute("SAVEPOINT m")
+                if not alone:
+                    conn.execute("SAVEPOINT m")
                 try:
                     if job.fence is not None:
                         self._check_fence(conn, job.fence, txn.now)
@@ -420,13 +430,17 @@ class Catalog:
                         txn.appended.append(appended)
                         rows.append(row)
                         self._head = (appended.seq, appended.hash)
-                    conn.execute("RELEASE m")
+                    if not alone:
+                        conn.execute("RELEASE m")
                 except BaseException as exc:  # noqa: BLE001 - handed to the caller
                     if self._is_full(exc):
                         raise  # no space for a page spilled mid-mutation: the whole batch fails
+                    self._head = head_before
+                    if alone:
+                        self._rollback(conn)
+                        return [(False, exc)]
                     conn.execute("ROLLBACK TO m")
                     conn.execute("RELEASE m")
-                    self._head = head_before
                     outcomes.append((False, exc))
                     continue
                 journal_rows += rows
