@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,30 +43,30 @@ GATHER_GAP = 0.001
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, MAX_BATCH)
 
 
-@dataclass
-class PendingEvent:
-    tenant: str
-    kind: str
-    scope: str
-    payload: dict[str, Any]
-
-
-@dataclass
 class Txn:
-    """What a mutation function gets: the write connection inside its savepoint."""
+    """What a mutation function gets: the write connection inside its savepoint. A plain slotted class
+    (one per mutation, made in the writer thread): a dataclass's `__init__` with three default
+    factories cost several times this one."""
 
-    conn: apsw.Connection
-    actor: str
-    request_id: str
-    now: float
-    head_seq: int
-    events: list[PendingEvent] = field(default_factory=list)
-    appended: list[journal.Event] = field(default_factory=list)
-    deferred: list[tuple[str, tuple]] = field(default_factory=list)
+    __slots__ = ("conn", "actor", "request_id", "now", "head_seq", "events", "appended", "deferred")
 
-    def emit(self, tenant: str, kind: str, scope: str, payload: dict[str, Any]) -> None:
-        """Record the journal event for this mutation; appended when the function returns."""
-        self.events.append(PendingEvent(tenant, kind, scope, payload))
+    def __init__(self, conn: apsw.Connection, actor: str, request_id: str, now: float, head_seq: int):
+        self.conn = conn
+        self.actor = actor
+        self.request_id = request_id
+        self.now = now
+        self.head_seq = head_seq
+        # (tenant, kind, scope, payload, payload_json or None): a plain tuple per event, not an object.
+        self.events: list[tuple[str, str, str, dict[str, Any], str | None]] = []
+        self.appended: list[journal.Event] = []
+        self.deferred: list[tuple[str, tuple]] = []
+
+    def emit(self, tenant: str, kind: str, scope: str, payload: dict[str, Any],
+             payload_json: str | None = None) -> None:
+        """Record the journal event for this mutation; appended when the function returns.
+        `payload_json`: `journal.canonical_payload(payload)`, when the caller wrote it already (byte for
+        byte that text: it is what the chain hashes and stores)."""
+        self.events.append((tenant, kind, scope, payload, payload_json))
 
     def defer(self, statement: str, params: tuple) -> None:
         """Run a write at the end of the batch, with the same statement of the batch's other mutations
@@ -422,10 +422,11 @@ class Catalog:
                         self._check_fence(conn, job.fence, txn.now)
                     result = job.fn(txn)
                     rows = []
-                    for ev in txn.events:
+                    for tenant, kind, scope, payload, payload_json in txn.events:
                         appended, row = journal.link(
-                            self._head, ts=txn.now, tenant=ev.tenant, kind=ev.kind, scope=ev.scope,
-                            actor=job.actor, request_id=job.request_id, payload=ev.payload,
+                            self._head, ts=txn.now, tenant=tenant, kind=kind, scope=scope,
+                            actor=job.actor, request_id=job.request_id, payload=payload,
+                            payload_json=payload_json,
                         )
                         txn.appended.append(appended)
                         rows.append(row)
