@@ -18,13 +18,22 @@ from typing import Any
 def compact(*, ensure_ascii: bool = True) -> Callable[[Any], str]:
     """A function writing `obj` as `json.JSONEncoder(separators=(",", ":"), ensure_ascii=...)` does.
     No check for circular structures: for rows of plain values (lists, dicts, str, int, None)."""
-    slow = json.JSONEncoder(separators=(",", ":"), ensure_ascii=ensure_ascii)
+    return encoder(separators=(",", ":"), ensure_ascii=ensure_ascii)
+
+
+def encoder(*, sort_keys: bool = False, separators: tuple[str, str] = (", ", ": "),
+            ensure_ascii: bool = True) -> Callable[[Any], str]:
+    """A function writing `obj` as `json.JSONEncoder(sort_keys=..., separators=..., ensure_ascii=...).encode`
+    does, byte for byte, with one C encoder made once. No check for circular structures: for values of
+    plain data (lists, dicts, str, int, float, None, bools)."""
+    slow = json.JSONEncoder(sort_keys=sort_keys, separators=separators, ensure_ascii=ensure_ascii)
     make = getattr(_encoder, "c_make_encoder", None)
     if make is None:
         return slow.encode
     basestring = _encoder.encode_basestring_ascii if ensure_ascii else _encoder.encode_basestring
+    item_sep, key_sep = separators
     try:
-        fast = make(None, slow.default, basestring, None, ":", ",", False, False, True)
+        fast = make(None, slow.default, basestring, None, key_sep, item_sep, sort_keys, False, True)
     except TypeError:  # another signature: keep the documented path
         return slow.encode
     join = "".join
@@ -34,5 +43,5 @@ def compact(*, ensure_ascii: bool = True) -> Callable[[Any], str]:
             return basestring(obj)  # (what `encode` does for a bare string)
         return join(fast(obj, 0))
 
-    probe = ["a\"\\\n\u00e9\u2028", 1, -2.5, None, True, False, {"k": [1, "x"]}]
+    probe = ["a\"\\\n\u00e9\u2028", 1, -2.5, 1e300, None, True, False, {"k": [1, "x"], "b": {"z": 1, "a": []}}]
     return encode if encode(probe) == slow.encode(probe) else slow.encode
