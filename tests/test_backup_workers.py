@@ -3,7 +3,8 @@
 A real server takes an online backup with the process pool forced on (`ANVIL_BACKUP_PROCESS_MIN=1`):
 inline bodies, small blob files, a multi-chunk blob and a large streamed one. The snapshot is
 restored through the workers and, for comparison, with the pool off (the threaded path that older
-Anvil used): both restores hold the same blobs, byte for byte, and validate. A corrupt and a
+Anvil used): both restores hold the same blobs, byte for byte, and validate, and mark the blob
+fan-out's parent for ext4 to spread its folders (chattr +T). A corrupt and a
 missing blob file are reported, not stored, by a worker-encoded backup; a damaged pack fails only
 the blobs in it.
 """
@@ -32,6 +33,40 @@ def _files(root: Path) -> dict[str, str]:
             p = Path(dirpath) / n
             out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+FS_IOC_GETFLAGS, FS_TOPDIR_FL = 0x80086601, 0x00020000
+
+
+def _flags(folder: Path) -> int | None:
+    """A folder's inode flags (lsattr), None where the file system has none (not ext2/3/4)."""
+    import fcntl
+    import struct
+
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, FS_IOC_GETFLAGS, b"\0" * 4))[0]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _can_mark_top(base: Path) -> bool:
+    """Whether this file system takes the mark at all (ext2/3/4 do; tmpfs, for one, refuses it)."""
+    import fcntl
+    import struct
+
+    probe = base / "topdir-probe"
+    probe.mkdir(exist_ok=True)
+    fd = os.open(probe, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, 0x40086602, struct.pack("i", FS_TOPDIR_FL))  # FS_IOC_SETFLAGS
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +105,16 @@ def test_worker_backup_restores_through_workers_and_threads_alike(world) -> None
         res = Cli({**cli.env, **extra}).json("restore", "--repo", f"file://{repo}", "--target", str(target))
         assert res["ok"], res["problems"]
         targets[name] = target
+    for target in targets.values():
+        # A fresh restore marks the blob fan-out's parent a top of a hierarchy (chattr +T), so ext4
+        # spreads the fan-out folders (and the blob files in them) over its block groups; the mark
+        # is not inherited by the fan-out folders themselves.
+        top = _flags(target / "blobs" / "sha256")
+        if _can_mark_top(world["base"]):
+            assert top is not None
+            assert top & FS_TOPDIR_FL, hex(top)
+            fanout = next(p for p in (target / "blobs" / "sha256").iterdir() if p.is_dir())
+            assert not _flags(fanout) & FS_TOPDIR_FL  # type: ignore[operator]
     report = cli.json("recovery", "validate", "--storage-path", str(targets["workers"]))
     assert report["ok"], report
     live = _files(world["srv"].storage_path)
