@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,15 +124,16 @@ _quote = json.encoder.encode_basestring
 
 
 def _record_text(seq: Any, ts: Any, tenant: Any, kind: Any, scope: Any, actor: Any, request_id: Any,
-                 payload_json: Any) -> str:
+                 payload_json: Any, quote_payload: Callable[[str], str] = _quote) -> str:
     """`_encode_record([seq, repr(ts), ...])`, byte for byte, without building an encoder per
     call (JSONEncoder.encode does, and that was most of verify_chain's cost per event). Only an
     int seq and str columns take the short way; anything else (NULL, a damaged row) goes
-    through the encoder itself."""
+    through the encoder itself. `quote_payload`: `_quote_canonical` for a payload the writer has
+    just encoded canonically (the same text, cheaper)."""
     if type(seq) is int:
         try:
             return (f"[{seq},{_quote(repr(ts))},{_quote(tenant)},{_quote(kind)},{_quote(scope)},{_quote(actor)},"
-                    f"{_quote(request_id)},{_quote(payload_json)}]")
+                    f"{_quote(request_id)},{quote_payload(payload_json)}]")
         except TypeError:
             pass
     return _encode_record([seq, repr(ts), tenant, kind, scope, actor, request_id, payload_json])
@@ -165,13 +166,8 @@ def link(
     seq = prev_seq + 1
     if payload_json is None:
         payload_json = _encode_canonical(payload)
-    if type(tenant) is str and type(kind) is str and type(scope) is str and type(actor) is str \
-            and type(request_id) is str:
-        q = _quote
-        h = sha256_hex(f"{prev_hash}\n[{seq},{q(repr(ts))},{q(tenant)},{q(kind)},{q(scope)},{q(actor)},"
-                       f"{q(request_id)},{_quote_canonical(payload_json)}]".encode())
-    else:
-        h = event_hash(prev_hash, seq, ts, tenant, kind, scope, actor, request_id, payload_json)
+    record = _record_text(seq, ts, tenant, kind, scope, actor, request_id, payload_json, _quote_canonical)
+    h = sha256_hex(f"{prev_hash}\n{record}".encode())
     return (_new_event(seq, ts, tenant, kind, scope, actor, request_id, payload, prev_hash, h),
             (seq, ts, tenant, kind, scope, actor, request_id, payload_json, prev_hash, h))
 
