@@ -595,7 +595,7 @@ def _full_walk(participants: list[Participant], reused: dict[str, Any], extended
                inherited: summaries_mod.FromParent, now: float) -> float | None:
     """The manifest's `journal_chain_full_walk`: `now` if every extendable summary (the journal's)
     was computed whole by this backup, else the parent's (None if it recorded none)."""
-    names = [p.name for p in participants if type(p).summary_after is not Participant.summary_after]
+    names = [p.name for p in summaries_mod.extendable(participants)]
     if any(n in extended or n in reused for n in names):
         return inherited.chain_full_walk
     return now

@@ -38,6 +38,11 @@ CHAIN_FULL_EVERY = 24 * 3600
 CHAIN_FULL_KEY = "journal_chain_full_walk"
 
 
+def extendable(participants: list[Participant]) -> list[Participant]:
+    """The participants whose summary can be extended from the parent's (`summary_after` overridden)."""
+    return [p for p in participants if type(p).summary_after is not Participant.summary_after]
+
+
 @dataclass
 class FromParent:
     """What a backup takes from its parent's summaries: `reused` (name -> the parent's summary, which
@@ -56,8 +61,8 @@ def from_parent(repo: Repository, parent: dict[str, Any] | None, conn: Any, head
     `CHAIN_FULL_EVERY` before `now`."""
     out = FromParent()
     wanted = [p for p in participants if p.summary_reuse in ("events", "head")]
-    extendable = [p for p in participants if type(p).summary_after is not Participant.summary_after]
-    if parent is None or not (wanted or extendable) or parent.get("kind") == "delta":
+    can_extend = extendable(participants)
+    if parent is None or not (wanted or can_extend) or parent.get("kind") == "delta":
         return out
     consistency = parent.get("consistency") or {}
     parent_seq = int(consistency.get("journal_seq", head[0] + 1))
@@ -69,7 +74,7 @@ def from_parent(repo: Repository, parent: dict[str, Any] | None, conn: Any, head
         p.summary_reuse == "events" and kinds is not None and isinstance(p, Replayer) and p.replays
         and not any(kind.startswith(tuple(p.replays)) for kind in kinds))]
     every = env_seconds(CHAIN_FULL_EVERY_ENV, CHAIN_FULL_EVERY)
-    extend = [p.name for p in extendable if p.name not in names] if every > 0 else []
+    extend = [p.name for p in can_extend if p.name not in names] if every > 0 else []
     if not names and not extend:
         return out  # decided from the header row: the parent's manifest is not decrypted for nothing
     from anvil.backup.treestream import read_header
