@@ -291,9 +291,13 @@ class BodyBlocks:
             return self._gathered()
         return self._fed(factory)
 
-    async def _gathered(self) -> AsyncIterator[list[bytes]]:
+    def _gathered(self) -> AsyncIterator[list[bytes]]:
+        return self.gathered(self.request.stream())
+
+    async def gathered(self, pieces: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
+        """`pieces` (any source: the request's stream, a decoded aws-chunked body) gathered into blocks."""
         gather = BlockGatherer(self.block)
-        async for piece in self.request.stream():
+        async for piece in pieces:
             if piece:
                 self.size += len(piece)
                 block = gather.add(piece)

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 from starlette.requests import ClientDisconnect, Request
 
-from anvil.api.common import BlockGatherer, BodyBlocks
+from anvil.api.common import BodyBlocks
 from anvil.api.s3 import auth as sig
 from anvil.api.s3.errors import S3Error
 from anvil.objects import validation as v
@@ -253,15 +253,7 @@ class _DecodedBlocks(BodyBlocks):
         self._reader = reader
 
     def __aiter__(self) -> AsyncIterator[list[bytes]]:
-        return self._decoded()
-
-    async def _decoded(self) -> AsyncIterator[list[bytes]]:
-        gather = BlockGatherer(self.block)
-        async for piece in self._reader.pieces():
-            block = gather.add(piece)
-            if block is not None:
-                yield block
-        self.tail = gather.take()
+        return self.gathered(self._reader.pieces())
 
 
 async def _stream(request: Request) -> AsyncIterator[bytes]:
