@@ -8,7 +8,6 @@ import random
 import threading
 from pathlib import Path
 
-from anvil.objects.service import _put_payload_json
 from anvil.storage import journal, jsonfast
 from anvil.storage.catalog import Catalog, Txn
 
@@ -17,27 +16,6 @@ _CHARS = 'ab"\\\n\t\x00\x1f\x7f\u00e9\u2028\U0001f600 /{}[],:'
 
 def _text(rng: random.Random) -> str:
     return "".join(rng.choice(_CHARS) for _ in range(rng.randint(0, 10)))
-
-
-def test_put_payload_is_the_canonical_json() -> None:
-    rng = random.Random(7)
-    for i in range(3000):
-        name, key, ct, etag = _text(rng), _text(rng), _text(rng), _text(rng)
-        version_id = rng.choice(["null", _text(rng)])
-        sha = rng.choice([None, _text(rng)])
-        size = rng.randint(-(2**70), 2**70)
-        metadata = {_text(rng): _text(rng) for _ in range(rng.randint(0, 3))}
-        chunks = [(_text(rng), rng.randint(0, 2**40)) for _ in range(rng.choice([1, 1, 0, 2, 3]))]
-        replaced = rng.choice([[], ["null"]])
-        versioning = rng.choice(["", "Enabled", "Suspended"])
-        payload = {"bucket": name, "key": key, "version_id": version_id, "size": size, "etag": etag,
-                   "sha256": sha, "content_type": ct, "metadata": metadata, "chunks": chunks,
-                   "versioning": versioning, "replaced": replaced, "source": "put"}
-        got = _put_payload_json(name, key, version_id, size, etag, sha, ct, metadata, chunks, versioning, replaced)
-        assert got == journal.canonical_payload(payload) == json.dumps(
-            payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False), (i, payload)
-    # Another type than the template knows: the encoder's job.
-    assert _put_payload_json("b", "k", "null", True, "e", None, "t", {}, [("s", 1)], "", []) is None
 
 
 def test_link_hashes_as_event_hash() -> None:
@@ -51,8 +29,6 @@ def test_link_hashes_as_event_hash() -> None:
         assert row[7] == payload_json
         assert ev.hash == row[9] == journal.event_hash(head[1], 42, ev.ts, ev.tenant, ev.kind, ev.scope, ev.actor,
                                                        ev.request_id, payload_json)
-        # With the caller's own canonical text, the same event.
-        assert journal.link(head, ts=ev.ts, payload=payload, payload_json=payload_json, **fields)[1] == row
 
 
 def test_fast_encoders_write_what_json_writes() -> None:

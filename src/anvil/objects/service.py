@@ -25,7 +25,7 @@ from anvil.context import RequestContext
 from anvil.errors import AnvilError, not_found
 from anvil.objects import validation as v
 from anvil.objects.checksums import combine_crcs, new_checksum
-from anvil.storage import BlobInfo, BlobWriter, Storage, Txn, idempotency, inline, journal, jsonfast, listing, records
+from anvil.storage import BlobInfo, BlobWriter, Storage, Txn, idempotency, inline, jsonfast, listing, records
 from anvil.storage.blobs import BlobCorrupted, InlineBody, digest_bytes, needs_sidecar
 from anvil.storage.records import Connection
 
@@ -154,34 +154,6 @@ _dumps = jsonfast.encoder()
 
 def _json_sorted(value: dict[str, Any] | None) -> str:
     return _dumps_sorted(value) if value else "{}"
-
-
-# A simple PUT's `object.put` payload (`source` is this very dict and there is no `extra`).
-_PUT_SOURCE = {"source": "put"}
-_quote = json.encoder.encode_basestring  # what the canonical encoder does to a str (ensure_ascii=False)
-
-
-def _put_payload_json(name: Any, key: Any, version_id: Any, size: Any, etag: Any, sha256: Any, content_type: Any,
-                      metadata: dict[str, str], chunks: list[tuple[str, int]], versioning: Any,
-                      replaced: list[str]) -> str | None:
-    """`journal.canonical_payload` of a simple PUT's `object.put` payload, byte for byte, written from its
-    known keys in their sorted order: the writer thread's C encoder sorted and walked the 12-key dict
-    for every PUT (~36 k instructions; this is about a third of that). None (the encoder then) for any
-    value of another type than these. `tests/test_storage_writer.py` compares the two."""
-    if not (type(name) is str and type(key) is str and type(version_id) is str and type(size) is int
-            and type(etag) is str and (sha256 is None or type(sha256) is str) and type(content_type) is str
-            and type(versioning) is str and type(metadata) is dict):
-        return None
-    if len(chunks) == 1 and type(chunks[0][0]) is str and type(chunks[0][1]) is int:
-        chunks_json = f"[[{_quote(chunks[0][0])},{chunks[0][1]}]]"
-    else:
-        chunks_json = journal.canonical_payload(chunks)
-    return (f'{{"bucket":{_quote(name)},"chunks":{chunks_json},"content_type":{_quote(content_type)},'
-            f'"etag":{_quote(etag)},"key":{_quote(key)},'
-            f'"metadata":{journal.canonical_payload(metadata) if metadata else "{}"},'
-            f'"replaced":{journal.canonical_payload(replaced) if replaced else "[]"},'
-            f'"sha256":{"null" if sha256 is None else _quote(sha256)},"size":{size},"source":"put",'
-            f'"version_id":{_quote(version_id)},"versioning":{_quote(versioning)}}}')
 
 
 # A bucket row and every configuration document of the bucket, in one statement (a cache miss).
@@ -1025,11 +997,7 @@ class ObjectService:
         }
         if extra:
             payload["extra"] = extra
-        payload_json = None
-        if source is _PUT_SOURCE and not extra:
-            payload_json = _put_payload_json(name, key, version_id, size, etag, sha256, content_type, metadata,
-                                             chunks, bucket.versioning, replaced)
-        txn.emit(bucket.tenant, "object.put", f"{name}/{key}", payload, payload_json)
+        txn.emit(bucket.tenant, "object.put", f"{name}/{key}", payload)
         # `cursor`: the journal seq of this write, for queries that must see it (indexes' min_cursor).
         return {
             "bucket": name, "key": key, "version_id": version_id, "etag": etag,
@@ -1069,7 +1037,7 @@ class ObjectService:
             self._store_inline(txn, body, defer=True)
             return self._write_version(
                 txn, ctx, b, key, size=body.size, etag=body.md5, sha256=body.sha256, content_type=ct,
-                metadata=meta, chunks=[(body.sha256, body.size)], cond=cond, source=_PUT_SOURCE,
+                metadata=meta, chunks=[(body.sha256, body.size)], cond=cond, source={"source": "put"},
                 extra=extra, current=current,
             )
 

@@ -56,17 +56,14 @@ class Txn:
         self.request_id = request_id
         self.now = now
         self.head_seq = head_seq
-        # (tenant, kind, scope, payload, payload_json or None): a plain tuple per event, not an object.
-        self.events: list[tuple[str, str, str, dict[str, Any], str | None]] = []
+        # (tenant, kind, scope, payload): a plain tuple per event, not an object.
+        self.events: list[tuple[str, str, str, dict[str, Any]]] = []
         self.appended: list[journal.Event] = []
         self.deferred: list[tuple[str, tuple]] = []
 
-    def emit(self, tenant: str, kind: str, scope: str, payload: dict[str, Any],
-             payload_json: str | None = None) -> None:
-        """Record the journal event for this mutation; appended when the function returns.
-        `payload_json`: `journal.canonical_payload(payload)`, when the caller wrote it already (byte for
-        byte that text: it is what the chain hashes and stores)."""
-        self.events.append((tenant, kind, scope, payload, payload_json))
+    def emit(self, tenant: str, kind: str, scope: str, payload: dict[str, Any]) -> None:
+        """Record the journal event for this mutation; appended when the function returns."""
+        self.events.append((tenant, kind, scope, payload))
 
     def defer(self, statement: str, params: tuple) -> None:
         """Run a write at the end of the batch, with the same statement of the batch's other mutations
@@ -422,11 +419,10 @@ class Catalog:
                         self._check_fence(conn, job.fence, txn.now)
                     result = job.fn(txn)
                     rows = []
-                    for tenant, kind, scope, payload, payload_json in txn.events:
+                    for tenant, kind, scope, payload in txn.events:
                         appended, row = journal.link(
                             self._head, ts=txn.now, tenant=tenant, kind=kind, scope=scope,
                             actor=job.actor, request_id=job.request_id, payload=payload,
-                            payload_json=payload_json,
                         )
                         txn.appended.append(appended)
                         rows.append(row)

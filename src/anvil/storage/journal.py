@@ -156,16 +156,14 @@ def _quote_canonical(payload_json: str) -> str:
 
 def link(
     head: tuple[int, str], *, ts: float, tenant: str, kind: str, scope: str, actor: str, request_id: str,
-    payload: dict[str, Any], payload_json: str | None = None,
+    payload: dict[str, Any],
 ) -> tuple[Event, tuple]:
     """The event that follows `head`, and its row for `INSERT` (the writer inserts a batch's rows at once).
     Its hash is `event_hash`'s, over the same bytes (`_record_text` with the payload quoted by
-    `_quote_canonical`), without OpenSSL's algorithm lookup (`sha256_hex`). `payload_json`: the
-    caller's `canonical_payload(payload)`, byte for byte (`Txn.emit`)."""
+    `_quote_canonical`), without OpenSSL's algorithm lookup (`sha256_hex`)."""
     prev_seq, prev_hash = head
     seq = prev_seq + 1
-    if payload_json is None:
-        payload_json = _encode_canonical(payload)
+    payload_json = _encode_canonical(payload)
     record = _record_text(seq, ts, tenant, kind, scope, actor, request_id, payload_json, _quote_canonical)
     h = sha256_hex(f"{prev_hash}\n{record}".encode())
     return (_new_event(seq, ts, tenant, kind, scope, actor, request_id, payload, prev_hash, h),
