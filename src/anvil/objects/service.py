@@ -174,18 +174,6 @@ class _CachedBucket:
     settings: dict[str, str]
 
 
-_object_new, _object_setattr = object.__new__, object.__setattr__
-
-
-def _new_bucket(name: str, tenant: str, created: float, versioning: str, public: bool) -> Bucket:
-    """`Bucket(...)` with its attributes set in one call (the writer reads one per PUT; a frozen
-    dataclass's `__init__` sets each field through `object.__setattr__`). The same object."""
-    b = _object_new(Bucket)
-    _object_setattr(b, "__dict__", {"name": name, "tenant": tenant, "created": created, "versioning": versioning,
-                                    "public": public})
-    return b
-
-
 class _Unread:
     """`_write_version(current=_UNREAD)`: the caller has not read the key's latest version."""
 
@@ -733,7 +721,7 @@ class ObjectService:
         latest: ObjectVersion | None = None
         for row in conn.execute(_BUCKET_AND_LATEST, (bucket, bucket, key)).fetchall():
             if row[0] == 0:
-                found = _new_bucket(row[15], row[16], row[17], row[18], bool(row[19]))
+                found = Bucket(row[15], row[16], row[17], row[18], bool(row[19]))
             else:
                 latest = ObjectVersion.from_row(row[1:15])
         return found, latest
