@@ -425,7 +425,9 @@ def _a_node_paused_past_its_lease_cannot_complete_a_background_write(cluster) ->
     c = _client(other, cred)
     bucket = unique_bucket("lease")
     c.create_bucket(bucket)
-    n = 200
+    # Enough that the holder's run is still deleting when it is paused (a cheaper write path once
+    # made 200 finish before the pause could land).
+    n = 600
     for i in range(n):
         c.put_object(bucket, f"old/{i:04d}", b"x")
     s3 = s3_client(a)  # any node; the credentials are in the first node's bootstrap folder
