@@ -70,7 +70,10 @@ def test_large_put_bench_quick_prints_ceilings_and_server_figures() -> None:
     assert set(run["memory"]) == {"first", "again"}
     fig = run["servers"]["branch"]
     assert {"put", "get", "get_again"} == fig.keys()
-    assert fig["put"]["mb_per_s"] > 0 and "MainThread" in fig["put"]["server_threads"]
+    # An 8 MiB PUT takes tens of milliseconds: a thread may well show no clock tick (10 ms) of CPU, so the
+    # per-thread groups are checked for shape, not for which threads appear.
+    assert fig["put"]["mb_per_s"] > 0
+    assert all(g.keys() == {"user_s", "sys_s"} for g in fig["put"]["server_threads"].values())
     assert doc["ceiling"]["best_put_mb_per_s"] > 0 and "branch" in doc["ceiling"]["servers"]
     assert {"load_average_before", "load_average_after"} <= doc["machine"].keys()
     assert set(doc["targets"]) == {"put_mb_per_s", "get_mb_per_s", "get_again_mb_per_s"}
