@@ -630,8 +630,9 @@ class ObjectService:
 
     def _submit(self, ctx: RequestContext, fn, fp: str) -> concurrent.futures.Future:
         key = ctx.idempotency_key
-        if key is not None:
-            idempotency.validate_key(key)
+        if key is None:  # nothing to look up or record (`idempotency.run` would only call `fn`)
+            return self.catalog.submit(fn, actor=ctx.actor, request_id=ctx.request_id)
+        idempotency.validate_key(key)
         return self.catalog.submit(
             lambda txn: idempotency.run(txn, key, fp, fn), actor=ctx.actor, request_id=ctx.request_id
         )
