@@ -388,10 +388,10 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
         cycle.message_event.set()
         super()._start_asgi_task(cycle, app)
 
-    def _put_done(self, held: _HeldPut, future: Any) -> None:
+    def _put_done(self, held: _HeldPut, settled: Any) -> None:
         """The writer settled a held PUT's commit: its answer, in one write (from the loop), as `_write_raw`
         writes a cycle's."""
-        status, headers, body = self.fast_puts.answer(held.plan, future)
+        status, headers, body = self.fast_puts.answer(held.plan, settled)
         if held.disconnected or self.transport.is_closing():
             return  # the client went away, or the connection was closed (a malformed request behind it)
         # Written even while writing is paused, unlike `_send_raw`: there is no ASGI task to wait in,
@@ -457,21 +457,18 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
         held = self._put
         if held is not None:
             self._put = None
-            future = self.fast_puts.commit(held.plan, bytes(held.body))
-            if future is None:
-                cycle, app = self._cycle_of(held)
-                cycle.more_body = False
-                self._release(cycle, app)
-                return
             loop = self.loop
 
-            def deliver(f: Any) -> None:  # in the writer thread
+            def deliver(settled: Any) -> None:  # in the writer thread
                 try:
-                    loop.call_soon_threadsafe(self._put_done, held, f)
+                    loop.call_soon_threadsafe(self._put_done, held, settled)
                 except RuntimeError:
                     pass  # the loop has closed: nobody waits for this answer any more
 
-            future.add_done_callback(deliver)
+            if self.fast_puts.commit(held.plan, bytes(held.body), deliver) is None:
+                cycle, app = self._cycle_of(held)
+                cycle.more_body = False
+                self._release(cycle, app)
             return
         super().on_message_complete()
 
