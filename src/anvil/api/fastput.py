@@ -17,13 +17,14 @@ those requests with the same functions and no layers:
 - `answer`, when the writer has committed it: the 200 answer, headers in the general path's order.
 
 Everything it does not handle it declines before answering, and the request takes the general path,
-which sees it untouched (the protocol holds the request's cycle and starts its ASGI task on a decline,
-with the body received so far): a head it does not fully reproduce (virtual-host style, presigned,
-aws-chunked, a condition, checksums, ACL, tagging, SSE, object lock, storage class, a copy source, a
-query, a session token, CORS), a refused signature or authorisation, a bucket with a binding or
-a lifecycle configuration (its answers carry x-amz-expiration), an access log to write, a body whose
-digest does not match (the general path gives XAmzContentSHA256Mismatch or BadDigest), a client that
-goes away mid-body. Only a failure of the commit itself is answered here, with the gateway's error.
+which sees it untouched (the protocol makes the request's cycle only on a decline, as it would have been
+made at the end of the head, and starts its ASGI task with the body received so far): a head it does not
+fully reproduce (virtual-host style, presigned, aws-chunked, a condition, checksums, ACL, tagging, SSE,
+object lock, storage class, a copy source, a query, a session token, CORS), a refused signature or
+authorisation, a bucket with a binding or a lifecycle configuration (its answers carry x-amz-expiration),
+an access log to write, a body whose digest does not match (the general path gives
+XAmzContentSHA256Mismatch or BadDigest), a client that goes away mid-body. Only a failure of the commit
+itself is answered here, with the gateway's error.
 
 The native `PUT /anvil/v1/buckets/{bucket}/object?key=K` with a Bearer token is served the same way
 (`_plan_native`), with the native route's functions: the key from the query (`native._key`), the token
