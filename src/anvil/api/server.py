@@ -133,21 +133,28 @@ def _send_raw(cycle: Any, status: int, headers: list[tuple[bytes, bytes]], body:
     return True
 
 
+def _answer_bytes(status: int, default_headers: list[tuple[bytes, bytes]], headers: list[tuple[bytes, bytes]],
+                  body: bytes, *, close: bool = False) -> bytes:
+    """A whole answer in one piece: the status line, uvicorn's default headers (the date, as it sends
+    them), `headers`, `connection: close` when the connection ends after it, and the body (b"" for HEAD)."""
+    content = [STATUS_LINE[status]]
+    for name, value in default_headers:
+        content += (name, b": ", value, b"\r\n")
+    for name, value in headers:
+        content += (name, b": ", value, b"\r\n")
+    if close:
+        content.append(b"connection: close\r\n")
+    content += (b"\r\n", body)
+    return b"".join(content)
+
+
 def _write_raw(cycle: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
     """The write and bookkeeping of `_send_raw`, once it has accepted the response."""
     cycle.response_started = True
     cycle.waiting_for_100_continue = False
-    content = [STATUS_LINE[status]]
-    for name, value in cycle.default_headers:  # the date, as uvicorn sends it
-        content += (name, b": ", value, b"\r\n")
-    for name, value in headers:
-        content += (name, b": ", value, b"\r\n")
-    if not cycle.keep_alive:
-        content.append(b"connection: close\r\n")
-    content.append(b"\r\n")
-    if cycle.scope["method"] != "HEAD":
-        content.append(body)
-    cycle.transport.write_whole(b"".join(content))
+    cycle.transport.write_whole(_answer_bytes(status, cycle.default_headers, headers,
+                                              body if cycle.scope["method"] != "HEAD" else b"",
+                                              close=not cycle.keep_alive))
     cycle.response_complete = True
     cycle.message_event.set()
     if not cycle.keep_alive:
@@ -396,17 +403,10 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
             return  # the client went away, or the connection was closed (a malformed request behind it)
         # Written even while writing is paused, unlike `_send_raw`: there is no ASGI task to wait in,
         # and a few hundred bytes more in the transport's buffer is what the paused path would send next.
-        content = [STATUS_LINE[status]]
-        for name, value in self.server_state.default_headers:  # the date, as uvicorn sends it
-            content += (name, b": ", value, b"\r\n")
-        for name, value in headers:
-            content += (name, b": ", value, b"\r\n")
-        if not held.keep_alive:  # the server is shutting down
-            content.append(b"connection: close\r\n")
-        content += (b"\r\n", body)
-        self.transport.write_whole(b"".join(content))
+        self.transport.write_whole(_answer_bytes(status, self.server_state.default_headers, headers, body,
+                                                 close=not held.keep_alive))
         held.response_complete = True
-        if not held.keep_alive:
+        if not held.keep_alive:  # the server is shutting down
             self.transport.close()
         self.on_response_complete()
 
@@ -437,15 +437,8 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
         if HEADER_RE.search(b"".join([n for n, _ in headers])) or \
                 HEADER_VALUE_RE.search(b"\t".join([v for _, v in headers])):
             return False
-        content = [STATUS_LINE[200]]
-        for name, value in self.server_state.default_headers:  # the date, as uvicorn sends it
-            content += (name, b": ", value, b"\r\n")
-        for name, value in headers:
-            content += (name, b": ", value, b"\r\n")
-        content.append(b"\r\n")
-        if not head:
-            content.append(body)
-        self.transport.write_whole(b"".join(content))
+        self.transport.write_whole(_answer_bytes(200, self.server_state.default_headers, headers,
+                                                 b"" if head else body))
         self._answered = True  # the rest of this request (a body, its end) is not for any cycle
         self.on_response_complete()  # as a finished cycle calls it: counts, keep-alive timer, reading resumed
         return True
