@@ -87,3 +87,48 @@ def test_failed_mutations_leave_nothing_alone_or_batched(tmp_path: Path) -> None
         assert journal.verify_chain(reader) == (len(kept), [])
     finally:
         catalog.close()
+
+
+def test_settled_outcomes_are_handed_to_then_and_a_failing_then_breaks_nothing(tmp_path: Path, caplog) -> None:
+    """`submit(..., then=...)`: the writer hands each outcome (a `Settled`) to `then` once committed, a failed
+    mutation's exception raised by `result()`; a `then` that raises is logged and the writer goes on."""
+    catalog = Catalog(tmp_path / "catalog.db")
+    catalog.migrate("t", ["CREATE TABLE t(n INTEGER PRIMARY KEY)"])
+    settled: list[object] = []
+    done = threading.Event()
+
+    def mutation(n: int):  # noqa: ANN202
+        def fn(txn: Txn) -> int:
+            txn.conn.execute("INSERT INTO t(n) VALUES (?)", (n,))
+            txn.emit("tenant", "t.insert", str(n), {"n": n})
+            if n == 2:
+                raise ValueError("refused 2")
+            return n
+        return fn
+
+    def then(outcome: object) -> None:
+        settled.append(outcome)
+        if len(settled) == 3:
+            done.set()
+        if len(settled) == 1:
+            raise RuntimeError("a caller's callback failed")
+
+    try:
+        handles = [catalog.submit(mutation(n), actor="a", request_id=f"r{n}", then=then) for n in (1, 2, 3)]
+        assert done.wait(30)
+        assert settled == handles  # each handed over once, in order
+        assert all(h.done() for h in handles)
+        assert handles[0].result() == 1 and handles[2].result() == 3
+        try:
+            handles[1].result()
+            raise AssertionError("the refused mutation's exception was not raised")
+        except ValueError as e:
+            assert str(e) == "refused 2"
+        assert "mutation callback failed" in caplog.text
+        # The writer carried on after the failing callback: a waited-on mutation still commits.
+        assert catalog.submit(mutation(4), actor="a", request_id="r4").result() == 4
+        reader = catalog.reader()
+        assert [r[0] for r in reader.execute("SELECT n FROM t ORDER BY n")] == [1, 3, 4]
+        assert journal.verify_chain(reader) == (3, [])
+    finally:
+        catalog.close()

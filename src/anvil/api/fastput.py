@@ -17,13 +17,14 @@ those requests with the same functions and no layers:
 - `answer`, when the writer has committed it: the 200 answer, headers in the general path's order.
 
 Everything it does not handle it declines before answering, and the request takes the general path,
-which sees it untouched (the protocol holds the request's cycle and starts its ASGI task on a decline,
-with the body received so far): a head it does not fully reproduce (virtual-host style, presigned,
-aws-chunked, a condition, checksums, ACL, tagging, SSE, object lock, storage class, a copy source, a
-query, a session token, CORS), a refused signature or authorisation, a bucket with a binding or
-a lifecycle configuration (its answers carry x-amz-expiration), an access log to write, a body whose
-digest does not match (the general path gives XAmzContentSHA256Mismatch or BadDigest), a client that
-goes away mid-body. Only a failure of the commit itself is answered here, with the gateway's error.
+which sees it untouched (the protocol makes the request's cycle only on a decline, as it would have been
+made at the end of the head, and starts its ASGI task with the body received so far): a head it does not
+fully reproduce (virtual-host style, presigned, aws-chunked, a condition, checksums, ACL, tagging, SSE,
+object lock, storage class, a copy source, a query, a session token, CORS), a refused signature or
+authorisation, a bucket with a binding or a lifecycle configuration (its answers carry x-amz-expiration),
+an access log to write, a body whose digest does not match (the general path gives
+XAmzContentSHA256Mismatch or BadDigest), a client that goes away mid-body. Only a failure of the commit
+itself is answered here, with the gateway's error.
 
 The native `PUT /anvil/v1/buckets/{bucket}/object?key=K` with a Bearer token is served the same way
 (`_plan_native`), with the native route's functions: the key from the query (`native._key`), the token
@@ -37,9 +38,9 @@ rule, an access log, recovery mode, a body whose declared digests do not match.
 
 from __future__ import annotations
 
-import concurrent.futures
 import time
 import urllib.parse
+from collections.abc import Callable
 from itertools import chain
 from typing import Any
 
@@ -62,6 +63,7 @@ from anvil.objects import Conditions
 from anvil.objects import validation as v
 from anvil.runtime import Anvil
 from anvil.storage.blobs import digest_bytes
+from anvil.storage.catalog import Settled
 
 # The request headers this path knows the whole meaning of (and `x-amz-meta-*`). Any other header may
 # change what the general path does (a condition, a checksum, an ACL, an encoding...): declined.
@@ -243,9 +245,10 @@ class FastPuts:
         return PutPlan(bucket, key, url.decode("ascii"), length, sha.lower() if sha is not None else None, md5, ctx,
                        ctype, user, start, native=True)
 
-    def commit(self, plan: PutPlan, body: bytes) -> concurrent.futures.Future | None:
-        """The whole body has arrived: the version submitted to the catalog writer (a future of its
-        commit), or None (nothing submitted) when the general path must answer."""
+    def commit(self, plan: PutPlan, body: bytes, then: Callable[[Settled], None]) -> Settled | None:
+        """The whole body has arrived: the version submitted to the catalog writer, its outcome handed to
+        `then` from the writer thread once committed (or failed); None (nothing submitted) when the general
+        path must answer."""
         if len(body) != plan.length:
             return None
         digests = digest_bytes(body)
@@ -257,12 +260,12 @@ class FastPuts:
             # (admitted: by `prepare_write`, which the native route counts done even for an empty body)
             info = objects.store_bytes(body, expected_md5=plan.md5, digests=digests,
                                        admitted=plan.length > 0 or plan.native)
-            return objects.submit_put_object(plan.ctx, plan.bucket, plan.key, info, content_type=plan.ctype,
-                                             metadata=plan.user, cond=_NO_CONDITIONS, extra=None)
+            return objects.submit_put_object(plan.ctx, plan.bucket, plan.key, info, content_type=plan.ctype,  # type: ignore[return-value]
+                                             metadata=plan.user, cond=_NO_CONDITIONS, extra=None, then=then)
         except Exception:  # noqa: BLE001 - refused before anything was queued: the general path answers
             return None
 
-    def answer(self, plan: PutPlan, future: concurrent.futures.Future) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    def answer(self, plan: PutPlan, future: Settled) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """The answer (status, headers with content-length, body) once the commit settled, counted in
         the metrics as the general path counts it."""
         if plan.native:
@@ -288,8 +291,7 @@ class FastPuts:
             requests.record("s3", "put_object", status, plan.length, len(body), time.perf_counter() - plan.start)
         return status, headers, body
 
-    def _answer_native(self, plan: PutPlan, future: concurrent.futures.Future
-                       ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    def _answer_native(self, plan: PutPlan, future: Settled) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """`answer` for a native PUT: `put_object`'s JSON and `endpoint`'s request id, or its error."""
         rid = plan.ctx.request_id
         try:

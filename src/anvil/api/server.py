@@ -133,21 +133,28 @@ def _send_raw(cycle: Any, status: int, headers: list[tuple[bytes, bytes]], body:
     return True
 
 
+def _answer_bytes(status: int, default_headers: list[tuple[bytes, bytes]], headers: list[tuple[bytes, bytes]],
+                  body: bytes, *, close: bool = False) -> bytes:
+    """A whole answer in one piece: the status line, uvicorn's default headers (the date, as it sends
+    them), `headers`, `connection: close` when the connection ends after it, and the body (b"" for HEAD)."""
+    content = [STATUS_LINE[status]]
+    for name, value in default_headers:
+        content += (name, b": ", value, b"\r\n")
+    for name, value in headers:
+        content += (name, b": ", value, b"\r\n")
+    if close:
+        content.append(b"connection: close\r\n")
+    content += (b"\r\n", body)
+    return b"".join(content)
+
+
 def _write_raw(cycle: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
     """The write and bookkeeping of `_send_raw`, once it has accepted the response."""
     cycle.response_started = True
     cycle.waiting_for_100_continue = False
-    content = [STATUS_LINE[status]]
-    for name, value in cycle.default_headers:  # the date, as uvicorn sends it
-        content += (name, b": ", value, b"\r\n")
-    for name, value in headers:
-        content += (name, b": ", value, b"\r\n")
-    if not cycle.keep_alive:
-        content.append(b"connection: close\r\n")
-    content.append(b"\r\n")
-    if cycle.scope["method"] != "HEAD":
-        content.append(body)
-    cycle.transport.write_whole(b"".join(content))
+    cycle.transport.write_whole(_answer_bytes(status, cycle.default_headers, headers,
+                                              body if cycle.scope["method"] != "HEAD" else b"",
+                                              close=not cycle.keep_alive))
     cycle.response_complete = True
     cycle.message_event.set()
     if not cycle.keep_alive:
@@ -211,6 +218,28 @@ class _BodyFeed:
             protocol.flow.resume_reading()
 
 
+class _HeldPut:
+    """A small PUT taken by `fast_puts` (api/fastput.py), in the place of its request's cycle until it is
+    answered: uvicorn's RequestResponseCycle (its scope completed, an asyncio.Event, the cycle itself,
+    ~34 k instructions a request) is made only if the general path must answer after all (`_cycle_of`).
+
+    To uvicorn it is a cycle whose response is not complete yet: a request pipelined behind it waits in
+    the pipeline, a lost connection marks it `disconnected`, a shutdown clears `keep_alive`, as they would
+    a real cycle's."""
+
+    __slots__ = ("plan", "body", "response_complete", "disconnected", "keep_alive")
+    response_started = False
+    # Nobody waits on it: uvicorn sets its cycle's event when the connection is lost.
+    message_event = asyncio.Event()
+
+    def __init__(self, plan: Any):
+        self.plan = plan
+        self.body = bytearray()  # at most the declared length, which `FastPuts.plan` bounded
+        self.response_complete = False
+        self.disconnected = False
+        self.keep_alive = True  # (the plan is only made for a keep-alive request)
+
+
 class _HeadTooLarge(Exception):
     """Raised from a parser callback to stop parsing a request head over its limits."""
 
@@ -250,9 +279,9 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
         self._refused = False
         self._lingered = 0
         self._answered = False  # the current request was answered by `_answer_fast`
-        # A small S3 PUT taken by `fast_puts` while its body arrives: (plan, its cycle, the app). Its
-        # cycle is made as for any request but its ASGI task is held back: started only on a decline.
-        self._put: tuple[Any, Any, Any] | None = None
+        # A small PUT taken by `fast_puts` while its body arrives (also `self.cycle` until it is answered).
+        # No cycle or ASGI task is made for it unless it is declined (`_cycle_of`).
+        self._put: _HeldPut | None = None
         self._holding = False
         self._held_app: Any = None
         self._feed: _BodyFeed | None = None  # the current request's body, fed to the app in blocks
@@ -291,25 +320,40 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
         if self.fast_reads is not None and self.url.startswith(FAST_PREFIX) and self._answer_fast():
             return
         plan = self._plan_put() if self.fast_puts is not None and self.parser.get_method() == b"PUT" else None
+        if plan is not None:
+            self.cycle = self._put = _HeldPut(plan)  # type: ignore[assignment]
+            if self.expect_100_continue and not self.transport.is_closing():
+                # As the cycle's first `receive` would (boto3 asks for it on every PUT): the checks it
+                # waits for are passed, so the body may come.
+                self.transport.write_whole(b"HTTP/1.1 100 Continue\r\n\r\n")
+            return
+        self._make_cycle()
+
+    def _make_cycle(self) -> None:
+        """uvicorn's cycle for the request whose head was parsed, with the app's extras in its scope."""
         scope = self.scope
         scope[ABORT_CONNECTION] = self._reset  # type: ignore[literal-required]
-        self._holding = plan is not None
-        try:
-            super().on_headers_complete()
-        finally:
-            self._holding = False
+        super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is scope:  # not an upgrade, which makes no cycle
             scope[SEND_RAW] = functools.partial(_send_raw, cycle)  # type: ignore[literal-required]
             scope[BODY_FEED] = functools.partial(self._feed_body, cycle)  # type: ignore[literal-required]
-            if plan is not None:
-                self._put = (plan, cycle, self._held_app)
-                if cycle.waiting_for_100_continue:
-                    # As the cycle's first `receive` would (boto3 asks for it on every PUT): the checks it
-                    # waits for are passed, so the body may come.
-                    cycle.waiting_for_100_continue = False
-                    if not self.transport.is_closing():
-                        self.transport.write_whole(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _cycle_of(self, held: _HeldPut) -> tuple[Any, Any]:
+        """A declined PUT's cycle, made now as it would have been at the end of its head (the parser and
+        the head are still this request's), with the body received so far; its ASGI task is held back
+        (the app it would run is returned) so the caller decides what the cycle knows before it starts."""
+        self.cycle = None  # type: ignore[assignment]  # (nothing else was in flight: `_plan_put`)
+        self._holding = True
+        try:
+            self._make_cycle()
+        finally:
+            self._holding = False
+        cycle = self.cycle
+        cycle.waiting_for_100_continue = False  # answered at the head, if it was asked for
+        cycle.body = held.body
+        cycle.keep_alive = cycle.keep_alive and held.keep_alive
+        return cycle, self._held_app
 
     def _feed_body(self, cycle: Any, block: int) -> _BodyFeed:
         """Start handing `cycle`'s body to its app in blocks (`BODY_FEED`), beginning with what was
@@ -328,7 +372,7 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
         return feed
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-        if self._holding:  # a small S3 PUT's: held until its body is in (`on_message_complete`)
+        if self._holding:  # a declined small PUT's: started once its cycle knows what was received
             self._held_app = app
             return
         super()._start_asgi_task(cycle, app)
@@ -351,14 +395,20 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
         cycle.message_event.set()
         super()._start_asgi_task(cycle, app)
 
-    def _put_done(self, plan: Any, cycle: Any, future: Any) -> None:
-        """The writer settled a held PUT's commit: its answer, in one write (from the loop)."""
-        status, headers, body = self.fast_puts.answer(plan, future)
-        if cycle.disconnected or self.transport.is_closing():
+    def _put_done(self, held: _HeldPut, settled: Any) -> None:
+        """The writer settled a held PUT's commit: its answer, in one write (from the loop), as `_write_raw`
+        writes a cycle's."""
+        status, headers, body = self.fast_puts.answer(held.plan, settled)
+        if held.disconnected or self.transport.is_closing():
             return  # the client went away, or the connection was closed (a malformed request behind it)
         # Written even while writing is paused, unlike `_send_raw`: there is no ASGI task to wait in,
         # and a few hundred bytes more in the transport's buffer is what the paused path would send next.
-        _write_raw(cycle, status, headers, body)
+        self.transport.write_whole(_answer_bytes(status, self.server_state.default_headers, headers, body,
+                                                 close=not held.keep_alive))
+        held.response_complete = True
+        if not held.keep_alive:  # the server is shutting down
+            self.transport.close()
+        self.on_response_complete()
 
     def _answer_fast(self) -> bool:
         """Answer a small object GET/HEAD now, from the parser's callback (`FastReads.answer`, api/fastget.py):
@@ -387,15 +437,8 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
         if HEADER_RE.search(b"".join([n for n, _ in headers])) or \
                 HEADER_VALUE_RE.search(b"\t".join([v for _, v in headers])):
             return False
-        content = [STATUS_LINE[200]]
-        for name, value in self.server_state.default_headers:  # the date, as uvicorn sends it
-            content += (name, b": ", value, b"\r\n")
-        for name, value in headers:
-            content += (name, b": ", value, b"\r\n")
-        content.append(b"\r\n")
-        if not head:
-            content.append(body)
-        self.transport.write_whole(b"".join(content))
+        self.transport.write_whole(_answer_bytes(200, self.server_state.default_headers, headers,
+                                                 b"" if head else body))
         self._answered = True  # the rest of this request (a body, its end) is not for any cycle
         self.on_response_complete()  # as a finished cycle calls it: counts, keep-alive timer, reading resumed
         return True
@@ -404,33 +447,35 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
         if self._answered:
             self._answered = False
             return
-        put = self._put
-        if put is not None:
+        held = self._put
+        if held is not None:
             self._put = None
-            plan, cycle, app = put
-            cycle.more_body = False
-            future = self.fast_puts.commit(plan, bytes(cycle.body))
-            if future is None:
-                self._release(cycle, app)
-                return
             loop = self.loop
 
-            def deliver(f: Any) -> None:  # in the writer thread
+            def deliver(settled: Any) -> None:  # in the writer thread
                 try:
-                    loop.call_soon_threadsafe(self._put_done, plan, cycle, f)
+                    loop.call_soon_threadsafe(self._put_done, held, settled)
                 except RuntimeError:
                     pass  # the loop has closed: nobody waits for this answer any more
 
-            future.add_done_callback(deliver)
+            if self.fast_puts.commit(held.plan, bytes(held.body), deliver) is None:
+                cycle, app = self._cycle_of(held)
+                cycle.more_body = False
+                self._release(cycle, app)
             return
         super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        put = self._put
+        held = self._put
+        if held is None:
+            super().connection_lost(exc)
+            return
+        # Gone mid-body: the general path reports it (one INFO line, its metrics), with a cycle made while
+        # the parser is still there, then marked as uvicorn marks a cycle whose client went away.
+        self._put = None
+        cycle, app = self._cycle_of(held)
         super().connection_lost(exc)
-        if put is not None:  # gone mid-body: the general path reports it (one INFO line, its metrics)
-            self._put = None
-            self._release(put[1], put[2])
+        self._release(cycle, app)
 
     def _reset(self) -> None:
         """Reset the connection (RST, not FIN): a body cut short must not look like an ending."""
@@ -452,9 +497,9 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
     def on_body(self, body: bytes) -> None:
         if self._answered:
             return  # a body sent with a GET answered already: read and dropped, as the app would ignore it
-        put = self._put
-        if put is not None:
-            put[1].body += body  # at most the declared length, which `FastPuts.plan` bounded
+        held = self._put
+        if held is not None:
+            held.body += body  # at most the declared length, which `FastPuts.plan` bounded
             return
         if (self.parser.should_upgrade() and self._should_upgrade()) or self.cycle.response_complete:
             return

@@ -27,6 +27,7 @@ from anvil.objects import validation as v
 from anvil.objects.checksums import combine_crcs, new_checksum
 from anvil.storage import BlobInfo, BlobWriter, Storage, Txn, idempotency, inline, jsonfast, listing, records
 from anvil.storage.blobs import BlobCorrupted, InlineBody, digest_bytes, needs_sidecar
+from anvil.storage.catalog import Settled
 from anvil.storage.records import Connection
 
 log = logging.getLogger("anvil.objects")
@@ -628,12 +629,13 @@ class ObjectService:
 
     # ---------------------------------------------------------------- helpers
 
-    def _submit(self, ctx: RequestContext, fn, fp: str) -> concurrent.futures.Future:
+    def _submit(self, ctx: RequestContext, fn, fp: str, then=None) -> concurrent.futures.Future:
         key = ctx.idempotency_key
-        if key is not None:
-            idempotency.validate_key(key)
+        if key is None:  # nothing to look up or record (`idempotency.run` would only call `fn`)
+            return self.catalog.submit(fn, actor=ctx.actor, request_id=ctx.request_id, then=then)
+        idempotency.validate_key(key)
         return self.catalog.submit(
-            lambda txn: idempotency.run(txn, key, fp, fn), actor=ctx.actor, request_id=ctx.request_id
+            lambda txn: idempotency.run(txn, key, fp, fn), actor=ctx.actor, request_id=ctx.request_id, then=then
         )
 
     def _mutate(self, ctx: RequestContext, fn, fp: str) -> dict[str, Any]:
@@ -1004,12 +1006,13 @@ class ObjectService:
     def submit_put_object(
         self, ctx: RequestContext, bucket: str, key: str, body: BlobInfo, *, content_type: str | None = None,
         metadata: dict[str, str] | None = None, cond: Conditions = Conditions(),
-        extra: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None, then: Callable[[Settled], None] | None = None,
     ) -> concurrent.futures.Future:
         """`put_object` without waiting: the future resolves once the version is durably committed.
 
         Validation errors raise here, before anything is queued. An event loop awaits the future
-        (asyncio.wrap_future) instead of parking a worker thread on it.
+        (asyncio.wrap_future) instead of parking a worker thread on it. `then`: handed the outcome (a
+        `Settled`) from the writer thread instead (`Catalog.submit`).
         """
         v.check_object_key(key)
         ct = v.check_content_type(content_type)
@@ -1029,7 +1032,7 @@ class ObjectService:
                 extra=extra, current=current,
             )
 
-        return self._submit(ctx, fn, fp)
+        return self._submit(ctx, fn, fp, then)
 
     def delete_object(
         self, ctx: RequestContext, bucket: str, key: str, *, version_id: str | None = None,

@@ -22,18 +22,20 @@ def compact(*, ensure_ascii: bool = True) -> Callable[[Any], str]:
 
 
 def encoder(*, sort_keys: bool = False, separators: tuple[str, str] = (", ", ": "),
-            ensure_ascii: bool = True) -> Callable[[Any], str]:
-    """A function writing `obj` as `json.JSONEncoder(sort_keys=..., separators=..., ensure_ascii=...).encode`
-    does, byte for byte, with one C encoder made once. No check for circular structures: for values of
-    plain data (lists, dicts, str, int, float, None, bools)."""
-    slow = json.JSONEncoder(sort_keys=sort_keys, separators=separators, ensure_ascii=ensure_ascii)
+            ensure_ascii: bool = True, allow_nan: bool = True) -> Callable[[Any], str]:
+    """A function writing `obj` as `json.JSONEncoder(sort_keys=..., separators=..., ensure_ascii=...,
+    allow_nan=...).encode` does, byte for byte (and refusing what it refuses), with one C encoder made
+    once. No check for circular structures: for values of plain data (lists, dicts, str, int, float,
+    None, bools)."""
+    slow = json.JSONEncoder(sort_keys=sort_keys, separators=separators, ensure_ascii=ensure_ascii,
+                            allow_nan=allow_nan)
     make = getattr(_encoder, "c_make_encoder", None)
     if make is None:
         return slow.encode
     basestring = _encoder.encode_basestring_ascii if ensure_ascii else _encoder.encode_basestring
     item_sep, key_sep = separators
     try:
-        fast = make(None, slow.default, basestring, None, key_sep, item_sep, sort_keys, False, True)
+        fast = make(None, slow.default, basestring, None, key_sep, item_sep, sort_keys, False, allow_nan)
     except TypeError:  # another signature: keep the documented path
         return slow.encode
     join = "".join

@@ -349,6 +349,9 @@ class PgCatalog(_catalog.Catalog):
         conn.raw.execute("SELECT pg_advisory_xact_lock(%s)", (JOURNAL_LOCK,))
         self._head = journal.head(conn)
 
+    def _batch_statements(self, conn: Any) -> Any:
+        return conn  # (the connection `_begin` may just have replaced)
+
     def _rollback(self, conn: Any) -> None:
         try:
             conn.raw.execute("ROLLBACK")
