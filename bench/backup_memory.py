@@ -41,33 +41,6 @@ PASS = "bench passphrase"
 TARGET_PEAK_MB = 300.0  # issue 20: <= 300 MB peak at 400,000 blobs, back to idle afterwards
 
 
-def populate(path: Path, objects: int) -> int:
-    from anvil.context import DEV_PRINCIPAL, RequestContext
-    from anvil.runtime import Anvil
-
-    rng = random.Random(5)
-    anvil = Anvil(path)
-    total = 0
-    try:
-        ctx = RequestContext(DEV_PRINCIPAL)
-        anvil.objects.create_bucket(ctx, "bench")
-        pending = []
-        for i in range(objects):
-            data = rng.randbytes(rng.randint(1024, 4096))
-            total += len(data)
-            pending.append(anvil.objects.submit_put_object(ctx, "bench", f"p{i % 1000:04d}/o{i:08d}",
-                                                           anvil.objects.store_bytes(data)))
-            if len(pending) >= 512:
-                for f in pending:
-                    f.result()
-                pending.clear()
-        for f in pending:
-            f.result()
-    finally:
-        anvil.close()
-    return total
-
-
 class RssPeak:
     """Peak RSS of a process while a block runs, sampled every 20 ms."""
 
@@ -169,7 +142,9 @@ def run(objects: int, data: Path | None, settle: float, runs: int) -> dict[str, 
         store = data or work / "data"
         if not (store / "catalog.db").exists():
             t0 = time.perf_counter()
-            doc["logical_bytes"] = populate(store, objects)
+            from tests.helpers import populate_small_objects
+
+            doc["logical_bytes"] = populate_small_objects(store, objects)
             doc["build_seconds"] = round(time.perf_counter() - t0, 1)
         pythonpath = os.pathsep.join(p for p in (str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, "PYTHONPATH": pythonpath, "ANVIL_BACKUP_PASSPHRASE": PASS,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import threading
 import time
@@ -18,7 +17,7 @@ import pytest
 from anvil.backup.backends.local import LocalBackend
 from anvil.backup.repository import Repository
 from anvil.storage import holds, records
-from tests.helpers import AnvilServer, run_anvil
+from tests.helpers import AnvilServer, populate_small_objects, run_anvil
 
 PASS = "process pass"
 ENV = {"ANVIL_BACKUP_KDF": "test", "ANVIL_BACKUP_PASSPHRASE": PASS}
@@ -27,35 +26,10 @@ MIB = 1024 * 1024
 CHILD_MODULE = "anvil.backup.snapshot_process"
 
 
-def populate(path: Path, objects: int, seed: int = 7) -> None:
-    """A store of small unique objects (inline bodies), written in process before the server starts."""
-    from anvil.context import DEV_PRINCIPAL, RequestContext
-    from anvil.runtime import Anvil
-
-    rng = random.Random(seed)
-    anvil = Anvil(path)
-    try:
-        ctx = RequestContext(DEV_PRINCIPAL)
-        anvil.objects.create_bucket(ctx, "mem")
-        pending = []
-        for i in range(objects):
-            data = rng.randbytes(rng.randint(1024, 4096))
-            pending.append(anvil.objects.submit_put_object(ctx, "mem", f"p{i % 100:02d}/o{i:07d}",
-                                                           anvil.objects.store_bytes(data)))
-            if len(pending) >= 512:
-                for f in pending:
-                    f.result()
-                pending.clear()
-        for f in pending:
-            f.result()
-    finally:
-        anvil.close()
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("backup-process") / "data"
-    populate(path, OBJECTS)
+    populate_small_objects(path, OBJECTS, bucket="mem", prefixes=100)
     return path
 
 
@@ -81,7 +55,7 @@ def test_online_backups_leave_the_server_at_its_idle_memory(store: Path, tmp_pat
         assert srv.proc is not None
         pid = srv.proc.pid
         with srv.client() as c, httpx.Client(base_url=srv.endpoint, headers=srv.auth_headers()) as http:
-            c.list_objects("mem", prefix="p00/")
+            c.list_objects("mem", prefix="p0000/")
             time.sleep(1.0)
             idle = _rss(pid)
             peak = 0
@@ -185,3 +159,89 @@ def test_a_killed_snapshot_process_fails_only_that_backup(store: Path, tmp_path:
         assert report["ok"] and report["errors"] == [] and report["snapshots"] == 1, report
     finally:
         srv.stop()
+
+
+def _child_seen(stop: threading.Event, seen: list[str]) -> None:
+    me = psutil.Process()
+    while not stop.wait(0.01):
+        for child in me.children():
+            try:
+                seen.append(" ".join(child.cmdline()))
+            except psutil.Error:
+                pass
+
+
+@pytest.mark.timeout(300)
+def test_the_snapshot_process_writes_the_manifest_the_server_would(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same state, snapshotted in the child process and in process (ANVIL_BACKUP_PROCESS=off):
+    the same manifest but for what says when and how much was new, and catalog.db's chunks (inline
+    bodies, a blob file, the participants' summaries, the blob tree, the consistency)."""
+    from anvil.backup import ops
+    from anvil.backup.summaries import CHAIN_FULL_KEY
+    from anvil.context import DEV_PRINCIPAL, RequestContext
+    from anvil.runtime import Anvil
+
+    monkeypatch.setenv("ANVIL_BACKUP_KDF", "test")
+    populate_small_objects(tmp_path / "data", 300, bucket="same", prefixes=10)
+    Repository.init(LocalBackend(tmp_path / "repo"), PASS)
+    anvil = Anvil(tmp_path / "data")
+    try:
+        anvil.objects.put_object(RequestContext(DEV_PRINCIPAL), "same", "big",
+                                 anvil.objects.store_bytes(os.urandom(300 * 1024)))  # a blob file
+        manifests = {}
+        for setting in ("on", "off"):
+            monkeypatch.setenv("ANVIL_BACKUP_PROCESS", setting)
+            repo = Repository.open(LocalBackend(tmp_path / "repo"), PASS)
+            stop, seen = threading.Event(), []
+            watcher = threading.Thread(target=_child_seen, args=(stop, seen))
+            watcher.start()
+            try:
+                m = ops.backup_storage(anvil.storage, anvil.participants(), repo, run_mode="online",
+                                       participants_factory=anvil.participants_factory)
+            finally:
+                stop.set()
+                watcher.join()
+            assert any(CHILD_MODULE in cmd for cmd in seen) == (setting == "on"), seen
+            manifests[setting] = repo.load_snapshot(m["id"])
+            repo.backend.delete(f"snapshots/{m['id']}")  # the next one has no parent either
+    finally:
+        anvil.close()
+    for m in manifests.values():
+        assert m["stats"]["blobs"] == 301 and m["problems"] == []
+        for key in ("id", "started", "finished"):
+            m.pop(key)
+        for key in ("duration", "new_bytes", "new_chunks", "tree_pages_new", "orphans", CHAIN_FULL_KEY):
+            m["stats"].pop(key)
+        # The catalog copy's bytes hold each backup's own hold row (a name and times of its own).
+        m["tree"]["files"]["catalog.db"].pop("chunks")
+    assert manifests["on"] == manifests["off"], _differences(manifests["on"], manifests["off"])
+
+
+def _differences(a: object, b: object, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str)
+                for d in _differences(a.get(k), b.get(k), f"{path}.{k}")][:10]
+    return [] if a == b else [f"{path}: {str(a)[:200]} != {str(b)[:200]}"]
+
+
+@pytest.mark.timeout(120)
+def test_a_bad_backup_process_setting_is_refused_before_any_work(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from anvil.backup import ops
+    from anvil.backup.errors import BackupError
+    from anvil.runtime import Anvil
+
+    monkeypatch.setenv("ANVIL_BACKUP_KDF", "test")
+    monkeypatch.setenv("ANVIL_BACKUP_PROCESS", "sometimes")
+    Repository.init(LocalBackend(tmp_path / "repo"), PASS)
+    anvil = Anvil(tmp_path / "data")
+    try:
+        repo = Repository.open(LocalBackend(tmp_path / "repo"), PASS)
+        with pytest.raises(BackupError, match="ANVIL_BACKUP_PROCESS must be on or off"):
+            ops.backup_storage(anvil.storage, anvil.participants(), repo, run_mode="online",
+                               participants_factory=anvil.participants_factory)
+        assert repo.snapshot_ids() == [] and list((tmp_path / "repo" / "locks").iterdir()) == []
+        assert list((tmp_path / "data" / "tmp").iterdir()) == []
+    finally:
+        anvil.close()
