@@ -88,7 +88,10 @@ class SnapshotProcess:
             proc.stdin.write(json.dumps(request).encode() + b"\n")
             proc.stdin.flush()
             for line in proc.stdout:
-                message = json.loads(line)
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    break  # a line cut short: it died while writing it (told below)
                 if "progress" in message:
                     if progress:
                         done, total = message["progress"]
@@ -105,9 +108,9 @@ class SnapshotProcess:
         if answer is not None and "error" in answer:
             raise BackupError(answer["error"])
         how = f"was killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exited with {proc.returncode}"
-        raise BackupError(f"the backup's process (pid {proc.pid}) {how} before it reported a snapshot; no "
-                          "snapshot was recorded by this run (its packs are removed by a later backup or prune)"
-                          + (f": {self._tail}" if self._tail else ""))
+        raise BackupError(f"the backup's process (pid {proc.pid}) {how} before it reported a snapshot (a "
+                          "snapshot is recorded as its last step; the packs of an unfinished one are removed by "
+                          "a later backup or prune)" + (f": {self._tail}" if self._tail else ""))
 
     def close(self) -> None:
         """End the child if it still runs (this thread failed, or it never got its job); idempotent."""
