@@ -46,7 +46,8 @@ def test_online_backups_leave_the_server_at_its_idle_memory(store: Path, tmp_pat
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """RSS after two full online backups (an initial one and one with a parent and changes) is
     within a few MiB of the server's idle figure: the allocations of the snapshot happen in its
-    child process. In process, the same backups left the server ~+40 MiB at 20,000 objects."""
+    child process. In process, the same backups left the server +29 MiB at 20,000 objects; in the
+    child, +3 to +9 MiB (a fixed step: what the server's side of a backup leaves, whatever the size)."""
     monkeypatch.setenv("ANVIL_BACKUP_KDF", "test")
     repo = tmp_path / "repo"
     Repository.init(LocalBackend(repo), PASS)
@@ -89,7 +90,7 @@ def test_online_backups_leave_the_server_at_its_idle_memory(store: Path, tmp_pat
             time.sleep(1.5)  # the server's release after a backup runs on a thread
             after = _rss(pid)
         print(f"server RSS idle {idle / MIB:.1f} MiB, peak {peak / MIB:.1f} MiB, after {after / MIB:.1f} MiB")
-        assert after <= idle + 12 * MIB, (idle / MIB, peak / MIB, after / MIB)
+        assert after <= idle + 16 * MIB, (idle / MIB, peak / MIB, after / MIB)
     finally:
         srv.stop()
 
