@@ -7,10 +7,14 @@
 
 A store of N small objects (1-4 KiB bodies, unique) is built offline (in-process, no HTTP: the
 load is not what is measured), then a real `anvil serve` runs on it and `anvil backup create
---endpoint` is run twice: an initial snapshot (no parent), then a full snapshot with that parent
-(its blob tree merged with the references). The server's RSS is sampled every 20 ms (psutil);
-the figures are at rest before, the peak during each backup, and the RSS a few seconds after
-(memory given back?). Prints one JSON document with the load average before and after.
+--endpoint` is run three times into a new repository: an initial snapshot (no parent), one with
+nothing changed (the in-process fast path), and a full snapshot with that parent after 200
+objects were overwritten through the server (its blob tree merged with the references). The
+server's RSS is sampled every 20 ms (psutil); the figures are at rest before, the peak during
+each backup, and the RSS (and its anonymous part) a few seconds after: memory given back? Two
+contenders, interleaved over --runs repetitions: snapshots in a child process (the default) and
+in the server's own process (ANVIL_BACKUP_PROCESS=off). Prints one JSON document (min / median /
+max per contender) with the load average before and after.
 """
 
 from __future__ import annotations
@@ -35,33 +39,6 @@ sys.path.insert(0, str(ROOT))
 MIB = 1024 * 1024
 PASS = "bench passphrase"
 TARGET_PEAK_MB = 300.0  # issue 20: <= 300 MB peak at 400,000 blobs, back to idle afterwards
-
-
-def populate(path: Path, objects: int) -> int:
-    from anvil.context import DEV_PRINCIPAL, RequestContext
-    from anvil.runtime import Anvil
-
-    rng = random.Random(5)
-    anvil = Anvil(path)
-    total = 0
-    try:
-        ctx = RequestContext(DEV_PRINCIPAL)
-        anvil.objects.create_bucket(ctx, "bench")
-        pending = []
-        for i in range(objects):
-            data = rng.randbytes(rng.randint(1024, 4096))
-            total += len(data)
-            pending.append(anvil.objects.submit_put_object(ctx, "bench", f"p{i % 1000:04d}/o{i:08d}",
-                                                           anvil.objects.store_bytes(data)))
-            if len(pending) >= 512:
-                for f in pending:
-                    f.result()
-                pending.clear()
-        for f in pending:
-            f.result()
-    finally:
-        anvil.close()
-    return total
 
 
 class RssPeak:
@@ -102,9 +79,62 @@ def _cli(args: list[str], env: dict[str, str]) -> dict[str, Any]:
     return {"seconds": round(time.perf_counter() - t0, 2), "stats": out.get("stats", {})}
 
 
-def run(objects: int, data: Path | None, settle: float) -> dict[str, Any]:
+# The contenders: a server whose snapshots run in a child process after the checkpoint (the
+# default), and one that runs them in its own process (ANVIL_BACKUP_PROCESS=off, as before).
+CONTENDERS = {"child_process": "on", "in_process": "off"}
+# The backups of one server's run: an initial snapshot, one with nothing changed (the in-process
+# fast path), and one with a parent after CHANGED objects were overwritten through the server.
+BACKUPS = ("initial", "unchanged", "changed")
+CHANGED = 200
+
+
+def _status_of(pid: int) -> dict[str, float]:
+    with open(f"/proc/{pid}/status") as f:
+        rows = dict(line.split(":", 1) for line in f)
+    return {k: round(int(rows[k].split()[0]) / 1024, 1) for k in ("VmRSS", "RssAnon", "RssFile")}
+
+
+def one_server(store: Path, work: Path, setting: str, env: dict[str, str], settle: float,
+               rep: int) -> dict[str, Any]:
+    """One server on `store` (snapshots in a child process or not), its three backups into a new
+    repository: RSS at rest, the peak during each backup, RSS after each (MiB), and wall times."""
     from tests.helpers import AnvilServer
 
+    from anvil.client import AnvilClient
+
+    srv = AnvilServer(store, env={**{k: env[k] for k in ("ANVIL_BACKUP_PASSPHRASE", "PYTHONPATH")},
+                                  "ANVIL_BACKUP_PROCESS": setting})
+    srv.start(timeout=180)
+    out: dict[str, Any] = {}
+    try:
+        assert srv.proc is not None
+        pid = srv.proc.pid
+        creds = srv.admin_credentials()
+        env = {**env, "ANVIL_CLIENT_ID": creds["client_id"], "ANVIL_CLIENT_SECRET": creds["client_secret"]}
+        repo = f"file://{work / f'repo-{setting}-{rep}'}"
+        _cli(["backup", "init", "--repo", repo], env)
+        time.sleep(settle)
+        out["rest"] = _status_of(pid)
+        create = ["backup", "create", "--repo", repo, "--endpoint", srv.endpoint, "--json"]
+        rng = random.Random(rep)
+        for name in BACKUPS:
+            if name == "changed":
+                with AnvilClient(srv.endpoint, client_id=creds["client_id"],
+                                 client_secret=creds["client_secret"]) as c:
+                    for i in range(CHANGED):
+                        c.put_object("bench", f"changed/o{i:04d}", rng.randbytes(2048))
+                time.sleep(settle)
+            with RssPeak(pid) as peak:
+                res = _cli(create, env)
+            time.sleep(settle)
+            out[name] = {"seconds": res["seconds"], "blobs": res["stats"].get("blobs"),
+                         "peak_rss": round(peak.peak / MIB, 1), "after": _status_of(pid)}
+    finally:
+        srv.stop()
+    return out
+
+
+def run(objects: int, data: Path | None, settle: float, runs: int) -> dict[str, Any]:
     doc: dict[str, Any] = {"benchmark": "backup_memory", "objects": objects, "cpus": os.cpu_count(),
                            "load_average_before": [round(x, 2) for x in os.getloadavg()]}
     with tempfile.TemporaryDirectory(prefix="anvil-bench-bkmem-") as tmp:
@@ -112,43 +142,45 @@ def run(objects: int, data: Path | None, settle: float) -> dict[str, Any]:
         store = data or work / "data"
         if not (store / "catalog.db").exists():
             t0 = time.perf_counter()
-            doc["logical_bytes"] = populate(store, objects)
+            from tests.helpers import populate_small_objects
+
+            doc["logical_bytes"] = populate_small_objects(store, objects)
             doc["build_seconds"] = round(time.perf_counter() - t0, 1)
         pythonpath = os.pathsep.join(p for p in (str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, "PYTHONPATH": pythonpath, "ANVIL_BACKUP_PASSPHRASE": PASS,
                "ANVIL_BACKUP_CACHE_DIR": str(work / "cache")}
-        srv = AnvilServer(store, env={k: env[k] for k in ("ANVIL_BACKUP_PASSPHRASE", "PYTHONPATH")})
-        srv.start(timeout=180)
-        try:
-            assert srv.proc is not None
-            pid = srv.proc.pid
-            creds = srv.admin_credentials()
-            env.update({"ANVIL_CLIENT_ID": creds["client_id"], "ANVIL_CLIENT_SECRET": creds["client_secret"]})
-            repo = f"file://{work / 'repo'}"
-            _cli(["backup", "init", "--repo", repo], env)
-            time.sleep(settle)
-            rest = RssPeak(pid).rss()
-            doc["server_rss_at_rest_mib"] = round(rest / MIB, 1)
-            create = ["backup", "create", "--repo", repo, "--endpoint", srv.endpoint, "--json"]
-            for name in ("initial", "with_parent"):
-                with RssPeak(pid) as peak:
-                    res = _cli(create, env)
-                time.sleep(settle)
-                after = RssPeak(pid).rss()
-                doc[name] = {"seconds": res["seconds"], "blobs": res["stats"].get("blobs"),
-                             "reused": res["stats"].get("blobs_reused_from_parent"),
-                             "server_peak_rss_mib": round(peak.peak / MIB, 1),
-                             "server_rss_after_mib": round(after / MIB, 1),
-                             "after_vs_rest": round(after / rest, 3)}
-                print(json.dumps({name: doc[name]}), file=sys.stderr, flush=True)
-        finally:
-            srv.stop()
-    doc["objects"] = doc["initial"]["blobs"] or objects  # a reused --data store says how many it holds
-    peak_mb = max(doc[n]["server_peak_rss_mib"] for n in ("initial", "with_parent")) * MIB / 1e6
+        samples: dict[str, list[dict[str, Any]]] = {name: [] for name in CONTENDERS}
+        for rep in range(runs):  # interleaved: each repetition runs every contender once
+            for name, setting in CONTENDERS.items():
+                res = one_server(store, work, setting, env, settle, rep)
+                samples[name].append(res)
+                print(json.dumps({name: res}), file=sys.stderr, flush=True)
+    doc["contenders"] = {name: _summarise(runs_) for name, runs_ in samples.items()}
+    child = doc["contenders"]["child_process"]
+    peak_mb = max(child[n]["peak_rss_mib"]["max"] for n in BACKUPS) * MIB / 1e6
     doc["target"] = {"peak_mb": round(peak_mb, 1), "goal_mb": TARGET_PEAK_MB, "met": peak_mb <= TARGET_PEAK_MB,
-                     "back_to_idle": all(doc[n]["after_vs_rest"] <= 1.10 for n in ("initial", "with_parent"))}
+                     "back_to_idle": child["changed"]["after_vs_rest"]["max"] <= 1.10}
     doc["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return doc
+
+
+def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """min / median / max over the repetitions of one contender."""
+    import statistics
+
+    def spread(values: list[float]) -> dict[str, float]:
+        return {"min": min(values), "median": round(statistics.median(values), 2), "max": max(values)}
+
+    out: dict[str, Any] = {"rss_at_rest_mib": spread([r["rest"]["VmRSS"] for r in runs]),
+                           "anon_at_rest_mib": spread([r["rest"]["RssAnon"] for r in runs])}
+    for name in BACKUPS:
+        out[name] = {"seconds": spread([r[name]["seconds"] for r in runs]),
+                     "peak_rss_mib": spread([r[name]["peak_rss"] for r in runs]),
+                     "rss_after_mib": spread([r[name]["after"]["VmRSS"] for r in runs]),
+                     "anon_after_mib": spread([r[name]["after"]["RssAnon"] for r in runs]),
+                     "after_vs_rest": spread([round(r[name]["after"]["VmRSS"] / r["rest"]["VmRSS"], 3)
+                                              for r in runs])}
+    return out
 
 
 def trace(store: Path, top: int) -> dict[str, Any]:
@@ -262,6 +294,7 @@ def main() -> None:
     ap.add_argument("--objects", type=int, default=None, help="default 100000")
     ap.add_argument("--data", default=None, help="STORAGE_PATH to build once and reuse (kept)")
     ap.add_argument("--settle", type=float, default=3.0, help="seconds to wait before reading RSS at rest / after")
+    ap.add_argument("--runs", type=int, default=3, help="repetitions (each runs every contender once)")
     ap.add_argument("--trace", action="store_true", help="in-process backup of --data under tracemalloc")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--probe", action="store_true", help="in-process backups of --data: RSS before, peak, after trim")
@@ -273,8 +306,8 @@ def main() -> None:
         print(json.dumps(probe(Path(args.data)), indent=2))
         return
     objects = args.objects or (3_000 if args.quick else 100_000)
-    print(json.dumps(run(objects, Path(args.data) if args.data else None, 0.5 if args.quick else args.settle),
-                     indent=2))
+    print(json.dumps(run(objects, Path(args.data) if args.data else None, 0.5 if args.quick else args.settle,
+                         1 if args.quick else args.runs), indent=2))
 
 
 if __name__ == "__main__":

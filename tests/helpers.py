@@ -225,3 +225,35 @@ class Cli:
         proc = self.run(*args, "--json", **kw)
         assert proc.returncode == 0, f"{args}\n{proc.stdout}\n{proc.stderr}"
         return json.loads(proc.stdout)
+
+
+def populate_small_objects(path: Path, objects: int, *, bucket: str = "bench", seed: int = 5,
+                           prefixes: int = 1000) -> int:
+    """A store of `objects` unique small objects (1-4 KiB: inline bodies), written in this process
+    with no server (the load is not what is measured); returns their bytes. Bench and tests use it."""
+    import random
+
+    from anvil.context import DEV_PRINCIPAL, RequestContext
+    from anvil.runtime import Anvil
+
+    rng = random.Random(seed)
+    anvil = Anvil(path)
+    total = 0
+    try:
+        ctx = RequestContext(DEV_PRINCIPAL)
+        anvil.objects.create_bucket(ctx, bucket)
+        pending = []
+        for i in range(objects):
+            data = rng.randbytes(rng.randint(1024, 4096))
+            total += len(data)
+            pending.append(anvil.objects.submit_put_object(ctx, bucket, f"p{i % prefixes:04d}/o{i:08d}",
+                                                           anvil.objects.store_bytes(data)))
+            if len(pending) >= 512:
+                for f in pending:
+                    f.result()
+                pending.clear()
+        for f in pending:
+            f.result()
+    finally:
+        anvil.close()
+    return total

@@ -151,6 +151,10 @@ class Anvil:
     def participants(self) -> list[Participant]:
         return recovery_participants()
 
+    # `participants()` as another process builds it: a server's snapshot runs after its checkpoint
+    # in a child process (backup.snapshot_process), which builds its own list with this.
+    participants_factory = f"{recovery_participants.__module__}:{recovery_participants.__qualname__}"
+
     # One heal at a time per process: two runs would stream the same blobs twice.
     _heal_lock = threading.Lock()
 

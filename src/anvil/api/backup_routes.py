@@ -49,7 +49,8 @@ def run_backup(app: Any, repo_url: str, *, passphrase: str | None = None, key_fi
 
     try:
         manifest = ops.backup_storage(anvil.storage, anvil.participants(), repo, tag=tag, run_mode=mode,
-                                      escrow_secrets=escrow_secrets, incremental=incremental, progress=progress)
+                                      escrow_secrets=escrow_secrets, incremental=incremental, progress=progress,
+                                      participants_factory=anvil.participants_factory)
         result = {**engine.snapshot_row(manifest), "stats": manifest["stats"], "problems": manifest["problems"]}
         app.state.last_backup = {"time": started, "ok": not manifest["problems"], "snapshot": manifest["id"],
                                  "repository": repo.backend.url, "problems": len(manifest["problems"])}

@@ -10,6 +10,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -445,27 +446,94 @@ def _encode_todo(store: RefStore, repo: Repository, writer: PackWriter, blobs: B
 def create_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
                     participants: list[Participant], repo: Repository, *, progress: Progress | None = None,
                     tag: str | None = None, config: dict[str, Any] | None = None,
-                    escrow_secrets: bool | None = None) -> dict[str, Any]:
-    """Checkpoint, then store FORMAT, catalog.db and every referenced blob; returns the manifest."""
+                    escrow_secrets: bool | None = None, participants_factory: str | None = None) -> dict[str, Any]:
+    """Checkpoint, then store FORMAT, catalog.db and every referenced blob; returns the manifest.
+
+    `participants_factory` ("module:function" returning `participants` anew): the work after the
+    checkpoint runs in a child process built with it (`backup.snapshot_process`), so the memory it
+    allocates goes back whole when that process exits (a server's backups); None: in this process."""
     with repo.lock("shared", "create"):
         return _create_snapshot(storage_root, catalog_path, blobs, tmp_dir, deployment_id, participants, repo,
-                                progress=progress, tag=tag, config=config, escrow_secrets=escrow_secrets)
+                                progress=progress, tag=tag, config=config, escrow_secrets=escrow_secrets,
+                                participants_factory=participants_factory)
 
 
 def _create_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
                      participants: list[Participant], repo: Repository, *, progress: Progress | None = None,
                      tag: str | None = None, config: dict[str, Any] | None = None,
-                     escrow_secrets: bool | None = None) -> dict[str, Any]:
+                     escrow_secrets: bool | None = None, participants_factory: str | None = None) -> dict[str, Any]:
     started = time.time()
     # Only the parent's header: its blob tree is streamed (`treestream`), never decoded whole.
     parent = latest_row(repo, deployment_id)
     if parent is not None and isinstance(catalog_path, Path):
         # Nothing happened since the parent: a manifest listing what it holds, written without
         # even reading the repository's index (orphan packs wait for the next full snapshot or prune).
+        # It allocates little (a few queries, the parent's header): it stays in this process.
         same = _unchanged_snapshot(storage_root, catalog_path, blobs, participants, repo, parent, started,
                                    tag=tag, config=config, escrow_secrets=escrow_secrets)
         if same is not None:
             return same
+    from anvil.backup import snapshot_process
+
+    child = None
+    # A PostgreSQL store's inline bodies and a remote blob backend are read through this
+    # process's connections: those backups stay here (docs/backup.md, "The snapshot in a child process").
+    if participants_factory and isinstance(catalog_path, Path) and not blobs.remote and snapshot_process.enabled():
+        child = snapshot_process.SnapshotProcess(participants_factory, tmp_dir)  # starts while we checkpoint
+    try:
+        captured: dict[str, Any] = {}
+        with checkpoint(catalog_path, tmp_dir, participants, captured) as cp:
+            _checkpoint_participants(storage_root, cp, blobs, participants, escrow_secrets)
+            job = SnapshotJob(str(storage_root), str(cp), captured["method"], deployment_id, parent, started, tag,
+                              config, escrow_secrets)
+            if child is not None:
+                manifest = child.run(job, repo, blobs, progress)
+            else:
+                manifest = snapshot_from_checkpoint(job, repo, blobs, participants, progress)
+    finally:
+        if child is not None:
+            child.close()
+    # The caller's copy of the tree is read back from the snapshot only if used (the server never does).
+    manifest["tree"]["blobs"] = SavedTree(lambda: repo.load_snapshot(manifest["id"])["tree"]["blobs"],
+                                          manifest["stats"]["blobs"])
+    return manifest
+
+
+def _checkpoint_participants(storage_root: Path, cp: Path, blobs: BlobStore, participants: list[Participant],
+                             escrow_secrets: bool | None) -> None:
+    """Each participant's `checkpoint` (its own files made consistent for the copy), right after the
+    catalog's, in the process that took it."""
+    conn = records.open_readonly(cp)
+    try:
+        ctx = RecoveryContext(storage_root, conn, blobs, participants, escrow_secrets=escrow_secrets)
+        ctx.escrow_secrets = _escrow(participants, ctx, escrow_secrets)[0]
+        for p in participants:
+            p.checkpoint(ctx)
+    finally:
+        records.close(conn)
+
+
+@dataclass(frozen=True)
+class SnapshotJob:
+    """What the work after the checkpoint needs, all plain data: it goes to the child process as JSON."""
+
+    storage_root: str
+    checkpoint: str  # the checkpoint's copy of catalog.db (in a scratch folder of its own)
+    method: str  # the manifest's consistency method
+    deployment_id: str
+    parent: dict[str, Any] | None  # the parent snapshot's row, or None
+    started: float
+    tag: str | None
+    config: dict[str, Any] | None
+    escrow_secrets: bool | None
+
+
+def snapshot_from_checkpoint(job: SnapshotJob, repo: Repository, blobs: BlobStore, participants: list[Participant],
+                             progress: Progress | None = None) -> dict[str, Any]:
+    """Everything after the checkpoint (summaries, references, encoding, tree pages, manifest,
+    index), reading only the checkpoint's copy and the blob store; saves the snapshot and returns
+    its manifest without `tree.blobs`. Called under the repository's lock, in the process that
+    took the checkpoint or in its child (`backup.snapshot_process`)."""
     # Another create may be filling packs no index mentions yet: then leave every pack alone.
     if any(lock.get("operation") not in ("verify", "forget") for lock in repo.live_locks):
         orphans: dict[str, Any] = {"skipped": "another backup may be running", "packs": 0, "bytes": 0, "kept": 0}
@@ -473,121 +541,110 @@ def _create_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobSt
         orphans = remove_orphan_packs(repo)
     writer = repo.writer()
     try:
-        return _fill_snapshot(storage_root, catalog_path, blobs, tmp_dir, deployment_id, participants, repo, writer,
-                              parent, started, orphans, progress=progress, tag=tag, config=config,
-                              escrow_secrets=escrow_secrets)
+        return _fill_snapshot(job, repo, blobs, participants, writer, orphans, progress)
     finally:
         writer.close()
 
 
-def _fill_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobStore, tmp_dir: Path, deployment_id: str,
-                   participants: list[Participant], repo: Repository, writer: PackWriter,
-                   parent: dict[str, Any] | None, started: float, orphans: dict[str, Any], *,
-                   progress: Progress | None = None,
-                   tag: str | None = None, config: dict[str, Any] | None = None,
-                   escrow_secrets: bool | None = None) -> dict[str, Any]:
+def _fill_snapshot(job: SnapshotJob, repo: Repository, blobs: BlobStore, participants: list[Participant],
+                   writer: PackWriter, orphans: dict[str, Any], progress: Progress | None) -> dict[str, Any]:
+    storage_root, cp, parent, started = Path(job.storage_root), Path(job.checkpoint), job.parent, job.started
     known = writer.known
     problems: list[str] = []
-    captured: dict[str, Any] = {}
-    with checkpoint(catalog_path, tmp_dir, participants, captured) as cp:
-        conn = records.open_readonly(cp)
-        try:
-            ctx = RecoveryContext(storage_root, conn, blobs, participants, escrow_secrets=escrow_secrets)
-            escrow_secrets, escrow_policy = _escrow(participants, ctx, escrow_secrets)
-            ctx.escrow_secrets = escrow_secrets
+    conn = records.open_readonly(cp)
+    try:
+        ctx = RecoveryContext(storage_root, conn, blobs, participants, escrow_secrets=job.escrow_secrets)
+        escrow_secrets, escrow_policy = _escrow(participants, ctx, job.escrow_secrets)
+        ctx.escrow_secrets = escrow_secrets
+        secret_key_ids = sorted({k for p in participants if isinstance(p, KeyHolder) for k in p.key_ids(ctx)})
+        seq, chain_hash = journal.head(conn)
+        # The references go to an on-disk sorted store (`refstore`), never held whole; the
+        # summaries read them back from it in hash order.
+        store = RefStore(cp.parent)
+        store.load(ctx)  # closed below, or by the folder's removal if this raises
+        ctx.stream_referenced_blobs(store.referenced)
+        extra = sorted({f for p in participants if isinstance(p, FileOwner) for f in p.files(ctx)})
+        # The participants' summaries (object digests, a stat per blob, the journal chain's
+        # hashes) were a third of a small-blob backup's own time: they run on a thread, on the
+        # checkpoint's connection (nothing else uses it from here on), while blobs are encoded.
+        # Summaries that still hold at this head are the parent's (`backup.summaries`): a full
+        # snapshot of an unchanged store no longer reads every row to find the same digests.
+        inherited = summaries_mod.from_parent(repo, parent, conn, (seq, chain_hash), participants, now=started)
+        reused = inherited.reused
+        extended: list[str] = []
+        summaries = _Background(_summaries, participants, ctx, reused, inherited.extend, extended)
+    except BaseException:
+        records.close(conn)
+        raise
+    pools: workers.Pools | None = None
+    try:
+        catalog_size = cp.stat().st_size
+        # Sizes as the records give them (no stat per blob) make the progress total.
+        todo_bytes = _split_refs(store, repo, parent["id"] if parent else None, known)
+        pools = _early_pools(store, repo, blobs)
+        total = catalog_size + todo_bytes
+        done = 0
+
+        def tick(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress:
+                progress(done, total, "")
+
+        files: dict[str, Any] = {}
+        fmt = (storage_root / FORMAT_FILE).read_bytes()
+        files[FORMAT_FILE] = {"size": len(fmt), "sha256": hashlib.sha256(fmt).hexdigest(),
+                              "chunks": [writer.add(fmt)]}
+        files["catalog.db"] = _store_file(writer, cp)
+        tick(files["catalog.db"]["size"])
+        for path in extra:
+            rel = str(Path(path).absolute().relative_to(storage_root))
+            if rel in files or rel.startswith(("blobs/", "tmp/")):
+                raise BackupError(f"participant file {rel} is not allowed in a snapshot")
+            files[rel] = {**_store_file(writer, Path(path)), "mode": Path(path).stat().st_mode & 0o777}
+        logical = files["catalog.db"]["size"] + len(fmt)
+        _encode_todo(store, repo, writer, blobs, problems, tick, pools)
+        reused_blobs = store.reused
+        logical += store.tree_totals()[1]
+        # The tree goes into content-addressed pages (`treepages`): those the parent already
+        # stored (every page no new, changed or dropped blob falls in) are not written again.
+        known_before = writer.new_chunks
+        blob_pages, page_keys = treepages.write_pages(writer, store.tree_items())
+        pages_new = writer.new_chunks - known_before
+        tree_count = sum(n for _, n in blob_pages)
+        parts = summaries.result()  # before the index: a failed summary leaves no index behind
+        if reused_blobs < store.tree_totals()[0]:
+            # Blobs were read although nothing was journaled (one missing at the parent is back):
+            # a summary taken over because the head had not moved may count the blob store.
             for p in participants:
-                p.checkpoint(ctx)
-            secret_key_ids = sorted({k for p in participants if isinstance(p, KeyHolder) for k in p.key_ids(ctx)})
-            seq, chain_hash = journal.head(conn)
-            # The references go to an on-disk sorted store (`refstore`), never held whole; the
-            # summaries read them back from it in hash order.
-            store = RefStore(cp.parent)
-            store.load(ctx)  # closed below, or by the folder's removal if this raises
-            ctx.stream_referenced_blobs(store.referenced)
-            extra = sorted({f for p in participants if isinstance(p, FileOwner) for f in p.files(ctx)})
-            # The participants' summaries (object digests, a stat per blob, the journal chain's
-            # hashes) were a third of a small-blob backup's own time: they run on a thread, on the
-            # checkpoint's connection (nothing else uses it from here on), while blobs are encoded.
-            # Summaries that still hold at this head are the parent's (`backup.summaries`): a full
-            # snapshot of an unchanged store no longer reads every row to find the same digests.
-            inherited = summaries_mod.from_parent(repo, parent, conn, (seq, chain_hash), participants, now=started)
-            reused = inherited.reused
-            extended: list[str] = []
-            summaries = _Background(_summaries, participants, ctx, reused, inherited.extend, extended)
-        except BaseException:
-            records.close(conn)
-            raise
-        pools: workers.Pools | None = None
-        try:
-            catalog_size = cp.stat().st_size
-            # Sizes as the records give them (no stat per blob) make the progress total.
-            todo_bytes = _split_refs(store, repo, parent["id"] if parent else None, known)
-            pools = _early_pools(store, repo, blobs)
-            total = catalog_size + todo_bytes
-            done = 0
-
-            def tick(n: int) -> None:
-                nonlocal done
-                done += n
-                if progress:
-                    progress(done, total, "")
-
-            files: dict[str, Any] = {}
-            fmt = (storage_root / FORMAT_FILE).read_bytes()
-            files[FORMAT_FILE] = {"size": len(fmt), "sha256": hashlib.sha256(fmt).hexdigest(),
-                                  "chunks": [writer.add(fmt)]}
-            files["catalog.db"] = _store_file(writer, cp)
-            tick(files["catalog.db"]["size"])
-            for path in extra:
-                rel = str(Path(path).absolute().relative_to(storage_root))
-                if rel in files or rel.startswith(("blobs/", "tmp/")):
-                    raise BackupError(f"participant file {rel} is not allowed in a snapshot")
-                files[rel] = {**_store_file(writer, Path(path)), "mode": Path(path).stat().st_mode & 0o777}
-            logical = files["catalog.db"]["size"] + len(fmt)
-            _encode_todo(store, repo, writer, blobs, problems, tick, pools)
-            reused_blobs = store.reused
-            logical += store.tree_totals()[1]
-            # The tree goes into content-addressed pages (`treepages`): those the parent already
-            # stored (every page no new, changed or dropped blob falls in) are not written again.
-            known_before = writer.new_chunks
-            blob_pages, page_keys = treepages.write_pages(writer, store.tree_items())
-            pages_new = writer.new_chunks - known_before
-            tree_count = sum(n for _, n in blob_pages)
-            parts = summaries.result()  # before the index: a failed summary leaves no index behind
-            if reused_blobs < store.tree_totals()[0]:
-                # Blobs were read although nothing was journaled (one missing at the parent is back):
-                # a summary taken over because the head had not moved may count the blob store.
-                for p in participants:
-                    if p.name in reused and p.summary_reuse == "head":
-                        parts[p.name]["summary"] = p.summary(ctx)
-                        reused.pop(p.name)
-            writer.finish()
-            finished = time.time()
-            manifest = _manifest(
-                repo, participants, parent_id=parent["id"] if parent else None, tag=tag, started=started,
-                finished=finished, fmt=fmt, deployment_id=deployment_id,
-                consistency={"method": captured["method"], "journal_seq": seq, "journal_hash": chain_hash},
-                key_ids=(secret_key_ids, escrow_secrets, escrow_policy), config=config, parts=parts,
-                problems=problems,
-                stats={"logical_bytes": logical, "new_bytes": writer.new_bytes, "new_chunks": writer.new_chunks,
-                       "blobs": tree_count, "blobs_reused_from_parent": reused_blobs,
-                       "summaries_reused": sorted(reused), "summaries_extended": sorted(extended),
-                       # When the extendable summaries (the journal chain) were last computed whole:
-                       # now, unless each was taken over or extended from the parent's.
-                       summaries_mod.CHAIN_FULL_KEY: _full_walk(participants, reused, extended, inherited, started),
-                       "tree_pages": len(blob_pages), "tree_pages_new": pages_new,
-                       "tree_pages_taken_over": len(store.pages),
-                       "duration": round(finished - started, 3), "orphans": orphans},
-                tree={"files": files, "blob_pages": blob_pages, "blob_page_keys": page_keys})
-            repo.save_snapshot(manifest)
-        finally:
-            if pools is not None:
-                pools.close()  # (already closed unless this failed before the blobs were encoded)
-            summaries.wait()
-            records.close(conn)
-            store.close()
-    # The caller's copy of the tree is read back from the snapshot only if used (the server never does).
-    manifest["tree"]["blobs"] = SavedTree(lambda: repo.load_snapshot(manifest["id"])["tree"]["blobs"], tree_count)
+                if p.name in reused and p.summary_reuse == "head":
+                    parts[p.name]["summary"] = p.summary(ctx)
+                    reused.pop(p.name)
+        writer.finish()
+        finished = time.time()
+        manifest = _manifest(
+            repo, participants, parent_id=parent["id"] if parent else None, tag=job.tag, started=started,
+            finished=finished, fmt=fmt, deployment_id=job.deployment_id,
+            consistency={"method": job.method, "journal_seq": seq, "journal_hash": chain_hash},
+            key_ids=(secret_key_ids, escrow_secrets, escrow_policy), config=job.config, parts=parts,
+            problems=problems,
+            stats={"logical_bytes": logical, "new_bytes": writer.new_bytes, "new_chunks": writer.new_chunks,
+                   "blobs": tree_count, "blobs_reused_from_parent": reused_blobs,
+                   "summaries_reused": sorted(reused), "summaries_extended": sorted(extended),
+                   # When the extendable summaries (the journal chain) were last computed whole:
+                   # now, unless each was taken over or extended from the parent's.
+                   summaries_mod.CHAIN_FULL_KEY: _full_walk(participants, reused, extended, inherited, started),
+                   "tree_pages": len(blob_pages), "tree_pages_new": pages_new,
+                   "tree_pages_taken_over": len(store.pages),
+                   "duration": round(finished - started, 3), "orphans": orphans},
+            tree={"files": files, "blob_pages": blob_pages, "blob_page_keys": page_keys})
+        repo.save_snapshot(manifest)
+    finally:
+        if pools is not None:
+            pools.close()  # (already closed unless this failed before the blobs were encoded)
+        summaries.wait()
+        records.close(conn)
+        store.close()
     return manifest
 
 

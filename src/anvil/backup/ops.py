@@ -26,11 +26,15 @@ def open_repo(url: str, *, passphrase: str | None = None, key_file: str | None =
 
 def backup_storage(storage: Storage, participants: list[Participant], repo: Repository, *,
                    progress: engine.Progress | None = None, tag: str | None = None, run_mode: str = "offline",
-                   escrow_secrets: bool | None = None, incremental: bool = False) -> dict[str, Any]:
+                   escrow_secrets: bool | None = None, incremental: bool = False,
+                   participants_factory: str | None = None) -> dict[str, Any]:
     """A snapshot of one opened deployment (the running server's, or one opened offline).
 
     `incremental`: a journal delta (what changed since the newest snapshot, read from the journal)
-    instead of a full snapshot; see `archive.create_delta`."""
+    instead of a full snapshot; see `archive.create_delta`. `participants_factory` (the runtime's,
+    "module:function"): an online full snapshot runs after its checkpoint in a child process
+    (`backup.snapshot_process`), so the server's memory is back to idle afterwards; an offline
+    one runs in this process, which exits anyway."""
     root = storage.root
     url = repo.backend.url
     if url.startswith("file://"):
@@ -44,17 +48,18 @@ def backup_storage(storage: Storage, participants: list[Participant], repo: Repo
         config["records"] = redact_url(records_url)  # PostgreSQL: the snapshot is an exported one (pgcapture)
     if run_mode == "offline":
         # A stopped store: no gc or compaction can run beside it (the lock), and nothing is written to it.
-        return _backup(storage, participants, repo, config, progress, tag, escrow_secrets, incremental)
+        return _backup(storage, participants, repo, config, progress, tag, escrow_secrets, incremental, None)
     # While it runs, gc (on any node) deletes no blob and compaction keeps what follows its start:
     # the snapshot may reference blobs that lose their last reference before they are read.
     with holds.holding(storage.catalog, f"backup/{uuid.uuid4().hex[:12]}", holder=f"{platform.node()}/{os.getpid()}",
                        seq=storage.catalog.head()[0], blobs=holds.ALL, ttl=ttl_from_env()):
-        return _backup(storage, participants, repo, config, progress, tag, escrow_secrets, incremental)
+        return _backup(storage, participants, repo, config, progress, tag, escrow_secrets, incremental,
+                       participants_factory)
 
 
 def _backup(storage: Storage, participants: list[Participant], repo: Repository, config: dict[str, Any],
             progress: engine.Progress | None, tag: str | None, escrow_secrets: bool | None,
-            incremental: bool) -> dict[str, Any]:
+            incremental: bool, participants_factory: str | None) -> dict[str, Any]:
     if incremental:
         from anvil.backup.archive import create_delta
 
@@ -63,7 +68,8 @@ def _backup(storage: Storage, participants: list[Participant], repo: Repository,
     records_url = getattr(storage, "records_url", None)
     return engine.create_snapshot(storage.root, records_url or storage.layout.catalog_path, storage.blobs,
                                   storage.layout.tmp, storage.format.deployment_id, participants, repo,
-                                  progress=progress, tag=tag, config=config, escrow_secrets=escrow_secrets)
+                                  progress=progress, tag=tag, config=config, escrow_secrets=escrow_secrets,
+                                  participants_factory=participants_factory)
 
 
 def _stopped_store(storage_path: str | Path, records: str | None = None) -> Storage:

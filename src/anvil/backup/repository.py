@@ -309,6 +309,16 @@ class Repository:
                 raise BackupError(f"lock {name} of this process was removed (taken over as stale, or by "
                                   "`anvil backup unlock`); stopping before anything refers to data written under it")
 
+    @property
+    def held_locks(self) -> list[str]:
+        return list(self._held)
+
+    def write_under(self, held: list[str], live_locks: list[dict[str, Any]]) -> None:
+        """Write under locks another process holds and keeps alive (a backup's child process works
+        under its parent's `create` lock): `assert_locked` checks them, orphan removal sees `live_locks`."""
+        self._held = list(held)
+        self.live_locks = list(live_locks)
+
     def unlock(self) -> list[str]:
         names = self.backend.list("locks")
         for n in names:

@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -97,9 +98,19 @@ def use_processes(small_blobs: int, small_bytes: int | None = None) -> int:
     return n
 
 
-def _init(enc_key: bytes, id_key: bytes) -> None:
+def _init(enc_key: bytes, id_key: bytes, parent: int) -> None:
     _KEYS["enc"] = enc_key
     _KEYS["id"] = id_key
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="anvil-worker-parent", daemon=True).start()
+
+
+def _exit_with_parent(parent: int, every: float = 0.5) -> None:
+    """A worker whose parent died (a killed backup process, a killed CLI) is re-parented; it would
+    wait for tasks forever, holding what it inherited (a pipe its grandparent reads to its end).
+    `parent` is the pool's creator as it gave it: it may have died before this worker started."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
 
 
 def _noop() -> None:
@@ -117,7 +128,7 @@ def pool(workers: int, enc_key: bytes, id_key: bytes) -> ProcessPoolExecutor:
     find functions pickled by reference; ours live in this module, so `__main__` is hidden from
     the preparation data while the processes start."""
     ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init, initargs=(enc_key, id_key))
+                             initializer=_init, initargs=(enc_key, id_key, os.getpid()))
     main = sys.modules.get("__main__")
     with _MAIN_LOCK:
         saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if main is not None and k in main.__dict__}

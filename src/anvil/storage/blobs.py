@@ -604,10 +604,12 @@ class BlobStore:
         self.drop_behind = DROP_BEHIND_DEFAULT
         # Inline bodies (storage.inline): bodies up to `inline_max` bytes are written inline by
         # the objects layer (0: never). Reads look inline whatever the threshold, so a store keeps
-        # working when it changes. `attach_catalog` gives the live catalog; otherwise the
-        # catalog.db beside blobs/ is opened read-only on first need (restore, offline tools).
+        # working when it changes. `attach_catalog` gives the live catalog; otherwise the file
+        # `inline_catalog` (catalog.db beside blobs/: restore, offline tools; a backup's checkpoint
+        # copy in the snapshot's own process) is opened read-only on first need.
         self.inline_max = 0
         self._catalog: Any = None
+        self.inline_catalog = blobs_root.parent.parent / "catalog.db"
         self._local = threading.local()
         # Who still needs blobs that no record may reference any more (continuous archiving has
         # not shipped them yet): each returns hashes gc must keep, whatever their references.
@@ -625,7 +627,7 @@ class BlobStore:
             return self._catalog.reader()
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            path = self.root.parent.parent / "catalog.db"
+            path = self.inline_catalog
             if not path.exists():
                 return None
             try:

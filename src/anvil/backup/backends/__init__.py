@@ -44,6 +44,9 @@ class Backend:
     """
 
     url: str
+    # The endpoint an S3-compatible backend was opened with: with `url`, what opens it again in
+    # another process (a backup's child, `backup.snapshot_process`); credentials come from the environment.
+    s3_endpoint: str | None = None
 
     def read(self, name: str) -> bytes:
         raise NotImplementedError

@@ -24,6 +24,7 @@ class S3Backend(Backend):
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.url = f"s3://{bucket}/{self.prefix}"
+        self.s3_endpoint = endpoint
         self.s3 = boto3.client(
             "s3", endpoint_url=endpoint, aws_access_key_id=access_key or os.environ.get("AWS_ACCESS_KEY_ID"),
             aws_secret_access_key=secret_key or os.environ.get("AWS_SECRET_ACCESS_KEY"),
