@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -319,18 +320,20 @@ def _restore_files(repo: Repository, manifest: dict[str, Any], layout: Layout, p
     restored = skipped = 0
     problems: list[str] = []
     store = open_blob_store(layout.blobs, layout.tmp)  # local files, or ANVIL_BLOBS_URL's backend (S3)
-    made: set[Path] = set()
+    made: set[Path] = set()  # fan-out folders made here (`_make_parent`)
+    worker_dirs: set[Path] = set()  # those the pack windows are written into (made as they are)
     written: list[Path] = []
 
-    def restore_blob(sha: str) -> tuple[str, str | None]:
-        """Runs on worker threads: 'missing', 'present', 'restored' or 'failed' + why."""
+    def restore_blob(sha: str, via: ChunkReader | None = None) -> tuple[str, str | None]:
+        """'missing', 'present', 'restored' or 'failed' + why (`via`: the reader of this thread's packs)."""
+        via = via or reader
         if sha in inlined:
             return "restored", None  # it came back inside catalog.db, as it was stored
         entry = tree_blobs.get(sha)
         if entry is None:
             return "missing", None
         if store.remote:
-            return _restore_remote(reader, store, sha, entry, layout.tmp)
+            return _restore_remote(via, store, sha, entry, layout.tmp)
         dest = store.path(sha)
         # An empty target has no blobs to keep: skip the per-blob look.
         if not fresh and dest.exists() and _hash_file(dest) == sha:
@@ -338,61 +341,85 @@ def _restore_files(repo: Repository, manifest: dict[str, Any], layout: Layout, p
         _make_parent(dest, made)
         try:
             # No fsync per blob: one batch below makes everything durable before the marker.
-            _write_entry(reader, entry, dest, expected_sha=sha, fsync=False, direct=fresh)
+            _write_entry(via, entry, dest, expected_sha=sha, fsync=False, direct=fresh)
             return "restored", None
         except BackupError as e:
             return "failed", str(e)
 
+    lock = threading.Lock()  # record() runs on the restore's thread and on the large blobs' thread
+
     def record(sha: str, outcome: str, why: str | None) -> None:
         nonlocal done, restored, skipped
-        if outcome == "missing":
-            problems.append(f"blob {sha} is not in the snapshot; affects {_affects(refs[sha])}")
-            return
-        if outcome == "failed":
-            problems.append(f"blob {sha}: {why}; affects {_affects(refs[sha])}")
-        restored += outcome == "restored"
-        skipped += outcome == "present"
-        if outcome == "restored" and sha not in inlined and not store.remote:
-            written.append(sha)  # a path only if it is synced one by one (few blobs)
-        done += tree_blobs.get(sha, {}).get("size", 0)
-        if progress:
-            progress(done, total, sha[:12])
+        with lock:
+            if outcome == "missing":
+                problems.append(f"blob {sha} is not in the snapshot; affects {_affects(refs[sha])}")
+                return
+            if outcome == "failed":
+                problems.append(f"blob {sha}: {why}; affects {_affects(refs[sha])}")
+            restored += outcome == "restored"
+            skipped += outcome == "present"
+            if outcome == "restored" and sha not in inlined and not store.remote:
+                written.append(sha)  # a path only if it is synced one by one (few blobs)
+            done += tree_blobs.get(sha, {}).get("size", 0)
+            if progress:
+                progress(done, total, sha[:12])
 
-    # Many small blobs are decoded and written by worker processes, a pack window at a time
-    # (`workers.restore_batch`); the rest (large, spread over packs, inline) on threads below.
-    # Workers write local files: a remote blob backend takes every blob through `restore_blob`.
+    # Small blobs whose chunks sit in one pack are decoded and written a pack window at a time
+    # (`workers.restore_window`): by the worker processes when the pool runs, else on this thread,
+    # one after another (on threads each would hand the GIL over several times: unseal,
+    # decompress, hash, open, write, close each release it briefly, and on a busy machine every
+    # hand-over waits for the other thread to be scheduled). A window is read once, into a buffer
+    # of its own size, not through the reader's cache of whole packs. The rest (large, spread over
+    # packs, inline) go through `restore_blob`. Windows write local files: a remote blob backend
+    # takes every blob through `restore_blob`.
     by_pack = {} if store.remote else _small_by_pack(reader, tree_blobs, [s for s in refs if s not in inlined])
     n_small = sum(len(v) for v in by_pack.values())
     running = pools.get(n_small) if n_small else None
-    rest = list(refs)
-    if running:
-        ex, nproc = running
-        in_workers = {sha for items in by_pack.values() for sha, _ in items}
-        rest = [sha for sha in refs if sha not in in_workers]
-        tasks = _restore_tasks(repo, store, by_pack, made, fresh, record)
-        for sha, outcome, why in workers.run_ordered(ex, workers.restore_batch, tasks,
-                                                     nproc * workers.INFLIGHT_PER_WORKER):
+    windowed = {sha for items in by_pack.values() for sha, _ in items}
+    rest = [sha for sha in refs if sha not in windowed]
+    small = [sha for sha in rest if _size_of(tree_blobs, sha) <= INLINE_RESTORE_MAX + 4096]
+    large = [sha for sha in rest if _size_of(tree_blobs, sha) > INLINE_RESTORE_MAX + 4096]
+    # The large blobs' work is native (AES-GCM, zstd, SHA-256, write(2), all without the GIL): it runs
+    # on threads from the start, beside the small blobs' (in the worker processes, or on this thread),
+    # so neither phase leaves a core idle while the other finishes. Their own pack cache: the small
+    # blobs walk other packs, in order.
+    large_reader = ChunkReader(repo) if large else None
+    stop = threading.Event()
+
+    def restore_large() -> None:
+        def one(sha: str) -> tuple[str, str | None]:
+            return ("failed", "the restore stopped") if stop.is_set() else restore_blob(sha, large_reader)
+
+        # Packs are read in the order they were written; ~64 MiB of blobs in flight at most.
+        for sha, (outcome, why) in ordered_batches(one, large, weight=lambda s: _size_of(tree_blobs, s),
+                                                   max_weight=64 * 1024 * 1024):
             record(sha, outcome, why)
 
-    # Packs are restored in the order they were written, so the reader's pack cache stays warm.
-    # Bounded by bytes (~64 MiB of blobs in flight), so many small blobs keep both workers busy.
-    # Small blobs are written right here, one after another: on threads each would hand the GIL
-    # over several times (unseal, decompress, hash, open, write, close each release it briefly),
-    # and on a busy machine every hand-over waits for the other thread to be scheduled.
-    small = {sha for sha in rest if _size_of(tree_blobs, sha) <= INLINE_RESTORE_MAX + 4096}
-    for sha in rest:
-        if sha in small:
-            record(sha, *restore_blob(sha))
-    rest = [sha for sha in rest if sha not in small]
-    for sha, (outcome, why) in ordered_batches(restore_blob, rest, weight=lambda s: _size_of(tree_blobs, s),
-                                               max_weight=64 * 1024 * 1024):
-        record(sha, outcome, why)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="anvil-restore-large") as large_ex:
+        large_done = large_ex.submit(restore_large)
+        try:
+            tasks = _restore_tasks(repo, store, by_pack, worker_dirs, fresh, record)
+            if running:
+                ex, nproc = running
+                outcomes = workers.run_ordered(ex, workers.restore_batch, tasks, nproc * workers.INFLIGHT_PER_WORKER)
+            else:
+                outcomes = (o for task in tasks for o in workers.restore_window(repo.enc_key, task))
+            for sha, outcome, why in outcomes:
+                record(sha, outcome, why)
+            for sha in small:
+                record(sha, *restore_blob(sha))
+        except BaseException:
+            stop.set()  # nothing may still write into a target the caller is about to empty
+            raise
+        large_done.result()
     pools.close()  # the workers exit while the last bytes go to disk
     if flusher is not None:
         flusher.stop()
     # The blobs (and the fan-out folders naming them) are durable before the marker says done.
     sync_paths(written if len(written) > SYNC_FILES_ONE_BY_ONE else [store.path(sha) for sha in written],
-               {*made, *file_dirs, layout.blobs, root})
+               {*made, *worker_dirs, *file_dirs, layout.blobs, root})
     marker = {
         "snapshot": manifest["id"], "repository": repo.backend.url, "restored_at": time.time(),
         "journal_seq": manifest["consistency"]["journal_seq"], "journal_hash": manifest["consistency"]["journal_hash"],
@@ -440,9 +467,10 @@ def _small_by_pack(reader: ChunkReader, tree_blobs: dict[str, Any],
 
 
 def _restore_tasks(repo: Repository, store: BlobStore, by_pack: dict[str, list[tuple[str, list[Any]]]],
-                   made: set[Path], fresh: bool,
+                   dirs: set[Path], fresh: bool,
                    record: Callable[[str, str, str | None], None]) -> Any:
-    """(pack window, items, fresh) tasks for `workers.restore_batch`, a pack read at a time."""
+    """(pack window, items, fresh) tasks for `workers.restore_batch`, a pack read at a time; `dirs`
+    gets the folders they write into (made by the workers)."""
     from anvil.backup.pack import pack_name
 
     local = repo.backend.local_path if isinstance(repo.backend, LocalBackend) else None
@@ -476,7 +504,7 @@ def _restore_tasks(repo: Repository, store: BlobStore, by_pack: dict[str, list[t
             task_items = []
             for sha, locs in batch:
                 dest = store.path(sha)
-                made.add(dest.parent)
+                dirs.add(dest.parent)
                 task_items.append((sha, str(dest), 0o644, [(c, loc.offset - lo, loc.length) for c, loc in locs]))
             yield (bytes(view[lo:hi]) if view is not None else (path, lo, hi - lo)), task_items, fresh
 

@@ -300,7 +300,13 @@ def _read_window(window: Window) -> bytes:
 
 
 def restore_batch(task: tuple[Window, list[RestoreItem], bool]) -> list[tuple[str, str, str | None]]:
-    """Runs in a worker: unseal, decompress, check and write each blob of one pack window.
+    """Runs in a worker: `restore_window` with the pool's key."""
+    return restore_window(_KEYS["enc"], task)
+
+
+def restore_window(enc: bytes, task: tuple[Window, list[RestoreItem], bool]) -> list[tuple[str, str, str | None]]:
+    """Unseal, decompress, check and write each blob of one pack window (in a worker, or in the
+    restoring process itself when it has no pool).
 
     (sha, 'restored' | 'present' | 'failed', why). `fresh`: the target was empty, so files are
     written in place (the restore marks the store incomplete until its end); otherwise through
@@ -311,7 +317,6 @@ def restore_batch(task: tuple[Window, list[RestoreItem], bool]) -> list[tuple[st
     from anvil.backup.pack import decompress
 
     window, items, fresh = task
-    enc = _KEYS["enc"]
     out: list[tuple[str, str, str | None]] = []
     try:
         view = memoryview(_read_window(window))
