@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -68,6 +69,12 @@ def _write_entry(reader: ChunkReader, entry: dict[str, Any], dest: Path, expecte
 
 # Blobs up to this size are restored on the restore's own thread (`_restore_locked`).
 INLINE_RESTORE_MAX = 256 * 1024
+# Threads decoding pack windows when there is no worker pool (a busy machine, or few small blobs).
+# Most of a window's work releases the GIL (unseal, decompress, SHA-256, open, write). Measured
+# on bench/backup.py's dataset (2 cores, other work running: load 4-7), 6 restores each, interleaved,
+# median wall and CPU seconds: one thread 7.1 s / 4.7, two 5.0 s / 4.9; in a second run two threads
+# 5.6 s / 5.8, three 6.6 s / 5.9 (the GIL changes hands more often), the worker pool 5.8 s / 6.1.
+WINDOW_THREADS = 2
 # Up to this many restored files are fdatasynced one by one (a point-in-time restore's few
 # blobs from the archive); more, and one syncfs(2) of the target's file system is far cheaper:
 # measured here, 20,000 small blobs took ~5 s of fdatasyncs against ~0.04 s for one sync.
@@ -321,7 +328,7 @@ def _restore_files(repo: Repository, manifest: dict[str, Any], layout: Layout, p
     problems: list[str] = []
     store = open_blob_store(layout.blobs, layout.tmp)  # local files, or ANVIL_BLOBS_URL's backend (S3)
     made: set[Path] = set()  # fan-out folders made here (`_make_parent`)
-    worker_dirs: set[Path] = set()  # those the pack windows are written into (made as they are)
+    worker_dirs: set[str] = set()  # those the pack windows are written into (made as they are)
     written: list[Path] = []
 
     def restore_blob(sha: str, via: ChunkReader | None = None) -> tuple[str, str | None]:
@@ -365,24 +372,21 @@ def _restore_files(repo: Repository, manifest: dict[str, Any], layout: Layout, p
                 progress(done, total, sha[:12])
 
     # Small blobs whose chunks sit in one pack are decoded and written a pack window at a time
-    # (`workers.restore_window`): by the worker processes when the pool runs, else on this thread,
-    # one after another (on threads each would hand the GIL over several times: unseal,
-    # decompress, hash, open, write, close each release it briefly, and on a busy machine every
-    # hand-over waits for the other thread to be scheduled). A window is read once, into a buffer
-    # of its own size, not through the reader's cache of whole packs. The rest (large, spread over
-    # packs, inline) go through `restore_blob`. Windows write local files: a remote blob backend
-    # takes every blob through `restore_blob`.
+    # (`workers.restore_window`): by the worker processes when the pool runs, else on
+    # WINDOW_THREADS threads of this process. A window is read once, into a buffer of its own
+    # size, not through the reader's cache of whole packs. Windows write local files: a remote
+    # blob backend takes every blob through `restore_blob`.
     by_pack = {} if store.remote else _small_by_pack(reader, tree_blobs, [s for s in refs if s not in inlined])
     n_small = sum(len(v) for v in by_pack.values())
     running = pools.get(n_small) if n_small else None
     windowed = {sha for items in by_pack.values() for sha, _ in items}
     rest = [sha for sha in refs if sha not in windowed]
+    # The few small blobs left (spread over packs) are written on this thread, one after another.
     small = [sha for sha in rest if _size_of(tree_blobs, sha) <= INLINE_RESTORE_MAX + 4096]
     large = [sha for sha in rest if _size_of(tree_blobs, sha) > INLINE_RESTORE_MAX + 4096]
     # The large blobs' work is native (AES-GCM, zstd, SHA-256, write(2), all without the GIL): it runs
-    # on threads from the start, beside the small blobs' (in the worker processes, or on this thread),
-    # so neither phase leaves a core idle while the other finishes. Their own pack cache: the small
-    # blobs walk other packs, in order.
+    # on threads from the start, beside the windows, so neither leaves a core idle while the other
+    # finishes. Their own pack cache: the windows' packs are not read through it.
     large_reader = ChunkReader(repo) if large else None
     stop = threading.Event()
 
@@ -390,14 +394,15 @@ def _restore_files(repo: Repository, manifest: dict[str, Any], layout: Layout, p
         def one(sha: str) -> tuple[str, str | None]:
             return ("failed", "the restore stopped") if stop.is_set() else restore_blob(sha, large_reader)
 
-        # Packs are read in the order they were written; ~64 MiB of blobs in flight at most.
+        # ~64 MiB of blobs in flight at most.
         for sha, (outcome, why) in ordered_batches(one, large, weight=lambda s: _size_of(tree_blobs, s),
                                                    max_weight=64 * 1024 * 1024):
             record(sha, outcome, why)
 
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(1, thread_name_prefix="anvil-restore-large") as large_ex:
+    with (ThreadPoolExecutor(1, thread_name_prefix="anvil-restore-large") as large_ex,
+          ThreadPoolExecutor(WINDOW_THREADS, thread_name_prefix="anvil-restore-window") as window_ex):
         large_done = large_ex.submit(restore_large)
         try:
             tasks = _restore_tasks(repo, store, by_pack, worker_dirs, fresh, record)
@@ -405,13 +410,15 @@ def _restore_files(repo: Repository, manifest: dict[str, Any], layout: Layout, p
                 ex, nproc = running
                 outcomes = workers.run_ordered(ex, workers.restore_batch, tasks, nproc * workers.INFLIGHT_PER_WORKER)
             else:
-                outcomes = (o for task in tasks for o in workers.restore_window(repo.enc_key, task))
+                outcomes = workers.run_ordered(window_ex, functools.partial(workers.restore_window, repo.enc_key),
+                                               tasks, WINDOW_THREADS * workers.INFLIGHT_PER_WORKER)
             for sha, outcome, why in outcomes:
                 record(sha, outcome, why)
             for sha in small:
                 record(sha, *restore_blob(sha))
         except BaseException:
             stop.set()  # nothing may still write into a target the caller is about to empty
+            window_ex.shutdown(cancel_futures=True)
             raise
         large_done.result()
     pools.close()  # the workers exit while the last bytes go to disk
@@ -419,7 +426,7 @@ def _restore_files(repo: Repository, manifest: dict[str, Any], layout: Layout, p
         flusher.stop()
     # The blobs (and the fan-out folders naming them) are durable before the marker says done.
     sync_paths(written if len(written) > SYNC_FILES_ONE_BY_ONE else [store.path(sha) for sha in written],
-               {*made, *worker_dirs, *file_dirs, layout.blobs, root})
+               {*made, *map(Path, worker_dirs), *file_dirs, layout.blobs, root})
     marker = {
         "snapshot": manifest["id"], "repository": repo.backend.url, "restored_at": time.time(),
         "journal_seq": manifest["consistency"]["journal_seq"], "journal_hash": manifest["consistency"]["journal_hash"],
@@ -467,7 +474,7 @@ def _small_by_pack(reader: ChunkReader, tree_blobs: dict[str, Any],
 
 
 def _restore_tasks(repo: Repository, store: BlobStore, by_pack: dict[str, list[tuple[str, list[Any]]]],
-                   dirs: set[Path], fresh: bool,
+                   dirs: set[str], fresh: bool,
                    record: Callable[[str, str, str | None], None]) -> Any:
     """(pack window, items, fresh) tasks for `workers.restore_batch`, a pack read at a time; `dirs`
     gets the folders they write into (made by the workers)."""
@@ -503,9 +510,9 @@ def _restore_tasks(repo: Repository, store: BlobStore, by_pack: dict[str, list[t
             hi = max(loc.offset + loc.length for _, locs in batch for _, loc in locs)
             task_items = []
             for sha, locs in batch:
-                dest = store.path(sha)
-                dirs.add(dest.parent)
-                task_items.append((sha, str(dest), 0o644, [(c, loc.offset - lo, loc.length) for c, loc in locs]))
+                dest = store.file_path(sha)  # a string: a Path per blob cost more than the rest of this loop
+                dirs.add(os.path.dirname(dest))
+                task_items.append((sha, dest, 0o644, [(c, loc.offset - lo, loc.length) for c, loc in locs]))
             yield (bytes(view[lo:hi]) if view is not None else (path, lo, hi - lo)), task_items, fresh
 
 
