@@ -67,7 +67,8 @@ def _write_entry(reader: ChunkReader, entry: dict[str, Any], dest: Path, expecte
         raise
 
 
-# Blobs up to this size are restored on the restore's own thread (`_restore_locked`).
+# Blobs outside the pack windows (spread over packs) up to this size are restored on the restore's
+# own thread, larger ones on the large blobs' threads (`_restore_files`).
 INLINE_RESTORE_MAX = 256 * 1024
 # Threads decoding pack windows when there is no worker pool (a busy machine, or few small blobs).
 # Most of a window's work releases the GIL (unseal, decompress, SHA-256, open, write). Measured
@@ -468,7 +469,7 @@ def _small_by_pack(reader: ChunkReader, tree_blobs: dict[str, Any],
             continue
         locs = [(c, reader.index.get(c)) for c in entry["chunks"]]
         if any(loc is None for _, loc in locs) or len({loc.pack for _, loc in locs}) != 1:
-            continue  # the threaded path reports (or reads across packs)
+            continue  # `restore_blob` reports (or reads across packs)
         out.setdefault(locs[0][1].pack, []).append((sha, locs))
     return out
 
@@ -476,8 +477,8 @@ def _small_by_pack(reader: ChunkReader, tree_blobs: dict[str, Any],
 def _restore_tasks(repo: Repository, store: BlobStore, by_pack: dict[str, list[tuple[str, list[Any]]]],
                    dirs: set[str], fresh: bool,
                    record: Callable[[str, str, str | None], None]) -> Any:
-    """(pack window, items, fresh) tasks for `workers.restore_batch`, a pack read at a time; `dirs`
-    gets the folders they write into (made by the workers)."""
+    """(pack window, items, fresh) tasks for `workers.restore_window`, a pack read at a time; `dirs`
+    gets the folders they write into (made as the windows are written)."""
     from anvil.backup.pack import pack_name
 
     local = repo.backend.local_path if isinstance(repo.backend, LocalBackend) else None

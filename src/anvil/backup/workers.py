@@ -5,7 +5,8 @@ decompresses, hashes and writes them: some tens of microseconds of Python each, 
 cannot spread over cores (the GIL). Here batches of small blobs go to a pool of spawned
 processes (one per core); the parent only orders the results, appends sealed chunks to packs
 and keeps the index and the tree. Large blobs stay on the threaded, streamed path (their work
-is in zstd, AES-GCM and SHA-256, which release the GIL, and they must not be held whole).
+is in zstd, AES-GCM and SHA-256, which release the GIL, and they must not be held whole). A
+restore without a pool decodes the same pack windows (`restore_window`) on threads.
 
 A worker gets the repository's keys once (the pool's initializer), never a passphrase, and
 imports nothing of the store: this module, `crypto`, `pack` (compression) and `chunking`.
