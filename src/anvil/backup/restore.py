@@ -379,7 +379,6 @@ def _restore_files(repo: Repository, manifest: dict[str, Any], layout: Layout, p
     # blob backend takes every blob through `restore_blob`.
     by_pack = {} if store.remote else _small_by_pack(reader, tree_blobs, [s for s in refs if s not in inlined])
     n_small = sum(len(v) for v in by_pack.values())
-    running = pools.get(n_small) if n_small else None
     windowed = {sha for items in by_pack.values() for sha, _ in items}
     rest = [sha for sha in refs if sha not in windowed]
     # The few small blobs left (spread over packs) are written on this thread, one after another.
@@ -406,6 +405,8 @@ def _restore_files(repo: Repository, manifest: dict[str, Any], layout: Layout, p
           ThreadPoolExecutor(WINDOW_THREADS, thread_name_prefix="anvil-restore-window") as window_ex):
         large_done = large_ex.submit(restore_large)
         try:
+            # (After the large blobs' start: this may wait for the pool's processes to be spawned.)
+            running = pools.get(n_small) if n_small else None
             tasks = _restore_tasks(repo, store, by_pack, worker_dirs, fresh, record)
             if running:
                 ex, nproc = running
