@@ -381,7 +381,8 @@ def _restore_files(repo: Repository, manifest: dict[str, Any], layout: Layout, p
     n_small = sum(len(v) for v in by_pack.values())
     windowed = {sha for items in by_pack.values() for sha, _ in items}
     rest = [sha for sha in refs if sha not in windowed]
-    # The few small blobs left (spread over packs) are written on this thread, one after another.
+    # The small blobs left (spread over packs, inline in catalog.db, or all of them with a remote blob
+    # backend) are restored on this thread, one after another, once the windows are done.
     small = [sha for sha in rest if _size_of(tree_blobs, sha) <= INLINE_RESTORE_MAX + 4096]
     large = [sha for sha in rest if _size_of(tree_blobs, sha) > INLINE_RESTORE_MAX + 4096]
     # The large blobs' work is native (AES-GCM, zstd, SHA-256, write(2), all without the GIL): it runs
