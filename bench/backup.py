@@ -2,6 +2,8 @@
 
     python bench/backup.py            # ~1.5 GB: 10,000 objects of 1-256 KiB (half compressible) + 20 x 16 MiB
     python bench/backup.py --quick    # ~100 MB, for a fast run
+    python bench/backup.py --dataset /tmp/ds --steps restore   # iterate on one step (the initial
+                                      # backup still runs: the restore needs a repository)
 
 A store is built offline, then a real `anvil serve` runs on it and Anvil backs it up ONLINE
 (`anvil backup create --endpoint`: the server takes the snapshot); restic backs up the same
@@ -38,6 +40,7 @@ from anvil.context import DEV_PRINCIPAL, RequestContext  # noqa: E402
 from anvil.runtime import Anvil  # noqa: E402
 
 PASS = "bench passphrase"
+STEPS = ("initial_backup", "incremental_backup", "nochange_backup", "verify_read_data", "restore")
 WORDS = [w.encode() for w in "the quick brown fox jumps over a lazy dog while anvil keeps every byte safe".split()]
 
 
@@ -143,7 +146,14 @@ def main() -> None:
     ap.add_argument("--dataset", default=None,
                     help="a store built once (by this bench, kept there) and copied for each run: building "
                          "the default one takes minutes on a busy machine")
+    ap.add_argument("--steps", default=",".join(STEPS),
+                    help=f"comma-separated steps to run and report, of {', '.join(STEPS)} (default: all); "
+                         "the initial backup always runs, the others need it")
     args = ap.parse_args()
+    steps = tuple(s for s in STEPS if s in {*args.steps.split(","), "initial_backup"})
+    unknown = set(args.steps.split(",")) - set(STEPS)
+    if unknown:
+        ap.error(f"unknown step(s) {', '.join(sorted(unknown))}; known: {', '.join(STEPS)}")
     objects = args.objects or (600 if args.quick else 10_000)
     big = args.big if args.big is not None else (2 if args.quick else 20)
     restic = ensure_restic()
@@ -154,7 +164,6 @@ def main() -> None:
            "ANVIL_BACKUP_PASSPHRASE": PASS, "RESTIC_PASSWORD": PASS, "RESTIC_CACHE_DIR": str(work / "restic-cache"),
            "ANVIL_BACKUP_CACHE_DIR": str(work / "anvil-cache")}
     anvil_cmd = [sys.executable, "-m", "anvil.cli.main"]
-    steps = ("initial_backup", "incremental_backup", "nochange_backup", "verify_read_data", "restore")
     runs: dict[str, dict[str, list[float]]] = {s: {"anvil": [], "restic": []} for s in steps}
     sizes: list[dict[str, object]] = []
     try:
@@ -211,15 +220,17 @@ def main() -> None:
                 for tool in order:
                     run("initial_backup", tool, cmds["backup"][tool])
                 initial = {"anvil": du(arepo), "restic": du(rrepo)}
-                change(client, objects, seed=100 + rep)
-                for tool in order:
-                    run("incremental_backup", tool, cmds["backup"][tool])
-                for tool in order:  # nothing changed since: what a backup costs that has nothing to do
-                    run("nochange_backup", tool, cmds["backup"][tool])
+                if "incremental_backup" in steps:
+                    change(client, objects, seed=100 + rep)
+                    for tool in order:
+                        run("incremental_backup", tool, cmds["backup"][tool])
+                if "nochange_backup" in steps:
+                    for tool in order:  # nothing changed since: what a backup costs that has nothing to do
+                        run("nochange_backup", tool, cmds["backup"][tool])
                 sizes.append({"after_initial": initial,
                               "incremental_growth": {"anvil": du(arepo) - initial["anvil"],
                                                      "restic": du(rrepo) - initial["restic"]}})
-                for step in ("verify_read_data", "restore"):
+                for step in (s for s in ("verify_read_data", "restore") if s in steps):
                     for tool in order:
                         run(step, tool, cmds[step][tool])
                 for p in (arepo, rrepo, atarget, rtarget):

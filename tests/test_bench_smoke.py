@@ -198,3 +198,20 @@ def test_backup_bench_tiny_run_is_online_interleaved_with_cpu_and_load() -> None
         assert figures["ratio_median"] > 0
     # Anvil's online backup runs in the server: its CPU is counted, not just the CLI's.
     assert doc["seconds"]["initial_backup"]["cpu_seconds"]["anvil"]["min"] > 0
+
+
+@pytest.mark.skipif(shutil.which("restic") is None, reason="restic is not installed (Debian: apt-get install restic)")
+@pytest.mark.timeout(600)  # as the full tiny run above: its subprocess may be slow on a loaded machine
+def test_backup_bench_steps_runs_and_reports_only_those_asked() -> None:
+    """`bench/backup.py --steps restore`: the initial backup (the restore needs it) and the restore,
+    nothing else; an unknown step is refused before anything runs."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "ANVIL_BACKUP_KDF": "test"}
+    bench = [sys.executable, str(ROOT / "bench" / "backup.py"), "--objects", "10", "--big", "0", "--reps", "1"]
+    bad = subprocess.run([*bench, "--steps", "restore,restroe"], env=env, capture_output=True, timeout=60)
+    assert bad.returncode == 2 and b"unknown step(s) restroe" in bad.stderr, bad.stderr
+    proc = subprocess.run([*bench, "--steps", "restore"], env=env, capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    doc = json.loads(proc.stdout)
+    assert sorted(doc["seconds"]) == ["initial_backup", "restore"]
+    for tool in ("anvil", "restic"):
+        assert len(doc["seconds"]["restore"][tool]["runs"]) == 1

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -65,8 +67,15 @@ def _write_entry(reader: ChunkReader, entry: dict[str, Any], dest: Path, expecte
         raise
 
 
-# Blobs up to this size are restored on the restore's own thread (`_restore_locked`).
+# Blobs outside the pack windows (spread over packs) up to this size are restored on the restore's
+# own thread, larger ones on the large blobs' threads (`_restore_files`).
 INLINE_RESTORE_MAX = 256 * 1024
+# Threads decoding pack windows when there is no worker pool (a busy machine, or few small blobs).
+# Most of a window's work releases the GIL (unseal, decompress, SHA-256, open, write). Measured
+# on bench/backup.py's dataset (2 cores, other work running: load 4-7), 6 restores each, interleaved,
+# median wall and CPU seconds: one thread 7.1 s / 4.7, two 5.0 s / 4.9; in a second run two threads
+# 5.6 s / 5.8, three 6.6 s / 5.9 (the GIL changes hands more often), the worker pool 5.8 s / 6.1.
+WINDOW_THREADS = 2
 # Up to this many restored files are fdatasynced one by one (a point-in-time restore's few
 # blobs from the archive); more, and one syncfs(2) of the target's file system is far cheaper:
 # measured here, 20,000 small blobs took ~5 s of fdatasyncs against ~0.04 s for one sync.
@@ -319,18 +328,20 @@ def _restore_files(repo: Repository, manifest: dict[str, Any], layout: Layout, p
     restored = skipped = 0
     problems: list[str] = []
     store = open_blob_store(layout.blobs, layout.tmp)  # local files, or ANVIL_BLOBS_URL's backend (S3)
-    made: set[Path] = set()
+    made: set[Path] = set()  # fan-out folders made here (`_make_parent`)
+    worker_dirs: set[str] = set()  # those the pack windows are written into (made as they are)
     written: list[Path] = []
 
-    def restore_blob(sha: str) -> tuple[str, str | None]:
-        """Runs on worker threads: 'missing', 'present', 'restored' or 'failed' + why."""
+    def restore_blob(sha: str, via: ChunkReader | None = None) -> tuple[str, str | None]:
+        """'missing', 'present', 'restored' or 'failed' + why (`via`: the reader of this thread's packs)."""
+        via = via or reader
         if sha in inlined:
             return "restored", None  # it came back inside catalog.db, as it was stored
         entry = tree_blobs.get(sha)
         if entry is None:
             return "missing", None
         if store.remote:
-            return _restore_remote(reader, store, sha, entry, layout.tmp)
+            return _restore_remote(via, store, sha, entry, layout.tmp)
         dest = store.path(sha)
         # An empty target has no blobs to keep: skip the per-blob look.
         if not fresh and dest.exists() and _hash_file(dest) == sha:
@@ -338,61 +349,87 @@ def _restore_files(repo: Repository, manifest: dict[str, Any], layout: Layout, p
         _make_parent(dest, made)
         try:
             # No fsync per blob: one batch below makes everything durable before the marker.
-            _write_entry(reader, entry, dest, expected_sha=sha, fsync=False, direct=fresh)
+            _write_entry(via, entry, dest, expected_sha=sha, fsync=False, direct=fresh)
             return "restored", None
         except BackupError as e:
             return "failed", str(e)
 
+    lock = threading.Lock()  # record() runs on the restore's thread and on the large blobs' thread
+
     def record(sha: str, outcome: str, why: str | None) -> None:
         nonlocal done, restored, skipped
-        if outcome == "missing":
-            problems.append(f"blob {sha} is not in the snapshot; affects {_affects(refs[sha])}")
-            return
-        if outcome == "failed":
-            problems.append(f"blob {sha}: {why}; affects {_affects(refs[sha])}")
-        restored += outcome == "restored"
-        skipped += outcome == "present"
-        if outcome == "restored" and sha not in inlined and not store.remote:
-            written.append(sha)  # a path only if it is synced one by one (few blobs)
-        done += tree_blobs.get(sha, {}).get("size", 0)
-        if progress:
-            progress(done, total, sha[:12])
+        with lock:
+            if outcome == "missing":
+                problems.append(f"blob {sha} is not in the snapshot; affects {_affects(refs[sha])}")
+                return
+            if outcome == "failed":
+                problems.append(f"blob {sha}: {why}; affects {_affects(refs[sha])}")
+            restored += outcome == "restored"
+            skipped += outcome == "present"
+            if outcome == "restored" and sha not in inlined and not store.remote:
+                written.append(sha)  # a path only if it is synced one by one (few blobs)
+            done += tree_blobs.get(sha, {}).get("size", 0)
+            if progress:
+                progress(done, total, sha[:12])
 
-    # Many small blobs are decoded and written by worker processes, a pack window at a time
-    # (`workers.restore_batch`); the rest (large, spread over packs, inline) on threads below.
-    # Workers write local files: a remote blob backend takes every blob through `restore_blob`.
+    # Small blobs whose chunks sit in one pack are decoded and written a pack window at a time
+    # (`workers.restore_window`): by the worker processes when the pool runs, else on
+    # WINDOW_THREADS threads of this process. A window is read once, into a buffer of its own
+    # size, not through the reader's cache of whole packs. Windows write local files: a remote
+    # blob backend takes every blob through `restore_blob`.
     by_pack = {} if store.remote else _small_by_pack(reader, tree_blobs, [s for s in refs if s not in inlined])
     n_small = sum(len(v) for v in by_pack.values())
-    running = pools.get(n_small) if n_small else None
-    rest = list(refs)
-    if running:
-        ex, nproc = running
-        in_workers = {sha for items in by_pack.values() for sha, _ in items}
-        rest = [sha for sha in refs if sha not in in_workers]
-        tasks = _restore_tasks(repo, store, by_pack, made, fresh, record)
-        for sha, outcome, why in workers.run_ordered(ex, workers.restore_batch, tasks,
-                                                     nproc * workers.INFLIGHT_PER_WORKER):
+    windowed = {sha for items in by_pack.values() for sha, _ in items}
+    rest = [sha for sha in refs if sha not in windowed]
+    # The small blobs left (spread over packs, inline in catalog.db, or all of them with a remote blob
+    # backend) are restored on this thread, one after another, once the windows are done.
+    small = [sha for sha in rest if _size_of(tree_blobs, sha) <= INLINE_RESTORE_MAX + 4096]
+    large = [sha for sha in rest if _size_of(tree_blobs, sha) > INLINE_RESTORE_MAX + 4096]
+    # The large blobs' work is native (AES-GCM, zstd, SHA-256, write(2), all without the GIL): it runs
+    # on threads from the start, beside the windows, so neither leaves a core idle while the other
+    # finishes. Their own pack cache: the windows' packs are not read through it.
+    large_reader = ChunkReader(repo) if large else None
+    stop = threading.Event()
+
+    def restore_large() -> None:
+        def one(sha: str) -> tuple[str, str | None]:
+            return ("failed", "the restore stopped") if stop.is_set() else restore_blob(sha, large_reader)
+
+        # ~64 MiB of blobs in flight at most.
+        for sha, (outcome, why) in ordered_batches(one, large, weight=lambda s: _size_of(tree_blobs, s),
+                                                   max_weight=64 * 1024 * 1024):
             record(sha, outcome, why)
 
-    # Packs are restored in the order they were written, so the reader's pack cache stays warm.
-    # Bounded by bytes (~64 MiB of blobs in flight), so many small blobs keep both workers busy.
-    # Small blobs are written right here, one after another: on threads each would hand the GIL
-    # over several times (unseal, decompress, hash, open, write, close each release it briefly),
-    # and on a busy machine every hand-over waits for the other thread to be scheduled.
-    small = {sha for sha in rest if _size_of(tree_blobs, sha) <= INLINE_RESTORE_MAX + 4096}
-    for sha in rest:
-        if sha in small:
-            record(sha, *restore_blob(sha))
-    rest = [sha for sha in rest if sha not in small]
-    for sha, (outcome, why) in ordered_batches(restore_blob, rest, weight=lambda s: _size_of(tree_blobs, s),
-                                               max_weight=64 * 1024 * 1024):
-        record(sha, outcome, why)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with (ThreadPoolExecutor(1, thread_name_prefix="anvil-restore-large") as large_ex,
+          ThreadPoolExecutor(WINDOW_THREADS, thread_name_prefix="anvil-restore-window") as window_ex):
+        large_done = large_ex.submit(restore_large)
+        try:
+            # (After the large blobs' start: this may wait for the pool's processes to be spawned.)
+            running = pools.get(n_small) if n_small else None
+            tasks = _restore_tasks(repo, store, by_pack, worker_dirs, fresh, record)
+            if running:
+                ex, nproc = running
+                outcomes = workers.run_ordered(ex, workers.restore_batch, tasks, nproc * workers.INFLIGHT_PER_WORKER)
+            else:
+                outcomes = workers.run_ordered(window_ex, functools.partial(workers.restore_window, repo.enc_key),
+                                               tasks, WINDOW_THREADS * workers.INFLIGHT_PER_WORKER)
+            for sha, outcome, why in outcomes:
+                record(sha, outcome, why)
+            for sha in small:
+                record(sha, *restore_blob(sha))
+        except BaseException:
+            stop.set()  # nothing may still write into a target the caller is about to empty
+            window_ex.shutdown(cancel_futures=True)
+            raise
+        large_done.result()
     pools.close()  # the workers exit while the last bytes go to disk
     if flusher is not None:
         flusher.stop()
     # The blobs (and the fan-out folders naming them) are durable before the marker says done.
     sync_paths(written if len(written) > SYNC_FILES_ONE_BY_ONE else [store.path(sha) for sha in written],
-               {*made, *file_dirs, layout.blobs, root})
+               {*made, *map(Path, worker_dirs), *file_dirs, layout.blobs, root})
     marker = {
         "snapshot": manifest["id"], "repository": repo.backend.url, "restored_at": time.time(),
         "journal_seq": manifest["consistency"]["journal_seq"], "journal_hash": manifest["consistency"]["journal_hash"],
@@ -434,15 +471,16 @@ def _small_by_pack(reader: ChunkReader, tree_blobs: dict[str, Any],
             continue
         locs = [(c, reader.index.get(c)) for c in entry["chunks"]]
         if any(loc is None for _, loc in locs) or len({loc.pack for _, loc in locs}) != 1:
-            continue  # the threaded path reports (or reads across packs)
+            continue  # `restore_blob` reports (or reads across packs)
         out.setdefault(locs[0][1].pack, []).append((sha, locs))
     return out
 
 
 def _restore_tasks(repo: Repository, store: BlobStore, by_pack: dict[str, list[tuple[str, list[Any]]]],
-                   made: set[Path], fresh: bool,
+                   dirs: set[str], fresh: bool,
                    record: Callable[[str, str, str | None], None]) -> Any:
-    """(pack window, items, fresh) tasks for `workers.restore_batch`, a pack read at a time."""
+    """(pack window, items, fresh) tasks for `workers.restore_window`, a pack read at a time; `dirs`
+    gets the folders they write into (made as the windows are written)."""
     from anvil.backup.pack import pack_name
 
     local = repo.backend.local_path if isinstance(repo.backend, LocalBackend) else None
@@ -475,9 +513,9 @@ def _restore_tasks(repo: Repository, store: BlobStore, by_pack: dict[str, list[t
             hi = max(loc.offset + loc.length for _, locs in batch for _, loc in locs)
             task_items = []
             for sha, locs in batch:
-                dest = store.path(sha)
-                made.add(dest.parent)
-                task_items.append((sha, str(dest), 0o644, [(c, loc.offset - lo, loc.length) for c, loc in locs]))
+                dest = store.file_path(sha)  # a string: a Path per blob cost more than the rest of this loop
+                dirs.add(os.path.dirname(dest))
+                task_items.append((sha, dest, 0o644, [(c, loc.offset - lo, loc.length) for c, loc in locs]))
             yield (bytes(view[lo:hi]) if view is not None else (path, lo, hi - lo)), task_items, fresh
 
 

@@ -5,7 +5,8 @@ decompresses, hashes and writes them: some tens of microseconds of Python each, 
 cannot spread over cores (the GIL). Here batches of small blobs go to a pool of spawned
 processes (one per core); the parent only orders the results, appends sealed chunks to packs
 and keeps the index and the tree. Large blobs stay on the threaded, streamed path (their work
-is in zstd, AES-GCM and SHA-256, which release the GIL, and they must not be held whole).
+is in zstd, AES-GCM and SHA-256, which release the GIL, and they must not be held whole). A
+restore without a pool decodes the same pack windows (`restore_window`) on threads.
 
 A worker gets the repository's keys once (the pool's initializer), never a passphrase, and
 imports nothing of the store: this module, `crypto`, `pack` (compression) and `chunking`.
@@ -311,7 +312,13 @@ def _read_window(window: Window) -> bytes:
 
 
 def restore_batch(task: tuple[Window, list[RestoreItem], bool]) -> list[tuple[str, str, str | None]]:
-    """Runs in a worker: unseal, decompress, check and write each blob of one pack window.
+    """Runs in a worker: `restore_window` with the pool's key."""
+    return restore_window(_KEYS["enc"], task)
+
+
+def restore_window(enc: bytes, task: tuple[Window, list[RestoreItem], bool]) -> list[tuple[str, str, str | None]]:
+    """Unseal, decompress, check and write each blob of one pack window (in a worker, or in the
+    restoring process itself when it has no pool).
 
     (sha, 'restored' | 'present' | 'failed', why). `fresh`: the target was empty, so files are
     written in place (the restore marks the store incomplete until its end); otherwise through
@@ -322,7 +329,6 @@ def restore_batch(task: tuple[Window, list[RestoreItem], bool]) -> list[tuple[st
     from anvil.backup.pack import decompress
 
     window, items, fresh = task
-    enc = _KEYS["enc"]
     out: list[tuple[str, str, str | None]] = []
     try:
         view = memoryview(_read_window(window))
