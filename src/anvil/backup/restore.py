@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +99,6 @@ def sync_paths(files: list[Path], dirs: set[Path] | list[Path]) -> None:
             return
         os.sync()  # no syncfs(2) here: everything, once
         return
-    from concurrent.futures import ThreadPoolExecutor
-
     def sync_one(path: Path, *, directory: bool = False) -> None:
         fd = os.open(path, (os.O_RDONLY | os.O_DIRECTORY) if directory else os.O_RDONLY)
         try:
@@ -399,8 +398,6 @@ def _restore_files(repo: Repository, manifest: dict[str, Any], layout: Layout, p
         for sha, (outcome, why) in ordered_batches(one, large, weight=lambda s: _size_of(tree_blobs, s),
                                                    max_weight=64 * 1024 * 1024):
             record(sha, outcome, why)
-
-    from concurrent.futures import ThreadPoolExecutor
 
     with (ThreadPoolExecutor(1, thread_name_prefix="anvil-restore-large") as large_ex,
           ThreadPoolExecutor(WINDOW_THREADS, thread_name_prefix="anvil-restore-window") as window_ex):
