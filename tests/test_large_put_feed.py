@@ -277,6 +277,15 @@ def test_cold_read_is_dropped_behind_and_a_cached_one_stays(tmp_path: Path) -> N
     path = store.path(info.sha256)
     pages = (len(data) + os.sysconf("SC_PAGE_SIZE") - 1) // os.sysconf("SC_PAGE_SIZE")
     assert _cached_pages(path) < pages // 4
+    # Pages still under writeback when the writer dropped them stay cached (a busy disk); the read's probe
+    # then rightly finds them and keeps the read cached. Written back and dropped now: the read starts cold.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert _cached_pages(path) == 0
     assert b"".join(store.read_verified(info.sha256, len(data))) == data
     assert _cached_pages(path) < pages // 4  # read cold: given back behind the read
     # A range still reads and verifies exactly its bytes.
