@@ -20,7 +20,8 @@ from anvil.storage import holds, records
 from tests.helpers import AnvilServer, populate_small_objects, run_anvil
 
 PASS = "process pass"
-ENV = {"ANVIL_BACKUP_KDF": "test", "ANVIL_BACKUP_PASSPHRASE": PASS}
+# The child always ("auto" picks it only for a catalog of 32 MiB and more).
+ENV = {"ANVIL_BACKUP_KDF": "test", "ANVIL_BACKUP_PASSPHRASE": PASS, "ANVIL_BACKUP_PROCESS": "on"}
 OBJECTS = int(os.environ.get("ANVIL_TEST_BACKUP_PROCESS_OBJECTS", "20000"))
 MIB = 1024 * 1024
 CHILD_MODULE = "anvil.backup.snapshot_process"
@@ -239,10 +240,38 @@ def test_a_bad_backup_process_setting_is_refused_before_any_work(tmp_path: Path,
     anvil = Anvil(tmp_path / "data")
     try:
         repo = Repository.open(LocalBackend(tmp_path / "repo"), PASS)
-        with pytest.raises(BackupError, match="ANVIL_BACKUP_PROCESS must be on or off"):
+        with pytest.raises(BackupError, match="ANVIL_BACKUP_PROCESS must be on, off or auto"):
             ops.backup_storage(anvil.storage, anvil.participants(), repo, run_mode="online",
                                participants_factory=anvil.participants_factory)
         assert repo.snapshot_ids() == [] and list((tmp_path / "repo" / "locks").iterdir()) == []
         assert list((tmp_path / "data" / "tmp").iterdir()) == []
     finally:
         anvil.close()
+
+
+@pytest.mark.timeout(60)
+def test_auto_runs_the_snapshot_in_a_child_only_from_a_catalog_size(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auto` (the default): a child for a catalog (with its WAL) of ANVIL_BACKUP_PROCESS_FROM bytes or
+    more, this process below it; on and off decide alone; a bad threshold is refused."""
+    from anvil.backup import snapshot_process
+    from anvil.backup.errors import BackupError
+
+    catalog = tmp_path / "catalog.db"
+    catalog.write_bytes(b"x" * 3000)
+    monkeypatch.delenv("ANVIL_BACKUP_PROCESS", raising=False)
+    monkeypatch.setenv("ANVIL_BACKUP_PROCESS_FROM", "4000")
+    assert snapshot_process.wanted(catalog) is False
+    (tmp_path / "catalog.db-wal").write_bytes(b"x" * 1000)  # the WAL counts: 4,000 bytes in all
+    assert snapshot_process.wanted(catalog) is True
+    monkeypatch.delenv("ANVIL_BACKUP_PROCESS_FROM")
+    assert snapshot_process.wanted(catalog) is False  # default 32 MiB
+    monkeypatch.setenv("ANVIL_BACKUP_PROCESS", "on")
+    assert snapshot_process.wanted(catalog) is True
+    monkeypatch.setenv("ANVIL_BACKUP_PROCESS", "off")
+    monkeypatch.setenv("ANVIL_BACKUP_PROCESS_FROM", "1")
+    assert snapshot_process.wanted(catalog) is False
+    monkeypatch.setenv("ANVIL_BACKUP_PROCESS", "auto")
+    monkeypatch.setenv("ANVIL_BACKUP_PROCESS_FROM", "lots")
+    with pytest.raises(BackupError, match="ANVIL_BACKUP_PROCESS_FROM must be a number of bytes"):
+        snapshot_process.wanted(catalog)

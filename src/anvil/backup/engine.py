@@ -478,7 +478,8 @@ def _create_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobSt
     child = None
     # A PostgreSQL store's inline bodies and a remote blob backend are read through this
     # process's connections: those backups stay here (docs/backup.md, "The snapshot in a child process").
-    if participants_factory and isinstance(catalog_path, Path) and not blobs.remote and snapshot_process.enabled():
+    if participants_factory and isinstance(catalog_path, Path) and not blobs.remote and \
+            snapshot_process.wanted(catalog_path):
         child = snapshot_process.SnapshotProcess(participants_factory, tmp_dir)  # starts while we checkpoint
     try:
         captured: dict[str, Any] = {}
