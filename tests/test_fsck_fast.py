@@ -7,7 +7,9 @@
 - the journal chain's record text is built without an encoder per event: byte for byte what
   `event_hash` hashes, for any column values (odd characters, NULLs, a damaged seq);
 - catalog.db's integrity check runs on a connection and thread of its own (the damaged-page
-  case is tests/test_diagnostics.py's test_damaged_catalog_page_fails_integrity_check).
+  case is tests/test_diagnostics.py's test_damaged_catalog_page_fails_integrity_check); a large
+  catalog's, in a child process over memory-mapped pages: the same messages for a sound file, a
+  damaged index and a damaged table page, and the in-process check when the child dies.
 
 In-process, over a real store built through the service layer (no server is needed to check
 the checks; the CLI and the server run the same `run_fsck`).
@@ -16,6 +18,8 @@ the checks; the CLI and the server run the same `run_fsck`).
 from __future__ import annotations
 
 import hashlib
+import shutil
+import sys
 from pathlib import Path
 
 import apsw
@@ -146,7 +150,6 @@ def test_offline_fsck_imports_no_service() -> None:
     """`anvil fsck --storage-path` builds its participants from `anvil.participants`: no subsystem's
     service, no schema language, no JWT stack (each was a tenth of a second of every fsck's start)."""
     import subprocess
-    import sys
 
     code = ("import sys, anvil.diagnostics.fsck, anvil.diagnostics.service, anvil.participants\n"
             "anvil.participants.recovery_participants()\n"
@@ -154,3 +157,87 @@ def test_offline_fsck_imports_no_service() -> None:
             "'anvil.watch.service', 'anvil.runtime', 'lark', 'jwt', 'httpx', 'pydantic') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _damage_page_of(db: Path, name: str) -> None:
+    """Overwrite the last 100 bytes of `name`'s root page: cell content (cells grow from the page end)."""
+    conn = apsw.Connection(str(db))
+    try:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        (root_page,) = conn.execute("SELECT rootpage FROM sqlite_schema WHERE name = ?", (name,)).fetchone()
+    finally:
+        conn.close()
+    with open(db, "r+b") as f:
+        f.seek(root_page * page_size - 100)
+        f.write(b"\xa5" * 100)
+
+
+def _index_out_of_step(db: Path) -> None:
+    """A sound file whose index `versions_order` no longer matches its table: a row is changed while
+    the index is hidden from SQLite, so it is not maintained. Only the full `integrity_check` (not
+    `quick_check`, nor a table scan) finds this."""
+    conn = apsw.Connection(str(db))
+    try:
+        row = conn.execute("SELECT type, name, tbl_name, rootpage, sql FROM sqlite_schema "
+                           "WHERE name = 'versions_order'").fetchone()
+        conn.execute("PRAGMA writable_schema = ON")
+        conn.execute("DELETE FROM sqlite_schema WHERE name = 'versions_order'")
+    finally:
+        conn.close()
+    conn = apsw.Connection(str(db))
+    try:
+        conn.execute("UPDATE versions SET key = key || '-moved' WHERE key = 'k005'")
+        conn.execute("PRAGMA writable_schema = ON")
+        conn.execute("INSERT INTO sqlite_schema(type, name, tbl_name, rootpage, sql) VALUES (?,?,?,?,?)", row)
+    finally:
+        conn.close()
+    conn = apsw.Connection(str(db), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        assert conn.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("damaged", [None, "versions_order", "sqlite_autoindex_inline_blobs_1", "inline_blobs",
+                                     "index out of step"])
+def test_the_integrity_check_in_a_child_process_finds_what_the_in_process_one_does(
+        store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damaged: str | None) -> None:
+    """A large catalog is checked by a child process over memory-mapped pages: the same messages as
+    the in-process check, for a sound file, a damaged index and a damaged table page alike, and
+    fsck reports them as `storage.catalog_integrity`."""
+    root = tmp_path / "data"
+    shutil.copytree(store, root)
+    db = root / "catalog.db"
+    if damaged == "index out of step":
+        _index_out_of_step(db)
+    elif damaged is not None:
+        _damage_page_of(db, damaged)
+    conn = records.open_readonly(db)
+    try:
+        in_process = records.integrity_problems(conn)
+    finally:
+        records.close(conn)
+    in_child = records._integrity_problems_in_child(db, 100, db.stat().st_size)
+    assert in_child == in_process
+    assert (in_child == []) == (damaged is None), in_child
+    monkeypatch.setattr(records, "CHECK_PROCESS_FROM", 0)  # this small catalog goes to the child too
+    found = {f["invariant"] for f in _deep(root)["findings"]}
+    assert ("storage.catalog_integrity" in found) == (damaged is not None), found
+
+
+def test_a_child_check_that_dies_is_done_again_in_process(store: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read error of a mapped page kills the child (SIGBUS): the check is then run in-process,
+    where the same damage is reported, never lost."""
+    root = tmp_path / "data"
+    shutil.copytree(store, root)
+    db = root / "catalog.db"
+    _damage_page_of(db, "versions_order")
+    dies = tmp_path / "python-that-dies"
+    dies.write_text("#!/bin/sh\nkill -BUS $$\n")
+    dies.chmod(0o755)
+    monkeypatch.setattr(records, "CHECK_PROCESS_FROM", 0)
+    monkeypatch.setattr(sys, "executable", str(dies))
+    assert records._integrity_problems_in_child(db, 100, db.stat().st_size) is None
+    problems = records.integrity_problems_of_file(db)
+    assert problems and problems == records.integrity_problems(records.open_readonly(db))
