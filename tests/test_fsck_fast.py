@@ -1,9 +1,9 @@
 """fsck --deep's fast paths check what the plain ones did (docs/diagnostics.md, "Speed").
 
-- inline bodies are hashed by worker threads over rowid ranges on connections of their own:
-  damage in any range (content, or a length that differs from the row's size) is found, the
-  same as by the one-reader path other engines take, and a reference recording the wrong size
-  of a sound inline body is still reported;
+- inline bodies are hashed by worker threads over rowid ranges on connections of their own
+  (in a child process for a large catalog): damage in any range (content, or a length that
+  differs from the row's size) is found, the same as by the one-reader path other engines take,
+  and a reference recording the wrong size of a sound inline body is still reported;
 - the journal chain's record text is built without an encoder per event: byte for byte what
   `event_hash` hashes, for any column values (odd characters, NULLs, a damaged seq);
 - catalog.db's integrity check runs on a connection and thread of its own (the damaged-page
@@ -30,7 +30,7 @@ from anvil.diagnostics import run_fsck
 from anvil.diagnostics.service import open_offline_target
 from anvil.participants import recovery_participants
 from anvil.runtime import Anvil
-from anvil.storage import inline, journal, records
+from anvil.storage import catalogcheck, inline, journal, records
 
 BODIES = 64
 
@@ -86,13 +86,22 @@ def test_inline_damage_in_every_range_is_found_by_both_paths(store: Path) -> Non
         assert set(bad) == {_sha(i) for i in [*flipped, wrong_row]}, bad
         assert all(f["affected"]["inline"] is True for f in bad.values())
         assert bad[_sha(wrong_row)]["affected"]["actual_sha256"] == _sha(wrong_row)  # content fine, size not
-        # The one-reader path (other engines) finds exactly the same rows.
+        # The one-reader path (other engines) and the child process (a large catalog) find exactly
+        # the same rows.
         path = records.sqlite_file(records.open_readonly(db))
         assert path is not None
-        threaded = inline.check_bodies_in_file(path, 2)
+        threaded = catalogcheck.check_bodies(path, 2)
         one_reader = inline._check_batches(records.open_readonly(db), 2)
-        assert threaded[0] == one_reader[0] == BODIES
-        assert sorted(threaded[1]) == sorted(one_reader[1]) and len(threaded[1]) == 4
+        child = catalogcheck._in_child(path, 2, 100, db.stat().st_size)
+        assert child is not None and child[0] == []
+        assert threaded[0] == one_reader[0] == child[1][0] == BODIES
+        assert sorted(threaded[1]) == sorted(one_reader[1]) == sorted(child[1][1]) and len(threaded[1]) == 4
+        # ... and fsck reports them the same way when the child does the work.
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(catalogcheck, "PROCESS_FROM", 0)
+            by_child = _deep(store)
+        assert {f["affected"]["sha256"] for f in by_child["findings"]
+                if f["invariant"] == "blobs.hash_mismatch"} == set(bad)
     finally:
         conn = apsw.Connection(str(db))
         for i in flipped:
@@ -217,10 +226,12 @@ def test_the_integrity_check_in_a_child_process_finds_what_the_in_process_one_do
         in_process = records.integrity_problems(conn)
     finally:
         records.close(conn)
-    in_child = records._integrity_problems_in_child(db, 100, db.stat().st_size)
-    assert in_child == in_process
+    answer = catalogcheck._in_child(str(db), 0, 100, db.stat().st_size)
+    assert answer is not None
+    in_child, bodies = answer
+    assert in_child == in_process and bodies is None
     assert (in_child == []) == (damaged is None), in_child
-    monkeypatch.setattr(records, "CHECK_PROCESS_FROM", 0)  # this small catalog goes to the child too
+    monkeypatch.setattr(catalogcheck, "PROCESS_FROM", 0)  # this small catalog goes to the child too
     found = {f["invariant"] for f in _deep(root)["findings"]}
     assert ("storage.catalog_integrity" in found) == (damaged is not None), found
 
@@ -236,8 +247,9 @@ def test_a_child_check_that_dies_is_done_again_in_process(store: Path, tmp_path:
     dies = tmp_path / "python-that-dies"
     dies.write_text("#!/bin/sh\nkill -BUS $$\n")
     dies.chmod(0o755)
-    monkeypatch.setattr(records, "CHECK_PROCESS_FROM", 0)
+    monkeypatch.setattr(catalogcheck, "PROCESS_FROM", 0)
     monkeypatch.setattr(sys, "executable", str(dies))
-    assert records._integrity_problems_in_child(db, 100, db.stat().st_size) is None
-    problems = records.integrity_problems_of_file(db)
+    assert catalogcheck._in_child(str(db), 2, 100, db.stat().st_size) is None
+    problems, bodies = catalogcheck.check_catalog(db, 2)
     assert problems and problems == records.integrity_problems(records.open_readonly(db))
+    assert bodies == (BODIES, [])

@@ -13,18 +13,13 @@ integrity check, a read-only connection to a file) live here too.
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import apsw
 
-log = logging.getLogger("anvil.records")
+from anvil.storage import catalogcheck
 
 # Every failure of the record store (I/O, corruption, constraint, SQL error) is one of these:
 # a tuple of the engines' base errors, for `except records.RecordError`. PostgreSQL's is added when
@@ -68,9 +63,7 @@ def in_transaction(conn: Connection) -> bool:
 
 def open_readonly(path: str | Path) -> Connection:
     """A read-only connection to a catalog file that no server may be writing (or one that is: WAL)."""
-    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
-    conn.setbusytimeout(10_000)
-    return conn
+    return catalogcheck.open_readonly(path)
 
 
 def close(conn: Connection) -> None:
@@ -101,19 +94,11 @@ def consistent_copy(source: str | Path, dest: str | Path) -> None:
 
 
 def integrity_problems(conn: Connection, limit: int = 100) -> list[str]:
-    """The engine's own structural check of the store: [] when it is sound.
-
-    The full `integrity_check`, not `quick_check`: only the former verifies that every index
-    matches its table (an index entry pointing at the wrong row makes lookups by key miss a
-    row that a table scan still finds), and fsck --deep's own reads cover neither."""
+    """The engine's own structural check of the store: [] when it is sound (on SQLite the full
+    `integrity_check`: `catalogcheck.integrity_problems` says why)."""
     if not isinstance(conn, apsw.Connection):
         return []  # PostgreSQL: its own checks (amcheck, data checksums) are the operator's
-    try:
-        rows = [r[0] for r in conn.execute(f"PRAGMA integrity_check({int(limit)})").fetchall()]
-    except RecordError as e:
-        # Damage bad enough that the check aborts is itself the answer.
-        return [f"integrity_check aborted: {e}"]
-    return [] if rows == ["ok"] else rows
+    return catalogcheck.integrity_problems(conn, limit)
 
 
 def sqlite_file(conn: Connection) -> str | None:
@@ -127,78 +112,6 @@ def sqlite_file(conn: Connection) -> str | None:
     except apsw.Error:
         return None
     return name or None
-
-
-# A catalog file of this size or more is checked in a child process with its pages memory-mapped
-# (`integrity_problems_of_file`). Below it the child's start (~20 ms of CPU) costs more than it saves.
-CHECK_PROCESS_FROM = 32 << 20
-
-# The child: apsw alone (no Anvil import), one read-only connection with the whole file mapped, the
-# messages as JSON on stdout. The same statement and the same "aborted" message as in-process.
-_CHECK_CHILD = """
-import json, sys, apsw
-path, limit, mmap_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-try:
-    conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
-    conn.setbusytimeout(10_000)
-    conn.execute(f"PRAGMA mmap_size={mmap_size}")
-    rows = [r[0] for r in conn.execute(f"PRAGMA integrity_check({limit})")]
-    problems = [] if rows == ["ok"] else rows
-except apsw.Error as e:
-    problems = [f"integrity_check aborted: {e}"]
-json.dump(problems, sys.stdout)
-"""
-
-
-def _integrity_problems_in_child(path: str | Path, limit: int, size: int) -> list[str] | None:
-    """`integrity_problems` of a file, run by a child process that memory-maps it; None when the
-    child did not answer (it could not start, or died: a read error of a mapped page is SIGBUS).
-
-    Mapped, SQLite reads a page without a `pread` and a copy into its page cache: the check of a
-    catalog holding 160 MB of inline bodies took ~0.09 s of CPU instead of ~0.2 s (it reads every
-    overflow page twice: once walking the b-tree, once loading the REAL `stored` column that follows
-    each body, whose NOT NULL check must see the value to tell a NaN). A read error of a mapped
-    page kills the process instead of failing the statement, so the mapping is never done in the
-    caller's process: the caller then checks in-process, where a read error is reported."""
-    try:
-        proc = subprocess.run([sys.executable, "-c", _CHECK_CHILD, str(path), str(int(limit)), str(size)],
-                              capture_output=True, timeout=24 * 3600)
-    except (OSError, subprocess.SubprocessError) as e:
-        log.warning("the integrity check's child process could not run (%s); checking in-process", e)
-        return None
-    if proc.returncode == 0:
-        try:
-            problems = json.loads(proc.stdout)
-        except ValueError:
-            problems = None
-        if isinstance(problems, list) and all(isinstance(p, str) for p in problems):
-            return problems
-    log.warning("the integrity check's child process failed (exit %s: %s); checking in-process",
-                proc.returncode, proc.stderr.decode(errors="replace")[-500:].strip())
-    return None
-
-
-def integrity_problems_of_file(path: str | Path, limit: int = 100) -> list[str]:
-    """`integrity_problems` on a connection of its own, so the check (C code that releases the
-    GIL) can run on a thread of its own while the caller goes on with other reads. A file of
-    `CHECK_PROCESS_FROM` bytes or more is checked by a child process over mapped pages (about
-    half the CPU, and none of the caller's GIL), or here when that child does not answer."""
-    try:
-        size = os.path.getsize(path)
-    except OSError:
-        size = 0
-    if size >= CHECK_PROCESS_FROM:
-        problems = _integrity_problems_in_child(path, limit, size)
-        if problems is not None:
-            return problems
-    try:
-        conn = open_readonly(path)
-    except RecordError as e:
-        return [f"integrity_check aborted: {e}"]
-    try:
-        return integrity_problems(conn, limit)
-    finally:
-        conn.close()
 
 
 def table_exists(conn: Connection, name: str) -> bool:
