@@ -3,7 +3,7 @@ the hashing of every inline body (`inline_blobs`) against its address and record
 
 A module (for small catalogs, checked in the caller's process) and a script (`python
 catalogcheck.py`, run by `check_catalog` for a large one): it imports only the standard library and
-apsw, never the `anvil` package, so the child starts in ~20 ms. In a child process the checks share
+apsw, never the `anvil` package, so the child starts in ~25–30 ms of CPU. In a child process the checks share
 no GIL with the caller's record checks: in one process, every body the hashing threads read and
 every hashlib call hands the GIL back and forth with the caller's Python, and a thread that asks
 for it waits up to the switch interval (5 ms) while Python runs, which made the hashing 2-6 times
@@ -14,7 +14,7 @@ child only, and the caller then checks in its own process, where that error is r
 
 from __future__ import annotations
 
-# Only what the child needs is imported at the top (it starts in ~25 ms of CPU, hashlib's OpenSSL
+# Only what the child needs is imported at the top (it starts in ~25–30 ms of CPU, hashlib's OpenSSL
 # being half of it; not even pathlib, ~10 ms): the caller's side imports `subprocess` and `logging`
 # where it uses them, and the answer comes back marshalled (the child is the same interpreter), not
 # as JSON (`json` loads `re`).
@@ -28,7 +28,7 @@ from collections.abc import Iterable
 import apsw
 
 # A catalog file of this size or more is checked in a child process; below it the child's start
-# (~20 ms of CPU) costs more than it saves.
+# (~25–30 ms of CPU) costs more than it saves.
 PROCESS_FROM = 32 << 20
 
 # (sha256, recorded size, size read, actual sha256) of an inline body that fails its check.
@@ -125,18 +125,24 @@ def check_bodies(path: str, threads: int) -> BodiesResult:
     step = max(1, (hi - lo + parts) // parts)
     todo = [(r, min(hi, r + step - 1)) for r in range(lo, hi + 1, step)]
     results: list[BodiesResult] = []
+    failures: list[BaseException] = []
     lock = threading.Lock()
 
     def work() -> None:
-        while True:
+        try:
+            while True:
+                with lock:
+                    if not todo or failures:
+                        return
+                    a, b = todo.pop(0)
+                result = _check_range(path, a, b)
+                with lock:
+                    results.append(result)
+        except BaseException as e:  # noqa: BLE001 - raised below: a range left unhashed must not pass
             with lock:
-                if not todo:
-                    return
-                a, b = todo.pop(0)
-            result = _check_range(path, a, b)
-            with lock:
-                results.append(result)
+                failures.append(e)
 
+    # Plain threads, not concurrent.futures (which imports logging: the child's start).
     workers = [threading.Thread(target=work, name=f"anvil-inline-hash-{i}", daemon=True)
                for i in range(min(threads, len(todo)) - 1)]
     for w in workers:
@@ -144,6 +150,8 @@ def check_bodies(path: str, threads: int) -> BodiesResult:
     work()  # this thread is one of the workers
     for w in workers:
         w.join()
+    if failures:
+        raise failures[0]
     return sum(r[0] for r in results), [m for r in results for m in r[1]]
 
 
@@ -151,17 +159,21 @@ def check_here(path: str, hash_threads: int, limit: int = 100,
                mmap_size: int = 0) -> tuple[list[str], BodiesResult | None]:
     """(integrity problems, inline bodies result or None when `hash_threads` is 0), in this process:
     the integrity check on a thread of its own beside the hashing threads."""
-    problems: list[str] = []
+    outcome: list[list[str] | BaseException] = []
 
     def integrity() -> None:
-        nonlocal problems
-        problems = integrity_problems_of_file(path, limit, mmap_size)
+        try:
+            outcome.append(integrity_problems_of_file(path, limit, mmap_size))
+        except BaseException as e:  # noqa: BLE001 - raised below: a check that did not run must not pass
+            outcome.append(e)
 
     checker = threading.Thread(target=integrity, name="anvil-catalog-integrity", daemon=True)
     checker.start()
     bodies = check_bodies(path, hash_threads) if hash_threads else None
     checker.join()
-    return problems, bodies
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0], bodies
 
 
 def _in_child(path: str, hash_threads: int, limit: int, size: int) -> tuple[list[str], BodiesResult | None] | None:

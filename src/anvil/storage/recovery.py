@@ -262,7 +262,8 @@ class RecoveryContext:
         hash_threads = self.hash_threads if self._bodies_with_catalog else 0
 
         def run() -> None:
-            # Should this fail, the caller's catalog_problems() and inline_check() do the work.
+            # Should this raise, the thread ends with nothing set, and the caller's catalog_problems()
+            # and inline_check() do the work on its own connection.
             self._catalog_problems, bodies = catalogcheck.check_catalog(path, hash_threads)
             if bodies is not None:
                 self._inline = bodies
