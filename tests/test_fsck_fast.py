@@ -1,13 +1,15 @@
 """fsck --deep's fast paths check what the plain ones did (docs/diagnostics.md, "Speed").
 
-- inline bodies are hashed by worker threads over rowid ranges on connections of their own:
-  damage in any range (content, or a length that differs from the row's size) is found, the
-  same as by the one-reader path other engines take, and a reference recording the wrong size
-  of a sound inline body is still reported;
+- inline bodies are hashed by worker threads over rowid ranges on connections of their own
+  (in a child process for a large catalog): damage in any range (content, or a length that
+  differs from the row's size) is found, the same as by the one-reader path other engines take,
+  and a reference recording the wrong size of a sound inline body is still reported;
 - the journal chain's record text is built without an encoder per event: byte for byte what
   `event_hash` hashes, for any column values (odd characters, NULLs, a damaged seq);
 - catalog.db's integrity check runs on a connection and thread of its own (the damaged-page
-  case is tests/test_diagnostics.py's test_damaged_catalog_page_fails_integrity_check).
+  case is tests/test_diagnostics.py's test_damaged_catalog_page_fails_integrity_check); a large
+  catalog's, in a child process over memory-mapped pages: the same messages for a sound file, a
+  damaged index and a damaged table page, and the in-process check when the child dies.
 
 In-process, over a real store built through the service layer (no server is needed to check
 the checks; the CLI and the server run the same `run_fsck`).
@@ -16,6 +18,8 @@ the checks; the CLI and the server run the same `run_fsck`).
 from __future__ import annotations
 
 import hashlib
+import shutil
+import sys
 from pathlib import Path
 
 import apsw
@@ -26,7 +30,7 @@ from anvil.diagnostics import run_fsck
 from anvil.diagnostics.service import open_offline_target
 from anvil.participants import recovery_participants
 from anvil.runtime import Anvil
-from anvil.storage import inline, journal, records
+from anvil.storage import catalogcheck, inline, journal, records
 
 BODIES = 64
 
@@ -82,13 +86,22 @@ def test_inline_damage_in_every_range_is_found_by_both_paths(store: Path) -> Non
         assert set(bad) == {_sha(i) for i in [*flipped, wrong_row]}, bad
         assert all(f["affected"]["inline"] is True for f in bad.values())
         assert bad[_sha(wrong_row)]["affected"]["actual_sha256"] == _sha(wrong_row)  # content fine, size not
-        # The one-reader path (other engines) finds exactly the same rows.
+        # The one-reader path (other engines) and the child process (a large catalog) find exactly
+        # the same rows.
         path = records.sqlite_file(records.open_readonly(db))
         assert path is not None
-        threaded = inline.check_bodies_in_file(path, 2)
+        threaded = catalogcheck.check_bodies(path, 2)
         one_reader = inline._check_batches(records.open_readonly(db), 2)
-        assert threaded[0] == one_reader[0] == BODIES
-        assert sorted(threaded[1]) == sorted(one_reader[1]) and len(threaded[1]) == 4
+        child = catalogcheck._in_child(path, 2, 100, db.stat().st_size)
+        assert child is not None and child[0] == []
+        assert threaded[0] == one_reader[0] == child[1][0] == BODIES
+        assert sorted(threaded[1]) == sorted(one_reader[1]) == sorted(child[1][1]) and len(threaded[1]) == 4
+        # ... and fsck reports them the same way when the child does the work.
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(catalogcheck, "PROCESS_FROM", 0)
+            by_child = _deep(store)
+        assert {f["affected"]["sha256"] for f in by_child["findings"]
+                if f["invariant"] == "blobs.hash_mismatch"} == set(bad)
     finally:
         conn = apsw.Connection(str(db))
         for i in flipped:
@@ -146,7 +159,6 @@ def test_offline_fsck_imports_no_service() -> None:
     """`anvil fsck --storage-path` builds its participants from `anvil.participants`: no subsystem's
     service, no schema language, no JWT stack (each was a tenth of a second of every fsck's start)."""
     import subprocess
-    import sys
 
     code = ("import sys, anvil.diagnostics.fsck, anvil.diagnostics.service, anvil.participants\n"
             "anvil.participants.recovery_participants()\n"
@@ -154,3 +166,90 @@ def test_offline_fsck_imports_no_service() -> None:
             "'anvil.watch.service', 'anvil.runtime', 'lark', 'jwt', 'httpx', 'pydantic') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _damage_page_of(db: Path, name: str) -> None:
+    """Overwrite the last 100 bytes of `name`'s root page: cell content (cells grow from the page end)."""
+    conn = apsw.Connection(str(db))
+    try:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        (root_page,) = conn.execute("SELECT rootpage FROM sqlite_schema WHERE name = ?", (name,)).fetchone()
+    finally:
+        conn.close()
+    with open(db, "r+b") as f:
+        f.seek(root_page * page_size - 100)
+        f.write(b"\xa5" * 100)
+
+
+def _index_out_of_step(db: Path) -> None:
+    """A sound file whose index `versions_order` no longer matches its table: a row is changed while
+    the index is hidden from SQLite, so it is not maintained. Only the full `integrity_check` (not
+    `quick_check`, nor a table scan) finds this."""
+    conn = apsw.Connection(str(db))
+    try:
+        row = conn.execute("SELECT type, name, tbl_name, rootpage, sql FROM sqlite_schema "
+                           "WHERE name = 'versions_order'").fetchone()
+        conn.execute("PRAGMA writable_schema = ON")
+        conn.execute("DELETE FROM sqlite_schema WHERE name = 'versions_order'")
+    finally:
+        conn.close()
+    conn = apsw.Connection(str(db))
+    try:
+        conn.execute("UPDATE versions SET key = key || '-moved' WHERE key = 'k005'")
+        conn.execute("PRAGMA writable_schema = ON")
+        conn.execute("INSERT INTO sqlite_schema(type, name, tbl_name, rootpage, sql) VALUES (?,?,?,?,?)", row)
+    finally:
+        conn.close()
+    conn = apsw.Connection(str(db), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        assert conn.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("damaged", [None, "versions_order", "sqlite_autoindex_inline_blobs_1", "inline_blobs",
+                                     "index out of step"])
+def test_the_integrity_check_in_a_child_process_finds_what_the_in_process_one_does(
+        store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damaged: str | None) -> None:
+    """A large catalog is checked by a child process over memory-mapped pages: the same messages as
+    the in-process check, for a sound file, a damaged index and a damaged table page alike, and
+    fsck reports them as `storage.catalog_integrity`."""
+    root = tmp_path / "data"
+    shutil.copytree(store, root)
+    db = root / "catalog.db"
+    if damaged == "index out of step":
+        _index_out_of_step(db)
+    elif damaged is not None:
+        _damage_page_of(db, damaged)
+    conn = records.open_readonly(db)
+    try:
+        in_process = records.integrity_problems(conn)
+    finally:
+        records.close(conn)
+    answer = catalogcheck._in_child(str(db), 0, 100, db.stat().st_size)
+    assert answer is not None
+    in_child, bodies = answer
+    assert in_child == in_process and bodies is None
+    assert (in_child == []) == (damaged is None), in_child
+    monkeypatch.setattr(catalogcheck, "PROCESS_FROM", 0)  # this small catalog goes to the child too
+    found = {f["invariant"] for f in _deep(root)["findings"]}
+    assert ("storage.catalog_integrity" in found) == (damaged is not None), found
+
+
+def test_a_child_check_that_dies_is_done_again_in_process(store: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read error of a mapped page kills the child (SIGBUS): the check is then run in-process,
+    where the same damage is reported, never lost."""
+    root = tmp_path / "data"
+    shutil.copytree(store, root)
+    db = root / "catalog.db"
+    _damage_page_of(db, "versions_order")
+    dies = tmp_path / "python-that-dies"
+    dies.write_text("#!/bin/sh\nkill -BUS $$\n")
+    dies.chmod(0o755)
+    monkeypatch.setattr(catalogcheck, "PROCESS_FROM", 0)
+    monkeypatch.setattr(sys, "executable", str(dies))
+    assert catalogcheck._in_child(str(db), 2, 100, db.stat().st_size) is None
+    problems, bodies = catalogcheck.check_catalog(db, 2)
+    assert problems and problems == records.integrity_problems(records.open_readonly(db))
+    assert bodies == (BODIES, [])

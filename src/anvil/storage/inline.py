@@ -16,14 +16,13 @@ every read checks the whole body against its SHA-256.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from anvil.errors import AnvilError
-from anvil.storage import records
+from anvil.storage import catalogcheck, records
 from anvil.storage.records import Connection
 from anvil.storage.space import parse_size
 
@@ -143,73 +142,21 @@ def bodies(conn: Connection) -> Iterator[tuple[str, int, bytes]]:
 
 
 # (sha256, recorded size, size read, actual sha256) of an inline body that fails its check.
-Mismatch = tuple[str, int, int, str]
-
-
-def _check_rows(rows: Iterable[tuple[str, int, bytes]]) -> tuple[int, list[Mismatch]]:
-    """Hash every body of `rows`; (rows seen, those whose hash or size is not what the row says).
-    Nothing but the mismatches is kept: fsck checks sizes against references from `rows()`."""
-    sha256 = hashlib.sha256
-    seen = 0
-    bad: list[Mismatch] = []
-    for sha, recorded, body in rows:
-        seen += 1
-        actual = sha256(body).hexdigest()
-        if actual != sha or len(body) != recorded:
-            bad.append((sha, int(recorded), len(body), actual))
-    return seen, bad
-
-
-def _check_range(path: str, lo: int, hi: int) -> tuple[int, list[Mismatch]]:
-    conn = records.open_readonly(path)
-    try:
-        return _check_rows(conn.execute(
-            "SELECT sha256, size, body FROM inline_blobs WHERE rowid BETWEEN ? AND ?", (lo, hi)))
-    except records.RecordError:
-        return 0, []  # a damaged table: the integrity check reports it
-    finally:
-        records.close(conn)
+Mismatch = catalogcheck.Mismatch
 
 
 def check_bodies(conn: Connection, threads: int) -> tuple[int, list[Mismatch]]:
     """fsck --deep: hash every inline body against its address and recorded size; (bodies hashed,
     mismatches).
 
-    On SQLite each of `threads` workers reads its own rowid ranges of the table on a connection
-    of its own and hashes what it reads: SQLite's reads and hashlib (bodies over 2 KiB) release
-    the GIL, so both cores read and hash, with one Python call per body beyond the row itself
-    and nothing kept but mismatches. Ranges are table order (one sequential pass, no index
-    lookups), several per worker so that rows deleted from one part do not leave a thread idle.
-    Other engines: one reader here, hashing in batches on `threads` workers."""
+    On SQLite, `threads` workers read rowid ranges of the table on connections of their own and
+    hash what they read (`catalogcheck.check_bodies`; fsck runs it with the integrity check, in a
+    child process for a large catalog: `catalogcheck.check_catalog`). Other engines: one reader
+    here, hashing in batches on `threads` workers."""
     path = records.sqlite_file(conn)
     if path is None:
         return _check_batches(conn, threads)
-    return check_bodies_in_file(path, threads)
-
-
-def check_bodies_in_file(path: str, threads: int) -> tuple[int, list[Mismatch]]:
-    """`check_bodies` of a SQLite catalog, on connections of its own only (so a caller's
-    connection, which serves one thread at a time, may go on meanwhile on another thread)."""
-    try:
-        conn = records.open_readonly(path)
-        try:
-            lo, hi = conn.execute("SELECT min(rowid), max(rowid) FROM inline_blobs").fetchone()
-        finally:
-            records.close(conn)
-    except records.RecordError:
-        return 0, []
-    if lo is None:
-        return 0, []
-    threads = max(1, threads)
-    parts = threads * 4
-    step = max(1, (hi - lo + parts) // parts)
-    ranges = [(r, min(hi, r + step - 1)) for r in range(lo, hi + 1, step)]
-    if threads == 1 or len(ranges) == 1:
-        results = [_check_range(path, a, b) for a, b in ranges]
-    else:
-        with ThreadPoolExecutor(threads, thread_name_prefix="anvil-inline-hash") as pool:
-            results = list(pool.map(lambda r: _check_range(path, *r), ranges))
-    return sum(r[0] for r in results), [m for r in results for m in r[1]]
+    return catalogcheck.check_bodies(path, threads)
 
 
 def _check_batches(conn: Connection, threads: int) -> tuple[int, list[Mismatch]]:
@@ -232,12 +179,12 @@ def _check_batches(conn: Connection, threads: int) -> tuple[int, list[Mismatch]]
             batch.append(row)
             size += len(row[2])
             if size >= 4 << 20:
-                pending.append(pool.submit(_check_rows, batch))
+                pending.append(pool.submit(catalogcheck.check_rows, batch))
                 batch, size = [], 0
                 while len(pending) > 2 * threads:
                     collect(pending.popleft())
         if batch:
-            pending.append(pool.submit(_check_rows, batch))
+            pending.append(pool.submit(catalogcheck.check_rows, batch))
         while pending:
             collect(pending.popleft())
     return seen, bad

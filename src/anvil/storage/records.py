@@ -19,6 +19,8 @@ from typing import Any, Protocol
 
 import apsw
 
+from anvil.storage import catalogcheck
+
 # Every failure of the record store (I/O, corruption, constraint, SQL error) is one of these:
 # a tuple of the engines' base errors, for `except records.RecordError`. PostgreSQL's is added when
 # `storage.pg` is imported (`add_engine_error`), so an embedded store never loads psycopg (~25 MiB
@@ -61,9 +63,7 @@ def in_transaction(conn: Connection) -> bool:
 
 def open_readonly(path: str | Path) -> Connection:
     """A read-only connection to a catalog file that no server may be writing (or one that is: WAL)."""
-    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
-    conn.setbusytimeout(10_000)
-    return conn
+    return catalogcheck.open_readonly(path)
 
 
 def close(conn: Connection) -> None:
@@ -94,19 +94,11 @@ def consistent_copy(source: str | Path, dest: str | Path) -> None:
 
 
 def integrity_problems(conn: Connection, limit: int = 100) -> list[str]:
-    """The engine's own structural check of the store: [] when it is sound.
-
-    The full `integrity_check`, not `quick_check`: only the former verifies that every index
-    matches its table (an index entry pointing at the wrong row makes lookups by key miss a
-    row that a table scan still finds), and fsck --deep's own reads cover neither."""
+    """The engine's own structural check of the store: [] when it is sound (on SQLite the full
+    `integrity_check`: `catalogcheck.integrity_problems` says why)."""
     if not isinstance(conn, apsw.Connection):
         return []  # PostgreSQL: its own checks (amcheck, data checksums) are the operator's
-    try:
-        rows = [r[0] for r in conn.execute(f"PRAGMA integrity_check({int(limit)})").fetchall()]
-    except RecordError as e:
-        # Damage bad enough that the check aborts is itself the answer.
-        return [f"integrity_check aborted: {e}"]
-    return [] if rows == ["ok"] else rows
+    return catalogcheck.integrity_problems(conn, limit)
 
 
 def sqlite_file(conn: Connection) -> str | None:
@@ -120,19 +112,6 @@ def sqlite_file(conn: Connection) -> str | None:
     except apsw.Error:
         return None
     return name or None
-
-
-def integrity_problems_of_file(path: str | Path, limit: int = 100) -> list[str]:
-    """`integrity_problems` on a connection of its own, so the check (C code that releases the
-    GIL) can run on a thread of its own while the caller goes on with other reads."""
-    try:
-        conn = open_readonly(path)
-    except RecordError as e:
-        return [f"integrity_check aborted: {e}"]
-    try:
-        return integrity_problems(conn, limit)
-    finally:
-        conn.close()
 
 
 def table_exists(conn: Connection, name: str) -> bool:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
-from anvil.storage import inline, records
+from anvil.storage import catalogcheck, inline, records
 from anvil.storage.blobs import BlobStore
 from anvil.storage.blobscan import ScanResult
 from anvil.storage.records import Connection
@@ -152,6 +152,7 @@ class RecoveryContext:
         self._inline: tuple[int, list[inline.Mismatch]] | None = None
         self._catalog_problems: list[str] | None = None
         self._catalog_thread: threading.Thread | None = None
+        self._bodies_with_catalog = False  # deep: the catalog check hashes the inline bodies
 
     def references(self) -> dict[str, list[BlobRef]]:
         """Every blob any participant references -> its references (sorted by hash), from one read
@@ -210,15 +211,16 @@ class RecoveryContext:
             return
         advance = self.progress.phase("hashing blobs" if self.deep else "listing blobs")
 
-        # Deep, on SQLite: the inline bodies are hashed by the same worker, after the files, on
-        # connections of their own, so that work too overlaps the caller's record checks.
-        inline_file = records.sqlite_file(self.conn) if self.deep else None
+        # Deep, on SQLite, unless the catalog check hashes them (`start_catalog_check`): the inline
+        # bodies are hashed by the same worker, after the files, on connections of their own, so that
+        # work too overlaps the caller's record checks.
+        inline_file = records.sqlite_file(self.conn) if self.deep and not self._bodies_with_catalog else None
 
         def run() -> None:
             try:
                 self._scan = self.blobs.scan(deep=self.deep, threads=self.hash_threads, on_progress=advance)
                 if inline_file is not None:
-                    self._inline = inline.check_bodies_in_file(inline_file, self.hash_threads)
+                    self._inline = catalogcheck.check_bodies(inline_file, self.hash_threads)
             except BaseException as e:  # noqa: BLE001 - re-raised by blob_scan() in the caller's thread
                 self._scan_error = e
 
@@ -237,33 +239,46 @@ class RecoveryContext:
 
     def inline_check(self) -> tuple[int, list[inline.Mismatch]]:
         """Deep: (inline bodies hashed, those whose hash or size differs from their row), from the
-        background scan when it did them (SQLite), else computed here."""
+        catalog check or the background scan when one did them (SQLite), else computed here."""
         self.blob_scan()
+        if self._bodies_with_catalog:
+            self._join_catalog_check()
         if self._inline is None:
             self._inline = inline.check_bodies(self.conn, self.hash_threads)
         return self._inline
 
     def start_catalog_check(self) -> None:
-        """Run the record store's structural check (SQLite's `integrity_check`, which reads every
-        page of catalog.db) on a thread and connection of its own while the caller goes on:
-        SQLite releases the GIL, so it overlaps the Python of the other checks."""
+        """Run catalog.db's own checks on a thread while the caller goes on: SQLite's
+        `integrity_check` (which reads every page of the file) and, deep and unless the blob scan
+        was started first, the hashing of every inline body (`catalogcheck.check_catalog`: on
+        connections of their own, and for a large catalog in a child process, which shares no GIL
+        with the Python of the caller's record checks)."""
         if self._catalog_thread is not None or self._catalog_problems is not None:
             return
         path = records.sqlite_file(self.conn)
         if path is None:
             return  # another engine: catalog_problems() asks it on the caller's connection
+        self._bodies_with_catalog = self.deep and self._scan is None and self._scan_thread is None
+        hash_threads = self.hash_threads if self._bodies_with_catalog else 0
 
         def run() -> None:
-            self._catalog_problems = records.integrity_problems_of_file(path)
+            # Should this raise, the thread ends with nothing set, and the caller's catalog_problems()
+            # and inline_check() do the work on its own connection.
+            self._catalog_problems, bodies = catalogcheck.check_catalog(path, hash_threads)
+            if bodies is not None:
+                self._inline = bodies
 
         self._catalog_thread = threading.Thread(target=run, name="anvil-catalog-check", daemon=True)
         self._catalog_thread.start()
 
-    def catalog_problems(self) -> list[str]:
-        """The structural check's messages ([] when sound): the background one if started."""
+    def _join_catalog_check(self) -> None:
         if self._catalog_thread is not None:
             self._catalog_thread.join()
             self._catalog_thread = None
+
+    def catalog_problems(self) -> list[str]:
+        """The structural check's messages ([] when sound): the background one if started."""
+        self._join_catalog_check()
         if self._catalog_problems is None:
             self._catalog_problems = records.integrity_problems(self.conn)
         return self._catalog_problems
