@@ -132,6 +132,8 @@ def _listdir(path: str) -> list[str]:
 
 
 MARKS: list[tuple[str, float, float]] = []
+# Marks that happen many times: summed (count, total and longest wall) instead of listed.
+REPEATED = {"waiting for a pack's write", "pack write + fsync (writer threads)", "store file (catalog.db...)"}
 
 
 def _wrap(owner: Any, attr: str, label: str) -> None:
@@ -150,6 +152,7 @@ def _wrap(owner: Any, attr: str, label: str) -> None:
 
 def _instrument() -> None:
     from anvil.backup import engine, pack, refstore, summaries, treepages
+    from anvil.backup.backends.local import LocalBackend
     from anvil.backup.repository import Repository
     from anvil.storage import records
 
@@ -167,6 +170,8 @@ def _instrument() -> None:
     _wrap(engine, "_encode_new_blobs", "encode a batch of blobs")
     _wrap(treepages, "write_pages", "tree pages")
     _wrap(pack.PackWriter, "finish", "packs drain + index")
+    _wrap(pack.PackWriter, "_collect", "waiting for a pack's write")
+    _wrap(LocalBackend, "write_parts", "pack write + fsync (writer threads)")
     _wrap(Repository, "save_snapshot", "save manifest")
 
 
@@ -184,12 +189,21 @@ def _phases(samples: list[tuple[float, dict[str, float]]], t0: float) -> list[di
         return sum(samples[-1][1].values())
 
     out = []
+    repeated = {}
+    for label, a, b in MARKS:
+        if label in REPEATED:
+            r = repeated.setdefault(label, {"phase": label, "count": 0, "wall_sum": 0.0, "wall_max": 0.0})
+            r["count"] += 1
+            r["wall_sum"] = round(r["wall_sum"] + b - a, 3)
+            r["wall_max"] = round(max(r["wall_max"], b - a), 3)
     for label, a, b in sorted(MARKS, key=lambda m: m[1]):
+        if label in REPEATED:
+            continue
         wall = b - a
         cpu = cpu_at(b) - cpu_at(a)
         out.append({"phase": label, "start": round(a - t0, 3), "wall": round(wall, 3), "cpu": round(cpu, 3),
                     "cores": round(cpu / wall, 2) if wall > 0.05 else None})
-    return out
+    return out + list(repeated.values())
 
 
 def _timeline(samples: list[tuple[float, dict[str, float]]], t0: float, bins: float) -> list[str]:

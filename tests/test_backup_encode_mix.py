@@ -3,7 +3,7 @@ backup's own thread, mid-size and large ones on the encoder threads in one strea
 backup's thread appends every result to the packs (engine._encode_new_blobs).
 
 The store holds tiny, mid-size (16-256 KiB, compressible and not) and large blobs (several
-chunks), one corrupt and one missing blob of each of the two smaller classes. The snapshot
+chunks), bodies stored inline, one corrupt and one missing blob of each of the two smaller classes. The snapshot
 (worker processes off: the threaded path) must name exactly those four as problems, hold every
 other blob with its recorded size, and restore them byte for byte.
 """
@@ -23,6 +23,7 @@ from anvil.backup.backends.local import LocalBackend
 from anvil.backup.repository import Repository
 from anvil.context import DEV_PRINCIPAL, RequestContext
 from anvil.runtime import Anvil
+from anvil.storage import inline, records
 from tests.helpers import run_anvil
 
 PASS = "encode mix passphrase"
@@ -68,6 +69,12 @@ def test_tiny_mid_and_large_blobs_encode_together_with_bad_ones_reported(tmp_pat
                 ref = anvil.storage.blobs.put_bytes(_body(rng, size, i % 2 == 0))
                 anvil.objects.put_object(ctx, "mix", f"{kind}/{i:03d}", ref)
                 shas[kind].append(ref.sha256)
+        # Bodies up to 64 KiB stored inline in catalog.db: read by whichever thread encodes them.
+        inline_shas = []
+        for i in range(12):
+            ref = anvil.objects.store_bytes(_body(rng, rng.randint(1, 60 * KiB), i % 2 == 0))
+            anvil.objects.put_object(ctx, "mix", f"inline/{i:03d}", ref)
+            inline_shas.append(ref.sha256)
         bad: dict[str, str] = {}
         for kind in ("tiny", "mid"):
             corrupt, missing = (Path(anvil.storage.blobs.file_path(s)) for s in shas[kind][3:5])
@@ -88,15 +95,22 @@ def test_tiny_mid_and_large_blobs_encode_together_with_bad_ones_reported(tmp_pat
         assert expected in problems
     tree = manifest["tree"]["blobs"]
     live = _blob_files(data)
-    assert set(tree) == {s for s in live if s not in bad}
-    assert {s: e["size"] for s, e in tree.items()} == {
-        s: os.path.getsize(anvil.storage.blobs.file_path(s)) for s in tree}
+    assert set(tree) - set(inline_shas) == {s for s in live if s not in bad}
+    assert {s: e["size"] for s, e in tree.items() if s in live} == {
+        s: os.path.getsize(anvil.storage.blobs.file_path(s)) for s in tree if s in live}
     assert len(tree[shas["large"][1]]["chunks"]) > 1  # cut into several chunks
+    assert set(inline_shas) <= set(tree) and not set(inline_shas) & set(live)
     target = tmp_path / "restored"
     proc = run_anvil(["restore", "--repo", f"file://{tmp_path / 'repo'}", "--target", str(target), "--json"],
                      env={**os.environ, **ENV}, capture_output=True, timeout=240, text=True)
     res = json.loads(proc.stdout)
     assert res["blobs_restored"] == len(tree), res
     restored = _blob_files(target)
-    assert restored == {s: h for s, h in live.items() if s not in bad}
+    assert {s: h for s, h in restored.items() if s not in inline_shas} == {
+        s: h for s, h in live.items() if s not in bad}
     assert all(s == h for s, h in restored.items())  # each restored file hashes to its name
+    conn = records.open_readonly(target / "catalog.db")
+    try:
+        assert all(hashlib.sha256(inline.get(conn, s) or b"").hexdigest() == s for s in inline_shas)
+    finally:
+        records.close(conn)
