@@ -24,7 +24,7 @@ from anvil.backup.repository import Repository
 from anvil.context import DEV_PRINCIPAL, RequestContext
 from anvil.runtime import Anvil
 from anvil.storage import inline, records
-from tests.helpers import run_anvil
+from tests.helpers import blob_file_hashes, run_anvil
 
 PASS = "encode mix passphrase"
 ENV = {"ANVIL_BACKUP_KDF": "test", "ANVIL_BACKUP_PASSPHRASE": PASS, "ANVIL_BACKUP_WORKERS": "0"}
@@ -38,16 +38,6 @@ def _body(rng: random.Random, size: int, compressible: bool) -> bytes:
         return rng.randbytes(size)
     words = [b"anvil", b"keeps", b"every", b"byte", b"safe", b"and", b"sound"]
     return b" ".join(rng.choice(words) for _ in range(size // 4))[:size]
-
-
-def _blob_files(root: Path) -> dict[str, str]:
-    """blob file name -> SHA-256 of its bytes."""
-    out = {}
-    for dirpath, _, names in os.walk(root / "blobs"):
-        for n in names:
-            if len(n) == 64:
-                out[n] = hashlib.sha256((Path(dirpath) / n).read_bytes()).hexdigest()
-    return out
 
 
 def test_tiny_mid_and_large_blobs_encode_together_with_bad_ones_reported(tmp_path: Path,
@@ -94,7 +84,7 @@ def test_tiny_mid_and_large_blobs_encode_together_with_bad_ones_reported(tmp_pat
         expected = f"blob {sha} in STORAGE_PATH is corrupt" if how == "corrupt" else f"blob {sha} referenced by"
         assert expected in problems
     tree = manifest["tree"]["blobs"]
-    live = _blob_files(data)
+    live = blob_file_hashes(data)
     assert set(tree) - set(inline_shas) == {s for s in live if s not in bad}
     assert {s: e["size"] for s, e in tree.items() if s in live} == {
         s: os.path.getsize(anvil.storage.blobs.file_path(s)) for s in tree if s in live}
@@ -105,7 +95,7 @@ def test_tiny_mid_and_large_blobs_encode_together_with_bad_ones_reported(tmp_pat
                      env={**os.environ, **ENV}, capture_output=True, timeout=240, text=True)
     res = json.loads(proc.stdout)
     assert res["blobs_restored"] == len(tree), res
-    restored = _blob_files(target)
+    restored = blob_file_hashes(target)
     assert {s: h for s, h in restored.items() if s not in inline_shas} == {
         s: h for s, h in live.items() if s not in bad}
     assert all(s == h for s, h in restored.items())  # each restored file hashes to its name
