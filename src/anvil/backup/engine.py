@@ -912,8 +912,9 @@ INLINE_PER_RESULT = 2
 
 
 def _encode_local_small(writer: PackWriter, blobs: BlobStore, sha: str) -> Encoded | None:
-    """`encode_blob` for a small blob, with the fewest syscalls: a local file is opened, sized and
-    read with `os` calls (a buffered `open()` adds an fstat, an ioctl and two lseeks per file)."""
+    """`encode_blob` with the fewest syscalls: a local file is opened, sized and read whole with `os`
+    calls (a buffered `open()` adds an fstat, an ioctl and two lseeks per file); one over
+    `WHOLE_FILE` (bigger than its record said) is streamed instead."""
     if blobs.remote:
         return encode_blob(writer, blobs, sha)
     try:
