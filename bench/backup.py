@@ -4,6 +4,9 @@
     python bench/backup.py --quick    # ~100 MB, for a fast run
     python bench/backup.py --dataset /tmp/ds --steps restore   # iterate on one step (the initial
                                       # backup still runs: the restore needs a repository)
+    python bench/backup.py --dataset /tmp/ds --peer-src /tmp/main-copy   # a third contender: Anvil
+                                      # from another source tree (its src/), on its own server and
+                                      # its own copy of the store, interleaved with the other two
 
 A store is built offline, then a real `anvil serve` runs on it and Anvil backs it up ONLINE
 (`anvil backup create --endpoint`: the server takes the snapshot); restic backs up the same
@@ -146,6 +149,10 @@ def main() -> None:
     ap.add_argument("--dataset", default=None,
                     help="a store built once (by this bench, kept there) and copied for each run: building "
                          "the default one takes minutes on a busy machine")
+    ap.add_argument("--peer-src", default=None,
+                    help="a source tree (with src/) whose Anvil runs as a third contender, 'anvil_peer': its own "
+                         "server on its own copy of the store, its own CLI, interleaved with the other two (a "
+                         "change measured against the code before it in the same run)")
     ap.add_argument("--steps", default=",".join(STEPS),
                     help=f"comma-separated steps to run and report, of {', '.join(STEPS)} (default: all); "
                          "the initial backup always runs, the others need it")
@@ -164,7 +171,9 @@ def main() -> None:
            "ANVIL_BACKUP_PASSPHRASE": PASS, "RESTIC_PASSWORD": PASS, "RESTIC_CACHE_DIR": str(work / "restic-cache"),
            "ANVIL_BACKUP_CACHE_DIR": str(work / "anvil-cache")}
     anvil_cmd = [sys.executable, "-m", "anvil.cli.main"]
-    runs: dict[str, dict[str, list[float]]] = {s: {"anvil": [], "restic": []} for s in steps}
+    peer_root = Path(args.peer_src).resolve() if args.peer_src else None
+    tools = ("anvil", "restic", "anvil_peer") if peer_root else ("anvil", "restic")
+    runs: dict[str, dict[str, list[float]]] = {s: {t: [] for t in tools} for s in steps}
     sizes: list[dict[str, object]] = []
     try:
         t0 = time.perf_counter()
@@ -184,60 +193,84 @@ def main() -> None:
 
         srv = AnvilServer(data, env={k: env[k] for k in ("ANVIL_BACKUP_PASSPHRASE", "PYTHONPATH")})
         srv.start(timeout=120)
+        peer_srv = peer_client = None
+        peer_env = dict(env)
+        if peer_root:
+            peer_data = work / "data-peer"
+            shutil.rmtree(peer_data, ignore_errors=True)
+            shutil.copytree(data, peer_data)
+            peer_env["PYTHONPATH"] = os.pathsep.join([str(peer_root / "src"), str(ROOT)])
+            peer_srv = AnvilServer(peer_data, env={k: peer_env[k] for k in ("ANVIL_BACKUP_PASSPHRASE", "PYTHONPATH")})
+            peer_srv.start(timeout=120)
         loads = {"before": load()}
         try:
             creds = srv.admin_credentials()
             env.update({"ANVIL_CLIENT_ID": creds["client_id"], "ANVIL_CLIENT_SECRET": creds["client_secret"]})
             client = srv.client()
-            pid = srv.proc.pid if srv.proc else None
+            pids = {"anvil": srv.proc.pid if srv.proc else None}
+            envs = {"anvil": env, "restic": env}
+            endpoints = {"anvil": srv.endpoint}
+            if peer_srv:
+                creds = peer_srv.admin_credentials()
+                peer_env.update({"ANVIL_CLIENT_ID": creds["client_id"], "ANVIL_CLIENT_SECRET": creds["client_secret"]})
+                peer_client = peer_srv.client()
+                pids["anvil_peer"] = peer_srv.proc.pid if peer_srv.proc else None
+                envs["anvil_peer"] = peer_env
+                endpoints["anvil_peer"] = peer_srv.endpoint
 
             def run(step: str, tool: str, cmd: list[str]) -> None:
                 # Anvil's online backup runs in the server: its CPU counts too.
-                runs[step][tool].append(timed(cmd, env, cpu_key=f"{step}/{tool}",
-                                              server_pid=pid if tool == "anvil" else None))
+                runs[step][tool].append(timed(cmd, envs[tool], cpu_key=f"{step}/{tool}", server_pid=pids.get(tool)))
 
             for rep in range(args.reps):
-                arepo, rrepo = work / f"anvil-repo-{rep}", work / f"restic-repo-{rep}"
-                atarget, rtarget = work / f"a-restore-{rep}", work / f"r-restore-{rep}"
-                for p in (arepo, rrepo, atarget, rtarget):
+                repos = {t: work / f"{t}-repo-{rep}" for t in tools}
+                targets = {t: work / f"{t}-restore-{rep}" for t in tools}
+                for p in (*repos.values(), *targets.values()):
                     shutil.rmtree(p, ignore_errors=True)
-                timed([*anvil_cmd, "backup", "init", "--repo", f"file://{arepo}"], env)
-                timed([restic, "init", "--repo", str(rrepo)], env)
-                cmds = {
-                    "backup": {"anvil": [*anvil_cmd, "backup", "create", "--repo", f"file://{arepo}", "--endpoint",
-                                         srv.endpoint, "--json"],
-                               "restic": [restic, "-q", "backup", "--repo", str(rrepo), str(data)]},
-                    "verify_read_data": {
-                        "anvil": [*anvil_cmd, "backup", "verify", "--repo", f"file://{arepo}", "--read-data", "--json"],
-                        "restic": [restic, "-q", "check", "--read-data", "--repo", str(rrepo)]},
-                    "restore": {"anvil": [*anvil_cmd, "restore", "--repo", f"file://{arepo}", "--target",
-                                          str(atarget), "--json"],
-                                "restic": [restic, "-q", "restore", "latest", "--repo", str(rrepo), "--target",
-                                           str(rtarget)]},
+                timed([restic, "init", "--repo", str(repos["restic"])], env)
+                cmds: dict[str, dict[str, list[str]]] = {
+                    "backup": {"restic": [restic, "-q", "backup", "--repo", str(repos["restic"]), str(data)]},
+                    "verify_read_data": {"restic": [restic, "-q", "check", "--read-data", "--repo",
+                                                    str(repos["restic"])]},
+                    "restore": {"restic": [restic, "-q", "restore", "latest", "--repo", str(repos["restic"]),
+                                           "--target", str(targets["restic"])]},
                 }
-                # Alternate who goes first: the second run of a pair finds the page cache warmer.
-                order = ("anvil", "restic") if rep % 2 == 0 else ("restic", "anvil")
+                for t in (t for t in tools if t != "restic"):
+                    url = f"file://{repos[t]}"
+                    timed([*anvil_cmd, "backup", "init", "--repo", url], envs[t])
+                    cmds["backup"][t] = [*anvil_cmd, "backup", "create", "--repo", url, "--endpoint", endpoints[t],
+                                         "--json"]
+                    cmds["verify_read_data"][t] = [*anvil_cmd, "backup", "verify", "--repo", url, "--read-data",
+                                                   "--json"]
+                    cmds["restore"][t] = [*anvil_cmd, "restore", "--repo", url, "--target", str(targets[t]), "--json"]
+                # Rotate who goes first: a later run of a round finds the page cache warmer.
+                order = tools[rep % len(tools):] + tools[:rep % len(tools)]
                 for tool in order:
                     run("initial_backup", tool, cmds["backup"][tool])
-                initial = {"anvil": du(arepo), "restic": du(rrepo)}
+                initial = {t: du(repos[t]) for t in tools}
                 if "incremental_backup" in steps:
                     change(client, objects, seed=100 + rep)
+                    if peer_client:
+                        change(peer_client, objects, seed=100 + rep)  # the same change on the peer's store
                     for tool in order:
                         run("incremental_backup", tool, cmds["backup"][tool])
                 if "nochange_backup" in steps:
                     for tool in order:  # nothing changed since: what a backup costs that has nothing to do
                         run("nochange_backup", tool, cmds["backup"][tool])
                 sizes.append({"after_initial": initial,
-                              "incremental_growth": {"anvil": du(arepo) - initial["anvil"],
-                                                     "restic": du(rrepo) - initial["restic"]}})
+                              "incremental_growth": {t: du(repos[t]) - initial[t] for t in tools}})
                 for step in (s for s in ("verify_read_data", "restore") if s in steps):
                     for tool in order:
                         run(step, tool, cmds[step][tool])
-                for p in (arepo, rrepo, atarget, rtarget):
+                for p in (*repos.values(), *targets.values()):
                     shutil.rmtree(p, ignore_errors=True)
             client.close()
+            if peer_client:
+                peer_client.close()
         finally:
             srv.stop()
+            if peer_srv:
+                peer_srv.stop()
         loads["after"] = load()
         res: dict[str, dict[str, object]] = {}
         for step, per_tool in runs.items():
@@ -245,9 +278,18 @@ def main() -> None:
             res[step] = {"anvil": a, "restic": r,
                          "ratio_median": round(a["median"] / r["median"], 3) if r["median"] else None,
                          "ratio_min": round(a["min"] / r["min"], 3) if r["min"] else None,
-                         "cpu_seconds": {t: stats(CPU.get(f"{step}/{t}", [0.0])) for t in ("anvil", "restic")}}
+                         "cpu_seconds": {t: stats(CPU.get(f"{step}/{t}", [0.0])) for t in tools}}
+            if peer_root:
+                p = stats(per_tool["anvil_peer"])
+                res[step].update({
+                    "anvil_peer": p,
+                    "peer_ratio_median": round(p["median"] / r["median"], 3) if r["median"] else None,
+                    "peer_ratio_min": round(p["min"] / r["min"], 3) if r["min"] else None,
+                    # this tree's Anvil against the peer's, run by run (each round ran both, close in time)
+                    "anvil_over_peer": [round(x / y, 3) for x, y in zip(a["runs"], p["runs"], strict=True)]})
         print(json.dumps({
             "benchmark": "backup", "mode": "anvil online (--endpoint), restic on STORAGE_PATH", "reps": args.reps,
+            "peer_src": str(peer_root) if peer_root else None,
             "dataset": {"objects": objects, "big_objects": big, "logical_bytes": logical,
                         "storage_path_bytes": du(data), "build_seconds": build},
             "repository_bytes": sizes,

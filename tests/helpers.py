@@ -257,3 +257,15 @@ def populate_small_objects(path: Path, objects: int, *, bucket: str = "bench", s
     finally:
         anvil.close()
     return total
+
+
+def blob_file_hashes(root: Path) -> dict[str, str]:
+    """Every blob file under `root / "blobs"`: its name -> the SHA-256 of its bytes."""
+    import hashlib
+
+    out = {}
+    for dirpath, _, names in os.walk(root / "blobs"):
+        for n in names:
+            if len(n) == 64:
+                out[n] = hashlib.sha256((Path(dirpath) / n).read_bytes()).hexdigest()
+    return out

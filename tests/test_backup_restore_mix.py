@@ -11,7 +11,6 @@ around it is restored.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -27,7 +26,7 @@ from anvil.backup.pack import pack_name
 from anvil.backup.repository import Repository
 from anvil.context import DEV_PRINCIPAL, RequestContext
 from anvil.runtime import Anvil
-from tests.helpers import run_anvil
+from tests.helpers import blob_file_hashes, run_anvil
 
 PASS = "restore mix passphrase"
 ENV = {"ANVIL_BACKUP_KDF": "test", "ANVIL_BACKUP_PASSPHRASE": PASS}
@@ -41,16 +40,6 @@ pytestmark = pytest.mark.timeout(600)
 
 def anvil_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return run_anvil([*args], env={**os.environ, **ENV, **env}, capture_output=True, timeout=300, text=True)
-
-
-def _blob_files(root: Path) -> dict[str, str]:
-    """blob file name -> SHA-256 of its bytes."""
-    out = {}
-    for dirpath, _, names in os.walk(root / "blobs"):
-        for n in names:
-            if len(n) == 64:
-                out[n] = hashlib.sha256((Path(dirpath) / n).read_bytes()).hexdigest()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +87,9 @@ def test_small_large_and_spread_blobs_restore_together(mix, pool: dict[str, str]
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = json.loads(proc.stdout)
     assert res["ok"] and res["blobs_restored"] == len(mix["manifest"]["tree"]["blobs"]), res
-    live = _blob_files(mix["data"])
+    live = blob_file_hashes(mix["data"])
     assert len(live) == 86
-    assert _blob_files(target) == live  # each file's bytes, and no file more or less
+    assert blob_file_hashes(target) == live  # each file's bytes, and no file more or less
     check = anvil_cli("recovery", "validate", "--storage-path", str(target), "--json", env={})
     assert check.returncode == 0 and json.loads(check.stdout)["ok"], check.stdout + check.stderr
 
@@ -127,7 +116,7 @@ def test_a_damaged_large_blob_fails_alone_while_workers_restore_the_small_ones(m
     assert not res["ok"] and len(res["problems"]) == 1, res["problems"]
     assert res["problems"][0].startswith(f"blob {victim}: "), res["problems"]
     assert "mix/k/08" in res["problems"][0]  # the object it affects (k/080-082 are the large ones)
-    live = _blob_files(mix["data"])
-    restored = _blob_files(target)
+    live = blob_file_hashes(mix["data"])
+    restored = blob_file_hashes(target)
     assert victim not in restored  # a blob that failed its check leaves no file
     assert restored == {k: v for k, v in live.items() if k != victim}

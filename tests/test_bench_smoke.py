@@ -202,6 +202,51 @@ def test_backup_bench_tiny_run_is_online_interleaved_with_cpu_and_load() -> None
 
 @pytest.mark.skipif(shutil.which("restic") is None, reason="restic is not installed (Debian: apt-get install restic)")
 @pytest.mark.timeout(600)  # as the full tiny run above: its subprocess may be slow on a loaded machine
+def test_backup_bench_peer_src_runs_another_tree_as_a_third_contender() -> None:
+    """`bench/backup.py --peer-src TREE`: Anvil from TREE (here this same tree) on its own server and
+    copy of the store, timed beside this tree's Anvil and restic, the change applied to both stores."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "ANVIL_BACKUP_KDF": "test"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "backup.py"), "--objects", "10", "--big", "0",
+                           "--reps", "1", "--steps", "incremental_backup", "--peer-src", str(ROOT)],
+                          env=env, capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    doc = json.loads(proc.stdout)
+    assert doc["peer_src"] == str(ROOT) and sorted(doc["seconds"]) == ["incremental_backup", "initial_backup"]
+    for figures in doc["seconds"].values():
+        assert len(figures["anvil_peer"]["runs"]) == 1 and figures["peer_ratio_median"] > 0
+        assert len(figures["anvil_over_peer"]) == 1 and figures["cpu_seconds"]["anvil_peer"]["min"] > 0
+    growth = doc["repository_bytes"][0]["incremental_growth"]
+    assert growth["anvil_peer"] > 0 and growth["anvil"] > 0  # each server's store got the change
+
+
+def test_backup_timeline_marks_phases_and_threads(tmp_path: Path) -> None:
+    """`bench/backup_timeline.py`: one in-process snapshot of a small store, its phases with wall,
+    CPU and cores, the CPU per thread and a timeline."""
+    from anvil.context import DEV_PRINCIPAL, RequestContext
+    from anvil.runtime import Anvil
+
+    anvil = Anvil(tmp_path / "data")
+    try:
+        ctx = RequestContext(DEV_PRINCIPAL)
+        anvil.objects.create_bucket(ctx, "timeline")
+        for i in range(30):
+            body = anvil.storage.blobs.put_bytes(os.urandom(1024 * (i + 1)))
+            anvil.objects.put_object(ctx, "timeline", f"k{i}", body)
+    finally:
+        anvil.close()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]), "ANVIL_BACKUP_KDF": "test"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "backup_timeline.py"), "--data", str(tmp_path / "data"),
+                           "--bins", "0.05"], env=env, capture_output=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    (run,) = json.loads(proc.stdout)
+    phases = {p["phase"]: p for p in run["phases"]}
+    assert {"checkpoint copy", "references store", "encode blobs", "tree pages", "save manifest"} <= phases.keys()
+    assert phases["pack write + fsync (writer threads)"]["count"] >= 1
+    assert run["wall"] > 0 and run["cpu"] > 0 and run["threads"]["MainThread"] > 0 and run["timeline"]
+
+
+@pytest.mark.skipif(shutil.which("restic") is None, reason="restic is not installed (Debian: apt-get install restic)")
+@pytest.mark.timeout(600)  # as the full tiny run above: its subprocess may be slow on a loaded machine
 def test_backup_bench_steps_runs_and_reports_only_those_asked() -> None:
     """`bench/backup.py --steps restore`: the initial backup (the restore needs it) and the restore,
     nothing else; an unknown step is refused before anything runs."""
