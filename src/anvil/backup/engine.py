@@ -494,20 +494,22 @@ def _create_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobSt
     finally:
         if child is not None:
             child.close()
-    snap_id = manifest["id"]
     if "tree" in manifest:
-        manifest["tree"]["blobs"] = _saved_tree(repo, snap_id, manifest["stats"]["blobs"])
-    else:  # the child's answer: the whole tree is read back if used
-        manifest["tree"] = SavedTree(lambda: repo.load_snapshot(snap_id)["tree"])
+        manifest["tree"]["blobs"] = _saved_tree(repo, manifest["id"], blobs=manifest["stats"]["blobs"])
+    else:  # the child's answer has none
+        manifest["tree"] = _saved_tree(repo, manifest["id"])
     return manifest
 
 
-def _saved_tree(repo: Repository, snap_id: str, count: int) -> SavedTree:
-    """The returned manifest's `tree.blobs`, read back from the snapshot only if used (the server
-    never does). It names the snapshot by id, not through the manifest: a manifest holding a
-    closure over itself is a reference cycle, which outlived the server's collection after a
-    backup and kept the manifest (~1 MiB of objects at 100,000 blobs) until the next one."""
-    return SavedTree(lambda: repo.load_snapshot(snap_id)["tree"]["blobs"], count)
+def _saved_tree(repo: Repository, snap_id: str, *, blobs: int | None = None) -> SavedTree:
+    """The returned manifest's tree (or, given their count, its `blobs`), read back from the saved
+    snapshot only if used (the server never does). It names the snapshot by id, not through the
+    manifest: a manifest holding a closure over itself is a reference cycle, which outlived the
+    server's collection after a backup and kept the manifest (~1 MiB of objects at 100,000 blobs)
+    until the next one."""
+    if blobs is None:
+        return SavedTree(lambda: repo.load_snapshot(snap_id)["tree"])
+    return SavedTree(lambda: repo.load_snapshot(snap_id)["tree"]["blobs"], blobs)
 
 
 def _checkpoint_participants(storage_root: Path, cp: Path, blobs: BlobStore, participants: list[Participant],
@@ -825,8 +827,7 @@ def _unchanged_snapshot(storage_root: Path, catalog_path: Path, blobs: BlobStore
         tree={})
     del manifest["tree"]  # the parent's, as written
     repo.save_snapshot(manifest, tree_json=tree_json)
-    snap_id = manifest["id"]
-    manifest["tree"] = SavedTree(lambda: repo.load_snapshot(snap_id)["tree"])
+    manifest["tree"] = _saved_tree(repo, manifest["id"])
     return manifest
 
 

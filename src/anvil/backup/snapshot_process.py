@@ -15,12 +15,12 @@ The server starts it before taking the checkpoint: meanwhile it imports the engi
 its participants with MODULE:FUNCTION (the runtime's `participants_factory`). Then the server
 writes one JSON line on stdin (the job, the repository's keys, the lock it holds) and keeps stdin
 open; the child answers with JSON lines on stdout: `{"progress": [done, total]}` a few times a
-second, then `{"manifest": ...}` (without its tree) or `{"error": ...}`. The child reads the checkpoint's copy of
-catalog.db (inline bodies too) and the blob files, never the live store: it opens no catalog for
-writing and takes no storage lock; the server keeps the holds and the repository lock's heartbeat
-meanwhile. The child exits when its stdin closes (the server is gone). A child that dies fails the
-backup (`BackupError`): the snapshot is saved last, so none is left half written; its packs are
-orphans the next backup or prune removes.
+second, then `{"manifest": ...}` (without its tree) or `{"error": ...}`. The child reads the
+checkpoint's copy of catalog.db (inline bodies too) and the blob files, never the live store: it
+opens no catalog for writing and takes no storage lock; the server keeps the holds and the
+repository lock's heartbeat meanwhile. The child exits when its stdin closes (the server is gone).
+A child that dies fails the backup (`BackupError`): the snapshot is saved last, so none is left
+half written; its packs are orphans the next backup or prune removes.
 """
 
 from __future__ import annotations
