@@ -19,8 +19,9 @@ import pytest
 from anvil.backup import engine, treepages
 from anvil.backup import mode as recovery
 from anvil.backup.backends.local import LocalBackend
-from anvil.backup.repository import Repository
+from anvil.backup.repository import Repository, compress_manifest
 from anvil.backup.restore import restore
+from anvil.backup.treestream import light_tree
 from anvil.context import DEV_PRINCIPAL, RequestContext
 from anvil.runtime import Anvil, recovery_participants
 from anvil.storage import Storage
@@ -94,6 +95,8 @@ def test_unchanged_store_lists_its_parents_catalog_and_pages(snaps: dict, tmp_pa
     assert same["stats"]["unchanged_since_parent"] is True and "unchanged_since_parent" not in first["stats"]
     assert b["tree"]["blob_pages"] == a["tree"]["blob_pages"]
     assert b["tree"]["files"]["catalog.db"] == a["tree"]["files"]["catalog.db"]
+    assert b["tree"] == a["tree"]  # taken over as written (its chunk lists never decoded)
+    assert set(b) == set(a) and list(b)[-1] == "tree"  # last, as treestream reads it
     assert b["consistency"]["journal_seq"] == a["consistency"]["journal_seq"]
     assert {n: p["summary"] for n, p in b["participants"].items()} == \
         {n: p["summary"] for n, p in a["participants"].items()}
@@ -198,3 +201,20 @@ def test_the_cli_pack_size_default_is_the_engines() -> None:
     from anvil.cli import backup as cli_backup
 
     assert cli_backup.PACK_TARGET == pack.PACK_TARGET
+
+
+@pytest.mark.timeout(30)
+def test_light_tree_leaves_out_only_the_chunk_lists() -> None:
+    """An unchanged snapshot decodes its parent's tree without the files' chunk lists; names that
+    spell a chunk list inside a string are left alone, and a manifest cannot carry two trees."""
+    odd = 'odd"chunks":["x]'  # escaped in the JSON text: not a chunk list
+    tree = {"files": {"catalog.db": {"size": 5, "chunks": ["ab" * 32, "cd" * 32],
+                                     "chunking": {"method": "fixed", "size": 65536}},
+                      odd: {"size": 1, "sha256": "00", "chunks": ["ef" * 32], "mode": 384}},
+            "blob_pages": [["aa" * 32, 3]], "blob_page_keys": [["aa" * 32, "k", 7]]}
+    light = light_tree(json.dumps(tree, separators=(",", ":")))
+    tree["files"]["catalog.db"]["chunks"] = None
+    tree["files"][odd]["chunks"] = None
+    assert light == tree
+    with pytest.raises(ValueError, match="a tree and tree_json"):
+        compress_manifest({"id": "x", "tree": {}}, "{}")

@@ -42,13 +42,22 @@ def _backup(http: httpx.Client, repo: Path) -> httpx.Response:
     return http.post("/anvil/v1/admin/backup", json={"repo": f"file://{repo}", "passphrase": PASS}, timeout=600)
 
 
+# The server's RSS after each backup, at most this much above its idle figure (~82 MiB, warmed):
+# measured +1.2 %, +2.6 %, +2.6 % (initial, unchanged, changed; 20,000 objects). The code before the
+# backup ran on a thread of its own, its manifest was no longer a cycle and the child's answer
+# lost its tree: +3.9 %, +6.7 %, +8.5 % (docs/backup.md, "Back to idle").
+IDLE_SLACK = 0.06
+
+
 @pytest.mark.timeout(900)
 def test_online_backups_leave_the_server_at_its_idle_memory(store: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """RSS after two full online backups (an initial one and one with a parent and changes) is
-    within a few MiB of the server's idle figure: the allocations of the snapshot happen in its
-    child process. In process, the same backups left the server +29 MiB at 20,000 objects; in the
-    child, +3 to +9 MiB (a fixed step: what the server's side of a backup leaves, whatever the size)."""
+    """RSS after each of three full online backups (an initial one, one with nothing changed, one
+    with a parent and changes) is within IDLE_SLACK of the server's idle figure: the allocations
+    of the snapshot happen in its child process, and what the server's side of a backup keeps per
+    thread ends with its thread. In process, the same backups left the server +29 MiB at 20,000
+    objects. Idle is measured after ordinary PUTs and a listing: their own first-use memory (the
+    writer's page cache) is the server's working set, not the backup's."""
     monkeypatch.setenv("ANVIL_BACKUP_KDF", "test")
     repo = tmp_path / "repo"
     Repository.init(LocalBackend(repo), PASS)
@@ -57,12 +66,15 @@ def test_online_backups_leave_the_server_at_its_idle_memory(store: Path, tmp_pat
         assert srv.proc is not None
         pid = srv.proc.pid
         with srv.client() as c, httpx.Client(base_url=srv.endpoint, headers=srv.auth_headers()) as http:
+            for i in range(300):
+                c.put_object("mem", f"changed/{i % 20}", os.urandom(2048))
             c.list_objects("mem", prefix="p0000/")
-            time.sleep(1.0)
+            time.sleep(1.5)
             idle = _rss(pid)
             peak = 0
-            for round_ in range(2):
-                if round_:
+            after: list[int] = []
+            for name in ("initial", "unchanged", "changed"):
+                if name == "changed":
                     for i in range(20):
                         c.put_object("mem", f"changed/{i}", os.urandom(2048))
                 stop = threading.Event()
@@ -87,11 +99,13 @@ def test_online_backups_leave_the_server_at_its_idle_memory(store: Path, tmp_pat
                     sampler.join()
                 assert r.status_code == 201, r.text
                 assert r.json()["stats"]["blobs"] >= OBJECTS
-                assert any(CHILD_MODULE in cmd for cmd in children), children
-            time.sleep(1.5)  # the server's release after a backup runs on a thread
-            after = _rss(pid)
-        print(f"server RSS idle {idle / MIB:.1f} MiB, peak {peak / MIB:.1f} MiB, after {after / MIB:.1f} MiB")
-        assert after <= idle + 16 * MIB, (idle / MIB, peak / MIB, after / MIB)
+                # The unchanged one takes the fast path in the server: no child.
+                assert any(CHILD_MODULE in cmd for cmd in children) == (name != "unchanged"), (name, children)
+                time.sleep(1.5)  # the server's release after a backup runs on a thread
+                after.append(_rss(pid))
+        print(f"server RSS idle {idle / MIB:.1f} MiB, peak {peak / MIB:.1f} MiB, "
+              f"after each {[round(a / MIB, 1) for a in after]} MiB")
+        assert max(after) <= idle * (1 + IDLE_SLACK), (idle / MIB, peak / MIB, [a / MIB for a in after])
     finally:
         srv.stop()
 

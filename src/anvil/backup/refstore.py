@@ -335,11 +335,12 @@ class RefStore:
 
 
 class SavedTree(Mapping[str, Any]):
-    """The returned manifest's `tree.blobs`: read back from the saved snapshot on first use (the
-    server's callers never use it; tests and the offline CLI may), so a backup ends holding none.
+    """The returned manifest's `tree.blobs` (or, from a child process, its whole `tree`): read back
+    from the saved snapshot on first use (the server's callers never use it; tests and the offline
+    CLI may), so a backup ends holding none. `count`, if known, answers `len` without reading.
     A Mapping, not a dict: serialising it as JSON fails loudly instead of writing `{}`."""
 
-    def __init__(self, load: Callable[[], dict[str, Any]], count: int):
+    def __init__(self, load: Callable[[], dict[str, Any]], count: int | None = None):
         self._load = load
         self._count = count
         self._tree: dict[str, Any] | None = None
@@ -350,7 +351,7 @@ class SavedTree(Mapping[str, Any]):
         return self._tree
 
     def __len__(self) -> int:
-        return self._count if self._tree is None else len(self._tree)
+        return self._count if self._tree is None and self._count is not None else len(self._get())
 
     def __getitem__(self, k: str) -> Any:
         return self._get()[k]

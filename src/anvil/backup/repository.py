@@ -458,14 +458,22 @@ class Repository:
             raise BackupError(f"snapshot {ref!r} {'is ambiguous' if matches else 'not found'}")
         return self.load_snapshot(matches[0])
 
-    def save_snapshot(self, manifest: dict[str, Any]) -> None:
+    def save_snapshot(self, manifest: dict[str, Any], *, tree_json: str | None = None) -> None:
+        """`tree_json`: the manifest's tree as JSON text (another snapshot's, taken over as written);
+        `manifest` then has no `tree`."""
         sid = manifest["id"]
-        self.backend.write(f"snapshots/{sid}", seal(self.enc_key, compress_manifest(manifest),
+        self.backend.write(f"snapshots/{sid}", seal(self.enc_key, compress_manifest(manifest, tree_json),
                                                     f"snapshot:{sid}".encode()))
 
 
-def compress_manifest(manifest: dict[str, Any]) -> bytes:
+def compress_manifest(manifest: dict[str, Any], tree_json: str | None = None) -> bytes:
     """`compress` of a manifest's compact JSON. A manifest is small: a full snapshot's blob tree is
     in pages (`treepages`), a journal delta's is empty; only the manifests of older versions, read
-    and never written again, carry their whole tree."""
-    return compress(json.dumps(manifest, separators=(",", ":")).encode())
+    and never written again, carry their whole tree. `tree_json` goes in as the last key, as every
+    manifest's tree does (`treestream` reads the header up to it)."""
+    text = json.dumps(manifest, separators=(",", ":"))
+    if tree_json is not None:
+        if "tree" in manifest:
+            raise ValueError("a manifest with a tree and tree_json")
+        text = f'{text[:-1]},"tree":{tree_json}}}'
+    return compress(text.encode())

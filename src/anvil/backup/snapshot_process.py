@@ -15,12 +15,12 @@ The server starts it before taking the checkpoint: meanwhile it imports the engi
 its participants with MODULE:FUNCTION (the runtime's `participants_factory`). Then the server
 writes one JSON line on stdin (the job, the repository's keys, the lock it holds) and keeps stdin
 open; the child answers with JSON lines on stdout: `{"progress": [done, total]}` a few times a
-second, then `{"manifest": ...}` or `{"error": ...}`. The child reads the checkpoint's copy of
-catalog.db (inline bodies too) and the blob files, never the live store: it opens no catalog for
-writing and takes no storage lock; the server keeps the holds and the repository lock's heartbeat
-meanwhile. The child exits when its stdin closes (the server is gone). A child that dies fails the
-backup (`BackupError`): the snapshot is saved last, so none is left half written; its packs are
-orphans the next backup or prune removes.
+second, then `{"manifest": ...}` (without its tree) or `{"error": ...}`. The child reads the
+checkpoint's copy of catalog.db (inline bodies too) and the blob files, never the live store: it
+opens no catalog for writing and takes no storage lock; the server keeps the holds and the
+repository lock's heartbeat meanwhile. The child exits when its stdin closes (the server is gone).
+A child that dies fails the backup (`BackupError`): the snapshot is saved last, so none is left
+half written; its packs are orphans the next backup or prune removes.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class SnapshotProcess:
     def run(self, job: engine.SnapshotJob, repo: Repository, blobs: BlobStore,
             progress: engine.Progress | None) -> dict[str, Any]:
         """`engine.snapshot_from_checkpoint(job, ...)` in the child; its manifest (without
-        `tree.blobs`), or BackupError with the child's message, or saying how it died."""
+        `tree`), or BackupError with the child's message, or saying how it died."""
         proc = self.proc
         assert proc.stdin is not None and proc.stdout is not None
         request = {"job": asdict(job),
@@ -198,7 +198,9 @@ def _child(participants_factory: str, stdin: IO[bytes], stdout: IO[bytes]) -> in
         traceback.print_exc()  # to the log the parent quotes
         send({"error": f"{type(e).__name__}: {e}"})
         return 1
-    send({"manifest": manifest})
+    # Without its tree (the files' chunk lists: ~0.5 MB of JSON for a 350 MB catalog): the server
+    # never reads it, and decoding it there left pymalloc arenas pinned (docs/backup.md, "Back to idle").
+    send({"manifest": {k: v for k, v in manifest.items() if k != "tree"}})
     return 0
 
 
