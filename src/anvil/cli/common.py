@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 # backup of a stopped store, verify) never load it.
 
 
-
 class LazyConsole:
     """A rich `Console`, made (and rich imported, ~30 ms of CPU) on first use: a command that prints
     JSON, such as `anvil fsck --json`, never needs it. Attributes are the console's; `real` is the

@@ -26,8 +26,8 @@ import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
-# cryptography (~10 ms of CPU to import) loads when a key is made or a certificate verified: fsck
-# loads this module for a store that may have no PersonalDB group at all.
+# cryptography's Ed25519 code (~5 ms of CPU to import) loads when a key is made or a certificate
+# verified: fsck loads this module for a store that may have no PersonalDB group at all.
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
