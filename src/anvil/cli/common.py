@@ -8,19 +8,43 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
 
 from anvil import DEFAULT_ENDPOINT
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 # The SDK (anvil.client: httpx and the pydantic models of anvil.api_models, ~0.2 s to import) is
 # imported by the commands that talk to a server, when they run: offline commands (fsck, restore,
 # backup of a stopped store, verify) never load it.
 
-console = Console()
-err_console = Console(stderr=True)
+
+class LazyConsole:
+    """A rich `Console`, made (and rich imported, ~30 ms of CPU) on first use: a command that prints
+    JSON, such as `anvil fsck --json`, never needs it. Attributes are the console's; `real` is the
+    console itself, for rich objects that take one."""
+
+    def __init__(self, **options: Any):
+        self._options = options
+        self._console: Console | None = None
+
+    @property
+    def real(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+console = LazyConsole()
+err_console = LazyConsole(stderr=True)
 
 
 class LazyGroup(click.Group):
@@ -217,7 +241,7 @@ def transfer_progress(enabled: bool, label: str, total: int | None) -> Iterator[
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=err_console, transient=True) as bar:
+                  TimeRemainingColumn(), console=err_console.real, transient=True) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)
 

@@ -124,7 +124,7 @@ def _progress(as_json: bool) -> Iterator[NullProgress]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed} done"),
-                  TimeElapsedColumn(), console=err_console, transient=True) as bar:
+                  TimeElapsedColumn(), console=err_console.real, transient=True) as bar:
         yield RichProgress(bar)
 
 

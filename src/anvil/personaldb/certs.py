@@ -24,11 +24,12 @@ import base64
 import functools
 import hashlib
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+# cryptography's Ed25519 code (~5 ms of CPU to import) loads when a key is made or a certificate
+# verified: fsck loads this module for a store that may have no PersonalDB group at all.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 DOMAIN = b"anvil.personaldb.certificate.v1\n"
 COMMIT_FIELDS = ("v", "type", "group", "index", "prev_hash", "hash", "changeset_sha256", "schema_version",
@@ -73,16 +74,24 @@ class WitnessKey:
     """The private half (server only)."""
 
     def __init__(self, private_raw: bytes):
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
         self._key = Ed25519PrivateKey.from_private_bytes(private_raw)
         self.public_raw = self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         self.key_id = key_id_of(self.public_raw)
 
     @classmethod
     def generate(cls) -> WitnessKey:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
         k = Ed25519PrivateKey.generate()
         return cls(k.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption()))
 
     def private_raw(self) -> bytes:
+        from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
         return self._key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
 
     def sign(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -94,6 +103,8 @@ class WitnessKey:
 @functools.lru_cache(maxsize=64)
 def _public_key(pub: str) -> Ed25519PublicKey:
     """A published key, decoded once (a chain holds thousands of certificates by the same few keys)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     return Ed25519PublicKey.from_public_bytes(base64.b64decode(pub))
 
 
@@ -107,6 +118,8 @@ def verify_certificate(cert: Any, public_keys: dict[str, str]) -> dict[str, Any]
     pub = public_keys.get(kid) if isinstance(kid, str) else None
     if pub is None:
         raise CertificateInvalid(f"unknown witness key id {kid!r}")
+    from cryptography.exceptions import InvalidSignature
+
     try:
         _public_key(pub).verify(base64.b64decode(cert["signature"]), DOMAIN + canonical(body))
     except (InvalidSignature, ValueError):
