@@ -45,7 +45,7 @@ def _backup(http: httpx.Client, repo: Path) -> httpx.Response:
 # The server's RSS after each backup, at most this much above its idle figure (~75-82 MiB, warmed):
 # issue 20's "back to idle", read as within 10 %. Measured alone +1.2 %, +2.6 %, +2.6 % (initial,
 # unchanged, changed; 20,000 objects), but +3.5 %, +6.9 %, +4.5 % once in CI beside the other
-# xdist worker (glibc arenas of threads that met contention): a tighter bound flakes there. The
+# xdist worker (probably glibc arenas of threads that met contention): a tighter bound flakes there. The
 # snapshot in the server's own process (ANVIL_BACKUP_PROCESS=off) fails it at +21 to +32 MiB.
 IDLE_SLACK = 0.10
 
