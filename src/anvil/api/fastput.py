@@ -261,7 +261,8 @@ class FastPuts:
             info = objects.store_bytes(body, expected_md5=plan.md5, digests=digests,
                                        admitted=plan.length > 0 or plan.native)
             return objects.submit_put_object(plan.ctx, plan.bucket, plan.key, info, content_type=plan.ctype,  # type: ignore[return-value]
-                                             metadata=plan.user, cond=_NO_CONDITIONS, extra=None, then=then)
+                                             metadata=plan.user, cond=_NO_CONDITIONS, extra=None, then=then,
+                                             checked=True)
         except Exception:  # noqa: BLE001 - refused before anything was queued: the general path answers
             return None
 
