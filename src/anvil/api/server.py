@@ -387,7 +387,7 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
         parser = self.parser
         if parser.get_http_version() != "1.1" or not parser.should_keep_alive() or parser.should_upgrade():
             return None
-        return self.fast_puts.plan(self.url, self.headers)
+        return self.fast_puts.plan(self.url, self.headers, self._head_sum)
 
     def _release(self, cycle: Any, app: Any) -> None:
         """Decline a held PUT: its ASGI task starts now, with what was received, and the general path
