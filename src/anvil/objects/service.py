@@ -23,6 +23,7 @@ from typing import Any
 
 from anvil.context import RequestContext
 from anvil.errors import AnvilError, not_found
+from anvil.frozen import fast_init
 from anvil.objects import validation as v
 from anvil.objects.checksums import combine_crcs, new_checksum
 from anvil.storage import BlobInfo, BlobWriter, Storage, Txn, idempotency, inline, jsonfast, listing, records
@@ -238,6 +239,7 @@ def _rendered_listing_args(prefix: str, delimiter: str, max_keys: int) -> str | 
     return delimiter_next
 
 
+@fast_init
 @dataclass(frozen=True)
 class Bucket:
     name: str
@@ -256,6 +258,7 @@ class Bucket:
         }
 
 
+@fast_init
 @dataclass(frozen=True)
 class ObjectVersion:
     bucket: str
