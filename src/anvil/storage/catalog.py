@@ -221,12 +221,13 @@ class Catalog:
         return writer
 
     def _begin(self, conn: Any) -> None:
-        """Open the batch's write transaction (the head is the writer's own: it is the only one)."""
-        conn.execute("BEGIN IMMEDIATE")
+        """Open the batch's write transaction (the head is the writer's own: it is the only one). On the
+        batch's own cursor (`_batch_statements`), as COMMIT is: no cursor made and freed for it."""
+        self._batch_statements(conn).execute("BEGIN IMMEDIATE")
 
     def _batch_statements(self, conn: Any) -> Any:
-        """What runs a batch's own statements after `_begin` (savepoints, the batched `executemany`s,
-        COMMIT): one cursor of the writer connection, made once. `Connection.execute` makes, registers
+        """What runs a batch's own statements (BEGIN, savepoints, the batched `executemany`s, COMMIT): one
+        cursor of the writer connection, made once. `Connection.execute` makes, registers
         with the connection and frees a cursor per call (~3 k instructions; three per lone write), and
         these statements return no rows that anything iterates while another runs."""
         cursor = self._cursor
