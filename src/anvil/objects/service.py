@@ -992,7 +992,7 @@ class ObjectService:
         seq = txn.next_seq
         meta_json = _json_sorted(metadata)
         chunks_json = _chunks_json(chunks)
-        conn.execute(
+        txn.run.execute(
             f"INSERT INTO versions({_VERSION_COLUMNS}) VALUES (?,?,?,?,1,0,?,?,?,?,?,?,?,?)",
             (name, key, version_id, seq, size, etag, sha256, content_type, meta_json, chunks_json, txn.now,
              _json_sorted(extra)),
@@ -1048,7 +1048,7 @@ class ObjectService:
               if ctx.idempotency_key is not None else "")
 
         def fn(txn: Txn) -> dict[str, Any]:
-            b, current = self._bucket_and_latest(txn.conn, bucket, key)
+            b, current = self._bucket_and_latest(txn.run, bucket, key)
             if b is None:
                 raise AnvilError("NotFound", "bucket not found")
             self._store_inline(txn, body, defer=True)
