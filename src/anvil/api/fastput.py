@@ -110,8 +110,8 @@ def _known_headers(headers: list[tuple[bytes, bytes]], known: frozenset[bytes], 
     found = dict(headers)
     if len(found) != len(headers):
         return None
-    unknown = found.keys() - known
-    if unknown and not all(name.startswith(meta) for name in unknown):
+    # (`issuperset` walks the dict's keys: no set made for the usual request, which has no other header)
+    if not known.issuperset(found) and not all(name.startswith(meta) for name in found.keys() - known):
         return None
     return found
 
@@ -228,7 +228,7 @@ class FastPuts:
         if self.authz.has_binding(bucket) or self.objects.bucket_setting(bucket, "lifecycle") is not None:
             return None  # decided by relationships (and their caveats); a lifecycle rule
         ctype_raw = found.get(b"content-type")
-        head = _Head(FastHeaders({"headers": headers}) if found.keys() - _NATIVE_PLAIN else None, path, query)
+        head = _Head(None if _NATIVE_PLAIN.issuperset(found) else FastHeaders({"headers": headers}), path, query)
         try:
             key = native._key(head)  # type: ignore[arg-type]
             principal = self.identity.authenticate_token_full(token)[0]
