@@ -208,3 +208,34 @@ def test_port_in_use_fails_before_the_banner(tmp_path: Path) -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0], err
     assert not data.exists(), "the store was opened although the server could not listen"
+
+
+def _get_live(sock: socket.socket) -> bytes:
+    """One keep-alive GET of the liveness probe on `sock`: the answer's head."""
+    sock.sendall(b"GET /anvil/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = sock.recv(65536)
+        assert piece, "the server closed the connection"
+        data += piece
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":", 1)[1]) for line in head.lower().split(b"\r\n")
+                  if line.startswith(b"content-length:"))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head
+
+
+def test_keep_alive_timeout_runs_from_the_last_response(server: AnvilServer) -> None:
+    """uvicorn's 5 s keep-alive timeout, counted from the connection's last response: the protocol arms one
+    timer per idle period (not one per request), which waits out the rest when the connection was busy
+    meanwhile and closes it only after 5 s with nothing received."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        assert _get_live(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(3)
+        assert _get_live(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(3.5)  # 6.5 s after the first answer, 3.5 s after the last: still open
+        assert _get_live(sock).startswith(b"HTTP/1.1 200")
+        answered = time.monotonic()
+        assert sock.recv(1) == b""  # closed by the server, 5 s after that answer
+        assert 4.0 <= time.monotonic() - answered <= 8.0

@@ -8,6 +8,7 @@ import random
 import threading
 from pathlib import Path
 
+from anvil.objects import service
 from anvil.storage import journal, jsonfast
 from anvil.storage.catalog import Catalog, Txn
 
@@ -37,6 +38,16 @@ def test_fast_encoders_write_what_json_writes() -> None:
                     {"sort_keys": True, "separators": (",", ":"), "ensure_ascii": False}):
         assert jsonfast.encoder(**options)(value) == json.JSONEncoder(**options).encode(value)
         assert jsonfast.encoder(**options)("a\"\u00e9") == json.JSONEncoder(**options).encode("a\"\u00e9")
+
+
+def test_version_chunks_json_is_the_encoders_text() -> None:
+    """`_chunks_json` writes a single chunk itself (a small PUT's): the same text as the encoder, for any
+    string (quotes, backslashes, control and non-ASCII characters) and for every other shape."""
+    rng = random.Random(12)
+    cases = [[(_text(rng), rng.randint(0, 10**20))] for _ in range(2000)]
+    cases += [[("ab" * 32, 0)], [("x", True)], [("x", 1.5)], [("a", 1), ("b", 2)], [], [["q", -1]], [("a", 1, 2)]]
+    for chunks in cases:
+        assert service._chunks_json(chunks) == service._dumps(chunks) == json.dumps(chunks), chunks
 
 
 def test_failed_mutations_leave_nothing_alone_or_batched(tmp_path: Path) -> None:

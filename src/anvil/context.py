@@ -5,6 +5,8 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
+from anvil.frozen import fast_init
+
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
@@ -30,6 +32,7 @@ class Principal:
 DEV_PRINCIPAL = Principal(tenant="default", subject="dev", admin=True, scopes=("*",))
 
 
+@fast_init
 @dataclass(frozen=True)
 class RequestContext:
     principal: Principal

@@ -39,6 +39,7 @@ from typing import Any, BinaryIO
 
 import xxhash
 
+from anvil.frozen import fast_init
 from anvil.storage import inline, records
 from anvil.storage.blobbackend import BlobBackend, LocalBlobBackend, StoredBlob, backend_from_env, fanout_entries
 from anvil.storage.blobscan import HashResult, ScanResult, hash_file, read_sequentially, scan_blobs
@@ -77,6 +78,7 @@ CHUNK_ALGORITHM = 1
 SIDECAR_CACHE = 1024
 
 
+@fast_init
 @dataclass(frozen=True)
 class BlobInfo:
     sha256: str
@@ -84,6 +86,7 @@ class BlobInfo:
     size: int
 
 
+@fast_init
 @dataclass(frozen=True)
 class InlineBody(BlobInfo):
     """A small body, hashed and checked, to be stored inline by the mutation that references it

@@ -48,10 +48,15 @@ class Txn:
     (one per mutation, made in the writer thread): a dataclass's `__init__` with three default
     factories cost several times this one."""
 
-    __slots__ = ("conn", "actor", "request_id", "now", "head_seq", "events", "appended", "deferred")
+    __slots__ = ("conn", "run", "actor", "request_id", "now", "head_seq", "events", "appended", "deferred")
 
-    def __init__(self, conn: apsw.Connection, actor: str, request_id: str, now: float, head_seq: int):
+    def __init__(self, conn: apsw.Connection, actor: str, request_id: str, now: float, head_seq: int,
+                 run: Any = None):
         self.conn = conn
+        # The batch's own cursor (`Catalog._batch_statements`), for a statement whose rows are read whole
+        # (`fetchall`) or that returns none: no cursor made, registered and freed for it (~3 k instructions
+        # each). `conn.execute` for anything else: a result iterated while another statement runs.
+        self.run = conn if run is None else run
         self.actor = actor
         self.request_id = request_id
         self.now = now
@@ -221,12 +226,13 @@ class Catalog:
         return writer
 
     def _begin(self, conn: Any) -> None:
-        """Open the batch's write transaction (the head is the writer's own: it is the only one)."""
-        conn.execute("BEGIN IMMEDIATE")
+        """Open the batch's write transaction (the head is the writer's own: it is the only one). On the
+        batch's own cursor (`_batch_statements`), as COMMIT is: no cursor made and freed for it."""
+        self._batch_statements(conn).execute("BEGIN IMMEDIATE")
 
     def _batch_statements(self, conn: Any) -> Any:
-        """What runs a batch's own statements after `_begin` (savepoints, the batched `executemany`s,
-        COMMIT): one cursor of the writer connection, made once. `Connection.execute` makes, registers
+        """What runs a batch's own statements (BEGIN, savepoints, the batched `executemany`s, COMMIT): one
+        cursor of the writer connection, made once. `Connection.execute` makes, registers
         with the connection and frees a cursor per call (~3 k instructions; three per lone write), and
         these statements return no rows that anything iterates while another runs."""
         cursor = self._cursor
@@ -466,7 +472,7 @@ class Catalog:
             alone = len(batch) == 1
             for job in batch:
                 head_before = self._head
-                txn = Txn(conn, job.actor, job.request_id, time.time(), self._head[0])
+                txn = Txn(conn, job.actor, job.request_id, time.time(), self._head[0], run)
                 if not alone:
                     run.execute("SAVEPOINT m")
                 try:

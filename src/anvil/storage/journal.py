@@ -15,6 +15,7 @@ from typing import Any
 
 import apsw
 
+from anvil.frozen import fast_init
 from anvil.storage import jsonfast
 from anvil.storage.digests import sha256_hex
 
@@ -65,6 +66,7 @@ def claim_deployment_id(conn: Any, candidate: str, now: float) -> str:
     return str(row[0])
 
 
+@fast_init
 @dataclass(frozen=True)
 class Event:
     seq: int
@@ -166,23 +168,8 @@ def link(
     payload_json = _encode_canonical(payload)
     record = _record_text(seq, ts, tenant, kind, scope, actor, request_id, payload_json, _quote_canonical)
     h = sha256_hex(f"{prev_hash}\n{record}".encode())
-    return (_new_event(seq, ts, tenant, kind, scope, actor, request_id, payload, prev_hash, h),
+    return (Event(seq, ts, tenant, kind, scope, actor, request_id, payload, prev_hash, h),
             (seq, ts, tenant, kind, scope, actor, request_id, payload_json, prev_hash, h))
-
-
-_object_new, _object_setattr = object.__new__, object.__setattr__
-
-
-def _new_event(seq: int, ts: float, tenant: str, kind: str, scope: str, actor: str, request_id: str,
-               payload: dict[str, Any], prev_hash: str, h: str) -> Event:
-    """`Event(...)` with its attributes set in one call: a frozen dataclass's `__init__` is a Python
-    frame that sets each of its ten fields through `object.__setattr__` (~10 k instructions per event
-    in the writer thread). The same object: equal, hashed and printed as `Event(...)`'s."""
-    ev = _object_new(Event)
-    _object_setattr(ev, "__dict__", {
-        "seq": seq, "ts": ts, "tenant": tenant, "kind": kind, "scope": scope, "actor": actor,
-        "request_id": request_id, "payload": payload, "prev_hash": prev_hash, "hash": h})
-    return ev
 
 
 def append(

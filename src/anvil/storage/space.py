@@ -106,6 +106,7 @@ class DiskSpace:
                  manage_reserve: bool = True):
         self.root = Path(root)
         self.path = self.root / RESERVE_FILE
+        self._root_text = str(self.root)  # (statvfs per admitted write: no Path.__fspath__ call each time)
         st = os.statvfs(self.root)
         total = st.f_blocks * st.f_frsize
         self.reserve_size = reserve if reserve is not None else min(DEFAULT_RESERVE, total // RESERVE_SHARE)
@@ -152,11 +153,14 @@ class DiskSpace:
         A released reserve is re-created here once there is room for it and the threshold: the
         first write admitted after space comes back restores the safety margin.
         """
-        s = self.status()
-        if s.reserve_held < s.reserve_size and s.net_free >= s.min_free:
+        # `status().net_free` without the SpaceStatus (a frozen dataclass made per write on the event loop).
+        st = os.statvfs(self._root_text)
+        net_free = st.f_bavail * st.f_frsize - (self.reserve_size - self._held)
+        if self._held < self.reserve_size and net_free >= self.min_free:
             self.ensure_reserve()
+            net_free = self.status().net_free
+        if net_free - max(incoming, 0) < self.min_free:
             s = self.status()
-        if s.net_free - max(incoming, 0) < s.min_free:
             now = time.monotonic()
             if now - self._last_warning > 10:
                 self._last_warning = now

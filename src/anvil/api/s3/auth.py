@@ -26,6 +26,7 @@ from anvil.api.fastreq import FastHeaders, amz_items
 from anvil.api.s3 import sigv2
 from anvil.api.s3.errors import S3Error
 from anvil.context import Principal
+from anvil.frozen import fast_init
 from anvil.storage.digests import HmacSha256, sha256_hex
 
 ALGORITHM = "AWS4-HMAC-SHA256"
@@ -44,6 +45,7 @@ CredentialLookup = Callable[[str], "tuple[str, Principal] | None"]
 ANONYMOUS = Principal(tenant="", subject="anonymous", anonymous=True)
 
 
+@fast_init
 @dataclass(frozen=True)
 class AuthResult:
     principal: Principal
