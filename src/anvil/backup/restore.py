@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -77,6 +78,13 @@ INLINE_RESTORE_MAX = 256 * 1024
 # median wall and CPU seconds: one thread 7.1 s / 4.7, two 5.0 s / 4.9; in a second run two threads
 # 5.6 s / 5.8, three 6.6 s / 5.9 (the GIL changes hands more often), the worker pool 5.8 s / 6.1.
 WINDOW_THREADS = 2
+# A restore's small blobs go to worker processes at any load (a backup's only while a core is
+# idle): the windows' Python work holds the GIL, so threads of one process use ~1.2 cores at
+# most, and Linux shares a busy machine's CPU between sessions (autogroups), not between
+# processes, so a restore's extra processes take nothing from other sessions' share. Measured
+# at load 4.8-5.4 (2 cores), 3 restores each, interleaved: workers 4.73 s median (5.4 CPU-s),
+# two threads 5.41 s (5.0 CPU-s), restic 6.53 s. See docs/backup.md, "restore12 round".
+RESTORE_POOL_BY_LOAD = False
 # Up to this many restored files are fdatasynced one by one (a point-in-time restore's few
 # blobs from the archive); more, and one syncfs(2) of the target's file system is far cheaper:
 # measured here, 20,000 small blobs took ~5 s of fdatasyncs against ~0.04 s for one sync.
@@ -135,33 +143,55 @@ def _syncfs(folder: Path) -> bool:
 
 class _Flusher:
     """Writes the restored store's dirty pages back while the restore goes on: `syncfs(2)` of its
-    file system every `FLUSH_INTERVAL` on a thread.
+    file system every `FLUSH_INTERVAL` on a thread, then drops the page cache of the files that
+    sync made clean (`written`).
 
     Until the end nothing asks for write-back (the kernel starts on its own only past 10 % of
     memory dirty, or after 30 s), so the final sync waited for the whole restore's bytes at once:
     ~0.9 s a GiB on this disk, after all the decoding. Flushed as it goes, the disk writes while
     the cores decode, and the final sync finds little left. Durability is still the final
-    sync's: this only starts it early. Off for a remote blob backend (no local blobs)."""
+    sync's: this only starts it early. Off for a remote blob backend (no local blobs).
+
+    Why drop the clean pages: a page the kernel has not used for a while costs ~7x more to write
+    into than one just freed (~1.8 s of system time a GiB against ~0.25 here: a virtual machine
+    whose freed memory goes back to the host after ~2 s, `virtio_balloon` free page reporting),
+    and a restore fills the page cache with its whole size. Dropped as soon as they are on disk,
+    the same few hundred MiB of pages are reused for the next files, as a restore never reads
+    what it wrote. See docs/backup.md, "restore12 round"."""
 
     def __init__(self, folder: Path):
         import threading
 
         self._stop = threading.Event()
         self._folder = folder
+        self.written: deque[str] = deque()  # files finished (closed); appended by the restore's threads
         self._thread = threading.Thread(target=self._run, name="anvil-restore-flush", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(FLUSH_INTERVAL):
+            finished = len(self.written)  # closed before this sync starts: clean once it returns
             try:
                 if not _syncfs(self._folder):
                     return  # no syncfs(2) here: the final sync does it all
             except OSError:
                 return  # the final sync reports what is wrong
+            for _ in range(finished):
+                _drop_cached(self.written.popleft())
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _drop_cached(path: str) -> None:
+    """Give a clean file's page cache back to the kernel (a hint: failures change nothing)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 FLUSH_INTERVAL = 0.5
@@ -260,7 +290,8 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
     reader = ChunkReader(repo)
     files = manifest["tree"]["files"]
     file_dirs: set[Path] = set()  # folders naming restored participant files: synced at the end
-    pools = workers.Pools(repo.enc_key, repo.id_key)
+    # Worker processes whatever the load (`RESTORE_POOL_BY_LOAD`).
+    pools = workers.Pools(repo.enc_key, repo.id_key, by_load=RESTORE_POOL_BY_LOAD)
     flusher: _Flusher | None = None
     try:
         if not open_blob_store(layout.blobs, layout.tmp).remote:
@@ -278,7 +309,7 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
 
 def _prestart(pools: workers.Pools, tree_blobs: Any) -> None:
     small = sum(1 for e in tree_blobs.values() if 0 < e.get("size", 0) <= workers.SMALL_MAX)
-    if small >= max(1, workers.process_min()) and workers.worker_count():
+    if small >= max(1, workers.process_min()) and workers.worker_count(by_load=RESTORE_POOL_BY_LOAD):
         pools.start_soon(small)
 
 
@@ -367,6 +398,8 @@ def _restore_files(repo: Repository, manifest: dict[str, Any], layout: Layout, p
             skipped += outcome == "present"
             if outcome == "restored" and sha not in inlined and not store.remote:
                 written.append(sha)  # a path only if it is synced one by one (few blobs)
+                if flusher is not None:
+                    flusher.written.append(store.file_path(sha))
             done += tree_blobs.get(sha, {}).get("size", 0)
             if progress:
                 progress(done, total, sha[:12])
