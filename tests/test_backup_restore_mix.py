@@ -120,3 +120,43 @@ def test_a_damaged_large_blob_fails_alone_while_workers_restore_the_small_ones(m
     restored = blob_file_hashes(target)
     assert victim not in restored  # a blob that failed its check leaves no file
     assert restored == {k: v for k, v in live.items() if k != victim}
+
+
+class CountingBackend(LocalBackend):
+    """The local backend, counting the bytes it reads (whole files and ranges)."""
+
+    read_bytes = 0
+
+    def read(self, name: str) -> bytes:
+        data = super().read(name)
+        if name.startswith("data/"):
+            self.read_bytes += len(data)
+        return data
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        data = super().read_range(name, offset, length)
+        self.read_bytes += len(data)
+        return data
+
+
+@pytest.mark.parametrize("max_span", [None, 1], ids=["spans", "a-chunk-at-a-time"])
+def test_large_blobs_are_read_a_span_at_a_time(mix, monkeypatch: pytest.MonkeyPatch, max_span: int | None) -> None:
+    import hashlib
+
+    from anvil.backup import pack
+
+    if max_span is not None:
+        monkeypatch.setattr(pack, "MAX_SPAN", max_span)
+    blobs, index = mix["manifest"]["tree"]["blobs"], mix["index"]
+    for sha in mix["large"]:
+        chunks = blobs[sha]["chunks"]
+        spans = CountingBackend(mix["repo"])
+        h = hashlib.sha256()
+        for data in pack.SpanReader(Repository.open(spans, PASS)).iter_file(chunks, check_id=True):
+            h.update(data)
+        assert h.hexdigest() == sha
+        # Exactly the blob's sealed chunks come off the disk, not the packs around them.
+        assert spans.read_bytes == sum(index[c].length for c in chunks)
+        whole = CountingBackend(mix["repo"])
+        list(pack.ChunkReader(Repository.open(whole, PASS)).iter_file(chunks))
+        assert whole.read_bytes > spans.read_bytes  # (whole packs: what the large blobs' reader read before)
