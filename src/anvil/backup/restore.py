@@ -70,7 +70,8 @@ def _write_entry(reader: ChunkReader, entry: dict[str, Any], dest: Path, expecte
         raise
 
 
-# Threads decoding pack windows when there is no worker pool (a busy machine, or few small blobs).
+# Threads decoding pack windows when there is no worker pool (ANVIL_BACKUP_WORKERS=0, one core, or
+# few small blobs).
 # Most of a window's work releases the GIL (unseal, decompress, SHA-256, open, write). Measured
 # on bench/backup.py's dataset (2 cores, other work running: load 4-7), 6 restores each, interleaved,
 # median wall and CPU seconds: one thread 7.1 s / 4.7, two 5.0 s / 4.9; in a second run two threads

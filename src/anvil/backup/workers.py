@@ -69,8 +69,10 @@ def worker_count(*, by_load: bool = True) -> int:
             raise BackupError(f"{WORKERS_ENV} must be 0 or more, got {text!r}")
         return n
     n = os.cpu_count() or 1
-    if n < 2 or not by_load:
-        return 0 if n < 2 else n
+    if n < 2:
+        return 0
+    if not by_load:
+        return n
     # Workers trade CPU (spawning, pickling batches) for wall time on idle cores. With every core
     # already busy (1-minute load average at or above the core count) they only add that CPU:
     # measured on a 2-core machine at load 25-32, a restore used ~1.8 CPU-s more and was no faster.
