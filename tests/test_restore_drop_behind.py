@@ -10,8 +10,6 @@ memory once its sync has run, while a file not handed to it keeps its pages.
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
 import time
 from pathlib import Path
@@ -19,27 +17,12 @@ from pathlib import Path
 import pytest
 
 from anvil.backup import restore
+from tests.test_backup_backends import _resident_pages  # mincore(2) over a mapping of the file
 
 pytestmark = pytest.mark.timeout(60)
 
-PAGE = mmap.PAGESIZE
-
-
 def resident_pages(path: Path) -> int:
-    """How many of the file's pages are in the page cache (mincore(2) over a private mapping)."""
-    size = path.stat().st_size
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mm:
-        pages = (size + PAGE - 1) // PAGE
-        vec = (ctypes.c_ubyte * pages)()
-        anchor = ctypes.c_char.from_buffer(mm)
-        try:
-            if libc.mincore(ctypes.addressof(anchor), size, vec) != 0:
-                raise OSError(ctypes.get_errno(), "mincore failed")
-        finally:
-            del anchor  # the mapping cannot close while a ctypes object points into it
-        return sum(b & 1 for b in vec)
+    return _resident_pages(path)[0]
 
 
 def write_file(path: Path, size: int) -> None:
