@@ -48,7 +48,7 @@ def test_the_flusher_drops_the_pages_of_files_it_made_durable(tmp_path: Path) ->
     assert resident_pages(handed) > 0 and resident_pages(kept) > 0  # just written: in memory
     flusher = restore._Flusher(tmp_path)
     try:
-        flusher.written.append(str(handed))
+        flusher.finished(str(handed))
         deadline = time.monotonic() + 20 * restore.FLUSH_INTERVAL
         while flusher.written and time.monotonic() < deadline:
             time.sleep(restore.FLUSH_INTERVAL / 5)

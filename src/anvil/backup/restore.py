@@ -163,7 +163,8 @@ class _Flusher:
 
         self._stop = threading.Event()
         self._folder = folder
-        self.written: deque[str] = deque()  # files finished (closed); appended by the restore's threads
+        self.written: deque[str] = deque()  # files finished (closed), not yet dropped
+        self._dropping = True
         self._thread = threading.Thread(target=self._run, name="anvil-restore-flush", daemon=True)
         self._thread.start()
 
@@ -171,12 +172,20 @@ class _Flusher:
         while not self._stop.wait(FLUSH_INTERVAL):
             finished = len(self.written)  # closed before this sync starts: clean once it returns
             try:
-                if not _syncfs(self._folder):
-                    return  # no syncfs(2) here: the final sync does it all
+                synced = _syncfs(self._folder)  # False: no syncfs(2) here, the final sync does it all
             except OSError:
-                return  # the final sync reports what is wrong
+                synced = False  # the final sync reports what is wrong
+            if not synced:
+                self._dropping = False
+                self.written.clear()
+                return
             for _ in range(finished):
                 _drop_cached(self.written.popleft())
+
+    def finished(self, path: str) -> None:
+        """A restored file is complete (closed, called from any thread): its pages go after the next sync."""
+        if self._dropping:
+            self.written.append(path)
 
     def stop(self) -> None:
         self._stop.set()
@@ -402,7 +411,7 @@ def _restore_files(repo: Repository, manifest: dict[str, Any], layout: Layout, p
             if outcome == "restored" and sha not in inlined and not store.remote:
                 written.append(sha)  # a path only if it is synced one by one (few blobs)
                 if flusher is not None:
-                    flusher.written.append(store.file_path(sha))
+                    flusher.finished(store.file_path(sha))
             done += tree_blobs.get(sha, {}).get("size", 0)
             if progress:
                 progress(done, total, sha[:12])
