@@ -77,7 +77,7 @@ def mix(tmp_path_factory: pytest.TempPathFactory):
     # What the restore's parts each need: many one-pack small blobs, several large, some spread.
     assert len(large) == 3 and len(set(spread) - set(large)) >= 2 and len(blobs) - len(spread) >= 70
     return {"base": base, "data": data, "repo": base / "repo", "manifest": manifest, "index": index,
-            "large": large}
+            "large": large, "spread": sorted(set(spread) - set(large))}
 
 
 @pytest.mark.parametrize("pool", [WORKERS_ON, WORKERS_OFF], ids=["worker-processes", "in-process"])
@@ -94,7 +94,11 @@ def test_small_large_and_spread_blobs_restore_together(mix, pool: dict[str, str]
     assert check.returncode == 0 and json.loads(check.stdout)["ok"], check.stdout + check.stderr
 
 
-def test_a_damaged_large_blob_fails_alone_while_workers_restore_the_small_ones(mix, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["large", "spread"])
+def test_a_damaged_large_blob_fails_alone_while_workers_restore_the_small_ones(mix, tmp_path: Path,
+                                                                               kind: str) -> None:
+    """`spread`: a blob under the windows' limit whose chunks span packs, restored beside the large
+    ones on their threads (from the start, no longer after the windows)."""
     repo = tmp_path / "repo"
     shutil.copytree(mix["repo"], repo)
     blobs, index = mix["manifest"]["tree"]["blobs"], mix["index"]
@@ -102,9 +106,9 @@ def test_a_damaged_large_blob_fails_alone_while_workers_restore_the_small_ones(m
     for sha, e in blobs.items():
         for c in e["chunks"]:
             owners.setdefault(index[c].pack, set()).add(sha)
-    victim = mix["large"][0]
-    # A pack in the middle of the large blob, holding nothing else: only that blob can fail.
-    pack = next(index[c].pack for c in blobs[victim]["chunks"][1:] if owners[index[c].pack] == {victim})
+    # A pack in the middle of the blob, holding nothing else: only that blob can fail.
+    victim, pack = next((sha, index[c].pack) for sha in mix[kind] for c in blobs[sha]["chunks"][1:]
+                        if owners[index[c].pack] == {sha})
     path = repo / pack_name(pack)
     raw = bytearray(path.read_bytes())
     raw[100] ^= 0xFF
@@ -115,8 +119,48 @@ def test_a_damaged_large_blob_fails_alone_while_workers_restore_the_small_ones(m
     res = json.loads(proc.stdout)
     assert not res["ok"] and len(res["problems"]) == 1, res["problems"]
     assert res["problems"][0].startswith(f"blob {victim}: "), res["problems"]
-    assert "mix/k/08" in res["problems"][0]  # the object it affects (k/080-082 are the large ones)
+    assert "mix/k/08" in res["problems"][0]  # the object it affects (k/080-082 large, k/083-085 spread)
     live = blob_file_hashes(mix["data"])
     restored = blob_file_hashes(target)
     assert victim not in restored  # a blob that failed its check leaves no file
     assert restored == {k: v for k, v in live.items() if k != victim}
+
+
+class CountingBackend(LocalBackend):
+    """The local backend, counting the bytes it reads (whole files and ranges)."""
+
+    read_bytes = 0
+
+    def read(self, name: str) -> bytes:
+        data = super().read(name)
+        if name.startswith("data/"):
+            self.read_bytes += len(data)
+        return data
+
+    def read_range(self, name: str, offset: int, length: int) -> bytes:
+        data = super().read_range(name, offset, length)
+        self.read_bytes += len(data)
+        return data
+
+
+@pytest.mark.parametrize("max_span", [None, 1], ids=["spans", "a-chunk-at-a-time"])
+def test_large_blobs_are_read_a_span_at_a_time(mix, monkeypatch: pytest.MonkeyPatch, max_span: int | None) -> None:
+    import hashlib
+
+    from anvil.backup import pack
+
+    if max_span is not None:
+        monkeypatch.setattr(pack, "MAX_SPAN", max_span)
+    blobs, index = mix["manifest"]["tree"]["blobs"], mix["index"]
+    for sha in mix["large"]:
+        chunks = blobs[sha]["chunks"]
+        spans = CountingBackend(mix["repo"])
+        h = hashlib.sha256()
+        for data in pack.SpanReader(Repository.open(spans, PASS)).iter_file(chunks, check_id=True):
+            h.update(data)
+        assert h.hexdigest() == sha
+        # Exactly the blob's sealed chunks come off the disk, not the packs around them.
+        assert spans.read_bytes == sum(index[c].length for c in chunks)
+        whole = CountingBackend(mix["repo"])
+        list(pack.ChunkReader(Repository.open(whole, PASS)).iter_file(chunks))
+        assert whole.read_bytes > spans.read_bytes  # (whole packs: what the large blobs' reader read before)

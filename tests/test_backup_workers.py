@@ -247,3 +247,5 @@ def test_worker_count_follows_the_setting_and_idle_cores(monkeypatch: pytest.Mon
     monkeypatch.delenv("ANVIL_BACKUP_WORKERS")
     monkeypatch.setattr(os, "getloadavg", lambda: (6.0, 1.0, 1.0))
     assert workers.worker_count() == 0  # every core busy: workers would only add CPU
+    assert workers.worker_count(by_load=False) == 4  # (a restore: see restore.RESTORE_POOL_BY_LOAD)
+    assert workers.use_processes(workers.PROCESS_MIN, by_load=False) == 4

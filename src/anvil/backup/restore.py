@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import hashlib
 import json
 import os
@@ -12,6 +13,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +23,7 @@ from anvil.backup import mode, workers
 from anvil.backup.backends.local import LocalBackend
 from anvil.backup.engine import ordered_batches
 from anvil.backup.errors import BackupError
-from anvil.backup.pack import ChunkReader
+from anvil.backup.pack import ChunkReader, SpanReader
 from anvil.backup.repository import Repository
 from anvil.storage import inline, records
 from anvil.storage.blobs import BlobStore, open_blob_store
@@ -68,15 +70,20 @@ def _write_entry(reader: ChunkReader, entry: dict[str, Any], dest: Path, expecte
         raise
 
 
-# Blobs outside the pack windows (spread over packs) up to this size are restored on the restore's
-# own thread, larger ones on the large blobs' threads (`_restore_files`).
-INLINE_RESTORE_MAX = 256 * 1024
-# Threads decoding pack windows when there is no worker pool (a busy machine, or few small blobs).
+# Threads decoding pack windows when there is no worker pool (ANVIL_BACKUP_WORKERS=0, one core, or
+# few small blobs).
 # Most of a window's work releases the GIL (unseal, decompress, SHA-256, open, write). Measured
 # on bench/backup.py's dataset (2 cores, other work running: load 4-7), 6 restores each, interleaved,
 # median wall and CPU seconds: one thread 7.1 s / 4.7, two 5.0 s / 4.9; in a second run two threads
 # 5.6 s / 5.8, three 6.6 s / 5.9 (the GIL changes hands more often), the worker pool 5.8 s / 6.1.
 WINDOW_THREADS = 2
+# A restore's small blobs go to worker processes at any load (a backup's only while a core is
+# idle): the windows' Python work holds the GIL, so threads of one process use ~1.2 cores at
+# most, and Linux shares a busy machine's CPU between sessions (autogroups), not between
+# processes, so a restore's extra processes take nothing from other sessions' share. Measured
+# at load 4.8-5.4 (2 cores), 3 restores each, interleaved: workers 4.73 s median (5.4 CPU-s),
+# two threads 5.41 s (5.0 CPU-s), restic 6.53 s. See docs/backup.md, "restore12 round".
+RESTORE_POOL_BY_LOAD = False
 # Up to this many restored files are fdatasynced one by one (a point-in-time restore's few
 # blobs from the archive); more, and one syncfs(2) of the target's file system is far cheaper:
 # measured here, 20,000 small blobs took ~5 s of fdatasyncs against ~0.04 s for one sync.
@@ -135,33 +142,64 @@ def _syncfs(folder: Path) -> bool:
 
 class _Flusher:
     """Writes the restored store's dirty pages back while the restore goes on: `syncfs(2)` of its
-    file system every `FLUSH_INTERVAL` on a thread.
+    file system every `FLUSH_INTERVAL` on a thread, then drops the page cache of the files that
+    sync made clean (`written`).
 
     Until the end nothing asks for write-back (the kernel starts on its own only past 10 % of
     memory dirty, or after 30 s), so the final sync waited for the whole restore's bytes at once:
     ~0.9 s a GiB on this disk, after all the decoding. Flushed as it goes, the disk writes while
     the cores decode, and the final sync finds little left. Durability is still the final
-    sync's: this only starts it early. Off for a remote blob backend (no local blobs)."""
+    sync's: this only starts it early. Off for a remote blob backend (no local blobs).
+
+    Why drop the clean pages: a page the kernel has not used for a while costs ~7x more to write
+    into than one just freed (~1.8 s of system time a GiB against ~0.25 here: a virtual machine
+    whose freed memory goes back to the host after ~2 s, `virtio_balloon` free page reporting),
+    and a restore fills the page cache with its whole size. Dropped as soon as they are on disk,
+    the same few hundred MiB of pages are reused for the next files, as a restore never reads
+    what it wrote. See docs/backup.md, "restore12 round"."""
 
     def __init__(self, folder: Path):
         import threading
 
         self._stop = threading.Event()
         self._folder = folder
+        self.written: deque[str] = deque()  # files finished (closed), not yet dropped
+        self._dropping = True
         self._thread = threading.Thread(target=self._run, name="anvil-restore-flush", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(FLUSH_INTERVAL):
+            finished = len(self.written)  # closed before this sync starts: clean once it returns
             try:
-                if not _syncfs(self._folder):
-                    return  # no syncfs(2) here: the final sync does it all
+                synced = _syncfs(self._folder)  # False: no syncfs(2) here, the final sync does it all
             except OSError:
-                return  # the final sync reports what is wrong
+                synced = False  # the final sync reports what is wrong
+            if not synced:
+                self._dropping = False
+                self.written.clear()
+                return
+            for _ in range(finished):
+                _drop_cached(self.written.popleft())
+
+    def finished(self, path: str) -> None:
+        """A restored file is complete (closed, called from any thread): its pages go after the next sync."""
+        if self._dropping:
+            self.written.append(path)
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _drop_cached(path: str) -> None:
+    """Give a clean file's page cache back to the kernel (a hint: failures change nothing)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 FLUSH_INTERVAL = 0.5
@@ -260,8 +298,13 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
     reader = ChunkReader(repo)
     files = manifest["tree"]["files"]
     file_dirs: set[Path] = set()  # folders naming restored participant files: synced at the end
-    pools = workers.Pools(repo.enc_key, repo.id_key)
+    # Worker processes whatever the load (`RESTORE_POOL_BY_LOAD`).
+    pools = workers.Pools(repo.enc_key, repo.id_key, by_load=RESTORE_POOL_BY_LOAD)
     flusher: _Flusher | None = None
+    # The manifest's tree and the chunk index (~10^5 objects for 10^4 blobs) live until the end:
+    # kept out of the cyclic GC's full collections, which traversed them again and again as the
+    # blob phase allocated (~2.5 % of the restore's samples, in its own process).
+    gc.freeze()
     try:
         if not open_blob_store(layout.blobs, layout.tmp).remote:
             flusher = _Flusher(root)
@@ -271,6 +314,7 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
         return _restore_files(repo, manifest, layout, participants, buckets, progress, started, reader, files,
                               file_dirs, pools, flusher, fresh=fresh)
     finally:
+        gc.unfreeze()
         if flusher is not None:
             flusher.stop()
         pools.close()
@@ -278,7 +322,7 @@ def _restore_locked(repo: Repository, manifest: dict[str, Any], layout: Layout, 
 
 def _prestart(pools: workers.Pools, tree_blobs: Any) -> None:
     small = sum(1 for e in tree_blobs.values() if 0 < e.get("size", 0) <= workers.SMALL_MAX)
-    if small >= max(1, workers.process_min()) and workers.worker_count():
+    if small >= max(1, workers.process_min()) and workers.worker_count(by_load=RESTORE_POOL_BY_LOAD):
         pools.start_soon(small)
 
 
@@ -331,9 +375,8 @@ def _restore_files(repo: Repository, manifest: dict[str, Any], layout: Layout, p
     worker_dirs: set[str] = set()  # those the pack windows are written into (made as they are)
     written: list[Path] = []
 
-    def restore_blob(sha: str, via: ChunkReader | None = None) -> tuple[str, str | None]:
-        """'missing', 'present', 'restored' or 'failed' + why (`via`: the reader of this thread's packs)."""
-        via = via or reader
+    def restore_blob(sha: str, via: ChunkReader) -> tuple[str, str | None]:
+        """'missing', 'present', 'restored' or 'failed' + why (`via`: the reader of its packs)."""
         if sha in inlined:
             return "restored", None  # it came back inside catalog.db, as it was stored
         entry = tree_blobs.get(sha)
@@ -353,7 +396,7 @@ def _restore_files(repo: Repository, manifest: dict[str, Any], layout: Layout, p
         except BackupError as e:
             return "failed", str(e)
 
-    lock = threading.Lock()  # record() runs on the restore's thread and on the large blobs' thread
+    lock = threading.Lock()  # record() runs on the restore's thread and on the other blobs' threads
 
     def record(sha: str, outcome: str, why: str | None) -> None:
         nonlocal done, restored, skipped
@@ -367,6 +410,8 @@ def _restore_files(repo: Repository, manifest: dict[str, Any], layout: Layout, p
             skipped += outcome == "present"
             if outcome == "restored" and sha not in inlined and not store.remote:
                 written.append(sha)  # a path only if it is synced one by one (few blobs)
+                if flusher is not None:
+                    flusher.finished(store.file_path(sha))
             done += tree_blobs.get(sha, {}).get("size", 0)
             if progress:
                 progress(done, total, sha[:12])
@@ -380,30 +425,30 @@ def _restore_files(repo: Repository, manifest: dict[str, Any], layout: Layout, p
     n_small = sum(len(v) for v in by_pack.values())
     windowed = {sha for items in by_pack.values() for sha, _ in items}
     rest = [sha for sha in refs if sha not in windowed]
-    # The small blobs left (spread over packs, inline in catalog.db, or all of them with a remote blob
-    # backend) are restored on this thread, one after another, once the windows are done.
-    small = [sha for sha in rest if _size_of(tree_blobs, sha) <= INLINE_RESTORE_MAX + 4096]
-    large = [sha for sha in rest if _size_of(tree_blobs, sha) > INLINE_RESTORE_MAX + 4096]
-    # The large blobs' work is native (AES-GCM, zstd, SHA-256, write(2), all without the GIL): it runs
-    # on threads from the start, beside the windows, so neither leaves a core idle while the other
-    # finishes. Their own pack cache: the windows' packs are not read through it.
-    large_reader = ChunkReader(repo) if large else None
+    # Every other blob (larger than a window takes, spread over packs, inline in catalog.db, or all
+    # of them with a remote blob backend) is restored on threads of its own from the start, beside
+    # the windows: the large ones' work is native (AES-GCM, zstd, SHA-256, write(2), all without the
+    # GIL), so neither part leaves a core idle while the other finishes. Small ones among them were
+    # restored on this thread after the windows, each reading the whole packs it spans: on
+    # bench/backup.py's dataset ~0.3 s at the end with nothing else running. One reader, of the
+    # chunks' spans only: the windows read the small blobs that share the large ones' packs.
+    rest_reader = SpanReader(repo) if rest else None
     stop = threading.Event()
 
-    def restore_large() -> None:
+    def restore_rest() -> None:
         def one(sha: str) -> tuple[str, str | None]:
-            return ("failed", "the restore stopped") if stop.is_set() else restore_blob(sha, large_reader)
+            return ("failed", "the restore stopped") if stop.is_set() else restore_blob(sha, rest_reader)
 
-        # ~64 MiB of blobs in flight at most.
-        for sha, (outcome, why) in ordered_batches(one, large, weight=lambda s: _size_of(tree_blobs, s),
+        # ~64 MiB of blobs in flight at most; small ones a batch per task.
+        for sha, (outcome, why) in ordered_batches(one, rest, weight=lambda s: _size_of(tree_blobs, s),
                                                    max_weight=64 * 1024 * 1024):
             record(sha, outcome, why)
 
-    with (ThreadPoolExecutor(1, thread_name_prefix="anvil-restore-large") as large_ex,
+    with (ThreadPoolExecutor(1, thread_name_prefix="anvil-restore-rest") as rest_ex,
           ThreadPoolExecutor(WINDOW_THREADS, thread_name_prefix="anvil-restore-window") as window_ex):
-        large_done = large_ex.submit(restore_large)
+        rest_done = rest_ex.submit(restore_rest)
         try:
-            # (After the large blobs' start: this may wait for the pool's processes to be spawned.)
+            # (After the other blobs' start: this may wait for the pool's processes to be spawned.)
             running = pools.get(n_small) if n_small else None
             tasks = _restore_tasks(repo, store, by_pack, worker_dirs, fresh, record)
             if running:
@@ -414,13 +459,11 @@ def _restore_files(repo: Repository, manifest: dict[str, Any], layout: Layout, p
                                                tasks, WINDOW_THREADS * workers.INFLIGHT_PER_WORKER)
             for sha, outcome, why in outcomes:
                 record(sha, outcome, why)
-            for sha in small:
-                record(sha, *restore_blob(sha))
         except BaseException:
             stop.set()  # nothing may still write into a target the caller is about to empty
             window_ex.shutdown(cancel_futures=True)
             raise
-        large_done.result()
+        rest_done.result()
     pools.close()  # the workers exit while the last bytes go to disk
     if flusher is not None:
         flusher.stop()
@@ -481,8 +524,16 @@ def _restore_tasks(repo: Repository, store: BlobStore, by_pack: dict[str, list[t
     from anvil.backup.pack import pack_name
 
     local = repo.backend.local_path if isinstance(repo.backend, LocalBackend) else None
-    for pack_id in sorted(by_pack):
+    packs = sorted(by_pack)
+    if local is not None:
+        for ahead in packs[:READ_AHEAD_PACKS]:
+            _read_ahead(str(local(pack_name(ahead))), by_pack[ahead])
+    for n, pack_id in enumerate(packs):
         items = sorted(by_pack[pack_id], key=lambda it: it[1][0][1].offset)
+        if local is not None and n + READ_AHEAD_PACKS < len(packs):
+            # Later packs' windows come off the disk while this one's are decoded.
+            ahead = packs[n + READ_AHEAD_PACKS]
+            _read_ahead(str(local(pack_name(ahead))), by_pack[ahead])
         try:
             if local is not None:
                 # A local pack is read by the workers, each its own window: the parent neither
@@ -514,6 +565,28 @@ def _restore_tasks(repo: Repository, store: BlobStore, by_pack: dict[str, list[t
                 dirs.add(os.path.dirname(dest))
                 task_items.append((sha, dest, 0o644, [(c, loc.offset - lo, loc.length) for c, loc in locs]))
             yield (bytes(view[lo:hi]) if view is not None else (path, lo, hi - lo)), task_items, fresh
+
+
+# Packs whose windows are read ahead of the one being cut into windows (~16 MiB each): on a disk
+# other work keeps busy, more reads in flight get more of it (workers waited in pread(2) for ~1/3
+# of the samples with one pack ahead, at an I/O pressure of 25-40 %).
+READ_AHEAD_PACKS = 3
+
+
+def _read_ahead(path: str, items: list[tuple[str, list[Any]]]) -> None:
+    """Ask the kernel to read the part of a pack these blobs sit in (POSIX_FADV_WILLNEED: the read
+    starts, nothing waits for it). A window's worker reads it with one pread, which without this
+    waited for the disk: the repository was written dropping behind, so its packs are not cached,
+    and at ~400 MB/s a 4 MiB window is ~10 ms of a worker doing nothing. A hint: failures change
+    nothing (a missing pack is reported per blob by its windows)."""
+    lo = min(loc.offset for _, locs in items for _, loc in locs)
+    hi = max(loc.offset + loc.length for _, locs in items for _, loc in locs)
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
 
 def empty_folder(target: Path) -> None:

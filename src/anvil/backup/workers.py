@@ -56,7 +56,9 @@ INFLIGHT_PER_WORKER = 3
 _KEYS: dict[str, bytes] = {}
 
 
-def worker_count() -> int:
+def worker_count(*, by_load: bool = True) -> int:
+    """Worker processes to use: ANVIL_BACKUP_WORKERS if set, else one per core (none on one core);
+    `by_load`: none while every core is busy (a backup's choice; a restore decides without it)."""
     text = os.environ.get(WORKERS_ENV, "").strip()
     if text:
         try:
@@ -69,6 +71,8 @@ def worker_count() -> int:
     n = os.cpu_count() or 1
     if n < 2:
         return 0
+    if not by_load:
+        return n
     # Workers trade CPU (spawning, pickling batches) for wall time on idle cores. With every core
     # already busy (1-minute load average at or above the core count) they only add that CPU:
     # measured on a 2-core machine at load 25-32, a restore used ~1.8 CPU-s more and was no faster.
@@ -88,10 +92,10 @@ def process_min() -> int:
         raise BackupError(f"{PROCESS_MIN_ENV} must be a whole number of blobs, got {text!r}") from None
 
 
-def use_processes(small_blobs: int, small_bytes: int | None = None) -> int:
+def use_processes(small_blobs: int, small_bytes: int | None = None, *, by_load: bool = True) -> int:
     """How many worker processes for this many small blobs (of `small_bytes` in all, for a backup's
-    encoding: see PROCESS_AVG_MAX); 0: stay on threads."""
-    n = worker_count()
+    encoding: see PROCESS_AVG_MAX); 0: stay on threads. `by_load`: as `worker_count`."""
+    n = worker_count(by_load=by_load)
     if not n or small_blobs < max(1, process_min()):
         return 0
     if small_bytes is not None and small_bytes > PROCESS_AVG_MAX * small_blobs and not os.environ.get(WORKERS_ENV):
@@ -155,8 +159,9 @@ class Pools:
     worker again (~0.5 s of CPU per batch of 20,000 blobs). Here the first batch that qualifies
     (`use_processes`) starts the pool, and later batches reuse it whatever their size."""
 
-    def __init__(self, enc_key: bytes, id_key: bytes):
+    def __init__(self, enc_key: bytes, id_key: bytes, *, by_load: bool = True):
         self._keys = (enc_key, id_key)
+        self._by_load = by_load
         self.ex: ProcessPoolExecutor | None = None
         self.workers = 0
         self._starting: threading.Thread | None = None
@@ -180,7 +185,7 @@ class Pools:
         """The running pool, or a new one if this many small blobs are worth it; None: threads."""
         self._started()
         if self.ex is None:
-            n = use_processes(small_blobs, small_bytes)
+            n = use_processes(small_blobs, small_bytes, by_load=self._by_load)
             if not n:
                 return None
             self.ex, self.workers = pool(n, *self._keys), n

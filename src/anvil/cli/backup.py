@@ -682,6 +682,27 @@ def restore_cmd(repo: str, s3_endpoint: str | None, key_file: str | None, as_jso
     _report_restore(as_json, res, text)
 
 
+def _open_while_importing(repo: str, key_file: str | None, s3_endpoint: str | None):
+    """`_open` for a restore: the passphrase's key derivation (argon2, ~0.4 s of native work that
+    releases the GIL) runs on a thread while this one imports the restore and the runtime (~0.4 s
+    of Python), instead of one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import argon2.low_level  # noqa: F401 - imported here, not by the thread: one importer at a time
+
+    from anvil.backup.backends import open_backend
+    from anvil.backup.passphrase import read_passphrase
+    from anvil.backup.repository import Repository
+
+    backend = open_backend(repo, s3_endpoint=s3_endpoint)
+    passphrase = read_passphrase(key_file)
+    with ThreadPoolExecutor(1, thread_name_prefix="anvil-open-repo") as ex:
+        opening = ex.submit(Repository.open, backend, passphrase)
+        import anvil.backup.restore
+        import anvil.runtime  # noqa: F401 - recovery_participants, next
+        return opening.result()
+
+
 def _report_restore(as_json: bool, res: dict[str, Any], text: str) -> None:
     emit(as_json, res, text=text)
     for w in (res.get("point_in_time") or {}).get("warnings", []):
@@ -722,7 +743,7 @@ def _restore(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: 
         if report:
             _report_restore(as_json, res, text)
         return res
-    r = _open(repo, key_file, s3_endpoint)
+    r = _open_while_importing(repo, key_file, s3_endpoint)
     manifest = r.resolve_snapshot(snapshot)
     if manifest.get("kind") == "delta":
         from anvil.backup.pitr import restore_any

@@ -62,7 +62,10 @@ class LocalBackend(Backend):
         try:
             with open(self._p(name), "rb") as f:
                 f.seek(offset)
-                return f.read(length)
+                data = f.read(length)
+                if len(data) >= DROP_AFTER_READ:
+                    drop_behind(f.fileno(), offset, len(data))
+                return data
         except _ABSENT:
             raise missing(name) from None
 
