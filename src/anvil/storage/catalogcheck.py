@@ -7,7 +7,7 @@ apsw, never the `anvil` package, so the child starts in ~25–30 ms of CPU. In a
 no GIL with the caller's record checks: in one process, every body the hashing threads read and
 every hashlib call hands the GIL back and forth with the caller's Python, and a thread that asks
 for it waits up to the switch interval (5 ms) while Python runs, which made the hashing 2-6 times
-slower beside a busy main thread (measured). The child also maps the file for the integrity check
+slower beside a busy main thread (measured). The child also maps the file for both checks
 (see `integrity_problems`), which a read error of a mapped page would turn into SIGBUS: it kills the
 child only, and the caller then checks in its own process, where that error is reported.
 """
@@ -91,8 +91,8 @@ def check_rows(rows: Iterable[tuple[str, int, bytes]]) -> BodiesResult:
     return seen, bad
 
 
-def _check_range(path: str, lo: int, hi: int) -> BodiesResult:
-    conn = open_readonly(path)
+def _check_range(path: str, lo: int, hi: int, mmap_size: int = 0) -> BodiesResult:
+    conn = open_readonly(path, mmap_size)
     try:
         return check_rows(conn.execute(
             "SELECT sha256, size, body FROM inline_blobs WHERE rowid BETWEEN ? AND ?", (lo, hi)))
@@ -102,14 +102,16 @@ def _check_range(path: str, lo: int, hi: int) -> BodiesResult:
         conn.close()
 
 
-def check_bodies(path: str, threads: int) -> BodiesResult:
+def check_bodies(path: str, threads: int, mmap_size: int = 0) -> BodiesResult:
     """Hash every inline body of the catalog file `path`; (bodies hashed, mismatches).
 
     Each of `threads` workers reads its own rowid ranges of the table on a connection of its own
     and hashes what it reads: SQLite's reads and hashlib (bodies over 2 KiB) release the GIL, so
     both cores read and hash, with one Python call per body beyond the row itself. Ranges are table
     order (one sequential pass, no index lookups), several per worker so that rows deleted from one
-    part do not leave a thread idle."""
+    part do not leave a thread idle. `mmap_size` (the child only, see the module's docstring): the
+    rows are read over a memory map, no `pread` per page: ~15 % less CPU than `pread` (10,000 ×
+    16 KiB, 0.215 → 0.180 s)."""
     try:
         conn = open_readonly(path)
         try:
@@ -135,7 +137,7 @@ def check_bodies(path: str, threads: int) -> BodiesResult:
                     if not todo or failures:
                         return
                     a, b = todo.pop(0)
-                result = _check_range(path, a, b)
+                result = _check_range(path, a, b, mmap_size)
                 with lock:
                     results.append(result)
         except BaseException as e:  # noqa: BLE001 - raised below: a range left unhashed must not pass
@@ -158,7 +160,8 @@ def check_bodies(path: str, threads: int) -> BodiesResult:
 def check_here(path: str, hash_threads: int, limit: int = 100,
                mmap_size: int = 0) -> tuple[list[str], BodiesResult | None]:
     """(integrity problems, inline bodies result or None when `hash_threads` is 0), in this process:
-    the integrity check on a thread of its own beside the hashing threads."""
+    the integrity check on a thread of its own beside the hashing threads, both over a memory map
+    of `mmap_size` bytes of the file (0: none)."""
     outcome: list[list[str] | BaseException] = []
 
     def integrity() -> None:
@@ -169,7 +172,7 @@ def check_here(path: str, hash_threads: int, limit: int = 100,
 
     checker = threading.Thread(target=integrity, name="anvil-catalog-integrity", daemon=True)
     checker.start()
-    bodies = check_bodies(path, hash_threads) if hash_threads else None
+    bodies = check_bodies(path, hash_threads, mmap_size) if hash_threads else None
     checker.join()
     if isinstance(outcome[0], BaseException):
         raise outcome[0]
@@ -177,7 +180,7 @@ def check_here(path: str, hash_threads: int, limit: int = 100,
 
 
 def _in_child(path: str, hash_threads: int, limit: int, size: int) -> tuple[list[str], BodiesResult | None] | None:
-    """`check_here` run by a child process of this script, the integrity check over a memory map of
+    """`check_here` run by a child process of this script, both checks over a memory map of
     the whole file; None when the child did not answer (could not start, or died)."""
     import logging
     import subprocess
