@@ -330,3 +330,37 @@ def test_a_chunk_list_that_is_not_json_is_reported_not_a_crash(store: Path, tmp_
     unreadable = {f["invariant"]: f["detail"] for f in found["findings"] if f["invariant"].endswith(".unreadable")}
     assert {"objects.unreadable", "blobs.unreadable"} <= set(unreadable), found["findings"]
     assert "malformed JSON" in unreadable["blobs.unreadable"] and found["ok"] is False
+
+
+def test_an_artefact_component_blob_missing_or_of_another_size_is_reported(tmp_path: Path) -> None:
+    """The artefacts check looks up its components' blobs among the references (not every object's
+    references): a component whose blob is gone, or of another size, is `artefacts.component_missing`."""
+    root = tmp_path / "data"
+    a = Anvil(root)
+    parts = {"a.json": b'{"a": 1}' * 10, "b.bin": b"\x01\x02" * 2000}
+    shas = {p: hashlib.sha256(d).hexdigest() for p, d in parts.items()}
+    try:
+        ctx = RequestContext(DEV_PRINCIPAL)
+        a.objects.create_bucket(ctx, "artb")
+        for i in range(3):  # objects too: their references are not the artefact's
+            w = a.storage.blobs.writer()
+            w.write(_body(i))
+            a.objects.put_object(ctx, "artb", f"k{i}", a.objects.store_body(w))
+        for p, d in parts.items():
+            a.artefacts.store_component_bytes(ctx, "artb", d, shas[p])
+        a.artefacts.push(ctx, "artb", {"format": "anvil.artefact", "schema": 1, "kind": "model", "name": "m",
+                                       "components": [{"path": p, "size": len(d), "sha256": shas[p]}
+                                                      for p, d in parts.items()]})
+    finally:
+        a.close()
+    assert _deep(root)["ok"] is True
+    conn = apsw.Connection(str(root / "catalog.db"))
+    conn.execute("UPDATE artefact_components SET size = size + 1 WHERE sha256 = ?", (shas["a.json"],))
+    conn.close()
+    (root / "blobs" / "sha256" / shas["b.bin"][:2] / shas["b.bin"]).unlink()  # components are files
+    found = [f for f in _deep(root)["findings"] if f["invariant"] == "artefacts.component_missing"]
+    # The blobs check reports the missing blob under its reference's invariant as well.
+    assert [f["affected"]["blob"] for f in found if f["subsystem"] == "blobs"] == [shas["b.bin"]]
+    found = [f for f in found if f["subsystem"] == "artefacts"]
+    assert sorted((f["affected"]["sha256"], "missing" in f["detail"]) for f in found) == sorted(
+        [(shas["a.json"], False), (shas["b.bin"], True)]), found
