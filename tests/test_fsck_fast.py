@@ -300,20 +300,22 @@ def test_an_early_child_nothing_takes_is_ended(store: Path, tmp_path: Path, monk
     from anvil.cli.main import cli
     from anvil.storage.layout import Layout
 
+    root = tmp_path / "data"
+    shutil.copytree(store, root)  # the command records its run in the store
     monkeypatch.setattr(catalogcheck, "PROCESS_FROM", 0)
     spawned: list = []
     spawn = catalogcheck._spawn
     monkeypatch.setattr(catalogcheck, "_spawn", lambda *a: spawned.append(spawn(*a)) or spawned[-1])
-    holder = Layout(store)
+    holder = Layout(root)
     holder.acquire_lock()
     try:
-        result = CliRunner().invoke(cli, ["fsck", "--deep", "--storage-path", str(store), "--json"])
+        result = CliRunner().invoke(cli, ["fsck", "--deep", "--storage-path", str(root), "--json"])
     finally:
         holder.release_lock()
     assert result.exit_code == 2 and "StorageLocked" in result.output, result.output
     assert len(spawned) == 1 and spawned[0].returncode is not None and catalogcheck._early == {}
     # Unlocked, the command's early child does the check: one child, and the store is sound.
-    result = CliRunner().invoke(cli, ["fsck", "--deep", "--storage-path", str(store), "--json"])
+    result = CliRunner().invoke(cli, ["fsck", "--deep", "--storage-path", str(root), "--json"])
     assert result.exit_code == 0, result.output
     assert len(spawned) == 2 and catalogcheck._early == {}
 
