@@ -15,6 +15,9 @@ journal), one per storage path of a body, then, in the same run, times for each:
              own imports), and fsck run without the CLI (`anvil.diagnostics.fsck.run_fsck`
              over `anvil.participants`, as the command does), whose difference to `anvil` is
              the CLI's cost
+- peer:      with `--peer-src DIR`, the same `anvil fsck --deep` command run from another tree's
+             `src` (e.g. a copy of main's), interleaved with the others in every repetition, so a
+             change is compared with the code before it under the same load
 
 Stores: `inline` holds `--objects` bodies of `--size` bytes (default 10,000 x 16 KiB: under the
 inline threshold, so rows of catalog.db); `file` holds `--files` bodies of `--file-size` bytes
@@ -24,7 +27,7 @@ i.e. fsck at >= 0.8x hashlib's throughput) and the CPU seconds each used (user +
 children included), which stay meaningful when other work shares the machine.
 
     python bench/fsck.py [--objects 10000] [--size 16384] [--files 1000] [--file-size 1048576]
-                         [--repeat 3] [--keep DIR] [--no-floors]
+                         [--repeat 3] [--keep DIR] [--no-floors] [--peer-src DIR]
 """
 
 from __future__ import annotations
@@ -138,8 +141,15 @@ def _stats(runs: list[tuple[float, float]]) -> dict[str, Any]:
             "cpu_seconds": round(statistics.median(cpus), 4), "runs": [round(t, 4) for t in walls]}
 
 
-def measure(path: Path, kind: str, repeat: int, floors: bool) -> dict[str, Any]:
-    """fsck --deep of one store against the yardstick for its storage path, interleaved."""
+def _ratios(runs: dict[str, Any], ref: dict[str, Any]) -> dict[str, float]:
+    return {"ratio_median": round(runs["median_seconds"] / ref["median_seconds"], 3),
+            "ratio_min": round(runs["min_seconds"] / ref["min_seconds"], 3),
+            "cpu_ratio": round(runs["cpu_seconds"] / ref["cpu_seconds"], 3)}
+
+
+def measure(path: Path, kind: str, repeat: int, floors: bool, peer_src: Path | None = None) -> dict[str, Any]:
+    """fsck --deep of one store against the yardstick for its storage path (and the peer tree's
+    fsck, if any), interleaved."""
     if kind == "inline":
         reference = [sys.executable, "-c", HASH_INLINE, str(path / "catalog.db")]
     else:
@@ -149,15 +159,21 @@ def measure(path: Path, kind: str, repeat: int, floors: bool) -> dict[str, Any]:
     # Warm the page cache and both code paths; untimed.
     time_cmd(reference)
     time_cmd(anvil_cmd, env=env)
+    peer_env = {**os.environ, "PYTHONPATH": str(peer_src)} if peer_src is not None else None
+    if peer_env is not None:
+        time_cmd(anvil_cmd, env=peer_env)
     no_cli = [sys.executable, "-c", FSCK_NO_CLI, str(path)]
     cli_import = [sys.executable, "-c", "import anvil.cli.main"]
     ref_runs: list[tuple[float, float]] = []
     anvil_runs: list[tuple[float, float]] = []
     no_cli_runs: list[tuple[float, float]] = []
     import_runs: list[tuple[float, float]] = []
+    peer_runs: list[tuple[float, float]] = []
     for _ in range(repeat):  # interleaved, so background load hits every command alike
         ref_runs.append(time_cmd(reference))
         anvil_runs.append(time_cmd(anvil_cmd, env=env))
+        if peer_env is not None:
+            peer_runs.append(time_cmd(anvil_cmd, env=peer_env))
         if floors:
             no_cli_runs.append(time_cmd(no_cli, env=env))
             import_runs.append(time_cmd(cli_import, env=env))
@@ -167,16 +183,14 @@ def measure(path: Path, kind: str, repeat: int, floors: bool) -> dict[str, Any]:
     out: dict[str, Any] = {
         "bodies": blobs["inline"] if kind == "inline" else blobs["on_disk"],
         "hashlib": ref, "fsck_deep": anvil,
-        "ratio_median": round(anvil["median_seconds"] / ref["median_seconds"], 3),
-        "ratio_min": round(anvil["min_seconds"] / ref["min_seconds"], 3),
-        "cpu_ratio": round(anvil["cpu_seconds"] / ref["cpu_seconds"], 3),
-        "fsck_ok": report["ok"], "fsck_hashed": blobs.get("hashed"),
+        **_ratios(anvil, ref), "fsck_ok": report["ok"], "fsck_hashed": blobs.get("hashed"),
     }
+    if peer_env is not None:
+        peer = _stats(peer_runs)
+        out["peer"] = {"src": str(peer_src), **peer, **_ratios(peer, ref)}
     if floors:
         nc = _stats(no_cli_runs)
-        out["fsck_deep_without_cli"] = {
-            **nc, "ratio_median": round(nc["median_seconds"] / ref["median_seconds"], 3),
-            "cpu_ratio": round(nc["cpu_seconds"] / ref["cpu_seconds"], 3)}
+        out["fsck_deep_without_cli"] = {**nc, **_ratios(nc, ref)}
         out["cli_import_only"] = _stats(import_runs)
     return out
 
@@ -191,6 +205,8 @@ def main() -> None:
     ap.add_argument("--no-floors", action="store_true", help="Skip the fixed-cost measurements (CLI import, "
                     "fsck without the CLI).")
     ap.add_argument("--keep", default=None, help="Build in (or reuse) this directory and keep it.")
+    ap.add_argument("--peer-src", default=None, help="Also time `anvil fsck --deep` from this `src` folder "
+                    "(another tree's code, e.g. a copy of main's), interleaved with the others.")
     args = ap.parse_args()
 
     load_before = os.getloadavg()
@@ -213,7 +229,8 @@ def main() -> None:
                 build(path, count, size)
             out[kind] = {"objects": count, "object_size": size, "bytes": count * size,
                          "build_seconds": round(time.perf_counter() - t0, 2),
-                         **measure(path, kind, args.repeat, not args.no_floors)}
+                         **measure(path, kind, args.repeat, not args.no_floors,
+                                   Path(args.peer_src).resolve() if args.peer_src else None)}
         out["load_average_after"] = os.getloadavg()
         print(json.dumps(out, indent=2))
     finally:

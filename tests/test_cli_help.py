@@ -62,7 +62,7 @@ def test_shell_completion_scripts_and_answers() -> None:
 # other command groups, the authz grammar (lark).
 _HEAVY = ("anvil.client", "httpx", "anvil.api_models", "pydantic", "lark", "anvil.cli.backup", "anvil.cli.authz")
 _JSON_UNUSED = ("rich", "rich.console", "cryptography.hazmat.primitives.asymmetric.ed25519", "anvil.authz.schema",
-                "anvil.authz.relationships")
+                "anvil.authz.relationships", "tantivy", "anvil.indexes.engine", "anvil.indexes.service")
 _PROBE = """
 import sys
 from anvil.cli.main import main
@@ -85,7 +85,8 @@ def test_offline_commands_load_neither_the_sdk_nor_other_groups(tmp_path) -> Non
         loaded = proc.stdout.rsplit("LOADED", 1)[-1].split()
         assert "LOADED" in proc.stdout and loaded == [], (args, loaded, proc.stderr[-2000:])
     # Printing JSON, fsck needs no console (rich), a store without PersonalDB groups no signature
-    # code, and one without authorisation records not the schema language (~30, ~5 and ~20 ms).
+    # code, one without authorisation records not the schema language, and one without index
+    # definitions not the index engine or service (~30, ~5, ~20 and ~20 ms).
     proc = subprocess.run([sys.executable, "-c", _PROBE % (_HEAVY + _JSON_UNUSED,), "fsck", "--deep", "--storage-path",
                            str(tmp_path / "data"), "--json"], capture_output=True, text=True, timeout=60)
     loaded = proc.stdout.rsplit("LOADED", 1)[-1].split()

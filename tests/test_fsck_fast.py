@@ -253,3 +253,116 @@ def test_a_child_check_that_dies_is_done_again_in_process(store: Path, tmp_path:
     problems, bodies = catalogcheck.check_catalog(db, 2)
     assert problems and problems == records.integrity_problems(records.open_readonly(db))
     assert bodies == (BODIES, [])
+
+
+def _flip_inline_body(db: Path, i: int) -> None:
+    body = bytearray(_body(i))
+    body[10] ^= 0xFF
+    conn = apsw.Connection(str(db))
+    conn.execute("UPDATE inline_blobs SET body = ? WHERE sha256 = ?", (bytes(body), _sha(i)))
+    conn.close()
+
+
+def test_the_child_started_early_is_the_one_the_check_uses(store: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`anvil fsck --deep` starts the catalog's child process before its imports (`start_early`):
+    the check then takes that child's answer (no second child), the same answer, damage included,
+    as a child the check starts itself; the path may be spelled differently."""
+    root = tmp_path / "data"
+    shutil.copytree(store, root)
+    db = root / "catalog.db"
+    _flip_inline_body(db, 5)
+    monkeypatch.setattr(catalogcheck, "PROCESS_FROM", 0)
+    spawned: list[tuple] = []
+    spawn = catalogcheck._spawn
+    monkeypatch.setattr(catalogcheck, "_spawn", lambda *a: spawned.append(a) or spawn(*a))
+    catalogcheck.start_early(root / "." / "catalog.db", 2)
+    assert len(spawned) == 1 and len(catalogcheck._early) == 1
+    early = catalogcheck.check_catalog(db, 2)
+    assert len(spawned) == 1 and catalogcheck._early == {}
+    late = catalogcheck.check_catalog(db, 2)
+    assert len(spawned) == 2
+    assert early == late and early[0] == [] and early[1] is not None
+    hashed, bad = early[1]
+    assert hashed == BODIES and [m[0] for m in bad] == [_sha(5)]
+    # Other arguments (a deep check with other threads, or none): not the early child's answer.
+    catalogcheck.start_early(db, 2)
+    assert catalogcheck.check_catalog(db, 0) == ([], None) and len(catalogcheck._early) == 1
+    catalogcheck.discard_early()
+    assert catalogcheck._early == {}
+
+
+def test_an_early_child_nothing_takes_is_ended(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store turns out to be locked (a server runs): `anvil fsck --deep` is refused as before, and
+    the child started early is ended, not left running."""
+    from click.testing import CliRunner
+
+    from anvil.cli.main import cli
+    from anvil.storage.layout import Layout
+
+    root = tmp_path / "data"
+    shutil.copytree(store, root)  # the command records its run in the store
+    monkeypatch.setattr(catalogcheck, "PROCESS_FROM", 0)
+    spawned: list = []
+    spawn = catalogcheck._spawn
+    monkeypatch.setattr(catalogcheck, "_spawn", lambda *a: spawned.append(spawn(*a)) or spawned[-1])
+    holder = Layout(root)
+    holder.acquire_lock()
+    try:
+        result = CliRunner().invoke(cli, ["fsck", "--deep", "--storage-path", str(root), "--json"])
+    finally:
+        holder.release_lock()
+    assert result.exit_code == 2 and "StorageLocked" in result.output, result.output
+    assert len(spawned) == 1 and spawned[0].returncode is not None and catalogcheck._early == {}
+    # Unlocked, the command's early child does the check: one child, and the store is sound.
+    result = CliRunner().invoke(cli, ["fsck", "--deep", "--storage-path", str(root), "--json"])
+    assert result.exit_code == 0, result.output
+    assert len(spawned) == 2 and catalogcheck._early == {}
+
+
+def test_a_chunk_list_that_is_not_json_is_reported_not_a_crash(store: Path, tmp_path: Path) -> None:
+    """The references are read by the record store's JSON functions: a damaged chunk list is a
+    finding of each check that reads references (it was a JSONDecodeError out of fsck)."""
+    root = tmp_path / "data"
+    shutil.copytree(store, root)
+    conn = apsw.Connection(str(root / "catalog.db"))
+    conn.execute("UPDATE versions SET chunks = 'not json' WHERE key = 'k003'")
+    conn.close()
+    found = _deep(root)
+    unreadable = {f["invariant"]: f["detail"] for f in found["findings"] if f["invariant"].endswith(".unreadable")}
+    assert {"objects.unreadable", "blobs.unreadable"} <= set(unreadable), found["findings"]
+    assert "malformed JSON" in unreadable["blobs.unreadable"] and found["ok"] is False
+
+
+def test_an_artefact_component_blob_missing_or_of_another_size_is_reported(tmp_path: Path) -> None:
+    """The artefacts check looks up its components' blobs among the references (not every object's
+    references): a component whose blob is gone, or of another size, is `artefacts.component_missing`."""
+    root = tmp_path / "data"
+    a = Anvil(root)
+    parts = {"a.json": b'{"a": 1}' * 10, "b.bin": b"\x01\x02" * 2000}
+    shas = {p: hashlib.sha256(d).hexdigest() for p, d in parts.items()}
+    try:
+        ctx = RequestContext(DEV_PRINCIPAL)
+        a.objects.create_bucket(ctx, "artb")
+        for i in range(3):  # objects too: their references are not the artefact's
+            w = a.storage.blobs.writer()
+            w.write(_body(i))
+            a.objects.put_object(ctx, "artb", f"k{i}", a.objects.store_body(w))
+        for p, d in parts.items():
+            a.artefacts.store_component_bytes(ctx, "artb", d, shas[p])
+        a.artefacts.push(ctx, "artb", {"format": "anvil.artefact", "schema": 1, "kind": "model", "name": "m",
+                                       "components": [{"path": p, "size": len(d), "sha256": shas[p]}
+                                                      for p, d in parts.items()]})
+    finally:
+        a.close()
+    assert _deep(root)["ok"] is True
+    conn = apsw.Connection(str(root / "catalog.db"))
+    conn.execute("UPDATE artefact_components SET size = size + 1 WHERE sha256 = ?", (shas["a.json"],))
+    conn.close()
+    (root / "blobs" / "sha256" / shas["b.bin"][:2] / shas["b.bin"]).unlink()  # components are files
+    found = [f for f in _deep(root)["findings"] if f["invariant"] == "artefacts.component_missing"]
+    # The blobs check reports the missing blob under its reference's invariant as well.
+    assert [f["affected"]["blob"] for f in found if f["subsystem"] == "blobs"] == [shas["b.bin"]]
+    found = [f for f in found if f["subsystem"] == "artefacts"]
+    assert sorted((f["affected"]["sha256"], "missing" in f["detail"]) for f in found) == sorted(
+        [(shas["a.json"], False), (shas["b.bin"], True)]), found

@@ -216,7 +216,7 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         from anvil.diagnostics import findings as fnd
-        from anvil.indexes.service import read_definitions
+        from anvil.indexes.tables import read_definitions
         from anvil.storage import catalog as catalog_module
         from anvil.watch import consumers as cons
 

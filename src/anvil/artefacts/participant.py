@@ -127,9 +127,11 @@ class ArtefactsParticipant(Participant):
             keys = {(t, k): base64.b64decode(p) for t, k, p in
                     conn.execute("SELECT tenant, key_id, public_key FROM artefact_keys")}
             comps: dict[tuple[str, str], list[tuple[str, str, int]]] = {}
+            component_blobs: set[str] = set()
             for bucket, aid, path, sha, size in conn.execute(
                     "SELECT bucket, artefact_id, path, sha256, size FROM artefact_components ORDER BY path"):
                 comps.setdefault((bucket, aid), []).append((path, sha, size))
+                component_blobs.add(sha)
             ids = set()
             for bucket, aid, tenant, name, body, sigs in conn.execute(
                     "SELECT bucket, id, tenant, name, manifest, signatures FROM artefacts ORDER BY bucket, id"):
@@ -166,9 +168,11 @@ class ArtefactsParticipant(Participant):
                     add("error", f"tag {bucket}/{name}:{tag}", f"tag {tag} of {bucket}/{name} points to missing "
                         f"artefact {aid}", "artefacts.tag_target_missing",
                         {"bucket": bucket, "name": name, "tag": tag, "artefact": aid})
-            # Presence and size of every component blob (hashes: the blobs participant, when deep).
-            for sha, refs in ctx.references().items():
-                mine = [r for r in refs if r.missing_invariant == "artefacts.component_missing"]
+            # Presence and size of every component blob (hashes: the blobs participant, when deep). Only
+            # the components' blobs are looked up: not a pass over every object's references.
+            references = ctx.references()
+            for sha in sorted(component_blobs):
+                mine = [r for r in references.get(sha, ()) if r.missing_invariant == "artefacts.component_missing"]
                 if not mine:
                     continue
                 st = ctx.blobs.stat(sha)

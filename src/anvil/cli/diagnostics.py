@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -162,16 +163,26 @@ def fsck(storage_path: str | None, endpoint: str | None, as_json: bool, deep: bo
     """Check the journal chain, blobs, references, multipart state, FORMAT, catalog.db,
     watch cursors and derived manifests; record findings. Exit 1 on any error finding."""
     if storage_path:
-        from anvil.diagnostics.fsck import run_fsck
-        from anvil.diagnostics.service import OFFLINE_PRINCIPAL, open_offline_target
-        from anvil.participants import recovery_participants  # not anvil.runtime: no service is needed
+        from anvil.storage import catalogcheck
 
-        def action(target: Any) -> dict[str, Any]:
-            with _progress(as_json) as progress:
-                return run_fsck(target, recovery_participants(), deep=deep, mode="offline", progress=progress,
-                                actor=OFFLINE_PRINCIPAL.actor).to_dict()
+        hash_threads = 2
+        if deep:
+            # A large catalog's deep checks (integrity, inline bodies) run in a child process: start it
+            # before the imports below and the opening of the store, so it works on the other core meanwhile.
+            catalogcheck.start_early(os.path.join(storage_path, "catalog.db"), hash_threads)
+        try:
+            from anvil.diagnostics.fsck import run_fsck
+            from anvil.diagnostics.service import OFFLINE_PRINCIPAL, open_offline_target
+            from anvil.participants import recovery_participants  # not anvil.runtime: no service is needed
 
-        report = _offline(as_json, storage_path, action, open_offline_target)
+            def action(target: Any) -> dict[str, Any]:
+                with _progress(as_json) as progress:
+                    return run_fsck(target, recovery_participants(), deep=deep, mode="offline", progress=progress,
+                                    actor=OFFLINE_PRINCIPAL.actor, hash_threads=hash_threads).to_dict()
+
+            report = _offline(as_json, storage_path, action, open_offline_target)
+        finally:
+            catalogcheck.discard_early()  # one nothing took: the store was locked, or not a store
     else:
         assert endpoint is not None
         report = _online(as_json, endpoint, lambda c: c.fsck(deep=deep), "fsck")

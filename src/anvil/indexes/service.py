@@ -30,30 +30,13 @@ from anvil.indexes import definitions as defs
 from anvil.indexes.engine import MAX_SORT_MATCHES, Engine
 from anvil.indexes.extract import Source, extract
 from anvil.indexes.filters import compile_filter, narrowing, sort_key
+from anvil.indexes.tables import INDEX_DIR, MIGRATIONS, index_dir, read_definitions
 from anvil.storage import Storage, journal
 from anvil.storage.catalog import Txn
 from anvil.storage.records import Connection
 
-MIGRATIONS = [
-    """
-    CREATE TABLE index_definitions(
-        bucket TEXT NOT NULL,
-        name TEXT NOT NULL,
-        tenant TEXT NOT NULL,
-        version INTEGER NOT NULL,
-        state TEXT NOT NULL,
-        definition TEXT NOT NULL,
-        created REAL NOT NULL,
-        updated REAL NOT NULL,
-        PRIMARY KEY (bucket, name)
-    )
-    """,
-]
-
-TABLES = ["index_definitions"]
 # Storage root -> the index service building there in this process (see IndexService.start).
 LIVE: dict[Path, IndexService] = {}
-INDEX_DIR = "indexes"
 MAX_INDEXES_PER_BUCKET = 32
 MAX_LIMIT = 1000
 MAX_WINDOW = 10_000  # offset + limit
@@ -62,21 +45,6 @@ MAX_WAIT = 10.0
 DEFAULT_WAIT = 2.0
 QUERY_KEYS = {"text", "fields", "boosts", "fuzzy", "vector", "filter", "sort", "limit", "page_token", "min_cursor",
               "wait_ms", "return_fields", "highlight", "hybrid", "ef_search"}
-
-
-def index_dir(root: Path, bucket: str, name: str) -> Path:
-    return Path(root) / INDEX_DIR / bucket / name
-
-
-def read_definitions(conn: Connection, *, bucket: str | None = None) -> list[dict[str, Any]]:
-    sql = "SELECT bucket, name, tenant, version, state, definition, created, updated FROM index_definitions"
-    args: tuple = ()
-    if bucket is not None:
-        sql += " WHERE bucket = ?"
-        args = (bucket,)
-    rows = conn.execute(sql + " ORDER BY bucket, name", args).fetchall()
-    return [{"bucket": r[0], "name": r[1], "tenant": r[2], "version": int(r[3]), "state": r[4],
-             "definition": json.loads(r[5]), "created": r[6], "updated": r[7]} for r in rows]
 
 
 def read_body(blobs: Any, chunks: list[Any]) -> bytes:

@@ -160,11 +160,13 @@ class ObjectsParticipant(Participant):
         }
 
     def blob_references(self, ctx: RecoveryContext) -> Iterator[BlobRef]:
-        for v in refs.iter_version_chunks(ctx.conn):
-            ref = {"tenant": v.tenant, "bucket": v.bucket, "key": v.key, "version_id": v.version_id}
-            label = f"{v.bucket}/{v.key}@{v.version_id}"
-            for sha, size in v.chunks:
-                yield BlobRef(sha, size, label, ref, "objects.blob_missing")
+        version: tuple[str, str, str] | None = None
+        for tenant, bucket, key, version_id, sha, size in refs.iter_version_chunk_refs(ctx.conn):
+            if version != (bucket, key, version_id):  # a version's chunks share its referrer
+                version = (bucket, key, version_id)
+                ref = {"tenant": tenant, "bucket": bucket, "key": key, "version_id": version_id}
+                label = f"{bucket}/{key}@{version_id}"
+            yield BlobRef(sha, size, label, ref, "objects.blob_missing")
         # Parts whose upload record is gone are referenced too: gc keeps them and backup copies
         # them, and validate() reports them (`multipart.part_without_upload`) for the operator.
         yield from self._part_references(ctx)
