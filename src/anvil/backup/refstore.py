@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -90,15 +91,13 @@ class RefStore:
     def load(self, ctx: RecoveryContext) -> None:
         """Every participant's references, read in one read transaction of the checkpoint, then
         indexed by hash and order (the index is built by SQLite's external sort; reading by it needs no sort)."""
-        batch: list[tuple[str, int, str]] = []
         insert = "INSERT INTO refs (sha, size, label) VALUES (?, ?, ?)"
+        rows = ctx.iter_blob_reference_rows()
+        # The rows as the record store gives them (`size INTEGER` makes any size an integer): no
+        # Python per reference but the generators'.
         with ctx.conn:
-            for sha, size, label in ctx.iter_blob_reference_rows():
-                batch.append((sha, int(size), label))
-                if len(batch) >= INSERT_BATCH:
-                    self._insert(insert, batch, self.refs_conn)
-                    batch = []
-        self._insert(insert, batch, self.refs_conn)
+            while batch := list(islice(rows, INSERT_BATCH)):
+                self._insert(insert, batch, self.refs_conn)
         # Covering (size and label too): the ordered reads below never look a row up in the table.
         self.refs_conn.execute("CREATE INDEX refs_sha ON refs (sha, n, size, label)")
 
