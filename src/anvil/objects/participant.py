@@ -242,11 +242,10 @@ class ObjectsParticipant(Participant):
         # them, and validate() reports them (`multipart.part_without_upload`) for the operator.
         yield from self._part_references(ctx)
 
-    def blob_reference_rows(self, ctx: RecoveryContext) -> Iterator[tuple[str, int, str]]:
-        """(sha256, size, label) of `blob_references`, in the same order: what a backup keeps of each."""
-        yield from refs.iter_version_chunk_rows(ctx.conn)
-        for r in self._part_references(ctx):
-            yield r.sha256, r.size, r.label
+    def blob_reference_queries(self) -> list[str]:
+        """SELECTs of (sha256, size, label) giving, run in turn, `blob_references` in the same order:
+        what a backup keeps of each (`RecoveryContext.blob_reference_sources`)."""
+        return [refs.VERSION_CHUNK_ROWS, refs.PART_REF_ROWS]
 
     def _part_references(self, ctx: RecoveryContext) -> Iterator[BlobRef]:
         for p in refs.iter_part_refs(ctx.conn):

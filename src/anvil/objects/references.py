@@ -72,17 +72,16 @@ def iter_version_chunks(conn: Connection) -> Iterator[VersionChunks]:
 
 
 _VERSION_CHUNKS = "SELECT bucket, key, version_id, chunks FROM versions WHERE delete_marker = 0"
-# One row per chunk, versions in the scan's order and chunks in their list's, as `iter_version_chunks`.
-_VERSION_CHUNK_ROWS = (f"SELECT {_SHA}, {_SIZE}, v.bucket || '/' || v.key || '@' || v.version_id "
-                       f"FROM versions v, {_CHUNKS} WHERE v.delete_marker = 0")
-
-
-def iter_version_chunk_rows(conn: Connection) -> Iterator[tuple[str, int, str]]:
-    """`iter_version_chunks` as (sha256, size, "bucket/key@version") per chunk, in the same order:
-    for a caller that keeps only those (a backup's references), without a record per version.
-    The record store takes the chunk lists apart and writes the labels (a JSON parse and a string
-    per version in Python were most of a backup's reference read)."""
-    return iter(conn.execute(_VERSION_CHUNK_ROWS))
+# (sha256, size, label) rows of what versions and multipart parts reference, for a caller that
+# copies them as they are (a backup's references store): one row per chunk, versions in the scan's
+# order and chunks in their list's, as `iter_version_chunks`; then one per part, as `iter_part_refs`,
+# labelled "bucket/key upload U part N" ("(upload record missing)" for the bucket/key of a part
+# whose upload is gone).
+VERSION_CHUNK_ROWS = (f"SELECT {_SHA}, {_SIZE}, v.bucket || '/' || v.key || '@' || v.version_id "
+                      f"FROM versions v, {_CHUNKS} WHERE v.delete_marker = 0")
+PART_REF_ROWS = ("SELECT p.sha256, p.size, coalesce(u.bucket || '/' || u.key, '(upload record missing)') || "
+                 "' upload ' || p.upload_id || ' part ' || p.part_number "
+                 "FROM multipart_parts p LEFT JOIN multipart_uploads u ON u.upload_id = p.upload_id")
 
 
 def count_versions(conn: Connection) -> int:

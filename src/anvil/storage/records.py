@@ -139,6 +139,20 @@ def json_array_is_compact(conn: Connection) -> bool:
     return _json_array_compact
 
 
+def insert_selected(dest: Connection, insert: str, source: str | Path, selects: Sequence[str]) -> None:
+    """Run `insert` followed by each SELECT in turn (in one transaction of `dest`, an embedded
+    scratch database), the SELECTs reading the SQLite catalog file at `source` (attached meanwhile:
+    their unqualified tables must not be `dest`'s). Rows go from one file to the other inside
+    SQLite, outside the GIL, in the order each SELECT gives them."""
+    dest.execute("ATTACH DATABASE ? AS source", (str(source),))
+    try:
+        with dest:
+            for select in selects:
+                dest.execute(f"{insert} {select}")
+    finally:
+        dest.execute("DETACH DATABASE source")
+
+
 def table_exists(conn: Connection, name: str) -> bool:
     """Whether the store has table `name` (e.g. a catalog from before a component's migration).
 
