@@ -101,10 +101,9 @@ class RefStore:
                 if isinstance(source, list) and catalog is not None:
                     records.insert_selected(self.refs_conn, "INSERT INTO refs (sha, size, label)", catalog, source)
                     continue
-                runs = (ctx.conn.execute(q) for q in source) if isinstance(source, list) else (source,)
-                for rows in runs:
-                    while batch := list(islice(rows, INSERT_BATCH)):
-                        self._insert(insert, batch, self.refs_conn)
+                rows = ctx.source_rows(source)
+                while batch := list(islice(rows, INSERT_BATCH)):
+                    self._insert(insert, batch, self.refs_conn)
         # Covering (size and label too): the ordered reads below never look a row up in the table.
         self.refs_conn.execute("CREATE INDEX refs_sha ON refs (sha, n, size, label)")
 

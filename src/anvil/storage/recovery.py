@@ -175,11 +175,15 @@ class RecoveryContext:
     def iter_blob_reference_rows(self) -> Iterator[tuple[str, int, str]]:
         """`iter_blob_references` as (sha256, size, label), in the same order."""
         for source in self.blob_reference_sources():
-            if isinstance(source, list):
-                for query in source:
-                    yield from self.conn.execute(query)
-            else:
-                yield from source
+            yield from self.source_rows(source)
+
+    def source_rows(self, source: list[str] | Iterator[tuple[str, int, str]]) -> Iterator[tuple[str, int, str]]:
+        """The rows of one of `blob_reference_sources`: its SELECTs run in turn, or its rows."""
+        if isinstance(source, list):
+            for query in source:
+                yield from self.conn.execute(query)
+        else:
+            yield from source
 
     def blob_reference_sources(self) -> Iterator[list[str] | Iterator[tuple[str, int, str]]]:
         """`iter_blob_reference_rows` per participant, in order: the SELECTs that give its rows when
