@@ -192,14 +192,20 @@ class _Flusher:
         self._thread.join()
 
 
-def _drop_cached(path: str) -> None:
-    """Give a clean file's page cache back to the kernel (a hint: failures change nothing)."""
+def _advise(path: str, offset: int, length: int, advice_name: str) -> None:
+    """`posix_fadvise(2)` on a file by its path: a hint, so failures (no such call, no such file)
+    change nothing."""
     with contextlib.suppress(OSError, AttributeError):
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, offset, length, getattr(os, advice_name))
         finally:
             os.close(fd)
+
+
+def _drop_cached(path: str) -> None:
+    """Give a clean file's page cache back to the kernel."""
+    _advise(path, 0, 0, "POSIX_FADV_DONTNEED")
 
 
 FLUSH_INTERVAL = 0.5
@@ -581,12 +587,7 @@ def _read_ahead(path: str, items: list[tuple[str, list[Any]]]) -> None:
     nothing (a missing pack is reported per blob by its windows)."""
     lo = min(loc.offset for _, locs in items for _, loc in locs)
     hi = max(loc.offset + loc.length for _, locs in items for _, loc in locs)
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
+    _advise(path, lo, hi - lo, "POSIX_FADV_WILLNEED")
 
 
 def empty_folder(target: Path) -> None:

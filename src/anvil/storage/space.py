@@ -145,6 +145,11 @@ class DiskSpace:
         return SpaceStatus(st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize, self.reserve_size, self._held,
                            self.min_free)
 
+    def _net_free(self) -> int:
+        """`status().net_free` without the SpaceStatus (a frozen dataclass made per write on the event loop)."""
+        st = os.statvfs(self._root_text)
+        return st.f_bavail * st.f_frsize - (self.reserve_size - self._held)
+
     # ------------------------------------------------------------------ admission
 
     def admit(self, incoming: int = 0) -> None:
@@ -153,12 +158,10 @@ class DiskSpace:
         A released reserve is re-created here once there is room for it and the threshold: the
         first write admitted after space comes back restores the safety margin.
         """
-        # `status().net_free` without the SpaceStatus (a frozen dataclass made per write on the event loop).
-        st = os.statvfs(self._root_text)
-        net_free = st.f_bavail * st.f_frsize - (self.reserve_size - self._held)
+        net_free = self._net_free()
         if self._held < self.reserve_size and net_free >= self.min_free:
             self.ensure_reserve()
-            net_free = self.status().net_free
+            net_free = self._net_free()
         if net_free - max(incoming, 0) < self.min_free:
             s = self.status()
             now = time.monotonic()
