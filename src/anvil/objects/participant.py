@@ -15,7 +15,14 @@ from typing import Any, NamedTuple
 
 from anvil.objects import references as refs
 from anvil.storage import jsonfast
-from anvil.storage.records import Connection, json_array_is_compact, table_exists
+from anvil.storage.records import (
+    Connection,
+    json_array_is_compact,
+    json_boolean,
+    json_compact_array,
+    table_exists,
+    text_position,
+)
 from anvil.storage.recovery import BlobRef, Finding, Participant, RecoveryContext
 from anvil.storage.spill import Sorter, sorted_strings
 
@@ -145,16 +152,17 @@ def _version_digests_sql(ctx: RecoveryContext, per_bucket: dict[str, dict[str, A
     conn = ctx.conn
     rows_digest = hashlib.sha256()
     _digest_lines(rows_digest, conn.execute(
-        f"SELECT json_array({_VERSION_ROW}) FROM versions ORDER BY bucket, key, version_id"))
+        f"SELECT {json_compact_array(_VERSION_ROW)} FROM versions ORDER BY bucket, key, version_id"))
     listing = hashlib.sha256()
+    listing_row = json_compact_array("bucket", "key", "version_id", json_boolean("is_latest != 0"),
+                                     json_boolean("delete_marker != 0"), "size", "etag")  # = _listing_row
     _digest_lines(listing, conn.execute(
-        "SELECT json_array(bucket, key, version_id, iif(is_latest, json('true'), json('false')), "
-        f"iif(delete_marker, json('true'), json('false')), size, etag) AS line FROM versions WHERE {_VISIBLE} "
-        "ORDER BY line"))
+        f"SELECT {listing_row} AS line FROM versions WHERE {_VISIBLE} ORDER BY line"))
     tags_digest = hashlib.sha256()
     tagged = 0
+    names_tags = text_position("extra", "'\"tags\"'")
     for bucket, key, vid, extra in conn.execute(
-            "SELECT bucket, key, version_id, extra FROM versions WHERE instr(extra, '\"tags\"') > 0 "
+            f"SELECT bucket, key, version_id, extra FROM versions WHERE {names_tags} > 0 "
             "ORDER BY bucket, key, version_id"):
         if line := _tags_line(bucket, key, vid, extra):
             tagged += 1
@@ -166,9 +174,10 @@ def _version_digests_sql(ctx: RecoveryContext, per_bucket: dict[str, dict[str, A
         b = per_bucket.setdefault(bucket, _bucket_counters("?"))
         b.update(versions=versions, delete_markers=markers, bytes=size, objects=objects)
     # The first MAX_PREFIXES prefixes in key order (as the row pass meets them), each counted whole.
+    slash = text_position("key", "'/'")
     for bucket, head, n in conn.execute(
-            "SELECT bucket, substr(key, 1, instr(key, '/')) AS head, count(*) FROM versions "
-            f"WHERE {_VISIBLE} AND {live} AND instr(key, '/') > 0 GROUP BY bucket, head ORDER BY bucket, min(key)"):
+            f"SELECT bucket, substr(key, 1, {slash}) AS head, count(*) FROM versions "
+            f"WHERE {_VISIBLE} AND {live} AND {slash} > 0 GROUP BY bucket, head ORDER BY bucket, min(key)"):
         prefixes = per_bucket[bucket]["prefixes"]
         if len(prefixes) < MAX_PREFIXES:
             prefixes[head] = n

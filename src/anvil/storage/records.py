@@ -197,6 +197,23 @@ def json_text_at(column: str, *path: int) -> str:
     return f"{column} ->> '$" + "".join(f"[{int(i)}]" for i in path) + "'"
 
 
+def json_compact_array(*expressions: str) -> str:
+    """A JSON array of `expressions` as one text, written by the engine: byte for byte
+    `json.dumps(row, separators=(",", ":"), ensure_ascii=False)` where `json_array_is_compact`
+    says so (only then may a caller digest it in place of Python's)."""
+    return f"json_array({', '.join(expressions)})"
+
+
+def json_boolean(condition: str) -> str:
+    """`condition` as a JSON `true`/`false` element of a `json_compact_array`."""
+    return f"CASE WHEN {condition} THEN json('true') ELSE json('false') END"
+
+
+def text_position(column: str, needle: str) -> str:
+    """The 1-based position of `needle` (an SQL expression) in `column`'s text; 0 when absent."""
+    return f"instr({column}, {needle})"
+
+
 def open_scratch(path: str | Path, cache_kib: int = 8192) -> Connection:
     """A private scratch database (a backup's on-disk sorted store): no journal, no fsync, its
     page cache and sorts bounded to `cache_kib` (sorts larger than that spill to temporary
