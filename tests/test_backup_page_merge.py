@@ -209,3 +209,52 @@ def test_reference_rows_are_the_references(tmp_path: Path) -> None:
         anvil.close()
     assert rows == full and len(rows) >= 6
     assert any("upload" in label for _, _, label in rows)
+
+
+def test_reference_store_copies_the_references_in_order(tmp_path: Path) -> None:
+    """`RefStore.load` has SQLite copy the objects' reference rows from the checkpoint file into its
+    own (`records.insert_selected`): the same rows, in the same order (`n`: the first reference's
+    size is the blob's), as the references read one by one, a part whose upload is gone included."""
+    import apsw
+
+    from anvil.backup.refstore import RefStore
+    from anvil.storage import records
+    from anvil.storage.blobs import BlobWriter
+    from anvil.storage.recovery import RecoveryContext
+
+    anvil = Anvil(tmp_path / "data")
+    ctx = RequestContext(DEV_PRINCIPAL)
+    try:
+        anvil.objects.create_bucket(ctx, "copied", versioning="Enabled")
+        for i in range(7):
+            body = anvil.storage.blobs.put_bytes(f"copied {i % 4} ".encode() * 40)  # some shared by two keys
+            anvil.objects.put_object(ctx, "copied", f"k\u00e9/{i % 5}", body)
+        anvil.objects.delete_object(ctx, "copied", "k\u00e9/1")
+        for key in ("big", "gone"):
+            up = anvil.objects.create_multipart(ctx, "copied", key)
+            w = BlobWriter(anvil.storage.blobs)
+            w.write(key.encode() * 100)
+            anvil.objects.upload_part(ctx, "copied", up["upload_id"], 2, anvil.objects.store_body(w))
+            gone = up["upload_id"]
+        copy = tmp_path / "checkpoint" / "catalog.db"
+        copy.parent.mkdir()
+        records.consistent_copy(anvil.storage.layout.catalog_path, copy)
+        raw = apsw.Connection(str(copy))
+        raw.execute("DELETE FROM multipart_uploads WHERE upload_id = ?", (gone,))  # its part stays
+        raw.close()
+        conn = records.open_readonly(copy)
+        store = RefStore(copy.parent)
+        try:
+            rc = RecoveryContext(anvil.storage.root, conn, anvil.storage.blobs, recovery_participants())
+            with conn:
+                full = [(r.sha256, r.size, r.label) for r in rc.iter_blob_references()]
+            store.load(rc)
+            stored = [tuple(r) for r in store.refs_conn.execute("SELECT sha, size, label FROM refs ORDER BY n")]
+        finally:
+            store.close()
+            records.close(conn)
+    finally:
+        anvil.close()
+    assert stored == full and len(stored) >= 8
+    assert sum("(upload record missing) upload" in label for _, _, label in stored) == 1
+    assert any(label.startswith("copied/big upload") for _, _, label in stored)

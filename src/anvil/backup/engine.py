@@ -482,6 +482,10 @@ def _create_snapshot(storage_root: Path, catalog_path: Path | str, blobs: BlobSt
     if participants_factory and isinstance(catalog_path, Path) and not blobs.remote and \
             snapshot_process.wanted(catalog_path):
         child = snapshot_process.SnapshotProcess(participants_factory, tmp_dir)  # starts while we checkpoint
+    else:
+        # The index (the chunks the repository holds) is read while catalog.db is copied: both
+        # mostly outside the GIL. (A child reads its own.)
+        repo.prefetch_index()
     try:
         captured: dict[str, Any] = {}
         with checkpoint(catalog_path, tmp_dir, participants, captured) as cp:

@@ -139,6 +139,9 @@ class Repository:
         self.id_key = master[32:64]
         self.key_id = key_id
         self._index: ChunkIndex | None = None
+        # One load at a time: a backup starts it on a thread of its own while the checkpoint is
+        # copied (`prefetch_index`), and whoever asks meanwhile waits for that load.
+        self._index_lock = threading.Lock()
         self.index_problems: list[str] = []
         self.pack_sizes: dict[str, int] = {}
         self._held: list[str] = []  # names of the locks this object holds
@@ -346,22 +349,36 @@ class Repository:
 
         Packed (`chunkindex`: 52 bytes a chunk, not a dict of objects), and each index file is
         decoded one pack at a time: a backup's own memory does not follow the repository's size."""
-        if self._index is None:
-            idx = ChunkIndex()
-            self.index_problems = []
-            for name in self.backend.list("index"):
-                try:
-                    plain = unseal(self.enc_key, self.backend.read(name), b"index")
-                    for pack in iter_index_packs(plain):
-                        self.pack_sizes[pack["id"]] = pack["size"]
-                        number = idx.pack_number(pack["id"])
-                        for cid, off, length, raw in pack["chunks"]:
-                            idx.add(cid, number, off, length, raw)
-                except (InvalidTag, ValueError, KeyError, TypeError, zstandard.ZstdError):
-                    self.index_problems.append(f"{name} cannot be decrypted (truncated or corrupted)")
-                    continue
-            self._index = idx
-        return self._index
+        with self._index_lock:
+            if self._index is None:
+                self._index = self._load_index()
+            return self._index
+
+    def prefetch_index(self) -> None:
+        """Start loading the index on a thread (what is decrypted and decompressed there releases
+        the GIL; the rest overlaps a checkpoint's copy, which releases it too): `index()` then
+        waits for that load instead of starting its own."""
+        def load() -> None:
+            with contextlib.suppress(Exception):  # `index()` asked again raises it where it is handled
+                self.index()
+
+        threading.Thread(target=load, name="anvil-backup-index", daemon=True).start()
+
+    def _load_index(self) -> ChunkIndex:
+        idx = ChunkIndex()
+        self.index_problems = []
+        for name in self.backend.list("index"):
+            try:
+                plain = unseal(self.enc_key, self.backend.read(name), b"index")
+                for pack in iter_index_packs(plain):
+                    self.pack_sizes[pack["id"]] = pack["size"]
+                    number = idx.pack_number(pack["id"])
+                    for cid, off, length, raw in pack["chunks"]:
+                        idx.add(cid, number, off, length, raw)
+            except (InvalidTag, ValueError, KeyError, TypeError, zstandard.ZstdError):
+                self.index_problems.append(f"{name} cannot be decrypted (truncated or corrupted)")
+                continue
+        return idx
 
     def writer(self) -> PackWriter:
         return PackWriter(self)

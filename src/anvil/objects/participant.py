@@ -10,11 +10,19 @@ import hashlib
 import json
 import uuid
 from collections.abc import Iterable, Iterator
-from typing import Any
+from itertools import islice
+from typing import Any, NamedTuple
 
 from anvil.objects import references as refs
 from anvil.storage import jsonfast
-from anvil.storage.records import Connection, table_exists
+from anvil.storage.records import (
+    Connection,
+    json_array_is_compact,
+    json_boolean,
+    json_compact_array,
+    table_exists,
+    text_position,
+)
 from anvil.storage.recovery import BlobRef, Finding, Participant, RecoveryContext
 from anvil.storage.spill import Sorter, sorted_strings
 
@@ -52,6 +60,130 @@ def iter_versions(conn: Connection) -> Iterator[dict[str, Any]]:
                "size": row[4], "sha256": row[5], "chunks": [tuple(c) for c in json.loads(row[6])], "etag": row[7]}
 
 
+class VersionsDigest(NamedTuple):
+    rows: str  # SHA-256 over every version row, in (bucket, key, version_id) order
+    listing: str  # `listing_digest` of the API-visible versions
+    tagged: int
+    tags: str
+
+
+def _bucket_counters(versioning: str) -> dict[str, Any]:
+    return {"versioning": versioning, "objects": 0, "versions": 0, "delete_markers": 0, "bytes": 0, "prefixes": {}}
+
+
+_VERSION_ROW = "bucket, key, version_id, seq, is_latest, delete_marker, size, etag, sha256, chunks"
+# Never visible through the API, so not part of what the drill can prove (nor of the counters).
+_VISIBLE = "substr(key, 1, 7) != '_anvil/'"
+
+
+def _tags_line(bucket: str, key: str, vid: str, extra: str | None) -> str | None:
+    """A tagged version's line of the tags digest. Only a document naming "tags" can hold them
+    (ours are written by json.dumps, which never escapes an ASCII letter): the others are not parsed."""
+    if extra and '"tags"' in extra and (tags := json.loads(extra).get("tags")):
+        return json.dumps([bucket, key, vid, tags], separators=(",", ":"), ensure_ascii=False) + "\n"
+    return None
+
+
+def _version_digests_rows(ctx: RecoveryContext, per_bucket: dict[str, dict[str, Any]]) -> VersionsDigest:
+    """The versions' digests and `per_bucket`'s counters in one Python pass over the rows."""
+    rows_digest = hashlib.sha256()
+    # Sorted on disk past a run of rows: a summary of a large store (every backup takes one)
+    # holds one run of listing rows, not one per version.
+    listing = Sorter(ctx.root / "tmp")
+    # S3 object tags (in versions.extra) and bucket settings (tagging, lifecycle, cors) are source
+    # records too: digested so a restore that lost or changed one is caught. The tags are read
+    # in the same pass over the versions (one scan of the table, not two).
+    tags_digest = hashlib.sha256()
+    tagged = 0
+    # Per row only what differs per row: the digest's lines are hashed a batch at a time (the
+    # same bytes), the bucket's counters looked up when the bucket changes (rows come in bucket
+    # order), the totals summed from the buckets' at the end.
+    lines: list[str] = []
+    add_line, add_listing = lines.append, listing.add
+    current: str | None = None
+    b: dict[str, Any] = {}
+    prefixes: dict[str, int] = {}
+    for bucket, key, vid, seq, latest, dm, size, etag, sha, chunks, extra in ctx.conn.execute(
+        f"SELECT {_VERSION_ROW}, extra FROM versions ORDER BY bucket, key, version_id"
+    ):
+        add_line(_compact([bucket, key, vid, seq, latest, dm, size, etag, sha, chunks]))
+        if len(lines) >= 1024:
+            rows_digest.update(("\n".join(lines) + "\n").encode())
+            lines.clear()
+        if extra and (line := _tags_line(bucket, key, vid, extra)):
+            tagged += 1
+            tags_digest.update(line.encode())
+        if key.startswith("_anvil/"):
+            continue
+        add_listing(_compact([bucket, key, vid, bool(latest), bool(dm), size, etag]))  # = _listing_row
+        if bucket != current:
+            current = bucket
+            b = per_bucket.setdefault(bucket, _bucket_counters("?"))
+            prefixes = b["prefixes"]
+        b["versions"] += 1
+        if dm:
+            b["delete_markers"] += 1
+        b["bytes"] += size
+        if latest and not dm:
+            b["objects"] += 1
+            head, sep, _ = key.partition("/")
+            if sep:
+                head += "/"
+                if head in prefixes or len(prefixes) < MAX_PREFIXES:
+                    prefixes[head] = prefixes.get(head, 0) + 1
+    if lines:
+        rows_digest.update(("\n".join(lines) + "\n").encode())
+    try:
+        return VersionsDigest(rows_digest.hexdigest(), listing_digest(listing), tagged, tags_digest.hexdigest())
+    finally:
+        listing.close()
+
+
+def _digest_lines(h: Any, cursor: Iterator[Any]) -> None:
+    """Each one-column row's text and a newline into `h`, a batch of rows per update (the same bytes)."""
+    while batch := [r[0] for r in islice(cursor, 2048)]:
+        h.update(("\n".join(batch) + "\n").encode())
+
+
+def _version_digests_sql(ctx: RecoveryContext, per_bucket: dict[str, dict[str, Any]]) -> VersionsDigest:
+    """`_version_digests_rows`, the rows' text written, sorted and counted by SQLite: the same
+    bytes (`records.json_array_is_compact`), orders (SQLite compares text as UTF-8 bytes, which is
+    code point order, as Python sorts) and counters."""
+    conn = ctx.conn
+    rows_digest = hashlib.sha256()
+    _digest_lines(rows_digest, conn.execute(
+        f"SELECT {json_compact_array(_VERSION_ROW)} FROM versions ORDER BY bucket, key, version_id"))
+    listing = hashlib.sha256()
+    listing_row = json_compact_array("bucket", "key", "version_id", json_boolean("is_latest != 0"),
+                                     json_boolean("delete_marker != 0"), "size", "etag")  # = _listing_row
+    _digest_lines(listing, conn.execute(
+        f"SELECT {listing_row} AS line FROM versions WHERE {_VISIBLE} ORDER BY line"))
+    tags_digest = hashlib.sha256()
+    tagged = 0
+    names_tags = text_position("extra", "'\"tags\"'")
+    for bucket, key, vid, extra in conn.execute(
+            f"SELECT bucket, key, version_id, extra FROM versions WHERE {names_tags} > 0 "
+            "ORDER BY bucket, key, version_id"):
+        if line := _tags_line(bucket, key, vid, extra):
+            tagged += 1
+            tags_digest.update(line.encode())
+    live = "is_latest != 0 AND delete_marker = 0"
+    for bucket, versions, markers, size, objects in conn.execute(
+            f"SELECT bucket, count(*), sum(delete_marker != 0), sum(size), sum({live}) FROM versions "
+            f"WHERE {_VISIBLE} GROUP BY bucket ORDER BY bucket"):
+        b = per_bucket.setdefault(bucket, _bucket_counters("?"))
+        b.update(versions=versions, delete_markers=markers, bytes=size, objects=objects)
+    # The first MAX_PREFIXES prefixes in key order (as the row pass meets them), each counted whole.
+    slash = text_position("key", "'/'")
+    for bucket, head, n in conn.execute(
+            f"SELECT bucket, substr(key, 1, {slash}) AS head, count(*) FROM versions "
+            f"WHERE {_VISIBLE} AND {live} AND {slash} > 0 GROUP BY bucket, head ORDER BY bucket, min(key)"):
+        prefixes = per_bucket[bucket]["prefixes"]
+        if len(prefixes) < MAX_PREFIXES:
+            prefixes[head] = n
+    return VersionsDigest(rows_digest.hexdigest(), listing.hexdigest(), tagged, tags_digest.hexdigest())
+
+
 class ObjectsParticipant(Participant):
     name = "objects"
     kind = "source"
@@ -81,63 +213,13 @@ class ObjectsParticipant(Participant):
 
     def summary(self, ctx: RecoveryContext) -> dict[str, Any]:
         conn = ctx.conn
-        rows_digest = hashlib.sha256()
-        # Sorted on disk past a run of rows: a summary of a large store (every backup takes one)
-        # holds one run of listing rows, not one per version.
-        listing = Sorter(ctx.root / "tmp")
         per_bucket: dict[str, dict[str, Any]] = {}
         for name, versioning in conn.execute("SELECT name, versioning FROM buckets ORDER BY name"):
-            per_bucket[name] = {"versioning": versioning or "Unversioned", "objects": 0, "versions": 0,
-                                "delete_markers": 0, "bytes": 0, "prefixes": {}}
-        # S3 object tags (in versions.extra) and bucket settings (tagging, lifecycle, cors) are source
-        # records too: digested so a restore that lost or changed one is caught. The tags are read
-        # in the same pass over the versions (one scan of the table, not two).
-        tags_digest = hashlib.sha256()
-        tagged = 0
-        # Per row only what differs per row: the digest's lines are hashed a batch at a time (the
-        # same bytes), the bucket's counters looked up when the bucket changes (rows come in bucket
-        # order), the totals summed from the buckets' at the end. Every backup with an object
-        # change runs this loop over every version.
-        lines: list[str] = []
-        add_line, add_listing = lines.append, listing.add
-        current: str | None = None
-        b: dict[str, Any] = {}
-        prefixes: dict[str, int] = {}
-        for bucket, key, vid, seq, latest, dm, size, etag, sha, chunks, extra in conn.execute(
-            "SELECT bucket, key, version_id, seq, is_latest, delete_marker, size, etag, sha256, chunks, extra "
-            "FROM versions ORDER BY bucket, key, version_id"
-        ):
-            add_line(_compact([bucket, key, vid, seq, latest, dm, size, etag, sha, chunks]))
-            if len(lines) >= 1024:
-                rows_digest.update(("\n".join(lines) + "\n").encode())
-                lines.clear()
-            # Only a document naming "tags" can hold them (ours are written by json.dumps, which
-            # never escapes an ASCII letter): the others are not parsed.
-            if extra and '"tags"' in extra and (tags := json.loads(extra).get("tags")):
-                tagged += 1
-                tags_digest.update(json.dumps([bucket, key, vid, tags], separators=(",", ":"),
-                                              ensure_ascii=False).encode() + b"\n")
-            if key.startswith("_anvil/"):
-                continue  # never visible through the API, so not part of what the drill can prove
-            add_listing(_compact([bucket, key, vid, bool(latest), bool(dm), size, etag]))  # = _listing_row
-            if bucket != current:
-                current = bucket
-                b = per_bucket.setdefault(bucket, {"versioning": "?", "objects": 0, "versions": 0,
-                                                   "delete_markers": 0, "bytes": 0, "prefixes": {}})
-                prefixes = b["prefixes"]
-            b["versions"] += 1
-            if dm:
-                b["delete_markers"] += 1
-            b["bytes"] += size
-            if latest and not dm:
-                b["objects"] += 1
-                head, sep, _ = key.partition("/")
-                if sep:
-                    head += "/"
-                    if head in prefixes or len(prefixes) < MAX_PREFIXES:
-                        prefixes[head] = prefixes.get(head, 0) + 1
-        if lines:
-            rows_digest.update(("\n".join(lines) + "\n").encode())
+            per_bucket[name] = _bucket_counters(versioning or "Unversioned")
+        # Every backup with an object change digests every version: on SQLite the engine writes
+        # the rows' text and counts (C), else a Python pass per row; the same summary either way.
+        digests = _version_digests_sql if json_array_is_compact(conn) else _version_digests_rows
+        versions_digest = digests(ctx, per_bucket)
         totals = {k: sum(pb[k] for pb in per_bucket.values())
                   for k in ("versions", "delete_markers", "objects", "bytes")}
         uploads = conn.execute("SELECT count(*) FROM multipart_uploads").fetchone()[0]
@@ -153,9 +235,9 @@ class ObjectsParticipant(Participant):
         return {
             "buckets": len(per_bucket), **totals,
             "multipart_uploads": uploads, "multipart_parts": parts[0], "multipart_part_bytes": parts[1],
-            "rows_digest": rows_digest.hexdigest(), "listing_digest": listing_digest(listing),
+            "rows_digest": versions_digest.rows, "listing_digest": versions_digest.listing,
             "per_bucket": per_bucket,
-            "tagged_versions": tagged, "tags_digest": tags_digest.hexdigest(),
+            "tagged_versions": versions_digest.tagged, "tags_digest": versions_digest.tags,
             "bucket_settings": settings, "settings_digest": settings_digest.hexdigest(),
         }
 
@@ -171,11 +253,10 @@ class ObjectsParticipant(Participant):
         # them, and validate() reports them (`multipart.part_without_upload`) for the operator.
         yield from self._part_references(ctx)
 
-    def blob_reference_rows(self, ctx: RecoveryContext) -> Iterator[tuple[str, int, str]]:
-        """(sha256, size, label) of `blob_references`, in the same order: what a backup keeps of each."""
-        yield from refs.iter_version_chunk_rows(ctx.conn)
-        for r in self._part_references(ctx):
-            yield r.sha256, r.size, r.label
+    def blob_reference_queries(self) -> list[str]:
+        """SELECTs of (sha256, size, label) giving, run in turn, `blob_references` in the same order:
+        what a backup keeps of each (`RecoveryContext.blob_reference_sources`)."""
+        return [refs.VERSION_CHUNK_ROWS, refs.PART_REF_ROWS]
 
     def _part_references(self, ctx: RecoveryContext) -> Iterator[BlobRef]:
         for p in refs.iter_part_refs(ctx.conn):

@@ -8,7 +8,6 @@ tuples: they are built per version or part, where a dataclass costs several time
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -51,18 +50,16 @@ def bucket_tenants(conn: Connection) -> dict[str, str]:
     return dict(conn.execute("SELECT name, tenant FROM buckets").fetchall())
 
 
-_VERSION_CHUNKS = "SELECT bucket, key, version_id, chunks FROM versions WHERE delete_marker = 0"
-
-
-def iter_version_chunk_rows(conn: Connection) -> Iterator[tuple[str, int, str]]:
-    """(sha256, size, "bucket/key@version") per chunk of every version that has a body (delete
-    markers have none): for a caller that keeps only those (a backup's references), without a record
-    per version. One unordered scan: at 10k+ versions an ORDER BY costs more than the whole check."""
-    loads = json.loads
-    for bucket, key, version_id, chunks in conn.execute(_VERSION_CHUNKS):
-        label = f"{bucket}/{key}@{version_id}"
-        for c in loads(chunks):
-            yield c[0], c[1], label
+# (sha256, size, label) rows of what versions and multipart parts reference, for a caller that
+# copies them as they are (a backup's references store): one row per chunk, versions in the scan's
+# order and chunks in their list's, as `iter_version_chunk_refs`; then one per part, as `iter_part_refs`,
+# labelled "bucket/key upload U part N" ("(upload record missing)" for the bucket/key of a part
+# whose upload is gone).
+VERSION_CHUNK_ROWS = (f"SELECT {_SHA}, {_SIZE}, v.bucket || '/' || v.key || '@' || v.version_id "
+                      f"FROM versions v, {_CHUNKS} WHERE v.delete_marker = 0")
+PART_REF_ROWS = ("SELECT p.sha256, p.size, coalesce(u.bucket || '/' || u.key, '(upload record missing)') || "
+                 "' upload ' || p.upload_id || ' part ' || p.part_number "
+                 "FROM multipart_parts p LEFT JOIN multipart_uploads u ON u.upload_id = p.upload_id")
 
 
 def iter_version_chunk_refs(conn: Connection) -> Iterator[tuple[str | None, str, str, str, str, int]]:

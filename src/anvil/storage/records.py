@@ -114,6 +114,45 @@ def sqlite_file(conn: Connection) -> str | None:
     return name or None
 
 
+_JSON_PROBE = "".join(map(chr, range(0x80))) + "\u00e9\u2028\u2029\ufeff\U0001f600"
+_json_array_compact: bool | None = None
+
+
+def json_array_is_compact(conn: Connection) -> bool:
+    """Whether `json_array(...)` on this connection writes strings, integers and NULLs byte for byte
+    as Python's `json.dumps(row, separators=(",", ":"), ensure_ascii=False)`: then a digest over
+    such rows can have SQLite write them (C) instead of a Python call per row. SQLite's JSON
+    escaping has changed between releases, so it is probed (once per process: one library) on
+    every ASCII character and a few others; any other engine answers False."""
+    global _json_array_compact
+    if not isinstance(conn, apsw.Connection):
+        return False
+    if _json_array_compact is None:
+        import json
+
+        row = [_JSON_PROBE, 0, -(2**62), None, 12345]
+        try:
+            got = conn.execute("SELECT json_array(?, ?, ?, ?, ?)", row).fetchone()[0]
+        except apsw.Error:
+            got = None
+        _json_array_compact = got == json.dumps(row, separators=(",", ":"), ensure_ascii=False)
+    return _json_array_compact
+
+
+def insert_selected(dest: Connection, insert: str, source: str | Path, selects: Sequence[str]) -> None:
+    """Run `insert` followed by each SELECT in turn (in one transaction of `dest`, an embedded
+    scratch database), the SELECTs reading the SQLite catalog file at `source` (attached meanwhile:
+    their unqualified tables must not be `dest`'s). Rows go from one file to the other inside
+    SQLite, outside the GIL, in the order each SELECT gives them."""
+    dest.execute("ATTACH DATABASE ? AS source", (str(source),))
+    try:
+        with dest:
+            for select in selects:
+                dest.execute(f"{insert} {select}")
+    finally:
+        dest.execute("DETACH DATABASE source")
+
+
 def table_exists(conn: Connection, name: str) -> bool:
     """Whether the store has table `name` (e.g. a catalog from before a component's migration).
 
@@ -156,6 +195,23 @@ def json_text_at(column: str, *path: int) -> str:
     """The text at array indexes `path` of the JSON in `column` (`json_text_at("c", 0, 1)` is
     c[0][1]); NULL when absent. One lookup, without a row per element as `json_array_rows` makes."""
     return f"{column} ->> '$" + "".join(f"[{int(i)}]" for i in path) + "'"
+
+
+def json_compact_array(*expressions: str) -> str:
+    """A JSON array of `expressions` as one text, written by the engine: byte for byte
+    `json.dumps(row, separators=(",", ":"), ensure_ascii=False)` where `json_array_is_compact`
+    says so (only then may a caller digest it in place of Python's)."""
+    return f"json_array({', '.join(expressions)})"
+
+
+def json_boolean(condition: str) -> str:
+    """`condition` as a JSON `true`/`false` element of a `json_compact_array`."""
+    return f"CASE WHEN {condition} THEN json('true') ELSE json('false') END"
+
+
+def text_position(column: str, needle: str) -> str:
+    """The 1-based position of `needle` (an SQL expression) in `column`'s text; 0 when absent."""
+    return f"instr({column}, {needle})"
 
 
 def open_scratch(path: str | Path, cache_kib: int = 8192) -> Connection:

@@ -173,16 +173,27 @@ class RecoveryContext:
                 yield from p.blob_references(self)
 
     def iter_blob_reference_rows(self) -> Iterator[tuple[str, int, str]]:
-        """`iter_blob_references` as (sha256, size, label), in the same order: a participant with a
-        `blob_reference_rows` method gives them without building a reference per blob."""
+        """`iter_blob_references` as (sha256, size, label), in the same order."""
+        for source in self.blob_reference_sources():
+            yield from self.source_rows(source)
+
+    def source_rows(self, source: list[str] | Iterator[tuple[str, int, str]]) -> Iterator[tuple[str, int, str]]:
+        """The rows of one of `blob_reference_sources`: its SELECTs run in turn, or its rows."""
+        if isinstance(source, list):
+            for query in source:
+                yield from self.conn.execute(query)
+        else:
+            yield from source
+
+    def blob_reference_sources(self) -> Iterator[list[str] | Iterator[tuple[str, int, str]]]:
+        """`iter_blob_reference_rows` per participant, in order: the SELECTs that give its rows when
+        it has `blob_reference_queries` (a caller may copy them with the record store itself, no
+        Python per row), else its rows, built from its `BlobRef`s."""
         for p in self.participants:
             if isinstance(p, BlobReferrer):
-                rows = getattr(p, "blob_reference_rows", None)
-                if rows is not None:
-                    yield from rows(self)
-                else:
-                    for r in p.blob_references(self):
-                        yield r.sha256, r.size, r.label
+                queries = getattr(p, "blob_reference_queries", None)
+                yield queries() if queries is not None else (
+                    (r.sha256, r.size, r.label) for r in p.blob_references(self))
 
     def referenced_blobs(self) -> Iterator[tuple[str, int]]:
         """(sha256, size its first reference records) of every referenced blob, sorted by hash.

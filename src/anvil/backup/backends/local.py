@@ -6,6 +6,7 @@ import contextlib
 import os
 import urllib.parse
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from anvil.backup.backends import Backend, BackendOptions, check_name, missing
@@ -106,8 +107,8 @@ class LocalBackend(Backend):
         base = self._p(folder.rstrip("/"))
         if not base.is_dir():
             return []
-        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*")
-                      if p.is_file() and not p.name.startswith("."))
+        cut = len(str(self.root)) + 1
+        return sorted(e.path[cut:] for e in _files(str(base)) if not e.name.startswith("."))
 
     def delete(self, name: str) -> None:
         try:
@@ -132,12 +133,29 @@ class LocalBackend(Backend):
 
     def remove_incomplete(self, older_than: float) -> int:
         removed = 0
-        for p in self.root.rglob(".*.tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                if p.is_file() and p.stat().st_mtime < older_than:
-                    p.unlink()
-                    removed += 1
+        for e in _files(str(self.root)):
+            if e.name.startswith(".") and e.name.endswith(".tmp") and len(e.name) >= 5:
+                with contextlib.suppress(FileNotFoundError):
+                    if e.stat().st_mtime < older_than:
+                        os.unlink(e.path)
+                        removed += 1
         return removed
+
+
+def _files(top: str) -> Iterator[os.DirEntry[str]]:
+    """Every file under `top`, as `Path.rglob("*")` with `is_file()` finds them (symlinks to files
+    included, symlinked folders not entered) without a Path object and a stat per entry: a
+    backup lists the packs and walks the repository for leftovers (tenths of a second with pathlib)."""
+    try:
+        with os.scandir(top) as it:
+            entries = list(it)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            yield from _files(e.path)
+        elif e.is_file():
+            yield e
 
 
 def from_url(url: str, parsed: urllib.parse.ParseResult, options: BackendOptions) -> LocalBackend:
