@@ -137,12 +137,13 @@ def _batches(rows: list[list[float]], t0: float, t1: float) -> dict[str, Any]:
     }
 
 
-def run(variants: dict[str, str], reps: int, seconds: float, data_dir: str | None = None) -> dict[str, Any]:
+def run(variants: dict[str, str], reps: int, seconds: float, data_dir: str | None = None,
+        processes: int = 2, conns_per_process: int = 4) -> dict[str, Any]:
     from tests.helpers import AnvilServer
 
-    processes, conns_per_process = 2, 4
     clients = processes * conns_per_process
-    out: dict[str, Any] = {"load_average_before": os.getloadavg(), "runs": []}
+    out: dict[str, Any] = {"load_average_before": os.getloadavg(), "clients": f"{processes} x {conns_per_process}",
+                           "runs": []}
     with tempfile.TemporaryDirectory(prefix="anvil-putline-") as tmp:
         site = Path(tmp) / "site"
         site.mkdir()
@@ -205,12 +206,14 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=SRC_DIR")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--processes", type=int, default=2, help="client processes (bench/objects.py: 2)")
+    ap.add_argument("--conns", type=int, default=4, help="keep-alive connections per client process (4)")
     ap.add_argument("--data-dir", help="where the servers' stores go (default: the temporary folder); /dev/shm "
                     "takes the disk out: an fsync there costs next to nothing, so what is left is the CPU and the "
                     "hand-offs between the event loop and the writer")
     args = ap.parse_args()
     variants = dict(v.split("=", 1) for v in args.variant) or {"branch": str(ROOT / "src")}
-    print(json.dumps(run(variants, args.reps, args.seconds, args.data_dir), indent=2))
+    print(json.dumps(run(variants, args.reps, args.seconds, args.data_dir, args.processes, args.conns), indent=2))
 
 
 if __name__ == "__main__":

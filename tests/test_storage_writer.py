@@ -143,3 +143,43 @@ def test_settled_outcomes_are_handed_to_then_and_a_failing_then_breaks_nothing(t
         assert journal.verify_chain(reader) == (3, [])
     finally:
         catalog.close()
+
+
+def test_a_writer_queued_while_the_batch_runs_joins_its_commit(tmp_path: Path) -> None:
+    """The batch grows while its statements run (docs/performance.md, "put13"): a mutation queued while an
+    earlier one of a gathering batch is being applied commits in the same transaction (one fsync), each
+    caller answered with its own outcome, the chain in order. Before, the batch was gathered first and
+    then applied, so a writer that came during its statements waited for the next commit."""
+    catalog = Catalog(tmp_path / "catalog.db")
+    catalog.migrate("t", ["CREATE TABLE t(n INTEGER PRIMARY KEY)"])
+    release = threading.Event()
+    joined: list[object] = []
+
+    def insert(n: int, *, then_submit: int | None = None, wait: bool = False):  # noqa: ANN202
+        def fn(txn: Txn) -> int:
+            if wait:
+                assert release.wait(30)
+            txn.conn.execute("INSERT INTO t(n) VALUES (?)", (n,))
+            txn.emit("tenant", "t.insert", str(n), {"n": n})
+            if then_submit is not None:  # queued from inside the batch, while it runs
+                joined.append(catalog.submit(insert(then_submit), actor="a", request_id=f"r{then_submit}"))
+            return n
+        return fn
+
+    try:
+        # A lone batch holds the writer while two more queue: they make a batch of two, so the writer
+        # expects several writers again and gathers the next batch.
+        blocker = catalog.submit(insert(1, wait=True), actor="a", request_id="r1")
+        pair = [catalog.submit(insert(n), actor="a", request_id=f"r{n}") for n in (2, 3)]
+        release.set()
+        assert blocker.result(30) == 1 and [f.result(30) for f in pair] == [2, 3]
+        batches, mutations = catalog.batches, catalog.batched_mutations
+        assert catalog.submit(insert(4, then_submit=5), actor="a", request_id="r4").result(30) == 4
+        assert joined[0].result(30) == 5  # type: ignore[attr-defined]
+        assert (catalog.batches - batches, catalog.batched_mutations - mutations) == (1, 2)
+        reader = catalog.reader()
+        assert [r[0] for r in reader.execute("SELECT n FROM t ORDER BY n")] == [1, 2, 3, 4, 5]
+        assert [ev.payload["n"] for ev in journal.read(reader, 0, 100)] == [1, 2, 3, 4, 5]
+        assert journal.verify_chain(reader) == (5, [])
+    finally:
+        catalog.close()
