@@ -32,14 +32,11 @@ T = TypeVar("T")
 log = logging.getLogger("anvil.catalog")
 
 MAX_BATCH = 256
-# Gathering a batch (docs/performance.md, "Group commit" and "put13"): a commit's fsync costs the writer
-# ~0.2 ms of CPU whatever it carries, so when the last batch had several writers the next one waits,
-# briefly, for as many: the callers it answered are sending their next writes, one request at a time
-# from the event loop. It stops as soon as GATHER_GAP passes without a new write, and waits at most as
-# long as the last COMMIT took (never over GATHER_MAX_WAIT): a writer that comes later than that is
-# served as soon by the next commit, which runs while the event loop turns the writes after it into
-# mutations. Waiting for all of them made the loop and the writer take turns on a fast disk (the writer
-# idle while the loop parsed, the loop idle while the writer committed). A lone writer never waits.
+# Gathering a batch (docs/performance.md, "Group commit"): a commit's fsync costs the writer ~0.2 ms of
+# CPU whatever it carries, so when the last batch had several writers the next one waits, briefly, for
+# as many: the callers it answered are sending their next writes, one request at a time from the event
+# loop. It waits at most GATHER_MAX_WAIT in all, and stops as soon as GATHER_GAP passes without a new
+# write; a lone writer (last batch of one) never waits.
 GATHER_MAX_WAIT = 0.002
 GATHER_GAP = 0.001
 # Upper bounds of the batch-size histogram the metrics endpoint exports (docs/operations.md).
@@ -139,47 +136,6 @@ class _Job:
     fence: tuple[str, int] | None = None
 
 
-class _Gathering:
-    """A batch growing while its statements run (`Catalog._commit` asks for `more` whenever every writer so
-    far ran): each next writer as GATHER_MAX_WAIT and GATHER_GAP explain, so the event loop turns the next
-    requests into mutations while the writer applies the ones it has, instead of the two taking turns."""
-
-    __slots__ = ("queue", "batch", "expect", "longest", "deadline", "stopped")
-
-    def __init__(self, q: queue.SimpleQueue[_Job | None], batch: list[_Job], expect: int, longest: float):
-        self.queue, self.batch, self.expect, self.longest = q, batch, expect, longest
-        self.deadline = 0.0
-        self.stopped = False  # the writer's stop sentinel came: this is the last batch
-
-    def more(self) -> bool:
-        """Append the next writer to the batch; False when the batch is complete."""
-        batch, q = self.batch, self.queue
-        if len(batch) >= MAX_BATCH or self.stopped:
-            return False
-        # The only consumer: not empty means get_nowait succeeds (no queue.Empty raised and caught at
-        # the end of every batch).
-        if not q.empty():
-            nxt = q.get_nowait()
-        else:
-            if len(batch) >= self.expect:
-                return False
-            now = time.monotonic()
-            if not self.deadline:
-                self.deadline = now + self.longest
-            wait = min(self.deadline - now, GATHER_GAP)
-            if wait <= 0:
-                return False
-            try:
-                nxt = q.get(timeout=wait)
-            except queue.Empty:
-                return False
-        if nxt is None:
-            self.stopped = True
-            return False
-        batch.append(nxt)
-        return True
-
-
 def _configure(conn: apsw.Connection, *, writer: bool) -> None:
     # One PRAGMA per execute: a multi-statement string may silently skip later ones.
     conn.setbusytimeout(10_000)
@@ -244,8 +200,6 @@ class Catalog:
         self.batch_counts = [0] * len(BATCH_BUCKETS)
         # Fenced background writes refused because their lease moved on (storage.leases).
         self.stale_fences = 0
-        # How long the last COMMIT took (its fsync, mostly): the longest the writer gathers (`_run`).
-        self._commit_seconds = GATHER_MAX_WAIT
         try:
             self.migrate("journal", journal.MIGRATIONS)
             self.migrate("leases", leases.MIGRATIONS)
@@ -428,26 +382,42 @@ class Catalog:
             if job is None:
                 return
             batch = [job]
-            if expect == 1 and q.empty():
-                # A lone writer (the last batch was one, nobody else queued): committed as it is, without
-                # a savepoint (`_commit`), and no waiting.
-                self._apply(batch)
-                continue
-            gathering = _Gathering(q, batch, expect, min(GATHER_MAX_WAIT, self._commit_seconds))
-            self._apply(batch, gathering.more)
-            if gathering.stopped:
-                return
+            stop = False
+            deadline = 0.0
+            while len(batch) < MAX_BATCH:
+                # The only consumer: not empty means get_nowait succeeds (no queue.Empty raised and
+                # caught at the end of every batch).
+                if not q.empty():
+                    nxt = q.get_nowait()
+                else:
+                    if len(batch) >= expect:
+                        break
+                    now = time.monotonic()
+                    if not deadline:
+                        deadline = now + GATHER_MAX_WAIT
+                    wait = min(deadline - now, GATHER_GAP)
+                    if wait <= 0:
+                        break
+                    try:
+                        nxt = q.get(timeout=wait)
+                    except queue.Empty:
+                        break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
             expect = len(batch)
+            self._apply(batch)
+            if stop:
+                return
 
-    def _apply(self, batch: list[_Job], gather: Callable[[], bool] | None = None) -> None:
-        """Commit the batch (grown by `gather` while its statements run), then answer its callers."""
+    def _apply(self, batch: list[_Job]) -> None:
         events: list[journal.Event] = []
-        outcomes = self._commit(batch, events, gather)
+        outcomes = self._commit(batch, events)
         if self._is_full(outcomes) and self.on_full is not None and self.on_full():
             # The disk is full and the reserve was just given back: a delete, abort, gc or admin
             # change can now commit (admission keeps new writes out). Re-running the batch is safe:
-            # the failed transaction was rolled back, and mutations are functions of their txn. (All of the
-            # batch `gather` added, and no more.)
+            # the failed transaction was rolled back, and mutations are functions of their txn.
             events.clear()
             outcomes = self._commit(batch, events)
         if isinstance(outcomes, BaseException):
@@ -481,12 +451,9 @@ class Catalog:
             except Exception:  # noqa: BLE001 - a listener must never break the writer
                 pass
 
-    def _commit(self, batch: list[_Job], events: list[journal.Event],
-                gather: Callable[[], bool] | None = None) -> list[tuple[bool, Any]] | BaseException:
+    def _commit(self, batch: list[_Job], events: list[journal.Event]) -> list[tuple[bool, Any]] | BaseException:
         """Run the batch in one transaction: each job's outcome, or the failure that undid them all.
-        `events` receives the journal events of the jobs that succeeded, in order. `gather` appends the
-        next writer to `batch` (False once the batch is complete): called whenever every job so far ran,
-        so a writer that arrives meanwhile is applied at once and the COMMIT waits only for the last."""
+        `events` receives the journal events of the jobs that succeeded, in order."""
         outcomes: list[tuple[bool, Any]] = []
         try:
             self._begin(self._writer)
@@ -502,11 +469,8 @@ class Catalog:
             # A batch of one needs no savepoint: if its mutation fails, the whole transaction is rolled
             # back, which undoes exactly what ROLLBACK TO would have (and commits nothing instead of an
             # empty transaction). Two statements fewer per lone write (a sequential client's every PUT).
-            alone = gather is None and len(batch) == 1
-            ran = 0
-            while ran < len(batch) or (gather is not None and gather()):
-                job = batch[ran]
-                ran += 1
+            alone = len(batch) == 1
+            for job in batch:
                 head_before = self._head
                 txn = Txn(conn, job.actor, job.request_id, time.time(), self._head[0], run)
                 if not alone:
@@ -547,9 +511,7 @@ class Catalog:
             if journal_rows:
                 run.executemany(journal.INSERT, journal_rows)
             self._before_commit(conn, self._head[0], self._head[0] != batch_start)
-            committing = time.monotonic()
             run.execute("COMMIT")
-            self._commit_seconds = time.monotonic() - committing
         except BaseException as exc:  # noqa: BLE001 - the whole batch failed to commit
             self._rollback(self._writer)
             try:
