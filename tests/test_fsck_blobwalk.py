@@ -210,3 +210,29 @@ def test_a_small_store_starts_no_child(store: Path, tmp_path: Path) -> None:
         (tree / sha[:2] / sha).write_bytes(b"x" * size)
     assert blobwalk.estimated_bytes(str(tree)) == 302_010
     assert blobwalk.estimated_bytes(str(tmp_path / "none")) == 0
+
+
+def test_hashing_through_maps_reads_what_hashing_by_reads_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The child's `hash_mapped` against `hash_fd`: a file over several map windows (one page each
+    here), one of exactly a window, an empty one, and a folder (which cannot be mapped: the same error
+    as a read gives)."""
+    import mmap
+
+    monkeypatch.setattr(blobwalk, "MAP_WINDOW", mmap.ALLOCATIONGRANULARITY)
+    buf = bytearray(blobwalk.READ_SIZE)
+    view = memoryview(buf)
+    for size in (3 * mmap.ALLOCATIONGRANULARITY + 17, mmap.ALLOCATIONGRANULARITY, 0):
+        path = tmp_path / f"f{size}"
+        path.write_bytes(os.urandom(size))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert blobwalk.hash_mapped(fd, buf, view) == blobwalk.hash_fd(fd, buf, view) == \
+                (hashlib.sha256(path.read_bytes()).hexdigest(), size)
+        finally:
+            os.close(fd)
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        with pytest.raises(IsADirectoryError):
+            blobwalk.hash_mapped(fd, buf, view)
+    finally:
+        os.close(fd)

@@ -5,14 +5,18 @@ also runs it as a child process of this file (`start_early`, before fsck's impor
 of the store): the store's ~0.2 s single-core start (imports, opening, the record checks) then runs
 beside the hashing instead of before it, and the hashing shares no GIL with the record checks'
 Python. The script imports only the standard library and runs with `-I -S` (no site-packages, not
-even the `anvil` package): it starts in ~15-20 ms of CPU. Its answer comes back marshalled (the
-child is the same interpreter): progress counts as it goes, then the walk's result.
+even the `anvil` package): it starts in ~15-20 ms of CPU. It hashes the files through memory maps
+(`hash_mapped`), which a process of its own can afford: a read error of a mapped page kills it
+(SIGBUS), and fsck then walks in its own process, where the error is reported. Its answer comes
+back marshalled (the child is the same interpreter): progress counts as it goes, then the walk's
+result.
 """
 
 from __future__ import annotations
 
 import hashlib
 import marshal
+import mmap
 import os
 import sys
 import threading
@@ -22,6 +26,8 @@ if False:  # for the annotations only (`typing` and `subprocess` would lengthen 
     from collections.abc import Callable
 
 READ_SIZE = 1024 * 1024
+# Bytes of a blob file mapped at a time by `hash_mapped` (a large blob is never mapped whole).
+MAP_WINDOW = 64 << 20
 HEX_DIGITS = "0123456789abcdef"
 # Estimated bytes of blob files (`estimated_bytes`) from which `start_early` hashes in a child: below
 # it the child's start (~15-20 ms of CPU) costs more than it saves, as for catalogcheck.PROCESS_FROM.
@@ -74,7 +80,27 @@ def hash_fd(fd: int, buf: bytearray, view: memoryview) -> tuple[str, int]:
             read_sequentially(fd)
 
 
-def _walk(root: str, tops: list[str], deep: bool, on_progress: Callable[[int], None] | None) -> Walked:
+def hash_mapped(fd: int, buf: bytearray, view: memoryview) -> tuple[str, int]:
+    """`hash_fd` through memory maps of MAP_WINDOW bytes: hashlib reads the page cache in place, no
+    copy into `buf`, ~0.1-0.15 s less system CPU per GiB (1,000 x 1 MiB files, warm: 0.04-0.06 s
+    against 0.15-0.22 s). For the child process only: a read error of a mapped page is SIGBUS, which
+    ends it (the caller then walks in its own process, where `hash_fd` reports the error). What
+    cannot be mapped (a folder named like a blob) is read by `hash_fd`, for the same error."""
+    try:
+        size = os.fstat(fd).st_size
+        h = hashlib.sha256()
+        for offset in range(0, size, MAP_WINDOW):
+            with mmap.mmap(fd, min(MAP_WINDOW, size - offset), prot=mmap.PROT_READ, offset=offset) as m:
+                if size > READ_SIZE:
+                    m.madvise(mmap.MADV_SEQUENTIAL)  # as `read_sequentially`
+                h.update(m)
+    except (OSError, ValueError):
+        return hash_fd(fd, buf, view)
+    return h.hexdigest(), size
+
+
+def _walk(root: str, tops: list[str], deep: bool, on_progress: Callable[[int], None] | None,
+          hasher: Callable[[int, bytearray, memoryview], tuple[str, int]]) -> Walked:
     blobs: dict[str, str] = {}
     misplaced: list[str] = []
     bad: list[Bad] = []
@@ -97,7 +123,7 @@ def _walk(root: str, tops: list[str], deep: bool, on_progress: Callable[[int], N
             try:
                 fd = os.open(path, os.O_RDONLY)
                 try:
-                    actual, size = hash_fd(fd, buf, view)
+                    actual, size = hasher(fd, buf, view)
                 finally:
                     os.close(fd)
                 err = None
@@ -115,7 +141,8 @@ def _walk(root: str, tops: list[str], deep: bool, on_progress: Callable[[int], N
     return blobs, misplaced, bad, sizes
 
 
-def walk_tree(root: str, *, deep: bool, threads: int = 2, on_progress: Callable[[int], None] | None = None) -> Walked:
+def walk_tree(root: str, *, deep: bool, threads: int = 2, on_progress: Callable[[int], None] | None = None,
+              mapped: bool = False) -> Walked:
     """List every blob under `root` and, with `deep`, hash each as soon as it is found.
 
     Listing and hashing are fused and split by top-level fan-out folder across `threads`
@@ -123,7 +150,8 @@ def walk_tree(root: str, *, deep: bool, threads: int = 2, on_progress: Callable[
     the hashing, and both mostly wait in syscalls that release the GIL. Names are all the
     walk needs (no stat per blob; `dir_fd`-relative opens measured slower, since most leaf
     folders hold one blob): a non-folder where a folder belongs is skipped, a non-file
-    named like a hash fails to hash and is reported. `on_progress` is called under a lock."""
+    named like a hash fails to hash and is reported. `on_progress` is called under a lock.
+    `mapped`: hash through memory maps (`hash_mapped`: the child process only)."""
     tops = sorted(n for n in listdir(root) if len(n) == 2)
     shares = [tops[i::threads] for i in range(max(1, threads))]
     if on_progress is not None and len(shares) > 1:
@@ -138,7 +166,7 @@ def walk_tree(root: str, *, deep: bool, threads: int = 2, on_progress: Callable[
 
     def work(i: int) -> None:
         try:
-            results[i] = _walk(root, shares[i], deep, on_progress)
+            results[i] = _walk(root, shares[i], deep, on_progress, hash_mapped if mapped else hash_fd)
         except BaseException as e:  # noqa: BLE001 - raised below: a share left unwalked must not pass
             results[i] = e
 
@@ -270,7 +298,7 @@ def main(argv: list[str]) -> None:
         marshal.dump(n, out)
         out.flush()
 
-    marshal.dump(walk_tree(argv[0], deep=True, threads=int(argv[1]), on_progress=progress), out)
+    marshal.dump(walk_tree(argv[0], deep=True, threads=int(argv[1]), on_progress=progress, mapped=True), out)
     out.flush()
 
 
