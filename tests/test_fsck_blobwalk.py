@@ -2,7 +2,8 @@
 docs/performance.md "fsck13"): the same findings as the walk on threads of fsck's own process
 (corrupt, missing, orphan, misplaced and unreadable blobs, a reference of the wrong size), a blob
 written after the child started is never an orphan, a child that dies is replaced by the in-process
-walk, one nothing takes (the store is locked) is ended, and a small store starts no child.
+walk, one nothing takes (the store is locked) is ended, as is the catalog's, and a small store
+starts no child.
 
 Real stores built through the service layer, real child processes.
 """
@@ -172,16 +173,23 @@ def test_a_child_that_dies_is_replaced_by_the_in_process_walk(store: Path, tmp_p
     assert {(inv, blob) for blob, inv in expected.items()} <= _findings(report)
 
 
-def test_an_early_child_nothing_takes_is_ended(store: Path, tmp_path: Path, spawned: list) -> None:
-    """The command starts the child; a locked store refuses the command and ends the child; unlocked,
-    the command takes its child's answer."""
+def test_early_children_nothing_takes_are_ended(store: Path, tmp_path: Path, spawned: list,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command starts both children (the catalog's and the blobs'); a locked store (a server
+    runs) refuses the command as before and ends them, not left running; unlocked, the command takes
+    each child's answer: one child each, and the store is sound."""
     from click.testing import CliRunner
 
     from anvil.cli.main import cli
+    from anvil.storage import catalogcheck
     from anvil.storage.layout import Layout
 
     root = tmp_path / "data"
-    shutil.copytree(store, root)
+    shutil.copytree(store, root)  # the command records its run in the store
+    monkeypatch.setattr(catalogcheck, "PROCESS_FROM", 0)
+    catalog_children: list = []
+    spawn = catalogcheck._spawn
+    monkeypatch.setattr(catalogcheck, "_spawn", lambda *a: catalog_children.append(spawn(*a)) or catalog_children[-1])
     holder = Layout(root)
     holder.acquire_lock()
     try:
@@ -189,10 +197,12 @@ def test_an_early_child_nothing_takes_is_ended(store: Path, tmp_path: Path, spaw
     finally:
         holder.release_lock()
     assert result.exit_code == 2 and "StorageLocked" in result.output, result.output
-    assert len(spawned) == 1 and spawned[0].returncode is not None and blobwalk._early == {}
+    for children, early in ((spawned, blobwalk._early), (catalog_children, catalogcheck._early)):
+        assert len(children) == 1 and children[0].returncode is not None and early == {}
     result = CliRunner().invoke(cli, ["fsck", "--deep", "--storage-path", str(root), "--json"])
     assert result.exit_code == 0, result.output
-    assert len(spawned) == 2 and spawned[1].returncode == 0 and blobwalk._early == {}
+    for children, early in ((spawned, blobwalk._early), (catalog_children, catalogcheck._early)):
+        assert len(children) == 2 and children[1].returncode == 0 and early == {}
 
 
 def test_a_small_store_starts_no_child(store: Path, tmp_path: Path) -> None:

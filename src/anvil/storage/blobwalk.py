@@ -24,6 +24,7 @@ import threading
 if False:  # for the annotations only (`typing` and `subprocess` would lengthen the child's start)
     import subprocess
     from collections.abc import Callable
+    from typing import Any
 
 READ_SIZE = 1024 * 1024
 # Bytes of a blob file mapped at a time by `hash_mapped` (a large blob is never mapped whole).
@@ -189,14 +190,14 @@ def walk_tree(root: str, *, deep: bool, threads: int = 2, on_progress: Callable[
     return out
 
 
-def estimated_bytes(root: str, samples: int = 3, per_folder: int = 64) -> int:
+def estimated_bytes(root: str, per_folder: int = 64) -> int:
     """A cheap guess of the bytes of blob files under `root`, for `start_early`'s choice: the fan-out
     folders times the mean bytes per folder of a few of them (first, middle, last), from at most
     `per_folder` stats each. Hashes spread blobs evenly over the folders, so a handful suffice."""
     tops = sorted(n for n in listdir(root) if len(n) == 2)
     if not tops:
         return 0
-    picked = sorted({tops[0], tops[len(tops) // 2], tops[-1]})[:samples]
+    picked = sorted({tops[0], tops[len(tops) // 2], tops[-1]})
     total = 0.0
     for a in picked:
         names = [n for n in listdir(f"{root}/{a}") if is_blob_name(n)]
@@ -248,12 +249,17 @@ def start_early(root: str | os.PathLike[str], threads: int) -> None:
             _early[key] = proc
 
 
-def discard_early() -> None:
-    """End the children `start_early` started that nothing took (the store could not be opened)."""
-    while _early:
-        _, proc = _early.popitem()
+def end_children(children: dict[Any, subprocess.Popen[bytes]]) -> None:
+    """Kill and reap every process of `children`, emptying it (also catalogcheck's)."""
+    while children:
+        _, proc = children.popitem()
         proc.kill()
         proc.communicate()
+
+
+def discard_early() -> None:
+    """End the children `start_early` started that nothing took (the store could not be opened)."""
+    end_children(_early)
 
 
 def take_early(root: str | os.PathLike[str], threads: int,
