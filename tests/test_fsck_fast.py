@@ -292,34 +292,6 @@ def test_the_child_started_early_is_the_one_the_check_uses(store: Path, tmp_path
     assert catalogcheck._early == {}
 
 
-def test_an_early_child_nothing_takes_is_ended(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The store turns out to be locked (a server runs): `anvil fsck --deep` is refused as before, and
-    the child started early is ended, not left running."""
-    from click.testing import CliRunner
-
-    from anvil.cli.main import cli
-    from anvil.storage.layout import Layout
-
-    root = tmp_path / "data"
-    shutil.copytree(store, root)  # the command records its run in the store
-    monkeypatch.setattr(catalogcheck, "PROCESS_FROM", 0)
-    spawned: list = []
-    spawn = catalogcheck._spawn
-    monkeypatch.setattr(catalogcheck, "_spawn", lambda *a: spawned.append(spawn(*a)) or spawned[-1])
-    holder = Layout(root)
-    holder.acquire_lock()
-    try:
-        result = CliRunner().invoke(cli, ["fsck", "--deep", "--storage-path", str(root), "--json"])
-    finally:
-        holder.release_lock()
-    assert result.exit_code == 2 and "StorageLocked" in result.output, result.output
-    assert len(spawned) == 1 and spawned[0].returncode is not None and catalogcheck._early == {}
-    # Unlocked, the command's early child does the check: one child, and the store is sound.
-    result = CliRunner().invoke(cli, ["fsck", "--deep", "--storage-path", str(root), "--json"])
-    assert result.exit_code == 0, result.output
-    assert len(spawned) == 2 and catalogcheck._early == {}
-
-
 def test_a_chunk_list_that_is_not_json_is_reported_not_a_crash(store: Path, tmp_path: Path) -> None:
     """The references are read by the record store's JSON functions: a damaged chunk list is a
     finding of each check that reads references (it was a JSONDecodeError out of fsck)."""

@@ -163,13 +163,15 @@ def fsck(storage_path: str | None, endpoint: str | None, as_json: bool, deep: bo
     """Check the journal chain, blobs, references, multipart state, FORMAT, catalog.db,
     watch cursors and derived manifests; record findings. Exit 1 on any error finding."""
     if storage_path:
-        from anvil.storage import catalogcheck
+        from anvil.storage import blobwalk, catalogcheck
 
         hash_threads = 2
         if deep:
-            # A large catalog's deep checks (integrity, inline bodies) run in a child process: start it
-            # before the imports below and the opening of the store, so it works on the other core meanwhile.
+            # A large catalog's deep checks (integrity, inline bodies) and the hashing of many blob files
+            # run in child processes: start them before the imports below and the opening of the store,
+            # so they work on the other core meanwhile.
             catalogcheck.start_early(os.path.join(storage_path, "catalog.db"), hash_threads)
+            blobwalk.start_early(os.path.join(storage_path, "blobs", "sha256"), hash_threads)
         try:
             from anvil.diagnostics.fsck import run_fsck
             from anvil.diagnostics.service import OFFLINE_PRINCIPAL, open_offline_target
@@ -182,7 +184,9 @@ def fsck(storage_path: str | None, endpoint: str | None, as_json: bool, deep: bo
 
             report = _offline(as_json, storage_path, action, open_offline_target)
         finally:
-            catalogcheck.discard_early()  # one nothing took: the store was locked, or not a store
+            # Ones nothing took: the store was locked, or not a store.
+            catalogcheck.discard_early()
+            blobwalk.discard_early()
     else:
         assert endpoint is not None
         report = _online(as_json, endpoint, lambda c: c.fsck(deep=deep), "fsck")

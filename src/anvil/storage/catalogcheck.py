@@ -227,10 +227,9 @@ def start_early(path: str | os.PathLike[str], hash_threads: int, limit: int = 10
 
 def discard_early() -> None:
     """End the children `start_early` started that no `check_catalog` took (the store could not be opened)."""
-    while _early:
-        _, proc = _early.popitem()
-        proc.kill()
-        proc.communicate()
+    from anvil.storage.blobwalk import end_children  # the caller's side only: the child never imports anvil
+
+    end_children(_early)
 
 
 def _in_child(path: str, hash_threads: int, limit: int, size: int) -> tuple[list[str], BodiesResult | None] | None:
