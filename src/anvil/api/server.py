@@ -133,13 +133,24 @@ def _send_raw(cycle: Any, status: int, headers: list[tuple[bytes, bytes]], body:
     return True
 
 
+_rendered_defaults: tuple[list[tuple[bytes, bytes]], bytes] = ([], b"")
+
+
+def _default_lines(default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """uvicorn's default headers (the date) as header lines, rendered once per list: uvicorn makes a new
+    list when the date changes (every tick of its main loop), and the cache holds the list it was made
+    from, so the identity test cannot be fooled by a new list at a reused address."""
+    global _rendered_defaults
+    if _rendered_defaults[0] is not default_headers:
+        _rendered_defaults = (default_headers, b"".join([b"%s: %s\r\n" % pair for pair in default_headers]))
+    return _rendered_defaults[1]
+
+
 def _answer_bytes(status: int, default_headers: list[tuple[bytes, bytes]], headers: list[tuple[bytes, bytes]],
                   body: bytes, *, close: bool = False) -> bytes:
     """A whole answer in one piece: the status line, uvicorn's default headers (the date, as it sends
     them), `headers`, `connection: close` when the connection ends after it, and the body (b"" for HEAD)."""
-    content = [STATUS_LINE[status]]
-    for name, value in default_headers:
-        content += (name, b": ", value, b"\r\n")
+    content = [STATUS_LINE[status], _default_lines(default_headers)]
     for name, value in headers:
         content += (name, b": ", value, b"\r\n")
     if close:
@@ -251,6 +262,7 @@ LINGER_SECONDS = 2.0
 LINGER_BYTES = 1024 * 1024
 # The SSE change feed never ends by itself: on shutdown it is ended cleanly (see shutdown()).
 WATCH_PATH = "/anvil/v1/watch"
+_STATUS_200 = STATUS_LINE[200]
 FAST_PREFIX = b"/anvil/v1/buckets/"  # the raw request target of every request FastReads may answer
 
 
@@ -490,9 +502,9 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
         found = self.fast_reads.answer(head, self.root_path + path, query, self.headers)
         if found is None:
             return False
-        headers, body = found  # (headers that pass `_send_raw`'s checks: `answer` made sure of it)
-        self.transport.write_whole(_answer_bytes(200, self.server_state.default_headers, headers,
-                                                 b"" if head else body))
+        block, body = found  # (header lines that pass `_send_raw`'s checks: `answer` made sure of it)
+        self.transport.write_whole(b"".join((_STATUS_200, _default_lines(self.server_state.default_headers), block,
+                                             b"\r\n", b"" if head else body)))
         self._answered = True  # the rest of this request (a body, its end) is not for any cycle
         self.on_response_complete()  # as a finished cycle calls it: counts, keep-alive timer, reading resumed
         return True
