@@ -1,5 +1,5 @@
-"""Instructions per small S3 (or native) PUT in the server, counted by callgrind: a figure the machine's load
-does not move.
+"""Instructions per small S3 (or native) PUT or GET in the server, counted by callgrind: a figure the machine's
+load does not move.
 
 CPU time per operation could not separate a 10 % change on the shared 2-core machine (docs/performance.md,
 "S3 small PUT: Python work per request"). This runs a real `anvil serve` under
@@ -11,11 +11,14 @@ Repeatable to well under 1 % whatever the load; valgrind runs OpenSSL's generic 
 more here than on the CPU.
 
     python bench/s3put_instructions.py [--puts 200] [--warmup 50] [--size 1024] [--src DIR] [--keep DIR]
-                                       [--api native]
+                                       [--api native] [--op get]
 
 `--src`: the `src` folder of another checkout to measure (a base to compare against). `--api native`: the
 native API's `PUT /anvil/v1/buckets/{bucket}/object?key=K` with a Bearer token (httpx, one keep-alive
-connection) instead of boto3's PutObject.
+connection) instead of boto3's PutObject. `--op get`: GETs instead of PUTs (`--puts` of them, after
+`--warmup` uninstrumented ones), of `--objects` objects of `--size` bytes PUT first and read in turn; the
+native GET is sent on one keep-alive socket with exactly the request head of `bench/objects.py` (Host and
+a Bearer token), the S3 one by boto3's GetObject.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ def main() -> None:
     ap.add_argument("--src", help="the src folder of the checkout to measure (default: this one)")
     ap.add_argument("--keep", help="copy callgrind's dumps to this folder (for callgrind_annotate)")
     ap.add_argument("--api", choices=("s3", "native"), default="s3")
+    ap.add_argument("--op", choices=("put", "get"), default="put")
+    ap.add_argument("--objects", type=int, default=100, help="objects read in turn by --op get")
     args = ap.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("valgrind (with callgrind_control) is needed")
@@ -117,17 +122,47 @@ def main() -> None:
             def put(key: str) -> None:
                 r = http.put("/anvil/v1/buckets/cgbench/object", params={"key": key}, content=body)
                 assert r.status_code == 200, r.text
+
+            raw = socket.create_connection(("127.0.0.1", port))
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            reader = raw.makefile("rb")
+
+            def get(key: str) -> None:  # bench/objects.py's request, answer read whole
+                raw.sendall(f"GET /anvil/v1/buckets/cgbench/object?key={key} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                            f"Authorization: Bearer {token}\r\n\r\n".encode())
+                status = reader.readline()
+                length = 0
+                while (line := reader.readline()) != b"\r\n":
+                    name, _, value = line.partition(b":")
+                    if name.lower() == b"content-length":
+                        length = int(value)
+                assert status.startswith(b"HTTP/1.1 200 ") and reader.read(length) == body, status
         else:
             s3 = _client(endpoint, creds["client_id"], creds["client_secret"])
             s3.create_bucket(Bucket="cgbench")
 
             def put(key: str) -> None:
                 s3.put_object(Bucket="cgbench", Key=key, Body=body)
-        for i in range(args.warmup):
-            put(f"warm/{i}")
+
+            def get(key: str) -> None:
+                assert s3.get_object(Bucket="cgbench", Key=key)["Body"].read() == body
+
+        if args.op == "get":
+            keys = [f"r/{i:05d}" for i in range(args.objects)]
+            for key in keys:
+                put(key)
+            op = get
+            warm = [keys[i % len(keys)] for i in range(args.warmup)]
+            measured = [keys[i % len(keys)] for i in range(args.puts)]
+        else:
+            op = put
+            warm = [f"warm/{i}" for i in range(args.warmup)]
+            measured = [f"k/{i:05d}" for i in range(args.puts)]
+        for key in warm:
+            op(key)
         subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)
-        for i in range(args.puts):
-            put(f"k/{i:05d}")
+        for key in measured:
+            op(key)
         subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
         subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True, capture_output=True)
         files = [f for f in work.glob("cg.out*") if f.is_file()]
@@ -146,9 +181,10 @@ def main() -> None:
     total = sum(by_thread.values())
     others = sorted((n for t, n in by_thread.items() if t != 1), reverse=True)
     print(json.dumps({
-        "bench": "s3put_instructions", "api": args.api, "src": str(src), "puts": args.puts, "size": args.size,
-        "per_put": round(total / args.puts), "event_loop_per_put": round(by_thread.get(1, 0) / args.puts),
-        "busiest_other_thread_per_put": round(others[0] / args.puts) if others else 0,
+        "bench": "s3put_instructions", "api": args.api, "op": args.op, "src": str(src), "ops": args.puts,
+        "size": args.size,
+        "per_op": round(total / args.puts), "event_loop_per_op": round(by_thread.get(1, 0) / args.puts),
+        "busiest_other_thread_per_op": round(others[0] / args.puts) if others else 0,
         "threads": {str(t): round(n / args.puts) for t, n in sorted(by_thread.items())},
     }))
     shutil.rmtree(work, ignore_errors=True)

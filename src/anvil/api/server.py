@@ -133,13 +133,24 @@ def _send_raw(cycle: Any, status: int, headers: list[tuple[bytes, bytes]], body:
     return True
 
 
+_rendered_defaults: tuple[list[tuple[bytes, bytes]], bytes] = ([], b"")
+
+
+def _default_lines(default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """uvicorn's default headers (the date) as header lines, rendered once per list: uvicorn makes a new
+    list when the date changes (every tick of its main loop), and the cache holds the list it was made
+    from, so the identity test cannot be fooled by a new list at a reused address."""
+    global _rendered_defaults
+    if _rendered_defaults[0] is not default_headers:
+        _rendered_defaults = (default_headers, b"".join([b"%s: %s\r\n" % pair for pair in default_headers]))
+    return _rendered_defaults[1]
+
+
 def _answer_bytes(status: int, default_headers: list[tuple[bytes, bytes]], headers: list[tuple[bytes, bytes]],
                   body: bytes, *, close: bool = False) -> bytes:
     """A whole answer in one piece: the status line, uvicorn's default headers (the date, as it sends
     them), `headers`, `connection: close` when the connection ends after it, and the body (b"" for HEAD)."""
-    content = [STATUS_LINE[status]]
-    for name, value in default_headers:
-        content += (name, b": ", value, b"\r\n")
+    content = [STATUS_LINE[status], _default_lines(default_headers)]
     for name, value in headers:
         content += (name, b": ", value, b"\r\n")
     if close:
@@ -251,6 +262,7 @@ LINGER_SECONDS = 2.0
 LINGER_BYTES = 1024 * 1024
 # The SSE change feed never ends by itself: on shutdown it is ended cleanly (see shutdown()).
 WATCH_PATH = "/anvil/v1/watch"
+_STATUS_200 = STATUS_LINE[200]
 FAST_PREFIX = b"/anvil/v1/buckets/"  # the raw request target of every request FastReads may answer
 
 
@@ -326,12 +338,27 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
     # Parser callbacks
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        # uvicorn's, less the ASGI scope: that is made by `_new_scope` only for a request the general path
+        # answers (a request answered from `_answer_fast` never needs it: ~3 k instructions).
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+        self.scope = None  # type: ignore[assignment]
         self._head_open, self._head_fresh, self._head_bytes, self._head_sum = True, True, 0, 0
         self._answered = False
         # A request answered in `_answer_fast` armed the keep-alive timer; one pipelined behind it in the
         # same read must not be cut off by that timer while it is served.
-        self._unset_keepalive_if_required()
+        self._idle_since = None
+
+    def _new_scope(self) -> Any:
+        """uvicorn's scope for the request whose head was parsed, as its `on_message_begin` makes it (called
+        here for that alone: the URL, headers and `Expect` seen so far are kept)."""
+        url, headers, expect = self.url, self.headers, self.expect_100_continue
+        super().on_message_begin()
+        self.url, self.headers, self.expect_100_continue = url, headers, expect
+        scope = self.scope
+        scope["headers"] = headers
+        return scope
 
     # on_url and on_header run for every request: uvicorn's bodies are inlined rather than called.
 
@@ -368,7 +395,7 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
 
     def _make_cycle(self) -> None:
         """uvicorn's cycle for the request whose head was parsed, with the app's extras in its scope."""
-        scope = self.scope
+        scope = self._new_scope()
         scope[ABORT_CONNECTION] = self._reset  # type: ignore[literal-required]
         super().on_headers_complete()
         cycle = self.cycle
@@ -461,21 +488,23 @@ class AnvilHttpProtocol(CoalescingHttpToolsProtocol):
         if (method != b"GET" and method != b"HEAD") or parser.get_http_version() != "1.1" \
                 or not parser.should_keep_alive() or parser.should_upgrade():
             return False
-        parsed = httptools.parse_url(self.url)
-        path = parsed.path.decode("ascii")
+        # The target is in origin form (it starts with FAST_PREFIX), which llhttp has checked: its path and
+        # query are what `httptools.parse_url` would find (without making a URL object), unless it has a
+        # fragment, which is left to uvicorn's parse.
+        url = self.url
+        if url.find(b"#") >= 0:
+            return False
+        raw_path, _, query = url.partition(b"?")
+        path = raw_path.decode("ascii")
         if "%" in path:
             path = urllib.parse.unquote(path)  # as uvicorn makes scope["path"]
         head = method == b"HEAD"
-        found = self.fast_reads.answer(head, self.root_path + path, parsed.query or b"", self.headers)
+        found = self.fast_reads.answer(head, self.root_path + path, query, self.headers)
         if found is None:
             return False
-        headers, body = found
-        # The checks `_send_raw` makes of an app's headers (these are the server's own values: never refused).
-        if HEADER_RE.search(b"".join([n for n, _ in headers])) or \
-                HEADER_VALUE_RE.search(b"\t".join([v for _, v in headers])):
-            return False
-        self.transport.write_whole(_answer_bytes(200, self.server_state.default_headers, headers,
-                                                 b"" if head else body))
+        block, body = found  # (header lines that pass `_send_raw`'s checks: `answer` made sure of it)
+        self.transport.write_whole(b"".join((_STATUS_200, _default_lines(self.server_state.default_headers), block,
+                                             b"\r\n", b"" if head else body)))
         self._answered = True  # the rest of this request (a body, its end) is not for any cycle
         self.on_response_complete()  # as a finished cycle calls it: counts, keep-alive timer, reading resumed
         return True
