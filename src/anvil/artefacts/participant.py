@@ -175,8 +175,10 @@ class ArtefactsParticipant(Participant):
                 mine = [r for r in references.get(sha, ()) if r.missing_invariant == "artefacts.component_missing"]
                 if not mine:
                     continue
-                st = ctx.blobs.stat(sha)
-                size = st[0] if st is not None else None
+                try:
+                    size: int | None = ctx.blobs.size(sha)  # a file or an inline body
+                except FileNotFoundError:
+                    size = None
                 if size != mine[0].size:
                     add("error", mine[0].label, f"component blob {sha} is "
                         + ("missing" if size is None else f"{size} bytes, {mine[0].size} recorded"),
