@@ -246,3 +246,46 @@ def test_hashing_through_maps_reads_what_hashing_by_reads_does(tmp_path: Path, m
             blobwalk.hash_mapped(fd, buf, view)
     finally:
         os.close(fd)
+
+
+# A fresh interpreter running `anvil fsck ...` as the `anvil` script would, the thresholds lowered
+# so the test store gets both children: prints what anvil.cli started before click was imported,
+# and (at exit, after anvil.cli's own exit handlers) whether every child was reaped.
+EARLY_START = """
+import atexit, json, sys
+from anvil.storage import blobwalk, catalogcheck
+blobwalk.PROCESS_FROM = catalogcheck.PROCESS_FROM = 0
+children = []
+atexit.register(lambda: print(json.dumps({"reaped": [p.returncode is not None for p in children]})))
+sys.argv = ["anvil", *sys.argv[1:]]
+import anvil.cli
+children += [*blobwalk._early.values(), *catalogcheck._early.values()]
+print(json.dumps({"click": "click" in sys.modules, "early": len(children)}), flush=True)
+from anvil.cli.main import main
+main()
+"""
+
+
+@pytest.mark.parametrize("extra, code", [([], 0), (["--endpoint", "http://127.0.0.1:9"], 2)])
+def test_the_command_line_starts_both_children_before_click(store: Path, tmp_path: Path, extra: list[str],
+                                                            code: int) -> None:
+    """`anvil fsck --deep --storage-path DIR` starts the catalog's and the blobs' children when the
+    `anvil.cli` package is imported, before click and the command's modules; the command then takes
+    their answers (exit 0, the store sound), and on a usage error nothing takes them: they are ended
+    at exit, never left running."""
+    import json
+    import subprocess
+
+    root = tmp_path / "data"
+    shutil.copytree(store, root)
+    out = subprocess.run([sys.executable, "-c", EARLY_START, "fsck", "--deep", "--storage-path", str(root), "--json",
+                          *extra], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == code, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith('{"')]
+    assert lines[0] == {"click": False, "early": 2}
+    assert lines[-1] == {"reaped": [True, True]}
+    if code == 0:
+        assert json.loads(out.stdout[out.stdout.index("\n") + 1:out.stdout.rindex('{"reaped"')])["ok"] is True
+    else:
+        assert "not both" in out.stderr

@@ -163,13 +163,15 @@ def fsck(storage_path: str | None, endpoint: str | None, as_json: bool, deep: bo
     """Check the journal chain, blobs, references, multipart state, FORMAT, catalog.db,
     watch cursors and derived manifests; record findings. Exit 1 on any error finding."""
     if storage_path:
+        from anvil.cli import FSCK_HASH_THREADS
         from anvil.storage import blobwalk, catalogcheck
 
-        hash_threads = 2
+        hash_threads = FSCK_HASH_THREADS
         if deep:
             # A large catalog's deep checks (integrity, inline bodies) and the hashing of many blob files
             # run in child processes: start them before the imports below and the opening of the store,
-            # so they work on the other core meanwhile.
+            # so they work on the other core meanwhile (`anvil.cli` started them already when it found
+            # this command on the line: then these calls find them).
             catalogcheck.start_early(os.path.join(storage_path, "catalog.db"), hash_threads)
             blobwalk.start_early(os.path.join(storage_path, "blobs", "sha256"), hash_threads)
         try:
