@@ -619,7 +619,7 @@ def backup_get(repo: str, s3_endpoint: str | None, key_file: str | None, as_json
     from anvil.backup.restore import get_object
 
     r = _open(repo, key_file, s3_endpoint)
-    from anvil.runtime import recovery_participants
+    from anvil.participants import recovery_participants
 
     info, body = get_object(r, r.resolve_snapshot(snapshot), recovery_participants(), bucket_name, object_key,
                             version_id)
@@ -661,7 +661,7 @@ def restore_cmd(repo: str, s3_endpoint: str | None, key_file: str | None, as_jso
         return
     from anvil.backup.pgcapture import restore_into_records
     from anvil.cli.records import check_records_url
-    from anvil.runtime import recovery_participants
+    from anvil.participants import recovery_participants
 
     try:
         check_records_url(records)
@@ -685,8 +685,8 @@ def restore_cmd(repo: str, s3_endpoint: str | None, key_file: str | None, as_jso
 
 
 def _open_while_importing(repo: str, key_file: str | None, s3_endpoint: str | None):
-    """`_open` for a restore: the passphrase's key derivation (argon2, ~0.4 s of native work that
-    releases the GIL) runs on a thread while this one imports the restore and the runtime (~0.4 s
+    """`_open` for a restore: the passphrase's key derivation (argon2id, ~0.1 s of native work that
+    releases the GIL) runs on a thread while this one imports the restore and the participants (~0.2 s
     of Python), instead of one after the other."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -701,7 +701,7 @@ def _open_while_importing(repo: str, key_file: str | None, s3_endpoint: str | No
     with ThreadPoolExecutor(1, thread_name_prefix="anvil-open-repo") as ex:
         opening = ex.submit(Repository.open, backend, passphrase)
         import anvil.backup.restore
-        import anvil.runtime  # noqa: F401 - recovery_participants, next
+        import anvil.participants  # noqa: F401 - recovery_participants, next (not anvil.runtime: no service)
         return opening.result()
 
 
@@ -721,7 +721,7 @@ def _restore(repo: str, s3_endpoint: str | None, key_file: str | None, as_json: 
     """The embedded restore (`report`: print the outcome and exit 1 on problems, else return it)."""
     from anvil.backup.errors import BackupError
     from anvil.backup.restore import restore
-    from anvil.runtime import recovery_participants
+    from anvil.participants import recovery_participants
 
     if to_time is not None or to_seq is not None:
         from anvil.backup.pitr import iso, parse_time, restore_to_point
@@ -836,7 +836,7 @@ def recovery_validate(storage_path: str, as_json: bool, records: str | None = No
     """Run the restore validation sequence (docs/backup.md); writes recovery/validation.{json,md}; exit 1 on failure."""
     from anvil.backup import mode as rec
     from anvil.backup import ops
-    from anvil.runtime import recovery_participants
+    from anvil.participants import recovery_participants
 
     report = ops.validate_path(storage_path, recovery_participants(), records=records)
     if as_json:
@@ -894,7 +894,7 @@ def drill_cmd(repo: str, s3_endpoint: str | None, key_file: str | None, as_json:
     """Restore into a temporary directory, start an isolated server, prove the backup; exit 1 on any failure."""
     from anvil.backup.drill import run_drill
     from anvil.backup.errors import BackupError
-    from anvil.runtime import recovery_participants
+    from anvil.participants import recovery_participants
 
     apply_thresholds(lock_stale)
     point = None

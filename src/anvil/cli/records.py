@@ -27,7 +27,7 @@ def check_records_url(url: str) -> None:
 def migrate(records: str, as_json: bool) -> None:
     """Create or upgrade the record store's schema (every subsystem's numbered migrations)."""
     from anvil.errors import AnvilError
-    from anvil.runtime import recovery_participants
+    from anvil.participants import recovery_participants
     from anvil.storage.pg import apply_all, redact_url
     from anvil.storage.recovery import Replayer
 
