@@ -289,3 +289,21 @@ def test_the_command_line_starts_both_children_before_click(store: Path, tmp_pat
         assert json.loads(out.stdout[out.stdout.index("\n") + 1:out.stdout.rindex('{"reaped"')])["ok"] is True
     else:
         assert "not both" in out.stderr
+
+
+def test_progress_a_dying_child_reported_is_taken_back(store: Path, tmp_path: Path, spawned: list,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child that reported progress and then died: the caller walks again in its own process and
+    reports every blob again, so what the child reported is taken back (no bar past its total)."""
+    import marshal
+
+    said = tmp_path / "progress"
+    said.write_bytes(marshal.dumps(3) + marshal.dumps(4))
+    dies = tmp_path / "python-that-reports-then-dies"
+    dies.write_text(f"#!/bin/sh\ncat {said}\nkill -KILL $$\n")
+    dies.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(dies))
+    blobwalk.start_early(store / "blobs" / "sha256", 2)
+    progress: list[int] = []
+    assert blobwalk.take_early(store / "blobs" / "sha256", 2, progress.append) is None
+    assert progress == [3, 4, -7]

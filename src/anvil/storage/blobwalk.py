@@ -271,12 +271,14 @@ def take_early(root: str | os.PathLike[str], threads: int,
         return None
     assert proc.stdout is not None and proc.stderr is not None
     walked = None
+    reported = 0  # progress passed on: taken back if the walk must run again here
     try:
         while walked is None:
             message = marshal.load(proc.stdout)
             if isinstance(message, int):
                 if on_progress is not None:
                     on_progress(message)
+                    reported += message
             elif isinstance(message, tuple) and len(message) == 4:
                 walked = message
             else:
@@ -289,6 +291,8 @@ def take_early(root: str | os.PathLike[str], threads: int,
         _, stderr = proc.communicate()
     if walked is not None and proc.returncode == 0:
         return walked
+    if reported and on_progress is not None:
+        on_progress(-reported)  # the in-process walk reports every blob again
     import logging
 
     logging.getLogger("anvil.blobwalk").warning(
