@@ -3,6 +3,8 @@
 import os
 import sys
 
+FSCK_HASH_THREADS = 2  # `anvil fsck`'s hashing threads (its children's too)
+
 
 def _stopped_while_starting(_signum: int, _frame: object) -> None:
     # Ctrl-C on `anvil serve` (and `make run`) while the command is still importing: nothing is open
@@ -46,8 +48,6 @@ def _start_deep_fsck_children(args: list[str]) -> None:
     atexit.register(catalogcheck.discard_early)
     atexit.register(blobwalk.discard_early)
 
-
-FSCK_HASH_THREADS = 2  # `anvil fsck`'s hashing threads (its children's too)
 
 if sys.argv[1:2] == ["fsck"]:
     _start_deep_fsck_children(sys.argv[2:])
