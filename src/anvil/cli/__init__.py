@@ -30,12 +30,20 @@ def _storage_path_of(args: list[str]) -> str | None:
     return None
 
 
-def _start_deep_fsck_children(args: list[str]) -> None:
-    """`anvil fsck --deep --storage-path DIR`: start the catalog's and the blob files' checking
-    children now, before click and the command's modules are imported (~55 ms on one core), so
-    they hash on the other core meanwhile. The command starts them again with the same arguments
-    once click has parsed its line (`start_early` keeps one child per store) and takes their
-    answers; whatever it does not take (another store, a usage error) is ended at exit."""
+def start_deep_fsck_children(storage_path: str) -> None:
+    """Start the catalog's and the blob files' checking children of `fsck --deep` on `storage_path`
+    (`start_early`: one per store, so a second call finds the first's), for the command to take."""
+    from anvil.storage import blobwalk, catalogcheck
+
+    catalogcheck.start_early(os.path.join(storage_path, "catalog.db"), FSCK_HASH_THREADS)
+    blobwalk.start_early(os.path.join(storage_path, "blobs", "sha256"), FSCK_HASH_THREADS)
+
+
+def _start_from_command_line(args: list[str]) -> None:
+    """`anvil fsck --deep --storage-path DIR`: the children start now, before click and the command's
+    modules are imported (~55 ms on one core), so they hash on the other core meanwhile; the command
+    calls `start_deep_fsck_children` again once click has parsed its line and takes their answers.
+    Whatever it does not take (another store, a usage error) is ended at exit."""
     storage_path = _storage_path_of(args)
     if "--deep" not in args or not storage_path:
         return
@@ -43,11 +51,10 @@ def _start_deep_fsck_children(args: list[str]) -> None:
 
     from anvil.storage import blobwalk, catalogcheck
 
-    catalogcheck.start_early(os.path.join(storage_path, "catalog.db"), FSCK_HASH_THREADS)
-    blobwalk.start_early(os.path.join(storage_path, "blobs", "sha256"), FSCK_HASH_THREADS)
+    start_deep_fsck_children(storage_path)
     atexit.register(catalogcheck.discard_early)
     atexit.register(blobwalk.discard_early)
 
 
 if sys.argv[1:2] == ["fsck"]:
-    _start_deep_fsck_children(sys.argv[2:])
+    _start_from_command_line(sys.argv[2:])

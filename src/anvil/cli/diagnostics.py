@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -163,7 +162,7 @@ def fsck(storage_path: str | None, endpoint: str | None, as_json: bool, deep: bo
     """Check the journal chain, blobs, references, multipart state, FORMAT, catalog.db,
     watch cursors and derived manifests; record findings. Exit 1 on any error finding."""
     if storage_path:
-        from anvil.cli import FSCK_HASH_THREADS
+        from anvil.cli import FSCK_HASH_THREADS, start_deep_fsck_children
         from anvil.storage import blobwalk, catalogcheck
 
         hash_threads = FSCK_HASH_THREADS
@@ -171,9 +170,8 @@ def fsck(storage_path: str | None, endpoint: str | None, as_json: bool, deep: bo
             # A large catalog's deep checks (integrity, inline bodies) and the hashing of many blob files
             # run in child processes: start them before the imports below and the opening of the store,
             # so they work on the other core meanwhile (`anvil.cli` started them already when it found
-            # this command on the line: then these calls find them).
-            catalogcheck.start_early(os.path.join(storage_path, "catalog.db"), hash_threads)
-            blobwalk.start_early(os.path.join(storage_path, "blobs", "sha256"), hash_threads)
+            # this command on the line: then this finds them).
+            start_deep_fsck_children(storage_path)
         try:
             from anvil.diagnostics.fsck import run_fsck
             from anvil.diagnostics.service import OFFLINE_PRINCIPAL, open_offline_target
