@@ -260,3 +260,35 @@ def test_backup_bench_steps_runs_and_reports_only_those_asked() -> None:
     assert sorted(doc["seconds"]) == ["initial_backup", "restore"]
     for tool in ("anvil", "restic"):
         assert len(doc["seconds"]["restore"][tool]["runs"]) == 1
+
+
+def test_putfloor_bench_short_run_prints_every_server_and_its_ceiling() -> None:
+    """`bench/putfloor.py`: Anvil, the least durable server, the null server and the fsync loop, each
+    with its rate and (servers) CPU per PUT and the CPU ceiling it implies; only the shape is checked."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "putfloor.py"), "--reps", "2", "--seconds", "0.3"],
+                          env=env, capture_output=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    doc = json.loads(proc.stdout)
+    assert doc["twice_fsync_loop_ops_per_s"] == round(2 * doc["fsync_loop"]["ops_per_s_median"])
+    for name in ("anvil", "durable", "null"):
+        fig = doc[name]
+        assert len(fig["ops_per_s_runs"]) == 2 and fig["errors"] == 0 and fig["ops_per_s_min"] > 0
+        assert fig["server_cpu_ms_per_put"] > 0 and fig["cpu_ceiling_ops_per_s"] > 0
+        assert isinstance(fig["cpu_ceiling_reaches_twice_loop"], bool)
+    assert {"load_average_before", "load_average_after"} <= doc.keys()
+
+
+def test_fsck_bench_tiny_run_prints_ratios_and_the_floors(tmp_path: Path) -> None:
+    """`bench/fsck.py` over tiny stores: fsck --deep against hashlib per storage path, and for the
+    inline store the integrity floor and the least deep check, each with its ratio."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "fsck.py"), "--objects", "60", "--files", "4",
+                           "--repeat", "1", "--keep", str(tmp_path)], env=env, capture_output=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    doc = json.loads(proc.stdout[proc.stdout.index(b"{"):])
+    for kind in ("inline", "file"):
+        assert doc[kind]["fsck_ok"] is True and doc[kind]["ratio_median"] > 0
+    least = doc["inline"]["minimal_deep_check"]
+    assert least["median_seconds"] > 0 and isinstance(least["within_target"], bool)
+    assert "verdict" in doc["inline"]["integrity_floor"]
