@@ -18,6 +18,9 @@ repetitions with the order rotating:
 - the fsync loop: bench/objects.py's reference (a unique 4 KiB file written, fsynced, closed, in one
             thread), whose double is the target.
 
+For the durable server it also gives the writer's side: PUTs per COMMIT, what a COMMIT took, and the
+share of the phase the writer spent committing.
+
 For each it reports the PUT rate (min, median, every run), the server's CPU per PUT and its busiest
 thread's, and the client processes' CPU per PUT; for every server the CPU ceiling on this machine's
 cores, cores / (server + client CPU per PUT), which no scheduling can beat. Prints one JSON document.
@@ -59,16 +62,21 @@ def serve(mode: str, port: int, directory: str) -> None:
     import uvicorn
 
     jobs: queue.SimpleQueue = queue.SimpleQueue()
+    stats = {"commits": 0, "puts": 0, "commit_s": 0.0}  # the writer's, read by GET /stats
     ok = b'{"ok":true}'
     start = {"type": "http.response.start", "status": 200,
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(ok)).encode())]}
     end = {"type": "http.response.body", "body": ok}
 
-    def writer(loop: asyncio.AbstractEventLoop) -> None:
+    def open_db() -> apsw.Connection:
         conn = apsw.Connection(os.path.join(directory, "floor.db"))
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("CREATE TABLE IF NOT EXISTS bodies (key TEXT PRIMARY KEY, sha256 TEXT, body BLOB)")
+        return conn
+
+    def writer(loop: asyncio.AbstractEventLoop) -> None:
+        conn = open_db()
         while True:
             batch = [jobs.get()]
             while True:  # commit whatever is queued: the group commit with no waiting at all
@@ -76,9 +84,30 @@ def serve(mode: str, port: int, directory: str) -> None:
                     batch.append(jobs.get_nowait())
                 except queue.Empty:
                     break
+            t0 = time.perf_counter()
             with conn:
                 conn.executemany("INSERT OR REPLACE INTO bodies VALUES (?, ?, ?)", [j[:3] for j in batch])
+            stats["commit_s"] += time.perf_counter() - t0
+            stats["commits"] += 1
+            stats["puts"] += len(batch)
             loop.call_soon_threadsafe(_resolve, [j[3] for j in batch])
+
+    pending: list[tuple[str, str, bytes, asyncio.Future]] = []
+    conn_on_loop: list[Any] = []
+
+    def flush() -> None:
+        """`onloop`: the event loop itself commits what the requests of this turn queued (no threads)."""
+        if not conn_on_loop:
+            conn_on_loop.append(open_db())
+        batch = pending[:]
+        pending.clear()
+        t0 = time.perf_counter()
+        with conn_on_loop[0]:
+            conn_on_loop[0].executemany("INSERT OR REPLACE INTO bodies VALUES (?, ?, ?)", [j[:3] for j in batch])
+        stats["commit_s"] += time.perf_counter() - t0
+        stats["commits"] += 1
+        stats["puts"] += len(batch)
+        _resolve([j[3] for j in batch])
 
     def _resolve(futures: list[asyncio.Future]) -> None:
         for f in futures:
@@ -96,6 +125,12 @@ def serve(mode: str, port: int, directory: str) -> None:
             message = await receive()
             body += message.get("body", b"")
             more = message.get("more_body", False)
+        if scope["path"] == "/stats":
+            doc = json.dumps(stats).encode()
+            head = [(b"content-length", b"%d" % len(doc))]
+            await send({"type": "http.response.start", "status": 200, "headers": head})
+            await send({"type": "http.response.body", "body": doc})
+            return
         if mode == "durable" and scope["method"] == "PUT":
             loop = asyncio.get_running_loop()
             if not started:
@@ -103,6 +138,13 @@ def serve(mode: str, port: int, directory: str) -> None:
                 threading.Thread(target=writer, args=(loop,), daemon=True).start()
             done = loop.create_future()
             jobs.put((scope["query_string"].decode(), hashlib.sha256(body).hexdigest(), body, done))
+            await done
+        elif mode == "onloop" and scope["method"] == "PUT":
+            loop = asyncio.get_running_loop()
+            done = loop.create_future()
+            if not pending:
+                loop.call_soon(flush)
+            pending.append((scope["query_string"].decode(), hashlib.sha256(body).hexdigest(), body, done))
             await done
         await send(start)
         await send(end)
@@ -142,16 +184,29 @@ class FloorServer:
             self.proc.wait()
 
 
-def _phase(load: Any, pid: int, port: int, rep: int, seconds: float) -> dict[str, Any]:
+def _phase(load: Any, pid: int, port: int, rep: int, seconds: float, writer_stats: bool) -> dict[str, Any]:
+    import httpx
+
     clients = CLIENT_PROCESSES * CONNS_PER_PROCESS
+    before = httpx.get(f"http://127.0.0.1:{port}/stats").json() if writer_stats else None
     with native_bench.Sampler(pid) as s:
         put = load.run(port, "bench", "put", [[f"floor{rep}/{n}/"] for n in range(clients)], seconds)
     put.pop("written")
     ops = max(put["ops"], 1)
-    return {"ops_per_s": put["ops_per_s"], "errors": put["errors"], "p50_ms": put["latency_ms"]["p50"],
-            "server_cpu_ms_per_put": round(1000 * s.cpu_s / ops, 4),
-            "busiest_thread_cpu_ms_per_put": round(1000 * s.busiest_thread_cpu_s / ops, 4),
-            "client_cpu_ms_per_put": round(1000 * put["client_cpu_s"] / ops, 4)}
+    out = {"ops_per_s": put["ops_per_s"], "errors": put["errors"], "p50_ms": put["latency_ms"]["p50"],
+           "server_cpu_ms_per_put": round(1000 * s.cpu_s / ops, 4),
+           "busiest_thread_cpu_ms_per_put": round(1000 * s.busiest_thread_cpu_s / ops, 4),
+           "client_cpu_ms_per_put": round(1000 * put["client_cpu_s"] / ops, 4)}
+    if before is not None:
+        # The writer's side: how many PUTs a COMMIT covered, what a COMMIT (WAL write + fsync) took, and
+        # how much of the phase the writer spent committing (1.0: the disk sets the rate).
+        after = httpx.get(f"http://127.0.0.1:{port}/stats").json()
+        commits = max(after["commits"] - before["commits"], 1)
+        commit_s = after["commit_s"] - before["commit_s"]
+        out.update(mean_batch=round((after["puts"] - before["puts"]) / commits, 2),
+                   commit_ms_mean=round(1000 * commit_s / commits, 3),
+                   writer_commit_busy=round(commit_s / put["seconds"], 3))
+    return out
 
 
 def _summary(runs: list[dict[str, Any]], cores: int) -> dict[str, Any]:
@@ -159,8 +214,10 @@ def _summary(runs: list[dict[str, Any]], cores: int) -> dict[str, Any]:
     out: dict[str, Any] = {"ops_per_s_runs": rates, "ops_per_s_min": min(rates),
                            "ops_per_s_median": statistics.median(rates)}
     if "server_cpu_ms_per_put" in runs[0]:
-        for k in ("server_cpu_ms_per_put", "busiest_thread_cpu_ms_per_put", "client_cpu_ms_per_put", "p50_ms"):
-            out[k] = statistics.median(r[k] for r in runs)
+        for k in ("server_cpu_ms_per_put", "busiest_thread_cpu_ms_per_put", "client_cpu_ms_per_put", "p50_ms",
+                  "mean_batch", "commit_ms_mean", "writer_commit_busy"):
+            if k in runs[0]:
+                out[k] = statistics.median(r[k] for r in runs)
         out["errors"] = sum(r["errors"] for r in runs)
         per_put = out["server_cpu_ms_per_put"] + out["client_cpu_ms_per_put"]
         out["cpu_ceiling_ops_per_s"] = round(cores * 1000 / per_put) if per_put else None
@@ -183,7 +240,7 @@ def main() -> None:
         pythonpath = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
         anvil = AnvilServer(tmp_path / "anvil", env={"PYTHONPATH": pythonpath}).start()
         os.environ[native_bench.TOKEN_ENV] = anvil.auth_headers()["authorization"].removeprefix("Bearer ")
-        floors = [FloorServer(m, tmp_path / m).start() for m in ("durable", "null")]
+        floors = [FloorServer(m, tmp_path / m).start() for m in ("durable", "onloop", "null")]
         load = native_bench.LoadGenerator(CLIENT_PROCESSES, CONNS_PER_PROCESS)
         try:
             with anvil.client() as c:
@@ -201,7 +258,7 @@ def main() -> None:
                         runs[name].append({"ops_per_s": loop["ops_per_s"]})
                     else:
                         pid, port = servers[name]
-                        runs[name].append(_phase(load, pid, port, rep, args.seconds))
+                        runs[name].append(_phase(load, pid, port, rep, args.seconds, name in ("durable", "onloop")))
         finally:
             load.close()
             for f in floors:
@@ -209,7 +266,7 @@ def main() -> None:
             anvil.stop()
     out = {name: _summary(r, cores) for name, r in runs.items()}
     twice = 2 * out["fsync_loop"]["ops_per_s_median"]
-    for name in ("anvil", "durable", "null"):
+    for name in ("anvil", "durable", "onloop", "null"):
         out[name]["vs_fsync_loop"] = round(out[name]["ops_per_s_median"] / out["fsync_loop"]["ops_per_s_median"], 3)
         out[name]["cpu_ceiling_reaches_twice_loop"] = (out[name]["cpu_ceiling_ops_per_s"] or 0) >= twice
     print(json.dumps({
