@@ -1,9 +1,9 @@
 """The small-PUT floor of the stack: how fast can a minimal durable Python server go on this machine?
 
 Issue 20 asks for small durable PUTs (4 KiB, 8 clients) at twice the same-run single-writer fsync
-loop. This bench says whether that is within reach of *any* server written on Anvil's stack (Python,
-uvicorn, uvloop, httptools, SQLite), by running, in the same run and interleaved over `--reps`
-repetitions with the order rotating:
+loop. This bench says whether that is within reach of the least server that can be written on Anvil's
+stack (Python, uvicorn, uvloop, httptools, SQLite) with the same durability, by running, in the
+same run and interleaved over `--reps` repetitions with the order rotating:
 
 - anvil:    a real `anvil serve` of this checkout (bench/objects.py's server and load generator:
             2 client processes x 4 keep-alive connections, raw HTTP/1.1, authenticated);
@@ -13,17 +13,19 @@ repetitions with the order rotating:
             SQLite transaction (WAL, synchronous=FULL: the same durability as Anvil's group
             commit), then answers 200. No auth, no journal, no metadata, no version, no listing
             index: a lower bound on the CPU of a durable PUT, not a store;
+- onloop:   the same with no thread: the event loop commits, at the end of its turn, what that
+            turn's requests queued (no hand-off between threads; the loop blocks during each fsync,
+            which a real server could not afford, as every other request would wait);
 - null:     the same server answering 200 as soon as the body is read (no hash, no disk): the
             protocol's own cost with this load generator, the ceiling of HTTP on this stack;
 - the fsync loop: bench/objects.py's reference (a unique 4 KiB file written, fsynced, closed, in one
             thread), whose double is the target.
 
-For the durable server it also gives the writer's side: PUTs per COMMIT, what a COMMIT took, and the
-share of the phase the writer spent committing.
-
 For each it reports the PUT rate (min, median, every run), the server's CPU per PUT and its busiest
 thread's, and the client processes' CPU per PUT; for every server the CPU ceiling on this machine's
-cores, cores / (server + client CPU per PUT), which no scheduling can beat. Prints one JSON document.
+cores, cores / (server + client CPU per PUT), which no scheduling can beat. For the durable servers
+it also gives the writer's side: PUTs per COMMIT, what a COMMIT took, and the share of the phase the
+writer spent committing. Prints one JSON document.
 
     python bench/putfloor.py [--reps 3] [--seconds 5]
 """
@@ -75,25 +77,30 @@ def serve(mode: str, port: int, directory: str) -> None:
         conn.execute("CREATE TABLE IF NOT EXISTS bodies (key TEXT PRIMARY KEY, sha256 TEXT, body BLOB)")
         return conn
 
+    def commit(conn: apsw.Connection, batch: list[tuple[str, str, bytes, asyncio.Future]]) -> list[asyncio.Future]:
+        """One transaction for the batch (acknowledged after its COMMIT); the batch's futures."""
+        t0 = time.perf_counter()
+        with conn:
+            conn.executemany("INSERT OR REPLACE INTO bodies VALUES (?, ?, ?)", [j[:3] for j in batch])
+        stats["commit_s"] += time.perf_counter() - t0
+        stats["commits"] += 1
+        stats["puts"] += len(batch)
+        return [j[3] for j in batch]
+
     def writer(loop: asyncio.AbstractEventLoop) -> None:
+        """`durable`: the writer thread commits whatever is queued (group commit, no waiting at all)."""
         conn = open_db()
         while True:
             batch = [jobs.get()]
-            while True:  # commit whatever is queued: the group commit with no waiting at all
+            while True:
                 try:
                     batch.append(jobs.get_nowait())
                 except queue.Empty:
                     break
-            t0 = time.perf_counter()
-            with conn:
-                conn.executemany("INSERT OR REPLACE INTO bodies VALUES (?, ?, ?)", [j[:3] for j in batch])
-            stats["commit_s"] += time.perf_counter() - t0
-            stats["commits"] += 1
-            stats["puts"] += len(batch)
-            loop.call_soon_threadsafe(_resolve, [j[3] for j in batch])
+            loop.call_soon_threadsafe(_resolve, commit(conn, batch))
 
     pending: list[tuple[str, str, bytes, asyncio.Future]] = []
-    conn_on_loop: list[Any] = []
+    conn_on_loop: list[apsw.Connection] = []
 
     def flush() -> None:
         """`onloop`: the event loop itself commits what the requests of this turn queued (no threads)."""
@@ -101,13 +108,7 @@ def serve(mode: str, port: int, directory: str) -> None:
             conn_on_loop.append(open_db())
         batch = pending[:]
         pending.clear()
-        t0 = time.perf_counter()
-        with conn_on_loop[0]:
-            conn_on_loop[0].executemany("INSERT OR REPLACE INTO bodies VALUES (?, ?, ?)", [j[:3] for j in batch])
-        stats["commit_s"] += time.perf_counter() - t0
-        stats["commits"] += 1
-        stats["puts"] += len(batch)
-        _resolve([j[3] for j in batch])
+        _resolve(commit(conn_on_loop[0], batch))
 
     def _resolve(futures: list[asyncio.Future]) -> None:
         for f in futures:
