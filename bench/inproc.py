@@ -20,6 +20,7 @@ import asyncio
 import cProfile
 import gc
 import json
+import os
 import pstats
 import sys
 import tempfile
@@ -265,7 +266,11 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=10)
     ap.add_argument("--profile", action="store_true", help="one more batch of each under cProfile")
     args = ap.parse_args()
-    print(json.dumps(run(args.n, args.batches, args.profile), indent=1))
+    load_before = os.getloadavg()
+    result = run(args.n, args.batches, args.profile)
+    result["load_average"] = {"before": [round(x, 2) for x in load_before],
+                              "after": [round(x, 2) for x in os.getloadavg()]}
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

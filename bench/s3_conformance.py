@@ -1401,6 +1401,7 @@ def main() -> None:
                     help="use this running Anvil instead of starting one")
     ap.add_argument("--moto", metavar="ENDPOINT", help="use this running moto server instead of starting one")
     args = ap.parse_args()
+    load_before = os.getloadavg()
     cases = [c for c in CASES if not args.quick or c[1] in QUICK]
     names = [n for _, n, _ in CASES]
     assert len(names) == len(set(names)), "case names are unique"
@@ -1435,7 +1436,9 @@ def main() -> None:
                 }
             finally:
                 target.stop()
-    print(json.dumps({"benchmark": "s3_conformance", "quick": args.quick, "cases": len(cases), **results}, indent=2))
+    print(json.dumps({"benchmark": "s3_conformance", "quick": args.quick, "cases": len(cases), **results,
+                      "load_average_before": [round(x, 2) for x in load_before],
+                      "load_average_after": [round(x, 2) for x in os.getloadavg()]}, indent=2))
 
 
 if __name__ == "__main__":

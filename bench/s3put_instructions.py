@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--op", choices=("put", "get"), default="put")
     ap.add_argument("--objects", type=int, default=100, help="objects read in turn by --op get")
     args = ap.parse_args()
+    load_before = os.getloadavg()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("valgrind (with callgrind_control) is needed")
     src = Path(args.src).resolve() if args.src else HERE / "src"
@@ -186,6 +187,8 @@ def main() -> None:
         "per_op": round(total / args.puts), "event_loop_per_op": round(by_thread.get(1, 0) / args.puts),
         "busiest_other_thread_per_op": round(others[0] / args.puts) if others else 0,
         "threads": {str(t): round(n / args.puts) for t, n in sorted(by_thread.items())},
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }))
     shutil.rmtree(work, ignore_errors=True)
 
