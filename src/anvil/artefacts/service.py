@@ -409,6 +409,14 @@ class ArtefactService:
             files.update({c["path"]: c for c in m["components"]})
             self._check_signatures(conn, tenant, body, sigs)
         tensors = self._index_components(files)
+        # Derived, but published *before* the manifest commits: written after it, a crash between the
+        # commit and the write left a recorded manifest without its tensor index, which nothing rebuilt
+        # on restart (fsck: artefacts.tensor_index_missing until `anvil repair tensors`). The index is
+        # keyed by the component's SHA-256 and deterministic, so writing it early is harmless even if
+        # the mutation below is then refused.
+        for sha, ts in tensors.items():
+            if load_tensor_index(self.root, sha) is None:
+                write_tensor_index(self.root, sha, ts)
 
         def fn(txn: Txn) -> dict[str, Any]:
             c = txn.conn
@@ -448,10 +456,6 @@ class ArtefactService:
             return {"id": aid, "name": m["name"], "kind": m["kind"], "created": created, "tag": moved}
 
         result = self.storage.catalog.mutate(fn, actor=ctx.actor, request_id=ctx.request_id)
-        # Derived, after the commit: a lost index is rebuilt from its blob on the next read or repair.
-        for sha, ts in tensors.items():
-            if load_tensor_index(self.root, sha) is None:
-                write_tensor_index(self.root, sha, ts)
         result["components"] = len(m["components"])
         result["files"] = len(files)
         result["tensors"] = sum(len(t) for t in tensors.values())

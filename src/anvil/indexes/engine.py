@@ -98,14 +98,64 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
 
 
 def check_files(directory: Path, manifest: dict[str, Any]) -> list[str]:
-    """Problems of a generation's files against its manifest (empty: all present and equal)."""
+    """Problems of a generation's files against its manifest (empty: all present and equal).
+
+    A manifest is written after tantivy commits (`Engine.apply` -> `publish`), and tantivy's commit
+    and merges delete the segments they replace at once. So a process killed between a commit and the
+    manifest's rename leaves the previous generation's manifest beside a newer commit, with segments
+    it lists already gone: a state the engine opens on purpose (it replays from the manifest's cursor,
+    every document an upsert), not damage, and it used to be reported as a missing-files error with
+    operator action required (and so could an online fsck racing a commit). Such a newer commit is
+    recognised by its `meta.json` differing from the manifest's; it is then checked for what can be
+    checked -- every segment its `meta.json` names is there, and the segment files the manifest
+    lists that remain are unchanged (tantivy never rewrites a segment file: its name holds the
+    segment id, and the opstamp for deletes)."""
     problems = []
-    for rel, digest in sorted((manifest.get("files") or {}).items()):
+    files = manifest.get("files") or {}
+    meta = directory / "tantivy" / "meta.json"
+    superseded = ("tantivy/meta.json" in files and meta.is_file()
+                  and sha256_file(meta) != files["tantivy/meta.json"])
+    if superseded and manifest.get("tantivy_opstamp") is not None:
+        # Newer means a later opstamp than the published one (a damaged meta.json is not a commit).
+        superseded = (_opstamp(meta) or 0) > int(manifest["tantivy_opstamp"])
+    if superseded:
+        problems += _commit_problems(directory / "tantivy")
+    for rel, digest in sorted(files.items()):
         p = directory / rel
+        if superseded and rel.startswith("tantivy/") and (rel == "tantivy/meta.json" or not p.is_file()):
+            continue  # replaced by the newer commit
         if not p.is_file():
             problems.append(f"{rel} is missing")
         elif sha256_file(p) != digest:
             problems.append(f"{rel} differs from its manifest hash")
+    return problems
+
+
+def _opstamp(meta: Path) -> int | None:
+    """The opstamp of the tantivy commit `meta` (its meta.json) describes, None if unreadable."""
+    try:
+        return int(json.loads(meta.read_text())["opstamp"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _commit_problems(tdir: Path) -> list[str]:
+    """Whether tantivy's latest commit in `tdir` is whole: its meta.json reads, and every segment it
+    names has its files (the deletes file of its opstamp too)."""
+    try:
+        meta = json.loads((tdir / "meta.json").read_text())
+        segments = [(s["segment_id"].replace("-", ""), (s.get("deletes") or {}).get("opstamp"))
+                    for s in meta["segments"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return [f"tantivy/meta.json (a commit newer than the manifest) is unreadable: {e}"]
+    names = {p.name for p in tantivy_files(tdir)}
+    stems = {n.split(".", 1)[0] for n in names}
+    problems = []
+    for sid, opstamp in segments:
+        if sid not in stems:
+            problems.append(f"tantivy segment {sid} of the latest commit is missing")
+        elif opstamp is not None and f"{sid}.{opstamp}.del" not in names:
+            problems.append(f"tantivy/{sid}.{opstamp}.del of the latest commit is missing")
     return problems
 
 
@@ -393,6 +443,7 @@ class Engine:
             "format": FORMAT, "generation": self.generation, "definition_version": self.version,
             "definition_hash": self.def_hash, "cursor": self.cursor, "documents": len(self.docs),
             "vectors": len(self.vectors), "published_at": self.published_at, "files": files,
+            "tantivy_opstamp": _opstamp(self.dir / "tantivy" / "meta.json"),  # check_files: what is newer
             "diagnostics": [{"key": k, "problems": v} for k, v in sorted(self.diagnostics.items())][:MAX_DIAGNOSTICS],
             "diagnostic_count": len(self.diagnostics),
         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -86,11 +87,17 @@ class Storage:
 
         Called by the server at start, while it holds the lock (no other process can be writing
         there); offline tools leave tmp/ alone and gc removes what is old.
+
+        Folders go too: an online backup's checkpoint (`checkpoint-*/`, a whole copy of catalog.db)
+        and PersonalDB's work folders (`anvil-pdb-*/`) live there while they run, and a process
+        killed meanwhile left them behind for ever (gc only removes `upload-*` files).
         """
         if not self._locked:
             raise RuntimeError("tmp/ may only be cleared while holding the storage lock")
         for entry in os.scandir(self.layout.tmp):
-            if entry.is_file(follow_symlinks=False):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            elif entry.is_file(follow_symlinks=False):
                 os.unlink(entry.path)
 
     def read_journal(self, after: int = 0, limit: int = 1000) -> list[Event]:
