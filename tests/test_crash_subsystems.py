@@ -148,6 +148,31 @@ def test_kill_during_an_online_backup_leaves_no_checkpoint_behind(tmp_path: Path
     assert_fsck_clean(srv.storage_path)
 
 
+def test_a_blob_gc_had_moved_aside_when_killed_is_named_again_at_start(tmp_path: Path) -> None:
+    """gc renames an orphan blob into tmp/ (`gc-<sha256>-<id>`) and links it back if a PUT of the same
+    content refreshed it meanwhile. Killed between the two, the file is the only copy of a body that PUT
+    was acknowledged for: start-up must name it again, not delete it with the rest of tmp/."""
+    srv = AnvilServer(tmp_path / "data").start()
+    try:
+        body = bytes(range(256)) * 1200  # 300 KiB: a blob file, not an inline body
+        with srv.client() as c:
+            c.create_bucket("gcq")
+            sha = c.put_object("gcq", "k", body).sha256
+    finally:
+        srv.kill()
+    blob = srv.storage_path / "blobs" / "sha256" / sha[:2] / sha
+    assert blob.is_file()
+    blob.rename(srv.storage_path / "tmp" / f"gc-{sha}-0badc0de")  # where gc's kill left it
+    srv.start()
+    try:
+        assert list((srv.storage_path / "tmp").iterdir()) == []
+        with srv.client() as c:
+            assert c.get_object("gcq", "k") == body
+    finally:
+        srv.stop()
+    assert_fsck_clean(srv.storage_path)
+
+
 # -- search indexes -------------------------------------------------------------------------------
 
 TEXT_INDEX = {"name": "docs", "kind": "full-text", "selector": {"prefix": "docs/"},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -13,8 +14,11 @@ from anvil.storage.blobbackend import BlobBackend, backend_from_env
 from anvil.storage.blobs import BlobStore, drop_behind_from_env
 from anvil.storage.catalog import Catalog
 from anvil.storage.journal import Event
-from anvil.storage.layout import FormatInfo, Layout
+from anvil.storage.layout import FormatInfo, Layout, fsync_dir
 from anvil.storage.space import DiskSpace
+
+# A blob gc moved aside while deciding whether to remove it (diagnostics/gc.py).
+_QUARANTINED = re.compile(r"gc-([0-9a-f]{64})-[0-9a-f]+")
 
 
 class Storage:
@@ -98,7 +102,26 @@ class Storage:
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
             elif entry.is_file(follow_symlinks=False):
+                self._unquarantine(entry)
                 os.unlink(entry.path)
+
+    def _unquarantine(self, entry: os.DirEntry) -> None:
+        """A blob gc had moved aside (`gc-<sha256>-<id>`) goes back under its name if that is free.
+
+        gc renames an orphan into tmp/ and, if a PUT of the same content refreshed it meanwhile,
+        links it back: a process killed between the two would otherwise lose a body that PUT was
+        acknowledged for. The file was a whole, durable blob, so naming it again is safe; at worst it
+        is an orphan the next gc removes."""
+        m = _QUARANTINED.fullmatch(entry.name)
+        if m is None:
+            return
+        dest = self.layout.blobs / m[1][:2] / m[1]
+        if dest.exists():
+            return
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.link(entry.path, dest)
+            fsync_dir(dest.parent)
 
     def read_journal(self, after: int = 0, limit: int = 1000) -> list[Event]:
         return journal.read(self.catalog.reader(), after, limit)
