@@ -223,15 +223,16 @@ def ordered_batches(fn: Callable[[Any], Any], items: Iterable[Any], *, weight: C
 
 
 def latest_for(repo: Repository, deployment_id: str, *, full: bool = True) -> dict[str, Any] | None:
-    """The newest snapshot of the deployment (a full one: deltas hold no file tree), loaded whole."""
-    rows = [r for r in repo.snapshot_rows() if r.get("deployment_id") == deployment_id
+    """The newest snapshot of the deployment (a full one: deltas hold no file tree), loaded whole.
+    A damaged snapshot is passed over: it cannot be a parent, and `backup verify` reports it."""
+    rows = [r for r in repo.snapshot_rows(damaged=[]) if r.get("deployment_id") == deployment_id
             and (not full or r.get("kind") != "delta")]
     return repo.load_snapshot(rows[-1]["id"]) if rows else None
 
 
 def latest_row(repo: Repository, deployment_id: str, *, full: bool = True) -> dict[str, Any] | None:
     """`latest_for`'s header row only (id, seq, stats; no tree)."""
-    rows = [r for r in repo.snapshot_rows() if r.get("deployment_id") == deployment_id
+    rows = [r for r in repo.snapshot_rows(damaged=[]) if r.get("deployment_id") == deployment_id
             and (not full or r.get("kind") != "delta")]
     return rows[-1] if rows else None
 
@@ -1013,6 +1014,34 @@ def _chunk_users(repo: Repository, snaps: list[dict[str, Any]]) -> dict[str, lis
     return users
 
 
+def _delta_problems(snaps: list[dict[str, Any]], snapshot_ids: set[str], segments: list[Any]) -> list[dict[str, Any]]:
+    """A journal delta is restored as its base rolled forward through the archive: without its base
+    snapshot, or with a segment of (base seq, delta seq] gone, it cannot be restored at all, although
+    every chunk and segment still present reads back. Segment names say which events each holds."""
+    by_id = {m["id"]: m for m in snaps}
+    out: list[dict[str, Any]] = []
+    for m in snaps:
+        if m.get("kind") != "delta":
+            continue
+        what, base_id = f"snapshot {m['id']}", m.get("base")
+        if base_id not in by_id:
+            why = "cannot be read" if base_id in snapshot_ids else "is missing from the repository"
+            out.append({"what": what, "problem": f"journal delta: its base snapshot {base_id} {why}; "
+                                                 "this snapshot cannot be restored"})
+            continue
+        covered = int(by_id[base_id]["consistency"]["journal_seq"])
+        to_seq = int(m["consistency"]["journal_seq"])
+        for ref in segments:
+            if ref.deployment_id == m.get("deployment_id") and ref.first_seq <= covered + 1:
+                covered = max(covered, ref.last_seq)
+        if covered < to_seq:
+            out.append({"what": what, "problem": f"journal delta: the archive of deployment {m.get('deployment_id')} "
+                                                 f"has no segment holding event {covered + 1} (it needs every "
+                                                 f"event after its base {base_id} up to {to_seq}); this snapshot "
+                                                 "cannot be restored"})
+    return out
+
+
 def verify(repo: Repository, *, read_data: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Structure (and with read_data every byte); each problem says what it affects."""
     with repo.lock("shared", "verify"):
@@ -1052,6 +1081,8 @@ def _verify(repo: Repository, *, read_data: bool = False, progress: Progress | N
         for sha, entry in seg.get("blobs", {}).items():
             for c in entry["chunks"]:
                 users.setdefault(c, []).append(f"archive seq {ref.first_seq}..{ref.last_seq}: blob {sha[:16]}…")
+
+    errors.extend(_delta_problems(snaps + unreadable_trees, set(repo.snapshot_ids()), segments))
 
     def affects(cid: str) -> list[str]:
         u = users.get(cid, [])
@@ -1145,6 +1176,10 @@ def _forget(repo: Repository, keep_last: int, keep_daily: int, keep_weekly: int,
     from anvil.backup.archive import list_segments
 
     snaps = repo.snapshot_rows()
+    if prune:
+        repo.index()
+        if repo.index_problems:  # checked before anything is forgotten: the command changes nothing
+            raise BackupError("refusing to prune: " + "; ".join(repo.index_problems))
     keep = select_keep(snaps, keep_last, keep_daily, keep_weekly)
     # A kept journal delta needs the full snapshot it rolls forward from.
     keep |= {m["base"] for m in snaps if m["id"] in keep and m.get("kind") == "delta" and m.get("base")}
@@ -1167,7 +1202,12 @@ def _forget(repo: Repository, keep_last: int, keep_daily: int, keep_weekly: int,
             segments_removed.append(ref.name.rsplit("/", 1)[1])
     result: dict[str, Any] = {"kept": sorted(keep), "removed": removed, "segments_removed": len(segments_removed)}
     if prune:
-        result["prune"] = prune_repo(repo)
+        try:
+            result["prune"] = prune_repo(repo)
+        except BackupError as e:
+            if removed:
+                raise BackupError(f"{e} (forgotten before pruning: {', '.join(removed)})") from None
+            raise
     return result
 
 
@@ -1191,6 +1231,14 @@ def prune_repo(repo: Repository) -> dict[str, Any]:
     for ref in list_segments(repo):  # archived journal segments keep their blobs' chunks
         used.update(segment_chunks(load_segment(repo, ref)))
     index = repo.index()
+    # A chunk in use that no index names sits in a pack that looks unreferenced (an index file was
+    # lost or deleted): pruning would delete that pack as an orphan, destroying data verify can
+    # still point at. Refuse, as for an unreadable index file.
+    unindexed = sum(1 for c in used if c not in index)
+    if unindexed:
+        raise BackupError(f"refusing to prune: {unindexed} chunk(s) that snapshots or archive segments use are in "
+                          "no index (an index file is missing?), and the packs holding them would be deleted as "
+                          "unreferenced; `anvil backup verify` names them")
     orphans = remove_orphan_packs(repo)
     by_pack: dict[str, list[str]] = {}
     for cid, loc in index.items():

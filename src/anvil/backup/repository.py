@@ -430,10 +430,15 @@ class Repository:
         out = [self.load_snapshot(i) for i in self.snapshot_ids()]
         return sorted(out, key=lambda m: m["started"])
 
-    def snapshot_rows(self) -> list[dict[str, Any]]:
+    def snapshot_rows(self, damaged: list[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
         """Every snapshot's header (no tree, no summaries), oldest first, without decrypting every
         manifest each time: headers are cached locally (sealed with the repository key, by id;
-        snapshots are immutable), so a repository with thousands of snapshots opens in one listing."""
+        snapshots are immutable), so a repository with thousands of snapshots opens in one listing.
+
+        A snapshot that cannot be read raises, since which snapshot is the newest (or which a
+        retention policy keeps) cannot then be told; with `damaged`, it is recorded there (id,
+        problem) and left out instead: for listings and for choosing a backup's parent, where an
+        older parent only costs deduplication."""
         ids = self.snapshot_ids()
         root = cache_root()
         folder = root / self.repo_id / "snapshots" if root else None
@@ -448,7 +453,15 @@ class Repository:
             if row is None:
                 from anvil.backup.treestream import read_header  # (it imports this module's types)
 
-                head = read_header(self, sid, ROW_FIELDS)  # up to the tree: never the whole manifest
+                try:
+                    head = read_header(self, sid, ROW_FIELDS)  # up to the tree: never the whole manifest
+                except BackupError as e:
+                    if damaged is None:
+                        raise BackupError(f"{e}; so the repository's snapshots cannot all be read: `anvil backup "
+                                          "verify` reports the damage, `anvil backup list` the readable snapshots "
+                                          "(name one by its id)") from None
+                    damaged.append((sid, str(e)))
+                    continue
                 row = {k: head.get(k) for k in ROW_FIELDS}
                 if folder is not None:
                     with contextlib.suppress(OSError):

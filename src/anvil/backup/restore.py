@@ -474,8 +474,11 @@ def _restore_files(repo: Repository, manifest: dict[str, Any], layout: Layout, p
     if flusher is not None:
         flusher.stop()
     # The blobs (and the fan-out folders naming them) are durable before the marker says done.
+    # `worker_dirs` names the folders the windows were to write into; a window whose every blob
+    # failed (a corrupted chunk) never made its folder, and fsyncing it failed the whole restore
+    # with a bare "No such file or directory" instead of the report naming the damaged chunks.
     sync_paths(written if len(written) > SYNC_FILES_ONE_BY_ONE else [store.path(sha) for sha in written],
-               {*made, *map(Path, worker_dirs), *file_dirs, layout.blobs, root})
+               {*made, *(Path(d) for d in worker_dirs if os.path.isdir(d)), *file_dirs, layout.blobs, root})
     marker = {
         "snapshot": manifest["id"], "repository": repo.backend.url, "restored_at": time.time(),
         "journal_seq": manifest["consistency"]["journal_seq"], "journal_hash": manifest["consistency"]["journal_hash"],

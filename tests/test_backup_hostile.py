@@ -1,0 +1,217 @@
+"""A hostile repository and a hostile restore, through the CLI as an operator meets them.
+
+One tiny store (two buckets, versioned objects, small and file-sized bodies) is backed up
+offline three times: two full snapshots and a journal delta, into a repository of small packs.
+Each test damages a copy of that repository the way a disk, a careless operator or a crash
+would, and checks that every command either does exactly the right thing or says precisely
+what is damaged: never a traceback, never a bare OS error, never a repository made worse.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from anvil.backup.backends.local import LocalBackend
+from anvil.backup.repository import Repository
+from anvil.context import DEV_PRINCIPAL, RequestContext
+from anvil.runtime import Anvil
+from tests.helpers import run_anvil
+
+pytestmark = pytest.mark.timeout(180)
+
+PASS = "hostile passphrase"
+# No snapshot-header cache: a header cached before the damage would hide it from the commands.
+ENV = {"ANVIL_BACKUP_KDF": "test", "ANVIL_BACKUP_PASSPHRASE": PASS, "ANVIL_BACKUP_CACHE_DIR": "off"}
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+
+
+def anvil_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    proc = run_anvil([*args], env={**os.environ, **ENV, **(env or {})}, capture_output=True, timeout=120, text=True)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def _put(data: Path, bucket: str, key: str, body: bytes) -> None:
+    anvil = Anvil(data)
+    try:
+        anvil.objects.put_object(RequestContext(DEV_PRINCIPAL), bucket, key, anvil.storage.blobs.put_bytes(body))
+    finally:
+        anvil.close()
+
+
+def _create(repo: Path, data: Path, *extra: str) -> dict:
+    proc = anvil_cli("backup", "create", "--repo", f"file://{repo}", "--storage-path", str(data), "--json", *extra)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory):
+    base = tmp_path_factory.mktemp("backup-hostile")
+    saved = {k: os.environ.get(k) for k in ENV}
+    os.environ.update(ENV)
+    data, repo = base / "data", base / "repo"
+    anvil = Anvil(data)
+    try:
+        ctx = RequestContext(DEV_PRINCIPAL)
+        anvil.objects.create_bucket(ctx, "photos", versioning="Enabled")
+        anvil.objects.create_bucket(ctx, "docs")
+        for i in range(6):
+            body = os.urandom(30_000 + i) if i % 2 else f"small body {i}".encode()
+            anvil.objects.put_object(ctx, "photos" if i % 3 else "docs", f"k/{i}", anvil.storage.blobs.put_bytes(body))
+    finally:
+        anvil.close()
+    try:
+        proc = anvil_cli("backup", "init", "--repo", f"file://{repo}", "--pack-size", str(64 * 1024))
+        assert proc.returncode == 0, proc.stderr
+        first = _create(repo, data, "--tag", "first")
+        _put(data, "photos", "k/1", os.urandom(41_000))  # a new version
+        second = _create(repo, data, "--tag", "second")
+        _put(data, "docs", "after", b"written after the second snapshot")
+        delta = _create(repo, data, "--incremental", "--tag", "delta")
+        assert delta["kind"] == "delta" and delta["base"] == second["id"]
+        yield {"data": data, "repo": repo, "first": first["id"], "second": second["id"], "delta": delta["id"]}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def repo_copy(built, tmp_path: Path) -> Path:
+    dest = tmp_path / "repo"
+    shutil.copytree(built["repo"], dest)
+    return dest
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def flip(path: Path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def test_restore_names_a_corrupted_chunk_instead_of_a_missing_folder(built, repo_copy: Path, tmp_path: Path) -> None:
+    """A small blob whose only chunk is corrupted: its pack window fails, so its fan-out folder is
+    never made. The restore used to fsync that folder and die with `[Errno 2] No such file or
+    directory: .../blobs/sha256/xx`, naming neither the chunk, the pack nor the objects."""
+    r = Repository.open(LocalBackend(repo_copy), PASS)
+    m = r.load_snapshot(built["second"])
+    index = r.index()
+    blobs = m["tree"]["blobs"]
+    # A file-sized blob (inline ones come back inside catalog.db) alone under its fan-out prefix.
+    sha = next(s for s, e in blobs.items() if e["size"] > 20_000 and e["chunks"]
+               and sum(o[:2] == s[:2] for o in blobs) == 1)
+    (cid,) = blobs[sha]["chunks"]
+    loc = index[cid]
+    flip(repo_copy / "data" / loc.pack[:2] / loc.pack, loc.offset + loc.length // 2)
+    target = tmp_path / "restored"
+    proc = anvil_cli("restore", "--repo", f"file://{repo_copy}", "--snapshot", built["second"], "--target",
+                     str(target), "--json")
+    assert proc.returncode == 1
+    out = json.loads(proc.stdout)
+    assert "error" not in out, out
+    (problem,) = out["problems"]
+    assert problem.startswith(f"blob {sha}: chunk {cid} cannot be decrypted (corrupted) in pack {loc.pack}")
+    assert "photos/k/" in problem or "docs/k/" in problem  # the objects it affects
+    assert json.loads((target / "RECOVERY").read_text())["problems"] == [problem]
+
+
+def test_verify_reports_a_delta_whose_base_snapshot_is_gone(built, repo_copy: Path, tmp_path: Path) -> None:
+    """Every chunk and segment left reads back, yet the delta cannot be restored: verify said ok."""
+    (repo_copy / "snapshots" / built["second"]).unlink()
+    proc = anvil_cli("backup", "verify", "--repo", f"file://{repo_copy}", "--read-data", "--json")
+    assert proc.returncode == 1
+    (err,) = json.loads(proc.stdout)["errors"]
+    assert err["what"] == f"snapshot {built['delta']}"
+    assert f"its base snapshot {built['second']} is missing" in err["problem"]
+    restore = anvil_cli("restore", "--repo", f"file://{repo_copy}", "--snapshot", built["delta"], "--target",
+                        str(tmp_path / "t"))
+    assert restore.returncode == 1 and built["second"] in restore.stderr
+
+
+def test_verify_reports_a_delta_whose_archive_segment_is_gone(built, repo_copy: Path, tmp_path: Path) -> None:
+    segments = sorted(p for p in (repo_copy / "archive").rglob("*") if p.is_file())
+    assert segments
+    for seg in segments:
+        seg.unlink()
+    proc = anvil_cli("backup", "verify", "--repo", f"file://{repo_copy}", "--json")
+    assert proc.returncode == 1
+    (err,) = json.loads(proc.stdout)["errors"]
+    assert err["what"] == f"snapshot {built['delta']}" and "has no segment holding event" in err["problem"]
+    restore = anvil_cli("restore", "--repo", f"file://{repo_copy}", "--snapshot", built["delta"], "--target",
+                        str(tmp_path / "t"))
+    assert restore.returncode == 1 and "nothing was written" in restore.stderr
+
+
+def test_a_damaged_snapshot_hides_no_other(built, repo_copy: Path, tmp_path: Path) -> None:
+    """One corrupted old manifest made `backup list` fail whole (the operator could not see which
+    snapshots were left to restore) and every later `backup create` fail (choosing its parent)."""
+    flip(repo_copy / "snapshots" / built["first"], 40)
+    listed = anvil_cli("backup", "list", "--repo", f"file://{repo_copy}", "--json")
+    assert listed.returncode == 1
+    assert [r["id"] for r in json.loads(listed.stdout)] == [built["second"], built["delta"]]
+    assert f"snapshot {built['first']} cannot be decrypted (corrupted)" in listed.stderr
+    # "latest" cannot be told while a snapshot is unreadable: refused, saying how to name one.
+    latest = anvil_cli("restore", "--repo", f"file://{repo_copy}", "--target", str(tmp_path / "a"))
+    assert latest.returncode == 1 and built["first"] in latest.stderr and "backup list" in latest.stderr
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
+    named = anvil_cli("restore", "--repo", f"file://{repo_copy}", "--snapshot", built["second"], "--target",
+                      str(tmp_path / "b"), "--json")
+    assert named.returncode == 0 and json.loads(named.stdout)["ok"], named.stdout
+    # A new backup still works (the damaged snapshot cannot be its parent), and verify names the damage.
+    data = tmp_path / "data"
+    shutil.copytree(built["data"], data)
+    new = _create(repo_copy, data)
+    assert new["parent"] == built["second"]
+    verify = anvil_cli("backup", "verify", "--repo", f"file://{repo_copy}", "--json")
+    assert verify.returncode == 1
+    assert [e["what"] for e in json.loads(verify.stdout)["errors"]] == [f"snapshot {built['first']}"]
+
+
+def _index_files_by_age(repo: Path) -> list[Path]:
+    return sorted((repo / "index").iterdir(), key=lambda p: p.stat().st_mtime_ns)
+
+
+def test_prune_never_deletes_packs_of_a_lost_index(built, repo_copy: Path) -> None:
+    """The journal delta's index file (naming the pack of the blob its archive segment shipped) is
+    lost. That pack then looked like an orphan: prune deleted it, and the delta was gone for good."""
+    _index_files_by_age(repo_copy)[-1].unlink()
+    before = tree(repo_copy / "data")
+    proc = anvil_cli("backup", "forget", "--repo", f"file://{repo_copy}", "--keep-last", "1", "--prune",
+                     "--orphan-grace", "0")
+    assert proc.returncode == 1
+    assert "refusing to prune" in proc.stderr and "in no index" in proc.stderr
+    assert built["first"] in proc.stderr  # says what was forgotten before it refused
+    assert tree(repo_copy / "data") == before
+    # Verify names the chunks the lost index held, so the operator knows what is at stake.
+    verify = anvil_cli("backup", "verify", "--repo", f"file://{repo_copy}", "--json")
+    assert verify.returncode == 1
+    (err,) = json.loads(verify.stdout)["errors"]
+    assert err["problem"] == "referenced by a snapshot but in no index" and "archive seq" in err["affects"][0]
+
+
+def test_forget_with_prune_changes_nothing_while_an_index_is_unreadable(built, repo_copy: Path) -> None:
+    """The refusal to prune came after the snapshots were forgotten: a failed command changed the repository."""
+    idx = _index_files_by_age(repo_copy)[-1]
+    idx.write_bytes(idx.read_bytes()[:-10])
+    before = tree(repo_copy)
+    proc = anvil_cli("backup", "forget", "--repo", f"file://{repo_copy}", "--keep-last", "1", "--prune")
+    assert proc.returncode == 1 and "refusing to prune" in proc.stderr and idx.name in proc.stderr
+    assert tree(repo_copy) == before
