@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,23 @@ def test_forget_with_prune_changes_nothing_while_an_index_is_unreadable(built, r
     proc = anvil_cli("backup", "forget", "--repo", f"file://{repo_copy}", "--keep-last", "1", "--prune")
     assert proc.returncode == 1 and "refusing to prune" in proc.stderr and idx.name in proc.stderr
     assert tree(repo_copy) == before
+
+
+def test_a_passphrase_that_is_not_utf8_is_refused_in_one_line(built, tmp_path: Path) -> None:
+    """A key file of random bytes, or such bytes in ANVIL_BACKUP_PASSPHRASE: a UnicodeDecodeError
+    (or UnicodeEncodeError from argon2's input) traceback, and `init` had begun."""
+    key_file = tmp_path / "key"
+    key_file.write_bytes(b"\xff\xfe random bytes \x00")
+    proc = anvil_cli("backup", "list", "--repo", f"file://{built['repo']}", "--key-file", str(key_file))
+    assert proc.returncode == 1
+    assert proc.stderr == f"error: the passphrase in key file {key_file} is not UTF-8 text; use a text passphrase " \
+                          "(e.g. the base64 of random bytes: head -c 32 /dev/urandom | base64)\n"
+    # os.environ holds such bytes as surrogates; only a real process gets them from the kernel.
+    env = {k.encode(): v.encode() for k, v in {**os.environ, **ENV}.items()}
+    env[b"ANVIL_BACKUP_PASSPHRASE"] = b"\xff\xfe"
+    for args in (["list", "--repo", f"file://{built['repo']}"], ["init", "--repo", f"file://{tmp_path / 'new'}"]):
+        p = subprocess.run([sys.executable, "-m", "anvil.cli.main", "backup", *args], env=env, capture_output=True,
+                           timeout=60)
+        assert p.returncode == 1 and p.stderr.startswith(b"error: the passphrase in ANVIL_BACKUP_PASSPHRASE is not")
+        assert b"Traceback" not in p.stderr
+    assert not (tmp_path / "new").exists()
