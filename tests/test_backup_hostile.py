@@ -236,3 +236,17 @@ def test_a_passphrase_that_is_not_utf8_is_refused_in_one_line(built, tmp_path: P
         assert p.returncode == 1 and p.stderr.startswith(b"error: the passphrase in ANVIL_BACKUP_PASSPHRASE is not")
         assert b"Traceback" not in p.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_verify_finds_a_pack_moved_out_of_its_folder(built, repo_copy: Path) -> None:
+    """Packs are read at data/<first two hex>/<id>: one moved elsewhere under data/ was counted by
+    its file name, so plain verify said ok while every restore found the pack missing."""
+    pack = next(p for p in sorted((repo_copy / "data").rglob("*")) if p.is_file())
+    other = repo_copy / "data" / ("00" if pack.parent.name != "00" else "01")
+    other.mkdir(exist_ok=True)
+    pack.rename(other / pack.name)
+    proc = anvil_cli("backup", "verify", "--repo", f"file://{repo_copy}", "--json")
+    assert proc.returncode == 1
+    out = json.loads(proc.stdout)
+    assert out["errors"] and all(e["problem"] == f"pack {pack.name} is missing" for e in out["errors"])
+    assert any(w.startswith(f"data/{other.name}/{pack.name} is not where a pack") for w in out["warnings"])

@@ -1092,7 +1092,16 @@ def _verify(repo: Repository, *, read_data: bool = False, progress: Progress | N
         if cid not in index:
             errors.append({"what": f"chunk {cid}", "problem": "referenced by a snapshot but in no index",
                            "affects": affects(cid)})
-    stored_packs = {n.rsplit("/", 1)[1]: n for n in repo.backend.list("data")}
+    # A pack counts only where readers look for it (`pack_name`): one moved to another fan-out
+    # folder was counted by its file name, so verify passed while every restore found it missing.
+    stored_packs: dict[str, str] = {}
+    misplaced: list[str] = []
+    for n in repo.backend.list("data"):
+        pack_id = n.rsplit("/", 1)[1]
+        if n == pack_name(pack_id):
+            stored_packs[pack_id] = n
+        else:
+            misplaced.append(n)
     by_pack: dict[str, list[tuple[str, Any]]] = {}
     for cid, loc in index.items():
         by_pack.setdefault(loc.pack, []).append((cid, loc))
@@ -1110,6 +1119,8 @@ def _verify(repo: Repository, *, read_data: bool = False, progress: Progress | N
     warnings = [f"pack {p} is not referenced by any readable index (left by an interrupted backup? the next "
                 f"`backup create` or `forget --prune` removes it once older than {orphan_grace():g}s)"
                 for p in unindexed]
+    warnings += [f"{n} is not where a pack of that name is read from ({pack_name(n.rsplit('/', 1)[1])})"
+                 for n in misplaced]
     checked_chunks = 0
     if read_data:
         present = [p for p in sorted(by_pack) if p in stored_packs]
