@@ -1121,6 +1121,14 @@ def _verify(repo: Repository, *, read_data: bool = False, progress: Progress | N
                 for p in unindexed]
     warnings += [f"{n} is not where a pack of that name is read from ({pack_name(n.rsplit('/', 1)[1])})"
                  for n in misplaced]
+    # A hole between archive segments: a segment lost, or archiving off while the journal was
+    # compacted (legitimate, hence a warning). Either way no point-in-time restore crosses it; a
+    # journal delta that needs it is an error above.
+    from anvil.backup.archive import archive_summary
+
+    warnings += [f"the archive of deployment {a['deployment_id']} has no events {gap} (a segment lost, or "
+                 "archiving was off while the journal was compacted): point-in-time restores cannot cross it"
+                 for a in archive_summary(repo) for gap in a["gaps"]]
     checked_chunks = 0
     if read_data:
         present = [p for p in sorted(by_pack) if p in stored_packs]
