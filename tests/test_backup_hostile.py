@@ -271,3 +271,28 @@ def test_verify_warns_of_a_hole_in_the_archive(built, repo_copy: Path, tmp_path:
                for w in out["warnings"])
     # The journal delta that needs the lost events is an error: it cannot be restored.
     assert proc.returncode == 1 and any(f"has no segment holding event {seq} " in e["problem"] for e in out["errors"])
+
+
+@pytest.mark.parametrize("value", ["big", None, 0])
+def test_a_damaged_pack_size_in_config_refuses_writes_not_restores(built, repo_copy: Path, tmp_path: Path,
+                                                                   value: object) -> None:
+    """The config is plaintext: a damaged pack_target failed `backup create` after its checkpoint
+    with a traceback (a string, null) or silently wrote one pack per chunk (0)."""
+    cfg = json.loads((repo_copy / "config").read_text())
+    cfg["pack_target"] = value
+    (repo_copy / "config").write_text(json.dumps(cfg))
+    before = tree(repo_copy)
+    data = tmp_path / "data"
+    shutil.copytree(built["data"], data)
+    _put(data, "docs", "new", os.urandom(20_000))
+    create = anvil_cli("backup", "create", "--repo", f"file://{repo_copy}", "--storage-path", str(data))
+    assert create.returncode == 1
+    assert create.stderr.startswith(f"error: the repository's config is damaged: pack_target is {json.dumps(value)}")
+    forget = anvil_cli("backup", "forget", "--repo", f"file://{repo_copy}", "--keep-last", "1", "--prune")
+    assert forget.returncode == 1 and "pack_target" in forget.stderr
+    assert tree(repo_copy) == before
+    verify = anvil_cli("backup", "verify", "--repo", f"file://{repo_copy}", "--json")
+    assert verify.returncode == 1 and [e["what"] for e in json.loads(verify.stdout)["errors"]] == ["config"]
+    restore = anvil_cli("restore", "--repo", f"file://{repo_copy}", "--snapshot", built["second"], "--target",
+                        str(tmp_path / "t"))
+    assert restore.returncode == 0, restore.stderr

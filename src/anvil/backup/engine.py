@@ -21,7 +21,7 @@ from anvil.backup import summaries as summaries_mod
 from anvil.backup import treepages, workers
 from anvil.backup.chunking import CHUNKER, chunker
 from anvil.backup.errors import BackupError
-from anvil.backup.pack import ChunkReader, PackWriter, pack_name
+from anvil.backup.pack import ChunkReader, PackWriter, pack_name, pack_target
 from anvil.backup.refstore import RefStore, SavedTree
 from anvil.backup.repository import Repository, env_seconds
 from anvil.backup.treestream import iter_tree_blobs, light_tree, read_tree_text
@@ -1050,6 +1050,10 @@ def verify(repo: Repository, *, read_data: bool = False, progress: Progress | No
 
 def _verify(repo: Repository, *, read_data: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     errors: list[dict[str, Any]] = []
+    try:
+        pack_target(repo.config)
+    except BackupError as e:
+        errors.append({"what": "config", "problem": str(e)})
     index = repo.index()
     for p in repo.index_problems:
         errors.append({"what": "index", "problem": p})
@@ -1196,6 +1200,7 @@ def _forget(repo: Repository, keep_last: int, keep_daily: int, keep_weekly: int,
 
     snaps = repo.snapshot_rows()
     if prune:
+        pack_target(repo.config)  # prune writes packs: a damaged config refuses before anything is forgotten
         repo.index()
         if repo.index_problems:  # checked before anything is forgotten: the command changes nothing
             raise BackupError("refusing to prune: " + "; ".join(repo.index_problems))
