@@ -296,3 +296,33 @@ def test_a_damaged_pack_size_in_config_refuses_writes_not_restores(built, repo_c
     restore = anvil_cli("restore", "--repo", f"file://{repo_copy}", "--snapshot", built["second"], "--target",
                         str(tmp_path / "t"))
     assert restore.returncode == 0, restore.stderr
+
+
+@pytest.mark.parametrize("where", [".", "data", "snapshots/x", ".."])
+def test_a_restore_never_writes_into_the_repository(built, repo_copy: Path, where: str) -> None:
+    """With --force a restore wrote FORMAT, catalog.db, blobs/ and secrets/ among the repository's
+    objects: into snapshots/ it broke every later `backup list` ("snapshot secrets/... cannot be
+    decrypted"); into data/ its files became "packs". A target holding the repository likewise."""
+    target = (repo_copy / where).resolve()
+    before = tree(repo_copy)
+    for extra in (["--snapshot", built["second"]], ["--to-time", "2999-01-01T00:00:00Z"]):
+        proc = anvil_cli("restore", "--repo", f"file://{repo_copy}", "--target", str(target), "--force", *extra)
+        assert proc.returncode == 1
+        assert f"the target {target} and the repository {repo_copy} overlap" in proc.stderr
+    assert tree(repo_copy) == before
+    assert anvil_cli("backup", "list", "--repo", f"file://{repo_copy}").returncode == 0
+
+
+def test_point_in_time_restore_to_a_delta_seq_starts_from_its_base(built, tmp_path: Path) -> None:
+    """A journal delta is a snapshot row at its seq, but holds no files: a point-in-time restore to
+    (or past) its seq chose it as the snapshot to start from and crashed (KeyError: 'FORMAT')."""
+    seq = json.loads(anvil_cli("backup", "inspect", "--repo", f"file://{built['repo']}", built["delta"],
+                               "--json").stdout)["consistency"]["journal_seq"]
+    for args in (["--to-seq", str(seq)], ["--to-time", "2999-01-01T00:00:00Z"]):
+        target = tmp_path / args[0].strip("-")
+        proc = anvil_cli("restore", "--repo", f"file://{built['repo']}", "--target", str(target), "--json", *args)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["snapshot"] == built["second"] and out["point_in_time"]["head_seq"] == seq
+        val = anvil_cli("recovery", "validate", "--storage-path", str(target))
+        assert val.returncode == 0, val.stdout

@@ -259,11 +259,30 @@ def _make_parent(dest: Path, made: set[Path]) -> None:
     made.add(parent)
 
 
+def _refuse_target_sharing_the_repository(repo: Repository, target: Path) -> None:
+    """A local repository and a restore target must not overlap. With --force a restore into the
+    repository (or a folder of it) wrote FORMAT, catalog.db, blobs/ and secrets/ among its objects:
+    into `snapshots/` it made every later `backup list` and restore fail on a "snapshot" named
+    secrets/...; into `data/`, restored files became "packs" a cleanup may delete. A target holding
+    the repository is refused for the same reason (`backup init` refuses a repository inside a
+    STORAGE_PATH)."""
+    if not isinstance(repo.backend, LocalBackend):
+        return
+    root, where = repo.backend.root.resolve(), target.resolve()
+    if where == root or root in where.parents or where in root.parents:
+        raise BackupError(f"the target {target} and the repository {repo.backend.root} overlap: restore into a "
+                          "folder outside the repository that does not contain it; nothing was written")
+
+
 def restore(repo: Repository, manifest: dict[str, Any], target: Path, participants: list[Participant], *,
             buckets: list[str] | None = None, force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Write FORMAT, catalog.db and the referenced blobs; mark the target to start in recovery mode."""
     started = time.time()
     target = Path(target).absolute()
+    _refuse_target_sharing_the_repository(repo, target)
+    if manifest.get("kind") == "delta":
+        raise BackupError(f"snapshot {manifest['id']} is a journal delta: it is restored as its base snapshot "
+                          f"{manifest.get('base')} rolled forward (pitr.restore_any); nothing was written")
     was_empty = not target.exists() or not any(target.iterdir())
     if not was_empty and not force:
         entries = sorted(p.name for p in target.iterdir())
