@@ -556,6 +556,8 @@ def snapshot_from_checkpoint(job: SnapshotJob, repo: Repository, blobs: BlobStor
     # Another create may be filling packs no index mentions yet: then leave every pack alone.
     if any(lock.get("operation") not in ("verify", "forget") for lock in repo.live_locks):
         orphans: dict[str, Any] = {"skipped": "another backup may be running", "packs": 0, "bytes": 0, "kept": 0}
+    elif (lost := _parent_unindexed(repo, job.parent)) is not None:
+        orphans = {"skipped": lost, "packs": 0, "bytes": 0, "kept": 0}
     else:
         orphans = remove_orphan_packs(repo)
     writer = repo.writer()
@@ -563,6 +565,27 @@ def snapshot_from_checkpoint(job: SnapshotJob, repo: Repository, blobs: BlobStor
         return _fill_snapshot(job, repo, blobs, participants, writer, orphans, progress)
     finally:
         writer.close()
+
+
+def _parent_unindexed(repo: Repository, parent: dict[str, Any] | None) -> str | None:
+    """Why packs no index names must be kept, or None. A lost index file makes the packs it named
+    look like a killed create's leftovers: the cleanup deleted them once past the grace period,
+    destroying every older snapshot's data (this create re-encodes what it needs, so it alone
+    looked fine). The parent's files and tree pages (its manifest without the pages' contents:
+    cheap) all indexed is the sign that nothing was lost; prune checks every snapshot's chunks."""
+    if parent is None:
+        return None
+    try:
+        m = repo.load_snapshot(parent["id"], pages=False)
+    except BackupError:
+        return f"the parent snapshot {parent['id']} cannot be read; run `anvil backup verify`"
+    index = repo.index()
+    wanted = [*treepages.page_ids(m), *(c for e in m["tree"]["files"].values() for c in e.get("chunks") or [])]
+    missing = sum(1 for c in wanted if c not in index)
+    if not missing:
+        return None
+    return (f"{missing} chunk(s) of the parent snapshot {parent['id']} are in no index (an index file lost?): "
+            "packs no index names are kept; run `anvil backup verify`")
 
 
 def _fill_snapshot(job: SnapshotJob, repo: Repository, blobs: BlobStore, participants: list[Participant],
