@@ -344,3 +344,16 @@ def test_a_create_keeps_the_packs_of_a_lost_index(built, repo_copy: Path, tmp_pa
     assert "in no index (an index file lost?)" in made["stats"]["orphans"]["skipped"]
     after = tree(repo_copy / "data")
     assert all(after.get(name) == body for name, body in packs_before.items())
+
+
+def test_a_repository_where_no_lock_can_be_written_says_why(built, repo_copy: Path, tmp_path: Path) -> None:
+    """A read-only copy (here: locks/ cannot hold files) failed with a bare OS error naming a
+    temporary lock file, and nothing said why a restore needs to write at all."""
+    shutil.rmtree(repo_copy / "locks", ignore_errors=True)
+    (repo_copy / "locks").write_text("not a folder")
+    for args in (["backup", "verify"], ["restore", "--target", str(tmp_path / "t")]):
+        proc = anvil_cli(*args, "--repo", f"file://{repo_copy}")
+        assert proc.returncode == 1
+        assert proc.stderr.startswith(f"error: cannot write a lock into file://{repo_copy}/locks/ (")
+        assert "read-only" in proc.stderr and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "t").exists()

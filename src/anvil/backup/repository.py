@@ -243,7 +243,15 @@ class Repository:
         now = time.time()
         body = {"kind": kind, "pid": os.getpid(), "host": platform.node(), "time": now, "heartbeat": now,
                 "operation": operation}
-        self.backend.write(name, json.dumps(body).encode())
+        try:
+            self.backend.write(name, json.dumps(body).encode())
+        except OSError as e:
+            # A read-only copy (a mount, an immutable medium): the bare OS error named a temporary
+            # lock file and said nothing of why a read needs to write.
+            folder = f"{self.backend.url.rstrip('/')}/locks/"
+            raise BackupError(f"cannot write a lock into {folder} ({e.strerror or e}): every backup, restore "
+                              "and verify takes one; if this copy of the repository is "
+                              "read-only, copy it somewhere writable and use that") from None
         stop = threading.Event()
         mutex = threading.Lock()  # a heartbeat never rewrites the lock after its release deleted it
         try:

@@ -288,6 +288,7 @@ def restore(repo: Repository, manifest: dict[str, Any], target: Path, participan
         entries = sorted(p.name for p in target.iterdir())
         raise BackupError(f"target {target} is not empty ({len(entries)} entries: {', '.join(entries[:5])}); "
                           "nothing was written; use --force to restore into it anyway")
+    existed = target.exists()
     target.mkdir(parents=True, exist_ok=True)
     layout = Layout(target)
     layout.acquire_lock()  # a running server on the target makes this fail clearly
@@ -299,6 +300,9 @@ def restore(repo: Repository, manifest: dict[str, Any], target: Path, participan
         layout.release_lock()
         if was_empty:
             empty_folder(target)  # nothing was there before: leave nothing half-restored behind
+            if not existed:  # nor the folder itself (a refused restore said "nothing was written")
+                with contextlib.suppress(OSError):
+                    target.rmdir()
         raise
     finally:
         layout.release_lock()
