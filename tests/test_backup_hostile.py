@@ -357,3 +357,25 @@ def test_a_repository_where_no_lock_can_be_written_says_why(built, repo_copy: Pa
         assert proc.stderr.startswith(f"error: cannot write a lock into file://{repo_copy}/locks/ (")
         assert "read-only" in proc.stderr and proc.stderr.count("\n") == 1
     assert not (tmp_path / "t").exists()
+
+
+def test_a_damaged_or_hostile_key_file_is_named_not_a_wrong_passphrase(built, repo_copy: Path) -> None:
+    """Key files are plaintext, read before anything authenticates them: argon2 costs of 4 GiB were
+    a HashingError traceback (larger valid ones would run for hours), and any damage read as a
+    wrong passphrase, sending the operator after the wrong problem."""
+    (key,) = (repo_copy / "keys").iterdir()
+    entry = json.loads(key.read_text())
+    entry["kdf"]["memory_cost"] = 2**32 - 1
+    key.write_text(json.dumps(entry))
+    proc = anvil_cli("backup", "list", "--repo", f"file://{repo_copy}")
+    assert proc.returncode == 1
+    assert proc.stderr == (f"error: no usable key in file://{repo_copy}: keys/{key.name} is damaged (KDF parameter "
+                           "memory_cost is 4294967295, outside 8..4194304); restore keys/ from a copy of the "
+                           "repository\n")
+    # Beside a good key, a damaged one is still named when the passphrase is wrong.
+    key.rename(repo_copy / "keys" / "0000000000000000")
+    shutil.copy(built["repo"] / "keys" / key.name, key)
+    assert anvil_cli("backup", "list", "--repo", f"file://{repo_copy}").returncode == 0
+    wrong = anvil_cli("backup", "list", "--repo", f"file://{repo_copy}", env={"ANVIL_BACKUP_PASSPHRASE": "not it"})
+    assert wrong.returncode == 1
+    assert wrong.stderr.startswith("error: wrong passphrase: no key in the repository accepts it (and keys/")

@@ -187,6 +187,7 @@ class Repository:
         if not key_names:
             raise BackupError(f"{backend.url} has no keys: the repository cannot be decrypted")
         secret = hashlib.sha256(passphrase.encode()).hexdigest()
+        damaged: list[str] = []
         for name in key_names:
             try:
                 raw = backend.read(name)
@@ -200,10 +201,18 @@ class Repository:
                         _MASTERS[ck] = master
             except InvalidTag:
                 continue
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                # Not a wrong passphrase: the key file itself is unusable. Said so, below.
+                why = ("not JSON" if isinstance(e, json.JSONDecodeError) else str(e) if isinstance(e, ValueError)
+                       else "not a key file")
+                damaged.append(f"{name} is damaged ({why})")
                 continue
             return cls(backend, config, master, entry["id"])
-        raise BackupError("wrong passphrase: no key in the repository accepts it")
+        if len(damaged) == len(key_names):
+            raise BackupError(f"no usable key in {backend.url}: {'; '.join(damaged[:3])}; restore keys/ from a copy "
+                              "of the repository")
+        raise BackupError("wrong passphrase: no key in the repository accepts it"
+                          + (f" (and {'; '.join(damaged[:3])})" if damaged else ""))
 
     @classmethod
     def _write_key(cls, backend: Backend, repo_id: str, master: bytes, passphrase: str) -> str:
