@@ -221,7 +221,7 @@ class Archiver:
         """The archive's cursor, from the repository (the only truth): segment names, the newest
         segment, snapshot headers. Cheap: what blobs the archive holds is read only when needed."""
         segments = list_segments(repo, self.deployment_id)
-        rows = [r for r in repo.snapshot_rows() if r.get("deployment_id") == self.deployment_id]
+        rows = [r for r in repo.snapshot_rows(damaged=[]) if r.get("deployment_id") == self.deployment_id]
         cursor, cursor_ts, cursor_hash = None, None, None
         if segments:
             newest = max(segments, key=lambda r: r.last_seq)
@@ -252,7 +252,7 @@ class Archiver:
     def _load_blob_map(self, repo: Repository) -> None:
         """sha256 -> chunks of every blob the archive and the newest full snapshot hold."""
         blob_chunks: dict[str, dict[str, Any]] = {}
-        rows = [r for r in repo.snapshot_rows() if r.get("deployment_id") == self.deployment_id
+        rows = [r for r in repo.snapshot_rows(damaged=[]) if r.get("deployment_id") == self.deployment_id
                 and r.get("kind") != "delta"]
         if rows:
             for sha, entry in repo.load_snapshot(rows[-1]["id"])["tree"]["blobs"].items():
@@ -406,7 +406,7 @@ def create_delta(storage: Storage, participants: list[Participant], repo: Reposi
 
     started = time.time()
     dep = storage.format.deployment_id
-    rows = [r for r in repo.snapshot_rows() if r.get("deployment_id") == dep]
+    rows = [r for r in repo.snapshot_rows(damaged=[]) if r.get("deployment_id") == dep]
     if not rows:
         raise BackupError("no earlier snapshot of this deployment to build on: take a full snapshot first "
                           "(anvil backup create without --incremental)")

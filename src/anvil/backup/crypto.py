@@ -103,9 +103,37 @@ def wrap_master(repo_id: str, key_id: str, master: bytes, passphrase: str) -> di
             "wrapped": b64(seal(kek, master, key_aad(repo_id, key_id)))}
 
 
+# A key file is plaintext and read before anything authenticates it: its argon2 costs are bounded
+# (64x the production ones) so a damaged or hostile key file cannot make opening the repository
+# allocate gigabytes (argon2's "Memory allocation error" was a traceback) or run for hours.
+KDF_LIMITS = {"time_cost": (1, 64), "memory_cost": (8, 4 * 1024 * 1024), "parallelism": (1, 64)}
+
+
+def check_kdf(params: Any) -> str | None:
+    """Why a key file's KDF parameters cannot be used, or None."""
+    if not isinstance(params, dict):
+        return "no KDF parameters"
+    for name, (low, high) in KDF_LIMITS.items():
+        value = params.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            return f"KDF parameter {name} is {value!r}, outside {low}..{high}"
+    if params["memory_cost"] < 8 * params["parallelism"]:
+        return "KDF memory_cost is below 8 x parallelism"
+    return None
+
+
 def unwrap_master(repo_id: str, entry: dict[str, Any], passphrase: str) -> bytes:
-    """The master key from a key entry; InvalidTag if the passphrase is not this entry's."""
-    kek = derive(passphrase, unb64(entry["salt"]), entry["kdf"])
+    """The master key from a key entry; InvalidTag if the passphrase is not this entry's;
+    ValueError if the entry is damaged."""
+    from argon2.exceptions import HashingError
+
+    why = check_kdf(entry["kdf"])
+    if why:
+        raise ValueError(why)
+    try:
+        kek = derive(passphrase, unb64(entry["salt"]), entry["kdf"])
+    except HashingError as e:  # e.g. a salt too short: the file is damaged
+        raise ValueError(f"argon2: {e}") from None
     return unseal(kek, unb64(entry["wrapped"]), key_aad(repo_id, entry["id"]))
 
 

@@ -21,7 +21,7 @@ from anvil.backup import summaries as summaries_mod
 from anvil.backup import treepages, workers
 from anvil.backup.chunking import CHUNKER, chunker
 from anvil.backup.errors import BackupError
-from anvil.backup.pack import ChunkReader, PackWriter, pack_name
+from anvil.backup.pack import ChunkReader, PackWriter, pack_name, pack_target
 from anvil.backup.refstore import RefStore, SavedTree
 from anvil.backup.repository import Repository, env_seconds
 from anvil.backup.treestream import iter_tree_blobs, light_tree, read_tree_text
@@ -223,15 +223,16 @@ def ordered_batches(fn: Callable[[Any], Any], items: Iterable[Any], *, weight: C
 
 
 def latest_for(repo: Repository, deployment_id: str, *, full: bool = True) -> dict[str, Any] | None:
-    """The newest snapshot of the deployment (a full one: deltas hold no file tree), loaded whole."""
-    rows = [r for r in repo.snapshot_rows() if r.get("deployment_id") == deployment_id
+    """The newest snapshot of the deployment (a full one: deltas hold no file tree), loaded whole.
+    A damaged snapshot is passed over: it cannot be a parent, and `backup verify` reports it."""
+    rows = [r for r in repo.snapshot_rows(damaged=[]) if r.get("deployment_id") == deployment_id
             and (not full or r.get("kind") != "delta")]
     return repo.load_snapshot(rows[-1]["id"]) if rows else None
 
 
 def latest_row(repo: Repository, deployment_id: str, *, full: bool = True) -> dict[str, Any] | None:
     """`latest_for`'s header row only (id, seq, stats; no tree)."""
-    rows = [r for r in repo.snapshot_rows() if r.get("deployment_id") == deployment_id
+    rows = [r for r in repo.snapshot_rows(damaged=[]) if r.get("deployment_id") == deployment_id
             and (not full or r.get("kind") != "delta")]
     return rows[-1] if rows else None
 
@@ -555,6 +556,8 @@ def snapshot_from_checkpoint(job: SnapshotJob, repo: Repository, blobs: BlobStor
     # Another create may be filling packs no index mentions yet: then leave every pack alone.
     if any(lock.get("operation") not in ("verify", "forget") for lock in repo.live_locks):
         orphans: dict[str, Any] = {"skipped": "another backup may be running", "packs": 0, "bytes": 0, "kept": 0}
+    elif (lost := _parent_unindexed(repo, job.parent)) is not None:
+        orphans = {"skipped": lost, "packs": 0, "bytes": 0, "kept": 0}
     else:
         orphans = remove_orphan_packs(repo)
     writer = repo.writer()
@@ -562,6 +565,27 @@ def snapshot_from_checkpoint(job: SnapshotJob, repo: Repository, blobs: BlobStor
         return _fill_snapshot(job, repo, blobs, participants, writer, orphans, progress)
     finally:
         writer.close()
+
+
+def _parent_unindexed(repo: Repository, parent: dict[str, Any] | None) -> str | None:
+    """Why packs no index names must be kept, or None. A lost index file makes the packs it named
+    look like a killed create's leftovers: the cleanup deleted them once past the grace period,
+    destroying every older snapshot's data (this create re-encodes what it needs, so it alone
+    looked fine). The parent's files and tree pages (its manifest without the pages' contents:
+    cheap) all indexed is the sign that nothing was lost; prune checks every snapshot's chunks."""
+    if parent is None:
+        return None
+    try:
+        m = repo.load_snapshot(parent["id"], pages=False)
+    except BackupError:
+        return f"the parent snapshot {parent['id']} cannot be read; run `anvil backup verify`"
+    index = repo.index()
+    wanted = [*treepages.page_ids(m), *(c for e in m["tree"]["files"].values() for c in e.get("chunks") or [])]
+    missing = sum(1 for c in wanted if c not in index)
+    if not missing:
+        return None
+    return (f"{missing} chunk(s) of the parent snapshot {parent['id']} are in no index (an index file lost?): "
+            "packs no index names are kept; run `anvil backup verify`")
 
 
 def _fill_snapshot(job: SnapshotJob, repo: Repository, blobs: BlobStore, participants: list[Participant],
@@ -1013,6 +1037,34 @@ def _chunk_users(repo: Repository, snaps: list[dict[str, Any]]) -> dict[str, lis
     return users
 
 
+def _delta_problems(snaps: list[dict[str, Any]], snapshot_ids: set[str], segments: list[Any]) -> list[dict[str, Any]]:
+    """A journal delta is restored as its base rolled forward through the archive: without its base
+    snapshot, or with a segment of (base seq, delta seq] gone, it cannot be restored at all, although
+    every chunk and segment still present reads back. Segment names say which events each holds."""
+    by_id = {m["id"]: m for m in snaps}
+    out: list[dict[str, Any]] = []
+    for m in snaps:
+        if m.get("kind") != "delta":
+            continue
+        what, base_id = f"snapshot {m['id']}", m.get("base")
+        if base_id not in by_id:
+            why = "cannot be read" if base_id in snapshot_ids else "is missing from the repository"
+            out.append({"what": what, "problem": f"journal delta: its base snapshot {base_id} {why}; "
+                                                 "this snapshot cannot be restored"})
+            continue
+        covered = int(by_id[base_id]["consistency"]["journal_seq"])
+        to_seq = int(m["consistency"]["journal_seq"])
+        for ref in segments:
+            if ref.deployment_id == m.get("deployment_id") and ref.first_seq <= covered + 1:
+                covered = max(covered, ref.last_seq)
+        if covered < to_seq:
+            out.append({"what": what, "problem": f"journal delta: the archive of deployment {m.get('deployment_id')} "
+                                                 f"has no segment holding event {covered + 1} (it needs every "
+                                                 f"event after its base {base_id} up to {to_seq}); this snapshot "
+                                                 "cannot be restored"})
+    return out
+
+
 def verify(repo: Repository, *, read_data: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Structure (and with read_data every byte); each problem says what it affects."""
     with repo.lock("shared", "verify"):
@@ -1021,6 +1073,10 @@ def verify(repo: Repository, *, read_data: bool = False, progress: Progress | No
 
 def _verify(repo: Repository, *, read_data: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     errors: list[dict[str, Any]] = []
+    try:
+        pack_target(repo.config)
+    except BackupError as e:
+        errors.append({"what": "config", "problem": str(e)})
     index = repo.index()
     for p in repo.index_problems:
         errors.append({"what": "index", "problem": p})
@@ -1053,6 +1109,8 @@ def _verify(repo: Repository, *, read_data: bool = False, progress: Progress | N
             for c in entry["chunks"]:
                 users.setdefault(c, []).append(f"archive seq {ref.first_seq}..{ref.last_seq}: blob {sha[:16]}…")
 
+    errors.extend(_delta_problems(snaps + unreadable_trees, set(repo.snapshot_ids()), segments))
+
     def affects(cid: str) -> list[str]:
         u = users.get(cid, [])
         return u[:10] + ([f"+{len(u) - 10} more"] if len(u) > 10 else [])
@@ -1061,7 +1119,16 @@ def _verify(repo: Repository, *, read_data: bool = False, progress: Progress | N
         if cid not in index:
             errors.append({"what": f"chunk {cid}", "problem": "referenced by a snapshot but in no index",
                            "affects": affects(cid)})
-    stored_packs = {n.rsplit("/", 1)[1]: n for n in repo.backend.list("data")}
+    # A pack counts only where readers look for it (`pack_name`): one moved to another fan-out
+    # folder was counted by its file name, so verify passed while every restore found it missing.
+    stored_packs: dict[str, str] = {}
+    misplaced: list[str] = []
+    for n in repo.backend.list("data"):
+        pack_id = n.rsplit("/", 1)[1]
+        if n == pack_name(pack_id):
+            stored_packs[pack_id] = n
+        else:
+            misplaced.append(n)
     by_pack: dict[str, list[tuple[str, Any]]] = {}
     for cid, loc in index.items():
         by_pack.setdefault(loc.pack, []).append((cid, loc))
@@ -1079,6 +1146,16 @@ def _verify(repo: Repository, *, read_data: bool = False, progress: Progress | N
     warnings = [f"pack {p} is not referenced by any readable index (left by an interrupted backup? the next "
                 f"`backup create` or `forget --prune` removes it once older than {orphan_grace():g}s)"
                 for p in unindexed]
+    warnings += [f"{n} is not where a pack of that name is read from ({pack_name(n.rsplit('/', 1)[1])})"
+                 for n in misplaced]
+    # A hole between archive segments: a segment lost, or archiving off while the journal was
+    # compacted (legitimate, hence a warning). Either way no point-in-time restore crosses it; a
+    # journal delta that needs it is an error above.
+    from anvil.backup.archive import archive_summary
+
+    warnings += [f"the archive of deployment {a['deployment_id']} has no events {gap} (a segment lost, or "
+                 "archiving was off while the journal was compacted): point-in-time restores cannot cross it"
+                 for a in archive_summary(repo) for gap in a["gaps"]]
     checked_chunks = 0
     if read_data:
         present = [p for p in sorted(by_pack) if p in stored_packs]
@@ -1145,6 +1222,11 @@ def _forget(repo: Repository, keep_last: int, keep_daily: int, keep_weekly: int,
     from anvil.backup.archive import list_segments
 
     snaps = repo.snapshot_rows()
+    if prune:
+        pack_target(repo.config)  # prune writes packs: a damaged config refuses before anything is forgotten
+        repo.index()
+        if repo.index_problems:  # checked before anything is forgotten: the command changes nothing
+            raise BackupError("refusing to prune: " + "; ".join(repo.index_problems))
     keep = select_keep(snaps, keep_last, keep_daily, keep_weekly)
     # A kept journal delta needs the full snapshot it rolls forward from.
     keep |= {m["base"] for m in snaps if m["id"] in keep and m.get("kind") == "delta" and m.get("base")}
@@ -1167,7 +1249,12 @@ def _forget(repo: Repository, keep_last: int, keep_daily: int, keep_weekly: int,
             segments_removed.append(ref.name.rsplit("/", 1)[1])
     result: dict[str, Any] = {"kept": sorted(keep), "removed": removed, "segments_removed": len(segments_removed)}
     if prune:
-        result["prune"] = prune_repo(repo)
+        try:
+            result["prune"] = prune_repo(repo)
+        except BackupError as e:
+            if removed:
+                raise BackupError(f"{e} (forgotten before pruning: {', '.join(removed)})") from None
+            raise
     return result
 
 
@@ -1191,6 +1278,14 @@ def prune_repo(repo: Repository) -> dict[str, Any]:
     for ref in list_segments(repo):  # archived journal segments keep their blobs' chunks
         used.update(segment_chunks(load_segment(repo, ref)))
     index = repo.index()
+    # A chunk in use that no index names sits in a pack that looks unreferenced (an index file was
+    # lost or deleted): pruning would delete that pack as an orphan, destroying data verify can
+    # still point at. Refuse, as for an unreadable index file.
+    unindexed = sum(1 for c in used if c not in index)
+    if unindexed:
+        raise BackupError(f"refusing to prune: {unindexed} chunk(s) that snapshots or archive segments use are in "
+                          "no index (an index file is missing?), and the packs holding them would be deleted as "
+                          "unreferenced; `anvil backup verify` names them")
     orphans = remove_orphan_packs(repo)
     by_pack: dict[str, list[str]] = {}
     for cid, loc in index.items():

@@ -80,6 +80,21 @@ class Location:
     raw_length: int
 
 
+# The largest pack `backup init --pack-size` makes: a pack is assembled in memory.
+PACK_TARGET_MAX = 256 * 1024 * 1024
+
+
+def pack_target(config: dict[str, Any]) -> int:
+    """The config's pack size. The config is plaintext: a damaged value failed a create after its
+    checkpoint with a traceback (a string, null), or made a pack of every chunk (0, negative)."""
+    value = config.get("pack_target", PACK_TARGET)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= PACK_TARGET_MAX:
+        raise BackupError(f"the repository's config is damaged: pack_target is {json.dumps(value)}, not a size in "
+                          f"bytes up to {PACK_TARGET_MAX}; restores still work, but nothing can be written until it is "
+                          f"repaired (it was {PACK_TARGET} unless `backup init --pack-size` said otherwise)")
+    return value
+
+
 def pack_name(pack_id: str) -> str:
     return f"data/{pack_id[:2]}/{pack_id}"
 
@@ -107,7 +122,7 @@ class PackWriter:
         self.new_bytes = 0
         self.new_chunks = 0
         self.pending: set[str] = set()  # chunks added this session whose pack is not yet written
-        self.target = int(repo.config.get("pack_target", PACK_TARGET))
+        self.target = pack_target(repo.config)
         self._inflight: deque[Future[dict[str, Any]]] = deque()
         self._pool: ThreadPoolExecutor | None = None
 

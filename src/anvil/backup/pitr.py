@@ -56,7 +56,11 @@ def choose_snapshot(repo: Repository, *, to_seq: int | None = None, to_time: flo
                     deployment_id: str | None = None) -> dict[str, Any]:
     """The newest snapshot a point-in-time restore to the target can start from."""
     # Headers only (cached locally): the chosen manifest alone is loaded whole, at the end.
-    snaps = [m for m in repo.snapshot_rows() if deployment_id is None or m["deployment_id"] == deployment_id]
+    # Full snapshots only: a journal delta holds no files to start from (it is its base rolled
+    # forward, which this restore does anyway). Choosing one crashed every point-in-time restore to
+    # or past the newest delta's seq with a KeyError ('FORMAT') traceback.
+    snaps = [m for m in repo.snapshot_rows() if (deployment_id is None or m["deployment_id"] == deployment_id)
+             and m.get("kind") != "delta"]
     if not snaps:
         raise BackupError(f"{repo.backend.url} holds no snapshots" + (f" of deployment {deployment_id}"
                                                                         if deployment_id else ""))

@@ -187,6 +187,7 @@ class Repository:
         if not key_names:
             raise BackupError(f"{backend.url} has no keys: the repository cannot be decrypted")
         secret = hashlib.sha256(passphrase.encode()).hexdigest()
+        damaged: list[str] = []
         for name in key_names:
             try:
                 raw = backend.read(name)
@@ -200,10 +201,18 @@ class Repository:
                         _MASTERS[ck] = master
             except InvalidTag:
                 continue
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                # Not a wrong passphrase: the key file itself is unusable. Said so, below.
+                why = ("not JSON" if isinstance(e, json.JSONDecodeError) else str(e) if isinstance(e, ValueError)
+                       else "not a key file")
+                damaged.append(f"{name} is damaged ({why})")
                 continue
             return cls(backend, config, master, entry["id"])
-        raise BackupError("wrong passphrase: no key in the repository accepts it")
+        if len(damaged) == len(key_names):
+            raise BackupError(f"no usable key in {backend.url}: {'; '.join(damaged[:3])}; restore keys/ from a copy "
+                              "of the repository")
+        raise BackupError("wrong passphrase: no key in the repository accepts it"
+                          + (f" (and {'; '.join(damaged[:3])})" if damaged else ""))
 
     @classmethod
     def _write_key(cls, backend: Backend, repo_id: str, master: bytes, passphrase: str) -> str:
@@ -243,7 +252,15 @@ class Repository:
         now = time.time()
         body = {"kind": kind, "pid": os.getpid(), "host": platform.node(), "time": now, "heartbeat": now,
                 "operation": operation}
-        self.backend.write(name, json.dumps(body).encode())
+        try:
+            self.backend.write(name, json.dumps(body).encode())
+        except OSError as e:
+            # A read-only copy (a mount, an immutable medium): the bare OS error named a temporary
+            # lock file and said nothing of why a read needs to write.
+            folder = f"{self.backend.url.rstrip('/')}/locks/"
+            raise BackupError(f"cannot write a lock into {folder} ({e.strerror or e}): every backup, restore "
+                              "and verify takes one; if this copy of the repository is "
+                              "read-only, copy it somewhere writable and use that") from None
         stop = threading.Event()
         mutex = threading.Lock()  # a heartbeat never rewrites the lock after its release deleted it
         try:
@@ -430,10 +447,15 @@ class Repository:
         out = [self.load_snapshot(i) for i in self.snapshot_ids()]
         return sorted(out, key=lambda m: m["started"])
 
-    def snapshot_rows(self) -> list[dict[str, Any]]:
+    def snapshot_rows(self, damaged: list[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
         """Every snapshot's header (no tree, no summaries), oldest first, without decrypting every
         manifest each time: headers are cached locally (sealed with the repository key, by id;
-        snapshots are immutable), so a repository with thousands of snapshots opens in one listing."""
+        snapshots are immutable), so a repository with thousands of snapshots opens in one listing.
+
+        A snapshot that cannot be read raises, since which snapshot is the newest (or which a
+        retention policy keeps) cannot then be told; with `damaged`, it is recorded there (id,
+        problem) and left out instead: for listings and for choosing a backup's parent, where an
+        older parent only costs deduplication."""
         ids = self.snapshot_ids()
         root = cache_root()
         folder = root / self.repo_id / "snapshots" if root else None
@@ -448,7 +470,15 @@ class Repository:
             if row is None:
                 from anvil.backup.treestream import read_header  # (it imports this module's types)
 
-                head = read_header(self, sid, ROW_FIELDS)  # up to the tree: never the whole manifest
+                try:
+                    head = read_header(self, sid, ROW_FIELDS)  # up to the tree: never the whole manifest
+                except BackupError as e:
+                    if damaged is None:
+                        raise BackupError(f"{e}; so the repository's snapshots cannot all be read: `anvil backup "
+                                          "verify` reports the damage, `anvil backup list` the readable snapshots "
+                                          "(name one by its id)") from None
+                    damaged.append((sid, str(e)))
+                    continue
                 row = {k: head.get(k) for k in ROW_FIELDS}
                 if folder is not None:
                     with contextlib.suppress(OSError):

@@ -259,16 +259,36 @@ def _make_parent(dest: Path, made: set[Path]) -> None:
     made.add(parent)
 
 
+def _refuse_target_sharing_the_repository(repo: Repository, target: Path) -> None:
+    """A local repository and a restore target must not overlap. With --force a restore into the
+    repository (or a folder of it) wrote FORMAT, catalog.db, blobs/ and secrets/ among its objects:
+    into `snapshots/` it made every later `backup list` and restore fail on a "snapshot" named
+    secrets/...; into `data/`, restored files became "packs" a cleanup may delete. A target holding
+    the repository is refused for the same reason (`backup init` refuses a repository inside a
+    STORAGE_PATH)."""
+    if not isinstance(repo.backend, LocalBackend):
+        return
+    root, where = repo.backend.root.resolve(), target.resolve()
+    if where == root or root in where.parents or where in root.parents:
+        raise BackupError(f"the target {target} and the repository {repo.backend.root} overlap: restore into a "
+                          "folder outside the repository that does not contain it; nothing was written")
+
+
 def restore(repo: Repository, manifest: dict[str, Any], target: Path, participants: list[Participant], *,
             buckets: list[str] | None = None, force: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Write FORMAT, catalog.db and the referenced blobs; mark the target to start in recovery mode."""
     started = time.time()
     target = Path(target).absolute()
+    _refuse_target_sharing_the_repository(repo, target)
+    if manifest.get("kind") == "delta":
+        raise BackupError(f"snapshot {manifest['id']} is a journal delta: it is restored as its base snapshot "
+                          f"{manifest.get('base')} rolled forward (pitr.restore_any); nothing was written")
     was_empty = not target.exists() or not any(target.iterdir())
     if not was_empty and not force:
         entries = sorted(p.name for p in target.iterdir())
         raise BackupError(f"target {target} is not empty ({len(entries)} entries: {', '.join(entries[:5])}); "
                           "nothing was written; use --force to restore into it anyway")
+    existed = target.exists()
     target.mkdir(parents=True, exist_ok=True)
     layout = Layout(target)
     layout.acquire_lock()  # a running server on the target makes this fail clearly
@@ -280,6 +300,9 @@ def restore(repo: Repository, manifest: dict[str, Any], target: Path, participan
         layout.release_lock()
         if was_empty:
             empty_folder(target)  # nothing was there before: leave nothing half-restored behind
+            if not existed:  # nor the folder itself (a refused restore said "nothing was written")
+                with contextlib.suppress(OSError):
+                    target.rmdir()
         raise
     finally:
         layout.release_lock()
@@ -474,8 +497,11 @@ def _restore_files(repo: Repository, manifest: dict[str, Any], layout: Layout, p
     if flusher is not None:
         flusher.stop()
     # The blobs (and the fan-out folders naming them) are durable before the marker says done.
+    # `worker_dirs` names the folders the windows were to write into; a window whose every blob
+    # failed (a corrupted chunk) never made its folder, and fsyncing it failed the whole restore
+    # with a bare "No such file or directory" instead of the report naming the damaged chunks.
     sync_paths(written if len(written) > SYNC_FILES_ONE_BY_ONE else [store.path(sha) for sha in written],
-               {*made, *map(Path, worker_dirs), *file_dirs, layout.blobs, root})
+               {*made, *(Path(d) for d in worker_dirs if os.path.isdir(d)), *file_dirs, layout.blobs, root})
     marker = {
         "snapshot": manifest["id"], "repository": repo.backend.url, "restored_at": time.time(),
         "journal_seq": manifest["consistency"]["journal_seq"], "journal_hash": manifest["consistency"]["journal_hash"],

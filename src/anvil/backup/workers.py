@@ -321,6 +321,11 @@ def restore_batch(task: tuple[Window, list[RestoreItem], bool]) -> list[tuple[st
     return restore_window(_KEYS["enc"], task)
 
 
+def _in_pack(window: Window) -> str:
+    """' in pack P' for a window read from a local pack file (a remote pack's window is its bytes)."""
+    return f" in pack {os.path.basename(window[0])}" if isinstance(window, tuple) else ""  # type: ignore[index]
+
+
 def restore_window(enc: bytes, task: tuple[Window, list[RestoreItem], bool]) -> list[tuple[str, str, str | None]]:
     """Unseal, decompress, check and write each blob of one pack window (in a worker, or in the
     restoring process itself when it has no pool).
@@ -353,10 +358,13 @@ def restore_window(enc: bytes, task: tuple[Window, list[RestoreItem], bool]) -> 
                 h.update(data)
                 parts.append(data)
         except (InvalidTag, ValueError) as e:
-            out.append((sha, "failed", f"chunk cannot be decrypted (corrupted): {type(e).__name__}"))
+            # Named like the other restore paths do (the chunk and its pack), so the operator can
+            # match the problem to `backup verify --read-data`'s report.
+            out.append((sha, "failed", f"chunk {cid} cannot be decrypted (corrupted){_in_pack(window)}: "
+                                       f"{type(e).__name__}"))
             continue
         except Exception as e:  # noqa: BLE001 - zstd errors and the like: reported per blob
-            out.append((sha, "failed", f"chunk cannot be decoded (corrupted): {e}"))
+            out.append((sha, "failed", f"chunk {cid} cannot be decoded (corrupted){_in_pack(window)}: {e}"))
             continue
         if h.hexdigest() != sha:
             out.append((sha, "failed", f"restored content hashes to {h.hexdigest()}, the snapshot recorded {sha}"))

@@ -411,10 +411,17 @@ def backup_list(repo: str, s3_endpoint: str | None, key_file: str | None, as_jso
     """List snapshots, oldest first."""
     from anvil.backup import engine
 
-    rows = [engine.snapshot_row(m) for m in _open(repo, key_file, s3_endpoint).snapshot_rows()]
+    # A damaged snapshot must not hide the others: listing is how an operator finds one to restore.
+    # The readable ones are listed, each damaged one named on stderr, and the exit status is 1.
+    damaged: list[tuple[str, str]] = []
+    rows = [engine.snapshot_row(m) for m in _open(repo, key_file, s3_endpoint).snapshot_rows(damaged=damaged)]
     emit(as_json, rows, table=(("id", "time", "kind", "journal seq", "logical", "new", "tag"),
                                [(r["id"], _ts(r["time"]), r["kind"], r["journal_seq"], _size(r["logical_bytes"]),
                                  _size(r["new_bytes"]), r["tag"] or "") for r in rows]))
+    if damaged:
+        for _sid, problem in damaged:
+            click.echo(f"error: {problem}; run `anvil backup verify` for the whole report", err=True)
+        sys.exit(1)
 
 
 @backup.command("inspect")
