@@ -17,11 +17,12 @@ fixpoint (membership that only a cycle would justify does not exist). Depth is b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ from anvil.errors import AnvilError
 from anvil.storage.records import Connection
 
 NO, COND, HAS = 0, 1, 2
+MAX_EXPAND = 100_000  # nodes plus leaf subjects in one expand answer
 STATE_NAMES = {NO: "no_permission", COND: "conditional", HAS: "has_permission"}
 
 
@@ -208,6 +210,7 @@ class Engine:
         self._caveat_memo: dict[tuple[str, str | None], Result] = {}
         self._converted: dict[str, dict[str, Any]] = {}
         self._index: _SchemaIndex | None = None
+        self._expand_budget = MAX_EXPAND
 
     # ------------------------------------------------------------ caveats
 
@@ -234,7 +237,9 @@ class Engine:
                 self._caveat_memo[key] = res
                 return res
             raise AnvilError("InvalidArgument", f"caveat {name} failed to evaluate: {str(e).splitlines()[0]}") from None
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, ArithmeticError) as e:
+            # ArithmeticError: CEL's division by zero and 64-bit overflow (ZeroDivisionError, OverflowError)
+            # are the caveat's failure on these values, not the server's.
             raise AnvilError("InvalidArgument", f"caveat {name} failed to evaluate: {str(e).splitlines()[0]}") from None
         if not isinstance(out, bool):
             raise AnvilError("InvalidArgument", f"caveat {name} yielded {type(out).__name__}, not a boolean")
@@ -250,9 +255,44 @@ class Engine:
             self._converted[cav.name] = hit
         return hit
 
+    # ------------------------------------------------------------ entry points
+
+    # Evaluation recurses (relations, permission expressions, arrows). `max_depth` bounds the data's
+    # nesting, but a long operator chain in a permission adds a Python frame per operator on top, so
+    # the interpreter's own limit can come first: that is the same condition (too deep to answer),
+    # reported as MaxDepthExceeded instead of escaping as an internal error.
+    def check(self, rtype: str, rid: str, name: str, subject: Subject) -> Result:
+        with _too_deep(self.max_depth):
+            return self._check(rtype, rid, name, subject)
+
+    def lookup_resources(self, rtype: str, permission: str, subject: Subject,
+                         limit: int | None = None) -> list[tuple[str, Result]]:
+        with _too_deep(self.max_depth):
+            return self._lookup_resources(rtype, permission, subject, limit)
+
+    def lookup_subjects(self, rtype: str, rid: str, permission: str, stype: str,
+                        srel: str = "") -> list[dict[str, Any]]:
+        with _too_deep(self.max_depth):
+            return self._lookup_subjects(rtype, rid, permission, stype, srel)
+
+    def expand(self, rtype: str, rid: str, name: str) -> dict[str, Any]:
+        """The tree of `name` on the object. It is not memoised (every path is shown), so shared
+        sub-trees repeat: data shaped as a diamond lattice doubles it at each level. Its size is
+        bounded (nodes plus leaf subjects, MAX_EXPAND) so one request cannot hold a worker and the
+        server's memory without end."""
+        self._expand_budget = MAX_EXPAND
+        with _too_deep(self.max_depth):
+            return self._expand(rtype, rid, name)
+
+    def _spend_expand(self, n: int) -> None:
+        self._expand_budget -= n
+        if self._expand_budget < 0:
+            raise AnvilError("InvalidArgument", f"the expansion has more than {MAX_EXPAND} nodes and subjects; "
+                                                "expand a narrower permission or a relation further down")
+
     # ------------------------------------------------------------ check
 
-    def check(self, rtype: str, rid: str, name: str, subject: Subject, depth: int = 0) -> Result:
+    def _check(self, rtype: str, rid: str, name: str, subject: Subject, depth: int = 0) -> Result:
         if subject[2] and (rtype, rid, name) == subject:
             return R_HAS  # a userset contains itself
         key = (rtype, rid, name, subject)
@@ -290,7 +330,7 @@ class Engine:
             if row.stype == st and row.srel == srel and (row.sid == sid or (row.sid == "*" and not srel)):
                 r = R_HAS
             elif row.srel:
-                r = self.check(row.stype, row.sid, row.srel, subject, depth + 1)
+                r = self._check(row.stype, row.sid, row.srel, subject, depth + 1)
             else:
                 continue
             if r.state != NO and row.caveat:
@@ -302,7 +342,7 @@ class Engine:
 
     def _expr(self, d: Definition, rid: str, e: Any, subject: Subject, depth: int) -> Result:
         if isinstance(e, Ref):
-            return self.check(d.name, rid, e.name, subject, depth + 1)
+            return self._check(d.name, rid, e.name, subject, depth + 1)
         if isinstance(e, Op):
             left = self._expr(d, rid, e.left, subject, depth)
             if e.op == "union":
@@ -319,7 +359,7 @@ class Engine:
                 return R_NO
             for row in rows:
                 target = self.schema.definitions.get(row.stype)
-                r = self.check(row.stype, row.sid, e.target, subject, depth + 1) \
+                r = self._check(row.stype, row.sid, e.target, subject, depth + 1) \
                     if target is not None and target.has(e.target) else R_NO
                 if r.state != NO and row.caveat:
                     r = r_and(r, self.caveat(row.caveat, row.context))
@@ -339,8 +379,8 @@ class Engine:
             self._index = _SchemaIndex(self.schema)
         return self._index
 
-    def lookup_resources(self, rtype: str, permission: str, subject: Subject,
-                         limit: int | None = None) -> list[tuple[str, Result]]:
+    def _lookup_resources(self, rtype: str, permission: str, subject: Subject,
+                          limit: int | None = None) -> list[tuple[str, Result]]:
         """Resources of `rtype` on which `subject` has `permission`: candidates by walking the
         relationship graph backwards from the subject, each then decided by `check`."""
         candidates = sorted(self.resource_candidates(rtype, permission, subject))
@@ -350,7 +390,7 @@ class Engine:
             if n % 500 == 0:
                 # The candidates' own rows, 500 ids per query, instead of a few queries per check.
                 self.snap.prefetch(rtype, candidates[n:n + 500], relations)
-            r = self.check(rtype, rid, permission, subject)
+            r = self._check(rtype, rid, permission, subject)
             if r.state != NO:
                 out.append((rid, r))
                 if limit is not None and len(out) >= limit:
@@ -391,8 +431,8 @@ class Engine:
 
     # ------------------------------------------------------------ lookup subjects
 
-    def lookup_subjects(self, rtype: str, rid: str, permission: str, stype: str,
-                        srel: str = "") -> list[dict[str, Any]]:
+    def _lookup_subjects(self, rtype: str, rid: str, permission: str, stype: str,
+                         srel: str = "") -> list[dict[str, Any]]:
         """Subjects of `stype` (`#srel`) with `permission` on the resource; a wildcard answer lists
         the subjects it excludes."""
         candidates: set[str] = set()
@@ -429,13 +469,13 @@ class Engine:
         out: list[dict[str, Any]] = []
         failed: list[str] = []
         for sid in sorted(candidates - {"*"}):
-            r = self.check(rtype, rid, permission, (stype, sid, srel))
+            r = self._check(rtype, rid, permission, (stype, sid, srel))
             if r.state == NO:
                 failed.append(sid)
             else:
                 out.append(_subject_answer(stype, sid, srel, r))
         if "*" in candidates:
-            r = self.check(rtype, rid, permission, (stype, "*", ""))
+            r = self._check(rtype, rid, permission, (stype, "*", ""))
             if r.state != NO:
                 ans = _subject_answer(stype, "*", "", r)
                 ans["excluded"] = [f"{stype}:{s}" for s in failed]
@@ -444,8 +484,8 @@ class Engine:
 
     # ------------------------------------------------------------ expand
 
-    def expand(self, rtype: str, rid: str, name: str, depth: int = 0,
-               path: frozenset[tuple[str, str, str]] = frozenset()) -> dict[str, Any]:
+    def _expand(self, rtype: str, rid: str, name: str, depth: int = 0,
+                path: frozenset[tuple[str, str, str]] = frozenset()) -> dict[str, Any]:
         node = (rtype, rid, name)
         label = f"{rtype}:{rid}#{name}"
         if node in path:
@@ -456,9 +496,12 @@ class Engine:
         if d is None or not d.has(name):
             return {"object": label, "leaf": []}
         path = path | {node}
+        self._spend_expand(1)
         if name in d.relations:
             subjects, children = [], []
-            for row in self.snap.rows(rtype, rid, name):
+            rows = self.snap.rows(rtype, rid, name)
+            self._spend_expand(len(rows))
+            for row in rows:
                 s = {"subject": f"{row.stype}:{row.sid}" + (f"#{row.srel}" if row.srel else "")}
                 if row.caveat:
                     s["caveat"] = row.caveat
@@ -466,7 +509,7 @@ class Engine:
                     s["expires"] = row.expires
                 subjects.append(s)
                 if row.srel:
-                    children.append(self.expand(row.stype, row.sid, row.srel, depth + 1, path))
+                    children.append(self._expand(row.stype, row.sid, row.srel, depth + 1, path))
             out: dict[str, Any] = {"object": label, "leaf": subjects}
             if children:
                 out["children"] = children
@@ -476,7 +519,7 @@ class Engine:
     def _expand_expr(self, d: Definition, rid: str, e: Any, depth: int,
                      path: frozenset[tuple[str, str, str]]) -> dict[str, Any]:
         if isinstance(e, Ref):
-            return self.expand(d.name, rid, e.name, depth + 1, path)
+            return self._expand(d.name, rid, e.name, depth + 1, path)
         if isinstance(e, Nil):
             return {"nil": True}
         if isinstance(e, Op):
@@ -486,9 +529,19 @@ class Engine:
         for row in self.snap.rows(d.name, rid, e.tupleset):
             target = self.schema.definitions.get(row.stype)
             if target is not None and target.has(e.target):
-                children.append(self.expand(row.stype, row.sid, e.target, depth + 1, path))
+                children.append(self._expand(row.stype, row.sid, e.target, depth + 1, path))
         return {"arrow": f"{e.tupleset}->{e.target}" if e.mode == "any" else f"{e.tupleset}.all({e.target})",
                 "children": children}
+
+
+@contextlib.contextmanager
+def _too_deep(limit: int) -> Iterator[None]:
+    try:
+        yield
+    except RecursionError:
+        raise AnvilError("MaxDepthExceeded",
+                         f"evaluation nested too deeply to answer (the data's bound is {limit} levels; the schema's "
+                         "permissions chain too many operators and permissions on top of it)") from None
 
 
 def _subject_answer(stype: str, sid: str, srel: str, r: Result) -> dict[str, Any]:

@@ -35,6 +35,10 @@ KEYWORDS = {"definition", "relation", "permission", "caveat", "nil", "with", "an
 PARAM_TYPES = {"any": 0, "int": 0, "uint": 0, "bool": 0, "string": 0, "double": 0, "bytes": 0,
                "duration": 0, "timestamp": 0, "ipaddress": 0, "list": 1, "map": 1}
 MAX_DEPTH_DEFAULT = 50
+# Operators nested in one permission expression (`a + b + c` is two deep: the operators associate to
+# the left). Evaluation recurses once per level on top of the data's nesting (MAX_DEPTH_DEFAULT), so an
+# unbounded chain would exhaust the interpreter's stack in every check of the permission.
+MAX_EXPR_DEPTH = 100
 
 
 def schema_error(line: int | None, column: int | None, message: str) -> AnvilError:
@@ -229,7 +233,21 @@ def _validate(schema: Schema) -> None:
             r.types = refs
         for p in d.permissions.values():
             _check_name(RELATION_RE, p.name, "permission", p.line, p.column)
+            if _expr_depth(p.expr) > MAX_EXPR_DEPTH:
+                raise schema_error(p.line, p.column, f"permission {d.name}#{p.name}: the expression nests more than "
+                                                     f"{MAX_EXPR_DEPTH} operators deep")
             _check_expr(schema, d, p, p.expr)
+
+
+def _expr_depth(e: Any) -> int:
+    """How many operators deep an expression nests (without recursion: it is not bounded yet)."""
+    deepest, todo = 0, [(e, 0)]
+    while todo:
+        x, n = todo.pop()
+        if isinstance(x, Op):
+            todo += [(x.left, n + 1), (x.right, n + 1)]
+        deepest = max(deepest, n)
+    return deepest
 
 
 def _check_expr(schema: Schema, d: Definition, p: Permission, e: Any) -> None:
@@ -345,8 +363,11 @@ def convert(ptype: ParamType, value: Any, where: str) -> Any:
             raise bad("true or false")
         return value
     if n in ("int", "uint"):
-        if isinstance(value, bool) or not isinstance(value, int) or (n == "uint" and value < 0):
-            raise bad("an integer" if n == "int" else "a non-negative integer")
+        # CEL's int and uint are 64-bit: a JSON integer outside the range is not a value of the type
+        # (CEL would take it as another type and fail with a confusing overload error, or overflow).
+        low, high = (-(2**63), 2**63 - 1) if n == "int" else (0, 2**64 - 1)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise bad("a 64-bit integer" if n == "int" else "a non-negative 64-bit integer")
         return value
     if n == "double":
         if isinstance(value, bool) or not isinstance(value, (int, float)):

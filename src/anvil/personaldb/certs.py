@@ -194,8 +194,13 @@ def verify_group(client: Any, group: str) -> dict[str, Any]:
         raise CertificateInvalid("the chain does not end at the head the server states")
     snaps = []
     for s in info.get("snapshots", []):
-        verify_snapshot(s["certificate"], keys, group=group, state_hash=s["state_hash"])
-        if s["index"] > 0 and chain[s["index"] - 1]["body"]["hash"] != s["hash"]:
+        body = verify_snapshot(s["certificate"], keys, group=group, state_hash=s["state_hash"])
+        # The link is checked with what the certificate signs: the record's own index and hash are the
+        # server's word, and a genuine certificate of another entry must not vouch for them.
+        index = body.get("index")
+        if (not isinstance(index, int) or isinstance(index, bool) or not 0 <= index <= len(chain)
+                or (index, body.get("hash")) != (s["index"], s["hash"])
+                or body.get("hash") != (chain[index - 1]["body"]["hash"] if index > 0 else info["genesis"])):
             raise CertificateInvalid(f"snapshot {s['index']} is not linked to the chain")
-        snaps.append(s["index"])
+        snaps.append(index)
     return {**res, "group": group, "snapshots_verified": snaps, "key_ids": sorted(keys)}

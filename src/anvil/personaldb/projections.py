@@ -330,7 +330,8 @@ class Projections:
             else:
                 mirror.apply(changeset)
                 touched = {}
-                for ch in sf.parse_changeset(changeset):
+                # Key values in the key's declared order: project_rows looks rows up by `t["pk"]`.
+                for ch in sf.in_key_order(sf.parse_changeset(changeset), mirror.tables()):
                     touched.setdefault(ch.table, set()).add(ch.pk)
             _set_meta(mirror, group, head)
             mirror.commit()

@@ -120,6 +120,9 @@ DEFAULT_SNAPSHOT_EVERY = 1000
 MAX_SCHEMA = 1024 * 1024
 MAX_PAGE = 2000
 MAX_BATCH = 1000  # changesets in one batch commit
+# Log indexes are SQLite integers: a larger one in a request is refused before it reaches a query
+# (where it would overflow the binding and answer 500).
+MAX_INDEX = 2**63 - 1
 KEY_FILE = "personaldb_witness.json"
 # The certificate records which authorisation state decided a commit's rows: the authz revision
 # (zedtoken position) when the group's binding decided, 0 when the token's scopes alone did.
@@ -647,6 +650,16 @@ class PersonalDbService:
                 raise AnvilError("PersonalDbInvalidChangeset",
                                  f"table {table!r} has {len(tables[table]['columns'])} columns in schema version "
                                  f"{g['schema_version']}, the changeset has {n}")
+        if not changes:
+            # A bare table header parses but changes no row: no permission would be asked, so a reader
+            # could append certified entries (and make every replica rebase) with it.
+            raise AnvilError("PersonalDbInvalidChangeset", "the changeset holds no row change")
+        try:
+            # Key values in the key's declared order (not the changeset's column order): the scopes'
+            # PK text and the binding's `{column}` placeholders name them.
+            changes = sf.in_key_order(changes, tables)
+        except sf.ChangesetError as e:
+            raise AnvilError("PersonalDbInvalidChangeset", str(e)) from None
         if not principal.admin:
             for ch in changes:
                 resource = f"pdb:{g['name']}/{ch.table}/{_pk_text(ch.pk)}"
@@ -872,8 +885,8 @@ class PersonalDbService:
     def catch_up(self, principal: Principal, name: str, after_index: Any, after_hash: Any, *,
                  limit: int = 1000, certificates_only: bool = False) -> dict[str, Any]:
         g = self.group(principal, name)
-        if not isinstance(after_index, int) or after_index < 0:
-            raise AnvilError("InvalidArgument", "after_index must be a non-negative integer")
+        if not isinstance(after_index, int) or not 0 <= after_index <= MAX_INDEX:
+            raise AnvilError("InvalidArgument", f"after_index must be an integer from 0 to {MAX_INDEX}")
         if not isinstance(after_hash, str):
             raise AnvilError("InvalidArgument", "after_hash is required")
         limit = max(1, min(int(limit), MAX_PAGE))
@@ -934,7 +947,7 @@ class PersonalDbService:
     def snapshot_data(self, principal: Principal, name: str, index: int) -> bytes:
         self.group(principal, name)
         r = self.catalog.reader().execute("SELECT sha256, size FROM pdb_snapshots WHERE grp = ? AND idx = ?",
-                                          (name, index)).fetchone()
+                                          (name, index)).fetchone() if 0 <= index <= MAX_INDEX else None
         if r is None:
             raise AnvilError("NotFound", "snapshot not found")
         return self.storage.blobs.read_small(r[0], r[1])
@@ -1154,8 +1167,8 @@ class PersonalDbService:
         """What a subscriber at source entry (after_index, after_hash) applies to follow the projection:
         one changeset per source entry since, or `snapshot_required` (load the file again)."""
         n, _, _ = self._projection_row(principal, name)
-        if not isinstance(after_index, int) or after_index < 0:
-            raise AnvilError("InvalidArgument", "after_index must be a non-negative integer")
+        if not isinstance(after_index, int) or not 0 <= after_index <= MAX_INDEX:
+            raise AnvilError("InvalidArgument", f"after_index must be an integer from 0 to {MAX_INDEX}")
         if not isinstance(after_hash, str) or not re.fullmatch(r"[0-9a-f]{64}", after_hash):
             raise AnvilError("InvalidArgument", "after_hash must be 64 hex digits")
         if not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
@@ -1187,6 +1200,14 @@ class PersonalDbService:
             if count != len(by_target[table]["columns"]):
                 raise AnvilError("PersonalDbInvalidChangeset", f"table {table!r} has "
                                  f"{len(by_target[table]['columns'])} projected columns, the changeset {count}")
+        try:
+            # Key values in the order of the key the projected table declares (the source's, renamed),
+            # which the row lookups below name: a changeset lists them in column order.
+            changes = sf.in_key_order(changes, {
+                t["to"]: {"columns": [d for _, d in t["columns"]],
+                          "pk": [dict(t["columns"])[p] for p in t["pk"]]} for t in spec["tables"]})
+        except sf.ChangesetError as e:
+            raise AnvilError("PersonalDbInvalidChangeset", str(e)) from None
         g = self.group(ctx.principal, src)
         deadline = time.monotonic() + 10
         while (self.projections.meta_of(self.projections.mirror_path(src)).get("source_index") != str(g["head_index"])

@@ -10,6 +10,7 @@ see an `apsw` object.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import struct
 from collections.abc import Callable, Iterator
@@ -41,6 +42,9 @@ class RowChange:
     new: tuple[Any, ...] | None
     # Column indexes an UPDATE sets (the session extension records only changed columns).
     changed: tuple[int, ...] = ()
+    # Column indexes the changeset flags as the primary key (`pk` lists their values in this column
+    # order until `in_key_order` puts them in the order the table declares its key).
+    pk_columns: tuple[int, ...] = ()
 
 
 def _value(v: Any) -> Any:
@@ -60,21 +64,48 @@ def parse_changeset(data: bytes) -> list[RowChange]:
             src = old if old is not None else new
             assert src is not None
             changed = tuple(i for i, v in enumerate(ch.new) if v is not apsw.no_change) if ch.new is not None else ()
-            out.append(RowChange(ch.name, ch.op, tuple(src[i] for i in pks), old, new, changed))
+            out.append(RowChange(ch.name, ch.op, tuple(src[i] for i in pks), old, new, changed, tuple(pks)))
     except apsw.Error as e:
         raise ChangesetError(f"not a valid SQLite changeset: {e}") from None
     return out
 
 
 def changeset_columns(data: bytes) -> dict[str, int]:
-    """table -> column count as the changeset records it (checked against the schema)."""
+    """table -> column count as the changeset records it (checked against the schema).
+
+    Every table header counts: a changeset may name a table twice, and a second header with another
+    column count would otherwise pass unchecked behind the first."""
     cols: dict[str, int] = {}
     try:
         for ch in apsw.Changeset.iter(data):
-            cols.setdefault(ch.name, ch.column_count)
+            if cols.setdefault(ch.name, ch.column_count) != ch.column_count:
+                raise ChangesetError(f"table {ch.name[:64]!r} appears with {cols[ch.name]} and {ch.column_count} "
+                                     "columns")
     except apsw.Error as e:
         raise ChangesetError(f"not a valid SQLite changeset: {e}") from None
     return cols
+
+
+def in_key_order(changes: list[RowChange], tables: dict[str, dict[str, Any]]) -> list[RowChange]:
+    """The changes with `pk` holding the key values in the order the table declares its primary key
+    (`tables`: name -> {columns, pk}, as `describe_tables` gives them).
+
+    A changeset lists key columns in column order, so for `t(owner, id, PRIMARY KEY (id, owner))`
+    the raw `pk` is (owner, id): anything that names key values (`{id}` of a row binding, a scope's
+    PK text, a lookup by key) must take them in the key's order. A change whose flagged key columns
+    are not the table's is ChangesetError: SQLite skips such a change when it applies it, so it
+    must not be judged (or certified) as if it changed a row."""
+    out = []
+    for ch in changes:
+        info = tables[ch.table]
+        idx = [info["columns"].index(p) for p in info["pk"]]
+        if tuple(sorted(idx)) != ch.pk_columns:
+            raise ChangesetError(f"table {ch.table!r}: the changeset's primary-key columns are not the table's "
+                                 f"({', '.join(info['pk'])})")
+        src = ch.old if ch.old is not None else ch.new
+        assert src is not None
+        out.append(dataclasses.replace(ch, pk=tuple(src[i] for i in idx)))
+    return out
 
 
 def schema_tables(schema_sql: str, migrations: list[str] = ()) -> dict[str, dict[str, Any]]:
