@@ -17,12 +17,11 @@ fixpoint (membership that only a cycle would justify does not exist). Depth is b
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -261,19 +260,27 @@ class Engine:
     # nesting, but a long operator chain in a permission adds a Python frame per operator on top, so
     # the interpreter's own limit can come first: that is the same condition (too deep to answer),
     # reported as MaxDepthExceeded instead of escaping as an internal error.
+    # (A try statement, not a context manager: `check` runs once per row a listing filters, and a
+    # try costs nothing until it catches.)
     def check(self, rtype: str, rid: str, name: str, subject: Subject) -> Result:
-        with _too_deep(self.max_depth):
+        try:
             return self._check(rtype, rid, name, subject)
+        except RecursionError:
+            raise _too_deep(self.max_depth) from None
 
     def lookup_resources(self, rtype: str, permission: str, subject: Subject,
                          limit: int | None = None) -> list[tuple[str, Result]]:
-        with _too_deep(self.max_depth):
+        try:
             return self._lookup_resources(rtype, permission, subject, limit)
+        except RecursionError:
+            raise _too_deep(self.max_depth) from None
 
     def lookup_subjects(self, rtype: str, rid: str, permission: str, stype: str,
                         srel: str = "") -> list[dict[str, Any]]:
-        with _too_deep(self.max_depth):
+        try:
             return self._lookup_subjects(rtype, rid, permission, stype, srel)
+        except RecursionError:
+            raise _too_deep(self.max_depth) from None
 
     def expand(self, rtype: str, rid: str, name: str) -> dict[str, Any]:
         """The tree of `name` on the object. It is not memoised (every path is shown), so shared
@@ -281,8 +288,10 @@ class Engine:
         bounded (nodes plus leaf subjects, MAX_EXPAND) so one request cannot hold a worker and the
         server's memory without end."""
         self._expand_budget = MAX_EXPAND
-        with _too_deep(self.max_depth):
+        try:
             return self._expand(rtype, rid, name)
+        except RecursionError:
+            raise _too_deep(self.max_depth) from None
 
     def _spend_expand(self, n: int) -> None:
         self._expand_budget -= n
@@ -534,14 +543,11 @@ class Engine:
                 "children": children}
 
 
-@contextlib.contextmanager
-def _too_deep(limit: int) -> Iterator[None]:
-    try:
-        yield
-    except RecursionError:
-        raise AnvilError("MaxDepthExceeded",
-                         f"evaluation nested too deeply to answer (the data's bound is {limit} levels; the schema's "
-                         "permissions chain too many operators and permissions on top of it)") from None
+def _too_deep(limit: int) -> AnvilError:
+    """What a RecursionError in an evaluation is answered with."""
+    return AnvilError("MaxDepthExceeded",
+                      f"evaluation nested too deeply to answer (the data's bound is {limit} levels; the schema's "
+                      "permissions chain too many operators and permissions on top of it)")
 
 
 def _subject_answer(stype: str, sid: str, srel: str, r: Result) -> dict[str, Any]:
