@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import struct
+import unicodedata
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -62,11 +63,17 @@ def check_tag(tag: Any) -> str:
     return tag
 
 
+# Control characters (a newline in a file name forges lines in listings and logs) and ':' (a drive
+# letter, `C:/x`, makes the path absolute on Windows; `name:stream` writes an NTFS alternate data
+# stream): a pull writes component paths as local file names.
+_BAD_PATH_CHARS = re.compile(r"[\x00-\x1f\x7f:]")
+
+
 def check_path(path: Any) -> str:
-    """A component path: relative, POSIX, no `..`, no empty or `.` segments."""
-    if not isinstance(path, str) or not path or len(path) > MAX_PATH or "\x00" in path or "\\" in path:
+    """A component path: relative, POSIX, no `..`, no empty or `.` segments, no control characters or ':'."""
+    if not isinstance(path, str) or not path or len(path) > MAX_PATH or "\\" in path or _BAD_PATH_CHARS.search(path):
         raise invalid(f"component path {path!r} must be a non-empty relative POSIX path of at most {MAX_PATH} "
-                      "characters")
+                      "characters, without control characters or ':'")
     if path.startswith("/"):
         raise invalid(f"component path {path!r} is absolute: paths must be relative to the artefact")
     parts = path.split("/")
@@ -75,6 +82,37 @@ def check_path(path: Any) -> str:
     if any(p in ("", ".") for p in parts):
         raise invalid(f"component path {path!r} has an empty or '.' segment")
     return path
+
+
+def check_layout(paths: Any) -> None:
+    """The file list a pull materialises must fit a file system: no path that is both a file and a
+    directory (`a` and `a/b`: no pull can write both), and no two paths that differ only by case or
+    Unicode normalisation (one file on macOS and Windows: a verified pull would leave one path holding
+    the other's bytes)."""
+    seen: dict[str, str] = {}
+    for p in paths:
+        folded = unicodedata.normalize("NFC", p).casefold()
+        other = seen.setdefault(folded, p)
+        if other != p:
+            raise invalid(f"component paths {other!r} and {p!r} differ only by case or Unicode normalisation")
+    for folded, p in seen.items():
+        parts = folded.split("/")
+        for i in range(1, len(parts)):
+            parent = seen.get("/".join(parts[:i]))
+            if parent is not None:
+                raise invalid(f"component path {parent!r} is a file, so {p!r} cannot be under it")
+
+
+def check_ref_name(name: Any) -> str:
+    """A git ref name as git accepts it (`HEAD`, or `refs/...` by git-check-ref-format): a name git cannot
+    hold made every `git clone` of the artefact fail with an internal error."""
+    from dulwich.refs import check_ref_format
+
+    if name == "HEAD":
+        return name
+    if not isinstance(name, str) or not name.startswith("refs/") or not check_ref_format(name.encode()):
+        raise invalid(f"ref name {str(name)[:200]!r} is not a valid git ref name (HEAD or refs/...)")
+    return name
 
 
 def check_sha(value: Any, what: str = "sha256") -> str:
@@ -91,7 +129,8 @@ def check_manifest(m: Any) -> dict[str, Any]:
     extra = set(m) - allowed
     if extra:
         raise invalid(f"unknown manifest fields: {sorted(extra)}")
-    if m.get("format") != FORMAT or m.get("schema") != SCHEMA_VERSION:
+    # `type(...) is int`: JSON `true` equals 1 in Python, and would pass as schema 1 under another id.
+    if m.get("format") != FORMAT or type(m.get("schema")) is not int or m.get("schema") != SCHEMA_VERSION:
         raise invalid(f"manifest format must be {FORMAT!r} with schema {SCHEMA_VERSION}")
     if m.get("kind") not in KINDS:
         raise invalid(f"manifest kind must be one of {list(KINDS)}")
@@ -126,6 +165,8 @@ def check_manifest(m: Any) -> dict[str, Any]:
     if not isinstance(refs, dict) or not all(isinstance(k, str) and k and isinstance(v, str)
                                              and re.fullmatch(r"[0-9a-f]{40}", v) for k, v in refs.items()):
         raise invalid("refs must map ref names to 40-hex commit ids")
+    for k in refs:
+        check_ref_name(k)
     if m["kind"] == "source" and not refs:
         raise invalid("a source artefact records at least one ref")
     return m
@@ -252,21 +293,25 @@ def parse_safetensors_header(header: bytes, file_size: int, path: str) -> list[d
     absolute byte offset and length of its data in the file. Offsets past the end are refused."""
     try:
         doc = json.loads(header)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: `[[[...` nested past the stack
         raise invalid(f"{path}: the safetensors header is not valid JSON") from None
     if not isinstance(doc, dict):
         raise invalid(f"{path}: the safetensors header must be a JSON object")
     data_start = 8 + len(header)
     data_len = file_size - data_start
     out = []
+
+    def natural(x: Any) -> bool:  # JSON true/false are Python ints: not a dimension or an offset
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
     for name, info in doc.items():
         if name == "__metadata__":
             continue
         if (not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES
                 or not isinstance(info.get("shape"), list)
-                or not all(isinstance(d, int) and d >= 0 for d in info["shape"])
+                or not all(natural(d) for d in info["shape"])
                 or not isinstance(info.get("data_offsets"), list) or len(info["data_offsets"]) != 2
-                or not all(isinstance(o, int) and o >= 0 for o in info["data_offsets"])):
+                or not all(natural(o) for o in info["data_offsets"])):
             raise invalid(f"{path}: tensor {name!r} has a malformed header entry")
         begin, end = info["data_offsets"]
         if end < begin or end > data_len:
@@ -280,6 +325,17 @@ def parse_safetensors_header(header: bytes, file_size: int, path: str) -> list[d
                           f"{info['dtype']}")
         out.append({"name": name, "dtype": info["dtype"], "shape": info["shape"], "file": path,
                     "offset": data_start + begin, "length": end - begin})
+    # The format's own rule (safetensors checks it on load): in offset order the tensors tile the data
+    # exactly. Overlapping tensors give two names to the same bytes, and a hole or trailing bytes are
+    # room for a payload no index shows (a polyglot file).
+    pos = 0
+    for t in sorted(out, key=lambda t: (t["offset"], t["length"])):
+        if t["offset"] - data_start != pos:
+            raise invalid(f"{path}: tensor {t['name']!r} starts at data byte {t['offset'] - data_start}, not "
+                          f"{pos}: tensors overlap or leave a gap")
+        pos += t["length"]
+    if pos != data_len:
+        raise invalid(f"{path}: the tensors cover {pos} of the file's {data_len} data bytes")
     return sorted(out, key=lambda t: t["name"])
 
 

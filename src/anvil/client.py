@@ -1186,6 +1186,9 @@ class AnvilClient:
         info = self.artefact_describe(bucket, name, ref)
         root = Path(directory)
         files = info["files"]
+        # A file list that cannot fit this file system (a path under a file, paths one only on a
+        # case-insensitive one) would otherwise leave one path holding another's bytes.
+        mf.check_layout([f["path"] for f in files])
         tmps: dict[str, Path] = {}
         fds: dict[str, int] = {}
         tasks: list[tuple[dict[str, Any], int, int]] = []

@@ -395,9 +395,13 @@ class ArtefactService:
         with conn:
             base_files: dict[str, dict[str, Any]] = {}
             if m.get("base"):
-                row = conn.execute("SELECT tenant FROM artefacts WHERE bucket = ? AND id = ?",
+                row = conn.execute("SELECT tenant, name FROM artefacts WHERE bucket = ? AND id = ?",
                                    (bucket, m["base"])).fetchone()
-                if row is None or row[0] != tenant:
+                # The base must be an artefact of the same name: its files become this artefact's, and
+                # the right to push and pull is per name (scopes on bucket:B/NAME, a binding's artefact
+                # part), so a base of another name let a caller who may push `a` but not pull `b` read
+                # `b`'s files through `a`. Same answer as an absent base: nothing about `b` is confirmed.
+                if row is None or row[0] != tenant or row[1] != m["name"]:
                     raise AnvilError("NotFound", "the base artefact does not exist in this bucket")
                 base_files = effective_files(conn, bucket, m["base"])
                 for p in m.get("removed", []):
@@ -407,6 +411,7 @@ class ArtefactService:
             for p in m.get("removed", []):
                 files.pop(p, None)
             files.update({c["path"]: c for c in m["components"]})
+            mf.check_layout(files)  # the effective list (base included) must fit a file system when pulled
             self._check_signatures(conn, tenant, body, sigs)
         tensors = self._index_components(files)
         # Derived, but published *before* the manifest commits: written after it, a crash between the
@@ -608,7 +613,11 @@ class ArtefactService:
                 problems.append(f"component {f['path']} is missing" if actual is None
                                 else f"component {f['path']} does not match its SHA-256")
             elif mf.is_indexed(f["path"]):
-                fresh = compute_tensor_index(self.blobs, f["sha256"], f["size"], f["path"])
+                try:
+                    fresh = compute_tensor_index(self.blobs, f["sha256"], f["size"], f["path"])
+                except AnvilError as e:  # a header stricter checks now refuse: a finding, not a failed verify
+                    problems.append(e.message)
+                    continue
                 stored = load_tensor_index(self.root, f["sha256"])
                 if stored is not None and stored != fresh:
                     problems.append(f"the tensor index of {f['path']} differs from its header")

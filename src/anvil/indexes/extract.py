@@ -14,6 +14,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 MAX_BODY = 8 * 1024 * 1024  # bodies larger than this are not read for indexing
+# Vectors are kept and searched as float32: a component finite as a double but beyond this becomes inf,
+# then NaN once normalised, and such a vector is silently never found (or, as a query, finds nothing).
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def finite_float32(x: float) -> bool:
+    try:
+        return math.isfinite(x) and abs(x) <= FLOAT32_MAX
+    except OverflowError:  # an integer too large for a double
+        return False
 
 
 class Source:
@@ -62,7 +72,10 @@ def _json(src: Source) -> Any:
         text = _text(src)
         try:
             src._json = json.loads(text)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
+            # RecursionError: `[[[...` nested past the stack is invalid JSON like any other, a diagnostic of
+            # the JSON fields; escaping as a whole-document failure it also dropped the key, metadata and
+            # size fields the document still has.
             raise Problem("index.json_invalid", f"body is not JSON: {str(e)[:120]}") from None
         src._json_done = True
     return src._json
@@ -143,8 +156,8 @@ def coerce(ftype: str, value: Any, *, dimension: int | None = None) -> Any:
             raise ValueError("a vector is a JSON array of numbers")
         if len(value) != dimension:
             raise Problem("index.vector_dimension", f"vector has {len(value)} dimensions, the index {dimension}")
-        if not all(math.isfinite(x) for x in value):
-            raise ValueError("a vector of finite numbers")
+        if not all(finite_float32(x) for x in value):
+            raise ValueError(f"a vector of finite numbers within float32 (|x| <= {FLOAT32_MAX:.7g})")
         return [float(x) for x in value]
     raise ValueError(f"unknown type {ftype}")
 

@@ -28,7 +28,7 @@ from anvil.identity.gate import bucket_access, hidden_bucket, object_filter
 from anvil.identity.scopes import covers
 from anvil.indexes import definitions as defs
 from anvil.indexes.engine import MAX_SORT_MATCHES, Engine
-from anvil.indexes.extract import Source, extract
+from anvil.indexes.extract import Source, extract, finite_float32
 from anvil.indexes.filters import compile_filter, narrowing, sort_key
 from anvil.indexes.tables import INDEX_DIR, MIGRATIONS, index_dir, read_definitions
 from anvil.storage import Storage, journal
@@ -536,6 +536,8 @@ def parse_query(body: Any, definition: dict[str, Any]) -> dict[str, Any]:
             raise AnvilError("InvalidArgument", "vector is an array of numbers")
         if len(vector) != dim:
             raise AnvilError("InvalidArgument", f"wrong vector dimension: {len(vector)}, the index has {dim}")
+        if not all(finite_float32(x) for x in vector):  # searched as float32: 1e39 is inf there
+            raise AnvilError("InvalidArgument", "vector components must be finite numbers within float32 range")
     flt = body.get("filter")
     predicate = compile_filter(flt, definition) if flt is not None else None
     narrow = narrowing(flt, definition) if flt is not None else []

@@ -326,6 +326,10 @@ class WatchService:
 
     def create_consumer(self, ctx: RequestContext, name: str, scope: Scope, after: int | None) -> dict[str, Any]:
         authorize_scope(ctx.principal, scope)
+        # As `open` does: the gate answers NotFound for an absent bucket only to non-admins, so an
+        # admin created a consumer no watch could then open (`?consumer=` failed NotFound).
+        if scope.bucket is not None and self._bucket_exists is not None and not self._bucket_exists(scope.bucket):
+            raise AnvilError("NotFound", "bucket not found")
         return cons.create(self.catalog, ctx, name, scope, after).to_dict()
 
     def _visible_consumer(self, principal: Principal, name: str, tenant: str | None) -> cons.Consumer:
