@@ -209,3 +209,38 @@ def test_json_nested_too_deeply_is_json_invalid_and_the_other_fields_stay(client
     assert [h["key"] for h in res["hits"]] == ["deep"]
     diags = client.get_index(bucket, "vec")["status"]["diagnostics"]
     assert {(d["key"], d["code"]) for d in diags} == {("deep", "index.json_invalid")}
+
+
+def test_index_write_alone_cannot_define_an_index_that_shows_unreadable_objects(
+        server: AnvilServer, client: AnvilClient) -> None:
+    """A principal with index:write but no object:read defined a `public` full-text index over the
+    bodies and read every object through it, even anonymously."""
+    tenant = f"t{unique_bucket('x')[-8:]}"
+    client.create_tenant(tenant)
+    bucket = unique_bucket("adv")
+    owner = client.create_app(tenant, "owner", scopes=[f"bucket:create|tenant:{tenant}", "bucket:*|bucket:*",
+                                                       "object:*|bucket:*"])
+    with server.client(client_id=owner["client_id"], client_secret=owner["client_secret"]) as oc:
+        oc.create_bucket(bucket)
+        oc.put_object(bucket, "secret/plan", b"top secret plans", content_type="text/plain")
+    body_def = {"kind": "full-text", "fields": {"body": {"source": "body", "type": "text"}}}
+    indexer = client.create_app(tenant, "indexer", scopes=[f"index:*|bucket:{bucket}",
+                                                           f"object:read|bucket:{bucket}/pub/*"])
+    with server.client(client_id=indexer["client_id"], client_secret=indexer["client_secret"]) as ic:
+        h = ic._bearer()
+        url = f"{server.endpoint}/anvil/v1/buckets/{bucket}/indexes"
+        before = _head(client)
+        for auth in ("public", "index_only"):
+            r = httpx.post(url, json={**body_def, "name": f"leak-{auth.replace('_', '-')}", "authorization": auth},
+                           headers=h)
+            assert "object:read" in _error(r, 403, "PermissionDenied")
+        assert _head(client) == before and ic.list_indexes(bucket) == []
+        # Over what it may read, it may: and what is inherit_object may not be turned public.
+        r = httpx.post(url, json={**body_def, "name": "pub", "authorization": "public",
+                                  "selector": {"prefix": "pub/"}}, headers=h)
+        assert r.status_code == 201, r.text
+        r = httpx.post(url, json={**body_def, "name": "mine"}, headers=h)
+        assert r.status_code == 201, r.text
+        r = httpx.put(url + "/mine", json={**body_def, "authorization": "public"}, headers=h)
+        _error(r, 403, "PermissionDenied")
+        assert ic.get_index(bucket, "mine")["definition"]["authorization"] == "inherit_object"

@@ -159,9 +159,30 @@ class IndexService:
                  {"bucket": d["bucket"], "name": d["name"], "version": d["version"], "state": d["state"],
                   "definition": d["definition"]})
 
+    @staticmethod
+    def _check_disclosure(principal: Principal, bucket: str, definition: dict[str, Any]) -> None:
+        """An `index_only` or `public` index answers with keys, fields and body snippets without asking,
+        object by object, whether the searcher may read them: defining one discloses every object its
+        selector takes, so it needs `object:read` on all of them (scopes, and the bucket's binding if it
+        has one). Before, `index:write` alone sufficed: a principal that could not read one object
+        defined a public full-text index over the bodies and read them anonymously."""
+        if definition["authorization"] == "inherit_object" or principal.admin:
+            return
+        access = bucket_access(bucket)
+        if access is not None and access.public:
+            return  # every object is readable by anyone already
+        prefix = definition["selector"]["prefix"]
+        wanted = f"object:read|bucket:{bucket}/{'' if any(c in prefix for c in '*?[') else prefix}*"
+        if (not any(covers(s, wanted) for s in principal.scopes)
+                or object_filter(principal, "object:read", bucket) is not None):
+            raise AnvilError("PermissionDenied", f"an {definition['authorization']} index shows the objects it "
+                                                 "selects to its searchers: defining one needs object:read on "
+                                                 "every one of them")
+
     def create(self, ctx: RequestContext, bucket: str, body: Any) -> dict[str, Any]:
         authorize(ctx.principal, "index:write", f"bucket:{bucket}")
         definition = defs.normalise(body)
+        self._check_disclosure(ctx.principal, bucket, definition)
         name = definition["name"]
 
         def fn(txn: Txn) -> dict[str, Any]:
@@ -214,6 +235,8 @@ class IndexService:
 
     def update(self, ctx: RequestContext, bucket: str, name: str, body: Any) -> dict[str, Any]:
         definition = defs.normalise(body, name=name)
+        authorize(ctx.principal, "index:write", f"bucket:{bucket}")
+        self._check_disclosure(ctx.principal, bucket, definition)
         return self._change(ctx, bucket, name, "index.update", lambda d: {**d, "definition": definition})
 
     def disable(self, ctx: RequestContext, bucket: str, name: str) -> dict[str, Any]:
