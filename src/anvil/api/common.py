@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -419,18 +420,52 @@ def _json_too_large() -> AnvilError:
                       headers={"connection": "close"})
 
 
+# A `\uD800`-`\uDFFF` escape: json.loads turns an unpaired one into a lone surrogate, a str that no
+# UTF-8 encoder takes (SQLite, the journal, a file name, a hash), so it failed deep in a service as a
+# UnicodeEncodeError, 500 Internal. Only a body with such an escape is walked to look for one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]  # iterative: the body may be nested as deep as json.loads allows
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, dict):
+            stack.extend(v)
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
+
+
+def decode_json(raw: bytes | str, what: str = "JSON body") -> Any:
+    """JSON text -> value, or InvalidArgument: malformed, nested too deeply, a non-finite number
+    (NaN, Infinity, 1e400) or a string that is not Unicode (an unpaired surrogate escape)."""
+    try:
+        value = json.loads(raw, parse_constant=_non_finite, parse_float=_finite_float)
+    except (ValueError, UnicodeDecodeError):
+        raise AnvilError("InvalidArgument", f"malformed {what}") from None
+    except RecursionError:
+        raise AnvilError("InvalidArgument", f"the {what} is nested too deeply") from None
+    escaped = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
+    if _SURROGATE_ESCAPE.search(escaped) and _has_lone_surrogate(value):
+        raise AnvilError("InvalidArgument", f"the {what} holds a string that is not valid Unicode "
+                                            "(an unpaired surrogate escape such as \\ud800)")
+    return value
+
+
 async def json_body(request: Request, *, required: bool = True) -> dict[str, Any]:
     raw = await read_capped(request, MAX_JSON_BODY, _json_too_large)
     if not raw:
         if required:
             raise AnvilError("InvalidArgument", "a JSON body is required")
         return {}
-    try:
-        body = json.loads(raw, parse_constant=_non_finite, parse_float=_finite_float)
-    except (ValueError, UnicodeDecodeError):
-        raise AnvilError("InvalidArgument", "malformed JSON body") from None
-    except RecursionError:
-        raise AnvilError("InvalidArgument", "the JSON body is nested too deeply") from None
+    body = decode_json(raw)
     if not isinstance(body, dict):
         raise AnvilError("InvalidArgument", "the JSON body must be an object")
     return body
