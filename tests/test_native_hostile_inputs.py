@@ -6,6 +6,7 @@ answers a 4xx in the documented error shape and changes nothing. One server for 
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from pathlib import Path
@@ -173,3 +174,122 @@ def test_pdb_schema_with_seed_rows_still_opens(server, headers):
                       json={"name": "hs-" + unique_bucket()[-10:], "schema": seed})
     assert resp.status_code == 201, resp.text
     assert json.loads(resp.text)["schema_version"] == 1
+
+
+# -- tokens and cursors handed back by the client ---------------------------------------------------
+# Each decoder took the token's JSON with json.loads: deep nesting raised RecursionError (no ValueError),
+# a "\ud800" key failed in SQLite, {"o": Infinity} made int() raise OverflowError. All were 500s.
+
+
+def _b64(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+DEEP = "[" * 5000 + "]" * 5000
+
+
+@pytest.mark.parametrize("token", [_b64(DEEP), _b64('{"k": "\\ud800"}')])
+def test_tampered_listing_token(server, headers, bucket, token):
+    resp = httpx.get(f"{server.endpoint}/anvil/v1/buckets/{bucket}/objects", params={"token": token},
+                     headers=headers)
+    _error(resp)
+    _no_tracebacks(server)
+
+
+@pytest.fixture(scope="module")
+def indexed(server: AnvilServer, headers: dict[str, str]) -> str:
+    """A bucket with a full-text index over json:/title of keys under docs/."""
+    name = unique_bucket()
+    assert httpx.put(f"{server.endpoint}/anvil/v1/buckets/{name}", json={}, headers=headers).status_code == 201
+    resp = httpx.post(f"{server.endpoint}/anvil/v1/buckets/{name}/indexes", headers=headers, json={
+        "name": "ix", "kind": "full-text", "selector": {"prefix": "docs/"},
+        "fields": {"title": {"source": "json:/title", "type": "text"}}})
+    assert resp.status_code == 201, resp.text
+    return name
+
+
+@pytest.mark.parametrize("token", [_b64(DEEP), _b64('{"o": Infinity, "f": "x"}')])
+def test_tampered_index_page_token(server, headers, indexed, token):
+    resp = httpx.post(f"{server.endpoint}/anvil/v1/buckets/{indexed}/indexes/ix/query", headers=headers,
+                      json={"text": "x", "page_token": token})
+    _error(resp)
+    _no_tracebacks(server)
+
+
+def test_object_with_unpaired_surrogate_does_not_stop_its_index(server, headers, indexed):
+    # The body decoded to a lone surrogate that tantivy refused: the builder retried that batch for
+    # ever, and nothing written to the bucket afterwards was ever searchable again.
+    put = f"{server.endpoint}/anvil/v1/buckets/{indexed}/object"
+    h = {**headers, "content-type": "application/json"}
+    resp = httpx.put(put, params={"key": "docs/bad.json"}, content=b'{"title": "bad \\ud800 one"}', headers=h)
+    assert resp.status_code == 200, resp.text  # the write itself is fine: it is the object's content
+    resp = httpx.put(put, params={"key": "docs/good.json"}, content=b'{"title": "searchable"}', headers=h)
+    cursor = resp.json()["cursor"]
+    resp = httpx.post(f"{server.endpoint}/anvil/v1/buckets/{indexed}/indexes/ix/query", headers=headers, timeout=30,
+                      json={"text": "searchable", "min_cursor": cursor, "wait_ms": 10_000})
+    assert resp.status_code == 200, resp.text
+    assert [h["key"] for h in resp.json()["hits"]] == ["docs/good.json"]
+    status = httpx.get(f"{server.endpoint}/anvil/v1/buckets/{indexed}/indexes/ix", headers=headers).json()["status"]
+    assert status["error"] is None
+    assert {(d["key"], d["code"]) for d in status["diagnostics"]} == {("docs/bad.json", "index.json_invalid")}
+
+
+# -- authz ------------------------------------------------------------------------------------------
+
+AUTHZ_SCHEMA = """
+definition user {}
+definition document {
+    relation viewer: user | user with allowlist
+    permission view = viewer
+}
+caveat allowlist(allowed list<string>, name string) {
+    name in allowed
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def authz_tenant(server: AnvilServer, headers: dict[str, str]) -> None:
+    resp = httpx.put(f"{server.endpoint}/anvil/v1/authz/schema", json={"schema": AUTHZ_SCHEMA}, headers=headers)
+    assert resp.status_code == 200, resp.text
+    resp = httpx.post(f"{server.endpoint}/anvil/v1/authz/relationships/write", headers=headers,
+                      json={"updates": [{"operation": "touch", "relationship": "document:a#viewer@user:amy"},
+                                        {"operation": "touch", "relationship": "document:b#viewer@user:amy"}]})
+    assert resp.status_code == 200, resp.text
+
+
+def _relationships(server: AnvilServer, headers: dict[str, str]) -> list[str]:
+    resp = httpx.post(f"{server.endpoint}/anvil/v1/authz/relationships/read", headers=headers,
+                      json={"filter": {"resource_type": "document"}})
+    assert resp.status_code == 200, resp.text
+    return [r["relationship"] for r in resp.json()["relationships"]]
+
+
+@pytest.mark.parametrize("context", ['{"allowed": ' + "[" * 5000 + "]" * 5000 + "}", '{"name": "\\ud800"}'])
+def test_caveat_context_in_relationship_text(server, headers, authz_tenant, context):
+    # The caveat context inside the text form was decoded by its own raw_decode, unguarded.
+    before = _relationships(server, headers)
+    rel = f"document:c#viewer@user:bob[allowlist:{context}]"
+    resp = httpx.post(f"{server.endpoint}/anvil/v1/authz/relationships/write", headers=headers,
+                      json={"updates": [{"operation": "create", "relationship": rel}]})
+    _error(resp)
+    assert _relationships(server, headers) == before
+    _no_tracebacks(server)
+
+
+def test_tampered_relationship_cursor(server, headers, authz_tenant):
+    url = f"{server.endpoint}/anvil/v1/authz/relationships/read"
+    page = httpx.post(url, headers=headers, json={"filter": {"resource_type": "document"}, "limit": 1}).json()
+    token = json.loads(base64.urlsafe_b64decode(page["cursor"] + "=" * (-len(page["cursor"]) % 4)))[0]
+    forged = json.dumps([token, ["document", "a", "viewer", "user", "PLACE", ""]]).replace("PLACE", "\\ud800")
+    for cursor in (_b64(DEEP), _b64(forged)):
+        resp = httpx.post(url, headers=headers, json={"filter": {"resource_type": "document"}, "cursor": cursor})
+        _error(resp)
+    _no_tracebacks(server)
+
+
+def test_consistency_query_nested_deeply(server, headers, authz_tenant):
+    resp = httpx.get(f"{server.endpoint}/anvil/v1/authz/schema", headers=headers,
+                     params={"consistency": '{"a": ' + "[" * 1500 + "]" * 1500 + "}"})
+    _error(resp)
+    _no_tracebacks(server)

@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from anvil import jsontext
 from anvil.authz import binding as bnd
 from anvil.authz import relationships as rels
 from anvil.authz.engine import COND, HAS, R_NO, Engine, Result, RowCache, Snapshot
@@ -902,7 +903,7 @@ def _decode_cursor(cursor: Any, svc: AuthzService) -> tuple[int, list[str]]:
 
     try:
         raw = base64.urlsafe_b64decode(str(cursor) + "=" * (-len(str(cursor)) % 4))
-        token, key = json.loads(raw)
+        token, key = jsontext.loads(raw)  # strict: deep nesting or a "\ud800" key was a 500
         if not (isinstance(key, list) and len(key) == 6 and all(isinstance(k, str) for k in key)):
             raise ValueError
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
