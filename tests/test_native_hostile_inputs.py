@@ -293,3 +293,35 @@ def test_consistency_query_nested_deeply(server, headers, authz_tenant):
                      params={"consistency": '{"a": ' + "[" * 1500 + "]" * 1500 + "}"})
     _error(resp)
     _no_tracebacks(server)
+
+
+@pytest.mark.parametrize("terms", [480, 3000])
+def test_schema_with_deeply_chained_operators_is_refused(server, headers, terms):
+    # `viewer + viewer + ...` nests one level per operator: ~500 made the parser's transformer (and,
+    # below that, every expand of the written schema) recurse past the stack: 500 Internal.
+    tenant = "hd-" + unique_bucket()[-8:]
+    assert httpx.post(f"{server.endpoint}/anvil/v1/admin/tenants", json={"name": tenant},
+                      headers=headers).status_code == 201
+    schema = ("definition user {}\ndefinition doc {\n relation viewer: user\n permission view = "
+              + " + ".join(["viewer"] * terms) + "\n}\n")
+    resp = httpx.put(f"{server.endpoint}/anvil/v1/authz/schema", params={"tenant": tenant}, content=schema.encode(),
+                     headers={**headers, "content-type": "text/plain"})
+    assert "nests more than 100 operators deep" in _error(resp)["message"]
+    resp = httpx.get(f"{server.endpoint}/anvil/v1/authz/schema", params={"tenant": tenant}, headers=headers)
+    assert resp.status_code == 404, resp.text  # nothing was written
+    _no_tracebacks(server)
+
+
+# -- artefacts --------------------------------------------------------------------------------------
+
+
+def test_git_upload_pack_with_a_body_that_is_not_gzip(server, headers, client, bucket, tmp_path):
+    # zlib.error escaped the handler: 500 Internal.
+    (tmp_path / "config.json").write_text("{}")
+    pushed = client.push_model(bucket, "m1", tmp_path)
+    url = f"{server.endpoint}/anvil/v1/buckets/{bucket}/artefacts/m1/{pushed.id}/git/git-upload-pack"
+    resp = httpx.post(url, content=b"not gzip at all", headers={
+        "authorization": headers["authorization"], "content-encoding": "gzip",
+        "content-type": "application/x-git-upload-pack-request"})
+    _error(resp)
+    _no_tracebacks(server)

@@ -11,6 +11,7 @@ from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from anvil.authz.schema import (
+    MAX_EXPRESSION_DEPTH,
     PARAM_RE,
     PARAM_TYPES,
     Arrow,
@@ -231,6 +232,9 @@ def parse_items(text: str) -> list[Any]:
         if isinstance(e.orig_exc, AnvilError):
             raise e.orig_exc from None
         raise
+    except RecursionError:  # lark's transformer recurses per level: hundreds of chained operators (500)
+        raise AnvilError("InvalidArgument", f"schema error: an expression nests more than {MAX_EXPRESSION_DEPTH} "
+                                            "operators deep") from None
 
 
 def _syntax_error(e: UnexpectedInput, text: str) -> AnvilError:

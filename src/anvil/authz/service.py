@@ -32,7 +32,7 @@ from anvil.authz import binding as bnd
 from anvil.authz import relationships as rels
 from anvil.authz.engine import COND, HAS, R_NO, Engine, Result, RowCache, Snapshot
 from anvil.authz.relationships import Relationship
-from anvil.authz.schema import MAX_DEPTH_DEFAULT, Schema, parse
+from anvil.authz.schema import MAX_DEPTH_DEFAULT, Schema, check_expression_depth, parse
 from anvil.context import Principal, RequestContext
 from anvil.errors import AnvilError
 from anvil.identity import authorize
@@ -317,6 +317,7 @@ class AuthzService:
     def write_schema(self, ctx: RequestContext, text: Any, tenant: Any = None) -> dict[str, Any]:
         tenant = self._tenant(ctx.principal, tenant, "authz:write")
         schema = parse(text)
+        check_expression_depth(schema)
 
         def fn(txn: Txn) -> dict[str, Any]:
             rev = txn.next_seq
