@@ -325,3 +325,21 @@ def test_git_upload_pack_with_a_body_that_is_not_gzip(server, headers, client, b
         "content-type": "application/x-git-upload-pack-request"})
     _error(resp)
     _no_tracebacks(server)
+
+
+@pytest.mark.parametrize("tables", [
+    [{"from": "notes", "to": "sqlite_master"}],
+    [{"from": "notes", "to": "SQLite_x"}],
+    [{"from": "notes", "to": "aa", "columns": {"id": "id"}}, {"from": "notes", "to": "AA"}],
+    [{"from": "notes", "columns": {"id": "id", "body": "ID"}}],
+])
+def test_pdb_projection_names_sqlite_would_refuse(server, headers, tables):
+    # SQLite reserves sqlite_* and compares names in any case. The projection was recorded, then its
+    # file could not be built: 500, and the broken projection stayed (every rebuild of the group failed).
+    group = _group(server, headers)
+    name = "hq-" + group["name"][3:]
+    resp = httpx.post(f"{server.endpoint}/anvil/v1/pdb/projections", headers=headers,
+                      json={"name": name, "source": group["name"], "spec": {"tables": tables}})
+    _error(resp)
+    assert httpx.get(f"{server.endpoint}/anvil/v1/pdb/projections/{name}", headers=headers).status_code == 404
+    _no_tracebacks(server)
