@@ -343,3 +343,26 @@ def test_pdb_projection_names_sqlite_would_refuse(server, headers, tables):
     _error(resp)
     assert httpx.get(f"{server.endpoint}/anvil/v1/pdb/projections/{name}", headers=headers).status_code == 404
     _no_tracebacks(server)
+
+
+# -- objects ----------------------------------------------------------------------------------------
+
+
+def test_content_type_a_header_cannot_carry(server, headers, client, bucket):
+    # A content type from a JSON body was stored as given; GET and HEAD of the object then failed to
+    # encode it as a header (latin-1): 500 on every read, for good.
+    client.put_object(bucket, "src", b"data")
+    cyrillic = "t\u0435xt/plain"
+    resp = httpx.post(f"{server.endpoint}/anvil/v1/buckets/{bucket}/copy", headers=headers, json={
+        "key": "dst", "source_key": "src", "metadata_directive": "REPLACE", "content_type": cyrillic})
+    _error(resp)
+    resp = httpx.post(f"{server.endpoint}/anvil/v1/buckets/{bucket}/uploads", headers=headers,
+                      json={"key": "up", "content_type": cyrillic})
+    _error(resp)
+    assert [o["key"] for o in client.list_objects(bucket).objects] == ["src"]
+    assert client.list_uploads(bucket) == []
+    # latin-1 is still what it was (a header may carry it).
+    resp = httpx.post(f"{server.endpoint}/anvil/v1/buckets/{bucket}/copy", headers=headers, json={
+        "key": "dst", "source_key": "src", "metadata_directive": "REPLACE", "content_type": "text/caf\u00e9"})
+    assert resp.status_code == 200, resp.text
+    _no_tracebacks(server)
