@@ -366,3 +366,58 @@ def test_content_type_a_header_cannot_carry(server, headers, client, bucket):
         "key": "dst", "source_key": "src", "metadata_directive": "REPLACE", "content_type": "text/caf\u00e9"})
     assert resp.status_code == 200, resp.text
     _no_tracebacks(server)
+
+
+def _changeset(tmp_path: Path, sql: str) -> bytes:
+    """A session changeset of PDB_SCHEMA's table, made as a replica makes one."""
+    from anvil.storage import sqlitefile as sf
+
+    db = sf.Database(tmp_path / "replica.db")
+    try:
+        db.script(PDB_SCHEMA)
+        db.start_session()
+        db.execute(sql)
+        return db.take_changeset()
+    finally:
+        db.close()
+
+
+def _commit(server: AnvilServer, headers: dict[str, str], group: str, data: bytes) -> httpx.Response:
+    g = httpx.get(f"{server.endpoint}/anvil/v1/pdb/groups/{group}", headers=headers).json()
+    return httpx.post(f"{server.endpoint}/anvil/v1/pdb/groups/{group}/commits", content=data, headers={
+        "authorization": headers["authorization"], "x-anvil-pdb-base-index": str(g["head_index"]),
+        "x-anvil-pdb-base-hash": g["head_hash"]})
+
+
+def test_pdb_changeset_with_text_that_is_not_utf8(server, headers, tmp_path):
+    # apsw raised UnicodeDecodeError (no apsw.Error) while the changeset was parsed: 500.
+    group = _group(server, headers)["name"]
+    good = _changeset(tmp_path, "INSERT INTO notes(id, body) VALUES (1, 'hello')")
+    assert b"hello" in good
+    _error(_commit(server, headers, group, good.replace(b"hello", b"\xff\xfe\xfd\xfc\xfb")), 400,
+           "PersonalDbInvalidChangeset")
+    assert httpx.get(f"{server.endpoint}/anvil/v1/pdb/groups/{group}", headers=headers).json()["head_index"] == 0
+    _no_tracebacks(server)
+
+
+def test_pdb_changeset_whose_primary_key_is_not_the_schemas(server, headers, tmp_path):
+    # The changeset flags both columns as the key: it was certified, then every projection of the
+    # group failed on it (a lookup with two values for a one-column key) and stopped following.
+    group = _group(server, headers)["name"]
+    projection = "hk-" + group[3:]
+    assert httpx.post(f"{server.endpoint}/anvil/v1/pdb/projections", headers=headers, json={
+        "name": projection, "source": group, "spec": {"tables": [{"from": "notes"}]}}).status_code == 201
+    good = _changeset(tmp_path, "INSERT INTO notes(id, body) VALUES (1, 'hello')")
+    header = b"T\x02\x01\x00notes\x00"  # table, 2 columns, PK flags (id), name
+    assert header in good
+    _error(_commit(server, headers, group, good.replace(header, b"T\x02\x01\x01notes\x00")), 400,
+           "PersonalDbInvalidChangeset")
+    resp = _commit(server, headers, group, good)
+    assert resp.status_code == 201, resp.text
+    url = f"{server.endpoint}/anvil/v1/pdb/projections/{projection}"
+    deadline = time.monotonic() + 20
+    while httpx.get(url, headers=headers).json()["source_index"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert httpx.get(url, headers=headers).json()["source_index"] == 1
+    _no_tracebacks(server)
+    assert "projection of" not in server.log()

@@ -654,6 +654,14 @@ class PersonalDbService:
                 raise AnvilError("PersonalDbInvalidChangeset",
                                  f"table {table!r} has {len(tables[table]['columns'])} columns in schema version "
                                  f"{g['schema_version']}, the changeset has {n}")
+        # The primary key each change names must be the schema's: a changeset flagging other columns was
+        # certified, then every projection of the group failed on it (a lookup by the wrong key), for good.
+        for ch in changes:
+            t = tables[ch.table]
+            if set(ch.pk_columns) != {t["columns"].index(c) for c in t["pk"]}:
+                raise AnvilError("PersonalDbInvalidChangeset",
+                                 f"the changeset's primary key of table {ch.table!r} is not the schema's "
+                                 f"({', '.join(t['pk'])})")
         if not principal.admin:
             for ch in changes:
                 resource = f"pdb:{g['name']}/{ch.table}/{_pk_text(ch.pk)}"

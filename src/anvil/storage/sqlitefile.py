@@ -41,6 +41,8 @@ class RowChange:
     new: tuple[Any, ...] | None
     # Column indexes an UPDATE sets (the session extension records only changed columns).
     changed: tuple[int, ...] = ()
+    # Column indexes the changeset flags as the primary key (checked against the schema's).
+    pk_columns: tuple[int, ...] = ()
 
 
 def _value(v: Any) -> Any:
@@ -60,8 +62,8 @@ def parse_changeset(data: bytes) -> list[RowChange]:
             src = old if old is not None else new
             assert src is not None
             changed = tuple(i for i, v in enumerate(ch.new) if v is not apsw.no_change) if ch.new is not None else ()
-            out.append(RowChange(ch.name, ch.op, tuple(src[i] for i in pks), old, new, changed))
-    except apsw.Error as e:
+            out.append(RowChange(ch.name, ch.op, tuple(src[i] for i in pks), old, new, changed, tuple(pks)))
+    except (apsw.Error, UnicodeDecodeError) as e:  # a TEXT value or a table name that is not UTF-8
         raise ChangesetError(f"not a valid SQLite changeset: {e}") from None
     return out
 
@@ -72,7 +74,7 @@ def changeset_columns(data: bytes) -> dict[str, int]:
     try:
         for ch in apsw.Changeset.iter(data):
             cols.setdefault(ch.name, ch.column_count)
-    except apsw.Error as e:
+    except (apsw.Error, UnicodeDecodeError) as e:
         raise ChangesetError(f"not a valid SQLite changeset: {e}") from None
     return cols
 
