@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+from anvil import jsontext
 from anvil.authz import binding as bnd
 from anvil.authz.engine import HAS
 from anvil.context import Principal
@@ -218,7 +219,7 @@ def decode_after(token: str) -> tuple[str, bool]:
         if not token.startswith("f1"):
             raise ValueError
         body = token[2:]
-        d = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        d = jsontext.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
         if not isinstance(d, dict) or len(d) != 1 or not isinstance(next(iter(d.values())), str):
             raise ValueError
     except (ValueError, UnicodeDecodeError, binascii.Error):

@@ -294,7 +294,10 @@ async def git_http(request: Request, ctx: RequestContext) -> Response:
             import zlib
 
             inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            body = inflater.decompress(body, 64 * 1024 * 1024)
+            try:
+                body = inflater.decompress(body, 64 * 1024 * 1024)
+            except zlib.error:  # not gzip (or corrupt): the client's fault, not a 500
+                raise AnvilError("InvalidArgument", "the upload-pack request is not valid gzip") from None
             if inflater.unconsumed_tail:
                 raise AnvilError("RequestTooLarge", "an upload-pack request over 64 MiB once decompressed")
     status, headers, out = await blocking(

@@ -8,13 +8,12 @@ Every route acts on the caller's tenant (admins may name another with `tenant`),
 
 from __future__ import annotations
 
-import json
-
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from anvil import api_models as m
+from anvil import jsontext
 from anvil.api.common import blocking, check_recovery, endpoint, json_body, model_body, require_identity, validated
 from anvil.api.limits import read_capped
 from anvil.authz import AuthzService
@@ -54,7 +53,7 @@ async def get_schema(request: Request, ctx: RequestContext) -> Response:
     consistency = q.get("consistency") or None
     if consistency and consistency.startswith("{"):
         try:
-            consistency = json.loads(consistency)
+            consistency = jsontext.loads(consistency)  # strict: a deeply nested one was a 500
         except ValueError:
             raise AnvilError("InvalidArgument", "consistency is a mode name or a JSON object") from None
     return JSONResponse(await blocking(_authz(request).read_schema, ctx.principal, q.get("tenant"), consistency))

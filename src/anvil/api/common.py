@@ -7,9 +7,7 @@ import concurrent.futures
 import ctypes
 import functools
 import gc
-import json
 import logging
-import math
 import os
 import threading
 import urllib.parse
@@ -20,6 +18,7 @@ import anyio.to_thread
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from anvil import jsontext
 from anvil.api.limits import MAX_JSON_BODY, SCOPE_KEY, CountingReceive, log_client_disconnect, read_capped
 from anvil.api.record import RECORD_KEY, note
 from anvil.api.record import request_id as request_id_of
@@ -401,22 +400,24 @@ def _settle(waiter: asyncio.Future, future: concurrent.futures.Future) -> None:
         waiter.set_result(future.result())
 
 
-def _non_finite(name: str) -> float:
-    # NaN and Infinity are not JSON; Python accepts them, and they pass every `x < 0` check.
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e400 parses to inf
-        raise ValueError("number out of range")
-    return value
-
-
 def _json_too_large() -> AnvilError:
     # Close the connection: the rest of the body is not worth reading to find the next request.
     return AnvilError("RequestTooLarge", f"the JSON body is larger than {MAX_JSON_BODY} bytes",
                       headers={"connection": "close"})
+
+
+def decode_json(raw: bytes | str, what: str = "JSON body") -> Any:
+    """JSON text -> value, or InvalidArgument: malformed, nested too deeply, a non-finite number
+    (NaN, Infinity, 1e400) or a string that is not Unicode (an unpaired surrogate escape such as
+    `\\ud800`, which failed later in a service as a UnicodeEncodeError: 500). See anvil.jsontext."""
+    try:
+        return jsontext.loads(raw)
+    except jsontext.JsonTextError as e:
+        if e.reason == jsontext.TOO_DEEP:
+            raise AnvilError("InvalidArgument", f"the {what} is nested too deeply") from None
+        if e.reason == jsontext.NOT_UNICODE:
+            raise AnvilError("InvalidArgument", f"the {what} is refused: {e}") from None
+        raise AnvilError("InvalidArgument", f"malformed {what}") from None
 
 
 async def json_body(request: Request, *, required: bool = True) -> dict[str, Any]:
@@ -425,12 +426,7 @@ async def json_body(request: Request, *, required: bool = True) -> dict[str, Any
         if required:
             raise AnvilError("InvalidArgument", "a JSON body is required")
         return {}
-    try:
-        body = json.loads(raw, parse_constant=_non_finite, parse_float=_finite_float)
-    except (ValueError, UnicodeDecodeError):
-        raise AnvilError("InvalidArgument", "malformed JSON body") from None
-    except RecursionError:
-        raise AnvilError("InvalidArgument", "the JSON body is nested too deeply") from None
+    body = decode_json(raw)
     if not isinstance(body, dict):
         raise AnvilError("InvalidArgument", "the JSON body must be an object")
     return body

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from typing import Any
 
 from starlette.requests import Request
@@ -22,6 +21,7 @@ from anvil.api.common import (
     blocking,
     check_recovery,
     committed,
+    decode_json,
     endpoint,
     json_body,
     model_body,
@@ -126,10 +126,8 @@ async def commit_batch(request: Request, ctx: RequestContext) -> Response:
     check_recovery(request)
     # base64 inflates by 4/3; the decoded total is checked against the group's limit by the service.
     raw = await read_capped(request, DEFAULT_MAX_CHANGESET * 4 // 3 + 64 * MAX_BATCH + 4096, _batch_too_large)
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise AnvilError("InvalidArgument", "malformed JSON body") from None
+    # The same decoding as every JSON body (a deeply nested one raised RecursionError here: 500).
+    body = decode_json(raw)
     if not isinstance(body, dict):
         raise AnvilError("InvalidArgument", "the JSON body must be an object")
     unknown = sorted(set(body) - {"base_index", "base_hash", "schema_version", "changesets"})

@@ -11,7 +11,7 @@ from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from anvil.authz.schema import (
-    MAX_EXPR_DEPTH,
+    MAX_EXPRESSION_DEPTH,
     PARAM_RE,
     PARAM_TYPES,
     Arrow,
@@ -232,11 +232,9 @@ def parse_items(text: str) -> list[Any]:
         if isinstance(e.orig_exc, AnvilError):
             raise e.orig_exc from None
         raise
-    except RecursionError:
-        # The transformer recurses once per operator of a (left-associated) expression chain: a
-        # permission of some hundreds of operators exhausts the interpreter's stack here.
-        raise AnvilError("InvalidArgument", "schema error: a permission's expression is too long (at most "
-                                            f"{MAX_EXPR_DEPTH} operators deep)") from None
+    except RecursionError:  # lark's transformer recurses per level: hundreds of chained operators (500)
+        raise AnvilError("InvalidArgument", f"schema error: an expression nests more than {MAX_EXPRESSION_DEPTH} "
+                                            "operators deep") from None
 
 
 def _syntax_error(e: UnexpectedInput, text: str) -> AnvilError:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from anvil import jsontext
 from anvil.authz.schema import Schema, TypeRef, convert, parse_timestamp
 from anvil.errors import AnvilError
 
@@ -126,9 +127,11 @@ def parse(text: Any, where: str = "relationship") -> Relationship:
         if caveat:
             raise bad(f"a second caveat at character {close.start() + 1}", where)
         try:
-            value, end = json.JSONDecoder().raw_decode(text, pos)
+            # Strict: a context nested deeply (RecursionError) or holding "\ud800" (a lone surrogate that
+            # failed in SQLite) was a 500; NaN and Infinity are no JSON either.
+            value, end = jsontext.raw_decode(text, pos)
         except ValueError as e:
-            raise bad(f"caveat context is not JSON at character {pos + 1}: {getattr(e, 'msg', e)}", where) from None
+            raise bad(f"caveat context is not JSON at character {pos + 1}: {e}", where) from None
         if not isinstance(value, dict) or end >= len(text) or text[end] != "]":
             raise bad(f"caveat context must be a JSON object followed by ']' at character {pos + 1}", where)
         caveat, context, pos = name, (canonical_json(value) if value else None), end + 1

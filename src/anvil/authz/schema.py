@@ -35,10 +35,11 @@ KEYWORDS = {"definition", "relation", "permission", "caveat", "nil", "with", "an
 PARAM_TYPES = {"any": 0, "int": 0, "uint": 0, "bool": 0, "string": 0, "double": 0, "bytes": 0,
                "duration": 0, "timestamp": 0, "ipaddress": 0, "list": 1, "map": 1}
 MAX_DEPTH_DEFAULT = 50
-# Operators nested in one permission expression (`a + b + c` is two deep: the operators associate to
-# the left). Evaluation recurses once per level on top of the data's nesting (MAX_DEPTH_DEFAULT), so an
-# unbounded chain would exhaust the interpreter's stack in every check of the permission.
-MAX_EXPR_DEPTH = 100
+# Operators nested in one permission's expression (`a + b + c ...` nests to the left, one level per
+# operator). Evaluation, expand and its JSON answer recurse once or twice per level: a schema of ~500
+# chained unions was written and then made every expand a RecursionError (500), and ~500 more failed
+# in the parser itself. SpiceDB schemas stay far below this.
+MAX_EXPRESSION_DEPTH = 100
 
 
 def schema_error(line: int | None, column: int | None, message: str) -> AnvilError:
@@ -233,20 +234,28 @@ def _validate(schema: Schema) -> None:
             r.types = refs
         for p in d.permissions.values():
             _check_name(RELATION_RE, p.name, "permission", p.line, p.column)
-            if _expr_depth(p.expr) > MAX_EXPR_DEPTH:
-                raise schema_error(p.line, p.column, f"permission {d.name}#{p.name}: the expression nests more than "
-                                                     f"{MAX_EXPR_DEPTH} operators deep")
             _check_expr(schema, d, p, p.expr)
 
 
+def check_expression_depth(schema: Schema) -> None:
+    """Refuse a schema written now whose permission nests deeper than MAX_EXPRESSION_DEPTH. Only for
+    writes: `parse` reads stored schemas too, which were accepted before this bound existed."""
+    for d in schema.definitions.values():
+        for p in d.permissions.values():
+            if _expr_depth(p.expr) > MAX_EXPRESSION_DEPTH:
+                raise schema_error(p.line, p.column, f"permission {d.name}#{p.name} nests more than "
+                                                     f"{MAX_EXPRESSION_DEPTH} operators deep")
+
+
 def _expr_depth(e: Any) -> int:
-    """How many operators deep an expression nests (without recursion: it is not bounded yet)."""
-    deepest, todo = 0, [(e, 0)]
-    while todo:
-        x, n = todo.pop()
-        if isinstance(x, Op):
-            todo += [(x.left, n + 1), (x.right, n + 1)]
-        deepest = max(deepest, n)
+    """How deep an expression's operators nest (iteratively: the tree may be deep)."""
+    deepest, stack = 0, [(e, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(node, Op):
+            stack.append((node.left, depth + 1))
+            stack.append((node.right, depth + 1))
     return deepest
 
 

@@ -27,11 +27,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from anvil import jsontext
 from anvil.authz import binding as bnd
 from anvil.authz import relationships as rels
 from anvil.authz.engine import COND, HAS, R_NO, Engine, Result, RowCache, Snapshot
 from anvil.authz.relationships import Relationship
-from anvil.authz.schema import MAX_DEPTH_DEFAULT, Schema, parse
+from anvil.authz.schema import MAX_DEPTH_DEFAULT, Schema, check_expression_depth, parse
 from anvil.context import Principal, RequestContext
 from anvil.errors import AnvilError
 from anvil.identity import authorize
@@ -316,6 +317,7 @@ class AuthzService:
     def write_schema(self, ctx: RequestContext, text: Any, tenant: Any = None) -> dict[str, Any]:
         tenant = self._tenant(ctx.principal, tenant, "authz:write")
         schema = parse(text)
+        check_expression_depth(schema)
 
         def fn(txn: Txn) -> dict[str, Any]:
             rev = txn.next_seq
@@ -902,7 +904,7 @@ def _decode_cursor(cursor: Any, svc: AuthzService) -> tuple[int, list[str]]:
 
     try:
         raw = base64.urlsafe_b64decode(str(cursor) + "=" * (-len(str(cursor)) % 4))
-        token, key = json.loads(raw)
+        token, key = jsontext.loads(raw)  # strict: deep nesting or a "\ud800" key was a 500
         if not (isinstance(key, list) and len(key) == 6 and all(isinstance(k, str) for k in key)):
             raise ValueError
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):

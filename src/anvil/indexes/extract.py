@@ -13,6 +13,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from anvil import jsontext
+
 MAX_BODY = 8 * 1024 * 1024  # bodies larger than this are not read for indexing
 # Vectors are kept and searched as float32: a component finite as a double but beyond this becomes inf,
 # then NaN once normalised, and such a vector is silently never found (or, as a query, finds nothing).
@@ -71,12 +73,18 @@ def _json(src: Source) -> Any:
     if not src._json_done:
         text = _text(src)
         try:
-            src._json = json.loads(text)
-        except (ValueError, RecursionError) as e:
-            # RecursionError: `[[[...` nested past the stack is invalid JSON like any other, a diagnostic of
-            # the JSON fields; escaping as a whole-document failure it also dropped the key, metadata and
-            # size fields the document still has.
+            value = json.loads(text)
+        except RecursionError:
+            raise Problem("index.json_invalid", "body is not JSON: nested too deeply") from None
+        except ValueError as e:
             raise Problem("index.json_invalid", f"body is not JSON: {str(e)[:120]}") from None
+        # A "\ud800" escape decodes to a lone surrogate that tantivy cannot take: the builder failed on
+        # the batch and retried it for ever, so one such object stopped the index (every later write
+        # to the bucket stayed unsearchable). It is refused here, as a diagnostic of that object.
+        if jsontext.may_hold_surrogate(text) and jsontext.has_lone_surrogate(value):
+            raise Problem("index.json_invalid", "body is not JSON: a string is not valid Unicode "
+                                                "(an unpaired surrogate escape such as \\ud800)")
+        src._json = value
         src._json_done = True
     return src._json
 

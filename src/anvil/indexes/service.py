@@ -21,6 +21,7 @@ from fnmatch import fnmatchcase, translate
 from pathlib import Path
 from typing import Any
 
+from anvil import jsontext
 from anvil.context import Principal, RequestContext
 from anvil.errors import AnvilError
 from anvil.identity import authorize
@@ -577,7 +578,9 @@ def parse_query(body: Any, definition: dict[str, Any]) -> dict[str, Any]:
     tok = body.get("page_token")
     if tok is not None:
         try:
-            data = json.loads(base64.urlsafe_b64decode(str(tok) + "=" * (-len(str(tok)) % 4)))
+            # Strict: a tampered token nested deeply (RecursionError) or {"o": Infinity} (int() raised
+            # OverflowError) was a 500.
+            data = jsontext.loads(base64.urlsafe_b64decode(str(tok) + "=" * (-len(str(tok)) % 4)))
             offset = int(data["o"])
             ok = data["f"] == fp and offset >= 0
         except (ValueError, KeyError, TypeError):

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from anvil import jsontext
 from anvil.context import RequestContext
 from anvil.errors import AnvilError, not_found
 from anvil.frozen import fast_init
@@ -426,7 +427,9 @@ def _encode_token(payload: dict[str, Any]) -> str:
 def _decode_token(token: str) -> dict[str, Any]:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        payload = json.loads(raw)
+        # Strict: a token is the client's to tamper with (deep nesting raised RecursionError, a
+        # "\ud800" key failed in SQLite: both were 500s).
+        payload = jsontext.loads(raw)
         if not isinstance(payload, dict):
             raise ValueError
         return payload

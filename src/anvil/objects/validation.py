@@ -103,6 +103,13 @@ def check_content_type(ct: str | None) -> str:
         return "application/octet-stream"
     if len(ct) > MAX_CONTENT_TYPE or _CONTROL_RE.search(ct):
         raise AnvilError("InvalidArgument", "invalid Content-Type")
+    try:
+        # It goes back out as a header, in latin-1. One from a header always is; one from a JSON body
+        # (copy with REPLACE, a multipart upload) could hold any character, and was stored, after which
+        # every GET and HEAD of the object failed to encode its headers: 500 Internal.
+        ct.encode("latin-1")
+    except UnicodeEncodeError:
+        raise AnvilError("InvalidArgument", "invalid Content-Type: an HTTP header carries latin-1 text") from None
     return ct
 
 

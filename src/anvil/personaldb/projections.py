@@ -63,17 +63,24 @@ def validate_spec(spec: Any, source_tables: dict[str, dict[str, Any]]) -> dict[s
         src, dst, cols = t.get("from"), t.get("to", t.get("from")), t.get("columns")
         if src not in source_tables:
             raise AnvilError("PersonalDbUnknownTable", f"projection: table {str(src)[:64]!r} is not in the source")
-        if not isinstance(dst, str) or not IDENT_RE.match(dst) or dst in targets or dst.startswith("_anvil"):
+        # SQLite names are case-insensitive, and it reserves every name that starts with sqlite_: a target
+        # such as sqlite_master, two targets `aa` and `AA`, or two projected columns `id` and `ID` were
+        # recorded, then the projection's file could not be built (500), and every later rebuild of the
+        # source group's projections failed on it. `_anvil` names are Anvil's own (LIKE matches any case).
+        if (not isinstance(dst, str) or not IDENT_RE.match(dst) or dst.lower() in targets
+                or dst.lower().startswith(("_anvil", "sqlite_"))):
             raise invalid(f"bad or repeated target table {str(dst)[:64]!r}")
-        targets.add(dst)
+        targets.add(dst.lower())
         have = source_tables[src]["columns"]
         if cols is None:
             cols = {c: c for c in have}
         if not isinstance(cols, dict) or not cols:
             raise invalid("columns maps source column -> projected column")
+        names: set[str] = set()
         for c, d in cols.items():
-            if c not in have or not isinstance(d, str) or not IDENT_RE.match(d):
+            if c not in have or not isinstance(d, str) or not IDENT_RE.match(d) or d.lower() in names:
                 raise invalid(f"bad column mapping {str(c)[:64]!r} -> {str(d)[:64]!r}")
+            names.add(d.lower())
         pk = source_tables[src]["pk"]
         if not all(p in cols for p in pk):
             raise invalid(f"table {src}: the projection must keep the primary key ({', '.join(pk)})")

@@ -120,9 +120,9 @@ DEFAULT_SNAPSHOT_EVERY = 1000
 MAX_SCHEMA = 1024 * 1024
 MAX_PAGE = 2000
 MAX_BATCH = 1000  # changesets in one batch commit
-# Log indexes are SQLite integers: a larger one in a request is refused before it reaches a query
-# (where it would overflow the binding and answer 500).
-MAX_INDEX = 2**63 - 1
+# Log and snapshot indexes are SQLite integers. A larger number from a caller can name no entry, and
+# binding it raised OverflowError in the query: 500 Internal instead of InvalidArgument.
+MAX_INDEX = (1 << 63) - 1
 KEY_FILE = "personaldb_witness.json"
 # The certificate records which authorisation state decided a commit's rows: the authz revision
 # (zedtoken position) when the group's binding decided, 0 when the token's scopes alone did.
@@ -133,6 +133,10 @@ OPS = {"INSERT": "pdb:insert", "UPDATE": "pdb:update", "DELETE": "pdb:delete"}
 EVENT_KINDS = frozenset({"pdb.group.create", "pdb.commit", "pdb.migrate", "pdb.snapshot", "pdb.compact",
                          "pdb.keys", "pdb.projection.create", "pdb.projection.update", "pdb.binding.put",
                          "pdb.binding.delete"})
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INDEX
 
 
 def _group_missing() -> AnvilError:
@@ -744,7 +748,7 @@ class PersonalDbService:
         round trip): all are appended or none is. A retry after a lost answer returns the same entries
         (each key's fingerprint chains over its base, like a single commit's)."""
         g = self.group(ctx.principal, name)
-        if not isinstance(base_index, int) or isinstance(base_index, bool) or base_index < 0:
+        if not _is_index(base_index):
             raise AnvilError("InvalidArgument", "the base index must be a non-negative integer")
         if not isinstance(base_hash, str) or not re.fullmatch(r"[0-9a-f]{64}", base_hash):
             raise AnvilError("InvalidArgument", "the base hash must be 64 hex digits")
@@ -885,8 +889,8 @@ class PersonalDbService:
     def catch_up(self, principal: Principal, name: str, after_index: Any, after_hash: Any, *,
                  limit: int = 1000, certificates_only: bool = False) -> dict[str, Any]:
         g = self.group(principal, name)
-        if not isinstance(after_index, int) or not 0 <= after_index <= MAX_INDEX:
-            raise AnvilError("InvalidArgument", f"after_index must be an integer from 0 to {MAX_INDEX}")
+        if not _is_index(after_index):
+            raise AnvilError("InvalidArgument", "after_index must be a non-negative integer")
         if not isinstance(after_hash, str):
             raise AnvilError("InvalidArgument", "after_hash is required")
         limit = max(1, min(int(limit), MAX_PAGE))
@@ -946,8 +950,10 @@ class PersonalDbService:
 
     def snapshot_data(self, principal: Principal, name: str, index: int) -> bytes:
         self.group(principal, name)
+        if not _is_index(index):
+            raise AnvilError("NotFound", "snapshot not found")
         r = self.catalog.reader().execute("SELECT sha256, size FROM pdb_snapshots WHERE grp = ? AND idx = ?",
-                                          (name, index)).fetchone() if 0 <= index <= MAX_INDEX else None
+                                          (name, index)).fetchone()
         if r is None:
             raise AnvilError("NotFound", "snapshot not found")
         return self.storage.blobs.read_small(r[0], r[1])
@@ -1167,8 +1173,8 @@ class PersonalDbService:
         """What a subscriber at source entry (after_index, after_hash) applies to follow the projection:
         one changeset per source entry since, or `snapshot_required` (load the file again)."""
         n, _, _ = self._projection_row(principal, name)
-        if not isinstance(after_index, int) or not 0 <= after_index <= MAX_INDEX:
-            raise AnvilError("InvalidArgument", f"after_index must be an integer from 0 to {MAX_INDEX}")
+        if not _is_index(after_index):
+            raise AnvilError("InvalidArgument", "after_index must be a non-negative integer")
         if not isinstance(after_hash, str) or not re.fullmatch(r"[0-9a-f]{64}", after_hash):
             raise AnvilError("InvalidArgument", "after_hash must be 64 hex digits")
         if not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:

@@ -65,7 +65,7 @@ def parse_changeset(data: bytes) -> list[RowChange]:
             assert src is not None
             changed = tuple(i for i, v in enumerate(ch.new) if v is not apsw.no_change) if ch.new is not None else ()
             out.append(RowChange(ch.name, ch.op, tuple(src[i] for i in pks), old, new, changed, tuple(pks)))
-    except apsw.Error as e:
+    except (apsw.Error, UnicodeDecodeError) as e:  # a TEXT value or a table name that is not UTF-8
         raise ChangesetError(f"not a valid SQLite changeset: {e}") from None
     return out
 
@@ -81,7 +81,7 @@ def changeset_columns(data: bytes) -> dict[str, int]:
             if cols.setdefault(ch.name, ch.column_count) != ch.column_count:
                 raise ChangesetError(f"table {ch.name[:64]!r} appears with {cols[ch.name]} and {ch.column_count} "
                                      "columns")
-    except apsw.Error as e:
+    except (apsw.Error, UnicodeDecodeError) as e:
         raise ChangesetError(f"not a valid SQLite changeset: {e}") from None
     return cols
 
@@ -108,17 +108,46 @@ def in_key_order(changes: list[RowChange], tables: dict[str, dict[str, Any]]) ->
     return out
 
 
+# A group's schema and migration SQL is written by API callers (a group's creator or admin, not the
+# server's operator), and is run by the server (validation, snapshots, projection mirrors) and by every
+# replica. It defines tables; it may not reach another file: `ATTACH 'PATH'` (and `VACUUM INTO 'PATH'`,
+# an attach underneath) created or rewrote any SQLite file the server may write, the catalog included.
+def _no_other_files(action: int, *_: Any) -> int:
+    return apsw.SQLITE_DENY if action in (apsw.SQLITE_ATTACH, apsw.SQLITE_DETACH) else apsw.SQLITE_OK
+
+
+# Validation runs the schema on an empty in-memory database: a schema needs a few thousand VM steps.
+# Without a bound, a recursive CTE that never ends (`WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL
+# SELECT x+1 FROM c) SELECT count(*) FROM c`) held a server thread and a core for ever.
+VALIDATION_STEPS = 50_000_000
+_STEPS_PER_CHECK = 100_000
+# ... nor build a value near SQLite's 1 GB default to refuse it (`x || x` doubling in a CTE).
+VALIDATION_MAX_LENGTH = 16 * 1024 * 1024
+
+
 def schema_tables(schema_sql: str, migrations: list[str] = ()) -> dict[str, dict[str, Any]]:
     """Open the schema (and migrations) in an in-memory SQLite: table -> {columns, pk}.
 
     Raises ChangesetError with the engine's message for SQL that does not open, and for a table
     without a PRIMARY KEY (the session extension skips those, so their changes would be lost)."""
     conn = apsw.Connection(":memory:")
+    conn.authorizer = _no_other_files
+    conn.limit(apsw.SQLITE_LIMIT_LENGTH, VALIDATION_MAX_LENGTH)
+    checks = [VALIDATION_STEPS // _STEPS_PER_CHECK]
+
+    def budget() -> bool:  # True interrupts the statement
+        checks[0] -= 1
+        return checks[0] < 0
+
+    conn.set_progress_handler(budget, _STEPS_PER_CHECK)
     try:
         try:
             conn.execute(schema_sql)
             for m in migrations:
                 conn.execute(m)
+        except apsw.InterruptError:
+            raise ChangesetError(f"the schema SQL does not finish within {VALIDATION_STEPS} SQLite steps "
+                                 "on an empty database") from None
         except apsw.Error as e:
             raise ChangesetError(f"the schema SQL does not open in SQLite: {e}") from None
         return describe_tables(conn, require_pk=True)
@@ -202,7 +231,13 @@ class Database:
         return list(self.conn.execute(sql, params))
 
     def script(self, sql: str) -> None:
-        self.conn.execute(sql)
+        """Run SQL text (a group's schema or migration, a changeset's SQL): never on another file."""
+        previous = self.conn.authorizer
+        self.conn.authorizer = _no_other_files
+        try:
+            self.conn.execute(sql)
+        finally:
+            self.conn.authorizer = previous
 
     def begin(self) -> None:
         self.conn.execute("BEGIN IMMEDIATE")
