@@ -266,14 +266,14 @@ def test_putfloor_bench_short_run_prints_every_server_and_its_ceiling() -> None:
     """`bench/putfloor.py`: Anvil, the least durable servers, the null server and the fsync loop, each
     with its rate and (servers) CPU per PUT and the CPU ceiling it implies; only the shape is checked."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "putfloor.py"), "--reps", "2", "--seconds", "0.3"],
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "putfloor.py"), "--reps", "1", "--seconds", "0.2"],
                           env=env, capture_output=True, timeout=240)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     doc = json.loads(proc.stdout)
     assert doc["twice_fsync_loop_ops_per_s"] == round(2 * doc["fsync_loop"]["ops_per_s_median"])
     for name in ("anvil", "durable", "onloop", "null"):
         fig = doc[name]
-        assert len(fig["ops_per_s_runs"]) == 2 and fig["errors"] == 0 and fig["ops_per_s_min"] > 0
+        assert len(fig["ops_per_s_runs"]) == 1 and fig["errors"] == 0 and fig["ops_per_s_min"] > 0
         assert fig["server_cpu_ms_per_put"] > 0 and fig["cpu_ceiling_ops_per_s"] > 0
         assert isinstance(fig["cpu_ceiling_reaches_twice_loop"], bool)
     for name in ("durable", "onloop"):  # the writer's side: PUTs per COMMIT, the COMMIT's time
