@@ -269,3 +269,31 @@ def blob_file_hashes(root: Path) -> dict[str, str]:
             if len(n) == 64:
                 out[n] = hashlib.sha256((Path(dirpath) / n).read_bytes()).hexdigest()
     return out
+
+
+def local_changeset(tmp_path: Path, sql: str, schema: str, setup: str = "") -> bytes:
+    """A real session changeset, as a replica makes one: `sql` run on a fresh database with `schema`
+    (and `setup` run before recording)."""
+    from anvil.storage import sqlitefile as sf
+
+    db = sf.Database(tmp_path / f"cs-{uuid.uuid4().hex[:6]}.sqlite")
+    try:
+        db.script(schema)
+        if setup:
+            db.script(setup)
+        db.start_session()
+        db.script(sql)
+        return db.take_changeset()
+    finally:
+        db.close()
+
+
+def assert_fsck_clean(storage: Path) -> None:
+    """Offline `anvil fsck --deep`: exit 0 and no finding but orphan blobs (an unacknowledged write's
+    body may have reached blobs/ before the kill; gc collects it after its grace period)."""
+    proc = subprocess.run([sys.executable, "-m", "anvil.cli.main", "fsck", "--deep", "--json",
+                           "--storage-path", str(storage)], capture_output=True, timeout=120)
+    report = json.loads(proc.stdout)
+    found = [(f["severity"], f["invariant"], f["detail"][:200]) for f in report["findings"]
+             if f["invariant"] != "blobs.orphan"]
+    assert proc.returncode == 0 and report["ok"] and not found, found

@@ -15,7 +15,7 @@ import zstandard
 from anvil.client import AnvilAPIError, AnvilClient
 from anvil.personaldb import certs
 from anvil.storage import sqlitefile as sf
-from tests.helpers import AnvilServer
+from tests.helpers import AnvilServer, local_changeset
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -57,15 +57,6 @@ def _name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def _changeset(tmp_path: Path, schema: str, sql: str) -> bytes:
-    db = sf.Database(tmp_path / f"cs-{uuid.uuid4().hex[:6]}.sqlite")
-    try:
-        db.script(schema)
-        db.start_session()
-        db.script(sql)
-        return db.take_changeset()
-    finally:
-        db.close()
 
 
 def _refused(fn: Any, code: str) -> AnvilAPIError:
@@ -87,12 +78,12 @@ def test_binding_placeholders_take_key_values_in_the_keys_declared_order(world, 
     genesis = svc.pdb_create(g, KEYED)["genesis"]
     svc.pdb_bind(g, {"resource_type": "note", "resource": "{id}", "update": "edit"})
     svc.authz_write(["note:amy#owner@user:amy"])
-    theirs = _changeset(tmp_path, KEYED, "INSERT INTO docs VALUES ('amy', 'secret', 'x')")
+    theirs = local_changeset(tmp_path, schema=KEYED, sql="INSERT INTO docs VALUES ('amy', 'secret', 'x')")
     err = _refused(lambda: amy.pdb_commit(g, theirs, base_index=0, base_hash=genesis), "PermissionDenied")
     assert "note:secret" in err.message
     assert svc.pdb_get(g)["head_index"] == 0
     # The row whose id she owns goes through, whoever its owner column names.
-    e = amy.pdb_commit(g, _changeset(tmp_path, KEYED, "INSERT INTO docs VALUES ('bob', 'amy', 'x')"),
+    e = amy.pdb_commit(g, local_changeset(tmp_path, schema=KEYED, sql="INSERT INTO docs VALUES ('bob', 'amy', 'x')"),
                        base_index=0, base_hash=genesis)
     assert e["index"] == 1
 
@@ -103,10 +94,10 @@ def test_projection_updates_rows_of_a_key_declared_out_of_column_order(world, tm
     svc = world["svc"]
     g, p = _name("kp"), _name("kp")
     genesis = svc.pdb_create(g, KEYED)["genesis"]
-    e = svc.pdb_commit(g, _changeset(tmp_path, KEYED, "INSERT INTO docs VALUES ('ann', 'd1', 'one')"),
+    e = svc.pdb_commit(g, local_changeset(tmp_path, schema=KEYED, sql="INSERT INTO docs VALUES ('ann', 'd1', 'one')"),
                        base_index=0, base_hash=genesis)
     svc.pdb_create_projection(p, g, {"tables": [{"from": "docs"}]})
-    e = svc.pdb_commit(g, _changeset(tmp_path, KEYED, "INSERT INTO docs VALUES ('bob', 'd2', 'two')"),
+    e = svc.pdb_commit(g, local_changeset(tmp_path, schema=KEYED, sql="INSERT INTO docs VALUES ('bob', 'd2', 'two')"),
                        base_index=e["index"], base_hash=e["hash"])
     path = tmp_path / "proj.sqlite"
     path.write_bytes(zstandard.ZstdDecompressor().decompress(svc.pdb_projection_data(p, source_index=e["index"])))
@@ -126,7 +117,7 @@ def test_changesets_that_change_no_row_or_misstate_their_tables_are_refused(worl
     g = _name("hdr")
     genesis = svc.pdb_create(g, ITEMS)["genesis"]
     header = b"T\x02\x01\x00items\x00"
-    good = _changeset(tmp_path, ITEMS, "INSERT INTO items VALUES (1, 'a')")
+    good = local_changeset(tmp_path, schema=ITEMS, sql="INSERT INTO items VALUES (1, 'a')")
     assert good.startswith(header)
     for data in (header,                                                   # no row change
                  b"T\x02\x00\x01items\x00" + good[len(header):],          # `body` flagged as the key
@@ -174,7 +165,7 @@ def test_verify_group_links_snapshots_by_what_their_certificates_sign(world, tmp
     head = (0, svc.pdb_create(g, ITEMS)["genesis"])
     hashes = {}
     for i in range(1, 4):
-        e = svc.pdb_commit(g, _changeset(tmp_path, ITEMS, f"INSERT INTO items VALUES ({i}, 'x')"),
+        e = svc.pdb_commit(g, local_changeset(tmp_path, schema=ITEMS, sql=f"INSERT INTO items VALUES ({i}, 'x')"),
                            base_index=head[0], base_hash=head[1])
         head = hashes[i] = (e["index"], e["hash"])
         if i == 2:

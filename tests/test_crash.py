@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import random
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +13,7 @@ import httpx
 import pytest
 
 from anvil.client import AnvilError
-from tests.helpers import AnvilServer
+from tests.helpers import AnvilServer, assert_fsck_clean
 from tests.s3_helpers import s3_client
 
 WRITERS = 3
@@ -124,16 +121,6 @@ def inline_sizes(storage_path: Path) -> dict[str, int]:
         return {r[0]: r[1] for r in conn.execute("SELECT sha256, size FROM inline_blobs")}
     finally:
         conn.close()
-
-
-def assert_fsck_clean(storage_path: Path) -> None:
-    """Offline `anvil fsck --deep`: no errors, and nothing but orphan blobs (an unacknowledged PUT's
-    body may have reached blobs/ before the kill; gc collects it after its grace period)."""
-    proc = subprocess.run([sys.executable, "-m", "anvil.cli.main", "fsck", "--deep", "--json",
-                           "--storage-path", str(storage_path)], capture_output=True, timeout=120)
-    report = json.loads(proc.stdout)
-    assert proc.returncode == 0 and report["ok"], report
-    assert {f["invariant"] for f in report["findings"]} <= {"blobs.orphan"}, report["findings"]
 
 
 PART = 5 * 1024 * 1024

@@ -19,7 +19,7 @@ import apsw
 import numpy as np
 import pytest
 
-from tests.helpers import AnvilServer
+from tests.helpers import AnvilServer, assert_fsck_clean
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -45,17 +45,6 @@ def _catalog_has(storage: Path, sql: str) -> bool:
         return False
     finally:
         conn.close()
-
-
-def assert_fsck_clean(storage: Path) -> None:
-    """Offline `anvil fsck --deep`: exit 0 and no finding but orphan blobs (an unacknowledged write's
-    body may have reached blobs/ before the kill; gc collects it after its grace period)."""
-    proc = subprocess.run([sys.executable, "-m", "anvil.cli.main", "fsck", "--deep", "--json",
-                           "--storage-path", str(storage)], capture_output=True, timeout=120)
-    report = json.loads(proc.stdout)
-    found = [(f["severity"], f["invariant"], f["detail"][:200]) for f in report["findings"]
-             if f["invariant"] != "blobs.orphan"]
-    assert proc.returncode == 0 and report["ok"] and not found, found
 
 
 # -- artefacts ------------------------------------------------------------------------------------

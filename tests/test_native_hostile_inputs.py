@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import AnvilServer, unique_bucket
+from tests.helpers import AnvilServer, local_changeset, unique_bucket
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -368,18 +368,6 @@ def test_content_type_a_header_cannot_carry(server, headers, client, bucket):
     _no_tracebacks(server)
 
 
-def _changeset(tmp_path: Path, sql: str) -> bytes:
-    """A session changeset of PDB_SCHEMA's table, made as a replica makes one."""
-    from anvil.storage import sqlitefile as sf
-
-    db = sf.Database(tmp_path / "replica.db")
-    try:
-        db.script(PDB_SCHEMA)
-        db.start_session()
-        db.execute(sql)
-        return db.take_changeset()
-    finally:
-        db.close()
 
 
 def _commit(server: AnvilServer, headers: dict[str, str], group: str, data: bytes) -> httpx.Response:
@@ -392,7 +380,7 @@ def _commit(server: AnvilServer, headers: dict[str, str], group: str, data: byte
 def test_pdb_changeset_with_text_that_is_not_utf8(server, headers, tmp_path):
     # apsw raised UnicodeDecodeError (no apsw.Error) while the changeset was parsed: 500.
     group = _group(server, headers)["name"]
-    good = _changeset(tmp_path, "INSERT INTO notes(id, body) VALUES (1, 'hello')")
+    good = local_changeset(tmp_path, schema=PDB_SCHEMA, sql="INSERT INTO notes(id, body) VALUES (1, 'hello')")
     assert b"hello" in good
     _error(_commit(server, headers, group, good.replace(b"hello", b"\xff\xfe\xfd\xfc\xfb")), 400,
            "PersonalDbInvalidChangeset")
@@ -407,7 +395,7 @@ def test_pdb_changeset_whose_primary_key_is_not_the_schemas(server, headers, tmp
     projection = "hk-" + group[3:]
     assert httpx.post(f"{server.endpoint}/anvil/v1/pdb/projections", headers=headers, json={
         "name": projection, "source": group, "spec": {"tables": [{"from": "notes"}]}}).status_code == 201
-    good = _changeset(tmp_path, "INSERT INTO notes(id, body) VALUES (1, 'hello')")
+    good = local_changeset(tmp_path, schema=PDB_SCHEMA, sql="INSERT INTO notes(id, body) VALUES (1, 'hello')")
     header = b"T\x02\x01\x00notes\x00"  # table, 2 columns, PK flags (id), name
     assert header in good
     _error(_commit(server, headers, group, good.replace(header, b"T\x02\x01\x01notes\x00")), 400,

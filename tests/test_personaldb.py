@@ -13,6 +13,7 @@ import pytest
 from anvil.client import AnvilAPIError, AnvilClient
 from anvil.personaldb import Replica, certs
 from anvil.storage import sqlitefile as sf
+from tests import helpers
 from tests.helpers import AnvilServer
 
 # The embedded catalog and PostgreSQL (tests/conftest.py `engine`).
@@ -36,17 +37,7 @@ def group(client: AnvilClient) -> str:
 
 
 def local_changeset(tmp_path: Path, sql: str, schema: str = SCHEMA, setup: str = "") -> bytes:
-    """A real session changeset: `sql` run on a fresh database with `schema` (and `setup` before recording)."""
-    db = sf.Database(tmp_path / f"cs-{uuid.uuid4().hex[:6]}.sqlite")
-    try:
-        db.script(schema)
-        if setup:
-            db.script(setup)
-        db.start_session()
-        db.script(sql)
-        return db.take_changeset()
-    finally:
-        db.close()
+    return helpers.local_changeset(tmp_path, sql, schema, setup)
 
 
 def replica(tmp_path: Path, client: AnvilClient, group: str, name: str, **kw) -> Replica:

@@ -17,7 +17,7 @@ from anvil.client import AnvilAPIError, AnvilClient
 from anvil.personaldb import certs
 from anvil.personaldb.rowauth import id_value
 from anvil.storage import sqlitefile as sf
-from tests.helpers import AnvilServer
+from tests.helpers import AnvilServer, local_changeset
 
 AUTHZ = """
 definition user {}
@@ -58,16 +58,7 @@ def world(server: AnvilServer):
 
 
 def changeset(tmp_path: Path, sql: str, setup: str = "") -> bytes:
-    db = sf.Database(tmp_path / f"cs-{uuid.uuid4().hex[:6]}.sqlite")
-    try:
-        db.script(SCHEMA)
-        if setup:
-            db.script(setup)
-        db.start_session()
-        db.script(sql)
-        return db.take_changeset()
-    finally:
-        db.close()
+    return local_changeset(tmp_path, sql, SCHEMA, setup)
 
 
 def _refused(fn, code: str = "PermissionDenied") -> AnvilAPIError:
