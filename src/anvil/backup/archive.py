@@ -451,10 +451,11 @@ def create_delta(storage: Storage, participants: list[Participant], repo: Reposi
 # ------------------------------------------------------------------ reading the archive
 
 
-def archive_summary(repo: Repository) -> list[dict[str, Any]]:
-    """Per deployment: how far the archive reaches and where it has holes (names only, no decryption)."""
+def archive_summary(repo: Repository, segments: list[SegmentRef] | None = None) -> list[dict[str, Any]]:
+    """Per deployment: how far the archive reaches and where it has holes (names only, no decryption).
+    `segments`: `list_segments(repo)` when the caller has it already."""
     by_dep: dict[str, list[SegmentRef]] = {}
-    for ref in list_segments(repo):
+    for ref in list_segments(repo) if segments is None else segments:
         by_dep.setdefault(ref.deployment_id, []).append(ref)
     out = []
     for dep, refs in sorted(by_dep.items()):

@@ -225,9 +225,8 @@ def ordered_batches(fn: Callable[[Any], Any], items: Iterable[Any], *, weight: C
 def latest_for(repo: Repository, deployment_id: str, *, full: bool = True) -> dict[str, Any] | None:
     """The newest snapshot of the deployment (a full one: deltas hold no file tree), loaded whole.
     A damaged snapshot is passed over: it cannot be a parent, and `backup verify` reports it."""
-    rows = [r for r in repo.snapshot_rows(damaged=[]) if r.get("deployment_id") == deployment_id
-            and (not full or r.get("kind") != "delta")]
-    return repo.load_snapshot(rows[-1]["id"]) if rows else None
+    row = latest_row(repo, deployment_id, full=full)
+    return repo.load_snapshot(row["id"]) if row else None
 
 
 def latest_row(repo: Repository, deployment_id: str, *, full: bool = True) -> dict[str, Any] | None:
@@ -1096,7 +1095,7 @@ def _verify(repo: Repository, *, read_data: bool = False, progress: Progress | N
             m["tree"]["blobs"] = {}
             unreadable_trees.append(m)
     users = _chunk_users(repo, snaps + unreadable_trees)
-    from anvil.backup.archive import list_segments, load_segment
+    from anvil.backup.archive import archive_summary, list_segments, load_segment
 
     segments = list_segments(repo)
     for ref in segments:
@@ -1151,11 +1150,9 @@ def _verify(repo: Repository, *, read_data: bool = False, progress: Progress | N
     # A hole between archive segments: a segment lost, or archiving off while the journal was
     # compacted (legitimate, hence a warning). Either way no point-in-time restore crosses it; a
     # journal delta that needs it is an error above.
-    from anvil.backup.archive import archive_summary
-
     warnings += [f"the archive of deployment {a['deployment_id']} has no events {gap} (a segment lost, or "
                  "archiving was off while the journal was compacted): point-in-time restores cannot cross it"
-                 for a in archive_summary(repo) for gap in a["gaps"]]
+                 for a in archive_summary(repo, segments) for gap in a["gaps"]]
     checked_chunks = 0
     if read_data:
         present = [p for p in sorted(by_pack) if p in stored_packs]

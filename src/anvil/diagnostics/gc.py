@@ -180,7 +180,7 @@ def run_gc(
             report.bytes_removed += st.st_size
             continue
         batches.tick()
-        quarantine = storage.layout.tmp / f"gc-{sha}-{uuid.uuid4().hex[:8]}"
+        quarantine = storage.quarantine_path(sha)
         try:
             _rename(storage, path, quarantine)
         except FileNotFoundError:

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 from anvil.storage import idempotency, inline, journal
@@ -17,7 +18,7 @@ from anvil.storage.journal import Event
 from anvil.storage.layout import FormatInfo, Layout, fsync_dir
 from anvil.storage.space import DiskSpace
 
-# A blob gc moved aside while deciding whether to remove it (diagnostics/gc.py).
+# A blob gc moved aside while deciding whether to remove it (`Storage.quarantine_path`).
 _QUARANTINED = re.compile(r"gc-([0-9a-f]{64})-[0-9a-f]+")
 
 
@@ -104,6 +105,10 @@ class Storage:
             elif entry.is_file(follow_symlinks=False):
                 self._unquarantine(entry)
                 os.unlink(entry.path)
+
+    def quarantine_path(self, sha256: str) -> Path:
+        """Where gc moves a blob file aside while it decides (in tmp/, named so `clear_tmp` knows it)."""
+        return self.layout.tmp / f"gc-{sha256}-{uuid.uuid4().hex[:8]}"
 
     def _unquarantine(self, entry: os.DirEntry) -> None:
         """A blob gc had moved aside (`gc-<sha256>-<id>`) goes back under its name if that is free.
